@@ -1,0 +1,67 @@
+"""One error schema for every HTTP endpoint: ``{"error": {"message", "type", "param", "code"}}``.
+
+Route code raises :class:`APIError`; the app's single exception handler turns it into JSON with the
+right status code. Nothing else writes error bodies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class APIError(Exception):
+    """An error meant for the API client. ``status`` is the HTTP status code."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return ErrorBody(
+            error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        ).model_dump()
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def not_found(message: str, param: str | None = None, code: str | None = "not_found") -> APIError:
+    return APIError(404, message, type="not_found_error", param=param, code=code)
+
+
+def conflict(message: str, code: str | None = "conflict") -> APIError:
+    return APIError(409, message, type="conflict_error", code=code)
+
+
+def unavailable(message: str, retry_after_s: int = 5, code: str | None = "unavailable") -> APIError:
+    return APIError(
+        503, message, type="service_unavailable", code=code, headers={"Retry-After": str(retry_after_s)}
+    )

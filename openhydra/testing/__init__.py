@@ -1,0 +1,1 @@
+"""Helpers shared by tests and benchmarks: tiny random models built from configs, free ports."""
