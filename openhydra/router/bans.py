@@ -1,0 +1,84 @@
+"""Ban list with exponential backoff: a peer that fails is skipped for a while, longer each time.
+
+The first failure bans a peer for ``initial_s``; each further failure within ``forget_after_s`` of
+the previous ban's end multiplies the ban by ``multiplier``, up to ``max_s``. A success (or a quiet
+period of ``forget_after_s``) forgets the streak. The clock is injected so tests need no sleeps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BanTunables:
+    initial_s: float = 1.0  # first ban, seconds
+    max_s: float = 60.0  # longest ban, seconds
+    multiplier: float = 2.0  # each consecutive failure multiplies the ban by this
+    forget_after_s: float = 300.0  # seconds without failure after a ban ends before the streak resets
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial_s <= self.max_s:
+            raise ValueError(f"need 0 < initial_s <= max_s, got {self.initial_s}, {self.max_s}")
+        if self.multiplier < 1:
+            raise ValueError(f"multiplier must be >= 1, got {self.multiplier}")
+        if self.forget_after_s < 0:
+            raise ValueError(f"forget_after_s must be >= 0, got {self.forget_after_s}")
+
+
+@dataclass
+class _Entry:
+    strikes: int
+    until: float  # clock time the ban ends
+
+
+class BanList:
+    """Which peers to avoid right now. Not thread-safe: use from one event loop."""
+
+    def __init__(self, tunables: BanTunables | None = None, clock: Callable[[], float] = time.monotonic):
+        self.tunables = tunables or BanTunables()
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+
+    def ban(self, peer_id: str) -> float:
+        """Record a failure of ``peer_id``; returns the ban duration in seconds."""
+        now = self._clock()
+        t = self.tunables
+        entry = self._entries.get(peer_id)
+        if entry is None or now > entry.until + t.forget_after_s:
+            strikes = 1
+        elif now < entry.until:
+            return entry.until - now  # already banned: failures of in-flight calls do not stack
+        else:
+            strikes = entry.strikes + 1
+        duration = min(t.max_s, t.initial_s * t.multiplier ** (strikes - 1))
+        self._entries[peer_id] = _Entry(strikes=strikes, until=now + duration)
+        return duration
+
+    def success(self, peer_id: str) -> None:
+        """The peer answered correctly: forget its failures."""
+        self._entries.pop(peer_id, None)
+
+    def is_banned(self, peer_id: str) -> bool:
+        entry = self._entries.get(peer_id)
+        return entry is not None and self._clock() < entry.until
+
+    def remaining_s(self, peer_id: str) -> float:
+        entry = self._entries.get(peer_id)
+        return 0.0 if entry is None else max(0.0, entry.until - self._clock())
+
+    def banned(self) -> frozenset[str]:
+        """Peers banned right now (also drops streaks old enough to forget)."""
+        now = self._clock()
+        forget = self.tunables.forget_after_s
+        for peer_id in [p for p, e in self._entries.items() if now > e.until + forget]:
+            del self._entries[peer_id]
+        return frozenset(p for p, e in self._entries.items() if now < e.until)
+
+    def __contains__(self, peer_id: object) -> bool:
+        return isinstance(peer_id, str) and self.is_banned(peer_id)
+
+    def __len__(self) -> int:
+        return len(self.banned())

@@ -1,0 +1,62 @@
+"""Ban list: exponential backoff 1 -> 60 s, reset on success, clock injected."""
+
+from __future__ import annotations
+
+import pytest
+
+from openhydra.router.bans import BanList, BanTunables
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_backoff_doubles_up_to_max():
+    clock = Clock()
+    bans = BanList(clock=clock)
+    durations = []
+    for _ in range(9):
+        d = bans.ban("p")
+        durations.append(d)
+        assert bans.is_banned("p") and "p" in bans
+        clock.t += d  # ban ends, next failure comes right after
+        assert not bans.is_banned("p")
+    assert durations == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+
+
+def test_failures_during_a_ban_do_not_stack():
+    clock = Clock()
+    bans = BanList(clock=clock)
+    assert bans.ban("p") == 1
+    clock.t += 0.5
+    assert bans.ban("p") == pytest.approx(0.5)
+    clock.t += 0.5
+    assert bans.ban("p") == 2
+
+
+def test_success_and_quiet_period_forget_the_streak():
+    clock = Clock()
+    bans = BanList(BanTunables(initial_s=1, max_s=60, forget_after_s=100), clock=clock)
+    bans.ban("p")
+    clock.t += 1
+    assert bans.ban("p") == 2
+    bans.success("p")
+    clock.t += 2
+    assert bans.ban("p") == 1
+    clock.t += 1 + 101
+    assert bans.ban("p") == 1
+    assert bans.banned() == {"p"} and len(bans) == 1
+    assert bans.remaining_s("p") == pytest.approx(1) and bans.remaining_s("q") == 0
+
+
+def test_bad_tunables_rejected():
+    with pytest.raises(ValueError):
+        BanTunables(initial_s=0)
+    with pytest.raises(ValueError):
+        BanTunables(initial_s=10, max_s=5)
+    with pytest.raises(ValueError):
+        BanTunables(multiplier=0.5)
