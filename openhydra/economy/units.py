@@ -1,0 +1,49 @@
+"""Integer money: every balance is an integer count of micro-units (1 credit = 1 HYDRA = 10**6 units).
+
+Floats never touch a balance; splits use the largest-remainder method so the parts always add up to the
+whole, which is what lets the ledger prove "sum of balances == minted - burned" exactly.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_DOWN, Decimal
+
+MICRO = 1_000_000
+
+
+def to_micro(amount: Decimal | int | str) -> int:
+    """Whole units (at most 6 decimals) to micro-units; rejects finer amounts instead of rounding."""
+    value = Decimal(amount)
+    micro = value * MICRO
+    if micro != micro.to_integral_value(rounding=ROUND_DOWN):
+        raise ValueError(f"amount {amount} has more than 6 decimal places")
+    return int(micro)
+
+
+def from_micro(micro: int) -> float:
+    return micro / MICRO
+
+
+def credits_for_tokens(tokens: int, tokens_per_credit: int) -> int:
+    """Micro-credits earned for serving ``tokens`` tokens (1,000 tokens = 1 credit by default)."""
+    return tokens * MICRO // tokens_per_credit
+
+
+def split_by_weight(total: int, weights: list[int]) -> list[int]:
+    """Split ``total`` in proportion to ``weights`` (largest remainder, ties to the earlier entry)."""
+    if total < 0 or not weights or any(w < 0 for w in weights) or sum(weights) == 0:
+        raise ValueError(f"cannot split {total} by weights {weights}")
+    weight_sum = sum(weights)
+    floors = [total * w // weight_sum for w in weights]
+    remainders = [total * w % weight_sum for w in weights]
+    left = total - sum(floors)
+    for i in sorted(range(len(weights)), key=lambda i: (-remainders[i], i))[:left]:
+        floors[i] += 1
+    return floors
+
+
+def decayed(balance: int, decay_per_day: float, elapsed_s: float) -> int:
+    """Balance left after ``elapsed_s`` seconds of compound decay, rounded to the nearest unit."""
+    if balance <= 0 or decay_per_day <= 0 or elapsed_s <= 0:
+        return balance
+    return min(balance, round(balance * (1.0 - decay_per_day) ** (elapsed_s / 86_400.0)))
