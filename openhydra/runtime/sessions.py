@@ -1,0 +1,82 @@
+"""Per-session shard state: the cache, the number of positions it holds, and a lock.
+
+Sessions are kept in LRU order, capped at ``max_sessions``, and dropped after
+``idle_timeout_s`` without use. A dropped session simply starts again at length 0: the coordinator
+sees a position mismatch on its next step and replays the session's history. gRPC handlers call
+from many threads, so the store has one lock for its map and each session one for its cache.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Session:
+    session_id: str
+    cache: Any
+    length: int = 0
+    """Positions the cache holds; the next step must start here."""
+    last_used: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SessionStore:
+    def __init__(
+        self,
+        new_cache: Callable[[], Any],
+        max_sessions: int = 64,
+        idle_timeout_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        self._new_cache = new_cache
+        self._max = max_sessions
+        self._idle_timeout_s = idle_timeout_s
+        self._clock = clock
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def acquire(self, session_id: str) -> Session:
+        """The session (created empty if unknown), marked most recently used."""
+        with self._lock:
+            now = self._clock()
+            self._evict_idle(now)
+            session = self._sessions.get(session_id)
+            if session is None:
+                session = Session(session_id=session_id, cache=self._new_cache())
+                self._sessions[session_id] = session
+            self._sessions.move_to_end(session_id)
+            session.last_used = now
+            while len(self._sessions) > self._max:
+                self._sessions.popitem(last=False)
+            return session
+
+    def get(self, session_id: str) -> Session | None:
+        with self._lock:
+            self._evict_idle(self._clock())
+            return self._sessions.get(session_id)
+
+    def drop(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            self._evict_idle(self._clock())
+            return list(self._sessions)
+
+    def __len__(self) -> int:
+        return len(self.ids())
+
+    def _evict_idle(self, now: float) -> None:
+        stale = [sid for sid, s in self._sessions.items() if now - s.last_used > self._idle_timeout_s]
+        for sid in stale:
+            # A session busy in forward() keeps its own reference and finishes; it just is not found again.
+            del self._sessions[sid]

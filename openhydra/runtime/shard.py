@@ -1,0 +1,252 @@
+"""``ShardRuntime``: one contiguous layer span of a decoder-only model, serving many sessions.
+
+A pipeline of runtimes whose spans tile ``[0, L)`` computes exactly what the full model computes
+(max diff 0.0 on prefill logits, identical greedy tokens; DESIGN §4), including Qwen3.5's hybrid
+Gated-DeltaNet/full-attention stacks. Positions come from the caller and must continue the
+session exactly: feeding a token twice onto a cache that already holds it is the bug that made
+other peer networks' greedy decoding non-deterministic, so it raises :class:`PositionMismatchError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
+
+from openhydra.runtime.sessions import Session, SessionStore
+from openhydra.runtime.shard_layers import build_shard, layer_types_of, load_text_config
+
+log = logging.getLogger(__name__)
+
+# Layer types whose cache holds a recurrent state that cannot be rolled back by cropping.
+RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "conv", "mamba", "hybrid", "hybrid_sliding"})
+
+
+class PositionMismatchError(ValueError):
+    """A step's first position is not the session's current length."""
+
+    def __init__(self, session_id: str, expected: int, got: int) -> None:
+        super().__init__(
+            f"session {session_id!r}: positions must start at {expected} (the session's length), got {got}"
+        )
+        self.session_id = session_id
+        self.expected = expected
+        self.got = got
+
+
+class ShardRuntime:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        start: int = 0,
+        end: int | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        max_sessions: int = 64,
+        session_idle_timeout_s: float = 600.0,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.config = load_text_config(self.model_dir)
+        self.num_layers: int = self.config.num_hidden_layers
+        end = self.num_layers if end is None else end
+        if not 0 <= start < end <= self.num_layers:
+            raise ValueError(f"span [{start},{end}) is not a non-empty range inside [0,{self.num_layers})")
+        self.start, self.end = start, end
+        self.is_first, self.is_last = start == 0, end == self.num_layers
+        self.hidden_size: int = self.config.hidden_size
+        self.vocab_size: int = self.config.vocab_size
+        self.dtype, self.device = dtype, device
+        self.model_type: str = self.config.model_type
+
+        build = build_shard(self.model_dir, self.config, start, end, dtype, device)
+        self.modules = build.modules
+        self.shard_config = build.shard_config
+        self.loaded_bytes = build.loaded_bytes
+        self.layer_types = layer_types_of(self.shard_config)
+        self._mask_fns = {t: _mask_function(t) for t in set(self.layer_types)}
+        self.is_recurrent = any(t in RECURRENT_LAYER_TYPES for t in self.layer_types)
+        self._sessions = SessionStore(
+            new_cache=lambda: DynamicCache(config=self.shard_config),
+            max_sessions=max_sessions,
+            idle_timeout_s=session_idle_timeout_s,
+        )
+        log.info(
+            "loaded %s layers [%d,%d) of %d, %s, %.1f MB",
+            self.model_type,
+            start,
+            end,
+            self.num_layers,
+            dtype,
+            self.loaded_bytes / 1e6,
+        )
+
+    # ---- sessions -------------------------------------------------------------------------------
+
+    def session_length(self, session_id: str) -> int:
+        session = self._sessions.get(session_id)
+        return 0 if session is None else session.length
+
+    def close_session(self, session_id: str) -> None:
+        self._sessions.drop(session_id)
+
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    def truncate_session(self, session_id: str, length: int) -> None:
+        """Crop the session's caches to ``length`` positions (speculative-decoding rollback)."""
+        session = self._sessions.get(session_id)
+        current = 0 if session is None else session.length
+        if not 0 <= length <= current:
+            raise ValueError(
+                f"session {session_id!r}: cannot truncate to {length}, it holds {current} positions"
+            )
+        if session is None or length == current:
+            return
+        if self.is_recurrent:
+            raise NotImplementedError(
+                f"layers [{self.start},{self.end}) include recurrent layers "
+                f"({sorted(set(self.layer_types))}); "
+                "their state cannot be rolled back without snapshots, so truncation is not supported here. "
+                "Close the session and replay its first positions instead."
+            )
+        with session.lock:
+            if length == 0:
+                self._sessions.drop(session_id)
+                return
+            session.cache.crop(length - session.length)  # negative: number of positions to drop
+            session.length = length
+
+    # ---- compute --------------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [S] -> embeddings [S, D] (first shard only)."""
+        if self.modules.embed_tokens is None:
+            raise RuntimeError(
+                f"layers [{self.start},{self.end}) are not the first shard: no embeddings here"
+            )
+        with torch.inference_mode():
+            return self.modules.embed_tokens(input_ids.to(self.device))
+
+    def forward(
+        self,
+        session_id: str,
+        positions: torch.Tensor,
+        *,
+        input_ids: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Run this span for one step of one session.
+
+        Returns hidden states [S, D] in the runtime dtype, or on the last shard float32 logits
+        [1, V] for the last position ([S, V] with ``all_logits``).
+        """
+        seq_len = self._check_positions(positions)
+        h = self._input_hidden(seq_len, input_ids, hidden_states)  # h: [1, S, D]
+        first = int(positions[0])
+        session = self._sessions.acquire(session_id)
+        with session.lock:
+            if first != session.length:
+                raise PositionMismatchError(session_id, session.length, first)
+            try:
+                out = self._run_layers(session, h, positions.to(self.device).view(1, seq_len))
+            except Exception:
+                # A failed step may have updated some layers' caches: the session is unusable.
+                self._sessions.drop(session_id)
+                raise
+            session.length += seq_len
+        return self._output(out, all_logits)
+
+    def _run_layers(self, session: Session, h: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        cache = session.cache
+        with torch.inference_mode():
+            masks = {
+                layer_type: fn(
+                    config=self.shard_config,
+                    inputs_embeds=h,
+                    attention_mask=None,
+                    past_key_values=cache,
+                    position_ids=position_ids,
+                )
+                for layer_type, fn in self._mask_fns.items()
+            }
+            position_embeddings = self.modules.rotary_emb(
+                h, position_ids
+            )  # (cos, sin), each [1, S, head_dim]
+            for layer, layer_type in zip(self.modules.layers, self.layer_types, strict=True):
+                h = layer(
+                    h,
+                    attention_mask=masks[layer_type],
+                    position_embeddings=position_embeddings,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                if isinstance(h, tuple):  # older decoder layers return (hidden, ...)
+                    h = h[0]
+            return h  # [1, S, D]
+
+    def _output(self, h: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        if not self.is_last:
+            return h[0]  # [S, D]
+        with torch.inference_mode():
+            h = self.modules.norm(h)
+            if not all_logits:
+                h = h[:, -1:, :]  # [1, 1, D]
+            return self.modules.lm_head(h)[0].float()  # [1, V] or [S, V]
+
+    def _check_positions(self, positions: torch.Tensor) -> int:
+        if (
+            positions.dim() != 1
+            or positions.numel() == 0
+            or positions.dtype not in (torch.int64, torch.int32)
+        ):
+            raise ValueError(
+                f"positions must be a non-empty 1-D integer tensor, got shape {tuple(positions.shape)} "
+                f"dtype {positions.dtype}"
+            )
+        seq_len = positions.numel()
+        expected = torch.arange(int(positions[0]), int(positions[0]) + seq_len, dtype=positions.dtype)
+        if int(positions[0]) < 0 or not torch.equal(positions.cpu(), expected):
+            raise ValueError(f"positions must be contiguous and non-negative, got {positions.tolist()[:8]}…")
+        return seq_len
+
+    def _input_hidden(
+        self, seq_len: int, input_ids: torch.Tensor | None, hidden_states: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.is_first:
+            if input_ids is None or hidden_states is not None:
+                raise ValueError("the first shard takes input_ids [S] and no hidden_states")
+            if (
+                input_ids.dim() != 1
+                or input_ids.numel() != seq_len
+                or input_ids.dtype
+                not in (
+                    torch.int64,
+                    torch.int32,
+                )
+            ):
+                raise ValueError(
+                    f"input_ids must be an integer tensor [{seq_len}], got {tuple(input_ids.shape)}"
+                )
+            if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size:
+                raise ValueError(f"input_ids must lie in [0, {self.vocab_size})")
+            return self.embed(input_ids).unsqueeze(0)  # [1, S, D]
+        if hidden_states is None or input_ids is not None:
+            raise ValueError(f"layers [{self.start},{self.end}) take hidden_states [S, D] and no input_ids")
+        if tuple(hidden_states.shape) != (seq_len, self.hidden_size):
+            raise ValueError(
+                f"hidden_states must be [{seq_len}, {self.hidden_size}], got {tuple(hidden_states.shape)}"
+            )
+        return hidden_states.to(device=self.device, dtype=self.dtype).unsqueeze(0)  # [1, S, D]
+
+
+def _mask_function(layer_type: str):
+    fn = LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING.get(layer_type)
+    if fn is None or isinstance(fn, dict):
+        raise NotImplementedError(f"layer type {layer_type!r} is not supported by the shard runtime")
+    return fn

@@ -1,0 +1,117 @@
+"""Reading only the tensors a shard needs from a safetensors checkpoint.
+
+A checkpoint is either one ``model.safetensors`` or several files listed by
+``model.safetensors.index.json`` (``weight_map``: tensor name -> file). Text decoders are stored under
+different prefixes: ``model.layers.N`` for plain causal LMs, ``model.language_model.layers.N`` for
+Qwen3.5 (whose checkpoints also carry ``model.visual.*`` and ``mtp.*`` tensors that a text shard
+never reads). :class:`CheckpointIndex` hides both differences behind *canonical* names
+(``layers.N.…``, ``embed_tokens.weight``, ``norm.weight``, ``lm_head.weight``).
+
+Tensors are opened with ``safetensors.safe_open`` one file at a time and read one tensor at a time,
+so a shard never holds more than its own weights (plus one tensor in flight) in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Where the decoder stack lives, most specific first ("model.language_model." before "model.").
+TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.", "transformer.", "")
+HEAD_NAMES = ("lm_head.weight", "language_model.lm_head.weight", "model.language_model.lm_head.weight")
+
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint folder is missing files or tensors that the shard needs."""
+
+
+@dataclass(frozen=True)
+class CheckpointIndex:
+    """Tensor name -> file, plus the prefix under which the text decoder is stored."""
+
+    root: Path
+    weight_map: dict[str, str]
+    text_prefix: str
+
+    @classmethod
+    def open(cls, model_dir: str | Path) -> CheckpointIndex:
+        root = Path(model_dir)
+        index_path = root / INDEX_FILE
+        if index_path.exists():
+            weight_map = dict(json.loads(index_path.read_text())["weight_map"])
+        elif (root / SINGLE_FILE).exists():
+            with safe_open(root / SINGLE_FILE, framework="pt") as f:
+                weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
+        else:
+            raise CheckpointError(f"{root} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+        return cls(root=root, weight_map=weight_map, text_prefix=_detect_prefix(weight_map))
+
+    def source_name(self, canonical: str) -> str | None:
+        """The checkpoint's name for a canonical tensor name, or None if the checkpoint lacks it."""
+        if canonical == "lm_head.weight":
+            return next((n for n in HEAD_NAMES if n in self.weight_map), None)
+        name = self.text_prefix + canonical
+        return name if name in self.weight_map else None
+
+    def layer_tensor_names(self, layer: int) -> dict[str, str]:
+        """Suffix within the layer (``mlp.up_proj.weight``) -> checkpoint name, for one global layer."""
+        head = f"{self.text_prefix}layers.{layer}."
+        return {name[len(head) :]: name for name in self.weight_map if name.startswith(head)}
+
+    def read(self, names: dict[str, str], dtype_for: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+        """Read ``{target: checkpoint_name}`` grouped by file; each tensor cast to ``dtype_for[target]``."""
+        by_file: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for target, source in names.items():
+            if source not in self.weight_map:
+                raise CheckpointError(f"tensor {source!r} is not in the checkpoint at {self.root}")
+            by_file[self.weight_map[source]].append((target, source))
+        out: dict[str, torch.Tensor] = {}
+        for filename, pairs in by_file.items():
+            with safe_open(self.root / filename, framework="pt") as f:
+                for target, source in pairs:
+                    out[target] = f.get_tensor(source).to(dtype_for[target])
+        return out
+
+    def tensor_bytes(self, names: Iterable[str]) -> int:
+        """Bytes the named tensors take on disk (from the safetensors headers, nothing is read)."""
+        total = 0
+        by_file: dict[str, list[str]] = defaultdict(list)
+        for name in names:
+            by_file[self.weight_map[name]].append(name)
+        for filename, group in by_file.items():
+            with safe_open(self.root / filename, framework="pt") as f:
+                for name in group:
+                    sl = f.get_slice(name)
+                    numel = 1
+                    for dim in sl.get_shape():
+                        numel *= dim
+                    total += numel * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+        return total
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _detect_prefix(weight_map: dict[str, str]) -> str:
+    for prefix in TEXT_PREFIXES:
+        if any(name.startswith(f"{prefix}layers.") for name in weight_map):
+            return prefix
+    raise CheckpointError("no decoder layers found: expected tensors named like 'model.layers.0.…'")
+
+
+def split_layer_name(canonical: str) -> tuple[int, str] | None:
+    """``layers.12.mlp.up_proj.weight`` -> ``(12, 'mlp.up_proj.weight')``; None for non-layer names."""
+    match = _LAYER_RE.match(canonical)
+    return (int(match.group(1)), match.group(2)) if match else None
