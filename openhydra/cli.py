@@ -1,0 +1,146 @@
+"""`openhydra-node`: compose the config with Hydra, validate it, build the node, serve.
+
+Config errors end with one line on stderr naming the key and the allowed values, and exit code 2;
+Hydra's own flags (--help, --cfg job, -m) work as usual.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+import threading
+
+from omegaconf import DictConfig
+
+from openhydra.config.load import ConfigError, conf_dir, explain_hydra_error, validate
+
+log = logging.getLogger("openhydra")
+
+_HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
+                     "--resolve", "-p", "--package"}
+_MAX_PREFLIGHT_COMBINATIONS = 64
+
+
+def _fail(message: str) -> None:
+    print(f"openhydra-node: config error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _user_overrides(argv: list[str]) -> list[str]:
+    return [a for a in argv if not a.startswith("-") and "=" in a and not a.startswith("hydra.")
+            and not a.startswith("hydra/")]
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose every combination the command line asks for, so errors come as one line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = _user_overrides(argv)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:
+        _fail(f"cannot parse overrides: {str(exc).splitlines()[0]}")
+    choices = []
+    for override, text in zip(parsed, overrides, strict=True):
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            choices.append([f"{key}={v}" for v in override.sweep_string_iterator()])
+        else:
+            choices.append([text])
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="openhydra-node"):
+        for combo in itertools.islice(itertools.product(*choices), _MAX_PREFLIGHT_COMBINATIONS):
+            try:
+                cfg = compose(config_name="config", overrides=list(combo))
+            except Exception as exc:
+                _fail(explain_hydra_error(exc))
+            try:
+                validate(cfg)
+            except ConfigError as exc:
+                _fail(str(exc))
+
+
+def run(cfg: DictConfig) -> None:
+    try:
+        node_cfg = validate(cfg)
+    except ConfigError as exc:
+        _fail(str(exc))
+    from openhydra.build import build_node
+    from openhydra.runtime.backend import BackendUnavailable
+
+    try:
+        node = build_node(node_cfg, cfg)
+    except BackendUnavailable as exc:
+        _fail(str(exc))
+    if node_cfg.action == "check":
+        node.load_model()
+        _check(node)
+        return
+    _serve(node)
+
+
+def _check(node) -> None:
+    state = node.state
+    if not state.ready:
+        print(f"openhydra-node: check failed: {state.load_error}", file=sys.stderr)
+        raise SystemExit(1)
+    import asyncio
+
+    from openhydra.router.engine import GenerationRequest
+
+    engine = state.engine
+    final = asyncio.run(engine.complete(GenerationRequest(engine.chat_prompt_ids(
+        [{"role": "user", "content": "Say hello."}]), max_tokens=4)))
+    engine.shutdown()
+    print(f"check ok: model={state.model.id} span={list(state.model.span)} "
+          f"backend={node.backend.describe()} tokens={final.completion_tokens} text={final.text!r}")
+
+
+def _banner(node) -> str:
+    cfg = node.cfg
+    return (
+        f"OpenHydra node\n"
+        f"  API        http://{cfg.api.host}:{cfg.api.port}  (OpenAI /v1, Ollama /api, /health, /metrics)\n"
+        f"  model      {cfg.model.name or cfg.model.path or cfg.model.hf_id} (loading in the background; "
+        f"GET /readyz turns 200 when ready)\n"
+        f"  hardware   {node.backend.describe()}\n"
+        f"  data dir   {cfg.node.data_path}\n"
+        f"  config     {conf_dir()}"
+    )
+
+
+def _serve(node) -> None:
+    app, cfg = node.app, node.cfg
+
+    @app.after_server_start
+    async def _start_loading(app_, loop) -> None:
+        threading.Thread(target=node.load_model, name="model-loader", daemon=True).start()
+
+    @app.before_server_stop
+    async def _stop(app_, loop) -> None:
+        if node.state.engine is not None:
+            node.state.engine.shutdown()
+
+    print(_banner(node), flush=True)
+    app.run(host=cfg.api.host, port=cfg.api.port, single_process=True, motd=False, access_log=False)
+
+
+def node_main() -> None:
+    argv = sys.argv[1:]
+    if "--version" in argv:
+        from openhydra import __version__
+
+        print(f"openhydra-node {__version__}")
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not any(a.split("=")[0] in _HYDRA_INFO_FLAGS for a in argv):
+        preflight(argv)
+    import hydra
+
+    main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(run)
+    main()
+
+
+if __name__ == "__main__":
+    node_main()

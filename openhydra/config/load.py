@@ -1,0 +1,120 @@
+"""Finding, composing and validating the node config, with one-line errors.
+
+`conf/` lives at the repository top level (the design card) and is shipped inside the wheel as
+`openhydra/conf`; `conf_dir()` finds whichever exists.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ValidationError
+
+from openhydra.config.schema import EXTERNAL_GROUP_SCHEMAS, NodeConfig, group_schema
+
+GROUPS = ("hardware", "model", "shard", "discovery", "privacy", "verification", "economy", "compaction", "api")
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line naming the key and what is allowed."""
+
+
+def conf_dir() -> Path:
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "config.yaml").exists():
+            return candidate
+    raise ConfigError(f"no conf/ directory found next to {package}")
+
+
+def group_options(group: str) -> list[str]:
+    folder = conf_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _format_validation(prefix: str, exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        parent = ".".join(loc.split(".")[:-1])
+        schema = _schema_at(parent)
+        allowed = ", ".join(sorted(schema.model_fields)) if schema else "?"
+        return f"{loc} is not a config key; keys under {parent or 'the root'}: {allowed}"
+    if first["type"] == "missing":
+        return f"{loc} is required but missing (set it with {loc}=VALUE)"
+    given = first.get("input")
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    message = message.removeprefix("Value error, ")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"{loc}: {message}{shown}{more}"
+
+
+def _schema_at(path: str) -> type[BaseModel] | None:
+    schema: type[BaseModel] = NodeConfig
+    for part in [p for p in path.split(".") if p]:
+        if part in EXTERNAL_GROUP_SCHEMAS:
+            schema = group_schema(part)
+            continue
+        field = schema.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        schema = annotation
+    return schema
+
+
+def validate(cfg: DictConfig | dict) -> NodeConfig:
+    """Resolve interpolations and validate every group; raise ConfigError with one line."""
+    if isinstance(cfg, DictConfig):
+        try:
+            data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except Exception as exc:  # MissingMandatoryValue, InterpolationResolutionError
+            key = getattr(exc, "full_key", "") or ""
+            raise ConfigError(f"{key}: {_first_line(str(exc))}" if key else _first_line(str(exc))) from None
+    else:
+        data = dict(cfg)
+    data.pop("hydra", None)
+    try:
+        node = NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation("", exc)) from None
+    for group in EXTERNAL_GROUP_SCHEMAS:
+        try:
+            group_schema(group).model_validate(data.get(group) or {})
+        except ValidationError as exc:
+            raise ConfigError(_format_validation(group, exc)) from None
+    return node
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+def explain_hydra_error(exc: BaseException) -> str:
+    """Hydra's multi-line composition errors, as one line naming the key and the allowed values."""
+    text = str(exc)
+    missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        allowed = ", ".join(group_options(group)) or "none"
+        return f"{group}={option} is not an option of group '{group}'; allowed: {allowed}"
+    override = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
+    if override:
+        key = override.group(1)
+        parent = ".".join(key.split(".")[:-1])
+        if not parent and key in GROUPS:
+            return f"{key}: pick an option of the group; allowed: {', '.join(group_options(key))}"
+        schema = _schema_at(parent)
+        if schema is not None:
+            allowed = ", ".join(sorted(schema.model_fields))
+            where = f"keys under {parent}" if parent else f"groups: {', '.join(GROUPS)}; keys"
+            return f"{key} is not a config key; {where}: {allowed}"
+        return f"{key} is not a config key"
+    group_err = re.search(r"Could not load '([^']+)'", text)
+    if group_err:
+        return f"could not load config '{group_err.group(1)}'"
+    return _first_line(text)

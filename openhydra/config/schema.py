@@ -1,0 +1,154 @@
+"""Pydantic schemas for the composed node config: one model per config group.
+
+Every option file of a group is validated by that group's schema, so a typo in a YAML file or an
+override fails at start with the key and the allowed values. Groups owned by other packages
+(discovery, privacy, economy, compaction, verification) keep their schema next to their code and
+are referenced here by import path.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class HardwareConfig(Strict):
+    target: str = Field(alias="_target_")
+    backend: Literal["auto", "torch", "mlx"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps", "gpu"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: int = Field(0, ge=0, le=1024)
+    quantization: Literal["none", "int8", "nf4"] = "none"
+    memory_budget_gb: float | None = Field(None, gt=0)
+
+
+class ModelConfig(Strict):
+    name: str | None = None
+    """Name clients use in requests (`model`); defaults to the folder name for local models."""
+    hf_id: str | None = None
+    path: str | None = None
+    embedded: bool = False
+    tier: Literal["embedded", "basic", "standard", "advanced", "frontier", "local"]
+    memory_gb: float | None = None
+    peers: int = Field(1, ge=1)
+    quantization: Literal["fp32", "fp16", "bf16", "int8", "int4"] = "fp32"
+    fallback: list[str] = []
+
+    @model_validator(mode="after")
+    def _has_a_source(self) -> ModelConfig:
+        if not (self.hf_id or self.path or self.embedded):
+            raise ValueError("a model needs hf_id, path or embedded=true")
+        return self
+
+
+class ShardConfig(Strict):
+    mode: Literal["full", "layers", "index", "auto"] = "full"
+    start: int = Field(0, ge=0)
+    end: int | None = Field(None, ge=1)
+    index: int | None = Field(None, ge=0)
+    total: int | None = Field(None, ge=1)
+    max_layers: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ShardConfig:
+        if self.mode == "layers" and (self.end is None or self.end <= self.start):
+            raise ValueError(f"shard.end must be > shard.start (got start={self.start}, end={self.end})")
+        if self.mode == "index" and (self.total is None or self.index is None or self.index >= self.total):
+            raise ValueError(f"shard.index must be in [0, shard.total) (got {self.index} of {self.total})")
+        return self
+
+    def span(self, num_layers: int) -> tuple[int, int]:
+        """The [start, end) layer span this config selects in a model of ``num_layers`` layers."""
+        if self.mode == "layers":
+            end = self.end if self.end is not None else num_layers
+            if end > num_layers:
+                raise ValueError(f"shard.end={end} is past the model's {num_layers} layers")
+            return self.start, end
+        if self.mode == "index":
+            assert self.index is not None and self.total is not None  # checked by the validator
+            if self.total > num_layers:
+                raise ValueError(f"shard.total={self.total} exceeds the model's {num_layers} layers")
+            bounds = [round(i * num_layers / self.total) for i in range(self.total + 1)]
+            return bounds[self.index], bounds[self.index + 1]
+        return 0, num_layers
+
+
+class ApiConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_header_bytes: int = Field(16384, ge=1024)
+    request_timeout_s: float = Field(60, gt=0)
+    response_timeout_s: float = Field(900, gt=0)
+    keep_alive_timeout_s: float = Field(30, gt=0)
+    default_max_tokens: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(8192, ge=1)
+    max_concurrent_sessions: int = Field(32, ge=1)
+    rate_limit_requests: int = Field(120, ge=1)
+    rate_limit_window_s: float = Field(60, gt=0)
+    bearer_token: str | None = None
+    cors_origins: list[str] = []
+
+
+class NodeSection(Strict):
+    data_dir: str
+    peer_id: str | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    hub_probe_timeout_s: float = Field(2.0, gt=0, le=60)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+
+class PeerSection(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+
+
+class OpenGroup(BaseModel):
+    """Placeholder schema for a group whose owner package has not defined one."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    enabled: bool = False
+
+
+# Groups validated by schemas that live with the code that uses them.
+EXTERNAL_GROUP_SCHEMAS: dict[str, str] = {
+    "discovery": "openhydra.discovery.config:DiscoveryConfig",
+    "privacy": "openhydra.crypto.config:PrivacyConfig",
+    "economy": "openhydra.economy.config:EconomyConfig",
+    "compaction": "openhydra.runtime.compaction.config:CompactionConfig",
+    "verification": "openhydra.verification.config:VerificationConfig",
+}
+
+
+def group_schema(group: str) -> type[BaseModel]:
+    module_name, _, attr = EXTERNAL_GROUP_SCHEMAS[group].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        return OpenGroup
+    return getattr(module, attr, OpenGroup)
+
+
+class NodeConfig(Strict):
+    action: Literal["serve", "check"] = "serve"
+    node: NodeSection
+    peer: PeerSection
+    hardware: HardwareConfig
+    model: ModelConfig
+    shard: ShardConfig
+    api: ApiConfig
+    discovery: dict[str, Any]
+    privacy: dict[str, Any]
+    economy: dict[str, Any]
+    compaction: dict[str, Any]
+    verification: dict[str, Any]

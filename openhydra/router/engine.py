@@ -1,0 +1,165 @@
+"""The coordinator's generation engine: prompt in, a stream of text deltas and a final summary out.
+
+It owns the session lifecycle (a session id per choice, closed on every exit path, including a client
+that disconnects), the decode loop (each step feeds exactly the tokens the cache has not seen),
+stop handling (EOS ids, stop strings across token boundaries, max_tokens) and the timings the APIs
+report. Model work runs on a thread pool so the event loop keeps serving other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+
+from openhydra.router.detokenize import IncrementalDetokenizer, StopMatcher
+from openhydra.router.pipeline import Pipeline
+from openhydra.runtime.sampling import SamplingParams
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TextDelta:
+    text: str
+    token_id: int
+
+
+@dataclass
+class Finished:
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+    text: str
+    started_at: float
+    first_token_at: float | None
+    finished_at: float
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started_at
+
+    @property
+    def prompt_eval_ns(self) -> int:
+        end = self.first_token_at or self.finished_at
+        return int((end - self.started_at) * 1e9)
+
+    @property
+    def eval_ns(self) -> int:
+        return int((self.finished_at - (self.first_token_at or self.finished_at)) * 1e9)
+
+    @property
+    def total_ns(self) -> int:
+        return int((self.finished_at - self.started_at) * 1e9)
+
+
+class ContextTooLong(ValueError):
+    pass
+
+
+class Engine:
+    def __init__(
+        self,
+        tokenizer,
+        pipeline: Pipeline,
+        *,
+        eos_token_ids: set[int],
+        context_length: int,
+        max_concurrent_sessions: int = 32,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.pipeline = pipeline
+        self.eos_token_ids = eos_token_ids
+        self.context_length = context_length
+        self.executor = ThreadPoolExecutor(max_workers=max_concurrent_sessions, thread_name_prefix="decode")
+        self.active_sessions: set[str] = set()
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def text_prompt_ids(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def check_fits(self, prompt_len: int, max_tokens: int) -> None:
+        if prompt_len + max_tokens > self.context_length:
+            raise ContextTooLong(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
+                f"length of {self.context_length} tokens"
+            )
+
+    # -- generation ------------------------------------------------------------------------------
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Finished]:
+        """Yield text deltas, then one `Finished`. Cancelling the iterator frees the session."""
+        self.check_fits(len(request.prompt_ids), request.max_tokens)
+        loop = asyncio.get_running_loop()
+        session_id = uuid.uuid4().hex
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stops = StopMatcher(request.stop)
+        started = time.perf_counter()
+        first_token_at: float | None = None
+        pieces: list[str] = []
+        completion_tokens = 0
+        finish_reason: Literal["stop", "length"] = "length"
+        feed, position = list(request.prompt_ids), 0
+        self.active_sessions.add(session_id)
+        try:
+            for step in range(request.max_tokens):
+                token = await loop.run_in_executor(
+                    self.executor, self.pipeline.step, session_id, feed, position, request.sampling, step
+                )
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                position += len(feed)
+                feed = [token]
+                if token in self.eos_token_ids:
+                    finish_reason = "stop"
+                    break
+                completion_tokens += 1
+                emit, hit_stop = stops.feed(detok.push(token))
+                if emit:
+                    pieces.append(emit)
+                    yield TextDelta(emit, token)
+                if hit_stop:
+                    finish_reason = "stop"
+                    break
+            rest = stops.flush()  # text held back as a possible stop prefix that never became one
+            if rest:
+                pieces.append(rest)
+                yield TextDelta(rest, -1)
+            yield Finished(
+                finish_reason=finish_reason,
+                prompt_tokens=len(request.prompt_ids),
+                completion_tokens=completion_tokens,
+                text="".join(pieces),
+                started_at=started,
+                first_token_at=first_token_at,
+                finished_at=time.perf_counter(),
+            )
+        finally:
+            self.active_sessions.discard(session_id)
+            # Runs after any in-flight step on this session (same executor queue order is not
+            # guaranteed, so the runtime's per-session lock serialises them).
+            self.executor.submit(self.pipeline.close, session_id)
+
+    async def complete(self, request: GenerationRequest) -> Finished:
+        final: Finished | None = None
+        async for event in self.stream(request):
+            if isinstance(event, Finished):
+                final = event
+        assert final is not None
+        return final
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,98 @@
+"""Compute backends chosen by the `hardware/` config group.
+
+`make_backend` is the `_target_` of every hardware option: it resolves `auto` against what this
+machine has (CUDA/ROCm GPU, Apple Silicon, CPU), sets the thread count once for the process, and
+returns an object that loads a model span with the chosen device and dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+def _is_apple_silicon() -> bool:
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+def _mlx_available() -> bool:
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class TorchBackend:
+    device: str
+    dtype: torch.dtype
+    threads: int
+    quantization: str
+    note: str | None = None
+    """Why this is not exactly what the config asked for (logged at start)."""
+
+    name = "torch"
+
+    def describe(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"torch on {self.device}, {dtype}, {self.threads} thread(s), quantization={self.quantization}"
+
+    def load_span(self, model_dir: Path, start: int, end: int | None):
+        from openhydra.runtime.shard import ShardRuntime
+
+        return ShardRuntime(model_dir, start, end, dtype=self.dtype, device=self.device)
+
+
+def make_backend(
+    backend: str = "auto",
+    device: str = "auto",
+    dtype: str = "auto",
+    threads: int = 0,
+    quantization: str = "none",
+    memory_budget_gb: float | None = None,
+) -> TorchBackend:
+    note = None
+    if backend == "mlx" or (backend == "auto" and _is_apple_silicon()):
+        if _is_apple_silicon() and _mlx_available():
+            note = "the MLX backend is not built yet; running PyTorch on the CPU"
+        else:
+            note = "MLX needs Apple Silicon with the mlx package; running PyTorch on the CPU instead"
+        backend, device = "torch", "cpu"
+        dtype = "bfloat16" if dtype == "auto" else dtype
+    if device in ("auto", "gpu"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable(
+            f"hardware asks for a CUDA/ROCm GPU but torch {torch.__version__} sees none; "
+            "use hardware=cpu or hardware=auto"
+        )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise BackendUnavailable("hardware asks for Apple MPS but torch sees none; use hardware=auto")
+    if dtype == "auto":
+        # Decode is memory-bandwidth bound: 16-bit weights read half the bytes of fp32.
+        dtype = "bfloat16" if device == "cpu" or torch.cuda.is_bf16_supported() else "float16"
+    if quantization != "none" and device != "cuda":
+        note = f"quantization={quantization} needs a CUDA device here; weights stay {dtype}"
+        quantization = "none"
+    if threads <= 0:
+        threads = int(os.environ.get("OPENHYDRA_THREADS", 0)) or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    chosen = TorchBackend(device=device, dtype=_DTYPES[dtype], threads=threads, quantization=quantization,
+                          note=note)
+    if note:
+        log.warning("hardware: %s", note)
+    return chosen

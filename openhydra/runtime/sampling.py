@@ -1,0 +1,53 @@
+"""Token sampling on a logits vector: greedy, temperature, top-k, top-p, seeded.
+
+Pure functions on purpose: the last peer of a pipeline runs them, so a request's seed and step index
+fully determine the token (no hidden generator state that would differ between a single process,
+a pipeline, or a replacement peer after failover).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0: no top-k cut
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A generator seeded from (seed, step) alone, so any peer can reproduce step ``step``."""
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
+    """Pick the next token from ``logits`` ([V] or [1, V]) under ``params`` at decode step ``step``."""
+    logits = logits.reshape(-1).float()
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop = cumulative - sorted_probs >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    choice = torch.multinomial(probs, 1, generator=step_generator(params.seed, step))
+    return int(choice)
