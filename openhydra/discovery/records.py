@@ -106,9 +106,7 @@ class PeerAnnouncement(BaseModel):
     api_address: Address | None = None  # host:port of its HTTP API, if it runs a coordinator
     dtype: Dtype = "bfloat16"
     backend: str = Field(default="pytorch", pattern=r"^[a-z0-9_\-]{1,32}$")
-    throughput_tps: Finite = Field(
-        default=0.0, ge=0.0, le=1e7
-    )  # tokens/s through the whole span; 0 = unmeasured
+    throughput_tps: Finite = Field(default=0.0, ge=0.0, le=1e7)  # tokens/s through the whole span; 0 = unmeasured
     load: Finite = Field(default=0.0, ge=0.0, le=1.0)  # fraction of capacity in use
     active_sessions: int = Field(default=0, ge=0, le=1_000_000)
     announced_at: Finite = Field(gt=0.0)  # sender's unix time, seconds

@@ -1,0 +1,147 @@
+"""Discovery over hivemind's libp2p Kademlia DHT.
+
+Each model has one DHT key, ``f"{key_prefix}:{model_id}"``; each peer stores its record under the
+subkey ``peer_id`` with ``expiration_time = dht_time + ttl_s``, so a dead peer disappears once its
+TTL passes. A lookup fetches the key (``latest=True``) and parses every subkey strictly.
+Kademlia cannot delete: withdraw overwrites the subkey with a tombstone that lookups skip.
+
+The libp2p daemon's network-reaching defaults (NAT port mapping, AutoNAT, relays, IPFS bootstrap)
+are off unless configured: a node on loopback must not reach for the internet (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from openhydra.discovery.base import Discovery, DiscoveryError
+from openhydra.discovery.records import PeerAnnouncement
+
+logger = logging.getLogger(__name__)
+
+TOMBSTONE = {"withdrawn": True}
+
+
+class KademliaDiscovery(Discovery):
+    def __init__(
+        self,
+        *,
+        initial_peers: Sequence[str] = (),
+        host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+        announce_maddrs: Sequence[str] = (),
+        client_mode: bool = False,
+        use_ipfs: bool = False,
+        use_relay: bool = False,
+        use_auto_relay: bool = False,
+        auto_nat: bool = False,
+        nat_port_map: bool = False,
+        key_prefix: str = "openhydra:v1",
+        start_timeout_s: float = 30.0,
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        self.initial_peers = list(initial_peers)
+        self.key_prefix = key_prefix
+        self.start_timeout_s = start_timeout_s
+        self._dht_kwargs: dict[str, Any] = dict(
+            host_maddrs=list(host_maddrs),
+            client_mode=client_mode,
+            use_ipfs=use_ipfs,
+            use_relay=use_relay,
+            use_auto_relay=use_auto_relay,
+            auto_nat=auto_nat,
+            nat_port_map=nat_port_map,
+        )
+        if announce_maddrs:
+            self._dht_kwargs["announce_maddrs"] = list(announce_maddrs)
+        self.dht: Any = None  # hivemind.DHT once started
+        self._expirations: dict[str, float] = {}  # own records' DHT expiration, for tombstones
+
+    def key(self, model_id: str) -> str:
+        return f"{self.key_prefix}:{model_id}"
+
+    @property
+    def visible_maddrs(self) -> list[str]:
+        """Multiaddrs other nodes can use as ``initial_peers`` (with /p2p/<id>)."""
+        if self.dht is None:
+            return []
+        return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    async def start(self) -> None:
+        if self.dht is not None:
+            return
+        import hivemind  # heavy import (scipy, the p2p daemon): only when this backend is used
+
+        def create() -> Any:
+            return hivemind.DHT(initial_peers=self.initial_peers or None, start=True, **self._dht_kwargs)
+
+        try:
+            self.dht = await asyncio.wait_for(asyncio.to_thread(create), self.start_timeout_s)
+        except (TimeoutError, Exception) as exc:
+            raise DiscoveryError(f"hivemind DHT did not start: {type(exc).__name__}: {exc}") from exc
+
+    async def stop(self) -> None:
+        dht, self.dht = self.dht, None
+        if dht is not None:
+            await asyncio.to_thread(dht.shutdown)
+
+    def _require(self) -> Any:
+        if self.dht is None:
+            raise DiscoveryError("KademliaDiscovery is not started")
+        return self.dht
+
+    async def _call(self, future: Any, what: str) -> Any:
+        try:
+            return await asyncio.wait_for(future, self.timeout_s)
+        except TimeoutError as exc:
+            raise DiscoveryError(f"hivemind DHT {what} timed out after {self.timeout_s} s") from exc
+        except DiscoveryError:
+            raise
+        except Exception as exc:
+            raise DiscoveryError(f"hivemind DHT {what} failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _store(self, model_id: str, peer_id: str, value: dict[str, Any], expiration: float) -> None:
+        dht = self._require()
+        future = dht.store(self.key(model_id), value, expiration, subkey=peer_id, return_future=True)
+        if not await self._call(future, "store"):
+            raise DiscoveryError(f"hivemind DHT refused to store {peer_id} under {self.key(model_id)}")
+
+    async def _announce(self, record: PeerAnnouncement) -> None:
+        from hivemind.utils.timed_storage import get_dht_time
+
+        expiration = get_dht_time() + record.ttl_s
+        await self._store(record.model_id, record.peer_id, record.to_wire(), expiration)
+        self._expirations[record.peer_id] = expiration
+
+    async def _withdraw(self, record: PeerAnnouncement) -> None:
+        from hivemind.utils.timed_storage import get_dht_time
+
+        # A subkey's value is replaced only by one with a later expiration: outlive the record.
+        expiration = max(self._expirations.pop(record.peer_id, 0.0), get_dht_time()) + 1.0
+        await self._store(record.model_id, record.peer_id, dict(TOMBSTONE), expiration)
+
+    async def _lookup(self, model_id: str) -> list[PeerAnnouncement]:
+        dht = self._require()
+        found = await self._call(dht.get(self.key(model_id), latest=True, return_future=True), "get")
+        if found is None or not isinstance(found.value, dict):
+            return []
+        records = []
+        for subkey, item in found.value.items():
+            value = getattr(item, "value", None)
+            if value == TOMBSTONE:
+                continue
+            try:
+                record = PeerAnnouncement.from_wire(value)
+            except ValidationError as exc:
+                self.rejected += 1
+                logger.warning("dropped a bad DHT record under %r: %s", subkey, exc.errors(include_url=False)[:1])
+                continue
+            if record.peer_id != subkey or record.model_id != model_id:
+                self.rejected += 1  # stored under someone else's name or model
+                continue
+            records.append(record)
+        return records

@@ -1,0 +1,74 @@
+"""The HTTP DHT table: TTL from the server clock, bounds that keep existing peers refreshable."""
+
+from __future__ import annotations
+
+import pytest
+
+from openhydra.discovery.records import PeerAnnouncement
+from openhydra.discovery.store import AnnouncementStore, StoreFull, StoreLimits
+
+
+class Clock:
+    t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def rec(peer: str, model: str = "m", ttl: float = 10.0) -> PeerAnnouncement:
+    return PeerAnnouncement(
+        peer_id=peer,
+        model_id=model,
+        start=0,
+        end=2,
+        total_layers=2,
+        grpc_address="127.0.0.1:1",
+        announced_at=1.0,
+        ttl_s=ttl,
+    )
+
+
+def test_ttl_expiry_uses_server_clock_and_refresh_extends():
+    clock = Clock()
+    store = AnnouncementStore(clock=clock)
+    assert store.put(rec("a", ttl=10)) == 10  # announced_at=1.0 (long ago) does not matter
+    clock.t += 9
+    store.put(rec("b", ttl=10))
+    assert {r.peer_id for r in store.get("m")} == {"a", "b"}
+    clock.t += 2
+    assert [r.peer_id for r in store.get("m")] == ["b"] and len(store) == 1
+    store.put(rec("b", ttl=10))
+    clock.t += 9
+    assert [r.peer_id for r in store.get("m")] == ["b"]
+
+
+def test_ttl_capped():
+    store = AnnouncementStore(StoreLimits(max_ttl_s=5))
+    assert store.put(rec("a", ttl=3600)) == 5
+
+
+def test_full_table_refuses_newcomers_but_refreshes_and_sweeps():
+    clock = Clock()
+    store = AnnouncementStore(StoreLimits(max_records=2, max_per_model=2), clock=clock)
+    store.put(rec("a", ttl=5))
+    store.put(rec("b", ttl=50))
+    with pytest.raises(StoreFull):
+        store.put(rec("c"))
+    store.put(rec("a", ttl=5))  # refresh of a known peer is fine
+    clock.t += 6  # a expires: room for c
+    store.put(rec("c"))
+    assert {r.peer_id for r in store.get("m")} == {"b", "c"}
+    assert store.models() == {"m": 2}
+
+
+def test_per_model_and_model_count_limits_and_remove():
+    store = AnnouncementStore(StoreLimits(max_records=10, max_per_model=1, max_models=2))
+    store.put(rec("a", model="m1"))
+    with pytest.raises(StoreFull, match="m1"):
+        store.put(rec("b", model="m1"))
+    store.put(rec("b", model="m2"))
+    with pytest.raises(StoreFull, match="models"):
+        store.put(rec("c", model="m3"))
+    assert store.remove("m1", "a") and not store.remove("m1", "a")
+    store.put(rec("c", model="m3"))
+    assert store.models() == {"m2": 1, "m3": 1}
