@@ -52,7 +52,7 @@ def _validation_error(exc: ValidationError) -> HTTPResponse:
 
 
 def create_app(store: AnnouncementStore | None = None, name: str = "openhydra_dht") -> Sanic:
-    store = store or AnnouncementStore()
+    store = AnnouncementStore() if store is None else store
     app = Sanic(name)
     app.config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
     app.config.FALLBACK_ERROR_FORMAT = "json"

@@ -1,0 +1,127 @@
+"""A real `openhydra-dht` process on loopback: announce, lookup, TTL expiry, 400s, bounds, withdraw."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from openhydra.discovery.base import DiscoveryError
+from openhydra.discovery.http_dht import HttpDhtClient, HttpDiscovery
+from openhydra.discovery.records import PeerAnnouncement
+
+from .conftest import start_dht_server, stop_process
+
+
+def rec(peer: str, start: int = 0, end: int = 4, model: str = "org/model", ttl: float = 60.0, **kw):
+    return PeerAnnouncement(
+        peer_id=peer,
+        model_id=model,
+        start=start,
+        end=end,
+        total_layers=8,
+        grpc_address="127.0.0.1:50051",
+        announced_at=time.time(),
+        ttl_s=ttl,
+        **kw,
+    )
+
+
+def test_announce_lookup_and_ttl_expiry(dht_server):
+    async def scenario():
+        d = HttpDiscovery([dht_server], timeout_s=5)
+        await d.start()
+        await d.announce(rec("short", 0, 4, ttl=1.0, throughput_tps=7.5))
+        await d.announce(rec("long", 4, 8, ttl=60.0))
+        await d.announce(rec("other-model", model="org/other"))
+        got = {r.peer_id: r for r in await d.lookup("org/model")}
+        assert set(got) == {"short", "long"}
+        assert got["short"].span == (0, 4) and got["short"].throughput_tps == 7.5
+        await asyncio.sleep(1.3)
+        assert [r.peer_id for r in await d.lookup("org/model")] == ["long"]  # the dead peer is gone
+        await d.withdraw("long")
+        assert await d.lookup("org/model") == []
+        assert [r.peer_id for r in await d.lookup("org/other")] == ["other-model"]
+        await d.stop()
+
+    asyncio.run(scenario())
+
+
+def test_bad_records_get_400_with_error_schema(dht_server):
+    good = rec("p").to_wire()
+    cases = [
+        {**good, "start": 6, "end": 4},
+        {**good, "end": 9},
+        {**good, "grpc_address": "nohost"},
+        {**good, "ttl_s": -1},
+        {k: v for k, v in good.items() if k != "peer_id"},
+        [good],
+    ]
+    with httpx.Client(base_url=dht_server, timeout=5) as http:
+        for body in cases:
+            resp = http.post("/v1/announce", json=body)
+            assert resp.status_code == 400, body
+            err = resp.json()["error"]
+            assert err["type"] == "invalid_request_error" and err["code"] == "invalid_record" and err["message"]
+        resp = http.post("/v1/announce", content=b"{not json")
+        assert resp.status_code == 400
+        assert http.get("/v1/peers").status_code == 400  # model_id missing
+        assert http.delete("/v1/peers", params={"model_id": "m"}).json()["error"]["param"] == "peer_id"
+        assert http.post("/v1/announce", content=b"x" * 100_000).status_code == 413
+        # Unknown fields are ignored, not rejected; PUT works like POST.
+        assert http.put("/v1/announce", json={**good, "peer_id": "extra", "new_field": 1}).status_code == 200
+        peers = http.get("/v1/peers", params={"model_id": "org/model"}).json()["peers"]
+        assert any(p["peer_id"] == "extra" and "new_field" not in p for p in peers)
+        assert http.get("/v1/models").json()["models"]["org/model"] >= 1
+
+
+def test_bounded_table_answers_503_and_client_raises():
+    proc, url = start_dht_server("--max-records", "2")
+    try:
+
+        async def scenario():
+            client = HttpDhtClient(url, timeout_s=5)
+            await client.announce(rec("a"))
+            await client.announce(rec("b"))
+            with pytest.raises(DiscoveryError, match="HTTP 503"):
+                await client.announce(rec("c"))
+            await client.announce(rec("a"))  # refresh still accepted
+            await client.aclose()
+
+        asyncio.run(scenario())
+    finally:
+        stop_process(proc)
+
+
+def test_unreachable_server_fails_within_deadline_and_second_server_answers(dht_server):
+    async def scenario():
+        dead = "http://127.0.0.1:9"  # discard port: nothing listens
+        only_dead = HttpDiscovery([dead], timeout_s=1)
+        t0 = time.monotonic()
+        with pytest.raises(DiscoveryError):
+            await only_dead.lookup("org/model")
+        assert time.monotonic() - t0 < 3
+        both = HttpDiscovery([dead, dht_server], timeout_s=1)
+        await both.announce(rec("via-both"))
+        assert "via-both" in {r.peer_id for r in await both.lookup("org/model")}
+        await both.stop()
+        await only_dead.stop()
+
+    asyncio.run(scenario())
+
+
+def test_client_drops_bad_records_in_an_answer():
+    good = rec("good").to_wire()
+    answer = {"peers": [good, {**good, "peer_id": "bad", "end": 99}, "junk", {**good, "model_id": "x/y"}]}
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=answer))
+
+    async def scenario():
+        client = HttpDhtClient("http://dht.invalid", transport=transport)
+        got = await client.lookup("org/model")
+        await client.aclose()
+        return client, got
+
+    client, got = asyncio.run(scenario())
+    assert [r.peer_id for r in got] == ["good"] and client.rejected == 2

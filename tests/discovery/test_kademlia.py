@@ -1,0 +1,119 @@
+"""Real hivemind DHTs on loopback (local-only flags): announce via one node, look up via another."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from openhydra.discovery.http_dht import HttpDiscovery
+from openhydra.discovery.kademlia import KademliaDiscovery
+from openhydra.discovery.records import PeerAnnouncement
+from openhydra.discovery.service import DualStackDiscovery
+
+pytestmark = pytest.mark.slow
+
+
+def rec(peer: str, start: int, end: int, ttl: float = 60.0, announced_at: float | None = None, **kw):
+    return PeerAnnouncement(
+        peer_id=peer,
+        model_id="org/model",
+        start=start,
+        end=end,
+        total_layers=8,
+        grpc_address="127.0.0.1:50051",
+        announced_at=announced_at or time.time(),
+        ttl_s=ttl,
+        **kw,
+    )
+
+
+async def swarm(n: int) -> list[KademliaDiscovery]:
+    first = KademliaDiscovery(timeout_s=10)
+    await first.start()
+    assert all(m.startswith("/ip4/127.0.0.1/") for m in first.visible_maddrs)
+    rest = [KademliaDiscovery(initial_peers=first.visible_maddrs, timeout_s=10) for _ in range(n - 1)]
+    await asyncio.gather(*(d.start() for d in rest))
+    return [first, *rest]
+
+
+def test_announce_on_one_node_lookup_on_another_then_ttl_expiry():
+    async def scenario():
+        nodes = await swarm(3)
+        try:
+            a, b, c = nodes
+            await b.announce(rec("short", 0, 4, ttl=2.0))
+            await c.announce(rec("long", 4, 8, ttl=60.0, throughput_tps=3.0))
+            for node in (a, b, c):
+                got = {r.peer_id: r for r in await node.lookup("org/model")}
+                assert set(got) == {"short", "long"}
+                assert got["long"].span == (4, 8) and got["long"].throughput_tps == 3.0
+            assert await a.lookup("org/absent") == []
+            await asyncio.sleep(2.5)
+            assert [r.peer_id for r in await a.lookup("org/model")] == ["long"]
+            await c.withdraw("long")
+            assert await a.lookup("org/model") == []
+            # A re-announce after a withdraw brings the peer back.
+            await c.announce(rec("long", 4, 8, ttl=60.0))
+            assert [r.peer_id for r in await b.lookup("org/model")] == ["long"]
+        finally:
+            await asyncio.gather(*(n.stop() for n in nodes))
+
+    asyncio.run(scenario())
+
+
+def test_bad_and_misfiled_dht_values_are_dropped():
+    async def scenario():
+        nodes = await swarm(2)
+        try:
+            a, b = nodes
+            from hivemind.utils.timed_storage import get_dht_time
+
+            key = a.key("org/model")
+            exp = get_dht_time() + 30
+            bad = {**rec("bad", 0, 4).to_wire(), "end": 99}
+            assert a.dht.store(key, bad, exp, subkey="bad")
+            assert a.dht.store(key, rec("real", 0, 4).to_wire(), exp, subkey="impostor")  # wrong subkey
+            assert a.dht.store(key, rec("ok", 0, 8).to_wire(), exp, subkey="ok")
+            got = await b.lookup("org/model")
+            assert [r.peer_id for r in got] == ["ok"] and b.rejected == 2
+            b.set_verifier(lambda r: r.peer_id != "ok")
+            assert await b.lookup("org/model") == [] and b.rejected == 5
+        finally:
+            await asyncio.gather(*(n.stop() for n in nodes))
+
+    asyncio.run(scenario())
+
+
+def test_dual_stack_announces_to_both_and_merges_freshest(dht_server):
+    async def scenario():
+        k1, k2 = await swarm(2)
+        http = HttpDiscovery([dht_server], timeout_s=5)
+        dual = DualStackDiscovery(http, k1, timeout_s=5)
+        reader_http = HttpDiscovery([dht_server], timeout_s=5)
+        try:
+            await dual.start()
+            now = time.time()
+            await dual.announce(rec("both", 0, 8))
+            await http.announce(rec("http-only", 0, 4))
+            await k2.announce(rec("kad-only", 4, 8))
+            # "moved": an old record in HTTP, a newer one in Kademlia -> the newer span wins.
+            await http.announce(rec("moved", 0, 4, announced_at=now - 30))
+            await k2.announce(rec("moved", 4, 8, announced_at=now))
+            got = {r.peer_id: r for r in await dual.lookup("org/model")}
+            assert set(got) == {"both", "http-only", "kad-only", "moved"}
+            assert got["moved"].span == (4, 8)
+            # The dual announce reached each stack on its own.
+            assert "both" in {r.peer_id for r in await reader_http.lookup("org/model")}
+            assert "both" in {r.peer_id for r in await k2.lookup("org/model")}
+            # One stack down: lookups still answer from the other and count the failure.
+            await k1.stop()
+            got = {r.peer_id for r in await dual.lookup("org/model")}
+            assert {"both", "http-only"} <= got and dual.failures["kademlia"] == 1
+            await dual.withdraw("both")
+            assert "both" not in {r.peer_id for r in await reader_http.lookup("org/model")}
+        finally:
+            await asyncio.gather(dual.stop(), k2.stop(), reader_http.stop())
+
+    asyncio.run(scenario())
