@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
 from openhydra.runtime.source import embedded_model_dir
+from openhydra.testing.processes import free_port
 from openhydra.testing.tiny import FAMILIES, build_tiny_model
 
 # Converted/generated models are cached across test runs: converting the GGUF takes ~20 s.
@@ -28,12 +28,6 @@ def tiny_model_dirs(smollm2_dir: Path) -> dict[str, Path]:
         family: build_tiny_model(family, CACHE_ROOT / f"tiny-{family}-8l", smollm2_dir, num_layers=8)
         for family in FAMILIES
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -1,0 +1,81 @@
+"""Start real node processes for tests and benchmarks, wait until ready, and kill them afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NodeProcess:
+    """`openhydra-node` as a subprocess (same interpreter), logging to a file."""
+
+    def __init__(self, overrides: list[str], *, port: int | None = None, log_path: Path | None = None,
+                 env: dict[str, str] | None = None, threads: int = 1) -> None:
+        self.port = port or free_port()
+        self.overrides = [*overrides, f"api.port={self.port}"]
+        self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"openhydra-node-{self.port}.log"
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENHYDRA_THREADS": str(threads),
+                    "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> NodeProcess:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "openhydra.cli", *self.overrides],
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+        )
+        return self
+
+    def wait_ready(self, timeout_s: float = 180.0) -> NodeProcess:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"node not ready after {timeout_s} s:\n{self.log_text()[-3000:]}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self) -> NodeProcess:
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
