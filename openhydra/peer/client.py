@@ -1,0 +1,272 @@
+"""The coordinator's side of the peer protocol: send steps to the first peer, receive Results directly.
+
+``PeerChainClient`` hosts a small ``Coordinator.Deliver`` server (the ``reply_to`` address every
+step carries), keeps one stream per session to the route's first peer, and turns each step into a
+future resolved by the Result the last peer pushes back: N + 1 one-way hops per token for N peers.
+Any failure surfaces as :class:`HopError` naming the hop to fail over. It implements the router's
+``Pipeline`` protocol (``step``/``close``); failover and replay belong to the router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+
+from openhydra.peer.codec import codec_from_name
+from openhydra.peer.errors import HopError, status_code
+from openhydra.peer.messages import HopSpec
+from openhydra.peer.outbound import CHANNEL_OPTIONS, ChannelPool, OutboundStream, StreamBroken
+from openhydra.peer.proto import peer_pb2 as pb
+from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
+from openhydra.peer.wire import decode_tensor, encode_tensor
+from openhydra.runtime.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class ClientTunables:
+    step_timeout_s: float = 30.0
+    """Deadline of one step end to end (also sent to peers, which drop late steps)."""
+    unary_timeout_s: float = 5.0
+    """Deadline of CloseSession/Info calls and of the probe that blames a hop after a timeout."""
+    prefill_chunk: int = 512
+    """Prompt positions per step message; longer prompts are sent as several pipelined steps."""
+    forward_codec: str = "none"
+    """Codec peers use for hidden states: 'none' or 'lz4' (measure first: bench/bench_codec.py)."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    token: int
+    last_hop: str
+    logits: torch.Tensor | None = None  # float32 [1, V] or [S, V]
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+
+class _Deliver(pb_grpc.CoordinatorServicer):
+    def __init__(self, client: PeerChainClient) -> None:
+        self._client = client
+
+    async def Deliver(self, request_iterator, context) -> pb.DeliverSummary:
+        count = 0
+        async for result in request_iterator:
+            count += 1
+            self._client._resolve(result)
+        return pb.DeliverSummary(results=count)
+
+
+class PeerChainClient:
+    def __init__(
+        self,
+        route: Sequence[HopSpec],
+        *,
+        reply_host: str = "127.0.0.1",
+        reply_port: int = 0,
+        tunables: ClientTunables | None = None,
+    ) -> None:
+        self.tunables = tunables or ClientTunables()
+        self._codec = codec_from_name(self.tunables.forward_codec)
+        self.route = tuple(route)
+        self._pending: dict[tuple[str, int], asyncio.Future] = {}
+        self._seq = itertools.count()
+        self._streams: dict[tuple[str, str], OutboundStream] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="peer-client", daemon=True)
+        self._thread.start()
+        self._pool: ChannelPool = self._call(self._make_pool())
+        self._server: grpc.aio.Server = self._call(self._start_server(reply_host, reply_port))
+
+    # ---- public, thread-safe --------------------------------------------------------------------
+
+    @property
+    def route(self) -> tuple[HopSpec, ...]:
+        return self._route
+
+    @route.setter
+    def route(self, route: Sequence[HopSpec]) -> None:
+        """Replace the chain (after failover); spans must tile [0, L) in order."""
+        route = tuple(route)
+        if not route or route[0].start != 0:
+            raise ValueError("a route must start at layer 0")
+        for prev, nxt in itertools.pairwise(route):
+            if prev.end != nxt.start:
+                raise ValueError(f"route is not contiguous: [{prev.start},{prev.end}) then [{nxt.start},{nxt.end})")
+        self._route = route
+
+    def step(self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams, step: int) -> int:
+        """The router's ``Pipeline.step``: feed tokens at ``start_pos...``, return the sampled token."""
+        return self.step_result(session_id, token_ids, start_pos, sampling, step).token
+
+    def step_result(
+        self,
+        session_id: str,
+        token_ids: list[int],
+        start_pos: int,
+        sampling: SamplingParams,
+        step: int,
+        *,
+        return_logits: bool = False,
+        return_top_k: int = 0,
+        all_logits: bool = False,
+    ) -> StepResult:
+        if not token_ids:
+            raise ValueError("a step needs at least one token")
+        extras = {"return_logits": return_logits, "return_top_k": return_top_k, "all_logits": all_logits}
+        coro = self._step(session_id, list(token_ids), start_pos, sampling, step, extras)
+        return self._call(coro, timeout=self.tunables.step_timeout_s + self.tunables.unary_timeout_s * 2)
+
+    def close(self, session_id: str) -> None:
+        """Drop the session on every hop of the route (best effort) and close its stream."""
+        self._call(self._close(session_id))
+
+    def info(self, address: str) -> pb.InfoReply:
+        return self._call(self._info(address))
+
+    def shutdown(self) -> None:
+        async def stop() -> None:
+            for stream in list(self._streams.values()):
+                await stream.close()
+            await self._server.stop(0.2)
+            await self._pool.close()
+
+        self._call(stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    @property
+    def reply_address(self) -> str:
+        return self._reply_address
+
+    # ---- event-loop side ------------------------------------------------------------------------
+
+    def _call(self, coro, timeout: float | None = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=timeout)
+
+    async def _make_pool(self) -> ChannelPool:
+        return ChannelPool()
+
+    async def _start_server(self, host: str, port: int) -> grpc.aio.Server:
+        server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot bind the reply address {host}:{port}")
+        pb_grpc.add_CoordinatorServicer_to_server(_Deliver(self), server)
+        await server.start()
+        self._reply_address = f"{host}:{bound}"
+        return server
+
+    async def _step(
+        self, session_id: str, tokens: list[int], start: int, sampling: SamplingParams, step: int, extras: dict
+    ) -> StepResult:
+        route = self._route
+        deadline_ms = int((time.time() + self.tunables.step_timeout_s) * 1000)
+        futures = []
+        chunk = self.tunables.prefill_chunk
+        for offset in range(0, len(tokens), chunk):
+            piece = tokens[offset : offset + chunk]
+            seq = next(self._seq)
+            message = pb.Step(
+                session_id=session_id,
+                seq=seq,
+                start_position=start + offset,
+                num_positions=len(piece),
+                tensor=encode_tensor(torch.tensor(piece, dtype=torch.int64)),  # ids [S]
+                route=[pb.Hop(address=h.address, start=h.start, end=h.end) for h in route],
+                sampling=pb.Sampling(
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    top_k=sampling.top_k,
+                    seed=sampling.seed,
+                    sampling_step=step,
+                    **extras,
+                ),
+                reply_to=self._reply_address,
+                deadline_unix_ms=deadline_ms,
+                forward_codec=self._codec,
+            )
+            future = self._loop.create_future()
+            self._pending[(session_id, seq)] = future
+            futures.append((seq, future))
+            try:
+                await self._stream(session_id, route[0].address).send(message, context=session_id)
+            except StreamBroken as exc:
+                self._fail_session(session_id, HopError(route[0].address, exc.code, exc.details))
+                break
+        try:
+            results = []
+            for _seq, future in futures:
+                remaining = max(0.0, deadline_ms / 1000 - time.time())
+                results.append(await asyncio.wait_for(future, timeout=remaining))
+        except TimeoutError:
+            raise await self._blame(route) from None
+        finally:
+            for seq, _ in futures:
+                self._pending.pop((session_id, seq), None)
+        return results[-1]
+
+    def _resolve(self, result: pb.Result) -> None:
+        future = self._pending.pop((result.session_id, result.seq), None)
+        if future is None or future.done():
+            return  # late or duplicate report for a step already settled
+        if result.WhichOneof("outcome") == "failure":
+            f = result.failure
+            expected = f.expected_position if f.expected_position >= 0 else None
+            future.set_exception(HopError(f.hop_address, status_code(f.code), f.message, expected))
+            return
+        logits = decode_tensor(result.logits) if result.HasField("logits") else None
+        future.set_result(
+            StepResult(
+                token=result.token,
+                last_hop=result.last_hop,
+                logits=logits,
+                top_ids=tuple(result.top_ids),
+                top_logprobs=tuple(result.top_logprobs),
+            )
+        )
+
+    def _fail_session(self, session_id: str, error: HopError) -> None:
+        for (sid, _seq), future in list(self._pending.items()):
+            if sid == session_id and not future.done():
+                future.set_exception(error)
+
+    async def _on_broken(self, address: str, code: grpc.StatusCode, details: str, session_id: Any) -> None:
+        if isinstance(session_id, str):
+            self._fail_session(session_id, HopError(address, code, details or "stream to the first hop broke"))
+
+    def _stream(self, session_id: str, address: str) -> OutboundStream:
+        key = (session_id, address)
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = OutboundStream(self._pool, address, lambda ch: pb_grpc.PeerStub(ch).Forward(), self._on_broken)
+            self._streams[key] = stream
+        return stream
+
+    async def _blame(self, route: Sequence[HopSpec]) -> HopError:
+        """After a timeout with no failure report: the first hop that does not answer Info is at fault."""
+        for hop in route:
+            try:
+                await self._info(hop.address)
+            except grpc.aio.AioRpcError as exc:
+                return HopError(hop.address, grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer ({exc.code().name})")
+        return HopError("", grpc.StatusCode.DEADLINE_EXCEEDED, "step timed out; every hop still answers Info")
+
+    async def _info(self, address: str) -> pb.InfoReply:
+        stub = pb_grpc.PeerStub(self._pool.get(address))
+        return await stub.Info(pb.InfoRequest(), timeout=self.tunables.unary_timeout_s)
+
+    async def _close(self, session_id: str) -> None:
+        for key in [k for k in self._streams if k[0] == session_id]:
+            await self._streams.pop(key).close()
+        for hop in self._route:
+            stub = pb_grpc.PeerStub(self._pool.get(hop.address))
+            with contextlib.suppress(grpc.aio.AioRpcError):  # a dead hop holds no session worth closing
+                await stub.CloseSession(pb.CloseRequest(session_id=session_id), timeout=self.tunables.unary_timeout_s)

@@ -1,0 +1,146 @@
+"""Outgoing client streams, kept open per (session, destination) and reopened when they break.
+
+Both the peer (pushing hidden states to its successor, results to the coordinator) and the
+coordinator (pushing steps to the first peer) hold one of these per session. A write to a stream
+that has already failed reopens it; a stream that ends with a non-OK status is reported through
+``on_broken`` with the destination's address, so the failure can be blamed on the right hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+STREAM_LIFETIME_S = 6 * 3600.0
+"""Deadline of a long-lived session stream; each step carries its own, much shorter deadline."""
+
+BrokenHandler = Callable[[str, grpc.StatusCode, str, Any], Awaitable[None]]
+
+
+class StreamBroken(RuntimeError):
+    """The destination refused or dropped the stream; ``code`` is the gRPC status it ended with."""
+
+    def __init__(self, address: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"stream to {address} ended with {code.name}: {details}")
+        self.address = address
+        self.code = code
+        self.details = details
+
+
+class ChannelPool:
+    """One HTTP/2 channel per address; every session's stream to that address multiplexes on it."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+        return channel
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close(grace=None)
+
+
+class OutboundStream:
+    """A client stream to ``address`` for one session, opened lazily by ``open_call(channel)``."""
+
+    def __init__(
+        self,
+        pool: ChannelPool,
+        address: str,
+        open_call: Callable[[grpc.aio.Channel], grpc.aio.StreamUnaryCall],
+        on_broken: BrokenHandler,
+    ) -> None:
+        self.address = address
+        self._pool = pool
+        self._open_call = open_call
+        self._on_broken = on_broken
+        self._call: grpc.aio.StreamUnaryCall | None = None
+        self._watcher: asyncio.Task | None = None
+        self._last_context: Any = None
+        self._closing = False
+        self._lock = asyncio.Lock()
+
+    async def send(self, message: Any, context: Any = None) -> None:
+        """Write ``message``; raises :class:`StreamBroken` if the destination cannot take it.
+
+        ``context`` (e.g. the step's session/seq/reply address) is handed to ``on_broken`` if the
+        stream later ends with an error while this was the last message written.
+        """
+        async with self._lock:
+            if self._call is None or self._call.done():
+                self._open()
+            self._last_context = context
+            try:
+                await self._call.write(message)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                # The stream died under us: let the watcher finish, then surface its status.
+                status = await self._status()
+                self._call = None
+                raise StreamBroken(self.address, *status) from None
+
+    def _open(self) -> None:
+        call = self._open_call(self._pool.get(self.address))
+        self._call = call
+        self._closing = False
+        self._watcher = asyncio.ensure_future(self._watch(call))
+
+    async def _status(self) -> tuple[grpc.StatusCode, str]:
+        call = self._call
+        if call is None:
+            return grpc.StatusCode.UNAVAILABLE, "stream closed"
+        try:
+            await asyncio.wait_for(asyncio.shield(call), timeout=5.0)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code(), exc.details() or ""
+        except (TimeoutError, asyncio.CancelledError):
+            return grpc.StatusCode.UNAVAILABLE, "stream broken"
+        return grpc.StatusCode.UNAVAILABLE, "stream ended"
+
+    async def _watch(self, call: grpc.aio.StreamUnaryCall) -> None:
+        try:
+            await call
+            return
+        except grpc.aio.AioRpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+        except asyncio.CancelledError:
+            return
+        if self._closing or code == grpc.StatusCode.CANCELLED:
+            return
+        log.debug("stream to %s ended with %s: %s", self.address, code.name, details)
+        try:
+            await self._on_broken(self.address, code, details, self._last_context)
+        except Exception:  # the handler is best effort; never kill the event loop over it
+            log.exception("on_broken handler failed for %s", self.address)
+
+    async def close(self) -> None:
+        async with self._lock:
+            call, self._call = self._call, None
+            self._closing = True
+            if call is None or call.done():
+                return
+            try:
+                await call.done_writing()
+                await asyncio.wait_for(call, timeout=5.0)
+            except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError):
+                call.cancel()

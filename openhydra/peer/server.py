@@ -1,0 +1,309 @@
+"""The peer's gRPC server: runs its span for each step and pushes the result on (see peer.proto).
+
+Per step: validate the header and tensor (INVALID_ARGUMENT on the stream if malformed, before the
+runtime is touched), run the span in a worker thread, then either push the hidden states to
+``route[1]`` on this session's stream to it, or, on the last span, sample and deliver the Result to
+the coordinator's ``reply_to``. Failures after validation are delivered to the coordinator as a
+``Failure`` naming the hop at fault (this peer, or its successor when that one is unreachable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import torch
+
+from openhydra.peer.messages import StepHeader, parse_step
+from openhydra.peer.outbound import CHANNEL_OPTIONS, ChannelPool, OutboundStream, StreamBroken
+from openhydra.peer.proto import peer_pb2 as pb
+from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
+from openhydra.peer.wire import FLOAT_DTYPES, TORCH_TO_WIRE, WireError, decode_tensor, encode_tensor
+from openhydra.runtime.sampling import sample
+from openhydra.runtime.shard import PositionMismatchError, ShardRuntime
+
+log = logging.getLogger(__name__)
+
+MAX_OUTBOUND_STREAMS = 1024
+
+
+class PeerService(pb_grpc.PeerServicer):
+    def __init__(self, runtime: ShardRuntime, address: str, model_id: str = "", workers: int = 1) -> None:
+        self.runtime = runtime
+        self.address = address
+        self.model_id = model_id or runtime.model_dir.name
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard")
+        self._pool = ChannelPool()
+        self._streams: OrderedDict[tuple[str, str, str], OutboundStream] = OrderedDict()
+        self._closing: set[asyncio.Future] = set()
+        self._in_flight = 0
+        self._served = 0
+
+    # ---- RPCs -----------------------------------------------------------------------------------
+
+    async def Forward(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.ForwardSummary:
+        steps = 0
+        async for step in request_iterator:
+            try:
+                header = parse_step(step)
+                header.check_for(self.runtime.start, self.runtime.end, self.runtime.num_layers)
+                tensor = self._decode_input(header, step.tensor)
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.address}: {exc}")
+            steps += 1
+            await self._process(header, step, tensor)
+        return pb.ForwardSummary(steps=steps)
+
+    async def CloseSession(self, request: pb.CloseRequest, context) -> pb.CloseReply:
+        existed = self.runtime.session_length(request.session_id) > 0
+        self.runtime.close_session(request.session_id)
+        for key in [k for k in self._streams if k[1] == request.session_id]:
+            await self._streams.pop(key).close()
+        return pb.CloseReply(existed=existed)
+
+    async def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
+        rt = self.runtime
+        return pb.InfoReply(
+            model_id=self.model_id,
+            model_type=rt.model_type,
+            start=rt.start,
+            end=rt.end,
+            num_layers=rt.num_layers,
+            dtype=TORCH_TO_WIRE[rt.dtype],
+            hidden_size=rt.hidden_size,
+            vocab_size=rt.vocab_size,
+            active_sessions=rt.session_count(),
+            steps_in_flight=self._in_flight,
+            steps_served=self._served,
+            address=self.address,
+        )
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def _decode_input(self, header: StepHeader, message: pb.Tensor) -> torch.Tensor:
+        n = header.num_positions
+        if self.runtime.is_first:
+            return decode_tensor(message, shape=(n,), dtypes=frozenset({pb.DTYPE_INT64}))
+        try:
+            return decode_tensor(message, shape=(n, self.runtime.hidden_size), dtypes=FLOAT_DTYPES)
+        except WireError as exc:
+            raise ValueError(f"hidden states: {exc}") from None
+
+    async def _process(self, header: StepHeader, step: pb.Step, tensor: torch.Tensor) -> None:
+        if header.deadline_unix_ms and time.time() * 1000 > header.deadline_unix_ms:
+            await self._fail(header, self.address, grpc.StatusCode.DEADLINE_EXCEEDED, "step arrived after its deadline")
+            return
+        loop = asyncio.get_running_loop()
+        self._in_flight += 1
+        try:
+            out = await loop.run_in_executor(self._executor, self._compute, header, tensor)
+        except PositionMismatchError as exc:
+            await self._fail(header, self.address, grpc.StatusCode.FAILED_PRECONDITION, str(exc), exc.expected)
+            return
+        except ValueError as exc:
+            await self._fail(header, self.address, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return
+        except Exception as exc:
+            log.exception("step %s/%d failed", header.session_id, header.seq)
+            await self._fail(header, self.address, grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            self._in_flight -= 1
+        self._served += 1
+        if isinstance(out, pb.Result):
+            await self._deliver(header, out)
+        else:
+            await self._push(header, step, out)
+
+    def _compute(self, header: StepHeader, tensor: torch.Tensor) -> torch.Tensor | pb.Result:
+        """Runs in a worker thread: the span, and on the last span the sampling."""
+        positions = torch.arange(header.start_position, header.start_position + header.num_positions)
+        rt = self.runtime
+        if rt.is_first:
+            out = rt.forward(header.session_id, positions, input_ids=tensor, all_logits=header.all_logits)
+        else:
+            out = rt.forward(header.session_id, positions, hidden_states=tensor, all_logits=header.all_logits)
+        if not rt.is_last:
+            return out  # hidden [S, D]
+        logits = out  # float32 [1, V] or [S, V]
+        result = pb.Result(
+            session_id=header.session_id,
+            seq=header.seq,
+            token=sample(logits[-1], header.sampling, header.sampling_step),
+            last_hop=self.address,
+        )
+        if header.return_logits:
+            result.logits.CopyFrom(encode_tensor(logits))
+        if header.return_top_k:
+            logprobs = torch.log_softmax(logits[-1], dim=-1)
+            top = torch.topk(logprobs, min(header.return_top_k, logprobs.numel()))
+            result.top_ids.extend(top.indices.tolist())
+            result.top_logprobs.extend(top.values.tolist())
+        return result
+
+    async def _push(self, header: StepHeader, step: pb.Step, hidden: torch.Tensor) -> None:
+        nxt = header.route[1]
+        message = pb.Step(
+            session_id=step.session_id,
+            seq=step.seq,
+            start_position=step.start_position,
+            num_positions=step.num_positions,
+            tensor=encode_tensor(hidden, header.forward_codec),  # [S, D]
+            route=list(step.route)[1:],
+            onion=step.onion,
+            sampling=step.sampling,
+            reply_to=step.reply_to,
+            deadline_unix_ms=step.deadline_unix_ms,
+            forward_codec=step.forward_codec,
+        )
+        stream = self._stream("forward", header.session_id, nxt.address)
+        try:
+            await stream.send(message, context=header)
+        except StreamBroken as exc:
+            await self._fail(header, nxt.address, exc.code, exc.details)
+
+    async def _deliver(self, header: StepHeader, result: pb.Result) -> None:
+        stream = self._stream("deliver", header.session_id, header.reply_to)
+        try:
+            await stream.send(result, context=None)
+        except StreamBroken as exc:
+            log.warning("cannot deliver %s/%d to %s: %s", header.session_id, header.seq, header.reply_to, exc)
+
+    async def _fail(
+        self, header: StepHeader, hop: str, code: grpc.StatusCode, message: str, expected: int = -1
+    ) -> None:
+        failure = pb.Failure(hop_address=hop, code=code.value[0], message=message, expected_position=expected)
+        await self._deliver(header, pb.Result(session_id=header.session_id, seq=header.seq, failure=failure))
+
+    async def _on_forward_broken(self, address: str, code: grpc.StatusCode, details: str, header: Any) -> None:
+        if isinstance(header, StepHeader):
+            await self._fail(header, address, code, details or "stream to the next hop broke")
+
+    def _stream(self, kind: str, session_id: str, address: str) -> OutboundStream:
+        key = (kind, session_id, address)
+        stream = self._streams.get(key)
+        if stream is None:
+            if kind == "forward":
+                stub = pb_grpc.PeerStub
+                stream = OutboundStream(self._pool, address, lambda ch: stub(ch).Forward(), self._on_forward_broken)
+            else:
+                stream = OutboundStream(
+                    self._pool, address, lambda ch: pb_grpc.CoordinatorStub(ch).Deliver(), _ignore_broken
+                )
+            self._streams[key] = stream
+            while len(self._streams) > MAX_OUTBOUND_STREAMS:
+                _, old = self._streams.popitem(last=False)
+                task = asyncio.ensure_future(old.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+        self._streams.move_to_end(key)
+        return stream
+
+    async def aclose(self) -> None:
+        for stream in list(self._streams.values()):
+            await stream.close()
+        self._streams.clear()
+        await self._pool.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _ignore_broken(address: str, code: grpc.StatusCode, details: str, context: Any) -> None:
+    log.warning("result stream to coordinator %s ended: %s %s", address, code.name, details)
+
+
+class PeerServer:
+    """A peer serving ``runtime`` on ``host:port`` from its own event-loop thread (port 0: any free one)."""
+
+    def __init__(
+        self, runtime: ShardRuntime, host: str = "127.0.0.1", port: int = 0, model_id: str = "", workers: int = 1
+    ) -> None:
+        self.runtime, self.host, self.port = runtime, host, port
+        self.model_id, self.workers = model_id, workers
+        self.service: PeerService | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: grpc.aio.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> str:
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            try:
+                self._loop.run_until_complete(self._start())
+            except BaseException as exc:
+                errors.append(exc)
+                ready.set()
+                return
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name=f"peer-{self.port}", daemon=True)
+        self._thread.start()
+        ready.wait(timeout=30)
+        if errors:
+            raise errors[0]
+        return self.address
+
+    async def _start(self) -> None:
+        self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.host}")
+        self.service = PeerService(self.runtime, self.address, self.model_id, self.workers)
+        pb_grpc.add_PeerServicer_to_server(self.service, self._server)
+        await self._server.start()
+
+    def stop(self, grace_s: float = 0.5) -> None:
+        if self._loop is None or self._server is None:
+            return
+
+        async def shutdown() -> None:
+            await self._server.stop(grace_s)
+            await self.service.aclose()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve one span: ``python -m openhydra.peer.server --model-dir DIR --start A --end B --port P``."""
+    parser = argparse.ArgumentParser(description="OpenHydra peer: serve layers [start, end) over gRPC")
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--end", type=int, default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--model-id", default="")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.threads)
+    runtime = ShardRuntime(args.model_dir, args.start, args.end, dtype=getattr(torch, args.dtype))
+    server = PeerServer(runtime, args.host, args.port, args.model_id)
+    server.start()
+    print(f"READY {server.address}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()
