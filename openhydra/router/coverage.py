@@ -30,7 +30,7 @@ import random
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from openhydra.discovery.records import PeerAnnouncement
 
@@ -113,15 +113,11 @@ class CoverageReport:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class _Cand:
-    base_ms: float  # one-way latency / score
-    per_layer_ms: float  # compute per layer / score
-    full_ms: float  # cost of running the whole span (sort key)
-    record: PeerAnnouncement = field(compare=False)
-
-
-_Group = tuple[int, int, list[_Cand]]  # (start, end, candidates sorted by full_ms)
+# A candidate peer for one span, as a plain tuple (10,000 of them are built per lookup):
+# (cost of its whole span ms, peer id, one-way latency ms, compute ms per layer, record),
+# costs already divided by the peer's score. Tuples sort by cost, then peer id.
+_Cand = tuple[float, str, float, float, PeerAnnouncement]
+_Group = tuple[int, int, list[_Cand]]  # (start, end, candidates sorted by cost)
 
 
 class LayerCoverageMap:
@@ -149,34 +145,40 @@ class LayerCoverageMap:
             total_layers = _most_common([r.total_layers for r in records if r.model_id == self.model_id])
         self.total_layers = total_layers or 0
         rtt_get = rtt_ms.get if isinstance(rtt_ms, Mapping) else rtt_ms
+        model, layers = self.model_id, self.total_layers
         latest: dict[str, PeerAnnouncement] = {}
         for r in records:
-            if r.model_id != self.model_id or r.total_layers != self.total_layers or r.peer_id in banned:
-                continue
-            if r.announced_at + r.ttl_s <= now:
+            if r.model_id != model or r.total_layers != layers or r.announced_at + r.ttl_s <= now:
                 continue
             old = latest.get(r.peer_id)
             if old is None or r.announced_at > old.announced_at:
                 latest[r.peer_id] = r
+        default_half_rtt, default_tps = t.default_rtt_ms / 2.0, t.default_throughput_tps
+        load_penalty, min_score = t.load_penalty, t.min_score
         groups: dict[tuple[int, int], list[_Cand]] = {}
-        for r in latest.values():
-            s = 1.0 if score is None else score(r.peer_id)
-            if not s >= t.min_score:  # also drops NaN
+        peers: dict[str, PeerAnnouncement] = {}
+        for peer_id, r in latest.items():
+            if peer_id in banned:
                 continue
-            rtt = rtt_get(r.peer_id) if rtt_get is not None else None
-            one_way = (t.default_rtt_ms if rtt is None else rtt) / 2.0
-            tps = r.throughput_tps if r.throughput_tps > 0 else t.default_throughput_tps
-            per_layer = 1000.0 / (tps * (r.end - r.start)) * (1.0 + t.load_penalty * r.load)
-            base, per = one_way / s, per_layer / s
-            groups.setdefault((r.start, r.end), []).append(
-                _Cand(base, per, base + per * (r.end - r.start), r)
-            )
-        self.peers: dict[str, PeerAnnouncement] = {
-            c.record.peer_id: c.record for cands in groups.values() for c in cands
-        }
+            s = 1.0 if score is None else score(peer_id)
+            if not s >= min_score:  # also drops NaN
+                continue
+            rtt = rtt_get(peer_id) if rtt_get is not None else None
+            one_way = default_half_rtt if rtt is None else rtt / 2.0
+            tps = r.throughput_tps or default_tps
+            n = r.end - r.start
+            per = 1000.0 / (tps * n) * (1.0 + load_penalty * r.load) / s
+            base = one_way / s
+            span = (r.start, r.end)
+            cands = groups.get(span)
+            if cands is None:
+                cands = groups[span] = []
+            cands.append((base + per * n, peer_id, base, per, r))
+            peers[peer_id] = r
+        self.peers = peers
         self._groups: list[_Group] = []
         for (a, b), cands in sorted(groups.items()):
-            cands.sort(key=lambda c: (c.full_ms, c.record.peer_id))
+            cands.sort()
             self._groups.append((a, b, cands))
         self._by_start: dict[int, list[_Group]] = {}
         for g in self._groups:
@@ -199,9 +201,9 @@ class LayerCoverageMap:
             k = 0
             tps = 0.0
             for c in cands:
-                if c.record.peer_id not in exclude:
+                if c[1] not in exclude:
                     k += 1
-                    tps += c.record.throughput_tps
+                    tps += c[4].throughput_tps
             if k:
                 peers += k
                 diff[a] += k
@@ -226,7 +228,7 @@ class LayerCoverageMap:
 
     def full_model_peers(self, exclude: Collection[str] = ()) -> list[PeerAnnouncement]:
         cands = next((c for a, b, c in self._by_start.get(0, []) if b == self.total_layers), [])
-        return [c.record for c in cands if c.record.peer_id not in exclude]
+        return [c[4] for c in cands if c[1] not in exclude]
 
     # ---------------------------------------------------------------- chains
 
@@ -248,14 +250,14 @@ class LayerCoverageMap:
     def _pick(self, cands: list[_Cand], exclude: Collection[str], rng: random.Random | None) -> _Cand | None:
         if rng is None or self.tunables.spread <= 0:
             for c in cands:
-                if c.record.peer_id not in exclude:
+                if c[1] not in exclude:
                     return c
             return None
-        ok = [c for c in cands if c.record.peer_id not in exclude]
+        ok = [c for c in cands if c[1] not in exclude]
         if not ok:
             return None
-        limit = ok[0].full_ms * (1.0 + self.tunables.spread)
-        near = [c for c in ok if c.full_ms <= limit]
+        limit = ok[0][0] * (1.0 + self.tunables.spread)
+        near = [c for c in ok if c[0] <= limit]
         return near[rng.randrange(len(near))]
 
     def _assemble(self, a: int, b: int, exclude: Collection[str], rng: random.Random | None) -> Chain | None:
@@ -270,7 +272,7 @@ class LayerCoverageMap:
         while pos != a:
             prev, cand = back[pos]
             k = pos - prev
-            hops.append(Hop(cand.record, prev, pos, cand.base_ms + cand.per_layer_ms * k))
+            hops.append(Hop(cand[4], prev, pos, cand[2] + cand[3] * k))
             pos = prev
         hops.reverse()
         return Chain(tuple(hops))
@@ -294,7 +296,7 @@ class LayerCoverageMap:
                 c = self._pick(cands, exclude, rng)
                 if c is None:
                     continue
-                nd = d + c.full_ms
+                nd = d + c[0]
                 if nd < dist.get(e, math.inf):
                     dist[e] = nd
                     back[e] = (s, c)
@@ -304,6 +306,7 @@ class LayerCoverageMap:
         self, a: int, b: int, exclude: Collection[str], rng: random.Random | None
     ) -> dict[int, tuple[int, _Cand]]:
         covering = self._covering_index()
+        fast_pick = rng is None or self.tunables.spread <= 0
         dist = {a: 0.0}
         back: dict[int, tuple[int, _Cand]] = {}
         frontier = [a]
@@ -315,11 +318,13 @@ class LayerCoverageMap:
             done.add(f)
             d = dist[f]
             for _, end, cands in covering[f]:
-                c = self._pick(cands, exclude, rng)
-                if c is None:
-                    continue
+                c = cands[0]
+                if fast_pick is False or c[1] in exclude:
+                    c = self._pick(cands, exclude, rng)
+                    if c is None:
+                        continue
                 e = end if end < b else b
-                nd = d + c.base_ms + c.per_layer_ms * (e - f)
+                nd = d + c[2] + c[3] * (e - f)
                 old = dist.get(e)
                 if old is None or nd < old:
                     if old is None:
@@ -356,13 +361,9 @@ def chain_problems(chain: Chain | Sequence[Hop], total_layers: int, model_id: st
         if h.start >= h.end:
             problems.append(f"hop {i} ({p.peer_id}) has empty range [{h.start}, {h.end})")
         if not p.start <= h.start < h.end <= p.end:
-            problems.append(
-                f"hop {i} runs [{h.start}, {h.end}) outside {p.peer_id}'s span [{p.start}, {p.end})"
-            )
+            problems.append(f"hop {i} runs [{h.start}, {h.end}) outside {p.peer_id}'s span [{p.start}, {p.end})")
         if p.total_layers != total_layers:
-            problems.append(
-                f"hop {i} ({p.peer_id}) serves a {p.total_layers}-layer model, expected {total_layers}"
-            )
+            problems.append(f"hop {i} ({p.peer_id}) serves a {p.total_layers}-layer model, expected {total_layers}")
         if model_id is not None and p.model_id != model_id:
             problems.append(f"hop {i} ({p.peer_id}) serves {p.model_id}, expected {model_id}")
         if p.peer_id in seen:
