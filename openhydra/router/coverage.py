@@ -29,7 +29,7 @@ import math
 import random
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from openhydra.discovery.records import PeerAnnouncement
@@ -131,7 +131,7 @@ class LayerCoverageMap:
         model_id: str | None = None,
         score: Callable[[str], float] | None = None,
         rtt_ms: Callable[[str], float | None] | Mapping[str, float] | None = None,
-        banned: Collection[str] = (),
+        banned: Container[str] = (),
         now: float | None = None,
         allow_partial: bool = False,
         tunables: RouteTunables | None = None,
@@ -191,7 +191,7 @@ class LayerCoverageMap:
 
     # ---------------------------------------------------------------- coverage
 
-    def coverage(self, exclude: Collection[str] = ()) -> CoverageReport:
+    def coverage(self, exclude: Container[str] = ()) -> CoverageReport:
         """Per-layer peer counts and throughput, and the holes, leaving out ``exclude``."""
         n = self.total_layers
         diff = [0] * (n + 1)
@@ -226,20 +226,20 @@ class LayerCoverageMap:
             holes.append((hole_start, n))
         return CoverageReport(self.model_id, n, peers, counts, throughput, holes)
 
-    def full_model_peers(self, exclude: Collection[str] = ()) -> list[PeerAnnouncement]:
+    def full_model_peers(self, exclude: Container[str] = ()) -> list[PeerAnnouncement]:
         cands = next((c for a, b, c in self._by_start.get(0, []) if b == self.total_layers), [])
         return [c[4] for c in cands if c[1] not in exclude]
 
     # ---------------------------------------------------------------- chains
 
-    def chain(self, exclude: Collection[str] = (), rng: random.Random | None = None) -> Chain | None:
+    def chain(self, exclude: Container[str] = (), rng: random.Random | None = None) -> Chain | None:
         """The cheapest chain tiling ``[0, L)``, or None when the layers are not covered."""
         if self.total_layers <= 0:
             return None
         return self._assemble(0, self.total_layers, exclude, rng)
 
     def replacement_for(
-        self, span: tuple[int, int], exclude: Collection[str] = (), rng: random.Random | None = None
+        self, span: tuple[int, int], exclude: Container[str] = (), rng: random.Random | None = None
     ) -> Chain | None:
         """A peer, or a sub-chain, that runs exactly the layers ``[a, b)`` of a failed hop."""
         a, b = span
@@ -247,7 +247,7 @@ class LayerCoverageMap:
             raise ValueError(f"span {span} is not inside [0, {self.total_layers})")
         return self._assemble(a, b, exclude, rng)
 
-    def _pick(self, cands: list[_Cand], exclude: Collection[str], rng: random.Random | None) -> _Cand | None:
+    def _pick(self, cands: list[_Cand], exclude: Container[str], rng: random.Random | None) -> _Cand | None:
         if rng is None or self.tunables.spread <= 0:
             for c in cands:
                 if c[1] not in exclude:
@@ -260,7 +260,7 @@ class LayerCoverageMap:
         near = [c for c in ok if c[0] <= limit]
         return near[rng.randrange(len(near))]
 
-    def _assemble(self, a: int, b: int, exclude: Collection[str], rng: random.Random | None) -> Chain | None:
+    def _assemble(self, a: int, b: int, exclude: Container[str], rng: random.Random | None) -> Chain | None:
         if self.allow_partial:
             back = self._shortest_partial(a, b, exclude, rng)
         else:
@@ -278,7 +278,7 @@ class LayerCoverageMap:
         return Chain(tuple(hops))
 
     def _shortest_exact(
-        self, a: int, b: int, exclude: Collection[str], rng: random.Random | None
+        self, a: int, b: int, exclude: Container[str], rng: random.Random | None
     ) -> dict[int, tuple[int, _Cand]]:
         dist = {a: 0.0}
         back: dict[int, tuple[int, _Cand]] = {}
@@ -303,7 +303,7 @@ class LayerCoverageMap:
         return back
 
     def _shortest_partial(
-        self, a: int, b: int, exclude: Collection[str], rng: random.Random | None
+        self, a: int, b: int, exclude: Container[str], rng: random.Random | None
     ) -> dict[int, tuple[int, _Cand]]:
         covering = self._covering_index()
         fast_pick = rng is None or self.tunables.spread <= 0
@@ -394,7 +394,7 @@ def nearest_covered_model(
     requested: str,
     catalog_order: Sequence[str],
     maps: Mapping[str, LayerCoverageMap],
-    exclude: Collection[str] = (),
+    exclude: Container[str] = (),
 ) -> ModelChoice | None:
     """Serve ``requested`` if a chain covers it, else the nearest smaller covered model.
 
@@ -420,7 +420,7 @@ def nearest_covered_model(
     return None
 
 
-def _gap_reason(model_id: str, cmap: LayerCoverageMap | None, exclude: Collection[str]) -> str:
+def _gap_reason(model_id: str, cmap: LayerCoverageMap | None, exclude: Container[str]) -> str:
     if cmap is None or cmap.total_layers == 0 or not cmap.peers:
         return f"{model_id} has no peers"
     holes = cmap.coverage(exclude).holes

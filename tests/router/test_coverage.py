@@ -22,9 +22,7 @@ NOW = 1_800_000_000.0
 L = 8
 
 
-def rec(
-    peer: str, start: int, end: int, tps: float = 10.0, total: int = L, model: str = "m", **kw
-) -> PeerAnnouncement:
+def rec(peer: str, start: int, end: int, tps: float = 10.0, total: int = L, model: str = "m", **kw) -> PeerAnnouncement:
     data = dict(
         peer_id=peer,
         model_id=model,
@@ -203,3 +201,22 @@ def test_spread_picks_among_near_equal_peers():
     picked = {m.chain(rng=rng).peer_ids[0] for _ in range(200)}
     assert picked == {f"p{i}" for i in range(5)}
     assert m.chain().peer_ids == ["p4"]  # no rng: deterministic best
+
+
+def test_ban_list_plugs_in_as_exclude_and_expires():
+    from openhydra.router.bans import BanList
+
+    clock = [0.0]
+    bans = BanList(clock=lambda: clock[0])
+    m = cmap([rec("a", 0, 8, tps=100), rec("a2", 0, 8, tps=1)])
+    bans.ban("a")
+    assert m.chain(exclude=bans).peer_ids == ["a2"]
+    clock[0] += 1.01  # first ban lasts 1 s
+    assert m.chain(exclude=bans).peer_ids == ["a"]
+
+
+def test_coverage_report_for_network_status():
+    report = cmap([rec("a", 0, 4, tps=3), rec("b", 2, 6, tps=4)]).coverage()
+    d = report.to_dict()
+    assert d["counts"] == [1, 1, 2, 2, 1, 1, 0, 0] and d["holes"] == [[6, 8]] and d["complete"] is False
+    assert d["throughput_tps"] == [3, 3, 7, 7, 4, 4, 0, 0] and d["peers"] == 2
