@@ -275,8 +275,9 @@ class PeerServer:
             await self._server.stop(grace_s)
             await self.service.aclose()
 
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        loop, self._loop = self._loop, None  # stop() is idempotent
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
         self._thread.join(timeout=10)
 
 
