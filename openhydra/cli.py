@@ -113,12 +113,15 @@ def _banner(node) -> str:
 def _serve(node) -> None:
     app, cfg = node.app, node.cfg
 
+    for name in ("sanic.root", "sanic.error", "sanic.server", "sanic.access", "sanic.websockets"):
+        logging.getLogger(name).propagate = False  # Sanic prints its own lines; don't print them twice
+
     @app.after_server_start
-    async def _start_loading(app_, loop) -> None:
+    async def _start_loading(app_) -> None:
         threading.Thread(target=node.load_model, name="model-loader", daemon=True).start()
 
     @app.before_server_stop
-    async def _stop(app_, loop) -> None:
+    async def _stop(app_) -> None:
         if node.state.engine is not None:
             node.state.engine.shutdown()
 

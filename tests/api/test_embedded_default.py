@@ -1,0 +1,69 @@
+"""No arguments on a machine without the hub: the node falls back to the embedded SmolLM2 and says so."""
+
+from __future__ import annotations
+
+import httpx
+import ollama
+import openai
+import pytest
+import torch
+
+from openhydra.testing.processes import NodeProcess
+from tests.conftest import CACHE_ROOT
+
+pytestmark = pytest.mark.slow
+
+REQUESTED = "openhydra-qwen3.5-0.8b"
+SERVED = "openhydra-smollm2-135m"
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def default_node(smollm2_dir):
+    # Only the data dir (where the converted model is cached) and the port differ from a bare start;
+    # HF_HUB_OFFLINE makes the "hub unreachable" case certain rather than depending on the sandbox.
+    with NodeProcess([f"node.data_dir={CACHE_ROOT}", "api.rate_limit_requests=100000"], threads=1,
+                     env={"HF_HUB_OFFLINE": "1"}) as node:
+        yield node
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir):
+    from tests.api.conftest import Reference
+
+    return Reference(smollm2_dir, torch.bfloat16)
+
+
+def test_fallback_is_announced_everywhere(default_node):
+    models = httpx.get(default_node.url + "/v1/models")
+    reason = models.headers["X-OpenHydra-Degradation-Reason"]
+    assert REQUESTED in reason and SERVED in reason
+    ids = [m["id"] for m in models.json()["data"]]
+    assert set(ids) == {REQUESTED, SERVED}
+    assert all(m["openhydra"]["degradation_reason"] for m in models.json()["data"])
+    assert "degraded" in default_node.log_text()
+    health = httpx.get(default_node.url + "/health")
+    assert "X-OpenHydra-Degradation-Reason" in health.headers
+
+
+def test_openai_greedy_equals_generate_on_real_weights(default_node, reference):
+    expected = reference.text(reference.greedy(reference.chat_ids(MESSAGES), 32))
+    client = openai.OpenAI(base_url=default_node.url + "/v1", api_key="x", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model=REQUESTED, messages=MESSAGES, max_tokens=32,
+                                                            temperature=0)
+    assert "X-OpenHydra-Degradation-Reason" in raw.headers
+    reply = raw.parse()
+    assert reply.choices[0].message.content == expected
+    assert "Paris" in expected
+    stream = client.chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=32, temperature=0,
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+
+
+def test_ollama_greedy_equals_generate_on_real_weights(default_node, reference):
+    expected = reference.text(reference.greedy(reference.chat_ids(MESSAGES), 32))
+    client = ollama.Client(host=default_node.url)
+    reply = client.chat(model=SERVED, messages=MESSAGES, options={"num_predict": 32, "temperature": 0})
+    assert reply.message.content == expected
+    assert reply.done_reason == "stop"  # SmolLM2 ends its answer before 32 tokens
+    assert reply.eval_count == len(reference.tokenizer(expected, add_special_tokens=False)["input_ids"])
