@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import random
+import subprocess
+import sys
 import time
 
 import httpx
@@ -125,3 +129,27 @@ def test_client_drops_bad_records_in_an_answer():
 
     client, got = asyncio.run(scenario())
     assert [r.peer_id for r in got] == ["good"] and client.rejected == 2
+
+
+def test_random_bodies_never_cause_a_server_error(dht_server):
+    rng = random.Random(0)
+    good = rec("fuzz").to_wire()
+    junk = [None, True, -1, 0, 2**70, 1e308, "", "x" * 300, [], {}, [1, 2], {"a": None}, float("nan")]
+    with httpx.Client(base_url=dht_server, timeout=5) as http:
+        for _ in range(60):
+            body = dict(good)
+            for key in rng.sample(sorted(good), rng.randint(1, 4)):
+                body[key] = rng.choice(junk)
+            resp = http.post("/v1/announce", content=json.dumps(body, allow_nan=True))
+            assert resp.status_code in (200, 400), (body, resp.text)
+        assert http.get("/health").status_code == 200
+
+
+def test_cli_rejects_bad_arguments():
+    proc = subprocess.run(
+        [sys.executable, "-m", "openhydra.discovery.http_dht_server", "--port", "70000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "--port must be in 0..65535" in proc.stderr

@@ -6,6 +6,8 @@ import json
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from openhydra.discovery.records import PeerAnnouncement, freshest, parse_host_port
@@ -112,3 +114,21 @@ def test_freshest_keeps_newest_per_peer_and_model():
     new = PeerAnnouncement.model_validate({**GOOD, "announced_at": now, "start": 4, "end": 8})
     other = PeerAnnouncement.model_validate({**GOOD, "model_id": "other", "announced_at": now - 20})
     assert freshest([new, old, other]) == [new, other]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from([*GOOD, "junk"]), json_values, max_size=12), json_values)
+def test_arbitrary_input_only_ever_raises_validation_error(fields, other):
+    for data in ({**GOOD, **fields}, fields, other):
+        try:
+            r = PeerAnnouncement.model_validate(data)
+        except ValidationError:
+            continue
+        assert 0 <= r.start < r.end <= r.total_layers  # anything accepted is a sane span
