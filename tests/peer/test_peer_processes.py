@@ -1,0 +1,99 @@
+"""Peers as real OS processes: exact generation across three processes, and a SIGKILL mid-generation."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from openhydra.peer.client import ClientTunables, PeerChainClient
+from openhydra.peer.errors import HopError
+from openhydra.peer.messages import HopSpec
+from openhydra.runtime.sampling import SamplingParams
+
+SPLITS = [(0, 3), (3, 4), (4, 8)]  # qwen3_5: cuts linear|full and full|linear
+READY_TIMEOUT_S = 120.0
+
+
+def _spawn(model_dir: Path, start: int, end: int) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "openhydra.peer.server", "--model-dir", str(model_dir)]
+    cmd += ["--start", str(start), "--end", str(end), "--host", "127.0.0.1", "--port", "0"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+
+
+def _wait_ready(proc: subprocess.Popen, start: int, end: int) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if ready:
+            line = proc.stdout.readline()
+            if line.startswith("READY "):
+                return line.split()[1]
+            if not line and proc.poll() is not None:
+                break
+    proc.kill()
+    raise RuntimeError(f"peer [{start},{end}) did not start (exit code {proc.poll()})")
+
+
+@pytest.fixture
+def peer_processes(tiny_model_dirs) -> Iterator[tuple[list[subprocess.Popen], list[HopSpec]]]:
+    procs: list[subprocess.Popen] = []
+    route: list[HopSpec] = []
+    try:
+        procs.extend(_spawn(tiny_model_dirs["qwen3_5"], start, end) for start, end in SPLITS)  # start in parallel
+        for proc, (start, end) in zip(procs, SPLITS, strict=True):
+            route.append(HopSpec(address=_wait_ready(proc, start, end), start=start, end=end))
+        yield procs, route
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.mark.slow
+def test_three_processes_generate_exactly_then_survive_a_kill(tiny_model_dirs, peer_processes) -> None:
+    procs, route = peer_processes
+    prompt = torch.randint(3, 4000, (13,), generator=torch.Generator().manual_seed(21)).tolist()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["qwen3_5"]).eval()
+    with torch.inference_mode():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    expected = expected[0, len(prompt) :].tolist()
+
+    client = PeerChainClient(route, tunables=ClientTunables(step_timeout_s=15.0))
+    try:
+        tokens: list[int] = []
+        feed, pos = prompt, 0
+        for step in range(16):
+            tokens.append(client.step("proc", feed, pos, SamplingParams(), step))
+            pos += len(feed)
+            feed = [tokens[-1]]
+        assert tokens == expected
+
+        # SIGKILL the middle peer mid-generation: the next step fails fast, blaming exactly that hop.
+        procs[1].kill()
+        procs[1].wait(timeout=10)
+        started = time.monotonic()
+        with pytest.raises(HopError) as info:
+            client.step("proc", feed, pos, SamplingParams(), 16)
+        assert time.monotonic() - started < 10.0
+        assert info.value.address == route[1].address
+        assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        assert client.info(route[0].address).start == 0  # the surviving peers still answer
+    finally:
+        client.shutdown()
