@@ -25,7 +25,6 @@ A full-model peer is just a one-hop chain, so it is chosen when shards are missi
 from __future__ import annotations
 
 import heapq
-import math
 import random
 import time
 from bisect import bisect_left
@@ -165,7 +164,7 @@ class LayerCoverageMap:
                 continue
             rtt = rtt_get(peer_id) if rtt_get is not None else None
             one_way = default_half_rtt if rtt is None else rtt / 2.0
-            tps = r.throughput_tps or default_tps
+            tps = max(r.throughput_tps, 1e-6) if r.throughput_tps > 0 else default_tps  # finite costs
             n = r.end - r.start
             per = 1000.0 / (tps * n) * (1.0 + load_penalty * r.load) / s
             base = one_way / s
@@ -267,15 +266,16 @@ class LayerCoverageMap:
             back = self._shortest_exact(a, b, exclude, rng)
         if b not in back:
             return None
-        hops: list[Hop] = []
+        segments: list[tuple[int, int, _Cand]] = []
         pos = b
         while pos != a:
             prev, cand = back[pos]
-            k = pos - prev
-            hops.append(Hop(cand[4], prev, pos, cand[2] + cand[3] * k))
+            segments.append((prev, pos, cand))
             pos = prev
-        hops.reverse()
-        return Chain(tuple(hops))
+        segments.reverse()
+        if self.allow_partial:
+            segments = _merge_repeats(segments)
+        return Chain(tuple(Hop(c[4], s, e, c[2] + c[3] * (e - s)) for s, e, c in segments))
 
     def _shortest_exact(
         self, a: int, b: int, exclude: Container[str], rng: random.Random | None
@@ -297,7 +297,8 @@ class LayerCoverageMap:
                 if c is None:
                     continue
                 nd = d + c[0]
-                if nd < dist.get(e, math.inf):
+                old = dist.get(e)
+                if old is None or nd < old:
                     dist[e] = nd
                     back[e] = (s, c)
         return back
@@ -341,6 +342,20 @@ class LayerCoverageMap:
                     covering[layer].append(g)
             self._covering = covering
         return self._covering
+
+
+def _merge_repeats(segments: list[tuple[int, int, _Cand]]) -> list[tuple[int, int, _Cand]]:
+    """In partial mode the cheapest path may leave a peer and come back to it (X, Y, X). A peer's
+    span is contiguous, so one hop of X over the whole stretch is valid: use that instead."""
+    while True:
+        first: dict[str, int] = {}
+        for i, (_, end, cand) in enumerate(segments):
+            j = first.setdefault(cand[1], i)
+            if j != i:
+                segments = [*segments[:j], (segments[j][0], end, cand), *segments[i + 1 :]]
+                break
+        else:
+            return segments
 
 
 # -------------------------------------------------------------------- validity

@@ -220,3 +220,11 @@ def test_coverage_report_for_network_status():
     d = report.to_dict()
     assert d["counts"] == [1, 1, 2, 2, 1, 1, 0, 0] and d["holes"] == [[6, 8]] and d["complete"] is False
     assert d["throughput_tps"] == [3, 3, 7, 7, 4, 4, 0, 0] and d["peers"] == 2
+
+
+def test_partial_path_never_revisits_a_peer():
+    # With free hops, X [0,8) slow and Y [2,6) fast: X[0,2) Y[2,6) X[6,8) is "cheapest" but reuses X.
+    records = [rec("x", 0, 8, tps=1), rec("y", 2, 6, tps=100)]
+    chain = cmap(records, allow_partial=True).chain()
+    assert chain.peer_ids == ["x"] and chain.spans == [(0, 8)] and is_valid_chain(chain, L)
+    assert chain.cost_ms == pytest.approx(1000.0)

@@ -45,11 +45,13 @@ def _exact_chain_exists(total, records, exclude):
     return total in reach
 
 
-@settings(max_examples=300, deadline=None)
-@given(swarms(), st.booleans())
-def test_any_returned_chain_tiles_the_model(swarm, partial):
+@settings(max_examples=400, deadline=None)
+@given(swarms(), st.booleans(), st.sampled_from([0.0, 1.0, None]))
+def test_any_returned_chain_tiles_the_model(swarm, partial, rtt):
     total, records, exclude = swarm
-    m = LayerCoverageMap(records, total, model_id="m", now=NOW, allow_partial=partial)
+    # rtt 0 makes hops free, so the cheapest path may revisit a peer: the chain must still be valid.
+    rtt_ms = None if rtt is None else (lambda _p: rtt)
+    m = LayerCoverageMap(records, total, model_id="m", now=NOW, allow_partial=partial, rtt_ms=rtt_ms)
     chain = m.chain(exclude=exclude)
     covered = not m.coverage(exclude).holes
     if chain is not None:
@@ -68,13 +70,14 @@ def test_replacement_covers_exactly_the_span(swarm, partial, data):
     total, records, exclude = swarm
     a = data.draw(st.integers(0, total - 1))
     b = data.draw(st.integers(a + 1, total))
-    rep = LayerCoverageMap(records, total, model_id="m", now=NOW, allow_partial=partial).replacement_for(
+    rep = LayerCoverageMap(records, total, model_id="m", now=NOW, allow_partial=partial, rtt_ms={}).replacement_for(
         (a, b), exclude
     )
     if rep is not None:
         assert rep.hops[0].start == a and rep.hops[-1].end == b
         for prev, nxt in zip(rep.hops, rep.hops[1:], strict=False):
             assert prev.end == nxt.start
+        assert len(set(rep.peer_ids)) == len(rep.peer_ids)
         for h in rep.hops:
             assert h.peer.start <= h.start < h.end <= h.peer.end and h.peer_id not in exclude
             assert partial or not h.partial
