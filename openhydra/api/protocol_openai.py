@@ -46,6 +46,7 @@ class SamplingFields(Tolerant):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = False  # extension (as in vLLM): generate exactly max_tokens, for benchmarks
 
     @field_validator("stop")
     @classmethod

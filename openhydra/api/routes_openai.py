@@ -68,7 +68,7 @@ def register(app: Sanic) -> None:
         return json(model_card(model_id, served))
 
     def build(engine: Engine, body: SamplingFields, prompt_ids: list[int]) -> list[GenerationRequest]:
-        return [
+        requests = [
             generation_request(
                 engine, api, prompt_ids,
                 max_tokens=body.requested_max_tokens(), temperature=body.temperature, top_p=body.top_p,
@@ -76,6 +76,9 @@ def register(app: Sanic) -> None:
             )
             for i in range(body.n)
         ]
+        for r in requests:
+            r.ignore_eos = body.ignore_eos
+        return requests
 
     async def serve(request: Request, body: SamplingFields, prompt_ids: list[int], chat: bool) -> HTTPResponse | None:
         served, engine = state.resolve(body.model)

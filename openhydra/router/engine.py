@@ -27,6 +27,8 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    """Keep generating past EOS (benchmarks that need a fixed length; vLLM's extension of the same name)."""
 
 
 @dataclass
@@ -123,7 +125,7 @@ class Engine:
                     first_token_at = time.perf_counter()
                 position += len(feed)
                 feed = [token]
-                if token in self.eos_token_ids:
+                if token in self.eos_token_ids and not request.ignore_eos:
                     finish_reason = "stop"
                     break
                 completion_tokens += 1
