@@ -23,8 +23,14 @@ REPO = Path(__file__).resolve().parent.parent
 def api_decode_rate(url: str, model: str, messages: list[dict], tokens: int) -> float:
     import httpx
 
-    body = {"model": model, "messages": messages, "max_tokens": tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+    body = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     stamps: list[float] = []
     with httpx.Client(timeout=300) as client, client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         for line in r.iter_lines():
@@ -52,8 +58,14 @@ def generate_decode_rate(model, prompt_ids, tokens: int) -> float:
     stamps = Stamps()
     ids = torch.tensor([prompt_ids])
     with torch.inference_mode():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                       do_sample=False, streamer=stamps)
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            streamer=stamps,
+        )
     token_times = stamps.times[1:]  # the first put() is the prompt
     return (len(token_times) - 1) / (token_times[-1] - token_times[0])
 
@@ -82,15 +94,25 @@ def main() -> None:
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    node = NodeProcess(["model=smollm2-135m", "hardware=cpu", "hardware.dtype=bfloat16",
-                        f"node.data_dir={cache}", "api.rate_limit_requests=100000"], threads=args.threads)
+    node = NodeProcess(
+        [
+            "model=smollm2-135m",
+            "hardware=cpu",
+            "hardware.dtype=bfloat16",
+            f"node.data_dir={cache}",
+            "api.rate_limit_requests=100000",
+        ],
+        threads=args.threads,
+    )
     api_rates, gen_rates = [], []
     with node:
         api_decode_rate(node.url, "openhydra-smollm2-135m", messages, 8)  # warm-up both arms
         generate_decode_rate(model, prompt_ids, 8)
         for trial in range(args.trials):
-            arms = [("api", lambda: api_decode_rate(node.url, "openhydra-smollm2-135m", messages, args.tokens)),
-                    ("generate", lambda: generate_decode_rate(model, prompt_ids, args.tokens))]
+            arms = [
+                ("api", lambda: api_decode_rate(node.url, "openhydra-smollm2-135m", messages, args.tokens)),
+                ("generate", lambda: generate_decode_rate(model, prompt_ids, args.tokens)),
+            ]
             if trial % 2:
                 arms.reverse()  # alternate which arm runs first
             for name, run in arms:
@@ -101,9 +123,11 @@ def main() -> None:
     ratios = [a / g for a, g in zip(api_rates, gen_rates, strict=True)]
     print("\n| arm | median decode tok/s |\n|---|---|")
     print(f"| streaming API (node process) | {api_med:.2f} |\n| transformers generate (in process) | {gen_med:.2f} |")
-    print(f"\nratio api/generate (median of medians) = {api_med / gen_med:.3f}; "
-          f"median of per-trial ratios = {statistics.median(ratios):.3f}  "
-          f"[threads={args.threads}, tokens={args.tokens}, trials={args.trials}, torch {torch.__version__}]")
+    print(
+        f"\nratio api/generate (median of medians) = {api_med / gen_med:.3f}; "
+        f"median of per-trial ratios = {statistics.median(ratios):.3f}  "
+        f"[threads={args.threads}, tokens={args.tokens}, trials={args.trials}, torch {torch.__version__}]"
+    )
 
     import matplotlib
 

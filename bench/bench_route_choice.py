@@ -54,13 +54,17 @@ def make_swarm(n: int, shape: str, rng: random.Random) -> list[PeerAnnouncement]
     return records
 
 
-def median_ms(fn, repeats: int) -> float:
+def timings_ms(fn, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    return times
+
+
+def median_ms(fn, repeats: int) -> float:
+    return statistics.median(timings_ms(fn, repeats))
 
 
 def measure(shape: str, n: int, repeats: int) -> dict[str, float]:
@@ -68,9 +72,10 @@ def measure(shape: str, n: int, repeats: int) -> dict[str, float]:
     records = make_swarm(n, shape, rng)
     rtt = {r.peer_id: rng.uniform(5, 200) for r in records}
     score = {r.peer_id: rng.uniform(0.5, 1.0) for r in records}.__getitem__
-    build = median_ms(lambda: LayerCoverageMap(records, L, now=NOW, rtt_ms=rtt, score=score), repeats)
+    build = timings_ms(lambda: LayerCoverageMap(records, L, now=NOW, rtt_ms=rtt, score=score), repeats)
     exact = LayerCoverageMap(records, L, now=NOW, rtt_ms=rtt, score=score)
     partial = LayerCoverageMap(records, L, now=NOW, rtt_ms=rtt, score=score, allow_partial=True)
+    partial_times = timings_ms(partial.chain, repeats + 1)[1:]  # the first call builds the per-layer index
     best = partial.chain()  # also builds the per-layer index once, as a live map would
     mid = best.hops[len(best) // 2] if best else None
     banned = {mid.peer_id} if mid else set()
@@ -79,9 +84,11 @@ def measure(shape: str, n: int, repeats: int) -> dict[str, float]:
         "shape": shape,
         "peers": n,
         "spans": len({r.span for r in records}),
-        "build_ms": build,
+        "build_ms": statistics.median(build),
+        "build_min_ms": min(build),
         "exact_ms": median_ms(exact.chain, repeats),
-        "partial_ms": median_ms(partial.chain, repeats),
+        "partial_ms": statistics.median(partial_times),
+        "partial_min_ms": min(partial_times),
         "replace_ms": median_ms(lambda: partial.replacement_for(span, exclude=banned), repeats),
         "found": float(best is not None),
     }
@@ -128,14 +135,15 @@ def main() -> None:
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args()
     rows = run(args.sizes, args.repeats)
+    print(f"median ms (min ms) over {args.repeats} runs")
     print(
-        f"{'shape':7} {'peers':>6} {'spans':>6} {'build ms':>9} {'chain exact':>12} {'chain partial':>14} "
-        f"{'replace ms':>11}"
+        f"{'shape':7} {'peers':>6} {'spans':>6} {'build map':>16} {'chain exact':>12} {'chain partial':>16} "
+        f"{'replace':>8}"
     )
     for r in rows:
         print(
-            f"{r['shape']:7} {r['peers']:6d} {r['spans']:6d} {r['build_ms']:9.2f} {r['exact_ms']:12.3f} "
-            f"{r['partial_ms']:14.3f} {r['replace_ms']:11.3f}"
+            f"{r['shape']:7} {r['peers']:6d} {r['spans']:6d} {r['build_ms']:8.2f} ({r['build_min_ms']:5.2f}) "
+            f"{r['exact_ms']:12.3f} {r['partial_ms']:8.3f} ({r['partial_min_ms']:5.3f}) {r['replace_ms']:8.3f}"
         )
     for shape in ("mixed", "random"):
         sub = [r for r in rows if r["shape"] == shape]

@@ -1,0 +1,180 @@
+"""Per-hop overhead of the peer protocol vs a plain gRPC unary echo, measured in the same run.
+
+    python bench/bench_hop.py [--model-dir DIR] [--rounds 7] [--steps 16] [--dtype bfloat16]
+
+Everything runs on loopback, each server in its own process with 1 torch thread. Per decode step
+(one token) it times, interleaved round by round:
+  local    the three spans chained in this process (no network): compute only
+  1 peer   coordinator -> peer [0,L) -> coordinator: 2 one-way hops
+  3 peers  coordinator -> [0,a) -> [a,b) -> [b,L) -> coordinator: 4 one-way hops, same total compute
+  echo     a plain gRPC unary echo of one decode-sized activation (a round trip = 2 one-way hops)
+Per-hop overhead = (3 peers - 1 peer) / 2; the echo's one-way cost is echo / 2. Medians over all steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import select
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+from openhydra.peer.client import PeerChainClient
+from openhydra.peer.messages import HopSpec
+from openhydra.runtime.local_pipeline import pipeline_step
+from openhydra.runtime.sampling import SamplingParams
+from openhydra.runtime.shard import ShardRuntime
+
+ECHO_METHOD = "/bench.Echo/Echo"
+
+
+def _echo_server(port: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    print(f"READY 127.0.0.1:{bound}", flush=True)
+    server.wait_for_termination()
+
+
+def _spawn(args: list[str]) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            line = proc.stdout.readline()
+            if line.startswith("READY "):
+                return proc, line.split()[1]
+            if not line:
+                break
+    proc.kill()
+    raise RuntimeError(f"{args} did not start")
+
+
+def _decode_latencies(step_fn, prompt: list[int], steps: int) -> list[float]:
+    """Prefill, then time ``steps`` single-token steps (ms)."""
+    token = step_fn(prompt, 0, 0)
+    pos, times = len(prompt), []
+    for i in range(1, steps + 1):
+        t0 = time.perf_counter()
+        token = step_fn([token], pos, i)
+        times.append((time.perf_counter() - t0) * 1e3)
+        pos += 1
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", default=None)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--echo-server", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.echo_server is not None:
+        _echo_server(args.echo_server)
+        return
+    torch.set_num_threads(1)
+    model_dir = args.model_dir
+    if model_dir is None:
+        from openhydra.runtime.source import embedded_model_dir
+
+        cache = Path(os.environ.get("OPENHYDRA_TEST_CACHE", Path.home() / ".cache" / "openhydra-test"))
+        model_dir = str(embedded_model_dir(cache))
+    dtype = getattr(torch, args.dtype)
+    from openhydra.runtime.shard_layers import load_text_config
+
+    num_layers = load_text_config(model_dir).num_hidden_layers
+    cuts = [0, num_layers // 3, 2 * num_layers // 3, num_layers]
+    splits = list(itertools.pairwise(cuts))
+    server = ["-m", "openhydra.peer.server", "--model-dir", model_dir, "--dtype", args.dtype]
+    procs: list[subprocess.Popen] = []
+    try:
+        proc, full_addr = _spawn([*server, "--start", "0"])
+        procs.append(proc)
+        route3 = []
+        for a, b in splits:
+            proc, addr = _spawn([*server, "--start", str(a), "--end", str(b)])
+            procs.append(proc)
+            route3.append(HopSpec(address=addr, start=a, end=b))
+        proc, echo_addr = _spawn([__file__, "--echo-server", "0"])
+        procs.append(proc)
+
+        one = PeerChainClient([HopSpec(address=full_addr, start=0, end=num_layers)])
+        three = PeerChainClient(route3)
+        local = [ShardRuntime(model_dir, a, b, dtype=dtype) for a, b in splits]
+        channel = grpc.insecure_channel(echo_addr)
+        echo = channel.unary_unary(ECHO_METHOD)
+        payload = b"\x01" * (local[0].hidden_size * torch.tensor([], dtype=dtype).element_size())
+        prompt = list(range(100, 132))
+        greedy = SamplingParams()
+        results: dict[str, list[float]] = {"local": [], "1 peer": [], "3 peers": [], "echo": []}
+        for r in range(args.rounds + 1):  # round 0 warms up and is discarded
+            sid = f"r{r}"
+
+            def local_step(ids, pos, _i, sid=sid):
+                return int(pipeline_step(local, sid, torch.tensor(ids), pos)[-1].argmax())
+
+            runs = {
+                "local": lambda: _decode_latencies(local_step, prompt, args.steps),
+                "1 peer": lambda sid=sid: _decode_latencies(
+                    lambda ids, pos, i: one.step(sid, ids, pos, greedy, i), prompt, args.steps
+                ),
+                "3 peers": lambda sid=sid: _decode_latencies(
+                    lambda ids, pos, i: three.step(sid, ids, pos, greedy, i), prompt, args.steps
+                ),
+                "echo": lambda: [_time_ms(lambda: echo(payload, timeout=5)) for _ in range(args.steps)],
+            }
+            for name, run in runs.items():
+                times = run()
+                if r:
+                    results[name].extend(times)
+            one.close(sid)
+            three.close(sid)
+            for rt in local:
+                rt.close_session(sid)
+        med = {k: statistics.median(v) for k, v in results.items()}
+        p90 = {k: sorted(v)[int(0.9 * len(v))] for k, v in results.items()}
+        print(f"model {model_dir} {args.dtype}, splits {splits}, {args.rounds} rounds x {args.steps} decode steps")
+        for name in results:
+            print(f"{name:>8}: median {med[name]:7.3f} ms  p90 {p90[name]:7.3f} ms  (n={len(results[name])})")
+        print(f"per-hop overhead (3 peers - 1 peer) / 2 : {(med['3 peers'] - med['1 peer']) / 2:6.3f} ms")
+        print(f"one-way gRPC echo (echo / 2)            : {med['echo'] / 2:6.3f} ms")
+        print(f"1 peer vs local (2 hops + protocol)     : {med['1 peer'] - med['local']:6.3f} ms")
+        print(f"3 peers / local tokens per second        : {med['local'] / med['3 peers']:6.3f}x")
+        one.shutdown()
+        three.shutdown()
+        channel.close()
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _time_ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+if __name__ == "__main__":
+    main()
