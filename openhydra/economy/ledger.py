@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from sqlalchemy import func
-from sqlmodel import Session, select
+from sqlmodel import Session, or_, select
 
 from openhydra.economy import channels as ch_ops
 from openhydra.economy.book import Book
@@ -251,12 +251,15 @@ class Ledger:
         def read(s: Session) -> AccountView:
             acct = s.get(Account, peer_id)
             open_rows = s.exec(
-                select(Channel).where(Channel.status == ch_ops.STATUS_OPEN, Channel.payer == peer_id)
+                select(Channel.payer, Channel.deposit).where(
+                    Channel.status == ch_ops.STATUS_OPEN, or_(Channel.payer == peer_id, Channel.payee == peer_id)
+                )
             ).all()
-            n_open = ch_ops.count_open(s, peer_id)
+            n_open = len(open_rows)
+            escrow = sum(deposit for payer, deposit in open_rows if payer == peer_id)
             if acct is None:
                 return AccountView(
-                    peer_id=peer_id, credits=0, hydra=0, stake=0, escrow=0, open_channels=n_open
+                    peer_id=peer_id, credits=0, hydra=0, stake=0, escrow=escrow, open_channels=n_open
                 )
             credits = decayed(acct.credits, self.policy.decay_per_day, now - acct.credits_at)
             return AccountView(
@@ -264,7 +267,7 @@ class Ledger:
                 credits=credits,
                 hydra=acct.hydra,
                 stake=acct.stake,
-                escrow=sum(c.deposit for c in open_rows),
+                escrow=escrow,
                 open_channels=n_open,
             )
 
