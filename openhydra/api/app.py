@@ -13,8 +13,10 @@ from sanic import Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
 
+from openhydra.api.auth import BearerAuth
 from openhydra.api.errors import APIError
 from openhydra.api.metrics import ApiMetrics
+from openhydra.api.ratelimit import SlidingWindowLimiter
 from openhydra.api.state import NodeState
 from openhydra.config.schema import ApiConfig
 
@@ -33,16 +35,12 @@ _STATUS_TYPES = {
 }
 
 
+# Probes and scrapes answer without a bearer token (they reveal no prompts).
+PUBLIC_PATHS = frozenset({"/health", "/readyz", "/metrics"})
+
+
 def _ascii_header(text: str) -> str:
     return text.encode("ascii", "replace").decode("ascii").replace("\n", " ")[:500]
-
-
-def _make_limiter(api: ApiConfig):
-    try:  # TODO(integration): the rate limiter module lands with the security work
-        from openhydra.api.ratelimit import SlidingWindowRateLimiter
-    except ImportError:
-        return None
-    return SlidingWindowRateLimiter(api.rate_limit_requests, api.rate_limit_window_s)
 
 
 def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> Sanic:
@@ -57,27 +55,22 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
     app.ctx.state = state
     app.ctx.api = api
     app.ctx.metrics = ApiMetrics()
-    app.ctx.limiter = _make_limiter(api)
+    app.ctx.limiter = SlidingWindowLimiter(api.rate_limit_requests, api.rate_limit_window_s)
+    auth = BearerAuth(api.bearer_token, public_paths=PUBLIC_PATHS)
 
     @app.on_request
     async def _before(request: Request) -> HTTPResponse | None:
         request.ctx.started = time.perf_counter()
         request.ctx.streaming = False
-        decision = app.ctx.limiter.check(request.client_ip or "unknown") if app.ctx.limiter else None
+        decision = app.ctx.limiter.hit(request.client_ip or "unknown")
         request.ctx.rate = decision
-        if decision is not None and not decision.allowed:
+        if not decision.allowed:
             app.ctx.metrics.rate_limited.inc()
             raise APIError(
                 429, f"rate limit of {api.rate_limit_requests} requests per {api.rate_limit_window_s:g} s exceeded",
-                type="rate_limit_error", code="rate_limited",
-                headers={"Retry-After": str(decision.retry_after_s)},
+                type="rate_limit_error", code="rate_limited", headers=decision.headers(),
             )
-        if api.bearer_token and request.path not in ("/health", "/readyz", "/metrics"):
-            from openhydra.api.auth import bearer_token_matches
-
-            if not bearer_token_matches(request.headers.get("authorization"), api.bearer_token):
-                raise APIError(401, "missing or wrong bearer token", type="authentication_error",
-                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        auth.require(request.headers.get("authorization"), request.path)
         return None
 
     @app.on_response
@@ -89,9 +82,7 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
     def decorate(request: Request, response: HTTPResponse) -> None:
         decision = getattr(request.ctx, "rate", None)
         if decision is not None:
-            response.headers["X-RateLimit-Limit"] = str(decision.limit)
-            response.headers["X-RateLimit-Remaining"] = str(decision.remaining)
-            response.headers["X-RateLimit-Reset"] = str(decision.reset_epoch_s)
+            response.headers.update(decision.headers())
         model = state.model
         if model is not None and model.degradation_reason:
             response.headers["X-OpenHydra-Degradation-Reason"] = _ascii_header(model.degradation_reason)

@@ -150,3 +150,11 @@ def test_concurrent_requests_do_not_cross_streams(tiny_node, http):
         t.join()
     assert [results[i] for i in range(len(prompts))] == sequential
     assert len(set(sequential)) == len(prompts)
+
+
+def test_rate_limit_headers_on_every_response(http):
+    for path in ("/health", "/v1/models", "/v1/nothing"):
+        response = http.get(path)
+        assert response.headers["X-RateLimit-Limit"] == "100000"
+        assert int(response.headers["X-RateLimit-Remaining"]) >= 0
+        assert int(response.headers["X-RateLimit-Reset"]) > 1_700_000_000  # epoch seconds

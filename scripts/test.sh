@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# One command to run the tests on a fresh machine: set up, start a throwaway PostgreSQL for the
+# ledger suite, lint, then pytest (slow real-model tests included; they are marked, not skipped).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+OPENHYDRA_TEST_PG_URL="$(bash scripts/start_postgres.sh)"
+export OPENHYDRA_TEST_PG_URL
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false
+.venv/bin/ruff check .
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"

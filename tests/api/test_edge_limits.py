@@ -1,0 +1,44 @@
+"""Rate limiting (the spec's 120 requests / 60 s per IP) and bearer auth on a real node."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from openhydra.testing.processes import NodeProcess
+
+TOKEN = "s3cret-token-for-tests-0123456789"
+
+
+@pytest.fixture(scope="module")
+def edge_node(tiny_model_dirs, tmp_path_factory):
+    overrides = ["model=local", f"model.path={tiny_model_dirs['llama']}", "hardware=cpu",
+                 f"node.data_dir={tmp_path_factory.mktemp('edge')}", f"api.bearer_token={TOKEN}"]
+    with NodeProcess(overrides) as node:
+        yield node
+
+
+def test_bearer_token_is_required_when_configured(edge_node):
+    # runs first in this module: it spends 4 of the window's 120 requests
+    assert httpx.get(edge_node.url + "/v1/models").status_code == 401
+    assert httpx.get(edge_node.url + "/health").status_code == 200  # probes stay public
+    wrong = openai.OpenAI(base_url=edge_node.url + "/v1", api_key="wrong-token-wrong-token", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    right = openai.OpenAI(base_url=edge_node.url + "/v1", api_key=TOKEN, max_retries=0)
+    assert [m.id for m in right.models.list().data] == ["tiny-llama-8l"]
+
+
+def test_121st_request_in_a_window_is_429_with_retry_after(edge_node):
+    with httpx.Client(base_url=edge_node.url) as http:
+        first = http.get("/health")
+        assert first.headers["X-RateLimit-Limit"] == "120"
+        used_before = 120 - int(first.headers["X-RateLimit-Remaining"])
+        rest = [http.get("/health") for _ in range(120 - used_before)]
+        assert all(r.status_code == 200 for r in rest)
+        assert rest[-1].headers["X-RateLimit-Remaining"] == "0"
+        refused = http.get("/health")
+    assert refused.status_code == 429
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert refused.json()["error"]["type"] == "rate_limit_error"
