@@ -183,7 +183,10 @@ class LayerCoverageMap:
         for g in self._groups:
             self._by_start.setdefault(g[0], []).append(g)
         self._starts = sorted(self._by_start)
-        self._covering: list[list[_Group]] | None = None  # per layer, built on first partial use
+        # Per layer f, built on first partial use: every group covering f, and the pruned list with
+        # only the cheapest group (from f, by its best peer) for each end layer.
+        self._covering: list[list[_Group]] | None = None
+        self._pruned: list[list[_Group]] = []
 
     def __len__(self) -> int:
         return len(self.peers)
@@ -307,7 +310,10 @@ class LayerCoverageMap:
         self, a: int, b: int, exclude: Container[str], rng: random.Random | None
     ) -> dict[int, tuple[int, _Cand]]:
         covering = self._covering_index()
+        pruned = self._pruned
         fast_pick = rng is None or self.tunables.spread <= 0
+        # The pruned lists hold when nothing is clipped at b and no pruned entry's best peer is out.
+        use_pruned = fast_pick and b == self.total_layers
         dist = {a: 0.0}
         back: dict[int, tuple[int, _Cand]] = {}
         frontier = [a]
@@ -318,7 +324,10 @@ class LayerCoverageMap:
                 continue
             done.add(f)
             d = dist[f]
-            for _, end, cands in covering[f]:
+            groups = covering[f]
+            if use_pruned and not any(g[2][0][1] in exclude for g in pruned[f]):
+                groups = pruned[f]
+            for _, end, cands in groups:
                 c = cands[0]
                 if fast_pick is False or c[1] in exclude:
                     c = self._pick(cands, exclude, rng)
@@ -340,7 +349,17 @@ class LayerCoverageMap:
             for g in self._groups:
                 for layer in range(g[0], g[1]):
                     covering[layer].append(g)
-            self._covering = covering
+            pruned: list[list[_Group]] = []
+            for f, groups in enumerate(covering):
+                cheapest: dict[int, tuple[float, _Group]] = {}
+                for g in groups:
+                    c = g[2][0]
+                    cost = c[2] + c[3] * (g[1] - f)
+                    old = cheapest.get(g[1])
+                    if old is None or cost < old[0]:
+                        cheapest[g[1]] = (cost, g)
+                pruned.append([g for _, g in cheapest.values()])
+            self._covering, self._pruned = covering, pruned
         return self._covering
 
 
