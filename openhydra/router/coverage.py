@@ -10,11 +10,12 @@ each hop's range lies inside the peer's announced span. Two rules, chosen per ma
   Then a chain exists whenever every layer is covered by some peer.
 
 Assembly. Build (O(n log n), once per lookup): de-duplicate, drop expired, banned and zero-score
-peers, and group peers by span, each group sorted by estimated cost. Choice (per request): a
-shortest path over layer boundaries, relaxing one edge per distinct span from each reachable
-boundary: O(s) exact, O(s·b) partial for s distinct spans and b boundaries, plus the skipped
-excluded candidates. With one peer per span this is the O(n·s) of the spec; with many peers
-per span (the usual swarm) it is far cheaper, since only a span's best peer is looked at.
+peers, group peers by span, each group sorted by estimated cost. Choice (per request): the
+cheapest path over layer boundaries, one edge per distinct span (its best non-excluded peer):
+O(s) exact for s distinct spans; partial uses a per-layer index pruned to the cheapest span per
+end layer, O(L^2) at most (the full O(s·L) scan for a layer whose pruned best peer is excluded).
+This is the spec's O(n·s) greedy bound, met with an exact shortest path under the cost model.
+Departed or banned peers are passed as ``exclude`` (a BanList works) instead of rebuilding.
 
 Cost of a hop, in milliseconds: one-way latency to the peer (half its RTT) plus its compute time
 for the layers it runs (from its measured throughput over its span, slowed by its load), divided
