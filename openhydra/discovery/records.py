@@ -109,7 +109,7 @@ class PeerAnnouncement(BaseModel):
     throughput_tps: Finite = Field(default=0.0, ge=0.0, le=1e7)  # tokens/s through the whole span; 0 = unmeasured
     load: Finite = Field(default=0.0, ge=0.0, le=1.0)  # fraction of capacity in use
     active_sessions: int = Field(default=0, ge=0, le=1_000_000)
-    announced_at: Finite = Field(gt=0.0)  # sender's unix time, seconds
+    announced_at: Finite = Field(gt=0.0, le=4_102_444_800.0)  # sender's unix time, s (before 2100)
     ttl_s: Finite = Field(gt=0.0, le=MAX_TTL_S)  # seconds the record stays valid after announced_at
     region: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_\-]{1,32}$")
     version: str = Field(default="0", pattern=r"^[A-Za-z0-9._+\-]{1,32}$")

@@ -229,6 +229,24 @@ class LayerCoverageMap:
             holes.append((hole_start, n))
         return CoverageReport(self.model_id, n, peers, counts, throughput, holes)
 
+    def peer_table(self, exclude: Container[str] = ()) -> list[dict[str, object]]:
+        """One row per peer for /v1/network/status: span, address, throughput, load, estimated cost."""
+        return [
+            {
+                "peer_id": c[1],
+                "start": a,
+                "end": b,
+                "grpc_address": c[4].grpc_address,
+                "throughput_tps": c[4].throughput_tps,
+                "load": c[4].load,
+                "region": c[4].region,
+                "est_span_ms": round(c[0], 3),
+                "excluded": c[1] in exclude,
+            }
+            for a, b, cands in self._groups
+            for c in cands
+        ]
+
     def full_model_peers(self, exclude: Container[str] = ()) -> list[PeerAnnouncement]:
         cands = next((c for a, b, c in self._by_start.get(0, []) if b == self.total_layers), [])
         return [c[4] for c in cands if c[1] not in exclude]

@@ -228,3 +228,12 @@ def test_partial_path_never_revisits_a_peer():
     chain = cmap(records, allow_partial=True).chain()
     assert chain.peer_ids == ["x"] and chain.spans == [(0, 8)] and is_valid_chain(chain, L)
     assert chain.cost_ms == pytest.approx(1000.0)
+
+
+def test_peer_table_lists_every_peer_with_its_span():
+    rows = cmap([rec("b", 4, 8, tps=2), rec("a", 0, 4, tps=4)]).peer_table(exclude={"b"})
+    assert [(r["peer_id"], r["start"], r["end"], r["excluded"]) for r in rows] == [
+        ("a", 0, 4, False),
+        ("b", 4, 8, True),
+    ]
+    assert rows[0]["est_span_ms"] == pytest.approx(250.0) and rows[1]["grpc_address"] == "127.0.0.1:50051"
