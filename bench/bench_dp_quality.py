@@ -8,7 +8,10 @@ layer 9, i.e. the input of layer 10: the first boundary of a 3-way split of the 
 - perplexity of that text;
 - free-running greedy agreement: share of positions where N greedily generated tokens equal the
   noiseless generation, over a few prompts;
-- ε of one release of one token vector (δ = 1e-5), to show what the noise buys formally.
+- ε of one release of one token vector (δ = 1e-5), to show what the noise buys formally;
+- at the ``embed`` boundary, how many prompt tokens a malicious first peer recovers from what it
+  receives by nearest-neighbour search in the (clipped) embedding table: what the noise buys in
+  practice.
 
 Every noised tensor also goes through the coordinator's audit checks (record + received digest).
 
@@ -26,7 +29,7 @@ import torch
 from omegaconf import OmegaConf
 
 from openhydra.crypto.config import PrivacyConfig
-from openhydra.crypto.dp import DPAuditor, DPParams, apply_dp, epsilon
+from openhydra.crypto.dp import DPAuditor, DPParams, apply_dp, clip_rows, epsilon
 from openhydra.runtime.source import embedded_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +69,7 @@ class NoiseHook:
         self.params = params
         self.step = 0
         self.auditor = DPAuditor(AUDIT_KEY, params, "bench", 1) if params else None
+        self.first_output: torch.Tensor | None = None
 
     def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor | tuple) -> object:
         if self.params is None:
@@ -76,6 +80,8 @@ class NoiseHook:
         self.auditor.verify_record(record, self.step)
         self.auditor.verify_received(record, noised)
         self.step += 1
+        if self.first_output is None:
+            self.first_output = noised.detach()
         return (noised, *output[1:]) if isinstance(output, tuple) else noised
 
 
@@ -83,6 +89,14 @@ def boundary_module(model: torch.nn.Module, boundary: str) -> torch.nn.Module:
     if boundary == "embed":
         return model.model.embed_tokens
     return model.model.layers[int(boundary.removeprefix("L")) - 1]
+
+
+@torch.no_grad()
+def inversion_rate(model: torch.nn.Module, received: torch.Tensor, ids: torch.Tensor, clip: float) -> float:
+    """Share of tokens recovered by nearest neighbour of the received vectors in the clipped table."""
+    table = clip_rows(model.model.embed_tokens.weight, clip)  # [V, D]
+    dist = torch.cdist(received[0].float(), table)  # [S, V]
+    return (dist.argmin(-1) == ids[0]).float().mean().item()
 
 
 @torch.no_grad()
@@ -112,7 +126,7 @@ def main() -> None:
     merged = OmegaConf.merge(base, {k: v for k, v in conf.items() if k != "defaults"})
     merged.identity_path = "unused"
     cfg = PrivacyConfig.model_validate(OmegaConf.to_container(merged))
-    sigmas = sorted({cfg.dp_sigma * f for f in (0.1, 0.3, 1.0, 3.0, 10.0)})
+    sigmas = sorted({cfg.dp_sigma * f for f in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)})
     clips = {"embed": cfg.dp_clip_embeddings}
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,7 +145,7 @@ def main() -> None:
 
     base_top1, base_ppl = teacher_forced(model, text_ids)
     base_gen = [greedy(model, p, args.new_tokens) for p in prompt_ids]
-    rows: list[tuple[str, float, float, float, float, float, float]] = []
+    rows: list[tuple[str, float, float, float, float, float, float, float | None]] = []
     t0 = time.perf_counter()
     for boundary in args.boundaries.split(","):
         clip = clips.get(boundary, cfg.dp_clip)
@@ -148,7 +162,9 @@ def main() -> None:
             gen_agree = sum(
                 sum(a == b for a, b in zip(g, b0, strict=True)) for g, b0 in zip(gens, base_gen, strict=True)
             ) / (len(PROMPTS) * args.new_tokens)
-            rows.append((boundary, clip, sigma, epsilon(sigma), tf_agree, gen_agree, ppl))
+            assert hook.first_output is not None
+            inverted = inversion_rate(model, hook.first_output, text_ids, clip) if boundary == "embed" else None
+            rows.append((boundary, clip, sigma, epsilon(sigma), tf_agree, gen_agree, ppl, inverted))
     elapsed = time.perf_counter() - t0
 
     print(f"\nnoiseless perplexity {base_ppl:.2f}\n")
@@ -172,12 +188,14 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for boundary in args.boundaries.split(","):
-        pts = [(r[2], r[4], r[5], r[6]) for r in rows if r[0] == boundary and r[2] > 0]
-        xs = [p[0] for p in pts]
-        ax1.plot(xs, [p[1] * 100 for p in pts], "o-", label=f"{boundary} teacher-forced")
-        ax1.plot(xs, [p[2] * 100 for p in pts], "s--", label=f"{boundary} greedy")
-        ax2.plot(xs, [p[3] for p in pts], "o-", label=boundary)
+    for color, boundary in zip(("tab:blue", "tab:orange"), args.boundaries.split(","), strict=False):
+        pts = [r for r in rows if r[0] == boundary and r[2] > 0]
+        xs = [r[2] for r in pts]
+        ax1.plot(xs, [r[4] * 100 for r in pts], "o-", color=color, label=f"{boundary} teacher-forced top-1")
+        ax1.plot(xs, [r[5] * 100 for r in pts], "s--", color=color, label=f"{boundary} greedy tokens")
+        if boundary == "embed":
+            ax1.plot(xs, [(r[7] or 0) * 100 for r in pts], "x:", color="tab:red", label="embed: tokens inverted")
+        ax2.plot(xs, [r[6] for r in pts], "o-", color=color, label=boundary)
     for ax in (ax1, ax2):
         ax.set_xscale("log")
         ax.set_xlabel("dp_sigma (noise multiplier)")

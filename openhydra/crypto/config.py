@@ -30,8 +30,12 @@ class PrivacyConfig(BaseModel):
     """Every onion is padded to this size so its length does not reveal the route's length."""
     dp_sigma: float = Field(default=0.0, ge=0.0, le=10.0)
     """Gaussian noise multiplier: per-coordinate std is ``dp_sigma * dp_clip``; 0 turns DP off."""
-    dp_clip: float = Field(default=50.0, gt=0.0)
-    """L2 norm each token's hidden-state vector is clipped to before noise is added."""
+    dp_clip: float = Field(default=300.0, gt=0.0)
+    """L2 bound of each token's hidden-state vector a peer sends (calibrate per model: clipping
+    below the hidden-state norms distorts the model before any noise is added)."""
+    dp_clip_embeddings: float = Field(default=4.0, gt=0.0)
+    """L2 bound of each token's embedding the coordinator sends to the first peer (embeddings
+    are two orders of magnitude smaller than later hidden states)."""
     pow_difficulty_bits: int = Field(default=0, ge=0, le=40)
     """Leading zero bits a geo-challenge proof needs; 0: proofs are not required."""
     region: str = Field(default="unspecified", pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
