@@ -93,14 +93,18 @@ class PeerChainClient:
 
     @route.setter
     def route(self, route: Sequence[HopSpec]) -> None:
-        """Replace the chain (after failover); spans must tile [0, L) in order."""
+        """Replace the default chain; spans must tile from layer 0 in order (empty: routes come per step)."""
+        self._route = self._checked(route) if route else ()
+
+    @staticmethod
+    def _checked(route: Sequence[HopSpec]) -> tuple[HopSpec, ...]:
         route = tuple(route)
         if not route or route[0].start != 0:
             raise ValueError("a route must start at layer 0")
         for prev, nxt in itertools.pairwise(route):
             if prev.end != nxt.start:
                 raise ValueError(f"route is not contiguous: [{prev.start},{prev.end}) then [{nxt.start},{nxt.end})")
-        self._route = route
+        return route
 
     def step(self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams, step: int) -> int:
         """The router's ``Pipeline.step``: feed tokens at ``start_pos...``, return the sampled token."""
@@ -117,16 +121,19 @@ class PeerChainClient:
         return_logits: bool = False,
         return_top_k: int = 0,
         all_logits: bool = False,
+        route: Sequence[HopSpec] | None = None,
     ) -> StepResult:
+        """One step; ``route`` overrides the client's default chain for this step (per-session routes)."""
         if not token_ids:
             raise ValueError("a step needs at least one token")
         extras = {"return_logits": return_logits, "return_top_k": return_top_k, "all_logits": all_logits}
-        coro = self._step(session_id, list(token_ids), start_pos, sampling, step, extras)
+        chain = self._route if route is None else self._checked(route)
+        coro = self._step(session_id, list(token_ids), start_pos, sampling, step, extras, chain)
         return self._call(coro, timeout=self.tunables.step_timeout_s + self.tunables.unary_timeout_s * 2)
 
-    def close(self, session_id: str) -> None:
+    def close(self, session_id: str, route: Sequence[HopSpec] | None = None) -> None:
         """Drop the session on every hop of the route (best effort) and close its stream."""
-        self._call(self._close(session_id))
+        self._call(self._close(session_id, self._route if route is None else tuple(route)))
 
     def info(self, address: str) -> pb.InfoReply:
         return self._call(self._info(address))
@@ -165,9 +172,11 @@ class PeerChainClient:
         return server
 
     async def _step(
-        self, session_id: str, tokens: list[int], start: int, sampling: SamplingParams, step: int, extras: dict
+        self, session_id: str, tokens: list[int], start: int, sampling: SamplingParams, step: int, extras: dict,
+        route: tuple[HopSpec, ...],
     ) -> StepResult:
-        route = self._route
+        if not route:
+            raise ValueError("no route: set PeerChainClient.route or pass route= per step")
         deadline_ms = int((time.time() + self.tunables.step_timeout_s) * 1000)
         futures = []
         chunk = self.tunables.prefill_chunk
@@ -263,10 +272,10 @@ class PeerChainClient:
         stub = pb_grpc.PeerStub(self._pool.get(address))
         return await stub.Info(pb.InfoRequest(), timeout=self.tunables.unary_timeout_s)
 
-    async def _close(self, session_id: str) -> None:
+    async def _close(self, session_id: str, route: tuple[HopSpec, ...]) -> None:
         for key in [k for k in self._streams if k[0] == session_id]:
             await self._streams.pop(key).close()
-        for hop in self._route:
+        for hop in route:
             stub = pb_grpc.PeerStub(self._pool.get(hop.address))
             with contextlib.suppress(grpc.aio.AioRpcError):  # a dead hop holds no session worth closing
                 await stub.CloseSession(pb.CloseRequest(session_id=session_id), timeout=self.tunables.unary_timeout_s)
