@@ -55,6 +55,7 @@ class Store:
         self.url = make_url(db_url)
         self.backend = self.url.get_backend_name()
         self.retry_budget_s = retry_budget_s
+        self.retries = 0  # lock-contention retries so far (a health signal; see docs/economy.md)
         if self.backend == "sqlite":
             self.engine = self._sqlite_engine(sqlite_synchronous.upper(), busy_timeout_s)
         elif self.backend == "postgresql":
@@ -121,6 +122,7 @@ class Store:
                     raise
                 if time.monotonic() + delay > deadline:
                     raise LedgerUnavailable(f"ledger database busy for {self.retry_budget_s:.0f} s") from exc
+                self.retries += 1
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.25)
 
