@@ -1,14 +1,19 @@
 """Per-hop overhead of the peer protocol vs a plain gRPC unary echo, measured in the same run.
 
-    python bench/bench_hop.py [--model-dir DIR] [--rounds 7] [--steps 16] [--dtype bfloat16]
+    python bench/bench_hop.py [--model-dir tiny|smollm2|DIR] [--rounds 7] [--steps 16] [--dtype bfloat16]
+
+``tiny`` (default) is an 8-layer random llama whose compute is ~1 ms, so the protocol's cost shows;
+``smollm2`` gives the end-to-end picture on real weights (there, compute noise on a shared CPU dominates).
 
 Everything runs on loopback, each server in its own process with 1 torch thread. Per decode step
 (one token) it times, interleaved round by round:
-  local    the three spans chained in this process (no network): compute only
+  local 1  one span [0,L) in this process (no network): the compute of "1 peer"
+  local 3  the three spans chained in this process (no network): the compute of "3 peers"
   1 peer   coordinator -> peer [0,L) -> coordinator: 2 one-way hops
   3 peers  coordinator -> [0,a) -> [a,b) -> [b,L) -> coordinator: 4 one-way hops, same total compute
   echo     a plain gRPC unary echo of one decode-sized activation (a round trip = 2 one-way hops)
-Per-hop overhead = (3 peers - 1 peer) / 2; the echo's one-way cost is echo / 2. Medians over all steps.
+Protocol cost = peers - local with the same spans; per hop = cost / one-way hops; the echo's
+one-way cost is echo / 2. Medians over all steps.
 """
 
 from __future__ import annotations
@@ -91,11 +96,16 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     model_dir = args.model_dir
-    if model_dir is None:
+    if model_dir in (None, "tiny", "smollm2"):
         from openhydra.runtime.source import embedded_model_dir
+        from openhydra.testing.tiny import build_tiny_model
 
         cache = Path(os.environ.get("OPENHYDRA_TEST_CACHE", Path.home() / ".cache" / "openhydra-test"))
-        model_dir = str(embedded_model_dir(cache))
+        smollm2 = embedded_model_dir(cache)
+        # Default: a tiny 8-layer llama, so compute (~1 ms) does not drown the protocol's cost.
+        model_dir = str(
+            smollm2 if model_dir == "smollm2" else build_tiny_model("llama", cache / "tiny-llama-8l", smollm2, 8)
+        )
     dtype = getattr(torch, args.dtype)
     from openhydra.runtime.shard_layers import load_text_config
 
@@ -123,15 +133,19 @@ def main() -> None:
         payload = b"\x01" * (local[0].hidden_size * torch.tensor([], dtype=dtype).element_size())
         prompt = list(range(100, 132))
         greedy = SamplingParams()
-        results: dict[str, list[float]] = {"local": [], "1 peer": [], "3 peers": [], "echo": []}
+        local_full = [ShardRuntime(model_dir, 0, num_layers, dtype=dtype)]
+        results: dict[str, list[float]] = {"local 1": [], "local 3": [], "1 peer": [], "3 peers": [], "echo": []}
         for r in range(args.rounds + 1):  # round 0 warms up and is discarded
             sid = f"r{r}"
 
-            def local_step(ids, pos, _i, sid=sid):
-                return int(pipeline_step(local, sid, torch.tensor(ids), pos)[-1].argmax())
+            def local_step(ids, pos, _i, sid=sid, spans=local):
+                return int(pipeline_step(spans, sid, torch.tensor(ids), pos)[-1].argmax())
 
             runs = {
-                "local": lambda: _decode_latencies(local_step, prompt, args.steps),
+                "local 1": lambda: _decode_latencies(
+                    lambda ids, pos, i: local_step(ids, pos, i, spans=local_full), prompt, args.steps
+                ),
+                "local 3": lambda: _decode_latencies(local_step, prompt, args.steps),
                 "1 peer": lambda sid=sid: _decode_latencies(
                     lambda ids, pos, i: one.step(sid, ids, pos, greedy, i), prompt, args.steps
                 ),
@@ -146,17 +160,20 @@ def main() -> None:
                     results[name].extend(times)
             one.close(sid)
             three.close(sid)
-            for rt in local:
+            for rt in [*local, *local_full]:
                 rt.close_session(sid)
         med = {k: statistics.median(v) for k, v in results.items()}
         p90 = {k: sorted(v)[int(0.9 * len(v))] for k, v in results.items()}
         print(f"model {model_dir} {args.dtype}, splits {splits}, {args.rounds} rounds x {args.steps} decode steps")
         for name in results:
             print(f"{name:>8}: median {med[name]:7.3f} ms  p90 {p90[name]:7.3f} ms  (n={len(results[name])})")
-        print(f"per-hop overhead (3 peers - 1 peer) / 2 : {(med['3 peers'] - med['1 peer']) / 2:6.3f} ms")
-        print(f"one-way gRPC echo (echo / 2)            : {med['echo'] / 2:6.3f} ms")
-        print(f"1 peer vs local (2 hops + protocol)     : {med['1 peer'] - med['local']:6.3f} ms")
-        print(f"3 peers / local tokens per second        : {med['local'] / med['3 peers']:6.3f}x")
+        cost1 = med["1 peer"] - med["local 1"]  # 2 one-way hops + protocol, same compute
+        cost3 = med["3 peers"] - med["local 3"]  # 4 one-way hops + protocol, same compute
+        print(f"protocol cost, 1 peer (2 hops)   : {cost1:6.3f} ms  -> {cost1 / 2:6.3f} ms per hop")
+        print(f"protocol cost, 3 peers (4 hops)  : {cost3:6.3f} ms  -> {cost3 / 4:6.3f} ms per hop")
+        print(f"per extra peer ((3p-l3)-(1p-l1))/2: {(cost3 - cost1) / 2:6.3f} ms")
+        print(f"one-way plain gRPC echo (echo/2) : {med['echo'] / 2:6.3f} ms")
+        print(f"3 peers vs plain local [0,L), tokens/s: {med['local 1'] / med['3 peers']:6.3f}x")
         one.shutdown()
         three.shutdown()
         channel.close()

@@ -33,11 +33,23 @@ from openhydra.runtime.shard import PositionMismatchError, ShardRuntime
 log = logging.getLogger(__name__)
 
 MAX_OUTBOUND_STREAMS = 1024
+INLINE_MAX_POSITIONS = 16
+"""Steps this small (decode, short verify batches) run on the event-loop thread: handing them to a
+worker thread costs ~0.1-0.3 ms per hop (measured by bench/bench_hop.py), more than a tiny step's
+compute. Larger steps (prefill chunks) go to the worker pool so the loop keeps moving messages."""
 
 
 class PeerService(pb_grpc.PeerServicer):
-    def __init__(self, runtime: ShardRuntime, address: str, model_id: str = "", workers: int = 1) -> None:
+    def __init__(
+        self,
+        runtime: ShardRuntime,
+        address: str,
+        model_id: str = "",
+        workers: int = 1,
+        inline_max_positions: int = INLINE_MAX_POSITIONS,
+    ) -> None:
         self.runtime = runtime
+        self.inline_max_positions = inline_max_positions
         self.address = address
         self.model_id = model_id or runtime.model_dir.name
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard")
@@ -104,7 +116,10 @@ class PeerService(pb_grpc.PeerServicer):
         loop = asyncio.get_running_loop()
         self._in_flight += 1
         try:
-            out = await loop.run_in_executor(self._executor, self._compute, header, tensor)
+            if header.num_positions <= self.inline_max_positions:
+                out = self._compute(header, tensor)
+            else:
+                out = await loop.run_in_executor(self._executor, self._compute, header, tensor)
         except PositionMismatchError as exc:
             await self._fail(header, self.address, grpc.StatusCode.FAILED_PRECONDITION, str(exc), exc.expected)
             return
