@@ -24,7 +24,13 @@ import torch
 from openhydra.peer.codec import codec_from_name
 from openhydra.peer.errors import HopError, status_code
 from openhydra.peer.messages import HopSpec
-from openhydra.peer.outbound import CHANNEL_OPTIONS, ChannelPool, OutboundStream, StreamBroken
+from openhydra.peer.outbound import (
+    CHANNEL_OPTIONS,
+    STREAM_LIFETIME_S,
+    ChannelPool,
+    OutboundStream,
+    StreamBroken,
+)
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
 from openhydra.peer.wire import decode_tensor, encode_tensor
@@ -172,7 +178,13 @@ class PeerChainClient:
         return server
 
     async def _step(
-        self, session_id: str, tokens: list[int], start: int, sampling: SamplingParams, step: int, extras: dict,
+        self,
+        session_id: str,
+        tokens: list[int],
+        start: int,
+        sampling: SamplingParams,
+        step: int,
+        extras: dict,
         route: tuple[HopSpec, ...],
     ) -> StepResult:
         if not route:
@@ -255,7 +267,9 @@ class PeerChainClient:
         key = (session_id, address)
         stream = self._streams.get(key)
         if stream is None:
-            stream = OutboundStream(self._pool, address, lambda ch: pb_grpc.PeerStub(ch).Forward(), self._on_broken)
+            stream = OutboundStream(
+                self._pool, address, lambda ch: pb_grpc.PeerStub(ch).Forward(timeout=STREAM_LIFETIME_S), self._on_broken
+            )
             self._streams[key] = stream
         return stream
 

@@ -23,7 +23,13 @@ import grpc
 import torch
 
 from openhydra.peer.messages import StepHeader, parse_step
-from openhydra.peer.outbound import CHANNEL_OPTIONS, ChannelPool, OutboundStream, StreamBroken
+from openhydra.peer.outbound import (
+    CHANNEL_OPTIONS,
+    STREAM_LIFETIME_S,
+    ChannelPool,
+    OutboundStream,
+    StreamBroken,
+)
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
 from openhydra.peer.wire import FLOAT_DTYPES, TORCH_TO_WIRE, WireError, decode_tensor, encode_tensor
@@ -103,7 +109,10 @@ class PeerService(pb_grpc.PeerServicer):
     def _decode_input(self, header: StepHeader, message: pb.Tensor) -> torch.Tensor:
         n = header.num_positions
         if self.runtime.is_first:
-            return decode_tensor(message, shape=(n,), dtypes=frozenset({pb.DTYPE_INT64}))
+            ids = decode_tensor(message, shape=(n,), dtypes=frozenset({pb.DTYPE_INT64}))
+            if int(ids.min()) < 0 or int(ids.max()) >= self.runtime.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {self.runtime.vocab_size})")
+            return ids
         try:
             return decode_tensor(message, shape=(n, self.runtime.hidden_size), dtypes=FLOAT_DTYPES)
         except WireError as exc:
@@ -208,10 +217,15 @@ class PeerService(pb_grpc.PeerServicer):
         if stream is None:
             if kind == "forward":
                 stub = pb_grpc.PeerStub
-                stream = OutboundStream(self._pool, address, lambda ch: stub(ch).Forward(), self._on_forward_broken)
+                stream = OutboundStream(
+                    self._pool, address, lambda ch: stub(ch).Forward(timeout=STREAM_LIFETIME_S), self._on_forward_broken
+                )
             else:
                 stream = OutboundStream(
-                    self._pool, address, lambda ch: pb_grpc.CoordinatorStub(ch).Deliver(), _ignore_broken
+                    self._pool,
+                    address,
+                    lambda ch: pb_grpc.CoordinatorStub(ch).Deliver(timeout=STREAM_LIFETIME_S),
+                    _ignore_broken,
                 )
             self._streams[key] = stream
             while len(self._streams) > MAX_OUTBOUND_STREAMS:

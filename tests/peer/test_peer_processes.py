@@ -85,12 +85,26 @@ def test_three_processes_generate_exactly_then_survive_a_kill(tiny_model_dirs, p
             feed = [tokens[-1]]
         assert tokens == expected
 
+        # A hung last peer (SIGSTOP) sends no failure: the step times out and the probe blames it.
+        hung = PeerChainClient(route, tunables=ClientTunables(step_timeout_s=2.0, unary_timeout_s=1.0))
+        try:
+            hung.step("hung", prompt, 0, SamplingParams(), 0)
+            procs[2].send_signal(signal.SIGSTOP)
+            with pytest.raises(HopError) as info:
+                hung.step("hung", [5], len(prompt), SamplingParams(), 1)
+            assert info.value.address == route[2].address
+            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            procs[2].send_signal(signal.SIGCONT)
+            hung.shutdown()
+
         # SIGKILL the middle peer mid-generation: the next step fails fast, blaming exactly that hop.
+        client.step("proc", feed, pos, SamplingParams(), 16)  # the resumed last peer serves again
         procs[1].kill()
         procs[1].wait(timeout=10)
         started = time.monotonic()
         with pytest.raises(HopError) as info:
-            client.step("proc", feed, pos, SamplingParams(), 16)
+            client.step("proc", feed, pos + 1, SamplingParams(), 17)
         assert time.monotonic() - started < 10.0
         assert info.value.address == route[1].address
         assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)

@@ -191,6 +191,8 @@ def test_malformed_steps_rejected_with_invalid_argument(chain) -> None:
         assert _send(middle, step) == grpc.StatusCode.INVALID_ARGUMENT, what
     first_ids_as_float = _raw_step(route, 0, encode_tensor(torch.zeros(3)), 3, reply)
     assert _send(route[0].address, first_ids_as_float) == grpc.StatusCode.INVALID_ARGUMENT
+    out_of_vocab = _raw_step(route, 0, encode_tensor(torch.tensor([1, 2, 10**9])), 3, reply)
+    assert _send(route[0].address, out_of_vocab) == grpc.StatusCode.INVALID_ARGUMENT
     # Nothing reached a runtime, and the peers keep serving.
     assert client.info(middle).steps_served == served_before
     assert servers[1].runtime.session_length("raw") == 0
