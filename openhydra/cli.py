@@ -92,7 +92,7 @@ def _check(node) -> None:
     engine = state.engine
     final = asyncio.run(engine.complete(GenerationRequest(engine.chat_prompt_ids(
         [{"role": "user", "content": "Say hello."}]), max_tokens=4)))
-    engine.shutdown()
+    node.shutdown()
     print(f"check ok: model={state.model.id} span={list(state.model.span)} "
           f"backend={node.backend.describe()} tokens={final.completion_tokens} text={final.text!r}")
 
@@ -122,8 +122,7 @@ def _serve(node) -> None:
 
     @app.before_server_stop
     async def _stop(app_) -> None:
-        if node.state.engine is not None:
-            node.state.engine.shutdown()
+        node.shutdown()
 
     print(_banner(node), flush=True)
     app.run(host=cfg.api.host, port=cfg.api.port, single_process=True, motd=False, access_log=False)

@@ -1,0 +1,215 @@
+"""One node's lifecycle: load its span, serve it to peers over gRPC, announce it, coordinate requests.
+
+A node with every layer and discovery off is a plain local server (LocalPipeline). Any other node is
+part of a swarm: its peer server holds a span, an announcer keeps its record alive in discovery, and
+its coordinator runs requests through a chain of peers (SwarmPipeline), unless this node itself holds
+the whole model, in which case it serves locally and still offers its layers to others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from openhydra.api.state import NodeState, ServedModel
+from openhydra.catalog import ModelChoice, resolve_model
+from openhydra.config.schema import NodeConfig
+from openhydra.router.engine import Engine
+from openhydra.router.pipeline import LocalPipeline
+
+log = logging.getLogger(__name__)
+
+
+def eos_token_ids(tokenizer, model_dir: Path) -> set[int]:
+    ids: set[int] = set()
+    try:
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except OSError:
+        pass
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def model_num_layers(model_dir: Path) -> tuple[int, int]:
+    """(decoder layers, context length) from a checkpoint's config, without loading weights."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    text = getattr(config, "text_config", None) or config
+    return int(text.num_hidden_layers), int(getattr(text, "max_position_embeddings", 4096) or 4096)
+
+
+class BackgroundLoop:
+    """An asyncio loop on its own thread for discovery and announcements (their APIs are async)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="node-background", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
+@dataclass
+class Node:
+    cfg: NodeConfig
+    backend: object
+    discovery: object
+    identity: object
+    state: NodeState = field(default_factory=NodeState)
+    app: object = None
+    peer_server: object = None
+    announcer: object = None
+    swarm: object = None
+    background: BackgroundLoop | None = None
+    span: tuple[int, int] | None = None
+
+    @property
+    def in_swarm(self) -> bool:
+        from openhydra.discovery.service import NullDiscovery
+
+        has_discovery = self.discovery is not None and not isinstance(self.discovery, NullDiscovery)
+        return self.cfg.shard.mode != "full" or has_discovery
+
+    # -- loading -------------------------------------------------------------------------------------
+    def load_model(self) -> None:
+        """Resolve, fetch/convert and load; fills `state` (or `state.load_error`). Runs in a thread."""
+        state, cfg = self.state, self.cfg
+        started = time.perf_counter()
+        try:
+            state.loading_stage = "resolving model source"
+            choice = resolve_model(cfg.model, cfg.node.data_path, cfg.node.hub_probe_timeout_s)
+            state.requested_model = choice.requested_name
+            num_layers, context = model_num_layers(choice.path)
+            self.span = self._choose_span(choice, num_layers)
+            state.loading_stage = f"loading {choice.api_name} layers {list(self.span)} from {choice.path}"
+            log.info("loading %s layers [%d, %d) of %d from %s (%s)", choice.api_name, *self.span, num_layers,
+                     choice.source, self.backend.describe())
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(choice.path)
+            runtime = self.backend.load_span(choice.path, *self.span)
+            if self.in_swarm:
+                self._join_swarm(choice, runtime, num_layers)
+            pipeline = LocalPipeline(runtime) if runtime.is_first and runtime.is_last else self.swarm
+            engine = Engine(tokenizer, pipeline, eos_token_ids=eos_token_ids(tokenizer, choice.path),
+                            context_length=context, max_concurrent_sessions=cfg.api.max_concurrent_sessions)
+            aliases = [choice.requested_name] if choice.requested_name != choice.api_name else []
+            state.model = ServedModel(
+                id=choice.api_name, aliases=aliases, source=choice.source, family=str(runtime.model_type),
+                parameter_count=int(getattr(runtime, "parameter_count", 0) or 0),
+                dtype=str(runtime.dtype).removeprefix("torch."), context_length=context, num_layers=num_layers,
+                span=self.span, degradation_reason=choice.degradation_reason,
+            )
+            state.engine = engine
+            state.loading_stage = "ready"
+            log.info("ready: %s layers [%d, %d) in %.1f s", choice.api_name, *self.span,
+                     time.perf_counter() - started)
+        except Exception as exc:
+            state.load_error = f"{type(exc).__name__}: {exc}"
+            state.loading_stage = "failed"
+            log.exception("model load failed: %s", state.load_error)
+
+    def _choose_span(self, choice: ModelChoice, num_layers: int) -> tuple[int, int]:
+        shard = self.cfg.shard
+        if shard.mode != "auto":
+            return shard.span(num_layers)
+        from openhydra.router.spans import choose_span
+
+        self._ensure_background()
+        records = self.background.run(self.discovery.lookup(choice.api_name))
+        max_layers = shard.max_layers or num_layers
+        span = choose_span(records, num_layers, max_layers, model_id=choice.api_name)
+        log.info("shard=auto: %d peers announced; serving the least covered span %s", len(records), list(span))
+        return span
+
+    # -- swarm ---------------------------------------------------------------------------------------
+    def _ensure_background(self) -> None:
+        if self.background is None:
+            self.background = BackgroundLoop()
+            self.background.run(self.discovery.start(), timeout=60)
+
+    def _join_swarm(self, choice: ModelChoice, runtime, num_layers: int) -> None:
+        from openhydra.discovery.announcer import Announcer
+        from openhydra.discovery.records import PeerAnnouncement
+        from openhydra.peer.client import PeerChainClient
+        from openhydra.peer.server import PeerServer
+        from openhydra.router.swarm import SwarmPipeline
+
+        cfg = self.cfg
+        self._ensure_background()
+        self.peer_server = PeerServer(runtime, cfg.peer.host, cfg.peer.port, model_id=choice.api_name)
+        grpc_address = self.peer_server.start()
+        peer_id = cfg.node.peer_id or self.identity.peer_id
+        dtype = str(runtime.dtype).removeprefix("torch.")
+
+        def make_record(now: float, ttl_s: float) -> PeerAnnouncement:
+            engine = self.state.engine
+            return PeerAnnouncement(
+                peer_id=peer_id, model_id=choice.api_name, start=runtime.start, end=runtime.end,
+                total_layers=num_layers, grpc_address=grpc_address,
+                api_address=f"{cfg.api.host}:{cfg.api.port}", dtype=dtype, backend="pytorch",
+                active_sessions=len(engine.active_sessions) if engine else 0, announced_at=now, ttl_s=ttl_s,
+            )
+
+        self.announcer = Announcer(self.discovery, make_record)
+        try:
+            self.background.run(self.announcer.announce_once(), timeout=30)
+        except Exception as exc:  # the DHT may come up after us: the announcer keeps retrying
+            log.warning("first announcement failed (%s); retrying in the background", exc)
+        self.background.loop.call_soon_threadsafe(self.announcer.start)
+        log.info("peer %s serving layers [%d, %d) at %s, announced to %s", peer_id, runtime.start, runtime.end,
+                 grpc_address, type(self.discovery).__name__)
+
+        def lookup() -> list[PeerAnnouncement]:
+            return self.background.run(self.discovery.lookup(choice.api_name), timeout=15)
+
+        self.swarm = SwarmPipeline(choice.api_name, num_layers, lookup,
+                                   PeerChainClient([], reply_host=cfg.peer.host))
+        self.state.extra["swarm"] = self
+
+    def network_status(self) -> dict:
+        status: dict = {"peer": None, "pipeline": None}
+        if self.peer_server is not None:
+            status["peer"] = {"grpc_address": self.peer_server.address, "span": list(self.span or ())}
+        if self.swarm is not None:
+            status["pipeline"] = self.swarm.status()
+            status["peers"] = [
+                {"peer_id": r.peer_id, "span": [r.start, r.end], "grpc_address": r.grpc_address,
+                 "api_address": r.api_address, "dtype": r.dtype, "load": r.load,
+                 "throughput_tps": r.throughput_tps, "age_s": round(time.time() - r.announced_at, 1),
+                 "banned": self.swarm.bans.is_banned(r.peer_id)}
+                for r in self.swarm.peers()
+            ]
+        return status
+
+    # -- shutdown ------------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        if self.state.engine is not None:
+            self.state.engine.shutdown()
+        if self.background is not None:
+            if self.announcer is not None:
+                try:
+                    self.background.run(self.announcer.stop(withdraw=True), timeout=10)
+                except Exception as exc:
+                    log.warning("could not withdraw the announcement: %s", exc)
+            try:
+                self.background.run(self.discovery.stop(), timeout=10)
+            except Exception as exc:
+                log.debug("discovery stop: %s", exc)
+            self.background.stop()
+        if self.peer_server is not None:
+            self.peer_server.stop()

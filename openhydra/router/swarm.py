@@ -1,0 +1,223 @@
+"""The coordinator's pipeline through the swarm: route choice, failover mid-generation, replay.
+
+Each generation session gets a chain of peers whose spans tile [0, L) (checked before every step
+and after every failover). When a hop fails, the peer is banned with backoff, a replacement for
+exactly its span is found (a peer or a sub-chain; else a whole new chain), and the session's history
+is replayed on the new chain step by step, with the same chunking and sampling steps as the first
+time, so the rebuilt caches are bit-identical and greedy output is unchanged by the fault. Every
+call has a deadline and every retry loop is bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from openhydra.discovery.records import PeerAnnouncement
+from openhydra.peer.errors import HopError
+from openhydra.peer.messages import HopSpec
+from openhydra.router.bans import BanList
+from openhydra.router.coverage import Chain, LayerCoverageMap, chain_problems
+from openhydra.runtime.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class PipelineUnavailable(RuntimeError):
+    """No chain covers the model right now; the API answers 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class FailoverTunables:
+    max_failovers_per_step: int = 4  # attempts to repair a chain within one step before giving up
+    route_wait_s: float = 6.0  # how long to wait for a replacement to (re)appear in discovery, s
+    lookup_ttl_s: float = 2.0  # reuse a discovery lookup this long between route choices, s
+    retry_after_s: int = 5  # suggested to clients when no chain exists
+
+
+@dataclass
+class _Feed:
+    tokens: list[int]
+    start: int
+    step: int
+    sampling: SamplingParams
+    token_out: int
+
+
+@dataclass
+class _Session:
+    peer_session: str = field(default_factory=lambda: uuid.uuid4().hex)
+    chain: Chain | None = None
+    feeds: list[_Feed] = field(default_factory=list)
+    position: int = 0
+    needs_replay: bool = False
+
+
+def _route_of(chain: Chain) -> list[HopSpec]:
+    return [HopSpec(address=h.peer.grpc_address, start=h.start, end=h.end) for h in chain.hops]
+
+
+class SwarmPipeline:
+    def __init__(
+        self,
+        model_id: str,
+        total_layers: int,
+        lookup: Callable[[], list[PeerAnnouncement]],
+        client,
+        *,
+        bans: BanList | None = None,
+        score: Callable[[str], float] | None = None,
+        tunables: FailoverTunables | None = None,
+        on_failover: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.total_layers = total_layers
+        self._lookup = lookup
+        self.client = client
+        self.bans = bans or BanList()
+        self.score = score
+        self.tunables = tunables or FailoverTunables()
+        self.on_failover = on_failover
+        self._sessions: dict[str, _Session] = {}
+        self._lock = threading.Lock()
+        self._cached: tuple[float, list[PeerAnnouncement]] = (0.0, [])
+        self.failovers = 0
+        self.replay_mismatches = 0
+
+    # -- routes ------------------------------------------------------------------------------------
+    def peers(self, refresh: bool = False) -> list[PeerAnnouncement]:
+        fetched_at, records = self._cached
+        if refresh or time.monotonic() - fetched_at > self.tunables.lookup_ttl_s:
+            records = [r for r in self._lookup() if r.model_id == self.model_id]
+            self._cached = (time.monotonic(), records)
+        return records
+
+    def coverage_map(self, refresh: bool = False) -> LayerCoverageMap:
+        return LayerCoverageMap(self.peers(refresh), self.total_layers, model_id=self.model_id, score=self.score,
+                                banned=self.bans.banned())
+
+    def _new_chain(self, refresh: bool) -> Chain | None:
+        return self.coverage_map(refresh).chain(exclude=self.bans.banned())
+
+    def _repair(self, chain: Chain, failed_address: str) -> Chain | None:
+        """Replace the failed hop with a peer or sub-chain running exactly its span; else re-route."""
+        cmap = self.coverage_map(refresh=True)
+        banned = self.bans.banned()
+        for index, hop in enumerate(chain.hops):
+            if hop.peer.grpc_address != failed_address:
+                continue
+            patch = cmap.replacement_for((hop.start, hop.end), exclude=banned)
+            if patch is not None:
+                candidate = Chain(chain.hops[:index] + patch.hops + chain.hops[index + 1 :])
+                if not chain_problems(candidate, self.total_layers, self.model_id):
+                    return candidate
+        return cmap.chain(exclude=banned)
+
+    def _wait_for_chain(self, current: Chain | None, failed_address: str | None) -> Chain:
+        deadline = time.monotonic() + self.tunables.route_wait_s
+        while True:
+            chain = (self._repair(current, failed_address) if current is not None and failed_address
+                     else self._new_chain(refresh=True))
+            if chain is not None:
+                problems = chain_problems(chain, self.total_layers, self.model_id)
+                if not problems:
+                    return chain
+                log.error("rejecting an invalid chain: %s", problems)
+            if time.monotonic() >= deadline:
+                report = self.coverage_map().coverage(exclude=self.bans.banned())
+                raise PipelineUnavailable(
+                    f"no chain of peers covers all {self.total_layers} layers of {self.model_id} "
+                    f"(holes: {report.to_dict().get('holes')})",
+                    self.tunables.retry_after_s,
+                )
+            time.sleep(0.25)
+
+    # -- Pipeline protocol ---------------------------------------------------------------------------
+    def step(self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams,
+             step: int) -> int:
+        with self._lock:
+            session = self._sessions.setdefault(session_id, _Session())
+        if start_pos != session.position:
+            raise ValueError(f"session {session_id} is at position {session.position}, step starts at {start_pos}")
+        failed_address: str | None = None
+        for _attempt in range(self.tunables.max_failovers_per_step + 1):
+            try:
+                if session.chain is None or failed_address is not None:
+                    session.chain = self._wait_for_chain(session.chain, failed_address)
+                    failed_address = None
+                route = _route_of(session.chain)
+                if session.needs_replay:
+                    self._replay(session, route)
+                result = self.client.step_result(session.peer_session, token_ids, start_pos, sampling, step,
+                                                 route=route)
+            except HopError as error:
+                failed_address = self._on_hop_error(session, error)
+                continue
+            session.feeds.append(_Feed(list(token_ids), start_pos, step, sampling, result.token))
+            session.position += len(token_ids)
+            for hop in session.chain.hops:
+                self.bans.success(hop.peer_id)
+            return result.token
+        raise PipelineUnavailable(f"gave up after {self.tunables.max_failovers_per_step} failovers in one step",
+                                  self.tunables.retry_after_s)
+
+    def _on_hop_error(self, session: _Session, error: HopError) -> str:
+        chain = session.chain
+        failed = error.address or (chain.hops[-1].peer.grpc_address if chain else "")
+        peer_id = next((h.peer_id for h in chain.hops if h.peer.grpc_address == failed), None) if chain else None
+        if peer_id:
+            backoff = self.bans.ban(peer_id)
+            log.warning("hop %s (%s) failed: %s; banned for %.1f s, failing over", failed, peer_id, error, backoff)
+        self.failovers += 1
+        if self.on_failover:
+            self.on_failover(self.model_id, failed)
+        old_session, old_route = session.peer_session, _route_of(chain) if chain else None
+        if old_route:  # free the half-built session on the hops that survive (best effort)
+            threading.Thread(target=self._close_quietly, args=(old_session, old_route), daemon=True).start()
+        session.peer_session = uuid.uuid4().hex
+        session.needs_replay = bool(session.feeds)
+        return failed
+
+    def _replay(self, session: _Session, route: Sequence[HopSpec]) -> None:
+        """Rebuild every hop's cache on the new chain exactly as it was built the first time."""
+        for feed in session.feeds:
+            result = self.client.step_result(session.peer_session, feed.tokens, feed.start, feed.sampling,
+                                             feed.step, route=route)
+            if result.token != feed.token_out:
+                self.replay_mismatches += 1
+                log.warning("replay of step %d sampled %d, first run sampled %d", feed.step, result.token,
+                            feed.token_out)
+        session.needs_replay = False
+
+    def _close_quietly(self, peer_session: str, route: Sequence[HopSpec]) -> None:
+        try:
+            self.client.close(peer_session, route=route)
+        except Exception as exc:  # dead hops cannot close anything
+            log.debug("closing %s on the old route: %s", peer_session, exc)
+
+    def close(self, session_id: str) -> None:
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+        if session is not None and session.chain is not None:
+            self._close_quietly(session.peer_session, _route_of(session.chain))
+
+    def status(self) -> dict:
+        cmap = self.coverage_map()
+        return {
+            "model_id": self.model_id,
+            "total_layers": self.total_layers,
+            "coverage": cmap.coverage(exclude=self.bans.banned()).to_dict(),
+            "banned": sorted(self.bans.banned()),
+            "failovers": self.failovers,
+            "replay_mismatches": self.replay_mismatches,
+            "active_sessions": len(self._sessions),
+            "sessions": {sid: s.chain.peer_ids for sid, s in list(self._sessions.items()) if s.chain is not None},
+        }
