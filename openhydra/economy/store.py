@@ -147,5 +147,9 @@ class Store:
             rows = conn.exec_driver_sql("PRAGMA integrity_check").fetchall()
         return "\n".join(str(r[0]) for r in rows)
 
+    def after_fork(self) -> None:
+        """Call in a forked child: new connections of its own, the parent's left untouched."""
+        self.engine.dispose(close=False)
+
     def dispose(self) -> None:
         self.engine.dispose()
