@@ -93,9 +93,7 @@ def build_shard(
     shard_config = make_shard_config(text_config, start, end)
 
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(
-            shard_config, attn_implementation=ATTN_IMPLEMENTATION, dtype=dtype
-        )
+        skeleton = AutoModelForCausalLM.from_config(shard_config, attn_implementation=ATTN_IMPLEMENTATION, dtype=dtype)
     decoder = skeleton.get_decoder()
     modules = ShardModules(
         layers=decoder.layers,
@@ -107,14 +105,14 @@ def build_shard(
     )
     rotary_cls = type(decoder.rotary_emb)
     keep_fp32 = _keep_in_fp32_patterns(skeleton, dtype)
-    tied = bool(getattr(text_config, "tie_word_embeddings", False))
     del skeleton, decoder
 
     index = CheckpointIndex.open(model_dir)
+    # Tied when the config says so, or when the checkpoint simply has no separate head (multimodal
+    # releases may state tying only in their top-level config, which the text config does not carry).
+    tied = bool(getattr(text_config, "tie_word_embeddings", False)) or index.source_name("lm_head.weight") is None
     names = _checkpoint_names(index, modules, start, tied)
-    dtype_for = {
-        target: torch.float32 if any(p.search(target) for p in keep_fp32) else dtype for target in names
-    }
+    dtype_for = {target: torch.float32 if any(p.search(target) for p in keep_fp32) else dtype for target in names}
     if is_first and is_last and tied:
         del names["lm_head.weight"]  # same tensor as the embeddings: read it once
     tensors = index.read(names, dtype_for)
@@ -137,14 +135,10 @@ def build_shard(
     return ShardBuild(modules=modules, shard_config=shard_config, loaded_bytes=loaded)
 
 
-def _checkpoint_names(
-    index: CheckpointIndex, modules: ShardModules, start: int, tied: bool
-) -> dict[str, str]:
+def _checkpoint_names(index: CheckpointIndex, modules: ShardModules, start: int, tied: bool) -> dict[str, str]:
     """Target name in :class:`ShardModules` -> checkpoint tensor name, for every parameter/buffer it loads."""
     wanted = [name for name, _ in modules.named_parameters(remove_duplicate=False)]
-    wanted += [
-        name for name, _ in modules.named_buffers(remove_duplicate=False) if _is_persistent(modules, name)
-    ]
+    wanted += [name for name, _ in modules.named_buffers(remove_duplicate=False) if _is_persistent(modules, name)]
     out: dict[str, str] = {}
     for target in wanted:
         if target.startswith("rotary_emb."):
@@ -158,9 +152,7 @@ def _checkpoint_names(
             canonical = target
         source = index.source_name(canonical)
         if source is None:
-            raise CheckpointError(
-                f"checkpoint at {index.root} has no tensor for {canonical!r} (needed as {target!r})"
-            )
+            raise CheckpointError(f"checkpoint at {index.root} has no tensor for {canonical!r} (needed as {target!r})")
         out[target] = source
     return out
 

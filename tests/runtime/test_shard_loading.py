@@ -16,7 +16,7 @@ from openhydra.runtime.shard import ShardRuntime
 from openhydra.runtime.weights import CheckpointError, CheckpointIndex
 
 
-def _as_qwen35_release(src: Path, dst: Path) -> Path:
+def _as_qwen35_release(src: Path, dst: Path, drop_head: bool = False) -> Path:
     """Rewrite a tiny qwen3_5_text checkpoint the way real Qwen3.5 releases are laid out.
 
     Composite ``qwen3_5`` config with a ``text_config``, text weights under ``model.language_model.``,
@@ -41,10 +41,9 @@ def _as_qwen35_release(src: Path, dst: Path) -> Path:
     renamed = {
         (name if name == "lm_head.weight" else name.replace("model.", "model.language_model.", 1)): t
         for name, t in tensors.items()
+        if not (drop_head and name == "lm_head.weight")
     }
-    first = {
-        k: v for k, v in renamed.items() if ".layers." in k and int(k.split(".layers.")[1].split(".")[0]) < 4
-    }
+    first = {k: v for k, v in renamed.items() if ".layers." in k and int(k.split(".layers.")[1].split(".")[0]) < 4}
     second = {k: v for k, v in renamed.items() if k not in first}
     save_file(first, dst / "model-00001-of-00002.safetensors")
     save_file(second, dst / "model-00002-of-00002.safetensors")
@@ -76,6 +75,15 @@ def test_qwen35_release_layout_matches_flat_checkpoint(tiny_model_dirs, tmp_path
     assert greedy_generate(spans, prompt, 12) == expected
 
 
+def test_release_without_head_ties_it_to_the_embeddings(tiny_model_dirs, tmp_path: Path) -> None:
+    release = _as_qwen35_release(tiny_model_dirs["qwen3_5"], tmp_path / "headless", drop_head=True)
+    last = ShardRuntime(release, 5, 8)
+    with safe_open(tiny_model_dirs["qwen3_5"] / "model.safetensors", framework="pt") as f:
+        embed = f.get_tensor("model.embed_tokens.weight")
+    assert torch.equal(last.modules.lm_head.weight, embed)
+    assert last.forward("s", torch.arange(2), hidden_states=torch.randn(2, 64)).shape == (1, embed.shape[0])
+
+
 def test_missing_tensor_is_a_clear_error(tiny_model_dirs, tmp_path: Path) -> None:
     src = tiny_model_dirs["qwen3"]
     dst = tmp_path / "broken"
@@ -98,9 +106,7 @@ def test_a_third_of_smollm2_holds_a_third_of_the_layer_bytes(smollm2_dir: Path) 
 
     spans = [ShardRuntime(smollm2_dir, a, b) for a, b in [(0, 10), (10, 20), (20, 30)]]
     middle = spans[1]
-    expected_middle = index.tensor_bytes(
-        n for layer in range(10, 20) for n in index.layer_tensor_names(layer).values()
-    )
+    expected_middle = index.tensor_bytes(n for layer in range(10, 20) for n in index.layer_tensor_names(layer).values())
     assert middle.loaded_bytes == expected_middle
     assert abs(middle.loaded_bytes / layer_bytes - 1 / 3) < 0.01
     assert middle.loaded_bytes < 0.3 * full_bytes
