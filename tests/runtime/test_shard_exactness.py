@@ -35,9 +35,7 @@ def _hf_generate(model, prompt: torch.Tensor, n: int = NEW_TOKENS) -> list[int]:
     return out[0, prompt.numel() :].tolist()
 
 
-def _hf_chunked_greedy(
-    model, prompt: torch.Tensor, chunk: int, n: int = NEW_TOKENS
-) -> tuple[list[int], torch.Tensor]:
+def _hf_chunked_greedy(model, prompt: torch.Tensor, chunk: int, n: int = NEW_TOKENS) -> tuple[list[int], torch.Tensor]:
     """Greedy decoding in the full model with the prompt fed in chunks; also the last prefill logits."""
     cache = DynamicCache(config=model.config)
     pos = 0
@@ -45,9 +43,7 @@ def _hf_chunked_greedy(
         for begin in range(0, prompt.numel(), chunk):
             piece = prompt[begin : begin + chunk]
             positions = torch.arange(pos, pos + piece.numel())[None]
-            logits = model(
-                piece[None], position_ids=positions, past_key_values=cache, logits_to_keep=1
-            ).logits
+            logits = model(piece[None], position_ids=positions, past_key_values=cache, logits_to_keep=1).logits
             pos += piece.numel()
         prefill_logits = logits[0].float()
         tokens: list[int] = []
