@@ -37,9 +37,7 @@ def pipeline_step(
     positions = torch.arange(start_position, start_position + input_ids.numel())
     out = runtimes[0].forward(session_id, positions, input_ids=input_ids, all_logits=all_logits)
     for rt in runtimes[1:]:
-        out = rt.forward(
-            session_id, positions, hidden_states=out, all_logits=all_logits
-        )  # [S, D] between spans
+        out = rt.forward(session_id, positions, hidden_states=out, all_logits=all_logits)  # [S, D] between spans
     return out
 
 

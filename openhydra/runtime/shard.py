@@ -101,9 +101,7 @@ class ShardRuntime:
         session = self._sessions.get(session_id)
         current = 0 if session is None else session.length
         if not 0 <= length <= current:
-            raise ValueError(
-                f"session {session_id!r}: cannot truncate to {length}, it holds {current} positions"
-            )
+            raise ValueError(f"session {session_id!r}: cannot truncate to {length}, it holds {current} positions")
         if session is None or length == current:
             return
         if self.is_recurrent:
@@ -125,9 +123,7 @@ class ShardRuntime:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [S] -> embeddings [S, D] (first shard only)."""
         if self.modules.embed_tokens is None:
-            raise RuntimeError(
-                f"layers [{self.start},{self.end}) are not the first shard: no embeddings here"
-            )
+            raise RuntimeError(f"layers [{self.start},{self.end}) are not the first shard: no embeddings here")
         with torch.inference_mode():
             return self.modules.embed_tokens(input_ids.to(self.device))
 
@@ -174,9 +170,7 @@ class ShardRuntime:
                 )
                 for layer_type, fn in self._mask_fns.items()
             }
-            position_embeddings = self.modules.rotary_emb(
-                h, position_ids
-            )  # (cos, sin), each [1, S, head_dim]
+            position_embeddings = self.modules.rotary_emb(h, position_ids)  # (cos, sin), each [1, S, head_dim]
             for layer, layer_type in zip(self.modules.layers, self.layer_types, strict=True):
                 h = layer(
                     h,
@@ -200,11 +194,7 @@ class ShardRuntime:
             return self.modules.lm_head(h)[0].float()  # [1, V] or [S, V]
 
     def _check_positions(self, positions: torch.Tensor) -> int:
-        if (
-            positions.dim() != 1
-            or positions.numel() == 0
-            or positions.dtype not in (torch.int64, torch.int32)
-        ):
+        if positions.dim() != 1 or positions.numel() == 0 or positions.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"positions must be a non-empty 1-D integer tensor, got shape {tuple(positions.shape)} "
                 f"dtype {positions.dtype}"
@@ -230,18 +220,14 @@ class ShardRuntime:
                     torch.int32,
                 )
             ):
-                raise ValueError(
-                    f"input_ids must be an integer tensor [{seq_len}], got {tuple(input_ids.shape)}"
-                )
+                raise ValueError(f"input_ids must be an integer tensor [{seq_len}], got {tuple(input_ids.shape)}")
             if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, {self.vocab_size})")
             return self.embed(input_ids).unsqueeze(0)  # [1, S, D]
         if hidden_states is None or input_ids is not None:
             raise ValueError(f"layers [{self.start},{self.end}) take hidden_states [S, D] and no input_ids")
         if tuple(hidden_states.shape) != (seq_len, self.hidden_size):
-            raise ValueError(
-                f"hidden_states must be [{seq_len}, {self.hidden_size}], got {tuple(hidden_states.shape)}"
-            )
+            raise ValueError(f"hidden_states must be [{seq_len}, {self.hidden_size}], got {tuple(hidden_states.shape)}")
         return hidden_states.to(device=self.device, dtype=self.dtype).unsqueeze(0)  # [1, S, D]
 
 
