@@ -23,6 +23,7 @@ class EconomyConfig(BaseModel):
     target: str = Field(default=DEFAULT_TARGET, alias="_target_")
     enabled: bool = Field(default=True, description="false: record nothing (economy=off)")
     hydra: bool = Field(default=False, description="HYDRA token: mint on serve, burn, stake, slash, channels")
+    backend: Literal["sqlite", "postgres"] = Field(default="sqlite", description="which database holds the ledger")
     db_url: str | None = Field(
         default=None, description="sqlite:///path or postgresql://...; null = SQLite at data_dir/ledger.db"
     )
@@ -40,9 +41,10 @@ class EconomyConfig(BaseModel):
     retry_budget_s: float = Field(default=60.0, gt=0.0)
 
     @model_validator(mode="after")
-    def _known_scheme(self) -> EconomyConfig:
-        if self.db_url is not None and not self.db_url.startswith(("sqlite:///", "postgresql://")):
-            raise ValueError(f"db_url must start with sqlite:/// or postgresql://, got {self.db_url!r}")
+    def _url_matches_backend(self) -> EconomyConfig:
+        scheme = {"sqlite": "sqlite:///", "postgres": "postgresql://"}[self.backend]
+        if self.db_url is not None and not self.db_url.startswith(scheme):
+            raise ValueError(f"db_url for backend {self.backend} must start with {scheme}, got {self.db_url!r}")
         return self
 
     @property
@@ -52,7 +54,16 @@ class EconomyConfig(BaseModel):
         return "hydra" if self.hydra else "barter"
 
     def resolved_db_url(self) -> str:
-        return self.db_url or sqlite_url(Path(self.data_dir).expanduser() / "ledger.db")
+        """The URL to open. A missing Postgres URL is an error here (not in the schema), so the
+        option still composes and validates on machines without a server."""
+        if self.db_url:
+            return self.db_url
+        if self.backend == "postgres":
+            raise ValueError(
+                "economy=postgres needs a server: set economy.db_url=postgresql://user@host:port/db "
+                "or the OPENHYDRA_PG_URL environment variable"
+            )
+        return sqlite_url(Path(self.data_dir).expanduser() / "ledger.db")
 
     def policy(self) -> LedgerPolicy:
         return LedgerPolicy(
