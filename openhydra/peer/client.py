@@ -144,6 +144,14 @@ class PeerChainClient:
     def info(self, address: str) -> pb.InfoReply:
         return self._call(self._info(address))
 
+    def truncate(self, session_id: str, length: int, route: Sequence[HopSpec] | None = None) -> None:
+        """Crop the session to ``length`` positions on every hop (speculative rollback).
+
+        Raises :class:`HopError` naming the first hop that refuses (UNIMPLEMENTED for spans with
+        recurrent layers, FAILED_PRECONDITION for a length beyond what the hop holds).
+        """
+        self._call(self._truncate(session_id, length, self._route if route is None else tuple(route)))
+
     def shutdown(self) -> None:
         async def stop() -> None:
             for stream in list(self._streams.values()):
@@ -285,6 +293,15 @@ class PeerChainClient:
     async def _info(self, address: str) -> pb.InfoReply:
         stub = pb_grpc.PeerStub(self._pool.get(address))
         return await stub.Info(pb.InfoRequest(), timeout=self.tunables.unary_timeout_s)
+
+    async def _truncate(self, session_id: str, length: int, route: tuple[HopSpec, ...]) -> None:
+        request = pb.TruncateRequest(session_id=session_id, length=length)
+        for hop in route:
+            stub = pb_grpc.PeerStub(self._pool.get(hop.address))
+            try:
+                await stub.Truncate(request, timeout=self.tunables.unary_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                raise HopError(hop.address, exc.code(), exc.details() or "") from None
 
     async def _close(self, session_id: str, route: tuple[HopSpec, ...]) -> None:
         for key in [k for k in self._streams if k[0] == session_id]:

@@ -87,6 +87,15 @@ class PeerService(pb_grpc.PeerServicer):
             await self._streams.pop(key).close()
         return pb.CloseReply(existed=existed)
 
+    async def Truncate(self, request: pb.TruncateRequest, context: grpc.aio.ServicerContext) -> pb.TruncateReply:
+        try:
+            self.runtime.truncate_session(request.session_id, int(request.length))
+        except NotImplementedError as exc:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{self.address}: {exc}")
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.address}: {exc}")
+        return pb.TruncateReply(length=self.runtime.session_length(request.session_id))
+
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
         rt = self.runtime
         return pb.InfoReply(

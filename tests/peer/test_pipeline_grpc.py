@@ -241,3 +241,33 @@ def test_dead_next_hop_is_named(tiny_model_dirs) -> None:
         client.shutdown()
         for server in servers:
             server.stop()
+
+
+def test_truncate_rolls_back_every_hop(tiny_model_dirs, chain) -> None:
+    servers, route = _start_peers(tiny_model_dirs["qwen3"], [(0, 3), (3, 8)])
+    client = PeerChainClient(route)
+    try:
+        prompt = _prompt(10, 12)
+        expected = _generate(client, "clean", prompt, 6)
+        first = client.step("spec", prompt, 0, GREEDY, 0)
+        client.step("spec", [first, 11, 12], len(prompt), GREEDY, 1)  # a draft verified, then rejected
+        client.truncate("spec", len(prompt))  # roll back to the prompt
+        assert all(s.runtime.session_length("spec") == len(prompt) for s in servers)
+        tokens, pos = [first], len(prompt)
+        for step in range(1, 6):
+            tokens.append(client.step("spec", [tokens[-1]], pos, GREEDY, step))
+            pos += 1
+        assert tokens == expected
+        with pytest.raises(HopError) as info:
+            client.truncate("spec", 999)
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION and info.value.address == route[0].address
+    finally:
+        client.shutdown()
+        for server in servers:
+            server.stop()
+    # Hybrid spans refuse: their Gated-DeltaNet state cannot be cropped.
+    _, hybrid_route, hybrid = chain
+    hybrid.step("spec-hybrid", _prompt(6, 13), 0, GREEDY, 0)
+    with pytest.raises(HopError) as info:
+        hybrid.truncate("spec-hybrid", 3)
+    assert info.value.code == grpc.StatusCode.UNIMPLEMENTED and info.value.address == hybrid_route[0].address

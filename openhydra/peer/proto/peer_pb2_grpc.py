@@ -44,6 +44,11 @@ class PeerStub:
                 request_serializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.CloseRequest.SerializeToString,
                 response_deserializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.CloseReply.FromString,
                 _registered_method=True)
+        self.Truncate = channel.unary_unary(
+                '/openhydra.peer.v1.Peer/Truncate',
+                request_serializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.TruncateRequest.SerializeToString,
+                response_deserializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.TruncateReply.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/openhydra.peer.v1.Peer/Info',
                 request_serializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.InfoRequest.SerializeToString,
@@ -67,6 +72,12 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Truncate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -85,6 +96,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.CloseRequest.FromString,
                     response_serializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.CloseReply.SerializeToString,
+            ),
+            'Truncate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Truncate,
+                    request_deserializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.TruncateRequest.FromString,
+                    response_serializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.TruncateReply.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -146,6 +162,33 @@ class Peer:
             '/openhydra.peer.v1.Peer/CloseSession',
             openhydra_dot_peer_dot_proto_dot_peer__pb2.CloseRequest.SerializeToString,
             openhydra_dot_peer_dot_proto_dot_peer__pb2.CloseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Truncate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openhydra.peer.v1.Peer/Truncate',
+            openhydra_dot_peer_dot_proto_dot_peer__pb2.TruncateRequest.SerializeToString,
+            openhydra_dot_peer_dot_proto_dot_peer__pb2.TruncateReply.FromString,
             options,
             channel_credentials,
             insecure,
