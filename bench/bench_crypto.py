@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from omegaconf import OmegaConf
 
 from openhydra.crypto.dp import DPParams, apply_dp
@@ -35,18 +36,20 @@ from openhydra.crypto.seal import channel
 REPO = Path(__file__).resolve().parent.parent
 
 
-def per_call_us(fn: Callable[[], object], number: int, repeats: int) -> float:
-    """Median over ``repeats`` of the mean time of ``number`` calls, in µs."""
+def per_call_us(fn: Callable[[], object], number: int, repeats: int) -> tuple[float, float]:
+    """(median, min) over ``repeats`` of the mean time of ``number`` calls, in µs. On the shared,
+    noisy cores the min is the better estimate of the intrinsic cost; the median is what a busy
+    node sees."""
     samples = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(number):
             fn()
         samples.append((time.perf_counter() - t0) / number * 1e6)
-    return statistics.median(samples)
+    return statistics.median(samples), min(samples)
 
 
-def bench_seal(size: int, number: int, repeats: int) -> float:
+def bench_seal(size: int, number: int, repeats: int) -> tuple[float, float]:
     sealer, opener = channel(os.urandom(32), "bench-session", 1)
     payload = os.urandom(size)
 
@@ -56,7 +59,7 @@ def bench_seal(size: int, number: int, repeats: int) -> float:
     return per_call_us(roundtrip, number, repeats)
 
 
-def bench_onion(repeats: int) -> tuple[float, float]:
+def bench_onion(repeats: int) -> tuple[tuple[float, float], tuple[float, float]]:
     nodes = []
     for i in range(3):
         ident, static = Identity.generate(), StaticKeyPair.generate()
@@ -87,9 +90,13 @@ def main() -> None:
     onion_conf = OmegaConf.load(REPO / "conf" / "privacy" / "onion.yaml")
     bits = int(onion_conf.pow_difficulty_bits)
 
-    results: dict[str, float] = {}
+    results: dict[str, tuple[float, float]] = {}
     results["seal+open 1.8 KB"] = bench_seal(1792, 5000, args.repeats)
     results["seal+open 64 KB"] = bench_seal(64 * 1024, 500, args.repeats)
+    aead, nonce, blob = AESGCM(os.urandom(32)), os.urandom(12), os.urandom(1792)
+    results["raw AES-GCM enc+dec 1.8 KB"] = per_call_us(
+        lambda: aead.decrypt(nonce, aead.encrypt(nonce, blob, b"ad"), b"ad"), 5000, args.repeats
+    )
     results["onion wrap, 3 hops"], results["onion peel, 1 hop"] = bench_onion(args.repeats)
     ident = Identity.generate()
     sig = ident.sign(b"x" * 200)
@@ -101,10 +108,10 @@ def main() -> None:
     params, key = DPParams(0.001, 300.0), os.urandom(32)
     results["dp noise+record [1,1,576]"] = per_call_us(lambda: apply_dp(h, params, key, "s", 1, 3), 1000, args.repeats)
 
-    print("| operation | median µs |")
-    print("| --- | --- |")
-    for name, us in results.items():
-        print(f"| {name} | {us:,.1f} |")
+    print("| operation | median µs | min µs |")
+    print("| --- | --- | --- |")
+    for name, (med, best) in results.items():
+        print(f"| {name} | {med:,.1f} | {best:,.1f} |")
 
     # PoW: honest peer at the configured difficulty, a few distinct identities
     times, hashes = [], []
@@ -132,11 +139,13 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4))
     names = list(results)
-    ax.barh(names, [results[n] for n in names], color="tab:blue")
+    ax.barh(names, [results[n][0] for n in names], color="tab:blue", label="median")
+    ax.barh(names, [results[n][1] for n in names], color="tab:orange", height=0.4, label="min")
+    ax.legend(loc="lower right", fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("µs per operation (median, one core)")
+    ax.set_xlabel("µs per operation (one core)")
     for i, n in enumerate(names):
-        ax.text(results[n], i, f" {results[n]:,.1f}", va="center", fontsize=8)
+        ax.text(results[n][0], i, f" {results[n][0]:,.1f}", va="center", fontsize=8)
     ax.set_title(f"OpenHydra crypto costs; PoW {bits} bits: {expected_s:.2f} s per identity")
     ax.invert_yaxis()
     fig.tight_layout()

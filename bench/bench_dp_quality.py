@@ -170,15 +170,15 @@ def main() -> None:
     print(f"\nnoiseless perplexity {base_ppl:.2f}\n")
     print(
         "| boundary | clip | sigma | noise std | eps (1 vector, d=1e-5) | teacher-forced top-1 agree | "
-        "greedy agree | perplexity |"
+        "greedy agree | perplexity | prompt tokens a first peer recovers |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for boundary, clip, sigma, eps, tf, gen, ppl in rows:
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for boundary, clip, sigma, eps, tf, gen, ppl, inv in rows:
         mark = " (configured)" if math.isclose(sigma, cfg.dp_sigma) else (" (clip only)" if sigma == 0 else "")
         eps_s = "inf" if math.isinf(eps) else f"{eps:,.0f}"
         print(
             f"| {boundary} | {clip:g} | {sigma:g}{mark} | {sigma * clip:.3g} | {eps_s} | {tf:.1%} | {gen:.1%} | "
-            f"{ppl:.2f} |"
+            f"{ppl:.2f} | {'-' if inv is None else f'{inv:.1%}'} |"
         )
     print(f"\n({elapsed:.0f} s)")
 
