@@ -77,6 +77,7 @@ class SwarmPipeline:
         score: Callable[[str], float] | None = None,
         tunables: FailoverTunables | None = None,
         on_failover: Callable[[str, str], None] | None = None,
+        verifier=None,  # verification hook: openhydra.verification.Verifier (audits off the critical path)
     ) -> None:
         self.model_id = model_id
         self.total_layers = total_layers
@@ -91,6 +92,9 @@ class SwarmPipeline:
         self._cached: tuple[float, list[PeerAnnouncement]] = (0.0, [])
         self.failovers = 0
         self.replay_mismatches = 0
+        self.verifier = verifier  # verification hook
+        if verifier is not None:
+            verifier.bind(self)
 
     # -- routes ------------------------------------------------------------------------------------
     def peers(self, refresh: bool = False) -> list[PeerAnnouncement]:
@@ -156,8 +160,10 @@ class SwarmPipeline:
                 route = _route_of(session.chain)
                 if session.needs_replay:
                     self._replay(session, route)
+                extras = self.verifier.step_extras() if self.verifier is not None else {}  # verification hook
+                began = time.perf_counter()
                 result = self.client.step_result(session.peer_session, token_ids, start_pos, sampling, step,
-                                                 route=route)
+                                                 route=route, **extras)
             except HopError as error:
                 failed_address = self._on_hop_error(session, error)
                 continue
@@ -165,6 +171,9 @@ class SwarmPipeline:
             session.position += len(token_ids)
             for hop in session.chain.hops:
                 self.bans.success(hop.peer_id)
+            if self.verifier is not None:  # verification hook: records and queues, never blocks
+                self.verifier.after_step(session_id, session.chain, token_ids, start_pos, step, sampling, result,
+                                         time.perf_counter() - began)
             return result.token
         raise PipelineUnavailable(f"gave up after {self.tunables.max_failovers_per_step} failovers in one step",
                                   self.tunables.retry_after_s)
@@ -208,6 +217,8 @@ class SwarmPipeline:
             session = self._sessions.pop(session_id, None)
         if session is not None and session.chain is not None:
             self._close_quietly(session.peer_session, _route_of(session.chain))
+        if self.verifier is not None:  # verification hook
+            self.verifier.on_close(session_id)
 
     def status(self) -> dict:
         cmap = self.coverage_map()
