@@ -148,9 +148,15 @@ class Node:
         from openhydra.peer.client import PeerChainClient
         from openhydra.peer.server import PeerServer
         from openhydra.router.swarm import SwarmPipeline
+        from openhydra.verification.config import VerificationConfig
+        from openhydra.verification.factory import build_verifier
+        from openhydra.verification.faults import FaultyRuntime
 
         cfg = self.cfg
         self._ensure_background()
+        vcfg = VerificationConfig.model_validate(cfg.verification or {})  # verification hook
+        if vcfg.fault.mode != "none":  # a dishonest peer on purpose (tests, demos)
+            runtime = FaultyRuntime(runtime, vcfg.fault)
         self.peer_server = PeerServer(runtime, cfg.peer.host, cfg.peer.port, model_id=choice.api_name)
         grpc_address = self.peer_server.start()
         peer_id = cfg.node.peer_id or self.identity.peer_id
@@ -177,8 +183,16 @@ class Node:
         def lookup() -> list[PeerAnnouncement]:
             return self.background.run(self.discovery.lookup(choice.api_name), timeout=15)
 
+        verifier = None  # verification hook: reputation routing + audits (verification=off: none)
+        if vcfg.enabled:
+            economy = self.state.extra.get("economy")
+            verifier = build_verifier(vcfg, cfg.node.data_path, stake_of=getattr(economy, "stake_of", None),
+                                      slash=getattr(economy, "slash", None))
+            self.state.extra["reputation"] = verifier
         self.swarm = SwarmPipeline(choice.api_name, num_layers, lookup,
-                                   PeerChainClient([], reply_host=cfg.peer.host))
+                                   PeerChainClient([], reply_host=cfg.peer.host),
+                                   score=verifier.score if verifier else None, verifier=verifier,
+                                   on_failover=verifier.on_hop_failure if verifier else None)
         self.state.extra["swarm"] = self
 
     def network_status(self) -> dict:
@@ -213,3 +227,5 @@ class Node:
             self.background.stop()
         if self.peer_server is not None:
             self.peer_server.stop()
+        if self.swarm is not None and getattr(self.swarm, "verifier", None) is not None:  # verification hook
+            self.swarm.verifier.shutdown()
