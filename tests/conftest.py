@@ -25,7 +25,8 @@ def smollm2_dir() -> Path:
 def tiny_model_dirs(smollm2_dir: Path) -> dict[str, Path]:
     """Tiny random Llama, Qwen3 and Qwen3.5-hybrid checkpoints (8 layers) with SmolLM2's tokenizer."""
     return {
-        family: build_tiny_model(family, CACHE_ROOT / f"tiny-{family}-8l", smollm2_dir, num_layers=8)
+        family: build_tiny_model(family, CACHE_ROOT / "tiny-v2" / f"tiny-{family}-8l", smollm2_dir,
+                                 num_layers=8)
         for family in FAMILIES
     }
 

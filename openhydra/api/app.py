@@ -18,7 +18,9 @@ from openhydra.api.errors import APIError
 from openhydra.api.metrics import ApiMetrics
 from openhydra.api.ratelimit import SlidingWindowLimiter
 from openhydra.api.state import NodeState
+from openhydra.api.streaming import as_api_error
 from openhydra.config.schema import ApiConfig
+from openhydra.router.swarm import PipelineUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,11 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
     @app.exception(APIError)
     async def _api_error(request: Request, exc: APIError) -> HTTPResponse:
         return json(exc.body(), status=exc.status, headers=exc.headers)
+
+    @app.exception(PipelineUnavailable)
+    async def _no_route(request: Request, exc: PipelineUnavailable) -> HTTPResponse:
+        error = as_api_error(exc)
+        return json(error.body(), status=error.status, headers=error.headers)
 
     @app.exception(SanicException)
     async def _sanic_error(request: Request, exc: SanicException) -> HTTPResponse:

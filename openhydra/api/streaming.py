@@ -1,8 +1,10 @@
 """Shared streaming plumbing: run a generation, write events, end cleanly on every path.
 
-A mid-stream failure is written as an error event followed by the protocol's end marker and the
-connection is closed, so a client never hangs waiting for a stream that will not finish. A client
-that goes away cancels the handler; `aclosing` then closes the generator, which frees the session.
+The first event is produced before the response starts, so a request that cannot start (no route,
+bad state) gets a proper error status. A failure after that is written as an error event followed by
+the protocol's end marker and the connection is closed, so a client never hangs waiting for a stream
+that will not finish. A client that goes away cancels the handler; `aclosing` then closes the
+generator, which frees the session.
 """
 
 from __future__ import annotations
@@ -16,11 +18,21 @@ from typing import TypeVar
 
 from sanic import Request
 
-from openhydra.api.errors import APIError
+from openhydra.api.errors import APIError, unavailable
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-log = logging.getLogger(__name__)
+
+def as_api_error(exc: Exception) -> APIError:
+    """Errors from below the API (pipeline, peers) as the API reports them."""
+    if isinstance(exc, APIError):
+        return exc
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:  # router.swarm.PipelineUnavailable: no chain covers the model
+        return unavailable(str(exc), retry_after_s=int(retry_after), code="no_route")
+    return APIError(503, f"generation failed: {exc}", type="service_unavailable", code="generation_failed")
 
 
 async def run_stream(
@@ -31,42 +43,44 @@ async def run_stream(
     on_event: Callable[[T], str | None],
     on_error: Callable[[APIError], str],
     end_marker: str | None,
-    response=None,
-):
-    """Stream ``events`` to the client. Returns the response object for follow-up writes."""
+) -> None:
     app = request.app
     route = request.route.path if request.route else "unmatched"
-    request.ctx.streaming = True
-    status = 200
-    if response is None:
+    async with aclosing(events) as stream:
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            first = None
+        except (asyncio.CancelledError, APIError):
+            raise
+        except Exception as exc:  # nothing sent yet: answer with a real status code
+            raise as_api_error(exc) from None
+        request.ctx.streaming = True
+        status = 200
         response = await request.respond(content_type=content_type, headers={"Cache-Control": "no-cache"})
-    try:
-        async with aclosing(events) as stream:
-            async for event in stream:
-                chunk = on_event(event)
+        try:
+            if first is not None:
+                chunk = on_event(first)
                 if chunk:
                     await response.send(chunk)
-    except asyncio.CancelledError:
-        app.ctx.metrics.client_disconnects.labels(route).inc()
-        status = 499
-        raise
-    except Exception as exc:  # end the stream cleanly whatever broke
-        status = 500
-        app.ctx.metrics.stream_errors.labels(route).inc()
-        error = exc if isinstance(exc, APIError) else APIError(
-            503, f"generation failed mid-stream: {exc}", type="service_unavailable", code="stream_failed"
-        )
-        if not isinstance(exc, APIError):
+                async for event in stream:
+                    chunk = on_event(event)
+                    if chunk:
+                        await response.send(chunk)
+        except asyncio.CancelledError:
+            app.ctx.metrics.client_disconnects.labels(route).inc()
+            status = 499
+            raise
+        except Exception as exc:  # end the stream cleanly whatever broke
+            status = 500
+            app.ctx.metrics.stream_errors.labels(route).inc()
             log.warning("stream on %s failed: %s", route, exc)
-        with contextlib.suppress(Exception):  # the client may be gone too
-            await response.send(on_error(error))
-    finally:
-        if status != 499:
-            try:
-                if end_marker:
-                    await response.send(end_marker)
-                await response.eof()
-            except Exception:
-                pass
-        app.ctx.record(request, status)
-    return response
+            with contextlib.suppress(Exception):  # the client may be gone too
+                await response.send(on_error(as_api_error(exc)))
+        finally:
+            if status != 499:
+                with contextlib.suppress(Exception):
+                    if end_marker:
+                        await response.send(end_marker)
+                    await response.eof()
+            app.ctx.record(request, status)

@@ -79,3 +79,56 @@ class NodeProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class DhtProcess:
+    """`openhydra-dht` (the HTTP DHT bootstrap server) as a subprocess on a free loopback port."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> DhtProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "openhydra.discovery.http_dht_server", "--host", "127.0.0.1",
+             "--port", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise TimeoutError("openhydra-dht did not start")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+def swarm_node_overrides(model_dir: Path, dht_url: str, start: int, end: int, data_dir: Path,
+                         dtype: str = "float32", ttl_s: float = 6.0, interval_s: float = 2.0) -> list[str]:
+    """Overrides for a node serving layers [start, end) of ``model_dir`` in an HTTP-DHT swarm."""
+    return [
+        "model=local", f"model.path={model_dir}", "hardware=cpu", f"hardware.dtype={dtype}",
+        "shard=layers", f"shard.start={start}", f"shard.end={end}",
+        "discovery=http", f"discovery.http.urls=[{dht_url}]", f"discovery.ttl_s={ttl_s}",
+        f"discovery.announce_interval_s={interval_s}", "peer.port=0", f"node.data_dir={data_dir}",
+        "api.rate_limit_requests=100000",
+    ]
+
+
+def start_all(nodes: list[NodeProcess], timeout_s: float = 240.0) -> list[NodeProcess]:
+    """Start nodes in parallel and wait for every one to be ready."""
+    for node in nodes:
+        node.start()
+    for node in nodes:
+        node.wait_ready(timeout_s)
+    return nodes
