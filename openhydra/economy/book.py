@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, SQLModel, select
 
@@ -33,6 +34,7 @@ class Book:
         self.now = now
         self.dialect = session.get_bind().dialect.name
         self._pending_burns: dict[str, int] = {}
+        self._journal: list[dict[str, Any]] = []  # written in one executemany by finish()
 
     # -- rows --------------------------------------------------------------------------------------
     def insert_if_absent(self, table: type[SQLModel], values: dict[str, Any]) -> bool:
@@ -45,23 +47,39 @@ class Book:
 
     def account(self, peer_id: str, public_key: str | None = None) -> Account:
         """Lock (creating if needed) an account and bring its credits up to date with decay."""
-        acct = self.s.exec(select(Account).where(Account.peer_id == peer_id).with_for_update()).first()
-        if acct is None:
-            self.insert_if_absent(
-                Account, {"peer_id": peer_id, "public_key": public_key, "credits_at": self.now}
-            )
-            acct = self.s.exec(select(Account).where(Account.peer_id == peer_id).with_for_update()).one()
-        if public_key is not None:
-            if acct.public_key is None:
-                acct.public_key = public_key
-            elif acct.public_key != public_key:
-                raise InvalidReceipt(f"{peer_id} is already bound to a different public key")
-        self._decay(acct)
-        return acct
+        return self.accounts([peer_id], {peer_id: public_key} if public_key else None)[peer_id]
 
     def accounts(self, peer_ids: list[str], keys: dict[str, str] | None = None) -> dict[str, Account]:
+        """Lock several accounts in one statement, in id order (the lock order), creating missing ones."""
         keys = keys or {}
-        return {p: self.account(p, keys.get(p)) for p in sorted(set(peer_ids))}
+        wanted = sorted(set(peer_ids))
+        found = self._lock_rows(wanted)
+        missing = [p for p in wanted if p not in found]
+        if missing:
+            for p in missing:
+                self.insert_if_absent(
+                    Account, {"peer_id": p, "public_key": keys.get(p), "credits_at": self.now}
+                )
+            found.update(self._lock_rows(missing))
+        for p in wanted:
+            acct = found[p]
+            key = keys.get(p)
+            if key is not None:
+                if acct.public_key is None:
+                    acct.public_key = key
+                elif acct.public_key != key:
+                    raise InvalidReceipt(f"{p} is already bound to a different public key")
+            self._decay(acct)
+        return {p: found[p] for p in wanted}
+
+    def _lock_rows(self, peer_ids: list[str]) -> dict[str, Account]:
+        rows = self.s.exec(
+            select(Account)
+            .where(Account.peer_id.in_(peer_ids))  # type: ignore[attr-defined]
+            .order_by(Account.peer_id)
+            .with_for_update()
+        ).all()
+        return {a.peer_id: a for a in rows}
 
     def peek_account(self, peer_id: str) -> Account | None:
         return self.s.get(Account, peer_id)
@@ -78,7 +96,8 @@ class Book:
             acct.credits_at = self.now
             return
         left = decayed(acct.credits, self.policy.decay_per_day, self.now - acct.credits_at)
-        acct.credits_at = max(acct.credits_at, self.now)
+        if self.now > acct.credits_at:
+            acct.credits_at = self.now
         if left < acct.credits:
             lost = acct.credits - left
             self._post("decay", acct.peer_id, POCKET_CREDITS, -lost, "")
@@ -87,7 +106,9 @@ class Book:
 
     # -- moves -------------------------------------------------------------------------------------
     def _post(self, op: str, holder: str, pocket: str, delta: int, ref: str) -> None:
-        self.s.add(JournalEntry(ts=self.now, op=op, holder=holder, pocket=pocket, delta=delta, ref=ref))
+        self._journal.append(
+            {"ts": self.now, "op": op, "holder": holder, "pocket": pocket, "delta": delta, "ref": ref}
+        )
 
     def credit(self, acct: Account, pocket: str, amount: int, op: str, ref: str = "") -> None:
         if amount < 0:
@@ -128,6 +149,10 @@ class Book:
             self._pending_burns[asset] = self._pending_burns.get(asset, 0) + amount
 
     def finish(self) -> None:
+        """Write the journal rows and the burns; call once, last, inside the transaction."""
         for asset, amount in sorted(self._pending_burns.items()):
             self.supply(asset).burned += amount
         self._pending_burns.clear()
+        if self._journal:
+            self.s.execute(insert(JournalEntry), self._journal)  # type: ignore[call-overload]
+            self._journal = []

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from sqlalchemy import func
+from sqlalchemy import func, update
 from sqlmodel import Session, or_, select
 
 from openhydra.economy import channels as ch_ops
@@ -130,9 +130,11 @@ class Ledger:
                         signature=share.signature,
                     )
                 )
-            row = book.s.get(Settlement, req.request_id)
-            assert row is not None  # inserted above, in this transaction
-            row.hydra = sum(hydra_parts)
+            book.s.exec(
+                update(Settlement)
+                .where(Settlement.request_id == req.request_id)  # type: ignore[arg-type]
+                .values(hydra=sum(hydra_parts))
+            )
             return SettlementResult(
                 request_id=req.request_id,
                 receipt_id=receipt_id,
@@ -252,7 +254,8 @@ class Ledger:
             acct = s.get(Account, peer_id)
             open_rows = s.exec(
                 select(Channel.payer, Channel.deposit).where(
-                    Channel.status == ch_ops.STATUS_OPEN, or_(Channel.payer == peer_id, Channel.payee == peer_id)
+                    Channel.status == ch_ops.STATUS_OPEN,
+                    or_(Channel.payer == peer_id, Channel.payee == peer_id),
                 )
             ).all()
             n_open = len(open_rows)
