@@ -1,0 +1,306 @@
+"""The three tiers, executed on the verification worker thread (never on the user's critical path).
+
+Which span, on which peers. An audit checks one hop of a request's primary chain: the *secondary*
+chain is the primary chain with that hop's peer swapped for another peer serving exactly the same
+span, so a disagreement can only come from the two peers of that span. The coordinator sees only a
+chain's final answer (token + top-k log-probabilities), never a middle peer's hidden states, so
+single-hop swaps are what make blame precise.
+
+Same cache history. The secondary chain runs in a *shadow session* fed the very same steps as the
+user's session, in order, as they happen (tier 1); a late checker (tier 2 voter, tier 3 auditor)
+replays the recorded steps from position 0 on its own session. Either way every peer builds its
+cache from the same inputs, so decode steps are comparable, not only the prefill.
+
+- Tier 1 (mystery shopper): compare each shadow answer with the user's answer.
+- Tier 2 (redundant execution): at the first disagreement, ``vote_peers - 2`` more peers of the
+  span replay up to that step; the answers fall into agreement classes; the class strictly larger
+  than every other wins and the peers outside it fail. No strict winner is a tie: every voter gets a
+  ``dispute`` (half a failure), no one is slashed.
+- Tier 3 (auditor): when primary and secondary agreed on every compared step, with probability
+  ``audit_rate`` the most reputable other peer of the span (the auditor) replays the request. If it
+  disagrees, the pair cannot vote for itself (two colluders would outvote any auditor): up to
+  ``vote_peers - 2`` further independent peers replay to that step and the independents' majority
+  decides; a lone auditor decides alone.
+- Majority voting assumes an honest majority among the voters of a span: two colluders and one
+  honest peer win a tier-2 vote. The auditor tier is what catches an agreeing pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from openhydra.discovery.records import PeerAnnouncement
+from openhydra.peer.errors import HopError
+from openhydra.peer.messages import HopSpec
+from openhydra.router.coverage import Chain
+from openhydra.runtime.sampling import SamplingParams
+from openhydra.verification.compare import Answer, Comparison, Verdict, compare
+from openhydra.verification.metrics import VerificationMetrics
+from openhydra.verification.reputation import ReputationStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Feed:
+    """One step of the user's session and the primary chain's answer to it."""
+
+    tokens: tuple[int, ...]
+    start: int
+    step: int
+    sampling: SamplingParams
+    answer: Answer
+
+
+@dataclass
+class Audit:
+    session_id: str
+    hop_index: int
+    chain: Chain  # the primary chain when the audit began
+    secondary: PeerAnnouncement
+    tol: float
+    shadow_session: str = field(default_factory=lambda: "audit-" + uuid.uuid4().hex)
+    feeds: list[Feed] = field(default_factory=list)
+    compared: int = 0
+    done: bool = False
+
+    @property
+    def primary(self) -> PeerAnnouncement:
+        return self.chain.hops[self.hop_index].peer
+
+    @property
+    def span(self) -> tuple[int, int]:
+        hop = self.chain.hops[self.hop_index]
+        return hop.start, hop.end
+
+
+@dataclass
+class Outcome:
+    """What one audit concluded (tests read it; the reputation store records it)."""
+
+    session_id: str
+    span: tuple[int, int]
+    tier: int
+    failed: list[str] = field(default_factory=list)
+    passed: list[str] = field(default_factory=list)
+    disputed: list[str] = field(default_factory=list)
+    step: int | None = None
+    reason: str = ""
+
+
+def swapped_route(chain: Chain, hop_index: int, peer: PeerAnnouncement) -> list[HopSpec]:
+    return [
+        HopSpec(address=(peer.grpc_address if i == hop_index else h.peer.grpc_address), start=h.start, end=h.end)
+        for i, h in enumerate(chain.hops)
+    ]
+
+
+class AuditRunner:
+    def __init__(
+        self,
+        client,
+        reputation: ReputationStore,
+        metrics: VerificationMetrics,
+        *,
+        top_k: int,
+        vote_peers: int,
+        audit_rate: float,
+        rng: random.Random,
+        alternatives: Callable[[tuple[int, int], set[str]], list[PeerAnnouncement]],
+        on_fail: Callable[[str, str], None],
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> None:
+        self.client, self.reputation, self.metrics = client, reputation, metrics
+        self.top_k, self.vote_peers, self.audit_rate = top_k, vote_peers, audit_rate
+        self.rng, self.alternatives, self.on_fail, self.on_outcome = rng, alternatives, on_fail, on_outcome
+        self.max_agreeing_diff: dict[float, float] = {}  # tolerance -> largest diff among agreeing answers
+
+    # ---- re-execution -------------------------------------------------------------------------------
+
+    def _run(self, session: str, feed: Feed, route: Sequence[HopSpec]) -> Answer:
+        started = time.perf_counter()
+        try:
+            result = self.client.step_result(session, list(feed.tokens), feed.start, feed.sampling, feed.step,
+                                             return_top_k=self.top_k, route=route)
+        finally:
+            self.metrics.busy_seconds.inc(time.perf_counter() - started)
+            self.metrics.extra_steps.inc()
+            self.metrics.extra_positions.inc(len(feed.tokens))
+        return Answer.of(result)
+
+    def _replay(self, feeds: Sequence[Feed], route: Sequence[HopSpec]) -> list[Answer]:
+        session = "audit-" + uuid.uuid4().hex
+        try:
+            return [self._run(session, f, route) for f in feeds]
+        finally:
+            self._close(session, route)
+
+    def _close(self, session: str, route: Sequence[HopSpec]) -> None:
+        try:
+            self.client.close(session, route=route)
+        except Exception as exc:  # best effort: a dead hop holds nothing
+            log.debug("closing audit session %s: %s", session, exc)
+
+    def _compare(self, a: Answer, b: Answer, audit: Audit, feed: Feed) -> Comparison:
+        result = compare(a, b, audit.tol, feed.sampling.greedy)
+        self.metrics.verdicts.labels(result.verdict.value).inc()
+        if result.verdict is not Verdict.DISAGREE:
+            self.max_agreeing_diff[audit.tol] = max(self.max_agreeing_diff.get(audit.tol, 0.0), result.max_diff)
+        return result
+
+    def _agree(self, a: Answer, b: Answer, audit: Audit, feed: Feed) -> bool:
+        return compare(a, b, audit.tol, feed.sampling.greedy).verdict is not Verdict.DISAGREE
+
+    # ---- tier 1 -------------------------------------------------------------------------------------
+
+    def shadow_step(self, audit: Audit, feed: Feed) -> None:
+        """Run ``feed`` on the shadow session and compare; escalate to a vote on disagreement."""
+        route = swapped_route(audit.chain, audit.hop_index, audit.secondary)
+        try:
+            answer = self._run(audit.shadow_session, feed, route)
+        except HopError as exc:
+            self.abandon(audit, f"shadow hop failed: {exc}")
+            return
+        audit.feeds.append(feed)
+        audit.compared += 1
+        self.metrics.steps_compared.inc()
+        result = self._compare(feed.answer, answer, audit, feed)
+        if result.verdict is Verdict.DISAGREE:
+            self._finish_shadow(audit)
+            self._vote(audit, answer, result.reason)
+
+    def abandon(self, audit: Audit, why: str) -> None:
+        log.info("audit of %s span %s abandoned: %s", audit.session_id, audit.span, why)
+        self.metrics.abandoned.inc()
+        self._finish_shadow(audit)
+
+    def _finish_shadow(self, audit: Audit) -> None:
+        if not audit.done:
+            audit.done = True
+            self._close(audit.shadow_session, swapped_route(audit.chain, audit.hop_index, audit.secondary))
+
+    def finish(self, audit: Audit) -> None:
+        """The request ended (or hit the step cap) with primary and secondary agreeing: maybe tier 3."""
+        if audit.done:
+            return
+        self._finish_shadow(audit)
+        if not audit.feeds:
+            return
+        pair = [audit.primary.peer_id, audit.secondary.peer_id]
+        if self.rng.random() < self.audit_rate:
+            self._audit(audit, pair)
+        else:
+            self._conclude(Outcome(audit.session_id, audit.span, 1, passed=pair))
+
+    # ---- tier 2 -------------------------------------------------------------------------------------
+
+    def _vote(self, audit: Audit, secondary_answer: Answer, reason: str) -> None:
+        self.metrics.audits.labels("2").inc()
+        t = len(audit.feeds) - 1
+        feed = audit.feeds[t]
+        voters: list[tuple[str, Answer]] = [(audit.primary.peer_id, feed.answer),
+                                            (audit.secondary.peer_id, secondary_answer)]
+        exclude = {p for p, _ in voters}
+        for peer in self._pick(audit.span, exclude, self.vote_peers - 2):
+            try:
+                voters.append((peer.peer_id, self._replay(audit.feeds, swapped_route(audit.chain, audit.hop_index,
+                                                                                      peer))[-1]))
+            except HopError as exc:
+                log.info("voter %s failed: %s", peer.peer_id, exc)
+        self._decide(audit, voters, feed, tier=2, reason=reason, step=feed.step)
+
+    def _decide(self, audit: Audit, voters: list[tuple[str, Answer]], feed: Feed, *, tier: int, reason: str,
+                step: int, judged: list[str] | None = None) -> None:
+        classes: list[list[tuple[str, Answer]]] = []
+        for voter in voters:
+            home = next((c for c in classes if self._agree(c[0][1], voter[1], audit, feed)), None)
+            if home is None:
+                classes.append([voter])
+            else:
+                home.append(voter)
+        sizes = sorted((len(c) for c in classes), reverse=True)
+        everyone = [p for p, _ in voters] + (judged or [])
+        if len(sizes) > 1 and sizes[0] == sizes[1]:
+            self.metrics.ties.inc()
+            self._conclude(Outcome(audit.session_id, audit.span, tier, disputed=everyone, step=step,
+                                   reason=f"tie {sizes}: {reason}"))
+            return
+        winners = max(classes, key=len)
+        winning_ids = {p for p, _ in winners}
+        failed = [p for p in everyone if p not in winning_ids]
+        if judged:  # tier 3: the pair stands or falls with whether the independents' answer matches it
+            pair_agrees = self._agree(winners[0][1], feed.answer, audit, feed)
+            failed = [p for p, _ in voters if p not in winning_ids] + ([] if pair_agrees else judged)
+            passed = [p for p in everyone if p not in failed]
+        else:
+            passed = sorted(winning_ids)
+        self._conclude(Outcome(audit.session_id, audit.span, tier, failed=failed, passed=passed, step=step,
+                               reason=reason))
+
+    # ---- tier 3 -------------------------------------------------------------------------------------
+
+    def _audit(self, audit: Audit, pair: list[str]) -> None:
+        auditors = self._most_trusted(audit.span, set(pair))
+        if not auditors:
+            self.metrics.unverifiable.inc()
+            self._conclude(Outcome(audit.session_id, audit.span, 1, passed=pair))
+            return
+        self.metrics.audits.labels("3").inc()
+        auditor = auditors[0]
+        try:
+            answers = self._replay(audit.feeds, swapped_route(audit.chain, audit.hop_index, auditor))
+        except HopError as exc:
+            self.abandon(audit, f"auditor failed: {exc}")
+            self._conclude(Outcome(audit.session_id, audit.span, 1, passed=pair))
+            return
+        for t, (feed, answer) in enumerate(zip(audit.feeds, answers, strict=True)):
+            result = self._compare(feed.answer, answer, audit, feed)
+            self.metrics.steps_compared.inc()
+            if result.verdict is not Verdict.DISAGREE:
+                continue
+            voters: list[tuple[str, Answer]] = [(auditor.peer_id, answer)]
+            for peer in self._pick(audit.span, {*pair, auditor.peer_id}, self.vote_peers - 2):
+                try:
+                    route = swapped_route(audit.chain, audit.hop_index, peer)
+                    voters.append((peer.peer_id, self._replay(audit.feeds[: t + 1], route)[-1]))
+                except HopError as exc:
+                    log.info("independent voter %s failed: %s", peer.peer_id, exc)
+            self._decide(audit, voters, feed, tier=3, reason=f"auditor {auditor.peer_id}: {result.reason}",
+                         step=feed.step, judged=pair)
+            return
+        self._conclude(Outcome(audit.session_id, audit.span, 3, passed=[*pair, auditor.peer_id]))
+
+    # ---- bookkeeping --------------------------------------------------------------------------------
+
+    def _pick(self, span: tuple[int, int], exclude: set[str], k: int) -> list[PeerAnnouncement]:
+        candidates = self.alternatives(span, exclude)
+        return self.rng.sample(candidates, min(k, len(candidates))) if k > 0 else []
+
+    def _most_trusted(self, span: tuple[int, int], exclude: set[str]) -> list[PeerAnnouncement]:
+        """The auditor: the most reputable peer of the span outside the pair (ties drawn at random)."""
+        candidates = self.alternatives(span, exclude)
+        if not candidates:
+            return []
+        scores = {p.peer_id: round(self.reputation.score(p.peer_id), 6) for p in candidates}
+        best = max(scores.values())
+        return [self.rng.choice([p for p in candidates if scores[p.peer_id] == best])]
+
+    def _conclude(self, outcome: Outcome) -> None:
+        detail = f"session {outcome.session_id} span {list(outcome.span)} tier {outcome.tier}: {outcome.reason}"
+        for peer_id in outcome.passed:
+            self.reputation.record(peer_id, "pass", detail=detail)
+        for peer_id in outcome.disputed:
+            self.reputation.record(peer_id, "dispute", detail=detail)
+        for peer_id in outcome.failed:
+            self.reputation.record(peer_id, "fail", detail=detail)
+            self.metrics.failures.labels(str(outcome.tier)).inc()
+            self.on_fail(peer_id, detail)
+        if outcome.failed or outcome.disputed:
+            log.warning("verification: failed %s disputed %s (%s)", outcome.failed, outcome.disputed, detail)
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)

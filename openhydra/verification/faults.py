@@ -1,0 +1,97 @@
+"""Dishonest peers on purpose: a runtime wrapper that lies in a chosen way (tests and demos, not mocks).
+
+``FaultyRuntime`` wraps a real :class:`~openhydra.runtime.shard.ShardRuntime` and is served by the
+real gRPC ``PeerServer``; the coordinator cannot tell it from an honest peer except by its outputs.
+
+- ``perturb``: adds Gaussian noise of ``magnitude`` x the output's RMS to the hidden states (or the
+  logits on the last span). The noise is a function of ``seed`` and the step's positions only, so
+  two peers with the same seed lie identically (collusion) and a replay reproduces the lie.
+- ``wrong_token`` (last span only): pushes the top-ranked token to the bottom of the logits, so
+  the peer samples another token and reports log-probabilities consistent with its lie.
+- ``stale_cache`` (attention-only spans): a lazy peer that never appends decoded tokens to its
+  cache: every decode step is computed against the prompt's cache alone, at the prompt's end.
+
+``rate`` < 1 lies on that fraction of steps, chosen from (seed, position) so colluders agree
+(``stale_cache`` ignores it: a stale cache stays stale).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import torch
+
+from openhydra.verification.config import FaultConfig
+
+log = logging.getLogger(__name__)
+
+
+def _generator(seed: int, first_position: int, num_positions: int) -> torch.Generator:
+    digest = hashlib.blake2b(f"fault:{seed}:{first_position}:{num_positions}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+class FaultyRuntime:
+    """A ``ShardRuntime`` that lies according to ``fault``; every other attribute is the real runtime's."""
+
+    def __init__(self, runtime: Any, fault: FaultConfig) -> None:
+        if fault.mode == "none":
+            raise ValueError("FaultyRuntime needs a fault mode other than 'none'")
+        if fault.mode == "wrong_token" and not runtime.is_last:
+            raise ValueError(
+                f"fault wrong_token needs the last span (it samples); this peer holds [{runtime.start},{runtime.end})"
+            )
+        if fault.mode == "stale_cache" and getattr(runtime, "is_recurrent", False):
+            raise ValueError("fault stale_cache needs attention-only layers (it crops the cache back)")
+        self.inner = runtime
+        self.fault = fault
+        self._prompt_end: dict[str, int] = {}  # stale_cache: session -> length the cache is kept at
+        self.lies = 0
+        log.warning("peer runtime [%d,%d) is DISHONEST on purpose: fault %s", runtime.start, runtime.end,
+                    fault.model_dump())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def _lies_now(self, first: int, n: int) -> bool:
+        if self.fault.rate >= 1.0:
+            return True
+        return float(torch.rand(1, generator=_generator(self.fault.seed + 1, first, n))) < self.fault.rate
+
+    def close_session(self, session_id: str) -> None:
+        self._prompt_end.pop(session_id, None)
+        self.inner.close_session(session_id)
+
+    def forward(self, session_id: str, positions: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        first, n = int(positions[0]), positions.numel()
+        lie = self._lies_now(first, n)
+        if self.fault.mode == "stale_cache":
+            return self._stale_forward(session_id, positions, **kwargs)
+        out = self.inner.forward(session_id, positions, **kwargs)
+        if not lie:
+            return out
+        self.lies += 1
+        if self.fault.mode == "perturb":
+            noise = torch.randn(out.shape, generator=_generator(self.fault.seed, first, n), dtype=torch.float32)
+            rms = out.float().pow(2).mean().sqrt()
+            return (out.float() + self.fault.magnitude * rms * noise).to(out.dtype)
+        # wrong_token: the best token of the last position becomes the worst.
+        out = out.clone()  # logits [1, V] or [S, V], float32
+        row = out[-1]
+        row[int(torch.argmax(row))] = row.min() - 1.0
+        return out
+
+    def _stale_forward(self, session_id: str, positions: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        n = positions.numel()
+        base = self._prompt_end.get(session_id)
+        if n > 1 or base is None:  # prefill chunks are computed honestly
+            out = self.inner.forward(session_id, positions, **kwargs)
+            self._prompt_end[session_id] = int(positions[-1]) + 1
+            return out
+        # Decode against the prompt-only cache, at the prompt's end position, then forget the token.
+        self.lies += 1
+        out = self.inner.forward(session_id, torch.tensor([base], dtype=positions.dtype), **kwargs)
+        self.inner.truncate_session(session_id, base)
+        return out

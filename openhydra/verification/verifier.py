@@ -1,0 +1,262 @@
+"""The coordinator's verifier: samples requests to audit, runs the audits off the critical path.
+
+Hooks called by :class:`~openhydra.router.swarm.SwarmPipeline` (each returns in microseconds):
+
+- ``step_extras()``: every step asks the last peer for its top-k log-probabilities, audited or
+  not, so a peer cannot tell an audited request from a normal one by what it is asked;
+- ``after_step(...)``: records uptime and latency for the chain's peers and queues the step for the
+  worker thread, which decides at a request's first step, per hop independently with probability
+  ``sample_rate``, whether to audit that hop, and runs the audits (see :mod:`.audits`);
+- ``on_close(session_id)``: the request ended; its audits finish (and maybe go to tier 3);
+- ``on_hop_failure(model_id, address)``: a hop failed; recorded against its uptime.
+
+The verification cost is the shadow/replay steps; they run on the worker thread while the user's
+next steps proceed, and ``metrics_text()`` reports them next to the user's own positions.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from openhydra.discovery.records import PeerAnnouncement
+from openhydra.router.coverage import Chain
+from openhydra.runtime.sampling import SamplingParams
+from openhydra.verification.audits import Audit, AuditRunner, Feed, Outcome
+from openhydra.verification.compare import Answer, tolerance_for
+from openhydra.verification.config import VerificationConfig
+from openhydra.verification.metrics import VerificationMetrics
+from openhydra.verification.reputation import ReputationStore
+
+log = logging.getLogger(__name__)
+
+MAX_TRACKED_SESSIONS = 10_000
+FLUSH_INTERVAL_S = 1.0
+
+
+class Verifier:
+    def __init__(
+        self,
+        config: VerificationConfig,
+        reputation: ReputationStore,
+        *,
+        slash: Callable[[str, int, str], int] | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.reputation = reputation
+        self.slash = slash
+        self.metrics = VerificationMetrics()
+        self.rng = random.Random(config.seed)
+        self.outcomes: list[Outcome] = []
+        self._on_outcome = on_outcome
+        self._pipeline = None
+        self._runner: AuditRunner | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size * 64)
+        self._sessions: OrderedDict[str, list[Audit] | None] = OrderedDict()  # worker thread only
+        self._addresses: dict[str, str] = {}  # grpc address -> peer id, from chains seen
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="verifier", daemon=True)
+        self._thread.start()
+
+    # ---- wiring ----------------------------------------------------------------------------------
+
+    def bind(self, pipeline) -> None:
+        """Called by SwarmPipeline: its peer list, bans and client are the verifier's too."""
+        self._pipeline = pipeline
+        self._runner = AuditRunner(
+            pipeline.client, self.reputation, self.metrics, top_k=self.config.top_k,
+            vote_peers=self.config.vote_peers, audit_rate=self.config.audit_rate, rng=self.rng,
+            alternatives=self.alternatives, on_fail=self._on_fail, on_outcome=self._record_outcome,
+        )
+
+    def score(self, peer_id: str) -> float:
+        """The coverage map's score hook (0 below the reputation floor: not routed to)."""
+        return self.reputation.routing_score(peer_id)
+
+    def alternatives(self, span: tuple[int, int], exclude: set[str]) -> list[PeerAnnouncement]:
+        """Other routable peers serving exactly ``span``, sorted by peer id (the caller samples)."""
+        pipeline = self._pipeline
+        banned = pipeline.bans.banned()
+        seen: dict[str, PeerAnnouncement] = {}
+        now = time.time()
+        for r in pipeline.peers():
+            if ((r.start, r.end) == span and r.peer_id not in exclude and r.peer_id not in banned
+                    and r.announced_at + r.ttl_s > now and not self.reputation.below_floor(r.peer_id)):
+                seen[r.peer_id] = r
+        return [seen[k] for k in sorted(seen)]
+
+    # ---- hooks (user's thread: cheap, never block) -------------------------------------------------
+
+    def step_extras(self) -> dict:
+        return {"return_top_k": self.config.top_k} if self.config.enabled else {}
+
+    def after_step(self, session_id: str, chain: Chain, tokens: list[int], start: int, step: int,
+                   sampling: SamplingParams, result, elapsed_s: float) -> None:
+        self.metrics.user_positions.inc(len(tokens))
+        for hop in chain.hops:
+            self._addresses[hop.peer.grpc_address] = hop.peer_id
+            self.reputation.record(hop.peer_id, "ok")
+            if len(tokens) == 1 and elapsed_s > 0:
+                self.reputation.record(hop.peer_id, "latency", value=elapsed_s * 1000.0)
+        if not self.config.enabled or self.config.sample_rate <= 0:
+            return
+        feed = Feed(tuple(tokens), start, step, sampling, Answer.of(result))
+        self._put(("step", session_id, chain, feed))
+
+    def on_close(self, session_id: str) -> None:
+        if self.config.enabled:
+            self._put(("close", session_id, None, None))
+
+    def on_hop_failure(self, model_id: str, address: str) -> None:
+        peer_id = self._addresses.get(address)
+        if peer_id:
+            self.reputation.record(peer_id, "down")
+
+    def _put(self, item: tuple) -> None:
+        try:
+            self._idle.clear()
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.metrics.dropped.inc()
+            if item[0] == "step":  # a gap in the feeds would break the shadow's cache: drop its audits
+                self._put_drop(item[1])
+        self.metrics.queue_depth.set(self._queue.qsize())
+
+    def _put_drop(self, session_id: str) -> None:
+        try:
+            self._queue.put_nowait(("drop", session_id, None, None))
+        except queue.Full:
+            log.warning("verification queue full; session %s keeps a broken audit until close", session_id)
+
+    # ---- worker ------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        last_flush = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                kind, session_id, chain, feed = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                self.reputation.flush()
+                last_flush = time.monotonic()
+                self._idle.set()
+                continue
+            try:
+                self._handle(kind, session_id, chain, feed)
+            except Exception:
+                log.exception("verification of %s failed", session_id)
+            finally:
+                self.metrics.queue_depth.set(self._queue.qsize())
+            if time.monotonic() - last_flush > FLUSH_INTERVAL_S:
+                self.reputation.flush()
+                last_flush = time.monotonic()
+
+    def _handle(self, kind: str, session_id: str, chain: Chain | None, feed: Feed | None) -> None:
+        runner = self._runner
+        if runner is None:
+            return
+        if kind == "step":
+            assert chain is not None and feed is not None
+            if session_id not in self._sessions:
+                self._sessions[session_id] = self._begin(session_id, chain, feed)
+                while len(self._sessions) > MAX_TRACKED_SESSIONS:
+                    self._finish(self._sessions.popitem(last=False)[1])
+            audits = self._sessions[session_id]
+            for audit in audits or ():
+                if audit.done:
+                    continue
+                if chain.hops[audit.hop_index].peer_id != audit.primary.peer_id or len(chain) != len(audit.chain):
+                    runner.abandon(audit, "the session failed over to another chain")
+                elif audit.compared >= self.config.max_steps_per_audit:
+                    runner.finish(audit)
+                else:
+                    runner.shadow_step(audit, feed)
+        elif kind == "close":
+            self._finish(self._sessions.pop(session_id, None))
+        elif kind == "drop":
+            for audit in self._sessions.get(session_id) or ():
+                runner.abandon(audit, "verification queue overflowed")
+
+    def _finish(self, audits: list[Audit] | None) -> None:
+        for audit in audits or ():
+            self._runner.finish(audit)
+
+    def _begin(self, session_id: str, chain: Chain, feed: Feed) -> list[Audit] | None:
+        if feed.start != 0:
+            return None  # joined mid-session: the shadow could not rebuild the cache
+        audits = []
+        for index, hop in enumerate(chain.hops):
+            if self.rng.random() >= self.config.sample_rate:
+                continue
+            options = self.alternatives((hop.start, hop.end), {hop.peer_id})
+            if not options:
+                self.metrics.unverifiable.inc()
+                continue
+            self.metrics.audits.labels("1").inc()
+            secondary = self.rng.choice(options)
+            dtypes = [h.peer.dtype for h in chain.hops] + [secondary.dtype]
+            tol = tolerance_for(dtypes, self.config.tolerance.model_dump())
+            audits.append(Audit(session_id, index, chain, secondary, tol))
+        return audits or None
+
+    # ---- outcomes ----------------------------------------------------------------------------------
+
+    def _on_fail(self, peer_id: str, detail: str) -> None:
+        if self.slash is None or self.config.slash_hydra <= 0:
+            return
+        try:
+            slashed = self.slash(peer_id, int(self.config.slash_hydra * 1_000_000), f"failed audit: {detail}")
+            self.metrics.slashed.inc(slashed / 1_000_000)
+        except Exception as exc:
+            log.warning("slashing %s failed: %s", peer_id, exc)
+
+    def _record_outcome(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+        if self._on_outcome is not None:
+            self._on_outcome(outcome)
+
+    # ---- status ------------------------------------------------------------------------------------
+
+    def drain(self, timeout_s: float = 60.0) -> bool:
+        """Wait until every queued event has been handled (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._queue.empty() and self._idle.wait(0.05) and self._queue.empty():
+                return True
+        return False
+
+    def status(self) -> dict:
+        """``/v1/network/status`` section: the config in force, audit counts and every peer's score."""
+        c = self.config
+        body = self.reputation.status()
+        body["verification"] = {
+            "enabled": c.enabled, "sample_rate": c.sample_rate, "vote_peers": c.vote_peers,
+            "audit_rate": c.audit_rate, "tolerance": c.tolerance.model_dump(),
+            "outcomes": len(self.outcomes), "queue_depth": self._queue.qsize(),
+            "max_agreeing_diff": {str(tol): round(d, 6) for tol, d in
+                                  (self._runner.max_agreeing_diff.items() if self._runner else ())},
+        }
+        return body
+
+    def network_status(self) -> dict:
+        return self.status()
+
+    def metrics_text(self) -> str:
+        for peer_id in self.reputation.peer_ids():
+            comp = self.reputation.components(peer_id)
+            for name, value in comp.items():
+                self.metrics.reputation.labels(peer_id, name).set(value)
+            self.metrics.reputation.labels(peer_id, "score").set(self.reputation.score(peer_id))
+        return self.metrics.text()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.reputation.close()

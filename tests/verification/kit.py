@@ -1,0 +1,120 @@
+"""An in-process swarm for verification tests: real gRPC PeerServers (some with FaultyRuntime), real
+PeerChainClient and SwarmPipeline, and a Verifier with its SQLite reputation store."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from openhydra.discovery.records import PeerAnnouncement
+from openhydra.peer.client import ClientTunables, PeerChainClient
+from openhydra.peer.server import PeerServer
+from openhydra.router.swarm import SwarmPipeline
+from openhydra.runtime.sampling import SamplingParams
+from openhydra.runtime.shard import ShardRuntime
+from openhydra.verification.config import FaultConfig, VerificationConfig
+from openhydra.verification.reputation import ReputationStore
+from openhydra.verification.verifier import Verifier
+
+MODEL_ID = "tiny-test"
+GREEDY = SamplingParams()
+
+
+@dataclass
+class PeerSpec:
+    peer_id: str
+    start: int
+    end: int
+    dtype: torch.dtype = torch.float32
+    fault: FaultConfig | None = None
+    throughput: float = 100.0  # higher = cheaper: the route prefers it
+    threads: int | None = None  # set: a separate `python -m openhydra.peer.server` process
+
+
+def prompt_of(seed: int, n: int = 6) -> list[int]:
+    return torch.randint(3, 4000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+class PeerProcess:
+    """An honest peer as its own process (its own dtype and thread count)."""
+
+    def __init__(self, model_dir: Path, spec: PeerSpec) -> None:
+        dtype = str(spec.dtype).removeprefix("torch.")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "openhydra.peer.server", "--model-dir", str(model_dir), "--start",
+             str(spec.start), "--end", str(spec.end), "--dtype", dtype, "--threads", str(spec.threads)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(spec.threads)},
+        )
+        line = self.proc.stdout.readline()
+        match = re.match(r"READY (\S+)", line)
+        if not match:
+            self.proc.kill()
+            raise RuntimeError(f"peer process did not start: {line!r}")
+        self.address = match.group(1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+
+
+class Swarm:
+    def __init__(self, model_dir: Path, specs: list[PeerSpec], config: VerificationConfig, db_path: Path | None,
+                 *, route_by_reputation: bool = True, stake: dict[str, int] | None = None) -> None:
+        self.model_dir = model_dir
+        self.servers: list[PeerServer | PeerProcess] = []
+        self.records: list[PeerAnnouncement] = []
+        self.runtimes = {}
+        self.last_chain: list[str] = []
+        num_layers = ShardRuntime(model_dir, 0, 1).num_layers
+        for spec in specs:
+            if spec.threads is not None:
+                server = PeerProcess(model_dir, spec)
+                address = server.address
+            else:
+                runtime = ShardRuntime(model_dir, spec.start, spec.end, dtype=spec.dtype)
+                if spec.fault is not None:
+                    from openhydra.verification.faults import FaultyRuntime
+
+                    runtime = FaultyRuntime(runtime, spec.fault)
+                self.runtimes[spec.peer_id] = runtime
+                server = PeerServer(runtime)
+                address = server.start()
+            self.servers.append(server)
+            self.records.append(PeerAnnouncement(
+                peer_id=spec.peer_id, model_id=MODEL_ID, start=spec.start, end=spec.end, total_layers=num_layers,
+                grpc_address=address, dtype=str(spec.dtype).removeprefix("torch."), throughput_tps=spec.throughput,
+                announced_at=time.time(), ttl_s=86400.0,
+            ))
+        stake = stake or {}
+        self.reputation = ReputationStore(db_path, config.reputation, stake_of=lambda p: stake.get(p, 0))
+        self.verifier = Verifier(config, self.reputation)
+        self.client = PeerChainClient([], tunables=ClientTunables(step_timeout_s=60.0))
+        self.pipeline = SwarmPipeline(MODEL_ID, num_layers, lambda: list(self.records), self.client,
+                                      score=self.verifier.score if route_by_reputation else None,
+                                      verifier=self.verifier)
+
+    def generate(self, session: str, prompt: list[int], n: int, sampling: SamplingParams = GREEDY) -> list[int]:
+        tokens: list[int] = []
+        feed, pos = prompt, 0
+        for step in range(n):
+            token = self.pipeline.step(session, feed, pos, sampling, step)
+            tokens.append(token)
+            pos += len(feed)
+            feed = [token]
+        self.last_chain = self.pipeline.status()["sessions"].get(session, [])
+        self.pipeline.close(session)
+        return tokens
+
+    def close(self) -> None:
+        self.verifier.shutdown()
+        self.client.shutdown()
+        for server in self.servers:
+            server.stop()
