@@ -43,6 +43,7 @@ class ComputeSim(_Strict):
 class MeasureSim(_Strict):
     sample_s: float = Field(30.0, gt=0)
     best_route_fraction: float = Field(1.0, ge=0, le=1)
+    kill_busy_every_s: float = Field(0.0, ge=0)  # 0 = off; else a peer serving a session leaves this often
 
 
 class ModelSim(_Strict):
@@ -87,7 +88,7 @@ class RegionsSim(_Strict):
 
 
 class SimConfig(_Strict):
-    peers: int = Field(ge=1, le=1_000_000)
+    peers: int = Field(ge=0, le=1_000_000)  # initial swarm (0: scripted scenarios)
     horizon_s: float = Field(gt=0)
     churn_per_hour: float = Field(ge=0)
     graceful_fraction: float = Field(0.5, ge=0, le=1)

@@ -73,21 +73,36 @@ class Simulation:
     def now(self) -> float:
         return self.clock[0]
 
-    def run(self) -> Metrics:
+    def schedule_request(self, t: float, requested: str, prompt: int, new_tokens: int, coordinator: int = 0) -> None:
+        """One scripted request (tests and scenarios), besides the Poisson arrivals."""
+        self.at(t, "scripted", (requested, prompt, new_tokens, coordinator))
+
+    def schedule_leave(self, t: float, peer: SimPeer, graceful: bool) -> None:
+        self.at(t, "leave", (peer, graceful))
+
+    def run(self, arrivals: bool = True) -> Metrics:
+        """Run to the end: the initial swarm joins at t=0, then churn and requests until the horizon.
+
+        ``arrivals=False`` leaves out the random joins, leaves and requests (scripted scenarios).
+        """
         started = time.perf_counter()
         cfg = self.cfg
         for _ in range(cfg.peers):
             peer = self.swarm.join()
             if peer is not None:
-                self._schedule_peer(peer, first_announce=self.rng.uniform(0, cfg.discovery.announce_interval_s))
+                self._schedule_peer(peer, self.rng.uniform(0, cfg.discovery.announce_interval_s), arrivals)
         join_rate = cfg.peers * cfg.churn_per_hour / 3600.0
-        if join_rate > 0:
+        if arrivals and join_rate > 0:
             self.at(self.rng.expovariate(join_rate), "join")
-        self.at(self.rng.expovariate(cfg.request_rate_per_s), "request")
+        if arrivals:
+            self.at(self.rng.expovariate(cfg.request_rate_per_s), "request")
         self.at(0.0, "sample")
-        handlers = {"join": self._on_join, "leave": self._on_leave, "announce": self._on_announce,
+        if arrivals and cfg.measure.kill_busy_every_s > 0:
+            self.at(cfg.measure.kill_busy_every_s, "kill_busy")
+        handlers = {"join": self._on_join, "scripted": self._on_scripted, "leave": self._on_leave, "announce": self._on_announce,
                     "request": self._on_request, "route": self._on_route, "hop_failed": self._on_hop_failed,
-                    "complete": self._on_complete, "sample": self._on_sample}
+                    "complete": self._on_complete, "sample": self._on_sample,
+                    "kill_busy": self._on_kill_busy}
         while self._heap:
             t, _, kind, payload = heapq.heappop(self._heap)
             self.clock[0] = t
@@ -95,13 +110,13 @@ class Simulation:
         self.wall_s = time.perf_counter() - started
         return self.metrics
 
-    def _schedule_peer(self, peer: SimPeer, first_announce: float) -> None:
+    def _schedule_peer(self, peer: SimPeer, first_announce: float, churn: bool = True) -> None:
         cfg = self.cfg
         self.at(self.now + first_announce, "announce", peer)
-        if cfg.churn_per_hour > 0:
+        if churn and cfg.churn_per_hour > 0:
             life = self.rng.expovariate(cfg.churn_per_hour / 3600.0)
             if self.now + life < cfg.horizon_s:
-                self.at(self.now + life, "leave", peer)
+                self.at(self.now + life, "leave", (peer, self.rng.random() < cfg.graceful_fraction))
 
     # -- churn ------------------------------------------------------------------------------------------
     def _on_join(self, _: None) -> None:
@@ -120,8 +135,10 @@ class Simulation:
         if self.now + interval < self.cfg.horizon_s + 900.0:
             self.at(self.now + interval, "announce", peer)
 
-    def _on_leave(self, peer: SimPeer) -> None:
-        graceful = self.rng.random() < self.cfg.graceful_fraction
+    def _on_leave(self, payload: tuple[SimPeer, bool]) -> None:
+        peer, graceful = payload
+        if not peer.alive:
+            return
         self.swarm.leave(peer, graceful)
         for sid in sorted(peer.sessions):
             s = self.sessions[sid]
@@ -136,23 +153,38 @@ class Simulation:
                 else self.cfg.routing.crash_detect_s
             self.at(self.now + delay, "hop_failed", (s, peer.peer_id, s.version))
 
+    def _on_kill_busy(self, _: None) -> None:
+        """Fault injection: a peer serving a session now leaves (so recovery is measured often)."""
+        busy = sorted({p.peer_id for s in self.sessions.values() for p, _, _ in s.hops or [] if p.alive and p.sessions})
+        if busy:
+            peer = self.swarm.peers[self.rng.choice(busy)]
+            self._on_leave((peer, self.rng.random() < self.cfg.graceful_fraction))
+            self.metrics.forced_leaves += 1
+        t = self.now + self.cfg.measure.kill_busy_every_s
+        if t < self.cfg.horizon_s:
+            self.at(t, "kill_busy")
+
     # -- requests --------------------------------------------------------------------------------------
-    def _on_request(self, _: None) -> None:
-        cfg = self.cfg
-        names, shares = zip(*cfg.request_mix.items(), strict=True)
-        s = Session(
-            sid=self._next_sid,
-            coord=self.rng.choice(self.swarm.coordinators),
-            requested=self.rng.choices(names, weights=shares)[0],
-            prompt=self.rng.randint(*cfg.prompt_tokens),
-            new_tokens=self.rng.randint(*cfg.new_tokens),
-            arrived_at=self.now,
-            deadline=self.now + cfg.routing.route_wait_s,
-        )
+    def _open(self, coord: Coordinator, requested: str, prompt: int, new_tokens: int) -> Session:
+        s = Session(sid=self._next_sid, coord=coord, requested=requested, prompt=prompt, new_tokens=new_tokens,
+                    arrived_at=self.now, deadline=self.now + self.cfg.routing.route_wait_s)
         self._next_sid += 1
         self.sessions[s.sid] = s
         self.metrics.requests += 1
         self._on_route(s)
+        return s
+
+    def _on_scripted(self, payload: tuple[str, int, int, int]) -> None:
+        requested, prompt, new_tokens, coordinator = payload
+        self._open(self.swarm.coordinators[coordinator], requested, prompt, new_tokens)
+
+    def _on_request(self, _: None) -> None:
+        cfg = self.cfg
+        names, shares = zip(*cfg.request_mix.items(), strict=True)
+        coord = self.rng.choice(self.swarm.coordinators)
+        requested = self.rng.choices(names, weights=shares)[0]
+        prompt = self.rng.randint(*cfg.prompt_tokens)
+        self._open(coord, requested, prompt, self.rng.randint(*cfg.new_tokens))
         t = self.now + self.rng.expovariate(cfg.request_rate_per_s)
         if t < cfg.horizon_s:
             self.at(t, "request")
@@ -169,21 +201,24 @@ class Simulation:
             choice = nearest_covered_model(s.requested, order, maps, exclude=coord.bans.banned())
             self.metrics.route_choice_ms.append((time.perf_counter() - t0) * 1000.0)
             model, chain = (choice.model_id, choice.chain) if choice else (None, None)
+            if choice is not None and cfg.routing.spread > 0:  # nearest_covered_model takes no rng
+                chain = maps[model].chain(exclude=coord.bans.banned(), rng=self.rng) or chain
         else:  # failover: a peer or a sub-chain for exactly the failed span (SwarmPipeline._repair)
             model = s.model
             cmap = swarm.coverage_map(coord, model, refresh=True)
             banned = coord.bans.banned()
+            rng = self.rng if cfg.routing.spread > 0 else None
             t0 = time.perf_counter()
             chain = None
             if s.broken is not None and s.chain is not None:
-                patch = cmap.replacement_for(s.broken, exclude=banned)
+                patch = cmap.replacement_for(s.broken, exclude=banned, rng=rng)
                 if patch is not None:
                     index = next(i for i, h in enumerate(s.chain.hops) if (h.start, h.end) == s.broken)
                     spliced = Chain(s.chain.hops[:index] + patch.hops + s.chain.hops[index + 1:])
                     if not chain_problems(spliced, cfg.models[model].layers, model):
                         chain = spliced
             if chain is None:
-                chain = cmap.chain(exclude=banned)
+                chain = cmap.chain(exclude=banned, rng=rng)
             self.metrics.route_choice_ms.append((time.perf_counter() - t0) * 1000.0)
         if chain is None:
             if self.now + cfg.routing.retry_every_s <= s.deadline:
@@ -208,6 +243,7 @@ class Simulation:
         if version != s.version:
             return
         s.coord.bans.ban(peer_id)
+        self.metrics.banned.append(peer_id)
         self.metrics.failovers += 1
         s.attempts += 1
         if s.attempts > self.cfg.routing.max_failovers_per_step:

@@ -50,7 +50,9 @@ class Metrics:
     ttft_ms: list[float] = field(default_factory=list)
     recovery_ms: list[float] = field(default_factory=list)  # peer left -> next token at the client
     failovers: int = 0
+    banned: list[str] = field(default_factory=list)  # peers banned by a coordinator, in order
     sessions_hit: int = 0  # sessions that lost a peer mid-request
+    forced_leaves: int = 0  # peers made to leave while serving (measure.kill_busy_every_s)
     dead_on_route: int = 0  # chains that named a peer already gone (stale record)
     route_choice_ms: list[float] = field(default_factory=list)  # chain/replacement choice on a built map
     coverage: list[CoverageSample] = field(default_factory=list)
@@ -73,6 +75,7 @@ class Metrics:
             "ttft_ms_p50": percentile(self.ttft_ms, 50),
             "failovers": self.failovers,
             "sessions_hit": self.sessions_hit,
+            "forced_leaves": self.forced_leaves,
             "dead_on_route": self.dead_on_route,
             "recovery_ms_p50": percentile(self.recovery_ms, 50),
             "recovery_ms_p99": percentile(self.recovery_ms, 99),

@@ -74,10 +74,13 @@ class Swarm:
         total = self.cfg.models[model].layers
         span = choose_span(self.records(model), total, self.cfg.max_layers(hw, model), model_id=model,
                            now=EPOCH + self.now)
-        peer = world.make_peer(self.joined, tier, model, span, self.now, world.new_host())
+        return self.add(world.make_peer(self.joined, tier, model, span, self.now, world.new_host()))
+
+    def add(self, peer: SimPeer) -> SimPeer:
+        """Register a peer built by hand (scripted scenarios and tests) and announce it."""
         self.joined += 1
         self.peers[peer.peer_id] = peer
-        self.live[model][peer.peer_id] = peer
+        self.live[peer.model][peer.peer_id] = peer
         self.announce(peer)
         return peer
 
