@@ -99,9 +99,9 @@ class Simulation:
         self.at(0.0, "sample")
         if arrivals and cfg.measure.kill_busy_every_s > 0:
             self.at(cfg.measure.kill_busy_every_s, "kill_busy")
-        handlers = {"join": self._on_join, "scripted": self._on_scripted, "leave": self._on_leave, "announce": self._on_announce,
-                    "request": self._on_request, "route": self._on_route, "hop_failed": self._on_hop_failed,
-                    "complete": self._on_complete, "sample": self._on_sample,
+        handlers = {"join": self._on_join, "scripted": self._on_scripted, "leave": self._on_leave,
+                    "announce": self._on_announce, "request": self._on_request, "route": self._on_route,
+                    "hop_failed": self._on_hop_failed, "complete": self._on_complete, "sample": self._on_sample,
                     "kill_busy": self._on_kill_busy}
         while self._heap:
             t, _, kind, payload = heapq.heappop(self._heap)

@@ -74,7 +74,7 @@ def test_coverage_hole_without_a_fallback_fails_after_the_route_wait(cfg):
     sim.schedule_request(0.0, "big", prompt=8, new_tokens=4)
     m = sim.run(arrivals=False)
     assert m.succeeded == 0 and m.failed == {"no_route": 1}
-    assert [c.holes_layers for c in m.coverage if c.model == "big"][0] == 1
+    assert next(c.holes_layers for c in m.coverage if c.model == "big") == 1
 
 
 def test_no_replacement_for_the_failed_span_fails_the_request(cfg):
