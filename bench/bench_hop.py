@@ -7,19 +7,23 @@
 
 Everything runs on loopback, each server in its own process with 1 torch thread. Per decode step
 (one token) it times, interleaved round by round:
-  local 1  one span [0,L) in this process (no network): the compute of "1 peer"
-  local 3  the three spans chained in this process (no network): the compute of "3 peers"
+  local 1  one span [0,L) in a plain process (no network): the compute of "1 peer"
+  local 3  the three spans chained in a plain process (no network): the compute of "3 peers"
   1 peer   coordinator -> peer [0,L) -> coordinator: 2 one-way hops
   3 peers  coordinator -> [0,a) -> [a,b) -> [b,L) -> coordinator: 4 one-way hops, same total compute
   echo     a plain gRPC unary echo of one decode-sized activation (a round trip = 2 one-way hops)
 Protocol cost = peers - local with the same spans; per hop = cost / one-way hops; the echo's
 one-way cost is echo / 2. Medians over all steps.
+
+First it prints the protocol alone: the same client and servers with a null runtime (no compute,
+[1, 576] bf16 hidden states), in this process, 1 peer vs 3 peers: (3 - 1) / 2 = cost per extra hop.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import multiprocessing as mp
 import os
 import select
 import statistics
@@ -52,6 +56,82 @@ def _echo_server(port: int) -> None:
     server.start()
     print(f"READY 127.0.0.1:{bound}", flush=True)
     server.wait_for_termination()
+
+
+class _NullRuntime:
+    """Stands in for ShardRuntime with no compute, so only the protocol is timed."""
+
+    def __init__(self, start: int, end: int, num_layers: int = 8, hidden: int = 576, vocab: int = 64) -> None:
+        self.start, self.end, self.num_layers = start, end, num_layers
+        self.is_first, self.is_last = start == 0, end == num_layers
+        self.hidden_size, self.vocab_size, self.dtype = hidden, vocab, torch.bfloat16
+        self.model_type, self.model_dir = "null", Path("null")
+
+    def forward(self, session_id, positions, *, input_ids=None, hidden_states=None, all_logits=False):
+        if self.is_last:
+            return torch.zeros(1, self.vocab_size)  # logits [1, V]
+        return torch.zeros(positions.numel(), self.hidden_size, dtype=self.dtype)  # hidden [S, D]
+
+    def session_length(self, session_id: str) -> int:
+        return 0
+
+    def close_session(self, session_id: str) -> None:
+        pass
+
+    def session_count(self) -> int:
+        return 0
+
+
+def _null_chain_ms(splits: list[tuple[int, int]], steps: int) -> list[float]:
+    from openhydra.peer.server import PeerServer
+
+    servers = [PeerServer(_NullRuntime(a, b)) for a, b in splits]
+    route = [HopSpec(address=s.start(), start=a, end=b) for s, (a, b) in zip(servers, splits, strict=True)]
+    client = PeerChainClient(route)
+    greedy = SamplingParams()
+    try:
+        for i in range(20):  # warm up
+            client.step("warm", [1], i, greedy, i)
+        times = []
+        for i in range(steps):
+            t0 = time.perf_counter()
+            client.step("timed", [1], i, greedy, i)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+    finally:
+        client.shutdown()
+        for server in servers:
+            server.stop()
+
+
+def protocol_only(rounds: int, steps: int) -> None:
+    one: list[float] = []
+    three: list[float] = []
+    for _ in range(rounds):
+        one += _null_chain_ms([(0, 8)], steps)
+        three += _null_chain_ms([(0, 3), (3, 5), (5, 8)], steps)
+    m1, m3 = statistics.median(one), statistics.median(three)
+    print(f"protocol only (null runtime, in-process, {rounds} rounds x {steps} steps):")
+    print(f"  1 peer {m1:.3f} ms   3 peers {m3:.3f} ms   per extra hop {(m3 - m1) / 2:.3f} ms")
+
+
+def _local_worker(conn, model_dir: str, dtype_name: str, splits, prompt: list[int], steps: int) -> None:
+    torch.set_num_threads(1)
+    dtype = getattr(torch, dtype_name)
+    spans = {
+        "1": [ShardRuntime(model_dir, 0, splits[-1][1], dtype=dtype)],
+        "3": [ShardRuntime(model_dir, a, b, dtype=dtype) for a, b in splits],
+    }
+    while (request := conn.recv()) is not None:
+        which, sid = request
+        chain = spans[which]
+
+        def step(ids, pos, _i, chain=chain, sid=sid):
+            return int(pipeline_step(chain, sid, torch.tensor(ids), pos)[-1].argmax())
+
+        conn.send(_decode_latencies(step, prompt, steps))
+        for rt in chain:
+            rt.close_session(sid)
 
 
 def _spawn(args: list[str]) -> tuple[subprocess.Popen, str]:
@@ -89,12 +169,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--protocol-only", action="store_true", help="only the null-runtime measurement")
     parser.add_argument("--echo-server", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server is not None:
         _echo_server(args.echo_server)
         return
     torch.set_num_threads(1)
+    protocol_only(args.rounds, 100)
+    if args.protocol_only:
+        return
     model_dir = args.model_dir
     if model_dir in (None, "tiny", "smollm2"):
         from openhydra.runtime.source import embedded_model_dir
@@ -127,25 +211,29 @@ def main() -> None:
 
         one = PeerChainClient([HopSpec(address=full_addr, start=0, end=num_layers)])
         three = PeerChainClient(route3)
-        local = [ShardRuntime(model_dir, a, b, dtype=dtype) for a, b in splits]
+        prompt = list(range(100, 132))
+        ctx = mp.get_context("spawn")
+        conn, child_conn = ctx.Pipe()
+        # The local baselines run in their own process: grpc's threads in this one would slow them.
+        worker = ctx.Process(target=_local_worker, args=(child_conn, model_dir, args.dtype, splits, prompt, args.steps))
+        worker.start()
         channel = grpc.insecure_channel(echo_addr)
         echo = channel.unary_unary(ECHO_METHOD)
-        payload = b"\x01" * (local[0].hidden_size * torch.tensor([], dtype=dtype).element_size())
-        prompt = list(range(100, 132))
+        hidden = load_text_config(model_dir).hidden_size
+        payload = b"\x01" * (hidden * torch.tensor([], dtype=dtype).element_size())
         greedy = SamplingParams()
-        local_full = [ShardRuntime(model_dir, 0, num_layers, dtype=dtype)]
+
+        def local_run(which: str, sid: str) -> list[float]:
+            conn.send((which, sid))
+            return conn.recv()
+
         results: dict[str, list[float]] = {"local 1": [], "local 3": [], "1 peer": [], "3 peers": [], "echo": []}
         for r in range(args.rounds + 1):  # round 0 warms up and is discarded
             sid = f"r{r}"
 
-            def local_step(ids, pos, _i, sid=sid, spans=local):
-                return int(pipeline_step(spans, sid, torch.tensor(ids), pos)[-1].argmax())
-
             runs = {
-                "local 1": lambda: _decode_latencies(
-                    lambda ids, pos, i: local_step(ids, pos, i, spans=local_full), prompt, args.steps
-                ),
-                "local 3": lambda: _decode_latencies(local_step, prompt, args.steps),
+                "local 1": lambda sid=sid: local_run("1", sid),
+                "local 3": lambda sid=sid: local_run("3", sid),
                 "1 peer": lambda sid=sid: _decode_latencies(
                     lambda ids, pos, i: one.step(sid, ids, pos, greedy, i), prompt, args.steps
                 ),
@@ -160,8 +248,6 @@ def main() -> None:
                     results[name].extend(times)
             one.close(sid)
             three.close(sid)
-            for rt in [*local, *local_full]:
-                rt.close_session(sid)
         med = {k: statistics.median(v) for k, v in results.items()}
         p90 = {k: sorted(v)[int(0.9 * len(v))] for k, v in results.items()}
         print(f"model {model_dir} {args.dtype}, splits {splits}, {args.rounds} rounds x {args.steps} decode steps")
@@ -177,6 +263,8 @@ def main() -> None:
         one.shutdown()
         three.shutdown()
         channel.close()
+        conn.send(None)
+        worker.join(timeout=30)
     finally:
         for proc in procs:
             proc.terminate()

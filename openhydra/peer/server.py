@@ -254,7 +254,8 @@ class PeerService(pb_grpc.PeerServicer):
 
 
 async def _ignore_broken(address: str, code: grpc.StatusCode, details: str, context: Any) -> None:
-    log.warning("result stream to coordinator %s ended: %s %s", address, code.name, details)
+    # Normal when a coordinator shuts down or restarts; its pending steps fail over on its side.
+    log.info("result stream to coordinator %s ended: %s %s", address, code.name, details)
 
 
 class PeerServer:
