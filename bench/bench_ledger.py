@@ -164,7 +164,7 @@ def plot(results: dict[str, Any], decode: dict[str, float], out: Path) -> None:
     ax1.bar([i + 0.2 for i in x], multi, 0.4, label=f"{WRITERS} writer processes")
     ax1.set_xticks(list(x), kinds)
     ax1.set_ylabel("settlements / s")
-    ax1.set_title("Ledger throughput (3-peer signed receipts)")
+    ax1.set_title(f"Ledger throughput (3-peer signed receipts), load avg {os.getloadavg()[0]:.1f}", fontsize=10)
     ax1.legend()
     tokens = [16, 32, 64, 128, 256, 512]
     for k in kinds:
