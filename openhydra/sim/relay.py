@@ -1,0 +1,170 @@
+"""A userspace TCP delay relay: per-link one-way latency and a bandwidth cap (no ``tc netem`` here).
+
+Each link direction is modelled as a wire: a chunk that arrives at ``t`` starts sending when the
+wire is free (``free = max(t, free) + len / rate``) and is delivered ``delay`` after that. Order is
+kept, and gRPC over HTTP/2 passes through unchanged (bytes are not interpreted).
+
+The relay listens on ``(host, port)`` pairs. For each accepted connection it learns the source
+(the peer's address) and the destination it was addressed to (``getsockname``, which also works
+for AnyIP routes where one listener on 0.0.0.0 accepts for a whole subnet), asks ``policy`` for the
+link's delay and rate, and connects onward, optionally from a fixed source address.
+
+    python -m openhydra.sim.relay --config relay.json
+    relay.json: {"listen": [["0.0.0.0", 50051], ...], "bind_source": "10.77.0.2",
+                 "targets": {"10.78.0.11": "10.78.0.11"}, "links": {"10.77.0.12>10.78.0.11": [10.0, 100.0]},
+                 "default": [10.0, 100.0]}          # [one-way delay ms, rate Mbit/s (0 = no cap)]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    delay_ms: float  # one-way, added to every chunk
+    rate_mbit: float = 0.0  # 0 = no cap
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.rate_mbit * 125_000.0
+
+
+Policy = Callable[[str, str], LinkSpec]  # (source ip, destination ip) -> link
+
+
+class Wire:
+    """One direction of a link: serialization at ``rate`` then a fixed ``delay``."""
+
+    def __init__(self, spec: LinkSpec, clock: Callable[[], float] = time.monotonic) -> None:
+        self.spec = spec
+        self._clock = clock
+        self._free_at = 0.0
+
+    def deliver_at(self, nbytes: int, now: float | None = None) -> float:
+        now = self._clock() if now is None else now
+        start = max(now, self._free_at)
+        self._free_at = start + (nbytes / self.spec.bytes_per_s if self.spec.rate_mbit > 0 else 0.0)
+        return self._free_at + self.spec.delay_ms / 1000.0
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wire: Wire) -> None:
+    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+    async def read() -> None:
+        try:
+            while data := await reader.read(CHUNK):
+                await queue.put((wire.deliver_at(len(data)), data))
+        except (ConnectionError, OSError):
+            pass
+        await queue.put((wire.deliver_at(0), b""))
+
+    task = asyncio.get_running_loop().create_task(read())
+    try:
+        while True:
+            at, data = await queue.get()
+            delay = at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if not data:
+                with contextlib.suppress(OSError):
+                    writer.write_eof()
+                break
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        task.cancel()
+
+
+class DelayRelay:
+    def __init__(self, listen: list[tuple[str, int]], policy: Policy, *, targets: dict[str, str] | None = None,
+                 bind_source: str | None = None, connect_timeout_s: float = 5.0) -> None:
+        self.listen = listen
+        self.policy = policy
+        self.targets = targets or {}  # destination ip -> ip to connect to (default: the same)
+        self.bind_source = bind_source
+        self.connect_timeout_s = connect_timeout_s
+        self._servers: list[asyncio.base_events.Server] = []
+        self.connections = 0
+
+    async def start(self) -> None:
+        for host, port in self.listen:
+            self._servers.append(await asyncio.start_server(self._handle, host, port, reuse_address=True))
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            await server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        src = writer.get_extra_info("peername")[0]
+        dst, port = writer.get_extra_info("sockname")[:2]
+        self.connections += 1
+        forward, back = self.policy(src, dst), self.policy(dst, src)
+        target = self.targets.get(dst, dst)
+        try:
+            local = (self.bind_source, 0) if self.bind_source else None
+            up_reader, up_writer = await asyncio.wait_for(
+                asyncio.open_connection(target, port, local_addr=local), self.connect_timeout_s)
+        except (OSError, TimeoutError) as exc:
+            log.info("relay %s -> %s:%d failed: %s", src, target, port, exc)
+            writer.close()
+            return
+        # the SYN also crosses the link: hold the first bytes by one delay each way (pumps do that)
+        await asyncio.gather(_pump(reader, up_writer, Wire(forward)), _pump(up_reader, writer, Wire(back)))
+        for w in (writer, up_writer):
+            with contextlib.suppress(OSError):
+                w.close()
+
+
+def policy_from(links: dict[str, list[float]], default: list[float]) -> Policy:
+    table = {tuple(k.split(">")): LinkSpec(*v) for k, v in links.items()}
+    fallback = LinkSpec(*default)
+
+    def policy(src: str, dst: str) -> LinkSpec:
+        return table.get((src, dst), fallback)
+
+    return policy
+
+
+async def serve(config: dict) -> None:
+    relay = DelayRelay([(h, int(p)) for h, p in config["listen"]],
+                       policy_from(config.get("links", {}), config.get("default", [0.0, 0.0])),
+                       targets=config.get("targets"), bind_source=config.get("bind_source"))
+    await relay.start()
+    print(f"relay listening on {len(relay.listen)} addresses", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await relay.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="JSON file: listen, links, default, targets, bind_source")
+    args = parser.parse_args()
+    with open(args.config) as fh:
+        config = json.load(fh)
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()
