@@ -26,6 +26,7 @@ from openhydra.peer.errors import HopError, status_code
 from openhydra.peer.messages import HopSpec
 from openhydra.peer.outbound import (
     CHANNEL_OPTIONS,
+    MAX_MESSAGE_BYTES,
     STREAM_LIFETIME_S,
     ChannelPool,
     OutboundStream,
@@ -251,7 +252,7 @@ class PeerChainClient:
             expected = f.expected_position if f.expected_position >= 0 else None
             future.set_exception(HopError(f.hop_address, status_code(f.code), f.message, expected))
             return
-        logits = decode_tensor(result.logits) if result.HasField("logits") else None
+        logits = decode_tensor(result.logits, max_bytes=MAX_MESSAGE_BYTES) if result.HasField("logits") else None
         future.set_result(
             StepResult(
                 token=result.token,
