@@ -82,6 +82,7 @@ def check_after_crashes(url: str, ack_path: Path) -> tuple[int, int]:
     assert t.settlements == len(stored) + 1
     assert t.credits_minted == (len(stored) + 1) * TOKENS * MICRO // 1000
     led.close()
+    print(f"\n{url.split('?')[0]}: {len(acked)} acknowledged, {len(stored)} stored after the kills")
     return len(acked), len(stored)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -17,9 +18,13 @@ from openhydra.economy.ledger import Ledger
 from openhydra.economy.receipts import build_settlement
 from openhydra.economy.units import MICRO
 
-from ..conftest import free_port
-
 REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _start(tmp_path: Path, mode: str) -> tuple[str, Identity, str, subprocess.Popen[bytes]]:
