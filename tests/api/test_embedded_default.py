@@ -67,3 +67,22 @@ def test_ollama_greedy_equals_generate_on_real_weights(default_node, reference):
     assert reply.message.content == expected
     assert reply.done_reason == "stop"  # SmolLM2 ends its answer before 32 tokens
     assert reply.eval_count == len(reference.tokenizer(expected, add_special_tokens=False)["input_ids"])
+
+
+def test_readme_curl_examples_work_as_written(default_node):
+    """Every `curl` line in the README's API section runs against a default node and gets a 2xx."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    api_section = readme.split("## The API", 1)[1].split("\n## ", 1)[0]
+    commands = [line for line in api_section.splitlines() if line.startswith("curl ")]
+    assert len(commands) >= 14
+    for command in commands:
+        local = command.replace("127.0.0.1:8080", f"127.0.0.1:{default_node.port}")
+        local = re.sub(r"^curl ", "curl --fail-with-body -o /dev/null -w '%{http_code}' ", local)
+        local = local.replace(" | head", "")
+        out = subprocess.run(["bash", "-c", local], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, (command, out.stdout, out.stderr)
+        assert out.stdout.strip().startswith("2"), (command, out.stdout)
