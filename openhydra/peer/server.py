@@ -123,9 +123,12 @@ class PeerService(pb_grpc.PeerServicer):
                 raise ValueError(f"token ids must lie in [0, {self.runtime.vocab_size})")
             return ids
         try:
-            return decode_tensor(message, shape=(n, self.runtime.hidden_size), dtypes=FLOAT_DTYPES)
+            hidden = decode_tensor(message, shape=(n, self.runtime.hidden_size), dtypes=FLOAT_DTYPES)
         except WireError as exc:
             raise ValueError(f"hidden states: {exc}") from None
+        if not bool(torch.isfinite(hidden).all()):
+            raise ValueError("hidden states contain NaN or Inf")  # would poison this session's cache
+        return hidden
 
     async def _process(self, header: StepHeader, step: pb.Step, tensor: torch.Tensor) -> None:
         if header.deadline_unix_ms and time.time() * 1000 > header.deadline_unix_ms:

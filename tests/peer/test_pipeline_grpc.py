@@ -185,6 +185,7 @@ def test_malformed_steps_rejected_with_invalid_argument(chain) -> None:
         "no session": _raw_step(route, 1, good_hidden, 3, reply, session_id=""),
         "sampling": _raw_step(route, 1, good_hidden, 3, reply, sampling=pb.Sampling(temperature=-1.0)),
         "reply address": _raw_step(route, 1, good_hidden, 3, "not-an-address"),
+        "non-finite": _raw_step(route, 1, encode_tensor(torch.full((3, 64), float("nan"))), 3, reply),
     }
     served_before = client.info(middle).steps_served
     for what, step in bad.items():
