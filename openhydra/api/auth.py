@@ -100,9 +100,7 @@ class SwarmSecret:
         issued_at = int(time.time()) if issued_at is None else issued_at
         return b64encode(self._mac(peer_id, issued_at, announcement))
 
-    def verify(
-        self, peer_id: str, announcement: bytes, issued_at: int, proof: str, now: float | None = None
-    ) -> bool:
+    def verify(self, peer_id: str, announcement: bytes, issued_at: int, proof: str, now: float | None = None) -> bool:
         if self._key is None:
             return True
         now = time.time() if now is None else now

@@ -58,9 +58,7 @@ class SlidingWindowLimiter:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if limit < 1 or window_s <= 0 or max_clients < 1:
-            raise ValueError(
-                f"limit ({limit}), window_s ({window_s}) and max_clients ({max_clients}) must be positive"
-            )
+            raise ValueError(f"limit ({limit}), window_s ({window_s}) and max_clients ({max_clients}) must be positive")
         self.limit = limit
         self.window_s = window_s
         self.max_clients = max_clients

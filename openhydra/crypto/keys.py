@@ -162,9 +162,7 @@ def _exchange(private: X25519PrivateKey, peer_public: bytes) -> bytes:
 def initiate_hop(static_public: bytes, session_id: str, hop_index: int) -> tuple[bytes, HopKeys]:
     """Coordinator side: a fresh ephemeral key for this (session, hop). Returns (E, keys)."""
     ephemeral = X25519PrivateKey.generate()
-    ephemeral_public = ephemeral.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
+    ephemeral_public = ephemeral.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     shared = _exchange(ephemeral, static_public)
     return ephemeral_public, derive_hop_keys(shared, session_id, hop_index, ephemeral_public, static_public)
 

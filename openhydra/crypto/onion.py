@@ -170,11 +170,7 @@ def wrap_route(
     keys = [k for _, k in agreed]
     n = len(hops)
     plaintexts_sizes = [
-        len(
-            _plaintext(
-                hops[i - 1].ref if i else None, hops[i + 1].ref if i + 1 < n else None, b"", h.payload, b"", 0
-            )
-        )
+        len(_plaintext(hops[i - 1].ref if i else None, hops[i + 1].ref if i + 1 < n else None, b"", h.payload, b"", 0))
         + 32
         for i, h in enumerate(hops)
     ]
@@ -232,9 +228,7 @@ def peel(onion: bytes, static: StaticKeyPair, session_id: str) -> PeeledLayer:
     except InvalidStaticKey as exc:  # a low-order ephemeral key: the header was altered
         raise TamperedMessage(f"onion layer for hop {hop} carries an invalid ephemeral key") from exc
     try:
-        plaintext = AESGCM(keys.layer_key).decrypt(
-            nonce, onion[_HEADER.size :], _ad(hop, eph, nonce, session_id)
-        )
+        plaintext = AESGCM(keys.layer_key).decrypt(nonce, onion[_HEADER.size :], _ad(hop, eph, nonce, session_id))
     except InvalidTag as exc:
         raise TamperedMessage(f"onion layer for hop {hop} failed authentication") from exc
     try:

@@ -76,9 +76,7 @@ def test_activations_flow_through_the_route(three_nodes: list[Any]) -> None:
         got = Opener(layer.keys.ingress_key, SESSION, i, Direction.FORWARD).open(msg).plaintext
         hidden = bytes((x + 1) % 256 for x in got)  # "run the layers"
         last = layer.successor is None
-        out = Sealer(
-            layer.egress_key, SESSION, i if last else i + 1, Direction.RETURN if last else Direction.FORWARD
-        )
+        out = Sealer(layer.egress_key, SESSION, i if last else i + 1, Direction.RETURN if last else Direction.FORWARD)
         msg = out.seal(0, hidden)
     result = Opener(route.return_key, SESSION, 2, Direction.RETURN).open(msg).plaintext
     assert result == bytes((x + 3) % 256 for x in bytes(range(256)) * 7)
@@ -131,9 +129,7 @@ def test_truncation_wrong_session_and_wrong_key_rejected(three_nodes: list[Any])
 
 
 def test_onion_size_hides_route_length(make_node: Callable[..., Any]) -> None:
-    sizes = {
-        len(wrap_route(SESSION, [make_node(i).route_hop() for i in range(n)]).onion) for n in (1, 2, 3, 5, 8)
-    }
+    sizes = {len(wrap_route(SESSION, [make_node(i).route_hop() for i in range(n)]).onion) for n in (1, 2, 3, 5, 8)}
     assert sizes == {2048}
     with pytest.raises(ValueError, match="pad_to"):
         wrap_route(SESSION, [make_node().route_hop(b"x" * 3000)])

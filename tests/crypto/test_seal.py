@@ -23,9 +23,7 @@ KEY = bytes(range(32))
     hop=st.integers(0, 255),
     direction=st.sampled_from(list(Direction)),
 )
-def test_round_trip_property(
-    steps: list[int], payload: bytes, session: str, hop: int, direction: Direction
-) -> None:
+def test_round_trip_property(steps: list[int], payload: bytes, session: str, hop: int, direction: Direction) -> None:
     sealer, opener = channel(KEY, session, hop, direction)
     for i, step in enumerate(sorted(steps)):
         msg = sealer.seal(step, payload + bytes([i % 256]))
