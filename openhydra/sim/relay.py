@@ -88,6 +88,8 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wire
         pass
     finally:
         task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 class DelayRelay:
@@ -99,6 +101,7 @@ class DelayRelay:
         self.bind_source = bind_source
         self.connect_timeout_s = connect_timeout_s
         self._servers: list[asyncio.base_events.Server] = []
+        self._tasks: set[asyncio.Task] = set()
         self.connections = 0
 
     async def start(self) -> None:
@@ -108,10 +111,17 @@ class DelayRelay:
     async def close(self) -> None:
         for server in self._servers:
             server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for server in self._servers:
             await server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         src = writer.get_extra_info("peername")[0]
         dst, port = writer.get_extra_info("sockname")[:2]
         self.connections += 1
