@@ -17,6 +17,7 @@ Layer wire format (integers big-endian)::
     plaintext = flags(u8: bit0 predecessor is the coordinator, bit1 successor is the coordinator)
                 || pred_id_len(u8) || pred_id || pred_addr_len(u8) || pred_addr
                 || succ_id_len(u8) || succ_id || succ_addr_len(u8) || succ_addr
+                                    (when the successor is the coordinator: its reply address, or empty)
                 || egress_key(32)   key to seal what this hop sends on (the successor's ingress key,
                                     or this hop's return key when the successor is the coordinator)
                 || payload_len(u16) || payload    opaque instructions for this hop (e.g. its layer span)
@@ -104,6 +105,8 @@ class PeeledLayer:
     payload: bytes
     inner: bytes
     """The next hop's onion (empty for the last hop)."""
+    reply_to: HopRef | None = None
+    """Last hop only: where the coordinator wants results delivered (if it said)."""
 
     def __repr__(self) -> str:
         return f"PeeledLayer(hop={self.hop_index}, pred={self.predecessor}, succ={self.successor})"
@@ -126,7 +129,13 @@ def _encode_ref(ref: HopRef | None) -> bytes:
 
 
 def _plaintext(
-    pred: HopRef | None, succ: HopRef | None, egress: bytes, payload: bytes, inner: bytes, pad: int
+    pred: HopRef | None,
+    succ: HopRef | None,
+    egress: bytes,
+    payload: bytes,
+    inner: bytes,
+    pad: int,
+    reply_to: HopRef | None = None,
 ) -> bytes:
     if len(payload) > 0xFFFF:
         raise ValueError(f"per-hop payload is limited to 65535 bytes, got {len(payload)}")
@@ -135,7 +144,7 @@ def _plaintext(
         (
             bytes([flags]),
             _encode_ref(pred),
-            _encode_ref(succ),
+            _encode_ref(reply_to if succ is None else succ),
             egress,
             struct.pack(">H", len(payload)),
             payload,
@@ -157,10 +166,12 @@ def wrap_route(
     hops: Sequence[RouteHop],
     pad_to: int | None = DEFAULT_ONION_SIZE,
     now: float | None = None,
+    reply_to: HopRef | None = None,
 ) -> WrappedRoute:
     """Build the onion for ``hops`` (in pipeline order). Every static key is verified first
     (:class:`~openhydra.crypto.errors.InvalidStaticKey` names the bad one); fresh ephemeral keys
-    are generated for every hop, so two routes never share keys."""
+    are generated for every hop, so two routes never share keys. ``reply_to`` (the coordinator's
+    address for results) goes into the last layer only, so no other hop learns it."""
     if not 1 <= len(hops) <= 255:
         raise ValueError(f"a route has 1..255 hops, got {len(hops)}")
     agreed = [
@@ -169,10 +180,12 @@ def wrap_route(
     ]
     keys = [k for _, k in agreed]
     n = len(hops)
+
+    def neighbours(i: int) -> tuple[HopRef | None, HopRef | None]:
+        return (hops[i - 1].ref if i else None), (hops[i + 1].ref if i + 1 < n else None)
+
     plaintexts_sizes = [
-        len(_plaintext(hops[i - 1].ref if i else None, hops[i + 1].ref if i + 1 < n else None, b"", h.payload, b"", 0))
-        + 32
-        for i, h in enumerate(hops)
+        len(_plaintext(*neighbours(i), bytes(32), h.payload, b"", 0, reply_to)) for i, h in enumerate(hops)
     ]
     unpadded = sum(plaintexts_sizes) + n * LAYER_OVERHEAD
     pad = 0
@@ -183,14 +196,7 @@ def wrap_route(
     inner = b""
     for i in reversed(range(n)):
         egress = keys[i + 1].ingress_key if i + 1 < n else keys[i].return_key
-        plaintext = _plaintext(
-            hops[i - 1].ref if i else None,
-            hops[i + 1].ref if i + 1 < n else None,
-            egress,
-            hops[i].payload,
-            inner,
-            pad if i == n - 1 else 0,
-        )
+        plaintext = _plaintext(*neighbours(i), egress, hops[i].payload, inner, pad if i == n - 1 else 0, reply_to)
         inner = _seal_layer(session_id, i, agreed[i][0], keys[i].layer_key, plaintext)
     return WrappedRoute(onion=inner, hop_keys=keys)
 
@@ -209,9 +215,9 @@ class _Reader:
     def short(self) -> str:
         return self.take(self.take(1)[0]).decode()
 
-    def ref(self, is_coordinator: bool) -> HopRef | None:
+    def ref(self) -> HopRef | None:
         peer_id, address = self.short(), self.short()
-        return None if is_coordinator else HopRef(peer_id=peer_id, address=address)
+        return HopRef(peer_id=peer_id, address=address) if peer_id or address else None
 
 
 def peel(onion: bytes, static: StaticKeyPair, session_id: str) -> PeeledLayer:
@@ -234,13 +240,15 @@ def peel(onion: bytes, static: StaticKeyPair, session_id: str) -> PeeledLayer:
     try:
         r = _Reader(plaintext)
         flags = r.take(1)[0]
-        pred = r.ref(bool(flags & _FLAG_PRED_COORD))
-        succ = r.ref(bool(flags & _FLAG_SUCC_COORD))
+        pred_ref = r.ref()
+        pred = None if flags & _FLAG_PRED_COORD else pred_ref
+        succ_or_reply = r.ref()
+        succ, reply_to = (None, succ_or_reply) if flags & _FLAG_SUCC_COORD else (succ_or_reply, None)
         egress = r.take(32)
         payload = r.take(struct.unpack(">H", r.take(2))[0])
         inner = r.take(struct.unpack(">I", r.take(4))[0])
     except (UnicodeDecodeError, ValueError) as exc:  # authentic but ill-formed: a coordinator bug
         raise MalformedMessage("onion layer plaintext is ill-formed") from exc
-    if (succ is None) != (not inner):
-        raise MalformedMessage("onion layer's successor and inner onion disagree")
-    return PeeledLayer(hop, pred, succ, keys, egress, payload, inner)
+    if (succ is None) != (not inner) or (pred is None) != bool(flags & _FLAG_PRED_COORD):
+        raise MalformedMessage("onion layer's neighbours and inner onion disagree")
+    return PeeledLayer(hop, pred, succ, keys, egress, payload, inner, reply_to)

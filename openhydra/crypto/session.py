@@ -29,9 +29,15 @@ from openhydra.crypto.seal import Direction, OpenedMessage, Opener, Sealer
 class CoordinatorSession:
     """The coordinator's side of one route of one session (a failover makes a new one)."""
 
-    def __init__(self, session_id: str, hops: Sequence[RouteHop], pad_to: int | None = DEFAULT_ONION_SIZE) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        hops: Sequence[RouteHop],
+        pad_to: int | None = DEFAULT_ONION_SIZE,
+        reply_to: HopRef | None = None,
+    ) -> None:
         self.session_id = session_id
-        self.route = wrap_route(session_id, hops, pad_to=pad_to)
+        self.route = wrap_route(session_id, hops, pad_to=pad_to, reply_to=reply_to)
         self.last_hop = len(hops) - 1
         self._to_first = Sealer(self.route.first_ingress_key, session_id, 0, Direction.FORWARD)
         self._from_last = Opener(self.route.return_key, session_id, self.last_hop, Direction.RETURN)
@@ -76,6 +82,11 @@ class PeerSession:
     def successor(self) -> HopRef | None:
         """Where to send output; None: back to the coordinator."""
         return self.layer.successor
+
+    @property
+    def reply_to(self) -> HopRef | None:
+        """Last hop: the coordinator's address for results, from the onion (not the clear Step)."""
+        return self.layer.reply_to
 
     @property
     def inner_onion(self) -> bytes:

@@ -164,3 +164,17 @@ def test_wrap_peel_round_trip_property(
         assert layer.keys == route.hop_keys[i]
         blob = layer.inner
     assert blob == b""
+
+
+def test_reply_address_reaches_only_the_last_hop(three_nodes: list[Any]) -> None:
+    from openhydra.crypto.onion import HopRef
+
+    coordinator = HopRef(peer_id="coordinator", address="127.0.0.1:8080")
+    route = wrap_route(SESSION, [n.route_hop() for n in three_nodes], reply_to=coordinator)
+    peeled, forwarded, rejected = run_chain(route.onion, three_nodes)
+    assert rejected is None
+    assert [p.reply_to for p in peeled] == [None, None, coordinator]
+    assert peeled[2].successor is None and peeled[0].predecessor is None
+    assert len(route.onion) == 2048
+    for blob in [route.onion] + [f for _, f in forwarded]:
+        assert b"127.0.0.1:8080" not in blob
