@@ -39,7 +39,7 @@ from openhydra.peer.errors import HopError
 from openhydra.peer.messages import HopSpec
 from openhydra.router.coverage import Chain
 from openhydra.runtime.sampling import SamplingParams
-from openhydra.verification.compare import Answer, Comparison, Verdict, compare
+from openhydra.verification.compare import Answer, Comparison, Verdict, compare, tolerance_for
 from openhydra.verification.metrics import VerificationMetrics
 from openhydra.verification.reputation import ReputationStore
 
@@ -63,7 +63,8 @@ class Audit:
     hop_index: int
     chain: Chain  # the primary chain when the audit began
     secondary: PeerAnnouncement
-    tol: float
+    tolerances: dict[str, float]  # by dtype (VerificationConfig.tolerance)
+    dtypes: set[str] = field(default_factory=set)  # of every peer whose answers are compared
     shadow_session: str = field(default_factory=lambda: "audit-" + uuid.uuid4().hex)
     feeds: list[Feed] = field(default_factory=list)
     compared: int = 0
@@ -72,6 +73,14 @@ class Audit:
     @property
     def primary(self) -> PeerAnnouncement:
         return self.chain.hops[self.hop_index].peer
+
+    def __post_init__(self) -> None:
+        self.dtypes |= {h.peer.dtype for h in self.chain.hops} | {self.secondary.dtype}
+
+    @property
+    def tol(self) -> float:
+        """The loosest tolerance among the dtypes involved: a bf16 auditor loosens an fp32 pair's."""
+        return tolerance_for(self.dtypes, self.tolerances)
 
     @property
     def span(self) -> tuple[int, int]:
@@ -207,6 +216,7 @@ class AuditRunner:
                                             (audit.secondary.peer_id, secondary_answer)]
         exclude = {p for p, _ in voters}
         for peer in self._pick(audit.span, exclude, self.vote_peers - 2):
+            audit.dtypes.add(peer.dtype)
             try:
                 voters.append((peer.peer_id, self._replay(audit.feeds, swapped_route(audit.chain, audit.hop_index,
                                                                                       peer))[-1]))
@@ -252,6 +262,7 @@ class AuditRunner:
             return
         self.metrics.audits.labels("3").inc()
         auditor = auditors[0]
+        audit.dtypes.add(auditor.dtype)
         try:
             answers = self._replay(audit.feeds, swapped_route(audit.chain, audit.hop_index, auditor))
         except HopError as exc:
@@ -265,6 +276,7 @@ class AuditRunner:
                 continue
             voters: list[tuple[str, Answer]] = [(auditor.peer_id, answer)]
             for peer in self._pick(audit.span, {*pair, auditor.peer_id}, self.vote_peers - 2):
+                audit.dtypes.add(peer.dtype)
                 try:
                     route = swapped_route(audit.chain, audit.hop_index, peer)
                     voters.append((peer.peer_id, self._replay(audit.feeds[: t + 1], route)[-1]))

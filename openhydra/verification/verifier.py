@@ -28,7 +28,7 @@ from openhydra.discovery.records import PeerAnnouncement
 from openhydra.router.coverage import Chain
 from openhydra.runtime.sampling import SamplingParams
 from openhydra.verification.audits import Audit, AuditRunner, Feed, Outcome
-from openhydra.verification.compare import Answer, tolerance_for
+from openhydra.verification.compare import Answer
 from openhydra.verification.config import VerificationConfig
 from openhydra.verification.metrics import VerificationMetrics
 from openhydra.verification.reputation import ReputationStore
@@ -201,9 +201,7 @@ class Verifier:
                 continue
             self.metrics.audits.labels("1").inc()
             secondary = self.rng.choice(options)
-            dtypes = [h.peer.dtype for h in chain.hops] + [secondary.dtype]
-            tol = tolerance_for(dtypes, self.config.tolerance.model_dump())
-            audits.append(Audit(session_id, index, chain, secondary, tol))
+            audits.append(Audit(session_id, index, chain, secondary, self.config.tolerance.model_dump()))
         return audits or None
 
     # ---- outcomes ----------------------------------------------------------------------------------
