@@ -37,6 +37,11 @@ def build_node(cfg: NodeConfig, raw: DictConfig) -> Node:
         identity = Identity.load_or_create(Path(privacy.identity_path).expanduser())
         log.info("identity: peer id %s (key at %s)", identity.peer_id, privacy.identity_path)
     discovery = instantiate(raw.discovery) if _has_target(raw.discovery) else None
-    node = Node(cfg=cfg, backend=backend, discovery=discovery, identity=identity)
+    economy = instantiate(raw.economy, identity=identity) if _has_target(raw.economy) else None
+    node = Node(cfg=cfg, backend=backend, discovery=discovery, identity=identity, economy=economy)
     node.app = create_app(node.state, cfg.api)
+    if economy is not None:
+        from openhydra.api.routes_economy import register_economy_routes
+
+        register_economy_routes(node.app, economy)
     return node

@@ -47,6 +47,18 @@ def model_num_layers(model_dir: Path) -> tuple[int, int]:
     return int(text.num_hidden_layers), int(getattr(text, "max_position_embeddings", 4096) or 4096)
 
 
+class _EconomyStatus:
+    """The economy section of /v1/network/status."""
+
+    def __init__(self, economy) -> None:
+        self.economy = economy
+
+    def network_status(self) -> dict:
+        from openhydra.api.routes_economy import economy_status
+
+        return economy_status(self.economy)
+
+
 class BackgroundLoop:
     """An asyncio loop on its own thread for discovery and announcements (their APIs are async)."""
 
@@ -69,6 +81,7 @@ class Node:
     backend: object
     discovery: object
     identity: object
+    economy: object = None
     state: NodeState = field(default_factory=NodeState)
     app: object = None
     peer_server: object = None
@@ -107,6 +120,10 @@ class Node:
             pipeline = LocalPipeline(runtime) if runtime.is_first and runtime.is_last else self.swarm
             engine = Engine(tokenizer, pipeline, eos_token_ids=eos_token_ids(tokenizer, choice.path),
                             context_length=context, max_concurrent_sessions=cfg.api.max_concurrent_sessions)
+            if self.economy is not None and getattr(self.economy, "enabled", False):
+                self.state.extra["economy"] = _EconomyStatus(self.economy)
+                if runtime.is_first and runtime.is_last:
+                    engine.on_finish = lambda final: self._settle_local(choice.api_name, num_layers, final)
             aliases = [choice.requested_name] if choice.requested_name != choice.api_name else []
             state.model = ServedModel(
                 id=choice.api_name, aliases=aliases, source=choice.source, family=str(runtime.model_type),
@@ -135,6 +152,16 @@ class Node:
         span = choose_span(records, num_layers, max_layers, model_id=choice.api_name)
         log.info("shard=auto: %d peers announced; serving the least covered span %s", len(records), list(span))
         return span
+
+    def _settle_local(self, model_id: str, num_layers: int, final) -> None:
+        """This node ran every layer: it is the only peer of the settlement, and signs it itself."""
+        import uuid
+
+        from openhydra.economy.receipts import build_settlement
+
+        tokens = final.prompt_tokens + final.completion_tokens
+        settlement = build_settlement(uuid.uuid4().hex, model_id, tokens, [(self.economy.identity, num_layers)])
+        self.economy.settle(settlement)
 
     # -- swarm ---------------------------------------------------------------------------------------
     def _ensure_background(self) -> None:
@@ -214,6 +241,8 @@ class Node:
     def shutdown(self) -> None:
         if self.state.engine is not None:
             self.state.engine.shutdown()
+        if self.economy is not None and hasattr(self.economy, "close"):
+            self.economy.close()  # flushes and closes the ledger
         if self.background is not None:
             if self.announcer is not None:
                 try:

@@ -9,9 +9,10 @@ report. Model work runs on a thread pool so the event loop keeps serving other r
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
@@ -19,6 +20,8 @@ from typing import Literal
 from openhydra.router.detokenize import IncrementalDetokenizer, StopMatcher
 from openhydra.router.pipeline import Pipeline
 from openhydra.runtime.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,6 +88,8 @@ class Engine:
         self.context_length = context_length
         self.executor = ThreadPoolExecutor(max_workers=max_concurrent_sessions, thread_name_prefix="decode")
         self.active_sessions: set[str] = set()
+        self.on_finish: Callable[[Finished], None] | None = None
+        """Called off the event loop after every completed generation (settlement, accounting)."""
 
     # -- prompts ---------------------------------------------------------------------------------
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
@@ -140,7 +145,7 @@ class Engine:
             if rest:
                 pieces.append(rest)
                 yield TextDelta(rest, -1)
-            yield Finished(
+            final = Finished(
                 finish_reason=finish_reason,
                 prompt_tokens=len(request.prompt_ids),
                 completion_tokens=completion_tokens,
@@ -149,11 +154,20 @@ class Engine:
                 first_token_at=first_token_at,
                 finished_at=time.perf_counter(),
             )
+            if self.on_finish is not None:
+                self.executor.submit(self._run_hook, final)
+            yield final
         finally:
             self.active_sessions.discard(session_id)
             # Runs after any in-flight step on this session (same executor queue order is not
             # guaranteed, so the runtime's per-session lock serialises them).
             self.executor.submit(self.pipeline.close, session_id)
+
+    def _run_hook(self, final: Finished) -> None:
+        try:
+            self.on_finish(final)
+        except Exception:  # accounting must never break serving; it is logged and counted by its owner
+            log.exception("on_finish hook failed")
 
     async def complete(self, request: GenerationRequest) -> Finished:
         final: Finished | None = None
