@@ -4,7 +4,8 @@
 #   export OPENHYDRA_TEST_PG_URL="$(scripts/start_postgres.sh)"
 #
 # Installs PostgreSQL with apt-get when no server binaries are found (needs root). The data directory
-# is disposable (default /tmp/openhydra-pg); the server runs as the `postgres` OS user, listens only on
+# is disposable (default /tmp/openhydra-pg); the server runs as the `postgres` OS user (when started
+# by root; otherwise as the caller), listens only on
 # 127.0.0.1, and trusts local connections: it is a test fixture, never a production database.
 # Idempotent: a second call against a running server just prints the URL again.
 # Stop it with:  scripts/start_postgres.sh stop
@@ -32,8 +33,9 @@ if ! BINDIR="$(find_bindir)"; then
     BINDIR="$(find_bindir)"
 fi
 
+# PostgreSQL refuses to run as root: as root, run it as the `postgres` user; otherwise as ourselves.
 as_pg() {
-    if [[ "$(id -un)" == "$PGUSER_OS" ]]; then "$@"; else runuser -u "$PGUSER_OS" -- "$@"; fi
+    if [[ "$(id -u)" == "0" ]]; then runuser -u "$PGUSER_OS" -- "$@"; else "$@"; fi
 }
 
 if [[ "${1:-}" == "stop" ]]; then
@@ -43,7 +45,7 @@ fi
 
 if [[ ! -f "$PGDATA_DIR/PG_VERSION" ]]; then
     mkdir -p "$PGDATA_DIR"
-    chown "$PGUSER_OS" "$PGDATA_DIR"
+    [[ "$(id -u)" == "0" ]] && chown "$PGUSER_OS" "$PGDATA_DIR"
     chmod 700 "$PGDATA_DIR"
     as_pg "$BINDIR/initdb" -D "$PGDATA_DIR" -U postgres --auth=trust -E UTF8 >/dev/null
 fi
