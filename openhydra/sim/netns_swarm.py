@@ -13,7 +13,9 @@ greedy text, and the cut peer must drop out of discovery when its record's TTL p
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import itertools
 import json
 import os
 import statistics
@@ -56,7 +58,7 @@ class StreamResult:
     @property
     def gaps_ms(self) -> list[float]:
         t = self.token_times
-        return [(b - a) * 1000.0 for a, b in zip(t, t[1:], strict=False)]
+        return [(b - a) * 1000.0 for a, b in itertools.pairwise(t)]
 
 
 class NamespaceSwarm:
@@ -167,10 +169,8 @@ class NamespaceSwarm:
     def stop(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, 15)
-                except ProcessLookupError:
-                    pass
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=15)
