@@ -60,8 +60,8 @@ class Verifier:
         self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size * 64)
         self._sessions: OrderedDict[str, list[Audit] | None] = OrderedDict()  # worker thread only
         self._addresses: dict[str, str] = {}  # grpc address -> peer id, from chains seen
-        self._idle = threading.Event()
-        self._idle.set()
+        self._pending = 0  # events queued or being handled
+        self._pending_cv = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="verifier", daemon=True)
         self._thread.start()
@@ -121,19 +121,24 @@ class Verifier:
             self.reputation.record(peer_id, "down")
 
     def _put(self, item: tuple) -> None:
+        with self._pending_cv:
+            self._pending += 1
         try:
-            self._idle.clear()
             self._queue.put_nowait(item)
         except queue.Full:
+            self._done_one()
             self.metrics.dropped.inc()
             if item[0] == "step":  # a gap in the feeds would break the shadow's cache: drop its audits
                 self._put_drop(item[1])
         self.metrics.queue_depth.set(self._queue.qsize())
 
     def _put_drop(self, session_id: str) -> None:
+        with self._pending_cv:
+            self._pending += 1
         try:
             self._queue.put_nowait(("drop", session_id, None, None))
         except queue.Full:
+            self._done_one()
             log.warning("verification queue full; session %s keeps a broken audit until close", session_id)
 
     # ---- worker ------------------------------------------------------------------------------------
@@ -146,7 +151,6 @@ class Verifier:
             except queue.Empty:
                 self.reputation.flush()
                 last_flush = time.monotonic()
-                self._idle.set()
                 continue
             try:
                 self._handle(kind, session_id, chain, feed)
@@ -154,9 +158,16 @@ class Verifier:
                 log.exception("verification of %s failed", session_id)
             finally:
                 self.metrics.queue_depth.set(self._queue.qsize())
+                self._done_one()
             if time.monotonic() - last_flush > FLUSH_INTERVAL_S:
                 self.reputation.flush()
                 last_flush = time.monotonic()
+
+    def _done_one(self) -> None:
+        with self._pending_cv:
+            self._pending -= 1
+            if self._pending <= 0:
+                self._pending_cv.notify_all()
 
     def _handle(self, kind: str, session_id: str, chain: Chain | None, feed: Feed | None) -> None:
         runner = self._runner
@@ -224,11 +235,8 @@ class Verifier:
 
     def drain(self, timeout_s: float = 60.0) -> bool:
         """Wait until every queued event has been handled (tests, benchmarks)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._queue.empty() and self._idle.wait(0.05) and self._queue.empty():
-                return True
-        return False
+        with self._pending_cv:
+            return self._pending_cv.wait_for(lambda: self._pending <= 0, timeout=timeout_s)
 
     def status(self) -> dict:
         """``/v1/network/status`` section: the config in force, audit counts and every peer's score."""
