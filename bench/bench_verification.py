@@ -127,7 +127,8 @@ def main() -> None:
     tunables = ClientTunables(step_timeout_s=120.0)
     off = SwarmPipeline(MODEL_ID, layers, lookup, PeerChainClient([], tunables=tunables))
     with tempfile.TemporaryDirectory() as data_dir:
-        verifier = build_verifier(VerificationConfig(enabled=True, seed=args.seed), data_dir)  # = conf/verification/default
+        default = VerificationConfig(enabled=True, seed=args.seed)  # = conf/verification/default.yaml
+        verifier = build_verifier(default, data_dir)
         on = SwarmPipeline(
             MODEL_ID, layers, lookup, PeerChainClient([], tunables=tunables), score=verifier.score, verifier=verifier
         )
