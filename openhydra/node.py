@@ -212,7 +212,7 @@ class Node:
 
         verifier = None  # verification hook: reputation routing + audits (verification=off: none)
         if vcfg.enabled:
-            economy = self.state.extra.get("economy")
+            economy = self.economy if getattr(self.economy, "enabled", False) else None
             verifier = build_verifier(vcfg, cfg.node.data_path, stake_of=getattr(economy, "stake_of", None),
                                       slash=getattr(economy, "slash", None))
             self.state.extra["reputation"] = verifier
