@@ -57,8 +57,9 @@ def test_stale_cache_is_honest_on_prefill_and_wrong_on_decode(llama) -> None:
     honest = _run(ShardRuntime(llama, 0, 4), "s", [5, 6, 7])
     lazy_rt = FaultyRuntime(ShardRuntime(llama, 0, 4), FaultConfig(mode="stale_cache"))
     lazy = _run(lazy_rt, "s", [5, 6, 7])
-    assert torch.equal(honest[0], lazy[0])
-    assert torch.equal(honest[1][-1:], lazy[1][-1:]) is False or not torch.allclose(honest[2], lazy[2])
+    # The prefill and the first decode step (cache = the prompt either way) are honest; later ones not.
+    assert torch.equal(honest[0], lazy[0]) and torch.equal(honest[1], lazy[1])
+    assert not torch.allclose(honest[2], lazy[2], atol=1e-4)
     assert not torch.allclose(honest[3], lazy[3], atol=1e-4)
     assert lazy_rt.session_length("s") == len(PROMPT)  # the cache never grew past the prompt
 
