@@ -119,10 +119,13 @@ class Simulation:
                 self.at(self.now + life, "leave", (peer, self.rng.random() < cfg.graceful_fraction))
 
     # -- churn ------------------------------------------------------------------------------------------
-    def _on_join(self, _: None) -> None:
-        peer = self.swarm.join()
+    def _newcomer(self, tier: str | None = None) -> None:
+        peer = self.swarm.join(tier)
         if peer is not None:
             self._schedule_peer(peer, first_announce=self.cfg.discovery.announce_interval_s)
+
+    def _on_join(self, _: None) -> None:
+        self._newcomer()
         t = self.now + self.rng.expovariate(self.cfg.peers * self.cfg.churn_per_hour / 3600.0)
         if t < self.cfg.horizon_s:
             self.at(t, "join")
@@ -154,12 +157,13 @@ class Simulation:
             self.at(self.now + delay, "hop_failed", (s, peer.peer_id, s.version))
 
     def _on_kill_busy(self, _: None) -> None:
-        """Fault injection: a peer serving a session now leaves (so recovery is measured often)."""
+        """Fault injection: a peer serving a session leaves and a newcomer joins (recovery is measured often)."""
         busy = sorted({p.peer_id for s in self.sessions.values() for p, _, _ in s.hops or [] if p.alive and p.sessions})
         if busy:
             peer = self.swarm.peers[self.rng.choice(busy)]
             self._on_leave((peer, self.rng.random() < self.cfg.graceful_fraction))
             self.metrics.forced_leaves += 1
+            self._newcomer(peer.tier)  # churn, not shrinkage: the same kind of machine joins (shard=auto)
         t = self.now + self.cfg.measure.kill_busy_every_s
         if t < self.cfg.horizon_s:
             self.at(t, "kill_busy")
@@ -197,9 +201,10 @@ class Simulation:
             order = cfg.catalog_order
             candidates = order[order.index(s.requested):]
             maps = swarm.maps_for(coord, candidates, refresh=refresh)
-            t0 = time.perf_counter()
+            fresh = swarm.first_use(maps[s.requested])
+            t0, c0 = time.perf_counter(), time.process_time()
             choice = nearest_covered_model(s.requested, order, maps, exclude=coord.bans.banned())
-            self.metrics.route_choice_ms.append((time.perf_counter() - t0) * 1000.0)
+            self._timed(t0, c0, fresh)
             model, chain = (choice.model_id, choice.chain) if choice else (None, None)
             if choice is not None and cfg.routing.spread > 0:  # nearest_covered_model takes no rng
                 chain = maps[model].chain(exclude=coord.bans.banned(), rng=self.rng) or chain
@@ -208,7 +213,8 @@ class Simulation:
             cmap = swarm.coverage_map(coord, model, refresh=True)
             banned = coord.bans.banned()
             rng = self.rng if cfg.routing.spread > 0 else None
-            t0 = time.perf_counter()
+            fresh = swarm.first_use(cmap)
+            t0, c0 = time.perf_counter(), time.process_time()
             chain = None
             if s.broken is not None and s.chain is not None:
                 patch = cmap.replacement_for(s.broken, exclude=banned, rng=rng)
@@ -219,7 +225,7 @@ class Simulation:
                         chain = spliced
             if chain is None:
                 chain = cmap.chain(exclude=banned, rng=rng)
-            self.metrics.route_choice_ms.append((time.perf_counter() - t0) * 1000.0)
+            self._timed(t0, c0, fresh)
         if chain is None:
             if self.now + cfg.routing.retry_every_s <= s.deadline:
                 s.attempts += 1
@@ -237,6 +243,11 @@ class Simulation:
             self.at(self.now + cfg.routing.crash_detect_s, "hop_failed", (s, dead.peer_id, s.version))
             return
         self._start(s, model, chain, hops)
+
+    def _timed(self, wall0: float, cpu0: float, fresh: bool) -> None:
+        m = self.metrics
+        m.route_choice_ms.append((time.perf_counter() - wall0) * 1000.0)
+        (m.route_choice_first_cpu_ms if fresh else m.route_choice_cpu_ms).append((time.process_time() - cpu0) * 1000.0)
 
     def _on_hop_failed(self, payload: tuple[Session, str, int]) -> None:
         s, peer_id, version = payload
@@ -354,7 +365,9 @@ class Simulation:
                    live_at_end=self.swarm.live_count(), horizon_s=self.cfg.horizon_s,
                    churn_per_hour=self.cfg.churn_per_hour, wall_s=round(self.wall_s, 2),
                    map_builds=self.swarm.map_builds,
-                   map_build_ms_p50=_p(self.swarm.map_build_ms, 50), map_build_ms_p99=_p(self.swarm.map_build_ms, 99))
+                   map_build_ms_p50=_p(self.swarm.map_build_ms, 50), map_build_ms_p99=_p(self.swarm.map_build_ms, 99),
+                   map_build_cpu_ms_p50=_p(self.swarm.map_build_cpu_ms, 50),
+                   map_build_cpu_ms_p99=_p(self.swarm.map_build_cpu_ms, 99))
         by_model: dict[str, dict[str, object]] = {}
         for model in self.cfg.models:
             samples = [c for c in self.metrics.coverage if c.model == model]

@@ -54,7 +54,9 @@ class Metrics:
     sessions_hit: int = 0  # sessions that lost a peer mid-request
     forced_leaves: int = 0  # peers made to leave while serving (measure.kill_busy_every_s)
     dead_on_route: int = 0  # chains that named a peer already gone (stale record)
-    route_choice_ms: list[float] = field(default_factory=list)  # chain/replacement choice on a built map
+    route_choice_ms: list[float] = field(default_factory=list)  # chain/replacement choice, wall clock
+    route_choice_cpu_ms: list[float] = field(default_factory=list)  # same, CPU time, on a map already used
+    route_choice_first_cpu_ms: list[float] = field(default_factory=list)  # first choice on a fresh map
     coverage: list[CoverageSample] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
@@ -83,4 +85,8 @@ class Metrics:
             "route_choice_ms_p50": percentile(self.route_choice_ms, 50),
             "route_choice_ms_p99": percentile(self.route_choice_ms, 99),
             "route_choice_ms_max": max(self.route_choice_ms) if self.route_choice_ms else math.nan,
+            "route_choice_cpu_ms_p50": percentile(self.route_choice_cpu_ms, 50),
+            "route_choice_cpu_ms_p99": percentile(self.route_choice_cpu_ms, 99),
+            "first_route_choice_cpu_ms_p50": percentile(self.route_choice_first_cpu_ms, 50),
+            "first_route_choice_cpu_ms_p99": percentile(self.route_choice_first_cpu_ms, 99),
         }

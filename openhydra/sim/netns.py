@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -136,6 +137,11 @@ class Topology:
         self.relay = subprocess.Popen(
             ["ip", "netns", "exec", self.router, sys.executable, "-m", "openhydra.sim.relay", "--config", str(path)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def set_delays(self, on: bool) -> None:
+        """Switch the relay's added latency off (bandwidth caps stay) or back on."""
+        if self.relay is not None:
+            os.kill(self.relay.pid, signal.SIGUSR2 if on else signal.SIGUSR1)
 
     # -- faults -------------------------------------------------------------------------------------------
     def cut(self, name: str) -> None:

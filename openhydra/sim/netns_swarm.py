@@ -185,36 +185,13 @@ def steady_token_ms(result: StreamResult, skip: int = 2) -> float:
     return statistics.median(gaps) if gaps else float("nan")
 
 
-def local_token_ms(model_dir: Path, tokens: int = 24, threads: int = 1) -> float:
-    """Median decode step of the whole model in this process (the pipeline's compute, no network)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
-    steps = []
-    with torch.inference_mode():
-        out = model(input_ids=ids, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        for _ in range(tokens):
-            t0 = time.perf_counter()
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            steps.append((time.perf_counter() - t0) * 1000.0)
-    return statistics.median(steps[2:])
-
-
 def run_scenario(model_dir: Path, total_layers: int, *, prefix: str = "ohswarm", one_way_ms: float = 10.0,
-                 rate_mbit: float = 100.0, tokens: int = 24, cut_at_token: int = 8, compute_ms: float | None = None,
+                 rate_mbit: float = 100.0, tokens: int = 24, cut_at_token: int = 8, rounds: int = 3,
                  threads: int = 1, ready_timeout_s: float = 300.0) -> dict:
     """Build the namespaces, run discovery, a pipeline and a link cut; return the measurements."""
     from openhydra.sim.netns import topology
 
     report: dict = {"one_way_ms": one_way_ms, "rate_mbit": rate_mbit, "tokens": tokens}
-    if compute_ms is None:
-        compute_ms = local_token_ms(model_dir, threads=threads)
-    report["compute_ms"] = round(compute_ms, 2)
     with topology(prefix, HOSTS) as topo:
         links = {(a, b): (one_way_ms, rate_mbit) for a in HOSTS for b in HOSTS if a != b}
         topo.start_relay([DHT_PORT, PEER_PORT, API_PORT], links, (one_way_ms, rate_mbit))
@@ -238,10 +215,22 @@ def run_scenario(model_dir: Path, total_layers: int, *, prefix: str = "ohswarm",
             warm = swarm.stream_chat(prompt, 4)  # first request: connections, lookups
             ref = swarm.stream_chat(prompt, tokens, on_token=note_chain)
             chain = chains[0] if chains else []
-            measured = steady_token_ms(ref)
-            predicted = compute_ms + (len(chain) + 1) * one_way_ms
+            # The same swarm with the relay's latency off and on, interleaved: off = compute + relay and
+            # gRPC overhead; on should add exactly one pass of one-way hops (coordinator -> k peers -> back).
+            off, on = [], []
+            for _ in range(rounds):
+                topo.set_delays(False)
+                off.append(steady_token_ms(swarm.stream_chat(prompt, tokens)))
+                topo.set_delays(True)
+                on.append(steady_token_ms(swarm.stream_chat(prompt, tokens)))
+            no_delay, measured = statistics.median(off), statistics.median(on)
+            hops_ms = (len(chain) + 1) * one_way_ms
+            predicted = no_delay + hops_ms
             report.update(warmup_tokens=len(warm.token_times), chain=chain, token_ms=round(measured, 2),
+                          token_ms_no_delay=round(no_delay, 2), one_way_hops_ms=hops_ms,
                           predicted_token_ms=round(predicted, 2), ratio=round(measured / predicted, 3),
+                          added_ms=round(measured - no_delay, 2), rounds_off=[round(x, 1) for x in off],
+                          rounds_on=[round(x, 1) for x in on],
                           ttft_ms=round((ref.token_times[0] - ref.started) * 1000.0, 1))
             middle = chain[1] if len(chain) == 3 else "peer1"
             cut: dict[str, float] = {}
@@ -257,7 +246,9 @@ def run_scenario(model_dir: Path, total_layers: int, *, prefix: str = "ohswarm",
             report.update(cut_peer=middle, same_text_after_cut=faulty.text == ref.text,
                           tokens_after_cut=len(faulty.token_times), failovers=pipeline.get("failovers"),
                           banned=pipeline.get("banned"),
-                          recovery_s=round(after[0] - cut["t"], 2) if after and cut else None)
+                          recovery_s=round(max(b - a for a, b in itertools.pairwise([cut["t"], *after])), 2)
+                          if after and cut else None,
+                          normal_gap_ms=round(steady_token_ms(faulty), 1))
             t0 = time.monotonic()
             while middle in swarm.peers_seen() and time.monotonic() - t0 < 30:
                 time.sleep(0.5)

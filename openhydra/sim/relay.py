@@ -46,7 +46,13 @@ Policy = Callable[[str, str], LinkSpec]  # (source ip, destination ip) -> link
 
 
 class Wire:
-    """One direction of a link: serialization at ``rate`` then a fixed ``delay``."""
+    """One direction of a link: serialization at ``rate`` then a fixed ``delay``.
+
+    ``Wire.delay_scale`` multiplies every delay (the relay process sets it to 0 on SIGUSR1 and back to
+    1 on SIGUSR2, so one run can measure the same swarm with and without the added latency).
+    """
+
+    delay_scale = 1.0
 
     def __init__(self, spec: LinkSpec, clock: Callable[[], float] = time.monotonic) -> None:
         self.spec = spec
@@ -57,7 +63,7 @@ class Wire:
         now = self._clock() if now is None else now
         start = max(now, self._free_at)
         self._free_at = start + (nbytes / self.spec.bytes_per_s if self.spec.rate_mbit > 0 else 0.0)
-        return self._free_at + self.spec.delay_ms / 1000.0
+        return self._free_at + self.spec.delay_ms * Wire.delay_scale / 1000.0
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wire: Wire) -> None:
@@ -162,6 +168,8 @@ async def serve(config: dict) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: setattr(Wire, "delay_scale", 0.0))
+    loop.add_signal_handler(signal.SIGUSR2, lambda: setattr(Wire, "delay_scale", 1.0))
     await stop.wait()
     await relay.close()
 

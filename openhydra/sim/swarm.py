@@ -41,7 +41,9 @@ class Swarm:
         self.joined = 0
         self.left = 0
         self.map_builds = 0
-        self.map_build_ms: list[float] = []
+        self.map_build_ms: list[float] = []  # wall clock
+        self.map_build_cpu_ms: list[float] = []  # CPU time of this process (fair on a shared machine)
+        self._used_maps: set[int] = set()
         self.tunables = RouteTunables(load_penalty=cfg.routing.load_penalty, spread=cfg.routing.spread)
         bans = BanTunables(initial_s=cfg.routing.ban_initial_s, max_s=cfg.routing.ban_max_s)
         self.coordinators = [
@@ -110,14 +112,24 @@ class Swarm:
         def rtt(peer_id: str) -> float:
             return world.rtt_ms(host, peers[peer_id].host)
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         cmap = LayerCoverageMap(records, self.cfg.models[model].layers, model_id=model, rtt_ms=rtt,
                                 now=EPOCH + self.now, allow_partial=self.cfg.routing.allow_partial,
                                 tunables=self.tunables)
         self.map_build_ms.append((time.perf_counter() - t0) * 1000.0)
+        self.map_build_cpu_ms.append((time.process_time() - c0) * 1000.0)
+        if cached is not None:
+            self._used_maps.discard(id(cached[1]))
         self.map_builds += 1
         coord.maps[model] = (self.now, cmap)
         return cmap
+
+    def first_use(self, cmap: LayerCoverageMap) -> bool:
+        """True the first time a map is routed on (a partial map then builds its per-layer index)."""
+        if id(cmap) in self._used_maps:
+            return False
+        self._used_maps.add(id(cmap))
+        return True
 
     def maps_for(self, coord: Coordinator, models: list[str], refresh: bool = False) -> dict[str, LayerCoverageMap]:
         return {m: self.coverage_map(coord, m, refresh) for m in models}

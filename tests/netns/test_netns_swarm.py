@@ -74,18 +74,20 @@ def test_swarm_across_namespaces_discovers_pipelines_and_survives_a_link_cut(tin
     from openhydra.sim.netns_swarm import run_scenario
 
     r = run_scenario(tiny_model_dirs["llama"], 8, prefix="ohnst", one_way_ms=10.0, rate_mbit=100.0, tokens=24,
-                     cut_at_token=8, compute_ms=None, ready_timeout_s=240.0)
+                     cut_at_token=8, rounds=2, ready_timeout_s=240.0)
     print({k: v for k, v in r.items() if k != "peers"})
     # discovery: every node, with its namespace address, as the coordinator sees it
     assert set(r["peers"]) == {"peer0", "peer1", "peer2", "peer3", "coord"}
     assert all(p["grpc_address"].startswith("10.78.0.") for p in r["peers"].values())
-    # a full pipeline of three span peers; per token about compute + 4 one-way hops of 10 ms
+    # a full pipeline of three span peers; latency on adds one pass of one-way hops (4 x 10 ms) per token
     assert len(r["chain"]) == 3 and r["chain"][0] == "peer0" and r["chain"][2] == "peer2"
     assert r["token_ms"] >= 40.0
-    assert r["ratio"] < 2.0, r
+    assert 20.0 <= r["added_ms"] <= 80.0, r  # the relay's 4 one-way hops of 10 ms, within noise
+    assert 0.6 < r["ratio"] < 1.5, r
     # the middle peer's link cut mid-stream: the stream continues through the replica, same text
     assert r["same_text_after_cut"] and r["tokens_after_cut"] == 24
     assert r["failovers"] >= 1  # (its ban, 1 s at first, has lapsed by now; the record is what keeps it out)
+    # the stall: the coordinator notices the silent hop at its step deadline (30 s), then replays
     assert r["recovery_s"] is not None and r["recovery_s"] < 60.0
     # its record lapses (it cannot announce), and new requests route around it
     assert r["cut_peer"] not in r["peers_after_cut"]
