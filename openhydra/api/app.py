@@ -125,9 +125,10 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
                         code="internal_error").body()
         return json(body, status=500)
 
-    from openhydra.api import routes_ollama, routes_openai, routes_public
+    from openhydra.api import openapi, routes_ollama, routes_openai, routes_public
 
     routes_public.register(app)
     routes_openai.register(app)
     routes_ollama.register(app)
+    openapi.register(app)
     return app
