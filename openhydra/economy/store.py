@@ -37,6 +37,24 @@ _SQLITE_BUSY_CODES = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED (extended codes keep t
 _SCHEMA_LOCK_KEY = 0x0E_C0_1ED6  # advisory lock id for concurrent schema creation on Postgres
 
 
+# The journal is append-only, enforced by the database itself: rows can be inserted, never changed.
+_APPEND_ONLY_DDL = {
+    "sqlite": [
+        f"CREATE TRIGGER IF NOT EXISTS econ_journal_no_{op.lower()} BEFORE {op} ON econ_journal "
+        "BEGIN SELECT RAISE(ABORT, 'econ_journal is append-only'); END"
+        for op in ("UPDATE", "DELETE")
+    ],
+    "postgresql": [
+        "CREATE OR REPLACE FUNCTION econ_journal_append_only() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'econ_journal is append-only'; END $$",
+        "CREATE OR REPLACE TRIGGER econ_journal_no_change BEFORE UPDATE OR DELETE ON econ_journal "
+        "FOR EACH ROW EXECUTE FUNCTION econ_journal_append_only()",
+        "CREATE OR REPLACE TRIGGER econ_journal_no_truncate BEFORE TRUNCATE ON econ_journal "
+        "FOR EACH STATEMENT EXECUTE FUNCTION econ_journal_append_only()",
+    ],
+}
+
+
 def sqlite_url(path: str | Path) -> str:
     return f"sqlite:///{Path(path).expanduser()}"
 
@@ -99,6 +117,8 @@ class Store:
             session.exec(text("SELECT pg_advisory_xact_lock(:k)").bindparams(k=_SCHEMA_LOCK_KEY))
         conn = session.connection()
         SQLModel.metadata.create_all(conn, tables=[t.__table__ for t in all_tables()])
+        for ddl in _APPEND_ONLY_DDL[self.backend]:
+            conn.exec_driver_sql(ddl)
         for asset in (ASSET_CREDIT, ASSET_HYDRA):
             if session.get(Supply, asset) is None:
                 session.add(Supply(asset=asset))

@@ -177,3 +177,16 @@ def test_lock_held_too_long_is_a_typed_error(sqlite_db_url: str, payer: Identity
     led.spend_credits(payer.peer_id, 1)  # and it works again once the lock is gone
     assert led.balance(payer.peer_id).credits == MICRO - 1
     led.close()
+
+
+def test_32_processes_start_on_a_fresh_database(db_url: str) -> None:
+    """Schema creation races too (WAL switch, CREATE TABLE, triggers): all start, all settle."""
+    servers = [Identity.generate() for _ in range(WORKERS)]
+    results = race(
+        db_url, NO_DECAY, lambda led, n: led.settle(build_settlement(f"f{n}", "m", 1000, [(servers[n], 1)]))
+    )
+    assert results == Counter({"ok": WORKERS})
+    led = Ledger(db_url, NO_DECAY)
+    assert led.totals().settlements == WORKERS
+    assert led.audit().ok
+    led.close()

@@ -154,3 +154,19 @@ def test_sqlite_pragmas(sqlite_db_url: str) -> None:
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
     assert led.integrity_check() == "ok"
     led.close()
+
+
+@pytest.mark.parametrize(
+    "sql", ["UPDATE econ_journal SET delta = delta + 1", "DELETE FROM econ_journal", "TRUNCATE econ_journal"]
+)
+def test_journal_is_append_only_in_the_database(db_url: str, peers: list[Identity], sql: str) -> None:
+    led = Ledger(db_url)
+    _settle(led, "r1", 1000, [(peers[0], 1)])
+    rows = led.journal_rows()
+    if sql.startswith("TRUNCATE") and led.backend == "sqlite":
+        pytest.skip("SQLite has no TRUNCATE")
+    with pytest.raises(Exception, match="append-only"), led.store.engine.begin() as conn:
+        conn.execute(text(sql))
+    assert led.journal_rows() == rows
+    assert led.audit().ok
+    led.close()
