@@ -21,8 +21,8 @@ def _settle(ledger: Ledger, rid: str, tokens: int, served: list[tuple[Identity, 
     ledger.settle(build_settlement(rid, "smollm2-135m", tokens, served))
 
 
-def test_settlement_splits_by_layers(db_url: str, peers: list[Identity]) -> None:
-    led = Ledger(db_url)
+def test_settlement_splits_by_layers(db_url: str, peers: list[Identity], clock: FakeClock) -> None:
+    led = Ledger(db_url, clock=clock)
     res = led.settle(build_settlement("r1", "m", 3000, [(peers[0], 8), (peers[1], 8), (peers[2], 16)]))
     assert [res.credits[p.peer_id] for p in peers[:3]] == [750_000, 750_000, 1_500_000]
     assert [led.balance(p.peer_id).credits for p in peers[:3]] == [750_000, 750_000, 1_500_000]
@@ -47,8 +47,10 @@ def test_credits_decay_five_percent_per_day(db_url: str, peers: list[Identity], 
     led.close()
 
 
-def test_overspend_is_refused_and_changes_nothing(db_url: str, peers: list[Identity]) -> None:
-    led = Ledger(db_url)
+def test_overspend_is_refused_and_changes_nothing(
+    db_url: str, peers: list[Identity], clock: FakeClock
+) -> None:
+    led = Ledger(db_url, clock=clock)
     _settle(led, "r1", 1000, [(peers[0], 1)])
     rows = led.journal_rows()
     with pytest.raises(InsufficientFunds) as err:
@@ -69,8 +71,8 @@ def test_overspend_is_refused_and_changes_nothing(db_url: str, peers: list[Ident
     led.close()
 
 
-def test_stake_unstake_slash_and_burn(db_url: str, peers: list[Identity]) -> None:
-    led = Ledger(db_url)
+def test_stake_unstake_slash_and_burn(db_url: str, peers: list[Identity], clock: FakeClock) -> None:
+    led = Ledger(db_url, clock=clock)
     p = peers[0].peer_id
     _settle(led, "r1", 10_000, [(peers[0], 1)])  # 10 HYDRA minted
     assert led.stake(p, 6 * MICRO) == 6 * MICRO
@@ -114,20 +116,20 @@ def test_barter_mode_has_no_hydra(db_url: str, peers: list[Identity]) -> None:
     led.close()
 
 
-def test_restart_keeps_everything(db_url: str, peers: list[Identity]) -> None:
-    led = Ledger(db_url)
+def test_restart_keeps_everything(db_url: str, peers: list[Identity], clock: FakeClock) -> None:
+    led = Ledger(db_url, clock=clock)  # a fixed clock: no decay between the two reads
     _settle(led, "r1", 5000, [(peers[0], 1), (peers[1], 4)])
     led.stake(peers[1].peer_id, MICRO)
     before = [led.balance(p.peer_id) for p in peers[:2]], led.totals()
     led.close()
-    led = Ledger(db_url)
+    led = Ledger(db_url, clock=clock)
     assert ([led.balance(p.peer_id) for p in peers[:2]], led.totals()) == before
     assert led.audit().ok
     led.close()
 
 
-def test_audit_catches_an_edited_balance(db_url: str, peers: list[Identity]) -> None:
-    led = Ledger(db_url)
+def test_audit_catches_an_edited_balance(db_url: str, peers: list[Identity], clock: FakeClock) -> None:
+    led = Ledger(db_url, clock=clock)
     _settle(led, "r1", 1000, [(peers[0], 1)])
     with led.store.engine.begin() as conn:
         conn.execute(text("UPDATE econ_account SET credits = credits + 1"))
@@ -137,8 +139,10 @@ def test_audit_catches_an_edited_balance(db_url: str, peers: list[Identity]) -> 
     led.close()
 
 
-def test_negative_balance_is_impossible_even_in_sql(db_url: str, peers: list[Identity]) -> None:
-    led = Ledger(db_url)
+def test_negative_balance_is_impossible_even_in_sql(
+    db_url: str, peers: list[Identity], clock: FakeClock
+) -> None:
+    led = Ledger(db_url, clock=clock)
     _settle(led, "r1", 1000, [(peers[0], 1)])
     with pytest.raises(Exception, match=r"(?i)check"), led.store.engine.begin() as conn:
         conn.execute(text("UPDATE econ_account SET credits = -1"))
@@ -159,8 +163,10 @@ def test_sqlite_pragmas(sqlite_db_url: str) -> None:
 @pytest.mark.parametrize(
     "sql", ["UPDATE econ_journal SET delta = delta + 1", "DELETE FROM econ_journal", "TRUNCATE econ_journal"]
 )
-def test_journal_is_append_only_in_the_database(db_url: str, peers: list[Identity], sql: str) -> None:
-    led = Ledger(db_url)
+def test_journal_is_append_only_in_the_database(
+    db_url: str, peers: list[Identity], sql: str, clock: FakeClock
+) -> None:
+    led = Ledger(db_url, clock=clock)
     _settle(led, "r1", 1000, [(peers[0], 1)])
     rows = led.journal_rows()
     if sql.startswith("TRUNCATE") and led.backend == "sqlite":

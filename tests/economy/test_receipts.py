@@ -10,10 +10,12 @@ from openhydra.economy.errors import InvalidReceipt, InvalidSignature, ReceiptAl
 from openhydra.economy.ledger import Ledger
 from openhydra.economy.receipts import ServedShare, SettlementRequest, build_settlement
 
+from .conftest import FakeClock
+
 
 @pytest.fixture
-def ledger(db_url: str) -> Ledger:
-    led = Ledger(db_url)
+def ledger(db_url: str, clock: FakeClock) -> Ledger:
+    led = Ledger(db_url, clock=clock)  # a fixed clock: balances compared across calls do not decay
     yield led
     led.close()
 
