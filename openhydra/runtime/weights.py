@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -78,10 +79,15 @@ class CheckpointIndex:
                 raise CheckpointError(f"tensor {source!r} is not in the checkpoint at {self.root}")
             by_file[self.weight_map[source]].append((target, source))
         out: dict[str, torch.Tensor] = {}
+        # Loading a large span takes a while: show it (tqdm writes to stderr, i.e. the node's log).
+        progress = tqdm(total=len(names), desc=f"loading {self.root.name}", unit="tensor",
+                        disable=len(names) < 64, mininterval=1.0)
         for filename, pairs in by_file.items():
             with safe_open(self.root / filename, framework="pt") as f:
                 for target, source in pairs:
                     out[target] = f.get_tensor(source).to(dtype_for[target])
+                    progress.update()
+        progress.close()
         return out
 
     def tensor_bytes(self, names: Iterable[str]) -> int:
