@@ -50,11 +50,13 @@ def test_nnls_matches_scipy() -> None:
     g = torch.Generator().manual_seed(1)
     a = torch.rand(3, 40, 12, generator=g, dtype=torch.float64)
     b = torch.randn(3, 40, generator=g, dtype=torch.float64)
-    w = nnls_pg(a, b, iters=5000)
+    w = nnls_pg(a, b, iters=5000, precise=True)
     for h in range(3):
         ref, _ = nnls(a[h].numpy(), b[h].numpy())
         assert np.allclose(w[h].numpy(), ref, atol=1e-5), (w[h], ref)
     assert (w >= 0).all()
+    fast = nnls_pg(a, b, iters=5000)  # float32 iterations: same solution to single precision
+    assert torch.allclose(fast, w, atol=1e-4)
 
 
 def test_ratio_one_fit_is_exact() -> None:
@@ -65,9 +67,10 @@ def test_ratio_one_fit_is_exact() -> None:
     w = fit_mass_weights(stats, idx, active)
     cv = fit_values(stats, idx, active, w, v)
     beta = weights_to_bias(w, torch.zeros(HK, T), active, MASKED_BIAS)
-    assert torch.allclose(w, torch.ones_like(w), atol=1e-9)
-    assert torch.allclose(cv, v.double(), atol=1e-6)
-    assert rel_err(compact_output(k, beta, cv, q), stats.output) < 1e-9
+    # float32 statistics: exact up to single-precision round-off
+    assert torch.allclose(w, torch.ones_like(w), atol=1e-3)
+    assert torch.allclose(cv, v.double(), atol=1e-3)
+    assert rel_err(compact_output(k, beta, cv, q), stats.output.double()) < 1e-5
 
 
 @pytest.mark.parametrize("select", [select_hak, select_omp])
@@ -81,8 +84,8 @@ def test_phase2_beats_phase1_at_same_budget(select, budget: int) -> None:
     phase1 = compact_output(ck, torch.zeros(HK, budget), kept_v, q_new)
     w = fit_mass_weights(stats, idx, active)
     beta = weights_to_bias(w, torch.zeros(HK, budget), active, MASKED_BIAS)
-    phase2 = compact_output(ck, beta, fit_values(stats, idx, active, w, kept_v), q_new)
-    e1, e2 = rel_err(phase1, held.output), rel_err(phase2, held.output)
+    phase2 = compact_output(ck, beta, fit_values(stats, idx, active, w, kept_v, ridge=1e-2), q_new)
+    e1, e2 = rel_err(phase1, held.output.double()), rel_err(phase2, held.output.double())
     # on queries the fit never saw, phase 2 must still cut the error by a clear margin
     assert e2 < 0.8 * e1, (e1, e2)
     # and each held-out query's attention mass on the block is reproduced better than without β
@@ -115,7 +118,7 @@ def test_omp_matches_mass_better_than_hak_on_reference() -> None:
         idx, active = select(stats, [24] * HK)
         w = fit_mass_weights(stats, idx, active, ridge=0.0)
         a = torch.gather(stats.probs, 2, idx.unsqueeze(1).expand(-1, stats.probs.shape[1], -1))
-        errs[name] = ((a @ w.unsqueeze(-1)).squeeze(-1) - 1).norm().item()
+        errs[name] = ((a.double() @ w.unsqueeze(-1)).squeeze(-1) - 1).norm().item()
     assert errs["omp"] <= errs["hak"] * 1.01, errs
 
 

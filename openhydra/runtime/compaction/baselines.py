@@ -38,7 +38,7 @@ def select_h2o(
     total = keys.shape[1]
     g = queries.shape[1] // positions.shape[0]
     pos = positions.repeat(g)  # [n]
-    logits = scale * (queries.double() @ keys.double().transpose(1, 2))  # [Hk, n, T]
+    logits = scale * (queries.float() @ keys.float().transpose(1, 2))  # [Hk, n, T]
     causal = torch.arange(total)[None, :] <= pos[:, None]  # [n, T]
     probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
     score = probs.sum(1)  # accumulated attention: [Hk, T]

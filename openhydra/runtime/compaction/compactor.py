@@ -40,13 +40,16 @@ Selector = Literal["hak", "omp", "streaming", "h2o"]
 class CompactionPolicy:
     selector: Selector = "hak"
     fit: bool = True
+    fit_beta: bool = True  # phase 2 ablations: β alone, C_v alone
+    fit_values: bool = True
     ratio: float = 0.5
     budgets: HeadBudgets | None = None
     beta_ridge: float = 1e-3
-    value_ridge: float = 1e-2
+    value_ridge: float = 1.0
     nnls_iters: int = 300
     omp_chunks: int = 16
     sinks: int = 4
+    recent_fraction: float = 0.0  # share of each head's budget kept verbatim for the newest tokens
 
     @classmethod
     def from_config(cls, cfg: CompactionConfig, ratio: float | None = None) -> CompactionPolicy:
@@ -60,6 +63,7 @@ class CompactionPolicy:
             value_ridge=cfg.value_ridge,
             nnls_iters=cfg.nnls_iters,
             omp_chunks=cfg.omp_chunks,
+            recent_fraction=cfg.recent_fraction,
         )
 
 
@@ -89,11 +93,54 @@ def compact_layer(
     policy: CompactionPolicy,
     scale: float,
 ) -> DynamicLayer:
-    """Compact one layer (batch 1). queries: [Hq, n, D] post-RoPE, or None for StreamingLLM."""
+    """Compact one layer (batch 1). queries: [Hq, n, D] post-RoPE, or None for StreamingLLM.
+
+    With ``recent_fraction`` > 0 the newest ``r`` tokens stay as they are and only the older block
+    is compacted (the block view of arXiv:2602.16284: β keeps its mass right next to the recent
+    tokens). Uneven per-head budgets then shrink only the older block.
+    """
     keys, values, bias = layer_kv(layer)  # [1, Hk, T, D], [1, Hk, T, Dv], [1, Hk, T]
     if keys.shape[0] != 1:
         raise ValueError(f"compaction runs per sequence (batch 1), got batch {keys.shape[0]}")
-    k, v, b = keys[0], values[0], bias[0]
+    total = keys.shape[2]
+    recent = 0
+    if policy.recent_fraction > 0.0 and policy.selector != "streaming":
+        recent = min(int(min(budgets) * policy.recent_fraction), min(budgets) - 1)
+    old_budgets = [b - recent for b in budgets]
+    new_k, new_v, new_b, active = _compact_block(
+        keys[0, :, : total - recent],
+        values[0, :, : total - recent],
+        bias[0, :, : total - recent],
+        queries,
+        old_budgets,
+        policy,
+        scale,
+    )
+    if recent:
+        # padding (inactive) slots stay in the middle; the recent tokens keep their order at the end
+        new_k = torch.cat([new_k, keys[0, :, total - recent :]], dim=1)
+        new_v = torch.cat([new_v, values[0, :, total - recent :]], dim=1)
+        new_b = torch.cat([new_b, bias[0, :, total - recent :].double()], dim=1)
+        active = torch.cat([active, torch.ones(active.shape[0], recent, dtype=torch.bool)], dim=1)
+    plain = not policy.fit and not isinstance(layer, CompactedLayer) and bool(active.all())
+    if plain:
+        out = DynamicLayer()
+        out.lazy_initialization(keys, values)
+        out.keys, out.values = new_k.unsqueeze(0).contiguous(), new_v.unsqueeze(0).contiguous()
+        return out
+    return CompactedLayer(new_k.unsqueeze(0), new_v.unsqueeze(0), new_b.unsqueeze(0))
+
+
+def _compact_block(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    b: torch.Tensor,
+    queries: torch.Tensor | None,
+    budgets: list[int],
+    policy: CompactionPolicy,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """k [Hk, T, D], v [Hk, T, Dv], b [Hk, T] -> (C_k, C_v, β, active), each [Hk, t_max, ...]."""
     hk, total, _ = k.shape
     if policy.selector == "streaming":
         idx, active = select_streaming(total, budgets, policy.sinks)
@@ -117,19 +164,18 @@ def compact_layer(
     kept_v = torch.gather(v, 1, gather.expand(-1, -1, v.shape[-1]))  # [Hk, t, Dv]
     old_b = torch.gather(b, 1, idx)  # [Hk, t]
     if policy.fit and stats is not None:
-        w = fit_mass_weights(stats, idx, active, ridge=policy.beta_ridge, iters=policy.nnls_iters)
-        new_v = fit_values(stats, idx, active, w, kept_v, ridge=policy.value_ridge).to(v.dtype)
+        if policy.fit_beta:
+            w = fit_mass_weights(stats, idx, active, ridge=policy.beta_ridge, iters=policy.nnls_iters)
+        else:
+            w = active.double()
+        new_v = kept_v * active.unsqueeze(-1)
+        if policy.fit_values:
+            new_v = fit_values(stats, idx, active, w, kept_v, ridge=policy.value_ridge).to(v.dtype)
         new_b = weights_to_bias(w, old_b, active, MASKED_BIAS)
     else:
         new_v = kept_v * active.unsqueeze(-1)
         new_b = torch.where(active, old_b.double(), torch.full_like(old_b.double(), MASKED_BIAS))
-    plain = not policy.fit and not isinstance(layer, CompactedLayer) and bool(active.all())
-    if plain:
-        out = DynamicLayer()
-        out.lazy_initialization(keys, values)
-        out.keys, out.values = new_k.unsqueeze(0).contiguous(), new_v.unsqueeze(0).contiguous()
-        return out
-    return CompactedLayer(new_k.unsqueeze(0), new_v.unsqueeze(0), new_b.unsqueeze(0))
+    return new_k, new_v, new_b, active
 
 
 def compact_cache(

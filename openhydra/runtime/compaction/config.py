@@ -27,12 +27,14 @@ class CompactionConfig(BaseModel):
     """JSON of per-layer, per-KV-head budgets (``budgets.py``); required by phase 3."""
     threshold_tokens: int = Field(default=4096, ge=2)
     """Phase 4: compact when a full-attention layer holds more tokens than this."""
-    max_queries: int = Field(default=1024, ge=1)
-    """Reference queries kept per layer (the most recent ones, per query head)."""
+    max_queries: int = Field(default=128, ge=1)
+    """Reference queries kept per layer: the most recent ones, per query head (docs/compaction.md)."""
     beta_ridge: float = Field(default=1e-3, ge=0.0)
-    value_ridge: float = Field(default=1e-2, ge=0.0)
+    value_ridge: float = Field(default=1.0, ge=0.0)
     nnls_iters: int = Field(default=300, ge=1)
     omp_chunks: int = Field(default=16, ge=1)
+    recent_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Share of each head's budget kept verbatim for the newest tokens; the older block is compacted."""
 
     @model_validator(mode="after")
     def _consistent(self) -> CompactionConfig:

@@ -29,7 +29,7 @@ _LOG_FLOOR = 1e-12
 class ReferenceStats:
     """Full-cache attention of the reference queries, per KV head."""
 
-    exp_logits: torch.Tensor  # [Hk, n, T]: exp(L - rowmax), float64
+    exp_logits: torch.Tensor  # [Hk, n, T]: exp(L - rowmax), float32
     partition: torch.Tensor  # [Hk, n]: Σ_j exp(L - rowmax)
     output: torch.Tensor  # [Hk, n, Dv]: softmax(L) V
 
@@ -51,10 +51,11 @@ def reference_stats(
     keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, queries: torch.Tensor, scale: float
 ) -> ReferenceStats:
     """keys [Hk, T, D], values [Hk, T, Dv], bias [Hk, T], queries [Hk, n, D] (already grouped)."""
-    logits = scale * (queries.double() @ keys.double().transpose(1, 2)) + bias.double().unsqueeze(1)
+    # float32 for the big [Hk, n, T] products: max-subtracted exponentials lose nothing that matters
+    logits = scale * (queries.float() @ keys.float().transpose(1, 2)) + bias.float().unsqueeze(1)
     exp_logits = torch.exp(logits - logits.amax(-1, keepdim=True))  # [Hk, n, T]
     partition = exp_logits.sum(-1)  # [Hk, n]
-    output = (exp_logits @ values.double()) / partition.unsqueeze(-1)  # [Hk, n, Dv]
+    output = (exp_logits @ values.float()) / partition.unsqueeze(-1)  # [Hk, n, Dv]
     return ReferenceStats(exp_logits, partition, output)
 
 
@@ -83,17 +84,17 @@ def fit_values(
     active: torch.Tensor,
     weights: torch.Tensor,
     kept_values: torch.Tensor,
-    ridge: float = 1e-2,
+    ridge: float = 1.0,
 ) -> torch.Tensor:
     """Ridge refit of C_v [Hk, t, Dv] towards ``kept_values`` so compacted outputs match the full ones."""
-    e = gather_columns(stats.exp_logits, idx) * (weights * active).unsqueeze(1)  # [Hk, n, t]
-    p = e / e.sum(-1, keepdim=True).clamp_min(1e-300)  # P̃: [Hk, n, t]
-    gram = p.transpose(1, 2) @ p  # [Hk, t, t]
+    e = gather_columns(stats.exp_logits, idx) * (weights * active).float().unsqueeze(1)  # [Hk, n, t]
+    p = e / e.sum(-1, keepdim=True).clamp_min(1e-30)  # P̃: [Hk, n, t]
+    gram = (p.transpose(1, 2) @ p).double()  # [Hk, t, t]
     t = gram.shape[-1]
     lam = ridge * torch.diagonal(gram, dim1=1, dim2=2).mean(-1).clamp_min(1e-12)  # [Hk]
     eye = torch.eye(t, dtype=gram.dtype)
     lhs = gram + lam[:, None, None] * eye
-    rhs = p.transpose(1, 2) @ stats.output + lam[:, None, None] * kept_values.double()  # [Hk, t, Dv]
+    rhs = (p.transpose(1, 2) @ stats.output).double() + lam[:, None, None] * kept_values.double()  # [Hk, t, Dv]
     c_v = torch.linalg.solve(lhs, rhs)
     return torch.where(active.unsqueeze(-1), c_v, torch.zeros_like(c_v))
 

@@ -56,7 +56,7 @@ def select_omp(
     picked = torch.zeros(hk, total, dtype=torch.bool)
     order = torch.empty(hk, 0, dtype=torch.long)
     residual = torch.ones(hk, n, dtype=a.dtype)
-    w = torch.empty(hk, 0, dtype=a.dtype)
+    w = torch.empty(hk, 0, dtype=torch.float64)
     while order.shape[1] < t_max:
         k = min(step, t_max - order.shape[1])
         corr = (a.transpose(1, 2) @ residual.unsqueeze(-1)).squeeze(-1)  # corr: [Hk, T]
@@ -65,7 +65,7 @@ def select_omp(
         picked.scatter_(1, new, True)
         order = torch.cat([order, new], dim=1)
         sub = torch.gather(a, 2, order.unsqueeze(1).expand(-1, n, -1))  # [Hk, n, |S|]
-        w0 = torch.cat([w, torch.ones(hk, k, dtype=a.dtype)], dim=1)
+        w0 = torch.cat([w, torch.ones(hk, k, dtype=torch.float64)], dim=1)
         w = nnls_pg(sub, torch.ones(hk, n, dtype=a.dtype), iters=refit_iters, w0=w0)
-        residual = 1.0 - (sub @ w.unsqueeze(-1)).squeeze(-1)
+        residual = 1.0 - (sub @ w.to(sub.dtype).unsqueeze(-1)).squeeze(-1)
     return pack_selection(order, budgets)
