@@ -9,6 +9,12 @@ from openhydra.config.schema import ApiConfig
 from openhydra.router.engine import ContextTooLong, Engine, GenerationRequest
 from openhydra.runtime.sampling import SamplingParams
 
+# Below these the sampler's float32 arithmetic breaks down (logits / temperature overflows to inf, a top_p
+# that rounds to 0 drops every token), so a request asking for them gets what it means: greedy decoding,
+# or only the most likely token. vLLM treats temperatures under 1e-5 as greedy too.
+MIN_TEMPERATURE = 1e-5
+MIN_TOP_P = 1e-6
+
 
 def generation_request(
     engine: Engine,
@@ -24,6 +30,8 @@ def generation_request(
     choice: int = 0,
     until_context_full: bool = False,
 ) -> GenerationRequest:
+    if not prompt_ids:
+        raise bad_request("the prompt is empty (it encodes to no tokens)", param="prompt", code="empty_prompt")
     room = engine.context_length - len(prompt_ids)
     if room < 1:
         raise bad_request(
@@ -41,9 +49,10 @@ def generation_request(
     except ContextTooLong as exc:
         raise bad_request(str(exc), param="max_tokens", code="context_length_exceeded") from None
     base_seed = seed if seed is not None else secrets.randbits(31)
+    temperature = 1.0 if temperature is None else temperature
     sampling = SamplingParams(
-        temperature=1.0 if temperature is None else temperature,
-        top_p=1.0 if top_p is None else top_p,
+        temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
+        top_p=1.0 if top_p is None else max(top_p, MIN_TOP_P),
         top_k=top_k or 0,
         seed=base_seed + choice,
     )
