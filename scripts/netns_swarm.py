@@ -6,7 +6,7 @@ per link). Prints one JSON report: discovery, the chain, per-token latency again
 (whole-model compute measured in this process + one-way hops), and failover after cutting the
 middle peer's link mid-stream. Needs root and `ip netns`; cleans its namespaces up on exit.
 
-    python scripts/netns_swarm.py [--model smollm2|tiny] [--one-way-ms 10] [--rate-mbit 100] [--tokens 32]
+    python scripts/netns_swarm.py [--model smollm2|tiny] [--one-way-ms 10] [--rate-mbit 100] [--tokens 32] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def main() -> int:
     parser.add_argument("--rate-mbit", type=float, default=100.0, help="bandwidth cap per link direction")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--cut-at-token", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved latency-off/on stream pairs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per node")
     args = parser.parse_args()
     ok, why = available()
@@ -45,7 +46,8 @@ def main() -> int:
         model_dir = build_tiny_model("llama", CACHE / "tiny-llama-8l", embedded_model_dir(CACHE), num_layers=8)
     layers, _ = model_num_layers(model_dir)
     report = run_scenario(model_dir, layers, prefix="ohswarm", one_way_ms=args.one_way_ms, rate_mbit=args.rate_mbit,
-                          tokens=args.tokens, cut_at_token=args.cut_at_token, threads=args.threads)
+                          tokens=args.tokens, cut_at_token=args.cut_at_token, rounds=args.rounds,
+                          threads=args.threads)
     report["model"] = str(model_dir)
     report["layers"] = layers
     print(json.dumps(report, indent=1))
