@@ -173,6 +173,7 @@ class Node:
         from openhydra.discovery.announcer import Announcer
         from openhydra.discovery.records import PeerAnnouncement
         from openhydra.peer.client import PeerChainClient
+        from openhydra.peer.node_privacy import node_privacy
         from openhydra.peer.server import PeerServer
         from openhydra.router.swarm import SwarmPipeline
         from openhydra.verification.config import VerificationConfig
@@ -184,19 +185,22 @@ class Node:
         vcfg = VerificationConfig.model_validate(cfg.verification or {})  # verification hook
         if vcfg.fault.mode != "none":  # a dishonest peer on purpose (tests, demos)
             runtime = FaultyRuntime(runtime, vcfg.fault)
-        self.peer_server = PeerServer(runtime, cfg.peer.host, cfg.peer.port, model_id=choice.api_name)
+        privacy = node_privacy(cfg.privacy, self.identity)  # privacy hook: keys, signing, sealed steps
+        self.peer_server = PeerServer(runtime, cfg.peer.host, cfg.peer.port, model_id=choice.api_name,
+                                      static_key=privacy.static, require_encryption=privacy.encrypt)
+        privacy.install_verifier(self.discovery)
         grpc_address = self.peer_server.start()
         peer_id = cfg.node.peer_id or self.identity.peer_id
         dtype = str(runtime.dtype).removeprefix("torch.")
 
         def make_record(now: float, ttl_s: float) -> PeerAnnouncement:
             engine = self.state.engine
-            return PeerAnnouncement(
+            return privacy.sign(PeerAnnouncement(
                 peer_id=peer_id, model_id=choice.api_name, start=runtime.start, end=runtime.end,
                 total_layers=num_layers, grpc_address=grpc_address,
                 api_address=f"{cfg.api.host}:{cfg.api.port}", dtype=dtype, backend="pytorch",
                 active_sessions=len(engine.active_sessions) if engine else 0, announced_at=now, ttl_s=ttl_s,
-            )
+            ))
 
         self.announcer = Announcer(self.discovery, make_record)
         try:
@@ -217,7 +221,8 @@ class Node:
                                       slash=getattr(economy, "slash", None))
             self.state.extra["reputation"] = verifier
         self.swarm = SwarmPipeline(choice.api_name, num_layers, lookup,
-                                   PeerChainClient([], reply_host=cfg.peer.host),
+                                   PeerChainClient([], reply_host=cfg.peer.host, **privacy.client_options(
+                                       runtime, choice.path, lambda: self.swarm.peers() if self.swarm else [])),
                                    score=verifier.score if verifier else None, verifier=verifier,
                                    on_failover=verifier.on_hop_failure if verifier else None)
         self.state.extra["swarm"] = self

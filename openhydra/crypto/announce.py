@@ -42,7 +42,7 @@ def canonical_json(payload: dict[str, Any]) -> str:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _signed_bytes(peer_id: str, issued_at: int, body: str) -> bytes:
+def signed_bytes(peer_id: str, issued_at: int, body: str) -> bytes:
     return DOMAIN + peer_id.encode() + b"\0" + struct.pack(">Q", issued_at) + body.encode()
 
 
@@ -54,7 +54,7 @@ def seal_envelope(identity: Identity, payload: dict[str, Any], issued_at: int | 
         public_key=identity.public_key_bytes,
         issued_at=issued_at,
         body=body,
-        signature=identity.sign(_signed_bytes(identity.peer_id, issued_at, body)),
+        signature=identity.sign(signed_bytes(identity.peer_id, issued_at, body)),
     )
 
 
@@ -66,7 +66,7 @@ def open_envelope(
     if not peer_id_matches(envelope.peer_id, envelope.public_key):
         raise InvalidSignature(f"announcement peer id {envelope.peer_id} does not match its public key")
     if not verify_signature(
-        envelope.public_key, envelope.signature, _signed_bytes(envelope.peer_id, envelope.issued_at, envelope.body)
+        envelope.public_key, envelope.signature, signed_bytes(envelope.peer_id, envelope.issued_at, envelope.body)
     ):
         raise InvalidSignature(f"announcement signature of {envelope.peer_id} does not verify")
     now = time.time() if now is None else now

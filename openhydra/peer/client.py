@@ -5,6 +5,10 @@ step carries), keeps one stream per session to the route's first peer, and turns
 future resolved by the Result the last peer pushes back: N + 1 one-way hops per token for N peers.
 Any failure surfaces as :class:`HopError` naming the hop to fail over. It implements the router's
 ``Pipeline`` protocol (``step``/``close``); failover and replay belong to the router.
+
+With ``privacy`` on, the client embeds token ids itself (``embedder``), seals every step for the
+first hop, sends each session's onion with its first step, and opens the sealed Result (see
+peer/privacy.py); a result that fails to open is a :class:`HopError` naming the last hop.
 """
 
 from __future__ import annotations
@@ -12,16 +16,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import torch
 
+from openhydra.crypto.errors import CryptoError
 from openhydra.peer.codec import codec_from_name
+from openhydra.peer.embedding import Embedder
 from openhydra.peer.errors import HopError, status_code
 from openhydra.peer.messages import HopSpec
 from openhydra.peer.outbound import (
@@ -32,10 +40,15 @@ from openhydra.peer.outbound import (
     OutboundStream,
     StreamBroken,
 )
+from openhydra.peer.privacy import ChainPrivacy, CoordinatorRoute, parse_hop_failure
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
 from openhydra.peer.wire import decode_tensor, encode_tensor
 from openhydra.runtime.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+KeyLookup = Callable[[str], tuple[str, str | None] | None]
+"""grpc address -> (peer id, signed static key as announced), for hops given without keys."""
 
 
 @dataclass(frozen=True)
@@ -79,8 +92,16 @@ class PeerChainClient:
         reply_host: str = "127.0.0.1",
         reply_port: int = 0,
         tunables: ClientTunables | None = None,
+        privacy: ChainPrivacy | None = None,
+        embedder: Embedder | None = None,
+        key_lookup: KeyLookup | None = None,
     ) -> None:
         self.tunables = tunables or ClientTunables()
+        self.privacy = privacy or ChainPrivacy()
+        self.embedder = embedder
+        self.key_lookup = key_lookup
+        self.crypto_rejections: Counter[str] = Counter()
+        self._crypto: dict[str, CoordinatorRoute] = {}  # session -> its encrypted route
         self._codec = codec_from_name(self.tunables.forward_codec)
         self.route = tuple(route)
         self._pending: dict[tuple[str, int], asyncio.Future] = {}
@@ -199,6 +220,7 @@ class PeerChainClient:
         if not route:
             raise ValueError("no route: set PeerChainClient.route or pass route= per step")
         deadline_ms = int((time.time() + self.tunables.step_timeout_s) * 1000)
+        crypto = self._crypto_route(session_id, route) if self.privacy.encrypt else None
         futures = []
         chunk = self.tunables.prefill_chunk
         for offset in range(0, len(tokens), chunk):
@@ -209,8 +231,9 @@ class PeerChainClient:
                 seq=seq,
                 start_position=start + offset,
                 num_positions=len(piece),
-                tensor=encode_tensor(torch.tensor(piece, dtype=torch.int64)),  # ids [S]
-                route=[pb.Hop(address=h.address, start=h.start, end=h.end) for h in route],
+                tensor=self._input_tensor(piece, crypto is not None),  # ids [S], or embeddings [S, D]
+                route=[] if self.privacy.onion else [pb.Hop(address=h.address, start=h.start, end=h.end)
+                                                     for h in route],
                 sampling=pb.Sampling(
                     temperature=sampling.temperature,
                     top_p=sampling.top_p,
@@ -219,10 +242,12 @@ class PeerChainClient:
                     sampling_step=step,
                     **extras,
                 ),
-                reply_to=self._reply_address,
+                reply_to="" if self.privacy.onion else self._reply_address,
                 deadline_unix_ms=deadline_ms,
                 forward_codec=self._codec,
             )
+            if crypto is not None:
+                message = crypto.seal_step(message)
             future = self._loop.create_future()
             self._pending[(session_id, seq)] = future
             futures.append((seq, future))
@@ -243,10 +268,46 @@ class PeerChainClient:
                 self._pending.pop((session_id, seq), None)
         return results[-1]
 
+    def _input_tensor(self, ids: list[int], private: bool) -> pb.Tensor:
+        tokens = torch.tensor(ids, dtype=torch.int64)
+        if private and self.embedder is not None:
+            return encode_tensor(self.embedder(tokens))  # [S, D]: token ids never leave the coordinator
+        return encode_tensor(tokens)
+
+    def _crypto_route(self, session_id: str, route: tuple[HopSpec, ...]) -> CoordinatorRoute:
+        current = self._crypto.get(session_id)
+        if current is not None and current.route == route:
+            return current
+        keyed = []
+        for hop in route:
+            found = self.key_lookup(hop.address) if self.key_lookup and not hop.static_key else None
+            if found is not None:
+                hop = hop.model_copy(update={"peer_id": found[0], "static_key": found[1]})
+            keyed.append(hop)
+        try:
+            current = CoordinatorRoute.build(session_id, keyed, self.privacy, self._reply_address)
+        except CryptoError as exc:  # a hop without a valid static key: never send it plaintext
+            bad = next((h.address for h in keyed if not h.static_key), route[0].address)
+            raise HopError(bad, grpc.StatusCode.FAILED_PRECONDITION, f"cannot encrypt to this hop: {exc}") from None
+        current.route = route
+        self._crypto[session_id] = current
+        return current
+
     def _resolve(self, result: pb.Result) -> None:
         future = self._pending.pop((result.session_id, result.seq), None)
         if future is None or future.done():
             return  # late or duplicate report for a step already settled
+        crypto = self._crypto.get(result.session_id)
+        if crypto is not None and result.WhichOneof("outcome") != "failure":
+            last = crypto.route[-1].address
+            try:
+                if not result.sealed:
+                    raise CryptoError("unsealed result on an encrypted session")
+                result = crypto.open_result(result)
+            except CryptoError as exc:
+                self.crypto_rejections[exc.reason] += 1
+                future.set_exception(HopError(last, grpc.StatusCode.DATA_LOSS, f"result rejected: {exc.reason}: {exc}"))
+                return
         if result.WhichOneof("outcome") == "failure":
             f = result.failure
             expected = f.expected_position if f.expected_position >= 0 else None
@@ -269,8 +330,19 @@ class PeerChainClient:
                 future.set_exception(error)
 
     async def _on_broken(self, address: str, code: grpc.StatusCode, details: str, session_id: Any) -> None:
-        if isinstance(session_id, str):
-            self._fail_session(session_id, HopError(address, code, details or "stream to the first hop broke"))
+        if not isinstance(session_id, str):
+            return
+        relayed = parse_hop_failure(details)
+        crypto = self._crypto.get(session_id)
+        if relayed is not None:  # a hop up the chain reported a failure (by route index)
+            index, code_value, expected, message = relayed
+            if crypto is not None and 0 <= index < len(crypto.route):
+                address = crypto.route[index].address
+            code, details = status_code(code_value), message
+            error = HopError(address, code, details, expected if expected >= 0 else None)
+        else:
+            error = HopError(address, code, details or "stream to the first hop broke")
+        self._fail_session(session_id, error)
 
     def _stream(self, session_id: str, address: str) -> OutboundStream:
         key = (session_id, address)
@@ -305,6 +377,7 @@ class PeerChainClient:
                 raise HopError(hop.address, exc.code(), exc.details() or "") from None
 
     async def _close(self, session_id: str, route: tuple[HopSpec, ...]) -> None:
+        self._crypto.pop(session_id, None)
         for key in [k for k in self._streams if k[0] == session_id]:
             await self._streams.pop(key).close()
         for hop in route:

@@ -29,6 +29,10 @@ class HopSpec(BaseModel):
     address: str = Field(min_length=3, max_length=256)
     start: int = Field(ge=0)
     end: int = Field(gt=0)
+    peer_id: str = Field(default="", max_length=128)
+    """Coordinator side only (never on the wire): whose static key encrypts to this hop."""
+    static_key: str | None = Field(default=None, max_length=4096)
+    """Coordinator side only: the hop's signed X25519 key as announced (crypto/records.py)."""
 
     @field_validator("address")
     @classmethod
@@ -52,7 +56,8 @@ class StepHeader(BaseModel):
     start_position: int = Field(ge=0, le=MAX_POSITION)
     num_positions: int = Field(ge=1, le=MAX_STEP_POSITIONS)
     route: tuple[HopSpec, ...] = Field(min_length=1, max_length=64)
-    reply_to: str = Field(min_length=3, max_length=256)
+    reply_to: str = Field(max_length=256)
+    """Empty only under onion routing on a hop that is not last (checked by the server)."""
     deadline_unix_ms: int = Field(ge=0)
     forward_codec: int
     sampling: SamplingParams
@@ -71,7 +76,7 @@ class StepHeader(BaseModel):
     @field_validator("reply_to")
     @classmethod
     def _reply_host_port(cls, value: str) -> str:
-        if not _ADDRESS.match(value):
+        if value and not _ADDRESS.match(value):
             raise ValueError(f"reply_to {value!r} is not host:port")
         return value
 

@@ -5,6 +5,12 @@ runtime is touched), run the span in a worker thread, then either push the hidde
 ``route[1]`` on this session's stream to it, or, on the last span, sample and deliver the Result to
 the coordinator's ``reply_to``. Failures after validation are delivered to the coordinator as a
 ``Failure`` naming the hop at fault (this peer, or its successor when that one is unreachable).
+
+Privacy (peer/privacy.py): sealed steps are opened before anything else; a tampered, replayed or
+malformed one is counted in ``crypto_rejections`` by reason, nothing is forwarded, and the inbound
+stream is aborted with DATA_LOSS naming this hop, so the predecessor (or the coordinator) fails over
+as for a dead peer. Under onion routing a hop does not know the coordinator's address, so every
+failure travels back up the chain the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from typing import Any
 import grpc
 import torch
 
+from openhydra.crypto.errors import CryptoError
+from openhydra.crypto.keys import StaticKeyPair
+from openhydra.peer.embedding import forward_embedded
+from openhydra.peer.errors import status_code
 from openhydra.peer.messages import StepHeader, parse_step
 from openhydra.peer.outbound import (
     CHANNEL_OPTIONS,
@@ -30,6 +40,7 @@ from openhydra.peer.outbound import (
     OutboundStream,
     StreamBroken,
 )
+from openhydra.peer.privacy import HopState, PeerPrivacy, hop_failure, parse_hop_failure
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
 from openhydra.peer.wire import FLOAT_DTYPES, TORCH_TO_WIRE, WireError, decode_tensor, encode_tensor
@@ -53,8 +64,12 @@ class PeerService(pb_grpc.PeerServicer):
         model_id: str = "",
         workers: int = 1,
         inline_max_positions: int = INLINE_MAX_POSITIONS,
+        static_key: StaticKeyPair | None = None,
+        require_encryption: bool = False,
     ) -> None:
         self.runtime = runtime
+        self.privacy = PeerPrivacy(static_key or StaticKeyPair.generate(), require_encryption)
+        self._upstream: dict[str, asyncio.Future] = {}  # session -> failure to abort its inbound stream with
         self.inline_max_positions = inline_max_positions
         self.address = address
         self.model_id = model_id or runtime.model_dir.name
@@ -67,22 +82,87 @@ class PeerService(pb_grpc.PeerServicer):
 
     # ---- RPCs -----------------------------------------------------------------------------------
 
+    @property
+    def crypto_rejections(self) -> dict[str, int]:
+        """Rejected sealed messages and onion layers by reason (for /metrics)."""
+        return self.privacy.counts()
+
     async def Forward(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.ForwardSummary:
         steps = 0
-        async for step in request_iterator:
+        messages = request_iterator.__aiter__()
+        failed: asyncio.Future | None = None
+        while True:
+            step = await self._next_or_failure(messages, failed)
+            if isinstance(step, str):  # a failure downstream (onion: cannot reach the coordinator)
+                await context.abort(grpc.StatusCode.DATA_LOSS, step)
+            if step is None:
+                break
+            state = None
             try:
-                header = parse_step(step)
+                if step.sealed or step.onion:
+                    step, state = self.privacy.open_step(step)
+                elif self.privacy.require_encryption:
+                    self.privacy.rejections["plaintext"] += 1
+                    raise CryptoError("this peer requires encrypted steps")
+            except CryptoError as exc:
+                log.warning("%s: rejected a step of %s: %s (%s)", self.address, step.session_id, exc.reason, exc)
+                index = state.index if state is not None else -1
+                why = f"{self.address}: {exc.reason}: {exc}"
+                await context.abort(grpc.StatusCode.DATA_LOSS, hop_failure(index, grpc.StatusCode.DATA_LOSS, why))
+            if failed is None and state is not None and not step.reply_to:
+                failed = self._upstream.setdefault(step.session_id, asyncio.get_running_loop().create_future())
+            try:
+                header = parse_step(self._with_onion_route(step, state))
                 header.check_for(self.runtime.start, self.runtime.end, self.runtime.num_layers)
+                if not header.reply_to and state is None:
+                    raise ValueError("invalid step: reply_to is empty")
                 tensor = self._decode_input(header, step.tensor)
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.address}: {exc}")
             steps += 1
-            await self._process(header, step, tensor)
+            await self._process(header, step, tensor, state)
         return pb.ForwardSummary(steps=steps)
+
+    @staticmethod
+    async def _next_or_failure(messages, failed: asyncio.Future | None) -> pb.Step | str | None:
+        """The next inbound step (None at the end), or the failure details if one arrives first."""
+        if failed is not None and failed.done():
+            return failed.result()
+        read = asyncio.ensure_future(messages.__anext__())
+        waiting = {read} if failed is None else {read, failed}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not read.done():
+            read.cancel()
+            return failed.result()
+        try:
+            return read.result()
+        except StopAsyncIteration:
+            return None
+
+    def _with_onion_route(self, step: pb.Step, state: HopState | None) -> pb.Step:
+        """Under onion routing the route comes from this hop's layer: its span, its successor, and
+        (last hop) the coordinator's address; the rest of the chain stays unknown to this peer."""
+        if state is None or step.route:
+            return step
+        if state.span is None:
+            raise ValueError("invalid step: no route and no span in the onion layer")
+        start, end = state.span
+        route = [pb.Hop(address=self.address, start=start, end=end)]
+        successor = state.session.successor
+        if successor is not None:
+            route.append(pb.Hop(address=successor.address, start=end, end=self.runtime.num_layers))
+        full = pb.Step()
+        full.CopyFrom(step)
+        full.route.extend(route)
+        if successor is None and state.session.reply_to is not None:
+            full.reply_to = state.session.reply_to.address
+        return full
 
     async def CloseSession(self, request: pb.CloseRequest, context) -> pb.CloseReply:
         existed = self.runtime.session_length(request.session_id) > 0
         self.runtime.close_session(request.session_id)
+        self.privacy.drop(request.session_id)
+        self._upstream.pop(request.session_id, None)
         for key in [k for k in self._streams if k[1] == request.session_id]:
             await self._streams.pop(key).close()
         return pb.CloseReply(existed=existed)
@@ -111,13 +191,15 @@ class PeerService(pb_grpc.PeerServicer):
             steps_in_flight=self._in_flight,
             steps_served=self._served,
             address=self.address,
+            crypto_rejections=self.privacy.counts(),
+            requires_encryption=self.privacy.require_encryption,
         )
 
     # ---- one step -------------------------------------------------------------------------------
 
     def _decode_input(self, header: StepHeader, message: pb.Tensor) -> torch.Tensor:
         n = header.num_positions
-        if self.runtime.is_first:
+        if self.runtime.is_first and message.dtype == pb.DTYPE_INT64:
             ids = decode_tensor(message, shape=(n,), dtypes=frozenset({pb.DTYPE_INT64}))
             if int(ids.min()) < 0 or int(ids.max()) >= self.runtime.vocab_size:
                 raise ValueError(f"token ids must lie in [0, {self.runtime.vocab_size})")
@@ -130,7 +212,7 @@ class PeerService(pb_grpc.PeerServicer):
             raise ValueError("hidden states contain NaN or Inf")  # would poison this session's cache
         return hidden
 
-    async def _process(self, header: StepHeader, step: pb.Step, tensor: torch.Tensor) -> None:
+    async def _process(self, header: StepHeader, step: pb.Step, tensor: torch.Tensor, state: HopState | None) -> None:
         if header.deadline_unix_ms and time.time() * 1000 > header.deadline_unix_ms:
             await self._fail(header, self.address, grpc.StatusCode.DEADLINE_EXCEEDED, "step arrived after its deadline")
             return
@@ -155,15 +237,17 @@ class PeerService(pb_grpc.PeerServicer):
             self._in_flight -= 1
         self._served += 1
         if isinstance(out, pb.Result):
-            await self._deliver(header, out)
+            await self._deliver(header, out if state is None else self.privacy.seal_result(state, out))
         else:
-            await self._push(header, step, out)
+            await self._push(header, step, out, state)
 
     def _compute(self, header: StepHeader, tensor: torch.Tensor) -> torch.Tensor | pb.Result:
         """Runs in a worker thread: the span, and on the last span the sampling."""
         positions = torch.arange(header.start_position, header.start_position + header.num_positions)
         rt = self.runtime
-        if rt.is_first:
+        if rt.is_first and tensor.dtype != torch.int64:  # embedded by the coordinator (privacy on)
+            out = forward_embedded(rt, header.session_id, positions, tensor, header.all_logits)
+        elif rt.is_first:
             out = rt.forward(header.session_id, positions, input_ids=tensor, all_logits=header.all_logits)
         else:
             out = rt.forward(header.session_id, positions, hidden_states=tensor, all_logits=header.all_logits)
@@ -185,7 +269,7 @@ class PeerService(pb_grpc.PeerServicer):
             result.top_logprobs.extend(top.values.tolist())
         return result
 
-    async def _push(self, header: StepHeader, step: pb.Step, hidden: torch.Tensor) -> None:
+    async def _push(self, header: StepHeader, step: pb.Step, hidden: torch.Tensor, state: HopState | None) -> None:
         nxt = header.route[1]
         message = pb.Step(
             session_id=step.session_id,
@@ -200,11 +284,13 @@ class PeerService(pb_grpc.PeerServicer):
             deadline_unix_ms=step.deadline_unix_ms,
             forward_codec=step.forward_codec,
         )
+        if state is not None:
+            message = self.privacy.seal_step(state, message)
         stream = self._stream("forward", header.session_id, nxt.address)
         try:
             await stream.send(message, context=header)
         except StreamBroken as exc:
-            await self._fail(header, nxt.address, exc.code, exc.details)
+            await self._on_forward_broken(nxt.address, exc.code, exc.details, header)
 
     async def _deliver(self, header: StepHeader, result: pb.Result) -> None:
         stream = self._stream("deliver", header.session_id, header.reply_to)
@@ -214,14 +300,36 @@ class PeerService(pb_grpc.PeerServicer):
             log.warning("cannot deliver %s/%d to %s: %s", header.session_id, header.seq, header.reply_to, exc)
 
     async def _fail(
-        self, header: StepHeader, hop: str, code: grpc.StatusCode, message: str, expected: int = -1
+        self, header: StepHeader, hop: str, code: grpc.StatusCode, message: str, expected: int = -1,
+        index: int | None = None,
     ) -> None:
+        if not header.reply_to:  # onion, not the last hop: report up the chain (see Forward)
+            failed = self._upstream.get(header.session_id)
+            state = self.privacy.state(header.session_id)
+            if index is None and state is not None:
+                index = state.index if hop == self.address else state.index + 1
+            if failed is not None and not failed.done():
+                failed.set_result(hop_failure(-1 if index is None else index, code, message, expected))
+            return
+        if index is not None:  # relayed from downstream by index: name that hop's address
+            state = self.privacy.state(header.session_id)
+            offset = index - state.index if state is not None else -1
+            if 0 <= offset < len(header.route):
+                hop = header.route[offset].address
         failure = pb.Failure(hop_address=hop, code=code.value[0], message=message, expected_position=expected)
         await self._deliver(header, pb.Result(session_id=header.session_id, seq=header.seq, failure=failure))
 
     async def _on_forward_broken(self, address: str, code: grpc.StatusCode, details: str, header: Any) -> None:
         if isinstance(header, StepHeader):
-            await self._fail(header, address, code, details or "stream to the next hop broke")
+            relayed = parse_hop_failure(details)
+            if relayed is None:
+                await self._fail(header, address, code, details or "stream to the next hop broke")
+                return
+            index, code_value, expected, message = relayed
+            state = self.privacy.state(header.session_id)
+            if index < 0 and state is not None:
+                index = state.index + 1  # the successor rejected before it knew its index
+            await self._fail(header, address, status_code(code_value), message, expected, index if index >= 0 else None)
 
     def _stream(self, kind: str, session_id: str, address: str) -> OutboundStream:
         key = (kind, session_id, address)
@@ -265,10 +373,19 @@ class PeerServer:
     """A peer serving ``runtime`` on ``host:port`` from its own event-loop thread (port 0: any free one)."""
 
     def __init__(
-        self, runtime: ShardRuntime, host: str = "127.0.0.1", port: int = 0, model_id: str = "", workers: int = 1
+        self,
+        runtime: ShardRuntime,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        model_id: str = "",
+        workers: int = 1,
+        static_key: StaticKeyPair | None = None,
+        require_encryption: bool = False,
     ) -> None:
         self.runtime, self.host, self.port = runtime, host, port
         self.model_id, self.workers = model_id, workers
+        self.static_key = static_key or StaticKeyPair.generate()
+        self.require_encryption = require_encryption
         self.service: PeerService | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: grpc.aio.Server | None = None
@@ -305,7 +422,8 @@ class PeerServer:
         self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {self.host}")
-        self.service = PeerService(self.runtime, self.address, self.model_id, self.workers)
+        self.service = PeerService(self.runtime, self.address, self.model_id, self.workers,
+                                   static_key=self.static_key, require_encryption=self.require_encryption)
         pb_grpc.add_PeerServicer_to_server(self.service, self._server)
         await self._server.start()
 

@@ -24,17 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fopenhydra/peer/proto/peer.proto\x12\x11openhydra.peer.v1\"\x8c\x01\n\x06Tensor\x12\'\n\x05\x64type\x18\x01 \x01(\x0e\x32\x18.openhydra.peer.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\'\n\x05\x63odec\x18\x03 \x01(\x0e\x32\x18.openhydra.peer.v1.Codec\x12\x10\n\x08raw_size\x18\x04 \x01(\x04\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\"2\n\x03Hop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\"\xa3\x01\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x15\n\rsampling_step\x18\x05 \x01(\x04\x12\x15\n\rreturn_logits\x18\x06 \x01(\x08\x12\x14\n\x0creturn_top_k\x18\x07 \x01(\r\x12\x12\n\nall_logits\x18\x08 \x01(\x08\"\xc3\x02\n\x04Step\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x16\n\x0estart_position\x18\x03 \x01(\x04\x12\x15\n\rnum_positions\x18\x04 \x01(\r\x12)\n\x06tensor\x18\x05 \x01(\x0b\x32\x19.openhydra.peer.v1.Tensor\x12%\n\x05route\x18\x06 \x03(\x0b\x32\x16.openhydra.peer.v1.Hop\x12\r\n\x05onion\x18\x07 \x01(\x0c\x12-\n\x08sampling\x18\x08 \x01(\x0b\x32\x1b.openhydra.peer.v1.Sampling\x12\x10\n\x08reply_to\x18\t \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\n \x01(\x04\x12/\n\rforward_codec\x18\x0b \x01(\x0e\x32\x18.openhydra.peer.v1.Codec\"X\n\x07\x46\x61ilure\x12\x13\n\x0bhop_address\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x19\n\x11\x65xpected_position\x18\x04 \x01(\x03\"\xd8\x01\n\x06Result\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0f\n\x05token\x18\x03 \x01(\x03H\x00\x12-\n\x07\x66\x61ilure\x18\x04 \x01(\x0b\x32\x1a.openhydra.peer.v1.FailureH\x00\x12)\n\x06logits\x18\x05 \x01(\x0b\x32\x19.openhydra.peer.v1.Tensor\x12\x0f\n\x07top_ids\x18\x06 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x07 \x03(\x02\x12\x10\n\x08last_hop\x18\x08 \x01(\tB\t\n\x07outcome\"\x1f\n\x0e\x46orwardSummary\x12\r\n\x05steps\x18\x01 \x01(\x04\"!\n\x0e\x44\x65liverSummary\x12\x0f\n\x07results\x18\x01 \x01(\x04\"\"\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x1d\n\nCloseReply\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"5\n\x0fTruncateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x04\"\x1f\n\rTruncateReply\x12\x0e\n\x06length\x18\x01 \x01(\x04\"\r\n\x0bInfoRequest\"\x8c\x02\n\tInfoReply\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\'\n\x05\x64type\x18\x06 \x01(\x0e\x32\x18.openhydra.peer.v1.DType\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\t \x01(\r\x12\x17\n\x0fsteps_in_flight\x18\n \x01(\r\x12\x14\n\x0csteps_served\x18\x0b \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x0c \x01(\t*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04*&\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\r\n\tCODEC_LZ4\x10\x01\x32\xb7\x02\n\x04Peer\x12G\n\x07\x46orward\x12\x17.openhydra.peer.v1.Step\x1a!.openhydra.peer.v1.ForwardSummary(\x01\x12N\n\x0c\x43loseSession\x12\x1f.openhydra.peer.v1.CloseRequest\x1a\x1d.openhydra.peer.v1.CloseReply\x12P\n\x08Truncate\x12\".openhydra.peer.v1.TruncateRequest\x1a .openhydra.peer.v1.TruncateReply\x12\x44\n\x04Info\x12\x1e.openhydra.peer.v1.InfoRequest\x1a\x1c.openhydra.peer.v1.InfoReply2X\n\x0b\x43oordinator\x12I\n\x07\x44\x65liver\x12\x19.openhydra.peer.v1.Result\x1a!.openhydra.peer.v1.DeliverSummary(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fopenhydra/peer/proto/peer.proto\x12\x11openhydra.peer.v1\"\x8c\x01\n\x06Tensor\x12\'\n\x05\x64type\x18\x01 \x01(\x0e\x32\x18.openhydra.peer.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\'\n\x05\x63odec\x18\x03 \x01(\x0e\x32\x18.openhydra.peer.v1.Codec\x12\x10\n\x08raw_size\x18\x04 \x01(\x04\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\"2\n\x03Hop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\"\xa3\x01\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x15\n\rsampling_step\x18\x05 \x01(\x04\x12\x15\n\rreturn_logits\x18\x06 \x01(\x08\x12\x14\n\x0creturn_top_k\x18\x07 \x01(\r\x12\x12\n\nall_logits\x18\x08 \x01(\x08\"\xd3\x02\n\x04Step\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x16\n\x0estart_position\x18\x03 \x01(\x04\x12\x15\n\rnum_positions\x18\x04 \x01(\r\x12)\n\x06tensor\x18\x05 \x01(\x0b\x32\x19.openhydra.peer.v1.Tensor\x12%\n\x05route\x18\x06 \x03(\x0b\x32\x16.openhydra.peer.v1.Hop\x12\r\n\x05onion\x18\x07 \x01(\x0c\x12-\n\x08sampling\x18\x08 \x01(\x0b\x32\x1b.openhydra.peer.v1.Sampling\x12\x10\n\x08reply_to\x18\t \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\n \x01(\x04\x12/\n\rforward_codec\x18\x0b \x01(\x0e\x32\x18.openhydra.peer.v1.Codec\x12\x0e\n\x06sealed\x18\x0c \x01(\x0c\"X\n\x07\x46\x61ilure\x12\x13\n\x0bhop_address\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x19\n\x11\x65xpected_position\x18\x04 \x01(\x03\"\xe8\x01\n\x06Result\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0f\n\x05token\x18\x03 \x01(\x03H\x00\x12-\n\x07\x66\x61ilure\x18\x04 \x01(\x0b\x32\x1a.openhydra.peer.v1.FailureH\x00\x12)\n\x06logits\x18\x05 \x01(\x0b\x32\x19.openhydra.peer.v1.Tensor\x12\x0f\n\x07top_ids\x18\x06 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x07 \x03(\x02\x12\x10\n\x08last_hop\x18\x08 \x01(\t\x12\x0e\n\x06sealed\x18\t \x01(\x0c\x42\t\n\x07outcome\"\x1f\n\x0e\x46orwardSummary\x12\r\n\x05steps\x18\x01 \x01(\x04\"!\n\x0e\x44\x65liverSummary\x12\x0f\n\x07results\x18\x01 \x01(\x04\"\"\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x1d\n\nCloseReply\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"5\n\x0fTruncateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x04\"\x1f\n\rTruncateReply\x12\x0e\n\x06length\x18\x01 \x01(\x04\"\r\n\x0bInfoRequest\"\xb1\x03\n\tInfoReply\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\'\n\x05\x64type\x18\x06 \x01(\x0e\x32\x18.openhydra.peer.v1.DType\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\t \x01(\r\x12\x17\n\x0fsteps_in_flight\x18\n \x01(\r\x12\x14\n\x0csteps_served\x18\x0b \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x0c \x01(\t\x12M\n\x11\x63rypto_rejections\x18\r \x03(\x0b\x32\x32.openhydra.peer.v1.InfoReply.CryptoRejectionsEntry\x12\x1b\n\x13requires_encryption\x18\x0e \x01(\x08\x1a\x37\n\x15\x43ryptoRejectionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04*&\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\r\n\tCODEC_LZ4\x10\x01\x32\xb7\x02\n\x04Peer\x12G\n\x07\x46orward\x12\x17.openhydra.peer.v1.Step\x1a!.openhydra.peer.v1.ForwardSummary(\x01\x12N\n\x0c\x43loseSession\x12\x1f.openhydra.peer.v1.CloseRequest\x1a\x1d.openhydra.peer.v1.CloseReply\x12P\n\x08Truncate\x12\".openhydra.peer.v1.TruncateRequest\x1a .openhydra.peer.v1.TruncateReply\x12\x44\n\x04Info\x12\x1e.openhydra.peer.v1.InfoRequest\x1a\x1c.openhydra.peer.v1.InfoReply2X\n\x0b\x43oordinator\x12I\n\x07\x44\x65liver\x12\x19.openhydra.peer.v1.Result\x1a!.openhydra.peer.v1.DeliverSummary(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'openhydra.peer.proto.peer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1559
-  _globals['_DTYPE']._serialized_end=1664
-  _globals['_CODEC']._serialized_start=1666
-  _globals['_CODEC']._serialized_end=1704
+  _globals['_INFOREPLY_CRYPTOREJECTIONSENTRY']._loaded_options = None
+  _globals['_INFOREPLY_CRYPTOREJECTIONSENTRY']._serialized_options = b'8\001'
+  _globals['_DTYPE']._serialized_start=1756
+  _globals['_DTYPE']._serialized_end=1861
+  _globals['_CODEC']._serialized_start=1863
+  _globals['_CODEC']._serialized_end=1901
   _globals['_TENSOR']._serialized_start=55
   _globals['_TENSOR']._serialized_end=195
   _globals['_HOP']._serialized_start=197
@@ -42,29 +44,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLING']._serialized_start=250
   _globals['_SAMPLING']._serialized_end=413
   _globals['_STEP']._serialized_start=416
-  _globals['_STEP']._serialized_end=739
-  _globals['_FAILURE']._serialized_start=741
-  _globals['_FAILURE']._serialized_end=829
-  _globals['_RESULT']._serialized_start=832
-  _globals['_RESULT']._serialized_end=1048
-  _globals['_FORWARDSUMMARY']._serialized_start=1050
-  _globals['_FORWARDSUMMARY']._serialized_end=1081
-  _globals['_DELIVERSUMMARY']._serialized_start=1083
-  _globals['_DELIVERSUMMARY']._serialized_end=1116
-  _globals['_CLOSEREQUEST']._serialized_start=1118
-  _globals['_CLOSEREQUEST']._serialized_end=1152
-  _globals['_CLOSEREPLY']._serialized_start=1154
-  _globals['_CLOSEREPLY']._serialized_end=1183
-  _globals['_TRUNCATEREQUEST']._serialized_start=1185
-  _globals['_TRUNCATEREQUEST']._serialized_end=1238
-  _globals['_TRUNCATEREPLY']._serialized_start=1240
-  _globals['_TRUNCATEREPLY']._serialized_end=1271
-  _globals['_INFOREQUEST']._serialized_start=1273
-  _globals['_INFOREQUEST']._serialized_end=1286
-  _globals['_INFOREPLY']._serialized_start=1289
-  _globals['_INFOREPLY']._serialized_end=1557
-  _globals['_PEER']._serialized_start=1707
-  _globals['_PEER']._serialized_end=2018
-  _globals['_COORDINATOR']._serialized_start=2020
-  _globals['_COORDINATOR']._serialized_end=2108
+  _globals['_STEP']._serialized_end=755
+  _globals['_FAILURE']._serialized_start=757
+  _globals['_FAILURE']._serialized_end=845
+  _globals['_RESULT']._serialized_start=848
+  _globals['_RESULT']._serialized_end=1080
+  _globals['_FORWARDSUMMARY']._serialized_start=1082
+  _globals['_FORWARDSUMMARY']._serialized_end=1113
+  _globals['_DELIVERSUMMARY']._serialized_start=1115
+  _globals['_DELIVERSUMMARY']._serialized_end=1148
+  _globals['_CLOSEREQUEST']._serialized_start=1150
+  _globals['_CLOSEREQUEST']._serialized_end=1184
+  _globals['_CLOSEREPLY']._serialized_start=1186
+  _globals['_CLOSEREPLY']._serialized_end=1215
+  _globals['_TRUNCATEREQUEST']._serialized_start=1217
+  _globals['_TRUNCATEREQUEST']._serialized_end=1270
+  _globals['_TRUNCATEREPLY']._serialized_start=1272
+  _globals['_TRUNCATEREPLY']._serialized_end=1303
+  _globals['_INFOREQUEST']._serialized_start=1305
+  _globals['_INFOREQUEST']._serialized_end=1318
+  _globals['_INFOREPLY']._serialized_start=1321
+  _globals['_INFOREPLY']._serialized_end=1754
+  _globals['_INFOREPLY_CRYPTOREJECTIONSENTRY']._serialized_start=1699
+  _globals['_INFOREPLY_CRYPTOREJECTIONSENTRY']._serialized_end=1754
+  _globals['_PEER']._serialized_start=1904
+  _globals['_PEER']._serialized_end=2215
+  _globals['_COORDINATOR']._serialized_start=2217
+  _globals['_COORDINATOR']._serialized_end=2305
 # @@protoc_insertion_point(module_scope)

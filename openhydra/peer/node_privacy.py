@@ -1,0 +1,72 @@
+"""What a node needs to run the peer protocol privately, built once from its ``privacy`` config.
+
+node.py calls :func:`node_privacy` and hands the pieces to the objects that use them: the static key
+to :class:`~openhydra.peer.server.PeerServer`, :meth:`NodePrivacy.sign` to the announcer's record
+factory, :func:`~openhydra.crypto.records.verify_record` to ``discovery.set_verifier`` and
+:meth:`NodePrivacy.client_options` to :class:`~openhydra.peer.client.PeerChainClient`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from openhydra.crypto.config import PrivacyConfig
+from openhydra.crypto.keys import SignedStaticKey, StaticKeyPair
+from openhydra.crypto.records import sign_record, verify_record
+from openhydra.peer.embedding import Embedder, load_embedder
+from openhydra.peer.privacy import ChainPrivacy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodePrivacy:
+    config: PrivacyConfig
+    identity: Any  # openhydra.crypto.identity.Identity, or None when the node has none
+    static: StaticKeyPair
+    signed_static: SignedStaticKey | None
+
+    @property
+    def encrypt(self) -> bool:
+        return self.config.encrypt_activations
+
+    def sign(self, record):
+        """The announcement signed by this node's identity (unchanged if it cannot be: no identity,
+        or a configured peer id that is not the identity's, which verifying nodes will then drop)."""
+        if self.identity is None or record.peer_id != self.identity.peer_id:
+            return record
+        return sign_record(record, self.identity, self.signed_static)
+
+    def install_verifier(self, discovery) -> None:
+        """With encryption on, unsigned, forged or key-less records are dropped at lookup."""
+        if self.encrypt and hasattr(discovery, "set_verifier"):
+            discovery.set_verifier(verify_record)
+
+    def client_options(self, runtime, model_dir: Path, peers: Callable[[], list]) -> dict[str, Any]:
+        """Keyword arguments for PeerChainClient: privacy level, local embedder, static-key lookup."""
+        if not self.encrypt:
+            return {}
+        # The first shard's own table when this node holds it (exactly what hop 0 would compute).
+        embedder: Embedder = runtime.embed if runtime.is_first else load_embedder(model_dir, runtime.dtype)
+
+        def key_lookup(address: str) -> tuple[str, str | None] | None:
+            for record in peers():
+                if record.grpc_address == address:
+                    return record.peer_id, record.static_key
+            return None
+
+        return {"privacy": ChainPrivacy.from_config(self.config), "embedder": embedder, "key_lookup": key_lookup}
+
+
+def node_privacy(raw: dict | None, identity) -> NodePrivacy:
+    config = PrivacyConfig.model_validate(raw or {"encrypt_activations": False})
+    static = StaticKeyPair.generate()  # per process start, never from a seed
+    signed = static.signed_by(identity, config.static_key_ttl_s) if identity is not None else None
+    if config.encrypt_activations and identity is None:
+        raise ValueError("privacy.encrypt_activations needs a node identity (privacy.identity_path)")
+    log.info("privacy level %s", config.level)
+    return NodePrivacy(config, identity, static, signed)

@@ -1,0 +1,214 @@
+"""Privacy on the peer wire: sealed steps and results, onion-carried routes (docs/security.md).
+
+Wire convention (peer.proto ``Step.sealed`` / ``Result.sealed``): a private step travels as an outer
+``Step`` holding only ``session_id``, ``seq``, ``onion`` (with the session's first message to each
+hop) and ``sealed``; the plaintext of ``sealed`` is the serialized inner ``Step`` with everything
+else (positions, tensor, sampling, deadline; the route and reply address unless onion routing is
+on). Seals use crypto/session.py's keys with ``step = seq``, so the associated data binds session,
+step (message number), hop and direction; ``seq`` must also match inside and out.
+
+Under onion routing the inner step's ``route`` and ``reply_to`` are empty: a hop's span comes from
+its onion layer's payload, its successor's address from the layer, the coordinator's address from the
+last layer only. Failures then travel back up the chain (a hop cannot reach the coordinator): the
+hop aborts its inbound stream with :data:`FAILURE_CODE`-style details from :func:`hop_failure`, each
+predecessor relays it, and the coordinator maps the hop index to the address it chose.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from openhydra.crypto.errors import CryptoError, MalformedMessage
+from openhydra.crypto.keys import StaticKeyPair
+from openhydra.crypto.onion import DEFAULT_ONION_SIZE, HopRef, RouteHop
+from openhydra.crypto.records import decode_static_key
+from openhydra.crypto.session import CoordinatorSession, PeerSession
+from openhydra.peer.messages import HopSpec
+from openhydra.peer.proto import peer_pb2 as pb
+
+MAX_CRYPTO_SESSIONS = 4096
+COORDINATOR_REF_ID = "coordinator"
+_SPAN = struct.Struct(">II")
+_FAILURE = re.compile(r"^openhydra-hop-failure index=(-?\d+) code=(\d+) expected=(-?\d+): (.*)$", re.S)
+
+
+@dataclass(frozen=True)
+class ChainPrivacy:
+    """The coordinator's privacy level for the steps it sends (from PrivacyConfig)."""
+
+    encrypt: bool = False
+    onion: bool = False
+    onion_size_bytes: int = DEFAULT_ONION_SIZE
+
+    @classmethod
+    def from_config(cls, privacy: object | None) -> ChainPrivacy:
+        if privacy is None:
+            return cls()
+        return cls(
+            encrypt=bool(getattr(privacy, "encrypt_activations", False)),
+            onion=bool(getattr(privacy, "onion", False)),
+            onion_size_bytes=int(getattr(privacy, "onion_size_bytes", DEFAULT_ONION_SIZE)),
+        )
+
+
+# ---- failures that travel back up the chain ----------------------------------------------------------
+
+
+def hop_failure(index: int, code: grpc.StatusCode, message: str, expected: int = -1) -> str:
+    """Abort details naming the failing hop by its index in the route (-1: the receiver of this stream)."""
+    return f"openhydra-hop-failure index={index} code={code.value[0]} expected={expected}: {message}"
+
+
+def parse_hop_failure(details: str) -> tuple[int, int, int, str] | None:
+    """(index, code, expected, message) from :func:`hop_failure` details, or None."""
+    match = _FAILURE.match(details or "")
+    if match is None:
+        return None
+    return int(match[1]), int(match[2]), int(match[3]), match[4]
+
+
+# ---- peer side -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class HopState:
+    """One session's crypto state at this hop."""
+
+    session: PeerSession
+    span: tuple[int, int] | None
+    onion_forwarded: bool = False
+
+    @property
+    def index(self) -> int:
+        return self.session.hop_index
+
+
+def encode_span(start: int, end: int) -> bytes:
+    return _SPAN.pack(start, end)
+
+
+def decode_span(payload: bytes) -> tuple[int, int] | None:
+    if len(payload) != _SPAN.size:
+        return None
+    start, end = _SPAN.unpack(payload)
+    return start, end
+
+
+@dataclass
+class PeerPrivacy:
+    """A peer's keys, its sessions' hop state and its rejection counters."""
+
+    static: StaticKeyPair
+    require_encryption: bool = False
+    rejections: Counter[str] = field(default_factory=Counter)
+    _sessions: OrderedDict[str, HopState] = field(default_factory=OrderedDict)
+
+    def open_step(self, outer: pb.Step) -> tuple[pb.Step, HopState]:
+        """The authenticated inner step, or a :class:`CryptoError` (counted; forward nothing)."""
+        try:
+            return self._open(outer)
+        except CryptoError as exc:
+            self.rejections[exc.reason] += 1
+            raise
+
+    def _open(self, outer: pb.Step) -> tuple[pb.Step, HopState]:
+        sid = outer.session_id
+        if not 1 <= len(sid.encode()) <= 255:
+            raise MalformedMessage("session id must be 1..255 bytes")
+        state = self._sessions.get(sid)
+        if outer.onion:
+            if state is not None:
+                raise MalformedMessage("a second onion for a session that already has one")
+            session = PeerSession(bytes(outer.onion), self.static, sid)
+            state = HopState(session, decode_span(session.layer.payload))
+            self._sessions[sid] = state
+            while len(self._sessions) > MAX_CRYPTO_SESSIONS:
+                self._sessions.popitem(last=False)
+        if state is None:
+            raise MalformedMessage("sealed step for a session with no onion (its keys were never agreed)")
+        self._sessions.move_to_end(sid)
+        opened = state.session.open_input(bytes(outer.sealed))
+        inner = pb.Step()
+        try:
+            inner.ParseFromString(opened.plaintext)
+        except Exception as exc:  # protobuf's DecodeError; authentic but ill-formed: a sender bug
+            raise MalformedMessage("sealed step is not a Step") from exc
+        if inner.session_id != sid or inner.seq != outer.seq or opened.step != outer.seq or inner.sealed:
+            raise MalformedMessage("sealed step disagrees with its envelope (session, seq)")
+        return inner, state
+
+    def seal_step(self, state: HopState, inner: pb.Step) -> pb.Step:
+        """The outer step for the successor (with the inner onion on the first one)."""
+        outer = pb.Step(session_id=inner.session_id, seq=inner.seq,
+                        sealed=state.session.seal_output(inner.seq, inner.SerializeToString()))
+        if not state.onion_forwarded:
+            outer.onion = state.session.inner_onion
+            state.onion_forwarded = True
+        return outer
+
+    def seal_result(self, state: HopState, result: pb.Result) -> pb.Result:
+        return pb.Result(session_id=result.session_id, seq=result.seq,
+                         sealed=state.session.seal_output(result.seq, result.SerializeToString()))
+
+    def state(self, session_id: str) -> HopState | None:
+        return self._sessions.get(session_id)
+
+    def drop(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.rejections)
+
+
+# ---- coordinator side ------------------------------------------------------------------------------------
+
+
+def route_hops(route: Sequence[HopSpec]) -> list[RouteHop]:
+    """The onion route for ``route``; every hop needs its peer id and signed static key."""
+    hops = []
+    for hop in route:
+        if not hop.static_key or not hop.peer_id:
+            raise CryptoError(f"hop {hop.address} advertises no static key: cannot encrypt to it")
+        hops.append(RouteHop(HopRef(peer_id=hop.peer_id, address=hop.address), decode_static_key(hop.static_key),
+                             encode_span(hop.start, hop.end)))
+    return hops
+
+
+@dataclass
+class CoordinatorRoute:
+    """One session's route as the coordinator encrypts it (a failover uses a new session id)."""
+
+    route: tuple[HopSpec, ...]
+    crypto: CoordinatorSession
+    onion_sent: bool = False
+
+    @classmethod
+    def build(cls, session_id: str, route: Sequence[HopSpec], privacy: ChainPrivacy, reply_to: str) -> CoordinatorRoute:
+        reply = HopRef(peer_id=COORDINATOR_REF_ID, address=reply_to) if privacy.onion else None
+        crypto = CoordinatorSession(session_id, route_hops(route), pad_to=privacy.onion_size_bytes, reply_to=reply)
+        return cls(tuple(route), crypto)
+
+    def seal_step(self, inner: pb.Step) -> pb.Step:
+        outer = pb.Step(session_id=inner.session_id, seq=inner.seq,
+                        sealed=self.crypto.seal_input(inner.seq, inner.SerializeToString()))
+        if not self.onion_sent:
+            outer.onion = self.crypto.onion
+            self.onion_sent = True
+        return outer
+
+    def open_result(self, outer: pb.Result) -> pb.Result:
+        opened = self.crypto.open_result(bytes(outer.sealed))
+        inner = pb.Result()
+        try:
+            inner.ParseFromString(opened.plaintext)
+        except Exception as exc:
+            raise MalformedMessage("sealed result is not a Result") from exc
+        if inner.session_id != outer.session_id or inner.seq != outer.seq or opened.step != outer.seq:
+            raise MalformedMessage("sealed result disagrees with its envelope (session, seq)")
+        return inner
