@@ -29,13 +29,14 @@ class FaultConfig(_Strict):
 class ToleranceConfig(_Strict):
     """Largest |difference| of a top-k log-probability between two honest executions, by dtype.
 
-    Measured here (tests/verification/test_tolerance.py, docs/verification.md): fp32 chains on 1 vs 2
-    threads differ by <= 1e-6, fp32 vs bf16 by <= 0.02 on the tiny models and <= 0.22 on SmolLM2-135M.
+    Measured here (tests/verification/test_no_false_positives.py, docs/verification.md): fp32 chains
+    on 1 vs 2 threads differ by <= 1.4e-5; with a bf16 peer involved by <= 0.02 on the tiny models and
+    <= 0.35 on SmolLM2-135M (1.0 leaves ~3x margin).
     """
 
     float32: float = Field(1e-3, gt=0.0)
-    bfloat16: float = Field(0.5, gt=0.0)
-    float16: float = Field(0.5, gt=0.0)
+    bfloat16: float = Field(1.0, gt=0.0)
+    float16: float = Field(1.0, gt=0.0)
 
 
 class ReputationConfig(_Strict):

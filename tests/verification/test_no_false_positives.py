@@ -2,7 +2,7 @@
 peer processes), every hop of every request audited and every agreeing pair audited again (tier 3).
 
 Tolerances (VerificationConfig.tolerance): 1e-3 on |d log p| when every hop involved is float32,
-0.5 when a bfloat16 hop is involved. The largest difference seen between agreeing answers is printed.
+1.0 when a bfloat16 hop is involved. The largest difference seen between agreeing answers is printed.
 """
 
 from __future__ import annotations
