@@ -1,0 +1,98 @@
+"""Decode tok/s of a 3-peer loopback pipeline with ``privacy=onion`` vs ``privacy=off``, interleaved.
+
+Two swarms of real node processes (each: its own HTTP DHT and three nodes serving SmolLM2-135M layers
+[0,10), [10,20), [20,30), 1 torch thread per process), identical except for the privacy option. Both
+are driven through the streaming OpenAI API of their first node with the same prompt and length,
+arms alternate order every trial, medians reported (DESIGN.md §4: compare A and B in one run).
+Under ``onion`` every activation (coordinator -> A -> B -> C -> coordinator) is sealed with
+AES-256-GCM, the coordinator embeds locally, and each session starts with a 3-layer onion.
+
+    python bench/bench_privacy.py --trials 7 --tokens 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_api_vs_generate import api_decode_rate  # noqa: E402
+
+SPANS = [(0, 10), (10, 20), (20, 30)]
+ARMS = ("privacy=off", "privacy=onion")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=7)
+    parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_privacy.png"))
+    args = parser.parse_args()
+
+    from openhydra.runtime.source import embedded_model_dir
+    from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
+
+    cache = Path(os.environ.get("OPENHYDRA_TEST_CACHE", Path.home() / ".cache" / "openhydra-test"))
+    model_dir = embedded_model_dir(cache)
+    model = model_dir.name
+    messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
+    work = Path(tempfile.mkdtemp(prefix="bench-privacy-"))
+    rates: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    with DhtProcess() as dht_off, DhtProcess() as dht_onion:
+        def node(arm: str, dht_url: str, a: int, b: int) -> NodeProcess:
+            overrides = swarm_node_overrides(model_dir, dht_url, a, b, work / f"{arm[8:]}{a}", dtype=args.dtype)
+            return NodeProcess([*overrides, arm], threads=1)
+
+        swarms = {arm: [node(arm, dht.url, a, b) for a, b in SPANS]
+                  for arm, dht in zip(ARMS, (dht_off, dht_onion), strict=True)}
+        nodes = [n for swarm in swarms.values() for n in swarm]
+        try:
+            start_all(nodes)
+            urls = {arm: swarm[0].url for arm, swarm in swarms.items()}
+            for url in urls.values():
+                api_decode_rate(url, model, messages, 8)  # warm-up
+            for trial in range(args.trials):
+                order = list(ARMS) if trial % 2 == 0 else list(reversed(ARMS))
+                for arm in order:
+                    rate = api_decode_rate(urls[arm], model, messages, args.tokens)
+                    rates[arm].append(rate)
+                    print(f"trial {trial} {arm:14s} {rate:6.2f} tok/s", flush=True)
+        finally:
+            for node in nodes:
+                node.stop()
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    ratio = med["privacy=onion"] / med["privacy=off"]
+    per_token_ms = 1000 / med["privacy=onion"] - 1000 / med["privacy=off"]
+    print("\n| arm | median decode tok/s | runs |\n|---|---|---|")
+    for name, value in med.items():
+        print(f"| {name} | {value:.2f} | {', '.join(f'{r:.1f}' for r in rates[name])} |")
+    print(f"\nratio onion/off = {ratio:.3f} (target >= 0.98); extra per token = {per_token_ms:.2f} ms "
+          f"[{args.dtype}, 3 peers, 1 thread per process, tokens={args.tokens}, trials={args.trials}]")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, values in rates.items():
+        ax.plot(range(len(values)), values, "o-", label=name)
+    ax.set_xlabel("trial (interleaved)")
+    ax.set_ylabel("decode tok/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"SmolLM2-135M {args.dtype}, 3 peers: onion/off = {ratio:.3f}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Node processes with ``privacy=onion`` (and ``encrypted``): greedy output through the OpenAI API equals
+generate, nothing was rejected on the way, and a forged announcement in the DHT is never routed to."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from openhydra.crypto.identity import Identity
+from openhydra.crypto.keys import StaticKeyPair
+from openhydra.crypto.records import sign_record
+from openhydra.discovery.http_dht import HttpDiscovery
+from openhydra.discovery.records import PeerAnnouncement
+from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
+from tests.api.conftest import Reference
+
+pytestmark = pytest.mark.slow
+
+SPLITS = [(0, 3), (3, 5), (5, 8)]
+PROMPT = [{"role": "user", "content": "List three colours and a number."}]
+
+
+def _forge(dht_url: str, model_id: str, victim_peer_id: str) -> None:
+    """Announce [3,5) at a dead address under a real peer's id, signed with another identity."""
+    attacker = Identity.generate()
+    record = PeerAnnouncement(peer_id=attacker.peer_id, model_id=model_id, start=3, end=5, total_layers=8,
+                              grpc_address="127.0.0.1:9", announced_at=time.time(), ttl_s=600.0)
+    forged = sign_record(record, attacker, StaticKeyPair.generate().signed_by(attacker))
+    forged = forged.model_copy(update={"peer_id": victim_peer_id})
+
+    async def announce() -> None:
+        discovery = HttpDiscovery([dht_url])
+        await discovery.start()
+        try:
+            await discovery.announce(forged)
+        finally:
+            await discovery.stop()
+
+    asyncio.run(announce())
+
+
+@pytest.mark.parametrize("level", ["onion", "encrypted"])
+def test_private_swarm_greedy_equals_generate(tiny_model_dirs, tmp_path, level):
+    model_dir = tiny_model_dirs["qwen3"]
+    reference = Reference(model_dir, torch.float32)
+    expected = reference.text(reference.greedy(reference.chat_ids(PROMPT), 24))
+    with DhtProcess() as dht:
+        nodes = [NodeProcess([*swarm_node_overrides(model_dir, dht.url, a, b, tmp_path / f"n{a}"), f"privacy={level}"])
+                 for a, b in SPLITS]
+        try:
+            start_all(nodes)
+            status = httpx.get(nodes[0].url + "/v1/network/status", timeout=10).json()
+            peer_ids = [p["peer_id"] for p in status["swarm"]["peers"]]
+            assert len(peer_ids) == 3 and all(p.startswith("12D3KooW") for p in peer_ids)
+            if level == "onion":
+                _forge(dht.url, model_dir.name, peer_ids[0])
+            for node in (nodes[0], nodes[-1]):  # the last node embeds with a table it loads itself
+                client = openai.OpenAI(base_url=node.url + "/v1", api_key="x", max_retries=0, timeout=120)
+                reply = client.chat.completions.create(model=model_dir.name, messages=PROMPT, max_tokens=24,
+                                                       temperature=0)
+                assert reply.choices[0].message.content == expected, (level, node.url)
+            status = httpx.get(nodes[0].url + "/v1/network/status", timeout=10).json()
+            addresses = {p["grpc_address"] for p in status["swarm"]["peers"]}
+            assert "127.0.0.1:9" not in addresses and len(addresses) == 3
+            assert status["swarm"]["pipeline"]["failovers"] == 0
+        finally:
+            for node in nodes:
+                node.stop()
