@@ -79,6 +79,7 @@ class Topology:
 
     # -- building -----------------------------------------------------------------------------------------
     def create(self, names: Sequence[str]) -> Topology:
+        self.remove_leftovers()
         self.router = f"{self.prefix}-r"
         sh("ip", "netns", "add", self.router)
         r = ["ip", "netns", "exec", self.router]
@@ -150,6 +151,14 @@ class Topology:
 
     def restore(self, name: str) -> None:
         sh("ip", "netns", "exec", self.router, "ip", "link", "set", self.hosts[name].veth_router, "up")
+
+    def remove_leftovers(self) -> None:
+        """Namespaces of this prefix left by a run that was killed before its cleanup."""
+        for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
+            name = line.split()[0] if line.split() else ""
+            if name.startswith(f"{self.prefix}-"):
+                kill_netns_processes(name)
+                sh("ip", "netns", "del", name, check=False)
 
     # -- teardown -----------------------------------------------------------------------------------------
     def destroy(self) -> None:
