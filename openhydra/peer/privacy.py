@@ -16,6 +16,7 @@ predecessor relays it, and the coordinator maps the hop index to the address it 
 
 from __future__ import annotations
 
+import asyncio
 import re
 import struct
 from collections import Counter, OrderedDict
@@ -164,6 +165,46 @@ class PeerPrivacy:
 
     def counts(self) -> dict[str, int]:
         return dict(self.rejections)
+
+
+async def next_or_failure(messages, failed: asyncio.Future | None) -> pb.Step | str | None:
+    """The next inbound step (None at the end), or the failure details if one arrives first."""
+    if failed is None:  # nothing can fail asynchronously: read directly (no task per message)
+        try:
+            return await messages.__anext__()
+        except StopAsyncIteration:
+            return None
+    if failed.done():
+        return failed.result()
+    read = asyncio.ensure_future(messages.__anext__())
+    await asyncio.wait({read, failed}, return_when=asyncio.FIRST_COMPLETED)
+    if not read.done():
+        read.cancel()
+        return failed.result()
+    try:
+        return read.result()
+    except StopAsyncIteration:
+        return None
+
+
+def with_onion_route(step: pb.Step, state: HopState | None, address: str, num_layers: int) -> pb.Step:
+    """Under onion routing the route comes from this hop's layer: its span, its successor, and
+    (last hop) the coordinator's address; the rest of the chain stays unknown to this peer."""
+    if state is None or step.route:
+        return step
+    if state.span is None:
+        raise ValueError("invalid step: no route and no span in the onion layer")
+    start, end = state.span
+    route = [pb.Hop(address=address, start=start, end=end)]
+    successor = state.session.successor
+    if successor is not None:
+        route.append(pb.Hop(address=successor.address, start=end, end=num_layers))
+    full = pb.Step()
+    full.CopyFrom(step)
+    full.route.extend(route)
+    if successor is None and state.session.reply_to is not None:
+        full.reply_to = state.session.reply_to.address
+    return full
 
 
 # ---- coordinator side ------------------------------------------------------------------------------------

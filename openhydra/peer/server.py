@@ -40,7 +40,14 @@ from openhydra.peer.outbound import (
     OutboundStream,
     StreamBroken,
 )
-from openhydra.peer.privacy import HopState, PeerPrivacy, hop_failure, parse_hop_failure
+from openhydra.peer.privacy import (
+    HopState,
+    PeerPrivacy,
+    hop_failure,
+    next_or_failure,
+    parse_hop_failure,
+    with_onion_route,
+)
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
 from openhydra.peer.wire import FLOAT_DTYPES, TORCH_TO_WIRE, WireError, decode_tensor, encode_tensor
@@ -92,7 +99,7 @@ class PeerService(pb_grpc.PeerServicer):
         messages = request_iterator.__aiter__()
         failed: asyncio.Future | None = None
         while True:
-            step = await self._next_or_failure(messages, failed)
+            step = await next_or_failure(messages, failed)
             if isinstance(step, str):  # a failure downstream (onion: cannot reach the coordinator)
                 await context.abort(grpc.StatusCode.DATA_LOSS, step)
             if step is None:
@@ -112,7 +119,7 @@ class PeerService(pb_grpc.PeerServicer):
             if failed is None and state is not None and not step.reply_to:
                 failed = self._upstream.setdefault(step.session_id, asyncio.get_running_loop().create_future())
             try:
-                header = parse_step(self._with_onion_route(step, state))
+                header = parse_step(with_onion_route(step, state, self.address, self.runtime.num_layers))
                 header.check_for(self.runtime.start, self.runtime.end, self.runtime.num_layers)
                 if not header.reply_to and state is None:
                     raise ValueError("invalid step: reply_to is empty")
@@ -122,41 +129,6 @@ class PeerService(pb_grpc.PeerServicer):
             steps += 1
             await self._process(header, step, tensor, state)
         return pb.ForwardSummary(steps=steps)
-
-    @staticmethod
-    async def _next_or_failure(messages, failed: asyncio.Future | None) -> pb.Step | str | None:
-        """The next inbound step (None at the end), or the failure details if one arrives first."""
-        if failed is not None and failed.done():
-            return failed.result()
-        read = asyncio.ensure_future(messages.__anext__())
-        waiting = {read} if failed is None else {read, failed}
-        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if not read.done():
-            read.cancel()
-            return failed.result()
-        try:
-            return read.result()
-        except StopAsyncIteration:
-            return None
-
-    def _with_onion_route(self, step: pb.Step, state: HopState | None) -> pb.Step:
-        """Under onion routing the route comes from this hop's layer: its span, its successor, and
-        (last hop) the coordinator's address; the rest of the chain stays unknown to this peer."""
-        if state is None or step.route:
-            return step
-        if state.span is None:
-            raise ValueError("invalid step: no route and no span in the onion layer")
-        start, end = state.span
-        route = [pb.Hop(address=self.address, start=start, end=end)]
-        successor = state.session.successor
-        if successor is not None:
-            route.append(pb.Hop(address=successor.address, start=end, end=self.runtime.num_layers))
-        full = pb.Step()
-        full.CopyFrom(step)
-        full.route.extend(route)
-        if successor is None and state.session.reply_to is not None:
-            full.reply_to = state.session.reply_to.address
-        return full
 
     async def CloseSession(self, request: pb.CloseRequest, context) -> pb.CloseReply:
         existed = self.runtime.session_length(request.session_id) > 0
