@@ -35,16 +35,19 @@ def test_record_stays_alive_past_ttl_while_announcing_then_withdrawn(dht_server)
         reader = HttpDiscovery([dht_server], timeout_s=5)
         ann = Announcer(d, factory("alive"))
         ann.start()
-        await asyncio.sleep(2.2)  # > 2 TTLs
-        assert [r.peer_id for r in await reader.lookup("org/model")] == ["alive"]
-        assert ann.announced >= 5 and ann.running
-        await ann.stop()
-        assert not ann.running
-        assert await reader.lookup("org/model") == []  # withdrawn at once, not after the TTL
-        await d.stop()
-        await reader.stop()
+        try:
+            await asyncio.sleep(2.2)  # > 2 TTLs
+            assert [r.peer_id for r in await reader.lookup("org/model")] == ["alive"]
+            assert ann.announced >= 3 and ann.running  # every 0.3 s, allowing for a loaded machine
+            await ann.stop()
+            assert not ann.running
+            assert await reader.lookup("org/model") == []  # withdrawn at once, not after the TTL
+        finally:
+            await ann.stop(withdraw=False)
+            await d.stop()
+            await reader.stop()
 
-    asyncio.run(scenario())
+    asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
 def test_dead_peer_disappears_after_ttl_when_announcer_stops_without_withdraw(dht_server):
