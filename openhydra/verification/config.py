@@ -58,7 +58,7 @@ class VerificationConfig(_Strict):
     audit_rate: float = Field(0.10, ge=0.0, le=1.0, description="tier 3: P(auditor check | primary == secondary)")
     max_steps_per_audit: int = Field(32, ge=1, le=4096, description="steps of a sampled request compared")
     top_k: int = Field(8, ge=1, le=100, description="log-probabilities compared per step")
-    queue_size: int = Field(256, ge=1, description="audits waiting; more are dropped (counted)")
+    queue_size: int = Field(4096, ge=1, description="steps waiting for the worker; past it audits are dropped")
     slash_hydra: float = Field(1.0, ge=0.0, description="stake slashed per failed audit, whole HYDRA")
     seed: int | None = Field(None, description="seed of the sampling RNG (tests); null: from the OS")
     tolerance: ToleranceConfig = ToleranceConfig()

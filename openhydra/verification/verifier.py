@@ -57,7 +57,7 @@ class Verifier:
         self._on_outcome = on_outcome
         self._pipeline = None
         self._runner: AuditRunner | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size * 64)
+        self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
         self._sessions: OrderedDict[str, list[Audit] | None] = OrderedDict()  # worker thread only
         self._addresses: dict[str, str] = {}  # grpc address -> peer id, from chains seen
         self._pending = 0  # events queued or being handled
@@ -84,11 +84,10 @@ class Verifier:
     def alternatives(self, span: tuple[int, int], exclude: set[str]) -> list[PeerAnnouncement]:
         """Other routable peers serving exactly ``span``, sorted by peer id (the caller samples)."""
         pipeline = self._pipeline
-        banned = pipeline.bans.banned()
         seen: dict[str, PeerAnnouncement] = {}
         now = time.time()
-        for r in pipeline.peers():
-            if ((r.start, r.end) == span and r.peer_id not in exclude and r.peer_id not in banned
+        for r in pipeline.peers():  # is_banned: a single dict read, safe from this thread
+            if ((r.start, r.end) == span and r.peer_id not in exclude and not pipeline.bans.is_banned(r.peer_id)
                     and r.announced_at + r.ttl_s > now and not self.reputation.below_floor(r.peer_id)):
                 seen[r.peer_id] = r
         return [seen[k] for k in sorted(seen)]

@@ -49,11 +49,13 @@ def test_detection_rate_matches_theory(tiny_model_dirs, tmp_path) -> None:
     per_request = sum(detected) / requests
     windows = [any(detected[k : k + m]) for k in range(0, requests, m)]
     measured, predicted = sum(windows) / len(windows), 1 - (1 - r) ** m
+    sliding = [any(detected[k : k + m]) for k in range(requests - m + 1)]  # overlapping: same mean
     sigma_req = math.sqrt(r * (1 - r) / requests)
     sigma_win = math.sqrt(predicted * (1 - predicted) / len(windows))
     print(f"\nper request: measured {per_request:.3f}, predicted r = {r:.3f} (sigma {sigma_req:.3f})"
           f"\nwithin m={m} requests: measured {measured:.3f} over {len(windows)} windows, "
-          f"predicted 1-(1-r)^m = {predicted:.3f} (sigma {sigma_win:.3f})")
+          f"predicted 1-(1-r)^m = {predicted:.3f} (sigma {sigma_win:.3f}); "
+          f"all {len(sliding)} overlapping windows: {sum(sliding) / len(sliding):.3f}")
     assert abs(per_request - r) <= 3 * sigma_req
     assert abs(measured - predicted) <= 3 * sigma_win
     assert not false_accusations
