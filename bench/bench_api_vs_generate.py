@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+from common import medians, plot_trials, print_table, run_interleaved  # noqa: E402
 
 
 def api_decode_rate(url: str, model: str, messages: list[dict], tokens: int) -> float:
@@ -104,48 +107,27 @@ def main() -> None:
         ],
         threads=args.threads,
     )
-    api_rates, gen_rates = [], []
+    api_arm, gen_arm = "streaming API (node process)", "transformers generate (in process)"
     with node:
         api_decode_rate(node.url, "openhydra-smollm2-135m", messages, 8)  # warm-up both arms
         generate_decode_rate(model, prompt_ids, 8)
-        for trial in range(args.trials):
-            arms = [
-                ("api", lambda: api_decode_rate(node.url, "openhydra-smollm2-135m", messages, args.tokens)),
-                ("generate", lambda: generate_decode_rate(model, prompt_ids, args.tokens)),
-            ]
-            if trial % 2:
-                arms.reverse()  # alternate which arm runs first
-            for name, run in arms:
-                rate = run()
-                (api_rates if name == "api" else gen_rates).append(rate)
-                print(f"trial {trial} {name:9s} {rate:6.2f} tok/s", flush=True)
-    api_med, gen_med = statistics.median(api_rates), statistics.median(gen_rates)
-    ratios = [a / g for a, g in zip(api_rates, gen_rates, strict=True)]
-    print("\n| arm | median decode tok/s |\n|---|---|")
-    print(f"| streaming API (node process) | {api_med:.2f} |\n| transformers generate (in process) | {gen_med:.2f} |")
+        rates = run_interleaved(
+            {
+                api_arm: lambda: api_decode_rate(node.url, "openhydra-smollm2-135m", messages, args.tokens),
+                gen_arm: lambda: generate_decode_rate(model, prompt_ids, args.tokens),
+            },
+            args.trials,
+        )
+    med = medians(rates)
+    ratio = med[api_arm] / med[gen_arm]
+    ratios = [a / g for a, g in zip(rates[api_arm], rates[gen_arm], strict=True)]
+    print_table(rates)
     print(
-        f"\nratio api/generate (median of medians) = {api_med / gen_med:.3f}; "
+        f"\nratio api/generate (median of medians) = {ratio:.3f}; "
         f"median of per-trial ratios = {statistics.median(ratios):.3f}  "
         f"[threads={args.threads}, tokens={args.tokens}, trials={args.trials}, torch {torch.__version__}]"
     )
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(args.trials), gen_rates, "o-", label="transformers generate")
-    ax.plot(range(args.trials), api_rates, "s-", label="OpenHydra streaming API")
-    ax.set_xlabel("trial (interleaved)")
-    ax.set_ylabel("decode tok/s")
-    ax.set_title(f"SmolLM2-135M bf16, {args.threads} thread: ratio {api_med / gen_med:.2f}")
-    ax.set_ylim(bottom=0)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
-    print(f"plot: {args.plot}")
-
+    plot_trials(rates, f"SmolLM2-135M bf16, {args.threads} thread: ratio {ratio:.2f}", args.plot)
 
 if __name__ == "__main__":
     sys.exit(main())

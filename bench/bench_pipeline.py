@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_api_vs_generate import api_decode_rate  # noqa: E402
+from common import medians, plot_trials, print_table, run_interleaved  # noqa: E402
 
 
 def main() -> None:
@@ -40,49 +40,27 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     single = NodeProcess(["model=local", f"model.path={model_dir}", "hardware=cpu", f"hardware.dtype={args.dtype}",
                           f"node.data_dir={work / 'single'}", "api.rate_limit_requests=100000"], threads=1)
-    rates: dict[str, list[float]] = {"single node": [], "3-peer pipeline": []}
     with DhtProcess() as dht:
         peers = [NodeProcess(swarm_node_overrides(model_dir, dht.url, a, b, work / f"p{a}", dtype=args.dtype),
                              threads=1) for a, b in [(0, 10), (10, 20), (20, 30)]]
         try:
             start_all([single, *peers])
-            arms = {"single node": single.url, "3-peer pipeline": peers[0].url}
-            for url in arms.values():
+            urls = {"single node": single.url, "3-peer pipeline": peers[0].url}
+            for url in urls.values():
                 api_decode_rate(url, model, messages, 8)  # warm-up
-            for trial in range(args.trials):
-                order = list(arms) if trial % 2 == 0 else list(reversed(arms))
-                for name in order:
-                    rate = api_decode_rate(arms[name], model, messages, args.tokens)
-                    rates[name].append(rate)
-                    print(f"trial {trial} {name:16s} {rate:6.2f} tok/s", flush=True)
+            arms = {name: (lambda url=url: api_decode_rate(url, model, messages, args.tokens))
+                    for name, url in urls.items()}
+            rates = run_interleaved(arms, args.trials)
         finally:
             for node in [single, *peers]:
                 node.stop()
-    med = {k: statistics.median(v) for k, v in rates.items()}
+    med = medians(rates)
     ratio = med["3-peer pipeline"] / med["single node"]
     per_token_ms = 1000 / med["3-peer pipeline"] - 1000 / med["single node"]
-    print("\n| arm | median decode tok/s |\n|---|---|")
-    for name, value in med.items():
-        print(f"| {name} | {value:.2f} |")
+    print_table(rates)
     print(f"\nratio pipeline/single = {ratio:.3f}; extra per token = {per_token_ms:.2f} ms for 3 hops + reply "
           f"[{args.dtype}, 1 thread per process, tokens={args.tokens}, trials={args.trials}]")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, values in rates.items():
-        ax.plot(range(len(values)), values, "o-", label=name)
-    ax.set_xlabel("trial (interleaved)")
-    ax.set_ylabel("decode tok/s")
-    ax.set_ylim(bottom=0)
-    ax.set_title(f"SmolLM2-135M {args.dtype}: pipeline/single = {ratio:.2f}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
-    print(f"plot: {args.plot}")
+    plot_trials(rates, f"SmolLM2-135M {args.dtype}: pipeline/single = {ratio:.2f}", args.plot)
 
 
 if __name__ == "__main__":

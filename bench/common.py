@@ -1,0 +1,49 @@
+"""What every A/B benchmark here shares: interleaved trials, medians, a plot beside the table."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+
+def run_interleaved(arms: dict[str, Callable[[], float]], trials: int, unit: str = "tok/s") -> dict[str, list[float]]:
+    """Run every arm once per trial, alternating which goes first, and print each measurement."""
+    rates: dict[str, list[float]] = {name: [] for name in arms}
+    width = max(len(name) for name in arms)
+    for trial in range(trials):
+        order = list(arms) if trial % 2 == 0 else list(reversed(arms))
+        for name in order:
+            value = arms[name]()
+            rates[name].append(value)
+            print(f"trial {trial} {name:{width}s} {value:8.2f} {unit}", flush=True)
+    return rates
+
+
+def medians(rates: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def print_table(rates: dict[str, list[float]], metric: str = "median decode tok/s") -> None:
+    print(f"\n| arm | {metric} | runs |\n|---|---|---|")
+    for name, value in medians(rates).items():
+        print(f"| {name} | {value:.2f} | {', '.join(f'{r:.1f}' for r in rates[name])} |")
+
+
+def plot_trials(rates: dict[str, list[float]], title: str, path: str | Path, ylabel: str = "decode tok/s") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, values in rates.items():
+        ax.plot(range(len(values)), values, "o-", label=name)
+    ax.set_xlabel("trial (interleaved)")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
