@@ -12,18 +12,21 @@ from openhydra.verification.verifier import Verifier
 
 
 def build_verifier(
-    config: VerificationConfig | dict[str, Any],
-    data_dir: str | Path,
+    config: VerificationConfig | None = None,
+    data_dir: str | Path = "~/.openhydra",
     *,
     stake_of: Callable[[str], int] | None = None,
     slash: Callable[[str, int, str], int] | None = None,
+    **settings: Any,
 ) -> Verifier:
     """A verifier whose reputation lives in ``<data_dir>/<reputation.db_name>``.
 
-    With ``enabled: false`` it audits nothing but still keeps reputation (uptime, latency, stake),
-    so routing and ``/v1/network/status`` work the same with verification off.
+    Pass a validated ``config``, or the group's keys as ``settings`` (``_target_`` style; they are
+    validated by :class:`VerificationConfig`). ``stake_of``/``slash`` are the economy's hooks.
     """
-    if not isinstance(config, VerificationConfig):
-        config = VerificationConfig.model_validate(config)
+    if config is None:
+        config = VerificationConfig.model_validate({k: v for k, v in settings.items() if k != "_target_"})
+    elif settings:
+        raise TypeError(f"pass either config or settings, not both (got {sorted(settings)})")
     path = Path(data_dir).expanduser() / config.reputation.db_name
     return Verifier(config, ReputationStore(path, config.reputation, stake_of=stake_of), slash=slash)
