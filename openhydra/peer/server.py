@@ -42,9 +42,9 @@ from openhydra.peer.outbound import (
 )
 from openhydra.peer.privacy import (
     HopState,
+    Inbound,
     PeerPrivacy,
     hop_failure,
-    next_or_failure,
     parse_hop_failure,
     with_onion_route,
 )
@@ -76,7 +76,7 @@ class PeerService(pb_grpc.PeerServicer):
     ) -> None:
         self.runtime = runtime
         self.privacy = PeerPrivacy(static_key or StaticKeyPair.generate(), require_encryption)
-        self._upstream: dict[str, asyncio.Future] = {}  # session -> failure to abort its inbound stream with
+        self._upstream: dict[str, Inbound] = {}  # onion sessions -> their inbound stream, for failures
         self.inline_max_positions = inline_max_positions
         self.address = address
         self.model_id = model_id or runtime.model_dir.name
@@ -95,11 +95,18 @@ class PeerService(pb_grpc.PeerServicer):
         return self.privacy.counts()
 
     async def Forward(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.ForwardSummary:
+        inbound = Inbound(request_iterator)
+        try:
+            return await self._forward(inbound, context)
+        finally:
+            inbound.close()
+            for sid in [sid for sid, watched in self._upstream.items() if watched is inbound]:
+                del self._upstream[sid]
+
+    async def _forward(self, inbound: Inbound, context: grpc.aio.ServicerContext) -> pb.ForwardSummary:
         steps = 0
-        messages = request_iterator.__aiter__()
-        failed: asyncio.Future | None = None
         while True:
-            step = await next_or_failure(messages, failed)
+            step = await inbound.next()
             if isinstance(step, str):  # a failure downstream (onion: cannot reach the coordinator)
                 await context.abort(grpc.StatusCode.DATA_LOSS, step)
             if step is None:
@@ -116,8 +123,9 @@ class PeerService(pb_grpc.PeerServicer):
                 index = state.index if state is not None else -1
                 why = f"{self.address}: {exc.reason}: {exc}"
                 await context.abort(grpc.StatusCode.DATA_LOSS, hop_failure(index, grpc.StatusCode.DATA_LOSS, why))
-            if failed is None and state is not None and not step.reply_to:
-                failed = self._upstream.setdefault(step.session_id, asyncio.get_running_loop().create_future())
+            if state is not None and not step.reply_to and step.session_id not in self._upstream:
+                inbound.watch()  # onion: failures downstream must come back up this stream
+                self._upstream[step.session_id] = inbound
             try:
                 header = parse_step(with_onion_route(step, state, self.address, self.runtime.num_layers))
                 header.check_for(self.runtime.start, self.runtime.end, self.runtime.num_layers)
@@ -276,12 +284,12 @@ class PeerService(pb_grpc.PeerServicer):
         index: int | None = None,
     ) -> None:
         if not header.reply_to:  # onion, not the last hop: report up the chain (see Forward)
-            failed = self._upstream.get(header.session_id)
+            inbound = self._upstream.get(header.session_id)
             state = self.privacy.state(header.session_id)
             if index is None and state is not None:
                 index = state.index if hop == self.address else state.index + 1
-            if failed is not None and not failed.done():
-                failed.set_result(hop_failure(-1 if index is None else index, code, message, expected))
+            if inbound is not None:
+                inbound.report(hop_failure(-1 if index is None else index, code, message, expected))
             return
         if index is not None:  # relayed from downstream by index: name that hop's address
             state = self.privacy.state(header.session_id)
