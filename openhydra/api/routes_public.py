@@ -30,7 +30,11 @@ def register(app: Sanic) -> None:
         app.ctx.metrics.ready.set(1 if state.ready else 0)
         engine = state.engine
         app.ctx.metrics.active_sessions.set(len(engine.active_sessions) if engine else 0)
-        return raw(app.ctx.metrics.exposition(), content_type="text/plain; version=0.0.4; charset=utf-8")
+        text = app.ctx.metrics.exposition()
+        for provider in state.extra.values():  # verification, peer crypto, ... add their own families
+            if callable(getattr(provider, "metrics_text", None)):
+                text += provider.metrics_text().encode()
+        return raw(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/network/status")
     async def network_status(request: Request) -> HTTPResponse:
