@@ -29,6 +29,7 @@ class NodePrivacy:
     identity: Any  # openhydra.crypto.identity.Identity, or None when the node has none
     static: StaticKeyPair
     signed_static: SignedStaticKey | None
+    _warned: bool = False
 
     @property
     def encrypt(self) -> bool:
@@ -38,6 +39,10 @@ class NodePrivacy:
         """The announcement signed by this node's identity (unchanged if it cannot be: no identity,
         or a configured peer id that is not the identity's, which verifying nodes will then drop)."""
         if self.identity is None or record.peer_id != self.identity.peer_id:
+            if self.encrypt and not self._warned:
+                log.warning("cannot sign the record of %s (not this identity's peer id): nodes with encryption "
+                            "on will drop it; remove node.peer_id or use privacy=off", record.peer_id)
+                self._warned = True
             return record
         return sign_record(record, self.identity, self.signed_static)
 
