@@ -73,7 +73,9 @@ def main() -> None:
     print("\n| arm | median decode tok/s | runs |\n|---|---|---|")
     for name, value in med.items():
         print(f"| {name} | {value:.2f} | {', '.join(f'{r:.1f}' for r in rates[name])} |")
-    print(f"\nratio onion/off = {ratio:.3f} (target >= 0.98); extra per token = {per_token_ms:.2f} ms "
+    paired = statistics.median(on / off for on, off in zip(rates["privacy=onion"], rates["privacy=off"], strict=True))
+    print(f"\nratio onion/off = {ratio:.3f} (target >= 0.98); median of per-trial ratios = {paired:.3f}; "
+          f"extra per token = {per_token_ms:.2f} ms "
           f"[{args.dtype}, 3 peers, 1 thread per process, tokens={args.tokens}, trials={args.trials}]")
 
     import matplotlib
@@ -87,7 +89,7 @@ def main() -> None:
     ax.set_xlabel("trial (interleaved)")
     ax.set_ylabel("decode tok/s")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"SmolLM2-135M {args.dtype}, 3 peers: onion/off = {ratio:.3f}")
+    ax.set_title(f"SmolLM2-135M {args.dtype}, 3 peers: onion/off = {ratio:.3f} (paired {paired:.3f})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(args.plot, dpi=120)
