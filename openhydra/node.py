@@ -226,6 +226,7 @@ class Node:
                                    score=verifier.score if verifier else None, verifier=verifier,
                                    on_failover=verifier.on_hop_failure if verifier else None)
         self.state.extra["swarm"] = self
+        self.state.extra["privacy"] = privacy.status(self.peer_server, self.swarm)  # /metrics + status
 
     def network_status(self) -> dict:
         status: dict = {"peer": None, "pipeline": None}

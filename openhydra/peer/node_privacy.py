@@ -46,6 +46,9 @@ class NodePrivacy:
             return record
         return sign_record(record, self.identity, self.signed_static)
 
+    def status(self, peer_server, swarm) -> PrivacyStatus:
+        return PrivacyStatus(self.config.level, peer_server, swarm)
+
     def install_verifier(self, discovery) -> None:
         """With encryption on, unsigned, forged or key-less records are dropped at lookup."""
         if self.encrypt and hasattr(discovery, "set_verifier"):
@@ -65,6 +68,42 @@ class NodePrivacy:
             return None
 
         return {"privacy": ChainPrivacy.from_config(self.config), "embedder": embedder, "key_lookup": key_lookup}
+
+
+KNOWN_REASONS = ("tampered", "replayed", "malformed", "plaintext", "invalid_static_key", "key_exhausted")
+
+
+@dataclass
+class PrivacyStatus:
+    """A ``state.extra`` provider: crypto rejection counters for ``/metrics`` and the privacy level for
+    ``/v1/network/status``. ``side="peer"``: steps this node's peer server rejected; ``side="coordinator"``:
+    results its coordinator could not open."""
+
+    level: str
+    peer_server: Any
+    swarm: Any
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        service = getattr(self.peer_server, "service", None)
+        client = getattr(self.swarm, "client", None)
+        return {
+            "peer": dict(getattr(service, "crypto_rejections", {}) or {}),
+            "coordinator": dict(getattr(client, "crypto_rejections", {}) or {}),
+        }
+
+    def metrics_text(self) -> str:
+        lines = [
+            "# HELP openhydra_crypto_rejections_total Sealed steps, results and onion layers rejected, by reason.",
+            "# TYPE openhydra_crypto_rejections_total counter",
+        ]
+        for side, counts in self.counts().items():
+            for reason in sorted(set(KNOWN_REASONS) | set(counts)):
+                labels = f'side="{side}",reason="{reason}"'
+                lines.append(f"openhydra_crypto_rejections_total{{{labels}}} {counts.get(reason, 0)}")
+        return "\n".join(lines) + "\n"
+
+    def network_status(self) -> dict[str, Any]:
+        return {"level": self.level, "crypto_rejections": self.counts()}
 
 
 def node_privacy(raw: dict | None, identity) -> NodePrivacy:

@@ -68,6 +68,10 @@ def test_private_swarm_greedy_equals_generate(tiny_model_dirs, tmp_path, level):
             addresses = {p["grpc_address"] for p in status["swarm"]["peers"]}
             assert "127.0.0.1:9" not in addresses and len(addresses) == 3
             assert status["swarm"]["pipeline"]["failovers"] == 0
+            assert status["privacy"]["level"] == level
+            assert status["privacy"]["crypto_rejections"] == {"peer": {}, "coordinator": {}}
+            metrics = httpx.get(nodes[1].url + "/metrics", timeout=10).text
+            assert 'openhydra_crypto_rejections_total{side="peer",reason="tampered"} 0' in metrics
         finally:
             for node in nodes:
                 node.stop()
