@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_api_vs_generate import api_decode_rate  # noqa: E402
+from common import medians, plot_trials, print_table, run_interleaved  # noqa: E402
 
 SPANS = [(0, 10), (10, 20), (20, 30)]
 ARMS = ("privacy=off", "privacy=onion")
@@ -44,7 +44,6 @@ def main() -> None:
     model = model_dir.name
     messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
     work = Path(tempfile.mkdtemp(prefix="bench-privacy-"))
-    rates: dict[str, list[float]] = {arm: [] for arm in ARMS}
     with DhtProcess() as dht_off, DhtProcess() as dht_onion:
         def node(arm: str, dht_url: str, a: int, b: int) -> NodeProcess:
             overrides = swarm_node_overrides(model_dir, dht_url, a, b, work / f"{arm[8:]}{a}", dtype=args.dtype)
@@ -58,42 +57,19 @@ def main() -> None:
             urls = {arm: swarm[0].url for arm, swarm in swarms.items()}
             for url in urls.values():
                 api_decode_rate(url, model, messages, 8)  # warm-up
-            for trial in range(args.trials):
-                order = list(ARMS) if trial % 2 == 0 else list(reversed(ARMS))
-                for arm in order:
-                    rate = api_decode_rate(urls[arm], model, messages, args.tokens)
-                    rates[arm].append(rate)
-                    print(f"trial {trial} {arm:14s} {rate:6.2f} tok/s", flush=True)
+            arms = {arm: (lambda url=url: api_decode_rate(url, model, messages, args.tokens))
+                    for arm, url in urls.items()}
+            rates = run_interleaved(arms, args.trials)
         finally:
             for node in nodes:
                 node.stop()
-    med = {k: statistics.median(v) for k, v in rates.items()}
+    med = medians(rates)
     ratio = med["privacy=onion"] / med["privacy=off"]
     per_token_ms = 1000 / med["privacy=onion"] - 1000 / med["privacy=off"]
-    print("\n| arm | median decode tok/s | runs |\n|---|---|---|")
-    for name, value in med.items():
-        print(f"| {name} | {value:.2f} | {', '.join(f'{r:.1f}' for r in rates[name])} |")
-    paired = statistics.median(on / off for on, off in zip(rates["privacy=onion"], rates["privacy=off"], strict=True))
-    print(f"\nratio onion/off = {ratio:.3f} (target >= 0.98); median of per-trial ratios = {paired:.3f}; "
-          f"extra per token = {per_token_ms:.2f} ms "
+    print_table(rates)
+    print(f"\nratio onion/off = {ratio:.3f} (target >= 0.98); extra per token = {per_token_ms:.2f} ms "
           f"[{args.dtype}, 3 peers, 1 thread per process, tokens={args.tokens}, trials={args.trials}]")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, values in rates.items():
-        ax.plot(range(len(values)), values, "o-", label=name)
-    ax.set_xlabel("trial (interleaved)")
-    ax.set_ylabel("decode tok/s")
-    ax.set_ylim(bottom=0)
-    ax.set_title(f"SmolLM2-135M {args.dtype}, 3 peers: onion/off = {ratio:.3f} (paired {paired:.3f})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
-    print(f"plot: {args.plot}")
+    plot_trials(rates, f"SmolLM2-135M {args.dtype}, 3 peers: onion/off = {ratio:.3f}", args.plot)
 
 
 if __name__ == "__main__":
