@@ -87,6 +87,11 @@ def validate(cfg: DictConfig | dict) -> NodeConfig:
             group_schema(group).model_validate(data.get(group) or {})
         except ValidationError as exc:
             raise ConfigError(_format_validation(group, exc)) from None
+    if node.node.peer_id and (data.get("privacy") or {}).get("encrypt_activations"):
+        raise ConfigError(
+            f"node.peer_id={node.node.peer_id} cannot be combined with activation encryption: the peer id is "
+            "derived from the identity key so records can be signed (drop node.peer_id, or use privacy=off)"
+        )
     return node
 
 

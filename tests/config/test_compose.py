@@ -93,6 +93,7 @@ def test_shard_spans():
         (["action=dance"], "'serve' or 'check'"),
         (["shard=layers", "shard.start=9", "shard.end=3"], "shard.end must be > shard.start"),
         (["model=local"], "model.path"),
+        (["node.peer_id=alice"], "derived from the identity key"),
     ],
 )
 def test_invalid_values_fail_validation_with_the_key(overrides, fragment):

@@ -34,7 +34,8 @@ def test_faulty_node_is_caught_and_routed_around(tiny_model_dirs, tmp_path) -> N
     with DhtProcess() as dht:
         def node(name: str, start: int, end: int, *extra: str) -> NodeProcess:
             return NodeProcess([*swarm_node_overrides(model_dir, dht.url, start, end, tmp_path / name),
-                                f"node.peer_id={name}", *extra])
+                                # readable peer names need unsigned records: privacy off
+                                f"node.peer_id={name}", "privacy=off", *extra])
 
         coordinator = node("coordinator", 0, 4, "verification=paranoid")
         honest = [node("h-1", 4, 8), node("h-2", 4, 8)]
