@@ -5,10 +5,8 @@ first peer receives hidden states ``[S, D]`` like every other hop. The coordinat
 own first shard's ``ShardRuntime.embed`` or loads just ``embed_tokens.weight`` from the checkpoint
 (:func:`load_embedder`: ``vocab x hidden`` values, e.g. 28 M for SmolLM2-135M).
 
-:func:`forward_embedded` runs a first shard on such hidden states. ``ShardRuntime.forward`` accepts
-only token ids on the first shard, so this mirrors it step for step (positions check, one session
-lock, cache advanced by exactly the new positions) with the embedding lookup skipped. A
-``hidden_states=`` path for the first shard in ``ShardRuntime.forward`` would replace it.
+The first peer runs ``ShardRuntime.forward(hidden_states=...)`` on them: a first shard accepts either
+token ids or embeddings.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from openhydra.runtime.shard import PositionMismatchError
 from openhydra.runtime.weights import CheckpointError, CheckpointIndex
 
 Embedder = Callable[[torch.Tensor], torch.Tensor]
@@ -44,25 +41,3 @@ def load_embedder(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> 
 def runtime_embedder(runtime) -> Embedder:
     """The coordinator's own first shard's embedding (exactly what the first peer would compute)."""
     return runtime.embed
-
-
-def forward_embedded(rt, session_id: str, positions: torch.Tensor, hidden: torch.Tensor, all_logits: bool):
-    """``rt.forward`` for a first shard given embeddings ``hidden`` [S, D] instead of token ids."""
-    rt = getattr(rt, "inner", rt)  # a verification FaultyRuntime wraps the real one
-    seq_len = rt._check_positions(positions)
-    if tuple(hidden.shape) != (seq_len, rt.hidden_size):
-        raise ValueError(f"hidden_states must be [{seq_len}, {rt.hidden_size}], got {tuple(hidden.shape)}")
-    h = hidden.to(device=rt.device, dtype=rt.dtype).unsqueeze(0)  # [1, S, D]
-    first = int(positions[0])
-    session = rt._sessions.acquire(session_id)
-    with session.lock:
-        if first != session.length:
-            raise PositionMismatchError(session_id, session.length, first)
-        try:
-            with torch.inference_mode():
-                out = rt._run_layers(session, h, positions.to(rt.device).view(1, seq_len))
-        except Exception:
-            rt._sessions.drop(session_id)  # a failed step may have moved some caches
-            raise
-        session.length += seq_len
-    return rt._output(out, all_logits)

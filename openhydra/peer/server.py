@@ -30,7 +30,6 @@ import torch
 
 from openhydra.crypto.errors import CryptoError
 from openhydra.crypto.keys import StaticKeyPair
-from openhydra.peer.embedding import forward_embedded
 from openhydra.peer.errors import status_code
 from openhydra.peer.messages import StepHeader, parse_step
 from openhydra.peer.outbound import (
@@ -225,11 +224,9 @@ class PeerService(pb_grpc.PeerServicer):
         """Runs in a worker thread: the span, and on the last span the sampling."""
         positions = torch.arange(header.start_position, header.start_position + header.num_positions)
         rt = self.runtime
-        if rt.is_first and tensor.dtype != torch.int64:  # embedded by the coordinator (privacy on)
-            out = forward_embedded(rt, header.session_id, positions, tensor, header.all_logits)
-        elif rt.is_first:
+        if rt.is_first and tensor.dtype == torch.int64:  # token ids (privacy off)
             out = rt.forward(header.session_id, positions, input_ids=tensor, all_logits=header.all_logits)
-        else:
+        else:  # hidden states, or on the first span embeddings computed by the coordinator (privacy on)
             out = rt.forward(header.session_id, positions, hidden_states=tensor, all_logits=header.all_logits)
         if not rt.is_last:
             return out  # hidden [S, D]

@@ -208,9 +208,9 @@ class ShardRuntime:
     def _input_hidden(
         self, seq_len: int, input_ids: torch.Tensor | None, hidden_states: torch.Tensor | None
     ) -> torch.Tensor:
-        if self.is_first:
-            if input_ids is None or hidden_states is not None:
-                raise ValueError("the first shard takes input_ids [S] and no hidden_states")
+        if self.is_first and hidden_states is None:
+            if input_ids is None:
+                raise ValueError("the first shard takes input_ids [S] or coordinator embeddings hidden_states [S, D]")
             if (
                 input_ids.dim() != 1
                 or input_ids.numel() != seq_len
@@ -224,6 +224,8 @@ class ShardRuntime:
             if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, {self.vocab_size})")
             return self.embed(input_ids).unsqueeze(0)  # [1, S, D]
+        # The first shard also takes embeddings computed by the coordinator (privacy: token ids never
+        # leave it); every other shard takes the previous span's hidden states.
         if hidden_states is None or input_ids is not None:
             raise ValueError(f"layers [{self.start},{self.end}) take hidden_states [S, D] and no input_ids")
         if tuple(hidden_states.shape) != (seq_len, self.hidden_size):
