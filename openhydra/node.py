@@ -127,7 +127,7 @@ class Node:
             aliases = [choice.requested_name] if choice.requested_name != choice.api_name else []
             state.model = ServedModel(
                 id=choice.api_name, aliases=aliases, source=choice.source, family=str(runtime.model_type),
-                parameter_count=int(getattr(runtime, "parameter_count", 0) or 0),
+                parameter_count=runtime.parameter_count,
                 dtype=str(runtime.dtype).removeprefix("torch."), context_length=context, num_layers=num_layers,
                 span=self.span, degradation_reason=choice.degradation_reason,
             )

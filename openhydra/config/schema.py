@@ -113,13 +113,6 @@ class PeerSection(Strict):
     port: int = Field(50051, ge=0, le=65535)
 
 
-class OpenGroup(BaseModel):
-    """Placeholder schema for a group whose owner package has not defined one."""
-
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-    enabled: bool = False
-
-
 # Groups validated by schemas that live with the code that uses them.
 EXTERNAL_GROUP_SCHEMAS: dict[str, str] = {
     "discovery": "openhydra.discovery.config:DiscoveryConfig",
@@ -132,11 +125,7 @@ EXTERNAL_GROUP_SCHEMAS: dict[str, str] = {
 
 def group_schema(group: str) -> type[BaseModel]:
     module_name, _, attr = EXTERNAL_GROUP_SCHEMAS[group].partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError:
-        return OpenGroup
-    return getattr(module, attr, OpenGroup)
+    return getattr(importlib.import_module(module_name), attr)
 
 
 class NodeConfig(Strict):

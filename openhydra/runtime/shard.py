@@ -86,6 +86,11 @@ class ShardRuntime:
 
     # ---- sessions -------------------------------------------------------------------------------
 
+    @property
+    def parameter_count(self) -> int:
+        """Parameters this span holds (a tied head shares the embedding and counts once)."""
+        return sum(p.numel() for p in self.modules.parameters())
+
     def session_length(self, session_id: str) -> int:
         session = self._sessions.get(session_id)
         return 0 if session is None else session.length

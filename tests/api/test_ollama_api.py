@@ -64,6 +64,8 @@ def test_tags_show_ps_version(client):
 
     version = httpx.get(str(client._client.base_url) + "/api/version").json()
     assert version["version"]
+    info = httpx.post(str(client._client.base_url) + "/api/show", json={"model": MODEL}).json()["model_info"]
+    assert info["general.parameter_count"] > 1_000_000  # the tiny model's real count, not a placeholder
 
 
 def test_unknown_model_raises_response_error(client):
