@@ -70,12 +70,33 @@ def _try_source(model: ModelConfig, cache_root: Path, probe_timeout_s: float) ->
     raise ModelSourceError("no source configured")
 
 
+def fallback_entries(model: ModelConfig) -> list[tuple[str, ModelConfig]]:
+    """The model's fallback chain as (label, entry): catalog option names, or local folders (a path).
+
+    Order matters: the first entry is the nearest smaller model. Unknown names are skipped with a warning.
+    """
+    catalog = load_catalog()
+    entries: list[tuple[str, ModelConfig]] = []
+    for name in model.fallback:
+        if name in catalog:
+            entries.append((name, catalog[name]))
+        elif "/" in name or name.startswith("~"):
+            entries.append((name, ModelConfig(path=name, tier="local")))
+        else:
+            log.warning("fallback %r is neither a catalog model (%s) nor a folder path", name, ", ".join(catalog))
+    return entries
+
+
+def model_source(model: ModelConfig, cache_root: Path, probe_timeout_s: float = 2.0) -> tuple[Path, str]:
+    """Weights on disk for one entry (no fallback): (folder, human-readable source)."""
+    return _try_source(model, cache_root, probe_timeout_s)
+
+
 def resolve_model(model: ModelConfig, cache_root: Path, probe_timeout_s: float = 2.0) -> ModelChoice:
     requested = api_name(model)
-    catalog = load_catalog()
     failures: list[str] = []
     candidates: list[tuple[str, ModelConfig]] = [(requested, model)]
-    candidates += [(name, catalog[name]) for name in model.fallback if name in catalog]
+    candidates += fallback_entries(model)
     for label, entry in candidates:
         try:
             path, source = _try_source(entry, cache_root, probe_timeout_s)

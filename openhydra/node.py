@@ -89,6 +89,8 @@ class Node:
     swarm: object = None
     background: BackgroundLoop | None = None
     span: tuple[int, int] | None = None
+    privacy: object = None
+    _fallback_swarms: list = field(default_factory=list)
 
     @property
     def in_swarm(self) -> bool:
@@ -132,6 +134,8 @@ class Node:
                 span=self.span, degradation_reason=choice.degradation_reason,
             )
             state.engine = engine
+            if self.swarm is not None:
+                self._install_degrader(choice, runtime)
             state.loading_stage = "ready"
             log.info("ready: %s layers [%d, %d) in %.1f s", choice.api_name, *self.span,
                      time.perf_counter() - started)
@@ -225,8 +229,62 @@ class Node:
                                        runtime, choice.path, lambda: self.swarm.peers() if self.swarm else [])),
                                    score=verifier.score if verifier else None, verifier=verifier,
                                    on_failover=verifier.on_hop_failure if verifier else None)
+        self.privacy = privacy
         self.state.extra["swarm"] = self
         self.state.extra["privacy"] = privacy.status(self.peer_server, self.swarm)  # /metrics + status
+
+    # -- degradation to a smaller covered model ---------------------------------------------------------
+    def _install_degrader(self, choice: ModelChoice, runtime) -> None:
+        """Per request: this model if the swarm covers it, else the nearest smaller covered fallback."""
+        from openhydra.catalog import api_name, fallback_entries
+        from openhydra.router.degrade import ModelDegrader
+
+        chain = [(api_name(entry), entry) for _, entry in fallback_entries(self.cfg.model)]
+        names = [name for name, _ in chain]
+        if choice.api_name in names:  # already serving a fallback: only smaller ones remain
+            chain = chain[names.index(choice.api_name) + 1 :]
+        entries = {name: entry for name, entry in chain if name != choice.api_name}
+        if not entries:
+            return
+        holds_all = runtime.is_first and runtime.is_last
+        self.state.degrader = ModelDegrader(
+            choice.api_name, (self.state.model, self.state.engine),
+            None if holds_all else self.swarm.coverage_map, list(entries), self._lookup_model,
+            lambda model_id, _cmap: self._build_fallback(model_id, entries[model_id]),
+            banned=self.swarm.bans.banned,
+        )
+        log.info("degradation chain when %s lacks coverage: %s", choice.api_name, ", ".join(entries))
+
+    def _lookup_model(self, model_id: str) -> list:
+        return self.background.run(self.discovery.lookup(model_id), timeout=15)
+
+    def _build_fallback(self, model_id: str, entry) -> tuple:
+        """A coordinator for a model this node holds no layers of: tokenizer, embeddings, a chain client."""
+        import torch
+        from transformers import AutoConfig, AutoTokenizer
+
+        from openhydra.catalog import model_source
+        from openhydra.peer.client import PeerChainClient
+        from openhydra.router.swarm import SwarmPipeline
+
+        cfg = self.cfg
+        path, source = model_source(entry, cfg.node.data_path, cfg.node.hub_probe_timeout_s)
+        num_layers, context = model_num_layers(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        swarm: SwarmPipeline | None = None
+        options = self.privacy.client_options(None, path, lambda: swarm.peers() if swarm else [],
+                                              dtype=torch.float32)
+        client = PeerChainClient([], reply_host=cfg.peer.host, **options)
+        swarm = SwarmPipeline(model_id, num_layers, lambda: self._lookup_model(model_id), client,
+                              bans=self.swarm.bans)
+        engine = Engine(tokenizer, swarm, eos_token_ids=eos_token_ids(tokenizer, path), context_length=context,
+                        max_concurrent_sessions=cfg.api.max_concurrent_sessions)
+        text_config = AutoConfig.from_pretrained(path)
+        served = ServedModel(id=model_id, aliases=[], source=source, parameter_count=0, dtype="float32",
+                             family=str(getattr(text_config, "model_type", "unknown")), context_length=context,
+                             num_layers=num_layers, span=(0, 0))
+        self._fallback_swarms.append(swarm)
+        return served, engine
 
     def network_status(self) -> dict:
         status: dict = {"peer": None, "pipeline": None}
@@ -234,6 +292,8 @@ class Node:
             status["peer"] = {"grpc_address": self.peer_server.address, "span": list(self.span or ())}
         if self.swarm is not None:
             status["pipeline"] = self.swarm.status()
+            if self.state.degrader is not None:
+                status["degradation"] = self.state.degrader.status()
             status["peers"] = [
                 {"peer_id": r.peer_id, "span": [r.start, r.end], "grpc_address": r.grpc_address,
                  "api_address": r.api_address, "dtype": r.dtype, "load": r.load,
@@ -247,6 +307,8 @@ class Node:
     def shutdown(self) -> None:
         if self.state.engine is not None:
             self.state.engine.shutdown()
+        for swarm in self._fallback_swarms:
+            swarm.client.shutdown()
         if self.economy is not None and hasattr(self.economy, "close"):
             self.economy.close()  # flushes and closes the ledger
         if self.background is not None:

@@ -85,7 +85,8 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
         decision = getattr(request.ctx, "rate", None)
         if decision is not None:
             response.headers.update(decision.headers())
-        model = state.model
+        chosen = getattr(request.ctx, "served", None)
+        model = chosen[0] if chosen is not None else state.model
         if model is not None and model.degradation_reason:
             response.headers["X-OpenHydra-Degradation-Reason"] = _ascii_header(model.degradation_reason)
 

@@ -77,7 +77,7 @@ def register(app: Sanic) -> None:
         }
 
     async def serve(request: Request, body: OllamaBase, prompt_ids: list[int], chat: bool) -> HTTPResponse | None:
-        served, engine = state.resolve(body.model)
+        served, engine = state.resolve(body.model, request.ctx)
         gen = build(engine, body, prompt_ids)
 
         def message(text: str) -> dict:
@@ -107,7 +107,7 @@ def register(app: Sanic) -> None:
     @app.post("/api/generate")
     async def generate(request: Request) -> HTTPResponse | None:
         body = parse_body(request.body, OllamaGenerateRequest)
-        _, engine = state.resolve(body.model)
+        _, engine = state.resolve(body.model, request.ctx)
         if body.images:
             raise bad_request("this model takes no images", param="images")
         if not body.prompt and not body.system:
@@ -125,7 +125,7 @@ def register(app: Sanic) -> None:
     @app.post("/api/chat")
     async def chat(request: Request) -> HTTPResponse | None:
         body = parse_body(request.body, OllamaChatRequest)
-        _, engine = state.resolve(body.model)
+        _, engine = state.resolve(body.model, request.ctx)
         if not body.messages:
             return json({"model": body.model, "created_at": _now(),
                          "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})

@@ -81,7 +81,7 @@ def register(app: Sanic) -> None:
         return requests
 
     async def serve(request: Request, body: SamplingFields, prompt_ids: list[int], chat: bool) -> HTTPResponse | None:
-        served, engine = state.resolve(body.model)
+        served, engine = state.resolve(body.model, request.ctx)
         gen_requests = build(engine, body, prompt_ids)
         completion_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
@@ -155,7 +155,7 @@ def register(app: Sanic) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> HTTPResponse | None:
         body = parse_body(request.body, ChatCompletionRequest)
-        _, engine = state.resolve(body.model)
+        _, engine = state.resolve(body.model, request.ctx)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:
@@ -168,5 +168,5 @@ def register(app: Sanic) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request) -> HTTPResponse | None:
         body = parse_body(request.body, CompletionRequest)
-        _, engine = state.resolve(body.model)
+        _, engine = state.resolve(body.model, request.ctx)
         return await serve(request, body, engine.text_prompt_ids(body.prompt_text()), chat=False)

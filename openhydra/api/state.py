@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from openhydra.api.errors import APIError, not_found, unavailable
@@ -41,13 +41,33 @@ class NodeState:
     requested_model: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     """Components added by later layers (network status, economy, ...), keyed by name."""
+    degrader: Any = None
+    """router.degrade.ModelDegrader over (ServedModel, Engine) options, when the node is in a swarm."""
 
     @property
     def ready(self) -> bool:
         return self.engine is not None and self.model is not None
 
-    def resolve(self, name: str) -> tuple[ServedModel, Engine]:
-        """The model and engine for a request's ``model`` field, or a typed 404/503."""
+    def resolve(self, name: str, ctx: Any = None) -> tuple[ServedModel, Engine]:
+        """The model and engine for a request's ``model`` field, or a typed 404/503.
+
+        With a degrader, a request for this node's model may be served by a smaller covered model; the
+        choice is made once per request (``ctx``: the request's ctx, which also carries it to the
+        degradation header)."""
+        chosen = getattr(ctx, "served", None) if ctx is not None else None
+        if chosen is not None:
+            return chosen
+        served, engine = self._resolve_primary(name)
+        if self.degrader is not None:
+            pick = self.degrader.choose()
+            if pick.reason is not None:
+                model, engine = pick.option
+                served = replace(model, aliases=[*model.aliases, served.id], degradation_reason=pick.reason)
+        if ctx is not None:
+            ctx.served = (served, engine)
+        return served, engine
+
+    def _resolve_primary(self, name: str) -> tuple[ServedModel, Engine]:
         if not self.ready:
             if self.load_error:
                 raise APIError(503, f"model failed to load: {self.load_error}", type="service_unavailable",

@@ -54,12 +54,18 @@ class NodePrivacy:
         if self.encrypt and hasattr(discovery, "set_verifier"):
             discovery.set_verifier(verify_record)
 
-    def client_options(self, runtime, model_dir: Path, peers: Callable[[], list]) -> dict[str, Any]:
-        """Keyword arguments for PeerChainClient: privacy level, local embedder, static-key lookup."""
+    def client_options(self, runtime, model_dir: Path, peers: Callable[[], list], dtype=None) -> dict[str, Any]:
+        """Keyword arguments for PeerChainClient: privacy level, local embedder, static-key lookup.
+
+        ``runtime`` is this node's own span of the model (None when coordinating a model it holds no
+        layers of, e.g. a fallback); ``dtype`` then sets the embedding table's dtype."""
         if not self.encrypt:
             return {}
         # The first shard's own table when this node holds it (exactly what hop 0 would compute).
-        embedder: Embedder = runtime.embed if runtime.is_first else load_embedder(model_dir, runtime.dtype)
+        if runtime is not None and runtime.is_first:
+            embedder: Embedder = runtime.embed
+        else:
+            embedder = load_embedder(model_dir, dtype if dtype is not None else runtime.dtype)
 
         def key_lookup(address: str) -> tuple[str, str | None] | None:
             for record in peers():
