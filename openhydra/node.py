@@ -224,9 +224,10 @@ class Node:
             verifier = build_verifier(vcfg, cfg.node.data_path, stake_of=getattr(economy, "stake_of", None),
                                       slash=getattr(economy, "slash", None))
             self.state.extra["reputation"] = verifier
-        self.swarm = SwarmPipeline(choice.api_name, num_layers, lookup,
-                                   PeerChainClient([], reply_host=cfg.peer.host, **privacy.client_options(
-                                       runtime, choice.path, lambda: self.swarm.peers() if self.swarm else [])),
+        client = PeerChainClient([], reply_host=cfg.peer.host, tunables=self._client_tunables(),
+                                 **privacy.client_options(runtime, choice.path,
+                                                          lambda: self.swarm.peers() if self.swarm else []))
+        self.swarm = SwarmPipeline(choice.api_name, num_layers, lookup, client,
                                    score=verifier.score if verifier else None, verifier=verifier,
                                    on_failover=verifier.on_hop_failure if verifier else None)
         self.privacy = privacy
@@ -255,6 +256,12 @@ class Node:
         )
         log.info("degradation chain when %s lacks coverage: %s", choice.api_name, ", ".join(entries))
 
+    def _client_tunables(self):
+        from openhydra.peer.client import ClientTunables
+
+        return ClientTunables(step_timeout_s=self.cfg.peer.step_timeout_s,
+                              decode_timeout_s=self.cfg.peer.decode_timeout_s)
+
     def _lookup_model(self, model_id: str) -> list:
         return self.background.run(self.discovery.lookup(model_id), timeout=15)
 
@@ -274,7 +281,7 @@ class Node:
         swarm: SwarmPipeline | None = None
         options = self.privacy.client_options(None, path, lambda: swarm.peers() if swarm else [],
                                               dtype=torch.float32)
-        client = PeerChainClient([], reply_host=cfg.peer.host, **options)
+        client = PeerChainClient([], reply_host=cfg.peer.host, tunables=self._client_tunables(), **options)
         swarm = SwarmPipeline(model_id, num_layers, lambda: self._lookup_model(model_id), client,
                               bans=self.swarm.bans)
         engine = Engine(tokenizer, swarm, eos_token_ids=eos_token_ids(tokenizer, path), context_length=context,

@@ -111,6 +111,10 @@ class NodeSection(Strict):
 class PeerSection(Strict):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
+    step_timeout_s: float = Field(30.0, gt=0)
+    """Coordinator: deadline of one pipeline step (a prefill chunk) end to end."""
+    decode_timeout_s: float = Field(5.0, gt=0)
+    """Coordinator: floor of a decode step's adaptive deadline; a silent hop is blamed after this."""
 
 
 # Groups validated by schemas that live with the code that uses them.

@@ -14,6 +14,7 @@ peer/privacy.py); a result that fails to open is a :class:`HopError` naming the 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -55,6 +56,12 @@ KeyLookup = Callable[[str], tuple[str, str | None] | None]
 class ClientTunables:
     step_timeout_s: float = 30.0
     """Deadline of one step end to end (also sent to peers, which drop late steps)."""
+    decode_timeout_s: float | None = None
+    """Floor of a one-position (decode) step's deadline, which adapts to recent decode latency
+    (``decode_timeout_factor`` x their median, capped at ``step_timeout_s``), so a silent hop is blamed in
+    seconds instead of after the full step timeout. None: decode steps get ``step_timeout_s`` too."""
+    decode_timeout_factor: float = 20.0
+    """How many times the recent median decode latency a decode step may take before its hop is blamed."""
     unary_timeout_s: float = 5.0
     """Deadline of CloseSession/Info calls and of the probe that blames a hop after a timeout."""
     prefill_chunk: int = 512
@@ -97,6 +104,7 @@ class PeerChainClient:
         key_lookup: KeyLookup | None = None,
     ) -> None:
         self.tunables = tunables or ClientTunables()
+        self._decode_latencies: collections.deque[float] = collections.deque(maxlen=32)
         self.privacy = privacy or ChainPrivacy()
         self.embedder = embedder
         self.key_lookup = key_lookup
@@ -219,7 +227,8 @@ class PeerChainClient:
     ) -> StepResult:
         if not route:
             raise ValueError("no route: set PeerChainClient.route or pass route= per step")
-        deadline_ms = int((time.time() + self.tunables.step_timeout_s) * 1000)
+        began = time.monotonic()
+        deadline_ms = int((time.time() + self._timeout_for(len(tokens))) * 1000)
         crypto = self._crypto_route(session_id, route) if self.privacy.encrypt else None
         futures = []
         chunk = self.tunables.prefill_chunk
@@ -266,7 +275,18 @@ class PeerChainClient:
         finally:
             for seq, _ in futures:
                 self._pending.pop((session_id, seq), None)
+        if len(tokens) == 1:
+            self._decode_latencies.append(time.monotonic() - began)
         return results[-1]
+
+    def _timeout_for(self, positions: int) -> float:
+        """The step's deadline in seconds: the full step timeout, or the adaptive decode deadline."""
+        t = self.tunables
+        if positions != 1 or t.decode_timeout_s is None:
+            return t.step_timeout_s
+        recent = sorted(self._decode_latencies)
+        typical = recent[len(recent) // 2] if recent else 0.0
+        return min(t.step_timeout_s, max(t.decode_timeout_s, t.decode_timeout_factor * typical))
 
     def _input_tensor(self, ids: list[int], private: bool) -> pb.Tensor:
         tokens = torch.tensor(ids, dtype=torch.int64)

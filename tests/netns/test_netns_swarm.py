@@ -87,8 +87,8 @@ def test_swarm_across_namespaces_discovers_pipelines_and_survives_a_link_cut(tin
     # the middle peer's link cut mid-stream: the stream continues through the replica, same text
     assert r["same_text_after_cut"] and r["tokens_after_cut"] == 24
     assert r["failovers"] >= 1  # (its ban, 1 s at first, has lapsed by now; the record is what keeps it out)
-    # the stall: the coordinator notices the silent hop at its step deadline (30 s), then replays
-    assert r["recovery_s"] is not None and r["recovery_s"] < 60.0
+    # the stall: the coordinator notices the silent hop at its adaptive decode deadline (5 s floor), then replays
+    assert r["recovery_s"] is not None and r["recovery_s"] < 30.0
     # its record lapses (it cannot announce), and new requests route around it
     assert r["cut_peer"] not in r["peers_after_cut"]
     assert r["same_text_new_request_after_cut"]
