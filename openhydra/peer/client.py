@@ -98,6 +98,7 @@ class PeerChainClient:
         *,
         reply_host: str = "127.0.0.1",
         reply_port: int = 0,
+        advertise_host: str | None = None,
         tunables: ClientTunables | None = None,
         privacy: ChainPrivacy | None = None,
         embedder: Embedder | None = None,
@@ -120,6 +121,8 @@ class PeerChainClient:
         self._thread.start()
         self._pool: ChannelPool = self._call(self._make_pool())
         self._server: grpc.aio.Server = self._call(self._start_server(reply_host, reply_port))
+        if advertise_host:  # peers reach the reply server at another address (NAT, a relay, a container)
+            self._reply_address = f"{advertise_host}:{self._reply_address.rsplit(':', 1)[1]}"
 
     # ---- public, thread-safe --------------------------------------------------------------------
 
