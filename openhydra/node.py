@@ -214,6 +214,9 @@ class Node:
         self.background.loop.call_soon_threadsafe(self.announcer.start)
         log.info("peer %s serving layers [%d, %d) at %s, announced to %s", peer_id, runtime.start, runtime.end,
                  grpc_address, type(self.discovery).__name__)
+        if self.kademlia_maddrs():
+            log.info("kademlia DHT reachable at %s (other nodes: discovery.kademlia.initial_peers=[...])",
+                     " ".join(self.kademlia_maddrs()))
 
         def lookup() -> list[PeerAnnouncement]:
             return self.background.run(self.discovery.lookup(choice.api_name), timeout=15)
@@ -293,8 +296,18 @@ class Node:
         self._fallback_swarms.append(swarm)
         return served, engine
 
+    def kademlia_maddrs(self) -> list[str]:
+        """This node's Kademlia DHT multiaddrs (what others put in discovery.kademlia.initial_peers)."""
+        kademlia = getattr(self.discovery, "kademlia", self.discovery)
+        try:
+            return list(kademlia.visible_maddrs) if hasattr(kademlia, "visible_maddrs") else []
+        except Exception:  # not started
+            return []
+
     def network_status(self) -> dict:
         status: dict = {"peer": None, "pipeline": None}
+        if self.kademlia_maddrs():
+            status["kademlia_maddrs"] = self.kademlia_maddrs()
         if self.peer_server is not None:
             status["peer"] = {"grpc_address": self.peer_server.address, "span": list(self.span or ())}
         if self.swarm is not None:
