@@ -17,6 +17,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import grpc
+
 from openhydra.discovery.records import PeerAnnouncement
 from openhydra.peer.errors import HopError
 from openhydra.peer.messages import HopSpec
@@ -90,6 +92,7 @@ class SwarmPipeline:
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
         self._cached: tuple[float, list[PeerAnnouncement]] = (0.0, [])
+        self._unreachable: dict[str, float] = {}  # peer id -> wall time it refused a connection
         self.failovers = 0
         self.replay_mismatches = 0
         self.verifier = verifier  # verification hook
@@ -100,9 +103,20 @@ class SwarmPipeline:
     def peers(self, refresh: bool = False) -> list[PeerAnnouncement]:
         fetched_at, records = self._cached
         if refresh or time.monotonic() - fetched_at > self.tunables.lookup_ttl_s:
-            records = [r for r in self._lookup() if r.model_id == self.model_id]
+            records = [r for r in self._lookup() if r.model_id == self.model_id and not self._is_dead_record(r)]
             self._cached = (time.monotonic(), records)
         return records
+
+    def _is_dead_record(self, record: PeerAnnouncement) -> bool:
+        """A record announced before its peer refused a connection describes a dead process: skip it until
+        the peer announces again (a restart), instead of retrying it each time its short ban lapses."""
+        refused_at = self._unreachable.get(record.peer_id)
+        if refused_at is None:
+            return False
+        if record.announced_at > refused_at:
+            self._unreachable.pop(record.peer_id, None)  # announced since: alive again
+            return False
+        return True
 
     def coverage_map(self, refresh: bool = False) -> LayerCoverageMap:
         return LayerCoverageMap(self.peers(refresh), self.total_layers, model_id=self.model_id, score=self.score,
@@ -183,6 +197,9 @@ class SwarmPipeline:
         failed = error.address or (chain.hops[-1].peer.grpc_address if chain else "")
         peer_id = next((h.peer_id for h in chain.hops if h.peer.grpc_address == failed), None) if chain else None
         if peer_id:
+            if error.code == grpc.StatusCode.UNAVAILABLE:  # refused/reset: the process is gone, not slow
+                self._unreachable[peer_id] = time.time()
+                self._cached = (0.0, [])
             backoff = self.bans.ban(peer_id)
             log.warning("hop %s (%s) failed: %s; banned for %.1f s, failing over", failed, peer_id, error, backoff)
         self.failovers += 1
