@@ -54,6 +54,16 @@ class PeerStub:
                 request_serializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.InfoRequest.SerializeToString,
                 response_deserializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.InfoReply.FromString,
                 _registered_method=True)
+        self.SignSettlement = channel.unary_unary(
+                '/openhydra.peer.v1.Peer/SignSettlement',
+                request_serializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.SettlementClaim.SerializeToString,
+                response_deserializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.SettlementSignature.FromString,
+                _registered_method=True)
+        self.ApplySettlement = channel.unary_unary(
+                '/openhydra.peer.v1.Peer/ApplySettlement',
+                request_serializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.SignedSettlement.SerializeToString,
+                response_deserializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.ApplySettlementReply.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -84,6 +94,20 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignSettlement(self, request, context):
+        """Settlement: sign a claim about a session this peer served (FAILED_PRECONDITION if it does not match),
+        then apply the fully signed receipt to this peer's ledger (ALREADY_EXISTS on a replay).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplySettlement(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +130,16 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.InfoRequest.FromString,
                     response_serializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.InfoReply.SerializeToString,
+            ),
+            'SignSettlement': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignSettlement,
+                    request_deserializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.SettlementClaim.FromString,
+                    response_serializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.SettlementSignature.SerializeToString,
+            ),
+            'ApplySettlement': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplySettlement,
+                    request_deserializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.SignedSettlement.FromString,
+                    response_serializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.ApplySettlementReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +250,60 @@ class Peer:
             '/openhydra.peer.v1.Peer/Info',
             openhydra_dot_peer_dot_proto_dot_peer__pb2.InfoRequest.SerializeToString,
             openhydra_dot_peer_dot_proto_dot_peer__pb2.InfoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignSettlement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openhydra.peer.v1.Peer/SignSettlement',
+            openhydra_dot_peer_dot_proto_dot_peer__pb2.SettlementClaim.SerializeToString,
+            openhydra_dot_peer_dot_proto_dot_peer__pb2.SettlementSignature.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplySettlement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/openhydra.peer.v1.Peer/ApplySettlement',
+            openhydra_dot_peer_dot_proto_dot_peer__pb2.SignedSettlement.SerializeToString,
+            openhydra_dot_peer_dot_proto_dot_peer__pb2.ApplySettlementReply.FromString,
             options,
             channel_credentials,
             insecure,
