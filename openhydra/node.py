@@ -191,7 +191,8 @@ class Node:
             runtime = FaultyRuntime(runtime, vcfg.fault)
         privacy = node_privacy(cfg.privacy, self.identity)  # privacy hook: keys, signing, sealed steps
         self.peer_server = PeerServer(runtime, cfg.peer.host, cfg.peer.port, model_id=choice.api_name,
-                                      static_key=privacy.static, require_encryption=privacy.encrypt)
+                                      static_key=privacy.static, require_encryption=privacy.encrypt,
+                                      swarm_token=privacy.membership.token)
         privacy.install_verifier(self.discovery)
         grpc_address = self.peer_server.start()
         peer_id = cfg.node.peer_id or self.identity.peer_id

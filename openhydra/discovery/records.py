@@ -118,6 +118,9 @@ class PeerAnnouncement(BaseModel):
     public_key: B64 | None = None
     signature: B64 | None = None
     static_key: B64 | None = None
+    # Admission (crypto/membership.py): a geo-challenge proof (base64 JSON) and the private-swarm HMAC tag.
+    geo_proof: B64 | None = None
+    swarm_tag: B64 | None = None
 
     @model_validator(mode="after")
     def _span_inside_model(self) -> PeerAnnouncement:

@@ -103,8 +103,10 @@ class PeerChainClient:
         privacy: ChainPrivacy | None = None,
         embedder: Embedder | None = None,
         key_lookup: KeyLookup | None = None,
+        swarm_token: str | None = None,
     ) -> None:
         self.tunables = tunables or ClientTunables()
+        self.swarm_token = swarm_token  # private swarm credential on every call (peer/swarm_auth.py)
         self._decode_latencies: collections.deque[float] = collections.deque(maxlen=32)
         self.privacy = privacy or ChainPrivacy()
         self.embedder = embedder
@@ -177,6 +179,17 @@ class PeerChainClient:
     def info(self, address: str) -> pb.InfoReply:
         return self._call(self._info(address))
 
+    def peer_calls(self, calls: Sequence[tuple[str, str, Any]]) -> list[Any]:
+        """Unary Peer RPCs ``(address, method, request)`` in parallel (settlement): each reply, or its error."""
+        async def one(address: str, method: str, request: Any) -> Any:
+            stub = pb_grpc.PeerStub(self._pool.get(address))
+            return await getattr(stub, method)(request, timeout=self.tunables.unary_timeout_s)
+
+        async def run() -> list[Any]:
+            return await asyncio.gather(*(one(*call) for call in calls), return_exceptions=True)
+
+        return self._call(run())
+
     def truncate(self, session_id: str, length: int, route: Sequence[HopSpec] | None = None) -> None:
         """Crop the session to ``length`` positions on every hop (speculative rollback).
 
@@ -206,10 +219,15 @@ class PeerChainClient:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=timeout)
 
     async def _make_pool(self) -> ChannelPool:
-        return ChannelPool()
+        return ChannelPool(self.swarm_token)
 
     async def _start_server(self, host: str, port: int) -> grpc.aio.Server:
-        server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        interceptors = []
+        if self.swarm_token is not None:  # results come only from the swarm's own peers
+            from openhydra.peer.swarm_auth import SwarmAuthInterceptor
+
+            interceptors.append(SwarmAuthInterceptor(self.swarm_token))
+        server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
         bound = server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
             raise OSError(f"cannot bind the reply address {host}:{port}")

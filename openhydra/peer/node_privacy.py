@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from openhydra.crypto.config import PrivacyConfig
+from openhydra.crypto.errors import CryptoError
 from openhydra.crypto.keys import SignedStaticKey, StaticKeyPair
+from openhydra.crypto.membership import Membership
 from openhydra.crypto.records import sign_record, verify_record
 from openhydra.peer.embedding import Embedder, load_embedder
 from openhydra.peer.privacy import ChainPrivacy
@@ -29,15 +31,19 @@ class NodePrivacy:
     identity: Any  # openhydra.crypto.identity.Identity, or None when the node has none
     static: StaticKeyPair
     signed_static: SignedStaticKey | None
+    membership: Membership = field(default_factory=Membership)
     _warned: bool = False
+    rejected_records: int = 0
 
     @property
     def encrypt(self) -> bool:
         return self.config.encrypt_activations
 
     def sign(self, record):
-        """The announcement signed by this node's identity (unchanged if it cannot be: no identity,
-        or a configured peer id that is not the identity's, which verifying nodes will then drop)."""
+        """The announcement stamped with its admission proofs and signed by this node's identity (unsigned
+        if it cannot be: no identity, or a configured peer id that is not the identity's, which verifying
+        nodes will then drop)."""
+        record = self.membership.stamp(record)
         if self.identity is None or record.peer_id != self.identity.peer_id:
             if self.encrypt and not self._warned:
                 log.warning("cannot sign the record of %s (not this identity's peer id): nodes with encryption "
@@ -50,9 +56,23 @@ class NodePrivacy:
         return PrivacyStatus(self.config.level, peer_server, swarm)
 
     def install_verifier(self, discovery) -> None:
-        """With encryption on, unsigned, forged or key-less records are dropped at lookup."""
-        if self.encrypt and hasattr(discovery, "set_verifier"):
-            discovery.set_verifier(verify_record)
+        """With encryption on, unsigned, forged or key-less records are dropped at lookup; with a proof of
+        work or a swarm secret configured, so are records without a valid proof or swarm tag."""
+        if not hasattr(discovery, "set_verifier") or not (self.encrypt or self.membership.active):
+            return
+
+        def verifier(record) -> bool:
+            if self.encrypt and not verify_record(record):
+                return False
+            try:
+                self.membership.check(record)
+            except CryptoError as exc:
+                self.rejected_records += 1
+                log.warning("dropping record of %s: %s", record.peer_id, exc)
+                return False
+            return True
+
+        discovery.set_verifier(verifier)
 
     def client_options(self, runtime, model_dir: Path, peers: Callable[[], list], dtype=None) -> dict[str, Any]:
         """Keyword arguments for PeerChainClient: privacy level, local embedder, static-key lookup.
@@ -60,7 +80,7 @@ class NodePrivacy:
         ``runtime`` is this node's own span of the model (None when coordinating a model it holds no
         layers of, e.g. a fallback); ``dtype`` then sets the embedding table's dtype."""
         if not self.encrypt:
-            return {}
+            return {"swarm_token": self.membership.token}
         # The first shard's own table when this node holds it (exactly what hop 0 would compute).
         if runtime is not None and runtime.is_first:
             embedder: Embedder = runtime.embed
@@ -73,7 +93,8 @@ class NodePrivacy:
                     return record.peer_id, record.static_key
             return None
 
-        return {"privacy": ChainPrivacy.from_config(self.config), "embedder": embedder, "key_lookup": key_lookup}
+        return {"privacy": ChainPrivacy.from_config(self.config), "embedder": embedder, "key_lookup": key_lookup,
+                "swarm_token": self.membership.token}
 
 
 KNOWN_REASONS = ("tampered", "replayed", "malformed", "plaintext", "invalid_static_key", "key_exhausted")
@@ -118,5 +139,9 @@ def node_privacy(raw: dict | None, identity) -> NodePrivacy:
     signed = static.signed_by(identity, config.static_key_ttl_s) if identity is not None else None
     if config.encrypt_activations and identity is None:
         raise ValueError("privacy.encrypt_activations needs a node identity (privacy.identity_path)")
-    log.info("privacy level %s", config.level)
-    return NodePrivacy(config, identity, static, signed)
+    secret = config.swarm_secret.get_secret_value() if config.swarm_secret is not None else None
+    membership = Membership(config.pow_difficulty_bits, config.region, secret)
+    log.info("privacy level %s%s%s", config.level,
+             f", geo-challenge {config.pow_difficulty_bits} bits" if config.pow_difficulty_bits else "",
+             ", private swarm" if secret else "")
+    return NodePrivacy(config, identity, static, signed, membership)

@@ -45,13 +45,18 @@ class StreamBroken(RuntimeError):
 class ChannelPool:
     """One HTTP/2 channel per address; every session's stream to that address multiplexes on it."""
 
-    def __init__(self) -> None:
+    def __init__(self, swarm_token: str | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._interceptors = None
+        if swarm_token is not None:  # a private swarm: every call carries its credential (peer/swarm_auth.py)
+            from openhydra.peer.swarm_auth import token_interceptors
+
+            self._interceptors = token_interceptors(swarm_token)
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=self._interceptors)
             self._channels[address] = channel
         return channel
 

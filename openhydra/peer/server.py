@@ -72,6 +72,7 @@ class PeerService(pb_grpc.PeerServicer):
         inline_max_positions: int = INLINE_MAX_POSITIONS,
         static_key: StaticKeyPair | None = None,
         require_encryption: bool = False,
+        swarm_token: str | None = None,
     ) -> None:
         self.runtime = runtime
         self.privacy = PeerPrivacy(static_key or StaticKeyPair.generate(), require_encryption)
@@ -80,7 +81,7 @@ class PeerService(pb_grpc.PeerServicer):
         self.address = address
         self.model_id = model_id or runtime.model_dir.name
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard")
-        self._pool = ChannelPool()
+        self._pool = ChannelPool(swarm_token)
         self._streams: OrderedDict[tuple[str, str, str], OutboundStream] = OrderedDict()
         self._closing: set[asyncio.Future] = set()
         self._in_flight = 0
@@ -358,8 +359,11 @@ class PeerServer:
         workers: int = 1,
         static_key: StaticKeyPair | None = None,
         require_encryption: bool = False,
+        swarm_token: str | None = None,
     ) -> None:
         self.runtime, self.host, self.port = runtime, host, port
+        self.swarm_token = swarm_token
+        self.auth = None  # SwarmAuthInterceptor in a private swarm (its refusal counts)
         self.model_id, self.workers = model_id, workers
         self.static_key = static_key or StaticKeyPair.generate()
         self.require_encryption = require_encryption
@@ -395,12 +399,19 @@ class PeerServer:
         return self.address
 
     async def _start(self) -> None:
-        self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        interceptors = []
+        if self.swarm_token is not None:
+            from openhydra.peer.swarm_auth import SwarmAuthInterceptor
+
+            self.auth = SwarmAuthInterceptor(self.swarm_token)
+            interceptors.append(self.auth)
+        self._server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
         self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {self.host}")
         self.service = PeerService(self.runtime, self.address, self.model_id, self.workers,
-                                   static_key=self.static_key, require_encryption=self.require_encryption)
+                                   static_key=self.static_key, require_encryption=self.require_encryption,
+                                   swarm_token=self.swarm_token)
         pb_grpc.add_PeerServicer_to_server(self.service, self._server)
         await self._server.start()
 
