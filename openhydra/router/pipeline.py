@@ -6,12 +6,15 @@ peers, push forwarding, failover) implements the same protocol, so generation co
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Protocol
 
 import torch
 
+from openhydra.runtime.prefix_cache import PrefixKey, block_hashes
 from openhydra.runtime.sampling import SamplingParams, sample
+from openhydra.runtime.shard import PositionMismatchError
 
 
 class Pipeline(Protocol):
@@ -27,11 +30,14 @@ class Pipeline(Protocol):
 class LocalPipeline:
     """All layers in one process. Prefill is chunked so a long prompt never needs one giant activation."""
 
-    def __init__(self, runtime, prefill_chunk: int = 2048) -> None:
+    def __init__(self, runtime, prefill_chunk: int = 2048, prefix_block: int = 32) -> None:
         if not (runtime.is_first and runtime.is_last):
             raise ValueError(f"LocalPipeline needs a runtime with every layer, got [{runtime.start}, {runtime.end})")
         self.runtime = runtime
         self.prefill_chunk = prefill_chunk
+        self.prefix_block = prefix_block
+        self._prefix_secret = os.urandom(32)  # block hashes are HMACs under this coordinator's own key
+        self.reused_positions = 0
         self._lock = threading.Lock()
 
     def step(
@@ -39,15 +45,34 @@ class LocalPipeline:
     ) -> int:
         if not token_ids:
             raise ValueError("a step needs at least one token")
+        prefix_cache = getattr(self.runtime, "prefix_cache", None)
+        if start_pos != 0 or prefix_cache is None:
+            return sample(self._feed(session_id, token_ids, start_pos, None), sampling, step)
+        # A new session: reuse the longest cached prefix of its prompt (runtime/prefix_cache.py).
+        key = PrefixKey(tuple(block_hashes(token_ids, self.prefix_block, self._prefix_secret)), self.prefix_block)
+        skip = prefix_cache.available(key)
+        while True:
+            try:
+                logits = self._feed(session_id, token_ids[skip:], skip, key)
+                break
+            except PositionMismatchError as exc:  # evicted since `available`: retry with what is left
+                if exc.expected >= skip:
+                    raise
+                skip = exc.expected
+        self.reused_positions += skip
+        return sample(logits, sampling, step)
+
+    def _feed(self, session_id: str, token_ids: list[int], start_pos: int, key: PrefixKey | None) -> torch.Tensor:
         logits = None
         with torch.inference_mode():
             for offset in range(0, len(token_ids), self.prefill_chunk):
                 chunk = token_ids[offset : offset + self.prefill_chunk]
                 ids = torch.tensor(chunk, dtype=torch.long)  # [S]
                 positions = torch.arange(start_pos + offset, start_pos + offset + len(chunk))  # [S]
-                logits = self.runtime.forward(session_id, positions, input_ids=ids)  # [1, V]
+                extra = {"prefix": key} if key is not None and offset == 0 else {}
+                logits = self.runtime.forward(session_id, positions, input_ids=ids, **extra)  # [1, V]
         assert logits is not None
-        return sample(logits, sampling, step)
+        return logits
 
     def close(self, session_id: str) -> None:
         self.runtime.close_session(session_id)

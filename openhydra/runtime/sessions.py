@@ -24,6 +24,8 @@ class Session:
     """Positions the cache holds; the next step must start here."""
     last_used: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    prefix: Any = None
+    """Prefix-cache fill state (runtime/prefix_cache.py SessionPrefix) while its prompt blocks are stored."""
 
 
 class SessionStore:

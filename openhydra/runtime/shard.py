@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
+from openhydra.runtime.prefix_cache import PrefixCache, PrefixKey, begin_prefix, run_prefixed
 from openhydra.runtime.sessions import Session, SessionStore
 from openhydra.runtime.shard_layers import build_shard, layer_types_of, load_text_config
 
@@ -69,6 +70,8 @@ class ShardRuntime:
         self.layer_types = layer_types_of(self.shard_config)
         self._mask_fns = {t: _mask_function(t) for t in set(self.layer_types)}
         self.is_recurrent = any(t in RECURRENT_LAYER_TYPES for t in self.layer_types)
+        self.prefix_cache: PrefixCache | None = None  # runtime/serving.py turns it on
+        self.batcher = None  # runtime/batching.py DecodeBatcher, when continuous batching is on
         self._sessions = SessionStore(
             new_cache=lambda: DynamicCache(config=self.shard_config),
             max_sessions=max_sessions,
@@ -140,21 +143,33 @@ class ShardRuntime:
         input_ids: torch.Tensor | None = None,
         hidden_states: torch.Tensor | None = None,
         all_logits: bool = False,
+        prefix: PrefixKey | None = None,
     ) -> torch.Tensor:
         """Run this span for one step of one session.
 
         Returns hidden states [S, D] in the runtime dtype, or on the last shard float32 logits
-        [1, V] for the last position ([S, V] with ``all_logits``).
+        [1, V] for the last position ([S, V] with ``all_logits``). ``prefix`` (a new session's prompt
+        block hashes) seeds the cache from the prefix cache when ``positions`` start past 0, and stores
+        the session's prompt blocks there (runtime/prefix_cache.py).
         """
         seq_len = self._check_positions(positions)
         h = self._input_hidden(seq_len, input_ids, hidden_states)  # h: [1, S, D]
         first = int(positions[0])
         session = self._sessions.acquire(session_id)
         with session.lock:
+            if prefix is not None and self.prefix_cache is not None and session.length == 0:
+                seeded = begin_prefix(self.prefix_cache, session, prefix, first)
+                if seeded != first:
+                    self._sessions.drop(session_id)
+                    raise PositionMismatchError(session_id, seeded, first)
             if first != session.length:
                 raise PositionMismatchError(session_id, session.length, first)
             try:
-                out = self._run_layers(session, h, positions.to(self.device).view(1, seq_len))
+                position_ids = positions.to(self.device).view(1, seq_len)
+                if session.prefix is not None and self.prefix_cache is not None:
+                    out = run_prefixed(self.prefix_cache, session, h, position_ids, self._run_layers)
+                else:
+                    out = self._run_layers(session, h, position_ids)
             except Exception:
                 # A failed step may have updated some layers' caches: the session is unusable.
                 self._sessions.drop(session_id)

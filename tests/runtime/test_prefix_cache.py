@@ -1,0 +1,119 @@
+"""Radix prefix cache: hits give the cold outputs, the byte bound holds, nothing past a prefix leaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from openhydra.router.pipeline import LocalPipeline
+from openhydra.runtime.prefix_cache import PrefixCache, PrefixKey, block_hashes
+from openhydra.runtime.sampling import SamplingParams
+from openhydra.runtime.shard import PositionMismatchError, ShardRuntime
+
+BLOCK = 16
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 4000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _generate(pipe: LocalPipeline, session: str, prompt: list[int], n: int) -> list[int]:
+    out: list[int] = []
+    feed, pos = prompt, 0
+    for step in range(n):
+        token = pipe.step(session, feed, pos, GREEDY, step)
+        pos += len(feed)
+        feed = [token]
+        out.append(token)
+    pipe.close(session)
+    return out
+
+
+def _cached(model_dir, max_bytes: int = 64 << 20) -> ShardRuntime:
+    rt = ShardRuntime(model_dir)
+    rt.prefix_cache = PrefixCache(rt.layer_types, max_bytes)
+    return rt
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_5"])
+def test_hit_gives_the_cold_output(tiny_model_dirs, family) -> None:
+    shared = _ids(80, 1)  # a "system prompt" of 5 blocks
+    first, second = shared + _ids(9, 2), shared + _ids(12, 3)
+    cold = LocalPipeline(ShardRuntime(tiny_model_dirs[family]), prefix_block=BLOCK)
+    expected = _generate(cold, "cold", second, 8)
+
+    warm_rt = _cached(tiny_model_dirs[family])
+    warm = LocalPipeline(warm_rt, prefix_block=BLOCK)
+    _generate(warm, "a", first, 4)
+    assert warm.reused_positions == 0
+    assert _generate(warm, "b", second, 8) == expected
+    assert warm.reused_positions == 80  # every shared block, nothing more
+    assert warm_rt.prefix_cache.stats.hits == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_5"])
+def test_hit_logits_match_a_cold_run(tiny_model_dirs, family) -> None:
+    """Logits of the first generated position: a hit equals a cold run with the same caching (bit-exact on
+    recurrent spans, which run both in block pieces), and a plain one-shot run within float noise."""
+    prompt = _ids(70, 4)
+    key = PrefixKey(tuple(block_hashes(prompt, BLOCK, b"k" * 32)), BLOCK)
+    rt = _cached(tiny_model_dirs[family])
+    ids = torch.tensor(prompt)
+    cold = rt.forward("cold", torch.arange(70), input_ids=ids, prefix=key)
+    assert rt.prefix_cache.available(key) == 64
+    warm = rt.forward("warm", torch.arange(64, 70), input_ids=ids[64:], prefix=key)
+    assert rt.session_length("warm") == 70
+    plain = ShardRuntime(tiny_model_dirs[family]).forward("p", torch.arange(70), input_ids=ids)
+    if family == "qwen3_5":
+        assert torch.equal(warm, cold)
+    torch.testing.assert_close(warm, cold, rtol=0, atol=1e-5)
+    torch.testing.assert_close(warm, plain, rtol=0, atol=1e-4)
+    assert int(warm.argmax()) == int(plain.argmax())
+
+
+def test_seed_refuses_more_than_it_holds(tiny_model_dirs) -> None:
+    rt = _cached(tiny_model_dirs["llama"])
+    prompt = _ids(50, 5)
+    key = PrefixKey(tuple(block_hashes(prompt, BLOCK, b"s" * 32)), BLOCK)
+    rt.forward("a", torch.arange(40), input_ids=torch.tensor(prompt[:40]), prefix=key)  # fills 2 blocks
+    assert rt.prefix_cache.available(key) == 32
+    with pytest.raises(PositionMismatchError) as info:
+        rt.forward("b", torch.arange(48, 50), input_ids=torch.tensor(prompt[48:]), prefix=key)
+    assert (info.value.expected, info.value.got) == (32, 48)
+    assert rt.session_length("b") == 0  # refused before anything was seeded
+    other = PrefixKey(tuple(block_hashes(prompt, BLOCK, b"t" * 32)), BLOCK)  # another coordinator's secret
+    assert rt.prefix_cache.available(other) == 0
+
+
+def test_lru_bound_is_honoured(tiny_model_dirs) -> None:
+    probe = _cached(tiny_model_dirs["llama"])
+    prompt = _ids(33, 6)
+    probe.forward("x", torch.arange(33), input_ids=torch.tensor(prompt),
+                  prefix=PrefixKey(tuple(block_hashes(prompt, BLOCK, b"p" * 32)), BLOCK))
+    per_block = probe.prefix_cache.nbytes // 2
+    rt = _cached(tiny_model_dirs["llama"], max_bytes=per_block * 5)
+    pipe = LocalPipeline(rt, prefix_block=BLOCK)
+    prompts = [_ids(40, 100 + i) for i in range(6)]  # 2 blocks each: 12 blocks for room of 5
+    for i, p in enumerate(prompts):
+        _generate(pipe, f"s{i}", p, 1)
+        assert rt.prefix_cache.nbytes <= per_block * 5
+    assert len(rt.prefix_cache) == 5 and rt.prefix_cache.stats.evicted_blocks == 7
+    _generate(pipe, "recent", prompts[-1], 1)
+    assert pipe.reused_positions == 32  # the most recent prompt survived
+    _generate(pipe, "old", prompts[0], 1)
+    assert pipe.reused_positions == 32  # the oldest was evicted: no hit
+
+
+def test_no_continuation_leaks(tiny_model_dirs) -> None:
+    rt = _cached(tiny_model_dirs["qwen3"])
+    pipe = LocalPipeline(rt, prefix_block=BLOCK)
+    prompt = _ids(40, 7)  # 2 full blocks (32 positions) + 8 tokens
+    continuation = _generate(pipe, "a", prompt, 30)
+    assert len(rt.prefix_cache) == 2  # only prompt blocks: nothing generated was stored
+    # A request whose prompt *is* the other's prompt plus its continuation reuses only the prompt's
+    # blocks (32 positions), then must compute the rest itself, and matches a cold run.
+    extended = prompt + continuation[:20]
+    cold = _generate(LocalPipeline(ShardRuntime(tiny_model_dirs["qwen3"]), prefix_block=BLOCK), "c", extended, 5)
+    assert _generate(pipe, "b", extended, 5) == cold
+    assert pipe.reused_positions == 32
