@@ -120,8 +120,10 @@ class Node:
             if self.in_swarm:
                 self._join_swarm(choice, runtime, num_layers)
             pipeline = LocalPipeline(runtime) if runtime.is_first and runtime.is_last else self.swarm
+            speculator = self._speculator(choice, pipeline)
             engine = Engine(tokenizer, pipeline, eos_token_ids=eos_token_ids(tokenizer, choice.path),
-                            context_length=context, max_concurrent_sessions=cfg.api.max_concurrent_sessions)
+                            context_length=context, max_concurrent_sessions=cfg.api.max_concurrent_sessions,
+                            speculator=speculator)
             if self.economy is not None and getattr(self.economy, "enabled", False):
                 self.state.extra["economy"] = _EconomyStatus(self.economy)
                 if runtime.is_first and runtime.is_last:
@@ -143,6 +145,26 @@ class Node:
             state.load_error = f"{type(exc).__name__}: {exc}"
             state.loading_stage = "failed"
             log.exception("model load failed: %s", state.load_error)
+
+    def _speculator(self, choice: ModelChoice, pipeline):
+        """Speculative decoding at this coordinator (speculative group; router/speculative.py), or None."""
+        from openhydra.catalog import model_source
+        from openhydra.router.speculative import speculator_for_node
+
+        def load_draft(entry):
+            path, source = model_source(entry, self.cfg.node.data_path, self.cfg.node.hub_probe_timeout_s)
+            log.info("draft model for speculative decoding: %s", source)
+            return self.backend.load_span(path, 0, None)
+
+        swarm = pipeline if pipeline is self.swarm else None
+        speculator = speculator_for_node(
+            self.cfg.speculative, self.cfg.model, choice.path, pipeline, load_draft,
+            onion=bool(swarm is not None and swarm.client.privacy.onion),
+            audited=bool(swarm is not None and swarm.verifier is not None),
+        )
+        if speculator is not None:
+            self.state.extra["speculative"] = speculator  # /metrics and /v1/network/status
+        return speculator
 
     def _choose_span(self, choice: ModelChoice, num_layers: int) -> tuple[int, int]:
         shard = self.cfg.shard

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ValidationError
 
 from openhydra.config.schema import EXTERNAL_GROUP_SCHEMAS, NodeConfig, group_schema
 
-GROUPS = ("hardware", "model", "shard", "discovery", "privacy", "verification", "economy", "compaction", "api")
+GROUPS = ("hardware", "model", "shard", "discovery", "privacy", "verification", "economy", "compaction", "api",
+          "speculative")
 
 
 class ConfigError(ValueError):

@@ -40,6 +40,8 @@ class ModelConfig(Strict):
     peers: int = Field(1, ge=1)
     quantization: Literal["fp32", "fp16", "bf16", "int8", "int4"] = "fp32"
     fallback: list[str] = []
+    draft: str | None = None
+    """Draft model for speculative=draft: a catalog option (conf/model/NAME.yaml) or a transformers folder."""
 
     @model_validator(mode="after")
     def _has_a_source(self) -> ModelConfig:
@@ -124,6 +126,7 @@ EXTERNAL_GROUP_SCHEMAS: dict[str, str] = {
     "economy": "openhydra.economy.config:EconomyConfig",
     "compaction": "openhydra.runtime.compaction.config:CompactionConfig",
     "verification": "openhydra.verification.config:VerificationConfig",
+    "speculative": "openhydra.router.speculative:SpeculativeConfig",
 }
 
 
@@ -145,3 +148,4 @@ class NodeConfig(Strict):
     economy: dict[str, Any]
     compaction: dict[str, Any]
     verification: dict[str, Any]
+    speculative: dict[str, Any] = {}

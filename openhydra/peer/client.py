@@ -409,13 +409,16 @@ class PeerChainClient:
         return await stub.Info(pb.InfoRequest(), timeout=self.tunables.unary_timeout_s)
 
     async def _truncate(self, session_id: str, length: int, route: tuple[HopSpec, ...]) -> None:
+        """Every hop at once (one round trip, not one per hop); the first refusal in route order is raised."""
         request = pb.TruncateRequest(session_id=session_id, length=length)
-        for hop in route:
-            stub = pb_grpc.PeerStub(self._pool.get(hop.address))
-            try:
-                await stub.Truncate(request, timeout=self.tunables.unary_timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                raise HopError(hop.address, exc.code(), exc.details() or "") from None
+        calls = [pb_grpc.PeerStub(self._pool.get(hop.address)).Truncate(request, timeout=self.tunables.unary_timeout_s)
+                 for hop in route]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        for hop, outcome in zip(route, outcomes, strict=True):
+            if isinstance(outcome, grpc.aio.AioRpcError):
+                raise HopError(hop.address, outcome.code(), outcome.details() or "") from None
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _close(self, session_id: str, route: tuple[HopSpec, ...]) -> None:
         self._crypto.pop(session_id, None)

@@ -19,6 +19,7 @@ from typing import Literal
 
 from openhydra.router.detokenize import IncrementalDetokenizer, StopMatcher
 from openhydra.router.pipeline import Pipeline
+from openhydra.router.speculative import Decoder, Speculator
 from openhydra.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ class Finished:
     started_at: float
     first_token_at: float | None
     finished_at: float
+    draft_tokens: int = 0
+    """Speculative decoding: draft tokens verified, and how many of them were accepted."""
+    accepted_draft_tokens: int = 0
 
     @property
     def ttft_s(self) -> float | None:
@@ -81,6 +85,7 @@ class Engine:
         eos_token_ids: set[int],
         context_length: int,
         max_concurrent_sessions: int = 32,
+        speculator: Speculator | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.pipeline = pipeline
@@ -88,6 +93,8 @@ class Engine:
         self.context_length = context_length
         self.executor = ThreadPoolExecutor(max_workers=max_concurrent_sessions, thread_name_prefix="decode")
         self.active_sessions: set[str] = set()
+        self.speculator = speculator
+        """Speculative decoding (router/speculative.py); None: one pipeline step per token."""
         self.on_finish: Callable[[Finished], None] | None = None
         """Called off the event loop after every completed generation (settlement, accounting)."""
 
@@ -119,28 +126,30 @@ class Engine:
         pieces: list[str] = []
         completion_tokens = 0
         finish_reason: Literal["stop", "length"] = "length"
-        feed, position = list(request.prompt_ids), 0
+        decoder = Decoder(self.pipeline, session_id, request.prompt_ids, request.sampling, request.max_tokens,
+                          self.speculator)
         self.active_sessions.add(session_id)
         try:
-            for step in range(request.max_tokens):
-                token = await loop.run_in_executor(
-                    self.executor, self.pipeline.step, session_id, feed, position, request.sampling, step
-                )
+            done = False
+            while not done:
+                # one token per step, or several when a speculative draft was accepted
+                tokens = await loop.run_in_executor(self.executor, decoder.next_tokens)
+                if not tokens:
+                    break  # max_tokens reached
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
-                position += len(feed)
-                feed = [token]
-                if token in self.eos_token_ids and not request.ignore_eos:
-                    finish_reason = "stop"
-                    break
-                completion_tokens += 1
-                emit, hit_stop = stops.feed(detok.push(token))
-                if emit:
-                    pieces.append(emit)
-                    yield TextDelta(emit, token)
-                if hit_stop:
-                    finish_reason = "stop"
-                    break
+                for token in tokens:  # EOS, stop strings and max_tokens are exact within a batch
+                    if token in self.eos_token_ids and not request.ignore_eos:
+                        finish_reason, done = "stop", True
+                        break
+                    completion_tokens += 1
+                    emit, hit_stop = stops.feed(detok.push(token))
+                    if emit:
+                        pieces.append(emit)
+                        yield TextDelta(emit, token)
+                    if hit_stop:
+                        finish_reason, done = "stop", True
+                        break
             rest = stops.flush()  # text held back as a possible stop prefix that never became one
             if rest:
                 pieces.append(rest)
@@ -153,7 +162,11 @@ class Engine:
                 started_at=started,
                 first_token_at=first_token_at,
                 finished_at=time.perf_counter(),
+                draft_tokens=decoder.drafted,
+                accepted_draft_tokens=decoder.accepted,
             )
+            if decoder.drafted:
+                log.debug("session %s: %d/%d draft tokens accepted", session_id, decoder.accepted, decoder.drafted)
             if self.on_finish is not None:
                 self.executor.submit(self._run_hook, final)
             yield final
@@ -162,6 +175,7 @@ class Engine:
             # Runs after any in-flight step on this session (same executor queue order is not
             # guaranteed, so the runtime's per-session lock serialises them).
             self.executor.submit(self.pipeline.close, session_id)
+            self.executor.submit(decoder.close)
 
     def _run_hook(self, final: Finished) -> None:
         try:

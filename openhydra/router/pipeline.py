@@ -27,6 +27,23 @@ class Pipeline(Protocol):
     def close(self, session_id: str) -> None: ...
 
 
+class VerifyingPipeline(Pipeline, Protocol):
+    """A pipeline that can verify speculative drafts (openhydra/router/speculative.py)."""
+
+    supports_truncate: bool
+    """False where caches cannot be cropped (recurrent layers): no speculation then."""
+
+    def verify(
+        self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams, step: int
+    ) -> torch.Tensor:
+        """Feed ``token_ids`` at ``start_pos...`` in one step; float32 logits for every position [S, V]."""
+        ...
+
+    def truncate(self, session_id: str, length: int) -> None:
+        """Crop the session to its first ``length`` positions on every hop."""
+        ...
+
+
 class LocalPipeline:
     """All layers in one process. Prefill is chunked so a long prompt never needs one giant activation."""
 
@@ -39,6 +56,7 @@ class LocalPipeline:
         self._prefix_secret = os.urandom(32)  # block hashes are HMACs under this coordinator's own key
         self.reused_positions = 0
         self._lock = threading.Lock()
+        self.supports_truncate = not runtime.is_recurrent
 
     def step(
         self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams, step: int
@@ -73,6 +91,17 @@ class LocalPipeline:
                 logits = self.runtime.forward(session_id, positions, input_ids=ids, **extra)  # [1, V]
         assert logits is not None
         return logits
+
+    def verify(
+        self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams, step: int
+    ) -> torch.Tensor:
+        positions = torch.arange(start_pos, start_pos + len(token_ids))  # [S]
+        with torch.inference_mode():
+            return self.runtime.forward(session_id, positions, input_ids=torch.tensor(token_ids, dtype=torch.long),
+                                        all_logits=True)  # [S, V]
+
+    def truncate(self, session_id: str, length: int) -> None:
+        self.runtime.truncate_session(session_id, length)
 
     def close(self, session_id: str) -> None:
         self.runtime.close_session(session_id)

@@ -51,7 +51,7 @@ class _Feed:
     start: int
     step: int
     sampling: SamplingParams
-    token_out: int
+    token_out: int | None  # None: a speculative verify step (or one cut by truncate): nothing to compare
 
 
 @dataclass
@@ -95,6 +95,10 @@ class SwarmPipeline:
         self._unreachable: dict[str, float] = {}  # peer id -> wall time it refused a connection
         self.failovers = 0
         self.replay_mismatches = 0
+        self.supports_truncate = True
+        """Speculative decoding may crop sessions; False for recurrent models (set by the node, or learnt
+        from a hop answering UNIMPLEMENTED) and while a verifier shadows sessions (its audits replay feeds)."""
+        self.truncations = 0
         self.verifier = verifier  # verification hook
         if verifier is not None:
             verifier.bind(self)
@@ -161,6 +165,55 @@ class SwarmPipeline:
     # -- Pipeline protocol ---------------------------------------------------------------------------
     def step(self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams,
              step: int) -> int:
+        return self._run(session_id, token_ids, start_pos, sampling, step, verify=False).token
+
+    def verify(self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams,
+               step: int):
+        """Speculative verify: one step over every draft position; float32 logits [S, V] (same failover)."""
+        result = self._run(session_id, token_ids, start_pos, sampling, step, verify=True)
+        if result.logits is None or result.logits.shape[0] != len(token_ids):
+            raise HopError(result.last_hop, grpc.StatusCode.INTERNAL, "verify step returned no per-position logits")
+        return result.logits
+
+    def truncate(self, session_id: str, length: int) -> None:
+        """Crop the session to ``length`` positions on every hop; the replay history keeps only those.
+
+        A hop that cannot crop (recurrent layers: UNIMPLEMENTED) or fails makes the session start afresh
+        on the peers: the next step replays the (cropped) history, so outputs stay exact either way.
+        """
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None or not 0 <= length <= session.position:
+            raise ValueError(f"session {session_id}: cannot truncate to {length}")
+        kept: list[_Feed] = []
+        for feed in session.feeds:
+            if feed.start >= length:
+                break
+            if feed.start + len(feed.tokens) > length:
+                feed = _Feed(feed.tokens[: length - feed.start], feed.start, feed.step, feed.sampling, None)
+            kept.append(feed)
+        session.feeds = kept
+        session.position = length
+        self.truncations += 1
+        if session.chain is None or session.needs_replay:
+            return  # the next step replays the cropped history anyway
+        try:
+            self.client.truncate(session.peer_session, length, route=_route_of(session.chain))
+        except HopError as error:
+            if error.code == grpc.StatusCode.UNIMPLEMENTED:
+                log.warning("hop %s cannot crop caches (%s): speculative decoding off for %s; replaying",
+                            error.address, error.details, self.model_id)
+                self.supports_truncate = False
+                old = (session.peer_session, _route_of(session.chain))
+                threading.Thread(target=self._close_quietly, args=old, daemon=True).start()
+                session.peer_session = uuid.uuid4().hex
+                session.needs_replay = bool(session.feeds)
+            else:
+                self._on_hop_error(session, error)
+                session.chain = None  # route afresh around the banned hop at the next step
+
+    def _run(self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams,
+             step: int, *, verify: bool):
         with self._lock:
             session = self._sessions.setdefault(session_id, _Session())
         if start_pos != session.position:
@@ -175,20 +228,22 @@ class SwarmPipeline:
                 if session.needs_replay:
                     self._replay(session, route)
                 extras = self.verifier.step_extras() if self.verifier is not None else {}  # verification hook
+                if verify:
+                    extras = {"return_logits": True, "all_logits": True}
                 began = time.perf_counter()
                 result = self.client.step_result(session.peer_session, token_ids, start_pos, sampling, step,
                                                  route=route, **extras)
             except HopError as error:
                 failed_address = self._on_hop_error(session, error)
                 continue
-            session.feeds.append(_Feed(list(token_ids), start_pos, step, sampling, result.token))
+            session.feeds.append(_Feed(list(token_ids), start_pos, step, sampling, None if verify else result.token))
             session.position += len(token_ids)
             for hop in session.chain.hops:
                 self.bans.success(hop.peer_id)
-            if self.verifier is not None:  # verification hook: records and queues, never blocks
+            if self.verifier is not None and not verify:  # verification hook: records and queues, never blocks
                 self.verifier.after_step(session_id, session.chain, token_ids, start_pos, step, sampling, result,
                                          time.perf_counter() - began)
-            return result.token
+            return result
         raise PipelineUnavailable(f"gave up after {self.tunables.max_failovers_per_step} failovers in one step",
                                   self.tunables.retry_after_s)
 
@@ -217,7 +272,7 @@ class SwarmPipeline:
         for feed in session.feeds:
             result = self.client.step_result(session.peer_session, feed.tokens, feed.start, feed.sampling,
                                              feed.step, route=route)
-            if result.token != feed.token_out:
+            if feed.token_out is not None and result.token != feed.token_out:
                 self.replay_mismatches += 1
                 log.warning("replay of step %d sampled %d, first run sampled %d", feed.step, result.token,
                             feed.token_out)
@@ -246,6 +301,7 @@ class SwarmPipeline:
             "banned": sorted(self.bans.banned()),
             "failovers": self.failovers,
             "replay_mismatches": self.replay_mismatches,
+            "truncations": self.truncations,
             "active_sessions": len(self._sessions),
             "sessions": {sid: s.chain.peer_ids for sid, s in list(self._sessions.items()) if s.chain is not None},
         }
