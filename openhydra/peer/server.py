@@ -199,7 +199,10 @@ class PeerService(pb_grpc.PeerServicer):
         loop = asyncio.get_running_loop()
         self._in_flight += 1
         try:
-            if header.num_positions <= self.inline_max_positions:
+            batcher = getattr(self.runtime, "batcher", None)
+            if batcher is not None and header.num_positions == 1:  # continuous batching (runtime/batching.py)
+                out = self._compute(header, tensor, await asyncio.wrap_future(self._submit(batcher, header, tensor)))
+            elif header.num_positions <= self.inline_max_positions:
                 out = self._compute(header, tensor)
             else:
                 out = await loop.run_in_executor(self._executor, self._compute, header, tensor)
@@ -221,11 +224,21 @@ class PeerService(pb_grpc.PeerServicer):
         else:
             await self._push(header, step, out, state)
 
-    def _compute(self, header: StepHeader, tensor: torch.Tensor) -> torch.Tensor | pb.Result:
-        """Runs in a worker thread: the span, and on the last span the sampling."""
+    def _submit(self, batcher, header: StepHeader, tensor: torch.Tensor):
+        """Queue a one-position step with the decode batcher; a future of what ``runtime.forward`` returns."""
+        ids = tensor if self.runtime.is_first and tensor.dtype == torch.int64 else None
+        return batcher.submit(header.session_id, header.start_position, input_ids=ids,
+                              hidden_states=tensor if ids is None else None, all_logits=header.all_logits)
+
+    def _compute(
+        self, header: StepHeader, tensor: torch.Tensor, computed: torch.Tensor | None = None
+    ) -> torch.Tensor | pb.Result:
+        """Runs in a worker thread: the span (unless the batcher ``computed`` it), and on the last span the sampling."""
         positions = torch.arange(header.start_position, header.start_position + header.num_positions)
         rt = self.runtime
-        if rt.is_first and tensor.dtype == torch.int64:  # token ids (privacy off)
+        if computed is not None:
+            out = computed
+        elif rt.is_first and tensor.dtype == torch.int64:  # token ids (privacy off)
             out = rt.forward(header.session_id, positions, input_ids=tensor, all_logits=header.all_logits)
         else:  # hidden states, or on the first span embeddings computed by the coordinator (privacy on)
             out = rt.forward(header.session_id, positions, hidden_states=tensor, all_logits=header.all_logits)

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
+from openhydra.router.coalesce import Coalescer
 from openhydra.router.detokenize import IncrementalDetokenizer, StopMatcher
 from openhydra.router.pipeline import Pipeline
 from openhydra.router.speculative import Decoder, Speculator
@@ -96,6 +97,8 @@ class Engine:
         self.speculator = speculator
         """Speculative decoding (router/speculative.py); None: one pipeline step per token."""
         self.on_finish: Callable[[Finished], None] | None = None
+        self.coalescer: Coalescer | None = None
+        """When set (serving.coalesce), identical greedy requests in flight together run once (router/coalesce.py)."""
         """Called off the event loop after every completed generation (settlement, accounting)."""
 
     # -- prompts ---------------------------------------------------------------------------------
@@ -116,6 +119,14 @@ class Engine:
     # -- generation ------------------------------------------------------------------------------
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Finished]:
         """Yield text deltas, then one `Finished`. Cancelling the iterator frees the session."""
+        if self.coalescer is not None:
+            async for event in self.coalescer.stream(request, lambda: self._stream_one(request)):
+                yield event
+            return
+        async for event in self._stream_one(request):
+            yield event
+
+    async def _stream_one(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Finished]:
         self.check_fits(len(request.prompt_ids), request.max_tokens)
         loop = asyncio.get_running_loop()
         session_id = uuid.uuid4().hex

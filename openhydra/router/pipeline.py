@@ -88,7 +88,11 @@ class LocalPipeline:
                 ids = torch.tensor(chunk, dtype=torch.long)  # [S]
                 positions = torch.arange(start_pos + offset, start_pos + offset + len(chunk))  # [S]
                 extra = {"prefix": key} if key is not None and offset == 0 else {}
-                logits = self.runtime.forward(session_id, positions, input_ids=ids, **extra)  # [1, V]
+                batcher = getattr(self.runtime, "batcher", None)
+                if batcher is not None and len(chunk) == 1 and not extra:  # decode: joins other sessions' steps
+                    logits = batcher.forward(session_id, start_pos + offset, input_ids=ids)  # [1, V]
+                else:
+                    logits = self.runtime.forward(session_id, positions, input_ids=ids, **extra)  # [1, V]
         assert logits is not None
         return logits
 
