@@ -212,9 +212,12 @@ class Node:
         if vcfg.fault.mode != "none":  # a dishonest peer on purpose (tests, demos)
             runtime = FaultyRuntime(runtime, vcfg.fault)
         privacy = node_privacy(cfg.privacy, self.identity)  # privacy hook: keys, signing, sealed steps
+        from openhydra.economy.peer_settlement import PeerSettlement  # settlement hook: sign what we served
+
+        settlement = PeerSettlement(self.identity, self.economy, choice.api_name, (runtime.start, runtime.end))
         self.peer_server = PeerServer(runtime, cfg.peer.host, cfg.peer.port, model_id=choice.api_name,
                                       static_key=privacy.static, require_encryption=privacy.encrypt,
-                                      swarm_token=privacy.membership.token)
+                                      swarm_token=privacy.membership.token, settlement=settlement)
         privacy.install_verifier(self.discovery)
         grpc_address = self.peer_server.start()
         peer_id = cfg.node.peer_id or self.identity.peer_id
@@ -253,9 +256,17 @@ class Node:
         client = PeerChainClient([], reply_host=cfg.peer.host, tunables=self._client_tunables(),
                                  **privacy.client_options(runtime, choice.path,
                                                           lambda: self.swarm.peers() if self.swarm else []))
+        settler = None  # settlement hook: every session through the swarm is settled (economy/swarm_settlement.py)
+        if getattr(self.economy, "enabled", False):
+            from openhydra.economy.swarm_settlement import SwarmSettler
+
+            settler = SwarmSettler(self.economy, client, choice.api_name,
+                                   free_tier_tokens_per_day=self.economy.config.free_tier_tokens_per_day)
+            self.state.extra["settlement"] = settler
         self.swarm = SwarmPipeline(choice.api_name, num_layers, lookup, client,
                                    score=verifier.score if verifier else None, verifier=verifier,
-                                   on_failover=verifier.on_hop_failure if verifier else None)
+                                   on_failover=verifier.on_hop_failure if verifier else None,
+                                   on_session_end=settler.submit if settler else None)
         self.privacy = privacy
         self.state.extra["swarm"] = self
         self.state.extra["privacy"] = privacy.status(self.peer_server, self.swarm)  # /metrics + status
@@ -352,6 +363,8 @@ class Node:
             self.state.engine.shutdown()
         for swarm in self._fallback_swarms:
             swarm.client.shutdown()
+        if "settlement" in self.state.extra:
+            self.state.extra["settlement"].shutdown()  # finish queued settlements before the ledger closes
         if self.economy is not None and hasattr(self.economy, "close"):
             self.economy.close()  # flushes and closes the ledger
         if self.background is not None:

@@ -39,6 +39,9 @@ class EconomyConfig(BaseModel):
     )
     busy_timeout_s: float = Field(default=5.0, gt=0.0)
     retry_budget_s: float = Field(default=60.0, gt=0.0)
+    free_tier_tokens_per_day: int = Field(
+        default=100_000, ge=0, description="tokens this node may request through the swarm per day without credits"
+    )
 
     @model_validator(mode="after")
     def _url_matches_backend(self) -> EconomyConfig:

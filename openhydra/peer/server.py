@@ -73,8 +73,10 @@ class PeerService(pb_grpc.PeerServicer):
         static_key: StaticKeyPair | None = None,
         require_encryption: bool = False,
         swarm_token: str | None = None,
+        settlement: Any = None,
     ) -> None:
         self.runtime = runtime
+        self.settlement = settlement  # economy.peer_settlement.PeerSettlement: records and signs what it served
         self.privacy = PeerPrivacy(static_key or StaticKeyPair.generate(), require_encryption)
         self._upstream: dict[str, Inbound] = {}  # onion sessions -> their inbound stream, for failures
         self.inline_max_positions = inline_max_positions
@@ -156,6 +158,16 @@ class PeerService(pb_grpc.PeerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.address}: {exc}")
         return pb.TruncateReply(length=self.runtime.session_length(request.session_id))
 
+    async def SignSettlement(self, request: pb.SettlementClaim, context) -> pb.SettlementSignature:
+        from openhydra.economy.settlement_wire import sign_rpc
+
+        return await sign_rpc(self.settlement, request, context, self.address)
+
+    async def ApplySettlement(self, request: pb.SignedSettlement, context) -> pb.ApplySettlementReply:
+        from openhydra.economy.settlement_wire import apply_rpc
+
+        return await apply_rpc(self.settlement, request, context, self.address)
+
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
         rt = self.runtime
         return pb.InfoReply(
@@ -219,6 +231,8 @@ class PeerService(pb_grpc.PeerServicer):
         finally:
             self._in_flight -= 1
         self._served += 1
+        if self.settlement is not None:
+            self.settlement.served(header.session_id, header.start_position + header.num_positions)
         if isinstance(out, pb.Result):
             await self._deliver(header, out if state is None else self.privacy.seal_result(state, out))
         else:
@@ -373,8 +387,10 @@ class PeerServer:
         static_key: StaticKeyPair | None = None,
         require_encryption: bool = False,
         swarm_token: str | None = None,
+        settlement: Any = None,
     ) -> None:
         self.runtime, self.host, self.port = runtime, host, port
+        self.settlement = settlement
         self.swarm_token = swarm_token
         self.auth = None  # SwarmAuthInterceptor in a private swarm (its refusal counts)
         self.model_id, self.workers = model_id, workers
@@ -424,7 +440,7 @@ class PeerServer:
             raise OSError(f"cannot bind {self.host}")
         self.service = PeerService(self.runtime, self.address, self.model_id, self.workers,
                                    static_key=self.static_key, require_encryption=self.require_encryption,
-                                   swarm_token=self.swarm_token)
+                                   swarm_token=self.swarm_token, settlement=self.settlement)
         pb_grpc.add_PeerServicer_to_server(self.service, self._server)
         await self._server.start()
 

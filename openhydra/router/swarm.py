@@ -80,6 +80,7 @@ class SwarmPipeline:
         tunables: FailoverTunables | None = None,
         on_failover: Callable[[str, str], None] | None = None,
         verifier=None,  # verification hook: openhydra.verification.Verifier (audits off the critical path)
+        on_session_end: Callable[[str, str, int, list[HopSpec]], object] | None = None,
     ) -> None:
         self.model_id = model_id
         self.total_layers = total_layers
@@ -100,6 +101,7 @@ class SwarmPipeline:
         from a hop answering UNIMPLEMENTED) and while a verifier shadows sessions (its audits replay feeds)."""
         self.truncations = 0
         self.verifier = verifier  # verification hook
+        self.on_session_end = on_session_end  # settlement hook: (request id, peer session, positions, final route)
         if verifier is not None:
             verifier.bind(self)
 
@@ -289,6 +291,11 @@ class SwarmPipeline:
             session = self._sessions.pop(session_id, None)
         if session is not None and session.chain is not None:
             self._close_quietly(session.peer_session, _route_of(session.chain))
+            if self.on_session_end is not None and session.position > 0 and not session.needs_replay:
+                try:  # economy/swarm_settlement.py queues it; it never blocks or fails the request
+                    self.on_session_end(session_id, session.peer_session, session.position, _route_of(session.chain))
+                except Exception:
+                    log.exception("settlement hook failed for %s", session_id)
         if self.verifier is not None:  # verification hook
             self.verifier.on_close(session_id)
 

@@ -1,0 +1,178 @@
+"""The serving peer's side of swarm settlement: remember what it served, sign only that, apply receipts.
+
+A peer records, per session, how many positions it computed (``served``). When the coordinator asks
+it to sign a settlement (the ``SignSettlement`` RPC) it checks the claim against that record before
+signing the settlement body (economy/receipts.py) with its Ed25519 identity:
+
+* the model and the span ``[start, end)`` are the ones this peer serves;
+* the session is one it served, and ``tokens_served`` is at most the positions it computed for it;
+* its own pipeline entry is its peer id, its key, and exactly ``end - start`` layers, once;
+* a session is settled by one request only (the same claim may be signed again: retries are safe).
+
+The fully signed receipt then comes back (``ApplySettlement``) and is applied to this peer's own ledger
+after the signatures are verified and only if this peer signed exactly that receipt. The ledger's unique
+keys make the application at most once: a replay is refused with
+:class:`~openhydra.economy.errors.ReceiptAlreadyApplied`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from openhydra.economy.receipts import PipelineEntry, SettlementRequest, settlement_body
+from openhydra.economy.signing import SigningIdentity
+from openhydra.economy.views import SettlementResult
+
+SERVED_TTL_S = 900.0  # how long a finished session can still be settled, s
+MAX_SESSIONS = 20_000  # sessions remembered (oldest forgotten first)
+
+
+class SettlementRefused(ValueError):
+    """The claim does not match what this peer served; nothing was signed."""
+
+
+@dataclass
+class _Served:
+    positions: int
+    touched: float
+    signed_request: str | None = None
+    signed_receipt: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What the coordinator asks a peer to sign (the ``SettlementClaim`` message, parsed)."""
+
+    session_id: str
+    request_id: str
+    model_id: str
+    tokens_served: int
+    start: int
+    end: int
+    pipeline: tuple[PipelineEntry, ...]
+
+
+@dataclass(frozen=True)
+class Signed:
+    peer_id: str
+    public_key: bytes
+    positions_served: int
+    signature: bytes  # b"" when the claim carried no pipeline (identity query)
+
+
+class PeerSettlement:
+    def __init__(
+        self,
+        identity: SigningIdentity,
+        economy: Any,
+        model_id: str,
+        span: tuple[int, int],
+        *,
+        ttl_s: float = SERVED_TTL_S,
+        max_sessions: int = MAX_SESSIONS,
+        clock=time.monotonic,
+    ) -> None:
+        self.identity = identity
+        self.economy = economy
+        self.model_id = model_id
+        self.span = span
+        self.ttl_s = ttl_s
+        self.max_sessions = max_sessions
+        self.clock = clock
+        self._sessions: OrderedDict[str, _Served] = OrderedDict()
+        self._receipts: dict[str, str] = {}  # receipt id -> session, for receipts this peer signed
+        self._lock = threading.Lock()
+        self.counts: dict[str, int] = {"signed": 0, "refused": 0, "applied": 0, "replayed": 0}
+
+    # -- the step path (cheap: one dict update) ---------------------------------------------------
+    def served(self, session_id: str, end_position: int) -> None:
+        """This peer computed positions up to ``end_position`` (exclusive) for ``session_id``."""
+        now = self.clock()
+        with self._lock:
+            entry = self._sessions.get(session_id)
+            if entry is None:
+                self._sessions[session_id] = _Served(end_position, now)
+                self._evict(now)
+            else:
+                entry.positions = max(entry.positions, end_position)
+                entry.touched = now
+                self._sessions.move_to_end(session_id)
+
+    def _evict(self, now: float) -> None:
+        while self._sessions:
+            sid, oldest = next(iter(self._sessions.items()))
+            if len(self._sessions) <= self.max_sessions and now - oldest.touched < self.ttl_s:
+                break
+            del self._sessions[sid]
+            if oldest.signed_receipt is not None:
+                self._receipts.pop(oldest.signed_receipt, None)
+
+    # -- SignSettlement ---------------------------------------------------------------------------
+    def sign(self, claim: Claim) -> Signed:
+        try:
+            return self._sign(claim)
+        except SettlementRefused:
+            self.counts["refused"] += 1
+            raise
+
+    def _sign(self, claim: Claim) -> Signed:
+        me = self.identity
+        if claim.model_id != self.model_id:
+            raise SettlementRefused(f"this peer serves {self.model_id}, not {claim.model_id}")
+        if (claim.start, claim.end) != self.span:
+            raise SettlementRefused(f"this peer serves layers {list(self.span)}, not {[claim.start, claim.end]}")
+        with self._lock:
+            entry = self._sessions.get(claim.session_id)
+            if entry is None or self.clock() - entry.touched >= self.ttl_s:
+                raise SettlementRefused(f"this peer served no session {claim.session_id} (or it expired)")
+            positions = entry.positions
+            if not claim.pipeline:  # identity query
+                return Signed(me.peer_id, me.public_key_bytes, positions, b"")
+            if claim.tokens_served > positions:
+                raise SettlementRefused(
+                    f"claim of {claim.tokens_served} tokens, this peer computed {positions} for the session"
+                )
+            mine = [p for p in claim.pipeline if p.public_key == me.public_key_bytes.hex() or p.peer_id == me.peer_id]
+            layers = self.span[1] - self.span[0]
+            if len(mine) != 1 or mine[0].peer_id != me.peer_id or mine[0].layers_served != layers:
+                raise SettlementRefused(
+                    f"the pipeline must list this peer ({me.peer_id}) once with {layers} layers, got {mine}"
+                )
+            body = settlement_body(claim.request_id, claim.model_id, claim.tokens_served, list(claim.pipeline))
+            receipt_id = hashlib.sha256(body).hexdigest()
+            if entry.signed_request is not None and entry.signed_receipt != receipt_id:
+                raise SettlementRefused(
+                    f"session {claim.session_id} was already settled by request {entry.signed_request}"
+                )
+            entry.signed_request, entry.signed_receipt = claim.request_id, receipt_id
+            self._receipts[receipt_id] = claim.session_id
+        self.counts["signed"] += 1
+        return Signed(me.peer_id, me.public_key_bytes, positions, me.sign(body))
+
+    # -- ApplySettlement --------------------------------------------------------------------------
+    def apply(self, receipt: SettlementRequest) -> SettlementResult | None:
+        """Verify and apply a fully signed receipt this peer signed; None when its economy is off.
+
+        Raises InvalidReceipt/InvalidSignature (tampered), SettlementRefused (not a receipt this peer
+        signed) or ReceiptAlreadyApplied (a replay: this ledger already holds it)."""
+        receipt.verify()
+        receipt_id = receipt.receipt_id
+        with self._lock:
+            signed = receipt_id in self._receipts
+        if not signed or all(s.peer_id != self.identity.peer_id for s in receipt.shares):
+            raise SettlementRefused(f"this peer did not sign receipt {receipt_id}")
+        if not getattr(self.economy, "enabled", False):
+            return None
+        try:
+            result = self.economy.settle(receipt)
+        except Exception as exc:
+            if getattr(exc, "code", "") == "receipt_already_applied":
+                self.counts["replayed"] += 1
+            raise
+        self.counts["applied"] += 1
+        return result

@@ -1,0 +1,158 @@
+"""A serving peer signs only what it served, applies a receipt it signed at most once; the requester pays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from openhydra.crypto.identity import Identity
+from openhydra.economy.errors import InvalidSignature, ReceiptAlreadyApplied
+from openhydra.economy.factory import build_economy
+from openhydra.economy.peer_settlement import Claim, PeerSettlement, SettlementRefused
+from openhydra.economy.receipts import PipelineEntry, ServedShare, SettlementRequest, pipeline_entry
+from openhydra.economy.settlement_wire import claim_from_pb, claim_to_pb, receipt_from_pb, receipt_to_pb
+from openhydra.economy.swarm_settlement import FreeTier, SwarmSettler
+
+MODEL = "tiny-llama-8l"
+SPANS = [(0, 2), (2, 4), (4, 8)]
+
+
+@pytest.fixture
+def peers(tmp_path: Path):
+    built = []
+    for i, span in enumerate(SPANS):
+        identity = Identity.generate()
+        economy = build_economy(identity=identity, data_dir=str(tmp_path / f"n{i}"))
+        built.append(PeerSettlement(identity, economy, MODEL, span))
+    yield built
+    for p in built:
+        p.economy.close()
+
+
+def _pipeline(peers: list[PeerSettlement]) -> tuple[PipelineEntry, ...]:
+    return tuple(pipeline_entry(p.identity, p.span[1] - p.span[0]) for p in peers)
+
+
+def _claim(peer: PeerSettlement, pipeline, tokens: int = 40, session: str = "s1", request: str = "r1") -> Claim:
+    return Claim(session, request, MODEL, tokens, *peer.span, pipeline)
+
+
+def _sign_all(peers, tokens: int = 40, session: str = "s1", request: str = "r1") -> SettlementRequest:
+    pipeline = _pipeline(peers)
+    sigs = [p.sign(_claim(p, pipeline, tokens, session, request)).signature.hex() for p in peers]
+    shares = [ServedShare(**e.model_dump(), signature=s) for e, s in zip(pipeline, sigs, strict=True)]
+    return SettlementRequest(request_id=request, model_id=MODEL, tokens_served=tokens, shares=shares)
+
+
+def test_every_ledger_applies_the_same_receipt_once(peers):
+    for p in peers:
+        p.served("s1", 30)
+        p.served("s1", 41)  # decode steps move the position on
+    receipt = _sign_all(peers, tokens=41)
+    results = [p.apply(receipt) for p in peers]
+    assert {r.receipt_id for r in results} == {receipt.receipt_id}
+    for p in peers:  # each ledger pays everyone: 41 tokens = 41,000 micro-credits, split 2:2:4 by layers
+        balances = [p.economy.balance(q.identity.peer_id).credits for q in peers]
+        assert balances == [10250, 10250, 20500]
+        with pytest.raises(ReceiptAlreadyApplied):
+            p.apply(receipt)
+        assert p.counts == {"signed": 1, "refused": 0, "applied": 1, "replayed": 1}
+
+
+def test_a_peer_refuses_claims_that_do_not_match_what_it_served(peers):
+    a = peers[0]
+    a.served("s1", 40)
+    pipeline = _pipeline(peers)
+    with pytest.raises(SettlementRefused, match="computed 40"):
+        a.sign(_claim(a, pipeline, tokens=41))
+    with pytest.raises(SettlementRefused, match="no session"):
+        a.sign(_claim(a, pipeline, session="other"))
+    with pytest.raises(SettlementRefused, match="serves layers"):
+        a.sign(Claim("s1", "r1", MODEL, 40, 0, 3, pipeline))
+    with pytest.raises(SettlementRefused, match="serves tiny"):
+        a.sign(Claim("s1", "r1", "other-model", 40, 0, 2, pipeline))
+    inflated = (pipeline[0].model_copy(update={"layers_served": 6}), *pipeline[1:])
+    with pytest.raises(SettlementRefused, match="with 2 layers"):
+        a.sign(_claim(a, inflated))
+    without_me = pipeline[1:]
+    with pytest.raises(SettlementRefused, match="once"):
+        a.sign(_claim(a, without_me))
+    assert a.counts["refused"] == 6 and a.counts["signed"] == 0
+    # a valid claim is signed, the same claim again gives the same signature (retries are safe) ...
+    first = a.sign(_claim(a, pipeline))
+    assert a.sign(_claim(a, pipeline)).signature == first.signature
+    # ... but a session is settled by one request only
+    with pytest.raises(SettlementRefused, match="already settled"):
+        a.sign(_claim(a, pipeline, request="r2"))
+    with pytest.raises(SettlementRefused, match="already settled"):
+        a.sign(_claim(a, pipeline, tokens=39))
+
+
+def test_identity_query_signs_nothing(peers):
+    a = peers[0]
+    a.served("s1", 12)
+    answer = a.sign(_claim(a, ()))
+    assert (answer.peer_id, answer.public_key, answer.positions_served, answer.signature) == (
+        a.identity.peer_id, a.identity.public_key_bytes, 12, b"")
+
+
+def test_a_peer_applies_only_receipts_it_signed_untampered(peers, tmp_path):
+    for p in peers:
+        p.served("s1", 40)
+    receipt = _sign_all(peers)
+    tampered = SettlementRequest.model_validate({**receipt.model_dump(), "tokens_served": 39})
+    with pytest.raises(InvalidSignature):
+        peers[1].apply(tampered)
+    # a valid receipt this peer never signed (another swarm's request) is refused too
+    stranger = PeerSettlement(Identity.generate(), build_economy(data_dir=str(tmp_path / "x")), MODEL, (0, 2))
+    with pytest.raises(SettlementRefused, match="did not sign"):
+        stranger.apply(receipt)
+    stranger.economy.close()
+    assert all(p.economy.ledger.totals().settlements == 0 for p in peers)
+
+
+def test_wire_round_trip_is_lossless_and_strict(peers):
+    for p in peers:
+        p.served("s1", 40)
+    receipt = _sign_all(peers)
+    assert receipt_from_pb(receipt_to_pb(receipt)) == receipt
+    claim = _claim(peers[0], _pipeline(peers))
+    assert claim_from_pb(claim_to_pb(claim)) == claim
+    bad = claim_to_pb(claim)
+    bad.pipeline[0].public_key = b"\x01" * 5
+    with pytest.raises(ValueError):
+        claim_from_pb(bad)
+
+
+def test_requester_spends_credits_else_free_tier_within_its_limit(peers):
+    for p in peers:
+        p.served("s1", 40)
+        p.served("s2", 40)
+        p.served("s3", 2000)
+    coordinator = peers[0]  # serves layers [0, 2) and asks for the request
+    settler = SwarmSettler(coordinator.economy, client=None, model_id=MODEL, free_tier_tokens_per_day=50)
+    receipt = _sign_all(peers)
+    result = coordinator.economy.settle(receipt)
+    # it earned 10,000 for its own 2 layers; the others earned 30,000 > its balance: free tier (40 <= 50)
+    assert settler._charge(receipt, result) == "free_tier"
+    second = _sign_all(peers, session="s2", request="r2")
+    assert settler._charge(second, coordinator.economy.settle(second)) == "over_free_tier"  # 80 > 50
+    me = coordinator.identity.peer_id
+    assert coordinator.economy.balance(me).credits == 20_000  # nothing was spent
+    big = _sign_all(peers, tokens=2000, session="s3", request="r3")
+    result = coordinator.economy.settle(big)  # 2 credits: 0.5 to it, 0.5 and 1.0 to the others
+    coordinator.economy.ledger.transfer_credits(peers[2].identity.peer_id, me, 1_000_000)
+    before = coordinator.economy.balance(me).credits
+    assert settler._charge(big, result) == "charged"
+    assert coordinator.economy.balance(me).credits == before - 1_500_000  # exactly what the others earned
+    assert coordinator.economy.ledger.audit().ok
+    settler.shutdown()
+
+
+def test_free_tier_window_rolls_over():
+    now = [0.0]
+    tier = FreeTier(100, clock=lambda: now[0])
+    assert tier.take(60) and not tier.take(60) and tier.used() == 60
+    now[0] = 86_400.0
+    assert tier.used() == 0 and tier.take(100)
