@@ -1,8 +1,14 @@
-"""Prometheus metrics for the HTTP API, on a registry per app (tests run several apps per process)."""
+"""Prometheus metrics for the HTTP API, on a registry per app (tests run several apps per process).
+
+``exposition()`` also appends the node-wide registry of openhydra/metrics.py (pipeline hops, failovers,
+peer steps, ledger); verification, privacy and settlement providers add theirs in routes_public.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from openhydra.metrics import METRICS
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -49,4 +55,4 @@ class ApiMetrics:
             self.ttft.labels(model).observe(ttft_s)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.registry) + METRICS.text()

@@ -12,12 +12,13 @@ from typing import Any
 
 from openhydra.economy.channels import ChannelUpdate, ChannelView, sign_update
 from openhydra.economy.config import EconomyConfig
-from openhydra.economy.errors import EconomyDisabled, UnknownChannel
+from openhydra.economy.errors import EconomyDisabled, LedgerError, UnknownChannel
 from openhydra.economy.ledger import Ledger
 from openhydra.economy.receipts import SettlementRequest
 from openhydra.economy.signing import SigningIdentity
 from openhydra.economy.units import from_micro
 from openhydra.economy.views import AccountView, SettlementResult
+from openhydra.metrics import METRICS
 
 
 class Economy:
@@ -42,7 +43,13 @@ class Economy:
 
     # coordinator
     def settle(self, request: SettlementRequest) -> SettlementResult | None:
-        return self.ledger.settle(request)
+        try:
+            result = self.ledger.settle(request)
+        except LedgerError as exc:  # /metrics: openhydra_ledger_errors_total, settlements{outcome}
+            METRICS.ledger_error("settle", exc)
+            raise
+        METRICS.settled(request.tokens_served, result.credits, result.hydra, self.peer_id)
+        return result
 
     # accounts
     def balance(self, peer_id: str | None = None) -> AccountView:

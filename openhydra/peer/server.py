@@ -30,6 +30,7 @@ import torch
 
 from openhydra.crypto.errors import CryptoError
 from openhydra.crypto.keys import StaticKeyPair
+from openhydra.metrics import METRICS
 from openhydra.peer.errors import status_code
 from openhydra.peer.messages import StepHeader, parse_step
 from openhydra.peer.outbound import (
@@ -210,6 +211,8 @@ class PeerService(pb_grpc.PeerServicer):
             return
         loop = asyncio.get_running_loop()
         self._in_flight += 1
+        METRICS.peer_in_flight.inc()
+        began = time.perf_counter()
         try:
             batcher = getattr(self.runtime, "batcher", None)
             if batcher is not None and header.num_positions == 1:  # continuous batching (runtime/batching.py)
@@ -230,7 +233,9 @@ class PeerService(pb_grpc.PeerServicer):
             return
         finally:
             self._in_flight -= 1
+            METRICS.peer_in_flight.dec()
         self._served += 1
+        METRICS.peer_step(header.num_positions, time.perf_counter() - began)
         if self.settlement is not None:
             self.settlement.served(header.session_id, header.start_position + header.num_positions)
         if isinstance(out, pb.Result):
@@ -308,6 +313,7 @@ class PeerService(pb_grpc.PeerServicer):
         self, header: StepHeader, hop: str, code: grpc.StatusCode, message: str, expected: int = -1,
         index: int | None = None,
     ) -> None:
+        METRICS.peer_failures.labels(code.name).inc()
         if not header.reply_to:  # onion, not the last hop: report up the chain (see Forward)
             inbound = self._upstream.get(header.session_id)
             state = self.privacy.state(header.session_id)

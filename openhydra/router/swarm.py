@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from openhydra.discovery.records import PeerAnnouncement
+from openhydra.metrics import METRICS
 from openhydra.peer.errors import HopError
 from openhydra.peer.messages import HopSpec
 from openhydra.router.bans import BanList
@@ -156,6 +157,7 @@ class SwarmPipeline:
                     return chain
                 log.error("rejecting an invalid chain: %s", problems)
             if time.monotonic() >= deadline:
+                METRICS.unavailable.inc()
                 report = self.coverage_map().coverage(exclude=self.bans.banned())
                 raise PipelineUnavailable(
                     f"no chain of peers covers all {self.total_layers} layers of {self.model_id} "
@@ -240,12 +242,14 @@ class SwarmPipeline:
                 continue
             session.feeds.append(_Feed(list(token_ids), start_pos, step, sampling, None if verify else result.token))
             session.position += len(token_ids)
+            METRICS.pipeline_step(len(token_ids), len(session.chain.hops), time.perf_counter() - began)
             for hop in session.chain.hops:
                 self.bans.success(hop.peer_id)
             if self.verifier is not None and not verify:  # verification hook: records and queues, never blocks
                 self.verifier.after_step(session_id, session.chain, token_ids, start_pos, step, sampling, result,
                                          time.perf_counter() - began)
             return result
+        METRICS.unavailable.inc()
         raise PipelineUnavailable(f"gave up after {self.tunables.max_failovers_per_step} failovers in one step",
                                   self.tunables.retry_after_s)
 
@@ -258,8 +262,11 @@ class SwarmPipeline:
                 self._unreachable[peer_id] = time.time()
                 self._cached = (0.0, [])
             backoff = self.bans.ban(peer_id)
+            METRICS.bans.inc()
             log.warning("hop %s (%s) failed: %s; banned for %.1f s, failing over", failed, peer_id, error, backoff)
         self.failovers += 1
+        METRICS.failovers.inc()
+        METRICS.hop_errors.labels(error.code.name).inc()
         if self.on_failover:
             self.on_failover(self.model_id, failed)
         old_session, old_route = session.peer_session, _route_of(chain) if chain else None
@@ -271,11 +278,14 @@ class SwarmPipeline:
 
     def _replay(self, session: _Session, route: Sequence[HopSpec]) -> None:
         """Rebuild every hop's cache on the new chain exactly as it was built the first time."""
+        METRICS.replays.inc()
+        METRICS.replayed_steps.inc(len(session.feeds))
         for feed in session.feeds:
             result = self.client.step_result(session.peer_session, feed.tokens, feed.start, feed.sampling,
                                              feed.step, route=route)
             if feed.token_out is not None and result.token != feed.token_out:
                 self.replay_mismatches += 1
+                METRICS.replay_mismatches.inc()
                 log.warning("replay of step %d sampled %d, first run sampled %d", feed.step, result.token,
                             feed.token_out)
         session.needs_replay = False

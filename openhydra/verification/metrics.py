@@ -42,6 +42,11 @@ class VerificationMetrics:
                                  registry=r)
         self.reputation = Gauge("openhydra_peer_reputation", "Peer reputation score and its components",
                                 ["peer_id", "component"], registry=r)
+        for tier in ("1", "2", "3"):  # every series exists from the start: dashboards show 0, not "no data"
+            self.audits.labels(tier)
+            self.failures.labels(tier)
+        for verdict in ("agree", "disagree", "inconclusive"):
+            self.verdicts.labels(verdict)
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()
