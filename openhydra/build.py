@@ -29,6 +29,8 @@ def build_node(cfg: NodeConfig, raw: DictConfig) -> Node:
     logging.getLogger().setLevel(cfg.node.log_level)
     torch.set_grad_enabled(False)
     backend = instantiate(raw.hardware)
+    if _has_target(raw.compaction):  # KV compaction of every span this node loads (runtime/compaction/)
+        backend.compaction = instantiate(raw.compaction)
     privacy = instantiate(raw.privacy) if _has_target(raw.privacy) else None
     identity = None
     if privacy is not None and getattr(privacy, "identity_path", None):

@@ -12,8 +12,11 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from openhydra.runtime.quantize import QuantizationUnavailable, method_for, require_method
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +32,9 @@ def _is_apple_silicon() -> bool:
 
 
 def _mlx_available() -> bool:
-    try:
-        import mlx.core  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from openhydra.runtime.mlx_backend import mlx_import_error
+
+    return mlx_import_error() is None
 
 
 @dataclass
@@ -44,6 +45,8 @@ class TorchBackend:
     quantization: str
     note: str | None = None
     """Why this is not exactly what the config asked for (logged at start)."""
+    compaction: Any = None
+    """The ``compaction/`` group (runtime/compaction/config.py CompactionConfig); build.py sets it."""
 
     name = "torch"
 
@@ -54,7 +57,8 @@ class TorchBackend:
     def load_span(self, model_dir: Path, start: int, end: int | None):
         from openhydra.runtime.shard import ShardRuntime
 
-        return ShardRuntime(model_dir, start, end, dtype=self.dtype, device=self.device)
+        return ShardRuntime(model_dir, start, end, dtype=self.dtype, device=self.device, compaction=self.compaction,
+                            quantization=self.quantization)
 
 
 def make_backend(
@@ -64,15 +68,30 @@ def make_backend(
     threads: int = 0,
     quantization: str = "none",
     memory_budget_gb: float | None = None,
-) -> TorchBackend:
+) -> Any:
+    """A :class:`TorchBackend`, or an ``MlxBackend`` (runtime/mlx_backend.py) for ``backend: mlx``."""
     note = None
-    if backend == "mlx" or (backend == "auto" and _is_apple_silicon()):
-        if _is_apple_silicon() and _mlx_available():
-            note = "the MLX backend is not built yet; running PyTorch on the CPU"
-        else:
-            note = "MLX needs Apple Silicon with the mlx package; running PyTorch on the CPU instead"
-        backend, device = "torch", "cpu"
+    if backend == "auto":  # hardware=auto: Apple Silicon -> mlx, NVIDIA -> cuda, AMD -> rocm, else cpu
+        from openhydra.hardware.detect import detect_backend
+
+        detected = detect_backend()
+        log.info("hardware=auto: detected %s", detected)
+        if detected in ("cuda", "rocm") and device == "auto":
+            device = "cuda"  # ROCm builds of torch expose the GPU as a cuda device
+    if backend == "mlx" or (backend == "auto" and detected == "mlx"):
         dtype = "bfloat16" if dtype == "auto" else dtype
+        if _mlx_available():
+            from openhydra.runtime.mlx_backend import MlxBackend
+
+            if quantization != "none":
+                note = f"quantization={quantization} is not implemented on MLX; weights stay {dtype}"
+            if not _is_apple_silicon():
+                note = "MLX runs on the CPU here (mlx[cpu], no Apple GPU)" + (f"; {note}" if note else "")
+            if note:
+                log.warning("hardware: %s", note)
+            return MlxBackend(dtype=dtype, threads=threads, note=note)
+        note = "MLX needs the mlx and mlx-lm packages (pip install 'openhydra-network[mlx]'); running PyTorch on CPU"
+        backend, device = "torch", "cpu"
     if device in ("auto", "gpu"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -85,9 +104,10 @@ def make_backend(
     if dtype == "auto":
         # Decode is memory-bandwidth bound: 16-bit weights read half the bytes of fp32.
         dtype = "bfloat16" if device == "cpu" or torch.cuda.is_bf16_supported() else "float16"
-    if quantization != "none" and device != "cuda":
-        note = f"quantization={quantization} needs a CUDA device here; weights stay {dtype}"
-        quantization = "none"
+    try:
+        require_method(method_for(quantization, device))  # int8/NF4 on CUDA and on the CPU (runtime/quantize.py)
+    except QuantizationUnavailable as exc:
+        raise BackendUnavailable(str(exc)) from None
     if threads <= 0:
         threads = int(os.environ.get("OPENHYDRA_THREADS", 0)) or torch.get_num_threads()
     torch.set_num_threads(threads)

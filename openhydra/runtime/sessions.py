@@ -26,6 +26,8 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock)
     prefix: Any = None
     """Prefix-cache fill state (runtime/prefix_cache.py SessionPrefix) while its prompt blocks are stored."""
+    compaction: Any = None
+    """KV-compaction state (runtime/compaction/shard_hook.py SessionCompaction) when compaction is on."""
 
 
 class SessionStore:

@@ -16,6 +16,8 @@ import torch
 from transformers import DynamicCache
 from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
+from openhydra.runtime.compaction.config import CompactionConfig
+from openhydra.runtime.compaction.shard_hook import ShardCompaction
 from openhydra.runtime.prefix_cache import PrefixCache, PrefixKey, begin_prefix, run_prefixed
 from openhydra.runtime.sessions import Session, SessionStore
 from openhydra.runtime.shard_layers import build_shard, layer_types_of, load_text_config
@@ -47,8 +49,10 @@ class ShardRuntime:
         *,
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
+        quantization: str = "none",
         max_sessions: int = 64,
         session_idle_timeout_s: float = 600.0,
+        compaction: CompactionConfig | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.config = load_text_config(self.model_dir)
@@ -63,7 +67,8 @@ class ShardRuntime:
         self.dtype, self.device = dtype, device
         self.model_type: str = self.config.model_type
 
-        build = build_shard(self.model_dir, self.config, start, end, dtype, device)
+        self.quantization = quantization  # none | int8 | nf4 (runtime/quantize.py): the span's Linear layers
+        build = build_shard(self.model_dir, self.config, start, end, dtype, device, quantization)
         self.modules = build.modules
         self.shard_config = build.shard_config
         self.loaded_bytes = build.loaded_bytes
@@ -72,18 +77,24 @@ class ShardRuntime:
         self.is_recurrent = any(t in RECURRENT_LAYER_TYPES for t in self.layer_types)
         self.prefix_cache: PrefixCache | None = None  # runtime/serving.py turns it on
         self.batcher = None  # runtime/batching.py DecodeBatcher, when continuous batching is on
+        self.compaction: ShardCompaction | None = None  # KV compaction of this span (runtime/compaction/)
+        if compaction is not None and compaction.enabled:
+            self.compaction = ShardCompaction(
+                compaction, self.shard_config, self.modules, self.layer_types, start, end, self.num_layers
+            )
         self._sessions = SessionStore(
             new_cache=lambda: DynamicCache(config=self.shard_config),
             max_sessions=max_sessions,
             idle_timeout_s=session_idle_timeout_s,
         )
         log.info(
-            "loaded %s layers [%d,%d) of %d, %s, %.1f MB",
+            "loaded %s layers [%d,%d) of %d, %s, quantization=%s, %.1f MB",
             self.model_type,
             start,
             end,
             self.num_layers,
             dtype,
+            quantization,
             self.loaded_bytes / 1e6,
         )
 
@@ -120,6 +131,8 @@ class ShardRuntime:
                 "Close the session and replay its first positions instead."
             )
         with session.lock:
+            if self.compaction is not None:
+                self.compaction.check_truncate(session, length)
             if length == 0:
                 self._sessions.drop(session_id)
                 return
@@ -153,6 +166,8 @@ class ShardRuntime:
         the session's prompt blocks there (runtime/prefix_cache.py).
         """
         seq_len = self._check_positions(positions)
+        if self.compaction is not None:
+            prefix = None  # a compacted cache's entries are no longer positions: not shareable
         h = self._input_hidden(seq_len, input_ids, hidden_states)  # h: [1, S, D]
         first = int(positions[0])
         session = self._sessions.acquire(session_id)
@@ -168,6 +183,8 @@ class ShardRuntime:
                 position_ids = positions.to(self.device).view(1, seq_len)
                 if session.prefix is not None and self.prefix_cache is not None:
                     out = run_prefixed(self.prefix_cache, session, h, position_ids, self._run_layers)
+                elif self.compaction is not None:
+                    out = self.compaction.run(session, seq_len, lambda: self._run_layers(session, h, position_ids))
                 else:
                     out = self._run_layers(session, h, position_ids)
             except Exception:
