@@ -115,15 +115,22 @@ class Node:
                      choice.source, self.backend.describe())
             from transformers import AutoTokenizer
 
+            from openhydra.router.coalesce import Coalescer
+            from openhydra.runtime.serving import ServingConfig, apply_serving
+
             tokenizer = AutoTokenizer.from_pretrained(choice.path)
             runtime = self.backend.load_span(choice.path, *self.span)
+            serving = ServingConfig.parse(cfg.serving)  # prefix cache, continuous batching, coalescing
+            apply_serving(serving, runtime)
             if self.in_swarm:
                 self._join_swarm(choice, runtime, num_layers)
-            pipeline = LocalPipeline(runtime) if runtime.is_first and runtime.is_last else self.swarm
+            pipeline = (LocalPipeline(runtime, prefix_block=serving.prefix_cache.block)
+                        if runtime.is_first and runtime.is_last else self.swarm)
             speculator = self._speculator(choice, pipeline)
             engine = Engine(tokenizer, pipeline, eos_token_ids=eos_token_ids(tokenizer, choice.path),
                             context_length=context, max_concurrent_sessions=cfg.api.max_concurrent_sessions,
                             speculator=speculator)
+            engine.coalescer = Coalescer() if serving.coalesce else None
             if self.economy is not None and getattr(self.economy, "enabled", False):
                 self.state.extra["economy"] = _EconomyStatus(self.economy)
                 if runtime.is_first and runtime.is_last:

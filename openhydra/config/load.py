@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from openhydra.config.schema import EXTERNAL_GROUP_SCHEMAS, NodeConfig, group_schema
 
 GROUPS = ("hardware", "model", "shard", "discovery", "privacy", "verification", "economy", "compaction", "api",
-          "speculative")
+          "speculative", "serving")
 
 
 class ConfigError(ValueError):

@@ -127,6 +127,7 @@ EXTERNAL_GROUP_SCHEMAS: dict[str, str] = {
     "compaction": "openhydra.runtime.compaction.config:CompactionConfig",
     "verification": "openhydra.verification.config:VerificationConfig",
     "speculative": "openhydra.router.speculative:SpeculativeConfig",
+    "serving": "openhydra.runtime.serving:ServingConfig",
 }
 
 
@@ -149,3 +150,4 @@ class NodeConfig(Strict):
     compaction: dict[str, Any]
     verification: dict[str, Any]
     speculative: dict[str, Any] = {}
+    serving: dict[str, Any] = {}
