@@ -17,6 +17,7 @@ from openhydra.api.auth import BearerAuth
 from openhydra.api.errors import APIError
 from openhydra.api.metrics import ApiMetrics
 from openhydra.api.ratelimit import SlidingWindowLimiter
+from openhydra.api.routes_dashboard import PUBLIC_PATHS as DASHBOARD_PAGE_PATHS
 from openhydra.api.state import NodeState
 from openhydra.api.streaming import as_api_error
 from openhydra.config.schema import ApiConfig
@@ -38,7 +39,7 @@ _STATUS_TYPES = {
 
 
 # Probes and scrapes answer without a bearer token (they reveal no prompts).
-PUBLIC_PATHS = frozenset({"/health", "/readyz", "/metrics"})
+PUBLIC_PATHS = frozenset({"/health", "/readyz", "/metrics"}) | DASHBOARD_PAGE_PATHS  # the page holds no data
 
 
 def _ascii_header(text: str) -> str:
@@ -126,10 +127,11 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
                         code="internal_error").body()
         return json(body, status=500)
 
-    from openhydra.api import openapi, routes_ollama, routes_openai, routes_public
+    from openhydra.api import openapi, routes_dashboard, routes_ollama, routes_openai, routes_public
 
     routes_public.register(app)
     routes_openai.register(app)
     routes_ollama.register(app)
+    routes_dashboard.register(app)
     openapi.register(app)
     return app

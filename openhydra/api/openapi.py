@@ -21,6 +21,7 @@ from openhydra import __version__
 from openhydra.api.errors import ErrorBody
 from openhydra.api.protocol_ollama import OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest
 from openhydra.api.protocol_openai import ChatCompletionRequest, CompletionRequest
+from openhydra.api.routes_dashboard import SUMMARY_PATH, SUMMARY_SCHEMA, is_undocumented
 
 OPENAPI_PATH = "/openapi.json"
 REF = "#/components/schemas/{model}"
@@ -73,6 +74,8 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/api/ps"): Op("Running models (Ollama)", "ollama", schema=_MODELS),
     ("POST", "/api/show"): Op("Model details (Ollama)", "ollama", body=OllamaShowRequest),
     ("GET", "/api/version"): Op("API version (Ollama)", "ollama", schema=_VERSION),
+    ("GET", SUMMARY_PATH): Op("Everything the web dashboard at / shows, in one answer", "dashboard",
+                              schema=SUMMARY_SCHEMA),
 }
 
 
@@ -131,6 +134,8 @@ def build_document(app: Sanic) -> dict[str, Any]:
     routes: list[tuple[str, str, list[str]]] = []
     for route in app.router.routes:
         path, names = openapi_path(route.uri)
+        if is_undocumented(path):  # the dashboard page and its static files are not JSON
+            continue
         for method in sorted(route.methods):
             if method not in ("HEAD", "OPTIONS"):
                 routes.append((method, path, names))

@@ -1,0 +1,64 @@
+"""The web dashboard: a static page at ``/`` and the JSON summary it polls at ``/v1/dashboard/summary``.
+
+The page (``openhydra/api/dashboard/``: index.html, app.js, style.css) is shipped as package data and
+needs no build step and nothing from the network. It is public, like a login page: it holds no data.
+Everything it shows comes from ``GET /v1/dashboard/summary``, which sits behind the bearer token when
+one is configured (the page asks for the token on a 401). One poll answers the whole page, so a
+dashboard refreshing every 2 s costs 30 requests a minute of the default 120 per IP.
+
+What the summary holds is described in ``openhydra/api/dashboard/summary.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+
+from sanic import Request, Sanic
+from sanic.response import HTTPResponse, json, raw
+
+from openhydra.api.dashboard.summary import SUMMARY_SCHEMA, build_summary
+from openhydra.api.errors import not_found
+
+SUMMARY_PATH = "/v1/dashboard/summary"
+ASSET_PREFIX = "/dashboard/"
+_ASSETS = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+PUBLIC_PATHS = frozenset({"/", *(ASSET_PREFIX + name for name in _ASSETS if name != "index.html")})
+"""Paths that answer without a bearer token: the page and its static files, never the summary."""
+__all__ = ["PUBLIC_PATHS", "SUMMARY_PATH", "SUMMARY_SCHEMA", "is_undocumented", "register"]
+
+
+def is_undocumented(path: str) -> bool:
+    """The page and its static files: not JSON, left out of /openapi.json (nothing there for a fuzzer)."""
+    return path == "/" or path.startswith(ASSET_PREFIX)
+
+
+def _read_assets() -> dict[str, bytes]:
+    folder = resources.files("openhydra.api.dashboard")
+    return {name: (folder / name).read_bytes() for name in _ASSETS}
+
+
+def register(app: Sanic) -> None:
+    assets = _read_assets()  # a few KB, read once: a missing file fails at start, not on a click
+
+    def asset_response(name: str) -> HTTPResponse:
+        return raw(assets[name], content_type=_ASSETS[name], headers={"Cache-Control": "no-cache"})
+
+    @app.get("/", name="dashboard_index")
+    async def dashboard_index(request: Request) -> HTTPResponse:
+        return asset_response("index.html")
+
+    @app.get(ASSET_PREFIX + "<name:str>", name="dashboard_asset")
+    async def dashboard_asset(request: Request, name: str) -> HTTPResponse:
+        if name not in assets or name == "index.html":
+            raise not_found(f"no dashboard file named {name!r}", code="not_found")
+        return asset_response(name)
+
+    @app.get(SUMMARY_PATH, name="dashboard_summary")
+    async def dashboard_summary(request: Request) -> HTTPResponse:
+        summary = await asyncio.to_thread(build_summary, app)
+        return json(summary.model_dump(mode="json"))
