@@ -66,6 +66,13 @@ def run(cfg: DictConfig) -> None:
         node_cfg = validate(cfg)
     except ConfigError as exc:
         _fail(str(exc))
+    if node_cfg.action in ("promote", "demote"):  # write or step down the local override, then exit
+        from openhydra.hardware.auto import run_action
+
+        raise SystemExit(run_action(node_cfg.action, node_cfg))
+    if node_cfg.action == "dht":  # a bootstrap host: only the HTTP DHT table, no model
+        _serve_dht(node_cfg)
+        return
     from openhydra.build import build_node
     from openhydra.runtime.backend import BackendUnavailable
 
@@ -97,17 +104,42 @@ def _check(node) -> None:
           f"backend={node.backend.describe()} tokens={final.completion_tokens} text={final.text!r}")
 
 
+def _span_text(shard) -> str:
+    if shard.mode == "full":
+        return "all layers"
+    if shard.mode == "layers":
+        return f"layers [{shard.start}, {shard.end if shard.end is not None else 'end'})"
+    if shard.mode == "index":
+        return f"shard {shard.index} of {shard.total}"
+    return "auto (the span the swarm covers least)"
+
+
 def _banner(node) -> str:
     cfg = node.cfg
+    from openhydra.config.load import user_config_dir
+
+    identity = getattr(node.identity, "path", None) or (cfg.privacy or {}).get("identity_path") or "none"
     return (
         f"OpenHydra node\n"
         f"  API        http://{cfg.api.host}:{cfg.api.port}  (OpenAI /v1, Ollama /api, /health, /metrics)\n"
-        f"  model      {cfg.model.name or cfg.model.path or cfg.model.hf_id} (loading in the background; "
-        f"GET /readyz turns 200 when ready)\n"
+        f"  model      {cfg.model.name or cfg.model.path or cfg.model.hf_id}, {_span_text(cfg.shard)} "
+        f"(loading in the background; GET /readyz turns 200 when ready)\n"
         f"  hardware   {node.backend.describe()}\n"
-        f"  data dir   {cfg.node.data_path}\n"
-        f"  config     {conf_dir()}"
+        f"  data dir   {cfg.node.data_path}   identity {identity}\n"
+        f"  config     {conf_dir()} + {user_config_dir()}\n"
+        f"  stop       Ctrl-C (withdraws from the DHT, ends streams, closes the ledger)"
     )
+
+
+def _serve_dht(cfg) -> None:
+    from openhydra.discovery.http_dht_server import create_app
+
+    app = create_app()
+    url = f"http://{cfg.api.host}:{cfg.api.port}"
+    print(f"OpenHydra DHT bootstrap host\n  DHT        {url}  (nodes join with discovery=http "
+          f"discovery.http.urls=[{url}])\n  config     {conf_dir()}", flush=True)
+    app.run(host=cfg.api.host, port=cfg.api.port, single_process=True, motd=False, access_log=False)
+    log.info("shutdown complete")
 
 
 def _serve(node) -> None:
@@ -122,7 +154,15 @@ def _serve(node) -> None:
 
     @app.before_server_stop
     async def _stop(app_) -> None:
+        log.info("shutting down: withdrawing from the DHT, ending streams, closing the ledger")
+        if node.background is not None and node.announcer is not None:  # first, so no new requests route here
+            try:
+                node.background.run(node.announcer.stop(withdraw=True), timeout=10)
+                log.info("withdrew the announcement")
+            except Exception as exc:  # the record still expires after its TTL
+                log.warning("could not withdraw the announcement: %s", exc)
         node.shutdown()
+        log.info("shutdown complete")
 
     print(_banner(node), flush=True)
     app.run(host=cfg.api.host, port=cfg.api.port, single_process=True, motd=False, access_log=False)
@@ -135,6 +175,10 @@ def node_main() -> None:
 
         print(f"openhydra-node {__version__}")
         return
+    for flag, action in (("--promote", "action=promote"), ("--demote", "action=demote")):
+        if flag in argv:  # the hand-run form of auto-promotion; Hydra itself knows no such flag
+            argv = [action if a == flag else a for a in argv]
+            sys.argv = [sys.argv[0], *argv]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not any(a.split("=")[0] in _HYDRA_INFO_FLAGS for a in argv):
         preflight(argv)

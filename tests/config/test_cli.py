@@ -18,7 +18,7 @@ def node_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def test_help_lists_groups_and_options():
     out = node_cli("--help")
     assert out.returncode == 0
-    for line in ("hardware: auto, cpu, cuda, m1, m2, m3, m4, rocm", "model: local, qwen0.8b", "shard: auto, full",
+    for line in ("hardware: auto, cpu, cuda, m1, m2, m3, m4, rocm", "model: llama3.1-8b, local, qwen0.8b", "shard: auto, full",
                  "economy:", "privacy:", "verification:", "compaction:", "discovery:", "api: default"):
         assert line in out.stdout
 

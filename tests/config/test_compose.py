@@ -90,7 +90,7 @@ def test_shard_spans():
     ("overrides", "fragment"),
     [
         (["api.port=99999"], "api.port"),
-        (["action=dance"], "'serve' or 'check'"),
+        (["action=dance"], "'serve', 'check', 'promote', 'demote' or 'dht'"),
         (["shard=layers", "shard.start=9", "shard.end=3"], "shard.end must be > shard.start"),
         (["model=local"], "model.path"),
         (["node.peer_id=alice"], "derived from the identity key"),

@@ -1,0 +1,146 @@
+"""Auto-promotion on recorded hardware profiles and swarm snapshots: the real logic, the real override
+file, and the config Hydra composes from conf/ plus that file (the `optional local: auto` entry)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from openhydra.catalog import load_catalog
+from openhydra.config.load import conf_dir, user_config_dir, validate
+from openhydra.discovery.records import PeerAnnouncement
+from openhydra.hardware.auto import base_model_option, promote_once
+from openhydra.hardware.detect import HardwareProfile, detect
+from openhydra.hardware.promote import (
+    current_override,
+    demote,
+    override_path,
+    recommend,
+    swarm_coverage,
+    write_override,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def profile(name: str) -> HardwareProfile:
+    return HardwareProfile.model_validate_json((FIXTURES / "hardware" / f"{name}.json").read_text())
+
+
+def coverage(name: str | None):
+    if name is None:
+        return {}
+    data = json.loads((FIXTURES / "swarms" / f"{name}.json").read_text())
+    records = [PeerAnnouncement.from_wire(r) for r in data["records"]]
+    return swarm_coverage(records, now=data["recorded_at"])
+
+
+@pytest.fixture()
+def config_dir(tmp_path, monkeypatch) -> Path:
+    """The user config dir, in a temporary folder (never the real ~/.config/openhydra)."""
+    folder = tmp_path / "user-config"
+    monkeypatch.setenv("OPENHYDRA_CONFIG_DIR", str(folder))
+    return folder
+
+
+def composed_node(overrides: list[str] | None = None):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return validate(compose(config_name="config", overrides=overrides or []))
+
+
+@pytest.mark.parametrize(
+    ("hardware", "swarm", "option", "whole", "quantization"),
+    [
+        # 8 GB laptop, base swarm only: a 27B shard (int4 -> NF4, ~26% of the layers) - the swarm has none.
+        ("laptop-8gb", "base-only", "qwen27b", False, "nf4"),
+        # Same laptop when 27B, 9B and Llama are covered twice: the 4B, which has one peer, whole.
+        ("laptop-8gb", "big-models-covered", "qwen4b", True, "nf4"),
+        # 24 GB GPU: the whole 27B in NF4 (15.6 GiB of 20.7), where the swarm has a hole in it.
+        ("gpu-24gb", "frontier-hole", "qwen27b", True, "nf4"),
+        # 16 GB M2 (MLX: no quantization, 2 bytes per weight): half of Llama-3.1-8B, where half is missing.
+        ("m2-16gb", "llama-half", "llama3.1-8b", False, "none"),
+        # The same M2 when the big models are covered: the 4B whole in bf16 (9.4 GiB of 10 GiB).
+        ("m2-16gb", "big-models-covered", "qwen4b", True, "none"),
+    ],
+)
+def test_recommendation_and_the_composed_override(config_dir, hardware, swarm, option, whole, quantization):
+    catalog = load_catalog()
+    base = catalog[base_model_option()]
+    rec, path = promote_once(base, catalog, coverage(swarm), user_config_dir(), profile=profile(hardware))
+    assert rec is not None and rec.plan.option == option and rec.plan.whole is whole
+    assert path == override_path(config_dir) and path.exists()
+    text = path.read_text()
+    assert text.startswith("# @package _global_")
+    assert f"override /model: {option}" in text and f"quantization: {quantization}" in text
+    node = composed_node()  # the next start: conf/ + the written local override
+    assert node.model.name == catalog[option].name
+    assert node.hardware.quantization == quantization
+    if whole:
+        assert node.shard.mode == "full" and node.shard.max_fraction is None
+    else:
+        assert node.shard.mode == "auto" and node.shard.max_fraction == pytest.approx(rec.plan.fraction)
+        assert 1 / catalog[option].peers <= rec.plan.fraction < 1
+    # the command line still wins over the override
+    assert composed_node(["model=qwen2b"]).model.name == catalog["qwen2b"].name
+
+
+def test_shard_size_follows_memory_and_layers():
+    rec = recommend(profile("m2-16gb"), load_catalog(), coverage("llama-half"))
+    plan = rec.plan
+    # 10 GiB budget; Llama 8B bf16 = 16.06 GB x 1.2 + 0.5 GiB: 52.5% fits -> 16 whole layers of 32
+    assert plan.fraction == 0.5 and plan.swarm_note == "16 of 32 layers uncovered"
+    assert rec.shard == {"mode": "auto", "max_fraction": 0.5}
+
+
+def test_a_slow_box_is_not_promoted_and_nothing_is_written(config_dir):
+    """The recorded 2-core CPU box has RAM to spare but little bandwidth: plans below 2 tok/s are refused."""
+    catalog = load_catalog()
+    box = profile("cpu-2core")
+    rec, path = promote_once(catalog["qwen0.8b"], catalog, coverage("base-only"), user_config_dir(), profile=box)
+    assert path is None and not override_path(config_dir).exists()
+    slow = [p for p in rec.candidates if p.why_not and "tok/s" in p.why_not]
+    assert slow, [p.why_not for p in rec.candidates]
+    for plan in rec.candidates:
+        if plan.fits:
+            assert plan.est_tokens_per_s >= 2.0
+    assert composed_node().model.name == catalog["qwen0.8b"].name
+
+
+def test_no_promotion_when_already_serving_the_best_fit(config_dir):
+    catalog = load_catalog()
+    rec, path = promote_once(catalog["qwen27b"], catalog, {}, user_config_dir(), profile=profile("gpu-24gb"))
+    assert rec.plan.option == "qwen27b" and path is None
+
+
+def test_demote_steps_down_then_removes_the_override(config_dir):
+    catalog = load_catalog()
+    laptop, swarm = profile("laptop-8gb"), coverage("base-only")
+    rec = recommend(laptop, catalog, swarm)
+    write_override(rec, config_dir)
+    assert current_override(config_dir) == "qwen27b"
+    message, path = demote(laptop, catalog, swarm, config_dir, base_model_option())
+    assert "qwen27b -> qwen4b" in message and current_override(config_dir) == "qwen4b"
+    assert composed_node().model.name == catalog["qwen4b"].name
+    message, path = demote(laptop, catalog, swarm, config_dir, base_model_option())  # 2B does not fit: base
+    assert path is None and not override_path(config_dir).exists() and "removed" in message
+    assert composed_node().model.name == catalog["qwen0.8b"].name
+    message, _ = demote(laptop, catalog, swarm, config_dir, base_model_option())
+    assert "no override" in message
+
+
+def test_detect_this_machine_quickly():
+    import torch
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    here = detect()
+    took = time.perf_counter() - started
+    assert took < 1.5, took  # ~0.3 s of measurement plus reading /proc; the box is shared
+    assert here.backend == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert here.memory_total_bytes >= here.memory_available_bytes > 0
+    assert here.gflops > 0 and here.memory_bandwidth_gbs > 0 and here.cpu_cores >= 1
+    assert HardwareProfile.model_validate_json(here.model_dump_json()) == here  # a fixture round-trips
