@@ -18,6 +18,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -28,6 +29,8 @@ from typing import Any
 import grpc
 import torch
 
+from openhydra.crypto.dp import DPParams, noised
+from openhydra.crypto.dp_wire import audit_records
 from openhydra.crypto.errors import CryptoError
 from openhydra.peer.codec import codec_from_name
 from openhydra.peer.embedding import Embedder
@@ -45,6 +48,7 @@ from openhydra.peer.privacy import ChainPrivacy, CoordinatorRoute, parse_hop_fai
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
 from openhydra.peer.wire import decode_tensor, encode_tensor
+from openhydra.runtime.prefix_cache import PrefixKey
 from openhydra.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -112,6 +116,7 @@ class PeerChainClient:
         self.embedder = embedder
         self.key_lookup = key_lookup
         self.crypto_rejections: Counter[str] = Counter()
+        self.dp_audits = 0  # DP audit records verified (privacy=onion_dp)
         self._crypto: dict[str, CoordinatorRoute] = {}  # session -> its encrypted route
         self._codec = codec_from_name(self.tunables.forward_codec)
         self.route = tuple(route)
@@ -163,13 +168,17 @@ class PeerChainClient:
         return_top_k: int = 0,
         all_logits: bool = False,
         route: Sequence[HopSpec] | None = None,
+        prefix: PrefixKey | None = None,
     ) -> StepResult:
-        """One step; ``route`` overrides the client's default chain for this step (per-session routes)."""
+        """One step; ``route`` overrides the client's default chain for this step (per-session routes).
+
+        ``prefix``: a new session's prompt block hashes (runtime/prefix_cache.py), sent with its first message.
+        """
         if not token_ids:
             raise ValueError("a step needs at least one token")
         extras = {"return_logits": return_logits, "return_top_k": return_top_k, "all_logits": all_logits}
         chain = self._route if route is None else self._checked(route)
-        coro = self._step(session_id, list(token_ids), start_pos, sampling, step, extras, chain)
+        coro = self._step(session_id, list(token_ids), start_pos, sampling, step, extras, chain, prefix)
         return self._call(coro, timeout=self.tunables.step_timeout_s + self.tunables.unary_timeout_s * 2)
 
     def close(self, session_id: str, route: Sequence[HopSpec] | None = None) -> None:
@@ -245,6 +254,7 @@ class PeerChainClient:
         step: int,
         extras: dict,
         route: tuple[HopSpec, ...],
+        prefix: PrefixKey | None = None,
     ) -> StepResult:
         if not route:
             raise ValueError("no route: set PeerChainClient.route or pass route= per step")
@@ -276,6 +286,11 @@ class PeerChainClient:
                 deadline_unix_ms=deadline_ms,
                 forward_codec=self._codec,
             )
+            if crypto is not None and self.privacy.dp:  # each hop noises its output (audited in _resolve)
+                message.dp_sigma, message.dp_clip = self.privacy.dp_sigma, self.privacy.dp_clip
+            if prefix is not None and offset == 0:  # the prompt's block hashes (runtime/prefix_cache.py)
+                message.prefix_hashes.extend(prefix.hashes)
+                message.prefix_block = prefix.block
             if crypto is not None:
                 message = crypto.seal_step(message)
             future = self._loop.create_future()
@@ -312,7 +327,11 @@ class PeerChainClient:
     def _input_tensor(self, ids: list[int], private: bool) -> pb.Tensor:
         tokens = torch.tensor(ids, dtype=torch.int64)
         if private and self.embedder is not None:
-            return encode_tensor(self.embedder(tokens))  # [S, D]: token ids never leave the coordinator
+            embeddings = self.embedder(tokens)  # [S, D]: token ids never leave the coordinator
+            if self.privacy.dp:  # the first peer sees only clipped, noised embeddings
+                params = DPParams(self.privacy.dp_sigma, self.privacy.dp_clip_embeddings)
+                embeddings = noised(embeddings, params, int.from_bytes(os.urandom(8), "big"))
+            return encode_tensor(embeddings)
         return encode_tensor(tokens)
 
     def _crypto_route(self, session_id: str, route: tuple[HopSpec, ...]) -> CoordinatorRoute:
@@ -345,9 +364,14 @@ class PeerChainClient:
                 if not result.sealed:
                     raise CryptoError("unsealed result on an encrypted session")
                 result = crypto.open_result(result)
+                if self.privacy.dp and result.WhichOneof("outcome") != "failure":
+                    self._audit_dp(crypto, result)
             except CryptoError as exc:
                 self.crypto_rejections[exc.reason] += 1
-                future.set_exception(HopError(last, grpc.StatusCode.DATA_LOSS, f"result rejected: {exc.reason}: {exc}"))
+                index = getattr(exc, "hop_index", None)
+                blamed = crypto.route[index].address if index is not None and index < len(crypto.route) else last
+                future.set_exception(HopError(blamed, grpc.StatusCode.DATA_LOSS,
+                                              f"result rejected: {exc.reason}: {exc}"))
                 return
         if result.WhichOneof("outcome") == "failure":
             f = result.failure
@@ -364,6 +388,12 @@ class PeerChainClient:
                 top_logprobs=tuple(result.top_logprobs),
             )
         )
+
+    def _audit_dp(self, crypto: CoordinatorRoute, result: pb.Result) -> None:
+        """Every hop that pushed hidden states noised them as configured (crypto/dp_wire.py)."""
+        keys = [crypto.crypto.audit_key(i) for i in range(len(crypto.route) - 1)]
+        params = DPParams(self.privacy.dp_sigma, self.privacy.dp_clip)
+        self.dp_audits += audit_records(list(result.dp_records), keys, params, result.session_id, result.seq)
 
     def _fail_session(self, session_id: str, error: HopError) -> None:
         for (sid, _seq), future in list(self._pending.items()):

@@ -97,7 +97,8 @@ class NodePrivacy:
                 "swarm_token": self.membership.token}
 
 
-KNOWN_REASONS = ("tampered", "replayed", "malformed", "plaintext", "invalid_static_key", "key_exhausted")
+KNOWN_REASONS = ("tampered", "replayed", "malformed", "plaintext", "invalid_static_key", "key_exhausted",
+                 "dp_audit_failed")
 
 
 @dataclass

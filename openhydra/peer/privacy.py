@@ -48,6 +48,10 @@ class ChainPrivacy:
     encrypt: bool = False
     onion: bool = False
     onion_size_bytes: int = DEFAULT_ONION_SIZE
+    dp_sigma: float = 0.0
+    """> 0: every hop noises the hidden states it pushes (and the coordinator its embeddings)."""
+    dp_clip: float = 300.0
+    dp_clip_embeddings: float = 4.0
 
     @classmethod
     def from_config(cls, privacy: object | None) -> ChainPrivacy:
@@ -57,7 +61,14 @@ class ChainPrivacy:
             encrypt=bool(getattr(privacy, "encrypt_activations", False)),
             onion=bool(getattr(privacy, "onion", False)),
             onion_size_bytes=int(getattr(privacy, "onion_size_bytes", DEFAULT_ONION_SIZE)),
+            dp_sigma=float(getattr(privacy, "dp_sigma", 0.0)),
+            dp_clip=float(getattr(privacy, "dp_clip", 300.0)),
+            dp_clip_embeddings=float(getattr(privacy, "dp_clip_embeddings", 4.0)),
         )
+
+    @property
+    def dp(self) -> bool:
+        return self.encrypt and self.dp_sigma > 0
 
 
 # ---- failures that travel back up the chain ----------------------------------------------------------

@@ -28,6 +28,8 @@ from typing import Any
 import grpc
 import torch
 
+from openhydra.crypto.dp import DPParams
+from openhydra.crypto.dp_wire import seal_record
 from openhydra.crypto.errors import CryptoError
 from openhydra.crypto.keys import StaticKeyPair
 from openhydra.metrics import METRICS
@@ -51,6 +53,7 @@ from openhydra.peer.privacy import (
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
 from openhydra.peer.wire import FLOAT_DTYPES, TORCH_TO_WIRE, WireError, decode_tensor, encode_tensor
+from openhydra.runtime.prefix_cache import PrefixKey
 from openhydra.runtime.sampling import sample
 from openhydra.runtime.shard import PositionMismatchError, ShardRuntime
 
@@ -214,13 +217,14 @@ class PeerService(pb_grpc.PeerServicer):
         METRICS.peer_in_flight.inc()
         began = time.perf_counter()
         try:
+            prefix = _prefix_key(step)  # a malformed one is INVALID_ARGUMENT
             batcher = getattr(self.runtime, "batcher", None)
-            if batcher is not None and header.num_positions == 1:  # continuous batching (runtime/batching.py)
+            if batcher is not None and header.num_positions == 1 and prefix is None:  # runtime/batching.py
                 out = self._compute(header, tensor, await asyncio.wrap_future(self._submit(batcher, header, tensor)))
             elif header.num_positions <= self.inline_max_positions:
-                out = self._compute(header, tensor)
+                out = self._compute(header, tensor, prefix=prefix)
             else:
-                out = await loop.run_in_executor(self._executor, self._compute, header, tensor)
+                out = await loop.run_in_executor(self._executor, self._compute, header, tensor, None, prefix)
         except PositionMismatchError as exc:
             await self._fail(header, self.address, grpc.StatusCode.FAILED_PRECONDITION, str(exc), exc.expected)
             return
@@ -239,6 +243,8 @@ class PeerService(pb_grpc.PeerServicer):
         if self.settlement is not None:
             self.settlement.served(header.session_id, header.start_position + header.num_positions)
         if isinstance(out, pb.Result):
+            if state is not None and step.dp_records:  # upstream hops' DP audit records go to the coordinator
+                out.dp_records.extend(step.dp_records)
             await self._deliver(header, out if state is None else self.privacy.seal_result(state, out))
         else:
             await self._push(header, step, out, state)
@@ -250,7 +256,8 @@ class PeerService(pb_grpc.PeerServicer):
                               hidden_states=tensor if ids is None else None, all_logits=header.all_logits)
 
     def _compute(
-        self, header: StepHeader, tensor: torch.Tensor, computed: torch.Tensor | None = None
+        self, header: StepHeader, tensor: torch.Tensor, computed: torch.Tensor | None = None,
+        prefix: PrefixKey | None = None,
     ) -> torch.Tensor | pb.Result:
         """Runs in a worker thread: the span (unless the batcher ``computed`` it), and on the last span the sampling."""
         positions = torch.arange(header.start_position, header.start_position + header.num_positions)
@@ -258,9 +265,11 @@ class PeerService(pb_grpc.PeerServicer):
         if computed is not None:
             out = computed
         elif rt.is_first and tensor.dtype == torch.int64:  # token ids (privacy off)
-            out = rt.forward(header.session_id, positions, input_ids=tensor, all_logits=header.all_logits)
+            out = rt.forward(header.session_id, positions, input_ids=tensor, all_logits=header.all_logits,
+                             **({"prefix": prefix} if prefix is not None else {}))
         else:  # hidden states, or on the first span embeddings computed by the coordinator (privacy on)
-            out = rt.forward(header.session_id, positions, hidden_states=tensor, all_logits=header.all_logits)
+            out = rt.forward(header.session_id, positions, hidden_states=tensor, all_logits=header.all_logits,
+                             **({"prefix": prefix} if prefix is not None else {}))
         if not rt.is_last:
             return out  # hidden [S, D]
         logits = out  # float32 [1, V] or [S, V]
@@ -279,8 +288,23 @@ class PeerService(pb_grpc.PeerServicer):
             result.top_logprobs.extend(top.values.tolist())
         return result
 
+    def _dp_noise(self, state: HopState, hidden: torch.Tensor, step: pb.Step) -> tuple[torch.Tensor, bytes]:
+        """privacy=onion_dp: clip + seeded Gaussian noise on this hop's output, and its sealed audit record."""
+        if not (0 < step.dp_sigma <= 10 and 0 < step.dp_clip < 1e6):
+            raise ValueError(f"invalid DP parameters sigma={step.dp_sigma}, clip={step.dp_clip}")
+        noisy, record = state.session.noise(hidden, DPParams(step.dp_sigma, step.dp_clip), step.seq)
+        return noisy, seal_record(state.session.layer.keys.audit_key, record)
+
     async def _push(self, header: StepHeader, step: pb.Step, hidden: torch.Tensor, state: HopState | None) -> None:
         nxt = header.route[1]
+        records = list(step.dp_records)
+        if state is not None and step.dp_sigma > 0:
+            try:
+                hidden, record = self._dp_noise(state, hidden, step)
+            except ValueError as exc:
+                await self._fail(header, self.address, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                return
+            records.append(record)
         message = pb.Step(
             session_id=step.session_id,
             seq=step.seq,
@@ -293,7 +317,13 @@ class PeerService(pb_grpc.PeerServicer):
             reply_to=step.reply_to,
             deadline_unix_ms=step.deadline_unix_ms,
             forward_codec=step.forward_codec,
+            dp_sigma=step.dp_sigma,
+            dp_clip=step.dp_clip,
+            dp_records=records,
         )
+        if step.prefix_hashes:  # prefix cache: every hop seeds and stores the same prompt blocks
+            message.prefix_hashes.extend(step.prefix_hashes)
+            message.prefix_block = step.prefix_block
         if state is not None:
             message = self.privacy.seal_step(state, message)
         stream = self._stream("forward", header.session_id, nxt.address)
@@ -373,6 +403,13 @@ class PeerService(pb_grpc.PeerServicer):
         self._streams.clear()
         await self._pool.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _prefix_key(step: pb.Step) -> PrefixKey | None:
+    """A session's first message's prompt block hashes (runtime/prefix_cache.py); ValueError if malformed."""
+    if not step.prefix_hashes:
+        return None
+    return PrefixKey(tuple(step.prefix_hashes), int(step.prefix_block))
 
 
 async def _ignore_broken(address: str, code: grpc.StatusCode, details: str, context: Any) -> None:
