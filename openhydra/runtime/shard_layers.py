@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from openhydra.runtime.quantize import method_for, module_bytes, quantize_linears
 from openhydra.runtime.weights import CheckpointError, CheckpointIndex, split_layer_name
 
 ATTN_IMPLEMENTATION = "sdpa"
@@ -87,6 +88,7 @@ def build_shard(
     end: int,
     dtype: torch.dtype,
     device: str,
+    quantization: str = "none",
 ) -> ShardBuild:
     total = text_config.num_hidden_layers
     is_first, is_last = start == 0, end == total
@@ -131,7 +133,9 @@ def build_shard(
     modules.rotary_emb = rotary_cls(config=shard_config).to(device)
     modules.eval()
     modules.requires_grad_(False)
-    loaded = sum(t.numel() * t.element_size() for t in modules.parameters())  # parameters() dedups ties
+    # Only the span's decoder layers are quantized; embeddings, norm and head keep ``dtype``.
+    quantize_linears(modules.layers, method_for(quantization, device), device, dtype)
+    loaded = module_bytes(modules)  # tied tensors once, quantized weights and their scales included
     return ShardBuild(modules=modules, shard_config=shard_config, loaded_bytes=loaded)
 
 

@@ -1,0 +1,159 @@
+"""Weight quantization of a shard's own decoder layers, chosen by ``hardware.quantization``.
+
+What each setting does, by device (measured on this machine's CPU, see docs/benchmarks.md):
+
+| setting | CUDA | CPU |
+| --- | --- | --- |
+| ``int8`` | bitsandbytes LLM.int8 (``Linear8bitLt``) | int8 weight-only, per-row scales (``_weight_int8pack_mm``) |
+| ``nf4``  | bitsandbytes NF4 (``Linear4bit``)       | bitsandbytes NF4 (works, but slower than bf16) |
+
+On the CPU, three int8 routes were measured on SmolLM2-135M (1 thread, loaded machine):
+bitsandbytes' int8 matmul is no faster than fp32 at batch 1 (a 576x1536 Linear: 218 us vs 225 us);
+torch's dynamic int8 (fbgemm) is fast (36 us) but quantizes activations too, and SmolLM2's outlier
+activations drop top-1 agreement with fp32 to 0.56; weight-only int8 keeps activations in bf16, agrees
+0.94 with fp32 (bf16 alone: 0.955) and decodes ~1.4x faster than bf16 with ~0.6x the memory. So
+``int8`` on a CPU is weight-only. Only the ``nn.Linear`` modules of the span's decoder layers are
+replaced: embeddings, the final norm and the lm_head keep the runtime dtype (the head is tied to the
+embedding table in small models, and it decides the sampled token).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+Quantization = Literal["none", "int8", "nf4"]
+Method = Literal["none", "int8_weight_only", "bnb_int8", "bnb_nf4"]
+QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "nf4")
+
+
+class QuantizationUnavailable(RuntimeError):
+    """The requested quantization cannot run here (missing package or unsupported device)."""
+
+
+def method_for(quantization: str, device: str) -> Method:
+    """Which implementation ``quantization`` uses on ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"hardware.quantization must be one of {list(QUANTIZATIONS)}, got {quantization!r}")
+    if quantization == "none":
+        return "none"
+    kind = device.split(":")[0]
+    if kind == "cpu":
+        return "int8_weight_only" if quantization == "int8" else "bnb_nf4"
+    if kind == "cuda":
+        return "bnb_int8" if quantization == "int8" else "bnb_nf4"
+    raise QuantizationUnavailable(f"hardware.quantization={quantization} is not supported on device {device!r}; "
+                                  "use a CPU or CUDA device, or quantization=none")
+
+
+def quantize_linears(root: nn.Module, method: Method, device: str, compute_dtype: torch.dtype) -> int:
+    """Replace every ``nn.Linear`` under ``root`` in place; returns how many were replaced.
+
+    ``root`` must already hold real weights (not ``meta``) on ``device``.
+    """
+    if method == "none":
+        return 0
+    require_method(method)
+    targets = [(name, mod) for name, mod in root.named_modules() if type(mod) is nn.Linear]
+    for name, linear in targets:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, leaf, _quantized(linear, method, device, compute_dtype))
+    return len(targets)
+
+
+def _quantized(linear: nn.Linear, method: Method, device: str, compute_dtype: torch.dtype) -> nn.Module:
+    if method == "int8_weight_only":
+        return Int8WeightOnlyLinear(linear)
+    import bitsandbytes as bnb
+
+    weight = linear.weight.detach().to("cpu", torch.float32 if compute_dtype == torch.float32 else torch.float16)
+    bias = None if linear.bias is None else linear.bias.detach()
+    if method == "bnb_int8":
+        new: nn.Module = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias is not None,
+                                             has_fp16_weights=False, threshold=6.0, device="meta")
+        new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias is not None,
+                                compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+        new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+    if bias is not None:
+        new.bias = nn.Parameter(bias.to("cpu", compute_dtype), requires_grad=False)
+    return new.to(device)  # bitsandbytes quantizes when the weight moves to its device
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """A Linear whose weight is int8 with one fp scale per output row; activations stay in their dtype.
+
+    Decode (a few rows) runs torch's weight-only int8 kernel ``_weight_int8pack_mm`` (the one
+    gpt-fast uses), which reads half the bytes of bf16 weights; longer inputs (prefill) dequantize the
+    weight to the activation dtype and run a dense matmul, where the int8 kernel is slower.
+    """
+
+    DECODE_ROWS = 4  # up to this many rows go through the int8 kernel (measured crossover, bf16 CPU)
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().to(torch.float32)  # [N, K]
+        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [N]
+        q = torch.round(weight / scales[:, None]).clamp(-128, 127).to(torch.int8)
+        self.weight = nn.Parameter(q.contiguous(), requires_grad=False)  # [N, K] int8
+        self.scales = nn.Parameter(scales.to(linear.weight.dtype), requires_grad=False)  # [N]
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if x.dtype == torch.bfloat16 and rows <= self.DECODE_ROWS and x.device.type == "cpu":
+            flat = x.reshape(rows, self.in_features)  # [R, K]
+            out = torch._weight_int8pack_mm(flat, self.weight, self.scales.to(x.dtype))  # [R, N]
+            out = out.reshape(*x.shape[:-1], self.out_features)
+            return out if self.bias is None else out + self.bias.to(x.dtype)
+        dense = self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None]  # [N, K]
+        return nn.functional.linear(x, dense, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only per-row"
+
+
+def module_bytes(root: nn.Module) -> int:
+    """Bytes of the module's parameters, quantized ones and their scales included (tied ones once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in root.parameters():
+        if tensor.is_meta or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+        total += _bnb_state_bytes(tensor)
+    return total
+
+
+def _bnb_state_bytes(tensor: torch.Tensor) -> int:
+    """The scales bitsandbytes keeps beside a quantized weight (row scales for int8, absmax for NF4)."""
+    extra = 0
+    scb = getattr(tensor, "SCB", None)
+    if isinstance(scb, torch.Tensor):
+        extra += scb.numel() * scb.element_size()
+    state = getattr(tensor, "quant_state", None)
+    absmax = getattr(state, "absmax", None)
+    if isinstance(absmax, torch.Tensor):
+        extra += absmax.numel() * absmax.element_size()
+    return extra
+
+
+def require_method(method: Method) -> None:
+    """Raise :class:`QuantizationUnavailable` if ``method`` needs a package that is not installed."""
+    if not method.startswith("bnb_"):
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise QuantizationUnavailable(
+            f"{method} needs bitsandbytes: pip install 'openhydra-network[quant]' (bitsandbytes>=0.50)"
+        ) from exc
