@@ -76,6 +76,7 @@ class AsyncOpenHydra:
         *,
         timeout: float = 120.0,
         retry: RetryPolicy | None = None,
+        api_key: str | None = None,
         headers: dict[str, str] | None = None,
         on_retry: RetryHook | None = None,
         http_client: httpx.AsyncClient | None = None,
@@ -83,6 +84,8 @@ class AsyncOpenHydra:
         self.base_url = normalize_base_url(base_url)
         self.retry = retry or RetryPolicy()
         self.on_retry = on_retry
+        if api_key:  # a node with api.bearer_token set
+            headers = {**(headers or {}), "Authorization": f"Bearer {api_key}"}
         self._http = http_client or httpx.AsyncClient(base_url=self.base_url, timeout=timeout, headers=headers)
         self._default_model: str | None = None
 

@@ -86,6 +86,7 @@ class OpenHydra:
         *,
         timeout: float = 120.0,
         retry: RetryPolicy | None = None,
+        api_key: str | None = None,
         headers: dict[str, str] | None = None,
         on_retry: RetryHook | None = None,
         http_client: httpx.Client | None = None,
@@ -93,6 +94,8 @@ class OpenHydra:
         self.base_url = normalize_base_url(base_url)
         self.retry = retry or RetryPolicy()
         self.on_retry = on_retry
+        if api_key:  # a node with api.bearer_token set
+            headers = {**(headers or {}), "Authorization": f"Bearer {api_key}"}
         self._http = http_client or httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
         self._default_model: str | None = None
 

@@ -43,11 +43,13 @@ CHUNK = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "
 class Scripted(BaseHTTPRequestHandler):
     script: list[tuple[int, dict[str, str], object]] = []
     arrivals: list[tuple[float, str, str]] = []
+    auth: list[str | None] = []
 
     def _answer(self) -> None:
         length = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(length).decode() if length else ""
         type(self).arrivals.append((time.monotonic(), self.path, body))
+        type(self).auth.append(self.headers.get("authorization"))
         status, headers, payload = self.script.pop(0) if len(self.script) > 1 else self.script[0]
         data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
         self.send_response(status)
@@ -66,7 +68,7 @@ class Scripted(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server() -> Iterator[tuple[str, type[Scripted]]]:
-    handler = type("Handler", (Scripted,), {"script": [], "arrivals": []})
+    handler = type("Handler", (Scripted,), {"script": [], "arrivals": [], "auth": []})
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -85,7 +87,7 @@ def test_retry_after_is_honoured_then_the_answer_is_returned(server):
     handler.script = [(429, {"Retry-After": "1"}, LIMITED), (503, {"Retry-After": "0.4"}, BUSY),
                       (200, {"X-OpenHydra-Degradation-Reason": "fell back to tiny"}, BALANCE)]
     waits: list[tuple[int, float, int | None]] = []
-    with OpenHydra(url + "/v1", on_retry=lambda *a: waits.append(a)) as client:
+    with OpenHydra(url + "/v1", api_key="s3cret", on_retry=lambda *a: waits.append(a)) as client:
         balance = client.balance()
     assert balance.micro.credits == 1_500_000 and balance.peer_id == "12D3KooWtest"
     assert balance.degradation_reason == "fell back to tiny"
@@ -94,6 +96,7 @@ def test_retry_after_is_honoured_then_the_answer_is_returned(server):
     assert len(gaps) == 2 and gaps[0] >= 0.98 and gaps[1] >= 0.38  # the server's waits, really waited
     assert gaps[0] < 3 and gaps[1] < 2.5  # and not much more
     assert [p for _, p, _ in handler.arrivals] == ["/v1/account/balance"] * 3
+    assert handler.auth == ["Bearer s3cret"] * 3
 
 
 def test_attempts_are_bounded_and_the_error_body_is_kept(server):
