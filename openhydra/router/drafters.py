@@ -97,6 +97,7 @@ class DraftModelDrafter:
     def propose(self, session_id: str, history: list[int], k: int, sampling: SamplingParams, step: int) -> Draft:
         from openhydra.router.speculative import target_probs  # one definition of the processed distribution
 
+        session_id = f"draft:{session_id}"  # the runtime may be shared (a model drafting for itself)
         logits = self._sync(session_id, history)  # [V_draft]: the draft's prediction after history
         tokens: list[int] = []
         rows: list[torch.Tensor] = []
@@ -143,5 +144,5 @@ class DraftModelDrafter:
         return logits[-1]
 
     def close(self, session_id: str) -> None:
-        self._cached.pop(session_id, None)
-        self.runtime.close_session(session_id)
+        self._cached.pop(f"draft:{session_id}", None)
+        self.runtime.close_session(f"draft:{session_id}")
