@@ -156,3 +156,24 @@ def test_free_tier_window_rolls_over():
     assert tier.take(60) and not tier.take(60) and tier.used() == 60
     now[0] = 86_400.0
     assert tier.used() == 0 and tier.take(100)
+
+
+def test_a_failed_settlement_is_counted_never_raised(peers):
+    """Hops that are gone (nothing listens): the settlement fails at its first stage, is logged and counted."""
+    from openhydra.peer.client import PeerChainClient
+    from openhydra.peer.messages import HopSpec
+    from openhydra.testing.processes import free_port
+
+    client = PeerChainClient([])
+    try:
+        settler = SwarmSettler(peers[0].economy, client, MODEL)
+        dead = [HopSpec(address=f"127.0.0.1:{free_port()}", start=a, end=b) for a, b in SPANS]
+        future = settler.submit("r-dead", "s-dead", 40, dead)
+        assert future is not None and future.result(timeout=30) is None
+        status = settler.network_status()
+        assert (status["failed"], status["settled"], status["failures_by_stage"]) == (1, 0, {"identity": 1})
+        assert settler.submit("r-empty", "s", 0, dead) is None  # nothing computed: nothing to settle
+        settler.shutdown()
+    finally:
+        client.shutdown()
+    assert peers[0].economy.ledger.totals().settlements == 0
