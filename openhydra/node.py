@@ -124,6 +124,10 @@ class Node:
             apply_serving(serving, runtime)
             if self.in_swarm:
                 self._join_swarm(choice, runtime, num_layers)
+                if serving.prefix_cache.enabled:  # new sessions reuse prompt prefixes the peers hold
+                    from openhydra.router.prefix_plan import PrefixPlanner
+
+                    self.swarm.prefix = PrefixPlanner(serving.prefix_cache.block)
             pipeline = (LocalPipeline(runtime, prefix_block=serving.prefix_cache.block)
                         if runtime.is_first and runtime.is_last else self.swarm)
             speculator = self._speculator(choice, pipeline)

@@ -25,6 +25,7 @@ from openhydra.peer.errors import HopError
 from openhydra.peer.messages import HopSpec
 from openhydra.router.bans import BanList
 from openhydra.router.coverage import Chain, LayerCoverageMap, chain_problems
+from openhydra.router.prefix_plan import PrefixPlanner
 from openhydra.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ class SwarmPipeline:
         """Speculative decoding may crop sessions; False for recurrent models (set by the node, or learnt
         from a hop answering UNIMPLEMENTED) and while a verifier shadows sessions (its audits replay feeds)."""
         self.truncations = 0
+        self.prefix: PrefixPlanner | None = None
+        """Set by the node (serving.prefix_cache): new sessions reuse the peers' cached prompt prefixes."""
         self.verifier = verifier  # verification hook
         self.on_session_end = on_session_end  # settlement hook: (request id, peer session, positions, final route)
         if verifier is not None:
@@ -235,8 +238,7 @@ class SwarmPipeline:
                 if verify:
                     extras = {"return_logits": True, "all_logits": True}
                 began = time.perf_counter()
-                result = self.client.step_result(session.peer_session, token_ids, start_pos, sampling, step,
-                                                 route=route, **extras)
+                result = self._step_result(session, token_ids, start_pos, sampling, step, route, extras)
             except HopError as error:
                 failed_address = self._on_hop_error(session, error)
                 continue
@@ -252,6 +254,23 @@ class SwarmPipeline:
         METRICS.unavailable.inc()
         raise PipelineUnavailable(f"gave up after {self.tunables.max_failovers_per_step} failovers in one step",
                                   self.tunables.retry_after_s)
+
+    def _step_result(self, session: _Session, token_ids: list[int], start_pos: int, sampling: SamplingParams,
+                     step: int, route: list[HopSpec], extras: dict):
+        """One step; a new session's first step reuses the peers' cached prompt prefix (router/prefix_plan.py)."""
+        if self.prefix is None or start_pos != 0 or session.feeds or extras:
+            return self.client.step_result(session.peer_session, token_ids, start_pos, sampling, step,
+                                           route=route, **extras)
+
+        def send(skip: int, key):
+            return self.client.step_result(session.peer_session, token_ids[skip:], skip, sampling, step,
+                                           route=route, prefix=key)
+
+        def restart() -> None:  # a hop holds less than proposed: drop the half-built session everywhere
+            old, session.peer_session = session.peer_session, uuid.uuid4().hex
+            self._close_quietly(old, route)
+
+        return self.prefix.first_step(token_ids, send, restart)
 
     def _on_hop_error(self, session: _Session, error: HopError) -> str:
         chain = session.chain

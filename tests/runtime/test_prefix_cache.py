@@ -117,3 +117,70 @@ def test_no_continuation_leaks(tiny_model_dirs) -> None:
     cold = _generate(LocalPipeline(ShardRuntime(tiny_model_dirs["qwen3"]), prefix_block=BLOCK), "c", extended, 5)
     assert _generate(pipe, "b", extended, 5) == cold
     assert pipe.reused_positions == 32
+
+
+# ---- over the wire: every hop agrees on the reused length ---------------------------------------------
+
+SPLITS = [(0, 3), (3, 5), (5, 8)]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3_5"])
+def chain(request, tiny_model_dirs):
+    from openhydra.peer.client import ClientTunables, PeerChainClient
+    from openhydra.peer.messages import HopSpec
+    from openhydra.peer.server import PeerServer
+
+    servers = []
+    for a, b in SPLITS:
+        rt = ShardRuntime(tiny_model_dirs[request.param], a, b)
+        rt.prefix_cache = PrefixCache(rt.layer_types, 64 << 20)
+        servers.append(PeerServer(rt))
+    route = [HopSpec(address=s.start(), start=a, end=b) for s, (a, b) in zip(servers, SPLITS, strict=True)]
+    client = PeerChainClient(route, tunables=ClientTunables(step_timeout_s=30.0, prefill_chunk=48))
+    yield servers, client
+    client.shutdown()
+    for s in servers:
+        s.stop()
+
+
+def _chain_generate(client, planner, session: list[str], prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens; the first step goes through the planner (seed + restart protocol)."""
+
+    def send(skip, key):
+        return client.step_result(session[0], prompt[skip:], skip, GREEDY, 0, prefix=key)
+
+    def restart():
+        client.close(session[0])
+        session[0] += "-r"
+
+    tokens = [planner.first_step(prompt, send, restart).token if planner else
+              client.step_result(session[0], prompt, 0, GREEDY, 0).token]
+    pos = len(prompt)
+    for step in range(1, n):
+        tokens.append(client.step_result(session[0], [tokens[-1]], pos, GREEDY, step).token)
+        pos += 1
+    client.close(session[0])
+    return tokens
+
+
+def test_chain_reuses_the_prefix_every_hop_holds(chain) -> None:
+    from openhydra.router.prefix_plan import PrefixPlanner
+
+    servers, client = chain
+    planner = PrefixPlanner(block=BLOCK)
+    shared = _ids(80, 11)
+    a, b, c = shared + _ids(7, 12), shared + _ids(20, 13), shared + _ids(5, 14)
+    cold_b = _chain_generate(client, None, ["cold-b"], b, 6)
+    cold_c = _chain_generate(client, None, ["cold-c"], c, 6)
+
+    _chain_generate(client, planner, ["a"], a, 3)  # fills every hop's cache (prompt crosses 2 chunks)
+    assert planner.reused_positions == 0
+    assert _chain_generate(client, planner, ["b"], b, 6) == cold_b
+    assert planner.reused_positions == 80 and planner.restarts == 0
+
+    # The middle hop loses its cache: it refuses the proposed 80 positions (expected 0), the session
+    # restarts from 0 on every hop, and the output is still the cold one.
+    servers[1].runtime.prefix_cache.clear()
+    assert _chain_generate(client, planner, ["c"], c, 6) == cold_c
+    assert planner.restarts == 1 and planner.reused_positions == 80
+    assert all(s.runtime.session_count() == 0 for s in servers)  # the half-built session was closed too

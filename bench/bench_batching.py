@@ -1,0 +1,104 @@
+"""Aggregate output tok/s with 8 concurrent streams vs 1 stream on one node (continuous batching).
+
+Node processes serving embedded SmolLM2-135M (bf16, 1 thread each), driven through the streaming
+OpenAI chat API with distinct prompts (so coalescing never applies). Arms, interleaved per trial:
+- 1 stream, serving=batched;
+- 8 concurrent streams, serving=batched (decode steps of all sessions run as one forward);
+- 8 concurrent streams, serving=off (each session's step runs alone): what batching buys.
+Aggregate output tok/s = all completion tokens / wall time from the first request sent to the last
+stream closed (prefill included, as serving benchmarks report). Target: 8 batched / 1 >= 3.
+
+    python bench/bench_batching.py --trials 5 --tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from openhydra.testing import TEST_CACHE_ROOT
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+from common import medians, plot_trials, print_table, run_interleaved  # noqa: E402
+
+TOPICS = ["a lighthouse keeper", "a clockmaker", "a river pilot", "a beekeeper", "a glassblower", "a cartographer",
+          "a night baker", "a bridge engineer"]
+MODEL = "openhydra-smollm2-135m"
+
+
+def stream_tokens(url: str, topic: str, tokens: int) -> int:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": f"Write a long story about {topic}."}],
+            "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    count = 0
+    with httpx.Client(timeout=600) as client, client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                usage = json.loads(line[6:]).get("usage")
+                if usage:
+                    count = usage["completion_tokens"]
+    return count
+
+
+def aggregate_rate(url: str, streams: int, tokens: int) -> float:
+    counts = [0] * streams
+
+    def run(i: int) -> None:
+        counts[i] = stream_tokens(url, TOPICS[i % len(TOPICS)], tokens)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    if min(counts) != tokens:
+        raise RuntimeError(f"streams returned {counts} tokens, expected {tokens} each")
+    return sum(counts) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_batching.png"))
+    args = parser.parse_args()
+    from openhydra.testing.processes import NodeProcess
+
+    common = ["model=smollm2-135m", "hardware=cpu", "hardware.dtype=bfloat16", f"node.data_dir={TEST_CACHE_ROOT}",
+              "api.rate_limit_requests=100000", "privacy=off"]
+    batched = NodeProcess([*common, "serving=batched", f"serving.batching.max_batch={args.streams}"],
+                          threads=args.threads)
+    plain = NodeProcess([*common, "serving=off"], threads=args.threads)
+    one, many, many_off = "1 stream (batched node)", f"{args.streams} streams (batched node)", \
+        f"{args.streams} streams (serving=off)"
+    with batched, plain:
+        aggregate_rate(batched.url, 2, 8), aggregate_rate(plain.url, 2, 8)  # warm-up
+        rates = run_interleaved({
+            one: lambda: aggregate_rate(batched.url, 1, args.tokens),
+            many: lambda: aggregate_rate(batched.url, args.streams, args.tokens),
+            many_off: lambda: aggregate_rate(plain.url, args.streams, args.tokens),
+        }, args.trials)
+    med = medians(rates)
+    print_table(rates, metric="median aggregate output tok/s")
+    print(f"\n{args.streams} streams / 1 stream (batched) = {med[many] / med[one]:.2f} (target >= 3); "
+          f"batched / unbatched at {args.streams} streams = {med[many] / med[many_off]:.2f}  "
+          f"[tokens={args.tokens}, threads={args.threads}, trials={args.trials}]")
+    plot_trials(rates, f"SmolLM2-135M bf16, 1 thread: {args.streams} streams / 1 = {med[many] / med[one]:.2f}",
+                args.plot, ylabel="aggregate output tok/s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
