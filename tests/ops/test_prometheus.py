@@ -23,7 +23,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from openhydra.testing.processes import DhtProcess, NodeProcess, free_port, start_all, swarm_node_overrides
+from openhydra.testing.processes import DhtProcess, NodeProcess, free_port, swarm_node_overrides
 from tests.ops.dashboard import load_dashboard, metric_names, panel_queries, sample_names
 
 pytestmark = [
@@ -55,22 +55,76 @@ def _prometheus_config(path: Path, targets: list[str]) -> None:
     )
 
 
+class PrometheusServer:
+    """Debian's ``prometheus`` on a free loopback port, with its config and TSDB under ``work``."""
+
+    def __init__(self, work: Path, targets: list[str]) -> None:
+        self.work, self.port = work, free_port()
+        _prometheus_config(work / "prometheus.yml", targets)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._log = open(self.work / "prometheus.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            ["prometheus", f"--config.file={self.work / 'prometheus.yml'}",
+             f"--storage.tsdb.path={self.work / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
+             "--storage.tsdb.retention.time=1h"],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def wait_ready(self, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(self.url + "/-/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"prometheus did not start:\n{(self.work / 'prometheus.log').read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
 @pytest.fixture(scope="module")
-def swarm(tiny_model_dirs, tmp_path_factory):
+def stack(tiny_model_dirs, tmp_path_factory):
+    """(model name, node A, node B, Prometheus URL); Prometheus starts while the nodes load."""
     model_dir = tiny_model_dirs["llama"]
     a, b = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
     with DhtProcess() as dht:
         full = NodeProcess(swarm_node_overrides(model_dir, dht.url, 0, 8, a), log_path=a / "node.log")
         coordinator = NodeProcess([*swarm_node_overrides(model_dir, dht.url, 0, 4, b), "verification=default",
                                    "verification.sample_rate=1.0"], log_path=b / "node.log")
+        nodes = [full, coordinator]
+        prometheus = PrometheusServer(tmp_path_factory.mktemp("prometheus"), [f"127.0.0.1:{n.port}" for n in nodes])
         try:
-            start_all([full, coordinator], timeout_s=120)
-            yield model_dir.name, full, coordinator
+            for node in nodes:
+                node.start()
+            prometheus.start()
+            prometheus.wait_ready()
+            for node in nodes:
+                node.wait_ready(120)
+            yield model_dir.name, full, coordinator, prometheus.url
         finally:
-            _stop_all([full, coordinator])
+            prometheus.stop()
+            _stop_all(nodes)
 
 
-def _stop_all(nodes: list[NodeProcess], grace_s: float = 5.0) -> None:
+def _stop_all(nodes: list[NodeProcess], grace_s: float = 3.0) -> None:
     """SIGTERM every node at once, SIGKILL what is still running after ``grace_s``."""
     running = [n for n in nodes if n.proc is not None and n.proc.poll() is None]
     for node in running:
@@ -83,41 +137,6 @@ def _stop_all(nodes: list[NodeProcess], grace_s: float = 5.0) -> None:
             node.kill()
     for node in nodes:
         node.stop()  # closes the log file; nothing left to signal
-
-
-@pytest.fixture(scope="module")
-def prometheus(swarm, tmp_path_factory):
-    _, full, coordinator = swarm
-    work = tmp_path_factory.mktemp("prometheus")
-    _prometheus_config(work / "prometheus.yml", [f"127.0.0.1:{full.port}", f"127.0.0.1:{coordinator.port}"])
-    port = free_port()
-    log = open(work / "prometheus.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        ["prometheus", f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"prometheus did not start:\n{(work / 'prometheus.log').read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
 
 
 def _query(url: str, expr: str) -> list[dict]:
@@ -148,8 +167,8 @@ def _wait_until_up(url: str, targets: int, timeout_s: float = 20) -> list[dict]:
         time.sleep(0.5)
 
 
-def test_prometheus_scrapes_the_nodes_and_every_dashboard_query_returns_data(swarm, prometheus):
-    model, full, coordinator = swarm
+def test_prometheus_scrapes_the_nodes_and_every_dashboard_query_returns_data(stack):
+    model, full, coordinator, prometheus = stack
     up = _wait_until_up(prometheus, 2)
     assert {s["metric"]["instance"] for s in up} == {f"127.0.0.1:{full.port}", f"127.0.0.1:{coordinator.port}"}
 
@@ -168,12 +187,13 @@ def test_prometheus_scrapes_the_nodes_and_every_dashboard_query_returns_data(swa
     must_be_positive = [(title, expr) for title, expr in queries if title not in MAY_BE_ZERO
                         and (title, legends[(title, expr)]) not in MAY_BE_ZERO_TARGETS]
     deadline = time.monotonic() + 40
-    missing = must_be_positive
+    missing, rounds = must_be_positive, 0
     while missing:
-        assert time.monotonic() < deadline, f"no data after traffic: {missing}"
+        assert time.monotonic() < deadline, f"no data after {rounds} rounds of traffic: {missing}"
         _chat(full, model)
         _chat(coordinator, model)
-        time.sleep(1.5)
+        rounds += 1
+        time.sleep(1.2)  # at least one scrape after the traffic
         missing = [(title, expr) for title, expr in missing if not _positive(_query(prometheus, expr))]
 
     for title, expr in queries:
