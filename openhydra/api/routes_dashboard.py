@@ -1,7 +1,7 @@
 """The web dashboard: a static page at ``/`` and the JSON summary it polls at ``/v1/dashboard/summary``.
 
-The page (``openhydra/api/dashboard/``: index.html, app.js, style.css) is shipped as package data and
-needs no build step and nothing from the network. It is public, like a login page: it holds no data.
+The page (``openhydra/api/dashboard/``: index.html, app.js, chat.js, style.css) is shipped as package
+data and needs no build step and nothing from the network. It is public, like a login page: it holds no data.
 Everything it shows comes from ``GET /v1/dashboard/summary``, which sits behind the bearer token when
 one is configured (the page asks for the token on a 401). One poll answers the whole page, so a
 dashboard refreshing every 2 s costs 30 requests a minute of the default 120 per IP.
@@ -25,6 +25,7 @@ ASSET_PREFIX = "/dashboard/"
 _ASSETS = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
+    "chat.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
 }
 PUBLIC_PATHS = frozenset({"/", *(ASSET_PREFIX + name for name in _ASSETS if name != "index.html")})

@@ -92,10 +92,13 @@ def page(browser) -> Iterator[object]:
     context = browser.new_context(viewport={"width": 1360, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(20_000)
+    script_errors: list[str] = []
+    page.on("pageerror", lambda exc: script_errors.append(str(exc)))
     try:
         yield page
     finally:
         context.close()
+    assert not script_errors, f"the page's JavaScript threw: {script_errors}"
 
 
 def _use_token(page) -> None:
@@ -103,11 +106,21 @@ def _use_token(page) -> None:
     page.add_init_script(f"localStorage.setItem('openhydra.dashboard.token', {TOKEN!r})")
 
 
-def _screenshot(page, name: str) -> None:
+def _screenshot(page, name: str, selector: str | None = None) -> None:
     if SCREENSHOTS:
         Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
+        path = str(Path(SCREENSHOTS) / name)
+        if selector is not None:
+            page.locator(selector).screenshot(path=path)
+            return
         page.evaluate("window.scrollTo(0, 0)")  # the sticky header belongs at the top of a full-page shot
-        page.screenshot(path=str(Path(SCREENSHOTS) / name), full_page=True)
+        page.screenshot(path=path, full_page=True)
+
+
+def _shown_number(page, label: str) -> float:
+    """The number a key/value card shows next to ``label``."""
+    text = page.locator(f"dt:text-is('{label}') + dd").inner_text()
+    return float(text.replace(",", "")) if text.strip() not in ("", "\u2013") else 0.0
 
 
 def test_page_and_assets_are_served_without_a_build_step(nodes):
@@ -165,7 +178,6 @@ def test_dashboard_shows_the_node_and_both_peers_on_the_coverage_map(nodes, page
     assert first != "never"
     page.wait_for_function("t => document.getElementById('last-updated').textContent !== t", arg=first)
     assert page.locator("#error-banner").is_hidden()
-    _screenshot(page, "dashboard.png")
 
 
 def test_chat_playground_streams_the_reply(nodes, page):
@@ -198,7 +210,18 @@ def test_chat_playground_streams_the_reply(nodes, page):
                                               max_tokens=16, temperature=0)
     assert text == expected.choices[0].message.content
     assert "chunk(s)" in page.inner_text("#chat-stats")
-    _screenshot(page, "dashboard-chat.png")
+    # The live metrics pick both generations up on a later poll.
+    served = httpx.get(head.url + "/v1/dashboard/summary", headers=AUTH, timeout=10).json()
+    generated = served["metrics"]["tokens_generated_total"]
+    assert generated >= 32
+    deadline = time.monotonic() + 10
+    while _shown_number(page, "tokens generated") < generated and time.monotonic() < deadline:
+        page.wait_for_timeout(250)
+    assert _shown_number(page, "tokens generated") >= generated
+    if SCREENSHOTS:
+        page.wait_for_function("state.tokenRates.length >= 3")  # a few points on the sparkline
+    _screenshot(page, "dashboard.png")
+    _screenshot(page, "dashboard-chat.png", selector="article:has(#chat-log)")
 
     # A long reply stopped with the Stop button: the stream is cut and the page says so.
     page.fill("#chat-max-tokens", "400")

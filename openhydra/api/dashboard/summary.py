@@ -61,6 +61,8 @@ class HardwareInfo(BaseModel):
     torch_version: str | None = None
     torch_threads: int | None = None
     accelerators: list[str] = Field(default_factory=list)
+    detected: str | None = None
+    """The hardware profile's one-line summary, when the node registered one as ``state.extra["hardware"]``."""
 
 
 class LoadInfo(BaseModel):
@@ -142,9 +144,12 @@ def _node_info(state: Any, node: Any) -> NodeInfo:
     return info
 
 
-def _hardware_info(node: Any) -> HardwareInfo:
+def _hardware_info(state: Any, node: Any) -> HardwareInfo:
     info = HardwareInfo(platform=f"{platform.system()} {platform.release()}", machine=platform.machine(),
                         cpu_count=os.cpu_count() or 1)
+    profile_summary = getattr(state.extra.get("hardware"), "summary", None)
+    if callable(profile_summary):
+        info.detected = str(profile_summary())
     describe = getattr(getattr(node, "backend", None), "describe", None)
     if callable(describe):
         info.backend = describe()
@@ -247,7 +252,7 @@ def build_summary(app: Sanic) -> DashboardSummary:
     state = app.ctx.state
     node = _swarm_node(state)
     return DashboardSummary(
-        generated_at=time.time(), node=_node_info(state, node), hardware=_hardware_info(node),
+        generated_at=time.time(), node=_node_info(state, node), hardware=_hardware_info(state, node),
         load=_load_info(state, node, app.ctx.api.max_concurrent_sessions), metrics=_metrics_info(app.ctx.metrics),
         earnings=_earnings_info(state), coverage=model_coverage(state, node),
         network=_network_sections(state),
