@@ -35,6 +35,7 @@ from openhydra.crypto.errors import CryptoError
 from openhydra.peer.codec import codec_from_name
 from openhydra.peer.embedding import Embedder
 from openhydra.peer.errors import HopError, status_code
+from openhydra.peer.head import Head
 from openhydra.peer.messages import HopSpec
 from openhydra.peer.outbound import (
     CHANNEL_OPTIONS,
@@ -49,7 +50,7 @@ from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
 from openhydra.peer.wire import decode_tensor, encode_tensor
 from openhydra.runtime.prefix_cache import PrefixKey
-from openhydra.runtime.sampling import SamplingParams
+from openhydra.runtime.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
 KeyLookup = Callable[[str], tuple[str, str | None] | None]
@@ -79,6 +80,7 @@ class StepResult:
     token: int
     last_hop: str
     logits: torch.Tensor | None = None  # float32 [1, V] or [S, V]
+    hidden: torch.Tensor | None = None  # final hidden states from the last hop (coordinator-side sampling)
     top_ids: tuple[int, ...] = ()
     top_logprobs: tuple[float, ...] = ()
 
@@ -108,9 +110,11 @@ class PeerChainClient:
         embedder: Embedder | None = None,
         key_lookup: KeyLookup | None = None,
         swarm_token: str | None = None,
+        head: Head | None = None,
     ) -> None:
         self.tunables = tunables or ClientTunables()
         self.swarm_token = swarm_token  # private swarm credential on every call (peer/swarm_auth.py)
+        self.head = head  # final norm + LM head: sample on the coordinator under onion (peer/head.py)
         self._decode_latencies: collections.deque[float] = collections.deque(maxlen=32)
         self.privacy = privacy or ChainPrivacy()
         self.embedder = embedder
@@ -281,6 +285,7 @@ class PeerChainClient:
                     seed=sampling.seed,
                     sampling_step=step,
                     **extras,
+                    return_hidden=self._samples_here,
                 ),
                 reply_to="" if self.privacy.onion else self._reply_address,
                 deadline_unix_ms=deadline_ms,
@@ -313,7 +318,28 @@ class PeerChainClient:
                 self._pending.pop((session_id, seq), None)
         if len(tokens) == 1:
             self._decode_latencies.append(time.monotonic() - began)
-        return results[-1]
+        last = results[-1]
+        if last.hidden is not None:
+            loop = asyncio.get_running_loop()
+            last = await loop.run_in_executor(None, self._sample_here, last, sampling, step, extras)
+        return last
+
+    @property
+    def _samples_here(self) -> bool:
+        """Under onion routing with a head, the coordinator samples: the last hop never sees token ids."""
+        return self.head is not None and self.privacy.onion
+
+    def _sample_here(self, result: StepResult, sampling: SamplingParams, step: int, extras: dict) -> StepResult:
+        logits = self.head(result.hidden)  # float32 [1, V] or [S, V]
+        top_ids: tuple[int, ...] = ()
+        top_logprobs: tuple[float, ...] = ()
+        if extras.get("return_top_k"):
+            logprobs = torch.log_softmax(logits[-1], dim=-1)
+            top = torch.topk(logprobs, min(int(extras["return_top_k"]), logprobs.numel()))
+            top_ids, top_logprobs = tuple(top.indices.tolist()), tuple(top.values.tolist())
+        wants_logits = extras.get("return_logits") or extras.get("all_logits")
+        return StepResult(token=sample(logits[-1], sampling, step), last_hop=result.last_hop,
+                          logits=logits if wants_logits else None, top_ids=top_ids, top_logprobs=top_logprobs)
 
     def _timeout_for(self, positions: int) -> float:
         """The step's deadline in seconds: the full step timeout, or the adaptive decode deadline."""
@@ -379,6 +405,13 @@ class PeerChainClient:
             future.set_exception(HopError(f.hop_address, status_code(f.code), f.message, expected))
             return
         logits = decode_tensor(result.logits, max_bytes=MAX_MESSAGE_BYTES) if result.HasField("logits") else None
+        hidden = None
+        if self._samples_here:
+            if not result.HasField("hidden"):
+                future.set_exception(HopError(result.last_hop, grpc.StatusCode.DATA_LOSS,
+                                              "the last hop sampled instead of returning hidden states"))
+                return
+            hidden = decode_tensor(result.hidden, max_bytes=MAX_MESSAGE_BYTES)
         future.set_result(
             StepResult(
                 token=result.token,
@@ -386,6 +419,7 @@ class PeerChainClient:
                 logits=logits,
                 top_ids=tuple(result.top_ids),
                 top_logprobs=tuple(result.top_logprobs),
+                hidden=hidden,
             )
         )
 

@@ -65,6 +65,7 @@ class StepHeader(BaseModel):
     return_logits: bool
     return_top_k: int = Field(ge=0, le=MAX_RETURN_TOP_K)
     all_logits: bool
+    return_hidden: bool = False
 
     @field_validator("forward_codec")
     @classmethod
@@ -114,6 +115,7 @@ def parse_step(step: pb.Step) -> StepHeader:
             return_logits=s.return_logits,
             return_top_k=s.return_top_k,
             all_logits=s.all_logits,
+            return_hidden=s.return_hidden,
         )
     except ValidationError as exc:
         first = exc.errors()[0]

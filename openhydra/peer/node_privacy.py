@@ -20,6 +20,7 @@ from openhydra.crypto.keys import SignedStaticKey, StaticKeyPair
 from openhydra.crypto.membership import Membership
 from openhydra.crypto.records import sign_record, verify_record
 from openhydra.peer.embedding import Embedder, load_embedder
+from openhydra.peer.head import load_head, runtime_head
 from openhydra.peer.privacy import ChainPrivacy
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,14 @@ class NodePrivacy:
                     return record.peer_id, record.static_key
             return None
 
+        head = None
+        if self.config.onion:  # sample on the coordinator: the last hop returns hidden states (peer/head.py)
+            if runtime is not None and runtime.is_last:
+                head = runtime_head(runtime)
+            else:
+                head = load_head(model_dir, dtype if dtype is not None else runtime.dtype)
         return {"privacy": ChainPrivacy.from_config(self.config), "embedder": embedder, "key_lookup": key_lookup,
-                "swarm_token": self.membership.token}
+                "swarm_token": self.membership.token, "head": head}
 
 
 KNOWN_REASONS = ("tampered", "replayed", "malformed", "plaintext", "invalid_static_key", "key_exhausted",

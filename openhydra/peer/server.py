@@ -219,7 +219,8 @@ class PeerService(pb_grpc.PeerServicer):
         try:
             prefix = _prefix_key(step)  # a malformed one is INVALID_ARGUMENT
             batcher = getattr(self.runtime, "batcher", None)
-            if batcher is not None and header.num_positions == 1 and prefix is None:  # runtime/batching.py
+            if (batcher is not None and header.num_positions == 1 and prefix is None  # runtime/batching.py
+                    and not (header.return_hidden and self.runtime.is_last)):
                 out = self._compute(header, tensor, await asyncio.wrap_future(self._submit(batcher, header, tensor)))
             elif header.num_positions <= self.inline_max_positions:
                 out = self._compute(header, tensor, prefix=prefix)
@@ -269,9 +270,14 @@ class PeerService(pb_grpc.PeerServicer):
                              **({"prefix": prefix} if prefix is not None else {}))
         else:  # hidden states, or on the first span embeddings computed by the coordinator (privacy on)
             out = rt.forward(header.session_id, positions, hidden_states=tensor, all_logits=header.all_logits,
-                             **({"prefix": prefix} if prefix is not None else {}))
+                             **({"prefix": prefix} if prefix is not None else {}),
+                             **({"return_hidden": True} if header.return_hidden and rt.is_last else {}))
         if not rt.is_last:
             return out  # hidden [S, D]
+        if header.return_hidden:  # the coordinator applies norm + head and samples (peer/head.py)
+            hidden = out if header.all_logits else out[-1:]  # [S, D] or [1, D]
+            return pb.Result(session_id=header.session_id, seq=header.seq, token=-1, last_hop=self.address,
+                             hidden=encode_tensor(hidden))
         logits = out  # float32 [1, V] or [S, V]
         result = pb.Result(
             session_id=header.session_id,

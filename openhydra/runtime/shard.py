@@ -157,13 +157,15 @@ class ShardRuntime:
         hidden_states: torch.Tensor | None = None,
         all_logits: bool = False,
         prefix: PrefixKey | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """Run this span for one step of one session.
 
         Returns hidden states [S, D] in the runtime dtype, or on the last shard float32 logits
         [1, V] for the last position ([S, V] with ``all_logits``). ``prefix`` (a new session's prompt
         block hashes) seeds the cache from the prefix cache when ``positions`` start past 0, and stores
-        the session's prompt blocks there (runtime/prefix_cache.py).
+        the session's prompt blocks there (runtime/prefix_cache.py). ``return_hidden``: the last shard
+        returns its final hidden states [S, D] before the norm (coordinator-side sampling, peer/head.py).
         """
         seq_len = self._check_positions(positions)
         if self.compaction is not None:
@@ -192,6 +194,8 @@ class ShardRuntime:
                 self._sessions.drop(session_id)
                 raise
             session.length += seq_len
+        if return_hidden:
+            return out[0]  # [S, D]
         return self._output(out, all_logits)
 
     def _run_layers(self, session: Session, h: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

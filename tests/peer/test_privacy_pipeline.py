@@ -168,3 +168,27 @@ def test_thousand_bit_flips_all_rejected_at_the_hop(keyed, embedder) -> None:
     finally:
         client.close("flips")
         client.shutdown()
+
+
+def test_onion_samples_on_the_coordinator_so_the_last_hop_never_sees_tokens(tiny_model_dirs, keyed, embedder,
+                                                                            monkeypatch) -> None:
+    """Under onion routing with a head, the last peer returns its final hidden states (sealed) and the
+    coordinator applies norm + LM head and samples: same tokens as generate, and no peer ever samples."""
+    import openhydra.peer.server as server_module
+    from openhydra.peer.head import load_head
+
+    def no_sampling_on_peers(*args, **kwargs):
+        raise AssertionError("a peer sampled a token")
+
+    monkeypatch.setattr(server_module, "sample", no_sampling_on_peers)
+    servers, route = keyed
+    client = PeerChainClient(route, tunables=TUNABLES, privacy=ONION, embedder=embedder,
+                             head=load_head(tiny_model_dirs["qwen3_5"]))
+    try:
+        prompt = _prompt(seed=4)
+        expected = _hf_greedy(tiny_model_dirs["qwen3_5"], prompt, 12)
+        assert _generate(client, "coordinator-samples", prompt, 12) == expected
+        logits = client.step_result("coordinator-logits", prompt, 0, SamplingParams(), 0, all_logits=True).logits
+        assert logits is not None and logits.shape == (len(prompt), servers[-1].runtime.vocab_size)
+    finally:
+        client.shutdown()
