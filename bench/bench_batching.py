@@ -4,11 +4,11 @@ Node processes serving embedded SmolLM2-135M (bf16, 1 thread each), driven throu
 OpenAI chat API with distinct prompts (so coalescing never applies). Arms, interleaved per trial:
 - 1 stream, serving=batched;
 - 8 concurrent streams, serving=batched (decode steps of all sessions run as one forward);
-- 8 concurrent streams, serving=off (each session's step runs alone): what batching buys.
+- with --with-off, 8 concurrent streams on a serving=off node (each session's step runs alone).
 Aggregate output tok/s = all completion tokens / wall time from the first request sent to the last
 stream closed (prefill included, as serving benchmarks report). Target: 8 batched / 1 >= 3.
 
-    python bench/bench_batching.py --trials 5 --tokens 64
+    python bench/bench_batching.py --trials 3 --tokens 32 [--with-off]
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--with-off", action="store_true", help="also time the streams on a serving=off node")
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_batching.png"))
     args = parser.parse_args()
     from openhydra.testing.processes import NodeProcess
@@ -84,17 +85,25 @@ def main() -> None:
     plain = NodeProcess([*common, "serving=off"], threads=args.threads)
     one, many, many_off = "1 stream (batched node)", f"{args.streams} streams (batched node)", \
         f"{args.streams} streams (serving=off)"
-    with batched, plain:
-        aggregate_rate(batched.url, 2, 8), aggregate_rate(plain.url, 2, 8)  # warm-up
-        rates = run_interleaved({
-            one: lambda: aggregate_rate(batched.url, 1, args.tokens),
-            many: lambda: aggregate_rate(batched.url, args.streams, args.tokens),
-            many_off: lambda: aggregate_rate(plain.url, args.streams, args.tokens),
-        }, args.trials)
+    arms = {
+        one: lambda: aggregate_rate(batched.url, 1, args.tokens),
+        many: lambda: aggregate_rate(batched.url, args.streams, args.tokens),
+    }
+    if args.with_off:
+        arms[many_off] = lambda: aggregate_rate(plain.url, args.streams, args.tokens)
+    with batched:
+        aggregate_rate(batched.url, 2, 4)  # warm-up
+        if args.with_off:
+            plain.start().wait_ready()
+            aggregate_rate(plain.url, 2, 4)
+        try:
+            rates = run_interleaved(arms, args.trials)
+        finally:
+            plain.stop()
     med = medians(rates)
     print_table(rates, metric="median aggregate output tok/s")
-    print(f"\n{args.streams} streams / 1 stream (batched) = {med[many] / med[one]:.2f} (target >= 3); "
-          f"batched / unbatched at {args.streams} streams = {med[many] / med[many_off]:.2f}  "
+    off = f"; batched / unbatched at {args.streams} streams = {med[many] / med[many_off]:.2f}" if args.with_off else ""
+    print(f"\n{args.streams} streams / 1 stream (batched) = {med[many] / med[one]:.2f} (target >= 3){off}  "
           f"[tokens={args.tokens}, threads={args.threads}, trials={args.trials}]")
     plot_trials(rates, f"SmolLM2-135M bf16, 1 thread: {args.streams} streams / 1 = {med[many] / med[one]:.2f}",
                 args.plot, ylabel="aggregate output tok/s")

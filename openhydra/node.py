@@ -116,7 +116,7 @@ class Node:
             from transformers import AutoTokenizer
 
             from openhydra.router.coalesce import Coalescer
-            from openhydra.runtime.serving import ServingConfig, apply_serving
+            from openhydra.runtime.serving import ServingConfig, ServingStatus, apply_serving
 
             tokenizer = AutoTokenizer.from_pretrained(choice.path)
             runtime = self.backend.load_span(choice.path, *self.span)
@@ -135,6 +135,8 @@ class Node:
                             context_length=context, max_concurrent_sessions=cfg.api.max_concurrent_sessions,
                             speculator=speculator)
             engine.coalescer = Coalescer() if serving.coalesce else None
+            planner = getattr(self.swarm, "prefix", None) if pipeline is self.swarm else None
+            self.state.extra["serving"] = ServingStatus(runtime, engine.coalescer, planner or pipeline)
             if self.economy is not None and getattr(self.economy, "enabled", False):
                 self.state.extra["economy"] = _EconomyStatus(self.economy)
                 if runtime.is_first and runtime.is_last:

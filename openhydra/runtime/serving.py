@@ -56,3 +56,53 @@ def apply_serving(config: ServingConfig, runtime) -> None:
         runtime.prefix_cache = PrefixCache(runtime.layer_types, int(config.prefix_cache.max_mb * 2**20))
     if config.batching.max_batch > 1:
         runtime.batcher = DecodeBatcher(runtime, config.batching.max_batch, config.batching.window_ms)
+
+
+class ServingStatus:
+    """What the serving features did, for ``/v1/network/status`` (``serving``) and ``/metrics``."""
+
+    def __init__(self, runtime, coalescer=None, planner=None) -> None:
+        self.runtime, self.coalescer, self.planner = runtime, coalescer, planner
+
+    def network_status(self) -> dict:
+        cache = getattr(self.runtime, "prefix_cache", None)
+        batcher = getattr(self.runtime, "batcher", None)
+        body: dict = {"prefix_cache": None, "batching": None, "coalescing": None}
+        if cache is not None:
+            s = cache.stats
+            body["prefix_cache"] = {"hits": s.hits, "misses": s.misses, "reused_positions": s.reused_positions,
+                                    "blocks": len(cache), "bytes": cache.nbytes, "max_bytes": cache.max_bytes,
+                                    "inserted_blocks": s.inserted_blocks, "evicted_blocks": s.evicted_blocks}
+        if self.planner is not None:
+            body["prefix_reuse"] = {"reused_positions": self.planner.reused_positions,
+                                    "restarts": getattr(self.planner, "restarts", 0)}
+        if batcher is not None:
+            s = batcher.stats
+            body["batching"] = {"max_batch": batcher.max_batch, "batches": s.batches, "batched_steps": s.steps,
+                                "unbatched_steps": s.fallback_steps, "largest_batch": s.max_seen}
+        if self.coalescer is not None:
+            body["coalescing"] = {"runs": self.coalescer.runs, "coalesced": self.coalescer.coalesced}
+        return body
+
+    def metrics_text(self) -> str:
+        status = self.network_status()
+        lines: list[str] = []
+
+        def counter(name: str, help_text: str, value: int) -> None:
+            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"])
+
+        if status["prefix_cache"]:
+            pc = status["prefix_cache"]
+            counter("openhydra_prefix_cache_hits_total", "Sessions seeded from the prefix cache.", pc["hits"])
+            counter("openhydra_prefix_cache_reused_positions_total", "Positions not recomputed thanks to it.",
+                    pc["reused_positions"])
+            lines.extend(["# HELP openhydra_prefix_cache_bytes Bytes of cached prefix blocks.",
+                          "# TYPE openhydra_prefix_cache_bytes gauge", f"openhydra_prefix_cache_bytes {pc['bytes']}"])
+        if status["batching"]:
+            counter("openhydra_batched_decode_steps_total", "Decode steps run inside a batch.",
+                    status["batching"]["batched_steps"])
+            counter("openhydra_decode_batches_total", "Batched forwards.", status["batching"]["batches"])
+        if status["coalescing"]:
+            counter("openhydra_coalesced_requests_total", "Requests served by an identical request's run.",
+                    status["coalescing"]["coalesced"])
+        return "\n".join(lines) + "\n" if lines else ""
