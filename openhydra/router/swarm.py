@@ -209,7 +209,7 @@ class SwarmPipeline:
         except HopError as error:
             if error.code == grpc.StatusCode.UNIMPLEMENTED:
                 log.warning("hop %s cannot crop caches (%s): speculative decoding off for %s; replaying",
-                            error.address, error.details, self.model_id)
+                            error.address, error.message, self.model_id)
                 self.supports_truncate = False
                 old = (session.peer_session, _route_of(session.chain))
                 threading.Thread(target=self._close_quietly, args=old, daemon=True).start()
