@@ -333,6 +333,6 @@ class MlxBackend:
         return f"mlx on {self.device}, {self.dtype_name}"
 
     def load_span(self, model_dir: Path, start: int, end: int | None) -> MlxShardRuntime:
-        if self.compaction is not None:
+        if getattr(self.compaction, "enabled", False):
             log.warning("the MLX backend has no KV compaction; serving without it")
         return MlxShardRuntime(model_dir, start, end, dtype=self.dtype_name)

@@ -1,0 +1,1 @@
+"""``openhydra-bench``: a load generator for the OpenAI endpoint (TTFT, ITL/TPOT, output tok/s)."""
