@@ -90,6 +90,7 @@ class SwarmSettler:
         self.last_ms: float | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="settle")
         self._queued = 0
+        self.completed = 0  # settlements finished, whatever their outcome
         self._lock = threading.Lock()
 
     # -- entry point (called from SwarmPipeline.close, on a decode thread) ---------------------------
@@ -120,6 +121,7 @@ class SwarmSettler:
             self.last_ms = (time.perf_counter() - began) * 1000
             with self._lock:
                 self._queued -= 1
+                self.completed += 1  # last: a reader that sees it also sees last_ms and the outcome counts
 
     # -- the protocol --------------------------------------------------------------------------------
     def settle(self, request_id: str, peer_session: str, tokens: int,
@@ -207,6 +209,8 @@ class SwarmSettler:
         return {
             **counts,
             "free_tier_requests": free_requests,
+            "completed": self.completed,
+            "queued": self._queued,
             "failures_by_stage": dict(self.failures),
             "last_ms": None if self.last_ms is None else round(self.last_ms, 2),
             "free_tier": {"tokens_per_day": self.free_tier.tokens_per_day, "used_tokens": self.free_tier.used()},
