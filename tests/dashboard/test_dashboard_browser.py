@@ -58,11 +58,11 @@ def nodes(tiny_model_dirs, tmp_path_factory) -> Iterator[dict[str, NodeProcess]]
             _wait_for_both_peers(head)
             yield {"head": head, "tail": tail}
         finally:
-            for node in started:  # SIGTERM all first: the nodes shut down in parallel
+            for node in started:  # SIGKILL: this module tests no clean shutdown, and CI time is short
                 if node.proc is not None and node.proc.poll() is None:
-                    os.killpg(node.proc.pid, signal.SIGTERM)
+                    os.killpg(node.proc.pid, signal.SIGKILL)
             for node in started:
-                node.stop()
+                node.stop()  # reaps the processes and closes the logs
 
 
 def _wait_for_both_peers(node: NodeProcess, timeout_s: float = 30.0) -> None:
@@ -243,3 +243,27 @@ def test_node_with_economy_off_shows_its_own_span_and_no_earnings(nodes, page):
     own.wait_for()
     assert (own.get_attribute("data-start"), own.get_attribute("data-end")) == ("4", "8")
     assert page.locator(".cov-row[data-peer-id]").count() == 2
+
+
+def test_a_dead_peer_shows_as_an_error_and_a_coverage_hole(nodes, browser):
+    """Runs last: it kills the tail. Its own page says it cannot reach the node (keeping the last data),
+    and the head's map loses the bar and shows the hole [4, 8)."""
+    head, tail = nodes["head"], nodes["tail"]
+    tail_page = browser.new_page()
+    head_page = browser.new_page()
+    head_page.add_init_script(f"localStorage.setItem('openhydra.dashboard.token', {TOKEN!r})")
+    try:
+        tail_page.goto(tail.url + "/")
+        tail_page.wait_for_selector("#status-pill.pill-ok")
+        head_page.goto(head.url + "/")
+        head_page.wait_for_selector(".cov-row[data-peer-id] >> nth=1")
+        tail.kill()
+        tail_page.wait_for_selector("#error-banner:not([hidden])", timeout=10_000)
+        assert "cannot reach the node" in tail_page.inner_text("#error-banner")
+        assert "showing data from" in tail_page.inner_text("#error-banner")
+        assert tail_page.inner_text("#status-pill") == "unreachable"
+        head_page.wait_for_selector(".cov-head .pill-bad:text('holes [4, 8)')", timeout=30_000)
+        assert head_page.locator(".cov-row[data-peer-id]").count() == 1
+    finally:
+        tail_page.close()
+        head_page.close()
