@@ -78,8 +78,11 @@ def run(cfg: DictConfig) -> None:
 
     try:
         node = build_node(node_cfg, cfg)
-    except BackendUnavailable as exc:
-        _fail(str(exc))
+    except Exception as exc:  # instantiate() wraps the backend's own error in an InstantiationException
+        reason = exc if isinstance(exc, BackendUnavailable) else exc.__cause__
+        if isinstance(reason, BackendUnavailable):
+            _fail(str(reason))
+        raise
     if node_cfg.action == "check":
         node.load_model()
         _check(node)

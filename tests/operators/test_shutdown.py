@@ -1,0 +1,87 @@
+"""CLI manners on a real 2-node swarm (HTTP DHT + two node processes): the start banner, and Ctrl-C
+(SIGINT) mid-stream: the client's stream ends cleanly, the node withdraws its DHT record at once
+(long before its TTL), closes its ledger, logs each step and exits 0."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
+
+TTL_S = 300.0  # far longer than the test: a record that disappears was withdrawn, not expired
+
+
+def peers(dht: DhtProcess, model_id: str) -> list[str]:
+    answer = httpx.get(dht.url + "/v1/peers", params={"model_id": model_id}, timeout=5).json()
+    return sorted(p["peer_id"] for p in answer["peers"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_withdraws_ends_streams_and_exits_zero(tiny_model_dirs, tmp_path):
+    model = tiny_model_dirs["llama"]
+    with DhtProcess() as dht:
+        nodes = [
+            NodeProcess([*swarm_node_overrides(model, dht.url, a, b, tmp_path / name, ttl_s=TTL_S, interval_s=60.0),
+                         "privacy=off", f"node.peer_id={name}"], log_path=tmp_path / f"{name}.log")
+            for name, a, b in (("head", 0, 4), ("tail", 4, 8))
+        ]
+        try:
+            head, tail = start_all(nodes)
+            model_id = model.name
+            assert peers(dht, model_id) == ["head", "tail"]
+
+            client = openai.OpenAI(base_url=head.url + "/v1", api_key="unused", timeout=60, max_retries=0)
+            outcome: dict = {}
+
+            def chat() -> None:
+                pieces = []
+                try:
+                    stream = client.chat.completions.create(
+                        model=model_id, messages=[{"role": "user", "content": "Count for a long time."}],
+                        max_tokens=4000, stream=True, extra_body={"ignore_eos": True})
+                    for chunk in stream:
+                        if chunk.choices and chunk.choices[0].delta.content:
+                            pieces.append(chunk.choices[0].delta.content)
+                            outcome.setdefault("first", time.monotonic())
+                    outcome["end"] = "finished"
+                except openai.APIError as exc:  # an error event, then the end of the stream
+                    outcome["end"] = f"error: {exc}"
+                outcome["pieces"] = len(pieces)
+                outcome["ended_at"] = time.monotonic()
+
+            reader = threading.Thread(target=chat, daemon=True)
+            reader.start()
+            deadline = time.monotonic() + 60
+            while "first" not in outcome and "end" not in outcome and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "first" in outcome, f"no token streamed: {outcome}"
+
+            sent = time.monotonic()
+            head.proc.send_signal(signal.SIGINT)  # what Ctrl-C in its terminal sends
+            reader.join(timeout=30)
+            assert not reader.is_alive(), "the client's stream hung after Ctrl-C"
+            assert outcome["pieces"] >= 1 and outcome["end"]
+
+            code = head.proc.wait(timeout=45)
+            took = time.monotonic() - sent
+            assert code == 0, head.log_text()[-3000:]
+            assert took < 45
+            assert peers(dht, model_id) == ["tail"]  # withdrawn at once; its TTL had ~5 minutes left
+            assert not (tmp_path / "head" / "ledger.db-wal").exists()  # the ledger was checkpointed and closed
+
+            log = head.log_text()
+            for line in ("OpenHydra node", f"API        {head.url}", "layers [0, 4)", "identity ",
+                         "shutting down: withdrawing from the DHT", "withdrew the announcement",
+                         "shutdown complete"):
+                assert line in log, f"{line!r} not in the log:\n{log[-3000:]}"
+            assert "Traceback" not in log
+            assert tail.proc.poll() is None  # the other peer keeps running
+        finally:
+            for node in nodes:
+                node.stop()
