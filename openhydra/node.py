@@ -157,9 +157,6 @@ class Node:
             from openhydra.hardware.auto import maybe_promote_node
 
             maybe_promote_node(self)  # hardware=auto in a swarm: recommend a bigger model for the next start
-            from openhydra.hardware.auto import maybe_promote_node
-
-            maybe_promote_node(self)  # hardware=auto in a swarm: recommend a bigger model for the next start
         except Exception as exc:
             state.load_error = f"{type(exc).__name__}: {exc}"
             state.loading_stage = "failed"
@@ -194,8 +191,6 @@ class Node:
         self._ensure_background()
         records = self.background.run(self.discovery.lookup(choice.api_name))
         max_layers = shard.max_layers or num_layers
-        if shard.max_fraction is not None:  # auto-promotion sized the span by memory (hardware/promote.py)
-            max_layers = min(max_layers, max(1, int(shard.max_fraction * num_layers)))
         if shard.max_fraction is not None:  # auto-promotion sized the span by memory (hardware/promote.py)
             max_layers = min(max_layers, max(1, int(shard.max_fraction * num_layers)))
         span = choose_span(records, num_layers, max_layers, model_id=choice.api_name)

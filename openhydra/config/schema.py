@@ -46,10 +46,6 @@ class ModelConfig(Strict):
     """Parameter count in billions (auto-promotion's memory math: params x bytes per weight + overhead)."""
     num_layers: int | None = Field(None, ge=1)
     """Decoder layers (auto-promotion sizes shards with it; the checkpoint's config is what the node loads)."""
-    params_b: float | None = Field(None, gt=0)
-    """Parameter count in billions (auto-promotion's memory math: params x bytes per weight + overhead)."""
-    num_layers: int | None = Field(None, ge=1)
-    """Decoder layers (auto-promotion sizes shards with it; the checkpoint's config is what the node loads)."""
 
     @model_validator(mode="after")
     def _has_a_source(self) -> ModelConfig:
@@ -65,8 +61,6 @@ class ShardConfig(Strict):
     index: int | None = Field(None, ge=0)
     total: int | None = Field(None, ge=1)
     max_layers: int | None = Field(None, ge=1)
-    max_fraction: float | None = Field(None, gt=0, le=1)
-    """shard=auto: hold at most this fraction of the model's layers (what auto-promotion's memory math gives)."""
     max_fraction: float | None = Field(None, gt=0, le=1)
     """shard=auto: hold at most this fraction of the model's layers (what auto-promotion's memory math gives)."""
 
@@ -116,8 +110,6 @@ class NodeSection(Strict):
     peer_id: str | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     hub_probe_timeout_s: float = Field(2.0, gt=0, le=60)
-    auto_promote: bool = True
-    """With hardware=auto and discovery on: recommend a bigger model once ready, write local/auto.yaml."""
     auto_promote: bool = True
     """With hardware=auto and discovery on: recommend a bigger model once ready, write local/auto.yaml."""
 
