@@ -44,18 +44,6 @@ def user_config_dir() -> Path:
     return Path(base) / "openhydra"
 
 
-# Hydra warns when a searchpath entry is missing; the user config dir exists only once something is written.
-warnings.filterwarnings("ignore", message=r"provider=hydra\.searchpath in main, path=.* is not available")
-
-
-def user_config_dir() -> Path:
-    """Where the user's own config lives (the hydra.searchpath entry in conf/config.yaml says the same)."""
-    if os.environ.get("OPENHYDRA_CONFIG_DIR"):
-        return Path(os.environ["OPENHYDRA_CONFIG_DIR"]).expanduser()
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.environ.get("HOME", "."), ".config")
-    return Path(base) / "openhydra"
-
-
 def group_options(group: str) -> list[str]:
     folder = conf_dir() / group
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
