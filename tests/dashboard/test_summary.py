@@ -1,4 +1,5 @@
-"""The dashboard summary without a browser: a loading node, a standalone node, a failing component.
+"""The dashboard summary without a browser: a loading node, a standalone node, a failing component, and
+the coverage map of a served model and its fallback from real announcement records and a real ban list.
 
 These build the app in-process (no server) and call the same function the route runs; the browser test
 (test_dashboard_browser.py) covers the real swarm.
@@ -6,10 +7,17 @@ These build the app in-process (no server) and call the same function the route 
 
 from __future__ import annotations
 
+import asyncio
+import time
+from types import SimpleNamespace
+
 from openhydra.api.app import create_app
+from openhydra.api.dashboard.coverage import model_coverage
 from openhydra.api.dashboard.summary import DashboardSummary, build_summary
 from openhydra.api.state import NodeState, ServedModel
 from openhydra.config.schema import ApiConfig
+from openhydra.discovery.records import PeerAnnouncement
+from openhydra.router.bans import BanList
 
 
 def _served(span: tuple[int, int] = (0, 8)) -> ServedModel:
@@ -52,3 +60,49 @@ def test_a_failing_component_is_reported_and_the_rest_still_answers() -> None:
     summary = build_summary(create_app(state, ApiConfig()))
     assert summary.network["broken"] == {"error": "RuntimeError: discovery is down"}
     assert summary.node.ready
+
+
+def _record(peer: str, model: str, start: int, end: int, total: int, port: int) -> PeerAnnouncement:
+    return PeerAnnouncement(peer_id=peer, model_id=model, start=start, end=end, total_layers=total,
+                            grpc_address=f"127.0.0.1:{port}", announced_at=time.time(), ttl_s=60)
+
+
+class _Swarm:
+    """The two things the map reads from a SwarmPipeline: its peers and its ban list (a real BanList)."""
+
+    model_id, total_layers = "big", 8
+
+    def __init__(self, records: list[PeerAnnouncement]) -> None:
+        self.records, self.bans = records, BanList()
+
+    def peers(self) -> list[PeerAnnouncement]:
+        return self.records
+
+
+class _Discovery:
+    def __init__(self, records: list[PeerAnnouncement]) -> None:
+        self.records = records
+
+    async def lookup(self, model_id: str) -> list[PeerAnnouncement]:
+        return [r for r in self.records if r.model_id == model_id]
+
+
+class _Loop:
+    def run(self, coro, timeout: float = 30.0):
+        return asyncio.run(coro)
+
+
+def test_coverage_of_the_served_model_and_of_each_fallback() -> None:
+    served = [_record("me", "big", 0, 4, 8, 5001), _record("other", "big", 4, 6, 8, 5002)]
+    fallback = [_record("small-a", "small", 0, 2, 4, 5003), _record("small-b", "small", 2, 4, 4, 5004)]
+    node = SimpleNamespace(swarm=_Swarm(served), peer_server=SimpleNamespace(address="127.0.0.1:5001"),
+                           discovery=_Discovery(fallback), background=_Loop())
+    node.swarm.bans.ban("other")
+    state = NodeState(model=_served((0, 4)), degrader=SimpleNamespace(fallbacks=["small"]))
+    big, small = model_coverage(state, node)
+    assert (big.model_id, big.role, big.total_layers) == ("big", "served", 8)
+    assert big.holes == [(4, 8)] and not big.complete  # the banned peer does not count
+    assert [(p.peer_id, p.start, p.end, p.is_self, p.banned) for p in big.peers] == [
+        ("me", 0, 4, True, False), ("other", 4, 6, False, True)]
+    assert (small.model_id, small.role, small.total_layers, small.complete) == ("small", "fallback", 4, True)
+    assert [(p.start, p.end) for p in small.peers] == [(0, 2), (2, 4)] and small.counts == [1, 1, 1, 1]
