@@ -232,7 +232,9 @@ class Node:
         privacy = node_privacy(cfg.privacy, self.identity)  # privacy hook: keys, signing, sealed steps
         from openhydra.economy.peer_settlement import PeerSettlement  # settlement hook: sign what we served
 
-        settlement = PeerSettlement(self.identity, self.economy, choice.api_name, (runtime.start, runtime.end))
+        signer = self.identity or getattr(self.economy, "identity", None)  # privacy=off: the economy's key
+        settlement = (PeerSettlement(signer, self.economy, choice.api_name, (runtime.start, runtime.end))
+                      if signer is not None else None)
         self.peer_server = PeerServer(runtime, cfg.peer.host, cfg.peer.port, model_id=choice.api_name,
                                       static_key=privacy.static, require_encryption=privacy.encrypt,
                                       swarm_token=privacy.membership.token, settlement=settlement)
