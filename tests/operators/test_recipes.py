@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from openhydra.build import build_node
 from openhydra.config.load import ConfigError, conf_dir, group_options, validate
 from openhydra.runtime.backend import BackendUnavailable
-from openhydra.testing.processes import free_port
+from openhydra.testing.processes import NodeProcess, free_port
 
 RECIPES = group_options("recipe")
 SECRET = "a-join-secret-of-the-test-swarm"
@@ -86,32 +86,58 @@ def test_auditor_checks_every_request():
     assert cfg.verification["audit_rate"] == 1.0 and cfg.economy["hydra"] is True
 
 
-def test_bootstrap_host_serves_the_dht_and_stops_on_ctrl_c(tmp_path):
+def wait_up(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not come up")
+
+
+@pytest.mark.slow
+def test_bootstrap_host_serves_a_node_that_auto_promotes(smollm2_dir, tmp_path, monkeypatch):
+    """+recipe=bootstrap as the swarm's only DHT; a hardware=auto node (SmolLM2, a catalog model served from
+    a local folder) announces to it, recommends a model for this machine from the real detection and the
+    DHT's coverage, logs it, and writes the override when it is a step up. Ctrl-C ends both cleanly."""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "openhydra.cli", "+recipe=bootstrap", f"api.port={port}",
-                             f"node.data_dir={tmp_path}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True, text=True)
-    url = f"http://127.0.0.1:{port}"
+    config_dir = tmp_path / "user-config"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENHYDRA_CONFIG_DIR": str(config_dir)}
+    bootstrap = subprocess.Popen([sys.executable, "-m", "openhydra.cli", "+recipe=bootstrap", f"api.port={port}",
+                                  f"node.data_dir={tmp_path / 'dht'}"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, env=env, start_new_session=True, text=True)
+    dht = f"http://127.0.0.1:{port}"
+    node = NodeProcess(["model=smollm2-135m", f"model.path={smollm2_dir}", "hardware=auto", "discovery=http",
+                        f"discovery.http.urls=[{dht}]", "peer.port=0", f"node.data_dir={tmp_path / 'node'}"],
+                       env={"OPENHYDRA_CONFIG_DIR": str(config_dir)}, log_path=tmp_path / "node.log")
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_up(dht, bootstrap)
+        node.start().wait_ready(240)
+        records = httpx.get(dht + "/v1/peers", params={"model_id": "openhydra-smollm2-135m"}).json()["peers"]
+        assert len(records) == 1 and (records[0]["start"], records[0]["end"]) == (0, 30)
+        deadline = time.monotonic() + 90
+        while "promotion:" not in node.log_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        log = node.log_text()
+        assert "hardware: cpu (" in log and "GFLOP/s matmul" in log, log[-3000:]
+        line = next(x for x in log.splitlines() if "promotion:" in x)
+        written = config_dir / "local" / "auto.yaml"
+        if "wrote" in line:  # a step up from SmolLM2 fits this machine: the next start composes it
+            option = written.read_text().split("override /model: ")[1].split()[0]
+            monkeypatch.setenv("OPENHYDRA_CONFIG_DIR", str(config_dir))
+            assert validate(composed([])).model.name == validate(composed([f"model={option}"])).model.name
         else:
-            raise TimeoutError("the bootstrap host did not come up")
-        record = {"peer_id": "peer-a", "model_id": "m", "start": 0, "end": 4, "total_layers": 4,
-                  "grpc_address": "127.0.0.1:50051", "announced_at": time.time(), "ttl_s": 60.0}
-        assert httpx.post(url + "/v1/announce", json=record).json()["ok"] is True
-        peers = httpx.get(url + "/v1/peers", params={"model_id": "m"}).json()["peers"]
-        assert [p["peer_id"] for p in peers] == ["peer-a"]
-        assert "model" not in httpx.get(url + "/health").json()  # a DHT table, not a model server
+            assert "keeping" in line and not written.exists()
+        node.proc.send_signal(signal.SIGINT)
+        assert node.proc.wait(timeout=60) == 0, node.log_text()[-3000:]
+        assert httpx.get(dht + "/v1/peers", params={"model_id": "openhydra-smollm2-135m"}).json()["peers"] == []
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=20)
-    assert proc.returncode == 0, out[-2000:]
-    assert "OpenHydra DHT bootstrap host" in out and f"http://127.0.0.1:{port}" in out
-    assert "Traceback" not in out
+        node.stop()
+        bootstrap.send_signal(signal.SIGINT)
+        out, _ = bootstrap.communicate(timeout=60)
+    assert bootstrap.returncode == 0, out[-2000:]
+    assert "OpenHydra DHT bootstrap host" in out and dht in out and "Traceback" not in out
