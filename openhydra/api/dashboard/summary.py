@@ -138,9 +138,9 @@ def _node_info(state: Any, node: Any) -> NodeInfo:
                     load_error=state.load_error, uptime_s=round(time.time() - state.started_at, 1),
                     requested_model=state.requested_model, model=_model_info(state.model))
     if node is not None:
-        info.peer_id = getattr(node.cfg.node, "peer_id", None) or getattr(node.identity, "peer_id", None)
-        if node.peer_server is not None:
-            info.grpc_address = node.peer_server.address
+        configured = getattr(getattr(getattr(node, "cfg", None), "node", None), "peer_id", None)
+        info.peer_id = configured or getattr(getattr(node, "identity", None), "peer_id", None)
+        info.grpc_address = getattr(node.peer_server, "address", None)
     return info
 
 
