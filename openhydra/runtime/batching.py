@@ -3,8 +3,9 @@
 Decode is memory-bandwidth bound (DESIGN §4): one token reads every weight of the span once, so
 B sessions stepping together read them once instead of B times. :class:`DecodeBatcher` is the
 scheduler: callers (peer gRPC handlers, the local pipeline's decode threads) submit single-position
-steps and get a future; a worker thread takes whatever is pending, waits up to ``window_ms`` for
-more only while other sessions are active (a lone stream never waits), runs :func:`forward_batch`,
+steps and get a future; a worker thread takes whatever is pending, waits for more only while other
+recently active sessions have not submitted yet (up to ``window_ms``, or a quarter of a step's
+duration when that is longer; a lone stream never waits), runs :func:`forward_batch`,
 and resolves each future with that session's output. Sessions join and leave between steps (the
 batch is rebuilt every step, Orca-style iteration-level scheduling).
 
@@ -32,8 +33,11 @@ from transformers.cache_utils import DynamicLayer
 
 log = logging.getLogger(__name__)
 
-ACTIVE_HORIZON_S = 0.5
-"""A session that stepped within this long is expected to step again soon (worth waiting for)."""
+ACTIVE_STEPS = 3.0
+"""A session that submitted within this many step durations is expected to step again soon (worth waiting for)."""
+WAIT_FRACTION = 0.25
+"""While active sessions are missing, wait up to max(window, this fraction of a step's duration) for them:
+on a loaded machine a caller's turnaround (sample, stream the token, submit) outgrows a fixed window."""
 
 
 @dataclass
@@ -67,6 +71,7 @@ class DecodeBatcher:
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._last_seen: dict[str, float] = {}
+        self._step_s = 0.0  # moving average of one batched forward's duration, s
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="decode-batcher", daemon=True)
         self._thread.start()
@@ -102,7 +107,8 @@ class DecodeBatcher:
     # ---- scheduler ------------------------------------------------------------------------------------
 
     def _active(self, now: float) -> int:
-        for sid in [s for s, t in self._last_seen.items() if now - t > ACTIVE_HORIZON_S]:
+        horizon = max(0.05, ACTIVE_STEPS * self._step_s)
+        for sid in [s for s, t in self._last_seen.items() if now - t > horizon]:
             del self._last_seen[sid]
         return len(self._last_seen)
 
@@ -112,7 +118,7 @@ class DecodeBatcher:
                 self._cond.wait()
             if self._closed and not self._queue:
                 return None
-            deadline = time.monotonic() + self.window_s
+            deadline = time.monotonic() + max(self.window_s, WAIT_FRACTION * self._step_s)
             while len(self._queue) < self.max_batch and not self._closed:
                 now = time.monotonic()
                 # Wait only for sessions that are active but have not submitted yet.
@@ -137,11 +143,14 @@ class DecodeBatcher:
             batch = self._take()
             if batch is None:
                 return
+            began = time.monotonic()
             try:
                 outputs = forward_batch(self.runtime, batch, self.stats)
             except Exception as exc:  # the whole batch failed: every caller gets the error
                 log.exception("batched decode step failed")
                 outputs = [exc] * len(batch)
+            elapsed = time.monotonic() - began
+            self._step_s = elapsed if not self._step_s else 0.8 * self._step_s + 0.2 * elapsed
             for item, out in zip(batch, outputs, strict=True):
                 if isinstance(out, BaseException):
                     item.future.set_exception(out)
@@ -186,9 +195,10 @@ def forward_batch(runtime, items: list[_Pending], stats: BatchStats | None = Non
                 ready.append((i, session, h))
         if len(ready) > 1:
             hidden = _run_layers_batched(runtime, [s for _, s, _ in ready], torch.cat([h for *_, h in ready]))
+            out = _batched_output(runtime, hidden)  # one read of the head for every row
             for row, (i, session, _) in enumerate(ready):
                 session.length += 1
-                results[i] = runtime._output(hidden[row : row + 1], items[i].all_logits)
+                results[i] = out[row]  # [1, V] logits on the last span, else hidden [1, D]
             stats.batches += 1
             stats.steps += len(ready)
             stats.max_seen = max(stats.max_seen, len(ready))
@@ -211,6 +221,15 @@ def forward_batch(runtime, items: list[_Pending], stats: BatchStats | None = Non
             except Exception as exc:
                 results[i] = exc
     return results
+
+
+def _batched_output(runtime, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden [B, 1, D] -> per row what ``runtime._output`` gives for one position: float32 logits [B, 1, V]
+    on the last span (norm + head applied to all rows at once), else the hidden states [B, 1, D]."""
+    if not runtime.is_last:
+        return hidden
+    with torch.inference_mode():
+        return runtime.modules.lm_head(runtime.modules.norm(hidden)).float()
 
 
 def _run_layers_batched(runtime, sessions: list, h: torch.Tensor) -> torch.Tensor:
