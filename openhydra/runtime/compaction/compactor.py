@@ -45,7 +45,7 @@ class CompactionPolicy:
     ratio: float = 0.5
     budgets: HeadBudgets | None = None
     beta_ridge: float = 1e-3
-    value_ridge: float = 1.0
+    value_ridge: float = 0.03
     nnls_iters: int = 300
     omp_chunks: int = 16
     sinks: int = 4

@@ -30,7 +30,8 @@ class CompactionConfig(BaseModel):
     max_queries: int = Field(default=128, ge=1)
     """Reference queries kept per layer: the most recent ones, per query head (docs/compaction.md)."""
     beta_ridge: float = Field(default=1e-3, ge=0.0)
-    value_ridge: float = Field(default=1.0, ge=0.0)
+    value_ridge: float = Field(default=0.03, ge=0.0)
+    """Ridge of the C_v refit, relative to the mean diagonal of P̃ᵀP̃ (docs/compaction.md: 0.03 measured best)."""
     nnls_iters: int = Field(default=300, ge=1)
     omp_chunks: int = Field(default=16, ge=1)
     recent_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
