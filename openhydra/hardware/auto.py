@@ -43,19 +43,19 @@ async def lookup_coverage(discovery, catalog: dict[str, ModelConfig], timeout_s:
 
 
 def promote_once(current: ModelConfig, catalog: dict[str, ModelConfig], coverage: dict[str, CoverageReport],
-                 config_dir: Path, profile: HardwareProfile | None = None, force: bool = False
+                 config_dir: Path, profile: HardwareProfile | None = None, by_hand: bool = False
                  ) -> tuple[Recommendation | None, Path | None]:
-    """Recommend and, when it is a step up from ``current`` (or ``force``), write the override."""
+    """Recommend and, when it is a step up from ``current``, write the override."""
     profile = profile or detect()
     log.info("hardware: %s", profile.summary())
     rec = recommend(profile, catalog, coverage)
     if rec is None:
         log.info("promotion: no catalog model fits this machine; keeping %s", current.name)
         return None, None
-    if not force and not is_promotion(rec, current):
+    if not is_promotion(rec, current):
         log.info("promotion: keeping %s (the best fit is %s)", current.name, rec.describe())
         return rec, None
-    path = write_override(rec, config_dir, reason="auto-promotion" if not force else "openhydra-node --promote")
+    path = write_override(rec, config_dir, reason="openhydra-node --promote" if by_hand else "auto-promotion")
     log.info("promotion: %s -> %s; wrote %s (the next start serves it)", current.name, rec.describe(), path)
     return rec, path
 
@@ -108,10 +108,13 @@ def run_action(action: str, cfg) -> int:
         message, _ = demote_once(catalog, coverage, config_dir, base_model_option())
         print(f"openhydra-node: {message}")
         return 0
-    rec, path = promote_once(cfg.model, catalog, coverage, config_dir, force=True)
+    rec, path = promote_once(cfg.model, catalog, coverage, config_dir, by_hand=True)
     if rec is None:
         print("openhydra-node: no catalog model fits this machine; nothing written")
         return 1
+    if path is None:
+        print(f"openhydra-node: keeping {cfg.model.name}: the best fit here is {rec.describe()}")
+        return 0
     print(f"openhydra-node: promoted to {rec.describe()}\n  wrote {path} (the next start composes it)")
     return 0
 

@@ -4,6 +4,9 @@ file, and the config Hydra composes from conf/ plus that file (the `optional loc
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -144,3 +147,31 @@ def test_detect_this_machine_quickly():
     assert here.memory_total_bytes >= here.memory_available_bytes > 0
     assert here.gflops > 0 and here.memory_bandwidth_gbs > 0 and here.cpu_cores >= 1
     assert HardwareProfile.model_validate_json(here.model_dump_json()) == here  # a fixture round-trips
+
+
+def node_cli(*args: str, config_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENHYDRA_CONFIG_DIR": str(config_dir)}
+    return subprocess.run([sys.executable, "-m", "openhydra.cli", *args], capture_output=True, text=True,
+                          timeout=180, env=env)
+
+
+def test_promote_and_demote_by_hand(config_dir):
+    """`openhydra-node --demote` on a written override, then `--promote` from this machine's real detection."""
+    catalog = load_catalog()
+    write_override(recommend(profile("gpu-24gb"), catalog, {}), config_dir)  # as if promoted to 27B earlier
+    out = node_cli("--demote", config_dir=config_dir)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "demot" in out.stdout or "removed" in out.stdout, out.stdout
+    now = current_override(config_dir)
+    assert now != "qwen27b"  # one step down from the frontier tier, or back to the base model
+    override_path(config_dir).unlink(missing_ok=True)
+
+    out = node_cli("--promote", config_dir=config_dir)
+    assert out.returncode in (0, 1) and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "discovery is off" in out.stdout
+    if "promoted to" in out.stdout:  # this box can serve more than the base model
+        option = current_override(config_dir)
+        shown = node_cli("--cfg", "job", config_dir=config_dir)
+        assert f"name: {catalog[option].name}" in shown.stdout
+    else:
+        assert not override_path(config_dir).exists()
