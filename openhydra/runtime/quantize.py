@@ -64,7 +64,25 @@ def quantize_linears(root: nn.Module, method: Method, device: str, compute_dtype
         parent_name, _, leaf = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
         setattr(parent, leaf, _quantized(linear, method, device, compute_dtype))
-    return len(targets)
+    count = len(targets)
+    del targets
+    _release_freed_memory()
+    return count
+
+
+def _release_freed_memory() -> None:
+    """Hand the freed full-precision weights back to the OS (glibc keeps freed heap pages otherwise).
+
+    Measured on SmolLM2 int8: RSS after loading was 412 MB without this (the bf16 weights' pages
+    stayed in malloc's arenas) for 163 MB of quantized parameters.
+    """
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _quantized(linear: nn.Linear, method: Method, device: str, compute_dtype: torch.dtype) -> nn.Module:

@@ -133,7 +133,9 @@ def build_shard(
     modules.rotary_emb = rotary_cls(config=shard_config).to(device)
     modules.eval()
     modules.requires_grad_(False)
-    # Only the span's decoder layers are quantized; embeddings, norm and head keep ``dtype``.
+    # Only the span's decoder layers are quantized; embeddings, norm and head keep ``dtype``. The loaded
+    # full-precision tensors must be unreferenced first, or quantizing cannot free them.
+    del tensors
     quantize_linears(modules.layers, method_for(quantization, device), device, dtype)
     loaded = module_bytes(modules)  # tied tensors once, quantized weights and their scales included
     return ShardBuild(modules=modules, shard_config=shard_config, loaded_bytes=loaded)
