@@ -135,13 +135,32 @@ def _banner(node) -> str:
 
 
 def _serve_dht(cfg) -> None:
+    """action=dht: the HTTP DHT table on api.host:api.port, plus a Kademlia DHT node when discovery says so."""
+    from openhydra.discovery.config import DiscoveryConfig
     from openhydra.discovery.http_dht_server import create_app
 
     app = create_app()
     url = f"http://{cfg.api.host}:{cfg.api.port}"
-    print(f"OpenHydra DHT bootstrap host\n  DHT        {url}  (nodes join with discovery=http "
-          f"discovery.http.urls=[{url}])\n  config     {conf_dir()}", flush=True)
-    app.run(host=cfg.api.host, port=cfg.api.port, single_process=True, motd=False, access_log=False)
+    discovery = DiscoveryConfig.model_validate(cfg.discovery)
+    kademlia, background = None, None
+    lines = [f"OpenHydra DHT bootstrap host\n  DHT        {url}  (nodes join with discovery=http "
+             f"discovery.http.urls=[{url}])"]
+    if discovery.mode in ("kademlia", "dual"):  # a long-lived Kademlia peer others bootstrap from
+        from openhydra.node import BackgroundLoop
+
+        kademlia = discovery.build()
+        kademlia = getattr(kademlia, "kademlia", kademlia)  # dual: its Kademlia half
+        background = BackgroundLoop()
+        background.run(kademlia.start(), timeout=60)
+        lines.append(f"  kademlia   {' '.join(kademlia.visible_maddrs)}  (discovery.kademlia.initial_peers=[...])")
+    lines.append(f"  config     {conf_dir()}")
+    print("\n".join(lines), flush=True)
+    try:
+        app.run(host=cfg.api.host, port=cfg.api.port, single_process=True, motd=False, access_log=False)
+    finally:
+        if background is not None:
+            background.run(kademlia.stop(), timeout=30)
+            background.stop()
     log.info("shutdown complete")
 
 

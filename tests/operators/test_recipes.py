@@ -108,7 +108,7 @@ def test_bootstrap_host_serves_a_node_that_auto_promotes(smollm2_dir, tmp_path, 
     config_dir = tmp_path / "user-config"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENHYDRA_CONFIG_DIR": str(config_dir)}
     bootstrap = subprocess.Popen([sys.executable, "-m", "openhydra.cli", "+recipe=bootstrap", f"api.port={port}",
-                                  f"node.data_dir={tmp_path / 'dht'}"], stdout=subprocess.PIPE,
+                                  "discovery=dual", f"node.data_dir={tmp_path / 'dht'}"], stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, env=env, start_new_session=True, text=True)
     dht = f"http://127.0.0.1:{port}"
     node = NodeProcess(["model=smollm2-135m", f"model.path={smollm2_dir}", "hardware=auto", "discovery=http",
@@ -141,3 +141,4 @@ def test_bootstrap_host_serves_a_node_that_auto_promotes(smollm2_dir, tmp_path, 
         out, _ = bootstrap.communicate(timeout=60)
     assert bootstrap.returncode == 0, out[-2000:]
     assert "OpenHydra DHT bootstrap host" in out and dht in out and "Traceback" not in out
+    assert "kademlia   /ip4/127.0.0.1/tcp/" in out and "/p2p/" in out  # discovery=dual: a Kademlia peer too
