@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import threading
 import time
@@ -103,7 +104,9 @@ def main() -> None:
     med = medians(rates)
     print_table(rates, metric="median aggregate output tok/s")
     off = f"; batched / unbatched at {args.streams} streams = {med[many] / med[many_off]:.2f}" if args.with_off else ""
-    print(f"\n{args.streams} streams / 1 stream (batched) = {med[many] / med[one]:.2f} (target >= 3){off}  "
+    per_trial = statistics.median(m / o for m, o in zip(rates[many], rates[one], strict=True))
+    print(f"\n{args.streams} streams / 1 stream (batched) = {med[many] / med[one]:.2f} (median per-trial ratio "
+          f"{per_trial:.2f}; target >= 3){off}  "
           f"[tokens={args.tokens}, threads={args.threads}, trials={args.trials}]")
     plot_trials(rates, f"SmolLM2-135M bf16, 1 thread: {args.streams} streams / 1 = {med[many] / med[one]:.2f}",
                 args.plot, ylabel="aggregate output tok/s")
