@@ -6,10 +6,12 @@ Hydra's own flags (--help, --cfg job, -m) work as usual.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import sys
 import threading
+import time
 
 from omegaconf import DictConfig
 
@@ -20,6 +22,7 @@ log = logging.getLogger("openhydra")
 _HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
                      "--resolve", "-p", "--package"}
 _MAX_PREFLIGHT_COMBINATIONS = 64
+_STREAM_GRACE_S = 3.0  # on Ctrl-C / SIGTERM: how long running streams may finish before they are ended
 
 
 def _fail(message: str) -> None:
@@ -183,6 +186,12 @@ def _serve(node) -> None:
                 log.info("withdrew the announcement")
             except Exception as exc:  # the record still expires after its TTL
                 log.warning("could not withdraw the announcement: %s", exc)
+        engine = node.state.engine
+        if engine is not None and engine.active_sessions:  # let short streams finish; longer ones get an error event
+            log.info("waiting up to %.0f s for %d stream(s) to finish", _STREAM_GRACE_S, len(engine.active_sessions))
+            deadline = time.monotonic() + _STREAM_GRACE_S
+            while engine.active_sessions and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
         node.shutdown()
         log.info("shutdown complete")
 
