@@ -26,6 +26,8 @@ class HardwareConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int = Field(0, ge=0, le=1024)
     quantization: Literal["none", "int8", "nf4"] = "none"
+    """The span's decoder Linears: int8 (CUDA: bitsandbytes LLM.int8; CPU: weight-only int8) or NF4
+    (bitsandbytes, CUDA or CPU); see runtime/quantize.py. Not implemented on MLX (it says so at start)."""
     memory_budget_gb: float | None = Field(None, gt=0)
 
 
