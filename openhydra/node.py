@@ -135,8 +135,8 @@ class Node:
                             context_length=context, max_concurrent_sessions=cfg.api.max_concurrent_sessions,
                             speculator=speculator)
             engine.coalescer = Coalescer() if serving.coalesce else None
-            planner = getattr(self.swarm, "prefix", None) if pipeline is self.swarm else None
-            self.state.extra["serving"] = ServingStatus(runtime, engine.coalescer, planner or pipeline)
+            planner = getattr(self.swarm, "prefix", None) if pipeline is self.swarm else pipeline
+            self.state.extra["serving"] = ServingStatus(runtime, engine.coalescer, planner)
             if self.economy is not None and getattr(self.economy, "enabled", False):
                 self.state.extra["economy"] = _EconomyStatus(self.economy)
                 if runtime.is_first and runtime.is_last:
