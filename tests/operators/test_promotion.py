@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from openhydra.catalog import load_catalog
 from openhydra.config.load import conf_dir, user_config_dir, validate
 from openhydra.discovery.records import PeerAnnouncement
-from openhydra.hardware.auto import base_model_option, promote_once
+from openhydra.hardware.auto import base_model_option, promote_once, run_action
 from openhydra.hardware.detect import HardwareProfile, detect
 from openhydra.hardware.promote import (
     current_override,
@@ -155,13 +155,13 @@ def node_cli(*args: str, config_dir: Path) -> subprocess.CompletedProcess:
                           timeout=180, env=env)
 
 
-def test_promote_and_demote_by_hand(config_dir):
-    """`openhydra-node --demote` on a written override, then `--promote` from this machine's real detection."""
+def test_promote_and_demote_by_hand(config_dir, capsys):
+    """`--demote` on a written override, then `openhydra-node --promote` from this machine's real detection."""
     catalog = load_catalog()
     write_override(recommend(profile("gpu-24gb"), catalog, {}), config_dir)  # as if promoted to 27B earlier
-    out = node_cli("--demote", config_dir=config_dir)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "demot" in out.stdout or "removed" in out.stdout, out.stdout
+    assert run_action("demote", composed_node()) == 0  # what `openhydra-node --demote` runs, in-process
+    printed = capsys.readouterr().out
+    assert "demot" in printed or "removed" in printed, printed
     now = current_override(config_dir)
     assert now != "qwen27b"  # one step down from the frontier tier, or back to the base model
     override_path(config_dir).unlink(missing_ok=True)
