@@ -12,14 +12,16 @@ batch is rebuilt every step, Orca-style iteration-level scheduling).
 :func:`forward_batch` stacks the sessions' per-session ``DynamicCache`` K/V left-padded to the
 longest one ([B, H, Lmax, d]), masks the padding (a boolean [B, 1, 1, Lmax + 1] mask), gives each
 row its own position, runs every layer once on h [B, 1, D], then appends each row's new K/V to its
-own session cache. Greedy outputs equal unbatched ones (tested); logits agree to float rounding
-(batched matmuls accumulate in a different order). Spans it cannot batch run each step on its own,
-exactly as without batching: recurrent layers (Qwen3.5 linear attention; their states could be
-stacked too, not done yet), sliding windows, compacted caches, sessions still filling prefix blocks.
+own session cache. Recurrent layers (Qwen3.5 Gated DeltaNet) need no padding: their fixed-size conv
+and recurrent states are stacked [B, ...] and split back after the step. Greedy outputs equal
+unbatched ones (tested); logits agree to float rounding (batched matmuls accumulate in a different
+order). Steps it cannot batch run on their own, exactly as without batching: sliding-window layers,
+compacted caches, a session's first position, sessions still filling prefix blocks.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +164,16 @@ class DecodeBatcher:
 
 
 def _batchable(runtime, session) -> bool:
-    if session.prefix is not None or any(t != "full_attention" for t in runtime.layer_types):
+    if session.prefix is not None or any(t not in ("full_attention", "linear_attention") for t in runtime.layer_types):
         return False
-    return all(type(layer) is DynamicLayer for layer in session.cache.layers) and all(
-        layer.get_seq_length() == session.length for layer in session.cache.layers
-    )
+    for layer_type, layer in zip(runtime.layer_types, session.cache.layers, strict=True):
+        if layer_type == "full_attention":
+            if type(layer) is not DynamicLayer or layer.get_seq_length() != session.length:
+                return False  # e.g. a compacted cache: indices are not positions
+        elif not (type(layer) is LinearAttentionLayer and session.length > 0 and layer.has_previous_state[0]
+                  and not layer.record_past and layer.number_of_states == 1):
+            return False  # recurrent state not built yet (or recording for rollback)
+    return True
 
 
 def forward_batch(runtime, items: list[_Pending], stats: BatchStats | None = None) -> list[object]:
@@ -240,9 +247,12 @@ def _run_layers_batched(runtime, sessions: list, h: torch.Tensor) -> torch.Tenso
     device = h.device
     with torch.inference_mode():
         temp = DynamicCache(config=runtime.shard_config)
-        for i in range(len(runtime.layer_types)):
+        for i, layer_type in enumerate(runtime.layer_types):
+            if layer_type == "linear_attention":  # fixed-size states: stacked, no padding
+                temp.layers[i] = _stacked_linear_layer([s.cache.layers[i] for s in sessions])
+                continue
             if longest == 0:
-                break
+                continue
             ref = next(s.cache.layers[i] for s in sessions if s.length > 0)
             _, heads, _, k_dim = ref.keys.shape
             v_dim = ref.values.shape[-1]
@@ -256,12 +266,13 @@ def _run_layers_batched(runtime, sessions: list, h: torch.Tensor) -> torch.Tenso
         columns = torch.arange(longest + 1, device=device)  # [Lmax + 1]
         starts = torch.tensor([longest - n for n in lengths], device=device)  # [B]
         mask = (columns[None, :] >= starts[:, None])[:, None, None, :]  # [B, 1, 1, Lmax + 1]: True = attend
+        masks = {"full_attention": mask, "linear_attention": None}  # one new position: no padding in states
         position_ids = torch.tensor(lengths, device=device).view(batch, 1)  # [B, 1]
         position_embeddings = runtime.modules.rotary_emb(h, position_ids)  # (cos, sin), each [B, 1, head_dim]
-        for layer in runtime.modules.layers:
+        for layer, layer_type in zip(runtime.modules.layers, runtime.layer_types, strict=True):
             h = layer(
                 h,
-                attention_mask=mask,
+                attention_mask=masks[layer_type],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
                 past_key_values=temp,
@@ -269,9 +280,26 @@ def _run_layers_batched(runtime, sessions: list, h: torch.Tensor) -> torch.Tenso
             )
             if isinstance(h, tuple):
                 h = h[0]
-        for i in range(len(runtime.layer_types)):
+        for i, layer_type in enumerate(runtime.layer_types):
+            if layer_type == "linear_attention":
+                for row, s in enumerate(sessions):  # each session's state after its new position
+                    s.cache.layers[i].conv_states[0].copy_(temp.layers[i].conv_states[0][row : row + 1])
+                    s.cache.layers[i].recurrent_states[0].copy_(temp.layers[i].recurrent_states[0][row : row + 1])
+                continue
             new_k = temp.layers[i].keys[:, :, -1:]  # [B, H, 1, d]
             new_v = temp.layers[i].values[:, :, -1:]
             for row, s in enumerate(sessions):
                 s.cache.layers[i].update(new_k[row : row + 1].clone(), new_v[row : row + 1].clone())
         return h  # [B, 1, D]
+
+
+def _stacked_linear_layer(layers: list) -> LinearAttentionLayer:
+    """A temporary Gated-DeltaNet cache layer holding B sessions' conv [B, C, K] and recurrent [B, H, dk, dv] states."""
+    ref = layers[0]
+    stacked = copy.copy(ref)
+    stacked.conv_states = {0: torch.cat([layer.conv_states[0] for layer in layers])}
+    stacked.recurrent_states = {0: torch.cat([layer.recurrent_states[0] for layer in layers])}
+    for name in ("is_conv_states_initialized", "is_recurrent_states_initialized", "has_previous_state",
+                 "conv_kernel_size"):
+        setattr(stacked, name, dict(getattr(ref, name)))
+    return stacked
