@@ -99,3 +99,46 @@ def test_a_bad_step_fails_alone(tiny_model_dirs) -> None:
     assert isinstance(out[1], PositionMismatchError) and out[1].expected == 4
     assert isinstance(out[2], ValueError) and "input_ids" in str(out[2])
     assert [rt.session_length(f"s{i}") for i in range(3)] == [5, 4, 4]
+
+
+def test_peers_batch_concurrent_sessions_over_grpc(tiny_model_dirs) -> None:
+    """Three gRPC peers with batchers: concurrent sessions' decode steps are batched on every hop, exactly."""
+    from openhydra.peer.client import ClientTunables, PeerChainClient
+    from openhydra.peer.messages import HopSpec
+    from openhydra.peer.server import PeerServer
+    from openhydra.runtime.sampling import SamplingParams
+
+    splits = [(0, 3), (3, 5), (5, 8)]
+    runtimes = [ShardRuntime(tiny_model_dirs["qwen3"], a, b) for a, b in splits]
+    servers = [PeerServer(rt) for rt in runtimes]
+    route = [HopSpec(address=s.start(), start=a, end=b) for s, (a, b) in zip(servers, splits, strict=True)]
+    client = PeerChainClient(route, tunables=ClientTunables(step_timeout_s=60.0))
+
+    def generate(sid: str, prompt: torch.Tensor) -> list[int]:
+        tokens, feed, pos = [], prompt.tolist(), 0
+        for step in range(STEPS):
+            tokens.append(client.step(sid, feed, pos, SamplingParams(), step))
+            pos, feed = pos + len(feed), [tokens[-1]]
+        client.close(sid)
+        return tokens
+
+    try:
+        expected = [generate(f"solo{i}", p) for i, p in enumerate(PROMPTS)]
+        for rt in runtimes:
+            rt.batcher = DecodeBatcher(rt, max_batch=8, window_ms=20.0)
+        got: list[list[int] | None] = [None] * len(PROMPTS)
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, generate(f"b{i}", PROMPTS[i])))
+                   for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert got == expected
+        assert all(rt.batcher.stats.max_seen >= 2 and rt.batcher.stats.batches > 0 for rt in runtimes)
+    finally:
+        client.shutdown()
+        for s in servers:
+            s.stop()
+        for rt in runtimes:
+            if rt.batcher is not None:
+                rt.batcher.close()
