@@ -138,6 +138,7 @@ class PeerService(pb_grpc.PeerServicer):
                 if not header.reply_to and state is None:
                     raise ValueError("invalid step: reply_to is empty")
                 tensor = self._decode_input(header, step.tensor)
+                _prefix_key(step)  # malformed prefix hashes are refused here too, before the runtime
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.address}: {exc}")
             steps += 1

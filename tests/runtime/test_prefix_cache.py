@@ -184,3 +184,22 @@ def test_chain_reuses_the_prefix_every_hop_holds(chain) -> None:
     assert _chain_generate(client, planner, ["c"], c, 6) == cold_c
     assert planner.restarts == 1 and planner.reused_positions == 80
     assert all(s.runtime.session_count() == 0 for s in servers)  # the half-built session was closed too
+
+
+def test_malformed_prefix_hashes_are_refused(chain) -> None:
+    import grpc
+
+    from openhydra.peer.proto import peer_pb2 as pb
+    from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
+    from openhydra.peer.wire import encode_tensor
+
+    servers, client = chain
+    hops = [pb.Hop(address=s.address, start=a, end=b) for s, (a, b) in zip(servers, SPLITS, strict=True)]
+    for hashes, block in [([b"short"], 16), ([b"x" * 32], 0), ([b"x" * 32] * 5000, 16)]:
+        step = pb.Step(session_id="bad", seq=0, start_position=0, num_positions=3, route=hops,
+                       tensor=encode_tensor(torch.tensor([5, 6, 7])), reply_to=client.reply_address,
+                       prefix_hashes=hashes, prefix_block=block)
+        with grpc.insecure_channel(servers[0].address) as channel, pytest.raises(grpc.RpcError) as info:
+            pb_grpc.PeerStub(channel).Forward(iter([step]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prefix" in info.value.details()
+    assert servers[0].runtime.session_count() == 0
