@@ -92,3 +92,4 @@ def test_smollm2_greedy_equals_pytorch(smollm2_dir):
     reference = greedy_generate([ShardRuntime(smollm2_dir, 0, 15), ShardRuntime(smollm2_dir, 15, 30)], PROMPT, 10)
     mixed = greedy_generate([ShardRuntime(smollm2_dir, 0, 15), mlx_span(smollm2_dir, 15, 30)], PROMPT, 10)
     assert mixed == reference
+
