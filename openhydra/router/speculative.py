@@ -18,9 +18,9 @@ request's temperature/top-k/top-p, the same processing as :func:`openhydra.runti
   (seed, s, "accept")); on rejection draw from norm(max(0, p - q)) (keyed by (seed, s, "residual")).
 * when every draft is accepted, the bonus token comes from the last row by ``sample`` at its step.
 
-Fallback: k adapts per session (+1 after a fully accepted draft, down to accepted + 1 otherwise); when the
-acceptance rate over a window of verifies falls below ``min_acceptance`` the session decodes plainly for
-``cooldown_tokens`` tokens and then tries again. Pipelines that cannot crop caches (recurrent layers:
+Fallback: k adapts per session (starts at 2, doubles after a fully accepted draft up to ``k``, drops to
+accepted + 1 otherwise); when the acceptance rate over a window of verifies falls below ``min_acceptance``
+the session decodes plainly for ``cooldown_tokens`` tokens and then tries again. Pipelines that cannot crop caches (recurrent layers:
 Qwen3.5's Gated DeltaNet state) never speculate; a swarm that discovers this at a truncate rebuilds the
 session by replaying its accepted history and stops speculating (see SwarmPipeline.truncate).
 """
@@ -55,11 +55,11 @@ class SpeculativeConfig(BaseModel):
     min_ngram: int = Field(2, ge=1, le=16)
     max_ngram: int = Field(4, ge=1, le=16)
     """Prompt lookup: suffix lengths matched against the history, longest first."""
-    window: int = Field(6, ge=1)
+    window: int = Field(4, ge=1)
     """Verify steps over which the acceptance rate is judged."""
-    min_acceptance: float = Field(0.25, ge=0.0, le=1.0)
+    min_acceptance: float = Field(0.3, ge=0.0, le=1.0)
     """Below this acceptance rate over a window, decode plainly for ``cooldown_tokens`` tokens."""
-    cooldown_tokens: int = Field(16, ge=0)
+    cooldown_tokens: int = Field(8, ge=0)
 
     @model_validator(mode="after")
     def _ngrams(self) -> SpeculativeConfig:
@@ -147,7 +147,7 @@ class KController:
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
-        self.k = config.k
+        self.k = min(2, config.k) if config.adaptive else config.k  # earn a longer draft by acceptance
         self.recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=config.window)
         self.cooldown = 0
 
@@ -162,14 +162,14 @@ class KController:
         """Returns True when this verify tipped the session into a plain-decoding cooldown."""
         cfg = self.config
         if cfg.adaptive:
-            self.k = min(cfg.k, self.k + 1) if accepted == drafted else max(1, accepted + 1)
+            self.k = min(cfg.k, self.k * 2) if accepted == drafted else max(1, accepted + 1)
         self.recent.append((drafted, accepted))
-        if len(self.recent) == self.recent.maxlen:
+        if len(self.recent) >= min(2, self.recent.maxlen):  # judge early: a failed verify costs a round trip
             total = sum(d for d, _ in self.recent)
             if total and sum(a for _, a in self.recent) / total < cfg.min_acceptance:
                 self.recent.clear()
                 self.cooldown = cfg.cooldown_tokens
-                self.k = cfg.k
+                self.k = min(2, cfg.k) if cfg.adaptive else cfg.k
                 return True
         return False
 

@@ -102,6 +102,7 @@ class SwarmPipeline:
         """Speculative decoding may crop sessions; False for recurrent models (set by the node, or learnt
         from a hop answering UNIMPLEMENTED) and while a verifier shadows sessions (its audits replay feeds)."""
         self.truncations = 0
+        self.truncate_refusals = 0
         self.prefix: PrefixPlanner | None = None
         """Set by the node (serving.prefix_cache): new sessions reuse the peers' cached prompt prefixes."""
         self.verifier = verifier  # verification hook
@@ -207,10 +208,12 @@ class SwarmPipeline:
         try:
             self.client.truncate(session.peer_session, length, route=_route_of(session.chain))
         except HopError as error:
-            if error.code == grpc.StatusCode.UNIMPLEMENTED:
-                log.warning("hop %s cannot crop caches (%s): speculative decoding off for %s; replaying",
-                            error.address, error.message, self.model_id)
-                self.supports_truncate = False
+            if error.code == grpc.StatusCode.UNIMPLEMENTED:  # recurrent layers, or a KV cache compacted meanwhile
+                self.truncate_refusals += 1
+                if self.truncate_refusals >= 3:
+                    self.supports_truncate = False
+                log.warning("hop %s cannot crop caches (%s); replaying the accepted history%s", error.address,
+                            error.message, "; speculative decoding off" if not self.supports_truncate else "")
                 old = (session.peer_session, _route_of(session.chain))
                 threading.Thread(target=self._close_quietly, args=old, daemon=True).start()
                 session.peer_session = uuid.uuid4().hex

@@ -80,14 +80,14 @@ def test_prompt_lookup_finds_the_latest_longest_match():
 def test_controller_adapts_k_and_falls_back_on_low_acceptance():
     control = KController(SpeculativeConfig(mode="prompt_lookup", k=4, window=3, min_acceptance=0.5,
                                             cooldown_tokens=2))
-    assert control.want(remaining=100) == 4
-    assert control.want(remaining=3) == 2  # never drafts past max_tokens
+    assert control.want(remaining=100) == 2  # a long draft is earned by acceptance
+    assert control.want(remaining=2) == 1  # never drafts past max_tokens
+    control.record(2, 2)
+    assert control.want(remaining=100) == 4  # doubled, capped at k
     control.record(4, 1)
     assert control.k == 2  # accepted + 1
-    control.record(2, 2)
-    assert control.k == 3
-    assert control.record(3, 0) is True  # 3 / 9 accepted over the window < 0.5: cool down
-    assert [control.want(100) for _ in range(3)] == [0, 0, 4]
+    assert control.record(2, 0) is True  # 3 / 8 accepted over the window < 0.5: cool down
+    assert [control.want(100) for _ in range(3)] == [0, 0, 2]
 
 
 def test_config_rejects_bad_values():

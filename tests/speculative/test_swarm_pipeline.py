@@ -98,11 +98,11 @@ def test_recurrent_hops_refuse_truncation_and_replay_keeps_output_exact(tiny_mod
     swarm = Swarm(tiny_model_dirs["qwen3_5"], [(0, 2), (2, 4), (4, 8)])
     try:
         expected, _ = _generate(swarm.pipeline, 16, session="plain")
-        assert swarm.pipeline.supports_truncate  # not told: it learns from the first refused Truncate
+        assert swarm.pipeline.supports_truncate  # not told: it learns from refused Truncates
         speculator = _speculator(tiny_model_dirs["llama"], k=3)  # a different model: rejections
         got, _ = _generate(swarm.pipeline, 16, speculator, session="spec")
         assert got == expected
         assert swarm.pipeline.supports_truncate is False
-        assert speculator.stats.verify_steps == 1  # then plain decoding for the rest
+        assert speculator.stats.verify_steps <= 3  # three refusals, then plain decoding for the rest
     finally:
         swarm.close()
