@@ -222,6 +222,11 @@ class MlxShardRuntime:
         if value is not None:
             log.warning("the MLX backend has no continuous batching; serving one session per step")
 
+    @property
+    def modules(self) -> _TorchFacingHead:
+        """``norm`` and ``lm_head`` callables on torch tensors, as peer/head.py's coordinator-side sampling uses."""
+        return _TorchFacingHead(self)
+
     # ---- compute --------------------------------------------------------------------------------
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -300,6 +305,29 @@ class MlxShardRuntime:
 
         # numpy has no bfloat16: go through float32 (exact for bf16/fp16 values).
         return torch.from_numpy(np.array(array.astype(mx.float32), copy=True)).to(dtype)
+
+
+class _TorchFacingHead:
+    """The last span's final norm and head, taking and returning torch tensors ([1, S, D] -> [1, S, V])."""
+
+    def __init__(self, runtime: MlxShardRuntime) -> None:
+        self._rt = runtime
+        if not runtime.is_last:
+            self.norm = self.lm_head = None
+
+    def norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        import mlx.core as mx
+
+        h = mx.array(hidden.detach().to(torch.float32).cpu().numpy()).astype(self._rt._mx_dtype)
+        return MlxShardRuntime._to_torch(self._rt._model.model.norm(h), self._rt.dtype)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        import mlx.core as mx
+
+        rt = self._rt
+        h = mx.array(hidden.detach().to(torch.float32).cpu().numpy()).astype(rt._mx_dtype)
+        logits = rt._model.model.embed_tokens.as_linear(h) if rt.tied else rt._model.lm_head(h)
+        return MlxShardRuntime._to_torch(logits, torch.float32)
 
 
 def _check_positions(positions: torch.Tensor) -> int:

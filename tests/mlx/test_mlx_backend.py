@@ -72,6 +72,20 @@ def test_sessions_truncate_and_positions_like_shard_runtime(tiny_model_dirs):
     assert rt.session_count() == 0
 
 
+def test_coordinator_side_head_matches_the_last_span(tiny_model_dirs):
+    """privacy=onion samples on the coordinator with peer/head.py's runtime_head: it must work on an MLX span."""
+    from openhydra.peer.head import runtime_head
+
+    model_dir = tiny_model_dirs["qwen3"]
+    hidden = ShardRuntime(model_dir, 0, 4).forward("h", torch.arange(PROMPT.numel()), input_ids=PROMPT)  # [S, D]
+    on_mlx = runtime_head(mlx_span(model_dir, 4, 8))(hidden)  # [S, V]
+    on_torch = runtime_head(ShardRuntime(model_dir, 4, 8))(hidden)
+    assert on_mlx.shape == on_torch.shape == (PROMPT.numel(), 49152)
+    assert torch.allclose(on_mlx, on_torch, atol=1e-4)
+    assert torch.equal(on_mlx.argmax(-1), on_torch.argmax(-1))
+    assert mlx_span(model_dir, 0, 4).modules.lm_head is None
+
+
 def test_hardware_m_options_choose_mlx(tiny_model_dirs):
     from openhydra.runtime.backend import make_backend
 
