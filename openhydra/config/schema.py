@@ -12,7 +12,7 @@ import importlib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -161,3 +161,11 @@ class NodeConfig(Strict):
     verification: dict[str, Any]
     speculative: dict[str, Any] = {}
     serving: dict[str, Any] = {}
+
+    @field_validator("speculative")
+    @classmethod
+    def _draft_model_set(cls, speculative: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        model = info.data.get("model")
+        if (speculative or {}).get("mode") == "draft" and model is not None and not model.draft:
+            raise ValueError("mode=draft needs a draft model: set model.draft=<catalog option or model folder>")
+        return speculative

@@ -17,6 +17,7 @@ REQUIRED = {
     ("model", "local"): ["model.path=/models/some-folder"],
     ("shard", "layers"): ["shard.end=8"],
     ("shard", "index"): ["shard.total=4"],
+    ("speculative", "draft"): ["model.draft=smollm2-135m"],
 }
 ALL_OPTIONS = [(g, o) for g in GROUPS for o in group_options(g)]
 RECIPES = group_options("recipe")
