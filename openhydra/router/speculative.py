@@ -19,10 +19,13 @@ request's temperature/top-k/top-p, the same processing as :func:`openhydra.runti
 * when every draft is accepted, the bonus token comes from the last row by ``sample`` at its step.
 
 Fallback: k adapts per session (starts at 2, doubles after a fully accepted draft up to ``k``, drops to
-accepted + 1 otherwise); when the acceptance rate over a window of verifies falls below ``min_acceptance``
-the session decodes plainly for ``cooldown_tokens`` tokens and then tries again. Pipelines that cannot crop caches (recurrent layers:
-Qwen3.5's Gated DeltaNet state) never speculate; a swarm that discovers this at a truncate rebuilds the
-session by replaying its accepted history and stops speculating (see SwarmPipeline.truncate).
+accepted + 1 otherwise); when the acceptance rate over a window of verifies (judged from the second one on)
+falls below ``min_acceptance``, the session decodes plainly for ``cooldown_tokens`` tokens, then tries again.
+Pipelines that cannot crop caches (recurrent layers: Qwen3.5's Gated DeltaNet state) never speculate: the
+node checks the model's layer types, and a swarm whose hops refuse ``Truncate`` (UNIMPLEMENTED) rebuilds the
+session by replaying its accepted history, and stops speculating after three refusals (SwarmPipeline.truncate).
+Speculation is also off under privacy=onion (a Truncate reaches every hop directly) and while verification
+audits shadow sessions (their replayed feeds cannot follow a rollback).
 """
 
 from __future__ import annotations
