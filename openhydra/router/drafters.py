@@ -97,6 +97,8 @@ class DraftModelDrafter:
     def propose(self, session_id: str, history: list[int], k: int, sampling: SamplingParams, step: int) -> Draft:
         from openhydra.router.speculative import target_probs  # one definition of the processed distribution
 
+        if max(history) >= self.runtime.vocab_size:  # a token the draft's embedding table lacks: no draft
+            return Draft([])
         session_id = f"draft:{session_id}"  # the runtime may be shared (a model drafting for itself)
         logits = self._sync(session_id, history)  # [V_draft]: the draft's prediction after history
         tokens: list[int] = []

@@ -246,6 +246,7 @@ class Decoder:
         self.accepted = 0
         self.speculator = speculator if speculator is not None and _can_truncate(pipeline) else None
         self.control = KController(speculator.config) if self.speculator is not None else None
+        self.drafting = True  # False after a drafter failure: plain decoding for the rest of the request
 
     def next_tokens(self) -> list[int]:
         """Blocking (run it on a worker thread): the next one or more output tokens, in order."""
@@ -257,9 +258,9 @@ class Decoder:
             self.position = len(self.history)
             return self._produced([token])
         spec = self.speculator
-        if spec is not None and _can_truncate(self.pipeline):
+        if spec is not None and self.drafting and _can_truncate(self.pipeline):
             k = self.control.want(remaining)
-            draft = spec.drafter.propose(self.session_id, self.history, k, self.sampling, self.produced) if k else None
+            draft = self._propose(k) if k else None
             if draft is not None and draft.tokens:
                 return self._verify(draft)
         token = self.pipeline.step(self.session_id, [self.history[-1]], self.position, self.sampling, self.produced)
@@ -267,6 +268,15 @@ class Decoder:
         if spec is not None:
             spec.stats.add(plain=1)
         return self._produced([token])
+
+    def _propose(self, k: int) -> Draft | None:
+        try:
+            return self.speculator.drafter.propose(self.session_id, self.history, k, self.sampling, self.produced)
+        except Exception:  # a broken drafter must not fail the request: plain decoding for the rest of it
+            log.exception("drafter %s failed; session %s decodes plainly", self.speculator.drafter.name,
+                          self.session_id)
+            self.drafting = False
+            return None
 
     def _verify(self, draft: Draft) -> list[int]:
         spec = self.speculator

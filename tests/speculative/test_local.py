@@ -170,6 +170,24 @@ def test_sampled_drafts_keep_the_next_token_distribution(llama):
     assert tested >= 1
 
 
+class BrokenDrafter:
+    name = "broken"
+
+    def propose(self, session_id, history, k, sampling, step) -> Draft:
+        raise RuntimeError("draft model crashed")
+
+    def close(self, session_id) -> None:
+        return None
+
+
+def test_a_failing_drafter_falls_back_to_plain_decoding(llama):
+    dirs, plain, prompt = llama
+    spec = _engine(dirs["llama"], Speculator(SpeculativeConfig(mode="draft"), BrokenDrafter()))
+    got = _run(spec, prompt, max_tokens=12, ignore_eos=True)
+    assert got.text == _run(plain, prompt, max_tokens=12, ignore_eos=True).text and got.draft_tokens == 0
+    spec.shutdown()
+
+
 def test_recurrent_model_falls_back_and_stays_exact(tiny_model_dirs):
     model = tiny_model_dirs["qwen3_5"]  # Gated DeltaNet layers: caches cannot be cropped
     plain = _engine(model)
