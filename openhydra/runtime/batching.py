@@ -164,6 +164,8 @@ class DecodeBatcher:
 
 
 def _batchable(runtime, session) -> bool:
+    if getattr(runtime, "compaction", None) is not None:
+        return False  # compaction captures queries and checks its threshold per step (runtime/compaction)
     if session.prefix is not None or any(t not in ("full_attention", "linear_attention") for t in runtime.layer_types):
         return False
     for layer_type, layer in zip(runtime.layer_types, session.cache.layers, strict=True):
