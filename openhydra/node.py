@@ -91,6 +91,7 @@ class Node:
     span: tuple[int, int] | None = None
     privacy: object = None
     _fallback_swarms: list = field(default_factory=list)
+    _fallback_settlers: list = field(default_factory=list)
 
     @property
     def in_swarm(self) -> bool:
@@ -339,8 +340,16 @@ class Node:
         options = self.privacy.client_options(None, path, lambda: swarm.peers() if swarm else [],
                                               dtype=torch.float32)
         client = PeerChainClient([], reply_host=cfg.peer.host, tunables=self._client_tunables(), **options)
+        settler = None  # degraded requests are settled like any other (economy/swarm_settlement.py)
+        primary_settler = self.state.extra.get("settlement")
+        if primary_settler is not None:
+            from openhydra.economy.swarm_settlement import SwarmSettler
+
+            settler = SwarmSettler(self.economy, client, model_id)
+            settler.free_tier = primary_settler.free_tier  # one free tier per node, whatever the model
+            self._fallback_settlers.append(settler)
         swarm = SwarmPipeline(model_id, num_layers, lambda: self._lookup_model(model_id), client,
-                              bans=self.swarm.bans)
+                              bans=self.swarm.bans, on_session_end=settler.submit if settler else None)
         engine = Engine(tokenizer, swarm, eos_token_ids=eos_token_ids(tokenizer, path), context_length=context,
                         max_concurrent_sessions=cfg.api.max_concurrent_sessions)
         text_config = AutoConfig.from_pretrained(path)
@@ -381,6 +390,8 @@ class Node:
     def shutdown(self) -> None:
         if self.state.engine is not None:
             self.state.engine.shutdown()
+        for settler in self._fallback_settlers:  # they still call the peers: before the clients close
+            settler.shutdown()
         for swarm in self._fallback_swarms:
             swarm.client.shutdown()
         if "settlement" in self.state.extra:

@@ -90,6 +90,8 @@ def test_coverage_loss_degrades_to_the_nearest_covered_model_then_503(swarm):
 
     status = httpx.get(coordinator.url + "/v1/network/status", timeout=10).json()["swarm"]
     assert status["degradation"]["degraded_requests"] >= 2
+    # degraded requests are settled too: the fallback peer earns for the layers it ran
+    _wait_until(lambda: _credits(fallback) > 0, 30, "the fallback peer's settlement")
 
     # Nothing covered any more: a typed 503 with Retry-After, within a bounded time; the node stays up.
     fallback.kill()
@@ -101,6 +103,10 @@ def test_coverage_loss_degrades_to_the_nearest_covered_model_then_503(swarm):
     assert reply.json()["error"]["code"] == "no_route"
     assert time.monotonic() - started < 30
     assert httpx.get(coordinator.url + "/health", timeout=10).status_code == 200
+
+
+def _credits(node: NodeProcess) -> int:
+    return httpx.get(node.url + "/v1/account/balance", timeout=10).json()["micro"]["credits"]
 
 
 def _chat_status(node: NodeProcess, model: str) -> int:
