@@ -19,6 +19,7 @@ from typing import TypeVar
 from sanic import Request
 
 from openhydra.api.errors import APIError, unavailable
+from openhydra.router.engine import ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ def as_api_error(exc: Exception) -> APIError:
     """Errors from below the API (pipeline, peers) as the API reports them."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ShuttingDown):
+        return unavailable(str(exc), retry_after_s=exc.retry_after_s, code="shutting_down")
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:  # router.swarm.PipelineUnavailable: no chain covers the model
         return unavailable(str(exc), retry_after_s=int(retry_after), code="no_route")

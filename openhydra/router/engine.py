@@ -77,6 +77,12 @@ class ContextTooLong(ValueError):
     pass
 
 
+class ShuttingDown(RuntimeError):
+    """The engine was shut down (the node is stopping) while a request was running."""
+
+    retry_after_s = 5
+
+
 class Engine:
     def __init__(
         self,
@@ -93,6 +99,7 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.context_length = context_length
         self.executor = ThreadPoolExecutor(max_workers=max_concurrent_sessions, thread_name_prefix="decode")
+        self.closed = False
         self.active_sessions: set[str] = set()
         self.speculator = speculator
         """Speculative decoding (router/speculative.py); None: one pipeline step per token."""
@@ -144,7 +151,12 @@ class Engine:
             done = False
             while not done:
                 # one token per step, or several when a speculative draft was accepted
-                tokens = await loop.run_in_executor(self.executor, decoder.next_tokens)
+                try:
+                    tokens = await loop.run_in_executor(self.executor, decoder.next_tokens)
+                except (RuntimeError, asyncio.CancelledError):
+                    if self.closed:  # the node is stopping (Ctrl-C): say so, not "cannot schedule futures"
+                        raise ShuttingDown("the node is shutting down; retry the request on another node") from None
+                    raise
                 if not tokens:
                     break  # max_tokens reached
                 if first_token_at is None:
@@ -183,10 +195,11 @@ class Engine:
             yield final
         finally:
             self.active_sessions.discard(session_id)
-            # Runs after any in-flight step on this session (same executor queue order is not
-            # guaranteed, so the runtime's per-session lock serialises them).
-            self.executor.submit(self.pipeline.close, session_id)
-            self.executor.submit(decoder.close)
+            if not self.closed:
+                # Runs after any in-flight step on this session (same executor queue order is not
+                # guaranteed, so the runtime's per-session lock serialises them).
+                self.executor.submit(self.pipeline.close, session_id)
+                self.executor.submit(decoder.close)
 
     def _run_hook(self, final: Finished) -> None:
         try:
@@ -203,4 +216,5 @@ class Engine:
         return final
 
     def shutdown(self) -> None:
+        self.closed = True
         self.executor.shutdown(wait=False, cancel_futures=True)

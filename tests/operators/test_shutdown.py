@@ -67,6 +67,8 @@ def test_ctrl_c_withdraws_ends_streams_and_exits_zero(tiny_model_dirs, tmp_path)
             reader.join(timeout=30)
             assert not reader.is_alive(), "the client's stream hung after Ctrl-C"
             assert outcome["pieces"] >= 1 and outcome["end"]
+            if outcome["end"] != "finished":  # cut off: the error event says why, in words a user understands
+                assert "shutting down" in outcome["end"], outcome["end"]
 
             code = head.proc.wait(timeout=45)
             took = time.monotonic() - sent
