@@ -24,17 +24,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import multiprocessing as mp
-import os
-import select
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import grpc
 import torch
 
+from bench.common import spawn_ready
 from openhydra.peer.client import PeerChainClient
 from openhydra.peer.messages import HopSpec
 from openhydra.runtime.local_pipeline import pipeline_step
@@ -135,23 +133,6 @@ def _local_worker(conn, model_dir: str, dtype_name: str, splits, prompt: list[in
             rt.close_session(sid)
 
 
-def _spawn(args: list[str]) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 1.0)[0]:
-            line = proc.stdout.readline()
-            if line.startswith("READY "):
-                return proc, line.split()[1]
-            if not line:
-                break
-    proc.kill()
-    raise RuntimeError(f"{args} did not start")
-
-
 def _decode_latencies(step_fn, prompt: list[int], steps: int) -> list[float]:
     """Prefill, then time ``steps`` single-token steps (ms)."""
     token = step_fn(prompt, 0, 0)
@@ -200,14 +181,14 @@ def main() -> None:
     server = ["-m", "openhydra.peer.server", "--model-dir", model_dir, "--dtype", args.dtype]
     procs: list[subprocess.Popen] = []
     try:
-        proc, full_addr = _spawn([*server, "--start", "0"])
+        proc, full_addr = spawn_ready([*server, "--start", "0"])
         procs.append(proc)
         route3 = []
         for a, b in splits:
-            proc, addr = _spawn([*server, "--start", str(a), "--end", str(b)])
+            proc, addr = spawn_ready([*server, "--start", str(a), "--end", str(b)])
             procs.append(proc)
             route3.append(HopSpec(address=addr, start=a, end=b))
-        proc, echo_addr = _spawn([__file__, "--echo-server", "0"])
+        proc, echo_addr = spawn_ready([__file__, "--echo-server", "0"])
         procs.append(proc)
 
         one = PeerChainClient([HopSpec(address=full_addr, start=0, end=num_layers)])

@@ -22,11 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import os
-import select
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -34,7 +31,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from bench.common import plot_trials
+from bench.common import plot_trials, spawn_ready
 from openhydra.peer.client import PeerChainClient
 from openhydra.peer.messages import HopSpec
 from openhydra.peer.proto import peer_pb2 as pb
@@ -97,22 +94,6 @@ class ClientDriven:
 
 
 # ---------------------------------------------------------------- helpers
-def _spawn(args: list[str]) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=env)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 1.0)[0]:
-            line = proc.stdout.readline()
-            if line.startswith("READY "):
-                return proc, line.split()[1]
-            if not line:
-                break
-    proc.kill()
-    raise RuntimeError(f"{args} did not start")
-
-
 def _relayed(address: str) -> str:
     return f"{RELAY_HOST}:{address.rsplit(':', 1)[1]}"
 
@@ -182,11 +163,11 @@ def main() -> None:
     try:
         peers, spans = [], []
         for a, b in splits:
-            proc, addr = _spawn(["-m", "openhydra.peer.server", "--model-dir", model_dir, "--dtype", args.dtype,
+            proc, addr = spawn_ready(["-m", "openhydra.peer.server", "--model-dir", model_dir, "--dtype", args.dtype,
                                  "--start", str(a), "--end", str(b)])
             procs.append(proc)
             peers.append(addr)
-            proc, addr = _spawn([__file__, "--dtype", args.dtype, "--serve-span", model_dir, str(a), str(b)])
+            proc, addr = spawn_ready([__file__, "--dtype", args.dtype, "--serve-span", model_dir, str(a), str(b)])
             procs.append(proc)
             spans.append(addr)
         push = PeerChainClient([HopSpec(address=_relayed(p), start=a, end=b) for p, (a, b) in zip(peers, splits,

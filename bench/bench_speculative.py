@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_push_vs_roundtrip import RELAY_HOST, Relay, _model_dir, _relayed, _spawn
-from bench.common import plot_trials, run_interleaved
+from bench.bench_push_vs_roundtrip import RELAY_HOST, Relay, _model_dir, _relayed
+from bench.common import plot_trials, run_interleaved, spawn_ready
 from openhydra.discovery.records import PeerAnnouncement
 from openhydra.peer.client import ClientTunables, PeerChainClient
 from openhydra.router.speculative import Decoder, SpeculativeConfig, Speculator, build_drafter
@@ -123,7 +123,7 @@ def main() -> None:
     try:
         peers = []
         for a, b in splits:
-            proc, addr = _spawn(["-m", "openhydra.peer.server", "--model-dir", model_dir, "--dtype", "bfloat16",
+            proc, addr = spawn_ready(["-m", "openhydra.peer.server", "--model-dir", model_dir, "--dtype", "bfloat16",
                                  "--start", str(a), "--end", str(b)])
             procs.append(proc)
             peers.append(addr)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import select
 import statistics
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,3 +52,20 @@ def plot_trials(rates: dict[str, list[float]], title: str, path: str | Path, yla
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
+
+
+def spawn_ready(args: list[str], timeout_s: float = 180.0) -> tuple[subprocess.Popen, str]:
+    """``python ARGS`` with 1 torch thread; waits for its ``READY <address>`` line and returns (process, address)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=env)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            line = proc.stdout.readline()
+            if line.startswith("READY "):
+                return proc, line.split()[1]
+            if not line:
+                break
+    proc.kill()
+    raise RuntimeError(f"{args} did not start")

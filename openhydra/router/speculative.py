@@ -40,7 +40,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from openhydra.router.drafters import Draft, Drafter, draw_generator
-from openhydra.runtime.sampling import SamplingParams, sample
+from openhydra.runtime.sampling import SamplingParams, filtered_probs, sample
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +76,8 @@ class SpeculativeConfig(BaseModel):
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution ``sample(logits, params, ·)`` draws from, as float32 [V] (temperature > 0)."""
-    logits = logits.reshape(-1).float() / params.temperature
-    if params.top_k and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-        probs = probs / probs.sum()
-    return probs
+    probs = filtered_probs(logits, params)
+    return probs / probs.sum() if params.top_p < 1.0 else probs
 
 
 def accept_drafts(logits: torch.Tensor, draft: Draft, params: SamplingParams, step: int) -> tuple[int, int]:

@@ -32,12 +32,12 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
-    """Pick the next token from ``logits`` ([V] or [1, V]) under ``params`` at decode step ``step``."""
-    logits = logits.reshape(-1).float()
-    if params.greedy:
-        return int(torch.argmax(logits))
-    logits = logits / params.temperature
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k and top-p applied: the float32 [V] weights ``sample`` draws from (temperature > 0).
+
+    After a top-p cut they are not renormalised (``torch.multinomial`` does that); divide by their sum for
+    the distribution itself (speculative decoding's accept/reject rule)."""
+    logits = logits.reshape(-1).float() / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -49,5 +49,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
         drop = cumulative - sorted_probs >= params.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    choice = torch.multinomial(probs, 1, generator=step_generator(params.seed, step))
+    return probs
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
+    """Pick the next token from ``logits`` ([V] or [1, V]) under ``params`` at decode step ``step``."""
+    if params.greedy:
+        return int(torch.argmax(logits.reshape(-1).float()))
+    choice = torch.multinomial(filtered_probs(logits, params), 1, generator=step_generator(params.seed, step))
     return int(choice)
