@@ -189,19 +189,12 @@ class MlxShardRuntime:
 
     def truncate_session(self, session_id: str, length: int) -> None:
         """Drop positions ``length..`` from every layer's cache (speculative-decoding rollback)."""
-        session = self._sessions.get(session_id)
-        current = 0 if session is None else session.length
-        if not 0 <= length <= current:
-            raise ValueError(f"session {session_id!r}: cannot truncate to {length}, it holds {current} positions")
-        if session is None or length == current:
-            return
-        with session.lock:
-            if length == 0:
-                self._sessions.drop(session_id)
-                return
+
+        def crop(session) -> None:
             for cache in session.cache:
-                cache.trim(current - length)
-            session.length = length
+                cache.trim(session.length - length)
+
+        self._sessions.truncate(session_id, length, crop)
 
     # Prefix cache and continuous batching are PyTorch-runtime features; an MLX span runs without them.
     @property

@@ -67,6 +67,30 @@ class SessionStore:
             self._evict_idle(self._clock())
             return self._sessions.get(session_id)
 
+    def truncate(
+        self, session_id: str, length: int, crop: Callable[[Session], None],
+        check: Callable[[Session], None] | None = None,
+    ) -> None:
+        """Roll ``session_id`` back to ``length`` positions (speculative-decoding rollback).
+
+        Validates ``length`` against the session's length (a no-op when equal); then, under the session's
+        lock, ``check(session)`` may refuse (raise), length 0 drops the session, and otherwise
+        ``crop(session)`` cuts the backend's cache to ``length`` positions before the length is set."""
+        session = self.get(session_id)
+        current = 0 if session is None else session.length
+        if not 0 <= length <= current:
+            raise ValueError(f"session {session_id!r}: cannot truncate to {length}, it holds {current} positions")
+        if session is None or length == current:
+            return
+        with session.lock:
+            if check is not None:
+                check(session)
+            if length == 0:
+                self.drop(session_id)
+                return
+            crop(session)
+            session.length = length
+
     def drop(self, session_id: str) -> None:
         with self._lock:
             self._sessions.pop(session_id, None)

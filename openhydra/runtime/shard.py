@@ -117,27 +117,22 @@ class ShardRuntime:
 
     def truncate_session(self, session_id: str, length: int) -> None:
         """Crop the session's caches to ``length`` positions (speculative-decoding rollback)."""
-        session = self._sessions.get(session_id)
-        current = 0 if session is None else session.length
-        if not 0 <= length <= current:
-            raise ValueError(f"session {session_id!r}: cannot truncate to {length}, it holds {current} positions")
-        if session is None or length == current:
-            return
-        if self.is_recurrent:
-            raise NotImplementedError(
-                f"layers [{self.start},{self.end}) include recurrent layers "
-                f"({sorted(set(self.layer_types))}); "
-                "their state cannot be rolled back without snapshots, so truncation is not supported here. "
-                "Close the session and replay its first positions instead."
-            )
-        with session.lock:
+
+        def check(session: Session) -> None:
+            if self.is_recurrent:
+                raise NotImplementedError(
+                    f"layers [{self.start},{self.end}) include recurrent layers "
+                    f"({sorted(set(self.layer_types))}); "
+                    "their state cannot be rolled back without snapshots, so truncation is not supported here. "
+                    "Close the session and replay its first positions instead."
+                )
             if self.compaction is not None:
                 self.compaction.check_truncate(session, length)
-            if length == 0:
-                self._sessions.drop(session_id)
-                return
+
+        def crop(session: Session) -> None:
             session.cache.crop(length - session.length)  # negative: number of positions to drop
-            session.length = length
+
+        self._sessions.truncate(session_id, length, crop, check)
 
     # ---- compute --------------------------------------------------------------------------------
 
