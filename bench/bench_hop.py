@@ -32,13 +32,12 @@ from pathlib import Path
 import grpc
 import torch
 
-from bench.common import spawn_ready
+from bench.common import bench_model_dir, spawn_ready
 from openhydra.peer.client import PeerChainClient
 from openhydra.peer.messages import HopSpec
 from openhydra.runtime.local_pipeline import pipeline_step
 from openhydra.runtime.sampling import SamplingParams
 from openhydra.runtime.shard import ShardRuntime
-from openhydra.testing import TEST_CACHE_ROOT
 
 ECHO_METHOD = "/bench.Echo/Echo"
 
@@ -161,17 +160,7 @@ def main() -> None:
     protocol_only(args.rounds, 100)
     if args.protocol_only:
         return
-    model_dir = args.model_dir
-    if model_dir in (None, "tiny", "smollm2"):
-        from openhydra.runtime.source import embedded_model_dir
-        from openhydra.testing.tiny import build_tiny_model
-
-        cache = TEST_CACHE_ROOT
-        smollm2 = embedded_model_dir(cache)
-        # Default: a tiny 8-layer llama, so compute (~1 ms) does not drown the protocol's cost.
-        model_dir = str(
-            smollm2 if model_dir == "smollm2" else build_tiny_model("llama", cache / "tiny-llama-8l", smollm2, 8)
-        )
+    model_dir = bench_model_dir(args.model_dir)  # default: the tiny llama, so compute does not drown the protocol
     dtype = getattr(torch, args.dtype)
     from openhydra.runtime.shard_layers import load_text_config
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from bench.common import plot_trials, spawn_ready
+from bench.common import bench_model_dir, plot_trials, spawn_ready
 from openhydra.peer.client import PeerChainClient
 from openhydra.peer.messages import HopSpec
 from openhydra.peer.proto import peer_pb2 as pb
@@ -40,7 +40,6 @@ from openhydra.runtime.local_pipeline import pipeline_step
 from openhydra.runtime.sampling import SamplingParams
 from openhydra.runtime.shard import ShardRuntime
 from openhydra.sim.relay import DelayRelay, LinkSpec, Wire
-from openhydra.testing import TEST_CACHE_ROOT
 
 SPAN_METHOD = "/bench.Span/Run"
 RELAY_HOST = "127.0.0.2"  # everything is addressed here; the relay forwards to 127.0.0.1, same port
@@ -127,18 +126,6 @@ def _decode_ms(step_fn, prompt: list[int], steps: int) -> list[float]:
     return times
 
 
-def _model_dir(name: str | None) -> str:
-    if name not in (None, "tiny", "smollm2"):
-        return name
-    from openhydra.runtime.source import embedded_model_dir
-    from openhydra.testing.tiny import build_tiny_model
-
-    smollm2 = embedded_model_dir(TEST_CACHE_ROOT)
-    if name == "smollm2":
-        return str(smollm2)
-    return str(build_tiny_model("llama", TEST_CACHE_ROOT / "tiny-v2" / "tiny-llama-8l", smollm2, 8))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default=None)
@@ -154,7 +141,7 @@ def main() -> None:
         _span_server(path, int(a), int(b), args.dtype)
         return
     torch.set_num_threads(1)
-    model_dir = _model_dir(args.model_dir)
+    model_dir = bench_model_dir(args.model_dir)
     from openhydra.runtime.shard_layers import load_text_config
 
     num_layers = load_text_config(model_dir).num_hidden_layers

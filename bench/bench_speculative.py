@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_push_vs_roundtrip import RELAY_HOST, Relay, _model_dir, _relayed
-from bench.common import plot_trials, run_interleaved, spawn_ready
+from bench.bench_push_vs_roundtrip import RELAY_HOST, Relay, _relayed
+from bench.common import bench_model_dir, plot_trials, run_interleaved, spawn_ready
 from openhydra.discovery.records import PeerAnnouncement
 from openhydra.peer.client import ClientTunables, PeerChainClient
 from openhydra.router.speculative import Decoder, SpeculativeConfig, Speculator, build_drafter
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--plot", default="docs/img/bench_speculative.png")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model_dir = _model_dir(args.model_dir)
+    model_dir = bench_model_dir(args.model_dir)
     from openhydra.runtime.shard_layers import load_text_config
 
     num_layers = load_text_config(model_dir).num_hidden_layers

@@ -69,3 +69,18 @@ def spawn_ready(args: list[str], timeout_s: float = 180.0) -> tuple[subprocess.P
                 break
     proc.kill()
     raise RuntimeError(f"{args} did not start")
+
+
+def bench_model_dir(name: str | None) -> str:
+    """``--model-dir``: ``tiny`` (default: the tests' 8-layer random llama, compute ~1 ms), ``smollm2`` (the embedded
+    real weights) or a folder."""
+    if name not in (None, "tiny", "smollm2"):
+        return name
+    from openhydra.runtime.source import embedded_model_dir
+    from openhydra.testing import TEST_CACHE_ROOT
+    from openhydra.testing.tiny import build_tiny_model
+
+    smollm2 = embedded_model_dir(TEST_CACHE_ROOT)
+    if name == "smollm2":
+        return str(smollm2)
+    return str(build_tiny_model("llama", TEST_CACHE_ROOT / "tiny-v2" / "tiny-llama-8l", smollm2, 8))

@@ -261,9 +261,10 @@ class Node:
         self.background.loop.call_soon_threadsafe(self.announcer.start)
         log.info("peer %s serving layers [%d, %d) at %s, announced to %s", peer_id, runtime.start, runtime.end,
                  grpc_address, type(self.discovery).__name__)
-        if self.kademlia_maddrs():
+        maddrs = self.kademlia_maddrs()
+        if maddrs:
             log.info("kademlia DHT reachable at %s (other nodes: discovery.kademlia.initial_peers=[...])",
-                     " ".join(self.kademlia_maddrs()))
+                     " ".join(maddrs))
 
         def lookup() -> list[PeerAnnouncement]:
             return self.background.run(self.discovery.lookup(choice.api_name), timeout=15)
@@ -369,8 +370,9 @@ class Node:
 
     def network_status(self) -> dict:
         status: dict = {"peer": None, "pipeline": None}
-        if self.kademlia_maddrs():
-            status["kademlia_maddrs"] = self.kademlia_maddrs()
+        maddrs = self.kademlia_maddrs()
+        if maddrs:
+            status["kademlia_maddrs"] = maddrs
         if self.peer_server is not None:
             status["peer"] = {"grpc_address": self.peer_server.address, "span": list(self.span or ())}
         if self.swarm is not None:
