@@ -1,30 +1,27 @@
 """The rare events of /metrics are counted where they happen: failover, ban, replay and hop errors in the
 router; settlements, duplicates and refusals in the ledger (a real SQLite ledger with signed receipts).
 
-The failover case drives the real SwarmPipeline with a scripted client whose hop fails, as
-tests/router/test_dead_records.py does; a failover through real processes is covered, with its
-/metrics counters, by tests/ops/test_prometheus.py's dashboard queries and tests/swarm/.
+The failover case drives the real SwarmPipeline with a scripted client whose hop fails
+(tests/router/scripted.py, as tests/router/test_dead_records.py does); a failover through real processes is
+covered, with its /metrics counters, by tests/ops/test_prometheus.py's dashboard queries and tests/swarm/.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import grpc
 import pytest
 
 from openhydra.crypto.identity import Identity
-from openhydra.discovery.records import PeerAnnouncement
 from openhydra.economy.errors import InvalidReceipt, ReceiptAlreadyApplied
 from openhydra.economy.factory import build_economy
 from openhydra.economy.receipts import build_settlement
 from openhydra.metrics import METRICS
-from openhydra.peer.client import StepResult
-from openhydra.peer.errors import HopError
 from openhydra.router.bans import BanList, BanTunables
 from openhydra.router.swarm import SwarmPipeline
 from openhydra.runtime.sampling import SamplingParams
+from tests.router.scripted import ScriptedClient, announcement
 
 
 def value(name: str, **labels: str) -> float:
@@ -32,32 +29,9 @@ def value(name: str, **labels: str) -> float:
     return 0.0 if got is None else got
 
 
-def _record(peer: str, start: int, end: int) -> PeerAnnouncement:
-    return PeerAnnouncement(peer_id=peer, model_id="m", start=start, end=end, total_layers=4,
-                            grpc_address=f"127.0.0.1:{1000 + ord(peer[0])}", announced_at=time.time(), ttl_s=300.0)
-
-
-class _Client:
-    """Answers every step with token 7; hops listed in ``dead`` fail with their status."""
-
-    def __init__(self) -> None:
-        self.dead: dict[str, grpc.StatusCode] = {}
-        self.routes: list[list[str]] = []
-
-    def step_result(self, session_id, tokens, start, sampling, step, route, **_):
-        self.routes.append([h.address for h in route])
-        for hop in route:
-            if hop.address in self.dead:
-                raise HopError(hop.address, self.dead[hop.address], "down")
-        return StepResult(token=7, last_hop=route[-1].address)
-
-    def close(self, session_id, route=None) -> None:
-        pass
-
-
 def test_failover_counts_hop_error_ban_failover_and_replay():
-    records = [_record("a", 0, 2), _record("b", 2, 4), _record("c", 2, 4)]
-    client = _Client()
+    records = [announcement("a", 0, 2), announcement("b", 2, 4), announcement("c", 2, 4)]
+    client = ScriptedClient()
     swarm = SwarmPipeline("m", 4, lambda: list(records), client, bans=BanList(BanTunables(initial_s=5, max_s=5)))
     before = {name: value(name) for name in ("openhydra_pipeline_failovers_total", "openhydra_pipeline_peer_bans_total",
                                              "openhydra_pipeline_replays_total",

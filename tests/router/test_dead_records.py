@@ -7,41 +7,16 @@ import time
 
 import grpc
 
-from openhydra.discovery.records import PeerAnnouncement
-from openhydra.peer.client import StepResult
-from openhydra.peer.errors import HopError
 from openhydra.router.bans import BanList, BanTunables
 from openhydra.router.swarm import SwarmPipeline
 from openhydra.runtime.sampling import SamplingParams
-
-
-def rec(peer: str, start: int, end: int, announced_at: float) -> PeerAnnouncement:
-    return PeerAnnouncement(peer_id=peer, model_id="m", start=start, end=end, total_layers=4,
-                            grpc_address=f"127.0.0.1:{1000 + ord(peer[0])}", announced_at=announced_at, ttl_s=300.0)
-
-
-class Client:
-    """Answers every step; the hop at ``dead`` refuses connections (UNAVAILABLE) or times out."""
-
-    def __init__(self) -> None:
-        self.dead: dict[str, grpc.StatusCode] = {}
-        self.routes: list[list[str]] = []
-
-    def step_result(self, session_id, tokens, start, sampling, step, route, **_):
-        self.routes.append([h.address for h in route])
-        for hop in route:
-            if hop.address in self.dead:
-                raise HopError(hop.address, self.dead[hop.address], "down")
-        return StepResult(token=7, last_hop=route[-1].address)
-
-    def close(self, session_id, route=None) -> None:
-        pass
+from tests.router.scripted import ScriptedClient, announcement
 
 
 def test_refused_peer_stays_out_until_it_announces_again():
     now = time.time()
-    records = [rec("a", 0, 2, now), rec("b", 2, 4, now), rec("c", 2, 4, now)]
-    client = Client()
+    records = [announcement("a", 0, 2, now), announcement("b", 2, 4, now), announcement("c", 2, 4, now)]
+    client = ScriptedClient()
     bans = BanList(BanTunables(initial_s=0.01, max_s=0.01))  # bans lapse at once: only the record rule counts
     swarm = SwarmPipeline("m", 4, lambda: list(records), client, bans=bans)
     first = swarm.step("s1", [1, 2], 0, SamplingParams(), 0)
@@ -59,14 +34,14 @@ def test_refused_peer_stays_out_until_it_announces_again():
 
     # It restarts and announces again: it is routable once more.
     del client.dead[used]
-    records[[r.peer_id for r in records].index(dead_peer)] = rec(dead_peer, 2, 4, time.time() + 1)
+    records[[r.peer_id for r in records].index(dead_peer)] = announcement(dead_peer, 2, 4, time.time() + 1)
     assert sorted(r.peer_id for r in swarm.peers(refresh=True)) == ["a", "b", "c"]
 
 
 def test_a_slow_peer_is_only_banned_briefly():
     now = time.time()
-    records = [rec("a", 0, 2, now), rec("b", 2, 4, now), rec("c", 2, 4, now)]
-    client = Client()
+    records = [announcement("a", 0, 2, now), announcement("b", 2, 4, now), announcement("c", 2, 4, now)]
+    client = ScriptedClient()
     swarm = SwarmPipeline("m", 4, lambda: list(records), client, bans=BanList(BanTunables(initial_s=0.01, max_s=0.01)))
     swarm.step("s1", [1, 2], 0, SamplingParams(), 0)
     used = client.routes[-1][1]
