@@ -32,10 +32,9 @@ def load_head(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Head
     norm, lm_head = skeleton.get_decoder().norm, skeleton.get_output_embeddings()
     del skeleton
     index = CheckpointIndex.open(model_dir)
-    head_name = index.source_name("lm_head.weight")
-    tied = bool(getattr(text_config, "tie_word_embeddings", False)) or head_name is None
+    tied = index.head_is_tied(bool(getattr(text_config, "tie_word_embeddings", False)))
     names = {f"norm.{n}": index.source_name(f"norm.{n}") for n, _ in norm.named_parameters()}
-    names["lm_head.weight"] = index.source_name("embed_tokens.weight") if tied else head_name
+    names["lm_head.weight"] = index.source_name("embed_tokens.weight" if tied else "lm_head.weight")
     missing = [target for target, source in names.items() if source is None]
     if missing:
         raise CheckpointError(f"{model_dir} lacks tensors for the coordinator's head: {missing}")

@@ -133,8 +133,7 @@ class MlxShardRuntime:
         from mlx.utils import tree_flatten
 
         index = CheckpointIndex.open(self.model_dir)
-        tied = self.tied or index.source_name("lm_head.weight") is None
-        self.tied = tied
+        tied = self.tied = index.head_is_tied(self.tied)
         wanted: dict[str, str] = {}  # mlx parameter name -> checkpoint name
         for name, _ in tree_flatten(self._model.parameters()):
             canonical = self._canonical(name, tied)

@@ -110,9 +110,7 @@ def build_shard(
     del skeleton, decoder
 
     index = CheckpointIndex.open(model_dir)
-    # Tied when the config says so, or when the checkpoint simply has no separate head (multimodal
-    # releases may state tying only in their top-level config, which the text config does not carry).
-    tied = bool(getattr(text_config, "tie_word_embeddings", False)) or index.source_name("lm_head.weight") is None
+    tied = index.head_is_tied(bool(getattr(text_config, "tie_word_embeddings", False)))
     names = _checkpoint_names(index, modules, start, tied)
     dtype_for = {target: torch.float32 if any(p.search(target) for p in keep_fp32) else dtype for target in names}
     if is_first and is_last and tied:

@@ -66,6 +66,12 @@ class CheckpointIndex:
         name = self.text_prefix + canonical
         return name if name in self.weight_map else None
 
+    def head_is_tied(self, declared: bool) -> bool:
+        """Whether the LM head is the embedding table: the config says so (``declared``), or the checkpoint simply
+        has no separate head (multimodal releases may state tying only in their top-level config, which the text
+        config does not carry)."""
+        return declared or self.source_name("lm_head.weight") is None
+
     def layer_tensor_names(self, layer: int) -> dict[str, str]:
         """Suffix within the layer (``mlp.up_proj.weight``) -> checkpoint name, for one global layer."""
         head = f"{self.text_prefix}layers.{layer}."
