@@ -6,11 +6,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
+import tempfile
 from collections.abc import Iterator
 
 import httpx
 import pytest
+
+from openhydra.testing.wait import wait_until
 
 
 def _free_port() -> int:
@@ -21,6 +23,8 @@ def _free_port() -> int:
 
 def start_dht_server(*args: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
+    # A file, not a pipe: nobody reads the pipe while tests run, and a full pipe would block the server.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the process object, closed in stop_process
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -32,22 +36,30 @@ def start_dht_server(*args: str) -> tuple[subprocess.Popen, str]:
             str(port),
             *args,
         ],
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    proc.log = log  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def healthy() -> bool:
         if proc.poll() is not None:
-            raise RuntimeError(f"openhydra-dht exited: {proc.stdout.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("openhydra-dht did not answer /health within 30 s")
+            raise RuntimeError(f"openhydra-dht exited: {_log_tail(proc)}")
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+
+    try:
+        wait_until(healthy, 60, 0.1, f"openhydra-dht to answer {url}/health", ignore=httpx.HTTPError)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, url
+
+
+def _log_tail(proc: subprocess.Popen) -> str:
+    log = proc.log  # type: ignore[attr-defined]
+    log.seek(0)
+    return log.read().decode(errors="replace")[-2000:]
 
 
 def stop_process(proc: subprocess.Popen) -> None:
@@ -57,6 +69,7 @@ def stop_process(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    proc.log.close()  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from openhydra.discovery.announcer import Announcer
 from openhydra.discovery.http_dht import HttpDiscovery
 from openhydra.discovery.records import PeerAnnouncement
 from openhydra.discovery.service import NullDiscovery
+from openhydra.testing.wait import async_wait_until
 
 
 def factory(peer: str = "me", **kw):
@@ -31,14 +32,22 @@ def factory(peer: str = "me", **kw):
 
 def test_record_stays_alive_past_ttl_while_announcing_then_withdrawn(dht_server):
     async def scenario():
-        d = HttpDiscovery([dht_server], announce_interval_s=0.3, ttl_s=1.0, timeout_s=5)
+        ttl_s = 2.0  # 8 announce intervals: a loaded machine may stall the loop for a while without a lapse
+        d = HttpDiscovery([dht_server], announce_interval_s=0.25, ttl_s=ttl_s, timeout_s=5)
         reader = HttpDiscovery([dht_server], timeout_s=5)
         ann = Announcer(d, factory("alive"))
         ann.start()
         try:
-            await asyncio.sleep(2.2)  # > 2 TTLs
-            assert [r.peer_id for r in await reader.lookup("org/model")] == ["alive"]
-            assert ann.announced >= 3 and ann.running  # every 0.3 s, allowing for a loaded machine
+            await async_wait_until(lambda: ann.announced >= 1, 30, 0.02, "the first announcement")
+            first_arrived_by = time.time()  # the server started the first record's TTL before this
+            await async_wait_until(
+                lambda: ann.announced >= 3 and time.time() > first_arrived_by + ttl_s + 0.2,
+                30,
+                0.02,
+                "3 announcements and the first record's TTL passed",
+            )
+            assert [r.peer_id for r in await reader.lookup("org/model")] == ["alive"]  # kept alive by refreshes
+            assert ann.running and ann.failures == 0
             await ann.stop()
             assert not ann.running
             assert await reader.lookup("org/model") == []  # withdrawn at once, not after the TTL
@@ -52,14 +61,22 @@ def test_record_stays_alive_past_ttl_while_announcing_then_withdrawn(dht_server)
 
 def test_dead_peer_disappears_after_ttl_when_announcer_stops_without_withdraw(dht_server):
     async def scenario():
-        d = HttpDiscovery([dht_server], announce_interval_s=0.2, ttl_s=0.8, timeout_s=5)
+        ttl_s = 2.0
+        d = HttpDiscovery([dht_server], announce_interval_s=0.25, ttl_s=ttl_s, timeout_s=5)
         ann = Announcer(d, factory("dies"))
         ann.start()
-        await asyncio.sleep(0.5)
+        await async_wait_until(lambda: ann.announced >= 2, 30, 0.02, "two announcements")
         await ann.stop(withdraw=False)  # like a SIGKILL: nobody withdraws
+        last = ann.last_record
+        assert last is not None
         assert "dies" in {r.peer_id for r in await d.lookup("org/model")}
-        await asyncio.sleep(1.0)
-        assert "dies" not in {r.peer_id for r in await d.lookup("org/model")}
+
+        async def gone():
+            return "dies" not in {r.peer_id for r in await d.lookup("org/model")}
+
+        await async_wait_until(gone, ttl_s + 30, 0.05, "the unrefreshed record to expire")
+        # The server starts the TTL when the announce arrives, after the record was stamped.
+        assert time.time() >= last.announced_at + ttl_s - 0.05, "the record vanished before its TTL"
         await d.stop()
 
     asyncio.run(scenario())
@@ -81,11 +98,11 @@ def test_failures_back_off_and_recover():
         assert ann.next_delay() >= 9.0  # healthy: the interval, with +-10% jitter
         ann.start()
         t0 = time.monotonic()
-        while ann.announced == 0 and time.monotonic() - t0 < 3:
-            await asyncio.sleep(0.01)
+        await async_wait_until(lambda: ann.announced > 0, 30, 0.01, "an announcement after 3 failures")
         elapsed = time.monotonic() - t0
         assert ann.announced == 1 and ann.failures == 0 and ann.last_error is None
-        assert 0.3 - 0.05 <= elapsed < 1.5  # retries after 0.05, 0.1, 0.2 s, not after 10 s
+        # Retries after 0.05, 0.1, 0.2 s; the healthy interval would be >= 9 s (a loaded machine adds delay).
+        assert 0.3 - 0.05 <= elapsed < 5.0, elapsed
         assert [r.peer_id for r in await d.lookup("org/model")] == ["me"]
         await ann.stop()
         assert await d.lookup("org/model") == []

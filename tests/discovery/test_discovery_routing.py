@@ -4,11 +4,13 @@ and a killed peer's span turns into a hole (or a full-model fallback) once its T
 from __future__ import annotations
 
 import asyncio
+import time
 
 from openhydra.discovery.announcer import Announcer
 from openhydra.discovery.http_dht import HttpDiscovery
 from openhydra.discovery.records import PeerAnnouncement
 from openhydra.router.coverage import LayerCoverageMap, is_valid_chain, nearest_covered_model
+from openhydra.testing.wait import async_wait_until
 
 MODEL = "org/model-12l"
 
@@ -31,33 +33,50 @@ def factory(peer: str, start: int, end: int, tps: float = 10.0, model: str = MOD
 
 
 def test_announced_spans_assemble_and_a_dead_peer_becomes_a_hole(dht_server):
+    """Live peers get a TTL far longer than any stall of a loaded machine; only the peer that dies has a
+    short one. Its hole is awaited by polling, and must not appear before its TTL can have run out."""
+    live_ttl_s, dead_ttl_s = 60.0, 2.0
+
     async def scenario():
         spans = {"a": (0, 4), "b": (4, 8), "c": (8, 12)}
         announcers = {}
         for peer, (s, e) in spans.items():
-            d = HttpDiscovery([dht_server], announce_interval_s=0.25, ttl_s=1.0, timeout_s=5)
+            ttl_s, interval_s = (dead_ttl_s, 0.25) if peer == "b" else (live_ttl_s, 1.0)
+            d = HttpDiscovery([dht_server], announce_interval_s=interval_s, ttl_s=ttl_s, timeout_s=5)
             announcers[peer] = Announcer(d, factory(peer, s, e))
             announcers[peer].start()
         small = Announcer(
-            HttpDiscovery([dht_server], announce_interval_s=0.25, ttl_s=1.0),
+            HttpDiscovery([dht_server], announce_interval_s=1.0, ttl_s=live_ttl_s),
             factory("s", 0, 4, model="org/small", total=4),
         )
         small.start()
         coordinator = HttpDiscovery([dht_server], timeout_s=5)
-        for _ in range(100):  # first announcements land within a few event-loop turns
-            if len(await coordinator.lookup(MODEL)) == 3:
-                break
-            await asyncio.sleep(0.05)
 
-        cmap = LayerCoverageMap(await coordinator.lookup(MODEL))
+        async def all_three():
+            cmap = LayerCoverageMap(await coordinator.lookup(MODEL))
+            return cmap if len(cmap) == 3 else None
+
+        cmap = await async_wait_until(all_three, 30, 0.05, f"3 live announced records of {MODEL}")
         chain = cmap.chain()
         assert chain is not None and chain.peer_ids == ["a", "b", "c"] and is_valid_chain(chain, 12, MODEL)
         assert chain.hops[1].peer.grpc_address == "127.0.0.1:50055"
+        await async_wait_until(lambda: small.announced > 0, 30, 0.05, "the small model's first announcement")
 
         await announcers["b"].stop(withdraw=False)  # SIGKILL-like: the record just stops being refreshed
-        await asyncio.sleep(1.5)
-        maps = {m: LayerCoverageMap(await coordinator.lookup(m), model_id=m) for m in (MODEL, "org/small")}
-        assert maps[MODEL].coverage().holes == [(4, 8)]
+        last_b = announcers["b"].last_record
+        assert last_b is not None
+
+        async def b_is_a_hole():
+            cmap = LayerCoverageMap(await coordinator.lookup(MODEL), model_id=MODEL)
+            return cmap if cmap.coverage().holes else None
+
+        hole_map = await async_wait_until(b_is_a_hole, dead_ttl_s + 30, 0.05, "b's record to expire into a hole")
+        # The server starts a record's TTL when the announce arrives, which is after the client stamped it.
+        assert time.time() >= last_b.announced_at + dead_ttl_s - 0.05, "b's record expired before its TTL"
+        assert hole_map.coverage().holes == [(4, 8)]
+        assert sorted(hole_map.peers) == ["a", "c"]
+        small_map = LayerCoverageMap(await coordinator.lookup("org/small"), model_id="org/small")
+        maps = {MODEL: hole_map, "org/small": small_map}
         choice = nearest_covered_model(MODEL, [MODEL, "org/small"], maps)
         assert choice.model_id == "org/small" and "layers [4, 8)" in choice.reason
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import pytest
 from openhydra.discovery.base import DiscoveryError
 from openhydra.discovery.http_dht import HttpDhtClient, HttpDiscovery
 from openhydra.discovery.records import PeerAnnouncement
+from openhydra.testing.wait import async_wait_until
 
 from .conftest import start_dht_server, stop_process
 
@@ -37,14 +39,20 @@ def test_announce_lookup_and_ttl_expiry(dht_server):
     async def scenario():
         d = HttpDiscovery([dht_server], timeout_s=5)
         await d.start()
-        await d.announce(rec("short", 0, 4, ttl=1.0, throughput_tps=7.5))
         await d.announce(rec("long", 4, 8, ttl=60.0))
         await d.announce(rec("other-model", model="org/other"))
+        short = rec("short", 0, 4, ttl=3.0, throughput_tps=7.5)  # one lookup away: 3 s outlasts a loaded machine
+        await d.announce(short)
         got = {r.peer_id: r for r in await d.lookup("org/model")}
         assert set(got) == {"short", "long"}
         assert got["short"].span == (0, 4) and got["short"].throughput_tps == 7.5
-        await asyncio.sleep(1.3)
-        assert [r.peer_id for r in await d.lookup("org/model")] == ["long"]  # the dead peer is gone
+
+        async def only_long():
+            ids = [r.peer_id for r in await d.lookup("org/model")]
+            return ids if ids == ["long"] else None
+
+        await async_wait_until(only_long, 30, 0.05, "the short-TTL record to expire, leaving only 'long'")
+        assert time.time() >= short.announced_at + short.ttl_s - 0.05, "the record expired before its TTL"
         await d.withdraw("long")
         assert await d.lookup("org/model") == []
         assert [r.peer_id for r in await d.lookup("org/other")] == ["other-model"]
@@ -101,12 +109,22 @@ def test_bounded_table_answers_503_and_client_raises():
 
 def test_unreachable_server_fails_within_deadline_and_second_server_answers(dht_server):
     async def scenario():
-        dead = "http://127.0.0.1:9"  # discard port: nothing listens
+        dead = "http://127.0.0.1:9"  # discard port: nothing listens, the connection is refused
         only_dead = HttpDiscovery([dead], timeout_s=1)
-        t0 = time.monotonic()
         with pytest.raises(DiscoveryError):
             await only_dead.lookup("org/model")
-        assert time.monotonic() - t0 < 3
+        # A server that accepts the connection and never answers: only the deadline ends the call.
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(8)
+            only_silent = HttpDiscovery([f"http://127.0.0.1:{silent.getsockname()[1]}"], timeout_s=1)
+            await only_silent.start()
+            t0 = time.monotonic()
+            with pytest.raises(DiscoveryError, match="Timeout"):
+                await only_silent.lookup("org/model")
+            elapsed = time.monotonic() - t0
+            await only_silent.stop()
+        assert 0.9 <= elapsed < 30, f"a 1 s deadline ended the call after {elapsed:.2f} s"  # < 30: not a hang
         both = HttpDiscovery([dead, dht_server], timeout_s=1)
         await both.announce(rec("via-both"))
         assert "via-both" in {r.peer_id for r in await both.lookup("org/model")}
