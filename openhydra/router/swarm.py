@@ -88,7 +88,7 @@ class SwarmPipeline:
         self.total_layers = total_layers
         self._lookup = lookup
         self.client = client
-        self.bans = bans or BanList()
+        self.bans = bans if bans is not None else BanList()  # an empty BanList is falsy (len 0): keep it
         self.score = score
         self.tunables = tunables or FailoverTunables()
         self.on_failover = on_failover
@@ -175,6 +175,14 @@ class SwarmPipeline:
              step: int) -> int:
         return self._run(session_id, token_ids, start_pos, sampling, step, verify=False).token
 
+    def step_detail(self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams,
+                    step: int, *, top_k: int = 0, logits: bool = False):
+        """``step`` plus logprobs (``top_k``, from the last hop) or the last position's logits (DetailedPipeline)."""
+        want = {"return_top_k": top_k} if top_k else {}
+        if logits:
+            want["return_logits"] = True
+        return self._run(session_id, token_ids, start_pos, sampling, step, verify=False, want=want)
+
     def verify(self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams,
                step: int):
         """Speculative verify: one step over every draft position; float32 logits [S, V] (same failover)."""
@@ -223,7 +231,7 @@ class SwarmPipeline:
                 session.chain = None  # route afresh around the banned hop at the next step
 
     def _run(self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams,
-             step: int, *, verify: bool):
+             step: int, *, verify: bool, want: dict | None = None):
         with self._lock:
             session = self._sessions.setdefault(session_id, _Session())
         if start_pos != session.position:
@@ -240,6 +248,8 @@ class SwarmPipeline:
                 extras = self.verifier.step_extras() if self.verifier is not None else {}  # verification hook
                 if verify:
                     extras = {"return_logits": True, "all_logits": True}
+                elif want:
+                    extras = {**extras, **want}
                 began = time.perf_counter()
                 result = self._step_result(session, token_ids, start_pos, sampling, step, route, extras)
             except HopError as error:

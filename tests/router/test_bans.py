@@ -60,3 +60,15 @@ def test_bad_tunables_rejected():
         BanTunables(initial_s=10, max_s=5)
     with pytest.raises(ValueError):
         BanTunables(multiplier=0.5)
+
+
+def test_a_swarm_keeps_the_empty_ban_list_it_is_given():
+    """An empty BanList has len 0 (falsy): ``bans or BanList()`` once swapped it for a default one, so the
+    tunables and clock passed in were ignored and a fallback model's swarm did not share the node's bans."""
+    from openhydra.router.swarm import SwarmPipeline
+    from tests.router.scripted import ScriptedClient
+
+    bans = BanList(BanTunables(initial_s=5, max_s=5), clock=Clock())
+    assert len(bans) == 0
+    swarm = SwarmPipeline("m", 4, lambda: [], ScriptedClient(), bans=bans)
+    assert swarm.bans is bans

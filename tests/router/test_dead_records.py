@@ -17,7 +17,8 @@ def test_refused_peer_stays_out_until_it_announces_again():
     now = time.time()
     records = [announcement("a", 0, 2, now), announcement("b", 2, 4, now), announcement("c", 2, 4, now)]
     client = ScriptedClient()
-    bans = BanList(BanTunables(initial_s=0.01, max_s=0.01))  # bans lapse at once: only the record rule counts
+    clock = [0.0]  # the bans' clock, advanced by hand: no sleeping, and no race with a slow machine
+    bans = BanList(BanTunables(initial_s=0.01, max_s=0.01), clock=lambda: clock[0])  # only the record rule counts
     swarm = SwarmPipeline("m", 4, lambda: list(records), client, bans=bans)
     first = swarm.step("s1", [1, 2], 0, SamplingParams(), 0)
     assert first == 7
@@ -26,7 +27,9 @@ def test_refused_peer_stays_out_until_it_announces_again():
     other = "c" if dead_peer == "b" else "b"
     client.dead[used] = grpc.StatusCode.UNAVAILABLE
     assert swarm.step("s1", [7], 2, SamplingParams(), 1) == 7  # failed over to the other replica
-    time.sleep(0.05)  # the ban has lapsed; the dead peer's record is still in discovery
+    assert bans.is_banned(dead_peer)
+    clock[0] += 1.0  # the ban has lapsed; the dead peer's record is still in discovery
+    assert not bans.is_banned(dead_peer)
     for i in range(5):
         swarm.step(f"n{i}", [1], 0, SamplingParams(), 0)
         assert used not in client.routes[-1]
@@ -42,10 +45,12 @@ def test_a_slow_peer_is_only_banned_briefly():
     now = time.time()
     records = [announcement("a", 0, 2, now), announcement("b", 2, 4, now), announcement("c", 2, 4, now)]
     client = ScriptedClient()
-    swarm = SwarmPipeline("m", 4, lambda: list(records), client, bans=BanList(BanTunables(initial_s=0.01, max_s=0.01)))
+    clock = [0.0]
+    bans = BanList(BanTunables(initial_s=0.01, max_s=0.01), clock=lambda: clock[0])
+    swarm = SwarmPipeline("m", 4, lambda: list(records), client, bans=bans)
     swarm.step("s1", [1, 2], 0, SamplingParams(), 0)
     used = client.routes[-1][1]
     client.dead[used] = grpc.StatusCode.DEADLINE_EXCEEDED
     swarm.step("s1", [7], 2, SamplingParams(), 1)
-    time.sleep(0.05)
+    clock[0] += 1.0  # the short ban has lapsed
     assert len(swarm.peers(refresh=True)) == 3  # a timeout is not proof of death: its record still counts
