@@ -24,6 +24,7 @@ import openai
 import pytest
 
 from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
+from openhydra.testing.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -65,14 +66,15 @@ def nodes(tiny_model_dirs, tmp_path_factory) -> Iterator[dict[str, NodeProcess]]
                 node.stop()  # reaps the processes and closes the logs
 
 
-def _wait_for_both_peers(node: NodeProcess, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+def _wait_for_both_peers(node: NodeProcess, timeout_s: float = 120.0) -> None:
+    def both() -> bool:
         swarm = httpx.get(node.url + "/v1/network/status", headers=AUTH, timeout=10).json().get("swarm") or {}
-        if len(swarm.get("peers") or []) == 2 and swarm["pipeline"]["coverage"]["complete"]:
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"the head node never saw both peers:\n{node.log_text()[-2000:]}")
+        return len(swarm.get("peers") or []) == 2 and swarm["pipeline"]["coverage"]["complete"]
+
+    try:
+        wait_until(both, timeout_s, 0.3, "the head node to see both peers and complete coverage")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{node.log_text()[-2000:]}") from None
 
 
 @pytest.fixture(scope="module")

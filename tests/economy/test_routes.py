@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from openhydra.economy.channels import sign_update
 from openhydra.economy.ledger import Ledger
 from openhydra.economy.receipts import build_settlement
 from openhydra.economy.units import MICRO
+from openhydra.testing.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,24 +35,29 @@ def _start(tmp_path: Path, mode: str) -> tuple[str, Identity, str, subprocess.Po
         led.settle(build_settlement("earlier", "m", 20_000, [(node, 1)]))
         led.close()
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.economy.econ_server", str(port), str(key_file), db_url, mode],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    log_path = tmp_path / f"server-{mode}-{port}.log"  # a file, not a pipe nobody reads (a full pipe blocks)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.economy.econ_server", str(port), str(key_file), db_url, mode],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def answering() -> bool:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-        try:
-            httpx.get(f"{base}/v1/network/status", timeout=1)
-            return base, node, db_url, proc
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not start in 60 s")
+            raise RuntimeError(f"server exited: {log_path.read_text(errors='replace')[-2000:]}")
+        httpx.get(f"{base}/v1/network/status", timeout=2)
+        return True
+
+    try:
+        wait_until(answering, 120, 0.1, f"the economy server on {base}", ignore=httpx.TransportError)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return base, node, db_url, proc
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 
 import openai
 import pytest
@@ -22,6 +21,7 @@ from openhydra.runtime.local_pipeline import greedy_generate
 from openhydra.runtime.mlx_backend import mlx_import_error
 from openhydra.runtime.shard import ShardRuntime
 from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
+from openhydra.testing.wait import wait_until
 
 PROMPT = "The capital of France is"
 
@@ -97,12 +97,12 @@ def test_bench_against_a_mixed_swarm(tiny_model_dirs, tmp_path):
     assert (tmp_path / "report" / "report.png").stat().st_size > 10_000
 
 
-def _complete_when_covered(client, attempts: int = 60) -> str:
-    """Greedy completion once the node has discovered the other span (announcements take a moment)."""
-    for _ in range(attempts):
-        try:
-            return client.completions.create(model="tiny-llama-8l", prompt=PROMPT, max_tokens=12,
-                                              temperature=0).choices[0].text
-        except openai.APIStatusError:
-            time.sleep(1)
-    raise AssertionError("the swarm never covered all layers")
+def _complete_when_covered(client, timeout_s: float = 120.0) -> str:
+    """Greedy completion once the node has discovered the other span (announcements take a moment):
+    retried while the node answers with an error status (503 no route), up to ``timeout_s``."""
+    def complete() -> list[str]:
+        return [client.completions.create(model="tiny-llama-8l", prompt=PROMPT, max_tokens=12,
+                                          temperature=0).choices[0].text]
+
+    return wait_until(complete, timeout_s, 0.5, "a completion through a fully covered swarm",
+                      ignore=openai.APIStatusError)[0]

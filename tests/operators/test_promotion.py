@@ -139,10 +139,14 @@ def test_detect_this_machine_quickly():
     import torch
 
     torch.set_num_threads(1)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     here = detect()
-    took = time.perf_counter() - started
-    assert took < 1.5, took  # ~0.3 s of measurement plus reading /proc; the box is shared
+    took, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    # ~0.3 s of measurement plus reading /proc. CPU time is what this process spent, which other processes on a
+    # loaded box do not inflate (the budget is wall-clock, so a slow box only runs fewer reps); the wall-clock
+    # bound is generous and only catches a hang or an unbudgeted benchmark.
+    assert cpu < 1.5, (cpu, took)
+    assert took < 10, (cpu, took)
     assert here.backend == ("cuda" if torch.cuda.is_available() else "cpu")
     assert here.memory_total_bytes >= here.memory_available_bytes > 0
     assert here.gflops > 0 and here.memory_bandwidth_gbs > 0 and here.cpu_cores >= 1

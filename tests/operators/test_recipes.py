@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -18,6 +17,7 @@ from openhydra.build import build_node
 from openhydra.config.load import ConfigError, conf_dir, group_options, validate
 from openhydra.runtime.backend import BackendUnavailable
 from openhydra.testing.processes import NodeProcess, free_port
+from openhydra.testing.wait import wait_until
 
 RECIPES = group_options("recipe")
 SECRET = "a-join-secret-of-the-test-swarm"
@@ -87,16 +87,12 @@ def test_auditor_checks_every_request():
 
 
 def wait_up(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def up() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise TimeoutError(f"{url} did not come up")
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+
+    wait_until(up, timeout_s, 0.2, f"{url}/health", ignore=httpx.HTTPError)
 
 
 @pytest.mark.slow
@@ -107,9 +103,11 @@ def test_bootstrap_host_serves_a_node_that_auto_promotes(smollm2_dir, tmp_path, 
     port = free_port()
     config_dir = tmp_path / "user-config"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENHYDRA_CONFIG_DIR": str(config_dir)}
-    bootstrap = subprocess.Popen([sys.executable, "-m", "openhydra.cli", "+recipe=bootstrap", f"api.port={port}",
-                                  "discovery=dual", f"node.data_dir={tmp_path / 'dht'}"], stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, env=env, start_new_session=True, text=True)
+    boot_log = tmp_path / "bootstrap.log"  # a file, not a pipe read only at the end (a full pipe blocks the host)
+    with open(boot_log, "wb") as log_file:
+        bootstrap = subprocess.Popen([sys.executable, "-m", "openhydra.cli", "+recipe=bootstrap",
+                                      f"api.port={port}", "discovery=dual", f"node.data_dir={tmp_path / 'dht'}"],
+                                     stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     dht = f"http://127.0.0.1:{port}"
     node = NodeProcess(["model=smollm2-135m", f"model.path={smollm2_dir}", "hardware=auto", "discovery=http",
                         f"discovery.http.urls=[{dht}]", "peer.port=0", f"node.data_dir={tmp_path / 'node'}"],
@@ -119,9 +117,7 @@ def test_bootstrap_host_serves_a_node_that_auto_promotes(smollm2_dir, tmp_path, 
         node.start().wait_ready(240)
         records = httpx.get(dht + "/v1/peers", params={"model_id": "openhydra-smollm2-135m"}).json()["peers"]
         assert len(records) == 1 and (records[0]["start"], records[0]["end"]) == (0, 30)
-        deadline = time.monotonic() + 90
-        while "promotion:" not in node.log_text() and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_until(lambda: "promotion:" in node.log_text(), 180, 0.5, "the node's promotion line in its log")
         log = node.log_text()
         assert "hardware: cpu (" in log and "GFLOP/s matmul" in log, log[-3000:]
         line = next(x for x in log.splitlines() if "promotion:" in x)
@@ -138,7 +134,8 @@ def test_bootstrap_host_serves_a_node_that_auto_promotes(smollm2_dir, tmp_path, 
     finally:
         node.stop()
         bootstrap.send_signal(signal.SIGINT)
-        out, _ = bootstrap.communicate(timeout=60)
+        bootstrap.wait(timeout=60)
+        out = boot_log.read_text(errors="replace")
     assert bootstrap.returncode == 0, out[-2000:]
     assert "OpenHydra DHT bootstrap host" in out and dht in out and "Traceback" not in out
     assert "kademlia   /ip4/127.0.0.1/tcp/" in out and "/p2p/" in out  # discovery=dual: a Kademlia peer too

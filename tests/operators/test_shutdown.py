@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
+from openhydra.testing.wait import wait_until
 
 TTL_S = 300.0  # far longer than the test: a record that disappears was withdrawn, not expired
 
@@ -57,9 +58,7 @@ def test_ctrl_c_withdraws_ends_streams_and_exits_zero(tiny_model_dirs, tmp_path)
 
             reader = threading.Thread(target=chat, daemon=True)
             reader.start()
-            deadline = time.monotonic() + 60
-            while "first" not in outcome and "end" not in outcome and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(lambda: "first" in outcome or "end" in outcome, 120, 0.05, "the first streamed token")
             assert "first" in outcome, f"no token streamed: {outcome}"
 
             sent = time.monotonic()

@@ -24,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from openhydra.testing.processes import DhtProcess, NodeProcess, free_port, swarm_node_overrides
+from openhydra.testing.wait import wait_until
 from tests.ops.dashboard import load_dashboard, metric_names, panel_queries, sample_names
 
 pytestmark = [
@@ -76,17 +77,16 @@ class PrometheusServer:
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
-    def wait_ready(self, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if httpx.get(self.url + "/-/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"prometheus did not start:\n{(self.work / 'prometheus.log').read_text()[-3000:]}")
-            time.sleep(0.2)
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"prometheus exited:\n{(self.work / 'prometheus.log').read_text()[-3000:]}")
+            return httpx.get(self.url + "/-/ready", timeout=2).status_code == 200
+
+        try:
+            wait_until(ready, timeout_s, 0.2, f"prometheus ready on {self.url}", ignore=httpx.HTTPError)
+        except AssertionError as exc:
+            pytest.fail(f"{exc}\n{(self.work / 'prometheus.log').read_text()[-3000:]}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -157,14 +157,18 @@ def _chat(node: NodeProcess, model: str) -> None:
     assert reply.usage.completion_tokens > 0
 
 
-def _wait_until_up(url: str, targets: int, timeout_s: float = 20) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while True:
+def _wait_until_up(url: str, targets: int, timeout_s: float = 120) -> list[dict]:
+    def all_up() -> list[dict] | None:
         up = _query(url, 'up{job="openhydra"}')
-        if len(up) == targets and all(s["value"][1] == "1" for s in up):
-            return up
-        assert time.monotonic() < deadline, f"targets not up: {up}"
-        time.sleep(0.5)
+        return up if len(up) == targets and all(s["value"][1] == "1" for s in up) else None
+
+    return wait_until(all_up, timeout_s, 0.5, f"{targets} scrape targets up")
+
+
+def _scraped_after(url: str, targets: int, t: float) -> bool:
+    """Both targets were scraped (successfully) after unix time ``t``."""
+    up = _query(url, 'timestamp(up{job="openhydra"} == 1)')
+    return len(up) == targets and all(float(s["value"][1]) > t for s in up)
 
 
 def test_prometheus_scrapes_the_nodes_and_every_dashboard_query_returns_data(stack):
@@ -186,14 +190,15 @@ def test_prometheus_scrapes_the_nodes_and_every_dashboard_query_returns_data(sta
                p.get("targets", [])}
     must_be_positive = [(title, expr) for title, expr in queries if title not in MAY_BE_ZERO
                         and (title, legends[(title, expr)]) not in MAY_BE_ZERO_TARGETS]
-    deadline = time.monotonic() + 40
+    deadline = time.monotonic() + 180  # a few rounds on a quiet machine; generous for a loaded one
     missing, rounds = must_be_positive, 0
     while missing:
         assert time.monotonic() < deadline, f"no data after {rounds} rounds of traffic: {missing}"
         _chat(full, model)
         _chat(coordinator, model)
         rounds += 1
-        time.sleep(1.2)  # at least one scrape after the traffic
+        sent = time.time()
+        wait_until(lambda t=sent: _scraped_after(prometheus, 2, t), 60, 0.2, "a scrape of both nodes after traffic")
         missing = [(title, expr) for title, expr in missing if not _positive(_query(prometheus, expr))]
 
     for title, expr in queries:

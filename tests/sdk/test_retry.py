@@ -94,7 +94,7 @@ def test_retry_after_is_honoured_then_the_answer_is_returned(server):
     assert waits == [(1, 1.0, 429), (2, 0.4, 503)]
     gaps = _gaps(handler)
     assert len(gaps) == 2 and gaps[0] >= 0.98 and gaps[1] >= 0.38  # the server's waits, really waited
-    assert gaps[0] < 3 and gaps[1] < 2.5  # and not much more
+    assert gaps[0] < 1 + 5 and gaps[1] < 0.4 + 5  # and not much more (slack for a loaded machine)
     assert [p for _, p, _ in handler.arrivals] == ["/v1/account/balance"] * 3
     assert handler.auth == ["Bearer s3cret"] * 3
 
@@ -117,7 +117,7 @@ def test_a_retry_after_beyond_the_limit_is_not_waited_for(server):
     began = time.monotonic()
     with OpenHydra(url, retry=RetryPolicy(max_wait_s=60)) as client, pytest.raises(RateLimitError) as err:
         client.balance()
-    assert time.monotonic() - began < 2 and len(handler.arrivals) == 1
+    assert time.monotonic() - began < 30 and len(handler.arrivals) == 1  # far under the 60 s limit, 120 s asked
     assert err.value.code == "rate_limited"
 
 

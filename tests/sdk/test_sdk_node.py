@@ -7,13 +7,13 @@ the economy calls move real balances in the node's ledger.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import openai
 import pytest
 
 from openhydra.sdk import AsyncOpenHydra, BadRequestError, ConflictError, NotFoundError, OpenHydra
 from openhydra.testing.processes import NodeProcess
+from openhydra.testing.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -70,16 +70,19 @@ def test_async_client_chat_and_balance(node, reference):
 
 
 def _settled(hydra: OpenHydra, at_least: int = 0) -> int:
-    """Settlements recorded once they stop moving (settlement runs after each answer) and reach ``at_least``."""
-    deadline = time.monotonic() + 20
-    last = -1
-    while time.monotonic() < deadline:
-        count = hydra.network_status().economy["settlements"]
-        if count == last and count >= at_least:
-            return count
-        last = count
-        time.sleep(0.5)
-    raise AssertionError(f"settlements stuck at {last}, expected >= {at_least}")
+    """Settlements recorded once they stop moving (settlement runs after each answer) and reach ``at_least``:
+    the count must be unchanged over three polls 0.5 s apart."""
+    seen: list[int] = []
+
+    def steady() -> list[int] | None:
+        seen.append(hydra.network_status().economy["settlements"])
+        last3 = seen[-3:]
+        return last3[-1:] if len(last3) == 3 and len(set(last3)) == 1 and last3[-1] >= at_least else None
+
+    try:
+        return wait_until(steady, 120, 0.5, f"settlements to stop moving at >= {at_least}")[0]
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; counts seen last: {seen[-5:]}") from None
 
 
 def test_economy_stake_unstake_and_a_channel(node, reference):

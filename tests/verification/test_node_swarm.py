@@ -4,13 +4,12 @@ it, and the user's text equals what the honest swarm produced before the liar jo
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import openai
 import pytest
 
 from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
+from openhydra.testing.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +25,14 @@ def _ask(client: openai.OpenAI, model: str, prompt: str) -> str:
 
 def _reputation(node: NodeProcess) -> dict:
     return httpx.get(node.url + "/v1/network/status", timeout=10).json()["reputation"]
+
+
+def _known_peers(node: NodeProcess) -> set[str]:
+    return {p["peer_id"] for p in httpx.get(node.url + "/v1/network/status", timeout=10).json().get("peers", [])}
+
+
+def _liar_routable(node: NodeProcess) -> bool:
+    return _reputation(node)["peers"].get("a-liar", {}).get("routable", True)
 
 
 def test_faulty_node_is_caught_and_routed_around(tiny_model_dirs, tmp_path) -> None:
@@ -47,15 +54,17 @@ def test_faulty_node_is_caught_and_routed_around(tiny_model_dirs, tmp_path) -> N
             expected = {p: _ask(client, model, p) for p in PROMPTS}  # the honest swarm's answers
             start_all([liar])
             nodes.append(liar)
-            time.sleep(3)  # the liar's announcement reaches the coordinator's lookup (TTL 2 s)
+            wait_until(lambda: "a-liar" in _known_peers(coordinator), 120, 0.2,
+                       "the liar's announcement in the coordinator's peer list")
             lied, served = 0, 0
             for i in range(MAX_REQUESTS):
                 prompt = PROMPTS[i % len(PROMPTS)]
                 lied += _ask(client, model, prompt) != expected[prompt]
                 served += 1
-                time.sleep(0.5)  # audits run off the request path
-                if not _reputation(coordinator)["peers"].get("a-liar", {}).get("routable", True):
+                if not _liar_routable(coordinator):
                     break
+            # Audits run off the request path: the last ones may still be queued when the requests end.
+            wait_until(lambda: not _liar_routable(coordinator), 120, 0.2, "the coordinator to exclude the liar")
             rep = _reputation(coordinator)
             liar_row = rep["peers"]["a-liar"]
             assert liar_row["routable"] is False and liar_row["audits"]["fail"] >= 1, rep
