@@ -5,18 +5,21 @@ Routes live in routes_*.py by family; this module wires limits, middleware and e
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
+from typing import Any
 
 from sanic import Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
 
 from openhydra.api.auth import BearerAuth
+from openhydra.api.connections import ConnectionGuard, EdgeHttpProtocol
 from openhydra.api.errors import APIError
 from openhydra.api.metrics import ApiMetrics
-from openhydra.api.ratelimit import SlidingWindowLimiter
+from openhydra.api.ratelimit import SlidingWindowLimiter, TrustedProxies
 from openhydra.api.routes_dashboard import PUBLIC_PATHS as DASHBOARD_PAGE_PATHS
 from openhydra.api.state import NodeState
 from openhydra.api.streaming import as_api_error
@@ -38,8 +41,22 @@ _STATUS_TYPES = {
 }
 
 
-# Probes and scrapes answer without a bearer token (they reveal no prompts).
-PUBLIC_PATHS = frozenset({"/health", "/readyz", "/metrics"}) | DASHBOARD_PAGE_PATHS  # the page holds no data
+# Probes and scrapes answer without a bearer token (they reveal no prompts), and are counted against their own
+# per-client limit (api.probe_rate_limit_requests) so a busy client cannot make its own node look dead.
+PROBE_PATHS = frozenset({"/health", "/readyz", "/metrics"})
+PUBLIC_PATHS = PROBE_PATHS | DASHBOARD_PAGE_PATHS  # the page holds no data
+
+
+class OpenHydraSanic(Sanic):
+    """A Sanic app whose servers use :class:`EdgeHttpProtocol` (body deadline, connections per IP) unless the
+    caller names another protocol: ``app.run(...)`` and ``app.create_server(...)`` need no extra argument."""
+
+    def prepare(self, *args: Any, protocol: type[asyncio.Protocol] | None = None, **kwargs: Any) -> None:
+        super().prepare(*args, protocol=protocol or EdgeHttpProtocol, **kwargs)
+
+    async def create_server(self, *args: Any, protocol: type[asyncio.Protocol] | None = None,
+                            **kwargs: Any) -> Any:
+        return await super().create_server(*args, protocol=protocol or EdgeHttpProtocol, **kwargs)
 
 
 def _ascii_header(text: str) -> str:
@@ -47,7 +64,7 @@ def _ascii_header(text: str) -> str:
 
 
 def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> Sanic:
-    app = Sanic(name or f"openhydra_{uuid.uuid4().hex[:8]}")
+    app = OpenHydraSanic(name or f"openhydra_{uuid.uuid4().hex[:8]}")
     app.config.REQUEST_MAX_SIZE = api.max_body_bytes
     app.config.REQUEST_MAX_HEADER_SIZE = api.max_header_bytes
     app.config.REQUEST_TIMEOUT = api.request_timeout_s
@@ -59,18 +76,27 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
     app.ctx.api = api
     app.ctx.metrics = ApiMetrics()
     app.ctx.limiter = SlidingWindowLimiter(api.rate_limit_requests, api.rate_limit_window_s)
+    app.ctx.probe_limiter = SlidingWindowLimiter(api.probe_rate_limit_requests, api.rate_limit_window_s)
+    trusted = TrustedProxies(api.trusted_proxies)
+    app.ctx.trusted_proxies = trusted
+    app.ctx.connections = ConnectionGuard(api.max_connections_per_ip, api.body_timeout_s, trusted)
     auth = BearerAuth(api.bearer_token, public_paths=PUBLIC_PATHS)
+
+    def client_of(request: Request) -> str:
+        peer = request.conn_info.client_ip if request.conn_info is not None else ""
+        return trusted.client_ip(peer, request.headers.getall("x-forwarded-for", []) if trusted else ())
 
     @app.on_request
     async def _before(request: Request) -> HTTPResponse | None:
         request.ctx.started = time.perf_counter()
         request.ctx.streaming = False
-        decision = app.ctx.limiter.hit(request.client_ip or "unknown")
+        limiter = app.ctx.probe_limiter if request.path in PROBE_PATHS else app.ctx.limiter
+        decision = limiter.hit(client_of(request))
         request.ctx.rate = decision
         if not decision.allowed:
             app.ctx.metrics.rate_limited.inc()
             raise APIError(
-                429, f"rate limit of {api.rate_limit_requests} requests per {api.rate_limit_window_s:g} s exceeded",
+                429, f"rate limit of {decision.limit} requests per {api.rate_limit_window_s:g} s exceeded",
                 type="rate_limit_error", code="rate_limited", headers=decision.headers(),
             )
         auth.require(request.headers.get("authorization"), request.path)

@@ -50,7 +50,9 @@ class BearerAuth:
         scheme, _, presented = authorization.strip().partition(" ")
         if scheme.lower() != "bearer":
             return False
-        return hmac.compare_digest(presented.strip().encode(), self._token)
+        # Sanic decodes header bytes with surrogateescape: encode them back the same way, so a byte that is
+        # not ASCII is simply a wrong token (a plain .encode() would raise, and the client would get a 500).
+        return hmac.compare_digest(presented.strip().encode("utf-8", "surrogateescape"), self._token)
 
     def require(self, authorization: str | None, path: str = "") -> None:
         """Raise a 401 :class:`APIError` (with ``WWW-Authenticate``) unless the request may pass."""

@@ -11,6 +11,14 @@ from typing import Any
 from pydantic import BaseModel
 
 
+def printable(text: str) -> str:
+    """``text`` made safe to serialize: lone surrogates (from a client's ``"\\ud800"`` or a header byte that is
+    not ASCII, which Sanic decodes with ``surrogateescape``) become ``?`` instead of failing the JSON encoder."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -35,11 +43,12 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message = printable(message)
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
-        self.param = param
+        self.param = None if param is None else printable(param)
         self.code = code
         self.headers = dict(headers or {})
 

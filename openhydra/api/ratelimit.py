@@ -11,6 +11,9 @@ that backs off as told recovers on time). Memory is bounded: at most ``limit`` t
 client, clients with nothing in the window are swept out, and beyond ``max_clients`` the least
 recently seen client is evicted (it then gets a fresh window; a flood of spoofed sources cannot grow
 memory). Pure and synchronous: the app wires :meth:`SlidingWindowLimiter.hit` into middleware.
+
+The key is the client's IP as :class:`TrustedProxies` sees it: the socket peer, or, behind a configured
+reverse proxy, the rightmost ``X-Forwarded-For`` address that is not one of the proxies.
 """
 
 from __future__ import annotations
@@ -19,12 +22,16 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 DEFAULT_LIMIT = 120
 DEFAULT_WINDOW_S = 60.0
 DEFAULT_MAX_CLIENTS = 10_000
+
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +127,63 @@ class SlidingWindowLimiter:
             del self._clients[key]
 
 
-def client_ip(remote_addr: str, forwarded_for: str | None = None, trust_proxy: bool = False) -> str:
-    """The key to limit on: the socket peer, or the first ``X-Forwarded-For`` hop only when the
-    operator says a trusted proxy sits in front (otherwise clients could pick their own key)."""
-    if trust_proxy and forwarded_for:
-        first = forwarded_for.split(",", 1)[0].strip()
-        if first:
-            return first
-    return remote_addr or "unknown"
+MAX_FORWARDED_HOPS = 32
+"""X-Forwarded-For entries looked at (from the right); a real chain of proxies is a handful."""
+
+
+def _address(hop: str) -> IPAddress | None:
+    """An X-Forwarded-For entry as an address: ``1.2.3.4``, ``1.2.3.4:567``, ``2001:db8::1``, ``[2001:db8::1]:80``."""
+    hop = hop.strip()
+    if hop.startswith("["):
+        hop = hop[1:].partition("]")[0]
+    elif hop.count(":") == 1:
+        hop = hop.partition(":")[0]
+    try:
+        return ip_address(hop)
+    except ValueError:
+        return None
+
+
+class TrustedProxies:
+    """Who the client is when reverse proxies sit in front (``api.trusted_proxies``, a list of CIDRs).
+
+    ``X-Forwarded-For`` is honoured only when the direct peer is a trusted proxy; then the entries are read
+    from the right (each proxy appends the address it saw) and the first one that is *not* a trusted proxy
+    is the client. Entries to its left were written by the client itself and are ignored, so a client cannot
+    pick its own rate-limit key. With no trusted proxies the socket peer is always the client.
+    """
+
+    def __init__(self, cidrs: Iterable[str] = ()) -> None:
+        self.networks: list[IPNetwork] = [ip_network(c.strip(), strict=False) for c in cidrs]
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def trusts(self, address: str | IPAddress) -> bool:
+        if not self.networks:
+            return False
+        if isinstance(address, str):
+            parsed = _address(address)
+            if parsed is None:
+                return False
+            address = parsed
+        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.networks)
+
+    def client_ip(self, peer: str, forwarded_for: Iterable[str] = ()) -> str:
+        """The address to key limits on, from the socket ``peer`` and every ``X-Forwarded-For`` header value."""
+        if not peer:
+            return "unknown"
+        if not self.trusts(peer):
+            return peer
+        hops = [hop for value in forwarded_for for hop in value.split(",")][-MAX_FORWARDED_HOPS:]
+        client = peer
+        for hop in reversed(hops):
+            address = _address(hop)
+            if address is None:  # garbage from beyond the trusted chain: the last trusted hop is all we know
+                break
+            client = str(address)
+            if not self.trusts(address):
+                break
+        return client

@@ -31,6 +31,9 @@ def register(app: Sanic) -> None:
         engine = state.engine
         app.ctx.metrics.active_sessions.set(len(engine.active_sessions) if engine else 0)
         text = app.ctx.metrics.exposition()
+        guard = getattr(app.ctx, "connections", None)
+        if guard is not None:
+            text += guard.metrics_text().encode()
         for provider in state.extra.values():  # verification, peer crypto, ... add their own families
             if callable(getattr(provider, "metrics_text", None)):
                 text += provider.metrics_text().encode()
@@ -50,6 +53,7 @@ def register(app: Sanic) -> None:
                 "span": list(model.span),
                 "num_layers": model.num_layers,
                 "dtype": model.dtype,
+                "dtype_reason": model.dtype_reason,
                 "degradation_reason": model.degradation_reason,
             },
         }

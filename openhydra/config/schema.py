@@ -9,6 +9,7 @@ are referenced here by import path.
 from __future__ import annotations
 
 import importlib
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,8 +104,26 @@ class ApiConfig(Strict):
     max_concurrent_sessions: int = Field(32, ge=1)
     rate_limit_requests: int = Field(120, ge=1)
     rate_limit_window_s: float = Field(60, gt=0)
+    probe_rate_limit_requests: int = Field(1200, ge=1)
+    """/health, /readyz and /metrics: their own per-client budget per window, apart from the API's."""
+    body_timeout_s: float = Field(30, gt=0)
+    """From the end of a request's headers to the end of its body; then 408 and the connection closes."""
+    max_connections_per_ip: int = Field(64, ge=1)
+    """Open TCP connections per client address (trusted proxies are exempt); more are refused with 429."""
+    trusted_proxies: list[str] = []
+    """CIDRs of reverse proxies whose X-Forwarded-For is believed (the rightmost untrusted entry is the client)."""
     bearer_token: str | None = None
     cors_origins: list[str] = []
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(str(cidr).strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an IP network (e.g. 10.0.0.0/8 or ::1/128)") from None
+        return [str(c).strip() for c in value]
 
 
 class NodeSection(Strict):
@@ -124,9 +143,13 @@ class PeerSection(Strict):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     step_timeout_s: float = Field(30.0, gt=0)
-    """Coordinator: deadline of one pipeline step (a prefill chunk) end to end."""
+    """Coordinator: the longest one message (a prefill chunk or a decode step) may take while its chain reports
+    progress; each chunk of a long prompt gets its own."""
     decode_timeout_s: float = Field(5.0, gt=0)
-    """Coordinator: floor of a decode step's adaptive deadline; a silent hop is blamed after this."""
+    """Coordinator: patience before probing a chain that has not answered a step (floor of an adaptive value:
+    20x the median decode latency); a hop that stopped is blamed after this plus at most one probe."""
+    probe_timeout_s: float = Field(1.0, gt=0, le=30)
+    """Coordinator: a hop that does not answer a liveness probe (Info) within this is blamed."""
 
 
 # Groups validated by schemas that live with the code that uses them.

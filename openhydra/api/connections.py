@@ -1,0 +1,140 @@
+"""Connection-level limits Sanic does not have: a deadline for the request body, and open connections per IP.
+
+Sanic's ``REQUEST_TIMEOUT`` covers only the headers. Once they are in, the connection is in the handler
+stage, where only ``RESPONSE_TIMEOUT`` applies (900 s here, and reset by every byte received), so a client
+that promises ``Content-Length: 1000`` and sends 10 bytes holds a connection and its buffers for as long as it
+likes. :class:`EdgeHttpProtocol` adds ``api.body_timeout_s``, counted from the end of the headers (Sanic's
+``perft0``) to the end of the body, whatever trickles in meanwhile; past it the client gets a 408 with the
+usual error body and the connection is closed (the rest of the body is not read).
+
+It also counts open connections per peer address (``api.max_connections_per_ip``) in ``connection_made``,
+before any byte is read: the connection over the cap gets one 429 response and is closed, without a task,
+a parser or a buffer. Trusted reverse proxies (``api.trusted_proxies``) are not capped: every client behind
+them shares their address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import defaultdict
+
+from sanic import Request
+from sanic.exceptions import RequestTimeout
+from sanic.http import Http
+from sanic.server.protocols.http_protocol import HttpProtocol
+
+from openhydra.api.errors import APIError
+from openhydra.api.ratelimit import TrustedProxies
+
+
+def _refusal(limit: int) -> bytes:
+    body = json.dumps(APIError(
+        429, f"too many open connections from this address (at most {limit})",
+        type="rate_limit_error", code="too_many_connections",
+    ).body()).encode()
+    head = ("HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+            f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+class ConnectionGuard:
+    """Per-app bookkeeping for :class:`EdgeHttpProtocol` (``app.ctx.connections``)."""
+
+    def __init__(self, max_per_ip: int, body_timeout_s: float, trusted: TrustedProxies | None = None) -> None:
+        if max_per_ip < 1 or body_timeout_s <= 0:
+            raise ValueError(f"max_per_ip ({max_per_ip}) and body_timeout_s ({body_timeout_s}) must be positive")
+        self.max_per_ip = max_per_ip
+        self.body_timeout_s = body_timeout_s
+        self.trusted = trusted or TrustedProxies()
+        self.open: defaultdict[str, int] = defaultdict(int)
+        self.refused_total = 0
+        self.body_timeouts_total = 0
+        self.refusal = _refusal(max_per_ip)
+
+    def admit(self, ip: str) -> bool:
+        """Count a new connection from ``ip``, or refuse it (then nothing is counted)."""
+        if self.open[ip] >= self.max_per_ip and not self.trusted.trusts(ip):
+            self.refused_total += 1
+            if not self.open[ip]:
+                del self.open[ip]
+            return False
+        self.open[ip] += 1
+        return True
+
+    def release(self, ip: str) -> None:
+        left = self.open.get(ip, 0) - 1
+        if left > 0:
+            self.open[ip] = left
+        else:
+            self.open.pop(ip, None)
+
+    def metrics_text(self) -> str:
+        return (
+            "# HELP openhydra_http_open_connections Open HTTP connections\n"
+            "# TYPE openhydra_http_open_connections gauge\n"
+            f"openhydra_http_open_connections {sum(self.open.values())}\n"
+            "# HELP openhydra_http_connections_refused_total Connections refused: too many from one address\n"
+            "# TYPE openhydra_http_connections_refused_total counter\n"
+            f"openhydra_http_connections_refused_total {self.refused_total}\n"
+            "# HELP openhydra_http_body_timeouts_total Requests answered 408: body not received in time\n"
+            "# TYPE openhydra_http_body_timeouts_total counter\n"
+            f"openhydra_http_body_timeouts_total {self.body_timeouts_total}\n"
+        )
+
+
+class EdgeHttpProtocol(HttpProtocol):
+    """Sanic's HTTP/1.1 protocol plus the body deadline and the per-IP connection cap of ``app.ctx.connections``.
+
+    An app without a :class:`ConnectionGuard` gets Sanic's behaviour unchanged."""
+
+    __slots__ = ("_edge_handler", "_edge_ip", "_edge_refused")  # Sanic's metaclass gives protocols no __dict__
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self._edge_ip: str | None = None
+        guard: ConnectionGuard | None = getattr(self.app.ctx, "connections", None)
+        if guard is not None:
+            peer = transport.get_extra_info("peername")
+            ip = peer[0] if isinstance(peer, tuple) else "unix"
+            if not guard.admit(ip):
+                self._edge_refused = True
+                transport.write(guard.refusal)
+                transport.close()
+                return
+            self._edge_ip = ip
+        self._edge_refused = False
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if getattr(self, "_edge_refused", False):
+            return  # never set up: no task, no conn_info
+        guard: ConnectionGuard | None = getattr(self.app.ctx, "connections", None)
+        if guard is not None and self._edge_ip is not None:
+            guard.release(self._edge_ip)
+            self._edge_ip = None
+        super().connection_lost(exc)
+
+    def _setup(self) -> None:
+        super()._setup()
+        self._edge_handler = self.request_handler
+        self.request_handler = self._handle_with_body_deadline
+
+    async def _handle_with_body_deadline(self, request: Request) -> None:
+        guard: ConnectionGuard | None = getattr(self.app.ctx, "connections", None)
+        http = self._http
+        if guard is not None and http is not None and http.request_body and http.perft0 is not None:
+            # not cancelled when the handler returns: a route that ignores its body (GET) leaves Sanic to drain it
+            self.loop.call_later(guard.body_timeout_s, self._body_deadline, guard, http, http.perft0)
+        await self._edge_handler(request)
+
+    def _body_deadline(self, guard: ConnectionGuard, http: Http, perft0: float) -> None:
+        """The body of the request that started at ``perft0`` is still incomplete: answer 408 and close."""
+        if self._task is None or self._http is not http or http.perft0 != perft0 or not http.request_body:
+            return  # the body arrived, or the connection has moved on or gone
+        guard.body_timeouts_total += 1
+        http.exception = RequestTimeout(f"request body not received within {guard.body_timeout_s:g} s of its headers")
+        http.request_body = None  # nothing more is read from this connection: no drain after the 408
+        http.keep_alive = False
+        # Sanic's connection task turns the cancellation into an error response with http.exception (while the
+        # handler is still reading the body) or just closes the connection (if a response was already sent)
+        self._task.cancel("request body timeout")
