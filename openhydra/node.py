@@ -148,6 +148,7 @@ class Node:
                 parameter_count=runtime.parameter_count,
                 dtype=str(runtime.dtype).removeprefix("torch."), context_length=context, num_layers=num_layers,
                 span=self.span, degradation_reason=choice.degradation_reason,
+                dtype_reason=getattr(self.backend, "dtype_reason", None),
             )
             state.engine = engine
             if self.swarm is not None:

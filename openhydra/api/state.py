@@ -24,6 +24,8 @@ class ServedModel:
     num_layers: int
     span: tuple[int, int]
     degradation_reason: str | None = None
+    dtype_reason: str | None = None
+    """Why this dtype (hardware/dtype.py: set by hand, native bf16, or measured bf16 vs fp32)."""
     created: int = field(default_factory=lambda: int(time.time()))
 
     def answers_to(self, name: str) -> bool:

@@ -12,11 +12,14 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from openhydra.runtime.quantize import QuantizationUnavailable, method_for, require_method
+
+if TYPE_CHECKING:
+    from openhydra.hardware.dtype import DtypeChoice
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +50,45 @@ class TorchBackend:
     """Why this is not exactly what the config asked for (logged at start)."""
     compaction: Any = None
     """The ``compaction/`` group (runtime/compaction/config.py CompactionConfig); build.py sets it."""
+    dtype_choice: Any = None
+    """Why this dtype (hardware/dtype.py DtypeChoice): banner, log and /v1/network/status."""
+    memory_budget_gb: float | None = None
 
     name = "torch"
 
+    @property
+    def dtype_reason(self) -> str | None:
+        return self.dtype_choice.reason if self.dtype_choice is not None else None
+
     def describe(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"torch on {self.device}, {dtype}, {self.threads} thread(s), quantization={self.quantization}"
+        why = f"; {dtype}: {self.dtype_reason}" if self.dtype_reason else ""
+        return f"torch on {self.device}, {dtype}, {self.threads} thread(s), quantization={self.quantization}{why}"
 
     def load_span(self, model_dir: Path, start: int, end: int | None):
         from openhydra.runtime.shard import ShardRuntime
 
+        self._fit_dtype_to_memory(model_dir, start, end)
         return ShardRuntime(model_dir, start, end, dtype=self.dtype, device=self.device, compaction=self.compaction,
                             quantization=self.quantization)
+
+    def _fit_dtype_to_memory(self, model_dir: Path, start: int, end: int | None) -> None:
+        """hardware.dtype=auto chose float32 on the CPU: fall back to bfloat16 if this span's fp32 weights don't fit."""
+        choice = self.dtype_choice
+        if choice is None or not choice.automatic or choice.dtype != "float32":
+            return
+        from openhydra.hardware.dtype import fit_to_memory, memory_budget_bytes, span_parameter_count
+
+        try:
+            parameters = span_parameter_count(model_dir, start, end)
+        except Exception as exc:  # an estimate must never stop a load; ShardRuntime reports a bad checkpoint itself
+            log.warning("hardware: could not size layers [%s, %s) of %s for the dtype choice (%s: %s); keeping %s",
+                        start, end, model_dir, type(exc).__name__, exc, choice.dtype)
+            return
+        fitted = fit_to_memory(choice, parameters, memory_budget_bytes(self.memory_budget_gb))
+        if fitted.dtype != choice.dtype:
+            self.dtype_choice, self.dtype = fitted, _DTYPES[fitted.dtype]
+            log.warning("hardware: dtype %s", fitted.line())
 
 
 def make_backend(
@@ -101,9 +131,6 @@ def make_backend(
         )
     if device == "mps" and not torch.backends.mps.is_available():
         raise BackendUnavailable("hardware asks for Apple MPS but torch sees none; use hardware=auto")
-    if dtype == "auto":
-        # Decode is memory-bandwidth bound: 16-bit weights read half the bytes of fp32.
-        dtype = "bfloat16" if device == "cpu" or torch.cuda.is_bf16_supported() else "float16"
     try:
         require_method(method_for(quantization, device))  # int8/NF4 on CUDA and on the CPU (runtime/quantize.py)
     except QuantizationUnavailable as exc:
@@ -111,8 +138,25 @@ def make_backend(
     if threads <= 0:
         threads = int(os.environ.get("OPENHYDRA_THREADS", 0)) or torch.get_num_threads()
     torch.set_num_threads(threads)
-    chosen = TorchBackend(device=device, dtype=_DTYPES[dtype], threads=threads, quantization=quantization,
-                          note=note)
+    choice = _choose_dtype(dtype, device, threads)
+    log.info("hardware: dtype %s", choice.line())
+    chosen = TorchBackend(device=device, dtype=_DTYPES[choice.dtype], threads=threads, quantization=quantization,
+                          note=note, dtype_choice=choice, memory_budget_gb=memory_budget_gb)
     if note:
         log.warning("hardware: %s", note)
     return chosen
+
+
+def _choose_dtype(dtype: str, device: str, threads: int) -> DtypeChoice:
+    """hardware.dtype resolved for ``device``: the CPU decides by its flags and a measurement (hardware/dtype.py)."""
+    from openhydra.hardware.dtype import DtypeChoice, cpu_dtype_choice
+
+    if device == "cpu":
+        return cpu_dtype_choice(dtype, threads)
+    if dtype != "auto":
+        return DtypeChoice(dtype=dtype, reason="set by hardware.dtype", automatic=False)
+    # GPUs: decode is memory-bandwidth bound, and 16-bit weights read half the bytes of fp32.
+    if torch.cuda.is_bf16_supported():
+        return DtypeChoice(dtype="bfloat16", reason="this GPU supports bf16 (half the bytes of fp32)", automatic=True)
+    return DtypeChoice(dtype="float16", reason="no bf16 on this device; float16 halves the bytes of fp32",
+                       automatic=True)

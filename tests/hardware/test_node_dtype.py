@@ -1,0 +1,46 @@
+"""Real node processes report the dtype they chose and why, in GET /v1/network/status and in the start banner."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from openhydra.hardware.dtype import cpu_flags, native_bf16_flags
+from openhydra.testing.processes import NodeProcess, start_all
+
+MEASURED = re.compile(r"measured bf16/fp32 prefill matmul [\d.]+x (slower|faster), "
+                      r"decode matmul [\d.]+x (slower|faster)")
+
+
+@pytest.mark.slow
+def test_nodes_report_dtype_and_reason(tiny_model_dirs, tmp_path):
+    base = ["model=local", f"model.path={tiny_model_dirs['llama']}", "api.rate_limit_requests=100000"]
+    auto = NodeProcess([*base, "hardware=cpu", f"node.data_dir={tmp_path / 'auto'}"],
+                       log_path=tmp_path / "auto.log")
+    forced = NodeProcess([*base, "hardware=cpu", "hardware.dtype=bfloat16", f"node.data_dir={tmp_path / 'bf16'}"],
+                         log_path=tmp_path / "bf16.log")
+    try:
+        start_all([auto, forced])
+        statuses = [httpx.get(n.url + "/v1/network/status", timeout=10).json()["model"] for n in (auto, forced)]
+        logs = [n.log_text() for n in (auto, forced)]
+    finally:
+        for node in (auto, forced):
+            node.stop()
+
+    chosen, explicit = statuses
+    native = native_bf16_flags(cpu_flags())
+    if native:  # e.g. Zen 4 / Sapphire Rapids: no measurement needed
+        assert chosen["dtype"] == "bfloat16" and chosen["dtype_reason"].startswith("native bf16 on this CPU")
+    else:  # this CPU measured: bf16 only if it won both shapes
+        verdicts = MEASURED.search(chosen["dtype_reason"])
+        assert verdicts is not None, chosen
+        expected = "bfloat16" if verdicts.groups() == ("faster", "faster") else "float32"
+        assert chosen["dtype"] == expected and chosen["dtype_reason"].startswith("no native bf16 (")
+    banner = f"quantization=none; {chosen['dtype']}: {chosen['dtype_reason']}"
+    assert banner in logs[0]  # the start banner's hardware line
+    assert f"hardware: dtype {chosen['dtype']}: {chosen['dtype_reason']}" in logs[0]
+
+    assert explicit["dtype"] == "bfloat16" and explicit["dtype_reason"] == "set by hardware.dtype"
+    assert "quantization=none; bfloat16: set by hardware.dtype" in logs[1]
