@@ -107,7 +107,7 @@ class Node:
         started = time.perf_counter()
         try:
             state.loading_stage = "resolving model source"
-            choice = resolve_model(cfg.model, cfg.node.data_path, cfg.node.hub_probe_timeout_s)
+            choice = resolve_model(cfg.model, cfg.node.model_cache_path, cfg.node.hub_probe_timeout_s)
             state.requested_model = choice.requested_name
             num_layers, context = model_num_layers(choice.path)
             self.span = self._choose_span(choice, num_layers)
@@ -170,7 +170,7 @@ class Node:
         from openhydra.router.speculative import speculator_for_node
 
         def load_draft(entry):
-            path, source = model_source(entry, self.cfg.node.data_path, self.cfg.node.hub_probe_timeout_s)
+            path, source = model_source(entry, self.cfg.node.model_cache_path, self.cfg.node.hub_probe_timeout_s)
             log.info("draft model for speculative decoding: %s", source)
             return self.backend.load_span(path, 0, None)
 
@@ -335,7 +335,7 @@ class Node:
         from openhydra.router.swarm import SwarmPipeline
 
         cfg = self.cfg
-        path, source = model_source(entry, cfg.node.data_path, cfg.node.hub_probe_timeout_s)
+        path, source = model_source(entry, cfg.node.model_cache_path, cfg.node.hub_probe_timeout_s)
         num_layers, context = model_num_layers(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         swarm: SwarmPipeline | None = None

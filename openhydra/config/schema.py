@@ -128,6 +128,8 @@ class ApiConfig(Strict):
 
 class NodeSection(Strict):
     data_dir: str
+    model_cache_dir: str = "~/.cache/openhydra"
+    """Converted models and hub downloads, shared by every node on the machine (runtime/model_cache.py)."""
     peer_id: str | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     hub_probe_timeout_s: float = Field(2.0, gt=0, le=60)
@@ -137,6 +139,10 @@ class NodeSection(Strict):
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser()
+
+    @property
+    def model_cache_path(self) -> Path:
+        return Path(self.model_cache_dir).expanduser()
 
 
 class PeerSection(Strict):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from openhydra.testing import TEST_CACHE_ROOT
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -27,8 +29,9 @@ class NodeProcess:
         self.port = port or free_port()
         self.overrides = [*overrides, f"api.port={self.port}"]
         self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"openhydra-node-{self.port}.log"
+        # Test nodes share the tests' model cache (the converted SmolLM2 of the session fixture), not ~/.cache.
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENHYDRA_THREADS": str(threads),
-                    "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+                    "TOKENIZERS_PARALLELISM": "false", "OPENHYDRA_CACHE": str(TEST_CACHE_ROOT), **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     @property
