@@ -9,14 +9,16 @@ duration when that is longer; a lone stream never waits), runs :func:`forward_ba
 and resolves each future with that session's output. Sessions join and leave between steps (the
 batch is rebuilt every step, Orca-style iteration-level scheduling).
 
-:func:`forward_batch` stacks the sessions' per-session ``DynamicCache`` K/V left-padded to the
-longest one ([B, H, Lmax, d]), masks the padding (a boolean [B, 1, 1, Lmax + 1] mask), gives each
-row its own position, runs every layer once on h [B, 1, D], then appends each row's new K/V to its
-own session cache. Recurrent layers (Qwen3.5 Gated DeltaNet) need no padding: their fixed-size conv
-and recurrent states are stacked [B, ...] and split back after the step. Greedy outputs equal
-unbatched ones (tested); logits agree to float rounding (batched matmuls accumulate in a different
-order). Steps it cannot batch run on their own, exactly as without batching: sliding-window layers,
-compacted caches, a session's first position, sessions still filling prefix blocks.
+:func:`forward_batch` is exact: a session's tokens are bit-for-bit those it gets when it runs alone,
+in bf16 and fp32 (greedy output must not depend on other users' traffic). Two measured facts shape it
+(see the section "exactness" below): a matmul's rounding depends on its row count (M=1 differs from
+M=8), and attention over a left-padded stack differs from attention over the session's own cache. So
+every batched step, a lone session's included, runs the weight matmuls on a fixed ``rows`` (the
+batcher's ``max_batch``, zero-padded rows) and attention row by row on each session's own K/V
+(a custom attention function, plain SDPA otherwise). Recurrent layers (Qwen3.5 Gated DeltaNet) stack
+their fixed-size conv and recurrent states [rows, ...] and split them back after the step. Steps it
+cannot batch run on their own, the same way every time: sliding-window layers, compacted caches, a
+session's first position, sessions still filling prefix blocks.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,8 @@ class DecodeBatcher:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.runtime = runtime
         self.max_batch = max_batch
+        if getattr(runtime, "compaction", None) is None:
+            use_rows_attention(runtime)  # before any step runs: switching it later would race with them
         self.window_s = window_ms / 1000.0
         self.stats = BatchStats()
         self._queue: deque[_Pending] = deque()
@@ -147,7 +153,7 @@ class DecodeBatcher:
                 return
             began = time.monotonic()
             try:
-                outputs = forward_batch(self.runtime, batch, self.stats)
+                outputs = forward_batch(self.runtime, batch, self.stats, rows=self.max_batch)
             except Exception as exc:  # the whole batch failed: every caller gets the error
                 log.exception("batched decode step failed")
                 outputs = [exc] * len(batch)
@@ -168,18 +174,26 @@ def _batchable(runtime, session) -> bool:
         return False  # compaction captures queries and checks its threshold per step (runtime/compaction)
     if session.prefix is not None or any(t not in ("full_attention", "linear_attention") for t in runtime.layer_types):
         return False
+    if session.length == 0:
+        return False  # a first position (a one-token prompt) runs alone: there is no cache to extend yet
     for layer_type, layer in zip(runtime.layer_types, session.cache.layers, strict=True):
         if layer_type == "full_attention":
             if type(layer) is not DynamicLayer or layer.get_seq_length() != session.length:
                 return False  # e.g. a compacted cache: indices are not positions
-        elif not (type(layer) is LinearAttentionLayer and session.length > 0 and layer.has_previous_state[0]
+        elif not (type(layer) is LinearAttentionLayer and layer.has_previous_state[0]
                   and not layer.record_past and layer.number_of_states == 1):
             return False  # recurrent state not built yet (or recording for rollback)
     return True
 
 
-def forward_batch(runtime, items: list[_Pending], stats: BatchStats | None = None) -> list[object]:
-    """One decode position for each item's session; per item its output tensor or the exception it raised."""
+def forward_batch(
+    runtime, items: list[_Pending], stats: BatchStats | None = None, rows: int | None = None
+) -> list[object]:
+    """One decode position for each item's session; per item its output tensor or the exception it raised.
+
+    ``rows``: the fixed row count every batched forward is padded to (the batcher's ``max_batch``), so a
+    session's arithmetic does not depend on how many others share its step. Default: the batch's size.
+    """
     from openhydra.runtime.shard import PositionMismatchError
 
     stats = stats or BatchStats()
@@ -202,17 +216,22 @@ def forward_batch(runtime, items: list[_Pending], stats: BatchStats | None = Non
                 results[i] = None  # run alone below, after the locks are released
             else:
                 ready.append((i, session, h))
-        if len(ready) > 1:
-            hidden = _run_layers_batched(runtime, [s for _, s, _ in ready], torch.cat([h for *_, h in ready]))
-            out = _batched_output(runtime, hidden)  # one read of the head for every row
+        if ready:
+            sessions = [s for _, s, _ in ready]
+            try:
+                hidden = _run_layers_batched(runtime, sessions, torch.cat([h for *_, h in ready]),
+                                             max(rows or len(ready), len(ready)))
+                out = _batched_output(runtime, hidden)  # one read of the head for every row
+            except Exception:
+                for s in sessions:  # some layers may have appended their position: these sessions are unusable
+                    runtime._sessions.drop(s.session_id)
+                raise
             for row, (i, session, _) in enumerate(ready):
                 session.length += 1
                 results[i] = out[row]  # [1, V] logits on the last span, else hidden [1, D]
             stats.batches += 1
             stats.steps += len(ready)
             stats.max_seen = max(stats.max_seen, len(ready))
-        elif ready:
-            results[ready[0][0]] = None  # a batch of one takes the plain path
     finally:
         for session in locked:
             session.lock.release()
@@ -233,44 +252,91 @@ def forward_batch(runtime, items: list[_Pending], stats: BatchStats | None = Non
 
 
 def _batched_output(runtime, hidden: torch.Tensor) -> torch.Tensor:
-    """hidden [B, 1, D] -> per row what ``runtime._output`` gives for one position: float32 logits [B, 1, V]
-    on the last span (norm + head applied to all rows at once), else the hidden states [B, 1, D]."""
+    """hidden [R, 1, D] -> per row what ``runtime._output`` gives for one position: float32 logits [R, 1, V]
+    on the last span (norm + head applied to all rows at once), else the hidden states [R, 1, D]."""
     if not runtime.is_last:
         return hidden
     with torch.inference_mode():
         return runtime.modules.lm_head(runtime.modules.norm(hidden)).float()
 
 
-def _run_layers_batched(runtime, sessions: list, h: torch.Tensor) -> torch.Tensor:
-    """h [B, 1, D] for B sessions of lengths L_b -> hidden [B, 1, D]; appends one K/V position to each."""
+# ---- exactness: fixed row count, per-row attention ----------------------------------------------------
+#
+# A session's decode step must give the same bits whether it runs alone or next to 7 others (greedy
+# output may not depend on other users' traffic). Measured on this CPU (torch 2.13, oneDNN/MKL):
+# F.linear on M rows equals itself row for row whatever the other rows hold and wherever the row sits,
+# but M=1 and M=2..8 give different roundings (fp32 differs for every M; bf16 between M=1 and M>1).
+# Attention over a left-padded [B, H, Lmax, d] stack rounds differently from the session's own
+# [1, H, L, d] too. So every batched step (a lone session's included) runs the weight matmuls on a fixed
+# ``rows`` (zero-padded), and attention row by row on each session's own cache, with the same shapes
+# whether or not others are present.
+
+ROWS_ATTENTION = "openhydra_rows"
+
+
+class _Rows(list):
+    """Per-row key (or value) tensors [1, H, L_b + 1, d] that a :class:`_RowsLayer` hands to attention."""
+
+
+def rows_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """SDPA, except for a batched step's :class:`_Rows`: each row attends over its own session's cache alone."""
+    if not isinstance(key, _Rows):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outputs = [sdpa_attention_forward(module, query[r : r + 1], k, v, None, **kwargs)[0]  # [1, 1, H, d]
+               for r, (k, v) in enumerate(zip(key, value, strict=True))]
+    padding = query.shape[0] - len(outputs)
+    if padding:
+        outputs.append(outputs[0].new_zeros((padding, *outputs[0].shape[1:])))
+    return torch.cat(outputs), None  # [R, 1, H, d]
+
+
+def use_rows_attention(runtime) -> None:
+    """Point the span's attention at :func:`rows_attention_forward` (plain SDPA for ordinary steps)."""
+    if runtime.shard_config._attn_implementation == ROWS_ATTENTION:
+        return
+    if runtime.shard_config._attn_implementation != "sdpa":
+        raise NotImplementedError(
+            f"continuous batching needs sdpa attention, the span uses {runtime.shard_config._attn_implementation!r}")
+    AttentionInterface.register(ROWS_ATTENTION, rows_attention_forward)
+    AttentionMaskInterface.register(ROWS_ATTENTION, sdpa_mask)
+    runtime.shard_config._attn_implementation = ROWS_ATTENTION
+
+
+class _RowsLayer:
+    """A batched step's full-attention cache layer: appends each row's new K/V to its own session's cache."""
+
+    def __init__(self, layers: list) -> None:
+        self.layers = layers  # the sessions' DynamicLayers, one per real row
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = _Rows(), _Rows()
+        for row, layer in enumerate(self.layers):  # key_states [R, H, 1, d]; padding rows are dropped
+            k, v = layer.update(key_states[row : row + 1], value_states[row : row + 1])
+            keys.append(k)
+            values.append(v)
+        return keys, values
+
+
+def _run_layers_batched(runtime, sessions: list, h: torch.Tensor, rows: int) -> torch.Tensor:
+    """h [B, 1, D] for B sessions of lengths L_b -> hidden [rows, 1, D] (rows >= B, zero-padded); appends one
+    position to each session's cache."""
+    use_rows_attention(runtime)
     lengths = [s.length for s in sessions]
-    longest = max(lengths)
     batch = len(sessions)
+    padding = rows - batch
+    if padding:
+        h = torch.cat([h, h.new_zeros((padding, *h.shape[1:]))])  # [rows, 1, D]
     device = h.device
     with torch.inference_mode():
         temp = DynamicCache(config=runtime.shard_config)
         for i, layer_type in enumerate(runtime.layer_types):
-            if layer_type == "linear_attention":  # fixed-size states: stacked, no padding
-                temp.layers[i] = _stacked_linear_layer([s.cache.layers[i] for s in sessions])
-                continue
-            if longest == 0:
-                continue
-            ref = next(s.cache.layers[i] for s in sessions if s.length > 0)
-            _, heads, _, k_dim = ref.keys.shape
-            v_dim = ref.values.shape[-1]
-            keys = ref.keys.new_zeros((batch, heads, longest, k_dim))  # [B, H, Lmax, d], left-padded
-            values = ref.values.new_zeros((batch, heads, longest, v_dim))
-            for row, s in enumerate(sessions):
-                if s.length:
-                    keys[row, :, longest - s.length :] = s.cache.layers[i].keys[0]
-                    values[row, :, longest - s.length :] = s.cache.layers[i].values[0]
-            temp.layers[i].update(keys, values)
-        columns = torch.arange(longest + 1, device=device)  # [Lmax + 1]
-        starts = torch.tensor([longest - n for n in lengths], device=device)  # [B]
-        mask = (columns[None, :] >= starts[:, None])[:, None, None, :]  # [B, 1, 1, Lmax + 1]: True = attend
-        masks = {"full_attention": mask, "linear_attention": None}  # one new position: no padding in states
-        position_ids = torch.tensor(lengths, device=device).view(batch, 1)  # [B, 1]
-        position_embeddings = runtime.modules.rotary_emb(h, position_ids)  # (cos, sin), each [B, 1, head_dim]
+            if layer_type == "linear_attention":  # fixed-size states: stacked (zeros for padding rows)
+                temp.layers[i] = _stacked_linear_layer([s.cache.layers[i] for s in sessions], padding)
+            else:
+                temp.layers[i] = _RowsLayer([s.cache.layers[i] for s in sessions])
+        masks = {"full_attention": None, "linear_attention": None}  # one new position: nothing to mask per row
+        position_ids = torch.tensor(lengths + [0] * padding, device=device).view(rows, 1)  # [rows, 1]
+        position_embeddings = runtime.modules.rotary_emb(h, position_ids)  # (cos, sin), each [rows, 1, head_dim]
         for layer, layer_type in zip(runtime.modules.layers, runtime.layer_types, strict=True):
             h = layer(
                 h,
@@ -287,20 +353,21 @@ def _run_layers_batched(runtime, sessions: list, h: torch.Tensor) -> torch.Tenso
                 for row, s in enumerate(sessions):  # each session's state after its new position
                     s.cache.layers[i].conv_states[0].copy_(temp.layers[i].conv_states[0][row : row + 1])
                     s.cache.layers[i].recurrent_states[0].copy_(temp.layers[i].recurrent_states[0][row : row + 1])
-                continue
-            new_k = temp.layers[i].keys[:, :, -1:]  # [B, H, 1, d]
-            new_v = temp.layers[i].values[:, :, -1:]
-            for row, s in enumerate(sessions):
-                s.cache.layers[i].update(new_k[row : row + 1].clone(), new_v[row : row + 1].clone())
-        return h  # [B, 1, D]
+        return h  # [rows, 1, D]
 
 
-def _stacked_linear_layer(layers: list) -> LinearAttentionLayer:
-    """A temporary Gated-DeltaNet cache layer holding B sessions' conv [B, C, K] and recurrent [B, H, dk, dv] states."""
+def _stacked_linear_layer(layers: list, padding: int = 0) -> LinearAttentionLayer:
+    """A temporary Gated-DeltaNet cache layer holding B sessions' conv [B+p, C, K] and recurrent [B+p, H, dk, dv]
+    states (``padding`` zero rows last)."""
     ref = layers[0]
     stacked = copy.copy(ref)
-    stacked.conv_states = {0: torch.cat([layer.conv_states[0] for layer in layers])}
-    stacked.recurrent_states = {0: torch.cat([layer.recurrent_states[0] for layer in layers])}
+    conv = [layer.conv_states[0] for layer in layers]
+    recurrent = [layer.recurrent_states[0] for layer in layers]
+    if padding:
+        conv.append(conv[0].new_zeros((padding, *conv[0].shape[1:])))
+        recurrent.append(recurrent[0].new_zeros((padding, *recurrent[0].shape[1:])))
+    stacked.conv_states = {0: torch.cat(conv)}
+    stacked.recurrent_states = {0: torch.cat(recurrent)}
     for name in ("is_conv_states_initialized", "is_recurrent_states_initialized", "has_previous_state",
                  "conv_kernel_size"):
         setattr(stacked, name, dict(getattr(ref, name)))

@@ -11,10 +11,18 @@ Values: node ``i`` holds exactly positions ``[i*block, (i+1)*block)`` of the spa
 - full-attention layers: the K/V slice of those positions (so a hit copies only prefix positions,
   never a continuation: nothing past the block boundary is ever stored);
 - recurrent layers (Qwen3.5 Gated DeltaNet): a copy of the conv + recurrent state *at* the block
-  boundary. Recurrent state cannot be cropped afterwards, so the runtime splits a prefill step at
-  block boundaries while a session has hashes to fill (cold and warm runs then compute the same
-  chunks, so a hit is bit-identical to the cold run);
+  boundary;
 - other layer types (sliding windows, compacted caches): not cached; the runtime skips the cache.
+
+Exactness (a hit gives bit-for-bit the cold run's tokens, bf16 included): a runtime with a prefix
+cache computes every multi-position step in pieces that end at absolute multiples of ``block``
+(:func:`run_in_blocks`), cold or warm. Matmul and attention kernels round differently for
+different shapes (a 1,000-row prefill is not 32 rows at a time: bf16 K/V then differ in the last
+bit, and the next token can flip), so seeded blocks are only equal to what a cold run would compute
+when the cold run computes the same block-sized pieces with the same earlier positions. It does:
+a cold prefill of ``N`` tokens is ``[0, b), [b, 2b), ... [kb, N)``; a warm one seeded with ``P``
+positions computes ``[P, P+b), ... [kb, N)``, the same pieces on the same cache contents. The
+coordinator must send chunks whose sizes are multiples of ``block`` (LocalPipeline aligns them).
 
 Memory is bounded (``max_bytes``) with least-recently-used eviction of leaves.
 
@@ -93,7 +101,6 @@ class SessionPrefix:
 
     key: PrefixKey
     inserted: int = 0
-    split_at_blocks: bool = False
 
 
 @dataclass
@@ -110,11 +117,15 @@ class PrefixStats:
 class PrefixCache:
     """The block tree of one runtime (one layer span), bounded to ``max_bytes``."""
 
-    def __init__(self, layer_types: Sequence[str], max_bytes: int) -> None:
+    def __init__(self, layer_types: Sequence[str], max_bytes: int, block: int = 32) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        if not 1 <= block <= 65536:
+            raise ValueError(f"prefix block must be in [1, 65536], got {block}")
         self.layer_types = list(layer_types)
         self.max_bytes = max_bytes
+        self.block = block
+        """Piece size for steps of sessions that carry no prompt hashes (a session's own key names its block)."""
         self.is_recurrent = any(t == "linear_attention" for t in self.layer_types)
         self.supported = all(t in ("full_attention", "linear_attention") for t in self.layer_types)
         self._nodes: OrderedDict[bytes, _Node] = OrderedDict()  # LRU order: oldest first
@@ -177,19 +188,13 @@ class PrefixCache:
     # ---- insert ---------------------------------------------------------------------------------------
 
     def begin(self, key: PrefixKey) -> SessionPrefix:
-        return SessionPrefix(key=key, split_at_blocks=self.is_recurrent)
-
-    def next_boundary(self, plan: SessionPrefix, length: int) -> int | None:
-        """For recurrent spans: the next block boundary after ``length`` that still needs a snapshot."""
-        if not plan.split_at_blocks or plan.inserted >= len(plan.key.hashes):
-            return None
-        return (length // plan.key.block + 1) * plan.key.block
+        return SessionPrefix(key=key)
 
     def insert_from(self, cache, plan: SessionPrefix, length: int) -> None:
         """Store every block of ``plan`` that the session's cache (``length`` positions) now covers.
 
         Recurrent states are only valid at exactly ``length``: blocks ending before it are skipped
-        (the runtime splits steps so that this does not happen while a session fills its blocks).
+        (:func:`run_in_blocks` ends a piece at every block boundary, so this does not happen).
         """
         if not self.supported or self.max_bytes == 0:
             plan.inserted = len(plan.key.hashes)
@@ -303,22 +308,23 @@ def begin_prefix(prefix_cache: PrefixCache, session, key: PrefixKey, first: int)
     return first
 
 
-def run_prefixed(prefix_cache: PrefixCache, session, h: torch.Tensor, position_ids: torch.Tensor, run_layers):
-    """``run_layers`` for a session with prompt blocks to store: split at block boundaries on recurrent
-    spans (their state exists only where a step ends), then store every newly complete block.
-    ``session.length`` is left to the caller; the returned hidden states cover all S positions.
+def run_in_blocks(prefix_cache: PrefixCache, session, h: torch.Tensor, position_ids: torch.Tensor, run_layers):
+    """``run_layers`` in pieces that end at absolute multiples of the block (the exact mode: cold and warm
+    runs compute the same pieces), storing every prompt block a piece completes while the session fills
+    its blocks. ``session.length`` is left to the caller; the returned hidden states cover all S positions.
     """
-    plan: SessionPrefix = session.prefix
+    plan: SessionPrefix | None = session.prefix
+    block = plan.key.block if plan is not None else prefix_cache.block
     base = session.length
     total = h.shape[1]
     outputs: list[torch.Tensor] = []
     done = 0
     while done < total:
-        boundary = prefix_cache.next_boundary(plan, base + done)
-        piece = total - done if boundary is None else min(total - done, boundary - base - done)
+        piece = min(total - done, block - (base + done) % block)  # up to the next block boundary
         outputs.append(run_layers(session, h[:, done : done + piece], position_ids[:, done : done + piece]))
         done += piece
-        prefix_cache.insert_from(session.cache, plan, base + done)
-    if plan.inserted >= len(plan.key.hashes):
+        if plan is not None:
+            prefix_cache.insert_from(session.cache, plan, base + done)
+    if plan is not None and plan.inserted >= len(plan.key.hashes):
         session.prefix = None  # every prompt block is stored: decode steps take the plain path
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # [1, S, D]

@@ -23,8 +23,9 @@ class PrefixCacheConfig(_Strict):
     max_mb: float = Field(256.0, ge=0)
     """Bytes of cached prefix blocks per runtime (LRU-evicted beyond), in MiB."""
     block: int = Field(32, ge=1, le=65536)
-    """Tokens per hashed block: reuse happens in whole blocks. Spans with recurrent layers (Qwen3.5)
-    run a session's prompt in block-sized pieces to snapshot their state at each boundary."""
+    """Tokens per hashed block: reuse happens in whole blocks. A runtime with the cache on computes every
+    prompt in block-aligned pieces, cold or warm, so that a hit gives exactly the cold run's tokens (the
+    coordinator's prefill chunk must be a multiple of it; runtime/prefix_cache.py)."""
 
 
 class BatchingConfig(_Strict):
@@ -53,7 +54,8 @@ def apply_serving(config: ServingConfig, runtime) -> None:
     from openhydra.runtime.prefix_cache import PrefixCache
 
     if config.prefix_cache.enabled and config.prefix_cache.max_mb > 0:
-        runtime.prefix_cache = PrefixCache(runtime.layer_types, int(config.prefix_cache.max_mb * 2**20))
+        runtime.prefix_cache = PrefixCache(runtime.layer_types, int(config.prefix_cache.max_mb * 2**20),
+                                           config.prefix_cache.block)
     if config.batching.max_batch > 1:
         runtime.batcher = DecodeBatcher(runtime, config.batching.max_batch, config.batching.window_ms)
 

@@ -18,7 +18,7 @@ from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
 from openhydra.runtime.compaction.config import CompactionConfig
 from openhydra.runtime.compaction.shard_hook import ShardCompaction
-from openhydra.runtime.prefix_cache import PrefixCache, PrefixKey, begin_prefix, run_prefixed
+from openhydra.runtime.prefix_cache import PrefixCache, PrefixKey, begin_prefix, run_in_blocks
 from openhydra.runtime.sessions import Session, SessionStore
 from openhydra.runtime.shard_layers import build_shard, layer_types_of, load_text_config
 
@@ -159,8 +159,10 @@ class ShardRuntime:
         Returns hidden states [S, D] in the runtime dtype, or on the last shard float32 logits
         [1, V] for the last position ([S, V] with ``all_logits``). ``prefix`` (a new session's prompt
         block hashes) seeds the cache from the prefix cache when ``positions`` start past 0, and stores
-        the session's prompt blocks there (runtime/prefix_cache.py). ``return_hidden``: the last shard
-        returns its final hidden states [S, D] before the norm (coordinator-side sampling, peer/head.py).
+        the session's prompt blocks there (runtime/prefix_cache.py). With a prefix cache, multi-position
+        steps run in block-aligned pieces (``run_in_blocks``), hit or not, so a hit gives the cold run's
+        bits. ``return_hidden``: the last shard returns its final hidden states [S, D] before the norm
+        (coordinator-side sampling, peer/head.py).
         """
         seq_len = self._check_positions(positions)
         if self.compaction is not None:
@@ -178,8 +180,10 @@ class ShardRuntime:
                 raise PositionMismatchError(session_id, session.length, first)
             try:
                 position_ids = positions.to(self.device).view(1, seq_len)
-                if session.prefix is not None and self.prefix_cache is not None:
-                    out = run_prefixed(self.prefix_cache, session, h, position_ids, self._run_layers)
+                if self.prefix_cache is not None and self.compaction is None and (
+                        seq_len > 1 or session.prefix is not None):
+                    # Exact mode: block-aligned pieces, so a prefix hit equals a cold run bit for bit.
+                    out = run_in_blocks(self.prefix_cache, session, h, position_ids, self._run_layers)
                 elif self.compaction is not None:
                     out = self.compaction.run(session, seq_len, lambda: self._run_layers(session, h, position_ids))
                 else:

@@ -1,0 +1,154 @@
+"""Greedy output does not depend on earlier or concurrent requests (issue #15): with the prefix cache and the
+decode batcher on, every request gets exactly the token ids of a cold run on its own, in bf16 and fp32.
+
+- prefix pairs: 20 pairs of prompts sharing a long system prompt, in both orders; the second request of
+  each order hits the cache and must equal the cold run (the prefix cache's tree cleared, same runtime);
+- concurrency: 8 streams at once (decode steps batched, blocks shared as they are stored) equal each
+  stream run alone.
+Tiny random Llama / Qwen3 / Qwen3.5-hybrid checkpoints, and real SmolLM2-135M weights (slow).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from openhydra.router.pipeline import LocalPipeline
+from openhydra.runtime.batching import DecodeBatcher
+from openhydra.runtime.prefix_cache import PrefixCache
+from openhydra.runtime.sampling import SamplingParams
+from openhydra.runtime.shard import ShardRuntime
+
+GREEDY = SamplingParams(temperature=0.0)
+BLOCK = 32  # the serving default
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+SYSTEMS = [
+    "You are a careful maritime historian. Answer in plain words, give dates where you know them, say when "
+    "you are unsure, and never invent sources. Keep answers short: two or three sentences at most, no lists.",
+    "You are a patient science teacher for curious twelve-year-olds. Explain with one everyday comparison, "
+    "avoid jargon, define any technical word you must use, and end with a question that invites them to think.",
+    "You are the assistant of a small public library. Be friendly and precise. If a question is about a "
+    "device or an instrument, say what it measures or does, who used it, and one thing that replaced it.",
+    "You are a concise encyclopedia. Reply with facts only, in complete sentences, without greetings or "
+    "closing remarks. Prefer the most common meaning of a word. Mention the century when it was invented.",
+    "You write answers for a museum audio guide. Speak to visitors directly, keep a calm tone, describe how "
+    "the object was used at sea or on land, and keep it under sixty words so it fits one audio stop.",
+]
+QUESTIONS = ["What is a lighthouse for?", "What is a sextant?", "How does a compass work?",
+             "What is a barometer?", "Why do ships have anchors?"]
+# 20 pairs, each sharing its system prompt: consecutive questions under every system prompt.
+PAIRS = [((s, QUESTIONS[q]), (s, QUESTIONS[q + 1])) for s in range(len(SYSTEMS)) for q in range(len(QUESTIONS) - 1)]
+
+
+def _prompts(tokenizer) -> dict[tuple[int, str], list[int]]:
+    out = {}
+    for s, system in enumerate(SYSTEMS):
+        for question in QUESTIONS:
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            out[(s, question)] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return out
+
+
+def _generate(pipe: LocalPipeline, session: str, prompt: list[int], n: int) -> list[int]:
+    out: list[int] = []
+    feed, pos = prompt, 0
+    for step in range(n):
+        token = pipe.step(session, feed, pos, GREEDY, step)
+        pos += len(feed)
+        feed = [token]
+        out.append(token)
+    pipe.close(session)
+    return out
+
+
+def _serving_runtime(model_dir, dtype: torch.dtype) -> ShardRuntime:
+    """What ``serving=batched`` installs (prefix cache + an 8-row batcher), on one process."""
+    rt = ShardRuntime(model_dir, dtype=dtype)
+    rt.prefix_cache = PrefixCache(rt.layer_types, 256 << 20, BLOCK)
+    rt.batcher = DecodeBatcher(rt, max_batch=8, window_ms=20.0)
+    return rt
+
+
+def check_prefix_pairs(rt: ShardRuntime, prompts: dict, n: int) -> None:
+    pipe = LocalPipeline(rt, prefix_block=BLOCK)
+    cold: dict = {}
+    for key, prompt in prompts.items():
+        rt.prefix_cache.clear()
+        cold[key] = _generate(pipe, f"cold-{key}", prompt, n)
+    assert pipe.reused_positions == 0
+    mismatches = []
+    for a, b in PAIRS:
+        for first, second in ((a, b), (b, a)):
+            rt.prefix_cache.clear()
+            reused = pipe.reused_positions
+            assert _generate(pipe, "first", prompts[first], n) == cold[first]
+            got = _generate(pipe, "second", prompts[second], n)
+            assert pipe.reused_positions - reused >= BLOCK, "the second request did not hit the prefix cache"
+            if got != cold[second]:
+                mismatches.append((first, second, got, cold[second]))
+    assert not mismatches, f"{len(mismatches)} of {2 * len(PAIRS)} orders differ from cold: {mismatches[:2]}"
+
+
+def check_concurrent_streams(rt: ShardRuntime, prompts: list[list[int]], n: int) -> None:
+    pipe = LocalPipeline(rt, prefix_block=BLOCK)
+    alone = []
+    for i, prompt in enumerate(prompts):
+        rt.prefix_cache.clear()
+        alone.append(_generate(pipe, f"alone{i}", prompt, n))
+    rt.prefix_cache.clear()
+    got: list[list[int] | None] = [None] * len(prompts)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(prompts))
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            got[i] = _generate(pipe, f"together{i}", prompts[i], n)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    steps_before = rt.batcher.stats.steps
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    assert got == alone
+    assert rt.batcher.stats.max_seen >= 4  # steps really ran together
+    assert rt.batcher.stats.steps - steps_before >= len(prompts) * (n - 1) // 2
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_5"])
+def test_tiny_prefix_pairs_and_streams_are_exact(tiny_model_dirs, tokenizer, family, dtype) -> None:
+    rt = _serving_runtime(tiny_model_dirs[family], DTYPES[dtype])
+    try:
+        prompts = _prompts(tokenizer)
+        check_prefix_pairs(rt, prompts, 6)
+        check_concurrent_streams(rt, [prompts[(s % len(SYSTEMS), QUESTIONS[(s + s // 5) % 5])] for s in range(8)], 10)
+    finally:
+        rt.batcher.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_smollm2_prefix_pairs_and_streams_are_exact(smollm2_dir, tokenizer, dtype) -> None:
+    rt = _serving_runtime(smollm2_dir, DTYPES[dtype])
+    try:
+        prompts = _prompts(tokenizer)
+        check_prefix_pairs(rt, prompts, 8)
+        check_concurrent_streams(rt, [prompts[(s % len(SYSTEMS), QUESTIONS[(s + 1 + s // 5) % 5])] for s in range(8)], 12)
+    finally:
+        rt.batcher.close()
