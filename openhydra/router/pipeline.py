@@ -51,7 +51,9 @@ class LocalPipeline:
         if not (runtime.is_first and runtime.is_last):
             raise ValueError(f"LocalPipeline needs a runtime with every layer, got [{runtime.start}, {runtime.end})")
         self.runtime = runtime
-        self.prefill_chunk = prefill_chunk
+        # Chunks end on block boundaries: the runtime's exact mode computes block-aligned pieces, and a chunk
+        # boundary inside a block would cut it differently in a cold run and a warm one (runtime/prefix_cache.py).
+        self.prefill_chunk = max(prefix_block, prefill_chunk // prefix_block * prefix_block)
         self.prefix_block = prefix_block
         self._prefix_secret = os.urandom(32)  # block hashes are HMACs under this coordinator's own key
         self.reused_positions = 0
