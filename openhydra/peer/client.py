@@ -83,6 +83,7 @@ class StepResult:
     hidden: torch.Tensor | None = None  # final hidden states from the last hop (coordinator-side sampling)
     top_ids: tuple[int, ...] = ()
     top_logprobs: tuple[float, ...] = ()
+    token_logprob: float | None = None  # the sampled token's logprob (sent with return_top_k)
 
 
 class _Deliver(pb_grpc.CoordinatorServicer):
@@ -333,13 +334,16 @@ class PeerChainClient:
         logits = self.head(result.hidden)  # float32 [1, V] or [S, V]
         top_ids: tuple[int, ...] = ()
         top_logprobs: tuple[float, ...] = ()
+        token = sample(logits[-1], sampling, step)
+        token_logprob = None
         if extras.get("return_top_k"):
             logprobs = torch.log_softmax(logits[-1], dim=-1)
             top = torch.topk(logprobs, min(int(extras["return_top_k"]), logprobs.numel()))
             top_ids, top_logprobs = tuple(top.indices.tolist()), tuple(top.values.tolist())
+            token_logprob = float(logprobs[token])
         wants_logits = extras.get("return_logits") or extras.get("all_logits")
-        return StepResult(token=sample(logits[-1], sampling, step), last_hop=result.last_hop,
-                          logits=logits if wants_logits else None, top_ids=top_ids, top_logprobs=top_logprobs)
+        return StepResult(token=token, last_hop=result.last_hop, logits=logits if wants_logits else None,
+                          top_ids=top_ids, top_logprobs=top_logprobs, token_logprob=token_logprob)
 
     def _timeout_for(self, positions: int) -> float:
         """The step's deadline in seconds: the full step timeout, or the adaptive decode deadline."""
@@ -419,6 +423,7 @@ class PeerChainClient:
                 logits=logits,
                 top_ids=tuple(result.top_ids),
                 top_logprobs=tuple(result.top_logprobs),
+                token_logprob=result.token_logprob if result.HasField("token_logprob") else None,
                 hidden=hidden,
             )
         )

@@ -293,6 +293,7 @@ class PeerService(pb_grpc.PeerServicer):
             top = torch.topk(logprobs, min(header.return_top_k, logprobs.numel()))
             result.top_ids.extend(top.indices.tolist())
             result.top_logprobs.extend(top.values.tolist())
+            result.token_logprob = float(logprobs[result.token])
         return result
 
     def _dp_noise(self, state: HopState, hidden: torch.Tensor, step: pb.Step) -> tuple[torch.Tensor, bytes]:

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from openhydra.router.coalesce import Coalescer
+from openhydra.router.constrained import Constraint, Grammar
 from openhydra.router.detokenize import IncrementalDetokenizer, StopMatcher
 from openhydra.router.pipeline import Pipeline
 from openhydra.router.speculative import Decoder, Speculator
-from openhydra.runtime.sampling import SamplingParams
+from openhydra.runtime.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,45 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     """Keep generating past EOS (benchmarks that need a fixed length; vLLM's extension of the same name)."""
+    logprobs: int | None = None
+    """Report each output token's logprob and this many most likely alternatives (0: the token's alone)."""
+    grammar: Grammar | None = None
+    """Constrained decoding (router/constrained.py): the output always stays a valid prefix of the grammar."""
+
+    @property
+    def needs_detail(self) -> bool:
+        return self.logprobs is not None or self.grammar is not None
+
+
+@dataclass
+class TokenLogprob:
+    """One output token as OpenAI's logprobs report it. With constrained decoding the logprobs are those of
+    the distribution actually sampled from (the masked, renormalised logits)."""
+
+    token_id: int
+    bytes: bytes
+    logprob: float
+    top: list[tuple[int, bytes, float]] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return token_text(self.bytes)
+
+
+def token_text(raw: bytes) -> str:
+    """A token's text; a piece of a multi-byte character is written as its bytes (``\\xe2``), as OpenAI does."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(f"\\x{b:02x}" for b in raw)
 
 
 @dataclass
 class TextDelta:
     text: str
     token_id: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """The tokens whose text this delta completes (logprobs requests only)."""
 
 
 @dataclass
@@ -54,6 +88,10 @@ class Finished:
     draft_tokens: int = 0
     """Speculative decoding: draft tokens verified, and how many of them were accepted."""
     accepted_draft_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    """Every output token's logprobs (logprobs requests only)."""
+    constraint_complete: bool | None = None
+    """Constrained requests: whether the output is a complete value of the grammar."""
 
     @property
     def ttft_s(self) -> float | None:
@@ -75,6 +113,10 @@ class Finished:
 
 class ContextTooLong(ValueError):
     pass
+
+
+class Unsupported(ValueError):
+    """The request asks for something this pipeline cannot do (the API answers 400)."""
 
 
 class ShuttingDown(RuntimeError):
@@ -126,7 +168,9 @@ class Engine:
     # -- generation ------------------------------------------------------------------------------
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Finished]:
         """Yield text deltas, then one `Finished`. Cancelling the iterator frees the session."""
-        if self.coalescer is not None:
+        if request.needs_detail and not hasattr(self.pipeline, "step_detail"):
+            raise Unsupported("this node's pipeline cannot report logprobs or constrain the output")
+        if self.coalescer is not None and not request.needs_detail:
             async for event in self.coalescer.stream(request, lambda: self._stream_one(request)):
                 yield event
             return
@@ -144,8 +188,13 @@ class Engine:
         pieces: list[str] = []
         completion_tokens = 0
         finish_reason: Literal["stop", "length"] = "length"
-        decoder = Decoder(self.pipeline, session_id, request.prompt_ids, request.sampling, request.max_tokens,
-                          self.speculator)
+        if request.needs_detail:
+            decoder = DetailDecoder(self, session_id, request)
+        else:
+            decoder = Decoder(self.pipeline, session_id, request.prompt_ids, request.sampling, request.max_tokens,
+                              self.speculator)
+        details: list[TokenLogprob] | None = [] if request.logprobs is not None else None
+        unsent: list[TokenLogprob] = []
         self.active_sessions.add(session_id)
         try:
             done = False
@@ -166,17 +215,21 @@ class Engine:
                         finish_reason, done = "stop", True
                         break
                     completion_tokens += 1
+                    if details is not None:
+                        details.append(decoder.detail_of(token))
+                        unsent.append(details[-1])
                     emit, hit_stop = stops.feed(detok.push(token))
                     if emit:
                         pieces.append(emit)
-                        yield TextDelta(emit, token)
+                        yield TextDelta(emit, token, unsent)
+                        unsent = []
                     if hit_stop:
                         finish_reason, done = "stop", True
                         break
             rest = stops.flush()  # text held back as a possible stop prefix that never became one
-            if rest:
+            if rest or unsent:
                 pieces.append(rest)
-                yield TextDelta(rest, -1)
+                yield TextDelta(rest, -1, unsent)
             final = Finished(
                 finish_reason=finish_reason,
                 prompt_tokens=len(request.prompt_ids),
@@ -187,6 +240,8 @@ class Engine:
                 finished_at=time.perf_counter(),
                 draft_tokens=decoder.drafted,
                 accepted_draft_tokens=decoder.accepted,
+                logprobs=details,
+                constraint_complete=decoder.constraint.complete if getattr(decoder, "constraint", None) else None,
             )
             if decoder.drafted:
                 log.debug("session %s: %d/%d draft tokens accepted", session_id, decoder.accepted, decoder.drafted)
@@ -218,3 +273,90 @@ class Engine:
     def shutdown(self) -> None:
         self.closed = True
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class DetailDecoder:
+    """Plain decoding (one pipeline step per token, no speculation) for requests that need more than the
+    sampled token: logprobs (the last hop's top-k and the sampled token's logprob) and constrained decoding
+    (the last position's logits come back to the coordinator, which masks them and samples itself)."""
+
+    drafted = 0
+    accepted = 0
+
+    def __init__(self, engine: Engine, session_id: str, request: GenerationRequest) -> None:
+        self.pipeline = engine.pipeline
+        self.table_bytes = _token_bytes(engine.tokenizer)
+        self.session_id = session_id
+        self.request = request
+        self.history = list(request.prompt_ids)
+        self.produced = 0
+        self.constraint = (Constraint(request.grammar, engine.eos_token_ids) if request.grammar is not None
+                           else None)
+        self._details: dict[int, TokenLogprob] = {}
+        self._last: TokenLogprob | None = None
+
+    def next_tokens(self) -> list[int]:
+        req = self.request
+        if self.produced >= req.max_tokens:
+            return []
+        if self.constraint is not None and not self.constraint.state:  # the value is complete: only EOS fits
+            self._last = TokenLogprob(-1, b"", 0.0)
+            return [min(self.constraint.eos_token_ids)] if self.constraint.eos_token_ids else []
+        first = self.produced == 0
+        feed = self.history if first else [self.history[-1]]
+        start = 0 if first else len(self.history) - 1
+        top_n = req.logprobs or 0
+        result = self.pipeline.step_detail(self.session_id, feed, start, req.sampling, self.produced,
+                                           top_k=0 if self.constraint is not None or req.logprobs is None
+                                           else max(1, top_n),
+                                           logits=self.constraint is not None)
+        if self.constraint is not None:
+            import torch
+
+            logits = result.logits[-1].float()  # [V]
+            mask = self.constraint.mask(logits.numel())
+            if not bool(mask.any()):  # a dead end (a character no token can spell): end the output here
+                log.warning("session %s: no token continues the constrained output", self.session_id)
+                return []
+            masked = logits.masked_fill(~mask, float("-inf"))
+            token = sample(masked, req.sampling, self.produced)
+            self.constraint.advance(token)
+            if req.logprobs is not None:
+                logprobs = torch.log_softmax(masked, dim=-1)
+                top = torch.topk(logprobs, min(top_n, int(mask.sum()))) if top_n else None
+                top_ids = top.indices.tolist() if top is not None else []
+                top_lps = top.values.tolist() if top is not None else []
+                self._last = self._entry(token, float(logprobs[token]), top_ids, top_lps)
+        else:
+            token = result.token
+            if req.logprobs is not None:
+                token_lp = result.token_logprob
+                if token_lp is None:
+                    raise RuntimeError("the last hop returned no logprob for the sampled token")
+                self._last = self._entry(token, token_lp, list(result.top_ids)[:top_n],
+                                         list(result.top_logprobs)[:top_n])
+        self.history.append(token)
+        self.produced += 1
+        return [token]
+
+    def _entry(self, token: int, logprob: float, top_ids: list[int], top_lps: list[float]) -> TokenLogprob:
+        return TokenLogprob(token, self._bytes(token), logprob,
+                            [(i, self._bytes(i), lp) for i, lp in zip(top_ids, top_lps, strict=True)])
+
+    def _bytes(self, token: int) -> bytes:
+        return self.table_bytes[token] if token < len(self.table_bytes) else b""
+
+    def detail_of(self, token: int) -> TokenLogprob:
+        assert self._last is not None and self._last.token_id == token
+        return self._last
+
+    def close(self) -> None:
+        if self.constraint is not None and self.constraint.steps:
+            log.debug("session %s: constrained decoding %.2f ms per token", self.session_id,
+                      1000 * self.constraint.mask_seconds / self.constraint.steps)
+
+
+def _token_bytes(tokenizer) -> list[bytes]:
+    from openhydra.router.constrained import TokenTable
+
+    return TokenTable.of(tokenizer).bytes

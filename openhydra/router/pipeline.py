@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from openhydra.peer.client import StepResult
 from openhydra.runtime.prefix_cache import PrefixKey, block_hashes
 from openhydra.runtime.sampling import SamplingParams, sample
 from openhydra.runtime.shard import PositionMismatchError
@@ -44,6 +45,30 @@ class VerifyingPipeline(Pipeline, Protocol):
         ...
 
 
+class DetailedPipeline(Pipeline, Protocol):
+    """A pipeline that can report logprobs and return logits (OpenAI ``logprobs``, constrained decoding)."""
+
+    def step_detail(
+        self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams, step: int,
+        *, top_k: int = 0, logits: bool = False,
+    ) -> StepResult:
+        """``step``, plus the sampled token's logprob and the ``top_k`` most likely (ids, logprobs) of the
+        last position, and with ``logits`` its float32 logits [1, V] (the coordinator masks and samples)."""
+        ...
+
+
+def detail_result(logits: torch.Tensor, token: int, last_hop: str, top_k: int, want_logits: bool) -> StepResult:
+    """A StepResult for logits [V] the coordinator holds (local pipeline, coordinator-side head)."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+    if top_k:
+        top = torch.topk(logprobs, min(top_k, logprobs.numel()))
+        top_ids, top_logprobs = tuple(top.indices.tolist()), tuple(top.values.tolist())
+    return StepResult(token=token, last_hop=last_hop, logits=logits.reshape(1, -1) if want_logits else None,
+                      top_ids=top_ids, top_logprobs=top_logprobs, token_logprob=float(logprobs[token]))
+
+
 class LocalPipeline:
     """All layers in one process. Prefill is chunked so a long prompt never needs one giant activation."""
 
@@ -63,11 +88,23 @@ class LocalPipeline:
     def step(
         self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams, step: int
     ) -> int:
+        return sample(self._logits(session_id, token_ids, start_pos), sampling, step)
+
+    def step_detail(
+        self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams, step: int,
+        *, top_k: int = 0, logits: bool = False,
+    ) -> StepResult:
+        """``step`` plus what logprobs and constrained decoding need (DetailedPipeline)."""
+        out = self._logits(session_id, token_ids, start_pos).reshape(-1).float()  # [V]
+        token = sample(out, sampling, step)
+        return detail_result(out, token, "local", top_k, logits)
+
+    def _logits(self, session_id: str, token_ids: list[int], start_pos: int) -> torch.Tensor:
         if not token_ids:
             raise ValueError("a step needs at least one token")
         prefix_cache = getattr(self.runtime, "prefix_cache", None)
         if start_pos != 0 or prefix_cache is None:
-            return sample(self._feed(session_id, token_ids, start_pos, None), sampling, step)
+            return self._feed(session_id, token_ids, start_pos, None)
         # A new session: reuse the longest cached prefix of its prompt (runtime/prefix_cache.py).
         key = PrefixKey(tuple(block_hashes(token_ids, self.prefix_block, self._prefix_secret)), self.prefix_block)
         skip = prefix_cache.available(key)
@@ -80,7 +117,7 @@ class LocalPipeline:
                     raise
                 skip = exc.expected
         self.reused_positions += skip
-        return sample(logits, sampling, step)
+        return logits
 
     def _feed(self, session_id: str, token_ids: list[int], start_pos: int, key: PrefixKey | None) -> torch.Tensor:
         logits = None
