@@ -28,7 +28,8 @@ def _reputation(node: NodeProcess) -> dict:
 
 
 def _known_peers(node: NodeProcess) -> set[str]:
-    return {p["peer_id"] for p in httpx.get(node.url + "/v1/network/status", timeout=10).json().get("peers", [])}
+    swarm = httpx.get(node.url + "/v1/network/status", timeout=10).json().get("swarm") or {}
+    return {p["peer_id"] for p in swarm.get("peers") or []}
 
 
 def _liar_routable(node: NodeProcess) -> bool:
