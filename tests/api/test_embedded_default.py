@@ -28,10 +28,13 @@ def default_node(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_dir):
+def reference(smollm2_dir, default_node):
     from tests.api.conftest import Reference
 
-    return Reference(smollm2_dir, torch.bfloat16)
+    # hardware=auto picks the dtype per CPU (bf16 only where it is faster, hardware/dtype.py): compare in that dtype
+    model = httpx.get(default_node.url + "/v1/network/status").json()["model"]
+    assert model["dtype"] in ("float32", "bfloat16") and model["dtype_reason"]
+    return Reference(smollm2_dir, getattr(torch, model["dtype"]))
 
 
 def test_fallback_is_announced_everywhere(default_node):
