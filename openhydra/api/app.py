@@ -90,6 +90,10 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
     async def _before(request: Request) -> HTTPResponse | None:
         request.ctx.started = time.perf_counter()
         request.ctx.streaming = False
+        if request.method == "NONE" and not request.headers:
+            # Sanic's stand-in for a request that could not be parsed (bad request line or headers, header
+            # too large): it has no path or credentials to check; let its 400/413 through instead of a 401
+            return None
         limiter = app.ctx.probe_limiter if request.path in PROBE_PATHS else app.ctx.limiter
         decision = limiter.hit(client_of(request))
         request.ctx.rate = decision

@@ -10,7 +10,8 @@ usual error body and the connection is closed (the rest of the body is not read)
 It also counts open connections per peer address (``api.max_connections_per_ip``) in ``connection_made``,
 before any byte is read: the connection over the cap gets one 429 response and is closed, without a task,
 a parser or a buffer. Trusted reverse proxies (``api.trusted_proxies``) are not capped: every client behind
-them shares their address.
+them shares their address. And it answers 400 to a request line whose URL Sanic's parser refuses, where
+Sanic itself drops the connection (:class:`EdgeHttp`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 from collections import defaultdict
 
 from sanic import Request
-from sanic.exceptions import RequestTimeout
+from sanic.exceptions import BadRequest, RequestTimeout
 from sanic.http import Http
 from sanic.server.protocols.http_protocol import HttpProtocol
 
@@ -83,12 +84,30 @@ class ConnectionGuard:
         )
 
 
+class EdgeHttp(Http):
+    """Sanic's HTTP/1.1 state machine, answering (400) a request line whose URL its parser refuses.
+
+    Sanic builds a stand-in request to answer a request it could not parse, from the same URL; when that URL
+    is what failed (a NUL byte, ``CONNECT host:port``) the stand-in fails too and the connection is dropped
+    without an answer. The stand-in gets Sanic's placeholder URL instead."""
+
+    __slots__ = ()
+
+    def create_empty_request(self) -> None:
+        try:
+            super().create_empty_request()
+        except BadRequest:
+            self.url = None
+            super().create_empty_request()
+
+
 class EdgeHttpProtocol(HttpProtocol):
     """Sanic's HTTP/1.1 protocol plus the body deadline and the per-IP connection cap of ``app.ctx.connections``.
 
     An app without a :class:`ConnectionGuard` gets Sanic's behaviour unchanged."""
 
     __slots__ = ("_edge_handler", "_edge_ip", "_edge_refused")  # Sanic's metaclass gives protocols no __dict__
+    HTTP_CLASS = EdgeHttp
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self._edge_ip: str | None = None

@@ -20,7 +20,7 @@ def edge_node(tiny_model_dirs, tmp_path_factory):
 
 
 def test_bearer_token_is_required_when_configured(edge_node):
-    # runs first in this module: it spends 4 of the window's 120 requests
+    # runs first in this module: it spends 3 of the window's 120 API requests
     assert httpx.get(edge_node.url + "/v1/models").status_code == 401
     assert httpx.get(edge_node.url + "/health").status_code == 200  # probes stay public
     wrong = openai.OpenAI(base_url=edge_node.url + "/v1", api_key="wrong-token-wrong-token", max_retries=0)
@@ -31,14 +31,16 @@ def test_bearer_token_is_required_when_configured(edge_node):
 
 
 def test_121st_request_in_a_window_is_429_with_retry_after(edge_node):
-    with httpx.Client(base_url=edge_node.url) as http:
-        first = http.get("/health")
+    # an API route: /health, /readyz and /metrics have their own, larger budget (api.probe_rate_limit_requests)
+    with httpx.Client(base_url=edge_node.url, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        first = http.get("/v1/models")
         assert first.headers["X-RateLimit-Limit"] == "120"
         used_before = 120 - int(first.headers["X-RateLimit-Remaining"])
-        rest = [http.get("/health") for _ in range(120 - used_before)]
+        rest = [http.get("/v1/models") for _ in range(120 - used_before)]
         assert all(r.status_code == 200 for r in rest)
         assert rest[-1].headers["X-RateLimit-Remaining"] == "0"
-        refused = http.get("/health")
+        assert http.get("/health").status_code == 200  # probes still answer
+        refused = http.get("/v1/models")
     assert refused.status_code == 429
     assert int(refused.headers["Retry-After"]) >= 1
     assert refused.json()["error"]["type"] == "rate_limit_error"

@@ -24,6 +24,8 @@ def test_bearer_token_accepted_and_wrong_ones_refused() -> None:
         f"Bearer {TOKEN[:-1]}",
         "Bearer ",
         "Bearer é",
+        "Bearer \udcff\udcfe",  # bytes 0xff 0xfe as Sanic decodes them (surrogateescape): was a 500
+        f"Bearer {TOKEN[:-1]}\udce9",
     ):
         assert not auth.check(bad), bad
     with pytest.raises(APIError) as exc:

@@ -1,10 +1,10 @@
-"""Sliding-window limiter: 120/60 s per IP, headers, Retry-After, bounded memory."""
+"""Sliding-window limiter: 120/60 s per IP, headers, Retry-After, bounded memory; the client behind proxies."""
 
 from __future__ import annotations
 
 import pytest
 
-from openhydra.api.ratelimit import SlidingWindowLimiter, client_ip
+from openhydra.api.ratelimit import SlidingWindowLimiter, TrustedProxies
 
 
 class FakeClock:
@@ -82,9 +82,31 @@ def test_memory_bounded_and_idle_clients_evicted() -> None:
     assert len(rl) == 1  # everyone idle for a window is swept
 
 
-def test_invalid_settings_and_client_ip() -> None:
+def test_invalid_settings() -> None:
     with pytest.raises(ValueError):
         SlidingWindowLimiter(limit=0)
-    assert client_ip("1.2.3.4", "5.6.7.8") == "1.2.3.4"
-    assert client_ip("1.2.3.4", "5.6.7.8, 9.9.9.9", trust_proxy=True) == "5.6.7.8"
-    assert client_ip("", None) == "unknown"
+    with pytest.raises(ValueError):
+        TrustedProxies(["10.0.0.0/33"])
+
+
+def test_forwarded_for_only_from_trusted_proxies() -> None:
+    none = TrustedProxies()
+    assert not none and none.client_ip("1.2.3.4", ["5.6.7.8"]) == "1.2.3.4"
+    assert none.client_ip("", ["5.6.7.8"]) == "unknown"
+    proxies = TrustedProxies(["10.0.0.0/8", "2001:db8::/32"])
+    # an untrusted peer's header is ignored
+    assert proxies.client_ip("192.0.2.1", ["5.6.7.8"]) == "192.0.2.1"
+    # from a trusted peer: the rightmost entry that is not a trusted proxy; what the client wrote to its left is not
+    assert proxies.client_ip("10.0.0.1", ["6.6.6.6, 5.6.7.8"]) == "5.6.7.8"
+    assert proxies.client_ip("10.0.0.1", ["6.6.6.6, 5.6.7.8, 10.1.1.1"]) == "5.6.7.8"
+    assert proxies.client_ip("10.0.0.1", ["6.6.6.6", "5.6.7.8, 10.1.1.1"]) == "5.6.7.8"  # several header lines
+    assert proxies.client_ip("2001:db8::1", ["[2001:db8::2]:443, 5.6.7.8:1234"]) == "5.6.7.8"
+    assert proxies.client_ip("::ffff:10.0.0.1", ["5.6.7.8"]) == "5.6.7.8"  # IPv4-mapped peer
+    assert proxies.client_ip("10.0.0.1", ["2001:db9::7"]) == "2001:db9::7"
+    # nothing but proxies: the leftmost; garbage: the last trusted hop (never a string the client chose)
+    assert proxies.client_ip("10.0.0.1", ["10.2.2.2, 10.3.3.3"]) == "10.2.2.2"
+    assert proxies.client_ip("10.0.0.1", ["6.6.6.6, not-an-ip, 10.3.3.3"]) == "10.3.3.3"
+    assert proxies.client_ip("10.0.0.1", ["\udcff"]) == "10.0.0.1"
+    assert proxies.client_ip("10.0.0.1", []) == "10.0.0.1"
+    assert proxies.client_ip("10.0.0.1", [", ".join(["10.9.9.9"] * 10_000) + ", 5.6.7.8"]) == "5.6.7.8"
+    assert proxies.trusts("10.255.0.1") and not proxies.trusts("11.0.0.1") and not proxies.trusts("junk")
