@@ -5,9 +5,12 @@ through its streaming OpenAI completions API. Per trial and interleaved:
 - cold: a fresh random 1,000-token prefix + a question, never seen before: the whole prompt is prefilled;
 - warm: another fresh prefix, first sent once with one question (untimed: it fills the cache), then
   timed with a different question: only the blocks after the shared prefix are computed.
+With --with-off, a third arm: cold on a serving=off node, which prefills the prompt in one piece. The
+serving=default node computes every prompt in 32-token block pieces (the exact mode: a hit gives the cold
+run's tokens bit for bit), so cold(default)/cold(off) is what exactness costs a cold request.
 TTFT is the time from sending the request to its first streamed token. Target: warm/cold <= 0.2.
 
-    python bench/bench_prefix_cache.py --trials 7
+    python bench/bench_prefix_cache.py --trials 7 [--with-off]
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=7)
     parser.add_argument("--prefix-tokens", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--with-off", action="store_true", help="also time cold requests on a serving=off node")
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_prefix_cache.png"))
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -70,8 +74,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(TEST_CACHE_ROOT))
     rng = random.Random(0)
     model = "openhydra-smollm2-135m"
-    node = NodeProcess(["model=smollm2-135m", "hardware=cpu", "hardware.dtype=bfloat16", "serving=default",
-                        f"node.data_dir={TEST_CACHE_ROOT}", "api.rate_limit_requests=100000"], threads=args.threads)
+    common = ["model=smollm2-135m", "hardware=cpu", "hardware.dtype=bfloat16", f"node.data_dir={TEST_CACHE_ROOT}",
+              "api.rate_limit_requests=100000"]
+    node = NodeProcess([*common, "serving=default"], threads=args.threads)
+    off_node = NodeProcess([*common, "serving=off"], threads=args.threads)
 
     def cold() -> float:
         prefix = make_prefix(tokenizer, args.prefix_tokens, rng)
@@ -82,11 +88,28 @@ def main() -> None:
         ttft_ms(node.url, model, prefix + "\nQuestion: which word is first?")  # fills the cache (untimed)
         return ttft_ms(node.url, model, prefix + "\nQuestion: which word is last?")
 
+    def cold_off() -> float:
+        prefix = make_prefix(tokenizer, args.prefix_tokens, rng)
+        return ttft_ms(off_node.url, model, prefix + "\nQuestion: which word is first?")
+
     cold_arm, warm_arm = "cold (fresh 1,000-token prefix)", "warm (prefix computed before)"
+    off_arm = "cold, serving=off (one-piece prefill)"
+    arms = {cold_arm: cold, warm_arm: warm}
+    print(f"load average before: {os.getloadavg()}")
     with node:
         cold(), warm()  # warm-up: first-request costs out of the way
-        rates = run_interleaved({cold_arm: cold, warm_arm: warm}, args.trials, unit="ms")
+        if args.with_off:
+            off_node.start().wait_ready()
+            cold_off()
+            arms[off_arm] = cold_off
+        try:
+            rates = run_interleaved(arms, args.trials, unit="ms")
+        finally:
+            off_node.stop()
+    print(f"load average after: {os.getloadavg()} (2 shared cores: absolute figures are noisy)")
     med = medians(rates)
+    if args.with_off:
+        print(f"cold exact (block pieces) / cold serving=off (one piece) = {med[cold_arm] / med[off_arm]:.3f}")
     ratio = med[warm_arm] / med[cold_arm]
     per_trial = [w / c for w, c in zip(rates[warm_arm], rates[cold_arm], strict=True)]
     print_table(rates, metric="median TTFT ms")

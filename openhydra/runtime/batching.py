@@ -72,7 +72,7 @@ class DecodeBatcher:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.runtime = runtime
         self.max_batch = max_batch
-        if getattr(runtime, "compaction", None) is None:
+        if getattr(runtime, "compaction", None) is None and hasattr(runtime, "shard_config"):  # MLX: no batching
             use_rows_attention(runtime)  # before any step runs: switching it later would race with them
         self.window_s = window_ms / 1000.0
         self.stats = BatchStats()

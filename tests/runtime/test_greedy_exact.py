@@ -85,7 +85,7 @@ def check_prefix_pairs(rt: ShardRuntime, prompts: dict, n: int) -> None:
         for first, second in ((a, b), (b, a)):
             rt.prefix_cache.clear()
             reused = pipe.reused_positions
-            assert _generate(pipe, "first", prompts[first], n) == cold[first]
+            assert _generate(pipe, "first", prompts[first], 1) == cold[first][:1]  # cold: fills the cache
             got = _generate(pipe, "second", prompts[second], n)
             assert pipe.reused_positions - reused >= BLOCK, "the second request did not hit the prefix cache"
             if got != cold[second]:
@@ -130,6 +130,7 @@ def tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_5"])
 def test_tiny_prefix_pairs_and_streams_are_exact(tiny_model_dirs, tokenizer, family, dtype) -> None:
@@ -143,12 +144,14 @@ def test_tiny_prefix_pairs_and_streams_are_exact(tiny_model_dirs, tokenizer, fam
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~130 prefills of ~90 tokens on a shared 2-core runner
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_smollm2_prefix_pairs_and_streams_are_exact(smollm2_dir, tokenizer, dtype) -> None:
     rt = _serving_runtime(smollm2_dir, DTYPES[dtype])
     try:
         prompts = _prompts(tokenizer)
-        check_prefix_pairs(rt, prompts, 8)
-        check_concurrent_streams(rt, [prompts[(s % len(SYSTEMS), QUESTIONS[(s + 1 + s // 5) % 5])] for s in range(8)], 12)
+        check_prefix_pairs(rt, prompts, 6)
+        streams = [prompts[(s % len(SYSTEMS), QUESTIONS[(s + 1 + s // 5) % 5])] for s in range(8)]
+        check_concurrent_streams(rt, streams, 12)
     finally:
         rt.batcher.close()
