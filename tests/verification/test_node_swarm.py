@@ -11,7 +11,8 @@ import pytest
 from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
 from openhydra.testing.wait import wait_until
 
-pytestmark = pytest.mark.slow
+# 4 node processes on 2 cores: ~3 min at load average 15; its own waits (120 s each) fail first with a clear message.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 PROMPTS = ["Name a colour.", "Count to five.", "Say hello."]
 MAX_REQUESTS = 24  # paranoid samples each hop of half the requests: P(never audited) = 0.5^24
