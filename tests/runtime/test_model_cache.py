@@ -30,6 +30,7 @@ from openhydra.runtime.model_cache import (
 )
 from openhydra.runtime.source import embedded_gguf_path, embedded_target
 from openhydra.testing import TEST_CACHE_ROOT
+from openhydra.testing.processes import NodeProcess, free_port
 from openhydra.testing.tiny_gguf import build_tiny_gguf
 
 pytestmark = pytest.mark.slow  # each test starts converter processes (several seconds of imports each)
@@ -174,3 +175,38 @@ def test_conversion_memory_stays_out_of_the_serving_process(smollm2_dir: Path, t
         assert names == set(cached.keys())
         for name in sorted(names):
             assert torch.equal(fresh.get_tensor(name), cached.get_tensor(name)), name
+
+
+def test_three_nodes_started_together_convert_once(tmp_path: Path) -> None:
+    """The README's case: three real nodes on one machine, each with its own data_dir, one shared model cache.
+
+    One converts the embedded SmolLM2 (in a child process), the other two wait and reuse its folder, and the
+    node that converted holds no more memory than the ones that did not (it held ~240 MB more when the
+    conversion ran inside the node).
+    """
+    cache = tmp_path / "cache"
+    nodes = [NodeProcess(["model=smollm2-135m", "hardware=cpu", "hardware.dtype=float32", "shard=full",
+                          f"node.data_dir={tmp_path / f'node{i}'}", f"peer.port={free_port()}"],
+                         log_path=tmp_path / f"node{i}.log", env={"OPENHYDRA_CACHE": str(cache)})
+             for i in range(3)]
+    try:
+        for node in nodes:
+            node.start()
+        for node in nodes:
+            node.wait_ready(timeout_s=900)
+        texts = [node.log_text() for node in nodes]
+        converters = [i for i, text in enumerate(texts) if "in a child process (once per machine" in text]
+        assert len(converters) == 1, texts
+        assert sum(text.count("openhydra.runtime.convert_gguf: converting") for text in texts) == 1
+        others = [i for i in range(3) if i not in converters]
+        assert all("reusing" in texts[i] for i in others), [texts[i] for i in others]
+        assert is_complete(embedded_target(cache))
+        rss = [psutil.Process(node.proc.pid).memory_info().rss for node in nodes]
+        extra = rss[converters[0]] - max(rss[i] for i in others)
+        print(f"\nnode RSS after ready: {[f'{r / 1e6:.0f} MB' for r in rss]} (node {converters[0]} converted; "
+              f"it holds {extra / 1e6:+.0f} MB more than the largest of the others); cache marker: "
+              f"{(embedded_target(cache) / COMPLETE_MARKER).read_text()}")
+        assert extra < 100e6, f"the converting node holds {extra / 1e6:.0f} MB more than the others"
+    finally:
+        for node in nodes:
+            node.stop()
