@@ -184,6 +184,9 @@ class LoadGenerator:
             result.outcome = Outcome.TYPED_ERROR if _is_error_schema(exc.body) else Outcome.UNTYPED_ERROR
             result.error = ErrorInfo(kind=type(exc).__name__, type=exc.type, code=exc.code,
                                      message=str(exc.message)[:300])
+        except Exception as exc:  # what the client itself did not expect (a malformed event, ...): untyped
+            result.outcome = Outcome.UNTYPED_ERROR
+            result.error = ErrorInfo(kind=type(exc).__name__, message=str(exc)[:300])
         result.ended_s = round(self.now_s(), 4)
         result.stall_s = stall_of(result, result.ended_s)
         if result.stall_s > self.hang_s:
