@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,8 +202,6 @@ class Node:
 
     def _settle_local(self, model_id: str, num_layers: int, final) -> None:
         """This node ran every layer: it is the only peer of the settlement, and signs it itself."""
-        import uuid
-
         from openhydra.economy.receipts import build_settlement
 
         tokens = final.prompt_tokens + final.completion_tokens
@@ -244,6 +243,7 @@ class Node:
         grpc_address = self.peer_server.start()
         peer_id = cfg.node.peer_id or self.identity.peer_id
         dtype = str(runtime.dtype).removeprefix("torch.")
+        instance = uuid.uuid4().hex  # this process: a restart is a new instance of the same peer id
 
         def make_record(now: float, ttl_s: float) -> PeerAnnouncement:
             engine = self.state.engine
@@ -252,6 +252,7 @@ class Node:
                 total_layers=num_layers, grpc_address=grpc_address,
                 api_address=f"{cfg.api.host}:{cfg.api.port}", dtype=dtype, backend="pytorch",
                 active_sessions=len(engine.active_sessions) if engine else 0, announced_at=now, ttl_s=ttl_s,
+                instance=instance,
             ))
 
         self.announcer = Announcer(self.discovery, make_record)
@@ -320,7 +321,8 @@ class Node:
         from openhydra.peer.client import ClientTunables
 
         return ClientTunables(step_timeout_s=self.cfg.peer.step_timeout_s,
-                              decode_timeout_s=self.cfg.peer.decode_timeout_s)
+                              decode_timeout_s=self.cfg.peer.decode_timeout_s,
+                              probe_timeout_s=self.cfg.peer.probe_timeout_s)
 
     def _lookup_model(self, model_id: str) -> list:
         return self.background.run(self.discovery.lookup(model_id), timeout=15)
@@ -384,7 +386,7 @@ class Node:
                 {"peer_id": r.peer_id, "span": [r.start, r.end], "grpc_address": r.grpc_address,
                  "api_address": r.api_address, "dtype": r.dtype, "load": r.load,
                  "throughput_tps": r.throughput_tps, "age_s": round(time.time() - r.announced_at, 1),
-                 "banned": self.swarm.bans.is_banned(r.peer_id)}
+                 "banned": self.swarm.bans.is_banned(r.peer_id), "instance": r.instance}
                 for r in self.swarm.peers()
             ]
         return status

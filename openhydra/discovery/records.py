@@ -113,6 +113,9 @@ class PeerAnnouncement(BaseModel):
     ttl_s: Finite = Field(gt=0.0, le=MAX_TTL_S)  # seconds the record stays valid after announced_at
     region: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_\-]{1,32}$")
     version: str = Field(default="0", pattern=r"^[A-Za-z0-9._+\-]{1,32}$")
+    # Which process announced: random per start. A restarted peer keeps its id but not its instance, so
+    # coordinators forget bans and dead marks earned by the previous process as soon as they see the new one.
+    instance: str | None = Field(default=None, pattern=r"^[0-9a-f]{8,64}$")
     # Reserved for the security layer (base64): identity key, signature over signing_payload(),
     # and the signed X25519 static key used for per-hop key agreement.
     public_key: B64 | None = None

@@ -38,8 +38,8 @@ from openhydra.peer.errors import HopError, status_code
 from openhydra.peer.head import Head
 from openhydra.peer.messages import HopSpec
 from openhydra.peer.outbound import (
-    CHANNEL_OPTIONS,
     MAX_MESSAGE_BYTES,
+    SERVER_OPTIONS,
     STREAM_LIFETIME_S,
     ChannelPool,
     OutboundStream,
@@ -60,15 +60,23 @@ KeyLookup = Callable[[str], tuple[str, str | None] | None]
 @dataclass(frozen=True)
 class ClientTunables:
     step_timeout_s: float = 30.0
-    """Deadline of one step end to end (also sent to peers, which drop late steps)."""
+    """Longest a chain may work on one message (a prefill chunk or a decode step) while its hops report progress;
+    also what each message's deadline gives every hop per message ahead of it (peers drop steps that arrive
+    later). Liveness is judged by progress (see ``decode_timeout_s``), so a long prefill never hits one fixed
+    deadline: each chunk has its own."""
     decode_timeout_s: float | None = None
-    """Floor of a one-position (decode) step's deadline, which adapts to recent decode latency
-    (``decode_timeout_factor`` x their median, capped at ``step_timeout_s``), so a silent hop is blamed in
-    seconds instead of after the full step timeout. None: decode steps get ``step_timeout_s`` too."""
+    """Patience before the coordinator asks the chain whether it is making progress: this floor, or
+    ``decode_timeout_factor`` x the median of recent decode latencies, whichever is larger (capped at
+    ``step_timeout_s``). A probe (Info to every hop at once, ``probe_timeout_s``) is sent ``probe_timeout_s``
+    before the patience runs out, so a hop that stopped (crashed, SIGSTOP, cut link) is blamed after the
+    patience exactly, and a hop still working (a step in flight or steps served since the last probe) earns
+    another patience window. None: ``step_timeout_s``."""
     decode_timeout_factor: float = 20.0
-    """How many times the recent median decode latency a decode step may take before its hop is blamed."""
+    """How many times the recent median decode latency a step may take before its chain is probed."""
+    probe_timeout_s: float = 1.0
+    """A hop that does not answer Info within this is blamed (it cannot be working: Info needs no compute)."""
     unary_timeout_s: float = 5.0
-    """Deadline of CloseSession/Info calls and of the probe that blames a hop after a timeout."""
+    """Deadline of CloseSession/Truncate/Info calls made for their own sake."""
     prefill_chunk: int = 512
     """Prompt positions per step message; longer prompts are sent as several pipelined steps."""
     forward_codec: str = "none"
@@ -184,7 +192,15 @@ class PeerChainClient:
         extras = {"return_logits": return_logits, "return_top_k": return_top_k, "all_logits": all_logits}
         chain = self._route if route is None else self._checked(route)
         coro = self._step(session_id, list(token_ids), start_pos, sampling, step, extras, chain, prefix)
-        return self._call(coro, timeout=self.tunables.step_timeout_s + self.tunables.unary_timeout_s * 2)
+        t, messages = self.tunables, -(-len(token_ids) // self.tunables.prefill_chunk)
+        return self._call(coro, timeout=t.step_timeout_s * (messages + 1) + t.unary_timeout_s * 2)
+
+    def replay(self, session_id: str, feeds: Sequence[tuple[list[int], int, SamplingParams, int]],
+               route: Sequence[HopSpec]) -> list[StepResult]:
+        """Re-run ``(tokens, start, sampling, step)`` feeds in order on ``route``, pipelined (failover replay)."""
+        chain = self._checked(route)
+        budget = self.tunables.step_timeout_s * (len(feeds) + 1) + self.tunables.unary_timeout_s * 2
+        return self._call(self._replay(session_id, [(list(f[0]), *f[1:]) for f in feeds], chain), timeout=budget)
 
     def close(self, session_id: str, route: Sequence[HopSpec] | None = None) -> None:
         """Drop the session on every hop of the route (best effort) and close its stream."""
@@ -241,7 +257,7 @@ class PeerChainClient:
             from openhydra.peer.swarm_auth import SwarmAuthInterceptor
 
             interceptors.append(SwarmAuthInterceptor(self.swarm_token))
-        server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         bound = server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
             raise OSError(f"cannot bind the reply address {host}:{port}")
@@ -264,13 +280,63 @@ class PeerChainClient:
         if not route:
             raise ValueError("no route: set PeerChainClient.route or pass route= per step")
         began = time.monotonic()
-        deadline_ms = int((time.time() + self._timeout_for(len(tokens))) * 1000)
+        futures = await self._send(session_id, tokens, start, sampling, step, extras, route, prefix)
+        results = await self._gather(session_id, futures, route)
+        if len(tokens) == 1:
+            self._decode_latencies.append(time.monotonic() - began)
+        last = results[-1]
+        if last.hidden is not None:
+            loop = asyncio.get_running_loop()
+            last = await loop.run_in_executor(None, self._sample_here, last, sampling, step, extras)
+        return last
+
+    async def _replay(self, session_id: str, feeds: Sequence[tuple[list[int], int, SamplingParams, int]],
+                      route: tuple[HopSpec, ...]) -> list[StepResult]:
+        """Re-run a session's steps on a new chain, pipelined: every step is sent before the first result is
+        awaited, so a replay of n steps costs about n x the slowest hop's compute plus one pass of the chain,
+        not n round trips. Each step keeps its own chunking, positions and sampling step, so the caches it
+        builds are the ones the first run built."""
+        if not route:
+            raise ValueError("no route to replay on")
+        futures: list[tuple[int, asyncio.Future]] = []
+        ends: list[int] = []
+        for tokens, start, sampling, step in feeds:
+            futures += await self._send(session_id, tokens, start, sampling, step, {}, route, None,
+                                        queued=len(futures))
+            ends.append(len(futures) - 1)
+        results = await self._gather(session_id, futures, route)
+        out = []
+        for (_tokens, _start, sampling, step), i in zip(feeds, ends, strict=True):
+            result = results[i]
+            if result.hidden is not None:  # coordinator-side sampling (onion): the replayed token to compare
+                result = self._sample_here(result, sampling, step, {})
+            out.append(result)
+        return out
+
+    async def _send(
+        self,
+        session_id: str,
+        tokens: list[int],
+        start: int,
+        sampling: SamplingParams,
+        step: int,
+        extras: dict,
+        route: tuple[HopSpec, ...],
+        prefix: PrefixKey | None,
+        queued: int = 0,
+    ) -> list[tuple[int, asyncio.Future]]:
+        """Send one step's messages (one per prefill chunk) to the first hop; a future per message.
+
+        Message i's deadline (``queued`` messages already ahead of it) gives every hop ``step_timeout_s`` per
+        message up to and including it: work-scaled, so a long prompt's last chunk is not held to the first's."""
         crypto = self._crypto_route(session_id, route) if self.privacy.encrypt else None
-        futures = []
+        futures: list[tuple[int, asyncio.Future]] = []
         chunk = self.tunables.prefill_chunk
         for offset in range(0, len(tokens), chunk):
             piece = tokens[offset : offset + chunk]
             seq = next(self._seq)
+            ahead = queued + len(futures) + 1
+            deadline_ms = int((time.time() + self.tunables.step_timeout_s * ahead) * 1000)
             message = pb.Step(
                 session_id=session_id,
                 seq=seq,
@@ -307,23 +373,71 @@ class PeerChainClient:
             except StreamBroken as exc:
                 self._fail_session(session_id, HopError(route[0].address, exc.code, exc.details))
                 break
+        return futures
+
+    async def _gather(self, session_id: str, futures: list[tuple[int, asyncio.Future]],
+                      route: Sequence[HopSpec]) -> list[StepResult]:
+        """Each message's result in order, waiting as long as the chain makes progress (see ClientTunables)."""
         try:
-            results = []
-            for _seq, future in futures:
-                remaining = max(0.0, deadline_ms / 1000 - time.time())
-                results.append(await asyncio.wait_for(future, timeout=remaining))
-        except TimeoutError:
-            raise await self._blame(route) from None
+            return [await self._await_progress(future, route) for _seq, future in futures]
         finally:
             for seq, _ in futures:
                 self._pending.pop((session_id, seq), None)
-        if len(tokens) == 1:
-            self._decode_latencies.append(time.monotonic() - began)
-        last = results[-1]
-        if last.hidden is not None:
-            loop = asyncio.get_running_loop()
-            last = await loop.run_in_executor(None, self._sample_here, last, sampling, step, extras)
-        return last
+
+    async def _await_progress(self, future: asyncio.Future, route: Sequence[HopSpec]) -> StepResult:
+        t = self.tunables
+        waited, seen = 0.0, None
+        while True:
+            patience = self._patience()
+            early = max(0.0, patience - t.probe_timeout_s)
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), timeout=early)
+            except TimeoutError:
+                pass
+            probe = asyncio.ensure_future(self._probe(route))  # its verdict is due when the patience runs out
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), timeout=patience - early)
+            except TimeoutError:
+                pass
+            finally:
+                if future.done():
+                    probe.cancel()
+            served, dead = await probe
+            if future.done():
+                return future.result()
+            waited += patience
+            if dead is not None:
+                raise dead
+            # Working: a hop has a step in flight, or served steps since the last probe. The first probe without
+            # either is not yet a verdict (the chain may be between two messages): a whole window must pass idle.
+            working = any(info.steps_in_flight > 0 for info in served.values()) or seen is None or any(
+                served[a].steps_served != seen[a].steps_served for a in served)
+            if not working or waited >= t.step_timeout_s:
+                why = "no hop is working on it" if not working else f"no result after {waited:.0f} s of work"
+                raise HopError("", grpc.StatusCode.DEADLINE_EXCEEDED, f"step timed out: every hop answers but {why}")
+            seen = served
+
+    async def _probe(self, route: Sequence[HopSpec]) -> tuple[dict[str, pb.InfoReply], HopError | None]:
+        """Info to every hop at once: their replies, and the first hop (route order) that did not answer."""
+        addresses = list(dict.fromkeys(h.address for h in route))
+        replies = await asyncio.gather(*(self._info(a, self.tunables.probe_timeout_s) for a in addresses),
+                                       return_exceptions=True)
+        served: dict[str, pb.InfoReply] = {}
+        for address, reply in zip(addresses, replies, strict=True):
+            if isinstance(reply, grpc.aio.AioRpcError):
+                # Refused: the process is gone (UNAVAILABLE marks its record dead). Anything else, including a
+                # connection that never completes its handshake (a stopped process), is a hop that stopped
+                # answering: DEADLINE_EXCEEDED, banned with backoff, routable again once it recovers.
+                refused = reply.code() == grpc.StatusCode.UNAVAILABLE and "refused" in (reply.details() or "").lower()
+                if reply.code() == grpc.StatusCode.UNAVAILABLE:
+                    self._pool.discard(address)
+                code = grpc.StatusCode.UNAVAILABLE if refused else grpc.StatusCode.DEADLINE_EXCEEDED
+                return served, HopError(address, code, f"no answer to a liveness probe within "
+                                                       f"{self.tunables.probe_timeout_s} s ({reply.code().name})")
+            if isinstance(reply, BaseException):
+                raise reply
+            served[address] = reply
+        return served, None
 
     @property
     def _samples_here(self) -> bool:
@@ -345,10 +459,10 @@ class PeerChainClient:
         return StepResult(token=token, last_hop=result.last_hop, logits=logits if wants_logits else None,
                           top_ids=top_ids, top_logprobs=top_logprobs, token_logprob=token_logprob)
 
-    def _timeout_for(self, positions: int) -> float:
-        """The step's deadline in seconds: the full step timeout, or the adaptive decode deadline."""
+    def _patience(self) -> float:
+        """How long to wait for a message's result before probing the chain (see ClientTunables)."""
         t = self.tunables
-        if positions != 1 or t.decode_timeout_s is None:
+        if t.decode_timeout_s is None:
             return t.step_timeout_s
         recent = sorted(self._decode_latencies)
         typical = recent[len(recent) // 2] if recent else 0.0
@@ -464,18 +578,9 @@ class PeerChainClient:
             self._streams[key] = stream
         return stream
 
-    async def _blame(self, route: Sequence[HopSpec]) -> HopError:
-        """After a timeout with no failure report: the first hop that does not answer Info is at fault."""
-        for hop in route:
-            try:
-                await self._info(hop.address)
-            except grpc.aio.AioRpcError as exc:
-                return HopError(hop.address, grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer ({exc.code().name})")
-        return HopError("", grpc.StatusCode.DEADLINE_EXCEEDED, "step timed out; every hop still answers Info")
-
-    async def _info(self, address: str) -> pb.InfoReply:
+    async def _info(self, address: str, timeout: float | None = None) -> pb.InfoReply:
         stub = pb_grpc.PeerStub(self._pool.get(address))
-        return await stub.Info(pb.InfoRequest(), timeout=self.tunables.unary_timeout_s)
+        return await stub.Info(pb.InfoRequest(), timeout=timeout or self.tunables.unary_timeout_s)
 
     async def _truncate(self, session_id: str, length: int, route: tuple[HopSpec, ...]) -> None:
         """Every hop at once (one round trip, not one per hop); the first refusal in route order is raised."""

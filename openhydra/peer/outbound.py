@@ -18,14 +18,47 @@ import grpc
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
+KEEPALIVE_TIME_MS = 20_000
+"""Clients ping an idle connection this often; servers accept pings this often (see SERVER_OPTIONS)."""
+
+
+def channel_options(keepalive_time_ms: int = KEEPALIVE_TIME_MS) -> list[tuple[str, int]]:
+    """Options of every outgoing channel. A restarted peer must be reachable again within a second or
+    two: gRPC's default reconnect backoff grows to 120 s, so a channel to an address that was dead for a
+    moment would keep failing fast long after the process came back."""
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
+
+
+def server_options(keepalive_time_ms: int = KEEPALIVE_TIME_MS) -> list[tuple[str, int]]:
+    """Options of every gRPC server (peers, the coordinator's Deliver server). The server must permit the
+    clients' keepalive pings: its default (one ping per 5 min without data, 2 strikes) answers a client that
+    pings every 20 s during a long step with GOAWAY ENHANCE_YOUR_CALM "too_many_pings", which killed long
+    prefill steps. Half the client interval leaves room for timer jitter."""
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", keepalive_time_ms // 2),
+        ("grpc.http2.min_ping_interval_without_data_ms", keepalive_time_ms // 2),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+CHANNEL_OPTIONS = channel_options()
+SERVER_OPTIONS = server_options()
 STREAM_LIFETIME_S = 6 * 3600.0
 """Deadline of a long-lived session stream; each step carries its own, much shorter deadline."""
 
@@ -45,8 +78,10 @@ class StreamBroken(RuntimeError):
 class ChannelPool:
     """One HTTP/2 channel per address; every session's stream to that address multiplexes on it."""
 
-    def __init__(self, swarm_token: str | None = None) -> None:
+    def __init__(self, swarm_token: str | None = None, options: list[tuple[str, int]] | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._options = options or CHANNEL_OPTIONS
+        self._closing: set[asyncio.Future] = set()
         self._interceptors = None
         if swarm_token is not None:  # a private swarm: every call carries its credential (peer/swarm_auth.py)
             from openhydra.peer.swarm_auth import token_interceptors
@@ -56,9 +91,20 @@ class ChannelPool:
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=self._interceptors)
+            channel = grpc.aio.insecure_channel(address, options=self._options, interceptors=self._interceptors)
             self._channels[address] = channel
         return channel
+
+    def discard(self, address: str) -> None:
+        """Forget the channel to ``address`` (it refused or reset a connection): the next call dials afresh
+        instead of inheriting the old channel's reconnect backoff, so a peer restarted on the same address
+        is reachable at once. Calls still on the old channel get 10 s to finish (a reset connection has
+        failed them already)."""
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            task = asyncio.ensure_future(channel.close(grace=10.0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
@@ -102,6 +148,8 @@ class OutboundStream:
                 # The stream died under us: let the watcher finish, then surface its status.
                 status = await self._status()
                 self._call = None
+                if status[0] == grpc.StatusCode.UNAVAILABLE:
+                    self._pool.discard(self.address)
                 raise StreamBroken(self.address, *status) from None
 
     def _open(self) -> None:
@@ -132,6 +180,8 @@ class OutboundStream:
             return
         if self._closing or code == grpc.StatusCode.CANCELLED:
             return
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self._pool.discard(self.address)
         log.debug("stream to %s ended with %s: %s", self.address, code.name, details)
         try:
             await self._on_broken(self.address, code, details, self._last_context)

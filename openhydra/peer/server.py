@@ -36,7 +36,7 @@ from openhydra.metrics import METRICS
 from openhydra.peer.errors import status_code
 from openhydra.peer.messages import StepHeader, parse_step
 from openhydra.peer.outbound import (
-    CHANNEL_OPTIONS,
+    SERVER_OPTIONS,
     STREAM_LIFETIME_S,
     ChannelPool,
     OutboundStream,
@@ -63,7 +63,10 @@ MAX_OUTBOUND_STREAMS = 1024
 INLINE_MAX_POSITIONS = 16
 """Steps this small (decode, short verify batches) run on the event-loop thread: handing them to a
 worker thread costs ~0.1-0.3 ms per hop (measured by bench/bench_hop.py), more than a tiny step's
-compute. Larger steps (prefill chunks) go to the worker pool so the loop keeps moving messages."""
+compute. Larger steps (prefill chunks) go to the worker pool so the loop keeps moving messages.
+A span whose small steps keep taking longer than INLINE_MAX_S (a big model on a slow CPU) stops running them inline:
+the loop must stay free to answer liveness probes (Info) within the coordinator's probe timeout."""
+INLINE_MAX_S = 0.05
 
 
 class PeerService(pb_grpc.PeerServicer):
@@ -84,6 +87,8 @@ class PeerService(pb_grpc.PeerServicer):
         self.privacy = PeerPrivacy(static_key or StaticKeyPair.generate(), require_encryption)
         self._upstream: dict[str, Inbound] = {}  # onion sessions -> their inbound stream, for failures
         self.inline_max_positions = inline_max_positions
+        self._inline_ok = True  # False once small steps took longer than INLINE_MAX_S three times in a row
+        self._slow_inline = 0
         self.address = address
         self.model_id = model_id or runtime.model_dir.name
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard")
@@ -223,8 +228,13 @@ class PeerService(pb_grpc.PeerServicer):
             if (batcher is not None and header.num_positions == 1 and prefix is None  # runtime/batching.py
                     and not (header.return_hidden and self.runtime.is_last)):
                 out = self._compute(header, tensor, await asyncio.wrap_future(self._submit(batcher, header, tensor)))
-            elif header.num_positions <= self.inline_max_positions:
+            elif header.num_positions <= self.inline_max_positions and self._inline_ok:
                 out = self._compute(header, tensor, prefix=prefix)
+                self._slow_inline = self._slow_inline + 1 if time.perf_counter() - began > INLINE_MAX_S else 0
+                if self._slow_inline >= 3:  # three in a row: the span is slow, not a scheduling hiccup
+                    self._inline_ok = False
+                    log.info("%s: small steps take %.0f ms; running them off the event loop from now on",
+                             self.address, (time.perf_counter() - began) * 1e3)
             else:
                 out = await loop.run_in_executor(self._executor, self._compute, header, tensor, None, prefix)
         except PositionMismatchError as exc:
@@ -485,7 +495,7 @@ class PeerServer:
 
             self.auth = SwarmAuthInterceptor(self.swarm_token)
             interceptors.append(self.auth)
-        self._server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
+        self._server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {self.host}")

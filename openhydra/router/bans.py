@@ -58,7 +58,7 @@ class BanList:
         return duration
 
     def success(self, peer_id: str) -> None:
-        """The peer answered correctly: forget its failures."""
+        """The peer answered correctly (or is a new process, see router/swarm.py): forget its failures."""
         self._entries.pop(peer_id, None)
 
     def is_banned(self, peer_id: str) -> bool:

@@ -95,7 +95,10 @@ class SwarmPipeline:
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
         self._cached: tuple[float, list[PeerAnnouncement]] = (0.0, [])
-        self._unreachable: dict[str, float] = {}  # peer id -> wall time it refused a connection
+        self._unreachable: dict[str, tuple[str | None, float]] = {}
+        """peer id -> (instance, wall time) of the process that refused a connection: its records are dead."""
+        self._banned_instance: dict[str, str | None] = {}
+        """peer id -> the instance whose failure earned the current ban: a new instance (a restart) is not banned."""
         self.failovers = 0
         self.replay_mismatches = 0
         self.supports_truncate = True
@@ -114,18 +117,35 @@ class SwarmPipeline:
     def peers(self, refresh: bool = False) -> list[PeerAnnouncement]:
         fetched_at, records = self._cached
         if refresh or time.monotonic() - fetched_at > self.tunables.lookup_ttl_s:
-            records = [r for r in self._lookup() if r.model_id == self.model_id and not self._is_dead_record(r)]
+            records = [r for r in self._lookup() if r.model_id == self.model_id]
+            for record in records:
+                self._forget_earlier_instance(record)
+            records = [r for r in records if not self._is_dead_record(r)]
             self._cached = (time.monotonic(), records)
         return records
 
+    def _forget_earlier_instance(self, record: PeerAnnouncement) -> None:
+        """A peer announced by a new process (a restart): the ban and dead mark its previous process earned
+        do not apply to it. Keyed to the record instance, a failure never outlives the process that failed."""
+        if record.instance is None:
+            return
+        if record.peer_id in self._banned_instance and self._banned_instance[record.peer_id] != record.instance:
+            del self._banned_instance[record.peer_id]
+            self.bans.success(record.peer_id)  # a new process starts with a clean streak
+            log.info("peer %s restarted (instance %s): its ban is lifted", record.peer_id, record.instance[:8])
+
     def _is_dead_record(self, record: PeerAnnouncement) -> bool:
-        """A record announced before its peer refused a connection describes a dead process: skip it until
-        the peer announces again (a restart), instead of retrying it each time its short ban lapses."""
-        refused_at = self._unreachable.get(record.peer_id)
-        if refused_at is None:
+        """A record of the process that refused a connection describes a dead process: skip it until the peer
+        announces from a new process (a new instance; for records without one, a newer announcement), instead
+        of retrying it each time its short ban lapses."""
+        mark = self._unreachable.get(record.peer_id)
+        if mark is None:
             return False
-        if record.announced_at > refused_at:
-            self._unreachable.pop(record.peer_id, None)  # announced since: alive again
+        instance, refused_at = mark
+        alive = (record.instance != instance) if record.instance is not None and instance is not None \
+            else record.announced_at > refused_at
+        if alive:
+            self._unreachable.pop(record.peer_id, None)
             return False
         return True
 
@@ -288,12 +308,14 @@ class SwarmPipeline:
     def _on_hop_error(self, session: _Session, error: HopError) -> str:
         chain = session.chain
         failed = error.address or (chain.hops[-1].peer.grpc_address if chain else "")
-        peer_id = next((h.peer_id for h in chain.hops if h.peer.grpc_address == failed), None) if chain else None
-        if peer_id:
+        record = next((h.peer for h in chain.hops if h.peer.grpc_address == failed), None) if chain else None
+        if record is not None:
+            peer_id = record.peer_id
             if error.code == grpc.StatusCode.UNAVAILABLE:  # refused/reset: the process is gone, not slow
-                self._unreachable[peer_id] = time.time()
+                self._unreachable[peer_id] = (record.instance, time.time())
                 self._cached = (0.0, [])
             backoff = self.bans.ban(peer_id)
+            self._banned_instance[peer_id] = record.instance
             METRICS.bans.inc()
             log.warning("hop %s (%s) failed: %s; banned for %.1f s, failing over", failed, peer_id, error, backoff)
         self.failovers += 1
@@ -309,12 +331,17 @@ class SwarmPipeline:
         return failed
 
     def _replay(self, session: _Session, route: Sequence[HopSpec]) -> None:
-        """Rebuild every hop's cache on the new chain exactly as it was built the first time."""
+        """Rebuild every hop's cache on the new chain exactly as it was built the first time (pipelined when
+        the client can: every step sent before the first result is awaited)."""
         METRICS.replays.inc()
         METRICS.replayed_steps.inc(len(session.feeds))
-        for feed in session.feeds:
-            result = self.client.step_result(session.peer_session, feed.tokens, feed.start, feed.sampling,
-                                             feed.step, route=route)
+        if hasattr(self.client, "replay"):
+            results = self.client.replay(session.peer_session,
+                                         [(f.tokens, f.start, f.sampling, f.step) for f in session.feeds], route)
+        else:
+            results = [self.client.step_result(session.peer_session, f.tokens, f.start, f.sampling, f.step,
+                                               route=route) for f in session.feeds]
+        for feed, result in zip(session.feeds, results, strict=True):
             if feed.token_out is not None and result.token != feed.token_out:
                 self.replay_mismatches += 1
                 METRICS.replay_mismatches.inc()

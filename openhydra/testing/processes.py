@@ -78,7 +78,12 @@ class NodeProcess:
             self._log.close()
 
     def __enter__(self) -> NodeProcess:
-        return self.start().wait_ready()
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:  # a node that never became ready must not outlive the test
+            self.stop()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -1,0 +1,122 @@
+"""Fault trials against node processes, shared by the failover tests and bench/bench_failover.py.
+
+A trial streams greedy tokens through the official ``openai`` client from a coordinator node and, when
+token ``at`` arrives, sends a signal to the replica the session runs through; it records the text, the
+arrival time of every token, and the coordinator's failover and replay counters around it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import openai
+
+from openhydra.testing.processes import NodeProcess
+
+MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
+
+
+def metric(url: str, name: str) -> float:
+    """A Prometheus counter of a node, summed over its labels."""
+    total = 0.0
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name) and not line.startswith(name + "_created") and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def swarm_status(node: NodeProcess) -> dict:
+    return httpx.get(node.url + "/v1/network/status", timeout=10).json()["swarm"]
+
+
+def session_replica(coordinator: NodeProcess, replicas: list[NodeProcess], span: tuple[int, int]) -> NodeProcess | None:
+    """The replica of ``span`` that the coordinator's (only) active session runs through."""
+    status = swarm_status(coordinator)
+    sessions = list(status["pipeline"]["sessions"].values())
+    if not sessions:
+        return None
+    by_peer = {p["peer_id"]: p for p in status["peers"]}
+    for pid in sessions[0]:
+        peer = by_peer.get(pid)
+        if peer and tuple(peer["span"]) == span:
+            port = int(peer["api_address"].rsplit(":", 1)[1])
+            return next((n for n in replicas if n.port == port), None)
+    return None
+
+
+def wait_routable(coordinator: NodeProcess, replica: NodeProcess, span: tuple[int, int], timeout_s: float) -> float:
+    """Wait until the coordinator lists ``replica`` as a live, unbanned peer of ``span``; the seconds it took."""
+    began = time.monotonic()
+    while time.monotonic() - began < timeout_s:
+        for peer in swarm_status(coordinator)["peers"]:
+            if (tuple(peer["span"]) == span and peer["api_address"].endswith(f":{replica.port}")
+                    and not peer["banned"]):
+                return time.monotonic() - began
+        time.sleep(0.2)
+    raise TimeoutError(f"the replica on port {replica.port} is not routable after {timeout_s} s")
+
+
+@dataclass
+class Trial:
+    at: int
+    text: str = ""
+    times: list[float] = field(default_factory=list)  # request start, then each token's arrival (monotonic)
+    error: str | None = None
+    victim: NodeProcess | None = None
+    faulted_at: float | None = None
+    failovers: float = 0.0
+    replays: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return max(0, len(self.times) - 1)
+
+    @property
+    def stall_s(self) -> float:
+        """The largest gap between consecutive tokens (or the request start and the first token)."""
+        return max((b - a for a, b in zip(self.times, self.times[1:], strict=False)), default=0.0)
+
+
+def stream(coordinator: NodeProcess, model: str, max_tokens: int, on_token=None, timeout_s: float = 120) -> Trial:
+    """One greedy stream of exactly ``max_tokens`` tokens (``ignore_eos``); ``on_token(n)`` after token n."""
+    trial = Trial(at=0)
+    client = openai.OpenAI(base_url=coordinator.url + "/v1", api_key="x", max_retries=0, timeout=timeout_s)
+    trial.times.append(time.monotonic())
+    try:
+        chunks = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0,
+                                                stream=True, extra_body={"ignore_eos": True})
+        for chunk in chunks:
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    trial.text += choice.delta.content
+                    trial.times.append(time.monotonic())
+                    if on_token is not None:
+                        on_token(trial.tokens)
+    except openai.APIError as exc:
+        trial.error = f"{type(exc).__name__}: {exc}"
+    return trial
+
+
+def fault_trial(coordinator: NodeProcess, replicas: list[NodeProcess], span: tuple[int, int], model: str,
+                max_tokens: int, at: int, sig: signal.Signals) -> Trial:
+    """Stream, and send ``sig`` to the session's replica of ``span`` when token ``at`` arrives."""
+    before = (metric(coordinator.url, "openhydra_pipeline_failovers_total"),
+              metric(coordinator.url, "openhydra_pipeline_replays_total"))
+    state: dict = {}
+
+    def on_token(n: int) -> None:
+        if n >= at and "victim" not in state:
+            victim = session_replica(coordinator, replicas, span)
+            if victim is not None:
+                os.killpg(victim.proc.pid, sig)
+                state["victim"], state["at"] = victim, time.monotonic()
+
+    trial = stream(coordinator, model, max_tokens, on_token)
+    trial.at, trial.victim, trial.faulted_at = at, state.get("victim"), state.get("at")
+    trial.failovers = metric(coordinator.url, "openhydra_pipeline_failovers_total") - before[0]
+    trial.replays = metric(coordinator.url, "openhydra_pipeline_replays_total") - before[1]
+    return trial

@@ -1,0 +1,76 @@
+"""Liveness by progress: a hop working on a long prefill is not blamed; each chunk has its own deadline.
+
+Three in-process gRPC peers; the middle one takes ``DELAY_S`` per prefill chunk. A prompt of six chunks takes
+about 6 x DELAY_S, several times ``step_timeout_s``, and far longer than the decode patience: the coordinator
+probes the chain, sees the middle hop working, and keeps waiting. Tokens equal an undelayed chain's.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from openhydra.peer.client import ClientTunables, PeerChainClient
+from openhydra.peer.messages import HopSpec
+from openhydra.peer.server import PeerServer
+from openhydra.runtime.sampling import SamplingParams
+from openhydra.runtime.shard import ShardRuntime
+
+SPLITS = [(0, 3), (3, 5), (5, 8)]
+CHUNK = 32  # above the peer's inline limit: prefill chunks run on its worker thread, as real ones do
+DELAY_S = 2.0
+TUNABLES = ClientTunables(step_timeout_s=6.0, decode_timeout_s=0.5, probe_timeout_s=0.5, prefill_chunk=CHUNK)
+
+
+class SlowPrefill:
+    """A runtime whose prefill chunks (more than one position) take ``delay_s`` longer."""
+
+    def __init__(self, runtime: ShardRuntime, delay_s: float) -> None:
+        self._runtime, self._delay_s = runtime, delay_s
+        self.chunks = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._runtime, name)
+
+    def forward(self, session_id, positions, **kwargs):
+        if len(positions) > 1:
+            self.chunks += 1
+            time.sleep(self._delay_s)
+        return self._runtime.forward(session_id, positions, **kwargs)
+
+
+def _generate(client: PeerChainClient, session: str, prompt: list[int], n: int) -> list[int]:
+    tokens, feed, pos = [], prompt, 0
+    for step in range(n):
+        tokens.append(client.step(session, feed, pos, SamplingParams(), step))
+        pos += len(feed)
+        feed = [tokens[-1]]
+    return tokens
+
+
+def test_a_slow_but_working_hop_is_not_blamed_and_chunks_have_their_own_deadlines(tiny_model_dirs) -> None:
+    model_dir = tiny_model_dirs["llama"]
+    slow = SlowPrefill(ShardRuntime(model_dir, *SPLITS[1], dtype=torch.float32), DELAY_S)
+    runtimes = [ShardRuntime(model_dir, *SPLITS[0], dtype=torch.float32), slow,
+                ShardRuntime(model_dir, *SPLITS[2], dtype=torch.float32)]
+    servers = [PeerServer(rt) for rt in runtimes]
+    route = [HopSpec(address=s.start(), start=a, end=b) for s, (a, b) in zip(servers, SPLITS, strict=True)]
+    reference = [ShardRuntime(model_dir, a, b, dtype=torch.float32) for a, b in SPLITS]
+    fast_servers = [PeerServer(rt) for rt in reference]
+    fast_route = [HopSpec(address=s.start(), start=a, end=b) for s, (a, b) in zip(fast_servers, SPLITS, strict=True)]
+    prompt = torch.randint(3, 4000, (6 * CHUNK,), generator=torch.Generator().manual_seed(3)).tolist()
+    client = PeerChainClient(route, tunables=TUNABLES)
+    fast = PeerChainClient(fast_route, tunables=TUNABLES)
+    try:
+        started = time.monotonic()
+        tokens = _generate(client, "long", prompt, 6)
+        elapsed = time.monotonic() - started
+        assert slow.chunks == 6
+        assert elapsed > TUNABLES.step_timeout_s  # longer than any single deadline: progress kept it alive
+        assert tokens == _generate(fast, "long", prompt, 6)
+    finally:
+        for c in (client, fast):
+            c.shutdown()
+        for s in (*servers, *fast_servers):
+            s.stop()

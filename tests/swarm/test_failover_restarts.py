@@ -1,0 +1,91 @@
+"""Failover that holds after any history of faults: many trials, several positions, replicas restarted between.
+
+Four node processes: the coordinator holds [0, 3), the middle span [3, 5) runs on two replicas, [5, 8) on one.
+Each trial streams 64 greedy tokens through the official ``openai`` client and SIGKILLs the replica the session
+runs through when token 1, 20 or 50 arrives; the killed replica is restarted (same identity, new process and
+port) before the next trial, so every other trial fails over *onto* a restarted replica. Every stream must
+finish with exactly the no-fault text, with exactly one failover and one replay each. Then SIGSTOP: the hung
+replica is blamed after ``peer.decode_timeout_s`` plus at most one probe, and once resumed it serves exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import httpx
+import pytest
+
+from openhydra.testing.failover import fault_trial, stream, wait_routable
+from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
+
+pytestmark = pytest.mark.slow
+
+SPANS = [(0, 3), (3, 5), (3, 5), (5, 8)]
+MIDDLE = (3, 5)
+TOKENS = 64
+DECODE_TIMEOUT_S = 2.0
+PROBE_TIMEOUT_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_model_dirs, tmp_path_factory):
+    model_dir = tiny_model_dirs["llama"]
+    with DhtProcess() as dht:
+        nodes = [NodeProcess([*swarm_node_overrides(model_dir, dht.url, a, b, tmp_path_factory.mktemp(f"n{i}")),
+                              f"peer.decode_timeout_s={DECODE_TIMEOUT_S}", f"peer.probe_timeout_s={PROBE_TIMEOUT_S}"])
+                 for i, (a, b) in enumerate(SPANS)]
+        try:
+            start_all(nodes)
+            for replica in nodes[1:3]:
+                wait_routable(nodes[0], replica, MIDDLE, 60)
+            model = httpx.get(nodes[0].url + "/v1/models", timeout=10).json()["data"][0]["id"]
+            clean = stream(nodes[0], model, TOKENS)
+            assert clean.error is None and clean.tokens == TOKENS
+            assert len(set(clean.text.split())) > 5  # a real, varied continuation
+            yield nodes, model, clean.text
+        finally:
+            for node in nodes:
+                if node.proc is not None and node.proc.poll() is None:
+                    os.killpg(node.proc.pid, signal.SIGCONT)
+                node.stop()
+
+
+def test_repeated_kills_with_restarts_fail_over_exactly_once_each(swarm):
+    nodes, model, expected = swarm
+    coordinator, replicas = nodes[0], nodes[1:3]
+    outcomes = []
+    for at in [1, 20, 50, 50, 20, 1, 20, 1, 50]:
+        trial = fault_trial(coordinator, replicas, MIDDLE, model, TOKENS, at, signal.SIGKILL)
+        assert trial.victim is not None, f"no session to fault at token {at}"
+        outcomes.append((at, trial.text == expected, trial.error, trial.failovers, trial.replays))
+        trial.victim.proc.wait(timeout=30)
+        trial.victim.start().wait_ready(180)
+        wait_routable(coordinator, trial.victim, MIDDLE, 60)  # a restarted replica is routable again at once
+    assert all(ok and error is None for _, ok, error, _, _ in outcomes), outcomes
+    assert all(f == 1 and r == 1 for *_, f, r in outcomes), outcomes  # one failure blamed once, one replay
+    status = httpx.get(coordinator.url + "/v1/network/status", timeout=10).json()["swarm"]["pipeline"]
+    assert status["replay_mismatches"] == 0
+
+
+def test_a_hung_replica_is_blamed_within_patience_and_serves_again_once_resumed(swarm):
+    nodes, model, expected = swarm
+    coordinator, replicas = nodes[0], nodes[1:3]
+    trial = fault_trial(coordinator, replicas, MIDDLE, model, TOKENS, 20, signal.SIGSTOP)
+    hung = trial.victim
+    assert hung is not None
+    try:
+        assert trial.error is None and trial.text == expected
+        assert trial.failovers == 1 and trial.replays == 1
+        # blamed after the patience plus at most one probe; the tiny model replays in well under a second
+        assert trial.stall_s <= DECODE_TIMEOUT_S + PROBE_TIMEOUT_S + 1.0, trial.stall_s
+    finally:
+        os.killpg(hung.proc.pid, signal.SIGCONT)
+    wait_routable(coordinator, hung, MIDDLE, 60)
+    other = next(r for r in replicas if r is not hung)
+    other.kill()  # only the resumed replica is left for the middle span
+    try:
+        again = stream(coordinator, model, TOKENS)
+        assert again.error is None and again.text == expected
+    finally:
+        other.start().wait_ready(180)
