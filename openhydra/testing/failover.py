@@ -7,6 +7,7 @@ arrival time of every token, and the coordinator's failover and replay counters 
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -77,8 +78,10 @@ class Trial:
 
     @property
     def stall_s(self) -> float:
-        """The largest gap between consecutive tokens (or the request start and the first token)."""
-        return max((b - a for a, b in zip(self.times, self.times[1:], strict=False)), default=0.0)
+        """What the fault cost the client: the largest gap between consecutive arrivals (the request start
+        counts as one) among those that end after the fault; without a fault, the largest gap of all."""
+        since = self.faulted_at if self.faulted_at is not None else float("-inf")
+        return max((b - a for a, b in itertools.pairwise(self.times) if b > since), default=0.0)
 
 
 def stream(coordinator: NodeProcess, model: str, max_tokens: int, on_token=None, timeout_s: float = 120) -> Trial:
