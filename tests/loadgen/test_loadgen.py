@@ -52,6 +52,7 @@ def test_config_errors_and_unreachable_target_are_one_line(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # 2 nodes + the bench + a reference run: 224 s at load average 16 on 2 cores
 def test_bench_against_a_mixed_swarm(tiny_model_dirs, tmp_path):
     """A real 2-process swarm over the HTTP DHT: an MLX node (hardware=m1; mlx[cpu] here, PyTorch where mlx is
     missing) holds layers [0,4), a PyTorch node [4,8). Both coordinate the same greedy text as one in-process

@@ -96,6 +96,7 @@ def wait_up(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # its own waits (host up, SmolLM2 node ready, promotion line) are longer than 300 s
 def test_bootstrap_host_serves_a_node_that_auto_promotes(smollm2_dir, tmp_path, monkeypatch):
     """+recipe=bootstrap as the swarm's only DHT; a hardware=auto node (SmolLM2, a catalog model served from
     a local folder) announces to it, recommends a model for this machine from the real detection and the

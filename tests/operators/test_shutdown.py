@@ -24,6 +24,7 @@ def peers(dht: DhtProcess, model_id: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # 2 nodes + DHT; 94 s at load average 16
 def test_ctrl_c_withdraws_ends_streams_and_exits_zero(tiny_model_dirs, tmp_path):
     model = tiny_model_dirs["llama"]
     with DhtProcess() as dht:
