@@ -21,6 +21,7 @@ from openhydra.catalog import ModelChoice, resolve_model
 from openhydra.config.schema import NodeConfig
 from openhydra.router.engine import Engine
 from openhydra.router.pipeline import LocalPipeline
+from openhydra.runtime.source_format import source_fields
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ class Node:
                 dtype=str(runtime.dtype).removeprefix("torch."), context_length=context, num_layers=num_layers,
                 span=self.span, degradation_reason=choice.degradation_reason,
                 dtype_reason=getattr(self.backend, "dtype_reason", None),
+                **source_fields(choice.path),
             )
             state.engine = engine
             if self.swarm is not None:
@@ -359,7 +361,7 @@ class Node:
         text_config = AutoConfig.from_pretrained(path)
         served = ServedModel(id=model_id, aliases=[], source=source, parameter_count=0, dtype="float32",
                              family=str(getattr(text_config, "model_type", "unknown")), context_length=context,
-                             num_layers=num_layers, span=(0, 0))
+                             num_layers=num_layers, span=(0, 0), **source_fields(path))
         self._fallback_swarms.append(swarm)
         return served, engine
 

@@ -1,8 +1,19 @@
 """The node's own OpenAPI 3.1 document, served at ``GET /openapi.json``.
 
 Built from the routes the app actually has (so the economy routes appear only where an economy
-registered them) and from the pydantic request models (``model_json_schema``). Response schemas are
-given where cheap; every operation documents the one error schema for its 4xx and 5xx answers.
+registered them) and from the same pydantic models the routes validate with (``model_json_schema``:
+request bodies, the balance query), so the document and the server cannot disagree on what is valid.
+The node's own limits go in too: ``max_tokens`` (and Ollama's ``num_predict``) have this node's
+``api.max_tokens_limit`` as their maximum, and once the model is loaded, ``tools`` and a forced
+``tool_choice`` are only offered if its chat template can express them (api/features.tool_syntax).
+Success answers are described by protocol_responses.py; every operation documents the one error
+schema for its 4xx and 5xx answers.
+
+Streams, in OpenAPI 3.1 terms (3.2's ``itemSchema`` does not exist yet in 3.1):
+- ``text/event-stream`` (OpenAI): ``schema`` describes one event, as schemathesis and other 3.1 readers
+  take it. Its ``data`` is ``[DONE]`` or JSON (``contentMediaType``) holding a chunk or the error schema.
+- ``application/x-ndjson`` (Ollama): ``schema`` describes the whole stream as an array of its lines,
+  as OpenAPI 3.2 does for sequential media types; each line is a chunk or ``{"error": "..."}``.
 The document is built on the first request, once every route is registered, and cached.
 """
 
@@ -19,8 +30,16 @@ from sanic.response import HTTPResponse, json
 
 from openhydra import __version__
 from openhydra.api.errors import ErrorBody
-from openhydra.api.protocol_ollama import OllamaChatRequest, OllamaGenerateRequest, OllamaShowRequest
+from openhydra.api.protocol_ollama import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
 from openhydra.api.protocol_openai import ChatCompletionRequest, CompletionRequest
+from openhydra.api.protocol_responses import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    OllamaChatResponse,
+    OllamaGenerateResponse,
+    OllamaStreamError,
+)
 from openhydra.api.routes_dashboard import SUMMARY_PATH, SUMMARY_SCHEMA, is_undocumented
 
 OPENAPI_PATH = "/openapi.json"
@@ -28,6 +47,12 @@ REF = "#/components/schemas/{model}"
 _PARAM = re.compile(r"<([A-Za-z_][A-Za-z0-9_]*)(?::[^>]*)?>")
 
 _OBJECT: dict[str, Any] = {"type": "object"}
+SSE = "text/event-stream"
+NDJSON = "application/x-ndjson"
+SSE_END = "[DONE]"
+
+Schema = dict[str, Any] | type[BaseModel]
+"""A JSON schema, or a pydantic model whose schema goes into components."""
 
 
 @dataclass(frozen=True)
@@ -37,11 +62,11 @@ class Op:
     summary: str
     tag: str
     body: type[BaseModel] | None = None
-    query: tuple[str, ...] = ()
+    query: type[BaseModel] | None = None
     status: int = 200
-    schema: dict[str, Any] = field(default_factory=lambda: dict(_OBJECT))
-    stream: str | None = None
-    """The media type a streamed answer uses, besides application/json."""
+    schema: Schema = field(default_factory=lambda: dict(_OBJECT))
+    stream: tuple[str, tuple[type[BaseModel], ...]] | None = None
+    """(media type, the models one event or line can be) of the streamed answer, besides JSON."""
     content_type: str = "application/json"
 
 
@@ -64,12 +89,14 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/v1/models"): Op("Models served here (OpenAI)", "openai", schema=_LIST),
     ("GET", "/v1/models/{model_id}"): Op("One served model (OpenAI)", "openai"),
     ("POST", "/v1/chat/completions"): Op("Chat completion (OpenAI)", "openai", body=ChatCompletionRequest,
-                                         stream="text/event-stream"),
+                                         schema=ChatCompletion, stream=(SSE, (ChatCompletionChunk, ErrorBody))),
     ("POST", "/v1/completions"): Op("Text completion (OpenAI)", "openai", body=CompletionRequest,
-                                    stream="text/event-stream"),
+                                    schema=Completion, stream=(SSE, (Completion, ErrorBody))),
     ("POST", "/api/generate"): Op("Generate (Ollama)", "ollama", body=OllamaGenerateRequest,
-                                  stream="application/x-ndjson"),
-    ("POST", "/api/chat"): Op("Chat (Ollama)", "ollama", body=OllamaChatRequest, stream="application/x-ndjson"),
+                                  schema=OllamaGenerateResponse,
+                                  stream=(NDJSON, (OllamaGenerateResponse, OllamaStreamError))),
+    ("POST", "/api/chat"): Op("Chat (Ollama)", "ollama", body=OllamaChatRequest, schema=OllamaChatResponse,
+                              stream=(NDJSON, (OllamaChatResponse, OllamaStreamError))),
     ("GET", "/api/tags"): Op("Local models (Ollama)", "ollama", schema=_MODELS),
     ("GET", "/api/ps"): Op("Running models (Ollama)", "ollama", schema=_MODELS),
     ("POST", "/api/show"): Op("Model details (Ollama)", "ollama", body=OllamaShowRequest),
@@ -80,10 +107,16 @@ OPERATIONS: dict[tuple[str, str], Op] = {
 
 
 def _economy_operations() -> dict[tuple[str, str], Op]:
-    from openhydra.api.routes_economy import CloseChannelBody, OpenChannelBody, StakeBody, UpdateChannelBody
+    from openhydra.api.routes_economy import (
+        BalanceQuery,
+        CloseChannelBody,
+        OpenChannelBody,
+        StakeBody,
+        UpdateChannelBody,
+    )
 
     return {
-        ("GET", "/v1/account/balance"): Op("Credit and HYDRA balance", "economy", query=("peer_id",)),
+        ("GET", "/v1/account/balance"): Op("Credit and HYDRA balance", "economy", query=BalanceQuery),
         ("POST", "/v1/hydra/stake"): Op("Stake HYDRA", "economy", body=StakeBody),
         ("POST", "/v1/hydra/unstake"): Op("Unstake HYDRA", "economy", body=StakeBody),
         ("POST", "/v1/hydra/channels/open"): Op("Open a payment channel", "economy", body=OpenChannelBody,
@@ -105,10 +138,39 @@ def _error_response(description: str) -> dict[str, Any]:
             "content": {"application/json": {"schema": {"$ref": REF.format(model="ErrorBody")}}}}
 
 
-def _operation(op: Op, op_id: str, path_params: list[str], refs: dict[type[BaseModel], dict]) -> dict[str, Any]:
-    ok_content: dict[str, Any] = {op.content_type: {"schema": op.schema}}
+def _ref(schema: Schema) -> dict[str, Any]:
+    if isinstance(schema, dict):
+        return schema
+    return {"$ref": REF.format(model=schema.__name__)}
+
+
+def _stream_content(media_type: str, models: tuple[type[BaseModel], ...]) -> dict[str, Any]:
+    item = {"anyOf": [_ref(m) for m in models]}
+    if media_type == SSE:  # one event: `data: [DONE]` or `data: <JSON>`
+        data = {"type": "string", "if": {"const": SSE_END},
+                "else": {"contentMediaType": "application/json", "contentSchema": item}}
+        return {"schema": {"type": "object", "required": ["data"], "properties": {"data": data}}}
+    return {"schema": {"type": "array", "items": item}}  # NDJSON: the whole stream, one item a line
+
+
+def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional query parameter's schema: absent is how it is left out, so its ``null`` branch goes."""
+    branches = [b for b in schema.get("anyOf", []) if b != {"type": "null"}]
+    if len(branches) != 1:
+        return schema
+    return {**branches[0], **{k: v for k, v in schema.items() if k not in ("anyOf", "default")}}
+
+
+def _query_params(model: type[BaseModel]) -> list[dict[str, Any]]:
+    properties = model.model_json_schema()["properties"]
+    return [{"name": name, "in": "query", "required": info.is_required(),
+             "schema": _without_null(properties[name])} for name, info in model.model_fields.items()]
+
+
+def _operation(op: Op, op_id: str, path_params: list[str]) -> dict[str, Any]:
+    ok_content: dict[str, Any] = {op.content_type: {"schema": _ref(op.schema)}}
     if op.stream:
-        ok_content[op.stream] = {"schema": {"type": "string"}}
+        ok_content[op.stream[0]] = _stream_content(*op.stream)
     out: dict[str, Any] = {
         "operationId": op_id,
         "summary": op.summary,
@@ -121,12 +183,56 @@ def _operation(op: Op, op_id: str, path_params: list[str], refs: dict[type[BaseM
     }
     params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
               for n in path_params]
-    params += [{"name": n, "in": "query", "required": False, "schema": {"type": "string"}} for n in op.query]
+    if op.query is not None:
+        params += _query_params(op.query)
     if params:
         out["parameters"] = params
     if op.body is not None:
-        out["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[op.body]}}}
+        out["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(op.body)}}}
     return out
+
+
+def _cap(schemas: dict[str, Any], model: type[BaseModel], name: str, maximum: int) -> None:
+    """Put the node's limit on an integer field (or the integer branch of an optional one)."""
+    prop = schemas.get(model.__name__, {}).get("properties", {}).get(name)
+    if prop is None:
+        return
+    for branch in [prop, *prop.get("anyOf", [])]:
+        if branch.get("type") == "integer":
+            branch["maximum"] = maximum
+
+
+def _tool_syntax(app: Sanic) -> str | None:
+    """'hermes', 'json' or 'none' for the served model's chat template; None while no model is loaded."""
+    state = getattr(app.ctx, "state", None)
+    engine = getattr(state, "engine", None)
+    if engine is None:
+        return None
+    from openhydra.api.errors import APIError
+    from openhydra.api.features import tool_syntax
+
+    try:
+        return tool_syntax(engine)
+    except APIError:  # the template renders the same prompt with and without tools
+        return "none"
+
+
+def _limit_tools(schemas: dict[str, Any], syntax: str) -> None:
+    """No tools for a template without them; no forced tool call without <tool_call> syntax."""
+    if syntax == "none":
+        for model in (ChatCompletionRequest, OllamaChatRequest):
+            for branch in schemas.get(model.__name__, {}).get("properties", {}).get("tools", {}).get("anyOf", []):
+                if branch.get("type") == "array":
+                    branch["maxItems"] = 0
+    if syntax != "hermes":
+        chat = schemas.get(ChatCompletionRequest.__name__, {}).get("properties", {})
+        if "tool_choice" in chat:
+            chat["tool_choice"] = {"anyOf": [{"enum": ["none", "auto"]}, {"type": "null"}], "default": None}
+
+
+def _models_of(op: Op) -> list[type[BaseModel]]:
+    found = [m for m in (op.body, op.schema) if isinstance(m, type)]
+    return found + list(op.stream[1] if op.stream else ())
 
 
 def build_document(app: Sanic) -> dict[str, Any]:
@@ -144,14 +250,22 @@ def build_document(app: Sanic) -> dict[str, Any]:
         known.update(_economy_operations())
 
     ops = {(m, p): known.get((m, p)) or Op(f"{m} {p}", "other") for m, p, _ in routes}
-    bodies = sorted({op.body for op in ops.values() if op.body is not None}, key=lambda m: m.__name__)
-    refs, defs = models_json_schema([(m, "validation") for m in [ErrorBody, *bodies]], ref_template=REF)
-    body_refs = {m: refs[(m, "validation")] for m in bodies}
+    models = sorted({m for op in ops.values() for m in _models_of(op)} | {ErrorBody}, key=lambda m: m.__name__)
+    _, defs = models_json_schema([(m, "validation") for m in models], ref_template=REF)
+    schemas = defs.get("$defs", {})
+    api = getattr(app.ctx, "api", None)
+    if api is not None:  # above the limit the node answers 400, so the document says so
+        for model, name in ((ChatCompletionRequest, "max_tokens"), (ChatCompletionRequest, "max_completion_tokens"),
+                            (CompletionRequest, "max_tokens"), (OllamaOptions, "num_predict")):
+            _cap(schemas, model, name, api.max_tokens_limit)
+    syntax = _tool_syntax(app)
+    if syntax is not None:
+        _limit_tools(schemas, syntax)
 
     paths: dict[str, dict[str, Any]] = {}
     for method, path, names in routes:
         op_id = re.sub(r"[^A-Za-z0-9]+", "_", f"{method.lower()} {path}").strip("_")
-        paths.setdefault(path, {})[method.lower()] = _operation(ops[(method, path)], op_id, names, body_refs)
+        paths.setdefault(path, {})[method.lower()] = _operation(ops[(method, path)], op_id, names)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -161,16 +275,16 @@ def build_document(app: Sanic) -> dict[str, Any]:
                            'answer is {"error": {"message", "type", "param", "code"}}.',
         },
         "paths": dict(sorted(paths.items())),
-        "components": {"schemas": defs.get("$defs", {})},
+        "components": {"schemas": schemas},
     }
-
 
 def register(app: Sanic) -> None:
     cache: dict[str, Any] = {}
 
     @app.get(OPENAPI_PATH)
     async def openapi_document(request: Request) -> HTTPResponse:
-        count = len(app.router.routes)
-        if cache.get("routes") != count:  # routes registered after create_app (economy) are included
-            cache["doc"], cache["routes"] = build_document(app), count
+        # routes registered after create_app (economy) are included, and what the loaded model can do
+        key = (len(app.router.routes), getattr(getattr(app.ctx, "state", None), "engine", None) is not None)
+        if cache.get("key") != key:
+            cache["doc"], cache["key"] = build_document(app), key
         return json(cache["doc"])

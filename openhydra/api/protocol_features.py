@@ -15,13 +15,16 @@ class JsonSchemaSpec(Tolerant):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     name: str = "response"
-    schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
+    schema_: dict[str, Any] | Literal[True] = Field(default_factory=dict, alias="schema")  # `false` allows nothing
     strict: bool | None = None
     description: str | None = None
 
 
 class ResponseFormat(Tolerant):
-    model_config = ConfigDict(extra="allow")
+    # type json_schema needs a json_schema object (api/features.response_format_grammar), in the document too
+    model_config = ConfigDict(extra="allow", json_schema_extra={
+        "if": {"required": ["type"], "properties": {"type": {"const": "json_schema"}}},
+        "then": {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}}})
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None

@@ -3,69 +3,140 @@
 ``register_economy_routes(app, economy)`` is called by the app builder with the node's economy (an
 ``Economy`` or an ``OffEconomy``). Amounts on the wire are whole HYDRA / credits as JSON numbers or
 strings with at most 6 decimals; signed channel updates carry integer micro-HYDRA (``amount_micro``)
-because that is what the payer signed. Ledger calls run in a worker thread so a busy SQLite file never
-stalls the event loop. Every refusal is an :class:`APIError`; a refused request changes nothing.
+because that is what the payer signed. The body models are also the OpenAPI document (api/openapi.py):
+an amount's schema (``multipleOf`` 0.000001, a bounded maximum, a decimal-string pattern) says exactly
+what the validator takes, and integers are strict (no ``"4"`` or ``true``). Ledger calls run in a worker
+thread so a busy SQLite file never stalls the event loop. Every refusal is an :class:`APIError`; a refused
+request changes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse, json
 
 from openhydra.api.bodies import parse_body
 from openhydra.api.errors import APIError, bad_request
+from openhydra.api.protocol_base import JsonModel
 from openhydra.economy import errors as econ
 from openhydra.economy.channels import ChannelUpdate, ChannelView
 from openhydra.economy.units import from_micro, to_micro
 
 T = TypeVar("T")
+Q = TypeVar("Q", bound=BaseModel)
 
-Amount = Annotated[Decimal, Field(gt=0, max_digits=18, decimal_places=6)]
-PeerId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
+AMOUNT_MAX = Decimal("999999999.999999")
+_FRACTION = r"\.[0-9]{1,6}"
+# A positive amount as text: a whole part without leading zeros, or 0.x with a non-zero digit among six.
+POSITIVE_AMOUNT_TEXT = (r"^(?:[1-9][0-9]{0,8}(?:" + _FRACTION + r")?|0\.(?:[1-9][0-9]{0,5}|0[1-9][0-9]{0,4}|"
+                        r"00[1-9][0-9]{0,3}|000[1-9][0-9]{0,2}|0000[1-9][0-9]?|00000[1-9]))$")
+AMOUNT_TEXT = r"^(?:0|[1-9][0-9]{0,8})(?:" + _FRACTION + r")?$"
+
+
+def _amount(positive: bool) -> Any:
+    pattern = re.compile(POSITIVE_AMOUNT_TEXT if positive else AMOUNT_TEXT)
+
+    def wire_form(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError("expected a number or a decimal string")
+        if isinstance(value, str) and not pattern.match(value):
+            raise ValueError("expected a decimal string such as \"1.5\" (at most 6 decimals, below 1e9)")
+        return Decimal(str(value))  # a float by its shortest spelling: 0.1 is 0.1, not 0.1000000000000000055
+
+    bound = {"exclusiveMinimum": 0} if positive else {"minimum": 0}
+    schema = {"anyOf": [{"type": "number", **bound, "maximum": float(AMOUNT_MAX), "multipleOf": 0.000001},
+                        {"type": "string", "pattern": pattern.pattern}]}
+    limits = Field(gt=0, le=AMOUNT_MAX, decimal_places=6) if positive else Field(ge=0, le=AMOUNT_MAX,
+                                                                                  decimal_places=6)
+    return Annotated[Decimal, BeforeValidator(wire_form), limits, WithJsonSchema(schema)]
+
+
+Amount = _amount(positive=True)
+AmountOrZero = _amount(positive=False)
+PEER_ID_PATTERN = r"^[\x21-\x7e]+$"  # printable ASCII, no spaces
+PeerId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=PEER_ID_PATTERN)]
 ChannelId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 HexSignature = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{128}$")]
 
 
-class StakeBody(BaseModel):
+class BalanceQuery(BaseModel):
+    """The query of ``GET /v1/account/balance``: another peer's balance, or (no peer_id) this node's."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    peer_id: PeerId | None = None
+
+
+class StakeBody(JsonModel):
     model_config = ConfigDict(extra="forbid")
     amount: Amount
 
 
-class OpenChannelBody(BaseModel):
+class OpenChannelBody(JsonModel):
     model_config = ConfigDict(extra="forbid")
     payee: PeerId
     deposit: Amount
 
 
-class SignedUpdate(BaseModel):
+class SignedUpdate(JsonModel):
     model_config = ConfigDict(extra="forbid")
     nonce: int = Field(ge=1, le=2**62)
     amount_micro: int = Field(ge=0, le=2**62)
     signature: HexSignature
 
 
-class UpdateChannelBody(BaseModel):
+class UpdateChannelBody(JsonModel):
     """Either ``amount`` (this node is the payer: it signs the next update itself) or a signed update."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {"required": ["amount"], "properties": {"amount": {"not": {"type": "null"}}}},
+        {"required": ["signed"], "properties": {"signed": {"not": {"type": "null"}}}},
+    ]})
     channel_id: ChannelId
-    amount: Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)] | None = None
+    amount: AmountOrZero | None = None
     signed: SignedUpdate | None = None
 
+    @model_validator(mode="after")
+    def _one_of(self) -> UpdateChannelBody:
+        if (self.amount is None) == (self.signed is None):
+            raise ValueError("give exactly one of amount (this node pays) or signed (a payer's update)")
+        return self
 
-class CloseChannelBody(BaseModel):
+
+class CloseChannelBody(JsonModel):
     model_config = ConfigDict(extra="forbid")
     channel_id: ChannelId
     final: SignedUpdate | None = None
 
 
 _CONFLICTS = (econ.LedgerConflict, econ.EconomyDisabled)
+
+
+def parse_query(request: Request, model: type[Q]) -> Q:
+    """The query string as ``model`` (one value per name; an empty value is a value, not an absent one)."""
+    args = request.get_args(keep_blank_values=True)
+    data = {name: args.get(name) for name in model.model_fields if name in args}
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        name = str(first["loc"][0]) if first["loc"] else None
+        raise bad_request(f"{name}: {first['msg']}" if name else first["msg"], param=name) from None
 
 
 def to_api_error(exc: econ.LedgerError) -> APIError:
@@ -114,10 +185,8 @@ def economy_status(economy: Any) -> dict[str, Any]:
 
 def register_economy_routes(app: Sanic, economy: Any) -> None:
     async def balance(request: Request) -> HTTPResponse:
-        peer_id = request.args.get("peer_id") or None
-        if peer_id is not None and not (0 < len(peer_id) <= 128 and peer_id.isprintable()):
-            raise bad_request("peer_id must be 1-128 printable characters", param="peer_id")
-        view = await _call(economy.balance, peer_id)
+        query = parse_query(request, BalanceQuery)
+        view = await _call(economy.balance, query.peer_id)
         micro = view.model_dump(exclude={"peer_id", "open_channels"})
         return json(
             {
@@ -146,8 +215,6 @@ def register_economy_routes(app: Sanic, economy: Any) -> None:
 
     async def update_channel(request: Request) -> HTTPResponse:
         body = parse_body(request.body, UpdateChannelBody)
-        if (body.amount is None) == (body.signed is None):
-            raise bad_request("give exactly one of amount (this node pays) or signed (a payer's update)")
         if body.signed is not None:
             ch = await _call(economy.update_channel, _update(body.channel_id, body.signed))
         else:

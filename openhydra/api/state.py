@@ -26,6 +26,10 @@ class ServedModel:
     degradation_reason: str | None = None
     dtype_reason: str | None = None
     """Why this dtype (hardware/dtype.py: set by hand, native bf16, or measured bf16 vs fp32)."""
+    weights_format: str = "safetensors"
+    """How the weights were stored at their source: 'gguf' or 'safetensors' (runtime/source_format.py)."""
+    quantization: str | None = None
+    """The source's quantization or dtype, e.g. 'Q4_1' for a Q4_1 GGUF served as bf16; None if unknown."""
     created: int = field(default_factory=lambda: int(time.time()))
 
     def answers_to(self, name: str) -> bool:

@@ -1,0 +1,41 @@
+"""Base classes for request models: JSON's types, read the way JSON Schema reads them.
+
+pydantic's default (lax) mode coerces ``"4"`` and ``true`` into an int and ``0`` into a bool, which
+OpenAI's schema (and ours, served at /openapi.json) says are invalid. Strict mode refuses them, but
+also refuses ``4.0`` for an integer, which JSON Schema counts as one (an integer is a number with no
+fractional part, whatever its spelling). So: strict, after turning integral floats into ints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+
+def integral_floats_as_ints(value: Any) -> Any:
+    """``4.0`` -> ``4`` anywhere inside decoded JSON; every other value as it is."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, dict):
+        return {key: integral_floats_as_ints(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [integral_floats_as_ints(item) for item in value]
+    return value
+
+
+class JsonModel(BaseModel):
+    """Strict JSON types: no ``"4"`` or ``true`` for an integer, no ``0`` for a boolean, ``4.0`` is ``4``."""
+
+    model_config = ConfigDict(strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_integers(cls, data: Any) -> Any:
+        return integral_floats_as_ints(data) if isinstance(data, dict) else data
+
+
+class Tolerant(JsonModel):
+    """An inbound protocol model: strict types, unknown fields kept (clients send new ones)."""
+
+    model_config = ConfigDict(extra="allow")
