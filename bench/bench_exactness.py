@@ -9,7 +9,7 @@ Prints the max |logit| difference of B's last position against one-shot and betw
 and the first generated token where greedy decoding departs. Then the matmul fact behind batching:
 F.linear on M=1 vs M=8 rows, per row. CPU figures; print the load average for context.
 
-    python bench/bench_exactness.py [--dtype bf16|fp32] [--tokens 24]
+    python bench/bench_exactness.py [--dtype bf16|fp32] [--tokens 24] [--repeat 8] [--threads 1]
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ SYSTEM = ("You are a knowledgeable and patient assistant for a maritime museum. 
           "sentences, say what the object does and how sailors used it, and never invent names or dates.")
 
 
-def _ids(tokenizer, question: str) -> list[int]:
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+def _ids(tokenizer, question: str, repeat: int) -> list[int]:
+    system = " ".join([SYSTEM] * repeat)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -50,14 +51,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--repeat", type=int, default=8, help="system prompt = the museum text this many times")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    print(f"load average {os.getloadavg()}, dtype {args.dtype}")
+    torch.set_num_threads(args.threads)
+    print(f"load average {os.getloadavg()}, dtype {args.dtype}, threads {args.threads}")
     from transformers import AutoTokenizer
 
     model_dir = embedded_model_dir(TEST_CACHE_ROOT)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    a, b = _ids(tokenizer, "What is a lighthouse for?"), _ids(tokenizer, "What is a sextant?")
+    a, b = (_ids(tokenizer, q, args.repeat) for q in ("What is a lighthouse for?", "What is a sextant?"))
     shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y) // 32 * 32
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     rt = ShardRuntime(model_dir, dtype=dtype)
