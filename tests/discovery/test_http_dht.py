@@ -125,7 +125,7 @@ def test_unreachable_server_fails_within_deadline_and_second_server_answers(dht_
             elapsed = time.monotonic() - t0
             await only_silent.stop()
         assert 0.9 <= elapsed < 30, f"a 1 s deadline ended the call after {elapsed:.2f} s"  # < 30: not a hang
-        both = HttpDiscovery([dead, dht_server], timeout_s=1)
+        both = HttpDiscovery([dead, dht_server], timeout_s=10)  # refused at once; the live one may be slow
         await both.announce(rec("via-both"))
         assert "via-both" in {r.peer_id for r in await both.lookup("org/model")}
         await both.stop()
