@@ -84,6 +84,12 @@ def plot_report(report: ChaosReport, path: Path) -> None:
     fig, (ax_rate, ax_stall) = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
     ax_rate.plot(range(bins), per_second, lw=1, color="tab:blue")
     ax_rate.set_ylabel("tokens/s (content chunks, all streams)")
+    if report.coordinator_timeline:
+        ax_failovers = ax_rate.twinx()
+        ax_failovers.step([p["t_s"] for p in report.coordinator_timeline],
+                          [p["failovers"] or 0 for p in report.coordinator_timeline], where="post", color="gray",
+                          lw=1, alpha=0.8)
+        ax_failovers.set_ylabel("coordinator failovers (cumulative, gray)", fontsize=8)
     for outcome, color in OUTCOME_COLOR.items():
         points = [(r.ended_s if r.ended_s is not None else end, r.stall_s) for r in report.requests
                   if r.outcome is not None and r.outcome.value == outcome]
@@ -99,8 +105,8 @@ def plot_report(report: ChaosReport, path: Path) -> None:
             ax.axvline(event.t_s, color=color, ls=style, lw=0.8, alpha=0.7,
                        label=event.kind if ax is ax_rate and event.kind not in seen else None)
         seen.add(event.kind)
-    ax_rate.legend(loc="upper right", fontsize=7, ncol=len(seen) or 1)
-    ax_stall.legend(loc="upper right", fontsize=7)
+    ax_rate.legend(loc="upper left", fontsize=7, ncol=len(seen) or 1)
+    ax_stall.legend(loc="lower right", fontsize=7)
     cfg = report.config
     env = report.environment
     fig.suptitle(f"chaos: {Path(cfg['model_dir']).name}, {cfg['streams']} streams, fault every ~{cfg['kill_every_s']}"

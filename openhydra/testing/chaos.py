@@ -78,6 +78,8 @@ class ChaosReport(BaseModel):
     """Non-ok requests by (outcome, error kind, status, code)."""
     coordinator: dict
     """The coordinator's pipeline status at the end (failovers, replay mismatches, bans)."""
+    coordinator_timeline: list[dict]
+    """Once a second during the load: the coordinator's failover count, banned peers and active sessions."""
     coordinator_log: list[str]
     """Its lines about failures, bans, timeouts and replays, at most the last 200."""
     requests: list[RequestResult]
@@ -170,6 +172,16 @@ def _coordinator_log(node: NodeProcess, limit: int = 200) -> list[str]:
     return [line[:400] for line in lines[-limit:]]
 
 
+def _pipeline_sample(coordinator: NodeProcess, t_s: float) -> dict | None:
+    """The coordinator's failover counters now (None when it does not answer within 5 s)."""
+    try:
+        pipeline = httpx.get(coordinator.url + "/v1/network/status", timeout=5).json()["swarm"]["pipeline"]
+    except (httpx.HTTPError, KeyError, TypeError, ValueError):
+        return None
+    return {"t_s": round(t_s, 2), "failovers": pipeline.get("failovers"), "banned": len(pipeline.get("banned") or []),
+            "active_sessions": pipeline.get("active_sessions")}
+
+
 def run_chaos(cfg: ChaosConfig, progress: Callable[[str], None] = print) -> ChaosReport:
     """Build the swarm, compute the expected texts, run load and faults, tear everything down, report."""
     wall0 = time.monotonic()
@@ -210,6 +222,7 @@ def run_chaos(cfg: ChaosConfig, progress: Callable[[str], None] = print) -> Chao
                     progress(f"[{r.ended_s:7.1f}s] request   stream {r.stream} prompt {r.prompt} {r.outcome.value} "
                              f"after {len(r.chunk_times_s)} chunks, stall {r.stall_s:.1f}s: {detail}")
 
+            timeline: list[dict] = []
             load = LoadGenerator(base_url, model, cfg.prompts, expected, streams=cfg.streams,
                                  max_tokens=cfg.max_tokens, hang_s=cfg.hang_s, on_result=on_result)
             progress(f"chaos: {cfg.streams} streams for {cfg.duration_s:.0f} s, a fault every ~{cfg.kill_every_s} s "
@@ -219,6 +232,9 @@ def run_chaos(cfg: ChaosConfig, progress: Callable[[str], None] = print) -> Chao
             next_line = 10.0
             while time.monotonic() < load.stop_at:
                 time.sleep(min(1.0, max(0.0, load.stop_at - time.monotonic())))
+                sample = _pipeline_sample(coordinator, load.now_s())
+                if sample is not None:
+                    timeline.append(sample)
                 if load.now_s() >= next_line:
                     next_line += 10.0
                     done = Counter(r.outcome.value for r in list(load.results) if r.outcome is not None)
@@ -257,6 +273,7 @@ def run_chaos(cfg: ChaosConfig, progress: Callable[[str], None] = print) -> Chao
         content_chunks=sum(len(r.chunk_times_s) for r in results), events=killer.events,
         event_counts=dict(Counter(e.kind for e in killer.events)),
         min_live={span_key(s): killer.min_live.get(span_key(s), cfg.replicas) for s in spans},
-        errors=dict(errors), coordinator=coordinator_status, coordinator_log=_coordinator_log(coordinator),
+        errors=dict(errors), coordinator=coordinator_status, coordinator_timeline=timeline,
+        coordinator_log=_coordinator_log(coordinator),
         requests=results, wall_s=round(time.monotonic() - wall0, 1),
     )
