@@ -256,10 +256,13 @@ def test_smollm2_json_schema_and_logprob_consistency(smollm2_dir, tmp_path):
         reply = c.chat.completions.create(
             model=model, messages=messages, max_tokens=150, temperature=0,
             response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+        assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
         value = json.loads(reply.choices[0].message.content)
         jsonschema_rs.validator_for(schema).validate(value)
-        obj = c.chat.completions.create(model=model, messages=messages, max_tokens=150, temperature=0,
+        short = [{"role": "user", "content": "Give a JSON object with the name and age of Alice, who is 30."}]
+        obj = c.chat.completions.create(model=model, messages=short, max_tokens=200, temperature=0,
                                         response_format={"type": "json_object"})
+        assert obj.choices[0].finish_reason == "stop", obj.choices[0].message.content
         assert isinstance(json.loads(obj.choices[0].message.content), dict)
 
         reply = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is 2+2?"}],
