@@ -264,8 +264,12 @@ def template_messages(messages: list[Any]) -> list[dict]:
         extra = m.model_extra or {}
         if extra.get("tool_calls"):
             calls = []
-            for call in extra["tool_calls"]:
-                fn = dict((call or {}).get("function") or {})
+            raw_calls = extra["tool_calls"]
+            if not isinstance(raw_calls, list) or not all(isinstance(c, dict) for c in raw_calls):
+                raise bad_request("tool_calls must be a list of objects", param="messages", code="invalid_messages")
+            for call in raw_calls:
+                fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+                fn = dict(fn)
                 if isinstance(fn.get("arguments"), str):
                     with contextlib.suppress(ValueError):
                         fn["arguments"] = json.loads(fn["arguments"])
