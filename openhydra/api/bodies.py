@@ -57,6 +57,23 @@ def field_path(loc: tuple) -> str:
     return out
 
 
+def _input_loc(data: Any, loc: tuple, *, missing: bool) -> tuple:
+    """The part of a pydantic error location that exists in the request body: ``('prompt', 'str')`` (a union
+    member's tag) -> ``('prompt',)``; a missing field's own name is kept."""
+    out: list = []
+    node = data
+    for i, part in enumerate(loc):
+        in_dict = isinstance(node, dict) and isinstance(part, str) and part in node
+        if in_dict or (isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):
+            node = node[part]
+        elif missing and i == len(loc) - 1 and isinstance(node, dict) and isinstance(part, str):
+            pass  # a required field the body lacks
+        else:
+            continue  # a union tag ('str', 'list[str]', 'function-after[...]'): not in the body
+        out.append(part)
+    return tuple(out)
+
+
 def has_lone_surrogate(text: str) -> bool:
     if text.isascii():
         return False
@@ -135,8 +152,11 @@ def parse_body(raw: bytes | None, model: type[T]) -> T:
         return model.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-        first = errors[0]
-        path = field_path(tuple(p for p in first["loc"] if not str(p).startswith("function-")))
+        # the most telling problem: a broken constraint over a plain type mismatch (of a union's other member),
+        # then the deepest ("messages[0].content[0].text" over "messages[0].content")
+        constraints = [e for e in errors if not e["type"].endswith("_type")]
+        first = max(constraints or errors, key=lambda e: len(e["loc"]))
+        path = field_path(_input_loc(data, first["loc"], missing=first["type"] == "missing"))
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
         shown = _shown(first.get("input"))
         message = f"{path}: {first['msg']} (got {shown}){more}" if path else f"{first['msg']}{more}"
