@@ -1,14 +1,20 @@
-"""Ollama-compatible request models (https://github.com/ollama/ollama/blob/main/docs/api.md)."""
+"""Ollama-compatible request models (https://github.com/ollama/ollama/blob/main/docs/api.md).
+
+Strict like the OpenAI models (protocol_openai.py): no ``"4"`` for an integer, no ``0`` for a boolean. They are
+also the node's OpenAPI document, so each rule is a constraint that shows in the JSON schema.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, model_validator
 
+from openhydra.api.protocol_base import Tolerant
+from openhydra.api.protocol_features import ToolSpec
+from openhydra.api.protocol_openai import SEED_MAX, TOP_K_MAX, StopList
 
-class Tolerant(BaseModel):
-    model_config = ConfigDict(extra="allow")
+NoImages = Annotated[list[str], Field(max_length=0, description="this node serves text models: no images")]
 
 
 class OllamaOptions(Tolerant):
@@ -17,9 +23,9 @@ class OllamaOptions(Tolerant):
     num_predict: int | None = Field(None, ge=-2)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    top_k: int | None = Field(None, ge=0, le=TOP_K_MAX)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    stop: str | StopList | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -30,7 +36,8 @@ class OllamaOptions(Tolerant):
 class OllamaMessage(Tolerant):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
-    images: list[str] | None = None
+    images: NoImages | None = None
+    tool_calls: list[dict] | None = None
 
 
 class OllamaBase(Tolerant):
@@ -38,30 +45,39 @@ class OllamaBase(Tolerant):
     stream: bool = True
     options: OllamaOptions = Field(default_factory=OllamaOptions)
     keep_alive: str | int | float | None = None
-    format: str | dict | None = None
-
-    @field_validator("format")
-    @classmethod
-    def _no_structured_output(cls, value: str | dict | None) -> str | dict | None:
-        if value not in (None, ""):
-            raise ValueError("structured output (format) is not supported by this node")
-        return value
+    format: Literal["", "json"] | dict | None = None
+    """Structured output: "json" (any JSON object) or a JSON schema, by constrained decoding (api/features.py)."""
 
 
 class OllamaGenerateRequest(OllamaBase):
     prompt: str = ""
     system: str | None = None
     raw: bool = False
-    images: list[str] | None = None
+    images: NoImages | None = None
 
 
 class OllamaChatRequest(OllamaBase):
     messages: list[OllamaMessage] = Field(default_factory=list)
+    tools: list[ToolSpec] | None = None
+
+
+_NAMED = {"type": "string", "minLength": 1}
 
 
 class OllamaShowRequest(Tolerant):
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["model"], "properties": {"model": _NAMED}},
+        {"required": ["name"], "properties": {"name": _NAMED}},
+    ]})
+
     model: str | None = None
     name: str | None = None  # older clients
+
+    @model_validator(mode="after")
+    def _named(self) -> OllamaShowRequest:
+        if not self.model_name():
+            raise ValueError("model is required")
+        return self
 
     def model_name(self) -> str | None:
         return self.model or self.name

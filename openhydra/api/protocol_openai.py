@@ -1,20 +1,33 @@
-"""OpenAI-compatible request models. Inbound models tolerate unknown fields (clients send new ones)."""
+"""OpenAI-compatible request models. Inbound models tolerate unknown fields (clients send new ones).
+
+Fields are strict where OpenAI's schema is: an ``integer`` takes no ``"4"`` or ``true``, a ``boolean`` no ``0``,
+a ``number`` no string. These models are also the node's OpenAPI document (api/openapi.py), so every rule is
+written as a constraint pydantic puts into the JSON schema (``max_length`` on a list, not a validator).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field
+
+from openhydra.api.protocol_base import Tolerant
+from openhydra.api.protocol_features import MAX_TOP_LOGPROBS, ResponseFormat, ToolChoice, ToolSpec
 
 MAX_STOPS = 16
+SEED_MAX = 2**63 - 1  # the peer wire carries a uint64 seed (seed + choice index)
+TOP_K_MAX = 2**31 - 1
+
+StopList = Annotated[list[str], Field(max_length=MAX_STOPS)]
 
 
-class Tolerant(BaseModel):
-    model_config = ConfigDict(extra="allow")
+TEXT_PARTS = ("text", "input_text")
 
 
 class ContentPart(Tolerant):
-    type: str
+    # Any type parses (api/features.check_content_parts then refuses non-text parts with its own message);
+    # the document says which the node takes.
+    type: str = Field(json_schema_extra={"enum": list(TEXT_PARTS)})
     text: str | None = None
 
 
@@ -27,7 +40,7 @@ class ChatMessage(Tolerant):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text or "" for part in self.content if part.type in ("text", "input_text"))
+        return "".join(part.text or "" for part in self.content if part.type in TEXT_PARTS)
 
 
 class StreamOptions(Tolerant):
@@ -39,21 +52,14 @@ class SamplingFields(Tolerant):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    top_k: int | None = Field(None, ge=0, le=TOP_K_MAX)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    stop: str | StopList | None = None
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False  # extension (as in vLLM): generate exactly max_tokens, for benchmarks
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > MAX_STOPS:
-            raise ValueError(f"at most {MAX_STOPS} stop sequences")
-        return value
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -61,24 +67,41 @@ class SamplingFields(Tolerant):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+_NOT_NULL = {"not": {"type": "null"}}
+
+
 class ChatCompletionRequest(SamplingFields):
+    # Rules between fields, checked by the route (routes_openai.chat_completions), written for the document:
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": _NOT_NULL}},  # top_logprobs needs
+         "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}},  # logprobs: true
+        {"if": {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": [None, "none", "auto"]}}}},
+         "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}},  # a forced
+    ]})  # tool call needs tools
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(...)
-    echo: bool = False
+    # echo with logprobs would need prompt-token logprobs, which the node does not compute (routes_openai)
+    model_config = ConfigDict(json_schema_extra={"not": {
+        "required": ["echo", "logprobs"], "properties": {"echo": {"const": True}, "logprobs": {"type": "integer"}}}})
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("send one prompt per request (a list of exactly one string)")
-        return value
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+        ..., description="One prompt: a string, or a list of exactly one string")
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None  # extension (as in vLLM): structured output on completions
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

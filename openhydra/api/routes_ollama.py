@@ -15,6 +15,14 @@ from sanic.response import HTTPResponse, json
 from openhydra import __version__
 from openhydra.api.bodies import parse_body
 from openhydra.api.errors import APIError, bad_request
+from openhydra.api.features import (
+    ToolCall,
+    ToolCallParser,
+    ollama_format_grammar,
+    split_tool_calls,
+    tool_syntax,
+    tools_prompt_ids,
+)
 from openhydra.api.protocol_ollama import (
     OllamaBase,
     OllamaChatRequest,
@@ -22,6 +30,7 @@ from openhydra.api.protocol_ollama import (
     OllamaShowRequest,
 )
 from openhydra.api.requests import generation_request
+from openhydra.api.routes_openai import completion_prompt_ids
 from openhydra.api.state import ServedModel
 from openhydra.api.streaming import run_stream
 from openhydra.router.engine import Engine, Finished, TextDelta
@@ -36,13 +45,21 @@ def _now() -> str:
 def _details(served: ServedModel) -> dict:
     return {
         "parent_model": "",
-        "format": "safetensors",
+        "format": served.weights_format,
         "family": served.family,
         "families": [served.family],
         "parameter_size": f"{served.parameter_count / 1e6:.0f}M"
         if served.parameter_count < 1e9 else f"{served.parameter_count / 1e9:.1f}B",
-        "quantization_level": served.dtype.upper(),
+        # the source's quantization (Q4_1 for a Q4_1 GGUF, dequantized on load); the dtype it is served in
+        # is in /api/show's model_info (openhydra.served_dtype)
+        "quantization_level": served.quantization or served.dtype.upper(),
     }
+
+
+def reply_model(requested: str, served: ServedModel) -> str:
+    """The name an answer carries: the served model's (a fallback's when degraded), in the requested
+    spelling when that names it (``name:latest`` stays ``name:latest``)."""
+    return requested if requested.removesuffix(":latest") == served.id else served.id
 
 
 def register(app: Sanic) -> None:
@@ -53,7 +70,7 @@ def register(app: Sanic) -> None:
     def build(engine: Engine, body: OllamaBase, prompt_ids: list[int]):
         opts = body.options
         num_predict = opts.num_predict
-        return generation_request(
+        gen = generation_request(
             engine, api, prompt_ids,
             max_tokens=num_predict if num_predict is not None and num_predict > 0 else None,
             temperature=opts.temperature if opts.temperature is not None else 0.8,  # Ollama's default
@@ -62,6 +79,8 @@ def register(app: Sanic) -> None:
             seed=opts.seed, stop=opts.stop_list(),
             until_context_full=num_predict is not None and num_predict < 0,
         )
+        gen.grammar = ollama_format_grammar(engine, body.format)
+        return gen
 
     def final_fields(final: Finished, served: ServedModel) -> dict:
         metrics.observe_generation(served.id, final.prompt_tokens, final.completion_tokens, final.ttft_s)
@@ -76,26 +95,44 @@ def register(app: Sanic) -> None:
             "eval_duration": final.eval_ns,
         }
 
-    async def serve(request: Request, body: OllamaBase, prompt_ids: list[int], chat: bool) -> HTTPResponse | None:
+    async def serve(request: Request, body: OllamaBase, prompt_ids: list[int], chat: bool,
+                    tools: tuple[str, set[str]] | None = None) -> HTTPResponse | None:
         served, engine = state.resolve(body.model, request.ctx)
         gen = build(engine, body, prompt_ids)
+        name = reply_model(body.model, served)
 
-        def message(text: str) -> dict:
+        def message(text: str, calls: list[ToolCall] | None = None) -> dict:
             if chat:
-                return {"message": {"role": "assistant", "content": text}}
+                msg: dict = {"role": "assistant", "content": text}
+                if calls:
+                    msg["tool_calls"] = [c.ollama() for c in calls]
+                return {"message": msg}
             return {"response": text}
 
         if not body.stream:
             final = await engine.complete(gen)
-            return json({"model": body.model, "created_at": _now(), **message(final.text),
+            text, calls = split_tool_calls(final.text, *tools) if tools is not None else (final.text, [])
+            return json({"model": name, "created_at": _now(), **message(text, calls),
                          **final_fields(final, served)})
+
+        parser = ToolCallParser(*tools) if tools is not None else None
+
+        def lines(parts: list) -> str:
+            out = ""
+            for part in parts:
+                if isinstance(part, str) and not part:
+                    continue
+                line = {"model": name, "created_at": _now(), "done": False,
+                        **(message(part) if isinstance(part, str) else message("", [part]))}
+                out += jsonlib.dumps(line, ensure_ascii=False) + "\n"
+            return out
 
         def on_event(event: TextDelta | Finished) -> str:
             if isinstance(event, TextDelta):
-                line = {"model": body.model, "created_at": _now(), **message(event.text), "done": False}
-            else:
-                line = {"model": body.model, "created_at": _now(), **message(""), **final_fields(event, served)}
-            return jsonlib.dumps(line, ensure_ascii=False) + "\n"
+                return lines(parser.feed(event.text) if parser is not None else [event.text])
+            out = lines(parser.finish()) if parser is not None else ""
+            line = {"model": name, "created_at": _now(), **message(""), **final_fields(event, served)}
+            return out + jsonlib.dumps(line, ensure_ascii=False) + "\n"
 
         def on_error(error: APIError) -> str:
             return jsonlib.dumps({"error": error.message}) + "\n"
@@ -104,18 +141,29 @@ def register(app: Sanic) -> None:
                          on_event=on_event, on_error=on_error, end_marker=None)
         return None
 
+    def check_num_predict(body: OllamaBase) -> None:
+        """The limit holds for every answer, the empty "load" one included (the document says so)."""
+        num_predict = body.options.num_predict
+        if num_predict is not None and num_predict > api.max_tokens_limit:
+            raise bad_request(f"options.num_predict must be <= {api.max_tokens_limit} (got {num_predict})",
+                              param="options.num_predict")
+
     @app.post("/api/generate")
     async def generate(request: Request) -> HTTPResponse | None:
         body = parse_body(request.body, OllamaGenerateRequest)
-        _, engine = state.resolve(body.model, request.ctx)
+        served, engine = state.resolve(body.model, request.ctx)
+        check_num_predict(body)
         if body.images:
             raise bad_request("this model takes no images", param="images")
+        if (body.model_extra or {}).get("tools"):
+            raise bad_request("tools are taken by /api/chat, not /api/generate", param="tools",
+                              code="unsupported_parameter")
         if not body.prompt and not body.system:
             # Ollama answers an empty prompt by loading the model and reporting it.
-            return json({"model": body.model, "created_at": _now(), "response": "", "done": True,
-                         "done_reason": "load"})
+            return json({"model": reply_model(body.model, served), "created_at": _now(), "response": "",
+                         "done": True, "done_reason": "load"})
         if body.raw:
-            prompt_ids = engine.text_prompt_ids(body.prompt)
+            prompt_ids = completion_prompt_ids(engine, body.prompt)
         else:
             messages = ([{"role": "system", "content": body.system}] if body.system else [])
             messages.append({"role": "user", "content": body.prompt})
@@ -125,13 +173,22 @@ def register(app: Sanic) -> None:
     @app.post("/api/chat")
     async def chat(request: Request) -> HTTPResponse | None:
         body = parse_body(request.body, OllamaChatRequest)
-        _, engine = state.resolve(body.model, request.ctx)
+        served, engine = state.resolve(body.model, request.ctx)
+        check_num_predict(body)
+        if body.tools:  # a template without tools refuses them on every answer, the "load" one too
+            tool_syntax(engine)
         if not body.messages:
-            return json({"model": body.model, "created_at": _now(),
+            return json({"model": reply_model(body.model, served), "created_at": _now(),
                          "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
         if any(m.images for m in body.messages):
             raise bad_request("this model takes no images", param="messages")
-        prompt_ids = engine.chat_prompt_ids([{"role": m.role, "content": m.content} for m in body.messages])
+        messages = [{"role": m.role, "content": m.content, **({"tool_calls": m.tool_calls} if m.tool_calls else {})}
+                    for m in body.messages]
+        if body.tools:
+            tools = (tool_syntax(engine), {t.function.name for t in body.tools})
+            return await serve(request, body, tools_prompt_ids(engine, messages, body.tools), chat=True,
+                               tools=tools)
+        prompt_ids = engine.chat_prompt_ids(messages)
         return await serve(request, body, prompt_ids, chat=True)
 
     def tag(served: ServedModel, name: str) -> dict:
@@ -171,6 +228,8 @@ def register(app: Sanic) -> None:
                 "general.architecture": served.family, "general.parameter_count": served.parameter_count,
                 f"{served.family}.context_length": served.context_length,
                 f"{served.family}.block_count": served.num_layers,
+                "openhydra.served_dtype": served.dtype,
+                "openhydra.source_quantization": served.quantization,
             },
             "capabilities": ["completion"],
             "modified_at": datetime.fromtimestamp(served.created, UTC).isoformat().replace("+00:00", "Z"),
