@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import selectors
 import subprocess
 import sys
 import time
@@ -43,7 +44,8 @@ def prompt_of(seed: int, n: int = 6) -> list[int]:
 
 
 class PeerProcess:
-    """An honest peer as its own process (its own dtype and thread count)."""
+    """An honest peer as its own process (its own dtype and thread count). Started by the constructor;
+    :meth:`wait_ready` reads its ``READY host:port`` line, so several peers can load at the same time."""
 
     def __init__(self, model_dir: Path, spec: PeerSpec) -> None:
         dtype = str(spec.dtype).removeprefix("torch.")
@@ -53,16 +55,30 @@ class PeerProcess:
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             env={**os.environ, "OMP_NUM_THREADS": str(spec.threads)},
         )
+        self.address = ""
+
+    def wait_ready(self, timeout_s: float = 240.0) -> str:
+        with selectors.DefaultSelector() as sel:  # a deadline on the READY line, not a blocking readline
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout_s):
+                self.proc.kill()
+                raise RuntimeError(f"peer process printed nothing in {timeout_s} s")
         line = self.proc.stdout.readline()
         match = re.match(r"READY (\S+)", line)
         if not match:
             self.proc.kill()
             raise RuntimeError(f"peer process did not start: {line!r}")
         self.address = match.group(1)
+        return self.address
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=20)
 
 
 class Swarm:
@@ -74,25 +90,32 @@ class Swarm:
         self.runtimes = {}
         self.last_chain: list[str] = []
         num_layers = ShardRuntime(model_dir, 0, 1).num_layers
-        for spec in specs:
-            if spec.threads is not None:
-                server = PeerProcess(model_dir, spec)
-                address = server.address
-            else:
-                runtime = ShardRuntime(model_dir, spec.start, spec.end, dtype=spec.dtype)
-                if spec.fault is not None:
-                    from openhydra.verification.faults import FaultyRuntime
+        # Every peer process starts at once (loading is mostly imports and reads), then each is awaited in order.
+        processes = {i: PeerProcess(model_dir, spec) for i, spec in enumerate(specs) if spec.threads is not None}
+        try:
+            for i, spec in enumerate(specs):
+                if i in processes:
+                    server = processes[i]
+                    address = server.wait_ready()
+                else:
+                    runtime = ShardRuntime(model_dir, spec.start, spec.end, dtype=spec.dtype)
+                    if spec.fault is not None:
+                        from openhydra.verification.faults import FaultyRuntime
 
-                    runtime = FaultyRuntime(runtime, spec.fault)
-                self.runtimes[spec.peer_id] = runtime
-                server = PeerServer(runtime)
-                address = server.start()
-            self.servers.append(server)
-            self.records.append(PeerAnnouncement(
-                peer_id=spec.peer_id, model_id=MODEL_ID, start=spec.start, end=spec.end, total_layers=num_layers,
-                grpc_address=address, dtype=str(spec.dtype).removeprefix("torch."), throughput_tps=spec.throughput,
-                announced_at=time.time(), ttl_s=86400.0,
-            ))
+                        runtime = FaultyRuntime(runtime, spec.fault)
+                    self.runtimes[spec.peer_id] = runtime
+                    server = PeerServer(runtime)
+                    address = server.start()
+                self.servers.append(server)
+                self.records.append(PeerAnnouncement(
+                    peer_id=spec.peer_id, model_id=MODEL_ID, start=spec.start, end=spec.end,
+                    total_layers=num_layers, grpc_address=address, dtype=str(spec.dtype).removeprefix("torch."),
+                    throughput_tps=spec.throughput, announced_at=time.time(), ttl_s=86400.0,
+                ))
+        except BaseException:
+            for server in [*self.servers, *(p for p in processes.values() if p not in self.servers)]:
+                server.stop()
+            raise
         stake = stake or {}
         self.reputation = ReputationStore(db_path, config.reputation, stake_of=lambda p: stake.get(p, 0))
         self.verifier = Verifier(config, self.reputation)

@@ -15,6 +15,8 @@ from openhydra.verification.config import VerificationConfig
 from tests.verification.kit import PeerSpec, Swarm, prompt_of
 
 BF16 = torch.bfloat16
+# 7 peer processes on 2 cores, every hop audited: the tiny run took 233 s at load average ~15.
+pytestmark = pytest.mark.timeout(900)
 
 
 def _specs(spans: list[tuple[int, int]]) -> list[PeerSpec]:
