@@ -70,10 +70,10 @@ def main() -> None:
                 wait_routable(coordinator, replica, middle, 60)
             model = httpx.get(coordinator.url + "/v1/models", timeout=10).json()["data"][0]["id"]
             clean = stream(coordinator, model, args.tokens)
-            assert clean.error is None and clean.tokens == args.tokens, clean.error
+            assert clean.error is None and clean.completion_tokens == args.tokens, clean.error
             gaps = [b - a for a, b in zip(clean.times[1:], clean.times[2:], strict=False)]
-            print(f"no-fault run: {clean.tokens} tokens, median inter-token {statistics.median(gaps) * 1e3:.0f} ms",
-                  flush=True)
+            median_ms = statistics.median(gaps) * 1e3
+            print(f"no-fault run: {clean.completion_tokens} tokens, median inter-token {median_ms:.0f} ms", flush=True)
             for trial in range(args.trials):
                 for at in args.at if trial % 2 == 0 else list(reversed(args.at)):
                     trials.append(run_trial(coordinator, replicas, model, middle, at, args, clean.text, trial))
@@ -95,8 +95,8 @@ def run_trial(coordinator: NodeProcess, replicas: list[NodeProcess], model: str,
     record = {
         "trial": trial, "at": at, "signal": args.signal, "faulted": victim is not None,
         "victim_port": victim.port if victim else None,
-        "identical": result.text == expected and result.error is None, "tokens": result.tokens,
-        "error": result.error, "stall_s": round(result.stall_s, 3),
+        "identical": result.text == expected and result.error is None,
+        "error": result.error, "tokens": result.completion_tokens, "stall_s": round(result.stall_s, 3),
         "fault_to_next_token_s": round(after[0], 3) if after else None,
         "failovers": result.failovers, "replays": result.replays,
     }

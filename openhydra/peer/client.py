@@ -53,6 +53,8 @@ from openhydra.runtime.prefix_cache import PrefixKey
 from openhydra.runtime.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
+MAX_WAIT_STEPS = 10
+"""A message is awaited at most this many step timeouts, however busy the chain (see _await_progress)."""
 KeyLookup = Callable[[str], tuple[str, str | None] | None]
 """grpc address -> (peer id, signed static key as announced), for hops given without keys."""
 
@@ -60,10 +62,9 @@ KeyLookup = Callable[[str], tuple[str, str | None] | None]
 @dataclass(frozen=True)
 class ClientTunables:
     step_timeout_s: float = 30.0
-    """Longest a chain may work on one message (a prefill chunk or a decode step) while its hops report progress;
-    also what each message's deadline gives every hop per message ahead of it (peers drop steps that arrive
-    later). Liveness is judged by progress (see ``decode_timeout_s``), so a long prefill never hits one fixed
-    deadline: each chunk has its own."""
+    """How long a hop may hold a step in flight without serving any step before it is blamed as stuck. Liveness is
+    judged by progress (see ``decode_timeout_s``), so a long prefill or a busy chain is never cut by one fixed
+    deadline."""
     decode_timeout_s: float | None = None
     """Patience before the coordinator asks the chain whether it is making progress: this floor, or
     ``decode_timeout_factor`` x the median of recent decode latencies, whichever is larger (capped at
@@ -125,6 +126,7 @@ class PeerChainClient:
         self.swarm_token = swarm_token  # private swarm credential on every call (peer/swarm_auth.py)
         self.head = head  # final norm + LM head: sample on the coordinator under onion (peer/head.py)
         self._decode_latencies: collections.deque[float] = collections.deque(maxlen=32)
+        self._probe_latencies: collections.deque[float] = collections.deque(maxlen=16)
         self.privacy = privacy or ChainPrivacy()
         self.embedder = embedder
         self.key_lookup = key_lookup
@@ -192,15 +194,20 @@ class PeerChainClient:
         extras = {"return_logits": return_logits, "return_top_k": return_top_k, "all_logits": all_logits}
         chain = self._route if route is None else self._checked(route)
         coro = self._step(session_id, list(token_ids), start_pos, sampling, step, extras, chain, prefix)
-        t, messages = self.tunables, -(-len(token_ids) // self.tunables.prefill_chunk)
-        return self._call(coro, timeout=t.step_timeout_s * (messages + 1) + t.unary_timeout_s * 2)
+        messages = -(-len(token_ids) // self.tunables.prefill_chunk)
+        return self._call(coro, timeout=self._wait_budget(messages))
 
     def replay(self, session_id: str, feeds: Sequence[tuple[list[int], int, SamplingParams, int]],
                route: Sequence[HopSpec]) -> list[StepResult]:
         """Re-run ``(tokens, start, sampling, step)`` feeds in order on ``route``, pipelined (failover replay)."""
         chain = self._checked(route)
-        budget = self.tunables.step_timeout_s * (len(feeds) + 1) + self.tunables.unary_timeout_s * 2
-        return self._call(self._replay(session_id, [(list(f[0]), *f[1:]) for f in feeds], chain), timeout=budget)
+        messages = sum(-(-len(f[0]) // self.tunables.prefill_chunk) for f in feeds)
+        return self._call(self._replay(session_id, [(list(f[0]), *f[1:]) for f in feeds], chain),
+                          timeout=self._wait_budget(messages))
+
+    def _wait_budget(self, messages: int) -> float:
+        """A backstop only: the event-loop side always settles within its own bounds first."""
+        return (MAX_WAIT_STEPS + 1) * self.tunables.step_timeout_s * messages + self.tunables.unary_timeout_s * 4
 
     def close(self, session_id: str, route: Sequence[HopSpec] | None = None) -> None:
         """Drop the session on every hop of the route (best effort) and close its stream."""
@@ -327,16 +334,17 @@ class PeerChainClient:
     ) -> list[tuple[int, asyncio.Future]]:
         """Send one step's messages (one per prefill chunk) to the first hop; a future per message.
 
-        Message i's deadline (``queued`` messages already ahead of it) gives every hop ``step_timeout_s`` per
-        message up to and including it: work-scaled, so a long prompt's last chunk is not held to the first's."""
+        Message i's deadline (``queued`` messages already ahead of it) is work-scaled: the longest the coordinator
+        could wait for it (``MAX_WAIT_STEPS`` x ``step_timeout_s`` per message up to it). Peers drop steps that
+        arrive later, which only clears out abandoned work: liveness is judged by progress, not by deadlines."""
         crypto = self._crypto_route(session_id, route) if self.privacy.encrypt else None
         futures: list[tuple[int, asyncio.Future]] = []
         chunk = self.tunables.prefill_chunk
         for offset in range(0, len(tokens), chunk):
             piece = tokens[offset : offset + chunk]
             seq = next(self._seq)
-            ahead = queued + len(futures) + 1
-            deadline_ms = int((time.time() + self.tunables.step_timeout_s * ahead) * 1000)
+            ahead = queued + len(futures) + 1  # abandoned by then for sure: the coordinator waits no longer
+            deadline_ms = int((time.time() + MAX_WAIT_STEPS * self.tunables.step_timeout_s * ahead) * 1000)
             message = pb.Step(
                 session_id=session_id,
                 seq=seq,
@@ -381,20 +389,33 @@ class PeerChainClient:
         try:
             return [await self._await_progress(future, route) for _seq, future in futures]
         finally:
-            for seq, _ in futures:
+            for seq, future in futures:
                 self._pending.pop((session_id, seq), None)
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
+                    future.exception()  # settled after an earlier message failed: nobody else will look
 
     async def _await_progress(self, future: asyncio.Future, route: Sequence[HopSpec]) -> StepResult:
+        """One message's result. Waits a patience window, probing the chain so that the verdict is due as the
+        window ends: a hop that does not answer is blamed; hops that served steps since the last probe (their
+        counters moved) have made progress and the wait goes on; a hop that holds a step in flight without
+        serving anything for ``step_timeout_s`` is stuck and blamed; hops with nothing in flight and nothing
+        served for a whole window lost the message (blamed on no hop: the session restarts on the same peers).
+        Never longer than ``MAX_WAIT_STEPS`` x ``step_timeout_s`` in all."""
         t = self.tunables
-        waited, seen = 0.0, None
+        began = time.monotonic()
+        seen: dict[str, pb.InfoReply] | None = None
+        progress_at = began
         while True:
             patience = self._patience()
-            early = max(0.0, patience - t.probe_timeout_s)
+            probe_timeout = self._probe_timeout()
+            early = max(0.0, patience - probe_timeout)
             try:
                 return await asyncio.wait_for(asyncio.shield(future), timeout=early)
             except TimeoutError:
                 pass
-            probe = asyncio.ensure_future(self._probe(route))  # its verdict is due when the patience runs out
+            probe = asyncio.ensure_future(self._probe(route, probe_timeout))  # its verdict is due as patience ends
             try:
                 return await asyncio.wait_for(asyncio.shield(future), timeout=patience - early)
             except TimeoutError:
@@ -405,23 +426,38 @@ class PeerChainClient:
             served, dead = await probe
             if future.done():
                 return future.result()
-            waited += patience
             if dead is not None:
                 raise dead
-            # Working: a hop has a step in flight, or served steps since the last probe. The first probe without
-            # either is not yet a verdict (the chain may be between two messages): a whole window must pass idle.
-            working = any(info.steps_in_flight > 0 for info in served.values()) or seen is None or any(
-                served[a].steps_served != seen[a].steps_served for a in served)
-            if not working or waited >= t.step_timeout_s:
-                why = "no hop is working on it" if not working else f"no result after {waited:.0f} s of work"
-                raise HopError("", grpc.StatusCode.DEADLINE_EXCEEDED, f"step timed out: every hop answers but {why}")
+            now = time.monotonic()
+            moved = seen is not None and any(served[a].steps_served != seen[a].steps_served for a in served)
+            busy = [a for a, info in served.items() if info.steps_in_flight > 0]
+            if moved or seen is None:
+                progress_at = now
+            elif now - progress_at >= t.step_timeout_s and busy:
+                raise HopError(busy[0], grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"stuck: a step in flight and nothing served for {now - progress_at:.0f} s")
+            elif not busy:
+                raise HopError("", grpc.StatusCode.DEADLINE_EXCEEDED,
+                               "step lost: every hop answers, none holds it or served anything since")
+            if now - began >= MAX_WAIT_STEPS * t.step_timeout_s:
+                raise HopError("", grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"no result after {now - began:.0f} s although the chain keeps serving")
             seen = served
 
-    async def _probe(self, route: Sequence[HopSpec]) -> tuple[dict[str, pb.InfoReply], HopError | None]:
+    def _probe_timeout(self) -> float:
+        """The probe timeout, or 5 x the median time a recent probe took if larger (a loaded machine)."""
+        recent = sorted(self._probe_latencies)
+        typical = recent[len(recent) // 2] if recent else 0.0
+        return max(self.tunables.probe_timeout_s, 5 * typical)
+
+    async def _probe(self, route: Sequence[HopSpec],
+                     timeout: float) -> tuple[dict[str, pb.InfoReply], HopError | None]:
         """Info to every hop at once: their replies, and the first hop (route order) that did not answer."""
         addresses = list(dict.fromkeys(h.address for h in route))
-        replies = await asyncio.gather(*(self._info(a, self.tunables.probe_timeout_s) for a in addresses),
-                                       return_exceptions=True)
+        began = time.monotonic()
+        replies = await asyncio.gather(*(self._info(a, timeout) for a in addresses), return_exceptions=True)
+        if not any(isinstance(r, BaseException) for r in replies):
+            self._probe_latencies.append(time.monotonic() - began)
         served: dict[str, pb.InfoReply] = {}
         for address, reply in zip(addresses, replies, strict=True):
             if isinstance(reply, grpc.aio.AioRpcError):
@@ -432,8 +468,8 @@ class PeerChainClient:
                 if reply.code() == grpc.StatusCode.UNAVAILABLE:
                     self._pool.discard(address)
                 code = grpc.StatusCode.UNAVAILABLE if refused else grpc.StatusCode.DEADLINE_EXCEEDED
-                return served, HopError(address, code, f"no answer to a liveness probe within "
-                                                       f"{self.tunables.probe_timeout_s} s ({reply.code().name})")
+                return served, HopError(address, code, f"no answer to a liveness probe within {timeout:.1f} s "
+                                                       f"({reply.code().name})")
             if isinstance(reply, BaseException):
                 raise reply
             served[address] = reply

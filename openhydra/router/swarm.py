@@ -307,6 +307,11 @@ class SwarmPipeline:
 
     def _on_hop_error(self, session: _Session, error: HopError) -> str:
         chain = session.chain
+        if not error.address and chain is not None:  # a lost step, no hop to blame: restart on the same peers
+            log.warning("%s; replaying the session on the same chain", error)
+            METRICS.hop_errors.labels(error.code.name).inc()
+            self._restart_session(session)
+            return ""
         failed = error.address or (chain.hops[-1].peer.grpc_address if chain else "")
         record = next((h.peer for h in chain.hops if h.peer.grpc_address == failed), None) if chain else None
         if record is not None:
@@ -323,12 +328,16 @@ class SwarmPipeline:
         METRICS.hop_errors.labels(error.code.name).inc()
         if self.on_failover:
             self.on_failover(self.model_id, failed)
-        old_session, old_route = session.peer_session, _route_of(chain) if chain else None
-        if old_route:  # free the half-built session on the hops that survive (best effort)
-            threading.Thread(target=self._close_quietly, args=(old_session, old_route), daemon=True).start()
+        self._restart_session(session)
+        return failed
+
+    def _restart_session(self, session: _Session) -> None:
+        """A fresh peer session (replayed before its next step); the old one is freed on its hops (best effort)."""
+        if session.chain is not None:
+            old = (session.peer_session, _route_of(session.chain))
+            threading.Thread(target=self._close_quietly, args=old, daemon=True).start()
         session.peer_session = uuid.uuid4().hex
         session.needs_replay = bool(session.feeds)
-        return failed
 
     def _replay(self, session: _Session, route: Sequence[HopSpec]) -> None:
         """Rebuild every hop's cache on the new chain exactly as it was built the first time (pipelined when

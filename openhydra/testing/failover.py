@@ -37,16 +37,22 @@ def swarm_status(node: NodeProcess) -> dict:
 def session_replica(coordinator: NodeProcess, replicas: list[NodeProcess], span: tuple[int, int]) -> NodeProcess | None:
     """The replica of ``span`` that the coordinator's (only) active session runs through."""
     status = swarm_status(coordinator)
-    sessions = list(status["pipeline"]["sessions"].values())
-    if not sessions:
-        return None
     by_peer = {p["peer_id"]: p for p in status["peers"]}
-    for pid in sessions[0]:
-        peer = by_peer.get(pid)
-        if peer and tuple(peer["span"]) == span:
-            port = int(peer["api_address"].rsplit(":", 1)[1])
-            return next((n for n in replicas if n.port == port), None)
+    for chain in status["pipeline"]["sessions"].values():
+        for pid in chain:
+            peer = by_peer.get(pid)
+            if peer and tuple(peer["span"]) == span:
+                port = int(peer["api_address"].rsplit(":", 1)[1])
+                found = next((n for n in replicas if n.port == port), None)
+                if found is not None:
+                    return found
+    LAST_STATUS.clear()
+    LAST_STATUS.update(status)
     return None
+
+
+LAST_STATUS: dict = {}
+"""The coordinator's status when ``session_replica`` last found no replica (for failure messages)."""
 
 
 def wait_routable(coordinator: NodeProcess, replica: NodeProcess, span: tuple[int, int], timeout_s: float) -> float:
@@ -71,9 +77,10 @@ class Trial:
     faulted_at: float | None = None
     failovers: float = 0.0
     replays: float = 0.0
+    completion_tokens: int | None = None  # the server's usage count (chunks can merge tokens: UTF-8 pieces)
 
     @property
-    def tokens(self) -> int:
+    def chunks(self) -> int:
         return max(0, len(self.times) - 1)
 
     @property
@@ -85,20 +92,24 @@ class Trial:
 
 
 def stream(coordinator: NodeProcess, model: str, max_tokens: int, on_token=None, timeout_s: float = 120) -> Trial:
-    """One greedy stream of exactly ``max_tokens`` tokens (``ignore_eos``); ``on_token(n)`` after token n."""
+    """One greedy stream of exactly ``max_tokens`` tokens (``ignore_eos``); ``on_token(n)`` after the n-th text
+    chunk (a chunk is one token, or a few when they complete one UTF-8 character together)."""
     trial = Trial(at=0)
     client = openai.OpenAI(base_url=coordinator.url + "/v1", api_key="x", max_retries=0, timeout=timeout_s)
     trial.times.append(time.monotonic())
     try:
         chunks = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0,
-                                                stream=True, extra_body={"ignore_eos": True})
+                                                stream=True, stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True})
         for chunk in chunks:
+            if chunk.usage is not None:
+                trial.completion_tokens = chunk.usage.completion_tokens
             for choice in chunk.choices:
                 if choice.delta.content:
                     trial.text += choice.delta.content
                     trial.times.append(time.monotonic())
                     if on_token is not None:
-                        on_token(trial.tokens)
+                        on_token(trial.chunks)
     except openai.APIError as exc:
         trial.error = f"{type(exc).__name__}: {exc}"
     return trial

@@ -1,7 +1,7 @@
 """Failover that holds after any history of faults: many trials, several positions, replicas restarted between.
 
 Four node processes: the coordinator holds [0, 3), the middle span [3, 5) runs on two replicas, [5, 8) on one.
-Each trial streams 64 greedy tokens through the official ``openai`` client and SIGKILLs the replica the session
+Each trial streams 200 greedy tokens through the official ``openai`` client and SIGKILLs the replica the session
 runs through when token 1, 20 or 50 arrives; the killed replica is restarted (same identity, new process and
 port) before the next trial, so every other trial fails over *onto* a restarted replica. Every stream must
 finish with exactly the no-fault text, with exactly one failover and one replay each. Then SIGSTOP: the hung
@@ -16,14 +16,15 @@ import signal
 import httpx
 import pytest
 
+from openhydra.testing import failover
 from openhydra.testing.failover import fault_trial, stream, wait_routable
 from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # node restarts take a minute at load 10
 
 SPANS = [(0, 3), (3, 5), (3, 5), (5, 8)]
 MIDDLE = (3, 5)
-TOKENS = 64
+TOKENS = 200  # the tiny model is fast: the stream must still be running when token 50 arrives
 DECODE_TIMEOUT_S = 2.0
 PROBE_TIMEOUT_S = 1.0
 
@@ -41,7 +42,7 @@ def swarm(tiny_model_dirs, tmp_path_factory):
                 wait_routable(nodes[0], replica, MIDDLE, 60)
             model = httpx.get(nodes[0].url + "/v1/models", timeout=10).json()["data"][0]["id"]
             clean = stream(nodes[0], model, TOKENS)
-            assert clean.error is None and clean.tokens == TOKENS
+            assert clean.error is None and clean.completion_tokens == TOKENS
             assert len(set(clean.text.split())) > 5  # a real, varied continuation
             yield nodes, model, clean.text
         finally:
@@ -55,9 +56,9 @@ def test_repeated_kills_with_restarts_fail_over_exactly_once_each(swarm):
     nodes, model, expected = swarm
     coordinator, replicas = nodes[0], nodes[1:3]
     outcomes = []
-    for at in [1, 20, 50, 50, 20, 1, 20, 1, 50]:
+    for at in [1, 20, 50, 50, 20, 1]:
         trial = fault_trial(coordinator, replicas, MIDDLE, model, TOKENS, at, signal.SIGKILL)
-        assert trial.victim is not None, f"no session to fault at token {at}"
+        assert trial.victim is not None, f"no session to fault at token {at}: {failover.LAST_STATUS}"
         outcomes.append((at, trial.text == expected, trial.error, trial.failovers, trial.replays))
         trial.victim.proc.wait(timeout=30)
         trial.victim.start().wait_ready(180)
