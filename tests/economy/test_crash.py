@@ -27,6 +27,7 @@ from openhydra.economy.policy import LedgerPolicy
 from openhydra.economy.receipts import build_settlement
 from openhydra.economy.tables import Settlement
 from openhydra.economy.units import MICRO
+from openhydra.testing.wait import wait_until
 
 KILLS = int(os.environ.get("OPENHYDRA_CRASH_KILLS", "200"))
 POLICY = LedgerPolicy(decay_per_day=0.0)
@@ -51,6 +52,7 @@ def kill_loop(url: str, ack_path: Path, kills: int, max_delay_s: float) -> int:
     led.settle(build_settlement("warm-up", "m", TOKENS, [(peers[0], 3), (peers[1], 5)]))
     exits_by_signal = 0
     for round_no in range(kills):
+        acked_before = ack_path.stat().st_size if ack_path.exists() else 0
         pid = os.fork()
         if pid == 0:  # child
             code = 0
@@ -59,9 +61,25 @@ def kill_loop(url: str, ack_path: Path, kills: int, max_delay_s: float) -> int:
             except BaseException:
                 code = 3
             os._exit(code)
-        time.sleep(rng.uniform(0.0, max_delay_s))
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
+        reaped: list[int] = []
+        if round_no % 2:
+            # Every other round first waits for this child's first acknowledged settlement, so kills land
+            # mid-loop however slowly a loaded machine schedules the child; the other rounds may hit start-up.
+            def acked_or_exited(pid: int = pid, reaped: list[int] = reaped, before: int = acked_before) -> bool:
+                if ack_path.exists() and ack_path.stat().st_size > before:
+                    return True
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    reaped.append(status)
+                return bool(done)
+
+            wait_until(acked_or_exited, 60, 0.001, f"child {round_no}'s first acknowledged settlement")
+        time.sleep(rng.uniform(0.0, max_delay_s))  # the random kill point itself, not a wait for anything
+        if reaped:
+            status = reaped[0]
+        else:
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
         if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
             exits_by_signal += 1
         else:
