@@ -160,5 +160,6 @@ def parse_body(raw: bytes | None, model: type[T]) -> T:
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
         shown = _shown(first.get("input"))
         message = f"{path}: {first['msg']} (got {shown}){more}" if path else f"{first['msg']}{more}"
-        raise bad_request(message, param=path or None) from None
+        code = (first.get("ctx") or {}).get("api_code", "invalid_value")  # a validator may name its error code
+        raise bad_request(message, param=path or None, code=code) from None
 

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from openhydra.api.protocol_base import Tolerant
-from openhydra.api.protocol_features import ToolSpec
+from openhydra.api.protocol_features import OllamaFormat, ToolSpec
 from openhydra.api.protocol_openai import SEED_MAX, TOP_K_MAX, StopList
 
 NoImages = Annotated[list[str], Field(max_length=0, description="this node serves text models: no images")]
@@ -45,7 +45,7 @@ class OllamaBase(Tolerant):
     stream: bool = True
     options: OllamaOptions = Field(default_factory=OllamaOptions)
     keep_alive: str | int | float | None = None
-    format: Literal["", "json"] | dict | None = None
+    format: OllamaFormat = None
     """Structured output: "json" (any JSON object) or a JSON schema, by constrained decoding (api/features.py)."""
 
 

@@ -8,11 +8,8 @@ free string, where every token without ``"``, ``\\`` or a control character is v
 precomputed mask) and only the few tokens holding those characters are walked. Masks are cached per
 (grammar, automaton state), and grammars per (tokenizer, schema), so repeated states cost a dict lookup.
 
-Supported schema subset (anything else is refused by :func:`compile_schema` naming the keyword):
-``type`` (object, array, string, number, integer, boolean, null, or a list of them), ``properties``,
-``required``, ``additionalProperties`` (false, or true/absent: only the listed properties are generated,
-which still validates), ``items``, ``minItems``, ``maxItems``, ``enum``, ``const``, and the annotations
-``title``, ``description``, ``default``, ``examples``, ``$schema``, ``strict``.
+The supported JSON Schema subset and its compilation to automaton nodes are in router/schema_subset.py
+(re-exported here: :func:`compile_schema`, :class:`UnsupportedSchema`, :class:`UnsatisfiableSchema`).
 
 Limits, on purpose: whitespace runs between tokens are at most ``MAX_WS`` characters and numbers at most
 ``MAX_NUMBER`` characters (a weak model cannot loop on them); tokens whose bytes are not valid UTF-8 on their
@@ -22,144 +19,30 @@ unfinished (finish_reason "length"), as with OpenAI.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
+
+from openhydra.router.schema_subset import (
+    ANY,
+    KEYWORDS,
+    Node,
+    ObjectSpec,
+    UnsatisfiableSchema,
+    UnsupportedSchema,
+    any_value,
+    compile_schema,
+    json_object_node,
+)
+
+__all__ = ["ANY", "KEYWORDS", "Constraint", "Grammar", "Node", "ObjectSpec", "TokenTable", "UnsatisfiableSchema",
+           "UnsupportedSchema", "advance", "advance_text", "any_value", "choice_state", "compile_schema",
+           "grammar_for", "initial_state", "is_accepting", "json_object_node", "raw_sequence"]
 
 MAX_WS = 4
 MAX_NUMBER = 32
 WS = " \n"  # no tabs or carriage returns: a sampled model would otherwise pad with them
-_ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "strict", "$comment"}
-_KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum",
-             "const"} | _ANNOTATIONS
-_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
-
-
-class UnsupportedSchema(ValueError):
-    """A schema keyword or value the constrained decoder cannot enforce (the API answers 400 naming it)."""
-
-    def __init__(self, keyword: str, path: str, detail: str = "") -> None:
-        where = path or "the root"
-        super().__init__(f"JSON schema keyword '{keyword}' at {where} is not supported{': ' + detail if detail else ''}"
-                         f" (supported: {', '.join(sorted(_KEYWORDS))})")
-        self.keyword = keyword
-
-
-# ---- schema nodes ------------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class ObjectSpec:
-    properties: dict[str, Node] = field(default_factory=dict)
-    required: frozenset[str] = frozenset()
-    free: bool = False
-    """Any keys with any values (json_object mode, or ``{"type": "object"}`` with no properties)."""
-    key_literals: dict[str, str] = field(default_factory=dict)  # '"name"' (JSON-encoded) -> name
-
-
-@dataclass(eq=False)
-class Node:
-    """What one JSON value may be. Several kinds at once form a union (``"type": [...]``)."""
-
-    obj: ObjectSpec | None = None
-    items: Node | None = None
-    is_array: bool = False
-    min_items: int = 0
-    max_items: int | None = None
-    string: bool = False
-    number: bool = False
-    integer: bool = False
-    literals: tuple[str, ...] = ()
-    """Exact JSON texts also allowed (true/false/null); with ``only_literals`` the only ones (enum/const)."""
-    only_literals: bool = False
-
-
-def any_value() -> Node:
-    """Any JSON value (json_object mode); nested containers reuse the same node."""
-    node = Node(obj=ObjectSpec(free=True), is_array=True, string=True, number=True, literals=("true", "false", "null"))
-    node.items = node
-    return node
-
-
-ANY = any_value()
-
-
-def json_object_node() -> Node:
-    """``response_format: {"type": "json_object"}`` / Ollama ``format: "json"``: one JSON object."""
-    return Node(obj=ObjectSpec(free=True))
-
-
-def compile_schema(schema: Any, path: str = "") -> Node:
-    """The JSON schema as automaton nodes; :class:`UnsupportedSchema` for anything outside the subset."""
-    if schema is True or schema == {}:
-        return ANY
-    if not isinstance(schema, dict):
-        raise UnsupportedSchema("schema", path, f"expected an object, got {type(schema).__name__}")
-    for key in schema:
-        if key not in _KEYWORDS:
-            raise UnsupportedSchema(key, path)
-    if "const" in schema or "enum" in schema:
-        values = [schema["const"]] if "const" in schema else schema["enum"]
-        if not isinstance(values, list) or not values:
-            raise UnsupportedSchema("enum", path, "expected a non-empty list")
-        return Node(literals=tuple(dict.fromkeys(json.dumps(v, ensure_ascii=False) for v in values)),
-                    only_literals=True)
-    types = schema.get("type")
-    if types is None:
-        types = ["object"] if "properties" in schema else (["array"] if "items" in schema else list(_TYPES))
-    if isinstance(types, str):
-        types = [types]
-    node = Node()
-    literals: list[str] = []
-    for t in types:
-        if t not in _TYPES:
-            raise UnsupportedSchema("type", path, f"unknown type {t!r}")
-        if t == "object":
-            node.obj = _object_spec(schema, path)
-        elif t == "array":
-            node.is_array = True
-            node.items = compile_schema(schema.get("items", True), f"{path}/items")
-            node.min_items = int(schema.get("minItems", 0))
-            node.max_items = schema.get("maxItems")
-            if node.max_items is not None and node.max_items < node.min_items:
-                raise UnsupportedSchema("maxItems", path, "maxItems < minItems")
-        elif t == "string":
-            node.string = True
-        elif t in ("number", "integer"):
-            node.number = True
-        elif t == "boolean":
-            literals += ["true", "false"]
-        else:
-            literals.append("null")
-    node.integer = "integer" in types and "number" not in types
-    node.literals = tuple(literals)
-    return node
-
-
-def _object_spec(schema: dict, path: str) -> ObjectSpec:
-    props = schema.get("properties")
-    required = schema.get("required", [])
-    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
-        raise UnsupportedSchema("required", path, "expected a list of property names")
-    extra = schema.get("additionalProperties", True)
-    if not isinstance(extra, bool):
-        raise UnsupportedSchema("additionalProperties", path, "only true or false")
-    if not props:
-        if required:
-            raise UnsupportedSchema("required", path, "required properties need 'properties'")
-        return ObjectSpec(free=extra)
-    if not isinstance(props, dict):
-        raise UnsupportedSchema("properties", path, "expected an object")
-    missing = [r for r in required if r not in props]
-    if missing:
-        raise UnsupportedSchema("required", path, f"{missing} are not in 'properties'")
-    nodes = {name: compile_schema(sub, f"{path}/properties/{name}") for name, sub in props.items()}
-    return ObjectSpec(properties=nodes, required=frozenset(required),
-                      key_literals={json.dumps(name, ensure_ascii=False): name for name in nodes})
 
 
 # ---- the automaton ------------------------------------------------------------------------------------
@@ -185,9 +68,13 @@ _NUM: dict[str, dict[str, str]] = {
     "frac": {**{d: "frac" for d in "0123456789"}, "e": "exp", "E": "exp"},
     "exp": {"+": "esign", "-": "esign", **{d: "edig" for d in "0123456789"}},
     "esign": {d: "edig" for d in "0123456789"},
-    "edig": {d: "edig" for d in "0123456789"},
+    "edig": {d: "edig2" for d in "0123456789"},
+    "edig2": {},  # at most two exponent digits: 1e99 is a double, 1e400 parses as infinity (or fails)
 }
-_NUM_ACCEPT = {"zero", "int", "frac", "edig"}
+_NUM_ACCEPT = {"zero", "int", "frac", "edig", "edig2"}
+_NUM_TO_END = {"start": 1, "minus": 1, "dot": 1, "exp": 1, "esign": 1}
+"""Characters a number still needs from each state to end: a number only grows while it can still end
+within ``MAX_NUMBER`` (``1e`` at the limit would be a dead end no token continues)."""
 _HEX = set("0123456789abcdefABCDEF")
 
 
@@ -313,7 +200,9 @@ def advance(state: State, c: str) -> State | None:
             return None
         if kind == "N":
             _, dfa, integer, length = top
-            nxt = _NUM[dfa].get(c) if length < MAX_NUMBER else None
+            nxt = _NUM[dfa].get(c)
+            if nxt is not None and length + 1 + _NUM_TO_END.get(nxt, 0) > MAX_NUMBER:
+                nxt = None
             if nxt is not None and not (integer and c in ".eE"):
                 return (*rest, ("N", nxt, integer, length + 1))
             if dfa in _NUM_ACCEPT:

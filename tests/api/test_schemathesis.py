@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from openhydra.testing.processes import NodeProcess
 MAX_TOKENS = 4
 MAX_EXAMPLES = 75  # per operation and phase; the test asserts >= MIN_CASES in all
 MIN_CASES = 2000
-SEED = 1  # the same requests every run: a failure here reproduces with the printed `curl`
+# the same requests every run (a failure reproduces with the printed `curl`); OPENHYDRA_FUZZ_SEED picks others
+SEED = int(os.environ.get("OPENHYDRA_FUZZ_SEED", "1"))
 ECONOMY_PATHS = {"/v1/account/balance", "/v1/hydra/stake", "/v1/hydra/unstake", "/v1/hydra/channels/open",
                  "/v1/hydra/channels/update", "/v1/hydra/channels/close"}
 REPO = Path(__file__).resolve().parents[2]
@@ -89,10 +91,14 @@ def test_schemathesis_all_checks_pass(fuzz_node: NodeProcess, tmp_path: Path) ->
                "--suppress-health-check", "all", "--report", "junit", "--report-dir", str(tmp_path)]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.api.schemathesis_hooks", "OPENHYDRA_FUZZ_MODEL": served,
            "PYTHONPATH": str(REPO), "NO_COLOR": "1"}
+    began, load_before = time.monotonic(), os.getloadavg()
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
+    wall_s, load_after = time.monotonic() - began, os.getloadavg()
     output = run.stdout + run.stderr
     summary = output[output.rfind("SUMMARY"):] if "SUMMARY" in output else output[-3000:]
     print(summary)
+    print(f"schemathesis seed {SEED}: {wall_s:.0f} s wall; load average (1/5/15 min) before "
+          f"{'/'.join(f'{x:.1f}' for x in load_before)}, after {'/'.join(f'{x:.1f}' for x in load_after)}")
 
     generated = re.search(r"(\d+) generated", summary)
     assert run.returncode == 0, f"schemathesis found problems (exit {run.returncode}):\n{output[-12000:]}"
