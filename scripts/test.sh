@@ -8,4 +8,4 @@ OPENHYDRA_TEST_PG_URL="$(bash scripts/start_postgres.sh)"
 export OPENHYDRA_TEST_PG_URL
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=30 "$@"
