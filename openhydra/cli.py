@@ -200,6 +200,9 @@ def _serve(node) -> None:
 
 
 def node_main() -> None:
+    from openhydra.runtime.malloc import limit_arenas
+
+    limit_arenas()  # before torch, gRPC or Sanic start a thread: fewer glibc arenas, less heap growth (issue 15)
     argv = sys.argv[1:]
     if "--version" in argv:
         from openhydra import __version__

@@ -21,7 +21,18 @@ class _Strict(BaseModel):
 class PrefixCacheConfig(_Strict):
     enabled: bool = True
     max_mb: float = Field(256.0, ge=0)
-    """Bytes of cached prefix blocks per runtime (LRU-evicted beyond), in MiB."""
+    """Upper bound on cached prefix blocks per runtime (LRU-evicted beyond), in MiB."""
+    max_fraction_of_weights: float | None = Field(0.25, ge=0)
+    """Also bound the cache to this fraction of the weights the runtime holds (its span's loaded bytes), so a
+    small model's cache does not outgrow it (issue 15: 256 MiB was half of SmolLM2-135M fp32). None: only
+    ``max_mb``."""
+
+    def max_bytes(self, weight_bytes: int | None) -> int:
+        """The cache's byte bound for a runtime holding ``weight_bytes`` of weights (None: unknown)."""
+        bound = int(self.max_mb * 2**20)
+        if self.max_fraction_of_weights is not None and weight_bytes:
+            bound = min(bound, int(self.max_fraction_of_weights * weight_bytes))
+        return bound
     block: int = Field(32, ge=1, le=65536)
     """Tokens per hashed block: reuse happens in whole blocks. A runtime with the cache on computes every
     prompt in block-aligned pieces, cold or warm, so that a hit gives exactly the cold run's tokens (the
@@ -53,9 +64,9 @@ def apply_serving(config: ServingConfig, runtime) -> None:
     from openhydra.runtime.batching import DecodeBatcher
     from openhydra.runtime.prefix_cache import PrefixCache
 
-    if config.prefix_cache.enabled and config.prefix_cache.max_mb > 0:
-        runtime.prefix_cache = PrefixCache(runtime.layer_types, int(config.prefix_cache.max_mb * 2**20),
-                                           config.prefix_cache.block)
+    max_bytes = config.prefix_cache.max_bytes(getattr(runtime, "loaded_bytes", None))
+    if config.prefix_cache.enabled and max_bytes > 0:
+        runtime.prefix_cache = PrefixCache(runtime.layer_types, max_bytes, config.prefix_cache.block)
     if config.batching.max_batch > 1:
         runtime.batcher = DecodeBatcher(runtime, config.batching.max_batch, config.batching.window_ms)
 

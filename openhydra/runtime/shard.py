@@ -18,6 +18,7 @@ from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
 from openhydra.runtime.compaction.config import CompactionConfig
 from openhydra.runtime.compaction.shard_hook import ShardCompaction
+from openhydra.runtime.malloc import maybe_trim
 from openhydra.runtime.prefix_cache import PrefixCache, PrefixKey, begin_prefix, run_in_blocks
 from openhydra.runtime.sessions import Session, SessionStore
 from openhydra.runtime.shard_layers import build_shard, layer_types_of, load_text_config
@@ -111,6 +112,7 @@ class ShardRuntime:
 
     def close_session(self, session_id: str) -> None:
         self._sessions.drop(session_id)
+        maybe_trim()  # hand freed heap back to the OS, at most every few seconds (runtime/malloc.py)
 
     def session_count(self) -> int:
         return len(self._sessions)
