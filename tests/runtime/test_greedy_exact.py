@@ -10,6 +10,7 @@ Tiny random Llama / Qwen3 / Qwen3.5-hybrid checkpoints, and real SmolLM2-135M we
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -73,15 +74,15 @@ def _serving_runtime(model_dir, dtype: torch.dtype) -> ShardRuntime:
     return rt
 
 
-def check_prefix_pairs(rt: ShardRuntime, prompts: dict, n: int) -> None:
+def check_prefix_pairs(rt: ShardRuntime, prompts: dict, n: int, pairs: list = PAIRS) -> None:
     pipe = LocalPipeline(rt, prefix_block=BLOCK)
     cold: dict = {}
-    for key, prompt in prompts.items():
+    for key in dict.fromkeys(k for pair in pairs for k in pair):
         rt.prefix_cache.clear()
-        cold[key] = _generate(pipe, f"cold-{key}", prompt, n)
+        cold[key] = _generate(pipe, f"cold-{key}", prompts[key], n)
     assert pipe.reused_positions == 0
     mismatches = []
-    for a, b in PAIRS:
+    for a, b in pairs:
         for first, second in ((a, b), (b, a)):
             rt.prefix_cache.clear()
             reused = pipe.reused_positions
@@ -90,7 +91,7 @@ def check_prefix_pairs(rt: ShardRuntime, prompts: dict, n: int) -> None:
             assert pipe.reused_positions - reused >= BLOCK, "the second request did not hit the prefix cache"
             if got != cold[second]:
                 mismatches.append((first, second, got, cold[second]))
-    assert not mismatches, f"{len(mismatches)} of {2 * len(PAIRS)} orders differ from cold: {mismatches[:2]}"
+    assert not mismatches, f"{len(mismatches)} of {2 * len(pairs)} orders differ from cold: {mismatches[:2]}"
 
 
 def check_concurrent_streams(rt: ShardRuntime, prompts: list[list[int]], n: int) -> None:
@@ -147,10 +148,13 @@ def test_tiny_prefix_pairs_and_streams_are_exact(tiny_model_dirs, tokenizer, fam
 @pytest.mark.timeout(1800)  # ~130 prefills of ~90 tokens on a shared 2-core runner
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_smollm2_prefix_pairs_and_streams_are_exact(smollm2_dir, tokenizer, dtype) -> None:
+    """CI runs one pair per system prompt (5 pairs, 10 orders) to stay within its time; OPENHYDRA_EXACTNESS_FULL=1 runs all 20
+    pairs (40 orders), which passed in bf16 and fp32 on 2026-12-03 (29 and 8.6 min at load 10-22)."""
     rt = _serving_runtime(smollm2_dir, DTYPES[dtype])
     try:
         prompts = _prompts(tokenizer)
-        check_prefix_pairs(rt, prompts, 6)
+        full = os.environ.get("OPENHYDRA_EXACTNESS_FULL") == "1"
+        check_prefix_pairs(rt, prompts, 6, PAIRS if full else PAIRS[:: len(QUESTIONS) - 1])
         streams = [prompts[(s % len(SYSTEMS), QUESTIONS[(s + 1 + s // 5) % 5])] for s in range(8)]
         check_concurrent_streams(rt, streams, 12)
     finally:
