@@ -148,8 +148,9 @@ def test_tiny_prefix_pairs_and_streams_are_exact(tiny_model_dirs, tokenizer, fam
 @pytest.mark.timeout(1800)  # ~130 prefills of ~90 tokens on a shared 2-core runner
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_smollm2_prefix_pairs_and_streams_are_exact(smollm2_dir, tokenizer, dtype) -> None:
-    """CI runs one pair per system prompt (5 pairs, 10 orders) to stay within its time; OPENHYDRA_EXACTNESS_FULL=1 runs all 20
-    pairs (40 orders), which passed in bf16 and fp32 on 2026-12-03 (29 and 8.6 min at load 10-22)."""
+    """CI runs one pair per system prompt (5 pairs, 10 orders) to stay within its time;
+    OPENHYDRA_EXACTNESS_FULL=1 runs all 20 pairs (40 orders), which passed in bf16 and fp32 on 2026-12-03
+    (29 and 8.6 min at load 10-22)."""
     rt = _serving_runtime(smollm2_dir, DTYPES[dtype])
     try:
         prompts = _prompts(tokenizer)
