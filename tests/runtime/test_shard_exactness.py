@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from openhydra.hardware.dtype import cpu_flags, native_bf16_flags
 from openhydra.runtime.local_pipeline import greedy_generate
 from openhydra.runtime.shard import ShardRuntime
 
@@ -113,7 +114,10 @@ def test_chunked_prefill_matches_same_chunking_in_full_model(tiny_model_dirs, fa
     spans = _spans(model_dir, SPLITS[family], dtype)
     assert greedy_generate(spans, prompt, NEW_TOKENS, session_id="chunked", prefill_chunk=7) == expected
 
-    # The logits after the last chunk are bit-identical too (same chunking on both sides).
+    # The logits after the last chunk are bit-identical too (same chunking on both sides): in fp32 everywhere, and
+    # in bf16 on CPUs with native bf16. Without it (AVX-512F/AVX2 only) the emulated bf16 GEMM rounds by row count,
+    # and the full model's head sees a different number of rows than the last span's: measured up to 2e-3 here.
+    exact = dtype == torch.float32 or bool(native_bf16_flags(cpu_flags()))
     position = 0
     for begin in range(0, prompt.numel(), 7):
         piece = prompt[begin : begin + 7]
@@ -122,7 +126,7 @@ def test_chunked_prefill_matches_same_chunking_in_full_model(tiny_model_dirs, fa
         for rt in spans[1:]:
             out = rt.forward("logits", positions, hidden_states=out)
         position += piece.numel()
-    assert (out - ref_logits).abs().max().item() == 0.0
+    assert (out - ref_logits).abs().max().item() <= (0.0 if exact else 1e-2)
 
 
 @pytest.mark.slow
