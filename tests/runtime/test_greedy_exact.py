@@ -19,10 +19,9 @@ import torch
 from openhydra.router.pipeline import LocalPipeline
 from openhydra.runtime.batching import DecodeBatcher
 from openhydra.runtime.prefix_cache import PrefixCache
-from openhydra.runtime.sampling import SamplingParams
 from openhydra.runtime.shard import ShardRuntime
+from tests.runtime.test_prefix_cache import _generate
 
-GREEDY = SamplingParams(temperature=0.0)
 BLOCK = 32  # the serving default
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -51,18 +50,6 @@ def _prompts(tokenizer) -> dict[tuple[int, str], list[int]]:
             messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             out[(s, question)] = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return out
-
-
-def _generate(pipe: LocalPipeline, session: str, prompt: list[int], n: int) -> list[int]:
-    out: list[int] = []
-    feed, pos = prompt, 0
-    for step in range(n):
-        token = pipe.step(session, feed, pos, GREEDY, step)
-        pos += len(feed)
-        feed = [token]
-        out.append(token)
-    pipe.close(session)
     return out
 
 
