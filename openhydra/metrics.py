@@ -51,6 +51,13 @@ class NodeMetrics:
                                "Sessions whose history was replayed on a new chain", registry=r)
         self.replayed_steps = Counter("openhydra_pipeline_replayed_steps_total", "Steps re-run by replays",
                                       registry=r)
+        self.rebuilds = Counter(
+            "openhydra_pipeline_rebuilds_total",
+            "Replays that rebuilt only the replaced span (the other hops kept their caches: peer/rebuild.py)",
+            registry=r)
+        self.rebuild_fallbacks = Counter(
+            "openhydra_pipeline_rebuild_fallbacks_total", "Rebuilds refused or failed, replayed in full instead",
+            registry=r)
         self.replay_mismatches = Counter(
             "openhydra_pipeline_replay_mismatches_total", "Replayed steps that sampled another token", registry=r)
         self.unavailable = Counter(

@@ -30,8 +30,9 @@ import grpc
 import torch
 
 from openhydra.crypto.dp import DPParams, noised
-from openhydra.crypto.dp_wire import audit_records
+from openhydra.crypto.dp_wire import audit_delivery, audit_records
 from openhydra.crypto.errors import CryptoError
+from openhydra.peer import onion_control
 from openhydra.peer.codec import codec_from_name
 from openhydra.peer.embedding import Embedder
 from openhydra.peer.errors import HopError, status_code
@@ -48,6 +49,8 @@ from openhydra.peer.outbound import (
 from openhydra.peer.privacy import ChainPrivacy, CoordinatorRoute, parse_hop_failure
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
+from openhydra.peer.rebuild import adopt_tag
+from openhydra.peer.session_auth import FORGED_FAILURE, FORGED_RESULT, failure_is_authentic, sign_for
 from openhydra.peer.wire import decode_tensor, encode_tensor
 from openhydra.runtime.prefix_cache import PrefixKey
 from openhydra.runtime.sampling import SamplingParams, sample
@@ -132,10 +135,12 @@ class PeerChainClient:
         self.key_lookup = key_lookup
         self.crypto_rejections: Counter[str] = Counter()
         self.dp_audits = 0  # DP audit records verified (privacy=onion_dp)
+        self.onion_receipts: dict[str, list] = {}  # privacy=onion: hops' own receipts from the close (onion_control)
         self._crypto: dict[str, CoordinatorRoute] = {}  # session -> its encrypted route
         self._codec = codec_from_name(self.tunables.forward_codec)
         self.route = tuple(route)
         self._pending: dict[tuple[str, int], asyncio.Future] = {}
+        self._rebuilding: set[tuple[str, int]] = set()  # rebuild messages: answered with token -1 by a relay
         self._seq = itertools.count()
         self._streams: dict[tuple[str, str], OutboundStream] = {}
         self._loop = asyncio.new_event_loop()
@@ -204,6 +209,20 @@ class PeerChainClient:
         messages = sum(-(-len(f[0]) // self.tunables.prefill_chunk) for f in feeds)
         return self._call(self._replay(session_id, [(list(f[0]), *f[1:]) for f in feeds], chain),
                           timeout=self._wait_budget(messages))
+
+    def rebuild(self, session_id: str, old_session: str, feeds: Sequence[tuple[list[int], int, SamplingParams, int]],
+                route: Sequence[HopSpec], span: tuple[int, int], length: int,
+                prefix: PrefixKey | None = None) -> list[StepResult]:
+        """Failover rebuild (peer/rebuild.py): on ``route`` under the new ``session_id``, the hops outside layers
+        ``span`` adopt ``old_session``'s caches cropped to ``length`` positions, and the replacement for ``span``
+        rebuilds its cache from the feeds (pipelined, original message boundaries). Results whose token is -1
+        were answered by a last hop that held the position already. Raises :class:`HopError` as a step does;
+        the caller then falls back to a full replay. ``prefix``: the first feed's prompt block hashes, when it was
+        first sent past cached prompt blocks (the replacement seeds them from its own prefix cache)."""
+        chain = self._checked(route)
+        messages = sum(-(-len(f[0]) // self.tunables.prefill_chunk) for f in feeds)
+        return self._call(self._rebuild(session_id, old_session, [(list(f[0]), *f[1:]) for f in feeds], chain,
+                                        span, length, prefix), timeout=self._wait_budget(messages))
 
     def _wait_budget(self, messages: int) -> float:
         """A backstop only: the event-loop side always settles within its own bounds first."""
@@ -320,6 +339,46 @@ class PeerChainClient:
             out.append(result)
         return out
 
+    async def _rebuild(self, session_id: str, old_session: str,
+                       feeds: Sequence[tuple[list[int], int, SamplingParams, int]], route: tuple[HopSpec, ...],
+                       span: tuple[int, int], length: int, prefix: PrefixKey | None) -> list[StepResult]:
+        tags = self._adopt_tags(session_id, old_session, route, length)
+        control: dict[str, Any] = {"rebuild_start": span[0], "rebuild_end": span[1]}
+        futures: list[tuple[int, asyncio.Future]] = []
+        ends: list[int] = []
+        for tokens, start, sampling, step in feeds:
+            first = {"adopt_session": old_session, "adopt_length": length, "adopt_tags": tags} if not futures else {}
+            futures += await self._send(session_id, tokens, start, sampling, step, {}, route,
+                                        prefix if not futures else None, queued=len(futures),
+                                        control={**control, **first}, with_input=span[0] == 0)
+            ends.append(len(futures) - 1)
+        try:
+            results = await self._gather(session_id, futures, route)
+        finally:
+            self._rebuilding.difference_update((session_id, seq) for seq, _future in futures)
+        out = []
+        for (_tokens, _start, sampling, step), i in zip(feeds, ends, strict=True):
+            result = results[i]
+            if result.hidden is not None:  # the last span was rebuilt under onion: sample here to compare
+                result = self._sample_here(result, sampling, step, {})
+            out.append(result)
+        return out
+
+    def _adopt_tags(self, session_id: str, old_session: str, route: tuple[HopSpec, ...], length: int) -> list[bytes]:
+        """Per hop of the new route: proof, under that hop's audit key of the old session, that this coordinator
+        ran it (peer/rebuild.py). Empty without encryption; b"" for hops that did not serve the old session."""
+        if not self.privacy.encrypt:
+            return []
+        old = self._crypto.get(old_session)
+        if old is None:
+            raise HopError("", grpc.StatusCode.FAILED_PRECONDITION, "the old session's keys are gone: cannot adopt")
+        index = {(h.address, h.start, h.end): i for i, h in enumerate(old.route)}
+        tags = []
+        for hop in route:
+            i = index.get((hop.address, hop.start, hop.end))
+            tags.append(b"" if i is None else adopt_tag(old.crypto.audit_key(i), session_id, old_session, length))
+        return tags
+
     async def _send(
         self,
         session_id: str,
@@ -331,6 +390,8 @@ class PeerChainClient:
         route: tuple[HopSpec, ...],
         prefix: PrefixKey | None,
         queued: int = 0,
+        control: dict[str, Any] | None = None,
+        with_input: bool = True,
     ) -> list[tuple[int, asyncio.Future]]:
         """Send one step's messages (one per prefill chunk) to the first hop; a future per message.
 
@@ -350,7 +411,8 @@ class PeerChainClient:
                 seq=seq,
                 start_position=start + offset,
                 num_positions=len(piece),
-                tensor=self._input_tensor(piece, crypto is not None),  # ids [S], or embeddings [S, D]
+                # ids [S], or embeddings [S, D]; none for a rebuild that starts past layer 0 (peer/rebuild.py)
+                tensor=self._input_tensor(piece, crypto is not None) if with_input else pb.Tensor(),
                 route=[] if self.privacy.onion else [pb.Hop(address=h.address, start=h.start, end=h.end)
                                                      for h in route],
                 sampling=pb.Sampling(
@@ -371,6 +433,12 @@ class PeerChainClient:
             if prefix is not None and offset == 0:  # the prompt's block hashes (runtime/prefix_cache.py)
                 message.prefix_hashes.extend(prefix.hashes)
                 message.prefix_block = prefix.block
+            if control:  # failover rebuild: adopt fields with the first message only (peer/rebuild.py)
+                message.rebuild_start, message.rebuild_end = control["rebuild_start"], control["rebuild_end"]
+                if "adopt_session" in control and offset == 0:
+                    message.adopt_session, message.adopt_length = control["adopt_session"], control["adopt_length"]
+                    message.adopt_tags.extend(control["adopt_tags"])
+                self._rebuilding.add((session_id, seq))
             if crypto is not None:
                 message = crypto.seal_step(message)
             future = self._loop.create_future()
@@ -436,7 +504,9 @@ class PeerChainClient:
             elif now - progress_at >= t.step_timeout_s and busy:
                 raise HopError(busy[0], grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"stuck: a step in flight and nothing served for {now - progress_at:.0f} s")
-            elif not busy:
+            elif not busy and not (self.privacy.onion and len(route) > 2 and now - progress_at < t.step_timeout_s):
+                # (under onion the middle hops are not probed: the step may be running there, so "lost" waits for
+                # step_timeout_s without progress; a stopped middle hop is found by its predecessor's keepalive)
                 raise HopError("", grpc.StatusCode.DEADLINE_EXCEEDED,
                                "step lost: every hop answers, none holds it or served anything since")
             if now - began >= MAX_WAIT_STEPS * t.step_timeout_s:
@@ -453,6 +523,8 @@ class PeerChainClient:
     async def _probe(self, route: Sequence[HopSpec],
                      timeout: float) -> tuple[dict[str, pb.InfoReply], HopError | None]:
         """Info to every hop at once: their replies, and the first hop (route order) that did not answer."""
+        if self.privacy.onion and len(route) > 2:  # the coordinator's neighbours only (peer/onion_control.py)
+            route = [route[0], route[-1]]
         addresses = list(dict.fromkeys(h.address for h in route))
         began = time.monotonic()
         replies = await asyncio.gather(*(self._info(a, timeout) for a in addresses), return_exceptions=True)
@@ -534,18 +606,22 @@ class PeerChainClient:
         return current
 
     def _resolve(self, result: pb.Result) -> None:
-        future = self._pending.pop((result.session_id, result.seq), None)
+        future = self._pending.get((result.session_id, result.seq))
         if future is None or future.done():
             return  # late or duplicate report for a step already settled
         crypto = self._crypto.get(result.session_id)
+        if crypto is not None and not self._authentic(crypto, result):
+            return  # anyone can reach the reply address: a forgery blames no hop (a real failure is found by probes)
+        self._pending.pop((result.session_id, result.seq), None)
+        rebuild = (result.session_id, result.seq) in self._rebuilding
+        if crypto is not None and result.control_replies:  # onion control: the sender opens the replies
+            future.set_result(result)
+            return
         if crypto is not None and result.WhichOneof("outcome") != "failure":
             last = crypto.route[-1].address
             try:
-                if not result.sealed:
-                    raise CryptoError("unsealed result on an encrypted session")
-                result = crypto.open_result(result)
-                if self.privacy.dp and result.WhichOneof("outcome") != "failure":
-                    self._audit_dp(crypto, result)
+                if self.privacy.dp and result.WhichOneof("outcome") != "failure" and not rebuild:
+                    self._audit_dp(crypto, result)  # a rebuild re-pushes recorded activations: nothing to audit
             except CryptoError as exc:
                 self.crypto_rejections[exc.reason] += 1
                 index = getattr(exc, "hop_index", None)
@@ -560,7 +636,7 @@ class PeerChainClient:
             return
         logits = decode_tensor(result.logits, max_bytes=MAX_MESSAGE_BYTES) if result.HasField("logits") else None
         hidden = None
-        if self._samples_here:
+        if self._samples_here and not (rebuild and result.token == -1):
             if not result.HasField("hidden"):
                 future.set_exception(HopError(result.last_hop, grpc.StatusCode.DATA_LOSS,
                                               "the last hop sampled instead of returning hidden states"))
@@ -578,11 +654,34 @@ class PeerChainClient:
             )
         )
 
+    def _authentic(self, crypto: CoordinatorRoute, result: pb.Result) -> bool:
+        """A failure tagged by a hop of the route, or a result sealed by the last hop (opened in place).
+
+        Anything else is counted and ignored: it may come from anyone who learned (session id, seq)."""
+        if result.WhichOneof("outcome") == "failure":
+            if failure_is_authentic(crypto.crypto.route.hop_keys, result):
+                return True
+            reason = FORGED_FAILURE
+        else:
+            try:
+                if not result.sealed:
+                    raise CryptoError("unsealed result on an encrypted session")
+                result.CopyFrom(crypto.open_result(result))
+                return True
+            except CryptoError:
+                reason = FORGED_RESULT
+        self.crypto_rejections[reason] += 1
+        log.warning("ignored a result for %s/%d that its route did not authenticate (%s)", result.session_id,
+                    result.seq, reason)
+        return False
+
     def _audit_dp(self, crypto: CoordinatorRoute, result: pb.Result) -> None:
         """Every hop that pushed hidden states noised them as configured (crypto/dp_wire.py)."""
         keys = [crypto.crypto.audit_key(i) for i in range(len(crypto.route) - 1)]
         params = DPParams(self.privacy.dp_sigma, self.privacy.dp_clip)
         self.dp_audits += audit_records(list(result.dp_records), keys, params, result.session_id, result.seq)
+        every = [*keys, crypto.crypto.audit_key(len(crypto.route) - 1)]  # each receiver's digest of what it got
+        audit_delivery(list(result.dp_records), list(result.dp_received), every, result.session_id, result.seq)
 
     def _fail_session(self, session_id: str, error: HopError) -> None:
         for (sid, _seq), future in list(self._pending.items()):
@@ -620,8 +719,12 @@ class PeerChainClient:
 
     async def _truncate(self, session_id: str, length: int, route: tuple[HopSpec, ...]) -> None:
         """Every hop at once (one round trip, not one per hop); the first refusal in route order is raised."""
-        request = pb.TruncateRequest(session_id=session_id, length=length)
-        calls = [pb_grpc.PeerStub(self._pool.get(hop.address)).Truncate(request, timeout=self.tunables.unary_timeout_s)
+        if self.privacy.onion:  # along the onion: no direct call to a middle hop (peer/onion_control.py)
+            return await onion_control.truncate(self, session_id, length, self.tunables.unary_timeout_s)
+        crypto = self._crypto.get(session_id)
+        calls = [pb_grpc.PeerStub(self._pool.get(hop.address)).Truncate(
+                     sign_for(crypto, hop.address, pb.TruncateRequest(session_id=session_id, length=length)),
+                     timeout=self.tunables.unary_timeout_s)
                  for hop in route]
         outcomes = await asyncio.gather(*calls, return_exceptions=True)
         for hop, outcome in zip(route, outcomes, strict=True):
@@ -631,10 +734,17 @@ class PeerChainClient:
                 raise outcome
 
     async def _close(self, session_id: str, route: tuple[HopSpec, ...]) -> None:
-        self._crypto.pop(session_id, None)
+        if self.privacy.onion:  # along the onion, collecting each hop's own receipt (peer/onion_control.py)
+            await onion_control.close(self, session_id, self.tunables.unary_timeout_s)
+            self._crypto.pop(session_id, None)
+            for key in [k for k in self._streams if k[0] == session_id]:
+                await self._streams.pop(key).close()
+            return
+        crypto = self._crypto.pop(session_id, None)
         for key in [k for k in self._streams if k[0] == session_id]:
             await self._streams.pop(key).close()
         for hop in route:
             stub = pb_grpc.PeerStub(self._pool.get(hop.address))
+            request = sign_for(crypto, hop.address, pb.CloseRequest(session_id=session_id))  # session_auth.py
             with contextlib.suppress(grpc.aio.AioRpcError):  # a dead hop holds no session worth closing
-                await stub.CloseSession(pb.CloseRequest(session_id=session_id), timeout=self.tunables.unary_timeout_s)
+                await stub.CloseSession(request, timeout=self.tunables.unary_timeout_s)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import hmac
 import logging
 import signal
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,10 +31,11 @@ import grpc
 import torch
 
 from openhydra.crypto.dp import DPParams
-from openhydra.crypto.dp_wire import seal_record
+from openhydra.crypto.dp_wire import seal_received, seal_record
 from openhydra.crypto.errors import CryptoError
 from openhydra.crypto.keys import StaticKeyPair
 from openhydra.metrics import METRICS
+from openhydra.peer import onion_control
 from openhydra.peer.errors import status_code
 from openhydra.peer.messages import StepHeader, parse_step
 from openhydra.peer.outbound import (
@@ -52,6 +55,8 @@ from openhydra.peer.privacy import (
 )
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
+from openhydra.peer.rebuild import DEFAULT_RETAIN_BYTES, Retained, Role, adopt_tag, role
+from openhydra.peer.session_auth import authorize_control, sign_failure
 from openhydra.peer.wire import FLOAT_DTYPES, TORCH_TO_WIRE, WireError, decode_tensor, encode_tensor
 from openhydra.runtime.prefix_cache import PrefixKey
 from openhydra.runtime.sampling import sample
@@ -81,10 +86,15 @@ class PeerService(pb_grpc.PeerServicer):
         require_encryption: bool = False,
         swarm_token: str | None = None,
         settlement: Any = None,
+        retain_bytes: int = DEFAULT_RETAIN_BYTES,
     ) -> None:
         self.runtime = runtime
+        self.retained = Retained(retain_bytes if not runtime.is_last else 0)  # pushed activations (peer/rebuild.py)
+        self._busy: Counter[str] = Counter()  # steps in flight per session (an adopted session must be idle)
+        self._drained: dict[str, asyncio.Event] = {}  # sessions an adoption waits on, set when idle
         self.settlement = settlement  # economy.peer_settlement.PeerSettlement: records and signs what it served
         self.privacy = PeerPrivacy(static_key or StaticKeyPair.generate(), require_encryption)
+        self.privacy.admission.is_live = lambda sid: runtime.session_length(sid) > 0  # never evicted for newcomers
         self._upstream: dict[str, Inbound] = {}  # onion sessions -> their inbound stream, for failures
         self.inline_max_positions = inline_max_positions
         self._inline_ok = True  # False once small steps took longer than INLINE_MAX_S three times in a row
@@ -125,7 +135,7 @@ class PeerService(pb_grpc.PeerServicer):
             state = None
             try:
                 if step.sealed or step.onion:
-                    step, state = self.privacy.open_step(step)
+                    step, state = self.privacy.open_step(step, source=context.peer())
                 elif self.privacy.require_encryption:
                     self.privacy.rejections["plaintext"] += 1
                     raise CryptoError("this peer requires encrypted steps")
@@ -137,22 +147,36 @@ class PeerService(pb_grpc.PeerServicer):
             if state is not None and not step.reply_to and step.session_id not in self._upstream:
                 inbound.watch()  # onion: failures downstream must come back up this stream
                 self._upstream[step.session_id] = inbound
+            if state is not None and step.control:  # close/truncate along the onion (peer/onion_control.py)
+                await onion_control.handle(self, step, state)
+                continue
             try:
                 header = parse_step(with_onion_route(step, state, self.address, self.runtime.num_layers))
                 header.check_for(self.runtime.start, self.runtime.end, self.runtime.num_layers)
                 if not header.reply_to and state is None:
                     raise ValueError("invalid step: reply_to is empty")
-                tensor = self._decode_input(header, step.tensor)
+                marker = step.rebuild_end > 0 and step.tensor.dtype == pb.DTYPE_UNSPECIFIED  # peer/rebuild.py
+                tensor = None if marker else self._decode_input(header, step.tensor)
                 _prefix_key(step)  # malformed prefix hashes are refused here too, before the runtime
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.address}: {exc}")
+            if state is not None and step.dp_sigma > 0 and tensor is not None and state.index > 0:
+                step.dp_received.append(seal_received(state.session.layer.keys.audit_key, step.session_id,
+                                                      state.index, step.seq, tensor))  # crypto/dp_wire.py
             steps += 1
-            await self._process(header, step, tensor, state)
+            if step.adopt_session and not await self._adopt(header, step, state):
+                continue
+            if step.rebuild_end:
+                await self._rebuild_step(header, step, tensor, state)
+            else:
+                await self._process(header, step, tensor, state)
         return pb.ForwardSummary(steps=steps)
 
     async def CloseSession(self, request: pb.CloseRequest, context) -> pb.CloseReply:
+        await authorize_control(self.privacy, self.runtime, self.address, request, context)  # PERMISSION_DENIED
         existed = self.runtime.session_length(request.session_id) > 0
         self.runtime.close_session(request.session_id)
+        self.retained.drop(request.session_id)
         self.privacy.drop(request.session_id)
         self._upstream.pop(request.session_id, None)
         for key in [k for k in self._streams if k[1] == request.session_id]:
@@ -160,6 +184,7 @@ class PeerService(pb_grpc.PeerServicer):
         return pb.CloseReply(existed=existed)
 
     async def Truncate(self, request: pb.TruncateRequest, context: grpc.aio.ServicerContext) -> pb.TruncateReply:
+        await authorize_control(self.privacy, self.runtime, self.address, request, context)  # PERMISSION_DENIED
         try:
             self.runtime.truncate_session(request.session_id, int(request.length))
         except NotImplementedError as exc:
@@ -220,6 +245,7 @@ class PeerService(pb_grpc.PeerServicer):
             return
         loop = asyncio.get_running_loop()
         self._in_flight += 1
+        self._busy[header.session_id] += 1
         METRICS.peer_in_flight.inc()
         began = time.perf_counter()
         try:
@@ -249,6 +275,7 @@ class PeerService(pb_grpc.PeerServicer):
             return
         finally:
             self._in_flight -= 1
+            self._settled(header.session_id)
             METRICS.peer_in_flight.dec()
         self._served += 1
         METRICS.peer_step(header.num_positions, time.perf_counter() - began)
@@ -257,6 +284,7 @@ class PeerService(pb_grpc.PeerServicer):
         if isinstance(out, pb.Result):
             if state is not None and step.dp_records:  # upstream hops' DP audit records go to the coordinator
                 out.dp_records.extend(step.dp_records)
+                out.dp_received.extend(step.dp_received)
             await self._deliver(header, out if state is None else self.privacy.seal_result(state, out))
         else:
             await self._push(header, step, out, state)
@@ -313,22 +341,30 @@ class PeerService(pb_grpc.PeerServicer):
         noisy, record = state.session.noise(hidden, DPParams(step.dp_sigma, step.dp_clip), step.seq)
         return noisy, seal_record(state.session.layer.keys.audit_key, record)
 
-    async def _push(self, header: StepHeader, step: pb.Step, hidden: torch.Tensor, state: HopState | None) -> None:
+    async def _push(self, header: StepHeader, step: pb.Step, hidden: torch.Tensor | None, state: HopState | None,
+                    wire: pb.Tensor | None = None) -> None:
+        """Send this hop's output on: ``hidden`` (noised if asked, encoded and retained for a failover rebuild),
+        or an already encoded ``wire`` tensor (a rebuild's re-push or empty marker, peer/rebuild.py)."""
         nxt = header.route[1]
         records = list(step.dp_records)
-        if state is not None and step.dp_sigma > 0:
-            try:
-                hidden, record = self._dp_noise(state, hidden, step)
-            except ValueError as exc:
-                await self._fail(header, self.address, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-                return
-            records.append(record)
+        if step.rebuild_end and self.runtime.end >= step.rebuild_end:
+            wire = pb.Tensor()  # rebuilt up to here: the hops after this one hold these positions already
+        if wire is None:
+            if state is not None and step.dp_sigma > 0:
+                try:
+                    hidden, record = self._dp_noise(state, hidden, step)
+                except ValueError as exc:
+                    await self._fail(header, self.address, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                    return
+                records.append(record)
+            wire = encode_tensor(hidden, header.forward_codec)  # [S, D]
+            self.retained.keep(step.session_id, step.start_position, step.num_positions, wire)
         message = pb.Step(
             session_id=step.session_id,
             seq=step.seq,
             start_position=step.start_position,
             num_positions=step.num_positions,
-            tensor=encode_tensor(hidden, header.forward_codec),  # [S, D]
+            tensor=wire,
             route=list(step.route)[1:],
             onion=step.onion,
             sampling=step.sampling,
@@ -338,6 +374,12 @@ class PeerService(pb_grpc.PeerServicer):
             dp_sigma=step.dp_sigma,
             dp_clip=step.dp_clip,
             dp_records=records,
+            dp_received=step.dp_received,
+            adopt_session=step.adopt_session,
+            adopt_length=step.adopt_length,
+            adopt_tags=step.adopt_tags,
+            rebuild_start=step.rebuild_start,
+            rebuild_end=step.rebuild_end,
         )
         if step.prefix_hashes:  # prefix cache: every hop seeds and stores the same prompt blocks
             message.prefix_hashes.extend(step.prefix_hashes)
@@ -349,6 +391,94 @@ class PeerService(pb_grpc.PeerServicer):
             await stream.send(message, context=header)
         except StreamBroken as exc:
             await self._on_forward_broken(nxt.address, exc.code, exc.details, header)
+
+    # ---- failover rebuild (peer/rebuild.py) ------------------------------------------------------------
+
+    def _settled(self, session_id: str) -> None:
+        self._busy[session_id] -= 1
+        if self._busy[session_id] <= 0:
+            del self._busy[session_id]
+            drained = self._drained.pop(session_id, None)
+            if drained is not None:
+                drained.set()
+
+    async def _adopt(self, header: StepHeader, step: pb.Step, state: HopState | None) -> bool:
+        """Take over ``step.adopt_session``'s cache, cropped to ``adopt_length``, as this step's session (the
+        coordinator's new id after a failover elsewhere in the chain). Only the coordinator that ran the old
+        session can ask: it must prove its old per-hop audit key. False (and a Failure sent) if refused."""
+        sid, old, length = header.session_id, step.adopt_session, int(step.adopt_length)
+        rt = self.runtime
+        if rt.session_length(sid) > 0:
+            return True  # adopted with an earlier message of this session
+        with contextlib.suppress(ValueError):  # a bad span is refused by _rebuild_step
+            if step.rebuild_end and role(rt.start, rt.end, step.rebuild_start, step.rebuild_end) is Role.COMPUTE:
+                return True  # the replacement itself starts empty
+        old_state = self.privacy.state(old)
+        if state is not None:
+            tags = list(step.adopt_tags)
+            expected = adopt_tag(old_state.session.layer.keys.audit_key, sid, old, length) if old_state else b""
+            if not expected or state.index >= len(tags) or not hmac.compare_digest(tags[state.index], expected):
+                self.privacy.rejections["adopt"] += 1
+                await self._fail(header, self.address, grpc.StatusCode.PERMISSION_DENIED,
+                                 "adopting a session needs the old session's key")
+                return False
+        elif old_state is not None or self.privacy.require_encryption:
+            self.privacy.rejections["adopt"] += 1
+            await self._fail(header, self.address, grpc.StatusCode.PERMISSION_DENIED,
+                             "an encrypted session can only be adopted by an encrypted one")
+            return False
+        if self._busy.get(old):  # a step of the old session still running here: let it settle first
+            drained = self._drained.setdefault(old, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(drained.wait(), timeout=5.0)
+        adopt = getattr(self.runtime, "adopt_session", None)
+        try:
+            if adopt is None or self._busy.get(old):
+                raise ValueError("this backend cannot move sessions" if adopt is None else "the old session is busy")
+            adopt(old, sid, length)
+        except (KeyError, ValueError, NotImplementedError) as exc:
+            await self._fail(header, self.address, grpc.StatusCode.FAILED_PRECONDITION, f"cannot adopt: {exc}")
+            return False
+        self.retained.rename(old, sid, length)
+        self.privacy.drop(old)
+        self._upstream.pop(old, None)
+        for key in [k for k in self._streams if k[1] == old]:
+            await self._streams.pop(key).close()
+        return True
+
+    async def _rebuild_step(self, header: StepHeader, step: pb.Step, tensor: torch.Tensor | None,
+                            state: HopState | None) -> None:
+        """One rebuild message: compute if this hop is (part of) the replacement, else re-push what it retained
+        (the hop just before it) or pass an empty marker on; the last hop answers every message."""
+        rt = self.runtime
+        try:
+            part = role(rt.start, rt.end, step.rebuild_start, step.rebuild_end)
+            if part is Role.COMPUTE and tensor is None:
+                raise ValueError("a rebuild message reached the replacement span without activations")
+        except ValueError as exc:
+            await self._fail(header, self.address, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return
+        if part is Role.COMPUTE:
+            await self._process(header, step, tensor, state)
+            return
+        end = header.start_position + header.num_positions
+        held = rt.session_length(header.session_id)
+        if held < end:
+            await self._fail(header, self.address, grpc.StatusCode.FAILED_PRECONDITION,
+                             f"rebuild: this hop holds {held} positions, the message ends at {end}")
+            return
+        if rt.is_last:
+            result = pb.Result(session_id=header.session_id, seq=header.seq, token=-1, last_hop=self.address)
+            await self._deliver(header, result if state is None else self.privacy.seal_result(state, result))
+            return
+        wire = pb.Tensor()
+        if part is Role.FEED:
+            wire = self.retained.get(header.session_id, header.start_position, header.num_positions)
+            if wire is None:
+                await self._fail(header, self.address, grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"rebuild: no retained activations for positions [{header.start_position},{end})")
+                return
+        await self._push(header, step, None, state, wire)
 
     async def _deliver(self, header: StepHeader, result: pb.Result) -> None:
         stream = self._stream("deliver", header.session_id, header.reply_to)
@@ -376,7 +506,10 @@ class PeerService(pb_grpc.PeerServicer):
             if 0 <= offset < len(header.route):
                 hop = header.route[offset].address
         failure = pb.Failure(hop_address=hop, code=code.value[0], message=message, expected_position=expected)
-        await self._deliver(header, pb.Result(session_id=header.session_id, seq=header.seq, failure=failure))
+        result = pb.Result(session_id=header.session_id, seq=header.seq, failure=failure)
+        if (keyed := self.privacy.state(header.session_id)) is not None:  # believed only if tagged (session_auth.py)
+            sign_failure(keyed.session.layer.keys, keyed.index, result)
+        await self._deliver(header, result)
 
     async def _on_forward_broken(self, address: str, code: grpc.StatusCode, details: str, header: Any) -> None:
         if isinstance(header, StepHeader):

@@ -63,6 +63,10 @@ class _Session:
     feeds: list[_Feed] = field(default_factory=list)
     position: int = 0
     needs_replay: bool = False
+    first_sent: tuple[int, object] | None = None
+    """(skip, prefix key) of the first step as sent, when it reused cached prompt blocks (router/prefix_plan.py)."""
+    lost: tuple[str, Chain] | None = None
+    """The peer session and chain a hop failure ended: its surviving hops may be adopted by a rebuild."""
 
 
 def _route_of(chain: Chain) -> list[HopSpec]:
@@ -296,6 +300,7 @@ class SwarmPipeline:
                                            route=route, **extras)
 
         def send(skip: int, key):
+            session.first_sent = (skip, key) if skip else None
             return self.client.step_result(session.peer_session, token_ids[skip:], skip, sampling, step,
                                            route=route, prefix=key)
 
@@ -328,22 +333,82 @@ class SwarmPipeline:
         METRICS.hop_errors.labels(error.code.name).inc()
         if self.on_failover:
             self.on_failover(self.model_id, failed)
-        self._restart_session(session)
+        self._restart_session(session, keep=record is not None)
         return failed
 
-    def _restart_session(self, session: _Session) -> None:
-        """A fresh peer session (replayed before its next step); the old one is freed on its hops (best effort)."""
+    def _restart_session(self, session: _Session, keep: bool = False) -> None:
+        """A fresh peer session (replayed before its next step). The old one is freed on its hops (best effort),
+        unless ``keep``: then its surviving hops may hand their caches to the new one (see _rebuild)."""
+        if session.lost is not None:
+            self._forget_lost(session)
         if session.chain is not None:
-            old = (session.peer_session, _route_of(session.chain))
-            threading.Thread(target=self._close_quietly, args=old, daemon=True).start()
+            if keep and session.feeds:
+                session.lost = (session.peer_session, session.chain)
+            else:
+                old = (session.peer_session, _route_of(session.chain))
+                threading.Thread(target=self._close_quietly, args=old, daemon=True).start()
         session.peer_session = uuid.uuid4().hex
         session.needs_replay = bool(session.feeds)
+
+    def _forget_lost(self, session: _Session) -> None:
+        if session.lost is not None:
+            old = (session.lost[0], _route_of(session.lost[1]))
+            session.lost = None
+            threading.Thread(target=self._close_quietly, args=old, daemon=True).start()
+
+    def _rebuild(self, session: _Session, route: Sequence[HopSpec]) -> bool:
+        """Replace only the failed span (peer/rebuild.py): hops the old and new chains share before and after it
+        keep their caches (adopted under the new peer session, cropped to the committed positions) and only the
+        replacement computes the history, from activations its predecessor retained. False: not possible (nothing
+        survives, the client cannot, or a hop refused); the caller replays in full on a fresh peer session."""
+        if session.lost is None or not hasattr(self.client, "rebuild"):
+            return False
+        old_session, old_chain = session.lost
+        old_route, new_route = _route_of(old_chain), list(route)
+        shared = min(len(old_route), len(new_route))
+        head = next((i for i in range(shared) if old_route[i] != new_route[i]), shared)
+        tail = next((i for i in range(shared - head) if old_route[-1 - i] != new_route[-1 - i]), shared - head)
+        if head + tail == 0 or head + tail >= len(new_route):
+            return False  # every hop changed, or none did (a lost step): nothing to keep or nothing to rebuild
+        span = (new_route[head].start, new_route[len(new_route) - tail - 1].end)
+        feeds = [(f.tokens, f.start, f.sampling, f.step) for f in session.feeds]
+        prefix = None
+        if session.first_sent is not None and feeds[0][1] == 0 and len(feeds[0][0]) > session.first_sent[0]:
+            # the first step reused cached prompt blocks: resend it as sent (the retained messages match it), the
+            # replacement seeds the same blocks from its own prefix cache or refuses (then: a full replay)
+            skip, prefix = session.first_sent
+            feeds[0] = (feeds[0][0][skip:], skip, *feeds[0][2:])
+        try:
+            results = self.client.rebuild(session.peer_session, old_session, feeds, new_route, span,
+                                          session.position, prefix=prefix)
+        except HopError as error:
+            METRICS.rebuild_fallbacks.inc()
+            log.warning("rebuilding layers [%d,%d) failed (%s); replaying the whole history", *span, error)
+            self._forget_lost(session)
+            self._restart_session(session)
+            return False
+        METRICS.rebuilds.inc()
+        for feed, result in zip(session.feeds, results, strict=True):
+            if feed.token_out is not None and result.token >= 0 and result.token != feed.token_out:
+                self.replay_mismatches += 1
+                METRICS.replay_mismatches.inc()
+                log.warning("rebuild of step %d sampled %d, first run sampled %d", feed.step, result.token,
+                            feed.token_out)
+        log.info("rebuilt layers [%d,%d) of %d positions; %d hops kept their caches", *span, session.position,
+                 head + tail)
+        return True
 
     def _replay(self, session: _Session, route: Sequence[HopSpec]) -> None:
         """Rebuild every hop's cache on the new chain exactly as it was built the first time (pipelined when
         the client can: every step sent before the first result is awaited)."""
         METRICS.replays.inc()
         METRICS.replayed_steps.inc(len(session.feeds))
+        try:
+            if self._rebuild(session, route):
+                session.needs_replay = False
+                return
+        finally:
+            self._forget_lost(session)  # adopted (or not): the old session id is done everywhere
         if hasattr(self.client, "replay"):
             results = self.client.replay(session.peer_session,
                                          [(f.tokens, f.start, f.sampling, f.step) for f in session.feeds], route)
@@ -367,6 +432,8 @@ class SwarmPipeline:
     def close(self, session_id: str) -> None:
         with self._lock:
             session = self._sessions.pop(session_id, None)
+        if session is not None:
+            self._forget_lost(session)
         if session is not None and session.chain is not None:
             self._close_quietly(session.peer_session, _route_of(session.chain))
             if self.on_session_end is not None and session.position > 0 and not session.needs_replay:

@@ -91,6 +91,34 @@ class SessionStore:
             crop(session)
             session.length = length
 
+    def rename(
+        self, old_id: str, new_id: str, length: int, crop: Callable[[Session], None],
+        check: Callable[[Session], None] | None = None,
+    ) -> None:
+        """Move ``old_id``'s state to ``new_id``, cropped to ``length`` positions (failover rebuild: the surviving
+        hops keep their caches under the coordinator's new session id). KeyError if ``old_id`` is unknown;
+        ValueError if ``new_id`` exists or ``length`` exceeds what the session holds; ``check`` may refuse."""
+        session = self.get(old_id)
+        if session is None:
+            raise KeyError(f"session {old_id!r} is not held here")
+        with session.lock:
+            if not 0 < length <= session.length:
+                raise ValueError(f"session {old_id!r}: cannot keep {length} positions, it holds {session.length}")
+            if length < session.length:
+                if check is not None:
+                    check(session)
+                crop(session)
+                session.length = length
+            with self._lock:
+                if new_id in self._sessions:
+                    raise ValueError(f"session {new_id!r} exists already")
+                if self._sessions.get(old_id) is not session:
+                    raise KeyError(f"session {old_id!r} was evicted meanwhile")
+                del self._sessions[old_id]
+                session.session_id = new_id
+                session.last_used = self._clock()
+                self._sessions[new_id] = session
+
     def drop(self, session_id: str) -> None:
         with self._lock:
             self._sessions.pop(session_id, None)

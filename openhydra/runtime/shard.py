@@ -10,6 +10,7 @@ other peer networks' greedy decoding non-deterministic, so it raises :class:`Pos
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -119,7 +120,14 @@ class ShardRuntime:
 
     def truncate_session(self, session_id: str, length: int) -> None:
         """Crop the session's caches to ``length`` positions (speculative-decoding rollback)."""
+        self._sessions.truncate(session_id, length, self._cropper(length), self._crop_check(length))
 
+    def adopt_session(self, old_id: str, new_id: str, length: int) -> None:
+        """Failover rebuild (peer/rebuild.py): ``old_id``'s cache, cropped to ``length``, becomes ``new_id``'s.
+        KeyError if ``old_id`` is unknown; ValueError/NotImplementedError if it cannot be cropped or moved."""
+        self._sessions.rename(old_id, new_id, length, self._cropper(length), self._crop_check(length))
+
+    def _crop_check(self, length: int) -> Callable[[Session], None]:
         def check(session: Session) -> None:
             if self.is_recurrent:
                 raise NotImplementedError(
@@ -131,10 +139,14 @@ class ShardRuntime:
             if self.compaction is not None:
                 self.compaction.check_truncate(session, length)
 
+        return check
+
+    @staticmethod
+    def _cropper(length: int) -> Callable[[Session], None]:
         def crop(session: Session) -> None:
             session.cache.crop(length - session.length)  # negative: number of positions to drop
 
-        self._sessions.truncate(session_id, length, crop, check)
+        return crop
 
     # ---- compute --------------------------------------------------------------------------------
 
