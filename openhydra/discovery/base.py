@@ -2,14 +2,21 @@
 
 All methods are coroutines and every network call has a deadline (``timeout_s``). Lookups return
 live, valid records only: each backend parses records strictly, drops the invalid ones (counted in
-``rejected``), and applies the injected verifier (the security layer's signature check), if any.
+``rejected``), checks that each record was written by the owner of its peer id (ownership.py: a valid
+signature by the key the peer id is derived from; unsigned plain names only with
+``allow_unsigned_names``), and applies the injected verifier (the security layer's checks), if any.
+
+Withdrawals are signed by the identity handed to :meth:`Discovery.set_identity` (the node's key): a
+server or DHT node refuses a withdrawal of a key-derived peer id that its owner did not sign.
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from typing import Any
 
+from openhydra.discovery.ownership import RecordRefused, Withdrawal, check_announcement, sign_withdrawal
 from openhydra.discovery.records import PeerAnnouncement, RecordVerifier, freshest
 
 logger = logging.getLogger(__name__)
@@ -29,6 +36,7 @@ class Discovery(ABC):
         ttl_s: float = 180.0,
         timeout_s: float = 5.0,
         verifier: RecordVerifier | None = None,
+        allow_unsigned_names: bool = False,
     ) -> None:
         if announce_interval_s <= 0 or ttl_s <= 0 or timeout_s <= 0:
             raise ValueError(
@@ -38,11 +46,32 @@ class Discovery(ABC):
         self.ttl_s = ttl_s  # seconds a record lives without a refresh
         self.timeout_s = timeout_s  # deadline of one network call, seconds
         self.verifier = verifier
-        self.rejected = 0  # records dropped by parsing or the verifier
+        # Also use unsigned records under plain names (privacy=off development swarms); key-derived peer ids
+        # are always checked against their key.
+        self.allow_unsigned_names = allow_unsigned_names
+        self.identity: Any = None  # crypto.identity.Identity that signs withdrawals of its own records
+        self.rejected = 0  # records dropped by parsing, ownership checks or the verifier
+        self.refused: dict[str, int] = {}  # records dropped by ownership checks, by reason (ownership.REASONS)
         self._announced: dict[str, PeerAnnouncement] = {}  # own records by peer id, for withdraw
 
     def set_verifier(self, verifier: RecordVerifier | None) -> None:
         self.verifier = verifier
+
+    def set_identity(self, identity: Any) -> None:
+        """The key that signs withdrawals of this node's records (records themselves come signed)."""
+        self.identity = identity
+
+    def set_allow_unsigned_names(self, allow: bool) -> None:
+        self.allow_unsigned_names = allow
+
+    def withdrawal_for(self, record: PeerAnnouncement, withdrawn_at: float, expires_at: float) -> Withdrawal:
+        """The withdrawal of ``record``: signed when this node holds the key of its peer id, unsigned
+        otherwise (accepted only for plain names by permissive servers)."""
+        identity = self.identity
+        if identity is not None and getattr(identity, "peer_id", None) == record.peer_id:
+            return sign_withdrawal(identity, record.model_id, withdrawn_at, expires_at)
+        return Withdrawal(peer_id=record.peer_id, model_id=record.model_id, withdrawn_at=float(withdrawn_at),
+                          expires_at=float(expires_at))
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect (idempotent)."""
@@ -66,7 +95,18 @@ class Discovery(ABC):
             await self._withdraw(record)
 
     def keep_valid(self, records: list[PeerAnnouncement]) -> list[PeerAnnouncement]:
-        """Apply the verifier and keep one record per peer."""
+        """Drop records not written by their peer id's owner, apply the verifier, keep one record per peer."""
+        owned = []
+        for r in records:
+            try:
+                check_announcement(r, allow_unsigned_names=self.allow_unsigned_names)
+            except RecordRefused as exc:
+                self.rejected += 1
+                self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+                logger.warning("dropping record of %s: %s", r.peer_id, exc)
+                continue
+            owned.append(r)
+        records = owned
         if self.verifier is not None:
             kept = []
             for r in records:

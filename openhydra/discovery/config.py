@@ -69,6 +69,9 @@ class DiscoveryConfig(BaseModel):
     announce_interval_s: float = Field(default=60.0, gt=0)  # seconds between re-announcements
     ttl_s: float = Field(default=180.0, gt=0)  # seconds a record lives without refresh
     timeout_s: float = Field(default=5.0, gt=0)  # deadline of one discovery call, seconds
+    # Use unsigned records under plain peer names (privacy=off swarms with node.peer_id). Key-derived peer ids
+    # are always checked against their key. A node announcing under a plain name turns this on for itself.
+    allow_unsigned_names: bool = False
     http: HttpSettings = Field(default_factory=HttpSettings)
     kademlia: KademliaSettings = Field(default_factory=KademliaSettings)
 
@@ -96,6 +99,7 @@ class DiscoveryConfig(BaseModel):
         )
         if self.mode == "off":
             return NullDiscovery(**timing)
+        timing["allow_unsigned_names"] = self.allow_unsigned_names
         http = HttpDiscovery(self.http.urls, **timing)
         kademlia = KademliaDiscovery(**self.kademlia.model_dump(), **timing)
         if self.mode == "http":

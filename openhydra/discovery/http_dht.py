@@ -2,19 +2,24 @@
 
 With several server URLs, announce goes to all of them and lookup merges all answers; a call
 succeeds when at least one server answered. Each request has a deadline (``timeout_s``).
-Records in a lookup answer are parsed one by one: a bad record is dropped, not the whole answer.
+Records in a lookup answer are parsed one by one: a bad record is dropped, not the whole answer; the
+discovery then keeps only records signed by their peer id's owner (base.Discovery.keep_valid), so a
+server that serves forged or unsigned records cannot make this client use them. Withdrawals are sent
+signed (ownership.Withdrawal) in the body of ``DELETE /v1/peers``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 
 import httpx
 from pydantic import ValidationError
 
 from openhydra.discovery.base import Discovery, DiscoveryError
+from openhydra.discovery.ownership import WITHDRAWAL_MAX_AGE_S, Withdrawal
 from openhydra.discovery.records import PeerAnnouncement
 
 logger = logging.getLogger(__name__)
@@ -56,8 +61,15 @@ class HttpDhtClient:
                 records.append(record)
         return records
 
-    async def withdraw(self, model_id: str, peer_id: str) -> bool:
-        resp = await self._request("DELETE", "/v1/peers", params={"model_id": model_id, "peer_id": peer_id})
+    async def withdraw(self, model_id: str, peer_id: str, signed: Withdrawal | None = None) -> bool:
+        """Remove a record: ``signed`` (the owner's signed withdrawal) is required by servers for key-derived
+        peer ids; without it only an unsigned name can be withdrawn, on a server that accepts those."""
+        if signed is not None:
+            if (signed.model_id, signed.peer_id) != (model_id, peer_id):
+                raise ValueError(f"the withdrawal is for {signed.peer_id}/{signed.model_id}, not {peer_id}/{model_id}")
+            resp = await self._request("DELETE", "/v1/peers", json=signed.to_wire())
+        else:
+            resp = await self._request("DELETE", "/v1/peers", params={"model_id": model_id, "peer_id": peer_id})
         return bool(resp.json().get("removed"))
 
     async def health(self) -> dict[str, object]:
@@ -120,4 +132,7 @@ class HttpDiscovery(Discovery):
 
     async def _withdraw(self, record: PeerAnnouncement) -> None:
         await self.start()
-        await self._all([c.withdraw(record.model_id, record.peer_id) for c in self._clients])
+        now = max(time.time(), record.announced_at)  # never older than the record it withdraws
+        signed = self.withdrawal_for(record, now, now + WITHDRAWAL_MAX_AGE_S)
+        signed_or_none = signed if signed.signature is not None else None
+        await self._all([c.withdraw(record.model_id, record.peer_id, signed_or_none) for c in self._clients])

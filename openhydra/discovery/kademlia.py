@@ -5,6 +5,12 @@ subkey ``peer_id`` with ``expiration_time = dht_time + ttl_s``, so a dead peer d
 TTL passes. A lookup fetches the key (``latest=True``) and parses every subkey strictly.
 Kademlia cannot delete: withdraw overwrites the subkey with a tombstone that lookups skip.
 
+Ownership: every node runs :class:`~openhydra.discovery.kademlia_validator.OwnerValidator`, so under a
+key-derived peer id only that peer's signed record or signed tombstone (ownership.Withdrawal) is stored or
+accepted from another node, with a DHT expiration bounded by the signed timestamps (a replayed older
+record cannot outlive a newer one). A record's expiration is its ``announced_at + ttl_s``; a tombstone
+expires just after the record it withdraws. Readers check ownership again (base.Discovery.keep_valid).
+
 The libp2p daemon's network-reaching defaults (NAT port mapping, AutoNAT, relays, IPFS bootstrap)
 are off unless configured: a node on loopback must not reach for the internet (DESIGN §4).
 """
@@ -23,7 +29,11 @@ from openhydra.discovery.records import PeerAnnouncement
 
 logger = logging.getLogger(__name__)
 
-TOMBSTONE = {"withdrawn": True}
+TOMBSTONE = {"withdrawn": True}  # the unsigned tombstone of a plain name; owned peer ids sign theirs
+
+
+def _is_tombstone(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("withdrawn") is True
 
 
 class KademliaDiscovery(Discovery):
@@ -76,8 +86,15 @@ class KademliaDiscovery(Discovery):
             return
         import hivemind  # heavy import (scipy, the p2p daemon): only when this backend is used
 
+        from openhydra.discovery.kademlia_validator import OwnerValidator
+
         def create() -> Any:
-            return hivemind.DHT(initial_peers=self.initial_peers or None, start=True, **self._dht_kwargs)
+            return hivemind.DHT(
+                initial_peers=self.initial_peers or None,
+                start=True,
+                record_validators=[OwnerValidator()],
+                **self._dht_kwargs,
+            )
 
         try:
             self.dht = await asyncio.wait_for(asyncio.to_thread(create), self.start_timeout_s)
@@ -111,9 +128,8 @@ class KademliaDiscovery(Discovery):
             raise DiscoveryError(f"hivemind DHT refused to store {peer_id} under {self.key(model_id)}")
 
     async def _announce(self, record: PeerAnnouncement) -> None:
-        from hivemind.utils.timed_storage import get_dht_time
-
-        expiration = get_dht_time() + record.ttl_s
+        # Bound by the signed fields: validators refuse a record stored to live past announced_at + ttl_s.
+        expiration = record.announced_at + record.ttl_s
         await self._store(record.model_id, record.peer_id, record.to_wire(), expiration)
         self._expirations[record.peer_id] = expiration
 
@@ -121,8 +137,11 @@ class KademliaDiscovery(Discovery):
         from hivemind.utils.timed_storage import get_dht_time
 
         # A subkey's value is replaced only by one with a later expiration: outlive the record.
-        expiration = max(self._expirations.pop(record.peer_id, 0.0), get_dht_time()) + 1.0
-        await self._store(record.model_id, record.peer_id, dict(TOMBSTONE), expiration)
+        now = get_dht_time()
+        expiration = max(self._expirations.pop(record.peer_id, 0.0), now) + 1.0
+        withdrawal = self.withdrawal_for(record, max(now, record.announced_at), expiration)
+        tombstone = withdrawal.to_wire() if withdrawal.signature is not None else dict(TOMBSTONE)
+        await self._store(record.model_id, record.peer_id, tombstone, expiration)
 
     async def _lookup(self, model_id: str) -> list[PeerAnnouncement]:
         dht = self._require()
@@ -132,7 +151,7 @@ class KademliaDiscovery(Discovery):
         records = []
         for subkey, item in found.value.items():
             value = getattr(item, "value", None)
-            if value == TOMBSTONE:
+            if _is_tombstone(value):  # the validator let it in only if its owner signed it (or it is a name)
                 continue
             try:
                 record = PeerAnnouncement.from_wire(value)

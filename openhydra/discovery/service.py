@@ -35,6 +35,7 @@ class NullDiscovery(Discovery):
     (so a lone node still finds itself), until their TTL passes."""
 
     def __init__(self, clock: Callable[[], float] = time.time, **kw: Any) -> None:
+        kw.setdefault("allow_unsigned_names", True)  # nothing crosses a process boundary: no one to forge
         super().__init__(**kw)
         self._clock = clock
         self._records: dict[tuple[str, str], PeerAnnouncement] = {}
@@ -59,6 +60,16 @@ class DualStackDiscovery(Discovery):
         self.kademlia = kademlia
         self.stacks: tuple[Discovery, ...] = (http, kademlia)
         self.failures: dict[str, int] = {"http": 0, "kademlia": 0}
+
+    def set_identity(self, identity: Any) -> None:
+        super().set_identity(identity)
+        for stack in self.stacks:
+            stack.set_identity(identity)
+
+    def set_allow_unsigned_names(self, allow: bool) -> None:
+        super().set_allow_unsigned_names(allow)
+        for stack in self.stacks:
+            stack.set_allow_unsigned_names(allow)
 
     async def start(self) -> None:
         await self._both("start", [s.start() for s in self.stacks])

@@ -4,6 +4,12 @@ Expiry uses the server's own monotonic clock from the moment a record arrives (a
 clock is not trusted for it). The table is bounded: when it is full, expired records are swept,
 and a record from a peer not yet in the table is refused (existing peers may still refresh), so a
 flood of fake peers cannot push real ones out.
+
+Ordering (no rollback): each (model, peer) keeps the ``announced_at`` of its newest record, or the
+``withdrawn_at`` of its withdrawal, as a *floor*, also after the record expires or is withdrawn, for as long
+as an older signed record could still pass the freshness check (its ``announced_at + ttl_s + 60`` s, wall
+clock). A record at or below the floor is refused with :class:`StaleRecord` (the same record posted twice is
+accepted but does not extend its expiry). The floors are bounded like the records.
 """
 
 from __future__ import annotations
@@ -19,6 +25,13 @@ class StoreFull(Exception):
     """The table holds its maximum number of records."""
 
 
+class StaleRecord(Exception):
+    """A record or withdrawal older than what the table already holds for that peer (a replay or rollback)."""
+
+
+FLOOR_SLACK_S = 60.0  # clock skew allowed by the freshness check (ownership.py)
+
+
 @dataclass(frozen=True)
 class StoreLimits:
     max_records: int = 100_000  # records over all models
@@ -28,20 +41,36 @@ class StoreLimits:
 
 
 class AnnouncementStore:
-    def __init__(self, limits: StoreLimits | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        limits: StoreLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ):
         self.limits = limits or StoreLimits()
         self._clock = clock
+        self._wall = wall  # unix time, for floors (they are compared with signed unix timestamps)
         self._models: dict[str, dict[str, tuple[float, PeerAnnouncement]]] = {}
         self._count = 0
+        self._floors: dict[tuple[str, str], tuple[float, float]] = {}  # (model, peer) -> (floor, keep until)
 
     def __len__(self) -> int:
         return self._count
 
     def put(self, record: PeerAnnouncement) -> float:
-        """Store or refresh ``record``; returns seconds until it expires. Raises StoreFull."""
+        """Store or refresh ``record``; returns seconds until it expires. Raises StoreFull or StaleRecord."""
         now = self._clock()
         lim = self.limits
         peers = self._models.get(record.model_id)
+        current = peers.get(record.peer_id) if peers is not None else None
+        if current is not None and current[1] == record:
+            return max(0.0, current[0] - now)  # the same record again: idempotent, no longer life
+        floor = self._floor(record.model_id, record.peer_id)
+        if floor is not None and record.announced_at <= floor:
+            raise StaleRecord(
+                f"record of {record.peer_id} announced at {record.announced_at:.3f} is not newer than "
+                f"{floor:.3f}, which this table already holds"
+            )
         is_new = peers is None or record.peer_id not in peers
         if is_new:
             if self._count >= lim.max_records or (peers is None and len(self._models) >= lim.max_models):
@@ -60,7 +89,43 @@ class AnnouncementStore:
         if record.peer_id not in peers:
             self._count += 1
         peers[record.peer_id] = (now + ttl, record)
+        self._raise_floor(record.model_id, record.peer_id, record.announced_at, record.announced_at + record.ttl_s)
         return ttl
+
+    def withdraw(self, model_id: str, peer_id: str, withdrawn_at: float) -> bool:
+        """Remove the peer's record if it is not newer than ``withdrawn_at``; older records stay refused.
+        Raises StaleRecord when the table holds something newer (a replayed withdrawal)."""
+        floor = self._floor(model_id, peer_id)
+        if floor is not None and withdrawn_at < floor:
+            raise StaleRecord(f"withdrawal of {peer_id} at {withdrawn_at:.3f} is older than its record ({floor:.3f})")
+        peers = self._models.get(model_id) or {}
+        current = peers.get(peer_id)
+        lifetime = current[1].announced_at + current[1].ttl_s if current is not None else withdrawn_at
+        self._raise_floor(model_id, peer_id, withdrawn_at, max(lifetime, withdrawn_at))
+        return self.remove(model_id, peer_id)
+
+    def _floor(self, model_id: str, peer_id: str) -> float | None:
+        entry = self._floors.get((model_id, peer_id))
+        if entry is None:
+            return None
+        if entry[1] + FLOOR_SLACK_S < self._wall():
+            del self._floors[(model_id, peer_id)]
+            return None
+        return entry[0]
+
+    def _raise_floor(self, model_id: str, peer_id: str, floor: float, valid_until: float) -> None:
+        """Remember ``floor`` until no record at or below it can pass the freshness check (``valid_until``)."""
+        key = (model_id, peer_id)
+        old = self._floors.get(key)
+        if old is not None:
+            floor, valid_until = max(floor, old[0]), max(valid_until, old[1])
+        elif len(self._floors) >= 2 * self.limits.max_records:
+            wall = self._wall()
+            for k in [k for k, (_, until) in self._floors.items() if until + FLOOR_SLACK_S < wall]:
+                del self._floors[k]
+            if len(self._floors) >= 2 * self.limits.max_records:  # still full: forget the one ending first
+                del self._floors[min(self._floors, key=lambda k: self._floors[k][1])]
+        self._floors[key] = (floor, valid_until)
 
     def get(self, model_id: str) -> list[PeerAnnouncement]:
         self._sweep_model(model_id, self._clock())

@@ -74,6 +74,6 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def dht_server() -> Iterator[str]:
-    proc, url = start_dht_server("--max-records", "50", "--max-ttl-s", "600")
+    proc, url = start_dht_server("--max-records", "50", "--max-ttl-s", "600", "--allow-unsigned-names")
     yield url
     stop_process(proc)

@@ -33,8 +33,8 @@ def factory(peer: str = "me", **kw):
 def test_record_stays_alive_past_ttl_while_announcing_then_withdrawn(dht_server):
     async def scenario():
         ttl_s = 2.0  # 8 announce intervals: a loaded machine may stall the loop for a while without a lapse
-        d = HttpDiscovery([dht_server], announce_interval_s=0.25, ttl_s=ttl_s, timeout_s=5)
-        reader = HttpDiscovery([dht_server], timeout_s=5)
+        d = HttpDiscovery([dht_server], announce_interval_s=0.25, ttl_s=ttl_s, timeout_s=5, allow_unsigned_names=True)
+        reader = HttpDiscovery([dht_server], timeout_s=5, allow_unsigned_names=True)
         ann = Announcer(d, factory("alive"))
         ann.start()
         try:
@@ -62,7 +62,7 @@ def test_record_stays_alive_past_ttl_while_announcing_then_withdrawn(dht_server)
 def test_dead_peer_disappears_after_ttl_when_announcer_stops_without_withdraw(dht_server):
     async def scenario():
         ttl_s = 2.0
-        d = HttpDiscovery([dht_server], announce_interval_s=0.25, ttl_s=ttl_s, timeout_s=5)
+        d = HttpDiscovery([dht_server], announce_interval_s=0.25, ttl_s=ttl_s, timeout_s=5, allow_unsigned_names=True)
         ann = Announcer(d, factory("dies"))
         ann.start()
         await async_wait_until(lambda: ann.announced >= 2, 30, 0.02, "two announcements")

@@ -42,15 +42,17 @@ def test_announced_spans_assemble_and_a_dead_peer_becomes_a_hole(dht_server):
         announcers = {}
         for peer, (s, e) in spans.items():
             ttl_s, interval_s = (dead_ttl_s, 0.25) if peer == "b" else (live_ttl_s, 1.0)
-            d = HttpDiscovery([dht_server], announce_interval_s=interval_s, ttl_s=ttl_s, timeout_s=5)
+            d = HttpDiscovery(
+                [dht_server], announce_interval_s=interval_s, ttl_s=ttl_s, timeout_s=5, allow_unsigned_names=True
+            )
             announcers[peer] = Announcer(d, factory(peer, s, e))
             announcers[peer].start()
         small = Announcer(
-            HttpDiscovery([dht_server], announce_interval_s=1.0, ttl_s=live_ttl_s),
+            HttpDiscovery([dht_server], announce_interval_s=1.0, ttl_s=live_ttl_s, allow_unsigned_names=True),
             factory("s", 0, 4, model="org/small", total=4),
         )
         small.start()
-        coordinator = HttpDiscovery([dht_server], timeout_s=5)
+        coordinator = HttpDiscovery([dht_server], timeout_s=5, allow_unsigned_names=True)
 
         async def all_three():
             cmap = LayerCoverageMap(await coordinator.lookup(MODEL))
@@ -80,7 +82,9 @@ def test_announced_spans_assemble_and_a_dead_peer_becomes_a_hole(dht_server):
         choice = nearest_covered_model(MODEL, [MODEL, "org/small"], maps)
         assert choice.model_id == "org/small" and "layers [4, 8)" in choice.reason
 
-        await Announcer(HttpDiscovery([dht_server]), factory("full", 0, 12, tps=2.0), ttl_s=30).announce_once()
+        await Announcer(
+            HttpDiscovery([dht_server], allow_unsigned_names=True), factory("full", 0, 12, tps=2.0), ttl_s=30
+        ).announce_once()
         cmap = LayerCoverageMap(await coordinator.lookup(MODEL))
         assert cmap.chain().peer_ids == ["full"]  # the full-model peer covers the hole
         for ann in [*announcers.values(), small]:

@@ -37,7 +37,7 @@ def rec(peer: str, start: int = 0, end: int = 4, model: str = "org/model", ttl: 
 
 def test_announce_lookup_and_ttl_expiry(dht_server):
     async def scenario():
-        d = HttpDiscovery([dht_server], timeout_s=5)
+        d = HttpDiscovery([dht_server], timeout_s=5, allow_unsigned_names=True)
         await d.start()
         await d.announce(rec("long", 4, 8, ttl=60.0))
         await d.announce(rec("other-model", model="org/other"))
@@ -90,7 +90,7 @@ def test_bad_records_get_400_with_error_schema(dht_server):
 
 
 def test_bounded_table_answers_503_and_client_raises():
-    proc, url = start_dht_server("--max-records", "2")
+    proc, url = start_dht_server("--max-records", "2", "--allow-unsigned-names")
     try:
 
         async def scenario():
@@ -110,14 +110,16 @@ def test_bounded_table_answers_503_and_client_raises():
 def test_unreachable_server_fails_within_deadline_and_second_server_answers(dht_server):
     async def scenario():
         dead = "http://127.0.0.1:9"  # discard port: nothing listens, the connection is refused
-        only_dead = HttpDiscovery([dead], timeout_s=1)
+        only_dead = HttpDiscovery([dead], timeout_s=1, allow_unsigned_names=True)
         with pytest.raises(DiscoveryError):
             await only_dead.lookup("org/model")
         # A server that accepts the connection and never answers: only the deadline ends the call.
         with socket.socket() as silent:
             silent.bind(("127.0.0.1", 0))
             silent.listen(8)
-            only_silent = HttpDiscovery([f"http://127.0.0.1:{silent.getsockname()[1]}"], timeout_s=1)
+            only_silent = HttpDiscovery(
+                [f"http://127.0.0.1:{silent.getsockname()[1]}"], timeout_s=1, allow_unsigned_names=True
+            )
             await only_silent.start()
             t0 = time.monotonic()
             with pytest.raises(DiscoveryError, match="Timeout"):
@@ -125,7 +127,9 @@ def test_unreachable_server_fails_within_deadline_and_second_server_answers(dht_
             elapsed = time.monotonic() - t0
             await only_silent.stop()
         assert 0.9 <= elapsed < 30, f"a 1 s deadline ended the call after {elapsed:.2f} s"  # < 30: not a hang
-        both = HttpDiscovery([dead, dht_server], timeout_s=10)  # refused at once; the live one may be slow
+        both = HttpDiscovery(
+            [dead, dht_server], timeout_s=10, allow_unsigned_names=True
+        )  # refused at once; the live one may be slow
         await both.announce(rec("via-both"))
         assert "via-both" in {r.peer_id for r in await both.lookup("org/model")}
         await both.stop()

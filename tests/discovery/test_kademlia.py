@@ -31,10 +31,13 @@ def rec(peer: str, start: int, end: int, ttl: float = 60.0, announced_at: float 
 
 
 async def swarm(n: int) -> list[KademliaDiscovery]:
-    first = KademliaDiscovery(timeout_s=10)
+    first = KademliaDiscovery(timeout_s=10, allow_unsigned_names=True)
     await first.start()
     assert all(m.startswith("/ip4/127.0.0.1/") for m in first.visible_maddrs)
-    rest = [KademliaDiscovery(initial_peers=first.visible_maddrs, timeout_s=10) for _ in range(n - 1)]
+    rest = [
+        KademliaDiscovery(initial_peers=first.visible_maddrs, timeout_s=10, allow_unsigned_names=True)
+        for _ in range(n - 1)
+    ]
     await asyncio.gather(*(d.start() for d in rest))
     return [first, *rest]
 
@@ -96,9 +99,9 @@ def test_bad_and_misfiled_dht_values_are_dropped():
 def test_dual_stack_announces_to_both_and_merges_freshest(dht_server):
     async def scenario():
         k1, k2 = await swarm(2)
-        http = HttpDiscovery([dht_server], timeout_s=5)
-        dual = DualStackDiscovery(http, k1, timeout_s=5)
-        reader_http = HttpDiscovery([dht_server], timeout_s=5)
+        http = HttpDiscovery([dht_server], timeout_s=5, allow_unsigned_names=True)
+        dual = DualStackDiscovery(http, k1, timeout_s=5, allow_unsigned_names=True)
+        reader_http = HttpDiscovery([dht_server], timeout_s=5, allow_unsigned_names=True)
         try:
             await dual.start()
             now = time.time()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from openhydra.discovery.records import PeerAnnouncement
-from openhydra.discovery.store import AnnouncementStore, StoreFull, StoreLimits
+from openhydra.discovery.store import AnnouncementStore, StaleRecord, StoreFull, StoreLimits
 
 
 class Clock:
@@ -15,7 +15,7 @@ class Clock:
         return self.t
 
 
-def rec(peer: str, model: str = "m", ttl: float = 10.0) -> PeerAnnouncement:
+def rec(peer: str, model: str = "m", ttl: float = 10.0, at: float = 1.0) -> PeerAnnouncement:
     return PeerAnnouncement(
         peer_id=peer,
         model_id=model,
@@ -23,7 +23,7 @@ def rec(peer: str, model: str = "m", ttl: float = 10.0) -> PeerAnnouncement:
         end=2,
         total_layers=2,
         grpc_address="127.0.0.1:1",
-        announced_at=1.0,
+        announced_at=at,
         ttl_s=ttl,
     )
 
@@ -37,7 +37,7 @@ def test_ttl_expiry_uses_server_clock_and_refresh_extends():
     assert {r.peer_id for r in store.get("m")} == {"a", "b"}
     clock.t += 2
     assert [r.peer_id for r in store.get("m")] == ["b"] and len(store) == 1
-    store.put(rec("b", ttl=10))
+    store.put(rec("b", ttl=10, at=2.0))  # a newer record refreshes
     clock.t += 9
     assert [r.peer_id for r in store.get("m")] == ["b"]
 
@@ -54,7 +54,7 @@ def test_full_table_refuses_newcomers_but_refreshes_and_sweeps():
     store.put(rec("b", ttl=50))
     with pytest.raises(StoreFull):
         store.put(rec("c"))
-    store.put(rec("a", ttl=5))  # refresh of a known peer is fine
+    store.put(rec("a", ttl=5, at=2.0))  # refresh of a known peer is fine
     clock.t += 6  # a expires: room for c
     store.put(rec("c"))
     assert {r.peer_id for r in store.get("m")} == {"b", "c"}
@@ -72,3 +72,27 @@ def test_per_model_and_model_count_limits_and_remove():
     assert store.remove("m1", "a") and not store.remove("m1", "a")
     store.put(rec("c", model="m3"))
     assert store.models() == {"m2": 1, "m3": 1}
+
+
+def test_older_or_replayed_records_never_replace_newer_ones_even_after_expiry_or_withdraw():
+    clock, wall = Clock(), Clock()
+    wall.t = 1000.0
+    store = AnnouncementStore(clock=clock, wall=wall)
+    store.put(rec("a", ttl=10, at=1000.0))
+    assert store.put(rec("a", ttl=10, at=1000.0)) == 10  # the same record twice: accepted, no longer life
+    store.put(rec("a", ttl=10, at=1001.0))
+    with pytest.raises(StaleRecord):
+        store.put(rec("a", ttl=10, at=1000.0))  # rollback to the older record
+    clock.t += 11  # the record expires from the table; its floor stays while 1000.0 could still verify
+    assert store.get("m") == []
+    with pytest.raises(StaleRecord):
+        store.put(rec("a", ttl=10, at=1000.5))
+    store.put(rec("a", ttl=10, at=1002.0))
+    with pytest.raises(StaleRecord):
+        store.withdraw("m", "a", withdrawn_at=1001.5)  # a withdrawal older than the record: a replay
+    assert store.withdraw("m", "a", withdrawn_at=1003.0)
+    with pytest.raises(StaleRecord):
+        store.put(rec("a", ttl=10, at=1002.0))  # the withdrawn record cannot be posted again
+    store.put(rec("a", ttl=10, at=1004.0))  # a newer announcement brings the peer back
+    wall.t += 80  # past every lifetime (1004 + 10 + 60 s): the floor is forgotten, the table stays bounded
+    store.put(rec("a", ttl=10, at=1.0))
