@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import struct
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,11 +33,11 @@ from openhydra.crypto.records import decode_static_key
 from openhydra.crypto.session import CoordinatorSession, PeerSession
 from openhydra.peer.messages import HopSpec
 from openhydra.peer.proto import peer_pb2 as pb
+from openhydra.peer.session_admission import SessionAdmission, decode_payload, encode_payload, source_of
 
 log = logging.getLogger(__name__)
 MAX_CRYPTO_SESSIONS = 4096
 COORDINATOR_REF_ID = "coordinator"
-_SPAN = struct.Struct(">II")
 _FAILURE = re.compile(r"^openhydra-hop-failure index=(-?\d+) code=(\d+) expected=(-?\d+): (.*)$", re.S)
 
 
@@ -97,6 +97,8 @@ class HopState:
     session: PeerSession
     span: tuple[int, int] | None
     onion_forwarded: bool = False
+    control_counter: int = 0  # last accepted control message counter (peer/session_auth.py)
+    admitted_at: float = 0.0
 
     @property
     def index(self) -> int:
@@ -104,14 +106,12 @@ class HopState:
 
 
 def encode_span(start: int, end: int) -> bytes:
-    return _SPAN.pack(start, end)
+    """A hop's onion payload: its span and the issue time (peer/session_admission.py)."""
+    return encode_payload(start, end)
 
 
 def decode_span(payload: bytes) -> tuple[int, int] | None:
-    if len(payload) != _SPAN.size:
-        return None
-    start, end = _SPAN.unpack(payload)
-    return start, end
+    return decode_payload(payload)[0]
 
 
 @dataclass
@@ -122,31 +122,33 @@ class PeerPrivacy:
     require_encryption: bool = False
     rejections: Counter[str] = field(default_factory=Counter)
     _sessions: OrderedDict[str, HopState] = field(default_factory=OrderedDict)
+    admission: SessionAdmission = field(default_factory=lambda: SessionAdmission(MAX_CRYPTO_SESSIONS))
 
-    def open_step(self, outer: pb.Step) -> tuple[pb.Step, HopState]:
-        """The authenticated inner step, or a :class:`CryptoError` (counted; forward nothing)."""
+    def open_step(self, outer: pb.Step, source: str = "") -> tuple[pb.Step, HopState]:
+        """The authenticated inner step, or a :class:`CryptoError` (counted; forward nothing).
+
+        ``source``: the gRPC peer string of the stream (its IP address bounds what one source may hold)."""
         try:
-            return self._open(outer)
+            return self._open(outer, source_of(source))
         except CryptoError as exc:
             self.rejections[exc.reason] += 1
             raise
 
-    def _open(self, outer: pb.Step) -> tuple[pb.Step, HopState]:
+    def _open(self, outer: pb.Step, source: str) -> tuple[pb.Step, HopState]:
         sid = outer.session_id
         if not 1 <= len(sid.encode()) <= 255:
             raise MalformedMessage("session id must be 1..255 bytes")
         state = self._sessions.get(sid)
+        new = False
         if outer.onion:
             if state is not None:
                 raise MalformedMessage("a second onion for a session that already has one")
-            session = PeerSession(bytes(outer.onion), self.static, sid)
-            state = HopState(session, decode_span(session.layer.payload))
-            self._sessions[sid] = state
-            while len(self._sessions) > MAX_CRYPTO_SESSIONS:
-                self._sessions.popitem(last=False)
+            session = PeerSession(bytes(outer.onion), self.static, sid)  # anyone can build one: proves nothing yet
+            span, issued_ms = decode_payload(session.layer.payload)
+            self.admission.check(sid, issued_ms)  # single use per hop within the onion's lifetime
+            state, new = HopState(session, span), True
         if state is None:
             raise MalformedMessage("sealed step for a session with no onion (its keys were never agreed)")
-        self._sessions.move_to_end(sid)
         opened = state.session.open_input(bytes(outer.sealed))
         inner = pb.Step()
         try:
@@ -155,6 +157,11 @@ class PeerPrivacy:
             raise MalformedMessage("sealed step is not a Step") from exc
         if inner.session_id != sid or inner.seq != outer.seq or opened.step != outer.seq or inner.sealed:
             raise MalformedMessage("sealed step disagrees with its envelope (session, seq)")
+        if new:  # authenticated: only now does the session take a place (peer/session_admission.py)
+            self.admission.admit(sid, source, self._sessions)
+            state.admitted_at = time.time()
+            self._sessions[sid] = state
+        self._sessions.move_to_end(sid)
         return inner, state
 
     def seal_step(self, state: HopState, inner: pb.Step) -> pb.Step:
@@ -274,6 +281,7 @@ class CoordinatorRoute:
     route: tuple[HopSpec, ...]
     crypto: CoordinatorSession
     onion_sent: bool = False
+    control_counter: int = 0  # last control message counter used (peer/session_auth.py)
 
     @classmethod
     def build(cls, session_id: str, route: Sequence[HopSpec], privacy: ChainPrivacy, reply_to: str) -> CoordinatorRoute:

@@ -1,0 +1,157 @@
+"""Sessions belong to their coordinator: authenticated control messages and failure reports (docs/security.md).
+
+A session id travels in the clear, so anything that names one must prove it comes from a party of the session's
+key agreement (crypto/keys.py), not from whoever learned the id:
+
+- control messages (``CloseSession``, ``Truncate``) carry a :class:`~peer_pb2.SessionAuth` from the coordinator:
+  HMAC-SHA256 under the (session, hop) *control key* over (kind, session id, hop index, arguments, counter); the hop
+  accepts only a counter above the last it accepted, so a recorded control message cannot be replayed;
+- a failure ``Result`` a hop delivers carries the reporting hop's tag under its *report key*, over (session id, seq,
+  hop index, the serialized Failure); the coordinator believes no failure without one.
+
+Both keys come from the hop's :class:`~openhydra.crypto.keys.HopKeys` through HKDF-SHA256 with their own labels,
+so they are independent of the AES-GCM keys. The tag is over bytes, not over a transport: the same
+:func:`control_tag` authenticates a control message carried inside the sealed Forward stream (privacy=onion), where
+the hops that relay it do not hold the receiving hop's control key and cannot forge or alter it.
+
+Where no keys were agreed (``privacy=off``) nothing can be authenticated; a peer that requires encryption then
+refuses control calls for any session it holds, and the docs say that privacy=off protects nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+
+import grpc
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from openhydra.crypto.keys import HopKeys
+from openhydra.peer.proto import peer_pb2 as pb
+
+KEY_INFO = b"openhydra-session-auth:v1:"
+CONTROL_LABEL = b"openhydra-control:v1\x00"
+FAILURE_LABEL = b"openhydra-failure:v1\x00"
+CONTROL_DENIED = "control_denied"
+"""Reason counted in ``crypto_rejections`` (so in ``/metrics``) for a refused control call."""
+FORGED_FAILURE = "forged_failure"
+"""Reason counted on the coordinator for a failure Result that does not authenticate."""
+FORGED_RESULT = "forged_result"
+"""Reason counted on the coordinator for a Result that does not open under the last hop's key."""
+
+
+def _derive(keys: HopKeys, purpose: bytes) -> bytes:
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=KEY_INFO + purpose)
+    return hkdf.derive(keys.layer_key + keys.return_key)
+
+
+def control_key(keys: HopKeys) -> bytes:
+    """Coordinator -> hop control messages of one (session, hop)."""
+    return _derive(keys, b"control")
+
+
+def report_key(keys: HopKeys) -> bytes:
+    """Hop -> coordinator failure reports of one (session, hop)."""
+    return _derive(keys, b"report")
+
+
+def _field(value: str) -> bytes:
+    raw = value.encode()
+    return struct.pack(">H", len(raw)) + raw
+
+
+def control_tag(key: bytes, kind: str, session_id: str, hop_index: int, counter: int, args: bytes = b"") -> bytes:
+    message = CONTROL_LABEL + _field(kind) + _field(session_id) + struct.pack(">BQ", hop_index, counter) + args
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def control_args(request: pb.CloseRequest | pb.TruncateRequest) -> tuple[str, bytes]:
+    """(kind, argument bytes) a control request is authenticated over."""
+    if isinstance(request, pb.TruncateRequest):
+        return "Truncate", struct.pack(">Q", request.length)
+    return "CloseSession", b""
+
+
+def sign_control(keys: HopKeys, hop_index: int, counter: int, request: pb.CloseRequest | pb.TruncateRequest) -> None:
+    """Coordinator side: set ``request.auth`` for hop ``hop_index`` (``counter`` must grow per session and hop)."""
+    kind, args = control_args(request)
+    tag = control_tag(control_key(keys), kind, request.session_id, hop_index, counter, args)
+    request.auth.CopyFrom(pb.SessionAuth(hop_index=hop_index, counter=counter, tag=tag))
+
+
+def check_control(keys: HopKeys, hop_index: int, last_counter: int,
+                  request: pb.CloseRequest | pb.TruncateRequest) -> int | None:
+    """Hop side: the request's counter if its tag is this hop's and the counter is new; None otherwise."""
+    if not request.HasField("auth"):
+        return None
+    auth = request.auth
+    if auth.hop_index != hop_index or auth.counter <= last_counter:
+        return None
+    kind, args = control_args(request)
+    expected = control_tag(control_key(keys), kind, request.session_id, hop_index, auth.counter, args)
+    return auth.counter if hmac.compare_digest(expected, auth.tag) else None
+
+
+def _failure_tag(keys: HopKeys, result: pb.Result, hop_index: int) -> bytes:
+    message = (FAILURE_LABEL + _field(result.session_id) + struct.pack(">QB", result.seq, hop_index)
+               + result.failure.SerializeToString(deterministic=True))
+    return hmac.new(report_key(keys), message, hashlib.sha256).digest()
+
+
+def sign_failure(keys: HopKeys, hop_index: int, result: pb.Result) -> pb.Result:
+    """Hop side: tag a failure Result with this hop's report key (in place; returned for chaining)."""
+    result.failure_auth.CopyFrom(pb.SessionAuth(hop_index=hop_index, tag=_failure_tag(keys, result, hop_index)))
+    return result
+
+
+def failure_is_authentic(hop_keys: list[HopKeys], result: pb.Result) -> bool:
+    """Coordinator side: True when a hop of the session's route tagged this failure."""
+    if not result.HasField("failure_auth"):
+        return False
+    index = result.failure_auth.hop_index
+    if index >= len(hop_keys):
+        return False
+    return hmac.compare_digest(_failure_tag(hop_keys[index], result, index), result.failure_auth.tag)
+
+
+async def authorize_control(privacy, runtime, address: str, request: pb.CloseRequest | pb.TruncateRequest,
+                            context: grpc.aio.ServicerContext) -> None:
+    """Peer side: return if the control call may act on its session, else abort with PERMISSION_DENIED (counted).
+
+    A session with crypto state needs the coordinator's tag. A session this hop once held under keys but no longer
+    does (closed, evicted) cannot be verified and is refused. A session without keys is touched only on a peer
+    that accepts plaintext sessions (privacy=off), and a call about a session this hop never held acts on nothing.
+    """
+    sid = request.session_id
+    state = privacy.state(sid)
+    if state is not None:
+        counter = check_control(state.session.layer.keys, state.index, state.control_counter, request)
+        if counter is not None:
+            state.control_counter = counter
+            return
+        why = "control call without a valid tag from the session's coordinator"
+    elif privacy.admission.was_keyed(sid):
+        why = "control call for a keyed session this hop no longer holds"
+    elif runtime.session_length(sid) > 0 and privacy.require_encryption:
+        why = "control call for a session without keys on a peer that requires encryption"
+    else:
+        return
+    privacy.rejections[CONTROL_DENIED] += 1
+    kind, _ = control_args(request)
+    await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{address}: {kind} of {sid} refused: {why}")
+
+
+ControlRequest = pb.CloseRequest | pb.TruncateRequest
+
+
+def sign_for(route, address: str, request: ControlRequest) -> ControlRequest:
+    """Coordinator side: ``request`` tagged for the hop at ``address`` of ``route`` (a privacy.CoordinatorRoute),
+    with the route's next control counter; unchanged when there are no keys (privacy off) or no such hop."""
+    index = next((i for i, hop in enumerate(route.route) if hop.address == address), None) if route else None
+    if index is None:
+        return request
+    route.control_counter += 1
+    sign_control(route.crypto.route.hop_keys[index], index, route.control_counter, request)
+    return request

@@ -1,0 +1,91 @@
+"""A keyed peer as a real OS process, for the adversarial tests: an identity, a signed static key, encryption required.
+
+Run as ``python -m tests.adversarial.keyed_peer --model-dir DIR --start A --end B``; prints
+``READY <address> <peer id> <signed static key>`` once it serves, then serves until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from subprocess import Popen
+
+import torch
+
+from openhydra.crypto.identity import Identity
+from openhydra.crypto.keys import StaticKeyPair
+from openhydra.crypto.records import encode_static_key
+from openhydra.peer.messages import HopSpec
+from openhydra.peer.server import PeerServer
+from openhydra.runtime.shard import ShardRuntime
+
+READY_TIMEOUT_S = 120.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--start", type=int, required=True)
+    parser.add_argument("--end", type=int, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    identity, static = Identity.generate(), StaticKeyPair.generate()
+    server = PeerServer(ShardRuntime(args.model_dir, args.start, args.end, dtype=torch.float32), static_key=static,
+                        require_encryption=True)
+    address = server.start()
+    print(f"READY {address} {identity.peer_id} {encode_static_key(static.signed_by(identity))}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    server.stop()
+
+
+def _wait_ready(proc: subprocess.Popen, start: int, end: int) -> HopSpec:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if ready:
+            line = proc.stdout.readline()
+            if line.startswith("READY "):
+                _, address, peer_id, static_key = line.split()
+                return HopSpec(address=address, start=start, end=end, peer_id=peer_id, static_key=static_key)
+            if not line and proc.poll() is not None:
+                break
+    proc.kill()
+    raise RuntimeError(f"keyed peer [{start},{end}) did not start (exit code {proc.poll()})")
+
+
+@contextmanager
+def keyed_peers(model_dir: Path, splits: list[tuple[int, int]]) -> Iterator[tuple[list[HopSpec], list[Popen]]]:
+    """Start one keyed peer process per span (in parallel); yield the route and the processes; SIGTERM them all."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs: list[subprocess.Popen] = []
+    try:
+        for start, end in splits:
+            cmd = [sys.executable, "-m", "tests.adversarial.keyed_peer", "--model-dir", str(model_dir),
+                   "--start", str(start), "--end", str(end)]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                                          cwd=Path(__file__).resolve().parents[2]))
+        yield [_wait_ready(proc, a, b) for proc, (a, b) in zip(procs, splits, strict=True)], procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    main()
