@@ -16,6 +16,14 @@ cache from the same inputs, so decode steps are comparable, not only the prefill
   span replay up to that step; the answers fall into agreement classes; the class strictly larger
   than every other wins and the peers outside it fail. No strict winner is a tie: every voter gets a
   ``dispute`` (half a failure), no one is slashed.
+- The primary votes with a *replay* of its own chain, never with the user's recorded answer. The
+  user's answer passed through the other hops in the user's session; the voters' answers pass
+  through them in replays. A hop on another span that lies only in sessions it does not take for
+  audits would otherwise make the user's answer differ from every replay and the honest primary of
+  the audited span would be outvoted (framed). When the primary's replay sides with the majority
+  while the user's answer does not, the user's answer is *irreproducible*: some hop of the chain
+  behaved differently in the user's session than in replays. Nobody of the span is blamed for it; the
+  outcome lists the chain's peers as suspects and is counted (``irreproducible``).
 - Tier 3 (auditor): when primary and secondary agreed on every compared step, with probability
   ``audit_rate`` the most reputable other peer of the span (the auditor) replays the request. If it
   disagrees, the pair cannot vote for itself (two colluders would outvote any auditor): up to
@@ -65,7 +73,7 @@ class Audit:
     secondary: PeerAnnouncement
     tolerances: dict[str, float]  # by dtype (VerificationConfig.tolerance)
     dtypes: set[str] = field(default_factory=set)  # of every peer whose answers are compared
-    shadow_session: str = field(default_factory=lambda: "audit-" + uuid.uuid4().hex)
+    shadow_session: str = field(default_factory=lambda: uuid.uuid4().hex)  # the same format as a user session
     feeds: list[Feed] = field(default_factory=list)
     compared: int = 0
     done: bool = False
@@ -100,6 +108,8 @@ class Outcome:
     disputed: list[str] = field(default_factory=list)
     step: int | None = None
     reason: str = ""
+    irreproducible: bool = False  # the user's answer differed from a replay of its own chain
+    suspects: list[str] = field(default_factory=list)  # irreproducible: the peers of the user's chain
 
 
 def swapped_route(chain: Chain, hop_index: int, peer: PeerAnnouncement) -> list[HopSpec]:
@@ -143,7 +153,7 @@ class AuditRunner:
         return Answer.of(result)
 
     def _replay(self, feeds: Sequence[Feed], route: Sequence[HopSpec]) -> list[Answer]:
-        session = "audit-" + uuid.uuid4().hex
+        session = uuid.uuid4().hex  # the same format as a user session: no name gives an audit away
         try:
             return [self._run(session, f, route) for f in feeds]
         finally:
@@ -212,9 +222,14 @@ class AuditRunner:
         self.metrics.audits.labels("2").inc()
         t = len(audit.feeds) - 1
         feed = audit.feeds[t]
-        voters: list[tuple[str, Answer]] = [(audit.primary.peer_id, feed.answer),
-                                            (audit.secondary.peer_id, secondary_answer)]
-        exclude = {p for p, _ in voters}
+        voters: list[tuple[str, Answer]] = [(audit.secondary.peer_id, secondary_answer)]
+        exclude = {audit.primary.peer_id, audit.secondary.peer_id}
+        try:  # the primary votes with a replay of its chain, like every other voter (see the module docstring)
+            primary_replay = self._replay(audit.feeds, swapped_route(audit.chain, audit.hop_index, audit.primary))[-1]
+            voters.insert(0, (audit.primary.peer_id, primary_replay))
+        except HopError as exc:
+            log.info("primary %s failed its replay: %s", audit.primary.peer_id, exc)
+            primary_replay = None
         for peer in self._pick(audit.span, exclude, self.vote_peers - 2):
             audit.dtypes.add(peer.dtype)
             try:
@@ -222,7 +237,25 @@ class AuditRunner:
                                                                                       peer))[-1]))
             except HopError as exc:
                 log.info("voter %s failed: %s", peer.peer_id, exc)
+        if self._irreproducible(audit, voters, primary_replay, feed, tier=2, reason=reason):
+            return
         self._decide(audit, voters, feed, tier=2, reason=reason, step=feed.step)
+
+    def _irreproducible(self, audit: Audit, voters: list[tuple[str, Answer]], primary_replay: Answer | None,
+                        feed: Feed, *, tier: int, reason: str) -> bool:
+        """True (and concluded) when the user's answer differs from a replay of its own chain while that replay
+        agrees with every other voter: the span's peers agree with each other and the difference came from a
+        hop that behaved differently in the user's session, so nobody of this span is blamed."""
+        if primary_replay is None or self._agree(primary_replay, feed.answer, audit, feed):
+            return False
+        others = [a for p, a in voters if p != audit.primary.peer_id]
+        if others and not all(self._agree(primary_replay, a, audit, feed) for a in others):
+            return False  # the span's peers disagree among replays too: a vote decides
+        self.metrics.irreproducible.inc()
+        self._conclude(Outcome(audit.session_id, audit.span, tier, step=feed.step, irreproducible=True,
+                               suspects=list(audit.chain.peer_ids),
+                               reason=f"user's answer not reproduced by its own chain ({reason})"))
+        return True
 
     def _decide(self, audit: Audit, voters: list[tuple[str, Answer]], feed: Feed, *, tier: int, reason: str,
                 step: int, judged: list[str] | None = None) -> None:
@@ -282,8 +315,16 @@ class AuditRunner:
                     voters.append((peer.peer_id, self._replay(audit.feeds[: t + 1], route)[-1]))
                 except HopError as exc:
                     log.info("independent voter %s failed: %s", peer.peer_id, exc)
-            self._decide(audit, voters, feed, tier=3, reason=f"auditor {auditor.peer_id}: {result.reason}",
-                         step=feed.step, judged=pair)
+            why = f"auditor {auditor.peer_id}: {result.reason}"
+            try:  # before the pair is judged on the user's answer: does its own chain reproduce that answer?
+                route = swapped_route(audit.chain, audit.hop_index, audit.primary)
+                primary_replay = self._replay(audit.feeds[: t + 1], route)[-1]
+            except HopError as exc:
+                log.info("primary %s failed its replay: %s", audit.primary.peer_id, exc)
+                primary_replay = None
+            if self._irreproducible(audit, voters, primary_replay, feed, tier=3, reason=why):
+                return
+            self._decide(audit, voters, feed, tier=3, reason=why, step=feed.step, judged=pair)
             return
         self._conclude(Outcome(audit.session_id, audit.span, 3, passed=[*pair, auditor.peer_id]))
 
@@ -312,6 +353,8 @@ class AuditRunner:
             self.reputation.record(peer_id, "fail", detail=detail)
             self.metrics.failures.labels(str(outcome.tier)).inc()
             self.on_fail(peer_id, detail)
+        if outcome.irreproducible:
+            log.warning("verification: irreproducible answer, suspects %s (%s)", outcome.suspects, detail)
         if outcome.failed or outcome.disputed:
             log.warning("verification: failed %s disputed %s (%s)", outcome.failed, outcome.disputed, detail)
         if self.on_outcome is not None:

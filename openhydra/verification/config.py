@@ -24,6 +24,9 @@ class FaultConfig(_Strict):
     magnitude: float = Field(0.05, ge=0.0, le=100.0, description="perturb: noise RMS relative to the output RMS")
     seed: int = Field(0, description="perturb: peers with the same seed add the same noise (collusion)")
     rate: float = Field(1.0, ge=0.0, le=1.0, description="fraction of steps the peer lies on")
+    from_position: int = Field(0, ge=0, description="lie only on steps at or past this position (a late liar)")
+    dodge_audits: bool = Field(False, description="answer honestly on any session it takes for an audit "
+                                                  "(an 'audit' name, or inputs that repeat another session's)")
 
 
 class ToleranceConfig(_Strict):
@@ -56,7 +59,9 @@ class VerificationConfig(_Strict):
     sample_rate: float = Field(0.10, ge=0.0, le=1.0, description="tier 1: P(a request's span is re-executed)")
     vote_peers: int = Field(3, ge=3, le=9, description="tier 2: peers voting when primary and secondary differ")
     audit_rate: float = Field(0.10, ge=0.0, le=1.0, description="tier 3: P(auditor check | primary == secondary)")
-    max_steps_per_audit: int = Field(32, ge=1, le=4096, description="steps of a sampled request compared")
+    max_steps_per_audit: int | None = Field(
+        None, ge=1, description="cap on the steps of a sampled request compared; null (default): the whole "
+                                "generation. A cap N lets a peer lie freely after step N: keep it null")
     top_k: int = Field(8, ge=1, le=100, description="log-probabilities compared per step")
     queue_size: int = Field(4096, ge=1, description="steps waiting for the worker; past it audits are dropped")
     slash_hydra: float = Field(1.0, ge=0.0, description="stake slashed per failed audit, whole HYDRA")

@@ -13,12 +13,21 @@ real gRPC ``PeerServer``; the coordinator cannot tell it from an honest peer exc
 
 ``rate`` < 1 lies on that fraction of steps, chosen from (seed, position) so colluders agree
 (``stale_cache`` ignores it: a stale cache stays stale).
+
+``from_position`` > 0 is a *late liar*: honest on every step before that position (a verifier that
+only compares the first N steps never sees it lie).
+
+``dodge_audits`` is a *smart liar*: it answers honestly on every session it takes for an audit, by
+whatever signal it has: a session id naming an audit, or a session whose first message repeats the
+inputs of a session it already served (a shadow or replay of a request re-executes the same steps,
+so every hop of the chain that is not swapped sees the same inputs twice). It lies on the others.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -26,6 +35,8 @@ import torch
 from openhydra.verification.config import FaultConfig
 
 log = logging.getLogger(__name__)
+
+SEEN_INPUTS = 4096  # dodge_audits: first-message digests remembered (sessions)
 
 
 def _generator(seed: int, first_position: int, num_positions: int) -> torch.Generator:
@@ -49,13 +60,39 @@ class FaultyRuntime:
         self.fault = fault
         self._prompt_end: dict[str, int] = {}  # stale_cache: session -> length the cache is kept at
         self.lies = 0
+        self._seen: OrderedDict[bytes, str] = OrderedDict()  # dodge_audits: first-input digest -> session
+        self._suspected: OrderedDict[str, bool] = OrderedDict()  # dodge_audits: session -> taken for an audit
+        self.dodged = 0  # steps answered honestly because the session looked like an audit
+        self.batcher = None  # decode batching would call the honest runtime directly: a liar computes alone
         log.warning("peer runtime [%d,%d) is DISHONEST on purpose: fault %s", runtime.start, runtime.end,
                     fault.model_dump())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
+    def _looks_audited(self, session_id: str, positions: torch.Tensor, kwargs: dict[str, Any]) -> bool:
+        """dodge_audits: decided at a session's first message, remembered for the session."""
+        known = self._suspected.get(session_id)
+        if known is not None:
+            return known
+        tensor = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("hidden_states")
+        h = hashlib.blake2b(digest_size=16)
+        h.update(positions.cpu().numpy().tobytes())
+        if tensor is not None:
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest = h.digest()
+        suspected = "audit" in session_id.lower() or digest in self._seen
+        self._seen[digest] = session_id
+        self._suspected[session_id] = suspected
+        while len(self._seen) > SEEN_INPUTS:
+            self._seen.popitem(last=False)
+        while len(self._suspected) > SEEN_INPUTS:
+            self._suspected.popitem(last=False)
+        return suspected
+
     def _lies_now(self, first: int, n: int) -> bool:
+        if first + n <= self.fault.from_position:  # a late liar: honest before from_position
+            return False
         if self.fault.rate >= 1.0:
             return True
         return float(torch.rand(1, generator=_generator(self.fault.seed + 1, first, n))) < self.fault.rate
@@ -67,6 +104,9 @@ class FaultyRuntime:
     def forward(self, session_id: str, positions: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         first, n = int(positions[0]), positions.numel()
         lie = self._lies_now(first, n)
+        if self.fault.dodge_audits and self._looks_audited(session_id, positions, kwargs):
+            self.dodged += 1
+            return self.inner.forward(session_id, positions, **kwargs)
         if self.fault.mode == "stale_cache":
             return self._stale_forward(session_id, positions, **kwargs)
         out = self.inner.forward(session_id, positions, **kwargs)

@@ -36,6 +36,10 @@ class VerificationMetrics:
                                     "Sampled spans with no other peer to re-execute them", registry=r)
         self.abandoned = Counter("openhydra_verification_abandoned_total",
                                  "Audits ended without a verdict (hop failure or chain change)", registry=r)
+        self.irreproducible = Counter("openhydra_verification_irreproducible_total",
+                                      "User answers that a replay of their own chain did not reproduce (a hop "
+                                      "behaved differently in the user's session; nobody of the span blamed)",
+                                      registry=r)
         self.slashed = Counter("openhydra_verification_slashed_hydra_total",
                                "HYDRA stake slashed after failed audits", registry=r)
         self.queue_depth = Gauge("openhydra_verification_queue_depth", "Events waiting for the worker",

@@ -44,13 +44,16 @@ def prompt_of(seed: int, n: int = 6) -> list[int]:
 
 
 class PeerProcess:
-    """An honest peer as its own process (its own dtype and thread count). Started by the constructor;
+    """A peer as its own process (its own dtype and thread count; a liar if ``spec.fault``). Started by the constructor;
     :meth:`wait_ready` reads its ``READY host:port`` line, so several peers can load at the same time."""
 
     def __init__(self, model_dir: Path, spec: PeerSpec) -> None:
         dtype = str(spec.dtype).removeprefix("torch.")
+        # A peer with a fault runs the same PeerServer around a FaultyRuntime (openhydra/verification/liar_peer.py).
+        entry = ["openhydra.peer.server"] if spec.fault is None else \
+            ["openhydra.verification.liar_peer", "--fault", spec.fault.model_dump_json()]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "openhydra.peer.server", "--model-dir", str(model_dir), "--start",
+            [sys.executable, "-m", *entry, "--model-dir", str(model_dir), "--start",
              str(spec.start), "--end", str(spec.end), "--dtype", dtype, "--threads", str(spec.threads)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             env={**os.environ, "OMP_NUM_THREADS": str(spec.threads)},
