@@ -26,9 +26,10 @@ class HardwareConfig(Strict):
     device: Literal["auto", "cpu", "cuda", "mps", "gpu"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int = Field(0, ge=0, le=1024)
-    quantization: Literal["none", "int8", "nf4"] = "none"
-    """The span's decoder Linears: int8 (CUDA: bitsandbytes LLM.int8; CPU: weight-only int8) or NF4
-    (bitsandbytes, CUDA or CPU); see runtime/quantize.py. Not implemented on MLX (it says so at start)."""
+    quantization: Literal["none", "int8", "int4", "nf4"] = "none"
+    """The span's decoder Linears: int8 (CUDA: bitsandbytes LLM.int8; CPU: weight-only int8), int4 (CPU only:
+    torch's packed int4 kernel, groups of 32) or NF4 (bitsandbytes, CUDA or CPU); see runtime/quantize.py.
+    Not implemented on MLX (it says so at start)."""
     memory_budget_gb: float | None = Field(None, gt=0)
 
 

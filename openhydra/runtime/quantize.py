@@ -5,6 +5,7 @@ What each setting does, by device (measured on this machine's CPU, see docs/benc
 | setting | CUDA | CPU |
 | --- | --- | --- |
 | ``int8`` | bitsandbytes LLM.int8 (``Linear8bitLt``) | int8 weight-only, per-row scales (``_weight_int8pack_mm``) |
+| ``int4`` | refused (use ``nf4``)                   | int4 weight-only, groups of 32 (``_weight_int4pack_mm_for_cpu``)|
 | ``nf4``  | bitsandbytes NF4 (``Linear4bit``)       | bitsandbytes NF4 (works, but slower than bf16) |
 
 On the CPU, three int8 routes were measured on SmolLM2-135M (1 thread, loaded machine):
@@ -12,9 +13,9 @@ bitsandbytes' int8 matmul is no faster than fp32 at batch 1 (a 576x1536 Linear: 
 torch's dynamic int8 (fbgemm) is fast (36 us) but quantizes activations too, and SmolLM2's outlier
 activations drop top-1 agreement with fp32 to 0.56; weight-only int8 keeps activations in bf16, agrees
 0.94 with fp32 (bf16 alone: 0.955) and decodes ~1.4x faster than bf16 with ~0.6x the memory. So
-``int8`` on a CPU is weight-only. Only the ``nn.Linear`` modules of the span's decoder layers are
-replaced: embeddings, the final norm and the lm_head keep the runtime dtype (the head is tied to the
-embedding table in small models, and it decides the sampled token).
+``int8`` on a CPU is weight-only. The CPU kernels live in runtime/quant_cpu.py. CPU int8 and int4 also
+store the lm_head and the embedding table as int8 (one shared tensor when tied, as llama.cpp's Q8_0
+head); with other methods the embeddings, the final norm and the lm_head keep the runtime dtype.
 """
 
 from __future__ import annotations
@@ -25,11 +26,21 @@ from typing import Literal
 import torch
 from torch import nn
 
+from openhydra.runtime.quant_cpu import (
+    Int4WeightOnlyLinear,
+    Int8WeightOnlyLinear,
+    int4_supported,
+    quantize_cpu_head,
+)
+
+__all__ = ["Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "QuantizationUnavailable", "method_for", "module_bytes",
+           "quantize_head", "quantize_linears", "require_method"]
+
 log = logging.getLogger(__name__)
 
-Quantization = Literal["none", "int8", "nf4"]
-Method = Literal["none", "int8_weight_only", "bnb_int8", "bnb_nf4"]
-QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "nf4")
+Quantization = Literal["none", "int8", "int4", "nf4"]
+Method = Literal["none", "int8_weight_only", "int4_weight_only", "bnb_int8", "bnb_nf4"]
+QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "int4", "nf4")
 
 
 class QuantizationUnavailable(RuntimeError):
@@ -44,7 +55,9 @@ def method_for(quantization: str, device: str) -> Method:
         return "none"
     kind = device.split(":")[0]
     if kind == "cpu":
-        return "int8_weight_only" if quantization == "int8" else "bnb_nf4"
+        return {"int8": "int8_weight_only", "int4": "int4_weight_only"}.get(quantization, "bnb_nf4")  # type: ignore
+    if kind == "cuda" and quantization == "int4":
+        raise QuantizationUnavailable("hardware.quantization=int4 is the CPU's packed int4 kernel; on CUDA use nf4")
     if kind == "cuda":
         return "bnb_int8" if quantization == "int8" else "bnb_nf4"
     raise QuantizationUnavailable(f"hardware.quantization={quantization} is not supported on device {device!r}; "
@@ -85,9 +98,24 @@ def _release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def quantize_head(modules: nn.Module, method: Method, dtype: torch.dtype) -> None:
+    """CPU int8/int4: the lm_head and embedding table go int8 too (one shared int8 tensor when tied).
+
+    The tied head of a small model is a large share of the bytes read per token (SmolLM2: 28M of 135M
+    weights), and llama.cpp's Q4_1 GGUF keeps it in Q8_0; other methods leave both in ``dtype``.
+    """
+    if method in ("int8_weight_only", "int4_weight_only"):
+        quantize_cpu_head(modules, dtype)
+        _release_freed_memory()
+
+
 def _quantized(linear: nn.Linear, method: Method, device: str, compute_dtype: torch.dtype) -> nn.Module:
     if method == "int8_weight_only":
-        return Int8WeightOnlyLinear(linear)
+        return Int8WeightOnlyLinear(linear, compute_dtype)
+    if method == "int4_weight_only":
+        if int4_supported(linear.in_features, linear.out_features):
+            return Int4WeightOnlyLinear(linear, compute_dtype)
+        return Int8WeightOnlyLinear(linear, compute_dtype)  # a shape the int4 kernel cannot take
     import bitsandbytes as bnb
 
     weight = linear.weight.detach().to("cpu", torch.float32 if compute_dtype == torch.float32 else torch.float16)
@@ -103,40 +131,6 @@ def _quantized(linear: nn.Linear, method: Method, device: str, compute_dtype: to
     if bias is not None:
         new.bias = nn.Parameter(bias.to("cpu", compute_dtype), requires_grad=False)
     return new.to(device)  # bitsandbytes quantizes when the weight moves to its device
-
-
-class Int8WeightOnlyLinear(nn.Module):
-    """A Linear whose weight is int8 with one fp scale per output row; activations stay in their dtype.
-
-    Decode (a few rows) runs torch's weight-only int8 kernel ``_weight_int8pack_mm`` (the one
-    gpt-fast uses), which reads half the bytes of bf16 weights; longer inputs (prefill) dequantize the
-    weight to the activation dtype and run a dense matmul, where the int8 kernel is slower.
-    """
-
-    DECODE_ROWS = 4  # up to this many rows go through the int8 kernel (measured crossover, bf16 CPU)
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        weight = linear.weight.detach().to(torch.float32)  # [N, K]
-        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [N]
-        q = torch.round(weight / scales[:, None]).clamp(-128, 127).to(torch.int8)
-        self.weight = nn.Parameter(q.contiguous(), requires_grad=False)  # [N, K] int8
-        self.scales = nn.Parameter(scales.to(linear.weight.dtype), requires_grad=False)  # [N]
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if x.dtype == torch.bfloat16 and rows <= self.DECODE_ROWS and x.device.type == "cpu":
-            flat = x.reshape(rows, self.in_features)  # [R, K]
-            out = torch._weight_int8pack_mm(flat, self.weight, self.scales.to(x.dtype))  # [R, N]
-            out = out.reshape(*x.shape[:-1], self.out_features)
-            return out if self.bias is None else out + self.bias.to(x.dtype)
-        dense = self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None]  # [N, K]
-        return nn.functional.linear(x, dense, None if self.bias is None else self.bias.to(x.dtype))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only per-row"
 
 
 def module_bytes(root: nn.Module) -> int:

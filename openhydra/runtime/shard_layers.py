@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from openhydra.runtime.quantize import method_for, module_bytes, quantize_linears
+from openhydra.runtime.quantize import method_for, module_bytes, quantize_head, quantize_linears
 from openhydra.runtime.weights import CheckpointError, CheckpointIndex, split_layer_name
 
 ATTN_IMPLEMENTATION = "sdpa"
@@ -135,6 +135,7 @@ def build_shard(
     # full-precision tensors must be unreferenced first, or quantizing cannot free them.
     del tensors
     quantize_linears(modules.layers, method_for(quantization, device), device, dtype)
+    quantize_head(modules, method_for(quantization, device), dtype)  # CPU int8/int4: head + embeddings int8
     loaded = module_bytes(modules)  # tied tensors once, quantized weights and their scales included
     return ShardBuild(modules=modules, shard_config=shard_config, loaded_bytes=loaded)
 

@@ -43,8 +43,11 @@ def test_method_per_device():
     assert method_for("nf4", "cuda") == "bnb_nf4"
     with pytest.raises(QuantizationUnavailable, match="mps"):
         method_for("int8", "mps")
-    with pytest.raises(ValueError, match="int4"):
-        method_for("int4", "cpu")
+    assert method_for("int4", "cpu") == "int4_weight_only"  # tests/quant/test_int_kernels.py
+    with pytest.raises(QuantizationUnavailable, match="nf4"):
+        method_for("int4", "cuda")
+    with pytest.raises(ValueError, match="int2"):
+        method_for("int2", "cpu")
 
 
 def test_int8_linear_matches_dense_within_rounding():

@@ -1,0 +1,175 @@
+"""Weight-only int8 and int4 Linear layers for the CPU, on PyTorch's own packed kernels.
+
+Each token of single-stream decode reads every weight once, so the bytes per weight set the speed
+limit (DESIGN.md §4: ~23 GB/s on one thread). These layers keep weights at 8 or 4 bits in memory and
+in the matmul, and never materialise a bf16/fp32 copy:
+
+- :class:`Int8WeightOnlyLinear`: int8 weights with one scale per output row,
+  ``torch._weight_int8pack_mm`` (the kernel gpt-fast uses);
+- :class:`Int4WeightOnlyLinear`: 4-bit weights in asymmetric groups of ``group_size`` along K (scale and
+  zero per group), packed once by ``_convert_weight_to_int4pack_for_cpu`` and multiplied by
+  ``_weight_int4pack_mm_for_cpu`` (the op torchao's ``Int4CPULayout`` also calls). Groups of 32 with
+  ``w = min + q * d`` are exactly GGUF's Q4_1 blocks, so re-quantizing a dequantized Q4_1 tensor gives
+  back its codes (only the block scale/min are rounded from fp16 to bf16);
+- :class:`Int8Embedding`: the tied embedding table in int8; the lm_head shares the same int8 tensor.
+
+Both kernels compute in bf16 (their fp32 and fp16 paths are reference loops, 10-30x slower here, see
+bench/bench_int_kernels.py), so activations of another dtype are cast to bf16 and back; everything
+outside these layers (norms, attention, the KV cache) keeps the runtime's dtype.
+Kernel choice, speed and accuracy against the other candidates: docs/benchmarks.md, "CPU low-bit kernels".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+KERNEL_DTYPE = torch.bfloat16
+INT4_GROUP_SIZE = 32  # GGUF Q4_0/Q4_1 block size; smaller groups = closer to the fp32 weights
+INT8_DECODE_ROWS = 4  # up to this many rows use the int8 kernel; longer inputs (prefill) dequantize once per call
+
+
+def int4_supported(in_features: int, out_features: int, group_size: int = INT4_GROUP_SIZE) -> bool:
+    """The packed int4 kernel needs K divisible by the group size (and an even K to pack two codes a byte)."""
+    return in_features % group_size == 0 and in_features % 2 == 0 and out_features > 0
+
+
+def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``weight ~= q * scales[:, None]``; returns (q [N, K] int8, scales [N] fp32)."""
+    w = weight.detach().to(torch.float32)  # [N, K]
+    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [N]
+    q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
+    return q.contiguous(), scales
+
+
+def quantize_int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit per group of ``group_size`` along K: ``w ~= minimum + q * scale``.
+
+    Returns (q [N, K] int32 in 0..15, scale [N, K/g] fp32, minimum [N, K/g] fp32).
+    """
+    w = weight.detach().to(torch.float32)
+    n, k = w.shape
+    groups = w.reshape(n, k // group_size, group_size)  # [N, G, g]
+    minimum = groups.amin(dim=-1)
+    scale = ((groups.amax(dim=-1) - minimum) / 15.0).clamp(min=1e-8)
+    q = torch.round((groups - minimum[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    return q.reshape(n, k), scale, minimum
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """A Linear whose weight is int8 with one scale per output row; output in the input's dtype.
+
+    Decode (a few rows) runs ``_weight_int8pack_mm`` in bf16, reading 1 byte per weight. Longer inputs
+    (prefill) dequantize the weight for that call and run a dense matmul in the input's dtype (faster
+    than the int8 kernel there, measured).
+    """
+
+    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype | None = None,
+                 shared: tuple[nn.Parameter, nn.Parameter] | None = None) -> None:
+        super().__init__()
+        if shared is None:
+            q, scales = quantize_int8_rows(linear.weight)
+            shared = (nn.Parameter(q, requires_grad=False),
+                      nn.Parameter(scales.to(KERNEL_DTYPE), requires_grad=False))
+        self.weight, self.scales = shared  # [N, K] int8, [N] bf16
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows <= INT8_DECODE_ROWS and x.device.type == "cpu":
+            flat = x.reshape(rows, self.in_features).to(KERNEL_DTYPE)  # [R, K]
+            out = torch._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)  # [R, N]
+            out = out.reshape(*x.shape[:-1], self.out_features)
+        else:
+            dense = self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None]  # [N, K]
+            out = nn.functional.linear(x, dense)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only per-row"
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """A Linear whose weight is 4-bit (asymmetric groups along K); output in the input's dtype."""
+
+    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype | None = None,
+                 group_size: int = INT4_GROUP_SIZE, kernel_dtype: torch.dtype = KERNEL_DTYPE) -> None:
+        super().__init__()
+        n, k = linear.out_features, linear.in_features
+        if not int4_supported(k, n, group_size):
+            raise ValueError(f"int4 needs in_features divisible by {group_size}, got {k}")
+        self.dtype = kernel_dtype  # bf16: the kernel's fast path here (fp16/fp32 run reference loops)
+        q, scale, minimum = quantize_int4_groups(linear.weight, group_size)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # [N, K/2] uint8
+        # The kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale.
+        scales_and_zeros = torch.stack([scale, minimum + 8 * scale], dim=-1).transpose(0, 1)  # [K/g, N, 2]
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.scales_and_zeros = nn.Parameter(scales_and_zeros.contiguous().to(self.dtype), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features, self.group_size = k, n, group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        flat = x.reshape(rows, self.in_features).to(self.dtype)  # [R, K]
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_zeros)
+        out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # [..., N]
+        return out if self.bias is None else out + self.bias.to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight [N, K] this layer multiplies by (through the kernel itself, for tests)."""
+        eye = torch.eye(self.in_features, dtype=self.dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
+                                                          self.scales_and_zeros).float().T.contiguous()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 weight-only g{self.group_size}"
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table stored as int8 rows with one scale each; a lookup dequantizes only its rows."""
+
+    def __init__(self, embedding: nn.Embedding, dtype: torch.dtype) -> None:
+        super().__init__()
+        q, scales = quantize_int8_rows(embedding.weight)
+        self.weight = nn.Parameter(q, requires_grad=False)  # [V, D] int8
+        self.scales = nn.Parameter(scales.to(KERNEL_DTYPE), requires_grad=False)  # [V]
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = q.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].to(self.dtype) * self.scales[ids].to(self.dtype)[..., None]  # [..., D]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
+
+
+def quantize_cpu_linears(root: nn.Module, bits: int, compute_dtype: torch.dtype) -> int:
+    """Replace every ``nn.Linear`` under ``root`` by its int8/int4 weight-only version; returns the count.
+
+    A Linear whose shape the int4 kernel cannot take (K not a multiple of the group) gets int8 instead.
+    """
+    targets = [(name, mod) for name, mod in root.named_modules() if type(mod) is nn.Linear]
+    for name, linear in targets:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        if bits == 4 and int4_supported(linear.in_features, linear.out_features):
+            new: nn.Module = Int4WeightOnlyLinear(linear, compute_dtype)
+        else:
+            new = Int8WeightOnlyLinear(linear, compute_dtype)
+        setattr(parent, leaf, new)
+    return len(targets)
+
+
+def quantize_cpu_head(modules: nn.Module, dtype: torch.dtype) -> None:
+    """int8 for the lm_head and the embedding table; when tied, both use one int8 tensor (read once per token).
+
+    ``modules`` has ``embed_tokens`` (or None) and ``lm_head`` (or None), as :class:`ShardModules`.
+    """
+    embed, head = getattr(modules, "embed_tokens", None), getattr(modules, "lm_head", None)
+    tied = embed is not None and head is not None and head.weight is embed.weight
+    if embed is not None and type(embed) is nn.Embedding:
+        modules.embed_tokens = Int8Embedding(embed, dtype)
+    if head is not None and type(head) is nn.Linear:
+        shared = (modules.embed_tokens.weight, modules.embed_tokens.scales) if tied else None
+        modules.lm_head = Int8WeightOnlyLinear(head, dtype, shared=shared)
