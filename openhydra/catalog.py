@@ -8,6 +8,7 @@ not the model that was asked for, the reason is kept so every response can say i
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,14 +93,29 @@ def model_source(model: ModelConfig, cache_root: Path, probe_timeout_s: float = 
     return _try_source(model, cache_root, probe_timeout_s)
 
 
-def resolve_model(model: ModelConfig, cache_root: Path, probe_timeout_s: float = 2.0) -> ModelChoice:
+def resolve_model(model: ModelConfig, cache_root: Path, probe_timeout_s: float = 2.0,
+                  swarm_fetch: Callable[[ModelConfig], tuple[Path, str]] | None = None) -> ModelChoice:
+    """The first source that works: the model's own (path, hub, embedded), then the swarm (``swarm_fetch``, when
+    this node has discovery: openhydra/weights/fetch.py), then each fallback. ``model.source=swarm``: swarm only."""
     requested = api_name(model)
     failures: list[str] = []
     candidates: list[tuple[str, ModelConfig]] = [(requested, model)]
     candidates += fallback_entries(model)
     for label, entry in candidates:
         try:
-            path, source = _try_source(entry, cache_root, probe_timeout_s)
+            if entry is model and model.source == "swarm":
+                if swarm_fetch is None:
+                    raise ModelSourceError("model.source=swarm needs discovery (a swarm to fetch from)")
+                path, source = swarm_fetch(entry)
+            else:
+                try:
+                    path, source = _try_source(entry, cache_root, probe_timeout_s)
+                except Exception as own:
+                    if entry is not model or swarm_fetch is None:
+                        raise
+                    log.warning("model %s unavailable from its source (%s); fetching it from the swarm",
+                                api_name(entry), own)
+                    path, source = swarm_fetch(entry)
         except Exception as exc:  # any failure moves on to the next fallback, and is reported
             failures.append(f"{api_name(entry)} ({entry.hf_id or entry.path or label}): {exc}")
             log.warning("model %s unavailable: %s", api_name(entry), exc)

@@ -50,11 +50,16 @@ class ModelConfig(Strict):
     """Parameter count in billions (auto-promotion's memory math: params x bytes per weight + overhead)."""
     num_layers: int | None = Field(None, ge=1)
     """Decoder layers (auto-promotion sizes shards with it; the checkpoint's config is what the node loads)."""
+    source: Literal["auto", "swarm"] = "auto"
+    """auto: path, hub or embedded, then the swarm if those fail (discovery on); swarm: fetch this span's tensors
+    from peers only (openhydra/weights/fetch.py)."""
+    manifest: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    """Pinned content hash of the weights manifest (openhydra/weights/manifest.py): swarm fetches accept no other."""
 
     @model_validator(mode="after")
     def _has_a_source(self) -> ModelConfig:
-        if not (self.hf_id or self.path or self.embedded):
-            raise ValueError("a model needs hf_id, path or embedded=true")
+        if not (self.hf_id or self.path or self.embedded or (self.source == "swarm" and self.name)):
+            raise ValueError("a model needs hf_id, path or embedded=true (or source=swarm with a name)")
         return self
 
 
@@ -157,6 +162,9 @@ class PeerSection(Strict):
     20x the median decode latency); a hop that stopped is blamed after this plus at most one probe."""
     probe_timeout_s: float = Field(1.0, gt=0, le=30)
     """Coordinator: a hop that does not answer a liveness probe (Info) within this is blamed."""
+    share_weights_mbps: float = Field(100.0, ge=0)
+    """Serve this span's weights to joining peers (openhydra/weights/serve.py) at most this fast, megabits/s
+    over all their streams; 0: do not share."""
 
 
 # Groups validated by schemas that live with the code that uses them.

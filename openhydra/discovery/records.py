@@ -124,6 +124,12 @@ class PeerAnnouncement(BaseModel):
     # Admission (crypto/membership.py): a geo-challenge proof (base64 JSON) and the private-swarm HMAC tag.
     geo_proof: B64 | None = None
     swarm_tag: B64 | None = None
+    # Verification (openhydra/verification/evidence.py): only on an auditor's evidence carrier record (model id
+    # "openhydra-evidence/<model>"), the base64 JSON list of its signed slash evidence; None on announcements.
+    evidence: B64 | None = None
+    # Weights from the swarm (openhydra/weights/): the manifest hash whose span tensors this peer serves over
+    # FetchWeights; None: it does not share weights (peer.share_weights_mbps=0).
+    weights_manifest: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
     @model_validator(mode="after")
     def _span_inside_model(self) -> PeerAnnouncement:

@@ -172,7 +172,11 @@ def materialize(target: Path, convert_argv: list[str], what: str, record: dict[s
             seconds, peak_rss = _run_child([*convert_argv, "--out", str(partial), "--watch-parent"], what)
             if not (partial / "config.json").is_file() or not any((partial / n).is_file() for n in WEIGHT_FILES):
                 raise ConversionError(f"{what}: the converter exited 0 but {partial} has no config or weights")
-            marker = {**record, "converted_s": round(seconds, 1), "converter_peak_rss_bytes": peak_rss,
+            from openhydra.weights.manifest import ensure_manifest  # what peers check swarm fetches against
+
+            manifest_hash = ensure_manifest(partial).content_hash
+            marker = {**record, "manifest": manifest_hash, "converted_s": round(seconds, 1),
+                      "converter_peak_rss_bytes": peak_rss,
                       "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             with open(partial / COMPLETE_MARKER, "w") as f:
                 json.dump(marker, f, indent=2)

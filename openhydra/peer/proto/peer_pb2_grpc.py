@@ -64,6 +64,11 @@ class PeerStub:
                 request_serializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.SignedSettlement.SerializeToString,
                 response_deserializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.ApplySettlementReply.FromString,
                 _registered_method=True)
+        self.FetchWeights = channel.unary_stream(
+                '/openhydra.peer.v1.Peer/FetchWeights',
+                request_serializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.WeightsRequest.SerializeToString,
+                response_deserializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.WeightsChunk.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -108,6 +113,13 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchWeights(self, request, context):
+        """Weights from the swarm: stream a byte range of this peer's checkpoint (see WeightsRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +152,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.ApplySettlement,
                     request_deserializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.SignedSettlement.FromString,
                     response_serializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.ApplySettlementReply.SerializeToString,
+            ),
+            'FetchWeights': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchWeights,
+                    request_deserializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.WeightsRequest.FromString,
+                    response_serializer=openhydra_dot_peer_dot_proto_dot_peer__pb2.WeightsChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +321,33 @@ class Peer:
             '/openhydra.peer.v1.Peer/ApplySettlement',
             openhydra_dot_peer_dot_proto_dot_peer__pb2.SignedSettlement.SerializeToString,
             openhydra_dot_peer_dot_proto_dot_peer__pb2.ApplySettlementReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/openhydra.peer.v1.Peer/FetchWeights',
+            openhydra_dot_peer_dot_proto_dot_peer__pb2.WeightsRequest.SerializeToString,
+            openhydra_dot_peer_dot_proto_dot_peer__pb2.WeightsChunk.FromString,
             options,
             channel_credentials,
             insecure,
