@@ -85,7 +85,7 @@ class NamespaceSwarm:
     def start(self) -> None:
         dht = self.topo.hosts["dht"]
         self._spawn("dht", [sys.executable, "-m", "openhydra.discovery.http_dht_server", "--host", dht.service_ip,
-                            "--port", str(DHT_PORT)])
+                            "--port", str(DHT_PORT), "--allow-unsigned-names"])  # peers are named, unsigned
         for name, (a, b) in self.spans.items():
             ip = self.topo.hosts[name].service_ip
             self._spawn(name, [

@@ -92,8 +92,11 @@ class NodeProcess:
 class DhtProcess:
     """`openhydra-dht` (the HTTP DHT bootstrap server) as a subprocess on a free loopback port."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, allow_unsigned_names: bool = True) -> None:
         self.port = port or free_port()
+        # Tests also run privacy=off swarms of named peers (node.peer_id=...), whose records are unsigned;
+        # key-derived peer ids are checked against their key either way.
+        self.allow_unsigned_names = allow_unsigned_names
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -103,7 +106,7 @@ class DhtProcess:
     def __enter__(self) -> DhtProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "openhydra.discovery.http_dht_server", "--host", "127.0.0.1",
-             "--port", str(self.port)],
+             "--port", str(self.port), *(["--allow-unsigned-names"] if self.allow_unsigned_names else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         deadline = time.monotonic() + 60

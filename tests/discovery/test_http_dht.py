@@ -13,6 +13,8 @@ import time
 import httpx
 import pytest
 
+from openhydra.crypto.identity import Identity
+from openhydra.crypto.records import sign_record
 from openhydra.discovery.base import DiscoveryError
 from openhydra.discovery.http_dht import HttpDhtClient, HttpDiscovery
 from openhydra.discovery.records import PeerAnnouncement
@@ -153,6 +155,58 @@ def test_client_drops_bad_records_in_an_answer():
     assert [r.peer_id for r in got] == ["good"] and client.rejected == 2
 
 
+def test_client_uses_only_records_signed_by_their_owner():
+    """A server that serves forged records (this one is mocked) cannot make a reader use them."""
+    owner, other = Identity.generate(), Identity.generate()
+    genuine = sign_record(rec(owner.peer_id), owner, None)
+    tampered = genuine.model_copy(update={"grpc_address": "127.0.0.1:9"})
+    claimed = sign_record(rec(other.peer_id, model="org/model"), other, None).model_copy(
+        update={"peer_id": owner.peer_id}
+    )  # signed by another key than the peer id's
+    unsigned_key_id = rec(other.peer_id)
+    named = rec("alice")
+    answer = {"peers": [r.to_wire() for r in (genuine, tampered, claimed, unsigned_key_id, named)]}
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=answer))
+
+    async def scenario(allow_unsigned_names: bool) -> tuple[list[PeerAnnouncement], HttpDiscovery]:
+        client = HttpDhtClient("http://dht.invalid", transport=transport)
+        reader = HttpDiscovery(["http://dht.invalid"], allow_unsigned_names=allow_unsigned_names)
+        try:
+            return reader.keep_valid(await client.lookup("org/model")), reader
+        finally:
+            await client.aclose()
+
+    strict, reader = asyncio.run(scenario(False))
+    assert [(r.peer_id, r.grpc_address) for r in strict] == [(owner.peer_id, "127.0.0.1:50051")]
+    assert reader.refused == {"invalid_signature": 1, "peer_id_mismatch": 1, "unsigned": 2}
+    permissive, _ = asyncio.run(scenario(True))  # names are then usable; key-derived ids still need the key
+    assert sorted(r.peer_id for r in permissive) == sorted([owner.peer_id, "alice"])
+
+
+def test_signed_peer_withdraws_with_its_key_and_no_one_else_can(dht_server):
+    async def scenario():
+        owner = Identity.generate()
+        record = sign_record(rec(owner.peer_id), owner, None)
+        peer, stranger, reader = (HttpDiscovery([dht_server], timeout_s=5) for _ in range(3))
+        peer.set_identity(owner)
+        try:
+            await peer.announce(record)
+            await stranger.announce(record)  # the same signed record, relayed: accepted (it is the owner's)
+            assert [r.peer_id for r in await reader.lookup("org/model")] == [owner.peer_id]
+            with pytest.raises(DiscoveryError, match="HTTP 401"):
+                await stranger.withdraw(owner.peer_id)  # no key: an unsigned withdrawal
+            assert [r.peer_id for r in await reader.lookup("org/model")] == [owner.peer_id]
+            await peer.withdraw(owner.peer_id)
+            assert await reader.lookup("org/model") == []
+            await peer.announce(sign_record(rec(owner.peer_id), owner, None))  # a newer record: back again
+            assert [r.peer_id for r in await reader.lookup("org/model")] == [owner.peer_id]
+            await peer.withdraw(owner.peer_id)
+        finally:
+            await asyncio.gather(peer.stop(), stranger.stop(), reader.stop())
+
+    asyncio.run(scenario())
+
+
 def test_random_bodies_never_cause_a_server_error(dht_server):
     rng = random.Random(0)
     good = rec("fuzz").to_wire()
@@ -163,7 +217,7 @@ def test_random_bodies_never_cause_a_server_error(dht_server):
             for key in rng.sample(sorted(good), rng.randint(1, 4)):
                 body[key] = rng.choice(junk)
             resp = http.post("/v1/announce", content=json.dumps(body, allow_nan=True))
-            assert resp.status_code in (200, 400), (body, resp.text)
+            assert resp.status_code in (200, 400, 409), (body, resp.text)  # 409: same announced_at, other fields
         assert http.get("/health").status_code == 200
 
 

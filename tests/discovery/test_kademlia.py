@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from openhydra.crypto.identity import Identity
+from openhydra.crypto.records import sign_record
 from openhydra.discovery.http_dht import HttpDiscovery
 from openhydra.discovery.kademlia import KademliaDiscovery
 from openhydra.discovery.records import PeerAnnouncement
@@ -125,5 +127,34 @@ def test_dual_stack_announces_to_both_and_merges_freshest(dht_server):
             assert "both" not in {r.peer_id for r in await reader_http.lookup("org/model")}
         finally:
             await asyncio.gather(dual.stop(), k2.stop(), reader_http.stop())
+
+    asyncio.run(scenario())
+
+
+def test_signed_records_and_tombstones_only_from_their_owner():
+    """Strict readers (the default) see a signed peer; its own signed tombstone withdraws it, a newer record
+    brings it back; the DHT refuses to store an older record of it replayed with a later expiration."""
+
+    async def scenario():
+        first = KademliaDiscovery(timeout_s=10)
+        await first.start()
+        second = KademliaDiscovery(initial_peers=first.visible_maddrs, timeout_s=10)
+        await second.start()
+        try:
+            owner = Identity.generate()
+            first.set_identity(owner)
+            old = sign_record(rec(owner.peer_id, 0, 4, announced_at=time.time() - 5), owner, None)
+            await first.announce(old)
+            await first.announce(sign_record(rec(owner.peer_id, 4, 8), owner, None))
+            assert [r.span for r in await second.lookup("org/model")] == [(4, 8)]
+            # The older record replayed with an expiration past its signed lifetime: refused by the validator.
+            assert not second.dht.store(second.key("org/model"), old.to_wire(), time.time() + 600, subkey=owner.peer_id)
+            assert [r.span for r in await second.lookup("org/model")] == [(4, 8)]
+            await first.withdraw(owner.peer_id)
+            assert await second.lookup("org/model") == []
+            await first.announce(sign_record(rec(owner.peer_id, 0, 8, announced_at=time.time() + 2), owner, None))
+            assert [r.span for r in await second.lookup("org/model")] == [(0, 8)]
+        finally:
+            await asyncio.gather(first.stop(), second.stop())
 
     asyncio.run(scenario())

@@ -14,6 +14,7 @@ import torch
 from openhydra.crypto.identity import Identity
 from openhydra.crypto.keys import StaticKeyPair
 from openhydra.crypto.records import sign_record
+from openhydra.discovery.base import DiscoveryError
 from openhydra.discovery.http_dht import HttpDiscovery
 from openhydra.discovery.records import PeerAnnouncement
 from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
@@ -26,7 +27,8 @@ PROMPT = [{"role": "user", "content": "List three colours and a number."}]
 
 
 def _forge(dht_url: str, model_id: str, victim_peer_id: str) -> None:
-    """Announce [3,5) at a dead address under a real peer's id, signed with another identity."""
+    """Announce [3,5) at a dead address under a real peer's id, signed with another identity: the DHT server
+    refuses it (403); readers would drop it too (tests/adversarial/test_discovery_records.py)."""
     attacker = Identity.generate()
     record = PeerAnnouncement(peer_id=attacker.peer_id, model_id=model_id, start=3, end=5, total_layers=8,
                               grpc_address="127.0.0.1:9", announced_at=time.time(), ttl_s=600.0)
@@ -37,7 +39,8 @@ def _forge(dht_url: str, model_id: str, victim_peer_id: str) -> None:
         discovery = HttpDiscovery([dht_url])
         await discovery.start()
         try:
-            await discovery.announce(forged)
+            with pytest.raises(DiscoveryError, match="HTTP 403"):
+                await discovery.announce(forged)
         finally:
             await discovery.stop()
 
