@@ -18,10 +18,11 @@ import os
 import struct
 from collections.abc import Sequence
 
+import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from openhydra.crypto.dp import DPAuditor, DPParams, DPRecord
+from openhydra.crypto.dp import DPAuditor, DPParams, DPRecord, tensor_digest
 from openhydra.crypto.errors import AuditFailure
 
 KEY_DOMAIN = b"openhydra-dp-record-key:v1"
@@ -81,3 +82,42 @@ def audit_records(
 def _blame(exc: AuditFailure, hop_index: int) -> AuditFailure:
     exc.hop_index = hop_index  # type: ignore[attr-defined]
     return exc
+
+
+# ---- what the receiver got: the check that a hop sent the tensor its record covers -------------------------
+RECEIVED_DOMAIN = b"openhydra-dp-received:v1"
+
+
+def seal_received(audit_key: bytes, session_id: str, hop_index: int, step: int, received: torch.Tensor) -> bytes:
+    """Hop ``hop_index``'s sealed SHA-256 of the hidden states it received (the receiver's side of the check)."""
+    nonce = os.urandom(NONCE_BYTES)
+    ad = RECEIVED_DOMAIN + struct.pack(">BQ", hop_index, step) + session_id.encode()
+    return nonce + AESGCM(_key(audit_key)).encrypt(nonce, tensor_digest(received), ad)
+
+
+def open_received(audit_key: bytes, blob: bytes, session_id: str, hop_index: int, step: int) -> bytes:
+    ad = RECEIVED_DOMAIN + struct.pack(">BQ", hop_index, step) + session_id.encode()
+    try:
+        return AESGCM(_key(audit_key)).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], ad)
+    except (InvalidTag, ValueError):
+        raise AuditFailure(f"received-digest of hop {hop_index} step {step} does not open under its key") from None
+
+
+def audit_delivery(
+    records: Sequence[bytes], received: Sequence[bytes], audit_keys: Sequence[bytes], session_id: str, step: int
+) -> int:
+    """Each pushing hop sent the tensor its DP record covers: the digest in hop i's record equals the digest hop
+    i+1 reports it received. ``audit_keys``: every hop's key (0..n-1); ``records`` were checked by
+    :func:`audit_records` already. Blames the sender on a mismatch (a receiver that lies can frame its
+    predecessor, as it could by failing any step: docs/security.md). Returns how many were compared."""
+    senders = len(audit_keys) - 1
+    if len(received) != senders:
+        raise _blame(AuditFailure(f"{len(received)} received-digests for {senders} receiving hops"),
+                     min(len(received) + 1, senders))
+    for index in range(senders):
+        sent = open_record(audit_keys[index], records[index], session_id, index, step).digest
+        got = open_received(audit_keys[index + 1], received[index], session_id, index + 1, step)
+        if not hmac.compare_digest(sent, got):
+            raise _blame(AuditFailure(f"hop {index} sent hidden states other than the ones its DP record covers "
+                                      f"(step {step})"), index)
+    return senders

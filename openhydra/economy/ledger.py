@@ -89,6 +89,8 @@ class Ledger:
         receipt_id = req.receipt_id
         weights = [s.layers_served for s in req.shares]
         credit_total = credits_for_tokens(req.tokens_served, self.policy.tokens_per_credit)
+        if req.model_layers is not None:  # a part-pipeline receipt (privacy=onion): its layers' share only
+            credit_total = credit_total * min(sum(weights), req.model_layers) // req.model_layers
         credit_parts = split_by_weight(credit_total, weights)
 
         def tx(book: Book) -> SettlementResult:

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from openhydra.economy.receipts import PipelineEntry, SettlementRequest, settlement_body
+from openhydra.economy.receipts import PipelineEntry, ServedShare, SettlementRequest, settlement_body
 from openhydra.economy.signing import SigningIdentity
 from openhydra.economy.views import SettlementResult
 
@@ -153,6 +153,38 @@ class PeerSettlement:
             self._receipts[receipt_id] = claim.session_id
         self.counts["signed"] += 1
         return Signed(me.peer_id, me.public_key_bytes, positions, me.sign(body))
+
+    # -- privacy=onion: a receipt naming only this peer, signed and applied at close --------------------
+    def sign_own(self, session_id: str, request_id: str, model_layers: int) -> SettlementRequest | None:
+        """Sign a receipt for what this peer served in ``session_id`` that names only this peer (its layers'
+        share of ``model_layers``), apply it to this peer's ledger and return it (peer/onion_control.py).
+        None when the session is unknown, served nothing, or was settled already. Under onion no hop is told
+        the pipeline, so each hop's receipt stands alone; the coordinator checks and records each one."""
+        me = self.identity
+        with self._lock:
+            entry = self._sessions.get(session_id)
+            if entry is None or entry.positions < 1 or entry.signed_request is not None:
+                return None
+            pipeline = [PipelineEntry(peer_id=me.peer_id, public_key=me.public_key_bytes.hex(),
+                                      layers_served=self.span[1] - self.span[0])]
+            body = settlement_body(request_id, self.model_id, entry.positions, pipeline, model_layers)
+            receipt = SettlementRequest(
+                request_id=request_id, model_id=self.model_id, tokens_served=entry.positions,
+                model_layers=model_layers,
+                shares=[ServedShare(**pipeline[0].model_dump(), signature=me.sign(body).hex())],
+            )
+            entry.signed_request, entry.signed_receipt = request_id, receipt.receipt_id
+            self._receipts[receipt.receipt_id] = session_id
+        self.counts["signed"] += 1
+        if getattr(self.economy, "enabled", False):
+            try:
+                self.economy.settle(receipt)
+                self.counts["applied"] += 1
+            except Exception as exc:
+                if getattr(exc, "code", "") != "receipt_already_applied":
+                    raise
+                self.counts["replayed"] += 1
+        return receipt
 
     # -- ApplySettlement --------------------------------------------------------------------------
     def apply(self, receipt: SettlementRequest) -> SettlementResult | None:

@@ -47,6 +47,10 @@ class SettlementRequest(BaseModel):
     model_id: Ident
     tokens_served: int = Field(ge=1, le=MAX_TOKENS_PER_REQUEST)
     shares: list[ServedShare] = Field(min_length=1, max_length=MAX_PIPELINE)
+    model_layers: int | None = Field(default=None, ge=1, le=10_000)
+    """Set on a receipt that names only part of the pipeline (privacy=onion: one receipt per hop, so no hop
+    learns the others): its shares earn ``layers / model_layers`` of the tokens' credits. None: the shares are
+    the whole pipeline."""
 
     @model_validator(mode="after")
     def _distinct_peers(self) -> SettlementRequest:
@@ -59,7 +63,7 @@ class SettlementRequest(BaseModel):
         return [PipelineEntry(**s.model_dump(exclude={"signature"})) for s in self.shares]
 
     def body(self) -> bytes:
-        return settlement_body(self.request_id, self.model_id, self.tokens_served, self.pipeline())
+        return settlement_body(self.request_id, self.model_id, self.tokens_served, self.pipeline(), self.model_layers)
 
     @property
     def receipt_id(self) -> str:
@@ -77,17 +81,18 @@ class SettlementRequest(BaseModel):
 
 
 def settlement_body(
-    request_id: str, model_id: str, tokens_served: int, pipeline: list[PipelineEntry]
+    request_id: str, model_id: str, tokens_served: int, pipeline: list[PipelineEntry],
+    model_layers: int | None = None,
 ) -> bytes:
-    return canonical(
-        RECEIPT_DOMAIN,
-        {
-            "request_id": request_id,
-            "model_id": model_id,
-            "tokens_served": tokens_served,
-            "pipeline": [[p.peer_id, p.public_key, p.layers_served] for p in pipeline],
-        },
-    )
+    fields: dict[str, object] = {
+        "request_id": request_id,
+        "model_id": model_id,
+        "tokens_served": tokens_served,
+        "pipeline": [[p.peer_id, p.public_key, p.layers_served] for p in pipeline],
+    }
+    if model_layers is not None:  # a part-pipeline receipt (privacy=onion); absent: bodies as before
+        fields["model_layers"] = model_layers
+    return canonical(RECEIPT_DOMAIN, fields)
 
 
 def pipeline_entry(identity: SigningIdentity, layers_served: int) -> PipelineEntry:

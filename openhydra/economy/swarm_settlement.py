@@ -126,6 +126,11 @@ class SwarmSettler:
     # -- the protocol --------------------------------------------------------------------------------
     def settle(self, request_id: str, peer_session: str, tokens: int,
                hops: list[tuple[str, int, int]]) -> SettlementResult | None:
+        if getattr(getattr(self.client, "privacy", None), "onion", False):  # one receipt per hop, via the onion
+            from openhydra.economy.onion_settlement import settle_onion
+
+            return settle_onion(self, request_id, peer_session, tokens, hops)
+
         def claim(start: int, end: int, pipeline: tuple[PipelineEntry, ...] = ()) -> Any:
             return claim_to_pb(Claim(peer_session, request_id, self.model_id, tokens, start, end, pipeline))
 

@@ -1,0 +1,82 @@
+"""Swarm settlement under ``privacy=onion``: one receipt per hop, collected along the onion, never the pipeline.
+
+The whole-pipeline protocol (economy/swarm_settlement.py) asks every hop directly to sign a body naming every
+hop: under onion that would hand each hop the route and make the coordinator contact middle hops. Instead, the
+session's close travels the onion (peer/onion_control.py) and each hop signs a receipt naming only itself, with
+``model_layers`` so that it earns its layers' share of the tokens' credits (what the pipeline receipt would have
+given it), applies it to its own ledger and returns it sealed to the coordinator. Here the coordinator checks each
+receipt against the hop it routed to (its peer id, its span, this model, no more tokens than the session ran),
+records the good ones in its ledger and charges the requester (itself) for the others' credits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from openhydra.economy.errors import InsufficientFunds, InvalidReceipt, LedgerError, ReceiptAlreadyApplied
+from openhydra.economy.receipts import SettlementRequest
+from openhydra.economy.views import SettlementResult
+
+log = logging.getLogger(__name__)
+
+
+def settle_onion(settler: Any, request_id: str, peer_session: str, tokens: int,
+                 hops: Sequence[tuple[str, int, int]]) -> SettlementResult | None:
+    """Record the receipts the hops returned with the session's close (``settler``: a SwarmSettler)."""
+    from openhydra.economy.swarm_settlement import SettlementFailed
+
+    entries = settler.client.onion_receipts.pop(peer_session, None)
+    if entries is None:
+        raise SettlementFailed("onion", f"no receipts came back with the close of {peer_session}")
+    own = getattr(settler.economy, "peer_id", "")
+    cost, last = 0, None
+    for (hop, blob), (address, start, end) in zip(entries, hops, strict=True):
+        if blob is None:
+            settler.counts["peer_failed"] += 1
+            log.warning("hop %s returned no receipt for %s", address, peer_session)
+            continue
+        try:
+            receipt = _checked(SettlementRequest.model_validate_json(blob), hop, settler.model_id, tokens, end - start)
+            try:
+                result = settler.economy.settle(receipt)
+            except ReceiptAlreadyApplied:  # this node's own hop applied it to this ledger already
+                result = None
+        except (ValueError, InvalidReceipt, LedgerError) as exc:
+            settler.counts["peer_failed"] += 1
+            log.warning("receipt of hop %s for %s refused: %s", address, peer_session, exc)
+            continue
+        settler.counts["peer_applied"] += 1
+        if result is not None:
+            last = result
+            cost += sum(c for peer, c in result.credits.items() if peer != own)
+    settler.counts["settled"] += 1
+    _charge(settler, request_id, cost, tokens)
+    return last
+
+
+def _checked(receipt: SettlementRequest, hop: Any, model_id: str, tokens: int, layers: int) -> SettlementRequest:
+    receipt.verify()
+    if len(receipt.shares) != 1 or receipt.model_layers is None:
+        raise ValueError("an onion receipt names exactly one hop and the model's layer count")
+    share = receipt.shares[0]
+    if getattr(hop, "peer_id", None) and share.peer_id != hop.peer_id:
+        raise ValueError(f"signed by {share.peer_id}, the route's hop is {hop.peer_id}")
+    if share.layers_served != layers or receipt.model_id != model_id:
+        raise ValueError(f"claims {share.layers_served} layers of {receipt.model_id}, ran {layers} of {model_id}")
+    if receipt.tokens_served > tokens:
+        raise ValueError(f"claims {receipt.tokens_served} tokens, the session ran {tokens}")
+    return receipt
+
+
+def _charge(settler: Any, request_id: str, cost: int, tokens: int) -> None:
+    if cost <= 0:
+        outcome = "self_served"
+    else:
+        try:
+            settler.economy.spend_credits(cost, ref=f"request:{request_id}")
+            outcome = "charged"
+        except InsufficientFunds:
+            outcome = "free_tier" if settler.free_tier.take(tokens) else "over_free_tier"
+    settler.counts[outcome] += 1
