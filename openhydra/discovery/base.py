@@ -52,7 +52,8 @@ class Discovery(ABC):
         self.identity: Any = None  # crypto.identity.Identity that signs withdrawals of its own records
         self.rejected = 0  # records dropped by parsing, ownership checks or the verifier
         self.refused: dict[str, int] = {}  # records dropped by ownership checks, by reason (ownership.REASONS)
-        self._announced: dict[str, PeerAnnouncement] = {}  # own records by peer id, for withdraw
+        # own records by peer id, then model id (a peer may announce under several, e.g. slash evidence)
+        self._announced: dict[str, dict[str, PeerAnnouncement]] = {}
 
     def set_verifier(self, verifier: RecordVerifier | None) -> None:
         self.verifier = verifier
@@ -82,16 +83,15 @@ class Discovery(ABC):
     async def announce(self, record: PeerAnnouncement) -> None:
         """Publish ``record`` for ``record.ttl_s`` seconds. Raises DiscoveryError."""
         await self._announce(record)
-        self._announced[record.peer_id] = record
+        self._announced.setdefault(record.peer_id, {})[record.model_id] = record
 
     async def lookup(self, model_id: str) -> list[PeerAnnouncement]:
         """Live records of peers serving ``model_id``, one per peer (the freshest)."""
         return self.keep_valid(await self._lookup(model_id))
 
     async def withdraw(self, peer_id: str) -> None:
-        """Remove a record this object announced (no-op for an unknown peer id)."""
-        record = self._announced.pop(peer_id, None)
-        if record is not None:
+        """Remove the records this object announced for ``peer_id``, every model (no-op for an unknown id)."""
+        for record in self._announced.pop(peer_id, {}).values():
             await self._withdraw(record)
 
     def keep_valid(self, records: list[PeerAnnouncement]) -> list[PeerAnnouncement]:

@@ -69,7 +69,7 @@ class KademliaDiscovery(Discovery):
         if announce_maddrs:
             self._dht_kwargs["announce_maddrs"] = list(announce_maddrs)
         self.dht: Any = None  # hivemind.DHT once started
-        self._expirations: dict[str, float] = {}  # own records' DHT expiration, for tombstones
+        self._expirations: dict[tuple[str, str], float] = {}  # own records' DHT expiration, for tombstones
 
     def key(self, model_id: str) -> str:
         return f"{self.key_prefix}:{model_id}"
@@ -131,14 +131,14 @@ class KademliaDiscovery(Discovery):
         # Bound by the signed fields: validators refuse a record stored to live past announced_at + ttl_s.
         expiration = record.announced_at + record.ttl_s
         await self._store(record.model_id, record.peer_id, record.to_wire(), expiration)
-        self._expirations[record.peer_id] = expiration
+        self._expirations[(record.model_id, record.peer_id)] = expiration
 
     async def _withdraw(self, record: PeerAnnouncement) -> None:
         from hivemind.utils.timed_storage import get_dht_time
 
         # A subkey's value is replaced only by one with a later expiration: outlive the record.
         now = get_dht_time()
-        expiration = max(self._expirations.pop(record.peer_id, 0.0), now) + 1.0
+        expiration = max(self._expirations.pop((record.model_id, record.peer_id), 0.0), now) + 1.0
         withdrawal = self.withdrawal_for(record, max(now, record.announced_at), expiration)
         tombstone = withdrawal.to_wire() if withdrawal.signature is not None else dict(TOMBSTONE)
         await self._store(record.model_id, record.peer_id, tombstone, expiration)
