@@ -142,9 +142,9 @@ def _serve_dht(cfg) -> None:
     from openhydra.discovery.config import DiscoveryConfig
     from openhydra.discovery.http_dht_server import create_app
 
-    app = create_app()
-    url = f"http://{cfg.api.host}:{cfg.api.port}"
     discovery = DiscoveryConfig.model_validate(cfg.discovery)
+    app = create_app(allow_unsigned_names=discovery.allow_unsigned_names)  # plain peer names: dev swarms only
+    url = f"http://{cfg.api.host}:{cfg.api.port}"
     kademlia, background = None, None
     lines = [f"OpenHydra DHT bootstrap host\n  DHT        {url}  (nodes join with discovery=http "
              f"discovery.http.urls=[{url}])"]
