@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--signal", choices=["kill", "stop"], default="kill")
     parser.add_argument("--out", default="bench/results/failover")
+    parser.add_argument("--retain-mb", type=float, default=256.0,
+                        help="peer.retain_activations_mb: 0 turns the failover rebuild off (full replays)")
     args = parser.parse_args()
 
     model_dir = Path(bench_model_dir(args.model_dir))
@@ -61,8 +63,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-failover-"))
     trials: list[dict] = []
     with DhtProcess() as dht:
-        nodes = [NodeProcess(swarm_node_overrides(model_dir, dht.url, a, b, work / f"n{i}", dtype=args.dtype),
-                             log_path=work / f"n{i}.log") for i, (a, b) in enumerate(spans)]
+        retain = f"peer.retain_activations_mb={args.retain_mb}"
+        nodes = [NodeProcess([*swarm_node_overrides(model_dir, dht.url, a, b, work / f"n{i}", dtype=args.dtype),
+                              retain], log_path=work / f"n{i}.log") for i, (a, b) in enumerate(spans)]
         coordinator, replicas = nodes[0], nodes[1:3]
         try:
             start_all(nodes)
@@ -98,7 +101,7 @@ def run_trial(coordinator: NodeProcess, replicas: list[NodeProcess], model: str,
         "identical": result.text == expected and result.error is None,
         "error": result.error, "tokens": result.completion_tokens, "stall_s": round(result.stall_s, 3),
         "fault_to_next_token_s": round(after[0], 3) if after else None,
-        "failovers": result.failovers, "replays": result.replays,
+        "failovers": result.failovers, "replays": result.replays, "rebuilds": result.rebuilds,
     }
     if victim is not None:
         if args.signal == "kill":
@@ -116,7 +119,8 @@ def run_trial(coordinator: NodeProcess, replicas: list[NodeProcess], model: str,
 def report(trials: list[dict], args, out: Path, decode_timeout: float) -> None:
     rows = []
     print("\n| signal | fault at token | trials | faulted | complete, identical | stall p50 s | stall p95 s "
-          "| stall max s | failovers/trial | replays/trial |\n|---|---|---|---|---|---|---|---|---|---|")
+          "| stall max s | failovers/trial | replays/trial | of which rebuilds |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
     for at in args.at:
         ts = [t for t in trials if t["at"] == at]
         stalls = sorted(t["stall_s"] for t in ts if t["stall_s"] is not None)
@@ -127,12 +131,14 @@ def report(trials: list[dict], args, out: Path, decode_timeout: float) -> None:
         row = {"at": at, "trials": len(ts), "faulted": sum(t["faulted"] for t in ts), "identical": ok,
                "stall_p50_s": statistics.median(stalls), "stall_p95_s": p95, "stall_max_s": stalls[-1],
                "failovers": statistics.mean(t["failovers"] for t in ts),
-               "replays": statistics.mean(t["replays"] for t in ts)}
+               "replays": statistics.mean(t["replays"] for t in ts),
+               "rebuilds": statistics.mean(t.get("rebuilds", 0.0) for t in ts)}
         rows.append(row)
         print(f"| {args.signal} | {at} | {len(ts)} | {row['faulted']} | {ok}/{len(ts)} | {row['stall_p50_s']:.2f} | "
-              f"{p95:.2f} | {row['stall_max_s']:.2f} | {row['failovers']:.2f} | {row['replays']:.2f} |")
+              f"{p95:.2f} | {row['stall_max_s']:.2f} | {row['failovers']:.2f} | {row['replays']:.2f} | "
+              f"{row['rebuilds']:.2f} |")
     print(f"(peer.decode_timeout_s = {decode_timeout}; {machine_banner()})")
-    stem = f"bench_failover_{args.signal}"
+    stem = f"bench_failover_{args.signal}" + ("_full_replay" if args.retain_mb == 0 else "")
     (out / f"{stem}.json").write_text(json.dumps({"rows": rows, "trials": trials, "banner": machine_banner(),
                                                  "args": vars(args)}, indent=1))
     import matplotlib

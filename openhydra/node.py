@@ -92,6 +92,8 @@ class Node:
     background: BackgroundLoop | None = None
     span: tuple[int, int] | None = None
     privacy: object = None
+    swarm_spans: dict = field(default_factory=dict)
+    """Folders fetched from the swarm -> the span they were fetched for (openhydra/weights/node_hook.py)."""
     _fallback_swarms: list = field(default_factory=list)
     _fallback_settlers: list = field(default_factory=list)
 
@@ -109,10 +111,13 @@ class Node:
         started = time.perf_counter()
         try:
             state.loading_stage = "resolving model source"
-            choice = resolve_model(cfg.model, cfg.node.model_cache_path, cfg.node.hub_probe_timeout_s)
+            from openhydra.weights.node_hook import swarm_fetch_for  # weights from the swarm (issue 19)
+
+            choice = resolve_model(cfg.model, cfg.node.model_cache_path, cfg.node.hub_probe_timeout_s,
+                                   swarm_fetch=swarm_fetch_for(self) if self.in_swarm else None)
             state.requested_model = choice.requested_name
             num_layers, context = model_num_layers(choice.path)
-            self.span = self._choose_span(choice, num_layers)
+            self.span = self.swarm_spans.get(choice.path) or self._choose_span(choice, num_layers)
             state.loading_stage = f"loading {choice.api_name} layers {list(self.span)} from {choice.path}"
             log.info("loading %s layers [%d, %d) of %d from %s (%s)", choice.api_name, *self.span, num_layers,
                      choice.source, self.backend.describe())
@@ -240,8 +245,14 @@ class Node:
                       if signer is not None else None)
         self.peer_server = PeerServer(runtime, cfg.peer.host, cfg.peer.port, model_id=choice.api_name,
                                       static_key=privacy.static, require_encryption=privacy.encrypt,
-                                      swarm_token=privacy.membership.token, settlement=settlement)
+                                      swarm_token=privacy.membership.token, settlement=settlement,
+                                      retain_bytes=int(cfg.peer.retain_activations_mb * (1 << 20)))
         privacy.install_verifier(self.discovery)
+        from openhydra.weights.node_hook import share_weights  # weights from the swarm: serve this span's tensors
+
+        self.peer_server.weights = share_weights(choice.path, (runtime.start, runtime.end),
+                                                 cfg.peer.share_weights_mbps, self.identity)
+        weights_manifest = self.peer_server.weights.content_hash if self.peer_server.weights else None
         grpc_address = self.peer_server.start()
         peer_id = cfg.node.peer_id or self.identity.peer_id
         if hasattr(self.discovery, "set_identity"):  # discovery hook: only the owner withdraws its record
@@ -258,7 +269,7 @@ class Node:
                 total_layers=num_layers, grpc_address=grpc_address,
                 api_address=f"{cfg.api.host}:{cfg.api.port}", dtype=dtype, backend="pytorch",
                 active_sessions=len(engine.active_sessions) if engine else 0, announced_at=now, ttl_s=ttl_s,
-                instance=instance,
+                instance=instance, weights_manifest=weights_manifest,
             ))
 
         self.announcer = Announcer(self.discovery, make_record)
@@ -283,6 +294,11 @@ class Node:
             verifier = build_verifier(vcfg, cfg.node.data_path, stake_of=getattr(economy, "stake_of", None),
                                       slash=getattr(economy, "slash", None))
             self.state.extra["reputation"] = verifier
+            if self.identity is not None:  # slash evidence: signed, spread and applied through discovery
+                from openhydra.verification.evidence import attach_evidence
+
+                attach_evidence(verifier, self.discovery, self.identity, lambda: make_record(time.time(), 3600.0),
+                                privacy.sign, self.background.loop, choice.api_name)
         client = PeerChainClient([], reply_host=cfg.peer.host, tunables=self._client_tunables(),
                                  **privacy.client_options(runtime, choice.path,
                                                           lambda: self.swarm.peers() if self.swarm else []))
@@ -384,6 +400,8 @@ class Node:
             status["kademlia_maddrs"] = maddrs
         if self.peer_server is not None:
             status["peer"] = {"grpc_address": self.peer_server.address, "span": list(self.span or ())}
+            if self.peer_server.weights is not None:
+                status["peer"]["weights"] = self.peer_server.weights.status()
         if self.swarm is not None:
             status["pipeline"] = self.swarm.status()
             if self.state.degrader is not None:

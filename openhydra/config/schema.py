@@ -162,6 +162,9 @@ class PeerSection(Strict):
     20x the median decode latency); a hop that stopped is blamed after this plus at most one probe."""
     probe_timeout_s: float = Field(1.0, gt=0, le=30)
     """Coordinator: a hop that does not answer a liveness probe (Info) within this is blamed."""
+    retain_activations_mb: float = Field(256.0, ge=0)
+    """Peer: hidden states it pushed, kept per session (LRU) so that when its successor fails only the replacement
+    recomputes the history (peer/rebuild.py); 0: off (every failover replays the whole chain)."""
     share_weights_mbps: float = Field(100.0, ge=0)
     """Serve this span's weights to joining peers (openhydra/weights/serve.py) at most this fast, megabits/s
     over all their streams; 0: do not share."""

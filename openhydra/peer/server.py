@@ -107,6 +107,7 @@ class PeerService(pb_grpc.PeerServicer):
         self._closing: set[asyncio.Future] = set()
         self._in_flight = 0
         self._served = 0
+        self.weights: Any = None  # weights/serve.py WeightsServer: FetchWeights (None: not sharing)
 
     # ---- RPCs -----------------------------------------------------------------------------------
 
@@ -202,6 +203,13 @@ class PeerService(pb_grpc.PeerServicer):
         from openhydra.economy.settlement_wire import apply_rpc
 
         return await apply_rpc(self.settlement, request, context, self.address)
+
+    async def FetchWeights(self, request: pb.WeightsRequest, context: grpc.aio.ServicerContext):
+        """Weights from the swarm: stream a range of this span's checkpoint (logic in openhydra/weights/serve.py)."""
+        if self.weights is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this peer does not share weights")
+        async for chunk in self.weights.stream(request, context):
+            yield chunk
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
         rt = self.runtime
@@ -582,10 +590,13 @@ class PeerServer:
         require_encryption: bool = False,
         swarm_token: str | None = None,
         settlement: Any = None,
+        retain_bytes: int = DEFAULT_RETAIN_BYTES,
     ) -> None:
         self.runtime, self.host, self.port = runtime, host, port
+        self.retain_bytes = retain_bytes  # activations kept for a failover rebuild (peer/rebuild.py)
         self.settlement = settlement
         self.swarm_token = swarm_token
+        self.weights: Any = None  # set before start(): openhydra/weights/serve.py WeightsServer
         self.auth = None  # SwarmAuthInterceptor in a private swarm (its refusal counts)
         self.model_id, self.workers = model_id, workers
         self.static_key = static_key or StaticKeyPair.generate()
@@ -634,7 +645,9 @@ class PeerServer:
             raise OSError(f"cannot bind {self.host}")
         self.service = PeerService(self.runtime, self.address, self.model_id, self.workers,
                                    static_key=self.static_key, require_encryption=self.require_encryption,
-                                   swarm_token=self.swarm_token, settlement=self.settlement)
+                                   swarm_token=self.swarm_token, settlement=self.settlement,
+                                   retain_bytes=self.retain_bytes)
+        self.service.weights = self.weights
         pb_grpc.add_PeerServicer_to_server(self.service, self._server)
         await self._server.start()
 

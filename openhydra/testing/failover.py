@@ -77,6 +77,7 @@ class Trial:
     faulted_at: float | None = None
     failovers: float = 0.0
     replays: float = 0.0
+    rebuilds: float = 0.0  # replays that rebuilt only the replaced span (peer/rebuild.py)
     completion_tokens: int | None = None  # the server's usage count (chunks can merge tokens: UTF-8 pieces)
 
     @property
@@ -119,7 +120,8 @@ def fault_trial(coordinator: NodeProcess, replicas: list[NodeProcess], span: tup
                 max_tokens: int, at: int, sig: signal.Signals) -> Trial:
     """Stream, and send ``sig`` to the session's replica of ``span`` when token ``at`` arrives."""
     before = (metric(coordinator.url, "openhydra_pipeline_failovers_total"),
-              metric(coordinator.url, "openhydra_pipeline_replays_total"))
+              metric(coordinator.url, "openhydra_pipeline_replays_total"),
+              metric(coordinator.url, "openhydra_pipeline_rebuilds_total"))
     state: dict = {}
 
     def on_token(n: int) -> None:
@@ -133,4 +135,5 @@ def fault_trial(coordinator: NodeProcess, replicas: list[NodeProcess], span: tup
     trial.at, trial.victim, trial.faulted_at = at, state.get("victim"), state.get("at")
     trial.failovers = metric(coordinator.url, "openhydra_pipeline_failovers_total") - before[0]
     trial.replays = metric(coordinator.url, "openhydra_pipeline_replays_total") - before[1]
+    trial.rebuilds = metric(coordinator.url, "openhydra_pipeline_rebuilds_total") - before[2]
     return trial
