@@ -7,7 +7,8 @@ thread, decoding the same prompt greedily, interleaved (run_interleaved alternat
 Memory: parameter bytes the runtime holds, and RSS growth after loading + one step, measured in a
 fresh child process per arm. Agreement: teacher-forced top-1 (the fp32 greedy continuation fed to
 each arm; the share of positions whose argmax equals fp32's). int8 = weight-only int8 with bf16
-activations; nf4 = bitsandbytes NF4 with bf16 compute.
+activations; int4 = 4-bit groups of 32 (runtime/quant_cpu.py) with fp32 activations outside the kernel;
+nf4 = bitsandbytes NF4 with bf16 compute.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import medians, plot_trials, print_table, run_interleaved
 
 ARMS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("bfloat16", "int8"),
-        "nf4": ("bfloat16", "nf4")}
+        "int4": ("float32", "int4"), "nf4": ("bfloat16", "nf4")}
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 
 
