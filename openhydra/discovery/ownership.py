@@ -117,7 +117,7 @@ def check_announcement(
     ok = _cache.get(cache_key)
     if ok is None:
         try:
-            # Slack is ours to choose; check_record re-checks freshness with the same bounds.
+            # The signature over the record's canonical JSON (and the static key's binding, when present).
             check_record(record, now=now, require_static_key=False)
             ok = True
         except (CryptoError, ValueError):
