@@ -1,0 +1,90 @@
+"""Unit checks of peer/session_admission.py and peer/session_auth.py (the process-level attacks are in
+tests/adversarial/test_sessions.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from types import SimpleNamespace
+
+import pytest
+
+from openhydra.crypto.errors import ReplayedMessage
+from openhydra.crypto.keys import HopKeys
+from openhydra.peer.proto import peer_pb2 as pb
+from openhydra.peer.session_admission import (
+    MAX_ONION_AGE_S,
+    SessionAdmission,
+    SessionsBusy,
+    decode_payload,
+    encode_payload,
+    source_of,
+)
+from openhydra.peer.session_auth import check_control, failure_is_authentic, sign_control, sign_failure
+
+
+def _keys() -> HopKeys:
+    return HopKeys(*(os.urandom(32) for _ in range(4)))
+
+
+def test_payload_round_trip_and_freshness() -> None:
+    span, issued = decode_payload(encode_payload(3, 7))
+    assert span == (3, 7) and abs(issued / 1000 - time.time()) < 5
+    admission = SessionAdmission(capacity=4)
+    admission.check("s", issued)
+    with pytest.raises(ReplayedMessage):
+        admission.check("s", int((time.time() - MAX_ONION_AGE_S - 5) * 1000))  # stale
+    with pytest.raises(ReplayedMessage):
+        admission.check("s", None)  # no issue time: an old-format onion
+    assert decode_payload(b"12345678") == (None, None)
+
+
+def test_ids_are_single_use_and_live_sessions_stay() -> None:
+    admission = SessionAdmission(capacity=3, per_source=2)
+    live = {"live"}
+    admission.is_live = lambda sid: sid in live
+    sessions: OrderedDict[str, object] = OrderedDict()
+    old = time.time() - 60  # past the admission grace
+    for sid in ("live", "a", "b"):
+        admission.admit(sid, "10.0.0.1", sessions, now=old)
+        sessions[sid] = SimpleNamespace(admitted_at=old)
+    with pytest.raises(ReplayedMessage):
+        admission.check("a", int(time.time() * 1000))
+    admission.admit("c", "10.0.0.1", sessions)  # the source's own oldest pending session goes, not "live"
+    sessions["c"] = SimpleNamespace(admitted_at=time.time())
+    assert list(sessions) == ["live", "b", "c"]
+    live.update(sessions)
+    with pytest.raises(SessionsBusy):  # everything held is live: refuse rather than evict
+        admission.admit("d", "10.0.0.2", sessions)
+    assert list(sessions) == ["live", "b", "c"]
+
+
+def test_source_of() -> None:
+    assert source_of("ipv4:127.0.0.1:5555") == "127.0.0.1"
+    assert source_of("ipv6:[::1]:5555") == "::1"
+
+
+def test_control_tag_binds_kind_args_hop_and_counter() -> None:
+    keys = _keys()
+    request = pb.TruncateRequest(session_id="s", length=4)
+    sign_control(keys, 1, 5, request)
+    assert check_control(keys, 1, 4, request) == 5
+    assert check_control(keys, 1, 5, request) is None  # replayed counter
+    assert check_control(keys, 0, 0, request) is None  # another hop
+    assert check_control(_keys(), 1, 0, request) is None  # another session's keys
+    request.length = 1
+    assert check_control(keys, 1, 0, request) is None  # altered argument
+    close = pb.CloseRequest(session_id="s")
+    close.auth.CopyFrom(pb.TruncateRequest(session_id="s", length=4, auth=request.auth).auth)
+    assert check_control(keys, 1, 0, close) is None  # a Truncate tag is not a Close tag
+
+
+def test_failure_tag() -> None:
+    route = [_keys(), _keys()]
+    result = pb.Result(session_id="s", seq=9, failure=pb.Failure(hop_address="h", code=14, expected_position=-1))
+    assert not failure_is_authentic(route, result)
+    sign_failure(route[1], 1, result)
+    assert failure_is_authentic(route, result)
+    result.failure.hop_address = "someone else"
+    assert not failure_is_authentic(route, result)
