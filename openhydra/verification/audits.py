@@ -109,6 +109,8 @@ class Outcome:
     step: int | None = None
     reason: str = ""
     irreproducible: bool = False  # the user's answer differed from a replay of its own chain
+    answers: dict[str, Answer] = field(default_factory=dict)  # each voter's answer at ``step`` (evidence digests)
+    majority: Answer | None = None  # the winning class's answer (tiers 2 and 3, when someone failed)
     suspects: list[str] = field(default_factory=list)  # irreproducible: the peers of the user's chain
 
 
@@ -282,8 +284,11 @@ class AuditRunner:
             passed = [p for p in everyone if p not in failed]
         else:
             passed = sorted(winning_ids)
+        answers = dict(voters)
+        if judged:
+            answers.update(dict.fromkeys(judged, feed.answer))
         self._conclude(Outcome(audit.session_id, audit.span, tier, failed=failed, passed=passed, step=step,
-                               reason=reason))
+                               reason=reason, answers=answers, majority=winners[0][1]))
 
     # ---- tier 3 -------------------------------------------------------------------------------------
 

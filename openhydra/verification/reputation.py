@@ -10,7 +10,8 @@ w * 2^-((now - t) / half_life) now (half-lives in ``ReputationConfig``):
 - uptime = (ok + 1) / (ok + down + 1): ok = steps the peer served in a chain, down = hop failures
   blamed on it.
 - latency consistency = 1 / (1 + cv), cv = std / mean of the per-position latency of decode steps
-  through the peer (1.0 with fewer than 3 samples).
+  through the peer; 0 with fewer than 3 samples (unmeasured earns nothing), so a fresh identity
+  (0.65 without stake) never starts above a peer with a clean history (0.65 + 0.2 x its consistency).
 - stake factor = stake / (stake + stake_ref) from the economy's ``stake_of`` (0 without stake).
 
 Events are appended to ``events`` (one row per verification outcome; ok/down/latency coalesced per
@@ -166,7 +167,7 @@ class ReputationStore:
         ok, down = get["ok"][0], get["down"][0]
         uptime = (ok + 1.0) / (ok + down + 1.0)
         n, s, s2 = get["latency"]
-        latency = 1.0
+        latency = 0.0  # unmeasured: a fresh identity gets no credit a clean history has earned
         if n >= 3 and s > 0:
             mean = s / n
             std = math.sqrt(max(0.0, s2 / n - mean * mean))

@@ -55,6 +55,8 @@ class Verifier:
         self.rng = random.Random(config.seed)
         self.outcomes: list[Outcome] = []
         self._on_outcome = on_outcome
+        self.evidence = None  # an EvidenceBoard (verification/evidence.py): signs slash evidence when set
+        self.on_evidence: Callable | None = None  # called with each new SlashEvidence (the node publishes it)
         self._pipeline = None
         self._runner: AuditRunner | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
@@ -228,8 +230,31 @@ class Verifier:
 
     def _record_outcome(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
+        if self.evidence is not None and outcome.failed and outcome.majority is not None:
+            self._issue_evidence(outcome)
         if self._on_outcome is not None:
             self._on_outcome(outcome)
+
+    def _issue_evidence(self, outcome: Outcome) -> None:
+        """Sign a :class:`~openhydra.verification.evidence.SlashEvidence` per failed peer and hand it to
+        ``on_evidence`` (the node publishes it through discovery)."""
+        from openhydra.verification.evidence import answer_digest, request_digest
+
+        model_id = getattr(self._pipeline, "model_id", "") or "unknown"
+        for peer_id in outcome.failed:
+            answer = outcome.answers.get(peer_id)
+            if answer is None:
+                continue
+            evidence = self.evidence.issue(
+                accused=peer_id, model_id=model_id, request=request_digest(outcome.session_id),
+                start=outcome.span[0], end=outcome.span[1], step=int(outcome.step or 0), tier=outcome.tier,
+                accused_answer=answer_digest(answer), majority_answer=answer_digest(outcome.majority),
+                voters=max(2, len(outcome.answers)), issued_at=time.time())
+            if evidence is not None and self.on_evidence is not None:
+                try:
+                    self.on_evidence(evidence)
+                except Exception as exc:
+                    log.warning("publishing evidence against %s failed: %s", peer_id, exc)
 
     # ---- status ------------------------------------------------------------------------------------
 

@@ -43,14 +43,14 @@ def test_audit_dodging_liar_frames_no_honest_peer(tiny_model_dirs, tmp_path) -> 
         assert swarm.verifier.drain(300)
         outcomes = swarm.verifier.outcomes
         framed = sorted({p for o in outcomes for p in (*o.failed, *o.disputed) if p in honest})
-        irreproducible = [o for o in outcomes if o.irreproducible]
         counts = {p: swarm.reputation.counts(p) for p in honest}
-        print(f"\n{len(outcomes)} audits concluded, {len(irreproducible)} irreproducible user answers; "
-              f"honest peers failed or disputed: {framed}")
+        print(f"\n{len(outcomes)} audits concluded; honest peers failed or disputed: {framed}")
         assert len(outcomes) >= 50
         assert framed == [], [(o.span, o.tier, o.failed, o.disputed, o.reason) for o in outcomes
                               if set(o.failed + o.disputed) & set(honest)]
         assert all(c["fail"] == 0 and c["dispute"] == 0 for c in counts.values()), counts
+        irreproducible = [o for o in outcomes if o.irreproducible]
+        print(f"{len(irreproducible)} irreproducible user answers")
         assert all(swarm.reputation.components(p)["verification"] >= 1.0 for p in honest)
         # The liar did lie (its user answers were not reproduced), and every such outcome names it a suspect.
         assert irreproducible and all("liar" in o.suspects for o in irreproducible)

@@ -28,7 +28,7 @@ def test_options_compose_and_validate(composed, option: str, rate: float, enable
     v = VerificationConfig.model_validate(OmegaConf.to_container(cfg.verification))
     assert (v.sample_rate, v.enabled) == (rate, enabled)
     if option == "paranoid":  # extends default, changes a few keys
-        assert (v.vote_peers, v.audit_rate, v.reputation.floor, v.tolerance.float32) == (5, 0.5, 0.7, 0.001)
+        assert (v.vote_peers, v.audit_rate, v.reputation.floor, v.tolerance.float32) == (5, 0.5, 0.62, 0.001)
 
 
 def test_fault_override_and_bad_values(composed) -> None:

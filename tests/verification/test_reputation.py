@@ -26,9 +26,9 @@ def test_components_and_score(tmp_path: Path) -> None:
     clock = Clock()
     stakes = {"staked": 100_000_000}  # 100 HYDRA = stake_ref: factor 0.5
     store = ReputationStore(tmp_path / "r.db", ReputationConfig(), stake_of=lambda p: stakes.get(p, 0), clock=clock)
-    assert store.components("new") == {"verification": 1.0, "uptime": 1.0, "latency": 1.0, "stake": 0.0}
-    assert store.score("new") == pytest.approx(0.85)
-    assert store.score("staked") == pytest.approx(0.85 + 0.15 * 0.5)
+    assert store.components("new") == {"verification": 1.0, "uptime": 1.0, "latency": 0.0, "stake": 0.0}
+    assert store.score("new") == pytest.approx(0.65)
+    assert store.score("staked") == pytest.approx(0.65 + 0.15 * 0.5)
     store.record("liar", "fail")
     assert store.components("liar")["verification"] == pytest.approx(2 / 7)  # prior 2 passes, weight 5
     assert store.score("liar") < store.config.floor and store.routing_score("liar") == 0.0

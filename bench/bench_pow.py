@@ -1,0 +1,76 @@
+"""What a new identity costs: CPU seconds to solve the join proof of work (crypto/pow.py), per difficulty.
+
+A slashed peer that comes back under a fresh Ed25519 identity must first solve a geo-challenge proof
+for that id (when the swarm requires one: ``privacy.pow_difficulty_bits``), and again every 10-minute
+window it stays. This measures, per difficulty, the CPU time of ``solve`` for distinct fresh peer ids
+(interleaved across difficulties, one core), its median and spread, the hashes per second, and the
+verifier's side (one ``verify``), so the ratio solve/verify is the attacker's cost per unit of defence.
+
+    python bench/bench_pow.py --bits 12 16 18 20 --ids 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+from openhydra.crypto.identity import Identity
+from openhydra.crypto.pow import solve, verify
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=int, nargs="+", default=[12, 16, 18, 20])
+    parser.add_argument("--ids", type=int, default=8, help="fresh identities per difficulty")
+    parser.add_argument("--png", default="docs/img/bench_pow.png")
+    args = parser.parse_args()
+    print(f"load average at start: {os.getloadavg()}")
+    cpu: dict[int, list[float]] = {b: [] for b in args.bits}
+    hashes: dict[int, list[int]] = {b: [] for b in args.bits}
+    check: dict[int, list[float]] = {b: [] for b in args.bits}
+    now = time.time()
+    for _ in range(args.ids):  # interleaved: each round solves once at every difficulty
+        for bits in args.bits:
+            peer_id = Identity.generate().peer_id
+            t0 = time.process_time()
+            proof = solve(peer_id, "eu-west", bits, now=now)
+            cpu[bits].append(time.process_time() - t0)
+            hashes[bits].append(proof.nonce + 1)
+            t0 = time.perf_counter()
+            verify(proof, peer_id, bits, claimed_region="eu-west", now=now)
+            check[bits].append(time.perf_counter() - t0)
+    print(f"load average at end: {os.getloadavg()}")
+    print(f"{'bits':>4} {'median CPU s/id':>16} {'p10':>8} {'p90':>8} {'mean':>8} {'Mhash/s':>8} "
+          f"{'verify us':>9} {'solve/verify':>12}")
+    rows = []
+    for bits in args.bits:
+        xs = sorted(cpu[bits])
+        rate = sum(hashes[bits]) / max(sum(xs), 1e-9) / 1e6
+        ver = statistics.median(check[bits])
+        p10, p90 = xs[len(xs) // 10], xs[min(len(xs) - 1, (9 * len(xs)) // 10)]
+        rows.append((bits, statistics.median(xs), statistics.mean(xs)))
+        print(f"{bits:>4} {statistics.median(xs):>16.3f} {p10:>8.3f} {p90:>8.3f} {statistics.mean(xs):>8.3f} "
+              f"{rate:>8.2f} {ver * 1e6:>9.1f} {statistics.mean(xs) / ver:>12.0f}")
+    if args.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.semilogy([r[0] for r in rows], [r[2] for r in rows], "o-", label="mean CPU s per identity")
+        ax.semilogy([r[0] for r in rows], [r[1] for r in rows], "s--", label="median")
+        ax.set_xlabel("privacy.pow_difficulty_bits")
+        ax.set_ylabel("CPU seconds (one core)")
+        ax.set_title("Cost of one fresh identity (per 10-minute window)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=100)
+        print(f"wrote {args.png}")
+
+
+if __name__ == "__main__":
+    main()
