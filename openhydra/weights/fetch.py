@@ -404,6 +404,11 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:80] or "model"
 
 
+def swarm_folder(cache_root: Path, model_id: str, content_hash: str) -> Path:
+    """Where a model's weights fetched from the swarm live in the shared model cache."""
+    return Path(cache_root).expanduser() / "models" / "swarm" / f"{_safe_name(model_id)}-{content_hash[:16]}"
+
+
 def fetch_span(model_id: str, records: list, pinned: str | None, choose_span: Callable[[int], tuple[int, int]],
                cache_root: Path, *, on_bad_peer: Callable[[str, str], None] | None = None,
                on_progress: Callable[[str], None] | None = None, swarm_token: str | None = None
@@ -415,6 +420,15 @@ def fetch_span(model_id: str, records: list, pinned: str | None, choose_span: Ca
     """
     from openhydra.runtime.model_cache import cache_lock
 
+    if pinned is not None:  # the next start: a folder fetched before, holding this span, needs no network
+        folder = swarm_folder(cache_root, model_id, pinned)
+        local = read_manifest(folder)
+        if local is not None and local.content_hash == pinned and (folder / SOURCE_MARKER).exists():
+            local.check(pinned)
+            span = choose_span(local.manifest.num_layers)
+            if covers(folder, local, span):
+                log.info("reusing %s: layers %s of %s were fetched and verified before", folder, list(span), model_id)
+                return folder, span, local
     announced = Counter(r.weights_manifest for r in records if getattr(r, "weights_manifest", None))
     if pinned is not None:
         if pinned not in announced:
@@ -430,7 +444,7 @@ def fetch_span(model_id: str, records: list, pinned: str | None, choose_span: Ca
     sources = sources_from_records(records, content_hash)
     signed = get_manifest(sources, content_hash, pinned, swarm_token, on_bad_peer)
     span = choose_span(signed.manifest.num_layers)
-    folder = Path(cache_root).expanduser() / "models" / "swarm" / f"{_safe_name(model_id)}-{content_hash[:16]}"
+    folder = swarm_folder(cache_root, model_id, content_hash)
     with cache_lock(folder, f"fetching {model_id} layers {list(span)} from the swarm"):
         if covers(folder, signed, span):
             log.info("reusing %s: layers %s of %s were fetched and verified before", folder, list(span), model_id)

@@ -24,6 +24,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import re
 import struct
 from pathlib import Path, PurePosixPath
@@ -280,7 +281,7 @@ def sign(manifest: Manifest, identity=None) -> SignedManifest:
 
 def write_manifest(folder: Path, signed: SignedManifest) -> Path:
     out = Path(folder) / MANIFEST_FILE
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     tmp.write_text(signed.model_dump_json(indent=1))
     tmp.replace(out)
     return out

@@ -144,3 +144,53 @@ def weights_server_for(folder: Path, span: tuple[int, int], mbps: float, identit
     log.info("sharing weights of layers %s (manifest %s, %.0f MB) at up to %.0f Mbit/s", list(span),
              signed.content_hash[:16], server.offered_bytes / 1e6, mbps)
     return server
+
+
+def main(argv: list[str] | None = None) -> None:
+    """A weights-only seeder: ``python -m openhydra.weights.serve --folder DIR [--start A --end B] --port P``.
+
+    Serves FetchWeights for a checkpoint folder without loading the model (benchmarks, or seeding a swarm from a
+    machine that does not compute); every other Peer RPC answers UNIMPLEMENTED.
+    """
+    import argparse
+    import signal
+
+    from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
+    from openhydra.weights.manifest import ensure_manifest
+
+    parser = argparse.ArgumentParser(prog="python -m openhydra.weights.serve", description=main.__doc__)
+    parser.add_argument("--folder", type=Path, required=True)
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--end", type=int, default=None)
+    parser.add_argument("--mbps", type=float, default=0.0, help="cap in megabits/s (0: unpaced)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signed = ensure_manifest(args.folder)
+    span = (args.start, args.end if args.end is not None else signed.manifest.num_layers)
+    weights = WeightsServer(args.folder, signed, span, args.mbps)
+
+    class WeightsOnly(pb_grpc.PeerServicer):
+        async def FetchWeights(self, request, context):
+            async for chunk in weights.stream(request, context):
+                yield chunk
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_PeerServicer_to_server(WeightsOnly(), server)
+        port = server.add_insecure_port(f"{args.host}:{args.port}")
+        await server.start()
+        print(f"READY {args.host}:{port} {signed.content_hash}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop(0.5)
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
