@@ -45,7 +45,9 @@ def model_dir(name: str) -> Path:
         from openhydra.runtime.source import embedded_model_dir
 
         return embedded_model_dir(CACHE)
-    path = CACHE / f"tiny-{name}-8l"
+    path = CACHE / "tiny-v2" / f"tiny-{name}-8l"  # where tests/conftest.py builds them now
+    if not path.exists():
+        path = CACHE / f"tiny-{name}-8l"
     if not path.exists():
         raise SystemExit(f"{path} is missing: run the test suite once to build the tiny models")
     return path
