@@ -94,9 +94,13 @@ def model_source(model: ModelConfig, cache_root: Path, probe_timeout_s: float = 
 
 
 def resolve_model(model: ModelConfig, cache_root: Path, probe_timeout_s: float = 2.0,
-                  swarm_fetch: Callable[[ModelConfig], tuple[Path, str]] | None = None) -> ModelChoice:
+                  swarm_fetch: Callable[[ModelConfig], tuple[Path, str]] | None = None,
+                  prefer_swarm: bool = False) -> ModelChoice:
     """The first source that works: the model's own (path, hub, embedded), then the swarm (``swarm_fetch``, when
-    this node has discovery: openhydra/weights/fetch.py), then each fallback. ``model.source=swarm``: swarm only."""
+    this node has discovery: openhydra/weights/fetch.py), then each fallback. ``model.source=swarm``: swarm only.
+
+    ``prefer_swarm`` (a node serving a shard, e.g. after auto-promotion): a hub model is fetched from the swarm
+    first, only the span this node serves, and downloaded whole from the hub only if no peer shares it."""
     requested = api_name(model)
     failures: list[str] = []
     candidates: list[tuple[str, ModelConfig]] = [(requested, model)]
@@ -108,10 +112,19 @@ def resolve_model(model: ModelConfig, cache_root: Path, probe_timeout_s: float =
                     raise ModelSourceError("model.source=swarm needs discovery (a swarm to fetch from)")
                 path, source = swarm_fetch(entry)
             else:
+                swarm_first = (prefer_swarm and entry is model and swarm_fetch is not None and bool(entry.hf_id)
+                               and not entry.path and not entry.embedded)
                 try:
-                    path, source = _try_source(entry, cache_root, probe_timeout_s)
+                    if swarm_first:
+                        try:
+                            path, source = swarm_fetch(entry)
+                        except Exception as exc:
+                            log.info("%s: no span from the swarm (%s); trying the hub", api_name(entry), exc)
+                            path, source = _try_source(entry, cache_root, probe_timeout_s)
+                    else:
+                        path, source = _try_source(entry, cache_root, probe_timeout_s)
                 except Exception as own:
-                    if entry is not model or swarm_fetch is None:
+                    if entry is not model or swarm_fetch is None or swarm_first:
                         raise
                     log.warning("model %s unavailable from its source (%s); fetching it from the swarm",
                                 api_name(entry), own)

@@ -114,7 +114,8 @@ class Node:
             from openhydra.weights.node_hook import swarm_fetch_for  # weights from the swarm (issue 19)
 
             choice = resolve_model(cfg.model, cfg.node.model_cache_path, cfg.node.hub_probe_timeout_s,
-                                   swarm_fetch=swarm_fetch_for(self) if self.in_swarm else None)
+                                   swarm_fetch=swarm_fetch_for(self) if self.in_swarm else None,
+                                   prefer_swarm=cfg.shard.mode != "full")  # a shard (auto-promotion): its span only
             state.requested_model = choice.requested_name
             num_layers, context = model_num_layers(choice.path)
             self.span = self.swarm_spans.get(choice.path) or self._choose_span(choice, num_layers)
