@@ -232,6 +232,8 @@ class AuditRunner:
         except HopError as exc:
             log.info("primary %s failed its replay: %s", audit.primary.peer_id, exc)
             primary_replay = None
+            if exc.address == audit.primary.grpc_address:  # it refused its own replay: judged on the user's answer
+                voters.insert(0, (audit.primary.peer_id, feed.answer))
         for peer in self._pick(audit.span, exclude, self.vote_peers - 2):
             audit.dtypes.add(peer.dtype)
             try:
