@@ -30,10 +30,11 @@ from openhydra.weights.fetch import Source, SpanFetcher
 from openhydra.weights.manifest import ensure_manifest
 
 
-def start_seeders(folder: Path, n: int) -> tuple[list[subprocess.Popen], list[str]]:
+def start_seeders(folder: Path, n: int, mbps: float) -> tuple[list[subprocess.Popen], list[str]]:
     procs, addresses = [], []
     for _ in range(n):
-        proc = subprocess.Popen([sys.executable, "-m", "openhydra.weights.serve", "--folder", str(folder)],
+        proc = subprocess.Popen([sys.executable, "-m", "openhydra.weights.serve", "--folder", str(folder),
+                                 "--mbps", str(mbps)],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         line = proc.stdout.readline()
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=5)
     parser.add_argument("--end", type=int, default=15)
     parser.add_argument("--sources", default="1,2,4")
+    parser.add_argument("--mbps", type=float, default=0.0, help="each seeder's cap (peer.share_weights_mbps; 0: none)")
     parser.add_argument("--png", type=Path, default=Path("docs/img/bench_weights_fetch.png"))
     args = parser.parse_args()
     folder = embedded_model_dir(TEST_CACHE_ROOT)
@@ -87,7 +89,7 @@ def main() -> None:
         blobs_s.append(time.process_time() - cpu)
     verify_cpu_s = statistics.median(blobs_s)
 
-    procs, addresses = start_seeders(folder, max(counts))
+    procs, addresses = start_seeders(folder, max(counts), args.mbps)
     results: dict[str, list[float]] = {"copy": [], **{f"{n} peers": [] for n in counts}}
     cpu_per_fetch: dict[str, list[float]] = {f"{n} peers": [] for n in counts}
     tmp = Path(tempfile.mkdtemp(prefix="bench-weights-"))
@@ -118,7 +120,7 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in results.items()}
     summary = {
-        "span": list(span), "span_mb": round(span_bytes / 1e6, 1), "reps": args.reps,
+        "seeder_mbps": args.mbps, "span": list(span), "span_mb": round(span_bytes / 1e6, 1), "reps": args.reps,
         "median_s": {k: round(v, 3) for k, v in med.items()},
         "median_mb_s": {k: round(span_bytes / 1e6 / v, 1) for k, v in med.items()},
         "ratio_vs_copy": {k: round(med["copy"] / v, 3) for k, v in med.items() if k != "copy"},
@@ -139,7 +141,8 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.bar(names, [span_bytes / 1e6 / med[k] for k in names], color=["grey"] + ["tab:blue"] * len(counts))
         ax.set_ylabel("MB/s (median)")
-        ax.set_title(f"SmolLM2 layers {list(span)} ({span_bytes / 1e6:.0f} MB): fetch vs plain copy, loopback")
+        cap = f", seeders capped at {args.mbps:g} Mbit/s" if args.mbps else ""
+        ax.set_title(f"SmolLM2 layers {list(span)} ({span_bytes / 1e6:.0f} MB), loopback{cap}", fontsize=9)
         fig.tight_layout()
         args.png.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.png, dpi=110)

@@ -38,7 +38,7 @@ FAULT_ENV = "OPENHYDRA_WEIGHTS_FAULT"
 class Pacer:
     """Paces bytes to ``bytes_per_s`` over every stream of a server (a virtual clock, burst of ``burst_s``)."""
 
-    def __init__(self, bytes_per_s: float, burst_s: float = 0.05) -> None:
+    def __init__(self, bytes_per_s: float, burst_s: float = 0.25) -> None:
         self.bytes_per_s = bytes_per_s
         self.burst_s = burst_s
         self._next = time.monotonic()
