@@ -38,6 +38,7 @@ from pathlib import Path
 import grpc
 from pydantic import BaseModel
 
+from openhydra.crypto.membership import RPC_METADATA_KEY
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
 from openhydra.weights.manifest import (
@@ -153,7 +154,7 @@ class SpanFetcher:
         self.on_progress = on_progress
         self.streams_per_source = streams_per_source
         self.progress_every_s = progress_every_s
-        self.metadata = [("openhydra-swarm", swarm_token)] if swarm_token else None
+        self.metadata = [(RPC_METADATA_KEY, swarm_token)] if swarm_token else None
         self.report = FetchReport()
         self._lock = threading.Lock()
         self._done = threading.Event()
@@ -379,7 +380,7 @@ def get_manifest(sources: list[Source], content_hash: str, pinned: str | None, s
                  on_bad_peer: Callable[[str, str], None] | None = None) -> SignedManifest:
     """The manifest from the first peer that sends one matching ``content_hash`` (and the pin)."""
     errors = []
-    metadata = [("openhydra-swarm", swarm_token)] if swarm_token else None
+    metadata = [(RPC_METADATA_KEY, swarm_token)] if swarm_token else None
     for source in sources:
         with grpc.insecure_channel(source.address, options=GRPC_OPTIONS) as channel:
             try:

@@ -36,6 +36,16 @@ def reputation_reporter(data_dir: Path, verification: dict | None) -> Callable[[
     return report
 
 
+def private_swarm_token(privacy: dict | None) -> str | None:
+    """The RPC credential of a private swarm (crypto/membership.py), which its peers demand on every call."""
+    from openhydra.crypto.membership import rpc_token
+
+    secret = (privacy or {}).get("swarm_secret")  # validated with the rest of the privacy group at start
+    if hasattr(secret, "get_secret_value"):
+        secret = secret.get_secret_value()
+    return rpc_token(str(secret)) if secret else None
+
+
 def swarm_fetch_for(node) -> Callable[[ModelConfig], tuple[Path, str]]:
     """``entry -> (folder, source)``: this node's span of ``entry`` fetched from the peers that share it."""
     from openhydra.catalog import api_name
@@ -57,7 +67,8 @@ def swarm_fetch_for(node) -> Callable[[ModelConfig], tuple[Path, str]]:
 
         folder, span, signed = fetch_span(
             model_id, records, entry.manifest, choose, cfg.node.model_cache_path,
-            on_bad_peer=reputation_reporter(cfg.node.data_path, cfg.verification), on_progress=progress)
+            on_bad_peer=reputation_reporter(cfg.node.data_path, cfg.verification), on_progress=progress,
+            swarm_token=private_swarm_token(cfg.privacy))
         node.swarm_spans[folder] = span
         return folder, f"swarm:{model_id} (manifest {signed.content_hash[:16]})"
 

@@ -162,3 +162,27 @@ def test_a_fetch_killed_halfway_resumes_without_refetching_verified_chunks(peers
     assert peers["good"].weights.bytes_served - served_before == report.total_bytes - resumed_bytes
     _span_bytes_equal(out, tiny, signed, (0, 8))
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 8
+
+
+def test_a_private_swarm_peer_serves_weights_only_with_the_swarm_credential(tiny: Path, tmp_path: Path) -> None:
+    from openhydra.crypto.membership import rpc_token
+    from openhydra.weights.node_hook import private_swarm_token
+
+    secret = "a-private-swarm-secret"
+    token = private_swarm_token({"swarm_secret": secret})
+    assert token == rpc_token(secret)
+    signed = ensure_manifest(tiny)
+    server = PeerServer(ShardRuntime(tiny, 0, 8, dtype=torch.float32), port=0, model_id="tiny", swarm_token=token)
+    server.weights = WeightsServer(tiny, signed, (0, 8), mbps=0)
+    server.start()
+    try:
+        source = Source("private", server.address, (0, 8))
+        with pytest.raises(FetchError, match="PERMISSION_DENIED"):
+            get_manifest([source], signed.content_hash, signed.content_hash)
+        assert server.weights.requests == 0  # refused before the handler
+        got = get_manifest([source], signed.content_hash, signed.content_hash, swarm_token=token)
+        report = SpanFetcher(tmp_path / "out", got, (0, 4), [source], pinned=signed.content_hash,
+                             swarm_token=token).run()
+        assert report.fetched_chunks == report.total_chunks
+    finally:
+        server.stop()
