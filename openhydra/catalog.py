@@ -120,7 +120,10 @@ def resolve_model(model: ModelConfig, cache_root: Path, probe_timeout_s: float =
                             path, source = swarm_fetch(entry)
                         except Exception as exc:
                             log.info("%s: no span from the swarm (%s); trying the hub", api_name(entry), exc)
-                            path, source = _try_source(entry, cache_root, probe_timeout_s)
+                            try:
+                                path, source = _try_source(entry, cache_root, probe_timeout_s)
+                            except Exception as own:
+                                raise ModelSourceError(f"{own}; and from the swarm: {exc}") from own
                     else:
                         path, source = _try_source(entry, cache_root, probe_timeout_s)
                 except Exception as own:
@@ -128,7 +131,10 @@ def resolve_model(model: ModelConfig, cache_root: Path, probe_timeout_s: float =
                         raise
                     log.warning("model %s unavailable from its source (%s); fetching it from the swarm",
                                 api_name(entry), own)
-                    path, source = swarm_fetch(entry)
+                    try:
+                        path, source = swarm_fetch(entry)
+                    except Exception as swarm_exc:  # keep the source's own reason first (degradation header)
+                        raise ModelSourceError(f"{own}; and from the swarm: {swarm_exc}") from swarm_exc
         except Exception as exc:  # any failure moves on to the next fallback, and is reported
             failures.append(f"{api_name(entry)} ({entry.hf_id or entry.path or label}): {exc}")
             log.warning("model %s unavailable: %s", api_name(entry), exc)
