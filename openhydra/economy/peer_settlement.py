@@ -155,7 +155,8 @@ class PeerSettlement:
         return Signed(me.peer_id, me.public_key_bytes, positions, me.sign(body))
 
     # -- privacy=onion: a receipt naming only this peer, signed and applied at close --------------------
-    def sign_own(self, session_id: str, request_id: str, model_layers: int) -> SettlementRequest | None:
+    def sign_own(self, session_id: str, request_id: str, model_layers: int,
+                 apply: bool = True) -> SettlementRequest | None:
         """Sign a receipt for what this peer served in ``session_id`` that names only this peer (its layers'
         share of ``model_layers``), apply it to this peer's ledger and return it (peer/onion_control.py).
         None when the session is unknown, served nothing, or was settled already. Under onion no hop is told
@@ -176,15 +177,21 @@ class PeerSettlement:
             entry.signed_request, entry.signed_receipt = request_id, receipt.receipt_id
             self._receipts[receipt.receipt_id] = session_id
         self.counts["signed"] += 1
-        if getattr(self.economy, "enabled", False):
-            try:
-                self.economy.settle(receipt)
-                self.counts["applied"] += 1
-            except Exception as exc:
-                if getattr(exc, "code", "") != "receipt_already_applied":
-                    raise
-                self.counts["replayed"] += 1
+        if apply:
+            self.apply_own(receipt)
         return receipt
+
+    def apply_own(self, receipt: SettlementRequest) -> None:
+        """Record a receipt from :meth:`sign_own` in this peer's ledger (at most once; a ledger write)."""
+        if not getattr(self.economy, "enabled", False):
+            return
+        try:
+            self.economy.settle(receipt)
+            self.counts["applied"] += 1
+        except Exception as exc:
+            if getattr(exc, "code", "") != "receipt_already_applied":
+                raise
+            self.counts["replayed"] += 1
 
     # -- ApplySettlement --------------------------------------------------------------------------
     def apply(self, receipt: SettlementRequest) -> SettlementResult | None:

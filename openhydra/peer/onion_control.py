@@ -141,9 +141,10 @@ async def handle(service: Any, step: pb.Step, state: HopState) -> None:
     sid, seq, index = step.session_id, step.seq, state.index
     audit_key = state.session.layer.keys.audit_key
     command: ControlCommand | None = None
+    receipt = None
     try:
         command = open_command(audit_key, sid, index, seq, bytes(step.control[index]))
-        reply = await _act(service, sid, index, command)
+        reply, receipt = _act(service, sid, index, command)
     except (IndexError, ValueError) as exc:  # a relay altered or dropped our entry: answer so, act on nothing
         service.privacy.rejections["control"] += 1
         reply = ControlReply(ok=False, code=grpc.StatusCode.DATA_LOSS.value[0], message=str(exc)[:200])
@@ -165,29 +166,36 @@ async def handle(service: Any, step: pb.Step, state: HopState) -> None:
             await stream.send(service.privacy.seal_result(state, result), context=None)
         except StreamBroken as exc:
             log.warning("cannot return control replies of %s: %s", sid, exc)
+    if receipt is not None:  # the ledger write happens after the message moved on: it never delays the chain
+        try:
+            await asyncio.to_thread(service.settlement.apply_own, receipt)
+        except Exception as exc:  # serving never depends on settlement
+            log.warning("%s: own receipt for %s not recorded: %s", service.address, sid, exc)
     if command is not None and command.kind == "close":
         await close_local(service, sid)
 
 
-async def _act(service: Any, sid: str, index: int, command: ControlCommand) -> ControlReply:
+def _act(service: Any, sid: str, index: int, command: ControlCommand) -> tuple[ControlReply, Any]:
+    """This hop's reply, and (close + settle) its signed own receipt, to apply once the message moved on."""
     rt = service.runtime
     if command.kind == "truncate":
         try:
             rt.truncate_session(sid, int(command.length))
         except NotImplementedError as exc:
-            return ControlReply(ok=False, code=grpc.StatusCode.UNIMPLEMENTED.value[0], message=str(exc)[:500])
+            return ControlReply(ok=False, code=grpc.StatusCode.UNIMPLEMENTED.value[0], message=str(exc)[:500]), None
         except ValueError as exc:
-            return ControlReply(ok=False, code=grpc.StatusCode.FAILED_PRECONDITION.value[0], message=str(exc)[:500])
-        return ControlReply(length=rt.session_length(sid))
-    receipt = None
+            code = grpc.StatusCode.FAILED_PRECONDITION.value[0]
+            return ControlReply(ok=False, code=code, message=str(exc)[:500]), None
+        return ControlReply(length=rt.session_length(sid)), None
+    signed = None
     settlement = getattr(service, "settlement", None)
     if command.settle and settlement is not None and hasattr(settlement, "sign_own"):
-        try:  # a ledger write: off the event loop
-            signed = await asyncio.to_thread(settlement.sign_own, sid, own_request_id(sid, index), rt.num_layers)
-            receipt = signed.model_dump_json() if signed is not None else None
+        try:  # one Ed25519 signature; the ledger write comes later (handle)
+            signed = settlement.sign_own(sid, own_request_id(sid, index), rt.num_layers, apply=False)
         except Exception as exc:  # serving never depends on settlement
             log.warning("%s: no receipt for %s: %s", service.address, sid, exc)
-    return ControlReply(length=rt.session_length(sid), receipt=receipt)
+    receipt = signed.model_dump_json() if signed is not None else None
+    return ControlReply(length=rt.session_length(sid), receipt=receipt), signed
 
 
 def own_request_id(session_id: str, index: int) -> str:
@@ -258,7 +266,7 @@ async def close(client: Any, session_id: str, timeout: float) -> None:
         return
     n = len(crypto.route)
     try:
-        replies = await send(client, session_id, [ControlCommand(kind="close", settle=True)] * n, timeout)
+        replies = await send(client, session_id, [ControlCommand(kind="close", settle=True)] * n, 3 * timeout)
     except HopError as exc:  # a dead hop holds no session worth closing; its neighbours time theirs out
         log.debug("onion close of %s: %s", session_id, exc)
         return
