@@ -13,6 +13,7 @@ AES-256-GCM, the coordinator embeds locally, and each session starts with a 3-la
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -45,6 +46,7 @@ def main() -> None:
     model = model_dir.name
     messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
     work = Path(tempfile.mkdtemp(prefix="bench-privacy-"))
+    print(f"start: load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     with DhtProcess() as dht_off, DhtProcess() as dht_onion:
         def node(arm: str, dht_url: str, a: int, b: int) -> NodeProcess:
             overrides = swarm_node_overrides(model_dir, dht_url, a, b, work / f"{arm[8:]}{a}", dtype=args.dtype)
@@ -68,6 +70,7 @@ def main() -> None:
     ratio = med["privacy=onion"] / med["privacy=off"]
     per_token_ms = 1000 / med["privacy=onion"] - 1000 / med["privacy=off"]
     print_table(rates)
+    print(f"end: load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"\nratio onion/off = {ratio:.3f} (target >= 0.98); extra per token = {per_token_ms:.2f} ms "
           f"[{args.dtype}, 3 peers, 1 thread per process, tokens={args.tokens}, trials={args.trials}]")
     plot_trials(rates, f"SmolLM2-135M {args.dtype}, 3 peers: onion/off = {ratio:.3f}", args.plot)
