@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load_start = os.getloadavg()
+    print(f"load average at start: {load_start}", flush=True)
     path = model_dir(args.model)
     from transformers import AutoConfig
 
@@ -164,6 +166,8 @@ def main() -> None:
                 if s.name.endswith("_total")
             }
             result = {
+                "load_average_start": load_start,
+                "load_average_end": os.getloadavg(),
                 "model": args.model,
                 "rounds": args.rounds,
                 "tokens": args.tokens,
