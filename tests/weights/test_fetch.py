@@ -186,3 +186,23 @@ def test_a_private_swarm_peer_serves_weights_only_with_the_swarm_credential(tiny
         assert report.fetched_chunks == report.total_chunks
     finally:
         server.stop()
+
+
+def test_the_bandwidth_cap_holds_over_all_streams(tiny: Path, tmp_path: Path) -> None:
+    """peer.share_weights_mbps caps the peer's total rate, however many streams fetch from it at once."""
+    signed = ensure_manifest(tiny)
+    server = PeerServer(ShardRuntime(tiny, 0, 8, dtype=torch.float32), port=0, model_id="tiny")
+    server.weights = WeightsServer(tiny, signed, (0, 8), mbps=80)  # 10 MB/s
+    server.start()
+    try:
+        source = Source("capped", server.address, (0, 8))
+        started = time.monotonic()
+        report = SpanFetcher(tmp_path / "out", signed, (0, 8), [source], pinned=signed.content_hash,
+                             streams_per_source=3).run()
+        elapsed = time.monotonic() - started
+    finally:
+        server.stop()
+    rate = 80e6 / 8
+    burst_bytes = rate * 0.25  # the pacer's burst allowance
+    assert report.fetched_bytes > 20e6
+    assert elapsed >= (report.fetched_bytes - burst_bytes) / rate
