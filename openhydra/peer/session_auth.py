@@ -116,13 +116,13 @@ def failure_is_authentic(hop_keys: list[HopKeys], result: pb.Result) -> bool:
     return hmac.compare_digest(_failure_tag(hop_keys[index], result, index), result.failure_auth.tag)
 
 
-async def authorize_control(privacy, runtime, address: str, request: pb.CloseRequest | pb.TruncateRequest,
-                            context: grpc.aio.ServicerContext) -> None:
-    """Peer side: return if the control call may act on its session, else abort with PERMISSION_DENIED (counted).
+def control_refusal(privacy, runtime, request: pb.CloseRequest | pb.TruncateRequest) -> str | None:
+    """Peer side, any transport (a unary call, or a control request carried inside the sealed Forward stream):
+    None if the control request may act on its session (its counter is then consumed), else why not (counted).
 
     A session with crypto state needs the coordinator's tag. A session this hop once held under keys but no longer
     does (closed, evicted) cannot be verified and is refused. A session without keys is touched only on a peer
-    that accepts plaintext sessions (privacy=off), and a call about a session this hop never held acts on nothing.
+    that accepts plaintext sessions (privacy=off), and a request about a session this hop never held acts on nothing.
     """
     sid = request.session_id
     state = privacy.state(sid)
@@ -130,17 +130,26 @@ async def authorize_control(privacy, runtime, address: str, request: pb.CloseReq
         counter = check_control(state.session.layer.keys, state.index, state.control_counter, request)
         if counter is not None:
             state.control_counter = counter
-            return
+            return None
         why = "control call without a valid tag from the session's coordinator"
     elif privacy.admission.was_keyed(sid):
         why = "control call for a keyed session this hop no longer holds"
     elif runtime.session_length(sid) > 0 and privacy.require_encryption:
         why = "control call for a session without keys on a peer that requires encryption"
     else:
-        return
+        return None
     privacy.rejections[CONTROL_DENIED] += 1
-    kind, _ = control_args(request)
-    await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{address}: {kind} of {sid} refused: {why}")
+    return why
+
+
+async def authorize_control(privacy, runtime, address: str, request: pb.CloseRequest | pb.TruncateRequest,
+                            context: grpc.aio.ServicerContext) -> None:
+    """Peer side, unary RPCs: return if the call may act on its session, else abort with PERMISSION_DENIED."""
+    why = control_refusal(privacy, runtime, request)
+    if why is not None:
+        kind, _ = control_args(request)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{address}: {kind} of {request.session_id} refused: "
+                                                               f"{why}")
 
 
 ControlRequest = pb.CloseRequest | pb.TruncateRequest

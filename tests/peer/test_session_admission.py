@@ -88,3 +88,31 @@ def test_failure_tag() -> None:
     assert failure_is_authentic(route, result)
     result.failure.hop_address = "someone else"
     assert not failure_is_authentic(route, result)
+
+
+def test_control_refusal_without_grpc() -> None:
+    """The check a control request carried inside the sealed stream would get: the coordinator's tag, once."""
+    from openhydra.crypto.identity import Identity
+    from openhydra.crypto.keys import StaticKeyPair
+    from openhydra.crypto.records import encode_static_key
+    from openhydra.peer.messages import HopSpec
+    from openhydra.peer.privacy import ChainPrivacy, CoordinatorRoute, PeerPrivacy
+    from openhydra.peer.session_auth import control_refusal, sign_for
+
+    identity, static = Identity.generate(), StaticKeyPair.generate()
+    hop = HopSpec(address="127.0.0.1:1", start=0, end=8, peer_id=identity.peer_id,
+                  static_key=encode_static_key(static.signed_by(identity)))
+    route = CoordinatorRoute.build("sid", [hop], ChainPrivacy(encrypt=True), "127.0.0.1:2")
+    peer = PeerPrivacy(static, require_encryption=True)
+    peer.open_step(route.seal_step(pb.Step(session_id="sid", seq=0)), source="ipv4:127.0.0.1:3")
+    runtime = SimpleNamespace(session_length=lambda _sid: 5)
+    assert control_refusal(peer, runtime, pb.CloseRequest(session_id="sid")) is not None  # a stranger's
+    signed = sign_for(route, hop.address, pb.CloseRequest(session_id="sid"))
+    assert control_refusal(peer, runtime, signed) is None
+    assert control_refusal(peer, runtime, signed) is not None  # the same message again
+    peer.drop("sid")
+    assert control_refusal(peer, runtime, sign_for(route, hop.address, pb.CloseRequest(session_id="sid"))) is not None
+    assert control_refusal(peer, runtime, pb.CloseRequest(session_id="never-held")) is not None  # keys required
+    empty = SimpleNamespace(session_length=lambda _sid: 0)
+    assert control_refusal(peer, empty, pb.CloseRequest(session_id="x")) is None  # nothing held: nothing to touch
+    assert peer.counts()["control_denied"] == 4
