@@ -64,7 +64,7 @@ def test_int4_linear_matches_its_dequantized_weight(rows, dtype):
     assert (layer.dequantized() - dense.weight).abs().max() <= scale.max() * 0.5 + 1e-2
 
 
-@pytest.mark.parametrize("rows", [1, 4, 9])
+@pytest.mark.parametrize("rows", [1, 4, 9, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_matches_its_dequantized_weight(rows, dtype):
     dense = _dense(64, 48, seed=1)
