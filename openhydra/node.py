@@ -303,6 +303,7 @@ class Node:
         client = PeerChainClient([], reply_host=cfg.peer.host, tunables=self._client_tunables(),
                                  **privacy.client_options(runtime, choice.path,
                                                           lambda: self.swarm.peers() if self.swarm else []))
+        client.local_addresses.add(grpc_address)  # this process's own peer: a slow probe answer is our own load
         settler = None  # settlement hook: every session through the swarm is settled (economy/swarm_settlement.py)
         if getattr(self.economy, "enabled", False):
             from openhydra.economy.swarm_settlement import SwarmSettler

@@ -141,6 +141,10 @@ class PeerChainClient:
         self.route = tuple(route)
         self._pending: dict[tuple[str, int], asyncio.Future] = {}
         self._rebuilding: set[tuple[str, int]] = set()  # rebuild messages: answered with token -1 by a relay
+        self.local_addresses: set[str] = set()
+        self._last_info: dict[str, pb.InfoReply] = {}  # each hop's last probe answer
+        """Peers served by this very process (the node's own span). A liveness probe they answer late means this
+        process is overloaded, not that they stopped: never blamed by a probe (a step they fail still is)."""
         self._seq = itertools.count()
         self._streams: dict[tuple[str, str], OutboundStream] = {}
         self._loop = asyncio.new_event_loop()
@@ -533,6 +537,13 @@ class PeerChainClient:
         served: dict[str, pb.InfoReply] = {}
         for address, reply in zip(addresses, replies, strict=True):
             if isinstance(reply, grpc.aio.AioRpcError):
+                if address in self.local_addresses and reply.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    # our own peer, slow to answer: this process is alive by definition; count it as working
+                    # (no progress of its own), so it is blamed only as stuck, after step_timeout_s
+                    last = self._last_info.get(address)
+                    served[address] = pb.InfoReply(address=address, steps_in_flight=1,
+                                                   steps_served=last.steps_served if last else 0)
+                    continue
                 # Refused: the process is gone (UNAVAILABLE marks its record dead). Anything else, including a
                 # connection that never completes its handshake (a stopped process), is a hop that stopped
                 # answering: DEADLINE_EXCEEDED, banned with backoff, routable again once it recovers.
@@ -545,6 +556,7 @@ class PeerChainClient:
             if isinstance(reply, BaseException):
                 raise reply
             served[address] = reply
+            self._last_info[address] = reply
         return served, None
 
     @property

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import time
 
+import grpc
 import torch
 
 from openhydra.peer.client import ClientTunables, PeerChainClient
+from openhydra.peer.errors import HopError
 from openhydra.peer.messages import HopSpec
 from openhydra.peer.server import PeerServer
 from openhydra.runtime.sampling import SamplingParams
@@ -74,3 +76,49 @@ def test_a_slow_but_working_hop_is_not_blamed_and_chunks_have_their_own_deadline
             c.shutdown()
         for s in (*servers, *fast_servers):
             s.stop()
+
+
+class SlowDecodeOnce:
+    """A runtime whose ``at``-th one-position step blocks for ``delay_s`` (on the peer's event loop: Info waits too)."""
+
+    def __init__(self, runtime: ShardRuntime, at: int, delay_s: float) -> None:
+        self._runtime, self._at, self._delay_s, self._seen = runtime, at, delay_s, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._runtime, name)
+
+    def forward(self, session_id, positions, **kwargs):
+        if len(positions) == 1:
+            self._seen += 1
+            if self._seen == self._at:
+                time.sleep(self._delay_s)
+        return self._runtime.forward(session_id, positions, **kwargs)
+
+
+def test_the_coordinators_own_peer_is_not_blamed_for_a_late_probe_answer(tiny_model_dirs) -> None:
+    """The node's own span answers a probe late only when this very process is overloaded: a stopped process
+    cannot be probing. It is counted as working; another process's peer that answers late is blamed."""
+    model_dir = tiny_model_dirs["llama"]
+    tunables = ClientTunables(step_timeout_s=20.0, decode_timeout_s=0.3, probe_timeout_s=0.3)
+    outcomes, first_hop = {}, {}
+    for local in (True, False):
+        slow = SlowDecodeOnce(ShardRuntime(model_dir, *SPLITS[0], dtype=torch.float32), at=2, delay_s=2.5)
+        runtimes = [slow] + [ShardRuntime(model_dir, a, b, dtype=torch.float32) for a, b in SPLITS[1:]]
+        servers = [PeerServer(rt) for rt in runtimes]
+        route = [HopSpec(address=s.start(), start=a, end=b) for s, (a, b) in zip(servers, SPLITS, strict=True)]
+        first_hop[local] = route[0].address
+        client = PeerChainClient(route, tunables=tunables)
+        if local:
+            client.local_addresses.add(route[0].address)
+        try:
+            outcomes[local] = _generate(client, f"own-{local}", list(range(5, 12)), 4)
+        except HopError as error:
+            outcomes[local] = error
+        finally:
+            client.shutdown()
+            for server in servers:
+                server.stop()
+    assert isinstance(outcomes[True], list) and len(outcomes[True]) == 4, outcomes[True]
+    blamed = outcomes[False]
+    assert isinstance(blamed, HopError), blamed
+    assert blamed.address == first_hop[False] and blamed.code == grpc.StatusCode.DEADLINE_EXCEEDED, blamed
