@@ -450,8 +450,10 @@ class PeerService(pb_grpc.PeerServicer):
         self.retained.rename(old, sid, length)
         self.privacy.drop(old)
         self._upstream.pop(old, None)
-        for key in [k for k in self._streams if k[1] == old]:
-            await self._streams.pop(key).close()
+        for key in [k for k in self._streams if k[1] == old]:  # in the background: the old successor may be hung
+            task = asyncio.ensure_future(self._streams.pop(key).close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         return True
 
     async def _rebuild_step(self, header: StepHeader, step: pb.Step, tensor: torch.Tensor | None,
