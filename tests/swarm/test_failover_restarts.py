@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -49,7 +50,8 @@ def swarm(tiny_model_dirs, tmp_path_factory):
             for node in nodes:
                 if node.proc is not None and node.proc.poll() is None:
                     os.killpg(node.proc.pid, signal.SIGCONT)
-                node.stop()
+            with ThreadPoolExecutor(len(nodes)) as pool:  # the SIGTERM waits at once, not one after another
+                list(pool.map(NodeProcess.stop, nodes))
 
 
 def test_repeated_kills_with_restarts_fail_over_exactly_once_each(swarm):

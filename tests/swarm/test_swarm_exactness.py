@@ -3,6 +3,8 @@ OpenAI client equals transformers' generate, token for token, for Llama, Qwen3 a
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import openai
 import pytest
 import torch
@@ -34,8 +36,8 @@ def family_swarm(request, tiny_model_dirs, tmp_path_factory):
             start_all(nodes)
             yield family, model_dir, nodes
         finally:
-            for node in nodes:
-                node.stop()
+            with ThreadPoolExecutor(len(nodes)) as pool:  # the SIGTERM waits at once, not one after another
+                list(pool.map(NodeProcess.stop, nodes))
 
 
 def test_pipeline_greedy_equals_generate(family_swarm):
