@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import logging
 import os
@@ -32,11 +31,12 @@ import torch
 from openhydra.crypto.dp import DPParams, noised
 from openhydra.crypto.dp_wire import audit_delivery, audit_records
 from openhydra.crypto.errors import CryptoError
-from openhydra.peer import onion_control
+from openhydra.peer.client_control import ControlCalls
 from openhydra.peer.codec import codec_from_name
 from openhydra.peer.embedding import Embedder
 from openhydra.peer.errors import HopError, status_code
 from openhydra.peer.head import Head
+from openhydra.peer.liveness import MAX_WAIT_STEPS, Liveness
 from openhydra.peer.messages import HopSpec
 from openhydra.peer.outbound import (
     MAX_MESSAGE_BYTES,
@@ -49,15 +49,13 @@ from openhydra.peer.outbound import (
 from openhydra.peer.privacy import ChainPrivacy, CoordinatorRoute, parse_hop_failure
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
-from openhydra.peer.rebuild import adopt_tag
-from openhydra.peer.session_auth import FORGED_FAILURE, FORGED_RESULT, failure_is_authentic, sign_for
+from openhydra.peer.rebuild_client import RebuildClient
+from openhydra.peer.session_auth import FORGED_FAILURE, FORGED_RESULT, failure_is_authentic
 from openhydra.peer.wire import decode_tensor, encode_tensor
 from openhydra.runtime.prefix_cache import PrefixKey
 from openhydra.runtime.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
-MAX_WAIT_STEPS = 10
-"""A message is awaited at most this many step timeouts, however busy the chain (see _await_progress)."""
 KeyLookup = Callable[[str], tuple[str, str | None] | None]
 """grpc address -> (peer id, signed static key as announced), for hops given without keys."""
 
@@ -110,7 +108,7 @@ class _Deliver(pb_grpc.CoordinatorServicer):
         return pb.DeliverSummary(results=count)
 
 
-class PeerChainClient:
+class PeerChainClient(ControlCalls, Liveness, RebuildClient):
     def __init__(
         self,
         route: Sequence[HopSpec],
@@ -214,49 +212,9 @@ class PeerChainClient:
         return self._call(self._replay(session_id, [(list(f[0]), *f[1:]) for f in feeds], chain),
                           timeout=self._wait_budget(messages))
 
-    def rebuild(self, session_id: str, old_session: str, feeds: Sequence[tuple[list[int], int, SamplingParams, int]],
-                route: Sequence[HopSpec], span: tuple[int, int], length: int,
-                prefix: PrefixKey | None = None) -> list[StepResult]:
-        """Failover rebuild (peer/rebuild.py): on ``route`` under the new ``session_id``, the hops outside layers
-        ``span`` adopt ``old_session``'s caches cropped to ``length`` positions, and the replacement for ``span``
-        rebuilds its cache from the feeds (pipelined, original message boundaries). Results whose token is -1
-        were answered by a last hop that held the position already. Raises :class:`HopError` as a step does;
-        the caller then falls back to a full replay. ``prefix``: the first feed's prompt block hashes, when it was
-        first sent past cached prompt blocks (the replacement seeds them from its own prefix cache)."""
-        chain = self._checked(route)
-        messages = sum(-(-len(f[0]) // self.tunables.prefill_chunk) for f in feeds)
-        return self._call(self._rebuild(session_id, old_session, [(list(f[0]), *f[1:]) for f in feeds], chain,
-                                        span, length, prefix), timeout=self._wait_budget(messages))
-
     def _wait_budget(self, messages: int) -> float:
         """A backstop only: the event-loop side always settles within its own bounds first."""
         return (MAX_WAIT_STEPS + 1) * self.tunables.step_timeout_s * messages + self.tunables.unary_timeout_s * 4
-
-    def close(self, session_id: str, route: Sequence[HopSpec] | None = None) -> None:
-        """Drop the session on every hop of the route (best effort) and close its stream."""
-        self._call(self._close(session_id, self._route if route is None else tuple(route)))
-
-    def info(self, address: str) -> pb.InfoReply:
-        return self._call(self._info(address))
-
-    def peer_calls(self, calls: Sequence[tuple[str, str, Any]]) -> list[Any]:
-        """Unary Peer RPCs ``(address, method, request)`` in parallel (settlement): each reply, or its error."""
-        async def one(address: str, method: str, request: Any) -> Any:
-            stub = pb_grpc.PeerStub(self._pool.get(address))
-            return await getattr(stub, method)(request, timeout=self.tunables.unary_timeout_s)
-
-        async def run() -> list[Any]:
-            return await asyncio.gather(*(one(*call) for call in calls), return_exceptions=True)
-
-        return self._call(run())
-
-    def truncate(self, session_id: str, length: int, route: Sequence[HopSpec] | None = None) -> None:
-        """Crop the session to ``length`` positions on every hop (speculative rollback).
-
-        Raises :class:`HopError` naming the first hop that refuses (UNIMPLEMENTED for spans with
-        recurrent layers, FAILED_PRECONDITION for a length beyond what the hop holds).
-        """
-        self._call(self._truncate(session_id, length, self._route if route is None else tuple(route)))
 
     def shutdown(self) -> None:
         async def stop() -> None:
@@ -343,46 +301,6 @@ class PeerChainClient:
             out.append(result)
         return out
 
-    async def _rebuild(self, session_id: str, old_session: str,
-                       feeds: Sequence[tuple[list[int], int, SamplingParams, int]], route: tuple[HopSpec, ...],
-                       span: tuple[int, int], length: int, prefix: PrefixKey | None) -> list[StepResult]:
-        tags = self._adopt_tags(session_id, old_session, route, length)
-        control: dict[str, Any] = {"rebuild_start": span[0], "rebuild_end": span[1]}
-        futures: list[tuple[int, asyncio.Future]] = []
-        ends: list[int] = []
-        for tokens, start, sampling, step in feeds:
-            first = {"adopt_session": old_session, "adopt_length": length, "adopt_tags": tags} if not futures else {}
-            futures += await self._send(session_id, tokens, start, sampling, step, {}, route,
-                                        prefix if not futures else None, queued=len(futures),
-                                        control={**control, **first}, with_input=span[0] == 0)
-            ends.append(len(futures) - 1)
-        try:
-            results = await self._gather(session_id, futures, route)
-        finally:
-            self._rebuilding.difference_update((session_id, seq) for seq, _future in futures)
-        out = []
-        for (_tokens, _start, sampling, step), i in zip(feeds, ends, strict=True):
-            result = results[i]
-            if result.hidden is not None:  # the last span was rebuilt under onion: sample here to compare
-                result = self._sample_here(result, sampling, step, {})
-            out.append(result)
-        return out
-
-    def _adopt_tags(self, session_id: str, old_session: str, route: tuple[HopSpec, ...], length: int) -> list[bytes]:
-        """Per hop of the new route: proof, under that hop's audit key of the old session, that this coordinator
-        ran it (peer/rebuild.py). Empty without encryption; b"" for hops that did not serve the old session."""
-        if not self.privacy.encrypt:
-            return []
-        old = self._crypto.get(old_session)
-        if old is None:
-            raise HopError("", grpc.StatusCode.FAILED_PRECONDITION, "the old session's keys are gone: cannot adopt")
-        index = {(h.address, h.start, h.end): i for i, h in enumerate(old.route)}
-        tags = []
-        for hop in route:
-            i = index.get((hop.address, hop.start, hop.end))
-            tags.append(b"" if i is None else adopt_tag(old.crypto.audit_key(i), session_id, old_session, length))
-        return tags
-
     async def _send(
         self,
         session_id: str,
@@ -468,97 +386,6 @@ class PeerChainClient:
                 elif not future.cancelled():
                     future.exception()  # settled after an earlier message failed: nobody else will look
 
-    async def _await_progress(self, future: asyncio.Future, route: Sequence[HopSpec]) -> StepResult:
-        """One message's result. Waits a patience window, probing the chain so that the verdict is due as the
-        window ends: a hop that does not answer is blamed; hops that served steps since the last probe (their
-        counters moved) have made progress and the wait goes on; a hop that holds a step in flight without
-        serving anything for ``step_timeout_s`` is stuck and blamed; hops with nothing in flight and nothing
-        served for a whole window lost the message (blamed on no hop: the session restarts on the same peers).
-        Never longer than ``MAX_WAIT_STEPS`` x ``step_timeout_s`` in all."""
-        t = self.tunables
-        began = time.monotonic()
-        seen: dict[str, pb.InfoReply] | None = None
-        progress_at = began
-        while True:
-            patience = self._patience()
-            probe_timeout = self._probe_timeout()
-            early = max(0.0, patience - probe_timeout)
-            try:
-                return await asyncio.wait_for(asyncio.shield(future), timeout=early)
-            except TimeoutError:
-                pass
-            probe = asyncio.ensure_future(self._probe(route, probe_timeout))  # its verdict is due as patience ends
-            try:
-                return await asyncio.wait_for(asyncio.shield(future), timeout=patience - early)
-            except TimeoutError:
-                pass
-            finally:
-                if future.done():
-                    probe.cancel()
-            served, dead = await probe
-            if future.done():
-                return future.result()
-            if dead is not None:
-                raise dead
-            now = time.monotonic()
-            moved = seen is not None and any(served[a].steps_served != seen[a].steps_served for a in served)
-            busy = [a for a, info in served.items() if info.steps_in_flight > 0]
-            if moved or seen is None:
-                progress_at = now
-            elif now - progress_at >= t.step_timeout_s and busy:
-                raise HopError(busy[0], grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"stuck: a step in flight and nothing served for {now - progress_at:.0f} s")
-            elif not busy and not (self.privacy.onion and len(route) > 2 and now - progress_at < t.step_timeout_s):
-                # (under onion the middle hops are not probed: the step may be running there, so "lost" waits for
-                # step_timeout_s without progress; a stopped middle hop is found by its predecessor's keepalive)
-                raise HopError("", grpc.StatusCode.DEADLINE_EXCEEDED,
-                               "step lost: every hop answers, none holds it or served anything since")
-            if now - began >= MAX_WAIT_STEPS * t.step_timeout_s:
-                raise HopError("", grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"no result after {now - began:.0f} s although the chain keeps serving")
-            seen = served
-
-    def _probe_timeout(self) -> float:
-        """The probe timeout, or 5 x the median time a recent probe took if larger (a loaded machine)."""
-        recent = sorted(self._probe_latencies)
-        typical = recent[len(recent) // 2] if recent else 0.0
-        return max(self.tunables.probe_timeout_s, 5 * typical)
-
-    async def _probe(self, route: Sequence[HopSpec],
-                     timeout: float) -> tuple[dict[str, pb.InfoReply], HopError | None]:
-        """Info to every hop at once: their replies, and the first hop (route order) that did not answer."""
-        if self.privacy.onion and len(route) > 2:  # the coordinator's neighbours only (peer/onion_control.py)
-            route = [route[0], route[-1]]
-        addresses = list(dict.fromkeys(h.address for h in route))
-        began = time.monotonic()
-        replies = await asyncio.gather(*(self._info(a, timeout) for a in addresses), return_exceptions=True)
-        if not any(isinstance(r, BaseException) for r in replies):
-            self._probe_latencies.append(time.monotonic() - began)
-        served: dict[str, pb.InfoReply] = {}
-        for address, reply in zip(addresses, replies, strict=True):
-            if isinstance(reply, grpc.aio.AioRpcError):
-                if address in self.local_addresses and reply.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    # our own peer, slow to answer: this process is alive by definition; count it as working
-                    # (no progress of its own), so it is blamed only as stuck, after step_timeout_s
-                    last = self._last_info.get(address)
-                    served[address] = pb.InfoReply(address=address, steps_in_flight=1,
-                                                   steps_served=last.steps_served if last else 0)
-                    continue
-                # Refused: the process is gone (UNAVAILABLE marks its record dead). Anything else, including a
-                # connection that never completes its handshake (a stopped process), is a hop that stopped
-                # answering: DEADLINE_EXCEEDED, banned with backoff, routable again once it recovers.
-                refused = reply.code() == grpc.StatusCode.UNAVAILABLE and "refused" in (reply.details() or "").lower()
-                if reply.code() == grpc.StatusCode.UNAVAILABLE:
-                    self._pool.discard(address)
-                code = grpc.StatusCode.UNAVAILABLE if refused else grpc.StatusCode.DEADLINE_EXCEEDED
-                return served, HopError(address, code, f"no answer to a liveness probe within {timeout:.1f} s "
-                                                       f"({reply.code().name})")
-            if isinstance(reply, BaseException):
-                raise reply
-            served[address] = reply
-            self._last_info[address] = reply
-        return served, None
-
     @property
     def _samples_here(self) -> bool:
         """Under onion routing with a head, the coordinator samples: the last hop never sees token ids."""
@@ -578,15 +405,6 @@ class PeerChainClient:
         wants_logits = extras.get("return_logits") or extras.get("all_logits")
         return StepResult(token=token, last_hop=result.last_hop, logits=logits if wants_logits else None,
                           top_ids=top_ids, top_logprobs=top_logprobs, token_logprob=token_logprob)
-
-    def _patience(self) -> float:
-        """How long to wait for a message's result before probing the chain (see ClientTunables)."""
-        t = self.tunables
-        if t.decode_timeout_s is None:
-            return t.step_timeout_s
-        recent = sorted(self._decode_latencies)
-        typical = recent[len(recent) // 2] if recent else 0.0
-        return min(t.step_timeout_s, max(t.decode_timeout_s, t.decode_timeout_factor * typical))
 
     def _input_tensor(self, ids: list[int], private: bool) -> pb.Tensor:
         tokens = torch.tensor(ids, dtype=torch.int64)
@@ -725,38 +543,3 @@ class PeerChainClient:
             self._streams[key] = stream
         return stream
 
-    async def _info(self, address: str, timeout: float | None = None) -> pb.InfoReply:
-        stub = pb_grpc.PeerStub(self._pool.get(address))
-        return await stub.Info(pb.InfoRequest(), timeout=timeout or self.tunables.unary_timeout_s)
-
-    async def _truncate(self, session_id: str, length: int, route: tuple[HopSpec, ...]) -> None:
-        """Every hop at once (one round trip, not one per hop); the first refusal in route order is raised."""
-        if self.privacy.onion:  # along the onion: no direct call to a middle hop (peer/onion_control.py)
-            return await onion_control.truncate(self, session_id, length, self.tunables.unary_timeout_s)
-        crypto = self._crypto.get(session_id)
-        calls = [pb_grpc.PeerStub(self._pool.get(hop.address)).Truncate(
-                     sign_for(crypto, hop.address, pb.TruncateRequest(session_id=session_id, length=length)),
-                     timeout=self.tunables.unary_timeout_s)
-                 for hop in route]
-        outcomes = await asyncio.gather(*calls, return_exceptions=True)
-        for hop, outcome in zip(route, outcomes, strict=True):
-            if isinstance(outcome, grpc.aio.AioRpcError):
-                raise HopError(hop.address, outcome.code(), outcome.details() or "") from None
-            if isinstance(outcome, BaseException):
-                raise outcome
-
-    async def _close(self, session_id: str, route: tuple[HopSpec, ...]) -> None:
-        if self.privacy.onion:  # along the onion, collecting each hop's own receipt (peer/onion_control.py)
-            await onion_control.close(self, session_id, self.tunables.unary_timeout_s)
-            self._crypto.pop(session_id, None)
-            for key in [k for k in self._streams if k[0] == session_id]:
-                await self._streams.pop(key).close()
-            return
-        crypto = self._crypto.pop(session_id, None)
-        for key in [k for k in self._streams if k[0] == session_id]:
-            await self._streams.pop(key).close()
-        for hop in route:
-            stub = pb_grpc.PeerStub(self._pool.get(hop.address))
-            request = sign_for(crypto, hop.address, pb.CloseRequest(session_id=session_id))  # session_auth.py
-            with contextlib.suppress(grpc.aio.AioRpcError):  # a dead hop holds no session worth closing
-                await stub.CloseSession(request, timeout=self.tunables.unary_timeout_s)

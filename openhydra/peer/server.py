@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import hmac
 import logging
 import signal
 import threading
@@ -36,6 +34,7 @@ from openhydra.crypto.errors import CryptoError
 from openhydra.crypto.keys import StaticKeyPair
 from openhydra.metrics import METRICS
 from openhydra.peer import onion_control
+from openhydra.peer.control_rpcs import ControlRPCs
 from openhydra.peer.errors import status_code
 from openhydra.peer.messages import StepHeader, parse_step
 from openhydra.peer.outbound import (
@@ -55,9 +54,10 @@ from openhydra.peer.privacy import (
 )
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
-from openhydra.peer.rebuild import DEFAULT_RETAIN_BYTES, Retained, Role, adopt_tag, role
-from openhydra.peer.session_auth import authorize_control, sign_failure
-from openhydra.peer.wire import FLOAT_DTYPES, TORCH_TO_WIRE, WireError, decode_tensor, encode_tensor
+from openhydra.peer.rebuild import DEFAULT_RETAIN_BYTES, Retained
+from openhydra.peer.rebuild_service import RebuildHandlers
+from openhydra.peer.session_auth import sign_failure
+from openhydra.peer.wire import FLOAT_DTYPES, WireError, decode_tensor, encode_tensor
 from openhydra.runtime.prefix_cache import PrefixKey
 from openhydra.runtime.sampling import sample
 from openhydra.runtime.shard import PositionMismatchError, ShardRuntime
@@ -74,7 +74,7 @@ the loop must stay free to answer liveness probes (Info) within the coordinator'
 INLINE_MAX_S = 0.05
 
 
-class PeerService(pb_grpc.PeerServicer):
+class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
     def __init__(
         self,
         runtime: ShardRuntime,
@@ -172,63 +172,6 @@ class PeerService(pb_grpc.PeerServicer):
             else:
                 await self._process(header, step, tensor, state)
         return pb.ForwardSummary(steps=steps)
-
-    async def CloseSession(self, request: pb.CloseRequest, context) -> pb.CloseReply:
-        await authorize_control(self.privacy, self.runtime, self.address, request, context)  # PERMISSION_DENIED
-        existed = self.runtime.session_length(request.session_id) > 0
-        self.runtime.close_session(request.session_id)
-        self.retained.drop(request.session_id)
-        self.privacy.drop(request.session_id)
-        self._upstream.pop(request.session_id, None)
-        for key in [k for k in self._streams if k[1] == request.session_id]:
-            await self._streams.pop(key).close()
-        return pb.CloseReply(existed=existed)
-
-    async def Truncate(self, request: pb.TruncateRequest, context: grpc.aio.ServicerContext) -> pb.TruncateReply:
-        await authorize_control(self.privacy, self.runtime, self.address, request, context)  # PERMISSION_DENIED
-        try:
-            self.runtime.truncate_session(request.session_id, int(request.length))
-        except NotImplementedError as exc:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{self.address}: {exc}")
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.address}: {exc}")
-        return pb.TruncateReply(length=self.runtime.session_length(request.session_id))
-
-    async def SignSettlement(self, request: pb.SettlementClaim, context) -> pb.SettlementSignature:
-        from openhydra.economy.settlement_wire import sign_rpc
-
-        return await sign_rpc(self.settlement, request, context, self.address)
-
-    async def ApplySettlement(self, request: pb.SignedSettlement, context) -> pb.ApplySettlementReply:
-        from openhydra.economy.settlement_wire import apply_rpc
-
-        return await apply_rpc(self.settlement, request, context, self.address)
-
-    async def FetchWeights(self, request: pb.WeightsRequest, context: grpc.aio.ServicerContext):
-        """Weights from the swarm: stream a range of this span's checkpoint (logic in openhydra/weights/serve.py)."""
-        if self.weights is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "this peer does not share weights")
-        async for chunk in self.weights.stream(request, context):
-            yield chunk
-
-    async def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
-        rt = self.runtime
-        return pb.InfoReply(
-            model_id=self.model_id,
-            model_type=rt.model_type,
-            start=rt.start,
-            end=rt.end,
-            num_layers=rt.num_layers,
-            dtype=TORCH_TO_WIRE[rt.dtype],
-            hidden_size=rt.hidden_size,
-            vocab_size=rt.vocab_size,
-            active_sessions=rt.session_count(),
-            steps_in_flight=self._in_flight,
-            steps_served=self._served,
-            address=self.address,
-            crypto_rejections=self.privacy.counts(),
-            requires_encryption=self.privacy.require_encryption,
-        )
 
     # ---- one step -------------------------------------------------------------------------------
 
@@ -399,96 +342,6 @@ class PeerService(pb_grpc.PeerServicer):
             await stream.send(message, context=header)
         except StreamBroken as exc:
             await self._on_forward_broken(nxt.address, exc.code, exc.details, header)
-
-    # ---- failover rebuild (peer/rebuild.py) ------------------------------------------------------------
-
-    def _settled(self, session_id: str) -> None:
-        self._busy[session_id] -= 1
-        if self._busy[session_id] <= 0:
-            del self._busy[session_id]
-            drained = self._drained.pop(session_id, None)
-            if drained is not None:
-                drained.set()
-
-    async def _adopt(self, header: StepHeader, step: pb.Step, state: HopState | None) -> bool:
-        """Take over ``step.adopt_session``'s cache, cropped to ``adopt_length``, as this step's session (the
-        coordinator's new id after a failover elsewhere in the chain). Only the coordinator that ran the old
-        session can ask: it must prove its old per-hop audit key. False (and a Failure sent) if refused."""
-        sid, old, length = header.session_id, step.adopt_session, int(step.adopt_length)
-        rt = self.runtime
-        if rt.session_length(sid) > 0:
-            return True  # adopted with an earlier message of this session
-        with contextlib.suppress(ValueError):  # a bad span is refused by _rebuild_step
-            if step.rebuild_end and role(rt.start, rt.end, step.rebuild_start, step.rebuild_end) is Role.COMPUTE:
-                return True  # the replacement itself starts empty
-        old_state = self.privacy.state(old)
-        if state is not None:
-            tags = list(step.adopt_tags)
-            expected = adopt_tag(old_state.session.layer.keys.audit_key, sid, old, length) if old_state else b""
-            if not expected or state.index >= len(tags) or not hmac.compare_digest(tags[state.index], expected):
-                self.privacy.rejections["adopt"] += 1
-                await self._fail(header, self.address, grpc.StatusCode.PERMISSION_DENIED,
-                                 "adopting a session needs the old session's key")
-                return False
-        elif old_state is not None or self.privacy.require_encryption:
-            self.privacy.rejections["adopt"] += 1
-            await self._fail(header, self.address, grpc.StatusCode.PERMISSION_DENIED,
-                             "an encrypted session can only be adopted by an encrypted one")
-            return False
-        if self._busy.get(old):  # a step of the old session still running here: let it settle first
-            drained = self._drained.setdefault(old, asyncio.Event())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(drained.wait(), timeout=5.0)
-        adopt = getattr(self.runtime, "adopt_session", None)
-        try:
-            if adopt is None or self._busy.get(old):
-                raise ValueError("this backend cannot move sessions" if adopt is None else "the old session is busy")
-            adopt(old, sid, length)
-        except (KeyError, ValueError, NotImplementedError) as exc:
-            await self._fail(header, self.address, grpc.StatusCode.FAILED_PRECONDITION, f"cannot adopt: {exc}")
-            return False
-        self.retained.rename(old, sid, length)
-        self.privacy.drop(old)
-        self._upstream.pop(old, None)
-        for key in [k for k in self._streams if k[1] == old]:  # in the background: the old successor may be hung
-            task = asyncio.ensure_future(self._streams.pop(key).close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-        return True
-
-    async def _rebuild_step(self, header: StepHeader, step: pb.Step, tensor: torch.Tensor | None,
-                            state: HopState | None) -> None:
-        """One rebuild message: compute if this hop is (part of) the replacement, else re-push what it retained
-        (the hop just before it) or pass an empty marker on; the last hop answers every message."""
-        rt = self.runtime
-        try:
-            part = role(rt.start, rt.end, step.rebuild_start, step.rebuild_end)
-            if part is Role.COMPUTE and tensor is None:
-                raise ValueError("a rebuild message reached the replacement span without activations")
-        except ValueError as exc:
-            await self._fail(header, self.address, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            return
-        if part is Role.COMPUTE:
-            await self._process(header, step, tensor, state)
-            return
-        end = header.start_position + header.num_positions
-        held = rt.session_length(header.session_id)
-        if held < end:
-            await self._fail(header, self.address, grpc.StatusCode.FAILED_PRECONDITION,
-                             f"rebuild: this hop holds {held} positions, the message ends at {end}")
-            return
-        if rt.is_last:
-            result = pb.Result(session_id=header.session_id, seq=header.seq, token=-1, last_hop=self.address)
-            await self._deliver(header, result if state is None else self.privacy.seal_result(state, result))
-            return
-        wire = pb.Tensor()
-        if part is Role.FEED:
-            wire = self.retained.get(header.session_id, header.start_position, header.num_positions)
-            if wire is None:
-                await self._fail(header, self.address, grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"rebuild: no retained activations for positions [{header.start_position},{end})")
-                return
-        await self._push(header, step, None, state, wire)
 
     async def _deliver(self, header: StepHeader, result: pb.Result) -> None:
         stream = self._stream("deliver", header.session_id, header.reply_to)
