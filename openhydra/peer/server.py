@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -520,9 +521,13 @@ class PeerServer:
         self._thread.join(timeout=10)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Serve one span: ``python -m openhydra.peer.server --model-dir DIR --start A --end B --port P``."""
-    parser = argparse.ArgumentParser(description="OpenHydra peer: serve layers [start, end) over gRPC")
+def main(argv: list[str] | None = None, *, description: str = "OpenHydra peer: serve layers [start, end) over gRPC",
+         extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+         wrap_runtime: Callable[[ShardRuntime, argparse.Namespace], Any] | None = None) -> None:
+    """Serve one span: ``python -m openhydra.peer.server --model-dir DIR --start A --end B --port P``; prints
+    ``READY host:port`` once serving, stops on SIGTERM/SIGINT. ``extra_args``/``wrap_runtime``: a variant's own
+    flags and runtime wrapper (verification/liar_peer.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--end", type=int, default=None)
@@ -531,10 +536,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--model-id", default="")
     parser.add_argument("--threads", type=int, default=1)
+    if extra_args is not None:
+        extra_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     runtime = ShardRuntime(args.model_dir, args.start, args.end, dtype=getattr(torch, args.dtype))
+    if wrap_runtime is not None:
+        runtime = wrap_runtime(runtime, args)
     server = PeerServer(runtime, args.host, args.port, args.model_id)
     server.start()
     print(f"READY {server.address}", flush=True)

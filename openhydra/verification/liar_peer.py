@@ -9,40 +9,24 @@ serves layers [A, B) through the real gRPC :class:`~openhydra.peer.server.PeerSe
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
-import threading
 
-import torch
-
-from openhydra.peer.server import PeerServer
+from openhydra.peer.server import main as serve
 from openhydra.runtime.shard import ShardRuntime
 from openhydra.verification.config import FaultConfig
 from openhydra.verification.faults import FaultyRuntime
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="A dishonest OpenHydra peer (tests and demos)")
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--start", type=int, default=0)
-    parser.add_argument("--end", type=int, default=None)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=1)
+def _fault_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fault", required=True, help="FaultConfig as JSON, e.g. '{\"mode\": \"perturb\"}'")
-    args = parser.parse_args(argv)
-    fault = FaultConfig.model_validate_json(args.fault)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    torch.set_num_threads(args.threads)
-    runtime = FaultyRuntime(ShardRuntime(args.model_dir, args.start, args.end, dtype=getattr(torch, args.dtype)),
-                            fault)
-    server = PeerServer(runtime, "127.0.0.1", 0)
-    server.start()
-    print(f"READY {server.address}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
-    server.stop()
+
+
+def _faulty(runtime: ShardRuntime, args: argparse.Namespace) -> FaultyRuntime:
+    return FaultyRuntime(runtime, FaultConfig.model_validate_json(args.fault))
+
+
+def main(argv: list[str] | None = None) -> None:
+    serve(argv, description="A dishonest OpenHydra peer (tests and demos)", extra_args=_fault_flag,
+          wrap_runtime=_faulty)
 
 
 if __name__ == "__main__":

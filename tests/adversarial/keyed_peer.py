@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from subprocess import Popen
@@ -28,15 +28,22 @@ from openhydra.peer.messages import HopSpec
 from openhydra.peer.server import PeerServer
 from openhydra.runtime.shard import ShardRuntime
 
-READY_TIMEOUT_S = 120.0
+READY_TIMEOUT_S = 300.0  # several peers start at once on 2 shared cores
 
 
-def main() -> None:
+def main(argv: list[str] | None = None, patch: Callable[[argparse.Namespace], None] | None = None,
+         extra: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """Serve one keyed peer until SIGTERM; ``extra`` adds flags, ``patch(args)`` alters the peer before it starts
+    (an adversarial variant, see dp_cheat_peer.py)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--start", type=int, required=True)
     parser.add_argument("--end", type=int, required=True)
-    args = parser.parse_args()
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    if patch is not None:
+        patch(args)
     torch.set_num_threads(1)
     identity, static = Identity.generate(), StaticKeyPair.generate()
     server = PeerServer(ShardRuntime(args.model_dir, args.start, args.end, dtype=torch.float32), static_key=static,
@@ -65,14 +72,16 @@ def _wait_ready(proc: subprocess.Popen, start: int, end: int) -> HopSpec:
 
 
 @contextmanager
-def keyed_peers(model_dir: Path, splits: list[tuple[int, int]]) -> Iterator[tuple[list[HopSpec], list[Popen]]]:
-    """Start one keyed peer process per span (in parallel); yield the route and the processes; SIGTERM them all."""
+def keyed_peers(model_dir: Path, splits: list[tuple[int, int]], module: str = "tests.adversarial.keyed_peer",
+                flags: list[list[str]] | None = None) -> Iterator[tuple[list[HopSpec], list[Popen]]]:
+    """Start one keyed peer process per span (in parallel; ``module`` runs it, ``flags[i]`` are span i's extra
+    arguments); yield the route and the processes; SIGTERM (then SIGKILL) them all at the end."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs: list[subprocess.Popen] = []
     try:
-        for start, end in splits:
-            cmd = [sys.executable, "-m", "tests.adversarial.keyed_peer", "--model-dir", str(model_dir),
-                   "--start", str(start), "--end", str(end)]
+        for i, (start, end) in enumerate(splits):
+            cmd = [sys.executable, "-m", module, "--model-dir", str(model_dir), "--start", str(start),
+                   "--end", str(end), *(flags[i] if flags else [])]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                                           cwd=Path(__file__).resolve().parents[2]))
         yield [_wait_ready(proc, a, b) for proc, (a, b) in zip(procs, splits, strict=True)], procs
@@ -85,6 +94,7 @@ def keyed_peers(model_dir: Path, splits: list[tuple[int, int]]) -> Iterator[tupl
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait(timeout=5)
 
 
 if __name__ == "__main__":
