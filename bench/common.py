@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import select
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,14 +57,11 @@ def spawn_ready(args: list[str], timeout_s: float = 180.0) -> tuple[subprocess.P
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=env)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 1.0)[0]:
-            line = proc.stdout.readline()
-            if line.startswith("READY "):
-                return proc, line.split()[1]
-            if not line:
-                break
+    from openhydra.testing.processes import ready_fields
+
+    fields = ready_fields(proc, timeout_s)
+    if fields is not None:
+        return proc, fields[0]
     proc.kill()
     raise RuntimeError(f"{args} did not start")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -13,6 +14,20 @@ from pathlib import Path
 import httpx
 
 from openhydra.testing import TEST_CACHE_ROOT
+
+
+def ready_fields(proc: subprocess.Popen, timeout_s: float) -> list[str] | None:
+    """The fields after ``READY`` on the first such line ``proc`` prints (text-mode stdout pipe), read with a
+    deadline rather than a blocking readline; None if its stdout ends or ``timeout_s`` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            line = proc.stdout.readline()
+            if line.startswith("READY "):
+                return line.split()[1:]
+            if not line:  # stdout closed: no READY line will come
+                return None
+    return None
 
 
 def free_port() -> int:

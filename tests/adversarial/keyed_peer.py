@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
 import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +25,7 @@ from openhydra.crypto.records import encode_static_key
 from openhydra.peer.messages import HopSpec
 from openhydra.peer.server import PeerServer
 from openhydra.runtime.shard import ShardRuntime
+from openhydra.testing.processes import ready_fields
 
 READY_TIMEOUT_S = 300.0  # several peers start at once on 2 shared cores
 
@@ -57,16 +56,10 @@ def main(argv: list[str] | None = None, patch: Callable[[argparse.Namespace], No
 
 
 def _wait_ready(proc: subprocess.Popen, start: int, end: int) -> HopSpec:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            line = proc.stdout.readline()
-            if line.startswith("READY "):
-                _, address, peer_id, static_key = line.split()
-                return HopSpec(address=address, start=start, end=end, peer_id=peer_id, static_key=static_key)
-            if not line and proc.poll() is not None:
-                break
+    fields = ready_fields(proc, READY_TIMEOUT_S)
+    if fields is not None:
+        address, peer_id, static_key = fields
+        return HopSpec(address=address, start=start, end=end, peer_id=peer_id, static_key=static_key)
     proc.kill()
     raise RuntimeError(f"keyed peer [{start},{end}) did not start (exit code {proc.poll()})")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from openhydra.peer.client import ClientTunables, PeerChainClient
 from openhydra.peer.errors import HopError
 from openhydra.peer.messages import HopSpec
 from openhydra.runtime.sampling import SamplingParams
+from openhydra.testing.processes import ready_fields
 
 SPLITS = [(0, 3), (3, 4), (4, 8)]  # qwen3_5: cuts linear|full and full|linear
 READY_TIMEOUT_S = 120.0
@@ -33,15 +33,9 @@ def _spawn(model_dir: Path, start: int, end: int) -> subprocess.Popen:
 
 
 def _wait_ready(proc: subprocess.Popen, start: int, end: int) -> str:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            line = proc.stdout.readline()
-            if line.startswith("READY "):
-                return line.split()[1]
-            if not line and proc.poll() is not None:
-                break
+    fields = ready_fields(proc, READY_TIMEOUT_S)
+    if fields is not None:
+        return fields[0]
     proc.kill()
     raise RuntimeError(f"peer [{start},{end}) did not start (exit code {proc.poll()})")
 
