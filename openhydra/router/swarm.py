@@ -339,8 +339,7 @@ class SwarmPipeline:
     def _restart_session(self, session: _Session, keep: bool = False) -> None:
         """A fresh peer session (replayed before its next step). The old one is freed on its hops (best effort),
         unless ``keep``: then its surviving hops may hand their caches to the new one (see _rebuild)."""
-        if session.lost is not None:
-            self._forget_lost(session)
+        self._forget_lost(session)
         if session.chain is not None:
             if keep and session.feeds:
                 session.lost = (session.peer_session, session.chain)
@@ -384,8 +383,7 @@ class SwarmPipeline:
         except HopError as error:
             METRICS.rebuild_fallbacks.inc()
             log.warning("rebuilding layers [%d,%d) failed (%s); replaying the whole history", *span, error)
-            self._forget_lost(session)
-            self._restart_session(session)
+            self._restart_session(session)  # frees the old session and the half-built new one
             return False
         METRICS.rebuilds.inc()
         for feed, result in zip(session.feeds, results, strict=True):
