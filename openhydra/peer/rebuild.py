@@ -13,6 +13,12 @@ lost anything. So:
   exactly that message (same positions, same bytes, so the replacement builds the cache the dead hop had), the
   replacement computes, every other hop passes an empty marker on, and the last hop answers each message.
 
+A session whose first step reused cached prompt blocks (runtime/prefix_cache.py) never pushed those positions, and the
+replacement may not hold the blocks. So each pushing hop also keeps its output for every full prompt block it
+computes, keyed by the block's chained hash (:meth:`Retained.keep_blocks`); the coordinator sends the skipped
+blocks as one extra rebuild message ahead of the history, which the hop before the replacement answers from those
+block outputs (:meth:`Retained.prefix_blocks`), so the replacement computes them as the dead hop once did.
+
 Anything missing (a retained message evicted, an old session gone, a cache that cannot be cropped) is refused with
 FAILED_PRECONDITION and the coordinator falls back to a full replay: the rebuild is an optimisation, never a
 different answer.
@@ -28,7 +34,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 
+import torch
+
 from openhydra.peer.proto import peer_pb2 as pb
+from openhydra.peer.wire import encode_tensor
+from openhydra.runtime.prefix_cache import PrefixKey
 
 ADOPT_LABEL = b"openhydra-adopt\x00"
 DEFAULT_RETAIN_BYTES = 256 << 20
@@ -77,7 +87,8 @@ class _Kept:
 
 
 class Retained:
-    """The hidden states each session pushed, per message, within a byte budget (LRU by session)."""
+    """The hidden states each session pushed, per message, within a byte budget (LRU by session), and this hop's
+    output for each full prompt block it computed, by block hash (LRU, a quarter of the budget)."""
 
     def __init__(self, budget_bytes: int = DEFAULT_RETAIN_BYTES) -> None:
         self.budget_bytes = budget_bytes
@@ -85,10 +96,51 @@ class Retained:
         self._bytes = 0
         self._lock = threading.Lock()
         self.evicted_sessions = 0
+        self._keys: dict[str, PrefixKey] = {}  # each session's prompt blocks, as its first message named them
+        self._blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._block_bytes = 0
 
     @property
     def nbytes(self) -> int:
-        return self._bytes
+        return self._bytes + self._block_bytes
+
+    def keep_blocks(self, session_id: str, start: int, hidden: torch.Tensor, key: PrefixKey | None) -> None:
+        """Keep this hop's output ``hidden`` [S, D] (positions from ``start``) for each full prompt block of the
+        session it covers; ``key`` comes with the session's first message (later messages pass None)."""
+        if self.budget_bytes <= 0:
+            return
+        with self._lock:
+            if key is not None:
+                self._keys[session_id] = key
+            key = self._keys.get(session_id)
+        if key is None:
+            return
+        first, end = -(-start // key.block), min((start + hidden.shape[0]) // key.block, len(key.hashes))
+        for b in range(first, end):
+            digest = key.hashes[b]
+            with self._lock:
+                if digest in self._blocks:
+                    self._blocks.move_to_end(digest)
+                    continue
+            piece = hidden[b * key.block - start : (b + 1) * key.block - start].clone()
+            size = piece.numel() * piece.element_size()
+            with self._lock:
+                self._blocks[digest] = piece
+                self._block_bytes += size
+                while self._block_bytes > self.budget_bytes // 4 and self._blocks:
+                    _digest, dropped = self._blocks.popitem(last=False)
+                    self._block_bytes -= dropped.numel() * dropped.element_size()
+
+    def prefix_blocks(self, key: PrefixKey, count: int, codec: int) -> pb.Tensor | None:
+        """This hop's output for the first ``count`` positions (whole blocks of ``key``), as one wire tensor; None
+        unless every block is held."""
+        if count <= 0 or count % key.block or count // key.block > len(key.hashes):
+            return None
+        with self._lock:
+            pieces = [self._blocks.get(digest) for digest in key.hashes[: count // key.block]]
+        if any(piece is None for piece in pieces):
+            return None
+        return encode_tensor(torch.cat(pieces), codec)
 
     def keep(self, session_id: str, start: int, count: int, tensor: pb.Tensor) -> None:
         if self.budget_bytes <= 0:
@@ -103,8 +155,9 @@ class Retained:
             messages[(start, count)] = kept
             self._bytes += len(kept.tensor)
             while self._bytes > self.budget_bytes and self._sessions:
-                _sid, dropped = self._sessions.popitem(last=False)
+                sid, dropped = self._sessions.popitem(last=False)
                 self._bytes -= sum(len(k.tensor) for k in dropped.values())
+                self._keys.pop(sid, None)
                 self.evicted_sessions += 1
 
     def get(self, session_id: str, start: int, count: int) -> pb.Tensor | None:
@@ -125,9 +178,12 @@ class Retained:
             kept = {k: v for k, v in messages.items() if v.start + v.count <= length}
             self._bytes -= sum(len(v.tensor) for k, v in messages.items() if k not in kept)
             self._sessions[new] = kept
+            if old in self._keys:
+                self._keys[new] = self._keys.pop(old)
 
     def drop(self, session_id: str) -> None:
         with self._lock:
+            self._keys.pop(session_id, None)
             messages = self._sessions.pop(session_id, None)
             if messages is not None:
                 self._bytes -= sum(len(k.tensor) for k in messages.values())

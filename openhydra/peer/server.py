@@ -311,6 +311,8 @@ class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
                 records.append(record)
             wire = encode_tensor(hidden, header.forward_codec)  # [S, D]
             self.retained.keep(step.session_id, step.start_position, step.num_positions, wire)
+            if not step.dp_sigma:  # noised outputs are the session's own: a later session could not reuse them
+                self.retained.keep_blocks(step.session_id, step.start_position, hidden, _prefix_key(step))
         message = pb.Step(
             session_id=step.session_id,
             seq=step.seq,

@@ -371,15 +371,18 @@ class SwarmPipeline:
             return False  # every hop changed, or none did (a lost step): nothing to keep or nothing to rebuild
         span = (new_route[head].start, new_route[len(new_route) - tail - 1].end)
         feeds = [(f.tokens, f.start, f.sampling, f.step) for f in session.feeds]
-        prefix = None
+        prefix, extra = None, 0
         if session.first_sent is not None and feeds[0][1] == 0 and len(feeds[0][0]) > session.first_sent[0]:
-            # the first step reused cached prompt blocks: resend it as sent (the retained messages match it), the
-            # replacement seeds the same blocks from its own prefix cache or refuses (then: a full replay)
+            # the first step reused cached prompt blocks: resend it as sent (the retained messages match it), after
+            # one message for the skipped blocks, which the hop before the replacement answers from the outputs it
+            # kept per prompt block (peer/rebuild.py): the replacement computes them, with or without them cached
             skip, prefix = session.first_sent
-            feeds[0] = (feeds[0][0][skip:], skip, *feeds[0][2:])
+            tokens, _start, *rest = feeds[0]
+            feeds[0:1] = [(tokens[:skip], 0, *rest), (tokens[skip:], skip, *rest)]
+            extra = 1
         try:
             results = self.client.rebuild(session.peer_session, old_session, feeds, new_route, span,
-                                          session.position, prefix=prefix)
+                                          session.position, prefix=prefix)[extra:]
         except HopError as error:
             METRICS.rebuild_fallbacks.inc()
             log.warning("rebuilding layers [%d,%d) failed (%s); replaying the whole history", *span, error)

@@ -15,6 +15,7 @@ from openhydra.peer.embedding import load_embedder
 from openhydra.peer.errors import HopError
 from openhydra.peer.privacy import ChainPrivacy
 from openhydra.peer.server import PeerServer
+from openhydra.runtime.prefix_cache import PrefixCache, PrefixKey, block_hashes
 from openhydra.runtime.sampling import SamplingParams
 from tests.peer.privacy_helpers import start_keyed_peers
 from tests.peer.test_pipeline_grpc import _prompt
@@ -141,3 +142,46 @@ def test_retained_budget_evicts_whole_sessions() -> None:
     assert kept.get("e", 0, 1) is not None and kept.get("d", 0, 1) is None
     kept.rename("e", "f", length=0)  # nothing ends within 0 positions
     assert kept.get("f", 0, 1) is None
+
+
+def test_rebuild_after_a_prefix_cache_hit_computes_the_skipped_blocks_on_the_replacement(tiny_model_dirs,
+                                                                                          peers) -> None:
+    """A session whose first step skipped cached prompt blocks: the replacement never saw them (its own prefix
+    cache is empty). The coordinator sends the skipped blocks as one extra message ahead of the history; the hop
+    before the replacement answers it from the outputs it kept per block, and the output stays exact."""
+    servers, route = peers
+    first, middle, replica, last = route
+    block = 4
+    for server in servers:
+        rt = server.service.runtime
+        rt.prefix_cache = PrefixCache(rt.layer_types, 16 << 20, block)
+    client = PeerChainClient([], tunables=TUNABLES)
+    try:
+        prompt = _prompt(seed=11, n=13)
+        key = PrefixKey(tuple(block_hashes(prompt, block, b"test-secret")), block)
+        assert len(key.hashes) == 3
+        old_route, new_route = [first, middle, last], [first, replica, last]
+        # a cold session fills the prefix caches of the old route (and the first hop's per-block outputs)
+        cold = [client.step_result("cold", prompt, 0, GREEDY, 0, route=old_route, prefix=key).token]
+        expected = _continue(client, "cold", old_route, prompt, cold, 10)
+        assert replica.address not in {h.address for h in old_route}
+
+        skip = 2 * block  # the next session's first step starts past two cached blocks, as the prefix planner sends it
+        tokens = [client.step_result("warm", prompt[skip:], skip, GREEDY, 0, route=old_route, prefix=key).token]
+        tokens = _continue(client, "warm", old_route, prompt, tokens, 5)
+        assert tokens == expected[:6]
+        assert servers[2].service.runtime.prefix_cache.available(key) == 0  # the replica holds none of the blocks
+        served = [s.service._served for s in servers]
+
+        feeds = _feeds(prompt, tokens)
+        feeds[0:1] = [(prompt[:skip], 0, GREEDY, 0), (prompt[skip:], skip, GREEDY, 0)]  # as router/swarm.py sends
+        results = client.rebuild("warm-2", "warm", feeds, new_route, (3, 5), len(prompt) + 5, prefix=key)
+        assert len(results) == 7
+        after = [s.service._served for s in servers]
+        # the replica computed the skipped blocks, the rest of the prompt and five decode steps; nobody else did
+        assert [b - a for a, b in zip(served, after, strict=True)] == [0, 0, 1 + 1 + 5, 0]
+        assert _continue(client, "warm-2", new_route, prompt, tokens, 5) == expected
+    finally:
+        client.shutdown()
+        for server in servers:
+            server.service.runtime.prefix_cache = None
