@@ -32,8 +32,9 @@ class RebuildClient:
         ``span`` adopt ``old_session``'s caches cropped to ``length`` positions, and the replacement for ``span``
         rebuilds its cache from the feeds (pipelined, original message boundaries). Results whose token is -1
         were answered by a last hop that held the position already. Raises :class:`HopError` as a step does;
-        the caller then falls back to a full replay. ``prefix``: the first feed's prompt block hashes, when it was
-        first sent past cached prompt blocks (the replacement seeds them from its own prefix cache)."""
+        the caller then falls back to a full replay. ``prefix``: the prompt block hashes, when the session's first step
+        skipped cached prompt blocks; they go with the first feed, which then holds exactly those blocks (router/
+        swarm.py) and which the hop before the replacement answers from its per-block outputs (peer/rebuild.py)."""
         chain = self._checked(route)
         messages = sum(-(-len(f[0]) // self.tunables.prefill_chunk) for f in feeds)
         return self._call(self._rebuild(session_id, old_session, [(list(f[0]), *f[1:]) for f in feeds], chain,
