@@ -1,0 +1,83 @@
+"""The coordinator's side of a failover rebuild after a prefix-cache hit, through SwarmPipeline over real gRPC peers
+on loopback (in this process): a session whose first step skipped cached prompt blocks loses its middle hop; the
+pipeline splits the first step into the skipped blocks and the rest, the replacement (which never saw the blocks)
+computes both, nobody replays in full, and the tokens equal those of the cold session."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from openhydra.discovery.records import PeerAnnouncement
+from openhydra.metrics import METRICS
+from openhydra.peer.client import ClientTunables, PeerChainClient
+from openhydra.peer.server import PeerServer
+from openhydra.router.prefix_plan import PrefixPlanner
+from openhydra.router.swarm import SwarmPipeline
+from openhydra.runtime.prefix_cache import PrefixCache
+from openhydra.runtime.sampling import SamplingParams
+from openhydra.runtime.shard import ShardRuntime
+
+GREEDY = SamplingParams()
+SPANS = [(0, 3), (3, 5), (3, 5), (5, 8)]  # a spare for the middle span
+BLOCK = 4
+PROMPT = [1, 504, 3456, 28, 17, 906, 2201, 11, 310, 4077, 19, 88, 73, 2090]  # 14 tokens: 3 full blocks
+
+
+@pytest.fixture
+def swarm(tiny_model_dirs) -> Iterator[tuple[SwarmPipeline, list[PeerServer]]]:
+    servers: list[PeerServer] = []
+    records: list[PeerAnnouncement] = []
+    for i, (a, b) in enumerate(SPANS):
+        runtime = ShardRuntime(tiny_model_dirs["llama"], a, b)
+        runtime.prefix_cache = PrefixCache(runtime.layer_types, 16 << 20, BLOCK)
+        server = PeerServer(runtime)
+        servers.append(server)
+        records.append(PeerAnnouncement(peer_id=f"peer{i}", model_id="m", start=a, end=b, total_layers=SPANS[-1][1],
+                                        grpc_address=server.start(), dtype="float32", announced_at=time.time(),
+                                        ttl_s=3600.0))
+    client = PeerChainClient([], tunables=ClientTunables(step_timeout_s=30.0))
+    pipeline = SwarmPipeline("m", SPANS[-1][1], lambda: list(records), client)
+    pipeline.prefix = PrefixPlanner(block=BLOCK)
+    yield pipeline, servers
+    client.shutdown()
+    for server in servers:
+        server.stop()
+
+
+def _generate(pipeline: SwarmPipeline, session: str, n: int, on_token=None) -> list[int]:
+    out = [pipeline.step(session, PROMPT, 0, GREEDY, 0)]
+    while len(out) < n:
+        if on_token is not None:
+            on_token(len(out))
+        out.append(pipeline.step(session, [out[-1]], len(PROMPT) + len(out) - 1, GREEDY, len(out)))
+    pipeline.close(session)
+    return out
+
+
+def test_failover_after_a_prefix_hit_rebuilds_only_the_replacement_and_output_is_unchanged(swarm) -> None:
+    pipeline, servers = swarm
+    cold = _generate(pipeline, "cold", 16)  # fills the prefix caches of the chain it ran through
+    rebuilds, fallbacks = METRICS.rebuilds._value.get(), METRICS.rebuild_fallbacks._value.get()
+    killed: list[PeerServer] = []
+
+    def kill_middle(produced: int) -> None:
+        if produced != 6:
+            return
+        session = pipeline._sessions["warm"]
+        assert session.first_sent is not None and session.first_sent[0] == 3 * BLOCK  # the prefix hit happened
+        middle = session.chain.hops[1].peer.grpc_address
+        victim = next(s for s in servers if s.address == middle)
+        assert victim.runtime.prefix_cache.available(session.first_sent[1]) == 3 * BLOCK
+        victim.stop()
+        killed.append(victim)
+
+    warm = _generate(pipeline, "warm", 16, kill_middle)
+    assert killed, "the middle hop was never stopped"
+    assert warm == cold
+    assert pipeline.failovers == 1
+    assert METRICS.rebuilds._value.get() - rebuilds == 1  # only the replacement computed the history
+    assert METRICS.rebuild_fallbacks._value.get() - fallbacks == 0  # no full replay
+    assert pipeline.replay_mismatches == 0
