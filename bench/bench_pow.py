@@ -7,6 +7,10 @@ window it stays. This measures, per difficulty, the CPU time of ``solve`` for di
 verifier's side (one ``verify``), so the ratio solve/verify is the attacker's cost per unit of defence.
 
     python bench/bench_pow.py --bits 12 16 18 20 --ids 8
+
+``--stall BITS`` instead measures what a node's re-solve does to serving: the latency of a decode-like step
+(60 small torch ops on one thread) with no solve running, with the solve on a thread of the same process
+(holding the GIL between hashes), and in membership.py's niced child process, interleaved, twice each.
 """
 
 from __future__ import annotations
@@ -20,12 +24,55 @@ from openhydra.crypto.identity import Identity
 from openhydra.crypto.pow import solve, verify
 
 
+def stall_check(bits: int, rounds: int = 2) -> None:
+    import torch
+
+    from openhydra.crypto.membership import Membership
+
+    torch.set_num_threads(1)
+    x, w = torch.randn(1, 576), torch.randn(576, 576)
+
+    def step() -> None:
+        h = x
+        for _ in range(60):
+            h = torch.nn.functional.silu(h @ w) * 0.01 + h
+
+    def steps_ms(until) -> list[float]:
+        lat: list[float] = []
+        while not until() or len(lat) < 20:
+            t0 = time.perf_counter()
+            step()
+            lat.append((time.perf_counter() - t0) * 1e3)
+        return lat
+
+    print(f"load average at start: {os.getloadavg()}")
+    for _ in range(rounds):
+        for mode in ("none", "thread", "child"):
+            if mode == "none":
+                end = time.monotonic() + 2.0
+                lat, took = steps_ms(lambda end=end: time.monotonic() > end), 0.0
+            else:
+                rules = Membership(difficulty_bits=bits, region="eu-west", solve_in_child=mode == "child")
+                t0 = time.perf_counter()
+                rules.prepare(Identity.generate().peer_id)
+                pending = next(iter(rules._solving.values()))
+                lat = steps_ms(pending.done)
+                took = time.perf_counter() - t0
+            print(f"{mode:>6}: step median {statistics.median(lat):6.2f} ms, max {max(lat):6.1f} ms, "
+                  f"{len(lat):4d} steps, solve {took:5.1f} s")
+    print(f"load average at end: {os.getloadavg()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, nargs="+", default=[12, 16, 18, 20])
     parser.add_argument("--ids", type=int, default=8, help="fresh identities per difficulty")
     parser.add_argument("--png", default="docs/img/bench_pow.png")
+    parser.add_argument("--stall", type=int, metavar="BITS", help="measure serving stalls during a solve instead")
     args = parser.parse_args()
+    if args.stall is not None:
+        stall_check(args.stall)
+        return
     print(f"load average at start: {os.getloadavg()}")
     cpu: dict[int, list[float]] = {b: [] for b in args.bits}
     hashes: dict[int, list[int]] = {b: [] for b in args.bits}

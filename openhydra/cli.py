@@ -125,6 +125,12 @@ def _banner(node) -> str:
     from openhydra.config.load import user_config_dir
 
     identity = getattr(node.identity, "path", None) or (cfg.privacy or {}).get("identity_path") or "none"
+    admission = ""
+    if node.in_swarm:  # what joining costs (crypto/membership.py); a lone node admits no one
+        from openhydra.crypto.config import PrivacyConfig
+        from openhydra.peer.node_privacy import admission_text
+
+        admission = f"  admission  {admission_text(PrivacyConfig.model_validate(cfg.privacy or {}))}\n"
     return (
         f"OpenHydra node\n"
         f"  API        http://{cfg.api.host}:{cfg.api.port}  (OpenAI /v1, Ollama /api, /health, /metrics)\n"
@@ -132,6 +138,7 @@ def _banner(node) -> str:
         f"(loading in the background; GET /readyz turns 200 when ready)\n"
         f"  hardware   {node.backend.describe()}\n"
         f"  data dir   {cfg.node.data_path}   identity {identity}\n"
+        f"{admission}"
         f"  config     {conf_dir()} + {user_config_dir()}\n"
         f"  stop       Ctrl-C (withdraws from the DHT, ends streams, closes the ledger)"
     )

@@ -92,6 +92,8 @@ class Node:
     background: BackgroundLoop | None = None
     span: tuple[int, int] | None = None
     privacy: object = None
+    _admission_privacy: object = None
+    """The NodePrivacy built before the model loads, so the join proof of work is solved meanwhile."""
     swarm_spans: dict = field(default_factory=dict)
     """Folders fetched from the swarm -> the span they were fetched for (openhydra/weights/node_hook.py)."""
     _fallback_swarms: list = field(default_factory=list)
@@ -110,6 +112,8 @@ class Node:
         state, cfg = self.state, self.cfg
         started = time.perf_counter()
         try:
+            if self.in_swarm:
+                self._prepare_admission()
             state.loading_stage = "resolving model source"
             from openhydra.weights.node_hook import swarm_fetch_for  # weights from the swarm (issue 19)
 
@@ -222,6 +226,16 @@ class Node:
             self.background = BackgroundLoop()
             self.background.run(self.discovery.start(), timeout=60)
 
+    def _prepare_admission(self) -> None:
+        """Build the privacy hook and start this window's join proof of work (membership.py: a niced child
+        process) now, so it is solved while the model loads; the first announcement waits for it."""
+        from openhydra.peer.node_privacy import node_privacy
+
+        self._admission_privacy = node_privacy(self.cfg.privacy, self.identity)
+        peer_id = self.cfg.node.peer_id or getattr(self.identity, "peer_id", None)
+        if peer_id:
+            self._admission_privacy.membership.prepare(peer_id)
+
     def _join_swarm(self, choice: ModelChoice, runtime, num_layers: int) -> None:
         from openhydra.discovery.announcer import Announcer
         from openhydra.discovery.records import PeerAnnouncement
@@ -238,7 +252,7 @@ class Node:
         vcfg = VerificationConfig.model_validate(cfg.verification or {})  # verification hook
         if vcfg.fault.mode != "none":  # a dishonest peer on purpose (tests, demos)
             runtime = FaultyRuntime(runtime, vcfg.fault)
-        privacy = node_privacy(cfg.privacy, self.identity)  # privacy hook: keys, signing, sealed steps
+        privacy = self._admission_privacy or node_privacy(cfg.privacy, self.identity)  # privacy hook: keys, signing
         from openhydra.economy.peer_settlement import PeerSettlement  # settlement hook: sign what we served
 
         signer = self.identity or getattr(self.economy, "identity", None)  # privacy=off: the economy's key
@@ -273,6 +287,11 @@ class Node:
                 instance=instance, weights_manifest=weights_manifest,
             ))
 
+        if privacy.membership.difficulty_bits:  # the join proof of work (solved while the model loaded)
+            waited = time.perf_counter()
+            privacy.membership.wait(peer_id)
+            log.info("proof of work for %s ready (%d bits; waited %.2f s for it after loading)", peer_id,
+                     privacy.membership.difficulty_bits, time.perf_counter() - waited)
         self.announcer = Announcer(self.discovery, make_record)
         try:
             self.background.run(self.announcer.announce_once(), timeout=30)
@@ -419,6 +438,8 @@ class Node:
 
     # -- shutdown ------------------------------------------------------------------------------------
     def shutdown(self) -> None:
+        if self._admission_privacy is not None:
+            self._admission_privacy.membership.close()  # a proof still being solved is no longer needed
         if self.state.engine is not None:
             self.state.engine.shutdown()
         for settler in self._fallback_settlers:  # they still call the peers: before the clients close

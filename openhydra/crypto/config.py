@@ -12,10 +12,19 @@ bearer token is ``api.bearer_token`` (the api group), not repeated here.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 TARGET = "openhydra.crypto.config.PrivacyConfig"
+
+OPEN_SWARM_POW_BITS = 20
+"""What ``pow_difficulty_bits: auto`` asks of every identity in an open swarm: about 2**20 SHA-256 hashes,
+1-2 CPU seconds of the pure-Python solver per identity per 10-minute window on this project's CPUs
+(docs/security.md, bench/bench_pow.py). An honest node pays it once per window in a niced child process
+(< 0.5% of a core); rejoining under a fresh identity, or keeping N identities alive, costs that much per
+identity. 22+ bits would make a node's first announcement wait ~5 s or more on average (the count is
+geometric: 1 in 20 solves takes 3x the mean)."""
 
 
 class PrivacyConfig(BaseModel):
@@ -36,8 +45,10 @@ class PrivacyConfig(BaseModel):
     dp_clip_embeddings: float = Field(default=4.0, gt=0.0)
     """L2 bound of each token's embedding the coordinator sends to the first peer (embeddings
     are two orders of magnitude smaller than later hidden states)."""
-    pow_difficulty_bits: int = Field(default=0, ge=0, le=40)
-    """Leading zero bits a geo-challenge proof needs; 0: proofs are not required."""
+    pow_difficulty_bits: Annotated[int, Field(ge=0, le=40)] | Literal["auto"] = "auto"
+    """Leading zero bits a geo-challenge proof needs; 0: proofs are not required. ``auto`` (the default):
+    :data:`OPEN_SWARM_POW_BITS` in an open swarm, 0 in a private one (``swarm_secret`` set), so every node of
+    a swarm derives the same difficulty from its config (see :attr:`pow_bits`)."""
     region: str = Field(default="unspecified", pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
     """The region this node claims in its geo-challenge."""
     identity_path: str = "~/.openhydra/identity.key"
@@ -57,6 +68,15 @@ class PrivacyConfig(BaseModel):
         if self.swarm_secret is not None and len(self.swarm_secret.get_secret_value()) < 16:
             raise ValueError("swarm_secret must be at least 16 characters")
         return self
+
+    @property
+    def pow_bits(self) -> int:
+        """The proof-of-work difficulty in force: the explicit setting, or for ``auto`` 20 bits in an open
+        swarm and 0 in a private one (whose secret already admits members; a member who holds it can mint
+        identities anyway, so work would only cost the operator's own nodes CPU)."""
+        if self.pow_difficulty_bits != "auto":
+            return self.pow_difficulty_bits
+        return 0 if self.swarm_secret is not None else OPEN_SWARM_POW_BITS
 
     @property
     def identity_file(self) -> Path:

@@ -18,7 +18,10 @@ more CPU still mints more of them.
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 import time
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -67,22 +70,36 @@ def _check_difficulty(bits: int) -> None:
         raise ValueError(f"difficulty_bits must be in [0, {MAX_DIFFICULTY_BITS}], got {bits}")
 
 
-def solve(peer_id: str, region: str, difficulty_bits: int, now: float | None = None, start_nonce: int = 0) -> GeoProof:
-    """Find a proof for the window containing ``now`` (expected ``2**difficulty_bits`` hashes)."""
+def _search(prefix: hashlib._Hash, difficulty_bits: int, start: int, count: int) -> int | None:
+    """The first nonce in ``[start, start + count)`` whose digest has ``difficulty_bits`` leading zero bits."""
+    shift = 256 - difficulty_bits
+    for nonce in range(start, min(start + count, 2**64)):
+        h = prefix.copy()
+        h.update(nonce.to_bytes(8, "big"))
+        if int.from_bytes(h.digest(), "big") >> shift == 0:
+            return nonce
+    return None
+
+
+def solve(peer_id: str, region: str, difficulty_bits: int, now: float | None = None, start_nonce: int = 0,
+          keep_going: Callable[[], bool] | None = None) -> GeoProof:
+    """Find a proof for the window containing ``now`` (expected ``2**difficulty_bits`` hashes).
+
+    ``keep_going`` is asked every 65,536 hashes; when it answers False the search stops with
+    :class:`InvalidProofOfWork` (a solver child whose node has gone away)."""
     _check_difficulty(difficulty_bits)
     window = window_of(time.time() if now is None else now)
     GeoProof(peer_id=peer_id, region=region, window=window, nonce=0)  # validate inputs before working
     prefix = _prefix(peer_id, region, window)
-    shift = 256 - difficulty_bits
     nonce = start_nonce
-    while True:
-        h = prefix.copy()
-        h.update(nonce.to_bytes(8, "big"))
-        if int.from_bytes(h.digest(), "big") >> shift == 0:
-            return GeoProof(peer_id=peer_id, region=region, window=window, nonce=nonce)
-        nonce += 1
-        if nonce >= 2**64:
-            raise InvalidProofOfWork("nonce space exhausted")  # unreachable at sane difficulty
+    while nonce < 2**64:
+        found = _search(prefix, difficulty_bits, nonce, 1 << 16)
+        if found is not None:
+            return GeoProof(peer_id=peer_id, region=region, window=window, nonce=found)
+        nonce += 1 << 16
+        if keep_going is not None and not keep_going():
+            raise InvalidProofOfWork("search abandoned")
+    raise InvalidProofOfWork("nonce space exhausted")  # unreachable at sane difficulty
 
 
 def verify(
@@ -113,3 +130,20 @@ def is_valid(proof: GeoProof, expected_peer_id: str, difficulty_bits: int, now: 
     except InvalidProofOfWork:
         return False
     return True
+
+
+def _solve_main(argv: list[str]) -> int:
+    """``python -m openhydra.crypto.pow PEER_ID REGION BITS UNIX_TIME``: print the proof as JSON.
+
+    What membership.py runs in a child process, so a node's serving threads never wait on the GIL
+    behind the hashing loop. The child lowers its own priority and gives up if its parent dies."""
+    peer_id, region, bits, at = argv[0], argv[1], int(argv[2]), float(argv[3])
+    os.nice(10)
+    parent = os.getppid()
+    proof = solve(peer_id, region, bits, now=at, keep_going=lambda: os.getppid() == parent)
+    print(proof.model_dump_json(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_solve_main(sys.argv[1:]))

@@ -18,6 +18,7 @@ from openhydra.crypto.config import PrivacyConfig
 from openhydra.crypto.errors import CryptoError
 from openhydra.crypto.keys import SignedStaticKey, StaticKeyPair
 from openhydra.crypto.membership import Membership
+from openhydra.crypto.pow import WINDOW_S
 from openhydra.crypto.records import sign_record, verify_record
 from openhydra.peer.embedding import Embedder, load_embedder
 from openhydra.peer.head import load_head, runtime_head
@@ -54,7 +55,11 @@ class NodePrivacy:
         return sign_record(record, self.identity, self.signed_static)
 
     def status(self, peer_server, swarm) -> PrivacyStatus:
-        return PrivacyStatus(self.config.level, peer_server, swarm)
+        return PrivacyStatus(self.config.level, peer_server, swarm, admission=self.admission)
+
+    def admission(self) -> dict[str, Any]:
+        """What this node asks of every record (and so what its own records carry): for /v1/network/status."""
+        return admission_status(self.config, self.membership, self.rejected_records)
 
     def install_verifier(self, discovery) -> None:
         """With encryption on, unsigned, forged or key-less records are dropped at lookup; with a proof of
@@ -117,6 +122,7 @@ class PrivacyStatus:
     level: str
     peer_server: Any
     swarm: Any
+    admission: Callable[[], dict[str, Any]] | None = None
 
     def counts(self) -> dict[str, dict[str, int]]:
         service = getattr(self.peer_server, "service", None)
@@ -138,7 +144,34 @@ class PrivacyStatus:
         return "\n".join(lines) + "\n"
 
     def network_status(self) -> dict[str, Any]:
-        return {"level": self.level, "crypto_rejections": self.counts()}
+        status: dict[str, Any] = {"level": self.level, "crypto_rejections": self.counts()}
+        if self.admission is not None:
+            status["admission"] = self.admission()
+        return status
+
+
+def admission_text(config: PrivacyConfig) -> str:
+    """One line for the start banner and the log: what joining this node's swarm costs."""
+    private = config.swarm_secret is not None
+    how = "auto, " if config.pow_difficulty_bits == "auto" else ""
+    kind = "private swarm (swarm secret)" if private else "open swarm"
+    if config.pow_bits == 0:
+        return f"{kind}, no proof of work ({how}privacy.pow_difficulty_bits=0)"
+    return (f"{kind}, proof of work {config.pow_bits} bits per identity every {WINDOW_S // 60} min "
+            f"({how}privacy.pow_difficulty_bits; region {config.region})")
+
+
+def admission_status(config: PrivacyConfig, membership: Membership, rejected_records: int) -> dict[str, Any]:
+    return {
+        "private_swarm": config.swarm_secret is not None,
+        "pow_setting": config.pow_difficulty_bits,
+        "pow_difficulty_bits": membership.difficulty_bits,
+        "pow_window_s": WINDOW_S,
+        "region": config.region,
+        "proofs_solved": membership.solved,
+        "last_solve_s": None if membership.last_solve_s is None else round(membership.last_solve_s, 3),
+        "records_rejected": rejected_records,
+    }
 
 
 def node_privacy(raw: dict | None, identity) -> NodePrivacy:
@@ -148,8 +181,6 @@ def node_privacy(raw: dict | None, identity) -> NodePrivacy:
     if config.encrypt_activations and identity is None:
         raise ValueError("privacy.encrypt_activations needs a node identity (privacy.identity_path)")
     secret = config.swarm_secret.get_secret_value() if config.swarm_secret is not None else None
-    membership = Membership(config.pow_difficulty_bits, config.region, secret)
-    log.info("privacy level %s%s%s", config.level,
-             f", geo-challenge {config.pow_difficulty_bits} bits" if config.pow_difficulty_bits else "",
-             ", private swarm" if secret else "")
+    membership = Membership(config.pow_bits, config.region, secret)
+    log.info("privacy level %s; admission: %s", config.level, admission_text(config))
     return NodePrivacy(config, identity, static, signed, membership)

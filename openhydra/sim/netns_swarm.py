@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from openhydra.sim.netns import Topology
+from openhydra.testing.processes import TEST_POW_BITS
 
 CLONE_NEWNET = 0x40000000
 DHT_PORT, PEER_PORT, API_PORT = 18468, 50051, 8080
@@ -95,6 +96,7 @@ class NamespaceSwarm:
                 "discovery.announce_interval_s=2", f"peer.host={ip}", f"peer.port={PEER_PORT}", f"api.host={ip}",
                 f"api.port={API_PORT}", f"node.data_dir={self.topo.workdir / name}", f"node.peer_id={name}",
                 "privacy=off",  # readable peer names need unsigned records; this run measures the network
+                f"privacy.pow_difficulty_bits={TEST_POW_BITS}",  # the join proof of work, at the tests' low cost
             ])
 
     def call(self, fn, *args):

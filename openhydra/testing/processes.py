@@ -36,13 +36,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TEST_POW_BITS = 8
+"""The join proof of work test nodes ask for (``privacy.pow_difficulty_bits``): an open swarm's default is 20
+bits (1-2 CPU s per node start), which the many node processes of the test suite would add up to minutes;
+8 bits still exercises solving, stamping and checking proofs. Pass ``pow_bits=None`` for the real default."""
+
+
 class NodeProcess:
-    """`openhydra-node` as a subprocess (same interpreter), logging to a file."""
+    """`openhydra-node` as a subprocess (same interpreter), logging to a file.
+
+    Unless ``overrides`` set ``privacy.pow_difficulty_bits`` or ``pow_bits`` is None, the node asks for
+    ``pow_bits`` (:data:`TEST_POW_BITS`) bits of proof of work: every test node of one swarm agrees."""
 
     def __init__(self, overrides: list[str], *, port: int | None = None, log_path: Path | None = None,
-                 env: dict[str, str] | None = None, threads: int = 1) -> None:
+                 env: dict[str, str] | None = None, threads: int = 1, pow_bits: int | None = TEST_POW_BITS) -> None:
         self.port = port or free_port()
-        self.overrides = [*overrides, f"api.port={self.port}"]
+        sets_pow = any(o.lstrip("+~").startswith("privacy.pow_difficulty_bits=") for o in overrides)
+        pow_override = [f"privacy.pow_difficulty_bits={pow_bits}"] if pow_bits is not None and not sets_pow else []
+        self.overrides = [*overrides, *pow_override, f"api.port={self.port}"]
         self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"openhydra-node-{self.port}.log"
         # Test nodes share the tests' model cache (the converted SmolLM2 of the session fixture), not ~/.cache.
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENHYDRA_THREADS": str(threads),

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from pydantic import ValidationError
 
 from openhydra.config.load import conf_dir
-from openhydra.crypto.config import PrivacyConfig
+from openhydra.crypto.config import OPEN_SWARM_POW_BITS, PrivacyConfig
 
 OPTIONS = {"off": "off", "encrypted": "encrypted", "onion": "onion", "onion_dp": "onion_dp"}
 
@@ -46,8 +46,26 @@ def test_levels_are_what_their_names_say(hydra_conf: None) -> None:
     off, enc, onion, dp = load("off"), load("encrypted"), load("onion"), load("onion_dp")
     assert not off.encrypt_activations and not off.onion and not off.dp_enabled
     assert enc.encrypt_activations and not enc.onion and not enc.dp_enabled
-    assert onion.onion and onion.pow_difficulty_bits > 0 and not onion.dp_enabled
+    assert onion.onion and not onion.dp_enabled
     assert dp.onion and dp.dp_enabled and dp.dp_clip > 0
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_an_open_swarm_asks_for_proof_of_work_by_default(hydra_conf: None, option: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every level's default derives the difficulty from the config alone (all nodes of a swarm agree): 20 bits
+    without a swarm secret, none with one (the secret admits members); an explicit number wins either way."""
+    def load(*overrides: str) -> PrivacyConfig:
+        cfg = compose(config_name="config", overrides=[f"privacy={option}", *overrides])
+        return PrivacyConfig.model_validate(OmegaConf.to_container(cfg.privacy, resolve=True))
+
+    monkeypatch.delenv("OPENHYDRA_SWARM_SECRET", raising=False)
+    assert load().pow_difficulty_bits == "auto" and load().pow_bits == OPEN_SWARM_POW_BITS == 20
+    assert load("privacy.pow_difficulty_bits=12").pow_bits == 12
+    assert load("privacy.pow_difficulty_bits=0").pow_bits == 0
+    monkeypatch.setenv("OPENHYDRA_SWARM_SECRET", "a-private-swarm-secret")
+    assert load().pow_bits == 0 and load("privacy.pow_difficulty_bits=16").pow_bits == 16
+    assert PrivacyConfig().pow_bits == OPEN_SWARM_POW_BITS  # the schema's default is the shipped one
 
 
 def test_swarm_secret_from_environment_and_hidden(hydra_conf: None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,6 +84,7 @@ def test_swarm_secret_from_environment_and_hidden(hydra_conf: None, monkeypatch:
         ({"encrypt_activations": False, "dp_sigma": 0.1}, "dp_sigma > 0 needs"),
         ({"dp_sigma": -1}, "greater than or equal"),
         ({"pow_difficulty_bits": 99}, "less than or equal"),
+        ({"pow_difficulty_bits": "lots"}, "auto"),
         ({"region": "Mars Base!"}, "pattern"),
         ({"swarm_secret": "short"}, "at least 16"),
         ({"encrypt": True}, "Extra inputs"),

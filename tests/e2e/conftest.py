@@ -4,7 +4,8 @@ The commands are read from README.md (section "A local swarm: a DHT and three no
 written, with three substitutions a test needs: free loopback ports instead of 8468/8080-8082/50051-50053
 (the DHT URL follows its port), the tiny 8-layer Llama instead of SmolLM2 (``model=local model.path=...``,
 spans rescaled from 30 layers to 8), and ``HOME`` set to a temporary folder so ``$HOME/.openhydra/nodeN``
-lands there (``$HOME`` expanded as a shell would). Both the walk-through test and the swarm settlement
+lands there (``$HOME`` expanded as a shell would); NodeProcess also asks for the tests' low join proof
+of work (``TEST_POW_BITS`` instead of an open swarm's 20 bits). Both the walk-through test and the swarm settlement
 tests use this one swarm (one start-up for both: the CI budget).
 """
 

@@ -3,6 +3,7 @@ and a private swarm's peers refuse gRPC calls without its credential, before the
 
 from __future__ import annotations
 
+import os
 import time
 
 import grpc
@@ -23,6 +24,7 @@ from openhydra.peer.server import PeerServer
 from openhydra.runtime.local_pipeline import greedy_generate
 from openhydra.runtime.sampling import SamplingParams
 from openhydra.runtime.shard import ShardRuntime
+from openhydra.testing.wait import wait_until
 
 SECRET = "correct horse battery staple"
 
@@ -52,6 +54,41 @@ def test_proof_of_work_is_required_and_bound_to_the_peer_and_region():
     if decode_proof(cheap.geo_proof).nonce != decode_proof(rules.stamp(_record("bob")).geo_proof).nonce:
         with pytest.raises(InvalidProofOfWork, match="leading zero bits"):
             rules.check(cheap)
+
+
+def test_a_new_window_announces_with_the_previous_proof_while_the_next_is_solved():
+    """Re-solving every 10 minutes never makes an announcement wait: the previous window's proof is still valid
+    for the whole new window, and the new one arrives from the background solver."""
+    rules = Membership(difficulty_bits=12, region="eu-west")
+    t0 = time.time()
+    rules.prepare("alice", t0)
+    first = rules.stamp(_record("alice", announced_at=t0))  # the first announcement waits for its proof
+    rules.check(first, now=t0)
+    later = t0 + 600  # the next window: no proof for it yet
+    started = time.perf_counter()
+    bridged = rules.stamp(_record("alice", announced_at=later))
+    assert time.perf_counter() - started < 0.1 and bridged.geo_proof == first.geo_proof
+    rules.check(bridged, now=later)  # verifiers accept the previous window's proof
+    fresh = wait_until(lambda: (r := rules.stamp(_record("alice", announced_at=later))).geo_proof != first.geo_proof
+                       and r, 60, 0.05, "the next window's proof")
+    assert decode_proof(fresh.geo_proof).window == decode_proof(first.geo_proof).window + 1
+    rules.check(fresh, now=later + 600)  # and it lasts through the window after
+    assert rules.solved == 2
+
+
+def test_proofs_are_solved_in_a_niced_child_process_that_close_stops():
+    """The hashing loop runs outside the node's process (it would hold the GIL its serving threads need), at a
+    lower priority; a node that shuts down kills a solve still running."""
+    rules = Membership(difficulty_bits=40, region="eu-west")  # far beyond what a test could finish
+    rules.prepare("alice")
+    child = wait_until(lambda: next(iter(rules._children), None), 60, 0.05, "the solver child")
+    assert child.pid != os.getpid() and child.args[1:3] == ["-m", "openhydra.crypto.pow"]
+    niced = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+    wait_until(lambda: os.getpriority(os.PRIO_PROCESS, child.pid) == niced, 60, 0.05, "the child's nice 10")
+    rules.close()
+    assert child.wait(timeout=30) != 0
+    with pytest.raises(InvalidProofOfWork, match="shutting down"):
+        rules.wait("alice")
 
 
 def test_swarm_tag_is_required_and_covers_every_field():
