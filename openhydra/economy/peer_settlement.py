@@ -42,6 +42,8 @@ class _Served:
     touched: float
     signed_request: str | None = None
     signed_receipt: str | None = None
+    auth: tuple[int, bytes] | None = None  # (hop index, settlement key) of a keyed session (peer/session_auth.py)
+    auth_counter: int = 0  # last settlement-call counter accepted
 
 
 @dataclass(frozen=True)
@@ -90,18 +92,46 @@ class PeerSettlement:
         self.counts: dict[str, int] = {"signed": 0, "refused": 0, "applied": 0, "replayed": 0}
 
     # -- the step path (cheap: one dict update) ---------------------------------------------------
-    def served(self, session_id: str, end_position: int) -> None:
-        """This peer computed positions up to ``end_position`` (exclusive) for ``session_id``."""
+    def served(self, session_id: str, end_position: int, auth: tuple[int, bytes] | None = None) -> None:
+        """This peer computed positions up to ``end_position`` (exclusive) for ``session_id``; ``auth``: the
+        session's (hop index, settlement key) when it agreed keys, kept so that the coordinator's settlement calls,
+        which come after the session's keys are dropped, can still be authenticated (peer/session_auth.py)."""
         now = self.clock()
         with self._lock:
             entry = self._sessions.get(session_id)
             if entry is None:
-                self._sessions[session_id] = _Served(end_position, now)
+                self._sessions[session_id] = _Served(end_position, now, auth=auth)
                 self._evict(now)
             else:
                 entry.positions = max(entry.positions, end_position)
                 entry.touched = now
+                if entry.auth is None:
+                    entry.auth = auth
                 self._sessions.move_to_end(session_id)
+
+    # -- what settlement calls are authenticated with (peer/session_auth.py settlement_refusal) ----------
+    def session_key(self, session_id: str) -> tuple[int, bytes, int] | None:
+        """(hop index, settlement key, last accepted counter) of a keyed session this peer served; else None."""
+        with self._lock:
+            entry = self._sessions.get(session_id)
+            if entry is None or entry.auth is None:
+                return None
+            return (*entry.auth, entry.auth_counter)
+
+    def accept_counter(self, session_id: str, counter: int) -> None:
+        with self._lock:
+            entry = self._sessions.get(session_id)
+            if entry is not None:
+                entry.auth_counter = max(entry.auth_counter, counter)
+
+    def has_served(self, session_id: str) -> bool:
+        with self._lock:
+            return session_id in self._sessions
+
+    def session_of(self, receipt_id: str) -> str | None:
+        """The session a receipt this peer signed settles (None for any other receipt)."""
+        with self._lock:
+            return self._receipts.get(receipt_id)
 
     def _evict(self, now: float) -> None:
         while self._sessions:

@@ -4,7 +4,8 @@ The gRPC handlers for ``SignSettlement`` and ``ApplySettlement`` live here so th
 delegates to them. Every message is parsed strictly (pydantic, via
 :class:`~openhydra.economy.receipts.SettlementRequest`) before anything is signed or applied; bad input
 is INVALID_ARGUMENT, a claim that does not match what the peer served FAILED_PRECONDITION, a replayed
-receipt ALREADY_EXISTS, a peer without settlement UNIMPLEMENTED.
+receipt ALREADY_EXISTS, a peer without settlement UNIMPLEMENTED. A call about a session that agreed keys without the
+coordinator's tag (peer/session_auth.py settlement_refusal) is PERMISSION_DENIED, checked first and counted.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from openhydra.economy.errors import InvalidReceipt, LedgerError, ReceiptAlready
 from openhydra.economy.peer_settlement import Claim, PeerSettlement, SettlementRefused
 from openhydra.economy.receipts import PipelineEntry, ServedShare, SettlementRequest
 from openhydra.peer.proto import peer_pb2 as pb
+from openhydra.peer.session_auth import APPLY_SETTLEMENT, SIGN_SETTLEMENT, claim_args, settlement_refusal
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +83,14 @@ def receipt_from_pb(message: pb.SignedSettlement) -> SettlementRequest:
 
 # -- the peer's RPC handlers -------------------------------------------------------------------------
 async def sign_rpc(settlement: PeerSettlement | None, request: pb.SettlementClaim, context: Any,
-                   address: str) -> pb.SettlementSignature:
+                   address: str, privacy: Any) -> pb.SettlementSignature:
     if settlement is None:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{address}: this peer does not settle")
+    auth = request.auth if request.HasField("auth") else None
+    why = settlement_refusal(privacy, settlement, request.session_id, SIGN_SETTLEMENT, auth, claim_args(request))
+    if why is not None:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                            f"{address}: SignSettlement of {request.session_id} refused: {why}")
     try:
         claim = claim_from_pb(request)
     except (ValueError, ValidationError) as exc:
@@ -100,13 +107,23 @@ async def sign_rpc(settlement: PeerSettlement | None, request: pb.SettlementClai
 
 
 async def apply_rpc(settlement: PeerSettlement | None, request: pb.SignedSettlement, context: Any,
-                    address: str) -> pb.ApplySettlementReply:
+                    address: str, privacy: Any) -> pb.ApplySettlementReply:
+    """The receipt names no session: the peer finds it by the receipt id among those it signed. A receipt for a
+    keyed session needs its coordinator's tag, so a stranger who saw the signatures cannot apply it first (and
+    make the coordinator's own settle fail as a replay); any other receipt this peer did not sign is refused."""
     if settlement is None:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{address}: this peer does not settle")
     try:
         receipt = receipt_from_pb(request)
     except (ValueError, ValidationError) as exc:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{address}: bad receipt: {_short(exc)}")
+    session_id = settlement.session_of(receipt.receipt_id)
+    if session_id is not None:
+        auth = request.auth if request.HasField("auth") else None
+        why = settlement_refusal(privacy, settlement, session_id, APPLY_SETTLEMENT, auth, receipt.receipt_id.encode())
+        if why is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"{address}: ApplySettlement of receipt {receipt.receipt_id} refused: {why}")
     try:
         result = await asyncio.to_thread(settlement.apply, receipt)  # a ledger write: off the event loop
     except ReceiptAlreadyApplied as exc:

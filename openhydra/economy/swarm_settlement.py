@@ -13,6 +13,11 @@ When a session served through the swarm ends (router/swarm.py calls :meth:`Swarm
 5. sends the same receipt to every other hop (``ApplySettlement``), which verifies and applies it to
    its own ledger, so every participant's ledger holds the same receipt, once.
 
+Every call names (or, for a receipt, settles) a session, so each carries this coordinator's tag under that hop's
+settlement key (peer/session_auth.py), which the session's close kept (``client.take_settlement_keys``); a hop
+refuses an untagged call about a keyed session with PERMISSION_DENIED. Without encryption there are no keys and
+no tags (privacy=off protects nothing).
+
 Any failure is logged and counted (``counts``, ``/metrics``) and never reaches the client: serving
 does not depend on settlement.
 """
@@ -34,6 +39,7 @@ from openhydra.economy.peer_settlement import Claim
 from openhydra.economy.receipts import PipelineEntry, ServedShare, SettlementRequest
 from openhydra.economy.settlement_wire import claim_to_pb, receipt_to_pb
 from openhydra.economy.views import SettlementResult
+from openhydra.peer.session_auth import SettlementKeys
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +137,14 @@ class SwarmSettler:
 
             return settle_onion(self, request_id, peer_session, tokens, hops)
 
-        def claim(start: int, end: int, pipeline: tuple[PipelineEntry, ...] = ()) -> Any:
-            return claim_to_pb(Claim(peer_session, request_id, self.model_id, tokens, start, end, pipeline))
+        take = getattr(self.client, "take_settlement_keys", None)
+        keys = take(peer_session) if take is not None else None  # None: privacy off, nothing to tag
 
-        who = self._ask("identity", [(a, "SignSettlement", claim(s, e)) for a, s, e in hops])
+        def claim(address: str, start: int, end: int, pipeline: tuple[PipelineEntry, ...] = ()) -> Any:
+            message = claim_to_pb(Claim(peer_session, request_id, self.model_id, tokens, start, end, pipeline))
+            return message if keys is None else keys.sign_claim(address, message)
+
+        who = self._ask("identity", [(a, "SignSettlement", claim(a, s, e)) for a, s, e in hops])
         for (address, _, _), answer in zip(hops, who, strict=True):
             if answer.positions_served < tokens:
                 served = answer.positions_served
@@ -143,7 +153,7 @@ class SwarmSettler:
             PipelineEntry(peer_id=a.peer_id, public_key=a.public_key.hex(), layers_served=e - s)
             for (_, s, e), a in zip(hops, who, strict=True)
         )
-        signed = self._ask("sign", [(a, "SignSettlement", claim(s, e, pipeline)) for a, s, e in hops])
+        signed = self._ask("sign", [(a, "SignSettlement", claim(a, s, e, pipeline)) for a, s, e in hops])
         receipt = SettlementRequest(
             request_id=request_id, model_id=self.model_id, tokens_served=tokens,
             shares=[ServedShare(**p.model_dump(), signature=a.signature.hex()) for p, a in zip(pipeline, signed,
@@ -157,7 +167,7 @@ class SwarmSettler:
         self.counts["settled"] += 1
         if result is not None:
             self._charge(receipt, result)
-        self._distribute(receipt, [(address, p) for (address, _, _), p in zip(hops, pipeline, strict=True)])
+        self._distribute(receipt, [(address, p) for (address, _, _), p in zip(hops, pipeline, strict=True)], keys)
         return result
 
     def _ask(self, stage: str, calls: list[tuple[str, str, Any]]) -> list[Any]:
@@ -168,14 +178,18 @@ class SwarmSettler:
                 raise SettlementFailed(stage, f"{address}: {detail}")
         return answers
 
-    def _distribute(self, receipt: SettlementRequest, hops: list[tuple[str, PipelineEntry]]) -> None:
-        """Every other serving peer applies the same receipt to its own ledger (at most once)."""
+    def _distribute(self, receipt: SettlementRequest, hops: list[tuple[str, PipelineEntry]],
+                    keys: SettlementKeys | None = None) -> None:
+        """Every other serving peer applies the same receipt to its own ledger (at most once), each copy tagged
+        for its hop when the session agreed keys."""
         own = getattr(self.economy, "peer_id", "")
         others = [address for address, entry in hops if entry.peer_id != own]
         if not others:
             return
         message = receipt_to_pb(receipt)
-        replies = self.client.peer_calls([(a, "ApplySettlement", message) for a in others])
+        replies = self.client.peer_calls([
+            (a, "ApplySettlement", message if keys is None else keys.sign_receipt(a, message, receipt.receipt_id))
+            for a in others])
         for address, reply in zip(others, replies, strict=True):
             if not isinstance(reply, BaseException):
                 self.counts["peer_applied"] += 1

@@ -50,7 +50,7 @@ from openhydra.peer.privacy import ChainPrivacy, CoordinatorRoute, parse_hop_fai
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
 from openhydra.peer.rebuild_client import RebuildClient
-from openhydra.peer.session_auth import FORGED_FAILURE, FORGED_RESULT, failure_is_authentic
+from openhydra.peer.session_auth import FORGED_FAILURE, FORGED_RESULT, SettlementKeys, failure_is_authentic
 from openhydra.peer.wire import decode_tensor, encode_tensor
 from openhydra.runtime.prefix_cache import PrefixKey
 from openhydra.runtime.sampling import SamplingParams, sample
@@ -134,6 +134,8 @@ class PeerChainClient(ControlCalls, Liveness, RebuildClient):
         self.crypto_rejections: Counter[str] = Counter()
         self.dp_audits = 0  # DP audit records verified (privacy=onion_dp)
         self.onion_receipts: dict[str, list] = {}  # privacy=onion: hops' own receipts from the close (onion_control)
+        # closed sessions' per-hop settlement keys, until the settler takes them (client_control.py)
+        self.settlement_keys: collections.OrderedDict[str, SettlementKeys] = collections.OrderedDict()
         self._crypto: dict[str, CoordinatorRoute] = {}  # session -> its encrypted route
         self._codec = codec_from_name(self.tunables.forward_codec)
         self.route = tuple(route)

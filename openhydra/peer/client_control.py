@@ -2,7 +2,8 @@
 
 A mixin of :class:`openhydra.peer.client.PeerChainClient`. Calls that name a session carry a tag under that hop's
 control key (peer/session_auth.py); under onion routing close and truncate travel along the onion instead, so the
-coordinator never contacts a middle hop (peer/onion_control.py).
+coordinator never contacts a middle hop (peer/onion_control.py). Settlement calls come after the close, so the close
+keeps the session's per-hop settlement keys for the settler (:meth:`ControlCalls.take_settlement_keys`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from openhydra.peer.errors import HopError
 from openhydra.peer.messages import HopSpec
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
-from openhydra.peer.session_auth import sign_for
+from openhydra.peer.session_auth import SettlementKeys, sign_for
+
+MAX_SETTLEMENT_KEYS = 4096  # closed sessions whose settlement keys wait for the settler (oldest dropped)
 
 
 class ControlCalls:
@@ -42,6 +45,10 @@ class ControlCalls:
             return await asyncio.gather(*(one(*call) for call in calls), return_exceptions=True)
 
         return self._call(run())
+
+    def take_settlement_keys(self, session_id: str) -> SettlementKeys | None:
+        """The closed session's per-hop settlement keys (once; None without encryption or when already taken)."""
+        return self.settlement_keys.pop(session_id, None)
 
     def truncate(self, session_id: str, length: int, route: Sequence[HopSpec] | None = None) -> None:
         """Crop the session to ``length`` positions on every hop (speculative rollback).
@@ -79,6 +86,11 @@ class ControlCalls:
                 await self._streams.pop(key).close()
             return
         crypto = self._crypto.pop(session_id, None)
+        kept = SettlementKeys.of(session_id, crypto)  # the settler's SignSettlement/ApplySettlement come later
+        if kept is not None:
+            self.settlement_keys[session_id] = kept
+            while len(self.settlement_keys) > MAX_SETTLEMENT_KEYS:  # popitem: atomic against the settler's take
+                self.settlement_keys.popitem(last=False)
         for key in [k for k in self._streams if k[0] == session_id]:
             await self._streams.pop(key).close()
         for hop in route:

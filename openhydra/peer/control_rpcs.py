@@ -40,12 +40,12 @@ class ControlRPCs:
     async def SignSettlement(self, request: pb.SettlementClaim, context) -> pb.SettlementSignature:
         from openhydra.economy.settlement_wire import sign_rpc
 
-        return await sign_rpc(self.settlement, request, context, self.address)
+        return await sign_rpc(self.settlement, request, context, self.address, self.privacy)  # PERMISSION_DENIED
 
     async def ApplySettlement(self, request: pb.SignedSettlement, context) -> pb.ApplySettlementReply:
         from openhydra.economy.settlement_wire import apply_rpc
 
-        return await apply_rpc(self.settlement, request, context, self.address)
+        return await apply_rpc(self.settlement, request, context, self.address, self.privacy)  # PERMISSION_DENIED
 
     async def FetchWeights(self, request: pb.WeightsRequest, context: grpc.aio.ServicerContext):
         """Weights from the swarm: stream a range of this span's checkpoint (logic in openhydra/weights/serve.py)."""

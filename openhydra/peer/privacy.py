@@ -99,6 +99,7 @@ class HopState:
     onion_forwarded: bool = False
     control_counter: int = 0  # last accepted control message counter (peer/session_auth.py)
     admitted_at: float = 0.0
+    settlement_key: bytes | None = None  # derived on first use (peer/session_auth.py hop_settlement_key)
 
     @property
     def index(self) -> int:

@@ -57,7 +57,7 @@ from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
 from openhydra.peer.rebuild import DEFAULT_RETAIN_BYTES, Retained
 from openhydra.peer.rebuild_service import RebuildHandlers
-from openhydra.peer.session_auth import sign_failure
+from openhydra.peer.session_auth import hop_settlement_key, sign_failure
 from openhydra.peer.wire import FLOAT_DTYPES, WireError, decode_tensor, encode_tensor
 from openhydra.runtime.prefix_cache import PrefixKey
 from openhydra.runtime.sampling import sample
@@ -232,7 +232,8 @@ class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
         self._served += 1
         METRICS.peer_step(header.num_positions, time.perf_counter() - began)
         if self.settlement is not None:
-            self.settlement.served(header.session_id, header.start_position + header.num_positions)
+            self.settlement.served(header.session_id, header.start_position + header.num_positions,
+                                   hop_settlement_key(state))  # its settlement calls are authenticated
         if isinstance(out, pb.Result):
             if state is not None and step.dp_records:  # upstream hops' DP audit records go to the coordinator
                 out.dp_records.extend(step.dp_records)

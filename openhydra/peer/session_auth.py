@@ -7,7 +7,13 @@ key agreement (crypto/keys.py), not from whoever learned the id:
   HMAC-SHA256 under the (session, hop) *control key* over (kind, session id, hop index, arguments, counter); the hop
   accepts only a counter above the last it accepted, so a recorded control message cannot be replayed;
 - a failure ``Result`` a hop delivers carries the reporting hop's tag under its *report key*, over (session id, seq,
-  hop index, the serialized Failure); the coordinator believes no failure without one.
+  hop index, the serialized Failure); the coordinator believes no failure without one;
+- settlement calls (``SignSettlement``, ``ApplySettlement``) carry the coordinator's tag under the (session, hop)
+  *settlement key*, over (kind, session id, hop index, the claim's fields or the receipt id, counter). They come
+  after the session closed, when both sides have dropped its keys: the hop keeps the settlement key with its
+  record of what it served (economy/peer_settlement.py, as long as that record), the coordinator keeps
+  :class:`SettlementKeys` from the close until the settler used them (peer/client_control.py). Its own counter,
+  which must grow per (session, hop) like the control counter.
 
 Both keys come from the hop's :class:`~openhydra.crypto.keys.HopKeys` through HKDF-SHA256 with their own labels,
 so they are independent of the AES-GCM keys. The tag is over bytes, not over a transport: the same
@@ -15,7 +21,8 @@ so they are independent of the AES-GCM keys. The tag is over bytes, not over a t
 the hops that relay it do not hold the receiving hop's control key and cannot forge or alter it.
 
 Where no keys were agreed (``privacy=off``) nothing can be authenticated; a peer that requires encryption then
-refuses control calls for any session it holds, and the docs say that privacy=off protects nothing.
+refuses control (and settlement) calls for any session it holds (served), and the docs say that privacy=off
+protects nothing.
 """
 
 from __future__ import annotations
@@ -57,8 +64,13 @@ def report_key(keys: HopKeys) -> bytes:
     return _derive(keys, b"report")
 
 
-def _field(value: str) -> bytes:
-    raw = value.encode()
+def settlement_key(keys: HopKeys) -> bytes:
+    """Coordinator -> hop settlement calls about one (session, hop); kept after the session's other keys are gone."""
+    return _derive(keys, b"settlement")
+
+
+def _field(value: str | bytes) -> bytes:
+    raw = value.encode() if isinstance(value, str) else value
     return struct.pack(">H", len(raw)) + raw
 
 
@@ -164,3 +176,93 @@ def sign_for(route, address: str, request: ControlRequest) -> ControlRequest:
     route.control_counter += 1
     sign_control(route.crypto.route.hop_keys[index], index, route.control_counter, request)
     return request
+
+
+# ---- settlement calls (SignSettlement, ApplySettlement) --------------------------------------------------------
+
+SIGN_SETTLEMENT = "SignSettlement"
+APPLY_SETTLEMENT = "ApplySettlement"
+
+
+def claim_args(claim: pb.SettlementClaim) -> bytes:
+    """The bytes a SettlementClaim is authenticated over: every field but the tag, length-prefixed (not protobuf's
+    serialization, which need not be canonical across versions)."""
+    out = _field(claim.request_id) + _field(claim.model_id) + struct.pack(">QIIH", claim.tokens_served, claim.start,
+                                                                         claim.end, len(claim.pipeline))
+    for share in claim.pipeline:
+        out += _field(share.peer_id) + _field(share.public_key) + struct.pack(">I", share.layers_served)
+    return out
+
+
+class SettlementKeys:
+    """Coordinator side: one finished session's per-hop settlement keys, from its close until it is settled."""
+
+    def __init__(self, session_id: str, hops: dict[str, tuple[int, bytes]]) -> None:
+        self.session_id = session_id
+        self.hops = hops  # address -> (hop index, settlement key)
+        self.counter = 0
+
+    @classmethod
+    def of(cls, session_id: str, route) -> SettlementKeys | None:
+        """From a privacy.CoordinatorRoute (None without one: privacy off, nothing to authenticate)."""
+        if route is None:
+            return None
+        hops: dict[str, tuple[int, bytes]] = {}
+        for i, hop in enumerate(route.route):
+            hops.setdefault(hop.address, (i, settlement_key(route.crypto.route.hop_keys[i])))
+        return cls(session_id, hops)
+
+    def sign_claim(self, address: str, claim: pb.SettlementClaim) -> pb.SettlementClaim:
+        """``claim`` tagged for the hop at ``address`` (unchanged when it is no hop of the session)."""
+        return self._sign(address, SIGN_SETTLEMENT, claim, claim_args(claim))
+
+    def sign_receipt(self, address: str, receipt: pb.SignedSettlement, receipt_id: str) -> pb.SignedSettlement:
+        """A copy of ``receipt`` tagged for the hop at ``address`` (the receipt id is what the tag binds)."""
+        tagged = pb.SignedSettlement()
+        tagged.CopyFrom(receipt)
+        return self._sign(address, APPLY_SETTLEMENT, tagged, receipt_id.encode())
+
+    def _sign(self, address: str, kind: str, message, args: bytes):
+        found = self.hops.get(address)
+        if found is None:
+            return message
+        index, key = found
+        self.counter += 1
+        tag = control_tag(key, kind, self.session_id, index, self.counter, args)
+        message.auth.CopyFrom(pb.SessionAuth(hop_index=index, counter=self.counter, tag=tag))
+        return message
+
+
+def hop_settlement_key(state) -> tuple[int, bytes] | None:
+    """Peer side, on the step path: (hop index, settlement key) of a keyed session's HopState (derived once and
+    cached on it), for the settlement record to keep; None for a session without keys."""
+    if state is None:
+        return None
+    if state.settlement_key is None:
+        state.settlement_key = settlement_key(state.session.layer.keys)
+    return state.index, state.settlement_key
+
+
+def settlement_refusal(privacy, settlement, session_id: str, kind: str, auth: pb.SessionAuth | None,
+                       args: bytes) -> str | None:
+    """Peer side: None if a settlement call about ``session_id`` may proceed (its counter is then consumed), else
+    why not (counted as ``control_denied``). The rule of :func:`control_refusal`, with the key the settlement
+    record kept: a keyed session needs the coordinator's tag; one this hop held under keys but whose key is gone is
+    refused; one without keys passes only on a peer that accepts plaintext sessions (privacy=off); a session this
+    hop never served passes and is then refused as unknown (FAILED_PRECONDITION): there is nothing to act on."""
+    held = settlement.session_key(session_id)  # (hop index, key, last counter) or None
+    if held is not None:
+        index, key, last = held
+        if (auth is not None and auth.hop_index == index and auth.counter > last
+                and hmac.compare_digest(control_tag(key, kind, session_id, index, auth.counter, args), auth.tag)):
+            settlement.accept_counter(session_id, auth.counter)
+            return None
+        why = "settlement call without a valid tag from the session's coordinator"
+    elif privacy.admission.was_keyed(session_id):
+        why = "settlement call for a keyed session whose settlement key this hop no longer holds"
+    elif privacy.require_encryption and settlement.has_served(session_id):
+        why = "settlement call for a session without keys on a peer that requires encryption"
+    else:
+        return None
+    privacy.rejections[CONTROL_DENIED] += 1
+    return why

@@ -1,7 +1,8 @@
 """A keyed peer as a real OS process, for the adversarial tests: an identity, a signed static key, encryption required.
 
-Run as ``python -m tests.adversarial.keyed_peer --model-dir DIR --start A --end B``; prints
-``READY <address> <peer id> <signed static key>`` once it serves, then serves until SIGTERM.
+Run as ``python -m tests.adversarial.keyed_peer --model-dir DIR --start A --end B [--ledger-dir DIR]``; prints
+``READY <address> <peer id> <signed static key>`` once it serves, then serves until SIGTERM. With ``--ledger-dir``
+it also settles (barter economy, its ledger in that folder, model id :data:`SETTLE_MODEL`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from openhydra.runtime.shard import ShardRuntime
 from openhydra.testing.processes import ready_fields
 
 READY_TIMEOUT_S = 300.0  # several peers start at once on 2 shared cores
+SETTLE_MODEL = "tiny-adversarial"  # the model id a settling keyed peer signs for
 
 
 def main(argv: list[str] | None = None, patch: Callable[[argparse.Namespace], None] | None = None,
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None, patch: Callable[[argparse.Namespace], No
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--start", type=int, required=True)
     parser.add_argument("--end", type=int, required=True)
+    parser.add_argument("--ledger-dir", default=None, help="settle what it serves, ledger in this folder")
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
@@ -45,8 +48,15 @@ def main(argv: list[str] | None = None, patch: Callable[[argparse.Namespace], No
         patch(args)
     torch.set_num_threads(1)
     identity, static = Identity.generate(), StaticKeyPair.generate()
+    settlement = None
+    if args.ledger_dir:
+        from openhydra.economy.factory import build_economy
+        from openhydra.economy.peer_settlement import PeerSettlement
+
+        economy = build_economy(identity=identity, data_dir=args.ledger_dir)
+        settlement = PeerSettlement(identity, economy, SETTLE_MODEL, (args.start, args.end))
     server = PeerServer(ShardRuntime(args.model_dir, args.start, args.end, dtype=torch.float32), static_key=static,
-                        require_encryption=True)
+                        require_encryption=True, settlement=settlement)
     address = server.start()
     print(f"READY {address} {identity.peer_id} {encode_static_key(static.signed_by(identity))}", flush=True)
     stop = threading.Event()

@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import psutil
 import pytest
 
+from openhydra.crypto.identity import Identity, public_key_from_peer_id
+from openhydra.economy.factory import build_economy
+from openhydra.economy.peer_settlement import Claim
+from openhydra.economy.receipts import PipelineEntry, SettlementRequest
+from openhydra.economy.settlement_wire import claim_to_pb
+from openhydra.economy.swarm_settlement import SwarmSettler
 from openhydra.peer.client import ClientTunables, PeerChainClient
+from openhydra.peer.embedding import load_embedder
 from openhydra.peer.messages import HopSpec
 from openhydra.peer.node_privacy import PrivacyStatus
 from openhydra.peer.outbound import CHANNEL_OPTIONS
@@ -26,7 +35,7 @@ from openhydra.peer.privacy import ChainPrivacy, CoordinatorRoute
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
 from openhydra.runtime.sampling import SamplingParams
-from tests.adversarial.keyed_peer import keyed_peers
+from tests.adversarial.keyed_peer import SETTLE_MODEL, keyed_peers
 from tests.peer.privacy_helpers import ManInTheMiddle
 
 pytestmark = pytest.mark.slow
@@ -38,13 +47,27 @@ PROMPT = [11, 402, 93, 1770, 5, 318, 2048, 77]
 JUNK_HANDSHAKES = 10_000
 LIVE_SESSIONS = 8
 PIDS: dict[str, int] = {}  # peer address -> its process id
+LEDGERS: dict[str, Path] = {}  # peer address -> its ledger's folder (the peers settle what they serve)
 
 
 @pytest.fixture(scope="module")
-def route(tiny_model_dirs) -> Iterator[list[HopSpec]]:
-    with keyed_peers(tiny_model_dirs["llama"], SPLITS) as (hops, procs):  # llama: full attention: Truncate works
+def route(tiny_model_dirs, tmp_path_factory) -> Iterator[list[HopSpec]]:
+    ledgers = [tmp_path_factory.mktemp(f"hop{i}") for i in range(len(SPLITS))]
+    with keyed_peers(tiny_model_dirs["llama"], SPLITS,  # llama: full attention: Truncate works
+                     flags=[["--ledger-dir", str(d)] for d in ledgers]) as (hops, procs):
         PIDS.update({hop.address: proc.pid for hop, proc in zip(hops, procs, strict=True)})
+        LEDGERS.update({hop.address: d for hop, d in zip(hops, ledgers, strict=True)})
         yield hops
+
+
+@pytest.fixture
+def settler(client, tmp_path) -> Iterator[SwarmSettler]:
+    """The coordinator's settler, with a ledger of its own (it serves no span: every hop is paid)."""
+    economy = build_economy(identity=Identity.generate(), data_dir=str(tmp_path))
+    settling = SwarmSettler(economy, client, SETTLE_MODEL)
+    yield settling
+    settling.shutdown()
+    economy.close()
 
 
 @pytest.fixture
@@ -112,6 +135,108 @@ def test_stranger_cannot_truncate_a_session(client, route) -> None:
     client.truncate(session, len(PROMPT) + 4)
     assert client.step(session, [tokens[-1]], len(PROMPT) + 4, GREEDY, 5) == reference[5]
     client.close(session)
+
+
+def test_stranger_cannot_sign_or_apply_a_sessions_settlement(client, route, settler) -> None:
+    """Settlement comes after the close. A stranger who read the session id asks each hop who it is, then for a
+    signature on a claim of its own (before the fix: answered, and the hop, now bound to the stranger's request,
+    refused the coordinator's claim); it sends the receipt it saw go by to every hop before the coordinator does,
+    and replays the coordinator's own ApplySettlement afterwards. All refused (PERMISSION_DENIED, counted); the
+    coordinator's settlement completes and every ledger holds its one receipt with the credits the layers earn."""
+    session, request_id = uuid.uuid4().hex, f"req-{uuid.uuid4().hex[:12]}"
+    _run(client, session, 3)
+    client.close(session)
+    positions = len(PROMPT) + 2  # every hop computed the prompt and the two tokens fed back
+    denied_before = [_info(h.address).crypto_rejections.get("control_denied", 0) for h in route]
+    pipeline = tuple(PipelineEntry(peer_id=h.peer_id, public_key=public_key_from_peer_id(h.peer_id).hex(),
+                                   layers_served=h.end - h.start) for h in route)  # peer ids are announced
+    for hop in route:
+        who = claim_to_pb(Claim(session, "stolen", SETTLE_MODEL, positions, hop.start, hop.end, ()))
+        claim = claim_to_pb(Claim(session, "stolen", SETTLE_MODEL, positions, hop.start, hop.end, pipeline))
+        claim.auth.hop_index, claim.auth.counter, claim.auth.tag = route.index(hop), 10**9, os.urandom(32)
+        channel, stub = _stranger(hop.address)
+        with channel:
+            for forged in (who, claim):
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.SignSettlement(forged, timeout=10)
+                assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, refused.value.details()
+    seen: list[tuple[str, pb.SignedSettlement]] = []  # the coordinator's ApplySettlement calls, as sent
+    first: list[grpc.StatusCode] = []  # what the stranger's earlier copies got
+    honest_calls = client.peer_calls
+
+    def on_the_path(calls):
+        for address, method, message in calls:
+            if method == "ApplySettlement":
+                seen.append((address, message))
+                untagged = pb.SignedSettlement()
+                untagged.CopyFrom(message)
+                untagged.ClearField("auth")
+                channel, stub = _stranger(address)
+                with channel:
+                    try:
+                        stub.ApplySettlement(untagged, timeout=10)
+                        first.append(grpc.StatusCode.OK)
+                    except grpc.RpcError as exc:
+                        first.append(exc.code())
+        return honest_calls(calls)
+
+    client.peer_calls = on_the_path
+    result = settler.submit(request_id, session, positions, route).result(timeout=120)
+    status = settler.network_status()
+    assert result is not None, status
+    assert first == [grpc.StatusCode.PERMISSION_DENIED] * len(route)
+    assert (status["settled"], status["failed"], status["peer_applied"], status["peer_replayed"]) == (1, 0, 2, 0)
+    for address, message in seen:  # a recorded, tagged ApplySettlement does not play twice either
+        channel, stub = _stranger(address)
+        with channel, pytest.raises(grpc.RpcError) as refused:
+            stub.ApplySettlement(message, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    denied_after = [_info(h.address).crypto_rejections.get("control_denied", 0) for h in route]
+    assert [b - a for a, b in zip(denied_before, denied_after, strict=True)] == [4, 4]
+    # Exactly what an unattacked settlement gives: 1,000 tokens = 1 credit = 10^6 micro, split 4:4 by layers,
+    # in the coordinator's ledger and, once, in each hop's own.
+    earned = {h.peer_id: positions * 1000 * (h.end - h.start) // 8 for h in route}
+    assert result.credits == earned
+    for hop in route:
+        assert _ledger_credits(LEDGERS[hop.address], request_id) == [(result.receipt_id, earned)]
+
+
+def test_onion_settlement_survives_a_strangers_claim(route, tiny_model_dirs, tmp_path) -> None:
+    """privacy=onion: each hop signs a receipt naming only itself when the close (sealed under its key) reaches it.
+    A stranger's SignSettlement on the live session is refused (before the fix it was signed, and the hop then had
+    no receipt for the coordinator: its work went unpaid); the receipts come back and the settlement is whole."""
+    client = PeerChainClient(route, tunables=TUNABLES, privacy=ChainPrivacy(encrypt=True, onion=True),
+                             embedder=load_embedder(tiny_model_dirs["llama"]))
+    economy = build_economy(identity=Identity.generate(), data_dir=str(tmp_path))
+    settling = SwarmSettler(economy, client, SETTLE_MODEL)
+    try:
+        session = uuid.uuid4().hex
+        _run(client, session, 3)
+        positions = len(PROMPT) + 2
+        for i, hop in enumerate(route):
+            mine = (PipelineEntry(peer_id=hop.peer_id, public_key=public_key_from_peer_id(hop.peer_id).hex(),
+                                  layers_served=hop.end - hop.start),)
+            channel, stub = _stranger(hop.address)
+            with channel, pytest.raises(grpc.RpcError) as refused:
+                stub.SignSettlement(claim_to_pb(Claim(session, f"stolen#{i}", SETTLE_MODEL, positions, hop.start,
+                                                      hop.end, mine)), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, refused.value.details()
+        client.close(session)
+        receipts = [blob for _, blob in client.onion_receipts[session]]
+        assert all(blob is not None for blob in receipts), receipts
+        result = settling.submit(f"req-{session[:8]}", session, positions, route).result(timeout=120)
+        status = settling.network_status()
+        assert (status["settled"], status["failed"], status["peer_applied"], status["peer_failed"]) == (1, 0, 2, 0)
+        assert result is not None
+        for hop, blob in zip(route, receipts, strict=True):
+            receipt = SettlementRequest.model_validate_json(blob)
+            assert receipt.tokens_served == positions and receipt.shares[0].peer_id == hop.peer_id
+            assert _ledger_credits(LEDGERS[hop.address], receipt.request_id) == [
+                (receipt.receipt_id, {hop.peer_id: positions * 1000 * (hop.end - hop.start) // 8})]
+    finally:
+        settling.shutdown()
+        economy.close()
+        client.shutdown()
 
 
 def test_forged_failure_blames_no_hop(client, route) -> None:
@@ -202,6 +327,16 @@ def test_replayed_first_message_after_close_gets_no_compute(route) -> None:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _ledger_credits(ledger_dir: Path, request_id: str) -> list[tuple[str, dict[str, int]]]:
+    """A hop's ledger (SQLite, read-only while the peer runs): (receipt id, credits by peer) per settlement of
+    ``request_id``."""
+    with sqlite3.connect(f"file:{ledger_dir / 'ledger.db'}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT receipt_id FROM econ_settlement WHERE request_id = ?", (request_id,)).fetchall()
+        shares = db.execute("SELECT peer_id, credits FROM econ_receipt_share WHERE request_id = ?",
+                            (request_id,)).fetchall()
+    return [(receipt, dict(shares)) for (receipt,) in rows]
 
 
 def _wait_pending(client: PeerChainClient, session: str, timeout_s: float = 30.0) -> int:

@@ -116,3 +116,62 @@ def test_control_refusal_without_grpc() -> None:
     empty = SimpleNamespace(session_length=lambda _sid: 0)
     assert control_refusal(peer, empty, pb.CloseRequest(session_id="x")) is None  # nothing held: nothing to touch
     assert peer.counts()["control_denied"] == 4
+
+
+def test_settlement_refusal_outlives_the_close_and_follows_the_privacy_rule() -> None:
+    """SignSettlement/ApplySettlement come after the close: the hop's settlement record keeps the session's
+    settlement key, the coordinator keeps SettlementKeys. A tag is accepted once, for its own hop, kind and claim;
+    a plaintext session passes on a peer that accepts plaintext (privacy=off) and is refused on one that does not."""
+    from openhydra.crypto.identity import Identity
+    from openhydra.crypto.keys import StaticKeyPair
+    from openhydra.crypto.records import encode_static_key
+    from openhydra.economy.peer_settlement import PeerSettlement
+    from openhydra.peer.messages import HopSpec
+    from openhydra.peer.privacy import ChainPrivacy, CoordinatorRoute, PeerPrivacy
+    from openhydra.peer.session_auth import (
+        APPLY_SETTLEMENT,
+        SIGN_SETTLEMENT,
+        SettlementKeys,
+        claim_args,
+        hop_settlement_key,
+        settlement_refusal,
+    )
+
+    identity, static = Identity.generate(), StaticKeyPair.generate()
+    hop = HopSpec(address="127.0.0.1:1", start=0, end=8, peer_id=identity.peer_id,
+                  static_key=encode_static_key(static.signed_by(identity)))
+    route = CoordinatorRoute.build("sid", [hop], ChainPrivacy(encrypt=True), "127.0.0.1:2")
+    peer = PeerPrivacy(static, require_encryption=True)
+    _, state = peer.open_step(route.seal_step(pb.Step(session_id="sid", seq=0)), source="ipv4:127.0.0.1:3")
+    settlement = PeerSettlement(identity, None, "m", (0, 8))
+    settlement.served("sid", 5, hop_settlement_key(state))
+    peer.drop("sid")  # the close: the session's keys are gone on both sides, the settlement keys stay
+    keys = SettlementKeys.of("sid", route)
+
+    def refused(claim: pb.SettlementClaim, kind: str = SIGN_SETTLEMENT, args: bytes | None = None) -> bool:
+        auth = claim.auth if claim.HasField("auth") else None
+        return settlement_refusal(peer, settlement, claim.session_id, kind, auth,
+                                  claim_args(claim) if args is None else args) is not None
+
+    claim = pb.SettlementClaim(session_id="sid", request_id="r", model_id="m", tokens_served=5, start=0, end=8)
+    assert refused(claim)  # a stranger's: no tag
+    tagged = pb.SettlementClaim()
+    tagged.CopyFrom(claim)
+    keys.sign_claim(hop.address, tagged)
+    altered = pb.SettlementClaim()
+    altered.CopyFrom(tagged)
+    altered.request_id = "stolen"
+    assert refused(altered)  # the tag binds the claim
+    assert refused(tagged, APPLY_SETTLEMENT)  # and its kind
+    assert not refused(tagged)
+    assert refused(tagged)  # once
+    receipt = keys.sign_receipt(hop.address, pb.SignedSettlement(request_id="r"), "receipt-id")
+    assert settlement_refusal(peer, settlement, "sid", APPLY_SETTLEMENT, receipt.auth, b"receipt-id") is None
+    assert keys.sign_claim("127.0.0.1:9", pb.SettlementClaim(session_id="sid")).HasField("auth") is False
+    assert SettlementKeys.of("sid", None) is None  # privacy off: nothing to tag
+    settlement.served("plain", 3)  # a session without keys
+    assert refused(pb.SettlementClaim(session_id="plain"))  # on a peer that requires encryption
+    assert not refused(pb.SettlementClaim(session_id="never-served"))  # nothing to act on (FAILED_PRECONDITION next)
+    assert peer.counts()["control_denied"] == 5
+    open_peer = PeerPrivacy(StaticKeyPair.generate(), require_encryption=False)  # privacy=off: nothing to check
+    assert settlement_refusal(open_peer, settlement, "plain", SIGN_SETTLEMENT, None, b"") is None
