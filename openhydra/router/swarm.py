@@ -69,6 +69,14 @@ class _Session:
     """The peer session and chain a hop failure ended: its surviving hops may be adopted by a rebuild."""
 
 
+def _process_gone(error: HopError) -> bool:
+    """UNAVAILABLE from a refused, reset or closed connection: the process is gone, its record is dead. A connection
+    attempt that timed out ("timed out before receiving SETTINGS", a keepalive timeout) is a stopped or overloaded
+    process, not a dead one: it is only banned, and routable again once the ban lapses."""
+    text = (error.message or "").lower()
+    return error.code == grpc.StatusCode.UNAVAILABLE and "timed out" not in text and "timeout" not in text
+
+
 def _route_of(chain: Chain) -> list[HopSpec]:
     return [HopSpec(address=h.peer.grpc_address, start=h.start, end=h.end) for h in chain.hops]
 
@@ -140,14 +148,15 @@ class SwarmPipeline:
 
     def _is_dead_record(self, record: PeerAnnouncement) -> bool:
         """A record of the process that refused a connection describes a dead process: skip it until the peer
-        announces from a new process (a new instance; for records without one, a newer announcement), instead
-        of retrying it each time its short ban lapses."""
+        announces again (from a new process, or any announcement made after the refusal), instead of retrying it
+        each time its short ban lapses."""
         mark = self._unreachable.get(record.peer_id)
         if mark is None:
             return False
         instance, refused_at = mark
-        alive = (record.instance != instance) if record.instance is not None and instance is not None \
-            else record.announced_at > refused_at
+        # a new process, or any announcement made after the refusal (a dead process announces nothing more)
+        alive = (record.instance is not None and instance is not None and record.instance != instance) \
+            or record.announced_at > refused_at
         if alive:
             self._unreachable.pop(record.peer_id, None)
             return False
@@ -321,7 +330,7 @@ class SwarmPipeline:
         record = next((h.peer for h in chain.hops if h.peer.grpc_address == failed), None) if chain else None
         if record is not None:
             peer_id = record.peer_id
-            if error.code == grpc.StatusCode.UNAVAILABLE:  # refused/reset: the process is gone, not slow
+            if _process_gone(error):  # refused/reset: the process is gone, not slow
                 self._unreachable[peer_id] = (record.instance, time.time())
                 self._cached = (0.0, [])
             backoff = self.bans.ban(peer_id)

@@ -24,13 +24,14 @@ class ScriptedClient:
 
     def __init__(self) -> None:
         self.dead: dict[str, grpc.StatusCode] = {}
+        self.messages: dict[str, str] = {}  # the failure's text per hop (default "down")
         self.routes: list[list[str]] = []
 
     def step_result(self, session_id, tokens, start, sampling, step, route, **_):
         self.routes.append([h.address for h in route])
         for hop in route:
             if hop.address in self.dead:
-                raise HopError(hop.address, self.dead[hop.address], "down")
+                raise HopError(hop.address, self.dead[hop.address], self.messages.get(hop.address, "down"))
         return StepResult(token=7, last_hop=route[-1].address)
 
     def close(self, session_id, route=None) -> None:
