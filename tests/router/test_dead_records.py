@@ -41,18 +41,29 @@ def test_refused_peer_stays_out_until_it_announces_again():
     assert sorted(r.peer_id for r in swarm.peers(refresh=True)) == ["a", "b", "c"]
 
 
-def test_a_slow_peer_is_only_banned_briefly():
-    now = time.time()
-    records = [announcement("a", 0, 2, now), announcement("b", 2, 4, now), announcement("c", 2, 4, now)]
+def _fail_the_chosen_replica(records, code: grpc.StatusCode, message: str = "down"):
+    """Route a session over ``records`` (replicas b and c of [2, 4)), fail the replica it took with ``code`` and
+    ``message`` at the next step (the session fails over to the other one), and let the short ban lapse."""
     client = ScriptedClient()
-    clock = [0.0]
+    clock = [0.0]  # the bans' clock, advanced by hand
     bans = BanList(BanTunables(initial_s=0.01, max_s=0.01), clock=lambda: clock[0])
     swarm = SwarmPipeline("m", 4, lambda: list(records), client, bans=bans)
     swarm.step("s1", [1, 2], 0, SamplingParams(), 0)
     used = client.routes[-1][1]
-    client.dead[used] = grpc.StatusCode.DEADLINE_EXCEEDED
-    swarm.step("s1", [7], 2, SamplingParams(), 1)
+    client.dead[used], client.messages[used] = code, message
+    assert swarm.step("s1", [7], 2, SamplingParams(), 1) == 7  # failed over to the other replica
     clock[0] += 1.0  # the short ban has lapsed
+    return swarm, used
+
+
+def _records(instance: str | None = None) -> list:
+    now = time.time()
+    return [announcement("a", 0, 2, now), *(announcement(p, 2, 4, now).model_copy(update={"instance": instance})
+                                            for p in ("b", "c"))]
+
+
+def test_a_slow_peer_is_only_banned_briefly():
+    swarm, _ = _fail_the_chosen_replica(_records(), grpc.StatusCode.DEADLINE_EXCEEDED)
     assert len(swarm.peers(refresh=True)) == 3  # a timeout is not proof of death: its record still counts
 
 
@@ -60,39 +71,19 @@ def test_a_connection_that_timed_out_is_not_proof_of_death():
     """A SIGSTOPped peer's port still accepts the TCP connection, and gRPC gives up with UNAVAILABLE ("timed out
     before receiving SETTINGS"): that process is stopped, not gone. It is banned briefly, never marked dead, so
     once it is resumed and the other replica dies it can serve at once (the chaos run's 503s, 2026-12-04)."""
-    now = time.time()
-    records = [announcement("a", 0, 2, now), announcement("b", 2, 4, now), announcement("c", 2, 4, now)]
-    client = ScriptedClient()
-    clock = [0.0]
-    bans = BanList(BanTunables(initial_s=0.01, max_s=0.01), clock=lambda: clock[0])
-    swarm = SwarmPipeline("m", 4, lambda: list(records), client, bans=bans)
-    swarm.step("s1", [1, 2], 0, SamplingParams(), 0)
-    used = client.routes[-1][1]
-    client.dead[used] = grpc.StatusCode.UNAVAILABLE
-    client.messages[used] = ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:46465: "
-                             "connection attempt timed out before receiving SETTINGS frame")
-    assert swarm.step("s1", [7], 2, SamplingParams(), 1) == 7  # failed over to the other replica
-    clock[0] += 1.0  # the short ban has lapsed
+    swarm, _ = _fail_the_chosen_replica(_records(), grpc.StatusCode.UNAVAILABLE,
+                                        "failed to connect to all addresses; last error: UNKNOWN: "
+                                        "ipv4:127.0.0.1:46465: connection attempt timed out before receiving "
+                                        "SETTINGS frame")
     assert len(swarm.peers(refresh=True)) == 3  # still routable
 
 
 def test_a_refused_peer_that_announces_again_from_the_same_process_is_alive():
     """A dead mark belongs to what the peer announced before the refusal: an announcement made after it (the
     same instance, a later heartbeat) proves the process is alive, whatever made it refuse once."""
-    now = time.time()
-    records = [announcement("a", 0, 2, now), *(announcement(p, 2, 4, now).model_copy(update={"instance": "0123abcd"})
-                                               for p in ("b", "c"))]
-    client = ScriptedClient()
-    clock = [0.0]
-    bans = BanList(BanTunables(initial_s=0.01, max_s=0.01), clock=lambda: clock[0])
-    swarm = SwarmPipeline("m", 4, lambda: list(records), client, bans=bans)
-    swarm.step("s1", [1, 2], 0, SamplingParams(), 0)
-    used = client.routes[-1][1]
-    dead_peer = next(r.peer_id for r in records if r.grpc_address == used)
-    client.dead[used] = grpc.StatusCode.UNAVAILABLE
-    swarm.step("s1", [7], 2, SamplingParams(), 1)
-    clock[0] += 1.0
+    records = _records(instance="0123abcd")
+    swarm, used = _fail_the_chosen_replica(records, grpc.StatusCode.UNAVAILABLE)
     assert len(swarm.peers(refresh=True)) == 2  # refused: dead until it announces again
-    i = [r.peer_id for r in records].index(dead_peer)
+    i = [r.grpc_address for r in records].index(used)
     records[i] = records[i].model_copy(update={"announced_at": time.time() + 1})  # same instance, a later heartbeat
     assert len(swarm.peers(refresh=True)) == 3
