@@ -1,8 +1,9 @@
 """Greedy output does not depend on earlier or concurrent requests (issue #15): with the prefix cache and the
 decode batcher on, every request gets exactly the token ids of a cold run on its own, in bf16 and fp32.
 
-- prefix pairs: 20 pairs of prompts sharing a long system prompt, in both orders; the second request of
-  each order hits the cache and must equal the cold run (the prefix cache's tree cleared, same runtime);
+- prefix pairs: pairs of prompts sharing a long system prompt, in both orders (one pair per system prompt, 10
+  orders, per model and dtype; all 20 pairs with OPENHYDRA_EXACTNESS_FULL=1); the second request of each order
+  hits the cache and must equal the cold run (the prefix cache's tree cleared, same runtime);
 - concurrency: 8 streams at once (decode steps batched, blocks shared as they are stored) equal each
   stream run alone.
 Tiny random Llama / Qwen3 / Qwen3.5-hybrid checkpoints, and real SmolLM2-135M weights (slow).
@@ -41,6 +42,12 @@ QUESTIONS = ["What is a lighthouse for?", "What is a sextant?", "How does a comp
              "What is a barometer?", "Why do ships have anchors?"]
 # 20 pairs, each sharing its system prompt: consecutive questions under every system prompt.
 PAIRS = [((s, QUESTIONS[q]), (s, QUESTIONS[q + 1])) for s in range(len(SYSTEMS)) for q in range(len(QUESTIONS) - 1)]
+
+CI_PAIRS = PAIRS[:: len(QUESTIONS) - 1]  # one pair per system prompt
+
+
+def _full() -> bool:
+    return os.environ.get("OPENHYDRA_EXACTNESS_FULL") == "1"
 
 
 def _prompts(tokenizer) -> dict[tuple[int, str], list[int]]:
@@ -123,10 +130,12 @@ def tokenizer(smollm2_dir):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_5"])
 def test_tiny_prefix_pairs_and_streams_are_exact(tiny_model_dirs, tokenizer, family, dtype) -> None:
+    """One pair per system prompt (10 orders) per family and dtype, 60 orders in all; OPENHYDRA_EXACTNESS_FULL=1
+    runs all 20 pairs of each (the suite's time goes to the real-weights test below)."""
     rt = _serving_runtime(tiny_model_dirs[family], DTYPES[dtype])
     try:
         prompts = _prompts(tokenizer)
-        check_prefix_pairs(rt, prompts, 6)
+        check_prefix_pairs(rt, prompts, 6, PAIRS if _full() else CI_PAIRS)
         check_concurrent_streams(rt, [prompts[(s % len(SYSTEMS), QUESTIONS[(s + s // 5) % 5])] for s in range(8)], 10)
     finally:
         rt.batcher.close()
@@ -142,8 +151,7 @@ def test_smollm2_prefix_pairs_and_streams_are_exact(smollm2_dir, tokenizer, dtyp
     rt = _serving_runtime(smollm2_dir, DTYPES[dtype])
     try:
         prompts = _prompts(tokenizer)
-        full = os.environ.get("OPENHYDRA_EXACTNESS_FULL") == "1"
-        check_prefix_pairs(rt, prompts, 6, PAIRS if full else PAIRS[:: len(QUESTIONS) - 1])
+        check_prefix_pairs(rt, prompts, 6, PAIRS if _full() else CI_PAIRS)
         streams = [prompts[(s % len(SYSTEMS), QUESTIONS[(s + 1 + s // 5) % 5])] for s in range(8)]
         check_concurrent_streams(rt, streams, 12)
     finally:
