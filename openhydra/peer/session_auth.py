@@ -86,24 +86,33 @@ def control_args(request: pb.CloseRequest | pb.TruncateRequest) -> tuple[str, by
     return "CloseSession", b""
 
 
+def _set_auth(message, key: bytes, kind: str, session_id: str, hop_index: int, counter: int, args: bytes) -> None:
+    """Coordinator side: set ``message.auth`` to the tag for hop ``hop_index`` (control and settlement calls)."""
+    tag = control_tag(key, kind, session_id, hop_index, counter, args)
+    message.auth.CopyFrom(pb.SessionAuth(hop_index=hop_index, counter=counter, tag=tag))
+
+
+def _accepted_counter(key: bytes, kind: str, session_id: str, hop_index: int, last_counter: int,
+                      auth: pb.SessionAuth | None, args: bytes) -> int | None:
+    """Hop side: ``auth``'s counter if it is this hop's tag under ``key`` with a counter above ``last_counter``."""
+    if auth is None or auth.hop_index != hop_index or auth.counter <= last_counter:
+        return None
+    expected = control_tag(key, kind, session_id, hop_index, auth.counter, args)
+    return auth.counter if hmac.compare_digest(expected, auth.tag) else None
+
+
 def sign_control(keys: HopKeys, hop_index: int, counter: int, request: pb.CloseRequest | pb.TruncateRequest) -> None:
     """Coordinator side: set ``request.auth`` for hop ``hop_index`` (``counter`` must grow per session and hop)."""
     kind, args = control_args(request)
-    tag = control_tag(control_key(keys), kind, request.session_id, hop_index, counter, args)
-    request.auth.CopyFrom(pb.SessionAuth(hop_index=hop_index, counter=counter, tag=tag))
+    _set_auth(request, control_key(keys), kind, request.session_id, hop_index, counter, args)
 
 
 def check_control(keys: HopKeys, hop_index: int, last_counter: int,
                   request: pb.CloseRequest | pb.TruncateRequest) -> int | None:
     """Hop side: the request's counter if its tag is this hop's and the counter is new; None otherwise."""
-    if not request.HasField("auth"):
-        return None
-    auth = request.auth
-    if auth.hop_index != hop_index or auth.counter <= last_counter:
-        return None
     kind, args = control_args(request)
-    expected = control_tag(control_key(keys), kind, request.session_id, hop_index, auth.counter, args)
-    return auth.counter if hmac.compare_digest(expected, auth.tag) else None
+    auth = request.auth if request.HasField("auth") else None
+    return _accepted_counter(control_key(keys), kind, request.session_id, hop_index, last_counter, auth, args)
 
 
 def _failure_tag(keys: HopKeys, result: pb.Result, hop_index: int) -> bytes:
@@ -228,8 +237,7 @@ class SettlementKeys:
             return message
         index, key = found
         self.counter += 1
-        tag = control_tag(key, kind, self.session_id, index, self.counter, args)
-        message.auth.CopyFrom(pb.SessionAuth(hop_index=index, counter=self.counter, tag=tag))
+        _set_auth(message, key, kind, self.session_id, index, self.counter, args)
         return message
 
 
@@ -253,9 +261,9 @@ def settlement_refusal(privacy, settlement, session_id: str, kind: str, auth: pb
     held = settlement.session_key(session_id)  # (hop index, key, last counter) or None
     if held is not None:
         index, key, last = held
-        if (auth is not None and auth.hop_index == index and auth.counter > last
-                and hmac.compare_digest(control_tag(key, kind, session_id, index, auth.counter, args), auth.tag)):
-            settlement.accept_counter(session_id, auth.counter)
+        counter = _accepted_counter(key, kind, session_id, index, last, auth, args)
+        if counter is not None:
+            settlement.accept_counter(session_id, counter)
             return None
         why = "settlement call without a valid tag from the session's coordinator"
     elif privacy.admission.was_keyed(session_id):
