@@ -98,6 +98,10 @@ class Node:
     """Folders fetched from the swarm -> the span they were fetched for (openhydra/weights/node_hook.py)."""
     _fallback_swarms: list = field(default_factory=list)
     _fallback_settlers: list = field(default_factory=list)
+    transport: object = None
+    """peer/libp2p_transport.Libp2pTransport when peer.transport is libp2p or auto (None: gRPC only)."""
+    reachability: object = None
+    """Its Reachability (direct, relayed, unreachable and why); for transport=grpc, direct by assumption."""
 
     @property
     def in_swarm(self) -> bool:
@@ -258,10 +262,12 @@ class Node:
         signer = self.identity or getattr(self.economy, "identity", None)  # privacy=off: the economy's key
         settlement = (PeerSettlement(signer, self.economy, choice.api_name, (runtime.start, runtime.end))
                       if signer is not None else None)
+        hop_address = self._start_transport()  # reachability hook: libp2p, relays (peer/libp2p_transport.py)
         self.peer_server = PeerServer(runtime, cfg.peer.host, cfg.peer.port, model_id=choice.api_name,
                                       static_key=privacy.static, require_encryption=privacy.encrypt,
                                       swarm_token=privacy.membership.token, settlement=settlement,
-                                      retain_bytes=int(cfg.peer.retain_activations_mb * (1 << 20)))
+                                      retain_bytes=int(cfg.peer.retain_activations_mb * (1 << 20)),
+                                      advertise_address=hop_address)
         privacy.install_verifier(self.discovery)
         from openhydra.weights.node_hook import share_weights  # weights from the swarm: serve this span's tensors
 
@@ -269,6 +275,10 @@ class Node:
                                                  cfg.peer.share_weights_mbps, self.identity)
         weights_manifest = self.peer_server.weights.content_hash if self.peer_server.weights else None
         grpc_address = self.peer_server.start()
+        if self.transport is not None:
+            self.transport.serve(grpc_address)  # calls arriving over libp2p replay into our gRPC server
+        grpc_address = hop_address or grpc_address
+        p2p_maddrs, reachable = self._p2p_record_fields()
         peer_id = cfg.node.peer_id or self.identity.peer_id
         if hasattr(self.discovery, "set_identity"):  # discovery hook: only the owner withdraws its record
             self.discovery.set_identity(privacy.identity)
@@ -284,7 +294,7 @@ class Node:
                 total_layers=num_layers, grpc_address=grpc_address,
                 api_address=f"{cfg.api.host}:{cfg.api.port}", dtype=dtype, backend="pytorch",
                 active_sessions=len(engine.active_sessions) if engine else 0, announced_at=now, ttl_s=ttl_s,
-                instance=instance, weights_manifest=weights_manifest,
+                instance=instance, weights_manifest=weights_manifest, p2p_maddrs=p2p_maddrs, reachable=reachable,
             ))
 
         if privacy.membership.difficulty_bits:  # the join proof of work (solved while the model loaded)
@@ -293,11 +303,15 @@ class Node:
             log.info("proof of work for %s ready (%d bits; waited %.2f s for it after loading)", peer_id,
                      privacy.membership.difficulty_bits, time.perf_counter() - waited)
         self.announcer = Announcer(self.discovery, make_record)
-        try:
-            self.background.run(self.announcer.announce_once(), timeout=30)
-        except Exception as exc:  # the DHT may come up after us: the announcer keeps retrying
-            log.warning("first announcement failed (%s); retrying in the background", exc)
-        self.background.loop.call_soon_threadsafe(self.announcer.start)
+        if getattr(self.reachability, "reachable", "direct") == "unreachable":  # nobody could use the span
+            log.warning("not announcing layers [%d, %d): unreachable (%s)", runtime.start, runtime.end,
+                        self.reachability.reason)
+        else:
+            try:
+                self.background.run(self.announcer.announce_once(), timeout=30)
+            except Exception as exc:  # the DHT may come up after us: the announcer keeps retrying
+                log.warning("first announcement failed (%s); retrying in the background", exc)
+            self.background.loop.call_soon_threadsafe(self.announcer.start)
         log.info("peer %s serving layers [%d, %d) at %s, announced to %s", peer_id, runtime.start, runtime.end,
                  grpc_address, type(self.discovery).__name__)
         maddrs = self.kademlia_maddrs()
@@ -306,7 +320,14 @@ class Node:
                      " ".join(maddrs))
 
         def lookup() -> list[PeerAnnouncement]:
-            return self.background.run(self.discovery.lookup(choice.api_name), timeout=15)
+            records = self.background.run(self.discovery.lookup(choice.api_name), timeout=15)
+            if self.transport is not None:  # how to reach libp2p peers: the addresses their records announce
+                from openhydra.peer.libp2p_transport import p2p_peer_of
+
+                for r in records:
+                    if r.p2p_maddrs and p2p_peer_of(r.grpc_address):
+                        self.transport.learn(p2p_peer_of(r.grpc_address), r.p2p_maddrs)
+            return records
 
         verifier = None  # verification hook: reputation routing + audits (verification=off: none)
         if vcfg.enabled:
@@ -337,6 +358,61 @@ class Node:
         self.privacy = privacy
         self.state.extra["swarm"] = self
         self.state.extra["privacy"] = privacy.status(self.peer_server, self.swarm)  # /metrics + status
+
+    # -- reachability (peer/libp2p_transport.py) --------------------------------------------------------
+    def _start_transport(self) -> str | None:
+        """Start libp2p when peer.transport asks for it and find out how others reach us; the hop address to
+        announce when that is not our gRPC address (``<libp2p id>.p2p:1``), else None."""
+        from openhydra.peer.libp2p_transport import Reachability
+
+        peer = self.cfg.peer
+        if peer.transport == "grpc":
+            self.reachability = Reachability(reachable="direct", transport="grpc",
+                                             reason=f"transport=grpc: assumed reachable at {peer.host}:{peer.port} "
+                                                    "(not checked)")
+            return None
+        from openhydra.peer import libp2p_transport as lt
+
+        relay = bool((self.cfg.discovery or {}).get("relay", True)) and not peer.libp2p.behind_nat
+        settings = lt.Libp2pSettings(**peer.libp2p.model_dump(), relay_service=relay)
+        self.transport = lt.Libp2pTransport(settings)
+        self.transport.start()
+        lt.install(self.transport)  # every ChannelPool dials ``*.p2p`` hop addresses through it
+        self.reachability = self.transport.wait_reachable().model_copy(update={"transport": peer.transport})
+        log.info("reachable: %s (%s); libp2p %s %s", self.reachability.reachable, self.reachability.reason,
+                 self.transport.peer_id, " ".join(self.reachability.relayed_maddrs or self.reachability.maddrs))
+        if peer.transport == "libp2p" or self.reachability.reachable != "direct":
+            return lt.p2p_address(self.transport.peer_id)
+        return None
+
+    def _p2p_record_fields(self) -> tuple[list[str] | None, str | None]:
+        reach = self.reachability
+        if self.transport is None or reach is None or reach.reachable == "unreachable":
+            return None, None
+        direct = [m for m in reach.maddrs if "/ip4/127." not in m] if reach.reachable == "direct" else []
+        return (direct + list(reach.relayed_maddrs))[:16] or None, reach.reachable
+
+    def reachability_status(self) -> dict:
+        """The reachability section of /v1/network/status: ours, and the path to each libp2p peer we talk to."""
+        out = self.reachability.model_dump() if self.reachability is not None else {"reachable": "unknown"}
+        if self.transport is not None:
+            out["libp2p_paths"] = self.transport.paths()
+            out["libp2p_calls"] = dict(self.transport.calls)
+        return out
+
+    def hop_paths(self, chain_peer_ids: list[str]) -> list[dict]:
+        """Per hop of a chain, as this node sees it: gRPC, or the libp2p connection (direct or relayed)."""
+        from openhydra.peer.libp2p_transport import p2p_peer_of
+
+        records = {r.peer_id: r for r in self.swarm.peers()} if self.swarm is not None else {}
+        paths = self.transport.paths() if self.transport is not None else {}
+        out = []
+        for pid in chain_peer_ids:
+            address = records[pid].grpc_address if pid in records else ""
+            libp2p_id = p2p_peer_of(address) if address else None
+            out.append({"peer_id": pid, "address": address,
+                        "path": paths.get(libp2p_id, "not connected") if libp2p_id else "grpc"})
+        return out
 
     # -- degradation to a smaller covered model ---------------------------------------------------------
     def _install_degrader(self, choice: ModelChoice, runtime) -> None:
@@ -423,8 +499,11 @@ class Node:
             status["peer"] = {"grpc_address": self.peer_server.address, "span": list(self.span or ())}
             if self.peer_server.weights is not None:
                 status["peer"]["weights"] = self.peer_server.weights.status()
+        status["reachability"] = self.reachability_status()
         if self.swarm is not None:
             status["pipeline"] = self.swarm.status()
+            status["pipeline"]["hop_paths"] = {sid: self.hop_paths(ids)
+                                               for sid, ids in status["pipeline"].get("sessions", {}).items()}
             if self.state.degrader is not None:
                 status["degradation"] = self.state.degrader.status()
             status["peers"] = [
@@ -463,5 +542,7 @@ class Node:
             self.background.stop()
         if self.peer_server is not None:
             self.peer_server.stop()
+        if self.transport is not None:
+            self.transport.stop()
         if self.swarm is not None and getattr(self.swarm, "verifier", None) is not None:  # verification hook
             self.swarm.verifier.shutdown()

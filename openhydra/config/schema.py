@@ -151,7 +151,24 @@ class NodeSection(Strict):
         return Path(self.model_cache_dir).expanduser()
 
 
+class Libp2pSection(Strict):
+    """peer.libp2p: hivemind's p2pd for peers behind NAT (peer/libp2p_transport.py)."""
+
+    host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    announce_maddrs: list[str] = Field(default_factory=list)
+    relays: list[str] = Field(default_factory=list)
+    """Relay multiaddrs (with /p2p/<id>): a NATed peer reserves a slot on them and reaches other NATed peers
+    through them. libp2p's autorelay reserves at once when it knows 4 or more relays; with fewer it waits 3 min."""
+    behind_nat: bool = False
+    """This node accepts no inbound connection: serve through relays (reachable: relayed) or not at all."""
+    reserve_timeout_s: float = Field(30.0, gt=0)
+
+
 class PeerSection(Strict):
+    transport: Literal["grpc", "libp2p", "auto"] = "grpc"
+    """How other nodes reach this peer: gRPC at host:port; libp2p (hivemind's p2pd, through relays when behind
+    NAT); auto: gRPC when reachable directly, else libp2p."""
+    libp2p: Libp2pSection = Field(default_factory=Libp2pSection)
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     step_timeout_s: float = Field(30.0, gt=0)

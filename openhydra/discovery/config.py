@@ -72,6 +72,9 @@ class DiscoveryConfig(BaseModel):
     # Use unsigned records under plain peer names (privacy=off swarms with node.peer_id). Key-derived peer ids
     # are always checked against their key. A node announcing under a plain name turns this on for itself.
     allow_unsigned_names: bool = False
+    relay: bool = True
+    """A node running libp2p (peer.transport=libp2p|auto) that is reachable directly serves as a circuit relay for
+    NATed peers (p2pd's relay v2 with its limits); false: it never relays."""
     http: HttpSettings = Field(default_factory=HttpSettings)
     kademlia: KademliaSettings = Field(default_factory=KademliaSettings)
 

@@ -87,7 +87,14 @@ def _check_finite(value: float) -> float:
     return value
 
 
+def _check_maddr(value: str) -> str:
+    if not value.startswith("/") or any(c.isspace() for c in value):
+        raise ValueError(f"expected a multiaddr like /ip4/1.2.3.4/tcp/4001/p2p/<id>, got {value!r}")
+    return value
+
+
 Address = Annotated[str, AfterValidator(_check_address)]
+Maddr = Annotated[str, Field(max_length=400), AfterValidator(_check_maddr)]
 B64 = Annotated[str, Field(max_length=4096), AfterValidator(_check_b64)]
 Finite = Annotated[float, AfterValidator(_check_finite)]
 
@@ -130,6 +137,11 @@ class PeerAnnouncement(BaseModel):
     # Weights from the swarm (openhydra/weights/): the manifest hash whose span tensors this peer serves over
     # FetchWeights; None: it does not share weights (peer.share_weights_mbps=0).
     weights_manifest: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    # Reachability (peer/libp2p_transport.py): how others reach this peer. A peer served over libp2p announces
+    # ``grpc_address = "<libp2p id>.p2p:1"`` and its libp2p multiaddrs here (direct ones, then circuit addresses
+    # through the relays holding its reservation); None: plain gRPC at grpc_address.
+    p2p_maddrs: list[Maddr] | None = Field(default=None, max_length=16)
+    reachable: Literal["direct", "relayed"] | None = None
 
     @model_validator(mode="after")
     def _span_inside_model(self) -> PeerAnnouncement:

@@ -63,6 +63,9 @@ STREAM_LIFETIME_S = 6 * 3600.0
 """Deadline of a long-lived session stream; each step carries its own, much shorter deadline."""
 
 BrokenHandler = Callable[[str, grpc.StatusCode, str, Any], Awaitable[None]]
+dial_resolver: Callable[[str], str] | None = None
+"""What a channel to an address dials; set by peer/libp2p_transport.install so that ``<libp2p id>.p2p:1`` hop
+addresses go through the local port carrying calls over libp2p. None: every address is dialed as it is."""
 
 
 class StreamBroken(RuntimeError):
@@ -91,7 +94,8 @@ class ChannelPool:
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options, interceptors=self._interceptors)
+            target = dial_resolver(address) if dial_resolver is not None else address
+            channel = grpc.aio.insecure_channel(target, options=self._options, interceptors=self._interceptors)
             self._channels[address] = channel
         return channel
 

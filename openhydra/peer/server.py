@@ -450,8 +450,10 @@ class PeerServer:
         swarm_token: str | None = None,
         settlement: Any = None,
         retain_bytes: int = DEFAULT_RETAIN_BYTES,
+        advertise_address: str | None = None,
     ) -> None:
         self.runtime, self.host, self.port = runtime, host, port
+        self.advertise_address = advertise_address  # the hop address others use (a libp2p peer's ``<id>.p2p:1``)
         self.retain_bytes = retain_bytes  # activations kept for a failover rebuild (peer/rebuild.py)
         self.settlement = settlement
         self.swarm_token = swarm_token
@@ -502,7 +504,7 @@ class PeerServer:
         self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {self.host}")
-        self.service = PeerService(self.runtime, self.address, self.model_id, self.workers,
+        self.service = PeerService(self.runtime, self.advertise_address or self.address, self.model_id, self.workers,
                                    static_key=self.static_key, require_encryption=self.require_encryption,
                                    swarm_token=self.swarm_token, settlement=self.settlement,
                                    retain_bytes=self.retain_bytes)

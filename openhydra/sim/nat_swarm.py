@@ -1,0 +1,248 @@
+"""Two laptops behind home NATs serve layers of one model through libp2p relays (openhydra/sim/nat.py topology).
+
+Public segment: ``relay`` (the HTTP DHT bootstrap and 4 libp2p circuit relays, p2pd only: libp2p's autorelay
+reserves at once when it knows 4 relays, else it waits 3 minutes) and ``coord`` (an openhydra-node with
+``peer.transport=auto``, layers [0, 3), reachable directly; clients call its OpenAI API). Homes ``homea`` and
+``homeb``, each behind its own NAT router (masquerade, unsolicited inbound dropped), run nodes with
+``peer.transport=libp2p peer.libp2p.behind_nat=true`` holding [3, 6) and [6, 8).
+
+A token's path: coordinator -> itself (gRPC) -> homea (libp2p, relayed: the coordinator cannot dial a home) ->
+homeb (libp2p, relayed: NAT to NAT) -> coordinator's reply server (gRPC out through homeb's NAT).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from openhydra.sim.nat import NatTopology, nat_topology
+from openhydra.sim.netns_swarm import _enter
+from openhydra.testing.processes import TEST_POW_BITS
+
+DHT_PORT, PEER_PORT, API_PORT, RELAY_PORT = 18468, 50051, 8080, 4001
+PUBLIC, HOMES = ("relay", "coord"), ("homea", "homeb")
+N_RELAYS = 4
+
+
+def spans_for(total_layers: int) -> dict[str, tuple[int, int]]:
+    a, b = 3 * total_layers // 8, 6 * total_layers // 8
+    return {"coord": (0, a), "homea": (a, b), "homeb": (b, total_layers)}
+
+
+class NatSwarm:
+    def __init__(self, topo: NatTopology, model_dir: Path, total_layers: int) -> None:
+        self.topo = topo
+        self.model_dir = model_dir
+        self.spans = spans_for(total_layers)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.relays: dict[str, subprocess.Popen] = {}  # multiaddr -> p2pd
+        self._threads = {name: ThreadPoolExecutor(1, initializer=_enter, initargs=(topo.hosts[name].netns,))
+                         for name in ("coord", *HOMES)}
+        self.api = f"http://{topo.hosts['coord'].ip}:{API_PORT}"
+        self.model_id = "unknown"
+
+    # -- processes ---------------------------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], log_name: str | None = None) -> subprocess.Popen:
+        log = open(self.topo.workdir / f"{log_name or name}.log", "wb")  # noqa: SIM115 - lives with the process
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENHYDRA_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        return subprocess.Popen(self.topo.hosts[name].cmd(*argv), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+
+    def start_relays(self) -> list[str]:
+        from openhydra.peer.libp2p_relay import ensure_identity, relay_command
+
+        ip = self.topo.hosts["relay"].ip
+        for i in range(N_RELAYS):
+            key = self.topo.workdir / f"relay{i}.key"
+            maddr = f"/ip4/{ip}/tcp/{RELAY_PORT + i}"
+            full = f"{maddr}/p2p/{ensure_identity(key)}"
+            control = f"/unix/tmp/openhydra-nat-{self.topo.prefix}-{i}.sock"
+            self.relays[full] = self._spawn("relay", relay_command(key, maddr, control=control), f"relay{i}")
+        return list(self.relays)
+
+    def start(self) -> None:
+        relay_host = self.topo.hosts["relay"].ip
+        self.procs["dht"] = self._spawn("relay", [sys.executable, "-m", "openhydra.discovery.http_dht_server",
+                                                  "--host", relay_host, "--port", str(DHT_PORT),
+                                                  "--allow-unsigned-names"], "dht")
+        relays = self.start_relays()
+        for name, (a, b) in self.spans.items():
+            ip = self.topo.hosts[name].ip
+            home = name in HOMES
+            transport = (["peer.transport=libp2p", "peer.libp2p.behind_nat=true", "peer.host=127.0.0.1",
+                          f"peer.libp2p.relays=[{','.join(relays)}]"] if home else
+                         ["peer.transport=auto", f"peer.host={ip}", f"peer.libp2p.host_maddrs=[/ip4/{ip}/tcp/0]"])
+            self.procs[name] = self._spawn(name, [
+                sys.executable, "-m", "openhydra.cli", "model=local", f"model.path={self.model_dir}", "hardware=cpu",
+                "hardware.dtype=float32", "shard=layers", f"shard.start={a}", f"shard.end={b}", "discovery=http",
+                f"discovery.http.urls=[http://{relay_host}:{DHT_PORT}]", "discovery.ttl_s=6",
+                "discovery.announce_interval_s=2", f"peer.port={PEER_PORT}", *transport, f"api.host={ip}",
+                f"api.port={API_PORT}", f"node.data_dir={self.topo.workdir / name}", f"node.peer_id={name}",
+                "privacy=off", f"privacy.pow_difficulty_bits={TEST_POW_BITS}",
+            ])
+
+    # -- calls from inside a namespace ---------------------------------------------------------------------
+    def get(self, name: str, path: str, timeout: float = 10.0) -> httpx.Response:
+        url = f"http://{self.topo.hosts[name].ip}:{API_PORT}{path}"
+        return self._threads[name].submit(lambda: httpx.get(url, timeout=timeout)).result()
+
+    def status(self, name: str = "coord") -> dict:
+        return self.get(name, "/v1/network/status").json()
+
+    def wait_ready(self, timeout_s: float) -> float:
+        t0, pending = time.monotonic(), set(self.spans)
+        while pending:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited ({proc.returncode}):\n{self.log(name)[-3000:]}")
+            for name in sorted(pending):
+                with contextlib.suppress(httpx.HTTPError):
+                    if self.get(name, "/readyz", 3.0).status_code == 200:
+                        pending.discard(name)
+            if time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"not ready after {timeout_s} s: {sorted(pending)}")
+            time.sleep(0.5)
+        return time.monotonic() - t0
+
+    def peers_seen(self) -> dict[str, dict]:
+        return {p["peer_id"]: p for p in (self.status().get("swarm") or {}).get("peers", [])}
+
+    def wait_discovery(self, timeout_s: float = 60.0) -> float:
+        t0 = time.monotonic()
+        while set(self.peers_seen()) != set(self.spans):
+            if time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"coordinator sees {sorted(self.peers_seen())}, expected {sorted(self.spans)}")
+            time.sleep(0.5)
+        return time.monotonic() - t0
+
+    def chat(self, prompt: str, max_tokens: int, stream: bool = False, on_token=None,
+             timeout_s: float = 120.0) -> tuple[str, list[float]]:
+        body = {"model": self.model_id, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "temperature": 0, "stream": stream, "ignore_eos": True}
+
+        def run() -> tuple[str, list[float]]:
+            if not stream:
+                resp = httpx.post(self.api + "/v1/chat/completions", json=body, timeout=timeout_s)
+                resp.raise_for_status()
+                return resp.json()["choices"][0]["message"]["content"], []
+            parts, times = [], []
+            with httpx.stream("POST", self.api + "/v1/chat/completions", json=body, timeout=timeout_s) as resp:
+                resp.raise_for_status()
+                for line in resp.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        raise RuntimeError(f"stream error: {event['error']}")
+                    delta = event["choices"][0].get("delta", {}).get("content")
+                    if delta:
+                        parts.append(delta)
+                        times.append(time.monotonic())
+                        if on_token is not None:
+                            on_token(len(times))
+            return "".join(parts), times
+
+        return self._threads["coord"].submit(run).result()
+
+    def kill_relay(self, maddr: str) -> None:
+        proc = self.relays[maddr]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        proc.wait(timeout=10)
+
+    def log(self, name: str) -> str:
+        path = self.topo.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        for proc in [*self.procs.values(), *self.relays.values()]:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 15)
+        for proc in [*self.procs.values(), *self.relays.values()]:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+        for pool in self._threads.values():
+            pool.shutdown(wait=False)
+
+
+def run_nat_scenario(model_dir: Path, total_layers: int, reference, *, prefix: str = "ohnat", tokens: int = 12,
+                     ready_timeout_s: float = 240.0, relay_failover: bool = True) -> dict:
+    """Build the NAT topology, serve a request through both homes, report paths; kill a relay mid-stream.
+
+    ``reference(prompt_text, n) -> str``: the single-process greedy answer to compare with."""
+    report: dict = {}
+    with nat_topology(prefix, PUBLIC, HOMES) as topo:
+        swarm = NatSwarm(topo, model_dir, total_layers)
+        try:
+            t0 = time.monotonic()
+            swarm.start()
+            report["ready_s"] = round(swarm.wait_ready(ready_timeout_s), 1)
+            report["discovery_s"] = round(swarm.wait_discovery(), 1)
+            report["start_to_serving_s"] = round(time.monotonic() - t0, 1)
+            status = swarm.status()
+            swarm.model_id = status["model"]["id"]
+            seen = swarm.peers_seen()
+            report["peers"] = {pid: {"span": p["span"], "address": p["grpc_address"]} for pid, p in seen.items()}
+            report["reachability"] = {name: swarm.status(name)["swarm"]["reachability"] for name in swarm.spans}
+            prompt = "Name three colours of the rainbow."
+            text, _ = swarm.chat(prompt, tokens)
+            report["exact"] = text == reference(prompt, tokens)
+            hop_paths: list = []
+
+            def note(n: int) -> None:
+                if n == 3 and not hop_paths:  # runs on the client thread, inside the coordinator's namespace
+                    pipeline = (httpx.get(swarm.api + "/v1/network/status", timeout=5).json().get("swarm") or {})
+                    hop_paths.extend((pipeline.get("pipeline") or {}).get("hop_paths", {}).values())
+
+            streamed, times = swarm.chat(prompt, tokens, stream=True, on_token=note)
+            report["exact_streamed"] = streamed == text
+            report["hop_paths"] = hop_paths[0] if hop_paths else []
+            report["homea_paths"] = swarm.status("homea")["swarm"]["reachability"].get("libp2p_paths", {})
+            gaps = sorted(b - a for a, b in itertools.pairwise(times[2:]))
+            report["token_ms"] = round(1000 * gaps[len(gaps) // 2], 1) if gaps else None
+            if relay_failover:
+                via = _relay_of(swarm, swarm.status("homea"))
+                cut: dict = {}
+
+                def kill(n: int) -> None:
+                    if n == 4 and via:
+                        swarm.kill_relay(via)
+                        cut["t"] = time.monotonic()
+
+                after, times = swarm.chat(prompt, tokens, stream=True, on_token=kill, timeout_s=180.0)
+                pipeline = (swarm.status().get("swarm") or {}).get("pipeline", {})
+                later = [cut["t"], *[t for t in times if t > cut["t"]]] if cut else []
+                report.update(killed_relay=via, same_text_after_relay_death=after == text,
+                              tokens_after_relay_death=len(times), failovers=pipeline.get("failovers"),
+                              relay_recovery_s=round(max(b - a for a, b in itertools.pairwise(later)), 2)
+                              if len(later) > 1 else None,
+                              homea_paths_after=swarm.status("homea")["swarm"]["reachability"].get("libp2p_paths"))
+        except Exception:
+            for name in [*swarm.procs, "relay0"]:
+                print(f"---- {name} log tail ----\n{swarm.log(name)[-2500:]}", file=sys.stderr)
+            raise
+        finally:
+            swarm.stop()
+    return report
+
+
+def _relay_of(swarm: NatSwarm, home_status: dict) -> str | None:
+    """The relay (of ours) that homea's first announced circuit address goes through."""
+    relayed = home_status["swarm"]["reachability"].get("relayed_maddrs") or []
+    for maddr in relayed:
+        for relay in swarm.relays:
+            if maddr.startswith(relay + "/p2p-circuit"):
+                return relay
+    return None

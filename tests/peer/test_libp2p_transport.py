@@ -1,0 +1,89 @@
+"""The peer protocol over libp2p (hivemind's p2pd) on loopback: a middle peer whose only address is its libp2p
+peer id serves sealed, onion-routed steps exactly; control RPCs and failures travel the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from openhydra.crypto.identity import Identity
+from openhydra.crypto.keys import StaticKeyPair
+from openhydra.crypto.records import encode_static_key
+from openhydra.peer import libp2p_transport as lt
+from openhydra.peer.client import ClientTunables, PeerChainClient
+from openhydra.peer.embedding import load_embedder
+from openhydra.peer.messages import HopSpec
+from openhydra.peer.privacy import ChainPrivacy
+from openhydra.peer.server import PeerServer
+from openhydra.runtime.shard import ShardRuntime
+from tests.peer.test_pipeline_grpc import _generate, _hf_greedy, _prompt
+
+SPLITS = [(0, 2), (2, 5), (5, 8)]
+LOOPBACK = lt.Libp2pSettings(host_maddrs=["/ip4/127.0.0.1/tcp/0"], relay_service=False)
+
+
+@pytest.fixture(scope="module")
+def libp2p_chain(tiny_model_dirs) -> Iterator[dict]:
+    """Peers 0 and 2 on gRPC; peer 1 announced only as ``<libp2p id>.p2p:1`` (its gRPC port is in no route)."""
+    egress, middle = lt.Libp2pTransport(LOOPBACK), lt.Libp2pTransport(LOOPBACK)
+    egress.start()
+    middle.start()
+    lt.install(egress)
+    servers, route = [], []
+    try:
+        for i, (a, b) in enumerate(SPLITS):
+            identity, static = Identity.generate(), StaticKeyPair.generate()
+            hop = lt.p2p_address(middle.peer_id) if i == 1 else None
+            server = PeerServer(ShardRuntime(tiny_model_dirs["qwen3_5"], a, b), static_key=static,
+                                require_encryption=True, advertise_address=hop)
+            local = server.start()
+            servers.append(server)
+            if i == 1:
+                middle.serve(local)
+            route.append(HopSpec(address=hop or local, start=a, end=b, peer_id=identity.peer_id,
+                                 static_key=encode_static_key(static.signed_by(identity))))
+        egress.learn(middle.peer_id, middle.maddrs())  # as its discovery record would say
+        yield {"servers": servers, "route": route, "egress": egress, "middle": middle}
+    finally:
+        lt.install(None)
+        for server in servers:
+            server.stop()
+        egress.stop()
+        middle.stop()
+
+
+def test_onion_chain_through_a_libp2p_only_peer_equals_generate(tiny_model_dirs, libp2p_chain) -> None:
+    route, middle, egress = libp2p_chain["route"], libp2p_chain["middle"], libp2p_chain["egress"]
+    assert route[1].address.endswith(".p2p:1")
+    client = PeerChainClient(route, tunables=ClientTunables(step_timeout_s=20.0),
+                             privacy=ChainPrivacy(encrypt=True, onion=True),
+                             embedder=load_embedder(tiny_model_dirs["qwen3_5"]))
+    try:
+        prompt = _prompt(seed=7)
+        assert _generate(client, "libp2p-onion", prompt, 10) == _hf_greedy(tiny_model_dirs["qwen3_5"], prompt, 10)
+        # peer 0 pushed to peer 1 over libp2p (one Forward stream), sealed exactly as over gRPC
+        assert middle.calls["ingress"] >= 1 and libp2p_chain["servers"][1].service._served >= 10
+        assert all(not s.service.crypto_rejections for s in libp2p_chain["servers"])
+        assert egress.paths().get(middle.peer_id) == "direct"  # loopback: no relay in between
+        # a control RPC to the libp2p-only hop
+        assert client.info(route[1].address).active_sessions >= 1
+    finally:
+        client.shutdown()
+
+
+def test_unreachable_libp2p_peer_fails_unavailable_naming_it(libp2p_chain) -> None:
+    stranger = lt.Libp2pTransport(LOOPBACK)
+    stranger.start()
+    peer_id = stranger.peer_id
+    stranger.stop()  # a peer id nobody can reach: no address known, no relay
+    address = lt.p2p_address(peer_id)
+    client = PeerChainClient([HopSpec(address=address, start=0, end=8)],
+                             tunables=ClientTunables(step_timeout_s=10.0, unary_timeout_s=10.0))
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            client.info(address)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and peer_id in err.value.details()
+    finally:
+        client.shutdown()
