@@ -7,13 +7,12 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from openhydra.testing import TEST_CACHE_ROOT
+from openhydra.testing import TEST_CACHE_ROOT, forkserver
 
 
 def ready_fields(proc: subprocess.Popen, timeout_s: float) -> list[str] | None:
@@ -58,18 +57,14 @@ class NodeProcess:
         # Test nodes share the tests' model cache (the converted SmolLM2 of the session fixture), not ~/.cache.
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENHYDRA_THREADS": str(threads),
                     "TOKENIZERS_PARALLELISM": "false", "OPENHYDRA_CACHE": str(TEST_CACHE_ROOT), **(env or {})}
-        self.proc: subprocess.Popen | None = None
+        self.proc: forkserver.Process | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> NodeProcess:
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "openhydra.cli", *self.overrides],
-            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
-        )
+        self.proc = forkserver.spawn("openhydra.cli", self.overrides, env=self.env, log_path=self.log_path)
         return self
 
     def wait_ready(self, timeout_s: float = 180.0) -> NodeProcess:
@@ -100,8 +95,6 @@ class NodeProcess:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill()
-        if getattr(self, "_log", None):
-            self._log.close()
 
     def __enter__(self) -> NodeProcess:
         self.start()
@@ -123,18 +116,18 @@ class DhtProcess:
         # Tests also run privacy=off swarms of named peers (node.peer_id=...), whose records are unsigned;
         # key-derived peer ids are checked against their key either way.
         self.allow_unsigned_names = allow_unsigned_names
-        self.proc: subprocess.Popen | None = None
+        self.proc: forkserver.Process | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> DhtProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "openhydra.discovery.http_dht_server", "--host", "127.0.0.1",
-             "--port", str(self.port), *(["--allow-unsigned-names"] if self.allow_unsigned_names else [])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
+        self.proc = forkserver.spawn(
+            "openhydra.discovery.http_dht_server",
+            ["--host", "127.0.0.1", "--port", str(self.port),
+             *(["--allow-unsigned-names"] if self.allow_unsigned_names else [])],
+            env=dict(os.environ))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:

@@ -11,12 +11,10 @@ import argparse
 import os
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from subprocess import Popen
 
 import torch
 
@@ -26,6 +24,7 @@ from openhydra.crypto.records import encode_static_key
 from openhydra.peer.messages import HopSpec
 from openhydra.peer.server import PeerServer
 from openhydra.runtime.shard import ShardRuntime
+from openhydra.testing import forkserver
 from openhydra.testing.processes import ready_fields
 
 READY_TIMEOUT_S = 300.0  # several peers start at once on 2 shared cores
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None, patch: Callable[[argparse.Namespace], No
     server.stop()
 
 
-def _wait_ready(proc: subprocess.Popen, start: int, end: int) -> HopSpec:
+def _wait_ready(proc: forkserver.Process, start: int, end: int) -> HopSpec:
     fields = ready_fields(proc, READY_TIMEOUT_S)
     if fields is not None:
         address, peer_id, static_key = fields
@@ -76,16 +75,16 @@ def _wait_ready(proc: subprocess.Popen, start: int, end: int) -> HopSpec:
 
 @contextmanager
 def keyed_peers(model_dir: Path, splits: list[tuple[int, int]], module: str = "tests.adversarial.keyed_peer",
-                flags: list[list[str]] | None = None) -> Iterator[tuple[list[HopSpec], list[Popen]]]:
+                flags: list[list[str]] | None = None) -> Iterator[tuple[list[HopSpec], list[forkserver.Process]]]:
     """Start one keyed peer process per span (in parallel; ``module`` runs it, ``flags[i]`` are span i's extra
     arguments); yield the route and the processes; SIGTERM (then SIGKILL) them all at the end."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs: list[subprocess.Popen] = []
+    procs: list[forkserver.Process] = []
     try:
         for i, (start, end) in enumerate(splits):
-            cmd = [sys.executable, "-m", module, "--model-dir", str(model_dir), "--start", str(start),
-                   "--end", str(end), *(flags[i] if flags else [])]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+            args = ["--model-dir", str(model_dir), "--start", str(start), "--end", str(end),
+                    *(flags[i] if flags else [])]
+            procs.append(forkserver.spawn(module, args, env=env, stdout_pipe=True, stderr_null=True,
                                           cwd=Path(__file__).resolve().parents[2]))
         yield [_wait_ready(proc, a, b) for proc, (a, b) in zip(procs, splits, strict=True)], procs
     finally:

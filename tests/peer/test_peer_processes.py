@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,20 +18,21 @@ from openhydra.peer.client import ClientTunables, PeerChainClient
 from openhydra.peer.errors import HopError
 from openhydra.peer.messages import HopSpec
 from openhydra.runtime.sampling import SamplingParams
+from openhydra.testing import forkserver
 from openhydra.testing.processes import ready_fields
 
 SPLITS = [(0, 3), (3, 4), (4, 8)]  # qwen3_5: cuts linear|full and full|linear
 READY_TIMEOUT_S = 120.0
 
 
-def _spawn(model_dir: Path, start: int, end: int) -> subprocess.Popen:
+def _spawn(model_dir: Path, start: int, end: int) -> forkserver.Process:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "openhydra.peer.server", "--model-dir", str(model_dir)]
-    cmd += ["--start", str(start), "--end", str(end), "--host", "127.0.0.1", "--port", "0"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    args = ["--model-dir", str(model_dir), "--start", str(start), "--end", str(end), "--host", "127.0.0.1",
+            "--port", "0"]
+    return forkserver.spawn("openhydra.peer.server", args, env=env, stdout_pipe=True, stderr_null=True)
 
 
-def _wait_ready(proc: subprocess.Popen, start: int, end: int) -> str:
+def _wait_ready(proc: forkserver.Process, start: int, end: int) -> str:
     fields = ready_fields(proc, READY_TIMEOUT_S)
     if fields is not None:
         return fields[0]
@@ -41,8 +41,8 @@ def _wait_ready(proc: subprocess.Popen, start: int, end: int) -> str:
 
 
 @pytest.fixture
-def peer_processes(tiny_model_dirs) -> Iterator[tuple[list[subprocess.Popen], list[HopSpec]]]:
-    procs: list[subprocess.Popen] = []
+def peer_processes(tiny_model_dirs) -> Iterator[tuple[list[forkserver.Process], list[HopSpec]]]:
+    procs: list[forkserver.Process] = []
     route: list[HopSpec] = []
     try:
         procs.extend(_spawn(tiny_model_dirs["qwen3_5"], start, end) for start, end in SPLITS)  # start in parallel

@@ -7,7 +7,6 @@ import os
 import re
 import selectors
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from openhydra.peer.server import PeerServer
 from openhydra.router.swarm import SwarmPipeline
 from openhydra.runtime.sampling import SamplingParams
 from openhydra.runtime.shard import ShardRuntime
+from openhydra.testing import forkserver
 from openhydra.verification.config import FaultConfig, VerificationConfig
 from openhydra.verification.reputation import ReputationStore
 from openhydra.verification.verifier import Verifier
@@ -52,12 +52,10 @@ class PeerProcess:
         # A peer with a fault runs the same PeerServer around a FaultyRuntime (openhydra/verification/liar_peer.py).
         entry = ["openhydra.peer.server"] if spec.fault is None else \
             ["openhydra.verification.liar_peer", "--fault", spec.fault.model_dump_json()]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", *entry, "--model-dir", str(model_dir), "--start",
-             str(spec.start), "--end", str(spec.end), "--dtype", dtype, "--threads", str(spec.threads)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            env={**os.environ, "OMP_NUM_THREADS": str(spec.threads)},
-        )
+        self.proc = forkserver.spawn(
+            entry[0], [*entry[1:], "--model-dir", str(model_dir), "--start",
+                       str(spec.start), "--end", str(spec.end), "--dtype", dtype, "--threads", str(spec.threads)],
+            env={**os.environ, "OMP_NUM_THREADS": str(spec.threads)}, stdout_pipe=True, stderr_null=True)
         self.address = ""
 
     def wait_ready(self, timeout_s: float = 240.0) -> str:

@@ -1,0 +1,79 @@
+"""The test suite's fork server (openhydra/testing/forkserver.py): a forked child behaves as a fresh
+``python -m module`` would, for everything the tests rely on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from openhydra.testing import forkserver
+
+REPO = Path(__file__).resolve().parents[2]
+PROBE = "tests.testing.forkserver_probe"
+
+
+@pytest.fixture
+def env(monkeypatch) -> dict[str, str]:
+    monkeypatch.setenv("OPENHYDRA_TEST_FORKSERVER", "1")
+    return {**os.environ, "OPENHYDRA_PROBE_MARKER": "m1"}
+
+
+def _probe(proc) -> dict:
+    return json.loads(proc.stdout.readline())
+
+
+def test_children_are_forked_with_their_own_env_cwd_session_and_random_state(env, tmp_path):
+    children = [forkserver.spawn(PROBE, ["3"], env={**env, "OPENHYDRA_PROBE_MARKER": f"m{i}"}, stdout_pipe=True,
+                                 stderr_null=True, cwd=REPO) for i in range(2)]
+    assert all(isinstance(p, forkserver.ForkedProcess) for p in children)
+    seen = [_probe(p) for p in children]
+    assert [p.wait(timeout=60) for p in children] == [3, 3]
+    assert [s["marker"] for s in seen] == ["m0", "m1"]
+    for child, s in zip(children, seen, strict=True):
+        assert s["pid"] == child.pid and s["sid"] == child.pid  # its own session: killpg reaches only it
+        assert s["cwd"] == str(REPO) and s["argv"] == ["3"] and s["name"] == "__main__"
+        assert s["sigint_default"] and s["sigterm_default"]
+    for key in ("random", "numpy", "torch"):  # not the server's generator state, copied into both
+        assert seen[0][key] != seen[1][key], key
+
+    logged = forkserver.spawn(PROBE, ["0"], env=env, log_path=tmp_path / "probe.log", cwd=REPO)
+    assert logged.wait(timeout=60) == 0
+    text = (tmp_path / "probe.log").read_text()
+    assert '"marker": "m1"' in text and "to stderr" in text  # stdout and stderr both to the log
+
+
+def test_signals_and_exit_codes_read_as_popen_does(env):
+    proc = forkserver.spawn(PROBE, ["0", "sleep"], env=env, stdout_pipe=True, cwd=REPO)
+    _probe(proc)
+    assert proc.poll() is None
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=0.2)
+    os.killpg(proc.pid, signal.SIGSTOP)
+    os.killpg(proc.pid, signal.SIGCONT)
+    assert proc.poll() is None  # stopped and resumed is not exited
+    proc.kill()
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+
+
+def test_a_different_import_time_environment_gets_its_own_server(env):
+    a = forkserver.spawn(PROBE, ["0"], env=env, stdout_pipe=True, cwd=REPO)
+    b = forkserver.spawn(PROBE, ["0"], env={**env, "TRANSFORMERS_VERBOSITY": "error"}, stdout_pipe=True, cwd=REPO)
+    same = forkserver.spawn(PROBE, ["0"], env={**env, "OPENHYDRA_THREADS": "7"}, stdout_pipe=True, cwd=REPO)
+    for p in (a, b, same):
+        _probe(p)
+        assert p.wait(timeout=60) == 0
+    assert a._server is same._server  # OPENHYDRA_* is read at run time, not import time
+    assert isinstance(b, forkserver.ForkedProcess) and a._server is not b._server
+
+
+def test_off_means_plain_subprocesses(env, monkeypatch):
+    monkeypatch.setenv("OPENHYDRA_TEST_FORKSERVER", "0")
+    proc = forkserver.spawn(PROBE, ["4"], env=env, stdout_pipe=True, cwd=REPO)
+    assert isinstance(proc, subprocess.Popen)
+    assert _probe(proc)["marker"] == "m1"
+    assert proc.wait(timeout=120) == 4
