@@ -139,6 +139,8 @@ def _banner(node) -> str:
         f"  hardware   {node.backend.describe()}\n"
         f"  data dir   {cfg.node.data_path}   identity {identity}\n"
         f"{admission}"
+        f"  reach      peer.transport={cfg.peer.transport} (reachable: direct|relayed|unreachable, with the reason, in "
+        f"the log and /v1/network/status once joined)\n"
         f"  config     {conf_dir()} + {user_config_dir()}\n"
         f"  stop       Ctrl-C (withdraws from the DHT, ends streams, closes the ledger)"
     )

@@ -156,11 +156,28 @@ class Libp2pTransport:
                 kwargs["relayService"] = s.relay_service
                 return P2P._make_process_args(*args, **kwargs)
 
-        self.p2p = await _P2P.create(
-            initial_peers=relays or None, host_maddrs=s.host_maddrs, announce_maddrs=s.announce_maddrs or None,
-            use_relay=True, use_auto_relay=bool(relays), trusted_relays=relays or None, auto_nat=True,
-            nat_port_map=False, use_ipfs=False, dht_mode="client", idle_timeout=0,
-            force_reachability="private" if s.behind_nat else None, check_if_identity_free=False)
+        from hivemind.p2p import P2PDaemonError
+
+        failures = 0
+        while True:  # p2pd refuses to start when it reaches none of its bootstrap peers (the relays)
+            try:
+                self.p2p = await _P2P.create(
+                    initial_peers=relays or None, host_maddrs=s.host_maddrs,
+                    announce_maddrs=s.announce_maddrs or None, use_relay=True, use_auto_relay=bool(relays),
+                    trusted_relays=relays or None, auto_nat=True, nat_port_map=False, use_ipfs=False,
+                    dht_mode="client", idle_timeout=0, force_reachability="private" if s.behind_nat else None,
+                    check_if_identity_free=False)
+                break
+            except P2PDaemonError as exc:
+                if not relays:
+                    raise
+                failures += 1
+                if failures >= 3:
+                    log.warning("p2pd reaches none of the relays (%s); starting without them: unreachable", exc)
+                    relays = []
+                else:
+                    log.warning("p2pd reaches none of the relays yet (%s); retrying in %d s", exc, failures)
+                    await asyncio.sleep(failures)
         self.peer_id = self.p2p.peer_id.to_base58()
 
     def stop(self) -> None:

@@ -39,8 +39,9 @@ def spans_for(total_layers: int) -> dict[str, tuple[int, int]]:
 
 
 class NatSwarm:
-    def __init__(self, topo: NatTopology, model_dir: Path, total_layers: int) -> None:
+    def __init__(self, topo: NatTopology, model_dir: Path, total_layers: int, behind_nat: bool = True) -> None:
         self.topo = topo
+        self.behind_nat = behind_nat  # False: the "homes" sit on the public segment and serve plain gRPC
         self.model_dir = model_dir
         self.spans = spans_for(total_layers)
         self.procs: dict[str, subprocess.Popen] = {}
@@ -65,7 +66,7 @@ class NatSwarm:
             key = self.topo.workdir / f"relay{i}.key"
             maddr = f"/ip4/{ip}/tcp/{RELAY_PORT + i}"
             full = f"{maddr}/p2p/{ensure_identity(key)}"
-            control = f"/unix/tmp/openhydra-nat-{self.topo.prefix}-{i}.sock"
+            control = f"/unix{self.topo.workdir}/relay{i}.sock"  # per run: a killed p2pd leaves its socket
             self.relays[full] = self._spawn("relay", relay_command(key, maddr, control=control), f"relay{i}")
         return list(self.relays)
 
@@ -77,7 +78,7 @@ class NatSwarm:
         relays = self.start_relays()
         for name, (a, b) in self.spans.items():
             ip = self.topo.hosts[name].ip
-            home = name in HOMES
+            home = name in HOMES and self.behind_nat
             transport = (["peer.transport=libp2p", "peer.libp2p.behind_nat=true", "peer.host=127.0.0.1",
                           f"peer.libp2p.relays=[{','.join(relays)}]"] if home else
                          ["peer.transport=auto", f"peer.host={ip}", f"peer.libp2p.host_maddrs=[/ip4/{ip}/tcp/0]"])
@@ -153,6 +154,17 @@ class NatSwarm:
 
         return self._threads["coord"].submit(run).result()
 
+    def relay_usage(self) -> tuple[float, int]:
+        """CPU seconds and socket bytes (read + written) all relay daemons used so far (/proc of each p2pd)."""
+        cpu, io = 0.0, 0
+        for proc in self.relays.values():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                stats = dict(line.split(": ") for line in Path(f"/proc/{proc.pid}/io").read_text().splitlines())
+                io += int(stats["rchar"]) + int(stats["wchar"])
+        return cpu, io
+
     def kill_relay(self, maddr: str) -> None:
         proc = self.relays[maddr]
         with contextlib.suppress(ProcessLookupError):
@@ -175,16 +187,20 @@ class NatSwarm:
                 os.killpg(proc.pid, 9)
         for pool in self._threads.values():
             pool.shutdown(wait=False)
+        for i in range(len(self.relays)):  # p2pd leaves its control socket behind when killed
+            (self.topo.workdir / f"relay{i}.sock").unlink(missing_ok=True)
 
 
 def run_nat_scenario(model_dir: Path, total_layers: int, reference, *, prefix: str = "ohnat", tokens: int = 12,
-                     ready_timeout_s: float = 240.0, relay_failover: bool = True) -> dict:
+                     ready_timeout_s: float = 240.0, relay_failover: bool = True, behind_nat: bool = True,
+                     rounds: int = 1) -> dict:
     """Build the NAT topology, serve a request through both homes, report paths; kill a relay mid-stream.
 
     ``reference(prompt_text, n) -> str``: the single-process greedy answer to compare with."""
     report: dict = {}
-    with nat_topology(prefix, PUBLIC, HOMES) as topo:
-        swarm = NatSwarm(topo, model_dir, total_layers)
+    public, homes = (PUBLIC, HOMES) if behind_nat else ((*PUBLIC, *HOMES), ())
+    with nat_topology(prefix, public, homes) as topo:
+        swarm = NatSwarm(topo, model_dir, total_layers, behind_nat)
         try:
             t0 = time.monotonic()
             swarm.start()
@@ -206,13 +222,21 @@ def run_nat_scenario(model_dir: Path, total_layers: int, reference, *, prefix: s
                     pipeline = (httpx.get(swarm.api + "/v1/network/status", timeout=5).json().get("swarm") or {})
                     hop_paths.extend((pipeline.get("pipeline") or {}).get("hop_paths", {}).values())
 
-            streamed, times = swarm.chat(prompt, tokens, stream=True, on_token=note)
-            report["exact_streamed"] = streamed == text
+            token_ms, exact_streamed = [], True
+            cpu0, io0 = swarm.relay_usage()
+            for _ in range(rounds):
+                streamed, times = swarm.chat(prompt, tokens, stream=True, on_token=note)
+                exact_streamed = exact_streamed and streamed == text
+                gaps = sorted(b - a for a, b in itertools.pairwise(times[2:]))
+                token_ms.append(round(1000 * gaps[len(gaps) // 2], 1) if gaps else None)
+            cpu1, io1 = swarm.relay_usage()
+            report.update(exact_streamed=exact_streamed, token_ms=token_ms,
+                          relay_cpu_ms_per_token=round(1000 * (cpu1 - cpu0) / (rounds * tokens), 3),
+                          relay_bytes_per_token=round((io1 - io0) / (rounds * tokens)))
             report["hop_paths"] = hop_paths[0] if hop_paths else []
             report["homea_paths"] = swarm.status("homea")["swarm"]["reachability"].get("libp2p_paths", {})
-            gaps = sorted(b - a for a, b in itertools.pairwise(times[2:]))
-            report["token_ms"] = round(1000 * gaps[len(gaps) // 2], 1) if gaps else None
-            if relay_failover:
+            report["dashboard_homea"] = swarm.get("homea", "/v1/dashboard/summary").json()["node"].get("reachable")
+            if relay_failover and behind_nat:
                 via = _relay_of(swarm, swarm.status("homea"))
                 cut: dict = {}
 

@@ -47,6 +47,7 @@ def test_two_homes_behind_nat_serve_exactly_through_relays_and_survive_a_relay_d
     assert r["peers"]["homea"]["address"].endswith(".p2p:1") and r["peers"]["homeb"]["address"].endswith(".p2p:1")
     assert r["reachability"]["homea"]["reachable"] == "relayed" and r["reachability"]["homeb"]["reachable"] == "relayed"
     assert r["reachability"]["coord"]["reachable"] == "direct"
+    assert r["dashboard_homea"].startswith("relayed (libp2p: dial-back through")  # the dashboard says it too
     # the swarm serves the model exactly (greedy = the single-process answer), streamed or not
     assert r["exact"] and r["exact_streamed"]
     # per hop: the coordinator runs its own span over gRPC and reaches both homes through a relay circuit;

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import base58
 import grpc
 import pytest
 
@@ -87,3 +88,22 @@ def test_unreachable_libp2p_peer_fails_unavailable_naming_it(libp2p_chain) -> No
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and peer_id in err.value.details()
     finally:
         client.shutdown()
+
+
+def test_behind_nat_without_a_relay_is_unreachable_and_says_why() -> None:
+    transport = lt.Libp2pTransport(LOOPBACK.model_copy(update={"behind_nat": True}))
+    transport.start()
+    try:
+        reach = transport.wait_reachable()
+        assert reach.reachable == "unreachable" and "no relay configured" in reach.reason
+        assert reach.libp2p_peer_id == transport.peer_id and not reach.relayed_maddrs
+    finally:
+        transport.stop()
+
+
+def test_encode_maddr_writes_peer_ids_as_p2pd_reads_them() -> None:
+    """hivemind's py-multiaddr writes /p2p/<id> as a CIDv1 (p2pd: "length greater than remaining number of bytes")."""
+    peer = "12D3KooWKPNC2FP5on6W65EjqBm7hsQuME4Lv8xQc6xcuKduYZ88"
+    data = lt.encode_maddr(f"/ip4/10.0.0.1/tcp/4001/p2p/{peer}/p2p-circuit").to_bytes()
+    digest = base58.b58decode(peer)
+    assert bytes([0xA5, 0x03, len(digest)]) + digest + bytes([0xA2, 0x02]) in data

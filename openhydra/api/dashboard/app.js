@@ -175,6 +175,7 @@ function renderNode(n) {
     ["source", m ? m.source : null, "mono small"],
     ["peer id", n.peer_id || undefined, "mono small"],
     ["gRPC", n.grpc_address || undefined, "mono"],
+    ["reachable", n.reachable || undefined, "small"],
     ["uptime", fmtDuration(n.uptime_s)],
   ]);
   const deg = $("degradation");

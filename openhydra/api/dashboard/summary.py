@@ -48,6 +48,8 @@ class NodeInfo(BaseModel):
     model: ModelInfo | None = None
     peer_id: str | None = None
     grpc_address: str | None = None
+    reachable: str | None = None
+    """direct, relayed or unreachable, with the reason (peer/libp2p_transport.py Reachability)."""
 
 
 class HardwareInfo(BaseModel):
@@ -141,6 +143,9 @@ def _node_info(state: Any, node: Any) -> NodeInfo:
         configured = getattr(getattr(getattr(node, "cfg", None), "node", None), "peer_id", None)
         info.peer_id = configured or getattr(getattr(node, "identity", None), "peer_id", None)
         info.grpc_address = getattr(node.peer_server, "address", None)
+        reach = getattr(node, "reachability", None)
+        if reach is not None:
+            info.reachable = f"{reach.reachable} ({reach.transport}: {reach.reason})"
     return info
 
 
