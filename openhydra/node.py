@@ -327,6 +327,8 @@ class Node:
                 for r in records:
                     if r.p2p_maddrs and p2p_peer_of(r.grpc_address):
                         self.transport.learn(p2p_peer_of(r.grpc_address), r.p2p_maddrs)
+                    elif r.p2p_maddrs:  # transport=auto, reachable directly: libp2p if its gRPC port refuses us
+                        self.transport.learn_fallback(r.grpc_address, r.p2p_maddrs)
             return records
 
         verifier = None  # verification hook: reputation routing + audits (verification=off: none)

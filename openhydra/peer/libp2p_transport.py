@@ -97,6 +97,8 @@ class Libp2pSettings(BaseModel):
     waiting for AutoNAT to conclude it."""
     reserve_timeout_s: float = Field(default=30.0, gt=0)
     connect_timeout_s: float = Field(default=10.0, gt=0)
+    direct_probe_s: float = Field(default=1.0, gt=0)
+    """``auto`` peers: how long a TCP connect to their gRPC address may take before libp2p is used instead."""
 
 
 class Reachability(BaseModel):
@@ -121,6 +123,8 @@ class Libp2pTransport:
         self.p2p = None
         self.peer_id = ""
         self._known: dict[str, list[str]] = {}  # peer id -> multiaddrs learned from discovery
+        self._fallback: dict[str, str] = {}  # host:port of a peer.transport=auto peer -> its libp2p id
+        self._direct_ok: dict[str, bool] = {}  # host:port -> whether a TCP connection to it succeeded
         self._egress: dict[str, tuple[grpc.aio.Server, int]] = {}
         self._ingress_channel: grpc.aio.Channel | None = None
         self._lock = threading.Lock()
@@ -258,6 +262,34 @@ class Libp2pTransport:
             with self._lock:
                 self._known[peer_id] = list(maddrs)[:16]
 
+    def learn_fallback(self, address: str, maddrs: Sequence[str]) -> None:
+        """A peer announced a gRPC ``address`` and libp2p addresses (``peer.transport=auto``, reachable directly):
+        dial it directly, over libp2p when a TCP connection to ``address`` fails (a firewall, a wrong address)."""
+        peer = next((m.rsplit("/p2p/", 1)[1] for m in maddrs if "/p2p/" in m and "/p2p-circuit" not in m), None)
+        if peer is not None:
+            self.learn(peer, maddrs)
+            with self._lock:
+                self._fallback[address] = peer
+
+    def _direct_reachable(self, address: str) -> bool:
+        import socket
+
+        from openhydra.discovery.records import parse_host_port
+
+        with self._lock:
+            if address in self._direct_ok:
+                return self._direct_ok[address]
+        try:
+            with socket.create_connection(parse_host_port(address), timeout=self.settings.direct_probe_s):
+                ok = True
+        except OSError:
+            ok = False
+        with self._lock:
+            self._direct_ok[address] = ok
+        if not ok:
+            log.info("%s does not accept TCP: reaching it over libp2p (%s)", address, self._fallback[address])
+        return ok
+
     def paths(self) -> dict[str, Path]:
         """Each connected libp2p peer and whether its connection is direct or through a relay circuit."""
         async def get() -> dict[str, Path]:
@@ -273,6 +305,8 @@ class Libp2pTransport:
     def dial_target(self, address: str) -> str:
         """The loopback port that carries gRPC calls to ``address``'s peer over libp2p (opened on first use)."""
         peer = p2p_peer_of(address)
+        if peer is None and address in self._fallback and not self._direct_reachable(address):
+            peer = self._fallback[address]
         if peer is None:
             return address
         with self._lock:
@@ -336,8 +370,9 @@ class Libp2pTransport:
 
         async def frames() -> AsyncIterator[tpb.Frame]:
             yield tpb.Frame(method=method, metadata=metadata, timeout_s=remaining or 0.0)
-            async for raw in requests:
-                yield tpb.Frame(payload=raw, has_payload=True)
+            with contextlib.suppress(grpc.aio.AbortError):  # we aborted the call: its request stream ends here
+                async for raw in requests:
+                    yield tpb.Frame(payload=raw, has_payload=True)
             yield tpb.Frame(end=True)
 
         try:
@@ -407,6 +442,6 @@ def install(transport: Libp2pTransport | None) -> None:
 
 def dial_target(address: str) -> str:
     """What a gRPC channel to ``address`` dials: the address itself, or the egress port of a libp2p peer."""
-    if _ACTIVE is None or p2p_peer_of(address) is None:
+    if _ACTIVE is None:
         return address
     return _ACTIVE.dial_target(address)

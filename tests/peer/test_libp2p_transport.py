@@ -74,6 +74,40 @@ def test_onion_chain_through_a_libp2p_only_peer_equals_generate(tiny_model_dirs,
         client.shutdown()
 
 
+def test_auto_peer_whose_grpc_port_refuses_is_reached_over_libp2p(tiny_model_dirs, libp2p_chain) -> None:
+    """peer.transport=auto: announced at host:port plus libp2p addresses; when that port refuses TCP (here: the
+    server listens on 127.0.0.1 only, the record says 127.0.0.3), the caller goes over libp2p instead."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    announced = f"127.0.0.3:{port}"
+    transport = lt.Libp2pTransport(LOOPBACK)
+    transport.start()
+    identity, static = Identity.generate(), StaticKeyPair.generate()
+    server = PeerServer(ShardRuntime(tiny_model_dirs["qwen3_5"], 2, 5), port=port, static_key=static,
+                        require_encryption=True, advertise_address=announced)
+    client = None
+    try:
+        transport.serve(server.start())
+        libp2p_chain["egress"].learn_fallback(announced, transport.maddrs())  # as the node's lookup does
+        route = list(libp2p_chain["route"])
+        route[1] = HopSpec(address=announced, start=2, end=5, peer_id=identity.peer_id,
+                           static_key=encode_static_key(static.signed_by(identity)))
+        client = PeerChainClient(route, tunables=ClientTunables(step_timeout_s=20.0),
+                                 privacy=ChainPrivacy(encrypt=True, onion=True),
+                                 embedder=load_embedder(tiny_model_dirs["qwen3_5"]))
+        prompt = _prompt(seed=11)
+        assert _generate(client, "auto-fallback", prompt, 6) == _hf_greedy(tiny_model_dirs["qwen3_5"], prompt, 6)
+        assert transport.calls["ingress"] >= 1 and server.service._served >= 6
+    finally:
+        if client is not None:
+            client.shutdown()
+        server.stop()
+        transport.stop()
+
+
 def test_unreachable_libp2p_peer_fails_unavailable_naming_it(libp2p_chain) -> None:
     stranger = lt.Libp2pTransport(LOOPBACK)
     stranger.start()
