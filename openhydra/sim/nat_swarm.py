@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,8 +40,11 @@ def spans_for(total_layers: int) -> dict[str, tuple[int, int]]:
 
 
 class NatSwarm:
-    def __init__(self, topo: NatTopology, model_dir: Path, total_layers: int, behind_nat: bool = True) -> None:
+    def __init__(self, topo: NatTopology, model_dir: Path, total_layers: int, behind_nat: bool = True,
+                 relay_one_way_ms: float = 0.0) -> None:
         self.topo = topo
+        self.relay_one_way_ms = relay_one_way_ms  # > 0: every connection to a relay passes the delay relay
+        self.delay: subprocess.Popen | None = None
         self.behind_nat = behind_nat  # False: the "homes" sit on the public segment and serve plain gRPC
         self.model_dir = model_dir
         self.spans = spans_for(total_layers)
@@ -62,13 +66,28 @@ class NatSwarm:
         from openhydra.peer.libp2p_relay import ensure_identity, relay_command
 
         ip = self.topo.hosts["relay"].ip
+        delayed = self.relay_one_way_ms > 0  # p2pd on loopback, the delay relay on the public address in front
         for i in range(N_RELAYS):
             key = self.topo.workdir / f"relay{i}.key"
             maddr = f"/ip4/{ip}/tcp/{RELAY_PORT + i}"
             full = f"{maddr}/p2p/{ensure_identity(key)}"
             control = f"/unix{self.topo.workdir}/relay{i}.sock"  # per run: a killed p2pd leaves its socket
-            self.relays[full] = self._spawn("relay", relay_command(key, maddr, control=control), f"relay{i}")
+            listen = f"/ip4/127.0.0.1/tcp/{RELAY_PORT + i}" if delayed else maddr
+            self.relays[full] = self._spawn("relay", relay_command(key, listen, maddr if delayed else None,
+                                                                   control=control), f"relay{i}")
+        if delayed:
+            config = {"listen": [[ip, RELAY_PORT + i] for i in range(N_RELAYS)], "targets": {ip: "127.0.0.1"},
+                      "links": {}, "default": [self.relay_one_way_ms, 0.0]}
+            path = self.topo.workdir / "delay.json"
+            path.write_text(json.dumps(config))
+            self.delay = self._spawn("relay", [sys.executable, "-m", "openhydra.sim.relay", "--config", str(path)],
+                                     "delay")
         return list(self.relays)
+
+    def set_delays(self, on: bool) -> None:
+        """The delay relay's added latency off (SIGUSR1) or on (SIGUSR2), between requests of one swarm."""
+        if self.delay is not None:
+            os.kill(self.delay.pid, signal.SIGUSR2 if on else signal.SIGUSR1)
 
     def start(self) -> None:
         relay_host = self.topo.hosts["relay"].ip
@@ -176,11 +195,12 @@ class NatSwarm:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self) -> None:
-        for proc in [*self.procs.values(), *self.relays.values()]:
+        others = [self.delay] if self.delay is not None else []
+        for proc in [*self.procs.values(), *self.relays.values(), *others]:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, 15)
-        for proc in [*self.procs.values(), *self.relays.values()]:
+        for proc in [*self.procs.values(), *self.relays.values(), *others]:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -193,14 +213,14 @@ class NatSwarm:
 
 def run_nat_scenario(model_dir: Path, total_layers: int, reference, *, prefix: str = "ohnat", tokens: int = 12,
                      ready_timeout_s: float = 240.0, relay_failover: bool = True, behind_nat: bool = True,
-                     rounds: int = 1) -> dict:
+                     rounds: int = 1, relay_one_way_ms: float = 0.0) -> dict:
     """Build the NAT topology, serve a request through both homes, report paths; kill a relay mid-stream.
 
     ``reference(prompt_text, n) -> str``: the single-process greedy answer to compare with."""
     report: dict = {}
     public, homes = (PUBLIC, HOMES) if behind_nat else ((*PUBLIC, *HOMES), ())
     with nat_topology(prefix, public, homes) as topo:
-        swarm = NatSwarm(topo, model_dir, total_layers, behind_nat)
+        swarm = NatSwarm(topo, model_dir, total_layers, behind_nat, relay_one_way_ms)
         try:
             t0 = time.monotonic()
             swarm.start()
@@ -222,17 +242,22 @@ def run_nat_scenario(model_dir: Path, total_layers: int, reference, *, prefix: s
                     pipeline = (httpx.get(swarm.api + "/v1/network/status", timeout=5).json().get("swarm") or {})
                     hop_paths.extend((pipeline.get("pipeline") or {}).get("hop_paths", {}).values())
 
-            token_ms, exact_streamed = [], True
+            token_ms, token_ms_delayed, exact_streamed = [], [], True
             cpu0, io0 = swarm.relay_usage()
-            for _ in range(rounds):
-                streamed, times = swarm.chat(prompt, tokens, stream=True, on_token=note)
-                exact_streamed = exact_streamed and streamed == text
-                gaps = sorted(b - a for a, b in itertools.pairwise(times[2:]))
-                token_ms.append(round(1000 * gaps[len(gaps) // 2], 1) if gaps else None)
+            for _ in range(rounds):  # with a delay relay: interleaved, its latency off then on
+                for delayed in ([False, True] if swarm.delay is not None else [False]):
+                    swarm.set_delays(delayed)
+                    streamed, times = swarm.chat(prompt, tokens, stream=True, on_token=note)
+                    exact_streamed = exact_streamed and streamed == text
+                    gaps = sorted(b - a for a, b in itertools.pairwise(times[2:]))
+                    (token_ms_delayed if delayed else token_ms).append(
+                        round(1000 * gaps[len(gaps) // 2], 1) if gaps else None)
             cpu1, io1 = swarm.relay_usage()
-            report.update(exact_streamed=exact_streamed, token_ms=token_ms,
-                          relay_cpu_ms_per_token=round(1000 * (cpu1 - cpu0) / (rounds * tokens), 3),
-                          relay_bytes_per_token=round((io1 - io0) / (rounds * tokens)))
+            report.update(exact_streamed=exact_streamed, token_ms=token_ms, token_ms_delayed=token_ms_delayed,
+                          relay_one_way_ms=relay_one_way_ms,
+                          relay_cpu_ms_per_token=round(1000 * (cpu1 - cpu0) / (len(token_ms + token_ms_delayed)
+                                                                               * tokens), 3),
+                          relay_bytes_per_token=round((io1 - io0) / (len(token_ms + token_ms_delayed) * tokens)))
             report["hop_paths"] = hop_paths[0] if hop_paths else []
             report["homea_paths"] = swarm.status("homea")["swarm"]["reachability"].get("libp2p_paths", {})
             report["dashboard_homea"] = swarm.get("homea", "/v1/dashboard/summary").json()["node"].get("reachable")
