@@ -204,7 +204,10 @@ class PeerChainClient(ControlCalls, Liveness, RebuildClient):
         chain = self._route if route is None else self._checked(route)
         coro = self._step(session_id, list(token_ids), start_pos, sampling, step, extras, chain, prefix)
         messages = -(-len(token_ids) // self.tunables.prefill_chunk)
-        return self._call(coro, timeout=self._wait_budget(messages))
+        result = self._call(coro, timeout=self._wait_budget(messages))
+        if result.hidden is not None:  # onion: norm, head and sampling here, on the caller's thread (see _step)
+            result = self._sample_here(result, sampling, step, extras)
+        return result
 
     def replay(self, session_id: str, feeds: Sequence[tuple[list[int], int, SamplingParams, int]],
                route: Sequence[HopSpec]) -> list[StepResult]:
@@ -274,11 +277,10 @@ class PeerChainClient(ControlCalls, Liveness, RebuildClient):
         results = await self._gather(session_id, futures, route)
         if len(tokens) == 1:
             self._decode_latencies.append(time.monotonic() - began)
-        last = results[-1]
-        if last.hidden is not None:
-            loop = asyncio.get_running_loop()
-            last = await loop.run_in_executor(None, self._sample_here, last, sampling, step, extras)
-        return last
+        # Under onion the last hop returns hidden states; step_result applies the head on the thread that waits
+        # for this step anyway. Handing the head to an executor here cost two more thread wake-ups per token on
+        # the critical path (loop -> pool thread -> loop -> caller), which a privacy=off token does not pay.
+        return results[-1]
 
     async def _replay(self, session_id: str, feeds: Sequence[tuple[list[int], int, SamplingParams, int]],
                       route: tuple[HopSpec, ...]) -> list[StepResult]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -190,5 +191,28 @@ def test_onion_samples_on_the_coordinator_so_the_last_hop_never_sees_tokens(tiny
         assert _generate(client, "coordinator-samples", prompt, 12) == expected
         logits = client.step_result("coordinator-logits", prompt, 0, SamplingParams(), 0, all_logits=True).logits
         assert logits is not None and logits.shape == (len(prompt), servers[-1].runtime.vocab_size)
+    finally:
+        client.shutdown()
+
+
+def test_onion_head_runs_on_the_thread_that_asked_for_the_step(tiny_model_dirs, keyed, embedder) -> None:
+    """The coordinator's norm + head + sampling run on the calling thread, which waits for the step anyway: a hop
+    to a pool thread and back would cost every privacy=onion token two thread wake-ups that privacy=off does not
+    pay (issue 16: onion/off >= 0.98)."""
+    from openhydra.peer.head import load_head
+
+    head = load_head(tiny_model_dirs["qwen3_5"])
+    ran_on: list[int] = []
+
+    def recording_head(hidden: torch.Tensor) -> torch.Tensor:
+        ran_on.append(threading.get_ident())
+        return head(hidden)
+
+    _servers, route = keyed
+    client = PeerChainClient(route, tunables=TUNABLES, privacy=ONION, embedder=embedder, head=recording_head)
+    try:
+        prompt = _prompt(seed=5)
+        assert _generate(client, "head-on-caller", prompt, 4) == _hf_greedy(tiny_model_dirs["qwen3_5"], prompt, 4)
+        assert ran_on == [threading.get_ident()] * 4
     finally:
         client.shutdown()
