@@ -402,12 +402,13 @@ class Node:
             out["libp2p_calls"] = dict(self.transport.calls)
         return out
 
-    def hop_paths(self, chain_peer_ids: list[str]) -> list[dict]:
+    def hop_paths(self, chain_peer_ids: list[str], paths: dict | None = None) -> list[dict]:
         """Per hop of a chain, as this node sees it: gRPC, or the libp2p connection (direct or relayed)."""
         from openhydra.peer.libp2p_transport import p2p_peer_of
 
         records = {r.peer_id: r for r in self.swarm.peers()} if self.swarm is not None else {}
-        paths = self.transport.paths() if self.transport is not None else {}
+        if paths is None:
+            paths = self.transport.paths() if self.transport is not None else {}
         out = []
         for pid in chain_peer_ids:
             address = records[pid].grpc_address if pid in records else ""
@@ -504,7 +505,8 @@ class Node:
         status["reachability"] = self.reachability_status()
         if self.swarm is not None:
             status["pipeline"] = self.swarm.status()
-            status["pipeline"]["hop_paths"] = {sid: self.hop_paths(ids)
+            paths = status["reachability"].get("libp2p_paths", {})
+            status["pipeline"]["hop_paths"] = {sid: self.hop_paths(ids, paths)
                                                for sid, ids in status["pipeline"].get("sessions", {}).items()}
             if self.state.degrader is not None:
                 status["degradation"] = self.state.degrader.status()

@@ -295,11 +295,16 @@ class Libp2pTransport:
         async def get() -> dict[str, Path]:
             out: dict[str, Path] = {}
             for info in await self.p2p.list_peers():
-                relayed = any(_is_circuit(a) for a in info.addrs)
-                out[info.peer_id.to_base58()] = "relayed" if relayed else "direct"
+                # a direct connection, once there is one (DCUtR, or a later direct dial), carries new streams
+                direct = any(not _is_circuit(a) for a in info.addrs)
+                out[info.peer_id.to_base58()] = "direct" if direct else "relayed"
             return out
 
-        return self._run(get(), timeout=10)
+        try:
+            return self._run(get(), timeout=10)
+        except Exception as exc:  # p2pd gone or stuck: the status page must still answer
+            log.warning("cannot list libp2p connections: %s", exc)
+            return {}
 
     # -- egress: our gRPC calls to a libp2p peer ----------------------------------------------------------
     def dial_target(self, address: str) -> str:
