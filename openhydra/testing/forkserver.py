@@ -13,8 +13,8 @@ Rules that keep a forked child equivalent to a fresh interpreter:
   server exists) and checks that it is still single-threaded before each fork; if not, :func:`spawn` falls back to
   ``subprocess.Popen``.
 - Environment variables that libraries may read at import time (all but ``OPENHYDRA_*``, which the node reads at
-  run time, and pytest's ``PYTEST_*``) select the server: a child never runs under a different import-time environment than the one its
-  modules were imported with.
+  run time, and pytest's ``PYTEST_*``) select the server: a child never runs under a different import-time
+  environment than the one its modules were imported with.
 - The child restores default signal handlers, reseeds Python's, NumPy's and torch's random generators, and exits
   through the normal interpreter shutdown (atexit handlers run, as in a fresh process).
 
