@@ -162,6 +162,12 @@ class Libp2pSection(Strict):
     behind_nat: bool = False
     """This node accepts no inbound connection: serve through relays (reachable: relayed) or not at all."""
     reserve_timeout_s: float = Field(30.0, gt=0)
+    relay_max_circuits: int = Field(16, ge=1, le=1024)
+    """As a relay (discovery.relay=true, reachable): relayed connections per peer at once."""
+    relay_max_reservations: int = Field(128, ge=1, le=65536)
+    relay_data_limit_mb: int = Field(4096, ge=1)
+    """As a relay: bytes one relayed connection may carry each way before it is reset."""
+    relay_time_limit_s: int = Field(1800, ge=1)
 
 
 class PeerSection(Strict):

@@ -90,8 +90,15 @@ class Libp2pSettings(BaseModel):
     relays: list[str] = Field(default_factory=list)
     """Multiaddrs (with /p2p/<id>) of relays to reserve a slot on and to reach other NATed peers through."""
     relay_service: bool = True
-    """Serve as a circuit relay for others (p2pd's relay v2 service with its limits: 16 circuits per peer,
-    128 reservations, 30 min and 4 GiB per circuit)."""
+    """Serve as a circuit relay for others (p2pd's relay v2 service, within the limits below)."""
+    relay_max_circuits: int = Field(default=16, ge=1, le=1024)
+    """Relayed connections open at once per peer (p2pd -relayMaxCircuits)."""
+    relay_max_reservations: int = Field(default=128, ge=1, le=65536)
+    """NATed peers holding a slot at once (p2pd -relayMaxReservations)."""
+    relay_data_limit_mb: int = Field(default=4096, ge=1)
+    """Bytes one relayed connection may carry each way before the relay resets it (p2pd -relayDataLimit)."""
+    relay_time_limit_s: int = Field(default=1800, ge=1)
+    """How long one relayed connection may live (p2pd -relayTimeLimit); a peer re-dials through a relay after."""
     behind_nat: bool = False
     """Tell libp2p it is not reachable (forceReachabilityPrivate): reserve relay slots at once instead of
     waiting for AutoNAT to conclude it."""
@@ -99,6 +106,12 @@ class Libp2pSettings(BaseModel):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     direct_probe_s: float = Field(default=1.0, gt=0)
     """``auto`` peers: how long a TCP connect to their gRPC address may take before libp2p is used instead."""
+
+
+def relay_limit_flags(s: Libp2pSettings) -> dict[str, object]:
+    """p2pd's relay v2 limits as its flags (they are not ``P2P.create`` arguments)."""
+    return {"relayMaxCircuits": s.relay_max_circuits, "relayMaxReservations": s.relay_max_reservations,
+            "relayDataLimit": s.relay_data_limit_mb << 20, "relayTimeLimit": f"{s.relay_time_limit_s}s"}
 
 
 class Reachability(BaseModel):
@@ -158,6 +171,8 @@ class Libp2pTransport:
             @staticmethod
             def _make_process_args(*args, **kwargs):
                 kwargs["relayService"] = s.relay_service
+                if s.relay_service:
+                    kwargs.update(relay_limit_flags(s))
                 return P2P._make_process_args(*args, **kwargs)
 
         from hivemind.p2p import P2PDaemonError
