@@ -8,6 +8,11 @@ OPENHYDRA_TEST_PG_URL="$(bash scripts/start_postgres.sh)"
 export OPENHYDRA_TEST_PG_URL
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check .
+# The NAT test (tests/netns/test_nat_swarm.py) builds NAT routers with nft (Debian's nftables) in network namespaces.
+if [ "$(id -u)" = 0 ] && ! command -v nft >/dev/null && command -v apt-get >/dev/null; then
+  apt-get install -y -q nftables >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q nftables >/dev/null 2>&1; } \
+    || echo "nftables not installed: the NAT test will be skipped" >&2
+fi
 # Two workers (pytest-xdist) by default: tests are single-threaded (OMP_NUM_THREADS=1) and much of the suite waits
 # on node processes, so two overlap on two cores. tests/conftest.py keeps a file (and tests/api, tests/e2e: their
 # session-wide node/swarm) on one worker and hands out the heaviest files first. OPENHYDRA_TEST_WORKERS=0: one

@@ -70,6 +70,7 @@ _HEAVIEST_FIRST = (  # the slowest units of 2026-12-03's runs (--durations), a C
     "tests/verification/test_no_false_positives.py",
     "tests/runtime/test_model_cache.py",
     "tests/swarm/test_failover.py",
+    "tests/netns/test_nat_swarm.py",
 )
 
 
