@@ -76,6 +76,9 @@ def run(cfg: DictConfig) -> None:
     if node_cfg.action == "dht":  # a bootstrap host: only the HTTP DHT table, no model
         _serve_dht(node_cfg)
         return
+    from openhydra.runtime.lean_imports import skip_unused_optional_imports
+
+    skip_unused_optional_imports()  # before the modeling code is imported (issue 17: lean peers)
     from openhydra.build import build_node
     from openhydra.runtime.backend import BackendUnavailable
 

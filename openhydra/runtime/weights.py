@@ -96,6 +96,14 @@ class CheckpointIndex:
         progress.close()
         return out
 
+    def read_as_stored(self, source: str) -> torch.Tensor:
+        """One tensor in the dtype the file stores it in: a view of the file's mapping, nothing copied (its pages
+        are the page cache's, shared by every process on the machine that maps the file, resident once touched)."""
+        if source not in self.weight_map:
+            raise CheckpointError(f"tensor {source!r} is not in the checkpoint at {self.root}")
+        with safe_open(self.root / self.weight_map[source], framework="pt") as f:
+            return f.get_tensor(source)
+
     def tensor_bytes(self, names: Iterable[str]) -> int:
         """Bytes the named tensors take on disk (from the safetensors headers, nothing is read)."""
         total = 0

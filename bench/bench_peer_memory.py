@@ -1,0 +1,339 @@
+"""Resident memory of real `openhydra-node` peers per span against the bytes of the span's weights (issue 17 item 4).
+
+    python bench/bench_peer_memory.py [--model-dir smollm2] [--requests 6] [--max-tokens 16] [--label NAME]
+
+1. A swarm on one machine: an HTTP DHT and three plain `openhydra-node` processes serving layers [0,10), [10,20),
+   [20,30) of the embedded SmolLM2-135M (hardware=cpu, float32, the default privacy=encrypted), each its own fresh
+   interpreter. ``--requests`` greedy chat completions go through the first node's API (the coordinator). Then each
+   node's RSS, PSS and USS are read from /proc/<pid>/smaps and split into the weight file it maps, anonymous memory
+   (Python heap, copied tensors, KV caches) and shared libraries. The nodes are stopped.
+2. One node serving the full model alone, the same requests, measured the same way.
+3. Where the memory goes, per span: a fresh interpreter imports what a node imports, group by group, loads the span
+   as the node does (``ShardRuntime`` and, on a node that does not hold the first layers, the coordinator's
+   embedding table), runs a prompt and 16 decode steps, reading USS/PSS/RSS after each step; the tensors the
+   runtime holds are split into views of the mapped weight file and private copies
+   (openhydra/runtime/residency.py).
+
+The span's weight bytes: the checkpoint tensors the span needs in the runtime dtype (its decoder layers, the
+embedding table on the first span, the final norm and the LM head on the last; SmolLM2 ties the head to the
+embeddings, so the last span needs the table too). Target: PSS <= weight bytes + 150 MiB. MiB = 2**20 bytes.
+Prints the machine banner (load average) at start and end, writes JSON (--json) and a plot (--plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+from common import bench_model_dir, machine_banner  # noqa: E402
+
+MIB = 2**20
+TARGET_MIB = 150
+SPLITS = ((0, 10), (10, 20), (20, 30))
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Name three colours.",
+           "Why is the sky blue? One sentence.", "Count from one to five.", "What do bees make?"]
+
+
+def span_weight_bytes(model_dir: str, start: int, end: int) -> int:
+    """Bytes of the checkpoint tensors layers [start, end) need (tied head counted once on a full span)."""
+    from openhydra.runtime.shard_layers import load_text_config
+    from openhydra.runtime.weights import CheckpointIndex, split_layer_name
+
+    config = load_text_config(model_dir)
+    total = config.num_hidden_layers
+    index = CheckpointIndex.open(model_dir)
+    tied = index.head_is_tied(bool(getattr(config, "tie_word_embeddings", False)))
+    prefix = index.text_prefix
+    names: set[str] = set()
+    for name in index.weight_map:
+        canonical = name[len(prefix):] if name.startswith(prefix) else name
+        layer = split_layer_name(canonical)
+        if layer is not None:
+            if start <= layer[0] < end:
+                names.add(name)
+        elif _non_layer_needed(canonical, start == 0, end == total, tied):
+            names.add(name)
+    if end == total and not tied:
+        names.add(index.source_name("lm_head.weight"))
+    return index.tensor_bytes(sorted(names))
+
+
+def _non_layer_needed(canonical: str, first: bool, last: bool, tied: bool) -> bool:
+    if canonical == "embed_tokens.weight":
+        return first or (last and tied)
+    return last and canonical.startswith("norm.")
+
+
+def node_memory(pid: int) -> dict:
+    """smaps parts of the node process, plus the RSS/PSS/USS of any child processes it has."""
+    import psutil
+
+    from openhydra.runtime.residency import smaps_breakdown
+
+    parts = {k: v.model_dump() for k, v in smaps_breakdown(pid).items()}
+    children = {"rss": 0, "pss": 0, "uss": 0, "count": 0}
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            info = child.memory_full_info()
+        except psutil.NoSuchProcess:
+            continue
+        children = {"rss": children["rss"] + info.rss, "pss": children["pss"] + info.pss,
+                    "uss": children["uss"] + info.uss, "count": children["count"] + 1}
+    return {"parts": parts, "children": children}
+
+
+def chat(url: str, model: str, prompt: str, max_tokens: int, deadline_s: float = 180.0) -> str:
+    """One greedy chat completion; retried while the swarm is still discovering its peers."""
+    import httpx
+
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0.0}
+    deadline = time.monotonic() + deadline_s
+    while True:
+        resp = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
+        if resp.status_code == 200:
+            return resp.json()["choices"][0]["message"]["content"]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"chat failed: {resp.status_code} {resp.text[:300]}")
+        time.sleep(1.0)
+
+
+def serve_and_measure(nodes: list, spans: list[tuple[int, int]], args: argparse.Namespace) -> list[dict]:
+    import httpx
+
+    from openhydra.testing.processes import start_all
+
+    start_all(nodes, timeout_s=600)
+    try:
+        status = httpx.get(nodes[0].url + "/v1/network/status", timeout=30).json()
+        model = status["model"]["id"]
+        replies = [chat(nodes[0].url, model, PROMPTS[i % len(PROMPTS)], args.max_tokens)
+                   for i in range(args.requests)]
+        print(f"  {len(replies)} replies, first: {replies[0]!r}", flush=True)
+        time.sleep(2.0)  # let the sessions close on every hop (close is asynchronous)
+        rows = []
+        for node, (start, end) in zip(nodes, spans, strict=True):
+            mem = node_memory(node.proc.pid)
+            rows.append({"span": [start, end], "dtype": status["model"]["dtype"], **mem})
+        return rows
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def measure_processes(model_dir: str, args: argparse.Namespace) -> list[dict]:
+    from openhydra.testing.processes import DhtProcess, NodeProcess, swarm_node_overrides
+
+    work = Path(tempfile.mkdtemp(prefix="bench-peer-memory-"))
+    env = {"OPENHYDRA_CONFIG_DIR": str(work / "config"), **dict(e.split("=", 1) for e in args.env)}
+    rows = []
+    print("swarm of thirds:", flush=True)
+    with DhtProcess() as dht:
+        nodes = [NodeProcess([*swarm_node_overrides(Path(model_dir), dht.url, a, b, work / f"data{a}"),
+                              *args.override], env=env, log_path=work / f"node{a}.log", pow_bits=None)
+                 for a, b in SPLITS]
+        rows += serve_and_measure(nodes, list(SPLITS), args)
+    print("full model alone:", flush=True)
+    full = NodeProcess(["model=local", f"model.path={model_dir}", "hardware=cpu", "hardware.dtype=float32",
+                        f"node.data_dir={work / 'data-full'}", "peer.port=0", *args.override],
+                       env=env, log_path=work / "node-full.log", pow_bits=None)
+    rows += serve_and_measure([full], [(0, SPLITS[-1][1])], args)
+    for row in rows:
+        row["weight_bytes"] = span_weight_bytes(model_dir, *row["span"])
+    return rows
+
+
+# ---------------------------------------------------------------- where the memory goes (one fresh interpreter)
+
+
+def breakdown_child(model_dir: str, start: int, end: int) -> None:
+    import importlib
+
+    import psutil
+
+    proc = psutil.Process()
+    steps: list[dict] = []
+
+    def mark(name: str, **extra) -> None:
+        info = proc.memory_full_info()
+        steps.append({"step": name, "rss": info.rss, "pss": info.pss, "uss": info.uss,
+                      "modules": len(sys.modules), **extra})
+
+    mark("bare interpreter")
+    import torch
+
+    torch.set_num_threads(1)
+    mark("import torch")
+    importlib.import_module("transformers")
+    mark("import transformers")
+    from openhydra.runtime.shard_layers import build_shard  # noqa: F401  (the modeling imports come with loading)
+
+    mark("import openhydra.runtime")
+    from transformers import AutoModelForCausalLM
+
+    from openhydra.runtime.shard_layers import load_text_config
+
+    with torch.device("meta"):  # the model's modeling code, imported as the node imports it (no weights)
+        AutoModelForCausalLM.from_config(load_text_config(model_dir))
+    mark("transformers modeling code (meta skeleton)")
+    heavy = ("sympy", "scipy", "torch._dynamo", "accelerate", "kernels", "PIL", "sanic", "grpc", "hydra",
+             "sqlmodel", "sqlalchemy", "hivemind", "mlx", "bitsandbytes", "psycopg")
+    for module in ("openhydra.cli", "openhydra.node", "openhydra.peer.server", "openhydra.peer.client",
+                   "openhydra.api.app"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+    mark("import the node's modules")
+    from openhydra.runtime.residency import tensor_residency
+    from openhydra.runtime.shard import ShardRuntime
+
+    rt = ShardRuntime(model_dir, start, end, dtype=torch.float32)
+    held = tensor_residency(rt.modules)
+    mark("load the span (ShardRuntime)", loaded_bytes=rt.loaded_bytes, mapped_bytes=held.mapped_bytes,
+         private_bytes=held.private_bytes)
+    if not rt.is_first:
+        from openhydra.peer.embedding import load_embedder
+
+        embed = load_embedder(model_dir, torch.float32)
+        cells = [c.cell_contents for c in (getattr(embed, "__closure__", None) or ())]  # older: a closure
+        table = getattr(embed, "table", None)
+        if table is None:
+            table = next((c for c in cells if isinstance(c, torch.Tensor)), None)
+        extra = {}
+        if table is not None:
+            res = tensor_residency([table])
+            extra = {"mapped_bytes": res.mapped_bytes, "private_bytes": res.private_bytes}
+        mark("coordinator's embedding table (not first span)", **extra)
+    ids = torch.arange(100, 132)
+    h = None if rt.is_first else torch.randn(32, rt.hidden_size)
+    rt.forward("bench", torch.arange(32), input_ids=ids if rt.is_first else None, hidden_states=h)
+    for pos in range(32, 48):
+        if rt.is_first:
+            rt.forward("bench", torch.tensor([pos]), input_ids=torch.tensor([pos]))
+        else:
+            rt.forward("bench", torch.tensor([pos]), hidden_states=torch.randn(1, rt.hidden_size))
+    mark("prompt 32 + 16 decode steps (KV, workspace, touched pages)")
+    rt.close_session("bench")
+    mark("session closed")
+    steps.append({"heavy_modules_loaded": sorted(m for m in heavy if m in sys.modules)})
+    print("BREAKDOWN " + json.dumps(steps), flush=True)
+
+
+def measure_breakdown(model_dir: str, start: int, end: int, env_extra: dict[str, str]) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **env_extra}
+    out = subprocess.run([sys.executable, __file__, "--breakdown-child", model_dir, str(start), str(end)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    for line in out.stdout.splitlines():
+        if line.startswith("BREAKDOWN "):
+            return json.loads(line[len("BREAKDOWN "):])
+    raise RuntimeError(f"breakdown child failed ({out.returncode}): {out.stderr[-2000:]}")
+
+
+# ---------------------------------------------------------------- report
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["processes"]
+    labels = [f"[{r['span'][0]},{r['span'][1]})" + (" full" if r["span"] == [0, 30] else "") for r in rows]
+    weights = [r["weight_bytes"] / MIB for r in rows]
+    parts = {k: [r["parts"][k]["pss"] / MIB for r in rows] for k in ("weights", "anonymous", "libraries", "other")}
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    bottom = [0.0] * len(rows)
+    colors = {"weights": "tab:blue", "anonymous": "tab:orange", "libraries": "tab:gray", "other": "tab:olive"}
+    for name, values in parts.items():
+        ax.bar(labels, values, bottom=bottom, color=colors[name], label=f"PSS: {name}")
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.scatter(labels, [w + TARGET_MIB for w in weights], marker="_", s=900, color="tab:red", zorder=3,
+               label=f"target: weight bytes + {TARGET_MIB} MiB")
+    ax.scatter(labels, weights, marker="_", s=900, color="k", zorder=3, label="span's weight bytes")
+    ax.set_ylabel("MiB")
+    ax.set_title(f"SmolLM2-135M fp32 peers ({result['label']}): PSS per span", fontsize=10)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.text(0.01, 0.01, result["banner_start"][:150], fontsize=5.5, color="gray")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def report(result: dict) -> None:
+    print("\n| span | weight MiB | RSS MiB | PSS MiB | USS MiB | PSS: weight file / anonymous / libraries | "
+          "PSS ÷ weights | PSS - weights (target ≤ 150) |\n|---|---|---|---|---|---|---|---|")
+    for r in result["processes"]:
+        t, p, w = r["parts"]["total"], r["parts"], r["weight_bytes"]
+        over = (t["pss"] - w) / MIB
+        print(f"| [{r['span'][0]},{r['span'][1]}) | {w / MIB:.0f} | {t['rss'] / MIB:.0f} | {t['pss'] / MIB:.0f} | "
+              f"{t['uss'] / MIB:.0f} | {p['weights']['pss'] / MIB:.0f} / {p['anonymous']['pss'] / MIB:.0f} / "
+              f"{p['libraries']['pss'] / MIB:.0f} | {t['pss'] / w:.2f}x | {over:.0f} "
+              f"({'met' if over <= TARGET_MIB else 'not met'}) |")
+    for span, steps in result["breakdown"].items():
+        print(f"\nbreakdown {span} (fresh interpreter; deltas of USS / RSS in MiB):")
+        prev = None
+        for s in steps:
+            if "step" not in s:
+                print(f"  heavy modules loaded: {s['heavy_modules_loaded']}")
+                continue
+            d_uss = (s["uss"] - prev["uss"]) / MIB if prev else s["uss"] / MIB
+            d_rss = (s["rss"] - prev["rss"]) / MIB if prev else s["rss"] / MIB
+            extra = ""
+            if "mapped_bytes" in s:
+                extra = (f"  tensors: {s['mapped_bytes'] / MIB:.0f} MiB mapped, "
+                         f"{s['private_bytes'] / MIB:.0f} MiB private")
+            print(f"  {s['step']:58s} USS +{d_uss:6.1f} RSS +{d_rss:6.1f} (USS {s['uss'] / MIB:6.1f}, "
+                  f"modules {s['modules']}){extra}")
+            prev = s
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--breakdown-child":
+        breakdown_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", default="smollm2")
+    parser.add_argument("--requests", type=int, default=6)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--label", default="now", help="name of this run in the JSON and plot")
+    parser.add_argument("--override", action="append", default=[], help="an extra node override (repeatable)")
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the nodes (repeatable)")
+    parser.add_argument("--skip-processes", action="store_true", help="only the per-span breakdown")
+    parser.add_argument("--json", default=str(REPO / "bench" / "results" / "bench_peer_memory.json"))
+    parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_peer_memory.png"))
+    args = parser.parse_args()
+
+    model_dir = bench_model_dir(args.model_dir)
+    banner = machine_banner()
+    print(banner, flush=True)
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    result: dict = {"label": args.label, "commit": commit, "banner_start": banner, "model_dir": model_dir,
+                    "requests": args.requests, "max_tokens": args.max_tokens, "processes": [], "breakdown": {}}
+    if not args.skip_processes:
+        result["processes"] = measure_processes(model_dir, args)
+    env_extra = dict(e.split("=", 1) for e in args.env)
+    for a, b in (*SPLITS, (0, SPLITS[-1][1])):
+        result["breakdown"][f"[{a},{b})"] = measure_breakdown(model_dir, a, b, env_extra)
+    result["banner_end"] = machine_banner()
+    report(result)
+    print(f"\nstart: {banner}\nend:   {result['banner_end']}\ncommit {commit}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    print(f"json: {args.json}")
+    if result["processes"]:
+        plot(result, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Lean peers (issue 17 item 4): a peer holds its span's weights as views of the mapped checkpoint, no out-of-span
+tensors, no private copy of the embedding table for coordinator-side embedding, and skips imports it never uses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from openhydra.peer.embedding import load_embedder
+from openhydra.runtime.residency import smaps_breakdown, tensor_residency
+from openhydra.runtime.shard import ShardRuntime
+from openhydra.runtime.weights import CheckpointIndex
+
+
+def _layer_bytes(model_dir: Path, start: int, end: int) -> int:
+    index = CheckpointIndex.open(model_dir)
+    names = [n for i in range(start, end) for n in index.layer_tensor_names(i).values()]
+    return index.tensor_bytes(names)
+
+
+def test_middle_span_holds_only_its_layers_mapped(tiny_model_dirs: dict[str, Path]) -> None:
+    model_dir = tiny_model_dirs["llama"]
+    rt = ShardRuntime(model_dir, 2, 5, dtype=torch.float32)
+    assert rt.modules.embed_tokens is None and rt.modules.lm_head is None and rt.modules.norm is None
+    held = tensor_residency(rt.modules)
+    # Exactly layers [2,5), all views of the mapped checkpoint; private: only rotary inv_freq (computed).
+    assert held.mapped_bytes == _layer_bytes(model_dir, 2, 5)
+    assert held.private_bytes < 4096
+    assert [Path(f).name for f in held.mapped_files] == ["model.safetensors"]
+
+
+def test_coordinator_embedding_table_is_mapped_in_any_dtype(tiny_model_dirs: dict[str, Path]) -> None:
+    model_dir = tiny_model_dirs["llama"]
+    index = CheckpointIndex.open(model_dir)
+    stored = index.read_as_stored(index.source_name("embed_tokens.weight"))
+    ids = torch.tensor([0, 5, 17, stored.shape[0] - 1, 5])
+    for dtype in (torch.float32, torch.bfloat16):
+        embed = load_embedder(model_dir, dtype)
+        table = getattr(embed, "table", None)
+        if table is None:  # an embedder that is a closure over its table
+            table = next(c.cell_contents for c in embed.__closure__ if isinstance(c.cell_contents, torch.Tensor))
+        held = tensor_residency([table])
+        assert held.private_bytes == 0, f"{dtype}: the coordinator copied the embedding table"
+        assert held.mapped_bytes == stored.numel() * stored.element_size()
+        out = embed(ids)
+        assert out.dtype == dtype
+        # Bit for bit what a table cast to ``dtype`` first gives (the first shard's own embedding).
+        assert torch.equal(out, torch.nn.functional.embedding(ids, stored.to(dtype)))
+
+
+def test_weight_pages_counted_as_weights() -> None:
+    parts = smaps_breakdown()
+    assert parts["total"].rss >= parts["anonymous"].rss + parts["libraries"].rss + parts["weights"].rss
+    assert parts["libraries"].rss > 0 and parts["anonymous"].uss > 0
+
+
+_NODE_IMPORTS = """
+import json, sys
+from openhydra.runtime.lean_imports import skip_unused_optional_imports
+changed = skip_unused_optional_imports()
+import torch
+from openhydra.runtime.shard import ShardRuntime
+rt = ShardRuntime(sys.argv[1], 0, 2, dtype=torch.float32)
+rt.forward("s", torch.arange(3), input_ids=torch.tensor([1, 2, 3]))
+print(json.dumps({"changed": changed, "scipy": "scipy" in sys.modules}))
+"""
+
+
+def test_node_process_does_not_import_scipy(tiny_model_dirs: dict[str, Path]) -> None:
+    """What ``openhydra-node`` does first (cli.run): transformers' loss functions no longer pull SciPy in."""
+    out = subprocess.run([sys.executable, "-c", _NODE_IMPORTS, str(tiny_model_dirs["llama"])], capture_output=True,
+                         text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"changed": ["is_scipy_available"], "scipy": False}
