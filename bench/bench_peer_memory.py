@@ -174,6 +174,9 @@ def breakdown_child(model_dir: str, start: int, end: int) -> None:
 
     torch.set_num_threads(1)
     mark("import torch")
+    from openhydra.runtime.lean_imports import skip_unused_optional_imports
+
+    skip_unused_optional_imports()  # as openhydra-node's cli.run does first (a no-op on older commits' nodes)
     importlib.import_module("transformers")
     mark("import transformers")
     from openhydra.runtime.shard_layers import build_shard  # noqa: F401  (the modeling imports come with loading)
