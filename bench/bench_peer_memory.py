@@ -244,29 +244,39 @@ def measure_breakdown(model_dir: str, start: int, end: int, env_extra: dict[str,
 # ---------------------------------------------------------------- report
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(results: list[dict], path: Path) -> None:
+    """Stacked PSS parts per span, one bar per run (e.g. before and after), with the weight bytes and the target."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["processes"]
-    labels = [f"[{r['span'][0]},{r['span'][1]})" + (" full" if r["span"] == [0, 30] else "") for r in rows]
-    weights = [r["weight_bytes"] / MIB for r in rows]
-    parts = {k: [r["parts"][k]["pss"] / MIB for r in rows] for k in ("weights", "anonymous", "libraries", "other")}
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    bottom = [0.0] * len(rows)
+    spans = [tuple(r["span"]) for r in results[-1]["processes"]]
+    labels = [f"[{a},{b})" + (" full" if (a, b) == (0, SPLITS[-1][1]) else "") for a, b in spans]
+    width = 0.8 / len(results)
     colors = {"weights": "tab:blue", "anonymous": "tab:orange", "libraries": "tab:gray", "other": "tab:olive"}
-    for name, values in parts.items():
-        ax.bar(labels, values, bottom=bottom, color=colors[name], label=f"PSS: {name}")
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    ax.scatter(labels, [w + TARGET_MIB for w in weights], marker="_", s=900, color="tab:red", zorder=3,
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for k, result in enumerate(results):
+        rows = {tuple(r["span"]): r for r in result["processes"]}
+        xs = [i + (k - (len(results) - 1) / 2) * width for i in range(len(spans))]
+        bottom = [0.0] * len(spans)
+        for name, color in colors.items():
+            values = [rows[s]["parts"][name]["pss"] / MIB if s in rows else 0.0 for s in spans]
+            ax.bar(xs, values, width * 0.95, bottom=bottom, color=color, alpha=1.0 - 0.45 * (len(results) - 1 - k),
+                   label=f"PSS {name}" if k == len(results) - 1 else None)
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        for x, total in zip(xs, bottom, strict=True):
+            ax.text(x, total + 8, result["label"], ha="center", fontsize=7, rotation=90)
+    weights = [span_bytes / MIB for span_bytes in (results[-1]["processes"][i]["weight_bytes"]
+                                                   for i in range(len(spans)))]
+    ax.scatter(range(len(spans)), [w + TARGET_MIB for w in weights], marker="_", s=1500, color="tab:red", zorder=3,
                label=f"target: weight bytes + {TARGET_MIB} MiB")
-    ax.scatter(labels, weights, marker="_", s=900, color="k", zorder=3, label="span's weight bytes")
+    ax.scatter(range(len(spans)), weights, marker="_", s=1500, color="k", zorder=3, label="span's weight bytes")
+    ax.set_xticks(range(len(spans)), labels)
     ax.set_ylabel("MiB")
-    ax.set_title(f"SmolLM2-135M fp32 peers ({result['label']}): PSS per span", fontsize=10)
+    ax.set_title("SmolLM2-135M fp32 peers (real openhydra-node processes): PSS per span", fontsize=10)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.text(0.01, 0.01, result["banner_start"][:150], fontsize=5.5, color="gray")
+    fig.text(0.01, 0.01, results[-1]["banner_start"][:150], fontsize=5.5, color="gray")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
@@ -312,6 +322,7 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[], help="an extra node override (repeatable)")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the nodes (repeatable)")
     parser.add_argument("--skip-processes", action="store_true", help="only the per-span breakdown")
+    parser.add_argument("--compare", action="append", default=[], help="an earlier run's JSON to plot beside this")
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "bench_peer_memory.json"))
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_peer_memory.png"))
     args = parser.parse_args()
@@ -335,7 +346,7 @@ def main() -> None:
     Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"json: {args.json}")
     if result["processes"]:
-        plot(result, Path(args.plot))
+        plot([*(json.loads(Path(p).read_text()) for p in args.compare), result], Path(args.plot))
 
 
 if __name__ == "__main__":

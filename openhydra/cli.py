@@ -76,9 +76,6 @@ def run(cfg: DictConfig) -> None:
     if node_cfg.action == "dht":  # a bootstrap host: only the HTTP DHT table, no model
         _serve_dht(node_cfg)
         return
-    from openhydra.runtime.lean_imports import skip_unused_optional_imports
-
-    skip_unused_optional_imports()  # before the modeling code is imported (issue 17: lean peers)
     from openhydra.build import build_node
     from openhydra.runtime.backend import BackendUnavailable
 
@@ -221,6 +218,10 @@ def node_main() -> None:
 
         print(f"openhydra-node {__version__}")
         return
+    from openhydra.runtime.lean_imports import skip_unused_optional_imports
+
+    # Before validating the config (the compaction config's package imports transformers' modeling code).
+    skip_unused_optional_imports()  # issue 17, lean peers: no SciPy for transformers' losses (~20 MiB)
     for flag, action in (("--promote", "action=promote"), ("--demote", "action=demote")):
         if flag in argv:  # the hand-run form of auto-promotion; Hydra itself knows no such flag
             argv = [action if a == flag else a for a in argv]

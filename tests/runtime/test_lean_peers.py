@@ -77,3 +77,22 @@ def test_node_process_does_not_import_scipy(tiny_model_dirs: dict[str, Path]) ->
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"changed": ["is_scipy_available"], "scipy": False}
+
+
+def test_openhydra_node_process_does_not_import_scipy(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """A real ``openhydra-node action=check`` (fresh interpreter, not the test fork server, whose preloaded modeling
+    code would hide an import made too early): its import log lists no SciPy module, and it still generates."""
+    from openhydra.testing import TEST_CACHE_ROOT
+
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPROFILEIMPORTTIME": "1",
+           "OPENHYDRA_CACHE": str(TEST_CACHE_ROOT), "OPENHYDRA_CONFIG_DIR": str(tmp_path / "config"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run(
+        [sys.executable, "-m", "openhydra.cli", "action=check", "model=local",
+         f"model.path={tiny_model_dirs['llama']}", "hardware=cpu", f"node.data_dir={tmp_path / 'data'}",
+         "api.port=0", "privacy.pow_difficulty_bits=0"],
+        capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0 and "check ok" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")]
+    assert {"torch", "transformers", "openhydra.build"} <= set(imported)  # the log covers the node's imports
+    assert not [m for m in imported if m == "scipy" or m.startswith("scipy.")]
