@@ -255,7 +255,8 @@ def plot(results: list[dict], path: Path) -> None:
     labels = [f"[{a},{b})" + (" full" if (a, b) == (0, SPLITS[-1][1]) else "") for a, b in spans]
     width = 0.8 / len(results)
     colors = {"weights": "tab:blue", "anonymous": "tab:orange", "libraries": "tab:gray", "other": "tab:olive"}
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.4))
+    top = 0.0
     for k, result in enumerate(results):
         rows = {tuple(r["span"]): r for r in result["processes"]}
         xs = [i + (k - (len(results) - 1) / 2) * width for i in range(len(spans))]
@@ -266,13 +267,15 @@ def plot(results: list[dict], path: Path) -> None:
                    label=f"PSS {name}" if k == len(results) - 1 else None)
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         for x, total in zip(xs, bottom, strict=True):
-            ax.text(x, total + 8, result["label"], ha="center", fontsize=7, rotation=90)
+            ax.text(x, total + 8, result["label"], ha="center", va="bottom", fontsize=7, rotation=90)
+        top = max(top, *bottom)
     weights = [span_bytes / MIB for span_bytes in (results[-1]["processes"][i]["weight_bytes"]
                                                    for i in range(len(spans)))]
     ax.scatter(range(len(spans)), [w + TARGET_MIB for w in weights], marker="_", s=1500, color="tab:red", zorder=3,
                label=f"target: weight bytes + {TARGET_MIB} MiB")
     ax.scatter(range(len(spans)), weights, marker="_", s=1500, color="k", zorder=3, label="span's weight bytes")
     ax.set_xticks(range(len(spans)), labels)
+    ax.set_ylim(0, top * 1.3)
     ax.set_ylabel("MiB")
     ax.set_title("SmolLM2-135M fp32 peers (real openhydra-node processes): PSS per span", fontsize=10)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
