@@ -263,7 +263,7 @@ def plot(results: list[dict], path: Path) -> None:
         bottom = [0.0] * len(spans)
         for name, color in colors.items():
             values = [rows[s]["parts"][name]["pss"] / MIB if s in rows else 0.0 for s in spans]
-            ax.bar(xs, values, width * 0.95, bottom=bottom, color=color, alpha=1.0 - 0.45 * (len(results) - 1 - k),
+            ax.bar(xs, values, width * 0.95, bottom=bottom, color=color, alpha=0.4 + 0.6 * k / max(1, len(results) - 1),
                    label=f"PSS {name}" if k == len(results) - 1 else None)
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         for x, total in zip(xs, bottom, strict=True):
@@ -275,12 +275,12 @@ def plot(results: list[dict], path: Path) -> None:
                label=f"target: weight bytes + {TARGET_MIB} MiB")
     ax.scatter(range(len(spans)), weights, marker="_", s=1500, color="k", zorder=3, label="span's weight bytes")
     ax.set_xticks(range(len(spans)), labels)
-    ax.set_ylim(0, top * 1.3)
+    ax.set_ylim(0, top * 1.45)
     ax.set_ylabel("MiB")
     ax.set_title("SmolLM2-135M fp32 peers (real openhydra-node processes): PSS per span", fontsize=10)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.text(0.01, 0.01, results[-1]["banner_start"][:150], fontsize=5.5, color="gray")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
 
