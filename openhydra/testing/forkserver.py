@@ -49,10 +49,12 @@ PRELOAD = (
     "transformers.models.llama.modeling_llama", "transformers.models.qwen3.modeling_qwen3",
     "transformers.models.qwen3_5.modeling_qwen3_5", "safetensors.torch", "tokenizers", "hydra", "omegaconf",
     "sanic", "pydantic", "cryptography.hazmat.primitives.ciphers.aead", "httpx",
-    "openhydra.cli", "openhydra.build", "openhydra.node", "openhydra.runtime.backend",
-    "openhydra.discovery.http_dht_server",
+    "openhydra.config.load", "openhydra.build", "openhydra.node", "openhydra.runtime.backend",
+    "openhydra.discovery.records", "openhydra.api.errors",
 )
-"""What the server imports before it forks (a module missing here is simply imported by the child)."""
+"""What the server imports before it forks (a module missing here is simply imported by the child). Not the
+modules the children run as ``__main__`` (``openhydra.cli``, ``openhydra.peer.server``): runpy would run a second
+copy of an imported module, and warns."""
 
 MAX_SERVERS = 4
 _RUNTIME_ENV_PREFIXES = ("OPENHYDRA_", "PYTEST_")  # read at run time only (PYTEST_CURRENT_TEST changes per test)

@@ -28,7 +28,10 @@ cache from the same inputs, so decode steps are comparable, not only the prefill
   ``audit_rate`` the most reputable other peer of the span (the auditor) replays the request. If it
   disagrees, the pair cannot vote for itself (two colluders would outvote any auditor): up to
   ``vote_peers - 2`` further independent peers replay to that step and the independents' majority
-  decides; a lone auditor decides alone.
+  decides. A lone auditor (no independent peer answered) decides alone unless it has been through fewer
+  audits than each peer of the pair; then only the auditor is disputed (a fresh liar drawn as the
+  auditor of an honest pair with a history must not fail two peers on its word; the price: a colluding
+  pair with a longer audit history than the only other peer of its span is not punished by it).
 - Majority voting assumes an honest majority among the voters of a span: two colluders and one
   honest peer win a tier-2 vote. The auditor tier is what catches an agreeing pair.
 """
@@ -331,6 +334,14 @@ class AuditRunner:
                 primary_replay = None
             if self._irreproducible(audit, voters, primary_replay, feed, tier=3, reason=why):
                 return
+            if len(voters) == 1 and self._newer(auditor.peer_id, pair):
+                # A lone auditor with less audit history than either peer of the agreeing pair: its word alone
+                # must not fail two peers (a fresh liar drawn as the auditor of an honest pair would frame both).
+                # Only the auditor is disputed; the pair is neither passed nor failed.
+                self.metrics.ties.inc()
+                self._conclude(Outcome(audit.session_id, audit.span, 3, disputed=[auditor.peer_id], step=feed.step,
+                                       reason=f"lone auditor with less audit history than the pair: {why}"))
+                return
             self._decide(audit, voters, feed, tier=3, reason=why, step=feed.step, judged=pair)
             return
         self._conclude(Outcome(audit.session_id, audit.span, 3, passed=[*pair, auditor.peer_id]))
@@ -340,6 +351,14 @@ class AuditRunner:
     def _pick(self, span: tuple[int, int], exclude: set[str], k: int) -> list[PeerAnnouncement]:
         candidates = self.alternatives(span, exclude)
         return self.rng.sample(candidates, min(k, len(candidates))) if k > 0 else []
+
+    def _newer(self, auditor: str, pair: list[str]) -> bool:
+        """Whether ``auditor`` has been through fewer audits (passed, failed or disputed) than each of ``pair``."""
+        def history(peer_id: str) -> float:
+            counts = self.reputation.counts(peer_id)
+            return counts["pass"] + counts["fail"] + counts["dispute"]
+
+        return all(history(auditor) < history(p) for p in pair)
 
     def _most_trusted(self, span: tuple[int, int], exclude: set[str]) -> list[PeerAnnouncement]:
         """The auditor: the most reputable peer of the span outside the pair (ties drawn at random)."""

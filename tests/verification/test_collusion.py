@@ -59,3 +59,30 @@ def test_two_peers_that_disagree_are_a_tie(tiny_model_dirs, tmp_path) -> None:
         assert 'openhydra_verification_ties_total 1.0' in swarm.verifier.metrics_text()
     finally:
         swarm.close()
+
+
+def test_a_fresh_lone_auditor_cannot_fail_an_honest_pair_with_a_history(tiny_model_dirs, tmp_path) -> None:
+    """Three peers on a span, one a fresh liar: drawn as the auditor of the two honest ones (who have been audited
+    before), its disagreement alone disputes only itself; neither honest peer is failed."""
+    liar = FaultConfig(mode="perturb", magnitude=0.05, seed=7)
+    specs = [PeerSpec("p0", 0, 3), PeerSpec("honest-a", 3, 5, throughput=1000.0), PeerSpec("honest-b", 3, 5),
+             PeerSpec("liar", 3, 5, fault=liar), PeerSpec("p5", 5, 8)]
+    config = VerificationConfig(enabled=True, sample_rate=1.0, audit_rate=1.0, seed=5, max_steps_per_audit=2,
+                                reputation={"floor": 0.0})
+    swarm = Swarm(tiny_model_dirs["llama"], specs, config, tmp_path / "rep.db", route_by_reputation=False)
+    try:
+        for peer_id in ("honest-a", "honest-b"):  # their earlier audits
+            swarm.reputation.record(peer_id, "pass")
+        lone = []
+        for i in range(12):
+            swarm.generate(f"f{i}", prompt_of(i), 2)
+            assert swarm.verifier.drain()
+            lone = [o for o in swarm.verifier.outcomes if o.tier == 3 and "lone auditor" in o.reason]
+            if lone:
+                break
+        outcomes = list(swarm.verifier.outcomes)
+    finally:
+        swarm.close()
+    assert lone, [(o.tier, o.failed, o.passed, o.reason) for o in outcomes]  # the liar audited the honest pair
+    assert all(o.disputed == ["liar"] and not o.failed and not o.passed for o in lone)
+    assert not [o for o in outcomes if {"honest-a", "honest-b"} & set(o.failed)], outcomes
