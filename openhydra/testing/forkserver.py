@@ -49,14 +49,17 @@ PRELOAD = (
     "transformers.models.llama.modeling_llama", "transformers.models.qwen3.modeling_qwen3",
     "transformers.models.qwen3_5.modeling_qwen3_5", "safetensors.torch", "tokenizers", "hydra", "omegaconf",
     "sanic", "pydantic", "cryptography.hazmat.primitives.ciphers.aead", "httpx",
-    "openhydra.config.load", "openhydra.build", "openhydra.node", "openhydra.runtime.backend",
+    "openhydra.config.load", "openhydra.runtime.backend", "openhydra.runtime.shard", "openhydra.hardware.dtype",
+    "openhydra.runtime.compaction.attention", "openhydra.economy.economy", "openhydra.crypto.identity",
     "openhydra.discovery.records", "openhydra.api.errors",
 )
-"""What the server imports before it forks (a module missing here is simply imported by the child). Not the
-modules the children run as ``__main__`` (``openhydra.cli``, ``openhydra.peer.server``): runpy would run a second
-copy of an imported module, and warns."""
+"""What the server imports before it forks (a module missing here is simply imported by the child). Not gRPC (nor
+the modules that import it: the node, the API, the router): a gRPC imported before ``fork()`` gave a child's
+channels "Internal error from Core" where a fresh process reports UNAVAILABLE; a server that has ``grpc`` loaded
+is not used. Not the modules the children run as ``__main__`` (``openhydra.cli``, ``openhydra.peer.server``):
+runpy would run a second copy of an imported module, and warns."""
 
-MAX_SERVERS = 4
+MAX_SERVERS = 6
 _RUNTIME_ENV_PREFIXES = ("OPENHYDRA_", "PYTEST_")  # read at run time only (PYTEST_CURRENT_TEST changes per test)
 
 
@@ -142,7 +145,7 @@ def serve() -> None:
     def reply(message: dict) -> None:
         channel.send(json.dumps(message).encode())
 
-    reply({"ready": True, "threads": _threads()})
+    reply({"ready": True, "threads": _threads(), "grpc": "grpc" in sys.modules})
     while True:
         for key, _ in selector.select():
             if key.fd == wake_r:
@@ -152,10 +155,10 @@ def serve() -> None:
             if not data:  # the test process is gone
                 os._exit(0)
             request = SpawnRequest.model_validate_json(data)
-            if _threads() > 1:
+            if _threads() > 1 or "grpc" in sys.modules:
                 for fd in passed:
                     os.close(fd)
-                reply({"pid": None, "error": f"server has {_threads()} threads"})
+                reply({"pid": None, "error": f"server has {_threads()} threads or gRPC loaded"})
                 continue
             pid = os.fork()
             if pid == 0:
@@ -226,6 +229,8 @@ class _Server:
         if not first.get("ready"):
             raise RuntimeError("fork server did not start")
         self.threads = first.get("threads", 0)
+        self.usable = self.threads == 1 and not first.get("grpc")
+        """Single-threaded and without gRPC: safe to fork from. An unusable server is closed at once."""
         threading.Thread(target=self._read, name="forkserver-replies", daemon=True).start()
 
     def _read(self) -> None:
@@ -273,6 +278,7 @@ Process = ForkedProcess | subprocess.Popen
 """What :func:`spawn` returns."""
 
 _servers: dict[tuple, _Server] = {}
+_unusable: set[tuple] = set()  # import-time environments whose server could not be forked from
 _servers_lock = threading.Lock()
 
 
@@ -286,11 +292,18 @@ def _server_for(env: dict[str, str]) -> _Server | None:
         server = _servers.get(key)
         if server is not None and server._alive:
             return server
-        if len(_servers) >= MAX_SERVERS:
+        if key in _unusable or len(_servers) >= MAX_SERVERS:
+            return None
+        server = _Server({k: v for k, v in env.items() if not k.startswith(_RUNTIME_ENV_PREFIXES)})
+        if not server.usable:
+            log.warning("fork server unusable (%d threads after its imports, grpc loaded: %s); plain subprocesses "
+                        "for this environment", server.threads, not server.usable and server.threads == 1)
+            server.close()
+            _unusable.add(key)
             return None
         if not _servers:
             atexit.register(_close_all)
-        server = _servers[key] = _Server({k: v for k, v in env.items() if not k.startswith(_RUNTIME_ENV_PREFIXES)})
+        _servers[key] = server
         return server
 
 

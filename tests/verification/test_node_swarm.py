@@ -69,7 +69,11 @@ def test_faulty_node_is_caught_and_routed_around(tiny_model_dirs, tmp_path) -> N
             wait_until(lambda: not _liar_routable(coordinator), 120, 0.2, "the coordinator to exclude the liar")
             rep = _reputation(coordinator)
             liar_row = rep["peers"]["a-liar"]
-            assert liar_row["routable"] is False and liar_row["audits"]["fail"] >= 1, rep
+            # Convicted (tier 2: outvoted) or, drawn as the lone auditor of the honest pair, disputed: either way
+            # excluded, and no honest peer pays for it.
+            assert liar_row["routable"] is False, rep
+            assert liar_row["audits"]["fail"] + liar_row["audits"]["dispute"] >= 1, rep
+            assert all(rep["peers"][p]["audits"]["fail"] == 0 for p in ("h-1", "h-2") if p in rep["peers"]), rep
             assert set(liar_row["components"]) == {"verification", "uptime", "latency", "stake"}
             print(f"\nliar excluded after {served} requests ({lied} answers differed from the honest ones); "
                   f"score {liar_row['score']} < floor {rep['floor']}")
