@@ -238,9 +238,11 @@ def run_nat_scenario(model_dir: Path, total_layers: int, reference, *, prefix: s
             hop_paths: list = []
 
             def note(n: int) -> None:
-                if n == 3 and not hop_paths:  # runs on the client thread, inside the coordinator's namespace
+                # On the client thread, inside the coordinator's namespace: every token until a sample shows the
+                # running session (on a busy machine the stream may end before a single early sample is taken).
+                if not hop_paths:
                     pipeline = (httpx.get(swarm.api + "/v1/network/status", timeout=5).json().get("swarm") or {})
-                    hop_paths.extend((pipeline.get("pipeline") or {}).get("hop_paths", {}).values())
+                    hop_paths.extend(p for p in (pipeline.get("pipeline") or {}).get("hop_paths", {}).values() if p)
 
             token_ms, token_ms_delayed, exact_streamed = [], [], True
             cpu0, io0 = swarm.relay_usage()
@@ -253,6 +255,10 @@ def run_nat_scenario(model_dir: Path, total_layers: int, reference, *, prefix: s
                     (token_ms_delayed if delayed else token_ms).append(
                         round(1000 * gaps[len(gaps) // 2], 1) if gaps else None)
             cpu1, io1 = swarm.relay_usage()
+            for _ in range(3):  # the stream ended before any sample saw its session: sample another (not timed)
+                if hop_paths:
+                    break
+                swarm.chat(prompt, tokens, stream=True, on_token=note)
             report.update(exact_streamed=exact_streamed, token_ms=token_ms, token_ms_delayed=token_ms_delayed,
                           relay_one_way_ms=relay_one_way_ms,
                           relay_cpu_ms_per_token=round(1000 * (cpu1 - cpu0) / (len(token_ms + token_ms_delayed)
