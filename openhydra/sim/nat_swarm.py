@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from openhydra.sim.nat import NatTopology, nat_topology
-from openhydra.sim.netns_swarm import _enter
+from openhydra.sim.netns_swarm import _enter, read_chat_stream
 from openhydra.testing.processes import TEST_POW_BITS
 
 DHT_PORT, PEER_PORT, API_PORT, RELAY_PORT = 18468, 50051, 8080, 4001
@@ -154,22 +154,7 @@ class NatSwarm:
                 resp = httpx.post(self.api + "/v1/chat/completions", json=body, timeout=timeout_s)
                 resp.raise_for_status()
                 return resp.json()["choices"][0]["message"]["content"], []
-            parts, times = [], []
-            with httpx.stream("POST", self.api + "/v1/chat/completions", json=body, timeout=timeout_s) as resp:
-                resp.raise_for_status()
-                for line in resp.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        raise RuntimeError(f"stream error: {event['error']}")
-                    delta = event["choices"][0].get("delta", {}).get("content")
-                    if delta:
-                        parts.append(delta)
-                        times.append(time.monotonic())
-                        if on_token is not None:
-                            on_token(len(times))
-            return "".join(parts), times
+            return read_chat_stream(self.api, body, timeout_s, on_token)
 
         return self._threads["coord"].submit(run).result()
 

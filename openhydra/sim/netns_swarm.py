@@ -145,23 +145,9 @@ class NamespaceSwarm:
                 "temperature": 0, "stream": True, "ignore_eos": True}
 
         def run() -> StreamResult:
-            times, parts = [], []
             started = time.monotonic()
-            with httpx.stream("POST", self.api + "/v1/chat/completions", json=body, timeout=timeout_s) as resp:
-                resp.raise_for_status()
-                for line in resp.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        raise RuntimeError(f"stream error: {event['error']}")
-                    delta = event["choices"][0].get("delta", {}).get("content")
-                    if delta:
-                        times.append(time.monotonic())
-                        parts.append(delta)
-                        if on_token is not None:
-                            on_token(len(times))
-            return StreamResult("".join(parts), times, started)
+            text, times = read_chat_stream(self.api, body, timeout_s, on_token)
+            return StreamResult(text, times, started)
 
         return self.call(run)
 
@@ -180,6 +166,27 @@ class NamespaceSwarm:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)
         self._client_thread.shutdown(wait=False)
+
+
+def read_chat_stream(api: str, body: dict, timeout_s: float, on_token=None) -> tuple[str, list[float]]:
+    """POST a streaming chat completion to ``api``; the text and each content delta's arrival time
+    (``on_token(n)`` after the n-th). An error event raises."""
+    parts, times = [], []
+    with httpx.stream("POST", api + "/v1/chat/completions", json=body, timeout=timeout_s) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"stream error: {event['error']}")
+            delta = event["choices"][0].get("delta", {}).get("content")
+            if delta:
+                times.append(time.monotonic())
+                parts.append(delta)
+                if on_token is not None:
+                    on_token(len(times))
+    return "".join(parts), times
 
 
 def steady_token_ms(result: StreamResult, skip: int = 2) -> float:
