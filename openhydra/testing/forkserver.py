@@ -229,7 +229,8 @@ class _Server:
         if not first.get("ready"):
             raise RuntimeError("fork server did not start")
         self.threads = first.get("threads", 0)
-        self.usable = self.threads == 1 and not first.get("grpc")
+        self.grpc_loaded = bool(first.get("grpc"))
+        self.usable = self.threads == 1 and not self.grpc_loaded
         """Single-threaded and without gRPC: safe to fork from. An unusable server is closed at once."""
         threading.Thread(target=self._read, name="forkserver-replies", daemon=True).start()
 
@@ -297,7 +298,7 @@ def _server_for(env: dict[str, str]) -> _Server | None:
         server = _Server({k: v for k, v in env.items() if not k.startswith(_RUNTIME_ENV_PREFIXES)})
         if not server.usable:
             log.warning("fork server unusable (%d threads after its imports, grpc loaded: %s); plain subprocesses "
-                        "for this environment", server.threads, not server.usable and server.threads == 1)
+                        "for this environment", server.threads, server.grpc_loaded)
             server.close()
             _unusable.add(key)
             return None
