@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from openhydra.peer import onion_control
-from openhydra.peer.errors import HopError
+from openhydra.peer.errors import HopError, transport_status
 from openhydra.peer.messages import HopSpec
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
@@ -74,7 +74,7 @@ class ControlCalls:
         outcomes = await asyncio.gather(*calls, return_exceptions=True)
         for hop, outcome in zip(route, outcomes, strict=True):
             if isinstance(outcome, grpc.aio.AioRpcError):
-                raise HopError(hop.address, outcome.code(), outcome.details() or "") from None
+                raise HopError(hop.address, *transport_status(outcome.code(), outcome.details() or "")) from None
             if isinstance(outcome, BaseException):
                 raise outcome
 

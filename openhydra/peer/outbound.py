@@ -15,6 +15,8 @@ from typing import Any
 
 import grpc
 
+from openhydra.peer.errors import transport_status
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
@@ -169,7 +171,7 @@ class OutboundStream:
         try:
             await asyncio.wait_for(asyncio.shield(call), timeout=5.0)
         except grpc.aio.AioRpcError as exc:
-            return exc.code(), exc.details() or ""
+            return transport_status(exc.code(), exc.details() or "")
         except (TimeoutError, asyncio.CancelledError):
             return grpc.StatusCode.UNAVAILABLE, "stream broken"
         return grpc.StatusCode.UNAVAILABLE, "stream ended"
@@ -179,7 +181,7 @@ class OutboundStream:
             await call
             return
         except grpc.aio.AioRpcError as exc:
-            code, details = exc.code(), exc.details() or ""
+            code, details = transport_status(exc.code(), exc.details() or "")
         except asyncio.CancelledError:
             return
         if self._closing or code == grpc.StatusCode.CANCELLED:

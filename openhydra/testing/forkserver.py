@@ -54,9 +54,9 @@ PRELOAD = (
     "openhydra.discovery.records", "openhydra.api.errors",
 )
 """What the server imports before it forks (a module missing here is simply imported by the child). Not gRPC (nor
-the modules that import it: the node, the API, the router): a gRPC imported before ``fork()`` gave a child's
-channels "Internal error from Core" where a fresh process reports UNAVAILABLE; a server that has ``grpc`` loaded
-is not used. Not the modules the children run as ``__main__`` (``openhydra.cli``, ``openhydra.peer.server``):
+the modules that import it: the node, the API, the router): gRPC does not support ``fork()`` after its import,
+and a server that has ``grpc`` loaded is not used. (The "Internal error from Core" once blamed on that came back
+in a CI run without it: gRPC core itself reports some lost connections so; peer/errors.py::transport_status.) Not the modules the children run as ``__main__`` (``openhydra.cli``, ``openhydra.peer.server``):
 runpy would run a second copy of an imported module, and warns."""
 
 MAX_SERVERS = 6
