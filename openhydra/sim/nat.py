@@ -27,6 +27,7 @@ from pathlib import Path
 from openhydra.sim.netns import available, kill_netns_processes, sh
 
 WAN_PREFIX = "10.80.0"
+SERVICE_PREFIX = "10.81.0"  # add_service_ips: public hosts' second address, routed through the wan namespace
 NAT_RULES = """
 table ip nat {
   chain postrouting {
@@ -146,6 +147,35 @@ class NatTopology:
         sh(*h, "ip", "link", "set", "eth0", "up")
         sh(*h, "ip", "route", "add", "default", "via", f"{lan}.1", "dev", "eth0")
         self.hosts[name] = NatHost(name, home_ns, f"{lan}.2", wan_ip, router=router_ns, uplink=uplink)
+
+    def add_service_ips(self, names: Sequence[str], ephemeral: tuple[int, int]) -> dict[str, str]:
+        """Give public hosts a second address whose traffic passes the wan namespace (netns.py's AnyIP layout), so
+        a delay relay there (listening on 0.0.0.0) sits on every connection to it; returns name -> that address.
+
+        ``10.81.0.x`` (x as in the host's public address) sits on the host's ``lo``; every public host routes
+        10.81.0.0/24 to 10.80.0.1 (homes get there through their routers' default route); the wan namespace
+        accepts the whole subnet locally (``ip route add local``) and its own onward connections, from 10.80.0.1,
+        leave over the bridge to the real host through a policy rule. The hosts' ephemeral ports are pinned to
+        ``ephemeral`` so the relay can listen on a port-0 listener's port too (the coordinator's reply server)."""
+        w = ["ip", "netns", "exec", self.wan]
+        sh(*w, "ip", "route", "add", "local", f"{SERVICE_PREFIX}.0/24", "dev", "lo")
+        sh(*w, "ip", "rule", "add", "pref", "100", "from", f"{WAN_PREFIX}.1", "to", f"{SERVICE_PREFIX}.0/24",
+           "lookup", "200")
+        sh(*w, "ip", "rule", "add", "pref", "150", "lookup", "local")
+        sh(*w, "ip", "rule", "del", "pref", "0")
+        for host in self.hosts.values():
+            if not host.router:
+                sh(*host.cmd("ip", "route", "add", f"{SERVICE_PREFIX}.0/24", "via", f"{WAN_PREFIX}.1", "dev", "eth0"))
+        out = {}
+        for name in names:
+            host = self.hosts[name]
+            if host.router:
+                raise ValueError(f"{name} is behind a NAT: only public hosts get a service address")
+            out[name] = f"{SERVICE_PREFIX}.{host.ip.rsplit('.', 1)[1]}"
+            sh(*w, "ip", "route", "add", f"{out[name]}/32", "via", host.ip, "dev", "br0", "table", "200")
+            sh(*host.cmd("ip", "addr", "add", f"{out[name]}/32", "dev", "lo"))
+            sh(*host.cmd("sysctl", "-qw", f"net.ipv4.ip_local_port_range={ephemeral[0]} {ephemeral[1]}"))
+        return out
 
     # -- faults -------------------------------------------------------------------------------------------
     def cut(self, name: str) -> None:

@@ -8,6 +8,12 @@ reserves at once when it knows 4 relays, else it waits 3 minutes) and ``coord`` 
 
 A token's path: coordinator -> itself (gRPC) -> homea (libp2p, relayed: the coordinator cannot dial a home) ->
 homeb (libp2p, relayed: NAT to NAT) -> coordinator's reply server (gRPC out through homeb's NAT).
+
+Added latency (this kernel has no netem): ``relay_one_way_ms`` puts the userspace delay relay
+(openhydra/sim/relay.py) in front of the p2pd relays; ``grpc_one_way_ms`` makes the nodes on the public segment
+bind and announce service addresses routed through the wan namespace (NatTopology.add_service_ips), where another
+delay relay takes every gRPC connection between hosts: coordinator -> public homes, home -> home, and the last hop
+-> the coordinator's reply server (in either topology). A node's call to its own span stays local.
 """
 
 from __future__ import annotations
@@ -25,13 +31,14 @@ from pathlib import Path
 
 import httpx
 
-from openhydra.sim.nat import NatTopology, nat_topology
+from openhydra.sim.nat import WAN_PREFIX, NatTopology, nat_topology
 from openhydra.sim.netns_swarm import _enter, read_chat_stream
 from openhydra.testing.processes import TEST_POW_BITS
 
 DHT_PORT, PEER_PORT, API_PORT, RELAY_PORT = 18468, 50051, 8080, 4001
 PUBLIC, HOMES = ("relay", "coord"), ("homea", "homeb")
 N_RELAYS = 4
+GRPC_EPHEMERAL = (45000, 45255)  # hosts with a service address: port-0 listeners land here, the delay relay too
 
 
 def spans_for(total_layers: int) -> dict[str, tuple[int, int]]:
@@ -41,10 +48,13 @@ def spans_for(total_layers: int) -> dict[str, tuple[int, int]]:
 
 class NatSwarm:
     def __init__(self, topo: NatTopology, model_dir: Path, total_layers: int, behind_nat: bool = True,
-                 relay_one_way_ms: float = 0.0) -> None:
+                 relay_one_way_ms: float = 0.0, grpc_one_way_ms: float = 0.0) -> None:
         self.topo = topo
         self.relay_one_way_ms = relay_one_way_ms  # > 0: every connection to a relay passes the delay relay
         self.delay: subprocess.Popen | None = None
+        self.grpc_one_way_ms = grpc_one_way_ms  # > 0: every gRPC connection between hosts passes a delay relay
+        self.grpc_delay: subprocess.Popen | None = None
+        self.service_ips: dict[str, str] = {}  # node -> the address its gRPC servers bind and announce
         self.behind_nat = behind_nat  # False: the "homes" sit on the public segment and serve plain gRPC
         self.model_dir = model_dir
         self.spans = spans_for(total_layers)
@@ -84,10 +94,29 @@ class NatSwarm:
                                      "delay")
         return list(self.relays)
 
+    def start_grpc_delay(self) -> None:
+        """Service addresses for the nodes on the public segment, and the delay relay on the wan in front of them
+        (their peer port and the pinned ephemeral range, where the reply servers' port-0 listeners land)."""
+        public = [name for name in self.spans if name not in HOMES or not self.behind_nat]
+        self.service_ips = self.topo.add_service_ips(public, GRPC_EPHEMERAL)
+        ports = [PEER_PORT, *range(GRPC_EPHEMERAL[0], GRPC_EPHEMERAL[1] + 1)]
+        config = {"listen": [["0.0.0.0", p] for p in ports], "bind_source": f"{WAN_PREFIX}.1", "links": {},
+                  "default": [self.grpc_one_way_ms, 0.0]}
+        path = self.topo.workdir / "grpc_delay.json"
+        path.write_text(json.dumps(config))
+        log = open(self.topo.workdir / "grpc_delay.log", "wb")  # noqa: SIM115 - lives with the process
+        self.grpc_delay = subprocess.Popen(["ip", "netns", "exec", self.topo.wan, sys.executable, "-m",
+                                            "openhydra.sim.relay", "--config", str(path)],
+                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def delay_relays(self) -> list[subprocess.Popen]:
+        return [p for p in (self.delay, self.grpc_delay) if p is not None]
+
     def set_delays(self, on: bool) -> None:
-        """The delay relay's added latency off (SIGUSR1) or on (SIGUSR2), between requests of one swarm."""
-        if self.delay is not None:
-            os.kill(self.delay.pid, signal.SIGUSR2 if on else signal.SIGUSR1)
+        """The delay relays' added latency off (SIGUSR1) or on (SIGUSR2), between requests of one swarm."""
+        for proc in self.delay_relays:
+            os.kill(proc.pid, signal.SIGUSR2 if on else signal.SIGUSR1)
 
     def start(self) -> None:
         relay_host = self.topo.hosts["relay"].ip
@@ -95,12 +124,15 @@ class NatSwarm:
                                                   "--host", relay_host, "--port", str(DHT_PORT),
                                                   "--allow-unsigned-names"], "dht")
         relays = self.start_relays()
+        if self.grpc_one_way_ms > 0:
+            self.start_grpc_delay()
         for name, (a, b) in self.spans.items():
             ip = self.topo.hosts[name].ip
             home = name in HOMES and self.behind_nat
             transport = (["peer.transport=libp2p", "peer.libp2p.behind_nat=true", "peer.host=127.0.0.1",
                           f"peer.libp2p.relays=[{','.join(relays)}]"] if home else
-                         ["peer.transport=auto", f"peer.host={ip}", f"peer.libp2p.host_maddrs=[/ip4/{ip}/tcp/0]"])
+                         ["peer.transport=auto", f"peer.host={self.service_ips.get(name, ip)}",
+                          f"peer.libp2p.host_maddrs=[/ip4/{ip}/tcp/0]"])
             self.procs[name] = self._spawn(name, [
                 sys.executable, "-m", "openhydra.cli", "model=local", f"model.path={self.model_dir}", "hardware=cpu",
                 "hardware.dtype=float32", "shard=layers", f"shard.start={a}", f"shard.end={b}", "discovery=http",
@@ -180,7 +212,7 @@ class NatSwarm:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self) -> None:
-        others = [self.delay] if self.delay is not None else []
+        others = self.delay_relays
         for proc in [*self.procs.values(), *self.relays.values(), *others]:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -198,14 +230,14 @@ class NatSwarm:
 
 def run_nat_scenario(model_dir: Path, total_layers: int, reference, *, prefix: str = "ohnat", tokens: int = 12,
                      ready_timeout_s: float = 240.0, relay_failover: bool = True, behind_nat: bool = True,
-                     rounds: int = 1, relay_one_way_ms: float = 0.0) -> dict:
+                     rounds: int = 1, relay_one_way_ms: float = 0.0, grpc_one_way_ms: float = 0.0) -> dict:
     """Build the NAT topology, serve a request through both homes, report paths; kill a relay mid-stream.
 
     ``reference(prompt_text, n) -> str``: the single-process greedy answer to compare with."""
     report: dict = {}
     public, homes = (PUBLIC, HOMES) if behind_nat else ((*PUBLIC, *HOMES), ())
     with nat_topology(prefix, public, homes) as topo:
-        swarm = NatSwarm(topo, model_dir, total_layers, behind_nat, relay_one_way_ms)
+        swarm = NatSwarm(topo, model_dir, total_layers, behind_nat, relay_one_way_ms, grpc_one_way_ms)
         try:
             t0 = time.monotonic()
             swarm.start()
@@ -231,8 +263,8 @@ def run_nat_scenario(model_dir: Path, total_layers: int, reference, *, prefix: s
 
             token_ms, token_ms_delayed, exact_streamed = [], [], True
             cpu0, io0 = swarm.relay_usage()
-            for _ in range(rounds):  # with a delay relay: interleaved, its latency off then on
-                for delayed in ([False, True] if swarm.delay is not None else [False]):
+            for _ in range(rounds):  # with delay relays: interleaved, their latency off then on
+                for delayed in ([False, True] if swarm.delay_relays else [False]):
                     swarm.set_delays(delayed)
                     streamed, times = swarm.chat(prompt, tokens, stream=True, on_token=note)
                     exact_streamed = exact_streamed and streamed == text
@@ -245,7 +277,7 @@ def run_nat_scenario(model_dir: Path, total_layers: int, reference, *, prefix: s
                     break
                 swarm.chat(prompt, tokens, stream=True, on_token=note)
             report.update(exact_streamed=exact_streamed, token_ms=token_ms, token_ms_delayed=token_ms_delayed,
-                          relay_one_way_ms=relay_one_way_ms,
+                          relay_one_way_ms=relay_one_way_ms, grpc_one_way_ms=grpc_one_way_ms,
                           relay_cpu_ms_per_token=round(1000 * (cpu1 - cpu0) / (len(token_ms + token_ms_delayed)
                                                                                * tokens), 3),
                           relay_bytes_per_token=round((io1 - io0) / (len(token_ms + token_ms_delayed) * tokens)))
@@ -270,7 +302,7 @@ def run_nat_scenario(model_dir: Path, total_layers: int, reference, *, prefix: s
                               if len(later) > 1 else None,
                               homea_paths_after=swarm.status("homea")["swarm"]["reachability"].get("libp2p_paths"))
         except Exception:
-            for name in [*swarm.procs, "relay0"]:
+            for name in [*swarm.procs, "relay0", *(["grpc_delay"] if swarm.grpc_delay is not None else [])]:
                 print(f"---- {name} log tail ----\n{swarm.log(name)[-2500:]}", file=sys.stderr)
             raise
         finally:
