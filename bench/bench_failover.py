@@ -96,7 +96,7 @@ def run_trial(coordinator: NodeProcess, replicas: list[NodeProcess], model: str,
     victim = result.victim
     after = [t - result.faulted_at for t in result.times if result.faulted_at and t > result.faulted_at]
     record = {
-        "trial": trial, "at": at, "signal": args.signal, "faulted": victim is not None,
+        "trial": trial, "at": at, "signal": args.signal, "faulted": victim is not None, "missed": result.missed,
         "victim_port": victim.port if victim else None,
         "identical": result.text == expected and result.error is None,
         "error": result.error, "tokens": result.completion_tokens, "stall_s": round(result.stall_s, 3),

@@ -79,6 +79,7 @@ class Trial:
     replays: float = 0.0
     rebuilds: float = 0.0  # replays that rebuilt only the replaced span (peer/rebuild.py)
     completion_tokens: int | None = None  # the server's usage count (chunks can merge tokens: UTF-8 pieces)
+    missed: int = 0  # earlier streams whose generation had ended before token ``at`` reached the reader
 
     @property
     def chunks(self) -> int:
@@ -117,8 +118,24 @@ def stream(coordinator: NodeProcess, model: str, max_tokens: int, on_token=None,
 
 
 def fault_trial(coordinator: NodeProcess, replicas: list[NodeProcess], span: tuple[int, int], model: str,
+                max_tokens: int, at: int, sig: signal.Signals, attempts: int = 3) -> Trial:
+    """Stream, and send ``sig`` to the session's replica of ``span`` when token ``at`` arrives.
+
+    A reader that falls behind (a starved client on a loaded machine) can receive token ``at`` after the
+    coordinator has generated the last token: no session is left to fault. Such a stream tests nothing; it is
+    streamed again, up to ``attempts`` times in all (``Trial.missed`` counts them; ``victim`` stays None if every
+    attempt missed)."""
+    missed = 0
+    while True:
+        trial = _fault_once(coordinator, replicas, span, model, max_tokens, at, sig)
+        trial.missed = missed
+        if trial.victim is not None or trial.error is not None or missed + 1 >= attempts:
+            return trial
+        missed += 1
+
+
+def _fault_once(coordinator: NodeProcess, replicas: list[NodeProcess], span: tuple[int, int], model: str,
                 max_tokens: int, at: int, sig: signal.Signals) -> Trial:
-    """Stream, and send ``sig`` to the session's replica of ``span`` when token ``at`` arrives."""
     before = (metric(coordinator.url, "openhydra_pipeline_failovers_total"),
               metric(coordinator.url, "openhydra_pipeline_replays_total"),
               metric(coordinator.url, "openhydra_pipeline_rebuilds_total"))

@@ -4,19 +4,20 @@ With no replacement left, the client gets a typed 503 with Retry-After and the n
 
 from __future__ import annotations
 
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import openai
 import pytest
 
+from openhydra.testing.failover import MESSAGES, fault_trial, stream
 from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
 
 pytestmark = pytest.mark.slow
 
 SPANS = [(0, 3), (3, 5), (3, 5), (3, 5), (3, 5), (5, 8)]  # three kills, and a survivor for the last one
-MESSAGES = [{"role": "user", "content": "List three colours and a number."}]
+MIDDLE = (3, 5)
 MAX_TOKENS = 300  # long enough that the stream is still running when the kill lands
 
 
@@ -38,49 +39,27 @@ def _status(node: NodeProcess) -> dict:
     return httpx.get(node.url + "/v1/network/status", timeout=10).json()["swarm"]
 
 
-def _middle_peer_of_active_session(coordinator: NodeProcess, nodes: list[NodeProcess]) -> NodeProcess:
-    status = _status(coordinator)
-    (chain,) = status["pipeline"]["sessions"].values()
-    by_peer = {p["peer_id"]: p for p in status["peers"]}
-    middle = next(pid for pid in chain if by_peer[pid]["span"] == [3, 5])
-    port = int(by_peer[middle]["api_address"].rsplit(":", 1)[1])
-    return next(n for n in nodes if n.port == port)
-
-
 @pytest.fixture(scope="module")
 def expected(swarm) -> str:
     model, nodes = swarm
-    client = openai.OpenAI(base_url=nodes[0].url + "/v1", api_key="x", max_retries=0, timeout=120)
-    text = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0,
-                                          extra_body={"ignore_eos": True}).choices[0].message.content
-    assert len(set(text.split())) > 5  # a real, varied continuation, not a degenerate repeat
-    return text
+    clean = stream(nodes[0], model, MAX_TOKENS)
+    assert clean.error is None and clean.completion_tokens == MAX_TOKENS
+    assert len(set(clean.text.split())) > 5  # a real, varied continuation, not a degenerate repeat
+    return clean.text
 
 
 @pytest.mark.parametrize("kill_at", [2, 120, 270], ids=["early", "middle", "late"])
 def test_sigkill_mid_stream_fails_over_and_output_is_unchanged(swarm, expected, kill_at):
     model, nodes = swarm
     coordinator = nodes[0]
-    failovers_before = _status(coordinator)["pipeline"]["failovers"]
-    client = openai.OpenAI(base_url=coordinator.url + "/v1", api_key="x", max_retries=0, timeout=120)
-    stream = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0,
-                                            stream=True, extra_body={"ignore_eos": True})
-    text, received, killed = "", 0, None
-    started = time.monotonic()
-    for chunk in stream:
-        for choice in chunk.choices:
-            if choice.delta.content:
-                text += choice.delta.content
-                received += 1
-                if received == kill_at and killed is None:
-                    killed = _middle_peer_of_active_session(coordinator, nodes)
-                    killed.kill()
-    assert killed is not None
-    assert text == expected
-    assert time.monotonic() - started < 60  # recovered within seconds, not a client timeout
-    status = _status(coordinator)
-    assert status["pipeline"]["failovers"] > failovers_before
-    assert status["pipeline"]["replay_mismatches"] == 0
+    alive = [n for n in nodes[1:5] if n.proc is not None and n.proc.poll() is None]
+    trial = fault_trial(coordinator, alive, MIDDLE, model, MAX_TOKENS, kill_at, signal.SIGKILL)
+    assert trial.victim is not None, f"no session to kill at token {kill_at} in {trial.missed + 1} streams"
+    trial.victim.proc.wait(timeout=30)
+    assert trial.error is None and trial.text == expected
+    assert trial.times[-1] - trial.times[0] < 60  # recovered within seconds, not a client timeout
+    assert trial.failovers >= 1
+    assert _status(coordinator)["pipeline"]["replay_mismatches"] == 0
 
 
 def test_no_replacement_gives_typed_503_with_retry_after(swarm):
