@@ -272,10 +272,10 @@ def run_nat_scenario(model_dir: Path, total_layers: int, reference, *, prefix: s
                     (token_ms_delayed if delayed else token_ms).append(
                         round(1000 * gaps[len(gaps) // 2], 1) if gaps else None)
             cpu1, io1 = swarm.relay_usage()
-            for _ in range(3):  # the stream ended before any sample saw its session: sample another (not timed)
-                if hop_paths:
+            for _ in range(3):  # the stream ended before any sample saw its session (a lagging reader on a busy
+                if hop_paths:  # machine): sample a longer one, not timed
                     break
-                swarm.chat(prompt, tokens, stream=True, on_token=note)
+                swarm.chat(prompt, max(64, 4 * tokens), stream=True, on_token=note)
             report.update(exact_streamed=exact_streamed, token_ms=token_ms, token_ms_delayed=token_ms_delayed,
                           relay_one_way_ms=relay_one_way_ms, grpc_one_way_ms=grpc_one_way_ms,
                           relay_cpu_ms_per_token=round(1000 * (cpu1 - cpu0) / (len(token_ms + token_ms_delayed)
