@@ -11,10 +11,13 @@ reaches end of file), so a killed node leaves no orphan writing into the cache.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger("openhydra.runtime.convert_gguf")
@@ -27,15 +30,35 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # transformers dequantizes the quantized tensors to float; keep fp32 so no precision is lost twice,
-    # and each runtime casts to its configured dtype on load.
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _parse_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # transformers dequantizes the quantized tensors to float; keep fp32 so no precision is lost twice,
+        # and each runtime casts to its configured dtype on load.
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # the dequantized weights are plain tensors now
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _parse_once() -> Iterator[None]:
+    """transformers parses the GGUF file three times (tokenizer, config, weights; 6.5 s each for SmolLM2's 49k-token
+    vocabulary on one core) and builds gguf's tensor-name table once per tensor (397 times, 7 s). Both are pure
+    functions of their arguments and read-only after: within this one-shot conversion each is built once: 1.7x faster
+    (bench/bench_convert.py; docs/benchmarks.md). transformers imports both names from ``gguf`` at call time, so the
+    module attributes are what it uses."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    cached_reader = functools.lru_cache(maxsize=4)(lambda path, mode="r": reader(path, mode))
+    gguf.GGUFReader = lambda path, mode="r": cached_reader(os.fspath(path), mode)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=16)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def _exit_when_parent_dies() -> None:

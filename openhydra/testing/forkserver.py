@@ -53,11 +53,12 @@ PRELOAD = (
     "openhydra.runtime.compaction.attention", "openhydra.economy.economy", "openhydra.crypto.identity",
     "openhydra.discovery.records", "openhydra.api.errors",
 )
-"""What the server imports before it forks (a module missing here is simply imported by the child). Not gRPC (nor
-the modules that import it: the node, the API, the router): gRPC does not support ``fork()`` after its import,
-and a server that has ``grpc`` loaded is not used. (The "Internal error from Core" once blamed on that came back
-in a CI run without it: gRPC core itself reports some lost connections so; peer/errors.py::transport_status.) Not the modules the children run as ``__main__`` (``openhydra.cli``, ``openhydra.peer.server``):
-runpy would run a second copy of an imported module, and warns."""
+"""What the server imports before it forks (a module missing here is simply imported by the child). Not gRPC (nor the
+modules that import it: the node, the API, the router): gRPC does not support ``fork()`` after its import, and a
+server that has ``grpc`` loaded is not used. (The "Internal error from Core" once blamed on that came back in a CI run
+without it: gRPC core itself reports some lost connections so; peer/errors.py::transport_status.) Not the modules the
+children run as ``__main__`` (``openhydra.cli``, ``openhydra.peer.server``): runpy would run a second copy of an
+imported module, and warns."""
 
 MAX_SERVERS = 6
 _RUNTIME_ENV_PREFIXES = ("OPENHYDRA_", "PYTEST_")  # read at run time only (PYTEST_CURRENT_TEST changes per test)
