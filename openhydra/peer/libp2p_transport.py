@@ -34,6 +34,8 @@ from openhydra.peer.proto import tunnel_pb2 as tpb
 log = logging.getLogger(__name__)
 
 HANDLER = "openhydra/peer/1"
+READ_ONLY_METHODS = frozenset({"/openhydra.peer.v1.Peer/Info"})
+"""gRPC methods that change nothing on the peer: sent once more when a libp2p stream fails before any answer."""
 P2P_SUFFIX = ".p2p"
 _P2P_CODE, _CIRCUIT_CODE = 421, 290
 Path = Literal["direct", "relayed", "none"]
@@ -141,7 +143,7 @@ class Libp2pTransport:
         self._egress: dict[str, tuple[grpc.aio.Server, int]] = {}
         self._ingress_channel: grpc.aio.Channel | None = None
         self._lock = threading.Lock()
-        self.calls = {"egress": 0, "ingress": 0, "failed": 0}
+        self.calls = {"egress": 0, "ingress": 0, "failed": 0, "retried": 0}
         self.started_at = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -387,30 +389,47 @@ class Libp2pTransport:
         metadata = [tpb.Metadata(key=k, value=v if isinstance(v, bytes) else v.encode())
                     for k, v in context.invocation_metadata() or () if not k.startswith((":", "grpc-", "user-agent"))]
         remaining = context.time_remaining()
+        # A read-only call that failed before any answer came back is sent once more on a fresh stream (a stream
+        # p2pd had already dropped gave BrokenPipeError under load); its one request is kept for that.
+        retry_safe = method in READ_ONLY_METHODS
+        kept: list[bytes] | None = [raw async for raw in requests] if retry_safe else None
 
         async def frames() -> AsyncIterator[tpb.Frame]:
             yield tpb.Frame(method=method, metadata=metadata, timeout_s=remaining or 0.0)
             with contextlib.suppress(grpc.aio.AbortError):  # we aborted the call: its request stream ends here
-                async for raw in requests:
-                    yield tpb.Frame(payload=raw, has_payload=True)
+                if kept is not None:
+                    for raw in kept:
+                        yield tpb.Frame(payload=raw, has_payload=True)
+                else:
+                    async for raw in requests:
+                        yield tpb.Frame(payload=raw, has_payload=True)
             yield tpb.Frame(end=True)
 
-        try:
-            await self._connect(peer)
-            responses = await self.p2p.iterate_protobuf_handler(PeerID.from_base58(peer), HANDLER, frames(),
-                                                                tpb.Frame)
-            async for frame in responses:
-                if frame.has_payload:
-                    yield frame.payload
-                if frame.end:
-                    if frame.code:
-                        await context.abort(grpc.StatusCode(_code(frame.code)), frame.details)
-                    return
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:  # any libp2p failure is the hop being unavailable
-            self.calls["failed"] += 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"libp2p {peer}: {type(exc).__name__}: {exc}")
+        for attempt in (1, 2):
+            answered = False
+            try:
+                await self._connect(peer)
+                responses = await self.p2p.iterate_protobuf_handler(PeerID.from_base58(peer), HANDLER, frames(),
+                                                                    tpb.Frame)
+                async for frame in responses:
+                    answered = True
+                    if frame.has_payload:
+                        yield frame.payload
+                    if frame.end:
+                        if frame.code:
+                            await context.abort(grpc.StatusCode(_code(frame.code)), frame.details)
+                        return
+                break
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # any libp2p failure is the hop being unavailable
+                if retry_safe and not answered and attempt == 1:
+                    log.info("libp2p %s to %s failed before an answer (%s: %s): sending it once more", method,
+                             peer, type(exc).__name__, exc)
+                    self.calls["retried"] += 1
+                    continue
+                self.calls["failed"] += 1
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"libp2p {peer}: {type(exc).__name__}: {exc}")
         self.calls["failed"] += 1
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"libp2p stream to {peer} closed mid-call")
 

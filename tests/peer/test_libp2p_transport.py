@@ -74,6 +74,44 @@ def test_onion_chain_through_a_libp2p_only_peer_equals_generate(tiny_model_dirs,
         client.shutdown()
 
 
+def test_a_stream_that_breaks_before_an_answer_is_resent_only_for_read_only_calls(libp2p_chain) -> None:
+    """A libp2p stream p2pd had already dropped fails on its first write (BrokenPipeError, seen in CI under load).
+    Info changes nothing and is sent once more on a fresh stream; Truncate is not resent (UNAVAILABLE)."""
+    from openhydra.peer.proto import peer_pb2 as pb
+    from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
+
+    egress, route = libp2p_chain["egress"], libp2p_chain["route"]
+    real = egress.p2p.iterate_protobuf_handler
+    breaks = {"left": 0}
+
+    async def flaky(*args, **kwargs):
+        if breaks["left"] > 0:
+            breaks["left"] -= 1
+            raise BrokenPipeError(32, "Broken pipe")
+        return await real(*args, **kwargs)
+
+    egress.p2p.iterate_protobuf_handler = flaky
+    try:
+        with grpc.insecure_channel(lt.dial_target(route[1].address)) as channel:
+            stub = pb_grpc.PeerStub(channel)
+            before = dict(egress.calls)
+            breaks["left"] = 1
+            assert stub.Info(pb.InfoRequest(), timeout=20).start == SPLITS[1][0]
+            assert egress.calls["retried"] - before["retried"] == 1 and egress.calls["failed"] == before["failed"]
+            breaks["left"] = 1
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Truncate(pb.TruncateRequest(session_id="s", length=0), timeout=20)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "BrokenPipeError" in err.value.details()
+            assert egress.calls["retried"] - before["retried"] == 1  # not resent
+            breaks["left"] = 2  # a second break is not hidden either
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Info(pb.InfoRequest(), timeout=20)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert egress.calls["failed"] - before["failed"] == 2
+    finally:
+        egress.p2p.iterate_protobuf_handler = real
+
+
 def test_auto_peer_whose_grpc_port_refuses_is_reached_over_libp2p(tiny_model_dirs, libp2p_chain) -> None:
     """peer.transport=auto: announced at host:port plus libp2p addresses; when that port refuses TCP (here: the
     server listens on 127.0.0.1 only, the record says 127.0.0.3), the caller goes over libp2p instead."""
