@@ -55,27 +55,45 @@ def port() -> int:
     return free_port()
 
 
-# pytest-xdist (scripts/test.sh runs two workers, `--dist loadscope`). The unit of work is a test file, so a
-# module-scoped node starts once; a directory whose conftest starts a session-scoped process (tests/api's node,
-# tests/e2e's README swarm) is one unit, so that process starts once too. The units go out heaviest first (the
-# slowest measured files, then files with a slow test, then the rest) so no worker is left alone with a long
-# test at the end of the run.
-_SHARED_SESSION_DIRS = ("tests/api/", "tests/e2e/")
-_HEAVIEST_FIRST = (  # the slowest units of 2026-12-03's runs (--durations), a CPU-bound one beside a multi-process one
+# pytest-xdist (scripts/test.sh, `--dist loadscope`). The unit of work is a test file, so a module-scoped node
+# starts once; tests/e2e (its conftest starts the README swarm for the session) is one unit, so that swarm starts
+# once too. tests/api's session-wide tiny node is not shared that way: it starts in ~2 s from the fork server, so
+# each worker that needs it starts its own and tests/api's files (schemathesis alone is minutes) spread over
+# the workers. The long files whose tests share nothing costly run one test per unit. The units go out heaviest
+# first (the slowest measured units, then files with a slow test, then the rest) so no worker is left alone with
+# a long test at the end of the run.
+_SHARED_SESSION_DIRS = ("tests/e2e/",)
+_PER_TEST_FILES = (  # module fixtures cheap (a tokenizer, a cached tiny GGUF), each test minutes
     "tests/runtime/test_greedy_exact.py",
-    "tests/swarm/test_chaos.py",
-    "tests/api/",
-    "tests/swarm/test_failover_restarts.py",
-    "tests/api_edge/test_hostile_corpus.py",
-    "tests/verification/test_no_false_positives.py",
     "tests/runtime/test_model_cache.py",
-    "tests/swarm/test_failover.py",
+    "tests/verification/test_no_false_positives.py",
+    "tests/config/test_cli.py",
+)
+_HEAVIEST_FIRST = (  # the slowest units of 2026-12-04's runs (--durations=0), longest first
+    "tests/api/test_schemathesis.py",
+    "tests/runtime/test_greedy_exact.py::test_smollm2_prefix_pairs_and_streams_are_exact[bf16]",
+    "tests/runtime/test_greedy_exact.py::test_smollm2_prefix_pairs_and_streams_are_exact[fp32]",
+    "tests/swarm/test_failover_restarts.py",
+    "tests/swarm/test_chaos.py",
+    "tests/swarm/test_kademlia_auto_swarm.py",
+    "tests/runtime/test_model_cache.py::test_three_nodes_started_together_convert_once",
+    "tests/runtime/test_model_cache.py::test_conversion_memory_stays_out_of_the_serving_process",
+    "tests/verification/test_no_false_positives.py::test_honest_run_smollm2_real_weights",
+    "tests/api/test_client_features.py",
     "tests/netns/test_nat_swarm.py",
+    "tests/adversarial/test_verification_late_liar.py",
+    "tests/swarm/test_swarm_exactness.py",
+    "tests/swarm/test_failover.py",
+    "tests/api/test_embedded_default.py",
+    "tests/weights/test_swarm_fetch.py",
+    "tests/e2e/",
 )
 
 
 def _xdist_scope(nodeid: str) -> str:
     path = nodeid.split("::", 1)[0]
+    if path in _PER_TEST_FILES:
+        return nodeid
     return next((d for d in _SHARED_SESSION_DIRS if path.startswith(d)), path)
 
 

@@ -8,6 +8,7 @@ llama.cpp's ``llama`` architecture as the SmolLM2 GGUF has them; the weights are
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ def build_tiny_gguf(out_path: Path, source_gguf: Path, num_layers: int = 2, voca
               if m.replace(" ", "", 1) in kept and all(part in kept for part in m.split(" ", 1))]
     vocab = len(tokens)
     rng = np.random.default_rng(seed)
-    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")  # two pytest workers may build it at once
     tmp.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(tmp, arch="llama")
     writer.add_name("tiny-random-llama")
