@@ -13,8 +13,9 @@ if [ "$(id -u)" = 0 ] && ! command -v nft >/dev/null && command -v apt-get >/dev
   apt-get install -y -q nftables >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q nftables >/dev/null 2>&1; } \
     || echo "nftables not installed: the NAT test will be skipped" >&2
 fi
-# Four workers (pytest-xdist) by default: tests are single-threaded (OMP_NUM_THREADS=1) and much of the suite waits
-# on node processes (two workers kept 2 cores ~55 % busy, three ~60 %). tests/conftest.py keeps a file (and tests/api,
-# tests/e2e: their session-wide node/swarm) on one worker and hands out the heaviest files first.
-# OPENHYDRA_TEST_WORKERS=0: one process, in file order.
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=60 -n "${OPENHYDRA_TEST_WORKERS:-4}" --dist loadscope "$@"
+# Three workers (pytest-xdist) by default: tests are single-threaded (OMP_NUM_THREADS=1) and much of the suite waits
+# on node processes. Four were no faster (pytest 17:53 against 17:03-18:24 with three, 2026-12-04) and load the
+# 2 cores more. tests/conftest.py keeps a file (and tests/e2e: its session-wide swarm) on one worker, runs the long
+# files' tests one per unit and hands out the heaviest units first. OPENHYDRA_TEST_WORKERS=0: one process, in file
+# order.
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=60 -n "${OPENHYDRA_TEST_WORKERS:-3}" --dist loadscope "$@"
