@@ -9,7 +9,6 @@ has a deadline. ``stop()`` cancels the loop and withdraws the record.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -56,7 +55,10 @@ class Announcer:
 
     async def announce_once(self) -> PeerAnnouncement:
         record = self.make_record(self._clock(), self.ttl_s)
-        await asyncio.wait_for(self.discovery.announce(record), self.discovery.timeout_s * 2)
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancel that arrives as the call completes,
+        # and the loop then kept announcing after stop() (a 60 s stop in the suite, until its caller gave up).
+        async with asyncio.timeout(self.discovery.timeout_s * 2):
+            await self.discovery.announce(record)
         self.last_record = record
         self.announced += 1
         return record
@@ -91,11 +93,22 @@ class Announcer:
     async def stop(self, withdraw: bool = True) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _cancel(task)
         if withdraw and self.last_record is not None:
             try:
                 await asyncio.wait_for(self.discovery.withdraw(self.last_record.peer_id), self.discovery.timeout_s * 2)
             except Exception as exc:  # the record expires by itself anyway
                 logger.warning("withdraw failed: %s", exc)
+
+
+async def _cancel(task: asyncio.Task, patience_s: float = 1.0) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling again each ``patience_s`` in case a cancel was lost
+    (swallowed by code under it). A cancel of the caller itself is not swallowed: it propagates."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=patience_s)
+        if not task.done():
+            logger.warning("the announce loop did not end %.1f s after a cancel: cancelling again", patience_s)
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("the announce loop had failed: %r", task.exception())
+
