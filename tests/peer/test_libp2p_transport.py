@@ -76,7 +76,7 @@ def test_onion_chain_through_a_libp2p_only_peer_equals_generate(tiny_model_dirs,
 
 def test_a_stream_that_breaks_before_an_answer_is_resent_only_for_read_only_calls(libp2p_chain) -> None:
     """A libp2p stream p2pd had already dropped fails on its first write (BrokenPipeError, seen in CI under load).
-    Info changes nothing and is sent once more on a fresh stream; Truncate is not resent (UNAVAILABLE)."""
+    Info changes nothing and is sent again on a fresh stream; Truncate is not resent (UNAVAILABLE)."""
     from openhydra.peer.proto import peer_pb2 as pb
     from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
 
@@ -97,13 +97,13 @@ def test_a_stream_that_breaks_before_an_answer_is_resent_only_for_read_only_call
             before = dict(egress.calls)
             breaks["left"] = 1
             assert stub.Info(pb.InfoRequest(), timeout=20).start == SPLITS[1][0]
-            assert egress.calls["retried"] - before["retried"] == 1 and egress.calls["failed"] == before["failed"]
+            assert egress.calls["retried"] - before["retried"] >= 1 and egress.calls["failed"] == before["failed"]
             breaks["left"] = 1
             with pytest.raises(grpc.RpcError) as err:
                 stub.Truncate(pb.TruncateRequest(session_id="s", length=0), timeout=20)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "BrokenPipeError" in err.value.details()
-            assert egress.calls["retried"] - before["retried"] == 1  # not resent
-            breaks["left"] = 2  # a second break is not hidden either
+            assert not breaks["left"] and egress.calls["failed"] - before["failed"] == 1  # sent once, not resent
+            breaks["left"] = lt.READ_ONLY_ATTEMPTS  # a stream that breaks on every send is not hidden
             with pytest.raises(grpc.RpcError) as err:
                 stub.Info(pb.InfoRequest(), timeout=20)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
