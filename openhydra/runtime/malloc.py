@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
 import os
 import sys
 import threading
@@ -29,7 +30,7 @@ DEFAULT_ARENAS = 2
 DEFAULT_TRIM_INTERVAL_S = 5.0
 
 _lock = threading.Lock()
-_last_trim = 0.0
+_last_trim = -math.inf  # never: the first call trims (monotonic time starts near 0 at boot)
 _libc: ctypes.CDLL | None = None
 _libc_checked = False
 

@@ -11,7 +11,11 @@ in the matmul, and never materialise a bf16/fp32 copy:
   ``_weight_int4pack_mm_for_cpu`` (the op torchao's ``Int4CPULayout`` also calls). Groups of 32 with
   ``w = min + q * d`` are exactly GGUF's Q4_1 blocks, so re-quantizing a dequantized Q4_1 tensor gives
   back its codes (only the block scale/min are rounded from fp16 to bf16);
-- :class:`Int8Embedding`: the tied embedding table in int8; the lm_head shares the same int8 tensor.
+- :class:`Int8Embedding`: the tied embedding table in int8; the lm_head shares the same int8 tensor;
+- :class:`FusedProjections`: sibling Linears that read the same input (``q/k/v_proj``, ``gate/up_proj``) as one
+  quantized matmul. Rows of the weight are independent in both formats (per-row int8 scales, int4 groups along
+  K), and the kernels compute each output column alone, so the fused outputs equal the separate ones bit for bit
+  (tested); a decode step makes 4 kernel calls per Llama layer instead of 7, each with its casts.
 
 Both kernels compute in bf16 (their fp32 and fp16 paths are reference loops, 10-30x slower here, see
 bench/bench_int_kernels.py), so activations of another dtype are cast to bf16 and back; everything
@@ -20,6 +24,9 @@ Kernel choice, speed and accuracy against the other candidates: docs/benchmarks.
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -158,3 +165,78 @@ def quantize_cpu_head(modules: nn.Module, dtype: torch.dtype) -> None:
     if head is not None and type(head) is nn.Linear:
         shared = (modules.embed_tokens.weight, modules.embed_tokens.scales) if tied else None
         modules.lm_head = Int8WeightOnlyLinear(head, dtype, shared=shared)
+
+
+FUSABLE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Sibling Linears of one parent that transformers' decoder layers call on the same input, in this order."""
+
+
+class FusedProjections(nn.Module):
+    """One quantized matmul for sibling projections of the same input; ``parts(x)`` gives each one's output.
+
+    The parent keeps its attributes (``q_proj`` ...) as :class:`ProjectionSlice` modules, so transformers'
+    layer code runs unchanged: the first slice called on an input computes all parts, the others take theirs
+    (matched by the input tensor's identity, per thread, each part handed out once), so a layer still reads
+    each weight once per step. ``parts`` is what runtime/lean_layers.py calls directly.
+    """
+
+    def __init__(self, fused: nn.Module, names: tuple[str, ...], sizes: tuple[int, ...]) -> None:
+        super().__init__()
+        self.fused = fused
+        self.names, self.sizes = names, sizes
+        self._pending = threading.local()  # (input, outputs, handed out) of the last call, per thread
+
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(part.contiguous() for part in self.fused(x).split(self.sizes, dim=-1))
+
+    def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        pending = getattr(self._pending, "value", None)
+        if pending is None or pending[0] is not x or pending[2][index]:
+            pending = (x, self.parts(x), [False] * len(self.sizes))
+        pending[2][index] = True
+        self._pending.value = None if all(pending[2]) else pending  # nothing kept once every part is out
+        return pending[1][index]
+
+    def extra_repr(self) -> str:
+        return "+".join(f"{n}[{s}]" for n, s in zip(self.names, self.sizes, strict=True))
+
+
+class ProjectionSlice(nn.Module):
+    """``parent.q_proj`` after fusion: its part of the :class:`FusedProjections` registered on the parent."""
+
+    def __init__(self, group: FusedProjections, index: int, in_features: int) -> None:
+        super().__init__()
+        self.__dict__["group"] = group  # not a submodule: the parent owns the group (its weights counted once)
+        self.index = index
+        self.in_features, self.out_features = in_features, group.sizes[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.part(x, self.index)
+
+    def extra_repr(self) -> str:
+        return f"{self.group.names[self.index]} of fused_{'_'.join(self.group.names)}"
+
+
+def fuse_projections(root: nn.Module, quantize: Callable[[nn.Linear], nn.Module]) -> int:
+    """Replace each group of :data:`FUSABLE` sibling ``nn.Linear`` modules under ``root`` (same input size, all with
+    or all without bias) by one ``quantize``d Linear of their stacked weights; returns how many Linears were fused."""
+    fused = 0
+    for parent in list(root.modules()):
+        for names in FUSABLE:
+            linears = [getattr(parent, name, None) for name in names]
+            if not all(type(m) is nn.Linear for m in linears):
+                continue
+            if len({m.in_features for m in linears}) != 1 or len({m.bias is None for m in linears}) != 1:
+                continue
+            stacked = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears),
+                                bias=linears[0].bias is not None, device="meta")
+            stacked.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)
+            if stacked.bias is not None:
+                stacked.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
+            group = FusedProjections(quantize(stacked), names, tuple(m.out_features for m in linears))
+            del stacked, linears
+            setattr(parent, "fused_" + "_".join(names), group)
+            for index, name in enumerate(names):
+                setattr(parent, name, ProjectionSlice(group, index, group.fused.in_features))
+            fused += len(names)
+    return fused

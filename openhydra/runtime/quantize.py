@@ -29,6 +29,7 @@ from torch import nn
 from openhydra.runtime.quant_cpu import (
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
+    fuse_projections,
     int4_supported,
     quantize_cpu_head,
 )
@@ -65,19 +66,23 @@ def method_for(quantization: str, device: str) -> Method:
 
 
 def quantize_linears(root: nn.Module, method: Method, device: str, compute_dtype: torch.dtype) -> int:
-    """Replace every ``nn.Linear`` under ``root`` in place; returns how many were replaced.
+    """Replace every ``nn.Linear`` under ``root`` in place; returns how many were replaced (a fused group of
+    CPU int8/int4 projections counts as its members).
 
     ``root`` must already hold real weights (not ``meta``) on ``device``.
     """
     if method == "none":
         return 0
     require_method(method)
+    fused = 0
+    if method in ("int8_weight_only", "int4_weight_only"):  # one kernel call for q/k/v and for gate/up
+        fused = fuse_projections(root, lambda linear: _quantized(linear, method, device, compute_dtype))
     targets = [(name, mod) for name, mod in root.named_modules() if type(mod) is nn.Linear]
     for name, linear in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
         setattr(parent, leaf, _quantized(linear, method, device, compute_dtype))
-    count = len(targets)
+    count = len(targets) + fused
     del targets
     _release_freed_memory()
     return count

@@ -19,6 +19,7 @@ from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
 from openhydra.runtime.compaction.config import CompactionConfig
 from openhydra.runtime.compaction.shard_hook import ShardCompaction
+from openhydra.runtime.lean_layers import lean_supported, llama_layer_step
 from openhydra.runtime.malloc import maybe_trim
 from openhydra.runtime.prefix_cache import PrefixCache, PrefixKey, begin_prefix, run_in_blocks
 from openhydra.runtime.sessions import Session, SessionStore
@@ -225,6 +226,10 @@ class ShardRuntime:
                 for layer_type, fn in self._mask_fns.items()
             }
             position_embeddings = self.modules.rotary_emb(h, position_ids)  # (cos, sin), each [1, S, head_dim]
+            if lean_supported(self.modules.layers, self.shard_config._attn_implementation):
+                for layer, layer_type in zip(self.modules.layers, self.layer_types, strict=True):
+                    h = llama_layer_step(layer, h, position_embeddings, cache, masks[layer_type])
+                return h  # [1, S, D]: the same bits as the loop below, fewer small ops (runtime/lean_layers.py)
             for layer, layer_type in zip(self.modules.layers, self.layer_types, strict=True):
                 h = layer(
                     h,

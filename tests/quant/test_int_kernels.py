@@ -25,6 +25,7 @@ from torch import nn
 from openhydra.config.load import conf_dir, validate
 from openhydra.runtime.local_pipeline import greedy_generate
 from openhydra.runtime.quant_cpu import (
+    FusedProjections,
     Int4WeightOnlyLinear,
     Int8Embedding,
     Int8WeightOnlyLinear,
@@ -131,7 +132,9 @@ def test_config_option_loads_a_quantized_shard_that_generates(tiny_model_dirs, o
     model_dir = tiny_model_dirs["llama"]
     full = backend.load_span(model_dir, 0, 8)
     assert not [m for m in full.modules.layers.modules() if type(m) is nn.Linear]
-    assert sum(isinstance(m, kind) for m in full.modules.layers.modules()) == 8 * 7
+    # Per layer: q/k/v as one fused kernel, gate/up as one, o_proj and down_proj alone (runtime/quant_cpu.py).
+    assert sum(isinstance(m, kind) for m in full.modules.layers.modules()) == 8 * 4
+    assert sum(isinstance(m, FusedProjections) for m in full.modules.layers.modules()) == 8 * 2
     fp32 = ShardRuntime(model_dir)
     # layers: int8 = 8 bits + a bf16 scale per row (~0.26 of fp32); int4 = 4 bits + bf16 scale and zero per 32
     # weights (5/32 = 0.16 of fp32). The whole tiny model is mostly its (int8) embedding table.

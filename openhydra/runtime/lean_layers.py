@@ -1,0 +1,87 @@
+"""A leaner step through Llama-architecture decoder layers, bit-identical to transformers' own.
+
+At batch 1 a decode step is hundreds of small operations per layer, and on a CPU node their dispatch costs as
+much as the matmuls (SmolLM2 int4, 1 thread: the int4 and int8 kernels take ~5.3 of ~11.4 ms per token; the rest
+is small ops and Python). :func:`llama_layer_step` does what ``LlamaDecoderLayer.forward`` does (the same
+operations on the same tensors in the same order, so every output bit is equal; tests/runtime/test_lean_layers.py
+checks logits and caches on real and tiny models, fp32, bf16, int8 and int4) without the module wrappers,
+deprecation and hub-kernel decorators around the layer, its attention, MLP and norms, and calls fused CPU int8/int4
+projections (runtime/quant_cpu.py ``FusedProjections``) once per input instead of through their slices.
+
+It is used only where it is exactly that layer: every layer of the span a ``LlamaDecoderLayer`` (SmolLM2, Llama,
+and models converted to it), sdpa attention (not continuous batching's rows attention, not KV compaction's), and
+no hooks on the layers; anything else runs transformers' layer as before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, rotate_half
+
+from openhydra.runtime.quant_cpu import FusedProjections
+
+
+def lean_supported(layers: nn.ModuleList, attn_implementation: str) -> bool:
+    """Whether :func:`llama_layer_step` computes exactly what each of ``layers`` would."""
+    if attn_implementation != "sdpa" or len(layers) == 0:
+        return False
+    for layer in layers:
+        if type(layer) is not LlamaDecoderLayer or layer.training:
+            return False
+        parts = (layer, layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm)
+        if type(layer.input_layernorm) is not LlamaRMSNorm or type(layer.post_attention_layernorm) is not LlamaRMSNorm:
+            return False
+        if any(m._forward_hooks or m._forward_pre_hooks for m in parts):
+            return False
+    return not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
+def _rms_norm(norm: LlamaRMSNorm, h: torch.Tensor) -> torch.Tensor:
+    """``LlamaRMSNorm.forward``."""
+    dtype = h.dtype
+    x = h.to(torch.float32)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * x.to(dtype)
+
+
+def _projections(parent: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    group = getattr(parent, "fused_" + "_".join(names), None)
+    if isinstance(group, FusedProjections):
+        return group.parts(x)
+    return tuple(getattr(parent, name)(x) for name in names)
+
+
+def llama_layer_step(
+    layer: LlamaDecoderLayer,
+    h: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    cache,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """``layer(h, attention_mask=..., position_embeddings=..., past_key_values=cache, use_cache=True)``.
+
+    h [B, S, D] -> [B, S, D]; appends the S new positions' keys and values to ``cache``."""
+    attn, mlp = layer.self_attn, layer.mlp
+    residual = h
+    x = _rms_norm(layer.input_layernorm, h)
+    input_shape = x.shape[:-1]
+    hidden_shape = (*input_shape, -1, attn.head_dim)
+    q, k, v = _projections(attn, ("q_proj", "k_proj", "v_proj"), x)
+    q = q.view(hidden_shape).transpose(1, 2)
+    k = k.view(hidden_shape).transpose(1, 2)
+    v = v.view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q = (q * cos) + (rotate_half(q) * sin)
+    k = (k * cos) + (rotate_half(k) * sin)
+    k, v = cache.update(k, v, attn.layer_idx)
+    out, _ = sdpa_attention_forward(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling)
+    out = out.reshape(*input_shape, -1).contiguous()
+    h = residual + attn.o_proj(out)
+    residual = h
+    x = _rms_norm(layer.post_attention_layernorm, h)
+    gate, up = _projections(mlp, ("gate_proj", "up_proj"), x)
+    return residual + mlp.down_proj(mlp.act_fn(gate) * up)

@@ -1,0 +1,155 @@
+"""The lean Llama layer step (runtime/lean_layers.py) and fused CPU int8/int4 projections (runtime/quant_cpu.py)
+give the same bits as transformers' own layers and separate projections: logits and K/V caches, prefill and
+decode, fp32 / bf16 / int8 / int4, on a tiny Llama and on real SmolLM2 weights."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from openhydra.runtime import quantize as quantize_module
+from openhydra.runtime import shard as shard_module
+from openhydra.runtime.lean_layers import lean_supported
+from openhydra.runtime.quant_cpu import (
+    FusedProjections,
+    Int4WeightOnlyLinear,
+    Int8WeightOnlyLinear,
+    ProjectionSlice,
+    fuse_projections,
+)
+from openhydra.runtime.shard import ShardRuntime
+
+KERNELS = {"int4": Int4WeightOnlyLinear, "int8": Int8WeightOnlyLinear}
+
+
+class _Attention(nn.Module):
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.q_proj, self.k_proj = nn.Linear(64, 96, bias), nn.Linear(64, 32, bias)
+        self.v_proj = nn.Linear(64, 32, bias)
+        self.o_proj = nn.Linear(96, 64, bias)
+
+
+@pytest.mark.parametrize("kernel", ["int4", "int8"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, 40])  # int8 takes its dense prefill path above 32 rows
+def test_fused_projections_equal_separate_ones(kernel, bias, rows):
+    attn = _Attention(bias)
+    separate = {name: KERNELS[kernel](getattr(attn, name)) for name in ("q_proj", "k_proj", "v_proj")}
+    assert fuse_projections(attn, KERNELS[kernel]) == 3
+    assert isinstance(attn.fused_q_proj_k_proj_v_proj, FusedProjections)
+    assert isinstance(attn.q_proj, ProjectionSlice) and type(attn.o_proj) is nn.Linear  # o_proj has its own input
+    x, other = torch.randn(1, rows, 64), torch.randn(1, rows, 64)
+    with torch.inference_mode():
+        want = {name: layer(x) for name, layer in separate.items()}
+        got = {name: getattr(attn, name)(x) for name in ("q_proj", "k_proj", "v_proj")}  # transformers' order
+        assert all(torch.equal(got[n], want[n]) for n in want)
+        assert all(got[n].is_contiguous() for n in got)
+        assert torch.equal(torch.cat(attn.fused_q_proj_k_proj_v_proj.parts(x), -1),
+                           torch.cat([want[n] for n in ("q_proj", "k_proj", "v_proj")], -1))
+        # Any other order or input still gives each projection of its own input: nothing stale is handed out.
+        assert torch.equal(attn.k_proj(other), separate["k_proj"](other))
+        assert torch.equal(attn.k_proj(x), want["k_proj"])
+        assert torch.equal(attn.k_proj(x), want["k_proj"])  # the same part twice: computed again, same bits
+        assert torch.equal(attn.v_proj(other), separate["v_proj"](other))
+        assert torch.equal(attn.q_proj(x), want["q_proj"])
+
+
+def test_fused_projections_keep_threads_apart():
+    """gRPC runs sessions' steps on several threads through the same layers: a part is never another thread's."""
+    attn = _Attention(False)
+    separate = {name: Int4WeightOnlyLinear(getattr(attn, name)) for name in ("q_proj", "k_proj", "v_proj")}
+    fuse_projections(attn, Int4WeightOnlyLinear)
+    inputs = [torch.randn(1, 1, 64) for _ in range(4)]
+    with torch.inference_mode():
+        want = [{n: layer(x) for n, layer in separate.items()} for x in inputs]
+    wrong: list[int] = []
+    barrier = threading.Barrier(len(inputs))
+
+    def run(i: int) -> None:
+        with torch.inference_mode():
+            barrier.wait()
+            for _ in range(200):
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    if not torch.equal(getattr(attn, name)(inputs[i]), want[i][name]):
+                        wrong.append(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+def test_fusion_leaves_other_siblings_alone():
+    parent = nn.Module()
+    parent.q_proj, parent.k_proj = nn.Linear(64, 32), nn.Linear(64, 32)  # no v_proj: not a q/k/v group
+    parent.gate_proj, parent.up_proj = nn.Linear(64, 32, bias=False), nn.Linear(48, 32, bias=False)  # other inputs
+    assert fuse_projections(parent, Int8WeightOnlyLinear) == 0
+    assert all(type(m) is nn.Linear for m in (parent.q_proj, parent.k_proj, parent.gate_proj, parent.up_proj))
+
+
+def _steps(rt: ShardRuntime, session: str, prompt: torch.Tensor, new: int) -> tuple[list[torch.Tensor], object]:
+    """Prefill then ``new`` greedy decode steps; every step's logits and the session's cache."""
+    out = rt.forward(session, torch.arange(prompt.numel()), input_ids=prompt)
+    logits = [out]
+    for i in range(new):
+        token = torch.tensor([int(out.argmax())])
+        out = rt.forward(session, torch.tensor([prompt.numel() + i]), input_ids=token)
+        logits.append(out)
+    return logits, rt._sessions.get(session).cache
+
+
+def _assert_lean_equals_transformers(model_dir: Path, dtype: torch.dtype, quantization: str,
+                                     monkeypatch: pytest.MonkeyPatch, new: int = 6) -> None:
+    prompt = torch.randint(3, 4000, (19,), generator=torch.Generator().manual_seed(3))
+    rt = ShardRuntime(model_dir, dtype=dtype, quantization=quantization)
+    assert lean_supported(rt.modules.layers, rt.shard_config._attn_implementation)
+    lean, lean_cache = _steps(rt, "lean", prompt, new)
+    with monkeypatch.context() as m:
+        m.setattr(shard_module, "lean_supported", lambda *a: False)  # transformers' LlamaDecoderLayer.forward
+        plain, plain_cache = _steps(rt, "plain", prompt, new)
+    assert len(lean) == len(plain) == new + 1
+    for step, (a, b) in enumerate(zip(lean, plain, strict=True)):
+        assert torch.equal(a, b), f"step {step}: max |diff| {(a - b).abs().max().item()}"
+    for a, b in zip(lean_cache.layers, plain_cache.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    if quantization != "none":  # fused groups unfused: the same bits again
+        with monkeypatch.context() as m:
+            m.setattr(quantize_module, "fuse_projections", lambda *a: 0)
+            unfused = ShardRuntime(model_dir, dtype=dtype, quantization=quantization)
+        assert not any(isinstance(x, FusedProjections) for x in unfused.modules.modules())
+        separate, _ = _steps(unfused, "separate", prompt, new)
+        assert all(torch.equal(a, b) for a, b in zip(lean, separate, strict=True))
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_step_is_bit_identical_on_tiny_llama(tiny_model_dirs, dtype, quantization, monkeypatch):
+    _assert_lean_equals_transformers(tiny_model_dirs["llama"], dtype, quantization, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("dtype", "quantization"), [(torch.float32, "none"), (torch.bfloat16, "none"),
+                                                     (torch.float32, "int4")])
+def test_lean_step_is_bit_identical_on_smollm2(smollm2_dir, dtype, quantization, monkeypatch):
+    _assert_lean_equals_transformers(smollm2_dir, dtype, quantization, monkeypatch, new=4)
+
+
+def test_lean_step_only_where_it_is_that_layer(tiny_model_dirs):
+    llama = ShardRuntime(tiny_model_dirs["llama"], 0, 4, dtype=torch.float32)
+    assert lean_supported(llama.modules.layers, "sdpa")
+    assert not lean_supported(llama.modules.layers, "eager")  # batching's rows / compaction's attention too
+    handle = llama.modules.layers[2].mlp.register_forward_hook(lambda *a: None)
+    assert not lean_supported(llama.modules.layers, "sdpa")
+    handle.remove()
+    assert lean_supported(llama.modules.layers, "sdpa")
+    for family in ("qwen3", "qwen3_5"):
+        other = ShardRuntime(tiny_model_dirs[family], 0, 4, dtype=torch.float32)
+        assert not lean_supported(other.modules.layers, other.shard_config._attn_implementation)
