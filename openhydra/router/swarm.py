@@ -167,7 +167,13 @@ class SwarmPipeline:
                                 banned=self.bans.banned())
 
     def _new_chain(self, refresh: bool) -> Chain | None:
-        return self.coverage_map(refresh).chain(exclude=self.bans.banned())
+        cmap, banned = self.coverage_map(refresh), self.bans.banned()
+        # verification/elimination.py: route around suspects of irreproducible answers, where the swarm can
+        for avoid in self.verifier.avoid() if self.verifier is not None else ():
+            chain = cmap.chain(exclude=banned | avoid)
+            if chain is not None:
+                return chain
+        return cmap.chain(exclude=banned)
 
     def _repair(self, chain: Chain, failed_address: str) -> Chain | None:
         """Replace the failed hop with a peer or sub-chain running exactly its span; else re-route."""

@@ -115,6 +115,7 @@ class Outcome:
     answers: dict[str, Answer] = field(default_factory=dict)  # each voter's answer at ``step`` (evidence digests)
     majority: Answer | None = None  # the winning class's answer (tiers 2 and 3, when someone failed)
     suspects: list[str] = field(default_factory=list)  # irreproducible: the peers of the user's chain
+    chain: list[str] = field(default_factory=list)  # the user's chain (peer ids) whose answer was audited
 
 
 def swapped_route(chain: Chain, hop_index: int, peer: PeerAnnouncement) -> list[HopSpec]:
@@ -219,7 +220,7 @@ class AuditRunner:
         if self.rng.random() < self.audit_rate:
             self._audit(audit, pair)
         else:
-            self._conclude(Outcome(audit.session_id, audit.span, 1, passed=pair))
+            self._conclude(audit, Outcome(audit.session_id, audit.span, 1, passed=pair))
 
     # ---- tier 2 -------------------------------------------------------------------------------------
 
@@ -259,7 +260,7 @@ class AuditRunner:
         if others and not all(self._agree(primary_replay, a, audit, feed) for a in others):
             return False  # the span's peers disagree among replays too: a vote decides
         self.metrics.irreproducible.inc()
-        self._conclude(Outcome(audit.session_id, audit.span, tier, step=feed.step, irreproducible=True,
+        self._conclude(audit, Outcome(audit.session_id, audit.span, tier, step=feed.step, irreproducible=True,
                                suspects=list(audit.chain.peer_ids),
                                reason=f"user's answer not reproduced by its own chain ({reason})"))
         return True
@@ -277,7 +278,7 @@ class AuditRunner:
         everyone = [p for p, _ in voters] + (judged or [])
         if len(sizes) > 1 and sizes[0] == sizes[1]:
             self.metrics.ties.inc()
-            self._conclude(Outcome(audit.session_id, audit.span, tier, disputed=everyone, step=step,
+            self._conclude(audit, Outcome(audit.session_id, audit.span, tier, disputed=everyone, step=step,
                                    reason=f"tie {sizes}: {reason}"))
             return
         winners = max(classes, key=len)
@@ -292,7 +293,7 @@ class AuditRunner:
         answers = dict(voters)
         if judged:
             answers.update(dict.fromkeys(judged, feed.answer))
-        self._conclude(Outcome(audit.session_id, audit.span, tier, failed=failed, passed=passed, step=step,
+        self._conclude(audit, Outcome(audit.session_id, audit.span, tier, failed=failed, passed=passed, step=step,
                                reason=reason, answers=answers, majority=winners[0][1]))
 
     # ---- tier 3 -------------------------------------------------------------------------------------
@@ -301,7 +302,7 @@ class AuditRunner:
         auditors = self._most_trusted(audit.span, set(pair))
         if not auditors:
             self.metrics.unverifiable.inc()
-            self._conclude(Outcome(audit.session_id, audit.span, 1, passed=pair))
+            self._conclude(audit, Outcome(audit.session_id, audit.span, 1, passed=pair))
             return
         self.metrics.audits.labels("3").inc()
         auditor = auditors[0]
@@ -310,7 +311,7 @@ class AuditRunner:
             answers = self._replay(audit.feeds, swapped_route(audit.chain, audit.hop_index, auditor))
         except HopError as exc:
             self.abandon(audit, f"auditor failed: {exc}")
-            self._conclude(Outcome(audit.session_id, audit.span, 1, passed=pair))
+            self._conclude(audit, Outcome(audit.session_id, audit.span, 1, passed=pair))
             return
         for t, (feed, answer) in enumerate(zip(audit.feeds, answers, strict=True)):
             result = self._compare(feed.answer, answer, audit, feed)
@@ -339,12 +340,13 @@ class AuditRunner:
                 # must not fail two peers (a fresh liar drawn as the auditor of an honest pair would frame both).
                 # Only the auditor is disputed; the pair is neither passed nor failed.
                 self.metrics.ties.inc()
-                self._conclude(Outcome(audit.session_id, audit.span, 3, disputed=[auditor.peer_id], step=feed.step,
-                                       reason=f"lone auditor with less audit history than the pair: {why}"))
+                self._conclude(audit, Outcome(audit.session_id, audit.span, 3, disputed=[auditor.peer_id],
+                                              step=feed.step,
+                                              reason=f"lone auditor with less audit history than the pair: {why}"))
                 return
             self._decide(audit, voters, feed, tier=3, reason=why, step=feed.step, judged=pair)
             return
-        self._conclude(Outcome(audit.session_id, audit.span, 3, passed=[*pair, auditor.peer_id]))
+        self._conclude(audit, Outcome(audit.session_id, audit.span, 3, passed=[*pair, auditor.peer_id]))
 
     # ---- bookkeeping --------------------------------------------------------------------------------
 
@@ -369,7 +371,8 @@ class AuditRunner:
         best = max(scores.values())
         return [self.rng.choice([p for p in candidates if scores[p.peer_id] == best])]
 
-    def _conclude(self, outcome: Outcome) -> None:
+    def _conclude(self, audit: Audit, outcome: Outcome) -> None:
+        outcome.chain = list(audit.chain.peer_ids)
         detail = f"session {outcome.session_id} span {list(outcome.span)} tier {outcome.tier}: {outcome.reason}"
         for peer_id in outcome.passed:
             self.reputation.record(peer_id, "pass", detail=detail)

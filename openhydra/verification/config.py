@@ -66,6 +66,12 @@ class VerificationConfig(_Strict):
     queue_size: int = Field(4096, ge=1, description="steps waiting for the worker; past it audits are dropped")
     slash_hydra: float = Field(1.0, ge=0.0, description="stake slashed per failed audit, whole HYDRA")
     seed: int | None = Field(None, description="seed of the sampling RNG (tests); null: from the OS")
+    eliminate_after: int = Field(
+        5, ge=2, description="a peer in every one of at least this many user chains whose answers audits could not "
+                             "reproduce is failed once every other peer of those chains was in as many reproduced "
+                             "chains without it (verification/elimination.py)")
+    probe_suspects: bool = Field(True, description="while such suspects remain, new user chains leave one out in "
+                                                   "turn where another peer serves its span")
     tolerance: ToleranceConfig = ToleranceConfig()
     reputation: ReputationConfig = ReputationConfig()
     fault: FaultConfig = FaultConfig()

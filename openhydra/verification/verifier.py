@@ -30,6 +30,7 @@ from openhydra.runtime.sampling import SamplingParams
 from openhydra.verification.audits import Audit, AuditRunner, Feed, Outcome
 from openhydra.verification.compare import Answer
 from openhydra.verification.config import VerificationConfig
+from openhydra.verification.elimination import Conviction, Elimination
 from openhydra.verification.metrics import VerificationMetrics
 from openhydra.verification.reputation import ReputationStore
 
@@ -54,6 +55,8 @@ class Verifier:
         self.metrics = VerificationMetrics()
         self.rng = random.Random(config.seed)
         self.outcomes: list[Outcome] = []
+        self.elimination = Elimination(config.eliminate_after)
+        self.convictions: list[Conviction] = []
         self._on_outcome = on_outcome
         self.evidence = None  # an EvidenceBoard (verification/evidence.py): signs slash evidence when set
         self.on_evidence: Callable | None = None  # called with each new SlashEvidence (the node publishes it)
@@ -230,10 +233,37 @@ class Verifier:
 
     def _record_outcome(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
+        self._eliminate(outcome)
         if self.evidence is not None and outcome.failed and outcome.majority is not None:
             self._issue_evidence(outcome)
         if self._on_outcome is not None:
             self._on_outcome(outcome)
+
+    def _eliminate(self, outcome: Outcome) -> None:
+        """Feed the user chain's verdict to the elimination (verification/elimination.py); fail whom it convicts."""
+        if not outcome.chain:
+            return
+        blamed = set(outcome.failed) | set(outcome.disputed)
+        if not outcome.irreproducible and blamed & set(outcome.chain):
+            return  # the chain held a peer this audit failed or disputed: that peer answers for it
+        conviction = self.elimination.record(outcome.session_id, outcome.chain, bad=outcome.irreproducible)
+        if conviction is None:
+            return
+        self.convictions.append(conviction)
+        detail = (f"eliminated: in all {conviction.bad_sessions} user chains whose answers were not reproduced, while "
+                  f"{', '.join(conviction.exonerated)} were reproduced without it")
+        log.warning("verification: failing %s (%s)", conviction.peer_id, detail)
+        self.reputation.record(conviction.peer_id, "fail", detail=detail)
+        self.metrics.failures.labels("elimination").inc()
+        self.metrics.convictions.inc()
+        self._on_fail(conviction.peer_id, detail)
+
+    def avoid(self) -> tuple[frozenset[str], ...]:
+        """The router's hook for a new user chain: sets of suspects to leave out while the elimination probes, to try
+        in order (empty: route as usual)."""
+        if not (self.config.enabled and self.config.probe_suspects):
+            return ()
+        return self.elimination.avoid()
 
     def _issue_evidence(self, outcome: Outcome) -> None:
         """Sign a :class:`~openhydra.verification.evidence.SlashEvidence` per failed peer and hand it to

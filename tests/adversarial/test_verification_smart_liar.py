@@ -33,7 +33,9 @@ def _specs() -> list[PeerSpec]:
 
 
 def test_audit_dodging_liar_frames_no_honest_peer(tiny_model_dirs, tmp_path) -> None:
-    config = VerificationConfig(enabled=True, sample_rate=1.0, audit_rate=0.5, seed=16, reputation={"floor": 0.0})
+    # A fixed route (no probing, no reputation routing): the three peers of the chain cannot be told apart.
+    config = VerificationConfig(enabled=True, sample_rate=1.0, audit_rate=0.5, seed=16, reputation={"floor": 0.0},
+                                probe_suspects=False)
     swarm = Swarm(tiny_model_dirs["llama"], _specs(), config, tmp_path / "rep.db", route_by_reputation=False)
     honest = [s.peer_id for s in _specs() if s.peer_id != "liar"]
     try:
@@ -54,5 +56,41 @@ def test_audit_dodging_liar_frames_no_honest_peer(tiny_model_dirs, tmp_path) -> 
         assert all(swarm.reputation.components(p)["verification"] >= 1.0 for p in honest)
         # The liar did lie (its user answers were not reproduced), and every such outcome names it a suspect.
         assert irreproducible and all("liar" in o.suspects for o in irreproducible)
+        assert swarm.verifier.convictions == []  # nothing told its chain's peers apart
+    finally:
+        swarm.close()
+
+
+def test_audit_dodging_liar_is_failed_once_probing_separates_the_suspects(tiny_model_dirs, tmp_path) -> None:
+    """The same liar, now with the default probing (verification/elimination.py): user chains leave suspects out in
+    turn, so the liar's user chains stay irreproducible while the honest peers' are reproduced without it. The liar
+    is failed (below the routing floor, no longer routed), by elimination, or by a tier-2 vote when it is drawn as
+    the secondary of a chain it was not in (it cannot tell that shadow from a user session); no honest peer ever
+    fails or is disputed. A third peer on the liar's span keeps such votes from ending in a tie."""
+    config = VerificationConfig(enabled=True, sample_rate=1.0, audit_rate=0.5, seed=17, eliminate_after=3)
+    specs = [*_specs(), PeerSpec("h0c", 0, 3)]
+    swarm = Swarm(tiny_model_dirs["llama"], specs, config, tmp_path / "rep.db")
+    honest = [s.peer_id for s in specs if s.peer_id != "liar"]
+    chains: list[list[str]] = []
+    try:
+        for i in range(40):
+            swarm.generate(f"user{i}", prompt_of(200 + i), STEPS)
+            chains.append(swarm.last_chain)
+            assert swarm.verifier.drain(120)  # the user's next request comes after this one's audits
+            if swarm.reputation.counts("liar")["fail"] >= 1:
+                break
+        convictions = swarm.verifier.convictions
+        voted = [o for o in swarm.verifier.outcomes if "liar" in o.failed]
+        print(f"\n{len(chains)} requests until the liar failed; chains: {chains}; by elimination: {convictions}; "
+              f"by vote: {[(o.session_id, o.tier) for o in voted]}")
+        assert swarm.reputation.counts("liar")["fail"] >= 1 and swarm.reputation.below_floor("liar")
+        assert [c.peer_id for c in convictions] in (["liar"], [])
+        assert "liar" in chains[0] and any("liar" not in c for c in chains)  # probing left it out at times
+        for i in range(3):  # failed: no longer routed
+            swarm.generate(f"after{i}", prompt_of(300 + i), STEPS)
+            assert "liar" not in swarm.last_chain and len(swarm.last_chain) == 3
+        assert swarm.verifier.drain(120)
+        counts = {p: swarm.reputation.counts(p) for p in honest}
+        assert all(c["fail"] == 0 and c["dispute"] == 0 for c in counts.values()), counts
     finally:
         swarm.close()
