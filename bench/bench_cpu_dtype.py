@@ -1,13 +1,14 @@
 """bf16 against fp32 on this CPU, on a real model: does hardware.dtype=auto pick the faster one?
 
     OMP_NUM_THREADS=1 python bench/bench_cpu_dtype.py [--model-dir smollm2|tiny|DIR] [--trials 5]
-        [--prompt 128] [--tokens 16]
+        [--prompt 128] [--tokens 16] [--quantization none|int8|int4]
 
 In one process and one thread, interleaved trial by trial (the order alternates): prefill of a
 ``--prompt``-token prompt (tokens/s) and greedy decode of ``--tokens`` tokens (tokens/s, prefill excluded)
 by a whole-model ShardRuntime in float32 and in bfloat16. Prints the automatic choice
 (openhydra/hardware/dtype.py, with its own matmul measurement), the medians side by side with the
-bf16/fp32 ratios, and the load average before and after.
+bf16/fp32 ratios, and the load average before and after. ``--quantization int4`` (or int8) compares the two
+dtypes of the rest of the layer under CPU int4/int8 weights (the kernels compute in bf16 either way).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--quantization", default="none", choices=["none", "int8", "int4"])
     args = parser.parse_args()
 
     import torch
@@ -45,10 +47,10 @@ def main() -> None:
     from openhydra.runtime.shard import ShardRuntime
 
     print(f"load average before: {load_average()}")
-    choice = cpu_dtype_choice("auto", 1)
+    choice = cpu_dtype_choice("auto", 1, args.quantization)
     print(f"hardware.dtype=auto here -> {choice.line()}")
     model_dir = Path(bench_model_dir(args.model_dir))
-    runtimes = {d: ShardRuntime(model_dir, dtype=getattr(torch, d)) for d in DTYPES}
+    runtimes = {d: ShardRuntime(model_dir, dtype=getattr(torch, d), quantization=args.quantization) for d in DTYPES}
     prompt = torch.arange(100, 100 + args.prompt)  # [S] token ids
 
     def run(dtype: str) -> tuple[float, float]:
@@ -74,8 +76,8 @@ def main() -> None:
             print(f"trial {trial} {dtype:8s} prefill {prefill:8.1f} tok/s  decode {decode:6.2f} tok/s", flush=True)
 
     med = {d: {k: statistics.median(v) for k, v in rates[d].items()} for d in DTYPES}
-    print(f"\n{model_dir.name}, 1 thread, prompt {args.prompt} tokens, decode {args.tokens} tokens, "
-          f"medians of {args.trials}")
+    print(f"\n{model_dir.name}, quantization={args.quantization}, 1 thread, prompt {args.prompt} tokens, decode "
+          f"{args.tokens} tokens, medians of {args.trials}")
     print("| phase | fp32 tok/s | bf16 tok/s | bf16 / fp32 speed |\n|---|---|---|---|")
     for phase in ("prefill", "decode"):
         f32, b16 = med["float32"][phase], med["bfloat16"][phase]

@@ -138,7 +138,7 @@ def make_backend(
     if threads <= 0:
         threads = int(os.environ.get("OPENHYDRA_THREADS", 0)) or torch.get_num_threads()
     torch.set_num_threads(threads)
-    choice = _choose_dtype(dtype, device, threads)
+    choice = _choose_dtype(dtype, device, threads, quantization)
     log.info("hardware: dtype %s", choice.line())
     chosen = TorchBackend(device=device, dtype=_DTYPES[choice.dtype], threads=threads, quantization=quantization,
                           note=note, dtype_choice=choice, memory_budget_gb=memory_budget_gb)
@@ -147,12 +147,12 @@ def make_backend(
     return chosen
 
 
-def _choose_dtype(dtype: str, device: str, threads: int) -> DtypeChoice:
+def _choose_dtype(dtype: str, device: str, threads: int, quantization: str = "none") -> DtypeChoice:
     """hardware.dtype resolved for ``device``: the CPU decides by its flags and a measurement (hardware/dtype.py)."""
     from openhydra.hardware.dtype import DtypeChoice, cpu_dtype_choice
 
     if device == "cpu":
-        return cpu_dtype_choice(dtype, threads)
+        return cpu_dtype_choice(dtype, threads, quantization)
     if dtype != "auto":
         return DtypeChoice(dtype=dtype, reason="set by hardware.dtype", automatic=False)
     # GPUs: decode is memory-bandwidth bound, and 16-bit weights read half the bytes of fp32.

@@ -148,3 +148,14 @@ def test_backend_loads_bf16_when_fp32_exceeds_the_memory_budget(monkeypatch, tin
     assert "(fits) [no native bf16 (avx2 only); measured" in backend.dtype_reason
     roomy = make_backend(backend="torch", device="cpu", dtype="auto", threads=1, memory_budget_gb=64.0)
     assert roomy.load_span(model_dir, 0, None).dtype == torch.float32
+
+
+def test_int4_weights_keep_the_rest_of_the_layer_in_float32_even_with_native_bf16():
+    """bench/bench_cpu_dtype.py --quantization int4: fp32 decodes 1.2x faster, prefill equal (the kernel is bf16)."""
+    flags = frozenset({"avx2", "avx512f", "avx512_bf16"})
+    measure = Measure(BF16_WINS)
+    choice = choose_cpu_dtype("auto", flags, measure, quantization="int4")
+    assert choice.dtype == "float32" and choice.automatic and "int4" in choice.reason
+    assert measure.calls == 0
+    assert choose_cpu_dtype("auto", flags, measure, quantization="int8").dtype == "bfloat16"  # its prefill is dense
+    assert choose_cpu_dtype("bfloat16", flags, measure, quantization="int4").dtype == "bfloat16"  # as set
