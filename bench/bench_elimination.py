@@ -22,6 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
+from common import finish_plot  # noqa: E402
+
 from openhydra.sim.elimination import simulate  # noqa: E402
 
 SPANS = [["liar", "h0b", "h0c"], ["h1a", "h1b", "h1c"], ["h2a", "h2b"]]
@@ -68,15 +70,11 @@ def main() -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{audited:.0%} of sessions audited")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("liar's lie rate per user session")
-        ax.set_ylabel("median user sessions until it is failed")
-        ax.set_title(f"Elimination of an audit-dodging liar ({args.trials} trials; 0 honest peers failed)"
-                     if all(r[5] == 0 for r in rows) and wrong == 0 else "Elimination of an audit-dodging liar")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"plot: {args.plot}")
+        honest = all(r[5] == 0 for r in rows) and wrong == 0
+        finish_plot(fig, ax, args.plot, xlabel="liar's lie rate per user session",
+                    ylabel="median user sessions until it is failed",
+                    title=f"Elimination of an audit-dodging liar ({args.trials} trials"
+                          + ("; 0 honest peers failed)" if honest else ")"))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import os
 import statistics
 import time
 
+from common import finish_plot
+
 from openhydra.crypto.identity import Identity
 from openhydra.crypto.pow import solve, verify
 
@@ -109,14 +111,8 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.semilogy([r[0] for r in rows], [r[2] for r in rows], "o-", label="mean CPU s per identity")
         ax.semilogy([r[0] for r in rows], [r[1] for r in rows], "s--", label="median")
-        ax.set_xlabel("privacy.pow_difficulty_bits")
-        ax.set_ylabel("CPU seconds (one core)")
-        ax.set_title("Cost of one fresh identity (per 10-minute window)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=100)
-        print(f"wrote {args.png}")
+        finish_plot(fig, ax, args.png, xlabel="privacy.pow_difficulty_bits", ylabel="CPU seconds (one core)",
+                    title="Cost of one fresh identity (per 10-minute window)", dpi=100)
 
 
 if __name__ == "__main__":

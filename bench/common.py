@@ -52,6 +52,18 @@ def plot_trials(rates: dict[str, list[float]], title: str, path: str | Path, yla
     print(f"plot: {path}")
 
 
+def finish_plot(fig, ax, path: str | Path, *, xlabel: str, ylabel: str, title: str, dpi: int = 120) -> None:
+    """Label a log-scale figure (grid on both tick kinds, legend) and write it to ``path``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    print(f"plot: {path}")
+
+
 def spawn_ready(args: list[str], timeout_s: float = 180.0) -> tuple[subprocess.Popen, str]:
     """``python ARGS`` with 1 torch thread; waits for its ``READY <address>`` line and returns (process, address)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
