@@ -82,6 +82,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_api_vs_generate.png"))
     args = parser.parse_args()
+    from openhydra.testing.machine import announce
+
+    announce()
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch

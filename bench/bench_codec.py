@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=32)
     args = parser.parse_args()
+    from openhydra.testing.machine import announce
+
+    announce()
     torch.set_num_threads(1)
     model_dir = args.model_dir
     if model_dir is None:

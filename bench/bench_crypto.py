@@ -86,6 +86,9 @@ def main() -> None:
     ap.add_argument("--pow-runs", type=int, default=5)
     ap.add_argument("--png", type=Path, default=REPO / "docs" / "img" / "crypto_costs.png")
     args = ap.parse_args()
+    from openhydra.testing.machine import announce
+
+    announce()
     torch.set_num_threads(1)
     onion_conf = OmegaConf.load(REPO / "conf" / "privacy" / "onion.yaml")
     bits = int(onion_conf.pow_difficulty_bits)

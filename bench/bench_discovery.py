@@ -131,6 +131,9 @@ def main() -> None:
     parser.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs/img/discovery_lookup.png"))
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args()
+    from openhydra.testing.machine import announce
+
+    announce()
     rows = []
     print(
         f"{'nodes':>5} {'start s':>8} {'p50 ms':>7} {'p90 ms':>7} {'success':>8} {'PSS/node MiB':>13} "

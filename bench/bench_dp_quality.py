@@ -119,6 +119,9 @@ def main() -> None:
     ap.add_argument("--boundaries", default="embed,L10")
     ap.add_argument("--png", type=Path, default=REPO / "docs" / "img" / "dp_quality.png")
     args = ap.parse_args()
+    from openhydra.testing.machine import announce
+
+    announce()
     torch.set_num_threads(args.threads)
 
     conf = OmegaConf.load(REPO / "conf" / "privacy" / "onion_dp.yaml")

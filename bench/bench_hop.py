@@ -156,6 +156,9 @@ def main() -> None:
     if args.echo_server is not None:
         _echo_server(args.echo_server)
         return
+    from openhydra.testing.machine import announce
+
+    announce()
     torch.set_num_threads(1)
     protocol_only(args.rounds, 100)
     if args.protocol_only:

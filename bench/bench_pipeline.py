@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_pipeline.png"))
     args = parser.parse_args()
+    from openhydra.testing.machine import announce
+
+    announce()
 
     from openhydra.runtime.source import embedded_model_dir
     from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides

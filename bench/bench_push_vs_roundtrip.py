@@ -140,6 +140,9 @@ def main() -> None:
         path, a, b = args.serve_span
         _span_server(path, int(a), int(b), args.dtype)
         return
+    from openhydra.testing.machine import announce
+
+    announce()
     torch.set_num_threads(1)
     model_dir = bench_model_dir(args.model_dir)
     from openhydra.runtime.shard_layers import load_text_config

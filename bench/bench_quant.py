@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--plot", default="docs/img/bench_quant.png")
     args = parser.parse_args()
+    from openhydra.testing.machine import announce
+
+    announce()
 
     import torch
 

@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--plot", default="docs/img/bench_roofline.png")
     args = parser.parse_args()
+    from openhydra.testing.machine import announce
+
+    announce()
 
     import torch
 

@@ -139,6 +139,9 @@ def main() -> None:
     parser.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs/img/route_choice.png"))
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args()
+    from openhydra.testing.machine import announce
+
+    announce()
     rows = run(args.sizes, args.repeats)
     print(f"median ms (min ms) over {args.repeats} runs")
     print(

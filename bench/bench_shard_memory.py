@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--splits", default="0:10,10:20,20:30")
     args = parser.parse_args()
+    from openhydra.testing.machine import announce
+
+    announce()
     model_dir = args.model_dir
     if model_dir is None:
         from openhydra.runtime.source import embedded_model_dir

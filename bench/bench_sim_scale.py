@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs/img/scale_route_choice.png"))
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args()
+    from openhydra.testing.machine import announce
+
+    announce()
     rows = []
     cols = ("peers", "success_rate", "failed", "token_ms_p50", "best_token_ms_p50", "chosen_over_best_p99",
             "recovery_ms_p50", "recovery_ms_p99", "route_choice_cpu_ms_p50", "route_choice_cpu_ms_p99",

@@ -129,6 +129,9 @@ def main() -> None:
     parser.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs/img/scale_stale_records.png"))
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args()
+    from openhydra.testing.machine import announce
+
+    announce()
     port = free_port()
     server = subprocess.Popen(
         # the simulated peers are plain names (peer0, ...), unsigned

@@ -112,6 +112,9 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
     parser.add_argument("--plot", default="docs/img/bench_speculative.png")
     args = parser.parse_args()
+    from openhydra.testing.machine import announce
+
+    announce()
     torch.set_num_threads(1)
     model_dir = bench_model_dir(args.model_dir)
     from openhydra.runtime.shard_layers import load_text_config

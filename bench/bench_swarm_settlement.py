@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
+    from openhydra.testing.machine import announce
+
+    announce()
     model_dir = embedded_model_dir(TEST_CACHE_ROOT)
     rates: dict[str, list[float]] = {"request ms": [], "settlement ms": []}
     with tempfile.TemporaryDirectory() as tmp, DhtProcess() as dht:

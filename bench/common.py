@@ -95,25 +95,6 @@ def bench_model_dir(name: str | None) -> str:
 
 def machine_banner() -> str:
     """One line for every result: load average, CPU model and its SIMD flags, core count, key versions."""
-    import platform
+    from openhydra.testing.machine import machine_banner as banner
 
-    model, flags = platform.processor() or "?", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("?", "x86_64", ""):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni") if f in flags]
-    versions = []
-    for name in ("torch", "transformers", "grpc"):
-        try:
-            versions.append(f"{name} {__import__(name).__version__}")
-        except ImportError:
-            continue
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"load average {load}; CPU {model} ({os.cpu_count()} cores; {' '.join(simd) or 'no avx2'}); "
-            f"Python {platform.python_version()}; {', '.join(versions)}")
+    return banner()

@@ -84,6 +84,10 @@ def _is_circuit(maddr) -> bool:
     return _varint(_CIRCUIT_CODE) in data
 
 
+class _ClosedMidCall(ConnectionError):
+    """The libp2p stream ended without the call's end frame."""
+
+
 class Libp2pSettings(BaseModel):
     """How this node joins libp2p (from ``peer.libp2p`` and ``discovery.relay`` in the node config)."""
 
@@ -422,23 +426,18 @@ class Libp2pTransport:
                         if frame.code:
                             await context.abort(grpc.StatusCode(_code(frame.code)), frame.details)
                         return
-                if not answered and attempt < attempts:  # the stream closed before any answer: resend
-                    log.info("libp2p %s to %s closed before an answer: sending it once more", method, peer)
-                    self.calls["retried"] += 1
-                    continue
-                break
+                raise _ClosedMidCall(f"libp2p stream to {peer} closed mid-call")
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
-            except Exception as exc:  # any libp2p failure is the hop being unavailable
+            except Exception as exc:  # any libp2p failure (or an early close) is the hop being unavailable
                 if not answered and attempt < attempts:
                     log.info("libp2p %s to %s failed before an answer (%s: %s): sending it once more", method,
                              peer, type(exc).__name__, exc)
                     self.calls["retried"] += 1
                     continue
                 self.calls["failed"] += 1
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"libp2p {peer}: {type(exc).__name__}: {exc}")
-        self.calls["failed"] += 1
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"libp2p stream to {peer} closed mid-call")
+                why = str(exc) if isinstance(exc, _ClosedMidCall) else f"libp2p {peer}: {type(exc).__name__}: {exc}"
+                await context.abort(grpc.StatusCode.UNAVAILABLE, why)
 
     # -- ingress: calls arriving over libp2p, replayed into our gRPC server --------------------------------
     async def _ingress(self, requests: AsyncIterator[tpb.Frame], _context) -> AsyncIterator[tpb.Frame]:

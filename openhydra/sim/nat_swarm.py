@@ -66,11 +66,22 @@ class NatSwarm:
         self.model_id = "unknown"
 
     # -- processes ---------------------------------------------------------------------------------------
-    def _spawn(self, name: str, argv: list[str], log_name: str | None = None) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], log_name: str | None = None, *,
+               netns: str | None = None) -> subprocess.Popen:
+        """``argv`` on host ``name`` (or in namespace ``netns``), its output in ``<log_name or name>.log``."""
         log = open(self.topo.workdir / f"{log_name or name}.log", "wb")  # noqa: SIM115 - lives with the process
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENHYDRA_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        return subprocess.Popen(self.topo.hosts[name].cmd(*argv), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        command = ["ip", "netns", "exec", netns, *argv] if netns is not None else self.topo.hosts[name].cmd(*argv)
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def _delay_relay(self, name: str, config: dict, *, host: str | None = None,
+                     netns: str | None = None) -> subprocess.Popen:
+        """The userspace delay relay (sim/relay.py) with ``config`` (written to ``<name>.json``), on ``host`` or in
+        ``netns``; its log is ``<name>.log``."""
+        path = self.topo.workdir / f"{name}.json"
+        path.write_text(json.dumps(config))
+        argv = [sys.executable, "-m", "openhydra.sim.relay", "--config", str(path)]
+        return self._spawn(host or name, argv, name, netns=netns)
 
     def start_relays(self) -> list[str]:
         from openhydra.peer.libp2p_relay import ensure_identity, relay_command
@@ -86,12 +97,9 @@ class NatSwarm:
             self.relays[full] = self._spawn("relay", relay_command(key, listen, maddr if delayed else None,
                                                                    control=control), f"relay{i}")
         if delayed:
-            config = {"listen": [[ip, RELAY_PORT + i] for i in range(N_RELAYS)], "targets": {ip: "127.0.0.1"},
-                      "links": {}, "default": [self.relay_one_way_ms, 0.0]}
-            path = self.topo.workdir / "delay.json"
-            path.write_text(json.dumps(config))
-            self.delay = self._spawn("relay", [sys.executable, "-m", "openhydra.sim.relay", "--config", str(path)],
-                                     "delay")
+            self.delay = self._delay_relay("delay", {
+                "listen": [[ip, RELAY_PORT + i] for i in range(N_RELAYS)], "targets": {ip: "127.0.0.1"},
+                "links": {}, "default": [self.relay_one_way_ms, 0.0]}, host="relay")
         return list(self.relays)
 
     def start_grpc_delay(self) -> None:
@@ -100,14 +108,9 @@ class NatSwarm:
         public = [name for name in self.spans if name not in HOMES or not self.behind_nat]
         self.service_ips = self.topo.add_service_ips(public, GRPC_EPHEMERAL)
         ports = [PEER_PORT, *range(GRPC_EPHEMERAL[0], GRPC_EPHEMERAL[1] + 1)]
-        config = {"listen": [["0.0.0.0", p] for p in ports], "bind_source": f"{WAN_PREFIX}.1", "links": {},
-                  "default": [self.grpc_one_way_ms, 0.0]}
-        path = self.topo.workdir / "grpc_delay.json"
-        path.write_text(json.dumps(config))
-        log = open(self.topo.workdir / "grpc_delay.log", "wb")  # noqa: SIM115 - lives with the process
-        self.grpc_delay = subprocess.Popen(["ip", "netns", "exec", self.topo.wan, sys.executable, "-m",
-                                            "openhydra.sim.relay", "--config", str(path)],
-                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.grpc_delay = self._delay_relay("grpc_delay", {
+            "listen": [["0.0.0.0", p] for p in ports], "bind_source": f"{WAN_PREFIX}.1", "links": {},
+            "default": [self.grpc_one_way_ms, 0.0]}, netns=self.topo.wan)
 
     @property
     def delay_relays(self) -> list[subprocess.Popen]:

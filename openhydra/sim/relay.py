@@ -142,10 +142,14 @@ class DelayRelay:
             writer.close()
             return
         # the SYN also crosses the link: hold the first bytes by one delay each way (pumps do that)
-        await asyncio.gather(_pump(reader, up_writer, Wire(forward)), _pump(up_reader, writer, Wire(back)))
-        for w in (writer, up_writer):
-            with contextlib.suppress(OSError):
-                w.close()
+        try:
+            await asyncio.gather(_pump(reader, up_writer, Wire(forward)), _pump(up_reader, writer, Wire(back)))
+        except asyncio.CancelledError:
+            pass  # close() ends the connection; re-raising would make asyncio log the stream callback's error
+        finally:
+            for w in (writer, up_writer):
+                with contextlib.suppress(OSError):
+                    w.close()
 
 
 def policy_from(links: dict[str, list[float]], default: list[float]) -> Policy:
