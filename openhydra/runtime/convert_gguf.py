@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import logging
 import os
 import sys
@@ -40,6 +41,34 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    drop_version_stamps(out)
+
+
+VERSION_STAMPED = ("config.json", "generation_config.json")
+
+
+def drop_version_stamps(folder: Path) -> bool:
+    """Remove ``transformers_version`` from the folder's configs; True if a file changed.
+
+    The catalog pins a converted checkpoint's manifest (weights/manifest.py) so that peers serving it to each
+    other agree on its bytes, and this stamp was the only byte that changed with the transformers release:
+    SmolLM2 converted under 5.24.0 and 5.25.0 gave different manifests with identical weights and tokenizer.
+    Nothing reads it back (transformers only writes it). Files are replaced atomically."""
+    changed = False
+    for name in VERSION_STAMPED:
+        path = Path(folder) / name
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(config, dict) or "transformers_version" not in config:
+            continue
+        del config["transformers_version"]
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+        changed = True
+    return changed
 
 
 @contextlib.contextmanager

@@ -152,6 +152,38 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def is_stamped(folder: Path) -> bool:
+    """A folder converted before version stamps were dropped (convert_gguf.drop_version_stamps)."""
+    from openhydra.runtime.convert_gguf import VERSION_STAMPED
+
+    for name in VERSION_STAMPED:
+        try:
+            if "transformers_version" in json.loads((folder / name).read_text()):
+                return True
+        except (OSError, ValueError, TypeError):
+            continue
+    return False
+
+
+def _restamp(folder: Path) -> None:
+    """Bring an older conversion to today's bytes (under the cache lock): drop the configs' version stamps, then
+    recompute the manifest (its sizes no longer match, so ensure_manifest rebuilds it) and the marker's copy."""
+    from openhydra.runtime.convert_gguf import drop_version_stamps
+    from openhydra.weights.manifest import ensure_manifest
+
+    if not drop_version_stamps(folder):
+        return
+    manifest_hash = ensure_manifest(folder).content_hash
+    marker_path = folder / COMPLETE_MARKER
+    record = json.loads(marker_path.read_text())
+    log.info("%s: dropped the configs' transformers version stamps; manifest %s -> %s", folder,
+             record.get("manifest"), manifest_hash)
+    record["manifest"] = manifest_hash
+    tmp = marker_path.with_name(f"{marker_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(marker_path)
+
+
 def materialize(target: Path, convert_argv: list[str], what: str, record: dict[str, object]) -> Materialized:
     """Make ``target`` a complete folder, running ``convert_argv + ['--out', DIR]`` at most once per machine.
 
@@ -159,10 +191,12 @@ def materialize(target: Path, convert_argv: list[str], what: str, record: dict[s
     of processes at once: one converts, the others wait and reuse its folder.
     """
     target = Path(target).expanduser()
-    if is_complete(target):
+    if is_complete(target) and not is_stamped(target):
         return Materialized(target, converted=False, waited_s=0.0)
     with cache_lock(target, what) as waited_s:
         if is_complete(target):
+            if is_stamped(target):
+                _restamp(target)
             log.info("reusing %s, which another process finished %s into", target, what)
             return Materialized(target, converted=False, waited_s=waited_s)
         _clear_leftovers(target)

@@ -64,10 +64,10 @@ def embedded_model_dir(cache_root: Path) -> Path:
     Several processes may call this at once (three nodes starting together): one converts, in a child
     process, and the others wait for it (see :mod:`openhydra.runtime.model_cache`).
     """
-    from openhydra.runtime.model_cache import is_complete, materialize_gguf
+    from openhydra.runtime.model_cache import is_complete, is_stamped, materialize_gguf
 
     out = embedded_target(cache_root)
-    if is_complete(out):
+    if is_complete(out) and not is_stamped(out):  # a stamped (older) conversion is brought up to date first
         return out
     return materialize_gguf(embedded_gguf_path(), out, {"hf_id": EMBEDDED_HF_ID}).path
 

@@ -303,6 +303,10 @@ class Verifier:
             "outcomes": len(self.outcomes), "queue_depth": self._queue.qsize(),
             "max_agreeing_diff": {str(tol): round(d, 6) for tol, d in
                                   (self._runner.max_agreeing_diff.items() if self._runner else ())},
+            # verification/elimination.py: who is still suspected of irreproducible answers, and who was failed
+            "suspects": self.elimination.candidates(),
+            "eliminated": [{"peer_id": c.peer_id, "bad_sessions": c.bad_sessions, "cleared": list(c.exonerated)}
+                           for c in self.convictions],
         }
         return body
 

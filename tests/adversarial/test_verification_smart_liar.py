@@ -85,6 +85,9 @@ def test_audit_dodging_liar_is_failed_once_probing_separates_the_suspects(tiny_m
               f"by vote: {[(o.session_id, o.tier) for o in voted]}")
         assert swarm.reputation.counts("liar")["fail"] >= 1 and swarm.reputation.below_floor("liar")
         assert [c.peer_id for c in convictions] in (["liar"], [])
+        status = swarm.verifier.status()["verification"]  # what /v1/network/status shows
+        assert [e["peer_id"] for e in status["eliminated"]] == [c.peer_id for c in convictions]
+        assert set(status["suspects"]) <= {"liar", "h3a", "h3b", "h3c", "h5a", "h5b", "h5c"}
         assert "liar" in chains[0] and any("liar" not in c for c in chains)  # probing left it out at times
         for i in range(3):  # failed: no longer routed
             swarm.generate(f"after{i}", prompt_of(300 + i), STEPS)

@@ -210,3 +210,35 @@ def test_three_nodes_started_together_convert_once(tmp_path: Path) -> None:
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_conversion_is_independent_of_the_transformers_release_and_older_caches_catch_up(
+        tiny_gguf: Path, tmp_path: Path) -> None:
+    """The configs carry no ``transformers_version`` (the one byte that changed between releases, so the catalog's
+    manifest pin held on one release only). A folder converted before that is brought to the same bytes on its next
+    use: stamps dropped, manifest and marker recomputed, once."""
+    from openhydra.runtime.model_cache import is_stamped
+    from openhydra.weights.manifest import ensure_manifest
+
+    target = tmp_path / "cache" / "models" / "tiny-llama"
+    fresh = materialize_gguf(tiny_gguf, target)
+    assert fresh.converted and not is_stamped(target)
+    for name in ("config.json", "generation_config.json"):
+        assert "transformers_version" not in json.loads((target / name).read_text())
+    pinned = ensure_manifest(target).content_hash
+    assert json.loads((target / "openhydra-source.json").read_text())["manifest"] == pinned
+    # An older conversion: the stamp as transformers writes it, and the manifest computed over it.
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "transformers_version": "5.24.0"}, indent=2))
+    (target / "openhydra-manifest.json").unlink()
+    stale = ensure_manifest(target).content_hash
+    marker = json.loads((target / "openhydra-source.json").read_text())
+    (target / "openhydra-source.json").write_text(json.dumps({**marker, "manifest": stale}))
+    assert stale != pinned and is_stamped(target)
+    again = materialize_gguf(tiny_gguf, target)
+    assert not again.converted and not is_stamped(target)
+    assert ensure_manifest(target).content_hash == pinned
+    assert json.loads((target / "openhydra-source.json").read_text())["manifest"] == pinned
+    mtime = (target / "config.json").stat().st_mtime_ns
+    assert not materialize_gguf(tiny_gguf, target).converted  # up to date: nothing rewritten
+    assert (target / "config.json").stat().st_mtime_ns == mtime
