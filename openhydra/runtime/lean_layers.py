@@ -69,24 +69,14 @@ def llama_layer_step(
     x = _rms_norm(layer.input_layernorm, h)
     input_shape = x.shape[:-1]
     hidden_shape = (*input_shape, -1, attn.head_dim)
+    q, k, v = _projections(attn, ("q_proj", "k_proj", "v_proj"), x)
+    q = q.view(hidden_shape).transpose(1, 2)
+    k = k.view(hidden_shape).transpose(1, 2)
+    v = v.view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    group = getattr(attn, "fused_q_proj_k_proj_v_proj", None)
-    if isinstance(group, FusedProjections):
-        # One output [B, S, (Hq + 2 Hk) * d]: rotate q's and k's heads in one pass (elementwise, per head: the
-        # same values as rotating each alone) and take every part as a view, without copies.
-        heads = group.fused(x).view(hidden_shape).transpose(1, 2)  # [B, Hq + 2 Hk, S, d]
-        n_q, n_k = group.sizes[0] // attn.head_dim, group.sizes[1] // attn.head_dim
-        qk = heads[:, : n_q + n_k]
-        qk = (qk * cos) + (rotate_half(qk) * sin)
-        q, k, v = qk[:, :n_q], qk[:, n_q:], heads[:, n_q + n_k :]
-    else:
-        q, k, v = (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
-        q = q.view(hidden_shape).transpose(1, 2)
-        k = k.view(hidden_shape).transpose(1, 2)
-        v = v.view(hidden_shape).transpose(1, 2)
-        q = (q * cos) + (rotate_half(q) * sin)
-        k = (k * cos) + (rotate_half(k) * sin)
+    q = (q * cos) + (rotate_half(q) * sin)
+    k = (k * cos) + (rotate_half(k) * sin)
     k, v = cache.update(k, v, attn.layer_idx)
     out, _ = sdpa_attention_forward(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling)
     out = out.reshape(*input_shape, -1).contiguous()
