@@ -20,11 +20,13 @@ from openhydra.crypto.announce import SignedEnvelope, canonical_json, open_envel
 from openhydra.crypto.errors import CryptoError
 from openhydra.crypto.identity import Identity
 from openhydra.crypto.keys import SignedStaticKey
+from openhydra.discovery.refusals import RefusalLog
 
 if TYPE_CHECKING:
     from openhydra.discovery.records import PeerAnnouncement
 
 log = logging.getLogger(__name__)
+REFUSALS = RefusalLog(log)
 CLOCK_SLACK_S = 60
 
 
@@ -82,6 +84,6 @@ def verify_record(record: PeerAnnouncement) -> bool:
     try:
         check_record(record)
     except (CryptoError, ValueError) as exc:
-        log.warning("dropping record of %s: %s", record.peer_id, exc)
+        REFUSALS.dropped(record.peer_id, exc)
         return False
     return True

@@ -18,8 +18,10 @@ from typing import Any
 
 from openhydra.discovery.ownership import RecordRefused, Withdrawal, check_announcement, sign_withdrawal
 from openhydra.discovery.records import PeerAnnouncement, RecordVerifier, freshest
+from openhydra.discovery.refusals import RefusalLog
 
 logger = logging.getLogger(__name__)
+REFUSALS = RefusalLog(logger)
 
 
 class DiscoveryError(Exception):
@@ -103,7 +105,7 @@ class Discovery(ABC):
             except RecordRefused as exc:
                 self.rejected += 1
                 self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
-                logger.warning("dropping record of %s: %s", r.peer_id, exc)
+                REFUSALS.dropped(r.peer_id, exc)
                 continue
             owned.append(r)
         records = owned

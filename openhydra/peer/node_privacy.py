@@ -20,11 +20,13 @@ from openhydra.crypto.keys import SignedStaticKey, StaticKeyPair
 from openhydra.crypto.membership import Membership
 from openhydra.crypto.pow import WINDOW_S
 from openhydra.crypto.records import sign_record, verify_record
+from openhydra.discovery.refusals import RefusalLog
 from openhydra.peer.embedding import Embedder, load_embedder
 from openhydra.peer.head import load_head, runtime_head
 from openhydra.peer.privacy import ChainPrivacy
 
 log = logging.getLogger(__name__)
+REFUSALS = RefusalLog(log)
 
 
 @dataclass
@@ -74,7 +76,7 @@ class NodePrivacy:
                 self.membership.check(record)
             except CryptoError as exc:
                 self.rejected_records += 1
-                log.warning("dropping record of %s: %s", record.peer_id, exc)
+                REFUSALS.dropped(record.peer_id, exc)
                 return False
             return True
 

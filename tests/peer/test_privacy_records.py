@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import time
 
 from openhydra.crypto.identity import Identity
@@ -83,3 +84,29 @@ def test_discovery_verifier_hook_drops_forged_records() -> None:
     assert [r.peer_id for r in kept] == [honest.peer_id] and kept[0].start == 0
     assert discovery.rejected >= 2
     assert asyncio.run(discovery.lookup("m")) == []
+
+
+def test_a_forged_record_is_warned_about_once_not_at_every_lookup(caplog) -> None:
+    """Every lookup re-reads the DHT: the same forged record used to log a warning per lookup (per request)."""
+    from openhydra.discovery.refusals import REPEAT_S, RefusalLog
+
+    honest, forger, stranger = Identity.generate(), Identity.generate(), Identity.generate()
+    discovery = NullDiscovery()
+    discovery.set_verifier(verify_record)
+    forged = _signed(forger).model_copy(update={"peer_id": honest.peer_id, "start": 4, "end": 8})
+    unsigned = _record(stranger)
+    with caplog.at_level("DEBUG"):
+        for _ in range(20):
+            assert discovery.keep_valid([_signed(honest), forged, unsigned])[0].peer_id == honest.peer_id
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "dropping record" in r.getMessage()]
+    quiet = [r for r in caplog.records if r.levelname == "DEBUG" and "dropping record" in r.getMessage()]
+    assert sorted({r.getMessage().split()[3].rstrip(":") for r in warned}) == sorted({honest.peer_id,
+                                                                                      stranger.peer_id})
+    assert len(warned) == 2 and len(quiet) == 38  # each once, its 19 repeats at DEBUG
+    assert discovery.rejected >= 40  # every refusal still counted
+    now = [0.0]
+    log = RefusalLog(logging.getLogger("test.refusals"), clock=lambda: now[0])
+    assert log.dropped("p", "bad signature") and not log.dropped("p", "bad signature")
+    assert log.dropped("p", "expired")  # another reason is news
+    now[0] = REPEAT_S
+    assert log.dropped("p", "bad signature")  # and again after the interval
