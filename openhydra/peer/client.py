@@ -214,8 +214,11 @@ class PeerChainClient(ControlCalls, Liveness, RebuildClient):
         """Re-run ``(tokens, start, sampling, step)`` feeds in order on ``route``, pipelined (failover replay)."""
         chain = self._checked(route)
         messages = sum(-(-len(f[0]) // self.tunables.prefill_chunk) for f in feeds)
-        return self._call(self._replay(session_id, [(list(f[0]), *f[1:]) for f in feeds], chain),
-                          timeout=self._wait_budget(messages))
+        results = self._call(self._replay(session_id, [(list(f[0]), *f[1:]) for f in feeds], chain),
+                             timeout=self._wait_budget(messages))
+        # onion: norm, head and sampling here, on the caller's thread (as step_result), not on the event loop
+        return [self._sample_here(r, f[2], f[3], {}) if r.hidden is not None else r
+                for r, f in zip(results, feeds, strict=True)]
 
     def _wait_budget(self, messages: int) -> float:
         """A backstop only: the event-loop side always settles within its own bounds first."""
@@ -297,13 +300,7 @@ class PeerChainClient(ControlCalls, Liveness, RebuildClient):
                                         queued=len(futures))
             ends.append(len(futures) - 1)
         results = await self._gather(session_id, futures, route)
-        out = []
-        for (_tokens, _start, sampling, step), i in zip(feeds, ends, strict=True):
-            result = results[i]
-            if result.hidden is not None:  # coordinator-side sampling (onion): the replayed token to compare
-                result = self._sample_here(result, sampling, step, {})
-            out.append(result)
-        return out
+        return [results[i] for i in ends]  # under onion still hidden states: replay() samples on its caller's thread
 
     async def _send(
         self,

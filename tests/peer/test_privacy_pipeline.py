@@ -19,7 +19,7 @@ from openhydra.peer.server import PeerServer
 from openhydra.peer.wire import encode_tensor
 from openhydra.runtime.sampling import SamplingParams
 from tests.peer.privacy_helpers import ManInTheMiddle, flip_bit, start_keyed_peers
-from tests.peer.test_pipeline_grpc import _generate, _hf_greedy, _prompt
+from tests.peer.test_pipeline_grpc import GREEDY, _generate, _hf_greedy, _prompt
 
 SPLITS = [(0, 2), (2, 5), (5, 8)]
 ENCRYPTED = ChainPrivacy(encrypt=True)
@@ -212,7 +212,14 @@ def test_onion_head_runs_on_the_thread_that_asked_for_the_step(tiny_model_dirs, 
     client = PeerChainClient(route, tunables=TUNABLES, privacy=ONION, embedder=embedder, head=recording_head)
     try:
         prompt = _prompt(seed=5)
-        assert _generate(client, "head-on-caller", prompt, 4) == _hf_greedy(tiny_model_dirs["qwen3_5"], prompt, 4)
+        tokens = _generate(client, "head-on-caller", prompt, 4)
+        assert tokens == _hf_greedy(tiny_model_dirs["qwen3_5"], prompt, 4)
         assert ran_on == [threading.get_ident()] * 4
+        # A failover replay (pipelined on the event loop) samples on the caller's thread too, and gets the same tokens.
+        feeds = [(list(prompt), 0, GREEDY, 0)]
+        feeds += [([t], len(prompt) + i, GREEDY, i + 1) for i, t in enumerate(tokens[:3])]
+        replayed = client.replay("head-on-caller-replay", feeds, route)
+        assert [r.token for r in replayed] == tokens
+        assert ran_on == [threading.get_ident()] * 8
     finally:
         client.shutdown()
