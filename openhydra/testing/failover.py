@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -21,10 +22,11 @@ from openhydra.testing.processes import NodeProcess
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
 
 
-def metric(url: str, name: str) -> float:
+def metric(url: str, name: str, http: httpx.Client | None = None) -> float:
     """A Prometheus counter of a node, summed over its labels."""
     total = 0.0
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+    text = (http.get(url + "/metrics") if http is not None else httpx.get(url + "/metrics", timeout=10)).text
+    for line in text.splitlines():
         if line.startswith(name) and not line.startswith(name + "_created") and not line.startswith("#"):
             total += float(line.rsplit(" ", 1)[1])
     return total
@@ -79,7 +81,7 @@ class Trial:
     replays: float = 0.0
     rebuilds: float = 0.0  # replays that rebuilt only the replaced span (peer/rebuild.py)
     completion_tokens: int | None = None  # the server's usage count (chunks can merge tokens: UTF-8 pieces)
-    missed: int = 0  # earlier streams whose generation had ended before token ``at`` reached the reader
+    missed: int = 0  # earlier streams that ended before the fault could land
 
     @property
     def chunks(self) -> int:
@@ -119,12 +121,13 @@ def stream(coordinator: NodeProcess, model: str, max_tokens: int, on_token=None,
 
 def fault_trial(coordinator: NodeProcess, replicas: list[NodeProcess], span: tuple[int, int], model: str,
                 max_tokens: int, at: int, sig: signal.Signals, attempts: int = 3) -> Trial:
-    """Stream, and send ``sig`` to the session's replica of ``span`` when token ``at`` arrives.
+    """Stream, and send ``sig`` to the session's replica of ``span`` once the coordinator has run ``at`` steps.
 
-    A reader that falls behind (a starved client on a loaded machine) can receive token ``at`` after the
-    coordinator has generated the last token: no session is left to fault. Such a stream tests nothing; it is
-    streamed again, up to ``attempts`` times in all (``Trial.missed`` counts them; ``victim`` stays None if every
-    attempt missed)."""
+    The fault follows the coordinator's progress (its step counter, polled), not the client's: a reader lags the
+    generation by any number of tokens (a starved client on a loaded machine; on a fast one the tiny model's last
+    30 tokens took less than the reader's lag), and a fault after the last step tests nothing. If the stream still
+    ends before the fault (the watcher starved), no session is left to fault: it is streamed again, up to
+    ``attempts`` times in all (``Trial.missed`` counts them; ``victim`` stays None if every attempt missed)."""
     missed = 0
     while True:
         trial = _fault_once(coordinator, replicas, span, model, max_tokens, at, sig)
@@ -134,21 +137,38 @@ def fault_trial(coordinator: NodeProcess, replicas: list[NodeProcess], span: tup
         missed += 1
 
 
+STEPS_METRIC = "openhydra_pipeline_step_duration_seconds_count"  # pipeline steps the coordinator ran (successful)
+POLL_S = 0.01  # a kill lands within a few tokens of step `at` (the tiny model: ~2 ms per token here)
+
+
 def _fault_once(coordinator: NodeProcess, replicas: list[NodeProcess], span: tuple[int, int], model: str,
                 max_tokens: int, at: int, sig: signal.Signals) -> Trial:
     before = (metric(coordinator.url, "openhydra_pipeline_failovers_total"),
               metric(coordinator.url, "openhydra_pipeline_replays_total"),
               metric(coordinator.url, "openhydra_pipeline_rebuilds_total"))
+    base = metric(coordinator.url, STEPS_METRIC)
     state: dict = {}
+    done = threading.Event()
 
-    def on_token(n: int) -> None:
-        if n >= at and "victim" not in state:
-            victim = session_replica(coordinator, replicas, span)
-            if victim is not None:
-                os.killpg(victim.proc.pid, sig)
-                state["victim"], state["at"] = victim, time.monotonic()
+    def watch() -> None:  # a prompt step, then one step per token: step ``at`` is about token ``at``
+        victim = None  # found as soon as the session is routed (its chain holds until the fault), so the kill
+        with httpx.Client(timeout=10) as http:  # itself needs only the step counter
+            while not done.is_set():
+                if victim is None:
+                    victim = session_replica(coordinator, replicas, span)
+                if victim is not None and metric(coordinator.url, STEPS_METRIC, http) - base >= at:
+                    os.killpg(victim.proc.pid, sig)
+                    state["victim"], state["at"] = victim, time.monotonic()
+                    return
+                done.wait(POLL_S)
 
-    trial = stream(coordinator, model, max_tokens, on_token)
+    watcher = threading.Thread(target=watch, name="fault-watcher", daemon=True)
+    watcher.start()
+    try:
+        trial = stream(coordinator, model, max_tokens)
+    finally:
+        done.set()
+        watcher.join(timeout=30)
     trial.at, trial.victim, trial.faulted_at = at, state.get("victim"), state.get("at")
     trial.failovers = metric(coordinator.url, "openhydra_pipeline_failovers_total") - before[0]
     trial.replays = metric(coordinator.url, "openhydra_pipeline_replays_total") - before[1]
