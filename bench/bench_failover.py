@@ -3,8 +3,9 @@
 Topology (node processes, HTTP DHT on loopback): a coordinator holding the first span, the middle span on
 two replicas, and the last span on one node (SmolLM2: [0,10) [10,20)x2 [20,30); the tiny model: [0,3)
 [3,5)x2 [5,8)). Each trial streams ``--tokens`` greedy tokens through the official ``openai`` client and,
-when token ``k`` arrives (k in ``--at``, interleaved across trials), sends ``--signal`` to the replica the
-session runs through: ``kill`` (SIGKILL, the replica is restarted before the next trial, same identity,
+once the coordinator has run step ``k`` (about token k; k in ``--at``, interleaved across trials; since
+2026-12-04 the coordinator's step counter, before that the client's token arrival), sends ``--signal`` to the
+replica the session runs through: ``kill`` (SIGKILL, the replica is restarted before the next trial, same identity,
 new port) or ``stop`` (SIGSTOP, SIGCONT once the stream ended). Per trial it records whether the stream
 completed with exactly the no-fault text, the stall (largest gap between consecutive tokens), the
 failovers and replays the coordinator counted, and which replica served after the fault.
