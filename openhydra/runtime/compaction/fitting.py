@@ -95,7 +95,10 @@ def fit_values(
     eye = torch.eye(t, dtype=gram.dtype)
     lhs = gram + lam[:, None, None] * eye
     rhs = (p.transpose(1, 2) @ stats.output).double() + lam[:, None, None] * kept_values.double()  # [Hk, t, Dv]
-    c_v = torch.linalg.solve(lhs, rhs)
+    # lhs = PᵀP + λI is symmetric positive definite (λ > 0): Cholesky, not LU. It is the usual solver for a ridge
+    # system, and it avoids LAPACK's getrf/laswp path, where MKL once failed in CI on this exact input ("Parameter
+    # 6 was incorrect on entry to DLASWP"; the same seeded test passes in every other run).
+    c_v = torch.cholesky_solve(rhs, torch.linalg.cholesky(lhs))
     return torch.where(active.unsqueeze(-1), c_v, torch.zeros_like(c_v))
 
 
