@@ -23,19 +23,34 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 from openhydra.runtime.quant_cpu import FusedProjections
 
 
-def lean_supported(layers: nn.ModuleList, attn_implementation: str) -> bool:
-    """Whether :func:`llama_layer_step` computes exactly what each of ``layers`` would."""
-    if attn_implementation != "sdpa" or len(layers) == 0:
-        return False
+def lean_modules(layers: nn.ModuleList) -> tuple[nn.Module, ...] | None:
+    """Decided once, at load: the modules whose hooks and training flag :func:`lean_usable` watches, or None when a
+    layer is not exactly a ``LlamaDecoderLayer`` with ``LlamaRMSNorm`` norms."""
+    if len(layers) == 0:
+        return None
+    watched: list[nn.Module] = []
     for layer in layers:
-        if type(layer) is not LlamaDecoderLayer or layer.training:
-            return False
-        parts = (layer, layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm)
+        if type(layer) is not LlamaDecoderLayer:
+            return None
         if type(layer.input_layernorm) is not LlamaRMSNorm or type(layer.post_attention_layernorm) is not LlamaRMSNorm:
-            return False
-        if any(m._forward_hooks or m._forward_pre_hooks for m in parts):
-            return False
+            return None
+        watched += [layer, layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm]
+    return tuple(watched)
+
+
+def lean_usable(watched: tuple[nn.Module, ...] | None, attn_implementation: str) -> bool:
+    """Per step (cheap): whether :func:`llama_layer_step` computes exactly what the layers would now, i.e. sdpa
+    attention (continuous batching and KV compaction switch it), eval mode and no forward hooks anywhere."""
+    if watched is None or attn_implementation != "sdpa":
+        return False
+    if any(m.training or m._forward_hooks or m._forward_pre_hooks for m in watched):
+        return False
     return not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
+def lean_supported(layers: nn.ModuleList, attn_implementation: str) -> bool:
+    """Whether :func:`llama_layer_step` computes exactly what each of ``layers`` would (both checks at once)."""
+    return lean_usable(lean_modules(layers), attn_implementation)
 
 
 def _rms_norm(norm: LlamaRMSNorm, h: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
 from openhydra.runtime.compaction.config import CompactionConfig
 from openhydra.runtime.compaction.shard_hook import ShardCompaction
-from openhydra.runtime.lean_layers import lean_supported, llama_layer_step
+from openhydra.runtime.lean_layers import lean_modules, lean_usable, llama_layer_step
 from openhydra.runtime.malloc import maybe_trim
 from openhydra.runtime.prefix_cache import PrefixCache, PrefixKey, begin_prefix, run_in_blocks
 from openhydra.runtime.sessions import Session, SessionStore
@@ -77,6 +77,7 @@ class ShardRuntime:
         self.loaded_bytes = build.loaded_bytes
         self.layer_types = layer_types_of(self.shard_config)
         self._mask_fns = {t: _mask_function(t) for t in set(self.layer_types)}
+        self._lean = lean_modules(self.modules.layers)  # plain Llama layers: the lean step (runtime/lean_layers.py)
         self.is_recurrent = any(t in RECURRENT_LAYER_TYPES for t in self.layer_types)
         self.prefix_cache: PrefixCache | None = None  # runtime/serving.py turns it on
         self.batcher = None  # runtime/batching.py DecodeBatcher, when continuous batching is on
@@ -226,7 +227,7 @@ class ShardRuntime:
                 for layer_type, fn in self._mask_fns.items()
             }
             position_embeddings = self.modules.rotary_emb(h, position_ids)  # (cos, sin), each [1, S, head_dim]
-            if lean_supported(self.modules.layers, self.shard_config._attn_implementation):
+            if lean_usable(self._lean, self.shard_config._attn_implementation):
                 for layer, layer_type in zip(self.modules.layers, self.layer_types, strict=True):
                     h = llama_layer_step(layer, h, position_embeddings, cache, masks[layer_type])
                 return h  # [1, S, D]: the same bits as the loop below, fewer small ops (runtime/lean_layers.py)

@@ -13,7 +13,7 @@ from torch import nn
 
 from openhydra.runtime import quantize as quantize_module
 from openhydra.runtime import shard as shard_module
-from openhydra.runtime.lean_layers import lean_supported
+from openhydra.runtime.lean_layers import lean_supported, lean_usable
 from openhydra.runtime.quant_cpu import (
     FusedProjections,
     Int4WeightOnlyLinear,
@@ -113,7 +113,7 @@ def _assert_lean_equals_transformers(model_dir: Path, dtype: torch.dtype, quanti
     assert lean_supported(rt.modules.layers, rt.shard_config._attn_implementation)
     lean, lean_cache = _steps(rt, "lean", prompt, new)
     with monkeypatch.context() as m:
-        m.setattr(shard_module, "lean_supported", lambda *a: False)  # transformers' LlamaDecoderLayer.forward
+        m.setattr(shard_module, "lean_usable", lambda *a: False)  # transformers' LlamaDecoderLayer.forward
         plain, plain_cache = _steps(rt, "plain", prompt, new)
     assert len(lean) == len(plain) == new + 1
     for step, (a, b) in enumerate(zip(lean, plain, strict=True)):
@@ -148,7 +148,9 @@ def test_lean_step_only_where_it_is_that_layer(tiny_model_dirs):
     assert not lean_supported(llama.modules.layers, "eager")  # batching's rows / compaction's attention too
     handle = llama.modules.layers[2].mlp.register_forward_hook(lambda *a: None)
     assert not lean_supported(llama.modules.layers, "sdpa")
+    assert not lean_usable(llama._lean, "sdpa")  # the runtime's load-time choice still sees a later hook
     handle.remove()
+    assert lean_usable(llama._lean, "sdpa")
     assert lean_supported(llama.modules.layers, "sdpa")
     for family in ("qwen3", "qwen3_5"):
         other = ShardRuntime(tiny_model_dirs[family], 0, 4, dtype=torch.float32)
