@@ -47,28 +47,39 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 VERSION_STAMPED = ("config.json", "generation_config.json")
 
 
-def drop_version_stamps(folder: Path) -> bool:
-    """Remove ``transformers_version`` from the folder's configs; True if a file changed.
-
-    The catalog pins a converted checkpoint's manifest (weights/manifest.py) so that peers serving it to each
-    other agree on its bytes, and this stamp was the only byte that changed with the transformers release:
-    SmolLM2 converted under 5.24.0 and 5.25.0 gave different manifests with identical weights and tokenizer.
-    Nothing reads it back (transformers only writes it). Files are replaced atomically."""
-    changed = False
+def version_stamped(folder: Path) -> list[tuple[Path, dict]]:
+    """The folder's configs that carry a ``transformers_version`` stamp, parsed."""
+    stamped = []
     for name in VERSION_STAMPED:
         path = Path(folder) / name
         try:
             config = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(config, dict) or "transformers_version" not in config:
-            continue
+        if isinstance(config, dict) and "transformers_version" in config:
+            stamped.append((path, config))
+    return stamped
+
+
+def drop_version_stamps(folder: Path) -> bool:
+    """Remove ``transformers_version`` from the folder's configs; True if a file changed.
+
+    The catalog pins a converted checkpoint's manifest (weights/manifest.py) so that peers serving it to each
+    other agree on its bytes, and this stamp was the only byte that changed with the transformers release:
+    SmolLM2 converted under 5.24.0 and 5.25.0 gave different manifests with identical weights and tokenizer.
+    Nothing reads it back (transformers only writes it)."""
+    stamped = version_stamped(folder)
+    for path, config in stamped:
         del config["transformers_version"]
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-        changed = True
-    return changed
+        write_json_atomic(path, config, indent=2, sort_keys=True)
+    return bool(stamped)
+
+
+def write_json_atomic(path: Path, value: object, **dumps: object) -> None:
+    """``path`` holds ``value`` as JSON, replaced in one rename (readers see the old file or the new one)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, **dumps) + "\n")
+    tmp.replace(path)
 
 
 @contextlib.contextmanager

@@ -154,21 +154,15 @@ def _fsync_dir(folder: Path) -> None:
 
 def is_stamped(folder: Path) -> bool:
     """A folder converted before version stamps were dropped (convert_gguf.drop_version_stamps)."""
-    from openhydra.runtime.convert_gguf import VERSION_STAMPED
+    from openhydra.runtime.convert_gguf import version_stamped
 
-    for name in VERSION_STAMPED:
-        try:
-            if "transformers_version" in json.loads((folder / name).read_text()):
-                return True
-        except (OSError, ValueError, TypeError):
-            continue
-    return False
+    return bool(version_stamped(folder))
 
 
 def _restamp(folder: Path) -> None:
     """Bring an older conversion to today's bytes (under the cache lock): drop the configs' version stamps, then
     recompute the manifest (its sizes no longer match, so ensure_manifest rebuilds it) and the marker's copy."""
-    from openhydra.runtime.convert_gguf import drop_version_stamps
+    from openhydra.runtime.convert_gguf import drop_version_stamps, write_json_atomic
     from openhydra.weights.manifest import ensure_manifest
 
     if not drop_version_stamps(folder):
@@ -178,10 +172,7 @@ def _restamp(folder: Path) -> None:
     record = json.loads(marker_path.read_text())
     log.info("%s: dropped the configs' transformers version stamps; manifest %s -> %s", folder,
              record.get("manifest"), manifest_hash)
-    record["manifest"] = manifest_hash
-    tmp = marker_path.with_name(f"{marker_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(marker_path)
+    write_json_atomic(marker_path, {**record, "manifest": manifest_hash}, indent=2)
 
 
 def materialize(target: Path, convert_argv: list[str], what: str, record: dict[str, object]) -> Materialized:

@@ -95,9 +95,9 @@ class Trial:
         return max((b - a for a, b in itertools.pairwise(self.times) if b > since), default=0.0)
 
 
-def stream(coordinator: NodeProcess, model: str, max_tokens: int, on_token=None, timeout_s: float = 120) -> Trial:
-    """One greedy stream of exactly ``max_tokens`` tokens (``ignore_eos``); ``on_token(n)`` after the n-th text
-    chunk (a chunk is one token, or a few when they complete one UTF-8 character together)."""
+def stream(coordinator: NodeProcess, model: str, max_tokens: int, timeout_s: float = 120) -> Trial:
+    """One greedy stream of exactly ``max_tokens`` tokens (``ignore_eos``), each text chunk's arrival timed (a chunk
+    is one token, or a few when they complete one UTF-8 character together)."""
     trial = Trial(at=0)
     client = openai.OpenAI(base_url=coordinator.url + "/v1", api_key="x", max_retries=0, timeout=timeout_s)
     trial.times.append(time.monotonic())
@@ -112,8 +112,6 @@ def stream(coordinator: NodeProcess, model: str, max_tokens: int, on_token=None,
                 if choice.delta.content:
                     trial.text += choice.delta.content
                     trial.times.append(time.monotonic())
-                    if on_token is not None:
-                        on_token(trial.chunks)
     except openai.APIError as exc:
         trial.error = f"{type(exc).__name__}: {exc}"
     return trial

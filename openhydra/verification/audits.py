@@ -114,8 +114,12 @@ class Outcome:
     irreproducible: bool = False  # the user's answer differed from a replay of its own chain
     answers: dict[str, Answer] = field(default_factory=dict)  # each voter's answer at ``step`` (evidence digests)
     majority: Answer | None = None  # the winning class's answer (tiers 2 and 3, when someone failed)
-    suspects: list[str] = field(default_factory=list)  # irreproducible: the peers of the user's chain
     chain: list[str] = field(default_factory=list)  # the user's chain (peer ids) whose answer was audited
+
+    @property
+    def suspects(self) -> list[str]:
+        """Irreproducible: every peer of the user's chain (one of them behaved differently in the user's session)."""
+        return list(self.chain) if self.irreproducible else []
 
 
 def swapped_route(chain: Chain, hop_index: int, peer: PeerAnnouncement) -> list[HopSpec]:
@@ -261,8 +265,7 @@ class AuditRunner:
             return False  # the span's peers disagree among replays too: a vote decides
         self.metrics.irreproducible.inc()
         self._conclude(audit, Outcome(audit.session_id, audit.span, tier, step=feed.step, irreproducible=True,
-                               suspects=list(audit.chain.peer_ids),
-                               reason=f"user's answer not reproduced by its own chain ({reason})"))
+                                      reason=f"user's answer not reproduced by its own chain ({reason})"))
         return True
 
     def _decide(self, audit: Audit, voters: list[tuple[str, Answer]], feed: Feed, *, tier: int, reason: str,

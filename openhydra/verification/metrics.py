@@ -46,13 +46,10 @@ class VerificationMetrics:
                                  registry=r)
         self.reputation = Gauge("openhydra_peer_reputation", "Peer reputation score and its components",
                                 ["peer_id", "component"], registry=r)
-        self.convictions = Counter("openhydra_verification_eliminations_total",
-                                   "Peers failed by elimination: in every irreproducible user chain, while every "
-                                   "other suspect was reproduced without them", registry=r)
         for tier in ("1", "2", "3"):  # every series exists from the start: dashboards show 0, not "no data"
             self.audits.labels(tier)
             self.failures.labels(tier)
-        self.failures.labels("elimination")
+        self.failures.labels("elimination")  # verification/elimination.py: failed from user chains, not by a vote
         for verdict in ("agree", "disagree", "inconclusive"):
             self.verdicts.labels(verdict)
 

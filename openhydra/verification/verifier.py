@@ -255,7 +255,6 @@ class Verifier:
         log.warning("verification: failing %s (%s)", conviction.peer_id, detail)
         self.reputation.record(conviction.peer_id, "fail", detail=detail)
         self.metrics.failures.labels("elimination").inc()
-        self.metrics.convictions.inc()
         self._on_fail(conviction.peer_id, detail)
 
     def avoid(self) -> tuple[frozenset[str], ...]:
