@@ -46,7 +46,7 @@ chains: the bar each other suspect's clean chains must clear."""
 class Conviction:
     peer_id: str
     bad_sessions: int  # bad chains, all with the peer
-    exonerated: tuple[str, ...]  # the other suspects, each in >= min_sessions clean chains without the peer
+    exonerated: tuple[str, ...]  # the other suspects, each in enough clean chains without the peer (_needed)
 
 
 class Elimination:
@@ -84,8 +84,8 @@ class Elimination:
 
         One candidate ``P`` at a time, in turn: leave out ``P`` together with the suspects already reproduced often
         enough without it, so that the others get tried without ``P`` (all of them, else each alone, else just
-        ``P``). While a single candidate
-        remains with fewer than ``min_sessions`` bad chains, only every other chain, so evidence keeps coming."""
+        ``P``). While a single candidate remains with fewer than ``min_sessions`` bad chains, only every other
+        chain, so evidence keeps coming."""
         with self._lock:
             bad = self._bad()
             pending = sorted(self._candidates(bad) - self._convicted)
