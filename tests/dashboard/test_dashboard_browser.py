@@ -190,13 +190,21 @@ def test_chat_playground_streams_the_reply(nodes, page):
     model_id = page.input_value("#chat-model")
     page.fill("#chat-max-tokens", "16")
     page.fill("#chat-temperature", "0")
-    # Record every text the reply shows while it streams.
+    # Record every text the reply shows while it streams: each render replaces the body's text node, so every
+    # added text node is one rendered state, also when the browser hands several renders to one observer callback
+    # (a fast machine delivered the whole 16-token reply in one network read: reading the body once per callback
+    # then saw only the final text).
     page.evaluate("""() => {
         window.__seen = [];
-        new MutationObserver(() => {
-            const body = document.querySelector('.msg-assistant:last-child .msg-body');
-            const text = body ? body.textContent : '';
-            if (text && window.__seen.at(-1) !== text) window.__seen.push(text);
+        new MutationObserver((records) => {
+            for (const record of records) {
+                const body = record.target.closest ? record.target.closest('.msg-assistant .msg-body') : null;
+                if (!body || body !== document.querySelector('.msg-assistant:last-child .msg-body')) continue;
+                for (const node of record.addedNodes) {
+                    const text = node.textContent;
+                    if (text && window.__seen.at(-1) !== text) window.__seen.push(text);
+                }
+            }
         }).observe(document.getElementById('chat-log'), {subtree: true, childList: true, characterData: true});
     }""")
     page.fill("#chat-input", PROMPT)

@@ -1,0 +1,55 @@
+"""Where one decode step of a CPU node goes: ``ShardRuntime.forward`` timed alone, then a torch profile of it.
+
+    OMP_NUM_THREADS=1 python bench/profile_decode_step.py [--quantization int4] [--dtype float32] [--steps 64]
+
+The whole embedded SmolLM2 in one ShardRuntime (no network, no API), 1 thread: a 42-token prompt, then
+``--steps`` greedy decode steps, each timed (median printed), then 10 more under ``torch.profiler`` with the ops
+sorted by their own CPU time: how much of a step the matmul kernels take against the small ops around them.
+docs/benchmarks.md, "One node vs llama.cpp".
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from openhydra.testing.machine import announce
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quantization", default="int4", choices=["none", "int8", "int4"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=64)
+    args = parser.parse_args()
+    announce()
+    torch.set_num_threads(1)
+    from openhydra.runtime.shard import ShardRuntime
+    from openhydra.runtime.source import embedded_model_dir
+    from openhydra.testing import TEST_CACHE_ROOT
+
+    rt = ShardRuntime(embedded_model_dir(TEST_CACHE_ROOT), dtype=getattr(torch, args.dtype),
+                      quantization=args.quantization)
+    prompt = torch.arange(100, 142)
+    out = rt.forward("s", torch.arange(prompt.numel()), input_ids=prompt)
+    position, times = prompt.numel(), []
+    for _ in range(args.steps):
+        token = torch.tensor([int(out.argmax())])
+        began = time.perf_counter()
+        out = rt.forward("s", torch.tensor([position]), input_ids=token)
+        times.append(time.perf_counter() - began)
+        position += 1
+    print(f"quantization={args.quantization} dtype={args.dtype}: median {statistics.median(times) * 1e3:.2f} ms "
+          f"per decode step over {args.steps} (p90 {sorted(times)[int(0.9 * len(times))] * 1e3:.2f})", flush=True)
+    with torch.profiler.profile() as prof:
+        for _ in range(10):
+            out = rt.forward("s", torch.tensor([position]), input_ids=torch.tensor([int(out.argmax())]))
+            position += 1
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
