@@ -18,6 +18,7 @@ are off unless configured: a node on loopback must not reach for the internet (D
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +31,35 @@ from openhydra.discovery.records import PeerAnnouncement
 logger = logging.getLogger(__name__)
 
 TOMBSTONE = {"withdrawn": True}  # the unsigned tombstone of a plain name; owned peer ids sign theirs
+
+
+START_ATTEMPTS = 2
+
+
+async def _visible_maddrs(_dht: Any, node: Any) -> list[Any]:
+    return await node.get_visible_maddrs()
+
+
+def _end(dht: Any) -> None:
+    """Stop a DHT process that may never have become ready (shutdown's pipe message may go unread), and the
+    p2pd daemon it may have launched: an orphaned p2pd ends by itself, seconds later; this frees it now."""
+    import psutil
+
+    try:
+        if not dht.is_alive():
+            return
+        try:
+            daemons = psutil.Process(dht.pid).children(recursive=True)
+        except psutil.Error:
+            daemons = []
+        dht.kill()
+        dht.join(5)
+        for proc in daemons:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(daemons, timeout=5)
+    except Exception:  # best effort on a failed start; the start error is what is reported
+        logger.debug("could not end a DHT process that failed to start", exc_info=True)
 
 
 def _is_tombstone(value: Any) -> bool:
@@ -70,6 +100,7 @@ class KademliaDiscovery(Discovery):
             self._dht_kwargs["announce_maddrs"] = list(announce_maddrs)
         self.dht: Any = None  # hivemind.DHT once started
         self._expirations: dict[tuple[str, str], float] = {}  # own records' DHT expiration, for tombstones
+        self._maddrs: list[str] = []  # read once at start
 
     def key(self, model_id: str) -> str:
         return f"{self.key_prefix}:{model_id}"
@@ -77,9 +108,7 @@ class KademliaDiscovery(Discovery):
     @property
     def visible_maddrs(self) -> list[str]:
         """Multiaddrs other nodes can use as ``initial_peers`` (with /p2p/<id>)."""
-        if self.dht is None:
-            return []
-        return [str(m) for m in self.dht.get_visible_maddrs()]
+        return list(self._maddrs) if self.dht is not None else []
 
     async def start(self) -> None:
         if self.dht is not None:
@@ -89,16 +118,36 @@ class KademliaDiscovery(Discovery):
         from openhydra.discovery.kademlia_validator import OwnerValidator
 
         def create() -> Any:
-            return hivemind.DHT(
-                initial_peers=self.initial_peers or None,
-                start=True,
-                record_validators=[OwnerValidator()],
-                **self._dht_kwargs,
-            )
+            # hivemind's own start waits for the DHT process with no deadline, and a forked child can stall
+            # (a lock held by another thread at fork time, a slow p2pd on a loaded machine): wait with one,
+            # end a stalled child, and try once more. The thread always returns, so nothing is left behind
+            # for the event loop's executor shutdown to wait on.
+            errors = []
+            for _attempt in range(START_ATTEMPTS):
+                dht = hivemind.DHT(
+                    initial_peers=self.initial_peers or None,
+                    start=False,
+                    record_validators=[OwnerValidator()],
+                    **self._dht_kwargs,
+                )
+                try:
+                    dht.run_in_background(await_ready=True, timeout=self.start_timeout_s)
+                    # Read once here, under a deadline too: the property must never block a caller.
+                    maddrs = dht.run_coroutine(_visible_maddrs, return_future=True).result(timeout=self.timeout_s)
+                    return dht, [str(m) for m in maddrs]
+                except TimeoutError:
+                    errors.append(f"not ready within {self.start_timeout_s} s")
+                    _end(dht)
+                except BaseException:
+                    _end(dht)
+                    raise
+            raise DiscoveryError(f"hivemind DHT did not start ({START_ATTEMPTS} tries): {'; '.join(errors)}")
 
         try:
-            self.dht = await asyncio.wait_for(asyncio.to_thread(create), self.start_timeout_s)
-        except (TimeoutError, Exception) as exc:
+            self.dht, self._maddrs = await asyncio.to_thread(create)
+        except DiscoveryError:
+            raise
+        except Exception as exc:
             raise DiscoveryError(f"hivemind DHT did not start: {type(exc).__name__}: {exc}") from exc
 
     async def stop(self) -> None:

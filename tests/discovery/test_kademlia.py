@@ -158,3 +158,75 @@ def test_signed_records_and_tombstones_only_from_their_owner():
             await asyncio.gather(first.stop(), second.stop())
 
     asyncio.run(scenario())
+
+
+def test_a_start_that_stalls_fails_by_its_deadline_and_leaves_no_process_behind(monkeypatch):
+    """hivemind waits for its DHT process with no deadline; a stalled start once hung a CI run for 300 s (the
+    executor thread never returned, so asyncio.run's shutdown waited on it). Here the stall is real: the only
+    initial peer accepts TCP and never speaks, so the DHT child sits in the libp2p handshake with its p2pd
+    running. Start fails with a clear error after two tries, and neither the DHT process nor its p2pd
+    outlives the failure."""
+    import multiprocessing
+    import socket
+    import threading
+
+    import psutil
+
+    from openhydra.discovery import kademlia
+    from openhydra.discovery.base import DiscoveryError
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    ended: list[tuple[str, psutil.Process]] = []  # each stalled DHT process and what it launched, as it is ended
+    real_end = kademlia._end
+
+    def watched_end(dht) -> None:
+        proc = psutil.Process(dht.pid)
+        ended.extend((p.name(), p) for p in [proc, *proc.children(recursive=True)])
+        real_end(dht)
+
+    monkeypatch.setattr(kademlia, "_end", watched_end)
+    before_mp = set(multiprocessing.active_children())
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    accepted = threading.Event()
+
+    def hold() -> None:
+        while True:
+            try:
+                conn, _ = silent.accept()
+            except OSError:
+                return
+            held.append(conn)
+            accepted.set()
+
+    threading.Thread(target=hold, daemon=True).start()
+    peer = f"/ip4/127.0.0.1/tcp/{silent.getsockname()[1]}/p2p/QmXfMvd8mqf8Mvq6Nu8FzP4KSYx6mBG7mLSTNZYc7WbFFG"
+
+    async def scenario():
+        node = KademliaDiscovery(initial_peers=[peer], timeout_s=5, start_timeout_s=1.0, allow_unsigned_names=True)
+        with pytest.raises(DiscoveryError, match=r"did not start \(2 tries\): not ready within 1.0 s"):
+            await node.start()
+        assert node.dht is None and node.visible_maddrs == []
+
+    try:
+        asyncio.run(scenario())
+        assert accepted.is_set()  # the stall was the handshake, not something earlier
+    finally:
+        silent.close()
+        for conn in held:
+            conn.close()
+    assert set(multiprocessing.active_children()) <= before_mp
+    # An orphaned p2pd is re-parented away from us, so look at the very processes that were ended.
+    assert [name for name, _ in ended].count("p2pd") == 2
+
+    def alive(proc: psutil.Process) -> bool:
+        try:
+            return proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    assert [name for name, proc in ended if alive(proc)] == []
+    left = [p for p in me.children(recursive=True) if p.pid not in before and p.is_running()]
+    # torch starts its shared-memory manager lazily, in this process, on first use: not ours to end.
+    assert [p.name() for p in left if p.status() != psutil.STATUS_ZOMBIE and p.name() != "torch_shm_manager"] == []
