@@ -267,7 +267,7 @@ class Node:
                                       static_key=privacy.static, require_encryption=privacy.encrypt,
                                       swarm_token=privacy.membership.token, settlement=settlement,
                                       retain_bytes=int(cfg.peer.retain_activations_mb * (1 << 20)),
-                                      advertise_address=hop_address)
+                                      advertise_address=hop_address, advertise_host=cfg.peer.advertise_host)
         privacy.install_verifier(self.discovery)
         from openhydra.weights.node_hook import share_weights  # weights from the swarm: serve this span's tensors
 
@@ -277,7 +277,7 @@ class Node:
         grpc_address = self.peer_server.start()
         if self.transport is not None:
             self.transport.serve(grpc_address)  # calls arriving over libp2p replay into our gRPC server
-        grpc_address = hop_address or grpc_address
+        grpc_address = self.peer_server.hop_address  # what discovery announces and routes name
         p2p_maddrs, reachable = self._p2p_record_fields()
         peer_id = cfg.node.peer_id or self.identity.peer_id
         if hasattr(self.discovery, "set_identity"):  # discovery hook: only the owner withdraws its record
@@ -342,7 +342,8 @@ class Node:
 
                 attach_evidence(verifier, self.discovery, self.identity, lambda: make_record(time.time(), 3600.0),
                                 privacy.sign, self.background.loop, choice.api_name)
-        client = PeerChainClient([], reply_host=cfg.peer.host, tunables=self._client_tunables(),
+        client = PeerChainClient([], reply_host=cfg.peer.host, reply_port=cfg.peer.reply_port,
+                                 advertise_host=cfg.peer.advertise_host, tunables=self._client_tunables(),
                                  **privacy.client_options(runtime, choice.path,
                                                           lambda: self.swarm.peers() if self.swarm else []))
         client.local_addresses.add(grpc_address)  # this process's own peer: a slow probe answer is our own load
@@ -465,7 +466,9 @@ class Node:
         swarm: SwarmPipeline | None = None
         options = self.privacy.client_options(None, path, lambda: swarm.peers() if swarm else [],
                                               dtype=torch.float32)
-        client = PeerChainClient([], reply_host=cfg.peer.host, tunables=self._client_tunables(), **options)
+        # Its own reply port: the node's fixed peer.reply_port (if any) belongs to its primary model's client.
+        client = PeerChainClient([], reply_host=cfg.peer.host, advertise_host=cfg.peer.advertise_host,
+                                 tunables=self._client_tunables(), **options)
         settler = None  # degraded requests are settled like any other (economy/swarm_settlement.py)
         primary_settler = self.state.extra.get("settlement")
         if primary_settler is not None:
@@ -499,7 +502,7 @@ class Node:
         if maddrs:
             status["kademlia_maddrs"] = maddrs
         if self.peer_server is not None:
-            status["peer"] = {"grpc_address": self.peer_server.address, "span": list(self.span or ())}
+            status["peer"] = {"grpc_address": self.peer_server.hop_address, "span": list(self.span or ())}
             if self.peer_server.weights is not None:
                 status["peer"]["weights"] = self.peer_server.weights.status()
         status["reachability"] = self.reachability_status()

@@ -177,6 +177,12 @@ class PeerSection(Strict):
     libp2p: Libp2pSection = Field(default_factory=Libp2pSection)
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
+    advertise_host: str | None = None
+    """The host other nodes dial to reach this one, on the same ports (peer.port, peer.reply_port): a router's
+    public address with those ports forwarded, a container host, a relay. Default: peer.host."""
+    reply_port: int = Field(0, ge=0, le=65535)
+    """Coordinator: the port the last hop of a chain delivers results to; 0: any free port. Fix it (and forward
+    it) when peers reach this node through peer.advertise_host."""
     step_timeout_s: float = Field(30.0, gt=0)
     """Coordinator: the longest one message (a prefill chunk or a decode step) may take while its chain reports
     progress; each chunk of a long prompt gets its own."""
@@ -191,6 +197,17 @@ class PeerSection(Strict):
     share_weights_mbps: float = Field(100.0, ge=0)
     """Serve this span's weights to joining peers (openhydra/weights/serve.py) at most this fast, megabits/s
     over all their streams; 0: do not share."""
+
+    @field_validator("advertise_host")
+    @classmethod
+    def _a_host_only(cls, host: str | None) -> str | None:
+        if host is None:
+            return None
+        bare = host.strip()
+        if not bare or any(c in bare for c in "/ ") or (":" in bare and not bare.startswith("[")):
+            raise ValueError(f"{host!r} is not a host name or address (no port, no scheme: the ports stay "
+                             "peer.port and peer.reply_port; IPv6 in brackets)")
+        return bare
 
 
 # Groups validated by schemas that live with the code that uses them.

@@ -451,9 +451,11 @@ class PeerServer:
         settlement: Any = None,
         retain_bytes: int = DEFAULT_RETAIN_BYTES,
         advertise_address: str | None = None,
+        advertise_host: str | None = None,
     ) -> None:
         self.runtime, self.host, self.port = runtime, host, port
         self.advertise_address = advertise_address  # the hop address others use (a libp2p peer's ``<id>.p2p:1``)
+        self.advertise_host = advertise_host  # or the host others dial, on our port (NAT forwarding, a relay)
         self.retain_bytes = retain_bytes  # activations kept for a failover rebuild (peer/rebuild.py)
         self.settlement = settlement
         self.swarm_token = swarm_token
@@ -470,6 +472,13 @@ class PeerServer:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def hop_address(self) -> str:
+        """The address others put in routes for this peer (bound port known only after start)."""
+        if self.advertise_address:
+            return self.advertise_address
+        return f"{self.advertise_host}:{self.port}" if self.advertise_host else self.address
 
     def start(self) -> str:
         ready = threading.Event()
@@ -504,7 +513,7 @@ class PeerServer:
         self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {self.host}")
-        self.service = PeerService(self.runtime, self.advertise_address or self.address, self.model_id, self.workers,
+        self.service = PeerService(self.runtime, self.hop_address, self.model_id, self.workers,
                                    static_key=self.static_key, require_encryption=self.require_encryption,
                                    swarm_token=self.swarm_token, settlement=self.settlement,
                                    retain_bytes=self.retain_bytes)

@@ -24,6 +24,7 @@ import json
 import logging
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -109,6 +110,7 @@ class DelayRelay:
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
         self.connections = 0
+        self.by_port: Counter[int] = Counter()  # connections accepted per listening port
 
     async def start(self) -> None:
         for host, port in self.listen:
@@ -131,6 +133,7 @@ class DelayRelay:
         src = writer.get_extra_info("peername")[0]
         dst, port = writer.get_extra_info("sockname")[:2]
         self.connections += 1
+        self.by_port[port] += 1
         forward, back = self.policy(src, dst), self.policy(dst, src)
         target = self.targets.get(dst, dst)
         try:

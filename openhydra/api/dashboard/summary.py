@@ -142,7 +142,7 @@ def _node_info(state: Any, node: Any) -> NodeInfo:
     if node is not None:
         configured = getattr(getattr(getattr(node, "cfg", None), "node", None), "peer_id", None)
         info.peer_id = configured or getattr(getattr(node, "identity", None), "peer_id", None)
-        info.grpc_address = getattr(node.peer_server, "address", None)
+        info.grpc_address = getattr(node.peer_server, "hop_address", None)
         reach = getattr(node, "reachability", None)
         if reach is not None:
             info.reachable = f"{reach.reachable} ({reach.transport}: {reach.reason})"
