@@ -61,7 +61,7 @@ from openhydra.peer.session_auth import hop_settlement_key, sign_failure
 from openhydra.peer.wire import FLOAT_DTYPES, WireError, decode_tensor, encode_tensor
 from openhydra.runtime.prefix_cache import PrefixKey
 from openhydra.runtime.sampling import sample
-from openhydra.runtime.shard import PositionMismatchError, ShardRuntime
+from openhydra.runtime.shard import PositionMismatchError, ShardRuntime, is_verify
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +203,16 @@ class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
         try:
             prefix = _prefix_key(step)  # a malformed one is INVALID_ARGUMENT
             batcher = getattr(self.runtime, "batcher", None)
-            if (batcher is not None and header.num_positions == 1 and prefix is None  # runtime/batching.py
-                    and not (header.return_hidden and self.runtime.is_last)):
+            batchable = (batcher is not None and prefix is None  # runtime/batching.py
+                         and not (header.return_hidden and self.runtime.is_last))
+            if batchable and header.num_positions == 1:
                 out = self._compute(header, tensor, await asyncio.wrap_future(self._submit(batcher, header, tensor)))
+            elif batchable and is_verify(header.all_logits, header.num_positions, header.start_position):
+                # A speculative verify: each position as the batched decode step plain decoding runs there
+                # (runtime/shard.py is_verify: the same bits as plain greedy).
+                rows = [await asyncio.wrap_future(self._submit(batcher, header, tensor[i : i + 1], i))
+                        for i in range(header.num_positions)]
+                out = self._compute(header, tensor, torch.cat(rows))
             elif header.num_positions <= self.inline_max_positions and self._inline_ok:
                 out = self._compute(header, tensor, prefix=prefix)
                 self._slow_inline = self._slow_inline + 1 if time.perf_counter() - began > INLINE_MAX_S else 0
@@ -242,10 +249,11 @@ class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
         else:
             await self._push(header, step, out, state)
 
-    def _submit(self, batcher, header: StepHeader, tensor: torch.Tensor):
-        """Queue a one-position step with the decode batcher; a future of what ``runtime.forward`` returns."""
+    def _submit(self, batcher, header: StepHeader, tensor: torch.Tensor, offset: int = 0):
+        """Queue a one-position step (``offset`` into the step's positions) with the decode batcher; a future of
+        what ``runtime.forward`` returns for it."""
         ids = tensor if self.runtime.is_first and tensor.dtype == torch.int64 else None
-        return batcher.submit(header.session_id, header.start_position, input_ids=ids,
+        return batcher.submit(header.session_id, header.start_position + offset, input_ids=ids,
                               hidden_states=tensor if ids is None else None, all_logits=header.all_logits)
 
     def _compute(

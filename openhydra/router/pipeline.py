@@ -139,9 +139,13 @@ class LocalPipeline:
         self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams, step: int
     ) -> torch.Tensor:
         positions = torch.arange(start_pos, start_pos + len(token_ids))  # [S]
-        with torch.inference_mode():
-            return self.runtime.forward(session_id, positions, input_ids=torch.tensor(token_ids, dtype=torch.long),
-                                        all_logits=True)  # [S, V]
+        ids = torch.tensor(token_ids, dtype=torch.long)
+        batcher = getattr(self.runtime, "batcher", None)
+        if batcher is not None:  # each position as the batched decode step plain decoding runs there: its bits
+            return torch.cat([batcher.forward(session_id, start_pos + i, input_ids=ids[i : i + 1])
+                              for i in range(len(token_ids))])  # [S, V]
+        with torch.inference_mode():  # per position inside too (runtime/shard.py is_verify)
+            return self.runtime.forward(session_id, positions, input_ids=ids, all_logits=True)  # [S, V]
 
     def truncate(self, session_id: str, length: int) -> None:
         self.runtime.truncate_session(session_id, length)

@@ -43,6 +43,12 @@ class PositionMismatchError(ValueError):
         self.got = got
 
 
+def is_verify(all_logits: bool, seq_len: int, first: int) -> bool:
+    """A step that wants logits for each of several positions after a session's start: a speculative verify
+    (prefill steps want the last position's only)."""
+    return all_logits and seq_len > 1 and first > 0
+
+
 class ShardRuntime:
     def __init__(
         self,
@@ -194,24 +200,39 @@ class ShardRuntime:
                     raise PositionMismatchError(session_id, seeded, first)
             if first != session.length:
                 raise PositionMismatchError(session_id, session.length, first)
+            position_ids = positions.to(self.device).view(1, seq_len)
             try:
-                position_ids = positions.to(self.device).view(1, seq_len)
-                if self.prefix_cache is not None and self.compaction is None and (
-                        seq_len > 1 or session.prefix is not None):
-                    # Exact mode: block-aligned pieces, so a prefix hit equals a cold run bit for bit.
-                    out = run_in_blocks(self.prefix_cache, session, h, position_ids, self._run_layers)
-                elif self.compaction is not None:
-                    out = self.compaction.run(session, seq_len, lambda: self._run_layers(session, h, position_ids))
+                if is_verify(all_logits, seq_len, first):
+                    # A speculative verify: each position runs as the one-position decode step plain decoding
+                    # would run there, so its bits (and greedy's argmax) are plain decoding's. One forward over
+                    # all S positions rounds differently (a matmul's rounding depends on its row count: up to
+                    # 0.44 in SmolLM2's bf16 logits), which changed greedy text.
+                    outs = []
+                    for i in range(seq_len):
+                        outs.append(self._step(session, h[:, i : i + 1], position_ids[:, i : i + 1], 1))
+                        session.length += 1
+                    out = torch.cat(outs, dim=1)
                 else:
-                    out = self._run_layers(session, h, position_ids)
+                    out = self._step(session, h, position_ids, seq_len)
+                    session.length += seq_len
             except Exception:
                 # A failed step may have updated some layers' caches: the session is unusable.
                 self._sessions.drop(session_id)
                 raise
-            session.length += seq_len
         if return_hidden:
             return out[0]  # [S, D]
+        if is_verify(all_logits, seq_len, first) and self.is_last:
+            return torch.cat([self._output(out[:, i : i + 1], False) for i in range(seq_len)])  # [S, V], per row
         return self._output(out, all_logits)
+
+    def _step(self, session: Session, h: torch.Tensor, position_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """The span's layers over ``seq_len`` new positions of ``session`` (its length is the caller's to move)."""
+        if self.prefix_cache is not None and self.compaction is None and (seq_len > 1 or session.prefix is not None):
+            # Exact mode: block-aligned pieces, so a prefix hit equals a cold run bit for bit.
+            return run_in_blocks(self.prefix_cache, session, h, position_ids, self._run_layers)
+        if self.compaction is not None:
+            return self.compaction.run(session, seq_len, lambda: self._run_layers(session, h, position_ids))
+        return self._run_layers(session, h, position_ids)
 
     def _run_layers(self, session: Session, h: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         cache = session.cache

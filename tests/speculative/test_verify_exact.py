@@ -1,0 +1,117 @@
+"""A speculative verify gives plain decoding's bits (runtime/shard.py ``is_verify``).
+
+One forward over the k+1 draft positions rounds differently from k+1 one-position decode steps (a matmul's
+rounding depends on its row count): on real SmolLM2 weights in bf16 the logits differed by up to 0.44 and
+greedy text through the node's API changed (bench/bench_speculative_api.py, the "open" prompts). Each verify
+position now runs as the decode step plain decoding runs there: the same logits bit for bit, in bf16 and fp32,
+with and without the prefix cache and the decode batcher, and greedy text equal to plain greedy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from openhydra.router.engine import Engine, GenerationRequest
+from openhydra.router.pipeline import LocalPipeline
+from openhydra.router.speculative import SpeculativeConfig, Speculator, build_drafter
+from openhydra.runtime import shard as shard_module
+from openhydra.runtime.batching import DecodeBatcher
+from openhydra.runtime.prefix_cache import PrefixCache
+from openhydra.runtime.shard import ShardRuntime
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+BLOCK = 32
+
+
+def _runtime(model_dir, dtype: torch.dtype, serving: str) -> ShardRuntime:
+    rt = ShardRuntime(model_dir, dtype=dtype)
+    if serving in ("prefix", "batched"):
+        rt.prefix_cache = PrefixCache(rt.layer_types, 64 << 20, BLOCK)
+    if serving == "batched":
+        rt.batcher = DecodeBatcher(rt, max_batch=8, window_ms=2.0)
+    return rt
+
+
+def _verify_vs_steps(rt: ShardRuntime, prompt_len: int = 40, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of one verify over k positions then of the next decode step, and the same for the k positions
+    decoded one by one (another session with the same history): [k + 1, V] each."""
+    g = torch.Generator().manual_seed(prompt_len)
+    prompt = torch.randint(0, rt.vocab_size, (prompt_len,), generator=g)
+    drafts = torch.randint(0, rt.vocab_size, (k,), generator=g)
+    for session in ("verify", "steps"):
+        rt.forward(session, torch.arange(prompt_len), input_ids=prompt)
+    verify = rt.forward("verify", torch.arange(prompt_len, prompt_len + k), input_ids=drafts, all_logits=True)
+    steps = torch.cat([rt.forward("steps", torch.tensor([prompt_len + i]), input_ids=drafts[i : i + 1])
+                       for i in range(k)])
+    # the step after: equal only if the caches the verify left are plain decoding's too
+    nxt = torch.tensor([prompt_len + k])
+    verify = torch.cat([verify, rt.forward("verify", nxt, input_ids=drafts[:1])])
+    steps = torch.cat([steps, rt.forward("steps", nxt, input_ids=drafts[:1])])
+    for session in ("verify", "steps"):
+        rt.close_session(session)
+    return verify, steps
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("serving", ["plain", "prefix"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_verify_logits_are_the_one_position_steps_bits(tiny_model_dirs, arch, serving, dtype):
+    verify, steps = _verify_vs_steps(_runtime(tiny_model_dirs[arch], DTYPES[dtype], serving))
+    assert verify.shape == steps.shape and torch.equal(verify, steps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_smollm2_verify_logits_are_the_one_position_steps_bits(smollm2_dir, dtype, monkeypatch):
+    torch.set_num_threads(1)
+    rt = _runtime(smollm2_dir, DTYPES[dtype], "prefix")
+    verify, steps = _verify_vs_steps(rt)
+    assert torch.equal(verify, steps)
+    # what one forward over the k positions gives instead (the old verify): not the same bits
+    monkeypatch.setattr(shard_module, "is_verify", lambda *a: False)
+    one_forward, steps = _verify_vs_steps(rt)
+    assert not torch.equal(one_forward, steps)
+
+
+@functools.cache
+def _tokenizer(model_dir):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "What are some good habits for staying healthy? Explain each one.",
+    "Repeat this text exactly, replacing Tuesday with Friday:\n\nThe committee met on Tuesday to review the "
+    "budget and agreed to increase funding for the library.",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("serving", ["prefix", "batched"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_smollm2_speculative_greedy_text_equals_plain_greedy(smollm2_dir, dtype, serving):
+    """Real weights, the node's serving setups: prompt-lookup speculation changes no greedy token (32 tokens per
+    prompt, open-ended prompts where drafts are often rejected, and a grounded one where they are accepted)."""
+    torch.set_num_threads(1)
+    rt = _runtime(smollm2_dir, DTYPES[dtype], serving)
+    tokenizer = _tokenizer(smollm2_dir)
+    config = SpeculativeConfig(mode="prompt_lookup", k=4, min_acceptance=0.0)  # never falls back: always verifies
+    speculator = Speculator(config, build_drafter(config))
+    engines = {name: Engine(tokenizer, LocalPipeline(rt, prefix_block=BLOCK), eos_token_ids=set(),
+                            context_length=4096, speculator=spec)
+               for name, spec in (("plain", None), ("speculative", speculator))}
+    try:
+        for prompt in PROMPTS:
+            ids = engines["plain"].chat_prompt_ids([{"role": "user", "content": prompt}])
+            got = {name: asyncio.run(engine.complete(GenerationRequest(prompt_ids=ids, max_tokens=32)))
+                   for name, engine in engines.items()}
+            assert got["speculative"].text == got["plain"].text, prompt
+        assert speculator.stats.verify_steps > 10 and speculator.stats.drafted > speculator.stats.accepted > 0
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
