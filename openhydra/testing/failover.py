@@ -81,7 +81,8 @@ class Trial:
     replays: float = 0.0
     rebuilds: float = 0.0  # replays that rebuilt only the replaced span (peer/rebuild.py)
     completion_tokens: int | None = None  # the server's usage count (chunks can merge tokens: UTF-8 pieces)
-    missed: int = 0  # earlier streams that ended before the fault could land
+    missed: int = 0  # earlier streams that ended, or came too close to their end, before the fault could land
+    fault_step: int | None = None  # the coordinator's step count (since the stream began) when the fault was sent
 
     @property
     def chunks(self) -> int:
@@ -118,14 +119,17 @@ def stream(coordinator: NodeProcess, model: str, max_tokens: int, timeout_s: flo
 
 
 def fault_trial(coordinator: NodeProcess, replicas: list[NodeProcess], span: tuple[int, int], model: str,
-                max_tokens: int, at: int, sig: signal.Signals, attempts: int = 3) -> Trial:
+                max_tokens: int, at: int, sig: signal.Signals, attempts: int = 5) -> Trial:
     """Stream, and send ``sig`` to the session's replica of ``span`` once the coordinator has run ``at`` steps.
 
     The fault follows the coordinator's progress (its step counter, polled), not the client's: a reader lags the
     generation by any number of tokens (a starved client on a loaded machine; on a fast one the tiny model's last
     30 tokens took less than the reader's lag), and a fault after the last step tests nothing. If the stream still
     ends before the fault (the watcher starved), no session is left to fault: it is streamed again, up to
-    ``attempts`` times in all (``Trial.missed`` counts them; ``victim`` stays None if every attempt missed)."""
+    ``attempts`` times in all (``Trial.missed`` counts them; ``victim`` stays None if every attempt missed).
+    So is a stream the watcher first sees already past ``at`` by more than half of its remaining steps: a kill
+    that close to the end can land after the last step (a loaded machine deschedules the watcher between its
+    read and its kill) and would test nothing, while a replica would be spent."""
     missed = 0
     while True:
         trial = _fault_once(coordinator, replicas, span, model, max_tokens, at, sig)
@@ -147,6 +151,7 @@ def _fault_once(coordinator: NodeProcess, replicas: list[NodeProcess], span: tup
     base = metric(coordinator.url, STEPS_METRIC)
     state: dict = {}
     done = threading.Event()
+    slack = max(1, (max_tokens - at) // 2)  # a prompt step, then one step per token
 
     def watch() -> None:  # a prompt step, then one step per token: step ``at`` is about token ``at``
         victim = None  # found as soon as the session is routed (its chain holds until the fault), so the kill
@@ -154,9 +159,12 @@ def _fault_once(coordinator: NodeProcess, replicas: list[NodeProcess], span: tup
             while not done.is_set():
                 if victim is None:
                     victim = session_replica(coordinator, replicas, span)
-                if victim is not None and metric(coordinator.url, STEPS_METRIC, http) - base >= at:
+                steps = metric(coordinator.url, STEPS_METRIC, http) - base if victim is not None else -1
+                if steps >= at:
+                    if steps > at + slack:
+                        return  # too late in this stream to fault it: streamed again (a miss), no replica spent
                     os.killpg(victim.proc.pid, sig)
-                    state["victim"], state["at"] = victim, time.monotonic()
+                    state["victim"], state["at"], state["step"] = victim, time.monotonic(), int(steps)
                     return
                 done.wait(POLL_S)
 
@@ -168,6 +176,7 @@ def _fault_once(coordinator: NodeProcess, replicas: list[NodeProcess], span: tup
         done.set()
         watcher.join(timeout=30)
     trial.at, trial.victim, trial.faulted_at = at, state.get("victim"), state.get("at")
+    trial.fault_step = state.get("step")
     trial.failovers = metric(coordinator.url, "openhydra_pipeline_failovers_total") - before[0]
     trial.replays = metric(coordinator.url, "openhydra_pipeline_replays_total") - before[1]
     trial.rebuilds = metric(coordinator.url, "openhydra_pipeline_rebuilds_total") - before[2]
