@@ -191,16 +191,20 @@ class PeerChainClient(ControlCalls, Liveness, RebuildClient):
         return_logits: bool = False,
         return_top_k: int = 0,
         all_logits: bool = False,
+        one_pass_verify: bool = False,
         route: Sequence[HopSpec] | None = None,
         prefix: PrefixKey | None = None,
     ) -> StepResult:
         """One step; ``route`` overrides the client's default chain for this step (per-session routes).
 
         ``prefix``: a new session's prompt block hashes (runtime/prefix_cache.py), sent with its first message.
+        ``one_pass_verify``: a verify (``all_logits`` over drafts) runs as one forward on each hop instead of
+        position by position as plain decoding (peer.proto Sampling.one_pass_verify).
         """
         if not token_ids:
             raise ValueError("a step needs at least one token")
-        extras = {"return_logits": return_logits, "return_top_k": return_top_k, "all_logits": all_logits}
+        extras = {"return_logits": return_logits, "return_top_k": return_top_k, "all_logits": all_logits,
+                  "one_pass_verify": one_pass_verify}
         chain = self._route if route is None else self._checked(route)
         coro = self._step(session_id, list(token_ids), start_pos, sampling, step, extras, chain, prefix)
         messages = -(-len(token_ids) // self.tunables.prefill_chunk)

@@ -66,6 +66,7 @@ class StepHeader(BaseModel):
     return_top_k: int = Field(ge=0, le=MAX_RETURN_TOP_K)
     all_logits: bool
     return_hidden: bool = False
+    one_pass_verify: bool = False
 
     @field_validator("forward_codec")
     @classmethod
@@ -116,6 +117,7 @@ def parse_step(step: pb.Step) -> StepHeader:
             return_top_k=s.return_top_k,
             all_logits=s.all_logits,
             return_hidden=s.return_hidden,
+            one_pass_verify=s.one_pass_verify,
         )
     except ValidationError as exc:
         first = exc.errors()[0]

@@ -207,7 +207,8 @@ class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
                          and not (header.return_hidden and self.runtime.is_last))
             if batchable and header.num_positions == 1:
                 out = self._compute(header, tensor, await asyncio.wrap_future(self._submit(batcher, header, tensor)))
-            elif batchable and is_verify(header.all_logits, header.num_positions, header.start_position):
+            elif (batchable and not header.one_pass_verify
+                  and is_verify(header.all_logits, header.num_positions, header.start_position)):
                 # A speculative verify: each position as the batched decode step plain decoding runs there
                 # (runtime/shard.py is_verify: the same bits as plain greedy).
                 rows = [await asyncio.wrap_future(self._submit(batcher, header, tensor[i : i + 1], i))
@@ -267,11 +268,13 @@ class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
             out = computed
         elif rt.is_first and tensor.dtype == torch.int64:  # token ids (privacy off)
             out = rt.forward(header.session_id, positions, input_ids=tensor, all_logits=header.all_logits,
-                             **({"prefix": prefix} if prefix is not None else {}))
+                             **({"prefix": prefix} if prefix is not None else {}),
+                             **({"one_pass_verify": True} if header.one_pass_verify else {}))
         else:  # hidden states, or on the first span embeddings computed by the coordinator (privacy on)
             out = rt.forward(header.session_id, positions, hidden_states=tensor, all_logits=header.all_logits,
                              **({"prefix": prefix} if prefix is not None else {}),
-                             **({"return_hidden": True} if header.return_hidden and rt.is_last else {}))
+                             **({"return_hidden": True} if header.return_hidden and rt.is_last else {}),
+                             **({"one_pass_verify": True} if header.one_pass_verify else {}))
         if not rt.is_last:
             return out  # hidden [S, D]
         if header.return_hidden:  # the coordinator applies norm + head and samples (peer/head.py)

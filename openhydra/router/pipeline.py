@@ -35,9 +35,11 @@ class VerifyingPipeline(Pipeline, Protocol):
     """False where caches cannot be cropped (recurrent layers): no speculation then."""
 
     def verify(
-        self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams, step: int
+        self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams, step: int,
+        *, one_pass: bool = False,
     ) -> torch.Tensor:
-        """Feed ``token_ids`` at ``start_pos...`` in one step; float32 logits for every position [S, V]."""
+        """Feed ``token_ids`` at ``start_pos...`` in one step; float32 logits for every position [S, V]: each
+        position's the plain decode step's bits, or (``one_pass``) from one forward over all of them."""
         ...
 
     def truncate(self, session_id: str, length: int) -> None:
@@ -136,16 +138,18 @@ class LocalPipeline:
         return logits
 
     def verify(
-        self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams, step: int
+        self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams, step: int,
+        *, one_pass: bool = False,
     ) -> torch.Tensor:
         positions = torch.arange(start_pos, start_pos + len(token_ids))  # [S]
         ids = torch.tensor(token_ids, dtype=torch.long)
         batcher = getattr(self.runtime, "batcher", None)
-        if batcher is not None:  # each position as the batched decode step plain decoding runs there: its bits
+        if batcher is not None and not one_pass:  # each position as the batched decode step plain decoding runs
             return torch.cat([batcher.forward(session_id, start_pos + i, input_ids=ids[i : i + 1])
                               for i in range(len(token_ids))])  # [S, V]
-        with torch.inference_mode():  # per position inside too (runtime/shard.py is_verify)
-            return self.runtime.forward(session_id, positions, input_ids=ids, all_logits=True)  # [S, V]
+        with torch.inference_mode():  # per position inside too, unless one_pass (runtime/shard.py is_verify)
+            return self.runtime.forward(session_id, positions, input_ids=ids, all_logits=True,
+                                        **({"one_pass_verify": True} if one_pass else {}))  # [S, V]
 
     def truncate(self, session_id: str, length: int) -> None:
         self.runtime.truncate_session(session_id, length)

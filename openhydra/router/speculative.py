@@ -63,6 +63,11 @@ class SpeculativeConfig(BaseModel):
     min_acceptance: float = Field(0.3, ge=0.0, le=1.0)
     """Below this acceptance rate over a window, decode plainly for ``cooldown_tokens`` tokens."""
     cooldown_tokens: int = Field(8, ge=0)
+    exact: bool = True
+    """Every hop computes each verified position as the one-position decode step plain decoding runs there, so
+    greedy output is speculative=off's bit for bit (bf16 included). false: one forward over the k + 1
+    positions, cheaper per verify (on CPUs most of all), but it rounds differently from plain decoding, and a
+    near-tie can turn out another greedy token (bench/bench_speculative_api.py measures both)."""
 
     @model_validator(mode="after")
     def _ngrams(self) -> SpeculativeConfig:
@@ -272,7 +277,8 @@ class Decoder:
     def _verify(self, draft: Draft) -> list[int]:
         spec = self.speculator
         feed = [self.history[-1], *draft.tokens]
-        logits = self.pipeline.verify(self.session_id, feed, self.position, self.sampling, self.produced)  # [k+1, V]
+        logits = self.pipeline.verify(self.session_id, feed, self.position, self.sampling, self.produced,
+                                      one_pass=not spec.config.exact)  # [k+1, V]
         n, token = accept_drafts(logits, draft, self.sampling, self.produced)
         kept = self.position + 1 + n
         if kept < self.position + len(feed):  # crop the rejected drafts from every hop's cache

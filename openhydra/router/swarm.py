@@ -223,9 +223,10 @@ class SwarmPipeline:
         return self._run(session_id, token_ids, start_pos, sampling, step, verify=False, want=want)
 
     def verify(self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams,
-               step: int):
-        """Speculative verify: one step over every draft position; float32 logits [S, V] (same failover)."""
-        result = self._run(session_id, token_ids, start_pos, sampling, step, verify=True)
+               step: int, *, one_pass: bool = False):
+        """Speculative verify: one step over every draft position; float32 logits [S, V] (same failover). Each
+        hop runs the positions one by one as plain decoding does, unless ``one_pass`` (one forward)."""
+        result = self._run(session_id, token_ids, start_pos, sampling, step, verify=True, one_pass=one_pass)
         if result.logits is None or result.logits.shape[0] != len(token_ids):
             raise HopError(result.last_hop, grpc.StatusCode.INTERNAL, "verify step returned no per-position logits")
         return result.logits
@@ -270,7 +271,7 @@ class SwarmPipeline:
                 session.chain = None  # route afresh around the banned hop at the next step
 
     def _run(self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams,
-             step: int, *, verify: bool, want: dict | None = None):
+             step: int, *, verify: bool, want: dict | None = None, one_pass: bool = False):
         with self._lock:
             session = self._sessions.setdefault(session_id, _Session())
         if start_pos != session.position:
@@ -287,6 +288,8 @@ class SwarmPipeline:
                 extras = self.verifier.step_extras() if self.verifier is not None else {}  # verification hook
                 if verify:
                     extras = {"return_logits": True, "all_logits": True}
+                    if one_pass:
+                        extras["one_pass_verify"] = True
                 elif want:
                     extras = {**extras, **want}
                 began = time.perf_counter()

@@ -175,6 +175,7 @@ class ShardRuntime:
         all_logits: bool = False,
         prefix: PrefixKey | None = None,
         return_hidden: bool = False,
+        one_pass_verify: bool = False,
     ) -> torch.Tensor:
         """Run this span for one step of one session.
 
@@ -184,9 +185,11 @@ class ShardRuntime:
         the session's prompt blocks there (runtime/prefix_cache.py). With a prefix cache, multi-position
         steps run in block-aligned pieces (``run_in_blocks``), hit or not, so a hit gives the cold run's
         bits. ``return_hidden``: the last shard returns its final hidden states [S, D] before the norm
-        (coordinator-side sampling, peer/head.py).
+        (coordinator-side sampling, peer/head.py). A speculative verify (:func:`is_verify`) runs position by
+        position as plain decoding would, unless ``one_pass_verify``.
         """
         seq_len = self._check_positions(positions)
+        per_position = is_verify(all_logits, seq_len, int(positions[0])) and not one_pass_verify
         if self.compaction is not None:
             prefix = None  # a compacted cache's entries are no longer positions: not shareable
         h = self._input_hidden(seq_len, input_ids, hidden_states)  # h: [1, S, D]
@@ -202,7 +205,7 @@ class ShardRuntime:
                 raise PositionMismatchError(session_id, session.length, first)
             position_ids = positions.to(self.device).view(1, seq_len)
             try:
-                if is_verify(all_logits, seq_len, first):
+                if per_position:
                     # A speculative verify: each position runs as the one-position decode step plain decoding
                     # would run there, so its bits (and greedy's argmax) are plain decoding's. One forward over
                     # all S positions rounds differently (a matmul's rounding depends on its row count: up to
@@ -221,7 +224,7 @@ class ShardRuntime:
                 raise
         if return_hidden:
             return out[0]  # [S, D]
-        if is_verify(all_logits, seq_len, first) and self.is_last:
+        if per_position and self.is_last:
             return torch.cat([self._output(out[:, i : i + 1], False) for i in range(seq_len)])  # [S, V], per row
         return self._output(out, all_logits)
 

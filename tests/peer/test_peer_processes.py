@@ -25,10 +25,10 @@ SPLITS = [(0, 3), (3, 4), (4, 8)]  # qwen3_5: cuts linear|full and full|linear
 READY_TIMEOUT_S = 120.0
 
 
-def _spawn(model_dir: Path, start: int, end: int) -> forkserver.Process:
+def _spawn(model_dir: Path, start: int, end: int, dtype: str = "float32") -> forkserver.Process:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = ["--model-dir", str(model_dir), "--start", str(start), "--end", str(end), "--host", "127.0.0.1",
-            "--port", "0"]
+            "--port", "0", "--dtype", dtype]
     return forkserver.spawn("openhydra.peer.server", args, env=env, stdout_pipe=True, stderr_null=True)
 
 

@@ -19,7 +19,6 @@ from transformers import AutoTokenizer
 from openhydra.router.engine import Engine, GenerationRequest
 from openhydra.router.pipeline import LocalPipeline
 from openhydra.router.speculative import SpeculativeConfig, Speculator, build_drafter
-from openhydra.runtime import shard as shard_module
 from openhydra.runtime.batching import DecodeBatcher
 from openhydra.runtime.prefix_cache import PrefixCache
 from openhydra.runtime.shard import ShardRuntime
@@ -37,7 +36,8 @@ def _runtime(model_dir, dtype: torch.dtype, serving: str) -> ShardRuntime:
     return rt
 
 
-def _verify_vs_steps(rt: ShardRuntime, prompt_len: int = 40, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+def _verify_vs_steps(rt: ShardRuntime, prompt_len: int = 40, k: int = 5,
+                     one_pass: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of one verify over k positions then of the next decode step, and the same for the k positions
     decoded one by one (another session with the same history): [k + 1, V] each."""
     g = torch.Generator().manual_seed(prompt_len)
@@ -45,7 +45,8 @@ def _verify_vs_steps(rt: ShardRuntime, prompt_len: int = 40, k: int = 5) -> tupl
     drafts = torch.randint(0, rt.vocab_size, (k,), generator=g)
     for session in ("verify", "steps"):
         rt.forward(session, torch.arange(prompt_len), input_ids=prompt)
-    verify = rt.forward("verify", torch.arange(prompt_len, prompt_len + k), input_ids=drafts, all_logits=True)
+    verify = rt.forward("verify", torch.arange(prompt_len, prompt_len + k), input_ids=drafts, all_logits=True,
+                        one_pass_verify=one_pass)
     steps = torch.cat([rt.forward("steps", torch.tensor([prompt_len + i]), input_ids=drafts[i : i + 1])
                        for i in range(k)])
     # the step after: equal only if the caches the verify left are plain decoding's too
@@ -67,14 +68,13 @@ def test_verify_logits_are_the_one_position_steps_bits(tiny_model_dirs, arch, se
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_smollm2_verify_logits_are_the_one_position_steps_bits(smollm2_dir, dtype, monkeypatch):
+def test_smollm2_verify_logits_are_the_one_position_steps_bits(smollm2_dir, dtype):
     torch.set_num_threads(1)
     rt = _runtime(smollm2_dir, DTYPES[dtype], "prefix")
     verify, steps = _verify_vs_steps(rt)
     assert torch.equal(verify, steps)
-    # what one forward over the k positions gives instead (the old verify): not the same bits
-    monkeypatch.setattr(shard_module, "is_verify", lambda *a: False)
-    one_forward, steps = _verify_vs_steps(rt)
+    # what one forward over the k positions gives instead (speculative.exact=false, and the old verify)
+    one_forward, steps = _verify_vs_steps(rt, one_pass=True)
     assert not torch.equal(one_forward, steps)
 
 
@@ -115,3 +115,49 @@ def test_smollm2_speculative_greedy_text_equals_plain_greedy(smollm2_dir, dtype,
     finally:
         for engine in engines.values():
             engine.shutdown()
+
+
+@pytest.mark.slow
+def test_peer_processes_verify_as_plain_decoding_unless_asked_for_one_pass(smollm2_dir):
+    """Two real peer processes (SmolLM2 bf16, [0,15) and [15,30)): a verify step's logits are the one-position
+    steps' bits; with ``one_pass_verify`` (speculative.exact=false) the flag reaches both hops and the logits are
+    one forward's, which differ in bf16."""
+    import signal
+    import subprocess
+
+    from openhydra.peer.client import ClientTunables, PeerChainClient
+    from openhydra.peer.messages import HopSpec
+    from openhydra.runtime.sampling import SamplingParams
+    from tests.peer.test_peer_processes import _spawn, _wait_ready
+
+    splits = [(0, 15), (15, 30)]
+    procs = [_spawn(smollm2_dir, a, b, "bfloat16") for a, b in splits]
+    try:
+        route = [HopSpec(address=_wait_ready(p, a, b), start=a, end=b) for p, (a, b) in zip(procs, splits, strict=True)]
+        client = PeerChainClient(route, tunables=ClientTunables(step_timeout_s=60.0))
+        try:
+            g = torch.Generator().manual_seed(40)
+            prompt = torch.randint(0, 49152, (40,), generator=g).tolist()
+            drafts = torch.randint(0, 49152, (5,), generator=g).tolist()
+            greedy = SamplingParams()
+            logits = {}
+            for name in ("steps", "exact", "one_pass"):
+                client.step_result(name, prompt, 0, greedy, 0)
+            logits["steps"] = torch.cat([client.step_result("steps", [t], 40 + i, greedy, 1 + i,
+                                                            return_logits=True).logits for i, t in enumerate(drafts)])
+            for name in ("exact", "one_pass"):
+                logits[name] = client.step_result(name, drafts, 40, greedy, 1, return_logits=True, all_logits=True,
+                                                  one_pass_verify=name == "one_pass").logits
+        finally:
+            client.shutdown()
+        assert logits["exact"].shape == (5, 49152)
+        assert torch.equal(logits["exact"], logits["steps"])
+        assert not torch.equal(logits["one_pass"], logits["steps"])
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
