@@ -209,10 +209,11 @@ class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
                 out = self._compute(header, tensor, await asyncio.wrap_future(self._submit(batcher, header, tensor)))
             elif (batchable and not header.one_pass_verify
                   and is_verify(header.all_logits, header.num_positions, header.start_position)):
-                # A speculative verify: each position as the batched decode step plain decoding runs there
-                # (runtime/shard.py is_verify: the same bits as plain greedy).
-                rows = [await asyncio.wrap_future(self._submit(batcher, header, tensor[i : i + 1], i))
-                        for i in range(header.num_positions)]
+                # A speculative verify: its positions are rows of batched forwards, each with the bits of the
+                # batched decode step plain decoding runs there (runtime/batching.py; the same greedy tokens).
+                n, size = header.num_positions, batcher.max_batch
+                rows = [await asyncio.wrap_future(self._submit(batcher, header, tensor[i : i + size], i))
+                        for i in range(0, n, size)]
                 out = self._compute(header, tensor, torch.cat(rows))
             elif header.num_positions <= self.inline_max_positions and self._inline_ok:
                 out = self._compute(header, tensor, prefix=prefix)

@@ -50,10 +50,15 @@ on a loaded machine a caller's turnaround (sample, stream the token, submit) out
 class _Pending:
     session_id: str
     position: int
-    input_ids: torch.Tensor | None  # [1]
-    hidden_states: torch.Tensor | None  # [1, D]
+    input_ids: torch.Tensor | None  # [S]
+    hidden_states: torch.Tensor | None  # [S, D]
     all_logits: bool
     future: Future = field(default_factory=Future)
+
+    @property
+    def count(self) -> int:
+        """Positions in this step: 1 for decode, k + 1 for a speculative verify (one row each)."""
+        return int(self.input_ids.shape[0] if self.input_ids is not None else self.hidden_states.shape[0])
 
 
 @dataclass
@@ -93,8 +98,15 @@ class DecodeBatcher:
         hidden_states: torch.Tensor | None = None,
         all_logits: bool = False,
     ) -> Future:
-        """Queue one position of ``session_id``; the future gives what ``runtime.forward`` would return."""
+        """Queue a step of ``session_id`` at ``position``; the future gives what ``runtime.forward`` would return.
+
+        One position (decode), or up to ``max_batch`` consecutive ones with ``all_logits`` (a speculative verify:
+        each position is a row of the same batched forward, so its bits are those of the batched decode step
+        plain decoding runs there; the output is [S, V] logits or [S, D] hidden states)."""
         item = _Pending(session_id, position, input_ids, hidden_states, all_logits)
+        if item.count > 1 and not (all_logits and item.count <= self.max_batch):
+            raise ValueError(f"a batched step of {item.count} positions needs all_logits and at most max_batch "
+                             f"({self.max_batch}) positions")
         with self._cond:
             if self._closed:
                 raise RuntimeError("the decode batcher is closed")
@@ -135,13 +147,15 @@ class DecodeBatcher:
                 self._cond.wait(deadline - now)
             batch: list[_Pending] = []
             seen: set[str] = set()
+            rows = 0
             for item in list(self._queue):
-                if len(batch) == self.max_batch:
+                if rows == self.max_batch:
                     break
-                if item.session_id in seen:  # a session's next step waits for its previous one
-                    continue
+                if item.session_id in seen or rows + item.count > self.max_batch:  # a session's next step waits
+                    continue  # for its previous one; a verify that does not fit waits for the next forward
                 seen.add(item.session_id)
                 batch.append(item)
+                rows += item.count
                 self._queue.remove(item)
             return batch
 
@@ -186,24 +200,40 @@ def _batchable(runtime, session) -> bool:
     return True
 
 
+_SPLIT = object()  # forward_batch: a verify to run one row per forward
+
+
+def _row(item: _Pending, r: int) -> _Pending:
+    return _Pending(item.session_id, item.position + r,
+                    None if item.input_ids is None else item.input_ids[r : r + 1],
+                    None if item.hidden_states is None else item.hidden_states[r : r + 1], item.all_logits)
+
+
+def _single(out: object) -> torch.Tensor:
+    if isinstance(out, BaseException):
+        raise out
+    return out  # [1, V] or [1, D]
+
+
 def forward_batch(
     runtime, items: list[_Pending], stats: BatchStats | None = None, rows: int | None = None
 ) -> list[object]:
-    """One decode position for each item's session; per item its output tensor or the exception it raised.
+    """One decode position (a verify: several, one row each) for each item's session; per item its output tensor
+    or the exception it raised.
 
     ``rows``: the fixed row count every batched forward is padded to (the batcher's ``max_batch``), so a
-    session's arithmetic does not depend on how many others share its step. Default: the batch's size.
+    session's arithmetic does not depend on how many others share its step. Default: the batch's row count.
     """
     from openhydra.runtime.shard import PositionMismatchError
 
     stats = stats or BatchStats()
     results: list[object] = [None] * len(items)
-    ready: list[tuple[int, object, torch.Tensor]] = []  # (item index, session, h [1, 1, D])
+    ready: list[tuple[int, object, torch.Tensor]] = []  # (item index, session, h [S, 1, D]: a row per position)
     locked = []
     try:
         for i, item in enumerate(items):
             try:
-                h = runtime._input_hidden(1, item.input_ids, item.hidden_states)  # [1, 1, D]
+                h = runtime._input_hidden(item.count, item.input_ids, item.hidden_states)  # [1, S, D]
             except Exception as exc:
                 results[i] = exc
                 continue
@@ -214,21 +244,29 @@ def forward_batch(
                 results[i] = PositionMismatchError(item.session_id, session.length, item.position)
             elif not _batchable(runtime, session):
                 results[i] = None  # run alone below, after the locks are released
+            elif item.count > 1 and "linear_attention" in runtime.layer_types:
+                results[i] = _SPLIT  # recurrent states stack one row per session: a row per forward, below
             else:
-                ready.append((i, session, h))
+                ready.append((i, session, h.transpose(0, 1)))  # [S, 1, D]
         if ready:
-            sessions = [s for _, s, _ in ready]
+            sessions = [s for _, s, h in ready for _ in range(h.shape[0])]  # a verify's session once per row
+            positions = [s.length + r for _, s, h in ready for r in range(h.shape[0])]
+            total = len(sessions)
             try:
                 hidden = _run_layers_batched(runtime, sessions, torch.cat([h for *_, h in ready]),
-                                             max(rows or len(ready), len(ready)))
+                                             max(rows or total, total), positions)
                 out = _batched_output(runtime, hidden)  # one read of the head for every row
             except Exception:
-                for s in sessions:  # some layers may have appended their position: these sessions are unusable
-                    runtime._sessions.drop(s.session_id)
+                for s in {id(s): s for s in sessions}.values():  # some layers may have appended positions:
+                    runtime._sessions.drop(s.session_id)  # these sessions are unusable
                 raise
-            for row, (i, session, _) in enumerate(ready):
-                session.length += 1
-                results[i] = out[row]  # [1, V] logits on the last span, else hidden [1, D]
+            row = 0
+            for i, session, h in ready:
+                n = h.shape[0]
+                session.length += n
+                # [1, V] logits on the last span, else hidden [1, D]; a verify's [S, V] / [S, D]
+                results[i] = out[row] if n == 1 else out[row : row + n, 0]
+                row += n
             stats.batches += 1
             stats.steps += len(ready)
             stats.max_seen = max(stats.max_seen, len(ready))
@@ -236,12 +274,18 @@ def forward_batch(
         for session in locked:
             session.lock.release()
     for i, item in enumerate(items):
-        if results[i] is None:
+        if results[i] is _SPLIT:
+            try:
+                results[i] = torch.cat([_single(forward_batch(runtime, [_row(item, r)], stats, rows)[0])
+                                        for r in range(item.count)])
+            except Exception as exc:
+                results[i] = exc
+        elif results[i] is None:
             stats.fallback_steps += 1
             try:
-                results[i] = runtime.forward(
+                results[i] = runtime.forward(  # a verify runs position by position there (runtime/shard.py)
                     item.session_id,
-                    torch.tensor([item.position]),
+                    torch.arange(item.position, item.position + item.count),
                     input_ids=item.input_ids,
                     hidden_states=item.hidden_states,
                     all_logits=item.all_logits,
@@ -317,11 +361,14 @@ class _RowsLayer:
         return keys, values
 
 
-def _run_layers_batched(runtime, sessions: list, h: torch.Tensor, rows: int) -> torch.Tensor:
-    """h [B, 1, D] for B sessions of lengths L_b -> hidden [rows, 1, D] (rows >= B, zero-padded); appends one
-    position to each session's cache."""
+def _run_layers_batched(runtime, sessions: list, h: torch.Tensor, rows: int,
+                        positions: list[int] | None = None) -> torch.Tensor:
+    """h [B, 1, D] for B rows at ``positions`` (default: each session's length) -> hidden [rows, 1, D] (rows >= B,
+    zero-padded); appends each row's position to its session's cache. A session may hold consecutive rows (a
+    verify): its cache layer then appends them in row order, so each row attends over the positions up to its
+    own, as the one-position decode step there does."""
     use_rows_attention(runtime)
-    lengths = [s.length for s in sessions]
+    lengths = positions if positions is not None else [s.length for s in sessions]
     batch = len(sessions)
     padding = rows - batch
     if padding:

@@ -66,6 +66,56 @@ def test_verify_logits_are_the_one_position_steps_bits(tiny_model_dirs, arch, se
     assert verify.shape == steps.shape and torch.equal(verify, steps)
 
 
+def _batched_verify_vs_steps(rt: ShardRuntime, k: int, prompt_len: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """With the decode batcher: one verify of k positions (rows of one batched forward, or several when k >
+    max_batch) next to another session's decode step, and the same positions as batched decode steps."""
+    g = torch.Generator().manual_seed(prompt_len + k)
+    prompt = torch.randint(0, rt.vocab_size, (prompt_len,), generator=g)
+    drafts = torch.randint(0, rt.vocab_size, (k + 1,), generator=g)
+    for session in ("verify", "steps", "other"):
+        rt.forward(session, torch.arange(prompt_len), input_ids=prompt)
+    batcher, size = rt.batcher, rt.batcher.max_batch
+    other = batcher.submit("other", prompt_len, input_ids=drafts[:1])  # shares the verify's forward if it fits
+    verify = torch.cat([batcher.forward("verify", prompt_len + i, input_ids=drafts[i : min(i + size, k)],
+                                        all_logits=True) for i in range(0, k, size)])
+    other.result()
+    steps = torch.cat([batcher.forward("steps", prompt_len + i, input_ids=drafts[i : i + 1]) for i in range(k)])
+    nxt = prompt_len + k  # the step after: equal only if the verify left plain decoding's caches
+    verify = torch.cat([verify, batcher.forward("verify", nxt, input_ids=drafts[k:])])
+    steps = torch.cat([steps, batcher.forward("steps", nxt, input_ids=drafts[k:])])
+    for session in ("verify", "steps", "other"):
+        rt.close_session(session)
+    return verify, steps
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_5"])
+def test_batched_verify_rows_are_the_batched_decode_steps_bits(tiny_model_dirs, arch, dtype):
+    """serving=batched: a verify's positions are rows of one batched forward (cheap: one read of the weights),
+    each with the bits of the batched decode step plain decoding runs there, whoever shares the forward; k above
+    max_batch takes several forwards; recurrent layers (Qwen3.5) take one row per forward."""
+    rt = _runtime(tiny_model_dirs[arch], DTYPES[dtype], "batched")
+    try:
+        for k in (1, 4, 7, 11):
+            verify, steps = _batched_verify_vs_steps(rt, k)
+            assert verify.shape == steps.shape == (k + 1, rt.vocab_size) and torch.equal(verify, steps), k
+        assert rt.batcher.stats.batches > 0
+    finally:
+        rt.batcher.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_smollm2_batched_verify_rows_are_the_batched_decode_steps_bits(smollm2_dir, dtype):
+    torch.set_num_threads(1)
+    rt = _runtime(smollm2_dir, DTYPES[dtype], "batched")
+    try:
+        verify, steps = _batched_verify_vs_steps(rt, 4)
+        assert torch.equal(verify, steps)
+    finally:
+        rt.batcher.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_smollm2_verify_logits_are_the_one_position_steps_bits(smollm2_dir, dtype):
