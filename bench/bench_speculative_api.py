@@ -175,7 +175,8 @@ def main() -> int:
         steps = {k.removeprefix("steps:"): int(a[k] - b.get(k, 0)) for k in a if k.startswith("steps:")}
         print(f"{name} coordinator, all sets: {accepted:.0f} of {drafted:.0f} drafted tokens accepted"
               + (f" ({accepted / drafted:.0%})" if drafted else "") + f"; pipeline steps {steps}")
-    print(f"[{args.dtype}, serving={args.serving}, {len(SPANS)} node processes, 1 thread each, {2 * args.one_way_ms:g} ms RTT per link, "
+    print(f"[{args.dtype}, serving={args.serving}, {len(SPANS)} node processes, 1 thread each, "
+          f"{2 * args.one_way_ms:g} ms RTT per link, "
           f"k={args.k}, max_tokens={args.max_tokens}, trials={args.trials}]")
     plot_trials(rates, f"speculative=prompt_lookup via the node API, {2 * args.one_way_ms:g} ms RTT, "
                 f"serving={args.serving}", args.plot)
