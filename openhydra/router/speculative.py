@@ -3,8 +3,12 @@ Speculative Decoding"; Chen et al. 2023, "Accelerating LLM Decoding with Specula
 
 The coordinator drafts k tokens (openhydra/router/drafters.py) and the whole pipeline verifies them in
 one step of k + 1 positions with logits for every position (``Pipeline.verify``), so the hop latency is
-paid once per verify instead of once per token. Rejected positions are cropped on every hop
-(``Pipeline.truncate``) so the caches hold exactly the accepted tokens and positions continue.
+paid once per verify instead of once per token. Exact by default (``exact``): every hop computes each verified
+position as plain decoding computes it there (one-position steps, or rows of one batched forward under
+``serving=batched``), because one forward over k + 1 positions rounds differently (a matmul's rounding depends
+on its row count) and in bf16 that changed greedy text; ``exact=false`` asks hops for the one forward.
+Rejected positions are cropped on every hop (``Pipeline.truncate``) so the caches hold exactly the accepted
+tokens and positions continue.
 
 Acceptance rule, for output index s (row i of the verify logits, target distribution p after the
 request's temperature/top-k/top-p, the same processing as :func:`openhydra.runtime.sampling.sample`):
@@ -13,7 +17,8 @@ request's temperature/top-k/top-p, the same processing as :func:`openhydra.runti
   exactly the token plain decoding would draw at step s, and accept the draft d iff x == d; on the first
   mismatch x is the output. This *is* the standard rule for q = δ_d: P(accept) = p(d) = min(1, p(d)/q(d)), and
   a rejected x is distributed as p conditioned on x != d = norm(max(0, p - δ_d)). It also keeps seeded
-  outputs identical to plain decoding (same generator per step), and greedy output identical by construction.
+  outputs identical to plain decoding (same generator per step), and greedy output identical, given logits
+  with plain decoding's bits (``exact``).
 * drafts sampled from a draft model's q: accept d with probability min(1, p(d)/q(d)) (uniform draw keyed by
   (seed, s, "accept")); on rejection draw from norm(max(0, p - q)) (keyed by (seed, s, "residual")).
 * when every draft is accepted, the bonus token comes from the last row by ``sample`` at its step.
