@@ -20,11 +20,9 @@ push = compute + 4 x one-way, client = compute + 6 x one-way (ideally). Prints t
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import statistics
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -39,7 +37,7 @@ from openhydra.peer.wire import decode_tensor, encode_tensor
 from openhydra.runtime.local_pipeline import pipeline_step
 from openhydra.runtime.sampling import SamplingParams
 from openhydra.runtime.shard import ShardRuntime
-from openhydra.sim.relay import DelayRelay, LinkSpec, Wire
+from openhydra.sim.relay import LinkSpec, RelayThread, Wire
 
 SPAN_METHOD = "/bench.Span/Run"
 RELAY_HOST = "127.0.0.2"  # everything is addressed here; the relay forwards to 127.0.0.1, same port
@@ -97,22 +95,12 @@ def _relayed(address: str) -> str:
     return f"{RELAY_HOST}:{address.rsplit(':', 1)[1]}"
 
 
-class Relay:
+class Relay(RelayThread):
     """The delay relay on its own event loop thread. Links are 1 ms and ``Wire.delay_scale`` (read per chunk)
     sets the one-way delay in ms, so it changes between trials on the same long-lived HTTP/2 connections."""
 
     def __init__(self, ports: list[int]) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.relay = DelayRelay([(RELAY_HOST, p) for p in ports], lambda s, d: LinkSpec(1.0, 0.0),
-                                targets={RELAY_HOST: "127.0.0.1"})
-        asyncio.run_coroutine_threadsafe(self.relay.start(), self.loop).result(10)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.relay.close(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        super().__init__(RELAY_HOST, ports, lambda s, d: LinkSpec(1.0, 0.0))
 
 
 def _decode_ms(step_fn, prompt: list[int], steps: int) -> list[float]:

@@ -25,13 +25,11 @@ is 1 if they do not).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import re
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -42,31 +40,13 @@ sys.path.insert(0, str(REPO))
 
 from bench.bench_speculative import PROMPTS  # noqa: E402
 from bench.common import plot_trials, run_interleaved  # noqa: E402
+from openhydra.sim.relay import LinkSpec, RelayThread  # noqa: E402
 
 ADVERTISED = "127.0.0.2"
 SPANS = {"plain": (0, 10), "speculative": (0, 10), "one-pass": (0, 10), "mid": (10, 20), "last": (20, 30)}
 OPTIONS = {"speculative": ["speculative=prompt_lookup"],
            "one-pass": ["speculative=prompt_lookup", "speculative.exact=false"]}
 ARMS = ("plain", "speculative", "one-pass")
-
-
-class RelayThread:
-    """The delay relay on its own event loop thread, listening on ADVERTISED for the given ports."""
-
-    def __init__(self, ports: list[int], one_way_ms: float) -> None:
-        from openhydra.sim.relay import DelayRelay, LinkSpec
-
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.relay = DelayRelay([(ADVERTISED, p) for p in ports], lambda s, d: LinkSpec(one_way_ms),
-                                targets={ADVERTISED: "127.0.0.1"})
-        asyncio.run_coroutine_threadsafe(self.relay.start(), self.loop).result(10)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.relay.close(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 def chat_decode(url: str, model: str, prompt: str, max_tokens: int) -> tuple[float, int, str]:
@@ -118,7 +98,8 @@ def main() -> int:
     model = model_dir.name
     work = Path(tempfile.mkdtemp(prefix="bench-speculative-api-"))
     ports = {name: (free_port(), free_port()) for name in SPANS}  # (peer.port, peer.reply_port)
-    relay = RelayThread([p for pair in ports.values() for p in pair], args.one_way_ms)
+    link = LinkSpec(args.one_way_ms)
+    relay = RelayThread(ADVERTISED, [p for pair in ports.values() for p in pair], lambda s, d: link)
     texts: dict[str, dict[str, set[str]]] = {}  # set -> arm -> texts seen (one per prompt per trial)
     try:
         with DhtProcess() as dht:

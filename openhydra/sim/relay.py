@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -153,6 +154,23 @@ class DelayRelay:
             for w in (writer, up_writer):
                 with contextlib.suppress(OSError):
                     w.close()
+
+
+class RelayThread:
+    """A :class:`DelayRelay` on its own event-loop thread, for synchronous callers (tests, benches): listens on
+    ``host`` at each of ``ports`` and forwards to ``target`` on the same port, ``policy`` per link."""
+
+    def __init__(self, host: str, ports: list[int], policy: Policy, target: str = "127.0.0.1") -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="delay-relay", daemon=True)
+        self.thread.start()
+        self.relay = DelayRelay([(host, p) for p in ports], policy, targets={host: target})
+        asyncio.run_coroutine_threadsafe(self.relay.start(), self.loop).result(10)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.relay.close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
 
 
 def policy_from(links: dict[str, list[float]], default: list[float]) -> Policy:

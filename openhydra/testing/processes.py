@@ -29,6 +29,19 @@ def ready_fields(proc: subprocess.Popen, timeout_s: float) -> list[str] | None:
     return None
 
 
+def terminate_all(procs, grace_s: float = 10.0) -> None:
+    """SIGTERM every process still running, then wait for each; one that outlives ``grace_s`` is killed."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

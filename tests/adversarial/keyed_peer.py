@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +24,7 @@ from openhydra.peer.messages import HopSpec
 from openhydra.peer.server import PeerServer
 from openhydra.runtime.shard import ShardRuntime
 from openhydra.testing import forkserver
-from openhydra.testing.processes import ready_fields
+from openhydra.testing.processes import ready_fields, terminate_all
 
 READY_TIMEOUT_S = 300.0  # several peers start at once on 2 shared cores
 SETTLE_MODEL = "tiny-adversarial"  # the model id a settling keyed peer signs for
@@ -88,15 +87,7 @@ def keyed_peers(model_dir: Path, splits: list[tuple[int, int]], module: str = "t
                                           cwd=Path(__file__).resolve().parents[2]))
         yield [_wait_ready(proc, a, b) for proc, (a, b) in zip(procs, splits, strict=True)], procs
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        terminate_all(procs)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,12 @@ where a userspace relay forwards each of their ports back; everything the swarm 
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import httpx
 import openai
 import pytest
 import torch
 
-from openhydra.sim.relay import DelayRelay, LinkSpec
+from openhydra.sim.relay import LinkSpec, RelayThread
 from openhydra.testing.processes import DhtProcess, NodeProcess, free_port, start_all, swarm_node_overrides
 from tests.api.conftest import Reference
 
@@ -22,27 +19,12 @@ ADVERTISED = "127.0.0.2"
 PROMPT = [{"role": "user", "content": "Name a river and a mountain."}]
 
 
-class RelayThread:
-    def __init__(self, ports: list[int]) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.relay = DelayRelay([(ADVERTISED, p) for p in ports], lambda s, d: LinkSpec(0.0),
-                                targets={ADVERTISED: "127.0.0.1"})
-        asyncio.run_coroutine_threadsafe(self.relay.start(), self.loop).result(10)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.relay.close(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 def test_nodes_announce_and_are_reached_at_their_advertised_host(tiny_model_dirs, tmp_path):
     model_dir = tiny_model_dirs["llama"]
     reference = Reference(model_dir, torch.float32)
     expected = reference.text(reference.greedy(reference.chat_ids(PROMPT), 16))
     ports = {name: (free_port(), free_port()) for name in ("a", "b")}  # (peer.port, peer.reply_port)
-    relay = RelayThread([p for pair in ports.values() for p in pair])
+    relay = RelayThread(ADVERTISED, [p for pair in ports.values() for p in pair], lambda s, d: LinkSpec(0.0))
     try:
         with DhtProcess() as dht:
             nodes = [

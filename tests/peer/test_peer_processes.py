@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from openhydra.peer.errors import HopError
 from openhydra.peer.messages import HopSpec
 from openhydra.runtime.sampling import SamplingParams
 from openhydra.testing import forkserver
-from openhydra.testing.processes import ready_fields
+from openhydra.testing.processes import ready_fields, terminate_all
 
 SPLITS = [(0, 3), (3, 4), (4, 8)]  # qwen3_5: cuts linear|full and full|linear
 READY_TIMEOUT_S = 120.0
@@ -50,14 +49,7 @@ def peer_processes(tiny_model_dirs) -> Iterator[tuple[list[forkserver.Process], 
             route.append(HopSpec(address=_wait_ready(proc, start, end), start=start, end=end))
         yield procs, route
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        terminate_all(procs)
 
 
 @pytest.mark.slow

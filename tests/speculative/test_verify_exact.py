@@ -172,12 +172,10 @@ def test_peer_processes_verify_as_plain_decoding_unless_asked_for_one_pass(smoll
     """Two real peer processes (SmolLM2 bf16, [0,15) and [15,30)): a verify step's logits are the one-position
     steps' bits; with ``one_pass_verify`` (speculative.exact=false) the flag reaches both hops and the logits are
     one forward's, which differ in bf16."""
-    import signal
-    import subprocess
-
     from openhydra.peer.client import ClientTunables, PeerChainClient
     from openhydra.peer.messages import HopSpec
     from openhydra.runtime.sampling import SamplingParams
+    from openhydra.testing.processes import terminate_all
     from tests.peer.test_peer_processes import _spawn, _wait_ready
 
     splits = [(0, 15), (15, 30)]
@@ -204,10 +202,4 @@ def test_peer_processes_verify_as_plain_decoding_unless_asked_for_one_pass(smoll
         assert torch.equal(logits["exact"], logits["steps"])
         assert not torch.equal(logits["one_pass"], logits["steps"])
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        terminate_all(procs)
