@@ -68,6 +68,10 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     from transformers import AutoTokenizer
 
+    from openhydra.testing.machine import announce
+
+    announce()  # the CPU, its flags, versions and the load average now; the load again at exit
+
     from openhydra.runtime.source import embedded_model_dir
     from openhydra.testing.processes import NodeProcess
 
