@@ -1,7 +1,7 @@
 """Speculative decoding across a 3-peer pipeline vs plain decoding, under emulated RTT.
 
     python bench/bench_speculative.py [--model-dir smollm2|tiny|DIR] [--one-way-ms 0 10] [--k 2 4 8]
-                                      [--trials 3] [--max-tokens 32]
+                                      [--trials 3] [--max-tokens 32] [--one-pass]
 
 SmolLM2-135M-Instruct (bf16) split in three spans, each its own peer process (openhydra.peer.server, 1 torch
 thread); the coordinator (this process, 1 thread) runs SwarmPipeline + router/speculative.Decoder, greedy.
@@ -110,6 +110,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--sets", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
+    parser.add_argument("--one-pass", action="store_true",
+                        help="verify in one forward per hop (speculative.exact=false; what the documented runs "
+                             "before 2026-12-04 measured); default: exact, position by position")
     parser.add_argument("--plot", default="docs/img/bench_speculative.png")
     args = parser.parse_args()
     from openhydra.testing.machine import announce
@@ -137,7 +140,8 @@ def main() -> None:
             arms[f"{prompt_set} plain"] = bench.arm(f"{prompt_set} plain", prompt_set, None)
             for k in args.k:
                 name = f"{prompt_set} lookup k={k}"
-                arms[name] = bench.arm(name, prompt_set, SpeculativeConfig(mode="prompt_lookup", k=k))
+                arms[name] = bench.arm(name, prompt_set,
+                                       SpeculativeConfig(mode="prompt_lookup", k=k, exact=not args.one_pass))
         for name, run in arms.items():  # warm-up (connections, allocator): one plain run per prompt set
             if name.endswith("plain"):
                 run()
