@@ -101,7 +101,9 @@ def test_the_coordinators_own_peer_is_not_blamed_for_a_late_probe_answer(tiny_mo
     """The node's own span answers a probe late only when this very process is overloaded: a stopped process
     cannot be probing. It is counted as working; another process's peer that answers late is blamed."""
     model_dir = tiny_model_dirs["llama"]
-    tunables = ClientTunables(step_timeout_s=20.0, decode_timeout_s=0.3, probe_timeout_s=0.3)
+    # probes after 0.3 s of silence get the product's default 1 s (the working hops must answer in time at load 10;
+    # the stalled one sleeps 2.5 s, well past both)
+    tunables = ClientTunables(step_timeout_s=20.0, decode_timeout_s=0.3, probe_timeout_s=1.0)
     outcomes, first_hop = {}, {}
     for local in (True, False):
         slow = SlowDecodeOnce(ShardRuntime(model_dir, *SPLITS[0], dtype=torch.float32), at=2, delay_s=2.5)
