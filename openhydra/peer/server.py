@@ -211,10 +211,8 @@ class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
                   and is_verify(header.all_logits, header.num_positions, header.start_position)):
                 # A speculative verify: its positions are rows of batched forwards, each with the bits of the
                 # batched decode step plain decoding runs there (runtime/batching.py; the same greedy tokens).
-                n, size = header.num_positions, batcher.max_batch
-                rows = [await asyncio.wrap_future(self._submit(batcher, header, tensor[i : i + size], i))
-                        for i in range(0, n, size)]
-                out = self._compute(header, tensor, torch.cat(rows))
+                out = self._compute(header, tensor,
+                                    await asyncio.wrap_future(self._submit(batcher, header, tensor, verify=True)))
             elif header.num_positions <= self.inline_max_positions and self._inline_ok:
                 out = self._compute(header, tensor, prefix=prefix)
                 self._slow_inline = self._slow_inline + 1 if time.perf_counter() - began > INLINE_MAX_S else 0
@@ -251,12 +249,14 @@ class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
         else:
             await self._push(header, step, out, state)
 
-    def _submit(self, batcher, header: StepHeader, tensor: torch.Tensor, offset: int = 0):
-        """Queue a one-position step (``offset`` into the step's positions) with the decode batcher; a future of
-        what ``runtime.forward`` returns for it."""
+    def _submit(self, batcher, header: StepHeader, tensor: torch.Tensor, verify: bool = False):
+        """Queue a one-position step (or a whole verify) with the decode batcher; a future of what
+        ``runtime.forward`` returns for it."""
         ids = tensor if self.runtime.is_first and tensor.dtype == torch.int64 else None
-        return batcher.submit(header.session_id, header.start_position + offset, input_ids=ids,
-                              hidden_states=tensor if ids is None else None, all_logits=header.all_logits)
+        inputs = {"input_ids": ids, "hidden_states": tensor if ids is None else None}
+        if verify:
+            return batcher.submit_verify(header.session_id, header.start_position, **inputs)
+        return batcher.submit(header.session_id, header.start_position, all_logits=header.all_logits, **inputs)
 
     def _compute(
         self, header: StepHeader, tensor: torch.Tensor, computed: torch.Tensor | None = None,

@@ -145,9 +145,7 @@ class LocalPipeline:
         ids = torch.tensor(token_ids, dtype=torch.long)
         batcher = getattr(self.runtime, "batcher", None)
         if batcher is not None and not one_pass:  # rows of batched forwards: plain batched decoding's bits
-            size = batcher.max_batch
-            return torch.cat([batcher.forward(session_id, start_pos + i, input_ids=ids[i : i + size], all_logits=True)
-                              for i in range(0, len(token_ids), size)])  # [S, V]
+            return batcher.submit_verify(session_id, start_pos, input_ids=ids).result()  # [S, V]
         with torch.inference_mode():  # per position inside too, unless one_pass (runtime/shard.py is_verify)
             return self.runtime.forward(session_id, positions, input_ids=ids, all_logits=True,
                                         **({"one_pass_verify": True} if one_pass else {}))  # [S, V]

@@ -118,6 +118,44 @@ class DecodeBatcher:
     def forward(self, session_id: str, position: int, **inputs) -> torch.Tensor:
         return self.submit(session_id, position, **inputs).result()
 
+    def submit_verify(
+        self,
+        session_id: str,
+        position: int,
+        *,
+        input_ids: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
+    ) -> Future:
+        """Queue a speculative verify of any length: ``max_batch`` positions per batched forward (each chunk
+        queued once the one before it is done); the future gives [S, V] logits or [S, D] hidden states."""
+        inputs = input_ids if input_ids is not None else hidden_states
+        name = "input_ids" if input_ids is not None else "hidden_states"
+        done: Future = Future()
+        parts: list[torch.Tensor] = []
+
+        def queue(start: int) -> None:
+            if start >= inputs.shape[0]:
+                done.set_result(torch.cat(parts))
+                return
+            chunk = inputs[start : start + self.max_batch]
+            try:
+                future = self.submit(session_id, position + start, all_logits=True, **{name: chunk})
+            except Exception as exc:
+                done.set_exception(exc)
+                return
+
+            def landed(f: Future) -> None:
+                if f.exception() is not None:
+                    done.set_exception(f.exception())
+                    return
+                parts.append(f.result())
+                queue(start + chunk.shape[0])
+
+            future.add_done_callback(landed)
+
+        queue(0)
+        return done
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -151,9 +189,10 @@ class DecodeBatcher:
             for item in list(self._queue):
                 if rows == self.max_batch:
                     break
-                if item.session_id in seen or rows + item.count > self.max_batch:  # a session's next step waits
-                    continue  # for its previous one; a verify that does not fit waits for the next forward
-                seen.add(item.session_id)
+                fits = item.session_id not in seen and rows + item.count <= self.max_batch
+                seen.add(item.session_id)  # a session's next step waits for its previous one
+                if not fits:
+                    continue  # a verify that does not fit waits for the next forward
                 batch.append(item)
                 rows += item.count
                 self._queue.remove(item)

@@ -74,10 +74,9 @@ def _batched_verify_vs_steps(rt: ShardRuntime, k: int, prompt_len: int = 40) -> 
     drafts = torch.randint(0, rt.vocab_size, (k + 1,), generator=g)
     for session in ("verify", "steps", "other"):
         rt.forward(session, torch.arange(prompt_len), input_ids=prompt)
-    batcher, size = rt.batcher, rt.batcher.max_batch
+    batcher = rt.batcher
     other = batcher.submit("other", prompt_len, input_ids=drafts[:1])  # shares the verify's forward if it fits
-    verify = torch.cat([batcher.forward("verify", prompt_len + i, input_ids=drafts[i : min(i + size, k)],
-                                        all_logits=True) for i in range(0, k, size)])
+    verify = batcher.submit_verify("verify", prompt_len, input_ids=drafts[:k]).result()
     other.result()
     steps = torch.cat([batcher.forward("steps", prompt_len + i, input_ids=drafts[i : i + 1]) for i in range(k)])
     nxt = prompt_len + k  # the step after: equal only if the verify left plain decoding's caches
