@@ -337,6 +337,8 @@ class Node:
             verifier = build_verifier(vcfg, cfg.node.data_path, stake_of=getattr(economy, "stake_of", None),
                                       slash=getattr(economy, "slash", None))
             self.state.extra["reputation"] = verifier
+            if vcfg.referee:  # a third opinion on a span with too few peers to decide a vote
+                verifier.referee = self._referee(choice, privacy, peer_id, num_layers, vcfg.referee_keep_s)
             if self.identity is not None:  # slash evidence: signed, spread and applied through discovery
                 from openhydra.verification.evidence import attach_evidence
 
@@ -361,6 +363,37 @@ class Node:
         self.privacy = privacy
         self.state.extra["swarm"] = self
         self.state.extra["privacy"] = privacy.status(self.peer_server, self.swarm)  # /metrics + status
+
+    def _referee(self, choice: ModelChoice, privacy, peer_id: str, num_layers: int, keep_s: float):
+        """verification/referee.py: this coordinator serves a disputed span itself, from its model folder, on a port
+        of its own (never announced), with this node's keys, so a tied vote has a third voter."""
+        import torch
+
+        from openhydra.discovery.records import PeerAnnouncement
+        from openhydra.peer.server import PeerServer
+        from openhydra.runtime.shard import ShardRuntime
+        from openhydra.verification.referee import Referee
+
+        cfg, backend = self.cfg, self.backend
+
+        def load(span: tuple[int, int], dtype: str) -> ShardRuntime:
+            torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)
+            return ShardRuntime(choice.path, *span, dtype=torch_dtype,  # under the MLX backend: torch on the CPU
+                                device=getattr(backend, "device", "cpu"),
+                                quantization=getattr(backend, "quantization", "none"))
+
+        def serve(runtime: ShardRuntime) -> PeerServer:
+            return PeerServer(runtime, cfg.peer.host, 0, model_id=choice.api_name, static_key=privacy.static,
+                              require_encryption=privacy.encrypt, swarm_token=privacy.membership.token,
+                              advertise_host=cfg.peer.advertise_host)
+
+        def record(runtime: ShardRuntime, address: str) -> PeerAnnouncement:
+            return privacy.sign(PeerAnnouncement(
+                peer_id=peer_id, model_id=choice.api_name, start=runtime.start, end=runtime.end,
+                total_layers=num_layers, grpc_address=address, dtype=str(runtime.dtype).removeprefix("torch."),
+                announced_at=time.time(), ttl_s=keep_s))
+
+        return Referee(load, serve, record, keep_s=keep_s)
 
     # -- reachability (peer/libp2p_transport.py) --------------------------------------------------------
     def _start_transport(self) -> str | None:

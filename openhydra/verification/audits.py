@@ -32,6 +32,9 @@ cache from the same inputs, so decode steps are comparable, not only the prefill
   audits than each peer of the pair; then only the auditor is disputed (a fresh liar drawn as the
   auditor of an honest pair with a history must not fail two peers on its word; the price: a colluding
   pair with a longer audit history than the only other peer of its span is not punished by it).
+- Referee (verification/referee.py): when a tier-2 vote ties, or a tier-3 auditor stands alone, the
+  coordinator loads the span itself and replays as one more voter. It breaks a tie only by agreeing with a
+  peer's answer (tier 3: with the pair's answer counts), and is never itself passed, failed or disputed.
 - Majority voting assumes an honest majority among the voters of a span: two colluders and one
   honest peer win a tier-2 vote. The auditor tier is what catches an agreeing pair.
 """
@@ -52,6 +55,7 @@ from openhydra.router.coverage import Chain
 from openhydra.runtime.sampling import SamplingParams
 from openhydra.verification.compare import Answer, Comparison, Verdict, compare, tolerance_for
 from openhydra.verification.metrics import VerificationMetrics
+from openhydra.verification.referee import REFEREE
 from openhydra.verification.reputation import ReputationStore
 
 log = logging.getLogger(__name__)
@@ -115,6 +119,7 @@ class Outcome:
     answers: dict[str, Answer] = field(default_factory=dict)  # each voter's answer at ``step`` (evidence digests)
     majority: Answer | None = None  # the winning class's answer (tiers 2 and 3, when someone failed)
     chain: list[str] = field(default_factory=list)  # the user's chain (peer ids) whose answer was audited
+    refereed: bool = False  # the coordinator's referee voted (verification/referee.py)
 
     @property
     def suspects(self) -> list[str]:
@@ -123,8 +128,12 @@ class Outcome:
 
 
 def swapped_route(chain: Chain, hop_index: int, peer: PeerAnnouncement) -> list[HopSpec]:
+    """The chain with ``peer`` at ``hop_index``. The swapped hop carries its static key: the referee is not
+    announced, so the client's lookup by address would not find it."""
     return [
-        HopSpec(address=(peer.grpc_address if i == hop_index else h.peer.grpc_address), start=h.start, end=h.end)
+        HopSpec(address=peer.grpc_address, start=h.start, end=h.end, peer_id=peer.peer_id,
+                static_key=peer.static_key) if i == hop_index else
+        HopSpec(address=h.peer.grpc_address, start=h.start, end=h.end)
         for i, h in enumerate(chain.hops)
     ]
 
@@ -143,8 +152,10 @@ class AuditRunner:
         alternatives: Callable[[tuple[int, int], set[str]], list[PeerAnnouncement]],
         on_fail: Callable[[str, str], None],
         on_outcome: Callable[[Outcome], None] | None = None,
+        referee: Callable[[tuple[int, int], str], PeerAnnouncement | None] | None = None,
     ) -> None:
         self.client, self.reputation, self.metrics = client, reputation, metrics
+        self.referee = referee  # (span, dtype) -> the coordinator's own copy of the span (verification/referee.py)
         self.top_k, self.vote_peers, self.audit_rate = top_k, vote_peers, audit_rate
         self.rng, self.alternatives, self.on_fail, self.on_outcome = rng, alternatives, on_fail, on_outcome
         self.max_agreeing_diff: dict[float, float] = {}  # tolerance -> largest diff among agreeing answers
@@ -251,6 +262,8 @@ class AuditRunner:
                 log.info("voter %s failed: %s", peer.peer_id, exc)
         if self._irreproducible(audit, voters, primary_replay, feed, tier=2, reason=reason):
             return
+        if self._tied(self._classes(voters, audit, feed)):  # e.g. a span with only two peers: ask the referee
+            self._ask_referee(audit, voters, audit.feeds)
         self._decide(audit, voters, feed, tier=2, reason=reason, step=feed.step)
 
     def _irreproducible(self, audit: Audit, voters: list[tuple[str, Answer]], primary_replay: Answer | None,
@@ -268,8 +281,8 @@ class AuditRunner:
                                       reason=f"user's answer not reproduced by its own chain ({reason})"))
         return True
 
-    def _decide(self, audit: Audit, voters: list[tuple[str, Answer]], feed: Feed, *, tier: int, reason: str,
-                step: int, judged: list[str] | None = None) -> None:
+    def _classes(self, voters: list[tuple[str, Answer]], audit: Audit, feed: Feed) -> list[list[tuple[str, Answer]]]:
+        """Agreement classes, in the order their first voter voted."""
         classes: list[list[tuple[str, Answer]]] = []
         for voter in voters:
             home = next((c for c in classes if self._agree(c[0][1], voter[1], audit, feed)), None)
@@ -277,27 +290,65 @@ class AuditRunner:
                 classes.append([voter])
             else:
                 home.append(voter)
+        return classes
+
+    @staticmethod
+    def _tied(classes: list[list[tuple[str, Answer]]]) -> bool:
         sizes = sorted((len(c) for c in classes), reverse=True)
-        everyone = [p for p, _ in voters] + (judged or [])
-        if len(sizes) > 1 and sizes[0] == sizes[1]:
-            self.metrics.ties.inc()
-            self._conclude(audit, Outcome(audit.session_id, audit.span, tier, disputed=everyone, step=step,
-                                   reason=f"tie {sizes}: {reason}"))
-            return
+        return len(sizes) > 1 and sizes[0] == sizes[1]
+
+    def _ask_referee(self, audit: Audit, voters: list[tuple[str, Answer]], feeds: Sequence[Feed]) -> bool:
+        """Add the referee's replay to ``voters`` (True), when this coordinator can serve the span itself."""
+        if self.referee is None:
+            return False
+        record = self.referee(audit.span, audit.primary.dtype)
+        if record is None:
+            self.metrics.referee.labels("unavailable").inc()
+            return False
+        audit.dtypes.add(record.dtype)
+        try:
+            voters.append((REFEREE, self._replay(feeds, swapped_route(audit.chain, audit.hop_index, record))[-1]))
+        except HopError as exc:  # a hop of the replay failed (perhaps another span's): no referee this time
+            log.info("referee replay of span %s failed: %s", list(audit.span), exc)
+            self.metrics.referee.labels("failed").inc()
+            return False
+        return True
+
+    def _decide(self, audit: Audit, voters: list[tuple[str, Answer]], feed: Feed, *, tier: int, reason: str,
+                step: int, judged: list[str] | None = None) -> None:
+        classes = self._classes(voters, audit, feed)
+        sizes = sorted((len(c) for c in classes), reverse=True)
+        everyone = [p for p, _ in voters if p != REFEREE] + (judged or [])
+        refereed = any(p == REFEREE for p, _ in voters)
         winners = max(classes, key=len)
+        if self._tied(classes):
+            # The referee breaks a tie by siding with a peer: another voter, or (tier 3) the judged pair's answer.
+            # Alone against everyone it proves nothing: its replay passed through the chain's other hops too.
+            home = next((c for c in classes if any(p == REFEREE for p, _ in c)), None)
+            if home is None or not (len(home) > 1 or (judged and self._agree(home[0][1], feed.answer, audit, feed))):
+                self.metrics.ties.inc()
+                if refereed:
+                    self.metrics.referee.labels("tie").inc()
+                self._conclude(audit, Outcome(audit.session_id, audit.span, tier, disputed=everyone, step=step,
+                                              reason=f"tie {sizes}: {reason}", refereed=refereed))
+                return
+            winners = home
+            reason = f"tie {sizes} broken by the referee: {reason}"
+        if refereed:
+            self.metrics.referee.labels("decided").inc()
         winning_ids = {p for p, _ in winners}
         failed = [p for p in everyone if p not in winning_ids]
         if judged:  # tier 3: the pair stands or falls with whether the independents' answer matches it
             pair_agrees = self._agree(winners[0][1], feed.answer, audit, feed)
-            failed = [p for p, _ in voters if p not in winning_ids] + ([] if pair_agrees else judged)
+            failed = [p for p, _ in voters if p not in winning_ids and p != REFEREE] + ([] if pair_agrees else judged)
             passed = [p for p in everyone if p not in failed]
         else:
-            passed = sorted(winning_ids)
+            passed = sorted(winning_ids - {REFEREE})
         answers = dict(voters)
         if judged:
             answers.update(dict.fromkeys(judged, feed.answer))
         self._conclude(audit, Outcome(audit.session_id, audit.span, tier, failed=failed, passed=passed, step=step,
-                               reason=reason, answers=answers, majority=winners[0][1]))
+                                      reason=reason, answers=answers, majority=winners[0][1], refereed=refereed))
 
     # ---- tier 3 -------------------------------------------------------------------------------------
 
@@ -338,6 +389,8 @@ class AuditRunner:
                 primary_replay = None
             if self._irreproducible(audit, voters, primary_replay, feed, tier=3, reason=why):
                 return
+            if len(voters) == 1:  # a lone auditor: the referee checks its word before two peers fail on it
+                self._ask_referee(audit, voters, audit.feeds[: t + 1])
             if len(voters) == 1 and self._newer(auditor.peer_id, pair):
                 # A lone auditor with less audit history than either peer of the agreeing pair: its word alone
                 # must not fail two peers (a fresh liar drawn as the auditor of an honest pair would frame both).

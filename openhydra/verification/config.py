@@ -72,6 +72,10 @@ class VerificationConfig(_Strict):
                              "chains without it (verification/elimination.py)")
     probe_suspects: bool = Field(True, description="while such suspects remain, new user chains leave one out in "
                                                    "turn where another peer serves its span")
+    referee: bool = Field(True, description="when a vote ties (a span with only two peers) or an auditor stands alone, "
+                                            "this coordinator loads the span from its model folder and votes too "
+                                            "(verification/referee.py)")
+    referee_keep_s: float = Field(300.0, gt=0.0, description="the referee's span is unloaded after this long unused")
     tolerance: ToleranceConfig = ToleranceConfig()
     reputation: ReputationConfig = ReputationConfig()
     fault: FaultConfig = FaultConfig()

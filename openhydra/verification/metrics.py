@@ -21,6 +21,10 @@ class VerificationMetrics:
         self.failures = Counter("openhydra_verification_failures_total",
                                 "Peers recorded as failing an audit, by the tier that decided", ["tier"], registry=r)
         self.ties = Counter("openhydra_verification_ties_total", "Votes without a majority (disputes)", registry=r)
+        self.referee = Counter("openhydra_verification_referee_total",
+                               "Votes the coordinator's own copy of a span was asked to settle, by result: decided, "
+                               "tie (it agreed with no peer), unavailable (could not load the span), failed (its "
+                               "replay failed)", ["result"], registry=r)
         self.extra_steps = Counter("openhydra_verification_extra_steps_total",
                                    "Steps re-executed for verification (shadow steps and replays)", registry=r)
         self.extra_positions = Counter("openhydra_verification_extra_positions_total",
@@ -50,6 +54,8 @@ class VerificationMetrics:
             self.audits.labels(tier)
             self.failures.labels(tier)
         self.failures.labels("elimination")  # verification/elimination.py: failed from user chains, not by a vote
+        for result in ("decided", "tie", "unavailable", "failed"):
+            self.referee.labels(result)
         for verdict in ("agree", "disagree", "inconclusive"):
             self.verdicts.labels(verdict)
 

@@ -60,6 +60,7 @@ class Verifier:
         self._on_outcome = on_outcome
         self.evidence = None  # an EvidenceBoard (verification/evidence.py): signs slash evidence when set
         self.on_evidence: Callable | None = None  # called with each new SlashEvidence (the node publishes it)
+        self.referee = None  # a Referee (verification/referee.py): the node sets it when config.referee
         self._pipeline = None
         self._runner: AuditRunner | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
@@ -80,7 +81,12 @@ class Verifier:
             pipeline.client, self.reputation, self.metrics, top_k=self.config.top_k,
             vote_peers=self.config.vote_peers, audit_rate=self.config.audit_rate, rng=self.rng,
             alternatives=self.alternatives, on_fail=self._on_fail, on_outcome=self._record_outcome,
+            referee=self._referee_peer,
         )
+
+    def _referee_peer(self, span: tuple[int, int], dtype: str) -> PeerAnnouncement | None:
+        referee = self.referee
+        return referee.peer(span, dtype) if referee is not None and self.config.referee else None
 
     def score(self, peer_id: str) -> float:
         """The coverage map's score hook (0 below the reputation floor: not routed to)."""
@@ -155,6 +161,8 @@ class Verifier:
             except queue.Empty:
                 self.reputation.flush()
                 last_flush = time.monotonic()
+                if self.referee is not None:
+                    self.referee.expire()  # an idle referee's span goes after referee_keep_s
                 continue
             try:
                 self._handle(kind, session_id, chain, feed)
@@ -304,6 +312,7 @@ class Verifier:
                                   (self._runner.max_agreeing_diff.items() if self._runner else ())},
             # verification/elimination.py: who is still suspected of irreproducible answers, and who was failed
             "suspects": self.elimination.candidates(),
+            "referee": self.referee.status() if self.referee is not None else None,
             "eliminated": [{"peer_id": c.peer_id, "bad_sessions": c.bad_sessions, "cleared": list(c.exonerated)}
                            for c in self.convictions],
         }
@@ -323,4 +332,6 @@ class Verifier:
     def shutdown(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if self.referee is not None:
+            self.referee.close()
         self.reputation.close()

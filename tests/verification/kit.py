@@ -21,6 +21,7 @@ from openhydra.runtime.sampling import SamplingParams
 from openhydra.runtime.shard import ShardRuntime
 from openhydra.testing import forkserver
 from openhydra.verification.config import FaultConfig, VerificationConfig
+from openhydra.verification.referee import Referee
 from openhydra.verification.reputation import ReputationStore
 from openhydra.verification.verifier import Verifier
 
@@ -82,9 +83,28 @@ class PeerProcess:
                 self.proc.wait(timeout=20)
 
 
+def make_referee(model_dir: Path, num_layers: int, fault: FaultConfig | None = None, keep_s: float = 300.0) -> Referee:
+    """A referee serving spans of ``model_dir`` from this process (a lying one with ``fault``: tests of its limits)."""
+    def load(span: tuple[int, int], dtype: str):
+        runtime = ShardRuntime(model_dir, *span, dtype=getattr(torch, dtype))
+        if fault is not None:
+            from openhydra.verification.faults import FaultyRuntime
+
+            runtime = FaultyRuntime(runtime, fault)
+        return runtime
+
+    def record(runtime, address: str) -> PeerAnnouncement:
+        return PeerAnnouncement(peer_id="coordinator", model_id=MODEL_ID, start=runtime.start, end=runtime.end,
+                                total_layers=num_layers, grpc_address=address, dtype=str(runtime.dtype).split(".")[-1],
+                                announced_at=time.time(), ttl_s=keep_s)
+
+    return Referee(load, PeerServer, record, keep_s=keep_s)
+
+
 class Swarm:
     def __init__(self, model_dir: Path, specs: list[PeerSpec], config: VerificationConfig, db_path: Path | None,
-                 *, route_by_reputation: bool = True, stake: dict[str, int] | None = None) -> None:
+                 *, route_by_reputation: bool = True, stake: dict[str, int] | None = None,
+                 referee: bool = False, referee_fault: FaultConfig | None = None) -> None:
         self.model_dir = model_dir
         self.servers: list[PeerServer | PeerProcess] = []
         self.records: list[PeerAnnouncement] = []
@@ -120,6 +140,9 @@ class Swarm:
         stake = stake or {}
         self.reputation = ReputationStore(db_path, config.reputation, stake_of=lambda p: stake.get(p, 0))
         self.verifier = Verifier(config, self.reputation)
+        self.referee: Referee | None = None
+        if referee:  # this process's own copy of a disputed span (verification/referee.py), as node.py builds it
+            self.referee = self.verifier.referee = make_referee(model_dir, num_layers, referee_fault)
         self.client = PeerChainClient([], tunables=ClientTunables(step_timeout_s=60.0))
         self.pipeline = SwarmPipeline(MODEL_ID, num_layers, lambda: list(self.records), self.client,
                                       score=self.verifier.score if route_by_reputation else None,
