@@ -97,3 +97,42 @@ def test_audit_dodging_liar_is_failed_once_probing_separates_the_suspects(tiny_m
         assert all(c["fail"] == 0 and c["dispute"] == 0 for c in counts.values()), counts
     finally:
         swarm.close()
+
+
+def test_on_a_two_peer_span_the_referee_keeps_the_smart_liar_from_taking_the_honest_peer_down(tiny_model_dirs,
+                                                                                             tmp_path) -> None:
+    """The liar shares its span with one honest peer only. Drawn as the secondary of the honest peer's audit, it
+    lies (it cannot tell that shadow from a user session); with no third peer the vote was a 1-1 tie, a dispute for
+    both, and the young honest peer fell below the routing floor with the liar: the span had no routable peer left
+    ("no chain covers all 8 layers"). Now the coordinator's referee (verification/referee.py) loads the span, votes,
+    and the tie is broken against the liar: the honest peer is never disputed, and the span stays covered."""
+    config = VerificationConfig(enabled=True, sample_rate=1.0, audit_rate=0.5, seed=17, eliminate_after=3)
+    specs = _specs()
+    assert [s.peer_id for s in specs if (s.start, s.end) == (0, 3)] == ["liar", "h0b"]
+    swarm = Swarm(tiny_model_dirs["llama"], specs, config, tmp_path / "rep.db", referee=True)
+    honest = [s.peer_id for s in specs if s.peer_id != "liar"]
+    chains: list[list[str]] = []
+    try:
+        for i in range(40):
+            swarm.generate(f"user{i}", prompt_of(400 + i), STEPS)  # raises if no chain covers every layer
+            chains.append(swarm.last_chain)
+            assert swarm.verifier.drain(120)
+            if swarm.reputation.below_floor("liar"):
+                break
+        outcomes = swarm.verifier.outcomes
+        refereed = [o for o in outcomes if o.refereed]
+        print(f"\n{len(chains)} requests until the liar fell below the floor; refereed votes: "
+              f"{[(o.tier, o.failed, o.passed, o.disputed) for o in refereed]}; "
+              f"convictions {swarm.verifier.convictions}")
+        assert swarm.reputation.below_floor("liar") and swarm.reputation.counts("liar")["fail"] >= 1
+        assert refereed and all(o.failed == ["liar"] and o.passed == ["h0b"] for o in refereed)
+        assert swarm.referee is not None and swarm.referee.status()["loaded_span"] == [0, 3]
+        for i in range(3):  # the span is still served: by the honest peer
+            swarm.generate(f"after{i}", prompt_of(500 + i), STEPS)
+            assert swarm.last_chain[0] == "h0b" and len(swarm.last_chain) == 3
+        assert swarm.verifier.drain(120)
+        counts = {p: swarm.reputation.counts(p) for p in honest}
+        assert all(c["fail"] == 0 and c["dispute"] == 0 for c in counts.values()), counts
+        assert not swarm.reputation.below_floor("h0b")
+    finally:
+        swarm.close()
