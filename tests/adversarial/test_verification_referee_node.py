@@ -1,10 +1,10 @@
-"""A liar on a span it shares with one honest peer, in a swarm of real node processes with encryption on.
+"""A liar on a span it shares with one honest peer, in a swarm of real node processes (encrypted, and onion).
 
 Without a third peer, every vote on that span was a 1-1 tie: both peers disputed, nobody failed, and the honest one
 paid as much as the liar. The coordinator's referee (verification/referee.py) now loads the span itself, serves it
 on a port of its own with this node's keys (the client encrypts to its signed static key, which no announcement
-carries), and votes. The liar is failed and routed around, the honest peer is never disputed, and the user's text is
-what the honest swarm produced.
+carries; under onion the referee is one layer of the replay's onion), and votes. The liar is failed and routed
+around, the honest peer is never disputed, and the user's text is what the honest swarm produced.
 """
 
 from __future__ import annotations
@@ -38,14 +38,16 @@ def _peer_id_of(coordinator: NodeProcess, node: NodeProcess) -> str | None:
     return next((p["peer_id"] for p in peers if address and p["grpc_address"] == address), None)
 
 
-def test_a_two_peer_span_liar_is_failed_by_the_referee_vote(tiny_model_dirs, tmp_path) -> None:
+@pytest.mark.parametrize("privacy", ["encrypted", "onion"])
+def test_a_two_peer_span_liar_is_failed_by_the_referee_vote(tiny_model_dirs, tmp_path, privacy) -> None:
     model_dir = tiny_model_dirs["llama"]
     model = model_dir.name
     with DhtProcess() as dht:
         def node(name: str, start: int, end: int, *extra: str) -> NodeProcess:
-            return NodeProcess([*swarm_node_overrides(model_dir, dht.url, start, end, tmp_path / name), *extra])
+            return NodeProcess([*swarm_node_overrides(model_dir, dht.url, start, end, tmp_path / name),
+                                f"privacy={privacy}", *extra])
 
-        coordinator = node("coordinator", 0, 4, "verification=paranoid")  # privacy: the default (encrypted)
+        coordinator = node("coordinator", 0, 4, "verification=paranoid")
         honest = node("honest", 4, 8)
         liar = node("liar", 4, 8, "verification.fault.mode=perturb", "verification.fault.magnitude=1.0")
         nodes = [coordinator, honest]
