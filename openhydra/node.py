@@ -367,20 +367,16 @@ class Node:
     def _referee(self, choice: ModelChoice, privacy, peer_id: str, num_layers: int, keep_s: float):
         """verification/referee.py: this coordinator serves a disputed span itself, from its model folder, on a port
         of its own (never announced), with this node's keys, so a tied vote has a third voter."""
-        import torch
-
         from openhydra.discovery.records import PeerAnnouncement
         from openhydra.peer.server import PeerServer
         from openhydra.runtime.shard import ShardRuntime
-        from openhydra.verification.referee import Referee
+        from openhydra.verification.referee import Referee, load_span
 
         cfg, backend = self.cfg, self.backend
 
         def load(span: tuple[int, int], dtype: str) -> ShardRuntime:
-            torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)
-            return ShardRuntime(choice.path, *span, dtype=torch_dtype,  # under the MLX backend: torch on the CPU
-                                device=getattr(backend, "device", "cpu"),
-                                quantization=getattr(backend, "quantization", "none"))
+            return load_span(choice.path, span, dtype, device=getattr(backend, "device", "cpu"),  # MLX: torch, CPU
+                             quantization=getattr(backend, "quantization", "none"))
 
         def serve(runtime: ShardRuntime) -> PeerServer:
             return PeerServer(runtime, cfg.peer.host, 0, model_id=choice.api_name, static_key=privacy.static,

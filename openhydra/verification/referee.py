@@ -13,7 +13,9 @@ audited steps with itself swapped in for the span, exactly as any voter does. It
 - it is never failed, passed or disputed itself, and it is never asked when the span has enough voters.
 
 The span stays loaded for ``keep_s`` after its last vote (a liar that keeps losing ties costs one load), then the
-server stops and the weights are dropped. One span at a time: a vote on another span replaces it.
+server stops and the weights are dropped. One span at a time: a vote on another span replaces it. A span larger than
+half the memory available is not loaded (:func:`load_span`): peers choose which spans exist, and two peers announcing
+the whole of a large model must not make a small coordinator load it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from typing import Any
 from openhydra.discovery.records import PeerAnnouncement
 
 log = logging.getLogger(__name__)
+
+MEMORY_SHARE = 0.5
+"""The referee loads a span only if its weights take at most this share of the memory available."""
 
 REFEREE = "(referee)"
 """The referee's name among a vote's voters: never a peer id (peer ids have no parentheses)."""
@@ -106,3 +111,24 @@ class Referee:
                 loaded.server.stop()
             except Exception as exc:
                 log.debug("referee: stopping the server of span %s: %s", list(loaded.span), exc)
+
+
+def load_span(model_dir, span: tuple[int, int], dtype: str, *, device: str = "cpu", quantization: str = "none",
+              available_bytes: int | None = None):
+    """The referee's runtime of layers ``span`` of ``model_dir`` in ``dtype`` (float32 unless bfloat16/float16).
+
+    Raises MemoryError, before reading any weight, when the span's weights would take more than
+    :data:`MEMORY_SHARE` of the memory available (``available_bytes``, default: what the OS reports)."""
+    import psutil
+    import torch
+
+    from openhydra.hardware.dtype import span_parameter_count
+    from openhydra.runtime.shard import ShardRuntime
+
+    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)
+    need = span_parameter_count(model_dir, *span) * torch_dtype.itemsize
+    available = psutil.virtual_memory().available if available_bytes is None else available_bytes
+    if need > MEMORY_SHARE * available:
+        raise MemoryError(f"layers {list(span)} take {need / 2**30:.2f} GiB in {dtype}, more than "
+                          f"{MEMORY_SHARE:.0%} of the {available / 2**30:.2f} GiB available")
+    return ShardRuntime(model_dir, *span, dtype=torch_dtype, device=device, quantization=quantization)

@@ -21,7 +21,7 @@ from openhydra.runtime.sampling import SamplingParams
 from openhydra.runtime.shard import ShardRuntime
 from openhydra.testing import forkserver
 from openhydra.verification.config import FaultConfig, VerificationConfig
-from openhydra.verification.referee import Referee
+from openhydra.verification.referee import Referee, load_span
 from openhydra.verification.reputation import ReputationStore
 from openhydra.verification.verifier import Verifier
 
@@ -86,7 +86,7 @@ class PeerProcess:
 def make_referee(model_dir: Path, num_layers: int, fault: FaultConfig | None = None, keep_s: float = 300.0) -> Referee:
     """A referee serving spans of ``model_dir`` from this process (a lying one with ``fault``: tests of its limits)."""
     def load(span: tuple[int, int], dtype: str):
-        runtime = ShardRuntime(model_dir, *span, dtype=getattr(torch, dtype))
+        runtime = load_span(model_dir, span, dtype)
         if fault is not None:
             from openhydra.verification.faults import FaultyRuntime
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+import torch
 
 from openhydra.verification.config import FaultConfig, VerificationConfig
 from openhydra.verification.referee import REFEREE, Referee
@@ -147,3 +148,23 @@ def test_an_idle_referee_unloads_its_span(tiny_model_dirs) -> None:
 def test_config_switch(value: bool) -> None:
     assert VerificationConfig(referee=value).referee is value
     assert VerificationConfig().referee is True and VerificationConfig().referee_keep_s == 300.0
+
+
+def test_a_span_too_large_for_memory_is_not_loaded(tiny_model_dirs) -> None:
+    """Peers choose which spans exist: two of them announcing a whole large model must not make a small coordinator
+    load it. The guard reads only the checkpoint's headers; the vote then stays a tie."""
+    from openhydra.hardware.dtype import span_parameter_count
+    from openhydra.verification.referee import MEMORY_SHARE, load_span
+
+    model_dir = tiny_model_dirs["llama"]
+    need = span_parameter_count(model_dir, 0, 8) * 4  # float32
+    with pytest.raises(MemoryError, match=r"layers \[0, 8\] take"):
+        load_span(model_dir, (0, 8), "float32", available_bytes=int(need / MEMORY_SHARE) - 1)
+    runtime = load_span(model_dir, (0, 8), "float32", available_bytes=int(need / MEMORY_SHARE) + 1)
+    assert (runtime.start, runtime.end) == (0, 8)
+    half = load_span(model_dir, (3, 5), "bfloat16", available_bytes=int(need / MEMORY_SHARE) - 1)  # 2 of 8, bf16
+    assert half.dtype == torch.bfloat16
+
+    referee = Referee(lambda span, dtype: load_span(model_dir, span, dtype, available_bytes=1),
+                      lambda runtime: None, lambda runtime, address: None)
+    assert referee.peer((0, 8), "float32") is None and referee.failures == 1 and referee.loads == 0
