@@ -20,13 +20,17 @@ class _Strict(BaseModel):
 class FaultConfig(_Strict):
     """A dishonest peer, on purpose: what its runtime does wrong (none: honest)."""
 
-    mode: Literal["none", "perturb", "wrong_token", "stale_cache"] = "none"
+    mode: Literal["none", "perturb", "wrong_token", "stale_cache", "informant"] = "none"
     magnitude: float = Field(0.05, ge=0.0, le=100.0, description="perturb: noise RMS relative to the output RMS")
     seed: int = Field(0, description="perturb: peers with the same seed add the same noise (collusion)")
     rate: float = Field(1.0, ge=0.0, le=1.0, description="fraction of steps the peer lies on")
     from_position: int = Field(0, ge=0, description="lie only on steps at or past this position (a late liar)")
     dodge_audits: bool = Field(False, description="answer honestly on any session it takes for an audit "
                                                   "(an 'audit' name, or inputs that repeat another session's)")
+    tip_off: str | None = Field(None, max_length=4096,
+                                description="colluders' shared folder: an 'informant' (honest answers) marks there "
+                                            "each session it takes for an audit; a dodging liar also dodges "
+                                            "the sessions marked there (the session id travels in the clear)")
 
 
 class ToleranceConfig(_Strict):

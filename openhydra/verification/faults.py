@@ -21,6 +21,12 @@ only compares the first N steps never sees it lie).
 whatever signal it has: a session id naming an audit, or a session whose first message repeats the
 inputs of a session it already served (a shadow or replay of a request re-executes the same steps,
 so every hop of the chain that is not swapped sees the same inputs twice). It lies on the others.
+
+``informant`` with ``tip_off`` (a folder the colluders share) is the smart liar's accomplice on another span: it
+answers honestly, and marks in the folder every session it takes for an audit, before it forwards that session's
+first message. A dodging liar with the same ``tip_off`` dodges those sessions too. With the informant upstream of the
+liar in every chain (the only peer of an earlier span), the liar also dodges the shadows in which it is the
+secondary, which it cannot recognise alone, so no vote ever sees it lie: only elimination can convict it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,6 +71,11 @@ class FaultyRuntime:
         self._suspected: OrderedDict[str, bool] = OrderedDict()  # dodge_audits: session -> taken for an audit
         self.dodged = 0  # steps answered honestly because the session looked like an audit
         self.batcher = None  # decode batching would call the honest runtime directly: a liar computes alone
+        self._tips = Path(fault.tip_off) if fault.tip_off else None
+        if fault.mode == "informant" and self._tips is None:
+            raise ValueError("fault informant needs tip_off (the colluders' shared folder)")
+        if self._tips is not None:
+            self._tips.mkdir(parents=True, exist_ok=True)
         log.warning("peer runtime [%d,%d) is DISHONEST on purpose: fault %s", runtime.start, runtime.end,
                     fault.model_dump())
 
@@ -81,7 +93,7 @@ class FaultyRuntime:
         if tensor is not None:
             h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         digest = h.digest()
-        suspected = "audit" in session_id.lower() or digest in self._seen
+        suspected = "audit" in session_id.lower() or digest in self._seen or self._tipped(session_id)
         self._seen[digest] = session_id
         self._suspected[session_id] = suspected
         while len(self._seen) > SEEN_INPUTS:
@@ -89,6 +101,12 @@ class FaultyRuntime:
         while len(self._suspected) > SEEN_INPUTS:
             self._suspected.popitem(last=False)
         return suspected
+
+    def _tip_path(self, session_id: str) -> Path:
+        return self._tips / hashlib.blake2b(session_id.encode(), digest_size=16).hexdigest()
+
+    def _tipped(self, session_id: str) -> bool:
+        return self._tips is not None and self.fault.mode != "informant" and self._tip_path(session_id).exists()
 
     def _lies_now(self, first: int, n: int) -> bool:
         if first + n <= self.fault.from_position:  # a late liar: honest before from_position
@@ -103,6 +121,11 @@ class FaultyRuntime:
 
     def forward(self, session_id: str, positions: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         first, n = int(positions[0]), positions.numel()
+        if self.fault.mode == "informant":  # honest; marks the sessions it takes for audits for its colluders
+            if self._looks_audited(session_id, positions, kwargs):
+                self._tip_path(session_id).touch()
+                self.dodged += 1
+            return self.inner.forward(session_id, positions, **kwargs)
         lie = self._lies_now(first, n)
         if self.fault.dodge_audits and self._looks_audited(session_id, positions, kwargs):
             self.dodged += 1

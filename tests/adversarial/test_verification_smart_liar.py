@@ -12,6 +12,8 @@ own chain does not reproduce is *irreproducible*: nobody of the span is blamed.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from openhydra.verification.config import FaultConfig, VerificationConfig
@@ -134,5 +136,51 @@ def test_on_a_two_peer_span_the_referee_keeps_the_smart_liar_from_taking_the_hon
         counts = {p: swarm.reputation.counts(p) for p in honest}
         assert all(c["fail"] == 0 and c["dispute"] == 0 for c in counts.values()), counts
         assert not swarm.reputation.below_floor("h0b")
+    finally:
+        swarm.close()
+
+
+def test_a_liar_tipped_off_by_an_informant_dodges_every_vote_and_is_convicted_by_elimination(tiny_model_dirs,
+                                                                                            tmp_path) -> None:
+    """The smart liar with an accomplice that read our code. The informant serves the first span alone (so it is in
+    every chain, upstream of the liar) and answers honestly; it recognises shadows and replays (their inputs repeat
+    a session it served) and marks their session ids, which travel in the clear, in a folder the two share. The liar
+    then dodges even the shadows in which it is the secondary, which it cannot recognise alone: no vote ever sees
+    it lie. Only elimination can convict it (verification/elimination.py): its user chains are irreproducible,
+    while the chains that probing routes around it are reproduced, the informant's included. Both are real peer
+    processes."""
+    tips = str(tmp_path / "tips")
+    informant = FaultConfig(mode="informant", tip_off=tips)
+    liar = FaultConfig(mode="perturb", magnitude=1.0, dodge_audits=True, tip_off=tips)
+    specs = [PeerSpec("informant", 0, 3, fault=informant, threads=1),
+             PeerSpec("liar", 3, 5, fault=liar, throughput=1000.0, threads=1),
+             PeerSpec("h3b", 3, 5), PeerSpec("h3c", 3, 5),
+             PeerSpec("h5a", 5, 8, throughput=1000.0), PeerSpec("h5b", 5, 8)]
+    config = VerificationConfig(enabled=True, sample_rate=1.0, audit_rate=0.5, seed=19, eliminate_after=3)
+    swarm = Swarm(tiny_model_dirs["llama"], specs, config, tmp_path / "rep.db", referee=True)
+    others = [s.peer_id for s in specs if s.peer_id != "liar"]
+    chains: list[list[str]] = []
+    try:
+        for i in range(60):
+            swarm.generate(f"user{i}", prompt_of(600 + i), STEPS)
+            chains.append(swarm.last_chain)
+            assert swarm.verifier.drain(120)
+            if swarm.verifier.convictions:
+                break
+        outcomes = swarm.verifier.outcomes
+        print(f"\n{len(chains)} requests until a conviction: {swarm.verifier.convictions}; {len(outcomes)} audits, "
+              f"{sum(o.irreproducible for o in outcomes)} irreproducible; {len(os.listdir(tips))} sessions tipped off")
+        assert [c.peer_id for c in swarm.verifier.convictions] == ["liar"]
+        assert "informant" in swarm.verifier.convictions[0].exonerated  # cleared by chains reproduced without it
+        assert not [o for o in outcomes if "liar" in o.failed]  # no vote ever caught it: the tip-offs worked
+        assert os.listdir(tips)  # the informant did mark shadows and replays
+        assert any("liar" not in c for c in chains)  # probing routed around it
+        assert swarm.reputation.below_floor("liar")
+        for i in range(3):  # failed: no longer routed
+            swarm.generate(f"after{i}", prompt_of(700 + i), STEPS)
+            assert "liar" not in swarm.last_chain and len(swarm.last_chain) == 3
+        assert swarm.verifier.drain(120)
+        counts = {p: swarm.reputation.counts(p) for p in others}
+        assert all(c["fail"] == 0 and c["dispute"] == 0 for c in counts.values()), counts
     finally:
         swarm.close()
