@@ -67,3 +67,25 @@ def test_stale_cache_is_honest_on_prefill_and_wrong_on_decode(llama) -> None:
 def test_stale_cache_refuses_recurrent_layers(tiny_model_dirs) -> None:
     with pytest.raises(ValueError, match="attention-only"):
         FaultyRuntime(ShardRuntime(tiny_model_dirs["qwen3_5"], 0, 8), FaultConfig(mode="stale_cache"))
+
+
+def test_an_informant_is_honest_and_tips_off_a_dodging_liar(llama, tmp_path) -> None:
+    tips = str(tmp_path / "tips")
+    with pytest.raises(ValueError, match="tip_off"):
+        FaultyRuntime(ShardRuntime(llama, 0, 4), FaultConfig(mode="informant"))
+    honest = _run(ShardRuntime(llama, 0, 4), "user", [5, 6])
+    informant = FaultyRuntime(ShardRuntime(llama, 0, 4), FaultConfig(mode="informant", tip_off=tips))
+    assert all(torch.equal(a, b) for a, b in zip(_run(informant, "user", [5, 6]), honest, strict=True))
+    assert list((tmp_path / "tips").iterdir()) == []  # a first sight is a user session: nothing to tell
+    assert all(torch.equal(a, b) for a, b in zip(_run(informant, "shadow", [5, 6]), honest, strict=True))
+    assert len(list((tmp_path / "tips").iterdir())) == 1 and informant.dodged == 3  # the repeat is marked
+
+    liar = FaultConfig(mode="perturb", magnitude=1.0, dodge_audits=True, tip_off=tips)
+    downstream = ShardRuntime(llama, 4, 8)
+    hidden = honest[0]  # the shadow's first message: inputs this liar never saw, so alone it would lie
+    plain = downstream.forward("x", torch.arange(len(PROMPT)), hidden_states=hidden)
+    tipped = FaultyRuntime(ShardRuntime(llama, 4, 8), liar)
+    assert torch.equal(tipped.forward("shadow", torch.arange(len(PROMPT)), hidden_states=hidden), plain)
+    assert tipped.dodged == 1 and tipped.lies == 0
+    alone = FaultyRuntime(ShardRuntime(llama, 4, 8), liar.model_copy(update={"tip_off": None}))
+    assert not torch.equal(alone.forward("shadow", torch.arange(len(PROMPT)), hidden_states=hidden), plain)
