@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_api_vs_generate import api_decode_rate  # noqa: E402
-from common import medians, plot_trials, print_table, run_interleaved  # noqa: E402
+from common import machine_banner, medians, plot_trials, print_table, run_interleaved  # noqa: E402
 
 SPANS = [(0, 10), (10, 20), (20, 30)]
 ARMS = ("privacy=off", "privacy=onion")
@@ -46,7 +47,7 @@ def main() -> None:
     model = model_dir.name
     messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
     work = Path(tempfile.mkdtemp(prefix="bench-privacy-"))
-    print(f"start: load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    print(f"start: {machine_banner()}", flush=True)
     with DhtProcess() as dht_off, DhtProcess() as dht_onion:
         def node(arm: str, dht_url: str, a: int, b: int) -> NodeProcess:
             overrides = swarm_node_overrides(model_dir, dht_url, a, b, work / f"{arm[8:]}{a}", dtype=args.dtype)
@@ -70,6 +71,9 @@ def main() -> None:
     ratio = med["privacy=onion"] / med["privacy=off"]
     per_token_ms = 1000 / med["privacy=onion"] - 1000 / med["privacy=off"]
     print_table(rates)
+    per_trial = sorted(b / a for a, b in zip(rates["privacy=off"], rates["privacy=onion"], strict=True))
+    print(f"per-trial onion/off: {', '.join(f'{r:.3f}' for r in per_trial)} "
+          f"(median {statistics.median(per_trial):.3f})")
     print(f"end: load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"\nratio onion/off = {ratio:.3f} (target >= 0.98); extra per token = {per_token_ms:.2f} ms "
           f"[{args.dtype}, 3 peers, 1 thread per process, tokens={args.tokens}, trials={args.trials}]")
