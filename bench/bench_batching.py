@@ -34,6 +34,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from common import medians, plot_trials, print_table, run_interleaved  # noqa: E402
 
+from openhydra.testing.machine import announce  # noqa: E402
+
 TOPICS = ["a lighthouse keeper", "a clockmaker", "a river pilot", "a beekeeper", "a glassblower", "a cartographer",
           "a night baker", "a bridge engineer"]
 MODEL = "openhydra-smollm2-135m"
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--with-off", action="store_true", help="also time the streams on a serving=off node")
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_batching.png"))
     args = parser.parse_args()
+    announce()  # the machine, its load and the versions, printed with the result
     from openhydra.testing.processes import NodeProcess
 
     common = ["model=smollm2-135m", "hardware=cpu", "hardware.dtype=bfloat16", f"node.data_dir={TEST_CACHE_ROOT}",

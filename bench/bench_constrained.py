@@ -17,12 +17,15 @@ import time
 
 import torch
 
+from openhydra.testing.machine import announce
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    announce()  # the machine, its load and the versions, printed with the result
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

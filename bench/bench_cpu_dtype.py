@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_model_dir
 
-from openhydra.testing.machine import load_average
+from openhydra.testing.machine import announce, load_average
 
 DTYPES = ("float32", "bfloat16")
 
@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "int4"])
     args = parser.parse_args()
+    announce()  # the machine, its load and the versions, printed with the result
 
     import torch
 

@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from common import finish_plot  # noqa: E402
 
 from openhydra.sim.elimination import simulate  # noqa: E402
+from openhydra.testing.machine import announce  # noqa: E402
 
 SPANS = [["liar", "h0b", "h0c"], ["h1a", "h1b", "h1c"], ["h2a", "h2b"]]
 RATES = (1.0, 0.5, 0.2, 0.05)
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
+    announce()  # the machine, its load and the versions, printed with the result
     print(f"load average {os.getloadavg()}; {args.trials} trials per row, budget {BUDGET} user sessions", flush=True)
     rows = []
     print("\n| liar's lie rate per user session | sessions audited | failed within budget | median sessions | "

@@ -24,6 +24,7 @@ from openhydra.runtime.prefix_cache import PrefixCache, PrefixKey, block_hashes
 from openhydra.runtime.shard import ShardRuntime
 from openhydra.runtime.source import embedded_model_dir
 from openhydra.testing import TEST_CACHE_ROOT
+from openhydra.testing.machine import announce
 
 SYSTEM = ("You are a knowledgeable and patient assistant for a maritime museum. Visitors ask about the objects on "
           "display: navigation instruments, lights, charts and ship fittings. Answer in two or three clear "
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=8, help="system prompt = the museum text this many times")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    announce()  # the machine, its load and the versions, printed with the result
     torch.set_num_threads(args.threads)
     print(f"load average {os.getloadavg()}, dtype {args.dtype}, threads {args.threads}")
     from transformers import AutoTokenizer

@@ -34,6 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import plot_trials, run_interleaved
 
+from openhydra.testing.machine import announce
+
 LAYER_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
               "mlp.up_proj", "mlp.down_proj")
 
@@ -105,6 +107,7 @@ def main() -> None:
                         "bnb-int8,fbgemm-dyn-int8")
     parser.add_argument("--plot", default="docs/img/bench_int_kernels.png")
     args = parser.parse_args()
+    announce()  # the machine, its load and the versions, printed with the result
 
     import torch
 

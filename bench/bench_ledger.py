@@ -36,6 +36,7 @@ from openhydra.crypto.identity import Identity  # noqa: E402
 from openhydra.economy.ledger import Ledger  # noqa: E402
 from openhydra.economy.policy import LedgerPolicy  # noqa: E402
 from openhydra.economy.receipts import SettlementRequest, build_settlement  # noqa: E402
+from openhydra.testing.machine import announce  # noqa: E402
 
 PEERS = [Identity.generate() for _ in range(3)]
 WRITERS = 4
@@ -192,6 +193,7 @@ def main() -> None:
     ap.add_argument("--completion-tokens", type=int, default=128)
     ap.add_argument("--plot", type=Path, default=REPO / "docs/img/ledger_bench.png")
     args = ap.parse_args()
+    announce()  # the machine, its load and the versions, printed with the result
 
     kinds = ["sqlite", "sqlite-normal"] + (["postgres"] if args.pg_url else [])
     results: dict[str, Any] = {}

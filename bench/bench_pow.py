@@ -24,6 +24,7 @@ from common import finish_plot
 
 from openhydra.crypto.identity import Identity
 from openhydra.crypto.pow import solve, verify
+from openhydra.testing.machine import announce
 
 
 def stall_check(bits: int, rounds: int = 2) -> None:
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--png", default="docs/img/bench_pow.png")
     parser.add_argument("--stall", type=int, metavar="BITS", help="measure serving stalls during a solve instead")
     args = parser.parse_args()
+    announce()  # the machine, its load and the versions, printed with the result
     if args.stall is not None:
         stall_check(args.stall)
         return

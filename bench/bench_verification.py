@@ -33,6 +33,7 @@ from openhydra.peer.client import ClientTunables, PeerChainClient
 from openhydra.router.swarm import SwarmPipeline
 from openhydra.runtime.sampling import SamplingParams
 from openhydra.testing import TEST_CACHE_ROOT
+from openhydra.testing.machine import announce
 from openhydra.verification.config import VerificationConfig
 from openhydra.verification.factory import build_verifier
 
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="seed of the verifier's sampling")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    announce()  # the machine, its load and the versions, printed with the result
     torch.set_num_threads(1)
     load_start = os.getloadavg()
     print(f"load average at start: {load_start}", flush=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from openhydra.runtime.source import embedded_model_dir
 from openhydra.testing import TEST_CACHE_ROOT
+from openhydra.testing.machine import announce
 from openhydra.weights.fetch import Source, SpanFetcher
 from openhydra.weights.manifest import ensure_manifest
 
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--mbps", type=float, default=0.0, help="each seeder's cap (peer.share_weights_mbps; 0: none)")
     parser.add_argument("--png", type=Path, default=Path("docs/img/bench_weights_fetch.png"))
     args = parser.parse_args()
+    announce()  # the machine, its load and the versions, printed with the result
     folder = embedded_model_dir(TEST_CACHE_ROOT)
     signed = ensure_manifest(folder)
     span = (args.start, args.end)

@@ -28,6 +28,7 @@ from common import bench_model_dir  # noqa: E402
 
 from openhydra.testing.chaos import ChaosConfig, ChaosReport, run_chaos  # noqa: E402
 from openhydra.testing.chaos_load import Outcome  # noqa: E402
+from openhydra.testing.machine import announce  # noqa: E402
 
 EVENT_STYLE = {"kill": ("red", "-"), "stop": ("orange", "--"), "cont": ("green", ":"), "term": ("purple", "-"),
                "start": ("blue", "-."), "ready": ("blue", ":"), "start_failed": ("black", "-")}
@@ -127,6 +128,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results" / "chaos")
     args = parser.parse_args()
+    announce()  # the machine, its load and the versions, printed with the result
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from openhydra.runtime.compaction import CompactionConfig, CompactionPolicy
+from openhydra.testing.machine import announce
 
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
@@ -103,6 +104,7 @@ def phase4_result(cfg: DictConfig, comp: CompactionConfig, model, tokenizer) -> 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench_compaction/config")
 def main(cfg: DictConfig) -> None:
+    announce()  # the machine, its load and the versions, printed with the result
     torch.set_num_threads(int(cfg.threads))
     comp = CompactionConfig.from_mapping(cfg.compaction)
     model, tokenizer = load_model(model_path(cfg))

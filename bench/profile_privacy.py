@@ -21,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from openhydra.testing import TEST_CACHE_ROOT
+from openhydra.testing.machine import announce
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", action="store_true", help="also print each thread's marginal cost")
     args = parser.parse_args()
+    announce()  # the machine, its load and the versions, printed with the result
 
     from openhydra.runtime.source import embedded_model_dir
     from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides

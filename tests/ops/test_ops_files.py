@@ -170,3 +170,13 @@ def test_systemd_analyze_verify_and_security_score(verifiable_unit: Path):
     assert security.returncode == 0, security.stdout[-2000:] + security.stderr
     exposure = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout).group(1))
     assert exposure <= 2.5
+
+
+def test_every_bench_prints_the_machine_and_its_load() -> None:
+    """A figure without its machine and load did not reproduce (docs/benchmarks.md): every bench script with a
+    ``main`` calls ``announce()`` or prints ``machine_banner()`` (openhydra/testing/machine.py)."""
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    scripts = [p for p in sorted(bench.glob("*.py")) if re.search(r"^def main\(", p.read_text(), re.M)]
+    assert len(scripts) >= 30
+    silent = [p.name for p in scripts if not re.search(r"\bannounce\(\)|machine_banner\(\)", p.read_text())]
+    assert silent == [], f"benches that do not print the machine they ran on: {silent}"
