@@ -210,11 +210,15 @@ class ShardRuntime:
                     # would run there, so its bits (and greedy's argmax) are plain decoding's. One forward over
                     # all S positions rounds differently (a matmul's rounding depends on its row count: up to
                     # 0.44 in SmolLM2's bf16 logits), which changed greedy text.
-                    outs = []
-                    for i in range(seq_len):
-                        outs.append(self._step(session, h[:, i : i + 1], position_ids[:, i : i + 1], 1))
-                        session.length += 1
-                    out = torch.cat(outs, dim=1)
+                    out = self._verify_layer_major(session, h, position_ids)
+                    if out is not None:
+                        session.length += seq_len
+                    else:
+                        outs = []
+                        for i in range(seq_len):
+                            outs.append(self._step(session, h[:, i : i + 1], position_ids[:, i : i + 1], 1))
+                            session.length += 1
+                        out = torch.cat(outs, dim=1)
                 else:
                     out = self._step(session, h, position_ids, seq_len)
                     session.length += seq_len
@@ -236,6 +240,33 @@ class ShardRuntime:
         if self.compaction is not None:
             return self.compaction.run(session, seq_len, lambda: self._run_layers(session, h, position_ids))
         return self._run_layers(session, h, position_ids)
+
+    def _verify_layer_major(self, session: Session, h: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """A per-position verify, layer by layer: each layer runs the S one-position steps in order, then the next
+        layer. Every step is the very one-position decode step ``_run_layers`` runs (the same kernels on the same
+        inputs: the same bits; position i+1 attends to position i's keys, appended to that layer just before), but
+        each layer's weights are read S times while they are still in the CPU's caches, not once per position
+        from memory (SmolLM2, 5 positions, 1 thread: 112 -> 82 ms in bf16, 151 -> 104 ms in fp32).
+
+        Only where ``_step`` would run ``_run_layers`` plainly (no compaction, no prefix-cache blocks to record),
+        on lean Llama layers, and when no layer needs a mask for a one-position step (full attention): then the
+        masks do not depend on how far each layer's cache has grown. None: not applicable here."""
+        if (self.compaction is not None or (self.prefix_cache is not None and session.prefix is not None)
+                or not lean_usable(self._lean, self.shard_config._attn_implementation)):
+            return None
+        cache, seq_len = session.cache, h.shape[1]
+        with torch.inference_mode():
+            for fn in self._mask_fns.values():
+                mask = fn(config=self.shard_config, inputs_embeds=h[:, :1], attention_mask=None,
+                          past_key_values=cache, position_ids=position_ids[:, :1])
+                if mask is not None:
+                    return None
+            rows = [h[:, i : i + 1] for i in range(seq_len)]
+            embeddings = [self.modules.rotary_emb(rows[i], position_ids[:, i : i + 1]) for i in range(seq_len)]
+            for layer in self.modules.layers:
+                for i in range(seq_len):
+                    rows[i] = llama_layer_step(layer, rows[i], embeddings[i], cache, None)
+        return torch.cat(rows, dim=1)
 
     def _run_layers(self, session: Session, h: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         cache = session.cache

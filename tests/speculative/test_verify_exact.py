@@ -66,6 +66,27 @@ def test_verify_logits_are_the_one_position_steps_bits(tiny_model_dirs, arch, se
     assert verify.shape == steps.shape and torch.equal(verify, steps)
 
 
+@pytest.mark.parametrize("serving", ["plain", "prefix"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_5"])
+def test_the_verify_runs_layer_by_layer_where_it_can(tiny_model_dirs, arch, serving):
+    """Plain Llama layers verify layer by layer (runtime/shard.py ``_verify_layer_major``: each layer's weights read
+    once per verify while hot, not once per position), with the one-position steps' bits (checked here and in the
+    test above); other layers keep the position-by-position loop."""
+    rt = _runtime(tiny_model_dirs[arch], torch.bfloat16, serving)
+    taken = []
+    original = rt._verify_layer_major
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        taken.append(out is not None)
+        return out
+
+    rt._verify_layer_major = spy
+    verify, steps = _verify_vs_steps(rt)
+    assert torch.equal(verify, steps)
+    assert taken == [arch == "llama"]  # lean Llama layers only (qwen3: q/k norms; qwen3_5: recurrent layers)
+
+
 def _batched_verify_vs_steps(rt: ShardRuntime, k: int, prompt_len: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
     """With the decode batcher: one verify of k positions (rows of one batched forward, or several when k >
     max_batch) next to another session's decode step, and the same positions as batched decode steps."""
