@@ -100,3 +100,50 @@ def llama_layer_step(
     x = _rms_norm(layer.post_attention_layernorm, h)
     gate, up = _projections(mlp, ("gate_proj", "up_proj"), x)
     return residual + mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+def llama_layer_verify(
+    layer: LlamaDecoderLayer,
+    h: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    cache,
+) -> torch.Tensor:
+    """S consecutive one-position decode steps through one layer, in order: h [1, S, D] -> [1, S, D].
+
+    Row i's output has the bits of :func:`llama_layer_step` on row i alone after rows 0..i-1 (a speculative verify
+    that must equal plain decoding, runtime/shard.py). Whatever mixes the rows' numbers or depends on the row count
+    runs per row: the projections (a matmul's rounding depends on its row count), and each position's attention
+    over the keys appended so far. Element-wise operations and the norms (a reduction within each row) run on all S
+    rows at once, with the same bits per row (tests/runtime/test_lean_layers.py); they are most of the small
+    operations, so a verify pays them once per layer instead of once per position."""
+    attn, mlp = layer.self_attn, layer.mlp
+    seq_len = h.shape[1]
+    residual = h
+    x = _rms_norm(layer.input_layernorm, h)
+    rows = [_projections(attn, ("q_proj", "k_proj", "v_proj"), _row(x, i)) for i in range(seq_len)]
+    hidden_shape = (1, seq_len, -1, attn.head_dim)
+    q = torch.cat([r[0] for r in rows], dim=1).view(hidden_shape).transpose(1, 2)  # [1, H, S, hd]
+    k = torch.cat([r[1] for r in rows], dim=1).view(hidden_shape).transpose(1, 2)
+    v = torch.cat([r[2] for r in rows], dim=1).view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q = (q * cos) + (rotate_half(q) * sin)
+    k = (k * cos) + (rotate_half(k) * sin)
+    outs = []
+    for i in range(seq_len):
+        keys, values = cache.update(k[:, :, i : i + 1], v[:, :, i : i + 1], attn.layer_idx)
+        out, _ = sdpa_attention_forward(attn, q[:, :, i : i + 1], keys, values, None, dropout=0.0,
+                                        scaling=attn.scaling)
+        outs.append(attn.o_proj(out.reshape(1, 1, -1).contiguous()))
+    h = residual + torch.cat(outs, dim=1)
+    residual = h
+    x = _rms_norm(layer.post_attention_layernorm, h)
+    parts = [_projections(mlp, ("gate_proj", "up_proj"), _row(x, i)) for i in range(seq_len)]
+    act = mlp.act_fn(torch.cat([p[0] for p in parts], dim=1)) * torch.cat([p[1] for p in parts], dim=1)
+    return residual + torch.cat([mlp.down_proj(_row(act, i)) for i in range(seq_len)], dim=1)
+
+
+def _row(x: torch.Tensor, i: int) -> torch.Tensor:
+    """Row i of [1, S, D] with a one-position step's strides ((D, D, 1), as a fresh [1, 1, D]): a slice keeps the
+    [1, S, D] strides, which send bf16 matmuls down a batched path (a copy of the weight per call)."""
+    return x[0, i].view(1, 1, -1)

@@ -155,3 +155,45 @@ def test_lean_step_only_where_it_is_that_layer(tiny_model_dirs):
     for family in ("qwen3", "qwen3_5"):
         other = ShardRuntime(tiny_model_dirs[family], 0, 4, dtype=torch.float32)
         assert not lean_supported(other.modules.layers, other.shard_config._attn_implementation)
+
+
+def _assert_layer_major_verify_equals_steps(model_dir: Path, dtype: torch.dtype, quantization: str) -> None:
+    """A verify of S positions layer by layer (ShardRuntime ``_verify_layer_major`` -> ``llama_layer_verify``)
+    against the same S positions decoded one at a time: logits and every layer's K/V, bit for bit."""
+    rt = ShardRuntime(model_dir, dtype=dtype, quantization=quantization)
+    prompt = torch.randint(3, 4000, (19,), generator=torch.Generator().manual_seed(4))
+    for s in (1, 2, 3, 7):
+        drafts = torch.randint(3, 4000, (s,), generator=torch.Generator().manual_seed(s))
+        for session in ("verify", "steps"):
+            rt.forward(session, torch.arange(19), input_ids=prompt)
+        taken: list[bool] = []
+
+        def spy(*args, original=rt._verify_layer_major, taken=taken):
+            out = original(*args)
+            taken.append(out is not None)
+            return out
+
+        rt._verify_layer_major = spy
+        verify = rt.forward("verify", torch.arange(19, 19 + s), input_ids=drafts, all_logits=True)
+        del rt._verify_layer_major
+        steps = torch.cat([rt.forward("steps", torch.tensor([19 + i]), input_ids=drafts[i : i + 1]) for i in range(s)])
+        assert taken == ([True] if s > 1 else [])  # layer by layer (one position is a plain decode step)
+        assert torch.equal(verify, steps), f"S={s}: max |diff| {(verify - steps).abs().max().item()}"
+        caches = [rt._sessions.get(x).cache for x in ("verify", "steps")]
+        for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        for session in ("verify", "steps"):
+            rt.close_session(session)
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_major_verify_is_bit_identical_on_tiny_llama(tiny_model_dirs, dtype, quantization):
+    _assert_layer_major_verify_equals_steps(tiny_model_dirs["llama"], dtype, quantization)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("dtype", "quantization"), [(torch.float32, "none"), (torch.bfloat16, "none"),
+                                                     (torch.float32, "int4")])
+def test_layer_major_verify_is_bit_identical_on_smollm2(smollm2_dir, dtype, quantization):
+    _assert_layer_major_verify_equals_steps(smollm2_dir, dtype, quantization)
