@@ -25,8 +25,11 @@ or *clean* (its audits upheld the user's answer). Then, over the last ``memory``
   it, so that the remaining suspects get their clean chains. A peer that is in every chain (the only server of its
   span) can neither be left out nor exonerated; then nobody is convicted (docs/verification.md).
 
-A conviction is a failed audit in the reputation store (the peer falls below the routing floor) and a slash; it is
-not signed slash evidence for other coordinators (verification/evidence.py), because no single answer proves it.
+A conviction is a failed audit in the reputation store and a slash, and the verifier stops routing to the peer and
+asking it to vote (``is_convicted``): a smart liar passes every audit it recognises, so one failed audit may leave its
+score above the routing floor, and it is never convicted twice. It is not signed slash evidence for other
+coordinators (verification/evidence.py), because no single answer proves it; a restarted coordinator has to
+convict again.
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ class Elimination:
                 for key in [k for k, (c, b) in self._sessions.items() if b and conviction.peer_id in c]:
                     del self._sessions[key]
             return conviction
+
+    def is_convicted(self, peer_id: str) -> bool:
+        return peer_id in self._convicted  # a set read: safe from any thread
 
     def candidates(self) -> list[str]:
         """Unconvicted peers present in every remembered bad chain (none without a bad chain), sorted."""

@@ -24,6 +24,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 REQUESTS, STEPS = 20, 4  # every hop of every request audited: 3 audits per request
 
 
+def _routed_around_and_nobody_else_blamed(swarm: Swarm, innocents: list[str], seed: int) -> None:
+    """After the liar failed: three more requests, none routed through it, every span still covered; and no other
+    peer ever failed or was disputed."""
+    for i in range(3):
+        swarm.generate(f"after{seed + i}", prompt_of(seed + i), STEPS)
+        assert "liar" not in swarm.last_chain and len(swarm.last_chain) == 3
+    assert swarm.verifier.drain(120)
+    counts = {p: swarm.reputation.counts(p) for p in innocents}
+    assert all(c["fail"] == 0 and c["dispute"] == 0 for c in counts.values()), counts
+
+
 def _specs() -> list[PeerSpec]:
     smart = FaultConfig(mode="perturb", magnitude=1.0, dodge_audits=True)
     return [
@@ -85,18 +96,13 @@ def test_audit_dodging_liar_is_failed_once_probing_separates_the_suspects(tiny_m
         voted = [o for o in swarm.verifier.outcomes if "liar" in o.failed]
         print(f"\n{len(chains)} requests until the liar failed; chains: {chains}; by elimination: {convictions}; "
               f"by vote: {[(o.session_id, o.tier) for o in voted]}")
-        assert swarm.reputation.counts("liar")["fail"] >= 1 and swarm.reputation.below_floor("liar")
+        assert swarm.reputation.counts("liar")["fail"] >= 1 and swarm.verifier.score("liar") == 0.0  # not routed
         assert [c.peer_id for c in convictions] in (["liar"], [])
         status = swarm.verifier.status()["verification"]  # what /v1/network/status shows
         assert [e["peer_id"] for e in status["eliminated"]] == [c.peer_id for c in convictions]
         assert set(status["suspects"]) <= {"liar", "h3a", "h3b", "h3c", "h5a", "h5b", "h5c"}
         assert "liar" in chains[0] and any("liar" not in c for c in chains)  # probing left it out at times
-        for i in range(3):  # failed: no longer routed
-            swarm.generate(f"after{i}", prompt_of(300 + i), STEPS)
-            assert "liar" not in swarm.last_chain and len(swarm.last_chain) == 3
-        assert swarm.verifier.drain(120)
-        counts = {p: swarm.reputation.counts(p) for p in honest}
-        assert all(c["fail"] == 0 and c["dispute"] == 0 for c in counts.values()), counts
+        _routed_around_and_nobody_else_blamed(swarm, honest, 300)
     finally:
         swarm.close()
 
@@ -129,12 +135,7 @@ def test_on_a_two_peer_span_the_referee_keeps_the_smart_liar_from_taking_the_hon
         assert swarm.reputation.below_floor("liar") and swarm.reputation.counts("liar")["fail"] >= 1
         assert refereed and all(o.failed == ["liar"] and o.passed == ["h0b"] for o in refereed)
         assert swarm.referee is not None and swarm.referee.status()["loaded_span"] == [0, 3]
-        for i in range(3):  # the span is still served: by the honest peer
-            swarm.generate(f"after{i}", prompt_of(500 + i), STEPS)
-            assert swarm.last_chain[0] == "h0b" and len(swarm.last_chain) == 3
-        assert swarm.verifier.drain(120)
-        counts = {p: swarm.reputation.counts(p) for p in honest}
-        assert all(c["fail"] == 0 and c["dispute"] == 0 for c in counts.values()), counts
+        _routed_around_and_nobody_else_blamed(swarm, honest, 500)  # the span is still served: by h0b
         assert not swarm.reputation.below_floor("h0b")
     finally:
         swarm.close()
@@ -175,12 +176,12 @@ def test_a_liar_tipped_off_by_an_informant_dodges_every_vote_and_is_convicted_by
         assert not [o for o in outcomes if "liar" in o.failed]  # no vote ever caught it: the tip-offs worked
         assert os.listdir(tips)  # the informant did mark shadows and replays
         assert any("liar" not in c for c in chains)  # probing routed around it
-        assert swarm.reputation.below_floor("liar")
-        for i in range(3):  # failed: no longer routed
-            swarm.generate(f"after{i}", prompt_of(700 + i), STEPS)
-            assert "liar" not in swarm.last_chain and len(swarm.last_chain) == 3
-        assert swarm.verifier.drain(120)
-        counts = {p: swarm.reputation.counts(p) for p in others}
-        assert all(c["fail"] == 0 and c["dispute"] == 0 for c in counts.values()), counts
+        # Not routed: one failed audit can leave a liar that passed every audit it recognised above the floor
+        # (seen here), so a conviction excludes it whatever its score.
+        print(f"liar's counts {swarm.reputation.counts('liar')}, score {swarm.reputation.score('liar'):.3f}")
+        assert swarm.verifier.score("liar") == 0.0 and swarm.verifier.alternatives((3, 5), set()) != []
+        assert "liar" not in [p.peer_id for p in swarm.verifier.alternatives((3, 5), set())]
+        assert swarm.verifier.status()["peers"]["liar"]["routable"] is False
+        _routed_around_and_nobody_else_blamed(swarm, others, 700)
     finally:
         swarm.close()

@@ -94,3 +94,32 @@ def test_memory_is_bounded():
     assert len(elim._sessions) == 10
     with pytest.raises(ValueError):
         Elimination(min_sessions=1)
+
+
+def test_a_convicted_peer_is_not_routed_even_with_a_score_above_the_floor(tmp_path) -> None:
+    """A smart liar passes every audit it recognises: one failed audit (the conviction's) can leave its score above
+    the routing floor, and elimination never convicts it twice. The verifier excludes it from routing and from
+    votes whatever its score (a real-process run ended with the convicted liar at 0.617-0.645, floor 0.6)."""
+    from openhydra.verification.audits import Outcome
+    from openhydra.verification.config import VerificationConfig
+    from openhydra.verification.reputation import ReputationStore
+    from openhydra.verification.verifier import Verifier
+
+    config = VerificationConfig(enabled=True, eliminate_after=2)
+    reputation = ReputationStore(tmp_path / "r.db", config.reputation)
+    verifier = Verifier(config, reputation)
+    try:
+        for _ in range(20):  # the audits it answered honestly, and the steps it served
+            reputation.record("liar", "pass")
+            reputation.record("liar", "ok")
+            reputation.record("liar", "latency", value=10.0)
+        for i in range(2):  # its user chains: irreproducible; chains without it: reproduced
+            verifier._eliminate(Outcome(f"bad{i}", (0, 1), 2, irreproducible=True, chain=["x", "liar"]))
+            verifier._eliminate(Outcome(f"clean{i}", (0, 1), 1, passed=["x", "y"], chain=["x", "y"]))
+        assert [c.peer_id for c in verifier.convictions] == ["liar"]
+        assert reputation.counts("liar")["fail"] == 1
+        assert not reputation.below_floor("liar")  # one fail against 20 passes: still above the floor
+        assert verifier.score("liar") == 0.0 and verifier.score("x") > 0.0
+        assert verifier.status()["peers"]["liar"]["routable"] is False
+    finally:
+        verifier.shutdown()
