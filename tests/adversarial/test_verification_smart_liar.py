@@ -13,6 +13,7 @@ own chain does not reproduce is *irreproducible*: nobody of the span is blamed.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 
@@ -22,6 +23,18 @@ from tests.verification.kit import PeerSpec, Swarm, prompt_of
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 REQUESTS, STEPS = 20, 4  # every hop of every request audited: 3 audits per request
+
+
+def _requests_until(swarm: Swarm, done: Callable[[], bool], seed: int, limit: int) -> list[list[str]]:
+    """User requests, each after the previous one's audits, until ``done()`` or ``limit``; their chains."""
+    chains: list[list[str]] = []
+    for i in range(limit):
+        swarm.generate(f"user{seed + i}", prompt_of(seed + i), STEPS)
+        chains.append(swarm.last_chain)
+        assert swarm.verifier.drain(120)
+        if done():
+            break
+    return chains
 
 
 def _routed_around_and_nobody_else_blamed(swarm: Swarm, innocents: list[str], seed: int) -> None:
@@ -84,14 +97,8 @@ def test_audit_dodging_liar_is_failed_once_probing_separates_the_suspects(tiny_m
     specs = [*_specs(), PeerSpec("h0c", 0, 3)]
     swarm = Swarm(tiny_model_dirs["llama"], specs, config, tmp_path / "rep.db")
     honest = [s.peer_id for s in specs if s.peer_id != "liar"]
-    chains: list[list[str]] = []
     try:
-        for i in range(40):
-            swarm.generate(f"user{i}", prompt_of(200 + i), STEPS)
-            chains.append(swarm.last_chain)
-            assert swarm.verifier.drain(120)  # the user's next request comes after this one's audits
-            if swarm.reputation.counts("liar")["fail"] >= 1:
-                break
+        chains = _requests_until(swarm, lambda: swarm.reputation.counts("liar")["fail"] >= 1, 200, 40)
         convictions = swarm.verifier.convictions
         voted = [o for o in swarm.verifier.outcomes if "liar" in o.failed]
         print(f"\n{len(chains)} requests until the liar failed; chains: {chains}; by elimination: {convictions}; "
@@ -119,14 +126,8 @@ def test_on_a_two_peer_span_the_referee_keeps_the_smart_liar_from_taking_the_hon
     assert [s.peer_id for s in specs if (s.start, s.end) == (0, 3)] == ["liar", "h0b"]
     swarm = Swarm(tiny_model_dirs["llama"], specs, config, tmp_path / "rep.db", referee=True)
     honest = [s.peer_id for s in specs if s.peer_id != "liar"]
-    chains: list[list[str]] = []
-    try:
-        for i in range(40):
-            swarm.generate(f"user{i}", prompt_of(400 + i), STEPS)  # raises if no chain covers every layer
-            chains.append(swarm.last_chain)
-            assert swarm.verifier.drain(120)
-            if swarm.reputation.below_floor("liar"):
-                break
+    try:  # a request raises if no chain covers every layer
+        chains = _requests_until(swarm, lambda: swarm.reputation.below_floor("liar"), 400, 40)
         outcomes = swarm.verifier.outcomes
         refereed = [o for o in outcomes if o.refereed]
         print(f"\n{len(chains)} requests until the liar fell below the floor; refereed votes: "
@@ -160,14 +161,8 @@ def test_a_liar_tipped_off_by_an_informant_dodges_every_vote_and_is_convicted_by
     config = VerificationConfig(enabled=True, sample_rate=1.0, audit_rate=0.5, seed=19, eliminate_after=3)
     swarm = Swarm(tiny_model_dirs["llama"], specs, config, tmp_path / "rep.db", referee=True)
     others = [s.peer_id for s in specs if s.peer_id != "liar"]
-    chains: list[list[str]] = []
     try:
-        for i in range(60):
-            swarm.generate(f"user{i}", prompt_of(600 + i), STEPS)
-            chains.append(swarm.last_chain)
-            assert swarm.verifier.drain(120)
-            if swarm.verifier.convictions:
-                break
+        chains = _requests_until(swarm, lambda: bool(swarm.verifier.convictions), 600, 60)
         outcomes = swarm.verifier.outcomes
         print(f"\n{len(chains)} requests until a conviction: {swarm.verifier.convictions}; {len(outcomes)} audits, "
               f"{sum(o.irreproducible for o in outcomes)} irreproducible; {len(os.listdir(tips))} sessions tipped off")
