@@ -99,7 +99,7 @@ def test_memory_is_bounded():
 def test_a_convicted_peer_is_not_routed_even_with_a_score_above_the_floor(tmp_path) -> None:
     """A smart liar passes every audit it recognises: one failed audit (the conviction's) can leave its score above
     the routing floor, and elimination never convicts it twice. The verifier excludes it from routing and from
-    votes whatever its score (a real-process run ended with the convicted liar at 0.617-0.645, floor 0.6)."""
+    votes whatever its score (real-process runs ended with the convicted liar at 0.617-0.645, floor 0.6)."""
     from openhydra.verification.audits import Outcome
     from openhydra.verification.config import VerificationConfig
     from openhydra.verification.reputation import ReputationStore
