@@ -120,7 +120,7 @@ def llama_layer_verify(
     seq_len = h.shape[1]
     residual = h
     x = _rms_norm(layer.input_layernorm, h)
-    rows = [_projections(attn, ("q_proj", "k_proj", "v_proj"), _row(x, i)) for i in range(seq_len)]
+    rows = [_projections(attn, ("q_proj", "k_proj", "v_proj"), one_position_row(x, i)) for i in range(seq_len)]
     hidden_shape = (1, seq_len, -1, attn.head_dim)
     q = torch.cat([r[0] for r in rows], dim=1).view(hidden_shape).transpose(1, 2)  # [1, H, S, hd]
     k = torch.cat([r[1] for r in rows], dim=1).view(hidden_shape).transpose(1, 2)
@@ -138,12 +138,13 @@ def llama_layer_verify(
     h = residual + torch.cat(outs, dim=1)
     residual = h
     x = _rms_norm(layer.post_attention_layernorm, h)
-    parts = [_projections(mlp, ("gate_proj", "up_proj"), _row(x, i)) for i in range(seq_len)]
+    parts = [_projections(mlp, ("gate_proj", "up_proj"), one_position_row(x, i)) for i in range(seq_len)]
     act = mlp.act_fn(torch.cat([p[0] for p in parts], dim=1)) * torch.cat([p[1] for p in parts], dim=1)
-    return residual + torch.cat([mlp.down_proj(_row(act, i)) for i in range(seq_len)], dim=1)
+    return residual + torch.cat([mlp.down_proj(one_position_row(act, i)) for i in range(seq_len)], dim=1)
 
 
-def _row(x: torch.Tensor, i: int) -> torch.Tensor:
+def one_position_row(x: torch.Tensor, i: int) -> torch.Tensor:
     """Row i of [1, S, D] with a one-position step's strides ((D, D, 1), as a fresh [1, 1, D]): a slice keeps the
-    [1, S, D] strides, which send bf16 matmuls down a batched path (a copy of the weight per call)."""
+    [1, S, D] strides, which send bf16 matmuls down a batched path (a copy of the weight per call, aten::bmm).
+    Used wherever a row of several positions meets a Linear: here, and the head at a prompt's last position."""
     return x[0, i].view(1, 1, -1)

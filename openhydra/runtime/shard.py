@@ -19,7 +19,13 @@ from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
 from openhydra.runtime.compaction.config import CompactionConfig
 from openhydra.runtime.compaction.shard_hook import ShardCompaction
-from openhydra.runtime.lean_layers import lean_modules, lean_usable, llama_layer_step, llama_layer_verify
+from openhydra.runtime.lean_layers import (
+    lean_modules,
+    lean_usable,
+    llama_layer_step,
+    llama_layer_verify,
+    one_position_row,
+)
 from openhydra.runtime.malloc import maybe_trim
 from openhydra.runtime.prefix_cache import PrefixCache, PrefixKey, begin_prefix, run_in_blocks
 from openhydra.runtime.sessions import Session, SessionStore
@@ -304,10 +310,9 @@ class ShardRuntime:
         with torch.inference_mode():
             h = self.modules.norm(h)
             if not all_logits:
-                # [1, 1, D] with a one-position step's strides: the slice h[:, -1:] keeps [1, S, D]'s, which sends
-                # a bf16 head down a batched matmul path that copies the weight (SmolLM2: 75 ms instead of 4 at a
-                # prompt's last position, same bits; tests/runtime/test_shard.py)
-                h = h[0, -1].view(1, 1, -1)
+                # not h[:, -1:]: that slice sends a bf16 head down a batched matmul that copies the weight (SmolLM2:
+                # 75 ms instead of 4 at a prompt's last position, same bits; tests/runtime/test_shard_output.py)
+                h = one_position_row(h, -1)  # [1, 1, D]
             return self.modules.lm_head(h)[0].float()  # [1, V] or [S, V]
 
     def _check_positions(self, positions: torch.Tensor) -> int:

@@ -91,9 +91,11 @@ class Verifier:
     def score(self, peer_id: str) -> float:
         """The coverage map's score hook (0, not routed to: below the reputation floor, or convicted by elimination,
         whose one failed audit may leave a smart liar's score above the floor: it passes every audit it recognises)."""
-        if self.elimination.is_convicted(peer_id):
-            return 0.0
-        return self.reputation.routing_score(peer_id)
+        return self.reputation.routing_score(peer_id) if not self.elimination.is_convicted(peer_id) else 0.0
+
+    def routable(self, peer_id: str) -> bool:
+        """Whether this coordinator routes to ``peer_id`` and asks it to vote: what ``score`` gives above 0."""
+        return not self.elimination.is_convicted(peer_id) and not self.reputation.below_floor(peer_id)
 
     def alternatives(self, span: tuple[int, int], exclude: set[str]) -> list[PeerAnnouncement]:
         """Other routable peers serving exactly ``span``, sorted by peer id (the caller samples)."""
@@ -102,8 +104,7 @@ class Verifier:
         now = time.time()
         for r in pipeline.peers():  # is_banned: a single dict read, safe from this thread
             if ((r.start, r.end) == span and r.peer_id not in exclude and not pipeline.bans.is_banned(r.peer_id)
-                    and r.announced_at + r.ttl_s > now and not self.reputation.below_floor(r.peer_id)
-                    and not self.elimination.is_convicted(r.peer_id)):
+                    and r.announced_at + r.ttl_s > now and self.routable(r.peer_id)):
                 seen[r.peer_id] = r
         return [seen[k] for k in sorted(seen)]
 
@@ -308,10 +309,8 @@ class Verifier:
         """``/v1/network/status`` section: the config in force, audit counts and every peer's score."""
         c = self.config
         body = self.reputation.status()
-        for conviction in self.convictions:  # not routed whatever its score (see score())
-            row = body["peers"].get(conviction.peer_id)
-            if row is not None:
-                row["routable"] = False
+        for peer_id, row in body["peers"].items():  # convicted peers are not routed whatever their score
+            row["routable"] = self.routable(peer_id)
         body["verification"] = {
             "enabled": c.enabled, "sample_rate": c.sample_rate, "vote_peers": c.vote_peers,
             "audit_rate": c.audit_rate, "tolerance": c.tolerance.model_dump(),
