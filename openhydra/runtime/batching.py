@@ -33,9 +33,11 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface, DynamicCache
-from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
+from transformers.cache_utils import LinearAttentionLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from openhydra.runtime.kv_layer import PLAIN_KV_LAYERS
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +233,7 @@ def _batchable(runtime, session) -> bool:
         return False  # a first position (a one-token prompt) runs alone: there is no cache to extend yet
     for layer_type, layer in zip(runtime.layer_types, session.cache.layers, strict=True):
         if layer_type == "full_attention":
-            if type(layer) is not DynamicLayer or layer.get_seq_length() != session.length:
+            if type(layer) not in PLAIN_KV_LAYERS or layer.get_seq_length() != session.length:
                 return False  # e.g. a compacted cache: indices are not positions
         elif not (type(layer) is LinearAttentionLayer and layer.has_previous_state[0]
                   and not layer.record_past and layer.number_of_states == 1):

@@ -1,12 +1,13 @@
 """A leaner step through Llama-architecture decoder layers, bit-identical to transformers' own.
 
 At batch 1 a decode step is hundreds of small operations per layer, and on a CPU node their dispatch costs as
-much as the matmuls (SmolLM2 int4, 1 thread: the int4 and int8 kernels take ~5.3 of ~11.4 ms per token; the rest
-is small ops and Python). :func:`llama_layer_step` does what ``LlamaDecoderLayer.forward`` does (the same
-operations on the same tensors in the same order, so every output bit is equal; tests/runtime/test_lean_layers.py
+much as the matmuls (SmolLM2 int4, 1 thread: the int4 and int8 kernels take ~5.8 of ~10.5 ms per token; the rest
+is small ops and Python). :class:`LeanLlamaLayer` does what ``LlamaDecoderLayer.forward`` does (the same
+operations on the same values in the same order, so every output bit is equal; tests/runtime/test_lean_layers.py
 checks logits and caches on real and tiny models, fp32, bf16, int8 and int4) without the module wrappers,
-deprecation and hub-kernel decorators around the layer, its attention, MLP and norms, and calls fused CPU int8/int4
-projections (runtime/quant_cpu.py ``FusedProjections``) once per input instead of through their slices.
+deprecation and hub-kernel decorators around the layer, its attention, MLP and norms, with its tensors and
+kernels looked up once at load, and with fused CPU int8/int4 projections (runtime/quant_cpu.py
+``FusedProjections``) called once per input.
 
 It is used only where it is exactly that layer: every layer of the span a ``LlamaDecoderLayer`` (SmolLM2, Llama,
 and models converted to it), sdpa attention (not continuous batching's rows attention, not KV compaction's), and
@@ -15,12 +16,20 @@ no hooks on the layers; anything else runs transformers' layer as before.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, rotate_half
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
-from openhydra.runtime.quant_cpu import FusedProjections
+from openhydra.runtime.quant_cpu import (
+    INT8_DECODE_ROWS,
+    KERNEL_DTYPE,
+    FusedProjections,
+    Int4WeightOnlyLinear,
+    Int8WeightOnlyLinear,
+)
 
 
 def lean_modules(layers: nn.ModuleList) -> tuple[nn.Module, ...] | None:
@@ -39,7 +48,7 @@ def lean_modules(layers: nn.ModuleList) -> tuple[nn.Module, ...] | None:
 
 
 def lean_usable(watched: tuple[nn.Module, ...] | None, attn_implementation: str) -> bool:
-    """Per step (cheap): whether :func:`llama_layer_step` computes exactly what the layers would now, i.e. sdpa
+    """Per step (cheap): whether :class:`LeanLlamaLayer` computes exactly what the layers would now, i.e. sdpa
     attention (continuous batching and KV compaction switch it), eval mode and no forward hooks anywhere."""
     if watched is None or attn_implementation != "sdpa":
         return False
@@ -49,98 +58,158 @@ def lean_usable(watched: tuple[nn.Module, ...] | None, attn_implementation: str)
 
 
 def lean_supported(layers: nn.ModuleList, attn_implementation: str) -> bool:
-    """Whether :func:`llama_layer_step` computes exactly what each of ``layers`` would (both checks at once)."""
+    """Whether :class:`LeanLlamaLayer` computes exactly what each of ``layers`` would (both checks at once)."""
     return lean_usable(lean_modules(layers), attn_implementation)
 
 
-def _rms_norm(norm: LlamaRMSNorm, h: torch.Tensor) -> torch.Tensor:
-    """``LlamaRMSNorm.forward``."""
+class LeanLlamaLayer:
+    """One ``LlamaDecoderLayer`` with its tensors and kernels looked up once, at load.
+
+    :meth:`step` runs what ``LlamaDecoderLayer.forward`` runs, on the same values in the same order, minus what
+    does not change a bit: module calls (each a Python frame and hook checks), attribute lookups through
+    ``nn.Module``, casts to the dtype a tensor already has, the split-and-copy of fused projections (q, k and v
+    are views of one output), and a rotary pass per tensor (q and k are rotated together: element-wise, the same
+    number per element). A Linear-like module it does not know is called as a module. ShardRuntime builds these
+    once, after loading and quantizing its span, and never replaces the layers' modules afterwards."""
+
+    def __init__(self, layer: LlamaDecoderLayer) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.layer_idx = attn.layer_idx
+        self.head_dim = attn.head_dim
+        self.heads = attn.config.num_attention_heads
+        self.kv_heads = attn.config.num_key_value_heads
+        self.groups = attn.num_key_value_groups
+        self.scaling = attn.scaling
+        self.is_causal = getattr(attn, "is_causal", True)
+        self.attn = attn  # transformers' own attention, where a mask is given
+        self.input_norm = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        self.post_norm = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        qkv = getattr(attn, "fused_q_proj_k_proj_v_proj", None)
+        self.qkv = _matmul(qkv.fused) if isinstance(qkv, FusedProjections) else None
+        self.q, self.k, self.v = (_matmul(getattr(attn, name)) for name in ("q_proj", "k_proj", "v_proj"))
+        self.o = _matmul(attn.o_proj)
+        gate_up = getattr(mlp, "fused_gate_proj_up_proj", None)
+        self.gate_up = _matmul(gate_up.fused) if isinstance(gate_up, FusedProjections) else None
+        self.intermediate = mlp.intermediate_size
+        self.gate, self.up, self.down = (_matmul(getattr(mlp, name)) for name in ("gate_proj", "up_proj", "down_proj"))
+        self.act = nn.functional.silu if type(mlp.act_fn).__name__ == "SiLUActivation" else mlp.act_fn
+
+    def step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
+             attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """``layer(h, attention_mask=..., position_embeddings=(cos, sin), past_key_values=cache, use_cache=True)``.
+
+        h [B, S, D] -> [B, S, D]; cos, sin [B, 1, S, hd] (unsqueezed once for all layers); appends the S new
+        positions' keys and values to ``cache``."""
+        residual = h
+        qk, v = self._qkv(_norm(self.input_norm, h))
+        qk = self._rotate(qk, cos, sin)
+        k, v = cache.update(qk[:, self.heads :], v, self.layer_idx)
+        h = residual + self.o(self._attend(qk[:, : self.heads], k, v, attention_mask))
+        residual = h
+        gate, up = self._gate_up(_norm(self.post_norm, h))
+        return residual + self.down(self.act(gate) * up)
+
+    def verify(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
+        """S consecutive one-position decode steps through this layer, in order: h [1, S, D] -> [1, S, D].
+
+        Row i's output has the bits of :meth:`step` on row i alone after rows 0..i-1 (a speculative verify that
+        must equal plain decoding, runtime/shard.py). Whatever mixes the rows' numbers or depends on the row count
+        runs per row: the projections (a matmul's rounding depends on its row count), and each position's attention
+        over the keys appended so far. Element-wise operations and the norms (a reduction within each row) run on
+        all S rows at once, with the same bits per row (tests/runtime/test_lean_layers.py); they are most of the
+        small operations, so a verify pays them once per layer instead of once per position."""
+        seq_len = h.shape[1]
+        residual = h
+        x = _norm(self.input_norm, h)
+        rows = [self._qkv(one_position_row(x, i)) for i in range(seq_len)]
+        qk = self._rotate(torch.cat([r[0] for r in rows], dim=2), cos, sin)  # [1, Hq + Hkv, S, hd]
+        v = torch.cat([r[1] for r in rows], dim=2)
+        outs = []
+        for i in range(seq_len):
+            keys, values = cache.update(qk[:, self.heads :, i : i + 1], v[:, :, i : i + 1], self.layer_idx)
+            outs.append(self.o(self._attend(qk[:, : self.heads, i : i + 1], keys, values, None)))
+        h = residual + torch.cat(outs, dim=1)
+        residual = h
+        x = _norm(self.post_norm, h)
+        parts = [self._gate_up(one_position_row(x, i)) for i in range(seq_len)]
+        act = self.act(torch.cat([p[0] for p in parts], dim=1)) * torch.cat([p[1] for p in parts], dim=1)
+        return residual + torch.cat([self.down(one_position_row(act, i)) for i in range(seq_len)], dim=1)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, D] -> (q and k heads [B, Hq + Hkv, S, hd], v [B, Hkv, S, hd])."""
+        batch, seq_len = x.shape[:2]
+        if self.qkv is not None:
+            heads = self.qkv(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)  # [B, Hq + 2 Hkv, S, hd]
+            return heads[:, : self.heads + self.kv_heads], heads[:, self.heads + self.kv_heads :]
+        qk = torch.cat([self.q(x), self.k(x)], dim=-1).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        return qk, self.v(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+
+    def _rotate(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """transformers' ``apply_rotary_pos_emb`` on q and k at once (``rotate_half`` written out)."""
+        half = self.head_dim // 2
+        return (qk * cos) + (torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """transformers' ``sdpa_attention_forward``, then the heads flattened: [B, S, Hq * hd], contiguous."""
+        batch, _, seq_len, _ = q.shape
+        if attention_mask is None and k.shape[-1] == v.shape[-1] <= 256:  # its path when the GQA flag is usable
+            is_causal = seq_len > 1 and self.is_causal
+            if is_causal and k.shape[2] > seq_len:
+                k, v = k[:, :, :seq_len], v[:, :, :seq_len]
+            gqa = {"enable_gqa": True} if self.groups > 1 else {}
+            out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0,
+                                                             scale=self.scaling, is_causal=is_causal, **gqa)
+            out = out.transpose(1, 2).contiguous()
+        else:
+            out, _ = sdpa_attention_forward(self.attn, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling)
+        return out.reshape(batch, seq_len, -1).contiguous()
+
+    def _gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.gate_up is not None:
+            both = self.gate_up(x)
+            return both[..., : self.intermediate], both[..., self.intermediate :]
+        return self.gate(x), self.up(x)
+
+
+def _norm(norm: tuple[torch.Tensor, float], h: torch.Tensor) -> torch.Tensor:
+    """``LlamaRMSNorm.forward`` (without the casts to the dtype a tensor already has)."""
+    weight, eps = norm
     dtype = h.dtype
-    x = h.to(torch.float32)
-    variance = x.pow(2).mean(-1, keepdim=True)
-    x = x * torch.rsqrt(variance + norm.variance_epsilon)
-    return norm.weight * x.to(dtype)
+    x = h if dtype == torch.float32 else h.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x if dtype == torch.float32 else x.to(dtype))
 
 
-def _projections(parent: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    group = getattr(parent, "fused_" + "_".join(names), None)
-    if isinstance(group, FusedProjections):
-        return group.parts(x)
-    return tuple(getattr(parent, name)(x) for name in names)
+def _matmul(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module(x)`` for a Linear-like module, as a plain function of x with its tensors bound (same operations)."""
+    kind = type(module)
+    if kind is nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: nn.functional.linear(x, weight, bias)
+    if kind is Int4WeightOnlyLinear and module.bias is None:
+        int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+        packed, group, scales = module.weight, module.group_size, module.scales_and_zeros
+        k, n, kernel_dtype = module.in_features, module.out_features, module.dtype
 
+        def int4(x: torch.Tensor) -> torch.Tensor:
+            out = int4_mm(x.reshape(x.numel() // k, k).to(kernel_dtype), packed, group, scales)
+            return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
-def llama_layer_step(
-    layer: LlamaDecoderLayer,
-    h: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    cache,
-    attention_mask: torch.Tensor | None,
-) -> torch.Tensor:
-    """``layer(h, attention_mask=..., position_embeddings=..., past_key_values=cache, use_cache=True)``.
+        return int4
+    if kind is Int8WeightOnlyLinear and module.bias is None:
+        int8_mm = torch.ops.aten._weight_int8pack_mm.default
+        weight, scales, k, n = module.weight, module.scales, module.in_features, module.out_features
 
-    h [B, S, D] -> [B, S, D]; appends the S new positions' keys and values to ``cache``."""
-    attn, mlp = layer.self_attn, layer.mlp
-    residual = h
-    x = _rms_norm(layer.input_layernorm, h)
-    input_shape = x.shape[:-1]
-    hidden_shape = (*input_shape, -1, attn.head_dim)
-    q, k, v = _projections(attn, ("q_proj", "k_proj", "v_proj"), x)
-    q = q.view(hidden_shape).transpose(1, 2)
-    k = k.view(hidden_shape).transpose(1, 2)
-    v = v.view(hidden_shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    q = (q * cos) + (rotate_half(q) * sin)
-    k = (k * cos) + (rotate_half(k) * sin)
-    k, v = cache.update(k, v, attn.layer_idx)
-    out, _ = sdpa_attention_forward(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling)
-    out = out.reshape(*input_shape, -1).contiguous()
-    h = residual + attn.o_proj(out)
-    residual = h
-    x = _rms_norm(layer.post_attention_layernorm, h)
-    gate, up = _projections(mlp, ("gate_proj", "up_proj"), x)
-    return residual + mlp.down_proj(mlp.act_fn(gate) * up)
+        def int8(x: torch.Tensor) -> torch.Tensor:
+            rows = x.numel() // k
+            if rows > INT8_DECODE_ROWS or x.device.type != "cpu":
+                return module(x)  # its dense path
+            out = int8_mm(x.reshape(rows, k).to(KERNEL_DTYPE), weight, scales)
+            return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
-
-def llama_layer_verify(
-    layer: LlamaDecoderLayer,
-    h: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    cache,
-) -> torch.Tensor:
-    """S consecutive one-position decode steps through one layer, in order: h [1, S, D] -> [1, S, D].
-
-    Row i's output has the bits of :func:`llama_layer_step` on row i alone after rows 0..i-1 (a speculative verify
-    that must equal plain decoding, runtime/shard.py). Whatever mixes the rows' numbers or depends on the row count
-    runs per row: the projections (a matmul's rounding depends on its row count), and each position's attention
-    over the keys appended so far. Element-wise operations and the norms (a reduction within each row) run on all S
-    rows at once, with the same bits per row (tests/runtime/test_lean_layers.py); they are most of the small
-    operations, so a verify pays them once per layer instead of once per position."""
-    attn, mlp = layer.self_attn, layer.mlp
-    seq_len = h.shape[1]
-    residual = h
-    x = _rms_norm(layer.input_layernorm, h)
-    rows = [_projections(attn, ("q_proj", "k_proj", "v_proj"), one_position_row(x, i)) for i in range(seq_len)]
-    hidden_shape = (1, seq_len, -1, attn.head_dim)
-    q = torch.cat([r[0] for r in rows], dim=1).view(hidden_shape).transpose(1, 2)  # [1, H, S, hd]
-    k = torch.cat([r[1] for r in rows], dim=1).view(hidden_shape).transpose(1, 2)
-    v = torch.cat([r[2] for r in rows], dim=1).view(hidden_shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    q = (q * cos) + (rotate_half(q) * sin)
-    k = (k * cos) + (rotate_half(k) * sin)
-    outs = []
-    for i in range(seq_len):
-        keys, values = cache.update(k[:, :, i : i + 1], v[:, :, i : i + 1], attn.layer_idx)
-        out, _ = sdpa_attention_forward(attn, q[:, :, i : i + 1], keys, values, None, dropout=0.0,
-                                        scaling=attn.scaling)
-        outs.append(attn.o_proj(out.reshape(1, 1, -1).contiguous()))
-    h = residual + torch.cat(outs, dim=1)
-    residual = h
-    x = _rms_norm(layer.post_attention_layernorm, h)
-    parts = [_projections(mlp, ("gate_proj", "up_proj"), one_position_row(x, i)) for i in range(seq_len)]
-    act = mlp.act_fn(torch.cat([p[0] for p in parts], dim=1)) * torch.cat([p[1] for p in parts], dim=1)
-    return residual + torch.cat([mlp.down_proj(one_position_row(act, i)) for i in range(seq_len)], dim=1)
+        return int8
+    return module
 
 
 def one_position_row(x: torch.Tensor, i: int) -> torch.Tensor:

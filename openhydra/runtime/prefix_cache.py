@@ -45,7 +45,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
+from transformers.cache_utils import LinearAttentionLayer
+
+from openhydra.runtime.kv_layer import PLAIN_KV_LAYERS
 
 HASH_BYTES = 32
 MAX_HASHES = 4096
@@ -272,7 +274,7 @@ def _positional(cache, layer_types: Sequence[str], length: int) -> bool:
     for i, layer_type in enumerate(layer_types):
         layer = cache.layers[i]
         if layer_type == "full_attention":
-            if type(layer) is not DynamicLayer or layer.get_seq_length() != length:
+            if type(layer) not in PLAIN_KV_LAYERS or layer.get_seq_length() != length:
                 return False
         elif not isinstance(layer, LinearAttentionLayer):
             return False

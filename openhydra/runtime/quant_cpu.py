@@ -177,7 +177,7 @@ class FusedProjections(nn.Module):
     The parent keeps its attributes (``q_proj`` ...) as :class:`ProjectionSlice` modules, so transformers'
     layer code runs unchanged: the first slice called on an input computes all parts, the others take theirs
     (matched by the input tensor's identity, per thread, each part handed out once), so a layer still reads
-    each weight once per step. ``parts`` is what runtime/lean_layers.py calls directly.
+    each weight once per step. runtime/lean_layers.py calls ``fused`` directly and takes views of its output.
     """
 
     def __init__(self, fused: nn.Module, names: tuple[str, ...], sizes: tuple[int, ...]) -> None:

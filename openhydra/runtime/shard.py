@@ -14,16 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
 from openhydra.runtime.compaction.config import CompactionConfig
 from openhydra.runtime.compaction.shard_hook import ShardCompaction
+from openhydra.runtime.kv_layer import session_cache
 from openhydra.runtime.lean_layers import (
+    LeanLlamaLayer,
     lean_modules,
     lean_usable,
-    llama_layer_step,
-    llama_layer_verify,
     one_position_row,
 )
 from openhydra.runtime.malloc import maybe_trim
@@ -90,6 +89,7 @@ class ShardRuntime:
         self.layer_types = layer_types_of(self.shard_config)
         self._mask_fns = {t: _mask_function(t) for t in set(self.layer_types)}
         self._lean = lean_modules(self.modules.layers)  # plain Llama layers: the lean step (runtime/lean_layers.py)
+        self._lean_layers = None if self._lean is None else [LeanLlamaLayer(layer) for layer in self.modules.layers]
         self.is_recurrent = any(t in RECURRENT_LAYER_TYPES for t in self.layer_types)
         self.prefix_cache: PrefixCache | None = None  # runtime/serving.py turns it on
         self.batcher = None  # runtime/batching.py DecodeBatcher, when continuous batching is on
@@ -99,7 +99,7 @@ class ShardRuntime:
                 compaction, self.shard_config, self.modules, self.layer_types, start, end, self.num_layers
             )
         self._sessions = SessionStore(
-            new_cache=lambda: DynamicCache(config=self.shard_config),
+            new_cache=lambda: session_cache(self.shard_config),
             max_sessions=max_sessions,
             idle_timeout_s=session_idle_timeout_s,
         )
@@ -249,7 +249,7 @@ class ShardRuntime:
 
     def _verify_layer_major(self, session: Session, h: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | None:
         """A per-position verify, layer by layer: each layer runs the S one-position steps in order, then the next
-        layer (runtime/lean_layers.py ``llama_layer_verify``). Every row gets the bits of the one-position decode
+        layer (runtime/lean_layers.py ``LeanLlamaLayer.verify``). Every row gets the bits of the one-position decode
         step ``_run_layers`` runs there (its projections run per row; position i+1 attends to position i's keys,
         appended to that layer just before; element-wise operations and norms run on all rows at once), but each
         layer's weights are read S times while they are still in the CPU's caches, not once per position from
@@ -268,9 +268,10 @@ class ShardRuntime:
                           past_key_values=cache, position_ids=position_ids[:, :1])
                 if mask is not None:
                     return None
-            embeddings = self.modules.rotary_emb(h, position_ids)  # element-wise per position: the steps' bits
-            for layer in self.modules.layers:
-                h = llama_layer_verify(layer, h, embeddings, cache)
+            # cos, sin [1, 1, S, head_dim]: element-wise per position, the steps' bits
+            cos, sin = (t.unsqueeze(1) for t in self.modules.rotary_emb(h, position_ids))
+            for lean in self._lean_layers:
+                h = lean.verify(h, cos, sin, cache)
         return h
 
     def _run_layers(self, session: Session, h: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -288,8 +289,9 @@ class ShardRuntime:
             }
             position_embeddings = self.modules.rotary_emb(h, position_ids)  # (cos, sin), each [1, S, head_dim]
             if lean_usable(self._lean, self.shard_config._attn_implementation):
-                for layer, layer_type in zip(self.modules.layers, self.layer_types, strict=True):
-                    h = llama_layer_step(layer, h, position_embeddings, cache, masks[layer_type])
+                cos, sin = (t.unsqueeze(1) for t in position_embeddings)  # [1, 1, S, head_dim]
+                for lean, layer_type in zip(self._lean_layers, self.layer_types, strict=True):
+                    h = lean.step(h, cos, sin, cache, masks[layer_type])
                 return h  # [1, S, D]: the same bits as the loop below, fewer small ops (runtime/lean_layers.py)
             for layer, layer_type in zip(self.modules.layers, self.layer_types, strict=True):
                 h = layer(

@@ -158,7 +158,7 @@ def test_lean_step_only_where_it_is_that_layer(tiny_model_dirs):
 
 
 def _assert_layer_major_verify_equals_steps(model_dir: Path, dtype: torch.dtype, quantization: str) -> None:
-    """A verify of S positions layer by layer (ShardRuntime ``_verify_layer_major`` -> ``llama_layer_verify``)
+    """A verify of S positions layer by layer (ShardRuntime ``_verify_layer_major`` -> ``LeanLlamaLayer.verify``)
     against the same S positions decoded one at a time: logits and every layer's K/V, bit for bit."""
     rt = ShardRuntime(model_dir, dtype=dtype, quantization=quantization)
     prompt = torch.randint(3, 4000, (19,), generator=torch.Generator().manual_seed(4))

@@ -1,0 +1,106 @@
+"""A full-attention cache layer that appends in place: transformers' ``DynamicLayer`` with room to grow.
+
+``DynamicLayer.update`` concatenates, so every decode step copies the layer's whole K/V: on a CPU node at
+batch 1 that was 18% of a SmolLM2 int4 token at ~110 positions (``aten::cat``, bench/profile_decode_step.py),
+and it grows with the context (quadratic over a generation). :class:`AppendLayer` keeps K/V in a buffer with
+spare positions, writes each new position into it and exposes ``keys``/``values`` as views of its first
+positions. It is a ``DynamicLayer`` in everything else (crop, reorder, batch select, offload, prefix-cache
+seeding all read or replace ``keys``/``values`` and keep working): when someone replaces them, the next update
+moves them into a fresh buffer.
+
+The attention reads the same numbers through a view with the buffer's strides; tests/runtime/test_kv_layer.py
+checks that logits and caches are bit-identical to ``DynamicLayer``'s over long decodes, crops and speculative
+verifies, in fp32 and bf16, on real weights.
+
+A view handed out by :meth:`AppendLayer.update` stays valid until the next ``update`` after a crop (which
+writes over the cropped positions); nothing in the runtime keeps one longer (the prefix cache clones its blocks).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+SPARE_MIN = 128  # positions of room a buffer gets at least when it (re)grows
+ROUND_TO = 64  # buffer capacity is a multiple of this many positions
+
+
+def _capacity(needed: int) -> int:
+    """Room for ``needed`` positions plus max(SPARE_MIN, needed / 8) more: a copy every ≥128 appends, and one
+    every needed/8 on long contexts (amortised O(1) per position), with at most ~12% unused."""
+    spare = max(SPARE_MIN, needed // 8)
+    return -(-(needed + spare) // ROUND_TO) * ROUND_TO
+
+
+class AppendLayer(DynamicLayer):
+    """``DynamicLayer`` whose ``update`` writes into a preallocated buffer instead of concatenating."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._key_buffer: torch.Tensor | None = None  # [B, H, capacity, d]
+        self._value_buffer: torch.Tensor | None = None
+        self._views: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # what we last exposed
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # key_states, value_states: [B, H, S, d]
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.keys, self.values
+        if keys is not self._views[0] or values is not self._views[1]:
+            held = 0 if keys.numel() == 0 else keys.shape[-2]
+            if not (self._is_prefix_view(keys, self._key_buffer) and self._is_prefix_view(values, self._value_buffer)):
+                self._rehome(keys, values, held, held + key_states.shape[-2], key_states, value_states)
+        else:
+            held = keys.shape[-2]
+        end = held + key_states.shape[-2]
+        buffer_k, buffer_v = self._key_buffer, self._value_buffer
+        if (end > buffer_k.shape[-2] or buffer_k.shape[:2] != key_states.shape[:2]
+                or buffer_k.shape[-1] != key_states.shape[-1] or buffer_v.shape[-1] != value_states.shape[-1]
+                or buffer_k.dtype != key_states.dtype):
+            self._rehome(keys, values, held, end, key_states, value_states)
+            buffer_k, buffer_v = self._key_buffer, self._value_buffer
+        buffer_k[:, :, held:end].copy_(key_states)
+        buffer_v[:, :, held:end].copy_(value_states)
+        self.keys, self.values = buffer_k[:, :, :end], buffer_v[:, :, :end]
+        self._views = (self.keys, self.values)
+        return self.keys, self.values
+
+    @staticmethod
+    def _is_prefix_view(tensor: torch.Tensor, buffer: torch.Tensor | None) -> bool:
+        """Whether ``tensor`` is ``buffer[:, :, :n]`` (what ``crop`` leaves of our view)."""
+        return (buffer is not None and tensor.dim() == 4 and tensor.storage_offset() == 0
+                and tensor.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+                and tensor.stride() == buffer.stride() and tensor.shape[:2] == buffer.shape[:2]
+                and tensor.shape[-1] == buffer.shape[-1])
+
+    def _rehome(self, keys: torch.Tensor, values: torch.Tensor, held: int, needed: int,
+                key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """A fresh buffer with room for ``needed`` positions, holding the ``held`` positions of keys/values."""
+        capacity = _capacity(needed)
+        batch, heads = key_states.shape[:2]
+        key_buffer = key_states.new_empty((batch, heads, capacity, key_states.shape[-1]))
+        value_buffer = value_states.new_empty((batch, heads, capacity, value_states.shape[-1]))
+        if held:
+            key_buffer[:, :, :held].copy_(keys)
+            value_buffer[:, :, :held].copy_(values)
+        self._key_buffer, self._value_buffer = key_buffer, value_buffer
+        self.keys, self.values = key_buffer[:, :, :held], value_buffer[:, :, :held]
+        self._views = (self.keys, self.values)
+
+    def reset(self) -> None:
+        super().reset()
+        self._key_buffer = self._value_buffer = None
+        self._views = (None, None)
+
+
+PLAIN_KV_LAYERS = (DynamicLayer, AppendLayer)  # a full-attention layer whose index i is position i
+
+
+def session_cache(config) -> DynamicCache:
+    """``DynamicCache(config=config)`` with each plain full-attention layer an :class:`AppendLayer`."""
+    cache = DynamicCache(config=config)
+    cache.layers = [AppendLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
