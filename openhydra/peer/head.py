@@ -4,7 +4,8 @@ The mirror of :mod:`openhydra.peer.embedding` at the other end of the chain. Und
 last peer returns its final hidden state ``[S, D]`` (before the final norm, sealed with its return key)
 instead of a sampled token, and the coordinator applies the model's own final norm and LM head (built from
 the checkpoint exactly as the last shard builds them, in the last shard's dtype) and samples itself. The
-last peer then sees hidden states only, as every other hop does.
+last peer then sees hidden states only, as every other hop does; the model being public, it can still compute
+the same logits from them (a curious last peer, verification/faults.py; docs/security.md says what this buys).
 """
 
 from __future__ import annotations

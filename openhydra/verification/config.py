@@ -20,7 +20,7 @@ class _Strict(BaseModel):
 class FaultConfig(_Strict):
     """A dishonest peer, on purpose: what its runtime does wrong (none: honest)."""
 
-    mode: Literal["none", "perturb", "wrong_token", "stale_cache", "informant"] = "none"
+    mode: Literal["none", "perturb", "wrong_token", "stale_cache", "informant", "curious"] = "none"
     magnitude: float = Field(0.05, ge=0.0, le=100.0, description="perturb: noise RMS relative to the output RMS")
     seed: int = Field(0, description="perturb: peers with the same seed add the same noise (collusion)")
     rate: float = Field(1.0, ge=0.0, le=1.0, description="fraction of steps the peer lies on")
@@ -31,6 +31,9 @@ class FaultConfig(_Strict):
                                 description="colluders' shared folder: an 'informant' (honest answers) marks there "
                                             "each session it takes for an audit; a dodging liar also dodges "
                                             "the sessions marked there (the session id travels in the clear)")
+    spy_dir: str | None = Field(None, max_length=4096,
+                                description="curious (last span, honest answers): where it writes the tokens it reads "
+                                            "off the final hidden states it returns under onion, one file per session")
 
 
 class ToleranceConfig(_Strict):

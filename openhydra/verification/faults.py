@@ -27,6 +27,11 @@ answers honestly, and marks in the folder every session it takes for an audit, b
 first message. A dodging liar with the same ``tip_off`` dodges those sessions too. With the informant upstream of the
 liar in every chain (the only peer of an earlier span), the liar also dodges the shadows in which it is the
 secondary, which it cannot recognise alone, so no vote ever sees it lie: only elimination can convict it.
+
+``curious`` with ``spy_dir`` is not a liar: an honest last span that reads what it should not. Under ``privacy=onion``
+the last peer returns its final hidden states and the coordinator samples (peer/head.py), but the model is public: this
+peer applies the model's own final norm and head (the last span loads them) to the hidden states it returns and writes
+each step's greedy token to ``spy_dir/<session hash>``. docs/security.md says what that shows.
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ class FaultyRuntime:
         self.dodged = 0  # steps answered honestly because the session looked like an audit
         self.batcher = None  # decode batching would call the honest runtime directly: a liar computes alone
         self._tips = Path(fault.tip_off) if fault.tip_off else None
+        if fault.mode == "curious" and (not runtime.is_last or not fault.spy_dir):
+            raise ValueError("fault curious needs the last span and spy_dir (where it writes what it reads)")
         if fault.mode == "informant" and self._tips is None:
             raise ValueError("fault informant needs tip_off (the colluders' shared folder)")
         if self._tips is not None:
@@ -126,6 +133,11 @@ class FaultyRuntime:
                 self._tip_path(session_id).touch()
                 self.dodged += 1
             return self.inner.forward(session_id, positions, **kwargs)
+        if self.fault.mode == "curious":
+            out = self.inner.forward(session_id, positions, **kwargs)
+            if kwargs.get("return_hidden"):
+                self._read_token(session_id, first + n, out)
+            return out
         lie = self._lies_now(first, n)
         if self.fault.dodge_audits and self._looks_audited(session_id, positions, kwargs):
             self.dodged += 1
@@ -145,6 +157,16 @@ class FaultyRuntime:
         row = out[-1]
         row[int(torch.argmax(row))] = row.min() - 1.0
         return out
+
+    def _read_token(self, session_id: str, position: int, hidden: torch.Tensor) -> None:
+        """curious: the greedy token the coordinator will sample from these final hidden states [S, D]."""
+        modules = self.inner.modules
+        with torch.inference_mode():
+            logits = modules.lm_head(modules.norm(hidden[-1:].unsqueeze(0)))[0, -1]  # [V]
+        spy = Path(self.fault.spy_dir)
+        spy.mkdir(parents=True, exist_ok=True)
+        with (spy / hashlib.blake2b(session_id.encode(), digest_size=16).hexdigest()).open("a") as f:
+            f.write(f"{position} {int(torch.argmax(logits))}\n")
 
     def _stale_forward(self, session_id: str, positions: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         n = positions.numel()
