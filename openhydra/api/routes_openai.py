@@ -95,6 +95,10 @@ def register(app: Sanic) -> None:
 
     def build(engine: Engine, body: SamplingFields, prompt_ids: list[int], features: Features
               ) -> list[GenerationRequest]:
+        for name in ("max_tokens", "max_completion_tokens"):  # both, also when the other one is the one used
+            value = getattr(body, name, None)
+            if value is not None and value > api.max_tokens_limit:
+                raise bad_request(f"{name} must be <= {api.max_tokens_limit} (got {value})", param=name)
         requests = [
             generation_request(
                 engine, api, prompt_ids,

@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -195,21 +195,33 @@ class Engine:
                               self.speculator)
         details: list[TokenLogprob] | None = [] if request.logprobs is not None else None
         unsent: list[TokenLogprob] = []
+        # Look ahead: once a step's tokens cannot end the stream by EOS, the next step starts on the worker while
+        # this loop detokenizes, matches stops and sends them (a plain Decoder only: a DetailDecoder's details are
+        # read per token between steps). Only a stop string can then end the stream with a step in flight; that
+        # step's tokens are dropped, and the session closes after it (``finally``).
+        lookahead = isinstance(decoder, Decoder)
+        step: Future[list[int]] | None = None
         self.active_sessions.add(session_id)
         try:
             done = False
             while not done:
                 # one token per step, or several when a speculative draft was accepted
                 try:
-                    tokens = await loop.run_in_executor(self.executor, decoder.next_tokens)
+                    step = step or self.executor.submit(decoder.next_tokens)
+                    tokens = await asyncio.wrap_future(step, loop=loop)
+                    step = None
                 except (RuntimeError, asyncio.CancelledError):
                     if self.closed:  # the node is stopping (Ctrl-C): say so, not "cannot schedule futures"
                         raise ShuttingDown("the node is shutting down; retry the request on another node") from None
                     raise
-                if not tokens:
-                    break  # max_tokens reached
+                if not tokens:  # max_tokens reached, or a complete constrained value (under ignore_eos)
+                    if getattr(decoder, "ended", False):
+                        finish_reason = "stop"
+                    break
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
+                if lookahead and (request.ignore_eos or not any(t in self.eos_token_ids for t in tokens)):
+                    step = self.executor.submit(decoder.next_tokens)  # [] at max_tokens, without a step
                 for token in tokens:  # EOS, stop strings and max_tokens are exact within a batch
                     if token in self.eos_token_ids and not request.ignore_eos:
                         finish_reason, done = "stop", True
@@ -251,10 +263,18 @@ class Engine:
         finally:
             self.active_sessions.discard(session_id)
             if not self.closed:
-                # Runs after any in-flight step on this session (same executor queue order is not
-                # guaranteed, so the runtime's per-session lock serialises them).
-                self.executor.submit(self.pipeline.close, session_id)
-                self.executor.submit(decoder.close)
+                # After the step in flight on this session, if any (a look-ahead, or the client went away).
+                def close(_: object = None) -> None:
+                    try:
+                        self.executor.submit(self.pipeline.close, session_id)
+                        self.executor.submit(decoder.close)
+                    except RuntimeError:  # the node stopped meanwhile: its executor takes nothing more
+                        pass
+
+                if step is None:
+                    close()
+                else:
+                    step.add_done_callback(close)
 
     def _run_hook(self, final: Finished) -> None:
         try:
@@ -294,12 +314,16 @@ class DetailDecoder:
                            else None)
         self._details: dict[int, TokenLogprob] = {}
         self._last: TokenLogprob | None = None
+        self.ended = False  # the constrained value is complete and its EOS was handed out: the output is over
 
     def next_tokens(self) -> list[int]:
         req = self.request
         if self.produced >= req.max_tokens:
             return []
         if self.constraint is not None and not self.constraint.state:  # the value is complete: only EOS fits
+            if self.ended:  # ignore_eos counted that EOS: nothing can follow a complete value (was: EOS forever)
+                return []
+            self.ended = True
             self._last = TokenLogprob(-1, b"", 0.0)
             return [min(self.constraint.eos_token_ids)] if self.constraint.eos_token_ids else []
         first = self.produced == 0

@@ -122,6 +122,12 @@ def test_the_max_tokens_limit_is_in_the_document(node) -> None:
     over = _chat(node["served"], max_tokens=limit + 1)
     assert not _body_validator(node["doc"], "/v1/chat/completions").is_valid(over)
     assert httpx.post(node["url"] + "/v1/chat/completions", json=over, timeout=60).status_code == 400
+    # Over the limit in the field not used (max_completion_tokens wins): still outside the document, still a 400
+    # (found by schemathesis: it was served).
+    both = _chat(node["served"], max_tokens=limit + 1, max_completion_tokens=1)
+    assert not _body_validator(node["doc"], "/v1/chat/completions").is_valid(both)
+    answer = httpx.post(node["url"] + "/v1/chat/completions", json=both, timeout=60)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "max_tokens", answer.text
     num_predict = schemas["OllamaOptions"]["properties"]["num_predict"]["anyOf"][0]
     assert num_predict["maximum"] == limit
     load = {"model": node["served"], "prompt": "", "options": {"num_predict": limit + 1}}  # the "load" answer too
