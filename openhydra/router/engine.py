@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -195,21 +195,13 @@ class Engine:
                               self.speculator)
         details: list[TokenLogprob] | None = [] if request.logprobs is not None else None
         unsent: list[TokenLogprob] = []
-        # Look ahead: once a step's tokens cannot end the stream by EOS, the next step starts on the worker while
-        # this loop detokenizes, matches stops and sends them (a plain Decoder only: a DetailDecoder's details are
-        # read per token between steps). Only a stop string can then end the stream with a step in flight; that
-        # step's tokens are dropped, and the session closes after it (``finally``).
-        lookahead = isinstance(decoder, Decoder)
-        step: Future[list[int]] | None = None
         self.active_sessions.add(session_id)
         try:
             done = False
             while not done:
                 # one token per step, or several when a speculative draft was accepted
                 try:
-                    step = step or self.executor.submit(decoder.next_tokens)
-                    tokens = await asyncio.wrap_future(step, loop=loop)
-                    step = None
+                    tokens = await loop.run_in_executor(self.executor, decoder.next_tokens)
                 except (RuntimeError, asyncio.CancelledError):
                     if self.closed:  # the node is stopping (Ctrl-C): say so, not "cannot schedule futures"
                         raise ShuttingDown("the node is shutting down; retry the request on another node") from None
@@ -220,8 +212,6 @@ class Engine:
                     break
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
-                if lookahead and (request.ignore_eos or not any(t in self.eos_token_ids for t in tokens)):
-                    step = self.executor.submit(decoder.next_tokens)  # [] at max_tokens, without a step
                 for token in tokens:  # EOS, stop strings and max_tokens are exact within a batch
                     if token in self.eos_token_ids and not request.ignore_eos:
                         finish_reason, done = "stop", True
@@ -263,18 +253,10 @@ class Engine:
         finally:
             self.active_sessions.discard(session_id)
             if not self.closed:
-                # After the step in flight on this session, if any (a look-ahead, or the client went away).
-                def close(_: object = None) -> None:
-                    try:
-                        self.executor.submit(self.pipeline.close, session_id)
-                        self.executor.submit(decoder.close)
-                    except RuntimeError:  # the node stopped meanwhile: its executor takes nothing more
-                        pass
-
-                if step is None:
-                    close()
-                else:
-                    step.add_done_callback(close)
+                # Runs after any in-flight step on this session (same executor queue order is not
+                # guaranteed, so the runtime's per-session lock serialises them).
+                self.executor.submit(self.pipeline.close, session_id)
+                self.executor.submit(decoder.close)
 
     def _run_hook(self, final: Finished) -> None:
         try:
