@@ -22,13 +22,14 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-SPARE_MIN = 128  # positions of room a buffer gets at least when it (re)grows
-ROUND_TO = 64  # buffer capacity is a multiple of this many positions
+SPARE_MIN = 32  # positions of room a buffer gets at least when it (re)grows
+ROUND_TO = 16  # buffer capacity is a multiple of this many positions
 
 
 def _capacity(needed: int) -> int:
-    """Room for ``needed`` positions plus max(SPARE_MIN, needed / 8) more: a copy every ≥128 appends, and one
-    every needed/8 on long contexts (amortised O(1) per position), with at most ~12% unused."""
+    """Room for ``needed`` positions plus max(SPARE_MIN, needed / 8) more: a copy of the layer every ≥ 32 appends,
+    and every needed/8 on long contexts (amortised: ~8 positions copied per append, against all of them when
+    concatenating), with at most 47 positions or ~12% unused (many short sessions hold little spare)."""
     spare = max(SPARE_MIN, needed // 8)
     return -(-(needed + spare) // ROUND_TO) * ROUND_TO
 

@@ -37,7 +37,7 @@ def _run(rt: ShardRuntime, session: str, prompt: torch.Tensor, plan: list[tuple[
 
 
 PLAN = [("decode", 40), ("truncate", 5), ("decode", 3), ("verify", 4), ("truncate", 2), ("verify", 3),
-        ("decode", 150)]  # 19 + ~190 positions: the buffer grows past its first capacity (192) mid-decode
+        ("decode", 150)]  # 19 + ~210 positions: the buffer (64 positions at first) grows several times
 
 
 def _assert_same_as_dynamic_layer(model_dir: Path, dtype: torch.dtype, plan: list[tuple[str, int]] = PLAN) -> None:
@@ -84,7 +84,7 @@ def test_appends_write_in_place_and_grow_rarely():
         assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
         buffers.add(keys.untyped_storage().data_ptr())
     assert layer.get_seq_length() == 1206
-    assert len(buffers) <= 12  # amortised: a copy every >= 128 appends, then every ~1/8 of the length
+    assert len(buffers) <= 24  # amortised: a copy every >= 32 appends, then every ~1/8 of the length
 
 
 def test_crop_then_append_reuses_the_buffer_and_replaced_tensors_are_adopted():
