@@ -89,3 +89,19 @@ def test_an_informant_is_honest_and_tips_off_a_dodging_liar(llama, tmp_path) -> 
     assert tipped.dodged == 1 and tipped.lies == 0
     alone = FaultyRuntime(ShardRuntime(llama, 4, 8), liar.model_copy(update={"tip_off": None}))
     assert not torch.equal(alone.forward("shadow", torch.arange(len(PROMPT)), hidden_states=hidden), plain)
+
+
+def test_a_curious_last_span_answers_honestly_and_reads_the_greedy_token(llama, tmp_path) -> None:
+    with pytest.raises(ValueError, match="last span"):
+        FaultyRuntime(ShardRuntime(llama, 0, 4), FaultConfig(mode="curious", spy_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="spy_dir"):
+        FaultyRuntime(ShardRuntime(llama, 4, 8), FaultConfig(mode="curious"))
+    upstream, honest = ShardRuntime(llama, 0, 4), ShardRuntime(llama, 4, 8)
+    curious = FaultyRuntime(ShardRuntime(llama, 4, 8), FaultConfig(mode="curious", spy_dir=str(tmp_path / "spy")))
+    hidden = upstream.forward("s", torch.arange(len(PROMPT)), input_ids=PROMPT)
+    kwargs = {"hidden_states": hidden, "return_hidden": True}
+    returned = curious.forward("s", torch.arange(len(PROMPT)), **kwargs)
+    assert torch.equal(returned, honest.forward("s", torch.arange(len(PROMPT)), **kwargs))  # honest answers
+    logits = honest.forward("t", torch.arange(len(PROMPT)), hidden_states=hidden)  # what the coordinator computes
+    (spied,) = list((tmp_path / "spy").iterdir())
+    assert spied.read_text() == f"{len(PROMPT)} {int(logits[-1].argmax())}\n"
