@@ -17,6 +17,7 @@ no hooks on the layers; anything else runs transformers' layer as before.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -25,10 +26,11 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 
 from openhydra.runtime.quant_cpu import (
     INT8_DECODE_ROWS,
-    KERNEL_DTYPE,
     FusedProjections,
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
+    int4_matmul,
+    int8_matmul,
 )
 
 
@@ -188,25 +190,16 @@ def _matmul(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         weight, bias = module.weight, module.bias
         return lambda x: nn.functional.linear(x, weight, bias)
     if kind is Int4WeightOnlyLinear and module.bias is None:
-        int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu.default
-        packed, group, scales = module.weight, module.group_size, module.scales_and_zeros
-        k, n, kernel_dtype = module.in_features, module.out_features, module.dtype
-
-        def int4(x: torch.Tensor) -> torch.Tensor:
-            out = int4_mm(x.reshape(x.numel() // k, k).to(kernel_dtype), packed, group, scales)
-            return out.to(x.dtype).reshape(*x.shape[:-1], n)
-
-        return int4
+        return partial(int4_matmul, packed=module.weight, group_size=module.group_size,
+                       scales_and_zeros=module.scales_and_zeros, in_features=module.in_features,
+                       out_features=module.out_features, kernel_dtype=module.dtype)
     if kind is Int8WeightOnlyLinear and module.bias is None:
-        int8_mm = torch.ops.aten._weight_int8pack_mm.default
         weight, scales, k, n = module.weight, module.scales, module.in_features, module.out_features
 
         def int8(x: torch.Tensor) -> torch.Tensor:
-            rows = x.numel() // k
-            if rows > INT8_DECODE_ROWS or x.device.type != "cpu":
+            if x.numel() // k > INT8_DECODE_ROWS or x.device.type != "cpu":
                 return module(x)  # its dense path
-            out = int8_mm(x.reshape(rows, k).to(KERNEL_DTYPE), weight, scales)
-            return out.to(x.dtype).reshape(*x.shape[:-1], n)
+            return int8_matmul(x, weight, scales, n)
 
         return int8
     return module

@@ -65,6 +65,23 @@ def quantize_int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.T
     return q.reshape(n, k), scale, minimum
 
 
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [..., K] (any float dtype) times an int8 weight [N, K] with per-row bf16 scales, on the int8 kernel in
+    bf16: [..., N] in x's dtype. The decode path of :class:`Int8WeightOnlyLinear` (no bias)."""
+    k = weight.shape[1]
+    out = torch.ops.aten._weight_int8pack_mm.default(x.reshape(x.numel() // k, k).to(KERNEL_DTYPE), weight, scales)
+    return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor,
+                in_features: int, out_features: int, kernel_dtype: torch.dtype) -> torch.Tensor:
+    """x [..., K] (any float dtype) times a packed int4 weight, on the int4 kernel in ``kernel_dtype``: [..., N]
+    in x's dtype. :class:`Int4WeightOnlyLinear` without its bias."""
+    flat = x.reshape(x.numel() // in_features, in_features).to(kernel_dtype)  # [R, K]
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu.default(flat, packed, group_size, scales_and_zeros)
+    return out.to(x.dtype).reshape(*x.shape[:-1], out_features)  # [..., N]
+
+
 class Int8WeightOnlyLinear(nn.Module):
     """A Linear whose weight is int8 with one scale per output row; output in the input's dtype.
 
@@ -87,9 +104,7 @@ class Int8WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows <= INT8_DECODE_ROWS and x.device.type == "cpu":
-            flat = x.reshape(rows, self.in_features).to(KERNEL_DTYPE)  # [R, K]
-            out = torch._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)  # [R, N]
-            out = out.reshape(*x.shape[:-1], self.out_features)
+            out = int8_matmul(x, self.weight, self.scales, self.out_features)
         else:
             dense = self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None]  # [N, K]
             out = nn.functional.linear(x, dense)
@@ -119,10 +134,8 @@ class Int4WeightOnlyLinear(nn.Module):
         self.in_features, self.out_features, self.group_size = k, n, group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        flat = x.reshape(rows, self.in_features).to(self.dtype)  # [R, K]
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_zeros)
-        out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # [..., N]
+        out = int4_matmul(x, self.weight, self.group_size, self.scales_and_zeros, self.in_features,
+                          self.out_features, self.dtype)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:

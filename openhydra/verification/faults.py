@@ -56,6 +56,11 @@ def _generator(seed: int, first_position: int, num_positions: int) -> torch.Gene
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
+def _session_file(folder: Path, session_id: str) -> Path:
+    """The file a fault keeps about one session (tips, spied tokens): named by a hash of its id."""
+    return folder / hashlib.blake2b(session_id.encode(), digest_size=16).hexdigest()
+
+
 class FaultyRuntime:
     """A ``ShardRuntime`` that lies according to ``fault``; every other attribute is the real runtime's."""
 
@@ -110,7 +115,7 @@ class FaultyRuntime:
         return suspected
 
     def _tip_path(self, session_id: str) -> Path:
-        return self._tips / hashlib.blake2b(session_id.encode(), digest_size=16).hexdigest()
+        return _session_file(self._tips, session_id)
 
     def _tipped(self, session_id: str) -> bool:
         return self._tips is not None and self.fault.mode != "informant" and self._tip_path(session_id).exists()
@@ -165,7 +170,7 @@ class FaultyRuntime:
             logits = modules.lm_head(modules.norm(hidden[-1:].unsqueeze(0)))[0, -1]  # [V]
         spy = Path(self.fault.spy_dir)
         spy.mkdir(parents=True, exist_ok=True)
-        with (spy / hashlib.blake2b(session_id.encode(), digest_size=16).hexdigest()).open("a") as f:
+        with _session_file(spy, session_id).open("a") as f:
             f.write(f"{position} {int(torch.argmax(logits))}\n")
 
     def _stale_forward(self, session_id: str, positions: torch.Tensor, **kwargs: Any) -> torch.Tensor:
