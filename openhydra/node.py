@@ -150,7 +150,7 @@ class Node:
             speculator = self._speculator(choice, pipeline)
             engine = Engine(tokenizer, pipeline, eos_token_ids=eos_token_ids(tokenizer, choice.path),
                             context_length=context, max_concurrent_sessions=cfg.api.max_concurrent_sessions,
-                            speculator=speculator)
+                            speculator=speculator, decode_ahead=serving.decode_ahead)
             engine.coalescer = Coalescer() if serving.coalesce else None
             planner = getattr(self.swarm, "prefix", None) if pipeline is self.swarm else pipeline
             self.state.extra["serving"] = ServingStatus(runtime, engine.coalescer, planner)
@@ -487,6 +487,7 @@ class Node:
         from openhydra.catalog import model_source
         from openhydra.peer.client import PeerChainClient
         from openhydra.router.swarm import SwarmPipeline
+        from openhydra.runtime.serving import ServingConfig
 
         cfg = self.cfg
         path, source = model_source(entry, cfg.node.model_cache_path, cfg.node.hub_probe_timeout_s)
@@ -509,7 +510,8 @@ class Node:
         swarm = SwarmPipeline(model_id, num_layers, lambda: self._lookup_model(model_id), client,
                               bans=self.swarm.bans, on_session_end=settler.submit if settler else None)
         engine = Engine(tokenizer, swarm, eos_token_ids=eos_token_ids(tokenizer, path), context_length=context,
-                        max_concurrent_sessions=cfg.api.max_concurrent_sessions)
+                        max_concurrent_sessions=cfg.api.max_concurrent_sessions,
+                        decode_ahead=ServingConfig.parse(cfg.serving).decode_ahead)
         text_config = AutoConfig.from_pretrained(path)
         served = ServedModel(id=model_id, aliases=[], source=source, parameter_count=0, dtype="float32",
                              family=str(getattr(text_config, "model_type", "unknown")), context_length=context,

@@ -3,7 +3,8 @@
 It owns the session lifecycle (a session id per choice, closed on every exit path, including a client
 that disconnects), the decode loop (each step feeds exactly the tokens the cache has not seen),
 stop handling (EOS ids, stop strings across token boundaries, max_tokens) and the timings the APIs
-report. Model work runs on a thread pool so the event loop keeps serving other requests.
+report. Model work runs on a thread pool so the event loop keeps serving other requests; a request's steps run
+there back to back (router/token_stream.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from openhydra.router.constrained import Constraint, Grammar
 from openhydra.router.detokenize import IncrementalDetokenizer, StopMatcher
 from openhydra.router.pipeline import Pipeline
 from openhydra.router.speculative import Decoder, Speculator
+from openhydra.router.token_stream import AHEAD, Produced, TokenStream, Waiting
 from openhydra.runtime.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
@@ -135,12 +137,15 @@ class Engine:
         context_length: int,
         max_concurrent_sessions: int = 32,
         speculator: Speculator | None = None,
+        decode_ahead: int = AHEAD,
     ) -> None:
         self.tokenizer = tokenizer
         self.pipeline = pipeline
         self.eos_token_ids = eos_token_ids
         self.context_length = context_length
         self.executor = ThreadPoolExecutor(max_workers=max_concurrent_sessions, thread_name_prefix="decode")
+        self._waiting = Waiting()  # requests whose decode steps wait for a worker (router/token_stream.py)
+        self.decode_ahead = decode_ahead
         self.closed = False
         self.active_sessions: set[str] = set()
         self.speculator = speculator
@@ -179,7 +184,6 @@ class Engine:
 
     async def _stream_one(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Finished]:
         self.check_fits(len(request.prompt_ids), request.max_tokens)
-        loop = asyncio.get_running_loop()
         session_id = uuid.uuid4().hex
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopMatcher(request.stop)
@@ -196,18 +200,24 @@ class Engine:
         details: list[TokenLogprob] | None = [] if request.logprobs is not None else None
         unsent: list[TokenLogprob] = []
         self.active_sessions.add(session_id)
+        eos = set() if request.ignore_eos else self.eos_token_ids
+        steps = TokenStream(decoder, self.executor, self._waiting, ends=lambda tokens: not eos.isdisjoint(tokens),
+                            on_done=lambda: self._close_session(session_id, decoder), ahead=self.decode_ahead)
+        last = Produced(tokens=[])  # the decoder's state as of the last step taken
         try:
+            steps.start()
             done = False
             while not done:
                 # one token per step, or several when a speculative draft was accepted
                 try:
-                    tokens = await loop.run_in_executor(self.executor, decoder.next_tokens)
+                    last = await steps.next()
                 except (RuntimeError, asyncio.CancelledError):
                     if self.closed:  # the node is stopping (Ctrl-C): say so, not "cannot schedule futures"
                         raise ShuttingDown("the node is shutting down; retry the request on another node") from None
                     raise
+                tokens = last.tokens
                 if not tokens:  # max_tokens reached, or a complete constrained value (under ignore_eos)
-                    if getattr(decoder, "ended", False):
+                    if last.ended:
                         finish_reason = "stop"
                     break
                 if first_token_at is None:
@@ -218,7 +228,8 @@ class Engine:
                         break
                     completion_tokens += 1
                     if details is not None:
-                        details.append(decoder.detail_of(token))
+                        assert last.detail is not None and last.detail.token_id == token  # one token per step
+                        details.append(last.detail)
                         unsent.append(details[-1])
                     emit, hit_stop = stops.feed(detok.push(token))
                     if emit:
@@ -240,23 +251,24 @@ class Engine:
                 started_at=started,
                 first_token_at=first_token_at,
                 finished_at=time.perf_counter(),
-                draft_tokens=decoder.drafted,
-                accepted_draft_tokens=decoder.accepted,
+                draft_tokens=last.drafted,
+                accepted_draft_tokens=last.accepted,
                 logprobs=details,
-                constraint_complete=decoder.constraint.complete if getattr(decoder, "constraint", None) else None,
+                constraint_complete=last.constraint_complete,
             )
-            if decoder.drafted:
-                log.debug("session %s: %d/%d draft tokens accepted", session_id, decoder.accepted, decoder.drafted)
+            if last.drafted:
+                log.debug("session %s: %d/%d draft tokens accepted", session_id, last.accepted, last.drafted)
             if self.on_finish is not None:
                 self.executor.submit(self._run_hook, final)
             yield final
         finally:
             self.active_sessions.discard(session_id)
-            if not self.closed:
-                # Runs after any in-flight step on this session (same executor queue order is not
-                # guaranteed, so the runtime's per-session lock serialises them).
-                self.executor.submit(self.pipeline.close, session_id)
-                self.executor.submit(decoder.close)
+            steps.finish()  # the session closes after the step in flight, if any (token_stream.py)
+
+    def _close_session(self, session_id: str, decoder) -> None:
+        if not self.closed:
+            self.pipeline.close(session_id)
+            decoder.close()
 
     def _run_hook(self, final: Finished) -> None:
         try:
@@ -352,8 +364,9 @@ class DetailDecoder:
     def _bytes(self, token: int) -> bytes:
         return self.table_bytes[token] if token < len(self.table_bytes) else b""
 
-    def detail_of(self, token: int) -> TokenLogprob:
-        assert self._last is not None and self._last.token_id == token
+    @property
+    def last_detail(self) -> TokenLogprob | None:
+        """The last step's token with its logprobs (router/token_stream.py hands it over with the token)."""
         return self._last
 
     def close(self) -> None:

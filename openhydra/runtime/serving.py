@@ -53,6 +53,10 @@ class ServingConfig(_Strict):
     batching: BatchingConfig = BatchingConfig()
     coalesce: bool = True
     """Identical greedy requests arriving together are computed once and fanned out (router/coalesce.py)."""
+    decode_ahead: int = Field(2, ge=0, le=16)
+    """Decode steps a request's worker computes before the event loop has taken them (router/token_stream.py):
+    the next token is computed while the last one is detokenized and sent. 0: one step at a time, each asked
+    for by the event loop once it has handled the last (slower: two thread wake-ups per token)."""
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None) -> ServingConfig:

@@ -1,0 +1,307 @@
+"""A request's decode steps run back to back on a worker (router/token_stream.py), and nothing else changes:
+the next step starts before the event loop takes the last one, at most AHEAD steps run ahead, the session
+closes once after the last step, requests take turns when the pool is full, failures and a stopped pool reach
+the consumer, and what a consumer reads is the state of the step it took. Then the same through the real
+Engine on a real model: a stop string ends the output where it did, and the session is closed."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from openhydra.router.engine import Engine, Finished, GenerationRequest, ShuttingDown, TextDelta
+from openhydra.router.pipeline import LocalPipeline
+from openhydra.router.token_stream import AHEAD, ShutDown, TokenStream, Waiting
+from openhydra.runtime.sampling import SamplingParams
+from openhydra.runtime.shard import ShardRuntime
+
+WAIT_S = 30.0
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+async def await_for(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.001)
+
+
+class Scripted:
+    """A decoder of ``n`` steps (token i at step i, then []); ``gates[i]`` holds step i until set, ``fail_at``
+    raises there. Records every call (step index, thread) into ``log`` (shared between decoders)."""
+
+    def __init__(self, name: str, n: int, log: list, gates: dict[int, threading.Event] | None = None,
+                 fail_at: int | None = None, step_s: float = 0.0) -> None:
+        self.name, self.n, self.log, self.step_s = name, n, log, step_s
+        self.gates = gates or {}
+        self.fail_at = fail_at
+        self.calls = 0
+        self.drafted = self.accepted = 0
+
+    def next_tokens(self) -> list[int]:
+        i = self.calls
+        self.calls += 1
+        self.log.append((self.name, "start", i, threading.get_ident()))
+        if i in self.gates:
+            assert self.gates[i].wait(WAIT_S)
+        if i == self.fail_at:
+            raise ValueError(f"step {i} failed")
+        time.sleep(self.step_s)  # a step's compute (releases the GIL, as torch does)
+        self.drafted += 2  # what a consumer reads must be as of the step it took
+        self.accepted += 1
+        self.log.append((self.name, "end", i, threading.get_ident()))
+        return [i] if i < self.n else []
+
+
+def _stream(decoder, executor, waiting=None, closed=None) -> TokenStream:
+    closed = closed if closed is not None else []
+    return TokenStream(decoder, executor, waiting if waiting is not None else Waiting(), ends=lambda tokens: False,
+                       on_done=lambda: closed.append((decoder.name, decoder.calls)))
+
+
+def test_the_next_step_starts_before_the_loop_takes_the_last() -> None:
+    log: list = []
+    decoder = Scripted("a", 6, log)
+    with ThreadPoolExecutor(2) as pool:
+        async def main() -> list[int]:
+            stream = _stream(decoder, pool)
+            stream.start()
+            got = []
+            for k in range(6):
+                # before taking step k, step k+1 is already running or done: no round trip through the loop
+                await await_for(lambda k=k: decoder.calls > k + 1, f"step {k + 1} to start before step {k} is taken")
+                got.extend((await stream.next()).tokens)
+            assert (await stream.next()).tokens == []
+            stream.finish()
+            return got
+
+        assert asyncio.run(main()) == list(range(6))
+
+
+def test_at_most_AHEAD_steps_run_ahead_then_the_producer_parks() -> None:
+    decoder = Scripted("a", 50, [])
+    with ThreadPoolExecutor(2) as pool:
+        async def main() -> None:
+            stream = _stream(decoder, pool)
+            stream.start()
+            await await_for(lambda: not stream._running, "the producer to park")
+            assert decoder.calls == AHEAD  # nothing taken: AHEAD steps computed, then it waits for the loop
+            assert (await stream.next()).tokens == [0]
+            await await_for(lambda: decoder.calls == AHEAD + 1 and not stream._running, "one more step")
+            assert decoder.calls == AHEAD + 1
+            stream.finish()
+
+        asyncio.run(main())
+
+
+def test_ahead_0_is_the_old_lockstep() -> None:
+    decoder = Scripted("a", 50, [])
+    with ThreadPoolExecutor(2) as pool:
+        async def main() -> None:
+            stream = TokenStream(decoder, pool, Waiting(), ends=lambda tokens: False, on_done=lambda: None, ahead=0)
+            stream.start()
+            for k in range(3):
+                assert (await stream.next()).tokens == [k]
+                # taken and handled: still no next step until the loop asks for it
+                await await_for(lambda: not stream._running, "the producer to park")
+                assert decoder.calls == k + 1
+            stream.finish()
+
+        asyncio.run(main())
+
+
+def test_finish_closes_the_session_once_after_the_step_in_flight() -> None:
+    log: list = []
+    gate = threading.Event()
+    closed: list = []
+    decoder = Scripted("a", 10, log, gates={2: gate})
+    with ThreadPoolExecutor(2) as pool:
+        async def main() -> None:
+            stream = _stream(decoder, pool, closed=closed)
+            stream.start()
+            assert (await stream.next()).tokens == [0]
+            assert (await stream.next()).tokens == [1]
+            await await_for(lambda: decoder.calls == 3, "step 2 to start")
+            stream.finish()  # e.g. a stop string in step 1's text
+            assert closed == []  # step 2 is still running on the session
+            gate.set()
+            await await_for(lambda: closed, "the session to close")
+            stream.finish()  # idempotent
+
+        asyncio.run(main())
+    assert closed == [("a", 3)]  # once, after step 2, and no step after finish()
+    assert log[-1][:3] == ("a", "end", 2)
+
+
+def test_a_parked_producer_is_closed_by_finish() -> None:
+    closed: list = []
+    decoder = Scripted("a", 10, [])
+    with ThreadPoolExecutor(2) as pool:
+        async def main() -> None:
+            stream = _stream(decoder, pool, closed=closed)
+            stream.start()
+            await await_for(lambda: not stream._running, "the producer to park")
+            stream.finish()
+            await await_for(lambda: closed, "the session to close")
+
+        asyncio.run(main())
+    assert closed == [("a", AHEAD)]
+
+
+def test_requests_take_turns_when_the_pool_is_full() -> None:
+    log: list = []
+    # Steps long enough for the loop to take each one at once: the producers never park, so only taking
+    # turns can interleave them (without it, a would run all its steps while b waited for the worker).
+    a, b = Scripted("a", 12, log, step_s=0.005), Scripted("b", 12, log, step_s=0.005)
+    with ThreadPoolExecutor(1) as pool:  # one worker for two requests
+        waiting = Waiting()
+
+        async def consume(stream: TokenStream) -> list[int]:
+            out = []
+            while tokens := (await stream.next()).tokens:
+                out.extend(tokens)
+            stream.finish()
+            return out
+
+        async def main():
+            sa, sb = _stream(a, pool, waiting), _stream(b, pool, waiting)
+            sa.start()
+            sb.start()
+            return await asyncio.gather(consume(sa), consume(sb))
+
+        assert asyncio.run(main()) == [list(range(12))] * 2
+    order = [name for name, kind, _, _ in log if kind == "start"]
+    first_b = order.index("b")
+    assert first_b <= AHEAD, order  # b did not wait for a's whole output
+    switches = sum(x != y for x, y in itertools.pairwise(order))
+    assert switches >= 12, order  # they alternate (strictly: 23 switches; a late loop can let one run twice)
+
+
+def test_a_failing_step_reaches_the_consumer_and_the_session_closes() -> None:
+    closed: list = []
+    decoder = Scripted("a", 10, [], fail_at=2)
+    with ThreadPoolExecutor(2) as pool:
+        async def main() -> None:
+            stream = _stream(decoder, pool, closed=closed)
+            stream.start()
+            assert (await stream.next()).tokens == [0]
+            assert (await stream.next()).tokens == [1]
+            with pytest.raises(ValueError, match="step 2 failed"):
+                await stream.next()
+            stream.finish()
+            await await_for(lambda: closed, "the session to close")
+
+        asyncio.run(main())
+    assert closed == [("a", 3)] and decoder.calls == 3
+
+
+def test_a_stopped_pool_ends_the_stream() -> None:
+    blocker = threading.Event()
+    pool = ThreadPoolExecutor(1)
+    pool.submit(blocker.wait, WAIT_S)  # the only worker is busy: the stream's producer queues behind it
+    decoder = Scripted("a", 10, [])
+
+    async def main() -> None:
+        stream = _stream(decoder, pool)
+        stream.start()
+        pool.shutdown(wait=False, cancel_futures=True)
+        with pytest.raises(ShutDown):
+            await stream.next()
+        stream.finish()  # nothing to close on a stopped pool, and no error
+
+    try:
+        asyncio.run(main())
+    finally:
+        blocker.set()
+    assert decoder.calls == 0
+
+
+def test_what_the_consumer_reads_is_the_state_of_the_step_it_took() -> None:
+    decoder = Scripted("a", 10, [])
+    with ThreadPoolExecutor(2) as pool:
+        async def main() -> None:
+            stream = _stream(decoder, pool)
+            stream.start()
+            await await_for(lambda: decoder.calls == AHEAD, "the producer to run ahead")
+            first = await stream.next()
+            assert (first.drafted, first.accepted) == (2, 1)  # not the decoder's counts now (steps ahead)
+            await await_for(lambda: decoder.drafted == 2 * (AHEAD + 1), "one more step")
+            second = await stream.next()
+            assert (second.drafted, second.accepted) == (4, 2)
+            stream.finish()
+
+        asyncio.run(main())
+
+
+# ---- through the real Engine ------------------------------------------------------------------------------
+
+
+class CountingPipeline(LocalPipeline):
+    def __init__(self, runtime) -> None:
+        super().__init__(runtime)
+        self.steps = 0
+
+    def step(self, session_id, token_ids, start_pos, sampling, step):
+        self.steps += 1
+        return super().step(session_id, token_ids, start_pos, sampling, step)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dirs):
+    path = tiny_model_dirs["llama"]
+    eng = Engine(AutoTokenizer.from_pretrained(path), CountingPipeline(ShardRuntime(path)), eos_token_ids=set(),
+                 context_length=4096)
+    yield eng
+    eng.shutdown()
+
+
+async def _collect(engine: Engine, request: GenerationRequest) -> tuple[list[str], Finished]:
+    pieces = []
+    async for event in engine.stream(request):
+        if isinstance(event, TextDelta):
+            pieces.append(event.text)
+        else:
+            final = event
+    return pieces, final
+
+
+def test_a_stop_string_ends_the_output_where_it_did_and_the_session_closes(engine) -> None:
+    prompt = torch.arange(10, 40).tolist()
+    runtime = engine.pipeline.runtime
+    plain = GenerationRequest(prompt_ids=prompt, max_tokens=24, sampling=SamplingParams(temperature=0.0))
+    pieces, final = asyncio.run(_collect(engine, plain))
+    assert final.completion_tokens == 24 and final.finish_reason == "length"
+    wait_for(lambda: runtime.session_count() == 0, "the session to close")
+    # A stop string made of the 6th and 7th tokens' text (distinct from anything before it).
+    k = next(i for i in range(5, 20) if pieces[i] + pieces[i + 1] not in "".join(pieces[: i + 1]))
+    stop = pieces[k] + pieces[k + 1]
+    before = engine.pipeline.steps
+    _, cut = asyncio.run(_collect(engine, GenerationRequest(
+        prompt_ids=prompt, max_tokens=24, sampling=SamplingParams(temperature=0.0), stop=[stop])))
+    assert cut.finish_reason == "stop" and cut.text == "".join(pieces[:k])
+    wait_for(lambda: runtime.session_count() == 0, "the stopped session to close")
+    assert k + 2 <= engine.pipeline.steps - before <= k + 2 + AHEAD  # at most AHEAD steps computed past the stop
+
+
+def test_a_stopped_engine_says_it_is_shutting_down(tiny_model_dirs) -> None:
+    path = tiny_model_dirs["llama"]
+    eng = Engine(AutoTokenizer.from_pretrained(path), LocalPipeline(ShardRuntime(path)), eos_token_ids=set(),
+                 context_length=4096)
+    eng.shutdown()
+    with pytest.raises(ShuttingDown):
+        asyncio.run(_collect(eng, GenerationRequest(prompt_ids=[5, 6, 7], max_tokens=4)))
