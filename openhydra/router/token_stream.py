@@ -85,6 +85,7 @@ class TokenStream:
         self._decoder = decoder
         self._limit = max(1, ahead)
         self._lockstep = ahead == 0  # the old way: the loop asks for each step once it has handled the last
+        self._asked = 0  # lockstep: steps the loop asked for and the producer has not started
         self._executor = executor
         self._waiting = waiting
         self._ends = ends
@@ -101,6 +102,8 @@ class TokenStream:
     # ---- the event loop's side --------------------------------------------------------------------
 
     def start(self) -> None:
+        if self._lockstep:
+            return  # the first next() asks for the first step
         with self._lock:
             self._running = True
         self._submit()
@@ -108,6 +111,8 @@ class TokenStream:
     async def next(self) -> Produced:
         """The next step's tokens (an empty list when the output is over); raises what the step raised."""
         if self._lockstep:
+            with self._lock:
+                self._asked += 1
             self._resume()
         item = await self._queue.get()
         if isinstance(item, BaseException):
@@ -120,7 +125,8 @@ class TokenStream:
 
     def _resume(self) -> None:
         with self._lock:
-            if self._running or self._stopped or self._over or self._ahead >= self._limit:
+            if (self._running or self._stopped or self._over or self._ahead >= self._limit
+                    or (self._lockstep and not self._asked)):
                 return
             self._running = True
         self._submit()
@@ -164,13 +170,14 @@ class TokenStream:
                     self._running = False
                     close, self._done = not self._done, True
                     break
-                if self._ahead >= self._limit or (self._lockstep and steps):  # park; next() resumes us
+                if self._ahead >= self._limit or (self._lockstep and not self._asked):  # park; next() resumes us
                     self._running = False
                     return
                 if steps and self._waiting.any():  # another request waits for a worker: take turns
                     close = None
                     break
                 self._ahead += 1
+                self._asked -= self._lockstep
             steps += 1
             try:
                 item = self._step()

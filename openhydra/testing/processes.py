@@ -61,8 +61,10 @@ class NodeProcess:
     ``pow_bits`` (:data:`TEST_POW_BITS`) bits of proof of work: every test node of one swarm agrees."""
 
     def __init__(self, overrides: list[str], *, port: int | None = None, log_path: Path | None = None,
-                 env: dict[str, str] | None = None, threads: int = 1, pow_bits: int | None = TEST_POW_BITS) -> None:
+                 env: dict[str, str] | None = None, threads: int = 1, pow_bits: int | None = TEST_POW_BITS,
+                 cwd: Path | None = None) -> None:
         self.port = port or free_port()
+        self.cwd = cwd  # another checkout (with PYTHONPATH in env): benchmarks against an earlier commit
         sets_pow = any(o.lstrip("+~").startswith("privacy.pow_difficulty_bits=") for o in overrides)
         pow_override = [f"privacy.pow_difficulty_bits={pow_bits}"] if pow_bits is not None and not sets_pow else []
         self.overrides = [*overrides, *pow_override, f"api.port={self.port}"]
@@ -77,7 +79,8 @@ class NodeProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> NodeProcess:
-        self.proc = forkserver.spawn("openhydra.cli", self.overrides, env=self.env, log_path=self.log_path)
+        self.proc = forkserver.spawn("openhydra.cli", self.overrides, env=self.env, log_path=self.log_path,
+                                     cwd=self.cwd)
         return self
 
     def wait_ready(self, timeout_s: float = 180.0) -> NodeProcess:

@@ -125,6 +125,31 @@ def test_ahead_0_is_the_old_lockstep() -> None:
         asyncio.run(main())
 
 
+@pytest.mark.parametrize("ahead", [0, 1, AHEAD])
+def test_no_step_is_lost_between_a_fast_producer_and_a_fast_consumer(ahead: int) -> None:
+    """Instant steps and a consumer that asks again at once: the windows where the producer parks while the
+    loop asks for more (a lost wake-up hung the lockstep mode once) are hit many times over."""
+    with ThreadPoolExecutor(2) as pool:
+        async def one(round_: int) -> list[int]:
+            closed: list = []
+            decoder = Scripted(f"r{round_}", 20, [])
+            stream = TokenStream(decoder, pool, Waiting(), ends=lambda tokens: False,
+                                 on_done=lambda: closed.append(1), ahead=ahead)
+            stream.start()
+            out = []
+            while tokens := (await asyncio.wait_for(stream.next(), WAIT_S)).tokens:
+                out.extend(tokens)
+            stream.finish()
+            await await_for(lambda: closed, "the session to close")
+            return out
+
+        async def main() -> None:
+            for round_ in range(150):
+                assert await one(round_) == list(range(20))
+
+        asyncio.run(main())
+
+
 def test_finish_closes_the_session_once_after_the_step_in_flight() -> None:
     log: list = []
     gate = threading.Event()
