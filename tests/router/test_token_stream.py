@@ -68,61 +68,66 @@ class Scripted:
         return [i] if i < self.n else []
 
 
-def _stream(decoder, executor, waiting=None, closed=None) -> TokenStream:
+def _stream(decoder, executor, waiting=None, closed=None, ahead: int = AHEAD) -> TokenStream:
     closed = closed if closed is not None else []
     return TokenStream(decoder, executor, waiting if waiting is not None else Waiting(), ends=lambda tokens: False,
-                       on_done=lambda: closed.append((decoder.name, decoder.calls)))
+                       on_done=lambda: closed.append((decoder.name, decoder.calls)), ahead=ahead)
+
+
+def drive(decoder: Scripted, body, *, closed: list | None = None, ahead: int = AHEAD):
+    """Start a stream of ``decoder`` on a pool of 2 workers, run ``await body(stream)`` on an event loop, then
+    finish the stream (finish() is idempotent: a body may call it itself)."""
+    with ThreadPoolExecutor(2) as pool:
+        async def main():
+            stream = _stream(decoder, pool, closed=closed, ahead=ahead)
+            stream.start()
+            try:
+                return await body(stream)
+            finally:
+                stream.finish()
+
+        return asyncio.run(main())
 
 
 def test_the_next_step_starts_before_the_loop_takes_the_last() -> None:
-    log: list = []
-    decoder = Scripted("a", 6, log)
-    with ThreadPoolExecutor(2) as pool:
-        async def main() -> list[int]:
-            stream = _stream(decoder, pool)
-            stream.start()
-            got = []
-            for k in range(6):
-                # before taking step k, step k+1 is already running or done: no round trip through the loop
-                await await_for(lambda k=k: decoder.calls > k + 1, f"step {k + 1} to start before step {k} is taken")
-                got.extend((await stream.next()).tokens)
-            assert (await stream.next()).tokens == []
-            stream.finish()
-            return got
+    decoder = Scripted("a", 6, [])
 
-        assert asyncio.run(main()) == list(range(6))
+    async def body(stream: TokenStream) -> list[int]:
+        got = []
+        for k in range(6):
+            # before taking step k, step k+1 is already running or done: no round trip through the loop
+            await await_for(lambda k=k: decoder.calls > k + 1, f"step {k + 1} to start before step {k} is taken")
+            got.extend((await stream.next()).tokens)
+        assert (await stream.next()).tokens == []
+        return got
+
+    assert drive(decoder, body) == list(range(6))
 
 
 def test_at_most_AHEAD_steps_run_ahead_then_the_producer_parks() -> None:
     decoder = Scripted("a", 50, [])
-    with ThreadPoolExecutor(2) as pool:
-        async def main() -> None:
-            stream = _stream(decoder, pool)
-            stream.start()
-            await await_for(lambda: not stream._running, "the producer to park")
-            assert decoder.calls == AHEAD  # nothing taken: AHEAD steps computed, then it waits for the loop
-            assert (await stream.next()).tokens == [0]
-            await await_for(lambda: decoder.calls == AHEAD + 1 and not stream._running, "one more step")
-            assert decoder.calls == AHEAD + 1
-            stream.finish()
 
-        asyncio.run(main())
+    async def body(stream: TokenStream) -> None:
+        await await_for(lambda: not stream._running, "the producer to park")
+        assert decoder.calls == AHEAD  # nothing taken: AHEAD steps computed, then it waits for the loop
+        assert (await stream.next()).tokens == [0]
+        await await_for(lambda: decoder.calls == AHEAD + 1 and not stream._running, "one more step")
+        assert decoder.calls == AHEAD + 1
+
+    drive(decoder, body)
 
 
 def test_ahead_0_is_the_old_lockstep() -> None:
     decoder = Scripted("a", 50, [])
-    with ThreadPoolExecutor(2) as pool:
-        async def main() -> None:
-            stream = TokenStream(decoder, pool, Waiting(), ends=lambda tokens: False, on_done=lambda: None, ahead=0)
-            stream.start()
-            for k in range(3):
-                assert (await stream.next()).tokens == [k]
-                # taken and handled: still no next step until the loop asks for it
-                await await_for(lambda: not stream._running, "the producer to park")
-                assert decoder.calls == k + 1
-            stream.finish()
 
-        asyncio.run(main())
+    async def body(stream: TokenStream) -> None:
+        for k in range(3):
+            assert (await stream.next()).tokens == [k]
+            # taken and handled: still no next step until the loop asks for it
+            await await_for(lambda: not stream._running, "the producer to park")
+            assert decoder.calls == k + 1
+
+    drive(decoder, body, ahead=0)
 
 
 @pytest.mark.parametrize("ahead", [0, 1, AHEAD])
@@ -155,20 +160,17 @@ def test_finish_closes_the_session_once_after_the_step_in_flight() -> None:
     gate = threading.Event()
     closed: list = []
     decoder = Scripted("a", 10, log, gates={2: gate})
-    with ThreadPoolExecutor(2) as pool:
-        async def main() -> None:
-            stream = _stream(decoder, pool, closed=closed)
-            stream.start()
-            assert (await stream.next()).tokens == [0]
-            assert (await stream.next()).tokens == [1]
-            await await_for(lambda: decoder.calls == 3, "step 2 to start")
-            stream.finish()  # e.g. a stop string in step 1's text
-            assert closed == []  # step 2 is still running on the session
-            gate.set()
-            await await_for(lambda: closed, "the session to close")
-            stream.finish()  # idempotent
 
-        asyncio.run(main())
+    async def body(stream: TokenStream) -> None:
+        assert (await stream.next()).tokens == [0]
+        assert (await stream.next()).tokens == [1]
+        await await_for(lambda: decoder.calls == 3, "step 2 to start")
+        stream.finish()  # e.g. a stop string in step 1's text
+        assert closed == []  # step 2 is still running on the session
+        gate.set()
+        await await_for(lambda: closed, "the session to close")
+
+    drive(decoder, body, closed=closed)
     assert closed == [("a", 3)]  # once, after step 2, and no step after finish()
     assert log[-1][:3] == ("a", "end", 2)
 
@@ -176,15 +178,13 @@ def test_finish_closes_the_session_once_after_the_step_in_flight() -> None:
 def test_a_parked_producer_is_closed_by_finish() -> None:
     closed: list = []
     decoder = Scripted("a", 10, [])
-    with ThreadPoolExecutor(2) as pool:
-        async def main() -> None:
-            stream = _stream(decoder, pool, closed=closed)
-            stream.start()
-            await await_for(lambda: not stream._running, "the producer to park")
-            stream.finish()
-            await await_for(lambda: closed, "the session to close")
 
-        asyncio.run(main())
+    async def body(stream: TokenStream) -> None:
+        await await_for(lambda: not stream._running, "the producer to park")
+        stream.finish()
+        await await_for(lambda: closed, "the session to close")
+
+    drive(decoder, body, closed=closed)
     assert closed == [("a", AHEAD)]
 
 
@@ -220,18 +220,16 @@ def test_requests_take_turns_when_the_pool_is_full() -> None:
 def test_a_failing_step_reaches_the_consumer_and_the_session_closes() -> None:
     closed: list = []
     decoder = Scripted("a", 10, [], fail_at=2)
-    with ThreadPoolExecutor(2) as pool:
-        async def main() -> None:
-            stream = _stream(decoder, pool, closed=closed)
-            stream.start()
-            assert (await stream.next()).tokens == [0]
-            assert (await stream.next()).tokens == [1]
-            with pytest.raises(ValueError, match="step 2 failed"):
-                await stream.next()
-            stream.finish()
-            await await_for(lambda: closed, "the session to close")
 
-        asyncio.run(main())
+    async def body(stream: TokenStream) -> None:
+        assert (await stream.next()).tokens == [0]
+        assert (await stream.next()).tokens == [1]
+        with pytest.raises(ValueError, match="step 2 failed"):
+            await stream.next()
+        stream.finish()
+        await await_for(lambda: closed, "the session to close")
+
+    drive(decoder, body, closed=closed)
     assert closed == [("a", 3)] and decoder.calls == 3
 
 
@@ -258,19 +256,16 @@ def test_a_stopped_pool_ends_the_stream() -> None:
 
 def test_what_the_consumer_reads_is_the_state_of_the_step_it_took() -> None:
     decoder = Scripted("a", 10, [])
-    with ThreadPoolExecutor(2) as pool:
-        async def main() -> None:
-            stream = _stream(decoder, pool)
-            stream.start()
-            await await_for(lambda: decoder.calls == AHEAD, "the producer to run ahead")
-            first = await stream.next()
-            assert (first.drafted, first.accepted) == (2, 1)  # not the decoder's counts now (steps ahead)
-            await await_for(lambda: decoder.drafted == 2 * (AHEAD + 1), "one more step")
-            second = await stream.next()
-            assert (second.drafted, second.accepted) == (4, 2)
-            stream.finish()
 
-        asyncio.run(main())
+    async def body(stream: TokenStream) -> None:
+        await await_for(lambda: decoder.calls == AHEAD, "the producer to run ahead")
+        first = await stream.next()
+        assert (first.drafted, first.accepted) == (2, 1)  # not the decoder's counts now (steps ahead)
+        await await_for(lambda: decoder.drafted == 2 * (AHEAD + 1), "one more step")
+        second = await stream.next()
+        assert (second.drafted, second.accepted) == (4, 2)
+
+    drive(decoder, body)
 
 
 # ---- through the real Engine ------------------------------------------------------------------------------
