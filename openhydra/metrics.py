@@ -63,7 +63,7 @@ class NodeMetrics:
         self.unavailable = Counter(
             "openhydra_pipeline_unavailable_total", "Steps given up because no chain covered the model (503)",
             registry=r)
-        # -- peer: peer/server.py ------------------------------------------------------------------------
+        # -- peer: peer/forward.py -----------------------------------------------------------------------
         self.peer_step_seconds = Histogram(
             "openhydra_peer_step_duration_seconds", "This peer's compute for one step of its span (one hop), by kind",
             ["kind"], buckets=STEP_BUCKETS, registry=r)

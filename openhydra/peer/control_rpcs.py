@@ -1,6 +1,6 @@
 """The peer's unary RPCs around the step path: session control (close, truncate), settlement, weights, Info.
 
-A mixin of :class:`openhydra.peer.server.PeerService`: control calls that name a session are authenticated
+A mixin of :class:`openhydra.peer.forward.PeerService`: control calls that name a session are authenticated
 (peer/session_auth.py) before they touch it; Info is what liveness probes read (it needs no compute).
 """
 

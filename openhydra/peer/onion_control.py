@@ -136,7 +136,7 @@ def filler(count: int) -> list[bytes]:
 
 
 async def handle(service: Any, step: pb.Step, state: HopState) -> None:
-    """One control message at a hop (``service``: peer/server.py PeerService): act on this hop's command,
+    """One control message at a hop (``service``: peer/forward.py PeerService): act on this hop's command,
     append the sealed reply, pass it on (or, last hop, return the replies), then close if asked."""
     sid, seq, index = step.session_id, step.seq, state.index
     audit_key = state.session.layer.keys.audit_key

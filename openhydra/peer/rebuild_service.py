@@ -1,6 +1,6 @@
 """The peer's side of a failover rebuild (peer/rebuild.py): adopt a surviving session, handle rebuild messages.
 
-A mixin of :class:`openhydra.peer.server.PeerService`; it uses the service's runtime, privacy state, retained
+A mixin of :class:`openhydra.peer.forward.PeerService`; it uses the service's runtime, privacy state, retained
 activations, streams and its ``_process``/``_push``/``_deliver``/``_fail`` step path.
 """
 

@@ -1,4 +1,4 @@
-"""Serving weights to joining peers: the FetchWeights RPC's logic (registered by openhydra/peer/server.py).
+"""Serving weights to joining peers: the FetchWeights RPC's logic (served by openhydra/peer/control_rpcs.py).
 
 A peer offers the byte ranges of its checkpoint folder that its own span loads (manifest.span_needs): its
 layers' tensors, the embeddings / final norm / head where its span has them, every safetensors header and

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from openhydra.peer.forward import PeerService
 from openhydra.peer.messages import HopSpec
 from openhydra.peer.proto import peer_pb2 as pb
-from openhydra.peer.server import PeerService
 from tests.adversarial.keyed_peer import keyed_peers
 from tests.adversarial.keyed_peer import main as serve_keyed_peer
 

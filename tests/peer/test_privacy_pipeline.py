@@ -175,7 +175,7 @@ def test_onion_samples_on_the_coordinator_so_the_last_hop_never_sees_tokens(tiny
                                                                             monkeypatch) -> None:
     """Under onion routing with a head, the last peer returns its final hidden states (sealed) and the
     coordinator applies norm + LM head and samples: same tokens as generate, and no peer ever samples."""
-    import openhydra.peer.server as server_module
+    import openhydra.peer.forward as server_module
     from openhydra.peer.head import load_head
 
     def no_sampling_on_peers(*args, **kwargs):

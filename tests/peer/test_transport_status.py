@@ -16,7 +16,7 @@ def test_core_lost_connection_reads_unavailable_and_marks_the_process_gone() -> 
 
 
 def test_a_peers_own_internal_failure_stays_internal() -> None:
-    # What a live peer sends when its forward raised (peer/server.py): not a lost connection.
+    # What a live peer sends when its forward raised (peer/forward.py): not a lost connection.
     sent = (grpc.StatusCode.INTERNAL, "RuntimeError: Internal error from Core in a message")
     assert transport_status(*sent) == sent
     assert transport_status(grpc.StatusCode.DEADLINE_EXCEEDED, CORE_INTERNAL) == (
