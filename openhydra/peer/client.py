@@ -17,7 +17,6 @@ import asyncio
 import collections
 import itertools
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -26,18 +25,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import torch
 
-from openhydra.crypto.dp import DPParams, noised
-from openhydra.crypto.dp_wire import audit_delivery, audit_records
 from openhydra.crypto.errors import CryptoError
 from openhydra.peer.client_control import ControlCalls
+from openhydra.peer.client_privacy import ClientPrivacy
 from openhydra.peer.codec import codec_from_name
 from openhydra.peer.embedding import Embedder
 from openhydra.peer.errors import HopError, status_code
 from openhydra.peer.head import Head
 from openhydra.peer.liveness import MAX_WAIT_STEPS, Liveness
-from openhydra.peer.messages import HopSpec
+from openhydra.peer.messages import HopSpec, StepResult
 from openhydra.peer.outbound import (
     MAX_MESSAGE_BYTES,
     SERVER_OPTIONS,
@@ -50,10 +47,10 @@ from openhydra.peer.privacy import ChainPrivacy, CoordinatorRoute, parse_hop_fai
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
 from openhydra.peer.rebuild_client import RebuildClient
-from openhydra.peer.session_auth import FORGED_FAILURE, FORGED_RESULT, SettlementKeys, failure_is_authentic
-from openhydra.peer.wire import decode_tensor, encode_tensor
+from openhydra.peer.session_auth import SettlementKeys
+from openhydra.peer.wire import decode_tensor
 from openhydra.runtime.prefix_cache import PrefixKey
-from openhydra.runtime.sampling import SamplingParams, sample
+from openhydra.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 KeyLookup = Callable[[str], tuple[str, str | None] | None]
@@ -85,17 +82,6 @@ class ClientTunables:
     """Codec peers use for hidden states: 'none' or 'lz4' (measure first: bench/bench_codec.py)."""
 
 
-@dataclass(frozen=True)
-class StepResult:
-    token: int
-    last_hop: str
-    logits: torch.Tensor | None = None  # float32 [1, V] or [S, V]
-    hidden: torch.Tensor | None = None  # final hidden states from the last hop (coordinator-side sampling)
-    top_ids: tuple[int, ...] = ()
-    top_logprobs: tuple[float, ...] = ()
-    token_logprob: float | None = None  # the sampled token's logprob (sent with return_top_k)
-
-
 class _Deliver(pb_grpc.CoordinatorServicer):
     def __init__(self, client: PeerChainClient) -> None:
         self._client = client
@@ -108,7 +94,7 @@ class _Deliver(pb_grpc.CoordinatorServicer):
         return pb.DeliverSummary(results=count)
 
 
-class PeerChainClient(ControlCalls, Liveness, RebuildClient):
+class PeerChainClient(ClientPrivacy, ControlCalls, Liveness, RebuildClient):
     def __init__(
         self,
         route: Sequence[HopSpec],
@@ -391,55 +377,6 @@ class PeerChainClient(ControlCalls, Liveness, RebuildClient):
                 elif not future.cancelled():
                     future.exception()  # settled after an earlier message failed: nobody else will look
 
-    @property
-    def _samples_here(self) -> bool:
-        """Under onion routing with a head, the coordinator samples: the last hop never sees token ids."""
-        return self.head is not None and self.privacy.onion
-
-    def _sample_here(self, result: StepResult, sampling: SamplingParams, step: int, extras: dict) -> StepResult:
-        logits = self.head(result.hidden)  # float32 [1, V] or [S, V]
-        top_ids: tuple[int, ...] = ()
-        top_logprobs: tuple[float, ...] = ()
-        token = sample(logits[-1], sampling, step)
-        token_logprob = None
-        if extras.get("return_top_k"):
-            logprobs = torch.log_softmax(logits[-1], dim=-1)
-            top = torch.topk(logprobs, min(int(extras["return_top_k"]), logprobs.numel()))
-            top_ids, top_logprobs = tuple(top.indices.tolist()), tuple(top.values.tolist())
-            token_logprob = float(logprobs[token])
-        wants_logits = extras.get("return_logits") or extras.get("all_logits")
-        return StepResult(token=token, last_hop=result.last_hop, logits=logits if wants_logits else None,
-                          top_ids=top_ids, top_logprobs=top_logprobs, token_logprob=token_logprob)
-
-    def _input_tensor(self, ids: list[int], private: bool) -> pb.Tensor:
-        tokens = torch.tensor(ids, dtype=torch.int64)
-        if private and self.embedder is not None:
-            embeddings = self.embedder(tokens)  # [S, D]: token ids never leave the coordinator
-            if self.privacy.dp:  # the first peer sees only clipped, noised embeddings
-                params = DPParams(self.privacy.dp_sigma, self.privacy.dp_clip_embeddings)
-                embeddings = noised(embeddings, params, int.from_bytes(os.urandom(8), "big"))
-            return encode_tensor(embeddings)
-        return encode_tensor(tokens)
-
-    def _crypto_route(self, session_id: str, route: tuple[HopSpec, ...]) -> CoordinatorRoute:
-        current = self._crypto.get(session_id)
-        if current is not None and current.route == route:
-            return current
-        keyed = []
-        for hop in route:
-            found = self.key_lookup(hop.address) if self.key_lookup and not hop.static_key else None
-            if found is not None:
-                hop = hop.model_copy(update={"peer_id": found[0], "static_key": found[1]})
-            keyed.append(hop)
-        try:
-            current = CoordinatorRoute.build(session_id, keyed, self.privacy, self._reply_address)
-        except CryptoError as exc:  # a hop without a valid static key: never send it plaintext
-            bad = next((h.address for h in keyed if not h.static_key), route[0].address)
-            raise HopError(bad, grpc.StatusCode.FAILED_PRECONDITION, f"cannot encrypt to this hop: {exc}") from None
-        current.route = route
-        self._crypto[session_id] = current
-        return current
-
     def _resolve(self, result: pb.Result) -> None:
         future = self._pending.get((result.session_id, result.seq))
         if future is None or future.done():
@@ -488,35 +425,6 @@ class PeerChainClient(ControlCalls, Liveness, RebuildClient):
                 hidden=hidden,
             )
         )
-
-    def _authentic(self, crypto: CoordinatorRoute, result: pb.Result) -> bool:
-        """A failure tagged by a hop of the route, or a result sealed by the last hop (opened in place).
-
-        Anything else is counted and ignored: it may come from anyone who learned (session id, seq)."""
-        if result.WhichOneof("outcome") == "failure":
-            if failure_is_authentic(crypto.crypto.route.hop_keys, result):
-                return True
-            reason = FORGED_FAILURE
-        else:
-            try:
-                if not result.sealed:
-                    raise CryptoError("unsealed result on an encrypted session")
-                result.CopyFrom(crypto.open_result(result))
-                return True
-            except CryptoError:
-                reason = FORGED_RESULT
-        self.crypto_rejections[reason] += 1
-        log.warning("ignored a result for %s/%d that its route did not authenticate (%s)", result.session_id,
-                    result.seq, reason)
-        return False
-
-    def _audit_dp(self, crypto: CoordinatorRoute, result: pb.Result) -> None:
-        """Every hop that pushed hidden states noised them as configured (crypto/dp_wire.py)."""
-        keys = [crypto.crypto.audit_key(i) for i in range(len(crypto.route) - 1)]
-        params = DPParams(self.privacy.dp_sigma, self.privacy.dp_clip)
-        self.dp_audits += audit_records(list(result.dp_records), keys, params, result.session_id, result.seq)
-        every = [*keys, crypto.crypto.audit_key(len(crypto.route) - 1)]  # each receiver's digest of what it got
-        audit_delivery(list(result.dp_records), list(result.dp_received), every, result.session_id, result.seq)
 
     def _fail_session(self, session_id: str, error: HopError) -> None:
         for (sid, _seq), future in list(self._pending.items()):

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import itertools
 import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from openhydra.peer.codec import CODECS
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.runtime.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_STEP_POSITIONS = 16384
 MAX_POSITION = 1 << 24
@@ -123,3 +128,16 @@ def parse_step(step: pb.Step) -> StepHeader:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ValueError(f"invalid step: {where + ': ' if where else ''}{first['msg']}") from None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step gave the coordinator (peer/client.py): the sampled token and what the request asked for."""
+
+    token: int
+    last_hop: str
+    logits: torch.Tensor | None = None  # float32 [1, V] or [S, V]
+    hidden: torch.Tensor | None = None  # final hidden states from the last hop (coordinator-side sampling)
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+    token_logprob: float | None = None  # the sampled token's logprob (sent with return_top_k)
