@@ -17,9 +17,11 @@ What it does not change:
   producer gives its worker up after each step while another request waits for one, so requests beyond the
   pool's size still take turns per step.
 
-The cost: when the output ends on a stop string (which only the loop can see), up to ``ahead`` steps past it were
-computed and are thrown away. EOS and ``max_tokens`` end the producer itself. ``ahead=0`` is the old lockstep
-(each step asked for by the loop once it has handled the last), kept for A/B benchmarks and as a way back.
+The cost: when the output ends on a stop string (which only the loop can see) or the client goes away, up to
+``ahead`` steps past that point were computed (on a swarm, by every hop, which signs for no more than the client
+got: economy/peer_settlement.py) and are thrown away. EOS and ``max_tokens`` end the producer itself.
+``ahead=0`` is the old lockstep (each step asked for by the loop once it has handled the last), kept for A/B
+benchmarks and as a way back.
 """
 
 from __future__ import annotations
