@@ -104,11 +104,7 @@ class TokenStream:
     # ---- the event loop's side --------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._lockstep:
-            return  # the first next() asks for the first step
-        with self._lock:
-            self._running = True
-        self._submit()
+        self._resume()  # in lockstep nothing is asked for yet: the first next() asks for the first step
 
     async def next(self) -> Produced:
         """The next step's tokens (an empty list when the output is over); raises what the step raised."""
