@@ -12,6 +12,9 @@ head (49152 x 576). Arms, interleaved trial by trial, 1 thread:
   ``_convert_weight_to_int4pack_for_cpu``, asymmetric groups of N along K, bf16 activations); torchao's
   CPU int4 layout (``Int4CPULayout``) calls this same op;
 - ``int4-g32-fp16``: the same with fp16 activations and scales (fp16 keeps GGUF's fp16 block scales exactly);
+- ``lowbit-int4`` / ``lowbit-int8``: OpenHydra's own kernel (runtime/lowbit.py, AVX-512 VNNI only): Q4_1- / Q8_0-style
+  blocks of 32 with fp16 scales times activations quantized to int8 per block of 32 (llama.cpp's scheme), fp32 in
+  and out (no casts); what ``hardware=cpu_int4`` / ``cpu_int8`` run where the CPU has VNNI;
 - ``bnb-nf4`` / ``bnb-int8``: bitsandbytes 0.50 CPU ``Linear4bit`` / ``Linear8bitLt``;
 - ``fbgemm-dyn-int8``: ``torch.ao`` dynamic int8 (activations quantized per tensor too).
 
@@ -55,7 +58,12 @@ def make_arm(name: str, weights: list) -> list[Callable]:
     import torch
     from torch import nn
 
+    from unittest import mock
+
+    from openhydra.runtime import lowbit
     from openhydra.runtime.quant_cpu import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+
+    torch_kernels = mock.patch.object(lowbit, "kernel", lambda: None)  # the torch arms: PyTorch's kernels
 
     def linear_of(w: torch.Tensor) -> nn.Linear:
         lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
@@ -70,13 +78,22 @@ def make_arm(name: str, weights: list) -> list[Callable]:
             wb = w.bfloat16()
             calls.append(lambda x, wb=wb: torch.nn.functional.linear(x.bfloat16(), wb))
         elif name == "int8":
-            q8 = Int8WeightOnlyLinear(linear_of(w), torch.bfloat16)
+            with torch_kernels:
+                q8 = Int8WeightOnlyLinear(linear_of(w), torch.bfloat16)
             calls.append(lambda x, q=q8: q(x.bfloat16()))
         elif name.startswith("int4"):
             group = int(name.split("-")[1][1:])
             dtype = torch.float16 if name.endswith("fp16") else torch.bfloat16
-            q4 = Int4WeightOnlyLinear(linear_of(w), dtype, group_size=group, kernel_dtype=dtype)
+            with torch_kernels:
+                q4 = Int4WeightOnlyLinear(linear_of(w), dtype, group_size=group, kernel_dtype=dtype)
             calls.append(lambda x, q=q4, dtype=dtype: q(x.to(dtype)))
+        elif name.startswith("lowbit-"):
+            if lowbit.kernel() is None:
+                raise SystemExit("lowbit arms: this CPU has no AVX-512 VNNI (or no C compiler)")
+            kind = Int4WeightOnlyLinear if name == "lowbit-int4" else Int8WeightOnlyLinear  # head included, as above
+            layer = kind(linear_of(w))
+            assert layer.lowbit is not None
+            calls.append(layer.lowbit.matmul)
         elif name.startswith("bnb"):
             import bitsandbytes as bnb
 
@@ -104,7 +121,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--passes", type=int, default=3, help="tokens per trial and arm")
     parser.add_argument("--arms", default="fp32,bf16,int8,int4-g32,int4-g64,int4-g32-fp16,bnb-nf4,"
-                        "bnb-int8,fbgemm-dyn-int8")
+                        "bnb-int8,fbgemm-dyn-int8,lowbit-int8,lowbit-int4")
     parser.add_argument("--plot", default="docs/img/bench_int_kernels.png")
     args = parser.parse_args()
     announce()  # the machine, its load and the versions, printed with the result

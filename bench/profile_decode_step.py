@@ -1,10 +1,13 @@
 """Where one decode step of a CPU node goes: ``ShardRuntime.forward`` timed alone, then a torch profile of it.
 
     OMP_NUM_THREADS=1 python bench/profile_decode_step.py [--quantization int4] [--dtype float32] [--steps 64]
+        [--prompt 42]
 
-The whole embedded SmolLM2 in one ShardRuntime (no network, no API), 1 thread: a 42-token prompt, then
-``--steps`` greedy decode steps, each timed (median printed), then 10 more under ``torch.profiler`` with the ops
-sorted by their own CPU time: how much of a step the matmul kernels take against the small ops around them.
+The whole embedded SmolLM2 in one ShardRuntime (no network, no API), 1 thread: a ``--prompt``-token prompt (its
+prefill timed, the median of 3), then ``--steps`` greedy decode steps, each timed (median printed), then 10 more
+under ``torch.profiler`` with the ops sorted by their own CPU time: how much of a step the matmul kernels take
+against the small ops around them (the low-bit kernel, runtime/lowbit.py, is a ctypes call the profiler does not
+list). ``OPENHYDRA_LOWBIT=0`` runs PyTorch's int4/int8 kernels instead.
 docs/benchmarks.md, "One node vs llama.cpp".
 """
 
@@ -24,6 +27,7 @@ def main() -> None:
     parser.add_argument("--quantization", default="int4", choices=["none", "int8", "int4"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=42, help="prompt tokens")
     args = parser.parse_args()
     announce()
     torch.set_num_threads(1)
@@ -33,7 +37,14 @@ def main() -> None:
 
     rt = ShardRuntime(embedded_model_dir(TEST_CACHE_ROOT), dtype=getattr(torch, args.dtype),
                       quantization=args.quantization)
-    prompt = torch.arange(100, 142)
+    prompt = torch.arange(100, 100 + args.prompt)
+    prefill = []
+    for attempt in range(3):
+        began = time.perf_counter()
+        out = rt.forward(f"p{attempt}", torch.arange(prompt.numel()), input_ids=prompt)
+        prefill.append(time.perf_counter() - began)
+        rt.close_session(f"p{attempt}")
+    print(f"prefill of {args.prompt} tokens: median {statistics.median(prefill) * 1e3:.1f} ms of 3", flush=True)
     out = rt.forward("s", torch.arange(prompt.numel()), input_ids=prompt)
     position, times = prompt.numel(), []
     for _ in range(args.steps):

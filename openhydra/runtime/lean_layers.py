@@ -189,6 +189,8 @@ def _matmul(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     if kind is nn.Linear:
         weight, bias = module.weight, module.bias
         return lambda x: nn.functional.linear(x, weight, bias)
+    if kind in (Int4WeightOnlyLinear, Int8WeightOnlyLinear) and module.bias is None and module.lowbit is not None:
+        return module.lowbit.matmul  # the low-bit kernel (runtime/lowbit.py): reads and writes x's dtype itself
     if kind is Int4WeightOnlyLinear and module.bias is None:
         return partial(int4_matmul, packed=module.weight, group_size=module.group_size,
                        scales_and_zeros=module.scales_and_zeros, in_features=module.in_features,

@@ -31,6 +31,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from openhydra.runtime import lowbit
+
 KERNEL_DTYPE = torch.bfloat16
 INT4_GROUP_SIZE = 32  # GGUF Q4_0/Q4_1 block size; smaller groups = closer to the fp32 weights
 INT8_DECODE_ROWS = 32  # up to this many rows use the int8 kernel; longer inputs (prefill) dequantize per call
@@ -83,39 +85,52 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_a
 
 
 class Int8WeightOnlyLinear(nn.Module):
-    """A Linear whose weight is int8 with one scale per output row; output in the input's dtype.
+    """A Linear whose weight is int8; output in the input's dtype.
 
-    Decode (a few rows) runs ``_weight_int8pack_mm`` in bf16, reading 1 byte per weight. Longer inputs
-    (prefill) dequantize the weight for that call and run a dense matmul in the input's dtype (faster
-    than the int8 kernel there, measured).
+    With the low-bit kernel (runtime/lowbit.py, AVX-512 VNNI): int8 in blocks of 32 along K with an fp16 scale
+    each (GGUF's Q8_0), every row count on the kernel. Otherwise: one scale per output row, and decode (a few rows)
+    runs ``_weight_int8pack_mm`` in bf16, reading 1 byte per weight, while longer inputs (prefill) dequantize the
+    weight for that call and run a dense matmul in the input's dtype (faster than the int8 kernel there, measured).
+    ``shared`` is another module's (weight, scales) in either format (the tied embedding table's).
     """
 
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype | None = None,
                  shared: tuple[nn.Parameter, nn.Parameter] | None = None) -> None:
         super().__init__()
-        if shared is None:
-            q, scales = quantize_int8_rows(linear.weight)
-            shared = (nn.Parameter(q, requires_grad=False),
-                      nn.Parameter(scales.to(KERNEL_DTYPE), requires_grad=False))
-        self.weight, self.scales = shared  # [N, K] int8, [N] bf16
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        if shared is None:
+            shared = quantize_int8(linear.weight)
+        self.weight, self.scales = shared  # [N, K] int8 and [N] bf16, or [N, K] uint8 and [N, K/32] fp16 (lowbit)
+        self.lowbit = lowbit_int8(self.weight, self.scales)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows <= INT8_DECODE_ROWS and x.device.type == "cpu":
+        if self.lowbit is not None:
+            out = self.lowbit.matmul(x)
+        elif rows <= INT8_DECODE_ROWS and x.device.type == "cpu":
             out = int8_matmul(x, self.weight, self.scales, self.out_features)
         else:
             dense = self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None]  # [N, K]
             out = nn.functional.linear(x, dense)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight [N, K] this layer multiplies by."""
+        if self.lowbit is not None:
+            return self.lowbit.dequantized()
+        return self.weight.float() * self.scales.float()[:, None]
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only per-row"
+        kind = "blocks of 32, low-bit kernel" if self.lowbit is not None else "per-row"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only {kind}"
 
 
 class Int4WeightOnlyLinear(nn.Module):
-    """A Linear whose weight is 4-bit (asymmetric groups along K); output in the input's dtype."""
+    """A Linear whose weight is 4-bit (asymmetric groups along K); output in the input's dtype.
+
+    With the low-bit kernel (runtime/lowbit.py; groups of 32, fp16 scale and minimum per group as GGUF's Q4_1):
+    the codes in the kernel's layout. Otherwise PyTorch's packed int4 kernel, in ``kernel_dtype``."""
 
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype | None = None,
                  group_size: int = INT4_GROUP_SIZE, kernel_dtype: torch.dtype = KERNEL_DTYPE) -> None:
@@ -123,47 +138,85 @@ class Int4WeightOnlyLinear(nn.Module):
         n, k = linear.out_features, linear.in_features
         if not int4_supported(k, n, group_size):
             raise ValueError(f"int4 needs in_features divisible by {group_size}, got {k}")
-        self.dtype = kernel_dtype  # bf16: the kernel's fast path here (fp16/fp32 run reference loops)
-        q, scale, minimum = quantize_int4_groups(linear.weight, group_size)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # [N, K/2] uint8
-        # The kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale.
-        scales_and_zeros = torch.stack([scale, minimum + 8 * scale], dim=-1).transpose(0, 1)  # [K/g, N, 2]
-        self.weight = nn.Parameter(packed, requires_grad=False)
-        self.scales_and_zeros = nn.Parameter(scales_and_zeros.contiguous().to(self.dtype), requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.dtype = kernel_dtype  # bf16: the torch kernel's fast path here (fp16/fp32 run reference loops)
         self.in_features, self.out_features, self.group_size = k, n, group_size
+        q, scale, minimum = quantize_int4_groups(linear.weight, group_size)
+        lib = lowbit.kernel() if group_size == lowbit.BLOCK and lowbit.supported(k) else None
+        self.lowbit: lowbit.LowBitWeight | None = None
+        if lib is not None and lowbit.fp16_fits(scale, minimum):
+            self.lowbit = lowbit.LowBitWeight.int4(q, scale, minimum, lib)
+            self.weight = nn.Parameter(self.lowbit.codes, requires_grad=False)  # [N, K/2] uint8
+            self.scales_and_zeros = nn.Parameter(torch.stack([self.lowbit.scales, self.lowbit.offsets]),
+                                                 requires_grad=False)  # [2, N, K/32] fp16 (for byte counts)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # [N, K/2] uint8
+            # The kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale.
+            scales_and_zeros = torch.stack([scale, minimum + 8 * scale], dim=-1).transpose(0, 1)  # [K/g, N, 2]
+            self.weight = nn.Parameter(packed, requires_grad=False)
+            self.scales_and_zeros = nn.Parameter(scales_and_zeros.contiguous().to(self.dtype), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = int4_matmul(x, self.weight, self.group_size, self.scales_and_zeros, self.in_features,
-                          self.out_features, self.dtype)
+        if self.lowbit is not None:
+            out = self.lowbit.matmul(x)
+        else:
+            out = int4_matmul(x, self.weight, self.group_size, self.scales_and_zeros, self.in_features,
+                              self.out_features, self.dtype)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:
-        """The fp32 weight [N, K] this layer multiplies by (through the kernel itself, for tests)."""
+        """The fp32 weight [N, K] this layer multiplies by (through the torch kernel itself, for tests)."""
+        if self.lowbit is not None:
+            return self.lowbit.dequantized()
         eye = torch.eye(self.in_features, dtype=self.dtype)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
                                                           self.scales_and_zeros).float().T.contiguous()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 weight-only g{self.group_size}"
+        kind = ", low-bit kernel" if self.lowbit is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 weight-only g{self.group_size}{kind}")
 
 
 class Int8Embedding(nn.Module):
-    """An embedding table stored as int8 rows with one scale each; a lookup dequantizes only its rows."""
+    """An embedding table stored in int8 (the format of :func:`quantize_int8`); a lookup dequantizes only its rows."""
 
     def __init__(self, embedding: nn.Embedding, dtype: torch.dtype) -> None:
         super().__init__()
-        q, scales = quantize_int8_rows(embedding.weight)
-        self.weight = nn.Parameter(q, requires_grad=False)  # [V, D] int8
-        self.scales = nn.Parameter(scales.to(KERNEL_DTYPE), requires_grad=False)  # [V]
+        self.weight, self.scales = quantize_int8(embedding.weight)  # see Int8WeightOnlyLinear
         self.dtype = dtype
-        self.num_embeddings, self.embedding_dim = q.shape
+        self.num_embeddings, self.embedding_dim = embedding.weight.shape
+        self._natural = None if self.scales.dim() == 1 else lowbit.natural_order(self.embedding_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight[ids].to(self.dtype) * self.scales[ids].to(self.dtype)[..., None]  # [..., D]
+        if self._natural is None:
+            return self.weight[ids].to(self.dtype) * self.scales[ids].to(self.dtype)[..., None]  # [..., D]
+        codes = self.weight[ids][..., self._natural].to(torch.int16) - 128  # [..., D] in natural order
+        scales = self.scales[ids].to(torch.float32).repeat_interleave(lowbit.BLOCK, dim=-1)
+        return (codes * scales).to(self.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
+        kind = "per-row" if self._natural is None else "blocks of 32"
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 {kind}"
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
+    """int8 (weight, scales) for :class:`Int8WeightOnlyLinear` and :class:`Int8Embedding`: GGUF Q8_0-style blocks in
+    the low-bit kernel's layout where that kernel runs, else per-row int8 with bf16 scales."""
+    if lowbit.kernel() is not None and lowbit.supported(weight.shape[1]):
+        q, d = lowbit.quantize_blocks8(weight)
+        if lowbit.fp16_fits(d):
+            packed = lowbit.LowBitWeight.int8(q, d, lowbit.kernel())
+            return (nn.Parameter(packed.codes, requires_grad=False), nn.Parameter(packed.scales, requires_grad=False))
+    q, scales = quantize_int8_rows(weight)
+    return nn.Parameter(q, requires_grad=False), nn.Parameter(scales.to(KERNEL_DTYPE), requires_grad=False)
+
+
+def lowbit_int8(weight: torch.Tensor, scales: torch.Tensor) -> lowbit.LowBitWeight | None:
+    """The kernel's view of a :func:`quantize_int8` pair in block format (None for per-row)."""
+    if scales.dim() == 1:
+        return None
+    return lowbit.LowBitWeight(weight, scales, torch.empty(0, dtype=torch.float16), 8, lowbit.kernel())
 
 
 def quantize_cpu_head(modules: nn.Module, dtype: torch.dtype) -> None:

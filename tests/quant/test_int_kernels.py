@@ -1,9 +1,12 @@
-"""CPU int8/int4 weight-only kernels (runtime/quant_cpu.py): exact against their dequantized weights, lossless on
-GGUF Q4_1 blocks, served through hardware=cpu_int8 / cpu_int4 by the real config and loading code.
+"""CPU int8/int4 weight-only layers (runtime/quant_cpu.py): close to their dequantized weights, lossless on
+GGUF Q4_1 blocks, served through hardware=cpu_int8 / cpu_int4 by the real config and loading code. Every layer
+test runs on both backends: OpenHydra's low-bit kernel (runtime/lowbit.py, where this CPU has AVX-512 VNNI; its
+own tests are tests/quant/test_lowbit.py) and PyTorch's kernels (the fallback everywhere else).
 
-Tolerances. The kernels compute in bf16, so against ``x @ W_deq.T`` in fp32 the only error is bf16 rounding of
-the activations and of the products' accumulation: relative 2e-2 of the output's largest value is ~3x what we
-measure (bf16 has 8 mantissa bits, 2^-8 = 4e-3 per element, partly cancelling over K).
+Tolerances. PyTorch's kernels compute in bf16, so against ``x @ W_deq.T`` in fp32 the only error is bf16 rounding
+of the activations and of the products' accumulation; the low-bit kernel rounds the activations to int8 per block
+of 32 (half a step of max/127, 4e-3 of the block's largest value). Relative 2e-2 of the output's largest value is
+~3x what we measure on either (bf16 has 8 mantissa bits, 2^-8 = 4e-3 per element, partly cancelling over K).
 
 Agreement thresholds (teacher-forced top-1 vs fp32, as tests/quant/test_quantize.py). On real SmolLM2-135M and
 the first 256 tokens of bench/data/heldout.txt, measured here: int8 0.934 (ppl 37.99), int4 0.965 (ppl 37.68), fp32
@@ -23,6 +26,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from openhydra.config.load import conf_dir, validate
+from openhydra.runtime import lowbit
 from openhydra.runtime.local_pipeline import greedy_generate
 from openhydra.runtime.quant_cpu import (
     FusedProjections,
@@ -39,6 +43,16 @@ PROMPT = torch.tensor([1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 3458, 282, 7
 REL_TOL = 2e-2
 
 
+@pytest.fixture(params=["lowbit", "torch"])
+def backend(request, monkeypatch) -> str:
+    """Each layer test once on the low-bit kernel (skipped where this CPU cannot run it) and once on PyTorch's."""
+    if request.param == "lowbit" and lowbit.kernel() is None:
+        pytest.skip("no AVX-512 VNNI or no C compiler here: the node uses PyTorch's kernels")
+    if request.param == "torch":
+        monkeypatch.setattr(lowbit, "kernel", lambda: None)
+    return request.param
+
+
 def _dense(k: int, n: int, seed: int = 0, bias: bool = True) -> nn.Linear:
     torch.manual_seed(seed)
     return nn.Linear(k, n, bias=bias)
@@ -50,13 +64,14 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("rows", [1, 3, 9, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_linear_matches_its_dequantized_weight(rows, dtype):
-    dense = _dense(96, 80)
+def test_int4_linear_matches_its_dequantized_weight(rows, dtype, backend):
+    dense = _dense(192, 80)  # K = 3 pairs of blocks: one quad and a lone pair on the low-bit kernel
     q, scale, minimum = quantize_int4_groups(dense.weight, 32)
-    w_deq = (q.reshape(80, 3, 32).float() * scale[..., None] + minimum[..., None]).reshape(80, 96)
+    w_deq = (q.reshape(80, 6, 32).float() * scale[..., None] + minimum[..., None]).reshape(80, 192)
     layer = Int4WeightOnlyLinear(dense)
-    assert layer.weight.dtype == torch.uint8 and layer.weight.numel() == 80 * 96 // 2  # 4 bits per weight
-    x = torch.randn(2, rows, 96)
+    assert (layer.lowbit is not None) == (backend == "lowbit")
+    assert layer.weight.dtype == torch.uint8 and layer.weight.numel() == 80 * 192 // 2  # 4 bits per weight
+    x = torch.randn(2, rows, 192)
     out = layer(x.to(dtype))
     assert out.dtype == dtype and out.shape == (2, rows, 80)
     ref = nn.functional.linear(x, w_deq, dense.bias)
@@ -67,19 +82,26 @@ def test_int4_linear_matches_its_dequantized_weight(rows, dtype):
 
 @pytest.mark.parametrize("rows", [1, 4, 9, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_matches_its_dequantized_weight(rows, dtype):
+def test_int8_linear_matches_its_dequantized_weight(rows, dtype, backend):
     dense = _dense(64, 48, seed=1)
-    q, scales = quantize_int8_rows(dense.weight)
     layer = Int8WeightOnlyLinear(dense)
-    assert layer.weight.dtype == torch.int8
+    if backend == "lowbit":  # GGUF Q8_0: blocks of 32 along K, an fp16 scale each, in the kernel's layout
+        q, d = lowbit.quantize_blocks8(dense.weight)
+        w_deq = (q.reshape(48, 2, 32).float() * d.half().float()[..., None]).reshape(48, 64)
+        assert layer.weight.dtype == torch.uint8 and layer.scales.shape == (48, 2)
+    else:
+        q, scales = quantize_int8_rows(dense.weight)
+        w_deq = q.float() * scales[:, None]
+        assert layer.weight.dtype == torch.int8
+    assert torch.allclose(layer.dequantized(), w_deq, rtol=1e-2, atol=1e-6)
     x = torch.randn(1, rows, 64)
     out = layer(x.to(dtype))
     assert out.dtype == dtype
-    ref = nn.functional.linear(x, q.float() * scales[:, None], dense.bias)
+    ref = nn.functional.linear(x, w_deq, dense.bias)
     assert _rel_err(out, ref) < REL_TOL
 
 
-def test_int4_is_lossless_on_gguf_q4_1_blocks():
+def test_int4_is_lossless_on_gguf_q4_1_blocks(backend):
     """A tensor dequantized from Q4_1 (w = m + q*d per block of 32) re-quantizes to the same codes."""
     torch.manual_seed(2)
     n, k = 64, 128
@@ -91,8 +113,12 @@ def test_int4_is_lossless_on_gguf_q4_1_blocks():
     q, _, _ = quantize_int4_groups(weight, 32)
     assert torch.equal(q.reshape(n, k // 32, 32), codes.to(torch.int32))
     layer = Int4WeightOnlyLinear(_linear_with(weight))
-    # only the block scale and min are rounded (to bf16): relative error of a few 1e-3
-    assert _rel_err(layer.dequantized(), weight) < 1e-2
+    if backend == "torch":  # only the block scale and min are rounded (to bf16): relative error of a few 1e-3
+        assert _rel_err(layer.dequantized(), weight) < 1e-2
+    else:  # the low-bit kernel keeps them in fp16, as GGUF stores them: Q4_1's own values, to fp32 rounding
+        gguf = (m.half().float()[..., None] + codes * d.half().float()[..., None]).reshape(n, k)
+        layer = Int4WeightOnlyLinear(_linear_with(gguf))
+        assert _rel_err(layer.dequantized(), gguf) < 1e-6
 
 
 def _linear_with(weight: torch.Tensor) -> nn.Linear:
@@ -101,7 +127,7 @@ def _linear_with(weight: torch.Tensor) -> nn.Linear:
     return lin
 
 
-def test_tied_int8_embedding_and_head_share_one_tensor(tiny_model_dirs):
+def test_tied_int8_embedding_and_head_share_one_tensor(tiny_model_dirs, backend):
     rt = ShardRuntime(tiny_model_dirs["llama"], dtype=torch.float32, quantization="int4")
     assert isinstance(rt.modules.embed_tokens, Int8Embedding)
     assert isinstance(rt.modules.lm_head, Int8WeightOnlyLinear)
@@ -126,7 +152,7 @@ def _backend_for(option: str):
 
 
 @pytest.mark.parametrize("option", ["cpu_int8", "cpu_int4"])
-def test_config_option_loads_a_quantized_shard_that_generates(tiny_model_dirs, option):
+def test_config_option_loads_a_quantized_shard_that_generates(tiny_model_dirs, option, backend):
     backend = _backend_for(option)
     kind = Int4WeightOnlyLinear if option == "cpu_int4" else Int8WeightOnlyLinear
     model_dir = tiny_model_dirs["llama"]
@@ -136,8 +162,8 @@ def test_config_option_loads_a_quantized_shard_that_generates(tiny_model_dirs, o
     assert sum(isinstance(m, kind) for m in full.modules.layers.modules()) == 8 * 4
     assert sum(isinstance(m, FusedProjections) for m in full.modules.layers.modules()) == 8 * 2
     fp32 = ShardRuntime(model_dir)
-    # layers: int8 = 8 bits + a bf16 scale per row (~0.26 of fp32); int4 = 4 bits + bf16 scale and zero per 32
-    # weights (5/32 = 0.16 of fp32). The whole tiny model is mostly its (int8) embedding table.
+    # layers: int8 = 8 bits + a bf16 scale per row or an fp16 scale per 32 (~0.26 of fp32); int4 = 4 bits + a
+    # 16-bit scale and zero per 32 weights (5/32 = 0.16 of fp32). The tiny model is mostly its int8 embedding table.
     layers_ratio = module_bytes(full.modules.layers) / module_bytes(fp32.modules.layers)
     assert layers_ratio < (0.27 if option == "cpu_int8" else 0.17)
     assert full.loaded_bytes < 0.3 * fp32.loaded_bytes

@@ -1,0 +1,178 @@
+/* Low-bit matmuls for a CPU node: 4-bit (GGUF Q4_1-style) and 8-bit (Q8_0-style) weights in blocks of 32
+ * along K, times activations quantized per block of 32 to int8 (as llama.cpp's Q8_1), on AVX-512 VNNI
+ * (vpdpbusd: 64 byte products per instruction). Built at first use by runtime/lowbit.py with the machine's own
+ * -march=native; on a CPU or compiler without AVX-512 VNNI, oh_available() is 0 and the node keeps PyTorch's
+ * kernels.
+ *
+ * Layout (runtime/lowbit.py packs the weights): blocks go in pairs (2p, 2p+1), and a pair's 64 codes are stored
+ * in "lane order": its 32-bit words alternate between the two blocks (word 2j holds elements 4j..4j+3 of block
+ * 2p, word 2j+1 the same of block 2p+1), so each 32-bit lane of a 512-bit register belongs to one block and the
+ * pair's two scales, broadcast as [s0, s1, s0, s1, ...] (vbroadcastf32x2), line up with the lanes. The
+ * activations are quantized into the same order. 8-bit: a pair is 64 bytes, each code + 128 as an unsigned byte.
+ * 4-bit: pairs go in twos (a quad of 4 blocks, 64 bytes): byte t holds position t of the first pair in its low
+ * nibble and position t of the second pair in its high nibble; a last lone pair (K = 64 mod 128) is 32 bytes,
+ * byte t holding its positions t (low) and t + 32 (high). Block scales (d) and minimums (m) are fp16, as GGUF's.
+ *
+ * Per output row n and activation row r: y = sum over blocks b of d[n,b] * sx[r,b] * dot(q[n,b], xq[r,b])
+ * + sum over b of c[n,b] * sx[r,b] * sum(xq[r,b]), where c is the block minimum (4-bit, w = m + q*d) or -128*d
+ * (8-bit, for the +128 offset). Every output is computed by one thread in the same order whatever the row count,
+ * the thread count or the other rows: a row's result does not depend on what it is batched with.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
+#define OH_VNNI 1
+#include <immintrin.h>
+#else
+#define OH_VNNI 0
+#endif
+
+#define QK 32
+
+typedef struct {
+    const uint8_t *codes;     /* [N, K/2] (4-bit) or [N, K] (8-bit) bytes, in the layout above */
+    const uint16_t *scales;   /* [N, K/32] fp16 d */
+    const uint16_t *offsets;  /* [N, K/32] fp16 m (4-bit; unused for 8-bit) */
+    int64_t n, k;
+    int32_t bits;             /* 4 or 8 */
+} oh_weight;
+
+int oh_available(void) { return OH_VNNI; }
+
+#if OH_VNNI
+#define MAX_BLOCKS 1024 /* K up to 32768 */
+
+static inline __m512 pair_bcast(const float *p) {  /* [p0, p1, p0, p1, ...] */
+    return _mm512_broadcast_f32x2(_mm_castpd_ps(_mm_load_sd((const double *)p)));
+}
+
+static inline __m512 load16(const void *x, int bf16, int64_t i) {
+    if (bf16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float *)x + i);
+}
+
+/* One activation row [K] (fp32 or bf16) -> int8 codes in lane order [K], per-block scale sx [K/32] and
+ * sx * sum(codes) [K/32]. sx = max|x| / 127, codes = x / sx rounded half to even. */
+static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *sx, float *sxsum) {
+    for (int64_t b = 0; b < k / QK; b++) {
+        __m512 v0 = load16(x, bf16, b * QK), v1 = load16(x, bf16, b * QK + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        float d = amax / 127.0f;
+        __m512 id = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+        sx[b] = d;
+        sxsum[b] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        uint32_t words[8];
+        _mm_storeu_si128((__m128i *)words, _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(words + 4), _mm512_cvtsepi32_epi8(q1));
+        uint32_t *pair = (uint32_t *)(xq + (b >> 1) * 64) + (b & 1);
+        for (int j = 0; j < 8; j++) pair[2 * j] = words[j];
+    }
+}
+
+static inline __m512 to_f32_16(const uint16_t *h, int64_t count) {  /* up to 16 fp16 -> fp32, the rest 0 */
+    __mmask16 mask = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, h));
+}
+
+/* One output: weight row n times one quantized activation row. */
+static float dot_row(const oh_weight *w, int64_t n, const int8_t *xq, const float *sx, const float *sxsum) {
+    const int64_t blocks = w->k / QK, pairs = w->k / 64;
+    const uint16_t *dh = w->scales + n * blocks;
+    float ds[MAX_BLOCKS];  /* d * sx per block */
+    __m512 tail = _mm512_setzero_ps();  /* sum over blocks of m * sx * sum(codes) (4-bit) or -128 d * ... (8-bit) */
+    const uint16_t *mh = w->offsets + n * blocks;
+    const __m512 minus128 = _mm512_set1_ps(-128.0f);
+    for (int64_t b = 0; b < blocks; b += 16) {
+        const int64_t count = blocks - b < 16 ? blocks - b : 16;
+        __mmask16 mask = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
+        __m512 d = to_f32_16(dh + b, count);
+        _mm512_storeu_ps(ds + b, _mm512_mul_ps(d, _mm512_maskz_loadu_ps(mask, sx + b)));
+        __m512 c = w->bits == 4 ? to_f32_16(mh + b, count) : _mm512_mul_ps(d, minus128);
+        tail = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, sxsum + b), tail);
+    }
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    if (w->bits == 8) {
+        const uint8_t *codes = w->codes + n * w->k;
+        int64_t p = 0;
+        for (; p + 1 < pairs; p += 2) {
+            __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(codes + p * 64),
+                                             _mm512_loadu_si512(xq + p * 64));
+            __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(codes + p * 64 + 64),
+                                             _mm512_loadu_si512(xq + p * 64 + 64));
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds + 2 * p), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), pair_bcast(ds + 2 * p + 2), acc1);
+        }
+        for (; p < pairs; p++) {
+            __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(codes + p * 64),
+                                             _mm512_loadu_si512(xq + p * 64));
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds + 2 * p), acc0);
+        }
+    } else {
+        const uint8_t *codes = w->codes + n * (w->k / 2);
+        const __m512i mask = _mm512_set1_epi8(0x0F);
+        int64_t p = 0;
+        for (; p + 1 < pairs; p += 2) {  /* a quad: low nibbles = pair p, high nibbles = pair p + 1 */
+            __m512i raw = _mm512_loadu_si512(codes + p * 32);
+            __m512i lo = _mm512_and_si512(raw, mask), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+            __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq + p * 64));
+            __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512(xq + p * 64 + 64));
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds + 2 * p), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), pair_bcast(ds + 2 * p + 2), acc1);
+        }
+        if (p < pairs) {  /* a lone last pair: 32 bytes */
+            const __m256i m256 = _mm256_set1_epi8(0x0F);
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(codes + p * 32));
+            __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, m256)),
+                                            _mm256_and_si256(_mm256_srli_epi16(raw, 4), m256), 1);
+            __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(xq + p * 64));
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds + 2 * p), acc0);
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), tail));
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch's cast */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+#endif
+
+/* y [M, N] = x [M, K] times W^T; x and y fp32 (dtype flag 0) or bf16 (1), rows contiguous. Returns 0; -1 when
+ * this build has no kernel or K is not a multiple of 64 (or over 32768); -2 when out of memory. */
+int oh_matmul(const oh_weight *w, const void *x, int x_bf16, int64_t m, void *y, int y_bf16, int threads) {
+#if OH_VNNI
+    const int64_t k = w->k, n = w->n, blocks = k / QK;
+    if (k % 64 != 0 || blocks > MAX_BLOCKS) return -1;
+    int8_t *xq = (int8_t *)malloc((size_t)(m * k));
+    float *sx = (float *)malloc(sizeof(float) * (size_t)(2 * m * blocks));
+    if (!xq || !sx) { free(xq); free(sx); return -2; }
+    float *sxsum = sx + m * blocks;
+    for (int64_t r = 0; r < m; r++)
+        quantize_row((const char *)x + r * k * (x_bf16 ? 2 : 4), x_bf16, k, xq + r * k, sx + r * blocks,
+                     sxsum + r * blocks);
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t j = 0; j < n; j++) {
+        for (int64_t r = 0; r < m; r++) {
+            float out = dot_row(w, j, xq + r * k, sx + r * blocks, sxsum + r * blocks);
+            if (y_bf16) ((uint16_t *)y)[r * n + j] = f32_to_bf16(out);
+            else ((float *)y)[r * n + j] = out;
+        }
+    }
+    free(xq);
+    free(sx);
+    return 0;
+#else
+    (void)w; (void)x; (void)x_bf16; (void)m; (void)y; (void)y_bf16; (void)threads;
+    return -1;
+#endif
+}

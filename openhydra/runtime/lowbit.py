@@ -1,0 +1,251 @@
+"""OpenHydra's own low-bit CPU matmul (runtime/kernels/lowbit.c): 4- and 8-bit weights in blocks of 32 times int8
+activations on AVX-512 VNNI, as llama.cpp multiplies its Q4_1 and Q8_0 tensors.
+
+PyTorch's packed int4/int8 CPU kernels convert every weight to a float and take bf16 activations, so a node also
+casts each projection's input and output; at batch 1 those kernels plus the casts were ~60% of an int4 token
+(docs/benchmarks.md, "One node vs llama.cpp"). This kernel quantizes each activation row per block of 32 to int8
+(scale = max|x| / 127, the scheme of llama.cpp's Q8_1) and multiplies 64 byte pairs per instruction, reading fp32
+or bf16 input and writing the input's dtype directly.
+
+It is compiled once per machine at first use (``cc -O3 -march=native -fopenmp``, a second or two) into
+``$OPENHYDRA_CACHE/kernels/`` (keyed by the source, the compiler and the CPU's flags) and loaded with ctypes.
+Where the CPU lacks AVX-512 VNNI, no C compiler is found, or ``OPENHYDRA_LOWBIT=0``, :func:`kernel` is None and
+runtime/quant_cpu.py keeps PyTorch's kernels (the earlier behaviour, and the bits of the earlier releases).
+
+A row's output does not depend on the other rows of its batch, the thread count, or the row count (each output is
+one thread's fixed sequence of operations), so batched decode, speculative verification and prefill give each
+position the bits it gets alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "kernels" / "lowbit.c"
+BLOCK = 32
+PAIR = 64  # the kernel's K granularity: two blocks per 512-bit register
+ENV_SWITCH = "OPENHYDRA_LOWBIT"
+
+_lock = threading.Lock()
+_loaded: list[ctypes.CDLL | None] = []  # [] = not tried yet; [None] = unavailable
+
+
+class _Weight(ctypes.Structure):
+    _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("bits", ctypes.c_int32)]
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(cache_root: Path) -> Path | None:
+    compiler = _compiler()
+    if compiler is None:
+        log.info("low-bit kernel: no C compiler found; using PyTorch's int4/int8 kernels")
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    target = cache_root / "kernels" / f"lowbit-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(built), str(SOURCE)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.info("low-bit kernel: compiling failed (%s); using PyTorch's kernels", exc)
+            return None
+        if done.returncode != 0:
+            log.info("low-bit kernel: compiling failed; using PyTorch's kernels:\n%s", done.stderr[-2000:])
+            return None
+        os.replace(built, target)  # atomic: nodes starting together each build, one file wins
+    for stale in target.parent.glob("lowbit-*.so"):  # an earlier version's or CPU's build (a loaded copy stays mapped)
+        if stale != target:
+            stale.unlink(missing_ok=True)
+    return target
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None where it cannot run here (then PyTorch's kernels are used)."""
+    if _loaded:
+        return _loaded[0]
+    with _lock:
+        if not _loaded:
+            _loaded.append(_load())
+    return _loaded[0]
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    if "avx512_vnni" not in _cpu_flags().split():
+        return None
+    from openhydra.runtime.model_cache import default_cache_root
+
+    path = _build(default_cache_root())
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        log.info("low-bit kernel: loading %s failed (%s); using PyTorch's kernels", path, exc)
+        return None
+    lib.oh_available.restype = ctypes.c_int
+    lib.oh_matmul.restype = ctypes.c_int
+    lib.oh_matmul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
+                              ctypes.c_int, ctypes.c_int]
+    if lib.oh_available() != 1:
+        return None
+    log.info("low-bit kernel: %s", path)
+    return lib
+
+
+def supported(in_features: int) -> bool:
+    return in_features % PAIR == 0
+
+
+def lane_order(k: int) -> torch.Tensor:
+    """Index [K]: position j of the kernel's layout holds element lane_order[j] (see lowbit.c)."""
+    t = torch.arange(PAIR)
+    within = ((t >> 2) & 1) * BLOCK + (((t >> 3) << 2) | (t & 3))  # [64] element of the pair at each position
+    return (torch.arange(0, k, PAIR)[:, None] + within[None, :]).reshape(-1)
+
+
+def natural_order(k: int) -> torch.Tensor:
+    """Index [K]: element j of a row sits at position natural_order[j] of the kernel's layout."""
+    return torch.argsort(lane_order(k))
+
+
+def quantize_blocks8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per block of 32 along K (GGUF Q8_0): ``w ~= q * d``; (q [N, K] int8, d [N, K/32] fp32).
+    A dequantized Q8_0 tensor gives back its own codes (its d is the block's max / 127)."""
+    w = weight.detach().to(torch.float32)
+    n, k = w.shape
+    blocks = w.reshape(n, k // BLOCK, BLOCK)
+    d = blocks.abs().amax(dim=-1) / 127.0
+    q = torch.round(blocks / torch.where(d > 0, d, 1.0)[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(n, k), d
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [N, K] in 0..15 -> the kernel's bytes [N, K/2] (quads of blocks; see lowbit.c)."""
+    n, k = q.shape
+    lanes = q[:, lane_order(k)].to(torch.uint8).reshape(n, k // PAIR, PAIR)  # [N, pairs, 64]
+    quads = (k // PAIR) // 2
+    parts = [(lanes[:, 0 : 2 * quads : 2] | (lanes[:, 1 : 2 * quads : 2] << 4)).reshape(n, -1)]
+    if (k // PAIR) % 2:
+        last = lanes[:, -1]
+        parts.append(last[:, :32] | (last[:, 32:] << 4))
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def unpack_int4(codes: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of :func:`pack_int4`: codes [N, K] in natural order (int16)."""
+    n, pairs = codes.shape[0], k // PAIR
+    quads = pairs // 2
+    body = codes[:, : quads * PAIR].reshape(n, quads, PAIR)
+    lanes = torch.stack([body & 0x0F, body >> 4], dim=2).reshape(n, 2 * quads, PAIR)
+    if pairs % 2:
+        last = codes[:, quads * PAIR :]
+        lanes = torch.cat([lanes, torch.cat([last & 0x0F, last >> 4], dim=1)[:, None]], dim=1)
+    out = torch.empty((n, k), dtype=torch.int16)
+    out[:, lane_order(k)] = lanes.reshape(n, k).to(torch.int16)
+    return out
+
+
+def fp16_fits(scale: torch.Tensor, minimum: torch.Tensor | None = None) -> bool:
+    """Whether block scales (and minimums) survive fp16, the kernel's format: finite, and no nonzero scale below
+    fp16's normal range, where it would keep too few bits (a minimum there is off by < 6e-8, negligible).
+    GGUF's Q4_1 and Q8_0 scales are fp16 already."""
+    if not torch.isfinite(scale.to(torch.float16)).all() or bool(((scale != 0) & (scale.abs() < 2.0**-14)).any()):
+        return False
+    return minimum is None or bool(torch.isfinite(minimum.to(torch.float16)).all())
+
+
+@dataclass(eq=False)
+class LowBitWeight:
+    """One weight [N, K] in the kernel's layout; ``matmul(x)`` = x @ W^T for x [..., K] fp32 or bf16."""
+
+    codes: torch.Tensor  # uint8 [N, K/2] (4-bit) or [N, K] (8-bit)
+    scales: torch.Tensor  # fp16 [N, K/32]
+    offsets: torch.Tensor  # fp16 [N, K/32] block minimums (4-bit); empty for 8-bit
+    bits: int
+    lib: ctypes.CDLL
+
+    def __post_init__(self) -> None:
+        n, k = self.scales.shape[0], self.scales.shape[1] * BLOCK
+        self.in_features, self.out_features = k, n
+        offsets = self.offsets if self.offsets.numel() else self.scales
+        self._struct = _Weight(self.codes.data_ptr(), self.scales.data_ptr(), offsets.data_ptr(), n, k, self.bits)
+        self._handle = ctypes.addressof(self._struct)
+        self._call = self.lib.oh_matmul
+
+    @classmethod
+    def int4(cls, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, lib: ctypes.CDLL) -> LowBitWeight:
+        """From 4-bit codes q [N, K] in 0..15 with ``w = minimum + q * scale`` per block of 32."""
+        return cls(pack_int4(q), scale.to(torch.float16).contiguous(), minimum.to(torch.float16).contiguous(), 4,
+                   lib)
+
+    @classmethod
+    def int8(cls, q: torch.Tensor, scale: torch.Tensor, lib: ctypes.CDLL) -> LowBitWeight:
+        """From int8 codes q [N, K] in -127..127 with ``w = q * scale`` per block of 32."""
+        codes = (q[:, lane_order(q.shape[1])].to(torch.int16) + 128).to(torch.uint8)
+        return cls(codes.contiguous(), scale.to(torch.float16).contiguous(), torch.empty(0, dtype=torch.float16), 8,
+                   lib)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.in_features
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            return self.matmul(x.to(torch.float32)).to(x.dtype)
+        flat = x.reshape(-1, k)
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        rows = flat.shape[0]
+        out = torch.empty((rows, self.out_features), dtype=x.dtype)
+        bf16 = int(x.dtype == torch.bfloat16)
+        status = self._call(self._handle, flat.data_ptr(), bf16, rows, out.data_ptr(), bf16, torch.get_num_threads())
+        if status != 0:
+            raise RuntimeError(f"low-bit kernel failed ({status})")
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight [N, K] in natural order (for tests and the dense paths)."""
+        n, k = self.out_features, self.in_features
+        d = self.scales.to(torch.float32).repeat_interleave(BLOCK, dim=1)
+        if self.bits == 4:
+            return self.offsets.to(torch.float32).repeat_interleave(BLOCK, dim=1) + unpack_int4(self.codes, k) * d
+        q = torch.empty((n, k), dtype=torch.float32)
+        q[:, lane_order(k)] = self.codes.to(torch.float32) - 128
+        return q * d

@@ -1,0 +1,151 @@
+"""OpenHydra's low-bit CPU kernel (runtime/lowbit.py, runtime/kernels/lowbit.c): it builds where the CPU has AVX-512
+VNNI, it computes exactly its stated formula (int8 activations per block of 32 times the 4- or 8-bit blocks), a
+row's bits do not depend on its batch or the thread count, and the node falls back to PyTorch's kernels when it
+cannot build or is switched off."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from openhydra.runtime import lowbit
+from openhydra.runtime.quant_cpu import quantize_int4_groups
+
+needs_kernel = pytest.mark.skipif(lowbit.kernel() is None, reason="no AVX-512 VNNI or no C compiler here")
+
+
+def _weights(bits: int, n: int, k: int, seed: int = 0) -> lowbit.LowBitWeight:
+    torch.manual_seed(seed)
+    w = torch.randn(n, k) * 0.05
+    w[:, 5] *= 20  # an outlier input channel, as real models have
+    if bits == 4:
+        return lowbit.LowBitWeight.int4(*quantize_int4_groups(w, 32), lowbit.kernel())
+    return lowbit.LowBitWeight.int8(*lowbit.quantize_blocks8(w), lowbit.kernel())
+
+
+def _quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """What the kernel multiplies by: each block of 32 rounded (half to even) to int8 steps of max|x| / 127."""
+    rows, k = x.shape
+    blocks = x.float().reshape(rows, k // 32, 32)
+    d = blocks.abs().amax(-1) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(blocks * inv[..., None]) * d[..., None]).reshape(rows, k)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k", [64, 128, 192, 576, 1536])  # a lone pair, quads, quads and a lone pair
+def test_kernel_computes_its_formula(bits, k):
+    w = _weights(bits, 37, k)  # an odd row count: no tiling assumption
+    x = torch.randn(5, k)
+    x[1, 32:64] = 0  # an all-zero block (scale 0)
+    x[2] *= 1e3
+    out = w.matmul(x).double()
+    xq, deq = _quantized_activations(x).double(), w.dequantized().double()
+    ref = xq @ deq.T
+    bound = xq.abs() @ deq.abs().T  # fp32 rounding of d * sx and of the accumulation, relative to the terms
+    assert ((out - ref).abs() <= 2e-6 * bound + 1e-30).all()
+    # and close to the unquantized activations' product: the int8 rounding of x, a few 1e-3
+    exact = x.double() @ deq.T
+    assert ((out - exact).abs().amax(dim=1) / exact.abs().amax(dim=1)).max() < 2e-2
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_rows_bits_do_not_depend_on_its_batch_or_the_threads(bits):
+    w = _weights(bits, 301, 576, seed=1)
+    x = torch.randn(7, 576)
+    batch = w.matmul(x)
+    for i in range(7):
+        assert torch.equal(w.matmul(x[i : i + 1]), batch[i : i + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(w.matmul(x), batch)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(w.matmul(x.reshape(7, 1, 576)), batch.reshape(7, 1, 301))  # leading dims kept
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bf16_in_and_out_is_the_fp32_result_rounded(bits):
+    w = _weights(bits, 64, 576, seed=2)
+    x = torch.randn(3, 576).bfloat16()
+    out = w.matmul(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, w.matmul(x.float()).bfloat16())  # the kernel's rounding is torch's cast
+    half = w.matmul(x.half())  # other dtypes go through fp32
+    assert half.dtype == torch.float16 and torch.equal(half, w.matmul(x.half().float()).half())
+
+
+def test_layouts_round_trip():
+    for k in (64, 128, 576):
+        order = lowbit.lane_order(k)
+        assert sorted(order.tolist()) == list(range(k))
+        assert torch.equal(order[lowbit.natural_order(k)], torch.arange(k))
+        # each 4-byte lane holds 4 consecutive elements of one block, and lanes alternate between a pair's blocks
+        lanes = order.reshape(-1, 4)
+        assert torch.equal(lanes - lanes[:, :1], torch.arange(4).expand_as(lanes))
+        assert torch.equal((lanes[:, 0] // 32) % 2, torch.arange(lanes.shape[0]) % 2)
+        q = torch.randint(0, 16, (5, k))
+        assert torch.equal(lowbit.unpack_int4(lowbit.pack_int4(q), k), q.to(torch.int16))
+
+
+def test_q8_0_blocks_are_lossless():
+    """A tensor dequantized from GGUF Q8_0 (w = q * d per block of 32, d = max|w| / 127, d in fp16) gives back its
+    codes and scales."""
+    torch.manual_seed(3)
+    codes = torch.randint(-127, 128, (16, 4, 32))
+    codes[..., 0] = 127  # llama.cpp's quantizer maps each block's largest magnitude to +-127
+    d = (torch.rand(16, 4) * 0.01 + 1e-3).half().float()
+    weight = (codes * d[..., None]).reshape(16, 128)
+    q, scale = lowbit.quantize_blocks8(weight)
+    assert torch.equal(q.reshape(16, 4, 32), codes.to(torch.int8))
+    assert torch.equal(scale.half().float(), d)
+
+
+def test_fp16_fits():
+    assert lowbit.fp16_fits(torch.tensor([1e-3, 0.0, 2.0]), torch.tensor([-1e-9, 0.5]))
+    assert not lowbit.fp16_fits(torch.tensor([1e-6]))  # below fp16's normal range: too few bits left
+    assert not lowbit.fp16_fits(torch.tensor([1e5]))  # overflows fp16
+    assert not lowbit.fp16_fits(torch.tensor([1e-3]), torch.tensor([7e4]))
+
+
+def test_switched_off_or_without_a_compiler_the_node_uses_torch(monkeypatch, tmp_path):
+    monkeypatch.setenv(lowbit.ENV_SWITCH, "0")
+    assert lowbit._load() is None
+    monkeypatch.delenv(lowbit.ENV_SWITCH)
+    monkeypatch.setattr(lowbit, "_compiler", lambda: None)
+    assert lowbit._build(tmp_path) is None
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_a_compiler_that_fails_leaves_no_library(monkeypatch, tmp_path):
+    failing = tmp_path / "cc-that-fails"
+    failing.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo fake 1.0; exit 0; fi\necho boom >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    assert lowbit._build(tmp_path / "cache") is None
+    assert not list((tmp_path / "cache").rglob("*.so"))
+
+
+@pytest.mark.skipif(not (lowbit._compiler() and "avx512_vnni" in lowbit._cpu_flags().split()),
+                    reason="no C compiler or no AVX-512 VNNI here")
+def test_the_kernel_builds_once_per_machine_and_is_reused(tmp_path):
+    built = lowbit._build(tmp_path)
+    assert built is not None and built.parent == tmp_path / "kernels"
+    stamp = built.stat().st_mtime_ns
+    assert lowbit._build(tmp_path) == built and built.stat().st_mtime_ns == stamp  # cached: not rebuilt
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built.name]  # no scratch left behind
+
+
+def test_the_kernel_is_used_where_this_cpu_can_run_it():
+    """On a machine with AVX-512 VNNI and a C compiler (CI's kind), the node must not silently fall back."""
+    runnable = (lowbit._compiler() is not None and "avx512_vnni" in lowbit._cpu_flags().split()
+                and os.environ.get(lowbit.ENV_SWITCH, "1") != "0")
+    assert (lowbit.kernel() is not None) == runnable
+    assert Path(lowbit.SOURCE).is_file()
