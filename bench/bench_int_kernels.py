@@ -55,10 +55,10 @@ def load_weights(model_dir: Path) -> list:
 
 def make_arm(name: str, weights: list) -> list[Callable]:
     """One callable per matrix: takes the fp32 activation [1, K], returns [1, N] (any dtype)."""
+    from unittest import mock
+
     import torch
     from torch import nn
-
-    from unittest import mock
 
     from openhydra.runtime import lowbit
     from openhydra.runtime.quant_cpu import Int4WeightOnlyLinear, Int8WeightOnlyLinear

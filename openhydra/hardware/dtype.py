@@ -6,9 +6,10 @@ fp32 while bf16 decode was only ~1.1x faster; on a Zen 4 with AVX-512 BF16, bf16
 So ``hardware.dtype: auto`` on the CPU is decided per machine, at start, in this order:
 
 1. an explicit ``hardware.dtype`` is honoured as given;
-   with ``quantization: int4`` (a CPU kernel that computes in bf16 anyway), float32: the rest of the layer measured
-   faster in float32 even on a CPU with native bf16 (int8 keeps the rules below: its prefill dequantizes to the
-   runtime dtype, 4x faster in bf16 on such a CPU);
+   with ``quantization: int4`` (a CPU kernel that computes in bf16, or OpenHydra's low-bit kernel that reads either
+   dtype), float32: the rest of the layer measured faster in float32 even on a CPU with native bf16; so does
+   ``quantization: int8`` where the low-bit kernel runs (runtime/lowbit.py; elsewhere int8 keeps the rules below: its
+   prefill dequantizes to the runtime dtype, 4x faster in bf16 on such a CPU);
 2. a native bf16 flag (x86 ``avx512_bf16`` / ``amx_bf16``, ARM ``bf16`` / ``svebf16``, macOS
    ``hw.optional.arm.FEAT_BF16``) -> bfloat16, without measuring;
 3. otherwise a quick measurement (0.1-0.3 s, once per process and thread count): a prefill-shaped
@@ -51,6 +52,10 @@ QUANTIZED_FP32_REASON = ("quantization={}: the CPU int4 kernel computes in bf16 
                          "the layer (norms, rotary, attention) runs faster in float32 (bench/bench_cpu_dtype.py "
                          "--quantization int4, SmolLM2, 1 thread, a CPU with avx512_bf16: decode 92.7 vs 77.4 tok/s, "
                          "prefill equal)")
+LOWBIT_INT8_REASON = ("quantization=int8 on OpenHydra's low-bit kernel (runtime/lowbit.py), which reads either dtype: "
+                      "the rest of the layer runs faster in float32 (bench/profile_decode_step.py --quantization "
+                      "int8 --prompt 200, SmolLM2, 1 thread, a CPU with avx512_bf16: decode step 9.28 vs 13.77 ms, "
+                      "prefill 444 vs 447 ms)")
 
 # What serving needs over the weights (KV cache, activations, fragmentation), as auto-promotion counts it
 # (hardware/promote.py PromotionPolicy): weights x (1 + fraction) + fixed bytes, within free RAM - reserve.
@@ -192,12 +197,16 @@ def measure_bf16_vs_fp32(threads: int) -> Bf16Measurement:
 # -- the decision (pure: flags and the measurement are handed in) ---------------------------------------
 
 def choose_cpu_dtype(requested: str, flags: frozenset[str] | None,
-                     measure: Callable[[], Bf16Measurement], quantization: str = "none") -> DtypeChoice:
-    """The CPU dtype for ``hardware.dtype = requested``; ``measure`` runs only when the flags do not decide."""
+                     measure: Callable[[], Bf16Measurement], quantization: str = "none",
+                     lowbit_kernel: bool = False) -> DtypeChoice:
+    """The CPU dtype for ``hardware.dtype = requested``; ``measure`` runs only when the flags do not decide.
+    ``lowbit_kernel``: whether OpenHydra's low-bit kernel runs here (runtime/lowbit.py)."""
     if requested != "auto":
         return DtypeChoice(dtype=requested, reason="set by hardware.dtype", automatic=False)
     if quantization in QUANTIZED_FP32:
         return DtypeChoice(dtype="float32", reason=QUANTIZED_FP32_REASON.format(quantization), automatic=True)
+    if quantization == "int8" and lowbit_kernel:
+        return DtypeChoice(dtype="float32", reason=LOWBIT_INT8_REASON, automatic=True)
     native = native_bf16_flags(flags)
     if native:
         return DtypeChoice(dtype="bfloat16", reason=f"native bf16 on this CPU ({', '.join(native)})", automatic=True)
@@ -264,7 +273,13 @@ def span_parameter_count(model_dir: str | Path, start: int, end: int | None) -> 
 
 def cpu_dtype_choice(requested: str, threads: int, quantization: str = "none") -> DtypeChoice:
     """This machine's choice (flags from the OS, the measurement with ``threads`` threads)."""
-    return choose_cpu_dtype(requested, cpu_flags(), lambda: measure_bf16_vs_fp32(threads), quantization)
+    lowbit_kernel = False
+    if requested == "auto" and quantization == "int8":
+        from openhydra.runtime import lowbit
+
+        lowbit_kernel = lowbit.kernel() is not None
+    return choose_cpu_dtype(requested, cpu_flags(), lambda: measure_bf16_vs_fp32(threads), quantization,
+                            lowbit_kernel)
 
 
 def main() -> None:

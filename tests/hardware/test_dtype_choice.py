@@ -158,4 +158,7 @@ def test_int4_weights_keep_the_rest_of_the_layer_in_float32_even_with_native_bf1
     assert choice.dtype == "float32" and choice.automatic and "int4" in choice.reason
     assert measure.calls == 0
     assert choose_cpu_dtype("auto", flags, measure, quantization="int8").dtype == "bfloat16"  # its prefill is dense
+    # ... unless OpenHydra's low-bit kernel runs here (runtime/lowbit.py): it reads fp32 directly, prefill included
+    on_lowbit = choose_cpu_dtype("auto", flags, measure, quantization="int8", lowbit_kernel=True)
+    assert on_lowbit.dtype == "float32" and "low-bit kernel" in on_lowbit.reason
     assert choose_cpu_dtype("bfloat16", flags, measure, quantization="int4").dtype == "bfloat16"  # as set

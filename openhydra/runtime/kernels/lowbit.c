@@ -81,61 +81,76 @@ static inline __m512 to_f32_16(const uint16_t *h, int64_t count) {  /* up to 16 
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, h));
 }
 
-/* One output: weight row n times one quantized activation row. */
-static float dot_row(const oh_weight *w, int64_t n, const int8_t *xq, const float *sx, const float *sxsum) {
-    const int64_t blocks = w->k / QK, pairs = w->k / 64;
-    const uint16_t *dh = w->scales + n * blocks;
-    float ds[MAX_BLOCKS];  /* d * sx per block */
-    __m512 tail = _mm512_setzero_ps();  /* sum over blocks of m * sx * sum(codes) (4-bit) or -128 d * ... (8-bit) */
-    const uint16_t *mh = w->offsets + n * blocks;
+/* Weight row n times R (1..4) quantized activation rows (each K codes apart, their scales `blocks` apart): out[r].
+ * Each row r goes through the same operations in the same order whatever R is (its own scales, tail and two
+ * accumulators); only the weight codes' unpacking is shared. So a row's bits do not depend on its batch. */
+static inline void dot_rows(const oh_weight *w, int64_t n, const int8_t *xq, const float *sx, const float *sxsum,
+                            const int R, float *out) {
+    const int64_t k = w->k, blocks = k / QK, pairs = k / 64;
+    const uint16_t *dh = w->scales + n * blocks, *mh = w->offsets + n * blocks;
     const __m512 minus128 = _mm512_set1_ps(-128.0f);
+    float ds[4][MAX_BLOCKS];  /* d * sx per block, per activation row */
+    __m512 tail[4], acc0[4], acc1[4];  /* tail: sum over blocks of m (4-bit) or -128 d (8-bit) times sx * sum(codes) */
+    for (int r = 0; r < R; r++) {
+        tail[r] = acc0[r] = acc1[r] = _mm512_setzero_ps();
+    }
     for (int64_t b = 0; b < blocks; b += 16) {
         const int64_t count = blocks - b < 16 ? blocks - b : 16;
-        __mmask16 mask = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
-        __m512 d = to_f32_16(dh + b, count);
-        _mm512_storeu_ps(ds + b, _mm512_mul_ps(d, _mm512_maskz_loadu_ps(mask, sx + b)));
-        __m512 c = w->bits == 4 ? to_f32_16(mh + b, count) : _mm512_mul_ps(d, minus128);
-        tail = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, sxsum + b), tail);
+        const __mmask16 mask = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
+        const __m512 d = to_f32_16(dh + b, count);
+        const __m512 c = w->bits == 4 ? to_f32_16(mh + b, count) : _mm512_mul_ps(d, minus128);
+        for (int r = 0; r < R; r++) {
+            _mm512_storeu_ps(ds[r] + b, _mm512_mul_ps(d, _mm512_maskz_loadu_ps(mask, sx + r * blocks + b)));
+            tail[r] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, sxsum + r * blocks + b), tail[r]);
+        }
     }
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     if (w->bits == 8) {
-        const uint8_t *codes = w->codes + n * w->k;
+        const uint8_t *codes = w->codes + n * k;
         int64_t p = 0;
         for (; p + 1 < pairs; p += 2) {
-            __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(codes + p * 64),
-                                             _mm512_loadu_si512(xq + p * 64));
-            __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(codes + p * 64 + 64),
-                                             _mm512_loadu_si512(xq + p * 64 + 64));
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds + 2 * p), acc0);
-            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), pair_bcast(ds + 2 * p + 2), acc1);
+            const __m512i w0 = _mm512_loadu_si512(codes + p * 64), w1 = _mm512_loadu_si512(codes + p * 64 + 64);
+            for (int r = 0; r < R; r++) {
+                const int8_t *x = xq + r * k + p * 64;
+                __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(x));
+                __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512(x + 64));
+                acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds[r] + 2 * p), acc0[r]);
+                acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), pair_bcast(ds[r] + 2 * p + 2), acc1[r]);
+            }
         }
-        for (; p < pairs; p++) {
-            __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(codes + p * 64),
-                                             _mm512_loadu_si512(xq + p * 64));
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds + 2 * p), acc0);
+        if (p < pairs) {
+            const __m512i w0 = _mm512_loadu_si512(codes + p * 64);
+            for (int r = 0; r < R; r++) {
+                __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xq + r * k + p * 64));
+                acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds[r] + 2 * p), acc0[r]);
+            }
         }
     } else {
-        const uint8_t *codes = w->codes + n * (w->k / 2);
+        const uint8_t *codes = w->codes + n * (k / 2);
         const __m512i mask = _mm512_set1_epi8(0x0F);
         int64_t p = 0;
         for (; p + 1 < pairs; p += 2) {  /* a quad: low nibbles = pair p, high nibbles = pair p + 1 */
-            __m512i raw = _mm512_loadu_si512(codes + p * 32);
-            __m512i lo = _mm512_and_si512(raw, mask), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
-            __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq + p * 64));
-            __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512(xq + p * 64 + 64));
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds + 2 * p), acc0);
-            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), pair_bcast(ds + 2 * p + 2), acc1);
+            const __m512i raw = _mm512_loadu_si512(codes + p * 32);
+            const __m512i lo = _mm512_and_si512(raw, mask), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+            for (int r = 0; r < R; r++) {
+                const int8_t *x = xq + r * k + p * 64;
+                __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x));
+                __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512(x + 64));
+                acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds[r] + 2 * p), acc0[r]);
+                acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), pair_bcast(ds[r] + 2 * p + 2), acc1[r]);
+            }
         }
         if (p < pairs) {  /* a lone last pair: 32 bytes */
             const __m256i m256 = _mm256_set1_epi8(0x0F);
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(codes + p * 32));
-            __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, m256)),
-                                            _mm256_and_si256(_mm256_srli_epi16(raw, 4), m256), 1);
-            __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(xq + p * 64));
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds + 2 * p), acc0);
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(codes + p * 32));
+            const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, m256)),
+                                                  _mm256_and_si256(_mm256_srli_epi16(raw, 4), m256), 1);
+            for (int r = 0; r < R; r++) {
+                __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(xq + r * k + p * 64));
+                acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds[r] + 2 * p), acc0[r]);
+            }
         }
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), tail));
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0[r], acc1[r]), tail[r]));
 }
 
 static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch's cast */
@@ -162,10 +177,21 @@ int oh_matmul(const oh_weight *w, const void *x, int x_bf16, int64_t m, void *y,
                      sxsum + r * blocks);
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t j = 0; j < n; j++) {
-        for (int64_t r = 0; r < m; r++) {
-            float out = dot_row(w, j, xq + r * k, sx + r * blocks, sxsum + r * blocks);
-            if (y_bf16) ((uint16_t *)y)[r * n + j] = f32_to_bf16(out);
-            else ((float *)y)[r * n + j] = out;
+        for (int64_t r = 0; r < m; r += 4) {  /* up to 4 activation rows share each weight row's unpacking */
+            float out[4];
+            const int rows = m - r < 4 ? (int)(m - r) : 4;
+            const int8_t *xr = xq + r * k;
+            const float *sr = sx + r * blocks, *tr = sxsum + r * blocks;
+            switch (rows) {  /* constant R: each case compiled with its loops over rows unrolled */
+                case 1: dot_rows(w, j, xr, sr, tr, 1, out); break;
+                case 2: dot_rows(w, j, xr, sr, tr, 2, out); break;
+                case 3: dot_rows(w, j, xr, sr, tr, 3, out); break;
+                default: dot_rows(w, j, xr, sr, tr, 4, out); break;
+            }
+            for (int i = 0; i < rows; i++) {
+                if (y_bf16) ((uint16_t *)y)[(r + i) * n + j] = f32_to_bf16(out[i]);
+                else ((float *)y)[(r + i) * n + j] = out[i];
+            }
         }
     }
     free(xq);
