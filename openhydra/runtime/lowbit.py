@@ -226,19 +226,21 @@ class LowBitWeight:
                    lib)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.in_features
-        if x.dtype not in (torch.float32, torch.bfloat16):
-            return self.matmul(x.to(torch.float32)).to(x.dtype)
-        flat = x.reshape(-1, k)
-        if not flat.is_contiguous():
-            flat = flat.contiguous()
-        rows = flat.shape[0]
-        out = torch.empty((rows, self.out_features), dtype=x.dtype)
-        bf16 = int(x.dtype == torch.bfloat16)
-        status = self._call(self._handle, flat.data_ptr(), bf16, rows, out.data_ptr(), bf16, torch.get_num_threads())
+        dtype = x.dtype
+        if dtype is not torch.float32 and dtype is not torch.bfloat16:
+            return self.matmul(x.to(torch.float32)).to(dtype)
+        if not x.is_cpu or x.shape[-1] != self.in_features:
+            raise ValueError(f"low-bit kernel: needs a CPU tensor [..., {self.in_features}], got {tuple(x.shape)} "
+                             f"on {x.device}")
+        if not x.is_contiguous():
+            x = x.contiguous()
+        out = torch.empty((*x.shape[:-1], self.out_features), dtype=dtype)
+        bf16 = dtype is torch.bfloat16
+        status = self._call(self._handle, x.data_ptr(), bf16, x.numel() // self.in_features, out.data_ptr(), bf16,
+                            torch.get_num_threads())
         if status != 0:
             raise RuntimeError(f"low-bit kernel failed ({status})")
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight [N, K] in natural order (for tests and the dense paths)."""

@@ -160,6 +160,28 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
+
+/* Output column j for all M activation rows: up to 4 rows share each weight row's unpacking. */
+static void output_row(const oh_weight *w, int64_t j, const int8_t *xq, const float *sx, const float *sxsum,
+                       int64_t m, void *y, int y_bf16) {
+    const int64_t k = w->k, n = w->n, blocks = k / QK;
+    for (int64_t r = 0; r < m; r += 4) {
+        float out[4];
+        const int rows = m - r < 4 ? (int)(m - r) : 4;
+        const int8_t *xr = xq + r * k;
+        const float *sr = sx + r * blocks, *tr = sxsum + r * blocks;
+        switch (rows) {  /* constant R: each case compiled with its loops over rows unrolled */
+            case 1: dot_rows(w, j, xr, sr, tr, 1, out); break;
+            case 2: dot_rows(w, j, xr, sr, tr, 2, out); break;
+            case 3: dot_rows(w, j, xr, sr, tr, 3, out); break;
+            default: dot_rows(w, j, xr, sr, tr, 4, out); break;
+        }
+        for (int i = 0; i < rows; i++) {
+            if (y_bf16) ((uint16_t *)y)[(r + i) * n + j] = f32_to_bf16(out[i]);
+            else ((float *)y)[(r + i) * n + j] = out[i];
+        }
+    }
+}
 #endif
 
 /* y [M, N] = x [M, K] times W^T; x and y fp32 (dtype flag 0) or bf16 (1), rows contiguous. Returns 0; -1 when
@@ -175,24 +197,11 @@ int oh_matmul(const oh_weight *w, const void *x, int x_bf16, int64_t m, void *y,
     for (int64_t r = 0; r < m; r++)
         quantize_row((const char *)x + r * k * (x_bf16 ? 2 : 4), x_bf16, k, xq + r * k, sx + r * blocks,
                      sxsum + r * blocks);
-    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t j = 0; j < n; j++) {
-        for (int64_t r = 0; r < m; r += 4) {  /* up to 4 activation rows share each weight row's unpacking */
-            float out[4];
-            const int rows = m - r < 4 ? (int)(m - r) : 4;
-            const int8_t *xr = xq + r * k;
-            const float *sr = sx + r * blocks, *tr = sxsum + r * blocks;
-            switch (rows) {  /* constant R: each case compiled with its loops over rows unrolled */
-                case 1: dot_rows(w, j, xr, sr, tr, 1, out); break;
-                case 2: dot_rows(w, j, xr, sr, tr, 2, out); break;
-                case 3: dot_rows(w, j, xr, sr, tr, 3, out); break;
-                default: dot_rows(w, j, xr, sr, tr, 4, out); break;
-            }
-            for (int i = 0; i < rows; i++) {
-                if (y_bf16) ((uint16_t *)y)[(r + i) * n + j] = f32_to_bf16(out[i]);
-                else ((float *)y)[(r + i) * n + j] = out[i];
-            }
-        }
+    if (threads > 1) {
+        #pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t j = 0; j < n; j++) output_row(w, j, xq, sx, sxsum, m, y, y_bf16);
+    } else {  /* no OpenMP region at all: entering one costs about a microsecond even for one thread */
+        for (int64_t j = 0; j < n; j++) output_row(w, j, xq, sx, sxsum, m, y, y_bf16);
     }
     free(xq);
     free(sx);
