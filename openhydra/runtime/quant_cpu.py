@@ -1,26 +1,33 @@
-"""Weight-only int8 and int4 Linear layers for the CPU, on PyTorch's own packed kernels.
+"""Weight-only int8 and int4 Linear layers for the CPU: OpenHydra's low-bit kernel where it runs, else PyTorch's.
 
 Each token of single-stream decode reads every weight once, so the bytes per weight set the speed
 limit (DESIGN.md §4: ~23 GB/s on one thread). These layers keep weights at 8 or 4 bits in memory and
-in the matmul, and never materialise a bf16/fp32 copy:
+in the matmul, and never materialise a bf16/fp32 copy. Two backends, chosen per layer at load:
 
-- :class:`Int8WeightOnlyLinear`: int8 weights with one scale per output row,
-  ``torch._weight_int8pack_mm`` (the kernel gpt-fast uses);
-- :class:`Int4WeightOnlyLinear`: 4-bit weights in asymmetric groups of ``group_size`` along K (scale and
-  zero per group), packed once by ``_convert_weight_to_int4pack_for_cpu`` and multiplied by
-  ``_weight_int4pack_mm_for_cpu`` (the op torchao's ``Int4CPULayout`` also calls). Groups of 32 with
-  ``w = min + q * d`` are exactly GGUF's Q4_1 blocks, so re-quantizing a dequantized Q4_1 tensor gives
-  back its codes (only the block scale/min are rounded from fp16 to bf16);
+- **the low-bit kernel** (runtime/lowbit.py, runtime/kernels/lowbit.c), where the CPU has AVX-512 VNNI and a C
+  compiler is found: 4-bit codes in blocks of 32 with an fp16 scale and minimum each (GGUF's Q4_1, its own fp16
+  values) or int8 in blocks of 32 with an fp16 scale (GGUF's Q8_0), times activations quantized to int8 per block
+  of 32 (llama.cpp's scheme). It reads and writes the runtime dtype (fp32 or bf16), so no casts around it, and a
+  row's output does not depend on the other rows of its batch;
+- **PyTorch's packed kernels** elsewhere: :class:`Int8WeightOnlyLinear` with one scale per output row on
+  ``torch._weight_int8pack_mm`` (the kernel gpt-fast uses); :class:`Int4WeightOnlyLinear` with asymmetric groups of
+  ``group_size`` along K (scale and zero per group), packed once by ``_convert_weight_to_int4pack_for_cpu`` and
+  multiplied by ``_weight_int4pack_mm_for_cpu`` (the op torchao's ``Int4CPULayout`` also calls). Both compute in
+  bf16 (their fp32 and fp16 paths are reference loops, 10-30x slower here, see bench/bench_int_kernels.py), so
+  activations of another dtype are cast to bf16 and back.
+
+Groups of 32 with ``w = min + q * d`` are exactly GGUF's Q4_1 blocks, so re-quantizing a dequantized Q4_1 tensor
+gives back its codes (the torch backend rounds the block scale/min from fp16 to bf16; the low-bit kernel keeps
+fp16). Also here:
+
 - :class:`Int8Embedding`: the tied embedding table in int8; the lm_head shares the same int8 tensor;
 - :class:`FusedProjections`: sibling Linears that read the same input (``q/k/v_proj``, ``gate/up_proj``) as one
-  quantized matmul. Rows of the weight are independent in both formats (per-row int8 scales, int4 groups along
-  K), and the kernels compute each output column alone, so the fused outputs equal the separate ones bit for bit
-  (tested); a decode step makes 4 kernel calls per Llama layer instead of 7, each with its casts.
+  quantized matmul. Rows of the weight are independent in every format (int8 scales per row or per block, int4
+  groups along K), and the kernels compute each output column alone, so the fused outputs equal the separate ones
+  bit for bit (tested); a decode step makes 4 kernel calls per Llama layer instead of 7.
 
-Both kernels compute in bf16 (their fp32 and fp16 paths are reference loops, 10-30x slower here, see
-bench/bench_int_kernels.py), so activations of another dtype are cast to bf16 and back; everything
-outside these layers (norms, attention, the KV cache) keeps the runtime's dtype.
-Kernel choice, speed and accuracy against the other candidates: docs/benchmarks.md, "CPU low-bit kernels".
+Everything outside these layers (norms, attention, the KV cache) keeps the runtime's dtype. Kernel choice, speed
+and accuracy against the other candidates: docs/benchmarks.md, "CPU low-bit kernels".
 """
 
 from __future__ import annotations
