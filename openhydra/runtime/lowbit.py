@@ -38,6 +38,8 @@ SOURCE = Path(__file__).parent / "kernels" / "lowbit.c"
 BLOCK = 32
 PAIR = 64  # the kernel's K granularity: two blocks per 512-bit register
 ENV_SWITCH = "OPENHYDRA_LOWBIT"
+MARCH_ENV = "OPENHYDRA_LOWBIT_MARCH"  # -march for the build (default native; tests build x86-64-v3 = AVX2 too)
+ISAS = {2: "avx512-vnni", 1: "avx2"}  # oh_available()
 
 _lock = threading.Lock()
 _loaded: list[ctypes.CDLL | None] = []  # [] = not tried yet; [None] = unavailable
@@ -65,7 +67,10 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(cache_root: Path) -> Path | None:
+def _build(cache_root: Path, march: str | None = None) -> Path | None:
+    """Compile the kernel for ``-march=<march>`` (default ``$OPENHYDRA_LOWBIT_MARCH`` or ``native``) into
+    ``cache_root/kernels/``, once: the file name carries a hash of the source, compiler, flags and CPU."""
+    march = march or os.environ.get(MARCH_ENV) or "native"
     compiler = _compiler()
     if compiler is None:
         log.info("low-bit kernel: no C compiler found; using PyTorch's int4/int8 kernels")
@@ -74,14 +79,14 @@ def _build(cache_root: Path) -> Path | None:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + march.encode() + _cpu_flags().encode()).hexdigest()[:16]
     target = cache_root / "kernels" / f"lowbit-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(built), str(SOURCE)]
+        command = [compiler, "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-o", str(built), str(SOURCE)]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -107,16 +112,23 @@ def kernel() -> ctypes.CDLL | None:
     return _loaded[0]
 
 
+def runnable_here(flags: set[str] | None = None) -> bool:
+    """Whether this CPU can run one of the kernel's paths: AVX-512 VNNI, or AVX2 with FMA and F16C."""
+    flags = set(_cpu_flags().split()) if flags is None else flags
+    return "avx512_vnni" in flags or {"avx2", "fma", "f16c"} <= flags
+
+
 def _load() -> ctypes.CDLL | None:
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None
-    if "avx512_vnni" not in _cpu_flags().split():
+    if os.environ.get(ENV_SWITCH, "1") == "0" or not runnable_here():
         return None
     from openhydra.runtime.model_cache import default_cache_root
 
     path = _build(default_cache_root())
-    if path is None:
-        return None
+    return None if path is None else open_library(path)
+
+
+def open_library(path: Path) -> ctypes.CDLL | None:
+    """Load a built kernel; None if it does not load or was built without a kernel path."""
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as exc:
@@ -126,10 +138,16 @@ def _load() -> ctypes.CDLL | None:
     lib.oh_matmul.restype = ctypes.c_int
     lib.oh_matmul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
                               ctypes.c_int, ctypes.c_int]
-    if lib.oh_available() != 1:
+    if lib.oh_available() not in ISAS:
         return None
-    log.info("low-bit kernel: %s", path)
+    log.info("low-bit kernel (%s): %s", ISAS[lib.oh_available()], path)
     return lib
+
+
+def isa() -> str | None:
+    """Which path of the kernel this node runs ("avx512-vnni" or "avx2"), or None for PyTorch's kernels."""
+    lib = kernel()
+    return None if lib is None else ISAS[lib.oh_available()]
 
 
 def supported(in_features: int) -> bool:

@@ -1,7 +1,8 @@
 """OpenHydra's low-bit CPU kernel (runtime/lowbit.py, runtime/kernels/lowbit.c): it builds where the CPU has AVX-512
-VNNI, it computes exactly its stated formula (int8 activations per block of 32 times the 4- or 8-bit blocks), a
-row's bits do not depend on its batch or the thread count, and the node falls back to PyTorch's kernels when it
-cannot build or is switched off."""
+VNNI or AVX2, it computes exactly its stated formula (int8 activations per block of 32 times the 4- or 8-bit blocks),
+a row's bits do not depend on its batch or the thread count, and the node falls back to PyTorch's kernels when it
+cannot build or is switched off. The kernel tests run on the build for this machine ("native") and on an AVX2 build
+(``-march=x86-64-v3``, which any AVX2 CPU runs): on an AVX-512 machine that covers both paths."""
 
 from __future__ import annotations
 
@@ -14,16 +15,29 @@ import torch
 from openhydra.runtime import lowbit
 from openhydra.runtime.quant_cpu import quantize_int4_groups
 
-needs_kernel = pytest.mark.skipif(lowbit.kernel() is None, reason="no AVX-512 VNNI or no C compiler here")
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def lib(request, tmp_path_factory):
+    """The kernel library of one build; skipped where this machine cannot build or run it."""
+    if request.param == "native":
+        if lowbit.kernel() is None:
+            pytest.skip("no AVX-512 VNNI / AVX2 or no C compiler here: the node uses PyTorch's kernels")
+        return lowbit.kernel()
+    if lowbit._compiler() is None or not {"avx2", "fma", "f16c"} <= set(lowbit._cpu_flags().split()):
+        pytest.skip("no C compiler or no AVX2 here")
+    built = lowbit._build(tmp_path_factory.mktemp("avx2"), march="x86-64-v3")
+    assert built is not None
+    library = lowbit.open_library(built)
+    assert library is not None and library.oh_available() == 1  # the AVX2 path
+    return library
 
 
-def _weights(bits: int, n: int, k: int, seed: int = 0) -> lowbit.LowBitWeight:
+def _weights(bits: int, n: int, k: int, lib, seed: int = 0) -> lowbit.LowBitWeight:
     torch.manual_seed(seed)
     w = torch.randn(n, k) * 0.05
     w[:, 5] *= 20  # an outlier input channel, as real models have
     if bits == 4:
-        return lowbit.LowBitWeight.int4(*quantize_int4_groups(w, 32), lowbit.kernel())
-    return lowbit.LowBitWeight.int8(*lowbit.quantize_blocks8(w), lowbit.kernel())
+        return lowbit.LowBitWeight.int4(*quantize_int4_groups(w, 32), lib)
+    return lowbit.LowBitWeight.int8(*lowbit.quantize_blocks8(w), lib)
 
 
 def _quantized_activations(x: torch.Tensor) -> torch.Tensor:
@@ -35,11 +49,10 @@ def _quantized_activations(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(blocks * inv[..., None]) * d[..., None]).reshape(rows, k)
 
 
-@needs_kernel
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k", [64, 128, 192, 576, 1536])  # a lone pair, quads, quads and a lone pair
-def test_kernel_computes_its_formula(bits, k):
-    w = _weights(bits, 37, k)  # an odd row count: no tiling assumption
+def test_kernel_computes_its_formula(bits, k, lib):
+    w = _weights(bits, 37, k, lib)  # an odd row count: no tiling assumption
     x = torch.randn(5, k)
     x[1, 32:64] = 0  # an all-zero block (scale 0)
     x[2] *= 1e3
@@ -53,10 +66,9 @@ def test_kernel_computes_its_formula(bits, k):
     assert ((out - exact).abs().amax(dim=1) / exact.abs().amax(dim=1)).max() < 2e-2
 
 
-@needs_kernel
 @pytest.mark.parametrize("bits", [4, 8])
-def test_a_rows_bits_do_not_depend_on_its_batch_or_the_threads(bits):
-    w = _weights(bits, 301, 576, seed=1)
+def test_a_rows_bits_do_not_depend_on_its_batch_or_the_threads(bits, lib):
+    w = _weights(bits, 301, 576, lib, seed=1)
     x = torch.randn(7, 576)
     batch = w.matmul(x)
     for i in range(7):
@@ -70,10 +82,9 @@ def test_a_rows_bits_do_not_depend_on_its_batch_or_the_threads(bits):
     assert torch.equal(w.matmul(x.reshape(7, 1, 576)), batch.reshape(7, 1, 301))  # leading dims kept
 
 
-@needs_kernel
 @pytest.mark.parametrize("bits", [4, 8])
-def test_bf16_in_and_out_is_the_fp32_result_rounded(bits):
-    w = _weights(bits, 64, 576, seed=2)
+def test_bf16_in_and_out_is_the_fp32_result_rounded(bits, lib):
+    w = _weights(bits, 64, 576, lib, seed=2)
     x = torch.randn(3, 576).bfloat16()
     out = w.matmul(x)
     assert out.dtype == torch.bfloat16
@@ -133,8 +144,7 @@ def test_a_compiler_that_fails_leaves_no_library(monkeypatch, tmp_path):
     assert not list((tmp_path / "cache").rglob("*.so"))
 
 
-@pytest.mark.skipif(not (lowbit._compiler() and "avx512_vnni" in lowbit._cpu_flags().split()),
-                    reason="no C compiler or no AVX-512 VNNI here")
+@pytest.mark.skipif(not (lowbit._compiler() and lowbit.runnable_here()), reason="no C compiler or no AVX2 here")
 def test_the_kernel_builds_once_per_machine_and_is_reused(tmp_path):
     built = lowbit._build(tmp_path)
     assert built is not None and built.parent == tmp_path / "kernels"
@@ -144,8 +154,13 @@ def test_the_kernel_builds_once_per_machine_and_is_reused(tmp_path):
 
 
 def test_the_kernel_is_used_where_this_cpu_can_run_it():
-    """On a machine with AVX-512 VNNI and a C compiler (CI's kind), the node must not silently fall back."""
-    runnable = (lowbit._compiler() is not None and "avx512_vnni" in lowbit._cpu_flags().split()
+    """On a machine with AVX-512 VNNI or AVX2 and a C compiler (CI's kind), the node must not silently fall back."""
+    runnable = (lowbit._compiler() is not None and lowbit.runnable_here()
                 and os.environ.get(lowbit.ENV_SWITCH, "1") != "0")
     assert (lowbit.kernel() is not None) == runnable
+    if runnable:
+        flags = set(lowbit._cpu_flags().split())
+        assert lowbit.isa() == ("avx512-vnni" if "avx512_vnni" in flags else "avx2")
+    assert lowbit.runnable_here({"avx2", "fma", "f16c"}) and lowbit.runnable_here({"avx512_vnni"})
+    assert not lowbit.runnable_here({"avx2", "fma"}) and not lowbit.runnable_here({"neon"})
     assert Path(lowbit.SOURCE).is_file()

@@ -25,10 +25,17 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
 #define OH_VNNI 1
+#define OH_AVX2 0
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define OH_VNNI 0
+#define OH_AVX2 1
 #include <immintrin.h>
 #else
 #define OH_VNNI 0
+#define OH_AVX2 0
 #endif
+#define OH_KERNEL (OH_VNNI || OH_AVX2)
 
 #define QK 32
 
@@ -40,10 +47,12 @@ typedef struct {
     int32_t bits;             /* 4 or 8 */
 } oh_weight;
 
-int oh_available(void) { return OH_VNNI; }
+/* 2: AVX-512 VNNI, 1: AVX2 (vpmaddubsw, as llama.cpp on such CPUs), 0: no kernel in this build. */
+int oh_available(void) { return OH_VNNI ? 2 : (OH_AVX2 ? 1 : 0); }
+
+#define MAX_BLOCKS 1024 /* K up to 32768 */
 
 #if OH_VNNI
-#define MAX_BLOCKS 1024 /* K up to 32768 */
 
 static inline __m512 pair_bcast(const float *p) {  /* [p0, p1, p0, p1, ...] */
     return _mm512_broadcast_f32x2(_mm_castpd_ps(_mm_load_sd((const double *)p)));
@@ -153,6 +162,134 @@ static inline void dot_rows(const oh_weight *w, int64_t n, const int8_t *xq, con
     for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0[r], acc1[r]), tail[r]));
 }
 
+#endif
+
+#if OH_AVX2
+/* The same layout and formula on 256-bit registers: a 32-byte half of a pair holds 16 elements of each of its two
+ * blocks in alternating 32-bit lanes, so [s0, s1, s0, s1, ...] (vbroadcastsd) lines up as on AVX-512. Products go
+ * through vpmaddubsw (u8 x s8 -> pairs summed to int16) and vpmaddwd by ones (-> int32 per 4-byte lane). 4-bit codes
+ * (<= 15) cannot saturate the int16 pairs; 8-bit codes use llama.cpp's sign trick (|w| times x with w's sign), so
+ * the 8-bit tail (the -128 correction of the unsigned codes) is not needed here. */
+static inline __m256 pair_bcast(const float *p) {  /* [p0, p1, p0, p1, ...] */
+    return _mm256_castpd_ps(_mm256_broadcast_sd((const double *)p));
+}
+
+static inline __m256 load8(const void *x, int bf16, int64_t i) {
+    if (bf16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    return _mm256_loadu_ps((const float *)x + i);
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *sx, float *sxsum) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t b = 0; b < k / QK; b++) {
+        __m256 v[4];
+        for (int i = 0; i < 4; i++) v[i] = load8(x, bf16, b * QK + 8 * i);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        const float d = amax / 127.0f;
+        const __m256 id = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
+        __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+        sx[b] = d;
+        sxsum[b] = d * (float)_mm_cvtsi128_si32(t);
+        __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        bytes = _mm256_permutevar8x32_epi32(bytes, order);  /* natural order: 32 codes */
+        uint32_t words[8];
+        _mm256_storeu_si256((__m256i *)words, bytes);
+        uint32_t *pair = (uint32_t *)(xq + (b >> 1) * 64) + (b & 1);
+        for (int j = 0; j < 8; j++) pair[2 * j] = words[j];
+    }
+}
+
+static inline __m256 dot4(__m256i w, __m256i x, __m256i ones) {  /* unsigned 4-bit codes times int8 */
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones));
+}
+
+static inline __m256 dot8(__m256i w_offset, __m256i x, __m256i ones) {  /* int8 (stored + 128) times int8 */
+    const __m256i w = _mm256_xor_si256(w_offset, _mm256_set1_epi8((char)0x80));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
+                                                ones));
+}
+
+static inline void dot_rows(const oh_weight *w, int64_t n, const int8_t *xq, const float *sx, const float *sxsum,
+                            const int R, float *out) {
+    const int64_t k = w->k, blocks = k / QK, pairs = k / 64;
+    const uint16_t *dh = w->scales + n * blocks, *mh = w->offsets + n * blocks;
+    const __m256i ones = _mm256_set1_epi16(1);
+    float dF[MAX_BLOCKS], ds[4][MAX_BLOCKS], tail[4];
+    for (int64_t b = 0; b < blocks; b++) dF[b] = _cvtsh_ss(dh[b]);
+    for (int r = 0; r < R; r++) {
+        float t = 0.0f;
+        for (int64_t b = 0; b < blocks; b++) {
+            ds[r][b] = dF[b] * sx[r * blocks + b];
+            if (w->bits == 4) t += _cvtsh_ss(mh[b]) * sxsum[r * blocks + b];
+        }
+        tail[r] = t;
+    }
+    __m256 acc0[4], acc1[4];
+    for (int r = 0; r < R; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
+    if (w->bits == 8) {
+        const uint8_t *codes = w->codes + n * k;
+        for (int64_t p = 0; p < pairs; p++) {
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(codes + p * 64));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(codes + p * 64 + 32));
+            for (int r = 0; r < R; r++) {
+                const int8_t *x = xq + r * k + p * 64;
+                const __m256 s = pair_bcast(ds[r] + 2 * p);
+                acc0[r] = _mm256_fmadd_ps(dot8(w0, _mm256_loadu_si256((const __m256i *)x), ones), s, acc0[r]);
+                acc1[r] = _mm256_fmadd_ps(dot8(w1, _mm256_loadu_si256((const __m256i *)(x + 32)), ones), s, acc1[r]);
+            }
+        }
+    } else {
+        const uint8_t *codes = w->codes + n * (k / 2);
+        const __m256i mask = _mm256_set1_epi8(0x0F);
+        int64_t p = 0;
+        for (; p + 1 < pairs; p += 2) {  /* a quad: low nibbles = pair p, high nibbles = pair p + 1 */
+            for (int h = 0; h < 2; h++) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(codes + p * 32 + h * 32));
+                const __m256i lo = _mm256_and_si256(raw, mask), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                for (int r = 0; r < R; r++) {
+                    const int8_t *x = xq + r * k + p * 64 + h * 32;
+                    acc0[r] = _mm256_fmadd_ps(dot4(lo, _mm256_loadu_si256((const __m256i *)x), ones),
+                                              pair_bcast(ds[r] + 2 * p), acc0[r]);
+                    acc1[r] = _mm256_fmadd_ps(dot4(hi, _mm256_loadu_si256((const __m256i *)(x + 64)), ones),
+                                              pair_bcast(ds[r] + 2 * p + 2), acc1[r]);
+                }
+            }
+        }
+        if (p < pairs) {  /* a lone last pair: 32 bytes, positions t (low nibble) and t + 32 (high) */
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(codes + p * 32));
+            const __m256i lo = _mm256_and_si256(raw, mask), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+            for (int r = 0; r < R; r++) {
+                const int8_t *x = xq + r * k + p * 64;
+                const __m256 s = pair_bcast(ds[r] + 2 * p);
+                acc0[r] = _mm256_fmadd_ps(dot4(lo, _mm256_loadu_si256((const __m256i *)x), ones), s, acc0[r]);
+                acc1[r] = _mm256_fmadd_ps(dot4(hi, _mm256_loadu_si256((const __m256i *)(x + 32)), ones), s, acc1[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum8(_mm256_add_ps(acc0[r], acc1[r])) + tail[r];
+}
+#endif
+
+#if OH_KERNEL
 static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch's cast */
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -187,7 +324,7 @@ static void output_row(const oh_weight *w, int64_t j, const int8_t *xq, const fl
 /* y [M, N] = x [M, K] times W^T; x and y fp32 (dtype flag 0) or bf16 (1), rows contiguous. Returns 0; -1 when
  * this build has no kernel or K is not a multiple of 64 (or over 32768); -2 when out of memory. */
 int oh_matmul(const oh_weight *w, const void *x, int x_bf16, int64_t m, void *y, int y_bf16, int threads) {
-#if OH_VNNI
+#if OH_KERNEL
     const int64_t k = w->k, n = w->n, blocks = k / QK;
     if (k % 64 != 0 || blocks > MAX_BLOCKS) return -1;
     int8_t *xq = (int8_t *)malloc((size_t)(m * k));
