@@ -15,6 +15,7 @@ import torch
 from openhydra.runtime import lowbit
 from openhydra.runtime.quant_cpu import quantize_int4_groups
 
+
 @pytest.fixture(scope="module", params=["native", "avx2"])
 def lib(request, tmp_path_factory):
     """The kernel library of one build; skipped where this machine cannot build or run it."""
