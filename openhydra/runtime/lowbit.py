@@ -79,7 +79,8 @@ def _build(cache_root: Path, march: str | None = None) -> Path | None:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + march.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    identity = SOURCE.read_bytes() + version.encode() + march.encode() + _cpu_flags().encode()
+    key = hashlib.sha256(identity).hexdigest()[:16]
     target = cache_root / "kernels" / f"lowbit-{key}.so"
     if target.is_file():
         return target
