@@ -1,5 +1,5 @@
 """OpenHydra's own low-bit CPU matmul (runtime/kernels/lowbit.c): 4- and 8-bit weights in blocks of 32 times int8
-activations on AVX-512 VNNI, as llama.cpp multiplies its Q4_1 and Q8_0 tensors.
+activations on AVX-512 VNNI (or AVX2), as llama.cpp multiplies its Q4_1 and Q8_0 tensors.
 
 PyTorch's packed int4/int8 CPU kernels convert every weight to a float and take bf16 activations, so a node also
 casts each projection's input and output; at batch 1 those kernels plus the casts were ~60% of an int4 token
@@ -9,7 +9,7 @@ or bf16 input and writing the input's dtype directly.
 
 It is compiled once per machine at first use (``cc -O3 -march=native -fopenmp``, a second or two) into
 ``$OPENHYDRA_CACHE/kernels/`` (keyed by the source, the compiler and the CPU's flags) and loaded with ctypes.
-Where the CPU lacks AVX-512 VNNI, no C compiler is found, or ``OPENHYDRA_LOWBIT=0``, :func:`kernel` is None and
+Where the CPU has neither AVX-512 VNNI nor AVX2 (with FMA and F16C), no C compiler is found, or ``OPENHYDRA_LOWBIT=0``, :func:`kernel` is None and
 runtime/quant_cpu.py keeps PyTorch's kernels (the earlier behaviour, and the bits of the earlier releases).
 
 A row's output does not depend on the other rows of its batch, the thread count, or the row count (each output is

@@ -4,8 +4,8 @@ Each token of single-stream decode reads every weight once, so the bytes per wei
 limit (DESIGN.md §4: ~23 GB/s on one thread). These layers keep weights at 8 or 4 bits in memory and
 in the matmul, and never materialise a bf16/fp32 copy. Two backends, chosen per layer at load:
 
-- **the low-bit kernel** (runtime/lowbit.py, runtime/kernels/lowbit.c), where the CPU has AVX-512 VNNI and a C
-  compiler is found: 4-bit codes in blocks of 32 with an fp16 scale and minimum each (GGUF's Q4_1, its own fp16
+- **the low-bit kernel** (runtime/lowbit.py, runtime/kernels/lowbit.c), where the CPU has AVX-512 VNNI or AVX2 and
+  a C compiler is found: 4-bit codes in blocks of 32 with an fp16 scale and minimum each (GGUF's Q4_1, its own fp16
   values) or int8 in blocks of 32 with an fp16 scale (GGUF's Q8_0), times activations quantized to int8 per block
   of 32 (llama.cpp's scheme). It reads and writes the runtime dtype (fp32 or bf16), so no casts around it, and a
   row's output does not depend on the other rows of its batch;
@@ -94,7 +94,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_a
 class Int8WeightOnlyLinear(nn.Module):
     """A Linear whose weight is int8; output in the input's dtype.
 
-    With the low-bit kernel (runtime/lowbit.py, AVX-512 VNNI): int8 in blocks of 32 along K with an fp16 scale
+    With the low-bit kernel (runtime/lowbit.py, AVX-512 VNNI or AVX2): int8 in blocks of 32 along K with an fp16 scale
     each (GGUF's Q8_0), every row count on the kernel. Otherwise: one scale per output row, and decode (a few rows)
     runs ``_weight_int8pack_mm`` in bf16, reading 1 byte per weight, while longer inputs (prefill) dequantize the
     weight for that call and run a dense matmul in the input's dtype (faster than the int8 kernel there, measured).
