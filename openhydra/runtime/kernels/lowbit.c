@@ -1,8 +1,8 @@
 /* Low-bit matmuls for a CPU node: 4-bit (GGUF Q4_1-style) and 8-bit (Q8_0-style) weights in blocks of 32
  * along K, times activations quantized per block of 32 to int8 (as llama.cpp's Q8_1), on AVX-512 VNNI
- * (vpdpbusd: 64 byte products per instruction). Built at first use by runtime/lowbit.py with the machine's own
- * -march=native (an AVX2 path below for CPUs without VNNI); on a CPU or compiler with neither, oh_available() is 0 and the node keeps PyTorch's
- * kernels.
+ * (vpdpbusd: 64 byte products per instruction), or AVX2 where the CPU has no VNNI. Built at first use by
+ * runtime/lowbit.py with the machine's own -march=native; on a CPU or compiler with neither, oh_available() is 0
+ * and the node keeps PyTorch's kernels.
  *
  * Layout (runtime/lowbit.py packs the weights): blocks go in pairs (2p, 2p+1), and a pair's 64 codes are stored
  * in "lane order": its 32-bit words alternate between the two blocks (word 2j holds elements 4j..4j+3 of block
