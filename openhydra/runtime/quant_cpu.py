@@ -153,8 +153,8 @@ class Int4WeightOnlyLinear(nn.Module):
         if lib is not None and lowbit.fp16_fits(scale, minimum):
             self.lowbit = lowbit.LowBitWeight.int4(q, scale, minimum, lib)
             self.weight = nn.Parameter(self.lowbit.codes, requires_grad=False)  # [N, K/2] uint8
-            self.scales_and_zeros = nn.Parameter(torch.stack([self.lowbit.scales, self.lowbit.offsets]),
-                                                 requires_grad=False)  # [2, N, K/32] fp16 (for byte counts)
+            self.scales = nn.Parameter(self.lowbit.scales, requires_grad=False)  # [N, K/32] fp16, the kernel's own
+            self.minimums = nn.Parameter(self.lowbit.offsets, requires_grad=False)  # [N, K/32] fp16
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # [N, K/2] uint8
             # The kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale.
