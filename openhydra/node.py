@@ -40,6 +40,16 @@ def eos_token_ids(tokenizer, model_dir: Path) -> set[int]:
     return ids
 
 
+def _kernel_summary(runtime) -> str | None:
+    """What multiplies a torch span's CPU int8/int4 weights (runtime/quant_cpu.py), None for other spans."""
+    modules = getattr(runtime, "modules", None)
+    if getattr(runtime, "quantization", "none") in (None, "none") or modules is None:
+        return None
+    from openhydra.runtime.quant_cpu import kernel_summary
+
+    return kernel_summary(modules)
+
+
 def model_num_layers(model_dir: Path) -> tuple[int, int]:
     """(decoder layers, context length) from a checkpoint's config, without loading weights."""
     from transformers import AutoConfig
@@ -164,15 +174,16 @@ class Node:
                 parameter_count=runtime.parameter_count,
                 dtype=str(runtime.dtype).removeprefix("torch."), context_length=context, num_layers=num_layers,
                 span=self.span, degradation_reason=choice.degradation_reason,
-                dtype_reason=getattr(self.backend, "dtype_reason", None),
+                dtype_reason=getattr(self.backend, "dtype_reason", None), kernel=_kernel_summary(runtime),
                 **source_fields(choice.path),
             )
             state.engine = engine
             if self.swarm is not None:
                 self._install_degrader(choice, runtime)
             state.loading_stage = "ready"
-            log.info("ready: %s layers [%d, %d) in %.1f s", choice.api_name, *self.span,
-                     time.perf_counter() - started)
+            kernel = f" (int8/int4 weights: {state.model.kernel})" if state.model.kernel else ""
+            log.info("ready: %s layers [%d, %d) in %.1f s%s", choice.api_name, *self.span,
+                     time.perf_counter() - started, kernel)
             from openhydra.hardware.auto import maybe_promote_node
 
             maybe_promote_node(self)  # hardware=auto in a swarm: recommend a bigger model for the next start

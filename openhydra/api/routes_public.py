@@ -54,6 +54,7 @@ def register(app: Sanic) -> None:
                 "num_layers": model.num_layers,
                 "dtype": model.dtype,
                 "dtype_reason": model.dtype_reason,
+                "kernel": model.kernel,
                 "degradation_reason": model.degradation_reason,
             },
         }

@@ -26,6 +26,8 @@ class ServedModel:
     degradation_reason: str | None = None
     dtype_reason: str | None = None
     """Why this dtype (hardware/dtype.py: set by hand, native bf16, or measured bf16 vs fp32)."""
+    kernel: str | None = None
+    """What multiplies the CPU int8/int4 weights (runtime/quant_cpu.py kernel_summary); None when unquantized."""
     weights_format: str = "safetensors"
     """How the weights were stored at their source: 'gguf' or 'safetensors' (runtime/source_format.py)."""
     quantization: str | None = None

@@ -9,8 +9,10 @@ or bf16 input and writing the input's dtype directly.
 
 It is compiled once per machine at first use (``cc -O3 -march=native -fopenmp``, a second or two) into
 ``$OPENHYDRA_CACHE/kernels/`` (keyed by the source, the compiler and the CPU's flags) and loaded with ctypes.
-Where the CPU has neither AVX-512 VNNI nor AVX2 (with FMA and F16C), no C compiler is found, or ``OPENHYDRA_LOWBIT=0``, :func:`kernel` is None and
-runtime/quant_cpu.py keeps PyTorch's kernels (the earlier behaviour, and the bits of the earlier releases).
+Where the CPU has neither AVX-512 VNNI nor AVX2 (with FMA and F16C), no C compiler is found, or
+``OPENHYDRA_LOWBIT=0``, :func:`kernel` is None and runtime/quant_cpu.py keeps PyTorch's kernels (the earlier
+behaviour, and the bits of the earlier releases). Which one a node runs: ``model.kernel`` in
+``GET /v1/network/status`` and its "ready" log line.
 
 A row's output does not depend on the other rows of its batch, the thread count, or the row count (each output is
 one thread's fixed sequence of operations), so batched decode, speculative verification and prefill give each

@@ -240,6 +240,16 @@ def quantize_cpu_head(modules: nn.Module, dtype: torch.dtype) -> None:
         modules.lm_head = Int8WeightOnlyLinear(head, dtype, shared=shared)
 
 
+def kernel_summary(root: nn.Module) -> str | None:
+    """Which kernels run this module's CPU int8/int4 layers, for the status page and the log: "low-bit kernel
+    (avx512-vnni)", "PyTorch's int4/int8 kernels", both with a comma, or None when it has none."""
+    kinds = set()
+    for module in root.modules():
+        if isinstance(module, (Int4WeightOnlyLinear, Int8WeightOnlyLinear)):
+            kinds.add("PyTorch's int4/int8 kernels" if module.lowbit is None else f"low-bit kernel ({lowbit.isa()})")
+    return ", ".join(sorted(kinds)) or None
+
+
 FUSABLE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Sibling Linears of one parent that transformers' decoder layers call on the same input, in this order."""
 

@@ -1,4 +1,5 @@
-"""Real node processes report the dtype they chose and why, in GET /v1/network/status and in the start banner."""
+"""Real node processes report the dtype they chose and why, in GET /v1/network/status and in the start banner,
+and which kernel multiplies their int4 weights."""
 
 from __future__ import annotations
 
@@ -21,15 +22,24 @@ def test_nodes_report_dtype_and_reason(tiny_model_dirs, tmp_path):
                        log_path=tmp_path / "auto.log")
     forced = NodeProcess([*base, "hardware=cpu", "hardware.dtype=bfloat16", f"node.data_dir={tmp_path / 'bf16'}"],
                          log_path=tmp_path / "bf16.log")
+    int4 = NodeProcess([*base, "hardware=cpu_int4", f"node.data_dir={tmp_path / 'int4'}"],
+                       log_path=tmp_path / "int4.log")
+    nodes = (auto, forced, int4)
     try:
-        start_all([auto, forced])
-        statuses = [httpx.get(n.url + "/v1/network/status", timeout=10).json()["model"] for n in (auto, forced)]
-        logs = [n.log_text() for n in (auto, forced)]
+        start_all(list(nodes))
+        statuses = [httpx.get(n.url + "/v1/network/status", timeout=10).json()["model"] for n in nodes]
+        logs = [n.log_text() for n in nodes]
     finally:
-        for node in (auto, forced):
+        for node in nodes:
             node.stop()
 
-    chosen, explicit = statuses
+    chosen, explicit, quantized = statuses
+    # which kernel multiplies the 4-bit weights: OpenHydra's own where this CPU runs it (runtime/lowbit.py)
+    from openhydra.runtime import lowbit
+
+    expected_kernel = "PyTorch's int4/int8 kernels" if lowbit.kernel() is None else f"low-bit kernel ({lowbit.isa()})"
+    assert quantized["kernel"] == expected_kernel and chosen["kernel"] is None
+    assert quantized["dtype"] == "float32" and f"(int8/int4 weights: {expected_kernel})" in logs[2]
     native = native_bf16_flags(cpu_flags())
     if native:  # e.g. Zen 4 / Sapphire Rapids: no measurement needed
         assert chosen["dtype"] == "bfloat16" and chosen["dtype_reason"].startswith("native bf16 on this CPU")
