@@ -90,6 +90,27 @@ static inline __m512 to_f32_16(const uint16_t *h, int64_t count) {  /* up to 16 
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, h));
 }
 
+/* Pairs p and p + 1 of a weight row (codes w0, w1) times R activation rows: into acc0 and acc1 respectively. */
+static inline void accumulate_quad(__m512i w0, __m512i w1, const int8_t *xq, int64_t k, int64_t p,
+                                   float ds[4][MAX_BLOCKS], const int R, __m512 *acc0, __m512 *acc1) {
+    for (int r = 0; r < R; r++) {
+        const int8_t *x = xq + r * k + p * 64;
+        __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(x));
+        __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512(x + 64));
+        acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds[r] + 2 * p), acc0[r]);
+        acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), pair_bcast(ds[r] + 2 * p + 2), acc1[r]);
+    }
+}
+
+/* A lone pair p (the last, when K = 64 mod 128) times R activation rows: into acc0. */
+static inline void accumulate_pair(__m512i w0, const int8_t *xq, int64_t k, int64_t p, float ds[4][MAX_BLOCKS],
+                                   const int R, __m512 *acc0) {
+    for (int r = 0; r < R; r++) {
+        __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xq + r * k + p * 64));
+        acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds[r] + 2 * p), acc0[r]);
+    }
+}
+
 /* Weight row n times R (1..4) quantized activation rows (each K codes apart, their scales `blocks` apart): out[r].
  * Each row r goes through the same operations in the same order whatever R is (its own scales, tail and two
  * accumulators); only the weight codes' unpacking is shared. So a row's bits do not depend on its batch. */
@@ -113,50 +134,27 @@ static inline void dot_rows(const oh_weight *w, int64_t n, const int8_t *xq, con
             tail[r] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, sxsum + r * blocks + b), tail[r]);
         }
     }
+    int64_t p = 0;
     if (w->bits == 8) {
         const uint8_t *codes = w->codes + n * k;
-        int64_t p = 0;
-        for (; p + 1 < pairs; p += 2) {
-            const __m512i w0 = _mm512_loadu_si512(codes + p * 64), w1 = _mm512_loadu_si512(codes + p * 64 + 64);
-            for (int r = 0; r < R; r++) {
-                const int8_t *x = xq + r * k + p * 64;
-                __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(x));
-                __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512(x + 64));
-                acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds[r] + 2 * p), acc0[r]);
-                acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), pair_bcast(ds[r] + 2 * p + 2), acc1[r]);
-            }
-        }
-        if (p < pairs) {
-            const __m512i w0 = _mm512_loadu_si512(codes + p * 64);
-            for (int r = 0; r < R; r++) {
-                __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xq + r * k + p * 64));
-                acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds[r] + 2 * p), acc0[r]);
-            }
-        }
+        for (; p + 1 < pairs; p += 2)
+            accumulate_quad(_mm512_loadu_si512(codes + p * 64), _mm512_loadu_si512(codes + p * 64 + 64), xq, k, p,
+                            ds, R, acc0, acc1);
+        if (p < pairs) accumulate_pair(_mm512_loadu_si512(codes + p * 64), xq, k, p, ds, R, acc0);
     } else {
         const uint8_t *codes = w->codes + n * (k / 2);
         const __m512i mask = _mm512_set1_epi8(0x0F);
-        int64_t p = 0;
         for (; p + 1 < pairs; p += 2) {  /* a quad: low nibbles = pair p, high nibbles = pair p + 1 */
             const __m512i raw = _mm512_loadu_si512(codes + p * 32);
-            const __m512i lo = _mm512_and_si512(raw, mask), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
-            for (int r = 0; r < R; r++) {
-                const int8_t *x = xq + r * k + p * 64;
-                __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x));
-                __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512(x + 64));
-                acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds[r] + 2 * p), acc0[r]);
-                acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), pair_bcast(ds[r] + 2 * p + 2), acc1[r]);
-            }
+            accumulate_quad(_mm512_and_si512(raw, mask), _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask), xq, k, p,
+                            ds, R, acc0, acc1);
         }
         if (p < pairs) {  /* a lone last pair: 32 bytes */
             const __m256i m256 = _mm256_set1_epi8(0x0F);
             const __m256i raw = _mm256_loadu_si256((const __m256i *)(codes + p * 32));
-            const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, m256)),
-                                                  _mm256_and_si256(_mm256_srli_epi16(raw, 4), m256), 1);
-            for (int r = 0; r < R; r++) {
-                __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(xq + r * k + p * 64));
-                acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds[r] + 2 * p), acc0[r]);
-            }
+            accumulate_pair(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, m256)),
+                                               _mm256_and_si256(_mm256_srli_epi16(raw, 4), m256), 1),
+                            xq, k, p, ds, R, acc0);
         }
     }
     for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0[r], acc1[r]), tail[r]));
