@@ -153,8 +153,12 @@ def isa() -> str | None:
     return None if lib is None else ISAS[lib.oh_available()]
 
 
+MAX_K = 32768  # lowbit.c's MAX_BLOCKS * 32: its per-row scratch lives on the stack
+
+
 def supported(in_features: int) -> bool:
-    return in_features % PAIR == 0
+    """Whether the kernel takes this K (whole pairs of blocks, up to :data:`MAX_K`); else PyTorch's kernels."""
+    return in_features % PAIR == 0 and 0 < in_features <= MAX_K
 
 
 def lane_order(k: int) -> torch.Tensor:

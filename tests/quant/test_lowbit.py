@@ -94,6 +94,21 @@ def test_bf16_in_and_out_is_the_fp32_result_rounded(bits, lib):
     assert half.dtype == torch.float16 and torch.equal(half, w.matmul(x.half().float()).half())
 
 
+def test_shapes_the_kernel_does_not_take_stay_on_torch(monkeypatch):
+    assert lowbit.supported(576) and lowbit.supported(lowbit.MAX_K)
+    assert not lowbit.supported(96) and not lowbit.supported(lowbit.MAX_K + 64) and not lowbit.supported(0)
+    if lowbit.kernel() is None:
+        return
+    from torch import nn
+
+    from openhydra.runtime.quant_cpu import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+
+    odd = nn.Linear(96, 8, bias=False)  # 3 blocks of 32: not whole pairs
+    assert Int4WeightOnlyLinear(odd).lowbit is None and Int8WeightOnlyLinear(odd).lowbit is None
+    x = torch.randn(2, 96)
+    assert torch.allclose(Int4WeightOnlyLinear(odd)(x), odd(x), rtol=0.1, atol=0.1)
+
+
 def test_layouts_round_trip():
     for k in (64, 128, 576):
         order = lowbit.lane_order(k)
