@@ -48,8 +48,9 @@ INT8_DECODE_ROWS = 32  # up to this many rows use the int8 kernel; longer inputs
 
 
 def int4_supported(in_features: int, out_features: int, group_size: int = INT4_GROUP_SIZE) -> bool:
-    """The packed int4 kernel needs K divisible by the group size (and an even K to pack two codes a byte)."""
-    return in_features % group_size == 0 and in_features % 2 == 0 and out_features > 0
+    """Whether a Linear can go 4-bit here: K divisible by the group size (and even, to pack two codes a byte), and N
+    a multiple of 16 (PyTorch's packing needs it; the low-bit kernel does not, but a layer must load on both)."""
+    return in_features % group_size == 0 and in_features % 2 == 0 and out_features > 0 and out_features % 16 == 0
 
 
 def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -103,10 +103,13 @@ def test_shapes_the_kernel_does_not_take_stay_on_torch(monkeypatch):
 
     from openhydra.runtime.quant_cpu import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
-    odd = nn.Linear(96, 8, bias=False)  # 3 blocks of 32: not whole pairs
+    odd = nn.Linear(96, 16, bias=False)  # 3 blocks of 32: not whole pairs
     assert Int4WeightOnlyLinear(odd).lowbit is None and Int8WeightOnlyLinear(odd).lowbit is None
     x = torch.randn(2, 96)
     assert torch.allclose(Int4WeightOnlyLinear(odd)(x), odd(x), rtol=0.1, atol=0.1)
+    from openhydra.runtime.quant_cpu import int4_supported
+
+    assert int4_supported(96, 16) and not int4_supported(96, 8)  # N % 16: such a Linear goes int8 instead
 
 
 def test_layouts_round_trip():
