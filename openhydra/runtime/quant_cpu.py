@@ -108,8 +108,8 @@ class Int8WeightOnlyLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         if shared is None:
             shared = quantize_int8(linear.weight)
-        self.weight, self.scales = shared  # [N, K] int8 and [N] bf16, or [N, K] uint8 and [N, K/32] fp16 (lowbit)
-        self.lowbit = lowbit_int8(self.weight, self.scales)
+        self.weight, self.scales = shared  # [N, K] int8 and [N] bf16, or (lowbit) [N, K + K/16] uint8 rows and None
+        self.lowbit = lowbit_int8(self.weight, self.scales, self.in_features)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,9 +153,8 @@ class Int4WeightOnlyLinear(nn.Module):
         self.lowbit: lowbit.LowBitWeight | None = None
         if lib is not None and lowbit.fp16_fits(scale, minimum):
             self.lowbit = lowbit.LowBitWeight.int4(q, scale, minimum, lib)
-            self.weight = nn.Parameter(self.lowbit.codes, requires_grad=False)  # [N, K/2] uint8
-            self.scales = nn.Parameter(self.lowbit.scales, requires_grad=False)  # [N, K/32] fp16, the kernel's own
-            self.minimums = nn.Parameter(self.lowbit.offsets, requires_grad=False)  # [N, K/32] fp16
+            # [N, K/2 + K/8] uint8: each row's codes, then its fp16 scales and minimums (runtime/lowbit.py)
+            self.weight = nn.Parameter(self.lowbit.rows, requires_grad=False)
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # [N, K/2] uint8
             # The kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale.
@@ -194,37 +193,36 @@ class Int8Embedding(nn.Module):
         self.weight, self.scales = quantize_int8(embedding.weight)  # see Int8WeightOnlyLinear
         self.dtype = dtype
         self.num_embeddings, self.embedding_dim = embedding.weight.shape
-        self._natural = None if self.scales.dim() == 1 else lowbit.natural_order(self.embedding_dim)
+        self.lowbit = lowbit_int8(self.weight, self.scales, self.embedding_dim)
+        self._natural = None if self.lowbit is None else lowbit.natural_order(self.embedding_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self._natural is None:
+        if self.lowbit is None:
             return self.weight[ids].to(self.dtype) * self.scales[ids].to(self.dtype)[..., None]  # [..., D]
-        codes = self.weight[ids][..., self._natural].to(torch.int16) - 128  # [..., D] in natural order
-        scales = self.scales[ids].to(torch.float32).repeat_interleave(lowbit.BLOCK, dim=-1)
+        codes = self.lowbit.codes[ids][..., self._natural].to(torch.int16) - 128  # [..., D] in natural order
+        scales = self.lowbit.scales[ids].to(torch.float32).repeat_interleave(lowbit.BLOCK, dim=-1)
         return (codes * scales).to(self.dtype)
 
     def extra_repr(self) -> str:
-        kind = "per-row" if self._natural is None else "blocks of 32"
+        kind = "per-row" if self.lowbit is None else "blocks of 32"
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 {kind}"
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
+def quantize_int8(weight: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter | None]:
     """int8 (weight, scales) for :class:`Int8WeightOnlyLinear` and :class:`Int8Embedding`: GGUF Q8_0-style blocks in
-    the low-bit kernel's layout where that kernel runs, else per-row int8 with bf16 scales."""
+    the low-bit kernel's rows (codes and fp16 scales in one tensor, scales None) where that kernel runs, else
+    per-row int8 with bf16 scales."""
     if lowbit.kernel() is not None and lowbit.supported(weight.shape[1]):
         q, d = lowbit.quantize_blocks8(weight)
         if lowbit.fp16_fits(d):
-            packed = lowbit.LowBitWeight.int8(q, d, lowbit.kernel())
-            return (nn.Parameter(packed.codes, requires_grad=False), nn.Parameter(packed.scales, requires_grad=False))
+            return nn.Parameter(lowbit.LowBitWeight.int8(q, d, lowbit.kernel()).rows, requires_grad=False), None
     q, scales = quantize_int8_rows(weight)
     return nn.Parameter(q, requires_grad=False), nn.Parameter(scales.to(KERNEL_DTYPE), requires_grad=False)
 
 
-def lowbit_int8(weight: torch.Tensor, scales: torch.Tensor) -> lowbit.LowBitWeight | None:
-    """The kernel's view of a :func:`quantize_int8` pair in block format (None for per-row)."""
-    if scales.dim() == 1:
-        return None
-    return lowbit.LowBitWeight(weight, scales, torch.empty(0, dtype=torch.float16), 8, lowbit.kernel())
+def lowbit_int8(weight: torch.Tensor, scales: torch.Tensor | None, in_features: int) -> lowbit.LowBitWeight | None:
+    """The kernel's view of a :func:`quantize_int8` pair in its rows format (None for per-row int8)."""
+    return None if scales is not None else lowbit.LowBitWeight(weight, in_features, 8, lowbit.kernel())
 
 
 def quantize_cpu_head(modules: nn.Module, dtype: torch.dtype) -> None:

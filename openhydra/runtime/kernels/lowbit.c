@@ -39,12 +39,14 @@
 
 #define QK 32
 
-typedef struct {
-    const uint8_t *codes;     /* [N, K/2] (4-bit) or [N, K] (8-bit) bytes, in the layout above */
-    const uint16_t *scales;   /* [N, K/32] fp16 d */
-    const uint16_t *offsets;  /* [N, K/32] fp16 m (4-bit; unused for 8-bit) */
+typedef struct {              /* runtime/lowbit.py keeps each row's codes, scales and offsets in one run of memory */
+    const uint8_t *codes;     /* row n's K/2 (4-bit) or K (8-bit) bytes at codes + n * code_stride, layout above */
+    const uint16_t *scales;   /* row n's K/32 fp16 d at scales + n * scale_stride */
+    const uint16_t *offsets;  /* row n's K/32 fp16 m (4-bit; unused for 8-bit) at offsets + n * scale_stride */
     int64_t n, k;
     int32_t bits;             /* 4 or 8 */
+    int64_t code_stride;      /* bytes from one row's codes to the next's */
+    int64_t scale_stride;     /* fp16 values from one row's scales (and offsets) to the next's */
 } oh_weight;
 
 /* 2: AVX-512 VNNI, 1: AVX2 (vpmaddubsw, as llama.cpp on such CPUs), 0: no kernel in this build. */
@@ -117,7 +119,7 @@ static inline void accumulate_pair(__m512i w0, const int8_t *xq, int64_t k, int6
 static inline void dot_rows(const oh_weight *w, int64_t n, const int8_t *xq, const float *sx, const float *sxsum,
                             const int R, float *out) {
     const int64_t k = w->k, blocks = k / QK, pairs = k / 64;
-    const uint16_t *dh = w->scales + n * blocks, *mh = w->offsets + n * blocks;
+    const uint16_t *dh = w->scales + n * w->scale_stride, *mh = w->offsets + n * w->scale_stride;
     const __m512 minus128 = _mm512_set1_ps(-128.0f);
     float ds[4][MAX_BLOCKS];  /* d * sx per block, per activation row */
     __m512 tail[4], acc0[4], acc1[4];  /* tail: sum over blocks of m (4-bit) or -128 d (8-bit) times sx * sum(codes) */
@@ -136,13 +138,13 @@ static inline void dot_rows(const oh_weight *w, int64_t n, const int8_t *xq, con
     }
     int64_t p = 0;
     if (w->bits == 8) {
-        const uint8_t *codes = w->codes + n * k;
+        const uint8_t *codes = w->codes + n * w->code_stride;
         for (; p + 1 < pairs; p += 2)
             accumulate_quad(_mm512_loadu_si512(codes + p * 64), _mm512_loadu_si512(codes + p * 64 + 64), xq, k, p,
                             ds, R, acc0, acc1);
         if (p < pairs) accumulate_pair(_mm512_loadu_si512(codes + p * 64), xq, k, p, ds, R, acc0);
     } else {
-        const uint8_t *codes = w->codes + n * (k / 2);
+        const uint8_t *codes = w->codes + n * w->code_stride;
         const __m512i mask = _mm512_set1_epi8(0x0F);
         for (; p + 1 < pairs; p += 2) {  /* a quad: low nibbles = pair p, high nibbles = pair p + 1 */
             const __m512i raw = _mm512_loadu_si512(codes + p * 32);
@@ -229,7 +231,7 @@ static inline __m256 dot8(__m256i w_offset, __m256i x, __m256i ones) {  /* int8 
 static inline void dot_rows(const oh_weight *w, int64_t n, const int8_t *xq, const float *sx, const float *sxsum,
                             const int R, float *out) {
     const int64_t k = w->k, blocks = k / QK, pairs = k / 64;
-    const uint16_t *dh = w->scales + n * blocks, *mh = w->offsets + n * blocks;
+    const uint16_t *dh = w->scales + n * w->scale_stride, *mh = w->offsets + n * w->scale_stride;
     const __m256i ones = _mm256_set1_epi16(1);
     float dF[MAX_BLOCKS], ds[4][MAX_BLOCKS], tail[4];
     for (int64_t b = 0; b < blocks; b++) dF[b] = _cvtsh_ss(dh[b]);
@@ -244,7 +246,7 @@ static inline void dot_rows(const oh_weight *w, int64_t n, const int8_t *xq, con
     __m256 acc0[4], acc1[4];
     for (int r = 0; r < R; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
     if (w->bits == 8) {
-        const uint8_t *codes = w->codes + n * k;
+        const uint8_t *codes = w->codes + n * w->code_stride;
         for (int64_t p = 0; p < pairs; p++) {
             const __m256i w0 = _mm256_loadu_si256((const __m256i *)(codes + p * 64));
             const __m256i w1 = _mm256_loadu_si256((const __m256i *)(codes + p * 64 + 32));
@@ -256,7 +258,7 @@ static inline void dot_rows(const oh_weight *w, int64_t n, const int8_t *xq, con
             }
         }
     } else {
-        const uint8_t *codes = w->codes + n * (k / 2);
+        const uint8_t *codes = w->codes + n * w->code_stride;
         const __m256i mask = _mm256_set1_epi8(0x0F);
         int64_t p = 0;
         for (; p + 1 < pairs; p += 2) {  /* a quad: low nibbles = pair p, high nibbles = pair p + 1 */
