@@ -87,6 +87,28 @@ def _build(cache_root: Path, march: str | None = None) -> Path | None:
     target = cache_root / "kernels" / f"lowbit-{key}.so"
     if target.is_file():
         return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            # with OpenMP for hardware.threads > 1; a compiler without it (Apple clang) builds the one-thread kernel
+            for openmp in (["-fopenmp"], []):
+                command = [compiler, "-O3", f"-march={march}", *openmp, "-shared", "-fPIC", "-o", str(built),
+                           str(SOURCE)]
+                done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+                if done.returncode == 0:
+                    break
+            else:
+                log.info("low-bit kernel: compiling failed; using PyTorch's kernels:\n%s", done.stderr[-2000:])
+                return None
+            os.replace(built, target)  # atomic: nodes starting together each build, one file wins
+        for stale in target.parent.glob("lowbit-*.so"):  # an earlier version's or CPU's build (a loaded copy stays)
+            if stale != target:
+                stale.unlink(missing_ok=True)
+    except (OSError, subprocess.SubprocessError) as exc:  # an unwritable cache, a compiler that hangs
+        log.info("low-bit kernel: building in %s failed (%s); using PyTorch's kernels", target.parent, exc)
+        return None
+    return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name

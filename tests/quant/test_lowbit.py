@@ -163,6 +163,32 @@ def test_a_compiler_that_fails_leaves_no_library(monkeypatch, tmp_path):
     assert not list((tmp_path / "cache").rglob("*.so"))
 
 
+def test_an_unwritable_cache_falls_back(tmp_path):
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("")
+    assert lowbit._build(blocked) is None  # kernels/ cannot be created under a file: PyTorch's kernels, no crash
+
+
+@pytest.mark.skipif(not (lowbit._compiler() and lowbit.runnable_here()), reason="no C compiler or no AVX2 here")
+def test_a_compiler_without_openmp_builds_the_one_thread_kernel(monkeypatch, tmp_path):
+    real = lowbit._compiler()
+    wrapper = tmp_path / "cc-without-openmp"
+    wrapper.write_text(f"#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -fopenmp ] && exit 1; done\nexec {real} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    built = lowbit._build(tmp_path / "cache")
+    assert built is not None
+    lib = lowbit.open_library(built)
+    w = _weights(4, 40, 576, lib)
+    x = torch.randn(3, 576)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # asks for 2: without OpenMP it runs on one, with the same bits
+        assert torch.equal(w.matmul(x), _weights(4, 40, 576, lowbit.kernel() or lib).matmul(x))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.skipif(not (lowbit._compiler() and lowbit.runnable_here()), reason="no C compiler or no AVX2 here")
 def test_the_kernel_builds_once_per_machine_and_is_reused(tmp_path):
     built = lowbit._build(tmp_path)
