@@ -298,11 +298,15 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
     return (uint16_t)(u >> 16);
 }
 
-/* Output column j for all M activation rows: up to 4 rows share each weight row's unpacking. */
+#ifndef CHUNK_BYTES
+#define CHUNK_BYTES 16384
+#endif
+
+/* Output column j for activation rows [r0, r1): up to 4 rows share each weight row's unpacking. */
 static void output_row(const oh_weight *w, int64_t j, const int8_t *xq, const float *sx, const float *sxsum,
-                       int64_t m, void *y, int y_bf16) {
+                       int64_t r0, int64_t m, void *y, int y_bf16) {
     const int64_t k = w->k, n = w->n, blocks = k / QK;
-    for (int64_t r = 0; r < m; r += 4) {
+    for (int64_t r = r0; r < m; r += 4) {
         float out[4];
         const int rows = m - r < 4 ? (int)(m - r) : 4;
         const int8_t *xr = xq + r * k;
@@ -334,11 +338,17 @@ int oh_matmul(const oh_weight *w, const void *x, int x_bf16, int64_t m, void *y,
     for (int64_t r = 0; r < m; r++)
         quantize_row((const char *)x + r * k * (x_bf16 ? 2 : 4), x_bf16, k, xq + r * k, sx + r * blocks,
                      sxsum + r * blocks);
-    if (threads > 1) {
-        #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t j = 0; j < n; j++) output_row(w, j, xq, sx, sxsum, m, y, y_bf16);
-    } else {  /* no OpenMP region at all: entering one costs about a microsecond even for one thread */
-        for (int64_t j = 0; j < n; j++) output_row(w, j, xq, sx, sxsum, m, y, y_bf16);
+    /* Activation rows in chunks that stay in the L1 cache while every weight row passes them (a prefill's
+     * rows do not all fit); a row's operations are the same in any chunk. */
+    const int64_t chunk = CHUNK_BYTES / k < 4 ? 4 : (CHUNK_BYTES / k) & ~(int64_t)3;
+    for (int64_t r0 = 0; r0 < m; r0 += chunk) {
+        const int64_t r1 = m - r0 < chunk ? m : r0 + chunk;
+        if (threads > 1) {
+            #pragma omp parallel for schedule(static) num_threads(threads)
+            for (int64_t j = 0; j < n; j++) output_row(w, j, xq, sx, sxsum, r0, r1, y, y_bf16);
+        } else {  /* no OpenMP region at all: entering one costs about a microsecond even for one thread */
+            for (int64_t j = 0; j < n; j++) output_row(w, j, xq, sx, sxsum, r0, r1, y, y_bf16);
+        }
     }
     free(xq);
     free(sx);
