@@ -50,7 +50,7 @@ _loaded: list[ctypes.CDLL | None] = []  # [] = not tried yet; [None] = unavailab
 class _Weight(ctypes.Structure):
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
                 ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("bits", ctypes.c_int32),
-                ("code_stride", ctypes.c_int64), ("scale_stride", ctypes.c_int64)]
+                ("code_stride", ctypes.c_int64), ("scale_stride", ctypes.c_int64), ("layout", ctypes.c_int32)]
 
 
 def _cpu_flags() -> str:
@@ -247,47 +247,128 @@ def fp16_fits(scale: torch.Tensor, minimum: torch.Tensor | None = None) -> bool:
     return minimum is None or bool(torch.isfinite(minimum.to(torch.float16)).all())
 
 
+GROUP = 16  # rows per record in the groups layout (one 32-bit lane of a 512-bit register each)
+
+
+def _record_bytes(bits: int) -> int:
+    """Bytes per group of 16 rows and block of 32 in the groups layout: codes, fp16 scales, fp16 minimums (4-bit)."""
+    return 256 + 64 if bits == 4 else 512 + 32
+
+
+def pack_groups(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Codes q [N, K] (0..15, or -127..127 for 8-bit) and block scales (minimums) [N, K/32] -> the groups layout
+    [ceil(N/16), K/32 * record bytes] of lowbit.c's ``dot_group`` (rows past N are zeros)."""
+    n, k = q.shape
+    blocks, groups = k // BLOCK, -(-n // GROUP)
+    pad = groups * GROUP - n
+    codes = torch.nn.functional.pad(q.to(torch.int16) + (128 if bits == 8 else 0), (0, 0, 0, pad)).to(torch.uint8)
+    codes = codes.reshape(groups, GROUP, blocks, 8, 4).permute(0, 2, 3, 1, 4)  # [G, blocks, k-quad, row, 4]
+    if bits == 4:
+        codes = codes[:, :, 0::2] | (codes[:, :, 1::2] << 4)  # part t: k-quad 2t low, 2t + 1 high
+    parts = [codes.reshape(groups, blocks, -1)]
+    for values in (scale, minimum) if bits == 4 else (scale,):
+        half = torch.nn.functional.pad(values.to(torch.float16), (0, 0, 0, pad))  # [Np, blocks]
+        parts.append(half.reshape(groups, GROUP, blocks).permute(0, 2, 1).contiguous().view(torch.uint8))
+    return torch.cat(parts, dim=2).reshape(groups, -1).contiguous()
+
+
+def unpack_groups(records: torch.Tensor, k: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Records [B, K/32 * record bytes] (B groups) -> codes [B, 16, K] (int16, signed for 8-bit), scales and
+    minimums [B, 16, K/32] (fp32; minimums None for 8-bit): the inverse of :func:`pack_groups`."""
+    b, blocks = records.shape[0], k // BLOCK
+    rec = records.reshape(b, blocks, _record_bytes(bits))
+    width = 256 if bits == 4 else 512
+    raw = rec[..., :width]
+    if bits == 4:
+        parts = raw.reshape(b, blocks, 4, GROUP, 4)
+        quads = torch.stack([parts & 0x0F, parts >> 4], dim=3).reshape(b, blocks, 8, GROUP, 4)
+    else:
+        quads = raw.reshape(b, blocks, 8, GROUP, 4)
+    codes = quads.permute(0, 3, 1, 2, 4).reshape(b, GROUP, k).to(torch.int16) - (128 if bits == 8 else 0)
+
+    def halves(at: int) -> torch.Tensor:
+        return rec[..., at : at + 2 * GROUP].contiguous().view(torch.float16).permute(0, 2, 1).to(torch.float32)
+
+    return codes, halves(width), halves(width + 2 * GROUP) if bits == 4 else None
+
+
 @dataclass(eq=False)
 class LowBitWeight:
     """One weight [N, K] in the kernel's layout; ``matmul(x)`` = x @ W^T for x [..., K] fp32 or bf16.
 
-    ``rows`` is uint8 [N, row bytes]: each row's codes (K/2 bytes for 4-bit, K for 8-bit), then its K/32 fp16 block
-    scales, then (4-bit) its K/32 fp16 block minimums. One row, one contiguous run of memory: a decode streams every
-    weight once, and with codes, scales and minimums in three separate arrays the kernel ran 1.55x slower from memory
-    (the prefetchers follow one stream better than three; software prefetching did not help). ``codes``, ``scales``
-    and ``offsets`` are views into it."""
+    Two layouts, by the kernel's path. ``groups`` (AVX-512 VNNI): 16 rows per record, each row one lane, so a block
+    costs 8 ``vpdpbusd`` for 16 rows and no horizontal sums (:func:`pack_groups`, lowbit.c ``dot_group``).
+    ``rows`` (AVX2): uint8 [N, row bytes], each row's codes (K/2 bytes for 4-bit, K for 8-bit, lane order), then its
+    K/32 fp16 block scales, then (4-bit) its K/32 fp16 block minimums. Either way a weight is one run of memory: a
+    decode streams every weight once, and with codes, scales and minimums in three separate arrays the kernel ran
+    1.55x slower from memory (software prefetching did not help). ``rows`` is that one tensor."""
 
     rows: torch.Tensor
     in_features: int
     bits: int
     lib: ctypes.CDLL
+    out_features: int = -1  # the groups layout pads N to a multiple of 16; rows: rows.shape[0]
+    layout: str = "rows"
 
     def __post_init__(self) -> None:
         k, blocks = self.in_features, self.in_features // BLOCK
-        width = k // 2 if self.bits == 4 else k
-        self.out_features = self.rows.shape[0]
-        if self.rows.dtype != torch.uint8 or self.rows.shape[1] != width + 2 * blocks * (2 if self.bits == 4 else 1):
-            raise ValueError(f"low-bit rows: expected uint8 [N, {width} + scales], got {tuple(self.rows.shape)}")
-        self.codes = self.rows[:, :width]
-        self.scales = self.rows[:, width : width + 2 * blocks].view(torch.float16)  # [N, K/32]
-        self.offsets = self.rows[:, width + 2 * blocks :].view(torch.float16)  # [N, K/32] (4-bit) or [N, 0]
-        offsets = self.offsets if self.bits == 4 else self.scales
-        self._struct = _Weight(self.codes.data_ptr(), self.scales.data_ptr(), offsets.data_ptr(), self.out_features,
-                               k, self.bits, self.rows.stride(0), self.rows.stride(0) // 2)
+        if self.rows.dtype != torch.uint8:
+            raise ValueError(f"low-bit weight: expected uint8, got {self.rows.dtype}")
+        if self.layout == "groups":
+            if self.rows.shape != (-(-self.out_features // GROUP), blocks * _record_bytes(self.bits)):
+                raise ValueError(f"low-bit groups: unexpected shape {tuple(self.rows.shape)}")
+            ptr = self.rows.data_ptr()
+            self._struct = _Weight(ptr, ptr, ptr, self.out_features, k, self.bits, 0, 0, 1)
+        else:
+            width = k // 2 if self.bits == 4 else k
+            self.out_features = self.rows.shape[0]
+            if self.rows.shape[1] != width + 2 * blocks * (2 if self.bits == 4 else 1):
+                raise ValueError(f"low-bit rows: expected [N, {width} + scales], got {tuple(self.rows.shape)}")
+            scales = self.rows[:, width : width + 2 * blocks].view(torch.float16)
+            offsets = self.rows[:, width + 2 * blocks :].view(torch.float16) if self.bits == 4 else scales
+            self._struct = _Weight(self.rows.data_ptr(), scales.data_ptr(), offsets.data_ptr(), self.out_features,
+                                   k, self.bits, self.rows.stride(0), self.rows.stride(0) // 2, 0)
         self._handle = ctypes.addressof(self._struct)
         self._call = self.lib.oh_matmul
 
     @classmethod
     def int4(cls, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, lib: ctypes.CDLL) -> LowBitWeight:
         """From 4-bit codes q [N, K] in 0..15 with ``w = minimum + q * scale`` per block of 32."""
+        n, k = q.shape
+        if lib.oh_available() == 2:
+            return cls(pack_groups(q, scale, minimum, 4), k, 4, lib, n, "groups")
         rows = torch.cat([pack_int4(q), _fp16_bytes(scale), _fp16_bytes(minimum)], dim=1)
-        return cls(rows.contiguous(), q.shape[1], 4, lib)
+        return cls(rows.contiguous(), k, 4, lib)
 
     @classmethod
     def int8(cls, q: torch.Tensor, scale: torch.Tensor, lib: ctypes.CDLL) -> LowBitWeight:
         """From int8 codes q [N, K] in -127..127 with ``w = q * scale`` per block of 32."""
-        codes = (q[:, lane_order(q.shape[1])].to(torch.int16) + 128).to(torch.uint8)
-        return cls(torch.cat([codes, _fp16_bytes(scale)], dim=1).contiguous(), q.shape[1], 8, lib)
+        n, k = q.shape
+        if lib.oh_available() == 2:
+            return cls(pack_groups(q, scale, None, 8), k, 8, lib, n, "groups")
+        codes = (q[:, lane_order(k)].to(torch.int16) + 128).to(torch.uint8)
+        return cls(torch.cat([codes, _fp16_bytes(scale)], dim=1).contiguous(), k, 8, lib)
+
+    def rows_of(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Rows ``ids`` [...] of the weight: codes [..., K] (int16 in natural order; signed for 8-bit), scales and
+        minimums [..., K/32] fp32 (minimums None for 8-bit). What an embedding lookup reads."""
+        k, blocks = self.in_features, self.in_features // BLOCK
+        if self.layout == "groups":
+            codes, scales, minimums = unpack_groups(self.rows[ids // GROUP].reshape(-1, self.rows.shape[1]), k,
+                                                    self.bits)
+            lanes = (ids % GROUP).reshape(-1)
+            pick = torch.arange(lanes.numel())
+            shape = (*ids.shape, -1)
+            return (codes[pick, lanes].reshape(shape), scales[pick, lanes].reshape(shape),
+                    None if minimums is None else minimums[pick, lanes].reshape(shape))
+        width = k // 2 if self.bits == 4 else k
+        picked = self.rows[ids]
+        scales = picked[..., width : width + 2 * blocks].contiguous().view(torch.float16).to(torch.float32)
+        if self.bits == 4:
+            codes = unpack_int4(picked[..., :width].reshape(-1, width), k).reshape(*ids.shape, k)
+            minimums = picked[..., width + 2 * blocks :].contiguous().view(torch.float16).to(torch.float32)
+            return codes, scales, minimums
+        return picked[..., :width][..., natural_order(k)].to(torch.int16) - 128, scales, None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -307,11 +388,11 @@ class LowBitWeight:
         return out
 
     def dequantized(self) -> torch.Tensor:
-        """The fp32 weight [N, K] in natural order (for tests and the dense paths)."""
-        n, k = self.out_features, self.in_features
-        d = self.scales.to(torch.float32).repeat_interleave(BLOCK, dim=1)
-        if self.bits == 4:
-            return self.offsets.to(torch.float32).repeat_interleave(BLOCK, dim=1) + unpack_int4(self.codes, k) * d
-        q = torch.empty((n, k), dtype=torch.float32)
-        q[:, lane_order(k)] = self.codes.to(torch.float32) - 128
-        return q * d
+        """The fp32 weight [N, K] in natural order (for tests)."""
+        codes, scales, minimums = self.rows_of(torch.arange(self.out_features))
+        w = codes.to(torch.float32) * scales.repeat_interleave(BLOCK, dim=1)
+        return w if minimums is None else minimums.repeat_interleave(BLOCK, dim=1) + w
+
+    def block_scales(self) -> torch.Tensor:
+        """The block scales [N, K/32] (fp32)."""
+        return self.rows_of(torch.arange(self.out_features))[1]

@@ -109,7 +109,7 @@ class Int8WeightOnlyLinear(nn.Module):
         if shared is None:
             shared = quantize_int8(linear.weight)
         self.weight, self.scales = shared  # [N, K] int8 and [N] bf16, or (lowbit) [N, K + K/16] uint8 rows and None
-        self.lowbit = lowbit_int8(self.weight, self.scales, self.in_features)
+        self.lowbit = lowbit_int8(self.weight, self.scales, self.in_features, self.out_features)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,15 +193,13 @@ class Int8Embedding(nn.Module):
         self.weight, self.scales = quantize_int8(embedding.weight)  # see Int8WeightOnlyLinear
         self.dtype = dtype
         self.num_embeddings, self.embedding_dim = embedding.weight.shape
-        self.lowbit = lowbit_int8(self.weight, self.scales, self.embedding_dim)
-        self._natural = None if self.lowbit is None else lowbit.natural_order(self.embedding_dim)
+        self.lowbit = lowbit_int8(self.weight, self.scales, self.embedding_dim, self.num_embeddings)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.lowbit is None:
             return self.weight[ids].to(self.dtype) * self.scales[ids].to(self.dtype)[..., None]  # [..., D]
-        codes = self.lowbit.codes[ids][..., self._natural].to(torch.int16) - 128  # [..., D] in natural order
-        scales = self.lowbit.scales[ids].to(torch.float32).repeat_interleave(lowbit.BLOCK, dim=-1)
-        return (codes * scales).to(self.dtype)
+        codes, scales, _ = self.lowbit.rows_of(ids)  # [..., D] in natural order, [..., D/32]
+        return (codes * scales.repeat_interleave(lowbit.BLOCK, dim=-1)).to(self.dtype)
 
     def extra_repr(self) -> str:
         kind = "per-row" if self.lowbit is None else "blocks of 32"
@@ -210,7 +208,7 @@ class Int8Embedding(nn.Module):
 
 def quantize_int8(weight: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter | None]:
     """int8 (weight, scales) for :class:`Int8WeightOnlyLinear` and :class:`Int8Embedding`: GGUF Q8_0-style blocks in
-    the low-bit kernel's rows (codes and fp16 scales in one tensor, scales None) where that kernel runs, else
+    the low-bit kernel's layout (codes and fp16 scales in one tensor, scales None) where that kernel runs, else
     per-row int8 with bf16 scales."""
     if lowbit.kernel() is not None and lowbit.supported(weight.shape[1]):
         q, d = lowbit.quantize_blocks8(weight)
@@ -220,9 +218,15 @@ def quantize_int8(weight: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter | No
     return nn.Parameter(q, requires_grad=False), nn.Parameter(scales.to(KERNEL_DTYPE), requires_grad=False)
 
 
-def lowbit_int8(weight: torch.Tensor, scales: torch.Tensor | None, in_features: int) -> lowbit.LowBitWeight | None:
+def lowbit_int8(weight: torch.Tensor, scales: torch.Tensor | None, in_features: int,
+                out_features: int) -> lowbit.LowBitWeight | None:
     """The kernel's view of a :func:`quantize_int8` pair in its rows format (None for per-row int8)."""
-    return None if scales is not None else lowbit.LowBitWeight(weight, in_features, 8, lowbit.kernel())
+    if scales is not None:
+        return None
+    lib = lowbit.kernel()
+    if lib.oh_available() == 2:  # the groups layout (see quantize_int8): N from the rows it was packed from
+        return lowbit.LowBitWeight(weight, in_features, 8, lib, out_features, "groups")
+    return lowbit.LowBitWeight(weight, in_features, 8, lib)
 
 
 def quantize_cpu_head(modules: nn.Module, dtype: torch.dtype) -> None:

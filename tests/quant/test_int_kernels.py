@@ -70,8 +70,8 @@ def test_int4_linear_matches_its_dequantized_weight(rows, dtype, backend):
     w_deq = (q.reshape(80, 6, 32).float() * scale[..., None] + minimum[..., None]).reshape(80, 192)
     layer = Int4WeightOnlyLinear(dense)
     assert (layer.lowbit is not None) == (backend == "lowbit")
-    if backend == "lowbit":  # each row: 4-bit codes, then an fp16 scale and minimum per block of 32 (5 bits/weight)
-        assert layer.weight.dtype == torch.uint8 and layer.weight.shape == (80, 192 // 2 + 4 * 192 // 32)
+    if backend == "lowbit":  # 4-bit codes and an fp16 scale and minimum per block of 32: 5 bits per weight
+        assert layer.weight.dtype == torch.uint8 and layer.weight.numel() == 80 * (192 // 2 + 4 * 192 // 32)
     else:
         assert layer.weight.dtype == torch.uint8 and layer.weight.numel() == 80 * 192 // 2  # 4 bits per weight
     x = torch.randn(2, rows, 192)
@@ -91,8 +91,8 @@ def test_int8_linear_matches_its_dequantized_weight(rows, dtype, backend):
     if backend == "lowbit":  # GGUF Q8_0: blocks of 32 along K, an fp16 scale each, in the kernel's layout
         q, d = lowbit.quantize_blocks8(dense.weight)
         w_deq = (q.reshape(48, 2, 32).float() * d.half().float()[..., None]).reshape(48, 64)
-        assert layer.weight.dtype == torch.uint8 and layer.weight.shape == (48, 64 + 2 * 2)  # codes, fp16 scales
-        assert layer.lowbit.scales.shape == (48, 2)
+        assert layer.weight.dtype == torch.uint8 and layer.weight.numel() == 48 * (64 + 2 * 2)  # codes, fp16 scales
+        assert torch.equal(layer.lowbit.block_scales(), d.half().float())
     else:
         q, scales = quantize_int8_rows(dense.weight)
         w_deq = q.float() * scales[:, None]

@@ -47,6 +47,7 @@ typedef struct {              /* runtime/lowbit.py keeps each row's codes, scale
     int32_t bits;             /* 4 or 8 */
     int64_t code_stride;      /* bytes from one row's codes to the next's */
     int64_t scale_stride;     /* fp16 values from one row's scales (and offsets) to the next's */
+    int32_t layout;           /* 0: rows (above); 1: groups of 16 rows (AVX-512 VNNI only, see dot_group) */
 } oh_weight;
 
 /* 2: AVX-512 VNNI, 1: AVX2 (vpmaddubsw, as llama.cpp on such CPUs), 0: no kernel in this build. */
@@ -70,7 +71,7 @@ static inline __m512 load16(const void *x, int bf16, int64_t i) {
 
 /* One activation row [K] (fp32 or bf16) -> int8 codes in lane order [K], per-block scale sx [K/32] and
  * sx * sum(codes) [K/32]. sx = max|x| / 127, codes = x / sx rounded half to even. */
-static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *sx, float *sxsum) {
+static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *sx, float *sxsum, int natural) {
     for (int64_t b = 0; b < k / QK; b++) {
         __m512 v0 = load16(x, bf16, b * QK), v1 = load16(x, bf16, b * QK + 16);
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
@@ -79,6 +80,11 @@ static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *
         __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
         sx[b] = d;
         sxsum[b] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        if (natural) {  /* the groups layout takes codes in K order */
+            _mm_storeu_si128((__m128i *)(xq + b * QK), _mm512_cvtsepi32_epi8(q0));
+            _mm_storeu_si128((__m128i *)(xq + b * QK + 16), _mm512_cvtsepi32_epi8(q1));
+            continue;
+        }
         uint32_t words[8];
         _mm_storeu_si128((__m128i *)words, _mm512_cvtsepi32_epi8(q0));
         _mm_storeu_si128((__m128i *)(words + 4), _mm512_cvtsepi32_epi8(q1));
@@ -162,6 +168,62 @@ static inline void dot_rows(const oh_weight *w, int64_t n, const int8_t *xq, con
     for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0[r], acc1[r]), tail[r]));
 }
 
+
+/* The groups layout: 16 weight rows at a time, each 32-bit lane of a register one row. Per group and block of 32,
+ * one record: the codes of 8 k-quads (4 consecutive k) for the 16 rows, 4 bytes per row per k-quad (lane = row),
+ * then the 16 rows' fp16 scales d, then (4-bit) their fp16 minimums m. 4-bit: 4 x 64 bytes, the low nibbles of
+ * 64-byte part t holding k-quad 2t and the high nibbles k-quad 2t + 1 (256 + 32 + 32 bytes); 8-bit: 8 x 64 bytes
+ * (codes + 128), k-quad q in part q (512 + 32 bytes). A k-quad of the activation codes is broadcast to all lanes
+ * (an embedded {1to16} memory operand), so a block costs 8 vpdpbusd, one int -> float conversion and two or three
+ * FMAs for 16 rows, and a row's result needs no horizontal sum. Up to 4 activation rows share the unpacking. */
+static inline int64_t record_bytes(const oh_weight *w) { return w->bits == 4 ? 256 + 64 : 512 + 32; }
+
+static inline void dot_group(const oh_weight *w, int64_t g, const int8_t *xq, const float *sx, const float *sxsum,
+                             const int R, __m512 *acc) {
+    const int64_t k = w->k, blocks = k / QK, rec = record_bytes(w);
+    const uint8_t *base = w->codes + g * blocks * rec;
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *p = base + b * rec;
+        __m512i dot[4];
+        for (int r = 0; r < R; r++) dot[r] = _mm512_setzero_si512();
+        if (w->bits == 4) {
+            for (int t = 0; t < 4; t++) {
+                const __m512i raw = _mm512_loadu_si512(p + 64 * t);
+                const __m512i lo = _mm512_and_si512(raw, mask), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+                for (int r = 0; r < R; r++) {
+                    const int32_t *x = (const int32_t *)(xq + r * k + b * QK) + 2 * t;
+                    dot[r] = _mm512_dpbusd_epi32(dot[r], lo, _mm512_set1_epi32(x[0]));
+                    dot[r] = _mm512_dpbusd_epi32(dot[r], hi, _mm512_set1_epi32(x[1]));
+                }
+            }
+        } else {
+            for (int t = 0; t < 8; t++) {
+                const __m512i codes = _mm512_loadu_si512(p + 64 * t);
+                for (int r = 0; r < R; r++)
+                    dot[r] = _mm512_dpbusd_epi32(dot[r], codes,
+                                                 _mm512_set1_epi32(((const int32_t *)(xq + r * k + b * QK))[t]));
+            }
+        }
+        const int64_t scales_at = w->bits == 4 ? 256 : 512;
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + scales_at)));
+        if (w->bits == 4) {
+            const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + scales_at + 32)));
+            for (int r = 0; r < R; r++) {
+                const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(sx[r * blocks + b]));
+                acc[r] = _mm512_fmadd_ps(d, scaled, acc[r]);
+                acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(sxsum[r * blocks + b]), acc[r]);
+            }
+        } else {  /* the codes carry +128: sum (q + 128) x = sum q x + 128 sum x */
+            for (int r = 0; r < R; r++) {
+                const __m512 scaled = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(sx[r * blocks + b]),
+                                                      _mm512_set1_ps(-128.0f * sxsum[r * blocks + b]));
+                acc[r] = _mm512_fmadd_ps(d, scaled, acc[r]);
+            }
+        }
+    }
+}
 #endif
 
 #if OH_AVX2
@@ -188,7 +250,8 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
-static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *sx, float *sxsum) {
+static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *sx, float *sxsum, int natural) {
+    (void)natural;  /* the AVX2 path has only the rows layout */
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t b = 0; b < k / QK; b++) {
@@ -327,6 +390,34 @@ static void output_row(const oh_weight *w, int64_t j, const int8_t *xq, const fl
 
 /* y [M, N] = x [M, K] times W^T; x and y fp32 (dtype flag 0) or bf16 (1), rows contiguous. Returns 0; -1 when
  * this build has no kernel or K is not a multiple of 64 (or over 32768); -2 when out of memory. */
+#if OH_VNNI
+/* Outputs 16g..16g+15 (fewer in the last group) for activation rows [r0, r1). */
+static void output_group(const oh_weight *w, int64_t g, const int8_t *xq, const float *sx, const float *sxsum,
+                         int64_t r0, int64_t m, void *y, int y_bf16) {
+    const int64_t k = w->k, n = w->n, blocks = k / QK, first = 16 * g, count = n - first < 16 ? n - first : 16;
+    for (int64_t r = r0; r < m; r += 4) {
+        __m512 acc[4];
+        const int rows = m - r < 4 ? (int)(m - r) : 4;
+        const int8_t *xr = xq + r * k;
+        const float *sr = sx + r * blocks, *tr = sxsum + r * blocks;
+        switch (rows) {  /* constant R: each case compiled with its loops over rows unrolled */
+            case 1: dot_group(w, g, xr, sr, tr, 1, acc); break;
+            case 2: dot_group(w, g, xr, sr, tr, 2, acc); break;
+            case 3: dot_group(w, g, xr, sr, tr, 3, acc); break;
+            default: dot_group(w, g, xr, sr, tr, 4, acc); break;
+        }
+        for (int i = 0; i < rows; i++) {
+            float out[16];
+            _mm512_storeu_ps(out, acc[i]);
+            for (int64_t l = 0; l < count; l++) {
+                if (y_bf16) ((uint16_t *)y)[(r + i) * n + first + l] = f32_to_bf16(out[l]);
+                else ((float *)y)[(r + i) * n + first + l] = out[l];
+            }
+        }
+    }
+}
+#endif
+
 int oh_matmul(const oh_weight *w, const void *x, int x_bf16, int64_t m, void *y, int y_bf16, int threads) {
 #if OH_KERNEL
     const int64_t k = w->k, n = w->n, blocks = k / QK;
@@ -337,12 +428,24 @@ int oh_matmul(const oh_weight *w, const void *x, int x_bf16, int64_t m, void *y,
     float *sxsum = sx + m * blocks;
     for (int64_t r = 0; r < m; r++)
         quantize_row((const char *)x + r * k * (x_bf16 ? 2 : 4), x_bf16, k, xq + r * k, sx + r * blocks,
-                     sxsum + r * blocks);
+                     sxsum + r * blocks, w->layout);
     /* Activation rows in chunks that stay in the L1 cache while every weight row passes them (a prefill's
      * rows do not all fit); a row's operations are the same in any chunk. */
     const int64_t chunk = CHUNK_BYTES / k < 4 ? 4 : (CHUNK_BYTES / k) & ~(int64_t)3;
     for (int64_t r0 = 0; r0 < m; r0 += chunk) {
         const int64_t r1 = m - r0 < chunk ? m : r0 + chunk;
+#if OH_VNNI
+        if (w->layout == 1) {
+            const int64_t groups = (n + 15) / 16;
+            if (threads > 1) {
+                #pragma omp parallel for schedule(static) num_threads(threads)
+                for (int64_t g = 0; g < groups; g++) output_group(w, g, xq, sx, sxsum, r0, r1, y, y_bf16);
+            } else {
+                for (int64_t g = 0; g < groups; g++) output_group(w, g, xq, sx, sxsum, r0, r1, y, y_bf16);
+            }
+            continue;
+        }
+#endif
         if (threads > 1) {
             #pragma omp parallel for schedule(static) num_threads(threads)
             for (int64_t j = 0; j < n; j++) output_row(w, j, xq, sx, sxsum, r0, r1, y, y_bf16);
