@@ -353,6 +353,12 @@ class LowBitWeight:
         """Rows ``ids`` [...] of the weight: codes [..., K] (int16 in natural order; signed for 8-bit), scales and
         minimums [..., K/32] fp32 (minimums None for 8-bit). What an embedding lookup reads."""
         k, blocks = self.in_features, self.in_features // BLOCK
+        if self.layout == "groups" and self.bits == 8:  # an embedding lookup per token: gather its bytes directly
+            code_at, scale_at = self._lane_bytes()
+            groups, lanes = (ids // GROUP).reshape(-1, 1), (ids % GROUP).reshape(-1)
+            codes = self.rows[groups, code_at[lanes]].to(torch.int16) - 128
+            scales = self.rows[groups, scale_at[lanes]].view(torch.float16).to(torch.float32)
+            return codes.reshape(*ids.shape, k), scales.reshape(*ids.shape, blocks), None
         if self.layout == "groups":
             codes, scales, minimums = unpack_groups(self.rows[ids // GROUP].reshape(-1, self.rows.shape[1]), k,
                                                     self.bits)
@@ -386,6 +392,19 @@ class LowBitWeight:
         if status != 0:
             raise RuntimeError(f"low-bit kernel failed ({status})")
         return out
+
+    def _lane_bytes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """8-bit groups layout: for each lane (row within its group), the byte offsets of its K codes in K order
+        [16, K] and of its K/32 fp16 scales [16, K/16] within the group's records. Built once."""
+        cached = getattr(self, "_lane_index", None)
+        if cached is None:
+            k, rec = self.in_features, _record_bytes(8)
+            kk, lane = torch.arange(k), torch.arange(GROUP)[:, None]
+            codes = (kk // BLOCK) * rec + ((kk % BLOCK) // 4) * 64 + 4 * lane + kk % 4  # [16, K]
+            byte = torch.arange(2 * (k // BLOCK))
+            scales = (byte // 2) * rec + 512 + 2 * lane + byte % 2  # [16, K/16]
+            cached = self._lane_index = (codes, scales)
+        return cached
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight [N, K] in natural order (for tests)."""
