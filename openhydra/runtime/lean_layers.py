@@ -100,8 +100,8 @@ class LeanLlamaLayer:
              attention_mask: torch.Tensor | None) -> torch.Tensor:
         """``layer(h, attention_mask=..., position_embeddings=(cos, sin), past_key_values=cache, use_cache=True)``.
 
-        h [B, S, D] -> [B, S, D]; cos, sin [B, 1, S, hd] (unsqueezed once for all layers); appends the S new
-        positions' keys and values to ``cache``."""
+        h [B, S, D] -> [B, S, D]; cos [B, 1, S, hd] (unsqueezed once for all layers), sin as :func:`signed_sin`
+        makes it (once for all layers); appends the S new positions' keys and values to ``cache``."""
         residual = h
         qk, v = self._qkv(_norm(self.input_norm, h))
         qk = self._rotate(qk, cos, sin)
@@ -146,10 +146,12 @@ class LeanLlamaLayer:
         qk = torch.cat([self.q(x), self.k(x)], dim=-1).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
         return qk, self.v(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
 
-    def _rotate(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """transformers' ``apply_rotary_pos_emb`` on q and k at once (``rotate_half`` written out)."""
+    def _rotate(self, qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """transformers' ``apply_rotary_pos_emb`` on q and k at once: ``rotate_half(x) * sin`` is
+        ``cat(-x2, x1) * sin``, and ``(-a) * b`` rounds as ``a * (-b)``, so the negation moves to the sin, once per
+        step for all layers (:func:`signed_sin`)."""
         half = self.head_dim // 2
-        return (qk * cos) + (torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin)
+        return (qk * cos) + (torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * signed_sin)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -174,13 +176,20 @@ class LeanLlamaLayer:
         return self.gate(x), self.up(x)
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """The rotary sin [..., hd] with its first half negated, as :meth:`LeanLlamaLayer.step` and ``verify`` take it."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
 def _norm(norm: tuple[torch.Tensor, float], h: torch.Tensor) -> torch.Tensor:
-    """``LlamaRMSNorm.forward`` (without the casts to the dtype a tensor already has)."""
+    """``LlamaRMSNorm.forward`` (without the casts to the dtype a tensor already has; the same operations, in place
+    where a result is fresh: ``a.add_(b)`` rounds as ``a + b``, and ``x * w`` as ``w * x``)."""
     weight, eps = norm
     dtype = h.dtype
     x = h if dtype == torch.float32 else h.to(torch.float32)
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * (x if dtype == torch.float32 else x.to(dtype))
+    x = x * x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    return x.mul_(weight) if dtype == torch.float32 else weight * x.to(dtype)
 
 
 def _matmul(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -24,6 +24,7 @@ from openhydra.runtime.lean_layers import (
     lean_modules,
     lean_usable,
     one_position_row,
+    signed_sin,
 )
 from openhydra.runtime.malloc import maybe_trim
 from openhydra.runtime.prefix_cache import PrefixCache, PrefixKey, begin_prefix, run_in_blocks
@@ -90,6 +91,10 @@ class ShardRuntime:
         self._mask_fns = {t: _mask_function(t) for t in set(self.layer_types)}
         self._lean = lean_modules(self.modules.layers)  # plain Llama layers: the lean step (runtime/lean_layers.py)
         self._lean_layers = None if self._lean is None else [LeanLlamaLayer(layer) for layer in self.modules.layers]
+        # A one-position step through full-attention layers (sdpa, no padding mask) gets no mask from transformers
+        # at any cache length (its sdpa mask is skipped for a single query); asking costs ~18 µs per step.
+        # tests/runtime/test_lean_layers.py checks the premise at several cache lengths.
+        self._one_position_maskless = set(self.layer_types) <= {"full_attention"}
         self.is_recurrent = any(t in RECURRENT_LAYER_TYPES for t in self.layer_types)
         self.prefix_cache: PrefixCache | None = None  # runtime/serving.py turns it on
         self.batcher = None  # runtime/batching.py DecodeBatcher, when continuous batching is on
@@ -270,26 +275,32 @@ class ShardRuntime:
                     return None
             # cos, sin [1, 1, S, head_dim]: element-wise per position, the steps' bits
             cos, sin = (t.unsqueeze(1) for t in self.modules.rotary_emb(h, position_ids))
+            sin = signed_sin(sin)
             for lean in self._lean_layers:
                 h = lean.verify(h, cos, sin, cache)
         return h
 
     def _run_layers(self, session: Session, h: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         cache = session.cache
+        lean = lean_usable(self._lean, self.shard_config._attn_implementation)
         with torch.inference_mode():
-            masks = {
-                layer_type: fn(
-                    config=self.shard_config,
-                    inputs_embeds=h,
-                    attention_mask=None,
-                    past_key_values=cache,
-                    position_ids=position_ids,
-                )
-                for layer_type, fn in self._mask_fns.items()
-            }
+            if lean and h.shape[1] == 1 and self._one_position_maskless:
+                masks = dict.fromkeys(self._mask_fns)  # what the mask functions return here (see __init__)
+            else:
+                masks = {
+                    layer_type: fn(
+                        config=self.shard_config,
+                        inputs_embeds=h,
+                        attention_mask=None,
+                        past_key_values=cache,
+                        position_ids=position_ids,
+                    )
+                    for layer_type, fn in self._mask_fns.items()
+                }
             position_embeddings = self.modules.rotary_emb(h, position_ids)  # (cos, sin), each [1, S, head_dim]
-            if lean_usable(self._lean, self.shard_config._attn_implementation):
+            if lean:
                 cos, sin = (t.unsqueeze(1) for t in position_embeddings)  # [1, 1, S, head_dim]
+                sin = signed_sin(sin)
                 for lean, layer_type in zip(self._lean_layers, self.layer_types, strict=True):
                     h = lean.step(h, cos, sin, cache, masks[layer_type])
                 return h  # [1, S, D]: the same bits as the loop below, fewer small ops (runtime/lean_layers.py)

@@ -142,6 +142,23 @@ def test_lean_step_is_bit_identical_on_smollm2(smollm2_dir, dtype, quantization,
     _assert_lean_equals_transformers(smollm2_dir, dtype, quantization, monkeypatch, new=4)
 
 
+def test_one_position_steps_through_full_attention_need_no_mask(tiny_model_dirs):
+    """The premise of ShardRuntime's skipping transformers' mask functions on a lean one-position step: for
+    full-attention layers under sdpa they return None whatever the cache holds."""
+    rt = ShardRuntime(tiny_model_dirs["llama"])
+    assert rt._one_position_maskless and set(rt.layer_types) == {"full_attention"}
+    for length in (1, 19, 300):
+        prompt = torch.randint(3, 4000, (length,), generator=torch.Generator().manual_seed(length))
+        rt.forward(f"m{length}", torch.arange(length), input_ids=prompt)
+        cache = rt._sessions.get(f"m{length}").cache
+        h = torch.zeros(1, 1, rt.shard_config.hidden_size)
+        for fn in rt._mask_fns.values():
+            assert fn(config=rt.shard_config, inputs_embeds=h, attention_mask=None, past_key_values=cache,
+                      position_ids=torch.tensor([[length]])) is None
+    hybrid = ShardRuntime(tiny_model_dirs["qwen3_5"])  # linear-attention layers: masks stay asked for
+    assert not hybrid._one_position_maskless
+
+
 def test_lean_step_only_where_it_is_that_layer(tiny_model_dirs):
     llama = ShardRuntime(tiny_model_dirs["llama"], 0, 4, dtype=torch.float32)
     assert lean_supported(llama.modules.layers, "sdpa")
