@@ -4,14 +4,16 @@
  * runtime/lowbit.py with the machine's own -march=native; on a CPU or compiler with neither, oh_available() is 0
  * and the node keeps PyTorch's kernels.
  *
- * Layout (runtime/lowbit.py packs the weights): blocks go in pairs (2p, 2p+1), and a pair's 64 codes are stored
- * in "lane order": its 32-bit words alternate between the two blocks (word 2j holds elements 4j..4j+3 of block
- * 2p, word 2j+1 the same of block 2p+1), so each 32-bit lane of a 512-bit register belongs to one block and the
- * pair's two scales, broadcast as [s0, s1, s0, s1, ...] (vbroadcastf32x2), line up with the lanes. The
- * activations are quantized into the same order. 8-bit: a pair is 64 bytes, each code + 128 as an unsigned byte.
- * 4-bit: pairs go in twos (a quad of 4 blocks, 64 bytes): byte t holds position t of the first pair in its low
- * nibble and position t of the second pair in its high nibble; a last lone pair (K = 64 mod 128) is 32 bytes,
- * byte t holding its positions t (low) and t + 32 (high). Block scales (d) and minimums (m) are fp16, as GGUF's.
+ * Two layouts (runtime/lowbit.py packs the weights), one per path; block scales (d) and minimums (m) are fp16, as
+ * GGUF's, and 8-bit codes are stored + 128 as unsigned bytes.
+ * - AVX-512 VNNI, "groups": 16 output rows per record, one per 32-bit lane (see dot_group below).
+ * - AVX2, "rows": each row's codes, then its d, then its m, in one run of memory. The codes go in block pairs
+ *   (2p, 2p+1) in "lane order": a pair's 32-bit words alternate between its two blocks (word 2j holds elements
+ *   4j..4j+3 of block 2p, word 2j+1 the same of block 2p+1), so each 32-bit lane belongs to one block and the
+ *   pair's two scales, broadcast as [s0, s1, s0, s1, ...], line up with the lanes; the activations are quantized
+ *   into the same order. 8-bit: a pair is 64 bytes. 4-bit: pairs go in twos (a quad of 4 blocks, 64 bytes): byte
+ *   t holds position t of the first pair in its low nibble and of the second in its high nibble; a last lone pair
+ *   (K = 64 mod 128) is 32 bytes, byte t holding its positions t (low) and t + 32 (high).
  *
  * Per output row n and activation row r: y = sum over blocks b of d[n,b] * sx[r,b] * dot(q[n,b], xq[r,b])
  * + sum over b of c[n,b] * sx[r,b] * sum(xq[r,b]), where c is the block minimum (4-bit, w = m + q*d) or -128*d
@@ -57,10 +59,6 @@ int oh_available(void) { return OH_VNNI ? 2 : (OH_AVX2 ? 1 : 0); }
 
 #if OH_VNNI
 
-static inline __m512 pair_bcast(const float *p) {  /* [p0, p1, p0, p1, ...] */
-    return _mm512_broadcast_f32x2(_mm_castpd_ps(_mm_load_sd((const double *)p)));
-}
-
 static inline __m512 load16(const void *x, int bf16, int64_t i) {
     if (bf16) {
         __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
@@ -69,9 +67,9 @@ static inline __m512 load16(const void *x, int bf16, int64_t i) {
     return _mm512_loadu_ps((const float *)x + i);
 }
 
-/* One activation row [K] (fp32 or bf16) -> int8 codes in lane order [K], per-block scale sx [K/32] and
+/* One activation row [K] (fp32 or bf16) -> int8 codes [K] (K order), per-block scale sx [K/32] and
  * sx * sum(codes) [K/32]. sx = max|x| / 127, codes = x / sx rounded half to even. */
-static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *sx, float *sxsum, int natural) {
+static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *sx, float *sxsum) {
     for (int64_t b = 0; b < k / QK; b++) {
         __m512 v0 = load16(x, bf16, b * QK), v1 = load16(x, bf16, b * QK + 16);
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
@@ -80,16 +78,8 @@ static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *
         __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
         sx[b] = d;
         sxsum[b] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-        if (natural) {  /* the groups layout takes codes in K order */
-            _mm_storeu_si128((__m128i *)(xq + b * QK), _mm512_cvtsepi32_epi8(q0));
-            _mm_storeu_si128((__m128i *)(xq + b * QK + 16), _mm512_cvtsepi32_epi8(q1));
-            continue;
-        }
-        uint32_t words[8];
-        _mm_storeu_si128((__m128i *)words, _mm512_cvtsepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(words + 4), _mm512_cvtsepi32_epi8(q1));
-        uint32_t *pair = (uint32_t *)(xq + (b >> 1) * 64) + (b & 1);
-        for (int j = 0; j < 8; j++) pair[2 * j] = words[j];
+        _mm_storeu_si128((__m128i *)(xq + b * QK), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(xq + b * QK + 16), _mm512_cvtsepi32_epi8(q1));
     }
 }
 
@@ -97,77 +87,6 @@ static inline __m512 to_f32_16(const uint16_t *h, int64_t count) {  /* up to 16 
     __mmask16 mask = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, h));
 }
-
-/* Pairs p and p + 1 of a weight row (codes w0, w1) times R activation rows: into acc0 and acc1 respectively. */
-static inline void accumulate_quad(__m512i w0, __m512i w1, const int8_t *xq, int64_t k, int64_t p,
-                                   float ds[4][MAX_BLOCKS], const int R, __m512 *acc0, __m512 *acc1) {
-    for (int r = 0; r < R; r++) {
-        const int8_t *x = xq + r * k + p * 64;
-        __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(x));
-        __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512(x + 64));
-        acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds[r] + 2 * p), acc0[r]);
-        acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), pair_bcast(ds[r] + 2 * p + 2), acc1[r]);
-    }
-}
-
-/* A lone pair p (the last, when K = 64 mod 128) times R activation rows: into acc0. */
-static inline void accumulate_pair(__m512i w0, const int8_t *xq, int64_t k, int64_t p, float ds[4][MAX_BLOCKS],
-                                   const int R, __m512 *acc0) {
-    for (int r = 0; r < R; r++) {
-        __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xq + r * k + p * 64));
-        acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), pair_bcast(ds[r] + 2 * p), acc0[r]);
-    }
-}
-
-/* Weight row n times R (1..4) quantized activation rows (each K codes apart, their scales `blocks` apart): out[r].
- * Each row r goes through the same operations in the same order whatever R is (its own scales, tail and two
- * accumulators); only the weight codes' unpacking is shared. So a row's bits do not depend on its batch. */
-static inline void dot_rows(const oh_weight *w, int64_t n, const int8_t *xq, const float *sx, const float *sxsum,
-                            const int R, float *out) {
-    const int64_t k = w->k, blocks = k / QK, pairs = k / 64;
-    const uint16_t *dh = w->scales + n * w->scale_stride, *mh = w->offsets + n * w->scale_stride;
-    const __m512 minus128 = _mm512_set1_ps(-128.0f);
-    float ds[4][MAX_BLOCKS];  /* d * sx per block, per activation row */
-    __m512 tail[4], acc0[4], acc1[4];  /* tail: sum over blocks of m (4-bit) or -128 d (8-bit) times sx * sum(codes) */
-    for (int r = 0; r < R; r++) {
-        tail[r] = acc0[r] = acc1[r] = _mm512_setzero_ps();
-    }
-    for (int64_t b = 0; b < blocks; b += 16) {
-        const int64_t count = blocks - b < 16 ? blocks - b : 16;
-        const __mmask16 mask = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
-        const __m512 d = to_f32_16(dh + b, count);
-        const __m512 c = w->bits == 4 ? to_f32_16(mh + b, count) : _mm512_mul_ps(d, minus128);
-        for (int r = 0; r < R; r++) {
-            _mm512_storeu_ps(ds[r] + b, _mm512_mul_ps(d, _mm512_maskz_loadu_ps(mask, sx + r * blocks + b)));
-            tail[r] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, sxsum + r * blocks + b), tail[r]);
-        }
-    }
-    int64_t p = 0;
-    if (w->bits == 8) {
-        const uint8_t *codes = w->codes + n * w->code_stride;
-        for (; p + 1 < pairs; p += 2)
-            accumulate_quad(_mm512_loadu_si512(codes + p * 64), _mm512_loadu_si512(codes + p * 64 + 64), xq, k, p,
-                            ds, R, acc0, acc1);
-        if (p < pairs) accumulate_pair(_mm512_loadu_si512(codes + p * 64), xq, k, p, ds, R, acc0);
-    } else {
-        const uint8_t *codes = w->codes + n * w->code_stride;
-        const __m512i mask = _mm512_set1_epi8(0x0F);
-        for (; p + 1 < pairs; p += 2) {  /* a quad: low nibbles = pair p, high nibbles = pair p + 1 */
-            const __m512i raw = _mm512_loadu_si512(codes + p * 32);
-            accumulate_quad(_mm512_and_si512(raw, mask), _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask), xq, k, p,
-                            ds, R, acc0, acc1);
-        }
-        if (p < pairs) {  /* a lone last pair: 32 bytes */
-            const __m256i m256 = _mm256_set1_epi8(0x0F);
-            const __m256i raw = _mm256_loadu_si256((const __m256i *)(codes + p * 32));
-            accumulate_pair(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, m256)),
-                                               _mm256_and_si256(_mm256_srli_epi16(raw, 4), m256), 1),
-                            xq, k, p, ds, R, acc0);
-        }
-    }
-    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0[r], acc1[r]), tail[r]));
-}
-
 
 /* The groups layout: 16 weight rows at a time, each 32-bit lane of a register one row. Per group and block of 32,
  * one record: the codes of 8 k-quads (4 consecutive k) for the 16 rows, 4 bytes per row per k-quad (lane = row),
@@ -227,8 +146,8 @@ static inline void dot_group(const oh_weight *w, int64_t g, const int8_t *xq, co
 #endif
 
 #if OH_AVX2
-/* The same layout and formula on 256-bit registers: a 32-byte half of a pair holds 16 elements of each of its two
- * blocks in alternating 32-bit lanes, so [s0, s1, s0, s1, ...] (vbroadcastsd) lines up as on AVX-512. Products go
+/* The rows layout on 256-bit registers: a 32-byte half of a pair holds 16 elements of each of its two blocks in
+ * alternating 32-bit lanes, so [s0, s1, s0, s1, ...] (vbroadcastsd) lines up with them. Products go
  * through vpmaddubsw (u8 x s8 -> pairs summed to int16) and vpmaddwd by ones (-> int32 per 4-byte lane). 4-bit codes
  * (<= 15) cannot saturate the int16 pairs; 8-bit codes use llama.cpp's sign trick (|w| times x with w's sign), so
  * the 8-bit tail (the -128 correction of the unsigned codes) is not needed here. */
@@ -250,8 +169,7 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
-static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *sx, float *sxsum, int natural) {
-    (void)natural;  /* the AVX2 path has only the rows layout */
+static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *sx, float *sxsum) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t b = 0; b < k / QK; b++) {
@@ -365,6 +283,7 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
 #define CHUNK_BYTES 16384
 #endif
 
+#if OH_AVX2
 /* Output column j for activation rows [r0, r1): up to 4 rows share each weight row's unpacking. */
 static void output_row(const oh_weight *w, int64_t j, const int8_t *xq, const float *sx, const float *sxsum,
                        int64_t r0, int64_t m, void *y, int y_bf16) {
@@ -386,6 +305,7 @@ static void output_row(const oh_weight *w, int64_t j, const int8_t *xq, const fl
         }
     }
 }
+#endif
 #endif
 
 /* y [M, N] = x [M, K] times W^T; x and y fp32 (dtype flag 0) or bf16 (1), rows contiguous. Returns 0; -1 when
@@ -421,37 +341,33 @@ static void output_group(const oh_weight *w, int64_t g, const int8_t *xq, const 
 int oh_matmul(const oh_weight *w, const void *x, int x_bf16, int64_t m, void *y, int y_bf16, int threads) {
 #if OH_KERNEL
     const int64_t k = w->k, n = w->n, blocks = k / QK;
-    if (k % 64 != 0 || blocks > MAX_BLOCKS) return -1;
+    if (k % 64 != 0 || blocks > MAX_BLOCKS || w->layout != (OH_VNNI ? 1 : 0)) return -1;  /* one layout per path */
     int8_t *xq = (int8_t *)malloc((size_t)(m * k));
     float *sx = (float *)malloc(sizeof(float) * (size_t)(2 * m * blocks));
     if (!xq || !sx) { free(xq); free(sx); return -2; }
     float *sxsum = sx + m * blocks;
     for (int64_t r = 0; r < m; r++)
         quantize_row((const char *)x + r * k * (x_bf16 ? 2 : 4), x_bf16, k, xq + r * k, sx + r * blocks,
-                     sxsum + r * blocks, w->layout);
+                     sxsum + r * blocks);
     /* Activation rows in chunks that stay in the L1 cache while every weight row passes them (a prefill's
      * rows do not all fit); a row's operations are the same in any chunk. */
     const int64_t chunk = CHUNK_BYTES / k < 4 ? 4 : (CHUNK_BYTES / k) & ~(int64_t)3;
     for (int64_t r0 = 0; r0 < m; r0 += chunk) {
         const int64_t r1 = m - r0 < chunk ? m : r0 + chunk;
-#if OH_VNNI
-        if (w->layout == 1) {
-            const int64_t groups = (n + 15) / 16;
-            if (threads > 1) {
-                #pragma omp parallel for schedule(static) num_threads(threads)
-                for (int64_t g = 0; g < groups; g++) output_group(w, g, xq, sx, sxsum, r0, r1, y, y_bf16);
-            } else {
-                for (int64_t g = 0; g < groups; g++) output_group(w, g, xq, sx, sxsum, r0, r1, y, y_bf16);
-            }
-            continue;
-        }
+#if OH_VNNI  /* groups of 16 output rows */
+        const int64_t units = (n + 15) / 16;
+#define OUTPUT(u) output_group(w, u, xq, sx, sxsum, r0, r1, y, y_bf16)
+#else  /* AVX2: one output row at a time */
+        const int64_t units = n;
+#define OUTPUT(u) output_row(w, u, xq, sx, sxsum, r0, r1, y, y_bf16)
 #endif
         if (threads > 1) {
             #pragma omp parallel for schedule(static) num_threads(threads)
-            for (int64_t j = 0; j < n; j++) output_row(w, j, xq, sx, sxsum, r0, r1, y, y_bf16);
+            for (int64_t u = 0; u < units; u++) OUTPUT(u);
         } else {  /* no OpenMP region at all: entering one costs about a microsecond even for one thread */
-            for (int64_t j = 0; j < n; j++) output_row(w, j, xq, sx, sxsum, r0, r1, y, y_bf16);
+            for (int64_t u = 0; u < units; u++) OUTPUT(u);
         }
+#undef OUTPUT
     }
     free(xq);
     free(sx);
