@@ -148,11 +148,16 @@ def test_smollm2_prefix_pairs_and_streams_are_exact(smollm2_dir, tokenizer, dtyp
     """CI runs one pair per system prompt (5 pairs, 10 orders) to stay within its time;
     OPENHYDRA_EXACTNESS_FULL=1 runs all 20 pairs (40 orders), which passed in bf16 and fp32 on 2026-12-03
     (29 and 8.6 min at load 10-22)."""
-    rt = _serving_runtime(smollm2_dir, DTYPES[dtype])
+    _check_smollm2(_serving_runtime(smollm2_dir, DTYPES[dtype]), tokenizer, first_question=1)
+
+
+def _check_smollm2(rt: ShardRuntime, tokenizer, first_question: int) -> None:
+    """The prefix pairs (one per system prompt, or all with OPENHYDRA_EXACTNESS_FULL=1) and 8 concurrent streams of
+    12 tokens, their questions starting at ``first_question`` (so the callers' streams differ)."""
     try:
         prompts = _prompts(tokenizer)
         check_prefix_pairs(rt, prompts, 6, PAIRS if _full() else CI_PAIRS)
-        streams = [prompts[(s % len(SYSTEMS), QUESTIONS[(s + 1 + s // 5) % 5])] for s in range(8)]
+        streams = [prompts[(s % len(SYSTEMS), QUESTIONS[(s + first_question + s // 5) % 5])] for s in range(8)]
         check_concurrent_streams(rt, streams, 12)
     finally:
         rt.batcher.close()
@@ -171,11 +176,4 @@ def test_smollm2_quantized_prefix_pairs_and_streams_are_exact(smollm2_dir, token
 
     if lowbit.kernel() is None:
         pytest.skip("PyTorch's int4/int8 kernels here: exactness is claimed on the low-bit kernel only")
-    rt = _serving_runtime(smollm2_dir, torch.float32, quantization)
-    try:
-        prompts = _prompts(tokenizer)
-        check_prefix_pairs(rt, prompts, 6, PAIRS if _full() else CI_PAIRS)
-        streams = [prompts[(s % len(SYSTEMS), QUESTIONS[(s + 2 + s // 5) % 5])] for s in range(8)]
-        check_concurrent_streams(rt, streams, 12)
-    finally:
-        rt.batcher.close()
+    _check_smollm2(_serving_runtime(smollm2_dir, torch.float32, quantization), tokenizer, first_question=2)

@@ -283,61 +283,53 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
 #define CHUNK_BYTES 16384
 #endif
 
-#if OH_AVX2
-/* Output column j for activation rows [r0, r1): up to 4 rows share each weight row's unpacking. */
-static void output_row(const oh_weight *w, int64_t j, const int8_t *xq, const float *sx, const float *sxsum,
-                       int64_t r0, int64_t m, void *y, int y_bf16) {
-    const int64_t k = w->k, n = w->n, blocks = k / QK;
-    for (int64_t r = r0; r < m; r += 4) {
-        float out[4];
-        const int rows = m - r < 4 ? (int)(m - r) : 4;
-        const int8_t *xr = xq + r * k;
-        const float *sr = sx + r * blocks, *tr = sxsum + r * blocks;
-        switch (rows) {  /* constant R: each case compiled with its loops over rows unrolled */
-            case 1: dot_rows(w, j, xr, sr, tr, 1, out); break;
-            case 2: dot_rows(w, j, xr, sr, tr, 2, out); break;
-            case 3: dot_rows(w, j, xr, sr, tr, 3, out); break;
-            default: dot_rows(w, j, xr, sr, tr, 4, out); break;
-        }
-        for (int i = 0; i < rows; i++) {
-            if (y_bf16) ((uint16_t *)y)[(r + i) * n + j] = f32_to_bf16(out[i]);
-            else ((float *)y)[(r + i) * n + j] = out[i];
-        }
-    }
+#if OH_VNNI
+#define UNIT 16 /* outputs per unit of work: a group of 16 rows */
+/* Outputs 16u.. of R activation rows: out[r][0..15]. */
+static inline void dot_unit(const oh_weight *w, int64_t u, const int8_t *xq, const float *sx, const float *sxsum,
+                            const int R, float out[4][UNIT]) {
+    __m512 acc[4];
+    dot_group(w, u, xq, sx, sxsum, R, acc);
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(out[r], acc[r]);
+}
+#else
+#define UNIT 1 /* one output row */
+static inline void dot_unit(const oh_weight *w, int64_t u, const int8_t *xq, const float *sx, const float *sxsum,
+                            const int R, float out[4][UNIT]) {
+    float one[4];
+    dot_rows(w, u, xq, sx, sxsum, R, one);
+    for (int r = 0; r < R; r++) out[r][0] = one[r];
 }
 #endif
-#endif
 
-/* y [M, N] = x [M, K] times W^T; x and y fp32 (dtype flag 0) or bf16 (1), rows contiguous. Returns 0; -1 when
- * this build has no kernel or K is not a multiple of 64 (or over 32768); -2 when out of memory. */
-#if OH_VNNI
-/* Outputs 16g..16g+15 (fewer in the last group) for activation rows [r0, r1). */
-static void output_group(const oh_weight *w, int64_t g, const int8_t *xq, const float *sx, const float *sxsum,
-                         int64_t r0, int64_t m, void *y, int y_bf16) {
-    const int64_t k = w->k, n = w->n, blocks = k / QK, first = 16 * g, count = n - first < 16 ? n - first : 16;
+/* Outputs UNIT*u.. (fewer at the end) for activation rows [r0, r1): up to 4 rows share the weights' unpacking. */
+static void output_unit(const oh_weight *w, int64_t u, const int8_t *xq, const float *sx, const float *sxsum,
+                        int64_t r0, int64_t m, void *y, int y_bf16) {
+    const int64_t k = w->k, n = w->n, blocks = k / QK, first = UNIT * u;
+    const int64_t count = n - first < UNIT ? n - first : UNIT;
     for (int64_t r = r0; r < m; r += 4) {
-        __m512 acc[4];
+        float out[4][UNIT];
         const int rows = m - r < 4 ? (int)(m - r) : 4;
         const int8_t *xr = xq + r * k;
         const float *sr = sx + r * blocks, *tr = sxsum + r * blocks;
         switch (rows) {  /* constant R: each case compiled with its loops over rows unrolled */
-            case 1: dot_group(w, g, xr, sr, tr, 1, acc); break;
-            case 2: dot_group(w, g, xr, sr, tr, 2, acc); break;
-            case 3: dot_group(w, g, xr, sr, tr, 3, acc); break;
-            default: dot_group(w, g, xr, sr, tr, 4, acc); break;
+            case 1: dot_unit(w, u, xr, sr, tr, 1, out); break;
+            case 2: dot_unit(w, u, xr, sr, tr, 2, out); break;
+            case 3: dot_unit(w, u, xr, sr, tr, 3, out); break;
+            default: dot_unit(w, u, xr, sr, tr, 4, out); break;
         }
         for (int i = 0; i < rows; i++) {
-            float out[16];
-            _mm512_storeu_ps(out, acc[i]);
             for (int64_t l = 0; l < count; l++) {
-                if (y_bf16) ((uint16_t *)y)[(r + i) * n + first + l] = f32_to_bf16(out[l]);
-                else ((float *)y)[(r + i) * n + first + l] = out[l];
+                if (y_bf16) ((uint16_t *)y)[(r + i) * n + first + l] = f32_to_bf16(out[i][l]);
+                else ((float *)y)[(r + i) * n + first + l] = out[i][l];
             }
         }
     }
 }
 #endif
 
+/* y [M, N] = x [M, K] times W^T; x and y fp32 (dtype flag 0) or bf16 (1), rows contiguous. Returns 0; -1 when
+ * this build has no kernel or K is not a multiple of 64 (or over 32768); -2 when out of memory. */
 int oh_matmul(const oh_weight *w, const void *x, int x_bf16, int64_t m, void *y, int y_bf16, int threads) {
 #if OH_KERNEL
     const int64_t k = w->k, n = w->n, blocks = k / QK;
@@ -353,21 +345,13 @@ int oh_matmul(const oh_weight *w, const void *x, int x_bf16, int64_t m, void *y,
      * rows do not all fit); a row's operations are the same in any chunk. */
     const int64_t chunk = CHUNK_BYTES / k < 4 ? 4 : (CHUNK_BYTES / k) & ~(int64_t)3;
     for (int64_t r0 = 0; r0 < m; r0 += chunk) {
-        const int64_t r1 = m - r0 < chunk ? m : r0 + chunk;
-#if OH_VNNI  /* groups of 16 output rows */
-        const int64_t units = (n + 15) / 16;
-#define OUTPUT(u) output_group(w, u, xq, sx, sxsum, r0, r1, y, y_bf16)
-#else  /* AVX2: one output row at a time */
-        const int64_t units = n;
-#define OUTPUT(u) output_row(w, u, xq, sx, sxsum, r0, r1, y, y_bf16)
-#endif
+        const int64_t r1 = m - r0 < chunk ? m : r0 + chunk, units = (n + UNIT - 1) / UNIT;
         if (threads > 1) {
             #pragma omp parallel for schedule(static) num_threads(threads)
-            for (int64_t u = 0; u < units; u++) OUTPUT(u);
+            for (int64_t u = 0; u < units; u++) output_unit(w, u, xq, sx, sxsum, r0, r1, y, y_bf16);
         } else {  /* no OpenMP region at all: entering one costs about a microsecond even for one thread */
-            for (int64_t u = 0; u < units; u++) OUTPUT(u);
+            for (int64_t u = 0; u < units; u++) output_unit(w, u, xq, sx, sxsum, r0, r1, y, y_bf16);
         }
-#undef OUTPUT
     }
     free(xq);
     free(sx);
