@@ -105,18 +105,19 @@ static inline void dot_group(const oh_weight *w, int64_t g, const int8_t *xq, co
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *p = base + b * rec;
-        __m512i dot[4];
-        for (int r = 0; r < R; r++) dot[r] = _mm512_setzero_si512();
-        if (w->bits == 4) {
+        __m512i dot[4], high[4];
+        for (int r = 0; r < R; r++) dot[r] = high[r] = _mm512_setzero_si512();
+        if (w->bits == 4) {  /* high nibbles left in place (x 16), shifted back once per block: exact integers */
             for (int t = 0; t < 4; t++) {
                 const __m512i raw = _mm512_loadu_si512(p + 64 * t);
-                const __m512i lo = _mm512_and_si512(raw, mask), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+                const __m512i lo = _mm512_and_si512(raw, mask), hi = _mm512_andnot_si512(mask, raw);
                 for (int r = 0; r < R; r++) {
                     const int32_t *x = (const int32_t *)(xq + r * k + b * QK) + 2 * t;
                     dot[r] = _mm512_dpbusd_epi32(dot[r], lo, _mm512_set1_epi32(x[0]));
-                    dot[r] = _mm512_dpbusd_epi32(dot[r], hi, _mm512_set1_epi32(x[1]));
+                    high[r] = _mm512_dpbusd_epi32(high[r], hi, _mm512_set1_epi32(x[1]));
                 }
             }
+            for (int r = 0; r < R; r++) dot[r] = _mm512_add_epi32(dot[r], _mm512_srai_epi32(high[r], 4));
         } else {
             for (int t = 0; t < 8; t++) {
                 const __m512i codes = _mm512_loadu_si512(p + 64 * t);
