@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "lowbit.c"
 BLOCK = 32
-PAIR = 64  # the kernel's K granularity: two blocks per 512-bit register
+PAIR = 64  # the kernel's K granularity: two blocks (the rows layout's pair; the groups layout takes any K % 32)
 ENV_SWITCH = "OPENHYDRA_LOWBIT"
 MARCH_ENV = "OPENHYDRA_LOWBIT_MARCH"  # -march for the build (default native; tests build x86-64-v3 = AVX2 too)
 ISAS = {2: "avx512-vnni", 1: "avx2"}  # oh_available()
@@ -168,14 +168,14 @@ def supported(in_features: int) -> bool:
 
 
 def lane_order(k: int) -> torch.Tensor:
-    """Index [K]: position j of the kernel's layout holds element lane_order[j] (see lowbit.c)."""
+    """Index [K]: position j of the rows layout (AVX2) holds element lane_order[j] (see lowbit.c)."""
     t = torch.arange(PAIR)
     within = ((t >> 2) & 1) * BLOCK + (((t >> 3) << 2) | (t & 3))  # [64] element of the pair at each position
     return (torch.arange(0, k, PAIR)[:, None] + within[None, :]).reshape(-1)
 
 
 def natural_order(k: int) -> torch.Tensor:
-    """Index [K]: element j of a row sits at position natural_order[j] of the kernel's layout."""
+    """Index [K]: element j of a row sits at position natural_order[j] of the rows layout."""
     return torch.argsort(lane_order(k))
 
 
@@ -240,7 +240,8 @@ def _record_bytes(bits: int) -> int:
 
 def pack_groups(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, bits: int) -> torch.Tensor:
     """Codes q [N, K] (0..15, or -127..127 for 8-bit) and block scales (minimums) [N, K/32] -> the groups layout
-    [ceil(N/16), K/32 * record bytes] of lowbit.c's ``dot_group`` (rows past N are zeros)."""
+    [ceil(N/16), K/32 * record bytes] of lowbit.c's ``dot_group`` (rows past N are zeros); read back by
+    :meth:`LowBitWeight.rows_of`."""
     n, k = q.shape
     blocks, groups = k // BLOCK, -(-n // GROUP)
     pad = groups * GROUP - n
@@ -253,26 +254,6 @@ def pack_groups(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | No
         half = torch.nn.functional.pad(values.to(torch.float16), (0, 0, 0, pad))  # [Np, blocks]
         parts.append(half.reshape(groups, GROUP, blocks).permute(0, 2, 1).contiguous().view(torch.uint8))
     return torch.cat(parts, dim=2).reshape(groups, -1).contiguous()
-
-
-def unpack_groups(records: torch.Tensor, k: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Records [B, K/32 * record bytes] (B groups) -> codes [B, 16, K] (int16, signed for 8-bit), scales and
-    minimums [B, 16, K/32] (fp32; minimums None for 8-bit): the inverse of :func:`pack_groups`."""
-    b, blocks = records.shape[0], k // BLOCK
-    rec = records.reshape(b, blocks, _record_bytes(bits))
-    width = 256 if bits == 4 else 512
-    raw = rec[..., :width]
-    if bits == 4:
-        parts = raw.reshape(b, blocks, 4, GROUP, 4)
-        quads = torch.stack([parts & 0x0F, parts >> 4], dim=3).reshape(b, blocks, 8, GROUP, 4)
-    else:
-        quads = raw.reshape(b, blocks, 8, GROUP, 4)
-    codes = quads.permute(0, 3, 1, 2, 4).reshape(b, GROUP, k).to(torch.int16) - (128 if bits == 8 else 0)
-
-    def halves(at: int) -> torch.Tensor:
-        return rec[..., at : at + 2 * GROUP].contiguous().view(torch.float16).permute(0, 2, 1).to(torch.float32)
-
-    return codes, halves(width), halves(width + 2 * GROUP) if bits == 4 else None
 
 
 @dataclass(eq=False)
@@ -288,13 +269,13 @@ class LowBitWeight:
 
     rows: torch.Tensor
     in_features: int
+    out_features: int  # the groups layout pads N to a multiple of 16
     bits: int
     lib: ctypes.CDLL
-    out_features: int = -1  # the groups layout pads N to a multiple of 16; rows: rows.shape[0]
-    layout: str = "rows"
 
     def __post_init__(self) -> None:
         k, blocks = self.in_features, self.in_features // BLOCK
+        self.layout = "groups" if self.lib.oh_available() == 2 else "rows"  # the one layout the lib's path reads
         if self.rows.dtype != torch.uint8:
             raise ValueError(f"low-bit weight: expected uint8, got {self.rows.dtype}")
         if self.layout == "groups":
@@ -304,8 +285,7 @@ class LowBitWeight:
             self._struct = _Weight(ptr, ptr, ptr, self.out_features, k, self.bits, 0, 0, 1)
         else:
             width = k // 2 if self.bits == 4 else k
-            self.out_features = self.rows.shape[0]
-            if self.rows.shape[1] != width + 2 * blocks * (2 if self.bits == 4 else 1):
+            if self.rows.shape != (self.out_features, width + 2 * blocks * (2 if self.bits == 4 else 1)):
                 raise ValueError(f"low-bit rows: expected [N, {width} + scales], got {tuple(self.rows.shape)}")
             scales = self.rows[:, width : width + 2 * blocks].view(torch.float16)
             offsets = self.rows[:, width + 2 * blocks :].view(torch.float16) if self.bits == 4 else scales
@@ -319,37 +299,34 @@ class LowBitWeight:
         """From 4-bit codes q [N, K] in 0..15 with ``w = minimum + q * scale`` per block of 32."""
         n, k = q.shape
         if lib.oh_available() == 2:
-            return cls(pack_groups(q, scale, minimum, 4), k, 4, lib, n, "groups")
-        rows = torch.cat([pack_int4(q), _fp16_bytes(scale), _fp16_bytes(minimum)], dim=1)
-        return cls(rows.contiguous(), k, 4, lib)
+            return cls(pack_groups(q, scale, minimum, 4), k, n, 4, lib)
+        return cls(torch.cat([pack_int4(q), _fp16_bytes(scale), _fp16_bytes(minimum)], dim=1).contiguous(), k, n, 4,
+                   lib)
 
     @classmethod
     def int8(cls, q: torch.Tensor, scale: torch.Tensor, lib: ctypes.CDLL) -> LowBitWeight:
         """From int8 codes q [N, K] in -127..127 with ``w = q * scale`` per block of 32."""
         n, k = q.shape
         if lib.oh_available() == 2:
-            return cls(pack_groups(q, scale, None, 8), k, 8, lib, n, "groups")
+            return cls(pack_groups(q, scale, None, 8), k, n, 8, lib)
         codes = (q[:, lane_order(k)].to(torch.int16) + 128).to(torch.uint8)
-        return cls(torch.cat([codes, _fp16_bytes(scale)], dim=1).contiguous(), k, 8, lib)
+        return cls(torch.cat([codes, _fp16_bytes(scale)], dim=1).contiguous(), k, n, 8, lib)
 
     def rows_of(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Rows ``ids`` [...] of the weight: codes [..., K] (int16 in natural order; signed for 8-bit), scales and
         minimums [..., K/32] fp32 (minimums None for 8-bit). What an embedding lookup reads."""
         k, blocks = self.in_features, self.in_features // BLOCK
-        if self.layout == "groups" and self.bits == 8:  # an embedding lookup per token: gather its bytes directly
-            code_at, scale_at = self._lane_bytes()
+        if self.layout == "groups":  # gather each row's bytes from its group's records (an embedding lookup per token)
+            code_at, shift, scale_at, minimum_at = self._lane_bytes()
             groups, lanes = (ids // GROUP).reshape(-1, 1), (ids % GROUP).reshape(-1)
-            codes = self.rows[groups, code_at[lanes]].to(torch.int16) - 128
-            scales = self.rows[groups, scale_at[lanes]].view(torch.float16).to(torch.float32)
-            return codes.reshape(*ids.shape, k), scales.reshape(*ids.shape, blocks), None
-        if self.layout == "groups":
-            codes, scales, minimums = unpack_groups(self.rows[ids // GROUP].reshape(-1, self.rows.shape[1]), k,
-                                                    self.bits)
-            lanes = (ids % GROUP).reshape(-1)
-            pick = torch.arange(lanes.numel())
-            shape = (*ids.shape, -1)
-            return (codes[pick, lanes].reshape(shape), scales[pick, lanes].reshape(shape),
-                    None if minimums is None else minimums[pick, lanes].reshape(shape))
+            raw = self.rows[groups, code_at[lanes]]
+            codes = ((raw >> shift[lanes]) & 0x0F).to(torch.int16) if self.bits == 4 else raw.to(torch.int16) - 128
+
+            def halves(at: torch.Tensor) -> torch.Tensor:
+                return self.rows[groups, at[lanes]].view(torch.float16).to(torch.float32).reshape(*ids.shape, blocks)
+
+            return (codes.reshape(*ids.shape, k), halves(scale_at),
+                    halves(minimum_at) if self.bits == 4 else None)
         width = k // 2 if self.bits == 4 else k
         picked = self.rows[ids]
         scales = picked[..., width : width + 2 * blocks].contiguous().view(torch.float16).to(torch.float32)
@@ -376,17 +353,21 @@ class LowBitWeight:
             raise RuntimeError(f"low-bit kernel failed ({status})")
         return out
 
-    def _lane_bytes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """8-bit groups layout: for each lane (row within its group), the byte offsets of its K codes in K order
-        [16, K] and of its K/32 fp16 scales [16, K/16] within the group's records. Built once."""
+    def _lane_bytes(self) -> tuple[torch.Tensor, ...]:
+        """The groups layout (:func:`pack_groups`), read per lane (a row within its group): the byte offsets of its
+        K codes in K order [16, K], the shift of each code within its byte [16, K] (4-bit: 0 or 4), and the byte
+        offsets of its K/32 fp16 scales and minimums [16, K/16] within the group's records. Built once."""
         cached = getattr(self, "_lane_index", None)
         if cached is None:
-            k, rec = self.in_features, _record_bytes(8)
+            k, rec = self.in_features, _record_bytes(self.bits)
+            width = 256 if self.bits == 4 else 512  # the codes' bytes per record; then 32 of scales, 32 of minimums
             kk, lane = torch.arange(k), torch.arange(GROUP)[:, None]
-            codes = (kk // BLOCK) * rec + ((kk % BLOCK) // 4) * 64 + 4 * lane + kk % 4  # [16, K]
+            quad = (kk % BLOCK) // 4  # k-quad within the block: part quad // 2 (4-bit, high nibble if odd) or quad
+            part, shift = (quad // 2, 4 * (quad % 2)) if self.bits == 4 else (quad, torch.zeros_like(quad))
+            codes = (kk // BLOCK) * rec + part * 64 + 4 * lane + kk % 4  # [16, K]
             byte = torch.arange(2 * (k // BLOCK))
-            scales = (byte // 2) * rec + 512 + 2 * lane + byte % 2  # [16, K/16]
-            cached = self._lane_index = (codes, scales)
+            scales = (byte // 2) * rec + width + 2 * lane + byte % 2  # [16, K/16]
+            cached = self._lane_index = (codes, shift.to(torch.uint8).expand(GROUP, k), scales, scales + 2 * GROUP)
         return cached
 
     def dequantized(self) -> torch.Tensor:

@@ -113,10 +113,9 @@ class Int8WeightOnlyLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
         if self.lowbit is not None:
             out = self.lowbit.matmul(x)
-        elif rows <= INT8_DECODE_ROWS and x.device.type == "cpu":
+        elif x.numel() // self.in_features <= INT8_DECODE_ROWS and x.device.type == "cpu":
             out = int8_matmul(x, self.weight, self.scales, self.out_features)
         else:
             dense = self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None]  # [N, K]
@@ -220,13 +219,8 @@ def quantize_int8(weight: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter | No
 
 def lowbit_int8(weight: torch.Tensor, scales: torch.Tensor | None, in_features: int,
                 out_features: int) -> lowbit.LowBitWeight | None:
-    """The kernel's view of a :func:`quantize_int8` pair in its rows format (None for per-row int8)."""
-    if scales is not None:
-        return None
-    lib = lowbit.kernel()
-    if lib.oh_available() == 2:  # the groups layout (see quantize_int8): N from the rows it was packed from
-        return lowbit.LowBitWeight(weight, in_features, 8, lib, out_features, "groups")
-    return lowbit.LowBitWeight(weight, in_features, 8, lib)
+    """The kernel's view of a :func:`quantize_int8` pair in its own format (None for per-row int8)."""
+    return None if scales is not None else lowbit.LowBitWeight(weight, in_features, out_features, 8, lowbit.kernel())
 
 
 def quantize_cpu_head(modules: nn.Module, dtype: torch.dtype) -> None:
