@@ -282,9 +282,9 @@ class ShardRuntime:
 
     def _run_layers(self, session: Session, h: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         cache = session.cache
-        lean = lean_usable(self._lean, self.shard_config._attn_implementation)
+        use_lean = lean_usable(self._lean, self.shard_config._attn_implementation)
         with torch.inference_mode():
-            if lean and h.shape[1] == 1 and self._one_position_maskless:
+            if use_lean and h.shape[1] == 1 and self._one_position_maskless:
                 masks = dict.fromkeys(self._mask_fns)  # what the mask functions return here (see __init__)
             else:
                 masks = {
@@ -298,7 +298,7 @@ class ShardRuntime:
                     for layer_type, fn in self._mask_fns.items()
                 }
             position_embeddings = self.modules.rotary_emb(h, position_ids)  # (cos, sin), each [1, S, head_dim]
-            if lean:
+            if use_lean:
                 cos, sin = (t.unsqueeze(1) for t in position_embeddings)  # [1, 1, S, head_dim]
                 sin = signed_sin(sin)
                 for lean, layer_type in zip(self._lean_layers, self.layer_types, strict=True):
