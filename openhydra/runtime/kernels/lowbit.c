@@ -83,11 +83,6 @@ static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *
     }
 }
 
-static inline __m512 to_f32_16(const uint16_t *h, int64_t count) {  /* up to 16 fp16 -> fp32, the rest 0 */
-    __mmask16 mask = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
-    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, h));
-}
-
 /* The groups layout: 16 weight rows at a time, each 32-bit lane of a register one row. Per group and block of 32,
  * one record: the codes of 8 k-quads (4 consecutive k) for the 16 rows, 4 bytes per row per k-quad (lane = row),
  * then the 16 rows' fp16 scales d, then (4-bit) their fp16 minimums m. 4-bit: 4 x 64 bytes, the low nibbles of
