@@ -1,18 +1,19 @@
 """``speculative=prompt_lookup`` served through the node's own OpenAI API vs plain decoding, at an emulated RTT.
 
     python bench/bench_speculative_api.py [--one-way-ms 10] [--trials 5] [--max-tokens 48] [--dtype bfloat16]
-                                          [--serving default|batched]
+                                          [--serving default|batched] [--hardware cpu|cpu_int4|cpu_int8]
 
-Five real node processes (SmolLM2-135M-Instruct, 1 torch thread each) in one HTTP-DHT swarm: three coordinators
-that each serve layers [0,10): plain, ``speculative=prompt_lookup`` (exact: every hop computes each verified
-position as plain decoding does) and ``speculative=prompt_lookup speculative.exact=false`` (one forward per
-verify: cheaper, rounds differently), and two peers serving [10,20) and [20,30). Every node binds 127.0.0.1
-and advertises 127.0.0.2 (``peer.advertise_host``, fixed ``peer.port`` and ``peer.reply_port``), where a
+Five real node processes (SmolLM2-135M-Instruct, 1 torch thread each) in one HTTP-DHT swarm: three coordinators that
+each serve layers [0,10): plain, ``speculative=prompt_lookup`` (exact: every hop computes each verified position as
+plain decoding does; on the low-bit kernel, ``--hardware cpu_int4`` / ``cpu_int8``, each projection in one call for
+all positions, whose rows have the one-position bits) and ``speculative=prompt_lookup speculative.exact=false`` (one
+forward per verify: cheaper, rounds differently), and two peers serving [10,20) and [20,30). Every node binds
+127.0.0.1 and advertises 127.0.0.2 (``peer.advertise_host``, fixed ``peer.port`` and ``peer.reply_port``), where a
 userspace delay relay (openhydra/sim/relay.py; this kernel has no ``tc netem``) forwards each port back with
-``--one-way-ms`` per crossing: every step, push and result of a pipeline pass crosses it (10 ms = 20 ms RTT
-per link). The HTTP DHT and the client's HTTP are not delayed. ``--serving batched`` runs every node with
-continuous batching: an exact verify's positions are then rows of one batched forward per hop (its bits are
-batched plain decoding's), instead of one decode step per position.
+``--one-way-ms`` per crossing: every step, push and result of a pipeline pass crosses it (10 ms = 20 ms RTT per
+link). The HTTP DHT and the client's HTTP are not delayed. ``--serving batched`` runs every node with continuous
+batching: an exact verify's positions are then rows of one batched forward per hop (its bits are batched plain
+decoding's), instead of one decode step per position.
 
 Arms, interleaved trial by trial: the same greedy chat requests (streaming, ``stream_options.include_usage``)
 to each coordinator, on grounded prompts (the answer quotes its input) and open ones (it does not:
@@ -85,6 +86,8 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--sets", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
     parser.add_argument("--serving", default="default", choices=["default", "batched"])
+    parser.add_argument("--hardware", default="cpu", choices=["cpu", "cpu_int4", "cpu_int8"],
+                        help="conf/hardware group (cpu_int4 / cpu_int8: pass --dtype float32, their auto dtype)")
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_speculative_api.png"))
     args = parser.parse_args()
     from openhydra.testing.machine import announce
@@ -105,7 +108,8 @@ def main() -> int:
         with DhtProcess() as dht:
             nodes = {}
             for name, (a, b) in SPANS.items():
-                overrides = [*swarm_node_overrides(model_dir, dht.url, a, b, work / name, dtype=args.dtype),
+                overrides = [*swarm_node_overrides(model_dir, dht.url, a, b, work / name, dtype=args.dtype,
+                                                  hardware=args.hardware),
                              f"peer.port={ports[name][0]}", f"peer.reply_port={ports[name][1]}",
                              f"peer.advertise_host={ADVERTISED}", "peer.step_timeout_s=120",
                              f"serving={args.serving}"]
@@ -113,8 +117,8 @@ def main() -> int:
                     overrides += [*OPTIONS[name], f"speculative.k={args.k}"]
                 nodes[name] = NodeProcess(overrides, threads=1)
             try:
-                print(f"starting {len(nodes)} nodes ({args.dtype}, {args.one_way_ms} ms one way per crossing)...",
-                      flush=True)
+                print(f"starting {len(nodes)} nodes ({args.hardware}, {args.dtype}, {args.one_way_ms} ms one way "
+                      "per crossing)...", flush=True)
                 start_all(list(nodes.values()))
                 coordinators = {name: nodes[name].url for name in ARMS}
                 for url in coordinators.values():
@@ -156,11 +160,11 @@ def main() -> int:
         steps = {k.removeprefix("steps:"): int(a[k] - b.get(k, 0)) for k in a if k.startswith("steps:")}
         print(f"{name} coordinator, all sets: {accepted:.0f} of {drafted:.0f} drafted tokens accepted"
               + (f" ({accepted / drafted:.0%})" if drafted else "") + f"; pipeline steps {steps}")
-    print(f"[{args.dtype}, serving={args.serving}, {len(SPANS)} node processes, 1 thread each, "
-          f"{2 * args.one_way_ms:g} ms RTT per link, "
+    print(f"[hardware={args.hardware}, {args.dtype}, serving={args.serving}, {len(SPANS)} node processes, "
+          f"1 thread each, {2 * args.one_way_ms:g} ms RTT per link, "
           f"k={args.k}, max_tokens={args.max_tokens}, trials={args.trials}]")
     plot_trials(rates, f"speculative=prompt_lookup via the node API, {2 * args.one_way_ms:g} ms RTT, "
-                f"serving={args.serving}", args.plot)
+                f"serving={args.serving}, {args.hardware} {args.dtype}", args.plot)
     mismatched = [s for s in args.sets if texts[s]["speculative"] != texts[s]["plain"]]
     if mismatched:
         print(f"exact speculative greedy text differs from plain in {mismatched}", file=sys.stderr)

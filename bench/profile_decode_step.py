@@ -1,10 +1,12 @@
 """Where one decode step of a CPU node goes: ``ShardRuntime.forward`` timed alone, then a torch profile of it.
 
     OMP_NUM_THREADS=1 python bench/profile_decode_step.py [--quantization int4] [--dtype float32] [--steps 64]
-        [--prompt 42]
+        [--prompt 42] [--verify 5]
 
 The whole embedded SmolLM2 in one ShardRuntime (no network, no API), 1 thread: a ``--prompt``-token prompt (its
-prefill timed, the median of 3), then ``--steps`` greedy decode steps, each timed (median printed), then 10 more
+prefill timed, the median of 3), then ``--steps`` greedy decode steps, each timed (median printed), then
+``--verify``-position speculative verifies (``all_logits``: what a peer runs for a verify; each rolled back, the
+median of 15), then 10 more decode steps
 under ``torch.profiler`` with the ops sorted by their own CPU time: how much of a step the matmul kernels take
 against the small ops around them (the low-bit kernel, runtime/lowbit.py, is a ctypes call the profiler does not
 list). ``OPENHYDRA_LOWBIT=0`` runs PyTorch's int4/int8 kernels instead.
@@ -28,6 +30,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=42, help="prompt tokens")
+    parser.add_argument("--verify", type=int, default=5, help="positions per timed verify (0: none)")
     args = parser.parse_args()
     announce()
     torch.set_num_threads(1)
@@ -55,6 +58,15 @@ def main() -> None:
         position += 1
     print(f"quantization={args.quantization} dtype={args.dtype}: median {statistics.median(times) * 1e3:.2f} ms "
           f"per decode step over {args.steps} (p90 {sorted(times)[int(0.9 * len(times))] * 1e3:.2f})", flush=True)
+    if args.verify > 1:
+        drafts, verifies = torch.arange(200, 200 + args.verify), []
+        for _ in range(15):
+            began = time.perf_counter()
+            rt.forward("s", torch.arange(position, position + args.verify), input_ids=drafts, all_logits=True)
+            verifies.append(time.perf_counter() - began)
+            rt.truncate_session("s", position)
+        print(f"verify of {args.verify} positions: median {statistics.median(verifies) * 1e3:.1f} ms of 15 "
+              f"({statistics.median(verifies) / statistics.median(times):.2f} decode steps)", flush=True)
     with torch.profiler.profile() as prof:
         for _ in range(10):
             out = rt.forward("s", torch.tensor([position]), input_ids=torch.tensor([int(out.argmax())]))

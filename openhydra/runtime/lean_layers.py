@@ -24,6 +24,7 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
+from openhydra.runtime.lowbit import LowBitWeight
 from openhydra.runtime.quant_cpu import (
     INT8_DECODE_ROWS,
     FusedProjections,
@@ -95,6 +96,13 @@ class LeanLlamaLayer:
         self.intermediate = mlp.intermediate_size
         self.gate, self.up, self.down = (_matmul(getattr(mlp, name)) for name in ("gate_proj", "up_proj", "down_proj"))
         self.act = nn.functional.silu if type(mlp.act_fn).__name__ == "SiLUActivation" else mlp.act_fn
+        projections = [qkv.fused if self.qkv is not None else getattr(attn, name) for name in ("q_proj", "k_proj",
+                                                                                            "v_proj")]
+        projections += [attn.o_proj, *([gate_up.fused] if self.gate_up is not None else [mlp.gate_proj, mlp.up_proj]),
+                        mlp.down_proj]
+        # A verify's projections may take all its rows in one call when every one of them gives a row the bits it
+        # gets alone (the low-bit kernel: runtime/lowbit.py); otherwise they run per row (see verify).
+        self.rows_at_once = all(lowbit_of(module) is not None for module in projections)
 
     def step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
              attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -119,23 +127,37 @@ class LeanLlamaLayer:
         runs per row: the projections (a matmul's rounding depends on its row count), and each position's attention
         over the keys appended so far. Element-wise operations and the norms (a reduction within each row) run on
         all S rows at once, with the same bits per row (tests/runtime/test_lean_layers.py); they are most of the
-        small operations, so a verify pays them once per layer instead of once per position."""
+        small operations, so a verify pays them once per layer instead of once per position. On the low-bit kernel
+        (:attr:`rows_at_once`) the projections take all S rows in one call too: its rows do not depend on the row
+        count, and its weights are unpacked once for up to 4 rows."""
         seq_len = h.shape[1]
         residual = h
         x = _norm(self.input_norm, h)
-        rows = [self._qkv(one_position_row(x, i)) for i in range(seq_len)]
-        qk = self._rotate(torch.cat([r[0] for r in rows], dim=2), cos, sin)  # [1, Hq + Hkv, S, hd]
-        v = torch.cat([r[1] for r in rows], dim=2)
+        if self.rows_at_once:
+            qk, v = self._qkv(x)
+        else:
+            rows = [self._qkv(one_position_row(x, i)) for i in range(seq_len)]
+            qk, v = torch.cat([r[0] for r in rows], dim=2), torch.cat([r[1] for r in rows], dim=2)
+        qk = self._rotate(qk, cos, sin)  # [1, Hq + Hkv, S, hd]
         outs = []
         for i in range(seq_len):
             keys, values = cache.update(qk[:, self.heads :, i : i + 1], v[:, :, i : i + 1], self.layer_idx)
-            outs.append(self.o(self._attend(qk[:, : self.heads, i : i + 1], keys, values, None)))
-        h = residual + torch.cat(outs, dim=1)
+            outs.append(self._attend(qk[:, : self.heads, i : i + 1], keys, values, None))
+        h = residual + self._rows(self.o, torch.cat(outs, dim=1))
         residual = h
         x = _norm(self.post_norm, h)
-        parts = [self._gate_up(one_position_row(x, i)) for i in range(seq_len)]
-        act = self.act(torch.cat([p[0] for p in parts], dim=1)) * torch.cat([p[1] for p in parts], dim=1)
-        return residual + torch.cat([self.down(one_position_row(act, i)) for i in range(seq_len)], dim=1)
+        if self.rows_at_once:
+            gate, up = self._gate_up(x)
+        else:
+            parts = [self._gate_up(one_position_row(x, i)) for i in range(seq_len)]
+            gate, up = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+        return residual + self._rows(self.down, self.act(gate) * up)
+
+    def _rows(self, matmul: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``matmul`` on each row of x [1, S, D] as on that row alone: one call where the kernel is row-independent."""
+        if self.rows_at_once:
+            return matmul(x)
+        return torch.cat([matmul(one_position_row(x, i)) for i in range(x.shape[1])], dim=1)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S, D] -> (q and k heads [B, Hq + Hkv, S, hd], v [B, Hkv, S, hd])."""
@@ -192,14 +214,22 @@ def _norm(norm: tuple[torch.Tensor, float], h: torch.Tensor) -> torch.Tensor:
     return x.mul_(weight) if dtype == torch.float32 else weight * x.to(dtype)
 
 
+def lowbit_of(module: nn.Module) -> LowBitWeight | None:
+    """The low-bit kernel's weight (runtime/lowbit.py) a bias-free int4/int8 Linear runs on, if any. Its output rows
+    do not depend on how many rows a call takes: S rows at once have the bits of S one-row calls (tested)."""
+    if type(module) in (Int4WeightOnlyLinear, Int8WeightOnlyLinear) and module.bias is None:
+        return module.lowbit
+    return None
+
+
 def _matmul(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """``module(x)`` for a Linear-like module, as a plain function of x with its tensors bound (same operations)."""
     kind = type(module)
     if kind is nn.Linear:
         weight, bias = module.weight, module.bias
         return lambda x: nn.functional.linear(x, weight, bias)
-    if kind in (Int4WeightOnlyLinear, Int8WeightOnlyLinear) and module.bias is None and module.lowbit is not None:
-        return module.lowbit.matmul  # the low-bit kernel (runtime/lowbit.py): reads and writes x's dtype itself
+    if (kernel := lowbit_of(module)) is not None:
+        return kernel.matmul  # the low-bit kernel (runtime/lowbit.py): reads and writes x's dtype itself
     if kind is Int4WeightOnlyLinear and module.bias is None:
         return partial(int4_matmul, packed=module.weight, group_size=module.group_size,
                        scales_and_zeros=module.scales_and_zeros, in_features=module.in_features,

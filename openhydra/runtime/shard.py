@@ -23,6 +23,7 @@ from openhydra.runtime.lean_layers import (
     LeanLlamaLayer,
     lean_modules,
     lean_usable,
+    lowbit_of,
     one_position_row,
     signed_sin,
 )
@@ -239,7 +240,7 @@ class ShardRuntime:
                 raise
         if return_hidden:
             return out[0]  # [S, D]
-        if per_position and self.is_last:
+        if per_position and self.is_last and lowbit_of(self.modules.lm_head) is None:
             return torch.cat([self._output(out[:, i : i + 1], False) for i in range(seq_len)])  # [S, V], per row
         return self._output(out, all_logits)
 

@@ -160,10 +160,11 @@ class DhtProcess:
 
 
 def swarm_node_overrides(model_dir: Path, dht_url: str, start: int, end: int, data_dir: Path,
-                         dtype: str = "float32", ttl_s: float = 6.0, interval_s: float = 2.0) -> list[str]:
+                         dtype: str = "float32", ttl_s: float = 6.0, interval_s: float = 2.0,
+                         hardware: str = "cpu") -> list[str]:
     """Overrides for a node serving layers [start, end) of ``model_dir`` in an HTTP-DHT swarm."""
     return [
-        "model=local", f"model.path={model_dir}", "hardware=cpu", f"hardware.dtype={dtype}",
+        "model=local", f"model.path={model_dir}", f"hardware={hardware}", f"hardware.dtype={dtype}",
         "shard=layers", f"shard.start={start}", f"shard.end={end}",
         "discovery=http", f"discovery.http.urls=[{dht_url}]", f"discovery.ttl_s={ttl_s}",
         f"discovery.announce_interval_s={interval_s}", "peer.port=0", f"node.data_dir={data_dir}",

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from openhydra.runtime import lowbit
 from openhydra.runtime import quantize as quantize_module
 from openhydra.runtime import shard as shard_module
-from openhydra.runtime.lean_layers import lean_supported, lean_usable
+from openhydra.runtime.lean_layers import lean_supported, lean_usable, lowbit_of
 from openhydra.runtime.quant_cpu import (
     FusedProjections,
     Int4WeightOnlyLinear,
@@ -176,8 +177,12 @@ def test_lean_step_only_where_it_is_that_layer(tiny_model_dirs):
 
 def _assert_layer_major_verify_equals_steps(model_dir: Path, dtype: torch.dtype, quantization: str) -> None:
     """A verify of S positions layer by layer (ShardRuntime ``_verify_layer_major`` -> ``LeanLlamaLayer.verify``)
-    against the same S positions decoded one at a time: logits and every layer's K/V, bit for bit."""
+    against the same S positions decoded one at a time: logits and every layer's K/V, bit for bit. On the low-bit
+    kernel the projections and the head take all S rows in one call (``rows_at_once``); else one call per row."""
     rt = ShardRuntime(model_dir, dtype=dtype, quantization=quantization)
+    rows_at_once = quantization != "none" and lowbit.kernel() is not None
+    assert [lean.rows_at_once for lean in rt._lean_layers] == [rows_at_once] * len(rt._lean_layers)
+    assert (lowbit_of(rt.modules.lm_head) is not None) == rows_at_once
     prompt = torch.randint(3, 4000, (19,), generator=torch.Generator().manual_seed(4))
     for s in (1, 2, 3, 7):
         drafts = torch.randint(3, 4000, (s,), generator=torch.Generator().manual_seed(s))
@@ -209,8 +214,18 @@ def test_layer_major_verify_is_bit_identical_on_tiny_llama(tiny_model_dirs, dtyp
     _assert_layer_major_verify_equals_steps(tiny_model_dirs["llama"], dtype, quantization)
 
 
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_major_verify_on_torch_kernels_runs_per_row(tiny_model_dirs, dtype, quantization, monkeypatch):
+    """Without the low-bit kernel a verify's projections run one call per row: PyTorch's int4/int8 kernels make no
+    promise that a row's bits do not depend on the row count (its int8 path changes kernel above 32 rows; its dense
+    matmuls do round by row count: SmolLM2 bf16 logits moved by 0.25 when a verify's rows were taken at once)."""
+    monkeypatch.setattr(lowbit, "kernel", lambda: None)
+    _assert_layer_major_verify_equals_steps(tiny_model_dirs["llama"], dtype, quantization)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("dtype", "quantization"), [(torch.float32, "none"), (torch.bfloat16, "none"),
-                                                     (torch.float32, "int4")])
+                                                     (torch.float32, "int4"), (torch.float32, "int8")])
 def test_layer_major_verify_is_bit_identical_on_smollm2(smollm2_dir, dtype, quantization):
     _assert_layer_major_verify_equals_steps(smollm2_dir, dtype, quantization)
