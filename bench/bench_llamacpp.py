@@ -1,6 +1,7 @@
 """One OpenHydra node's streaming decode vs llama.cpp (node-llama-cpp) on the same embedded SmolLM2 Q4_1 GGUF.
 
     python bench/bench_llamacpp.py [--trials 5] [--tokens 64] [--threads 1] [--arms cpu_int4,cpu_int8,cpu]
+                                   [--isa native|avx2]
 
 - llama.cpp: the prebuilt ``node-llama-cpp`` npm package (pinned 3.21.1), installed by this script under a scratch
   folder (``--scratch``, default ``~/.cache/openhydra/bench-llamacpp``) with ``npm i -E``; it needs ``node``/``npm``
@@ -8,6 +9,12 @@
   ``--threads`` threads) and, per trial, evaluates the chat prompt and 64 greedy tokens on a fresh sequence.
 - OpenHydra: one ``openhydra-node model=smollm2-135m hardware=<arm> hardware.threads=<threads>`` process per arm,
   as a user runs it, driven by the official ``openai`` client streaming ``--tokens`` greedy tokens.
+
+``--isa avx2`` runs both as on a CPU with AVX2 and no AVX-512, on this one: llama.cpp from a scratch folder whose
+CPU backends stop at ggml's ``haswell`` variant (AVX2, FMA, F16C; the others removed, so ggml's loader cannot pick
+an AVX-512 one), the node with its low-bit kernel built for ``-march=x86-64-v3`` (``OPENHYDRA_LOWBIT_MARCH``) and
+PyTorch held to AVX2 (``ATEN_CPU_CAPABILITY=avx2``). Which ggml CPU backend llama.cpp mapped and the node's
+``model.kernel`` are printed. The same silicon runs both, so it shows the code paths, not an AVX2 machine's speed.
 
 Both report decode tok/s = (tokens - 1) / (time of last token - time of first token) (prefill excluded), trials
 interleaved A/B/C (order alternating), medians of ``--trials``. Also the share of the memory-bandwidth roofline
@@ -82,6 +89,22 @@ def install_node_llama_cpp(scratch: Path) -> Path:
     return runner
 
 
+AVX2_VARIANTS = ("x64", "sse42", "sandybridge", "ivybridge", "piledriver", "haswell")
+"""ggml's x86 CPU backends that need no more than AVX2 + FMA + F16C (``--isa avx2`` keeps only these)."""
+
+
+def keep_avx2_backends(scratch: Path) -> list[str]:
+    """Remove the ggml CPU backends beyond AVX2 from ``scratch``'s node-llama-cpp binaries; the ones kept."""
+    kept = []
+    for lib in (scratch / "node_modules" / "@node-llama-cpp").glob("linux-x64*/bins/*/libggml-cpu-*.so"):
+        variant = lib.name.removeprefix("libggml-cpu-").removesuffix(".so")
+        if variant in AVX2_VARIANTS:
+            kept.append(variant)
+        else:
+            lib.unlink()
+    return sorted(set(kept))
+
+
 class LlamaCpp:
     """A persistent node-llama-cpp process: one JSON request per line in, one JSON result per line out."""
 
@@ -89,7 +112,13 @@ class LlamaCpp:
         self.proc = subprocess.Popen(["node", str(runner), str(gguf), str(threads)], cwd=runner.parent,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         first = json.loads(self._line())
-        print(f"llama.cpp ready: {first}", flush=True)
+        print(f"llama.cpp ready: {first}; ggml CPU backend {self.cpu_backend()}", flush=True)
+
+    def cpu_backend(self) -> str:
+        """The ``libggml-cpu-*.so`` variant this process mapped (ggml picks the best one the CPU runs)."""
+        maps = Path(f"/proc/{self.proc.pid}/maps").read_text()
+        found = {line.rsplit("/", 1)[-1] for line in maps.splitlines() if "libggml-cpu-" in line}
+        return ", ".join(sorted(found)) or "none found"
 
     def _line(self) -> str:
         while True:
@@ -136,11 +165,21 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--arms", default="cpu_int4,cpu_int8,cpu", help="hardware= options of the node arms")
-    parser.add_argument("--scratch", type=Path, default=Path("~/.cache/openhydra/bench-llamacpp").expanduser())
+    parser.add_argument("--isa", default="native", choices=["native", "avx2"],
+                        help="avx2: both sides as on a CPU without AVX-512 (see above)")
+    parser.add_argument("--scratch", type=Path, help="node-llama-cpp's folder (default "
+                        "~/.cache/openhydra/bench-llamacpp, or bench-llamacpp-avx2 with --isa avx2)")
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_llamacpp.png"))
     args = parser.parse_args()
+    if args.scratch is None:
+        suffix = "-avx2" if args.isa == "avx2" else ""
+        args.scratch = Path(f"~/.cache/openhydra/bench-llamacpp{suffix}").expanduser()
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if args.isa == "avx2":  # before torch is imported, here and in the node processes (they inherit it)
+        os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
+        os.environ["OPENHYDRA_LOWBIT_MARCH"] = "x86-64-v3"
+    import httpx
     import torch
     from openai import OpenAI
     from transformers import AutoTokenizer
@@ -153,6 +192,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(machine_banner(), flush=True)
     runner = install_node_llama_cpp(args.scratch)
+    if args.isa == "avx2":
+        print(f"ggml CPU backends kept: {keep_avx2_backends(args.scratch)}", flush=True)
     gguf = embedded_gguf_path()
     model_dir = embedded_model_dir(TEST_CACHE_ROOT)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -181,6 +222,9 @@ def main() -> None:
             node.start()
         for node in nodes.values():
             node.wait_ready()
+        for arm, node in nodes.items():
+            status = httpx.get(node.url + "/v1/network/status", timeout=10).json()["model"]
+            print(f"node {arm}: dtype {status['dtype']}, kernel {status.get('kernel')}", flush=True)
         clients = {arm: OpenAI(base_url=node.url + "/v1", api_key="none", timeout=600) for arm, node in nodes.items()}
         llama = LlamaCpp(runner, gguf, args.threads)
         arms = {"llama.cpp Q4_1": lambda: llama.decode_rate(prompt, args.tokens)}

@@ -4,8 +4,10 @@ activations on AVX-512 VNNI (or AVX2), as llama.cpp multiplies its Q4_1 and Q8_0
 PyTorch's packed int4/int8 CPU kernels convert every weight to a float and take bf16 activations, so a node also
 casts each projection's input and output; at batch 1 those kernels plus the casts were ~60% of an int4 token
 (docs/benchmarks.md, "One node vs llama.cpp"). This kernel quantizes each activation row per block of 32 to int8
-(scale = max|x| / 127, the scheme of llama.cpp's Q8_1) and multiplies 64 byte pairs per instruction, reading fp32
-or bf16 input and writing the input's dtype directly. The weights' layouts: :class:`LowBitWeight`.
+(scale = max|x| / 127, the scheme of llama.cpp's Q8_1) and multiplies byte pairs in integers (64 per instruction
+with AVX-512 VNNI, 32 with AVX2), reading fp32 or bf16 input and writing the input's dtype directly. The weights'
+layout: :class:`LowBitWeight`. Both paths compute the same integers and the same float operations, so a node on an
+AVX2-only CPU gets the bits of one with AVX-512 VNNI (tested).
 
 It is compiled once per machine at first use (``cc -O3 -march=native -fopenmp``, 0.2 s here) into
 ``$OPENHYDRA_CACHE/kernels/`` (keyed by the source, the compiler and the CPU's flags) and loaded with ctypes.
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "lowbit.c"
 BLOCK = 32
-PAIR = 64  # the kernel's K granularity: two blocks (the rows layout's pair; the groups layout takes any K % 32)
+PAIR = 64  # the K granularity the kernel takes: whole pairs of blocks (the shapes it is tested on)
 ENV_SWITCH = "OPENHYDRA_LOWBIT"
 MARCH_ENV = "OPENHYDRA_LOWBIT_MARCH"  # -march for the build (default native; tests build x86-64-v3 = AVX2 too)
 ISAS = {2: "avx512-vnni", 1: "avx2"}  # oh_available()
@@ -48,9 +50,8 @@ _loaded: list[ctypes.CDLL | None] = []  # [] = not tried yet; [None] = unavailab
 
 
 class _Weight(ctypes.Structure):
-    _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
-                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("bits", ctypes.c_int32),
-                ("code_stride", ctypes.c_int64), ("scale_stride", ctypes.c_int64), ("layout", ctypes.c_int32)]
+    _fields_ = [("codes", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("bits", ctypes.c_int32),
+                ("group", ctypes.c_int32)]
 
 
 def _cpu_flags() -> str:
@@ -144,6 +145,7 @@ def open_library(path: Path) -> ctypes.CDLL | None:
         log.info("low-bit kernel: loading %s failed (%s); using PyTorch's kernels", path, exc)
         return None
     lib.oh_available.restype = ctypes.c_int
+    lib.oh_group_rows.restype = ctypes.c_int
     lib.oh_matmul.restype = ctypes.c_int
     lib.oh_matmul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
                               ctypes.c_int, ctypes.c_int]
@@ -159,24 +161,12 @@ def isa() -> str | None:
     return None if lib is None else ISAS[lib.oh_available()]
 
 
-MAX_K = 32768  # lowbit.c's MAX_BLOCKS * 32: its per-row scratch lives on the stack
+MAX_K = 32768  # lowbit.c's MAX_K: the largest K it is tested on (an fp32 sum of 1024 blocks' terms)
 
 
 def supported(in_features: int) -> bool:
     """Whether the kernel takes this K (whole pairs of blocks, up to :data:`MAX_K`); else PyTorch's kernels."""
     return in_features % PAIR == 0 and 0 < in_features <= MAX_K
-
-
-def lane_order(k: int) -> torch.Tensor:
-    """Index [K]: position j of the rows layout (AVX2) holds element lane_order[j] (see lowbit.c)."""
-    t = torch.arange(PAIR)
-    within = ((t >> 2) & 1) * BLOCK + (((t >> 3) << 2) | (t & 3))  # [64] element of the pair at each position
-    return (torch.arange(0, k, PAIR)[:, None] + within[None, :]).reshape(-1)
-
-
-def natural_order(k: int) -> torch.Tensor:
-    """Index [K]: element j of a row sits at position natural_order[j] of the rows layout."""
-    return torch.argsort(lane_order(k))
 
 
 def quantize_blocks8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,37 +180,6 @@ def quantize_blocks8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.reshape(n, k), d
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """4-bit codes [N, K] in 0..15 -> the kernel's bytes [N, K/2] (quads of blocks; see lowbit.c)."""
-    n, k = q.shape
-    lanes = q[:, lane_order(k)].to(torch.uint8).reshape(n, k // PAIR, PAIR)  # [N, pairs, 64]
-    quads = (k // PAIR) // 2
-    parts = [(lanes[:, 0 : 2 * quads : 2] | (lanes[:, 1 : 2 * quads : 2] << 4)).reshape(n, -1)]
-    if (k // PAIR) % 2:
-        last = lanes[:, -1]
-        parts.append(last[:, :32] | (last[:, 32:] << 4))
-    return torch.cat(parts, dim=1).contiguous()
-
-
-def unpack_int4(codes: torch.Tensor, k: int) -> torch.Tensor:
-    """The inverse of :func:`pack_int4`: codes [N, K] in natural order (int16)."""
-    n, pairs = codes.shape[0], k // PAIR
-    quads = pairs // 2
-    body = codes[:, : quads * PAIR].reshape(n, quads, PAIR)
-    lanes = torch.stack([body & 0x0F, body >> 4], dim=2).reshape(n, 2 * quads, PAIR)
-    if pairs % 2:
-        last = codes[:, quads * PAIR :]
-        lanes = torch.cat([lanes, torch.cat([last & 0x0F, last >> 4], dim=1)[:, None]], dim=1)
-    out = torch.empty((n, k), dtype=torch.int16)
-    out[:, lane_order(k)] = lanes.reshape(n, k).to(torch.int16)
-    return out
-
-
-def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
-    """[N, G] values -> [N, 2G] bytes of their fp16 form."""
-    return values.to(torch.float16).contiguous().view(torch.uint8)
-
-
 def fp16_fits(scale: torch.Tensor, minimum: torch.Tensor | None = None) -> bool:
     """Whether block scales (and minimums) survive fp16, the kernel's format: finite, and no nonzero scale below
     fp16's normal range, where it would keep too few bits (a minimum there is off by < 6e-8, negligible).
@@ -230,29 +189,27 @@ def fp16_fits(scale: torch.Tensor, minimum: torch.Tensor | None = None) -> bool:
     return minimum is None or bool(torch.isfinite(minimum.to(torch.float16)).all())
 
 
-GROUP = 16  # rows per record in the groups layout (one 32-bit lane of a 512-bit register each)
+def _record_bytes(bits: int, group: int) -> int:
+    """Bytes per group of rows and block of 32 in the groups layout: codes, fp16 scales, fp16 minimums (4-bit)."""
+    return 20 * group if bits == 4 else 34 * group
 
 
-def _record_bytes(bits: int) -> int:
-    """Bytes per group of 16 rows and block of 32 in the groups layout: codes, fp16 scales, fp16 minimums (4-bit)."""
-    return 256 + 64 if bits == 4 else 512 + 32
-
-
-def pack_groups(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, bits: int) -> torch.Tensor:
+def pack_groups(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, bits: int,
+                group: int) -> torch.Tensor:
     """Codes q [N, K] (0..15, or -127..127 for 8-bit) and block scales (minimums) [N, K/32] -> the groups layout
-    [ceil(N/16), K/32 * record bytes] of lowbit.c's ``dot_group`` (rows past N are zeros); read back by
-    :meth:`LowBitWeight.rows_of`."""
+    [ceil(N/group), K/32 * record bytes] of lowbit.c (``group`` rows per record, one per 32-bit lane: 16 on
+    AVX-512, 8 on AVX2; rows past N are zeros); read back by :meth:`LowBitWeight.rows_of`."""
     n, k = q.shape
-    blocks, groups = k // BLOCK, -(-n // GROUP)
-    pad = groups * GROUP - n
+    blocks, groups = k // BLOCK, -(-n // group)
+    pad = groups * group - n
     codes = torch.nn.functional.pad(q.to(torch.int16) + (128 if bits == 8 else 0), (0, 0, 0, pad)).to(torch.uint8)
-    codes = codes.reshape(groups, GROUP, blocks, 8, 4).permute(0, 2, 3, 1, 4)  # [G, blocks, k-quad, row, 4]
+    codes = codes.reshape(groups, group, blocks, 8, 4).permute(0, 2, 3, 1, 4)  # [G, blocks, k-quad, row, 4]
     if bits == 4:
         codes = codes[:, :, 0::2] | (codes[:, :, 1::2] << 4)  # part t: k-quad 2t low, 2t + 1 high
     parts = [codes.reshape(groups, blocks, -1)]
     for values in (scale, minimum) if bits == 4 else (scale,):
         half = torch.nn.functional.pad(values.to(torch.float16), (0, 0, 0, pad))  # [Np, blocks]
-        parts.append(half.reshape(groups, GROUP, blocks).permute(0, 2, 1).contiguous().view(torch.uint8))
+        parts.append(half.reshape(groups, group, blocks).permute(0, 2, 1).contiguous().view(torch.uint8))
     return torch.cat(parts, dim=2).reshape(groups, -1).contiguous()
 
 
@@ -260,37 +217,28 @@ def pack_groups(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | No
 class LowBitWeight:
     """One weight [N, K] in the kernel's layout; ``matmul(x)`` = x @ W^T for x [..., K] fp32 or bf16.
 
-    Two layouts, by the kernel's path. ``groups`` (AVX-512 VNNI): 16 rows per record, each row one lane, so a block
-    costs 8 ``vpdpbusd`` for 16 rows and no horizontal sums (:func:`pack_groups`, lowbit.c ``dot_group``).
-    ``rows`` (AVX2): uint8 [N, row bytes], each row's codes (K/2 bytes for 4-bit, K for 8-bit, lane order), then its
-    K/32 fp16 block scales, then (4-bit) its K/32 fp16 block minimums. Either way a weight is one run of memory: a
-    decode streams every weight once, and with codes, scales and minimums in three separate arrays the kernel ran
-    1.55x slower from memory (software prefetching did not help). ``rows`` is that one tensor."""
+    The groups layout (:func:`pack_groups`, lowbit.c): ``group`` weight rows per record, each row one 32-bit lane of a
+    vector register (16 with AVX-512 VNNI, 8 with AVX2: the library's ``oh_group_rows()``), so a block of 32 costs 8
+    ``vpdpbusd`` for 16 rows (or 8 ``vpmaddubsw`` and one ``vpmaddwd`` for 8) and a row needs no horizontal sum.
+    ``rows`` is the packed tensor [ceil(N/group), K/32 * record bytes], one run of memory: a decode streams every
+    weight once, and with codes, scales and minimums in separate arrays an earlier kernel ran 1.55x slower from
+    memory."""
 
     rows: torch.Tensor
     in_features: int
-    out_features: int  # the groups layout pads N to a multiple of 16
+    out_features: int  # the groups layout pads N to a multiple of the group
     bits: int
     lib: ctypes.CDLL
 
     def __post_init__(self) -> None:
-        k, blocks = self.in_features, self.in_features // BLOCK
-        self.layout = "groups" if self.lib.oh_available() == 2 else "rows"  # the one layout the lib's path reads
+        self.group = self.lib.oh_group_rows()  # the layout the library's path reads
         if self.rows.dtype != torch.uint8:
             raise ValueError(f"low-bit weight: expected uint8, got {self.rows.dtype}")
-        if self.layout == "groups":
-            if self.rows.shape != (-(-self.out_features // GROUP), blocks * _record_bytes(self.bits)):
-                raise ValueError(f"low-bit groups: unexpected shape {tuple(self.rows.shape)}")
-            ptr = self.rows.data_ptr()
-            self._struct = _Weight(ptr, ptr, ptr, self.out_features, k, self.bits, 0, 0, 1)
-        else:
-            width = k // 2 if self.bits == 4 else k
-            if self.rows.shape != (self.out_features, width + 2 * blocks * (2 if self.bits == 4 else 1)):
-                raise ValueError(f"low-bit rows: expected [N, {width} + scales], got {tuple(self.rows.shape)}")
-            scales = self.rows[:, width : width + 2 * blocks].view(torch.float16)
-            offsets = self.rows[:, width + 2 * blocks :].view(torch.float16) if self.bits == 4 else scales
-            self._struct = _Weight(self.rows.data_ptr(), scales.data_ptr(), offsets.data_ptr(), self.out_features,
-                                   k, self.bits, self.rows.stride(0), self.rows.stride(0) // 2, 0)
+        expected = (-(-self.out_features // self.group), self.in_features // BLOCK * _record_bytes(self.bits,
+                                                                                                   self.group))
+        if tuple(self.rows.shape) != expected:
+            raise ValueError(f"low-bit weight: expected {expected}, got {tuple(self.rows.shape)}")
+        self._struct = _Weight(self.rows.data_ptr(), self.out_features, self.in_features, self.bits, self.group)
         self._handle = ctypes.addressof(self._struct)
         self._call = self.lib.oh_matmul
 
@@ -298,43 +246,28 @@ class LowBitWeight:
     def int4(cls, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, lib: ctypes.CDLL) -> LowBitWeight:
         """From 4-bit codes q [N, K] in 0..15 with ``w = minimum + q * scale`` per block of 32."""
         n, k = q.shape
-        if lib.oh_available() == 2:
-            return cls(pack_groups(q, scale, minimum, 4), k, n, 4, lib)
-        return cls(torch.cat([pack_int4(q), _fp16_bytes(scale), _fp16_bytes(minimum)], dim=1).contiguous(), k, n, 4,
-                   lib)
+        return cls(pack_groups(q, scale, minimum, 4, lib.oh_group_rows()), k, n, 4, lib)
 
     @classmethod
     def int8(cls, q: torch.Tensor, scale: torch.Tensor, lib: ctypes.CDLL) -> LowBitWeight:
         """From int8 codes q [N, K] in -127..127 with ``w = q * scale`` per block of 32."""
         n, k = q.shape
-        if lib.oh_available() == 2:
-            return cls(pack_groups(q, scale, None, 8), k, n, 8, lib)
-        codes = (q[:, lane_order(k)].to(torch.int16) + 128).to(torch.uint8)
-        return cls(torch.cat([codes, _fp16_bytes(scale)], dim=1).contiguous(), k, n, 8, lib)
+        return cls(pack_groups(q, scale, None, 8, lib.oh_group_rows()), k, n, 8, lib)
 
     def rows_of(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Rows ``ids`` [...] of the weight: codes [..., K] (int16 in natural order; signed for 8-bit), scales and
-        minimums [..., K/32] fp32 (minimums None for 8-bit). What an embedding lookup reads."""
+        minimums [..., K/32] fp32 (minimums None for 8-bit). What an embedding lookup reads: each row's bytes
+        gathered from its group's records."""
         k, blocks = self.in_features, self.in_features // BLOCK
-        if self.layout == "groups":  # gather each row's bytes from its group's records (an embedding lookup per token)
-            code_at, shift, scale_at, minimum_at = self._lane_bytes()
-            groups, lanes = (ids // GROUP).reshape(-1, 1), (ids % GROUP).reshape(-1)
-            raw = self.rows[groups, code_at[lanes]]
-            codes = ((raw >> shift[lanes]) & 0x0F).to(torch.int16) if self.bits == 4 else raw.to(torch.int16) - 128
+        code_at, shift, scale_at, minimum_at = self._lane_bytes()
+        groups, lanes = (ids // self.group).reshape(-1, 1), (ids % self.group).reshape(-1)
+        raw = self.rows[groups, code_at[lanes]]
+        codes = ((raw >> shift[lanes]) & 0x0F).to(torch.int16) if self.bits == 4 else raw.to(torch.int16) - 128
 
-            def halves(at: torch.Tensor) -> torch.Tensor:
-                return self.rows[groups, at[lanes]].view(torch.float16).to(torch.float32).reshape(*ids.shape, blocks)
+        def halves(at: torch.Tensor) -> torch.Tensor:
+            return self.rows[groups, at[lanes]].view(torch.float16).to(torch.float32).reshape(*ids.shape, blocks)
 
-            return (codes.reshape(*ids.shape, k), halves(scale_at),
-                    halves(minimum_at) if self.bits == 4 else None)
-        width = k // 2 if self.bits == 4 else k
-        picked = self.rows[ids]
-        scales = picked[..., width : width + 2 * blocks].contiguous().view(torch.float16).to(torch.float32)
-        if self.bits == 4:
-            codes = unpack_int4(picked[..., :width].reshape(-1, width), k).reshape(*ids.shape, k)
-            minimums = picked[..., width + 2 * blocks :].contiguous().view(torch.float16).to(torch.float32)
-            return codes, scales, minimums
-        return picked[..., :width][..., natural_order(k)].to(torch.int16) - 128, scales, None
+        return codes.reshape(*ids.shape, k), halves(scale_at), halves(minimum_at) if self.bits == 4 else None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -355,19 +288,20 @@ class LowBitWeight:
 
     def _lane_bytes(self) -> tuple[torch.Tensor, ...]:
         """The groups layout (:func:`pack_groups`), read per lane (a row within its group): the byte offsets of its
-        K codes in K order [16, K], the shift of each code within its byte [16, K] (4-bit: 0 or 4), and the byte
-        offsets of its K/32 fp16 scales and minimums [16, K/16] within the group's records. Built once."""
+        K codes in K order [G, K], the shift of each code within its byte [G, K] (4-bit: 0 or 4), and the byte
+        offsets of its K/32 fp16 scales and minimums [G, K/16] within the group's records. Built once."""
         cached = getattr(self, "_lane_index", None)
         if cached is None:
-            k, rec = self.in_features, _record_bytes(self.bits)
-            width = 256 if self.bits == 4 else 512  # the codes' bytes per record; then 32 of scales, 32 of minimums
-            kk, lane = torch.arange(k), torch.arange(GROUP)[:, None]
+            k, group = self.in_features, self.group
+            rec = _record_bytes(self.bits, group)
+            width = 16 * group if self.bits == 4 else 32 * group  # the codes' bytes per record; then the scales
+            kk, lane = torch.arange(k), torch.arange(group)[:, None]
             quad = (kk % BLOCK) // 4  # k-quad within the block: part quad // 2 (4-bit, high nibble if odd) or quad
             part, shift = (quad // 2, 4 * (quad % 2)) if self.bits == 4 else (quad, torch.zeros_like(quad))
-            codes = (kk // BLOCK) * rec + part * 64 + 4 * lane + kk % 4  # [16, K]
+            codes = (kk // BLOCK) * rec + part * 4 * group + 4 * lane + kk % 4  # [G, K]
             byte = torch.arange(2 * (k // BLOCK))
-            scales = (byte // 2) * rec + width + 2 * lane + byte % 2  # [16, K/16]
-            cached = self._lane_index = (codes, shift.to(torch.uint8).expand(GROUP, k), scales, scales + 2 * GROUP)
+            scales = (byte // 2) * rec + width + 2 * lane + byte % 2  # [G, K/16]
+            cached = self._lane_index = (codes, shift.to(torch.uint8).expand(group, k), scales, scales + 2 * group)
         return cached
 
     def dequantized(self) -> torch.Tensor:

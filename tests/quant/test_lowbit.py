@@ -112,17 +112,49 @@ def test_shapes_the_kernel_does_not_take_stay_on_torch(monkeypatch):
     assert int4_supported(96, 16) and not int4_supported(96, 8)  # N % 16: such a Linear goes int8 instead
 
 
-def test_layouts_round_trip():
-    for k in (64, 128, 576):
-        order = lowbit.lane_order(k)
-        assert sorted(order.tolist()) == list(range(k))
-        assert torch.equal(order[lowbit.natural_order(k)], torch.arange(k))
-        # each 4-byte lane holds 4 consecutive elements of one block, and lanes alternate between a pair's blocks
-        lanes = order.reshape(-1, 4)
-        assert torch.equal(lanes - lanes[:, :1], torch.arange(4).expand_as(lanes))
-        assert torch.equal((lanes[:, 0] // 32) % 2, torch.arange(lanes.shape[0]) % 2)
-        q = torch.randint(0, 16, (5, k))
-        assert torch.equal(lowbit.unpack_int4(lowbit.pack_int4(q), k), q.to(torch.int16))
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_groups_layout_round_trips(bits, lib):
+    """Packed for this build's group size (16 rows on AVX-512, 8 on AVX2) and read back per row: the codes, fp16
+    scales and minimums that went in, for an N that is not a multiple of the group."""
+    n, k = 37, 192
+    torch.manual_seed(3)
+    if bits == 4:
+        q, scale, minimum = torch.randint(0, 16, (n, k)), torch.rand(n, k // 32), torch.randn(n, k // 32)
+        w = lowbit.LowBitWeight.int4(q, scale, minimum, lib)
+    else:
+        q, scale, minimum = torch.randint(-127, 128, (n, k)), torch.rand(n, k // 32), None
+        w = lowbit.LowBitWeight.int8(q, scale, lib)
+    assert w.group == lib.oh_group_rows() == {2: 16, 1: 8}[lib.oh_available()]
+    assert w.rows.shape[0] == -(-n // w.group)
+    codes, scales, minimums = w.rows_of(torch.arange(n))
+    assert torch.equal(codes, q.to(torch.int16)) and torch.equal(scales, scale.half().float())
+    assert minimums is None if bits == 8 else torch.equal(minimums, minimum.half().float())
+    picked = w.rows_of(torch.tensor([[5, 36], [0, 17]]))[0]  # any index shape, as an embedding lookup
+    assert torch.equal(picked, q.to(torch.int16)[torch.tensor([[5, 36], [0, 17]])])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_avx2_build_gives_the_avx512_builds_bits(bits, dtype, tmp_path):
+    """The AVX2 path computes the AVX-512 VNNI path's integers and then the same float operations in the same
+    order, so peers on either kind of CPU give the same bits (and a verifier re-executing a step gets them)."""
+    if lowbit.kernel() is None or lowbit.kernel().oh_available() != 2:
+        pytest.skip("needs a CPU with AVX-512 VNNI to run both paths")
+    avx2 = lowbit.open_library(lowbit._build(tmp_path, march="x86-64-v3"))
+    assert avx2 is not None and avx2.oh_available() == 1
+    torch.manual_seed(4)
+    w = torch.randn(301, 1536) * 0.05
+    w[:, 7] *= 30
+    x = torch.randn(9, 1536).to(dtype)
+    x[3, 64:96] = 0
+    x[4] *= 1e3
+    if bits == 4:
+        q, scale, minimum = quantize_int4_groups(w, 32)
+        outs = [lowbit.LowBitWeight.int4(q, scale, minimum, lib).matmul(x) for lib in (lowbit.kernel(), avx2)]
+    else:
+        q, d = lowbit.quantize_blocks8(w)
+        outs = [lowbit.LowBitWeight.int8(q, d, lib).matmul(x) for lib in (lowbit.kernel(), avx2)]
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_q8_0_blocks_are_lossless():

@@ -1,24 +1,22 @@
 /* Low-bit matmuls for a CPU node: 4-bit (GGUF Q4_1-style) and 8-bit (Q8_0-style) weights in blocks of 32
  * along K, times activations quantized per block of 32 to int8 (as llama.cpp's Q8_1), on AVX-512 VNNI
- * (vpdpbusd: 64 byte products per instruction), or AVX2 where the CPU has no VNNI. Built at first use by
- * runtime/lowbit.py with the machine's own -march=native; on a CPU or compiler with neither, oh_available() is 0
- * and the node keeps PyTorch's kernels.
+ * (vpdpbusd: 64 byte products per instruction), or AVX2 where the CPU has no VNNI (vpmaddubsw, as llama.cpp on such
+ * CPUs). Built at first use by runtime/lowbit.py with the machine's own -march=native; on a CPU or compiler with
+ * neither, oh_available() is 0 and the node keeps PyTorch's kernels.
  *
- * Two layouts (runtime/lowbit.py packs the weights), one per path; block scales (d) and minimums (m) are fp16, as
- * GGUF's, and 8-bit codes are stored + 128 as unsigned bytes.
- * - AVX-512 VNNI, "groups": 16 output rows per record, one per 32-bit lane (see dot_group below).
- * - AVX2, "rows": each row's codes, then its d, then its m, in one run of memory. The codes go in block pairs
- *   (2p, 2p+1) in "lane order": a pair's 32-bit words alternate between its two blocks (word 2j holds elements
- *   4j..4j+3 of block 2p, word 2j+1 the same of block 2p+1), so each 32-bit lane belongs to one block and the
- *   pair's two scales, broadcast as [s0, s1, s0, s1, ...], line up with the lanes; the activations are quantized
- *   into the same order. 8-bit: a pair is 64 bytes. 4-bit: pairs go in twos (a quad of 4 blocks, 64 bytes): byte
- *   t holds position t of the first pair in its low nibble and of the second in its high nibble; a last lone pair
- *   (K = 64 mod 128) is 32 bytes, byte t holding its positions t (low) and t + 32 (high).
+ * One layout, "groups" (runtime/lowbit.py packs the weights): G output rows per record, one per 32-bit lane of a
+ * vector register (G = 16 on AVX-512, 8 on AVX2: oh_group_rows()). Per group and block of 32, one record: the codes
+ * of the block's 8 k-quads (4 consecutive k) for the G rows, 4 bytes per row per k-quad (lane = row), then the G
+ * rows' fp16 scales d, then (4-bit) their fp16 minimums m. 4-bit: 4 parts of 4G bytes, the low nibbles of part t
+ * holding k-quad 2t and the high nibbles k-quad 2t + 1 (16G + 2G + 2G bytes); 8-bit: 8 parts of 4G bytes (codes
+ * + 128), k-quad q in part q (32G + 2G bytes). A k-quad of the activation codes is broadcast to all lanes, so a
+ * row's dot product needs no horizontal sum, and the scales of G rows are converted and applied at once.
  *
- * Per output row n and activation row r: y = sum over blocks b of d[n,b] * sx[r,b] * dot(q[n,b], xq[r,b])
- * + sum over b of c[n,b] * sx[r,b] * sum(xq[r,b]), where c is the block minimum (4-bit, w = m + q*d) or -128*d
- * (8-bit, for the +128 offset). Every output is computed by one thread in the same order whatever the row count,
- * the thread count or the other rows: a row's result does not depend on what it is batched with.
+ * Per output row n and activation row r: y = sum over blocks b of d[n,b] * (sx[r,b] * dot(q[n,b], xq[r,b]))
+ * + m[n,b] * (sx[r,b] * sum(xq[r,b])), for 8-bit with dot over the stored codes q + 128 and m = -128 d folded in
+ * (see dot_group). Both paths compute the same integers and then the same float operations in the same order, so
+ * the AVX2 build's outputs have the AVX-512 build's bits. Every output is computed by one thread in the same order
+ * whatever the row count, the thread count or the other rows: a row's result does not depend on its batch.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -41,23 +39,35 @@
 
 #define QK 32
 
-typedef struct {              /* runtime/lowbit.py keeps each row's codes, scales and offsets in one run of memory */
-    const uint8_t *codes;     /* row n's K/2 (4-bit) or K (8-bit) bytes at codes + n * code_stride, layout above */
-    const uint16_t *scales;   /* row n's K/32 fp16 d at scales + n * scale_stride */
-    const uint16_t *offsets;  /* row n's K/32 fp16 m (4-bit; unused for 8-bit) at offsets + n * scale_stride */
+typedef struct {
+    const uint8_t *codes;     /* ceil(N / group) groups of K/32 records each, the layout above */
     int64_t n, k;
     int32_t bits;             /* 4 or 8 */
-    int64_t code_stride;      /* bytes from one row's codes to the next's */
-    int64_t scale_stride;     /* fp16 values from one row's scales (and offsets) to the next's */
-    int32_t layout;           /* 0: rows (above); 1: groups of 16 rows (AVX-512 VNNI only, see dot_group) */
+    int32_t group;            /* rows per record: this build's oh_group_rows() */
 } oh_weight;
 
-/* 2: AVX-512 VNNI, 1: AVX2 (vpmaddubsw, as llama.cpp on such CPUs), 0: no kernel in this build. */
+/* 2: AVX-512 VNNI, 1: AVX2, 0: no kernel in this build. */
 int oh_available(void) { return OH_VNNI ? 2 : (OH_AVX2 ? 1 : 0); }
 
-#define MAX_BLOCKS 1024 /* K up to 32768 */
+/* Rows per record of the layout this build reads (0: no kernel). */
+int oh_group_rows(void) { return OH_VNNI ? 16 : (OH_AVX2 ? 8 : 0); }
+
+#define MAX_K 32768 /* runtime/lowbit.py MAX_K */
+
+/* Bytes of one record (a group of G rows, one block of 32): codes, fp16 scales, fp16 minimums (4-bit). */
+static inline int64_t record_bytes(const oh_weight *w) { return w->bits == 4 ? 20 * w->group : 34 * w->group; }
+static inline int64_t scales_at(const oh_weight *w) { return w->bits == 4 ? 16 * w->group : 32 * w->group; }
+
+/* Activation row r quantized: codes xq[r*K ..] (K order), and per block b: scale sx = max|x| / 127, the codes' sum
+ * xsum, and sxsum = sx * xsum. Codes = x / sx rounded half to even (the default rounding mode). */
+typedef struct {
+    int8_t *xq;
+    float *sx, *sxsum;
+    int32_t *xsum;
+} oh_acts;
 
 #if OH_VNNI
+#define UNIT 16 /* outputs per unit of work: a group of 16 rows */
 
 static inline __m512 load16(const void *x, int bf16, int64_t i) {
     if (bf16) {
@@ -67,33 +77,26 @@ static inline __m512 load16(const void *x, int bf16, int64_t i) {
     return _mm512_loadu_ps((const float *)x + i);
 }
 
-/* One activation row [K] (fp32 or bf16) -> int8 codes [K] (K order), per-block scale sx [K/32] and
- * sx * sum(codes) [K/32]. sx = max|x| / 127, codes = x / sx rounded half to even. */
-static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *sx, float *sxsum) {
+static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *sx, float *sxsum, int32_t *xsum) {
     for (int64_t b = 0; b < k / QK; b++) {
         __m512 v0 = load16(x, bf16, b * QK), v1 = load16(x, bf16, b * QK + 16);
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
         float d = amax / 127.0f;
         __m512 id = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
         __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+        const int32_t total = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
         sx[b] = d;
-        sxsum[b] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        xsum[b] = total;
+        sxsum[b] = d * (float)total;
         _mm_storeu_si128((__m128i *)(xq + b * QK), _mm512_cvtsepi32_epi8(q0));
         _mm_storeu_si128((__m128i *)(xq + b * QK + 16), _mm512_cvtsepi32_epi8(q1));
     }
 }
 
-/* The groups layout: 16 weight rows at a time, each 32-bit lane of a register one row. Per group and block of 32,
- * one record: the codes of 8 k-quads (4 consecutive k) for the 16 rows, 4 bytes per row per k-quad (lane = row),
- * then the 16 rows' fp16 scales d, then (4-bit) their fp16 minimums m. 4-bit: 4 x 64 bytes, the low nibbles of
- * 64-byte part t holding k-quad 2t and the high nibbles k-quad 2t + 1 (256 + 32 + 32 bytes); 8-bit: 8 x 64 bytes
- * (codes + 128), k-quad q in part q (512 + 32 bytes). A k-quad of the activation codes is broadcast to all lanes
- * (an embedded {1to16} memory operand), so a block costs 8 vpdpbusd, one int -> float conversion and two or three
- * FMAs for 16 rows, and a row's result needs no horizontal sum. Up to 4 activation rows share the unpacking. */
-static inline int64_t record_bytes(const oh_weight *w) { return w->bits == 4 ? 256 + 64 : 512 + 32; }
-
-static inline void dot_group(const oh_weight *w, int64_t g, const int8_t *xq, const float *sx, const float *sxsum,
-                             const int R, __m512 *acc) {
+/* 16 weight rows (group g) times R activation rows: acc[r] lane l = output row 16g + l. A block costs 8 vpdpbusd
+ * (the k-quad of activation codes an embedded {1to16} broadcast), one int -> float conversion and two FMAs for
+ * 16 rows. 4-bit: the high nibbles stay in place (x 16) and the sum is shifted back once per block (exact). */
+static inline void dot_group(const oh_weight *w, int64_t g, const oh_acts *a, const int R, __m512 *acc) {
     const int64_t k = w->k, blocks = k / QK, rec = record_bytes(w);
     const uint8_t *base = w->codes + g * blocks * rec;
     const __m512i mask = _mm512_set1_epi8(0x0F);
@@ -102,54 +105,52 @@ static inline void dot_group(const oh_weight *w, int64_t g, const int8_t *xq, co
         const uint8_t *p = base + b * rec;
         __m512i dot[4], high[4];
         for (int r = 0; r < R; r++) dot[r] = high[r] = _mm512_setzero_si512();
-        if (w->bits == 4) {  /* high nibbles left in place (x 16), shifted back once per block: exact integers */
+        if (w->bits == 4) {
             for (int t = 0; t < 4; t++) {
                 const __m512i raw = _mm512_loadu_si512(p + 64 * t);
                 const __m512i lo = _mm512_and_si512(raw, mask), hi = _mm512_andnot_si512(mask, raw);
                 for (int r = 0; r < R; r++) {
-                    const int32_t *x = (const int32_t *)(xq + r * k + b * QK) + 2 * t;
+                    const int32_t *x = (const int32_t *)(a->xq + r * k + b * QK) + 2 * t;
                     dot[r] = _mm512_dpbusd_epi32(dot[r], lo, _mm512_set1_epi32(x[0]));
                     high[r] = _mm512_dpbusd_epi32(high[r], hi, _mm512_set1_epi32(x[1]));
                 }
             }
             for (int r = 0; r < R; r++) dot[r] = _mm512_add_epi32(dot[r], _mm512_srai_epi32(high[r], 4));
-        } else {
+        } else {  /* the codes carry +128: dot = sum (q + 128) x */
             for (int t = 0; t < 8; t++) {
                 const __m512i codes = _mm512_loadu_si512(p + 64 * t);
                 for (int r = 0; r < R; r++)
                     dot[r] = _mm512_dpbusd_epi32(dot[r], codes,
-                                                 _mm512_set1_epi32(((const int32_t *)(xq + r * k + b * QK))[t]));
+                                                 _mm512_set1_epi32(((const int32_t *)(a->xq + r * k + b * QK))[t]));
             }
         }
-        const int64_t scales_at = w->bits == 4 ? 256 : 512;
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + scales_at)));
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + scales_at(w))));
         if (w->bits == 4) {
-            const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + scales_at + 32)));
+            const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + scales_at(w) + 32)));
             for (int r = 0; r < R; r++) {
-                const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(sx[r * blocks + b]));
+                const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(a->sx[r * blocks + b]));
                 acc[r] = _mm512_fmadd_ps(d, scaled, acc[r]);
-                acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(sxsum[r * blocks + b]), acc[r]);
+                acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a->sxsum[r * blocks + b]), acc[r]);
             }
-        } else {  /* the codes carry +128: sum (q + 128) x = sum q x + 128 sum x */
+        } else {  /* sum q x = sum (q + 128) x - 128 sum x */
             for (int r = 0; r < R; r++) {
-                const __m512 scaled = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(sx[r * blocks + b]),
-                                                      _mm512_set1_ps(-128.0f * sxsum[r * blocks + b]));
+                const __m512 scaled = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(a->sx[r * blocks + b]),
+                                                      _mm512_set1_ps(-128.0f * a->sxsum[r * blocks + b]));
                 acc[r] = _mm512_fmadd_ps(d, scaled, acc[r]);
             }
         }
     }
 }
+
+static inline void dot_unit(const oh_weight *w, int64_t u, const oh_acts *a, const int R, float out[4][UNIT]) {
+    __m512 acc[4];
+    dot_group(w, u, a, R, acc);
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(out[r], acc[r]);
+}
 #endif
 
 #if OH_AVX2
-/* The rows layout on 256-bit registers: a 32-byte half of a pair holds 16 elements of each of its two blocks in
- * alternating 32-bit lanes, so [s0, s1, s0, s1, ...] (vbroadcastsd) lines up with them. Products go
- * through vpmaddubsw (u8 x s8 -> pairs summed to int16) and vpmaddwd by ones (-> int32 per 4-byte lane). 4-bit codes
- * (<= 15) cannot saturate the int16 pairs; 8-bit codes use llama.cpp's sign trick (|w| times x with w's sign), so
- * the 8-bit tail (the -128 correction of the unsigned codes) is not needed here. */
-static inline __m256 pair_bcast(const float *p) {  /* [p0, p1, p0, p1, ...] */
-    return _mm256_castpd_ps(_mm256_broadcast_sd((const double *)p));
-}
+#define UNIT 8 /* a group of 8 rows */
 
 static inline __m256 load8(const void *x, int bf16, int64_t i) {
     if (bf16) {
@@ -159,13 +160,9 @@ static inline __m256 load8(const void *x, int bf16, int64_t i) {
     return _mm256_loadu_ps((const float *)x + i);
 }
 
-static inline float hsum8(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
-
-static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *sx, float *sxsum) {
+/* The AVX-512 path's quantize_row on 256-bit registers: the same values (a max and an integer sum are exact in any
+ * order; the scale, its inverse and the rounding are the same operations). */
+static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *sx, float *sxsum, int32_t *xsum) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t b = 0; b < k / QK; b++) {
@@ -185,84 +182,76 @@ static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *
         t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
         t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
         sx[b] = d;
-        sxsum[b] = d * (float)_mm_cvtsi128_si32(t);
+        xsum[b] = _mm_cvtsi128_si32(t);
+        sxsum[b] = d * (float)xsum[b];
         __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-        bytes = _mm256_permutevar8x32_epi32(bytes, order);  /* natural order: 32 codes */
-        uint32_t words[8];
-        _mm256_storeu_si256((__m256i *)words, bytes);
-        uint32_t *pair = (uint32_t *)(xq + (b >> 1) * 64) + (b & 1);
-        for (int j = 0; j < 8; j++) pair[2 * j] = words[j];
+        _mm256_storeu_si256((__m256i *)(xq + b * QK), _mm256_permutevar8x32_epi32(bytes, order));  /* K order */
     }
 }
 
-static inline __m256 dot4(__m256i w, __m256i x, __m256i ones) {  /* unsigned 4-bit codes times int8 */
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones));
-}
-
-static inline __m256 dot8(__m256i w_offset, __m256i x, __m256i ones) {  /* int8 (stored + 128) times int8 */
-    const __m256i w = _mm256_xor_si256(w_offset, _mm256_set1_epi8((char)0x80));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
-                                                ones));
-}
-
-static inline void dot_rows(const oh_weight *w, int64_t n, const int8_t *xq, const float *sx, const float *sxsum,
-                            const int R, float *out) {
-    const int64_t k = w->k, blocks = k / QK, pairs = k / 64;
-    const uint16_t *dh = w->scales + n * w->scale_stride, *mh = w->offsets + n * w->scale_stride;
-    const __m256i ones = _mm256_set1_epi16(1);
-    float dF[MAX_BLOCKS], ds[4][MAX_BLOCKS], tail[4];
-    for (int64_t b = 0; b < blocks; b++) dF[b] = _cvtsh_ss(dh[b]);
-    for (int r = 0; r < R; r++) {
-        float t = 0.0f;
-        for (int64_t b = 0; b < blocks; b++) {
-            ds[r][b] = dF[b] * sx[r * blocks + b];
-            if (w->bits == 4) t += _cvtsh_ss(mh[b]) * sxsum[r * blocks + b];
-        }
-        tail[r] = t;
-    }
-    __m256 acc0[4], acc1[4];
-    for (int r = 0; r < R; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
-    if (w->bits == 8) {
-        const uint8_t *codes = w->codes + n * w->code_stride;
-        for (int64_t p = 0; p < pairs; p++) {
-            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(codes + p * 64));
-            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(codes + p * 64 + 32));
-            for (int r = 0; r < R; r++) {
-                const int8_t *x = xq + r * k + p * 64;
-                const __m256 s = pair_bcast(ds[r] + 2 * p);
-                acc0[r] = _mm256_fmadd_ps(dot8(w0, _mm256_loadu_si256((const __m256i *)x), ones), s, acc0[r]);
-                acc1[r] = _mm256_fmadd_ps(dot8(w1, _mm256_loadu_si256((const __m256i *)(x + 32)), ones), s, acc1[r]);
-            }
-        }
-    } else {
-        const uint8_t *codes = w->codes + n * w->code_stride;
-        const __m256i mask = _mm256_set1_epi8(0x0F);
-        int64_t p = 0;
-        for (; p + 1 < pairs; p += 2) {  /* a quad: low nibbles = pair p, high nibbles = pair p + 1 */
-            for (int h = 0; h < 2; h++) {
-                const __m256i raw = _mm256_loadu_si256((const __m256i *)(codes + p * 32 + h * 32));
+/* 8 weight rows (group g) times R activation rows: acc[r] lane l = output row 8g + l. The same integers as the
+ * AVX-512 path's dot_group, then the same float operations. vpmaddubsw multiplies unsigned bytes by signed ones
+ * and adds pairs into int16, saturating: 4-bit codes (<= 15) times |x| <= 127 stay far from it, so a block's 8
+ * k-quads are summed in int16 (at most 8 x 2 x 15 x 127 = 30480) and widened once (vpmaddwd by ones). 8-bit codes
+ * go through llama.cpp's sign trick, |q| times x with q's sign (|q| <= 127: a pair at most 32258), and the +128 the
+ * stored codes carry is added back as 128 sum x, giving the AVX-512 path's sum (q + 128) x. */
+static inline void dot_group(const oh_weight *w, int64_t g, const oh_acts *a, const int R, __m256 *acc) {
+    const int64_t k = w->k, blocks = k / QK, rec = record_bytes(w);
+    const uint8_t *base = w->codes + g * blocks * rec;
+    const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *p = base + b * rec;
+        __m256i dot[4];
+        if (w->bits == 4) {
+            __m256i sum16[4];
+            for (int r = 0; r < R; r++) sum16[r] = _mm256_setzero_si256();
+            for (int t = 0; t < 4; t++) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(p + 32 * t));
                 const __m256i lo = _mm256_and_si256(raw, mask), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
                 for (int r = 0; r < R; r++) {
-                    const int8_t *x = xq + r * k + p * 64 + h * 32;
-                    acc0[r] = _mm256_fmadd_ps(dot4(lo, _mm256_loadu_si256((const __m256i *)x), ones),
-                                              pair_bcast(ds[r] + 2 * p), acc0[r]);
-                    acc1[r] = _mm256_fmadd_ps(dot4(hi, _mm256_loadu_si256((const __m256i *)(x + 64)), ones),
-                                              pair_bcast(ds[r] + 2 * p + 2), acc1[r]);
+                    const int32_t *x = (const int32_t *)(a->xq + r * k + b * QK) + 2 * t;
+                    sum16[r] = _mm256_add_epi16(sum16[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x[0])));
+                    sum16[r] = _mm256_add_epi16(sum16[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x[1])));
                 }
             }
+            for (int r = 0; r < R; r++) dot[r] = _mm256_madd_epi16(sum16[r], ones);
+        } else {
+            for (int r = 0; r < R; r++) dot[r] = _mm256_setzero_si256();
+            for (int t = 0; t < 8; t++) {
+                const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 32 * t)), flip);
+                const __m256i size = _mm256_abs_epi8(q);
+                for (int r = 0; r < R; r++) {
+                    const __m256i x = _mm256_set1_epi32(((const int32_t *)(a->xq + r * k + b * QK))[t]);
+                    const __m256i pairs = _mm256_maddubs_epi16(size, _mm256_sign_epi8(x, q));
+                    dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+            for (int r = 0; r < R; r++)
+                dot[r] = _mm256_add_epi32(dot[r], _mm256_set1_epi32(128 * a->xsum[r * blocks + b]));
         }
-        if (p < pairs) {  /* a lone last pair: 32 bytes, positions t (low nibble) and t + 32 (high) */
-            const __m256i raw = _mm256_loadu_si256((const __m256i *)(codes + p * 32));
-            const __m256i lo = _mm256_and_si256(raw, mask), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + scales_at(w))));
+        if (w->bits == 4) {
+            const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + scales_at(w) + 16)));
             for (int r = 0; r < R; r++) {
-                const int8_t *x = xq + r * k + p * 64;
-                const __m256 s = pair_bcast(ds[r] + 2 * p);
-                acc0[r] = _mm256_fmadd_ps(dot4(lo, _mm256_loadu_si256((const __m256i *)x), ones), s, acc0[r]);
-                acc1[r] = _mm256_fmadd_ps(dot4(hi, _mm256_loadu_si256((const __m256i *)(x + 32)), ones), s, acc1[r]);
+                const __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(a->sx[r * blocks + b]));
+                acc[r] = _mm256_fmadd_ps(d, scaled, acc[r]);
+                acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(a->sxsum[r * blocks + b]), acc[r]);
+            }
+        } else {
+            for (int r = 0; r < R; r++) {
+                const __m256 scaled = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(a->sx[r * blocks + b]),
+                                                      _mm256_set1_ps(-128.0f * a->sxsum[r * blocks + b]));
+                acc[r] = _mm256_fmadd_ps(d, scaled, acc[r]);
             }
         }
     }
-    for (int r = 0; r < R; r++) out[r] = hsum8(_mm256_add_ps(acc0[r], acc1[r])) + tail[r];
+}
+
+static inline void dot_unit(const oh_weight *w, int64_t u, const oh_acts *a, const int R, float out[4][UNIT]) {
+    __m256 acc[4];
+    dot_group(w, u, a, R, acc);
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(out[r], acc[r]);
 }
 #endif
 
@@ -279,40 +268,19 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
 #define CHUNK_BYTES 16384
 #endif
 
-#if OH_VNNI
-#define UNIT 16 /* outputs per unit of work: a group of 16 rows */
-/* Outputs 16u.. of R activation rows: out[r][0..15]. */
-static inline void dot_unit(const oh_weight *w, int64_t u, const int8_t *xq, const float *sx, const float *sxsum,
-                            const int R, float out[4][UNIT]) {
-    __m512 acc[4];
-    dot_group(w, u, xq, sx, sxsum, R, acc);
-    for (int r = 0; r < R; r++) _mm512_storeu_ps(out[r], acc[r]);
-}
-#else
-#define UNIT 1 /* one output row */
-static inline void dot_unit(const oh_weight *w, int64_t u, const int8_t *xq, const float *sx, const float *sxsum,
-                            const int R, float out[4][UNIT]) {
-    float one[4];
-    dot_rows(w, u, xq, sx, sxsum, R, one);
-    for (int r = 0; r < R; r++) out[r][0] = one[r];
-}
-#endif
-
 /* Outputs UNIT*u.. (fewer at the end) for activation rows [r0, r1): up to 4 rows share the weights' unpacking. */
-static void output_unit(const oh_weight *w, int64_t u, const int8_t *xq, const float *sx, const float *sxsum,
-                        int64_t r0, int64_t m, void *y, int y_bf16) {
+static void output_unit(const oh_weight *w, int64_t u, const oh_acts *a, int64_t r0, int64_t m, void *y, int y_bf16) {
     const int64_t k = w->k, n = w->n, blocks = k / QK, first = UNIT * u;
     const int64_t count = n - first < UNIT ? n - first : UNIT;
     for (int64_t r = r0; r < m; r += 4) {
         float out[4][UNIT];
         const int rows = m - r < 4 ? (int)(m - r) : 4;
-        const int8_t *xr = xq + r * k;
-        const float *sr = sx + r * blocks, *tr = sxsum + r * blocks;
+        const oh_acts at = {a->xq + r * k, a->sx + r * blocks, a->sxsum + r * blocks, a->xsum + r * blocks};
         switch (rows) {  /* constant R: each case compiled with its loops over rows unrolled */
-            case 1: dot_unit(w, u, xr, sr, tr, 1, out); break;
-            case 2: dot_unit(w, u, xr, sr, tr, 2, out); break;
-            case 3: dot_unit(w, u, xr, sr, tr, 3, out); break;
-            default: dot_unit(w, u, xr, sr, tr, 4, out); break;
+            case 1: dot_unit(w, u, &at, 1, out); break;
+            case 2: dot_unit(w, u, &at, 2, out); break;
+            case 3: dot_unit(w, u, &at, 3, out); break;
+            default: dot_unit(w, u, &at, 4, out); break;
         }
         for (int i = 0; i < rows; i++) {
             for (int64_t l = 0; l < count; l++) {
@@ -325,28 +293,30 @@ static void output_unit(const oh_weight *w, int64_t u, const int8_t *xq, const f
 #endif
 
 /* y [M, N] = x [M, K] times W^T; x and y fp32 (dtype flag 0) or bf16 (1), rows contiguous. Returns 0; -1 when
- * this build has no kernel or K is not a multiple of 64 (or over 32768); -2 when out of memory. */
+ * this build has no kernel, K is not a multiple of 64 or over MAX_K, or the weight was packed for another group
+ * size; -2 when out of memory. */
 int oh_matmul(const oh_weight *w, const void *x, int x_bf16, int64_t m, void *y, int y_bf16, int threads) {
 #if OH_KERNEL
     const int64_t k = w->k, n = w->n, blocks = k / QK;
-    if (k % 64 != 0 || blocks > MAX_BLOCKS || w->layout != (OH_VNNI ? 1 : 0)) return -1;  /* one layout per path */
+    if (k % 64 != 0 || k > MAX_K || w->group != UNIT) return -1;
     int8_t *xq = (int8_t *)malloc((size_t)(m * k));
-    float *sx = (float *)malloc(sizeof(float) * (size_t)(2 * m * blocks));
+    float *sx = (float *)malloc(sizeof(float) * (size_t)(3 * m * blocks));  /* sx, sxsum, xsum */
     if (!xq || !sx) { free(xq); free(sx); return -2; }
-    float *sxsum = sx + m * blocks;
+    const oh_acts a = {xq, sx, sx + m * blocks, (int32_t *)(sx + 2 * m * blocks)};
     for (int64_t r = 0; r < m; r++)
-        quantize_row((const char *)x + r * k * (x_bf16 ? 2 : 4), x_bf16, k, xq + r * k, sx + r * blocks,
-                     sxsum + r * blocks);
+        quantize_row((const char *)x + r * k * (x_bf16 ? 2 : 4), x_bf16, k, xq + r * k, a.sx + r * blocks,
+                     a.sxsum + r * blocks, a.xsum + r * blocks);
     /* Activation rows in chunks that stay in the L1 cache while every weight row passes them (a prefill's
      * rows do not all fit); a row's operations are the same in any chunk. */
     const int64_t chunk = CHUNK_BYTES / k < 4 ? 4 : (CHUNK_BYTES / k) & ~(int64_t)3;
+    const int64_t units = (n + UNIT - 1) / UNIT;
     for (int64_t r0 = 0; r0 < m; r0 += chunk) {
-        const int64_t r1 = m - r0 < chunk ? m : r0 + chunk, units = (n + UNIT - 1) / UNIT;
+        const int64_t r1 = m - r0 < chunk ? m : r0 + chunk;
         if (threads > 1) {
             #pragma omp parallel for schedule(static) num_threads(threads)
-            for (int64_t u = 0; u < units; u++) output_unit(w, u, xq, sx, sxsum, r0, r1, y, y_bf16);
+            for (int64_t u = 0; u < units; u++) output_unit(w, u, &a, r0, r1, y, y_bf16);
         } else {  /* no OpenMP region at all: entering one costs about a microsecond even for one thread */
-            for (int64_t u = 0; u < units; u++) output_unit(w, u, xq, sx, sxsum, r0, r1, y, y_bf16);
+            for (int64_t u = 0; u < units; u++) output_unit(w, u, &a, r0, r1, y, y_bf16);
         }
     }
     free(xq);
