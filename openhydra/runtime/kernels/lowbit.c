@@ -67,7 +67,16 @@ typedef struct {
 } oh_acts;
 
 #if OH_VNNI
-#define UNIT 16 /* outputs per unit of work: a group of 16 rows */
+#define UNIT 16 /* outputs per unit of work: a group of 16 rows, one per 32-bit lane */
+typedef __m512 vf;
+typedef __m512i vi;
+#define VF_ZERO _mm512_setzero_ps
+#define VF_SET1 _mm512_set1_ps
+#define VF_MUL _mm512_mul_ps
+#define VF_FMA _mm512_fmadd_ps
+#define VF_FROM_INT _mm512_cvtepi32_ps
+#define VF_STORE _mm512_storeu_ps
+#define VF_LOAD_HALF(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 
 static inline __m512 load16(const void *x, int bf16, int64_t i) {
     if (bf16) {
@@ -93,64 +102,49 @@ static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *
     }
 }
 
-/* 16 weight rows (group g) times R activation rows: acc[r] lane l = output row 16g + l. A block costs 8 vpdpbusd
- * (the k-quad of activation codes an embedded {1to16} broadcast), one int -> float conversion and two FMAs for
- * 16 rows. 4-bit: the high nibbles stay in place (x 16) and the sum is shifted back once per block (exact). */
-static inline void dot_group(const oh_weight *w, int64_t g, const oh_acts *a, const int R, __m512 *acc) {
-    const int64_t k = w->k, blocks = k / QK, rec = record_bytes(w);
-    const uint8_t *base = w->codes + g * blocks * rec;
+/* Block b of 16 weight rows (its record p) times R activation rows: dot[r] lane l = the block's integer dot product
+ * of row l, over the stored codes (4-bit: q; 8-bit: q + 128). 8 vpdpbusd, the k-quad of activation codes an
+ * embedded {1to16} broadcast. 4-bit: the high nibbles stay in place (x 16), the sum shifted back once (exact). */
+static inline void dot_block(const oh_weight *w, const uint8_t *p, const oh_acts *a, int64_t b, const int R,
+                             vi *dot) {
+    const int64_t k = w->k;
     const __m512i mask = _mm512_set1_epi8(0x0F);
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *p = base + b * rec;
-        __m512i dot[4], high[4];
-        for (int r = 0; r < R; r++) dot[r] = high[r] = _mm512_setzero_si512();
-        if (w->bits == 4) {
-            for (int t = 0; t < 4; t++) {
-                const __m512i raw = _mm512_loadu_si512(p + 64 * t);
-                const __m512i lo = _mm512_and_si512(raw, mask), hi = _mm512_andnot_si512(mask, raw);
-                for (int r = 0; r < R; r++) {
-                    const int32_t *x = (const int32_t *)(a->xq + r * k + b * QK) + 2 * t;
-                    dot[r] = _mm512_dpbusd_epi32(dot[r], lo, _mm512_set1_epi32(x[0]));
-                    high[r] = _mm512_dpbusd_epi32(high[r], hi, _mm512_set1_epi32(x[1]));
-                }
-            }
-            for (int r = 0; r < R; r++) dot[r] = _mm512_add_epi32(dot[r], _mm512_srai_epi32(high[r], 4));
-        } else {  /* the codes carry +128: dot = sum (q + 128) x */
-            for (int t = 0; t < 8; t++) {
-                const __m512i codes = _mm512_loadu_si512(p + 64 * t);
-                for (int r = 0; r < R; r++)
-                    dot[r] = _mm512_dpbusd_epi32(dot[r], codes,
-                                                 _mm512_set1_epi32(((const int32_t *)(a->xq + r * k + b * QK))[t]));
+    for (int r = 0; r < R; r++) dot[r] = _mm512_setzero_si512();
+    if (w->bits == 4) {
+        __m512i high[4];
+        for (int r = 0; r < R; r++) high[r] = _mm512_setzero_si512();
+        for (int t = 0; t < 4; t++) {
+            const __m512i raw = _mm512_loadu_si512(p + 64 * t);
+            const __m512i lo = _mm512_and_si512(raw, mask), hi = _mm512_andnot_si512(mask, raw);
+            for (int r = 0; r < R; r++) {
+                const int32_t *x = (const int32_t *)(a->xq + r * k + b * QK) + 2 * t;
+                dot[r] = _mm512_dpbusd_epi32(dot[r], lo, _mm512_set1_epi32(x[0]));
+                high[r] = _mm512_dpbusd_epi32(high[r], hi, _mm512_set1_epi32(x[1]));
             }
         }
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + scales_at(w))));
-        if (w->bits == 4) {
-            const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + scales_at(w) + 32)));
-            for (int r = 0; r < R; r++) {
-                const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(a->sx[r * blocks + b]));
-                acc[r] = _mm512_fmadd_ps(d, scaled, acc[r]);
-                acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a->sxsum[r * blocks + b]), acc[r]);
-            }
-        } else {  /* sum q x = sum (q + 128) x - 128 sum x */
-            for (int r = 0; r < R; r++) {
-                const __m512 scaled = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(a->sx[r * blocks + b]),
-                                                      _mm512_set1_ps(-128.0f * a->sxsum[r * blocks + b]));
-                acc[r] = _mm512_fmadd_ps(d, scaled, acc[r]);
-            }
+        for (int r = 0; r < R; r++) dot[r] = _mm512_add_epi32(dot[r], _mm512_srai_epi32(high[r], 4));
+    } else {
+        for (int t = 0; t < 8; t++) {
+            const __m512i codes = _mm512_loadu_si512(p + 64 * t);
+            for (int r = 0; r < R; r++)
+                dot[r] = _mm512_dpbusd_epi32(dot[r], codes,
+                                             _mm512_set1_epi32(((const int32_t *)(a->xq + r * k + b * QK))[t]));
         }
     }
-}
-
-static inline void dot_unit(const oh_weight *w, int64_t u, const oh_acts *a, const int R, float out[4][UNIT]) {
-    __m512 acc[4];
-    dot_group(w, u, a, R, acc);
-    for (int r = 0; r < R; r++) _mm512_storeu_ps(out[r], acc[r]);
 }
 #endif
 
 #if OH_AVX2
-#define UNIT 8 /* a group of 8 rows */
+#define UNIT 8 /* a group of 8 rows, one per 32-bit lane */
+typedef __m256 vf;
+typedef __m256i vi;
+#define VF_ZERO _mm256_setzero_ps
+#define VF_SET1 _mm256_set1_ps
+#define VF_MUL _mm256_mul_ps
+#define VF_FMA _mm256_fmadd_ps
+#define VF_FROM_INT _mm256_cvtepi32_ps
+#define VF_STORE _mm256_storeu_ps
+#define VF_LOAD_HALF(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 
 static inline __m256 load8(const void *x, int bf16, int64_t i) {
     if (bf16) {
@@ -189,69 +183,75 @@ static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *
     }
 }
 
-/* 8 weight rows (group g) times R activation rows: acc[r] lane l = output row 8g + l. The same integers as the
- * AVX-512 path's dot_group, then the same float operations. vpmaddubsw multiplies unsigned bytes by signed ones
- * and adds pairs into int16, saturating: 4-bit codes (<= 15) times |x| <= 127 stay far from it, so a block's 8
+/* The AVX-512 path's dot_block for 8 weight rows: the same integers. vpmaddubsw multiplies unsigned bytes by signed
+ * ones and adds pairs into int16, saturating: 4-bit codes (<= 15) times |x| <= 127 stay far from it, so a block's 8
  * k-quads are summed in int16 (at most 8 x 2 x 15 x 127 = 30480) and widened once (vpmaddwd by ones). 8-bit codes
  * go through llama.cpp's sign trick, |q| times x with q's sign (|q| <= 127: a pair at most 32258), and the +128 the
  * stored codes carry is added back as 128 sum x, giving the AVX-512 path's sum (q + 128) x. */
-static inline void dot_group(const oh_weight *w, int64_t g, const oh_acts *a, const int R, __m256 *acc) {
-    const int64_t k = w->k, blocks = k / QK, rec = record_bytes(w);
-    const uint8_t *base = w->codes + g * blocks * rec;
+static inline void dot_block(const oh_weight *w, const uint8_t *p, const oh_acts *a, int64_t b, const int R,
+                             vi *dot) {
+    const int64_t k = w->k, blocks = k / QK;
     const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    if (w->bits == 4) {
+        __m256i sum16[4];
+        for (int r = 0; r < R; r++) sum16[r] = _mm256_setzero_si256();
+        for (int t = 0; t < 4; t++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(p + 32 * t));
+            const __m256i lo = _mm256_and_si256(raw, mask), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+            for (int r = 0; r < R; r++) {
+                const int32_t *x = (const int32_t *)(a->xq + r * k + b * QK) + 2 * t;
+                sum16[r] = _mm256_add_epi16(sum16[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x[0])));
+                sum16[r] = _mm256_add_epi16(sum16[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x[1])));
+            }
+        }
+        for (int r = 0; r < R; r++) dot[r] = _mm256_madd_epi16(sum16[r], ones);
+    } else {
+        for (int r = 0; r < R; r++) dot[r] = _mm256_setzero_si256();
+        for (int t = 0; t < 8; t++) {
+            const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 32 * t)), flip);
+            const __m256i size = _mm256_abs_epi8(q);
+            for (int r = 0; r < R; r++) {
+                const __m256i x = _mm256_set1_epi32(((const int32_t *)(a->xq + r * k + b * QK))[t]);
+                const __m256i pairs = _mm256_maddubs_epi16(size, _mm256_sign_epi8(x, q));
+                dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+        for (int r = 0; r < R; r++)
+            dot[r] = _mm256_add_epi32(dot[r], _mm256_set1_epi32(128 * a->xsum[r * blocks + b]));
+    }
+}
+#endif
+
+#if OH_KERNEL
+/* One group of UNIT weight rows (g) times R activation rows: out[r][l] = output row UNIT g + l. Each path's
+ * dot_block gives a block's integers; the float operations after them are this one code for both paths, in this
+ * order, so the AVX2 build's outputs have the AVX-512 build's bits (tests/quant/test_lowbit.py). */
+static inline void dot_unit(const oh_weight *w, int64_t g, const oh_acts *a, const int R, float out[4][UNIT]) {
+    const int64_t blocks = w->k / QK, rec = record_bytes(w);
+    const uint8_t *base = w->codes + g * blocks * rec;
+    vf acc[4];
+    for (int r = 0; r < R; r++) acc[r] = VF_ZERO();
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *p = base + b * rec;
-        __m256i dot[4];
-        if (w->bits == 4) {
-            __m256i sum16[4];
-            for (int r = 0; r < R; r++) sum16[r] = _mm256_setzero_si256();
-            for (int t = 0; t < 4; t++) {
-                const __m256i raw = _mm256_loadu_si256((const __m256i *)(p + 32 * t));
-                const __m256i lo = _mm256_and_si256(raw, mask), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
-                for (int r = 0; r < R; r++) {
-                    const int32_t *x = (const int32_t *)(a->xq + r * k + b * QK) + 2 * t;
-                    sum16[r] = _mm256_add_epi16(sum16[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x[0])));
-                    sum16[r] = _mm256_add_epi16(sum16[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x[1])));
-                }
-            }
-            for (int r = 0; r < R; r++) dot[r] = _mm256_madd_epi16(sum16[r], ones);
-        } else {
-            for (int r = 0; r < R; r++) dot[r] = _mm256_setzero_si256();
-            for (int t = 0; t < 8; t++) {
-                const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 32 * t)), flip);
-                const __m256i size = _mm256_abs_epi8(q);
-                for (int r = 0; r < R; r++) {
-                    const __m256i x = _mm256_set1_epi32(((const int32_t *)(a->xq + r * k + b * QK))[t]);
-                    const __m256i pairs = _mm256_maddubs_epi16(size, _mm256_sign_epi8(x, q));
-                    dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(pairs, ones));
-                }
-            }
-            for (int r = 0; r < R; r++)
-                dot[r] = _mm256_add_epi32(dot[r], _mm256_set1_epi32(128 * a->xsum[r * blocks + b]));
-        }
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + scales_at(w))));
-        if (w->bits == 4) {
-            const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + scales_at(w) + 16)));
+        vi dot[4];
+        dot_block(w, p, a, b, R, dot);
+        const vf d = VF_LOAD_HALF(p + scales_at(w));
+        if (w->bits == 4) {  /* w = m + q d */
+            const vf m = VF_LOAD_HALF(p + scales_at(w) + 2 * UNIT);
             for (int r = 0; r < R; r++) {
-                const __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(a->sx[r * blocks + b]));
-                acc[r] = _mm256_fmadd_ps(d, scaled, acc[r]);
-                acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(a->sxsum[r * blocks + b]), acc[r]);
+                const vf scaled = VF_MUL(VF_FROM_INT(dot[r]), VF_SET1(a->sx[r * blocks + b]));
+                acc[r] = VF_FMA(d, scaled, acc[r]);
+                acc[r] = VF_FMA(m, VF_SET1(a->sxsum[r * blocks + b]), acc[r]);
             }
-        } else {
+        } else {  /* w = q d, and sum q x = sum (q + 128) x - 128 sum x */
             for (int r = 0; r < R; r++) {
-                const __m256 scaled = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(a->sx[r * blocks + b]),
-                                                      _mm256_set1_ps(-128.0f * a->sxsum[r * blocks + b]));
-                acc[r] = _mm256_fmadd_ps(d, scaled, acc[r]);
+                const vf scaled = VF_FMA(VF_FROM_INT(dot[r]), VF_SET1(a->sx[r * blocks + b]),
+                                         VF_SET1(-128.0f * a->sxsum[r * blocks + b]));
+                acc[r] = VF_FMA(d, scaled, acc[r]);
             }
         }
     }
-}
-
-static inline void dot_unit(const oh_weight *w, int64_t u, const oh_acts *a, const int R, float out[4][UNIT]) {
-    __m256 acc[4];
-    dot_group(w, u, a, R, acc);
-    for (int r = 0; r < R; r++) _mm256_storeu_ps(out[r], acc[r]);
+    for (int r = 0; r < R; r++) VF_STORE(out[r], acc[r]);
 }
 #endif
 
