@@ -4,17 +4,27 @@ Both arms are real node processes driven through the streaming OpenAI API with t
 length, 1 torch thread per process, runs interleaved, medians reported. The swarm is the HTTP DHT
 plus three nodes serving SmolLM2-135M layers [0,10), [10,20), [20,30); requests enter at the first.
 
-    python bench/bench_pipeline.py --trials 7 --tokens 96
+    python bench/bench_pipeline.py --trials 7 --tokens 96 [--hardware cpu_int4 --dtype float32]
+        [--halt-poll-ns 0,200000]
+
+``--halt-poll-ns`` (a diagnosis for virtual machines; Linux guests with the ``haltpoll`` cpuidle driver, as root):
+each arm also runs with ``/sys/module/haltpoll/parameters/guest_halt_poll_ns`` set to each value in turn, inside
+the interleaving, and the original value is restored at the end. It is how long an idle vCPU polls before halting
+(0: it halts at once, and waking it is a VM exit on the host): the pipeline's processes wait for each other every
+token, so the cost of waking idle vCPUs is part of what an extra peer costs on such a machine (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 from openhydra.testing import TEST_CACHE_ROOT
+
+HALT_POLL = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
@@ -28,6 +38,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--hardware", default="cpu", help="conf/hardware group of every node")
+    parser.add_argument("--halt-poll-ns", default=None, help="comma-separated guest_halt_poll_ns values (see above)")
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_pipeline.png"))
     args = parser.parse_args()
     from openhydra.testing.machine import announce
@@ -42,29 +54,53 @@ def main() -> None:
     model = model_dir.name
     messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    single = NodeProcess(["model=local", f"model.path={model_dir}", "hardware=cpu", f"hardware.dtype={args.dtype}",
+    single = NodeProcess(["model=local", f"model.path={model_dir}", f"hardware={args.hardware}",
+                          f"hardware.dtype={args.dtype}",
                           f"node.data_dir={work / 'single'}", "api.rate_limit_requests=100000"], threads=1)
     with DhtProcess() as dht:
-        peers = [NodeProcess(swarm_node_overrides(model_dir, dht.url, a, b, work / f"p{a}", dtype=args.dtype),
-                             threads=1) for a, b in [(0, 10), (10, 20), (20, 30)]]
+        peers = [NodeProcess(swarm_node_overrides(model_dir, dht.url, a, b, work / f"p{a}", dtype=args.dtype,
+                                                  hardware=args.hardware), threads=1)
+                 for a, b in [(0, 10), (10, 20), (20, 30)]]
         try:
             start_all([single, *peers])
             urls = {"single node": single.url, "3-peer pipeline": peers[0].url}
             for url in urls.values():
                 api_decode_rate(url, model, messages, 8)  # warm-up
-            arms = {name: (lambda url=url: api_decode_rate(url, model, messages, args.tokens))
-                    for name, url in urls.items()}
-            rates = run_interleaved(arms, args.trials)
+            polls = [None] if args.halt_poll_ns is None else [int(v) for v in args.halt_poll_ns.split(",")]
+
+            def arm(url: str, poll: int | None):
+                def run() -> float:
+                    if poll is not None:
+                        HALT_POLL.write_text(str(poll))
+                    return api_decode_rate(url, model, messages, args.tokens)
+
+                return run
+
+            arms = {name + ("" if poll is None else f" @ halt poll {poll} ns"): arm(url, poll)
+                    for poll in polls for name, url in urls.items()}
+            original = HALT_POLL.read_text().strip() if args.halt_poll_ns is not None else None
+            try:
+                rates = run_interleaved(arms, args.trials)
+            finally:
+                if original is not None:
+                    HALT_POLL.write_text(original)
         finally:
             for node in [single, *peers]:
                 node.stop()
     med = medians(rates)
-    ratio = med["3-peer pipeline"] / med["single node"]
-    per_token_ms = 1000 / med["3-peer pipeline"] - 1000 / med["single node"]
     print_table(rates)
-    print(f"\nratio pipeline/single = {ratio:.3f}; extra per token = {per_token_ms:.2f} ms for 3 hops + reply "
-          f"[{args.dtype}, 1 thread per process, tokens={args.tokens}, trials={args.trials}]")
-    plot_trials(rates, f"SmolLM2-135M {args.dtype}: pipeline/single = {ratio:.2f}", args.plot)
+    ratios = []
+    for poll in polls:
+        suffix = "" if poll is None else f" @ halt poll {poll} ns"
+        single_rate, pipeline_rate = med["single node" + suffix], med["3-peer pipeline" + suffix]
+        ratio = pipeline_rate / single_rate
+        per_trial = statistics.median(p / s for s, p in zip(rates["single node" + suffix],
+                                                             rates["3-peer pipeline" + suffix], strict=True))
+        ratios.append(f"{ratio:.2f}{suffix}")
+        print(f"\nratio pipeline/single{suffix} = {ratio:.3f} (per-trial median {per_trial:.3f}); extra per token = "
+              f"{1000 / pipeline_rate - 1000 / single_rate:.2f} ms for 3 hops + reply")
+    print(f"[hardware={args.hardware}, {args.dtype}, 1 thread per process, tokens={args.tokens}, trials={args.trials}]")
+    plot_trials(rates, f"SmolLM2-135M {args.hardware} {args.dtype}: pipeline/single = {', '.join(ratios)}", args.plot)
 
 
 if __name__ == "__main__":

@@ -226,6 +226,7 @@ def test_layer_major_verify_on_torch_kernels_runs_per_row(tiny_model_dirs, dtype
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("dtype", "quantization"), [(torch.float32, "none"), (torch.bfloat16, "none"),
-                                                     (torch.float32, "int4"), (torch.float32, "int8")])
+                                                     (torch.float32, "int4"), (torch.float32, "int8"),
+                                                     (torch.bfloat16, "int4")])
 def test_layer_major_verify_is_bit_identical_on_smollm2(smollm2_dir, dtype, quantization):
     _assert_layer_major_verify_equals_steps(smollm2_dir, dtype, quantization)
