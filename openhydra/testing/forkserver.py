@@ -26,6 +26,7 @@ time, memory) is a fresh process's.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import json
 import logging
@@ -236,14 +237,17 @@ class _Server:
         threading.Thread(target=self._read, name="forkserver-replies", daemon=True).start()
 
     def _read(self) -> None:
-        while data := self._channel.recv(1 << 16):
-            message = json.loads(data)
-            with self._cond:
-                if "exit" in message:
-                    self._exits[message["exit"]] = message["code"]
-                else:
-                    self._pids.append(message["pid"])
-                self._cond.notify_all()
+        try:
+            while data := self._channel.recv(1 << 16):
+                message = json.loads(data)
+                with self._cond:
+                    if "exit" in message:
+                        self._exits[message["exit"]] = message["code"]
+                    else:
+                        self._pids.append(message["pid"])
+                    self._cond.notify_all()
+        except OSError:  # the channel closed under a blocked recv (close(): an unusable server, the end of the run)
+            pass
         with self._cond:
             self._alive = False
             self._cond.notify_all()
@@ -268,6 +272,8 @@ class _Server:
             return self._exits.get(pid)
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._channel.shutdown(socket.SHUT_RDWR)  # the reader thread's recv returns instead of failing
         self._channel.close()
         if self.proc.poll() is None:
             try:

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,20 @@ def test_off_means_plain_subprocesses(env, monkeypatch):
     assert isinstance(proc, subprocess.Popen)
     assert _probe(proc)["marker"] == "m1"
     assert proc.wait(timeout=120) == 4
+
+
+def test_a_server_with_threads_is_not_forked_from_and_closes_cleanly(env):
+    """numpy's OpenBLAS starts a worker thread at import unless told to use one thread: forking from such a server is
+    unsafe, so the child is a plain subprocess; closing that server must not fail its reply reader (a blocked recv on
+    a closed socket raised EBADF in the thread, which pytest reports as an unhandled thread exception)."""
+    threaded = {**env, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2", "OPENHYDRA_PROBE_MARKER": "threads"}
+    before = set(threading.enumerate())
+    server = forkserver._Server({k: v for k, v in threaded.items() if not k.startswith("OPENHYDRA_")})
+    (reader,) = [t for t in set(threading.enumerate()) - before if t.name == "forkserver-replies"]
+    assert server.threads > 1 and not server.usable
+    server.close()
+    reader.join(timeout=10)
+    assert not reader.is_alive() and not server._alive  # the reader ended normally and marked the server gone
+    proc = forkserver.spawn(PROBE, ["0"], env=threaded, stdout_pipe=True, cwd=REPO)
+    assert isinstance(proc, subprocess.Popen) and _probe(proc)["marker"] == "threads"
+    assert proc.wait(timeout=120) == 0
