@@ -11,7 +11,7 @@ is what exactness costs a lone stream.
 Aggregate output tok/s = all completion tokens / wall time from the first request sent to the last
 stream closed (prefill included, as serving benchmarks report). Target: 8 batched / 1 >= 3.
 
-    python bench/bench_batching.py --trials 3 --tokens 32 [--with-off]
+    python bench/bench_batching.py --trials 3 --tokens 32 [--with-off] [--hardware cpu_int4 --dtype float32]
 """
 
 from __future__ import annotations
@@ -80,13 +80,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--hardware", default="cpu", help="conf/hardware group of the nodes")
+    parser.add_argument("--dtype", default="bfloat16", help="hardware.dtype (float32 for cpu_int4 / cpu_int8)")
     parser.add_argument("--with-off", action="store_true", help="also time the streams on a serving=off node")
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_batching.png"))
     args = parser.parse_args()
     announce()  # the machine, its load and the versions, printed with the result
     from openhydra.testing.processes import NodeProcess
 
-    common = ["model=smollm2-135m", "hardware=cpu", "hardware.dtype=bfloat16", f"node.data_dir={TEST_CACHE_ROOT}",
+    common = ["model=smollm2-135m", f"hardware={args.hardware}", f"hardware.dtype={args.dtype}",
+              f"node.data_dir={TEST_CACHE_ROOT}",
               "api.rate_limit_requests=100000", "privacy=off"]
     batched = NodeProcess([*common, "serving=batched", f"serving.batching.max_batch={args.streams}"],
                           threads=args.threads)
@@ -119,8 +122,10 @@ def main() -> None:
     per_trial = statistics.median(m / o for m, o in zip(rates[many], rates[one], strict=True))
     print(f"\n{args.streams} streams / 1 stream (batched) = {med[many] / med[one]:.2f} (median per-trial ratio "
           f"{per_trial:.2f}; target >= 3){off}  "
-          f"[tokens={args.tokens}, threads={args.threads}, trials={args.trials}]")
-    plot_trials(rates, f"SmolLM2-135M bf16, 1 thread: {args.streams} streams / 1 = {med[many] / med[one]:.2f}",
+          f"[hardware={args.hardware}, {args.dtype}, tokens={args.tokens}, threads={args.threads}, "
+          f"trials={args.trials}]")
+    plot_trials(rates, f"SmolLM2-135M {args.hardware} {args.dtype}, 1 thread: {args.streams} streams / 1 = "
+                f"{med[many] / med[one]:.2f}",
                 args.plot, ylabel="aggregate output tok/s")
 
 

@@ -263,7 +263,9 @@ def forward_batch(
     or the exception it raised.
 
     ``rows``: the fixed row count every batched forward is padded to (the batcher's ``max_batch``), so a
-    session's arithmetic does not depend on how many others share its step. Default: the batch's row count.
+    session's arithmetic does not depend on how many others share its step. Default: the batch's row count. A span
+    whose matmuls all run on the low-bit kernel (``runtime.rows_independent``: its rows' bits do not depend on the
+    row count) is not padded: a lone stream on a batched node then costs what it costs on an unbatched one.
     """
     from openhydra.runtime.shard import PositionMismatchError
 
@@ -294,8 +296,9 @@ def forward_batch(
             positions = [s.length + r for _, s, h in ready for r in range(h.shape[0])]
             total = len(sessions)
             try:
-                hidden = _run_layers_batched(runtime, sessions, torch.cat([h for *_, h in ready]),
-                                             max(rows or total, total), positions)
+                # padded to the fixed row count, unless no matmul's rounding depends on it (the low-bit kernel)
+                padded = total if getattr(runtime, "rows_independent", False) else max(rows or total, total)
+                hidden = _run_layers_batched(runtime, sessions, torch.cat([h for *_, h in ready]), padded, positions)
                 out = _batched_output(runtime, hidden)  # one read of the head for every row
             except Exception:
                 for s in {id(s): s for s in sessions}.values():  # some layers may have appended positions:

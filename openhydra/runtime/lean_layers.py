@@ -222,6 +222,20 @@ def lowbit_of(module: nn.Module) -> LowBitWeight | None:
     return None
 
 
+def rows_independent(root: nn.Module, layer_types: list[str]) -> bool:
+    """Whether every matmul of this span gives a row the bits it gets alone, whatever the row count: every
+    Linear-like module (the head's too) runs on the low-bit kernel, and every layer is full attention (recurrent
+    layers stack per-session states). Then a batched step needs no padding to a fixed row count
+    (runtime/batching.py), and a verify's projections may take all its rows at once."""
+    if set(layer_types) != {"full_attention"}:
+        return False
+    quantized = (Int4WeightOnlyLinear, Int8WeightOnlyLinear)
+    for module in root.modules():
+        if isinstance(module, nn.Linear) or (isinstance(module, quantized) and lowbit_of(module) is None):
+            return False
+    return any(isinstance(module, quantized) for module in root.modules())
+
+
 def _matmul(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """``module(x)`` for a Linear-like module, as a plain function of x with its tensors bound (same operations)."""
     kind = type(module)

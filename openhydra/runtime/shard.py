@@ -25,6 +25,7 @@ from openhydra.runtime.lean_layers import (
     lean_usable,
     lowbit_of,
     one_position_row,
+    rows_independent,
     signed_sin,
 )
 from openhydra.runtime.malloc import maybe_trim
@@ -97,6 +98,8 @@ class ShardRuntime:
         # tests/runtime/test_lean_layers.py checks the premise at several cache lengths.
         self._one_position_maskless = set(self.layer_types) <= {"full_attention"}
         self.is_recurrent = any(t in RECURRENT_LAYER_TYPES for t in self.layer_types)
+        # every matmul on the low-bit kernel: a row's bits do not depend on the row count (runtime/batching.py)
+        self.rows_independent = rows_independent(self.modules, self.layer_types)
         self.prefix_cache: PrefixCache | None = None  # runtime/serving.py turns it on
         self.batcher = None  # runtime/batching.py DecodeBatcher, when continuous batching is on
         self.compaction: ShardCompaction | None = None  # KV compaction of this span (runtime/compaction/)

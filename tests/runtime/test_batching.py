@@ -142,3 +142,50 @@ def test_peers_batch_concurrent_sessions_over_grpc(tiny_model_dirs) -> None:
         for rt in runtimes:
             if rt.batcher is not None:
                 rt.batcher.close()
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_the_low_bit_kernel_a_batch_is_not_padded_and_keeps_the_unbatched_bits(tiny_model_dirs, quantization,
+                                                                                  dtype, monkeypatch) -> None:
+    """The low-bit kernel's rows do not depend on the row count (runtime/lowbit.py), so a batched step there runs
+    only its live rows (no zero rows up to max_batch): a lone stream on a batched node pays for one row. Each row
+    keeps the bits it gets alone in the batcher, and here also those of an unbatched node's step."""
+    from openhydra.runtime import batching, lowbit
+
+    if lowbit.kernel() is None:
+        pytest.skip("no low-bit kernel on this machine")
+    rt = ShardRuntime(tiny_model_dirs["llama"], dtype=dtype, quantization=quantization)
+    assert rt.rows_independent
+    seen_rows: list[int] = []
+    original = batching._run_layers_batched
+
+    def spy(runtime, sessions, h, rows, positions=None):
+        seen_rows.append(rows)
+        return original(runtime, sessions, h, rows, positions)
+
+    monkeypatch.setattr(batching, "_run_layers_batched", spy)
+    prompts = PROMPTS[:4]
+    for prefix in ("solo", "batch", "alone"):
+        for i, p in enumerate(prompts):
+            rt.forward(f"{prefix}{i}", torch.arange(p.numel()), input_ids=p)
+    nxt = [torch.tensor([7 + i]) for i in range(len(prompts))]
+    solo = [rt.forward(f"solo{i}", torch.tensor([p.numel()]), input_ids=nxt[i]) for i, p in enumerate(prompts)]
+    batched = forward_batch(rt, [_Pending(f"batch{i}", p.numel(), nxt[i], None, False)
+                                 for i, p in enumerate(prompts)], rows=8)
+    alone = [forward_batch(rt, [_Pending(f"alone{i}", p.numel(), nxt[i], None, False)], rows=8)[0]
+             for i, p in enumerate(prompts)]
+    assert seen_rows == [4, 1, 1, 1, 1]  # live rows only, though the batcher's fixed count is 8
+    for b, a, s in zip(batched, alone, solo, strict=True):
+        assert torch.equal(b, a) and torch.equal(b, s)
+
+
+def test_spans_with_row_count_dependent_matmuls_stay_padded(tiny_model_dirs, monkeypatch) -> None:
+    """Dense matmuls, PyTorch's int4/int8 kernels and recurrent layers keep the fixed, padded row count."""
+    from openhydra.runtime import lowbit
+
+    assert not ShardRuntime(tiny_model_dirs["llama"]).rows_independent  # dense Linears
+    if lowbit.kernel() is not None:
+        assert not ShardRuntime(tiny_model_dirs["qwen3_5"], quantization="int4").rows_independent  # recurrent layers
+    monkeypatch.setattr(lowbit, "kernel", lambda: None)
+    assert not ShardRuntime(tiny_model_dirs["llama"], quantization="int4").rows_independent  # torch's kernels
