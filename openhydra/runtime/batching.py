@@ -242,6 +242,7 @@ def _batchable(runtime, session) -> bool:
 
 
 _SPLIT = object()  # forward_batch: a verify to run one row per forward
+_ALONE = object()  # forward_batch: a lone row of a rows-independent span, run as the runtime's own step
 
 
 def _row(item: _Pending, r: int) -> _Pending:
@@ -291,6 +292,10 @@ def forward_batch(
                 results[i] = _SPLIT  # recurrent states stack one row per session: a row per forward, below
             else:
                 ready.append((i, session, h.transpose(0, 1)))  # [S, 1, D]
+        if len(ready) == 1 and ready[0][2].shape[0] == 1 and getattr(runtime, "rows_independent", False):
+            # One row whose bits do not depend on the row count: the runtime's own step gives the same bits
+            # (tested), through the lean layers (runtime/lean_layers.py) rather than transformers' batched ones.
+            results[ready.pop()[0]] = _ALONE
         if ready:
             sessions = [s for _, s, h in ready for _ in range(h.shape[0])]  # a verify's session once per row
             positions = [s.length + r for _, s, h in ready for r in range(h.shape[0])]
@@ -324,8 +329,11 @@ def forward_batch(
                                         for r in range(item.count)])
             except Exception as exc:
                 results[i] = exc
-        elif results[i] is None:
-            stats.fallback_steps += 1
+        elif results[i] is None or results[i] is _ALONE:
+            if results[i] is None:
+                stats.fallback_steps += 1
+            else:  # a batch of one
+                stats.batches, stats.steps, stats.max_seen = stats.batches + 1, stats.steps + 1, max(stats.max_seen, 1)
             try:
                 results[i] = runtime.forward(  # a verify runs position by position there (runtime/shard.py)
                     item.session_id,

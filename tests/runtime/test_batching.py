@@ -149,8 +149,9 @@ def test_peers_batch_concurrent_sessions_over_grpc(tiny_model_dirs) -> None:
 def test_on_the_low_bit_kernel_a_batch_is_not_padded_and_keeps_the_unbatched_bits(tiny_model_dirs, quantization,
                                                                                   dtype, monkeypatch) -> None:
     """The low-bit kernel's rows do not depend on the row count (runtime/lowbit.py), so a batched step there runs
-    only its live rows (no zero rows up to max_batch): a lone stream on a batched node pays for one row. Each row
-    keeps the bits it gets alone in the batcher, and here also those of an unbatched node's step."""
+    only its live rows (no zero rows up to max_batch), and a lone row runs as the runtime's own (lean) step: a lone
+    stream on a batched node costs what it costs on an unbatched one. Each row keeps the bits it gets alone in the
+    batcher, which are also those of an unbatched node's step."""
     from openhydra.runtime import batching, lowbit
 
     if lowbit.kernel() is None:
@@ -175,7 +176,7 @@ def test_on_the_low_bit_kernel_a_batch_is_not_padded_and_keeps_the_unbatched_bit
                                  for i, p in enumerate(prompts)], rows=8)
     alone = [forward_batch(rt, [_Pending(f"alone{i}", p.numel(), nxt[i], None, False)], rows=8)[0]
              for i, p in enumerate(prompts)]
-    assert seen_rows == [4, 1, 1, 1, 1]  # live rows only, though the batcher's fixed count is 8
+    assert seen_rows == [4]  # live rows only, though the batcher's fixed count is 8; a lone row runs as rt's step
     for b, a, s in zip(batched, alone, solo, strict=True):
         assert torch.equal(b, a) and torch.equal(b, s)
 
