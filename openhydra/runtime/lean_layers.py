@@ -24,6 +24,7 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
+from openhydra.runtime.batching import ROWS_ATTENTION
 from openhydra.runtime.lowbit import LowBitWeight
 from openhydra.runtime.quant_cpu import (
     INT8_DECODE_ROWS,
@@ -50,10 +51,16 @@ def lean_modules(layers: nn.ModuleList) -> tuple[nn.Module, ...] | None:
     return tuple(watched)
 
 
+LEAN_ATTENTION = ("sdpa", ROWS_ATTENTION)
+"""Attention implementations the lean step reproduces: sdpa, and continuous batching's rows attention, which is
+sdpa itself for every step but its own batched forwards (runtime/batching.py ``rows_attention_forward``; those
+call transformers' layers directly). KV compaction's capturing attention is not one of them."""
+
+
 def lean_usable(watched: tuple[nn.Module, ...] | None, attn_implementation: str) -> bool:
     """Per step (cheap): whether :class:`LeanLlamaLayer` computes exactly what the layers would now, i.e. sdpa
-    attention (continuous batching and KV compaction switch it), eval mode and no forward hooks anywhere."""
-    if watched is None or attn_implementation != "sdpa":
+    attention (KV compaction switches it), eval mode and no forward hooks anywhere."""
+    if watched is None or attn_implementation not in LEAN_ATTENTION:
         return False
     if any(m.training or m._forward_hooks or m._forward_pre_hooks for m in watched):
         return False

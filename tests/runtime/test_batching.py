@@ -190,3 +190,29 @@ def test_spans_with_row_count_dependent_matmuls_stay_padded(tiny_model_dirs, mon
         assert not ShardRuntime(tiny_model_dirs["qwen3_5"], quantization="int4").rows_independent  # recurrent layers
     monkeypatch.setattr(lowbit, "kernel", lambda: None)
     assert not ShardRuntime(tiny_model_dirs["llama"], quantization="int4").rows_independent  # torch's kernels
+
+
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_a_batching_runtime_keeps_the_lean_step_for_its_own_steps(tiny_model_dirs, quantization) -> None:
+    """Continuous batching points the span's attention at its rows attention, which is sdpa for every step but its
+    own batched forwards: the runtime's own steps (a lone row, a fallback, a verify) keep the lean step, with the
+    bits of a runtime that never batched."""
+    from openhydra.runtime.batching import use_rows_attention
+    from openhydra.runtime.lean_layers import lean_usable
+
+    rt, ref = (ShardRuntime(tiny_model_dirs["llama"], quantization=quantization) for _ in range(2))
+    use_rows_attention(rt)
+    attention = rt.shard_config._attn_implementation
+    assert attention != "sdpa" and lean_usable(rt._lean, attention)
+    taken = []
+    for layer in rt._lean_layers:
+        original = layer.step
+        layer.step = lambda *a, original=original: taken.append(1) or original(*a)
+    p = PROMPTS[3]
+    for r in (rt, ref):
+        r.forward("s", torch.arange(p.numel()), input_ids=p)
+    for pos in range(p.numel(), p.numel() + 4):
+        nxt = torch.tensor([pos % 97 + 3])
+        assert torch.equal(rt.forward("s", torch.tensor([pos]), input_ids=nxt),
+                           ref.forward("s", torch.tensor([pos]), input_ids=nxt))
+    assert taken  # the lean step ran
