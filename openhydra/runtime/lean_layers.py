@@ -166,6 +166,26 @@ class LeanLlamaLayer:
             return matmul(x)
         return torch.cat([matmul(one_position_row(x, i)) for i in range(x.shape[1])], dim=1)
 
+    def step_rows(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, row_layers: list) -> torch.Tensor:
+        """A continuous-batching step (runtime/batching.py): h [R, 1, D], one new position per row, row r < len(
+        row_layers) appending to its own session's cache layer ``row_layers[r]`` and attending over it alone; rows past
+        them are padding (zero attention output). What transformers' layer computes with the rows attention
+        (``rows_attention_forward``), the same operations on the same values: the matmuls take all R rows, as there.
+        cos [R, 1, 1, hd], sin as :func:`signed_sin` makes it."""
+        residual = h
+        qk, v = self._qkv(_norm(self.input_norm, h))
+        qk = self._rotate(qk, cos, sin)  # [R, Hq + Hkv, 1, hd]
+        outs = []
+        for r, layer in enumerate(row_layers):
+            keys, values = layer.update(qk[r : r + 1, self.heads :], v[r : r + 1])
+            outs.append(self._attend(qk[r : r + 1, : self.heads], keys, values, None))  # [1, 1, Hq * hd]
+        if len(outs) < h.shape[0]:
+            outs.append(outs[0].new_zeros((h.shape[0] - len(outs), *outs[0].shape[1:])))
+        h = residual + self.o(torch.cat(outs))
+        residual = h
+        gate, up = self._gate_up(_norm(self.post_norm, h))
+        return residual + self.down(self.act(gate) * up)
+
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S, D] -> (q and k heads [B, Hq + Hkv, S, hd], v [B, Hkv, S, hd])."""
         batch, seq_len = x.shape[:2]

@@ -216,3 +216,41 @@ def test_a_batching_runtime_keeps_the_lean_step_for_its_own_steps(tiny_model_dir
         assert torch.equal(rt.forward("s", torch.tensor([pos]), input_ids=nxt),
                            ref.forward("s", torch.tensor([pos]), input_ids=nxt))
     assert taken  # the lean step ran
+
+
+def _batched_steps(model_dir, dtype: torch.dtype, quantization: str, lean: bool) -> list[torch.Tensor]:
+    """Three batched steps of five sessions of different lengths (forward_batch, max_batch 8), then every layer's
+    keys and values of each session."""
+    rt = ShardRuntime(model_dir, dtype=dtype, quantization=quantization)
+    if not lean:
+        rt._lean = None  # transformers' layers with the rows attention
+    prompts = PROMPTS[:5]
+    for i, p in enumerate(prompts):
+        rt.forward(f"s{i}", torch.arange(p.numel()), input_ids=p)
+    out: list[torch.Tensor] = []
+    for step in range(3):
+        out += forward_batch(rt, [_Pending(f"s{i}", p.numel() + step, torch.tensor([7 + i + step]), None, False)
+                                  for i, p in enumerate(prompts)], rows=8)
+    for i in range(len(prompts)):
+        for layer in rt._sessions.get(f"s{i}").cache.layers:
+            out += [layer.keys, layer.values]
+    return out
+
+
+def _assert_lean_batched_steps_are_transformers(model_dir, dtype, quantization) -> None:
+    lean, plain = (_batched_steps(model_dir, dtype, quantization, flag) for flag in (True, False))
+    assert len(lean) == len(plain) and all(torch.equal(a, b) for a, b in zip(lean, plain, strict=True))
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_batched_steps_have_the_bits_of_transformers_layers(tiny_model_dirs, dtype, quantization) -> None:
+    """A batched step through lean Llama layers (LeanLlamaLayer.step_rows) gives the logits and K/V that transformers'
+    layers with the rows attention give, padded (dense) or not (the low-bit kernel)."""
+    _assert_lean_batched_steps_are_transformers(tiny_model_dirs["llama"], dtype, quantization)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("dtype", "quantization"), [(torch.bfloat16, "none"), (torch.float32, "int4")])
+def test_lean_batched_steps_have_the_bits_of_transformers_layers_on_smollm2(smollm2_dir, dtype, quantization) -> None:
+    _assert_lean_batched_steps_are_transformers(smollm2_dir, dtype, quantization)
