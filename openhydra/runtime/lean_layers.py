@@ -53,8 +53,9 @@ def lean_modules(layers: nn.ModuleList) -> tuple[nn.Module, ...] | None:
 
 LEAN_ATTENTION = ("sdpa", ROWS_ATTENTION)
 """Attention implementations the lean step reproduces: sdpa, and continuous batching's rows attention, which is
-sdpa itself for every step but its own batched forwards (runtime/batching.py ``rows_attention_forward``; those
-call transformers' layers directly). KV compaction's capturing attention is not one of them."""
+sdpa itself for every step but the batcher's own batched forwards (runtime/batching.py ``rows_attention_forward``;
+those run :meth:`LeanLlamaLayer.step_rows`, or transformers' layers where the lean step does not apply). KV
+compaction's capturing attention is not one of them."""
 
 
 def lean_usable(watched: tuple[nn.Module, ...] | None, attn_implementation: str) -> bool:
