@@ -12,9 +12,9 @@ head (49152 x 576). Arms, interleaved trial by trial, 1 thread:
   ``_convert_weight_to_int4pack_for_cpu``, asymmetric groups of N along K, bf16 activations); torchao's
   CPU int4 layout (``Int4CPULayout``) calls this same op;
 - ``int4-g32-fp16``: the same with fp16 activations and scales (fp16 keeps GGUF's fp16 block scales exactly);
-- ``lowbit-int4`` / ``lowbit-int8``: OpenHydra's own kernel (runtime/lowbit.py, AVX-512 VNNI only): Q4_1- / Q8_0-style
-  blocks of 32 with fp16 scales times activations quantized to int8 per block of 32 (llama.cpp's scheme), fp32 in
-  and out (no casts); what ``hardware=cpu_int4`` / ``cpu_int8`` run where the CPU has VNNI;
+- ``lowbit-int4`` / ``lowbit-int8``: OpenHydra's own kernel (runtime/lowbit.py, AVX-512 VNNI or AVX2): Q4_1- /
+  Q8_0-style blocks of 32 with fp16 scales times activations quantized to int8 per block of 32 (llama.cpp's scheme),
+  fp32 in and out (no casts); what ``hardware=cpu_int4`` / ``cpu_int8`` run where the CPU has either;
 - ``bnb-nf4`` / ``bnb-int8``: bitsandbytes 0.50 CPU ``Linear4bit`` / ``Linear8bitLt``;
 - ``fbgemm-dyn-int8``: ``torch.ao`` dynamic int8 (activations quantized per tensor too).
 

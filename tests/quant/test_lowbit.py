@@ -2,7 +2,8 @@
 VNNI or AVX2, it computes exactly its stated formula (int8 activations per block of 32 times the 4- or 8-bit blocks),
 a row's bits do not depend on its batch or the thread count, and the node falls back to PyTorch's kernels when it
 cannot build or is switched off. The kernel tests run on the build for this machine ("native") and on an AVX2 build
-(``-march=x86-64-v3``, which any AVX2 CPU runs): on an AVX-512 machine that covers both paths."""
+(``-march=x86-64-v3``, which any AVX2 CPU runs): on an AVX-512 machine that covers both paths, and checks that they
+give the same bits."""
 
 from __future__ import annotations
 
