@@ -25,8 +25,12 @@ MESSAGES = [{"role": "user", "content": "List three colours and a number."}]
 def swarm(tiny_model_dirs, tmp_path_factory):
     big, small = tiny_model_dirs["llama"], tiny_model_dirs["qwen3"]
     with DhtProcess() as dht:
+        # The killed peers' records must expire fast (6 s); the coordinator, never killed, keeps a 60 s TTL
+        # (re-announced every 2 s all the same), so an announce delayed on a loaded CI machine cannot make its own
+        # record lapse: once, at load ~4, it was missing from a lookup and the reason read "has no peers".
         coordinator = NodeProcess(
-            [*swarm_node_overrides(big, dht.url, 0, 4, tmp_path_factory.mktemp("c")), f"model.fallback=['{small}']"]
+            [*swarm_node_overrides(big, dht.url, 0, 4, tmp_path_factory.mktemp("c"), ttl_s=60.0),
+             f"model.fallback=['{small}']"]
         )
         tail = NodeProcess(swarm_node_overrides(big, dht.url, 4, 8, tmp_path_factory.mktemp("t")))
         fallback = NodeProcess(swarm_node_overrides(small, dht.url, 0, 8, tmp_path_factory.mktemp("f")))
