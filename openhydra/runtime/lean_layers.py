@@ -104,13 +104,9 @@ class LeanLlamaLayer:
         self.intermediate = mlp.intermediate_size
         self.gate, self.up, self.down = (_matmul(getattr(mlp, name)) for name in ("gate_proj", "up_proj", "down_proj"))
         self.act = nn.functional.silu if type(mlp.act_fn).__name__ == "SiLUActivation" else mlp.act_fn
-        projections = [qkv.fused if self.qkv is not None else getattr(attn, name) for name in ("q_proj", "k_proj",
-                                                                                            "v_proj")]
-        projections += [attn.o_proj, *([gate_up.fused] if self.gate_up is not None else [mlp.gate_proj, mlp.up_proj]),
-                        mlp.down_proj]
         # A verify's projections may take all its rows in one call when every one of them gives a row the bits it
         # gets alone (the low-bit kernel: runtime/lowbit.py); otherwise they run per row (see verify).
-        self.rows_at_once = all(lowbit_of(module) is not None for module in projections)
+        self.rows_at_once = matmuls_on_lowbit(layer)
 
     def step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
              attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -250,18 +246,23 @@ def lowbit_of(module: nn.Module) -> LowBitWeight | None:
     return None
 
 
-def rows_independent(root: nn.Module, layer_types: list[str]) -> bool:
-    """Whether every matmul of this span gives a row the bits it gets alone, whatever the row count: every
-    Linear-like module (the head's too) runs on the low-bit kernel, and every layer is full attention (recurrent
-    layers stack per-session states). Then a batched step needs no padding to a fixed row count
-    (runtime/batching.py), and a verify's projections may take all its rows at once."""
-    if set(layer_types) != {"full_attention"}:
-        return False
+def matmuls_on_lowbit(root: nn.Module) -> bool:
+    """Whether every Linear-like module under ``root`` runs on the low-bit kernel (and there is one): then each of
+    its matmuls gives a row the bits it gets alone, whatever the row count."""
     quantized = (Int4WeightOnlyLinear, Int8WeightOnlyLinear)
+    found = False
     for module in root.modules():
         if isinstance(module, nn.Linear) or (isinstance(module, quantized) and lowbit_of(module) is None):
             return False
-    return any(isinstance(module, quantized) for module in root.modules())
+        found = found or isinstance(module, quantized)
+    return found
+
+
+def rows_independent(root: nn.Module, layer_types: list[str]) -> bool:
+    """Whether a span's rows keep their bits whatever the row count: every matmul (the head's too) on the low-bit
+    kernel, and every layer full attention (recurrent layers stack per-session states). Then a batched step needs
+    no padding to a fixed row count (runtime/batching.py)."""
+    return set(layer_types) == {"full_attention"} and matmuls_on_lowbit(root)
 
 
 def _matmul(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
