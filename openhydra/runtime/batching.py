@@ -419,7 +419,7 @@ def _run_layers_batched(runtime, sessions: list, h: torch.Tensor, rows: int,
     zero-padded); appends each row's position to its session's cache. A session may hold consecutive rows (a
     verify): its cache layer then appends them in row order, so each row attends over the positions up to its
     own, as the one-position decode step there does."""
-    from openhydra.runtime.lean_layers import lean_usable, signed_sin  # it imports this module
+    from openhydra.runtime.lean_layers import lean_rotary, lean_usable  # it imports this module
 
     use_rows_attention(runtime)
     lengths = positions if positions is not None else [s.length for s in sessions]
@@ -438,10 +438,9 @@ def _run_layers_batched(runtime, sessions: list, h: torch.Tensor, rows: int,
         masks = {"full_attention": None, "linear_attention": None}  # one new position: nothing to mask per row
         position_ids = torch.tensor(lengths + [0] * padding, device=device).view(rows, 1)  # [rows, 1]
         position_embeddings = runtime.modules.rotary_emb(h, position_ids)  # (cos, sin), each [rows, 1, head_dim]
-        if runtime._lean_layers is not None and lean_usable(runtime._lean, runtime.shard_config._attn_implementation):
+        if lean_usable(runtime._lean, runtime.shard_config._attn_implementation):
             # the same operations as the loop below, without transformers' module machinery (runtime/lean_layers.py)
-            cos, sin = (t.unsqueeze(1) for t in position_embeddings)  # [rows, 1, 1, head_dim]
-            sin = signed_sin(sin)
+            cos, sin = lean_rotary(position_embeddings)  # [rows, 1, 1, head_dim]
             for i, lean in enumerate(runtime._lean_layers):
                 h = lean.step_rows(h, cos, sin, temp.layers[i].layers)
             return h  # [rows, 1, D]

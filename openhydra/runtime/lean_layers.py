@@ -228,6 +228,13 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
+def lean_rotary(position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary embedding's (cos, sin) [B, S, hd] as every lean layer of a step takes them, prepared once per
+    step: (cos [B, 1, S, hd], :func:`signed_sin` of sin [B, 1, S, hd])."""
+    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+    return cos, signed_sin(sin)
+
+
 def _norm(norm: tuple[torch.Tensor, float], h: torch.Tensor) -> torch.Tensor:
     """``LlamaRMSNorm.forward`` (without the casts to the dtype a tensor already has; the same operations, in place
     where a result is fresh: ``a.add_(b)`` rounds as ``a + b``, and ``x * w`` as ``w * x``)."""

@@ -22,11 +22,11 @@ from openhydra.runtime.kv_layer import session_cache
 from openhydra.runtime.lean_layers import (
     LeanLlamaLayer,
     lean_modules,
+    lean_rotary,
     lean_usable,
     lowbit_of,
     one_position_row,
     rows_independent,
-    signed_sin,
 )
 from openhydra.runtime.malloc import maybe_trim
 from openhydra.runtime.prefix_cache import PrefixCache, PrefixKey, begin_prefix, run_in_blocks
@@ -278,8 +278,7 @@ class ShardRuntime:
                 if mask is not None:
                     return None
             # cos, sin [1, 1, S, head_dim]: element-wise per position, the steps' bits
-            cos, sin = (t.unsqueeze(1) for t in self.modules.rotary_emb(h, position_ids))
-            sin = signed_sin(sin)
+            cos, sin = lean_rotary(self.modules.rotary_emb(h, position_ids))
             for lean in self._lean_layers:
                 h = lean.verify(h, cos, sin, cache)
         return h
@@ -303,8 +302,7 @@ class ShardRuntime:
                 }
             position_embeddings = self.modules.rotary_emb(h, position_ids)  # (cos, sin), each [1, S, head_dim]
             if use_lean:
-                cos, sin = (t.unsqueeze(1) for t in position_embeddings)  # [1, 1, S, head_dim]
-                sin = signed_sin(sin)
+                cos, sin = lean_rotary(position_embeddings)  # [1, 1, S, head_dim]
                 for lean, layer_type in zip(self._lean_layers, self.layer_types, strict=True):
                     h = lean.step(h, cos, sin, cache, masks[layer_type])
                 return h  # [1, S, D]: the same bits as the loop below, fewer small ops (runtime/lean_layers.py)
