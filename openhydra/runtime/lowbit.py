@@ -189,9 +189,14 @@ def fp16_fits(scale: torch.Tensor, minimum: torch.Tensor | None = None) -> bool:
     return minimum is None or bool(torch.isfinite(minimum.to(torch.float16)).all())
 
 
+def _codes_bytes(bits: int, group: int) -> int:
+    """Bytes of codes per group of rows and block of 32 in the groups layout (lowbit.c ``scales_at``)."""
+    return 16 * group if bits == 4 else 32 * group
+
+
 def _record_bytes(bits: int, group: int) -> int:
     """Bytes per group of rows and block of 32 in the groups layout: codes, fp16 scales, fp16 minimums (4-bit)."""
-    return 20 * group if bits == 4 else 34 * group
+    return _codes_bytes(bits, group) + 2 * group * (2 if bits == 4 else 1)
 
 
 def pack_groups(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, bits: int,
@@ -294,7 +299,7 @@ class LowBitWeight:
         if cached is None:
             k, group = self.in_features, self.group
             rec = _record_bytes(self.bits, group)
-            width = 16 * group if self.bits == 4 else 32 * group  # the codes' bytes per record; then the scales
+            width = _codes_bytes(self.bits, group)  # the codes' bytes per record; then the scales
             kk, lane = torch.arange(k), torch.arange(group)[:, None]
             quad = (kk % BLOCK) // 4  # k-quad within the block: part quad // 2 (4-bit, high nibble if odd) or quad
             part, shift = (quad // 2, 4 * (quad % 2)) if self.bits == 4 else (quad, torch.zeros_like(quad))

@@ -108,7 +108,7 @@ class Int8WeightOnlyLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         if shared is None:
             shared = quantize_int8(linear.weight)
-        self.weight, self.scales = shared  # [N, K] int8 and [N] bf16, or (lowbit) [N, K + K/16] uint8 rows and None
+        self.weight, self.scales = shared  # [N, K] int8 and [N] bf16, or (lowbit) the kernel's packed uint8 and None
         self.lowbit = lowbit_int8(self.weight, self.scales, self.in_features, self.out_features)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
