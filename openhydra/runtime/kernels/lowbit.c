@@ -54,9 +54,10 @@ int oh_group_rows(void) { return OH_VNNI ? 16 : (OH_AVX2 ? 8 : 0); }
 
 #define MAX_K 32768 /* runtime/lowbit.py MAX_K */
 
-/* Bytes of one record (a group of G rows, one block of 32): codes, fp16 scales, fp16 minimums (4-bit). */
-static inline int64_t record_bytes(const oh_weight *w) { return w->bits == 4 ? 20 * w->group : 34 * w->group; }
+/* Where a record's fp16 scales start (its codes' bytes), and the bytes of one record (a group of G rows, one block
+ * of 32): codes, fp16 scales, fp16 minimums (4-bit). runtime/lowbit.py _codes_bytes / _record_bytes. */
 static inline int64_t scales_at(const oh_weight *w) { return w->bits == 4 ? 16 * w->group : 32 * w->group; }
+static inline int64_t record_bytes(const oh_weight *w) { return scales_at(w) + 2 * w->group * (w->bits == 4 ? 2 : 1); }
 
 /* Activation row r quantized: codes xq[r*K ..] (K order), and per block b: scale sx = max|x| / 127, the codes' sum
  * xsum, and sxsum = sx * xsum. Codes = x / sx rounded half to even (the default rounding mode). */
