@@ -99,6 +99,8 @@ class Node:
     peer_server: object = None
     announcer: object = None
     swarm: object = None
+    own_view: object = None
+    """discovery/own_view.OwnView: the coordinator's lookups, with this node's own span in them."""
     background: BackgroundLoop | None = None
     span: tuple[int, int] | None = None
     privacy: object = None
@@ -253,6 +255,7 @@ class Node:
 
     def _join_swarm(self, choice: ModelChoice, runtime, num_layers: int) -> None:
         from openhydra.discovery.announcer import Announcer
+        from openhydra.discovery.own_view import OwnView
         from openhydra.discovery.records import PeerAnnouncement
         from openhydra.peer.client import PeerChainClient
         from openhydra.peer.node_privacy import node_privacy
@@ -330,8 +333,17 @@ class Node:
             log.info("kademlia DHT reachable at %s (other nodes: discovery.kademlia.initial_peers=[...])",
                      " ".join(maddrs))
 
+        def fetch() -> list[PeerAnnouncement]:
+            return self.background.run(self.discovery.lookup(choice.api_name), timeout=15)
+
+        def own() -> PeerAnnouncement | None:  # this node's span, while it announces it (discovery/own_view.py)
+            announcer = self.announcer
+            return make_record(time.time(), announcer.ttl_s) if announcer is not None and announcer.running else None
+
+        self.own_view = view = OwnView(fetch, own)
+
         def lookup() -> list[PeerAnnouncement]:
-            records = self.background.run(self.discovery.lookup(choice.api_name), timeout=15)
+            records = view()
             if self.transport is not None:  # how to reach libp2p peers: the addresses their records announce
                 from openhydra.peer.libp2p_transport import p2p_peer_of
 
@@ -548,6 +560,8 @@ class Node:
             if self.peer_server.weights is not None:
                 status["peer"]["weights"] = self.peer_server.weights.status()
         status["reachability"] = self.reachability_status()
+        if self.own_view is not None:
+            status["discovery"] = self.own_view.status()
         if self.swarm is not None:
             status["pipeline"] = self.swarm.status()
             paths = status["reachability"].get("libp2p_paths", {})

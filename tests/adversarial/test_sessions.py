@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -240,7 +241,23 @@ def test_onion_settlement_survives_a_strangers_claim(route, tiny_model_dirs, tmp
 
 
 def test_forged_failure_blames_no_hop(client, route) -> None:
-    session = uuid.uuid4().hex
+    for _attempt in range(3):  # a step that ends before the forgeries can be sent gives no verdict: say so, again
+        session = uuid.uuid4().hex
+        outcome = _forge_while_pending(client, route, session)
+        if outcome is not None:
+            break
+    else:
+        raise AssertionError("the step never stayed pending long enough to be forged against (3 attempts)")
+    assert "error" not in outcome, outcome.get("error")
+    assert isinstance(outcome["token"], int) and outcome["token"] >= 0
+    assert client.crypto_rejections["forged_failure"] == 2
+    assert client.crypto_rejections["forged_result"] == 2
+    client.close(session)
+
+
+def _forge_while_pending(client: PeerChainClient, route: list[HopSpec], session: str) -> dict[str, object] | None:
+    """Hold a step in flight (the last hop stopped), deliver four forged results for it to the coordinator, resume;
+    the step's outcome, or None (with a warning saying why) if the step ended before the forgeries were sent."""
     tokens = _run(client, session, 2)
     last = psutil.Process(PIDS[route[-1].address])
     outcome: dict[str, object] = {}
@@ -255,7 +272,12 @@ def test_forged_failure_blames_no_hop(client, route) -> None:
     try:
         worker = threading.Thread(target=step)
         worker.start()
-        seq = _wait_pending(client, session)  # the stranger reads (session id, seq) off the wire
+        seq = _wait_pending(client, session, worker)  # the stranger reads (session id, seq) off the wire
+        if seq is None:
+            warnings.warn(f"the step ended before it was seen pending (last hop {last.status()}): {outcome!r}",
+                          stacklevel=1)
+            client.close(session)
+            return None
         forged = [
             pb.Result(session_id=session, seq=seq, failure=pb.Failure(
                 hop_address=route[0].address, code=grpc.StatusCode.UNAVAILABLE.value[0], message="it died",
@@ -272,11 +294,7 @@ def test_forged_failure_blames_no_hop(client, route) -> None:
     finally:
         last.resume()
     worker.join(timeout=60)
-    assert "error" not in outcome, outcome.get("error")
-    assert isinstance(outcome["token"], int) and outcome["token"] >= 0
-    assert client.crypto_rejections["forged_failure"] == 2
-    assert client.crypto_rejections["forged_result"] == 2
-    client.close(session)
+    return outcome
 
 
 def test_junk_handshake_flood_evicts_no_live_session(client, route) -> None:
@@ -339,14 +357,18 @@ def _ledger_credits(ledger_dir: Path, request_id: str) -> list[tuple[str, dict[s
     return [(receipt, dict(shares)) for (receipt,) in rows]
 
 
-def _wait_pending(client: PeerChainClient, session: str, timeout_s: float = 30.0) -> int:
+def _wait_pending(client: PeerChainClient, session: str, worker: threading.Thread,
+                  timeout_s: float = 30.0) -> int | None:
+    """The seq of the session's pending step; None if the step ended first (``worker`` is the thread that runs it)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         pending = [seq for sid, seq in list(client._pending) if sid == session]
         if pending:
             return pending[0]
+        if not worker.is_alive():
+            return None
         time.sleep(0.01)
-    raise AssertionError("the step never became pending")
+    raise AssertionError(f"the step never became pending in {timeout_s:.0f} s")
 
 
 async def _flood(hop: HopSpec, count: int, concurrency: int = 64) -> dict[str, int]:
