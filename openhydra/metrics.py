@@ -63,6 +63,13 @@ class NodeMetrics:
         self.unavailable = Counter(
             "openhydra_pipeline_unavailable_total", "Steps given up because no chain covered the model (503)",
             registry=r)
+        self.discovery_lookups = Counter(
+            "openhydra_discovery_lookups_total",
+            "The coordinator's swarm lookups: answered by the DHT, or without it (last lookup's records + own span)",
+            ["outcome"], registry=r)
+        self.own_record_added = Counter(
+            "openhydra_discovery_own_record_added_total",
+            "DHT lookups that lacked this node's own record, which was added (discovery/own_view.py)", registry=r)
         # -- peer: peer/forward.py -----------------------------------------------------------------------
         self.peer_step_seconds = Histogram(
             "openhydra_peer_step_duration_seconds", "This peer's compute for one step of its span (one hop), by kind",

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from openhydra.discovery.records import PeerAnnouncement
+from openhydra.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,12 @@ class OwnView:
         self.answered = 0  # lookups the DHT answered
         self.own_added = 0  # of those, the ones that lacked this node's record
         self.without_dht = 0  # lookups answered from the last good one, the DHT being unreachable
+        self.last_error: str | None = None  # why the last lookup failed; None once one succeeds again
 
-    def status(self) -> dict[str, int]:
-        """For ``/v1/network/status`` (its ``swarm.discovery``)."""
-        return {"lookups": self.answered, "lookups_lacking_own_record": self.own_added,
+    def status(self) -> dict[str, int | str | None]:
+        """For ``/v1/network/status`` (its ``swarm.discovery``) and the dashboard."""
+        return {"dht": "unreachable" if self.last_error is not None else "reachable", "last_error": self.last_error,
+                "lookups": self.answered, "lookups_lacking_own_record": self.own_added,
                 "lookups_without_dht": self.without_dht}
 
     def __call__(self) -> list[PeerAnnouncement]:
@@ -49,19 +52,24 @@ class OwnView:
         try:
             records = self._fetch()
         except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
             now = self._clock()
             kept = [r for r in self._last if not r.is_expired(now) and (own is None or r.peer_id != own.peer_id)]
             if own is None and not kept:
                 raise
             self.without_dht += 1
-            log.warning("DHT lookup failed (%s: %s): routing over %d unexpired record(s) of the last lookup%s",
-                        type(exc).__name__, exc, len(kept), " and this node's own" if own is not None else "")
+            METRICS.discovery_lookups.labels(outcome="without_dht").inc()
+            log.warning("DHT lookup failed (%s): routing over %d unexpired record(s) of the last lookup%s",
+                        self.last_error, len(kept), " and this node's own" if own is not None else "")
             return [*kept, own] if own is not None else kept
         self.answered += 1
+        METRICS.discovery_lookups.labels(outcome="answered").inc()
+        self.last_error = None
         self._last = list(records)
         if own is None or any(r.peer_id == own.peer_id for r in records):
             return records
         self.own_added += 1
+        METRICS.own_record_added.inc()
         if self.own_added == 1 or self.own_added % 100 == 0:
             log.warning("the DHT lookup lacks this node's own record (%d time(s)): its own span is added",
                         self.own_added)

@@ -57,7 +57,7 @@ def nodes(tiny_model_dirs, tmp_path_factory) -> Iterator[dict[str, NodeProcess]]
         try:
             start_all(started)
             _wait_for_both_peers(head)
-            yield {"head": head, "tail": tail}
+            yield {"head": head, "tail": tail, "dht": dht}
         finally:
             for node in started:  # SIGKILL: this module tests no clean shutdown, and CI time is short
                 if node.proc is not None and node.proc.poll() is None:
@@ -256,8 +256,9 @@ def test_node_with_economy_off_shows_its_own_span_and_no_earnings(nodes, page):
 
 
 def test_a_dead_peer_shows_as_an_error_and_a_coverage_hole(nodes, browser):
-    """Runs last: it kills the tail. Its own page says it cannot reach the node (keeping the last data),
-    and the head's map loses the bar and shows the hole [4, 8)."""
+    """Runs last: it kills the tail, then the DHT. The tail's own page says it cannot reach the node (keeping the last
+    data), and the head's map loses the bar and shows the hole [4, 8); with the DHT gone, the head's page says the DHT
+    is unreachable and keeps its own bar."""
     head, tail = nodes["head"], nodes["tail"]
     tail_page = browser.new_page()
     head_page = browser.new_page()
@@ -274,6 +275,14 @@ def test_a_dead_peer_shows_as_an_error_and_a_coverage_hole(nodes, browser):
         assert tail_page.inner_text("#status-pill") == "unreachable"
         head_page.wait_for_selector(".cov-head .pill-bad:text('holes [4, 8)')", timeout=30_000)
         assert head_page.locator(".cov-row[data-peer-id]").count() == 1
+        assert head_page.locator("#load-info dt:text-is('DHT') + dd").inner_text() == "reachable"
+        # Then the DHT dies: the head says so, and still shows (and routes over) its own span.
+        nodes["dht"].__exit__(None, None, None)
+        dht_row = head_page.locator("#load-info dt:text-is('DHT') + dd.bad")
+        dht_row.wait_for(timeout=30_000)
+        assert dht_row.inner_text().startswith("unreachable: routing over its last lookup and this node")
+        own = head_page.locator(".cov-row[data-peer-id]")
+        assert own.count() == 1 and own.get_attribute("data-start") == "0"
     finally:
         tail_page.close()
         head_page.close()

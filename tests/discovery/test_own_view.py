@@ -37,7 +37,8 @@ def test_a_lookup_lacking_the_nodes_own_record_gets_it() -> None:
     dht = Dht([record("tail", 4, 8)])
     view = OwnView(dht, lambda: mine, clock=lambda: NOW)
     assert spans(view()) == [("me", 0, 4), ("tail", 4, 8)]
-    assert view.status() == {"lookups": 1, "lookups_lacking_own_record": 1, "lookups_without_dht": 0}
+    assert view.status() == {"dht": "reachable", "last_error": None, "lookups": 1, "lookups_lacking_own_record": 1,
+                             "lookups_without_dht": 0}
 
 
 def test_the_dhts_own_record_is_kept_as_is_when_present() -> None:
@@ -62,9 +63,11 @@ def test_a_failed_lookup_routes_over_the_last_good_ones_unexpired_records_and_ow
     clock[0] = NOW + 61  # "tail" expired too: the node's own span only
     assert spans(view()) == [("me", 0, 4)]
     assert view.status()["lookups_without_dht"] == 2
+    assert view.status()["dht"] == "unreachable" and "no DHT server answered" in view.status()["last_error"]
     dht.down = False
     dht.records = [record("other", 4, 8, announced_at=NOW + 61)]  # back: the DHT's view again, plus own
     assert spans(view()) == [("me", 0, 4), ("other", 4, 8)]
+    assert view.status()["dht"] == "reachable" and view.status()["last_error"] is None
 
 
 def test_a_failed_lookup_with_nothing_to_offer_raises() -> None:

@@ -76,7 +76,12 @@ def test_a_dht_outage_neither_stops_nor_changes_the_answers(tiny_model_dirs, tmp
             status = _swarm(coordinator)
             assert status["pipeline"]["coverage"]["complete"], status["pipeline"]["coverage"]
             assert {tuple(p["span"]) for p in status["peers"]} == set(SPANS)
+            assert status["discovery"]["dht"] == "unreachable", status["discovery"]
             assert answer() == expected
+            metrics = httpx.get(coordinator.url + "/metrics", timeout=10).text
+            counted = [line for line in metrics.splitlines()
+                       if line.startswith('openhydra_discovery_lookups_total{outcome="without_dht"}')]
+            assert counted and float(counted[0].split()[-1]) >= 2, counted
 
             with DhtProcess(port=port) as again:  # back, empty: the nodes' announcers fill it again
                 _wait_until(lambda: _announced_spans(again, model.name) == set(SPANS), 60,
@@ -85,7 +90,8 @@ def test_a_dht_outage_neither_stops_nor_changes_the_answers(tiny_model_dirs, tmp
                 _wait_until(lambda: _swarm(coordinator)["discovery"]["lookups"] > answered, 60,
                             "a lookup the restarted DHT answers")
                 assert answer() == expected
-                assert _swarm(coordinator)["pipeline"]["coverage"]["complete"]
+                status = _swarm(coordinator)
+                assert status["pipeline"]["coverage"]["complete"] and status["discovery"]["dht"] == "reachable"
         finally:
             for node in nodes:
                 node.stop()
