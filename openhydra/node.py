@@ -340,7 +340,7 @@ class Node:
             announcer = self.announcer
             return make_record(time.time(), announcer.ttl_s) if announcer is not None and announcer.running else None
 
-        self.own_view = view = OwnView(fetch, own)
+        self.own_view = view = OwnView(fetch, own, peer_id)
 
         def lookup() -> list[PeerAnnouncement]:
             records = view()

@@ -28,12 +28,14 @@ OwnRecord = Callable[[], PeerAnnouncement | None]
 
 
 class OwnView:
-    """``fetch()``: a DHT lookup (raises when the DHT cannot answer); ``own()``: this node's current record, or None
-    when it does not announce one. Call the instance for the merged records."""
+    """``fetch()``: a DHT lookup (raises when the DHT cannot answer); ``own()``: this node's current record (built and
+    signed on demand, only where a lookup needs it), or None when it does not announce one; ``peer_id``: this node's.
+    Call the instance for the merged records."""
 
-    def __init__(self, fetch: Lookup, own: OwnRecord, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, fetch: Lookup, own: OwnRecord, peer_id: str, clock: Callable[[], float] = time.time) -> None:
         self._fetch = fetch
         self._own = own
+        self.peer_id = peer_id
         self._clock = clock
         self._last: list[PeerAnnouncement] = []
         self.answered = 0  # lookups the DHT answered
@@ -48,25 +50,20 @@ class OwnView:
                 "lookups_without_dht": self.without_dht}
 
     def __call__(self) -> list[PeerAnnouncement]:
-        own = self._own()
         try:
             records = self._fetch()
         except Exception as exc:
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            now = self._clock()
-            kept = [r for r in self._last if not r.is_expired(now) and (own is None or r.peer_id != own.peer_id)]
-            if own is None and not kept:
-                raise
-            self.without_dht += 1
-            METRICS.discovery_lookups.labels(outcome="without_dht").inc()
-            log.warning("DHT lookup failed (%s): routing over %d unexpired record(s) of the last lookup%s",
-                        self.last_error, len(kept), " and this node's own" if own is not None else "")
-            return [*kept, own] if own is not None else kept
+            return self._without_dht(exc)
         self.answered += 1
         METRICS.discovery_lookups.labels(outcome="answered").inc()
-        self.last_error = None
+        if self.last_error is not None:
+            log.info("the DHT answers again after %d lookup(s) without it", self.without_dht)
+            self.last_error = None
         self._last = list(records)
-        if own is None or any(r.peer_id == own.peer_id for r in records):
+        if any(r.peer_id == self.peer_id for r in records):
+            return records
+        own = self._own()
+        if own is None:
             return records
         self.own_added += 1
         METRICS.own_record_added.inc()
@@ -74,3 +71,17 @@ class OwnView:
             log.warning("the DHT lookup lacks this node's own record (%d time(s)): its own span is added",
                         self.own_added)
         return [*records, own]
+
+    def _without_dht(self, exc: Exception) -> list[PeerAnnouncement]:
+        own, now = self._own(), self._clock()
+        kept = [r for r in self._last if not r.is_expired(now) and r.peer_id != self.peer_id]
+        if own is None and not kept:
+            raise exc
+        first = self.last_error is None
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.without_dht += 1
+        METRICS.discovery_lookups.labels(outcome="without_dht").inc()
+        if first or self.without_dht % 100 == 0:  # once per outage (and every 100th lookup of a long one)
+            log.warning("DHT lookup failed (%s): routing over %d unexpired record(s) of the last lookup%s",
+                        self.last_error, len(kept), " and this node's own" if own is not None else "")
+        return [*kept, own] if own is not None else kept

@@ -35,7 +35,7 @@ def spans(records: list[PeerAnnouncement]) -> list[tuple[str, int, int]]:
 def test_a_lookup_lacking_the_nodes_own_record_gets_it() -> None:
     mine = record("me", 0, 4, announced_at=NOW + 5)
     dht = Dht([record("tail", 4, 8)])
-    view = OwnView(dht, lambda: mine, clock=lambda: NOW)
+    view = OwnView(dht, lambda: mine, "me", clock=lambda: NOW)
     assert spans(view()) == [("me", 0, 4), ("tail", 4, 8)]
     assert view.status() == {"dht": "reachable", "last_error": None, "lookups": 1, "lookups_lacking_own_record": 1,
                              "lookups_without_dht": 0}
@@ -44,16 +44,19 @@ def test_a_lookup_lacking_the_nodes_own_record_gets_it() -> None:
 def test_the_dhts_own_record_is_kept_as_is_when_present() -> None:
     announced = record("me", 0, 4, announced_at=NOW - 10)
     dht = Dht([announced, record("tail", 4, 8)])
-    view = OwnView(dht, lambda: record("me", 0, 4, announced_at=NOW), clock=lambda: NOW)
+    built: list[PeerAnnouncement] = []  # own() builds and signs a record: only where a lookup needs it
+    view = OwnView(dht, lambda: built.append(record("me", 0, 4, announced_at=NOW)) or built[-1], "me",
+                   clock=lambda: NOW)
     got = view()
     assert [r for r in got if r.peer_id == "me"] == [announced]
+    assert built == []
     assert view.status()["lookups_lacking_own_record"] == 0
 
 
 def test_a_failed_lookup_routes_over_the_last_good_ones_unexpired_records_and_own() -> None:
     clock = [NOW]
     dht = Dht([record("me", 0, 4), record("tail", 4, 8, ttl_s=60.0), record("brief", 4, 8, ttl_s=5.0)])
-    view = OwnView(dht, lambda: record("me", 0, 4, announced_at=clock[0]), clock=lambda: clock[0])
+    view = OwnView(dht, lambda: record("me", 0, 4, announced_at=clock[0]), "me", clock=lambda: clock[0])
     assert len(view()) == 3
     dht.down = True
     clock[0] = NOW + 10  # "brief" has expired, "tail" has not
@@ -72,7 +75,7 @@ def test_a_failed_lookup_routes_over_the_last_good_ones_unexpired_records_and_ow
 
 def test_a_failed_lookup_with_nothing_to_offer_raises() -> None:
     dht = Dht([record("tail", 4, 8)])
-    view = OwnView(dht, lambda: None, clock=lambda: NOW)  # not announcing (unreachable, or shutting down)
+    view = OwnView(dht, lambda: None, "me", clock=lambda: NOW)  # not announcing (unreachable, or shutting down)
     dht.down = True
     with pytest.raises(DiscoveryError):
         view()  # no good lookup yet, no own record
