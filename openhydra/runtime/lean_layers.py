@@ -16,6 +16,7 @@ no hooks on the layers; anything else runs transformers' layer as before.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from functools import partial
 
@@ -24,8 +25,9 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
+from openhydra.runtime import lowbit
 from openhydra.runtime.batching import ROWS_ATTENTION
-from openhydra.runtime.lowbit import LowBitWeight
+from openhydra.runtime.lowbit import KernelRMSNorm, LowBitWeight
 from openhydra.runtime.quant_cpu import (
     INT8_DECODE_ROWS,
     FusedProjections,
@@ -38,17 +40,56 @@ from openhydra.runtime.quant_cpu import (
 
 def lean_modules(layers: nn.ModuleList) -> tuple[nn.Module, ...] | None:
     """Decided once, at load: the modules whose hooks and training flag :func:`lean_usable` watches, or None when a
-    layer is not exactly a ``LlamaDecoderLayer`` with ``LlamaRMSNorm`` norms."""
+    layer is not exactly a ``LlamaDecoderLayer`` with ``LlamaRMSNorm`` norms (or the kernel's:
+    :func:`use_kernel_norms`)."""
     if len(layers) == 0:
         return None
     watched: list[nn.Module] = []
     for layer in layers:
         if type(layer) is not LlamaDecoderLayer:
             return None
-        if type(layer.input_layernorm) is not LlamaRMSNorm or type(layer.post_attention_layernorm) is not LlamaRMSNorm:
+        if not {type(layer.input_layernorm), type(layer.post_attention_layernorm)} <= LEAN_NORMS:
             return None
         watched += [layer, layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm]
     return tuple(watched)
+
+
+LEAN_NORMS = {LlamaRMSNorm, KernelRMSNorm}
+"""The layer norms the lean step calls: transformers' own (as :func:`_norm`), or the low-bit library's."""
+
+
+def _plain_rms_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is exactly Llama's or Qwen3's RMSNorm (variance in fp32, then ``weight * x``). Qwen3's class
+    is looked up only where its module is loaded (a span of Qwen3 layers has loaded it): no import for others."""
+    kind = type(module)
+    qwen3 = sys.modules.get("transformers.models.qwen3.modeling_qwen3")
+    return kind is LlamaRMSNorm or (qwen3 is not None and kind is getattr(qwen3, "Qwen3RMSNorm", None))
+
+
+def use_kernel_norms(layers: nn.ModuleList) -> int:
+    """At load: the input and post-attention norms of every layer whose matmuls all run on the low-bit kernel
+    (:func:`matmuls_on_lowbit`), in fp32 on the CPU, become :class:`~openhydra.runtime.lowbit.KernelRMSNorm` (the
+    same weight): one call per norm instead of six operations. Every path through such a layer (prefill, the lean
+    step, verify, batched step, transformers' layer) then computes its norms so, so they keep agreeing bit for bit.
+    Returns how many layers changed."""
+    lib = lowbit.kernel()
+    changed = 0
+    for layer in layers if lib is not None else ():
+        norms = [getattr(layer, name, None) for name in ("input_layernorm", "post_attention_layernorm")]
+        if not all(n is not None and _plain_rms_norm(n) and n.weight.dtype == torch.float32 and n.weight.is_cpu
+                   for n in norms) or not matmuls_on_lowbit(layer):
+            continue
+        layer.input_layernorm = KernelRMSNorm(norms[0], lib)
+        layer.post_attention_layernorm = KernelRMSNorm(norms[1], lib)
+        changed += 1
+    return changed
+
+
+def _norm_of(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A layer norm as the lean step calls it: the kernel's module itself, or :func:`_norm` with its tensors bound."""
+    if isinstance(module, KernelRMSNorm):
+        return module.forward
+    return partial(_norm, (module.weight, module.variance_epsilon))
 
 
 LEAN_ATTENTION = ("sdpa", ROWS_ATTENTION)
@@ -93,8 +134,8 @@ class LeanLlamaLayer:
         self.scaling = attn.scaling
         self.is_causal = getattr(attn, "is_causal", True)
         self.attn = attn  # transformers' own attention, where a mask is given
-        self.input_norm = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-        self.post_norm = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        self.input_norm = _norm_of(layer.input_layernorm)
+        self.post_norm = _norm_of(layer.post_attention_layernorm)
         qkv = getattr(attn, "fused_q_proj_k_proj_v_proj", None)
         self.qkv = _matmul(qkv.fused) if isinstance(qkv, FusedProjections) else None
         self.q, self.k, self.v = (_matmul(getattr(attn, name)) for name in ("q_proj", "k_proj", "v_proj"))
@@ -115,12 +156,12 @@ class LeanLlamaLayer:
         h [B, S, D] -> [B, S, D]; cos [B, 1, S, hd] (unsqueezed once for all layers), sin as :func:`signed_sin`
         makes it (once for all layers); appends the S new positions' keys and values to ``cache``."""
         residual = h
-        qk, v = self._qkv(_norm(self.input_norm, h))
+        qk, v = self._qkv(self.input_norm(h))
         qk = self._rotate(qk, cos, sin)
         k, v = cache.update(qk[:, self.heads :], v, self.layer_idx)
         h = residual + self.o(self._attend(qk[:, : self.heads], k, v, attention_mask))
         residual = h
-        gate, up = self._gate_up(_norm(self.post_norm, h))
+        gate, up = self._gate_up(self.post_norm(h))
         return residual + self.down(self.act(gate) * up)
 
     def verify(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
@@ -136,7 +177,7 @@ class LeanLlamaLayer:
         count, and its weights are unpacked once for up to 4 rows."""
         seq_len = h.shape[1]
         residual = h
-        x = _norm(self.input_norm, h)
+        x = self.input_norm(h)
         if self.rows_at_once:
             qk, v = self._qkv(x)
         else:
@@ -149,7 +190,7 @@ class LeanLlamaLayer:
             outs.append(self._attend(qk[:, : self.heads, i : i + 1], keys, values, None))
         h = residual + self._rows(self.o, torch.cat(outs, dim=1))
         residual = h
-        x = _norm(self.post_norm, h)
+        x = self.post_norm(h)
         if self.rows_at_once:
             gate, up = self._gate_up(x)
         else:
@@ -170,7 +211,7 @@ class LeanLlamaLayer:
         (``rows_attention_forward``), the same operations on the same values: the matmuls take all R rows, as there.
         cos [R, 1, 1, hd], sin as :func:`signed_sin` makes it."""
         residual = h
-        qk, v = self._qkv(_norm(self.input_norm, h))
+        qk, v = self._qkv(self.input_norm(h))
         qk = self._rotate(qk, cos, sin)  # [R, Hq + Hkv, 1, hd]
         outs = []
         for r, layer in enumerate(row_layers):
@@ -180,7 +221,7 @@ class LeanLlamaLayer:
             outs.append(outs[0].new_zeros((h.shape[0] - len(outs), *outs[0].shape[1:])))
         h = residual + self.o(torch.cat(outs))
         residual = h
-        gate, up = self._gate_up(_norm(self.post_norm, h))
+        gate, up = self._gate_up(self.post_norm(h))
         return residual + self.down(self.act(gate) * up)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

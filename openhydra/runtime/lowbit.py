@@ -94,8 +94,8 @@ def _build(cache_root: Path, march: str | None = None) -> Path | None:
             built = Path(scratch) / target.name
             # with OpenMP for hardware.threads > 1; a compiler without it (Apple clang) builds the one-thread kernel
             for openmp in (["-fopenmp"], []):
-                command = [compiler, "-O3", f"-march={march}", *openmp, "-shared", "-fPIC", "-o", str(built),
-                           str(SOURCE)]
+                command = [compiler, "-O3", f"-march={march}", "-fno-math-errno", *openmp, "-shared", "-fPIC",
+                           "-o", str(built), str(SOURCE), "-lm"]
                 done = subprocess.run(command, capture_output=True, text=True, timeout=300)
                 if done.returncode == 0:
                     break
@@ -149,6 +149,9 @@ def open_library(path: Path) -> ctypes.CDLL | None:
     lib.oh_matmul.restype = ctypes.c_int
     lib.oh_matmul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
                               ctypes.c_int, ctypes.c_int]
+    lib.oh_rms_norm.restype = ctypes.c_int
+    lib.oh_rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int64,
+                                ctypes.c_void_p]
     if lib.oh_available() not in ISAS:
         return None
     log.info("low-bit kernel (%s): %s", ISAS[lib.oh_available()], path)
@@ -318,3 +321,35 @@ class LowBitWeight:
     def block_scales(self) -> torch.Tensor:
         """The block scales [N, K/32] (fp32)."""
         return self.rows_of(torch.arange(self.out_features))[1]
+
+
+class KernelRMSNorm(torch.nn.Module):
+    """transformers' RMSNorm of Llama and Qwen3 (variance in fp32, ``weight * x``) for fp32 rows, as the library's
+    ``oh_rms_norm``: one call instead of six PyTorch operations (pow, mean, add, rsqrt, two products: about 8 µs of
+    dispatch per norm at batch 1, two norms per layer). Its sum of squares runs in another order than PyTorch's, so
+    its bits are its own: a span uses it for every layer norm or for none (runtime/lean_layers.py
+    ``use_kernel_norms``: fp32 spans whose matmuls all run on this kernel), in its lean and transformers' layers
+    alike. A row's bits do not depend on the other rows, and are the same on the AVX2 and AVX-512 builds."""
+
+    def __init__(self, norm: torch.nn.Module, lib: ctypes.CDLL) -> None:
+        super().__init__()
+        if norm.weight.dtype != torch.float32 or norm.weight.dim() != 1:
+            raise ValueError(f"kernel RMSNorm: needs a 1-D fp32 weight, got {norm.weight.dtype} {norm.weight.dim()}-D")
+        self.weight = norm.weight
+        self.variance_epsilon = float(norm.variance_epsilon)
+        self._weight = self.weight.detach().contiguous()
+        self._call = lib.oh_rms_norm
+        self.train(norm.training)  # a new module trains by default; the lean step runs only in eval mode
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        k = self._weight.numel()
+        if h.dtype is not torch.float32 or not h.is_cpu or h.shape[-1] != k:
+            raise ValueError(f"kernel RMSNorm: needs fp32 CPU rows of {k}, got {h.dtype} {tuple(h.shape)} "
+                             f"on {h.device}")
+        x = h.contiguous()
+        out = torch.empty_like(x)
+        self._call(x.data_ptr(), self._weight.data_ptr(), self.variance_epsilon, x.numel() // k, k, out.data_ptr())
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self._weight.numel()}, eps={self.variance_epsilon}, low-bit library"

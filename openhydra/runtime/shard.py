@@ -27,6 +27,7 @@ from openhydra.runtime.lean_layers import (
     lowbit_of,
     one_position_row,
     rows_independent,
+    use_kernel_norms,
 )
 from openhydra.runtime.malloc import maybe_trim
 from openhydra.runtime.prefix_cache import PrefixCache, PrefixKey, begin_prefix, run_in_blocks
@@ -91,6 +92,8 @@ class ShardRuntime:
         self.loaded_bytes = build.loaded_bytes
         self.layer_types = layer_types_of(self.shard_config)
         self._mask_fns = {t: _mask_function(t) for t in set(self.layer_types)}
+        # fp32 layers on the low-bit kernel: their norms too, in one call each (the same module in every path)
+        self.kernel_norm_layers = use_kernel_norms(self.modules.layers)
         self._lean = lean_modules(self.modules.layers)  # plain Llama layers: the lean step (runtime/lean_layers.py)
         self._lean_layers = None if self._lean is None else [LeanLlamaLayer(layer) for layer in self.modules.layers]
         # A one-position step through full-attention layers (sdpa, no padding mask) gets no mask from transformers

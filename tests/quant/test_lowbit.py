@@ -242,3 +242,44 @@ def test_the_kernel_is_used_where_this_cpu_can_run_it():
     assert lowbit.runnable_here({"avx2", "fma", "f16c"}) and lowbit.runnable_here({"avx512_vnni"})
     assert not lowbit.runnable_here({"avx2", "fma"}) and not lowbit.runnable_here({"neon"})
     assert Path(lowbit.SOURCE).is_file()
+
+
+def _rms_norm(k: int, seed: int = 0):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(seed)
+    norm = LlamaRMSNorm(k, eps=1e-5).eval()
+    norm.weight.data = torch.randn(k) * 0.5 + 1.0
+    return norm
+
+
+@pytest.mark.parametrize("k", [576, 64, 37])
+def test_kernel_rms_norm_is_transformers_norm_to_rounding_and_rows_are_independent(lib, k):
+    """KernelRMSNorm (lowbit.c oh_rms_norm): transformers' RMSNorm but for the order of the sum of squares, so within
+    a few ulps of it; a row's bits do not depend on the other rows of a call, nor on the call's shape."""
+    norm = _rms_norm(k)
+    kernel = lowbit.KernelRMSNorm(norm, lib)
+    assert not kernel.training  # the lean step runs only on modules in eval mode
+    torch.manual_seed(1)
+    x = torch.randn(2, 7, k) * 3
+    x[0, 2] *= 1e4  # a large row
+    x[1, 3] = 0  # a zero row: eps keeps it finite
+    got = kernel(x)
+    assert got.dtype == torch.float32 and got.shape == x.shape and torch.isfinite(got).all()
+    with torch.no_grad():
+        torch.testing.assert_close(got, norm(x), rtol=2e-6, atol=1e-6)
+    alone = torch.stack([torch.stack([kernel(x[b, s : s + 1])[0] for s in range(7)]) for b in range(2)])
+    assert torch.equal(got, alone)
+    assert torch.equal(kernel(x[:, ::2]), got[:, ::2])  # a strided view is read as its values
+    with pytest.raises(ValueError, match="fp32"):
+        kernel(x.to(torch.bfloat16))
+
+
+def test_kernel_rms_norm_gives_the_same_bits_on_both_builds(tmp_path):
+    if lowbit.kernel() is None or lowbit.kernel().oh_available() != 2:
+        pytest.skip("needs a CPU with AVX-512 VNNI to run both builds")
+    avx2 = lowbit.open_library(lowbit._build(tmp_path, march="x86-64-v3"))
+    norm = _rms_norm(576, seed=2)
+    x = torch.randn(33, 576) * 2
+    outs = [lowbit.KernelRMSNorm(norm, library)(x) for library in (lowbit.kernel(), avx2)]
+    assert torch.equal(outs[0], outs[1])

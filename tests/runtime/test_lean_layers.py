@@ -15,6 +15,7 @@ from openhydra.runtime import lowbit
 from openhydra.runtime import quantize as quantize_module
 from openhydra.runtime import shard as shard_module
 from openhydra.runtime.lean_layers import lean_supported, lean_usable, lowbit_of
+from openhydra.runtime.lowbit import KernelRMSNorm
 from openhydra.runtime.quant_cpu import (
     FusedProjections,
     Int4WeightOnlyLinear,
@@ -112,6 +113,10 @@ def _assert_lean_equals_transformers(model_dir: Path, dtype: torch.dtype, quanti
     prompt = torch.randint(3, 4000, (19,), generator=torch.Generator().manual_seed(3))
     rt = ShardRuntime(model_dir, dtype=dtype, quantization=quantization)
     assert lean_supported(rt.modules.layers, rt.shard_config._attn_implementation)
+    # fp32 layers on the low-bit kernel norm on it too (lean and transformers' layers alike: compared below)
+    kernel_norms = quantization != "none" and dtype == torch.float32 and lowbit.kernel() is not None
+    assert rt.kernel_norm_layers == (len(rt.modules.layers) if kernel_norms else 0)
+    assert all(isinstance(layer.input_layernorm, KernelRMSNorm) == kernel_norms for layer in rt.modules.layers)
     lean, lean_cache = _steps(rt, "lean", prompt, new)
     with monkeypatch.context() as m:
         m.setattr(shard_module, "lean_usable", lambda *a: False)  # transformers' LlamaDecoderLayer.forward
@@ -173,6 +178,22 @@ def test_lean_step_only_where_it_is_that_layer(tiny_model_dirs):
     for family in ("qwen3", "qwen3_5"):
         other = ShardRuntime(tiny_model_dirs[family], 0, 4, dtype=torch.float32)
         assert not lean_supported(other.modules.layers, other.shard_config._attn_implementation)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_5"])
+def test_kernel_norms_only_for_the_rms_norms_they_compute(tiny_model_dirs, family):
+    """Qwen3's RMSNorm is Llama's: an fp32 int4 span norms on the kernel. Qwen3.5's norm scales by 1 + weight: not
+    that formula, so its layers keep their own (and so do layers whose matmuls are not all on the kernel)."""
+    if lowbit.kernel() is None:
+        pytest.skip("no low-bit kernel here")
+    rt = ShardRuntime(tiny_model_dirs[family], 0, 4, dtype=torch.float32, quantization="int4")
+    on_kernel = [i for i, layer in enumerate(rt.modules.layers) if isinstance(layer.input_layernorm, KernelRMSNorm)]
+    if family == "qwen3":
+        assert on_kernel == [0, 1, 2, 3] and rt.kernel_norm_layers == 4
+        out = rt.forward("s", torch.arange(5), input_ids=torch.tensor([5, 9, 300, 7, 2]))
+        assert torch.isfinite(out).all()
+    else:
+        assert on_kernel == [] and rt.kernel_norm_layers == 0
 
 
 def _assert_layer_major_verify_equals_steps(model_dir: Path, dtype: torch.dtype, quantization: str) -> None:

@@ -328,3 +328,26 @@ int oh_matmul(const oh_weight *w, const void *x, int x_bf16, int64_t m, void *y,
     return -1;
 #endif
 }
+
+/* y [M, K] = the RMS norm of each row of x [M, K] times w [K], fp32 (runtime/lowbit.py KernelRMSNorm): per row,
+ * the sum of squares in 16 partial sums (element i in partial i % 16, each a chain of fmaf in k order) added in a
+ * fixed tree, divided by K; r = 1 / sqrtf(mean + eps); y = (x * r) * w, rounded after each product as transformers'
+ * fp32 RMSNorm (its sum runs in another order, so these are not its bits: every norm of a span that uses this one
+ * is this one). Plain C with fmaf and IEEE sqrt and division, exactly rounded on every build: the AVX2 build's bits
+ * are the AVX-512 build's, and a row's bits do not depend on the other rows. Returns 0. */
+int oh_rms_norm(const float *x, const float *w, float eps, int64_t m, int64_t k, float *y) {
+    for (int64_t r = 0; r < m; r++) {
+        const float *xr = x + r * k;
+        float *yr = y + r * k;
+        float part[16] = {0};
+        int64_t i = 0;
+        for (; i + 16 <= k; i += 16)
+            for (int j = 0; j < 16; j++) part[j] = fmaf(xr[i + j], xr[i + j], part[j]);
+        for (int j = 0; i < k; i++, j++) part[j] = fmaf(xr[i], xr[i], part[j]);
+        for (int width = 8; width > 0; width /= 2)
+            for (int j = 0; j < width; j++) part[j] = part[j] + part[j + width];
+        const float scale = 1.0f / sqrtf(part[0] / (float)k + eps);
+        for (i = 0; i < k; i++) yr[i] = (xr[i] * scale) * w[i];
+    }
+    return 0;
+}
