@@ -1,10 +1,9 @@
 """A DHT outage does not stop a swarm whose peers are up (discovery/own_view.py): the coordinator routes over its
 last good lookup's unexpired records and its own span, answers exactly as before, and goes back to the DHT when it
-comes back. Real node processes and a real DHT server process, killed with SIGKILL and restarted on its port."""
+comes back. Real node processes and a real DHT server process, killed with SIGKILL and restarted on its port,
+three times over."""
 
 from __future__ import annotations
-
-import time
 
 import httpx
 import openai
@@ -12,23 +11,17 @@ import pytest
 import torch
 
 from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
+from openhydra.testing.wait import wait_until
 from tests.api.conftest import Reference
 
 pytestmark = pytest.mark.slow
 
 MESSAGES = [{"role": "user", "content": "Name two rivers."}]
 TOKENS = 10
+LONG_TOKENS = 48  # the stream during which the DHT dies
+CYCLES = 3  # kills and restarts of the DHT
 TTL_S = 120.0  # the outage is shorter than the records' lifetime (the product's default is 180 s)
 SPANS = [(0, 4), (4, 8)]
-
-
-def _wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def _swarm(node: NodeProcess) -> dict:
@@ -44,54 +37,68 @@ def _announced_spans(dht: DhtProcess, model: str) -> set[tuple[int, int]]:
 
 
 def test_a_dht_outage_neither_stops_nor_changes_the_answers(tiny_model_dirs, tmp_path_factory):
+    """CYCLES times: the DHT is killed while a stream runs (after its first chunk), requests are served without it
+    (streamed and not), then it comes back on its port and the nodes are seen through it again. Every answer of every
+    cycle is counted; all must equal the reference."""
     model = tiny_model_dirs["llama"]
     ref = Reference(model, torch.float32)
     expected = ref.text(ref.greedy(ref.chat_ids(MESSAGES), TOKENS))
-    with DhtProcess() as dht:
-        nodes = [NodeProcess(swarm_node_overrides(model, dht.url, start, end, tmp_path_factory.mktemp(f"n{start}"),
-                                                  ttl_s=TTL_S)) for start, end in SPANS]
-        coordinator = nodes[0]
-        try:
-            start_all(nodes)
-            client = openai.OpenAI(base_url=coordinator.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    expected_long = ref.text(ref.greedy(ref.chat_ids(MESSAGES), LONG_TOKENS))
+    dht = DhtProcess().__enter__()
+    port = dht.port
+    nodes = [NodeProcess(swarm_node_overrides(model, dht.url, start, end, tmp_path_factory.mktemp(f"n{start}"),
+                                              ttl_s=TTL_S)) for start, end in SPANS]
+    coordinator = nodes[0]
+    answers: dict[str, list[bool]] = {"while the DHT dies": [], "without the DHT": [], "after it is back": []}
+    try:
+        start_all(nodes)
+        client = openai.OpenAI(base_url=coordinator.url + "/v1", api_key="x", max_retries=0, timeout=120)
 
-            def answer(stream: bool = False) -> str:
-                reply = client.chat.completions.create(model=model.name, messages=MESSAGES, max_tokens=TOKENS,
-                                                       temperature=0, stream=stream)
-                if stream:
-                    return "".join(c.choices[0].delta.content or "" for c in reply if c.choices)
-                return reply.choices[0].message.content
+        def answer(stream: bool = False) -> str:
+            reply = client.chat.completions.create(model=model.name, messages=MESSAGES, max_tokens=TOKENS,
+                                                   temperature=0, stream=stream)
+            if stream:
+                return "".join(c.choices[0].delta.content or "" for c in reply if c.choices)
+            return reply.choices[0].message.content
 
-            _wait_until(lambda: _swarm(coordinator)["pipeline"]["coverage"]["complete"], 60, "full coverage")
-            assert answer() == expected
+        def discovery() -> dict:
+            return _swarm(coordinator)["discovery"]
 
-            port = dht.port
-            dht.__exit__(None, None, None)  # SIGKILL: every lookup and announce fails from here on
-            _wait_until(lambda: _swarm(coordinator)["discovery"]["lookups_without_dht"] > 0, 60,
-                        "a lookup that finds no DHT")
-            assert answer(stream=True) == expected
-            assert answer() == expected
-            _wait_until(lambda: _swarm(coordinator)["discovery"]["lookups_without_dht"] > 1, 60,
-                        "a second lookup without the DHT")
+        wait_until(lambda: _swarm(coordinator)["pipeline"]["coverage"]["complete"], 60, 0.5, "full coverage")
+        assert answer() == expected
+        for _cycle in range(CYCLES):
+            stream = client.chat.completions.create(model=model.name, messages=MESSAGES, max_tokens=LONG_TOKENS,
+                                                    temperature=0, stream=True)
+            text = ""
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    if not text:  # the first token is out: the DHT dies now (SIGKILL), mid-stream
+                        dht.__exit__(None, None, None)
+                    text += chunk.choices[0].delta.content
+            answers["while the DHT dies"].append(text == expected_long)
+            without = discovery()["lookups_without_dht"]
+            wait_until(lambda w=without: discovery()["lookups_without_dht"] > w, 60, 0.5, "a lookup without the DHT")
+            answers["without the DHT"] += [answer(stream=True) == expected, answer() == expected]
             status = _swarm(coordinator)
+            assert status["discovery"]["dht"] == "unreachable", status["discovery"]
             assert status["pipeline"]["coverage"]["complete"], status["pipeline"]["coverage"]
             assert {tuple(p["span"]) for p in status["peers"]} == set(SPANS)
-            assert status["discovery"]["dht"] == "unreachable", status["discovery"]
-            assert answer() == expected
-            metrics = httpx.get(coordinator.url + "/metrics", timeout=10).text
-            counted = [line for line in metrics.splitlines()
-                       if line.startswith('openhydra_discovery_lookups_total{outcome="without_dht"}')]
-            assert counted and float(counted[0].split()[-1]) >= 2, counted
 
-            with DhtProcess(port=port) as again:  # back, empty: the nodes' announcers fill it again
-                _wait_until(lambda: _announced_spans(again, model.name) == set(SPANS), 60,
-                            "both nodes to announce to the restarted DHT")
-                answered = _swarm(coordinator)["discovery"]["lookups"]
-                _wait_until(lambda: _swarm(coordinator)["discovery"]["lookups"] > answered, 60,
-                            "a lookup the restarted DHT answers")
-                assert answer() == expected
-                status = _swarm(coordinator)
-                assert status["pipeline"]["coverage"]["complete"] and status["discovery"]["dht"] == "reachable"
-        finally:
-            for node in nodes:
-                node.stop()
+            dht = DhtProcess(port=port).__enter__()  # back, empty: the nodes' announcers fill it again
+            wait_until(lambda d=dht: _announced_spans(d, model.name) == set(SPANS), 60, 0.5,
+                       "both nodes to announce to the restarted DHT")
+            answered = discovery()["lookups"]
+            wait_until(lambda a=answered: discovery()["lookups"] > a, 60, 0.5, "a lookup the restarted DHT answers")
+            answers["after it is back"].append(answer() == expected)
+            assert discovery()["dht"] == "reachable"
+        print(f"\n{CYCLES} DHT kills and restarts: " + ", ".join(
+            f"{phase}: {sum(ok)} of {len(ok)} answers exact" for phase, ok in answers.items()))
+        assert all(all(ok) and len(ok) >= CYCLES for ok in answers.values()), answers
+        metrics = httpx.get(coordinator.url + "/metrics", timeout=10).text
+        counted = [line for line in metrics.splitlines()
+                   if line.startswith('openhydra_discovery_lookups_total{outcome="without_dht"}')]
+        assert counted and float(counted[0].split()[-1]) >= CYCLES, counted
+    finally:
+        for node in nodes:
+            node.stop()
+        dht.__exit__(None, None, None)
