@@ -65,7 +65,7 @@ class NodeMetrics:
             registry=r)
         self.discovery_lookups = Counter(
             "openhydra_discovery_lookups_total",
-            "The coordinator's swarm lookups: answered by the DHT, or without it (last lookup's records + own span)",
+            "The coordinator's swarm lookups: answered by the DHT, or without it (known peers + own span)",
             ["outcome"], registry=r)
         self.own_record_added = Counter(
             "openhydra_discovery_own_record_added_total",

@@ -340,7 +340,7 @@ class Node:
             announcer = self.announcer
             return make_record(time.time(), announcer.ttl_s) if announcer is not None and announcer.running else None
 
-        self.own_view = view = OwnView(fetch, own, peer_id)
+        self.own_view = view = OwnView(fetch, own, peer_id, max_keep_s=self.announcer.ttl_s)
 
         def lookup() -> list[PeerAnnouncement]:
             records = view()
@@ -560,8 +560,6 @@ class Node:
             if self.peer_server.weights is not None:
                 status["peer"]["weights"] = self.peer_server.weights.status()
         status["reachability"] = self.reachability_status()
-        if self.own_view is not None:
-            status["discovery"] = self.own_view.status()
         if self.swarm is not None:
             status["pipeline"] = self.swarm.status()
             paths = status["reachability"].get("libp2p_paths", {})
@@ -576,6 +574,8 @@ class Node:
                  "banned": self.swarm.bans.is_banned(r.peer_id), "instance": r.instance}
                 for r in self.swarm.peers()
             ]
+        if self.own_view is not None:  # after the lookups above: the state they left
+            status["discovery"] = self.own_view.status()
         return status
 
     # -- shutdown ------------------------------------------------------------------------------------

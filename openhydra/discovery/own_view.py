@@ -1,20 +1,29 @@
-"""A coordinator's view of the swarm, with its own peer in it whatever the DHT says.
+"""A coordinator's view of the swarm: its own peer always in it, and a DHT outage bridged.
 
 A node's own peer is alive for as long as the node is, so the coordinator need not learn it from the DHT:
 
-- Where a lookup lacks the node's own record (announces failed for a TTL under load, the DHT has not replicated it
-  yet, a partition), the node's record, built here and signed as for an announcement, joins the lookup.
-- Where a lookup fails outright (the DHT is unreachable), the coordinator routes over the records of its last good
-  lookup that have not yet expired, plus its own. A DHT outage does not stop a node that serves the whole model, nor
-  a swarm whose peers are still up: a dead one among them is found as any dead peer is, when a hop to it fails.
+- Every lookup carries the node's own record as the node builds it now (signed as for an announcement), in place of
+  whatever the DHT holds for its peer id (nothing, after announces failed for a TTL or before the DHT replicated it;
+  or a previous process's record, after a restart on another port or span).
+- Where a lookup fails (the DHT is unreachable, or answers garbage), the coordinator routes over the records it
+  knew before, plus its own, and asks the DHT again only after a back-off (1 s, doubling to 30 s), so a DHT that
+  drops packets does not make every new session wait for a lookup's timeout.
+- The same records are carried through the recovery: the first lookups after an outage, and any answer that holds
+  none of the other peers it knew (an HTTP DHT restarted empty, a Kademlia node cut off from its neighbours: both
+  answer, with nothing), still include each known peer until it is in an answer again or its record is too old.
 
-With no own record to offer (the node does not announce: it is unreachable, or it is shutting down) and nothing
-unexpired kept, a failed lookup raises as before.
+A known record is used for at most ``max_keep_s`` past its announcement (the node's own record TTL, 180 s by
+default) or its own TTL, whichever is shorter: an outage shorter than that changes no route, and a longer one (or
+an attacker who makes lookups fail) cannot keep a record alive longer than the DHT would have. A dead peer among
+them is found as any dead peer is, when a hop to it fails. During a recovery a peer that withdrew meanwhile is still
+tried until its record is too old (a refused connection marks it dead at once). With no own record to offer (the
+node does not announce: it is unreachable, or shutting down) and nothing known, a failed lookup raises as before.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -26,62 +35,105 @@ log = logging.getLogger(__name__)
 Lookup = Callable[[], list[PeerAnnouncement]]
 OwnRecord = Callable[[], PeerAnnouncement | None]
 
+BACKOFF_S = (1.0, 30.0)  # first and longest wait before asking a failing DHT again
+
 
 class OwnView:
-    """``fetch()``: a DHT lookup (raises when the DHT cannot answer); ``own()``: this node's current record (built and
-    signed on demand, only where a lookup needs it), or None when it does not announce one; ``peer_id``: this node's.
-    Call the instance for the merged records."""
+    """``fetch()``: a DHT lookup (raises when the DHT cannot answer); ``own()``: this node's current record, or None
+    when it does not announce one; ``peer_id``: this node's. Call the instance for the merged records (thread-safe:
+    the swarm looks up from request threads)."""
 
-    def __init__(self, fetch: Lookup, own: OwnRecord, peer_id: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, fetch: Lookup, own: OwnRecord, peer_id: str, max_keep_s: float,
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._fetch = fetch
         self._own = own
         self.peer_id = peer_id
+        self.max_keep_s = max_keep_s
         self._clock = clock
-        self._last: list[PeerAnnouncement] = []
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._known: dict[str, PeerAnnouncement] = {}  # other peers' records, as last seen
+        self._recovering = False  # carrying known records the DHT does not (yet) answer with
+        self._failures = 0  # consecutive failed lookups
+        self._retry_at = 0.0  # monotonic time before which a failing DHT is not asked again
         self.answered = 0  # lookups the DHT answered
-        self.own_added = 0  # of those, the ones that lacked this node's record
-        self.without_dht = 0  # lookups answered from the last good one, the DHT being unreachable
+        self.own_added = 0  # of those, the ones that lacked this node's own record
+        self.without_dht = 0  # lookups answered without the DHT (it failed, or is backed off)
+        self.carried = 0  # records of the last answer that came from before an outage, not from the DHT
         self.last_error: str | None = None  # why the last lookup failed; None once one succeeds again
 
     def status(self) -> dict[str, int | str | None]:
         """For ``/v1/network/status`` (its ``swarm.discovery``) and the dashboard."""
-        return {"dht": "unreachable" if self.last_error is not None else "reachable", "last_error": self.last_error,
-                "lookups": self.answered, "lookups_lacking_own_record": self.own_added,
-                "lookups_without_dht": self.without_dht}
+        with self._lock:
+            state = "unreachable" if self.last_error is not None else "recovering" if self._recovering else "reachable"
+            return {"dht": state, "last_error": self.last_error, "carried_records": self.carried,
+                    "lookups": self.answered, "lookups_lacking_own_record": self.own_added,
+                    "lookups_without_dht": self.without_dht}
 
     def __call__(self) -> list[PeerAnnouncement]:
+        with self._lock:
+            backing_off = self.last_error is not None and self._monotonic() < self._retry_at
+        if backing_off:
+            records = self._without_dht(None)
+            if records is not None:
+                return records  # else nothing to offer without the DHT: ask it anyway
         try:
             records = self._fetch()
         except Exception as exc:
             return self._without_dht(exc)
-        self.answered += 1
-        METRICS.discovery_lookups.labels(outcome="answered").inc()
-        if self.last_error is not None:
-            log.info("the DHT answers again after %d lookup(s) without it", self.without_dht)
-            self.last_error = None
-        self._last = list(records)
-        if any(r.peer_id == self.peer_id for r in records):
-            return records
-        own = self._own()
-        if own is None:
-            return records
-        self.own_added += 1
-        METRICS.own_record_added.inc()
-        if self.own_added == 1 or self.own_added % 100 == 0:
-            log.warning("the DHT lookup lacks this node's own record (%d time(s)): its own span is added",
-                        self.own_added)
-        return [*records, own]
+        return self._answered(records)
 
-    def _without_dht(self, exc: Exception) -> list[PeerAnnouncement]:
+    def _usable(self, record: PeerAnnouncement, now: float) -> bool:
+        return not record.is_expired(now) and now < record.announced_at + self.max_keep_s
+
+    def _answered(self, records: list[PeerAnnouncement]) -> list[PeerAnnouncement]:
         own, now = self._own(), self._clock()
-        kept = [r for r in self._last if not r.is_expired(now) and r.peer_id != self.peer_id]
-        if own is None and not kept:
-            raise exc
-        first = self.last_error is None
-        self.last_error = f"{type(exc).__name__}: {exc}"
-        self.without_dht += 1
-        METRICS.discovery_lookups.labels(outcome="without_dht").inc()
-        if first or self.without_dht % 100 == 0:  # once per outage (and every 100th lookup of a long one)
-            log.warning("DHT lookup failed (%s): routing over %d unexpired record(s) of the last lookup%s",
-                        self.last_error, len(kept), " and this node's own" if own is not None else "")
-        return [*kept, own] if own is not None else kept
+        with self._lock:
+            self.answered += 1
+            METRICS.discovery_lookups.labels(outcome="answered").inc()
+            if self.last_error is not None:
+                log.info("the DHT answers again after %d lookup(s) without it", self.without_dht)
+                self.last_error, self._failures, self._recovering = None, 0, True
+            others = {r.peer_id: r for r in records if r.peer_id != self.peer_id}
+            known = {pid: r for pid, r in self._known.items() if self._usable(r, now)}
+            if known and not others.keys() & known.keys():
+                self._recovering = True  # an answer with none of the peers it knew: restarted empty, or cut off
+            carried = [r for pid, r in known.items() if pid not in others] if self._recovering else []
+            if not carried:
+                self._recovering = False
+            self.carried = len(carried)
+            self._known = {**{r.peer_id: r for r in carried}, **others}
+            lacking = not any(r.peer_id == self.peer_id for r in records)
+            if own is not None and lacking:
+                self.own_added += 1
+                METRICS.own_record_added.inc()
+                if self.own_added == 1 or self.own_added % 100 == 0:
+                    log.warning("the DHT lookup lacks this node's own record (%d time(s)): its own span is added",
+                                self.own_added)
+        mine = [own] if own is not None else [r for r in records if r.peer_id == self.peer_id]
+        return [*others.values(), *carried, *mine]
+
+    def _without_dht(self, exc: Exception | None) -> list[PeerAnnouncement] | None:
+        """The known records and this node's own, after the lookup failed with ``exc``, or while a failing DHT is
+        backed off (``exc`` None). Nothing to offer: ``exc`` is raised (None is returned while backed off)."""
+        own, now = self._own(), self._clock()
+        with self._lock:
+            known = [r for r in self._known.values() if self._usable(r, now)]
+            if exc is not None:
+                first = self.last_error is None
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self._failures += 1
+                self._retry_at = self._monotonic() + min(BACKOFF_S[1], BACKOFF_S[0] * 2 ** (self._failures - 1))
+            if own is None and not known:
+                if exc is not None:
+                    raise exc
+                return None
+            self._recovering = True
+            self.carried = len(known)
+            self.without_dht += 1
+            METRICS.discovery_lookups.labels(outcome="without_dht").inc()
+            if exc is not None and (first or self._failures % 100 == 0):  # once per outage, and every 100th try
+                log.warning("DHT lookup failed (%s): routing over %d known record(s)%s; asking again in %.0f s",
+                            self.last_error, len(known), " and this node's own" if own is not None else "",
+                            self._retry_at - self._monotonic())
+        return [*known, own] if own is not None else known

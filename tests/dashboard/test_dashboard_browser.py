@@ -280,7 +280,7 @@ def test_a_dead_peer_shows_as_an_error_and_a_coverage_hole(nodes, browser):
         nodes["dht"].__exit__(None, None, None)
         dht_row = head_page.locator("#load-info dt:text-is('DHT') + dd.bad")
         dht_row.wait_for(timeout=30_000)
-        assert dht_row.inner_text().startswith("unreachable: routing over its last lookup and this node")
+        assert dht_row.inner_text().startswith("unreachable: routing over the peers it knew and this node")
         own = head_page.locator(".cov-row[data-peer-id]")
         assert own.count() == 1 and own.get_attribute("data-start") == "0"
     finally:

@@ -1,85 +1,159 @@
-"""OwnView: a coordinator's lookups include its own span whatever the DHT says; a DHT outage routes over the last
-good lookup's unexpired records (discovery/own_view.py). The swarm-level test is tests/swarm/test_dht_outage.py."""
+"""OwnView (discovery/own_view.py): a coordinator's lookups always carry its own current record; a failed lookup, a
+backed-off DHT and the recovery after an outage (an empty or partial answer) route over the known records, each for
+no longer than ``max_keep_s``. The swarm-level test is tests/swarm/test_dht_outage.py."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 
 from openhydra.discovery.base import DiscoveryError
-from openhydra.discovery.own_view import OwnView
+from openhydra.discovery.own_view import BACKOFF_S, OwnView
 from openhydra.discovery.records import PeerAnnouncement
 
 NOW = 1_000_000.0
+KEEP_S = 180.0
 
 
-def record(peer: str, start: int, end: int, announced_at: float = NOW, ttl_s: float = 60.0) -> PeerAnnouncement:
+def record(peer: str, start: int, end: int, announced_at: float = NOW, ttl_s: float = 60.0,
+           address: str = "127.0.0.1:50051") -> PeerAnnouncement:
     return PeerAnnouncement(peer_id=peer, model_id="org/model", start=start, end=end, total_layers=8,
-                            grpc_address="127.0.0.1:50051", announced_at=announced_at, ttl_s=ttl_s)
+                            grpc_address=address, announced_at=announced_at, ttl_s=ttl_s)
 
 
 class Dht:
     def __init__(self, records: list[PeerAnnouncement]) -> None:
         self.records = records
         self.down = False
+        self.asked = 0
 
     def __call__(self) -> list[PeerAnnouncement]:
+        self.asked += 1
         if self.down:
             raise DiscoveryError("no DHT server answered")
         return list(self.records)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = NOW
+
+    def __call__(self) -> float:
+        return self.t
 
 
 def spans(records: list[PeerAnnouncement]) -> list[tuple[str, int, int]]:
     return sorted((r.peer_id, r.start, r.end) for r in records)
 
 
+def view_of(dht: Dht, clock: Clock, own=lambda: record("me", 0, 4)) -> OwnView:
+    return OwnView(dht, own, "me", max_keep_s=KEEP_S, clock=clock, monotonic=clock)
+
+
 def test_a_lookup_lacking_the_nodes_own_record_gets_it() -> None:
-    mine = record("me", 0, 4, announced_at=NOW + 5)
-    dht = Dht([record("tail", 4, 8)])
-    view = OwnView(dht, lambda: mine, "me", clock=lambda: NOW)
+    view = view_of(Dht([record("tail", 4, 8)]), Clock())
     assert spans(view()) == [("me", 0, 4), ("tail", 4, 8)]
-    assert view.status() == {"dht": "reachable", "last_error": None, "lookups": 1, "lookups_lacking_own_record": 1,
-                             "lookups_without_dht": 0}
+    assert view.status() == {"dht": "reachable", "last_error": None, "carried_records": 0, "lookups": 1,
+                             "lookups_lacking_own_record": 1, "lookups_without_dht": 0}
 
 
-def test_the_dhts_own_record_is_kept_as_is_when_present() -> None:
-    announced = record("me", 0, 4, announced_at=NOW - 10)
-    dht = Dht([announced, record("tail", 4, 8)])
-    built: list[PeerAnnouncement] = []  # own() builds and signs a record: only where a lookup needs it
-    view = OwnView(dht, lambda: built.append(record("me", 0, 4, announced_at=NOW)) or built[-1], "me",
-                   clock=lambda: NOW)
-    got = view()
-    assert [r for r in got if r.peer_id == "me"] == [announced]
-    assert built == []
+def test_the_dhts_record_of_this_peer_id_gives_way_to_the_current_one() -> None:
+    """After a restart on another port, the DHT may still hold the previous process's record for a while."""
+    stale = record("me", 0, 4, announced_at=NOW - 30, address="127.0.0.1:40000")
+    view = view_of(Dht([stale, record("tail", 4, 8)]), Clock(), own=lambda: record("me", 0, 4, address="10.0.0.1:1"))
+    mine = [r for r in view() if r.peer_id == "me"]
+    assert [r.grpc_address for r in mine] == ["10.0.0.1:1"]
     assert view.status()["lookups_lacking_own_record"] == 0
 
 
-def test_a_failed_lookup_routes_over_the_last_good_ones_unexpired_records_and_own() -> None:
-    clock = [NOW]
-    dht = Dht([record("me", 0, 4), record("tail", 4, 8, ttl_s=60.0), record("brief", 4, 8, ttl_s=5.0)])
-    view = OwnView(dht, lambda: record("me", 0, 4, announced_at=clock[0]), "me", clock=lambda: clock[0])
+def test_a_failing_dht_is_bridged_with_known_records_and_backed_off() -> None:
+    clock = Clock()
+    dht = Dht([record("tail", 4, 8, ttl_s=60.0), record("brief", 4, 8, ttl_s=5.0)])
+    view = view_of(dht, clock)
     assert len(view()) == 3
     dht.down = True
-    clock[0] = NOW + 10  # "brief" has expired, "tail" has not
-    got = view()
-    assert spans(got) == [("me", 0, 4), ("tail", 4, 8)]
-    assert [r.announced_at for r in got if r.peer_id == "me"] == [NOW + 10]  # the node's fresh record, not the DHT's
-    clock[0] = NOW + 61  # "tail" expired too: the node's own span only
+    clock.t = NOW + 10  # "brief" has expired, "tail" has not
+    assert spans(view()) == [("me", 0, 4), ("tail", 4, 8)]
+    status = view.status()
+    assert status["dht"] == "unreachable" and "no DHT server answered" in status["last_error"]
+    asked = dht.asked
+    clock.t += BACKOFF_S[0] / 2  # backed off: answered at once, without asking the DHT
+    assert spans(view()) == [("me", 0, 4), ("tail", 4, 8)] and dht.asked == asked
+    clock.t += BACKOFF_S[0]  # asked again, failed again: the wait doubles
+    view()
+    assert dht.asked == asked + 1
+    clock.t += BACKOFF_S[0] * 1.5
+    view()
+    assert dht.asked == asked + 1  # within 2 s of the second failure
+    clock.t = NOW + 61  # "tail" expired too: this node's own span only
     assert spans(view()) == [("me", 0, 4)]
-    assert view.status()["lookups_without_dht"] == 2
-    assert view.status()["dht"] == "unreachable" and "no DHT server answered" in view.status()["last_error"]
-    dht.down = False
-    dht.records = [record("other", 4, 8, announced_at=NOW + 61)]  # back: the DHT's view again, plus own
-    assert spans(view()) == [("me", 0, 4), ("other", 4, 8)]
-    assert view.status()["dht"] == "reachable" and view.status()["last_error"] is None
+    assert view.status()["lookups_without_dht"] >= 4
 
 
-def test_a_failed_lookup_with_nothing_to_offer_raises() -> None:
-    dht = Dht([record("tail", 4, 8)])
-    view = OwnView(dht, lambda: None, "me", clock=lambda: NOW)  # not announcing (unreachable, or shutting down)
+def test_a_record_is_kept_no_longer_than_max_keep_s_whatever_its_ttl() -> None:
+    clock = Clock()
+    dht = Dht([record("tail", 4, 8, ttl_s=86_400.0)])  # a day: as long as a record may say
+    view = view_of(dht, clock)
+    view()
     dht.down = True
-    with pytest.raises(DiscoveryError):
-        view()  # no good lookup yet, no own record
+    clock.t = NOW + KEEP_S - 1
+    assert spans(view()) == [("me", 0, 4), ("tail", 4, 8)]
+    clock.t = NOW + KEEP_S + 1
+    assert spans(view()) == [("me", 0, 4)]
+
+
+@pytest.mark.parametrize("after_failure", [True, False], ids=["after an outage", "an empty answer"])
+def test_known_peers_are_carried_until_the_dht_answers_with_them(after_failure) -> None:
+    """A DHT restarted empty answers before the peers re-announce; a Kademlia node cut off from its neighbours answers
+    with nothing. Either way the peers it knew stay routable until they are in an answer again."""
+    clock = Clock()
+    dht = Dht([record("tail", 4, 8), record("mid", 4, 6), record("end", 6, 8)])
+    view = view_of(dht, clock)
+    view()
+    if after_failure:
+        dht.down = True
+        view()
+        clock.t += BACKOFF_S[0] + 1
+        dht.down = False
+    dht.records = []  # back (or cut off), and empty
+    assert spans(view()) == [("end", 6, 8), ("me", 0, 4), ("mid", 4, 6), ("tail", 4, 8)]
+    assert view.status()["dht"] == "recovering" and view.status()["carried_records"] == 3
+    dht.records = [record("tail", 4, 8, announced_at=clock.t)]  # one re-announced
+    assert spans(view()) == [("end", 6, 8), ("me", 0, 4), ("mid", 4, 6), ("tail", 4, 8)]
+    assert view.status()["carried_records"] == 2
+    dht.records += [record("mid", 4, 6, announced_at=clock.t), record("end", 6, 8, announced_at=clock.t)]
+    assert spans(view()) == [("end", 6, 8), ("me", 0, 4), ("mid", 4, 6), ("tail", 4, 8)]
+    assert view.status()["dht"] == "reachable" and view.status()["carried_records"] == 0
+    dht.records = dht.records[:2]  # recovered: a peer that leaves now leaves the view at once (a withdrawal)
+    assert spans(view()) == [("me", 0, 4), ("mid", 4, 6), ("tail", 4, 8)]
+
+
+def test_with_nothing_to_offer_a_failure_raises_and_the_dht_is_asked_every_time() -> None:
+    clock = Clock()
+    dht = Dht([record("tail", 4, 8)])
+    view = view_of(dht, clock, own=lambda: None)  # not announcing (unreachable, or shutting down)
+    dht.down = True
+    for asked in (1, 2):  # no back-off: there is nothing to answer with meanwhile
+        with pytest.raises(DiscoveryError):
+            view()
+        assert dht.asked == asked
     dht.down = False
     assert spans(view()) == [("tail", 4, 8)]  # nothing added where the node announces nothing
-    dht.down = True
-    assert spans(view()) == [("tail", 4, 8)]  # an unexpired record of the last lookup
+
+
+def test_concurrent_lookups_count_every_call() -> None:
+    clock = Clock()
+    dht = Dht([record("tail", 4, 8)])
+    view = view_of(dht, clock)
+
+    def many() -> None:
+        for _ in range(200):
+            assert spans(view()) == [("me", 0, 4), ("tail", 4, 8)]
+
+    threads = [threading.Thread(target=many) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert view.status()["lookups"] == 800 and view.status()["lookups_lacking_own_record"] == 800

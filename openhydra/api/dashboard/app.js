@@ -199,9 +199,10 @@ function renderLoad(load, network) {
   const pipeline = network.swarm && network.swarm.pipeline;
   const disc = network.swarm && network.swarm.discovery;
   const dht = !disc ? undefined : disc.dht === "reachable" ? "reachable"
-    : `unreachable: routing over its last lookup and this node (${disc.last_error})`;
+    : disc.dht === "recovering" ? `recovering: ${disc.carried_records} known peer(s) not yet re-announced`
+    : `unreachable: routing over the peers it knew and this node (${disc.last_error})`;
   fillKv($("load-info"), [
-    ["DHT", dht, disc && disc.dht !== "reachable" ? "bad" : null],
+    ["DHT", dht, disc && disc.dht === "unreachable" ? "bad" : null],
     ["sessions (coordinating)", `${load.active_sessions} of ${load.max_concurrent_sessions ?? "–"}`],
     ["sessions (peer cache)", load.peer_sessions ?? undefined],
     ["steps served", load.steps_served !== null ? fmtNum(load.steps_served) : undefined],
