@@ -9,7 +9,7 @@ with AVX-512 VNNI, 32 with AVX2), reading fp32 or bf16 input and writing the inp
 layout: :class:`LowBitWeight`. Both paths compute the same integers and the same float operations, so a node on an
 AVX2-only CPU gets the bits of one with AVX-512 VNNI (tested).
 
-It is compiled once per machine at first use (``cc -O3 -march=native -fopenmp``, 0.2 s here) into
+It is compiled once per machine at first use (``cc -O3 -march=native -fno-math-errno -fopenmp``, 0.2 s here) into
 ``$OPENHYDRA_CACHE/kernels/`` (keyed by the source, the compiler and the CPU's flags) and loaded with ctypes.
 Where the CPU has neither AVX-512 VNNI nor AVX2 (with FMA and F16C), no C compiler is found, or
 ``OPENHYDRA_LOWBIT=0``, :func:`kernel` is None and runtime/quant_cpu.py keeps PyTorch's kernels (the earlier
@@ -83,7 +83,8 @@ def _build(cache_root: Path, march: str | None = None) -> Path | None:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    identity = SOURCE.read_bytes() + version.encode() + march.encode() + _cpu_flags().encode()
+    flags = ["-O3", f"-march={march}", "-fno-math-errno"]
+    identity = SOURCE.read_bytes() + version.encode() + " ".join(flags).encode() + _cpu_flags().encode()
     key = hashlib.sha256(identity).hexdigest()[:16]
     target = cache_root / "kernels" / f"lowbit-{key}.so"
     if target.is_file():
@@ -94,8 +95,7 @@ def _build(cache_root: Path, march: str | None = None) -> Path | None:
             built = Path(scratch) / target.name
             # with OpenMP for hardware.threads > 1; a compiler without it (Apple clang) builds the one-thread kernel
             for openmp in (["-fopenmp"], []):
-                command = [compiler, "-O3", f"-march={march}", "-fno-math-errno", *openmp, "-shared", "-fPIC",
-                           "-o", str(built), str(SOURCE), "-lm"]
+                command = [compiler, *flags, *openmp, "-shared", "-fPIC", "-o", str(built), str(SOURCE), "-lm"]
                 done = subprocess.run(command, capture_output=True, text=True, timeout=300)
                 if done.returncode == 0:
                     break
