@@ -46,7 +46,7 @@ def main() -> None:
     model_dir = embedded_model_dir(TEST_CACHE_ROOT)
     kernel_rt = ShardRuntime(model_dir, dtype=torch.float32, quantization=args.quantization)
     original = shard.use_kernel_norms
-    shard.use_kernel_norms = lambda layers: 0  # transformers' norms, as before this change
+    shard.use_kernel_norms = lambda layers, dtype: 0  # transformers' norms, as before this change
     try:
         torch_rt = ShardRuntime(model_dir, dtype=torch.float32, quantization=args.quantization)
     finally:

@@ -58,29 +58,39 @@ LEAN_NORMS = {LlamaRMSNorm, KernelRMSNorm}
 """The layer norms the lean step calls: transformers' own (as :func:`_norm`), or the low-bit library's."""
 
 
-def _plain_rms_norm(module: nn.Module) -> bool:
-    """Whether ``module`` is exactly Llama's or Qwen3's RMSNorm (variance in fp32, then ``weight * x``). Qwen3's class
-    is looked up only where its module is loaded (a span of Qwen3 layers has loaded it): no import for others."""
+def _rms_norm_kind(module: nn.Module) -> str | None:
+    """"scaled" for exactly Llama's or Qwen3's RMSNorm (variance in fp32, then ``weight * x``), "zero_centered" for
+    Qwen3.5's (``x * (1 + weight)`` in fp32), else None. The Qwen classes are looked up only where their module is
+    loaded (a span of their layers has loaded it): no import for other models."""
     kind = type(module)
-    qwen3 = sys.modules.get("transformers.models.qwen3.modeling_qwen3")
-    return kind is LlamaRMSNorm or (qwen3 is not None and kind is getattr(qwen3, "Qwen3RMSNorm", None))
+    if kind is LlamaRMSNorm:
+        return "scaled"
+    for name, cls, what in (("qwen3", "Qwen3RMSNorm", "scaled"), ("qwen3_5", "Qwen3_5RMSNorm", "zero_centered")):
+        loaded = sys.modules.get(f"transformers.models.{name}.modeling_{name}")
+        if loaded is not None and kind is getattr(loaded, cls, None):
+            return what
+    return None
 
 
-def use_kernel_norms(layers: nn.ModuleList) -> int:
+def use_kernel_norms(layers: nn.ModuleList, dtype: torch.dtype) -> int:
     """At load: the input and post-attention norms of every layer whose matmuls all run on the low-bit kernel
-    (:func:`matmuls_on_lowbit`), in fp32 on the CPU, become :class:`~openhydra.runtime.lowbit.KernelRMSNorm` (the
-    same weight): one call per norm instead of six operations. Every path through such a layer (prefill, the lean
-    step, verify, batched step, transformers' layer) then computes its norms so, so they keep agreeing bit for bit.
-    Returns how many layers changed."""
+    (:func:`matmuls_on_lowbit`), in an fp32 span on the CPU, become :class:`~openhydra.runtime.lowbit.KernelRMSNorm`
+    (the same weight): one call per norm instead of six operations. Every path through such a layer (prefill, the
+    lean step, verify, batched step, transformers' layer) then computes its norms so, so they keep agreeing bit for
+    bit. Returns how many layers changed."""
     lib = lowbit.kernel()
+    if lib is None or dtype != torch.float32:
+        return 0
     changed = 0
-    for layer in layers if lib is not None else ():
+    for layer in layers:
         norms = [getattr(layer, name, None) for name in ("input_layernorm", "post_attention_layernorm")]
-        if not all(n is not None and _plain_rms_norm(n) and n.weight.dtype == torch.float32 and n.weight.is_cpu
-                   for n in norms) or not matmuls_on_lowbit(layer):
+        kinds = [None if n is None else _rms_norm_kind(n) for n in norms]
+        if None in kinds or not all(n.weight.dtype == torch.float32 and n.weight.is_cpu for n in norms):
             continue
-        layer.input_layernorm = KernelRMSNorm(norms[0], lib)
-        layer.post_attention_layernorm = KernelRMSNorm(norms[1], lib)
+        if not matmuls_on_lowbit(layer):
+            continue
+        layer.input_layernorm, layer.post_attention_layernorm = (
+            KernelRMSNorm(n, lib, zero_centered=kind == "zero_centered") for n, kind in zip(norms, kinds, strict=True))
         changed += 1
     return changed
 

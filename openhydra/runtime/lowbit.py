@@ -324,20 +324,24 @@ class LowBitWeight:
 
 
 class KernelRMSNorm(torch.nn.Module):
-    """transformers' RMSNorm of Llama and Qwen3 (variance in fp32, ``weight * x``) for fp32 rows, as the library's
-    ``oh_rms_norm``: one call instead of six PyTorch operations (pow, mean, add, rsqrt, two products: about 8 µs of
-    dispatch per norm at batch 1, two norms per layer). Its sum of squares runs in another order than PyTorch's, so
-    its bits are its own: a span uses it for every layer norm or for none (runtime/lean_layers.py
-    ``use_kernel_norms``: fp32 spans whose matmuls all run on this kernel), in its lean and transformers' layers
-    alike. A row's bits do not depend on the other rows, and are the same on the AVX2 and AVX-512 builds."""
+    """transformers' RMSNorm of Llama and Qwen3 (variance in fp32, ``weight * x``), or with ``zero_centered``
+    Qwen3.5's (``x * (1 + weight)``, the ``1 + weight`` computed once, as exactly as each call computed it), for fp32
+    rows, as the library's ``oh_rms_norm``: one call instead of six PyTorch operations (pow, mean, add, rsqrt, two
+    products: about 8 µs of dispatch per norm at batch 1, two norms per layer). Its sum of squares runs in another
+    order than PyTorch's, so its bits are its own: a span uses it for every layer norm or for none
+    (runtime/lean_layers.py ``use_kernel_norms``: fp32 spans whose matmuls all run on this kernel), in its lean and
+    transformers' layers alike. A row's bits do not depend on the other rows, and are the same on the AVX2 and
+    AVX-512 builds."""
 
-    def __init__(self, norm: torch.nn.Module, lib: ctypes.CDLL) -> None:
+    def __init__(self, norm: torch.nn.Module, lib: ctypes.CDLL, zero_centered: bool = False) -> None:
         super().__init__()
         if norm.weight.dtype != torch.float32 or norm.weight.dim() != 1:
             raise ValueError(f"kernel RMSNorm: needs a 1-D fp32 weight, got {norm.weight.dtype} {norm.weight.dim()}-D")
         self.weight = norm.weight
-        self.variance_epsilon = float(norm.variance_epsilon)
-        self._weight = self.weight.detach().contiguous()
+        self.variance_epsilon = float(getattr(norm, "variance_epsilon", None) or norm.eps)
+        self.zero_centered = zero_centered
+        weight = self.weight.detach()
+        self._weight = (1.0 + weight if zero_centered else weight).contiguous()
         self._call = lib.oh_rms_norm
         self.train(norm.training)  # a new module trains by default; the lean step runs only in eval mode
 
@@ -352,4 +356,5 @@ class KernelRMSNorm(torch.nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"{self._weight.numel()}, eps={self.variance_epsilon}, low-bit library"
+        centered = ", 1 + weight" if self.zero_centered else ""
+        return f"{self._weight.numel()}, eps={self.variance_epsilon}{centered}, low-bit library"

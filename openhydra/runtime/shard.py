@@ -93,7 +93,7 @@ class ShardRuntime:
         self.layer_types = layer_types_of(self.shard_config)
         self._mask_fns = {t: _mask_function(t) for t in set(self.layer_types)}
         # fp32 layers on the low-bit kernel: their norms too, in one call each (the same module in every path)
-        self.kernel_norm_layers = use_kernel_norms(self.modules.layers)
+        self.kernel_norm_layers = use_kernel_norms(self.modules.layers, dtype)
         self._lean = lean_modules(self.modules.layers)  # plain Llama layers: the lean step (runtime/lean_layers.py)
         self._lean_layers = None if self._lean is None else [LeanLlamaLayer(layer) for layer in self.modules.layers]
         # A one-position step through full-attention layers (sdpa, no padding mask) gets no mask from transformers

@@ -275,6 +275,19 @@ def test_kernel_rms_norm_is_transformers_norm_to_rounding_and_rows_are_independe
         kernel(x.to(torch.bfloat16))
 
 
+def test_kernel_rms_norm_zero_centered_is_qwen3_5s_norm_to_rounding(lib):
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
+
+    torch.manual_seed(5)
+    norm = Qwen3_5RMSNorm(64, eps=1e-6).eval()
+    norm.weight.data = torch.randn(64) * 0.3  # stored as an offset from 1
+    kernel = lowbit.KernelRMSNorm(norm, lib, zero_centered=True)
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(kernel(x), norm(x), rtol=2e-6, atol=1e-6)
+    assert kernel.variance_epsilon == 1e-6 and kernel.weight is norm.weight  # the checkpoint's tensor, as stored
+
+
 def test_kernel_rms_norm_gives_the_same_bits_on_both_builds(tmp_path):
     if lowbit.kernel() is None or lowbit.kernel().oh_available() != 2:
         pytest.skip("needs a CPU with AVX-512 VNNI to run both builds")

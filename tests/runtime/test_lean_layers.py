@@ -181,19 +181,32 @@ def test_lean_step_only_where_it_is_that_layer(tiny_model_dirs):
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_5"])
-def test_kernel_norms_only_for_the_rms_norms_they_compute(tiny_model_dirs, family):
-    """Qwen3's RMSNorm is Llama's: an fp32 int4 span norms on the kernel. Qwen3.5's norm scales by 1 + weight: not
-    that formula, so its layers keep their own (and so do layers whose matmuls are not all on the kernel)."""
+def test_kernel_norms_for_qwen_layers_in_fp32_only(tiny_model_dirs, family):
+    """Qwen3's RMSNorm is Llama's formula, Qwen3.5's scales by 1 + weight: an fp32 int4 span of either norms on the
+    kernel (every layer: Qwen3.5's linear-attention layers too), close to transformers' norms (within the kernel's
+    activation rounding); a bf16 span keeps transformers' norms."""
     if lowbit.kernel() is None:
         pytest.skip("no low-bit kernel here")
-    rt = ShardRuntime(tiny_model_dirs[family], 0, 4, dtype=torch.float32, quantization="int4")
-    on_kernel = [i for i, layer in enumerate(rt.modules.layers) if isinstance(layer.input_layernorm, KernelRMSNorm)]
-    if family == "qwen3":
-        assert on_kernel == [0, 1, 2, 3] and rt.kernel_norm_layers == 4
-        out = rt.forward("s", torch.arange(5), input_ids=torch.tensor([5, 9, 300, 7, 2]))
-        assert torch.isfinite(out).all()
-    else:
-        assert on_kernel == [] and rt.kernel_norm_layers == 0
+    prompt = torch.tensor([5, 9, 300, 7, 2, 44, 1000, 3])
+    rt = ShardRuntime(tiny_model_dirs[family], dtype=torch.float32, quantization="int4")
+    assert rt.kernel_norm_layers == rt.num_layers
+    assert all(isinstance(layer.post_attention_layernorm, KernelRMSNorm) for layer in rt.modules.layers)
+    assert all(layer.input_layernorm.zero_centered == (family == "qwen3_5") for layer in rt.modules.layers)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(shard_module, "use_kernel_norms", lambda layers, dtype: 0)
+        plain = ShardRuntime(tiny_model_dirs[family], dtype=torch.float32, quantization="int4")
+    logits = {}
+    for name, runtime in (("kernel", rt), ("transformers", plain)):  # a prompt, then 6 steps fed the same tokens
+        outs = [runtime.forward("s", torch.arange(prompt.numel()), input_ids=prompt)]
+        outs += [runtime.forward("s", torch.tensor([prompt.numel() + i]), input_ids=prompt[i : i + 1])
+                 for i in range(6)]
+        logits[name] = torch.cat(outs)
+    # Its own bits, within rounding; the kernel quantizes activations to int8 per block, so a last-bit change in a
+    # norm's output can move an activation by a quantization step (Qwen3.5 here: 0.3% of the logits' norm).
+    difference = logits["kernel"] - logits["transformers"]
+    assert 0 < difference.norm() < 0.01 * logits["transformers"].norm()
+    bf16 = ShardRuntime(tiny_model_dirs[family], 0, 2, dtype=torch.bfloat16, quantization="int4")
+    assert bf16.kernel_norm_layers == 0
 
 
 def _assert_layer_major_verify_equals_steps(model_dir: Path, dtype: torch.dtype, quantization: str) -> None:
