@@ -306,7 +306,8 @@ class Node:
             return privacy.sign(PeerAnnouncement(
                 peer_id=peer_id, model_id=choice.api_name, start=runtime.start, end=runtime.end,
                 total_layers=num_layers, grpc_address=grpc_address,
-                api_address=f"{cfg.api.host}:{cfg.api.port}", dtype=dtype, backend="pytorch",
+                api_address=f"{cfg.api.host}:{cfg.api.port}", dtype=dtype,
+                backend=getattr(runtime, "numerics", "pytorch"),  # what audits match peers on
                 active_sessions=len(engine.active_sessions) if engine else 0, announced_at=now, ttl_s=ttl_s,
                 instance=instance, weights_manifest=weights_manifest, p2p_maddrs=p2p_maddrs, reachable=reachable,
             ))
@@ -410,7 +411,7 @@ class Node:
             return privacy.sign(PeerAnnouncement(
                 peer_id=peer_id, model_id=choice.api_name, start=runtime.start, end=runtime.end,
                 total_layers=num_layers, grpc_address=address, dtype=str(runtime.dtype).removeprefix("torch."),
-                announced_at=time.time(), ttl_s=keep_s))
+                backend=getattr(runtime, "numerics", "pytorch"), announced_at=time.time(), ttl_s=keep_s))
 
         return Referee(load, serve, record, keep_s=keep_s)
 

@@ -123,6 +123,12 @@ class MlxShardRuntime:
         log.info("loaded %s layers [%d,%d) of %d on MLX (%s), %s, %.1f MB", self.model_type, start, end,
                  self.num_layers, mx.default_device(), dtype_name, self.loaded_bytes / 1e6)
 
+    @property
+    def numerics(self) -> str:
+        """What its peer announces as the record's ``backend`` (runtime/shard.py ``ShardRuntime.numerics``): MLX's
+        kernels compute otherwise than PyTorch's, so audits never pair it with a PyTorch peer."""
+        return "mlx"
+
     # ---- loading --------------------------------------------------------------------------------
 
     @property

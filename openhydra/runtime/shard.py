@@ -25,6 +25,7 @@ from openhydra.runtime.lean_layers import (
     lean_rotary,
     lean_usable,
     lowbit_of,
+    matmuls_on_lowbit,
     one_position_row,
     rows_independent,
     use_kernel_norms,
@@ -127,6 +128,16 @@ class ShardRuntime:
         )
 
     # ---- sessions -------------------------------------------------------------------------------
+
+    @property
+    def numerics(self) -> str:
+        """The arithmetic this span's outputs come from, as its peer announces it (the record's ``backend``):
+        "pytorch" unquantized, else "pytorch-<quantization>-<kernel>", the kernel "lowbit2" (OpenHydra's low-bit
+        kernel with its norms, runtime/lowbit.py; the 2 changes whenever its bits do) or "torch" (PyTorch's kernels).
+        Verification compares only peers that compute alike (verification/verifier.py ``alternatives``)."""
+        if self.quantization == "none":
+            return "pytorch"
+        return f"pytorch-{self.quantization}-{'lowbit2' if matmuls_on_lowbit(self.modules) else 'torch'}"
 
     @property
     def parameter_count(self) -> int:

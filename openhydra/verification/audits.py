@@ -149,7 +149,7 @@ class AuditRunner:
         vote_peers: int,
         audit_rate: float,
         rng: random.Random,
-        alternatives: Callable[[tuple[int, int], set[str]], list[PeerAnnouncement]],
+        alternatives: Callable[[tuple[int, int], set[str], PeerAnnouncement | None], list[PeerAnnouncement]],
         on_fail: Callable[[str, str], None],
         on_outcome: Callable[[Outcome], None] | None = None,
         referee: Callable[[tuple[int, int], str], PeerAnnouncement | None] | None = None,
@@ -253,7 +253,7 @@ class AuditRunner:
             primary_replay = None
             if exc.address == audit.primary.grpc_address:  # it refused its own replay: judged on the user's answer
                 voters.insert(0, (audit.primary.peer_id, feed.answer))
-        for peer in self._pick(audit.span, exclude, self.vote_peers - 2):
+        for peer in self._pick(audit.span, exclude, self.vote_peers - 2, audit.primary):
             audit.dtypes.add(peer.dtype)
             try:
                 voters.append((peer.peer_id, self._replay(audit.feeds, swapped_route(audit.chain, audit.hop_index,
@@ -302,7 +302,7 @@ class AuditRunner:
         if self.referee is None:
             return False
         record = self.referee(audit.span, audit.primary.dtype)
-        if record is None:
+        if record is None or record.backend != audit.primary.backend:  # its arithmetic is not the audited peer's
             self.metrics.referee.labels("unavailable").inc()
             return False
         audit.dtypes.add(record.dtype)
@@ -353,7 +353,7 @@ class AuditRunner:
     # ---- tier 3 -------------------------------------------------------------------------------------
 
     def _audit(self, audit: Audit, pair: list[str]) -> None:
-        auditors = self._most_trusted(audit.span, set(pair))
+        auditors = self._most_trusted(audit.span, set(pair), audit.primary)
         if not auditors:
             self.metrics.unverifiable.inc()
             self._conclude(audit, Outcome(audit.session_id, audit.span, 1, passed=pair))
@@ -373,7 +373,7 @@ class AuditRunner:
             if result.verdict is not Verdict.DISAGREE:
                 continue
             voters: list[tuple[str, Answer]] = [(auditor.peer_id, answer)]
-            for peer in self._pick(audit.span, {*pair, auditor.peer_id}, self.vote_peers - 2):
+            for peer in self._pick(audit.span, {*pair, auditor.peer_id}, self.vote_peers - 2, audit.primary):
                 audit.dtypes.add(peer.dtype)
                 try:
                     route = swapped_route(audit.chain, audit.hop_index, peer)
@@ -406,8 +406,8 @@ class AuditRunner:
 
     # ---- bookkeeping --------------------------------------------------------------------------------
 
-    def _pick(self, span: tuple[int, int], exclude: set[str], k: int) -> list[PeerAnnouncement]:
-        candidates = self.alternatives(span, exclude)
+    def _pick(self, span: tuple[int, int], exclude: set[str], k: int, like: PeerAnnouncement) -> list[PeerAnnouncement]:
+        candidates = self.alternatives(span, exclude, like)
         return self.rng.sample(candidates, min(k, len(candidates))) if k > 0 else []
 
     def _newer(self, auditor: str, pair: list[str]) -> bool:
@@ -418,9 +418,11 @@ class AuditRunner:
 
         return all(history(auditor) < history(p) for p in pair)
 
-    def _most_trusted(self, span: tuple[int, int], exclude: set[str]) -> list[PeerAnnouncement]:
-        """The auditor: the most reputable peer of the span outside the pair (ties drawn at random)."""
-        candidates = self.alternatives(span, exclude)
+    def _most_trusted(self, span: tuple[int, int], exclude: set[str],
+                      like: PeerAnnouncement) -> list[PeerAnnouncement]:
+        """The auditor: the most reputable peer of the span outside the pair that computes as ``like`` does (ties drawn
+        at random)."""
+        candidates = self.alternatives(span, exclude, like)
         if not candidates:
             return []
         scores = {p.peer_id: round(self.reputation.score(p.peer_id), 6) for p in candidates}

@@ -97,14 +97,19 @@ class Verifier:
         """Whether this coordinator routes to ``peer_id`` and asks it to vote: what ``score`` gives above 0."""
         return not self.elimination.is_convicted(peer_id) and not self.reputation.below_floor(peer_id)
 
-    def alternatives(self, span: tuple[int, int], exclude: set[str]) -> list[PeerAnnouncement]:
-        """Other routable peers serving exactly ``span``, sorted by peer id (the caller samples)."""
+    def alternatives(self, span: tuple[int, int], exclude: set[str],
+                     like: PeerAnnouncement | None = None) -> list[PeerAnnouncement]:
+        """Other routable peers serving exactly ``span``, sorted by peer id (the caller samples); with ``like``, only
+        those that compute as it does: the same ``backend`` (the arithmetic a record announces: unquantized, or which
+        quantization on which kernel; ShardRuntime.numerics). Peers that compute otherwise differ by far more than
+        any dtype tolerance (int4 against fp32: 0.95 top-1 agreement), so comparing them would accuse honest peers."""
         pipeline = self._pipeline
         seen: dict[str, PeerAnnouncement] = {}
         now = time.time()
         for r in pipeline.peers():  # is_banned: a single dict read, safe from this thread
             if ((r.start, r.end) == span and r.peer_id not in exclude and not pipeline.bans.is_banned(r.peer_id)
-                    and r.announced_at + r.ttl_s > now and self.routable(r.peer_id)):
+                    and r.announced_at + r.ttl_s > now and self.routable(r.peer_id)
+                    and (like is None or r.backend == like.backend)):
                 seen[r.peer_id] = r
         return [seen[k] for k in sorted(seen)]
 
@@ -224,7 +229,7 @@ class Verifier:
         for index, hop in enumerate(chain.hops):
             if self.rng.random() >= self.config.sample_rate:
                 continue
-            options = self.alternatives((hop.start, hop.end), {hop.peer_id})
+            options = self.alternatives((hop.start, hop.end), {hop.peer_id}, hop.peer)
             if not options:
                 self.metrics.unverifiable.inc()
                 continue

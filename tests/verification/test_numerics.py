@@ -1,0 +1,69 @@
+"""Audits compare only peers that compute alike. A record's ``backend`` says which arithmetic its span's outputs come
+from (ShardRuntime.numerics: unquantized, or which quantization on which kernel); an int4 peer and an fp32 peer of
+the same span differ by far more than any dtype tolerance (0.95 top-1 agreement on SmolLM2), so pairing them would
+accuse honest peers. An attacker cannot pick a backend to escape audits by other peers of its own kind: the filter
+only narrows the candidates to the audited peer's kind."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from openhydra.discovery.records import PeerAnnouncement
+from openhydra.runtime import lowbit
+from openhydra.runtime.shard import ShardRuntime
+from openhydra.verification.config import VerificationConfig
+from openhydra.verification.reputation import ReputationStore
+from openhydra.verification.verifier import Verifier
+
+
+class _Bans:
+    def is_banned(self, peer_id: str) -> bool:
+        return False
+
+
+class _Pipeline:
+    def __init__(self, records: list[PeerAnnouncement]) -> None:
+        self.records, self.bans = records, _Bans()
+
+    def peers(self) -> list[PeerAnnouncement]:
+        return list(self.records)
+
+
+def _record(peer: str, backend: str, dtype: str = "float32") -> PeerAnnouncement:
+    return PeerAnnouncement(peer_id=peer, model_id="org/model", start=0, end=4, total_layers=8,
+                            grpc_address="127.0.0.1:50051", dtype=dtype, backend=backend, announced_at=time.time(),
+                            ttl_s=600.0)
+
+
+def test_audit_candidates_compute_as_the_audited_peer_does() -> None:
+    records = [_record("fp32-a", "pytorch"), _record("fp32-b", "pytorch"), _record("bf16", "pytorch", "bfloat16"),
+               _record("int4-a", "pytorch-int4-lowbit2"), _record("int4-b", "pytorch-int4-lowbit2"),
+               _record("int4-torch", "pytorch-int4-torch")]
+    verifier = Verifier(VerificationConfig(enabled=True), ReputationStore(None))
+    verifier._pipeline = _Pipeline(records)
+    by_id = {r.peer_id: r for r in records}
+
+    def ids(like: str | None, exclude: str) -> list[str]:
+        return [r.peer_id for r in verifier.alternatives((0, 4), {exclude}, by_id.get(like))]
+
+    assert ids("fp32-a", "fp32-a") == ["bf16", "fp32-b"]  # a bf16 peer still audits an fp32 one (looser tolerance)
+    assert ids("int4-a", "int4-a") == ["int4-b"]  # never an fp32 peer, nor int4 on another kernel
+    assert ids("int4-torch", "int4-torch") == []  # unverifiable by peers here (counted as such), not accused
+    assert len(ids(None, "fp32-a")) == 5  # without a peer to match: every other peer of the span
+
+
+@pytest.mark.parametrize(("quantization", "expected"), [("none", "pytorch"), ("int4", None), ("int8", None)])
+def test_shard_runtime_numerics(tiny_model_dirs, quantization, expected) -> None:
+    rt = ShardRuntime(tiny_model_dirs["llama"], 0, 4, dtype=torch.float32, quantization=quantization)
+    kernel = "lowbit2" if lowbit.kernel() is not None else "torch"
+    assert rt.numerics == (expected or f"pytorch-{quantization}-{kernel}")
+    _record("x", rt.numerics)  # a valid record field
+
+
+def test_without_the_low_bit_kernel_a_span_says_so(tiny_model_dirs, monkeypatch) -> None:
+    monkeypatch.setattr(lowbit, "kernel", lambda: None)
+    rt = ShardRuntime(tiny_model_dirs["llama"], 0, 4, dtype=torch.float32, quantization="int4")
+    assert rt.numerics == "pytorch-int4-torch"
