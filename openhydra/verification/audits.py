@@ -53,7 +53,7 @@ from openhydra.peer.errors import HopError
 from openhydra.peer.messages import HopSpec
 from openhydra.router.coverage import Chain
 from openhydra.runtime.sampling import SamplingParams
-from openhydra.verification.compare import Answer, Comparison, Verdict, compare, tolerance_for
+from openhydra.verification.compare import Answer, Comparison, Verdict, arithmetic_of, compare, tolerance_for
 from openhydra.verification.metrics import VerificationMetrics
 from openhydra.verification.referee import REFEREE
 from openhydra.verification.reputation import ReputationStore
@@ -302,7 +302,7 @@ class AuditRunner:
         if self.referee is None:
             return False
         record = self.referee(audit.span, audit.primary.dtype)
-        if record is None or record.backend != audit.primary.backend:  # its arithmetic is not the audited peer's
+        if record is None or arithmetic_of(record) != arithmetic_of(audit.primary):  # not the audited peer's arithmetic
             self.metrics.referee.labels("unavailable").inc()
             return False
         audit.dtypes.add(record.dtype)

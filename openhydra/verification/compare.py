@@ -47,6 +47,19 @@ class Comparison:
     reason: str = ""
 
 
+KNOWN_ARITHMETIC = frozenset({"pytorch", "mlx", *(f"pytorch-{quantization}-{kernel}" for quantization in
+                                                   ("int4", "int8", "nf4") for kernel in ("lowbit2", "torch"))})
+"""The ``backend`` values this release's peers announce (runtime ``numerics``)."""
+
+
+def arithmetic_of(record) -> str:
+    """Which arithmetic a peer's record says its span computes with, for pairing peers in audits: its ``backend`` if
+    this release knows it, else "pytorch". A made-up value is no way out of audits: it pairs like "pytorch" (as every
+    record did before peers said their arithmetic), and so does an honest peer of a later release with a new kernel."""
+    backend = getattr(record, "backend", "pytorch")
+    return backend if backend in KNOWN_ARITHMETIC else "pytorch"
+
+
 def tolerance_for(dtypes: Iterable[str], table: dict[str, float]) -> float:
     """The loosest tolerance among the dtypes of every hop involved (unknown dtypes: the loosest)."""
     loosest = max(table.values())

@@ -28,7 +28,7 @@ from openhydra.discovery.records import PeerAnnouncement
 from openhydra.router.coverage import Chain
 from openhydra.runtime.sampling import SamplingParams
 from openhydra.verification.audits import Audit, AuditRunner, Feed, Outcome
-from openhydra.verification.compare import Answer
+from openhydra.verification.compare import Answer, arithmetic_of
 from openhydra.verification.config import VerificationConfig
 from openhydra.verification.elimination import Conviction, Elimination
 from openhydra.verification.metrics import VerificationMetrics
@@ -100,16 +100,17 @@ class Verifier:
     def alternatives(self, span: tuple[int, int], exclude: set[str],
                      like: PeerAnnouncement | None = None) -> list[PeerAnnouncement]:
         """Other routable peers serving exactly ``span``, sorted by peer id (the caller samples); with ``like``, only
-        those that compute as it does: the same ``backend`` (the arithmetic a record announces: unquantized, or which
-        quantization on which kernel; ShardRuntime.numerics). Peers that compute otherwise differ by far more than
-        any dtype tolerance (int4 against fp32: 0.95 top-1 agreement), so comparing them would accuse honest peers."""
+        those that compute as it does: the same arithmetic (a record's ``backend``: unquantized, or which quantization
+        on which kernel; ShardRuntime.numerics, compare.arithmetic_of). Peers that compute otherwise differ by far
+        more than any dtype tolerance (int4 against fp32: 0.95 top-1 agreement): comparing them would accuse honest
+        peers."""
         pipeline = self._pipeline
         seen: dict[str, PeerAnnouncement] = {}
         now = time.time()
         for r in pipeline.peers():  # is_banned: a single dict read, safe from this thread
             if ((r.start, r.end) == span and r.peer_id not in exclude and not pipeline.bans.is_banned(r.peer_id)
                     and r.announced_at + r.ttl_s > now and self.routable(r.peer_id)
-                    and (like is None or r.backend == like.backend)):
+                    and (like is None or arithmetic_of(r) == arithmetic_of(like))):
                 seen[r.peer_id] = r
         return [seen[k] for k in sorted(seen)]
 

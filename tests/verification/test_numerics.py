@@ -1,8 +1,8 @@
 """Audits compare only peers that compute alike. A record's ``backend`` says which arithmetic its span's outputs come
 from (ShardRuntime.numerics: unquantized, or which quantization on which kernel); an int4 peer and an fp32 peer of
 the same span differ by far more than any dtype tolerance (0.95 top-1 agreement on SmolLM2), so pairing them would
-accuse honest peers. An attacker cannot pick a backend to escape audits by other peers of its own kind: the filter
-only narrows the candidates to the audited peer's kind."""
+accuse honest peers. A made-up backend is audited as "pytorch"; a real but rare one leaves its peer unverifiable
+(counted), as a span nobody else serves does."""
 
 from __future__ import annotations
 
@@ -53,6 +53,16 @@ def test_audit_candidates_compute_as_the_audited_peer_does() -> None:
     assert ids("int4-a", "int4-a") == ["int4-b"]  # never an fp32 peer, nor int4 on another kernel
     assert ids("int4-torch", "int4-torch") == []  # unverifiable by peers here (counted as such), not accused
     assert len(ids(None, "fp32-a")) == 5  # without a peer to match: every other peer of the span
+
+
+def test_a_made_up_backend_is_audited_like_pytorch() -> None:
+    """A liar who announces an arithmetic nobody else has would have no auditor: an unknown value pairs as "pytorch"
+    (what every record said before peers announced their arithmetic), so the unquantized peers of its span audit it."""
+    records = [_record("liar", "pytorch-int3-magic"), _record("fp32", "pytorch"),
+               _record("int4", "pytorch-int4-lowbit2")]
+    verifier = Verifier(VerificationConfig(enabled=True), ReputationStore(None))
+    verifier._pipeline = _Pipeline(records)
+    assert [r.peer_id for r in verifier.alternatives((0, 4), {"liar"}, records[0])] == ["fp32"]
 
 
 @pytest.mark.parametrize(("quantization", "expected"), [("none", "pytorch"), ("int4", None), ("int8", None)])
