@@ -38,6 +38,7 @@ class PeerSpec:
     fault: FaultConfig | None = None
     throughput: float = 100.0  # higher = cheaper: the route prefers it
     threads: int | None = None  # set: a separate `python -m openhydra.peer.server` process
+    quantization: str = "none"  # in-process peers only: runtime/quantize.py (the record says it: ShardRuntime.numerics)
 
 
 def prompt_of(seed: int, n: int = 6) -> list[int]:
@@ -119,7 +120,8 @@ class Swarm:
                     server = processes[i]
                     address = server.wait_ready()
                 else:
-                    runtime = ShardRuntime(model_dir, spec.start, spec.end, dtype=spec.dtype)
+                    runtime = ShardRuntime(model_dir, spec.start, spec.end, dtype=spec.dtype,
+                                           quantization=spec.quantization)
                     if spec.fault is not None:
                         from openhydra.verification.faults import FaultyRuntime
 
@@ -131,6 +133,7 @@ class Swarm:
                 self.records.append(PeerAnnouncement(
                     peer_id=spec.peer_id, model_id=MODEL_ID, start=spec.start, end=spec.end,
                     total_layers=num_layers, grpc_address=address, dtype=str(spec.dtype).removeprefix("torch."),
+                    backend=getattr(self.runtimes.get(spec.peer_id), "numerics", "pytorch"),
                     throughput_tps=spec.throughput, announced_at=time.time(), ttl_s=86400.0,
                 ))
         except BaseException:

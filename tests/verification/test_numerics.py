@@ -14,9 +14,11 @@ import torch
 from openhydra.discovery.records import PeerAnnouncement
 from openhydra.runtime import lowbit
 from openhydra.runtime.shard import ShardRuntime
+from openhydra.verification import verifier as verifier_module
 from openhydra.verification.config import VerificationConfig
 from openhydra.verification.reputation import ReputationStore
 from openhydra.verification.verifier import Verifier
+from tests.verification.kit import PeerSpec, Swarm, prompt_of
 
 
 class _Bans:
@@ -77,3 +79,34 @@ def test_without_the_low_bit_kernel_a_span_says_so(tiny_model_dirs, monkeypatch)
     monkeypatch.setattr(lowbit, "kernel", lambda: None)
     rt = ShardRuntime(tiny_model_dirs["llama"], 0, 4, dtype=torch.float32, quantization="int4")
     assert rt.numerics == "pytorch-int4-torch"
+
+
+def _mixed_run(model_dir, tmp_path, name: str) -> tuple[list, int]:
+    """Two int4 and two fp32 peers on [0, 4), two fp32 on [4, 8); the int4 peer "int4-a" is the one routed to (the
+    highest throughput), every hop audited, every agreeing pair re-audited. The outcomes and the audits begun."""
+    specs = [PeerSpec("int4-a", 0, 4, quantization="int4", throughput=1000.0),
+             PeerSpec("int4-b", 0, 4, quantization="int4"), PeerSpec("fp32-a", 0, 4), PeerSpec("fp32-b", 0, 4),
+             PeerSpec("tail-a", 4, 8, throughput=1000.0), PeerSpec("tail-b", 4, 8)]
+    config = VerificationConfig(enabled=True, sample_rate=1.0, audit_rate=1.0, max_steps_per_audit=6, seed=7)
+    swarm = Swarm(model_dir, specs, config, tmp_path / f"{name}.db")
+    try:
+        assert {r.peer_id: r.backend for r in swarm.records}["int4-a"].startswith("pytorch-int4-")
+        for i in range(4):
+            swarm.generate(f"{name}{i}", prompt_of(i, 8), 6)
+            assert swarm.verifier.drain(timeout_s=300)
+        return list(swarm.verifier.outcomes), swarm.verifier.metrics.audits.labels("1")._value.get()
+    finally:
+        swarm.close()
+
+
+def test_a_swarm_mixing_int4_and_fp32_peers_accuses_no_one(tiny_model_dirs, tmp_path, monkeypatch) -> None:
+    """Real gRPC peers in process. With audits pairing like with like, the int4 peer is audited by the other int4
+    peer only, and no one is accused; pairing any peer of the span (what every audit did before) accuses honest
+    peers in the same run."""
+    model_dir = tiny_model_dirs["llama"]
+    outcomes, audits = _mixed_run(model_dir, tmp_path, "alike")
+    accused = [o for o in outcomes if o.failed or o.disputed]
+    assert audits >= 8 and len(outcomes) >= 4 and not accused, accused[:3]
+    monkeypatch.setattr(verifier_module, "arithmetic_of", lambda record: "pytorch")  # any peer of the span
+    outcomes, _ = _mixed_run(model_dir, tmp_path, "any")
+    assert [o for o in outcomes if o.failed or o.disputed]  # honest peers accused
