@@ -183,6 +183,13 @@ function renderNode(n) {
   deg.textContent = m && m.degradation_reason ? `Degraded: ${m.degradation_reason}` : "";
 }
 
+function arithmetic(backend) {
+  // a record's backend (ShardRuntime.numerics): "pytorch" says nothing more than the dtype does
+  const m = /^pytorch-(\w+)-(lowbit\d*|torch)$/.exec(backend || "");
+  if (m) return `${m[1]} on ${m[2].startsWith("lowbit") ? "the low-bit kernel" : "PyTorch's kernels"}`;
+  return backend && backend !== "pytorch" ? backend : null;
+}
+
 function renderHardware(h) {
   fillKv($("hardware-info"), [
     ["detected", h.detected || undefined],
@@ -304,7 +311,7 @@ function renderModelCoverage(c) {
     const cls = ["cov-bar", p.is_self ? "self" : "", p.banned ? "banned" : ""].join(" ");
     const label = el("div", { class: "cov-label mono", title: p.peer_id }, p.peer_id,
       p.is_self ? el("span", { class: "badge" }, "this node") : null, p.banned ? el("span", { class: "badge bad" }, "banned") : null);
-    const info = [p.grpc_address, p.dtype, p.age_s !== null ? `announced ${fmtNum(p.age_s, 1)} s ago` : null,
+    const info = [p.grpc_address, p.dtype, arithmetic(p.backend), p.age_s !== null ? `announced ${fmtNum(p.age_s, 1)} s ago` : null,
       `load ${fmtNum(p.load * 100, 0)}%`, `${p.active_sessions} session(s)`].filter(Boolean).join(" · ");
     const bar = el("div", { class: cls, style: `left:${pct(p.start)};width:${pct(p.end - p.start)}`, title: info },
       span(p.start, p.end));

@@ -29,6 +29,8 @@ class PeerBar(BaseModel):
     grpc_address: str | None = None
     api_address: str | None = None
     dtype: str | None = None
+    backend: str | None = None
+    """The arithmetic its span computes with (the record's ``backend``: "pytorch", "pytorch-int4-lowbit2", ...)."""
     load: float = 0.0
     active_sessions: int = 0
     throughput_tps: float = 0.0
@@ -64,7 +66,8 @@ def _latest_live(records: list[Any], now: float) -> list[Any]:
 def _bars(records: list[Any], now: float, banned: frozenset[str], self_address: str | None) -> list[PeerBar]:
     return [
         PeerBar(peer_id=r.peer_id, start=r.start, end=r.end, grpc_address=r.grpc_address,
-                api_address=r.api_address, dtype=r.dtype, load=r.load, active_sessions=r.active_sessions,
+                api_address=r.api_address, dtype=r.dtype, backend=r.backend, load=r.load,
+                active_sessions=r.active_sessions,
                 throughput_tps=r.throughput_tps, age_s=round(now - r.announced_at, 1), banned=r.peer_id in banned,
                 is_self=self_address is not None and r.grpc_address == self_address)
         for r in _latest_live(records, now)
