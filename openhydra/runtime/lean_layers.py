@@ -316,11 +316,11 @@ def matmuls_on_lowbit(root: nn.Module) -> bool:
     return found
 
 
-def rows_independent(root: nn.Module, layer_types: list[str]) -> bool:
+def rows_independent(on_lowbit: bool, layer_types: list[str]) -> bool:
     """Whether a span's rows keep their bits whatever the row count: every matmul (the head's too) on the low-bit
-    kernel, and every layer full attention (recurrent layers stack per-session states). Then a batched step needs
-    no padding to a fixed row count (runtime/batching.py)."""
-    return set(layer_types) == {"full_attention"} and matmuls_on_lowbit(root)
+    kernel (``on_lowbit``: :func:`matmuls_on_lowbit` of the span), and every layer full attention (recurrent layers
+    stack per-session states). Then a batched step needs no padding to a fixed row count (runtime/batching.py)."""
+    return on_lowbit and set(layer_types) == {"full_attention"}
 
 
 def _matmul(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -34,6 +34,7 @@ from openhydra.runtime.malloc import maybe_trim
 from openhydra.runtime.prefix_cache import PrefixCache, PrefixKey, begin_prefix, run_in_blocks
 from openhydra.runtime.sessions import Session, SessionStore
 from openhydra.runtime.shard_layers import build_shard, layer_types_of, load_text_config
+from openhydra.verification.compare import arithmetic_name
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,11 @@ class ShardRuntime:
         self._one_position_maskless = set(self.layer_types) <= {"full_attention"}
         self.is_recurrent = any(t in RECURRENT_LAYER_TYPES for t in self.layer_types)
         # every matmul on the low-bit kernel: a row's bits do not depend on the row count (runtime/batching.py)
-        self.rows_independent = rows_independent(self.modules, self.layer_types)
+        on_lowbit = matmuls_on_lowbit(self.modules)
+        self.rows_independent = rows_independent(on_lowbit, self.layer_types)
+        # the arithmetic its outputs come from, as its peer announces it (the record's ``backend``): verification
+        # compares only peers that compute alike (verification/verifier.py ``alternatives``)
+        self.numerics = arithmetic_name(quantization, on_lowbit)
         self.prefix_cache: PrefixCache | None = None  # runtime/serving.py turns it on
         self.batcher = None  # runtime/batching.py DecodeBatcher, when continuous batching is on
         self.compaction: ShardCompaction | None = None  # KV compaction of this span (runtime/compaction/)
@@ -128,16 +133,6 @@ class ShardRuntime:
         )
 
     # ---- sessions -------------------------------------------------------------------------------
-
-    @property
-    def numerics(self) -> str:
-        """The arithmetic this span's outputs come from, as its peer announces it (the record's ``backend``):
-        "pytorch" unquantized, else "pytorch-<quantization>-<kernel>", the kernel "lowbit2" (OpenHydra's low-bit
-        kernel with its norms, runtime/lowbit.py; the 2 changes whenever its bits do) or "torch" (PyTorch's kernels).
-        Verification compares only peers that compute alike (verification/verifier.py ``alternatives``)."""
-        if self.quantization == "none":
-            return "pytorch"
-        return f"pytorch-{self.quantization}-{'lowbit2' if matmuls_on_lowbit(self.modules) else 'torch'}"
 
     @property
     def parameter_count(self) -> int:

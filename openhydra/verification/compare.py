@@ -47,8 +47,17 @@ class Comparison:
     reason: str = ""
 
 
-KNOWN_ARITHMETIC = frozenset({"pytorch", "mlx", *(f"pytorch-{quantization}-{kernel}" for quantization in
-                                                   ("int4", "int8", "nf4") for kernel in ("lowbit2", "torch"))})
+def arithmetic_name(quantization: str, lowbit: bool) -> str:
+    """The ``backend`` a PyTorch span announces (ShardRuntime.numerics): "pytorch" unquantized, else
+    "pytorch-<quantization>-<kernel>", the kernel "lowbit2" (OpenHydra's low-bit kernel with its norms,
+    runtime/lowbit.py; the 2 changes whenever its bits do) or "torch" (PyTorch's kernels)."""
+    if quantization == "none":
+        return "pytorch"
+    return f"pytorch-{quantization}-{'lowbit2' if lowbit else 'torch'}"
+
+
+KNOWN_ARITHMETIC = frozenset({"pytorch", "mlx", *(arithmetic_name(quantization, lowbit) for quantization in
+                                                   ("int4", "int8", "nf4") for lowbit in (True, False))})
 """The ``backend`` values this release's peers announce (runtime ``numerics``)."""
 
 
