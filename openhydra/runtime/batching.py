@@ -30,6 +30,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -368,17 +369,20 @@ def _batched_output(runtime, hidden: torch.Tensor) -> torch.Tensor:
 # whether or not others are present.
 
 ROWS_ATTENTION = "openhydra_rows"
+ROWS_KERNEL_ATTENTION = "openhydra_rows_lowbit"
+"""The rows attention over the low-bit library's attention (runtime/kernel_attention.py), where the span uses it."""
 
 
 class _Rows(list):
     """Per-row key (or value) tensors [1, H, L_b + 1, d] that a :class:`_RowsLayer` hands to attention."""
 
 
-def rows_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    """SDPA, except for a batched step's :class:`_Rows`: each row attends over its own session's cache alone."""
+def rows_attention_forward(module, query, key, value, attention_mask, *, base=sdpa_attention_forward, **kwargs):
+    """The span's attention (``base``: SDPA, or the low-bit library's), except for a batched step's :class:`_Rows`:
+    each row attends over its own session's cache alone."""
     if not isinstance(key, _Rows):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    outputs = [sdpa_attention_forward(module, query[r : r + 1], k, v, None, **kwargs)[0]  # [1, 1, H, d]
+        return base(module, query, key, value, attention_mask, **kwargs)
+    outputs = [base(module, query[r : r + 1], k, v, None, **kwargs)[0]  # [1, 1, H, d]
                for r, (k, v) in enumerate(zip(key, value, strict=True))]
     padding = query.shape[0] - len(outputs)
     if padding:
@@ -387,15 +391,21 @@ def rows_attention_forward(module, query, key, value, attention_mask, **kwargs):
 
 
 def use_rows_attention(runtime) -> None:
-    """Point the span's attention at :func:`rows_attention_forward` (plain SDPA for ordinary steps)."""
-    if runtime.shard_config._attn_implementation == ROWS_ATTENTION:
+    """Point the span's attention at :func:`rows_attention_forward` over the attention it uses for ordinary steps
+    (SDPA, or the low-bit library's)."""
+    from openhydra.runtime.kernel_attention import KERNEL_ATTENTION, kernel_attention_forward
+
+    current = runtime.shard_config._attn_implementation
+    if current in (ROWS_ATTENTION, ROWS_KERNEL_ATTENTION):
         return
-    if runtime.shard_config._attn_implementation != "sdpa":
-        raise NotImplementedError(
-            f"continuous batching needs sdpa attention, the span uses {runtime.shard_config._attn_implementation!r}")
-    AttentionInterface.register(ROWS_ATTENTION, rows_attention_forward)
-    AttentionMaskInterface.register(ROWS_ATTENTION, sdpa_mask)
-    runtime.shard_config._attn_implementation = ROWS_ATTENTION
+    bases = {"sdpa": (ROWS_ATTENTION, sdpa_attention_forward),
+             KERNEL_ATTENTION: (ROWS_KERNEL_ATTENTION, kernel_attention_forward)}
+    if current not in bases:
+        raise NotImplementedError(f"continuous batching needs sdpa attention, the span uses {current!r}")
+    name, base = bases[current]
+    AttentionInterface.register(name, partial(rows_attention_forward, base=base))
+    AttentionMaskInterface.register(name, sdpa_mask)
+    runtime.shard_config._attn_implementation = name
 
 
 class _RowsLayer:

@@ -26,7 +26,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
 from openhydra.runtime import lowbit
-from openhydra.runtime.batching import ROWS_ATTENTION
+from openhydra.runtime.batching import ROWS_ATTENTION, ROWS_KERNEL_ATTENTION
+from openhydra.runtime.kernel_attention import KERNEL_ATTENTION
 from openhydra.runtime.lowbit import KernelRMSNorm, LowBitWeight
 from openhydra.runtime.quant_cpu import (
     INT8_DECODE_ROWS,
@@ -102,11 +103,12 @@ def _norm_of(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return partial(_norm, (module.weight, module.variance_epsilon))
 
 
-LEAN_ATTENTION = ("sdpa", ROWS_ATTENTION)
-"""Attention implementations the lean step reproduces: sdpa, and continuous batching's rows attention, which is
-sdpa itself for every step but the batcher's own batched forwards (runtime/batching.py ``rows_attention_forward``;
-those run :meth:`LeanLlamaLayer.step_rows`, or transformers' layers where the lean step does not apply). KV
-compaction's capturing attention is not one of them."""
+LEAN_ATTENTION = ("sdpa", ROWS_ATTENTION, KERNEL_ATTENTION, ROWS_KERNEL_ATTENTION)
+"""Attention implementations the lean step reproduces: sdpa, the low-bit library's (runtime/kernel_attention.py),
+and continuous batching's rows attention over either, which is that attention itself for every step but the
+batcher's own batched forwards (runtime/batching.py ``rows_attention_forward``; those run
+:meth:`LeanLlamaLayer.step_rows`, or transformers' layers where the lean step does not apply). KV compaction's
+capturing attention is not one of them."""
 
 
 def lean_usable(watched: tuple[nn.Module, ...] | None, attn_implementation: str) -> bool:
@@ -144,6 +146,8 @@ class LeanLlamaLayer:
         self.scaling = attn.scaling
         self.is_causal = getattr(attn, "is_causal", True)
         self.attn = attn  # transformers' own attention, where a mask is given
+        # the low-bit library's attention where the span uses it (runtime/kernel_attention.py; decided at load)
+        self.kernel = lowbit.kernel() if attn.config._attn_implementation == KERNEL_ATTENTION else None
         self.input_norm = _norm_of(layer.input_layernorm)
         self.post_norm = _norm_of(layer.post_attention_layernorm)
         qkv = getattr(attn, "fused_q_proj_k_proj_v_proj", None)
@@ -252,8 +256,13 @@ class LeanLlamaLayer:
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """transformers' ``sdpa_attention_forward``, then the heads flattened: [B, S, Hq * hd], contiguous."""
+        """transformers' ``sdpa_attention_forward`` (or the library's attention, as the span's layers call it), then
+        the heads flattened: [B, S, Hq * hd], contiguous."""
         batch, _, seq_len, _ = q.shape
+        if self.kernel is not None:
+            causal = seq_len > 1 and attention_mask is None and self.is_causal
+            out = lowbit.attention(self.kernel, q, k, v, attention_mask, self.scaling, causal)  # [B, S, Hq, hd]
+            return out.view(batch, seq_len, -1)
         if attention_mask is None and k.shape[-1] == v.shape[-1] <= 256:  # its path when the GQA flag is usable
             is_causal = seq_len > 1 and self.is_causal
             if is_causal and k.shape[2] > seq_len:

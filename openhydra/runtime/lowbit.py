@@ -83,7 +83,9 @@ def _build(cache_root: Path, march: str | None = None) -> Path | None:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    flags = ["-O3", f"-march={march}", "-fno-math-errno"]
+    # -ffp-contract=off: no multiply-add fused unless written (fmaf, intrinsics), so plain C code (the norms,
+    # attention) computes the same bits whatever the vector width the compiler picks
+    flags = ["-O3", f"-march={march}", "-fno-math-errno", "-ffp-contract=off"]
     identity = SOURCE.read_bytes() + version.encode() + " ".join(flags).encode() + _cpu_flags().encode()
     key = hashlib.sha256(identity).hexdigest()[:16]
     target = cache_root / "kernels" / f"lowbit-{key}.so"
@@ -152,6 +154,9 @@ def open_library(path: Path) -> ctypes.CDLL | None:
     lib.oh_rms_norm.restype = ctypes.c_int
     lib.oh_rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int64,
                                 ctypes.c_void_p]
+    lib.oh_attention.restype = ctypes.c_int
+    lib.oh_attention.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
     if lib.oh_available() not in ISAS:
         return None
     log.info("low-bit kernel (%s): %s", ISAS[lib.oh_available()], path)
@@ -358,3 +363,47 @@ class KernelRMSNorm(torch.nn.Module):
     def extra_repr(self) -> str:
         centered = ", 1 + weight" if self.zero_centered else ""
         return f"{self._weight.numel()}, eps={self.variance_epsilon}{centered}, low-bit library"
+
+
+_ATTENTION_PARAMS = ctypes.c_int64 * 20
+_F32 = torch.float32
+
+
+def attention(lib: ctypes.CDLL, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              mask: torch.Tensor | None, scale: float, causal: bool) -> torch.Tensor:
+    """softmax(q k^T * scale) v on the library (``oh_attention``): query [B, Hq, S, D], key and value [B, Hkv, T, D]
+    fp32 CPU tensors with a contiguous last dimension (any other strides: cache views are read in place), D a
+    multiple of 16, ``mask`` None or bool, broadcastable to [B, Hq, S, T] (True = attend), ``causal`` as PyTorch's
+    ``is_causal`` (query s sees keys 0..s). Returns [B, S, Hq, D] contiguous. Each query row is computed alone in a
+    fixed order: its bits do not depend on the other rows, heads or batch rows of the call, the thread count or the
+    build (AVX2 or AVX-512); they are not PyTorch's (its own exp and sums). A call costs ~3 µs of Python and ctypes
+    besides the arithmetic: the lean decode step calls it once per layer."""
+    batch, heads, rows, dim = query.shape
+    kb, kv_heads, positions, kd = key.shape
+    if (kb != batch or kd != dim or value.shape != key.shape or query.dtype is not _F32 or key.dtype is not _F32
+            or value.dtype is not _F32 or not query.is_cpu or not key.is_cpu or not value.is_cpu):
+        raise ValueError(f"kernel attention: needs fp32 CPU query [B, Hq, S, D], key and value [B, Hkv, T, D]; got "
+                         f"{query.dtype} {tuple(query.shape)}, {key.dtype} {tuple(key.shape)}, {value.dtype} "
+                         f"{tuple(value.shape)} on {query.device}")
+    qs, ks, vs = query.stride(), key.stride(), value.stride()
+    if qs[3] != 1 or ks[3] != 1 or vs[3] != 1:
+        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+        qs, ks, vs = query.stride(), key.stride(), value.stride()
+    if mask is None:
+        params = _ATTENTION_PARAMS(batch, heads, kv_heads, rows, positions, dim, qs[0], qs[1], qs[2], ks[0], ks[1],
+                                   ks[2], vs[0], vs[1], vs[2], 0, 0, 0, 0, 0 if causal else -1)
+        pointer = None
+    else:
+        if mask.dtype is not torch.bool:
+            raise ValueError(f"kernel attention: needs a bool mask, got {mask.dtype}")
+        mask = mask.expand(batch, heads, rows, positions)  # strides 0 where broadcast: nothing copied
+        params = _ATTENTION_PARAMS(batch, heads, kv_heads, rows, positions, dim, qs[0], qs[1], qs[2], ks[0], ks[1],
+                                   ks[2], vs[0], vs[1], vs[2], *mask.stride(), 0 if causal else -1)
+        pointer = mask.data_ptr()
+    out = torch.empty((batch, rows, heads, dim), dtype=_F32)
+    status = lib.oh_attention(query.data_ptr(), key.data_ptr(), value.data_ptr(), pointer, params, scale,
+                              torch.get_num_threads(), out.data_ptr())
+    if status != 0:
+        raise RuntimeError(f"kernel attention failed ({status}) on query {tuple(query.shape)}, key "
+                           f"{tuple(key.shape)}")
+    return out

@@ -18,6 +18,7 @@ from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
 from openhydra.runtime.compaction.config import CompactionConfig
 from openhydra.runtime.compaction.shard_hook import ShardCompaction
+from openhydra.runtime.kernel_attention import use_kernel_attention
 from openhydra.runtime.kv_layer import session_cache
 from openhydra.runtime.lean_layers import (
     LeanLlamaLayer,
@@ -96,6 +97,13 @@ class ShardRuntime:
         self._mask_fns = {t: _mask_function(t) for t in set(self.layer_types)}
         # fp32 layers on the low-bit kernel: their norms too, in one call each (the same module in every path)
         self.kernel_norm_layers = use_kernel_norms(self.modules.layers, dtype)
+        # ... and their attention (runtime/kernel_attention.py): the same function in every path, before the lean
+        # layers below read which attention the span uses
+        head_dim = getattr(self.shard_config, "head_dim", None) or (
+            self.shard_config.hidden_size // self.shard_config.num_attention_heads)
+        self.kernel_attention = use_kernel_attention(
+            self.shard_config, self.modules.layers, self.kernel_norm_layers, head_dim,
+            compaction=compaction is not None and compaction.enabled)
         self._lean = lean_modules(self.modules.layers)  # plain Llama layers: the lean step (runtime/lean_layers.py)
         self._lean_layers = None if self._lean is None else [LeanLlamaLayer(layer) for layer in self.modules.layers]
         # A one-position step through full-attention layers (sdpa, no padding mask) gets no mask from transformers

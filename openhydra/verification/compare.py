@@ -49,16 +49,21 @@ class Comparison:
 
 def arithmetic_name(quantization: str, lowbit: bool) -> str:
     """The ``backend`` a PyTorch span announces (ShardRuntime.numerics): "pytorch" unquantized, else
-    "pytorch-<quantization>-<kernel>", the kernel "lowbit2" (OpenHydra's low-bit kernel with its norms,
-    runtime/lowbit.py; the 2 changes whenever its bits do) or "torch" (PyTorch's kernels)."""
+    "pytorch-<quantization>-<kernel>", the kernel "lowbit3" (OpenHydra's low-bit kernel with its norms and
+    attention, runtime/lowbit.py; the number changes whenever its bits do) or "torch" (PyTorch's kernels)."""
     if quantization == "none":
         return "pytorch"
-    return f"pytorch-{quantization}-{'lowbit2' if lowbit else 'torch'}"
+    return f"pytorch-{quantization}-{'lowbit3' if lowbit else 'torch'}"
 
 
-KNOWN_ARITHMETIC = frozenset({"pytorch", "mlx", *(arithmetic_name(quantization, lowbit) for quantization in
-                                                   ("int4", "int8", "nf4") for lowbit in (True, False))})
-"""The ``backend`` values this release's peers announce (runtime ``numerics``)."""
+EARLIER_ARITHMETIC = frozenset(f"pytorch-{quantization}-lowbit2" for quantization in ("int4", "int8"))
+"""What peers of the previous release announce for the low-bit kernel (its norms, PyTorch's attention): kept known,
+so they pair with each other rather than with unquantized peers."""
+
+KNOWN_ARITHMETIC = frozenset({"pytorch", "mlx", *EARLIER_ARITHMETIC,
+                              *(arithmetic_name(quantization, lowbit) for quantization in ("int4", "int8", "nf4")
+                                for lowbit in (True, False))})
+"""The ``backend`` values this release's peers announce (runtime ``numerics``), and the previous release's."""
 
 
 def arithmetic_of(record) -> str:

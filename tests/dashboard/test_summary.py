@@ -94,7 +94,7 @@ class _Loop:
 
 def test_coverage_of_the_served_model_and_of_each_fallback() -> None:
     served = [_record("me", "big", 0, 4, 8, 5001),
-              _record("other", "big", 4, 6, 8, 5002).model_copy(update={"backend": "pytorch-int4-lowbit2"})]
+              _record("other", "big", 4, 6, 8, 5002).model_copy(update={"backend": "pytorch-int4-lowbit3"})]
     fallback = [_record("small-a", "small", 0, 2, 4, 5003), _record("small-b", "small", 2, 4, 4, 5004)]
     node = SimpleNamespace(swarm=_Swarm(served), peer_server=SimpleNamespace(address="127.0.0.1:5001"),
                            discovery=_Discovery(fallback), background=_Loop())
@@ -105,6 +105,6 @@ def test_coverage_of_the_served_model_and_of_each_fallback() -> None:
     assert big.holes == [(4, 8)] and not big.complete  # the banned peer does not count
     assert [(p.peer_id, p.start, p.end, p.is_self, p.banned) for p in big.peers] == [
         ("me", 0, 4, True, False), ("other", 4, 6, False, True)]
-    assert [p.backend for p in big.peers] == ["pytorch", "pytorch-int4-lowbit2"]  # how each computes (tooltip)
+    assert [p.backend for p in big.peers] == ["pytorch", "pytorch-int4-lowbit3"]  # how each computes (tooltip)
     assert (small.model_id, small.role, small.total_layers, small.complete) == ("small", "fallback", 4, True)
     assert [(p.start, p.end) for p in small.peers] == [(0, 2), (2, 4)] and small.counts == [1, 1, 1, 1]

@@ -42,7 +42,7 @@ def _record(peer: str, backend: str, dtype: str = "float32") -> PeerAnnouncement
 
 def test_audit_candidates_compute_as_the_audited_peer_does() -> None:
     records = [_record("fp32-a", "pytorch"), _record("fp32-b", "pytorch"), _record("bf16", "pytorch", "bfloat16"),
-               _record("int4-a", "pytorch-int4-lowbit2"), _record("int4-b", "pytorch-int4-lowbit2"),
+               _record("int4-a", "pytorch-int4-lowbit3"), _record("int4-b", "pytorch-int4-lowbit3"),
                _record("int4-torch", "pytorch-int4-torch")]
     verifier = Verifier(VerificationConfig(enabled=True), ReputationStore(None))
     verifier._pipeline = _Pipeline(records)
@@ -61,7 +61,7 @@ def test_a_made_up_backend_is_audited_like_pytorch() -> None:
     """A liar who announces an arithmetic nobody else has would have no auditor: an unknown value pairs as "pytorch"
     (what every record said before peers announced their arithmetic), so the unquantized peers of its span audit it."""
     records = [_record("liar", "pytorch-int3-magic"), _record("fp32", "pytorch"),
-               _record("int4", "pytorch-int4-lowbit2")]
+               _record("int4", "pytorch-int4-lowbit3")]
     verifier = Verifier(VerificationConfig(enabled=True), ReputationStore(None))
     verifier._pipeline = _Pipeline(records)
     assert [r.peer_id for r in verifier.alternatives((0, 4), {"liar"}, records[0])] == ["fp32"]
@@ -70,7 +70,7 @@ def test_a_made_up_backend_is_audited_like_pytorch() -> None:
 @pytest.mark.parametrize(("quantization", "expected"), [("none", "pytorch"), ("int4", None), ("int8", None)])
 def test_shard_runtime_numerics(tiny_model_dirs, quantization, expected) -> None:
     rt = ShardRuntime(tiny_model_dirs["llama"], 0, 4, dtype=torch.float32, quantization=quantization)
-    kernel = "lowbit2" if lowbit.kernel() is not None else "torch"
+    kernel = "lowbit3" if lowbit.kernel() is not None else "torch"
     assert rt.numerics == (expected or f"pytorch-{quantization}-{kernel}")
     _record("x", rt.numerics)  # a valid record field
 

@@ -30,7 +30,7 @@ class PeerBar(BaseModel):
     api_address: str | None = None
     dtype: str | None = None
     backend: str | None = None
-    """The arithmetic its span computes with (the record's ``backend``: "pytorch", "pytorch-int4-lowbit2", ...)."""
+    """The arithmetic its span computes with (the record's ``backend``: "pytorch", "pytorch-int4-lowbit3", ...)."""
     load: float = 0.0
     active_sessions: int = 0
     throughput_tps: float = 0.0

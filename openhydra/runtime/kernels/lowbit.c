@@ -77,6 +77,8 @@ typedef __m512i vi;
 #define VF_FMA _mm512_fmadd_ps
 #define VF_FROM_INT _mm512_cvtepi32_ps
 #define VF_STORE _mm512_storeu_ps
+#define VF_LOADU _mm512_loadu_ps
+#define VF_DIV _mm512_div_ps
 #define VF_LOAD_HALF(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 
 static inline __m512 load16(const void *x, int bf16, int64_t i) {
@@ -145,6 +147,8 @@ typedef __m256i vi;
 #define VF_FMA _mm256_fmadd_ps
 #define VF_FROM_INT _mm256_cvtepi32_ps
 #define VF_STORE _mm256_storeu_ps
+#define VF_LOADU _mm256_loadu_ps
+#define VF_DIV _mm256_div_ps
 #define VF_LOAD_HALF(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 
 static inline __m256 load8(const void *x, int bf16, int64_t i) {
@@ -350,4 +354,163 @@ int oh_rms_norm(const float *x, const float *w, float eps, int64_t m, int64_t k,
         for (i = 0; i < k; i++) yr[i] = (xr[i] * scale) * w[i];
     }
     return 0;
+}
+
+/* ---- attention (runtime/lowbit.py kernel_attention) -------------------------------------------------------------
+ * softmax(q k^T * scale) v for each query row, head and batch row on its own, in a fixed order of plain C operations
+ * (built with -ffp-contract=off: every fmaf is written out, nothing else is fused): a row's bits depend only on its
+ * own query and the keys and values it sees, never on how many rows, heads or batch rows a call takes or on the
+ * thread count, and are the same on the AVX2 and AVX-512 builds. So a prefill, a decode step, a verify and a batched
+ * step give a position the same bits. Per row: the scores s_t = dot(q, k_t) * scale over the visible keys (16
+ * partial sums of fmaf chains added in a fixed tree, as oh_rms_norm), m = max s_t, p_t = oh_expf(s_t - m), l = their
+ * sum in 16 partial sums (position i in partial i % 16, a fixed tree), o = sum_t p_t v_t (a chain of fmaf per output
+ * element in key order), then o / l. */
+
+#if OH_KERNEL
+/* a . b for n a multiple of 16: 16 partial sums (element i in partial i % 16, each a chain of fmaf in order), added
+ * in a fixed tree (partial j + partial j + 8, then j + 4, j + 2, j + 1): one 512-bit register or two 256-bit ones,
+ * the same operations lane for lane. */
+static inline float dot16(const float *a, const float *b, int64_t n) {
+#if OH_VNNI
+    __m512 part = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) part = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), part);
+    const __m256 eight = _mm256_add_ps(_mm512_castps512_ps256(part), _mm512_extractf32x8_ps(part, 1));
+#else
+    __m256 low = _mm256_setzero_ps(), high = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        low = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), low);
+        high = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), high);
+    }
+    const __m256 eight = _mm256_add_ps(low, high);
+#endif
+    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
+
+/* e^x for x <= 0 (a score minus the row's maximum), Cephes' expf: n = round(x log2 e), r = x - n ln 2 in two
+ * parts, a degree-7 polynomial in r, times 2^n; within 2 ulp of e^x. x is clamped at -87 (e^-87 ~ 1.6e-38, the
+ * smallest normal float's order): what it adds to a sum of ones and more is nothing. Branch-free, so a loop of it
+ * vectorizes; the same operations on every build. NaN stays NaN. */
+static inline float oh_expf(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = rintf(x * 1.44269504088896341f);
+    float r = fmaf(n, -0.693359375f, x);
+    r = fmaf(n, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p, r * r, r) + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
+static float sum16(const float *x, int64_t n) {
+    float part[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) part[j] = part[j] + x[i + j];
+    for (int j = 0; i < n; i++, j++) part[j] = part[j] + x[i];
+    for (int width = 8; width > 0; width /= 2)
+        for (int j = 0; j < width; j++) part[j] = part[j] + part[j + width];
+    return part[0];
+}
+
+/* o [D] = sum over i < n of p[i] v[keys[i]], each element a chain of fmaf in key order, then divided by total; in
+ * slices of 64 elements held in registers across the keys (D a multiple of 16). */
+static inline void weigh_values(const float *p, const int32_t *keys, int64_t n, const float *v, int64_t stride,
+                                int64_t D, float total, float *o) {
+    enum { LANES = (int)(sizeof(vf) / sizeof(float)), SLICE = 64 / LANES };  /* registers per slice of 64 */
+    const vf divisor = VF_SET1(total);
+    for (int64_t j0 = 0; j0 < D; j0 += 64) {
+        const int used = (int)((D - j0 < 64 ? D - j0 : 64) / LANES);
+        vf acc[SLICE];
+        for (int c = 0; c < SLICE; c++) acc[c] = VF_ZERO();
+        for (int64_t i = 0; i < n; i++) {
+            const vf w = VF_SET1(p[i]);
+            const float *vr = v + (int64_t)keys[i] * stride + j0;
+            for (int c = 0; c < used; c++) acc[c] = VF_FMA(w, VF_LOADU(vr + LANES * c), acc[c]);
+        }
+        for (int c = 0; c < used; c++) VF_STORE(o + j0 + LANES * c, VF_DIV(acc[c], divisor));
+    }
+}
+
+/* One query row (batch row b, head h, position s) of oh_attention; scratch: scores and key indices [T]. */
+static void attend_row(const float *q, const float *k, const float *v, const uint8_t *mask, const int64_t *p,
+                       float scale, int64_t b, int64_t h, int64_t s, float *scores, int32_t *keys, float *out) {
+    const int64_t hq = p[1], hkv = p[2], S = p[3], T = p[4], D = p[5], causal = p[19];
+    const int64_t kvh = h / (hq / hkv);
+    const float *qr = q + b * p[6] + h * p[7] + s * p[8];
+    const float *kb = k + b * p[9] + kvh * p[10];
+    const float *vb = v + b * p[12] + kvh * p[13];
+    const uint8_t *mr = mask ? mask + b * p[15] + h * p[16] + s * p[17] : NULL;
+    int64_t last = causal < 0 ? T - 1 : s + causal;
+    if (last > T - 1) last = T - 1;
+    int64_t n = 0;
+    float m = -INFINITY;
+    for (int64_t t = 0; t <= last; t++) {
+        if (mr && !mr[t * p[18]]) continue;
+        const float score = dot16(qr, kb + t * p[11], D) * scale;
+        scores[n] = score;
+        keys[n++] = (int32_t)t;
+        m = score > m ? score : m;
+    }
+    float *o = out + ((b * S + s) * hq + h) * D;
+    if (n == 0) {
+        memset(o, 0, sizeof(float) * (size_t)D);
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) scores[i] = oh_expf(scores[i] - m);
+    const float total = sum16(scores, n);
+    weigh_values(scores, keys, n, vb, p[14], D, total, o);
+}
+
+static void attend_rows(const float *q, const float *k, const float *v, const uint8_t *mask, const int64_t *p,
+                        float scale, int64_t first, int64_t end, float *scratch, float *out) {
+    const int64_t hq = p[1], S = p[3], T = p[4];
+    for (int64_t r = first; r < end; r++)
+        attend_row(q, k, v, mask, p, scale, r / (hq * S), r / S % hq, r % S, scratch, (int32_t *)(scratch + T), out);
+}
+
+/* out = attention over q [B, Hq, S, D], k and v [B, Hkv, T, D] (each row computed by attend_row, the same way
+ * whatever the call). p: B, Hq, Hkv, S, T, D at 0..5; strides in elements: q (b, h, s) at 6..8, k (b, h, t) at
+ * 9..11, v (b, h, t) at 12..14, mask (b, h, s, t) at 15..18; at 19 "causal": query s sees keys t <= s + causal
+ * (-1: every key; PyTorch's is_causal is 0, aligned to the first key). The last dimension of q, k and v is
+ * contiguous. mask: NULL, or one byte per (b, h, s, t) through its strides (0 for a broadcast dimension), nonzero =
+ * visible. Query head h reads key head h / (Hq / Hkv). out [B, S, Hq, D] contiguous (what transformers' attention
+ * functions return). A row with no visible key gets zeros. Returns 0; -2 when out of memory; -3 on bad sizes. */
+#endif
+
+int oh_attention(const float *q, const float *k, const float *v, const uint8_t *mask, const int64_t *p, float scale,
+                 int threads, float *out) {
+#if !OH_KERNEL
+    (void)q; (void)k; (void)v; (void)mask; (void)p; (void)scale; (void)threads; (void)out;
+    return -1;
+#else
+    const int64_t B = p[0], hq = p[1], hkv = p[2], S = p[3], T = p[4], D = p[5];
+    if (B < 0 || S < 0 || T < 0 || D <= 0 || hkv <= 0 || hq <= 0 || hq % hkv != 0 || D % 16 != 0 || T > INT32_MAX)
+        return -3;
+    const int64_t rows = B * hq * S, per = 2 * (T > 0 ? T : 1);  /* scratch floats per part */
+    if (rows == 0) return 0;
+    const int64_t parts = threads > 1 ? (rows < threads ? rows : threads) : 1;
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)(per * parts));
+    if (!scratch) return -2;
+    /* rows split into `parts` contiguous ranges, one per thread, each with its own scratch; no OpenMP region for
+     * one part (entering one costs about a microsecond) */
+    if (parts > 1) {
+        #pragma omp parallel for schedule(static) num_threads(parts)
+        for (int64_t part = 0; part < parts; part++)
+            attend_rows(q, k, v, mask, p, scale, rows * part / parts, rows * (part + 1) / parts, scratch + part * per,
+                        out);
+    } else {
+        attend_rows(q, k, v, mask, p, scale, 0, rows, scratch, out);
+    }
+    free(scratch);
+    return 0;
+#endif
 }
