@@ -298,3 +298,107 @@ def test_kernel_rms_norm_gives_the_same_bits_on_both_builds(tmp_path):
         x[5] *= 1e-18
         outs = [lowbit.KernelRMSNorm(norm, library)(x) for library in (lowbit.kernel(), avx2)]
         assert torch.equal(outs[0], outs[1]), k
+
+
+# ---- attention (runtime/lowbit.py attention; runtime/kernel_attention.py uses it) ---------------------------------
+
+
+def _reference_attention(q, k, v, mask, scale, causal):
+    """softmax(q k^T * scale) v in float64, [B, S, Hq, D]; rows without a visible key are zeros."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(groups, dim=1) for t in (k, v))
+    scores = q.double() @ k.transpose(-1, -2) * scale  # [B, H, S, T]
+    visible = torch.ones(scores.shape, dtype=torch.bool)
+    if causal:
+        visible &= torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    if mask is not None:
+        visible &= mask
+    weights = torch.where(visible, scores, -torch.inf).softmax(-1).nan_to_num(0.0)
+    return (weights @ v).transpose(1, 2)
+
+
+ATTENTION_CASES = [  # B, Hq, Hkv, S, T, D, causal, mask
+    (1, 9, 3, 1, 50, 64, False, False),  # SmolLM2's decode step
+    (2, 9, 3, 7, 7, 64, True, False),  # a prefill, two batch rows
+    (1, 8, 2, 5, 12, 256, False, True),  # Qwen3.5's head size, a boolean mask shared by the heads
+    (1, 4, 4, 3, 40, 32, False, True),
+    (1, 4, 2, 6, 6, 80, True, False),  # a head size of 5 blocks of 16
+    (1, 9, 3, 1, 1000, 64, False, False),  # a long cache
+]
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}H{}-{}S{}T{}D{}{}{}".format(
+    *c[:6], "-causal" if c[6] else "", "-mask" if c[7] else ""))
+def test_kernel_attention_computes_softmax_attention(case, lib):
+    batch, heads, kv_heads, rows, positions, dim, causal, masked = case
+    torch.manual_seed(5)
+    q, k, v = torch.randn(batch, heads, rows, dim), torch.randn(batch, kv_heads, positions, dim), \
+        torch.randn(batch, kv_heads, positions, dim)
+    q[..., 3] *= 8  # peaked scores: a softmax far from uniform
+    mask = torch.rand(batch, 1, rows, positions) > 0.3 if masked else None
+    out = lowbit.attention(lib, q, k, v, mask, dim**-0.5, causal)
+    assert out.shape == (batch, rows, heads, dim) and out.is_contiguous()
+    torch.testing.assert_close(out.double(), _reference_attention(q, k, v, mask, dim**-0.5, causal),
+                               rtol=1e-5, atol=2e-6)
+
+
+def test_kernel_attention_rows_are_independent_of_their_call(lib):
+    """A query row's bits do not depend on the call: alone or among a prefill's rows, another batch row, every head or
+    one, read through a cache view with spare positions or from a contiguous copy, on one thread or two."""
+    torch.manual_seed(6)
+    q = torch.randn(2, 6, 9, 64)
+    cache_k, cache_v = torch.randn(2, 3, 16, 64), torch.randn(2, 3, 16, 64)  # 16 slots, 9 used: strided views
+    k, v = cache_k[:, :, :9], cache_v[:, :, :9]
+    prefill = lowbit.attention(lib, q, k, v, None, 0.125, True)  # [2, 9, 6, 64]
+    for s in (0, 4, 8):  # row s of the prefill = a decode step at position s over keys 0..s
+        step = lowbit.attention(lib, q[:1, :, s : s + 1], k[:1, :, : s + 1].contiguous(), v[:1, :, : s + 1], None,
+                                0.125, False)
+        assert torch.equal(step[0, 0], prefill[0, s])
+    head = lowbit.attention(lib, q[1:, 4:5], k[1:, 2:3], v[1:, 2:3], None, 0.125, True)  # one head of batch row 1
+    assert torch.equal(head[0, :, 0], prefill[1, :, 4])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(lowbit.attention(lib, q, k, v, None, 0.125, True), prefill)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_kernel_attention_masks_by_skipping(lib):
+    """A masked key adds nothing (skipped, not weighted e^-inf): a mask equal to causality gives causality's bits,
+    and a row that sees no key gets zeros."""
+    torch.manual_seed(7)
+    q, k, v = torch.randn(1, 4, 5, 32), torch.randn(1, 2, 5, 32), torch.randn(1, 2, 5, 32)
+    causal_mask = torch.ones(5, 5, dtype=torch.bool).tril().view(1, 1, 5, 5)
+    assert torch.equal(lowbit.attention(lib, q, k, v, causal_mask, 0.2, False),
+                       lowbit.attention(lib, q, k, v, None, 0.2, True))
+    blind = causal_mask.clone()
+    blind[..., 2, :] = False
+    out = lowbit.attention(lib, q, k, v, blind, 0.2, False)
+    assert torch.equal(out[0, 2], torch.zeros(4, 32)) and out[0, 3].abs().sum() > 0
+
+
+def test_kernel_attention_refuses_what_it_does_not_compute(lib):
+    q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 8, 64)
+    with pytest.raises(ValueError, match="fp32"):
+        lowbit.attention(lib, q.bfloat16(), k.bfloat16(), k.bfloat16(), None, 0.1, False)
+    with pytest.raises(ValueError, match="bool mask"):
+        lowbit.attention(lib, q, k, k, torch.zeros(1, 1, 1, 8), 0.1, False)
+    with pytest.raises(RuntimeError, match="failed"):  # a head size that is not a multiple of 16
+        lowbit.attention(lib, torch.randn(1, 4, 1, 40), torch.randn(1, 2, 8, 40), torch.randn(1, 2, 8, 40), None,
+                         0.1, False)
+    with pytest.raises(RuntimeError, match="failed"):  # query heads not a multiple of the key heads
+        lowbit.attention(lib, torch.randn(1, 3, 1, 64), k, k, None, 0.1, False)
+
+
+def test_kernel_attention_gives_the_same_bits_on_both_builds(tmp_path):
+    if lowbit.kernel() is None or lowbit.kernel().oh_available() != 2:
+        pytest.skip("needs a CPU with AVX-512 VNNI to run both builds")
+    avx2 = lowbit.open_library(lowbit._build(tmp_path, march="x86-64-v3"))
+    torch.manual_seed(8)
+    for batch, heads, kv_heads, rows, positions, dim, causal, masked in ATTENTION_CASES:
+        q, k, v = torch.randn(batch, heads, rows, dim), torch.randn(batch, kv_heads, positions, dim), \
+            torch.randn(batch, kv_heads, positions, dim)
+        mask = torch.rand(batch, 1, rows, positions) > 0.3 if masked else None
+        outs = [lowbit.attention(library, q, k, v, mask, dim**-0.5, causal) for library in (lowbit.kernel(), avx2)]
+        assert torch.equal(outs[0], outs[1]), (batch, heads, rows, positions, dim)
