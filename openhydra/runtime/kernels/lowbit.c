@@ -77,6 +77,11 @@ typedef __m512i vi;
 #define VF_FMA _mm512_fmadd_ps
 #define VF_FROM_INT _mm512_cvtepi32_ps
 #define VF_STORE _mm512_storeu_ps
+#define VF_ADD _mm512_add_ps
+#define VF_SUB _mm512_sub_ps
+#define VF_MAX _mm512_max_ps
+#define VF_ROUND(x) _mm512_roundscale_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define VF_POW2(k) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(k), _mm512_set1_epi32(127)), 23))
 #define VF_LOADU _mm512_loadu_ps
 #define VF_DIV _mm512_div_ps
 #define VF_LOAD_HALF(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
@@ -147,6 +152,11 @@ typedef __m256i vi;
 #define VF_FMA _mm256_fmadd_ps
 #define VF_FROM_INT _mm256_cvtepi32_ps
 #define VF_STORE _mm256_storeu_ps
+#define VF_ADD _mm256_add_ps
+#define VF_SUB _mm256_sub_ps
+#define VF_MAX _mm256_max_ps
+#define VF_ROUND(x) _mm256_round_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define VF_POW2(k) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(k), _mm256_set1_epi32(127)), 23))
 #define VF_LOADU _mm256_loadu_ps
 #define VF_DIV _mm256_div_ps
 #define VF_LOAD_HALF(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
@@ -356,15 +366,16 @@ int oh_rms_norm(const float *x, const float *w, float eps, int64_t m, int64_t k,
     return 0;
 }
 
-/* ---- attention (runtime/lowbit.py kernel_attention) -------------------------------------------------------------
- * softmax(q k^T * scale) v for each query row, head and batch row on its own, in a fixed order of plain C operations
- * (built with -ffp-contract=off: every fmaf is written out, nothing else is fused): a row's bits depend only on its
+/* ---- attention (runtime/lowbit.py attention, runtime/kernel_attention.py) ----------------------------------------
+ * softmax(q k^T * scale) v for each query row, head and batch row on its own, in a fixed order of operations (built
+ * with -ffp-contract=off: every multiply-add is written out, nothing else is fused): a row's bits depend only on its
  * own query and the keys and values it sees, never on how many rows, heads or batch rows a call takes or on the
  * thread count, and are the same on the AVX2 and AVX-512 builds. So a prefill, a decode step, a verify and a batched
- * step give a position the same bits. Per row: the scores s_t = dot(q, k_t) * scale over the visible keys (16
+ * step give a position the same bits. Per row: the scores s_t = dot16(q, k_t) * scale over the visible keys (16
  * partial sums of fmaf chains added in a fixed tree, as oh_rms_norm), m = max s_t, p_t = oh_expf(s_t - m), l = their
  * sum in 16 partial sums (position i in partial i % 16, a fixed tree), o = sum_t p_t v_t (a chain of fmaf per output
- * element in key order), then o / l. */
+ * element in key order), then o / l. For speed, and changing no bit: 4 keys' dots at once, the exponentials and the
+ * maximum in vector registers, and two rows' value sums interleaved over the keys they share. */
 
 #if OH_KERNEL
 /* a . b for n a multiple of 16: 16 partial sums (element i in partial i % 16, each a chain of fmaf in order), added
@@ -386,6 +397,35 @@ static inline float dot16(const float *a, const float *b, int64_t n) {
     const __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
     const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
     return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
+
+/* dot16 of q with 4 keys at once (their chains interleaved; each key's operations are dot16's). */
+static inline void dot16x4(const float *a, const float *const b[4], int64_t n, float out[4]) {
+#if OH_VNNI
+    __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t i = 0; i < n; i += 16) {
+        const __m512 x = _mm512_loadu_ps(a + i);
+        for (int t = 0; t < 4; t++) part[t] = _mm512_fmadd_ps(x, _mm512_loadu_ps(b[t] + i), part[t]);
+    }
+    for (int t = 0; t < 4; t++) {
+        const __m256 eight = _mm256_add_ps(_mm512_castps512_ps256(part[t]), _mm512_extractf32x8_ps(part[t], 1));
+#else
+    __m256 low[4], high[4];
+    for (int t = 0; t < 4; t++) low[t] = high[t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        const __m256 x0 = _mm256_loadu_ps(a + i), x1 = _mm256_loadu_ps(a + i + 8);
+        for (int t = 0; t < 4; t++) {
+            low[t] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(b[t] + i), low[t]);
+            high[t] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(b[t] + i + 8), high[t]);
+        }
+    }
+    for (int t = 0; t < 4; t++) {
+        const __m256 eight = _mm256_add_ps(low[t], high[t]);
+#endif
+        const __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+        const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+        out[t] = _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+    }
 }
 
 /* e^x for x <= 0 (a score minus the row's maximum), Cephes' expf: n = round(x log2 e), r = x - n ln 2 in two
@@ -410,6 +450,45 @@ static inline float oh_expf(float x) {
     return p * two_n;
 }
 
+/* x[i] = oh_expf(x[i] - m) for i < n: the same operations lane by lane in vector registers (the compiler left the
+ * scalar loop unvectorized on AVX2), the last few by oh_expf itself. */
+static inline void exp_shifted(float *x, int64_t n, float m) {
+    enum { LANES = (int)(sizeof(vf) / sizeof(float)) };
+    const vf shift = VF_SET1(m), floor = VF_SET1(-87.0f), log2e = VF_SET1(1.44269504088896341f);
+    const vf c1 = VF_SET1(-0.693359375f), c2 = VF_SET1(2.12194440e-4f), one = VF_SET1(1.0f);
+    const vf p0 = VF_SET1(1.9875691500e-4f), p1 = VF_SET1(1.3981999507e-3f), p2 = VF_SET1(8.3334519073e-3f);
+    const vf p3 = VF_SET1(4.1665795894e-2f), p4 = VF_SET1(1.6666665459e-1f), p5 = VF_SET1(5.0000001201e-1f);
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        vf v = VF_MAX(floor, VF_SUB(VF_LOADU(x + i), shift));  /* x < -87 ? -87 : x, NaN kept (the second operand) */
+        const vf k = VF_ROUND(VF_MUL(v, log2e));
+        vf r = VF_FMA(k, c1, v);
+        r = VF_FMA(k, c2, r);
+        vf y = VF_FMA(p0, r, p1);
+        y = VF_FMA(y, r, p2);
+        y = VF_FMA(y, r, p3);
+        y = VF_FMA(y, r, p4);
+        y = VF_FMA(y, r, p5);
+        y = VF_ADD(VF_FMA(y, VF_MUL(r, r), r), one);
+        VF_STORE(x + i, VF_MUL(y, VF_POW2(k)));
+    }
+    for (; i < n; i++) x[i] = oh_expf(x[i] - m);
+}
+
+/* The largest of x [n > 0]: exact in any order, so in 16 lanes (the scalar chain of compares was a quarter of a long
+ * prefill's attention). */
+static float max_of(const float *x, int64_t n) {
+    float lane[16];
+    for (int j = 0; j < 16; j++) lane[j] = x[0];
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) lane[j] = x[i + j] > lane[j] ? x[i + j] : lane[j];
+    for (int j = 0; i < n; i++, j++) lane[j] = x[i] > lane[j] ? x[i] : lane[j];
+    float m = lane[0];
+    for (int j = 1; j < 16; j++) m = lane[j] > m ? lane[j] : m;
+    return m;
+}
+
 static float sum16(const float *x, int64_t n) {
     float part[16] = {0};
     int64_t i = 0;
@@ -421,60 +500,135 @@ static float sum16(const float *x, int64_t n) {
     return part[0];
 }
 
-/* o [D] = sum over i < n of p[i] v[keys[i]], each element a chain of fmaf in key order, then divided by total; in
- * slices of 64 elements held in registers across the keys (D a multiple of 16). */
-static inline void weigh_values(const float *p, const int32_t *keys, int64_t n, const float *v, int64_t stride,
-                                int64_t D, float total, float *o) {
-    enum { LANES = (int)(sizeof(vf) / sizeof(float)), SLICE = 64 / LANES };  /* registers per slice of 64 */
-    const vf divisor = VF_SET1(total);
-    for (int64_t j0 = 0; j0 < D; j0 += 64) {
-        const int used = (int)((D - j0 < 64 ? D - j0 : 64) / LANES);
-        vf acc[SLICE];
-        for (int c = 0; c < SLICE; c++) acc[c] = VF_ZERO();
-        for (int64_t i = 0; i < n; i++) {
-            const vf w = VF_SET1(p[i]);
-            const float *vr = v + (int64_t)keys[i] * stride + j0;
-            for (int c = 0; c < used; c++) acc[c] = VF_FMA(w, VF_LOADU(vr + LANES * c), acc[c]);
-        }
-        for (int c = 0; c < used; c++) VF_STORE(o + j0 + LANES * c, VF_DIV(acc[c], divisor));
-    }
+/* acc[r] [D] += sum over i < n of p[r][i] v[keys[i]] for R = 1 or 2 rows over the same keys, each element a chain of
+ * fmaf in key order (two rows: their chains interleaved, each row's operations those of it alone). The sums stay in
+ * registers across the keys, a slice of columns at a time (constant register counts); acc is read and written in
+ * memory between calls, which changes no bit (a float stored and loaded back is the same float), so a row's chain
+ * may run over several calls. D is a multiple of 16. */
+#define WEIGH(R, W)                                                                                                   \
+    do {                                                                                                              \
+        for (; j0 + (W) * LANES <= D; j0 += (W) * LANES) {                                                            \
+            vf sum[R][W];                                                                                             \
+            for (int r = 0; r < (R); r++)                                                                             \
+                for (int c = 0; c < (W); c++) sum[r][c] = VF_LOADU(acc[r] + j0 + LANES * c);                          \
+            for (int64_t i = 0; i < n; i++) {                                                                         \
+                const float *vr = v + (int64_t)keys[i] * stride + j0;                                                 \
+                vf w[R];                                                                                              \
+                for (int r = 0; r < (R); r++) w[r] = VF_SET1(p[r][i]);                                                \
+                for (int c = 0; c < (W); c++) {                                                                       \
+                    const vf x = VF_LOADU(vr + LANES * c);                                                            \
+                    for (int r = 0; r < (R); r++) sum[r][c] = VF_FMA(w[r], x, sum[r][c]);                             \
+                }                                                                                                     \
+            }                                                                                                         \
+            for (int r = 0; r < (R); r++)                                                                             \
+                for (int c = 0; c < (W); c++) VF_STORE(acc[r] + j0 + LANES * c, sum[r][c]);                           \
+        }                                                                                                             \
+    } while (0)
+
+static inline void weigh_one(const float *const p[1], const int32_t *keys, int64_t n, const float *v, int64_t stride,
+                             int64_t D, float *const acc[1]) {
+    enum { LANES = (int)(sizeof(vf) / sizeof(float)) };
+    int64_t j0 = 0;
+    WEIGH(1, 64 / LANES);  /* 4 or 8 chains per key */
+    WEIGH(1, 16 / LANES);  /* the last 16, 32 or 48 columns */
 }
 
-/* One query row (batch row b, head h, position s) of oh_attention; scratch: scores and key indices [T]. */
-static void attend_row(const float *q, const float *k, const float *v, const uint8_t *mask, const int64_t *p,
-                       float scale, int64_t b, int64_t h, int64_t s, float *scores, int32_t *keys, float *out) {
+static inline void weigh_two(const float *const p[2], const int32_t *keys, int64_t n, const float *v, int64_t stride,
+                             int64_t D, float *const acc[2]) {
+    enum { LANES = (int)(sizeof(vf) / sizeof(float)) };
+    int64_t j0 = 0;
+    WEIGH(2, 4);  /* 8 chains per key: 64 columns on AVX-512, 32 on AVX2 */
+    WEIGH(2, 1);
+}
+
+/* A query row (batch row b, head h, position s) up to its weights: its visible keys (keys, n), softmax weights p =
+ * oh_expf(score - max) (in scores) and their sum (total), where its values are (vb) and its output goes (o). */
+typedef struct {
+    const float *vb;
+    float *o;
+    float *scores;
+    int32_t *keys;
+    int64_t n;
+    float total;
+} oh_row;
+
+static void prepare_row(const float *q, const float *k, const float *v, const uint8_t *mask, const int64_t *p,
+                        float scale, int64_t r, oh_row *row) {
     const int64_t hq = p[1], hkv = p[2], S = p[3], T = p[4], D = p[5], causal = p[19];
-    const int64_t kvh = h / (hq / hkv);
+    const int64_t b = r / (hq * S), h = r / S % hq, s = r % S, kvh = h / (hq / hkv);
     const float *qr = q + b * p[6] + h * p[7] + s * p[8];
     const float *kb = k + b * p[9] + kvh * p[10];
-    const float *vb = v + b * p[12] + kvh * p[13];
     const uint8_t *mr = mask ? mask + b * p[15] + h * p[16] + s * p[17] : NULL;
+    float *scores = row->scores;
+    int32_t *keys = row->keys;
+    row->vb = v + b * p[12] + kvh * p[13];
     int64_t last = causal < 0 ? T - 1 : s + causal;
     if (last > T - 1) last = T - 1;
     int64_t n = 0;
-    float m = -INFINITY;
-    for (int64_t t = 0; t <= last; t++) {
-        if (mr && !mr[t * p[18]]) continue;
-        const float score = dot16(qr, kb + t * p[11], D) * scale;
-        scores[n] = score;
-        keys[n++] = (int32_t)t;
-        m = score > m ? score : m;
+    if (mr) {
+        for (int64_t t = 0; t <= last; t++)
+            if (mr[t * p[18]]) keys[n++] = (int32_t)t;
+    } else {
+        for (int64_t t = 0; t <= last; t++) keys[t] = (int32_t)t;
+        n = last + 1 > 0 ? last + 1 : 0;
     }
-    float *o = out + ((b * S + s) * hq + h) * D;
-    if (n == 0) {
-        memset(o, 0, sizeof(float) * (size_t)D);
-        return;
+    int64_t i = 0;  /* the visible keys' scores, 4 at a time (the same bits as one at a time) */
+    for (; i + 4 <= n; i += 4) {
+        const float *rows4[4] = {kb + (int64_t)keys[i] * p[11], kb + (int64_t)keys[i + 1] * p[11],
+                                 kb + (int64_t)keys[i + 2] * p[11], kb + (int64_t)keys[i + 3] * p[11]};
+        float dots[4];
+        dot16x4(qr, rows4, D, dots);
+        for (int t = 0; t < 4; t++) scores[i + t] = dots[t] * scale;
     }
-    for (int64_t i = 0; i < n; i++) scores[i] = oh_expf(scores[i] - m);
-    const float total = sum16(scores, n);
-    weigh_values(scores, keys, n, vb, p[14], D, total, o);
+    for (; i < n; i++) scores[i] = dot16(qr, kb + (int64_t)keys[i] * p[11], D) * scale;
+    row->n = n;
+    if (n == 0) return;
+    exp_shifted(scores, n, max_of(scores, n));
+    row->total = sum16(scores, n);
 }
 
+/* Rows [first, end), two at a time: both prepared, then their values weighed together over the keys they share
+ * from the first (a prefill's neighbouring positions, a decode step's heads of one key head), then each alone over
+ * the rest; o = acc / total. Per row, exactly the operations of the row alone. scratch: 2 x (2T + D) floats. */
 static void attend_rows(const float *q, const float *k, const float *v, const uint8_t *mask, const int64_t *p,
                         float scale, int64_t first, int64_t end, float *scratch, float *out) {
-    const int64_t hq = p[1], S = p[3], T = p[4];
-    for (int64_t r = first; r < end; r++)
-        attend_row(q, k, v, mask, p, scale, r / (hq * S), r / S % hq, r % S, scratch, (int32_t *)(scratch + T), out);
+    const int64_t hq = p[1], S = p[3], T = p[4] > 0 ? p[4] : 1, D = p[5];
+    oh_row rows[2];
+    float *acc[2];
+    for (int r = 0; r < 2; r++) {
+        rows[r].scores = scratch + r * (2 * T + D);
+        rows[r].keys = (int32_t *)(rows[r].scores + T);
+        acc[r] = rows[r].scores + 2 * T;
+    }
+    for (int64_t r = first; r < end; r += 2) {
+        const int count = end - r >= 2 ? 2 : 1;
+        for (int c = 0; c < count; c++) {
+            const int64_t row = r + c, b = row / (hq * S), h = row / S % hq, s = row % S;
+            prepare_row(q, k, v, mask, p, scale, row, &rows[c]);
+            rows[c].o = out + ((b * S + s) * hq + h) * D;
+            memset(acc[c], 0, sizeof(float) * (size_t)D);
+        }
+        int64_t shared = 0;
+        if (count == 2 && rows[0].vb == rows[1].vb) {
+            const int64_t most = rows[0].n < rows[1].n ? rows[0].n : rows[1].n;
+            while (shared < most && rows[0].keys[shared] == rows[1].keys[shared]) shared++;
+            const float *const weights[2] = {rows[0].scores, rows[1].scores};
+            weigh_two(weights, rows[0].keys, shared, rows[0].vb, p[14], D, acc);
+        }
+        for (int c = 0; c < count; c++) {
+            oh_row *row = &rows[c];
+            if (row->n == 0) {  /* no visible key */
+                memset(row->o, 0, sizeof(float) * (size_t)D);
+                continue;
+            }
+            const float *const weights[1] = {row->scores + shared};
+            float *const sums[1] = {acc[c]};
+            weigh_one(weights, row->keys + shared, row->n - shared, row->vb, p[14], D, sums);
+            const vf divisor = VF_SET1(row->total);
+            enum { LANES = (int)(sizeof(vf) / sizeof(float)) };
+            for (int64_t j = 0; j < D; j += LANES) VF_STORE(row->o + j, VF_DIV(VF_LOADU(acc[c] + j), divisor));
+        }
+    }
 }
 
 /* out = attention over q [B, Hq, S, D], k and v [B, Hkv, T, D] (each row computed by attend_row, the same way
@@ -495,7 +649,7 @@ int oh_attention(const float *q, const float *k, const float *v, const uint8_t *
     const int64_t B = p[0], hq = p[1], hkv = p[2], S = p[3], T = p[4], D = p[5];
     if (B < 0 || S < 0 || T < 0 || D <= 0 || hkv <= 0 || hq <= 0 || hq % hkv != 0 || D % 16 != 0 || T > INT32_MAX)
         return -3;
-    const int64_t rows = B * hq * S, per = 2 * (T > 0 ? T : 1);  /* scratch floats per part */
+    const int64_t rows = B * hq * S, per = 2 * (2 * (T > 0 ? T : 1) + D);  /* scratch floats per part */
     if (rows == 0) return 0;
     const int64_t parts = threads > 1 ? (rows < threads ? rows : threads) : 1;
     float *scratch = (float *)malloc(sizeof(float) * (size_t)(per * parts));
