@@ -227,13 +227,19 @@ class LeanLlamaLayer:
         residual = h
         qk, v = self._qkv(self.input_norm(h))
         qk = self._rotate(qk, cos, sin)  # [R, Hq + Hkv, 1, hd]
-        outs = []
-        for r, layer in enumerate(row_layers):
-            keys, values = layer.update(qk[r : r + 1, self.heads :], v[r : r + 1])
-            outs.append(self._attend(qk[r : r + 1, : self.heads], keys, values, None))  # [1, 1, Hq * hd]
-        if len(outs) < h.shape[0]:
-            outs.append(outs[0].new_zeros((h.shape[0] - len(outs), *outs[0].shape[1:])))
-        h = residual + self.o(torch.cat(outs))
+        if self.kernel is not None:  # every row in one library call, each with the bits it gets alone
+            cached = [layer.update(qk[r : r + 1, self.heads :], v[r : r + 1]) for r, layer in enumerate(row_layers)]
+            out = lowbit.attention_rows(self.kernel, qk[:, : self.heads], [c[0] for c in cached],
+                                        [c[1] for c in cached], self.scaling)  # [R, 1, Hq, hd], padding rows zero
+            h = residual + self.o(out.view(h.shape[0], 1, -1))
+        else:
+            outs = []
+            for r, layer in enumerate(row_layers):
+                keys, values = layer.update(qk[r : r + 1, self.heads :], v[r : r + 1])
+                outs.append(self._attend(qk[r : r + 1, : self.heads], keys, values, None))  # [1, 1, Hq * hd]
+            if len(outs) < h.shape[0]:
+                outs.append(outs[0].new_zeros((h.shape[0] - len(outs), *outs[0].shape[1:])))
+            h = residual + self.o(torch.cat(outs))
         residual = h
         gate, up = self._gate_up(self.post_norm(h))
         return residual + self.down(self.act(gate) * up)

@@ -157,6 +157,10 @@ def open_library(path: Path) -> ctypes.CDLL | None:
     lib.oh_attention.restype = ctypes.c_int
     lib.oh_attention.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                  ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
+    lib.oh_attention_rows.restype = ctypes.c_int
+    lib.oh_attention_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
     if lib.oh_available() not in ISAS:
         return None
     log.info("low-bit kernel (%s): %s", ISAS[lib.oh_available()], path)
@@ -406,4 +410,40 @@ def attention(lib: ctypes.CDLL, query: torch.Tensor, key: torch.Tensor, value: t
     if status != 0:
         raise RuntimeError(f"kernel attention failed ({status}) on query {tuple(query.shape)}, key "
                            f"{tuple(key.shape)}")
+    return out
+
+
+def attention_rows(lib: ctypes.CDLL, query: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                   scale: float) -> torch.Tensor:
+    """:func:`attention` for a batched decode step in one call: query [R, Hq, 1, D] (one position per row; R may
+    exceed ``len(keys)``: the rows past them are padding and get zeros), row r attending over its own keys[r] and
+    values[r] [1, Hkv, T_r, D] (a session's cache views). Returns [R, 1, Hq, D]; each row has the bits
+    :func:`attention` gives it alone (the library runs the same function per row)."""
+    rows, heads, one, dim = query.shape
+    real = len(keys)
+    if one != 1 or len(values) != real or real > rows or query.dtype is not _F32 or not query.is_cpu:
+        raise ValueError(f"kernel attention rows: query {query.dtype} {tuple(query.shape)}, {real} key and "
+                         f"{len(values)} value tensors")
+    if query.stride(3) != 1:
+        query = query.contiguous()
+    out = torch.zeros((rows, 1, heads, dim), dtype=_F32) if real < rows else torch.empty((rows, 1, heads, dim),
+                                                                                           dtype=_F32)
+    if real == 0:
+        return out
+    kv_heads = keys[0].shape[1]
+    meta: list[int] = []
+    for k, v in zip(keys, values, strict=True):
+        if (k.dtype is not _F32 or v.dtype is not _F32 or k.shape != v.shape or k.shape[0] != 1
+                or k.shape[1] != kv_heads or k.shape[3] != dim or k.stride(3) != 1 or v.stride(3) != 1):
+            raise ValueError(f"kernel attention rows: keys {k.dtype} {tuple(k.shape)}, values {v.dtype} "
+                             f"{tuple(v.shape)}; query {tuple(query.shape)}")
+        ks, vs = k.stride(), v.stride()
+        meta += (k.shape[2], ks[1], ks[2], vs[1], vs[2])
+    pointers = ctypes.c_void_p * real
+    qs = query.stride()
+    status = lib.oh_attention_rows(query.data_ptr(), qs[0], qs[1], real, pointers(*(k.data_ptr() for k in keys)),
+                                   pointers(*(v.data_ptr() for v in values)), (ctypes.c_int64 * len(meta))(*meta),
+                                   heads, kv_heads, dim, scale, torch.get_num_threads(), out.data_ptr())
+    if status != 0:
+        raise RuntimeError(f"kernel attention rows failed ({status}) on query {tuple(query.shape)}")
     return out

@@ -402,3 +402,22 @@ def test_kernel_attention_gives_the_same_bits_on_both_builds(tmp_path):
         mask = torch.rand(batch, 1, rows, positions) > 0.3 if masked else None
         outs = [lowbit.attention(library, q, k, v, mask, dim**-0.5, causal) for library in (lowbit.kernel(), avx2)]
         assert torch.equal(outs[0], outs[1]), (batch, heads, rows, positions, dim)
+
+
+def test_kernel_attention_rows_give_each_row_its_own_bits(lib):
+    """A batched step's rows in one call (``attention_rows``), each over its own cache view (its own length and
+    spare capacity): each row has the bits ``attention`` gives it alone; rows past the caches are zeros."""
+    torch.manual_seed(9)
+    lengths = (5, 40, 17)
+    caches = [(torch.randn(1, 3, n + 7, 64), torch.randn(1, 3, n + 7, 64)) for n in lengths]  # spare positions
+    keys = [k[:, :, :n] for (k, _), n in zip(caches, lengths, strict=True)]
+    values = [v[:, :, :n] for (_, v), n in zip(caches, lengths, strict=True)]
+    fused = torch.randn(4, 12, 1, 64)  # q of 9 heads and k of 3, as the lean step's rotated projection
+    query = fused[:, :9]
+    out = lowbit.attention_rows(lib, query, keys, values, 0.125)
+    assert out.shape == (4, 1, 9, 64)
+    for r in range(3):
+        assert torch.equal(out[r], lowbit.attention(lib, query[r : r + 1], keys[r], values[r], None, 0.125, False)[0])
+    assert torch.equal(out[3], torch.zeros(1, 9, 64))
+    with pytest.raises(ValueError, match="rows"):
+        lowbit.attention_rows(lib, query, keys, values[:2], 0.125)

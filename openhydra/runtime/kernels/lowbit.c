@@ -668,3 +668,38 @@ int oh_attention(const float *q, const float *k, const float *v, const uint8_t *
     return 0;
 #endif
 }
+
+/* oh_attention for R one-position rows, each over its own keys and values (continuous batching: each row a session
+ * with its own cache): row r is q + r * q_row [Hq, D] (heads q_head apart), its keys k[r] and values v[r] [Hkv, T_r,
+ * D] with meta[5 r ..] = T_r, then the key strides (head, position), then the value strides. out [R, Hq, D]
+ * contiguous. Each row is computed exactly as oh_attention computes it alone. Returns 0, -2 out of memory, -3 bad
+ * sizes. */
+int oh_attention_rows(const float *q, int64_t q_row, int64_t q_head, int64_t R, const float *const *k,
+                      const float *const *v, const int64_t *meta, int64_t hq, int64_t hkv, int64_t D, float scale,
+                      int threads, float *out) {
+#if !OH_KERNEL
+    (void)q; (void)q_row; (void)q_head; (void)R; (void)k; (void)v; (void)meta; (void)hq; (void)hkv; (void)D;
+    (void)scale; (void)threads; (void)out;
+    return -1;
+#else
+    if (R < 0 || D <= 0 || hkv <= 0 || hq <= 0 || hq % hkv != 0 || D % 16 != 0) return -3;
+    int64_t most = 1;
+    for (int64_t r = 0; r < R; r++) {
+        if (meta[5 * r] < 0 || meta[5 * r] > INT32_MAX) return -3;
+        most = meta[5 * r] > most ? meta[5 * r] : most;
+    }
+    const int64_t per = 2 * (2 * most + D);
+    const int64_t parts = threads > 1 ? (R < threads ? (R > 0 ? R : 1) : threads) : 1;
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)(per * parts));
+    if (!scratch) return -2;
+    #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
+    for (int64_t part = 0; part < parts; part++)
+        for (int64_t r = R * part / parts; r < R * (part + 1) / parts; r++) {
+            const int64_t *m = meta + 5 * r;
+            const int64_t p[20] = {1, hq, hkv, 1, m[0], D, 0, q_head, 0, 0, m[1], m[2], 0, m[3], m[4], 0, 0, 0, 0, -1};
+            attend_rows(q + r * q_row, k[r], v[r], NULL, p, scale, 0, hq, scratch + part * per, out + r * hq * D);
+        }
+    free(scratch);
+    return 0;
+#endif
+}
