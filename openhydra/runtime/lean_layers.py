@@ -198,11 +198,18 @@ class LeanLlamaLayer:
             rows = [self._qkv(one_position_row(x, i)) for i in range(seq_len)]
             qk, v = torch.cat([r[0] for r in rows], dim=2), torch.cat([r[1] for r in rows], dim=2)
         qk = self._rotate(qk, cos, sin)  # [1, Hq + Hkv, S, hd]
-        outs = []
-        for i in range(seq_len):
-            keys, values = cache.update(qk[:, self.heads :, i : i + 1], v[:, :, i : i + 1], self.layer_idx)
-            outs.append(self._attend(qk[:, : self.heads, i : i + 1], keys, values, None))
-        h = residual + self._rows(self.o, torch.cat(outs, dim=1))
+        if self.kernel is not None:  # all S positions appended, then attended in one call: row i over keys ..T0 + i
+            past = cache.get_seq_length(self.layer_idx)
+            keys, values = cache.update(qk[:, self.heads :], v, self.layer_idx)
+            attended = lowbit.attention(self.kernel, qk[:, : self.heads], keys, values, None, self.scaling, True,
+                                        past).view(1, seq_len, -1)
+        else:
+            outs = []
+            for i in range(seq_len):
+                keys, values = cache.update(qk[:, self.heads :, i : i + 1], v[:, :, i : i + 1], self.layer_idx)
+                outs.append(self._attend(qk[:, : self.heads, i : i + 1], keys, values, None))
+            attended = torch.cat(outs, dim=1)
+        h = residual + self._rows(self.o, attended)
         residual = h
         x = self.post_norm(h)
         if self.rows_at_once:

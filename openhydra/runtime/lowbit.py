@@ -374,14 +374,15 @@ _F32 = torch.float32
 
 
 def attention(lib: ctypes.CDLL, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              mask: torch.Tensor | None, scale: float, causal: bool) -> torch.Tensor:
+              mask: torch.Tensor | None, scale: float, causal: bool, past: int = 0) -> torch.Tensor:
     """softmax(q k^T * scale) v on the library (``oh_attention``): query [B, Hq, S, D], key and value [B, Hkv, T, D]
     fp32 CPU tensors with a contiguous last dimension (any other strides: cache views are read in place), D a
     multiple of 16, ``mask`` None or bool, broadcastable to [B, Hq, S, T] (True = attend), ``causal`` as PyTorch's
-    ``is_causal`` (query s sees keys 0..s). Returns [B, S, Hq, D] contiguous. Each query row is computed alone in a
-    fixed order: its bits do not depend on the other rows, heads or batch rows of the call, the thread count or the
-    build (AVX2 or AVX-512); they are not PyTorch's (its own exp and sums). A call costs ~3 µs of Python and ctypes
-    besides the arithmetic: the lean decode step calls it once per layer."""
+    ``is_causal`` (query s sees keys 0..s), or with ``past`` keys before the first query (query s sees keys
+    0..past + s: S positions appended after ``past`` cached ones, as a verify's). Returns [B, S, Hq, D] contiguous.
+    Each query row is computed alone in a fixed order: its bits do not depend on the other rows, heads or batch rows
+    of the call, the thread count or the build (AVX2 or AVX-512); they are not PyTorch's (its own exp and sums). A
+    call costs ~3 µs of Python and ctypes besides the arithmetic: the lean decode step calls it once per layer."""
     batch, heads, rows, dim = query.shape
     kb, kv_heads, positions, kd = key.shape
     if (kb != batch or kd != dim or value.shape != key.shape or query.dtype is not _F32 or key.dtype is not _F32
@@ -395,14 +396,14 @@ def attention(lib: ctypes.CDLL, query: torch.Tensor, key: torch.Tensor, value: t
         qs, ks, vs = query.stride(), key.stride(), value.stride()
     if mask is None:
         params = _ATTENTION_PARAMS(batch, heads, kv_heads, rows, positions, dim, qs[0], qs[1], qs[2], ks[0], ks[1],
-                                   ks[2], vs[0], vs[1], vs[2], 0, 0, 0, 0, 0 if causal else -1)
+                                   ks[2], vs[0], vs[1], vs[2], 0, 0, 0, 0, past if causal else -1)
         pointer = None
     else:
         if mask.dtype is not torch.bool:
             raise ValueError(f"kernel attention: needs a bool mask, got {mask.dtype}")
         mask = mask.expand(batch, heads, rows, positions)  # strides 0 where broadcast: nothing copied
         params = _ATTENTION_PARAMS(batch, heads, kv_heads, rows, positions, dim, qs[0], qs[1], qs[2], ks[0], ks[1],
-                                   ks[2], vs[0], vs[1], vs[2], *mask.stride(), 0 if causal else -1)
+                                   ks[2], vs[0], vs[1], vs[2], *mask.stride(), past if causal else -1)
         pointer = mask.data_ptr()
     out = torch.empty((batch, rows, heads, dim), dtype=_F32)
     status = lib.oh_attention(query.data_ptr(), key.data_ptr(), value.data_ptr(), pointer, params, scale,

@@ -354,6 +354,8 @@ def test_kernel_attention_rows_are_independent_of_their_call(lib):
         step = lowbit.attention(lib, q[:1, :, s : s + 1], k[:1, :, : s + 1].contiguous(), v[:1, :, : s + 1], None,
                                 0.125, False)
         assert torch.equal(step[0, 0], prefill[0, s])
+    verify = lowbit.attention(lib, q[:1, :, 5:], k[:1], v[:1], None, 0.125, True, past=5)  # rows 5..8 after 5 cached
+    assert torch.equal(verify[0], prefill[0, 5:])
     head = lowbit.attention(lib, q[1:, 4:5], k[1:, 2:3], v[1:, 2:3], None, 0.125, True)  # one head of batch row 1
     assert torch.equal(head[0, :, 0], prefill[1, :, 4])
     threads = torch.get_num_threads()
