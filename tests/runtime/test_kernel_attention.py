@@ -101,11 +101,15 @@ def test_qwen3_5_full_attention_layers_use_it(tiny_model_dirs):
     assert 0 < (out - reference).norm() < 0.02 * reference.norm()
 
 
-def test_batched_steps_keep_a_rows_bits(smollm2_dir):
-    """Continuous batching's rows attention runs over the library's attention on such a span: a session's steps
-    next to others' give the bits it gets alone."""
-    rt = ShardRuntime(smollm2_dir, dtype=torch.float32, quantization="int4")
-    prompts = [torch.randint(3, 40000, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 14, 21)]
+@pytest.mark.parametrize("model", ["smollm2", "qwen3"])
+def test_batched_steps_keep_a_rows_bits(smollm2_dir, tiny_model_dirs, model):
+    """Continuous batching's rows attention runs over the library's attention on such a span (SmolLM2: the lean
+    batched step, all rows in one call; tiny Qwen3: transformers' layers, one call per row): a session's steps next
+    to others' give the bits it gets alone."""
+    rt = ShardRuntime(smollm2_dir if model == "smollm2" else tiny_model_dirs[model], dtype=torch.float32,
+                      quantization="int4")
+    assert rt.kernel_attention
+    prompts = [torch.randint(3, 4000, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 14, 21)]
     alone = []
     for i, prompt in enumerate(prompts):
         out = rt.forward(f"alone{i}", torch.arange(prompt.numel()), input_ids=prompt)
