@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import finish_plot, medians  # noqa: E402
+from common import finish_plot, median_step_ms, medians, runtime_pair  # noqa: E402
 
 ARMS = ("kernel attention", "SDPA")
 
@@ -42,27 +42,13 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=1000, help="prefill length (0: skip)")
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_kernel_attention.png"))
     args = parser.parse_args()
-    from openhydra.testing.machine import announce
-
-    announce()
-    torch.set_num_threads(1)
-    from openhydra.runtime import lowbit, shard
+    current, sdpa = runtime_pair(args.quantization, "use_kernel_attention", lambda *a, **k: False)  # SDPA kept
+    runtimes = {ARMS[0]: current, ARMS[1]: sdpa}
+    from openhydra.runtime import lowbit
     from openhydra.runtime.batching import _Pending, forward_batch
     from openhydra.runtime.kernel_attention import KERNEL_ATTENTION
     from openhydra.runtime.shard import ShardRuntime
-    from openhydra.runtime.source import embedded_model_dir
-    from openhydra.testing import TEST_CACHE_ROOT
 
-    if lowbit.kernel() is None:
-        sys.exit("no low-bit kernel on this machine: nothing to compare")
-    model_dir = embedded_model_dir(TEST_CACHE_ROOT)
-    runtimes = {ARMS[0]: ShardRuntime(model_dir, dtype=torch.float32, quantization=args.quantization)}
-    original = shard.use_kernel_attention
-    shard.use_kernel_attention = lambda *a, **k: False  # SDPA, as before this change
-    try:
-        runtimes[ARMS[1]] = ShardRuntime(model_dir, dtype=torch.float32, quantization=args.quantization)
-    finally:
-        shard.use_kernel_attention = original
     assert runtimes[ARMS[0]].shard_config._attn_implementation == KERNEL_ATTENTION
     assert runtimes[ARMS[1]].shard_config._attn_implementation == "sdpa"
     print(f"low-bit kernel: {lowbit.isa()}; {args.quantization}, fp32, 1 thread; "
@@ -78,16 +64,7 @@ def main() -> None:
         return f"s{counter['n']}"
 
     def decode(rt: ShardRuntime) -> float:
-        sid = session()
-        out = rt.forward(sid, torch.arange(prompt.numel()), input_ids=prompt)
-        times = []
-        for i in range(args.steps):
-            token = torch.tensor([int(out.argmax())])
-            began = time.perf_counter()
-            out = rt.forward(sid, torch.tensor([prompt.numel() + i]), input_ids=token)
-            times.append(time.perf_counter() - began)
-        rt.close_session(sid)
-        return statistics.median(times) * 1e3
+        return median_step_ms(rt, session(), prompt, args.steps)
 
     def batched(rt: ShardRuntime) -> float:
         sids = [session() for _ in batch_prompts]

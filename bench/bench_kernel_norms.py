@@ -4,9 +4,10 @@
 
 Two ShardRuntimes of the embedded SmolLM2 in one process, fp32 with the low-bit kernel's matmuls, 1 thread: one as
 the node loads it (``use_kernel_norms``: every layer's two norms one ``oh_rms_norm`` call each), one with
-transformers' RMSNorm modules kept (the lean step's six PyTorch operations per norm). Each trial decodes ``--steps``
-greedy tokens on each arm after the same 42-token prompt, arms alternating which goes first; the medians of the
-per-trial median step times and their ratio are printed with the machine's load, beside a plot.
+transformers' RMSNorm modules kept (the lean step's six PyTorch operations per norm), both with SDPA attention
+(bench_kernel_attention.py measures the kernel's). Each trial decodes ``--steps`` greedy tokens on each arm after the
+same 42-token prompt, arms alternating which goes first; the medians of the per-trial median step times and their
+ratio are printed with the machine's load, beside a plot.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import medians, plot_trials, print_table, run_interleaved  # noqa: E402
+from common import median_step_ms, medians, plot_trials, print_table, run_interleaved, runtime_pair  # noqa: E402
 
 
 def main() -> None:
@@ -32,25 +32,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_kernel_norms.png"))
     args = parser.parse_args()
-    from openhydra.testing.machine import announce
+    from openhydra.runtime import shard
 
-    announce()
-    torch.set_num_threads(1)
-    from openhydra.runtime import lean_layers, lowbit, shard
-    from openhydra.runtime.shard import ShardRuntime
-    from openhydra.runtime.source import embedded_model_dir
-    from openhydra.testing import TEST_CACHE_ROOT
-
-    if lowbit.kernel() is None:
-        sys.exit("no low-bit kernel on this machine: nothing to compare")
-    model_dir = embedded_model_dir(TEST_CACHE_ROOT)
-    kernel_rt = ShardRuntime(model_dir, dtype=torch.float32, quantization=args.quantization)
-    original = shard.use_kernel_norms
-    shard.use_kernel_norms = lambda layers, dtype: 0  # transformers' norms, as before this change
+    # the norms alone: attention stays SDPA in both arms (the kernel's attention needs the kernel's norms)
+    original, shard.use_kernel_attention = shard.use_kernel_attention, lambda *a, **k: False
     try:
-        torch_rt = ShardRuntime(model_dir, dtype=torch.float32, quantization=args.quantization)
+        kernel_rt, torch_rt = runtime_pair(args.quantization, "use_kernel_norms", lambda layers, dtype: 0)
     finally:
-        shard.use_kernel_norms = original
+        shard.use_kernel_attention = original
+    from openhydra.runtime import lean_layers, lowbit
+    from openhydra.runtime.shard import ShardRuntime
+
     assert kernel_rt.kernel_norm_layers == kernel_rt.num_layers and torch_rt.kernel_norm_layers == 0
     assert all(isinstance(layer.input_layernorm, lowbit.KernelRMSNorm) for layer in kernel_rt.modules.layers)
     assert lean_layers.lean_usable(kernel_rt._lean, "sdpa") and lean_layers.lean_usable(torch_rt._lean, "sdpa")
@@ -60,17 +52,8 @@ def main() -> None:
 
     def arm(rt: ShardRuntime):
         def run() -> float:
-            session = f"t{trial['n']}"
             trial["n"] += 1
-            out = rt.forward(session, torch.arange(prompt.numel()), input_ids=prompt)
-            times = []
-            for i in range(args.steps):
-                token = torch.tensor([int(out.argmax())])
-                began = time.perf_counter()
-                out = rt.forward(session, torch.tensor([prompt.numel() + i]), input_ids=token)
-                times.append(time.perf_counter() - began)
-            rt.close_session(session)
-            return statistics.median(times) * 1e3
+            return median_step_ms(rt, f"t{trial['n']}", prompt, args.steps)
 
         return run
 

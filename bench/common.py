@@ -6,6 +6,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,3 +99,48 @@ def machine_banner() -> str:
     from openhydra.testing.machine import machine_banner as banner
 
     return banner()
+
+
+def runtime_pair(quantization: str, switch: str, stand_in: Callable) -> tuple:
+    """For in-process A/B benches of one load-time choice: two ShardRuntimes of the embedded SmolLM2, fp32 with
+    ``quantization`` on the low-bit kernel, 1 torch thread (the machine announced first): the first as the node loads
+    it, the second with ``openhydra.runtime.shard.<switch>`` replaced by ``stand_in`` while it loads (the code before
+    that choice). Exits where this machine has no low-bit kernel."""
+    import torch
+
+    from openhydra.testing.machine import announce
+
+    announce()
+    torch.set_num_threads(1)
+    from openhydra.runtime import lowbit, shard
+    from openhydra.runtime.shard import ShardRuntime
+    from openhydra.runtime.source import embedded_model_dir
+    from openhydra.testing import TEST_CACHE_ROOT
+
+    if lowbit.kernel() is None:
+        sys.exit("no low-bit kernel on this machine: nothing to compare")
+    model_dir = embedded_model_dir(TEST_CACHE_ROOT)
+    current = ShardRuntime(model_dir, dtype=torch.float32, quantization=quantization)
+    original = getattr(shard, switch)
+    setattr(shard, switch, stand_in)
+    try:
+        before = ShardRuntime(model_dir, dtype=torch.float32, quantization=quantization)
+    finally:
+        setattr(shard, switch, original)
+    return current, before
+
+
+def median_step_ms(runtime, session_id: str, prompt, steps: int) -> float:
+    """The median of ``steps`` greedy one-position decode steps (``runtime.forward``), in ms, after ``prompt``; the
+    session is closed after."""
+    import torch
+
+    out = runtime.forward(session_id, torch.arange(prompt.numel()), input_ids=prompt)
+    times = []
+    for i in range(steps):
+        token = torch.tensor([int(out.argmax())])
+        began = time.perf_counter()
+        out = runtime.forward(session_id, torch.tensor([prompt.numel() + i]), input_ids=token)
+        times.append(time.perf_counter() - began)
+    runtime.close_session(session_id)
+    return statistics.median(times) * 1e3
