@@ -41,13 +41,17 @@ def eos_token_ids(tokenizer, model_dir: Path) -> set[int]:
 
 
 def _kernel_summary(runtime) -> str | None:
-    """What multiplies a torch span's CPU int8/int4 weights (runtime/quant_cpu.py), None for other spans."""
+    """What multiplies a torch span's CPU int8/int4 weights (runtime/quant_cpu.py), None for other spans; "... with
+    its norms and attention" where the low-bit library runs those too (runtime/kernel_attention.py)."""
     modules = getattr(runtime, "modules", None)
     if getattr(runtime, "quantization", "none") in (None, "none") or modules is None:
         return None
     from openhydra.runtime.quant_cpu import kernel_summary
 
-    return kernel_summary(modules)
+    summary = kernel_summary(modules)
+    if summary and getattr(runtime, "kernel_attention", False):
+        summary += ", with its norms and attention"
+    return summary
 
 
 def model_num_layers(model_dir: Path) -> tuple[int, int]:

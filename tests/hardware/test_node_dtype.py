@@ -37,7 +37,8 @@ def test_nodes_report_dtype_and_reason(tiny_model_dirs, tmp_path):
     # which kernel multiplies the 4-bit weights: OpenHydra's own where this CPU runs it (runtime/lowbit.py)
     from openhydra.runtime import lowbit
 
-    expected_kernel = "PyTorch's int4/int8 kernels" if lowbit.kernel() is None else f"low-bit kernel ({lowbit.isa()})"
+    expected_kernel = ("PyTorch's int4/int8 kernels" if lowbit.kernel() is None
+                       else f"low-bit kernel ({lowbit.isa()}), with its norms and attention")  # fp32: all three
     assert quantized["kernel"] == expected_kernel and chosen["kernel"] is None
     assert quantized["dtype"] == "float32" and f"(int8/int4 weights: {expected_kernel})" in logs[2]
     native = native_bf16_flags(cpu_flags())
