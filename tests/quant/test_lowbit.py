@@ -421,5 +421,11 @@ def test_kernel_attention_rows_give_each_row_its_own_bits(lib):
     for r in range(3):
         assert torch.equal(out[r], lowbit.attention(lib, query[r : r + 1], keys[r], values[r], None, 0.125, False)[0])
     assert torch.equal(out[3], torch.zeros(1, 9, 64))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(lowbit.attention_rows(lib, query, keys, values, 0.125), out)
+    finally:
+        torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="rows"):
         lowbit.attention_rows(lib, query, keys, values[:2], 0.125)

@@ -669,6 +669,17 @@ int oh_attention(const float *q, const float *k, const float *v, const uint8_t *
 #endif
 }
 
+#if OH_KERNEL
+/* Row r of oh_attention_rows: oh_attention's parameters for that session's cache, then its rows (one per head). */
+static void attend_session_row(const float *q, int64_t q_row, int64_t q_head, const float *const *k,
+                               const float *const *v, const int64_t *meta, int64_t hq, int64_t hkv, int64_t D,
+                               float scale, int64_t r, float *scratch, float *out) {
+    const int64_t *m = meta + 5 * r;
+    const int64_t p[20] = {1, hq, hkv, 1, m[0], D, 0, q_head, 0, 0, m[1], m[2], 0, m[3], m[4], 0, 0, 0, 0, -1};
+    attend_rows(q + r * q_row, k[r], v[r], NULL, p, scale, 0, hq, scratch, out + r * hq * D);
+}
+#endif
+
 /* oh_attention for R one-position rows, each over its own keys and values (continuous batching: each row a session
  * with its own cache): row r is q + r * q_row [Hq, D] (heads q_head apart), its keys k[r] and values v[r] [Hkv, T_r,
  * D] with meta[5 r ..] = T_r, then the key strides (head, position), then the value strides. out [R, Hq, D]
@@ -692,13 +703,15 @@ int oh_attention_rows(const float *q, int64_t q_row, int64_t q_head, int64_t R, 
     const int64_t parts = threads > 1 ? (R < threads ? (R > 0 ? R : 1) : threads) : 1;
     float *scratch = (float *)malloc(sizeof(float) * (size_t)(per * parts));
     if (!scratch) return -2;
-    #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
-    for (int64_t part = 0; part < parts; part++)
-        for (int64_t r = R * part / parts; r < R * (part + 1) / parts; r++) {
-            const int64_t *m = meta + 5 * r;
-            const int64_t p[20] = {1, hq, hkv, 1, m[0], D, 0, q_head, 0, 0, m[1], m[2], 0, m[3], m[4], 0, 0, 0, 0, -1};
-            attend_rows(q + r * q_row, k[r], v[r], NULL, p, scale, 0, hq, scratch + part * per, out + r * hq * D);
-        }
+    if (parts > 1) {
+        #pragma omp parallel for schedule(static) num_threads(parts)
+        for (int64_t part = 0; part < parts; part++)
+            for (int64_t r = R * part / parts; r < R * (part + 1) / parts; r++)
+                attend_session_row(q, q_row, q_head, k, v, meta, hq, hkv, D, scale, r, scratch + part * per, out);
+    } else {  /* no OpenMP region for one thread (entering one costs about a microsecond) */
+        for (int64_t r = 0; r < R; r++)
+            attend_session_row(q, q_row, q_head, k, v, meta, hq, hkv, D, scale, r, scratch, out);
+    }
     free(scratch);
     return 0;
 #endif
