@@ -147,7 +147,8 @@ class LeanLlamaLayer:
         self.is_causal = getattr(attn, "is_causal", True)
         self.attn = attn  # transformers' own attention, where a mask is given
         # the low-bit library's attention where the span uses it (runtime/kernel_attention.py; decided at load)
-        self.kernel = lowbit.kernel() if attn.config._attn_implementation == KERNEL_ATTENTION else None
+        kernel_names = (KERNEL_ATTENTION, ROWS_KERNEL_ATTENTION)  # the rows attention runs over the library's too
+        self.kernel = lowbit.kernel() if attn.config._attn_implementation in kernel_names else None
         self.input_norm = _norm_of(layer.input_layernorm)
         self.post_norm = _norm_of(layer.post_attention_layernorm)
         qkv = getattr(attn, "fused_q_proj_k_proj_v_proj", None)
@@ -199,10 +200,9 @@ class LeanLlamaLayer:
             qk, v = torch.cat([r[0] for r in rows], dim=2), torch.cat([r[1] for r in rows], dim=2)
         qk = self._rotate(qk, cos, sin)  # [1, Hq + Hkv, S, hd]
         if self.kernel is not None:  # all S positions appended, then attended in one call: row i over keys ..T0 + i
-            past = cache.get_seq_length(self.layer_idx)
             keys, values = cache.update(qk[:, self.heads :], v, self.layer_idx)
             attended = lowbit.attention(self.kernel, qk[:, : self.heads], keys, values, None, self.scaling, True,
-                                        past).view(1, seq_len, -1)
+                                        keys.shape[2] - seq_len).view(1, seq_len, -1)
         else:
             outs = []
             for i in range(seq_len):

@@ -390,17 +390,20 @@ def attention(lib: ctypes.CDLL, query: torch.Tensor, key: torch.Tensor, value: t
         raise ValueError(f"kernel attention: needs fp32 CPU query [B, Hq, S, D], key and value [B, Hkv, T, D]; got "
                          f"{query.dtype} {tuple(query.shape)}, {key.dtype} {tuple(key.shape)}, {value.dtype} "
                          f"{tuple(value.shape)} on {query.device}")
+    if query.stride(3) != 1:  # any other strides are read in place (a cache's views are not copied)
+        query = query.contiguous()
+    if key.stride(3) != 1:
+        key = key.contiguous()
+    if value.stride(3) != 1:
+        value = value.contiguous()
     qs, ks, vs = query.stride(), key.stride(), value.stride()
-    if qs[3] != 1 or ks[3] != 1 or vs[3] != 1:
-        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
-        qs, ks, vs = query.stride(), key.stride(), value.stride()
     if mask is None:
         params = _ATTENTION_PARAMS(batch, heads, kv_heads, rows, positions, dim, qs[0], qs[1], qs[2], ks[0], ks[1],
                                    ks[2], vs[0], vs[1], vs[2], 0, 0, 0, 0, past if causal else -1)
         pointer = None
     else:
-        if mask.dtype is not torch.bool:
-            raise ValueError(f"kernel attention: needs a bool mask, got {mask.dtype}")
+        if mask.dtype is not torch.bool or not mask.is_cpu:
+            raise ValueError(f"kernel attention: needs a bool CPU mask, got {mask.dtype} on {mask.device}")
         mask = mask.expand(batch, heads, rows, positions)  # strides 0 where broadcast: nothing copied
         params = _ATTENTION_PARAMS(batch, heads, kv_heads, rows, positions, dim, qs[0], qs[1], qs[2], ks[0], ks[1],
                                    ks[2], vs[0], vs[1], vs[2], *mask.stride(), past if causal else -1)
@@ -434,7 +437,8 @@ def attention_rows(lib: ctypes.CDLL, query: torch.Tensor, keys: list[torch.Tenso
     kv_heads = keys[0].shape[1]
     meta: list[int] = []
     for k, v in zip(keys, values, strict=True):
-        if (k.dtype is not _F32 or v.dtype is not _F32 or k.shape != v.shape or k.shape[0] != 1
+        if (k.dtype is not _F32 or v.dtype is not _F32 or not k.is_cpu or not v.is_cpu or k.shape != v.shape
+                or k.shape[0] != 1
                 or k.shape[1] != kv_heads or k.shape[3] != dim or k.stride(3) != 1 or v.stride(3) != 1):
             raise ValueError(f"kernel attention rows: keys {k.dtype} {tuple(k.shape)}, values {v.dtype} "
                              f"{tuple(v.shape)}; query {tuple(query.shape)}")

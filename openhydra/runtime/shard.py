@@ -116,7 +116,7 @@ class ShardRuntime:
         self.rows_independent = rows_independent(on_lowbit, self.layer_types)
         # the arithmetic its outputs come from, as its peer announces it (the record's ``backend``): verification
         # compares only peers that compute alike (verification/verifier.py ``alternatives``)
-        self.numerics = arithmetic_name(quantization, on_lowbit)
+        self.numerics = arithmetic_name(quantization, on_lowbit, self.kernel_attention)
         self.prefix_cache: PrefixCache | None = None  # runtime/serving.py turns it on
         self.batcher = None  # runtime/batching.py DecodeBatcher, when continuous batching is on
         self.compaction: ShardCompaction | None = None  # KV compaction of this span (runtime/compaction/)

@@ -47,23 +47,22 @@ class Comparison:
     reason: str = ""
 
 
-def arithmetic_name(quantization: str, lowbit: bool) -> str:
+def arithmetic_name(quantization: str, lowbit: bool, attention: bool = False) -> str:
     """The ``backend`` a PyTorch span announces (ShardRuntime.numerics): "pytorch" unquantized, else
-    "pytorch-<quantization>-<kernel>", the kernel "lowbit3" (OpenHydra's low-bit kernel with its norms and
-    attention, runtime/lowbit.py; the number changes whenever its bits do) or "torch" (PyTorch's kernels)."""
+    "pytorch-<quantization>-<kernel>", the kernel "lowbit3" (OpenHydra's low-bit kernel with its attention: fp32
+    spans, runtime/kernel_attention.py), "lowbit2" (the low-bit kernel's matmuls, with PyTorch's attention: what
+    every low-bit span of the previous release computed, and bf16 spans now) or "torch" (PyTorch's kernels). The
+    number changes whenever the kernel's bits do."""
     if quantization == "none":
         return "pytorch"
-    return f"pytorch-{quantization}-{'lowbit3' if lowbit else 'torch'}"
+    kernel = ("lowbit3" if attention else "lowbit2") if lowbit else "torch"
+    return f"pytorch-{quantization}-{kernel}"
 
 
-EARLIER_ARITHMETIC = frozenset(f"pytorch-{quantization}-lowbit2" for quantization in ("int4", "int8"))
-"""What peers of the previous release announce for the low-bit kernel (its norms, PyTorch's attention): kept known,
-so they pair with each other rather than with unquantized peers."""
-
-KNOWN_ARITHMETIC = frozenset({"pytorch", "mlx", *EARLIER_ARITHMETIC,
-                              *(arithmetic_name(quantization, lowbit) for quantization in ("int4", "int8", "nf4")
-                                for lowbit in (True, False))})
-"""The ``backend`` values this release's peers announce (runtime ``numerics``), and the previous release's."""
+KNOWN_ARITHMETIC = frozenset({"pytorch", "mlx", *(arithmetic_name(quantization, lowbit, attention)
+                                                   for quantization in ("int4", "int8", "nf4")
+                                                   for lowbit in (True, False) for attention in (True, False))})
+"""The ``backend`` values this release's peers announce (runtime ``numerics``)."""
 
 
 def arithmetic_of(record) -> str:

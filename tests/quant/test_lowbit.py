@@ -384,7 +384,7 @@ def test_kernel_attention_refuses_what_it_does_not_compute(lib):
     q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 8, 64)
     with pytest.raises(ValueError, match="fp32"):
         lowbit.attention(lib, q.bfloat16(), k.bfloat16(), k.bfloat16(), None, 0.1, False)
-    with pytest.raises(ValueError, match="bool mask"):
+    with pytest.raises(ValueError, match="bool CPU mask"):
         lowbit.attention(lib, q, k, k, torch.zeros(1, 1, 1, 8), 0.1, False)
     with pytest.raises(RuntimeError, match="failed"):  # a head size that is not a multiple of 16
         lowbit.attention(lib, torch.randn(1, 4, 1, 40), torch.randn(1, 2, 8, 40), torch.randn(1, 2, 8, 40), None,

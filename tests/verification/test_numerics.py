@@ -68,9 +68,13 @@ def test_a_made_up_backend_is_audited_like_pytorch() -> None:
 
 
 @pytest.mark.parametrize(("quantization", "expected"), [("none", "pytorch"), ("int4", None), ("int8", None)])
-def test_shard_runtime_numerics(tiny_model_dirs, quantization, expected) -> None:
-    rt = ShardRuntime(tiny_model_dirs["llama"], 0, 4, dtype=torch.float32, quantization=quantization)
-    kernel = "lowbit3" if lowbit.kernel() is not None else "torch"
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shard_runtime_numerics(tiny_model_dirs, quantization, expected, dtype) -> None:
+    """fp32 spans on the low-bit kernel run its attention too ("lowbit3"); bf16 ones keep PyTorch's attention, as
+    every low-bit span of the previous release did ("lowbit2"), and pair with those."""
+    rt = ShardRuntime(tiny_model_dirs["llama"], 0, 4, dtype=dtype, quantization=quantization)
+    kernel = "torch" if lowbit.kernel() is None else "lowbit3" if dtype == torch.float32 else "lowbit2"
+    assert rt.kernel_attention == (kernel == "lowbit3" and quantization != "none")
     assert rt.numerics == (expected or f"pytorch-{quantization}-{kernel}")
     _record("x", rt.numerics)  # a valid record field
 

@@ -433,6 +433,7 @@ static inline void dot16x4(const float *a, const float *const b[4], int64_t n, f
  * smallest normal float's order): what it adds to a sum of ones and more is nothing. Branch-free, so a loop of it
  * vectorizes; the same operations on every build. NaN stays NaN. */
 static inline float oh_expf(float x) {
+    if (x != x) return x;  /* NaN (converting it to an integer below would be undefined) */
     x = x < -87.0f ? -87.0f : x;
     const float n = rintf(x * 1.44269504088896341f);
     float r = fmaf(n, -0.693359375f, x);
