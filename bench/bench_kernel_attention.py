@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=1000, help="prefill length (0: skip)")
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_kernel_attention.png"))
     args = parser.parse_args()
+    from openhydra.testing.machine import announce
+
+    announce()
     current, sdpa = runtime_pair(args.quantization, "use_kernel_attention", lambda *a, **k: False)  # SDPA kept
     runtimes = {ARMS[0]: current, ARMS[1]: sdpa}
     from openhydra.runtime import lowbit

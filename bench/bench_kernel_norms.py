@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_kernel_norms.png"))
     args = parser.parse_args()
+    from openhydra.testing.machine import announce
+
+    announce()
     from openhydra.runtime import shard
 
     # the norms alone: attention stays SDPA in both arms (the kernel's attention needs the kernel's norms)

@@ -103,14 +103,11 @@ def machine_banner() -> str:
 
 def runtime_pair(quantization: str, switch: str, stand_in: Callable) -> tuple:
     """For in-process A/B benches of one load-time choice: two ShardRuntimes of the embedded SmolLM2, fp32 with
-    ``quantization`` on the low-bit kernel, 1 torch thread (the machine announced first): the first as the node loads
-    it, the second with ``openhydra.runtime.shard.<switch>`` replaced by ``stand_in`` while it loads (the code before
-    that choice). Exits where this machine has no low-bit kernel."""
+    ``quantization`` on the low-bit kernel, 1 torch thread: the first as the node loads it, the second with
+    ``openhydra.runtime.shard.<switch>`` replaced by ``stand_in`` while it loads (the code before that choice). Exits
+    where this machine has no low-bit kernel. The caller announces the machine first."""
     import torch
 
-    from openhydra.testing.machine import announce
-
-    announce()
     torch.set_num_threads(1)
     from openhydra.runtime import lowbit, shard
     from openhydra.runtime.shard import ShardRuntime
