@@ -47,9 +47,16 @@ def kernel_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
             f"kernel attention: {'no library' if lib is None else ''} dropout={dropout} {unsupported} mask "
             f"{None if attention_mask is None else attention_mask.dtype} (span {type(module).__name__})")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = query.shape[2] > 1 and attention_mask is None and causal  # as SDPA: a mask says it all
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return lowbit.attention(lib, query, key, value, attention_mask, scale, causal), None
+    return attend(lib, query, key, value, attention_mask, scale, causal), None
+
+
+def attend(lib, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+           scale: float, is_causal: bool) -> torch.Tensor:
+    """The library's attention with SDPA's rule for causality (only for several queries and no mask: a mask says it
+    all), as transformers' layers (:func:`kernel_attention_forward`) and the lean step call it: [B, S, Hq, D]."""
+    causal = query.shape[2] > 1 and attention_mask is None and is_causal
+    return lowbit.attention(lib, query, key, value, attention_mask, scale, causal)
 
 
 def register() -> str:

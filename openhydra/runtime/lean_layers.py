@@ -27,7 +27,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 
 from openhydra.runtime import lowbit
 from openhydra.runtime.batching import ROWS_ATTENTION, ROWS_KERNEL_ATTENTION
-from openhydra.runtime.kernel_attention import KERNEL_ATTENTION
+from openhydra.runtime.kernel_attention import KERNEL_ATTENTION, attend
 from openhydra.runtime.lowbit import KernelRMSNorm, LowBitWeight
 from openhydra.runtime.quant_cpu import (
     INT8_DECODE_ROWS,
@@ -273,8 +273,7 @@ class LeanLlamaLayer:
         the heads flattened: [B, S, Hq * hd], contiguous."""
         batch, _, seq_len, _ = q.shape
         if self.kernel is not None:
-            causal = seq_len > 1 and attention_mask is None and self.is_causal
-            out = lowbit.attention(self.kernel, q, k, v, attention_mask, self.scaling, causal)  # [B, S, Hq, hd]
+            out = attend(self.kernel, q, k, v, attention_mask, self.scaling, self.is_causal)  # [B, S, Hq, hd]
             return out.view(batch, seq_len, -1)
         if attention_mask is None and k.shape[-1] == v.shape[-1] <= 256:  # its path when the GQA flag is usable
             is_causal = seq_len > 1 and self.is_causal

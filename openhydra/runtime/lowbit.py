@@ -397,17 +397,14 @@ def attention(lib: ctypes.CDLL, query: torch.Tensor, key: torch.Tensor, value: t
     if value.stride(3) != 1:
         value = value.contiguous()
     qs, ks, vs = query.stride(), key.stride(), value.stride()
-    if mask is None:
-        params = _ATTENTION_PARAMS(batch, heads, kv_heads, rows, positions, dim, qs[0], qs[1], qs[2], ks[0], ks[1],
-                                   ks[2], vs[0], vs[1], vs[2], 0, 0, 0, 0, past if causal else -1)
-        pointer = None
-    else:
+    pointer, mask_strides = None, (0, 0, 0, 0)
+    if mask is not None:
         if mask.dtype is not torch.bool or not mask.is_cpu:
             raise ValueError(f"kernel attention: needs a bool CPU mask, got {mask.dtype} on {mask.device}")
         mask = mask.expand(batch, heads, rows, positions)  # strides 0 where broadcast: nothing copied
-        params = _ATTENTION_PARAMS(batch, heads, kv_heads, rows, positions, dim, qs[0], qs[1], qs[2], ks[0], ks[1],
-                                   ks[2], vs[0], vs[1], vs[2], *mask.stride(), past if causal else -1)
-        pointer = mask.data_ptr()
+        pointer, mask_strides = mask.data_ptr(), mask.stride()
+    params = _ATTENTION_PARAMS(batch, heads, kv_heads, rows, positions, dim, *qs[:3], *ks[:3], *vs[:3], *mask_strides,
+                               past if causal else -1)
     out = torch.empty((batch, rows, heads, dim), dtype=_F32)
     status = lib.oh_attention(query.data_ptr(), key.data_ptr(), value.data_ptr(), pointer, params, scale,
                               torch.get_num_threads(), out.data_ptr())
@@ -438,8 +435,8 @@ def attention_rows(lib: ctypes.CDLL, query: torch.Tensor, keys: list[torch.Tenso
     meta: list[int] = []
     for k, v in zip(keys, values, strict=True):
         if (k.dtype is not _F32 or v.dtype is not _F32 or not k.is_cpu or not v.is_cpu or k.shape != v.shape
-                or k.shape[0] != 1
-                or k.shape[1] != kv_heads or k.shape[3] != dim or k.stride(3) != 1 or v.stride(3) != 1):
+                or k.shape[0] != 1 or k.shape[1] != kv_heads or k.shape[3] != dim or k.stride(3) != 1
+                or v.stride(3) != 1):
             raise ValueError(f"kernel attention rows: keys {k.dtype} {tuple(k.shape)}, values {v.dtype} "
                              f"{tuple(v.shape)}; query {tuple(query.shape)}")
         ks, vs = k.stride(), v.stride()

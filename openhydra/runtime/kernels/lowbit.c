@@ -378,6 +378,13 @@ int oh_rms_norm(const float *x, const float *w, float eps, int64_t m, int64_t k,
  * maximum in vector registers, and two rows' value sums interleaved over the keys they share. */
 
 #if OH_KERNEL
+/* The rest of dot16's tree once its 16 partial sums are 8 (partial j + partial j + 8): j + 4, then j + 2, j + 1. */
+static inline float tree8(__m256 eight) {
+    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
+
 /* a . b for n a multiple of 16: 16 partial sums (element i in partial i % 16, each a chain of fmaf in order), added
  * in a fixed tree (partial j + partial j + 8, then j + 4, j + 2, j + 1): one 512-bit register or two 256-bit ones,
  * the same operations lane for lane. */
@@ -394,9 +401,7 @@ static inline float dot16(const float *a, const float *b, int64_t n) {
     }
     const __m256 eight = _mm256_add_ps(low, high);
 #endif
-    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
-    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-    return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+    return tree8(eight);
 }
 
 /* dot16 of q with 4 keys at once (their chains interleaved; each key's operations are dot16's). */
@@ -422,16 +427,14 @@ static inline void dot16x4(const float *a, const float *const b[4], int64_t n, f
     for (int t = 0; t < 4; t++) {
         const __m256 eight = _mm256_add_ps(low[t], high[t]);
 #endif
-        const __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
-        const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-        out[t] = _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+        out[t] = tree8(eight);
     }
 }
 
 /* e^x for x <= 0 (a score minus the row's maximum), Cephes' expf: n = round(x log2 e), r = x - n ln 2 in two
  * parts, a degree-7 polynomial in r, times 2^n; within 2 ulp of e^x. x is clamped at -87 (e^-87 ~ 1.6e-38, the
- * smallest normal float's order): what it adds to a sum of ones and more is nothing. Branch-free, so a loop of it
- * vectorizes; the same operations on every build. NaN stays NaN. */
+ * smallest normal float's order): what it adds to a sum of ones and more is nothing. The same operations on every
+ * build; exp_shifted runs them in vector registers and this for its last few. NaN stays NaN. */
 static inline float oh_expf(float x) {
     if (x != x) return x;  /* NaN (converting it to an integer below would be undefined) */
     x = x < -87.0f ? -87.0f : x;
