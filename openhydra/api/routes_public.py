@@ -58,6 +58,10 @@ def register(app: Sanic) -> None:
                 "degradation_reason": model.degradation_reason,
             },
         }
+        if model is not None and state.engine is not None:  # a node with a span (runtime/compute_lane.py)
+            from openhydra.runtime import compute_lane
+
+            body["compute"] = compute_lane.status()
         for name, provider in state.extra.items():
             if callable(getattr(provider, "network_status", None)):
                 body[name] = provider.network_status()

@@ -181,15 +181,24 @@ def measure_bf16_vs_fp32(threads: int) -> Bf16Measurement:
     """bf16 against fp32 on a prefill- and a decode-shaped matmul, with ``threads`` torch threads (cached)."""
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    from openhydra.runtime import compute_lane
+
+    def measure() -> tuple[tuple[float, float], tuple[float, float]]:
         started = time.perf_counter()
-        prefill = _median_linear_s(PREFILL_SHAPE, threads)
-        decode = _median_linear_s(DECODE_SHAPE, threads)
+        timed = _median_linear_s(PREFILL_SHAPE, threads), _median_linear_s(DECODE_SHAPE, threads)
         log.debug("bf16 vs fp32 measured in %.3f s", time.perf_counter() - started)
-    finally:
-        torch.set_num_threads(before)
+        return timed
+
+    lane = compute_lane.current()
+    if lane is not None and lane.threads == threads:  # where the node's steps will run, as they will run
+        prefill, decode = lane.run(measure)
+    else:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            prefill, decode = measure()
+        finally:
+            torch.set_num_threads(before)
     return Bf16Measurement(prefill_fp32_s=prefill[0], prefill_bf16_s=prefill[1], decode_fp32_s=decode[0],
                            decode_bf16_s=decode[1], threads=threads)
 

@@ -55,6 +55,7 @@ from openhydra.peer.rebuild import DEFAULT_RETAIN_BYTES, Retained
 from openhydra.peer.rebuild_service import RebuildHandlers
 from openhydra.peer.session_auth import hop_settlement_key, sign_failure
 from openhydra.peer.wire import FLOAT_DTYPES, WireError, decode_tensor, encode_tensor
+from openhydra.runtime import compute_lane
 from openhydra.runtime.prefix_cache import PrefixKey
 from openhydra.runtime.sampling import sample
 from openhydra.runtime.shard import PositionMismatchError, ShardRuntime, is_verify
@@ -69,6 +70,8 @@ compute. Larger steps (prefill chunks) go to the worker pool so the loop keeps m
 A span whose small steps keep taking longer than INLINE_MAX_S (a big model on a slow CPU) stops running them inline:
 the loop must stay free to answer liveness probes (Info) within the coordinator's probe timeout."""
 INLINE_MAX_S = 0.05
+"""Where the node computes with several threads, every step runs on the compute lane instead
+(runtime/compute_lane.py): a second thread starting OpenMP regions would slow all of them."""
 
 
 class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
@@ -209,6 +212,8 @@ class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
                 # batched decode step plain decoding runs there (runtime/batching.py; the same greedy tokens).
                 out = self._compute(header, tensor,
                                     await asyncio.wrap_future(self._submit(batcher, header, tensor, verify=True)))
+            elif (lane := compute_lane.current()) is not None:  # every step on the process's one compute thread
+                out = await asyncio.wrap_future(lane.submit(self._compute, header, tensor, None, prefix))
             elif header.num_positions <= self.inline_max_positions and self._inline_ok:
                 out = self._compute(header, tensor, prefix=prefix)
                 self._slow_inline = self._slow_inline + 1 if time.perf_counter() - began > INLINE_MAX_S else 0

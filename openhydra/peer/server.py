@@ -21,6 +21,7 @@ from openhydra.peer.forward import PeerService
 from openhydra.peer.outbound import SERVER_OPTIONS
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
 from openhydra.peer.rebuild import DEFAULT_RETAIN_BYTES
+from openhydra.runtime import compute_lane
 from openhydra.runtime.shard import ShardRuntime
 
 
@@ -143,8 +144,8 @@ def main(argv: list[str] | None = None, *, description: str = "OpenHydra peer: s
         extra_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    torch.set_num_threads(args.threads)
-    runtime = ShardRuntime(args.model_dir, args.start, args.end, dtype=getattr(torch, args.dtype))
+    compute_lane.install(args.threads)  # several threads: the span's compute on one thread (runtime/compute_lane.py)
+    runtime = compute_lane.run(ShardRuntime, args.model_dir, args.start, args.end, dtype=getattr(torch, args.dtype))
     if wrap_runtime is not None:
         runtime = wrap_runtime(runtime, args)
     server = PeerServer(runtime, args.host, args.port, args.model_id)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from openhydra.runtime import compute_lane
 from openhydra.runtime.quantize import QuantizationUnavailable, method_for, require_method
 
 if TYPE_CHECKING:
@@ -69,8 +70,9 @@ class TorchBackend:
         from openhydra.runtime.shard import ShardRuntime
 
         self._fit_dtype_to_memory(model_dir, start, end)
-        return ShardRuntime(model_dir, start, end, dtype=self.dtype, device=self.device, compaction=self.compaction,
-                            quantization=self.quantization)
+        # on the compute lane where there is one: quantizing at load uses the node's threads, as its steps do
+        return compute_lane.run(ShardRuntime, model_dir, start, end, dtype=self.dtype, device=self.device,
+                                compaction=self.compaction, quantization=self.quantization)
 
     def _fit_dtype_to_memory(self, model_dir: Path, start: int, end: int | None) -> None:
         """hardware.dtype=auto chose float32 on the CPU: fall back to bfloat16 if this span's fp32 weights don't fit."""
@@ -136,8 +138,11 @@ def make_backend(
     except QuantizationUnavailable as exc:
         raise BackendUnavailable(str(exc)) from None
     if threads <= 0:
-        threads = int(os.environ.get("OPENHYDRA_THREADS", 0)) or torch.get_num_threads()
-    torch.set_num_threads(threads)
+        threads = int(os.environ.get("OPENHYDRA_THREADS", 0)) or compute_lane.process_threads()
+    if device == "cpu":  # all of the span's compute on one thread with `threads`, the rest on one (compute_lane.py)
+        compute_lane.install(threads)
+    else:
+        torch.set_num_threads(threads)
     choice = _choose_dtype(dtype, device, threads, quantization)
     log.info("hardware: dtype %s", choice.line())
     chosen = TorchBackend(device=device, dtype=_DTYPES[choice.dtype], threads=threads, quantization=quantization,

@@ -38,6 +38,7 @@ from transformers.cache_utils import LinearAttentionLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from openhydra.runtime import compute_lane
 from openhydra.runtime.kv_layer import PLAIN_KV_LAYERS
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,8 @@ class DecodeBatcher:
                 return
             began = time.monotonic()
             try:
-                outputs = forward_batch(self.runtime, batch, self.stats, rows=self.max_batch)
+                # on the node's compute thread where it has one (runtime/compute_lane.py), else on this one
+                outputs = compute_lane.run(forward_batch, self.runtime, batch, self.stats, rows=self.max_batch)
             except Exception as exc:  # the whole batch failed: every caller gets the error
                 log.exception("batched decode step failed")
                 outputs = [exc] * len(batch)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
+from openhydra.runtime import compute_lane
 from openhydra.runtime.compaction.config import CompactionConfig
 from openhydra.runtime.compaction.shard_hook import ShardCompaction
 from openhydra.runtime.kernel_attention import use_kernel_attention
@@ -218,8 +219,14 @@ class ShardRuntime:
         steps run in block-aligned pieces (``run_in_blocks``), hit or not, so a hit gives the cold run's
         bits. ``return_hidden``: the last shard returns its final hidden states [S, D] before the norm
         (coordinator-side sampling, peer/head.py). A speculative verify (:func:`is_verify`) runs position by
-        position as plain decoding would, unless ``one_pass_verify``.
+        position as plain decoding would, unless ``one_pass_verify``. Where the node computes with several
+        threads it runs on the process's compute lane, whichever thread calls (runtime/compute_lane.py).
         """
+        lane = compute_lane.current()
+        if lane is not None and not lane.on_lane():
+            return lane.run(self.forward, session_id, positions, input_ids=input_ids, hidden_states=hidden_states,
+                            all_logits=all_logits, prefix=prefix, return_hidden=return_hidden,
+                            one_pass_verify=one_pass_verify)
         seq_len = self._check_positions(positions)
         per_position = is_verify(all_logits, seq_len, int(positions[0])) and not one_pass_verify
         if self.compaction is not None:

@@ -1,0 +1,88 @@
+"""A node with several threads, with and without its compute lane, against a one-thread node (runtime/compute_lane.py).
+
+Three node processes serving embedded SmolLM2-135M on the same hardware group, driven through the streaming OpenAI
+chat API as bench_batching.py drives them (distinct prompts, greedy, ``ignore_eos``; aggregate output tok/s from the
+first request to the last stream's end, prefill included):
+- ``1 thread``: ``hardware.threads`` 1 (what the other benchmarks pin);
+- ``N threads, no lane``: N threads and ``OPENHYDRA_COMPUTE_LANE=0`` (every thread that computes uses N threads: the
+  behaviour before the lane);
+- ``N threads, lane``: N threads, every step of the span on one thread (the default).
+Arms: 1 stream and ``--streams`` concurrent streams on each node, interleaved per trial (order rotated).
+
+    python bench/bench_threads.py --trials 5 --tokens 64 [--threads 2] [--hardware cpu_int4 --dtype float32]
+    [--serving default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_batching import aggregate_rate  # noqa: E402
+from common import medians, plot_trials, print_table, run_interleaved  # noqa: E402
+
+from openhydra.testing import TEST_CACHE_ROOT  # noqa: E402
+from openhydra.testing.machine import announce  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="N (default: this machine's CPUs)")
+    parser.add_argument("--hardware", default="cpu_int4", help="conf/hardware group of the nodes")
+    parser.add_argument("--dtype", default="float32", help="hardware.dtype")
+    parser.add_argument("--serving", default="default", help="conf/serving group (default, batched, off)")
+    parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_threads.png"))
+    args = parser.parse_args()
+    announce()  # the machine, its load and the versions, printed with the result
+    from openhydra.testing.processes import NodeProcess, start_all
+
+    common = ["model=smollm2-135m", f"hardware={args.hardware}", f"hardware.dtype={args.dtype}",
+              f"serving={args.serving}", f"serving.batching.max_batch={args.streams}",
+              f"node.data_dir={TEST_CACHE_ROOT}", "api.rate_limit_requests=100000", "privacy=off"]
+    n = args.threads
+    nodes = {
+        "1 thread": NodeProcess(common, threads=1),
+        f"{n} threads, no lane": NodeProcess(common, threads=n, env={"OPENHYDRA_COMPUTE_LANE": "0"}),
+        f"{n} threads, lane": NodeProcess(common, threads=n),
+    }
+    arms = {}
+    for name, node in nodes.items():
+        arms[f"{name}: 1 stream"] = lambda u=node.url: aggregate_rate(u, 1, args.tokens)
+        arms[f"{name}: {args.streams} streams"] = lambda u=node.url: aggregate_rate(u, args.streams, args.tokens)
+    print(f"load average before: {os.getloadavg()}")
+    try:
+        start_all(list(nodes.values()))
+        for node in nodes.values():
+            aggregate_rate(node.url, 2, 4)  # warm-up
+        rates = run_interleaved(arms, args.trials)
+    finally:
+        for node in nodes.values():
+            node.stop()
+    print(f"load average after: {os.getloadavg()} (shared cores: absolute figures are noisy)")
+    med = medians(rates)
+    print_table(rates, metric="median aggregate output tok/s")
+    lane, unlaned, single = (f"{n} threads, lane", f"{n} threads, no lane", "1 thread")
+    print()
+    for streams in ("1 stream", f"{args.streams} streams"):
+        per_trial = statistics.median(a / b for a, b in zip(rates[f"{lane}: {streams}"],
+                                                              rates[f"{unlaned}: {streams}"], strict=True))
+        print(f"{streams}: lane / no lane = {med[f'{lane}: {streams}'] / med[f'{unlaned}: {streams}']:.2f} "
+              f"(per-trial {per_trial:.2f}); lane / 1 thread = "
+              f"{med[f'{lane}: {streams}'] / med[f'{single}: {streams}']:.2f}")
+    print(f"[hardware={args.hardware}, {args.dtype}, serving={args.serving}, tokens={args.tokens}, threads={n}, "
+          f"trials={args.trials}]")
+    plot_trials(rates, f"SmolLM2-135M {args.hardware} {args.dtype}, serving={args.serving}: {n} threads with and "
+                f"without the compute lane", args.plot, ylabel="aggregate output tok/s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
