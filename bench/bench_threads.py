@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_batching import aggregate_rate  # noqa: E402
-from common import medians, plot_trials, print_table, run_interleaved  # noqa: E402
+from common import medians, print_table, run_interleaved  # noqa: E402
 
 from openhydra.testing import TEST_CACHE_ROOT  # noqa: E402
 from openhydra.testing.machine import announce  # noqa: E402
@@ -80,8 +80,33 @@ def main() -> None:
               f"{med[f'{lane}: {streams}'] / med[f'{single}: {streams}']:.2f}")
     print(f"[hardware={args.hardware}, {args.dtype}, serving={args.serving}, tokens={args.tokens}, threads={n}, "
           f"trials={args.trials}]")
-    plot_trials(rates, f"SmolLM2-135M {args.hardware} {args.dtype}, serving={args.serving}: {n} threads with and "
-                f"without the compute lane", args.plot, ylabel="aggregate output tok/s")
+    plot(rates, list(nodes), ["1 stream", f"{args.streams} streams"], args.plot,
+         f"SmolLM2-135M, {args.hardware} {args.dtype}, serving={args.serving}")
+
+
+def plot(rates: dict[str, list[float]], nodes: list[str], loads: list[str], path: str, title: str) -> None:
+    """One panel per load: each node's median (bar) and its trials (dots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(loads), figsize=(10, 4))
+    colors = ["#999999", "#d62728", "#2ca02c"]
+    for ax, load in zip(axes, loads, strict=True):
+        for i, node in enumerate(nodes):
+            values = rates[f"{node}: {load}"]
+            ax.bar(i, statistics.median(values), color=colors[i % len(colors)], alpha=0.8)
+            ax.scatter([i] * len(values), values, color="black", s=12, zorder=3)
+            ax.text(i, statistics.median(values), f"{statistics.median(values):.0f}", ha="center", va="bottom")
+        ax.set_xticks(range(len(nodes)), [name.replace(", ", ",\n") for name in nodes])
+        ax.set_title(load)
+        ax.set_ylabel("aggregate output tok/s")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

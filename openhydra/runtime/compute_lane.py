@@ -46,41 +46,42 @@ _lock = threading.Lock()
 _lane: ComputeLane | None = None
 
 
-def _loaded_library(names: tuple[str, ...]) -> Path | None:
-    """The path of an already-loaded shared library whose file name starts with one of ``names`` (from
-    /proc/self/maps): the OpenMP runtime torch loaded, not another copy."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    for line in maps.splitlines():
-        path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
-        if path.startswith("/") and Path(path).name.startswith(names):
-            return Path(path)
+def _torch_cpu_library() -> ctypes.CDLL | None:
+    """torch's CPU library: looking a symbol up through it finds the definition it was linked against (its OpenMP
+    runtime among its dependencies), not another copy in the process (SciPy's wheels carry their own libgomp)."""
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = Path(torch.__file__).parent / "lib" / name
+        if path.is_file():
+            try:
+                return ctypes.CDLL(str(path))
+            except OSError:
+                return None
     return None
 
 
-def openmp_runtime() -> ctypes.CDLL | None:
-    """torch's OpenMP runtime (GNU libgomp, LLVM libomp or Intel libiomp5), loaded in this process; None if none."""
-    path = _loaded_library(("libgomp", "libomp", "libiomp5"))
-    if path is None:
+def openmp_runtime() -> Any | None:
+    """torch's OpenMP runtime's ``omp_set_num_threads``/``omp_get_max_threads``, or None where they cannot be
+    reached (then there is no lane)."""
+    lib = _torch_cpu_library()
+    if lib is None:
         return None
     try:
-        lib = ctypes.CDLL(str(path))
         lib.omp_set_num_threads.argtypes = [ctypes.c_int]
         lib.omp_get_max_threads.restype = ctypes.c_int
-        return lib
-    except (OSError, AttributeError):
+    except AttributeError:
         return None
+    return lib
 
 
 def _mkl_set_local() -> Callable[[int], Any] | None:
     """MKL's per-thread thread count (``MKL_Set_Num_Threads_Local``, C interface) where torch bundles MKL: its fp32
     matmuls otherwise follow the process default."""
-    path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    lib = _torch_cpu_library()
     try:
-        fn = ctypes.CDLL(str(path)).MKL_Set_Num_Threads_Local
-    except (OSError, AttributeError):
+        fn = lib.MKL_Set_Num_Threads_Local if lib is not None else None
+    except AttributeError:
+        return None
+    if fn is None:
         return None
     fn.argtypes = [ctypes.c_int]
     fn.restype = ctypes.c_int
@@ -90,7 +91,7 @@ def _mkl_set_local() -> Callable[[int], Any] | None:
 class ComputeLane:
     """A single worker thread whose OpenMP (and MKL) thread count is ``threads``; the process default stays 1."""
 
-    def __init__(self, threads: int, omp: ctypes.CDLL) -> None:
+    def __init__(self, threads: int, omp: Any) -> None:
         self.threads = threads
         self._omp = omp
         self._mkl = _mkl_set_local()
@@ -154,9 +155,14 @@ def install(threads: int) -> ComputeLane | None:
             return None
         torch.set_num_threads(1)
         if _lane is None:
-            _lane = ComputeLane(threads, omp)
-            if _lane.effective != threads:
-                log.warning("compute lane: asked for %d threads, the lane runs %d", threads, _lane.effective)
+            lane = ComputeLane(threads, omp)
+            if lane.effective != threads:  # the runtime did not take the per-thread setting: no lane
+                log.warning("compute lane: asked for %d threads, the lane got %d; %d threads everywhere",
+                            threads, lane.effective, threads)
+                lane.close()
+                torch.set_num_threads(threads)
+                return None
+            _lane = lane
             log.info("compute lane: %d threads on one thread, 1 elsewhere", threads)
         return _lane
 
