@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from openhydra.runtime import compute_lane
 from openhydra.runtime.shard_layers import ATTN_IMPLEMENTATION, load_text_config, make_shard_config
 from openhydra.runtime.weights import CheckpointError, CheckpointIndex
 
@@ -46,11 +47,14 @@ def load_head(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Head
     norm.eval().requires_grad_(False)
     lm_head.eval().requires_grad_(False)
 
+    def apply(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return lm_head(norm(hidden.to(dtype).unsqueeze(0)))[0].float()  # [S, V]
+
     def head(hidden: torch.Tensor) -> torch.Tensor:
         if hidden.dim() != 2 or hidden.shape[-1] != lm_head.in_features:
             raise ValueError(f"final hidden states must be [S, {lm_head.in_features}], got {tuple(hidden.shape)}")
-        with torch.inference_mode():
-            return lm_head(norm(hidden.to(dtype).unsqueeze(0)))[0].float()  # [S, V]
+        return compute_lane.run(apply, hidden)  # the node's threads, where it has a lane (runtime/compute_lane.py)
 
     return head
 
@@ -59,8 +63,11 @@ def runtime_head(runtime) -> Head:
     """The coordinator's own last shard's norm and head (exactly what the last peer would compute)."""
     modules = runtime.modules
 
-    def head(hidden: torch.Tensor) -> torch.Tensor:
+    def apply(hidden: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return modules.lm_head(modules.norm(hidden.to(runtime.dtype).unsqueeze(0)))[0].float()
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        return compute_lane.run(apply, hidden)
 
     return head

@@ -102,6 +102,37 @@ def test_kernel_matmul_on_the_lane_uses_its_threads_with_the_same_bits(restore_t
     assert torch.equal(lane.run(quantized, x), alone) and torch.equal(quantized(x), alone)
 
 
+def test_span_steps_and_the_coordinators_head_run_on_the_lane(restore_threads, tiny_model_dirs) -> None:
+    """ShardRuntime.forward from any thread, and the coordinator-side head (peer/head.py), run on the lane with the
+    bits they have with the same thread count without it (tiny Llama, fp32)."""
+    if compute_lane.openmp_runtime() is None:
+        pytest.skip("no OpenMP runtime loaded by torch here")
+    from openhydra.peer.head import load_head
+    from openhydra.runtime.shard import ShardRuntime
+
+    model_dir = tiny_model_dirs["llama"]
+    ids = torch.tensor([3, 14, 15, 92, 65])
+    runtime = ShardRuntime(model_dir, dtype=torch.float32)
+    head = load_head(model_dir)
+    hidden = torch.randn(2, runtime.hidden_size)
+    torch.set_num_threads(2)  # a dense matmul's bits depend on the thread count: the reference has the lane's 2
+    alone = runtime.forward("a", torch.arange(5), input_ids=ids), head(hidden)
+    lane = compute_lane.install(2)
+    assert lane is not None
+    before = lane.jobs
+    seen: list[int] = []
+    original = runtime._check_positions
+
+    def spy(positions):
+        seen.append(threading.get_ident())
+        return original(positions)
+
+    runtime._check_positions = spy
+    laned = _in_thread(lambda: runtime.forward("b", torch.arange(5), input_ids=ids)), head(hidden)
+    assert seen == [lane.ident] and lane.jobs == before + 2
+    assert torch.equal(laned[0], alone[0]) and torch.equal(laned[1], alone[1])
+
+
 # ---- real node processes ----------------------------------------------------------------------------------------
 
 SHIM = r"""
