@@ -74,6 +74,12 @@ def aggregate_rate(url: str, streams: int, tokens: int) -> float:
     return sum(counts) / elapsed
 
 
+def node_overrides(hardware: str, dtype: str, *extra: str) -> list[str]:
+    """A bench node serving the embedded SmolLM2 on ``hardware`` in ``dtype``, privacy off, no rate limit."""
+    return ["model=smollm2-135m", f"hardware={hardware}", f"hardware.dtype={dtype}", f"node.data_dir={TEST_CACHE_ROOT}",
+            "api.rate_limit_requests=100000", "privacy=off", *extra]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=5)
@@ -88,9 +94,7 @@ def main() -> None:
     announce()  # the machine, its load and the versions, printed with the result
     from openhydra.testing.processes import NodeProcess
 
-    common = ["model=smollm2-135m", f"hardware={args.hardware}", f"hardware.dtype={args.dtype}",
-              f"node.data_dir={TEST_CACHE_ROOT}",
-              "api.rate_limit_requests=100000", "privacy=off"]
+    common = node_overrides(args.hardware, args.dtype)
     batched = NodeProcess([*common, "serving=batched", f"serving.batching.max_batch={args.streams}"],
                           threads=args.threads)
     plain = NodeProcess([*common, "serving=off"], threads=args.threads)

@@ -24,10 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_batching import aggregate_rate  # noqa: E402
+from bench_batching import aggregate_rate, node_overrides  # noqa: E402
 from common import medians, print_table, run_interleaved  # noqa: E402
 
-from openhydra.testing import TEST_CACHE_ROOT  # noqa: E402
 from openhydra.testing.machine import announce  # noqa: E402
 
 
@@ -45,9 +44,8 @@ def main() -> None:
     announce()  # the machine, its load and the versions, printed with the result
     from openhydra.testing.processes import NodeProcess, start_all
 
-    common = ["model=smollm2-135m", f"hardware={args.hardware}", f"hardware.dtype={args.dtype}",
-              f"serving={args.serving}", f"serving.batching.max_batch={args.streams}",
-              f"node.data_dir={TEST_CACHE_ROOT}", "api.rate_limit_requests=100000", "privacy=off"]
+    common = node_overrides(args.hardware, args.dtype, f"serving={args.serving}",
+                            f"serving.batching.max_batch={args.streams}")
     n = args.threads
     nodes = {
         "1 thread": NodeProcess(common, threads=1),
