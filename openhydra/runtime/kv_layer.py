@@ -42,6 +42,8 @@ class AppendLayer(DynamicLayer):
         self._key_buffer: torch.Tensor | None = None  # [B, H, capacity, d]
         self._value_buffer: torch.Tensor | None = None
         self._views: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # what we last exposed
+        self._held = 0  # positions in those views
+        self._note_buffers()
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -55,18 +57,18 @@ class AppendLayer(DynamicLayer):
             if not (self._is_prefix_view(keys, self._key_buffer) and self._is_prefix_view(values, self._value_buffer)):
                 self._rehome(keys, values, held, held + key_states.shape[-2], key_states, value_states)
         else:
-            held = keys.shape[-2]
-        end = held + key_states.shape[-2]
-        buffer_k, buffer_v = self._key_buffer, self._value_buffer
-        if (end > buffer_k.shape[-2] or buffer_k.shape[:2] != key_states.shape[:2]
-                or buffer_k.shape[-1] != key_states.shape[-1] or buffer_v.shape[-1] != value_states.shape[-1]
-                or buffer_k.dtype != key_states.dtype):
+            held = self._held  # what our last views hold (a batched step appends 8 rows x every layer: keep it short)
+        count = key_states.shape[-2]
+        end = held + count
+        if (end > self._capacity or key_states.dtype != self._dtype or key_states.shape[:2] != self._lead
+                or key_states.shape[-1] != self._key_dim or value_states.shape[-1] != self._value_dim):
             self._rehome(keys, values, held, end, key_states, value_states)
-            buffer_k, buffer_v = self._key_buffer, self._value_buffer
-        buffer_k[:, :, held:end].copy_(key_states)
-        buffer_v[:, :, held:end].copy_(value_states)
-        self.keys, self.values = buffer_k[:, :, :end], buffer_v[:, :, :end]
+        # narrow: the views buffer[:, :, held:end] and buffer[:, :, :end] are, in one call each
+        self._key_buffer.narrow(2, held, count).copy_(key_states)
+        self._value_buffer.narrow(2, held, count).copy_(value_states)
+        self.keys, self.values = self._key_buffer.narrow(2, 0, end), self._value_buffer.narrow(2, 0, end)
         self._views = (self.keys, self.values)
+        self._held = end
         return self.keys, self.values
 
     @staticmethod
@@ -88,13 +90,26 @@ class AppendLayer(DynamicLayer):
             key_buffer[:, :, :held].copy_(keys)
             value_buffer[:, :, :held].copy_(values)
         self._key_buffer, self._value_buffer = key_buffer, value_buffer
+        self._note_buffers()
         self.keys, self.values = key_buffer[:, :, :held], value_buffer[:, :, :held]
         self._views = (self.keys, self.values)
+        self._held = held
+
+    def _note_buffers(self) -> None:
+        """What :meth:`update` checks an append against, read once per buffer instead of once per append."""
+        key_buffer, value_buffer = self._key_buffer, self._value_buffer
+        if key_buffer is None or value_buffer is None:
+            self._capacity, self._dtype, self._lead, self._key_dim, self._value_dim = -1, None, None, -1, -1
+            return
+        self._capacity, self._dtype = key_buffer.shape[-2], key_buffer.dtype
+        self._lead, self._key_dim, self._value_dim = key_buffer.shape[:2], key_buffer.shape[-1], value_buffer.shape[-1]
 
     def reset(self) -> None:
         super().reset()
         self._key_buffer = self._value_buffer = None
         self._views = (None, None)
+        self._held = 0
+        self._note_buffers()
 
 
 PLAIN_KV_LAYERS = (DynamicLayer, AppendLayer)  # a full-attention layer whose index i is position i
