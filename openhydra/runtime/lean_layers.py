@@ -235,7 +235,9 @@ class LeanLlamaLayer:
         qk, v = self._qkv(self.input_norm(h))
         qk = self._rotate(qk, cos, sin)  # [R, Hq + Hkv, 1, hd]
         if self.kernel is not None:  # every row in one library call, each with the bits it gets alone
-            cached = [layer.update(qk[r : r + 1, self.heads :], v[r : r + 1]) for r, layer in enumerate(row_layers)]
+            # each row's new K/V as views, made in one call per tensor (split) rather than two slices per row
+            cached = [layer.update(k_row, v_row) for layer, k_row, v_row
+                      in zip(row_layers, qk[:, self.heads :].split(1), v.split(1), strict=False)]
             out = lowbit.attention_rows(self.kernel, qk[:, : self.heads], [c[0] for c in cached],
                                         [c[1] for c in cached], self.scaling)  # [R, 1, Hq, hd], padding rows zero
             h = residual + self.o(out.view(h.shape[0], 1, -1))
