@@ -212,6 +212,9 @@ def node_main() -> None:
     from openhydra.runtime.malloc import limit_arenas
 
     limit_arenas()  # before torch, gRPC or Sanic start a thread: fewer glibc arenas, less heap growth (issue 15)
+    from openhydra.runtime.compute_lane import set_spin_default
+
+    set_spin_default()  # before torch loads libgomp: the compute lane's workers sleep soon after a step
     argv = sys.argv[1:]
     if "--version" in argv:
         from openhydra import __version__

@@ -29,26 +29,41 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
-
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "OPENHYDRA_COMPUTE_LANE"
+SPIN_COUNT = "10000"
+"""libgomp's spin count for a node's process (``GOMP_SPINCOUNT``; its default is 300,000, ~3 ms): long enough to
+catch a step's next region (microseconds away), short enough that after a step the lane's workers sleep instead of
+holding a core another node on the machine needs (bench/bench_threads.py --swarm)."""
 T = TypeVar("T")
 
 _lock = threading.Lock()
 _lane: ComputeLane | None = None
 
 
+def set_spin_default() -> bool:
+    """``openhydra-node`` calls this first, before torch loads libgomp (which reads its environment once): sets
+    ``GOMP_SPINCOUNT`` to :data:`SPIN_COUNT` unless it or ``OMP_WAIT_POLICY`` is set, or torch is already imported.
+    Returns whether it set it."""
+    if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
+        return False
+    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    return True
+
+
 def _torch_cpu_library() -> ctypes.CDLL | None:
     """torch's CPU library: looking a symbol up through it finds the definition it was linked against (its OpenMP
     runtime among its dependencies), not another copy in the process (SciPy's wheels carry their own libgomp)."""
+    import torch
+
     for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
         path = Path(torch.__file__).parent / "lib" / name
         if path.is_file():
@@ -103,6 +118,8 @@ class ComputeLane:
         self._executor.submit(lambda: None).result()  # the thread exists and is set up before any step
 
     def _setup(self) -> None:
+        import torch
+
         self.ident = threading.get_ident()
         torch.get_num_threads()  # torch's per-thread lazy set-up first: it would reset what follows
         self._omp.omp_set_num_threads(self.threads)
@@ -141,6 +158,8 @@ def install(threads: int) -> ComputeLane | None:
     process default becomes 1 and a lane with ``threads`` is started (or kept, if one with that count runs). With 1,
     or with the lane switched off (``OPENHYDRA_COMPUTE_LANE=0``) or no OpenMP runtime found, the process default is
     ``threads`` and there is no lane. Returns the lane, if any."""
+    import torch
+
     global _lane
     with _lock:
         wanted = threads > 1 and os.environ.get(ENV_SWITCH, "1") != "0"
@@ -169,12 +188,16 @@ def install(threads: int) -> ComputeLane | None:
 
 def process_threads() -> int:
     """The threads a node computes with: the lane's, or torch's setting where there is no lane."""
+    import torch
+
     lane = _lane
     return lane.threads if lane is not None else torch.get_num_threads()
 
 
 def status() -> dict[str, Any]:
     """``/v1/network/status`` ``compute``: the threads, whether a lane runs them, and how many calls it ran."""
+    import torch
+
     lane = _lane
     if lane is None:
         return {"threads": torch.get_num_threads(), "lane": False, "lane_calls": 0}

@@ -7,9 +7,11 @@ one-thread node (``cpu_int4``: the low-bit kernel's rows do not depend on the th
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -212,3 +214,16 @@ def test_a_two_thread_node_has_one_openmp_master(smollm2_dir, tmp_path) -> None:
         assert statuses[serving]["lane"] is True and statuses[serving]["threads"] == 2
         assert statuses[serving]["lane_calls"] >= len(prompts) * 2, statuses[serving]  # each prompt's steps ran there
         assert texts[serving] == reference, serving  # the thread count changes no token
+
+
+def test_node_process_spin_default_is_set_before_torch_only() -> None:
+    """``openhydra-node`` sets GOMP_SPINCOUNT before torch loads libgomp, never over the user's setting or after."""
+    code = ("import os, sys; from openhydra.runtime.compute_lane import set_spin_default; "
+            "first = set_spin_default(); import torch; second = set_spin_default(); "
+            "print(first, second, os.environ.get('GOMP_SPINCOUNT'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["True", "False", compute_lane.SPIN_COUNT]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "5"}, capture_output=True,
+                         text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "False", "5"]
