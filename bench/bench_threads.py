@@ -94,7 +94,8 @@ def main() -> None:
     where = "3-peer swarm" if args.swarm else f"serving={args.serving}"
     print(f"[hardware={args.hardware}, {args.dtype}, {where}, tokens={args.tokens}, threads={n}, "
           f"trials={args.trials}, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'openhydra-node default')}]")
-    plot(rates, list(variants), loads, args.plot, f"SmolLM2-135M, {args.hardware} {args.dtype}, {where}")
+    plot(rates, list(variants), loads, args.plot, f"SmolLM2-135M, {args.hardware} {args.dtype}, {where}",
+         "decode tok/s" if args.swarm else "aggregate output tok/s")
 
 
 def swarm_rates(variants: dict[str, tuple[int, dict[str, str] | None]],
@@ -131,7 +132,8 @@ def swarm_rates(variants: dict[str, tuple[int, dict[str, str] | None]],
             dht.__exit__(None, None, None)
 
 
-def plot(rates: dict[str, list[float]], nodes: list[str], loads: list[str], path: str, title: str) -> None:
+def plot(rates: dict[str, list[float]], nodes: list[str], loads: list[str], path: str, title: str,
+         ylabel: str) -> None:
     """One panel per load: each node's median (bar) and its trials (dots)."""
     import matplotlib
 
@@ -145,10 +147,11 @@ def plot(rates: dict[str, list[float]], nodes: list[str], loads: list[str], path
             values = rates[f"{node}: {load}"]
             ax.bar(i, statistics.median(values), color=colors[i % len(colors)], alpha=0.8)
             ax.scatter([i] * len(values), values, color="black", s=12, zorder=3)
-            ax.text(i, statistics.median(values), f"{statistics.median(values):.0f}", ha="center", va="bottom")
+            ax.text(i, statistics.median(values) / 2, f"{statistics.median(values):.0f}", ha="center", color="white",
+                    fontweight="bold")
         ax.set_xticks(range(len(nodes)), [name.replace(", ", ",\n") for name in nodes])
         ax.set_title(load)
-        ax.set_ylabel("aggregate output tok/s")
+        ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
