@@ -68,10 +68,10 @@ INLINE_MAX_POSITIONS = 16
 worker thread costs ~0.1-0.3 ms per hop (measured by bench/bench_hop.py), more than a tiny step's
 compute. Larger steps (prefill chunks) go to the worker pool so the loop keeps moving messages.
 A span whose small steps keep taking longer than INLINE_MAX_S (a big model on a slow CPU) stops running them inline:
-the loop must stay free to answer liveness probes (Info) within the coordinator's probe timeout."""
-INLINE_MAX_S = 0.05
-"""Where the node computes with several threads, every step runs on the compute lane instead
+the loop must stay free to answer liveness probes (Info) within the coordinator's probe timeout.
+Where the node computes with several threads, every step runs on the compute lane instead
 (runtime/compute_lane.py): a second thread starting OpenMP regions would slow all of them."""
+INLINE_MAX_S = 0.05
 
 
 class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):

@@ -88,15 +88,12 @@ def openmp_runtime() -> Any | None:
     return lib
 
 
-def _mkl_set_local() -> Callable[[int], Any] | None:
-    """MKL's per-thread thread count (``MKL_Set_Num_Threads_Local``, C interface) where torch bundles MKL: its fp32
-    matmuls otherwise follow the process default."""
-    lib = _torch_cpu_library()
+def _mkl_set_local(lib: ctypes.CDLL) -> Callable[[int], Any] | None:
+    """MKL's per-thread thread count (``MKL_Set_Num_Threads_Local``, C interface), looked up through torch's CPU
+    library ``lib``, where torch bundles MKL: its fp32 matmuls otherwise follow the process default."""
     try:
-        fn = lib.MKL_Set_Num_Threads_Local if lib is not None else None
+        fn = lib.MKL_Set_Num_Threads_Local
     except AttributeError:
-        return None
-    if fn is None:
         return None
     fn.argtypes = [ctypes.c_int]
     fn.restype = ctypes.c_int
@@ -104,12 +101,13 @@ def _mkl_set_local() -> Callable[[int], Any] | None:
 
 
 class ComputeLane:
-    """A single worker thread whose OpenMP (and MKL) thread count is ``threads``; the process default stays 1."""
+    """A single worker thread whose OpenMP (and MKL) thread count is ``threads``; the process default stays 1.
+    ``omp``: torch's CPU library as :func:`openmp_runtime` returns it."""
 
     def __init__(self, threads: int, omp: Any) -> None:
         self.threads = threads
         self._omp = omp
-        self._mkl = _mkl_set_local()
+        self._mkl = _mkl_set_local(omp)
         self.jobs = 0  # calls run on the lane (status, tests)
         self.ident: int | None = None
         self.effective = 0  # torch.get_num_threads() seen on the lane once set up

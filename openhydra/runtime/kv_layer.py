@@ -42,7 +42,6 @@ class AppendLayer(DynamicLayer):
         self._key_buffer: torch.Tensor | None = None  # [B, H, capacity, d]
         self._value_buffer: torch.Tensor | None = None
         self._views: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # what we last exposed
-        self._held = 0  # positions in those views
         self._note_buffers()
 
     def update(
@@ -57,7 +56,7 @@ class AppendLayer(DynamicLayer):
             if not (self._is_prefix_view(keys, self._key_buffer) and self._is_prefix_view(values, self._value_buffer)):
                 self._rehome(keys, values, held, held + key_states.shape[-2], key_states, value_states)
         else:
-            held = self._held  # what our last views hold (a batched step appends 8 rows x every layer: keep it short)
+            held = keys.shape[-2]
         count = key_states.shape[-2]
         end = held + count
         if (end > self._capacity or key_states.dtype != self._dtype or key_states.shape[:2] != self._lead
@@ -68,7 +67,6 @@ class AppendLayer(DynamicLayer):
         self._value_buffer.narrow(2, held, count).copy_(value_states)
         self.keys, self.values = self._key_buffer.narrow(2, 0, end), self._value_buffer.narrow(2, 0, end)
         self._views = (self.keys, self.values)
-        self._held = end
         return self.keys, self.values
 
     @staticmethod
@@ -93,10 +91,10 @@ class AppendLayer(DynamicLayer):
         self._note_buffers()
         self.keys, self.values = key_buffer[:, :, :held], value_buffer[:, :, :held]
         self._views = (self.keys, self.values)
-        self._held = held
 
     def _note_buffers(self) -> None:
-        """What :meth:`update` checks an append against, read once per buffer instead of once per append."""
+        """What :meth:`update` checks an append against, read once per buffer instead of once per append (a batched
+        step appends 8 rows in every layer: its checks are most of an append's Python)."""
         key_buffer, value_buffer = self._key_buffer, self._value_buffer
         if key_buffer is None or value_buffer is None:
             self._capacity, self._dtype, self._lead, self._key_dim, self._value_dim = -1, None, None, -1, -1
@@ -108,7 +106,6 @@ class AppendLayer(DynamicLayer):
         super().reset()
         self._key_buffer = self._value_buffer = None
         self._views = (None, None)
-        self._held = 0
         self._note_buffers()
 
 
