@@ -35,39 +35,105 @@ def _capacity(needed: int) -> int:
 
 
 class AppendLayer(DynamicLayer):
-    """``DynamicLayer`` whose ``update`` writes into a preallocated buffer instead of concatenating."""
+    """``DynamicLayer`` whose ``update`` writes into a preallocated buffer instead of concatenating.
+
+    ``keys`` and ``values`` are properties over ``_keys``/``_values``: after :meth:`expose` with ``lazily`` they are
+    the buffers' first positions, made into views only when someone reads (or replaces) them. A batched decode step
+    appends to every layer of 8 sessions and reads none of them (its library call attends over the buffers), so it
+    does not pay two views per layer and row. Everything that assigns ``keys``/``values`` (crop, reset, batch
+    select, offload) assigns through the properties and finds the views made first."""
 
     def __init__(self, **kwargs) -> None:
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+        self._end: int | None = None  # set: keys/values are the buffers' first _end positions, views not made yet
         super().__init__(**kwargs)
         self._key_buffer: torch.Tensor | None = None  # [B, H, capacity, d]
         self._value_buffer: torch.Tensor | None = None
         self._views: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # what we last exposed
         self._note_buffers()
 
+    @property
+    def keys(self) -> torch.Tensor | None:
+        if self._end is not None:
+            self._make_views()
+        return self._keys
+
+    @keys.setter
+    def keys(self, tensor: torch.Tensor | None) -> None:
+        if self._end is not None:
+            self._make_views()
+        self._keys = tensor
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        if self._end is not None:
+            self._make_views()
+        return self._values
+
+    @values.setter
+    def values(self, tensor: torch.Tensor | None) -> None:
+        if self._end is not None:
+            self._make_views()
+        self._values = tensor
+
+    def get_seq_length(self) -> int:
+        return self._end if self._end is not None else super().get_seq_length()  # without making the views
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states, value_states: [B, H, S, d]
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        keys, values = self.keys, self.values
-        if keys is not self._views[0] or values is not self._views[1]:
-            held = 0 if keys.numel() == 0 else keys.shape[-2]
-            if not (self._is_prefix_view(keys, self._key_buffer) and self._is_prefix_view(values, self._value_buffer)):
-                self._rehome(keys, values, held, held + key_states.shape[-2], key_states, value_states)
-        else:
-            held = keys.shape[-2]
+        held = self.reserve(key_states, value_states)
         count = key_states.shape[-2]
-        end = held + count
-        if (end > self._capacity or key_states.dtype != self._dtype or key_states.shape[:2] != self._lead
-                or key_states.shape[-1] != self._key_dim or value_states.shape[-1] != self._value_dim):
-            self._rehome(keys, values, held, end, key_states, value_states)
         # narrow: the views buffer[:, :, held:end] and buffer[:, :, :end] are, in one call each
         self._key_buffer.narrow(2, held, count).copy_(key_states)
         self._value_buffer.narrow(2, held, count).copy_(value_states)
-        self.keys, self.values = self._key_buffer.narrow(2, 0, end), self._value_buffer.narrow(2, 0, end)
-        self._views = (self.keys, self.values)
-        return self.keys, self.values
+        return self.expose(held + count)
+
+    def reserve(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int:
+        """Room in the buffers for ``key_states``' positions after the held ones, which are returned: a buffer of
+        their dtype and shape (moved into a fresh one when needed, as :meth:`update` does). Writes nothing: the
+        caller writes positions held.. into the buffers (:attr:`layout` says where), then calls :meth:`expose`.
+        A batched decode step's attention library call appends that way (runtime/lowbit.py
+        ``append_attention_rows``)."""
+        if self._end is not None:  # our own positions, which nobody has read or replaced since
+            held = self._end
+            keys = values = None
+        else:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            keys, values = self._keys, self._values
+            if keys is not self._views[0] or values is not self._views[1]:
+                held = 0 if keys.numel() == 0 else keys.shape[-2]
+                if not (self._is_prefix_view(keys, self._key_buffer)
+                        and self._is_prefix_view(values, self._value_buffer)):
+                    self._rehome(keys, values, held, held + key_states.shape[-2], key_states, value_states)
+            else:
+                held = keys.shape[-2]
+        end = held + key_states.shape[-2]
+        if (end > self._capacity or key_states.dtype != self._dtype or key_states.shape[:2] != self._lead
+                or key_states.shape[-1] != self._key_dim or value_states.shape[-1] != self._value_dim):
+            if keys is None:
+                keys, values = self.keys, self.values  # the views, made
+            self._rehome(keys, values, held, end, key_states, value_states)
+        return held
+
+    def expose(self, end: int, lazily: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``keys``/``values`` become the buffers' first ``end`` positions: views, returned, or with ``lazily`` made
+        when first read (returns None)."""
+        if lazily:
+            self._end = end
+            return None
+        self._end = None
+        self._keys, self._values = self._key_buffer.narrow(2, 0, end), self._value_buffer.narrow(2, 0, end)
+        self._views = (self._keys, self._values)
+        return self._views
+
+    def _make_views(self) -> None:
+        end, self._end = self._end, None
+        self._keys, self._values = self._key_buffer.narrow(2, 0, end), self._value_buffer.narrow(2, 0, end)
+        self._views = (self._keys, self._values)
 
     @staticmethod
     def _is_prefix_view(tensor: torch.Tensor, buffer: torch.Tensor | None) -> bool:
@@ -89,21 +155,26 @@ class AppendLayer(DynamicLayer):
             value_buffer[:, :, :held].copy_(values)
         self._key_buffer, self._value_buffer = key_buffer, value_buffer
         self._note_buffers()
-        self.keys, self.values = key_buffer[:, :, :held], value_buffer[:, :, :held]
-        self._views = (self.keys, self.values)
+        self._end = None
+        self._keys, self._values = key_buffer[:, :, :held], value_buffer[:, :, :held]
+        self._views = (self._keys, self._values)
 
     def _note_buffers(self) -> None:
-        """What :meth:`update` checks an append against, read once per buffer instead of once per append (a batched
-        step appends 8 rows in every layer: its checks are most of an append's Python)."""
+        """What :meth:`reserve` checks an append against, read once per buffer instead of once per append (a batched
+        step appends 8 rows in every layer: its checks are most of an append's Python), and :attr:`layout`: the key
+        and value buffers' addresses and their strides per head and per position (elements), or None."""
         key_buffer, value_buffer = self._key_buffer, self._value_buffer
         if key_buffer is None or value_buffer is None:
             self._capacity, self._dtype, self._lead, self._key_dim, self._value_dim = -1, None, None, -1, -1
+            self.layout = None
             return
         self._capacity, self._dtype = key_buffer.shape[-2], key_buffer.dtype
         self._lead, self._key_dim, self._value_dim = key_buffer.shape[:2], key_buffer.shape[-1], value_buffer.shape[-1]
+        self.layout = (key_buffer.data_ptr(), value_buffer.data_ptr(), *key_buffer.stride()[1:3],
+                       *value_buffer.stride()[1:3])
 
     def reset(self) -> None:
-        super().reset()
+        super().reset()  # assigns keys and values (None) through the properties: no views pending after it
         self._key_buffer = self._value_buffer = None
         self._views = (None, None)
         self._note_buffers()

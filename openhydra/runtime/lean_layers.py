@@ -28,6 +28,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 from openhydra.runtime import lowbit
 from openhydra.runtime.batching import ROWS_ATTENTION, ROWS_KERNEL_ATTENTION
 from openhydra.runtime.kernel_attention import KERNEL_ATTENTION, attend
+from openhydra.runtime.kv_layer import AppendLayer
 from openhydra.runtime.lowbit import KernelRMSNorm, LowBitWeight
 from openhydra.runtime.quant_cpu import (
     INT8_DECODE_ROWS,
@@ -189,7 +190,7 @@ class LeanLlamaLayer:
         all S rows at once, with the same bits per row (tests/runtime/test_lean_layers.py); they are most of the
         small operations, so a verify pays them once per layer instead of once per position. On the low-bit kernel
         (:attr:`rows_at_once`) the projections take all S rows in one call too: its rows do not depend on the row
-        count, and its weights are unpacked once for up to 4 rows."""
+        count, and its weights are unpacked once for up to 8 rows (AVX-512; 4 on AVX2)."""
         seq_len = h.shape[1]
         residual = h
         x = self.input_norm(h)
@@ -234,7 +235,11 @@ class LeanLlamaLayer:
         residual = h
         qk, v = self._qkv(self.input_norm(h))
         qk = self._rotate(qk, cos, sin)  # [R, Hq + Hkv, 1, hd]
-        if self.kernel is not None:  # every row in one library call, each with the bits it gets alone
+        if self.kernel is not None and appends_in_library(row_layers):
+            # every row's append and attention in one library call, each with the bits it gets alone
+            out = lowbit.append_attention_rows(self.kernel, qk, self.heads, v, row_layers, self.scaling)
+            h = residual + self.o(out.view(h.shape[0], 1, -1))  # [R, 1, Hq, hd], padding rows zero
+        elif self.kernel is not None:  # every row's attention in one library call
             # each row's new K/V as views, made in one call per tensor (split) rather than two slices per row
             cached = [layer.update(k_row, v_row) for layer, k_row, v_row
                       in zip(row_layers, qk[:, self.heads :].split(1), v.split(1), strict=False)]
@@ -294,6 +299,14 @@ class LeanLlamaLayer:
             both = self.gate_up(x)
             return both[..., : self.intermediate], both[..., self.intermediate :]
         return self.gate(x), self.up(x)
+
+
+def appends_in_library(row_layers: list) -> bool:
+    """Whether a batched step's rows can append in the attention library call (``lowbit.append_attention_rows``):
+    every row's cache layer an :class:`AppendLayer` (a compacted or sliding layer appends its own way) and no layer
+    twice (a verify's consecutive rows of one session append in order through ``update``)."""
+    return all(type(layer) is AppendLayer for layer in row_layers) and len({id(x) for x in row_layers}) == len(
+        row_layers)
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:

@@ -161,6 +161,12 @@ def open_library(path: Path) -> ctypes.CDLL | None:
     lib.oh_attention_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
+    lib.oh_append_attention_rows.restype = ctypes.c_int
+    lib.oh_append_attention_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                             ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                             ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
     if lib.oh_available() not in ISAS:
         return None
     log.info("low-bit kernel (%s): %s", ISAS[lib.oh_available()], path)
@@ -448,4 +454,48 @@ def attention_rows(lib: ctypes.CDLL, query: torch.Tensor, keys: list[torch.Tenso
                                    heads, kv_heads, dim, scale, torch.get_num_threads(), out.data_ptr())
     if status != 0:
         raise RuntimeError(f"kernel attention rows failed ({status}) on query {tuple(query.shape)}")
+    return out
+
+
+def append_attention_rows(lib: ctypes.CDLL, qk: torch.Tensor, heads: int, value: torch.Tensor, layers: list,
+                          scale: float) -> torch.Tensor:
+    """A batched decode step's K/V appends and :func:`attention_rows` in one library call: qk [R, Hq + Hkv, 1, D]
+    (each row's query heads, then its new key heads), value [R, Hkv, 1, D], row r < len(layers) appending its new
+    key and value to ``layers[r]`` (a session's :class:`~openhydra.runtime.kv_layer.AppendLayer`; no two rows the
+    same layer) and attending over that cache alone; rows past them are padding (zeros). Returns [R, 1, Hq, D], each
+    row with the bits of ``layers[r].update`` followed by :func:`attention_rows` (the library copies the new
+    positions into the buffers :meth:`~openhydra.runtime.kv_layer.AppendLayer.reserve` made room in, then attends
+    as there). What it saves is Python: per row and layer a reservation and two views instead of an update's
+    copies, views and checks and attention_rows' per-row checks."""
+    rows, total, one, dim = qk.shape
+    real = len(layers)
+    if (one != 1 or real > rows or qk.dtype is not _F32 or value.dtype is not _F32 or not qk.is_cpu
+            or not value.is_cpu or qk.stride(3) != 1 or value.stride(3) != 1 or value.shape[0] != rows
+            or value.shape[1] != total - heads or value.shape[3] != dim):
+        raise ValueError(f"kernel append attention rows: qk {qk.dtype} {tuple(qk.shape)}, value {value.dtype} "
+                         f"{tuple(value.shape)}, {real} layers")
+    out = torch.zeros((rows, 1, heads, dim), dtype=_F32) if real < rows else torch.empty((rows, 1, heads, dim),
+                                                                                           dtype=_F32)
+    if real == 0:
+        return out
+    key_like, value_like = qk[:1, heads:], value[:1]  # every row's new key and value have this shape and dtype
+    meta: list[int] = []
+    key_at, value_at, ends = [], [], []
+    for layer in layers:
+        end = layer.reserve(key_like, value_like) + 1
+        k, v, *strides = layer.layout
+        key_at.append(k)
+        value_at.append(v)
+        ends.append(end)
+        meta += (end, *strides)
+    pointers = ctypes.c_void_p * real
+    qs, vs = qk.stride(), value.stride()
+    status = lib.oh_append_attention_rows(qk.data_ptr(), qs[0], qs[1], qk.data_ptr() + 4 * heads * qs[1], qs[0],
+                                          qs[1], value.data_ptr(), vs[0], vs[1], real, pointers(*key_at),
+                                          pointers(*value_at), (ctypes.c_int64 * len(meta))(*meta), heads,
+                                          total - heads, dim, scale, torch.get_num_threads(), out.data_ptr())
+    if status != 0:  # nothing written: checked first
+        raise RuntimeError(f"kernel append attention rows failed ({status}) on qk {tuple(qk.shape)}")
+    for layer, end in zip(layers, ends, strict=True):
+        layer.expose(end, lazily=True)  # nobody reads them in a batched step: views made if someone does
     return out

@@ -71,10 +71,13 @@ def test_kernel_computes_its_formula(bits, k, lib):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_rows_bits_do_not_depend_on_its_batch_or_the_threads(bits, lib):
     w = _weights(bits, 301, 576, lib, seed=1)
-    x = torch.randn(7, 576)
-    batch = w.matmul(x)
-    for i in range(7):
-        assert torch.equal(w.matmul(x[i : i + 1]), batch[i : i + 1])
+    x = torch.randn(19, 576)  # on AVX-512 two passes of 8 rows (one accumulator per row) and one of 3 (two each)
+    whole = w.matmul(x)
+    for i in range(19):
+        assert torch.equal(w.matmul(x[i : i + 1]), whole[i : i + 1])
+    for rows in (4, 5, 8, 9):
+        assert torch.equal(w.matmul(x[:rows]), whole[:rows])
+    x, batch = x[:7], whole[:7]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -429,3 +432,74 @@ def test_kernel_attention_rows_give_each_row_its_own_bits(lib):
         torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="rows"):
         lowbit.attention_rows(lib, query, keys, values[:2], 0.125)
+
+
+def _filled_layers(lengths: tuple[int, ...], seed: int) -> list:
+    """AppendLayers holding ``lengths`` random positions (3 heads of 64), as sessions' caches after their prefills."""
+    from openhydra.runtime.kv_layer import AppendLayer
+
+    generator = torch.Generator().manual_seed(seed)
+    layers = []
+    for n in lengths:
+        layer = AppendLayer()
+        layer.update(torch.randn(1, 3, n, 64, generator=generator), torch.randn(1, 3, n, 64, generator=generator))
+        layers.append(layer)
+    return layers
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_appends_in_the_library_call_have_the_bits_of_update_then_attention_rows(lib, threads):
+    """``append_attention_rows`` (a batched step's appends and attention in one call) against each row's
+    ``AppendLayer.update`` followed by ``attention_rows``: the same outputs and the same caches, over several steps,
+    including a cache whose buffer is full (it moves to a bigger one first) and a padding row."""
+    ours, theirs = _filled_layers((5, 40, 5), seed=3), _filled_layers((5, 40, 5), seed=3)
+    capacity = ours[2]._capacity
+    torch.manual_seed(10)
+    for _ in range(capacity - 6):  # the third cache one position short of its buffer: the second step must grow it
+        k, v = torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64)
+        ours[2].update(k, v)
+        theirs[2].update(k, v)
+    lengths = (5, 40, capacity - 1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for step in range(3):
+            projected = torch.randn(4, 15, 1, 64)  # q 9 heads, k 3, v 3: the lean step's fused projection
+            qk, value = projected[:, :12], projected[:, 12:]  # both views of it, as there (not contiguous)
+            out = lowbit.append_attention_rows(lib, qk, 9, value, ours, 0.125)
+            cached = [layer.update(qk[r : r + 1, 9:], value[r : r + 1]) for r, layer in enumerate(theirs)]
+            expected = lowbit.attention_rows(lib, qk[:, :9], [c[0] for c in cached], [c[1] for c in cached], 0.125)
+            assert torch.equal(out, expected), step
+            assert torch.equal(out[3], torch.zeros(1, 9, 64))
+            for a, b, n in zip(ours, theirs, lengths, strict=True):
+                assert a.keys.shape[2] == n + step + 1 and torch.equal(a.keys, b.keys) and torch.equal(a.values,
+                                                                                                        b.values)
+    finally:
+        torch.set_num_threads(before)
+    assert ours[2]._capacity > capacity  # the full cache did grow, and kept its positions (checked above)
+
+
+def test_appends_in_the_library_call_refuse_what_they_do_not_compute(lib):
+    layers = _filled_layers((4,), seed=5)
+    projected = torch.randn(2, 15, 1, 64)
+    with pytest.raises(ValueError, match="append attention rows"):
+        lowbit.append_attention_rows(lib, projected[:, :12].bfloat16(), 9, projected[:, 12:].bfloat16(), layers,
+                                     0.125)
+    with pytest.raises(ValueError, match="append attention rows"):
+        lowbit.append_attention_rows(lib, projected[:, :12], 9, projected[:, 12:14], layers, 0.125)  # 2 kv heads
+    with pytest.raises(ValueError, match="append attention rows"):
+        lowbit.append_attention_rows(lib, projected[:1, :12], 9, projected[:1, 12:], layers * 2, 0.125)
+    assert layers[0].keys.shape[2] == 4  # nothing appended by a refused call
+
+
+def test_a_batched_step_appends_in_the_library_only_where_it_can():
+    """The lean batched step hands its appends to the library when every row's cache is an AppendLayer of its own;
+    a verify's rows sharing one session's layer, or another kind of layer, append through ``update`` in order."""
+    from transformers.cache_utils import DynamicLayer
+
+    from openhydra.runtime.lean_layers import appends_in_library
+
+    layers = _filled_layers((3, 4), seed=6)
+    assert appends_in_library(layers)
+    assert not appends_in_library([layers[0], layers[0]])
+    assert not appends_in_library([layers[0], DynamicLayer()])

@@ -107,6 +107,53 @@ def test_crop_then_append_reuses_the_buffer_and_replaced_tensors_are_adopted():
     assert keys.untyped_storage().data_ptr() not in (storage, replaced_k.untyped_storage().data_ptr())
 
 
+def _appended_in_place(layer: AppendLayer, k: torch.Tensor, v: torch.Tensor) -> None:
+    """An append as a batched step's library call makes it: reserve, write the buffers, expose lazily."""
+    held = layer.reserve(k, v)
+    count = k.shape[-2]
+    layer._key_buffer[:, :, held : held + count] = k
+    layer._value_buffer[:, :, held : held + count] = v
+    assert layer.expose(held + count, lazily=True) is None
+
+
+def test_lazily_exposed_positions_are_what_update_gives_wherever_they_are_read():
+    """After a lazy expose the views are made on first read: the length, a crop, a replacement, a reset and later
+    appends (either way) see what ``update`` would have left, bit for bit, over many steps and a buffer growth."""
+    ours, plain = AppendLayer(), DynamicLayer()
+    ours.update(*_kv(5, 0))
+    plain.update(*_kv(5, 0))
+    for step in range(80):  # past the first buffer's 48 positions: reserve moves pending positions to a new one
+        k, v = _kv(1, 100 + step)
+        plain.update(k, v)
+        if step % 3 == 2:
+            keys, values = ours.update(k, v)
+            assert torch.equal(keys, plain.keys) and torch.equal(values, plain.values)
+        else:
+            _appended_in_place(ours, k, v)
+            assert ours._end is not None and ours.get_seq_length() == plain.get_seq_length()
+            assert ours._end is not None  # the length did not make the views
+        if step % 10 == 4:  # read now and then: the views made on demand
+            assert torch.equal(ours.keys, plain.keys) and torch.equal(ours.values, plain.values)
+    _appended_in_place(ours, *_kv(1, 999))
+    plain.update(*_kv(1, 999))
+    ours.crop(-3)  # a crop of pending positions reads, then assigns, through the properties
+    plain.crop(-3)
+    assert ours.get_seq_length() == plain.get_seq_length() and torch.equal(ours.keys, plain.keys)
+    _appended_in_place(ours, *_kv(2, 1000))
+    plain.update(*_kv(2, 1000))
+    replaced_k, replaced_v = _kv(4, 7)  # someone replaces pending positions: the replacement wins
+    ours.values = replaced_v
+    ours.keys = replaced_k
+    assert torch.equal(ours.keys, replaced_k) and torch.equal(ours.values, replaced_v)
+    keys, _ = ours.update(*_kv(1, 8))
+    assert torch.equal(keys, torch.cat([replaced_k, _kv(1, 8)[0]], dim=-2))
+    _appended_in_place(ours, *_kv(1, 9))
+    ours.reset()
+    assert ours.keys is None and ours.get_seq_length() == 0
+    keys, _ = ours.update(*_kv(3, 10))
+    assert torch.equal(keys, _kv(3, 10)[0])
+
+
 def test_session_cache_replaces_only_plain_full_attention_layers(tiny_model_dirs):
     for family in ("llama", "qwen3_5"):  # Qwen3.5 mixes linear-attention (recurrent) layers in
         rt = ShardRuntime(tiny_model_dirs[family], 0, 4, dtype=torch.float32)

@@ -69,6 +69,7 @@ typedef struct {
 
 #if OH_VNNI
 #define UNIT 16 /* outputs per unit of work: a group of 16 rows, one per 32-bit lane */
+#define MAX_ROWS 8 /* activation rows that share one unpacking of the weights (dot_block's registers) */
 typedef __m512 vf;
 typedef __m512i vi;
 #define VF_ZERO _mm512_setzero_ps
@@ -112,25 +113,31 @@ static void quantize_row(const void *x, int bf16, int64_t k, int8_t *xq, float *
 
 /* Block b of 16 weight rows (its record p) times R activation rows: dot[r] lane l = the block's integer dot product
  * of row l, over the stored codes (4-bit: q; 8-bit: q + 128). 8 vpdpbusd, the k-quad of activation codes an
- * embedded {1to16} broadcast. 4-bit: the high nibbles stay in place (x 16), the sum shifted back once (exact). */
+ * embedded {1to16} broadcast. 4-bit: both nibbles unpacked once for all R rows (and, shift, and). Up to 4 rows keep
+ * two accumulators each (low and high nibbles: two dependency chains, which a lone row needs to overlap the
+ * instruction's latency), more rows one each (8 chains already; 2 per row would not fit in the 32 registers).
+ * Integer sums in any order are exact: the same integers for every R. */
 static inline void dot_block(const oh_weight *w, const uint8_t *p, const oh_acts *a, int64_t b, const int R,
                              vi *dot) {
     const int64_t k = w->k;
     const __m512i mask = _mm512_set1_epi8(0x0F);
     for (int r = 0; r < R; r++) dot[r] = _mm512_setzero_si512();
     if (w->bits == 4) {
-        __m512i high[4];
-        for (int r = 0; r < R; r++) high[r] = _mm512_setzero_si512();
+        __m512i high[MAX_ROWS];
+        if (R <= 4)
+            for (int r = 0; r < R; r++) high[r] = _mm512_setzero_si512();
         for (int t = 0; t < 4; t++) {
             const __m512i raw = _mm512_loadu_si512(p + 64 * t);
-            const __m512i lo = _mm512_and_si512(raw, mask), hi = _mm512_andnot_si512(mask, raw);
+            const __m512i lo = _mm512_and_si512(raw, mask), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
             for (int r = 0; r < R; r++) {
                 const int32_t *x = (const int32_t *)(a->xq + r * k + b * QK) + 2 * t;
                 dot[r] = _mm512_dpbusd_epi32(dot[r], lo, _mm512_set1_epi32(x[0]));
-                high[r] = _mm512_dpbusd_epi32(high[r], hi, _mm512_set1_epi32(x[1]));
+                if (R <= 4) high[r] = _mm512_dpbusd_epi32(high[r], hi, _mm512_set1_epi32(x[1]));
+                else dot[r] = _mm512_dpbusd_epi32(dot[r], hi, _mm512_set1_epi32(x[1]));
             }
         }
-        for (int r = 0; r < R; r++) dot[r] = _mm512_add_epi32(dot[r], _mm512_srai_epi32(high[r], 4));
+        if (R <= 4)
+            for (int r = 0; r < R; r++) dot[r] = _mm512_add_epi32(dot[r], high[r]);
     } else {
         for (int t = 0; t < 8; t++) {
             const __m512i codes = _mm512_loadu_si512(p + 64 * t);
@@ -144,6 +151,7 @@ static inline void dot_block(const oh_weight *w, const uint8_t *p, const oh_acts
 
 #if OH_AVX2
 #define UNIT 8 /* a group of 8 rows, one per 32-bit lane */
+#define MAX_ROWS 4 /* 16 registers: 4 rows' sums, accumulators and the unpacked codes */
 typedef __m256 vf;
 typedef __m256i vi;
 #define VF_ZERO _mm256_setzero_ps
@@ -241,14 +249,14 @@ static inline void dot_block(const oh_weight *w, const uint8_t *p, const oh_acts
 /* One group of UNIT weight rows (g) times R activation rows: out[r][l] = output row UNIT g + l. Each path's
  * dot_block gives a block's integers; the float operations after them are this one code for both paths, in this
  * order, so the AVX2 build's outputs have the AVX-512 build's bits (tests/quant/test_lowbit.py). */
-static inline void dot_unit(const oh_weight *w, int64_t g, const oh_acts *a, const int R, float out[4][UNIT]) {
+static inline void dot_unit(const oh_weight *w, int64_t g, const oh_acts *a, const int R, float out[MAX_ROWS][UNIT]) {
     const int64_t blocks = w->k / QK, rec = record_bytes(w);
     const uint8_t *base = w->codes + g * blocks * rec;
-    vf acc[4];
+    vf acc[MAX_ROWS];
     for (int r = 0; r < R; r++) acc[r] = VF_ZERO();
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *p = base + b * rec;
-        vi dot[4];
+        vi dot[MAX_ROWS];
         dot_block(w, p, a, b, R, dot);
         const vf d = VF_LOAD_HALF(p + scales_at(w));
         if (w->bits == 4) {  /* w = m + q d */
@@ -283,19 +291,26 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
 #define CHUNK_BYTES 16384
 #endif
 
-/* Outputs UNIT*u.. (fewer at the end) for activation rows [r0, r1): up to 4 rows share the weights' unpacking. */
+/* Outputs UNIT*u.. (fewer at the end) for activation rows [r0, r1): up to MAX_ROWS rows share the weights'
+ * unpacking. */
 static void output_unit(const oh_weight *w, int64_t u, const oh_acts *a, int64_t r0, int64_t m, void *y, int y_bf16) {
     const int64_t k = w->k, n = w->n, blocks = k / QK, first = UNIT * u;
     const int64_t count = n - first < UNIT ? n - first : UNIT;
-    for (int64_t r = r0; r < m; r += 4) {
-        float out[4][UNIT];
-        const int rows = m - r < 4 ? (int)(m - r) : 4;
+    for (int64_t r = r0; r < m; r += MAX_ROWS) {
+        float out[MAX_ROWS][UNIT];
+        const int rows = m - r < MAX_ROWS ? (int)(m - r) : MAX_ROWS;
         const oh_acts at = {a->xq + r * k, a->sx + r * blocks, a->sxsum + r * blocks, a->xsum + r * blocks};
         switch (rows) {  /* constant R: each case compiled with its loops over rows unrolled */
             case 1: dot_unit(w, u, &at, 1, out); break;
             case 2: dot_unit(w, u, &at, 2, out); break;
             case 3: dot_unit(w, u, &at, 3, out); break;
-            default: dot_unit(w, u, &at, 4, out); break;
+#if MAX_ROWS > 4
+            case 4: dot_unit(w, u, &at, 4, out); break;
+            case 5: dot_unit(w, u, &at, 5, out); break;
+            case 6: dot_unit(w, u, &at, 6, out); break;
+            case 7: dot_unit(w, u, &at, 7, out); break;
+#endif
+            default: dot_unit(w, u, &at, MAX_ROWS, out); break;
         }
         for (int i = 0; i < rows; i++) {
             for (int64_t l = 0; l < count; l++) {
@@ -323,7 +338,7 @@ int oh_matmul(const oh_weight *w, const void *x, int x_bf16, int64_t m, void *y,
                      a.sxsum + r * blocks, a.xsum + r * blocks);
     /* Activation rows in chunks that stay in the L1 cache while every weight row passes them (a prefill's
      * rows do not all fit); a row's operations are the same in any chunk. */
-    const int64_t chunk = CHUNK_BYTES / k < 4 ? 4 : (CHUNK_BYTES / k) & ~(int64_t)3;
+    const int64_t chunk = CHUNK_BYTES / k < MAX_ROWS ? MAX_ROWS : (CHUNK_BYTES / k) & ~(int64_t)(MAX_ROWS - 1);
     const int64_t units = (n + UNIT - 1) / UNIT;
     for (int64_t r0 = 0; r0 < m; r0 += chunk) {
         const int64_t r1 = m - r0 < chunk ? m : r0 + chunk;
@@ -718,5 +733,36 @@ int oh_attention_rows(const float *q, int64_t q_row, int64_t q_head, int64_t R, 
     }
     free(scratch);
     return 0;
+#endif
+}
+
+/* oh_attention_rows after appending each row's new position to its own cache (a batched decode step's appends and
+ * attention in one call, runtime/lowbit.py append_attention_rows): row r's new key kn + r * kn_row and value
+ * vn + r * vn_row [Hkv, D] (heads kn_head / vn_head apart) are copied to position T_r - 1 of k[r] and v[r] (meta as
+ * oh_attention_rows': T_r counts the new position), all rows before any attends, then oh_attention_rows. The copies
+ * are exact, so every row has the bits of an append followed by oh_attention_rows. Two rows must not share a cache.
+ * Returns as oh_attention_rows. */
+int oh_append_attention_rows(const float *q, int64_t q_row, int64_t q_head, const float *kn, int64_t kn_row,
+                             int64_t kn_head, const float *vn, int64_t vn_row, int64_t vn_head, int64_t R,
+                             float *const *k, float *const *v, const int64_t *meta, int64_t hq, int64_t hkv,
+                             int64_t D, float scale, int threads, float *out) {
+#if !OH_KERNEL
+    (void)q; (void)q_row; (void)q_head; (void)kn; (void)kn_row; (void)kn_head; (void)vn; (void)vn_row;
+    (void)vn_head; (void)R; (void)k; (void)v; (void)meta; (void)hq; (void)hkv; (void)D; (void)scale; (void)threads;
+    (void)out;
+    return -1;
+#else
+    if (R < 0 || D <= 0 || hkv <= 0 || hq <= 0 || hq % hkv != 0 || D % 16 != 0) return -3;
+    for (int64_t r = 0; r < R; r++)  /* checked before anything is written */
+        if (meta[5 * r] < 1 || meta[5 * r] > INT32_MAX) return -3;
+    for (int64_t r = 0; r < R; r++) {
+        const int64_t *m = meta + 5 * r;
+        for (int64_t h = 0; h < hkv; h++) {
+            memcpy(k[r] + h * m[1] + (m[0] - 1) * m[2], kn + r * kn_row + h * kn_head, sizeof(float) * (size_t)D);
+            memcpy(v[r] + h * m[3] + (m[0] - 1) * m[4], vn + r * vn_row + h * vn_head, sizeof(float) * (size_t)D);
+        }
+    }
+    return oh_attention_rows(q, q_row, q_head, R, (const float *const *)k, (const float *const *)v, meta, hq, hkv, D,
+                             scale, threads, out);
 #endif
 }
