@@ -227,6 +227,27 @@ class DecodeBatcher:
 # ---- the batched forward -------------------------------------------------------------------------------
 
 
+def _input_hiddens(runtime, items: list[_Pending]) -> list[torch.Tensor | Exception]:
+    """``runtime._input_hidden`` of each item ([1, S, D], or the error it raises), the first span's token ids
+    embedded in one lookup when they are all valid: an embedding row is its own id's table row (a gather, then a
+    dequantization per element for a quantized table), the same bits whatever else a lookup takes. Anything else
+    (hidden states, an invalid id, another span) goes item by item."""
+    ids = [item.input_ids for item in items]
+    if (len(items) > 1 and getattr(runtime, "is_first", False) and getattr(runtime, "embed", None) is not None
+            and all(item.hidden_states is None and t is not None and t.dim() == 1 and t.dtype is torch.int64
+                    for item, t in zip(items, ids, strict=True))):
+        joined = torch.cat(ids)
+        if joined.numel() and int(joined.min()) >= 0 and int(joined.max()) < runtime.vocab_size:
+            return [part.unsqueeze(0) for part in runtime.embed(joined).split([t.numel() for t in ids])]
+    out: list[torch.Tensor | Exception] = []
+    for item in items:
+        try:
+            out.append(runtime._input_hidden(item.count, item.input_ids, item.hidden_states))
+        except Exception as exc:
+            out.append(exc)
+    return out
+
+
 def _batchable(runtime, session) -> bool:
     if getattr(runtime, "compaction", None) is not None:
         return False  # compaction captures queries and checks its threshold per step (runtime/compaction)
@@ -278,11 +299,11 @@ def forward_batch(
     ready: list[tuple[int, object, torch.Tensor]] = []  # (item index, session, h [S, 1, D]: a row per position)
     locked = []
     try:
+        hiddens = _input_hiddens(runtime, items)
         for i, item in enumerate(items):
-            try:
-                h = runtime._input_hidden(item.count, item.input_ids, item.hidden_states)  # [1, S, D]
-            except Exception as exc:
-                results[i] = exc
+            h = hiddens[i]  # [1, S, D]
+            if isinstance(h, Exception):
+                results[i] = h
                 continue
             session = runtime._sessions.acquire(item.session_id)
             session.lock.acquire()
@@ -441,6 +462,16 @@ def _run_layers_batched(runtime, sessions: list, h: torch.Tensor, rows: int,
         h = torch.cat([h, h.new_zeros((padding, *h.shape[1:]))])  # [rows, 1, D]
     device = h.device
     with torch.inference_mode():
+        position_ids = torch.tensor(lengths + [0] * padding, device=device).view(rows, 1)  # [rows, 1]
+        position_embeddings = runtime.modules.rotary_emb(h, position_ids)  # (cos, sin), each [rows, 1, head_dim]
+        if lean_usable(runtime._lean, runtime.shard_config._attn_implementation):
+            # the same operations as the loop below, without transformers' module machinery (runtime/lean_layers.py)
+            # and without a cache object: each layer gets its rows' session cache layers (every layer is full
+            # attention where the lean step runs)
+            cos, sin = lean_rotary(position_embeddings)  # [rows, 1, 1, head_dim]
+            for i, lean in enumerate(runtime._lean_layers):
+                h = lean.step_rows(h, cos, sin, [s.cache.layers[i] for s in sessions])
+            return h  # [rows, 1, D]
         temp = DynamicCache(config=runtime.shard_config)
         for i, layer_type in enumerate(runtime.layer_types):
             if layer_type == "linear_attention":  # fixed-size states: stacked (zeros for padding rows)
@@ -448,14 +479,6 @@ def _run_layers_batched(runtime, sessions: list, h: torch.Tensor, rows: int,
             else:
                 temp.layers[i] = _RowsLayer([s.cache.layers[i] for s in sessions])
         masks = {"full_attention": None, "linear_attention": None}  # one new position: nothing to mask per row
-        position_ids = torch.tensor(lengths + [0] * padding, device=device).view(rows, 1)  # [rows, 1]
-        position_embeddings = runtime.modules.rotary_emb(h, position_ids)  # (cos, sin), each [rows, 1, head_dim]
-        if lean_usable(runtime._lean, runtime.shard_config._attn_implementation):
-            # the same operations as the loop below, without transformers' module machinery (runtime/lean_layers.py)
-            cos, sin = lean_rotary(position_embeddings)  # [rows, 1, 1, head_dim]
-            for i, lean in enumerate(runtime._lean_layers):
-                h = lean.step_rows(h, cos, sin, temp.layers[i].layers)
-            return h  # [rows, 1, D]
         for layer, layer_type in zip(runtime.modules.layers, runtime.layer_types, strict=True):
             h = layer(
                 h,
