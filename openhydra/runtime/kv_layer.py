@@ -34,6 +34,23 @@ def _capacity(needed: int) -> int:
     return -(-(needed + spare) // ROUND_TO) * ROUND_TO
 
 
+def _made_on_read(attribute: str) -> property:
+    """:class:`AppendLayer`'s ``keys`` or ``values``: ``attribute`` once any views a lazy ``expose`` left pending are
+    made (reading or assigning either makes both)."""
+
+    def read(layer: AppendLayer) -> torch.Tensor | None:
+        if layer._end is not None:
+            layer._make_views()
+        return getattr(layer, attribute)
+
+    def assign(layer: AppendLayer, tensor: torch.Tensor | None) -> None:
+        if layer._end is not None:
+            layer._make_views()
+        setattr(layer, attribute, tensor)
+
+    return property(read, assign)
+
+
 class AppendLayer(DynamicLayer):
     """``DynamicLayer`` whose ``update`` writes into a preallocated buffer instead of concatenating.
 
@@ -53,29 +70,8 @@ class AppendLayer(DynamicLayer):
         self._views: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # what we last exposed
         self._note_buffers()
 
-    @property
-    def keys(self) -> torch.Tensor | None:
-        if self._end is not None:
-            self._make_views()
-        return self._keys
-
-    @keys.setter
-    def keys(self, tensor: torch.Tensor | None) -> None:
-        if self._end is not None:
-            self._make_views()
-        self._keys = tensor
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        if self._end is not None:
-            self._make_views()
-        return self._values
-
-    @values.setter
-    def values(self, tensor: torch.Tensor | None) -> None:
-        if self._end is not None:
-            self._make_views()
-        self._values = tensor
+    keys = _made_on_read("_keys")
+    values = _made_on_read("_values")
 
     def get_seq_length(self) -> int:
         return self._end if self._end is not None else super().get_seq_length()  # without making the views
@@ -131,9 +127,7 @@ class AppendLayer(DynamicLayer):
         return self._views
 
     def _make_views(self) -> None:
-        end, self._end = self._end, None
-        self._keys, self._values = self._key_buffer.narrow(2, 0, end), self._value_buffer.narrow(2, 0, end)
-        self._views = (self._keys, self._values)
+        self.expose(self._end)
 
     @staticmethod
     def _is_prefix_view(tensor: torch.Tensor, buffer: torch.Tensor | None) -> bool:
