@@ -7,9 +7,10 @@ embedded SmolLM2-135M (``--quantization``, fp32):
   where a row's cache is another kind of layer or two rows share one);
 - ``library``: ``append_attention_rows``, the appends inside the attention call.
 Per trial and arm: ``--rows`` sessions prefilled with prompts of ``--prompt`` + r tokens, then ``--steps`` batched
-steps (``forward_batch``, as the batcher runs them); the median step. The arms' logits must be bit-equal at every
-step. A lone session's decode step (``ShardRuntime.forward``) is timed in the same trials, for "rows x lone step ÷
-batched step": what batching gives at this row count in steady decode (prefill not counted).
+steps (``forward_batch``, as the batcher runs them); the median step. Then a lone session's ``--steps`` decode steps
+(``ShardRuntime.forward``; the lean step appends in the library call too, a call of one row), the median step. The
+arms' logits must be bit-equal at every step. "rows x lone step ÷ batched step": what batching gives at this row
+count in steady decode (prefill not counted).
 
     OMP_NUM_THREADS=1 python bench/bench_batched_step.py [--rows 8] [--steps 32] [--trials 7]
 """
@@ -77,35 +78,47 @@ def main() -> None:
                 runtime.close_session(name)
         return statistics.median(times) * 1e3, logits
 
-    def lone(trial: int) -> float:
-        name, n = f"lone{trial}", args.prompt
-        out = runtime.forward(name, torch.arange(n), input_ids=torch.arange(100, 100 + n))
-        times = []
-        for step in range(args.steps):
-            token = torch.tensor([int(out.argmax())])
-            began = time.perf_counter()
-            out = runtime.forward(name, torch.tensor([n + step]), input_ids=token)
-            times.append(time.perf_counter() - began)
-        runtime.close_session(name)
-        return statistics.median(times) * 1e3
+    def lone(arm: str, trial: int) -> tuple[float, list[torch.Tensor]]:
+        lean_layers.appends_in_library = arms[arm]
+        name, n = f"lone-{arm}{trial}", args.prompt
+        try:
+            out = runtime.forward(name, torch.arange(n), input_ids=torch.arange(100, 100 + n))
+            times, logits = [], []
+            for step in range(args.steps):
+                token = torch.tensor([int(out.argmax())])
+                began = time.perf_counter()
+                out = runtime.forward(name, torch.tensor([n + step]), input_ids=token)
+                times.append(time.perf_counter() - began)
+                logits.append(out)
+        finally:
+            lean_layers.appends_in_library = in_library
+            runtime.close_session(name)
+        return statistics.median(times) * 1e3, logits
 
-    rates: dict[str, list[float]] = {"update": [], "library": [], "lone step": []}
+    rates: dict[str, list[float]] = {"update": [], "library": [], "lone step, update": [], "lone step, library": []}
     for trial in range(args.trials):
         outputs = {}
         for arm in (["update", "library"] if trial % 2 == 0 else ["library", "update"]):
             rates[arm].append((timed := batched(arm, trial))[0])
             outputs[arm] = timed[1]
-        rates["lone step"].append(lone(trial))
+            rates[f"lone step, {arm}"].append((timed := lone(arm, trial))[0])
+            outputs[f"lone {arm}"] = timed[1]
         if not all(_equal(a, b) for a, b in zip(outputs["update"], outputs["library"], strict=True)):
-            raise SystemExit(f"trial {trial}: the two arms' logits differ")
+            raise SystemExit(f"trial {trial}: the two arms' batched logits differ")
+        if not all(_equal(a, b) for a, b in zip(outputs["lone update"], outputs["lone library"], strict=True)):
+            raise SystemExit(f"trial {trial}: the two arms' lone-step logits differ")
         print(f"trial {trial}: batched step of {args.rows}: update {rates['update'][-1]:.2f} ms, library "
-              f"{rates['library'][-1]:.2f} ms; lone step {rates['lone step'][-1]:.2f} ms", flush=True)
+              f"{rates['library'][-1]:.2f} ms; lone step: update {rates['lone step, update'][-1]:.2f} ms, library "
+              f"{rates['lone step, library'][-1]:.2f} ms", flush=True)
     print_table(rates, metric="median ms per step")
-    update, library, single = (statistics.median(rates[k]) for k in ("update", "library", "lone step"))
+    update, library, lone_update, lone_library = (statistics.median(v) for v in rates.values())
     per_trial = statistics.median(u / v for u, v in zip(rates["update"], rates["library"], strict=True))
-    print(f"\nupdate / library = {update / library:.3f} (per-trial {per_trial:.3f}); {args.rows} x lone step ÷ "
-          f"batched step: {args.rows * single / update:.2f} (update), {args.rows * single / library:.2f} (library); "
-          f"logits bit-equal  [rows={args.rows}, steps={args.steps}, prompt={args.prompt}, "
+    lone_trial = statistics.median(u / v for u, v in zip(rates["lone step, update"], rates["lone step, library"],
+                                                         strict=True))
+    print(f"\nbatched: update / library = {update / library:.3f} (per-trial {per_trial:.3f}); lone step: update / "
+          f"library = {lone_update / lone_library:.3f} (per-trial {lone_trial:.3f}); {args.rows} x lone step ÷ "
+          f"batched step: {args.rows * lone_update / update:.2f} (update), {args.rows * lone_library / library:.2f} "
+          f"(library); logits bit-equal  [rows={args.rows}, steps={args.steps}, prompt={args.prompt}, "
           f"quantization={args.quantization}, trials={args.trials}]")
     plot_trials(rates, f"batched step of {args.rows}: update / library = {update / library:.2f}", args.plot,
                 ylabel="ms per step")

@@ -174,8 +174,16 @@ class LeanLlamaLayer:
         residual = h
         qk, v = self._qkv(self.input_norm(h))
         qk = self._rotate(qk, cos, sin)
-        k, v = cache.update(qk[:, self.heads :], v, self.layer_idx)
-        h = residual + self.o(self._attend(qk[:, : self.heads], k, v, attention_mask))
+        layer = cache.layers[self.layer_idx] if self.layer_idx < len(cache.layers) else None
+        if (self.kernel is not None and attention_mask is None and h.shape[0] == h.shape[1] == 1
+                and not cache.offloading and appends_in_library([layer])):
+            # a decode step: the append and the attention in one library call (the rows call with one row: the
+            # bits of the append and ``_attend`` below, tested)
+            out = lowbit.append_attention_rows(self.kernel, qk, self.heads, v, [layer], self.scaling)
+            h = residual + self.o(out.view(1, 1, -1))
+        else:
+            k, v = cache.update(qk[:, self.heads :], v, self.layer_idx)
+            h = residual + self.o(self._attend(qk[:, : self.heads], k, v, attention_mask))
         residual = h
         gate, up = self._gate_up(self.post_norm(h))
         return residual + self.down(self.act(gate) * up)
