@@ -18,6 +18,7 @@ from openhydra.discovery.base import DiscoveryError
 from openhydra.discovery.http_dht import HttpDiscovery
 from openhydra.discovery.records import PeerAnnouncement
 from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
+from openhydra.testing.wait import wait_until
 from tests.api.conftest import Reference
 
 pytestmark = pytest.mark.slow
@@ -47,6 +48,11 @@ def _forge(dht_url: str, model_id: str, victim_peer_id: str) -> None:
     asyncio.run(announce())
 
 
+def _status_with_peers(node: NodeProcess, count: int) -> dict | None:
+    status = httpx.get(node.url + "/v1/network/status", timeout=10).json()
+    return status if len(status["swarm"]["peers"]) == count else None
+
+
 @pytest.mark.parametrize("level", ["onion", "encrypted"])
 def test_private_swarm_greedy_equals_generate(tiny_model_dirs, tmp_path, level):
     model_dir = tiny_model_dirs["qwen3"]
@@ -57,7 +63,9 @@ def test_private_swarm_greedy_equals_generate(tiny_model_dirs, tmp_path, level):
                  for a, b in SPLITS]
         try:
             start_all(nodes)
-            status = httpx.get(nodes[0].url + "/v1/network/status", timeout=10).json()
+            # every node is ready; the first one's view of the swarm follows the DHT (its next lookup): wait for it
+            status = wait_until(lambda: _status_with_peers(nodes[0], 3), timeout_s=60,
+                                what="the first node seeing all three peers")
             peer_ids = [p["peer_id"] for p in status["swarm"]["peers"]]
             assert len(peer_ids) == 3 and all(p.startswith("12D3KooW") for p in peer_ids)
             if level == "onion":

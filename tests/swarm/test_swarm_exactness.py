@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
+from openhydra.testing.wait import wait_until
 from tests.api.conftest import Reference
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,12 @@ def test_status_shows_spans_and_complete_coverage(family_swarm):
     import httpx
 
     family, _, nodes = family_swarm
-    status = httpx.get(nodes[0].url + "/v1/network/status", timeout=10).json()
+
+    def every_span_seen() -> dict | None:  # every node is ready; the first one's view follows the DHT's next lookup
+        status = httpx.get(nodes[0].url + "/v1/network/status", timeout=10).json()
+        return status if len(status["swarm"]["peers"]) == len(SPLITS[family]) else None
+
+    status = wait_until(every_span_seen, timeout_s=60, what="the first node seeing every peer")
     pipeline = status["swarm"]["pipeline"]
     assert pipeline["coverage"]["complete"] is True
     spans = sorted(tuple(p["span"]) for p in status["swarm"]["peers"])
