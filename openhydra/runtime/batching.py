@@ -227,27 +227,6 @@ class DecodeBatcher:
 # ---- the batched forward -------------------------------------------------------------------------------
 
 
-def _input_hiddens(runtime, items: list[_Pending]) -> list[torch.Tensor | Exception]:
-    """``runtime._input_hidden`` of each item ([1, S, D], or the error it raises), the first span's token ids
-    embedded in one lookup when they are all valid: an embedding row is its own id's table row (a gather, then a
-    dequantization per element for a quantized table), the same bits whatever else a lookup takes. Anything else
-    (hidden states, an invalid id, another span) goes item by item."""
-    ids = [item.input_ids for item in items]
-    if (len(items) > 1 and getattr(runtime, "is_first", False) and getattr(runtime, "embed", None) is not None
-            and all(item.hidden_states is None and t is not None and t.dim() == 1 and t.dtype is torch.int64
-                    for item, t in zip(items, ids, strict=True))):
-        joined = torch.cat(ids)
-        if joined.numel() and int(joined.min()) >= 0 and int(joined.max()) < runtime.vocab_size:
-            return [part.unsqueeze(0) for part in runtime.embed(joined).split([t.numel() for t in ids])]
-    out: list[torch.Tensor | Exception] = []
-    for item in items:
-        try:
-            out.append(runtime._input_hidden(item.count, item.input_ids, item.hidden_states))
-        except Exception as exc:
-            out.append(exc)
-    return out
-
-
 def _batchable(runtime, session) -> bool:
     if getattr(runtime, "compaction", None) is not None:
         return False  # compaction captures queries and checks its threshold per step (runtime/compaction)
@@ -299,7 +278,7 @@ def forward_batch(
     ready: list[tuple[int, object, torch.Tensor]] = []  # (item index, session, h [S, 1, D]: a row per position)
     locked = []
     try:
-        hiddens = _input_hiddens(runtime, items)
+        hiddens = runtime._input_hiddens([(item.count, item.input_ids, item.hidden_states) for item in items])
         for i, item in enumerate(items):
             h = hiddens[i]  # [1, S, D]
             if isinstance(h, Exception):

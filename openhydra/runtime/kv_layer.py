@@ -149,9 +149,7 @@ class AppendLayer(DynamicLayer):
             value_buffer[:, :, :held].copy_(values)
         self._key_buffer, self._value_buffer = key_buffer, value_buffer
         self._note_buffers()
-        self._end = None
-        self._keys, self._values = key_buffer[:, :, :held], value_buffer[:, :, :held]
-        self._views = (self._keys, self._values)
+        self.expose(held)
 
     def _note_buffers(self) -> None:
         """What :meth:`reserve` checks an append against, read once per buffer instead of once per append (a batched

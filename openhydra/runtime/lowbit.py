@@ -420,6 +420,13 @@ def attention(lib: ctypes.CDLL, query: torch.Tensor, key: torch.Tensor, value: t
     return out
 
 
+def _rows_out(rows: int, real: int, heads: int, dim: int) -> torch.Tensor:
+    """The [R, 1, Hq, D] output of a rows attention call: zeros where padding rows (past ``real``) are left as
+    they are."""
+    shape = (rows, 1, heads, dim)
+    return torch.zeros(shape, dtype=_F32) if real < rows else torch.empty(shape, dtype=_F32)
+
+
 def attention_rows(lib: ctypes.CDLL, query: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
                    scale: float) -> torch.Tensor:
     """:func:`attention` for a batched decode step in one call: query [R, Hq, 1, D] (one position per row; R may
@@ -433,8 +440,7 @@ def attention_rows(lib: ctypes.CDLL, query: torch.Tensor, keys: list[torch.Tenso
                          f"{len(values)} value tensors")
     if query.stride(3) != 1:
         query = query.contiguous()
-    out = torch.zeros((rows, 1, heads, dim), dtype=_F32) if real < rows else torch.empty((rows, 1, heads, dim),
-                                                                                           dtype=_F32)
+    out = _rows_out(rows, real, heads, dim)
     if real == 0:
         return out
     kv_heads = keys[0].shape[1]
@@ -474,8 +480,7 @@ def append_attention_rows(lib: ctypes.CDLL, qk: torch.Tensor, heads: int, value:
             or value.shape[1] != total - heads or value.shape[3] != dim):
         raise ValueError(f"kernel append attention rows: qk {qk.dtype} {tuple(qk.shape)}, value {value.dtype} "
                          f"{tuple(value.shape)}, {real} layers")
-    out = torch.zeros((rows, 1, heads, dim), dtype=_F32) if real < rows else torch.empty((rows, 1, heads, dim),
-                                                                                           dtype=_F32)
+    out = _rows_out(rows, real, heads, dim)
     if real == 0:
         return out
     key_like, value_like = qk[:1, heads:], value[:1]  # every row's new key and value have this shape and dtype

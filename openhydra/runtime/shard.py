@@ -370,20 +370,7 @@ class ShardRuntime:
         self, seq_len: int, input_ids: torch.Tensor | None, hidden_states: torch.Tensor | None
     ) -> torch.Tensor:
         if self.is_first and hidden_states is None:
-            if input_ids is None:
-                raise ValueError("the first shard takes input_ids [S] or coordinator embeddings hidden_states [S, D]")
-            if (
-                input_ids.dim() != 1
-                or input_ids.numel() != seq_len
-                or input_ids.dtype
-                not in (
-                    torch.int64,
-                    torch.int32,
-                )
-            ):
-                raise ValueError(f"input_ids must be an integer tensor [{seq_len}], got {tuple(input_ids.shape)}")
-            if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size:
-                raise ValueError(f"input_ids must lie in [0, {self.vocab_size})")
+            self._check_input_ids(seq_len, input_ids)
             return self.embed(input_ids).unsqueeze(0)  # [1, S, D]
         # The first shard also takes embeddings computed by the coordinator (privacy: token ids never
         # leave it); every other shard takes the previous span's hidden states.
@@ -392,6 +379,39 @@ class ShardRuntime:
         if tuple(hidden_states.shape) != (seq_len, self.hidden_size):
             raise ValueError(f"hidden_states must be [{seq_len}, {self.hidden_size}], got {tuple(hidden_states.shape)}")
         return hidden_states.to(device=self.device, dtype=self.dtype).unsqueeze(0)  # [1, S, D]
+
+
+    def _input_hiddens(
+        self, steps: list[tuple[int, torch.Tensor | None, torch.Tensor | None]]
+    ) -> list[torch.Tensor | Exception]:
+        """:meth:`_input_hidden` of each (seq_len, input_ids, hidden_states) step ([1, S, D], or the error it raises),
+        the first span's token ids embedded in one lookup: an embedding row is its own id's table row (a gather,
+        then a dequantization per element for a quantized table), the same bits whatever else a lookup takes. A
+        batched decode step embeds its 8 rows' ids at once (runtime/batching.py)."""
+        out: list[torch.Tensor | Exception | None] = [None] * len(steps)
+        ids: dict[int, torch.Tensor] = {}
+        for i, (seq_len, input_ids, hidden_states) in enumerate(steps):
+            try:
+                if self.is_first and hidden_states is None:
+                    self._check_input_ids(seq_len, input_ids)
+                    ids[i] = input_ids
+                else:
+                    out[i] = self._input_hidden(seq_len, input_ids, hidden_states)
+            except Exception as exc:
+                out[i] = exc
+        if ids:
+            embedded = self.embed(torch.cat(list(ids.values()))).split([t.numel() for t in ids.values()])
+            for i, part in zip(ids, embedded, strict=True):
+                out[i] = part.unsqueeze(0)
+        return out
+
+    def _check_input_ids(self, seq_len: int, input_ids: torch.Tensor | None) -> None:
+        if input_ids is None:
+            raise ValueError("the first shard takes input_ids [S] or coordinator embeddings hidden_states [S, D]")
+        if input_ids.dim() != 1 or input_ids.numel() != seq_len or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor [{seq_len}], got {tuple(input_ids.shape)}")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {self.vocab_size})")
 
 
 def _mask_function(layer_type: str):

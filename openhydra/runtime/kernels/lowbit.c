@@ -707,6 +707,14 @@ static void attend_session_row(const float *q, int64_t q_row, int64_t q_head, co
     const int64_t p[20] = {1, hq, hkv, 1, m[0], D, 0, q_head, 0, 0, m[1], m[2], 0, m[3], m[4], 0, 0, 0, 0, -1};
     attend_rows(q + r * q_row, k[r], v[r], NULL, p, scale, 0, hq, scratch, out + r * hq * D);
 }
+
+/* Whether oh_attention_rows' sizes are ones it computes, every T_r at least ``least`` (appending calls need 1). */
+static int rows_sizes_ok(int64_t R, const int64_t *meta, int64_t hq, int64_t hkv, int64_t D, int64_t least) {
+    if (R < 0 || D <= 0 || hkv <= 0 || hq <= 0 || hq % hkv != 0 || D % 16 != 0) return 0;
+    for (int64_t r = 0; r < R; r++)
+        if (meta[5 * r] < least || meta[5 * r] > INT32_MAX) return 0;
+    return 1;
+}
 #endif
 
 /* oh_attention for R one-position rows, each over its own keys and values (continuous batching: each row a session
@@ -722,12 +730,9 @@ int oh_attention_rows(const float *q, int64_t q_row, int64_t q_head, int64_t R, 
     (void)scale; (void)threads; (void)out;
     return -1;
 #else
-    if (R < 0 || D <= 0 || hkv <= 0 || hq <= 0 || hq % hkv != 0 || D % 16 != 0) return -3;
+    if (!rows_sizes_ok(R, meta, hq, hkv, D, 0)) return -3;
     int64_t most = 1;
-    for (int64_t r = 0; r < R; r++) {
-        if (meta[5 * r] < 0 || meta[5 * r] > INT32_MAX) return -3;
-        most = meta[5 * r] > most ? meta[5 * r] : most;
-    }
+    for (int64_t r = 0; r < R; r++) most = meta[5 * r] > most ? meta[5 * r] : most;
     const int64_t per = 2 * (2 * most + D);
     const int64_t parts = threads > 1 ? (R < threads ? (R > 0 ? R : 1) : threads) : 1;
     float *scratch = (float *)malloc(sizeof(float) * (size_t)(per * parts));
@@ -762,9 +767,7 @@ int oh_append_attention_rows(const float *q, int64_t q_row, int64_t q_head, cons
     (void)out;
     return -1;
 #else
-    if (R < 0 || D <= 0 || hkv <= 0 || hq <= 0 || hq % hkv != 0 || D % 16 != 0) return -3;
-    for (int64_t r = 0; r < R; r++)  /* checked before anything is written */
-        if (meta[5 * r] < 1 || meta[5 * r] > INT32_MAX) return -3;
+    if (!rows_sizes_ok(R, meta, hq, hkv, D, 1)) return -3;  /* checked before anything is written */
     for (int64_t r = 0; r < R; r++) {
         const int64_t *m = meta + 5 * r;
         for (int64_t h = 0; h < hkv; h++) {
