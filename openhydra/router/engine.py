@@ -192,15 +192,15 @@ class Engine:
         pieces: list[str] = []
         completion_tokens = 0
         finish_reason: Literal["stop", "length"] = "length"
+        eos = frozenset() if request.ignore_eos else frozenset(self.eos_token_ids)
         if request.needs_detail:
             decoder = DetailDecoder(self, session_id, request)
         else:
             decoder = Decoder(self.pipeline, session_id, request.prompt_ids, request.sampling, request.max_tokens,
-                              self.speculator)
+                              self.speculator, stop_ids=eos)
         details: list[TokenLogprob] | None = [] if request.logprobs is not None else None
         unsent: list[TokenLogprob] = []
         self.active_sessions.add(session_id)
-        eos = set() if request.ignore_eos else self.eos_token_ids
         steps = TokenStream(decoder, self.executor, self._waiting, ends=lambda tokens: not eos.isdisjoint(tokens),
                             on_done=lambda: self._close_session(session_id, decoder), ahead=self.decode_ahead)
         last = Produced(tokens=[])  # the decoder's state as of the last step taken

@@ -16,6 +16,7 @@ from openhydra.peer.client import StepResult
 from openhydra.runtime.prefix_cache import PrefixKey, block_hashes
 from openhydra.runtime.sampling import SamplingParams, sample
 from openhydra.runtime.shard import PositionMismatchError
+from openhydra.runtime.step_chain import ChainStats, StepChains
 
 
 class Pipeline(Protocol):
@@ -86,10 +87,45 @@ class LocalPipeline:
         self.reused_positions = 0
         self._lock = threading.Lock()
         self.supports_truncate = not runtime.is_recurrent
+        self._chains: tuple[object, StepChains] | None = None  # (the batcher they run on, the chains)
+
+    @property
+    def chains_steps(self) -> bool:
+        """Whether :meth:`step` takes ``more``: decode steps queued by the batcher as soon as their token is
+        sampled (runtime/step_chain.py). Needs the batcher, and a cache that can be cut (no recurrent layers)."""
+        return getattr(self.runtime, "batcher", None) is not None and self.supports_truncate
+
+    @property
+    def chain_stats(self) -> ChainStats | None:
+        """How often a decode step was queued by the batcher before its caller asked (None: no chains yet)."""
+        return None if self._chains is None else self._chains[1].stats
+
+    def _step_chains(self) -> StepChains | None:
+        batcher = getattr(self.runtime, "batcher", None)
+        if batcher is None or not self.supports_truncate:
+            return None
+        if self._chains is None or self._chains[0] is not batcher:
+            with self._lock:
+                if self._chains is None or self._chains[0] is not batcher:
+                    self._chains = (batcher, StepChains(batcher, self.runtime.truncate_session))
+        return self._chains[1]
+
+    def _settle(self, session_id: str, closing: bool = False) -> None:
+        if self._chains is not None:
+            self._chains[1].settle(session_id, closing)
 
     def step(
-        self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams, step: int
+        self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams, step: int,
+        *, more: int = 0, stop_ids: frozenset[int] = frozenset(),
     ) -> int:
+        """The token sampled after feeding ``token_ids`` at ``start_pos``. ``more`` > 0 (plain decoding, where
+        :attr:`chains_steps`): the caller may ask for that many steps after this one, each feeding the token the
+        step before returned, until one in ``stop_ids``; the batcher queues each as soon as its token is sampled."""
+        chains = self._step_chains() if more > 0 else None if self._chains is None else self._chains[1]
+        if chains is not None:
+            if len(token_ids) == 1 and start_pos > 0 and (more > 0 or chains.has_ahead(session_id)):
+                return chains.step(session_id, token_ids[0], start_pos, sampling, step, more, stop_ids)[1]
+            chains.settle(session_id)
         return sample(self._logits(session_id, token_ids, start_pos), sampling, step)
 
     def step_detail(
@@ -97,6 +133,7 @@ class LocalPipeline:
         *, top_k: int = 0, logits: bool = False,
     ) -> StepResult:
         """``step`` plus what logprobs and constrained decoding need (DetailedPipeline)."""
+        self._settle(session_id)
         out = self._logits(session_id, token_ids, start_pos).reshape(-1).float()  # [V]
         token = sample(out, sampling, step)
         return detail_result(out, token, "local", top_k, logits)
@@ -141,6 +178,7 @@ class LocalPipeline:
         self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams, step: int,
         *, one_pass: bool = False,
     ) -> torch.Tensor:
+        self._settle(session_id)
         positions = torch.arange(start_pos, start_pos + len(token_ids))  # [S]
         ids = torch.tensor(token_ids, dtype=torch.long)
         batcher = getattr(self.runtime, "batcher", None)
@@ -151,7 +189,9 @@ class LocalPipeline:
                                         **({"one_pass_verify": True} if one_pass else {}))  # [S, V]
 
     def truncate(self, session_id: str, length: int) -> None:
+        self._settle(session_id)
         self.runtime.truncate_session(session_id, length)
 
     def close(self, session_id: str) -> None:
+        self._settle(session_id, closing=True)
         self.runtime.close_session(session_id)

@@ -235,8 +235,9 @@ class Decoder:
     """
 
     def __init__(self, pipeline, session_id: str, prompt_ids: list[int], sampling: SamplingParams,
-                 max_tokens: int, speculator: Speculator | None = None) -> None:
+                 max_tokens: int, speculator: Speculator | None = None, stop_ids: frozenset[int] = frozenset()) -> None:
         self.pipeline = pipeline
+        self.stop_ids = stop_ids  # tokens that end the output (EOS, unless the request ignores it)
         self.session_id = session_id
         self.sampling = sampling
         self.max_tokens = max_tokens
@@ -264,7 +265,13 @@ class Decoder:
             draft = self._propose(k) if k else None
             if draft is not None and draft.tokens:
                 return self._verify(draft)
-        token = self.pipeline.step(self.session_id, [self.history[-1]], self.position, self.sampling, self.produced)
+        if spec is None and getattr(self.pipeline, "chains_steps", False):  # plain decoding to the end: the
+            # pipeline may queue each next step as soon as this one's token is sampled (runtime/step_chain.py)
+            token = self.pipeline.step(self.session_id, [self.history[-1]], self.position, self.sampling,
+                                       self.produced, more=remaining - 1, stop_ids=self.stop_ids)
+        else:
+            token = self.pipeline.step(self.session_id, [self.history[-1]], self.position, self.sampling,
+                                       self.produced)
         self.position += 1
         if spec is not None:
             spec.stats.add(plain=1)

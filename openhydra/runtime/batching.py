@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
@@ -58,6 +59,9 @@ class _Pending:
     hidden_states: torch.Tensor | None  # [S, D]
     all_logits: bool
     future: Future = field(default_factory=Future)
+    then: Callable[[torch.Tensor], _Pending | None] | None = None
+    """Called on the batcher's thread with this step's output before its future is set: a next step to queue at
+    once, or None (runtime/step_chain.py: a stream's next decode step, queued without waiting for its thread)."""
 
     @property
     def count(self) -> int:
@@ -111,13 +115,27 @@ class DecodeBatcher:
         if item.count > 1 and not (all_logits and item.count <= self.max_batch):
             raise ValueError(f"a batched step of {item.count} positions needs all_logits and at most max_batch "
                              f"({self.max_batch}) positions")
+        return self.queue(item)
+
+    def queue(self, item: _Pending) -> Future:
+        """Queue a step built by the caller (one position, or a verify :meth:`submit` checked); its future."""
         with self._cond:
             if self._closed:
                 raise RuntimeError("the decode batcher is closed")
             self._queue.append(item)
-            self._last_seen[session_id] = time.monotonic()
+            self._last_seen[item.session_id] = time.monotonic()
             self._cond.notify()
         return item.future
+
+    def withdraw(self, item: _Pending) -> bool:
+        """Take ``item`` out of the queue if no forward has taken it yet (its future is then cancelled)."""
+        with self._cond:
+            try:
+                self._queue.remove(item)
+            except ValueError:
+                return False
+        item.future.cancel()
+        return True
 
     def forward(self, session_id: str, position: int, **inputs) -> torch.Tensor:
         return self.submit(session_id, position, **inputs).result()
@@ -217,11 +235,33 @@ class DecodeBatcher:
                 outputs = [exc] * len(batch)
             elapsed = time.monotonic() - began
             self._step_s = elapsed if not self._step_s else 0.8 * self._step_s + 0.2 * elapsed
+            outputs = self._follow(batch, outputs)
             for item, out in zip(batch, outputs, strict=True):
                 if isinstance(out, BaseException):
                     item.future.set_exception(out)
                 else:
                     item.future.set_result(out)
+
+    def _follow(self, batch: list[_Pending], outputs: list) -> list:
+        """Queue the next steps the batch's ``then`` callbacks return (before any future is set, so the next
+        forward finds them waiting); a callback that raises becomes its item's error."""
+        outputs = list(outputs)
+        for i, item in enumerate(batch):
+            if item.then is None or isinstance(outputs[i], BaseException):
+                continue
+            try:
+                nxt = item.then(outputs[i])
+            except Exception as exc:
+                log.exception("session %s: the step after position %d could not be queued", item.session_id,
+                              item.position)
+                outputs[i] = exc
+                continue
+            if nxt is not None:
+                try:
+                    self.queue(nxt)
+                except RuntimeError:  # closed (the node is stopping): whoever waits for it must not wait forever
+                    nxt.future.cancel()
+        return outputs
 
 
 # ---- the batched forward -------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ decode batcher on, every request gets exactly the token ids of a cold run on its
 - prefix pairs: pairs of prompts sharing a long system prompt, in both orders (one pair per system prompt, 10
   orders, per model and dtype; all 20 pairs with OPENHYDRA_EXACTNESS_FULL=1); the second request of each order
   hits the cache and must equal the cold run (the prefix cache's tree cleared, same runtime);
-- concurrency: 8 streams at once (decode steps batched, blocks shared as they are stored) equal each
-  stream run alone.
+- concurrency: 8 streams at once (decode steps batched, blocks shared as they are stored, each stream's next step
+  queued by the batcher as soon as its token is sampled: runtime/step_chain.py) equal each stream run alone.
 Tiny random Llama / Qwen3 / Qwen3.5-hybrid checkpoints, and real SmolLM2-135M weights (slow).
 """
 
@@ -103,7 +103,7 @@ def check_concurrent_streams(rt: ShardRuntime, prompts: list[list[int]], n: int)
     def run(i: int) -> None:
         try:
             barrier.wait()
-            got[i] = _generate(pipe, f"together{i}", prompts[i], n)
+            got[i] = _generate(pipe, f"together{i}", prompts[i], n, chained=True)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -116,6 +116,11 @@ def check_concurrent_streams(rt: ShardRuntime, prompts: list[list[int]], n: int)
     assert not errors, errors
     assert got == alone
     assert rt.batcher.stats.max_seen >= 4  # steps really ran together
+    if pipe.chains_steps:  # every decode step after a stream's first was queued by the batcher before it was asked
+        stats = pipe.chain_stats  # for (runtime/step_chain.py), and none was left over
+        assert (stats.asked, stats.found, stats.settled) == (len(prompts) * (n - 1), len(prompts) * (n - 2), 0)
+    else:  # recurrent layers: no chains (a step queued ahead could not be cut)
+        assert rt.is_recurrent and pipe.chain_stats is None
     assert rt.batcher.stats.steps - steps_before >= len(prompts) * (n - 1) // 2
 
 

@@ -18,11 +18,14 @@ def _ids(n: int, seed: int) -> list[int]:
     return torch.randint(3, 4000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _generate(pipe: LocalPipeline, session: str, prompt: list[int], n: int) -> list[int]:
+def _generate(pipe: LocalPipeline, session: str, prompt: list[int], n: int, chained: bool = False) -> list[int]:
+    """``n`` greedy tokens; ``chained``: each decode step says how many more will follow, as plain decoding does
+    (the batcher queues them itself: runtime/step_chain.py)."""
     out: list[int] = []
     feed, pos = prompt, 0
     for step in range(n):
-        token = pipe.step(session, feed, pos, GREEDY, step)
+        more = {"more": n - 1 - step} if chained and step else {}
+        token = pipe.step(session, feed, pos, GREEDY, step, **more)
         pos += len(feed)
         feed = [token]
         out.append(token)
