@@ -4,14 +4,17 @@ Node processes serving embedded SmolLM2-135M (bf16, 1 thread each), driven throu
 OpenAI chat API with distinct prompts (so coalescing never applies). Arms, interleaved per trial:
 - 1 stream, serving=batched;
 - 8 concurrent streams, serving=batched (decode steps of all sessions run as one forward);
-- with --with-off, 8 concurrent streams and 1 stream on a serving=off node (each session's step runs alone).
+- with --with-off, 8 concurrent streams and 1 stream on a serving=off node (each session's step runs alone);
+- with --with-unchained, 1 and 8 streams on a batched node without decode chains (``OPENHYDRA_STEP_CHAINS=0``: each
+  stream's thread queues its own next step, the behaviour before runtime/step_chain.py).
 A batched node runs every decode step on a fixed 8-row matmul with per-row attention (the exact mode:
 a stream's tokens do not depend on the others), a lone stream included: 1 stream batched / 1 stream off
 is what exactness costs a lone stream.
 Aggregate output tok/s = all completion tokens / wall time from the first request sent to the last
 stream closed (prefill included, as serving benchmarks report). Target: 8 batched / 1 >= 3.
 
-    python bench/bench_batching.py --trials 3 --tokens 32 [--with-off] [--hardware cpu_int4 --dtype float32]
+    python bench/bench_batching.py --trials 3 --tokens 32 [--with-off] [--with-unchained]
+        [--hardware cpu_int4 --dtype float32]
 """
 
 from __future__ import annotations
@@ -89,6 +92,8 @@ def main() -> None:
     parser.add_argument("--hardware", default="cpu", help="conf/hardware group of the nodes")
     parser.add_argument("--dtype", default="bfloat16", help="hardware.dtype (float32 for cpu_int4 / cpu_int8)")
     parser.add_argument("--with-off", action="store_true", help="also time the streams on a serving=off node")
+    parser.add_argument("--with-unchained", action="store_true",
+                        help="also time the streams on a batched node without decode chains")
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_batching.png"))
     args = parser.parse_args()
     announce()  # the machine, its load and the versions, printed with the result
@@ -98,6 +103,8 @@ def main() -> None:
     batched = NodeProcess([*common, "serving=batched", f"serving.batching.max_batch={args.streams}"],
                           threads=args.threads)
     plain = NodeProcess([*common, "serving=off"], threads=args.threads)
+    unchained = NodeProcess([*common, "serving=batched", f"serving.batching.max_batch={args.streams}"],
+                            threads=args.threads, env={"OPENHYDRA_STEP_CHAINS": "0"})
     one, many, many_off = "1 stream (batched node)", f"{args.streams} streams (batched node)", \
         f"{args.streams} streams (serving=off)"
     one_off = "1 stream (serving=off)"
@@ -108,21 +115,31 @@ def main() -> None:
     if args.with_off:
         arms[many_off] = lambda: aggregate_rate(plain.url, args.streams, args.tokens)
         arms[one_off] = lambda: aggregate_rate(plain.url, 1, args.tokens)
+    one_un, many_un = "1 stream (batched, no chains)", f"{args.streams} streams (batched, no chains)"
+    if args.with_unchained:
+        arms[one_un] = lambda: aggregate_rate(unchained.url, 1, args.tokens)
+        arms[many_un] = lambda: aggregate_rate(unchained.url, args.streams, args.tokens)
     print(f"load average before: {os.getloadavg()}")
     with batched:
         aggregate_rate(batched.url, 2, 4)  # warm-up
-        if args.with_off:
-            plain.start().wait_ready()
-            aggregate_rate(plain.url, 2, 4)
+        for wanted, node in ((args.with_off, plain), (args.with_unchained, unchained)):
+            if wanted:
+                node.start().wait_ready()
+                aggregate_rate(node.url, 2, 4)
         try:
             rates = run_interleaved(arms, args.trials)
         finally:
             plain.stop()
+            unchained.stop()
     print(f"load average after: {os.getloadavg()} (2 shared cores: absolute figures are noisy)")
     med = medians(rates)
     print_table(rates, metric="median aggregate output tok/s")
     off = (f"; batched / unbatched at {args.streams} streams = {med[many] / med[many_off]:.2f}; 1 stream batched "
            f"(exact, padded rows) / 1 stream off = {med[one] / med[one_off]:.2f}") if args.with_off else ""
+    if args.with_unchained:
+        chains_trial = statistics.median(m / o for m, o in zip(rates[many], rates[many_un], strict=True))
+        off += (f"; decode chains: 8 streams {med[many] / med[many_un]:.2f}x (per-trial {chains_trial:.2f}), "
+                f"1 stream {med[one] / med[one_un]:.2f}x, 8 / 1 without them {med[many_un] / med[one_un]:.2f}")
     per_trial = statistics.median(m / o for m, o in zip(rates[many], rates[one], strict=True))
     print(f"\n{args.streams} streams / 1 stream (batched) = {med[many] / med[one]:.2f} (median per-trial ratio "
           f"{per_trial:.2f}; target >= 3){off}  "

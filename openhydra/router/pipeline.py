@@ -18,6 +18,10 @@ from openhydra.runtime.sampling import SamplingParams, sample
 from openhydra.runtime.shard import PositionMismatchError
 from openhydra.runtime.step_chain import ChainStats, StepChains
 
+CHAINS_SWITCH = "OPENHYDRA_STEP_CHAINS"
+"""``OPENHYDRA_STEP_CHAINS=0``: no decode chains (each step queued by its caller, the earlier behaviour; for A/B
+benchmarks: bench/bench_batching.py --with-unchained)."""
+
 
 class Pipeline(Protocol):
     def step(
@@ -88,12 +92,13 @@ class LocalPipeline:
         self._lock = threading.Lock()
         self.supports_truncate = not runtime.is_recurrent
         self._chains: tuple[object, StepChains] | None = None  # (the batcher they run on, the chains)
+        self._chaining = os.environ.get(CHAINS_SWITCH, "1") != "0"
 
     @property
     def chains_steps(self) -> bool:
         """Whether :meth:`step` takes ``more``: decode steps queued by the batcher as soon as their token is
         sampled (runtime/step_chain.py). Needs the batcher, and a cache that can be cut (no recurrent layers)."""
-        return getattr(self.runtime, "batcher", None) is not None and self.supports_truncate
+        return getattr(self.runtime, "batcher", None) is not None and self.supports_truncate and self._chaining
 
     @property
     def chain_stats(self) -> ChainStats | None:
@@ -102,7 +107,7 @@ class LocalPipeline:
 
     def _step_chains(self) -> StepChains | None:
         batcher = getattr(self.runtime, "batcher", None)
-        if batcher is None or not self.supports_truncate:
+        if batcher is None or not self.supports_truncate or not self._chaining:
             return None
         if self._chains is None or self._chains[0] is not batcher:
             with self._lock:

@@ -7,7 +7,9 @@ steps and get a future; a worker thread takes whatever is pending, waits for mor
 recently active sessions have not submitted yet (up to ``window_ms``, or a quarter of a step's
 duration when that is longer; a lone stream never waits), runs :func:`forward_batch`,
 and resolves each future with that session's output. Sessions join and leave between steps (the
-batch is rebuilt every step, Orca-style iteration-level scheduling).
+batch is rebuilt every step, Orca-style iteration-level scheduling). A step may carry a ``then``
+callback that returns the session's next step, queued before any future is set: the local pipeline's
+plain decoding uses it so the next forward need not wait for the callers' threads (runtime/step_chain.py).
 
 :func:`forward_batch` is exact: a session's tokens are bit-for-bit those it gets when it runs alone,
 in bf16 and fp32 (greedy output must not depend on other users' traffic). Two measured facts shape it
@@ -93,6 +95,7 @@ class DecodeBatcher:
         self._cond = threading.Condition()
         self._last_seen: dict[str, float] = {}
         self._step_s = 0.0  # moving average of one batched forward's duration, s
+        self.last_sessions = 0  # sessions in the forward that just ran (read by ``then`` callbacks)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="decode-batcher", daemon=True)
         self._thread.start()
@@ -235,6 +238,7 @@ class DecodeBatcher:
                 outputs = [exc] * len(batch)
             elapsed = time.monotonic() - began
             self._step_s = elapsed if not self._step_s else 0.8 * self._step_s + 0.2 * elapsed
+            self.last_sessions = len({item.session_id for item in batch})
             outputs = self._follow(batch, outputs)
             for item, out in zip(batch, outputs, strict=True):
                 if isinstance(out, BaseException):

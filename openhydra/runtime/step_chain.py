@@ -14,6 +14,11 @@ for (``more``) gets its next step queued by the batcher itself, on the batcher's
 The tokens, the cache and every bit are those of the caller asking itself: the same steps at the same positions with
 the same inputs (a batched step's rows do not depend on the batch: runtime/batching.py).
 
+Only where it pays: the batcher queues a successor after a forward of at least two sessions (``min_sessions``),
+where the others would wait for the slowest caller. A lone session's caller queues its own next step: measured side
+by side, chaining it cost the lone stream ~4% (the next step then runs beside its caller's Python and the event
+loop's, which contend for the GIL) and gained it nothing.
+
 Bounds. A chain runs at most one step ahead of what its caller has asked for: a step queued by the batcher queues its
 own successor only once the caller has asked for it (else the caller queues it when it does). It never queues past
 ``more`` steps, nor after a token in ``stop_ids``. A step nobody asks for is withdrawn if it has not run, or
@@ -71,9 +76,13 @@ class StepChains:
     ``truncate(session_id, length)`` cuts a session's cache back to ``length`` positions: it undoes a step that ran
     ahead and that nobody asked for (the runtime must support it: not for recurrent layers)."""
 
-    def __init__(self, batcher: DecodeBatcher, truncate: Callable[[str, int], None]) -> None:
+    def __init__(self, batcher: DecodeBatcher, truncate: Callable[[str, int], None], min_sessions: int = 2) -> None:
         self._batcher = batcher
         self._truncate = truncate
+        self.min_sessions = min_sessions
+        """The batcher queues a successor only after a forward of at least this many sessions. A lone session's
+        caller is the only one its next step would wait for, and its turnaround costs less than the contention of
+        the next step running beside it (measured: bench/bench_batching.py --with-unchained)."""
         self._lock = threading.Lock()
         self._ahead: dict[str, _Link] = {}  # a session's step queued (or run) before its caller asked
         self.stats = ChainStats()
@@ -135,8 +144,8 @@ class StepChains:
         token = sample(logits, link.sampling, link.step)
         with self._lock:
             link.token_out, link.done = token, True
-            if not link.claimed:
-                return None
+            if not link.claimed or self._batcher.last_sessions < self.min_sessions:
+                return None  # its caller queues the next step itself
             nxt = self._successor(link)
         return None if nxt is None else nxt.pending
 

@@ -116,9 +116,10 @@ def check_concurrent_streams(rt: ShardRuntime, prompts: list[list[int]], n: int)
     assert not errors, errors
     assert got == alone
     assert rt.batcher.stats.max_seen >= 4  # steps really ran together
-    if pipe.chains_steps:  # every decode step after a stream's first was queued by the batcher before it was asked
-        stats = pipe.chain_stats  # for (runtime/step_chain.py), and none was left over
-        assert (stats.asked, stats.found, stats.settled) == (len(prompts) * (n - 1), len(prompts) * (n - 2), 0)
+    if pipe.chains_steps:  # decode steps after forwards of several sessions were queued by the batcher before
+        stats = pipe.chain_stats  # they were asked for (runtime/step_chain.py), and none was left over
+        assert len(prompts) * (n - 2) <= stats.asked <= len(prompts) * (n - 1)
+        assert stats.found > 0 and stats.settled == 0
     else:  # recurrent layers: no chains (a step queued ahead could not be cut)
         assert rt.is_recurrent and pipe.chain_stats is None
     assert rt.batcher.stats.steps - steps_before >= len(prompts) * (n - 1) // 2
