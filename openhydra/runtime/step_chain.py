@@ -112,12 +112,13 @@ class StepChains:
             link.pending = self._pending(link)
             self._batcher.queue(link.pending)
         logits = link.pending.future.result()
+        if link.token_out is None:  # after a lone forward (min_sessions): nothing was queued after it
+            return logits, sample(logits, sampling, step)
         if late:
             with self._lock:
                 nxt = self._successor(link)
             if nxt is not None:
                 self._queue_or_forget(nxt)
-        assert link.token_out is not None
         return logits, link.token_out
 
     def has_ahead(self, session_id: str) -> bool:
@@ -141,11 +142,15 @@ class StepChains:
     def _follow(self, link: _Link, logits: torch.Tensor) -> _Pending | None:
         """On the batcher's thread, before the link's future is set: its token, and its successor if its caller has
         asked for it."""
+        with self._lock:
+            if link.claimed and self._batcher.last_sessions < self.min_sessions:
+                link.done = True  # its caller samples and queues the next step itself, as without chains
+                return None
         token = sample(logits, link.sampling, link.step)
         with self._lock:
             link.token_out, link.done = token, True
-            if not link.claimed or self._batcher.last_sessions < self.min_sessions:
-                return None  # its caller queues the next step itself
+            if not link.claimed:
+                return None
             nxt = self._successor(link)
         return None if nxt is None else nxt.pending
 
