@@ -7,6 +7,9 @@ plus three nodes serving SmolLM2-135M layers [0,10), [10,20), [20,30); requests 
     python bench/bench_pipeline.py --trials 7 --tokens 96 [--hardware cpu_int4 --dtype float32]
         [--halt-poll-ns 0,200000]
 
+It also prints what each node process spent in CPU per generated token (user + system, all threads, from /proc):
+on a 2-core machine, where only one process of a pipeline has work at a time, that tells CPU work from waiting.
+
 ``--halt-poll-ns`` (a diagnosis for virtual machines; Linux guests with the ``haltpoll`` cpuidle driver, as root):
 each arm also runs with ``/sys/module/haltpoll/parameters/guest_halt_poll_ns`` set to each value in turn, inside
 the interleaving, and the original value is restored at the end. It is how long an idle vCPU polls before halting
@@ -17,6 +20,7 @@ token, so the cost of waking idle vCPUs is part of what an extra peer costs on s
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +35,12 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_api_vs_generate import api_decode_rate  # noqa: E402
 from common import medians, plot_trials, print_table, run_interleaved  # noqa: E402
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -64,19 +74,25 @@ def main() -> None:
         try:
             start_all([single, *peers])
             urls = {"single node": single.url, "3-peer pipeline": peers[0].url}
+            pids = {"single node": [single.proc.pid], "3-peer pipeline": [p.proc.pid for p in peers]}
+            cpu: dict[str, list[list[float]]] = {name: [] for name in urls}  # per call: CPU ms per token per node
             for url in urls.values():
                 api_decode_rate(url, model, messages, 8)  # warm-up
             polls = [None] if args.halt_poll_ns is None else [int(v) for v in args.halt_poll_ns.split(",")]
 
-            def arm(url: str, poll: int | None):
+            def arm(name: str, url: str, poll: int | None):
                 def run() -> float:
                     if poll is not None:
                         HALT_POLL.write_text(str(poll))
-                    return api_decode_rate(url, model, messages, args.tokens)
+                    before = [process_cpu_s(pid) for pid in pids[name]]
+                    rate = api_decode_rate(url, model, messages, args.tokens)
+                    cpu[name].append([(process_cpu_s(pid) - b) * 1e3 / args.tokens
+                                      for pid, b in zip(pids[name], before, strict=True)])
+                    return rate
 
                 return run
 
-            arms = {name + ("" if poll is None else f" @ halt poll {poll} ns"): arm(url, poll)
+            arms = {name + ("" if poll is None else f" @ halt poll {poll} ns"): arm(name, url, poll)
                     for poll in polls for name, url in urls.items()}
             original = HALT_POLL.read_text().strip() if args.halt_poll_ns is not None else None
             try:
@@ -99,6 +115,10 @@ def main() -> None:
         ratios.append(f"{ratio:.2f}{suffix}")
         print(f"\nratio pipeline/single{suffix} = {ratio:.3f} (per-trial median {per_trial:.3f}); extra per token = "
               f"{1000 / pipeline_rate - 1000 / single_rate:.2f} ms for 3 hops + reply")
+    for name, calls in cpu.items():  # what each process spent, whatever the wall clock did meanwhile
+        per_node = [statistics.median(call[i] for call in calls) for i in range(len(calls[0]))]
+        print(f"CPU per token (ms, median over calls, prefill and HTTP included), {name}: "
+              f"{' + '.join(f'{c:.2f}' for c in per_node)} = {sum(per_node):.2f}")
     print(f"[hardware={args.hardware}, {args.dtype}, 1 thread per process, tokens={args.tokens}, trials={args.trials}]")
     plot_trials(rates, f"SmolLM2-135M {args.hardware} {args.dtype}: pipeline/single = {', '.join(ratios)}", args.plot)
 
