@@ -87,12 +87,23 @@ class AppendLayer(DynamicLayer):
         self._value_buffer.narrow(2, held, count).copy_(value_states)
         return self.expose(held + count)
 
-    def reserve(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int:
+    @staticmethod
+    def append_shape(key_states: torch.Tensor,
+                     value_states: torch.Tensor) -> tuple[int, torch.dtype, torch.Size, int, int]:
+        """What :meth:`reserve` checks an append against: the positions, the dtype, the leading [B, H] dimensions,
+        the key and value head dimensions."""
+        return (key_states.shape[-2], key_states.dtype, key_states.shape[:2], key_states.shape[-1],
+                value_states.shape[-1])
+
+    def reserve(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                shape: tuple[int, torch.dtype, torch.Size, int, int] | None = None) -> int:
         """Room in the buffers for ``key_states``' positions after the held ones, which are returned: a buffer of
         their dtype and shape (moved into a fresh one when needed, as :meth:`update` does). Writes nothing: the
         caller writes positions held.. into the buffers (:attr:`layout` says where), then calls :meth:`expose`.
         A batched decode step's attention library call appends that way (runtime/lowbit.py
-        ``append_attention_rows``)."""
+        ``append_attention_rows``), for 8 rows per layer: it passes ``shape``, :meth:`append_shape` of the states,
+        read once for all rows (a tensor's attributes cost more to read than the checks themselves)."""
+        count, dtype, lead, key_dim, value_dim = shape or self.append_shape(key_states, value_states)
         if self._end is not None:  # our own positions, which nobody has read or replaced since
             held = self._end
             keys = values = None
@@ -104,12 +115,12 @@ class AppendLayer(DynamicLayer):
                 held = 0 if keys.numel() == 0 else keys.shape[-2]
                 if not (self._is_prefix_view(keys, self._key_buffer)
                         and self._is_prefix_view(values, self._value_buffer)):
-                    self._rehome(keys, values, held, held + key_states.shape[-2], key_states, value_states)
+                    self._rehome(keys, values, held, held + count, key_states, value_states)
             else:
                 held = keys.shape[-2]
-        end = held + key_states.shape[-2]
-        if (end > self._capacity or key_states.dtype != self._dtype or key_states.shape[:2] != self._lead
-                or key_states.shape[-1] != self._key_dim or value_states.shape[-1] != self._value_dim):
+        end = held + count
+        if (end > self._capacity or dtype != self._dtype or lead != self._lead or key_dim != self._key_dim
+                or value_dim != self._value_dim):
             if keys is None:
                 keys, values = self.keys, self.values  # the views, made
             self._rehome(keys, values, held, end, key_states, value_states)

@@ -484,15 +484,17 @@ def append_attention_rows(lib: ctypes.CDLL, qk: torch.Tensor, heads: int, value:
     if real == 0:
         return out
     key_like, value_like = qk[:1, heads:], value[:1]  # every row's new key and value have this shape and dtype
+    shape = layers[0].append_shape(key_like, value_like)
     meta: list[int] = []
     key_at, value_at, ends = [], [], []
     for layer in layers:
-        end = layer.reserve(key_like, value_like) + 1
-        k, v, *strides = layer.layout
-        key_at.append(k)
-        value_at.append(v)
+        end = layer.reserve(key_like, value_like, shape) + 1
+        layout = layer.layout
+        key_at.append(layout[0])
+        value_at.append(layout[1])
         ends.append(end)
-        meta += (end, *strides)
+        meta.append(end)
+        meta.extend(layout[2:])
     pointers = ctypes.c_void_p * real
     qs, vs = qk.stride(), value.stride()
     status = lib.oh_append_attention_rows(qk.data_ptr(), qs[0], qs[1], qk.data_ptr() + 4 * heads * qs[1], qs[0],
