@@ -98,7 +98,7 @@ class LocalPipeline:
     def chains_steps(self) -> bool:
         """Whether :meth:`step` takes ``more``: decode steps queued by the batcher as soon as their token is
         sampled (runtime/step_chain.py). Needs the batcher, and a cache that can be cut (no recurrent layers)."""
-        return getattr(self.runtime, "batcher", None) is not None and self.supports_truncate and self._chaining
+        return self._step_chains() is not None
 
     @property
     def chain_stats(self) -> ChainStats | None:

@@ -265,13 +265,11 @@ class Decoder:
             draft = self._propose(k) if k else None
             if draft is not None and draft.tokens:
                 return self._verify(draft)
-        if spec is None and getattr(self.pipeline, "chains_steps", False):  # plain decoding to the end: the
-            # pipeline may queue each next step as soon as this one's token is sampled (runtime/step_chain.py)
-            token = self.pipeline.step(self.session_id, [self.history[-1]], self.position, self.sampling,
-                                       self.produced, more=remaining - 1, stop_ids=self.stop_ids)
-        else:
-            token = self.pipeline.step(self.session_id, [self.history[-1]], self.position, self.sampling,
-                                       self.produced)
+        # plain decoding to the end: the pipeline may queue each next step as soon as this one's token is sampled
+        chained = ({"more": remaining - 1, "stop_ids": self.stop_ids}
+                   if spec is None and getattr(self.pipeline, "chains_steps", False) else {})  # runtime/step_chain.py
+        token = self.pipeline.step(self.session_id, [self.history[-1]], self.position, self.sampling, self.produced,
+                                   **chained)
         self.position += 1
         if spec is not None:
             spec.stats.add(plain=1)

@@ -380,7 +380,6 @@ class ShardRuntime:
             raise ValueError(f"hidden_states must be [{seq_len}, {self.hidden_size}], got {tuple(hidden_states.shape)}")
         return hidden_states.to(device=self.device, dtype=self.dtype).unsqueeze(0)  # [1, S, D]
 
-
     def _input_hiddens(
         self, steps: list[tuple[int, torch.Tensor | None, torch.Tensor | None]]
     ) -> list[torch.Tensor | Exception]:
