@@ -5,10 +5,13 @@ length, 1 torch thread per process, runs interleaved, medians reported. The swar
 plus three nodes serving SmolLM2-135M layers [0,10), [10,20), [20,30); requests enter at the first.
 
     python bench/bench_pipeline.py --trials 7 --tokens 96 [--hardware cpu_int4 --dtype float32]
-        [--halt-poll-ns 0,200000]
+        [--halt-poll-ns 0,200000] [--before COMMIT]
 
 It also prints what each node process spent in CPU per generated token (user + system, all threads, from /proc):
 on a 2-core machine, where only one process of a pipeline has work at a time, that tells CPU work from waiting.
+
+``--before COMMIT`` adds a third arm: the same 3-peer pipeline (its own DHT and node processes) run from a git worktree
+of an earlier commit, interleaved with the others, so a change to the hop is measured against its parent side by side.
 
 ``--halt-poll-ns`` (a diagnosis for virtual machines; Linux guests with the ``haltpoll`` cpuidle driver, as root):
 each arm also runs with ``/sys/module/haltpoll/parameters/guest_halt_poll_ns`` set to each value in turn, inside
@@ -20,6 +23,7 @@ token, so the cost of waking idle vCPUs is part of what an extra peer costs on s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -34,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_api_vs_generate import api_decode_rate  # noqa: E402
-from common import medians, plot_trials, print_table, run_interleaved  # noqa: E402
+from common import medians, plot_trials, print_table, run_interleaved, worktree  # noqa: E402
 
 
 def process_cpu_s(pid: int) -> float:
@@ -50,6 +54,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--hardware", default="cpu", help="conf/hardware group of every node")
     parser.add_argument("--halt-poll-ns", default=None, help="comma-separated guest_halt_poll_ns values (see above)")
+    parser.add_argument("--before", default=None, metavar="COMMIT",
+                        help="also run the pipeline of an earlier commit (a git worktree of it), a third arm")
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_pipeline.png"))
     args = parser.parse_args()
     from openhydra.testing.machine import announce
@@ -67,14 +73,24 @@ def main() -> None:
     single = NodeProcess(["model=local", f"model.path={model_dir}", f"hardware={args.hardware}",
                           f"hardware.dtype={args.dtype}",
                           f"node.data_dir={work / 'single'}", "api.rate_limit_requests=100000"], threads=1)
-    with DhtProcess() as dht:
-        peers = [NodeProcess(swarm_node_overrides(model_dir, dht.url, a, b, work / f"p{a}", dtype=args.dtype,
-                                                  hardware=args.hardware), threads=1)
-                 for a, b in [(0, 10), (10, 20), (20, 30)]]
+    old_arm = f"3-peer pipeline ({args.before})"
+    with contextlib.ExitStack() as stack:
+        dht = stack.enter_context(DhtProcess())
+        spans = [(0, 10), (10, 20), (20, 30)]
+        swarms = {"3-peer pipeline": [
+            NodeProcess(swarm_node_overrides(model_dir, dht.url, a, b, work / f"p{a}", dtype=args.dtype,
+                                             hardware=args.hardware), threads=1) for a, b in spans]}
+        if args.before:  # its own DHT: the two swarms must not route through each other's peers
+            tree, old_dht = stack.enter_context(worktree(args.before, work)), stack.enter_context(DhtProcess())
+            swarms[old_arm] = [NodeProcess(swarm_node_overrides(model_dir, old_dht.url, a, b, work / f"b{a}",
+                                                               dtype=args.dtype, hardware=args.hardware),
+                                          threads=1, env={"PYTHONPATH": str(tree)}, cwd=tree) for a, b in spans]
+        everyone = [single, *(node for nodes in swarms.values() for node in nodes)]
         try:
-            start_all([single, *peers])
-            urls = {"single node": single.url, "3-peer pipeline": peers[0].url}
-            pids = {"single node": [single.proc.pid], "3-peer pipeline": [p.proc.pid for p in peers]}
+            start_all(everyone)
+            urls = {"single node": single.url, **{name: nodes[0].url for name, nodes in swarms.items()}}
+            pids = {"single node": [single.proc.pid],
+                    **{name: [p.proc.pid for p in nodes] for name, nodes in swarms.items()}}
             cpu: dict[str, list[list[float]]] = {name: [] for name in urls}  # per call: CPU ms per token per node
             for url in urls.values():
                 api_decode_rate(url, model, messages, 8)  # warm-up
@@ -101,7 +117,7 @@ def main() -> None:
                 if original is not None:
                     HALT_POLL.write_text(original)
         finally:
-            for node in [single, *peers]:
+            for node in everyone:
                 node.stop()
     med = medians(rates)
     print_table(rates)
@@ -115,6 +131,11 @@ def main() -> None:
         ratios.append(f"{ratio:.2f}{suffix}")
         print(f"\nratio pipeline/single{suffix} = {ratio:.3f} (per-trial median {per_trial:.3f}); extra per token = "
               f"{1000 / pipeline_rate - 1000 / single_rate:.2f} ms for 3 hops + reply")
+    if args.before:
+        now, then = rates["3-peer pipeline"], rates[old_arm]
+        print(f"3-peer pipeline now / {args.before} = {statistics.median(now) / statistics.median(then):.3f} "
+              f"(per-trial median {statistics.median(n / o for n, o in zip(now, then, strict=True)):.3f}); "
+              f"{1000 / statistics.median(then) - 1000 / statistics.median(now):.2f} ms less per token")
     for name, calls in cpu.items():  # what each process spent, whatever the wall clock did meanwhile
         per_node = [statistics.median(call[i] for call in calls) for i in range(len(calls[0]))]
         print(f"CPU per token (ms, median over calls, prefill and HTTP included), {name}: "

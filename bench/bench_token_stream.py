@@ -14,8 +14,8 @@ router/token_stream.py asked for every step through ``run_in_executor``, which t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_api_vs_generate import api_decode_rate  # noqa: E402
-from common import medians, plot_trials, print_table, run_interleaved  # noqa: E402
+from common import medians, plot_trials, print_table, run_interleaved, worktree  # noqa: E402
 
 ARMS = {"lockstep (decode_ahead=0)": 0, "back to back (decode_ahead=2)": 2}
 
@@ -52,28 +52,24 @@ def main() -> None:
     common_args = ["model=local", f"model.path={model_dir}", f"hardware={args.hardware}",
                    "api.rate_limit_requests=100000"]
     nodes = {}
-    if args.before:
-        tree = work / "before"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.before], check=True,
-                       capture_output=True)
-        nodes[f"before ({args.before})"] = NodeProcess([*common_args, f"node.data_dir={work / 'b'}"], threads=1,
-                                                       env={"PYTHONPATH": str(tree)}, cwd=tree)
-    nodes.update({name: NodeProcess([*common_args, f"serving.decode_ahead={ahead}",
-                                     f"node.data_dir={work / str(ahead)}"], threads=1)
-                  for name, ahead in ARMS.items()})
-    try:
-        start_all(list(nodes.values()))
-        for node in nodes.values():
-            api_decode_rate(node.url, model, messages, 8)  # warm-up
-        arms = {name: (lambda url=node.url: api_decode_rate(url, model, messages, args.tokens))
-                for name, node in nodes.items()}
-        rates = run_interleaved(arms, args.trials)
-    finally:
-        for node in nodes.values():
-            node.stop()
+    with contextlib.ExitStack() as stack:
         if args.before:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(work / "before")],
-                           check=False, capture_output=True)
+            tree = stack.enter_context(worktree(args.before, work))
+            nodes[f"before ({args.before})"] = NodeProcess([*common_args, f"node.data_dir={work / 'b'}"], threads=1,
+                                                           env={"PYTHONPATH": str(tree)}, cwd=tree)
+        nodes.update({name: NodeProcess([*common_args, f"serving.decode_ahead={ahead}",
+                                         f"node.data_dir={work / str(ahead)}"], threads=1)
+                      for name, ahead in ARMS.items()})
+        try:
+            start_all(list(nodes.values()))
+            for node in nodes.values():
+                api_decode_rate(node.url, model, messages, 8)  # warm-up
+            arms = {name: (lambda url=node.url: api_decode_rate(url, model, messages, args.tokens))
+                    for name, node in nodes.items()}
+            rates = run_interleaved(arms, args.trials)
+        finally:
+            for node in nodes.values():
+                node.stop()
     med = medians(rates)
     print_table(rates)
     new = list(ARMS)[1]

@@ -7,8 +7,25 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def worktree(commit: str, parent: Path) -> Iterator[Path]:
+    """A detached git worktree of ``commit`` under ``parent`` (removed after): nodes started there with
+    ``NodeProcess(..., cwd=tree, env={"PYTHONPATH": str(tree)})`` run that commit's code beside this one's."""
+    tree = parent / f"before-{commit}"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), commit], check=True,
+                   capture_output=True)
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False,
+                       capture_output=True)
 
 
 def run_interleaved(arms: dict[str, Callable[[], float]], trials: int, unit: str = "tok/s") -> dict[str, list[float]]:

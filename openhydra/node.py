@@ -374,6 +374,7 @@ class Node:
                                 privacy.sign, self.background.loop, choice.api_name)
         client = PeerChainClient([], reply_host=cfg.peer.host, reply_port=cfg.peer.reply_port,
                                  advertise_host=cfg.peer.advertise_host, tunables=self._client_tunables(),
+                                 loop=self.peer_server.loop,  # one loop for the process's gRPC (PeerChainClient)
                                  **privacy.client_options(runtime, choice.path,
                                                           lambda: self.swarm.peers() if self.swarm else []))
         client.local_addresses.add(grpc_address)  # this process's own peer: a slow probe answer is our own load
@@ -526,7 +527,8 @@ class Node:
                                               dtype=torch.float32)
         # Its own reply port: the node's fixed peer.reply_port (if any) belongs to its primary model's client.
         client = PeerChainClient([], reply_host=cfg.peer.host, advertise_host=cfg.peer.advertise_host,
-                                 tunables=self._client_tunables(), **options)
+                                 tunables=self._client_tunables(), **options,
+                                 loop=self.peer_server.loop if self.peer_server is not None else None)
         settler = None  # degraded requests are settled like any other (economy/swarm_settlement.py)
         primary_settler = self.state.extra.get("settlement")
         if primary_settler is not None:
@@ -608,9 +610,11 @@ class Node:
             except Exception as exc:
                 log.debug("discovery stop: %s", exc)
             self.background.stop()
+        if self.swarm is not None and getattr(self.swarm, "verifier", None) is not None:  # verification hook
+            self.swarm.verifier.shutdown()  # its audits call the peers: before the client's loop stops
+        if self.swarm is not None and getattr(self.swarm.client, "shares_loop", False):
+            self.swarm.client.shutdown()  # its reply server and streams live on the peer server's loop
         if self.peer_server is not None:
             self.peer_server.stop()
         if self.transport is not None:
             self.transport.stop()
-        if self.swarm is not None and getattr(self.swarm, "verifier", None) is not None:  # verification hook
-            self.swarm.verifier.shutdown()

@@ -57,6 +57,13 @@ KeyLookup = Callable[[str], tuple[str, str | None] | None]
 """grpc address -> (peer id, signed static key as announced), for hops given without keys."""
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 @dataclass(frozen=True)
 class ClientTunables:
     step_timeout_s: float = 30.0
@@ -108,7 +115,10 @@ class PeerChainClient(ClientPrivacy, ControlCalls, Liveness, RebuildClient):
         key_lookup: KeyLookup | None = None,
         swarm_token: str | None = None,
         head: Head | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        """``loop``: a running event loop of another thread to do the client's gRPC work on (the node passes its peer
+        server's loop); None: the client runs a loop on a thread of its own. See :attr:`shares_loop`."""
         self.tunables = tunables or ClientTunables()
         self.swarm_token = swarm_token  # private swarm credential on every call (peer/swarm_auth.py)
         self.head = head  # final norm + LM head: sample on the coordinator under onion (peer/head.py)
@@ -133,9 +143,12 @@ class PeerChainClient(ClientPrivacy, ControlCalls, Liveness, RebuildClient):
         process is overloaded, not that they stopped: never blamed by a probe (a step they fail still is)."""
         self._seq = itertools.count()
         self._streams: dict[tuple[str, str], OutboundStream] = {}
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="peer-client", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # None: the loop is someone else's (``loop``)
+        if loop is None:
+            loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=loop.run_forever, name="peer-client", daemon=True)
+            self._thread.start()
+        self._loop = loop
         self._pool: ChannelPool = self._call(self._make_pool())
         self._server: grpc.aio.Server = self._call(self._start_server(reply_host, reply_port))
         if advertise_host:  # peers reach the reply server at another address (NAT, a relay, a container)
@@ -222,8 +235,9 @@ class PeerChainClient(ClientPrivacy, ControlCalls, Liveness, RebuildClient):
             await self._pool.close()
 
         self._call(stop())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
+        if self._thread is not None:  # a shared loop goes on serving its owner
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
 
     @property
     def reply_address(self) -> str:
@@ -231,7 +245,17 @@ class PeerChainClient(ClientPrivacy, ControlCalls, Liveness, RebuildClient):
 
     # ---- event-loop side ------------------------------------------------------------------------
 
+    @property
+    def shares_loop(self) -> bool:
+        """Whether the client works on a loop it was given. One loop for all of a process's gRPC saves a thread wake-up
+        per event: gRPC's poller wakes every loop that uses gRPC in the process, and the loop that takes the wake-up
+        hands other loops' events over with ``call_soon_threadsafe`` (docs/benchmarks.md, "One event loop")."""
+        return self._thread is None
+
     def _call(self, coro, timeout: float | None = 30.0) -> Any:
+        if _running_loop() is self._loop:  # blocking here would wait for this very thread forever
+            coro.close()
+            raise RuntimeError("PeerChainClient's blocking calls cannot run on the event loop it works on")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=timeout)
 
     async def _make_pool(self) -> ChannelPool:

@@ -64,6 +64,11 @@ class PeerServer:
         return f"{self.host}:{self.port}"
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The running loop the server works on (None before start and after stop): the node's gRPC clients share it."""
+        return self._loop
+
+    @property
     def hop_address(self) -> str:
         """The address others put in routes for this peer (bound port known only after start)."""
         if self.advertise_address:
