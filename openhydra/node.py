@@ -378,6 +378,8 @@ class Node:
                                  **privacy.client_options(runtime, choice.path,
                                                           lambda: self.swarm.peers() if self.swarm else []))
         client.local_addresses.add(grpc_address)  # this process's own peer: a slow probe answer is our own load
+        if cfg.peer.local_hop:  # steps to our own span skip gRPC on loopback (peer/local_stream.py)
+            client.serve_locally(grpc_address, self.peer_server.service)
         settler = None  # settlement hook: every session through the swarm is settled (economy/swarm_settlement.py)
         if getattr(self.economy, "enabled", False):
             from openhydra.economy.swarm_settlement import SwarmSettler

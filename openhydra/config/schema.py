@@ -197,6 +197,9 @@ class PeerSection(Strict):
     share_weights_mbps: float = Field(100.0, ge=0)
     """Serve this span's weights to joining peers (openhydra/weights/serve.py) at most this fast, megabits/s
     over all their streams; 0: do not share."""
+    local_hop: bool = True
+    """Coordinator: steps to this node's own span are handed to its peer service on the event loop they share, not
+    sent through gRPC on loopback (peer/local_stream.py); every other hop, and every unary call, stays gRPC."""
 
     @field_validator("advertise_host")
     @classmethod

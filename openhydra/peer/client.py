@@ -34,6 +34,7 @@ from openhydra.peer.embedding import Embedder
 from openhydra.peer.errors import HopError, status_code
 from openhydra.peer.head import Head
 from openhydra.peer.liveness import MAX_WAIT_STEPS, Liveness
+from openhydra.peer.local_stream import LocalStream
 from openhydra.peer.messages import HopSpec, StepResult
 from openhydra.peer.outbound import (
     MAX_MESSAGE_BYTES,
@@ -142,7 +143,8 @@ class PeerChainClient(ClientPrivacy, ControlCalls, Liveness, RebuildClient):
         """Peers served by this very process (the node's own span). A liveness probe they answer late means this
         process is overloaded, not that they stopped: never blamed by a probe (a step they fail still is)."""
         self._seq = itertools.count()
-        self._streams: dict[tuple[str, str], OutboundStream] = {}
+        self._streams: dict[tuple[str, str], OutboundStream | LocalStream] = {}
+        self._local_peers: dict[str, Any] = {}  # address -> PeerService of this process on this loop (serve_locally)
         self._thread: threading.Thread | None = None  # None: the loop is someone else's (``loop``)
         if loop is None:
             loop = asyncio.new_event_loop()
@@ -470,13 +472,25 @@ class PeerChainClient(ClientPrivacy, ControlCalls, Liveness, RebuildClient):
             error = HopError(address, code, details or "stream to the first hop broke")
         self._fail_session(session_id, error)
 
-    def _stream(self, session_id: str, address: str) -> OutboundStream:
+    def _stream(self, session_id: str, address: str) -> OutboundStream | LocalStream:
         key = (session_id, address)
         stream = self._streams.get(key)
         if stream is None:
-            stream = OutboundStream(
-                self._pool, address, lambda ch: pb_grpc.PeerStub(ch).Forward(timeout=STREAM_LIFETIME_S), self._on_broken
-            )
+            local = self._local_peers.get(address)
+            if local is not None:  # this process's own span, on this loop: no gRPC in between (peer/local_stream.py)
+                stream = LocalStream(local, address, self._on_broken)
+            else:
+                stream = OutboundStream(self._pool, address,
+                                        lambda ch: pb_grpc.PeerStub(ch).Forward(timeout=STREAM_LIFETIME_S),
+                                        self._on_broken)
             self._streams[key] = stream
         return stream
+
+    def serve_locally(self, address: str, service: Any) -> None:
+        """Steps to ``address`` go straight to ``service`` (the ``PeerService`` this process serves there), which must
+        work on the client's own loop; see peer/local_stream.py. Its unary calls (Info, close, truncate) stay gRPC."""
+        if not self.shares_loop:
+            raise ValueError("a local peer needs the client on the peer server's loop (PeerChainClient(loop=...))")
+        self._local_peers[address] = service
+        self.local_addresses.add(address)
 
