@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from openhydra.runtime import hugepages
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "lowbit.c"
@@ -233,7 +235,7 @@ def pack_groups(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | No
     for values in (scale, minimum) if bits == 4 else (scale,):
         half = torch.nn.functional.pad(values.to(torch.float16), (0, 0, 0, pad))  # [Np, blocks]
         parts.append(half.reshape(groups, group, blocks).permute(0, 2, 1).contiguous().view(torch.uint8))
-    return torch.cat(parts, dim=2).reshape(groups, -1).contiguous()
+    return hugepages.place(torch.cat(parts, dim=2).reshape(groups, -1))  # streamed every step: 2 MiB pages
 
 
 @dataclass(eq=False)
