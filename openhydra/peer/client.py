@@ -2,7 +2,8 @@
 
 ``PeerChainClient`` hosts a small ``Coordinator.Deliver`` server (the ``reply_to`` address every
 step carries), keeps one stream per session to the route's first peer, and turns each step into a
-future resolved by the Result the last peer pushes back: N + 1 one-way hops per token for N peers.
+future resolved by the Result the last peer pushes back: N + 1 one-way hops per token for N peers (N when the first
+peer is this very process's, on the loop the client shares with it: peer/local_stream.py).
 Any failure surfaces as :class:`HopError` naming the hop to fail over. It implements the router's
 ``Pipeline`` protocol (``step``/``close``); failover and replay belong to the router.
 
