@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import median_step_ms, medians, plot_trials, print_table, run_interleaved  # noqa: E402
+from common import medians, plot_trials, print_table, run_interleaved, step_arms  # noqa: E402
 
 
 def anon_huge_mib() -> float:
@@ -123,17 +123,9 @@ def main() -> None:
         rt.close_session("check")
         tokens[name] = seq
     assert tokens["huge"] == tokens["plain"], tokens
-    trial = {"n": 0}
-
-    def arm(rt: ShardRuntime):
-        def run() -> float:
-            trial["n"] += 1
-            return median_step_ms(rt, f"t{trial['n']}", prompt, args.steps)
-
-        return run
-
     names = ("2 MiB pages", "4 KiB pages")
-    rates = run_interleaved({names[0]: arm(huge), names[1]: arm(plain)}, args.trials, unit="ms/step")
+    rates = run_interleaved(step_arms({names[0]: huge, names[1]: plain}, prompt, args.steps), args.trials,
+                            unit="ms/step")
     print_table(rates, metric="median ms per decode step")
     m = medians(rates)
     per_trial = statistics.median(b / a for a, b in zip(rates[names[0]], rates[names[1]], strict=True))

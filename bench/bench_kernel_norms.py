@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import median_step_ms, medians, plot_trials, print_table, run_interleaved, runtime_pair  # noqa: E402
+from common import medians, plot_trials, print_table, run_interleaved, runtime_pair, step_arms  # noqa: E402
 
 
 def main() -> None:
@@ -44,24 +44,14 @@ def main() -> None:
     finally:
         shard.use_kernel_attention = original
     from openhydra.runtime import lean_layers, lowbit
-    from openhydra.runtime.shard import ShardRuntime
 
     assert kernel_rt.kernel_norm_layers == kernel_rt.num_layers and torch_rt.kernel_norm_layers == 0
     assert all(isinstance(layer.input_layernorm, lowbit.KernelRMSNorm) for layer in kernel_rt.modules.layers)
     assert lean_layers.lean_usable(kernel_rt._lean, "sdpa") and lean_layers.lean_usable(torch_rt._lean, "sdpa")
     print(f"low-bit kernel: {lowbit.isa()}; {args.quantization}, fp32, 1 thread; {kernel_rt.num_layers} layers")
     prompt = torch.arange(100, 142)
-    trial = {"n": 0}
-
-    def arm(rt: ShardRuntime):
-        def run() -> float:
-            trial["n"] += 1
-            return median_step_ms(rt, f"t{trial['n']}", prompt, args.steps)
-
-        return run
-
-    rates = run_interleaved({"norms on the kernel": arm(kernel_rt), "PyTorch norms": arm(torch_rt)}, args.trials,
-                            unit="ms/step")
+    arms = step_arms({"norms on the kernel": kernel_rt, "PyTorch norms": torch_rt}, prompt, args.steps)
+    rates = run_interleaved(arms, args.trials, unit="ms/step")
     print_table(rates, metric="median ms per decode step")
     m = medians(rates)
     ratio = m["PyTorch norms"] / m["norms on the kernel"]

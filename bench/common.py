@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import subprocess
@@ -142,6 +143,13 @@ def runtime_pair(quantization: str, switch: str, stand_in: Callable) -> tuple:
     finally:
         setattr(shard, switch, original)
     return current, before
+
+
+def step_arms(runtimes: dict, prompt, steps: int) -> dict[str, Callable[[], float]]:
+    """``run_interleaved`` arms: each runtime's :func:`median_step_ms` after ``prompt``, a fresh session per call."""
+    sessions = itertools.count()
+    return {name: (lambda rt=rt: median_step_ms(rt, f"t{next(sessions)}", prompt, steps))
+            for name, rt in runtimes.items()}
 
 
 def median_step_ms(runtime, session_id: str, prompt, steps: int) -> float:
