@@ -9,8 +9,8 @@ Only memory that is private to the process already goes here: the packed copies 
 (``lowbit.pack_groups``). Weights that are views of the mapped checkpoint (fp32) stay in the page cache, where nodes on
 one machine share them. Tensors are carved from 2 MiB-aligned chunks of private anonymous memory marked
 ``MADV_HUGEPAGE`` (what ``transparent_hugepage/enabled = madvise``, a common default, asks for); a chunk is unmapped
-when the last tensor in it is gone. ``OPENHYDRA_HUGEPAGES=0``, a non-Linux OS or THP set to ``never``: plain torch
-allocations, the same bytes.
+when the last tensor in it is gone (:func:`release` after each load drops the arena's own hold).
+``OPENHYDRA_HUGEPAGES=0``, a non-Linux OS or THP set to ``never``: plain torch allocations, the same bytes.
 """
 
 from __future__ import annotations
@@ -71,6 +71,14 @@ class HugePageArena:
 
 _arena: HugePageArena | None = None
 _arena_lock = threading.Lock()
+
+
+def release() -> None:
+    """Stop carving from the current chunk (called after a model's weights are packed): the tensors keep their chunks
+    alive and nothing else does, so a model dropped later gives all its memory back, and the next load starts afresh."""
+    global _arena
+    with _arena_lock:
+        _arena = None
 
 
 def enabled() -> bool:

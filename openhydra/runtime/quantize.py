@@ -98,6 +98,9 @@ def _release_freed_memory() -> None:
     import ctypes
     import gc
 
+    from openhydra.runtime import hugepages
+
+    hugepages.release()  # the packed weights hold their huge-page chunks; the arena no longer does
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -88,3 +88,19 @@ def test_switched_off_place_returns_the_tensor_itself(monkeypatch) -> None:
     monkeypatch.setenv(hugepages.ENV, "0")
     t = torch.arange(10)
     assert hugepages.place(t) is t
+
+
+def _rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / (1 << 20)
+
+
+@pytest.mark.skipif(not hugepages.available(), reason="this OS offers no transparent huge pages")
+def test_released_weights_give_their_memory_back(monkeypatch) -> None:
+    """After a load the arena lets go of its chunk (``release``): dropping the weights unmaps their memory."""
+    monkeypatch.setenv(hugepages.ENV, "1")
+    hugepages.release()
+    placed = hugepages.place(torch.ones(24 << 20, dtype=torch.uint8))  # 24 MiB, touched by the copy
+    with_weights = _rss_mib()
+    hugepages.release()
+    del placed
+    assert with_weights - _rss_mib() >= 16, (with_weights, _rss_mib())
