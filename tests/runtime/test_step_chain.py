@@ -334,15 +334,19 @@ def test_engine_streams_with_chains_and_clients_that_leave(tiny_model_dirs, leav
             return await asyncio.gather(*(_consume(engine, r, leave_after if i % 2 else None)
                                           for i, r in enumerate(requests)))
 
-        for _ in range(3):  # repeated: leaving races the step queued ahead differently each time
+        # Repeated: leaving races the step queued ahead differently each time. At least 3 rounds, and on until a
+        # leaving client's session has closed with a step queued ahead (6 of 6 on a quiet machine; on a loaded one a
+        # client may leave while none is queued, which is the other case this test covers), at most 12.
+        rounds = 0
+        while rounds < 3 or (pipe.chain_stats.settled == 0 and rounds < 12):
+            rounds += 1
             got = asyncio.run(together())
             for i, (text, finished) in enumerate(got):
                 assert finished == (i % 2 == 0)
                 assert text == alone[i] if finished else alone[i].startswith(text) and text
             _wait_until(lambda: rt.session_count() == 0)
             assert not pipe._chains[1]._ahead  # nothing left queued ahead
-        # steps were queued ahead, and leaving clients' sessions closed with one queued (6 of 6 in runs here)
-        assert pipe.chain_stats.found > 0 and pipe.chain_stats.settled >= 1
+        assert pipe.chain_stats.found > 0 and pipe.chain_stats.settled >= 1, (rounds, pipe.chain_stats)
     finally:
         engine.shutdown()
         rt.batcher.close()
