@@ -8,6 +8,7 @@ from pipelines chained in the wrong order (DESIGN §6).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from dataclasses import dataclass
@@ -103,20 +104,34 @@ class StepHeader(BaseModel):
             raise ValueError(f"route ends at layer {self.route[-1].end}, the model has {num_layers}")
 
 
+@functools.lru_cache(maxsize=1024)
+def _route(hops: tuple[tuple[str, int, int], ...]) -> tuple[HopSpec, ...]:
+    """A route's hops, validated once per distinct route: every step of a session carries the same one, and a hop's
+    Python runs cold (docs/benchmarks.md, "A hop's Python runs cold")."""
+    return tuple(HopSpec(address=address, start=start, end=end) for address, start, end in hops)
+
+
+@functools.lru_cache(maxsize=256)
+def _sampling(temperature: float, top_p: float, top_k: int, seed: int) -> SamplingParams:
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+
+
 def parse_step(step: pb.Step) -> StepHeader:
     """The validated header of ``step``; raises ValueError with a readable reason."""
     s = step.sampling
     try:
+        route = _route(tuple((h.address, h.start, h.end) for h in step.route))  # a failure is not cached
+        sampling = _sampling(s.temperature, s.top_p or 1.0, s.top_k, s.seed)
         return StepHeader(
             session_id=step.session_id,
             seq=step.seq,
             start_position=step.start_position,
             num_positions=step.num_positions,
-            route=tuple(HopSpec(address=h.address, start=h.start, end=h.end) for h in step.route),
+            route=route,
             reply_to=step.reply_to,
             deadline_unix_ms=step.deadline_unix_ms,
             forward_codec=step.forward_codec,
-            sampling=SamplingParams(temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k, seed=s.seed),
+            sampling=sampling,
             sampling_step=s.sampling_step,
             return_logits=s.return_logits,
             return_top_k=s.return_top_k,
