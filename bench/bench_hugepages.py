@@ -30,13 +30,6 @@ sys.path.insert(0, str(REPO / "bench"))
 from common import medians, plot_trials, print_table, run_interleaved, step_arms  # noqa: E402
 
 
-def anon_huge_mib() -> float:
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith("AnonHugePages:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def through_the_api(args: argparse.Namespace) -> None:
     import tempfile
 
@@ -101,6 +94,10 @@ def main() -> None:
     if not hugepages.available():
         sys.exit("this OS offers no transparent huge pages: nothing to compare")
     model_dir = embedded_model_dir(TEST_CACHE_ROOT)
+
+    def anon_huge_mib() -> float:
+        return hugepages.anon_huge_bytes() / (1 << 20)
+
     before = anon_huge_mib()
     huge = ShardRuntime(model_dir, dtype=torch.float32, quantization=args.quantization)
     in_huge = anon_huge_mib() - before

@@ -81,6 +81,14 @@ def release() -> None:
         _arena = None
 
 
+def anon_huge_bytes(pid: int | str = "self") -> int:
+    """Anonymous memory of process ``pid`` in transparent huge pages (``AnonHugePages`` of its smaps_rollup)."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0" and available()
 
@@ -94,6 +102,7 @@ def place(tensor: torch.Tensor) -> torch.Tensor:
     with _arena_lock:
         if _arena is None:
             _arena = HugePageArena()
-    out = _arena.empty(tuple(tensor.shape), tensor.dtype)
+        arena = _arena  # a release() on another thread from here on leaves this carve to the arena it began in
+    out = arena.empty(tuple(tensor.shape), tensor.dtype)
     out.copy_(tensor)
     return out

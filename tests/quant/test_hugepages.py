@@ -21,13 +21,6 @@ def _vmstat(name: str) -> int:
     return 0
 
 
-def _anon_huge_kib() -> int:
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    return 0
-
-
 def test_arena_tensors_are_aligned_disjoint_and_hold_their_values() -> None:
     arena = hugepages.HugePageArena(chunk_bytes=4 << 20)
     sources = [torch.randint(0, 255, shape, dtype=torch.uint8) for shape in ((300, 700), (1000,), (64, 64, 3))]
@@ -52,13 +45,13 @@ def test_arena_tensors_are_aligned_disjoint_and_hold_their_values() -> None:
 def test_the_os_backs_the_arena_with_huge_pages() -> None:
     """``MADV_HUGEPAGE`` before the first touch: faults take 2 MiB pages (or the kernel counts a fallback, which
     happens only when it has no free huge page; without the advice under THP=madvise neither counter moves)."""
-    huge_before, fallback_before = _anon_huge_kib(), _vmstat("thp_fault_fallback")
+    huge_before, fallback_before = hugepages.anon_huge_bytes(), _vmstat("thp_fault_fallback")
     arena = hugepages.HugePageArena(chunk_bytes=16 << 20)
     block = arena.empty((16 << 20,))
     block.fill_(1)  # touch every page
-    grew = _anon_huge_kib() - huge_before
+    grew = hugepages.anon_huge_bytes() - huge_before
     fell_back = _vmstat("thp_fault_fallback") - fallback_before
-    assert grew >= 8 << 10 or fell_back > 0, (grew, fell_back)
+    assert grew >= 8 << 20 or fell_back > 0, (grew, fell_back)
     del block, arena
 
 
