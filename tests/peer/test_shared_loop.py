@@ -175,3 +175,39 @@ def test_serve_locally_needs_the_shared_loop(keyed) -> None:
             client.serve_locally(route[0].address, started[0].service)
     finally:
         client.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_local_first_hop_gives_the_grpc_paths_logits_on_smollm2(smollm2_dir, dtype) -> None:
+    """Real SmolLM2 weights in three spans, encrypted (the node's default): 12 greedy steps with the first hop local
+    and the same steps over gRPC give the same logits, bit for bit."""
+    started, route = start_keyed_peers(smollm2_dir, [(0, 10), (10, 20), (20, 30)], dtype=dtype)
+    embedder = load_embedder(smollm2_dir, dtype)
+    clients = {"local": PeerChainClient(route, tunables=ClientTunables(step_timeout_s=60.0),
+                                        privacy=ChainPrivacy(encrypt=True), embedder=embedder, loop=started[0].loop),
+               "grpc": PeerChainClient(route, tunables=ClientTunables(step_timeout_s=60.0),
+                                       privacy=ChainPrivacy(encrypt=True), embedder=embedder)}
+    clients["local"].serve_locally(route[0].address, started[0].service)
+    prompt = [1, 504, 3458, 282, 260, 5675, 30, 378, 314, 260, 1488, 42, 1127]
+    try:
+        runs = {}
+        for name, client in clients.items():
+            logits, feed, pos = [], prompt, 0
+            for step in range(12):
+                result = client.step_result(name, feed, pos, SamplingParams(), step, return_logits=True)
+                logits.append(result.logits)
+                if step == 0:  # the first hop's stream: in process for one client, gRPC for the other
+                    kind = LocalStream if name == "local" else OutboundStream
+                    assert type(client._streams[(name, route[0].address)]) is kind
+                pos += len(feed)
+                feed = [result.token]
+            client.close(name)
+            runs[name] = logits
+        assert all(torch.equal(a, b) for a, b in zip(runs["local"], runs["grpc"], strict=True))
+        assert all(not s.service.crypto_rejections for s in started)
+    finally:
+        for client in clients.values():
+            client.shutdown()
+        for server in started:
+            server.stop()
