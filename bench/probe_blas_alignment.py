@@ -41,6 +41,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="7x64x32,2x64x23,1x576x6144,7x576x1536")
     args = parser.parse_args()
+    from openhydra.testing.machine import announce
+
+    announce()
     blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, MKL_CBWR={os.environ.get('MKL_CBWR', '')!r}")
     print(f"BLAS: {blas.group(1) if blas else '?'}")
