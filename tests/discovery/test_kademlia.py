@@ -204,8 +204,10 @@ def test_a_start_that_stalls_fails_by_its_deadline_and_leaves_no_process_behind(
     peer = f"/ip4/127.0.0.1/tcp/{silent.getsockname()[1]}/p2p/QmXfMvd8mqf8Mvq6Nu8FzP4KSYx6mBG7mLSTNZYc7WbFFG"
 
     async def scenario():
-        node = KademliaDiscovery(initial_peers=[peer], timeout_s=5, start_timeout_s=1.0, allow_unsigned_names=True)
-        with pytest.raises(DiscoveryError, match=r"did not start \(2 tries\): not ready within 1.0 s"):
+        # 5 s a try: the DHT child must get as far as the handshake (launch p2pd, dial) before its deadline, and
+        # under load that once took longer than 1 s twice (CI, 2026-12-06: nothing was accepted)
+        node = KademliaDiscovery(initial_peers=[peer], timeout_s=5, start_timeout_s=5.0, allow_unsigned_names=True)
+        with pytest.raises(DiscoveryError, match=r"did not start \(2 tries\): not ready within 5.0 s"):
             await node.start()
         assert node.dht is None and node.visible_maddrs == []
 
