@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import torch
 from openhydra.runtime import compute_lane, lowbit
 from openhydra.testing import TEST_CACHE_ROOT
 from openhydra.testing.processes import NodeProcess, start_all
+from tests.runtime.preload import build_preload
 
 
 @pytest.fixture
@@ -160,18 +160,6 @@ void GOMP_parallel(void (*fn)(void *), void *data, unsigned num_threads, unsigne
 MASTER = re.compile(r"OPENMP-MASTER tid=(\d+) threads=(\d+)")
 
 
-def _shim(tmp_path: Path) -> Path:
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler to build the GOMP_parallel shim")
-    source = tmp_path / "shim.c"
-    source.write_text(SHIM)
-    built = tmp_path / "shim.so"
-    subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-fopenmp", "-o", str(built), str(source), "-ldl"],
-                   check=True, capture_output=True, timeout=120)
-    return built
-
-
 def _complete(url: str, prompt: str, tokens: int) -> str:
     body = {"model": "openhydra-smollm2-135m", "messages": [{"role": "user", "content": prompt}],
             "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
@@ -184,7 +172,7 @@ def _complete(url: str, prompt: str, tokens: int) -> str:
 def test_a_two_thread_node_has_one_openmp_master(smollm2_dir, tmp_path) -> None:
     if compute_lane.openmp_runtime() is None or "libgomp" not in Path("/proc/self/maps").read_text():
         pytest.skip("torch here does not use GNU OpenMP (the shim wraps libgomp)")
-    shim = _shim(tmp_path)
+    shim = build_preload(tmp_path, "GOMP_parallel", SHIM, ("-O2", "-fopenmp"), ("-ldl",))
     base = ["model=smollm2-135m", "hardware=cpu_int4", "hardware.dtype=float32", f"node.data_dir={TEST_CACHE_ROOT}",
             "api.rate_limit_requests=100000", "privacy=off"]
     nodes = {

@@ -15,13 +15,14 @@ import ctypes
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.runtime.preload import build_preload
 
 REPO = Path(__file__).resolve().parents[2]
 EXACTNESS_TESTS = [
@@ -53,12 +54,7 @@ def test_exactness_tests_pass_on_mkls_intel_path_too(tmp_path: Path) -> None:
         pytest.skip("this torch does not use MKL")
     if _vendor() != "AuthenticAMD":
         pytest.skip(f"CPU vendor {_vendor() or 'unknown'}: the suite itself runs MKL's path for it")
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler to build the shim")
-    source, shim = tmp_path / "intel_path.c", tmp_path / "intel_path.so"
-    source.write_text(SHIM)
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(shim), str(source)], check=True)
+    shim = build_preload(tmp_path, "mkl_intel_path", SHIM)
     library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     if not hasattr(ctypes.CDLL(str(library)), "mkl_serv_intel_cpu_true"):
         pytest.skip("this torch's MKL does not export its vendor check: nothing to preload over")
