@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import finish_plot  # noqa: E402
+from common import plot_trials  # noqa: E402
 
 PAYLOAD = os.urandom(576 * 2 + 200)
 HOPS = 3
@@ -157,18 +157,8 @@ def main() -> None:
         rounds = {k: ", ".join(f"{v:.3f}" for v in per_hop[(k, gap)]) for k in ("grpc", "tcp")}
         print(f"| {gap:g} ms | {g:.3f} ({rounds['grpc']}) | {t:.3f} ({rounds['tcp']}) | {g - t:.3f} | {g / t:.2f} |")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for (kind, gap), values in per_hop.items():
-        ax.plot(range(1, len(values) + 1), values, "o-" if kind == "grpc" else "s--", label=f"{kind}, gap {gap:g} ms")
-    ax.set_ylim(bottom=0)
-    finish_plot(fig, ax, args.plot, xlabel="round (arms interleaved)", ylabel="ms per one-way hop (median)",
-                title="Transport alone: a ring of 3 processes on loopback")
-
+    plot_trials({f"{kind}, gap {gap:g} ms": values for (kind, gap), values in per_hop.items()},
+                "Transport alone: a ring of 3 processes on loopback", args.plot, ylabel="ms per one-way hop (median)")
 
 if __name__ == "__main__":
     main()
