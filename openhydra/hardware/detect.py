@@ -23,6 +23,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from openhydra.hardware.cpuinfo import cpu_model
+
 log = logging.getLogger(__name__)
 
 Backend = Literal["mlx", "cuda", "rocm", "cpu"]
@@ -96,13 +98,7 @@ def _cpu_name() -> str:
         name = _sysctl("machdep.cpu.brand_string")
         if name:
             return name
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return cpu_model() or platform.processor() or platform.machine() or "unknown CPU"
 
 
 def _cgroup_limit() -> int | None:

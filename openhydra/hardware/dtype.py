@@ -38,6 +38,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from openhydra.hardware.cpuinfo import cpuinfo_flags
 from openhydra.hardware.detect import GIB
 
 log = logging.getLogger(__name__)
@@ -122,19 +123,7 @@ def cpu_flags() -> frozenset[str] | None:
         except (OSError, subprocess.SubprocessError):
             return None
         return frozenset({"bf16"}) if out == "1" else frozenset() if out == "0" else None
-    try:
-        return parse_cpuinfo_flags(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        return None
-
-
-def parse_cpuinfo_flags(text: str) -> frozenset[str] | None:
-    """Flags from /proc/cpuinfo text: x86 ``flags``, ARM ``Features`` (the first CPU is enough)."""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            return frozenset(value.lower().split())
-    return None
+    return cpuinfo_flags()
 
 
 def simd_summary(flags: frozenset[str]) -> str:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from openhydra.hardware.cpuinfo import cpuinfo_flags
 from openhydra.runtime import hugepages
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,8 @@ class _Weight(ctypes.Structure):
 
 
 def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
+    """The CPU's feature flags, space separated (empty where /proc/cpuinfo does not say)."""
+    return " ".join(sorted(cpuinfo_flags() or ()))
 
 
 def _compiler() -> str | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel, Field
 
+from openhydra.hardware.cpuinfo import cpu_model, cpuinfo_flags
 from openhydra.loadgen.metrics import percentile
 from openhydra.testing.chaos_faults import ChaosPeer, FaultEvent, Killer, PeerState, span_key
 from openhydra.testing.chaos_load import CHAOS_PROMPTS, LoadGenerator, Outcome, RequestResult, expected_texts
@@ -117,15 +118,7 @@ def environment() -> dict:
     """Load average, CPU model and flags, versions: printed and stored with every result."""
     import importlib.metadata as md
 
-    cpu_model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu_model in ("unknown", "", platform.processor()):
-                cpu_model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    model, flags = cpu_model() or platform.processor() or "unknown", cpuinfo_flags() or frozenset()
     versions = {}
     for package in ("torch", "transformers", "openai", "grpcio", "sanic", "openhydra-network"):
         try:
@@ -139,7 +132,7 @@ def environment() -> dict:
         commit = None
     return {
         "load_average": [round(x, 2) for x in os.getloadavg()],
-        "cpu_model": cpu_model,
+        "cpu_model": model,
         "cpu_count": os.cpu_count(),
         "cpu_flags": [f for f in CPU_FLAGS_OF_INTEREST if f in flags],
         "python": platform.python_version(),

@@ -9,7 +9,8 @@ from __future__ import annotations
 import atexit
 import os
 import platform
-from pathlib import Path
+
+from openhydra.hardware.cpuinfo import cpu_model, cpuinfo_flags
 
 SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni")
 
@@ -20,16 +21,7 @@ def load_average() -> str:
 
 def machine_banner() -> str:
     """One line: load average, CPU model and its SIMD flags, core count, key versions."""
-    model, flags = platform.processor() or "?", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("?", "x86_64", ""):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    model, flags = cpu_model() or platform.processor() or "?", cpuinfo_flags() or frozenset()
     simd = [f for f in SIMD_FLAGS if f in flags]
     versions = []
     for name in ("torch", "transformers", "grpc"):

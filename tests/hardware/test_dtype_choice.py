@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from openhydra.hardware import dtype as hwdtype
+from openhydra.hardware.cpuinfo import parse_cpuinfo, parse_cpuinfo_flags
 from openhydra.hardware.detect import GIB
 from openhydra.hardware.dtype import (
     Bf16Measurement,
@@ -14,7 +15,6 @@ from openhydra.hardware.dtype import (
     choose_cpu_dtype,
     fit_to_memory,
     needed_bytes,
-    parse_cpuinfo_flags,
     span_parameter_count,
 )
 from openhydra.runtime.backend import make_backend
@@ -102,6 +102,18 @@ def test_cpuinfo_flags_parse_x86_and_arm():
     assert "bf16" in parse_cpuinfo_flags(arm)
     assert parse_cpuinfo_flags("processor\t: 0\n") is None
     assert hwdtype.native_bf16_flags(parse_cpuinfo_flags(x86)) == ["avx512_bf16"]
+
+
+def test_cpuinfo_keeps_each_keys_first_value():
+    """Two CPUs: the first one's lines count; ARM's trailing Hardware line is found after the per-CPU blocks."""
+    x86 = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Xeon A\nflags\t\t: avx2\n\n"
+           "processor\t: 1\nvendor_id\t: GenuineIntel\nmodel name\t: Xeon B\nflags\t\t: avx2 avx512f\n")
+    fields = parse_cpuinfo(x86)
+    assert (fields["vendor_id"], fields["model name"], parse_cpuinfo_flags(x86)) == ("GenuineIntel", "Xeon A",
+                                                                                        frozenset({"avx2"}))
+    arm = "processor\t: 0\nFeatures\t: fp asimd\n\nprocessor\t: 1\nFeatures\t: fp\n\nHardware\t: BCM2835\n"
+    assert parse_cpuinfo(arm)["hardware"] == "BCM2835"
+    assert parse_cpuinfo_flags(arm) == frozenset({"fp", "asimd"})
 
 
 def test_real_measurement_on_this_cpu():

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from openhydra.hardware.cpuinfo import cpu_vendor
 from tests.runtime.preload import build_preload
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,13 +38,6 @@ int mkl_serv_cpuiszen(void) { return 0; }
 """
 
 
-def _vendor() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    found = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.M)
-    return found.group(1) if found else ""
 
 
 @pytest.mark.slow
@@ -52,8 +46,8 @@ def test_exactness_tests_pass_on_mkls_intel_path_too(tmp_path: Path) -> None:
         pytest.skip("MKL's vendor paths are an x86-64 Linux matter here")
     if "BLAS_INFO=mkl" not in torch.__config__.show():
         pytest.skip("this torch does not use MKL")
-    if _vendor() != "AuthenticAMD":
-        pytest.skip(f"CPU vendor {_vendor() or 'unknown'}: the suite itself runs MKL's path for it")
+    if cpu_vendor() != "AuthenticAMD":
+        pytest.skip(f"CPU vendor {cpu_vendor() or 'unknown'}: the suite itself runs MKL's path for it")
     shim = build_preload(tmp_path, "mkl_intel_path", SHIM)
     library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     if not hasattr(ctypes.CDLL(str(library)), "mkl_serv_intel_cpu_true"):
