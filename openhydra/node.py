@@ -54,6 +54,19 @@ def _kernel_summary(runtime) -> str | None:
     return summary
 
 
+def model_parameter_count(model_dir: Path, runtime) -> int:
+    """The whole model's parameter count from its checkpoint's headers (what /api/show and the dashboard report):
+    not the span's, and not its packed int4/int8 tensors' element count. The span's own count where the checkpoint
+    cannot say (a backend that reads another format)."""
+    from openhydra.hardware.dtype import span_parameter_count
+
+    try:
+        return span_parameter_count(model_dir, 0, None)
+    except Exception as exc:  # a count for display only: never fail the node for it
+        log.debug("no parameter count from %s (%s); reporting the span's", model_dir, exc)
+        return int(runtime.parameter_count)
+
+
 def model_num_layers(model_dir: Path) -> tuple[int, int]:
     """(decoder layers, context length) from a checkpoint's config, without loading weights."""
     from transformers import AutoConfig
@@ -177,7 +190,7 @@ class Node:
             aliases = [choice.requested_name] if choice.requested_name != choice.api_name else []
             state.model = ServedModel(
                 id=choice.api_name, aliases=aliases, source=choice.source, family=str(runtime.model_type),
-                parameter_count=runtime.parameter_count,
+                parameter_count=model_parameter_count(choice.path, runtime), weight_bytes=runtime.loaded_bytes,
                 dtype=str(runtime.dtype).removeprefix("torch."), context_length=context, num_layers=num_layers,
                 span=self.span, degradation_reason=choice.degradation_reason,
                 dtype_reason=getattr(self.backend, "dtype_reason", None), kernel=_kernel_summary(runtime),

@@ -12,11 +12,12 @@ import uuid
 from typing import Any
 
 from sanic import Request, Sanic
-from sanic.exceptions import SanicException
+from sanic.exceptions import RequestCancelled, SanicException
 from sanic.response import HTTPResponse, json
 
 from openhydra.api.auth import BearerAuth
 from openhydra.api.connections import ConnectionGuard, EdgeHttpProtocol
+from openhydra.api.cors import Cors
 from openhydra.api.errors import APIError
 from openhydra.api.metrics import ApiMetrics
 from openhydra.api.ratelimit import SlidingWindowLimiter, TrustedProxies
@@ -41,6 +42,9 @@ _STATUS_TYPES = {
 }
 
 
+CLIENT_CLOSED_REQUEST = 499
+"""What a request counts as in /metrics when its client went away first (nginx's code; never sent)."""
+
 # Probes and scrapes answer without a bearer token (they reveal no prompts), and are counted against their own
 # per-client limit (api.probe_rate_limit_requests) so a busy client cannot make its own node look dead.
 PROBE_PATHS = frozenset({"/health", "/readyz", "/metrics"})
@@ -57,6 +61,14 @@ class OpenHydraSanic(Sanic):
     async def create_server(self, *args: Any, protocol: type[asyncio.Protocol] | None = None,
                             **kwargs: Any) -> Any:
         return await super().create_server(*args, protocol=protocol or EdgeHttpProtocol, **kwargs)
+
+    def get(self, uri: str, *args: Any, **kwargs: Any) -> Any:
+        """Every GET route answers HEAD too (RFC 9110 9.3.2; Sanic sends the headers without the body): Ollama's
+        client checks that a server is up with ``HEAD /``."""
+        if args:
+            raise TypeError("OpenHydraSanic.get takes its options by keyword")
+        kwargs.pop("ignore_body", None)
+        return self.route(uri, methods=frozenset({"GET", "HEAD"}), **kwargs)
 
 
 def _ascii_header(text: str) -> str:
@@ -81,6 +93,7 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
     app.ctx.trusted_proxies = trusted
     app.ctx.connections = ConnectionGuard(api.max_connections_per_ip, api.body_timeout_s, trusted)
     auth = BearerAuth(api.bearer_token, public_paths=PUBLIC_PATHS)
+    cors = Cors(api.cors_origins)
 
     def client_of(request: Request) -> str:
         peer = request.conn_info.client_ip if request.conn_info is not None else ""
@@ -103,6 +116,8 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
                 429, f"rate limit of {decision.limit} requests per {api.rate_limit_window_s:g} s exceeded",
                 type="rate_limit_error", code="rate_limited", headers=decision.headers(),
             )
+        if cors.is_preflight(request):  # a browser's question before a cross-origin call: it carries no token
+            return cors.preflight(request)
         auth.require(request.headers.get("authorization"), request.path)
         return None
 
@@ -116,6 +131,7 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
         decision = getattr(request.ctx, "rate", None)
         if decision is not None:
             response.headers.update(decision.headers())
+        cors.decorate(request, response)
         chosen = getattr(request.ctx, "served", None)
         model = chosen[0] if chosen is not None else state.model
         if model is not None and model.degradation_reason:
@@ -132,12 +148,20 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
 
     @app.exception(APIError)
     async def _api_error(request: Request, exc: APIError) -> HTTPResponse:
-        return json(exc.body(), status=exc.status, headers=exc.headers)
+        return json(exc.body_for(request.path), status=exc.status, headers=exc.headers)
 
     @app.exception(PipelineUnavailable)
     async def _no_route(request: Request, exc: PipelineUnavailable) -> HTTPResponse:
         error = as_api_error(exc)
-        return json(error.body(), status=error.status, headers=error.headers)
+        return json(error.body_for(request.path), status=error.status, headers=error.headers)
+
+    @app.exception(RequestCancelled)
+    async def _client_gone(request: Request, exc: RequestCancelled) -> HTTPResponse:
+        # The client closed its connection before the answer started (a stream counts its own, api/streaming.py).
+        # Nobody reads this response; it makes the request count as 499, as nginx logs it, not as the node's 500.
+        route = request.route.path if request.route else "unmatched"
+        app.ctx.metrics.client_disconnects.labels(route).inc()
+        return HTTPResponse(status=CLIENT_CLOSED_REQUEST)
 
     @app.exception(SanicException)
     async def _sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
@@ -147,14 +171,14 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
             message = f"no route for {request.method} {request.path}"
         headers = dict(getattr(exc, "headers", None) or {})
         body = APIError(status, message, type=_STATUS_TYPES.get(status, "api_error"),
-                        code=type(exc).__name__).body()
+                        code=type(exc).__name__).body_for(request.path)
         return json(body, status=status, headers=headers)
 
     @app.exception(Exception)
     async def _unexpected(request: Request, exc: Exception) -> HTTPResponse:
         log.exception("unhandled error on %s %s", request.method, request.path)
         body = APIError(500, "internal error; the node logged the details", type="api_error",
-                        code="internal_error").body()
+                        code="internal_error").body_for(request.path)
         return json(body, status=500)
 
     from openhydra.api import openapi, routes_dashboard, routes_ollama, routes_openai, routes_public

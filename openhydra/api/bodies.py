@@ -157,9 +157,10 @@ def parse_body(raw: bytes | None, model: type[T]) -> T:
         constraints = [e for e in errors if not e["type"].endswith("_type")]
         first = max(constraints or errors, key=lambda e: len(e["loc"]))
         path = field_path(_input_loc(data, first["loc"], missing=first["type"] == "missing"))
+        path = path or (first.get("ctx") or {}).get("api_param", "")  # a model validator may name its field
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        shown = _shown(first.get("input"))
-        message = f"{path}: {first['msg']} (got {shown}){more}" if path else f"{first['msg']}{more}"
+        got = "" if first["type"] == "missing" else f" (got {_shown(first.get('input'))})"  # input: the parent
+        message = f"{path}: {first['msg']}{got}{more}" if path else f"{first['msg']}{more}"
         code = (first.get("ctx") or {}).get("api_code", "invalid_value")  # a validator may name its error code
         raise bad_request(message, param=path or None, code=code) from None
 

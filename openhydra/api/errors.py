@@ -1,7 +1,8 @@
-"""One error schema for every HTTP endpoint: ``{"error": {"message", "type", "param", "code"}}``.
+"""One error schema for the OpenAI-style endpoints: ``{"error": {"message", "type", "param", "code"}}``; Ollama's
+own ``{"error": "<message>"}`` under ``/api/`` (what Ollama's Go and Python clients parse).
 
-Route code raises :class:`APIError`; the app's single exception handler turns it into JSON with the
-right status code. Nothing else writes error bodies.
+Route code raises :class:`APIError`; the app's exception handlers turn it into JSON with the right status code
+(:meth:`APIError.body_for`). Nothing else writes error bodies.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel
+
+OLLAMA_PREFIX = "/api/"
+"""Ollama's routes (api/routes_ollama.py), and any other path under it, answer errors in Ollama's shape."""
 
 
 def printable(text: str) -> str:
@@ -56,6 +60,10 @@ class APIError(Exception):
         return ErrorBody(
             error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
         ).model_dump()
+
+    def body_for(self, path: str) -> dict[str, Any]:
+        """The body for a request to ``path``: Ollama's shape under :data:`OLLAMA_PREFIX`, else OpenAI's."""
+        return {"error": self.message} if path.startswith(OLLAMA_PREFIX) else self.body()
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:

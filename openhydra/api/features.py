@@ -315,14 +315,24 @@ def _text(raw: bytes) -> str:
     return token_text(raw)
 
 
+NEUTRAL_SAMPLING = {"frequency_penalty": 0, "presence_penalty": 0, "repetition_penalty": 1, "repeat_penalty": 1,
+                    "min_p": 0, "typical_p": 1, "tfs_z": 1, "mirostat": 0}
+"""Sampling knobs (OpenAI's, vLLM's and Ollama's names) this node does not implement, with the value that means
+"off": that value (or none) is accepted, any other is refused instead of ignored."""
+
+
+def refuse_sampling_knobs(fields: dict[str, Any], prefix: str = "") -> None:
+    for name, neutral in NEUTRAL_SAMPLING.items():
+        value = fields.get(name)
+        if value is not None and value != neutral:
+            raise bad_request(f"{prefix}{name} is not supported by this node (only {neutral} is accepted)",
+                              param=prefix + name, code="unsupported_parameter")
+
+
 def unsupported_fields(body: BaseModel) -> None:
     """400 for sampling knobs this node cannot honour, instead of ignoring them."""
     extra = body.model_extra or {}
-    for name in ("frequency_penalty", "presence_penalty", "repetition_penalty"):
-        value = extra.get(name)
-        if value not in (None, 0, 0.0, 1.0 if name == "repetition_penalty" else 0):
-            raise bad_request(f"{name} is not supported by this node (only 0 is accepted)", param=name,
-                              code="unsupported_parameter")
+    refuse_sampling_knobs(extra)
     if extra.get("logit_bias"):
         raise bad_request("logit_bias is not supported by this node", param="logit_bias",
                           code="unsupported_parameter")
@@ -333,20 +343,52 @@ def unsupported_fields(body: BaseModel) -> None:
     if best_of not in (None, 1) and best_of != getattr(body, "n", 1):
         raise bad_request("best_of is not supported by this node", param="best_of", code="unsupported_parameter")
     modalities = extra.get("modalities")
+    if modalities is not None and (not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities)):
+        raise bad_request('modalities must be a list of strings, e.g. ["text"]', param="modalities")
     if modalities and any(m != "text" for m in modalities):
         raise bad_request("this node produces text only", param="modalities", code="unsupported_parameter")
+    for name in ("functions", "function_call"):  # OpenAI's deprecated form of tools / tool_choice
+        if extra.get(name) is not None:
+            raise bad_request(f"{name} (deprecated by OpenAI) is not supported by this node: use tools and "
+                              f"tool_choice", param=name, code="unsupported_parameter")
     if extra.get("audio"):
         raise bad_request("this node produces text only (no audio)", param="audio", code="unsupported_parameter")
 
 
+def unsupported_ollama_fields(body: Any, context_length: int) -> None:
+    """Ollama's options and fields this node cannot honour: 400 (as the OpenAI routes do), never ignored. Options
+    about where and how fast to run (``num_thread``, ``num_gpu``, ``num_batch``, ``use_mmap``...) change no output
+    and are accepted; ``num_ctx`` is accepted up to the model's context (the node serves its whole context)."""
+    options = body.options.model_extra or {}
+    refuse_sampling_knobs(options, prefix="options.")
+    num_ctx = options.get("num_ctx")
+    if num_ctx is not None and (not isinstance(num_ctx, int) or isinstance(num_ctx, bool) or num_ctx < 1):
+        raise bad_request("options.num_ctx must be a positive integer", param="options.num_ctx")
+    if num_ctx is not None and num_ctx > context_length:
+        raise bad_request(f"options.num_ctx {num_ctx} is beyond the model's context length {context_length}",
+                          param="options.num_ctx", code="context_length_exceeded")
+    extra = body.model_extra or {}
+    for name, why in (("suffix", "insertion (suffix)"), ("template", "a custom prompt template"),
+                      ("context", "a conversation context from an earlier answer (send the messages to /api/chat)")):
+        if extra.get(name):
+            raise bad_request(f"{why} is not supported by this node", param=name, code="unsupported_parameter")
+    if extra.get("think"):
+        raise bad_request("think is not supported by this node (no separate thinking output)", param="think",
+                          code="unsupported_parameter")
+
+
 def check_content_parts(messages: list[Any]) -> None:
-    """Images, audio and files cannot be honoured by a text-only model: 400, never dropped silently."""
+    """Images, audio and files cannot be honoured by a text-only model: 400, never dropped silently; a text part
+    needs its text."""
     for i, m in enumerate(messages):
         if isinstance(m.content, list):
             for j, part in enumerate(m.content):
                 if part.type not in ("text", "input_text"):
                     raise bad_request(f"content part type '{part.type}' is not supported: this model takes text "
                                       f"only", param=f"messages[{i}].content[{j}]", code="unsupported_content")
+                if part.text is None:
+                    raise bad_request(f"messages[{i}].content[{j}].text: a {part.type} part needs its text",
+                                      param=f"messages[{i}].content[{j}].text")
 
 
 def check_top_logprobs(value: int | None, limit: int = MAX_TOP_LOGPROBS, param: str = "top_logprobs") -> None:

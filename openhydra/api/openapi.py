@@ -6,8 +6,8 @@ request bodies, the balance query), so the document and the server cannot disagr
 The node's own limits go in too: ``max_tokens`` (and Ollama's ``num_predict``) have this node's
 ``api.max_tokens_limit`` as their maximum, and once the model is loaded, ``tools`` and a forced
 ``tool_choice`` are only offered if its chat template can express them (api/features.tool_syntax).
-Success answers are described by protocol_responses.py; every operation documents the one error
-schema for its 4xx and 5xx answers.
+Success answers are described by protocol_responses.py; every operation documents its error schema for its
+4xx and 5xx answers (OpenAI's, or Ollama's under ``/api/``: api/errors.py).
 
 Streams, in OpenAPI 3.1 terms (3.2's ``itemSchema`` does not exist yet in 3.1):
 - ``text/event-stream`` (OpenAI): ``schema`` describes one event, as schemathesis and other 3.1 readers
@@ -29,7 +29,7 @@ from sanic import Request, Sanic
 from sanic.response import HTTPResponse, json
 
 from openhydra import __version__
-from openhydra.api.errors import ErrorBody
+from openhydra.api.errors import OLLAMA_PREFIX, ErrorBody
 from openhydra.api.protocol_ollama import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
 from openhydra.api.protocol_openai import ChatCompletionRequest, CompletionRequest
 from openhydra.api.protocol_responses import (
@@ -133,9 +133,10 @@ def openapi_path(sanic_uri: str) -> tuple[str, list[str]]:
     return _PARAM.sub(lambda m: "{" + m.group(1) + "}", sanic_uri), names
 
 
-def _error_response(description: str) -> dict[str, Any]:
+def _error_response(description: str, path: str) -> dict[str, Any]:
+    model = OllamaStreamError if path.startswith(OLLAMA_PREFIX) else ErrorBody  # api/errors.py APIError.body_for
     return {"description": description,
-            "content": {"application/json": {"schema": {"$ref": REF.format(model="ErrorBody")}}}}
+            "content": {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}}}
 
 
 def _ref(schema: Schema) -> dict[str, Any]:
@@ -167,7 +168,7 @@ def _query_params(model: type[BaseModel]) -> list[dict[str, Any]]:
              "schema": _without_null(properties[name])} for name, info in model.model_fields.items()]
 
 
-def _operation(op: Op, op_id: str, path_params: list[str]) -> dict[str, Any]:
+def _operation(op: Op, op_id: str, path: str, path_params: list[str]) -> dict[str, Any]:
     ok_content: dict[str, Any] = {op.content_type: {"schema": _ref(op.schema)}}
     if op.stream:
         ok_content[op.stream[0]] = _stream_content(*op.stream)
@@ -177,8 +178,8 @@ def _operation(op: Op, op_id: str, path_params: list[str]) -> dict[str, Any]:
         "tags": [op.tag],
         "responses": {
             str(op.status): {"description": "success", "content": ok_content},
-            "4XX": _error_response("the request was refused (bad input, unknown model, rate limit, auth)"),
-            "5XX": _error_response("the node cannot serve it now (loading, no route through the swarm)"),
+            "4XX": _error_response("the request was refused (bad input, unknown model, rate limit, auth)", path),
+            "5XX": _error_response("the node cannot serve it now (loading, no route through the swarm)", path),
         },
     }
     params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
@@ -250,7 +251,8 @@ def build_document(app: Sanic) -> dict[str, Any]:
         known.update(_economy_operations())
 
     ops = {(m, p): known.get((m, p)) or Op(f"{m} {p}", "other") for m, p, _ in routes}
-    models = sorted({m for op in ops.values() for m in _models_of(op)} | {ErrorBody}, key=lambda m: m.__name__)
+    models = sorted({m for op in ops.values() for m in _models_of(op)} | {ErrorBody, OllamaStreamError},
+                    key=lambda m: m.__name__)
     _, defs = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     schemas = defs.get("$defs", {})
     api = getattr(app.ctx, "api", None)
@@ -265,14 +267,15 @@ def build_document(app: Sanic) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for method, path, names in routes:
         op_id = re.sub(r"[^A-Za-z0-9]+", "_", f"{method.lower()} {path}").strip("_")
-        paths.setdefault(path, {})[method.lower()] = _operation(ops[(method, path)], op_id, names)
+        paths.setdefault(path, {})[method.lower()] = _operation(ops[(method, path)], op_id, path, names)
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "OpenHydra node API",
             "version": __version__,
-            "description": "OpenAI- and Ollama-compatible inference on a peer-to-peer swarm. Every error "
-                           'answer is {"error": {"message", "type", "param", "code"}}.',
+            "description": "OpenAI- and Ollama-compatible inference on a peer-to-peer swarm. Error answers "
+                           'are {"error": {"message", "type", "param", "code"}}, and Ollama\'s '
+                           '{"error": "<message>"} under /api/.',
         },
         "paths": dict(sorted(paths.items())),
         "components": {"schemas": schemas},

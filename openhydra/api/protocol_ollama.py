@@ -9,12 +9,15 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from openhydra.api.protocol_base import Tolerant
 from openhydra.api.protocol_features import OllamaFormat, ToolSpec
 from openhydra.api.protocol_openai import SEED_MAX, TOP_K_MAX, StopList
 
-NoImages = Annotated[list[str], Field(max_length=0, description="this node serves text models: no images")]
+# Not enforced by the model: the route refuses images with its own message (routes_ollama); the document says so.
+NoImages = Annotated[list[str], Field(json_schema_extra={"maxItems": 0},
+                                      description="this node serves text models: no images")]
 
 
 class OllamaOptions(Tolerant):
@@ -76,7 +79,7 @@ class OllamaShowRequest(Tolerant):
     @model_validator(mode="after")
     def _named(self) -> OllamaShowRequest:
         if not self.model_name():
-            raise ValueError("model is required")
+            raise PydanticCustomError("missing", "Field required", {"api_param": "model"})
         return self
 
     def model_name(self) -> str | None:

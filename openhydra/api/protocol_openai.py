@@ -7,9 +7,10 @@ written as a constraint pydantic puts into the JSON schema (``max_length`` on a 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic_core import PydanticCustomError
 
 from openhydra.api.protocol_base import Tolerant
 from openhydra.api.protocol_features import MAX_TOP_LOGPROBS, ResponseFormat, ToolChoice, ToolSpec
@@ -25,15 +26,16 @@ TEXT_PARTS = ("text", "input_text")
 
 
 class ContentPart(Tolerant):
-    # Any type parses (api/features.check_content_parts then refuses non-text parts with its own message);
-    # the document says which the node takes.
+    # Any type parses (api/features.check_content_parts then refuses non-text parts, and text parts without
+    # text, with its own message); the document says which the node takes.
+    model_config = ConfigDict(json_schema_extra={"required": ["type", "text"]})
     type: str = Field(json_schema_extra={"enum": list(TEXT_PARTS)})
-    text: str | None = None
+    text: Annotated[str | None, WithJsonSchema({"type": "string"})] = None  # None only to refuse it by name
 
 
 class ChatMessage(Tolerant):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], Field(min_length=1)] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -102,6 +104,16 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None  # extension (as in vLLM): structured output on completions
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _no_token_ids(cls, value: Any) -> Any:
+        ids = isinstance(value, list) and value and all(isinstance(v, int | list) and not isinstance(v, bool)
+                                                        for v in value)
+        if ids:  # OpenAI's token ids ([1, 2]) or batches of them ([[1, 2]])
+            raise PydanticCustomError("token_ids", "token-id prompts are not supported by this node: send the "
+                                      "prompt as text", {"api_code": "unsupported_parameter"})
+        return value
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

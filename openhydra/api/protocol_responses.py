@@ -121,6 +121,7 @@ class OllamaChatResponse(OllamaFinal):
 
 
 class OllamaStreamError(Open):
-    """A line that ends an NDJSON stream which failed after it started (Ollama's own shape)."""
+    """Ollama's error shape: an ``/api/`` answer with an error status, or a line that ends an NDJSON stream which
+    failed after it started."""
 
     error: str

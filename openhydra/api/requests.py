@@ -29,14 +29,16 @@ def generation_request(
     stop: list[str],
     choice: int = 0,
     until_context_full: bool = False,
+    prompt_param: str = "messages",
 ) -> GenerationRequest:
+    """``prompt_param``: the request field that holds the prompt, named by a too-long prompt's error."""
     if not prompt_ids:
-        raise bad_request("the prompt is empty (it encodes to no tokens)", param="prompt", code="empty_prompt")
+        raise bad_request("the prompt is empty (it encodes to no tokens)", param=prompt_param, code="empty_prompt")
     room = engine.context_length - len(prompt_ids)
     if room < 1:
         raise bad_request(
             f"prompt is {len(prompt_ids)} tokens; the model's context length is {engine.context_length}",
-            param="messages", code="context_length_exceeded",
+            param=prompt_param, code="context_length_exceeded",
         )
     if until_context_full:
         max_tokens = min(room, api.max_tokens_limit)

@@ -22,6 +22,7 @@ from openhydra.api.features import (
     split_tool_calls,
     tool_syntax,
     tools_prompt_ids,
+    unsupported_ollama_fields,
 )
 from openhydra.api.protocol_ollama import (
     OllamaBase,
@@ -78,6 +79,7 @@ def register(app: Sanic) -> None:
             top_k=opts.top_k if opts.top_k is not None else 40,
             seed=opts.seed, stop=opts.stop_list(),
             until_context_full=num_predict is not None and num_predict < 0,
+            prompt_param="messages" if isinstance(body, OllamaChatRequest) else "prompt",
         )
         gen.grammar = ollama_format_grammar(engine, body.format)
         return gen
@@ -153,6 +155,7 @@ def register(app: Sanic) -> None:
         body = parse_body(request.body, OllamaGenerateRequest)
         served, engine = state.resolve(body.model, request.ctx)
         check_num_predict(body)
+        unsupported_ollama_fields(body, engine.context_length)
         if body.images:
             raise bad_request("this model takes no images", param="images")
         if (body.model_extra or {}).get("tools"):
@@ -175,6 +178,7 @@ def register(app: Sanic) -> None:
         body = parse_body(request.body, OllamaChatRequest)
         served, engine = state.resolve(body.model, request.ctx)
         check_num_predict(body)
+        unsupported_ollama_fields(body, engine.context_length)
         if body.tools:  # a template without tools refuses them on every answer, the "load" one too
             tool_syntax(engine)
         if not body.messages:
@@ -195,7 +199,7 @@ def register(app: Sanic) -> None:
         return {
             "name": f"{name}:latest", "model": f"{name}:latest",
             "modified_at": datetime.fromtimestamp(served.created, UTC).isoformat().replace("+00:00", "Z"),
-            "size": served.parameter_count * 2, "digest": "", "details": _details(served),
+            "size": served.weight_bytes, "digest": "", "details": _details(served),  # what this node holds
         }
 
     @app.get("/api/tags")

@@ -104,6 +104,7 @@ def register(app: Sanic) -> None:
                 engine, api, prompt_ids,
                 max_tokens=body.requested_max_tokens(), temperature=body.temperature, top_p=body.top_p,
                 top_k=body.top_k, seed=body.seed, stop=body.stop_list(), choice=i,
+                prompt_param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
             )
             for i in range(body.n)
         ]

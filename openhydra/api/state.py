@@ -19,6 +19,7 @@ class ServedModel:
     source: str
     family: str
     parameter_count: int
+    """The whole model's parameters, as its checkpoint stores them (not this node's span, not packed int4)."""
     dtype: str
     context_length: int
     num_layers: int
@@ -32,6 +33,8 @@ class ServedModel:
     """How the weights were stored at their source: 'gguf' or 'safetensors' (runtime/source_format.py)."""
     quantization: str | None = None
     """The source's quantization or dtype, e.g. 'Q4_1' for a Q4_1 GGUF served as bf16; None if unknown."""
+    weight_bytes: int = 0
+    """Bytes of weights this node holds for its span, as loaded (int4/int8 packed where quantized)."""
     created: int = field(default_factory=lambda: int(time.time()))
 
     def answers_to(self, name: str) -> bool:

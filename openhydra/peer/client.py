@@ -51,6 +51,7 @@ from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
 from openhydra.peer.rebuild_client import RebuildClient
 from openhydra.peer.session_auth import SettlementKeys
 from openhydra.peer.wire import decode_tensor
+from openhydra.router import abandon
 from openhydra.runtime.prefix_cache import PrefixKey
 from openhydra.runtime.sampling import SamplingParams
 
@@ -210,7 +211,8 @@ class PeerChainClient(ClientPrivacy, ControlCalls, Liveness, RebuildClient):
         chain = self._route if route is None else self._checked(route)
         coro = self._step(session_id, list(token_ids), start_pos, sampling, step, extras, chain, prefix)
         messages = -(-len(token_ids) // self.tunables.prefill_chunk)
-        result = self._call(coro, timeout=self._wait_budget(messages))
+        # a prompt's prefill stops being awaited once its client went away (router/abandon.py); decode steps wait
+        result = self._call(coro, timeout=self._wait_budget(messages), abandonable=len(token_ids) > 1)
         if result.hidden is not None:  # onion: norm, head and sampling here, on the caller's thread (see _step)
             result = self._sample_here(result, sampling, step, extras)
         return result
@@ -255,11 +257,12 @@ class PeerChainClient(ClientPrivacy, ControlCalls, Liveness, RebuildClient):
         hands other loops' events over with ``call_soon_threadsafe`` (docs/benchmarks.md, "One event loop")."""
         return self._thread is None
 
-    def _call(self, coro, timeout: float | None = 30.0) -> Any:
+    def _call(self, coro, timeout: float | None = 30.0, *, abandonable: bool = False) -> Any:
         if _running_loop() is self._loop:  # blocking here would wait for this very thread forever
             coro.close()
             raise RuntimeError("PeerChainClient's blocking calls cannot run on the event loop it works on")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return abandon.wait(future, timeout) if abandonable else future.result(timeout=timeout)
 
     async def _make_pool(self) -> ChannelPool:
         return ChannelPool(self.swarm_token)

@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from openhydra.peer.client import StepResult
+from openhydra.router import abandon
 from openhydra.runtime.prefix_cache import PrefixKey, block_hashes
 from openhydra.runtime.sampling import SamplingParams, sample
 from openhydra.runtime.shard import PositionMismatchError
@@ -167,6 +168,8 @@ class LocalPipeline:
         logits = None
         with torch.inference_mode():
             for offset in range(0, len(token_ids), self.prefill_chunk):
+                if offset:
+                    abandon.check()  # the client went away during a long prefill: stop here (router/abandon.py)
                 chunk = token_ids[offset : offset + self.prefill_chunk]
                 ids = torch.tensor(chunk, dtype=torch.long)  # [S]
                 positions = torch.arange(start_pos + offset, start_pos + offset + len(chunk))  # [S]

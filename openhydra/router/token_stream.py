@@ -35,6 +35,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from openhydra.router.abandon import abandon_when
+
 log = logging.getLogger(__name__)
 
 AHEAD = 2
@@ -198,7 +200,8 @@ class TokenStream:
 
     def _step(self) -> Produced:
         d = self._decoder
-        tokens = d.next_tokens()
+        with abandon_when(lambda: self._stopped):  # a long prefill stops between chunks once finish() was called
+            tokens = d.next_tokens()
         constraint = getattr(d, "constraint", None)
         return Produced(tokens=tokens, drafted=d.drafted, accepted=d.accepted,
                         detail=getattr(d, "last_detail", None), ended=getattr(d, "ended", False),

@@ -88,7 +88,8 @@ def error_body_is_clean(ctx: Any, response: Any, case: Any) -> bool | None:
     if response.status_code < 400:
         return None
     try:
-        message = str(response.json()["error"]["message"])
+        error = response.json()["error"]
+        message = str(error if isinstance(error, str) else error["message"])  # Ollama's shape, or OpenAI's
     except (ValueError, KeyError, TypeError):
         return None  # the document's error schema is checked by response_schema_conformance
     if "Traceback" in message or ".py\"" in message or ".py:" in message:

@@ -26,6 +26,13 @@ def error_of(response: httpx.Response) -> dict:
     return body["error"]
 
 
+def ollama_error_of(response: httpx.Response) -> str:
+    """Ollama's shape, which its Go and Python clients parse: {"error": "<message>"}."""
+    body = response.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"], body
+    return body["error"]
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status", "param"),
     [
@@ -59,9 +66,14 @@ def error_of(response: httpx.Response) -> dict:
 def test_bad_requests_get_typed_errors(http, path, body, status, param):
     response = http.post(path, content=body, headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
-    error = error_of(response)
-    assert error["param"] == param
-    assert "Traceback" not in error["message"] and "/work" not in error["message"]
+    if path.startswith("/api/"):
+        message = ollama_error_of(response)
+        assert param.split(".")[-1] in message, message  # Ollama's shape has no param field: the message names it
+    else:
+        error = error_of(response)
+        assert error["param"] == param
+        message = error["message"]
+    assert "Traceback" not in message and "/work" not in message
 
 
 def test_body_over_limit_is_413(http):
@@ -159,3 +171,142 @@ def test_rate_limit_headers_on_every_response(http):
         assert response.headers["X-RateLimit-Limit"] == limit
         assert int(response.headers["X-RateLimit-Remaining"]) >= 0
         assert int(response.headers["X-RateLimit-Reset"]) > 1_700_000_000  # epoch seconds
+
+
+# ---- what an audit of the API with a user's mistakes found (2026-12-06) -------------------------------------------
+
+USER = [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize(("fields", "param", "code"), [
+    ({"modalities": 5}, "modalities", "invalid_value"),  # was a 500: iterated as a list
+    ({"modalities": True}, "modalities", "invalid_value"),
+    ({"modalities": "text"}, "modalities", "invalid_value"),  # was "text only", read letter by letter
+    ({"modalities": ["text", "audio"]}, "modalities", "unsupported_parameter"),
+    ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions", "unsupported_parameter"),
+    ({"function_call": "auto"}, "function_call", "unsupported_parameter"),
+    ({"min_p": 0.1}, "min_p", "unsupported_parameter"),
+    ({"messages": [{"role": "user", "content": []}]}, "messages[0].content", "invalid_value"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text", "invalid_value"),
+])
+def test_chat_fields_a_node_cannot_honour_are_refused_by_name(http, fields, param, code):
+    response = http.post(CHAT, json={"model": MODEL, "messages": USER, "max_tokens": 2, **fields})
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert (error["param"], error["code"]) == (param, code), error
+
+
+def test_neutral_values_of_unsupported_knobs_are_accepted(http):
+    fields = {"modalities": ["text"], "presence_penalty": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+    response = http.post(CHAT, json={"model": MODEL, "messages": USER, "max_tokens": 2, **fields})
+    assert response.status_code == 200, response.text
+
+
+def test_a_too_long_prompt_names_the_field_that_holds_it(http):
+    long_text = "word " * 5000
+    completion = http.post("/v1/completions", json={"model": MODEL, "prompt": long_text, "max_tokens": 2})
+    assert completion.status_code == 400
+    assert (error_of(completion)["param"], error_of(completion)["code"]) == ("prompt", "context_length_exceeded")
+    chat = http.post(CHAT, json={"model": MODEL, "messages": [{"role": "user", "content": long_text}]})
+    assert error_of(chat)["param"] == "messages"
+    generate = http.post("/api/generate", json={"model": MODEL, "prompt": long_text, "stream": False})
+    assert generate.status_code == 400 and "context length" in ollama_error_of(generate)
+
+
+def test_messages_name_the_problem(http):
+    missing = error_of(http.post(CHAT, json={"messages": USER}))
+    assert missing["param"] == "model" and missing["message"] == "model: Field required", missing
+    ids = error_of(http.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2, 3]}))
+    assert ids["code"] == "unsupported_parameter" and "token-id prompts are not supported" in ids["message"]
+    show = http.post("/api/show", json={})
+    assert show.status_code == 400 and ollama_error_of(show) == "model: Field required"
+    images = http.post("/api/generate", json={"model": MODEL, "prompt": "x", "images": ["aGk="], "stream": False})
+    assert images.status_code == 400 and ollama_error_of(images) == "this model takes no images"
+
+
+@pytest.mark.parametrize(("fields", "needle"), [
+    ({"options": {"presence_penalty": 1.5}}, "options.presence_penalty"),
+    ({"options": {"frequency_penalty": 0.5}}, "options.frequency_penalty"),
+    ({"options": {"repeat_penalty": 1.1}}, "options.repeat_penalty"),
+    ({"options": {"mirostat": 2}}, "options.mirostat"),
+    ({"options": {"min_p": 0.05}}, "options.min_p"),
+    ({"options": {"num_ctx": 999999}}, "options.num_ctx"),
+    ({"options": {"num_ctx": "big"}}, "options.num_ctx"),
+    ({"suffix": "end"}, "suffix"),
+    ({"template": "{{ .Prompt }}"}, "template"),
+    ({"context": [1, 2, 3]}, "context"),
+    ({"think": True}, "think"),
+])
+def test_ollama_options_a_node_cannot_honour_are_refused(http, fields, needle):
+    for path, body in (("/api/generate", {"prompt": "x"}), ("/api/chat", {"messages": USER})):
+        if path == "/api/chat" and needle in ("suffix", "context"):
+            continue
+        response = http.post(path, json={"model": MODEL, "stream": False, **body, **fields})
+        assert response.status_code == 400, (path, response.text)
+        assert needle.split(".")[-1] in ollama_error_of(response)
+
+
+def test_ollama_options_that_change_no_output_are_accepted(http):
+    options = {"num_predict": 2, "num_thread": 1, "num_ctx": 2048, "use_mmap": True, "repeat_penalty": 1.0}
+    response = http.post("/api/generate", json={"model": MODEL, "prompt": "x", "stream": False, "think": False,
+                                                "options": options})
+    assert response.status_code == 200, response.text
+
+
+def test_ollama_errors_have_ollamas_shape_for_its_client(tiny_node):
+    import ollama
+
+    client = ollama.Client(host=tiny_node.url)
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.chat(model="ghost", messages=USER)
+    assert caught.value.status_code == 404
+    assert isinstance(caught.value.error, str) and "ghost" in caught.value.error
+
+
+@pytest.mark.parametrize("path", ["/", "/health", "/readyz", "/v1/models", "/api/tags", "/api/version"])
+def test_head_answers_every_get_route_without_a_body(http, path):
+    got, head = http.get(path), http.head(path)
+    assert head.status_code == got.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"]
+
+
+def test_method_not_allowed_lists_head_with_get(http):
+    response = http.delete("/v1/models")
+    assert response.status_code == 405
+    assert {m.strip() for m in response.headers["allow"].split(",")} >= {"GET", "HEAD"}
+
+
+def _metric(http, name: str, **labels: str) -> float:
+    """A labelled counter's value in /metrics (0 before its first increment)."""
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_client_gone_before_the_answer_is_a_disconnect_not_a_500(tiny_node, http):
+    import socket
+
+    route = "v1/completions"
+    before = (_metric(http, "openhydra_http_requests_total", route=route, status="500"),
+              _metric(http, "openhydra_client_disconnects_total", route=route))
+    body = json.dumps({"model": MODEL, "prompt": "go", "max_tokens": 2000, "temperature": 0}).encode()
+    host, port = tiny_node.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 10  # wait until the generation runs, then go away
+        while _active_sessions(http) == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _active_sessions(http) == 1
+    deadline = time.monotonic() + 10
+    while _metric(http, "openhydra_client_disconnects_total", route=route) == before[1]:
+        assert time.monotonic() < deadline, "the disconnect was never counted"
+        time.sleep(0.05)
+    assert _metric(http, "openhydra_http_requests_total", route=route, status="500") == before[0]
+    assert _metric(http, "openhydra_http_requests_total", route=route, status="499") >= 1
+    deadline = time.monotonic() + 10
+    while _active_sessions(http) != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _active_sessions(http) == 0

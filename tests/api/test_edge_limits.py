@@ -9,12 +9,14 @@ import pytest
 from openhydra.testing.processes import NodeProcess
 
 TOKEN = "s3cret-token-for-tests-0123456789"
+APP_ORIGIN = "http://app.example:3000"
 
 
 @pytest.fixture(scope="module")
 def edge_node(tiny_model_dirs, tmp_path_factory):
     overrides = ["model=local", f"model.path={tiny_model_dirs['llama']}", "hardware=cpu",
-                 f"node.data_dir={tmp_path_factory.mktemp('edge')}", f"api.bearer_token={TOKEN}"]
+                 f"node.data_dir={tmp_path_factory.mktemp('edge')}", f"api.bearer_token={TOKEN}",
+                 f'api.cors_origins=["{APP_ORIGIN}"]']
     with NodeProcess(overrides) as node:
         yield node
 
@@ -28,6 +30,31 @@ def test_bearer_token_is_required_when_configured(edge_node):
         wrong.models.list()
     right = openai.OpenAI(base_url=edge_node.url + "/v1", api_key=TOKEN, max_retries=0)
     assert [m.id for m in right.models.list().data] == ["tiny-llama-8l"]
+
+
+def test_a_listed_origin_may_call_from_a_browser_with_the_token(edge_node):
+    # runs before the 429 test: its requests come out of the same window
+    asked = {"Origin": APP_ORIGIN, "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization, content-type"}
+    preflight = httpx.options(edge_node.url + "/v1/chat/completions", headers=asked)  # no token: browsers send none
+    assert preflight.status_code == 204, preflight.text
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    bearer = {"Authorization": f"Bearer {TOKEN}", "Origin": APP_ORIGIN}
+    answer = httpx.get(edge_node.url + "/v1/models", headers=bearer)
+    assert answer.status_code == 200
+    assert answer.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert "X-RateLimit-Remaining" in answer.headers["access-control-expose-headers"]
+    assert httpx.get(edge_node.url + "/v1/models", headers={"Origin": APP_ORIGIN}).status_code == 401  # still
+
+
+def test_an_origin_not_listed_gets_no_cors_answer(edge_node):
+    other = "http://evil.example"
+    preflight = httpx.options(edge_node.url + "/v1/chat/completions",
+                              headers={"Origin": other, "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code == 403 and preflight.json()["error"]["code"] == "origin_not_allowed"
+    answer = httpx.get(edge_node.url + "/v1/models", headers={"Authorization": f"Bearer {TOKEN}", "Origin": other})
+    assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
 
 
 def test_121st_request_in_a_window_is_429_with_retry_after(edge_node):

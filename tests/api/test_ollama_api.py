@@ -53,7 +53,7 @@ def test_seeded_sampling_reproducible(client):
     assert a == b
 
 
-def test_tags_show_ps_version(client):
+def test_tags_show_ps_version(client, tiny_llama):
     names = [m.model for m in client.list().models]
     assert names == [f"{MODEL}:latest"]
     shown = client.show(MODEL)
@@ -65,7 +65,22 @@ def test_tags_show_ps_version(client):
     version = httpx.get(str(client._client.base_url) + "/api/version").json()
     assert version["version"]
     info = httpx.post(str(client._client.base_url) + "/api/show", json={"model": MODEL}).json()["model_info"]
-    assert info["general.parameter_count"] > 1_000_000  # the tiny model's real count, not a placeholder
+    from openhydra.hardware.dtype import span_parameter_count
+
+    assert info["general.parameter_count"] == span_parameter_count(tiny_llama, 0, None)  # the checkpoint's count
+    tags = httpx.get(str(client._client.base_url) + "/api/tags").json()["models"][0]
+    assert tags["size"] == sum(f.stat().st_size for f in tiny_llama.glob("*.safetensors")) - _header_bytes(tiny_llama)
+
+
+def _header_bytes(model_dir) -> int:
+    """What a safetensors file holds beyond its tensors: the 8-byte length and the JSON header."""
+    import struct
+
+    total = 0
+    for f in model_dir.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            total += 8 + struct.unpack("<Q", fh.read(8))[0]
+    return total
 
 
 def test_unknown_model_raises_response_error(client):

@@ -96,7 +96,11 @@ def test_document_and_server_refuse_the_same_bodies(node, path, make, fields) ->
     assert not _body_validator(node["doc"], path).is_valid(body), "the document should call this invalid"
     answer = httpx.post(node["url"] + path, json=body, timeout=60)
     assert answer.status_code == 400, answer.text
-    assert answer.json()["error"]["type"] == "invalid_request_error"
+    error = answer.json()["error"]
+    if path.startswith("/api/"):  # Ollama's own shape there (api/errors.py)
+        assert isinstance(error, str) and error
+    else:
+        assert error["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize(("path", "make", "fields"), VALID, ids=_case_id)

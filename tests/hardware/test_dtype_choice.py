@@ -133,6 +133,18 @@ def test_span_parameter_count_matches_the_loaded_span(tiny_model_dirs):
         assert span_parameter_count(model_dir, start, end) == runtime.parameter_count, (start, end)
 
 
+def test_a_node_reports_its_models_count_whatever_it_holds_and_how(tiny_model_dirs):
+    """/api/show and the dashboard: the checkpoint's count, not an int4 span's packed elements (audit, 2026-12-06:
+    SmolLM2-135M on cpu_int4 said "96M")."""
+    from openhydra.node import model_parameter_count
+    from openhydra.runtime.shard import ShardRuntime
+
+    model_dir = tiny_model_dirs["llama"]
+    runtime = ShardRuntime(model_dir, 3, 6, dtype=torch.float32, quantization="int4")
+    assert runtime.parameter_count != span_parameter_count(model_dir, 3, 6)  # packed: what the bug reported
+    assert model_parameter_count(model_dir, runtime) == span_parameter_count(model_dir, 0, None)
+
+
 def test_backend_on_an_avx2_cpu_picks_fp32_and_says_so(monkeypatch):
     monkeypatch.setattr(hwdtype, "cpu_flags", lambda: AVX2_ONLY)
     monkeypatch.setattr(hwdtype, "measure_bf16_vs_fp32", lambda threads: EPYC)

@@ -325,3 +325,82 @@ def test_a_stopped_engine_says_it_is_shutting_down(tiny_model_dirs) -> None:
     eng.shutdown()
     with pytest.raises(ShuttingDown):
         asyncio.run(_collect(eng, GenerationRequest(prompt_ids=[5, 6, 7], max_tokens=4)))
+
+
+# ---- a client gone during a long prefill (router/abandon.py) ----------------------------------------------------
+
+
+class GatedRuntime:
+    """A runtime whose forwards are counted; the first one waits for ``gate`` (and says it started); ``closed`` is
+    set when a session is closed (after a request's last step)."""
+
+    def __init__(self, runtime) -> None:
+        self._runtime = runtime
+        self.calls = 0
+        self.started, self.gate, self.closed = threading.Event(), threading.Event(), threading.Event()
+
+    def close_session(self, session_id: str) -> None:
+        self._runtime.close_session(session_id)
+        self.closed.set()
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 1:
+            self.started.set()
+            assert self.gate.wait(WAIT_S)
+        return self._runtime.forward(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._runtime, name)
+
+
+def test_a_prefill_stops_between_chunks_once_its_client_is_gone(tiny_model_dirs) -> None:
+    path = tiny_model_dirs["llama"]
+    runtime = ShardRuntime(path)
+    gated = GatedRuntime(runtime)
+    pipeline = LocalPipeline(gated, prefill_chunk=32)
+    eng = Engine(AutoTokenizer.from_pretrained(path), pipeline, eos_token_ids=set(), context_length=4096)
+    prompt = [10 + i % 200 for i in range(20 * 32)]  # 20 chunks
+
+    async def client_goes_away() -> None:
+        events = eng.stream(GenerationRequest(prompt_ids=prompt, max_tokens=4))
+        first = asyncio.ensure_future(anext(events))
+        await await_for(gated.started.is_set, "the prefill to start")
+        first.cancel()  # the HTTP handler is cancelled when its client disconnects
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await events.aclose()
+        gated.gate.set()
+
+    try:
+        asyncio.run(client_goes_away())
+        wait_for(gated.closed.is_set, "the abandoned session to close")
+        assert runtime.session_count() == 0
+        assert gated.calls == 1, f"{gated.calls} of 20 prefill chunks computed for a client that was gone"
+        # the engine serves the next request as before
+        _, final = asyncio.run(_collect(eng, GenerationRequest(
+            prompt_ids=prompt[:40], max_tokens=3, sampling=SamplingParams(temperature=0.0))))
+        assert final.completion_tokens == 3
+    finally:
+        eng.shutdown()
+
+
+def test_waiting_for_peers_stops_once_the_step_is_abandoned() -> None:
+    from concurrent.futures import Future
+
+    from openhydra.router import abandon
+
+    stopped = threading.Event()
+    pending: Future = Future()
+    threading.Timer(0.2, stopped.set).start()
+    with abandon.abandon_when(stopped.is_set), pytest.raises(abandon.Abandoned):
+        abandon.wait(pending, timeout=WAIT_S)
+    assert pending.cancelled()
+    # outside a step's scope it is a plain wait; the work's own TimeoutError is not taken for a poll
+    done: Future = Future()
+    done.set_result(7)
+    assert abandon.wait(done, timeout=1) == 7
+    failed: Future = Future()
+    failed.set_exception(TimeoutError("the hop timed out"))
+    with abandon.abandon_when(lambda: False), pytest.raises(TimeoutError, match="the hop timed out"):
+        abandon.wait(failed, timeout=WAIT_S)

@@ -1,0 +1,64 @@
+"""Cross-origin calls from browsers (``api.cors_origins``): a web page on another origin calling the node's API.
+
+Off by default (an empty list): browsers then refuse cross-origin reads, which is what a node on loopback wants.
+Listed origins (``["http://localhost:3000"]``, or ``["*"]`` for any) get what the Fetch standard asks of a server:
+
+- a preflight (``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``) is answered 204 with the methods
+  and headers it may use, before the bearer-token check (a browser sends no credentials with it); an origin not
+  listed gets 403;
+- every other answer to a listed origin carries ``Access-Control-Allow-Origin`` (and ``Vary: Origin``) and exposes
+  the headers a client reads (rate limits, the degradation reason, ``Retry-After``).
+
+The token is still required on the real call; CORS only decides which pages' scripts may read the answers.
+"""
+
+from __future__ import annotations
+
+from sanic import Request
+from sanic.response import HTTPResponse
+
+from openhydra.api.errors import APIError
+
+ALLOWED_METHODS = "GET, HEAD, POST, OPTIONS"
+ALLOWED_HEADERS = "Authorization, Content-Type, Accept, X-Requested-With"
+EXPOSED_HEADERS = ("X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset, Retry-After, "
+                   "X-OpenHydra-Degradation-Reason")
+MAX_AGE_S = 600
+
+
+class Cors:
+    def __init__(self, origins: list[str]) -> None:
+        self.any = "*" in origins
+        self.origins = frozenset(o.rstrip("/") for o in origins if o != "*")
+
+    @property
+    def enabled(self) -> bool:
+        return self.any or bool(self.origins)
+
+    def allowed(self, origin: str | None) -> bool:
+        return origin is not None and (self.any or origin.rstrip("/") in self.origins)
+
+    def is_preflight(self, request: Request) -> bool:
+        return (self.enabled and request.method == "OPTIONS" and "origin" in request.headers
+                and "access-control-request-method" in request.headers)
+
+    def preflight(self, request: Request) -> HTTPResponse:
+        origin = request.headers.get("origin")
+        if not self.allowed(origin):
+            raise APIError(403, f"origin {origin} is not in api.cors_origins", type="permission_error",
+                           code="origin_not_allowed")
+        asked = request.headers.get("access-control-request-headers")
+        return HTTPResponse(status=204, headers={
+            "Access-Control-Allow-Methods": ALLOWED_METHODS,
+            "Access-Control-Allow-Headers": asked or ALLOWED_HEADERS,
+            "Access-Control-Max-Age": str(MAX_AGE_S),
+        })
+
+    def decorate(self, request: Request, response: HTTPResponse) -> None:
+        if not self.enabled:
+            return
+        origin = request.headers.get("origin")
+        response.headers["Vary"] = "Origin"
+        if self.allowed(origin):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
