@@ -37,6 +37,7 @@ _STATUS_TYPES = {
     405: "invalid_request_error",
     408: "timeout_error",
     413: "request_too_large",
+    431: "request_too_large",
     429: "rate_limit_error",
     503: "service_unavailable",
 }
@@ -67,7 +68,7 @@ class OpenHydraSanic(Sanic):
         client checks that a server is up with ``HEAD /``."""
         if args:
             raise TypeError("OpenHydraSanic.get takes its options by keyword")
-        kwargs.pop("ignore_body", None)
+        kwargs.setdefault("ignore_body", True)  # as Sanic's own get: a GET's body is not waited for
         return self.route(uri, methods=frozenset({"GET", "HEAD"}), **kwargs)
 
 
@@ -107,6 +108,8 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
             # Sanic's stand-in for a request that could not be parsed (bad request line or headers, header
             # too large): it has no path or credentials to check; let its 400/413 through instead of a 401
             return None
+        if cors.is_preflight(request):  # a browser's question before a cross-origin call: no token, no quota
+            return cors.preflight(request)
         limiter = app.ctx.probe_limiter if request.path in PROBE_PATHS else app.ctx.limiter
         decision = limiter.hit(client_of(request))
         request.ctx.rate = decision
@@ -116,8 +119,6 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
                 429, f"rate limit of {decision.limit} requests per {api.rate_limit_window_s:g} s exceeded",
                 type="rate_limit_error", code="rate_limited", headers=decision.headers(),
             )
-        if cors.is_preflight(request):  # a browser's question before a cross-origin call: it carries no token
-            return cors.preflight(request)
         auth.require(request.headers.get("authorization"), request.path)
         return None
 
@@ -166,12 +167,15 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
     @app.exception(SanicException)
     async def _sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
         status = getattr(exc, "status_code", 500) or 500
-        message = str(exc) or "error"
+        message, code = str(exc) or "error", type(exc).__name__
         if status == 404:
             message = f"no route for {request.method} {request.path}"
+        if status == 413 and request.method == "NONE" and not request.headers:  # the request line + headers
+            status, code = 431, "RequestHeaderFieldsTooLarge"
+            message = f"request line and headers exceed api.max_header_bytes ({api.max_header_bytes} bytes)"
         headers = dict(getattr(exc, "headers", None) or {})
-        body = APIError(status, message, type=_STATUS_TYPES.get(status, "api_error"),
-                        code=type(exc).__name__).body_for(request.path)
+        body = APIError(status, message, type=_STATUS_TYPES.get(status, "api_error"), code=code
+                        ).body_for(request.path)
         return json(body, status=status, headers=headers)
 
     @app.exception(Exception)

@@ -4,8 +4,8 @@ Off by default (an empty list): browsers then refuse cross-origin reads, which i
 Listed origins (``["http://localhost:3000"]``, or ``["*"]`` for any) get what the Fetch standard asks of a server:
 
 - a preflight (``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``) is answered 204 with the methods
-  and headers it may use, before the bearer-token check (a browser sends no credentials with it); an origin not
-  listed gets 403;
+  and headers it may use, before the rate limit (a 429 there reaches the page only as an unreadable CORS failure)
+  and the bearer-token check (a browser sends no credentials with it); an origin not listed gets 403;
 - every other answer to a listed origin carries ``Access-Control-Allow-Origin`` (and ``Vary: Origin``) and exposes
   the headers a client reads (rate limits, the degradation reason, ``Retry-After``).
 
@@ -29,14 +29,14 @@ MAX_AGE_S = 600
 class Cors:
     def __init__(self, origins: list[str]) -> None:
         self.any = "*" in origins
-        self.origins = frozenset(o.rstrip("/") for o in origins if o != "*")
+        self.origins = frozenset(o.rstrip("/").lower() for o in origins if o != "*")  # scheme and host: no case
 
     @property
     def enabled(self) -> bool:
         return self.any or bool(self.origins)
 
     def allowed(self, origin: str | None) -> bool:
-        return origin is not None and (self.any or origin.rstrip("/") in self.origins)
+        return origin is not None and (self.any or origin.rstrip("/").lower() in self.origins)
 
     def is_preflight(self, request: Request) -> bool:
         return (self.enabled and request.method == "OPTIONS" and "origin" in request.headers
@@ -52,13 +52,14 @@ class Cors:
             "Access-Control-Allow-Methods": ALLOWED_METHODS,
             "Access-Control-Allow-Headers": asked or ALLOWED_HEADERS,
             "Access-Control-Max-Age": str(MAX_AGE_S),
+            "Vary": "Origin, Access-Control-Request-Headers",
         })
 
     def decorate(self, request: Request, response: HTTPResponse) -> None:
         if not self.enabled:
             return
         origin = request.headers.get("origin")
-        response.headers["Vary"] = "Origin"
+        response.headers.setdefault("Vary", "Origin")
         if self.allowed(origin):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS

@@ -1,5 +1,6 @@
-"""One error schema for the OpenAI-style endpoints: ``{"error": {"message", "type", "param", "code"}}``; Ollama's
-own ``{"error": "<message>"}`` under ``/api/`` (what Ollama's Go and Python clients parse).
+"""One error schema for the OpenAI-style endpoints: ``{"error": {"message", "type", "param", "code"}}``; under
+``/api/`` Ollama's ``{"error": "<message>"}``, which Ollama's Go and Python clients parse (both read only ``error``),
+with the same ``type``, ``param`` and ``code`` beside it.
 
 Route code raises :class:`APIError`; the app's exception handlers turn it into JSON with the right status code
 (:meth:`APIError.body_for`). Nothing else writes error bodies.
@@ -34,6 +35,13 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class OllamaErrorBody(BaseModel):
+    error: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
 class APIError(Exception):
     """An error meant for the API client. ``status`` is the HTTP status code."""
 
@@ -63,7 +71,9 @@ class APIError(Exception):
 
     def body_for(self, path: str) -> dict[str, Any]:
         """The body for a request to ``path``: Ollama's shape under :data:`OLLAMA_PREFIX`, else OpenAI's."""
-        return {"error": self.message} if path.startswith(OLLAMA_PREFIX) else self.body()
+        if path.startswith(OLLAMA_PREFIX):
+            return OllamaErrorBody(error=self.message, type=self.type, param=self.param, code=self.code).model_dump()
+        return self.body()
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:

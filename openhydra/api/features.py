@@ -123,10 +123,10 @@ def _probe_tool_syntax(engine: Engine) -> str:
     return syntax
 
 
-def tools_prompt_ids(engine: Engine, messages: list[dict], tools: list[ToolSpec]) -> list[int]:
+def tools_prompt_ids(engine: Engine, messages: list[dict], tools: list[ToolSpec], **template: Any) -> list[int]:
     tool_syntax(engine)
     text = engine.tokenizer.apply_chat_template(messages, tools=[t.model_dump(exclude_none=True) for t in tools],
-                                                add_generation_prompt=True, tokenize=False)
+                                                add_generation_prompt=True, tokenize=False, **template)
     return list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -321,10 +321,19 @@ NEUTRAL_SAMPLING = {"frequency_penalty": 0, "presence_penalty": 0, "repetition_p
 "off": that value (or none) is accepted, any other is refused instead of ignored."""
 
 
-def refuse_sampling_knobs(fields: dict[str, Any], prefix: str = "") -> None:
+OLLAMA_DEFAULTS_ACCEPTED = {"repeat_penalty": (1.1,)}
+"""Ollama's own documented defaults that clients copy into every request: accepted and not applied, as Ollama's
+newer engine does not apply penalties either (ollama/ollama#15783)."""
+
+
+def refuse_sampling_knobs(fields: dict[str, Any], prefix: str = "", also: dict[str, tuple] | None = None) -> None:
     for name, neutral in NEUTRAL_SAMPLING.items():
         value = fields.get(name)
-        if value is not None and value != neutral:
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad_request(f"{prefix}{name} must be a number", param=prefix + name)
+        if value != neutral and value not in (also or {}).get(name, ()):
             raise bad_request(f"{prefix}{name} is not supported by this node (only {neutral} is accepted)",
                               param=prefix + name, code="unsupported_parameter")
 
@@ -358,23 +367,28 @@ def unsupported_fields(body: BaseModel) -> None:
 def unsupported_ollama_fields(body: Any, context_length: int) -> None:
     """Ollama's options and fields this node cannot honour: 400 (as the OpenAI routes do), never ignored. Options
     about where and how fast to run (``num_thread``, ``num_gpu``, ``num_batch``, ``use_mmap``...) change no output
-    and are accepted; ``num_ctx`` is accepted up to the model's context (the node serves its whole context)."""
+    and are accepted; so is ``num_ctx`` (the node serves the model's whole context whatever it asks: Ollama itself
+    clamps a larger one, and clients send 32768 and more by habit), and Ollama's default ``repeat_penalty``."""
     options = body.options.model_extra or {}
-    refuse_sampling_knobs(options, prefix="options.")
+    refuse_sampling_knobs(options, prefix="options.", also=OLLAMA_DEFAULTS_ACCEPTED)
     num_ctx = options.get("num_ctx")
     if num_ctx is not None and (not isinstance(num_ctx, int) or isinstance(num_ctx, bool) or num_ctx < 1):
         raise bad_request("options.num_ctx must be a positive integer", param="options.num_ctx")
-    if num_ctx is not None and num_ctx > context_length:
-        raise bad_request(f"options.num_ctx {num_ctx} is beyond the model's context length {context_length}",
-                          param="options.num_ctx", code="context_length_exceeded")
     extra = body.model_extra or {}
-    for name, why in (("suffix", "insertion (suffix)"), ("template", "a custom prompt template"),
-                      ("context", "a conversation context from an earlier answer (send the messages to /api/chat)")):
-        if extra.get(name):
+    for name, kind, why in (("suffix", str, "insertion (suffix)"), ("template", str, "a custom prompt template"),
+                            ("context", list, "a conversation context from an earlier answer (send the messages "
+                                              "to /api/chat)")):
+        value = extra.get(name)
+        if value is not None and not isinstance(value, kind):
+            raise bad_request(f"{name} must be {'a string' if kind is str else 'an array'}", param=name)
+        if value:
             raise bad_request(f"{why} is not supported by this node", param=name, code="unsupported_parameter")
-    if extra.get("think"):
-        raise bad_request("think is not supported by this node (no separate thinking output)", param="think",
-                          code="unsupported_parameter")
+    think = extra.get("think")
+    if think is not None and not isinstance(think, bool):
+        raise bad_request("think must be true or false", param="think")
+    if think:
+        raise bad_request("think is not supported by this node (no separate thinking output); think: false asks "
+                          "the chat template not to think", param="think", code="unsupported_parameter")
 
 
 def check_content_parts(messages: list[Any]) -> None:

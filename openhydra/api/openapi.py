@@ -29,7 +29,7 @@ from sanic import Request, Sanic
 from sanic.response import HTTPResponse, json
 
 from openhydra import __version__
-from openhydra.api.errors import OLLAMA_PREFIX, ErrorBody
+from openhydra.api.errors import OLLAMA_PREFIX, ErrorBody, OllamaErrorBody
 from openhydra.api.protocol_ollama import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
 from openhydra.api.protocol_openai import ChatCompletionRequest, CompletionRequest
 from openhydra.api.protocol_responses import (
@@ -134,7 +134,7 @@ def openapi_path(sanic_uri: str) -> tuple[str, list[str]]:
 
 
 def _error_response(description: str, path: str) -> dict[str, Any]:
-    model = OllamaStreamError if path.startswith(OLLAMA_PREFIX) else ErrorBody  # api/errors.py APIError.body_for
+    model = OllamaErrorBody if path.startswith(OLLAMA_PREFIX) else ErrorBody  # api/errors.py APIError.body_for
     return {"description": description,
             "content": {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}}}
 
@@ -231,6 +231,40 @@ def _limit_tools(schemas: dict[str, Any], syntax: str) -> None:
             chat["tool_choice"] = {"anyOf": [{"enum": ["none", "auto"]}, {"type": "null"}], "default": None}
 
 
+def _document_refusals(schemas: dict[str, Any]) -> None:
+    """What the routes refuse beyond the models' own fields (api/features.py unsupported_fields and
+    unsupported_ollama_fields), so a body the document calls valid is one the node takes."""
+    from openhydra.api.features import NEUTRAL_SAMPLING, OLLAMA_DEFAULTS_ACCEPTED
+
+    def or_null(schema: dict[str, Any], description: str) -> dict[str, Any]:  # null: as if left out
+        return {"anyOf": [schema, {"type": "null"}], "description": description}
+
+    def neutral(name: str, also: tuple = ()) -> dict[str, Any]:
+        return or_null({"type": "number", "enum": [NEUTRAL_SAMPLING[name], *also]},
+                       "not implemented: only its neutral value")
+
+    openai_knobs = {name: neutral(name) for name in
+                    ("frequency_penalty", "presence_penalty", "repetition_penalty", "min_p", "typical_p")}
+    refused = {"type": "null", "description": "not supported (use tools / tool_choice)"}
+    for model in (ChatCompletionRequest, CompletionRequest):
+        props = schemas.get(model.__name__, {}).setdefault("properties", {})
+        props.update({k: v for k, v in openai_knobs.items() if k not in props})
+        props.setdefault("modalities", or_null({"type": "array", "items": {"const": "text"}}, "text only"))
+        props.setdefault("functions", refused)
+        props.setdefault("function_call", refused)
+    options = schemas.get(OllamaOptions.__name__, {}).setdefault("properties", {})
+    for name in NEUTRAL_SAMPLING:
+        options.setdefault(name, neutral(name, OLLAMA_DEFAULTS_ACCEPTED.get(name, ())))
+    options.setdefault("num_ctx", or_null({"type": "integer", "minimum": 1},
+                                          "accepted; the whole context is served whatever it asks"))
+    for model in (OllamaGenerateRequest, OllamaChatRequest):
+        props = schemas.get(model.__name__, {}).setdefault("properties", {})
+        props.setdefault("think", or_null({"const": False}, "false only: no separate thinking output"))
+        props.setdefault("template", or_null({"type": "string", "maxLength": 0}, "not supported"))
+        props.setdefault("suffix", or_null({"type": "string", "maxLength": 0}, "not supported"))
+        props.setdefault("context", or_null({"type": "array", "maxItems": 0}, "not supported: use /api/chat"))
+
+
 def _models_of(op: Op) -> list[type[BaseModel]]:
     found = [m for m in (op.body, op.schema) if isinstance(m, type)]
     return found + list(op.stream[1] if op.stream else ())
@@ -251,7 +285,7 @@ def build_document(app: Sanic) -> dict[str, Any]:
         known.update(_economy_operations())
 
     ops = {(m, p): known.get((m, p)) or Op(f"{m} {p}", "other") for m, p, _ in routes}
-    models = sorted({m for op in ops.values() for m in _models_of(op)} | {ErrorBody, OllamaStreamError},
+    models = sorted({m for op in ops.values() for m in _models_of(op)} | {ErrorBody, OllamaErrorBody},
                     key=lambda m: m.__name__)
     _, defs = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     schemas = defs.get("$defs", {})
@@ -263,6 +297,7 @@ def build_document(app: Sanic) -> dict[str, Any]:
     syntax = _tool_syntax(app)
     if syntax is not None:
         _limit_tools(schemas, syntax)
+    _document_refusals(schemas)
 
     paths: dict[str, dict[str, Any]] = {}
     for method, path, names in routes:
@@ -274,8 +309,8 @@ def build_document(app: Sanic) -> dict[str, Any]:
             "title": "OpenHydra node API",
             "version": __version__,
             "description": "OpenAI- and Ollama-compatible inference on a peer-to-peer swarm. Error answers "
-                           'are {"error": {"message", "type", "param", "code"}}, and Ollama\'s '
-                           '{"error": "<message>"} under /api/.',
+                           'are {"error": {"message", "type", "param", "code"}}, and under /api/ Ollama\'s '
+                           '{"error": "<message>"} with type, param and code beside it.',
         },
         "paths": dict(sorted(paths.items())),
         "components": {"schemas": schemas},

@@ -121,7 +121,6 @@ class OllamaChatResponse(OllamaFinal):
 
 
 class OllamaStreamError(Open):
-    """Ollama's error shape: an ``/api/`` answer with an error status, or a line that ends an NDJSON stream which
-    failed after it started."""
+    """A line that ends an NDJSON stream which failed after it started (Ollama's own shape)."""
 
     error: str

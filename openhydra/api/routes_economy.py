@@ -229,7 +229,7 @@ def register_economy_routes(app: Sanic, economy: Any) -> None:
         ch = await _call(economy.close_channel, body.channel_id, final)
         return json(_channel_json(ch))
 
-    app.add_route(balance, "/v1/account/balance", methods=["GET"], name="economy_balance")
+    app.add_route(balance, "/v1/account/balance", methods=["GET", "HEAD"], name="economy_balance")
     app.add_route(stake, "/v1/hydra/stake", methods=["POST"], name="hydra_stake")
     app.add_route(unstake, "/v1/hydra/unstake", methods=["POST"], name="hydra_unstake")
     app.add_route(open_channel, "/v1/hydra/channels/open", methods=["POST"], name="hydra_channel_open")

@@ -57,6 +57,12 @@ def _details(served: ServedModel) -> dict:
     }
 
 
+def template_variables(body: OllamaBase) -> dict:
+    """``think: false`` as the chat templates that can think spell it (Qwen3's ``enable_thinking``); templates
+    without the variable ignore it. ``think: true`` is refused (api/features.unsupported_ollama_fields)."""
+    return {"enable_thinking": False} if (body.model_extra or {}).get("think") is False else {}
+
+
 def reply_model(requested: str, served: ServedModel) -> str:
     """The name an answer carries: the served model's (a fallback's when degraded), in the requested
     spelling when that names it (``name:latest`` stays ``name:latest``)."""
@@ -170,7 +176,7 @@ def register(app: Sanic) -> None:
         else:
             messages = ([{"role": "system", "content": body.system}] if body.system else [])
             messages.append({"role": "user", "content": body.prompt})
-            prompt_ids = engine.chat_prompt_ids(messages)
+            prompt_ids = engine.chat_prompt_ids(messages, **template_variables(body))
         return await serve(request, body, prompt_ids, chat=False)
 
     @app.post("/api/chat")
@@ -190,9 +196,9 @@ def register(app: Sanic) -> None:
                     for m in body.messages]
         if body.tools:
             tools = (tool_syntax(engine), {t.function.name for t in body.tools})
-            return await serve(request, body, tools_prompt_ids(engine, messages, body.tools), chat=True,
-                               tools=tools)
-        prompt_ids = engine.chat_prompt_ids(messages)
+            return await serve(request, body, tools_prompt_ids(engine, messages, body.tools,
+                                                               **template_variables(body)), chat=True, tools=tools)
+        prompt_ids = engine.chat_prompt_ids(messages, **template_variables(body))
         return await serve(request, body, prompt_ids, chat=True)
 
     def tag(served: ServedModel, name: str) -> dict:

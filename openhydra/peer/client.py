@@ -344,54 +344,60 @@ class PeerChainClient(ClientPrivacy, ControlCalls, Liveness, RebuildClient):
         crypto = self._crypto_route(session_id, route) if self.privacy.encrypt else None
         futures: list[tuple[int, asyncio.Future]] = []
         chunk = self.tunables.prefill_chunk
-        for offset in range(0, len(tokens), chunk):
-            piece = tokens[offset : offset + chunk]
-            seq = next(self._seq)
-            ahead = queued + len(futures) + 1  # abandoned by then for sure: the coordinator waits no longer
-            deadline_ms = int((time.time() + MAX_WAIT_STEPS * self.tunables.step_timeout_s * ahead) * 1000)
-            message = pb.Step(
-                session_id=session_id,
-                seq=seq,
-                start_position=start + offset,
-                num_positions=len(piece),
-                # ids [S], or embeddings [S, D]; none for a rebuild that starts past layer 0 (peer/rebuild.py)
-                tensor=self._input_tensor(piece, crypto is not None) if with_input else pb.Tensor(),
-                route=[] if self.privacy.onion else [pb.Hop(address=h.address, start=h.start, end=h.end)
-                                                     for h in route],
-                sampling=pb.Sampling(
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    top_k=sampling.top_k,
-                    seed=sampling.seed,
-                    sampling_step=step,
-                    **extras,
-                    return_hidden=self._samples_here,
-                ),
-                reply_to="" if self.privacy.onion else self._reply_address,
-                deadline_unix_ms=deadline_ms,
-                forward_codec=self._codec,
-            )
-            if crypto is not None and self.privacy.dp:  # each hop noises its output (audited in _resolve)
-                message.dp_sigma, message.dp_clip = self.privacy.dp_sigma, self.privacy.dp_clip
-            if prefix is not None and offset == 0:  # the prompt's block hashes (runtime/prefix_cache.py)
-                message.prefix_hashes.extend(prefix.hashes)
-                message.prefix_block = prefix.block
-            if control:  # failover rebuild: adopt fields with the first message only (peer/rebuild.py)
-                message.rebuild_start, message.rebuild_end = control["rebuild_start"], control["rebuild_end"]
-                if "adopt_session" in control and offset == 0:
-                    message.adopt_session, message.adopt_length = control["adopt_session"], control["adopt_length"]
-                    message.adopt_tags.extend(control["adopt_tags"])
-                self._rebuilding.add((session_id, seq))
-            if crypto is not None:
-                message = crypto.seal_step(message)
-            future = self._loop.create_future()
-            self._pending[(session_id, seq)] = future
-            futures.append((seq, future))
-            try:
-                await self._stream(session_id, route[0].address).send(message, context=session_id)
-            except StreamBroken as exc:
-                self._fail_session(session_id, HopError(route[0].address, exc.code, exc.details))
-                break
+        try:
+            for offset in range(0, len(tokens), chunk):
+                piece = tokens[offset : offset + chunk]
+                seq = next(self._seq)
+                ahead = queued + len(futures) + 1  # abandoned by then for sure: the coordinator waits no longer
+                deadline_ms = int((time.time() + MAX_WAIT_STEPS * self.tunables.step_timeout_s * ahead) * 1000)
+                message = pb.Step(
+                    session_id=session_id,
+                    seq=seq,
+                    start_position=start + offset,
+                    num_positions=len(piece),
+                    # ids [S], or embeddings [S, D]; none for a rebuild that starts past layer 0 (peer/rebuild.py)
+                    tensor=self._input_tensor(piece, crypto is not None) if with_input else pb.Tensor(),
+                    route=[] if self.privacy.onion else [pb.Hop(address=h.address, start=h.start, end=h.end)
+                                                         for h in route],
+                    sampling=pb.Sampling(
+                        temperature=sampling.temperature,
+                        top_p=sampling.top_p,
+                        top_k=sampling.top_k,
+                        seed=sampling.seed,
+                        sampling_step=step,
+                        **extras,
+                        return_hidden=self._samples_here,
+                    ),
+                    reply_to="" if self.privacy.onion else self._reply_address,
+                    deadline_unix_ms=deadline_ms,
+                    forward_codec=self._codec,
+                )
+                if crypto is not None and self.privacy.dp:  # each hop noises its output (audited in _resolve)
+                    message.dp_sigma, message.dp_clip = self.privacy.dp_sigma, self.privacy.dp_clip
+                if prefix is not None and offset == 0:  # the prompt's block hashes (runtime/prefix_cache.py)
+                    message.prefix_hashes.extend(prefix.hashes)
+                    message.prefix_block = prefix.block
+                if control:  # failover rebuild: adopt fields with the first message only (peer/rebuild.py)
+                    message.rebuild_start, message.rebuild_end = control["rebuild_start"], control["rebuild_end"]
+                    if "adopt_session" in control and offset == 0:
+                        message.adopt_session, message.adopt_length = control["adopt_session"], control["adopt_length"]
+                        message.adopt_tags.extend(control["adopt_tags"])
+                    self._rebuilding.add((session_id, seq))
+                if crypto is not None:
+                    message = crypto.seal_step(message)
+                future = self._loop.create_future()
+                self._pending[(session_id, seq)] = future
+                futures.append((seq, future))
+                try:
+                    await self._stream(session_id, route[0].address).send(message, context=session_id)
+                except StreamBroken as exc:
+                    self._fail_session(session_id, HopError(route[0].address, exc.code, exc.details))
+                    break
+        except asyncio.CancelledError:  # the step was abandoned while its chunks went out (router/abandon.py)
+            for seq, future in futures:
+                self._pending.pop((session_id, seq), None)
+                future.cancel()
+            raise
         return futures
 
     async def _gather(self, session_id: str, futures: list[tuple[int, asyncio.Future]],

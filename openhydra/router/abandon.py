@@ -63,8 +63,8 @@ def wait(future: Future[T], timeout: float | None) -> T:
         try:
             return future.result(timeout=piece)
         except TimeoutError:
-            if future.done():  # the work itself raised TimeoutError
-                raise
+            if future.done():  # it finished as the poll ran out, or the work itself raised TimeoutError
+                return future.result()
             waited += piece
             if abandoned():
                 future.cancel()

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from openhydra.router.coalesce import Coalescer
 from openhydra.router.constrained import Constraint, Grammar
@@ -156,8 +156,9 @@ class Engine:
         """Called off the event loop after every completed generation (settlement, accounting)."""
 
     # -- prompts ---------------------------------------------------------------------------------
-    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def chat_prompt_ids(self, messages: list[dict[str, str]], **template: Any) -> list[int]:
+        """``template``: variables for the chat template (``enable_thinking=False``; a template ignores others)."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def text_prompt_ids(self, prompt: str) -> list[int]:
@@ -318,8 +319,12 @@ class DetailDecoder:
             if self.ended:  # ignore_eos counted that EOS: nothing can follow a complete value (was: EOS forever)
                 return []
             self.ended = True
-            self._last = TokenLogprob(-1, b"", 0.0)
-            return [min(self.constraint.eos_token_ids)] if self.constraint.eos_token_ids else []
+            if not self.constraint.eos_token_ids:
+                return []
+            eos = min(self.constraint.eos_token_ids)
+            # the only token the constraint allows: probability 1 (under ignore_eos it is counted and reported)
+            self._last = self._entry(eos, 0.0, [eos] if req.logprobs else [], [0.0] if req.logprobs else [])
+            return [eos]
         first = self.produced == 0
         feed = self.history if first else [self.history[-1]]
         start = 0 if first else len(self.history) - 1

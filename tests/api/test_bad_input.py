@@ -27,9 +27,9 @@ def error_of(response: httpx.Response) -> dict:
 
 
 def ollama_error_of(response: httpx.Response) -> str:
-    """Ollama's shape, which its Go and Python clients parse: {"error": "<message>"}."""
+    """Ollama's shape, which its Go and Python clients parse: {"error": "<message>"}, our type/param/code beside."""
     body = response.json()
-    assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"], body
+    assert set(body) == {"error", "type", "param", "code"} and isinstance(body["error"], str) and body["error"], body
     return body["error"]
 
 
@@ -68,7 +68,7 @@ def test_bad_requests_get_typed_errors(http, path, body, status, param):
     assert response.status_code == status, response.text
     if path.startswith("/api/"):
         message = ollama_error_of(response)
-        assert param.split(".")[-1] in message, message  # Ollama's shape has no param field: the message names it
+        assert response.json()["param"] == param
     else:
         error = error_of(response)
         assert error["param"] == param
@@ -227,15 +227,16 @@ def test_messages_name_the_problem(http):
 @pytest.mark.parametrize(("fields", "needle"), [
     ({"options": {"presence_penalty": 1.5}}, "options.presence_penalty"),
     ({"options": {"frequency_penalty": 0.5}}, "options.frequency_penalty"),
-    ({"options": {"repeat_penalty": 1.1}}, "options.repeat_penalty"),
+    ({"options": {"repeat_penalty": 1.3}}, "options.repeat_penalty"),
+    ({"options": {"presence_penalty": True}}, "options.presence_penalty"),
     ({"options": {"mirostat": 2}}, "options.mirostat"),
     ({"options": {"min_p": 0.05}}, "options.min_p"),
-    ({"options": {"num_ctx": 999999}}, "options.num_ctx"),
     ({"options": {"num_ctx": "big"}}, "options.num_ctx"),
     ({"suffix": "end"}, "suffix"),
     ({"template": "{{ .Prompt }}"}, "template"),
     ({"context": [1, 2, 3]}, "context"),
     ({"think": True}, "think"),
+    ({"think": "yes"}, "think"),
 ])
 def test_ollama_options_a_node_cannot_honour_are_refused(http, fields, needle):
     for path, body in (("/api/generate", {"prompt": "x"}), ("/api/chat", {"messages": USER})):
@@ -247,7 +248,8 @@ def test_ollama_options_a_node_cannot_honour_are_refused(http, fields, needle):
 
 
 def test_ollama_options_that_change_no_output_are_accepted(http):
-    options = {"num_predict": 2, "num_thread": 1, "num_ctx": 2048, "use_mmap": True, "repeat_penalty": 1.0}
+    # num_ctx past the context: Ollama clamps it, clients send 32768 by habit; repeat_penalty 1.1: Ollama's default
+    options = {"num_predict": 2, "num_thread": 1, "num_ctx": 999_999, "use_mmap": True, "repeat_penalty": 1.1}
     response = http.post("/api/generate", json={"model": MODEL, "prompt": "x", "stream": False, "think": False,
                                                 "options": options})
     assert response.status_code == 200, response.text
@@ -310,3 +312,37 @@ def test_a_client_gone_before_the_answer_is_a_disconnect_not_a_500(tiny_node, ht
     while _active_sessions(http) != 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _active_sessions(http) == 0
+
+
+def test_think_false_reaches_the_chat_template(tiny_llama):
+    """Ollama's ``think: false`` is honoured, not ignored: templates that can think read ``enable_thinking``."""
+    from transformers import AutoTokenizer
+
+    from openhydra.api.protocol_ollama import OllamaChatRequest
+    from openhydra.api.routes_ollama import template_variables
+    from openhydra.router.engine import Engine
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                               "{% if enable_thinking is defined and not enable_thinking %} no-think{% endif %}")
+    engine = Engine.__new__(Engine)  # only its prompt rendering: no pipeline needed
+    engine.tokenizer = tokenizer
+    asks = {think: OllamaChatRequest.model_validate({"model": MODEL, "messages": USER,
+                                                     **({} if think is None else {"think": think})})
+            for think in (None, False)}
+    plain = tokenizer.decode(engine.chat_prompt_ids(USER, **template_variables(asks[None])))
+    no_think = tokenizer.decode(engine.chat_prompt_ids(USER, **template_variables(asks[False])))
+    assert (plain, no_think) == ("x", "x no-think")
+
+
+def test_a_complete_constrained_value_under_ignore_eos_reports_its_eos_logprob(http):
+    """Found by schemathesis (2026-12-06): logprobs + a constraint + ignore_eos was a 500 once the value was complete
+    (the forced EOS was counted as a token but reported with no logprob of its own)."""
+    schema = {"type": "json_schema", "json_schema": {"name": "flag", "schema": {"type": "boolean"}}}
+    response = http.post(CHAT, json={"model": MODEL, "messages": USER, "max_tokens": 8, "ignore_eos": True,
+                                     "logprobs": True, "top_logprobs": 2, "response_format": schema})
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert choice["message"]["content"].strip() in ("true", "false")
+    entries = choice["logprobs"]["content"]
+    assert len(entries) == response.json()["usage"]["completion_tokens"] and entries[-1]["logprob"] == 0.0

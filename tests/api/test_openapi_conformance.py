@@ -76,6 +76,18 @@ INVALID = [  # coerced by pydantic's lax mode before: the document says integer 
     ("/api/generate", _generate,
      {"images": ["aGk="]}),
     ("/api/show", _show, {"model": None, "name": ""}),
+    # what the routes refuse beyond the models' fields (api/features.py), documented since the 2026-12-06 audit
+    ("/v1/chat/completions", _chat, {"presence_penalty": 0.5}),
+    ("/v1/chat/completions", _chat, {"min_p": 0.1}),
+    ("/v1/chat/completions", _chat, {"modalities": ["text", "audio"]}),
+    ("/v1/chat/completions", _chat, {"modalities": "text"}),
+    ("/v1/chat/completions", _chat, {"functions": [{"name": "f"}]}),
+    ("/v1/completions", _completion, {"function_call": "auto"}),
+    ("/api/generate", _generate, {"options": {"repeat_penalty": 1.3}}),
+    ("/api/generate", _generate, {"options": {"num_ctx": 0}}),
+    ("/api/generate", _generate, {"think": True}),
+    ("/api/generate", _generate, {"template": "{{ .Prompt }}"}),
+    ("/api/generate", _generate, {"context": [1, 2]}),
 ]
 
 VALID = [  # refused before although the document allowed them
@@ -87,6 +99,8 @@ VALID = [  # refused before although the document allowed them
     ("/api/generate", _generate,
      {"options": {"num_predict": 2, "seed": 3.0}}),
     ("/api/show", _show, {"model": None, "name": "x"}),  # 404, not 400
+    ("/v1/chat/completions", _chat, {"presence_penalty": 0, "min_p": 0.0, "modalities": ["text"]}),
+    ("/api/generate", _generate, {"think": False, "options": {"repeat_penalty": 1.1, "num_ctx": 99999}}),
 ]
 
 
@@ -96,11 +110,11 @@ def test_document_and_server_refuse_the_same_bodies(node, path, make, fields) ->
     assert not _body_validator(node["doc"], path).is_valid(body), "the document should call this invalid"
     answer = httpx.post(node["url"] + path, json=body, timeout=60)
     assert answer.status_code == 400, answer.text
-    error = answer.json()["error"]
+    body = answer.json()
     if path.startswith("/api/"):  # Ollama's own shape there (api/errors.py)
-        assert isinstance(error, str) and error
+        assert isinstance(body["error"], str) and body["error"] and body["type"] == "invalid_request_error"
     else:
-        assert error["type"] == "invalid_request_error"
+        assert body["error"]["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize(("path", "make", "fields"), VALID, ids=_case_id)

@@ -345,8 +345,8 @@ def protocol_cases() -> list[Case]:
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(chat), chat)
     te = {"Transfer-Encoding": "chunked"}
     return [
-        Case("header-huge", get("/health", extra=big), (413, 431)),
-        Case("header-many", get("/health", extra=many), (413, 431)),
+        Case("header-huge", get("/health", extra=big), (431,)),
+        Case("header-many", get("/health", extra=many), (431,)),
         Case("header-no-colon", get("/health", extra=b"NoColonHere\r\n"), (400,)),
         Case("header-space-before-colon", get("/health", extra=b"X-A : b\r\n"), ()),
         Case("header-obs-fold", get("/health", extra=b"X-A: b\r\n  folded\r\n"), ()),
@@ -363,7 +363,7 @@ def protocol_cases() -> list[Case]:
         Case("request-line-absolute",
              b"GET http://evil.example/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", ()),
         Case("request-line-star", b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", ()),
-        Case("url-huge", get("/health?" + "a" * 20_000), (413, 414, 400)),
+        Case("url-huge", get("/health?" + "a" * 20_000), (431,)),  # the request line is part of the head
         Case("query-junk", get("/v1/models?%zz=%&&=&a[]=1&" + "b=%ff" * 50), ()),
         Case("no-host", b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n", ()),
         Case("cl-negative", post(CHAT, chat, content_length=-1), (400,)),

@@ -400,6 +400,15 @@ def test_waiting_for_peers_stops_once_the_step_is_abandoned() -> None:
     done: Future = Future()
     done.set_result(7)
     assert abandon.wait(done, timeout=1) == 7
+    class FinishesAsThePollEnds(Future):
+        def result(self, timeout=None):
+            if not self.done():  # the step's result arrives just as this poll's wait runs out
+                self.set_result(8)
+                raise TimeoutError
+            return super().result(timeout)
+
+    with abandon.abandon_when(lambda: False):
+        assert abandon.wait(FinishesAsThePollEnds(), timeout=WAIT_S) == 8  # its result, not the poll's timeout
     failed: Future = Future()
     failed.set_exception(TimeoutError("the hop timed out"))
     with abandon.abandon_when(lambda: False), pytest.raises(TimeoutError, match="the hop timed out"):
