@@ -7,11 +7,15 @@ Hydra's own flags (--help, --cfg job, -m) work as usual.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
+import os
+import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -25,9 +29,52 @@ _MAX_PREFLIGHT_COMBINATIONS = 64
 _STREAM_GRACE_S = 3.0  # on Ctrl-C / SIGTERM: how long running streams may finish before they are ended
 
 
-def _fail(message: str) -> None:
-    print(f"openhydra-node: config error: {message}", file=sys.stderr)
+def _fail(message: str, what: str = "config error") -> None:
+    print(f"openhydra-node: {what}: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def _check_data_dir(path: Path) -> None:
+    """node.data_dir must be a directory this user can write (identity key, ledger): said now, in one line."""
+    if path.exists() and not path.is_dir():
+        _fail(f"node.data_dir {path} is not a directory (set OPENHYDRA_HOME or node.data_dir)", "cannot start")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _fail(f"node.data_dir {path} cannot be created: {exc.strerror or exc} (set OPENHYDRA_HOME or node.data_dir)",
+              "cannot start")
+    if not path.is_dir():
+        _fail(f"node.data_dir {path} is not a directory (set OPENHYDRA_HOME or node.data_dir)", "cannot start")
+    if not os.access(path, os.W_OK | os.X_OK):
+        _fail(f"node.data_dir {path} is not writable by this user (set OPENHYDRA_HOME or node.data_dir)",
+              "cannot start")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0], socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def _check_port(key: str, host: str, port: int) -> None:
+    """``key`` (api.port, peer.port) free on ``host``, or one line naming it and exit 2. Binding is the test; the
+    socket is closed at once (a race with another process is still possible, and then fails as before)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        _fail(f"{key.split('.')[0]}.host {host} does not resolve ({exc.strerror})", "cannot start")
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                _fail(f"{key} {port} on {host} is in use (another node?): choose another with {key}=...",
+                      "cannot start")
+            _fail(f"cannot bind {key} {port} on {host}: {exc.strerror or exc}", "cannot start")
 
 
 def _user_overrides(argv: list[str]) -> list[str]:
@@ -77,15 +124,25 @@ def run(cfg: DictConfig) -> None:
         _serve_dht(node_cfg)
         return
     from openhydra.build import build_node
+    from openhydra.crypto.identity import IdentityError
     from openhydra.runtime.backend import BackendUnavailable
 
+    _check_data_dir(node_cfg.node.data_path)
     try:
         node = build_node(node_cfg, cfg)
     except Exception as exc:  # instantiate() wraps the backend's own error in an InstantiationException
-        reason = exc if isinstance(exc, BackendUnavailable) else exc.__cause__
+        reason = exc if isinstance(exc, BackendUnavailable | IdentityError) else exc.__cause__
         if isinstance(reason, BackendUnavailable):
             _fail(str(reason))
+        if isinstance(reason, IdentityError):
+            _fail(str(reason), "cannot start")
         raise
+    if node_cfg.action == "serve":
+        _check_port("api.port", node_cfg.api.host, node_cfg.api.port)
+        if node_cfg.api.port == 0:  # any free port, as peer.reply_port 0 (Sanic itself would take 8000)
+            node_cfg.api.port = _free_port(node_cfg.api.host)
+    if node.in_swarm and node_cfg.peer.transport != "libp2p":
+        _check_port("peer.port", node_cfg.peer.host, node_cfg.peer.port)
     if node_cfg.action == "check":
         node.load_model()
         _check(node)
@@ -182,9 +239,19 @@ def _serve(node) -> None:
     for name in ("sanic.root", "sanic.error", "sanic.server", "sanic.access", "sanic.websockets"):
         logging.getLogger(name).propagate = False  # Sanic prints its own lines; don't print them twice
 
+    failed: list[str] = []
+
     @app.after_server_start
     async def _start_loading(app_) -> None:
-        threading.Thread(target=node.load_model, name="model-loader", daemon=True).start()
+        loop = asyncio.get_running_loop()
+
+        def load() -> None:
+            node.load_model()
+            if node.fatal_error:  # e.g. peer.port taken meanwhile: stop rather than answer 503 for ever
+                failed.append(node.fatal_error)
+                loop.call_soon_threadsafe(app_.stop)
+
+        threading.Thread(target=load, name="model-loader", daemon=True).start()
 
     @app.before_server_stop
     async def _stop(app_) -> None:
@@ -206,6 +273,8 @@ def _serve(node) -> None:
 
     print(_banner(node), flush=True)
     app.run(host=cfg.api.host, port=cfg.api.port, single_process=True, motd=False, access_log=False)
+    if failed:
+        _fail(failed[0], "cannot start")
 
 
 def node_main() -> None:

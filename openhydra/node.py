@@ -120,6 +120,8 @@ class Node:
     """discovery/own_view.OwnView: the coordinator's lookups, with this node's own span in them."""
     background: BackgroundLoop | None = None
     span: tuple[int, int] | None = None
+    fatal_error: str | None = None
+    """Why the node cannot serve at all (its peer port cannot be bound): openhydra-node exits with it."""
     privacy: object = None
     _admission_privacy: object = None
     """The NodePrivacy built before the model loads, so the join proof of work is solved meanwhile."""
@@ -209,6 +211,12 @@ class Node:
         except Exception as exc:
             state.load_error = f"{type(exc).__name__}: {exc}"
             state.loading_stage = "failed"
+            from openhydra.peer.server import CannotBind
+
+            if isinstance(exc, CannotBind):  # no retry or other model fixes this: the node stops (cli.py)
+                self.fatal_error = str(exc)
+                log.error("cannot serve: %s", exc)
+                return
             log.exception("model load failed: %s", state.load_error)
 
     def _speculator(self, choice: ModelChoice, pipeline):

@@ -65,7 +65,7 @@ def _format_validation(prefix: str, exc: ValidationError) -> str:
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     message = message.removeprefix("Value error, ")
     shown = "" if isinstance(given, dict) else f" (got {given!r})"
-    return f"{loc}: {message}{shown}{more}"
+    return f"{loc}: {message}{shown}{more}" if loc else f"{message}{more}"  # a rule across groups: no one key
 
 
 def _schema_at(path: str) -> type[BaseModel] | None:

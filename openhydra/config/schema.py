@@ -25,7 +25,7 @@ class HardwareConfig(Strict):
     backend: Literal["auto", "torch", "mlx"] = "auto"
     device: Literal["auto", "cpu", "cuda", "mps", "gpu"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    threads: int = Field(0, ge=0, le=1024)
+    threads: int = Field(0, ge=0, le=1024, strict=True)  # strict: "true" is not 1 thread
     quantization: Literal["none", "int8", "int4", "nf4"] = "none"
     """The span's decoder Linears: int8 (CUDA: bitsandbytes LLM.int8; CPU: weight-only int8), int4 (CPU only:
     torch's packed int4 kernel, groups of 32) or NF4 (bitsandbytes, CUDA or CPU); see runtime/quantize.py.
@@ -79,6 +79,9 @@ class ShardConfig(Strict):
             raise ValueError(f"shard.end must be > shard.start (got start={self.start}, end={self.end})")
         if self.mode == "index" and (self.total is None or self.index is None or self.index >= self.total):
             raise ValueError(f"shard.index must be in [0, shard.total) (got {self.index} of {self.total})")
+        if self.mode == "full" and (self.start != 0 or self.end is not None):
+            raise ValueError(f"shard=full serves every layer: shard.start/shard.end (got {self.start}, {self.end}) "
+                             f"need shard=layers")
         return self
 
     def span(self, num_layers: int) -> tuple[int, int]:
@@ -120,6 +123,14 @@ class ApiConfig(Strict):
     """CIDRs of reverse proxies whose X-Forwarded-For is believed (the rightmost untrusted entry is the client)."""
     bearer_token: str | None = None
     cors_origins: list[str] = []
+    """Web origins whose pages may call this API from a browser (api/cors.py); ["*"] for any."""
+
+    @model_validator(mode="after")
+    def _limits(self) -> ApiConfig:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"api.default_max_tokens ({self.default_max_tokens}) must be <= api.max_tokens_limit "
+                             f"({self.max_tokens_limit}): every request without max_tokens would be refused")
+        return self
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -245,6 +256,17 @@ class NodeConfig(Strict):
     verification: dict[str, Any]
     speculative: dict[str, Any] = {}
     serving: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _span_fits_the_model(self) -> NodeConfig:
+        """A span past a catalog model's layers is refused now, not after minutes of loading (its layer count is in
+        the catalog; a local folder's is known only once read)."""
+        if self.model.num_layers is not None and self.shard.mode in ("layers", "index"):
+            try:
+                self.shard.span(self.model.num_layers)
+            except ValueError as exc:
+                raise ValueError(f"{exc} ({self.model.name})") from None
+        return self
 
     @field_validator("speculative")
     @classmethod

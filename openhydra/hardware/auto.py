@@ -25,14 +25,21 @@ from openhydra.router.coverage import CoverageReport
 log = logging.getLogger("openhydra.promotion")
 
 
+class SwarmUnknown(RuntimeError):
+    """No lookup answered: what the swarm serves is unknown, so nothing may be recommended from it."""
+
+
 async def lookup_coverage(discovery, catalog: dict[str, ModelConfig], timeout_s: float = 10.0
                           ) -> dict[str, CoverageReport]:
-    """Layer coverage of every catalog model, from one lookup each (a failed lookup counts as no peers)."""
+    """Layer coverage of every catalog model, from one lookup each (a failed lookup counts as no peers; when every
+    lookup fails, :class:`SwarmUnknown`: an unreachable DHT is not an empty swarm)."""
     from openhydra.catalog import api_name
 
     names = sorted({api_name(model) for model in catalog.values()})
     answers = await asyncio.gather(*(asyncio.wait_for(discovery.lookup(n), timeout_s) for n in names),
                                    return_exceptions=True)
+    if names and all(isinstance(answer, BaseException) for answer in answers):
+        raise SwarmUnknown(f"none of the {len(names)} lookups answered (first: {answers[0]!r})")
     records = []
     for name, answer in zip(names, answers, strict=True):
         if isinstance(answer, BaseException):
@@ -126,6 +133,8 @@ def maybe_promote_node(node) -> None:
     if not (cfg.node.auto_promote and hardware.backend == "auto" and hardware.device == "auto"):
         return
     if not node.in_swarm or node.discovery is None or node.background is None or cfg.model.tier == "local":
+        return
+    if cfg.action != "serve":  # action=check builds and tries the node: it must not rewrite the user's config
         return
 
     def work() -> None:

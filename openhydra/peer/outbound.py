@@ -45,8 +45,12 @@ def server_options(keepalive_time_ms: int = KEEPALIVE_TIME_MS) -> list[tuple[str
     """Options of every gRPC server (peers, the coordinator's Deliver server). The server must permit the
     clients' keepalive pings: its default (one ping per 5 min without data, 2 strikes) answers a client that
     pings every 20 s during a long step with GOAWAY ENHANCE_YOUR_CALM "too_many_pings", which killed long
-    prefill steps. Half the client interval leaves room for timer jitter."""
+    prefill steps. Half the client interval leaves room for timer jitter.
+
+    ``grpc.so_reuseport`` off: gRPC's default on Linux lets a second process bind a port that is already served,
+    and the kernel then splits incoming connections between the two (two peers answering as one address)."""
     return [
+        ("grpc.so_reuseport", 0),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.keepalive_time_ms", keepalive_time_ms),

@@ -25,6 +25,10 @@ from openhydra.runtime import compute_lane
 from openhydra.runtime.shard import ShardRuntime
 
 
+class CannotBind(OSError):
+    """The peer's port cannot be bound: a configuration error the node stops for (openhydra/cli.py)."""
+
+
 class PeerServer:
     """A peer serving ``runtime`` on ``host:port`` from its own event-loop thread (port 0: any free one)."""
 
@@ -105,9 +109,14 @@ class PeerServer:
             self.auth = SwarmAuthInterceptor(self.swarm_token)
             interceptors.append(self.auth)
         self._server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
-        self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
-        if self.port == 0:
-            raise OSError(f"cannot bind {self.host}")
+        try:
+            bound = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        except RuntimeError as exc:  # gRPC's "Failed to bind": in use (no port sharing: SERVER_OPTIONS), bad host
+            raise CannotBind(f"peer.port {self.port} on {self.host} cannot be bound (in use by another node, or "
+                             f"not an address of this machine): {exc}") from None
+        if bound == 0:
+            raise CannotBind(f"peer.port {self.port} on {self.host} cannot be bound")
+        self.port = bound
         self.service = PeerService(self.runtime, self.hop_address, self.model_id, self.workers,
                                    static_key=self.static_key, require_encryption=self.require_encryption,
                                    swarm_token=self.swarm_token, settlement=self.settlement,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent import futures
 
 import pytest
 
@@ -47,6 +48,12 @@ def test_version():
         (["hardware.dtype=float8"], ["hardware.dtype", "bfloat16"]),
         (["shard=layers"], ["shard.end"]),
         (["-m", "hardware=cpu,tpu", "action=check"], ["hardware=tpu", "allowed"]),
+        # found by an audit of the CLI (2026-12-06): each of these failed late, or not at all
+        (["model=smollm2-135m", "shard=layers", "shard.end=40"], ["shard.end=40", "30 layers"]),
+        (["model=smollm2-135m", "shard=index", "shard.total=31", "shard.index=0"], ["shard.total=31"]),
+        (["shard=full", "shard.end=5"], ["shard=full", "shard=layers"]),
+        (["api.default_max_tokens=9000", "api.max_tokens_limit=100"], ["api.default_max_tokens", "9000"]),
+        (["hardware.threads=true"], ["hardware.threads", "integer"]),
     ],
 )
 def test_bad_overrides_end_with_one_clear_line(args, fragments):
@@ -66,3 +73,92 @@ def test_multirun_sweep_runs_every_job(tiny_model_dirs, tmp_path):
     checks = [line for line in out.stdout.splitlines() if line.startswith("check ok:")]
     assert len(checks) == 2
     assert "float32" in checks[0] and "bfloat16" in checks[1]
+
+
+# ---- what fails at start says so in one line, exit 2 (CLI audit, 2026-12-06) -------------------------------------
+
+
+def _one_line_exit_2(out: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("openhydra-node: cannot start: "), last
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+def _tiny(tiny_model_dirs) -> list[str]:
+    return ["model=local", f"model.path={tiny_model_dirs['llama']}", "hardware=cpu"]
+
+
+def test_an_api_port_in_use_is_named(tiny_model_dirs, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = node_cli(*_tiny(tiny_model_dirs), f"node.data_dir={tmp_path}", f"api.port={port}")
+    _one_line_exit_2(out, f"api.port {port}", "in use")
+
+
+def test_a_peer_port_in_use_is_named_before_loading(tiny_model_dirs, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = node_cli(*_tiny(tiny_model_dirs), f"node.data_dir={tmp_path}", "shard=layers", "shard.end=4",
+                       f"peer.port={port}", "action=check")
+    _one_line_exit_2(out, f"peer.port {port}", "in use")
+
+
+def test_two_peer_servers_cannot_share_a_port():
+    """gRPC lets a second server bind a served port by default (SO_REUSEPORT): the kernel then splits connections
+    between two peers answering as one address. The peers' server options turn that off."""
+    import grpc
+
+    from openhydra.peer.outbound import SERVER_OPTIONS
+
+    first = grpc.server(futures.ThreadPoolExecutor(1), options=SERVER_OPTIONS)
+    port = first.add_insecure_port("127.0.0.1:0")
+    first.start()
+    try:
+        second = grpc.server(futures.ThreadPoolExecutor(1), options=SERVER_OPTIONS)
+        with pytest.raises(RuntimeError, match="bind"):
+            second.add_insecure_port(f"127.0.0.1:{port}")
+    finally:
+        first.stop(0)
+
+
+def test_a_peer_whose_port_was_taken_after_the_check_says_so(tiny_model_dirs):
+    """The race the start-up check cannot close: the peer server's own bind fails with CannotBind, which the node
+    turns into its exit (node.load_model sets fatal_error; cli._serve stops and exits 2)."""
+    from openhydra.peer.server import CannotBind, PeerServer
+    from openhydra.runtime.shard import ShardRuntime
+
+    runtime = ShardRuntime(tiny_model_dirs["llama"], 0, 4)
+    first = PeerServer(runtime)
+    port = int(first.start().rsplit(":", 1)[1])
+    try:
+        with pytest.raises(CannotBind, match=f"peer.port {port}"):
+            PeerServer(runtime, port=port).start()
+    finally:
+        first.stop()
+
+
+@pytest.mark.parametrize("case", ["file", "identity"])
+def test_a_bad_data_dir_or_identity_key_is_named(tiny_model_dirs, tmp_path, case):
+    if case == "file":
+        data = tmp_path / "not-a-dir"
+        data.write_text("x")
+        fragments = [str(data), "not a directory"]
+    else:
+        data = tmp_path / "home"
+        data.mkdir()
+        (data / "identity.key").write_text("garbage, not a key")
+        (data / "identity.key").chmod(0o600)
+        fragments = ["identity.key"]
+    out = node_cli(*_tiny(tiny_model_dirs), f"node.data_dir={data}", "action=check")
+    _one_line_exit_2(out, *fragments)

@@ -178,3 +178,43 @@ def test_promote_and_demote_by_hand(config_dir, capsys):
         assert composed_node().model.name == catalog[option].name  # what the next start composes
     else:
         assert not override_path(config_dir).exists()
+
+
+def test_an_unreachable_swarm_is_not_an_empty_one():
+    """CLI audit (2026-12-06): with no DHT answering, every lookup failed, each was counted as "unserved", and the
+    node promoted itself to the biggest model the machine fits, writing that into the user's config."""
+    import asyncio
+
+    from openhydra.hardware.auto import SwarmUnknown, lookup_coverage
+
+    class Unreachable:
+        async def lookup(self, name):
+            raise ConnectionRefusedError(f"no DHT answers for {name}")
+
+    class Partial:
+        async def lookup(self, name):
+            if name.endswith("0.8b"):
+                raise ConnectionRefusedError("one lookup failed")
+            return []
+
+    catalog = load_catalog()
+    with pytest.raises(SwarmUnknown):
+        asyncio.run(lookup_coverage(Unreachable(), catalog, timeout_s=5))
+    assert asyncio.run(lookup_coverage(Partial(), catalog, timeout_s=5)) == {}  # some answered: an empty swarm
+
+
+def test_action_check_never_writes_the_users_config(config_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    from openhydra.hardware import auto
+
+    started = []
+    monkeypatch.setattr("threading.Thread.start", lambda self: started.append(self.name))
+    cfg = composed_node(["hardware=auto", "discovery=http", "action=check"])
+    node = SimpleNamespace(cfg=cfg, in_swarm=True, discovery=object(), background=object())
+    auto.maybe_promote_node(node)
+    assert started == []  # no promotion thread: a check has no side effects
+    serving = SimpleNamespace(cfg=cfg.model_copy(update={"action": "serve"}), in_swarm=True, discovery=object(),
+                              background=object())
+    auto.maybe_promote_node(serving)
+    assert started == ["auto-promotion"]  # the same node serving would look for a promotion
