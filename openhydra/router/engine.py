@@ -147,6 +147,7 @@ class Engine:
         self._waiting = Waiting()  # requests whose decode steps wait for a worker (router/token_stream.py)
         self.decode_ahead = decode_ahead
         self.closed = False
+        self._streams: set[TokenStream] = set()  # running requests' producers, ended by shutdown()
         self.active_sessions: set[str] = set()
         self.speculator = speculator
         """Speculative decoding (router/speculative.py); None: one pipeline step per token."""
@@ -204,6 +205,7 @@ class Engine:
         self.active_sessions.add(session_id)
         steps = TokenStream(decoder, self.executor, self._waiting, ends=lambda tokens: not eos.isdisjoint(tokens),
                             on_done=lambda: self._close_session(session_id, decoder), ahead=self.decode_ahead)
+        self._streams.add(steps)
         last = Produced(tokens=[])  # the decoder's state as of the last step taken
         try:
             steps.start()
@@ -259,11 +261,12 @@ class Engine:
             )
             if last.drafted:
                 log.debug("session %s: %d/%d draft tokens accepted", session_id, last.accepted, last.drafted)
-            if self.on_finish is not None:
+            if self.on_finish is not None and not self.closed:
                 self.executor.submit(self._run_hook, final)
             yield final
         finally:
             self.active_sessions.discard(session_id)
+            self._streams.discard(steps)
             steps.finish()  # the session closes after the step in flight, if any (token_stream.py)
 
     def _close_session(self, session_id: str, decoder) -> None:
@@ -286,7 +289,11 @@ class Engine:
         return final
 
     def shutdown(self) -> None:
+        """Stop: every running stream ends now with :class:`ShuttingDown` (its client gets the error event), and the
+        decode pool takes no more work."""
         self.closed = True
+        for steps in list(self._streams):
+            steps.abort(ShuttingDown("the node is shutting down; retry the request on another node"))
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -143,6 +143,12 @@ class TokenStream:
             except RuntimeError:  # the pool shut down (the node is stopping): nothing left to close
                 log.debug("not closing a session: the decode pool shut down")
 
+    def abort(self, exc: BaseException) -> None:
+        """Stop computing and hand ``exc`` to the consumer (the node is stopping: its streams end with an error
+        now instead of running on until the server's graceful-shutdown timeout cancels them)."""
+        self.finish()
+        self._post(exc)
+
     # ---- the worker's side ------------------------------------------------------------------------
 
     def _submit(self) -> None:

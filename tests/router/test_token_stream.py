@@ -413,3 +413,31 @@ def test_waiting_for_peers_stops_once_the_step_is_abandoned() -> None:
     failed.set_exception(TimeoutError("the hop timed out"))
     with abandon.abandon_when(lambda: False), pytest.raises(TimeoutError, match="the hop timed out"):
         abandon.wait(failed, timeout=WAIT_S)
+
+
+def test_a_stopping_engine_ends_running_streams_at_once(tiny_model_dirs) -> None:
+    """CLI audit (2026-12-06): on SIGTERM a running stream kept decoding until the server's graceful-shutdown
+    timeout cancelled it (15 s), and its client got no error. Now shutdown() ends it with ShuttingDown."""
+    path = tiny_model_dirs["llama"]
+    runtime = ShardRuntime(path)
+    pipeline = CountingPipeline(runtime)
+    eng = Engine(AutoTokenizer.from_pretrained(path), pipeline, eos_token_ids=set(), context_length=4096)
+    request = GenerationRequest(prompt_ids=[5, 6, 7], max_tokens=4000, sampling=SamplingParams(temperature=0.0))
+
+    async def stopped_midway() -> tuple[int, float]:
+        events = eng.stream(request)
+        for _ in range(3):
+            await anext(events)
+        began = time.monotonic()
+        eng.shutdown()  # as the node's before_server_stop hook does, on the event loop
+        taken = 0
+        with pytest.raises(ShuttingDown):
+            async for _ in events:
+                taken += 1
+        return taken, time.monotonic() - began
+
+    taken, waited = asyncio.run(stopped_midway())
+    assert taken <= AHEAD + 1 and waited < 5.0, (taken, waited)  # the steps already computed, then the error
+    steps = pipeline.steps
+    time.sleep(0.5)
+    assert pipeline.steps <= steps + 1  # the producer stopped (at most the step that was in flight)
