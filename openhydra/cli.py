@@ -104,11 +104,23 @@ def preflight(argv: list[str]) -> None:
             try:
                 cfg = compose(config_name="config", overrides=list(combo))
             except Exception as exc:
-                _fail(explain_hydra_error(exc))
+                _fail(explain_hydra_error(exc) + _from_override())
             try:
                 validate(cfg)
             except ConfigError as exc:
-                _fail(str(exc))
+                _fail(str(exc) + _from_override())
+
+
+def _from_override() -> str:
+    """Where an error may come from besides the command line: the override auto-promotion wrote, named, with the
+    way to remove it (the error would otherwise read as if the user had typed it)."""
+    from openhydra.config.load import user_config_dir
+    from openhydra.hardware.promote import override_path
+
+    path = override_path(user_config_dir())
+    if not path.is_file():
+        return ""
+    return f" (the saved override {path} applies too: fix or delete it if the error is in it)"
 
 
 def run(cfg: DictConfig) -> None:
@@ -150,10 +162,28 @@ def run(cfg: DictConfig) -> None:
     _serve(node)
 
 
+_failed_checks: list[str] = []
+"""A ``-m`` sweep's failed checks: every job runs, and the sweep exits 1 at the end if any failed."""
+
+
+def _multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # not under Hydra (tests call run() directly)
+        return False
+
+
 def _check(node) -> None:
     state = node.state
     if not state.ready:
         print(f"openhydra-node: check failed: {state.load_error}", file=sys.stderr)
+        if _multirun():  # the sweep's other jobs still run (node_main exits 1 after them)
+            _failed_checks.append(str(state.load_error))
+            node.shutdown()
+            return
         raise SystemExit(1)
     import asyncio
 
@@ -305,6 +335,9 @@ def node_main() -> None:
 
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(run)
     main()
+    if _failed_checks:
+        print(f"openhydra-node: {len(_failed_checks)} check(s) of the sweep failed", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

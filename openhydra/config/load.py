@@ -126,6 +126,9 @@ def explain_hydra_error(exc: BaseException) -> str:
     if override:
         key = override.group(1)
         parent = ".".join(key.split(".")[:-1])
+        if key.split(".")[0] == "recipe":  # an optional group, not in the defaults: added with a +
+            return (f"recipes are added with a plus: +recipe=<name> (allowed: {', '.join(group_options('recipe'))})"
+                    f"; {key} alone is not a config key")
         if not parent and key in GROUPS:
             return f"{key}: pick an option of the group; allowed: {', '.join(group_options(key))}"
         schema = _schema_at(parent)

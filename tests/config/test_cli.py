@@ -10,8 +10,8 @@ from concurrent import futures
 import pytest
 
 
-def node_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENHYDRA_THREADS": "1"}
+def node_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENHYDRA_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "openhydra.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -54,6 +54,7 @@ def test_version():
         (["shard=full", "shard.end=5"], ["shard=full", "shard=layers"]),
         (["api.default_max_tokens=9000", "api.max_tokens_limit=100"], ["api.default_max_tokens", "9000"]),
         (["hardware.threads=true"], ["hardware.threads", "integer"]),
+        (["recipe=laptop"], ["+recipe=", "laptop"]),
     ],
 )
 def test_bad_overrides_end_with_one_clear_line(args, fragments):
@@ -162,3 +163,22 @@ def test_a_bad_data_dir_or_identity_key_is_named(tiny_model_dirs, tmp_path, case
         fragments = ["identity.key"]
     out = node_cli(*_tiny(tiny_model_dirs), f"node.data_dir={data}", "action=check")
     _one_line_exit_2(out, *fragments)
+
+
+def test_a_sweep_runs_every_job_when_one_check_fails(tiny_model_dirs, tmp_path):
+    missing = tmp_path / "no-model-here"
+    out = node_cli("-m", "action=check", "model=local", f"model.path={missing},{tiny_model_dirs['llama']}",
+                   "hardware=cpu", f"node.data_dir={tmp_path / 'home'}", timeout=300)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert sum(line.startswith("check ok:") for line in out.stdout.splitlines()) == 1  # the second job ran
+    assert "check failed" in out.stderr and "1 check(s) of the sweep failed" in out.stderr
+
+
+def test_an_error_in_the_saved_override_names_the_file(tmp_path):
+    saved = tmp_path / "local" / "auto.yaml"
+    saved.parent.mkdir(parents=True)
+    saved.write_text("# @package _global_\nhardware:\n  threadz: 2\n")
+    out = node_cli("api.port=8089", env={"OPENHYDRA_CONFIG_DIR": str(tmp_path)})
+    assert out.returncode == 2
+    line = out.stderr.strip().splitlines()[-1]
+    assert "threadz" in line and str(saved) in line, line
