@@ -107,7 +107,6 @@ def main() -> None:
             "model=smollm2-135m",
             "hardware=cpu",
             "hardware.dtype=bfloat16",
-            f"node.data_dir={cache}",
             "api.rate_limit_requests=100000",
         ],
         threads=args.threads,

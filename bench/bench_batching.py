@@ -30,8 +30,6 @@ from pathlib import Path
 
 import httpx
 
-from openhydra.testing import TEST_CACHE_ROOT
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -79,7 +77,8 @@ def aggregate_rate(url: str, streams: int, tokens: int) -> float:
 
 def node_overrides(hardware: str, dtype: str, *extra: str) -> list[str]:
     """A bench node serving the embedded SmolLM2 on ``hardware`` in ``dtype``, privacy off, no rate limit."""
-    return ["model=smollm2-135m", f"hardware={hardware}", f"hardware.dtype={dtype}", f"node.data_dir={TEST_CACHE_ROOT}",
+    # no node.data_dir: each NodeProcess gets its own (a running node locks its data dir, cli.py)
+    return ["model=smollm2-135m", f"hardware={hardware}", f"hardware.dtype={dtype}",
             "api.rate_limit_requests=100000", "privacy=off", *extra]
 
 

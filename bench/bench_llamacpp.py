@@ -212,8 +212,8 @@ def main() -> None:
     per_token["llama.cpp Q4_1"] = gguf_tensor_bytes(gguf) + kv_f16
 
     nodes = {arm: NodeProcess(["model=smollm2-135m", f"hardware={arm}", f"hardware.dtype={DTYPE_OF[arm]}",
-                               f"hardware.threads={args.threads}", f"node.data_dir={TEST_CACHE_ROOT}",
-                               "api.rate_limit_requests=100000"], threads=args.threads)
+                               f"hardware.threads={args.threads}", "api.rate_limit_requests=100000"],
+                              threads=args.threads)
              for arm in node_arms}
     llama = None
     load_before = os.getloadavg()

@@ -56,6 +56,29 @@ def _free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
+_held_locks: list = []  # open lock files: released when the process exits
+
+
+def _lock_data_dir(path: Path) -> None:
+    """One running node per data dir: two would share an identity (one peer id announced twice) and a ledger."""
+    import fcntl
+
+    handle = open(path / "node.lock", "a+")  # noqa: SIM115 - held open for the process's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        _fail(f"node.data_dir {path} is in use by a running node ({holder}); give each node its own "
+              f"(OPENHYDRA_HOME or node.data_dir)", "cannot start")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    _held_locks.append(handle)
+
+
 def _check_port(key: str, host: str, port: int) -> None:
     """``key`` (api.port, peer.port) free on ``host``, or one line naming it and exit 2. Binding is the test; the
     socket is closed at once (a race with another process is still possible, and then fails as before)."""
@@ -140,6 +163,8 @@ def run(cfg: DictConfig) -> None:
     from openhydra.runtime.backend import BackendUnavailable
 
     _check_data_dir(node_cfg.node.data_path)
+    if node_cfg.action in ("serve", "check"):
+        _lock_data_dir(node_cfg.node.data_path)
     try:
         node = build_node(node_cfg, cfg)
     except Exception as exc:  # instantiate() wraps the backend's own error in an InstantiationException

@@ -7,6 +7,7 @@ import select
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,9 +70,13 @@ class NodeProcess:
         pow_override = [f"privacy.pow_difficulty_bits={pow_bits}"] if pow_bits is not None and not sets_pow else []
         self.overrides = [*overrides, *pow_override, f"api.port={self.port}"]
         self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"openhydra-node-{self.port}.log"
-        # Test nodes share the tests' model cache (the converted SmolLM2 of the session fixture), not ~/.cache.
+        # Test nodes share the tests' model cache (the converted SmolLM2 of the session fixture), not ~/.cache,
+        # and each has its own data dir (identity, ledger: a running node locks it, cli.py) unless it names one.
+        names_home = any(o.startswith("node.data_dir=") for o in overrides) or "OPENHYDRA_HOME" in (env or {})
+        home = {} if names_home else {"OPENHYDRA_HOME": tempfile.mkdtemp(prefix="openhydra-node-home-")}
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENHYDRA_THREADS": str(threads),
-                    "TOKENIZERS_PARALLELISM": "false", "OPENHYDRA_CACHE": str(TEST_CACHE_ROOT), **(env or {})}
+                    "TOKENIZERS_PARALLELISM": "false", "OPENHYDRA_CACHE": str(TEST_CACHE_ROOT), **home,
+                    **(env or {})}
         self.proc: forkserver.Process | None = None
 
     @property

@@ -8,7 +8,6 @@ import openai
 import pytest
 import torch
 
-from openhydra.testing import TEST_CACHE_ROOT
 from openhydra.testing.processes import NodeProcess
 
 pytestmark = pytest.mark.slow
@@ -19,10 +18,11 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def default_node(smollm2_dir):
-    # Only the data dir (where the converted model is cached) and the port differ from a bare start;
-    # HF_HUB_OFFLINE makes the "hub unreachable" case certain rather than depending on the sandbox.
-    with NodeProcess([f"node.data_dir={TEST_CACHE_ROOT}", "api.rate_limit_requests=100000"], threads=1,
+def default_node(smollm2_dir, tmp_path_factory):
+    # Only the data dir, the model cache (OPENHYDRA_CACHE, set by NodeProcess) and the port differ from a bare
+    # start; HF_HUB_OFFLINE makes the "hub unreachable" case certain rather than depending on the sandbox.
+    data = tmp_path_factory.mktemp("default-node")
+    with NodeProcess([f"node.data_dir={data}", "api.rate_limit_requests=100000"], threads=1,
                      env={"HF_HUB_OFFLINE": "1"}) as node:
         yield node
 

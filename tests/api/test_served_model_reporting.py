@@ -16,7 +16,6 @@ import openai
 import pytest
 
 from openhydra.runtime.source import embedded_gguf_path
-from openhydra.testing import TEST_CACHE_ROOT
 from openhydra.testing.processes import NodeProcess
 
 pytestmark = pytest.mark.slow
@@ -27,8 +26,9 @@ MESSAGES = [{"role": "user", "content": "Say hi."}]
 
 
 @pytest.fixture(scope="module")
-def degraded_node(smollm2_dir):
-    with NodeProcess([f"node.data_dir={TEST_CACHE_ROOT}", "api.rate_limit_requests=100000"], threads=1,
+def degraded_node(smollm2_dir, tmp_path_factory):
+    data = tmp_path_factory.mktemp("degraded")
+    with NodeProcess([f"node.data_dir={data}", "api.rate_limit_requests=100000"], threads=1,
                      env={"HF_HUB_OFFLINE": "1"}) as node:
         yield node
 

@@ -182,3 +182,15 @@ def test_an_error_in_the_saved_override_names_the_file(tmp_path):
     assert out.returncode == 2
     line = out.stderr.strip().splitlines()[-1]
     assert "threadz" in line and str(saved) in line, line
+
+
+def test_a_data_dir_serves_one_running_node(tiny_model_dirs, tmp_path):
+    """Two nodes on one data dir would announce one identity twice and write one ledger (CLI audit, 2026-12-06)."""
+    from openhydra.testing.processes import NodeProcess
+
+    data = tmp_path / "home"
+    with NodeProcess([*_tiny(tiny_model_dirs), f"node.data_dir={data}"]) as node:
+        out = node_cli(*_tiny(tiny_model_dirs), f"node.data_dir={data}", "action=check")
+        _one_line_exit_2(out, str(data), "in use by a running node", f"pid {node.proc.pid}")
+    out = node_cli(*_tiny(tiny_model_dirs), f"node.data_dir={data}", "action=check")  # free again once it stopped
+    assert out.returncode == 0, out.stderr[-2000:]

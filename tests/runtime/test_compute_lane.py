@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from openhydra.runtime import compute_lane, lowbit
-from openhydra.testing import TEST_CACHE_ROOT
 from openhydra.testing.processes import NodeProcess, start_all
 from tests.runtime.preload import build_preload
 
@@ -173,14 +172,15 @@ def test_a_two_thread_node_has_one_openmp_master(smollm2_dir, tmp_path) -> None:
     if compute_lane.openmp_runtime() is None or "libgomp" not in Path("/proc/self/maps").read_text():
         pytest.skip("torch here does not use GNU OpenMP (the shim wraps libgomp)")
     shim = build_preload(tmp_path, "GOMP_parallel", SHIM, ("-O2", "-fopenmp"), ("-ldl",))
-    base = ["model=smollm2-135m", "hardware=cpu_int4", "hardware.dtype=float32", f"node.data_dir={TEST_CACHE_ROOT}",
+    base = ["model=smollm2-135m", "hardware=cpu_int4", "hardware.dtype=float32",
             "api.rate_limit_requests=100000", "privacy=off"]
     nodes = {
-        serving: NodeProcess([*base, f"serving={serving}"], threads=2, env={"LD_PRELOAD": str(shim)},
-                             log_path=tmp_path / f"{serving}.log")
+        serving: NodeProcess([*base, f"serving={serving}", f"node.data_dir={tmp_path / serving}"], threads=2,
+                             env={"LD_PRELOAD": str(shim)}, log_path=tmp_path / f"{serving}.log")
         for serving in ("off", "batched")
     }
-    single = NodeProcess([*base, "serving=off"], threads=1, log_path=tmp_path / "single.log")
+    single = NodeProcess([*base, "serving=off", f"node.data_dir={tmp_path / 'single'}"], threads=1,
+                         log_path=tmp_path / "single.log")
     prompts = [f"Tell me about {topic}." for topic in ("a lighthouse", "bees", "a river", "glass")]
     try:
         start_all([*nodes.values(), single])

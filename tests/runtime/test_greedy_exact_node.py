@@ -8,7 +8,6 @@ import httpx
 import openai
 import pytest
 
-from openhydra.testing import TEST_CACHE_ROOT
 from openhydra.testing.processes import NodeProcess
 
 pytestmark = pytest.mark.slow
@@ -32,7 +31,7 @@ def _ask(url: str, question: str) -> str:
 
 
 def _node(tmp_path, name: str) -> NodeProcess:
-    return NodeProcess([f"node.data_dir={TEST_CACHE_ROOT}", "api.rate_limit_requests=100000"], threads=1,
+    return NodeProcess([f"node.data_dir={tmp_path / name}", "api.rate_limit_requests=100000"], threads=1,
                        env={"HF_HUB_OFFLINE": "1"}, log_path=tmp_path / f"{name}.log")
 
 
