@@ -508,7 +508,7 @@ def _run_layers_batched(runtime, sessions: list, h: torch.Tensor, rows: int,
                 attention_mask=masks[layer_type],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=temp,
+                cache=temp,
                 use_cache=True,
             )
             if isinstance(h, tuple):

@@ -167,7 +167,7 @@ class LeanLlamaLayer:
 
     def step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
              attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """``layer(h, attention_mask=..., position_embeddings=(cos, sin), past_key_values=cache, use_cache=True)``.
+        """``layer(h, attention_mask=..., position_embeddings=(cos, sin), cache=cache, use_cache=True)``.
 
         h [B, S, D] -> [B, S, D]; cos [B, 1, S, hd] (unsqueezed once for all layers), sin as :func:`signed_sin`
         makes it (once for all layers); appends the S new positions' keys and values to ``cache``."""

@@ -298,7 +298,7 @@ class ShardRuntime:
         with torch.inference_mode():
             for fn in self._mask_fns.values():
                 mask = fn(config=self.shard_config, inputs_embeds=h[:, :1], attention_mask=None,
-                          past_key_values=cache, position_ids=position_ids[:, :1])
+                          cache=cache, position_ids=position_ids[:, :1])
                 if mask is not None:
                     return None
             # cos, sin [1, 1, S, head_dim]: element-wise per position, the steps' bits
@@ -319,7 +319,7 @@ class ShardRuntime:
                         config=self.shard_config,
                         inputs_embeds=h,
                         attention_mask=None,
-                        past_key_values=cache,
+                        cache=cache,
                         position_ids=position_ids,
                     )
                     for layer_type, fn in self._mask_fns.items()
@@ -336,7 +336,7 @@ class ShardRuntime:
                     attention_mask=masks[layer_type],
                     position_embeddings=position_embeddings,
                     position_ids=position_ids,
-                    past_key_values=cache,
+                    cache=cache,
                     use_cache=True,
                 )
                 if isinstance(h, tuple):  # older decoder layers return (hidden, ...)
