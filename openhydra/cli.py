@@ -56,13 +56,17 @@ def _free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
-_held_locks: list = []  # open lock files: released when the process exits
+_held_locks: dict[Path, object] = {}  # open lock files: released when the process exits
 
 
 def _lock_data_dir(path: Path) -> None:
-    """One running node per data dir: two would share an identity (one peer id announced twice) and a ledger."""
+    """One running node per data dir: two would share an identity (one peer id announced twice) and a ledger.
+    The jobs of a ``-m`` sweep run one after another in this process and keep its lock."""
     import fcntl
 
+    path = path.resolve()
+    if path in _held_locks:
+        return
     handle = open(path / "node.lock", "a+")  # noqa: SIM115 - held open for the process's life
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -76,7 +80,7 @@ def _lock_data_dir(path: Path) -> None:
     handle.truncate()
     handle.write(f"pid {os.getpid()}")
     handle.flush()
-    _held_locks.append(handle)
+    _held_locks[path] = handle
 
 
 def _check_port(key: str, host: str, port: int) -> None:
