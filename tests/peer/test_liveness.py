@@ -102,8 +102,11 @@ def test_the_coordinators_own_peer_is_not_blamed_for_a_late_probe_answer(tiny_mo
     cannot be probing. It is counted as working; another process's peer that answers late is blamed."""
     model_dir = tiny_model_dirs["llama"]
     # probes after 0.3 s of silence get the product's default 1 s (the working hops must answer in time at load 10;
-    # the stalled one sleeps 2.5 s, well past both)
-    tunables = ClientTunables(step_timeout_s=20.0, decode_timeout_s=0.3, probe_timeout_s=1.0)
+    # the stalled one sleeps 2.5 s, well past both). Patience is also 20x the median decode latency by default: on
+    # a loaded machine (a fresh-clone CI run at load 5) a first decode step of 130 ms put that past the 2.5 s stall
+    # and no probe was sent; 2x keeps the probe inside the stall at any load the suite must pass at.
+    tunables = ClientTunables(step_timeout_s=20.0, decode_timeout_s=0.3, decode_timeout_factor=2.0,
+                              probe_timeout_s=1.0)
     outcomes, first_hop = {}, {}
     for local in (True, False):
         slow = SlowDecodeOnce(ShardRuntime(model_dir, *SPLITS[0], dtype=torch.float32), at=2, delay_s=2.5)
