@@ -21,7 +21,6 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -80,9 +79,8 @@ def main() -> None:
     rng = random.Random(0)
     model = "openhydra-smollm2-135m"
     common = ["model=smollm2-135m", "hardware=cpu", "hardware.dtype=bfloat16", "api.rate_limit_requests=100000"]
-    data = Path(tempfile.mkdtemp(prefix="openhydra-bench-node-"))  # one data dir per node (cli.py locks it)
-    node = NodeProcess([*common, "serving=default", f"node.data_dir={data / 'default'}"], threads=args.threads)
-    off_node = NodeProcess([*common, "serving=off", f"node.data_dir={data / 'off'}"], threads=args.threads)
+    node = NodeProcess([*common, "serving=default"], threads=args.threads)  # each its own data dir (NodeProcess)
+    off_node = NodeProcess([*common, "serving=off"], threads=args.threads)
 
     def cold() -> float:
         prefix = make_prefix(tokenizer, args.prefix_tokens, rng)

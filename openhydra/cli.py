@@ -43,17 +43,9 @@ def _check_data_dir(path: Path) -> None:
     except OSError as exc:
         _fail(f"node.data_dir {path} cannot be created: {exc.strerror or exc} (set OPENHYDRA_HOME or node.data_dir)",
               "cannot start")
-    if not path.is_dir():
-        _fail(f"node.data_dir {path} is not a directory (set OPENHYDRA_HOME or node.data_dir)", "cannot start")
     if not os.access(path, os.W_OK | os.X_OK):
         _fail(f"node.data_dir {path} is not writable by this user (set OPENHYDRA_HOME or node.data_dir)",
               "cannot start")
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0], socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 _held_locks: dict[Path, object] = {}  # open lock files: released when the process exits
@@ -83,11 +75,10 @@ def _lock_data_dir(path: Path) -> None:
     _held_locks[path] = handle
 
 
-def _check_port(key: str, host: str, port: int) -> None:
-    """``key`` (api.port, peer.port) free on ``host``, or one line naming it and exit 2. Binding is the test; the
-    socket is closed at once (a race with another process is still possible, and then fails as before)."""
-    if port == 0:
-        return
+def _check_port(key: str, host: str, port: int) -> int:
+    """``key`` (api.port, peer.port) free on ``host``, or one line naming it and exit 2; returns the port (for 0, the
+    free one the system picked). Binding is the test; the socket is closed at once (a race with another process is
+    still possible, and then fails as before)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
@@ -102,6 +93,7 @@ def _check_port(key: str, host: str, port: int) -> None:
                 _fail(f"{key} {port} on {host} is in use (another node?): choose another with {key}=...",
                       "cannot start")
             _fail(f"cannot bind {key} {port} on {host}: {exc.strerror or exc}", "cannot start")
+        return int(probe.getsockname()[1])
 
 
 def _user_overrides(argv: list[str]) -> list[str]:
@@ -179,9 +171,8 @@ def run(cfg: DictConfig) -> None:
             _fail(str(reason), "cannot start")
         raise
     if node_cfg.action == "serve":
-        _check_port("api.port", node_cfg.api.host, node_cfg.api.port)
-        if node_cfg.api.port == 0:  # any free port, as peer.reply_port 0 (Sanic itself would take 8000)
-            node_cfg.api.port = _free_port(node_cfg.api.host)
+        # api.port=0: any free port, as peer.reply_port 0 (Sanic itself would take 8000)
+        node_cfg.api.port = _check_port("api.port", node_cfg.api.host, node_cfg.api.port)
     if node.in_swarm and node_cfg.peer.transport != "libp2p":
         _check_port("peer.port", node_cfg.peer.host, node_cfg.peer.port)
     if node_cfg.action == "check":

@@ -364,7 +364,7 @@ def unsupported_fields(body: BaseModel) -> None:
         raise bad_request("this node produces text only (no audio)", param="audio", code="unsupported_parameter")
 
 
-def unsupported_ollama_fields(body: Any, context_length: int) -> None:
+def unsupported_ollama_fields(body: Any) -> None:
     """Ollama's options and fields this node cannot honour: 400 (as the OpenAI routes do), never ignored. Options
     about where and how fast to run (``num_thread``, ``num_gpu``, ``num_batch``, ``use_mmap``...) change no output
     and are accepted; so is ``num_ctx`` (the node serves the model's whole context whatever it asks: Ollama itself

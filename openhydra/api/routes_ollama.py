@@ -161,7 +161,7 @@ def register(app: Sanic) -> None:
         body = parse_body(request.body, OllamaGenerateRequest)
         served, engine = state.resolve(body.model, request.ctx)
         check_num_predict(body)
-        unsupported_ollama_fields(body, engine.context_length)
+        unsupported_ollama_fields(body)
         if body.images:
             raise bad_request("this model takes no images", param="images")
         if (body.model_extra or {}).get("tools"):
@@ -184,7 +184,7 @@ def register(app: Sanic) -> None:
         body = parse_body(request.body, OllamaChatRequest)
         served, engine = state.resolve(body.model, request.ctx)
         check_num_predict(body)
-        unsupported_ollama_fields(body, engine.context_length)
+        unsupported_ollama_fields(body)
         if body.tools:  # a template without tools refuses them on every answer, the "load" one too
             tool_syntax(engine)
         if not body.messages:
