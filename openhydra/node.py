@@ -21,9 +21,16 @@ from openhydra.catalog import ModelChoice, resolve_model
 from openhydra.config.schema import NodeConfig
 from openhydra.router.engine import Engine
 from openhydra.router.pipeline import LocalPipeline
+from openhydra.runtime.model_cache import ConversionError
+from openhydra.runtime.source import ModelSourceError
 from openhydra.runtime.source_format import source_fields
+from openhydra.runtime.weights import CheckpointError
+from openhydra.weights.manifest import ManifestError
 
 log = logging.getLogger(__name__)
+
+_EXPLAINED_LOAD_ERRORS = (CheckpointError, ConversionError, ManifestError, ModelSourceError)
+"""Load failures whose message names the file and the fix: logged as one line, without a traceback."""
 
 
 def eos_token_ids(tokenizer, model_dir: Path) -> set[int]:
@@ -217,7 +224,10 @@ class Node:
                 self.fatal_error = str(exc)
                 log.error("cannot serve: %s", exc)
                 return
-            log.exception("model load failed: %s", state.load_error)
+            if isinstance(exc, _EXPLAINED_LOAD_ERRORS):  # the message says what is wrong and what to do
+                log.error("model load failed: %s", state.load_error)
+            else:  # a bug or something unforeseen: the traceback is what a report needs
+                log.exception("model load failed: %s", state.load_error)
 
     def _speculator(self, choice: ModelChoice, pipeline):
         """Speculative decoding at this coordinator (speculative group; router/speculative.py), or None."""

@@ -246,10 +246,8 @@ def memory_budget_bytes(memory_budget_gb: float | None) -> int:
 def span_parameter_count(model_dir: str | Path, start: int, end: int | None) -> int:
     """Parameters of layers [start, end) of a safetensors checkpoint (plus embeddings / norm / head at the ends),
     read from the file headers only."""
-    from safetensors import safe_open
-
     from openhydra.runtime.shard_layers import load_text_config
-    from openhydra.runtime.weights import CheckpointIndex
+    from openhydra.runtime.weights import CheckpointIndex, open_safetensors
 
     total = load_text_config(model_dir).num_hidden_layers
     end = total if end is None else end
@@ -262,7 +260,7 @@ def span_parameter_count(model_dir: str | Path, start: int, end: int | None) -> 
         by_file.setdefault(index.weight_map[name], []).append(name)
     count = 0
     for file, file_names in by_file.items():
-        with safe_open(index.root / file, framework="pt") as f:
+        with open_safetensors(index.root / file) as f:
             for name in file_names:
                 shape = f.get_slice(name).get_shape()
                 count += int(functools.reduce(lambda a, b: a * b, shape, 1))

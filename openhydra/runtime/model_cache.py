@@ -10,6 +10,11 @@ there follows three rules:
   holder checks the result, writes the completion marker (``openhydra-source.json``) and renames the
   folder into place in one ``rename``. A folder without a readable marker is never used: it is removed
   and converted again. Leftover ``.partial-*`` folders of a killed conversion are removed by the next one.
+* **Damage is found, not served.** The marker records the folder's manifest (openhydra/weights/manifest.py:
+  every file's size and every 1 MiB chunk's SHA-256). Every start compares the files' sizes with it (one
+  ``stat`` per file): a truncated, missing or replaced file makes the folder untrusted, so it is converted
+  again. ``python -m openhydra.runtime.model_cache --verify`` reads every byte against the chunk hashes (a
+  flipped bit in a file of the right size) and ``--repair`` converts a damaged folder again.
 * **Conversion memory stays out of the node.** The conversion runs in a child process
   (``python -m openhydra.runtime.convert_gguf``), so the serving process never holds the dequantized model;
   the child also exits when its parent dies, so a killed node leaves nothing writing into the cache.
@@ -65,13 +70,87 @@ def default_cache_root() -> Path:
 
 
 def is_complete(folder: Path) -> bool:
-    """A folder is trusted only with a readable completion marker, a config and weights."""
+    """A folder is trusted only with a readable completion marker, a config and weights, and files whose sizes
+    are the ones its manifest recorded (:func:`untrusted_because`)."""
+    return untrusted_because(folder) is None
+
+
+def untrusted_because(folder: Path) -> str | None:
+    """Why ``folder`` cannot be used as it is, from its marker and one ``stat`` per file; None when it can.
+
+    A flipped bit inside a file of the right size is not seen here: :func:`verify` reads every byte.
+    """
+    folder = Path(folder)
     try:
         record = json.loads((folder / COMPLETE_MARKER).read_text())
     except (OSError, ValueError):
-        return False
-    return (isinstance(record, dict) and (folder / "config.json").is_file()
-            and any((folder / name).is_file() for name in WEIGHT_FILES))
+        return f"it has no readable completion marker ({COMPLETE_MARKER})"
+    if not isinstance(record, dict):
+        return f"its completion marker ({COMPLETE_MARKER}) is not a JSON object"
+    if not (folder / "config.json").is_file() or not any((folder / name).is_file() for name in WEIGHT_FILES):
+        return "it has no config.json or no weights"
+    pinned = record.get("manifest")
+    if not isinstance(pinned, str):  # converted before markers recorded the manifest: the marker is all we have
+        return None
+    from openhydra.weights.manifest import ManifestError, read_manifest
+
+    try:
+        signed = read_manifest(folder)
+        manifest = signed.check(pinned) if signed is not None else None
+    except (ManifestError, ValueError) as exc:
+        return f"its manifest does not match the one recorded at conversion ({exc})"
+    if manifest is None:
+        return "its manifest is missing"
+    for entry in manifest.files:
+        path = folder / entry.path
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"{entry.path} is missing"
+        if size != entry.size:
+            return f"{entry.path} is {size:,} bytes; it was {entry.size:,} when converted"
+    return None
+
+
+def verify(folder: Path, progress: bool = True) -> list[str]:
+    """Read every byte of ``folder`` against its manifest's chunk hashes; returns what is damaged (empty: intact).
+
+    Each problem names the file, the tensor (or header) and the byte range, so a report says which layers a
+    damaged disk touched. Reads sequentially in 1 MiB chunks (~1 s per GB with SHA-NI), with a progress bar.
+    """
+    import hashlib
+
+    from tqdm import tqdm
+
+    from openhydra.weights.manifest import read_manifest
+
+    folder = Path(folder)
+    reason = untrusted_because(folder)
+    if reason is not None:
+        return [reason]
+    signed = read_manifest(folder)
+    if signed is None:  # a marker from before manifests: nothing to verify against
+        return ["it has no manifest to verify against"]
+    chunks = signed.manifest.chunks()
+    damaged: list[str] = []
+    bar = tqdm(total=sum(c.length for c in chunks), unit="B", unit_scale=True, desc=f"verifying {folder.name}",
+               disable=not progress, mininterval=0.5)
+    by_file: dict[str, list] = {}
+    for chunk in chunks:
+        by_file.setdefault(chunk.path, []).append(chunk)
+    try:
+        for path, file_chunks in by_file.items():
+            with open(folder / path, "rb") as f:
+                for chunk in file_chunks:
+                    f.seek(chunk.offset)
+                    if hashlib.sha256(f.read(chunk.length)).hexdigest() != chunk.sha256:
+                        what = f"tensor {chunk.piece}" if chunk.piece else "header or small file"
+                        damaged.append(f"{path} bytes [{chunk.offset:,}, {chunk.offset + chunk.length:,}) ({what}): "
+                                       "SHA-256 differs from the manifest")
+                    bar.update(chunk.length)
+    finally:
+        bar.close()
+    return damaged
 
 
 def lock_path_for(target: Path) -> Path:
@@ -119,8 +198,9 @@ def _clear_leftovers(target: Path) -> None:
     for leftover in target.parent.glob(target.name + ".partial*"):
         log.warning("removing %s left by an interrupted conversion", leftover)
         shutil.rmtree(leftover, ignore_errors=True)
-    if target.exists() and not is_complete(target):
-        log.warning("removing %s: it has no completion marker (%s), so it is not trusted", target, COMPLETE_MARKER)
+    reason = untrusted_because(target) if target.exists() else None
+    if reason is not None:
+        log.warning("removing %s, which is not trusted: %s", target, reason)
         shutil.rmtree(target)
 
 
@@ -227,17 +307,38 @@ def materialize_gguf(gguf: Path, target: Path, record: dict[str, object] | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Convert a GGUF (default: the embedded SmolLM2) into the machine's cache ahead of starting nodes."""
+    """Convert a GGUF (default: the embedded SmolLM2) into the machine's cache ahead of starting nodes, or check
+    a cached folder byte by byte (``--verify``) and convert it again when it is damaged (``--repair``)."""
     from openhydra.runtime.source import embedded_gguf_path, embedded_target
 
     parser = argparse.ArgumentParser(prog="python -m openhydra.runtime.model_cache", description=main.__doc__)
     parser.add_argument("--gguf", type=Path, default=None, help="a GGUF file (default: the embedded SmolLM2)")
     parser.add_argument("--target", type=Path, default=None,
                         help=f"the folder to materialise (default: the embedded model's folder under ${CACHE_ENV})")
+    parser.add_argument("--verify", action="store_true",
+                        help="read every byte of the folder against its manifest; exit 1 if anything is damaged")
+    parser.add_argument("--repair", action="store_true",
+                        help="with --verify: convert a damaged folder again from its GGUF")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     gguf = args.gguf or embedded_gguf_path()
     target = args.target or embedded_target(default_cache_root())
+    if args.repair and not args.verify:
+        parser.error("--repair goes with --verify")
+    if args.verify:
+        started = time.monotonic()
+        damaged = verify(target, progress=sys.stderr.isatty())
+        report: dict[str, object] = {"path": str(target), "intact": not damaged, "damaged": damaged[:20],
+                                     "damaged_count": len(damaged), "seconds": round(time.monotonic() - started, 2)}
+        if damaged and args.repair:
+            with cache_lock(target, "repairing"):  # no node converts or reads it as trusted meanwhile
+                if target.exists():
+                    log.warning("removing %s to convert it again: %s", target, damaged[0])
+                    shutil.rmtree(target)
+            materialize_gguf(gguf, target)
+            report["repaired"] = not verify(target, progress=False)
+        print(json.dumps(report), flush=True)
+        return 0 if not damaged or report.get("repaired") else 1
     result = materialize_gguf(gguf, target)
     print(json.dumps({**asdict(result), "path": str(result.path)}), flush=True)
     return 0

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,27 @@ _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
 class CheckpointError(RuntimeError):
-    """The checkpoint folder is missing files or tensors that the shard needs."""
+    """The checkpoint folder is missing files or tensors that the shard needs, or a file is damaged."""
+
+
+@contextmanager
+def open_safetensors(path: Path) -> Iterator:
+    """``safe_open`` whose failures name the file and what to do: a truncated or overwritten file (an
+    interrupted copy or download, a full disk) raises :class:`CheckpointError`, not the library's bare error."""
+    from safetensors import SafetensorError
+
+    try:
+        handle = safe_open(path, framework="pt")
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path} is missing: the checkpoint folder is incomplete") from exc
+    except (SafetensorError, OSError) as exc:
+        size = path.stat().st_size if path.exists() else 0
+        raise CheckpointError(
+            f"{path} ({size:,} bytes) is damaged or not a safetensors file ({exc}): an interrupted copy or download? "
+            "Replace it with an intact copy; a file in OpenHydra's model cache is fetched or converted anew once "
+            "deleted") from exc
+    with handle as f:
+        yield f
 
 
 @dataclass(frozen=True)
@@ -53,7 +74,7 @@ class CheckpointIndex:
         if index_path.exists():
             weight_map = dict(json.loads(index_path.read_text())["weight_map"])
         elif (root / SINGLE_FILE).exists():
-            with safe_open(root / SINGLE_FILE, framework="pt") as f:
+            with open_safetensors(root / SINGLE_FILE) as f:
                 weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
         else:
             raise CheckpointError(f"{root} has neither {SINGLE_FILE} nor {INDEX_FILE}")
@@ -89,7 +110,7 @@ class CheckpointIndex:
         progress = tqdm(total=len(names), desc=f"loading {self.root.name}", unit="tensor",
                         disable=len(names) < 64, mininterval=1.0)
         for filename, pairs in by_file.items():
-            with safe_open(self.root / filename, framework="pt") as f:
+            with open_safetensors(self.root / filename) as f:
                 for target, source in pairs:
                     out[target] = f.get_tensor(source).to(dtype_for[target])
                     progress.update()
@@ -101,7 +122,7 @@ class CheckpointIndex:
         are the page cache's, shared by every process on the machine that maps the file, resident once touched)."""
         if source not in self.weight_map:
             raise CheckpointError(f"tensor {source!r} is not in the checkpoint at {self.root}")
-        with safe_open(self.root / self.weight_map[source], framework="pt") as f:
+        with open_safetensors(self.root / self.weight_map[source]) as f:
             return f.get_tensor(source)
 
     def tensor_bytes(self, names: Iterable[str]) -> int:
@@ -111,7 +132,7 @@ class CheckpointIndex:
         for name in names:
             by_file[self.weight_map[name]].append(name)
         for filename, group in by_file.items():
-            with safe_open(self.root / filename, framework="pt") as f:
+            with open_safetensors(self.root / filename) as f:
                 for name in group:
                     sl = f.get_slice(name)
                     numel = 1

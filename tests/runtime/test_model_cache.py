@@ -26,7 +26,10 @@ from openhydra.runtime.model_cache import (
     ConversionError,
     cache_lock,
     is_complete,
+    main,
     materialize_gguf,
+    untrusted_because,
+    verify,
 )
 from openhydra.runtime.source import embedded_gguf_path, embedded_target
 from openhydra.testing import TEST_CACHE_ROOT
@@ -134,6 +137,53 @@ def test_killed_conversion_is_not_trusted_and_the_next_start_converts(tiny_gguf:
     assert list(target.parent.glob("tiny-llama.partial*")) == []
     assert_valid_tiny_folder(target, tiny_gguf)
     assert not materialize_gguf(tiny_gguf, target).converted  # and now it is reused as it is
+
+
+def _tensor_range(folder: Path, name: str) -> tuple[int, int]:
+    from openhydra.weights.manifest import read_manifest
+
+    piece = next(p for f in read_manifest(folder).manifest.files for p in f.pieces if p.name == name)
+    return piece.offset, piece.length
+
+
+def test_a_damaged_folder_is_found_named_and_converted_again(tiny_gguf: Path, tmp_path: Path, capsys) -> None:
+    """A flipped byte is found by --verify, which names the tensor; a truncated file is found at the next start
+    (sizes against the manifest) and converted again; --verify --repair converts a folder with a flipped byte."""
+    target = tmp_path / "cache" / "models" / "tiny-llama"
+    assert materialize_gguf(tiny_gguf, target).converted
+    weights = target / "model.safetensors"
+    assert verify(target, progress=False) == []
+    offset, length = _tensor_range(target, "model.layers.1.mlp.down_proj.weight")
+    with open(weights, "r+b") as f:  # one flipped bit inside a tensor: the size is unchanged
+        f.seek(offset + length // 2)
+        byte = f.read(1)[0]
+        f.seek(offset + length // 2)
+        f.write(bytes([byte ^ 0x01]))
+    assert is_complete(target)  # sizes alone cannot see it
+    damaged = verify(target, progress=False)
+    assert len(damaged) == 1 and "model.layers.1.mlp.down_proj.weight" in damaged[0], damaged
+
+    assert main(["--gguf", str(tiny_gguf), "--target", str(target), "--verify"]) == 1
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["intact"] is False and report["damaged_count"] == 1
+    assert main(["--gguf", str(tiny_gguf), "--target", str(target), "--verify", "--repair"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["repaired"] is True
+    assert verify(target, progress=False) == []
+
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:  # an interrupted copy or a full disk
+        f.truncate(size // 2)
+    reason = untrusted_because(target)
+    assert reason is not None and "model.safetensors" in reason and f"{size:,}" in reason, reason
+    assert not is_complete(target)
+    result = materialize_gguf(tiny_gguf, target)
+    assert result.converted  # the next start converts it again instead of loading half a file
+    assert verify(target, progress=False) == []
+    assert_valid_tiny_folder(target, tiny_gguf)
+
+    (target / "config.json").unlink()
+    assert untrusted_because(target) == "it has no config.json or no weights"
 
 
 def test_failed_conversion_raises_and_leaves_nothing(tmp_path: Path) -> None:

@@ -98,6 +98,26 @@ def test_missing_tensor_is_a_clear_error(tiny_model_dirs, tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+def test_a_truncated_checkpoint_is_a_clear_error(tiny_model_dirs, tmp_path: Path) -> None:
+    """A half-written model.safetensors (an interrupted copy, a full disk) names the file and what to do, as a
+    CheckpointError the node logs in one line, instead of the library's bare deserialisation error."""
+    src = tiny_model_dirs["llama"]
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    weights = broken / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors .* is damaged") as info:
+        CheckpointIndex.open(broken)
+    assert str(broken) in str(info.value) and "intact copy" in str(info.value)
+    (broken / "model.safetensors").unlink()
+    index_file = broken / "model.safetensors.index.json"
+    index_file.write_text(json.dumps({"weight_map": {"model.layers.0.x": "part-1.safetensors"}}))
+    index = CheckpointIndex.open(broken)
+    with pytest.raises(CheckpointError, match=r"part-1\.safetensors is missing"):
+        index.read_as_stored("model.layers.0.x")
+
+
 def test_a_third_of_smollm2_holds_a_third_of_the_layer_bytes(smollm2_dir: Path) -> None:
     index = CheckpointIndex.open(smollm2_dir)
     full_bytes = index.tensor_bytes(index.weight_map)  # fp32 on disk
