@@ -156,6 +156,7 @@ def run(cfg: DictConfig) -> None:
         return
     from openhydra.build import build_node
     from openhydra.crypto.identity import IdentityError
+    from openhydra.economy.errors import LedgerUnavailable
     from openhydra.runtime.backend import BackendUnavailable
 
     _check_data_dir(node_cfg.node.data_path)
@@ -167,8 +168,10 @@ def run(cfg: DictConfig) -> None:
         reason = exc if isinstance(exc, BackendUnavailable | IdentityError) else exc.__cause__
         if isinstance(reason, BackendUnavailable):
             _fail(str(reason))
-        if isinstance(reason, IdentityError):
+        if isinstance(reason, IdentityError | LedgerUnavailable):
             _fail(str(reason), "cannot start")
+        if isinstance(reason, ConfigError):
+            _fail(str(reason))
         raise
     if node_cfg.action == "serve":
         # api.port=0: any free port, as peer.reply_port 0 (Sanic itself would take 8000)

@@ -62,7 +62,9 @@ class EconomyConfig(BaseModel):
         if self.db_url:
             return self.db_url
         if self.backend == "postgres":
-            raise ValueError(
+            from openhydra.config.load import ConfigError
+
+            raise ConfigError(
                 "economy=postgres needs a server: set economy.db_url=postgresql://user@host:port/db "
                 "or the OPENHYDRA_PG_URL environment variable"
             )

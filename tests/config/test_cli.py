@@ -10,8 +10,10 @@ from concurrent import futures
 import pytest
 
 
-def node_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENHYDRA_THREADS": "1", **(env or {})}
+def node_cli(*args: str, timeout: float = 120, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """``openhydra-node ARGS`` in a child process; ``env`` entries set to None are removed from its environment."""
+    merged = {**os.environ, "OMP_NUM_THREADS": "1", "OPENHYDRA_THREADS": "1", **(env or {})}
+    env = {k: v for k, v in merged.items() if v is not None}
     return subprocess.run([sys.executable, "-m", "openhydra.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -163,6 +165,26 @@ def test_a_bad_data_dir_or_identity_key_is_named(tiny_model_dirs, tmp_path, case
         fragments = ["identity.key"]
     out = node_cli(*_tiny(tiny_model_dirs), f"node.data_dir={data}", "action=check")
     _one_line_exit_2(out, *fragments)
+
+
+@pytest.mark.parametrize("case", ["no-url", "unreachable"])
+def test_a_postgres_economy_without_a_server_is_named(tiny_model_dirs, tmp_path, case):
+    """economy=postgres with no URL is a config error; with a URL nobody answers, the start fails in one line that
+    names the server but not the password."""
+    from openhydra.testing.processes import free_port
+
+    port = free_port()  # nothing listens there
+    args = ["economy=postgres"] if case == "no-url" else [
+        "economy=postgres", f"economy.db_url=postgresql://nobody:s3cret@127.0.0.1:{port}/ledger"]
+    out = node_cli(*_tiny(tiny_model_dirs), f"node.data_dir={tmp_path / 'home'}", "action=check", *args,
+                   env={"OPENHYDRA_PG_URL": None})
+    if case == "no-url":
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("openhydra-node: config error: economy=postgres needs a server"), last
+    else:
+        _one_line_exit_2(out, "cannot open the ledger database", f"127.0.0.1:{port}")
+        assert "s3cret" not in out.stderr
 
 
 def test_a_sweep_runs_every_job_when_one_check_fails(tiny_model_dirs, tmp_path):
