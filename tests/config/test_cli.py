@@ -38,6 +38,19 @@ def test_version():
     assert out.returncode == 0 and out.stdout.startswith("openhydra-node ")
 
 
+@pytest.mark.parametrize("command", ["openhydra-node", "openhydra-dht", "openhydra-sim", "openhydra-bench"])
+def test_every_installed_command_prints_openhydras_version(command):
+    """The console scripts as installed (openhydra/launch.py): OpenHydra's version, not Hydra's or an argparse
+    error."""
+    from pathlib import Path
+
+    from openhydra import __version__
+
+    out = subprocess.run([str(Path(sys.executable).parent / command), "--version"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"{command} {__version__}", (out.stdout, out.stderr)
+
+
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
@@ -185,6 +198,36 @@ def test_a_postgres_economy_without_a_server_is_named(tiny_model_dirs, tmp_path,
     else:
         _one_line_exit_2(out, "cannot open the ledger database", f"127.0.0.1:{port}")
         assert "s3cret" not in out.stderr
+
+
+def test_ctrl_c_while_the_node_is_still_importing_ends_it_quietly(tmp_path):
+    """Ctrl-C in the first seconds (torch, transformers and Hydra importing) ends the installed console script
+    with one line and exit status 130, not a KeyboardInterrupt traceback from wherever the import was."""
+    import signal
+    import time
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "openhydra-node"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENHYDRA_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([str(script), "hardware=cpu", "api.port=0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # interrupt once torch is being imported: seconds before serving
+            maps = Path(f"/proc/{proc.pid}/maps").read_text()
+            if "libtorch" in maps or proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "OpenHydra node" not in out, out[-2000:]  # it was interrupted before serving
+    assert proc.returncode == 130, (proc.returncode, out[-2000:])
+    assert "Traceback" not in out and out.strip().splitlines()[-1] == "openhydra-node: interrupted", out[-2000:]
 
 
 def test_a_sweep_runs_every_job_when_one_check_fails(tiny_model_dirs, tmp_path):

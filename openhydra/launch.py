@@ -1,0 +1,47 @@
+"""The console scripts' entry points: each imports its command inside a Ctrl-C handler.
+
+A command spends its first seconds importing (torch, transformers, Hydra); a Ctrl-C then raises
+KeyboardInterrupt wherever the import happens to be, before the command's own code could catch it. Here it
+ends the command with one line and exit status 130, as a shell expects of an interrupted program. Once a
+command serves, its server's own SIGINT handling (a graceful shutdown) takes over. ``--version`` is answered
+here for every command, before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+
+def _run(prog: str, target: str) -> None:
+    if "--version" in sys.argv[1:]:  # OpenHydra's version for every command (Hydra's apps would print Hydra's)
+        from openhydra import __version__
+
+        print(f"{prog} {__version__}")
+        return
+    try:
+        module, func = target.split(":")
+        result = getattr(importlib.import_module(module), func)()
+    except KeyboardInterrupt:
+        logging.getLogger("torch").setLevel(logging.WARNING)  # its exit hooks' statistics are noise here
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    if isinstance(result, int):
+        raise SystemExit(result)
+
+
+def node() -> None:
+    _run("openhydra-node", "openhydra.cli:node_main")
+
+
+def dht() -> None:
+    _run("openhydra-dht", "openhydra.discovery.http_dht_server:main")
+
+
+def sim() -> None:
+    _run("openhydra-sim", "openhydra.sim.app:main")
+
+
+def bench() -> None:
+    _run("openhydra-bench", "openhydra.loadgen.app:main")
