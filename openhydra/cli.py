@@ -7,11 +7,9 @@ Hydra's own flags (--help, --cfg job, -m) work as usual.
 from __future__ import annotations
 
 import asyncio
-import errno
 import itertools
 import logging
 import os
-import socket
 import sys
 import threading
 import time
@@ -77,23 +75,14 @@ def _lock_data_dir(path: Path) -> None:
 
 def _check_port(key: str, host: str, port: int) -> int:
     """``key`` (api.port, peer.port) free on ``host``, or one line naming it and exit 2; returns the port (for 0, the
-    free one the system picked). Binding is the test; the socket is closed at once (a race with another process is
-    still possible, and then fails as before)."""
+    free one the system picked)."""
+    from openhydra.ports import PortUnavailable, probe_port
+
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        _fail(f"{key.split('.')[0]}.host {host} does not resolve ({exc.strerror})", "cannot start")
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                _fail(f"{key} {port} on {host} is in use (another node?): choose another with {key}=...",
-                      "cannot start")
-            _fail(f"cannot bind {key} {port} on {host}: {exc.strerror or exc}", "cannot start")
-        return int(probe.getsockname()[1])
+        return probe_port(key, host, port, change=f"{key}=...")
+    except PortUnavailable as exc:
+        _fail(str(exc), "cannot start")
+        raise  # unreachable: _fail exits
 
 
 def _user_overrides(argv: list[str]) -> list[str]:
@@ -262,7 +251,11 @@ def _serve_dht(cfg) -> None:
     from openhydra.discovery.http_dht_server import create_app
 
     discovery = DiscoveryConfig.model_validate(cfg.discovery)
+    cfg.api.port = _check_port("api.port", cfg.api.host, cfg.api.port)
     app = create_app(allow_unsigned_names=discovery.allow_unsigned_names)  # plain peer names: dev swarms only
+    from openhydra.ports import sanic_logs_once
+
+    sanic_logs_once()
     url = f"http://{cfg.api.host}:{cfg.api.port}"
     kademlia, background = None, None
     lines = [f"OpenHydra DHT bootstrap host\n  DHT        {url}  (nodes join with discovery=http "
@@ -289,8 +282,9 @@ def _serve_dht(cfg) -> None:
 def _serve(node) -> None:
     app, cfg = node.app, node.cfg
 
-    for name in ("sanic.root", "sanic.error", "sanic.server", "sanic.access", "sanic.websockets"):
-        logging.getLogger(name).propagate = False  # Sanic prints its own lines; don't print them twice
+    from openhydra.ports import sanic_logs_once
+
+    sanic_logs_once()  # after the app is built
 
     failed: list[str] = []
 

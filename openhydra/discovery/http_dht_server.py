@@ -184,8 +184,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_records < 1 or args.max_per_model < 1 or args.max_ttl_s <= 0:
         parser.error("--max-records, --max-per-model and --max-ttl-s must be positive")
     logging.basicConfig(level=args.log_level.upper())
+    from openhydra.ports import PortUnavailable, probe_port
+
+    try:
+        args.port = probe_port("--port", args.host, args.port, change="--port PORT", holder="another DHT")
+    except PortUnavailable as exc:
+        parser.exit(2, f"openhydra-dht: cannot start: {exc}\n")
     limits = StoreLimits(max_records=args.max_records, max_per_model=args.max_per_model, max_ttl_s=args.max_ttl_s)
     app = create_app(AnnouncementStore(limits), allow_unsigned_names=args.allow_unsigned_names)
+    from openhydra.ports import sanic_logs_once
+
+    sanic_logs_once()  # after the app is built
     print(f"openhydra-dht listening on http://{args.host}:{args.port}", flush=True)
     app.run(host=args.host, port=args.port, single_process=True, access_log=False, motd=False)
     return 0

@@ -230,6 +230,66 @@ def test_ctrl_c_while_the_node_is_still_importing_ends_it_quietly(tmp_path):
     assert "Traceback" not in out and out.strip().splitlines()[-1] == "openhydra-node: interrupted", out[-2000:]
 
 
+def test_the_dht_names_a_port_in_use_and_logs_each_line_once(tmp_path):
+    import socket
+    import time
+    from pathlib import Path
+
+    script = str(Path(sys.executable).parent / "openhydra-dht")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([script, "--port", str(port)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"openhydra-dht: cannot start: --port {port} on 127.0.0.1 is in use (another DHT?): choose another with "
+        "--port PORT")
+
+    log = tmp_path / "dht.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([script, "--port", "0"], stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "Worker ready" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = log.read_text()
+    assert text.count("Worker ready") == 1, text  # Sanic's line, not again through the root logger
+    listening = text.splitlines()[0]
+    assert listening.startswith("openhydra-dht listening on http://127.0.0.1:") and not listening.endswith(":0"), text
+
+
+def test_action_dht_serves_the_table_on_a_free_port_and_logs_each_line_once(tmp_path):
+    """``openhydra-node action=dht api.port=0``: the bootstrap host on the port the system picked (the banner names
+    it), answering the table's API; Sanic's lines once each."""
+    import re
+    import time
+
+    import httpx
+
+    log = tmp_path / "dht.log"
+    env = {**os.environ, "OPENHYDRA_HOME": str(tmp_path / "home")}
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "openhydra.cli", "action=dht", "api.port=0"], stdout=sink,
+                                stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while "Worker ready" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        text = log.read_text()
+        url = re.search(r"DHT +(http://127\.0\.0\.1:\d+)", text)
+        assert url and not url.group(1).endswith(":0"), text
+        response = httpx.get(url.group(1) + "/v1/models", timeout=10)
+        assert response.status_code == 200 and response.json() == {"models": {}}, response.text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert log.read_text().count("Worker ready") == 1, log.read_text()
+
+
 def test_a_sweep_runs_every_job_when_one_check_fails(tiny_model_dirs, tmp_path):
     missing = tmp_path / "no-model-here"
     out = node_cli("-m", "action=check", "model=local", f"model.path={missing},{tiny_model_dirs['llama']}",
