@@ -25,18 +25,29 @@ from sanic.exceptions import BadRequest, RequestTimeout
 from sanic.http import Http
 from sanic.server.protocols.http_protocol import HttpProtocol
 
-from openhydra.api.errors import APIError
+from openhydra.api.errors import OLLAMA_PREFIX, APIError
 from openhydra.api.ratelimit import TrustedProxies
 
+REFUSAL_WAIT_S = 1.0
+"""How long a refused connection may take to send its request line (whose path picks the error's shape)."""
 
-def _refusal(limit: int) -> bytes:
+
+def _refusal(limit: int, path: str) -> bytes:
+    """The 429 for a connection over the cap, in the shape of the API the request line names (OpenAI's, or
+    Ollama's under ``/api/``)."""
     body = json.dumps(APIError(
         429, f"too many open connections from this address (at most {limit})",
         type="rate_limit_error", code="too_many_connections",
-    ).body()).encode()
+    ).body_for(path)).encode()
     head = ("HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
             f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n").encode()
     return head + body
+
+
+def _request_path(first_bytes: bytes) -> str:
+    """The path of ``GET /api/tags HTTP/1.1``, or '' when the bytes do not start with a request line."""
+    line = first_bytes.split(b"\r\n", 1)[0].split(b" ")
+    return line[1].decode("latin-1") if len(line) >= 2 else ""
 
 
 class ConnectionGuard:
@@ -51,7 +62,10 @@ class ConnectionGuard:
         self.open: defaultdict[str, int] = defaultdict(int)
         self.refused_total = 0
         self.body_timeouts_total = 0
-        self.refusal = _refusal(max_per_ip)
+        self._refusals = {api: _refusal(max_per_ip, api) for api in ("/v1/", OLLAMA_PREFIX)}
+
+    def refusal(self, path: str) -> bytes:
+        return self._refusals[OLLAMA_PREFIX if path.startswith(OLLAMA_PREFIX) else "/v1/"]
 
     def admit(self, ip: str) -> bool:
         """Count a new connection from ``ip``, or refuse it (then nothing is counted)."""
@@ -106,7 +120,8 @@ class EdgeHttpProtocol(HttpProtocol):
 
     An app without a :class:`ConnectionGuard` gets Sanic's behaviour unchanged."""
 
-    __slots__ = ("_edge_handler", "_edge_ip", "_edge_refused")  # Sanic's metaclass gives protocols no __dict__
+    # Sanic's metaclass gives protocols no __dict__
+    __slots__ = ("_edge_handler", "_edge_ip", "_edge_refusal_timer", "_edge_refused")
     HTTP_CLASS = EdgeHttp
 
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -116,16 +131,33 @@ class EdgeHttpProtocol(HttpProtocol):
             peer = transport.get_extra_info("peername")
             ip = peer[0] if isinstance(peer, tuple) else "unix"
             if not guard.admit(ip):
+                # Refused: no task, parser or buffer. The first bytes only pick the error's shape (their path);
+                # a client that sends nothing gets the OpenAI shape after REFUSAL_WAIT_S.
                 self._edge_refused = True
-                transport.write(guard.refusal)
-                transport.close()
+                self.transport = transport
+                self._edge_refusal_timer = asyncio.get_running_loop().call_later(
+                    REFUSAL_WAIT_S, self._refuse, guard, "")
                 return
             self._edge_ip = ip
         self._edge_refused = False
         super().connection_made(transport)
 
+    def _refuse(self, guard: ConnectionGuard, path: str) -> None:
+        self._edge_refusal_timer.cancel()
+        if not self.transport.is_closing():
+            self.transport.write(guard.refusal(path))
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if getattr(self, "_edge_refused", False):
+            guard: ConnectionGuard = self.app.ctx.connections
+            self._refuse(guard, _request_path(data[:8192]))
+            return
+        super().data_received(data)
+
     def connection_lost(self, exc: Exception | None) -> None:
         if getattr(self, "_edge_refused", False):
+            self._edge_refusal_timer.cancel()
             return  # never set up: no task, no conn_info
         guard: ConnectionGuard | None = getattr(self.app.ctx, "connections", None)
         if guard is not None and self._edge_ip is not None:

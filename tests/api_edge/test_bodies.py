@@ -3,6 +3,8 @@ behaviour is in test_hostile_corpus.py and test_connection_limits.py)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from openhydra.api.bodies import MAX_JSON_DEPTH, check_text, load_json, parse_body
@@ -62,7 +64,12 @@ def test_connection_guard_caps_per_ip_and_exempts_trusted_proxies() -> None:
     for _ in range(10):
         guard.release("10.1.2.3")
     assert dict(guard.open) == {"1.1.1.1": 2, "2.2.2.2": 1}
-    assert b'"too_many_connections"' in guard.refusal and guard.refusal.startswith(b"HTTP/1.1 429 ")
+    for path in ("/v1/chat/completions", "/api/chat", "", "/health"):
+        refusal = guard.refusal(path)
+        assert refusal.startswith(b"HTTP/1.1 429 ") and b'"too_many_connections"' in refusal
+        body = json.loads(refusal.split(b"\r\n\r\n", 1)[1])
+        message = body["error"] if path.startswith("/api/") else body["error"]["message"]
+        assert message == "too many open connections from this address (at most 2)", body
     assert "openhydra_http_connections_refused_total 1" in guard.metrics_text()
     with pytest.raises(ValueError):
         ConnectionGuard(0, 1.0)

@@ -144,6 +144,35 @@ def test_n_plus_first_connection_from_one_ip_is_refused(node: NodeProcess) -> No
                timeout_s=30, what="a new connection from 127.0.0.11 admitted after the held ones closed")
 
 
+def test_the_refusal_speaks_the_api_the_request_names(node: NodeProcess) -> None:
+    """Over the cap, a request under /api/ gets Ollama's error shape (the ollama client reads a string) and one
+    under /v1/ OpenAI's (the openai client reads error.message); the refusal still parses nothing but the
+    request line, and comes at once."""
+    import ollama
+    import openai
+
+    held = [connect(node.port, "127.0.0.14") for _ in range(MAX_CONNECTIONS)]
+    try:
+        transport = httpx.HTTPTransport(local_address="127.0.0.14")
+        with pytest.raises(ollama.ResponseError) as refused:
+            ollama.Client(host=node.url, transport=transport).list()
+        assert refused.value.status_code == 429
+        assert refused.value.error.startswith("too many open connections from this address"), refused.value.error
+        openai_client = openai.OpenAI(base_url=node.url + "/v1", api_key="x", max_retries=0,
+                                      http_client=httpx.Client(transport=httpx.HTTPTransport(
+                                          local_address="127.0.0.14")))
+        with pytest.raises(openai.RateLimitError) as limited:
+            openai_client.models.list()
+        assert limited.value.body["code"] == "too_many_connections", limited.value.body
+        started = time.monotonic()
+        raw = exchange(node.port, request_bytes("GET", "/api/tags"), source="127.0.0.14", timeout_s=10)
+        assert raw.status == 429 and raw.json()["code"] == "too_many_connections", raw.raw[:300]
+        assert time.monotonic() - started < 1.0  # the request line picked the shape: no wait for the timer
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def test_a_flood_from_one_ip_holds_at_most_the_cap(node: NodeProcess) -> None:
     socks = [connect(node.port, "127.0.0.12") for _ in range(MAX_CONNECTIONS * 5)]
     try:
