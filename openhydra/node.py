@@ -61,17 +61,18 @@ def _kernel_summary(runtime) -> str | None:
     return summary
 
 
-def model_parameter_count(model_dir: Path, runtime) -> int:
+def model_parameter_count(model_dir: Path, runtime=None) -> int:
     """The whole model's parameter count from its checkpoint's headers (what /api/show and the dashboard report):
     not the span's, and not its packed int4/int8 tensors' element count. The span's own count where the checkpoint
-    cannot say (a backend that reads another format)."""
+    cannot say (a backend that reads another format); 0 where there is no span either (a fallback model served
+    through the swarm from a folder without weights)."""
     from openhydra.hardware.dtype import span_parameter_count
 
     try:
         return span_parameter_count(model_dir, 0, None)
     except Exception as exc:  # a count for display only: never fail the node for it
         log.debug("no parameter count from %s (%s); reporting the span's", model_dir, exc)
-        return int(runtime.parameter_count)
+        return int(runtime.parameter_count) if runtime is not None else 0
 
 
 def model_num_layers(model_dir: Path) -> tuple[int, int]:
@@ -576,7 +577,8 @@ class Node:
                         max_concurrent_sessions=cfg.api.max_concurrent_sessions,
                         decode_ahead=ServingConfig.parse(cfg.serving).decode_ahead)
         text_config = AutoConfig.from_pretrained(path)
-        served = ServedModel(id=model_id, aliases=[], source=source, parameter_count=0, dtype="float32",
+        served = ServedModel(id=model_id, aliases=[], source=source, parameter_count=model_parameter_count(path),
+                             dtype="float32",
                              family=str(getattr(text_config, "model_type", "unknown")), context_length=context,
                              num_layers=num_layers, span=(0, 0), **source_fields(path))
         self._fallback_swarms.append(swarm)

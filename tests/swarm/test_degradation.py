@@ -93,6 +93,10 @@ def test_coverage_loss_degrades_to_the_nearest_covered_model_then_503(swarm):
     text = "".join(c.choices[0].delta.content or "" for c in stream.parse() if c.choices)
     assert text == expected
 
+    # What the Ollama API says of the model now served: the fallback's own size, not a placeholder 0.
+    show = httpx.post(coordinator.url + "/api/show", json={"model": big.name}, timeout=30).json()
+    assert show["model_info"]["general.parameter_count"] == _checkpoint_parameters(small), show["model_info"]
+
     status = httpx.get(coordinator.url + "/v1/network/status", timeout=10).json()["swarm"]
     assert status["degradation"]["degraded_requests"] >= 2
     # degraded requests are settled too: the fallback peer earns for the layers it ran
@@ -108,6 +112,16 @@ def test_coverage_loss_degrades_to_the_nearest_covered_model_then_503(swarm):
     assert reply.json()["error"]["code"] == "no_route"
     assert time.monotonic() - started < 30
     assert httpx.get(coordinator.url + "/health", timeout=10).status_code == 200
+
+
+def _checkpoint_parameters(folder) -> int:
+    """Every tensor's element count, from the safetensors header (the tiny models tie their head: stored once)."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118
 
 
 def _credits(node: NodeProcess) -> int:
