@@ -166,7 +166,8 @@ class Node:
             state.requested_model = choice.requested_name
             num_layers, context = model_num_layers(choice.path)
             self.span = self.swarm_spans.get(choice.path) or self._choose_span(choice, num_layers)
-            state.loading_stage = f"loading {choice.api_name} layers {list(self.span)} from {choice.path}"
+            first, end = self.span
+            state.loading_stage = f"loading {choice.api_name} layers [{first}, {end}) from {choice.path}"
             log.info("loading %s layers [%d, %d) of %d from %s (%s)", choice.api_name, *self.span, num_layers,
                      choice.source, self.backend.describe())
             from transformers import AutoTokenizer
@@ -262,7 +263,7 @@ class Node:
         if shard.max_fraction is not None:  # auto-promotion sized the span by memory (hardware/promote.py)
             max_layers = min(max_layers, max(1, int(shard.max_fraction * num_layers)))
         span = choose_span(records, num_layers, max_layers, model_id=choice.api_name)
-        log.info("shard=auto: %d peers announced; serving the least covered span %s", len(records), list(span))
+        log.info("shard=auto: %d peers announced; serving the least covered span [%d, %d)", len(records), *span)
         return span
 
     def _settle_local(self, model_id: str, num_layers: int, final) -> None:

@@ -23,7 +23,10 @@ class InsufficientFunds(LedgerConflict):
     code = "insufficient_funds"
 
     def __init__(self, holder: str, pocket: str, have: int, need: int) -> None:
-        super().__init__(f"{holder} has {have} micro-units of {pocket}, needs {need}")
+        from openhydra.economy.units import whole
+
+        # in whole units, as the API takes and answers amounts (have/need keep the exact micro-units)
+        super().__init__(f"{holder} has {whole(have)} {pocket}, needs {whole(need)}")
         self.holder, self.pocket, self.have, self.need = holder, pocket, have, need
 
 

@@ -24,6 +24,12 @@ def from_micro(micro: int) -> float:
     return micro / MICRO
 
 
+def whole(micro: int) -> str:
+    """Micro-units as exact whole units for messages: 17333 -> '0.017333', 10**9 -> '1000'."""
+    text = format(Decimal(micro) / MICRO, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def credits_for_tokens(tokens: int, tokens_per_credit: int) -> int:
     """Micro-credits earned for serving ``tokens`` tokens (1,000 tokens = 1 credit by default)."""
     return tokens * MICRO // tokens_per_credit

@@ -215,7 +215,7 @@ class AuditRunner:
             self._vote(audit, answer, result.reason)
 
     def abandon(self, audit: Audit, why: str) -> None:
-        log.info("audit of %s span %s abandoned: %s", audit.session_id, audit.span, why)
+        log.info("audit of %s span [%d, %d) abandoned: %s", audit.session_id, *audit.span, why)
         self.metrics.abandoned.inc()
         self._finish_shadow(audit)
 
@@ -309,7 +309,7 @@ class AuditRunner:
         try:
             voters.append((REFEREE, self._replay(feeds, swapped_route(audit.chain, audit.hop_index, record))[-1]))
         except HopError as exc:  # a hop of the replay failed (perhaps another span's): no referee this time
-            log.info("referee replay of span %s failed: %s", list(audit.span), exc)
+            log.info("referee replay of span [%d, %d) failed: %s", *audit.span, exc)
             self.metrics.referee.labels("failed").inc()
             return False
         return True

@@ -80,11 +80,11 @@ class Referee:
                 record = self._record(runtime, getattr(server, "hop_address", address))
             except Exception as exc:  # no weights for that span here, no memory, no port: the vote stays as it was
                 self.failures += 1
-                log.warning("referee: cannot serve span %s in %s: %s", list(span), dtype, exc)
+                log.warning("referee: cannot serve span [%d, %d) in %s: %s", *span, dtype, exc)
                 return None
             self.loads += 1
             self._loaded = _Loaded(span, dtype, server, record, time.monotonic())
-            log.info("referee: serving span %s (%s) at %s for a vote, loaded in %.1f s", list(span), dtype,
+            log.info("referee: serving span [%d, %d) (%s) at %s for a vote, loaded in %.1f s", *span, dtype,
                      record.grpc_address, time.perf_counter() - started)
             return record
 
@@ -93,7 +93,7 @@ class Referee:
         with self._lock:
             loaded = self._loaded
             if loaded is not None and (now if now is not None else time.monotonic()) - loaded.last_used >= self.keep_s:
-                log.info("referee: span %s idle for %.0f s, unloading", list(loaded.span), self.keep_s)
+                log.info("referee: span [%d, %d) idle for %.0f s, unloading", *loaded.span, self.keep_s)
                 self._unload()
 
     def status(self) -> dict:
@@ -110,7 +110,7 @@ class Referee:
             try:
                 loaded.server.stop()
             except Exception as exc:
-                log.debug("referee: stopping the server of span %s: %s", list(loaded.span), exc)
+                log.debug("referee: stopping the server of span [%d, %d): %s", *loaded.span, exc)
 
 
 def load_span(model_dir, span: tuple[int, int], dtype: str, *, device: str = "cpu", quantization: str = "none",

@@ -428,7 +428,7 @@ def fetch_span(model_id: str, records: list, pinned: str | None, choose_span: Ca
             local.check(pinned)
             span = choose_span(local.manifest.num_layers)
             if covers(folder, local, span):
-                log.info("reusing %s: layers %s of %s were fetched and verified before", folder, list(span), model_id)
+                log.info("reusing %s: layers [%d, %d) of %s were fetched and verified before", folder, *span, model_id)
                 return folder, span, local
     announced = Counter(r.weights_manifest for r in records if getattr(r, "weights_manifest", None))
     if pinned is not None:
@@ -448,7 +448,7 @@ def fetch_span(model_id: str, records: list, pinned: str | None, choose_span: Ca
     folder = swarm_folder(cache_root, model_id, content_hash)
     with cache_lock(folder, f"fetching {model_id} layers {list(span)} from the swarm"):
         if covers(folder, signed, span):
-            log.info("reusing %s: layers %s of %s were fetched and verified before", folder, list(span), model_id)
+            log.info("reusing %s: layers [%d, %d) of %s were fetched and verified before", folder, *span, model_id)
             return folder, span, signed
         folder.mkdir(parents=True, exist_ok=True)
         write_manifest(folder, signed)

@@ -141,7 +141,7 @@ def weights_server_for(folder: Path, span: tuple[int, int], mbps: float, identit
     if signed is None:
         signed = ensure_manifest(folder, identity)
     server = WeightsServer(folder, signed, span, mbps)
-    log.info("sharing weights of layers %s (manifest %s, %.0f MB) at up to %.0f Mbit/s", list(span),
+    log.info("sharing weights of layers [%d, %d) (manifest %s, %.0f MB) at up to %.0f Mbit/s", *span,
              signed.content_hash[:16], server.offered_bytes / 1e6, mbps)
     return server
 

@@ -56,6 +56,7 @@ def test_overspend_is_refused_and_changes_nothing(
     with pytest.raises(InsufficientFunds) as err:
         led.spend_credits(peers[0].peer_id, MICRO + 1)
     assert (err.value.have, err.value.need) == (MICRO, MICRO + 1)
+    assert str(err.value) == f"{peers[0].peer_id} has 1 credits, needs 1.000001"  # whole units, as the API speaks
     with pytest.raises(InsufficientFunds):
         led.transfer_credits(peers[0].peer_id, peers[1].peer_id, 2 * MICRO)
     with pytest.raises(InsufficientFunds):
