@@ -137,6 +137,7 @@ class Node:
     """Folders fetched from the swarm -> the span they were fetched for (openhydra/weights/node_hook.py)."""
     _fallback_swarms: list = field(default_factory=list)
     _fallback_settlers: list = field(default_factory=list)
+    _view_refresh_stop: threading.Event = field(default_factory=threading.Event)
     transport: object = None
     """peer/libp2p_transport.Libp2pTransport when peer.transport is libp2p or auto (None: gRPC only)."""
     reachability: object = None
@@ -379,6 +380,7 @@ class Node:
             return make_record(time.time(), announcer.ttl_s) if announcer is not None and announcer.running else None
 
         self.own_view = view = OwnView(fetch, own, peer_id, max_keep_s=self.announcer.ttl_s)
+        self._start_view_refresh(view, self.announcer.interval_s / 2)
 
         def lookup() -> list[PeerAnnouncement]:
             records = view()
@@ -533,6 +535,17 @@ class Node:
         )
         log.info("degradation chain when %s lacks coverage: %s", choice.api_name, ", ".join(entries))
 
+    def _start_view_refresh(self, view, every_s: float) -> None:
+        """Keep ``view`` (discovery/own_view.py) at most ``every_s`` old even when no request comes to this node, so it
+        knows the swarm when the DHT goes down. A daemon thread: a lookup blocks on the background loop."""
+        stop = self._view_refresh_stop
+
+        def run() -> None:
+            while not stop.wait(every_s):
+                view.refresh_if_idle(every_s)
+
+        threading.Thread(target=run, name="own-view-refresh", daemon=True).start()
+
     def _client_tunables(self):
         from openhydra.peer.client import ClientTunables
 
@@ -623,6 +636,7 @@ class Node:
 
     # -- shutdown ------------------------------------------------------------------------------------
     def shutdown(self) -> None:
+        self._view_refresh_stop.set()  # no lookups while the node winds down
         if self._admission_privacy is not None:
             self._admission_privacy.membership.close()  # a proof still being solved is no longer needed
         if self.state.engine is not None:

@@ -12,6 +12,10 @@ A node's own peer is alive for as long as the node is, so the coordinator need n
   none of the other peers it knew (an HTTP DHT restarted empty, a Kademlia node cut off from its neighbours: both
   answer, with nothing), still include each known peer until it is in an answer again or its record is too old.
 
+A node that only serves as a peer makes no lookups of its own until a request comes to its API, so it would meet an
+outage knowing nobody: :meth:`OwnView.refresh_if_idle`, called by the node every half announce interval, looks up
+when nothing else has for that long, so every node of a swarm carries what it needs to bridge an outage.
+
 A known record is used for at most ``max_keep_s`` past its announcement (the node's own record TTL, 180 s by
 default) or its own TTL, whichever is shorter: an outage shorter than that changes no route, and a longer one (or
 an attacker who makes lookups fail) cannot keep a record alive longer than the DHT would have. A dead peer among
@@ -22,6 +26,7 @@ node does not announce: it is unreachable, or shutting down) and nothing known, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -61,6 +66,7 @@ class OwnView:
         self.without_dht = 0  # lookups answered without the DHT (it failed, or is backed off)
         self.carried = 0  # records of the last answer that came from before an outage, not from the DHT
         self.last_error: str | None = None  # why the last lookup failed; None once one succeeds again
+        self._last_lookup = -float("inf")  # monotonic time of the last call
 
     def status(self) -> dict[str, int | str | None]:
         """For ``/v1/network/status`` (its ``swarm.discovery``) and the dashboard."""
@@ -70,8 +76,19 @@ class OwnView:
                     "lookups": self.answered, "lookups_lacking_own_record": self.own_added,
                     "lookups_without_dht": self.without_dht}
 
+    def refresh_if_idle(self, idle_s: float) -> bool:
+        """Look up if no lookup ran in the last ``idle_s`` seconds (a failure is handled as in any lookup); returns
+        whether it looked up."""
+        with self._lock:
+            idle = self._monotonic() - self._last_lookup >= idle_s
+        if idle:
+            with contextlib.suppress(Exception):  # nothing known and no DHT: the next request's lookup says so
+                self()
+        return idle
+
     def __call__(self) -> list[PeerAnnouncement]:
         with self._lock:
+            self._last_lookup = self._monotonic()
             backing_off = self.last_error is not None and self._monotonic() < self._retry_at
         if backing_off:
             records = self._without_dht(None)

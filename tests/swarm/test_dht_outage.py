@@ -36,6 +36,14 @@ def _announced_spans(dht: DhtProcess, model: str) -> set[tuple[int, int]]:
     return {(r["start"], r["end"]) for r in reply.json()["peers"]} if reply.status_code == 200 else set()
 
 
+def _answered_lookups(node: NodeProcess) -> float:
+    """The node's DHT lookups so far, from /metrics (which, unlike the status, makes none)."""
+    for line in httpx.get(node.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith('openhydra_discovery_lookups_total{outcome="answered"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_a_dht_outage_neither_stops_nor_changes_the_answers(tiny_model_dirs, tmp_path_factory):
     """CYCLES times: the DHT is killed while a stream runs (after its first chunk), requests are served without it
     (streamed and not), then it comes back on its port and the nodes are seen through it again. Every answer of every
@@ -49,12 +57,14 @@ def test_a_dht_outage_neither_stops_nor_changes_the_answers(tiny_model_dirs, tmp
     nodes = [NodeProcess(swarm_node_overrides(model, dht.url, start, end, tmp_path_factory.mktemp(f"n{start}"),
                                               ttl_s=TTL_S)) for start, end in SPANS]
     coordinator = nodes[0]
-    answers: dict[str, list[bool]] = {"while the DHT dies": [], "without the DHT": [], "after it is back": []}
+    answers: dict[str, list[bool]] = {"while the DHT dies": [], "without the DHT": [], "after it is back": [],
+                                      "without the DHT, through the node that had only been a peer": []}
     try:
         start_all(nodes)
         client = openai.OpenAI(base_url=coordinator.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        peer_client = openai.OpenAI(base_url=nodes[1].url + "/v1", api_key="x", max_retries=0, timeout=120)
 
-        def answer(stream: bool = False) -> str:
+        def answer(stream: bool = False, client: openai.OpenAI = client) -> str:
             reply = client.chat.completions.create(model=model.name, messages=MESSAGES, max_tokens=TOKENS,
                                                    temperature=0, stream=stream)
             if stream:
@@ -65,6 +75,11 @@ def test_a_dht_outage_neither_stops_nor_changes_the_answers(tiny_model_dirs, tmp
             return _swarm(coordinator)["discovery"]
 
         wait_until(lambda: _swarm(coordinator)["pipeline"]["coverage"]["complete"], 60, 0.5, "full coverage")
+        # The other node looks the swarm up by itself, with no request and nothing reading its status (which would
+        # look up): a lookup after both records are in the DHT. Before refresh_if_idle it made none at all.
+        wait_until(lambda: _announced_spans(dht, model.name) == set(SPANS), 60, 0.5, "both nodes announced")
+        looked_up = _answered_lookups(nodes[1])
+        wait_until(lambda: _answered_lookups(nodes[1]) > looked_up, 60, 0.5, "a lookup by the node that is only a peer")
         assert answer() == expected
         for _cycle in range(CYCLES):
             stream = client.chat.completions.create(model=model.name, messages=MESSAGES, max_tokens=LONG_TOKENS,
@@ -79,6 +94,10 @@ def test_a_dht_outage_neither_stops_nor_changes_the_answers(tiny_model_dirs, tmp
             without = discovery()["lookups_without_dht"]
             wait_until(lambda w=without: discovery()["lookups_without_dht"] > w, 60, 0.5, "a lookup without the DHT")
             answers["without the DHT"] += [answer(stream=True) == expected, answer() == expected]
+            # The other node had never coordinated a request before the first outage (nothing read its status):
+            # it still knows the swarm (discovery/own_view.py refresh_if_idle) and answers through it.
+            answers["without the DHT, through the node that had only been a peer"].append(
+                answer(client=peer_client) == expected)
             status = _swarm(coordinator)
             assert status["discovery"]["dht"] == "unreachable", status["discovery"]
             assert status["pipeline"]["coverage"]["complete"], status["pipeline"]["coverage"]
