@@ -85,9 +85,26 @@ def _check_port(key: str, host: str, port: int) -> int:
         raise  # unreachable: _fail exits
 
 
+def _without_overridden_promotion(argv: list[str]) -> list[str]:
+    """``argv`` plus ``~local`` when the saved promotion exists and the command line chooses what it decides (model,
+    span, quantization: hardware/promote.py chosen_over_promotion); said in one line."""
+    from openhydra.config.load import user_config_dir
+    from openhydra.hardware.promote import chosen_over_promotion, current_override, override_path
+
+    path = override_path(user_config_dir())
+    chosen = chosen_over_promotion(_user_overrides(argv))
+    if not chosen or not path.is_file() or "~local" in argv:
+        return argv
+    print(f"openhydra-node: not applying the saved promotion to {current_override(path.parent.parent)} ({path}): "
+          f"the command line chooses {' '.join(chosen)}; openhydra-node --demote or deleting the file removes it",
+          file=sys.stderr, flush=True)
+    at = argv.index(_user_overrides(argv)[0])  # among the overrides: argparse takes one run of them, not two
+    return [*argv[:at], "~local", *argv[at:]]
+
+
 def _user_overrides(argv: list[str]) -> list[str]:
-    return [a for a in argv if not a.startswith("-") and "=" in a and not a.startswith("hydra.")
-            and not a.startswith("hydra/")]
+    return [a for a in argv if ((not a.startswith("-") and "=" in a) or a.startswith("~"))
+            and not a.startswith(("hydra.", "hydra/"))]
 
 
 def preflight(argv: list[str]) -> None:
@@ -346,6 +363,8 @@ def node_main() -> None:
             argv = [action if a == flag else a for a in argv]
             sys.argv = [sys.argv[0], *argv]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = _without_overridden_promotion(argv)
+    sys.argv = [sys.argv[0], *argv]  # what hydra.main parses
     if not any(a.split("=")[0] in _HYDRA_INFO_FLAGS for a in argv):
         preflight(argv)
     import hydra

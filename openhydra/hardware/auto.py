@@ -14,6 +14,7 @@ from openhydra.config.schema import ModelConfig
 from openhydra.hardware.detect import HardwareProfile, detect
 from openhydra.hardware.promote import (
     Recommendation,
+    chosen_over_promotion,
     demote,
     is_promotion,
     recommend,
@@ -126,6 +127,16 @@ def run_action(action: str, cfg) -> int:
     return 0
 
 
+def _command_line() -> list[str]:
+    """The overrides this node was started with (Hydra's task overrides), or none outside Hydra (tests)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:
+        return []
+
+
 def maybe_promote_node(node) -> None:
     """After a node is ready: with hardware=auto in a swarm, recommend and maybe write, in the background."""
     cfg = node.cfg
@@ -135,6 +146,10 @@ def maybe_promote_node(node) -> None:
     if not node.in_swarm or node.discovery is None or node.background is None or cfg.model.tier == "local":
         return
     if cfg.action != "serve":  # action=check builds and tries the node: it must not rewrite the user's config
+        return
+    chosen = chosen_over_promotion(_command_line())
+    if chosen:  # the next start with this command line would not compose a promotion (cli.py): don't promise one
+        log.info("promotion: not considered, the command line chooses %s", " ".join(chosen))
         return
 
     def work() -> None:

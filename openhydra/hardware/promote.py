@@ -193,6 +193,25 @@ def override_path(config_dir: Path) -> Path:
     return Path(config_dir) / "local" / OVERRIDE_NAME
 
 
+_DECIDED_BY_PROMOTION = {"model", "shard", "hardware", "hardware.quantization", "shard.max_fraction"}
+
+
+def chosen_over_promotion(overrides: list[str]) -> list[str]:
+    """The command-line overrides that choose what a promotion decides (the model, its span, its quantization).
+
+    With any of them the saved promotion is not composed at all (cli.py adds ``~local``): its quantization and span
+    size belong to the model it chose, and applied to another (``model=X`` beats its ``override /model``, but its
+    ``hardware.quantization`` would still apply) they give neither what was asked nor what it promised.
+    ``hardware=auto`` asks for what promotion does, so it does not count.
+    """
+    chosen = []
+    for text in overrides:
+        key, _, value = text.partition("=")
+        if key.lstrip("+~") in _DECIDED_BY_PROMOTION and not (key == "hardware" and value == "auto"):
+            chosen.append(text)
+    return chosen
+
+
 def render_override(rec: Recommendation, reason: str = "auto-promotion") -> str:
     p = rec.plan
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

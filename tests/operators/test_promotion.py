@@ -218,3 +218,58 @@ def test_action_check_never_writes_the_users_config(config_dir, monkeypatch):
                               background=object())
     auto.maybe_promote_node(serving)
     assert started == ["auto-promotion"]  # the same node serving would look for a promotion
+
+
+def _node_cfg_job(config_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OPENHYDRA_CONFIG_DIR": str(config_dir)}
+    return subprocess.run([sys.executable, "-m", "openhydra.cli", *overrides, "--cfg", "job"], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def test_a_saved_promotion_yields_whole_to_a_command_line_that_chooses_the_model(config_dir):
+    """The swarm audit's case: a promotion to an NF4 model was saved; the next start names model= on the command
+    line. Hydra lets model= beat the override's model, but its hardware.quantization would still apply (SmolLM2 in
+    NF4: neither what was asked nor what the log promised). Now the override is not composed, and a line says so."""
+    rec = recommend(profile("laptop-8gb"), load_catalog(), coverage("base-only"))
+    write_override(rec, config_dir)
+    promoted = _node_cfg_job(config_dir, "hardware=cpu_int4")  # hardware= chooses too: nothing of it applies
+    assert promoted.returncode == 0, promoted.stderr[-2000:]
+    assert "not applying the saved promotion to qwen27b" in promoted.stderr
+    assert "quantization: int4" in promoted.stdout and "quantization: nf4" not in promoted.stdout
+
+    out = _node_cfg_job(config_dir, "model=smollm2-135m")
+    assert out.returncode == 0, out.stderr[-2000:]
+    note = next(line for line in out.stderr.splitlines() if "saved promotion" in line)
+    assert "qwen27b" in note and "model=smollm2-135m" in note and str(override_path(config_dir)) in note, note
+    assert "hf_id: HuggingFaceTB/SmolLM2-135M-Instruct" in out.stdout
+    assert "quantization: nf4" not in out.stdout and "max_fraction" not in out.stdout.split("shard:")[1][:200]
+
+    from hydra._internal.utils import get_args_parser
+
+    from openhydra.cli import _without_overridden_promotion
+
+    for argv in (["-m", "model=smollm2-135m,qwen0.8b", "api.port=8090"], ["hardware=cpu", "--cfg", "job"]):
+        changed = _without_overridden_promotion(list(argv))  # a -m sweep too; ~local among the overrides
+        parsed = get_args_parser().parse_args(changed)  # Hydra's own parser takes it as one run of overrides
+        assert "~local" in parsed.overrides and set(parsed.overrides) - {"~local"} == {a for a in argv if "=" in a}
+
+    kept = _node_cfg_job(config_dir, "api.port=8090")  # nothing the promotion decides: it applies, silently
+    assert kept.returncode == 0 and "saved promotion" not in kept.stderr, kept.stderr[-2000:]
+    assert "quantization: nf4" in kept.stdout and "Qwen/Qwen3.5-27B" in kept.stdout
+
+
+def test_no_promotion_is_considered_when_the_command_line_chooses_the_model(config_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    from openhydra.hardware import auto
+
+    started = []
+    monkeypatch.setattr("threading.Thread.start", lambda self: started.append(self.name))
+    cfg = composed_node(["hardware=auto", "discovery=http"])
+    node = SimpleNamespace(cfg=cfg, in_swarm=True, discovery=object(), background=object())
+    monkeypatch.setattr(auto, "_command_line", lambda: ["model=smollm2-135m", "discovery=http"])
+    auto.maybe_promote_node(node)
+    assert started == []  # its override would not be composed at the next start with this command line
+    monkeypatch.setattr(auto, "_command_line", lambda: ["hardware=auto", "discovery=http"])
+    auto.maybe_promote_node(node)
+    assert started == ["auto-promotion"]
