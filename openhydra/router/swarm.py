@@ -110,6 +110,7 @@ class SwarmPipeline:
         self._unreachable: dict[str, tuple[str | None, float]] = {}
         """peer id -> (instance, wall time) of the process that refused a connection: its records are dead."""
         self._banned_instance: dict[str, str | None] = {}
+        self._ban_reasons: dict[str, str] = {}  # peer id -> its address and last failure, for a 503 that says why
         """peer id -> the instance whose failure earned the current ban: a new instance (a restart) is not banned."""
         self.failovers = 0
         self.replay_mismatches = 0
@@ -201,10 +202,15 @@ class SwarmPipeline:
                 log.error("rejecting an invalid chain: %s", problems)
             if time.monotonic() >= deadline:
                 METRICS.unavailable.inc()
-                report = self.coverage_map().coverage(exclude=self.bans.banned())
+                banned = self.bans.banned()
+                report = self.coverage_map().coverage(exclude=banned)
+                # peers left out after failing (a refusal that says why, e.g. another privacy level): the holes
+                # may be theirs, and a user would otherwise look for a peer that is running
+                why = [self._ban_reasons[p] for p in sorted(banned) if p in self._ban_reasons][:3]
                 raise PipelineUnavailable(
                     f"no chain of peers covers all {self.total_layers} layers of {self.model_id} "
-                    f"(holes: {report.to_dict().get('holes')})",
+                    f"(holes: {report.to_dict().get('holes')})"
+                    + (f"; left out after failing: {'; '.join(why)}" if why else ""),
                     self.tunables.retry_after_s,
                 )
             time.sleep(0.25)
@@ -344,6 +350,7 @@ class SwarmPipeline:
                 self._cached = (0.0, [])
             backoff = self.bans.ban(peer_id)
             self._banned_instance[peer_id] = record.instance
+            self._ban_reasons[peer_id] = f"{failed}: {error.code.name}: {error.message}"[:300]
             METRICS.bans.inc()
             log.warning("hop %s (%s) failed: %s; banned for %.1f s, failing over", failed, peer_id, error, backoff)
         self.failovers += 1
