@@ -20,6 +20,13 @@ class MalformedMessage(CryptoError):
     reason = "malformed"
 
 
+class StaleSession(CryptoError):
+    """A sealed step for a session that ended on this peer (closed, or handed over to a new session id after a
+    failover): a straggler of the coordinator's, not a forgery. Rejected all the same, but counted apart."""
+
+    reason = "stale"
+
+
 class TamperedMessage(CryptoError):
     """Authentication failed: the ciphertext, header or associated data was altered, or the wrong key."""
 

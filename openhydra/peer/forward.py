@@ -150,7 +150,8 @@ class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
                     self.privacy.rejections["plaintext"] += 1
                     raise CryptoError("this peer requires encrypted steps")
             except CryptoError as exc:
-                log.warning("%s: rejected a step of %s: %s (%s)", self.address, step.session_id, exc.reason, exc)
+                log.log(logging.INFO if exc.reason == "stale" else logging.WARNING,  # stale: a straggler, expected
+                        "%s: rejected a step of %s: %s (%s)", self.address, step.session_id, exc.reason, exc)
                 index = state.index if state is not None else -1
                 why = f"{self.address}: {exc.reason}: {exc}"
                 await context.abort(grpc.StatusCode.DATA_LOSS, hop_failure(index, grpc.StatusCode.DATA_LOSS, why))

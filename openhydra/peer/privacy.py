@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from openhydra.crypto.errors import CryptoError, MalformedMessage
+from openhydra.crypto.errors import CryptoError, MalformedMessage, StaleSession
 from openhydra.crypto.keys import StaticKeyPair
 from openhydra.crypto.onion import DEFAULT_ONION_SIZE, HopRef, RouteHop
 from openhydra.crypto.records import decode_static_key
@@ -115,6 +115,10 @@ def decode_span(payload: bytes) -> tuple[int, int] | None:
     return decode_payload(payload)[0]
 
 
+ENDED_REMEMBERED = 4096
+"""Session ids a peer remembers after dropping them, so a straggling step for one is told apart from a forgery."""
+
+
 @dataclass
 class PeerPrivacy:
     """A peer's keys, its sessions' hop state and its rejection counters."""
@@ -123,6 +127,7 @@ class PeerPrivacy:
     require_encryption: bool = False
     rejections: Counter[str] = field(default_factory=Counter)
     _sessions: OrderedDict[str, HopState] = field(default_factory=OrderedDict)
+    _ended: OrderedDict[str, None] = field(default_factory=OrderedDict)  # recently dropped session ids (bounded)
     admission: SessionAdmission = field(default_factory=lambda: SessionAdmission(MAX_CRYPTO_SESSIONS))
 
     def open_step(self, outer: pb.Step, source: str = "") -> tuple[pb.Step, HopState]:
@@ -149,6 +154,8 @@ class PeerPrivacy:
             self.admission.check(sid, issued_ms)  # single use per hop within the onion's lifetime
             state, new = HopState(session, span), True
         if state is None:
+            if sid in self._ended:  # e.g. a step sent before a failover moved the session: not an attack
+                raise StaleSession("sealed step for a session that ended here (closed, or moved by a failover)")
             raise MalformedMessage("sealed step for a session with no onion (its keys were never agreed)")
         opened = state.session.open_input(bytes(outer.sealed))
         inner = pb.Step()
@@ -182,7 +189,10 @@ class PeerPrivacy:
         return self._sessions.get(session_id)
 
     def drop(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
+        if self._sessions.pop(session_id, None) is not None:
+            self._ended[session_id] = None
+            while len(self._ended) > ENDED_REMEMBERED:
+                self._ended.popitem(last=False)
 
     def counts(self) -> dict[str, int]:
         return dict(self.rejections)

@@ -175,3 +175,37 @@ def test_settlement_refusal_outlives_the_close_and_follows_the_privacy_rule() ->
     assert peer.counts()["control_denied"] == 5
     open_peer = PeerPrivacy(StaticKeyPair.generate(), require_encryption=False)  # privacy=off: nothing to check
     assert settlement_refusal(open_peer, settlement, "plain", SIGN_SETTLEMENT, None, b"") is None
+
+
+def test_a_straggling_step_for_a_dropped_session_is_stale_not_malformed() -> None:
+    """After a failover the coordinator's session moves to a new id and the old one is dropped on its hops; a step
+    still in flight for the old id is rejected as before, but counted and logged as stale, not as a malformed
+    (possibly forged) message, which the swarm audit saw after every onion failover. A session id this peer never
+    held stays malformed, whoever sends it."""
+    from openhydra.crypto.errors import MalformedMessage, StaleSession
+    from openhydra.crypto.identity import Identity
+    from openhydra.crypto.keys import StaticKeyPair
+    from openhydra.crypto.records import encode_static_key
+    from openhydra.peer.messages import HopSpec
+    from openhydra.peer.privacy import ENDED_REMEMBERED, ChainPrivacy, CoordinatorRoute, PeerPrivacy
+
+    identity, static = Identity.generate(), StaticKeyPair.generate()
+    hop = HopSpec(address="127.0.0.1:1", start=0, end=8, peer_id=identity.peer_id,
+                  static_key=encode_static_key(static.signed_by(identity)))
+    route = CoordinatorRoute.build("sid", [hop], ChainPrivacy(encrypt=True), "127.0.0.1:2")
+    peer = PeerPrivacy(static, require_encryption=True)
+    peer.open_step(route.seal_step(pb.Step(session_id="sid", seq=0)), source="ipv4:127.0.0.1:3")
+    straggler = route.seal_step(pb.Step(session_id="sid", seq=1))
+    peer.drop("sid")
+    with pytest.raises(StaleSession):
+        peer.open_step(straggler, source="ipv4:127.0.0.1:3")
+    with pytest.raises(MalformedMessage):
+        peer.open_step(pb.Step(session_id="never-held", seq=1, sealed=b"x" * 64), source="ipv4:127.0.0.1:3")
+    peer.drop("never-held")  # dropping what was never held remembers nothing
+    with pytest.raises(MalformedMessage):
+        peer.open_step(pb.Step(session_id="never-held", seq=2, sealed=b"x" * 64), source="ipv4:127.0.0.1:3")
+    assert peer.counts() == {"stale": 1, "malformed": 2}
+    for i in range(ENDED_REMEMBERED):  # the memory is bounded: the oldest ended ids are forgotten
+        peer._sessions[f"s{i}"] = object()  # stands for a held session
+        peer.drop(f"s{i}")
+    assert "sid" not in peer._ended and len(peer._ended) == ENDED_REMEMBERED
