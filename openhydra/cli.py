@@ -363,6 +363,11 @@ def node_main() -> None:
             argv = [action if a == flag else a for a in argv]
             sys.argv = [sys.argv[0], *argv]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    modes = [a for a in argv if a.split("=")[0] in ("-m", "--multirun", "--cfg", "-c", "--info", "-i",
+                                                     "--shell-completion", "-sc")]
+    if len(modes) > 1:  # Hydra raises a ValueError with a traceback for this
+        _fail(f"{' and '.join(modes)} cannot be combined: choose one (a -m sweep runs its jobs; --cfg prints one "
+              "job's config)")
     argv = _without_overridden_promotion(argv)
     sys.argv = [sys.argv[0], *argv]  # what hydra.main parses
     if not any(a.split("=")[0] in _HYDRA_INFO_FLAGS for a in argv):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from openhydra.config.schema import ModelConfig
@@ -51,9 +52,11 @@ async def lookup_coverage(discovery, catalog: dict[str, ModelConfig], timeout_s:
 
 
 def promote_once(current: ModelConfig, catalog: dict[str, ModelConfig], coverage: dict[str, CoverageReport],
-                 config_dir: Path, profile: HardwareProfile | None = None, by_hand: bool = False
-                 ) -> tuple[Recommendation | None, Path | None]:
-    """Recommend and, when it is a step up from ``current``, write the override."""
+                 config_dir: Path, profile: HardwareProfile | None = None, by_hand: bool = False,
+                 obtainable: Callable[[str], bool] | None = None) -> tuple[Recommendation | None, Path | None]:
+    """Recommend and, when it is a step up from ``current``, write the override. ``obtainable(model_id)`` (the
+    automatic path passes one): whether its weights can be had at all; a model neither the hub nor the swarm can
+    give is not written, since the next start could only fall back."""
     profile = profile or detect()
     log.info("hardware: %s", profile.summary())
     rec = recommend(profile, catalog, coverage)
@@ -62,6 +65,10 @@ def promote_once(current: ModelConfig, catalog: dict[str, ModelConfig], coverage
         return None, None
     if not is_promotion(rec, current):
         log.info("promotion: keeping %s (the best fit is %s)", current.name, rec.describe())
+        return rec, None
+    if obtainable is not None and not obtainable(rec.plan.model_id):
+        log.info("promotion: %s fits, but not written: the model hub is unreachable and no peer serves it, so "
+                 "the next start could not load it", rec.describe())
         return rec, None
     path = write_override(rec, config_dir, reason="openhydra-node --promote" if by_hand else "auto-promotion")
     log.info("promotion: %s -> %s; wrote %s (the next start serves it)", current.name, rec.describe(), path)
@@ -127,6 +134,16 @@ def run_action(action: str, cfg) -> int:
     return 0
 
 
+def _obtainable(model_id: str, coverage: dict[str, CoverageReport], probe_timeout_s: float) -> bool:
+    """Weights for ``model_id`` can be had: some peer serves it (and shares its span's weights), or the hub answers."""
+    report = coverage.get(model_id)
+    if report is not None and report.peers > 0:
+        return True
+    from openhydra.runtime.source import hub_reachable
+
+    return hub_reachable(timeout_s=probe_timeout_s)
+
+
 def _command_line() -> list[str]:
     """The overrides this node was started with (Hydra's task overrides), or none outside Hydra (tests)."""
     try:
@@ -159,7 +176,8 @@ def maybe_promote_node(node) -> None:
         try:
             catalog = load_catalog()
             coverage = node.background.run(lookup_coverage(node.discovery, catalog), timeout=60)
-            promote_once(cfg.model, catalog, coverage, user_config_dir())
+            promote_once(cfg.model, catalog, coverage, user_config_dir(),
+                         obtainable=lambda model_id: _obtainable(model_id, coverage, cfg.node.hub_probe_timeout_s))
         except Exception as exc:  # a recommendation must never take the node down
             log.warning("promotion skipped: %s: %s", type(exc).__name__, exc)
 

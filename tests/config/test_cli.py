@@ -33,6 +33,12 @@ def test_cfg_job_prints_the_composed_config():
     assert "port: 8081" in out.stdout and "SmolLM2-135M-Instruct" in out.stdout and "device: cpu" in out.stdout
 
 
+def test_a_sweep_and_cfg_together_are_one_line():
+    out = node_cli("-m", "model=smollm2-135m,qwen0.8b", "--cfg", "job")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("openhydra-node: config error: -m and --cfg cannot be combined")
+
+
 def test_version():
     out = node_cli("--version")
     assert out.returncode == 0 and out.stdout.startswith("openhydra-node ")

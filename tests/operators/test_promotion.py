@@ -273,3 +273,25 @@ def test_no_promotion_is_considered_when_the_command_line_chooses_the_model(conf
     monkeypatch.setattr(auto, "_command_line", lambda: ["hardware=auto", "discovery=http"])
     auto.maybe_promote_node(node)
     assert started == ["auto-promotion"]
+
+
+def test_a_model_nobody_can_provide_is_not_written(config_dir, caplog):
+    """The swarm audit's box: no hub, and no peer serving the recommended 27B. Writing it would only make the next
+    start fall back; the recommendation is logged instead. With a source it is written as before."""
+    catalog = load_catalog()
+    current = composed_node().model
+    asked = []
+
+    def nowhere(model_id: str) -> bool:
+        asked.append(model_id)
+        return False
+
+    with caplog.at_level("INFO", logger="openhydra.promotion"):
+        rec, path = promote_once(current, catalog, coverage("base-only"), config_dir, profile("laptop-8gb"),
+                                 obtainable=nowhere)
+    assert rec is not None and rec.plan.option == "qwen27b" and path is None
+    assert asked == [rec.plan.model_id] and not override_path(config_dir).exists()
+    assert "not written: the model hub is unreachable and no peer serves it" in caplog.text
+    rec, path = promote_once(current, catalog, coverage("base-only"), config_dir, profile("laptop-8gb"),
+                             obtainable=lambda _model_id: True)
+    assert path == override_path(config_dir) and current_override(config_dir) == "qwen27b"
