@@ -36,7 +36,8 @@ def test_cfg_job_prints_the_composed_config():
 def test_a_sweep_and_cfg_together_are_one_line():
     out = node_cli("-m", "model=smollm2-135m,qwen0.8b", "--cfg", "job")
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert out.stderr.strip().splitlines()[-1].startswith("openhydra-node: config error: -m and --cfg cannot be combined")
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("openhydra-node: config error: -m and --cfg cannot be combined"), last
 
 
 def test_version():
