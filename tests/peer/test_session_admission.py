@@ -28,6 +28,21 @@ def _keys() -> HopKeys:
     return HopKeys(*(os.urandom(32) for _ in range(4)))
 
 
+def _one_hop_session():
+    """A coordinator's route of one encrypted hop ("sid") and that hop's PeerPrivacy, not yet opened."""
+    from openhydra.crypto.identity import Identity
+    from openhydra.crypto.keys import StaticKeyPair
+    from openhydra.crypto.records import encode_static_key
+    from openhydra.peer.messages import HopSpec
+    from openhydra.peer.privacy import ChainPrivacy, CoordinatorRoute, PeerPrivacy
+
+    identity, static = Identity.generate(), StaticKeyPair.generate()
+    hop = HopSpec(address="127.0.0.1:1", start=0, end=8, peer_id=identity.peer_id,
+                  static_key=encode_static_key(static.signed_by(identity)))
+    route = CoordinatorRoute.build("sid", [hop], ChainPrivacy(encrypt=True), "127.0.0.1:2")
+    return identity, hop, route, PeerPrivacy(static, require_encryption=True)
+
+
 def test_payload_round_trip_and_freshness() -> None:
     span, issued = decode_payload(encode_payload(3, 7))
     assert span == (3, 7) and abs(issued / 1000 - time.time()) < 5
@@ -92,18 +107,9 @@ def test_failure_tag() -> None:
 
 def test_control_refusal_without_grpc() -> None:
     """The check a control request carried inside the sealed stream would get: the coordinator's tag, once."""
-    from openhydra.crypto.identity import Identity
-    from openhydra.crypto.keys import StaticKeyPair
-    from openhydra.crypto.records import encode_static_key
-    from openhydra.peer.messages import HopSpec
-    from openhydra.peer.privacy import ChainPrivacy, CoordinatorRoute, PeerPrivacy
     from openhydra.peer.session_auth import control_refusal, sign_for
 
-    identity, static = Identity.generate(), StaticKeyPair.generate()
-    hop = HopSpec(address="127.0.0.1:1", start=0, end=8, peer_id=identity.peer_id,
-                  static_key=encode_static_key(static.signed_by(identity)))
-    route = CoordinatorRoute.build("sid", [hop], ChainPrivacy(encrypt=True), "127.0.0.1:2")
-    peer = PeerPrivacy(static, require_encryption=True)
+    _identity, hop, route, peer = _one_hop_session()
     peer.open_step(route.seal_step(pb.Step(session_id="sid", seq=0)), source="ipv4:127.0.0.1:3")
     runtime = SimpleNamespace(session_length=lambda _sid: 5)
     assert control_refusal(peer, runtime, pb.CloseRequest(session_id="sid")) is not None  # a stranger's
@@ -122,12 +128,9 @@ def test_settlement_refusal_outlives_the_close_and_follows_the_privacy_rule() ->
     """SignSettlement/ApplySettlement come after the close: the hop's settlement record keeps the session's
     settlement key, the coordinator keeps SettlementKeys. A tag is accepted once, for its own hop, kind and claim;
     a plaintext session passes on a peer that accepts plaintext (privacy=off) and is refused on one that does not."""
-    from openhydra.crypto.identity import Identity
     from openhydra.crypto.keys import StaticKeyPair
-    from openhydra.crypto.records import encode_static_key
     from openhydra.economy.peer_settlement import PeerSettlement
-    from openhydra.peer.messages import HopSpec
-    from openhydra.peer.privacy import ChainPrivacy, CoordinatorRoute, PeerPrivacy
+    from openhydra.peer.privacy import PeerPrivacy
     from openhydra.peer.session_auth import (
         APPLY_SETTLEMENT,
         SIGN_SETTLEMENT,
@@ -137,11 +140,7 @@ def test_settlement_refusal_outlives_the_close_and_follows_the_privacy_rule() ->
         settlement_refusal,
     )
 
-    identity, static = Identity.generate(), StaticKeyPair.generate()
-    hop = HopSpec(address="127.0.0.1:1", start=0, end=8, peer_id=identity.peer_id,
-                  static_key=encode_static_key(static.signed_by(identity)))
-    route = CoordinatorRoute.build("sid", [hop], ChainPrivacy(encrypt=True), "127.0.0.1:2")
-    peer = PeerPrivacy(static, require_encryption=True)
+    identity, hop, route, peer = _one_hop_session()
     _, state = peer.open_step(route.seal_step(pb.Step(session_id="sid", seq=0)), source="ipv4:127.0.0.1:3")
     settlement = PeerSettlement(identity, None, "m", (0, 8))
     settlement.served("sid", 5, hop_settlement_key(state))
@@ -183,17 +182,9 @@ def test_a_straggling_step_for_a_dropped_session_is_stale_not_malformed() -> Non
     (possibly forged) message, which the swarm audit saw after every onion failover. A session id this peer never
     held stays malformed, whoever sends it."""
     from openhydra.crypto.errors import MalformedMessage, StaleSession
-    from openhydra.crypto.identity import Identity
-    from openhydra.crypto.keys import StaticKeyPair
-    from openhydra.crypto.records import encode_static_key
-    from openhydra.peer.messages import HopSpec
-    from openhydra.peer.privacy import ENDED_REMEMBERED, ChainPrivacy, CoordinatorRoute, PeerPrivacy
+    from openhydra.peer.privacy import ENDED_REMEMBERED
 
-    identity, static = Identity.generate(), StaticKeyPair.generate()
-    hop = HopSpec(address="127.0.0.1:1", start=0, end=8, peer_id=identity.peer_id,
-                  static_key=encode_static_key(static.signed_by(identity)))
-    route = CoordinatorRoute.build("sid", [hop], ChainPrivacy(encrypt=True), "127.0.0.1:2")
-    peer = PeerPrivacy(static, require_encryption=True)
+    _identity, _hop, route, peer = _one_hop_session()
     peer.open_step(route.seal_step(pb.Step(session_id="sid", seq=0)), source="ipv4:127.0.0.1:3")
     straggler = route.seal_step(pb.Step(session_id="sid", seq=1))
     peer.drop("sid")
