@@ -95,7 +95,11 @@ def _without_overridden_promotion(argv: list[str]) -> list[str]:
     chosen = chosen_over_promotion(_user_overrides(argv))
     if not chosen or not path.is_file() or "~local" in argv:
         return argv
-    print(f"openhydra-node: not applying the saved promotion to {current_override(path.parent.parent)} ({path}): "
+    try:
+        target = current_override(path.parent.parent)
+    except Exception:  # a broken file: it is not composed anyway, so it cannot fail this start
+        target = "?"
+    print(f"openhydra-node: not applying the saved promotion to {target} ({path}): "
           f"the command line chooses {' '.join(chosen)}; openhydra-node --demote or deleting the file removes it",
           file=sys.stderr, flush=True)
     at = argv.index(_user_overrides(argv)[0])  # among the overrides: argparse takes one run of them, not two

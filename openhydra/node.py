@@ -138,6 +138,7 @@ class Node:
     _fallback_swarms: list = field(default_factory=list)
     _fallback_settlers: list = field(default_factory=list)
     _view_refresh_stop: threading.Event = field(default_factory=threading.Event)
+    _view_refresh: threading.Thread | None = None
     transport: object = None
     """peer/libp2p_transport.Libp2pTransport when peer.transport is libp2p or auto (None: gRPC only)."""
     reachability: object = None
@@ -544,7 +545,8 @@ class Node:
             while not stop.wait(every_s):
                 view.refresh_if_idle(every_s)
 
-        threading.Thread(target=run, name="own-view-refresh", daemon=True).start()
+        self._view_refresh = threading.Thread(target=run, name="own-view-refresh", daemon=True)
+        self._view_refresh.start()
 
     def _client_tunables(self):
         from openhydra.peer.client import ClientTunables
@@ -636,7 +638,9 @@ class Node:
 
     # -- shutdown ------------------------------------------------------------------------------------
     def shutdown(self) -> None:
-        self._view_refresh_stop.set()  # no lookups while the node winds down
+        self._view_refresh_stop.set()  # no lookups while the node winds down; one in flight ends before discovery
+        if self._view_refresh is not None:
+            self._view_refresh.join(timeout=5.0)
         if self._admission_privacy is not None:
             self._admission_privacy.membership.close()  # a proof still being solved is no longer needed
         if self.state.engine is not None:

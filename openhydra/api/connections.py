@@ -30,6 +30,9 @@ from openhydra.api.ratelimit import TrustedProxies
 
 REFUSAL_WAIT_S = 1.0
 """How long a refused connection may take to send its request line (whose path picks the error's shape)."""
+MAX_PENDING_REFUSALS = 64
+"""Refused connections waiting for their request line at once, all addresses together: past it a refusal is sent at
+once in OpenAI's shape, so a flood of silent connections over the cap holds at most this many sockets."""
 
 
 def _refusal(limit: int, path: str) -> bytes:
@@ -61,6 +64,7 @@ class ConnectionGuard:
         self.trusted = trusted or TrustedProxies()
         self.open: defaultdict[str, int] = defaultdict(int)
         self.refused_total = 0
+        self.pending_refusals = 0  # refused connections waiting for their request line (MAX_PENDING_REFUSALS)
         self.body_timeouts_total = 0
         self._refusals = {api: _refusal(max_per_ip, api) for api in ("/v1/", OLLAMA_PREFIX)}
 
@@ -92,6 +96,9 @@ class ConnectionGuard:
             "# HELP openhydra_http_connections_refused_total Connections refused: too many from one address\n"
             "# TYPE openhydra_http_connections_refused_total counter\n"
             f"openhydra_http_connections_refused_total {self.refused_total}\n"
+            "# HELP openhydra_http_refusals_pending Refused connections waiting for their request line\n"
+            "# TYPE openhydra_http_refusals_pending gauge\n"
+            f"openhydra_http_refusals_pending {self.pending_refusals}\n"
             "# HELP openhydra_http_body_timeouts_total Requests answered 408: body not received in time\n"
             "# TYPE openhydra_http_body_timeouts_total counter\n"
             f"openhydra_http_body_timeouts_total {self.body_timeouts_total}\n"
@@ -132,9 +139,16 @@ class EdgeHttpProtocol(HttpProtocol):
             ip = peer[0] if isinstance(peer, tuple) else "unix"
             if not guard.admit(ip):
                 # Refused: no task, parser or buffer. The first bytes only pick the error's shape (their path);
-                # a client that sends nothing gets the OpenAI shape after REFUSAL_WAIT_S.
+                # a client that sends nothing gets the OpenAI shape after REFUSAL_WAIT_S. Past
+                # MAX_PENDING_REFUSALS waiting at once, the refusal goes out at once.
                 self._edge_refused = True
                 self.transport = transport
+                self._edge_refusal_timer = None
+                if guard.pending_refusals >= MAX_PENDING_REFUSALS:
+                    transport.write(guard.refusal(""))
+                    transport.close()
+                    return
+                guard.pending_refusals += 1
                 self._edge_refusal_timer = asyncio.get_running_loop().call_later(
                     REFUSAL_WAIT_S, self._refuse, guard, "")
                 return
@@ -143,10 +157,17 @@ class EdgeHttpProtocol(HttpProtocol):
         super().connection_made(transport)
 
     def _refuse(self, guard: ConnectionGuard, path: str) -> None:
-        self._edge_refusal_timer.cancel()
+        self._stop_waiting(guard)
         if not self.transport.is_closing():
             self.transport.write(guard.refusal(path))
             self.transport.close()
+
+    def _stop_waiting(self, guard: ConnectionGuard) -> None:
+        """The refused connection no longer waits for its request line (answered, or gone): once only."""
+        if self._edge_refusal_timer is not None:
+            self._edge_refusal_timer.cancel()
+            self._edge_refusal_timer = None
+            guard.pending_refusals -= 1
 
     def data_received(self, data: bytes) -> None:
         if getattr(self, "_edge_refused", False):
@@ -157,7 +178,7 @@ class EdgeHttpProtocol(HttpProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if getattr(self, "_edge_refused", False):
-            self._edge_refusal_timer.cancel()
+            self._stop_waiting(self.app.ctx.connections)
             return  # never set up: no task, no conn_info
         guard: ConnectionGuard | None = getattr(self.app.ctx, "connections", None)
         if guard is not None and self._edge_ip is not None:

@@ -46,7 +46,7 @@ def build_economy(
             **extra,
         )
     except (SQLAlchemyError, sqlite3.Error, OSError) as exc:  # said in one line by the CLI, not as a traceback
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
         raise LedgerUnavailable(f"cannot open the ledger database {_without_password(db_url)}: {reason}") from exc
     return Economy(ledger, identity, cfg)
 

@@ -193,7 +193,8 @@ def override_path(config_dir: Path) -> Path:
     return Path(config_dir) / "local" / OVERRIDE_NAME
 
 
-_DECIDED_BY_PROMOTION = {"model", "shard", "hardware", "hardware.quantization", "shard.max_fraction"}
+_DECIDED_BY_PROMOTION = {"model", "shard", "hardware", "hardware.quantization", "hardware.device", "hardware.backend",
+                         "hardware.dtype"}
 
 
 def chosen_over_promotion(overrides: list[str]) -> list[str]:
@@ -201,13 +202,17 @@ def chosen_over_promotion(overrides: list[str]) -> list[str]:
 
     With any of them the saved promotion is not composed at all (cli.py adds ``~local``): its quantization and span
     size belong to the model it chose, and applied to another (``model=X`` beats its ``override /model``, but its
-    ``hardware.quantization`` would still apply) they give neither what was asked nor what it promised.
-    ``hardware=auto`` asks for what promotion does, so it does not count.
+    ``hardware.quantization`` would still apply) they give neither what was asked nor what it promised. Any
+    ``model.*`` or ``shard.*`` key counts (``model.path=``, ``shard.start=``). ``hardware=auto`` asks for what
+    promotion does, so it does not count.
     """
     chosen = []
     for text in overrides:
-        key, _, value = text.partition("=")
-        if key.lstrip("+~") in _DECIDED_BY_PROMOTION and not (key == "hardware" and value == "auto"):
+        raw, _, value = text.partition("=")
+        key = raw.lstrip("+~")
+        if key == "hardware" and value == "auto":
+            continue
+        if key in _DECIDED_BY_PROMOTION or key.startswith(("model.", "shard.")):
             chosen.append(text)
     return chosen
 

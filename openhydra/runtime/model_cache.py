@@ -306,6 +306,26 @@ def materialize_gguf(gguf: Path, target: Path, record: dict[str, object] | None 
     return materialize(target, argv, f"converting {gguf.name}", full_record)
 
 
+_GENERATED = {"from", "gguf_bytes", "dtype", "manifest", "converted_s", "converter_peak_rss_bytes", "completed_at"}
+
+
+def _conversion_source(target: Path, gguf: Path | None) -> tuple[Path, dict[str, object]]:
+    """The GGUF ``target`` was converted from (its completion marker's ``from``) and the marker's other fields, for
+    ``--repair``: only a folder this cache converted is deleted and converted again, and from its own file."""
+    try:
+        marker = json.loads((target / COMPLETE_MARKER).read_text())
+        source = Path(marker["from"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"--repair: {target} has no completion marker naming the GGUF it was converted from ({exc}); "
+                         "only a conversion of this cache can be repaired (a hub download or a folder of your own: "
+                         "replace it with an intact copy)") from None
+    if gguf is not None and gguf.resolve() != source.resolve():
+        raise SystemExit(f"--repair: {target} was converted from {source}, not {gguf}")
+    if not source.is_file():
+        raise SystemExit(f"--repair: {source}, which {target} was converted from, is gone")
+    return source, {k: v for k, v in marker.items() if k not in _GENERATED}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Convert a GGUF (default: the embedded SmolLM2) into the machine's cache ahead of starting nodes, or check
     a cached folder byte by byte (``--verify``) and convert it again when it is damaged (``--repair``)."""
@@ -331,11 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, object] = {"path": str(target), "intact": not damaged, "damaged": damaged[:20],
                                      "damaged_count": len(damaged), "seconds": round(time.monotonic() - started, 2)}
         if damaged and args.repair:
+            source, record = _conversion_source(target, args.gguf)
             with cache_lock(target, "repairing"):  # no node converts or reads it as trusted meanwhile
                 if target.exists():
-                    log.warning("removing %s to convert it again: %s", target, damaged[0])
+                    log.warning("removing %s to convert it again from %s: %s", target, source, damaged[0])
                     shutil.rmtree(target)
-            materialize_gguf(gguf, target)
+            materialize_gguf(source, target, record)
             report["repaired"] = not verify(target, progress=False)
         print(json.dumps(report), flush=True)
         return 0 if not damaged or report.get("repaired") else 1

@@ -173,6 +173,25 @@ def test_the_refusal_speaks_the_api_the_request_names(node: NodeProcess) -> None
             sock.close()
 
 
+def test_silent_refused_connections_are_answered_and_their_wait_is_bounded(node: NodeProcess) -> None:
+    """More silent connections over the cap than may wait for a request line (64): every one gets its 429 (those
+    past the bound at once, the others after the 1 s wait), and the count of waiting ones goes back to 0."""
+    from openhydra.api.connections import MAX_PENDING_REFUSALS
+
+    held = [connect(node.port, "127.0.0.15") for _ in range(MAX_CONNECTIONS)]
+    extra = [connect(node.port, "127.0.0.15") for _ in range(MAX_PENDING_REFUSALS + 16)]
+    try:
+        statuses = []
+        for sock in extra:
+            sock.settimeout(10.0)
+            statuses.append(parse(sock.recv(65536)).status)
+        assert statuses == [429] * len(extra), statuses
+        assert metric(node, "openhydra_http_refusals_pending") == 0
+    finally:
+        for sock in held + extra:
+            sock.close()
+
+
 def test_a_flood_from_one_ip_holds_at_most_the_cap(node: NodeProcess) -> None:
     socks = [connect(node.port, "127.0.0.12") for _ in range(MAX_CONNECTIONS * 5)]
     try:

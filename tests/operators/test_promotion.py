@@ -295,3 +295,20 @@ def test_a_model_nobody_can_provide_is_not_written(config_dir, caplog):
     rec, path = promote_once(current, catalog, coverage("base-only"), config_dir, profile("laptop-8gb"),
                              obtainable=lambda _model_id: True)
     assert path == override_path(config_dir) and current_override(config_dir) == "qwen27b"
+
+
+def test_which_command_line_keys_skip_a_saved_promotion(config_dir):
+    from openhydra.hardware.promote import chosen_over_promotion
+
+    assert chosen_over_promotion(["model.hf_id=x/y", "shard.start=0", "hardware.dtype=bfloat16", "api.port=1",
+                                  "hardware.threads=2", "+hardware=auto", "hardware=auto", "~model.path"]) == [
+        "model.hf_id=x/y", "shard.start=0", "hardware.dtype=bfloat16", "~model.path"]
+    # a saved file that does not parse: Hydra still reads it, so it is a one-line error naming it, not a traceback
+    override_path(config_dir).parent.mkdir(parents=True)
+    override_path(config_dir).write_text("defaults: [unclosed\n")
+    out = subprocess.run([sys.executable, "-m", "openhydra.cli", "model=smollm2-135m", "action=check"],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OPENHYDRA_CONFIG_DIR": str(config_dir)})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "not applying the saved promotion to ?" in out.stderr
+    assert "config error" in out.stderr and str(override_path(config_dir)) in out.stderr, out.stderr[-2000:]

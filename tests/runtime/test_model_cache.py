@@ -184,6 +184,14 @@ def test_a_damaged_folder_is_found_named_and_converted_again(tiny_gguf: Path, tm
 
     (target / "config.json").unlink()
     assert untrusted_because(target) == "it has no config.json or no weights"
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF")
+    with pytest.raises(SystemExit, match="was converted from"):  # never another file's conversion in its place
+        main(["--gguf", str(other), "--target", str(target), "--verify", "--repair"])
+    (target / COMPLETE_MARKER).unlink()  # not this cache's conversion (a hub download, a folder of one's own)
+    with pytest.raises(SystemExit, match="no completion marker naming the GGUF"):
+        main(["--target", str(target), "--verify", "--repair"])
+    assert (target / "model.safetensors").exists()  # nothing was deleted
 
 
 def test_failed_conversion_raises_and_leaves_nothing(tmp_path: Path) -> None:

@@ -97,7 +97,6 @@ def test_missing_tensor_is_a_clear_error(tiny_model_dirs, tmp_path: Path) -> Non
         ShardRuntime(dst, 6, 8)
 
 
-@pytest.mark.slow
 def test_a_truncated_checkpoint_is_a_clear_error(tiny_model_dirs, tmp_path: Path) -> None:
     """A half-written model.safetensors (an interrupted copy, a full disk) names the file and what to do, as a
     CheckpointError the node logs in one line, instead of the library's bare deserialisation error."""
@@ -118,6 +117,7 @@ def test_a_truncated_checkpoint_is_a_clear_error(tiny_model_dirs, tmp_path: Path
         index.read_as_stored("model.layers.0.x")
 
 
+@pytest.mark.slow
 def test_a_third_of_smollm2_holds_a_third_of_the_layer_bytes(smollm2_dir: Path) -> None:
     index = CheckpointIndex.open(smollm2_dir)
     full_bytes = index.tensor_bytes(index.weight_map)  # fp32 on disk
