@@ -110,8 +110,9 @@ class SwarmPipeline:
         self._unreachable: dict[str, tuple[str | None, float]] = {}
         """peer id -> (instance, wall time) of the process that refused a connection: its records are dead."""
         self._banned_instance: dict[str, str | None] = {}
-        self._ban_reasons: dict[str, str] = {}  # peer id -> its address and last failure, for a 503 that says why
         """peer id -> the instance whose failure earned the current ban: a new instance (a restart) is not banned."""
+        self._ban_reasons: dict[str, str] = {}
+        """peer id -> its address and last failure, for a 503 that says why its layers are holes."""
         self.failovers = 0
         self.replay_mismatches = 0
         self.supports_truncate = True
@@ -144,6 +145,7 @@ class SwarmPipeline:
             return
         if record.peer_id in self._banned_instance and self._banned_instance[record.peer_id] != record.instance:
             del self._banned_instance[record.peer_id]
+            self._ban_reasons.pop(record.peer_id, None)
             self.bans.success(record.peer_id)  # a new process starts with a clean streak
             log.info("peer %s restarted (instance %s): its ban is lifted", record.peer_id, record.instance[:8])
 
