@@ -53,10 +53,12 @@ async def lookup_coverage(discovery, catalog: dict[str, ModelConfig], timeout_s:
 
 def promote_once(current: ModelConfig, catalog: dict[str, ModelConfig], coverage: dict[str, CoverageReport],
                  config_dir: Path, profile: HardwareProfile | None = None, by_hand: bool = False,
-                 obtainable: Callable[[str], bool] | None = None) -> tuple[Recommendation | None, Path | None]:
+                 obtainable: Callable[[str], bool] | None = None, chosen: list[str] | None = None
+                 ) -> tuple[Recommendation | None, Path | None]:
     """Recommend and, when it is a step up from ``current``, write the override. ``obtainable(model_id)`` (the
     automatic path passes one): whether its weights can be had at all; a model neither the hub nor the swarm can
-    give is not written, since the next start could only fall back."""
+    give is not written, since the next start could only fall back. ``chosen``: the command line's overrides that
+    choose what a promotion decides; with any, nothing is written (the next start with them would not compose it)."""
     profile = profile or detect()
     log.info("hardware: %s", profile.summary())
     rec = recommend(profile, catalog, coverage)
@@ -65,6 +67,11 @@ def promote_once(current: ModelConfig, catalog: dict[str, ModelConfig], coverage
         return None, None
     if not is_promotion(rec, current):
         log.info("promotion: keeping %s (the best fit is %s)", current.name, rec.describe())
+        return rec, None
+    if chosen:
+        log.info("promotion: %s fits; not written: the command line chooses %s, and a start with it serves what it "
+                 "names (start without it, or run openhydra-node --promote, to take this one)", rec.describe(),
+                 " ".join(chosen))
         return rec, None
     if obtainable is not None and not obtainable(rec.plan.model_id):
         log.info("promotion: %s fits, but not written: the model hub is unreachable and no peer serves it, so "
@@ -164,10 +171,7 @@ def maybe_promote_node(node) -> None:
         return
     if cfg.action != "serve":  # action=check builds and tries the node: it must not rewrite the user's config
         return
-    chosen = chosen_over_promotion(_command_line())
-    if chosen:  # the next start with this command line would not compose a promotion (cli.py): don't promise one
-        log.info("promotion: not considered, the command line chooses %s", " ".join(chosen))
-        return
+    chosen = chosen_over_promotion(_command_line())  # the next start with these would not compose one (cli.py)
 
     def work() -> None:
         from openhydra.catalog import load_catalog
@@ -176,7 +180,7 @@ def maybe_promote_node(node) -> None:
         try:
             catalog = load_catalog()
             coverage = node.background.run(lookup_coverage(node.discovery, catalog), timeout=60)
-            promote_once(cfg.model, catalog, coverage, user_config_dir(),
+            promote_once(cfg.model, catalog, coverage, user_config_dir(), chosen=chosen,
                          obtainable=lambda model_id: _obtainable(model_id, coverage, cfg.node.hub_probe_timeout_s))
         except Exception as exc:  # a recommendation must never take the node down
             log.warning("promotion skipped: %s: %s", type(exc).__name__, exc)

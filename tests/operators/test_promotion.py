@@ -258,21 +258,22 @@ def test_a_saved_promotion_yields_whole_to_a_command_line_that_chooses_the_model
     assert "quantization: nf4" in kept.stdout and "Qwen/Qwen3.5-27B" in kept.stdout
 
 
-def test_no_promotion_is_considered_when_the_command_line_chooses_the_model(config_dir, monkeypatch):
-    from types import SimpleNamespace
+def test_no_promotion_is_written_when_the_command_line_chooses_the_model(config_dir, caplog):
+    """The next start with the same command line would not compose it (cli.py adds ~local), so it is only logged."""
+    catalog = load_catalog()
+    current = composed_node().model
+    with caplog.at_level("INFO", logger="openhydra.promotion"):
+        rec, path = promote_once(current, catalog, coverage("base-only"), config_dir, profile("laptop-8gb"),
+                                 chosen=["model=smollm2-135m"])
+    assert rec is not None and path is None and not override_path(config_dir).exists()
+    assert "not written: the command line chooses model=smollm2-135m" in caplog.text
 
+
+def test_the_node_passes_its_command_line_choices_to_the_promotion(config_dir, monkeypatch):
     from openhydra.hardware import auto
 
-    started = []
-    monkeypatch.setattr("threading.Thread.start", lambda self: started.append(self.name))
-    cfg = composed_node(["hardware=auto", "discovery=http"])
-    node = SimpleNamespace(cfg=cfg, in_swarm=True, discovery=object(), background=object())
     monkeypatch.setattr(auto, "_command_line", lambda: ["model=smollm2-135m", "discovery=http"])
-    auto.maybe_promote_node(node)
-    assert started == []  # its override would not be composed at the next start with this command line
-    monkeypatch.setattr(auto, "_command_line", lambda: ["hardware=auto", "discovery=http"])
-    auto.maybe_promote_node(node)
-    assert started == ["auto-promotion"]
+    assert auto.chosen_over_promotion(auto._command_line()) == ["model=smollm2-135m"]
 
 
 def test_a_model_nobody_can_provide_is_not_written(config_dir, caplog):

@@ -97,7 +97,7 @@ def test_economy_stake_unstake_and_a_channel(node, reference):
         with pytest.raises(ConflictError) as err:
             hydra.stake(1000)
         assert err.value.status_code == 409 and err.value.code == "insufficient_funds"
-        assert "micro-units" in err.value.error.message
+        assert "hydra, needs 1000" in err.value.error.message  # whole units, as the API speaks
         assert hydra.stake("0.02").staked == pytest.approx(0.02)
         assert hydra.unstake(0.005).staked == pytest.approx(0.015)
         balance = hydra.balance()
