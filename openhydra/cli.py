@@ -92,7 +92,8 @@ def _without_overridden_promotion(argv: list[str]) -> list[str]:
     from openhydra.hardware.promote import chosen_over_promotion, current_override, override_path
 
     path = override_path(user_config_dir())
-    chosen = chosen_over_promotion(_user_overrides(argv))
+    overrides = _user_overrides(argv)
+    chosen = chosen_over_promotion(overrides)
     if not chosen or not path.is_file() or "~local" in argv:
         return argv
     try:
@@ -102,7 +103,7 @@ def _without_overridden_promotion(argv: list[str]) -> list[str]:
     print(f"openhydra-node: not applying the saved promotion to {target} ({path}): "
           f"the command line chooses {' '.join(chosen)}; openhydra-node --demote or deleting the file removes it",
           file=sys.stderr, flush=True)
-    at = argv.index(_user_overrides(argv)[0])  # among the overrides: argparse takes one run of them, not two
+    at = argv.index(overrides[0])  # among the overrides: argparse takes one run of them, not two
     return [*argv[:at], "~local", *argv[at:]]
 
 

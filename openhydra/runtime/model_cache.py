@@ -35,6 +35,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from openhydra.weights.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -80,36 +84,40 @@ def untrusted_because(folder: Path) -> str | None:
 
     A flipped bit inside a file of the right size is not seen here: :func:`verify` reads every byte.
     """
-    folder = Path(folder)
+    return _checked(Path(folder))[0]
+
+
+def _checked(folder: Path) -> tuple[str | None, Manifest | None]:
+    """(why ``folder`` is not trusted or None, the manifest its marker pins when it has one)."""
     try:
         record = json.loads((folder / COMPLETE_MARKER).read_text())
     except (OSError, ValueError):
-        return f"it has no readable completion marker ({COMPLETE_MARKER})"
+        return f"it has no readable completion marker ({COMPLETE_MARKER})", None
     if not isinstance(record, dict):
-        return f"its completion marker ({COMPLETE_MARKER}) is not a JSON object"
+        return f"its completion marker ({COMPLETE_MARKER}) is not a JSON object", None
     if not (folder / "config.json").is_file() or not any((folder / name).is_file() for name in WEIGHT_FILES):
-        return "it has no config.json or no weights"
+        return "it has no config.json or no weights", None
     pinned = record.get("manifest")
     if not isinstance(pinned, str):  # converted before markers recorded the manifest: the marker is all we have
-        return None
+        return None, None
     from openhydra.weights.manifest import ManifestError, read_manifest
 
     try:
         signed = read_manifest(folder)
         manifest = signed.check(pinned) if signed is not None else None
     except (ManifestError, ValueError) as exc:
-        return f"its manifest does not match the one recorded at conversion ({exc})"
+        return f"its manifest does not match the one recorded at conversion ({exc})", None
     if manifest is None:
-        return "its manifest is missing"
+        return "its manifest is missing", None
     for entry in manifest.files:
         path = folder / entry.path
         try:
             size = path.stat().st_size
         except OSError:
-            return f"{entry.path} is missing"
+            return f"{entry.path} is missing", manifest
         if size != entry.size:
-            return f"{entry.path} is {size:,} bytes; it was {entry.size:,} when converted"
-    return None
+            return f"{entry.path} is {size:,} bytes; it was {entry.size:,} when converted", manifest
+    return None, manifest
 
 
 def verify(folder: Path, progress: bool = True) -> list[str]:
@@ -118,32 +126,30 @@ def verify(folder: Path, progress: bool = True) -> list[str]:
     Each problem names the file, the tensor (or header) and the byte range, so a report says which layers a
     damaged disk touched. Reads sequentially in 1 MiB chunks (~1 s per GB with SHA-NI), with a progress bar.
     """
-    import hashlib
+    import itertools
 
     from tqdm import tqdm
 
     from openhydra.weights.manifest import read_manifest
 
     folder = Path(folder)
-    reason = untrusted_because(folder)
+    reason, manifest = _checked(folder)
     if reason is not None:
         return [reason]
-    signed = read_manifest(folder)
-    if signed is None:  # a marker from before manifests: nothing to verify against
-        return ["it has no manifest to verify against"]
-    chunks = signed.manifest.chunks()
+    if manifest is None:  # a marker from before manifests pinned one: the folder's own file, if any
+        signed = read_manifest(folder)
+        if signed is None:
+            return ["it has no manifest to verify against"]
+        manifest = signed.manifest
+    chunks = manifest.chunks()
     damaged: list[str] = []
     bar = tqdm(total=sum(c.length for c in chunks), unit="B", unit_scale=True, desc=f"verifying {folder.name}",
                disable=not progress, mininterval=0.5)
-    by_file: dict[str, list] = {}
-    for chunk in chunks:
-        by_file.setdefault(chunk.path, []).append(chunk)
     try:
-        for path, file_chunks in by_file.items():
+        for path, file_chunks in itertools.groupby(chunks, key=lambda c: c.path):
             with open(folder / path, "rb") as f:
                 for chunk in file_chunks:
-                    f.seek(chunk.offset)
-                    if hashlib.sha256(f.read(chunk.length)).hexdigest() != chunk.sha256:
+                    if not chunk.intact_in(f.fileno()):
                         what = f"tensor {chunk.piece}" if chunk.piece else "header or small file"
                         damaged.append(f"{path} bytes [{chunk.offset:,}, {chunk.offset + chunk.length:,}) ({what}): "
                                        "SHA-256 differs from the manifest")

@@ -23,7 +23,6 @@ cache (under the cache's file lock) and return the folder, reused by the next st
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -126,10 +125,10 @@ def verified_on_disk(folder: Path, manifest: Manifest, content_hash: str, chunks
             continue
         try:
             with open(folder / chunk.path, "rb") as f:
-                data = os.pread(f.fileno(), chunk.length, chunk.offset)
+                intact = chunk.intact_in(f.fileno())
         except OSError:
             continue
-        if hashlib.sha256(data).hexdigest() == chunk.sha256:
+        if intact:
             good.add(chunk.key)
     return good
 
@@ -306,7 +305,7 @@ class SpanFetcher:
                     chunk = run[index]
                     data = bytes(buffer[:chunk.length])
                     del buffer[:chunk.length]
-                    if hashlib.sha256(data).hexdigest() != chunk.sha256:
+                    if not chunk.matches(data):
                         self._bad_peer(source, chunk)
                         return run[index:]
                     self._write(chunk, data, source)

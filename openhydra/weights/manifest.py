@@ -103,6 +103,14 @@ class Chunk(Strict):
     def key(self) -> str:
         return f"{self.path}@{self.offset}"
 
+    def matches(self, data: bytes) -> bool:
+        """``data`` are this chunk's bytes (its SHA-256)."""
+        return hashlib.sha256(data).hexdigest() == self.sha256
+
+    def intact_in(self, fd: int) -> bool:
+        """The open file ``fd`` (this chunk's ``path``) holds this chunk's bytes at its offset."""
+        return self.matches(os.pread(fd, self.length, self.offset))
+
 
 class Manifest(Strict):
     format: Literal["openhydra-manifest/1"] = FORMAT
