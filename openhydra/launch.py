@@ -10,7 +10,7 @@ here for every command, before anything heavy is imported.
 from __future__ import annotations
 
 import importlib
-import logging
+import os
 import sys
 
 
@@ -24,9 +24,13 @@ def _run(prog: str, target: str) -> None:
         module, func = target.split(":")
         result = getattr(importlib.import_module(module), func)()
     except KeyboardInterrupt:
-        logging.getLogger("torch").setLevel(logging.WARNING)  # its exit hooks' statistics are noise here
-        print(f"\n{prog}: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+        print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # At once, without the interpreter's teardown: interrupted mid-start, gRPC's poller thread may already run,
+        # and tearing the interpreter down under it aborts the process (SIGABRT, "epoll_wait error: Bad file
+        # descriptor": seen once in a CI run). Nothing is half-written here: the data dir lock is a flock the
+        # kernel releases, and a model conversion runs in a child that exits with its parent.
+        os._exit(130)
     if isinstance(result, int):
         raise SystemExit(result)
 
