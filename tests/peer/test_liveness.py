@@ -7,6 +7,7 @@ probes the chain, sees the middle hop working, and keeps waiting. Tokens equal a
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -80,20 +81,39 @@ def test_a_slow_but_working_hop_is_not_blamed_and_chunks_have_their_own_deadline
             s.stop()
 
 
-class SlowDecodeOnce:
-    """A runtime whose ``at``-th one-position step blocks for ``delay_s`` (on the peer's event loop: Info waits too)."""
+class StallUntilProbeMissed:
+    """A runtime whose ``at``-th one-position step blocks its peer's event loop (Info waits too) until the
+    coordinator's liveness probe of this peer has gone unanswered: however loaded the machine (a patience or probe
+    timeout stretched by slow steps), the probe falls inside the stall. Capped at ``cap_s``."""
 
-    def __init__(self, runtime: ShardRuntime, at: int, delay_s: float) -> None:
-        self._runtime, self._at, self._delay_s, self._seen = runtime, at, delay_s, 0
+    def __init__(self, runtime: ShardRuntime, at: int, cap_s: float = 15.0) -> None:
+        self._runtime, self._at, self._cap_s, self._seen = runtime, at, cap_s, 0
+        self.probe_missed = threading.Event()
+        self.stalled = False
 
     def __getattr__(self, name: str):
         return getattr(self._runtime, name)
+
+    def watch(self, client: PeerChainClient, address: str) -> None:
+        """Set :attr:`probe_missed` when ``client``'s Info call to ``address`` ends in DEADLINE_EXCEEDED."""
+        info = client._info
+
+        async def watched(to: str, timeout: float | None = None):
+            try:
+                return await info(to, timeout)
+            except grpc.aio.AioRpcError as error:
+                if to == address and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    self.probe_missed.set()
+                raise
+
+        client._info = watched
 
     def forward(self, session_id, positions, **kwargs):
         if len(positions) == 1:
             self._seen += 1
             if self._seen == self._at:
-                time.sleep(self._delay_s)
+                self.stalled = True
+                self.probe_missed.wait(self._cap_s)
         return self._runtime.forward(session_id, positions, **kwargs)
 
 
@@ -101,20 +121,20 @@ def test_the_coordinators_own_peer_is_not_blamed_for_a_late_probe_answer(tiny_mo
     """The node's own span answers a probe late only when this very process is overloaded: a stopped process
     cannot be probing. It is counted as working; another process's peer that answers late is blamed."""
     model_dir = tiny_model_dirs["llama"]
-    # probes after 0.3 s of silence get the product's default 1 s (the working hops must answer in time at load 10;
-    # the stalled one sleeps 2.5 s, well past both). Patience is also 20x the median decode latency by default: on
-    # a loaded machine (a fresh-clone CI run at load 5) a first decode step of 130 ms put that past the 2.5 s stall
-    # and no probe was sent; 2x keeps the probe inside the stall at any load the suite must pass at.
+    # probes after 0.3 s of silence get the product's default 1 s; the stalled hop stays stalled until a probe of it
+    # has gone unanswered (a condition: at load 5-10 a fixed 2.5 s stall ended before a probe stretched by the
+    # measured probe latencies, or a patience stretched by slow decode steps, could miss it).
     tunables = ClientTunables(step_timeout_s=20.0, decode_timeout_s=0.3, decode_timeout_factor=2.0,
                               probe_timeout_s=1.0)
-    outcomes, first_hop = {}, {}
+    outcomes, first_hop, stalls = {}, {}, {}
     for local in (True, False):
-        slow = SlowDecodeOnce(ShardRuntime(model_dir, *SPLITS[0], dtype=torch.float32), at=2, delay_s=2.5)
+        slow = StallUntilProbeMissed(ShardRuntime(model_dir, *SPLITS[0], dtype=torch.float32), at=2)
         runtimes = [slow] + [ShardRuntime(model_dir, a, b, dtype=torch.float32) for a, b in SPLITS[1:]]
         servers = [PeerServer(rt) for rt in runtimes]
         route = [HopSpec(address=s.start(), start=a, end=b) for s, (a, b) in zip(servers, SPLITS, strict=True)]
         first_hop[local] = route[0].address
         client = PeerChainClient(route, tunables=tunables)
+        slow.watch(client, route[0].address)
         if local:
             client.local_addresses.add(route[0].address)
         try:
@@ -122,9 +142,12 @@ def test_the_coordinators_own_peer_is_not_blamed_for_a_late_probe_answer(tiny_mo
         except HopError as error:
             outcomes[local] = error
         finally:
+            slow.probe_missed.set()  # release a stall the client gave up on, so the server can stop
+            stalls[local] = slow.stalled
             client.shutdown()
             for server in servers:
                 server.stop()
+    assert stalls == {True: True, False: True}
     assert isinstance(outcomes[True], list) and len(outcomes[True]) == 4, outcomes[True]
     blamed = outcomes[False]
     assert isinstance(blamed, HopError), blamed
