@@ -131,6 +131,43 @@ def serve_and_measure(nodes: list, spans: list[tuple[int, int]], args: argparse.
             node.stop()
 
 
+def serve_sweep_and_measure(launcher, spans: list[tuple[int, int]], args: argparse.Namespace) -> list[dict]:
+    """The sweep's job k serves its API on the launcher's api.port + k (openhydra/sweep.py). Each job's row gets
+    ``launcher_pss``: the launcher's own PSS divided among its jobs (it holds the shared pages too)."""
+    import httpx
+    import psutil
+
+    from openhydra.testing.processes import NodeProcess
+
+    launcher.start()
+    jobs = [NodeProcess([], port=launcher.port + k) for k in range(len(spans))]
+    try:
+        for job in jobs:
+            job.proc = launcher.proc  # its readiness is its own port's; a dead launcher ends the wait
+            job.log_path = launcher.log_path
+            job.wait_ready(600)
+        status = httpx.get(jobs[0].url + "/v1/network/status", timeout=30).json()
+        model = status["model"]["id"]
+        replies = [chat(jobs[0].url, model, PROMPTS[i % len(PROMPTS)], args.max_tokens)
+                   for i in range(args.requests)]
+        print(f"  {len(replies)} replies, first: {replies[0]!r}", flush=True)
+        time.sleep(2.0)  # let the sessions close on every hop (close is asynchronous)
+        pids = {}
+        for child in psutil.Process(launcher.proc.pid).children():
+            for conn in child.net_connections("tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    pids[conn.laddr.port] = child.pid
+        parent = psutil.Process(launcher.proc.pid).memory_full_info()
+        rows = []
+        for job, (start, end) in zip(jobs, spans, strict=True):
+            mem = node_memory(pids[job.port])
+            rows.append({"span": [start, end], "dtype": status["model"]["dtype"], "arm": "sweep",
+                         "launcher_pss": parent.pss / len(spans), "launcher_uss": parent.uss, **mem})
+        return rows
+    finally:
+        launcher.stop()
+
+
 def measure_processes(model_dir: str, args: argparse.Namespace) -> list[dict]:
     from openhydra.testing.processes import DhtProcess, NodeProcess, swarm_node_overrides
 
@@ -143,6 +180,16 @@ def measure_processes(model_dir: str, args: argparse.Namespace) -> list[dict]:
                               *args.override], env=env, log_path=work / f"node{a}.log", pow_bits=None)
                  for a, b in SPLITS]
         rows += serve_and_measure(nodes, list(SPLITS), args)
+    if args.sweep:
+        print("swarm of thirds, one `openhydra-node -m` sweep (its jobs forked from one process):", flush=True)
+        with DhtProcess() as dht:
+            overrides = [o for o in swarm_node_overrides(Path(model_dir), dht.url, 0, 10, work / "data-sweep")
+                         if not o.startswith(("shard", "node.data_dir"))]
+            launcher = NodeProcess(["-m", *overrides, "shard=index", f"shard.total={len(SPLITS)}",
+                                    "shard.index=" + ",".join(str(i) for i in range(len(SPLITS))),
+                                    f"node.data_dir={work / 'data-sweep'}", *args.override],
+                                   env=env, log_path=work / "sweep.log", pow_bits=None)
+            rows += serve_sweep_and_measure(launcher, list(SPLITS), args)
     print("full model alone:", flush=True)
     full = NodeProcess(["model=local", f"model.path={model_dir}", "hardware=cpu", "hardware.dtype=float32",
                         f"node.data_dir={work / 'data-full'}", "peer.port=0", *args.override],
@@ -251,18 +298,24 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    spans = [tuple(r["span"]) for r in results[-1]["processes"]]
-    labels = [f"[{a},{b})" + (" full" if (a, b) == (0, SPLITS[-1][1]) else "") for a, b in spans]
+    def key(r: dict) -> tuple:
+        return (*r["span"], r.get("arm", ""))
+
+    spans = [key(r) for r in results[-1]["processes"]]
+    labels = [f"[{a},{b})" + (" full" if (a, b) == (0, SPLITS[-1][1]) else "") + (f"\n{arm}" if arm else "")
+              for a, b, arm in spans]
     width = 0.8 / len(results)
-    colors = {"weights": "tab:blue", "anonymous": "tab:orange", "libraries": "tab:gray", "other": "tab:olive"}
-    fig, ax = plt.subplots(figsize=(8, 4.4))
+    colors = {"weights": "tab:blue", "anonymous": "tab:orange", "libraries": "tab:gray", "other": "tab:olive",
+              "launcher share": "tab:purple"}
+    fig, ax = plt.subplots(figsize=(10, 4.6))
     top = 0.0
     for k, result in enumerate(results):
-        rows = {tuple(r["span"]): r for r in result["processes"]}
+        rows = {key(r): r for r in result["processes"]}
         xs = [i + (k - (len(results) - 1) / 2) * width for i in range(len(spans))]
         bottom = [0.0] * len(spans)
         for name, color in colors.items():
-            values = [rows[s]["parts"][name]["pss"] / MIB if s in rows else 0.0 for s in spans]
+            values = [(rows[s].get("launcher_pss", 0.0) if name == "launcher share" else rows[s]["parts"][name]["pss"])
+                      / MIB if s in rows else 0.0 for s in spans]
             ax.bar(xs, values, width * 0.95, bottom=bottom, color=color, alpha=0.4 + 0.6 * k / max(1, len(results) - 1),
                    label=f"PSS {name}" if k == len(results) - 1 else None)
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
@@ -290,10 +343,13 @@ def report(result: dict) -> None:
           "PSS ÷ weights | PSS - weights (target ≤ 150) |\n|---|---|---|---|---|---|---|---|")
     for r in result["processes"]:
         t, p, w = r["parts"]["total"], r["parts"], r["weight_bytes"]
-        over = (t["pss"] - w) / MIB
-        print(f"| [{r['span'][0]},{r['span'][1]}) | {w / MIB:.0f} | {t['rss'] / MIB:.0f} | {t['pss'] / MIB:.0f} | "
+        share = r.get("launcher_pss", 0)
+        over = (t["pss"] + share - w) / MIB
+        arm = f" sweep (+{share / MIB:.0f} launcher share)" if r.get("arm") == "sweep" else ""
+        print(f"| [{r['span'][0]},{r['span'][1]}){arm} | {w / MIB:.0f} | {t['rss'] / MIB:.0f} | "
+              f"{(t['pss'] + share) / MIB:.0f} | "
               f"{t['uss'] / MIB:.0f} | {p['weights']['pss'] / MIB:.0f} / {p['anonymous']['pss'] / MIB:.0f} / "
-              f"{p['libraries']['pss'] / MIB:.0f} | {t['pss'] / w:.2f}x | {over:.0f} "
+              f"{p['libraries']['pss'] / MIB:.0f} | {(t['pss'] + share) / w:.2f}x | {over:.0f} "
               f"({'met' if over <= TARGET_MIB else 'not met'}) |")
     for span, steps in result["breakdown"].items():
         print(f"\nbreakdown {span} (fresh interpreter; deltas of USS / RSS in MiB):")
@@ -324,6 +380,8 @@ def main() -> None:
     parser.add_argument("--label", default="now", help="name of this run in the JSON and plot")
     parser.add_argument("--override", action="append", default=[], help="an extra node override (repeatable)")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the nodes (repeatable)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also start the three thirds as one `openhydra-node -m` sweep (forked jobs)")
     parser.add_argument("--skip-processes", action="store_true", help="only the per-span breakdown")
     parser.add_argument("--compare", action="append", default=[], help="an earlier run's JSON to plot beside this")
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "bench_peer_memory.json"))

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -43,23 +42,10 @@ from typing import IO
 
 from pydantic import BaseModel
 
+from openhydra.preload import PRELOAD, freeze, openblas_workers, preload, threads
+
 log = logging.getLogger(__name__)
 
-PRELOAD = (
-    "torch", "numpy", "transformers", "transformers.modeling_utils", "transformers.generation",
-    "transformers.models.llama.modeling_llama", "transformers.models.qwen3.modeling_qwen3",
-    "transformers.models.qwen3_5.modeling_qwen3_5", "safetensors.torch", "tokenizers", "hydra", "omegaconf",
-    "sanic", "pydantic", "cryptography.hazmat.primitives.ciphers.aead", "httpx",
-    "openhydra.config.load", "openhydra.runtime.backend", "openhydra.runtime.shard", "openhydra.hardware.dtype",
-    "openhydra.runtime.compaction.attention", "openhydra.economy.economy", "openhydra.crypto.identity",
-    "openhydra.discovery.records", "openhydra.api.errors",
-)
-"""What the server imports before it forks (a module missing here is simply imported by the child). Not gRPC (nor the
-modules that import it: the node, the API, the router): gRPC does not support ``fork()`` after its import, and a
-server that has ``grpc`` loaded is not used. (The "Internal error from Core" once blamed on that came back in a CI run
-without it: gRPC core itself reports some lost connections so; peer/errors.py::transport_status.) Not the modules the
-children run as ``__main__`` (``openhydra.cli``, ``openhydra.peer.server``): runpy would run a second copy of an
-imported module, and warns."""
 
 MAX_SERVERS = 6
 _RUNTIME_ENV_PREFIXES = ("OPENHYDRA_", "PYTEST_")  # read at run time only (PYTEST_CURRENT_TEST changes per test)
@@ -83,10 +69,8 @@ def enabled() -> bool:
 
 
 def _threads() -> int:
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return threading.active_count()
+    """Threads besides NumPy's OpenBLAS pool (which stops itself around a fork: openhydra/preload.py)."""
+    return threads() - openblas_workers()
 
 
 def _child(request: SpawnRequest, channel: int, passed: list[int]) -> None:
@@ -131,11 +115,9 @@ def serve() -> None:
     os.dup2(2, 1)  # whatever an import prints goes to stderr
     os.close(null)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C of the test run is for the tests, not for the server
-    for name in PRELOAD:
-        try:
-            importlib.import_module(name)
-        except Exception as exc:  # the child imports it itself (and reports the error there)
-            print(f"forkserver: preload {name}: {exc!r}", file=sys.stderr)
+    for name, why in preload(PRELOAD).items():  # the child imports it itself (and reports the error there)
+        print(f"forkserver: preload {name}: {why}", file=sys.stderr)
+    freeze()  # a child's first full collection would otherwise copy ~100 MiB of the imports (openhydra/preload.py)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)

@@ -80,11 +80,21 @@ def test_off_means_plain_subprocesses(env, monkeypatch):
     assert proc.wait(timeout=120) == 4
 
 
-def test_a_server_with_threads_is_not_forked_from_and_closes_cleanly(env):
-    """numpy's OpenBLAS starts a worker thread at import unless told to use one thread: forking from such a server is
-    unsafe, so the child is a plain subprocess; closing that server must not fail its reply reader (a blocked recv on
-    a closed socket raised EBADF in the thread, which pytest reports as an unhandled thread exception)."""
-    threaded = {**env, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2", "OPENHYDRA_PROBE_MARKER": "threads"}
+def test_openblas_threads_do_not_stop_forking_but_any_other_thread_does(env, tmp_path):
+    """numpy's OpenBLAS starts worker threads at import unless told to use one; it stops them itself around a fork
+    (pthread_atfork), so such a server is used (openhydra/preload.py). Any other thread (here one that a
+    sitecustomize starts) makes forking unsafe: the child is a plain subprocess, and closing that server must not
+    fail its reply reader (a blocked recv on a closed socket raised EBADF in the thread, which pytest reports as an
+    unhandled thread exception)."""
+    blas = {**env, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2", "OPENHYDRA_PROBE_MARKER": "blas"}
+    proc = forkserver.spawn(PROBE, ["0"], env=blas, stdout_pipe=True, cwd=REPO)
+    assert isinstance(proc, forkserver.ForkedProcess) and _probe(proc)["marker"] == "blas"
+    assert proc.wait(timeout=120) == 0
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n")
+    threaded = {**env, "PYTHONPATH": os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")]),
+                "OPENHYDRA_PROBE_MARKER": "threads"}
     before = set(threading.enumerate())
     server = forkserver._Server({k: v for k, v in threaded.items() if not k.startswith("OPENHYDRA_")})
     (reader,) = [t for t in set(threading.enumerate()) - before if t.name == "forkserver-replies"]

@@ -1,0 +1,256 @@
+"""A ``-m`` sweep whose jobs serve: every job runs at once, each a node process of its own, their output in one stream.
+
+``openhydra-node -m shard=index shard.total=3 shard.index=0,1,2 ...`` starts three nodes on this machine, one per
+span (one per GPU, one per NUMA node, or a whole swarm to try). Hydra's own launcher runs a sweep's jobs one after
+another, so the second node started only once the first had been stopped; the launcher of openhydra-node
+(hydra_plugins/openhydra_launcher) hands a sweep whose jobs serve (``action=serve`` or ``dht``) to :func:`run_jobs`.
+A sweep of checks (``action=check``) still runs its jobs one after another.
+
+- **Shared pages.** On Linux the jobs are forked from this process after it has imported what a node imports
+  (openhydra/preload.py) and frozen those objects out of the cycle collector's reach, so the ~300 MiB of imports
+  are in memory once, shared copy-on-write, rather than once per node (docs/benchmarks.md, "Peer memory per span").
+  Where forking is not safe (another thread runs, gRPC is loaded, not Linux) each job is a fresh
+  ``python -m openhydra.cli`` process instead: the same nodes, without the sharing.
+- **No collisions.** Jobs that would share a port (``api.port``, ``peer.port``, ``peer.reply_port``, when not 0) or
+  a data directory (identity key, ledger) get the next ones: the k-th job sharing api.port 8080 serves on 8080 + k,
+  and its data lives in ``<data_dir>/job-k`` (the same folder each time the sweep starts, so the identity is kept).
+  :func:`collision_overrides` says which; the log lists them per job.
+- **One terminal.** Each job's output line is prefixed with ``[#N]``. Ctrl-C (or SIGTERM, SIGHUP) is passed to every
+  job once, and each shuts down as a single node does. A job that ends is reported with its exit status while the
+  others go on; the sweep exits once all have ended, with status 1 if any failed. A job's process ends with the
+  launcher (Linux: PR_SET_PDEATHSIG), so a killed launcher leaves no node behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+LONG_RUNNING = ("serve", "dht")
+"""Actions that run until stopped: a sweep of them runs its jobs at once."""
+
+PORT_KEYS = ("api.port", "peer.port", "peer.reply_port")
+
+
+def _quoted(value: str) -> str:
+    """A Hydra override value that stays one string (paths may hold characters the override grammar parses)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def collision_overrides(configs: Sequence[DictConfig]) -> list[list[str]]:
+    """Per job, the overrides that keep it off the ports and data directory an earlier job of the sweep uses.
+
+    A value shared by several jobs stays with the first of them; the k-th next gets port + k, or ``<dir>/job-k``.
+    """
+    extra: list[list[str]] = [[] for _ in configs]
+    for key in (*PORT_KEYS, "node.data_dir"):
+        seen: dict[object, int] = {}
+        for i, cfg in enumerate(configs):
+            if key.startswith("peer.") and cfg.get("action") == "dht":
+                continue  # the DHT bootstrap table serves no peer
+            value = OmegaConf.select(cfg, key, default=None)
+            if value is None or (key in PORT_KEYS and int(value) == 0):
+                continue
+            rank = seen.get(value, 0)
+            seen[value] = rank + 1
+            if rank == 0:
+                continue
+            if key in PORT_KEYS:
+                extra[i].append(f"{key}={int(value) + rank}")
+            else:
+                extra[i].append(f"{key}={_quoted(os.path.join(str(value), f'job-{rank}'))}")
+    return extra
+
+
+@dataclass
+class Job:
+    """One job of the sweep: its number, its overrides (the sweep's and :func:`collision_overrides`' ones), and
+    how it runs in a forked child (``main`` returns the exit status)."""
+
+    index: int
+    overrides: list[str]
+    main: Callable[[], int]
+    pid: int = 0
+    fd: int = -1
+    pending: bytes = b""
+    status: int | None = None
+    popen: subprocess.Popen | None = field(default=None, repr=False)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: this process gets SIGTERM when the launcher dies (a SIGKILLed launcher must not leave nodes)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
+def _reseed() -> None:
+    """A forked child starts with its parent's random state: give it its own, as a fresh process has."""
+    import random
+
+    random.seed()
+    with contextlib.suppress(ImportError):
+        import numpy
+
+        numpy.random.seed()
+    with contextlib.suppress(ImportError):
+        import torch
+
+        torch.seed()
+
+
+def _exit_status(exc: SystemExit) -> int:
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def _fork(job: Job, write: int, others: list[int]) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    status = 1
+    try:
+        os.setpgid(0, 0)  # signals come from the launcher, once (not also from the terminal's Ctrl-C)
+        _die_with_parent(parent)
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(write, 1)
+        os.dup2(write, 2)
+        for fd in {null, write, *others} - {0, 1, 2}:
+            os.close(fd)
+        _reseed()
+        status = job.main()
+    except SystemExit as exc:
+        status = _exit_status(exc)
+    except BaseException:  # reported in the job's output; its exit status says it failed
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(status)
+
+
+def _spawn(job: Job, write: int) -> int:
+    job.popen = subprocess.Popen([sys.executable, "-m", "openhydra.cli", *job.overrides], stdin=subprocess.DEVNULL,
+                                 stdout=write, stderr=write, start_new_session=True, close_fds=True)
+    return job.popen.pid
+
+
+def _relay(job: Job, data: bytes, out) -> None:
+    """Write ``data``'s complete lines (ended by a newline, or a carriage return: progress bars) with the prefix."""
+    job.pending += data
+    prefix = f"[#{job.index}] ".encode()
+    start = 0
+    for i, byte in enumerate(job.pending):
+        if byte in (10, 13):  # \n, \r
+            if i > start or byte == 10:
+                out.write(prefix + job.pending[start:i + 1])
+            start = i + 1
+    job.pending = job.pending[start:]
+    out.flush()
+
+
+def run_jobs(jobs: list[Job], *, fork: bool, out=None) -> list[int]:
+    """Run every job at once (forked when ``fork``, else fresh processes) and relay their output; their exit
+    statuses (negative: the signal that ended it), once all have ended."""
+    out = out or sys.stdout.buffer
+    reads: list[int] = []
+    for job in jobs:  # one pipe at a time: a job must hold no other job's write end (its EOF would wait for it)
+        read, write = os.pipe()
+        reads.append(read)
+        job.pid = _fork(job, write, reads) if fork else _spawn(job, write)
+        os.close(write)
+        job.fd = read
+    live = {job.pid: job for job in jobs}
+
+    def forward(sig: int, _frame) -> None:
+        for pid in list(live):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    selector = selectors.DefaultSelector()
+    for job in jobs:
+        selector.register(job.fd, selectors.EVENT_READ, job)
+    try:
+        while live or selector.get_map():
+            for key, _ in selector.select(timeout=0.2):
+                job = key.data
+                data = os.read(job.fd, 65536)
+                if data:
+                    _relay(job, data, out)
+                else:
+                    _close(selector, job, out)
+            for pid in list(live):
+                done, wait_status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    job = live.pop(pid)
+                    job.status = os.waitstatus_to_exitcode(wait_status)
+                    if job.popen is not None:
+                        job.popen.returncode = job.status
+                    _drain(selector, job, out)
+                    if job.status != 0:
+                        left = f"; {len(live)} job(s) still running" if live else ""
+                        out.write(f"openhydra-node: job #{job.index} ({' '.join(job.overrides)}) ended with "
+                                  f"status {job.status}{left}\n".encode())
+                        out.flush()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for job in jobs:
+            _close(selector, job, out)
+        selector.close()
+    return [job.status if job.status is not None else 1 for job in jobs]
+
+
+def _drain(selector: selectors.BaseSelector, job: Job, out) -> None:
+    """What the ended job wrote last (a process it started may keep the pipe open: do not wait for that)."""
+    if job.fd < 0:
+        return
+    os.set_blocking(job.fd, False)
+    with contextlib.suppress(BlockingIOError, OSError):
+        while data := os.read(job.fd, 65536):
+            _relay(job, data, out)
+    _close(selector, job, out)
+
+
+def _close(selector: selectors.BaseSelector, job: Job, out) -> None:
+    if job.fd < 0:
+        return
+    if job.pending:
+        _relay(job, b"\n", out)
+    with contextlib.suppress(KeyError, ValueError):
+        selector.unregister(job.fd)
+    os.close(job.fd)
+    job.fd = -1

@@ -1,0 +1,175 @@
+"""``openhydra-node -m`` over spans starts every job at once (Hydra's own launcher ran the second node only after the
+first was stopped): real processes, an HTTP DHT, the ``openai`` client through both spans, Ctrl-C passed to every
+job, a failed job reported while the other serves, and a SIGKILLed launcher leaves no node behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import httpx
+import openai
+import psutil
+import pytest
+from omegaconf import OmegaConf
+
+from openhydra.sweep import Job, _relay, collision_overrides
+from openhydra.testing.processes import DhtProcess, NodeProcess, free_port, swarm_node_overrides
+from openhydra.testing.wait import wait_until
+
+
+def _cfg(**keys) -> object:
+    base = {"action": "serve", "api": {"port": 8080}, "peer": {"port": 50051, "reply_port": 0},
+            "node": {"data_dir": "~/.openhydra"}}
+    cfg = OmegaConf.create(base)
+    for dotted, value in keys.items():
+        OmegaConf.update(cfg, dotted.replace("__", "."), value)
+    return cfg
+
+
+def test_jobs_that_would_share_a_port_or_data_dir_get_the_next_ones() -> None:
+    extra = collision_overrides([_cfg(), _cfg(), _cfg()])
+    assert extra[0] == []
+    assert extra[1] == ["api.port=8081", "peer.port=50052", "node.data_dir='~/.openhydra/job-1'"]
+    assert extra[2] == ["api.port=8082", "peer.port=50053", "node.data_dir='~/.openhydra/job-2'"]
+    # values the sweep already sets apart, and port 0 (any free port), are left alone
+    apart = collision_overrides([_cfg(api__port=9000, node__data_dir="/a", peer__port=0),
+                                 _cfg(api__port=9001, node__data_dir="/b", peer__port=0)])
+    assert apart == [[], []]
+    # the DHT bootstrap table has no peer port to move
+    assert collision_overrides([_cfg(action="dht", node__data_dir="/d"), _cfg(action="dht", api__port=8090)]) == [
+        [], []]
+    # a path the override grammar would parse stays one quoted string
+    assert collision_overrides([_cfg(node__data_dir="/x/it's"), _cfg(node__data_dir="/x/it's")])[1][-1] == (
+        "node.data_dir='/x/it\\'s/job-1'")
+
+
+def test_each_line_is_prefixed_with_its_job_and_progress_bars_keep_their_carriage_returns() -> None:
+    class Out:
+        def __init__(self) -> None:
+            self.data = b""
+
+        def write(self, data: bytes) -> None:
+            self.data += data
+
+        def flush(self) -> None:
+            pass
+
+    out, job = Out(), Job(index=3, overrides=[], main=lambda: 0)
+    _relay(job, b"hello\nwor", out)
+    assert out.data == b"[#3] hello\n" and job.pending == b"wor"
+    _relay(job, b"ld\n\r 50%\r100%\n", out)
+    assert out.data == b"[#3] hello\n[#3] world\n[#3]  50%\r[#3] 100%\n" and job.pending == b""
+
+
+def _sweep(model, dht: DhtProcess, data_dir, port: int, *extra: str) -> NodeProcess:
+    overrides = [o for o in swarm_node_overrides(model, dht.url, 0, 4, data_dir)
+                 if not o.startswith(("shard", "node.data_dir"))]
+    return NodeProcess(["-m", *overrides, "shard=index", "shard.total=2", "shard.index=0,1",
+                        f"node.data_dir={data_dir}", "privacy=off", *extra], port=port,
+                       log_path=data_dir.parent / f"sweep-{port}.log")
+
+
+def _listening(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _peer_ids(dht: DhtProcess, model_id: str) -> list[str]:
+    answer = httpx.get(dht.url + "/v1/peers", params={"model_id": model_id}, timeout=5).json()
+    return sorted(p["peer_id"] for p in answer["peers"])
+
+
+def _two_free_ports() -> int:
+    def pair() -> int | None:
+        port = free_port()
+        return port if _free(port + 1) else None
+
+    return wait_until(pair, 30, 0.05, "two free ports in a row")
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_sweep_serves_every_span_at_once_and_ctrl_c_stops_them_all(tiny_model_dirs, tmp_path):
+    model = tiny_model_dirs["llama"]
+    with DhtProcess() as dht:
+        port = _two_free_ports()
+        launcher = _sweep(model, dht, tmp_path / "data", port)
+        launcher.start()
+        try:
+            for url_port in (port, port + 1):
+                wait_until(lambda p=url_port: launcher.proc.poll() is not None or _listening(p), 300, 0.3,
+                           f"job on port {url_port} ready")
+                assert launcher.proc.poll() is None, launcher.log_text()[-3000:]
+            log = launcher.log_text()
+            assert "forked from this process" in log, log[-3000:]
+            assert f"api.port={port + 1}" in log and "job-1" in log
+            # two identities (job 1 has its own data dir), both announced
+            ids = wait_until(lambda: len(_peer_ids(dht, model.name)) == 2 and _peer_ids(dht, model.name), 60, 0.3,
+                             "both jobs announced")
+            assert len(set(ids)) == 2
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
+            reply = wait_until(lambda: client.chat.completions.create(
+                model=model.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0),
+                120, 0.5, "a completion through both jobs' spans", ignore=openai.APIError)
+            assert reply.usage.completion_tokens == 4
+            route = httpx.get(f"http://127.0.0.1:{port}/v1/network/status", timeout=10).json()
+            assert route["model"]["span"] == [0, 4], route["model"]
+            second = httpx.get(f"http://127.0.0.1:{port + 1}/v1/network/status", timeout=10).json()
+            assert second["model"]["span"] == [4, 8], second["model"]
+
+            os.kill(launcher.proc.pid, signal.SIGINT)  # Ctrl-C reaches the launcher; it passes it on once
+            assert launcher.proc.wait(timeout=60) == 0, launcher.log_text()[-3000:]
+            log = launcher.log_text()
+            assert log.count("shutdown complete") == 2 and "[#0] shutdown complete" in log
+            assert "[#1] shutdown complete" in log
+            assert not _listening(port) and not _listening(port + 1)
+        finally:
+            launcher.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_failed_job_is_reported_the_other_serves_and_a_killed_launcher_leaves_no_node(tiny_model_dirs, tmp_path):
+    model = tiny_model_dirs["llama"]
+    with DhtProcess() as dht:
+        port = _two_free_ports()
+        import socket
+
+        blocker = socket.socket()  # job 1's API port (port + 1) is taken
+        blocker.bind(("127.0.0.1", port + 1))
+        blocker.listen()
+        launcher = _sweep(model, dht, tmp_path / "data", port)
+        launcher.start()
+        jobs: list[psutil.Process] = []
+        try:
+            wait_until(lambda: "job #1" in launcher.log_text(), 300, 0.3, "job 1's failure reported")
+            log = launcher.log_text()
+            assert "1 job(s) still running" in log, log[-3000:]
+            assert f"[#1] openhydra-node: cannot start: api.port {port + 1}" in log, log[-3000:]
+            wait_until(lambda: _listening(port), 300, 0.3, "job 0 ready")
+            jobs = psutil.Process(launcher.proc.pid).children()
+            assert len(jobs) == 1
+            launcher.kill(signal.SIGKILL)
+            wait_until(lambda: not jobs[0].is_running() or jobs[0].status() == psutil.STATUS_ZOMBIE, 60, 0.2,
+                       "job 0 ended with its launcher")
+            assert not _listening(port)
+        finally:
+            blocker.close()
+            launcher.stop()
+            for job in jobs:  # nothing of this test may outlive it
+                if job.is_running():
+                    job.kill()
