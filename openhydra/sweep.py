@@ -1,7 +1,7 @@
 """A ``-m`` sweep whose jobs serve: every job runs at once, each a node process of its own, their output in one stream.
 
 ``openhydra-node -m shard=index shard.total=3 shard.index=0,1,2 ...`` starts three nodes on this machine, one per
-span (one per GPU, one per NUMA node, or a whole swarm to try). Hydra's own launcher runs a sweep's jobs one after
+span. Hydra's own launcher runs a sweep's jobs one after
 another, so the second node started only once the first had been stopped; the launcher of openhydra-node
 (hydra_plugins/openhydra_launcher) hands a sweep whose jobs serve (``action=serve`` or ``dht``) to :func:`run_jobs`.
 A sweep of checks (``action=check``) still runs its jobs one after another.
