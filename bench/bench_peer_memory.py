@@ -320,7 +320,8 @@ def plot(results: list[dict], path: Path) -> None:
                    label=f"PSS {name}" if k == len(results) - 1 else None)
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         for x, total in zip(xs, bottom, strict=True):
-            ax.text(x, total + 8, result["label"], ha="center", va="bottom", fontsize=7, rotation=90)
+            if len(results) > 1:  # which run each bar is
+                ax.text(x, total + 8, result["label"], ha="center", va="bottom", fontsize=7, rotation=90)
         top = max(top, *bottom)
     weights = [span_bytes / MIB for span_bytes in (results[-1]["processes"][i]["weight_bytes"]
                                                    for i in range(len(spans)))]
