@@ -108,19 +108,25 @@ def chat(url: str, model: str, prompt: str, max_tokens: int, deadline_s: float =
         time.sleep(1.0)
 
 
-def serve_and_measure(nodes: list, spans: list[tuple[int, int]], args: argparse.Namespace) -> list[dict]:
+def run_requests(url: str, args: argparse.Namespace) -> dict:
+    """``args.requests`` chat completions through the node at ``url``; its /v1/network/status."""
     import httpx
+
+    status = httpx.get(url + "/v1/network/status", timeout=30).json()
+    replies = [chat(url, status["model"]["id"], PROMPTS[i % len(PROMPTS)], args.max_tokens)
+               for i in range(args.requests)]
+    print(f"  {len(replies)} replies, first: {replies[0]!r}", flush=True)
+    time.sleep(2.0)  # let the sessions close on every hop (close is asynchronous)
+    return status
+
+
+def serve_and_measure(nodes: list, spans: list[tuple[int, int]], args: argparse.Namespace) -> list[dict]:
 
     from openhydra.testing.processes import start_all
 
     start_all(nodes, timeout_s=600)
     try:
-        status = httpx.get(nodes[0].url + "/v1/network/status", timeout=30).json()
-        model = status["model"]["id"]
-        replies = [chat(nodes[0].url, model, PROMPTS[i % len(PROMPTS)], args.max_tokens)
-                   for i in range(args.requests)]
-        print(f"  {len(replies)} replies, first: {replies[0]!r}", flush=True)
-        time.sleep(2.0)  # let the sessions close on every hop (close is asynchronous)
+        status = run_requests(nodes[0].url, args)
         rows = []
         for node, (start, end) in zip(nodes, spans, strict=True):
             mem = node_memory(node.proc.pid)
@@ -134,7 +140,6 @@ def serve_and_measure(nodes: list, spans: list[tuple[int, int]], args: argparse.
 def serve_sweep_and_measure(launcher, spans: list[tuple[int, int]], args: argparse.Namespace) -> list[dict]:
     """The sweep's job k serves its API on the launcher's api.port + k (openhydra/sweep.py). Each job's row gets
     ``launcher_pss``: the launcher's own PSS divided among its jobs (it holds the shared pages too)."""
-    import httpx
     import psutil
 
     from openhydra.testing.processes import NodeProcess
@@ -146,12 +151,7 @@ def serve_sweep_and_measure(launcher, spans: list[tuple[int, int]], args: argpar
             job.proc = launcher.proc  # its readiness is its own port's; a dead launcher ends the wait
             job.log_path = launcher.log_path
             job.wait_ready(600)
-        status = httpx.get(jobs[0].url + "/v1/network/status", timeout=30).json()
-        model = status["model"]["id"]
-        replies = [chat(jobs[0].url, model, PROMPTS[i % len(PROMPTS)], args.max_tokens)
-                   for i in range(args.requests)]
-        print(f"  {len(replies)} replies, first: {replies[0]!r}", flush=True)
-        time.sleep(2.0)  # let the sessions close on every hop (close is asynchronous)
+        status = run_requests(jobs[0].url, args)
         pids = {}
         for child in psutil.Process(launcher.proc.pid).children():
             for conn in child.net_connections("tcp"):
