@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 
 import httpx
 import openai
@@ -91,8 +92,6 @@ def _two_free_ports() -> int:
 
 
 def _free(port: int) -> bool:
-    import socket
-
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
@@ -101,75 +100,76 @@ def _free(port: int) -> bool:
     return True
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_a_sweep_serves_every_span_at_once_and_ctrl_c_stops_them_all(tiny_model_dirs, tmp_path):
-    model = tiny_model_dirs["llama"]
+@pytest.fixture
+def swarm(tiny_model_dirs):
+    """The tiny llama, an HTTP DHT and a port P with P + 1 free too (the sweep's job 1 serves on P + 1)."""
     with DhtProcess() as dht:
-        port = _two_free_ports()
-        launcher = _sweep(model, dht, tmp_path / "data", port)
-        launcher.start()
-        try:
-            for url_port in (port, port + 1):
-                wait_until(lambda p=url_port: launcher.proc.poll() is not None or _listening(p), 300, 0.3,
-                           f"job on port {url_port} ready")
-                assert launcher.proc.poll() is None, launcher.log_text()[-3000:]
-            log = launcher.log_text()
-            assert "forked from this process" in log, log[-3000:]
-            assert f"api.port={port + 1}" in log and "job-1" in log
-            # two identities (job 1 has its own data dir), both announced
-            ids = wait_until(lambda: len(_peer_ids(dht, model.name)) == 2 and _peer_ids(dht, model.name), 60, 0.3,
-                             "both jobs announced")
-            assert len(set(ids)) == 2
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
-            reply = wait_until(lambda: client.chat.completions.create(
-                model=model.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0),
-                120, 0.5, "a completion through both jobs' spans", ignore=openai.APIError)
-            assert reply.usage.completion_tokens == 4
-            route = httpx.get(f"http://127.0.0.1:{port}/v1/network/status", timeout=10).json()
-            assert route["model"]["span"] == [0, 4], route["model"]
-            second = httpx.get(f"http://127.0.0.1:{port + 1}/v1/network/status", timeout=10).json()
-            assert second["model"]["span"] == [4, 8], second["model"]
-
-            os.kill(launcher.proc.pid, signal.SIGINT)  # Ctrl-C reaches the launcher; it passes it on once
-            assert launcher.proc.wait(timeout=60) == 0, launcher.log_text()[-3000:]
-            log = launcher.log_text()
-            assert log.count("shutdown complete") == 2 and "[#0] shutdown complete" in log
-            assert "[#1] shutdown complete" in log
-            assert not _listening(port) and not _listening(port + 1)
-        finally:
-            launcher.stop()
+        yield tiny_model_dirs["llama"], dht, _two_free_ports()
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_failed_job_is_reported_the_other_serves_and_a_killed_launcher_leaves_no_node(tiny_model_dirs, tmp_path):
-    model = tiny_model_dirs["llama"]
-    with DhtProcess() as dht:
-        port = _two_free_ports()
-        import socket
+def test_a_sweep_serves_every_span_at_once_and_ctrl_c_stops_them_all(swarm, tmp_path):
+    model, dht, port = swarm
+    launcher = _sweep(model, dht, tmp_path / "data", port)
+    launcher.start()
+    try:
+        for url_port in (port, port + 1):
+            wait_until(lambda p=url_port: launcher.proc.poll() is not None or _listening(p), 300, 0.3,
+                       f"job on port {url_port} ready")
+            assert launcher.proc.poll() is None, launcher.log_text()[-3000:]
+        log = launcher.log_text()
+        assert "forked from this process" in log, log[-3000:]
+        assert f"api.port={port + 1}" in log and "job-1" in log
+        # two identities (job 1 has its own data dir), both announced
+        ids = wait_until(lambda: len(_peer_ids(dht, model.name)) == 2 and _peer_ids(dht, model.name), 60, 0.3,
+                         "both jobs announced")
+        assert len(set(ids)) == 2
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
+        reply = wait_until(lambda: client.chat.completions.create(
+            model=model.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0),
+            120, 0.5, "a completion through both jobs' spans", ignore=openai.APIError)
+        assert reply.usage.completion_tokens == 4
+        route = httpx.get(f"http://127.0.0.1:{port}/v1/network/status", timeout=10).json()
+        assert route["model"]["span"] == [0, 4], route["model"]
+        second = httpx.get(f"http://127.0.0.1:{port + 1}/v1/network/status", timeout=10).json()
+        assert second["model"]["span"] == [4, 8], second["model"]
 
-        blocker = socket.socket()  # job 1's API port (port + 1) is taken
-        blocker.bind(("127.0.0.1", port + 1))
-        blocker.listen()
-        launcher = _sweep(model, dht, tmp_path / "data", port)
-        launcher.start()
-        jobs: list[psutil.Process] = []
-        try:
-            wait_until(lambda: "job #1" in launcher.log_text(), 300, 0.3, "job 1's failure reported")
-            log = launcher.log_text()
-            assert "1 job(s) still running" in log, log[-3000:]
-            assert f"[#1] openhydra-node: cannot start: api.port {port + 1}" in log, log[-3000:]
-            wait_until(lambda: _listening(port), 300, 0.3, "job 0 ready")
-            jobs = psutil.Process(launcher.proc.pid).children()
-            assert len(jobs) == 1
-            launcher.kill(signal.SIGKILL)
-            wait_until(lambda: not jobs[0].is_running() or jobs[0].status() == psutil.STATUS_ZOMBIE, 60, 0.2,
-                       "job 0 ended with its launcher")
-            assert not _listening(port)
-        finally:
-            blocker.close()
-            launcher.stop()
-            for job in jobs:  # nothing of this test may outlive it
-                if job.is_running():
-                    job.kill()
+        os.kill(launcher.proc.pid, signal.SIGINT)  # Ctrl-C reaches the launcher; it passes it on once
+        assert launcher.proc.wait(timeout=60) == 0, launcher.log_text()[-3000:]
+        log = launcher.log_text()
+        assert log.count("shutdown complete") == 2 and "[#0] shutdown complete" in log
+        assert "[#1] shutdown complete" in log
+        assert not _listening(port) and not _listening(port + 1)
+    finally:
+        launcher.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_failed_job_is_reported_the_other_serves_and_a_killed_launcher_leaves_no_node(swarm, tmp_path):
+    model, dht, port = swarm
+    blocker = socket.socket()  # job 1's API port (port + 1) is taken
+    blocker.bind(("127.0.0.1", port + 1))
+    blocker.listen()
+    launcher = _sweep(model, dht, tmp_path / "data", port)
+    launcher.start()
+    jobs: list[psutil.Process] = []
+    try:
+        wait_until(lambda: "job #1" in launcher.log_text(), 300, 0.3, "job 1's failure reported")
+        log = launcher.log_text()
+        assert "1 job(s) still running" in log, log[-3000:]
+        assert f"[#1] openhydra-node: cannot start: api.port {port + 1}" in log, log[-3000:]
+        wait_until(lambda: _listening(port), 300, 0.3, "job 0 ready")
+        jobs = psutil.Process(launcher.proc.pid).children()
+        assert len(jobs) == 1
+        launcher.kill(signal.SIGKILL)
+        wait_until(lambda: not jobs[0].is_running() or jobs[0].status() == psutil.STATUS_ZOMBIE, 60, 0.2,
+                   "job 0 ended with its launcher")
+        assert not _listening(port)
+    finally:
+        blocker.close()
+        launcher.stop()
+        for job in jobs:  # nothing of this test may outlive it
+            if job.is_running():
+                job.kill()
