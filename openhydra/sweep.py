@@ -127,6 +127,19 @@ def _exit_status(exc: SystemExit) -> int:
     return 1
 
 
+def _standard_streams() -> None:
+    """sys.stdout and sys.stderr write to file descriptors 1 and 2 (not to a stream replaced in the launcher, such
+    as a test runner's capture), which now lead to the job's pipe."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        stream = getattr(sys, name)
+        try:
+            if stream.fileno() == fd:
+                continue
+        except (AttributeError, OSError, ValueError):
+            pass
+        setattr(sys, name, open(fd, "w", buffering=1, closefd=False, errors="backslashreplace"))  # noqa: SIM115
+
+
 def _fork(job: Job, write: int, others: list[int]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -147,6 +160,7 @@ def _fork(job: Job, write: int, others: list[int]) -> int:
         os.dup2(write, 2)
         for fd in {null, write, *others} - {0, 1, 2}:
             os.close(fd)
+        _standard_streams()
         _reseed()
         status = job.main()
     except SystemExit as exc:

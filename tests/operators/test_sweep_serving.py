@@ -14,7 +14,7 @@ import psutil
 import pytest
 from omegaconf import OmegaConf
 
-from openhydra.sweep import Job, _relay, collision_overrides
+from openhydra.sweep import Job, _relay, collision_overrides, run_jobs
 from openhydra.testing.processes import DhtProcess, NodeProcess, free_port, swarm_node_overrides
 from openhydra.testing.wait import wait_until
 
@@ -173,3 +173,54 @@ def test_a_failed_job_is_reported_the_other_serves_and_a_killed_launcher_leaves_
         for job in jobs:  # nothing of this test may outlive it
             if job.is_running():
                 job.kill()
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def flush(self) -> None:
+        pass
+
+
+def _exits_quietly(message: str):
+    def main() -> int:
+        raise SystemExit(message)
+
+    return main
+
+
+def test_forked_jobs_report_their_output_and_exit_status() -> None:
+    def prints_and_returns() -> int:
+        os.write(1, b"one\ntwo\n")
+        os.write(2, b"to stderr\n")
+        return 3
+
+    def raises() -> int:
+        raise RuntimeError("boom")
+
+    jobs = [Job(index=0, overrides=["a=1"], main=prints_and_returns),
+            Job(index=1, overrides=["a=2"], main=_exits_quietly("a one-line reason")),
+            Job(index=2, overrides=["a=3"], main=raises)]
+    out = _Sink()
+    assert run_jobs(jobs, fork=True, out=out) == [3, 1, 1]
+    text = out.data.decode()
+    assert "[#0] one\n[#0] two\n" in text and "[#0] to stderr\n" in text
+    assert "[#1] a one-line reason\n" in text
+    assert "[#2] RuntimeError: boom\n" in text and "[#2] Traceback" in text
+    assert "job #0 (a=1) ended with status 3" in text and "job #2 (a=3) ended with status 1" in text
+
+
+def test_jobs_run_as_fresh_processes_where_forking_is_unsafe() -> None:
+    """The fallback: each job is ``python -m openhydra.cli`` with its overrides (here quick ones)."""
+    jobs = [Job(index=0, overrides=["--version"], main=lambda: 0),
+            Job(index=1, overrides=["hardware=tpu"], main=lambda: 0)]
+    out = _Sink()
+    assert run_jobs(jobs, fork=False, out=out) == [0, 2]
+    text = out.data.decode()
+    assert "[#0] openhydra-node " in text
+    assert "[#1] openhydra-node: config error: hardware=tpu is not an option" in text, text
+    assert "job #1 (hardware=tpu) ended with status 2" in text
