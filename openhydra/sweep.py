@@ -137,7 +137,7 @@ def _standard_streams() -> None:
                 continue
         except (AttributeError, OSError, ValueError):
             pass
-        setattr(sys, name, open(fd, "w", buffering=1, closefd=False, errors="backslashreplace"))  # noqa: SIM115
+        setattr(sys, name, open(fd, "w", buffering=1, closefd=False, errors="backslashreplace"))  # noqa: SIM115 (kept open: it is the stream)
 
 
 def _fork(job: Job, write: int, others: list[int]) -> int:
