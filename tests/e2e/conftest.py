@@ -40,18 +40,31 @@ class ReadmeSwarm:
     model: str
 
 
-def walkthrough() -> tuple[list[str], list[list[str]], list[str]]:
-    """(the DHT command, each node's arguments, the shell lines run afterwards) from the README."""
+def _section_commands() -> list[str]:
     text = README.read_text()
     assert SECTION in text, f"README.md lost its walk-through section {SECTION!r}"
     section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
     lines = [ln.strip() for block in re.findall(r"```bash\n(.*?)```", section, re.S) for ln in block.splitlines()]
-    commands = [ln for ln in lines if ln and not ln.startswith("#")]
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def walkthrough() -> tuple[list[str], list[list[str]], list[str]]:
+    """(the DHT command, each node's arguments, the shell lines run afterwards) from the README."""
+    commands = _section_commands()
     dht = [shlex.split(c) for c in commands if c.startswith(".venv/bin/openhydra-dht")]
-    nodes = [shlex.split(c)[1:] for c in commands if c.startswith(".venv/bin/openhydra-node")]
+    nodes = [shlex.split(c)[1:] for c in commands if c.startswith(".venv/bin/openhydra-node")
+             and "-m" not in shlex.split(c)]
     after = [c for c in commands if not c.startswith(".venv/bin/")]
     assert len(dht) == 1 and len(nodes) == 3, commands
     return dht[0], nodes, after
+
+
+def sweep_command() -> list[str]:
+    """The arguments of the README's one-command variant (``openhydra-node -m ...``: three jobs at once)."""
+    sweeps = [shlex.split(c)[1:] for c in _section_commands()
+              if c.startswith(".venv/bin/openhydra-node") and "-m" in shlex.split(c)]
+    assert len(sweeps) == 1, sweeps
+    return sweeps[0]
 
 
 def _tiny(args: list[str], model_dir: Path, dht_url: str, home: Path) -> list[str]:
