@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 
 import httpx
 import openai
@@ -224,3 +226,14 @@ def test_jobs_run_as_fresh_processes_where_forking_is_unsafe() -> None:
     assert "[#0] openhydra-node " in text
     assert "[#1] openhydra-node: config error: hardware=tpu is not an option" in text, text
     assert "job #1 (hardware=tpu) ended with status 2" in text
+
+
+def test_a_sweep_that_mixes_serving_and_ending_jobs_is_one_line_of_error(tmp_path) -> None:
+    env = {**os.environ, "OPENHYDRA_HOME": str(tmp_path / "home"), "OPENHYDRA_CONFIG_DIR": str(tmp_path / "cfg")}
+    out = subprocess.run([sys.executable, "-m", "openhydra.cli", "-m", "action=serve,check", "hardware=cpu"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        "openhydra-node: config error: a sweep's jobs either all serve (serve or dht: they run at once) or none "
+        "does (they run one after another); this one mixes them")
+    assert "Traceback" not in out.stderr
