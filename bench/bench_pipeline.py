@@ -5,13 +5,16 @@ length, 1 torch thread per process, runs interleaved, medians reported. The swar
 plus three nodes serving SmolLM2-135M layers [0,10), [10,20), [20,30); requests enter at the first.
 
     python bench/bench_pipeline.py --trials 7 --tokens 96 [--hardware cpu_int4 --dtype float32]
-        [--halt-poll-ns 0,200000] [--before COMMIT]
+        [--halt-poll-ns 0,200000] [--before COMMIT] [--sweep]
 
 It also prints what each node process spent in CPU per generated token (user + system, all threads, from /proc):
 on a 2-core machine, where only one process of a pipeline has work at a time, that tells CPU work from waiting.
 
 ``--before COMMIT`` adds a third arm: the same 3-peer pipeline (its own DHT and node processes) run from a git worktree
 of an earlier commit, interleaved with the others, so a change to the hop is measured against its parent side by side.
+
+``--sweep`` adds another: the same three spans started as one ``openhydra-node -m ... shard.index=0,1,2`` sweep, whose
+jobs are forked from one process and share its imported pages (openhydra/sweep.py), with its own DHT.
 
 ``--halt-poll-ns`` (a diagnosis for virtual machines; Linux guests with the ``haltpoll`` cpuidle driver, as root):
 each arm also runs with ``/sys/module/haltpoll/parameters/guest_halt_poll_ns`` set to each value in turn, inside
@@ -47,6 +50,39 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def consecutive_free_ports(count: int) -> int:
+    """A free loopback port P with P + 1 ... P + count - 1 free too."""
+    import socket
+
+    from openhydra.testing.processes import free_port
+
+    while True:
+        port = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for k in range(1, count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port + k))
+            except OSError:
+                continue
+        return port
+
+
+def start_sweep(launcher, jobs: int) -> list[int]:
+    """Start the sweep, wait until each job answers /readyz on its port; the job processes' pids in job order."""
+    import psutil
+
+    from openhydra.testing.processes import NodeProcess
+
+    launcher.start()
+    for k in range(jobs):
+        job = NodeProcess([], port=launcher.port + k)
+        job.proc, job.log_path = launcher.proc, launcher.log_path  # a dead launcher ends the wait
+        job.wait_ready(600)
+    by_port = {conn.laddr.port: child.pid for child in psutil.Process(launcher.proc.pid).children()
+               for conn in child.net_connections("tcp") if conn.status == psutil.CONN_LISTEN}
+    return [by_port[launcher.port + k] for k in range(jobs)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=7)
@@ -56,6 +92,9 @@ def main() -> None:
     parser.add_argument("--halt-poll-ns", default=None, help="comma-separated guest_halt_poll_ns values (see above)")
     parser.add_argument("--before", default=None, metavar="COMMIT",
                         help="also run the pipeline of an earlier commit (a git worktree of it), a third arm")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also run the 3-peer pipeline as one `openhydra-node -m` sweep (jobs forked from one "
+                             "process, sharing its imported pages), a further arm with its own DHT")
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_pipeline.png"))
     args = parser.parse_args()
     from openhydra.testing.machine import announce
@@ -85,12 +124,25 @@ def main() -> None:
             swarms[old_arm] = [NodeProcess(swarm_node_overrides(model_dir, old_dht.url, a, b, work / f"b{a}",
                                                                dtype=args.dtype, hardware=args.hardware),
                                           threads=1, env={"PYTHONPATH": str(tree)}, cwd=tree) for a, b in spans]
+        sweep_arm, launcher = "3-peer sweep (forked jobs)", None
+        if args.sweep:  # job k serves its API on the launcher's port + k (openhydra/sweep.py)
+            sweep_dht = stack.enter_context(DhtProcess())
+            overrides = [o for o in swarm_node_overrides(model_dir, sweep_dht.url, 0, 10, work / "sweep",
+                                                         dtype=args.dtype, hardware=args.hardware)
+                         if not o.startswith("shard")]
+            launcher = NodeProcess(["-m", *overrides, "shard=index", f"shard.total={len(spans)}",
+                                    "shard.index=" + ",".join(str(k) for k in range(len(spans)))],
+                                   port=consecutive_free_ports(len(spans)), threads=1,
+                                   log_path=work / "sweep.log")
         everyone = [single, *(node for nodes in swarms.values() for node in nodes)]
         try:
             start_all(everyone)
             urls = {"single node": single.url, **{name: nodes[0].url for name, nodes in swarms.items()}}
             pids = {"single node": [single.proc.pid],
                     **{name: [p.proc.pid for p in nodes] for name, nodes in swarms.items()}}
+            if launcher is not None:
+                everyone.append(launcher)
+                urls[sweep_arm], pids[sweep_arm] = launcher.url, start_sweep(launcher, len(spans))
             cpu: dict[str, list[list[float]]] = {name: [] for name in urls}  # per call: CPU ms per token per node
             for url in urls.values():
                 api_decode_rate(url, model, messages, 8)  # warm-up
@@ -131,6 +183,12 @@ def main() -> None:
         ratios.append(f"{ratio:.2f}{suffix}")
         print(f"\nratio pipeline/single{suffix} = {ratio:.3f} (per-trial median {per_trial:.3f}); extra per token = "
               f"{1000 / pipeline_rate - 1000 / single_rate:.2f} ms for 3 hops + reply")
+    if args.sweep:
+        forked, separate = rates[sweep_arm], rates["3-peer pipeline"]
+        print(f"3-peer sweep / 3-peer separate processes = "
+              f"{statistics.median(forked) / statistics.median(separate):.3f} (per-trial median "
+              f"{statistics.median(f / p for f, p in zip(forked, separate, strict=True)):.3f}); sweep / single = "
+              f"{statistics.median(forked) / med['single node']:.3f}")
     if args.before:
         now, then = rates["3-peer pipeline"], rates[old_arm]
         print(f"3-peer pipeline now / {args.before} = {statistics.median(now) / statistics.median(then):.3f} "

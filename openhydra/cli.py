@@ -347,6 +347,9 @@ def _serve(node) -> None:
 
 
 def node_main() -> None:
+    from openhydra.sweep import die_with_launcher
+
+    die_with_launcher()  # a sweep's job started as a fresh process ends with its launcher (openhydra/sweep.py)
     from openhydra.runtime.malloc import limit_arenas
 
     limit_arenas()  # before torch, gRPC or Sanic start a thread: fewer glibc arenas, less heap growth (issue 15)

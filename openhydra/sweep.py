@@ -34,8 +34,10 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig, OmegaConf
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ def collision_overrides(configs: Sequence[DictConfig]) -> list[list[str]]:
 
     A value shared by several jobs stays with the first of them; the k-th next gets port + k, or ``<dir>/job-k``.
     """
+    from omegaconf import OmegaConf
+
     extra: list[list[str]] = [[] for _ in configs]
     for key in (*PORT_KEYS, "node.data_dir"):
         seen: dict[object, int] = {}
@@ -175,9 +179,22 @@ def _fork(job: Job, write: int, others: list[int]) -> int:
         os._exit(status)
 
 
+LAUNCHER_ENV = "OPENHYDRA_SWEEP_LAUNCHER"
+"""Set for a job started as a fresh process: the launcher's pid, so the job ends with it (:func:`die_with_launcher`)."""
+
+
+def die_with_launcher() -> None:
+    """In a job started as a fresh process (``openhydra-node`` calls this first): end with the launcher that
+    started it, as a forked job does."""
+    parent = os.environ.pop(LAUNCHER_ENV, None)
+    if parent is not None and parent.isdigit() and sys.platform == "linux":
+        _die_with_parent(int(parent))
+
+
 def _spawn(job: Job, write: int) -> int:
     job.popen = subprocess.Popen([sys.executable, "-m", "openhydra.cli", *job.overrides], stdin=subprocess.DEVNULL,
-                                 stdout=write, stderr=write, start_new_session=True, close_fds=True)
+                                 stdout=write, stderr=write, start_new_session=True, close_fds=True,
+                                 env={**os.environ, LAUNCHER_ENV: str(os.getpid())})
     return job.popen.pid
 
 

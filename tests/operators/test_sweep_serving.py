@@ -4,6 +4,7 @@ job, a failed job reported while the other serves, and a SIGKILLed launcher leav
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -237,3 +238,30 @@ def test_a_sweep_that_mixes_serving_and_ending_jobs_is_one_line_of_error(tmp_pat
         "openhydra-node: config error: a sweep's jobs either all serve (serve or dht: they run at once) or none "
         "does (they run one after another); this one mixes them")
     assert "Traceback" not in out.stderr
+
+
+def test_a_job_started_as_a_fresh_process_ends_with_its_launcher() -> None:
+    """The fallback's jobs are not forked, so they set the parent-death signal themselves (``openhydra-node`` calls
+    die_with_launcher first): a launcher killed with SIGKILL leaves no job behind there either."""
+    job = ("import time; from openhydra.sweep import die_with_launcher; die_with_launcher(); print('up', flush=True);"
+           " time.sleep(600)")
+    launcher_code = (
+        "import os, subprocess, sys, time\n"
+        f"job = subprocess.Popen([sys.executable, '-c', {job!r}], env={{**os.environ, "
+        "'OPENHYDRA_SWEEP_LAUNCHER': str(os.getpid())}, stdout=subprocess.PIPE, text=True)\n"
+        "assert job.stdout.readline() == 'up\\n'\n"
+        "print(job.pid, flush=True)\n"
+        "time.sleep(600)\n")
+    launcher = subprocess.Popen([sys.executable, "-c", launcher_code], stdout=subprocess.PIPE, text=True)
+    try:
+        job_pid = int(launcher.stdout.readline())
+        child = psutil.Process(job_pid)
+        assert child.is_running()
+        launcher.kill()
+        launcher.wait(timeout=10)
+        wait_until(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, 30, 0.1,
+                   "the job ended with its launcher")
+    finally:
+        launcher.kill()
+        with contextlib.suppress(psutil.NoSuchProcess, NameError):
+            child.kill()
