@@ -152,6 +152,7 @@ def _fork(job: Job, write: int, others: list[int]) -> int:
     if pid:
         return pid
     status = 1
+    atexit._clear()  # the launcher's exit handlers are not the job's (one shut a socket the launcher still uses)
     try:
         os.setpgid(0, 0)  # signals come from the launcher, once (not also from the terminal's Ctrl-C)
         _die_with_parent(parent)

@@ -4,6 +4,7 @@ job, a failed job reported while the other serves, and a SIGKILLed launcher leav
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -196,8 +197,17 @@ def _exits_quietly(message: str):
     return main
 
 
-def test_forked_jobs_report_their_output_and_exit_status() -> None:
+def test_forked_jobs_report_their_output_and_exit_status(tmp_path) -> None:
+    """Also: a job does not run the launcher's exit handlers (it ran this test process's, whose fork-server client
+    then shut the socket the test process shares with its fork server, and the session's nodes could not be
+    waited for)."""
+    ran_here = tmp_path / "launcher-exit-handler-ran"
+
+    def launchers_exit_handler() -> None:
+        ran_here.write_text(str(os.getpid()))
+
     def prints_and_returns() -> int:
+        atexit.register(lambda: os.write(1, b"the job's own exit handler\n"))
         os.write(1, b"one\ntwo\n")
         os.write(2, b"to stderr\n")
         return 3
@@ -209,8 +219,14 @@ def test_forked_jobs_report_their_output_and_exit_status() -> None:
             Job(index=1, overrides=["a=2"], main=_exits_quietly("a one-line reason")),
             Job(index=2, overrides=["a=3"], main=raises)]
     out = _Sink()
-    assert run_jobs(jobs, fork=True, out=out) == [3, 1, 1]
+    atexit.register(launchers_exit_handler)
+    try:
+        assert run_jobs(jobs, fork=True, out=out) == [3, 1, 1]
+    finally:
+        atexit.unregister(launchers_exit_handler)
+    assert not ran_here.exists()
     text = out.data.decode()
+    assert "[#0] the job's own exit handler\n" in text
     assert "[#0] one\n[#0] two\n" in text and "[#0] to stderr\n" in text
     assert "[#1] a one-line reason\n" in text
     assert "[#2] RuntimeError: boom\n" in text and "[#2] Traceback" in text
