@@ -63,6 +63,7 @@ class OpenHydraLauncher(BasicLauncher):
             returns.append(JobReturn(overrides=[*overrides, *extra], cfg=cfg, status=JobStatus.COMPLETED))
         unsafe = fork_unsafe_because()
         if unsafe is None:
+            log.info("importing what the jobs share (torch, transformers, the node's modules: a few seconds)")
             preload()  # what every job imports, once, shared copy-on-write by the forked jobs
             freeze()
             unsafe = fork_unsafe_because()  # an import that started a thread
