@@ -66,9 +66,9 @@ _OPENBLAS_THREADS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_nu
 
 
 def openblas_workers() -> int:
-    """Worker threads of the OpenBLAS libraries loaded (NumPy's, SciPy's own copy: each pool's size - 1; 0 if none
-    is loaded). OpenBLAS stops them itself before a fork (its pthread_atfork handler) and starts them again when
-    next used."""
+    """Running worker threads of the OpenBLAS libraries loaded (NumPy's, SciPy's own copy: each running pool's
+    size - 1). OpenBLAS stops them itself before a fork (its pthread_atfork handler: ``blas_server_avail`` drops to
+    0) and starts them again when next used, so a pool that is down counts none."""
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line}
@@ -83,7 +83,13 @@ def openblas_workers() -> int:
         except OSError:
             continue
         name = next((n for n in _OPENBLAS_THREADS if hasattr(lib, n)), None)
-        if name is not None:
+        if name is None:
+            continue
+        try:
+            running = ctypes.c_int.in_dll(lib, "blas_server_avail").value
+        except ValueError:  # not exported by this build: assume its pool runs
+            running = 1
+        if running:
             workers += max(0, int(getattr(lib, name)()) - 1)
     return workers
 

@@ -55,28 +55,61 @@ def _quoted(value: str) -> str:
 def collision_overrides(configs: Sequence[DictConfig]) -> list[list[str]]:
     """Per job, the overrides that keep it off the ports and data directory an earlier job of the sweep uses.
 
-    A value shared by several jobs stays with the first of them; the k-th next gets port + k, or ``<dir>/job-k``.
+    A port (any of :data:`PORT_KEYS`, not 0) stays with the first job that names it; a later job naming a taken port
+    gets the next port that no job of the sweep names or was given. A data directory shared by several jobs stays
+    with the first; the k-th next gets ``<dir>/job-k`` (the same each time the sweep starts, so its identity is kept).
     """
     from omegaconf import OmegaConf
 
+    def ports(cfg: DictConfig) -> list[tuple[str, int]]:
+        keys = ("api.port",) if cfg.get("action") == "dht" else PORT_KEYS  # the DHT table serves no peer
+        found = [(key, OmegaConf.select(cfg, key, default=None)) for key in keys]
+        return [(key, int(value)) for key, value in found if value is not None and int(value) != 0]
+
     extra: list[list[str]] = [[] for _ in configs]
-    for key in (*PORT_KEYS, "node.data_dir"):
-        seen: dict[object, int] = {}
-        for i, cfg in enumerate(configs):
-            if key.startswith("peer.") and cfg.get("action") == "dht":
-                continue  # the DHT bootstrap table serves no peer
-            value = OmegaConf.select(cfg, key, default=None)
-            if value is None or (key in PORT_KEYS and int(value) == 0):
-                continue
-            rank = seen.get(value, 0)
-            seen[value] = rank + 1
-            if rank == 0:
-                continue
-            if key in PORT_KEYS:
-                extra[i].append(f"{key}={int(value) + rank}")
-            else:
-                extra[i].append(f"{key}={_quoted(os.path.join(str(value), f'job-{rank}'))}")
+    named = {port for cfg in configs for _, port in ports(cfg)}
+    given: set[int] = set()
+    for i, cfg in enumerate(configs):
+        for key, port in ports(cfg):
+            if port in given:
+                port = next(p for p in range(port + 1, 65536) if p not in given and p not in named)
+                extra[i].append(f"{key}={port}")
+            given.add(port)
+    dirs = [OmegaConf.select(cfg, "node.data_dir", default=None) for cfg in configs]
+    same = [os.path.abspath(os.path.expanduser(str(d))) if d is not None else None for d in dirs]
+    taken = {d for d in same if d is not None}
+    ranks: dict[str, int] = {}
+    for i, (shown, path) in enumerate(zip(dirs, same, strict=True)):
+        if path is None:
+            continue
+        rank = ranks.get(path, 0)
+        if rank == 0:
+            ranks[path] = 1
+            continue
+        while os.path.join(path, f"job-{rank}") in taken:
+            rank += 1
+        ranks[path] = rank + 1
+        taken.add(os.path.join(path, f"job-{rank}"))
+        extra[i].append(f"node.data_dir={_quoted(os.path.join(str(shown), f'job-{rank}'))}")
     return extra
+
+
+def shared_identity(configs: Sequence[DictConfig]) -> str | None:
+    """Why the jobs cannot run as configured (None: they can): two that would load one identity key (an explicit
+    ``privacy.identity_path`` that the data-directory move does not change) would be one peer twice."""
+    from omegaconf import OmegaConf
+
+    seen: dict[str, int] = {}
+    for i, cfg in enumerate(configs):
+        path = OmegaConf.select(cfg, "privacy.identity_path", default=None)
+        if not path or cfg.get("action") == "dht":
+            continue
+        path = os.path.abspath(os.path.expanduser(str(path)))
+        if path in seen:
+            return (f"jobs #{seen[path]} and #{i} would share privacy.identity_path={path} (one peer twice): "
+                    "leave it to each job's data directory, or give each job its own")
+        seen[path] = i
+    return None
 
 
 @dataclass
@@ -144,7 +177,10 @@ def _standard_streams() -> None:
         setattr(sys, name, open(fd, "w", buffering=1, closefd=False, errors="backslashreplace"))  # noqa: SIM115 (kept open: it is the stream)
 
 
-def _fork(job: Job, write: int, others: list[int]) -> int:
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _fork(job: Job, write: int, others: list[int], ignored: set[int]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     parent = os.getpid()
@@ -152,13 +188,15 @@ def _fork(job: Job, write: int, others: list[int]) -> int:
     if pid:
         return pid
     status = 1
-    atexit._clear()  # the launcher's exit handlers are not the job's (one shut a socket the launcher still uses)
     try:
+        # first: the launcher's forwarding handlers are not the job's. What a node started from the launcher's
+        # shell would have (nohup: SIGHUP stays ignored).
+        for sig in (*FORWARDED, signal.SIGCHLD):
+            default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            signal.signal(sig, signal.SIG_IGN if sig in ignored else default)
+        atexit._clear()  # nor are its exit handlers (one shut a socket the launcher still uses)
         os.setpgid(0, 0)  # signals come from the launcher, once (not also from the terminal's Ctrl-C)
         _die_with_parent(parent)
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(write, 1)
@@ -170,6 +208,9 @@ def _fork(job: Job, write: int, others: list[int]) -> int:
         status = job.main()
     except SystemExit as exc:
         status = _exit_status(exc)
+    except KeyboardInterrupt:  # Ctrl-C before the node serves (it handles SIGINT itself once serving)
+        print("openhydra-node: interrupted", file=sys.stderr)
+        status = 130
     except BaseException:  # reported in the job's output; its exit status says it failed
         traceback.print_exc()
     finally:
@@ -195,7 +236,7 @@ def die_with_launcher() -> None:
 def _spawn(job: Job, write: int) -> int:
     job.popen = subprocess.Popen([sys.executable, "-m", "openhydra.cli", *job.overrides], stdin=subprocess.DEVNULL,
                                  stdout=write, stderr=write, start_new_session=True, close_fds=True,
-                                 env={**os.environ, LAUNCHER_ENV: str(os.getpid())})
+                                 env={**os.environ, LAUNCHER_ENV: str(os.getpid()), "PYTHONUNBUFFERED": "1"})
     return job.popen.pid
 
 
@@ -205,7 +246,9 @@ def _relay(job: Job, data: bytes, out) -> None:
     prefix = f"[#{job.index}] ".encode()
     start = 0
     for i, byte in enumerate(job.pending):
-        if byte in (10, 13):  # \n, \r
+        if byte == 13 and i + 1 == len(job.pending):
+            break  # a \r\n may be split between reads: decide when the next byte is in
+        if byte == 10 or (byte == 13 and job.pending[i + 1] != 10):  # \n, \r\n, or a progress bar's lone \r
             if i > start or byte == 10:
                 out.write(prefix + job.pending[start:i + 1])
             start = i + 1
@@ -217,23 +260,32 @@ def run_jobs(jobs: list[Job], *, fork: bool, out=None) -> list[int]:
     """Run every job at once (forked when ``fork``, else fresh processes) and relay their output; their exit
     statuses (negative: the signal that ended it), once all have ended."""
     out = out or sys.stdout.buffer
-    reads: list[int] = []
-    for job in jobs:  # one pipe at a time: a job must hold no other job's write end (its EOF would wait for it)
-        read, write = os.pipe()
-        reads.append(read)
-        job.pid = _fork(job, write, reads) if fork else _spawn(job, write)
-        os.close(write)
-        job.fd = read
-    live = {job.pid: job for job in jobs}
+    live: dict[int, Job] = {}
+    received: list[int] = []
 
     def forward(sig: int, _frame) -> None:
+        received.append(sig)
         for pid in list(live):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    # installed before the first fork (a signal in between reaches the jobs started so far, and no more start);
+    # a signal the launcher ignores (nohup's SIGHUP) stays ignored, here and in the jobs
+    ignored = {sig for sig in FORWARDED if signal.getsignal(sig) == signal.SIG_IGN}
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED if sig not in ignored}
     selector = selectors.DefaultSelector()
-    for job in jobs:
+    reads: list[int] = []
+    for job in jobs:  # one pipe at a time: a job must hold no other job's write end (its EOF would wait for it)
+        if received:
+            job.status = 0
+            out.write(f"openhydra-node: job #{job.index} not started (interrupted)\n".encode())
+            continue
+        read, write = os.pipe()
+        reads.append(read)
+        job.pid = _fork(job, write, reads, ignored) if fork else _spawn(job, write)
+        os.close(write)
+        job.fd = read
+        live[job.pid] = job
         selector.register(job.fd, selectors.EVENT_READ, job)
     try:
         while live or selector.get_map():
@@ -252,7 +304,7 @@ def run_jobs(jobs: list[Job], *, fork: bool, out=None) -> list[int]:
                     if job.popen is not None:
                         job.popen.returncode = job.status
                     _drain(selector, job, out)
-                    if job.status != 0:
+                    if job.status != 0 and not (received and job.status in STOPPED):
                         left = f"; {len(live)} job(s) still running" if live else ""
                         out.write(f"openhydra-node: job #{job.index} ({' '.join(job.overrides)}) ended with "
                                   f"status {job.status}{left}\n".encode())
@@ -263,7 +315,12 @@ def run_jobs(jobs: list[Job], *, fork: bool, out=None) -> list[int]:
         for job in jobs:
             _close(selector, job, out)
         selector.close()
-    return [job.status if job.status is not None else 1 for job in jobs]
+    return [0 if received and job.status in STOPPED else job.status if job.status is not None else 1
+            for job in jobs]
+
+
+STOPPED = (130, -signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGTERM, -signal.SIGHUP)
+"""Exit statuses of a job that ended because the launcher passed it the signal it received: not a failure."""
 
 
 def _drain(selector: selectors.BaseSelector, job: Job, out) -> None:

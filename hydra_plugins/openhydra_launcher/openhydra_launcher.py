@@ -48,8 +48,9 @@ class OpenHydraLauncher(BasicLauncher):
             raise SystemExit(2)
 
         from openhydra.preload import fork_unsafe_because, freeze, preload
+        from openhydra.sweep import shared_identity
 
-        jobs, returns = [], []
+        jobs, returns, final = [], [], []
         for n, (overrides, extra) in enumerate(zip(job_overrides, collision_overrides(configs), strict=True)):
             idx = initial_job_idx + n
             cfg = loader.load_sweep_config(self.config, [*overrides, *extra])
@@ -59,8 +60,13 @@ class OpenHydraLauncher(BasicLauncher):
             shown = " ".join(filter_overrides(list(overrides)))
             moved = f"  (and {' '.join(extra)}: the jobs would share them otherwise)" if extra else ""
             log.info(f"\t#{idx} : {shown}{moved}")
+            final.append(cfg)
             jobs.append(Job(index=idx, overrides=[*overrides, *extra], main=self._job_main(cfg)))
             returns.append(JobReturn(overrides=[*overrides, *extra], cfg=cfg, status=JobStatus.COMPLETED))
+        clash = shared_identity(final)
+        if clash is not None:
+            print(f"openhydra-node: config error: {clash}", file=sys.stderr)
+            raise SystemExit(2)
         unsafe = fork_unsafe_because()
         if unsafe is None:
             log.info("importing what the jobs share (torch, transformers, the node's modules: a few seconds)")

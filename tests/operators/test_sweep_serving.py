@@ -18,7 +18,7 @@ import psutil
 import pytest
 from omegaconf import OmegaConf
 
-from openhydra.sweep import Job, _relay, collision_overrides, run_jobs
+from openhydra.sweep import Job, _relay, collision_overrides, run_jobs, shared_identity
 from openhydra.testing.processes import DhtProcess, NodeProcess, free_port, swarm_node_overrides
 from openhydra.testing.wait import wait_until
 
@@ -49,6 +49,29 @@ def test_jobs_that_would_share_a_port_or_data_dir_get_the_next_ones() -> None:
         "node.data_dir='/x/it\\'s/job-1'")
 
 
+def test_a_moved_port_never_lands_on_a_port_another_job_names_or_was_given() -> None:
+    # api.port next to peer.port: job 1's API must not take job 0's peer port (found in review)
+    extra = collision_overrides([_cfg(api__port=9000, peer__port=9001)] * 3)
+    assert extra == [[], ["api.port=9002", "peer.port=9003", "node.data_dir='~/.openhydra/job-1'"],
+                     ["api.port=9004", "peer.port=9005", "node.data_dir='~/.openhydra/job-2'"]]
+    # a cartesian sweep of api.port=8080,8081 over two other values: four jobs, four API ports
+    ports = [8080, 8081, 8080, 8081]
+    extra = collision_overrides([_cfg(api__port=p, peer__port=0, node__data_dir=f"/d{i}")
+                                 for i, p in enumerate(ports)])
+    assert extra == [[], [], ["api.port=8082"], ["api.port=8083"]]
+
+
+def test_one_data_dir_spelled_two_ways_is_one_and_a_shared_identity_key_is_refused() -> None:
+    home = os.path.expanduser("~")
+    extra = collision_overrides([_cfg(node__data_dir="~/oh"), _cfg(node__data_dir=f"{home}/oh", api__port=1,
+                                                                    peer__port=2)])
+    assert extra[1] == [f"node.data_dir='{home}/oh/job-1'"]
+    assert shared_identity([_cfg(privacy={"identity_path": "/k/id.key"}),
+                            _cfg(privacy={"identity_path": "/k/job-1/id.key"})]) is None
+    clash = shared_identity([_cfg(privacy={"identity_path": "/k/id.key"})] * 2)
+    assert clash is not None and clash.startswith("jobs #0 and #1 would share privacy.identity_path=/k/id.key")
+
+
 def test_each_line_is_prefixed_with_its_job_and_progress_bars_keep_their_carriage_returns() -> None:
     class Out:
         def __init__(self) -> None:
@@ -65,6 +88,10 @@ def test_each_line_is_prefixed_with_its_job_and_progress_bars_keep_their_carriag
     assert out.data == b"[#3] hello\n" and job.pending == b"wor"
     _relay(job, b"ld\n\r 50%\r100%\n", out)
     assert out.data == b"[#3] hello\n[#3] world\n[#3]  50%\r[#3] 100%\n" and job.pending == b""
+    out.data = b""
+    _relay(job, b"windows\r", out)  # a \r\n split between two reads is one line ending
+    _relay(job, b"\nnext\r\n", out)
+    assert out.data == b"[#3] windows\r\n[#3] next\r\n"
 
 
 def _sweep(model, dht: DhtProcess, data_dir, port: int, *extra: str) -> NodeProcess:
@@ -231,6 +258,19 @@ def test_forked_jobs_report_their_output_and_exit_status(tmp_path) -> None:
     assert "[#1] a one-line reason\n" in text
     assert "[#2] RuntimeError: boom\n" in text and "[#2] Traceback" in text
     assert "job #0 (a=1) ended with status 3" in text and "job #2 (a=3) ended with status 1" in text
+
+
+def test_a_signal_the_launcher_ignores_stays_ignored_in_its_jobs() -> None:
+    """nohup: a single node ignores SIGHUP and survives the logout; so do a sweep's jobs (found in review)."""
+    def hup_ignored() -> int:
+        return 0 if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else 5
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert run_jobs([Job(index=0, overrides=[], main=hup_ignored)], fork=True, out=_Sink()) == [0]
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN  # not replaced by the forwarding handler
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 def test_jobs_run_as_fresh_processes_where_forking_is_unsafe() -> None:
