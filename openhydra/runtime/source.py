@@ -89,20 +89,43 @@ def _hub_dir(cache_root: Path) -> Path:
     return Path(cache_root).expanduser() / "hub"
 
 
-def downloaded_snapshot(hf_id: str, cache_root: Path) -> tuple[Path | None, str]:
-    """The copy of ``hf_id`` that an earlier :func:`fetch_from_hub` left in the cache, if it is whole (config.json
-    and every weight file its index names): what a node serves while the hub cannot be reached. Otherwise None and
-    why not, for the error the user sees."""
-    from huggingface_hub import snapshot_download
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+"""What :func:`fetch_from_hub` downloads of a hub repository (weights, config, tokenizer; no README, no .bin)."""
 
-    try:
-        folder = Path(snapshot_download(hf_id, cache_dir=str(_hub_dir(cache_root)), local_files_only=True))
-    except OSError:  # LocalEntryNotFoundError: never downloaded on this machine
+
+def downloaded_snapshot(hf_id: str, cache_root: Path) -> tuple[Path | None, str]:
+    """A whole copy of ``hf_id`` that an earlier :func:`fetch_from_hub` left in the cache: what a node serves while
+    the hub cannot be reached. Otherwise None and why not, for the error the user sees.
+
+    Read from huggingface_hub's cache layout (``models--ORG--NAME/refs/main``, ``snapshots/<commit>/``): the commit
+    ``refs/main`` names first, then older snapshots, newest first (an update interrupted after the ref moved leaves
+    the earlier copy whole). Whole: config.json, every weight file the index names (``model.safetensors`` without
+    an index), ``tokenizer_config.json`` and ``tokenizer.json`` or ``tokenizer.model``."""
+    repo = _hub_dir(cache_root) / ("models--" + hf_id.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    folders = [p for p in snapshots.iterdir() if p.is_dir()] if snapshots.is_dir() else []
+    if not folders:
         return None, "no copy downloaded earlier"
-    missing = [name for name in [*_weight_files(folder), "config.json"] if not (folder / name).is_file()]
-    if missing:
-        return None, f"the copy downloaded earlier ({folder}) is incomplete: no {', '.join(missing[:3])}"
-    return folder, ""
+    ref = repo / "refs" / "main"
+    current = ref.read_text().strip() if ref.is_file() else None
+    folders.sort(key=lambda p: (p.name != current, -p.stat().st_mtime))
+    incomplete = []
+    for folder in folders:
+        missing = _missing_files(folder)
+        if not missing:
+            return folder, ""
+        incomplete.append(f"{folder} has no {', '.join(missing[:3])}")
+    return None, f"the copy downloaded earlier is incomplete ({'; '.join(incomplete[:2])})"
+
+
+def _missing_files(folder: Path) -> list[str]:
+    """What a hub folder lacks to be loaded (see :func:`downloaded_snapshot`); is_file follows the cache's links to
+    its blobs, so a link to a blob that never arrived counts as missing."""
+    missing = [name for name in ["config.json", *_weight_files(folder), "tokenizer_config.json"]
+               if not (folder / name).is_file()]
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        missing.append("tokenizer.json")
+    return missing
 
 
 def _weight_files(folder: Path) -> list[str]:
@@ -131,6 +154,6 @@ def fetch_from_hub(hf_id: str, cache_root: Path) -> Path:
             snapshot_download(
                 hf_id,
                 cache_dir=str(hub_dir),
-                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"],
+                allow_patterns=HUB_FILES,
             )
         )

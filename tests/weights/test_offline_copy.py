@@ -4,6 +4,7 @@ with the weights on disk, and auto-promotion counted such a model as unobtainabl
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -26,13 +27,23 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub probe answers 'unreachable' at once
 
 
-def downloaded(cache_root: Path, hf_id: str, source: Path) -> Path:
-    """``source``'s files laid out as huggingface_hub's snapshot_download leaves them under ``<cache>/hub``."""
+def downloaded(cache_root: Path, hf_id: str, source: Path, commit: str = COMMIT) -> Path:
+    """``source``'s files laid out as huggingface_hub's snapshot_download leaves them under ``<cache>/hub``: files in
+    ``snapshots/<commit>`` linked to ``blobs/``, ``refs/main`` naming the commit, and the repository's listing in
+    ``trees/`` (which names files fetch_from_hub does not download, such as README.md)."""
     repo = cache_root / "hub" / ("models--" + hf_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / COMMIT
-    shutil.copytree(source, snapshot)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(COMMIT)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for i, file in enumerate(sorted(source.iterdir())):
+        blob = repo / "blobs" / f"{commit[:8]}-{i}"
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "trees").mkdir(exist_ok=True)
+    (repo / "trees" / f"{commit}.json").write_text(json.dumps(
+        [{"path": f.name, "type": "file"} for f in source.iterdir()] + [{"path": "README.md", "type": "file"}]))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
     return snapshot
 
 
@@ -44,20 +55,36 @@ def test_a_whole_copy_is_served_offline_and_an_incomplete_one_is_named(tmp_path,
     assert choice.path == snapshot and choice.api_name == "big" and choice.degradation_reason is None
     assert "the copy downloaded earlier" in choice.source
 
-    (snapshot / "model.safetensors").unlink()  # an interrupted download
+    os.unlink(os.path.realpath(snapshot / "model.safetensors"))  # an interrupted download: a link to no blob
     folder, why = downloaded_snapshot("example/big", tmp_path)
-    assert folder is None and why.endswith("is incomplete: no model.safetensors")
+    assert folder is None and why == f"the copy downloaded earlier is incomplete ({snapshot} has no model.safetensors)"
     choice = resolve_model(model, tmp_path)  # the fallback, saying why
-    assert choice.degradation_reason is not None and "incomplete: no model.safetensors" in choice.degradation_reason
+    assert choice.degradation_reason is not None and f"{snapshot} has no model.safetensors" in (
+        choice.degradation_reason)
+
+
+def test_a_copy_without_its_tokenizer_is_incomplete(tmp_path, tiny_model_dirs) -> None:
+    snapshot = downloaded(tmp_path, "example/big", tiny_model_dirs["llama"])
+    (snapshot / "tokenizer.json").unlink()
+    assert downloaded_snapshot("example/big", tmp_path)[1].endswith(f"{snapshot} has no tokenizer.json)")
+
+
+def test_an_interrupted_update_leaves_the_earlier_whole_copy_in_service(tmp_path, tiny_model_dirs) -> None:
+    """huggingface_hub moves refs/main to the new commit before the new files arrive."""
+    older = downloaded(tmp_path, "example/big", tiny_model_dirs["llama"], commit="a" * 40)
+    newer = downloaded(tmp_path, "example/big", tiny_model_dirs["llama"], commit="b" * 40)
+    os.unlink(os.path.realpath(newer / "model.safetensors"))
+    assert (tmp_path / "hub" / "models--example--big" / "refs" / "main").read_text() == "b" * 40
+    assert downloaded_snapshot("example/big", tmp_path) == (older, "")
 
 
 def test_a_sharded_copy_needs_every_file_its_index_names(tmp_path, tiny_model_dirs) -> None:
     snapshot = downloaded(tmp_path, "example/sharded", tiny_model_dirs["llama"])
-    (snapshot / "model.safetensors").rename(snapshot / "model-00001-of-00002.safetensors")
+    (snapshot / "model.safetensors").rename(snapshot / "model-00001-of-00002.safetensors")  # the link, renamed
     (snapshot / "model.safetensors.index.json").write_text(
         '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}')
     folder, why = downloaded_snapshot("example/sharded", tmp_path)
-    assert folder is None and why.endswith("no model-00002-of-00002.safetensors")
+    assert folder is None and why.endswith("has no model-00002-of-00002.safetensors)")
 
 
 def test_promotion_counts_a_copy_on_disk_as_obtainable(tmp_path, tiny_model_dirs) -> None:
