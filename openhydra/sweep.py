@@ -7,18 +7,20 @@ another, so the second node started only once the first had been stopped; the la
 A sweep of checks (``action=check``) still runs its jobs one after another.
 
 - **Shared pages.** On Linux the jobs are forked from this process after it has imported what a node imports
-  (openhydra/preload.py) and frozen those objects out of the cycle collector's reach, so the ~300 MiB of imports
-  are in memory once, shared copy-on-write, rather than once per node (docs/benchmarks.md, "Peer memory per span").
+  (openhydra/preload.py) and frozen those objects out of the cycle collector's reach, so the jobs share most of the
+  ~300 MiB of imports copy-on-write instead of each holding its own copy (a job still copies the pages it writes:
+  140 MiB less per co-located SmolLM2 peer; docs/benchmarks.md, "Peer memory per span").
   Where forking is not safe (another thread runs, gRPC is loaded, not Linux) each job is a fresh
   ``python -m openhydra.cli`` process instead: the same nodes, without the sharing.
 - **No collisions.** Jobs that would share a port (``api.port``, ``peer.port``, ``peer.reply_port``, when not 0) or
-  a data directory (identity key, ledger) get the next ones: the k-th job sharing api.port 8080 serves on 8080 + k,
-  and its data lives in ``<data_dir>/job-k`` (the same folder each time the sweep starts, so the identity is kept).
-  :func:`collision_overrides` says which; the log lists them per job.
+  a data directory (identity key, ledger) get the next free ones (:func:`collision_overrides`; the log lists them
+  per job): with the defaults job k serves on 8080 + k and 50051 + k, its data in ``<data_dir>/job-k`` (the same
+  folder each time the sweep starts, so the identity is kept). Jobs sharing an explicit identity key are refused.
 - **One terminal.** Each job's output line is prefixed with ``[#N]``. Ctrl-C (or SIGTERM, SIGHUP) is passed to every
-  job once, and each shuts down as a single node does. A job that ends is reported with its exit status while the
-  others go on; the sweep exits once all have ended, with status 1 if any failed. A job's process ends with the
-  launcher (Linux: PR_SET_PDEATHSIG), so a killed launcher leaves no node behind.
+  job once, and each shuts down as a single node does; a signal the launcher ignores (nohup's SIGHUP) stays ignored
+  in the jobs. A job that ends is reported with its exit status while the others go on; the sweep exits once all
+  have ended, with status 1 if any failed (a job stopped by a passed-on signal has not failed). A job's process ends
+  with the launcher (Linux: PR_SET_PDEATHSIG), so a killed launcher leaves no node behind.
 """
 
 from __future__ import annotations
