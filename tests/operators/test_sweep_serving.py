@@ -4,13 +4,14 @@ job, a failed job reported while the other serves, and a SIGKILLed launcher leav
 
 from __future__ import annotations
 
-import atexit
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import openai
@@ -21,6 +22,8 @@ from omegaconf import OmegaConf
 from openhydra.sweep import Job, _relay, collision_overrides, run_jobs, shared_identity
 from openhydra.testing.processes import DhtProcess, NodeProcess, free_port, swarm_node_overrides
 from openhydra.testing.wait import wait_until
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(**keys) -> object:
@@ -217,42 +220,22 @@ class _Sink:
         pass
 
 
-def _exits_quietly(message: str):
-    def main() -> int:
-        raise SystemExit(message)
-
-    return main
+def _fork_probe(scenario: str, tmp_path) -> dict:
+    """tests/operators/sweep_fork_probe.py: forked jobs run from a fresh single-threaded interpreter, as the launcher
+    runs them (forking this threaded pytest worker could deadlock a child on a lock another thread held)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "tests.operators.sweep_fork_probe", scenario, str(tmp_path)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_forked_jobs_report_their_output_and_exit_status(tmp_path) -> None:
-    """Also: a job does not run the launcher's exit handlers (it ran this test process's, whose fork-server client
-    then shut the socket the test process shares with its fork server, and the session's nodes could not be
-    waited for)."""
-    ran_here = tmp_path / "launcher-exit-handler-ran"
-
-    def launchers_exit_handler() -> None:
-        ran_here.write_text(str(os.getpid()))
-
-    def prints_and_returns() -> int:
-        atexit.register(lambda: os.write(1, b"the job's own exit handler\n"))
-        os.write(1, b"one\ntwo\n")
-        os.write(2, b"to stderr\n")
-        return 3
-
-    def raises() -> int:
-        raise RuntimeError("boom")
-
-    jobs = [Job(index=0, overrides=["a=1"], main=prints_and_returns),
-            Job(index=1, overrides=["a=2"], main=_exits_quietly("a one-line reason")),
-            Job(index=2, overrides=["a=3"], main=raises)]
-    out = _Sink()
-    atexit.register(launchers_exit_handler)
-    try:
-        assert run_jobs(jobs, fork=True, out=out) == [3, 1, 1]
-    finally:
-        atexit.unregister(launchers_exit_handler)
-    assert not ran_here.exists()
-    text = out.data.decode()
+    """Also: a job does not run the launcher's exit handlers (a forked pytest worker ran its fork-server client's,
+    which shut the socket the worker shares with its fork server, and the session's nodes could not be waited for)."""
+    probe = _fork_probe("output", tmp_path)
+    assert probe["statuses"] == [3, 1, 1] and not probe["ran_in_job"]
+    text = probe["text"]
     assert "[#0] the job's own exit handler\n" in text
     assert "[#0] one\n[#0] two\n" in text and "[#0] to stderr\n" in text
     assert "[#1] a one-line reason\n" in text
@@ -260,17 +243,9 @@ def test_forked_jobs_report_their_output_and_exit_status(tmp_path) -> None:
     assert "job #0 (a=1) ended with status 3" in text and "job #2 (a=3) ended with status 1" in text
 
 
-def test_a_signal_the_launcher_ignores_stays_ignored_in_its_jobs() -> None:
+def test_a_signal_the_launcher_ignores_stays_ignored_in_its_jobs(tmp_path) -> None:
     """nohup: a single node ignores SIGHUP and survives the logout; so do a sweep's jobs (found in review)."""
-    def hup_ignored() -> int:
-        return 0 if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else 5
-
-    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    try:
-        assert run_jobs([Job(index=0, overrides=[], main=hup_ignored)], fork=True, out=_Sink()) == [0]
-        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN  # not replaced by the forwarding handler
-    finally:
-        signal.signal(signal.SIGHUP, before)
+    assert _fork_probe("nohup", tmp_path) == {"statuses": [0], "still_ignored": True}
 
 
 def test_jobs_run_as_fresh_processes_where_forking_is_unsafe() -> None:
