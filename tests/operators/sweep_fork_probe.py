@@ -5,6 +5,7 @@ the test checks as JSON. ``python -m tests.operators.sweep_fork_probe output|noh
 from __future__ import annotations
 
 import atexit
+import io
 import json
 import os
 import signal
@@ -13,17 +14,6 @@ from pathlib import Path
 
 from openhydra.preload import fork_unsafe_because
 from openhydra.sweep import Job, run_jobs
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.data = b""
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def flush(self) -> None:
-        pass
 
 
 def prints_and_returns() -> int:
@@ -48,7 +38,7 @@ def hup_ignored() -> int:
 def main() -> None:
     scenario, tmp = sys.argv[1], Path(sys.argv[2])
     assert fork_unsafe_because() is None, fork_unsafe_because()
-    out = Sink()
+    out = io.BytesIO()
     if scenario == "output":
         ran_here = tmp / "launcher-exit-handler-ran"
         atexit.register(lambda: ran_here.write_text(str(os.getpid())) if os.getpid() != parent else None)
@@ -57,7 +47,7 @@ def main() -> None:
                 Job(index=1, overrides=["a=2"], main=exits_quietly),
                 Job(index=2, overrides=["a=3"], main=raises)]
         statuses = run_jobs(jobs, fork=True, out=out)
-        print(json.dumps({"statuses": statuses, "text": out.data.decode(), "ran_in_job": ran_here.exists()}))
+        print(json.dumps({"statuses": statuses, "text": out.getvalue().decode(), "ran_in_job": ran_here.exists()}))
     elif scenario == "nohup":
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         statuses = run_jobs([Job(index=0, overrides=[], main=hup_ignored)], fork=True, out=out)

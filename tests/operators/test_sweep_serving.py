@@ -5,6 +5,7 @@ job, a failed job reported while the other serves, and a SIGKILLed launcher leav
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -76,25 +77,15 @@ def test_one_data_dir_spelled_two_ways_is_one_and_a_shared_identity_key_is_refus
 
 
 def test_each_line_is_prefixed_with_its_job_and_progress_bars_keep_their_carriage_returns() -> None:
-    class Out:
-        def __init__(self) -> None:
-            self.data = b""
-
-        def write(self, data: bytes) -> None:
-            self.data += data
-
-        def flush(self) -> None:
-            pass
-
-    out, job = Out(), Job(index=3, overrides=[], main=lambda: 0)
+    out, job = io.BytesIO(), Job(index=3, overrides=[], main=lambda: 0)
     _relay(job, b"hello\nwor", out)
-    assert out.data == b"[#3] hello\n" and job.pending == b"wor"
+    assert out.getvalue() == b"[#3] hello\n" and job.pending == b"wor"
     _relay(job, b"ld\n\r 50%\r100%\n", out)
-    assert out.data == b"[#3] hello\n[#3] world\n[#3]  50%\r[#3] 100%\n" and job.pending == b""
-    out.data = b""
+    assert out.getvalue() == b"[#3] hello\n[#3] world\n[#3]  50%\r[#3] 100%\n" and job.pending == b""
+    out = io.BytesIO()
     _relay(job, b"windows\r", out)  # a \r\n split between two reads is one line ending
     _relay(job, b"\nnext\r\n", out)
-    assert out.data == b"[#3] windows\r\n[#3] next\r\n"
+    assert out.getvalue() == b"[#3] windows\r\n[#3] next\r\n"
 
 
 def _sweep(model, dht: DhtProcess, data_dir, port: int, *extra: str) -> NodeProcess:
@@ -209,17 +200,6 @@ def test_a_failed_job_is_reported_the_other_serves_and_a_killed_launcher_leaves_
                 job.kill()
 
 
-class _Sink:
-    def __init__(self) -> None:
-        self.data = b""
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def flush(self) -> None:
-        pass
-
-
 def _fork_probe(scenario: str, tmp_path) -> dict:
     """tests/operators/sweep_fork_probe.py: forked jobs run from a fresh single-threaded interpreter, as the launcher
     runs them (forking this threaded pytest worker could deadlock a child on a lock another thread held)."""
@@ -252,9 +232,9 @@ def test_jobs_run_as_fresh_processes_where_forking_is_unsafe() -> None:
     """The fallback: each job is ``python -m openhydra.cli`` with its overrides (here quick ones)."""
     jobs = [Job(index=0, overrides=["--version"], main=lambda: 0),
             Job(index=1, overrides=["hardware=tpu"], main=lambda: 0)]
-    out = _Sink()
+    out = io.BytesIO()
     assert run_jobs(jobs, fork=False, out=out) == [0, 2]
-    text = out.data.decode()
+    text = out.getvalue().decode()
     assert "[#0] openhydra-node " in text
     assert "[#1] openhydra-node: config error: hardware=tpu is not an option" in text, text
     assert "job #1 (hardware=tpu) ended with status 2" in text
