@@ -106,7 +106,9 @@ def readme_swarm(tiny_model_dirs, tmp_path_factory):
         data_dirs = [Path(_value(n.overrides, "node.data_dir")) for n in nodes]
         yield ReadmeSwarm(nodes, spans, data_dirs, after, model_dir.name)
     finally:  # stop all at once: each node's clean shutdown takes seconds
-        with ThreadPoolExecutor(len(nodes)) as pool:
-            list(pool.map(NodeProcess.stop, nodes))
-        os.killpg(dht.pid, signal.SIGKILL)
-        dht.wait(timeout=10)
+        try:
+            with ThreadPoolExecutor(len(nodes)) as pool:
+                list(pool.map(NodeProcess.stop, nodes))
+        finally:  # a node that could not be stopped must not leave the DHT running (one outlived a CI run)
+            os.killpg(dht.pid, signal.SIGKILL)
+            dht.wait(timeout=10)
