@@ -94,15 +94,36 @@ def openblas_workers() -> int:
     return workers
 
 
-def fork_unsafe_because() -> str | None:
-    """Why this process must not fork a node (None: it may): another thread (an OpenMP pool, a gRPC poller) would
-    be missing in the child with whatever lock it held, and gRPC does not survive a fork after its import.
-    NumPy's OpenBLAS pool is no obstacle (see :func:`openblas_workers`)."""
-    if not hasattr(os, "fork") or sys.platform != "linux":
-        return f"no fork() on {sys.platform} for this (macOS frameworks do not survive it)"
+def fork_hazard() -> str | None:
+    """What in this process a forked child would inherit broken (None: nothing): another thread (an OpenMP pool, a
+    gRPC poller) would be missing in the child with whatever lock it held, and gRPC does not survive a fork after
+    its import. NumPy's OpenBLAS pool is no obstacle (see :func:`openblas_workers`). The test fork server checks
+    this before each fork."""
     if "grpc" in sys.modules:
         return "gRPC is already imported in this process"
     count = threads() - openblas_workers()
     if count > 1:
         return f"this process runs {count} threads besides OpenBLAS's"
     return None
+
+
+def fork_unsafe_because() -> str | None:
+    """Why this process must not fork a node (None: it may): not Linux, or a :func:`fork_hazard`."""
+    if not hasattr(os, "fork") or sys.platform != "linux":
+        return f"no fork() on {sys.platform} for this (macOS frameworks do not survive it)"
+    return fork_hazard()
+
+
+def reseed() -> None:
+    """In a forked child: random generators of its own, as a fresh process has (Python's ``random`` reseeds itself
+    after a fork; NumPy's and torch's do not)."""
+    import contextlib
+
+    with contextlib.suppress(ImportError):
+        import numpy
+
+        numpy.random.seed()
+    with contextlib.suppress(ImportError):
+        import torch
+
+        torch.seed()

@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from openhydra.preload import reseed
+
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
@@ -52,6 +54,11 @@ PORT_KEYS = ("api.port", "peer.port", "peer.reply_port")
 def _quoted(value: str) -> str:
     """A Hydra override value that stays one string (paths may hold characters the override grammar parses)."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _one_spelling(path: object) -> str:
+    """A path as the jobs will open it (``~/x`` and ``/home/me/x`` are one folder)."""
+    return os.path.abspath(os.path.expanduser(str(path)))
 
 
 def collision_overrides(configs: Sequence[DictConfig]) -> list[list[str]]:
@@ -78,7 +85,7 @@ def collision_overrides(configs: Sequence[DictConfig]) -> list[list[str]]:
                 extra[i].append(f"{key}={port}")
             given.add(port)
     dirs = [OmegaConf.select(cfg, "node.data_dir", default=None) for cfg in configs]
-    same = [os.path.abspath(os.path.expanduser(str(d))) if d is not None else None for d in dirs]
+    same = [_one_spelling(d) if d is not None else None for d in dirs]
     taken = {d for d in same if d is not None}
     ranks: dict[str, int] = {}
     for i, (shown, path) in enumerate(zip(dirs, same, strict=True)):
@@ -106,7 +113,7 @@ def shared_identity(configs: Sequence[DictConfig]) -> str | None:
         path = OmegaConf.select(cfg, "privacy.identity_path", default=None)
         if not path or cfg.get("action") == "dht":
             continue
-        path = os.path.abspath(os.path.expanduser(str(path)))
+        path = _one_spelling(path)
         if path in seen:
             return (f"jobs #{seen[path]} and #{i} would share privacy.identity_path={path} (one peer twice): "
                     "leave it to each job's data directory, or give each job its own")
@@ -140,21 +147,6 @@ def _die_with_parent(parent: int) -> None:
         return
     if os.getppid() != parent:  # it died before prctl took effect
         os._exit(1)
-
-
-def _reseed() -> None:
-    """A forked child starts with its parent's random state: give it its own, as a fresh process has."""
-    import random
-
-    random.seed()
-    with contextlib.suppress(ImportError):
-        import numpy
-
-        numpy.random.seed()
-    with contextlib.suppress(ImportError):
-        import torch
-
-        torch.seed()
 
 
 def _exit_status(exc: SystemExit) -> int:
@@ -206,7 +198,7 @@ def _fork(job: Job, write: int, others: list[int], ignored: set[int]) -> int:
         for fd in {null, write, *others} - {0, 1, 2}:
             os.close(fd)
         _standard_streams()
-        _reseed()
+        reseed()
         status = job.main()
     except SystemExit as exc:
         status = _exit_status(exc)

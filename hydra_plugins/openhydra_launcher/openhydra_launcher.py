@@ -33,7 +33,7 @@ class OpenHydraLauncher(BasicLauncher):
     """Jobs that serve run at once, each in its own process; other sweeps run as with Hydra's basic launcher."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from openhydra.sweep import LONG_RUNNING, Job, collision_overrides, run_jobs
+        from openhydra.sweep import LONG_RUNNING, Job, collision_overrides, run_jobs, shared_identity
 
         assert self.hydra_context is not None and self.config is not None and self.task_function is not None
         loader = self.hydra_context.config_loader
@@ -48,22 +48,22 @@ class OpenHydraLauncher(BasicLauncher):
             raise SystemExit(2)
 
         from openhydra.preload import fork_unsafe_because, freeze, preload
-        from openhydra.sweep import shared_identity
 
-        jobs, returns, final = [], [], []
-        for n, (overrides, extra) in enumerate(zip(job_overrides, collision_overrides(configs), strict=True)):
+        jobs, returns = [], []
+        for n, (overrides, cfg, extra) in enumerate(zip(job_overrides, configs, collision_overrides(configs),
+                                                        strict=True)):
             idx = initial_job_idx + n
-            cfg = loader.load_sweep_config(self.config, [*overrides, *extra])
+            if extra:  # composed again only where a port or data dir moved
+                cfg = loader.load_sweep_config(self.config, [*overrides, *extra])
             with open_dict(cfg):
                 cfg.hydra.job.id = idx
                 cfg.hydra.job.num = idx
             shown = " ".join(filter_overrides(list(overrides)))
             moved = f"  (and {' '.join(extra)}: the jobs would share them otherwise)" if extra else ""
             log.info(f"\t#{idx} : {shown}{moved}")
-            final.append(cfg)
             jobs.append(Job(index=idx, overrides=[*overrides, *extra], main=self._job_main(cfg)))
             returns.append(JobReturn(overrides=[*overrides, *extra], cfg=cfg, status=JobStatus.COMPLETED))
-        clash = shared_identity(final)
+        clash = shared_identity([ret.cfg for ret in returns])
         if clash is not None:
             print(f"openhydra-node: config error: {clash}", file=sys.stderr)
             raise SystemExit(2)

@@ -42,7 +42,7 @@ from typing import IO
 
 from pydantic import BaseModel
 
-from openhydra.preload import PRELOAD, freeze, openblas_workers, preload, threads
+from openhydra.preload import PRELOAD, fork_hazard, freeze, openblas_workers, preload, reseed, threads
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,7 @@ def _child(request: SpawnRequest, channel: int, passed: list[int]) -> None:
     os.environ.clear()
     os.environ.update(request.env)
     os.chdir(request.cwd)
-    import numpy
-    import torch
-
-    numpy.random.seed()
-    torch.seed()
+    reseed()
     sys.argv = [request.module, *request.args]
     sys.orig_argv = [sys.executable, "-m", request.module, *request.args]
     runpy.run_module(request.module, run_name="__main__", alter_sys=True)
@@ -139,10 +135,11 @@ def serve() -> None:
             if not data:  # the test process is gone
                 os._exit(0)
             request = SpawnRequest.model_validate_json(data)
-            if _threads() > 1 or "grpc" in sys.modules:
+            hazard = fork_hazard()
+            if hazard is not None:
                 for fd in passed:
                     os.close(fd)
-                reply({"pid": None, "error": f"server has {_threads()} threads or gRPC loaded"})
+                reply({"pid": None, "error": f"fork server: {hazard}"})
                 continue
             pid = os.fork()
             if pid == 0:
