@@ -132,13 +132,15 @@ def _weight_files(folder: Path) -> list[str]:
     """The safetensors files a hub folder's index names (``model.safetensors`` without an index)."""
     import json
 
-    index = folder / "model.safetensors.index.json"
+    from openhydra.runtime.weights import INDEX_FILE, SINGLE_FILE  # the names the loader reads
+
+    index = folder / INDEX_FILE
     if not index.is_file():
-        return ["model.safetensors"]
+        return [SINGLE_FILE]
     try:
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return ["model.safetensors.index.json (unreadable)"]
+        return [f"{INDEX_FILE} (unreadable)"]
 
 
 def fetch_from_hub(hf_id: str, cache_root: Path) -> Path:
