@@ -142,25 +142,15 @@ def serve_sweep_and_measure(launcher, spans: list[tuple[int, int]], args: argpar
     ``launcher_pss``: the launcher's own PSS divided among its jobs (it holds the shared pages too)."""
     import psutil
 
-    from openhydra.testing.processes import NodeProcess
+    from openhydra.testing.processes import start_sweep
 
-    launcher.start()
-    jobs = [NodeProcess([], port=launcher.port + k) for k in range(len(spans))]
     try:
-        for job in jobs:
-            job.proc = launcher.proc  # its readiness is its own port's; a dead launcher ends the wait
-            job.log_path = launcher.log_path
-            job.wait_ready(600)
-        status = run_requests(jobs[0].url, args)
-        pids = {}
-        for child in psutil.Process(launcher.proc.pid).children():
-            for conn in child.net_connections("tcp"):
-                if conn.status == psutil.CONN_LISTEN:
-                    pids[conn.laddr.port] = child.pid
+        pids = start_sweep(launcher, len(spans))
+        status = run_requests(launcher.url, args)
         parent = psutil.Process(launcher.proc.pid).memory_full_info()
         rows = []
-        for job, (start, end) in zip(jobs, spans, strict=True):
-            mem = node_memory(pids[job.port])
+        for pid, (start, end) in zip(pids, spans, strict=True):
+            mem = node_memory(pid)
             rows.append({"span": [start, end], "dtype": status["model"]["dtype"], "arm": "sweep",
                          "launcher_pss": parent.pss / len(spans), "launcher_uss": parent.uss, **mem})
         return rows
@@ -169,7 +159,13 @@ def serve_sweep_and_measure(launcher, spans: list[tuple[int, int]], args: argpar
 
 
 def measure_processes(model_dir: str, args: argparse.Namespace) -> list[dict]:
-    from openhydra.testing.processes import DhtProcess, NodeProcess, swarm_node_overrides
+    from openhydra.testing.processes import (
+        DhtProcess,
+        NodeProcess,
+        consecutive_free_ports,
+        swarm_node_overrides,
+        sweep_overrides,
+    )
 
     work = Path(tempfile.mkdtemp(prefix="bench-peer-memory-"))
     env = {"OPENHYDRA_CONFIG_DIR": str(work / "config"), **dict(e.split("=", 1) for e in args.env)}
@@ -183,11 +179,8 @@ def measure_processes(model_dir: str, args: argparse.Namespace) -> list[dict]:
     if args.sweep:
         print("swarm of thirds, one `openhydra-node -m` sweep (its jobs forked from one process):", flush=True)
         with DhtProcess() as dht:
-            overrides = [o for o in swarm_node_overrides(Path(model_dir), dht.url, 0, 10, work / "data-sweep")
-                         if not o.startswith(("shard", "node.data_dir"))]
-            launcher = NodeProcess(["-m", *overrides, "shard=index", f"shard.total={len(SPLITS)}",
-                                    "shard.index=" + ",".join(str(i) for i in range(len(SPLITS))),
-                                    f"node.data_dir={work / 'data-sweep'}", *args.override],
+            launcher = NodeProcess([*sweep_overrides(Path(model_dir), dht.url, work / "data-sweep", len(SPLITS)),
+                                    *args.override], port=consecutive_free_ports(len(SPLITS)),
                                    env=env, log_path=work / "sweep.log", pow_bits=None)
             rows += serve_sweep_and_measure(launcher, list(SPLITS), args)
     print("full model alone:", flush=True)

@@ -50,39 +50,6 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def consecutive_free_ports(count: int) -> int:
-    """A free loopback port P with P + 1 ... P + count - 1 free too."""
-    import socket
-
-    from openhydra.testing.processes import free_port
-
-    while True:
-        port = free_port()
-        with contextlib.ExitStack() as held:
-            try:
-                for k in range(1, count):
-                    held.enter_context(socket.socket()).bind(("127.0.0.1", port + k))
-            except OSError:
-                continue
-        return port
-
-
-def start_sweep(launcher, jobs: int) -> list[int]:
-    """Start the sweep, wait until each job answers /readyz on its port; the job processes' pids in job order."""
-    import psutil
-
-    from openhydra.testing.processes import NodeProcess
-
-    launcher.start()
-    for k in range(jobs):
-        job = NodeProcess([], port=launcher.port + k)
-        job.proc, job.log_path = launcher.proc, launcher.log_path  # a dead launcher ends the wait
-        job.wait_ready(600)
-    by_port = {conn.laddr.port: child.pid for child in psutil.Process(launcher.proc.pid).children()
-               for conn in child.net_connections("tcp") if conn.status == psutil.CONN_LISTEN}
-    return [by_port[launcher.port + k] for k in range(jobs)]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=7)
@@ -102,7 +69,15 @@ def main() -> None:
     announce()
 
     from openhydra.runtime.source import embedded_model_dir
-    from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
+    from openhydra.testing.processes import (
+        DhtProcess,
+        NodeProcess,
+        consecutive_free_ports,
+        start_all,
+        start_sweep,
+        swarm_node_overrides,
+        sweep_overrides,
+    )
 
     cache = TEST_CACHE_ROOT
     model_dir = embedded_model_dir(cache)
@@ -127,13 +102,9 @@ def main() -> None:
         sweep_arm, launcher = "3-peer sweep (forked jobs)", None
         if args.sweep:  # job k serves its API on the launcher's port + k (openhydra/sweep.py)
             sweep_dht = stack.enter_context(DhtProcess())
-            overrides = [o for o in swarm_node_overrides(model_dir, sweep_dht.url, 0, 10, work / "sweep",
-                                                         dtype=args.dtype, hardware=args.hardware)
-                         if not o.startswith("shard")]
-            launcher = NodeProcess(["-m", *overrides, "shard=index", f"shard.total={len(spans)}",
-                                    "shard.index=" + ",".join(str(k) for k in range(len(spans)))],
-                                   port=consecutive_free_ports(len(spans)), threads=1,
-                                   log_path=work / "sweep.log")
+            launcher = NodeProcess(sweep_overrides(model_dir, sweep_dht.url, work / "sweep", len(spans),
+                                                   dtype=args.dtype, hardware=args.hardware),
+                                   port=consecutive_free_ports(len(spans)), threads=1, log_path=work / "sweep.log")
         everyone = [single, *(node for nodes in swarms.values() for node in nodes)]
         try:
             start_all(everyone)

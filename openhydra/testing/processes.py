@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -88,13 +89,15 @@ class NodeProcess:
                                      cwd=self.cwd)
         return self
 
-    def wait_ready(self, timeout_s: float = 180.0) -> NodeProcess:
+    def wait_ready(self, timeout_s: float = 180.0, port: int | None = None) -> NodeProcess:
+        """Until /readyz answers 200 (on ``port``: a sweep's job other than the first, see :func:`start_sweep`)."""
         deadline = time.monotonic() + timeout_s
+        url = f"http://127.0.0.1:{port}" if port is not None else self.url
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -184,3 +187,41 @@ def start_all(nodes: list[NodeProcess], timeout_s: float = 240.0) -> list[NodePr
     for node in nodes:
         node.wait_ready(timeout_s)
     return nodes
+
+
+# ---------------------------------------------------------------- a `-m` sweep of nodes (openhydra/sweep.py)
+
+
+def consecutive_free_ports(count: int) -> int:
+    """A free loopback port P with P + 1 ... P + count - 1 free too: a sweep's job k serves its API on P + k."""
+    while True:
+        port = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for k in range(1, count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port + k))
+            except OSError:
+                continue
+        return port
+
+
+def sweep_overrides(model_dir: Path, dht_url: str, data_dir: Path, jobs: int, **kwargs) -> list[str]:
+    """``-m`` and the overrides of a sweep of ``jobs`` nodes, each serving its share of ``model_dir``
+    (``shard=index``) in an HTTP-DHT swarm (``kwargs`` as for :func:`swarm_node_overrides`)."""
+    common = [o for o in swarm_node_overrides(model_dir, dht_url, 0, 1, data_dir, **kwargs)
+              if not o.startswith("shard")]
+    return ["-m", *common, "shard=index", f"shard.total={jobs}",
+            "shard.index=" + ",".join(str(k) for k in range(jobs))]
+
+
+def start_sweep(launcher: NodeProcess, jobs: int, timeout_s: float = 600.0) -> list[int]:
+    """Start the sweep and wait until each job answers /readyz on its port (the launcher's + k); the jobs' pids in
+    job order. A launcher that exits meanwhile ends the wait with its log."""
+    import psutil
+
+    launcher.start()
+    for k in range(jobs):
+        launcher.wait_ready(timeout_s, port=launcher.port + k)
+    by_port = {conn.laddr.port: child.pid for child in psutil.Process(launcher.proc.pid).children()
+               for conn in child.net_connections("tcp") if conn.status == psutil.CONN_LISTEN}
+    return [by_port[launcher.port + k] for k in range(jobs)]

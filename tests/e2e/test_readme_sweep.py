@@ -8,13 +8,12 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import socket
 
 import httpx
 import openai
 import pytest
 
-from openhydra.testing.processes import DhtProcess, NodeProcess, free_port
+from openhydra.testing.processes import DhtProcess, NodeProcess, consecutive_free_ports, start_sweep
 from openhydra.testing.wait import wait_until
 
 from .conftest import sweep_command
@@ -22,24 +21,6 @@ from .conftest import sweep_command
 pytestmark = pytest.mark.slow
 
 JOBS = 3
-
-
-def _free_run(count: int) -> int | None:
-    port = free_port()
-    for k in range(1, count):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + k))
-            except OSError:
-                return None
-    return port
-
-
-def _ready(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.mark.timeout(600)
@@ -56,14 +37,10 @@ def test_the_readme_sweep_serves_three_spans_at_once(tiny_model_dirs, tmp_path):
             else:
                 overrides.append(arg)
         overrides += [f"discovery.http.urls=[{dht.url}]", "peer.port=0"]
-        port = wait_until(lambda: _free_run(JOBS), 30, 0.05, f"{JOBS} free ports in a row")
+        port = consecutive_free_ports(JOBS)
         launcher = NodeProcess(overrides, port=port, log_path=tmp_path / "sweep.log")
-        launcher.start()
         try:
-            for k in range(JOBS):
-                wait_until(lambda k=k: launcher.proc.poll() is not None or _ready(port + k), 300, 0.3,
-                           f"job {k} ready on port {port + k}")
-                assert launcher.proc.poll() is None, launcher.log_text()[-3000:]
+            start_sweep(launcher, JOBS, timeout_s=300)  # every job ready (a launcher that exits fails it, with its log)
             spans = [httpx.get(f"http://127.0.0.1:{port + k}/v1/network/status", timeout=10).json()["model"]["span"]
                      for k in range(JOBS)]
             assert spans[0][0] == 0 and spans[-1][1] == 8 and all(

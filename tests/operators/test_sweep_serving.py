@@ -21,7 +21,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from openhydra.sweep import Job, _relay, collision_overrides, run_jobs, shared_identity
-from openhydra.testing.processes import DhtProcess, NodeProcess, free_port, swarm_node_overrides
+from openhydra.testing.processes import DhtProcess, NodeProcess, consecutive_free_ports, start_sweep, sweep_overrides
 from openhydra.testing.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,11 +88,8 @@ def test_each_line_is_prefixed_with_its_job_and_progress_bars_keep_their_carriag
     assert out.getvalue() == b"[#3] windows\r\n[#3] next\r\n"
 
 
-def _sweep(model, dht: DhtProcess, data_dir, port: int, *extra: str) -> NodeProcess:
-    overrides = [o for o in swarm_node_overrides(model, dht.url, 0, 4, data_dir)
-                 if not o.startswith(("shard", "node.data_dir"))]
-    return NodeProcess(["-m", *overrides, "shard=index", "shard.total=2", "shard.index=0,1",
-                        f"node.data_dir={data_dir}", "privacy=off", *extra], port=port,
+def _sweep(model, dht: DhtProcess, data_dir, port: int) -> NodeProcess:
+    return NodeProcess([*sweep_overrides(model, dht.url, data_dir, 2), "privacy=off"], port=port,
                        log_path=data_dir.parent / f"sweep-{port}.log")
 
 
@@ -108,28 +105,11 @@ def _peer_ids(dht: DhtProcess, model_id: str) -> list[str]:
     return sorted(p["peer_id"] for p in answer["peers"])
 
 
-def _two_free_ports() -> int:
-    def pair() -> int | None:
-        port = free_port()
-        return port if _free(port + 1) else None
-
-    return wait_until(pair, 30, 0.05, "two free ports in a row")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 @pytest.fixture
 def swarm(tiny_model_dirs):
     """The tiny llama, an HTTP DHT and a port P with P + 1 free too (the sweep's job 1 serves on P + 1)."""
     with DhtProcess() as dht:
-        yield tiny_model_dirs["llama"], dht, _two_free_ports()
+        yield tiny_model_dirs["llama"], dht, consecutive_free_ports(2)
 
 
 @pytest.mark.slow
@@ -137,12 +117,8 @@ def swarm(tiny_model_dirs):
 def test_a_sweep_serves_every_span_at_once_and_ctrl_c_stops_them_all(swarm, tmp_path):
     model, dht, port = swarm
     launcher = _sweep(model, dht, tmp_path / "data", port)
-    launcher.start()
     try:
-        for url_port in (port, port + 1):
-            wait_until(lambda p=url_port: launcher.proc.poll() is not None or _listening(p), 300, 0.3,
-                       f"job on port {url_port} ready")
-            assert launcher.proc.poll() is None, launcher.log_text()[-3000:]
+        start_sweep(launcher, 2, timeout_s=300)  # both jobs ready (a launcher that exits fails it, with its log)
         log = launcher.log_text()
         assert "forked from this process" in log, log[-3000:]
         assert f"api.port={port + 1}" in log and "job-1" in log
