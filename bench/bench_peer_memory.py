@@ -1,6 +1,7 @@
 """Resident memory of real `openhydra-node` peers per span against the bytes of the span's weights (issue 17 item 4).
 
-    python bench/bench_peer_memory.py [--model-dir smollm2] [--requests 6] [--max-tokens 16] [--label NAME]
+    python bench/bench_peer_memory.py [--model-dir smollm2] [--hardware cpu] [--requests 6] [--max-tokens 16]
+                                      [--label NAME] [--sweep]
 
 1. A swarm on one machine: an HTTP DHT and three plain `openhydra-node` processes serving layers [0,10), [10,20),
    [20,30) of the embedded SmolLM2-135M (hardware=cpu, float32, the default privacy=encrypted), each its own fresh
@@ -16,7 +17,9 @@
 
 The span's weight bytes: the checkpoint tensors the span needs in the runtime dtype (its decoder layers, the
 embedding table on the first span, the final norm and the LM head on the last; SmolLM2 ties the head to the
-embeddings, so the last span needs the table too). Target: PSS <= weight bytes + 150 MiB. MiB = 2**20 bytes.
+embeddings, so the last span needs the table too). With ``--hardware cpu_int4`` or ``cpu_int8`` the nodes quantize
+their spans at load, and a span's weight bytes are what the node reports it holds (``weight_bytes`` in
+/v1/network/status: the quantized weights and their scales). Target: PSS <= weight bytes + 150 MiB. MiB = 2**20 bytes.
 Prints the machine banner (load average) at start and end, writes JSON (--json) and a plot (--plot).
 """
 
@@ -120,8 +123,14 @@ def run_requests(url: str, args: argparse.Namespace) -> dict:
     return status
 
 
-def serve_and_measure(nodes: list, spans: list[tuple[int, int]], args: argparse.Namespace) -> list[dict]:
+def held_bytes(url: str) -> int:
+    """The weight bytes the node at ``url`` says it holds (quantized ones with their scales)."""
+    import httpx
 
+    return int(httpx.get(url + "/v1/network/status", timeout=30).json()["model"]["weight_bytes"])
+
+
+def serve_and_measure(nodes: list, spans: list[tuple[int, int]], args: argparse.Namespace) -> list[dict]:
     from openhydra.testing.processes import start_all
 
     start_all(nodes, timeout_s=600)
@@ -130,7 +139,8 @@ def serve_and_measure(nodes: list, spans: list[tuple[int, int]], args: argparse.
         rows = []
         for node, (start, end) in zip(nodes, spans, strict=True):
             mem = node_memory(node.proc.pid)
-            rows.append({"span": [start, end], "dtype": status["model"]["dtype"], **mem})
+            rows.append({"span": [start, end], "dtype": status["model"]["dtype"], "held_bytes": held_bytes(node.url),
+                         **mem})
         return rows
     finally:
         for node in nodes:
@@ -149,9 +159,10 @@ def serve_sweep_and_measure(launcher, spans: list[tuple[int, int]], args: argpar
         status = run_requests(launcher.url, args)
         parent = psutil.Process(launcher.proc.pid).memory_full_info()
         rows = []
-        for pid, (start, end) in zip(pids, spans, strict=True):
+        for k, (pid, (start, end)) in enumerate(zip(pids, spans, strict=True)):
             mem = node_memory(pid)
             rows.append({"span": [start, end], "dtype": status["model"]["dtype"], "arm": "sweep",
+                         "held_bytes": held_bytes(f"http://127.0.0.1:{launcher.port + k}"),
                          "launcher_pss": parent.pss / len(spans), "launcher_uss": parent.uss, **mem})
         return rows
     finally:
@@ -172,24 +183,27 @@ def measure_processes(model_dir: str, args: argparse.Namespace) -> list[dict]:
     rows = []
     print("swarm of thirds:", flush=True)
     with DhtProcess() as dht:
-        nodes = [NodeProcess([*swarm_node_overrides(Path(model_dir), dht.url, a, b, work / f"data{a}"),
+        nodes = [NodeProcess([*swarm_node_overrides(Path(model_dir), dht.url, a, b, work / f"data{a}",
+                                                    hardware=args.hardware),
                               *args.override], env=env, log_path=work / f"node{a}.log", pow_bits=None)
                  for a, b in SPLITS]
         rows += serve_and_measure(nodes, list(SPLITS), args)
     if args.sweep:
         print("swarm of thirds, one `openhydra-node -m` sweep (its jobs forked from one process):", flush=True)
         with DhtProcess() as dht:
-            launcher = NodeProcess([*sweep_overrides(Path(model_dir), dht.url, work / "data-sweep", len(SPLITS)),
+            launcher = NodeProcess([*sweep_overrides(Path(model_dir), dht.url, work / "data-sweep", len(SPLITS),
+                                                     hardware=args.hardware),
                                     *args.override], port=consecutive_free_ports(len(SPLITS)),
                                    env=env, log_path=work / "sweep.log", pow_bits=None)
             rows += serve_sweep_and_measure(launcher, list(SPLITS), args)
     print("full model alone:", flush=True)
-    full = NodeProcess(["model=local", f"model.path={model_dir}", "hardware=cpu", "hardware.dtype=float32",
+    full = NodeProcess(["model=local", f"model.path={model_dir}", f"hardware={args.hardware}", "hardware.dtype=float32",
                         f"node.data_dir={work / 'data-full'}", "peer.port=0", *args.override],
                        env=env, log_path=work / "node-full.log", pow_bits=None)
     rows += serve_and_measure([full], [(0, SPLITS[-1][1])], args)
     for row in rows:
-        row["weight_bytes"] = span_weight_bytes(model_dir, *row["span"])
+        quantized = args.hardware in ("cpu_int4", "cpu_int8")
+        row["weight_bytes"] = row["held_bytes"] if quantized else span_weight_bytes(model_dir, *row["span"])
     return rows
 
 
@@ -324,7 +338,8 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_xticks(range(len(spans)), labels)
     ax.set_ylim(0, top * 1.45)
     ax.set_ylabel("MiB")
-    ax.set_title("SmolLM2-135M fp32 peers (real openhydra-node processes): PSS per span", fontsize=10)
+    tier = results[-1].get("hardware", "cpu")
+    ax.set_title(f"SmolLM2-135M peers, hardware={tier} (real openhydra-node processes): PSS per span", fontsize=10)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.text(0.01, 0.01, results[-1]["banner_start"][:150], fontsize=5.5, color="gray")
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
@@ -369,6 +384,8 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", default="smollm2")
+    parser.add_argument("--hardware", default="cpu", choices=["cpu", "cpu_int4", "cpu_int8"],
+                        help="the nodes' hardware tier (float32 activations); quantized tiers count held bytes")
     parser.add_argument("--requests", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--label", default="now", help="name of this run in the JSON and plot")
@@ -388,6 +405,7 @@ def main() -> None:
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     result: dict = {"label": args.label, "commit": commit, "banner_start": banner, "model_dir": model_dir,
+                    "hardware": args.hardware,
                     "requests": args.requests, "max_tokens": args.max_tokens, "processes": [], "breakdown": {}}
     if not args.skip_processes:
         result["processes"] = measure_processes(model_dir, args)

@@ -4,7 +4,7 @@
 
 Single-stream decode is memory-bound: each token reads every weight of the layers and the head once.
 In one process and one thread, interleaved trial by trial, this script measures
-- decode tok/s of a ShardRuntime (the whole model; prefill excluded) for fp32, bf16 and int8;
+- decode tok/s of a ShardRuntime (the whole model; prefill excluded) for fp32, bf16, int8 and int4;
 - bytes read per token: the runtime's parameter bytes (the embedding table counts once; when the head
   is tied it is read whole by the lm_head matmul, while the embedding lookup reads one row) plus the
   K/V cache read at the mean decode position;
@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import plot_trials, run_interleaved
 
-ARMS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("bfloat16", "int8")}
+ARMS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("bfloat16", "int8"),
+        "int4": ("float32", "int4")}
 
 
 def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:

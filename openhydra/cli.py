@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from openhydra import answer_version
 from openhydra.config.load import ConfigError, conf_dir, explain_hydra_error, validate
 
 log = logging.getLogger("openhydra")
@@ -357,10 +358,7 @@ def node_main() -> None:
 
     set_spin_default()  # before torch loads libgomp: the compute lane's workers sleep soon after a step
     argv = sys.argv[1:]
-    if "--version" in argv:
-        from openhydra import __version__
-
-        print(f"openhydra-node {__version__}")
+    if answer_version("openhydra-node", argv):  # `python -m openhydra.cli` (the console scripts: openhydra/launch.py)
         return
     from openhydra.runtime.lean_imports import skip_unused_optional_imports
 

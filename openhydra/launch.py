@@ -15,10 +15,9 @@ import sys
 
 
 def _run(prog: str, target: str) -> None:
-    if "--version" in sys.argv[1:]:  # OpenHydra's version for every command (Hydra's apps would print Hydra's)
-        from openhydra import __version__
+    from openhydra import answer_version
 
-        print(f"{prog} {__version__}")
+    if answer_version(prog, sys.argv[1:]):
         return
     try:
         module, func = target.split(":")

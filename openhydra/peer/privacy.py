@@ -156,6 +156,8 @@ class PeerPrivacy:
         if state is None:
             if sid in self._ended:  # e.g. a step sent before a failover moved the session: not an attack
                 raise StaleSession("sealed step for a session that ended here (closed, or moved by a failover)")
+            if self.admission.was_keyed(sid):  # admitted under keys, then evicted to make room for others
+                raise StaleSession("sealed step for a session this hop evicted to admit others (its keys are gone)")
             raise MalformedMessage("sealed step for a session with no onion (its keys were never agreed)")
         opened = state.session.open_input(bytes(outer.sealed))
         inner = pb.Step()

@@ -115,7 +115,8 @@ def build_shard(
     dtype_for = {target: torch.float32 if any(p.search(target) for p in keep_fp32) else dtype for target in names}
     if is_first and is_last and tied:
         del names["lm_head.weight"]  # same tensor as the embeddings: read it once
-    tensors = index.read(names, dtype_for)
+    views: set[str] = set()
+    tensors = index.read(names, dtype_for, mapped=views)
     if device != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     if is_first and is_last and tied:
@@ -133,11 +134,38 @@ def build_shard(
     modules.requires_grad_(False)
     # Only the span's decoder layers are quantized; embeddings, norm and head keep ``dtype``. The loaded
     # full-precision tensors must be unreferenced first, or quantizing cannot free them.
+    file_views = {tensors[name].data_ptr() for name in views if tensors[name].device.type == "cpu"}
     del tensors
-    quantize_linears(modules.layers, method_for(quantization, device), device, dtype)
-    quantize_head(modules, method_for(quantization, device), dtype)  # CPU int8/int4: head + embeddings int8
+    method = method_for(quantization, device)
+    quantize_linears(modules.layers, method, device, dtype)
+    quantize_head(modules, method, dtype)  # CPU int8/int4: head + embeddings int8
+    if method != "none":
+        own_copies(modules, file_views)
     loaded = module_bytes(modules)  # tied tensors once, quantized weights and their scales included
     return ShardBuild(modules=modules, shard_config=shard_config, loaded_bytes=loaded)
+
+
+def own_copies(root: nn.Module, file_views: set[int]) -> int:
+    """In a quantized span: give every tensor that is still a view of the checkpoint's mapping (``file_views``: their
+    data pointers; norms, biases, an unquantized embedding table) its own memory; returns how many were copied.
+
+    In the checkpoint's dtype a read tensor is a view of the file's mapping, and any one view keeps the whole
+    mapping alive: quantizing read every weight, so every page of the file stayed resident in the process (SmolLM2
+    ``cpu_int4``: 513 MiB of file pages for a 92 MiB span, held by 121 norm vectors of 2 KiB). With copies the
+    mapping is released once quantizing has dropped the weights. An unquantized span keeps its views: there the
+    mapping is the weights, shared with every process that maps the same file."""
+    copied = 0
+    for module in root.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is None or tensor.device.type != "cpu" or tensor.data_ptr() not in file_views:
+                    continue
+                if isinstance(tensor, nn.Parameter):
+                    tensor.data = tensor.data.clone()  # the same Parameter: a tied head keeps its tie
+                else:
+                    store[name] = tensor.clone()
+                copied += 1
+    return copied
 
 
 def _checkpoint_names(index: CheckpointIndex, modules: ShardModules, start: int, tied: bool) -> dict[str, str]:

@@ -98,8 +98,12 @@ class CheckpointIndex:
         head = f"{self.text_prefix}layers.{layer}."
         return {name[len(head) :]: name for name in self.weight_map if name.startswith(head)}
 
-    def read(self, names: dict[str, str], dtype_for: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
-        """Read ``{target: checkpoint_name}`` grouped by file; each tensor cast to ``dtype_for[target]``."""
+    def read(self, names: dict[str, str], dtype_for: dict[str, torch.dtype],
+             mapped: set[str] | None = None) -> dict[str, torch.Tensor]:
+        """Read ``{target: checkpoint_name}`` grouped by file; each tensor cast to ``dtype_for[target]``.
+
+        ``mapped`` (if given) receives the targets stored in their own dtype: those are views of the file's
+        mapping, nothing copied; the others are cast copies."""
         by_file: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for target, source in names.items():
             if source not in self.weight_map:
@@ -112,7 +116,10 @@ class CheckpointIndex:
         for filename, pairs in by_file.items():
             with open_safetensors(self.root / filename) as f:
                 for target, source in pairs:
-                    out[target] = f.get_tensor(source).to(dtype_for[target])
+                    stored = f.get_tensor(source)
+                    out[target] = stored.to(dtype_for[target])
+                    if mapped is not None and out[target] is stored:
+                        mapped.add(target)
                     progress.update()
         progress.close()
         return out

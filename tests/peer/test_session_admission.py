@@ -200,3 +200,22 @@ def test_a_straggling_step_for_a_dropped_session_is_stale_not_malformed() -> Non
         peer._sessions[f"s{i}"] = object()  # stands for a held session
         peer.drop(f"s{i}")
     assert "sid" not in peer._ended and len(peer._ended) == ENDED_REMEMBERED
+
+
+def test_a_late_step_for_a_session_evicted_by_admission_is_stale_not_malformed() -> None:
+    """Admission evicts a held session to make room for a source's newer ones (peer/session_admission.py); the
+    evicted session's next step cannot be opened (its keys are gone) and is refused, counted as stale like a step
+    of a closed session, not as a malformed (possibly forged) message."""
+    from openhydra.crypto.errors import StaleSession
+
+    _identity, _hop, route, peer = _one_hop_session()
+    source = "ipv4:127.0.0.1:3"
+    peer.open_step(route.seal_step(pb.Step(session_id="sid", seq=0)), source=source)
+    late = route.seal_step(pb.Step(session_id="sid", seq=1))
+    for i in range(peer.admission.per_source):  # the same source opens more sessions: its oldest is evicted
+        peer.admission.admit(f"newer-{i}", source_of(source), peer._sessions)
+        peer._sessions[f"newer-{i}"] = object()  # stands for the newer session's state
+    assert peer.state("sid") is None
+    with pytest.raises(StaleSession, match="evicted"):
+        peer.open_step(late, source=source)
+    assert peer.counts() == {"stale": 1}
