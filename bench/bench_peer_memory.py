@@ -1,14 +1,15 @@
 """Resident memory of real `openhydra-node` peers per span against the bytes of the span's weights (issue 17 item 4).
 
     python bench/bench_peer_memory.py [--model-dir smollm2] [--hardware cpu] [--requests 6] [--max-tokens 16]
-                                      [--label NAME] [--sweep]
+                                      [--label NAME] [--sweep] [--before COMMIT]
 
 1. A swarm on one machine: an HTTP DHT and three plain `openhydra-node` processes serving layers [0,10), [10,20),
    [20,30) of the embedded SmolLM2-135M (hardware=cpu, float32, the default privacy=encrypted), each its own fresh
    interpreter. ``--requests`` greedy chat completions go through the first node's API (the coordinator). Then each
    node's RSS, PSS and USS are read from /proc/<pid>/smaps and split into the weight file it maps, anonymous memory
    (Python heap, copied tensors, KV caches) and shared libraries. The nodes are stopped.
-2. One node serving the full model alone, the same requests, measured the same way.
+2. One node serving the full model alone, the same requests, measured the same way. ``--before COMMIT`` runs only
+   this step, for a node of COMMIT (a git worktree) and of this checkout, alternated twice.
 3. Where the memory goes, per span: a fresh interpreter imports what a node imports, group by group, loads the span
    as the node does (``ShardRuntime`` and, on a node that does not hold the first layers, the coordinator's
    embedding table), runs a prompt and 16 decode steps, reading USS/PSS/RSS after each step; the tensors the
@@ -18,8 +19,8 @@
 The span's weight bytes: the checkpoint tensors the span needs in the runtime dtype (its decoder layers, the
 embedding table on the first span, the final norm and the LM head on the last; SmolLM2 ties the head to the
 embeddings, so the last span needs the table too). With ``--hardware cpu_int4`` or ``cpu_int8`` the nodes quantize
-their spans at load, and a span's weight bytes are what the node reports it holds (``weight_bytes`` in
-/v1/network/status: the quantized weights and their scales). Target: PSS <= weight bytes + 150 MiB. MiB = 2**20 bytes.
+their spans at load, and a span's weight bytes are what the node reports it holds (``size`` in
+GET /api/tags: the quantized weights and their scales). Target: PSS <= weight bytes + 150 MiB. MiB = 2**20 bytes.
 Prints the machine banner (load average) at start and end, writes JSON (--json) and a plot (--plot).
 """
 
@@ -124,10 +125,11 @@ def run_requests(url: str, args: argparse.Namespace) -> dict:
 
 
 def held_bytes(url: str) -> int:
-    """The weight bytes the node at ``url`` says it holds (quantized ones with their scales)."""
+    """The weight bytes the node at ``url`` says it holds (quantized ones with their scales): its Ollama model
+    list's ``size``."""
     import httpx
 
-    return int(httpx.get(url + "/v1/network/status", timeout=30).json()["model"]["weight_bytes"])
+    return int(httpx.get(url + "/api/tags", timeout=30).json()["models"][0]["size"])
 
 
 def serve_and_measure(nodes: list, spans: list[tuple[int, int]], args: argparse.Namespace) -> list[dict]:
@@ -204,6 +206,33 @@ def measure_processes(model_dir: str, args: argparse.Namespace) -> list[dict]:
     for row in rows:
         quantized = args.hardware in ("cpu_int4", "cpu_int8")
         row["weight_bytes"] = row["held_bytes"] if quantized else span_weight_bytes(model_dir, *row["span"])
+    return rows
+
+
+def full_node_before_after(model_dir: str, commit: str, args: argparse.Namespace) -> list[dict]:
+    """The full-model node of ``commit`` (a git worktree) and of this checkout, alternated twice, each alone with
+    the same requests: its smaps parts (``--before``)."""
+    from common import worktree
+
+    from openhydra.testing.processes import NodeProcess
+
+    work = Path(tempfile.mkdtemp(prefix="bench-peer-memory-before-"))
+    rows = []
+    with worktree(commit, work) as tree:
+        for trial in range(2):
+            for label, cwd, env in ((commit, tree, {"PYTHONPATH": str(tree)}), ("now", None, {})):
+                data = work / f"data-{label}-{trial}"
+                node = NodeProcess(["model=local", f"model.path={model_dir}", f"hardware={args.hardware}",
+                                    "hardware.dtype=float32", f"node.data_dir={data}", "peer.port=0",
+                                    "discovery=off", *args.override],
+                                   cwd=cwd, env=env, log_path=work / f"node-{label}-{trial}.log", pow_bits=None)
+                rows += [{**row, "label": label, "trial": trial}
+                         for row in serve_and_measure([node], [(0, SPLITS[-1][1])], args)]
+    for row in rows:
+        p = row["parts"]
+        print(f"  full node at {row['label']} (trial {row['trial']}): RSS {p['total']['rss'] / MIB:.0f} MiB, PSS "
+              f"{p['total']['pss'] / MIB:.0f}, weight file RSS {p['weights']['rss'] / MIB:.0f} / PSS "
+              f"{p['weights']['pss'] / MIB:.0f}, anonymous PSS {p['anonymous']['pss'] / MIB:.0f}", flush=True)
     return rows
 
 
@@ -394,6 +423,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="also start the three thirds as one `openhydra-node -m` sweep (forked jobs)")
     parser.add_argument("--skip-processes", action="store_true", help="only the per-span breakdown")
+    parser.add_argument("--before", default=None, metavar="COMMIT",
+                        help="only a full-model node of COMMIT against this checkout's, alternated twice")
     parser.add_argument("--compare", action="append", default=[], help="an earlier run's JSON to plot beside this")
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "bench_peer_memory.json"))
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_peer_memory.png"))
@@ -407,6 +438,11 @@ def main() -> None:
     result: dict = {"label": args.label, "commit": commit, "banner_start": banner, "model_dir": model_dir,
                     "hardware": args.hardware,
                     "requests": args.requests, "max_tokens": args.max_tokens, "processes": [], "breakdown": {}}
+    if args.before:
+        print(f"full-model node, hardware={args.hardware}: {args.before} against this checkout", flush=True)
+        full_node_before_after(model_dir, args.before, args)
+        print(f"end: {machine_banner()}")
+        return
     if not args.skip_processes:
         result["processes"] = measure_processes(model_dir, args)
     env_extra = dict(e.split("=", 1) for e in args.env)
