@@ -42,11 +42,12 @@ def run(cfg: DictConfig) -> dict:
 
     settings = load_config(cfg)
     try:
-        records, elapsed, model = asyncio.run(run_load(settings))
+        records, elapsed, model, coalesced = asyncio.run(run_load(settings))
     except LoadgenError as exc:
         print(f"openhydra-bench: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    summary = summarize(records, elapsed, model=model, concurrency=settings.concurrency, label=settings.label)
+    summary = summarize(records, elapsed, model=model, concurrency=settings.concurrency, label=settings.label,
+                        coalesced=coalesced)
     print(report.table(summary), flush=True)
     if settings.out_dir:
         for path in report.write(summary, records, Path(settings.out_dir).expanduser()):

@@ -32,6 +32,11 @@ class LoadgenConfig(BaseModel):
     temperature: float = Field(0.0, ge=0, le=2)
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
     """Chat prompts, used in turn."""
+    distinct_prompts: bool = True
+    """Each measured request's prompt ends with its number (" (request 17)"), so no two requests are identical. An
+    OpenHydra node serves identical greedy requests in flight with one generation (coalescing): with the bare
+    prompts, a run at concurrency > 1 would count tokens the node computed once as throughput of several streams.
+    false: the prompts exactly as given (the summary's ``coalesced`` says how many requests were served so)."""
     request_timeout_s: float = Field(120.0, gt=0)
     out_dir: str | None = None
     """report.json, report.md and report.png go here; None prints the table and JSON only."""

@@ -70,6 +70,9 @@ class Summary:
     itl_ms: dict[str, float | None]
     e2e_ms: dict[str, float | None]
     errors: list[str]
+    coalesced: int | None = None
+    """Requests the node served from another identical request's generation during the run (OpenHydra's
+    coalescing; its tokens were computed once); None: the server does not say."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,7 +84,7 @@ def _stats(values: list[float]) -> dict[str, float | None]:
 
 
 def summarize(records: list[RequestRecord], duration_s: float, *, model: str, concurrency: int,
-              label: str | None = None) -> Summary:
+              label: str | None = None, coalesced: int | None = None) -> Summary:
     done = [r for r in records if r.ok]
     failed = [r for r in records if not r.ok]
     output_tokens = sum(r.output_tokens for r in done)
@@ -95,5 +98,5 @@ def summarize(records: list[RequestRecord], duration_s: float, *, model: str, co
         tpot_ms=_stats([t for r in done if (t := r.tpot()) is not None]),
         itl_ms=_stats([gap for r in done for gap in r.itls()]),
         e2e_ms=_stats([r.e2e_s for r in done if r.e2e_s is not None]),
-        errors=sorted({r.error for r in failed if r.error})[:10],
+        errors=sorted({r.error for r in failed if r.error})[:10], coalesced=coalesced,
     )

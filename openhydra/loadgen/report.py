@@ -20,6 +20,9 @@ def table(summary: Summary) -> str:
              row("end-to-end", summary.e2e_ms)]
     tail = (f"\n\noutput tokens {summary.output_tokens}, output throughput {summary.output_throughput:.2f} tok/s, "
             f"request throughput {summary.request_throughput:.3f} req/s")
+    if summary.coalesced:
+        tail += (f"\n{summary.coalesced} of {summary.completed + summary.failed} requests were served from another "
+                 "identical request's generation (coalescing): the throughput counts their tokens, computed once")
     return head + "\n".join(lines) + tail
 
 

@@ -60,8 +60,22 @@ async def resolve_model(client, requested: str | None) -> str:
     return requested
 
 
-async def run_load(cfg: LoadgenConfig) -> tuple[list[RequestRecord], float, str]:
-    """Warm up, then keep ``cfg.concurrency`` streams busy; returns (records, measured seconds, model)."""
+async def coalesced_so_far(url: str) -> int | None:
+    """Requests the OpenHydra node at ``url`` (its OpenAI base URL) has served from another request's generation
+    (``/v1/network/status``); None for a server that does not say."""
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            status = (await http.get(url.rstrip("/") + "/network/status")).json()
+        return int(status["serving"]["coalescing"]["coalesced"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+
+
+async def run_load(cfg: LoadgenConfig) -> tuple[list[RequestRecord], float, str, int | None]:
+    """Warm up, then keep ``cfg.concurrency`` streams busy; returns (records, measured seconds, model, requests the
+    node coalesced meanwhile or None)."""
     try:
         from openai import AsyncOpenAI
     except ImportError:
@@ -78,15 +92,17 @@ async def run_load(cfg: LoadgenConfig) -> tuple[list[RequestRecord], float, str]
                 raise LoadgenError(f"warm-up request failed: {warm.error}")
         records: list[RequestRecord] = []
         remaining = itertools.count() if cfg.num_requests is None else iter(range(cfg.num_requests))
+        coalesced_before = await coalesced_so_far(cfg.url)
         bar = tqdm(total=cfg.num_requests, unit="req", desc=f"openhydra-bench c={cfg.concurrency}",
                    disable=not cfg.progress, file=sys.stderr)
         t0 = time.perf_counter()
 
         async def worker() -> None:
-            while next(remaining, None) is not None:
+            while (number := next(remaining, None)) is not None:
                 if cfg.num_requests is None and time.perf_counter() - t0 >= cfg.duration_s:
                     return
-                record = await _one_request(client, model, next(prompts), cfg, t0)
+                prompt = f"{next(prompts)} (request {number})" if cfg.distinct_prompts else next(prompts)
+                record = await _one_request(client, model, prompt, cfg, t0)
                 records.append(record)
                 tokens = sum(r.output_tokens for r in records if r.ok)
                 rate = tokens / (time.perf_counter() - t0)
@@ -96,6 +112,9 @@ async def run_load(cfg: LoadgenConfig) -> tuple[list[RequestRecord], float, str]
         await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
         elapsed = time.perf_counter() - t0
         bar.close()
-        return records, elapsed, model
+        coalesced_after = await coalesced_so_far(cfg.url)
+        coalesced = (None if coalesced_before is None or coalesced_after is None
+                     else coalesced_after - coalesced_before)
+        return records, elapsed, model, coalesced
     finally:
         await client.close()

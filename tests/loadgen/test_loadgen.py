@@ -107,3 +107,26 @@ def _complete_when_covered(client, timeout_s: float = 120.0) -> str:
 
     return wait_until(complete, timeout_s, 0.5, "a completion through a fully covered swarm",
                       ignore=openai.APIStatusError)[0]
+
+
+def test_requests_are_distinct_so_the_node_cannot_coalesce_them(tiny_model_dirs, tmp_path):
+    """One node, greedy, one prompt, 3 streams: with the prompt as given, identical requests in flight are served by
+    one generation (coalescing) and the summary says how many; with ``distinct_prompts`` (the default) every
+    request is computed, so the throughput is the node's own."""
+    node = NodeProcess(["model=local", f"model.path={tiny_model_dirs['llama']}", "hardware=cpu", "discovery=off",
+                        "peer.port=0", f"node.data_dir={tmp_path / 'data'}"], log_path=tmp_path / "node.log")
+    base = dict(concurrency=3, num_requests=9, max_tokens=48, prompts=["Tell me about the sea."], progress=False)
+    try:
+        node.start().wait_ready()
+        url = f"{node.url}/v1"
+        *_, coalesced_as_given = asyncio.run(run_load(LoadgenConfig(url=url, distinct_prompts=False, **base)))
+        records, elapsed, model, coalesced_distinct = asyncio.run(run_load(LoadgenConfig(url=url, **base)))
+    finally:
+        node.stop()
+    assert coalesced_as_given >= 1, coalesced_as_given  # 3 rounds of 3 identical requests sent at once
+    assert coalesced_distinct == 0
+    assert len(records) == 9 and all(r.ok for r in records)
+    summary = summarize(records, elapsed, model=model, concurrency=3, coalesced=coalesced_as_given)
+    from openhydra.loadgen import report
+
+    assert f"{coalesced_as_given} of 9 requests were served from another" in report.table(summary)
