@@ -27,6 +27,14 @@ class StaleSession(CryptoError):
     reason = "stale"
 
 
+class EvictedSession(StaleSession):
+    """A sealed step for a session this peer admitted under keys and then evicted to admit others (its keys are
+    gone): a straggler too, counted apart so that eviction pressure (many sessions from one source, or a full
+    table) shows in the metrics."""
+
+    reason = "evicted"
+
+
 class TamperedMessage(CryptoError):
     """Authentication failed: the ciphertext, header or associated data was altered, or the wrong key."""
 

@@ -33,10 +33,11 @@ class LoadgenConfig(BaseModel):
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
     """Chat prompts, used in turn."""
     distinct_prompts: bool = True
-    """Each measured request's prompt ends with its number (" (request 17)"), so no two requests are identical. An
-    OpenHydra node serves identical greedy requests in flight with one generation (coalescing): with the bare
-    prompts, a run at concurrency > 1 would count tokens the node computed once as throughput of several streams.
-    false: the prompts exactly as given (the summary's ``coalesced`` says how many requests were served so)."""
+    """Each measured request's prompt ends with this run's random id and the request's number (" (run 3fa2c1,
+    request 17)"), so no two requests are identical, not even those of two runs against one node. An OpenHydra node
+    serves identical greedy requests in flight with one generation (coalescing): with the bare prompts, a run at
+    concurrency > 1 would count tokens the node computed once as throughput of several streams. false: the prompts
+    exactly as given (the summary's ``coalesced`` says how many requests the node served so)."""
     request_timeout_s: float = Field(120.0, gt=0)
     out_dir: str | None = None
     """report.json, report.md and report.png go here; None prints the table and JSON only."""

@@ -72,7 +72,8 @@ class Summary:
     errors: list[str]
     coalesced: int | None = None
     """Requests the node served from another identical request's generation during the run (OpenHydra's
-    coalescing; its tokens were computed once); None: the server does not say."""
+    coalescing; their tokens were computed once): the node's own count, so other clients' requests count too; None:
+    the server does not say."""
 
     def to_dict(self) -> dict:
         return asdict(self)

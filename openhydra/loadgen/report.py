@@ -21,8 +21,9 @@ def table(summary: Summary) -> str:
     tail = (f"\n\noutput tokens {summary.output_tokens}, output throughput {summary.output_throughput:.2f} tok/s, "
             f"request throughput {summary.request_throughput:.3f} req/s")
     if summary.coalesced:
-        tail += (f"\n{summary.coalesced} of {summary.completed + summary.failed} requests were served from another "
-                 "identical request's generation (coalescing): the throughput counts their tokens, computed once")
+        tail += (f"\nthe node served {summary.coalesced} requests during the run from another identical request's "
+                 f"generation (coalescing; its count, other clients' included; this run sent "
+                 f"{summary.completed + summary.failed}): the throughput counts their tokens, computed once")
     return head + "\n".join(lines) + tail
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import sys
 import time
 
@@ -93,6 +94,7 @@ async def run_load(cfg: LoadgenConfig) -> tuple[list[RequestRecord], float, str,
         records: list[RequestRecord] = []
         remaining = itertools.count() if cfg.num_requests is None else iter(range(cfg.num_requests))
         coalesced_before = await coalesced_so_far(cfg.url)
+        run_id = secrets.token_hex(3)
         bar = tqdm(total=cfg.num_requests, unit="req", desc=f"openhydra-bench c={cfg.concurrency}",
                    disable=not cfg.progress, file=sys.stderr)
         t0 = time.perf_counter()
@@ -101,7 +103,9 @@ async def run_load(cfg: LoadgenConfig) -> tuple[list[RequestRecord], float, str,
             while (number := next(remaining, None)) is not None:
                 if cfg.num_requests is None and time.perf_counter() - t0 >= cfg.duration_s:
                     return
-                prompt = f"{next(prompts)} (request {number})" if cfg.distinct_prompts else next(prompts)
+                prompt = next(prompts)
+                if cfg.distinct_prompts:
+                    prompt = f"{prompt} (run {run_id}, request {number})"
                 record = await _one_request(client, model, prompt, cfg, t0)
                 records.append(record)
                 tokens = sum(r.output_tokens for r in records if r.ok)
@@ -114,6 +118,7 @@ async def run_load(cfg: LoadgenConfig) -> tuple[list[RequestRecord], float, str,
         bar.close()
         coalesced_after = await coalesced_so_far(cfg.url)
         coalesced = (None if coalesced_before is None or coalesced_after is None
+                     or coalesced_after < coalesced_before  # the node restarted meanwhile: unknown
                      else coalesced_after - coalesced_before)
         return records, elapsed, model, coalesced
     finally:

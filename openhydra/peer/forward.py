@@ -29,7 +29,7 @@ import torch
 
 from openhydra.crypto.dp import DPParams
 from openhydra.crypto.dp_wire import seal_received, seal_record
-from openhydra.crypto.errors import CryptoError
+from openhydra.crypto.errors import CryptoError, StaleSession
 from openhydra.crypto.keys import StaticKeyPair
 from openhydra.metrics import METRICS
 from openhydra.peer import onion_control
@@ -150,7 +150,7 @@ class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
                     self.privacy.rejections["plaintext"] += 1
                     raise CryptoError("this peer requires encrypted steps")
             except CryptoError as exc:
-                log.log(logging.INFO if exc.reason == "stale" else logging.WARNING,  # stale: a straggler, expected
+                log.log(logging.INFO if isinstance(exc, StaleSession) else logging.WARNING,  # a straggler, expected
                         "%s: rejected a step of %s: %s (%s)", self.address, step.session_id, exc.reason, exc)
                 index = state.index if state is not None else -1
                 why = f"{self.address}: {exc.reason}: {exc}"

@@ -112,7 +112,7 @@ class NodePrivacy:
 
 
 KNOWN_REASONS = ("tampered", "replayed", "malformed", "plaintext", "invalid_static_key", "key_exhausted",
-                 "dp_audit_failed", "control_denied", "forged_failure", "forged_result", "busy", "stale")
+                 "dp_audit_failed", "control_denied", "forged_failure", "forged_result", "busy", "stale", "evicted")
 
 
 @dataclass

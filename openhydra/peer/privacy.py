@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from openhydra.crypto.errors import CryptoError, MalformedMessage, StaleSession
+from openhydra.crypto.errors import CryptoError, EvictedSession, MalformedMessage, StaleSession
 from openhydra.crypto.keys import StaticKeyPair
 from openhydra.crypto.onion import DEFAULT_ONION_SIZE, HopRef, RouteHop
 from openhydra.crypto.records import decode_static_key
@@ -157,7 +157,7 @@ class PeerPrivacy:
             if sid in self._ended:  # e.g. a step sent before a failover moved the session: not an attack
                 raise StaleSession("sealed step for a session that ended here (closed, or moved by a failover)")
             if self.admission.was_keyed(sid):  # admitted under keys, then evicted to make room for others
-                raise StaleSession("sealed step for a session this hop evicted to admit others (its keys are gone)")
+                raise EvictedSession("sealed step for a session this hop evicted to admit others (its keys are gone)")
             raise MalformedMessage("sealed step for a session with no onion (its keys were never agreed)")
         opened = state.session.open_input(bytes(outer.sealed))
         inner = pb.Step()

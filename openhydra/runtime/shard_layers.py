@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +135,8 @@ def build_shard(
     modules.requires_grad_(False)
     # Only the span's decoder layers are quantized; embeddings, norm and head keep ``dtype``. The loaded
     # full-precision tensors must be unreferenced first, or quantizing cannot free them.
-    file_views = {tensors[name].data_ptr() for name in views if tensors[name].device.type == "cpu"}
+    on_cpu = {tensors[name].data_ptr() for name in views if tensors[name].device.type == "cpu"}
+    file_views = FileViews.of(modules, on_cpu)
     del tensors
     method = method_for(quantization, device)
     quantize_linears(modules.layers, method, device, dtype)
@@ -145,27 +147,60 @@ def build_shard(
     return ShardBuild(modules=modules, shard_config=shard_config, loaded_bytes=loaded)
 
 
-def own_copies(root: nn.Module, file_views: set[int]) -> int:
-    """In a quantized span: give every tensor that is still a view of the checkpoint's mapping (``file_views``: their
-    data pointers; norms, biases, an unquantized embedding table) its own memory; returns how many were copied.
+@dataclass
+class FileViews:
+    """The span's tensors that are views of the checkpoint's mapping, before quantizing: held weakly (quantizing
+    frees most of them) and known by identity, not by address (freed addresses are reused)."""
+
+    refs: dict[int, weakref.ref]
+    nbytes: int
+
+    @classmethod
+    def of(cls, root: nn.Module, pointers: set[int]) -> FileViews:
+        refs: dict[int, weakref.ref] = {}
+        nbytes = 0
+        for tensor in (*root.parameters(), *root.buffers()):
+            if tensor.device.type == "cpu" and tensor.data_ptr() in pointers and id(tensor) not in refs:
+                refs[id(tensor)] = weakref.ref(tensor)
+                nbytes += tensor.numel() * tensor.element_size()
+        return cls(refs, nbytes)
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        ref = self.refs.get(id(tensor))
+        return ref is not None and ref() is tensor
+
+
+COPY_AT_MOST = 1 / 8
+""":func:`own_copies` copies the views a quantized span still holds only if they are at most this share of the view
+bytes quantizing freed."""
+
+
+def own_copies(root: nn.Module, views: FileViews) -> int:
+    """In a quantized span: give the tensors that are still views of the checkpoint's mapping (norms, biases) their
+    own memory, so the mapping is released; returns how many were copied.
 
     In the checkpoint's dtype a read tensor is a view of the file's mapping, and any one view keeps the whole
     mapping alive: quantizing read every weight, so every page of the file stayed resident in the process (SmolLM2
-    ``cpu_int4``: 513 MiB of file pages for a 92 MiB span, held by 121 norm vectors of 2 KiB). With copies the
-    mapping is released once quantizing has dropped the weights. An unquantized span keeps its views: there the
-    mapping is the weights, shared with every process that maps the same file."""
-    copied = 0
+    ``cpu_int4``: 513 MiB of file pages for a 92 MiB span, held by 121 norm vectors of 2 KiB). Copied only where
+    the views left are small next to what quantizing freed (:data:`COPY_AT_MOST`): a large tensor left unquantized
+    (an untied head under a method that keeps heads, a weight that is not an ``nn.Linear``) stays a view, pages the
+    kernel can reclaim and other processes share, rather than becoming a private copy. An unquantized span keeps
+    its views: there the mapping is the weights."""
+    left: dict[int, tuple[dict, str, torch.Tensor]] = {}
     for module in root.modules():
         for store in (module._parameters, module._buffers):
             for name, tensor in store.items():
-                if tensor is None or tensor.device.type != "cpu" or tensor.data_ptr() not in file_views:
-                    continue
-                if isinstance(tensor, nn.Parameter):
-                    tensor.data = tensor.data.clone()  # the same Parameter: a tied head keeps its tie
-                else:
-                    store[name] = tensor.clone()
-                copied += 1
-    return copied
+                if tensor is not None and views.holds(tensor):
+                    left.setdefault(id(tensor), (store, name, tensor))  # a tied Parameter once
+    kept = sum(t.numel() * t.element_size() for _, _, t in left.values())
+    if kept > COPY_AT_MOST * (views.nbytes - kept):
+        return 0
+    for store, name, tensor in left.values():
+        if isinstance(tensor, nn.Parameter):
+            tensor.data = tensor.data.clone()  # the same Parameter object: a tied head keeps its tie
+        else:
+            store[name] = tensor.clone()
+    return len(left)
 
 
 def _checkpoint_names(index: CheckpointIndex, modules: ShardModules, start: int, tied: bool) -> dict[str, str]:

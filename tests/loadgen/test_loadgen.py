@@ -129,4 +129,4 @@ def test_requests_are_distinct_so_the_node_cannot_coalesce_them(tiny_model_dirs,
     summary = summarize(records, elapsed, model=model, concurrency=3, coalesced=coalesced_as_given)
     from openhydra.loadgen import report
 
-    assert f"{coalesced_as_given} of 9 requests were served from another" in report.table(summary)
+    assert f"the node served {coalesced_as_given} requests during the run from another" in report.table(summary)

@@ -204,9 +204,9 @@ def test_a_straggling_step_for_a_dropped_session_is_stale_not_malformed() -> Non
 
 def test_a_late_step_for_a_session_evicted_by_admission_is_stale_not_malformed() -> None:
     """Admission evicts a held session to make room for a source's newer ones (peer/session_admission.py); the
-    evicted session's next step cannot be opened (its keys are gone) and is refused, counted as stale like a step
-    of a closed session, not as a malformed (possibly forged) message."""
-    from openhydra.crypto.errors import StaleSession
+    evicted session's next step cannot be opened (its keys are gone) and is refused, counted as evicted (a kind of
+    stale step: a straggler), not as a malformed (possibly forged) message."""
+    from openhydra.crypto.errors import EvictedSession, StaleSession
 
     _identity, _hop, route, peer = _one_hop_session()
     source = "ipv4:127.0.0.1:3"
@@ -216,6 +216,7 @@ def test_a_late_step_for_a_session_evicted_by_admission_is_stale_not_malformed()
         peer.admission.admit(f"newer-{i}", source_of(source), peer._sessions)
         peer._sessions[f"newer-{i}"] = object()  # stands for the newer session's state
     assert peer.state("sid") is None
-    with pytest.raises(StaleSession, match="evicted"):
+    with pytest.raises(EvictedSession, match="evicted") as raised:
         peer.open_step(late, source=source)
-    assert peer.counts() == {"stale": 1}
+    assert isinstance(raised.value, StaleSession)
+    assert peer.counts() == {"evicted": 1}

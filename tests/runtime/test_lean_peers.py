@@ -53,6 +53,35 @@ def test_a_quantized_span_keeps_no_view_of_the_checkpoint(tiny_model_dirs: dict[
         assert torch.equal(param, plain.modules.get_parameter(name)), name
 
 
+def test_own_copies_copies_small_leftovers_and_keeps_large_views() -> None:
+    """The rule of ``own_copies`` on a stand-in span whose "file" tensors are known by identity: after quantizing
+    freed most view bytes, small leftovers are copied (the mapping can go); leftovers that are a large share stay
+    views (a private copy would cost more than the mapping's pages). A tied Parameter is copied once and stays
+    tied."""
+    from torch import nn
+
+    from openhydra.runtime.shard_layers import FileViews, own_copies
+
+    def span(big_norm: bool) -> tuple[nn.Module, FileViews]:
+        root = nn.Module()
+        root.norm = nn.Parameter(torch.ones(1000 if big_norm else 10))
+        root.head = nn.Module()
+        root.head.weight = root.norm  # tied
+        root.linear = nn.Parameter(torch.ones(1000))  # stands for a weight quantizing replaces
+        root.computed = nn.Parameter(torch.ones(5))  # not from the file
+        views = FileViews.of(root, {root.norm.data_ptr(), root.linear.data_ptr()})
+        del root.linear  # "quantized": its view is gone
+        return root, views
+
+    root, views = span(big_norm=False)
+    before = root.norm.data_ptr()
+    assert own_copies(root, views) == 1
+    assert root.norm.data_ptr() != before and root.head.weight is root.norm
+    root, views = span(big_norm=True)  # 1000 elements left against 1000 freed: over COPY_AT_MOST (1/8)
+    before = root.norm.data_ptr()
+    assert own_copies(root, views) == 0 and root.norm.data_ptr() == before
+
+
 def test_coordinator_embedding_table_is_mapped_in_any_dtype(tiny_model_dirs: dict[str, Path]) -> None:
     model_dir = tiny_model_dirs["llama"]
     index = CheckpointIndex.open(model_dir)
