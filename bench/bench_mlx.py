@@ -12,41 +12,27 @@ thread for thread: the banner prints the cores. Writes a plot (``--plot``).
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import medians, plot_trials, print_table, run_interleaved
+from common import greedy_tok_s, medians, plot_trials, print_table, run_interleaved, whole_model_bench
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", default=None)
-    parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--plot", default="docs/img/bench_mlx.png")
-    args = parser.parse_args()
-    from openhydra.testing.machine import announce
-
-    announce()
+    args, model_dir = whole_model_bench(__doc__, tokens=32, plot="docs/img/bench_mlx.png")
     import torch
-
-    torch.set_num_threads(1)
     from transformers import AutoTokenizer
 
     from openhydra.runtime.local_pipeline import greedy_generate
     from openhydra.runtime.mlx_backend import MlxShardRuntime, mlx_import_error
     from openhydra.runtime.shard import ShardRuntime
-    from openhydra.runtime.source import embedded_model_dir
-    from openhydra.testing import TEST_CACHE_ROOT
 
     if (reason := mlx_import_error()) is not None:
         raise SystemExit(f"bench_mlx: MLX is not importable here: {reason}")
-    model_dir = Path(args.model_dir) if args.model_dir else embedded_model_dir(TEST_CACHE_ROOT)
     runtimes = {
         "pytorch fp32": ShardRuntime(model_dir, dtype=torch.float32),
         "pytorch bf16": ShardRuntime(model_dir, dtype=torch.bfloat16),
@@ -62,18 +48,8 @@ def main() -> None:
     agreement = {name: sum(a == b for a, b in zip(t, reference, strict=True)) / len(reference)
                  for name, t in tokens.items()}
 
-    def arm(name: str):
-        def run() -> float:
-            rt = runtimes[name]
-            started = time.perf_counter()
-            greedy_generate([rt], prompt, args.tokens, session_id="b")
-            elapsed = time.perf_counter() - started
-            rt.close_session("b")
-            return args.tokens / elapsed
-
-        return run
-
-    rates = run_interleaved({name: arm(name) for name in runtimes}, args.trials)
+    rates = run_interleaved({name: partial(greedy_tok_s, rt, prompt, args.tokens) for name, rt in runtimes.items()},
+                            args.trials)
     print_table(rates, "median tok/s (13-token prefill + decode)")
     med = medians(rates)
     print("\n| arm | tok/s ÷ pytorch fp32 | greedy tokens equal to pytorch fp32's |\n|---|---|---|")

@@ -13,15 +13,14 @@ nf4 = bitsandbytes NF4 with bf16 compute.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import medians, plot_trials, print_table, run_interleaved
+from common import greedy_tok_s, medians, plot_trials, print_table, run_interleaved, whole_model_bench
 
 ARMS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("bfloat16", "int8"),
         "int4": ("float32", "int4"), "nf4": ("bfloat16", "nf4")}
@@ -60,27 +59,13 @@ def rss_of(model_dir: str, dtype: str, quantization: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", default=None)
-    parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=24)
-    parser.add_argument("--plot", default="docs/img/bench_quant.png")
-    args = parser.parse_args()
-    from openhydra.testing.machine import announce
-
-    announce()
-
+    args, model_dir = whole_model_bench(__doc__, tokens=24, plot="docs/img/bench_quant.png")
     import torch
-
-    torch.set_num_threads(1)
     from transformers import AutoTokenizer
 
     from openhydra.runtime.local_pipeline import greedy_generate
     from openhydra.runtime.shard import ShardRuntime
-    from openhydra.runtime.source import embedded_model_dir
-    from openhydra.testing import TEST_CACHE_ROOT
 
-    model_dir = Path(args.model_dir) if args.model_dir else embedded_model_dir(TEST_CACHE_ROOT)
     memory = {name: rss_of(str(model_dir), dtype, q) for name, (dtype, q) in ARMS.items()}
     runtimes = {name: ShardRuntime(model_dir, dtype=getattr(torch, dtype), quantization=q)
                 for name, (dtype, q) in ARMS.items()}
@@ -97,20 +82,8 @@ def main() -> None:
     for rt in runtimes.values():
         rt.close_session("ref")
 
-    def decode(name: str):
-        def arm() -> float:
-            rt = runtimes[name]
-            greedy_generate([rt], prompt, 1, session_id="warm")  # prefill outside the timed part
-            rt.close_session("warm")
-            started = time.perf_counter()
-            greedy_generate([rt], prompt, args.tokens, session_id="b")
-            elapsed = time.perf_counter() - started
-            rt.close_session("b")
-            return args.tokens / elapsed
-
-        return arm
-
-    rates = run_interleaved({name: decode(name) for name in runtimes}, args.trials)
+    arms = {name: partial(greedy_tok_s, rt, prompt, args.tokens, warm=True) for name, rt in runtimes.items()}
+    rates = run_interleaved(arms, args.trials)
     print_table(rates, "median tok/s (prefill + decode of the tokens)")
     med = medians(rates)
     print("\n| arm | params MB | RSS growth MB | top-1 agreement with fp32 | tok/s ÷ bf16 |\n|---|---|---|---|---|")

@@ -15,7 +15,6 @@ and reports the fraction of the roofline: tok/s x bytes per token / bandwidth (1
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plot_trials, run_interleaved
+from common import plot_trials, run_interleaved, whole_model_bench
 
 ARMS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("bfloat16", "int8"),
         "int4": ("float32", "int4")}
@@ -53,24 +52,11 @@ def kv_bytes_per_token(rt, position: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", default=None)
-    parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--plot", default="docs/img/bench_roofline.png")
-    args = parser.parse_args()
-    from openhydra.testing.machine import announce
-
-    announce()
-
+    args, model_dir = whole_model_bench(__doc__, tokens=32, plot="docs/img/bench_roofline.png")
     import torch
 
-    torch.set_num_threads(1)
     from openhydra.runtime.shard import ShardRuntime
-    from openhydra.runtime.source import embedded_model_dir
-    from openhydra.testing import TEST_CACHE_ROOT
 
-    model_dir = Path(args.model_dir) if args.model_dir else embedded_model_dir(TEST_CACHE_ROOT)
     runtimes = {name: ShardRuntime(model_dir, dtype=getattr(torch, d), quantization=q) for name, (d, q) in ARMS.items()}
     prompt = torch.arange(100, 116)  # 16 prompt tokens
 

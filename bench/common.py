@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import statistics
@@ -166,3 +167,40 @@ def median_step_ms(runtime, session_id: str, prompt, steps: int) -> float:
         times.append(time.perf_counter() - began)
     runtime.close_session(session_id)
     return statistics.median(times) * 1e3
+
+
+def whole_model_bench(doc: str, *, tokens: int, plot: str, trials: int = 5) -> tuple[argparse.Namespace, Path]:
+    """For in-process benchmarks of whole-model runtimes on one thread: parse ``--model-dir``, ``--trials``,
+    ``--tokens`` and ``--plot``, print the machine banner (and the load at exit), pin torch to one thread; returns
+    the arguments and the model folder (the embedded SmolLM2 unless ``--model-dir`` names one)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model-dir", default=None)
+    parser.add_argument("--trials", type=int, default=trials)
+    parser.add_argument("--tokens", type=int, default=tokens)
+    parser.add_argument("--plot", default=plot)
+    args = parser.parse_args()
+    from openhydra.testing.machine import announce
+
+    announce()
+    import torch
+
+    torch.set_num_threads(1)
+    from openhydra.runtime.source import embedded_model_dir
+    from openhydra.testing import TEST_CACHE_ROOT
+
+    return args, Path(args.model_dir) if args.model_dir else embedded_model_dir(TEST_CACHE_ROOT)
+
+
+def greedy_tok_s(runtime, prompt, tokens: int, warm: bool = False) -> float:
+    """``tokens`` greedy tokens of ``runtime`` (a whole-model span) after ``prompt``'s prefill, per second of both
+    (``warm``: one greedy token first, untimed, in a session of its own)."""
+    from openhydra.runtime.local_pipeline import greedy_generate
+
+    if warm:
+        greedy_generate([runtime], prompt, 1, session_id="warm")
+        runtime.close_session("warm")
+    started = time.perf_counter()
+    greedy_generate([runtime], prompt, tokens, session_id="timed")
+    elapsed = time.perf_counter() - started
+    runtime.close_session("timed")
+    return tokens / elapsed
