@@ -174,15 +174,54 @@ def _kademlia_attack(forge) -> tuple[list[str], object]:
     return asyncio.run(scenario())
 
 
+def _forge_tombstone(attacker, key: str, victim: Identity) -> None:
+    from hivemind.utils.timed_storage import get_dht_time
+
+    # The unsigned tombstone any node could write, with an expiration that outlives the victim's record.
+    attacker.store(key, {"withdrawn": True}, get_dht_time() + 600, subkey=victim.peer_id)
+
+
+def _forge_foreign_claim(attacker, key: str, victim: Identity) -> None:
+    claim = signed_by_a_claiming_b(Identity.generate(), victim.peer_id)  # signed by a key that is not the victim's
+    attacker.store(key, claim.to_wire(), claim.announced_at + claim.ttl_s, subkey=victim.peer_id)
+
+
+_FORGES = {"tombstone": _forge_tombstone, "foreign_claim": _forge_foreign_claim}
+
+
+def _kademlia_attack_named(forge: str, results) -> None:
+    try:
+        results.put(("ok", _kademlia_attack(_FORGES[forge])))
+    except BaseException as exc:  # the parent raises it with the child's traceback text
+        import traceback
+
+        results.put(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def _kademlia_attack_in_fresh_process(forge: str, timeout_s: float = 300.0) -> tuple[list[str], object]:
+    """:func:`_kademlia_attack` in a fresh interpreter (``spawn``). hivemind forks its DHT process, and a pytest worker
+    that ran gRPC tests before has threads whose locks a forked child can inherit held: in one CI run the DHT did
+    not start in two tries of 30 s ("Other threads are currently calling into gRPC, skipping fork() handlers")."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=_kademlia_attack_named, args=(forge, results))  # not daemonic: hivemind forks
+    child.start()
+    try:
+        status, value = results.get(timeout=timeout_s)
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+    if status == "error":
+        raise AssertionError(f"the attack's process failed: {value}")
+    return value
+
+
 @pytest.mark.slow
 def test_forged_tombstone_in_kademlia_is_ignored_by_readers():
-    def forge(attacker, key: str, victim: Identity) -> None:
-        from hivemind.utils.timed_storage import get_dht_time
-
-        # The unsigned tombstone any node could write, with an expiration that outlives the victim's record.
-        attacker.store(key, {"withdrawn": True}, get_dht_time() + 600, subkey=victim.peer_id)
-
-    seen, held = _kademlia_attack(forge)
+    seen, held = _kademlia_attack_in_fresh_process("tombstone")
     assert held == {"withdrawn": True}, "the attack did not even land on the attacker's own node"
     assert seen == [HONEST]
 
@@ -194,10 +233,6 @@ def test_record_signed_by_key_a_claiming_peer_id_b_is_refused_and_ignored(dht):
     assert_error(post(dht, signed_by_a_claiming_b(a, b.peer_id)), 403, "peer_id_mismatch")
     assert addresses(dht, b.peer_id) == [HONEST]
 
-    def forge(attacker, key: str, victim: Identity) -> None:
-        claim = signed_by_a_claiming_b(a, victim.peer_id)
-        attacker.store(key, claim.to_wire(), claim.announced_at + claim.ttl_s, subkey=victim.peer_id)
-
-    seen, held = _kademlia_attack(forge)
+    seen, held = _kademlia_attack_in_fresh_process("foreign_claim")  # the same forgery on the Kademlia DHT
     assert isinstance(held, dict) and held.get("grpc_address") == ROGUE, held
     assert seen == [HONEST]
