@@ -199,14 +199,19 @@ def measure_processes(model_dir: str, args: argparse.Namespace) -> list[dict]:
                                    env=env, log_path=work / "sweep.log", pow_bits=None)
             rows += serve_sweep_and_measure(launcher, list(SPLITS), args)
     print("full model alone:", flush=True)
-    full = NodeProcess(["model=local", f"model.path={model_dir}", f"hardware={args.hardware}", "hardware.dtype=float32",
-                        f"node.data_dir={work / 'data-full'}", "peer.port=0", *args.override],
-                       env=env, log_path=work / "node-full.log", pow_bits=None)
+    full = NodeProcess(full_node_overrides(model_dir, args, work / "data-full"), env=env,
+                       log_path=work / "node-full.log", pow_bits=None)
     rows += serve_and_measure([full], [(0, SPLITS[-1][1])], args)
+    quantized = args.hardware in ("cpu_int4", "cpu_int8")
     for row in rows:
-        quantized = args.hardware in ("cpu_int4", "cpu_int8")
         row["weight_bytes"] = row["held_bytes"] if quantized else span_weight_bytes(model_dir, *row["span"])
     return rows
+
+
+def full_node_overrides(model_dir: str, args: argparse.Namespace, data_dir: Path) -> list[str]:
+    """A node serving the whole model alone on ``args.hardware`` (float32 activations), ``--override`` last."""
+    return ["model=local", f"model.path={model_dir}", f"hardware={args.hardware}", "hardware.dtype=float32",
+            f"node.data_dir={data_dir}", "peer.port=0", *args.override]
 
 
 def full_node_before_after(model_dir: str, commit: str, args: argparse.Namespace) -> list[dict]:
@@ -221,11 +226,9 @@ def full_node_before_after(model_dir: str, commit: str, args: argparse.Namespace
     with worktree(commit, work) as tree:
         for trial in range(2):
             for label, cwd, env in ((commit, tree, {"PYTHONPATH": str(tree)}), ("now", None, {})):
-                data = work / f"data-{label}-{trial}"
-                node = NodeProcess(["model=local", f"model.path={model_dir}", f"hardware={args.hardware}",
-                                    "hardware.dtype=float32", f"node.data_dir={data}", "peer.port=0",
-                                    "discovery=off", *args.override],
-                                   cwd=cwd, env=env, log_path=work / f"node-{label}-{trial}.log", pow_bits=None)
+                overrides = ["discovery=off", *full_node_overrides(model_dir, args, work / f"data-{label}-{trial}")]
+                node = NodeProcess(overrides, cwd=cwd, env=env, log_path=work / f"node-{label}-{trial}.log",
+                                   pow_bits=None)
                 rows += [{**row, "label": label, "trial": trial}
                          for row in serve_and_measure([node], [(0, SPLITS[-1][1])], args)]
     for row in rows:

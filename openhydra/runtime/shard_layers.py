@@ -135,8 +135,7 @@ def build_shard(
     modules.requires_grad_(False)
     # Only the span's decoder layers are quantized; embeddings, norm and head keep ``dtype``. The loaded
     # full-precision tensors must be unreferenced first, or quantizing cannot free them.
-    on_cpu = {tensors[name].data_ptr() for name in views if tensors[name].device.type == "cpu"}
-    file_views = FileViews.of(modules, on_cpu)
+    file_views = FileViews.of(modules, {tensors[name].data_ptr() for name in views})  # CPU tensors only (see .of)
     del tensors
     method = method_for(quantization, device)
     quantize_linears(modules.layers, method, device, dtype)
