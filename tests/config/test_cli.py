@@ -207,34 +207,45 @@ def test_a_postgres_economy_without_a_server_is_named(tiny_model_dirs, tmp_path,
         assert "s3cret" not in out.stderr
 
 
-def test_ctrl_c_while_the_node_is_still_importing_ends_it_quietly(tmp_path):
-    """Ctrl-C in the first seconds (torch, transformers and Hydra importing) ends the installed console script
-    with one line and exit status 130, not a KeyboardInterrupt traceback from wherever the import was."""
+def test_ctrl_c_while_the_node_is_still_starting_ends_it_quietly(tmp_path):
+    """Ctrl-C in the first seconds (torch, transformers and Hydra importing, the node starting) ends the installed
+    console script with one line and exit status 130, not a KeyboardInterrupt traceback from wherever the import
+    was; once it serves, Ctrl-C is its graceful stop (status 0). Repeated at several moments: a Ctrl-C that landed
+    inside an import's callback was once swallowed (the node served on), and one unwinding an import aborted the
+    process (SIGABRT) in a CI run; either fails here as a status other than 130 or 0, or as a node that does not
+    end."""
     import signal
     import time
     from pathlib import Path
 
     script = Path(sys.executable).parent / "openhydra-node"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENHYDRA_HOME": str(tmp_path / "home")}
-    proc = subprocess.Popen([str(script), "hardware=cpu", "api.port=0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # interrupt once torch is being imported: seconds before serving
-            maps = Path(f"/proc/{proc.pid}/maps").read_text()
-            if "libtorch" in maps or proc.poll() is not None:
-                break
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert "OpenHydra node" not in out, out[-2000:]  # it was interrupted before serving
-    assert proc.returncode == 130, (proc.returncode, out[-2000:])
-    assert "Traceback" not in out and out.strip().splitlines()[-1] == "openhydra-node: interrupted", out[-2000:]
+    outcomes = []
+    for after_s in (0.0, 0.0, 0.1, 0.3, 0.6, 1.0):  # after libtorch is mapped: importing, then starting
+        proc = subprocess.Popen([str(script), "hardware=cpu", "api.port=0"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                maps = Path(f"/proc/{proc.pid}/maps").read_text()
+                if "libtorch" in maps or proc.poll() is not None:
+                    break
+                time.sleep(0.01)
+            time.sleep(after_s)
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert "Traceback" not in out and "Exception ignored" not in out, (after_s, out[-2000:])
+        if proc.returncode == 130:  # interrupted while starting
+            assert out.strip().splitlines()[-1] == "openhydra-node: interrupted", (after_s, out[-2000:])
+        else:  # it was already serving: the graceful stop
+            assert proc.returncode == 0 and "OpenHydra node" in out, (after_s, proc.returncode, out[-2000:])
+        outcomes.append(proc.returncode)
+    assert outcomes[:2] == [130, 130], outcomes  # at once after torch began loading, it was still starting
 
 
 def test_the_dht_names_a_port_in_use_and_logs_each_line_once(tmp_path):
