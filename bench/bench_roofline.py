@@ -4,7 +4,8 @@
 
 Single-stream decode is memory-bound: each token reads every weight of the layers and the head once.
 In one process and one thread, interleaved trial by trial, this script measures
-- decode tok/s of a ShardRuntime (the whole model; prefill excluded) for fp32, bf16, int8 and int4;
+- decode tok/s of a ShardRuntime (the whole model; prefill excluded) for fp32, bf16 (PyTorch's matmul, and on the
+  low-bit library: hardware.matmul=library), int8 and int4;
 - bytes read per token: the runtime's parameter bytes (the embedding table counts once; when the head
   is tied it is read whole by the lm_head matmul, while the embedding lookup reads one row) plus the
   K/V cache read at the mean decode position;
@@ -24,8 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import plot_trials, run_interleaved, whole_model_bench
 
-ARMS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("bfloat16", "int8"),
-        "int4": ("float32", "int4")}
+ARMS = {"fp32": ("float32", "none", "pytorch"), "bf16": ("bfloat16", "none", "pytorch"),
+        "bf16 library": ("bfloat16", "none", "library"), "int8": ("bfloat16", "int8", "pytorch"),
+        "int4": ("float32", "int4", "pytorch")}
 
 
 def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
@@ -57,7 +59,8 @@ def main() -> None:
 
     from openhydra.runtime.shard import ShardRuntime
 
-    runtimes = {name: ShardRuntime(model_dir, dtype=getattr(torch, d), quantization=q) for name, (d, q) in ARMS.items()}
+    runtimes = {name: ShardRuntime(model_dir, dtype=getattr(torch, d), quantization=q, matmul=m)
+                for name, (d, q, m) in ARMS.items()}
     prompt = torch.arange(100, 116)  # 16 prompt tokens
 
     def decode(name: str):

@@ -443,7 +443,8 @@ class Node:
 
         def load(span: tuple[int, int], dtype: str) -> ShardRuntime:
             return load_span(choice.path, span, dtype, device=getattr(backend, "device", "cpu"),  # MLX: torch, CPU
-                             quantization=getattr(backend, "quantization", "none"))
+                             quantization=getattr(backend, "quantization", "none"),
+                             matmul=getattr(backend, "matmul", "pytorch"))
 
         def serve(runtime: ShardRuntime) -> PeerServer:
             return PeerServer(runtime, cfg.peer.host, 0, model_id=choice.api_name, static_key=privacy.static,

@@ -30,6 +30,13 @@ class HardwareConfig(Strict):
     """The span's decoder Linears: int8 (CUDA: bitsandbytes LLM.int8; CPU: weight-only int8), int4 (CPU only:
     torch's packed int4 kernel, groups of 32) or NF4 (bitsandbytes, CUDA or CPU); see runtime/quantize.py.
     Not implemented on MLX (it says so at start)."""
+    matmul: Literal["pytorch", "library"] = "pytorch"
+    """Unquantized bf16 on the CPU: "library" runs the decoder layers' and the head's matmuls on OpenHydra's low-bit
+    library (runtime/lowbit.py Bf16Weight: the same bf16 weights, read at close to the memory's bandwidth at batch
+    1; each row's bits independent of the row count, so speculative verifies and batched steps take their rows at
+    once). Its greedy text is its own, not transformers' bf16 bits (the README's "Exact" is for "pytorch"); it is
+    exact across a pipeline of peers that all use it. Elsewhere (fp32, quantized, GPU, no C compiler) it changes
+    nothing."""
     memory_budget_gb: float | None = Field(None, gt=0)
 
 

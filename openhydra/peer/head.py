@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from openhydra.runtime import compute_lane
+from openhydra.runtime.quant_cpu import use_bf16_head
 from openhydra.runtime.shard_layers import ATTN_IMPLEMENTATION, load_text_config, make_shard_config
 from openhydra.runtime.weights import CheckpointError, CheckpointIndex
 
@@ -24,8 +25,9 @@ Head = Callable[[torch.Tensor], torch.Tensor]
 """Final hidden states [S, D] -> float32 logits [S, V]."""
 
 
-def load_head(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Head:
-    """The checkpoint's final norm and LM head (tied to the embeddings when the model ties them)."""
+def load_head(model_dir: str | Path, dtype: torch.dtype = torch.float32, matmul: str = "pytorch") -> Head:
+    """The checkpoint's final norm and LM head (tied to the embeddings when the model ties them), its matmul where
+    the last span's runs (``matmul``: hardware.matmul)."""
     text_config = load_text_config(model_dir)
     total = text_config.num_hidden_layers
     config = make_shard_config(text_config, total - 1, total)
@@ -46,6 +48,10 @@ def load_head(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Head
     lm_head.load_state_dict({"weight": tensors["lm_head.weight"]}, strict=False, assign=True)
     norm.eval().requires_grad_(False)
     lm_head.eval().requires_grad_(False)
+    holder = torch.nn.Module()  # the last span's head on the bf16 kernel where its would be (runtime/quant_cpu.py)
+    holder.lm_head = lm_head
+    if matmul == "library" and use_bf16_head(holder, dtype, "cpu"):
+        lm_head = holder.lm_head
 
     def apply(hidden: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

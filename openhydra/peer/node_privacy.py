@@ -106,7 +106,8 @@ class NodePrivacy:
             if runtime is not None and runtime.is_last:
                 head = runtime_head(runtime)
             else:
-                head = load_head(model_dir, dtype if dtype is not None else runtime.dtype)
+                head = load_head(model_dir, dtype if dtype is not None else runtime.dtype,
+                                 getattr(runtime, "matmul", "pytorch"))
         return {"privacy": ChainPrivacy.from_config(self.config), "embedder": embedder, "key_lookup": key_lookup,
                 "swarm_token": self.membership.token, "head": head}
 

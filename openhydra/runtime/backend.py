@@ -47,6 +47,8 @@ class TorchBackend:
     dtype: torch.dtype
     threads: int
     quantization: str
+    matmul: str = "pytorch"
+    """hardware.matmul: "library" puts an unquantized bf16 CPU span's matmuls on the low-bit library."""
     note: str | None = None
     """Why this is not exactly what the config asked for (logged at start)."""
     compaction: Any = None
@@ -64,7 +66,9 @@ class TorchBackend:
     def describe(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
         why = f"; {dtype}: {self.dtype_reason}" if self.dtype_reason else ""
-        return f"torch on {self.device}, {dtype}, {self.threads} thread(s), quantization={self.quantization}{why}"
+        matmul = ", matmul=library" if self.matmul == "library" else ""
+        return (f"torch on {self.device}, {dtype}, {self.threads} thread(s), quantization={self.quantization}"
+                f"{matmul}{why}")
 
     def load_span(self, model_dir: Path, start: int, end: int | None):
         from openhydra.runtime.shard import ShardRuntime
@@ -72,7 +76,7 @@ class TorchBackend:
         self._fit_dtype_to_memory(model_dir, start, end)
         # on the compute lane where there is one: quantizing at load uses the node's threads, as its steps do
         return compute_lane.run(ShardRuntime, model_dir, start, end, dtype=self.dtype, device=self.device,
-                                compaction=self.compaction, quantization=self.quantization)
+                                compaction=self.compaction, quantization=self.quantization, matmul=self.matmul)
 
     def _fit_dtype_to_memory(self, model_dir: Path, start: int, end: int | None) -> None:
         """hardware.dtype=auto chose float32 on the CPU: fall back to bfloat16 if this span's fp32 weights don't fit."""
@@ -100,6 +104,7 @@ def make_backend(
     threads: int = 0,
     quantization: str = "none",
     memory_budget_gb: float | None = None,
+    matmul: str = "pytorch",
 ) -> Any:
     """A :class:`TorchBackend`, or an ``MlxBackend`` (runtime/mlx_backend.py) for ``backend: mlx``."""
     note = None
@@ -146,7 +151,7 @@ def make_backend(
     choice = _choose_dtype(dtype, device, threads, quantization)
     log.info("hardware: dtype %s", choice.line())
     chosen = TorchBackend(device=device, dtype=_DTYPES[choice.dtype], threads=threads, quantization=quantization,
-                          note=note, dtype_choice=choice, memory_budget_gb=memory_budget_gb)
+                          matmul=matmul, note=note, dtype_choice=choice, memory_budget_gb=memory_budget_gb)
     if note:
         log.warning("hardware: %s", note)
     return chosen

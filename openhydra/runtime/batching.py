@@ -349,7 +349,12 @@ def forward_batch(
             total = len(sessions)
             try:
                 # padded to the fixed row count, unless no matmul's rounding depends on it (the low-bit kernel)
-                padded = total if getattr(runtime, "rows_independent", False) else max(rows or total, total)
+                # (bf16 on the library: its rows are independent up to ``independent_rows``; past that the
+                # arithmetic is PyTorch's, whose rounding depends on the row count: padded as everywhere else)
+                limit = getattr(runtime, "independent_rows", None)
+                independent = getattr(runtime, "rows_independent", False) and (
+                    limit is None or max(rows or total, total) <= limit)
+                padded = total if independent else max(rows or total, total)
                 hidden = _run_layers_batched(runtime, sessions, torch.cat([h for *_, h in ready]), padded, positions)
                 out = _batched_output(runtime, hidden)  # one read of the head for every row
             except Exception:

@@ -29,9 +29,10 @@ from openhydra.runtime import lowbit
 from openhydra.runtime.batching import ROWS_ATTENTION, ROWS_KERNEL_ATTENTION
 from openhydra.runtime.kernel_attention import KERNEL_ATTENTION, attend
 from openhydra.runtime.kv_layer import AppendLayer
-from openhydra.runtime.lowbit import KernelRMSNorm, LowBitWeight
+from openhydra.runtime.lowbit import Bf16Weight, KernelRMSNorm, LowBitWeight
 from openhydra.runtime.quant_cpu import (
     INT8_DECODE_ROWS,
+    Bf16KernelLinear,
     FusedProjections,
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
@@ -340,23 +341,27 @@ def _norm(norm: tuple[torch.Tensor, float], h: torch.Tensor) -> torch.Tensor:
     return x.mul_(weight) if dtype == torch.float32 else weight * x.to(dtype)
 
 
-def lowbit_of(module: nn.Module) -> LowBitWeight | None:
-    """The low-bit kernel's weight (runtime/lowbit.py) a bias-free int4/int8 Linear runs on, if any. Its output rows
-    do not depend on how many rows a call takes: S rows at once have the bits of S one-row calls (tested)."""
-    if type(module) in (Int4WeightOnlyLinear, Int8WeightOnlyLinear) and module.bias is None:
+def lowbit_of(module: nn.Module) -> LowBitWeight | Bf16Weight | None:
+    """The low-bit library's weight (runtime/lowbit.py) a bias-free int4/int8 (or bf16 kernel) Linear runs on, if
+    any. Its output rows do not depend on how many rows a call takes: S rows at once have the bits of S one-row calls
+    (tested; for bf16 up to ``lowbit.BF16_KERNEL_ROWS`` rows, more than a verify or a batched step takes)."""
+    if type(module) in ON_LIBRARY and module.bias is None:
         return module.lowbit
     return None
+
+
+ON_LIBRARY = (Int4WeightOnlyLinear, Int8WeightOnlyLinear, Bf16KernelLinear)
+"""The Linear-like modules that may run on the low-bit library (``lowbit`` not None)."""
 
 
 def matmuls_on_lowbit(root: nn.Module) -> bool:
     """Whether every Linear-like module under ``root`` runs on the low-bit kernel (and there is one): then each of
     its matmuls gives a row the bits it gets alone, whatever the row count."""
-    quantized = (Int4WeightOnlyLinear, Int8WeightOnlyLinear)
     found = False
     for module in root.modules():
-        if isinstance(module, nn.Linear) or (isinstance(module, quantized) and lowbit_of(module) is None):
+        if isinstance(module, nn.Linear) or (isinstance(module, ON_LIBRARY) and lowbit_of(module) is None):
             return False
-        found = found or isinstance(module, quantized)
+        found = found or isinstance(module, ON_LIBRARY)
     return found
 
 

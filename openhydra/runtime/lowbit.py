@@ -149,6 +149,9 @@ def open_library(path: Path) -> ctypes.CDLL | None:
     lib.oh_matmul.restype = ctypes.c_int
     lib.oh_matmul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
                               ctypes.c_int, ctypes.c_int]
+    lib.oh_matmul_bf16.restype = ctypes.c_int
+    lib.oh_matmul_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+                                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.oh_rms_norm.restype = ctypes.c_int
     lib.oh_rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int64,
                                 ctypes.c_void_p]
@@ -334,6 +337,76 @@ class LowBitWeight:
     def block_scales(self) -> torch.Tensor:
         """The block scales [N, K/32] (fp32)."""
         return self.rows_of(torch.arange(self.out_features))[1]
+
+
+BF16_GROUP = 16  # lowbit.c's bf16 layout: 16 weight rows per group, [K][16] each
+BF16_KERNEL_ROWS = 64
+"""Up to this many activation rows a :class:`Bf16Weight` runs on the library, each row with the bits it gets alone;
+longer inputs (a prefill's chunks) run on PyTorch's own bf16 matmul of the unpacked weight, faster there: its
+kernels use the CPU's bf16 dot products, while the library's chains of fp32 multiply-adds are compute-bound from ~16
+rows (SmolLM2's layers, 1 thread, AVX-512 BF16: the two cross at ~64 rows, unpacking included; /tmp script, the
+numbers in docs/benchmarks.md)."""
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """A weight [N, K] -> lowbit.c's bf16 layout [ceil(N/16), K, 16] (row n's weight k at [n // 16, k, n % 16]; rows
+    past N zero), in 2 MiB pages where the machine has them (streamed every step)."""
+    n, k = weight.shape
+    groups = -(-n // BF16_GROUP)
+    padded = torch.nn.functional.pad(weight.detach().to(torch.bfloat16), (0, 0, 0, groups * BF16_GROUP - n))
+    return hugepages.place(padded.reshape(groups, BF16_GROUP, k).transpose(1, 2).contiguous())
+
+
+@dataclass(eq=False)
+class Bf16Weight:
+    """One bf16 weight [N, K] in the library's bf16 layout (:func:`pack_bf16`); ``matmul(x)`` = x @ W^T.
+
+    Up to :data:`BF16_KERNEL_ROWS` rows of x, ``oh_matmul_bf16``: per output, one chain of fp32 multiply-adds in k
+    order (a bf16 product is exact in fp32), rounded to bf16 once at the end (fp32 x and output are taken as they
+    are): an output's bits depend only on its own weight row and activation row, not on the row count, the other
+    rows, the thread count or the build (AVX2 or AVX-512). So a decode step, a speculative verify's rows and a
+    batched step give a position the same bits. At batch 1 it reads the weights at close to the memory's bandwidth
+    (PyTorch's bf16 matmul at batch 1 here: about 1/3 of it). Longer inputs: PyTorch's matmul of the unpacked weight
+    (a transient copy), with the bits PyTorch gives them."""
+
+    rows: torch.Tensor
+    in_features: int
+    out_features: int
+    lib: ctypes.CDLL
+
+    def __post_init__(self) -> None:
+        expected = (-(-self.out_features // BF16_GROUP), self.in_features, BF16_GROUP)
+        if self.rows.dtype != torch.bfloat16 or tuple(self.rows.shape) != expected:
+            raise ValueError(f"bf16 kernel weight: expected bf16 {expected}, got {self.rows.dtype} "
+                             f"{tuple(self.rows.shape)}")
+        self._call = self.lib.oh_matmul_bf16
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, lib: ctypes.CDLL) -> Bf16Weight:
+        n, k = weight.shape
+        return cls(pack_bf16(weight), k, n, lib)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if dtype is not torch.bfloat16 and dtype is not torch.float32:
+            return self.matmul(x.to(torch.float32)).to(dtype)
+        if not x.is_cpu or x.shape[-1] != self.in_features:
+            raise ValueError(f"bf16 kernel: needs a CPU tensor [..., {self.in_features}], got {tuple(x.shape)} on "
+                             f"{x.device}")
+        count = x.numel() // self.in_features
+        if count > BF16_KERNEL_ROWS:
+            return torch.nn.functional.linear(x, self.dense().to(dtype))
+        if not x.is_contiguous():
+            x = x.contiguous()
+        out = torch.empty((*x.shape[:-1], self.out_features), dtype=dtype)
+        bf16 = dtype is torch.bfloat16
+        status = self._call(self.rows.data_ptr(), self.out_features, self.in_features, x.data_ptr(), bf16, count,
+                            out.data_ptr(), bf16, torch.get_num_threads())
+        if status != 0:
+            raise RuntimeError(f"bf16 kernel failed ({status})")
+        return out
+
+    def dense(self) -> torch.Tensor:
+        """The weight [N, K] bf16 in natural order (a copy)."""
+        return self.rows.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features]
 
 
 class KernelRMSNorm(torch.nn.Module):

@@ -184,6 +184,82 @@ class Int4WeightOnlyLinear(nn.Module):
                 f"int4 weight-only g{self.group_size}{kind}")
 
 
+class Bf16KernelLinear(nn.Module):
+    """A bf16 Linear on the library's bf16 matmul (runtime/lowbit.py :class:`~openhydra.runtime.lowbit.Bf16Weight`):
+    the same weights, read at close to the memory's bandwidth at batch 1, each row's output with the bits it gets
+    alone up to ``lowbit.BF16_KERNEL_ROWS`` rows. Not a quantization: ``weight`` is the packed bf16 tensor."""
+
+    def __init__(self, linear: nn.Linear, lib) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.lowbit = lowbit.Bf16Weight.of(linear.weight, lib)
+        self.weight = nn.Parameter(self.lowbit.rows, requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lowbit.matmul(x)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight [N, K] in fp32 (exactly the bf16 values), for tests."""
+        return self.lowbit.dense().float()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16, low-bit library"
+
+
+def use_bf16_kernel(layers: nn.Module, dtype: torch.dtype, device: str) -> int:
+    """At load, for an unquantized bf16 span on the CPU with ``hardware.matmul=library``, where the library runs: every
+    ``nn.Linear`` of its decoder layers becomes a :class:`Bf16KernelLinear`, sibling projections fused as the
+    quantized ones are (q/k/v, gate/up: rows independent, so the same bits). The head and embeddings keep PyTorch's
+    (the coordinator-side head under ``privacy=onion`` computes as the last span's). Returns how many Linears
+    changed (0 elsewhere)."""
+    lib = lowbit.kernel()
+    if lib is None or dtype != torch.bfloat16 or device.split(":")[0] != "cpu":
+        return 0
+    fused = fuse_projections(layers, lambda linear: Bf16KernelLinear(linear, lib))
+    targets = [(name, module) for name, module in layers.named_modules() if type(module) is nn.Linear]
+    for name, linear in targets:
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(layers.get_submodule(parent_name) if parent_name else layers, leaf, Bf16KernelLinear(linear, lib))
+    return fused + len(targets)
+
+
+class Bf16PackedEmbedding(nn.Module):
+    """The embedding table of a span whose tied head runs on the bf16 kernel: lookups read the head's packed tensor
+    (one copy of the table in memory); a row's values are the table's, exactly."""
+
+    def __init__(self, head: Bf16KernelLinear, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.weight = head.weight  # the same Parameter: counted once
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        group = lowbit.BF16_GROUP
+        return self.weight[ids // group, :, ids % group]  # [..., D]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bf16, the head's packed table"
+
+
+def use_bf16_head(modules: nn.Module, dtype: torch.dtype, device: str) -> bool:
+    """:func:`use_bf16_kernel` for the span's lm_head (``modules`` as :class:`ShardModules`): the head is the
+    largest matmul of a small model (SmolLM2: 28M of 135M weights). Tied to the span's own embedding table, the
+    table becomes lookups in the packed head (:class:`Bf16PackedEmbedding`). The coordinator's head under
+    ``privacy=onion`` (peer/head.py) is built the same way. Returns whether the head changed."""
+    lib = lowbit.kernel()
+    head = getattr(modules, "lm_head", None)
+    if lib is None or dtype != torch.bfloat16 or device.split(":")[0] != "cpu" or type(head) is not nn.Linear:
+        return False
+    embed = getattr(modules, "embed_tokens", None)
+    tied = embed is not None and type(embed) is nn.Embedding and head.weight is embed.weight
+    modules.lm_head = Bf16KernelLinear(head, lib)
+    if tied:
+        modules.embed_tokens = Bf16PackedEmbedding(modules.lm_head, embed.padding_idx)
+    return True
+
+
 class Int8Embedding(nn.Module):
     """An embedding table stored in int8 (the format of :func:`quantize_int8`); a lookup dequantizes only its rows."""
 
@@ -244,6 +320,8 @@ def kernel_summary(root: nn.Module) -> str | None:
     for module in root.modules():
         if isinstance(module, (Int4WeightOnlyLinear, Int8WeightOnlyLinear)):
             kinds.add("PyTorch's int4/int8 kernels" if module.lowbit is None else f"low-bit kernel ({lowbit.isa()})")
+        elif isinstance(module, Bf16KernelLinear):
+            kinds.add(f"bf16 on the low-bit library ({lowbit.isa()})")
     return ", ".join(sorted(kinds)) or None
 
 

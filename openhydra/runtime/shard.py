@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
-from openhydra.runtime import compute_lane
+from openhydra.runtime import compute_lane, lowbit
 from openhydra.runtime.compaction.config import CompactionConfig
 from openhydra.runtime.compaction.shard_hook import ShardCompaction
 from openhydra.runtime.kernel_attention import use_kernel_attention
@@ -34,6 +34,7 @@ from openhydra.runtime.lean_layers import (
 )
 from openhydra.runtime.malloc import maybe_trim
 from openhydra.runtime.prefix_cache import PrefixCache, PrefixKey, begin_prefix, run_in_blocks
+from openhydra.runtime.quant_cpu import Bf16KernelLinear
 from openhydra.runtime.sessions import Session, SessionStore
 from openhydra.runtime.shard_layers import build_shard, layer_types_of, load_text_config
 from openhydra.verification.compare import arithmetic_name
@@ -72,6 +73,7 @@ class ShardRuntime:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         quantization: str = "none",
+        matmul: str = "pytorch",
         max_sessions: int = 64,
         session_idle_timeout_s: float = 600.0,
         compaction: CompactionConfig | None = None,
@@ -90,7 +92,8 @@ class ShardRuntime:
         self.model_type: str = self.config.model_type
 
         self.quantization = quantization  # none | int8 | nf4 (runtime/quantize.py): the span's Linear layers
-        build = build_shard(self.model_dir, self.config, start, end, dtype, device, quantization)
+        self.matmul = matmul  # pytorch | library (hardware.matmul: bf16 on the low-bit library)
+        build = build_shard(self.model_dir, self.config, start, end, dtype, device, quantization, matmul)
         self.modules = build.modules
         self.shard_config = build.shard_config
         self.loaded_bytes = build.loaded_bytes
@@ -115,9 +118,12 @@ class ShardRuntime:
         # every matmul on the low-bit kernel: a row's bits do not depend on the row count (runtime/batching.py)
         on_lowbit = matmuls_on_lowbit(self.modules)
         self.rows_independent = rows_independent(on_lowbit, self.layer_types)
+        # bf16 on the library (runtime/quant_cpu.py use_bf16_kernel): rows independent up to this many, else None
+        self.bf16_kernel = any(isinstance(m, Bf16KernelLinear) for m in self.modules.modules())
+        self.independent_rows = lowbit.BF16_KERNEL_ROWS if self.bf16_kernel else None
         # the arithmetic its outputs come from, as its peer announces it (the record's ``backend``): verification
         # compares only peers that compute alike (verification/verifier.py ``alternatives``)
-        self.numerics = arithmetic_name(quantization, on_lowbit, self.kernel_attention)
+        self.numerics = arithmetic_name(quantization, on_lowbit or self.bf16_kernel, self.kernel_attention)
         self.prefix_cache: PrefixCache | None = None  # runtime/serving.py turns it on
         self.batcher = None  # runtime/batching.py DecodeBatcher, when continuous batching is on
         self.compaction: ShardCompaction | None = None  # KV compaction of this span (runtime/compaction/)
@@ -267,7 +273,8 @@ class ShardRuntime:
                 raise
         if return_hidden:
             return out[0]  # [S, D]
-        if per_position and self.is_last and lowbit_of(self.modules.lm_head) is None:
+        if per_position and self.is_last and (lowbit_of(self.modules.lm_head) is None or (
+                self.independent_rows is not None and seq_len > self.independent_rows)):
             return torch.cat([self._output(out[:, i : i + 1], False) for i in range(seq_len)])  # [S, V], per row
         return self._output(out, all_logits)
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from openhydra.runtime.quant_cpu import use_bf16_head, use_bf16_kernel
 from openhydra.runtime.quantize import method_for, module_bytes, quantize_head, quantize_linears
 from openhydra.runtime.weights import CheckpointError, CheckpointIndex, split_layer_name
 
@@ -90,6 +91,7 @@ def build_shard(
     dtype: torch.dtype,
     device: str,
     quantization: str = "none",
+    matmul: str = "pytorch",
 ) -> ShardBuild:
     total = text_config.num_hidden_layers
     is_first, is_last = start == 0, end == total
@@ -140,7 +142,10 @@ def build_shard(
     method = method_for(quantization, device)
     quantize_linears(modules.layers, method, device, dtype)
     quantize_head(modules, method, dtype)  # CPU int8/int4: head + embeddings int8
-    if method != "none":
+    # unquantized bf16 on the CPU: the layers' matmuls on the low-bit library (its bf16 layout, a copy)
+    packed = method == "none" and matmul == "library" and bool(
+        use_bf16_kernel(modules.layers, dtype, device) + use_bf16_head(modules, dtype, device))
+    if method != "none" or packed:
         own_copies(modules, file_views)
     loaded = module_bytes(modules)  # tied tensors once, quantized weights and their scales included
     return ShardBuild(modules=modules, shard_config=shard_config, loaded_bytes=loaded)

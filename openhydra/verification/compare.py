@@ -52,16 +52,18 @@ def arithmetic_name(quantization: str, lowbit: bool, attention: bool = False) ->
     "pytorch-<quantization>-<kernel>", the kernel "lowbit3" (OpenHydra's low-bit kernel with its attention: fp32
     spans, runtime/kernel_attention.py), "lowbit2" (the low-bit kernel's matmuls, with PyTorch's attention: what
     every low-bit span of the previous release computed, and bf16 spans now) or "torch" (PyTorch's kernels). The
-    number changes whenever the kernel's bits do."""
+    number changes whenever the kernel's bits do. Unquantized: "pytorch", or "pytorch-bf16-lowbit1" where the span's
+    bf16 matmuls run on the low-bit library (runtime/quant_cpu.py use_bf16_kernel)."""
     if quantization == "none":
-        return "pytorch"
+        return "pytorch-bf16-lowbit1" if lowbit else "pytorch"
     kernel = ("lowbit3" if attention else "lowbit2") if lowbit else "torch"
     return f"pytorch-{quantization}-{kernel}"
 
 
-KNOWN_ARITHMETIC = frozenset({"pytorch", "mlx", *(arithmetic_name(quantization, lowbit, attention)
-                                                   for quantization in ("int4", "int8", "nf4")
-                                                   for lowbit in (True, False) for attention in (True, False))})
+KNOWN_ARITHMETIC = frozenset({"pytorch", "mlx", arithmetic_name("none", True),
+                              *(arithmetic_name(quantization, lowbit, attention)
+                                for quantization in ("int4", "int8", "nf4")
+                                for lowbit in (True, False) for attention in (True, False))})
 """The ``backend`` values this release's peers announce (runtime ``numerics``)."""
 
 

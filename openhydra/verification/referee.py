@@ -114,7 +114,7 @@ class Referee:
 
 
 def load_span(model_dir, span: tuple[int, int], dtype: str, *, device: str = "cpu", quantization: str = "none",
-              available_bytes: int | None = None):
+              matmul: str = "pytorch", available_bytes: int | None = None):
     """The referee's runtime of layers ``span`` of ``model_dir`` in ``dtype`` (float32 unless bfloat16/float16).
 
     Raises MemoryError, before reading any weight, when the span's weights would take more than
@@ -131,4 +131,4 @@ def load_span(model_dir, span: tuple[int, int], dtype: str, *, device: str = "cp
     if need > MEMORY_SHARE * available:
         raise MemoryError(f"layers {list(span)} take {need / 2**30:.2f} GiB in {dtype}, more than "
                           f"{MEMORY_SHARE:.0%} of the {available / 2**30:.2f} GiB available")
-    return ShardRuntime(model_dir, *span, dtype=torch_dtype, device=device, quantization=quantization)
+    return ShardRuntime(model_dir, *span, dtype=torch_dtype, device=device, quantization=quantization, matmul=matmul)

@@ -209,12 +209,16 @@ def test_kernel_norms_for_qwen_layers_in_fp32_only(tiny_model_dirs, family):
     assert bf16.kernel_norm_layers == 0
 
 
-def _assert_layer_major_verify_equals_steps(model_dir: Path, dtype: torch.dtype, quantization: str) -> None:
+def _assert_layer_major_verify_equals_steps(model_dir: Path, dtype: torch.dtype, quantization: str,
+                                            matmul: str = "pytorch") -> None:
     """A verify of S positions layer by layer (ShardRuntime ``_verify_layer_major`` -> ``LeanLlamaLayer.verify``)
     against the same S positions decoded one at a time: logits and every layer's K/V, bit for bit. On the low-bit
-    kernel the projections and the head take all S rows in one call (``rows_at_once``); else one call per row."""
-    rt = ShardRuntime(model_dir, dtype=dtype, quantization=quantization)
-    rows_at_once = quantization != "none" and lowbit.kernel() is not None
+    kernel the projections and the head take all S rows in one call (``rows_at_once``); so does an unquantized bf16
+    span on the library's bf16 matmul (``matmul="library"``: runtime/quant_cpu.py use_bf16_kernel); else one call
+    per row."""
+    rt = ShardRuntime(model_dir, dtype=dtype, quantization=quantization, matmul=matmul)
+    library_bf16 = matmul == "library" and dtype == torch.bfloat16 and quantization == "none"
+    rows_at_once = (quantization != "none" or library_bf16) and lowbit.kernel() is not None
     assert [lean.rows_at_once for lean in rt._lean_layers] == [rows_at_once] * len(rt._lean_layers)
     assert (lowbit_of(rt.modules.lm_head) is not None) == rows_at_once
     prompt = torch.randint(3, 4000, (19,), generator=torch.Generator().manual_seed(4))
@@ -242,10 +246,11 @@ def _assert_layer_major_verify_equals_steps(model_dir: Path, dtype: torch.dtype,
             rt.close_session(session)
 
 
-@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
+@pytest.mark.parametrize(("quantization", "matmul"), [("none", "pytorch"), ("none", "library"), ("int8", "pytorch"),
+                                                     ("int4", "pytorch")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layer_major_verify_is_bit_identical_on_tiny_llama(tiny_model_dirs, dtype, quantization):
-    _assert_layer_major_verify_equals_steps(tiny_model_dirs["llama"], dtype, quantization)
+def test_layer_major_verify_is_bit_identical_on_tiny_llama(tiny_model_dirs, dtype, quantization, matmul):
+    _assert_layer_major_verify_equals_steps(tiny_model_dirs["llama"], dtype, quantization, matmul)
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
@@ -259,8 +264,10 @@ def test_layer_major_verify_on_torch_kernels_runs_per_row(tiny_model_dirs, dtype
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("dtype", "quantization"), [(torch.float32, "none"), (torch.bfloat16, "none"),
-                                                     (torch.float32, "int4"), (torch.float32, "int8"),
-                                                     (torch.bfloat16, "int4")])
-def test_layer_major_verify_is_bit_identical_on_smollm2(smollm2_dir, dtype, quantization):
-    _assert_layer_major_verify_equals_steps(smollm2_dir, dtype, quantization)
+@pytest.mark.parametrize(("dtype", "quantization", "matmul"), [
+    (torch.float32, "none", "pytorch"), (torch.bfloat16, "none", "pytorch"), (torch.bfloat16, "none", "library"),
+    (torch.float32, "int4", "pytorch"), (torch.float32, "int8", "pytorch"), (torch.bfloat16, "int4", "pytorch")])
+def test_layer_major_verify_is_bit_identical_on_smollm2(smollm2_dir, dtype, quantization, matmul):
+    """Real weights, both dtypes; bf16 on PyTorch's matmuls (the default) and on the library's
+    (``hardware.matmul=library``)."""
+    _assert_layer_major_verify_equals_steps(smollm2_dir, dtype, quantization, matmul)

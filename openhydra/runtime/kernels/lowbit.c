@@ -368,6 +368,159 @@ int oh_matmul(const oh_weight *w, const void *x, int x_bf16, int64_t m, void *y,
 #endif
 }
 
+/* ---- bf16 weights (runtime/lowbit.py Bf16Weight) ---------------------------------------------------------------
+ * y [M, N] = x [M, K] times W^T for a bf16 W, read 2 bytes per weight. Layout: ceil(N / 16) groups of 16 rows, each
+ * [K][16] (row n's weight k at group n / 16, index 16 k + n % 16; rows past N zero). Per output, one chain of
+ * fused multiply-adds in k order from 0 (a bf16 x bf16 product is exact in fp32, so each step rounds once), with x
+ * read as fp32 (a bf16 x widened exactly): the bits of an output depend only on its weight row and its activation
+ * row, never on M, N, the other rows, the thread count, or the build (AVX-512: one 16-lane register per group; AVX2:
+ * two 8-lane ones, lane for lane the same operations). Up to BF_ROWS activation rows share each weight load; BF_UNITS
+ * groups run side by side (independent chains, to hide the multiply-add latency at one row). */
+#if OH_KERNEL
+/* (measured on SmolLM2's shapes, 1 thread, AVX-512: 6 rows x 4 groups 1.2x faster than 4 x 4 at 5 rows, the same at
+ * 1 row; AVX2 has 16 registers: 2 rows x 2 groups x 2 halves of accumulators) */
+#if OH_VNNI
+#define BF_UNITS 4
+#ifndef BF_ROWS
+#define BF_ROWS 6
+#endif
+#else
+#define BF_UNITS 2
+#ifndef BF_ROWS
+#define BF_ROWS 2
+#endif
+#endif
+#ifndef BF_CHUNK_BYTES
+#define BF_CHUNK_BYTES 65536
+#endif
+
+static inline void bf16_to_f32_row(const uint16_t *x, int64_t k, float *out) {
+    for (int64_t i = 0; i < k; i++) {
+        const uint32_t u = (uint32_t)x[i] << 16;
+        memcpy(out + i, &u, 4);
+    }
+}
+
+/* Groups g0 .. g0 + U - 1 times R activation rows (fp32, rows k apart): out[r][16 j + l] = output 16 (g0 + j) + l. */
+static inline void bf16_units(const uint16_t *wp, int64_t k, int64_t g0, const int U, const float *x, const int R,
+                              float out[BF_ROWS][16 * BF_UNITS]) {
+#if OH_VNNI
+    __m512 acc[BF_ROWS][BF_UNITS];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < U; j++) acc[r][j] = _mm512_setzero_ps();
+    const uint16_t *base = wp + g0 * k * 16;
+    for (int64_t i = 0; i < k; i++) {
+        __m512 wv[BF_UNITS];
+        for (int j = 0; j < U; j++) {
+            const __m256i half = _mm256_loadu_si256((const __m256i *)(base + (j * k + i) * 16));
+            wv[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+        }
+        for (int r = 0; r < R; r++) {
+            const __m512 xv = _mm512_set1_ps(x[r * k + i]);
+            for (int j = 0; j < U; j++) acc[r][j] = _mm512_fmadd_ps(wv[j], xv, acc[r][j]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < U; j++) _mm512_storeu_ps(out[r] + 16 * j, acc[r][j]);
+#else
+    __m256 acc[BF_ROWS][2 * BF_UNITS];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < 2 * U; j++) acc[r][j] = _mm256_setzero_ps();
+    const uint16_t *base = wp + g0 * k * 16;
+    for (int64_t i = 0; i < k; i++) {
+        __m256 wv[2 * BF_UNITS];
+        for (int j = 0; j < U; j++) {
+            const __m256i both = _mm256_loadu_si256((const __m256i *)(base + (j * k + i) * 16));
+            wv[2 * j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(both)), 16));
+            wv[2 * j + 1] = _mm256_castsi256_ps(
+                _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(both, 1)), 16));
+        }
+        for (int r = 0; r < R; r++) {
+            const __m256 xv = _mm256_set1_ps(x[r * k + i]);
+            for (int j = 0; j < 2 * U; j++) acc[r][j] = _mm256_fmadd_ps(wv[j], xv, acc[r][j]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < 2 * U; j++) _mm256_storeu_ps(out[r] + 8 * j, acc[r][j]);
+#endif
+}
+
+#define BF_CASE(R, U) case (R) * 8 + (U): bf16_units(wp, k, g0, U, xr, R, out); break;
+#if BF_UNITS > 2
+#define BF_CASES(R) BF_CASE(R, 1) BF_CASE(R, 2) BF_CASE(R, 3) BF_CASE(R, 4)
+#else
+#define BF_CASES(R) BF_CASE(R, 1) BF_CASE(R, 2)
+#endif
+
+/* Unit u (groups BF_UNITS u ..) of the output for activation rows [r0, r1). */
+static void bf16_output(const uint16_t *wp, int64_t n, int64_t k, int64_t u, const float *x, int64_t r0, int64_t r1,
+                        void *y, int y_bf16) {
+    const int64_t groups = (n + 15) / 16, g0 = u * BF_UNITS;
+    const int U = groups - g0 < BF_UNITS ? (int)(groups - g0) : BF_UNITS;
+    const int64_t first = 16 * g0, count = n - first < 16 * U ? n - first : 16 * U;
+    for (int64_t r = r0; r < r1; r += BF_ROWS) {
+        float out[BF_ROWS][16 * BF_UNITS];
+        const int R = r1 - r < BF_ROWS ? (int)(r1 - r) : BF_ROWS;
+        const float *xr = x + r * k;
+        switch (R * 8 + U) {  /* constant R and U: each case compiled with its loops unrolled */
+            BF_CASES(1)
+            BF_CASES(2)
+#if BF_ROWS > 2
+            BF_CASES(3)
+            BF_CASES(4)
+#endif
+#if BF_ROWS > 4
+            BF_CASES(5)
+            BF_CASES(6)
+#endif
+#if BF_ROWS > 6
+            BF_CASES(7)
+            BF_CASES(8)
+#endif
+            default: return;
+        }
+        for (int i = 0; i < R; i++)
+            for (int64_t l = 0; l < count; l++) {
+                if (y_bf16) ((uint16_t *)y)[(r + i) * n + first + l] = f32_to_bf16(out[i][l]);
+                else ((float *)y)[(r + i) * n + first + l] = out[i][l];
+            }
+    }
+}
+#endif
+
+/* y [M, N] = x [M, K] times W^T for W bf16 in the layout above; x and y fp32 (flag 0) or bf16 (1), rows
+ * contiguous. Returns 0; -1 when this build has no kernel; -2 when out of memory. */
+int oh_matmul_bf16(const uint16_t *wp, int64_t n, int64_t k, const void *x, int x_bf16, int64_t m, void *y,
+                   int y_bf16, int threads) {
+#if OH_KERNEL
+    float *xf = NULL;
+    const float *xs = (const float *)x;
+    if (x_bf16) {
+        xf = (float *)malloc(sizeof(float) * (size_t)(m * k));
+        if (!xf) return -2;
+        for (int64_t r = 0; r < m; r++) bf16_to_f32_row((const uint16_t *)x + r * k, k, xf + r * k);
+        xs = xf;
+    }
+    const int64_t units = ((n + 15) / 16 + BF_UNITS - 1) / BF_UNITS;
+    /* activation rows in chunks that stay in the L1 cache while the weights pass them (a prefill's rows) */
+    const int64_t fit = BF_CHUNK_BYTES / (4 * k), chunk = fit < BF_ROWS ? BF_ROWS : fit - fit % BF_ROWS;
+    for (int64_t r0 = 0; r0 < m; r0 += chunk) {
+        const int64_t r1 = m - r0 < chunk ? m : r0 + chunk;
+        if (threads > 1) {
+            #pragma omp parallel for schedule(static) num_threads(threads)
+            for (int64_t u = 0; u < units; u++) bf16_output(wp, n, k, u, xs, r0, r1, y, y_bf16);
+        } else {
+            for (int64_t u = 0; u < units; u++) bf16_output(wp, n, k, u, xs, r0, r1, y, y_bf16);
+        }
+    }
+    free(xf);
+    return 0;
+#else
+    (void)wp; (void)n; (void)k; (void)x; (void)x_bf16; (void)m; (void)y; (void)y_bf16; (void)threads;
+    return -1;
+#endif
+}
+
 /* y [M, K] = the RMS norm of each row of x [M, K] times w [K], fp32 (runtime/lowbit.py KernelRMSNorm): per row,
  * the sum of squares in 16 partial sums (element i in partial i % 16, each a chain of fmaf in k order) added in a
  * fixed tree, divided by K; r = 1 / sqrtf(mean + eps); y = (x * r) * w, rounded after each product as transformers'
