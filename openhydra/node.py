@@ -48,10 +48,12 @@ def eos_token_ids(tokenizer, model_dir: Path) -> set[int]:
 
 
 def _kernel_summary(runtime) -> str | None:
-    """What multiplies a torch span's CPU int8/int4 weights (runtime/quant_cpu.py), None for other spans; "... with
-    its norms and attention" where the low-bit library runs those too (runtime/kernel_attention.py)."""
+    """What multiplies a torch span's CPU int8/int4 weights, or its bf16 ones under hardware.matmul=library
+    (runtime/quant_cpu.py), None for other spans; "... with its norms and attention" where the low-bit library runs
+    those too (runtime/kernel_attention.py)."""
     modules = getattr(runtime, "modules", None)
-    if getattr(runtime, "quantization", "none") in (None, "none") or modules is None:
+    library = getattr(runtime, "bf16_kernel", False)
+    if (getattr(runtime, "quantization", "none") in (None, "none") and not library) or modules is None:
         return None
     from openhydra.runtime.quant_cpu import kernel_summary
 

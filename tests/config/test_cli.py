@@ -21,7 +21,7 @@ def node_cli(*args: str, timeout: float = 120, env: dict[str, str | None] | None
 def test_help_lists_groups_and_options():
     out = node_cli("--help")
     assert out.returncode == 0
-    for line in ("hardware: auto, cpu, cpu_int4, cpu_int8, cuda, cuda_int8, cuda_nf4, m1, m2, m3, m4, rocm",
+    for line in ("hardware: auto, cpu, cpu_fast, cpu_int4, cpu_int8, cuda, cuda_int8, cuda_nf4, m1, m2, m3, m4, rocm",
                  "model: llama3.1-8b, local, qwen0.8b", "shard: auto, full",
                  "economy:", "privacy:", "verification:", "compaction:", "discovery:", "api: default"):
         assert line in out.stdout
@@ -61,8 +61,8 @@ def test_every_installed_command_prints_openhydras_version(command):
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
-        (["hardware=tpu"], ["hardware=tpu",
-                            "allowed: auto, cpu, cpu_int4, cpu_int8, cuda, cuda_int8, cuda_nf4, m1, m2, m3, m4, rocm"]),
+        (["hardware=tpu"], ["hardware=tpu", "allowed: auto, cpu, cpu_fast, cpu_int4, cpu_int8, cuda, cuda_int8, "
+                                            "cuda_nf4, m1, m2, m3, m4, rocm"]),
         (["model=gpt5"], ["model=gpt5", "qwen0.8b", "smollm2-135m"]),
         (["api.prot=1"], ["api.prot", "port"]),
         (["nonsense=1"], ["nonsense", "hardware"]),

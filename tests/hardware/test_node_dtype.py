@@ -24,19 +24,28 @@ def test_nodes_report_dtype_and_reason(tiny_model_dirs, tmp_path):
                          log_path=tmp_path / "bf16.log")
     int4 = NodeProcess([*base, "hardware=cpu_int4", f"node.data_dir={tmp_path / 'int4'}"],
                        log_path=tmp_path / "int4.log")
-    nodes = (auto, forced, int4)
+    fast = NodeProcess([*base, "hardware=cpu_fast", f"node.data_dir={tmp_path / 'fast'}"],
+                       log_path=tmp_path / "fast.log")
+    nodes = (auto, forced, int4, fast)
     try:
         start_all(list(nodes))
         statuses = [httpx.get(n.url + "/v1/network/status", timeout=10).json()["model"] for n in nodes]
         logs = [n.log_text() for n in nodes]
+        answer = httpx.post(fast.url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny-llama-8l", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "temperature": 0, "ignore_eos": True})
     finally:
         for node in nodes:
             node.stop()
 
-    chosen, explicit, quantized = statuses
-    # which kernel multiplies the 4-bit weights: OpenHydra's own where this CPU runs it (runtime/lowbit.py)
+    chosen, explicit, quantized, library = statuses
+    # hardware=cpu_fast: bf16 on the low-bit library's bf16 matmul where it runs, else PyTorch's (said nowhere)
     from openhydra.runtime import lowbit
 
+    assert library["dtype"] == "bfloat16" and "matmul=library" in logs[3]
+    assert library["kernel"] == (None if lowbit.kernel() is None else f"bf16 on the low-bit library ({lowbit.isa()})")
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4, answer.text
+    # which kernel multiplies the 4-bit weights: OpenHydra's own where this CPU runs it (runtime/lowbit.py)
     expected_kernel = ("PyTorch's int4/int8 kernels" if lowbit.kernel() is None
                        else f"low-bit kernel ({lowbit.isa()}), with its norms and attention")  # fp32: all three
     assert quantized["kernel"] == expected_kernel and chosen["kernel"] is None
