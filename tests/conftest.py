@@ -26,6 +26,26 @@ def smollm2_dir() -> Path:
     return embedded_model_dir(TEST_CACHE_ROOT)
 
 
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def lowbit_library(request, tmp_path_factory):
+    """The low-bit library (runtime/lowbit.py) of one build: this machine's own ("native") and an AVX2 one
+    (``-march=x86-64-v3``, which any AVX2 CPU runs): on an AVX-512 machine both paths, to check they give the same
+    bits. Skipped where this machine cannot build or run it."""
+    from openhydra.runtime import lowbit
+
+    if request.param == "native":
+        if lowbit.kernel() is None:
+            pytest.skip("no AVX-512 VNNI / AVX2 or no C compiler here: the node uses PyTorch's kernels")
+        return lowbit.kernel()
+    if lowbit._compiler() is None or not {"avx2", "fma", "f16c"} <= set(lowbit._cpu_flags().split()):
+        pytest.skip("no C compiler or no AVX2 here")
+    built = lowbit._build(tmp_path_factory.mktemp("avx2"), march="x86-64-v3")
+    assert built is not None
+    library = lowbit.open_library(built)
+    assert library is not None and library.oh_available() == 1  # the AVX2 path
+    return library
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(smollm2_dir: Path) -> dict[str, Path]:
     """Tiny random Llama, Qwen3 and Qwen3.5-hybrid checkpoints (8 layers) with SmolLM2's tokenizer."""

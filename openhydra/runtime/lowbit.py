@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,6 +238,24 @@ def pack_groups(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | No
     return hugepages.place(torch.cat(parts, dim=2).reshape(groups, -1))  # streamed every step: 2 MiB pages
 
 
+def library_matmul(x: torch.Tensor, in_features: int, out_features: int, what: str,
+                   call: Callable[[torch.Tensor, int, torch.Tensor, bool], int]) -> torch.Tensor:
+    """x [..., K] times a library weight [N, K]: fp32 or bf16 rows read and written in x's dtype (other dtypes go
+    through fp32); ``call(x, rows, out, bf16)`` runs the library on contiguous x and returns its status."""
+    dtype = x.dtype
+    if dtype is not torch.float32 and dtype is not torch.bfloat16:
+        return library_matmul(x.to(torch.float32), in_features, out_features, what, call).to(dtype)
+    if not x.is_cpu or x.shape[-1] != in_features:
+        raise ValueError(f"{what}: needs a CPU tensor [..., {in_features}], got {tuple(x.shape)} on {x.device}")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    out = torch.empty((*x.shape[:-1], out_features), dtype=dtype)
+    status = call(x, x.numel() // in_features, out, dtype is torch.bfloat16)
+    if status != 0:
+        raise RuntimeError(f"{what} failed ({status})")
+    return out
+
+
 @dataclass(eq=False)
 class LowBitWeight:
     """One weight [N, K] in the kernel's layout; ``matmul(x)`` = x @ W^T for x [..., K] fp32 or bf16.
@@ -294,21 +313,8 @@ class LowBitWeight:
         return codes.reshape(*ids.shape, k), halves(scale_at), halves(minimum_at) if self.bits == 4 else None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if dtype is not torch.float32 and dtype is not torch.bfloat16:
-            return self.matmul(x.to(torch.float32)).to(dtype)
-        if not x.is_cpu or x.shape[-1] != self.in_features:
-            raise ValueError(f"low-bit kernel: needs a CPU tensor [..., {self.in_features}], got {tuple(x.shape)} "
-                             f"on {x.device}")
-        if not x.is_contiguous():
-            x = x.contiguous()
-        out = torch.empty((*x.shape[:-1], self.out_features), dtype=dtype)
-        bf16 = dtype is torch.bfloat16
-        status = self._call(self._handle, x.data_ptr(), bf16, x.numel() // self.in_features, out.data_ptr(), bf16,
-                            torch.get_num_threads())
-        if status != 0:
-            raise RuntimeError(f"low-bit kernel failed ({status})")
-        return out
+        return library_matmul(x, self.in_features, self.out_features, "low-bit kernel", lambda x, rows, out, bf16: (
+            self._call(self._handle, x.data_ptr(), bf16, rows, out.data_ptr(), bf16, torch.get_num_threads())))
 
     def _lane_bytes(self) -> tuple[torch.Tensor, ...]:
         """The groups layout (:func:`pack_groups`), read per lane (a row within its group): the byte offsets of its
@@ -385,24 +391,13 @@ class Bf16Weight:
         return cls(pack_bf16(weight), k, n, lib)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if dtype is not torch.bfloat16 and dtype is not torch.float32:
-            return self.matmul(x.to(torch.float32)).to(dtype)
-        if not x.is_cpu or x.shape[-1] != self.in_features:
-            raise ValueError(f"bf16 kernel: needs a CPU tensor [..., {self.in_features}], got {tuple(x.shape)} on "
-                             f"{x.device}")
-        count = x.numel() // self.in_features
-        if count > BF16_KERNEL_ROWS:
-            return torch.nn.functional.linear(x, self.dense().to(dtype))
-        if not x.is_contiguous():
-            x = x.contiguous()
-        out = torch.empty((*x.shape[:-1], self.out_features), dtype=dtype)
-        bf16 = dtype is torch.bfloat16
-        status = self._call(self.rows.data_ptr(), self.out_features, self.in_features, x.data_ptr(), bf16, count,
-                            out.data_ptr(), bf16, torch.get_num_threads())
-        if status != 0:
-            raise RuntimeError(f"bf16 kernel failed ({status})")
-        return out
+        k = self.in_features
+        if x.is_cpu and x.dtype in (torch.bfloat16, torch.float32) and x.shape[-1] == k and x.numel() > (
+                BF16_KERNEL_ROWS * k):
+            return torch.nn.functional.linear(x, self.dense().to(x.dtype))
+        return library_matmul(x, self.in_features, self.out_features, "bf16 kernel", lambda x, rows, out, bf16: (
+            self._call(self.rows.data_ptr(), self.out_features, self.in_features, x.data_ptr(), bf16, rows,
+                       out.data_ptr(), bf16, torch.get_num_threads())))
 
     def dense(self) -> torch.Tensor:
         """The weight [N, K] bf16 in natural order (a copy)."""

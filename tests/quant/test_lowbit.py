@@ -15,22 +15,13 @@ import torch
 
 from openhydra.runtime import lowbit
 from openhydra.runtime.quant_cpu import quantize_int4_groups
+from openhydra.testing.threads import torch_threads
 
 
-@pytest.fixture(scope="module", params=["native", "avx2"])
-def lib(request, tmp_path_factory):
-    """The kernel library of one build; skipped where this machine cannot build or run it."""
-    if request.param == "native":
-        if lowbit.kernel() is None:
-            pytest.skip("no AVX-512 VNNI / AVX2 or no C compiler here: the node uses PyTorch's kernels")
-        return lowbit.kernel()
-    if lowbit._compiler() is None or not {"avx2", "fma", "f16c"} <= set(lowbit._cpu_flags().split()):
-        pytest.skip("no C compiler or no AVX2 here")
-    built = lowbit._build(tmp_path_factory.mktemp("avx2"), march="x86-64-v3")
-    assert built is not None
-    library = lowbit.open_library(built)
-    assert library is not None and library.oh_available() == 1  # the AVX2 path
-    return library
+@pytest.fixture(scope="module")
+def lib(lowbit_library):
+    """The kernel library of one build (tests/conftest.py ``lowbit_library``: native and AVX2)."""
+    return lowbit_library
 
 
 def _weights(bits: int, n: int, k: int, lib, seed: int = 0) -> lowbit.LowBitWeight:
@@ -78,12 +69,8 @@ def test_a_rows_bits_do_not_depend_on_its_batch_or_the_threads(bits, lib):
     for rows in (4, 5, 8, 9):
         assert torch.equal(w.matmul(x[:rows]), whole[:rows])
     x, batch = x[:7], whole[:7]
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with torch_threads(2):
         assert torch.equal(w.matmul(x), batch)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(w.matmul(x.reshape(7, 1, 576)), batch.reshape(7, 1, 301))  # leading dims kept
 
 

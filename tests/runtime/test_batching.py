@@ -144,19 +144,21 @@ def test_peers_batch_concurrent_sessions_over_grpc(tiny_model_dirs) -> None:
                 rt.batcher.close()
 
 
-@pytest.mark.parametrize("quantization", ["int4", "int8"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("quantization", "dtype", "matmul"), [
+    ("int4", torch.float32, "pytorch"), ("int4", torch.bfloat16, "pytorch"), ("int8", torch.float32, "pytorch"),
+    ("int8", torch.bfloat16, "pytorch"), ("none", torch.bfloat16, "library")])
 def test_on_the_low_bit_kernel_a_batch_is_not_padded_and_keeps_the_unbatched_bits(tiny_model_dirs, quantization,
-                                                                                  dtype, monkeypatch) -> None:
+                                                                                  dtype, matmul, monkeypatch) -> None:
     """The low-bit kernel's rows do not depend on the row count (runtime/lowbit.py), so a batched step there runs
     only its live rows (no zero rows up to max_batch), and a lone row runs as the runtime's own (lean) step: a lone
     stream on a batched node costs what it costs on an unbatched one. Each row keeps the bits it gets alone in the
-    batcher, which are also those of an unbatched node's step."""
+    batcher, which are also those of an unbatched node's step. So do bf16 spans on the library's bf16 matmul
+    (``matmul="library"``), within its 64 rows."""
     from openhydra.runtime import batching, lowbit
 
     if lowbit.kernel() is None:
         pytest.skip("no low-bit kernel on this machine")
-    rt = ShardRuntime(tiny_model_dirs["llama"], dtype=dtype, quantization=quantization)
+    rt = ShardRuntime(tiny_model_dirs["llama"], dtype=dtype, quantization=quantization, matmul=matmul)
     assert rt.rows_independent
     seen_rows: list[int] = []
     original = batching._run_layers_batched

@@ -18,21 +18,13 @@ from openhydra.runtime.lean_layers import lowbit_of
 from openhydra.runtime.local_pipeline import greedy_generate
 from openhydra.runtime.quant_cpu import Bf16KernelLinear, Bf16PackedEmbedding
 from openhydra.runtime.shard import ShardRuntime
+from openhydra.testing.threads import torch_threads
 
 
-@pytest.fixture(scope="module", params=["native", "avx2"])
-def lib(request, tmp_path_factory):
-    """The library of one build; skipped where this machine cannot build or run it."""
-    if request.param == "native":
-        if lowbit.kernel() is None:
-            pytest.skip("no AVX-512 VNNI / AVX2 or no C compiler here")
-        return lowbit.kernel()
-    if lowbit._compiler() is None or not {"avx2", "fma", "f16c"} <= set(lowbit._cpu_flags().split()):
-        pytest.skip("no C compiler or no AVX2 here")
-    built = lowbit._build(tmp_path_factory.mktemp("avx2"), march="x86-64-v3")
-    library = lowbit.open_library(built) if built is not None else None
-    assert library is not None and library.oh_available() == 1
-    return library
+@pytest.fixture(scope="module")
+def lib(lowbit_library):
+    """The library of one build (tests/conftest.py ``lowbit_library``: native and AVX2)."""
+    return lowbit_library
 
 
 def _weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -65,12 +57,8 @@ def test_a_rows_bits_do_not_depend_on_the_row_count_threads_or_build(lib):
     alone = torch.cat([weight.matmul(x[i : i + 1]) for i in range(x.shape[0])])
     for rows in (2, 5, 7, 13, lowbit.BF16_KERNEL_ROWS):
         assert torch.equal(weight.matmul(x[:rows]), alone[:rows]), rows
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with torch_threads(2):
         assert torch.equal(weight.matmul(x), alone)
-    finally:
-        torch.set_num_threads(threads)
     if lowbit.kernel() is not None and lib is not lowbit.kernel():  # the AVX2 build against this machine's own
         assert torch.equal(lowbit.Bf16Weight.of(w, lowbit.kernel()).matmul(x), alone)
 
@@ -130,9 +118,10 @@ def test_a_pipeline_on_the_library_equals_one_node_on_it(tiny_model_dirs, family
         assert greedy_generate(spans, prompt, 10, session_id=f"s{chunk}", prefill_chunk=chunk) == expected
 
 
-def test_batched_steps_on_the_library_keep_the_unbatched_bits_and_pad_past_its_rows(tiny_model_dirs, monkeypatch):
-    """Rows independent up to BF16_KERNEL_ROWS: a batch runs its live rows only, each with the bits it gets alone; a
-    batcher whose fixed row count exceeds that is padded as PyTorch's matmuls are (their rounding depends on it)."""
+def test_a_batch_past_the_librarys_rows_is_padded(tiny_model_dirs, monkeypatch):
+    """Rows independent up to BF16_KERNEL_ROWS (tests/runtime/test_batching.py: a batch within them runs its live
+    rows only, each with the bits it gets alone); a batcher whose fixed row count exceeds that is padded as PyTorch's
+    matmuls are, whose rounding depends on the row count."""
     from openhydra.runtime import batching
 
     rt = _library_runtime(tiny_model_dirs["llama"])
@@ -141,18 +130,12 @@ def test_batched_steps_on_the_library_keep_the_unbatched_bits_and_pad_past_its_r
     monkeypatch.setattr(batching, "_run_layers_batched",
                         lambda runtime, sessions, h, rows, positions=None: seen.append(rows) or original(
                             runtime, sessions, h, rows, positions))
-    prompts = [torch.randint(3, 4000, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 17, 5, 40)]
-    for prefix in ("solo", "batch", "wide"):
-        for i, p in enumerate(prompts):
-            rt.forward(f"{prefix}{i}", torch.arange(p.numel()), input_ids=p)
-    nxt = [torch.tensor([9 + i]) for i in range(len(prompts))]
-    solo = [rt.forward(f"solo{i}", torch.tensor([p.numel()]), input_ids=nxt[i]) for i, p in enumerate(prompts)]
-    batched = forward_batch(rt, [_Pending(f"batch{i}", p.numel(), nxt[i], None, False)
-                                 for i, p in enumerate(prompts)], rows=8)
-    assert seen == [4] and all(torch.equal(b, s) for b, s in zip(batched, solo, strict=True))
-    forward_batch(rt, [_Pending(f"wide{i}", p.numel(), nxt[i], None, False) for i, p in enumerate(prompts)],
-                  rows=rt.independent_rows + 1)
-    assert seen[-1] == rt.independent_rows + 1  # past its rows: padded to the batcher's fixed count
+    prompts = [torch.randint(3, 4000, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 17)]
+    for i, p in enumerate(prompts):
+        rt.forward(f"s{i}", torch.arange(p.numel()), input_ids=p)
+    forward_batch(rt, [_Pending(f"s{i}", p.numel(), torch.tensor([9 + i]), None, False)
+                       for i, p in enumerate(prompts)], rows=rt.independent_rows + 1)
+    assert seen == [rt.independent_rows + 1]
 
 
 def test_the_onion_coordinators_head_computes_as_the_last_span(tiny_model_dirs):
