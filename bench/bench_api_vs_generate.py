@@ -4,7 +4,10 @@ Same model (embedded SmolLM2-135M, bf16), same thread count (1 by default) in bo
 prompt and length, runs interleaved A/B/A/B, medians reported. Decode rate excludes prefill: it is
 (tokens - 1) / (time of last token - time of first token) for both arms.
 
-    python bench/bench_api_vs_generate.py --trials 7 --tokens 128
+    python bench/bench_api_vs_generate.py --trials 7 --tokens 128 [--hardware cpu,cpu_fast]
+
+``--hardware``: one node per listed conf/hardware option (bf16 each), all interleaved with ``generate``; each
+node's ratio to it, and each to the first node's.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--hardware", default="cpu", help="comma-separated conf/hardware options, one node each")
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_api_vs_generate.png"))
     args = parser.parse_args()
     from openhydra.testing.machine import announce
@@ -102,35 +106,37 @@ def main() -> None:
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    node = NodeProcess(
-        [
-            "model=smollm2-135m",
-            "hardware=cpu",
-            "hardware.dtype=bfloat16",
-            "api.rate_limit_requests=100000",
-        ],
-        threads=args.threads,
-    )
-    api_arm, gen_arm = "streaming API (node process)", "transformers generate (in process)"
-    with node:
-        api_decode_rate(node.url, "openhydra-smollm2-135m", messages, 8)  # warm-up both arms
+    from contextlib import ExitStack
+
+    options = args.hardware.split(",")
+    nodes = {hw: NodeProcess(["model=smollm2-135m", f"hardware={hw}", "hardware.dtype=bfloat16",
+                              "api.rate_limit_requests=100000"], threads=args.threads) for hw in options}
+    api_arms = {hw: f"streaming API (node, hardware={hw})" for hw in options}
+    gen_arm = "transformers generate (in process)"
+    with ExitStack() as stack:
+        for node in nodes.values():
+            stack.enter_context(node)
+        for node in nodes.values():
+            api_decode_rate(node.url, "openhydra-smollm2-135m", messages, 8)  # warm-up every arm
         generate_decode_rate(model, prompt_ids, 8)
-        rates = run_interleaved(
-            {
-                api_arm: lambda: api_decode_rate(node.url, "openhydra-smollm2-135m", messages, args.tokens),
-                gen_arm: lambda: generate_decode_rate(model, prompt_ids, args.tokens),
-            },
-            args.trials,
-        )
+        arms = {api_arms[hw]: (lambda url=node.url: api_decode_rate(url, "openhydra-smollm2-135m", messages,
+                                                                     args.tokens)) for hw, node in nodes.items()}
+        arms[gen_arm] = lambda: generate_decode_rate(model, prompt_ids, args.tokens)
+        rates = run_interleaved(arms, args.trials)
     med = medians(rates)
-    ratio = med[api_arm] / med[gen_arm]
-    ratios = [a / g for a, g in zip(rates[api_arm], rates[gen_arm], strict=True)]
     print_table(rates)
-    print(
-        f"\nratio api/generate (median of medians) = {ratio:.3f}; "
-        f"median of per-trial ratios = {statistics.median(ratios):.3f}  "
-        f"[threads={args.threads}, tokens={args.tokens}, trials={args.trials}, torch {torch.__version__}]"
-    )
+    first = api_arms[options[0]]
+    for hw in options:
+        arm = api_arms[hw]
+        ratios = [a / g for a, g in zip(rates[arm], rates[gen_arm], strict=True)]
+        print(f"\nhardware={hw}: ratio api/generate (median of medians) = {med[arm] / med[gen_arm]:.3f}; median of "
+              f"per-trial ratios = {statistics.median(ratios):.3f}")
+        if arm != first:
+            ratios = [a / b for a, b in zip(rates[arm], rates[first], strict=True)]
+            print(f"hardware={hw} ÷ hardware={options[0]}: {med[arm] / med[first]:.3f} (median of per-trial ratios "
+                  f"{statistics.median(ratios):.3f})")
+    ratio = med[first] / med[gen_arm]
+    print(f"[threads={args.threads}, tokens={args.tokens}, trials={args.trials}, torch {torch.__version__}]")
     plot_trials(rates, f"SmolLM2-135M bf16, {args.threads} thread: ratio {ratio:.2f}", args.plot)
 
 if __name__ == "__main__":

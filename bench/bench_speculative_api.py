@@ -86,7 +86,7 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--sets", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
     parser.add_argument("--serving", default="default", choices=["default", "batched"])
-    parser.add_argument("--hardware", default="cpu", choices=["cpu", "cpu_int4", "cpu_int8"],
+    parser.add_argument("--hardware", default="cpu", choices=["cpu", "cpu_fast", "cpu_int4", "cpu_int8"],
                         help="conf/hardware group (cpu_int4 / cpu_int8: pass --dtype float32, their auto dtype)")
     parser.add_argument("--plot", default=str(REPO / "docs" / "img" / "bench_speculative_api.png"))
     args = parser.parse_args()

@@ -12,6 +12,9 @@
  * + 128), k-quad q in part q (32G + 2G bytes). A k-quad of the activation codes is broadcast to all lanes, so a
  * row's dot product needs no horizontal sum, and the scales of G rows are converted and applied at once.
  *
+ * Also here: the norms and attention of fp32 low-bit spans, and a bf16 matmul for unquantized bf16 spans
+ * (hardware.matmul=library; oh_matmul_bf16, its own layout and comment below).
+ *
  * Per output row n and activation row r: y = sum over blocks b of d[n,b] * (sx[r,b] * dot(q[n,b], xq[r,b]))
  * + m[n,b] * (sx[r,b] * sum(xq[r,b])), for 8-bit with dot over the stored codes q + 128 and m = -128 d folded in
  * (see dot_group). Both paths compute the same integers and then the same float operations in the same order, so
