@@ -249,6 +249,36 @@ def test_ctrl_c_while_the_node_is_still_starting_ends_it_quietly(tmp_path):
     assert outcomes[:2] == [130, 130], outcomes  # at once after torch began loading, it was still starting
 
 
+def test_ctrl_c_while_serving_is_the_graceful_stop(tmp_path):
+    """Once the console script serves, Ctrl-C is the node's own graceful stop (it withdraws from the DHT, ends streams,
+    closes the ledger; status 0), not the start-up handler's immediate exit (openhydra/launch.py): the server
+    replaced that handler when it started. The other Ctrl-C tests run the node without the console script."""
+    import signal
+    import time
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "openhydra-node"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENHYDRA_HOME": str(tmp_path / "home")}
+    log = tmp_path / "node.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([str(script), "hardware=cpu", "api.port=0"], stdout=sink, stderr=subprocess.STDOUT,
+                                env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 180
+        while "\nready: " not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "\nready: " in log.read_text(), log.read_text()[-2000:]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert proc.returncode == 0 and "Traceback" not in text, (proc.returncode, text[-2000:])
+    assert "shutdown complete" in text and "openhydra-node: interrupted" not in text, text[-2000:]
+
+
 def test_the_dht_names_a_port_in_use_and_logs_each_line_once(tmp_path):
     import socket
     import time
