@@ -48,7 +48,7 @@ def load_head(model_dir: str | Path, dtype: torch.dtype = torch.float32, matmul:
     lm_head.load_state_dict({"weight": tensors["lm_head.weight"]}, strict=False, assign=True)
     norm.eval().requires_grad_(False)
     lm_head.eval().requires_grad_(False)
-    holder = torch.nn.Module()  # the last span's head on the bf16 kernel where its would be (runtime/quant_cpu.py)
+    holder = torch.nn.Module()  # on the bf16 kernel where the last span's head is (runtime/quant_cpu.py)
     holder.lm_head = lm_head
     if matmul == "library" and use_bf16_head(holder, dtype, "cpu"):
         lm_head = holder.lm_head

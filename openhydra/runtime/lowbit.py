@@ -350,8 +350,10 @@ BF16_KERNEL_ROWS = 64
 """Up to this many activation rows a :class:`Bf16Weight` runs on the library, each row with the bits it gets alone;
 longer inputs (a prefill's chunks) run on PyTorch's own bf16 matmul of the unpacked weight, faster there: its
 kernels use the CPU's bf16 dot products, while the library's chains of fp32 multiply-adds are compute-bound from ~16
-rows (SmolLM2's layers, 1 thread, AVX-512 BF16: the two cross at ~64 rows, unpacking included; /tmp script, the
-numbers in docs/benchmarks.md)."""
+rows (SmolLM2's layers, 1 thread, AVX-512 BF16: the two cross at ~64 rows, unpacking included; measured with a
+temporary script, not kept: docs/benchmarks.md says so)."""
+
+
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
     """A weight [N, K] -> lowbit.c's bf16 layout [ceil(N/16), K, 16] (row n's weight k at [n // 16, k, n % 16]; rows
     past N zero), in 2 MiB pages where the machine has them (streamed every step)."""

@@ -208,21 +208,23 @@ class Bf16KernelLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16, low-bit library"
 
 
+def _bf16_library(dtype: torch.dtype, device: str):
+    """The low-bit library, where a span in ``dtype`` on ``device`` can run its matmuls on its bf16 kernel, else
+    None."""
+    lib = lowbit.kernel()
+    return lib if lib is not None and dtype == torch.bfloat16 and device.split(":")[0] == "cpu" else None
+
+
 def use_bf16_kernel(layers: nn.Module, dtype: torch.dtype, device: str) -> int:
     """At load, for an unquantized bf16 span on the CPU with ``hardware.matmul=library``, where the library runs: every
     ``nn.Linear`` of its decoder layers becomes a :class:`Bf16KernelLinear`, sibling projections fused as the
-    quantized ones are (q/k/v, gate/up: rows independent, so the same bits). The head and embeddings keep PyTorch's
-    (the coordinator-side head under ``privacy=onion`` computes as the last span's). Returns how many Linears
-    changed (0 elsewhere)."""
-    lib = lowbit.kernel()
-    if lib is None or dtype != torch.bfloat16 or device.split(":")[0] != "cpu":
+    quantized ones are (q/k/v, gate/up: rows independent, so the same bits). The head: :func:`use_bf16_head`.
+    Returns how many Linears changed (0 elsewhere)."""
+    lib = _bf16_library(dtype, device)
+    if lib is None:
         return 0
     fused = fuse_projections(layers, lambda linear: Bf16KernelLinear(linear, lib))
-    targets = [(name, module) for name, module in layers.named_modules() if type(module) is nn.Linear]
-    for name, linear in targets:
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(layers.get_submodule(parent_name) if parent_name else layers, leaf, Bf16KernelLinear(linear, lib))
-    return fused + len(targets)
+    return fused + replace_linears(layers, lambda linear: Bf16KernelLinear(linear, lib))
 
 
 class Bf16PackedEmbedding(nn.Module):
@@ -248,9 +250,9 @@ def use_bf16_head(modules: nn.Module, dtype: torch.dtype, device: str) -> bool:
     largest matmul of a small model (SmolLM2: 28M of 135M weights). Tied to the span's own embedding table, the
     table becomes lookups in the packed head (:class:`Bf16PackedEmbedding`). The coordinator's head under
     ``privacy=onion`` (peer/head.py) is built the same way. Returns whether the head changed."""
-    lib = lowbit.kernel()
+    lib = _bf16_library(dtype, device)
     head = getattr(modules, "lm_head", None)
-    if lib is None or dtype != torch.bfloat16 or device.split(":")[0] != "cpu" or type(head) is not nn.Linear:
+    if lib is None or type(head) is not nn.Linear:
         return False
     embed = getattr(modules, "embed_tokens", None)
     tied = embed is not None and type(embed) is nn.Embedding and head.weight is embed.weight
@@ -373,6 +375,15 @@ class ProjectionSlice(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.group.names[self.index]} of fused_{'_'.join(self.group.names)}"
+
+
+def replace_linears(root: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
+    """Replace every ``nn.Linear`` under ``root`` by ``make(linear)``, in place; returns how many were replaced."""
+    targets = [(name, module) for name, module in root.named_modules() if type(module) is nn.Linear]
+    for name, linear in targets:
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(root.get_submodule(parent_name) if parent_name else root, leaf, make(linear))
+    return len(targets)
 
 
 def fuse_projections(root: nn.Module, quantize: Callable[[nn.Linear], nn.Module]) -> int:

@@ -32,6 +32,7 @@ from openhydra.runtime.quant_cpu import (
     fuse_projections,
     int4_supported,
     quantize_cpu_head,
+    replace_linears,
 )
 
 __all__ = ["Int4WeightOnlyLinear", "Int8WeightOnlyLinear", "QuantizationUnavailable", "method_for", "module_bytes",
@@ -77,13 +78,7 @@ def quantize_linears(root: nn.Module, method: Method, device: str, compute_dtype
     fused = 0
     if method in ("int8_weight_only", "int4_weight_only"):  # one kernel call for q/k/v and for gate/up
         fused = fuse_projections(root, lambda linear: _quantized(linear, method, device, compute_dtype))
-    targets = [(name, mod) for name, mod in root.named_modules() if type(mod) is nn.Linear]
-    for name, linear in targets:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        setattr(parent, leaf, _quantized(linear, method, device, compute_dtype))
-    count = len(targets) + fused
-    del targets
+    count = replace_linears(root, lambda linear: _quantized(linear, method, device, compute_dtype)) + fused
     _release_freed_memory()
     return count
 
