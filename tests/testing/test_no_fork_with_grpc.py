@@ -1,0 +1,46 @@
+"""No code of ours starts a subprocess through a real fork() of a process that may have used gRPC.
+
+``subprocess`` starts a child with vfork(), which runs no fork handlers, unless it is given a ``preexec_fn``: then it
+fork()s, gRPC's fork handler restarts gRPC's poller in the child, and the child closes that poller's epoll descriptor
+before its exec (``close_fds``). The poller then aborts the child ("epoll_wait error: Bad file descriptor", status
+-6) before the program ever runs: grpc/grpc#43055, open upstream (grpcio 1.80 to at least 1.85.4, the pinned one).
+3 of 300 such forks from a process with a gRPC server and channel aborted here; 0 of 300 without ``preexec_fn``. Two
+Ctrl-C tests that reset SIGINT in a ``preexec_fn`` from the pytest process (which has used gRPC) made the node look
+as if it aborted at start in three CI runs. The one ``os.fork()`` of the product (a ``-m`` sweep's launcher) refuses
+a process with ``grpc`` imported (openhydra/preload.py::fork_hazard)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SOURCES = ("openhydra", "hydra_plugins", "tests", "bench", "scripts")
+FORKS = {  # the os.fork() calls we have, each on a path that never has gRPC loaded or closes no descriptor
+    "openhydra/sweep.py",  # a sweep's launcher: fork_hazard() refuses a process with grpc imported
+    "openhydra/testing/forkserver.py",  # the test fork server: the same check before each fork
+    "tests/economy/test_crash.py",  # a ledger child that closes no descriptor and never execs
+}
+
+
+def _python_files() -> list[Path]:
+    return sorted(p for top in SOURCES if (REPO / top).is_dir() for p in (REPO / top).rglob("*.py"))
+
+
+def test_no_subprocess_is_started_with_a_preexec_fn():
+    offenders = []
+    for path in _python_files():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Call) and any(kw.arg == "preexec_fn" for kw in node.keywords):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, f"preexec_fn forks a process that may have used gRPC (grpc/grpc#43055): {offenders}"
+
+
+def test_every_os_fork_is_one_we_checked():
+    forks = set()
+    for path in _python_files():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "fork"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "os"):
+                forks.add(str(path.relative_to(REPO)))
+    assert forks == FORKS, f"os.fork() calls changed: {sorted(forks ^ FORKS)}: check each against gRPC's fork handler"
