@@ -98,6 +98,11 @@ def test_a_stream_that_breaks_before_an_answer_is_resent_only_for_read_only_call
             breaks["left"] = 1
             assert stub.Info(pb.InfoRequest(), timeout=20).start == SPLITS[1][0]
             assert egress.calls["retried"] - before["retried"] >= 1 and egress.calls["failed"] == before["failed"]
+            breaks["left"] = lt.READ_ONLY_ATTEMPTS - 1  # the last send goes over a fresh connection, and answers
+            retried, reconnected = egress.calls["retried"], egress.calls["reconnected"]
+            assert stub.Info(pb.InfoRequest(), timeout=20).start == SPLITS[1][0]
+            assert egress.calls["retried"] - retried == lt.READ_ONLY_ATTEMPTS - 1
+            assert egress.calls["reconnected"] - reconnected == 1 and egress.calls["failed"] == before["failed"]
             breaks["left"] = 1
             with pytest.raises(grpc.RpcError) as err:
                 stub.Truncate(pb.TruncateRequest(session_id="s", length=0), timeout=20)
