@@ -6,8 +6,10 @@ before its exec (``close_fds``). The poller then aborts the child ("epoll_wait e
 -6) before the program ever runs: grpc/grpc#43055, open upstream (grpcio 1.80 to at least 1.85.4, the pinned one).
 3 of 300 such forks from a process with a gRPC server and channel aborted here; 0 of 300 without ``preexec_fn``. Two
 Ctrl-C tests that reset SIGINT in a ``preexec_fn`` from the pytest process (which has used gRPC) made the node look
-as if it aborted at start in three CI runs. The one ``os.fork()`` of the product (a ``-m`` sweep's launcher) refuses
-a process with ``grpc`` imported (openhydra/preload.py::fork_hazard)."""
+as if it aborted at start in three CI runs. A plain ``os.fork()`` of such a process is not safe either: 5 of 300
+children that only slept and exited died of SIGSEGV here. So the product forks only where gRPC has not run: a ``-m``
+sweep's launcher refuses a process with ``grpc`` imported (openhydra/preload.py::fork_hazard), and hivemind's DHT
+(a forked multiprocessing child) starts before the node's first gRPC server or channel (node.py::_ensure_background)."""
 
 from __future__ import annotations
 
