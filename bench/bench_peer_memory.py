@@ -20,7 +20,9 @@ The span's weight bytes: the checkpoint tensors the span needs in the runtime dt
 embedding table on the first span, the final norm and the LM head on the last; SmolLM2 ties the head to the
 embeddings, so the last span needs the table too). With ``--hardware cpu_int4`` or ``cpu_int8`` the nodes quantize
 their spans at load, and a span's weight bytes are what the node reports it holds (``size`` in
-GET /api/tags: the quantized weights and their scales). Target: PSS <= weight bytes + 150 MiB. MiB = 2**20 bytes.
+GET /api/tags: the quantized weights and their scales). With ``--hardware cpu_fast`` (bf16 on the library) the nodes
+run bfloat16 and hold their weights in the library's packed copy: again the bytes the node reports. Target: PSS <=
+weight bytes + 150 MiB. MiB = 2**20 bytes. The per-span breakdown (step 3) loads fp32 spans whatever the tier.
 Prints the machine banner (load average) at start and end, writes JSON (--json) and a plot (--plot).
 """
 
@@ -186,7 +188,7 @@ def measure_processes(model_dir: str, args: argparse.Namespace) -> list[dict]:
     print("swarm of thirds:", flush=True)
     with DhtProcess() as dht:
         nodes = [NodeProcess([*swarm_node_overrides(Path(model_dir), dht.url, a, b, work / f"data{a}",
-                                                    hardware=args.hardware),
+                                                    hardware=args.hardware, dtype=node_dtype(args)),
                               *args.override], env=env, log_path=work / f"node{a}.log", pow_bits=None)
                  for a, b in SPLITS]
         rows += serve_and_measure(nodes, list(SPLITS), args)
@@ -194,7 +196,7 @@ def measure_processes(model_dir: str, args: argparse.Namespace) -> list[dict]:
         print("swarm of thirds, one `openhydra-node -m` sweep (its jobs forked from one process):", flush=True)
         with DhtProcess() as dht:
             launcher = NodeProcess([*sweep_overrides(Path(model_dir), dht.url, work / "data-sweep", len(SPLITS),
-                                                     hardware=args.hardware),
+                                                     hardware=args.hardware, dtype=node_dtype(args)),
                                     *args.override], port=consecutive_free_ports(len(SPLITS)),
                                    env=env, log_path=work / "sweep.log", pow_bits=None)
             rows += serve_sweep_and_measure(launcher, list(SPLITS), args)
@@ -202,15 +204,21 @@ def measure_processes(model_dir: str, args: argparse.Namespace) -> list[dict]:
     full = NodeProcess(full_node_overrides(model_dir, args, work / "data-full"), env=env,
                        log_path=work / "node-full.log", pow_bits=None)
     rows += serve_and_measure([full], [(0, SPLITS[-1][1])], args)
-    quantized = args.hardware in ("cpu_int4", "cpu_int8")
+    held = args.hardware in ("cpu_int4", "cpu_int8", "cpu_fast")  # weights the node rewrote at load
     for row in rows:
-        row["weight_bytes"] = row["held_bytes"] if quantized else span_weight_bytes(model_dir, *row["span"])
+        row["weight_bytes"] = row["held_bytes"] if held else span_weight_bytes(model_dir, *row["span"])
     return rows
 
 
+def node_dtype(args: argparse.Namespace) -> str:
+    """The nodes' hardware.dtype: bfloat16 for cpu_fast (its kernel is bf16), float32 activations otherwise."""
+    return "bfloat16" if args.hardware == "cpu_fast" else "float32"
+
+
 def full_node_overrides(model_dir: str, args: argparse.Namespace, data_dir: Path) -> list[str]:
-    """A node serving the whole model alone on ``args.hardware`` (float32 activations), ``--override`` last."""
-    return ["model=local", f"model.path={model_dir}", f"hardware={args.hardware}", "hardware.dtype=float32",
+    """A node serving the whole model alone on ``args.hardware`` (:func:`node_dtype`), ``--override`` last."""
+    return ["model=local", f"model.path={model_dir}", f"hardware={args.hardware}",
+            f"hardware.dtype={node_dtype(args)}",
             f"node.data_dir={data_dir}", "peer.port=0", *args.override]
 
 
@@ -416,8 +424,9 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", default="smollm2")
-    parser.add_argument("--hardware", default="cpu", choices=["cpu", "cpu_int4", "cpu_int8"],
-                        help="the nodes' hardware tier (float32 activations); quantized tiers count held bytes")
+    parser.add_argument("--hardware", default="cpu", choices=["cpu", "cpu_int4", "cpu_int8", "cpu_fast"],
+                        help="the nodes' hardware tier (float32 activations; cpu_fast: bfloat16); the quantized "
+                             "tiers and cpu_fast count the bytes the node holds")
     parser.add_argument("--requests", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--label", default="now", help="name of this run in the JSON and plot")

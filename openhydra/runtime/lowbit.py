@@ -347,11 +347,22 @@ class LowBitWeight:
 
 BF16_GROUP = 16  # lowbit.c's bf16 layout: 16 weight rows per group, [K][16] each
 BF16_KERNEL_ROWS = 64
-"""Up to this many activation rows a :class:`Bf16Weight` runs on the library, each row with the bits it gets alone;
-longer inputs (a prefill's chunks) run on PyTorch's own bf16 matmul of the unpacked weight, faster there: its
-kernels use the CPU's bf16 dot products, while the library's chains of fp32 multiply-adds are compute-bound from ~16
-rows (SmolLM2's layers, 1 thread, AVX-512 BF16: the two cross at ~64 rows, unpacking included; measured with a
-temporary script, not kept: docs/benchmarks.md says so)."""
+"""On a CPU with bf16 dot products (:func:`bf16_kernel_rows`), up to this many activation rows a :class:`Bf16Weight`
+runs on the library, each row with the bits it gets alone; longer inputs (a prefill's chunks) run on PyTorch's own
+bf16 matmul of the unpacked weight, faster there: its kernels use those dot products, while the library's chains of
+fp32 multiply-adds are compute-bound from ~16 rows (SmolLM2's layers, 1 thread: the two cross between 48 and 64 rows,
+unpacking included; bench/bench_bf16_rows.py, docs/benchmarks.md)."""
+NATIVE_BF16_DOT = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def bf16_kernel_rows(lib: ctypes.CDLL) -> int | None:
+    """Up to how many activation rows a :class:`Bf16Weight` on ``lib`` runs on the library; None: every row count.
+    :data:`BF16_KERNEL_ROWS` where PyTorch's bf16 matmul has the CPU's bf16 dot products (a native bf16 flag) and
+    ``lib`` runs its AVX-512 path. Elsewhere PyTorch converts bf16 operands to fp32 inside its matmul, and the
+    library was 3.3-8x faster at every row count from 1 to 256 (its AVX2 build against PyTorch held to AVX2 on this
+    EPYC; bench/bench_bf16_rows.py): it takes them all, and a row's bits never depend on the row count there."""
+    native = not NATIVE_BF16_DOT.isdisjoint(cpuinfo_flags() or ())
+    return BF16_KERNEL_ROWS if native and ISAS[lib.oh_available()] == "avx512-vnni" else None
 
 
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
@@ -367,18 +378,19 @@ def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
 class Bf16Weight:
     """One bf16 weight [N, K] in the library's bf16 layout (:func:`pack_bf16`); ``matmul(x)`` = x @ W^T.
 
-    Up to :data:`BF16_KERNEL_ROWS` rows of x, ``oh_matmul_bf16``: per output, one chain of fp32 multiply-adds in k
-    order (a bf16 product is exact in fp32), rounded to bf16 once at the end (fp32 x and output are taken as they
-    are): an output's bits depend only on its own weight row and activation row, not on the row count, the other
-    rows, the thread count or the build (AVX2 or AVX-512). So a decode step, a speculative verify's rows and a
-    batched step give a position the same bits. At batch 1 it reads the weights at close to the memory's bandwidth
-    (PyTorch's bf16 matmul at batch 1 here: about 1/3 of it). Longer inputs: PyTorch's matmul of the unpacked weight
-    (a transient copy), with the bits PyTorch gives them."""
+    Up to ``max_rows`` rows of x (:func:`bf16_kernel_rows`; None: any number), ``oh_matmul_bf16``: per output, one
+    chain of fp32 multiply-adds in k order (a bf16 product is exact in fp32), rounded to bf16 once at the end (fp32 x
+    and output are taken as they are): an output's bits depend only on its own weight row and activation row, not on
+    the row count, the other rows, the thread count or the build (AVX2 or AVX-512). So a decode step, a speculative
+    verify's rows and a batched step give a position the same bits. At batch 1 it reads the weights at close to the
+    memory's bandwidth (PyTorch's bf16 matmul at batch 1 here: about 1/3 of it). Longer inputs: PyTorch's matmul of
+    the unpacked weight (a transient copy), with the bits PyTorch gives them."""
 
     rows: torch.Tensor
     in_features: int
     out_features: int
     lib: ctypes.CDLL
+    max_rows: int | None = BF16_KERNEL_ROWS
 
     def __post_init__(self) -> None:
         expected = (-(-self.out_features // BF16_GROUP), self.in_features, BF16_GROUP)
@@ -390,13 +402,18 @@ class Bf16Weight:
     @classmethod
     def of(cls, weight: torch.Tensor, lib: ctypes.CDLL) -> Bf16Weight:
         n, k = weight.shape
-        return cls(pack_bf16(weight), k, n, lib)
+        return cls(pack_bf16(weight), k, n, lib, bf16_kernel_rows(lib))
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         k = self.in_features
-        if x.is_cpu and x.dtype in (torch.bfloat16, torch.float32) and x.shape[-1] == k and x.numel() > (
-                BF16_KERNEL_ROWS * k):
+        if self.max_rows is not None and x.is_cpu and x.dtype in (torch.bfloat16, torch.float32) and (
+                x.shape[-1] == k and x.numel() > self.max_rows * k):
             return torch.nn.functional.linear(x, self.dense().to(x.dtype))
+        return self.on_library(x)
+
+    def on_library(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T on the library whatever the row count (``matmul`` takes PyTorch's past ``max_rows`` rows;
+        bench/bench_bf16_rows.py times the two on either side)."""
         return library_matmul(x, self.in_features, self.out_features, "bf16 kernel", lambda x, rows, out, bf16: (
             self._call(self.rows.data_ptr(), self.out_features, self.in_features, x.data_ptr(), bf16, rows,
                        out.data_ptr(), bf16, torch.get_num_threads())))

@@ -187,7 +187,8 @@ class Int4WeightOnlyLinear(nn.Module):
 class Bf16KernelLinear(nn.Module):
     """A bf16 Linear on the library's bf16 matmul (runtime/lowbit.py :class:`~openhydra.runtime.lowbit.Bf16Weight`):
     the same weights, read at close to the memory's bandwidth at batch 1, each row's output with the bits it gets
-    alone up to ``lowbit.BF16_KERNEL_ROWS`` rows. Not a quantization: ``weight`` is the packed bf16 tensor."""
+    alone up to ``self.lowbit.max_rows`` rows (``lowbit.bf16_kernel_rows``). Not a quantization: ``weight`` is the
+    packed bf16 tensor."""
 
     def __init__(self, linear: nn.Linear, lib) -> None:
         super().__init__()

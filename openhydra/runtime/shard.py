@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
-from openhydra.runtime import compute_lane, lowbit
+from openhydra.runtime import compute_lane
 from openhydra.runtime.compaction.config import CompactionConfig
 from openhydra.runtime.compaction.shard_hook import ShardCompaction
 from openhydra.runtime.kernel_attention import use_kernel_attention
@@ -118,9 +118,11 @@ class ShardRuntime:
         # every matmul on the low-bit kernel: a row's bits do not depend on the row count (runtime/batching.py)
         on_lowbit = matmuls_on_lowbit(self.modules)
         self.rows_independent = rows_independent(on_lowbit, self.layer_types)
-        # bf16 on the library (runtime/quant_cpu.py use_bf16_kernel): rows independent up to this many, else None
-        self.bf16_kernel = any(isinstance(m, Bf16KernelLinear) for m in self.modules.modules())
-        self.independent_rows = lowbit.BF16_KERNEL_ROWS if self.bf16_kernel else None
+        # bf16 on the library (runtime/quant_cpu.py use_bf16_kernel): rows independent up to this many (None: any
+        # number; lowbit.bf16_kernel_rows)
+        bf16_linears = [m for m in self.modules.modules() if isinstance(m, Bf16KernelLinear)]
+        self.bf16_kernel = bool(bf16_linears)
+        self.independent_rows = bf16_linears[0].lowbit.max_rows if bf16_linears else None
         # the arithmetic its outputs come from, as its peer announces it (the record's ``backend``): verification
         # compares only peers that compute alike (verification/verifier.py ``alternatives``)
         self.numerics = arithmetic_name(quantization, on_lowbit or self.bf16_kernel, self.kernel_attention)

@@ -2,10 +2,11 @@
 runtime/kernels/lowbit.c ``oh_matmul_bf16``, runtime/quant_cpu.py use_bf16_kernel / use_bf16_head.
 
 What it promises, checked here: the kernel computes x @ W^T with fp32 chains rounded to bf16 once; a row's bits do
-not depend on the row count (up to ``BF16_KERNEL_ROWS``), the other rows, the thread count or the build (AVX-512 or
-AVX2); longer inputs get PyTorch's own bits; a span on it keeps exactness across a pipeline of peers that all run it,
-in batched steps and in speculative verifies; its quality is bf16's. Its bits are not PyTorch's bf16 matmul's, so it is
-not the default (the README's "Exact" promise is transformers' bits)."""
+not depend on the row count (up to ``BF16_KERNEL_ROWS`` where PyTorch has bf16 dot products, else any), the other
+rows, the thread count or the build (AVX-512 or AVX2); longer inputs there get PyTorch's own bits; a span on it
+keeps exactness across a pipeline of peers that all run it, in batched steps and in speculative verifies; its
+quality is bf16's. Its bits are not PyTorch's bf16 matmul's, so it is not the default (the README's "Exact" promise
+is transformers' bits)."""
 
 from __future__ import annotations
 
@@ -63,11 +64,33 @@ def test_a_rows_bits_do_not_depend_on_the_row_count_threads_or_build(lib):
         assert torch.equal(lowbit.Bf16Weight.of(w, lowbit.kernel()).matmul(x), alone)
 
 
-def test_longer_inputs_get_pytorchs_bits(lib):
-    """Past BF16_KERNEL_ROWS rows (a prefill's chunks) the weight is unpacked and PyTorch multiplies: its bits."""
+def test_longer_inputs_run_where_they_are_faster(lib):
+    """Past ``max_rows`` rows (a prefill's chunks) the weight is unpacked and PyTorch multiplies: its bits. Without a
+    limit (None: CPUs whose PyTorch has no bf16 dot products) the library takes every row count, each row with the
+    bits it gets alone."""
     w = _weight(300, 576, seed=4)
-    x = torch.randn(1, lowbit.BF16_KERNEL_ROWS + 9, 576).to(torch.bfloat16)
-    assert torch.equal(lowbit.Bf16Weight.of(w, lib).matmul(x), torch.nn.functional.linear(x, w))
+    x = torch.randn(1, lowbit.BF16_KERNEL_ROWS + 9, 576, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    limited = lowbit.Bf16Weight(lowbit.pack_bf16(w), 576, 300, lib, max_rows=lowbit.BF16_KERNEL_ROWS)
+    assert torch.equal(limited.matmul(x), torch.nn.functional.linear(x, w))
+    within = x[:, : lowbit.BF16_KERNEL_ROWS]
+    assert torch.equal(limited.matmul(within), limited.on_library(within))
+    unlimited = lowbit.Bf16Weight(limited.rows, 576, 300, lib, max_rows=None)
+    alone = torch.cat([unlimited.matmul(x[:, i : i + 1]) for i in range(x.shape[1])], dim=1)
+    assert torch.equal(unlimited.matmul(x), alone)
+    assert not torch.equal(alone, limited.matmul(x))  # two arithmetics: the test tells them apart
+
+
+def test_the_row_limit_is_there_only_where_pytorch_has_bf16_dot_products(lib, monkeypatch):
+    """``bf16_kernel_rows``: BF16_KERNEL_ROWS on a CPU with avx512_bf16 or amx_bf16 and the library's AVX-512 path
+    (PyTorch's bf16 GEMM is faster there on long inputs); None elsewhere (AVX2: PyTorch converts bf16 to fp32 and
+    the library was faster at every row count, bench/bench_bf16_rows.py). The weight and the span follow it."""
+    limit = lowbit.BF16_KERNEL_ROWS if lib.oh_available() == 2 else None  # the AVX2 build: never a limit
+    for flags, expected in ((frozenset({"avx2", "avx512f", "avx512_bf16"}), limit),
+                            (frozenset({"avx2", "amx_bf16"}), limit),
+                            (frozenset({"avx2", "avx512f", "avx512_vnni"}), None), (frozenset({"avx2"}), None)):
+        monkeypatch.setattr(lowbit, "cpuinfo_flags", lambda flags=flags: flags)
+        assert lowbit.bf16_kernel_rows(lib) == expected, flags
+        assert lowbit.Bf16Weight.of(_weight(32, 64), lib).max_rows == expected
 
 
 def test_bad_input_is_refused_clearly(lib):
@@ -92,7 +115,8 @@ def test_a_span_loads_on_the_library_and_says_so(tiny_model_dirs):
     linears = [m for m in rt.modules.modules() if isinstance(m, torch.nn.Linear)]
     assert linears == [] and isinstance(rt.modules.lm_head, Bf16KernelLinear)
     assert type(rt.modules.embed_tokens) is torch.nn.Embedding  # the tiny models do not tie it
-    assert rt.numerics == "pytorch-bf16-lowbit1" and rt.rows_independent and rt.independent_rows == 64
+    assert rt.numerics == "pytorch-bf16-lowbit1" and rt.rows_independent
+    assert rt.independent_rows == lowbit.bf16_kernel_rows(lowbit.kernel())  # 64 here, None on an AVX2 CPU
     assert all(lean.rows_at_once for lean in rt._lean_layers)
     plain = ShardRuntime(tiny_model_dirs["llama"], dtype=torch.bfloat16)
     ids = torch.tensor([[5, 77, 4000, 3]])
@@ -108,9 +132,10 @@ def test_a_span_loads_on_the_library_and_says_so(tiny_model_dirs):
 @pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_5"])
 def test_a_pipeline_on_the_library_equals_one_node_on_it(tiny_model_dirs, family):
     """Three spans on the library give one node's greedy tokens (its bits: the same operations per row), with a
-    chunked prefill too, and Qwen3.5's recurrent layers."""
+    chunked prefill too, and Qwen3.5's recurrent layers. The prompt is longer than BF16_KERNEL_ROWS: its prefill runs
+    past the row limit where there is one, on the library where there is none."""
     model_dir = tiny_model_dirs[family]
-    prompt = torch.randint(3, 4000, (23,), generator=torch.Generator().manual_seed(5))
+    prompt = torch.randint(3, 4000, (lowbit.BF16_KERNEL_ROWS + 23,), generator=torch.Generator().manual_seed(5))
     whole = [_library_runtime(model_dir)]
     spans = [_library_runtime(model_dir, a, b) for a, b in ((0, 3), (3, 5), (5, 8))]
     for chunk in (None, 7):
@@ -119,9 +144,10 @@ def test_a_pipeline_on_the_library_equals_one_node_on_it(tiny_model_dirs, family
 
 
 def test_a_batch_past_the_librarys_rows_is_padded(tiny_model_dirs, monkeypatch):
-    """Rows independent up to BF16_KERNEL_ROWS (tests/runtime/test_batching.py: a batch within them runs its live
-    rows only, each with the bits it gets alone); a batcher whose fixed row count exceeds that is padded as PyTorch's
-    matmuls are, whose rounding depends on the row count."""
+    """Rows independent up to ``independent_rows`` (tests/runtime/test_batching.py: a batch within them runs its
+    live rows only, each with the bits it gets alone); a batcher whose fixed row count exceeds that is padded as
+    PyTorch's matmuls are, whose rounding depends on the row count. Without a limit (a CPU whose PyTorch has no bf16
+    dot products: lowbit.bf16_kernel_rows) the live rows only, whatever the batcher's row count."""
     from openhydra.runtime import batching
 
     rt = _library_runtime(tiny_model_dirs["llama"])
@@ -133,9 +159,12 @@ def test_a_batch_past_the_librarys_rows_is_padded(tiny_model_dirs, monkeypatch):
     prompts = [torch.randint(3, 4000, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 17)]
     for i, p in enumerate(prompts):
         rt.forward(f"s{i}", torch.arange(p.numel()), input_ids=p)
-    forward_batch(rt, [_Pending(f"s{i}", p.numel(), torch.tensor([9 + i]), None, False)
-                       for i, p in enumerate(prompts)], rows=rt.independent_rows + 1)
-    assert seen == [rt.independent_rows + 1]
+    rows = lowbit.BF16_KERNEL_ROWS + 1
+    for step, limit in enumerate((lowbit.BF16_KERNEL_ROWS, None)):
+        rt.independent_rows = limit
+        forward_batch(rt, [_Pending(f"s{i}", p.numel() + step, torch.tensor([9 + i]), None, False)
+                           for i, p in enumerate(prompts)], rows=rows)
+    assert seen == [rows, len(prompts)]
 
 
 def test_the_onion_coordinators_head_computes_as_the_last_span(tiny_model_dirs):
