@@ -21,7 +21,9 @@ SOURCES = ("openhydra", "hydra_plugins", "tests", "bench", "scripts")
 FORKS = {  # the os.fork() calls we have, each on a path that never has gRPC loaded or closes no descriptor
     "openhydra/sweep.py",  # a sweep's launcher: fork_hazard() refuses a process with grpc imported
     "openhydra/testing/forkserver.py",  # the test fork server: the same check before each fork
-    "tests/economy/test_crash.py",  # a ledger child that closes no descriptor and never execs
+    # ledger children forked from the pytest process: safe while no gRPC channel or server is open in it (gRPC stops
+    # its threads when the last one closes: 0 of 300 forks crashed after that here, 5 of 300 with one open)
+    "tests/economy/test_crash.py",
 }
 
 
