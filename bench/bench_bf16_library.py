@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_roofline import copy_bandwidth, kv_bytes_per_token
-from common import median_step_ms, run_interleaved, whole_model_bench
+from common import finish_plot, median_step_ms, run_interleaved, whole_model_bench
 
 ARMS = {"bf16 pytorch": ("bfloat16", "pytorch"), "bf16 library": ("bfloat16", "library"),
         "fp32": ("float32", "pytorch")}
@@ -138,13 +138,8 @@ def _plot(report: dict, measures: dict, model: str, path: str) -> None:
         ax.bar([x + i * width for x in range(len(measures))], values, width, label=name)
     ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(measures))], list(measures), fontsize=8)
     ax.set_yscale("log")
-    ax.set_ylabel("ms (median, log scale)")
-    ax.set_title(f"{model}: bf16 on the library vs PyTorch, 1 thread")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    finish_plot(fig, ax, path, xlabel="", ylabel="ms (median, log scale)",
+                title=f"{model}: bf16 on the library vs PyTorch, 1 thread")
 
 
 if __name__ == "__main__":

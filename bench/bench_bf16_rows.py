@@ -2,13 +2,14 @@
 
     OMP_NUM_THREADS=1 python bench/bench_bf16_rows.py [--model-dir DIR] [--trials 5] [--repeats 15]
 
-``hardware.matmul=library`` runs a bf16 Linear on the library (runtime/lowbit.py ``Bf16Weight``) up to
-``BF16_KERNEL_ROWS`` activation rows, and PyTorch's bf16 matmul of the weight unpacked for that call beyond. This
+``hardware.matmul=library`` runs a bf16 Linear on the library (runtime/lowbit.py ``Bf16Weight``) up to a row limit
+(``lowbit.bf16_kernel_rows``: ``BF16_KERNEL_ROWS`` on a CPU with bf16 dot products, else none), and PyTorch's bf16
+matmul of the weight unpacked for that call beyond. The limit was set from this bench's crossover. This
 times the four matmuls of one decoder layer of the model's shapes (q/k/v fused, o, gate/up fused, down; random bf16
 weights: the kernels' speed does not depend on the values) on bf16 rows, 1 thread, for each row count, three ways:
 
 - ``library``: ``Bf16Weight.on_library``, the packed weight read by the library;
-- ``pytorch, unpacked per call``: what ``Bf16Weight.matmul`` does past the cutoff (the packed copy unpacked, then
+- ``pytorch, unpacked per call``: what ``Bf16Weight.matmul`` does past the limit (the packed copy unpacked, then
   ``F.linear``);
 - ``pytorch, natural layout``: ``F.linear`` on a weight kept in its natural layout (what ``hardware=cpu`` runs; a
   library span does not keep that copy).
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import finish_plot
 
 ROWS = (1, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128, 192, 256)
 ARMS = ("library", "pytorch, unpacked per call", "pytorch, natural layout")
@@ -65,8 +67,9 @@ def main() -> None:
         sys.exit("no low-bit library on this machine (no AVX2/AVX-512 VNNI or no C compiler): nothing to compare")
     model_dir = Path(args.model_dir) if args.model_dir else embedded_model_dir(TEST_CACHE_ROOT)
     shapes = layer_shapes(model_dir)
-    print(f"model {model_dir.name}: one layer's matmuls (out, in) {shapes}; cutoff BF16_KERNEL_ROWS = "
-          f"{lowbit.BF16_KERNEL_ROWS}", flush=True)
+    limit = lowbit.bf16_kernel_rows(lib)
+    print(f"model {model_dir.name}: one layer's matmuls (out, in) {shapes}; library path {lowbit.isa()}; row limit "
+          f"in use here: {limit or 'none (every row count on the library)'}", flush=True)
     gen = torch.Generator().manual_seed(0)
     dense = [(torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16) for n, k in shapes]
     packed = [lowbit.Bf16Weight.of(w, lib) for w in dense]
@@ -106,36 +109,29 @@ def main() -> None:
               f"{lib_ms / natural:.2f} |")
     crossover = next((r for r in ROWS if med["library"][r] > med["pytorch, unpacked per call"][r]), None)
     print(f"\ncrossover (first row count where the library is slower than PyTorch with the unpacking): {crossover}; "
-          f"the cutoff in use: {lowbit.BF16_KERNEL_ROWS}")
-    _plot(med, crossover, model_dir.name, args.plot)
-    print(json.dumps({"model": model_dir.name, "medians_ms": med, "crossover_rows": crossover,
-                      "cutoff_rows": lowbit.BF16_KERNEL_ROWS}))
+          f"the row limit in use here: {limit}")
+    _plot(med, crossover, limit, model_dir.name, args.plot)
+    print(json.dumps({"model": model_dir.name, "isa": lowbit.isa(), "medians_ms": med, "crossover_rows": crossover,
+                      "limit_rows": limit}))
 
 
-def _plot(med: dict, crossover: int | None, model: str, path: str) -> None:
+def _plot(med: dict, crossover: int | None, limit: int | None, model: str, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from openhydra.runtime import lowbit
-
     fig, ax = plt.subplots(figsize=(7, 4))
     for arm in ARMS:
         ax.plot(ROWS, [med[arm][r] for r in ROWS], marker="o", label=arm)
-    ax.axvline(lowbit.BF16_KERNEL_ROWS, color="grey", linestyle="--", label=f"cutoff {lowbit.BF16_KERNEL_ROWS} rows")
+    if limit is not None:
+        ax.axvline(limit, color="grey", linestyle="--", label=f"row limit in use: {limit}")
     if crossover is not None:
         ax.axvline(crossover, color="red", linestyle=":", label=f"measured crossover {crossover} rows")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("activation rows per call")
-    ax.set_ylabel("ms per layer's matmuls (median)")
-    ax.set_title(f"{model}: one layer's bf16 matmuls, library vs PyTorch, 1 thread")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    finish_plot(fig, ax, path, xlabel="activation rows per call", ylabel="ms per layer's matmuls (median)",
+                title=f"{model}: a layer's bf16 matmuls, 1 thread (limit: {limit or 'none'})")
 
 
 if __name__ == "__main__":

@@ -78,8 +78,9 @@ def finish_plot(fig, ax, path: str | Path, *, xlabel: str, ylabel: str, title: s
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     print(f"plot: {path}")
 
