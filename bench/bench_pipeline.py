@@ -8,7 +8,10 @@ plus three nodes serving SmolLM2-135M layers [0,10), [10,20), [20,30); requests 
         [--halt-poll-ns 0,200000] [--before COMMIT] [--sweep]
 
 It also prints what each node process spent in CPU per generated token (user + system, all threads, from /proc):
-on a 2-core machine, where only one process of a pipeline has work at a time, that tells CPU work from waiting.
+on a 2-core machine, where only one process of a pipeline has work at a time, that tells CPU work from waiting. And
+each node's own compute per token: the time its span's decode steps took (``openhydra_peer_step_duration_seconds``,
+kind decode, from its /metrics); CPU minus compute is what the hop costs that process (receiving, unsealing,
+sealing, sending, the API on the first).
 
 ``--before COMMIT`` adds a third arm: the same 3-peer pipeline (its own DHT and node processes) run from a git worktree
 of an earlier commit, interleaved with the others, so a change to the hop is measured against its parent side by side.
@@ -48,6 +51,16 @@ def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` (all its threads) so far, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def decode_compute_s(url: str) -> float | None:
+    """The seconds node ``url``'s span spent in decode steps so far (its /metrics), None where it reports none."""
+    import httpx
+
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith('openhydra_peer_step_duration_seconds_sum{kind="decode"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return None
 
 
 def main() -> None:
@@ -111,10 +124,14 @@ def main() -> None:
             urls = {"single node": single.url, **{name: nodes[0].url for name, nodes in swarms.items()}}
             pids = {"single node": [single.proc.pid],
                     **{name: [p.proc.pid for p in nodes] for name, nodes in swarms.items()}}
+            node_urls = {"single node": [single.url],
+                         **{name: [p.url for p in nodes] for name, nodes in swarms.items()}}
             if launcher is not None:
                 everyone.append(launcher)
                 urls[sweep_arm], pids[sweep_arm] = launcher.url, start_sweep(launcher, len(spans))
+                node_urls[sweep_arm] = [f"http://127.0.0.1:{launcher.port + k}" for k in range(len(spans))]
             cpu: dict[str, list[list[float]]] = {name: [] for name in urls}  # per call: CPU ms per token per node
+            compute: dict[str, list[list[float | None]]] = {name: [] for name in urls}  # decode compute ms per token
             for url in urls.values():
                 api_decode_rate(url, model, messages, 8)  # warm-up
             polls = [None] if args.halt_poll_ns is None else [int(v) for v in args.halt_poll_ns.split(",")]
@@ -124,9 +141,12 @@ def main() -> None:
                     if poll is not None:
                         HALT_POLL.write_text(str(poll))
                     before = [process_cpu_s(pid) for pid in pids[name]]
+                    stepped = [decode_compute_s(u) for u in node_urls[name]]
                     rate = api_decode_rate(url, model, messages, args.tokens)
                     cpu[name].append([(process_cpu_s(pid) - b) * 1e3 / args.tokens
                                       for pid, b in zip(pids[name], before, strict=True)])
+                    compute[name].append([None if b is None else (decode_compute_s(u) - b) * 1e3 / args.tokens
+                                          for u, b in zip(node_urls[name], stepped, strict=True)])
                     return rate
 
                 return run
@@ -169,6 +189,11 @@ def main() -> None:
         per_node = [statistics.median(call[i] for call in calls) for i in range(len(calls[0]))]
         print(f"CPU per token (ms, median over calls, prefill and HTTP included), {name}: "
               f"{' + '.join(f'{c:.2f}' for c in per_node)} = {sum(per_node):.2f}")
+        if all(v is not None for call in compute[name] for v in call):
+            spans_ms = [statistics.median(call[i] for call in compute[name]) for i in range(len(per_node))]
+            print(f"  its span's decode compute per token (ms, /metrics): "
+                  f"{' + '.join(f'{c:.2f}' for c in spans_ms)} = {sum(spans_ms):.2f}; CPU beyond it "
+                  f"{' + '.join(f'{c - k:.2f}' for c, k in zip(per_node, spans_ms, strict=True))}")
     print(f"[hardware={args.hardware}, {args.dtype}, 1 thread per process, tokens={args.tokens}, trials={args.trials}]")
     plot_trials(rates, f"SmolLM2-135M {args.hardware} {args.dtype}: pipeline/single = {', '.join(ratios)}", args.plot)
 
