@@ -189,8 +189,10 @@ def main() -> None:
         per_node = [statistics.median(call[i] for call in calls) for i in range(len(calls[0]))]
         print(f"CPU per token (ms, median over calls, prefill and HTTP included), {name}: "
               f"{' + '.join(f'{c:.2f}' for c in per_node)} = {sum(per_node):.2f}")
-        if all(v is not None for call in compute[name] for v in call):
+        if all(v is not None for call in compute[name] for v in call):  # a single node's span is no peer's: 0
             spans_ms = [statistics.median(call[i] for call in compute[name]) for i in range(len(per_node))]
+            if not any(spans_ms):
+                continue
             print(f"  its span's decode compute per token (ms, /metrics): "
                   f"{' + '.join(f'{c:.2f}' for c in spans_ms)} = {sum(spans_ms):.2f}; CPU beyond it "
                   f"{' + '.join(f'{c - k:.2f}' for c, k in zip(per_node, spans_ms, strict=True))}")
