@@ -10,6 +10,8 @@ is transformers' bits)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -208,3 +210,46 @@ def test_smollm2_on_the_library_is_exact_across_peers_and_as_good_as_bf16(smollm
              for name in ("bf16", "library")}
     assert agree["library"] >= min(0.9, agree["bf16"] - 0.05), agree
     assert lowbit_of(whole.modules.lm_head) is not None
+
+
+@pytest.mark.slow
+def test_library_spans_with_and_without_the_row_limit_do_not_accuse_each_other(smollm2_dir):
+    """An AVX-512 BF16 peer (PyTorch's bf16 matmul past 64 rows) and an AVX2 peer (the library for every row count)
+    announce the same arithmetic, so audits pair them. Real weights, a held-out text's prefill of more than 64
+    positions: every position's top-k answer, compared as audits compare (verification/compare.py at the configured
+    bf16 tolerance, greedy), agrees or is a near-tie, never a disagreement. Within the limit both give the same bits."""
+    from transformers import AutoTokenizer
+
+    from openhydra.verification.compare import Answer, Verdict, compare
+    from openhydra.verification.config import VerificationConfig
+
+    config = VerificationConfig()
+    tol, k = config.tolerance.bfloat16, config.top_k
+    limited, unlimited = _library_runtime(smollm2_dir), _library_runtime(smollm2_dir)
+    for m in unlimited.modules.modules():
+        if isinstance(m, (Bf16KernelLinear, Bf16PackedEmbedding)) and hasattr(m, "lowbit"):
+            m.lowbit.max_rows = None
+    unlimited.independent_rows = None
+    text = (Path(__file__).resolve().parents[2] / "bench" / "data" / "heldout.txt").read_text()
+    ids = torch.tensor(AutoTokenizer.from_pretrained(smollm2_dir)(text)["input_ids"][:160])
+    assert ids.numel() > 2 * lowbit.BF16_KERNEL_ROWS
+    answers = {}
+    for name, rt in (("limited", limited), ("unlimited", unlimited)):
+        logprobs = torch.log_softmax(rt.forward(name, torch.arange(ids.numel()), input_ids=ids,
+                                                all_logits=True).float(), -1)
+        top = logprobs.topk(k, -1)
+        answers[name] = [Answer(int(i[0]), tuple(i.tolist()), tuple(v.tolist()))
+                         for i, v in zip(top.indices, top.values, strict=True)]
+    verdicts = [compare(a, b, tol, greedy=True) for a, b in zip(answers["limited"], answers["unlimited"], strict=True)]
+    assert not [v for v in verdicts if v.verdict is Verdict.DISAGREE], [v for v in verdicts if v.verdict is
+                                                                         Verdict.DISAGREE][:3]
+    worst = max(v.max_diff for v in verdicts)
+    print(f"\n{len(verdicts)} positions: max |d log p| {worst:.3f} (tolerance {tol}), "
+          f"{sum(v.verdict is Verdict.INCONCLUSIVE for v in verdicts)} near-ties")
+    assert worst < tol / 1.5  # a margin, not just under the line
+    assert any(v.max_diff > 0 for v in verdicts)  # the two arithmetics do differ on a long prefill
+    short = ids[: lowbit.BF16_KERNEL_ROWS]  # within the limit both run the library: the same bits, then and after
+    outs = [(rt.forward(f"{name}-short", torch.arange(short.numel()), input_ids=short, all_logits=True),
+             rt.forward(f"{name}-short", torch.tensor([short.numel()]), input_ids=torch.tensor([42])))
+            for name, rt in (("limited", limited), ("unlimited", unlimited))]
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
