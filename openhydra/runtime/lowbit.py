@@ -350,8 +350,8 @@ BF16_KERNEL_ROWS = 64
 """On a CPU with bf16 dot products (:func:`bf16_kernel_rows`), up to this many activation rows a :class:`Bf16Weight`
 runs on the library, each row with the bits it gets alone; longer inputs (a prefill's chunks) run on PyTorch's own
 bf16 matmul of the unpacked weight, faster there: its kernels use those dot products, while the library's chains of
-fp32 multiply-adds are compute-bound from ~16 rows (SmolLM2's layers, 1 thread: the two cross between 48 and 64 rows,
-unpacking included; bench/bench_bf16_rows.py, docs/benchmarks.md)."""
+fp32 multiply-adds are compute-bound from ~16 rows (SmolLM2's layers, 1 thread: the two cross between 48 and 80 rows,
+unpacking included, at 64 in two runs of three; bench/bench_bf16_rows.py, docs/benchmarks.md)."""
 NATIVE_BF16_DOT = frozenset({"avx512_bf16", "amx_bf16"})
 
 
@@ -359,8 +359,9 @@ def bf16_kernel_rows(lib: ctypes.CDLL) -> int | None:
     """Up to how many activation rows a :class:`Bf16Weight` on ``lib`` runs on the library; None: every row count.
     :data:`BF16_KERNEL_ROWS` where PyTorch's bf16 matmul has the CPU's bf16 dot products (a native bf16 flag) and
     ``lib`` runs its AVX-512 path. Elsewhere PyTorch converts bf16 operands to fp32 inside its matmul, and the
-    library was 3.3-8x faster at every row count from 1 to 256 (its AVX2 build against PyTorch held to AVX2 on this
-    EPYC; bench/bench_bf16_rows.py): it takes them all, and a row's bits never depend on the row count there."""
+    library was ~2x faster at one row and ~3.3x at every count from 4 to 256 (its AVX2 build against PyTorch held to
+    AVX2 on this EPYC; bench/bench_bf16_rows.py): it takes them all, and a row's bits never depend on the row count
+    there."""
     native = not NATIVE_BF16_DOT.isdisjoint(cpuinfo_flags() or ())
     return BF16_KERNEL_ROWS if native and ISAS[lib.oh_available()] == "avx512-vnni" else None
 
