@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 
-from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
+from openhydra.testing.processes import DhtProcess, NodeProcess, signal_group, start_all, swarm_node_overrides
 from openhydra.testing.wait import wait_until
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def nodes(tiny_model_dirs, tmp_path_factory) -> Iterator[dict[str, NodeProcess]]
         finally:
             for node in started:  # SIGKILL: this module tests no clean shutdown, and CI time is short
                 if node.proc is not None and node.proc.poll() is None:
-                    os.killpg(node.proc.pid, signal.SIGKILL)
+                    signal_group(node.proc, signal.SIGKILL)
             for node in started:
                 node.stop()  # reaps the processes and closes the logs
 

@@ -11,7 +11,6 @@ events this traffic cannot cause (failovers, errors, ...) may be 0; every other 
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -23,7 +22,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from openhydra.testing.processes import DhtProcess, NodeProcess, free_port, swarm_node_overrides
+from openhydra.testing.processes import DhtProcess, NodeProcess, free_port, signal_group, swarm_node_overrides
 from openhydra.testing.wait import wait_until
 from tests.ops.dashboard import load_dashboard, metric_names, panel_queries, sample_names
 
@@ -128,7 +127,7 @@ def _stop_all(nodes: list[NodeProcess], grace_s: float = 3.0) -> None:
     """SIGTERM every node at once, SIGKILL what is still running after ``grace_s``."""
     running = [n for n in nodes if n.proc is not None and n.proc.poll() is None]
     for node in running:
-        os.killpg(node.proc.pid, signal.SIGTERM)
+        signal_group(node.proc, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for node in running:
         try:
