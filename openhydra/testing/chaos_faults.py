@@ -8,7 +8,6 @@ model and every failure a client sees is the coordinator's, not a hole in the sw
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel
 
-from openhydra.testing.processes import NodeProcess, swarm_node_overrides
+from openhydra.testing.processes import NodeProcess, signal_group, swarm_node_overrides
 
 
 class PeerState(StrEnum):
@@ -85,7 +84,7 @@ class ChaosPeer:
 
     def signal(self, sig: int) -> None:
         if self.node is not None and self.node.proc is not None and self.node.proc.poll() is None:
-            os.killpg(self.node.proc.pid, sig)
+            signal_group(self.node.proc, sig)
 
 
 def span_key(span: tuple[int, int]) -> str:
