@@ -109,6 +109,16 @@ def _library_runtime(model_dir, *span, **kwargs) -> ShardRuntime:
     return ShardRuntime(model_dir, *span, dtype=torch.bfloat16, matmul="library", **kwargs)
 
 
+def _with_row_limit(rt: ShardRuntime, limit: int | None) -> ShardRuntime:
+    """``rt`` as a CPU whose ``lowbit.bf16_kernel_rows`` gives ``limit`` would have loaded it: every weight's limit
+    and the span's ``independent_rows`` (the same tests on any machine)."""
+    for m in rt.modules.modules():
+        if isinstance(m, Bf16KernelLinear):
+            m.lowbit.max_rows = limit
+    rt.independent_rows = limit
+    return rt
+
+
 def test_a_span_loads_on_the_library_and_says_so(tiny_model_dirs):
     """Every decoder Linear and the head on the library (an untied table stays PyTorch's; a tied one: the SmolLM2
     test below); the span announces its own arithmetic (verification pairs it only with peers computing alike).
@@ -163,7 +173,7 @@ def test_a_batch_past_the_librarys_rows_is_padded(tiny_model_dirs, monkeypatch):
         rt.forward(f"s{i}", torch.arange(p.numel()), input_ids=p)
     rows = lowbit.BF16_KERNEL_ROWS + 1
     for step, limit in enumerate((lowbit.BF16_KERNEL_ROWS, None)):
-        rt.independent_rows = limit
+        _with_row_limit(rt, limit)
         forward_batch(rt, [_Pending(f"s{i}", p.numel() + step, torch.tensor([9 + i]), None, False)
                            for i, p in enumerate(prompts)], rows=rows)
     assert seen == [rows, len(prompts)]
@@ -225,11 +235,8 @@ def test_library_spans_with_and_without_the_row_limit_do_not_accuse_each_other(s
 
     config = VerificationConfig()
     tol, k = config.tolerance.bfloat16, config.top_k
-    limited, unlimited = _library_runtime(smollm2_dir), _library_runtime(smollm2_dir)
-    for m in unlimited.modules.modules():
-        if isinstance(m, (Bf16KernelLinear, Bf16PackedEmbedding)) and hasattr(m, "lowbit"):
-            m.lowbit.max_rows = None
-    unlimited.independent_rows = None
+    limited = _with_row_limit(_library_runtime(smollm2_dir), lowbit.BF16_KERNEL_ROWS)
+    unlimited = _with_row_limit(_library_runtime(smollm2_dir), None)
     text = (Path(__file__).resolve().parents[2] / "bench" / "data" / "heldout.txt").read_text()
     ids = torch.tensor(AutoTokenizer.from_pretrained(smollm2_dir)(text)["input_ids"][:160])
     assert ids.numel() > 2 * lowbit.BF16_KERNEL_ROWS
