@@ -14,6 +14,7 @@ sweep's launcher refuses a process with ``grpc`` imported (openhydra/preload.py:
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,24 +28,22 @@ FORKS = {  # the os.fork() calls we have, each on a path that never has gRPC loa
 }
 
 
-def _python_files() -> list[Path]:
-    return sorted(p for top in SOURCES if (REPO / top).is_dir() for p in (REPO / top).rglob("*.py"))
+@functools.cache
+def _calls() -> list[tuple[str, ast.Call]]:
+    """Every call in our Python sources, with its file (relative to the repo); parsed once for both tests."""
+    files = sorted(p for top in SOURCES if (REPO / top).is_dir() for p in (REPO / top).rglob("*.py"))
+    return [(str(path.relative_to(REPO)), node) for path in files
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))) if isinstance(node, ast.Call)]
 
 
 def test_no_subprocess_is_started_with_a_preexec_fn():
-    offenders = []
-    for path in _python_files():
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.Call) and any(kw.arg == "preexec_fn" for kw in node.keywords):
-                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    offenders = [f"{path}:{call.lineno}" for path, call in _calls()
+                 if any(kw.arg == "preexec_fn" for kw in call.keywords)]
     assert not offenders, f"preexec_fn forks a process that may have used gRPC (grpc/grpc#43055): {offenders}"
 
 
 def test_every_os_fork_is_one_we_checked():
-    forks = set()
-    for path in _python_files():
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "fork"
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "os"):
-                forks.add(str(path.relative_to(REPO)))
+    forks = {path for path, call in _calls()
+             if isinstance(call.func, ast.Attribute) and call.func.attr == "fork"
+             and isinstance(call.func.value, ast.Name) and call.func.value.id == "os"}
     assert forks == FORKS, f"os.fork() calls changed: {sorted(forks ^ FORKS)}: check each against gRPC's fork handler"
