@@ -21,7 +21,6 @@ the unpacking PyTorch arm. Prints the machine and the load at start and end; wri
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import finish_plot
+from common import finish_plot, whole_model_bench
 
 ROWS = (1, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128, 192, 256)
 ARMS = ("library", "pytorch, unpacked per call", "pytorch, natural layout")
@@ -46,26 +45,14 @@ def layer_shapes(model_dir: Path) -> list[tuple[int, int]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", default=None)
-    parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--plot", default="docs/img/bench_bf16_rows.png")
-    args = parser.parse_args()
-    from openhydra.testing.machine import announce
-
-    announce()
+    args, model_dir = whole_model_bench(__doc__, repeats=15, plot="docs/img/bench_bf16_rows.png")
     import torch
 
-    torch.set_num_threads(1)
     from openhydra.runtime import lowbit
-    from openhydra.runtime.source import embedded_model_dir
-    from openhydra.testing import TEST_CACHE_ROOT
 
     lib = lowbit.kernel()
     if lib is None:
         sys.exit("no low-bit library on this machine (no AVX2/AVX-512 VNNI or no C compiler): nothing to compare")
-    model_dir = Path(args.model_dir) if args.model_dir else embedded_model_dir(TEST_CACHE_ROOT)
     shapes = layer_shapes(model_dir)
     limit = lowbit.bf16_kernel_rows(lib)
     print(f"model {model_dir.name}: one layer's matmuls (out, in) {shapes}; library path {lowbit.isa()}; row limit "

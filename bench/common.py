@@ -170,14 +170,16 @@ def median_step_ms(runtime, session_id: str, prompt, steps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def whole_model_bench(doc: str, *, tokens: int, plot: str, trials: int = 5) -> tuple[argparse.Namespace, Path]:
-    """For in-process benchmarks of whole-model runtimes on one thread: parse ``--model-dir``, ``--trials``,
-    ``--tokens`` and ``--plot``, print the machine banner (and the load at exit), pin torch to one thread; returns
-    the arguments and the model folder (the embedded SmolLM2 unless ``--model-dir`` names one)."""
+def whole_model_bench(doc: str, *, plot: str, trials: int = 5, **counts: int) -> tuple[argparse.Namespace, Path]:
+    """For in-process benchmarks of a model's runtimes or weights on one thread: parse ``--model-dir``, ``--trials``,
+    ``--plot`` and an integer option per ``counts`` (``tokens=32``: ``--tokens``, default 32), print the machine
+    banner (and the load at exit), pin torch to one thread; returns the arguments and the model folder (the embedded
+    SmolLM2 unless ``--model-dir`` names one)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--trials", type=int, default=trials)
-    parser.add_argument("--tokens", type=int, default=tokens)
+    for name, default in counts.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--plot", default=plot)
     args = parser.parse_args()
     from openhydra.testing.machine import announce
