@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from openhydra.api.app import create_app
 from openhydra.config.schema import NodeConfig
 from openhydra.node import Node
+from openhydra.runtime import cast_store
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ def _has_target(node: DictConfig) -> bool:
 def build_node(cfg: NodeConfig, raw: DictConfig) -> Node:
     logging.getLogger().setLevel(cfg.node.log_level)
     torch.set_grad_enabled(False)
+    # weights in the runtime's dtype, cast once per machine and mapped (runtime/cast_store.py)
+    cast_store.configure(cfg.node.model_cache_path / "casts" if cfg.node.cast_weights else None)
     backend = instantiate(raw.hardware)
     if _has_target(raw.compaction):  # KV compaction of every span this node loads (runtime/compaction/)
         backend.compaction = instantiate(raw.compaction)

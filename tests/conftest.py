@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,16 @@ from openhydra.testing.tiny import FAMILIES, build_tiny_model
 # Node and peer processes are forked from a server that imported torch and transformers once (~4 CPU s saved per
 # process; openhydra/testing/forkserver.py). OPENHYDRA_TEST_FORKSERVER=0: every one a fresh interpreter.
 os.environ.setdefault("OPENHYDRA_TEST_FORKSERVER", "1")
+
+
+@pytest.fixture(autouse=True)
+def _no_cast_store_left_behind() -> Iterator[None]:
+    """A test that builds a node in this process (build_node configures runtime/cast_store.py for the process) must
+    not leave later tests' spans writing cast files into its model cache."""
+    yield
+    cast_store = sys.modules.get("openhydra.runtime.cast_store")
+    if cast_store is not None:
+        cast_store.configure(None)
 
 
 @pytest.fixture(scope="session")

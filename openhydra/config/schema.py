@@ -154,6 +154,9 @@ class NodeSection(Strict):
     data_dir: str
     model_cache_dir: str = "~/.cache/openhydra"
     """Converted models and hub downloads, shared by every node on the machine (runtime/model_cache.py)."""
+    cast_weights: bool = True
+    """A span computed in another dtype than its checkpoint stores: cast once into ``<model_cache_dir>/casts`` and
+    memory-mapped, shared by the machine's nodes (runtime/cast_store.py); false: cast in memory at every load."""
     peer_id: str | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     hub_probe_timeout_s: float = Field(2.0, gt=0, le=60)

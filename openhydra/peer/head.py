@@ -42,7 +42,7 @@ def load_head(model_dir: str | Path, dtype: torch.dtype = torch.float32, matmul:
     missing = [target for target, source in names.items() if source is None]
     if missing:
         raise CheckpointError(f"{model_dir} lacks tensors for the coordinator's head: {missing}")
-    tensors = index.read(names, dict.fromkeys(names, dtype))
+    tensors = index.read(names, dict.fromkeys(names, dtype), keep_casts=matmul != "library")
     norm.load_state_dict({k.removeprefix("norm."): v for k, v in tensors.items() if k.startswith("norm.")},
                          strict=True, assign=True)
     lm_head.load_state_dict({"weight": tensors["lm_head.weight"]}, strict=False, assign=True)

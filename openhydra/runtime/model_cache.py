@@ -230,7 +230,7 @@ def _run_child(argv: list[str], what: str) -> tuple[float, int]:
     return time.monotonic() - started, peak_kib * 1024
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -293,9 +293,9 @@ def materialize(target: Path, convert_argv: list[str], what: str, record: dict[s
                 json.dump(marker, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(partial)
+            fsync_dir(partial)
             os.rename(partial, target)  # atomic: readers see either no folder or the complete one
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise

@@ -118,8 +118,12 @@ def build_shard(
     dtype_for = {target: torch.float32 if any(p.search(target) for p in keep_fp32) else dtype for target in names}
     if is_first and is_last and tied:
         del names["lm_head.weight"]  # same tensor as the embeddings: read it once
+    method = method_for(quantization, device)
+    # cast once into the model cache and mapped (runtime/cast_store.py) where the cast tensors are the weights served:
+    # a quantized or library span replaces them with its own layout
+    keep_casts = device == "cpu" and method == "none" and matmul != "library"
     views: set[str] = set()
-    tensors = index.read(names, dtype_for, mapped=views)
+    tensors = index.read(names, dtype_for, mapped=views, keep_casts=keep_casts)
     if device != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     if is_first and is_last and tied:
@@ -139,7 +143,6 @@ def build_shard(
     # full-precision tensors must be unreferenced first, or quantizing cannot free them.
     file_views = FileViews.of(modules, {tensors[name].data_ptr() for name in views})  # CPU tensors only (see .of)
     del tensors
-    method = method_for(quantization, device)
     quantize_linears(modules.layers, method, device, dtype)
     quantize_head(modules, method, dtype)  # CPU int8/int4: head + embeddings int8
     # unquantized bf16 on the CPU: the layers' matmuls on the low-bit library (its bf16 layout, a copy)

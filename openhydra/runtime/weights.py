@@ -99,11 +99,12 @@ class CheckpointIndex:
         return {name[len(head) :]: name for name in self.weight_map if name.startswith(head)}
 
     def read(self, names: dict[str, str], dtype_for: dict[str, torch.dtype],
-             mapped: set[str] | None = None) -> dict[str, torch.Tensor]:
+             mapped: set[str] | None = None, keep_casts: bool = False) -> dict[str, torch.Tensor]:
         """Read ``{target: checkpoint_name}`` grouped by file; each tensor cast to ``dtype_for[target]``.
 
-        ``mapped`` (if given) receives the targets stored in their own dtype: those are views of the file's
-        mapping, nothing copied; the others are cast copies."""
+        ``mapped`` (if given) receives the targets that are views of a file's mapping, nothing copied: those stored
+        in their own dtype and, with ``keep_casts``, those cast once into the model cache's cast file
+        (runtime/cast_store.py) where one is configured; the others are cast copies."""
         by_file: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for target, source in names.items():
             if source not in self.weight_map:
@@ -115,13 +116,33 @@ class CheckpointIndex:
                         disable=len(names) < 64, mininterval=1.0)
         for filename, pairs in by_file.items():
             with open_safetensors(self.root / filename) as f:
+                cast = self._kept_casts(filename, f, pairs, dtype_for) if keep_casts else {}
                 for target, source in pairs:
-                    stored = f.get_tensor(source)
+                    kept = cast.get((source, dtype_for[target]))
+                    stored = kept if kept is not None else f.get_tensor(source)
                     out[target] = stored.to(dtype_for[target])
                     if mapped is not None and out[target] is stored:
                         mapped.add(target)
                     progress.update()
         progress.close()
+        return out
+
+    def _kept_casts(self, filename: str, f, pairs: list[tuple[str, str]],
+                    dtype_for: dict[str, torch.dtype]) -> dict[tuple[str, torch.dtype], torch.Tensor]:
+        """(checkpoint name, dtype) -> the tensor cast to that dtype, mapped from the cast store, for the tensors of
+        one file that the read casts; empty where the store is off or cannot be used."""
+        from openhydra.runtime import cast_store
+
+        if cast_store.current() is None:
+            return {}
+        wanted: dict[torch.dtype, set[str]] = defaultdict(set)
+        for target, source in pairs:
+            if f.get_slice(source).get_dtype() != _SAFETENSORS_DTYPE.get(dtype_for[target]):
+                wanted[dtype_for[target]].add(source)
+        out: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        for dtype, sources in wanted.items():
+            kept = cast_store.cast_tensors(self.root / filename, sorted(sources), dtype, f.get_tensor)
+            out.update({(name, dtype): tensor for name, tensor in (kept or {}).items()})
         return out
 
     def read_as_stored(self, source: str) -> torch.Tensor:
@@ -149,6 +170,7 @@ class CheckpointIndex:
         return total
 
 
+_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
 
 
