@@ -22,6 +22,7 @@ from openhydra.api.errors import APIError
 from openhydra.api.metrics import ApiMetrics
 from openhydra.api.ratelimit import SlidingWindowLimiter, TrustedProxies
 from openhydra.api.routes_dashboard import PUBLIC_PATHS as DASHBOARD_PAGE_PATHS
+from openhydra.api.routes_dashboard import SUMMARY_PATH as DASHBOARD_SUMMARY_PATH
 from openhydra.api.state import NodeState
 from openhydra.api.streaming import as_api_error
 from openhydra.config.schema import ApiConfig
@@ -50,6 +51,9 @@ CLIENT_CLOSED_REQUEST = 499
 # per-client limit (api.probe_rate_limit_requests) so a busy client cannot make its own node look dead.
 PROBE_PATHS = frozenset({"/health", "/readyz", "/metrics"})
 PUBLIC_PATHS = PROBE_PATHS | DASHBOARD_PAGE_PATHS  # the page holds no data
+# The dashboard's poll (every 2 s: 30 of the API's 120 requests a minute) comes out of the probes' budget too, so a
+# page left open does not rate-limit its user's own API calls; it still needs the bearer token (it holds data).
+PROBE_BUDGET_PATHS = PROBE_PATHS | {DASHBOARD_SUMMARY_PATH}
 
 
 class OpenHydraSanic(Sanic):
@@ -110,7 +114,7 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
             return None
         if cors.is_preflight(request):  # a browser's question before a cross-origin call: no token, no quota
             return cors.preflight(request)
-        limiter = app.ctx.probe_limiter if request.path in PROBE_PATHS else app.ctx.limiter
+        limiter = app.ctx.probe_limiter if request.path in PROBE_BUDGET_PATHS else app.ctx.limiter
         decision = limiter.hit(client_of(request))
         request.ctx.rate = decision
         if not decision.allowed:

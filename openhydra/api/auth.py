@@ -34,7 +34,7 @@ class BearerAuth:
 
     def __init__(self, token: str | None, public_paths: Iterable[str] = DEFAULT_PUBLIC_PATHS) -> None:
         if token is not None and len(token) < 16:
-            raise ValueError("api_bearer_token must be at least 16 characters (use a random token)")
+            raise ValueError("api.bearer_token must be at least 16 characters (use a random token)")
         self._token = token.encode() if token else None
         self.public_paths = frozenset(public_paths)
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from openhydra.api.protocol_base import Tolerant
 from openhydra.api.protocol_features import OllamaFormat, ToolSpec
-from openhydra.api.protocol_openai import SEED_MAX, TOP_K_MAX, StopList
+from openhydra.api.protocol_openai import SEED_MAX, SEED_MIN, TOP_K_MAX, StopList
 
 # Not enforced by the model: the route refuses images with its own message (routes_ollama); the document says so.
 NoImages = Annotated[list[str], Field(json_schema_extra={"maxItems": 0},
@@ -24,11 +24,17 @@ class OllamaOptions(Tolerant):
     # Ollama: -1 generates until the model stops (bounded here by the context and api.max_tokens_limit),
     # -2 until the context is full. Any other negative value is an error.
     num_predict: int | None = Field(None, ge=-2)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    temperature: float | None = Field(None, ge=0.0, allow_inf_nan=False)  # Ollama sets no upper bound
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, le=TOP_K_MAX)
-    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    """A negative seed is Ollama's "random" (its default options send -1): the same as none."""
     stop: str | StopList | None = None
+
+    @field_validator("seed")
+    @classmethod
+    def _negative_is_random(cls, value: int | None) -> int | None:
+        return None if value is not None and value < 0 else value
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -39,8 +45,14 @@ class OllamaOptions(Tolerant):
 class OllamaMessage(Tolerant):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
+    """``null`` reads as empty, as Ollama's own server reads it (an assistant turn that only called tools)."""
     images: NoImages | None = None
     tool_calls: list[dict] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: object) -> object:
+        return "" if value is None else value
 
 
 class OllamaBase(Tolerant):

@@ -16,7 +16,8 @@ from openhydra.api.protocol_base import Tolerant
 from openhydra.api.protocol_features import MAX_TOP_LOGPROBS, ResponseFormat, ToolChoice, ToolSpec
 
 MAX_STOPS = 16
-SEED_MAX = 2**63 - 1  # the peer wire carries a uint64 seed (seed + choice index)
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # OpenAI's seed is an int64; the sampler's is in [0, SEED_MAX]
+# (api/requests.py choice_seed)
 TOP_K_MAX = 2**31 - 1
 
 StopList = Annotated[list[str], Field(max_length=MAX_STOPS)]
@@ -55,7 +56,7 @@ class SamplingFields(Tolerant):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, le=TOP_K_MAX)
-    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | StopList | None = None
     n: int = Field(1, ge=1, le=8)
     stream: bool = False

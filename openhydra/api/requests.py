@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 
 from openhydra.api.errors import bad_request
+from openhydra.api.protocol_openai import SEED_MAX
 from openhydra.config.schema import ApiConfig
 from openhydra.router.engine import ContextTooLong, Engine, GenerationRequest
 from openhydra.runtime.sampling import SamplingParams
@@ -50,12 +52,21 @@ def generation_request(
         engine.check_fits(len(prompt_ids), max_tokens)
     except ContextTooLong as exc:
         raise bad_request(str(exc), param="max_tokens", code="context_length_exceeded") from None
-    base_seed = seed if seed is not None else secrets.randbits(31)
+    base_seed = seed if seed is not None else secrets.randbits(63)
     temperature = 1.0 if temperature is None else temperature
     sampling = SamplingParams(
         temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
         top_p=1.0 if top_p is None else max(top_p, MIN_TOP_P),
         top_k=top_k or 0,
-        seed=base_seed + choice,
+        seed=choice_seed(base_seed, choice),
     )
     return GenerationRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling, stop=stop)
+
+
+def choice_seed(seed: int, choice: int) -> int:
+    """The sampler's seed (in [0, SEED_MAX]) for choice ``choice`` of a request seeded ``seed`` (any int64): choice 0
+    samples with the seed itself (a negative one taken modulo 2^63), every other choice with a seed hashed from both,
+    so requests with nearby seeds share no choices (seed s's choice 1 is not seed s+1's choice 0)."""
+    if choice == 0:
+        return seed % (SEED_MAX + 1)
+    return int.from_bytes(hashlib.sha256(f"{seed}/{choice}".encode()).digest()[:8], "big") & SEED_MAX

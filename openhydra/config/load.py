@@ -64,7 +64,9 @@ def _format_validation(prefix: str, exc: ValidationError) -> str:
     given = first.get("input")
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     message = message.removeprefix("Value error, ")
-    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    # a secret is not echoed into logs and terminals, even a wrong one
+    secret = loc.rsplit(".", 1)[-1].endswith(("token", "secret", "password"))
+    shown = "" if isinstance(given, dict) or secret else f" (got {given!r})"
     return f"{loc}: {message}{shown}{more}" if loc else f"{message}{more}"  # a rule across groups: no one key
 
 

@@ -121,7 +121,8 @@ class ApiConfig(Strict):
     rate_limit_requests: int = Field(120, ge=1)
     rate_limit_window_s: float = Field(60, gt=0)
     probe_rate_limit_requests: int = Field(1200, ge=1)
-    """/health, /readyz and /metrics: their own per-client budget per window, apart from the API's."""
+    """/health, /readyz, /metrics and the dashboard's poll: their own per-client budget per window, apart from the
+    API's."""
     body_timeout_s: float = Field(30, gt=0)
     """From the end of a request's headers to the end of its body; then 408 and the connection closes."""
     max_connections_per_ip: int = Field(64, ge=1)
@@ -129,8 +130,17 @@ class ApiConfig(Strict):
     trusted_proxies: list[str] = []
     """CIDRs of reverse proxies whose X-Forwarded-For is believed (the rightmost untrusted entry is the client)."""
     bearer_token: str | None = None
+    """Every API request must carry ``Authorization: Bearer <token>`` (api/auth.py); at least 16 characters."""
     cors_origins: list[str] = []
     """Web origins whose pages may call this API from a browser (api/cors.py); ["*"] for any."""
+
+    @field_validator("bearer_token")
+    @classmethod
+    def _long_enough(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < 16:
+            raise ValueError(f"must be at least 16 characters (this one has {len(value)}): use a random token, e.g. "
+                             "python -c 'import secrets; print(secrets.token_urlsafe(24))'")
+        return value
 
     @model_validator(mode="after")
     def _limits(self) -> ApiConfig:

@@ -10,6 +10,7 @@ there back to back (router/token_stream.py).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 import uuid
@@ -201,7 +202,11 @@ class Engine:
             decoder = Decoder(self.pipeline, session_id, request.prompt_ids, request.sampling, request.max_tokens,
                               self.speculator, stop_ids=eos)
         details: list[TokenLogprob] | None = [] if request.logprobs is not None else None
-        unsent: list[TokenLogprob] = []
+        # A token's logprob goes out with the first content it gave (text held back as a possible stop prefix holds
+        # it back too), and not at all if a stop string swallowed all of its text: the logprobs spell the content.
+        starts: list[int] = []  # where each of ``details``' tokens starts in the generated text (in characters)
+        decoded = emitted = 0  # characters of generated text decoded so far, and of them sent as content
+        sent = 0  # ``details[:sent]`` went out with content
         self.active_sessions.add(session_id)
         steps = TokenStream(decoder, self.executor, self._waiting, ends=lambda tokens: not eos.isdisjoint(tokens),
                             on_done=lambda: self._close_session(session_id, decoder), ahead=self.decode_ahead)
@@ -230,19 +235,26 @@ class Engine:
                         finish_reason, done = "stop", True
                         break
                     completion_tokens += 1
+                    piece = detok.push(token)
                     if details is not None:
                         assert last.detail is not None and last.detail.token_id == token  # one token per step
                         details.append(last.detail)
-                        unsent.append(details[-1])
-                    emit, hit_stop = stops.feed(detok.push(token))
+                        starts.append(decoded)
+                    decoded += len(piece)
+                    emit, hit_stop = stops.feed(piece)
+                    emitted += len(emit)
+                    ready = sent if details is None else bisect.bisect_left(starts, emitted)
+                    if hit_stop and details is not None:
+                        del details[ready:], starts[ready:]  # tokens that only spell the stop string
                     if emit:
                         pieces.append(emit)
-                        yield TextDelta(emit, token, unsent)
-                        unsent = []
+                        yield TextDelta(emit, token, [] if details is None else details[sent:ready])
+                        sent = ready
                     if hit_stop:
                         finish_reason, done = "stop", True
                         break
             rest = stops.flush()  # text held back as a possible stop prefix that never became one
+            unsent = [] if details is None else details[sent:]
             if rest or unsent:
                 pieces.append(rest)
                 yield TextDelta(rest, -1, unsent)

@@ -165,8 +165,10 @@ def test_concurrent_requests_do_not_cross_streams(tiny_node, http):
 
 
 def test_rate_limit_headers_on_every_response(http):
-    # probes count against their own budget (api.probe_rate_limit_requests, default 1200), the API against its own
-    for path, limit in (("/health", "1200"), ("/v1/models", "100000"), ("/v1/nothing", "100000")):
+    # probes and the dashboard's poll count against their own budget (api.probe_rate_limit_requests, default 1200),
+    # the API against its own
+    for path, limit in (("/health", "1200"), ("/v1/dashboard/summary", "1200"), ("/v1/models", "100000"),
+                        ("/v1/nothing", "100000")):
         response = http.get(path)
         assert response.headers["X-RateLimit-Limit"] == limit
         assert int(response.headers["X-RateLimit-Remaining"]) >= 0

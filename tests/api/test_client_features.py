@@ -12,6 +12,7 @@ import math
 import shutil
 from pathlib import Path
 
+import httpx
 import jsonschema_rs
 import ollama
 import openai
@@ -102,6 +103,85 @@ def test_completion_logprobs_shape_and_stream(client):
                 tokens += c.logprobs.tokens
                 offsets += c.logprobs.text_offset
     assert tokens == lp.tokens and offsets == lp.text_offset
+
+
+def _stops_inside(text: str, tokens: list[str]) -> list[str]:
+    """Stop strings that end a greedy answer mid-way: one that starts where a token starts, and one that starts
+    inside a token (that token gave content a character, so its logprob stays)."""
+    starts = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    at_token = next(st for st in starts[3:] if text[st:st + 2].strip() and text.find(text[st:st + 2]) == st)
+    inside = next(st + 1 for st, t in zip(starts[3:], tokens[3:], strict=True)
+                  if len(t) > 1 and text.find(text[st + 1:st + 3]) == st + 1)
+    return [text[at_token:at_token + 2], text[inside:inside + 2]]
+
+
+def test_logprobs_spell_the_content_when_a_stop_string_ends_it(client):
+    """The tokens that only spell a stop string are left out of the logprobs, as the string is out of the content:
+    chat and legacy completions, streamed and not."""
+    full = client.completions.create(model=MODEL, prompt="The sea is", max_tokens=24, temperature=0, logprobs=0)
+    for stop in _stops_inside(full.choices[0].text, full.choices[0].logprobs.tokens):
+        cut = client.completions.create(model=MODEL, prompt="The sea is", max_tokens=24, temperature=0, logprobs=0,
+                                        stop=[stop])
+        text, lp = cut.choices[0].text, cut.choices[0].logprobs
+        assert cut.choices[0].finish_reason == "stop" and text == full.choices[0].text[:full.choices[0].text.find(stop)]
+        assert text.startswith("".join(lp.tokens[:-1])) and "".join(lp.tokens).startswith(text), (stop, lp.tokens)
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset)
+        assert lp.tokens == full.choices[0].logprobs.tokens[:len(lp.tokens)]
+        assert sum(len(t) for t in lp.tokens[:-1]) < len(text)  # the last token kept gave content a character
+        chunks = list(client.completions.create(model=MODEL, prompt="The sea is", max_tokens=24, temperature=0,
+                                                logprobs=0, stop=[stop], stream=True))
+        assert [t for c in chunks for ch in c.choices if ch.logprobs for t in ch.logprobs.tokens] == lp.tokens
+        assert "".join(ch.text for c in chunks for ch in c.choices) == text
+
+    reply = client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=24, temperature=0,
+                                           logprobs=True)
+    tokens = [e.token for e in reply.choices[0].logprobs.content]
+    for stop in _stops_inside(reply.choices[0].message.content, tokens):
+        for stream in (False, True):
+            kw = dict(model=MODEL, messages=PROMPT, max_tokens=24, temperature=0, logprobs=True, stop=stop)
+            if stream:
+                chunks = list(client.chat.completions.create(**kw, stream=True))
+                content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                kept = [e.token for c in chunks if c.choices and c.choices[0].logprobs
+                        for e in c.choices[0].logprobs.content]
+            else:
+                cut = client.chat.completions.create(**kw)
+                content, kept = cut.choices[0].message.content, [e.token for e in cut.choices[0].logprobs.content]
+            assert content.startswith("".join(kept[:-1])) and "".join(kept).startswith(content), (stop, kept)
+            assert kept == tokens[:len(kept)] and sum(len(t) for t in kept[:-1]) < len(content)
+
+
+def test_negative_seeds_and_seeds_of_several_choices(client):
+    """OpenAI's seed is an int64 (a negative one is a seed like any other); Ollama's default options send -1, its
+    "random". The choices of nearby seeds are not each other's (choice 1 of seed s was choice 0 of seed s+1)."""
+    kw = dict(model=MODEL, messages=PROMPT, max_tokens=12, temperature=1.0)
+    negative = [client.chat.completions.create(**kw, seed=-5).choices[0].message.content for _ in range(2)]
+    assert negative[0] == negative[1]
+    assert client.chat.completions.create(**kw, seed=-(2**63)).choices[0].message.content
+    one = [c.message.content for c in client.chat.completions.create(**kw, seed=1, n=3).choices]
+    two = [c.message.content for c in client.chat.completions.create(**kw, seed=2, n=3).choices]
+    assert one[0] == client.chat.completions.create(**kw, seed=1).choices[0].message.content  # choice 0: the seed
+    assert not set(one) & set(two), (one, two)
+
+
+def test_ollama_default_options_are_accepted(tiny_node):
+    c = ollama.Client(host=tiny_node.url, timeout=120)
+    # what Ollama's own DefaultOptions send, seed -1 ("random") and all
+    defaults = {"num_predict": 6, "seed": -1, "temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.1,
+                "num_ctx": 2048, "mirostat": 0, "num_gpu": -1}
+    assert c.generate(model=MODEL, prompt="Once upon a time", options=defaults).done
+    hot = c.generate(model=MODEL, prompt="Once upon a time", options={"num_predict": 6, "temperature": 5.0, "seed": 3})
+    assert hot.eval_count == 6  # Ollama sets no upper bound on temperature
+    # an assistant turn with "content": null (one that only called tools), as Ollama's own server reads it: empty
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
+             {"role": "user", "content": "Go"}]
+    reply = httpx.post(f"{tiny_node.url}/api/chat", timeout=120, json={
+        "model": MODEL, "messages": turns, "stream": False, "options": {"num_predict": 3, "temperature": 0}})
+    empty = httpx.post(f"{tiny_node.url}/api/chat", timeout=120, json={
+        "model": MODEL, "messages": [{**t, "content": t["content"] or ""} for t in turns], "stream": False,
+        "options": {"num_predict": 3, "temperature": 0}})
+    assert reply.status_code == empty.status_code == 200, reply.text
+    assert reply.json()["message"]["content"] == empty.json()["message"]["content"]
 
 
 def test_echo_prepends_the_prompt(client):

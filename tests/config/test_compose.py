@@ -97,6 +97,7 @@ def test_shard_spans():
         (["shard=layers", "shard.start=9", "shard.end=3"], "shard.end must be > shard.start"),
         (["model=local"], "model.path"),
         (["node.peer_id=alice"], "derived from the identity key"),
+        (["api.bearer_token=hunter2"], "api.bearer_token: must be at least 16 characters"),
     ],
 )
 def test_invalid_values_fail_validation_with_the_key(overrides, fragment):
@@ -104,3 +105,9 @@ def test_invalid_values_fail_validation_with_the_key(overrides, fragment):
         validate(composed(overrides))
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_wrong_secret_is_named_but_not_echoed():
+    with pytest.raises(ConfigError) as err:
+        validate(composed(["api.bearer_token=hunter2-short"]))
+    assert "api.bearer_token" in str(err.value) and "hunter2" not in str(err.value)
