@@ -24,7 +24,8 @@ class OllamaOptions(Tolerant):
     # Ollama: -1 generates until the model stops (bounded here by the context and api.max_tokens_limit),
     # -2 until the context is full. Any other negative value is an error.
     num_predict: int | None = Field(None, ge=-2)
-    temperature: float | None = Field(None, ge=0.0, allow_inf_nan=False)  # Ollama sets no upper bound
+    # Ollama sets no upper bound; past ~100 sampling is uniform anyway, and a float32 sampler needs a finite one
+    temperature: float | None = Field(None, ge=0.0, le=100.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, le=TOP_K_MAX)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
@@ -44,14 +45,15 @@ class OllamaOptions(Tolerant):
 
 class OllamaMessage(Tolerant):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
-    """``null`` reads as empty, as Ollama's own server reads it (an assistant turn that only called tools)."""
+    content: str | None = ""
+    """``null`` reads as empty (never None after validation), as Ollama's own server reads it (an assistant turn
+    that only called tools)."""
     images: NoImages | None = None
     tool_calls: list[dict] | None = None
 
-    @field_validator("content", mode="before")
+    @field_validator("content")
     @classmethod
-    def _null_is_empty(cls, value: object) -> object:
+    def _null_is_empty(cls, value: str | None) -> str:
         return "" if value is None else value
 
 
