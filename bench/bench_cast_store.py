@@ -21,6 +21,7 @@ Prints the machine banner (load average, CPU flags, versions) and the medians, w
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import statistics
@@ -33,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import finish_plot, medians, print_table, run_interleaved, step_arms  # noqa: E402
+from common import finish_plot, print_table, run_interleaved, step_ab  # noqa: E402
 
 CHILD = """
 import json, sys, torch
@@ -116,22 +117,9 @@ def main() -> None:
               f"{held['in memory'].private_bytes / 2**20:.0f} MiB (in memory)")
         a, b = mapped.modules.state_dict(), private.modules.state_dict()
         assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a), "parameters differ"
-        prompt = torch.arange(100, 142)
-        tokens = {}
-        for name, rt in (("mapped", mapped), ("in memory", private)):
-            out, seq = rt.forward("check", torch.arange(prompt.numel()), input_ids=prompt), []
-            for i in range(16):
-                seq.append(int(out.argmax()))
-                out = rt.forward("check", torch.tensor([prompt.numel() + i]), input_ids=torch.tensor([seq[-1]]))
-            rt.close_session("check")
-            tokens[name] = seq
-        assert tokens["mapped"] == tokens["in memory"], tokens
         names = ("cast file, mapped", "cast in memory")
-        steps = run_interleaved(step_arms({names[0]: mapped, names[1]: private}, prompt, args.steps), args.trials,
-                                unit="ms/step")
-        print_table(steps, metric="median ms per decode step")
-        m = medians(steps)
-        per_trial = statistics.median(x / y for x, y in zip(steps[names[0]], steps[names[1]], strict=True))
+        steps, m, per_trial = step_ab({names[0]: mapped, names[1]: private}, torch.arange(100, 142), args.steps,
+                                      args.trials)
         print(f"\ndecode step, mapped / in memory = {m[names[0]] / m[names[1]]:.3f} (per-trial median "
               f"{per_trial:.3f}); the same 16 greedy tokens and the same parameters bit for bit")
         del mapped, private, a, b
@@ -140,6 +128,8 @@ def main() -> None:
                                 args.trials, unit="ms")
         print_table(loads, metric="median ms to load the whole model")
 
+        gc.collect()  # the runtimes above (reference cycles): this process must not share the children's pages
+        assert str(casts) not in Path("/proc/self/maps").read_text(), "the bench process still maps the cast file"
         memory = {names[0]: memory_arm(model_dir, casts, args.dtype, args.processes),
                   names[1]: memory_arm(model_dir, None, args.dtype, args.processes)}
         print(f"\n{args.processes} processes at once, each the whole model in {args.dtype} (MiB):")

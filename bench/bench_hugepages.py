@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import medians, plot_trials, print_table, run_interleaved, step_arms  # noqa: E402
+from common import medians, plot_trials, print_table, run_interleaved, step_ab  # noqa: E402
 
 
 def through_the_api(args: argparse.Namespace) -> None:
@@ -110,22 +110,9 @@ def main() -> None:
     thp = hugepages.THP_ENABLED.read_text().strip()
     print(f"low-bit kernel: {lowbit.isa()}; {args.quantization}, fp32, 1 thread; AnonHugePages +{in_huge:.0f} MiB "
           f"loading the huge-page arm, +{grew:.0f} MiB loading the other; THP: {thp}")
-    prompt = torch.arange(100, 142)
-    tokens = {}
-    for name, rt in (("huge", huge), ("plain", plain)):
-        out, seq = rt.forward("check", torch.arange(prompt.numel()), input_ids=prompt), []
-        for i in range(16):
-            seq.append(int(out.argmax()))
-            out = rt.forward("check", torch.tensor([prompt.numel() + i]), input_ids=torch.tensor([seq[-1]]))
-        rt.close_session("check")
-        tokens[name] = seq
-    assert tokens["huge"] == tokens["plain"], tokens
     names = ("2 MiB pages", "4 KiB pages")
-    rates = run_interleaved(step_arms({names[0]: huge, names[1]: plain}, prompt, args.steps), args.trials,
-                            unit="ms/step")
-    print_table(rates, metric="median ms per decode step")
-    m = medians(rates)
-    per_trial = statistics.median(b / a for a, b in zip(rates[names[0]], rates[names[1]], strict=True))
+    rates, m, ratio = step_ab({names[0]: huge, names[1]: plain}, torch.arange(100, 142), args.steps, args.trials)
+    per_trial = 1 / ratio
     print(f"\nspeed-up {m[names[1]] / m[names[0]]:.3f}x (per-trial median {per_trial:.3f}x): "
           f"{m[names[1]] - m[names[0]]:.2f} ms per step; same 16 greedy tokens in both arms")
     plot_trials(rates, f"SmolLM2 {args.quantization} decode step: weights in 2 MiB vs 4 KiB pages", args.plot,

@@ -154,6 +154,28 @@ def step_arms(runtimes: dict, prompt, steps: int) -> dict[str, Callable[[], floa
             for name, rt in runtimes.items()}
 
 
+def step_ab(runtimes: dict, prompt, steps: int, trials: int) -> tuple[dict[str, list[float]], dict[str, float], float]:
+    """Two runtimes of one model, A/B: first checks they give the same 16 greedy tokens after ``prompt``, then times
+    ``steps`` decode steps on each per trial (interleaved, alternating which goes first) and prints the table.
+    Returns the per-trial ms per step, their medians, and the median per-trial ratio first ÷ second."""
+    import torch
+
+    tokens = {}
+    for name, rt in runtimes.items():
+        out, seq = rt.forward("check", torch.arange(prompt.numel()), input_ids=prompt), []
+        for i in range(16):
+            seq.append(int(out.argmax()))
+            out = rt.forward("check", torch.tensor([prompt.numel() + i]), input_ids=torch.tensor([seq[-1]]))
+        rt.close_session("check")
+        tokens[name] = seq
+    first, second = list(runtimes)
+    assert tokens[first] == tokens[second], tokens
+    rates = run_interleaved(step_arms(runtimes, prompt, steps), trials, unit="ms/step")
+    print_table(rates, metric="median ms per decode step")
+    per_trial = statistics.median(a / b for a, b in zip(rates[first], rates[second], strict=True))
+    return rates, medians(rates), per_trial
+
+
 def median_step_ms(runtime, session_id: str, prompt, steps: int) -> float:
     """The median of ``steps`` greedy one-position decode steps (``runtime.forward``), in ms, after ``prompt``; the
     session is closed after."""
