@@ -38,6 +38,11 @@ def channel_options(keepalive_time_ms: int = KEEPALIVE_TIME_MS) -> list[tuple[st
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2_000),
+        # Subchannels (the connections) of this channel are its own: gRPC otherwise shares them among every channel
+        # of the process with the same address and options, so a channel made to replace one that met a dead
+        # process (ChannelPool.discard) inherited its connection in backoff, and its first call failed at once with
+        # the dead process's "Connection refused", blamed on the process just restarted on that address.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 

@@ -208,7 +208,9 @@ class SwarmPipeline:
                 report = self.coverage_map().coverage(exclude=banned)
                 # peers left out after failing (a refusal that says why, e.g. another privacy level): the holes
                 # may be theirs, and a user would otherwise look for a peer that is running
-                why = [self._ban_reasons[p] for p in sorted(banned) if p in self._ban_reasons][:3]
+                # (banned, or skipped as a dead process until it announces again)
+                left_out = sorted(set(banned) | set(self._unreachable))
+                why = [self._ban_reasons[p] for p in left_out if p in self._ban_reasons][:3]
                 raise PipelineUnavailable(
                     f"no chain of peers covers all {self.total_layers} layers of {self.model_id} "
                     f"(holes: {report.to_dict().get('holes')})"

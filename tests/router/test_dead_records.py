@@ -6,9 +6,10 @@ from __future__ import annotations
 import time
 
 import grpc
+import pytest
 
 from openhydra.router.bans import BanList, BanTunables
-from openhydra.router.swarm import SwarmPipeline
+from openhydra.router.swarm import FailoverTunables, PipelineUnavailable, SwarmPipeline
 from openhydra.runtime.sampling import SamplingParams
 from tests.router.scripted import ScriptedClient, announcement
 
@@ -87,3 +88,23 @@ def test_a_refused_peer_that_announces_again_from_the_same_process_is_alive():
     i = [r.grpc_address for r in records].index(used)
     records[i] = records[i].model_copy(update={"announced_at": time.time() + 1})  # same instance, a later heartbeat
     assert len(swarm.peers(refresh=True)) == 3
+
+
+def test_a_dead_peer_left_out_is_named_in_the_503_after_its_ban_lapses():
+    """The span's only peer refused a connection: once its short ban lapses it is still skipped (a dead process),
+    and the 503 says so, with its address and error, not only that its layers are a hole (an operator would look
+    for a hole where a peer is configured)."""
+    now = time.time()
+    records = [announcement("a", 0, 2, now), announcement("b", 2, 4, now)]
+    client = ScriptedClient()
+    bans = BanList(BanTunables(initial_s=0.01, max_s=0.01))  # lapses within the 0.5 s the route is sought for
+    swarm = SwarmPipeline("m", 4, lambda: list(records), client, bans=bans,
+                          tunables=FailoverTunables(route_wait_s=0.5))
+    swarm.step("s1", [1, 2], 0, SamplingParams(), 0)
+    dead = records[1].grpc_address
+    client.dead[dead], client.messages[dead] = grpc.StatusCode.UNAVAILABLE, "Connection refused"
+    with pytest.raises(PipelineUnavailable) as err:
+        swarm.step("s1", [7], 2, SamplingParams(), 1)
+    message = str(err.value)
+    assert "holes: [[2, 4]]" in message and "left out after failing" in message, message
+    assert dead in message and "Connection refused" in message, message
