@@ -24,6 +24,7 @@ log = logging.getLogger("openhydra")
 
 _HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
                      "--resolve", "-p", "--package"}
+_HYDRA_PRINT_FLAGS = {"--cfg", "-c", "--resolve", "-p", "--package"}
 _MAX_PREFLIGHT_COMBINATIONS = 64
 _STREAM_GRACE_S = 3.0  # on Ctrl-C / SIGTERM: how long running streams may finish before they are ended
 
@@ -113,8 +114,8 @@ def _user_overrides(argv: list[str]) -> list[str]:
             and not a.startswith(("hydra.", "hydra/"))]
 
 
-def preflight(argv: list[str]) -> None:
-    """Compose every combination the command line asks for, so errors come as one line."""
+def preflight(argv: list[str], validate_config: bool = True) -> None:
+    """Compose (and validate) every combination the command line asks for, so errors come as one line."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -136,6 +137,8 @@ def preflight(argv: list[str]) -> None:
                 cfg = compose(config_name="config", overrides=list(combo))
             except Exception as exc:
                 _fail(explain_hydra_error(exc) + _from_override())
+            if not validate_config:
+                continue
             try:
                 validate(cfg)
             except ConfigError as exc:
@@ -376,8 +379,11 @@ def node_main() -> None:
               "job's config)")
     argv = _without_overridden_promotion(argv)
     sys.argv = [sys.argv[0], *argv]  # what hydra.main parses
-    if not any(a.split("=")[0] in _HYDRA_INFO_FLAGS for a in argv):
+    info = [a for a in argv if a.split("=")[0] in _HYDRA_INFO_FLAGS]
+    if not info:
         preflight(argv)
+    elif all(a.split("=")[0] in _HYDRA_PRINT_FLAGS for a in info):  # printing the config: composing must work
+        preflight(argv, validate_config=False)  # (not validated: a config missing a value may be inspected)
     import hydra
 
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(run)

@@ -112,6 +112,31 @@ def validate(cfg: DictConfig | dict) -> NodeConfig:
     return node
 
 
+def _options_having(key: str) -> list[str]:
+    """The options of ``key``'s group (its first part) whose YAML sets ``key``: ``discovery.http.urls`` -> [dual,
+    http]."""
+    group, _, rest = key.partition(".")
+    if group not in GROUPS or not rest:
+        return []
+    from omegaconf import OmegaConf
+
+    having = []
+    for option in group_options(group):
+        try:
+            loaded = OmegaConf.load(conf_dir() / group / f"{option}.yaml")
+        except Exception:  # an option file that does not parse is Hydra's to report, not this hint's
+            continue
+        node = OmegaConf.to_container(loaded, resolve=False)
+        for part in rest.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING:
+            having.append(option)
+    return having
+
+
+_MISSING = object()
+
+
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
 
@@ -133,6 +158,11 @@ def explain_hydra_error(exc: BaseException) -> str:
                     f"; {key} alone is not a config key")
         if not parent and key in GROUPS:
             return f"{key}: pick an option of the group; allowed: {', '.join(group_options(key))}"
+        having = _options_having(key)
+        if having:  # a real key, of another option of its group than the one composed
+            group = key.split(".")[0]
+            return (f"{key} is not a key of the {group} option this config uses; "
+                    f"{', '.join(f'{group}={o}' for o in having)} {'has' if len(having) == 1 else 'have'} it")
         schema = _schema_at(parent)
         if schema is not None:
             allowed = ", ".join(sorted(schema.model_fields))

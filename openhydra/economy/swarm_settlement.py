@@ -111,7 +111,14 @@ class SwarmSettler:
                 return None
             self._queued += 1
         spans = [(h.address, int(h.start), int(h.end)) for h in hops]
-        return self._executor.submit(self._run, request_id, peer_session, positions, spans)
+        try:
+            return self._executor.submit(self._run, request_id, peer_session, positions, spans)
+        except RuntimeError:  # shut down: the node is stopping (a session that closed after the node's shutdown)
+            with self._lock:
+                self._queued -= 1
+            self.counts["dropped"] += 1
+            log.info("the node is stopping: request %s is not settled", request_id)
+            return None
 
     def _run(self, request_id: str, peer_session: str, positions: int, hops: list[tuple[str, int, int]]):
         began = time.perf_counter()

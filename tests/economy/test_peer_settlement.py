@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,17 @@ def test_a_failed_settlement_is_counted_never_raised(peers):
     finally:
         client.shutdown()
     assert peers[0].economy.ledger.totals().settlements == 0
+
+
+def test_a_session_that_closes_after_the_node_stopped_is_dropped_not_a_traceback(caplog):
+    """A swarm session can close after the node's shutdown (``action=check``: the request returns, then the node
+    stops while its session closes): its settlement is dropped with one line, not raised into the pipeline."""
+    from types import SimpleNamespace
+
+    settler = SwarmSettler(economy=None, client=None, model_id="m")
+    settler.shutdown()
+    hop = SimpleNamespace(address="127.0.0.1:1", start=0, end=4)
+    with caplog.at_level(logging.INFO, logger="openhydra.economy.swarm_settlement"):
+        assert settler.submit("r1", "s1", 3, [hop]) is None
+    assert settler.counts["dropped"] == 1 and settler._queued == 0
+    assert "the node is stopping: request r1 is not settled" in caplog.text
