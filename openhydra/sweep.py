@@ -17,7 +17,7 @@ A sweep of checks (``action=check``) still runs its jobs one after another.
   per job): with the defaults job k serves on 8080 + k and 50051 + k, its data in ``<data_dir>/job-k`` (the same
   folder each time the sweep starts, so the identity is kept). Jobs sharing an explicit identity key are refused.
 - **One terminal.** Each job's output line is prefixed with ``[#N]``. Ctrl-C (or SIGTERM, SIGHUP) is passed to every
-  job once, and each shuts down as a single node does; a signal the launcher ignores (nohup's SIGHUP) stays ignored
+  job once, and each shuts down as a single node does; a SIGHUP the launcher ignores (nohup's) stays ignored
   in the jobs. A job that ends is reported with its exit status while the others go on; the sweep exits once all
   have ended, with status 1 if any failed (a job stopped by a passed-on signal has not failed). A job's process ends
   with the launcher (Linux: PR_SET_PDEATHSIG), so a killed launcher leaves no node behind.
@@ -264,8 +264,9 @@ def run_jobs(jobs: list[Job], *, fork: bool, out=None) -> list[int]:
                 os.kill(pid, sig)
 
     # installed before the first fork (a signal in between reaches the jobs started so far, and no more start);
-    # a signal the launcher ignores (nohup's SIGHUP) stays ignored, here and in the jobs
-    ignored = {sig for sig in FORWARDED if signal.getsignal(sig) == signal.SIG_IGN}
+    # nohup's ignored SIGHUP stays ignored, here and in the jobs. SIGINT and SIGTERM stop the jobs even where the
+    # launcher inherited them ignored (`openhydra-node -m ... &` in a script): a single node stops on them too.
+    ignored = {signal.SIGHUP} if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else set()
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED if sig not in ignored}
     selector = selectors.DefaultSelector()
     reads: list[int] = []

@@ -1,6 +1,6 @@
 """Run :func:`openhydra.sweep.run_jobs` with forked jobs in a fresh, single-threaded interpreter, as the launcher
 does (a pytest worker has threads, and forking a threaded process is what the launcher refuses to do); prints what
-the test checks as JSON. ``python -m tests.operators.sweep_fork_probe output|nohup TMPDIR``."""
+the test checks as JSON. ``python -m tests.operators.sweep_fork_probe output|nohup|background TMPDIR``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from openhydra.preload import fork_unsafe_because
@@ -35,6 +36,12 @@ def hup_ignored() -> int:
     return 0 if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else 5
 
 
+def interrupts_its_launcher() -> int:
+    os.kill(os.getppid(), signal.SIGINT)  # `kill -INT <launcher>`; the launcher passes it on
+    time.sleep(30)  # a job the SIGINT does not reach sleeps it out
+    return 0
+
+
 def main() -> None:
     scenario, tmp = sys.argv[1], Path(sys.argv[2])
     assert fork_unsafe_because() is None, fork_unsafe_because()
@@ -52,6 +59,11 @@ def main() -> None:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         statuses = run_jobs([Job(index=0, overrides=[], main=hup_ignored)], fork=True, out=out)
         print(json.dumps({"statuses": statuses, "still_ignored": signal.getsignal(signal.SIGHUP) == signal.SIG_IGN}))
+    elif scenario == "background":  # started by `openhydra-node -m ... &` in a script: SIGINT inherited ignored
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        began = time.monotonic()
+        statuses = run_jobs([Job(index=0, overrides=[], main=interrupts_its_launcher)], fork=True, out=out)
+        print(json.dumps({"statuses": statuses, "seconds": time.monotonic() - began}))
 
 
 if __name__ == "__main__":

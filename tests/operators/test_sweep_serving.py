@@ -204,6 +204,14 @@ def test_a_signal_the_launcher_ignores_stays_ignored_in_its_jobs(tmp_path) -> No
     assert _fork_probe("nohup", tmp_path) == {"statuses": [0], "still_ignored": True}
 
 
+def test_sigint_stops_the_jobs_of_a_launcher_that_inherited_it_ignored(tmp_path) -> None:
+    """A sweep started in the background of a script inherits SIGINT ignored; ``kill -INT`` still stops its jobs,
+    as it stops a single node started the same way (an operator's probe: the jobs served on)."""
+    probe = _fork_probe("background", tmp_path)
+    # stopped by the signal it was passed (0: the sweep's clean stop), not after sleeping its 30 s out
+    assert probe["statuses"] == [0] and probe["seconds"] < 20, probe
+
+
 def test_jobs_run_as_fresh_processes_where_forking_is_unsafe() -> None:
     """The fallback: each job is ``python -m openhydra.cli`` with its overrides (here quick ones)."""
     jobs = [Job(index=0, overrides=["--version"], main=lambda: 0),
