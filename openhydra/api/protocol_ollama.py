@@ -14,6 +14,7 @@ from pydantic_core import PydanticCustomError
 from openhydra.api.protocol_base import Tolerant
 from openhydra.api.protocol_features import OllamaFormat, ToolSpec
 from openhydra.api.protocol_openai import SEED_MAX, SEED_MIN, TOP_K_MAX, StopList
+from openhydra.runtime.sampling import MAX_TEMPERATURE
 
 # Not enforced by the model: the route refuses images with its own message (routes_ollama); the document says so.
 NoImages = Annotated[list[str], Field(json_schema_extra={"maxItems": 0},
@@ -24,8 +25,8 @@ class OllamaOptions(Tolerant):
     # Ollama: -1 generates until the model stops (bounded here by the context and api.max_tokens_limit),
     # -2 until the context is full. Any other negative value is an error.
     num_predict: int | None = Field(None, ge=-2)
-    # Ollama sets no upper bound; past ~100 sampling is uniform anyway, and a float32 sampler needs a finite one
-    temperature: float | None = Field(None, ge=0.0, le=100.0)
+    # Ollama sets no upper bound; OpenAI's is 2, the sampler's (and the peers') MAX_TEMPERATURE
+    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, le=TOP_K_MAX)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)

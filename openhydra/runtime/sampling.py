@@ -12,11 +12,13 @@ import hashlib
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_TEMPERATURE = 10.0
+"""The highest temperature a step carries (the peers check it too): past it sampling is all but uniform."""
 
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # 0: no top-k cut
     seed: int = 0

@@ -171,9 +171,14 @@ def test_ollama_default_options_are_accepted(tiny_node):
                 "num_ctx": 2048, "mirostat": 0, "num_gpu": -1}
     assert c.generate(model=MODEL, prompt="Once upon a time", options=defaults).done
     hot = c.generate(model=MODEL, prompt="Once upon a time", options={"num_predict": 6, "temperature": 5.0, "seed": 3})
-    assert hot.eval_count == 6  # over OpenAI's bound of 2 (Ollama sets none; this node takes up to 100)
-    with pytest.raises(ollama.ResponseError, match="temperature"):
-        c.generate(model=MODEL, prompt="Once upon a time", options={"num_predict": 2, "temperature": 1e308})
+    assert hot.eval_count == 6  # over OpenAI's bound of 2 (Ollama sets none; this node takes up to 10)
+    hot_json = c.generate(model=MODEL, prompt="Once upon a time", format="json",
+                          options={"num_predict": 6, "temperature": 10.0, "top_k": 260})
+    assert hot_json.eval_count >= 1  # the sampler's own bound, with constrained decoding too (was a 500 at 62)
+    for too_hot in (10.5, 62.0, 1e308):
+        with pytest.raises(ollama.ResponseError, match="temperature") as err:
+            c.generate(model=MODEL, prompt="Once upon a time", options={"num_predict": 2, "temperature": too_hot})
+        assert err.value.status_code == 400
     # an assistant turn with "content": null (one that only called tools), as Ollama's own server reads it: empty
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
              {"role": "user", "content": "Go"}]
