@@ -100,9 +100,10 @@ def cast_tensors(source: Path, names: list[str], dtype: torch.dtype,
         return None
 
 
-def _open_valid(path: Path, stamp: dict[str, object], names: list[str],
-                dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
-    """The file's tensors as views of its mapping, or None when it is missing or does not hold exactly this cast."""
+def _open_valid(path: Path, stamp: dict[str, object], names: list[str], dtype: torch.dtype,
+                warn: bool = True) -> dict[str, torch.Tensor] | None:
+    """The file's tensors as views of its mapping, or None when it is missing or does not hold exactly this cast
+    (said in a warning unless ``warn`` is false: the writer's second look, under the lock, after the first said it)."""
     if not path.exists():
         return None
     from safetensors import safe_open
@@ -120,7 +121,7 @@ def _open_valid(path: Path, stamp: dict[str, object], names: list[str],
                 out = None if wrong else out
     except Exception as exc:  # safetensors' own error for a truncated or overwritten file
         reason, out = f"{type(exc).__name__}: {exc}", None
-    if out is None:
+    if out is None and warn:
         log.warning("weights: cast file %s is not used (%s); writing it again", path, reason)
     return out
 
@@ -133,17 +134,18 @@ def _write_then_open(path: Path, stamp: dict[str, object], names: list[str], dty
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with cache_lock(path, "casting weights"):
-        found = _open_valid(path, stamp, names, dtype) if path.exists() else None
+        found = _open_valid(path, stamp, names, dtype, warn=False)
         if found is not None:  # another node wrote it while this one waited
             return found
-        tensors = {name: read(name).to(dtype).contiguous() for name in names}
-        needed = sum(t.numel() * t.element_size() for t in tensors.values())
+        # sized from the stored tensors (views of the source's mapping), before anything is cast
+        needed = sum(read(name).numel() for name in names) * torch.empty((), dtype=dtype).element_size()
         free = shutil.disk_usage(path.parent).free
         if free < needed + MIN_FREE_BYTES:
             log.warning("weights: not keeping a %s copy of %d tensors (%.0f MiB) in %s: %.1f GiB free; casting in "
                         "memory", dtype_name(dtype), len(names), needed / 2**20, path.parent, free / 2**30)
             return None
         _remove_stale(path.parent, stamp)
+        tensors = {name: read(name).to(dtype).contiguous() for name in names}
         partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
         try:
             save_file(tensors, str(partial), metadata={STAMP_KEY: json.dumps(stamp, sort_keys=True)})
@@ -180,7 +182,6 @@ def _remove_stale(folder: Path, stamp: dict[str, object]) -> None:
         if any(recorded.get(k) != stamp[k] for k in same):
             log.info("weights: removing %s, cast from an older version of %s", other, stamp["source"])
             other.unlink(missing_ok=True)  # a process still mapping it keeps its pages until it unmaps
-
 
 
 def _alive(pid: str) -> bool:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_TEMPERATURE = 10.0
 """The highest temperature a step carries (the peers check it too): past it sampling is all but uniform."""
 
+
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
