@@ -13,11 +13,15 @@ cast the load would have done, saved bit for bit (tests/runtime/test_cast_store.
 The file follows the model cache's rules (runtime/model_cache.py):
 
 * **One writer.** The cast is written under the file's ``flock``; a node that finds it held waits, then maps the
-  finished file.
+  finished file. It waits at most :data:`LOCK_WAIT_S` plus the time the span's bytes take at
+  :data:`LOCK_WAIT_BYTES_PER_S` (a writer stopped or stuck on a slow disk), then casts in memory.
 * **Nothing half-written is trusted.** It is written to ``<file>.partial-<pid>``, flushed and renamed into place. Its
   header records what it was cast from (the source file's path, size, mtime and inode, the dtype, the tensor names):
   a file whose record, names, dtypes or size do not match is not used but written again. When the source file
-  changes (a new conversion or download), its older casts are removed.
+  changes (a new conversion or download), its older casts are removed. The source is stamped before the load opens
+  it and again before a cast is used or put in place: a source replaced while it was being read is cast in memory,
+  never kept under the new file's stamp. A writer removes its own file's partials under its lock, and another
+  file's only under that file's lock (never by guessing from a pid, which another PID namespace may reuse).
 * **Never a reason not to serve.** Any failure (a full disk, a read-only cache, a damaged file written again and
   damaged again) logs one warning and the load casts in memory as before. A cast needs disk space for the span's
   bytes plus :data:`MIN_FREE_BYTES`.
@@ -46,6 +50,10 @@ FORMAT = 1
 STAMP_KEY = "openhydra_cast"
 MIN_FREE_BYTES = 1 << 30
 """A cast is written only if the disk keeps at least this much free beyond it."""
+LOCK_WAIT_S = 60.0
+LOCK_WAIT_BYTES_PER_S = 50 * 2**20
+"""How long a load waits for another process writing the same cast: LOCK_WAIT_S plus the span's cast bytes at this
+rate, then it casts in memory."""
 
 _root: Path | None = None
 
@@ -82,15 +90,23 @@ def cast_path(root: Path, source: Path, dtype: torch.dtype, names: list[str]) ->
     return folder / f"{dtype_name(dtype)}-{_sha(json.dumps(stamp, sort_keys=True))[:20]}.safetensors", stamp
 
 
-def cast_tensors(source: Path, names: list[str], dtype: torch.dtype,
-                 read: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor] | None:
+def cast_tensors(source: Path, names: list[str], dtype: torch.dtype, read: Callable[[str], torch.Tensor],
+                 opened: dict[str, object]) -> dict[str, torch.Tensor] | None:
     """``{name: read(name).to(dtype)}`` as views of a cast file in the configured store, writing the file if no
-    valid one exists; None where there is no store or it cannot be used (the caller casts in memory)."""
+    valid one exists; None where there is no store or it cannot be used (the caller casts in memory).
+
+    ``opened``: :func:`source_stamp` of ``source`` taken before the caller opened it (``read`` reads that opening).
+    If the file on disk is no longer the one stamped then, the cast would describe one file and hold another's
+    tensors: None."""
     root = current()
     if root is None or not names:
         return None
-    path, stamp = cast_path(root, source, dtype, names)
+    path = source
     try:
+        path, stamp = cast_path(root, source, dtype, names)
+        if not _same_source(opened, stamp):
+            log.warning("weights: %s changed while it was being loaded; casting in memory", source)
+            return None
         found = _open_valid(path, stamp, names, dtype)
         if found is not None:
             return found
@@ -98,6 +114,13 @@ def cast_tensors(source: Path, names: list[str], dtype: torch.dtype,
     except Exception as exc:  # the cache is an optimisation: a load never fails because of it
         log.warning("weights: could not use cast file %s (%s: %s); casting in memory", path, type(exc).__name__, exc)
         return None
+
+
+_IDENTITY = ("source", "size", "mtime_ns", "inode")
+
+
+def _same_source(a: dict[str, object], b: dict[str, object]) -> bool:
+    return all(a.get(k) == b.get(k) for k in _IDENTITY)
 
 
 def _open_valid(path: Path, stamp: dict[str, object], names: list[str], dtype: torch.dtype,
@@ -132,19 +155,20 @@ def _write_then_open(path: Path, stamp: dict[str, object], names: list[str], dty
 
     from openhydra.runtime.model_cache import cache_lock, fsync_dir
 
+    # sized from the stored tensors (views of the source's mapping), before anything is cast
+    needed = sum(read(name).numel() for name in names) * torch.empty((), dtype=dtype).element_size()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with cache_lock(path, "casting weights"):
+    with cache_lock(path, "casting weights", deadline_s=LOCK_WAIT_S + needed / LOCK_WAIT_BYTES_PER_S):
         found = _open_valid(path, stamp, names, dtype, warn=False)
         if found is not None:  # another node wrote it while this one waited
             return found
-        # sized from the stored tensors (views of the source's mapping), before anything is cast
-        needed = sum(read(name).numel() for name in names) * torch.empty((), dtype=dtype).element_size()
+        _remove_partials(path)  # a writer killed before its rename: nobody else writes them while this lock is held
         free = shutil.disk_usage(path.parent).free
         if free < needed + MIN_FREE_BYTES:
             log.warning("weights: not keeping a %s copy of %d tensors (%.0f MiB) in %s: %.1f GiB free; casting in "
                         "memory", dtype_name(dtype), len(names), needed / 2**20, path.parent, free / 2**30)
             return None
-        _remove_stale(path.parent, stamp)
+        _remove_stale(path, stamp)
         tensors = {name: read(name).to(dtype).contiguous() for name in names}
         partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
         try:
@@ -152,6 +176,9 @@ def _write_then_open(path: Path, stamp: dict[str, object], names: list[str], dty
             del tensors  # the cast copies: the file's mapping replaces them below
             with open(partial, "rb") as f:
                 os.fsync(f.fileno())
+            if not _same_source(stamp, source_stamp(Path(str(stamp["source"])))):
+                log.warning("weights: %s changed while it was being cast; casting in memory", stamp["source"])
+                return None
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
@@ -161,34 +188,47 @@ def _write_then_open(path: Path, stamp: dict[str, object], names: list[str], dty
         return _open_valid(path, stamp, names, dtype)
 
 
-def _remove_stale(folder: Path, stamp: dict[str, object]) -> None:
-    """Casts of an older version of the same source file (another size, mtime, inode or format), and partial files
-    that a killed writer left."""
+def _remove_partials(path: Path) -> None:
+    """``path``'s partial files; only under ``path``'s lock, which every writer of them holds while writing."""
+    for partial in path.parent.glob(path.name + ".partial-*"):
+        log.info("weights: removing %s, left by a writer that did not finish", partial)
+        partial.unlink(missing_ok=True)
+
+
+def _remove_stale(path: Path, stamp: dict[str, object]) -> None:
+    """The casts in ``path``'s folder of an older version of the same source file (another size, mtime, inode or
+    format), with their partials and lock files, and the partials of other casts nobody is writing. A file is
+    removed only under its own lock (taken without waiting: one in use is left for later); a file that cannot be
+    read or removed is left alone, it never stops this cast."""
     from safetensors import safe_open
 
+    from openhydra.runtime.model_cache import cache_lock, lock_path_for
+
     same = ("size", "mtime_ns", "inode", "format")
-    for other in folder.iterdir():
-        if ".partial-" in other.name:
-            if not _alive(other.name.rpartition(".partial-")[2]):
-                other.unlink(missing_ok=True)
+    for other in sorted(path.parent.iterdir()):
+        name = other.name
+        if name.endswith(".lock") or other == path or not other.exists():  # gone with an earlier one's cast
             continue
-        if not other.name.endswith(".safetensors"):
+        cast = other.with_name(name.partition(".partial-")[0]) if ".partial-" in name else other
+        if cast == path or not cast.name.endswith(".safetensors"):
             continue
-        try:
-            with safe_open(other, framework="pt") as f:
-                recorded = json.loads((f.metadata() or {}).get(STAMP_KEY, "null")) or {}
-        except Exception:
-            recorded = {}
-        if any(recorded.get(k) != stamp[k] for k in same):
-            log.info("weights: removing %s, cast from an older version of %s", other, stamp["source"])
-            other.unlink(missing_ok=True)  # a process still mapping it keeps its pages until it unmaps
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
+        stale = False
+        if cast == other:
+            try:
+                with safe_open(other, framework="pt") as f:
+                    recorded = json.loads((f.metadata() or {}).get(STAMP_KEY, "null"))
+            except Exception:
+                recorded = None
+            recorded = recorded if isinstance(recorded, dict) else {}
+            stale = any(recorded.get(k) != stamp[k] for k in same)
+        if cast != other or stale:
+            try:
+                with cache_lock(cast, "removing an old cast", deadline_s=0):
+                    if stale:
+                        log.info("weights: removing %s, cast from an older version of %s", cast, stamp["source"])
+                        cast.unlink(missing_ok=True)  # a process still mapping it keeps its pages until it unmaps
+                    _remove_partials(cast)
+                    if not cast.exists():  # nothing left to write or map under this name
+                        lock_path_for(cast).unlink(missing_ok=True)
+            except (TimeoutError, OSError) as exc:
+                log.info("weights: left %s in place (%s)", other, exc)

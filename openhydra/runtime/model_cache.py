@@ -164,21 +164,24 @@ def lock_path_for(target: Path) -> Path:
 
 
 @contextmanager
-def cache_lock(target: Path, what: str) -> Iterator[float]:
+def cache_lock(target: Path, what: str, deadline_s: float | None = None) -> Iterator[float]:
     """Hold the exclusive lock of ``target``; yields the seconds spent waiting for it.
 
     The lock is an ``flock`` on an open file, so the kernel releases it when its holder exits or is killed:
-    a crashed conversion never leaves the cache locked.
+    a crashed conversion never leaves the cache locked. ``deadline_s``: raise :class:`TimeoutError` instead of
+    waiting longer than that (0: do not wait at all); None waits as long as the holder holds it.
     """
     lock_path = lock_path_for(target)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     started = time.monotonic()
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            if deadline_s == 0:
+                raise TimeoutError(f"{lock_path} is held by pid {holder}") from None
             log.info("waiting for another process (pid %s) that is %s into %s (lock %s)", holder, what, target,
                      lock_path)
             next_log = started + WAIT_LOG_EVERY_S
@@ -187,6 +190,9 @@ def cache_lock(target: Path, what: str) -> Iterator[float]:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
+                    if deadline_s is not None and time.monotonic() - started >= deadline_s:
+                        raise TimeoutError(f"waited {deadline_s:.0f} s for pid {holder}, {what} into "
+                                           f"{target}") from None
                     if time.monotonic() >= next_log:
                         log.info("still waiting (%.0f s) for %s into %s", time.monotonic() - started, what,
                                  target)

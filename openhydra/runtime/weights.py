@@ -115,8 +115,9 @@ class CheckpointIndex:
         progress = tqdm(total=len(names), desc=f"loading {self.root.name}", unit="tensor",
                         disable=len(names) < 64, mininterval=1.0)
         for filename, pairs in by_file.items():
+            opened = _stamp_before_opening(self.root / filename) if keep_casts else None
             with open_safetensors(self.root / filename) as f:
-                cast = self._kept_casts(filename, f, pairs, dtype_for) if keep_casts else {}
+                cast = self._kept_casts(filename, f, pairs, dtype_for, opened) if opened is not None else {}
                 for target, source in pairs:
                     kept = cast.get((source, dtype_for[target]))
                     stored = kept if kept is not None else f.get_tensor(source)
@@ -127,21 +128,20 @@ class CheckpointIndex:
         progress.close()
         return out
 
-    def _kept_casts(self, filename: str, f, pairs: list[tuple[str, str]],
-                    dtype_for: dict[str, torch.dtype]) -> dict[tuple[str, torch.dtype], torch.Tensor]:
+    def _kept_casts(self, filename: str, f, pairs: list[tuple[str, str]], dtype_for: dict[str, torch.dtype],
+                    opened: dict[str, object]) -> dict[tuple[str, torch.dtype], torch.Tensor]:
         """(checkpoint name, dtype) -> the tensor cast to that dtype, mapped from the cast store, for the tensors of
-        one file that the read casts; empty where the store is off or cannot be used."""
+        one file that the read casts; empty where the store is off or cannot be used. ``opened``: the file's stamp
+        taken before ``f`` was opened."""
         from openhydra.runtime import cast_store
 
-        if cast_store.current() is None:
-            return {}
         wanted: dict[torch.dtype, set[str]] = defaultdict(set)
         for target, source in pairs:
             if f.get_slice(source).get_dtype() != _SAFETENSORS_DTYPE.get(dtype_for[target]):
                 wanted[dtype_for[target]].add(source)
         out: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         for dtype, sources in wanted.items():
-            kept = cast_store.cast_tensors(self.root / filename, sorted(sources), dtype, f.get_tensor)
+            kept = cast_store.cast_tensors(self.root / filename, sorted(sources), dtype, f.get_tensor, opened)
             out.update({(name, dtype): tensor for name, tensor in (kept or {}).items()})
         return out
 
@@ -168,6 +168,19 @@ class CheckpointIndex:
                         numel *= dim
                     total += numel * _DTYPE_BYTES.get(sl.get_dtype(), 4)
         return total
+
+
+def _stamp_before_opening(path: Path) -> dict[str, object] | None:
+    """The cast store's stamp of ``path`` (what the cast of a read will record), taken before the read opens it; None
+    where there is no store, or the file cannot be stamped (the read then casts in memory, or fails as it would)."""
+    from openhydra.runtime import cast_store
+
+    if cast_store.current() is None:
+        return None
+    try:
+        return cast_store.source_stamp(path)
+    except OSError:
+        return None
 
 
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}

@@ -8,6 +8,7 @@ import logging
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -187,6 +188,145 @@ def test_quantized_and_library_spans_write_no_cast_file(tiny_model_dirs, casts):
     _load(model_dir, (0, 8), torch.bfloat16, casts, matmul="library")
     _load(model_dir, (0, 8), torch.float32, casts)  # the checkpoint's own dtype: nothing to cast
     assert _cast_files(casts) == []
+
+
+def _doubled(model_dir: Path) -> dict[str, torch.Tensor]:
+    with safe_open(model_dir / "model.safetensors", framework="pt") as f:
+        return {n: f.get_tensor(n).clone() * 2 for n in f.keys()}  # noqa: SIM118
+
+
+@pytest.mark.parametrize("when", ["after the stamp", "after the open", "while casting"])
+def test_a_source_replaced_while_it_loads_is_never_kept_under_the_new_files_stamp(tiny_model_dirs, casts, tmp_path,
+                                                                                    monkeypatch, when):
+    """A new conversion renamed into place between the load's stamp and its open, after its open, or while the cast
+    is written: the cast holds the file the load read; kept, it would serve those weights for the new file."""
+    from openhydra.runtime import weights
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dirs["llama"], model_dir)
+    source = model_dir / "model.safetensors"
+    doubled = _doubled(model_dir)
+
+    def replace() -> None:
+        save_file(doubled, model_dir / "next.safetensors")
+        (model_dir / "next.safetensors").replace(source)
+
+    real_open, real_stamp = weights.open_safetensors, weights._stamp_before_opening
+    replaced, armed = [], []
+
+    def stamp_then_replace(path):
+        stamp = real_stamp(path)
+        if Path(path).parent == model_dir and not replaced:  # never the shared test model
+            if when == "after the stamp":
+                replace()
+                replaced.append(path)
+            armed.append(path)  # the next open is the read's
+        return stamp
+
+    @contextmanager
+    def open_then_replace(path):
+        with real_open(path) as handle:
+            if when == "after the open" and armed and not replaced:
+                replace()
+                replaced.append(path)
+            yield handle
+
+    monkeypatch.setattr(weights, "_stamp_before_opening", stamp_then_replace)
+    monkeypatch.setattr(weights, "open_safetensors", open_then_replace)
+    if when == "while casting":
+        import safetensors.torch as st
+
+        real = st.save_file
+
+        def save_then_replace(*args, **kwargs):
+            real(*args, **kwargs)
+            if not replaced:
+                replace()
+                replaced.append(args[1])
+
+        monkeypatch.setattr(st, "save_file", save_then_replace)
+    _load(model_dir, (0, 8), torch.bfloat16, casts)
+    assert replaced
+    monkeypatch.undo()
+    kept = _load(model_dir, (0, 8), torch.bfloat16, casts)  # a later load of the new file
+    _assert_same_bits(kept, _load(model_dir, (0, 8), torch.bfloat16, None))
+    assert all(t.abs().sum() > 0 for t in doubled.values())
+
+
+def test_a_source_removed_while_it_is_read_is_read_from_its_open_mapping(tiny_model_dirs, casts, tmp_path,
+                                                                          monkeypatch, caplog):
+    from openhydra.runtime import weights
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dirs["llama"], model_dir)
+    index = weights.CheckpointIndex.open(model_dir)
+    name = "model.layers.0.mlp.up_proj.weight"
+    real_open = weights.open_safetensors
+
+    @contextmanager
+    def open_then_unlink(path):
+        with real_open(path) as handle:
+            Path(path).unlink()  # a repair clearing the folder: the open mapping still reads
+            yield handle
+
+    monkeypatch.setattr(weights, "open_safetensors", open_then_unlink)
+    with caplog.at_level(logging.WARNING, logger="openhydra.runtime.cast_store"):
+        got = index.read({"w": name}, {"w": torch.bfloat16}, keep_casts=True)["w"]
+    assert not (model_dir / "model.safetensors").exists()
+    with safe_open(tiny_model_dirs["llama"] / "model.safetensors", framework="pt") as f:
+        assert torch.equal(got, f.get_tensor(name).to(torch.bfloat16))
+    assert "casting in memory" in caplog.text and _cast_files(casts) == []
+
+
+def test_leftovers_and_foreign_files_are_cleared_under_locks_never_by_pid(tiny_model_dirs, casts, tmp_path):
+    """A writer killed in another PID namespace (pid 1 there, alive here) leaves a span-sized partial; a file whose
+    stamp is JSON but not an object, or one that is not a cast at all, sits in the folder; old versions leave lock
+    files. None of it stops the cast, and what nobody holds goes."""
+    from openhydra.runtime.model_cache import cache_lock, lock_path_for
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dirs["llama"], model_dir)
+    _load(model_dir, (0, 8), torch.bfloat16, casts)
+    [first] = _cast_files(casts)
+    folder = first.parent
+    (folder / (first.name + ".partial-1")).write_bytes(b"\0" * 4096)
+    save_file({"x": torch.zeros(1)}, folder / "foreign.safetensors", metadata={cast_store.STAMP_KEY: "[1]"})
+    (folder / "notes.txt").write_text("an operator's file")
+    save_file(_doubled(model_dir), model_dir / "model.safetensors")  # a new version of the source
+    held = folder / "other-span.safetensors"
+    held.write_bytes(b"")
+    with cache_lock(held, "a writer at work", deadline_s=0):
+        (folder / (held.name + ".partial-99")).write_bytes(b"\0")
+        kept = _load(model_dir, (0, 8), torch.bfloat16, casts)
+        [new] = [p for p in _cast_files(casts) if p.name.startswith("bfloat16-")]
+        assert new != first and not first.exists() and not lock_path_for(first).exists()
+        assert not (folder / (first.name + ".partial-1")).exists()
+        assert (folder / (held.name + ".partial-99")).exists()  # its writer holds its lock: left alone
+    assert (folder / "notes.txt").exists()
+    _assert_same_bits(kept, _load(model_dir, (0, 8), torch.bfloat16, None))
+    _, mapped = _parameters_mapped_from(kept, casts)
+    assert mapped == [str(new)]
+
+
+def test_a_load_waits_for_a_stuck_writer_only_so_long(tiny_model_dirs, casts, monkeypatch, caplog):
+    from openhydra.runtime.model_cache import cache_lock
+
+    model_dir = tiny_model_dirs["llama"]
+    source = model_dir / "model.safetensors"
+    names = ["model.layers.0.mlp.up_proj.weight"]
+    path, _ = cast_store.cast_path(casts, source, torch.bfloat16, names)
+    path.parent.mkdir(parents=True)
+    monkeypatch.setattr(cast_store, "LOCK_WAIT_S", 0.3)
+    monkeypatch.setattr(cast_store, "LOCK_WAIT_BYTES_PER_S", float("inf"))
+    reference = _load(model_dir, (0, 8), torch.bfloat16, None)
+    with caplog.at_level(logging.WARNING, logger="openhydra.runtime.cast_store"):
+        from openhydra.runtime.weights import CheckpointIndex
+
+        index = CheckpointIndex.open(model_dir)
+        with cache_lock(path, "a stopped writer"):
+            got = index.read({"w": names[0]}, {"w": torch.bfloat16}, keep_casts=True)
+    assert "TimeoutError" in caplog.text and "casting in memory" in caplog.text
+    assert torch.equal(got["w"], reference.modules.state_dict()["layers.0.mlp.up_proj.weight"])
 
 
 CHILD = """
