@@ -315,7 +315,8 @@ class Node:
         from openhydra.economy.peer_settlement import PeerSettlement  # settlement hook: sign what we served
 
         signer = self.identity or getattr(self.economy, "identity", None)  # privacy=off: the economy's key
-        settlement = (PeerSettlement(signer, self.economy, choice.api_name, (runtime.start, runtime.end))
+        settlement = (PeerSettlement(signer, self.economy, choice.api_name, (runtime.start, runtime.end),
+                                     model_layers=runtime.num_layers)
                       if signer is not None else None)
         hop_address = self._start_transport()  # reachability hook: libp2p, relays (peer/libp2p_transport.py)
         self.peer_server = PeerServer(runtime, cfg.peer.host, cfg.peer.port, model_id=choice.api_name,

@@ -30,15 +30,19 @@ def settle_onion(settler: Any, request_id: str, peer_session: str, tokens: int,
     entries = settler.client.onion_receipts.pop(peer_session, None)
     if entries is None:
         raise SettlementFailed("onion", f"no receipts came back with the close of {peer_session}")
+    from openhydra.peer.onion_control import own_request_id
+
     own = getattr(settler.economy, "peer_id", "")
+    model_layers = max(end for _, _, end in hops)  # a route covers the model: layers [0, L)
     cost, last = 0, None
-    for (hop, blob), (address, start, end) in zip(entries, hops, strict=True):
+    for index, ((hop, blob), (address, start, end)) in enumerate(zip(entries, hops, strict=True)):
         if blob is None:
             settler.counts["peer_failed"] += 1
             log.warning("hop %s returned no receipt for %s", address, peer_session)
             continue
         try:
-            receipt = _checked(SettlementRequest.model_validate_json(blob), hop, settler.model_id, tokens, end - start)
+            receipt = _checked(SettlementRequest.model_validate_json(blob), hop, settler.model_id, tokens, end - start,
+                               model_layers, own_request_id(peer_session, index))
             try:
                 result = settler.economy.settle(receipt)
             except ReceiptAlreadyApplied:  # this node's own hop applied it to this ledger already
@@ -56,10 +60,18 @@ def settle_onion(settler: Any, request_id: str, peer_session: str, tokens: int,
     return last
 
 
-def _checked(receipt: SettlementRequest, hop: Any, model_id: str, tokens: int, layers: int) -> SettlementRequest:
+def _checked(receipt: SettlementRequest, hop: Any, model_id: str, tokens: int, layers: int, model_layers: int,
+             request_id: str) -> SettlementRequest:
+    """``receipt`` if it is the one this hop owes: its key, its span of this model's ``model_layers`` (a hop that
+    named fewer would earn more than its layers' share), at most the session's tokens, and this hop's own request
+    id (another hop's would take that hop's place in the ledger and leave its receipt unrecorded)."""
     receipt.verify()
     if len(receipt.shares) != 1 or receipt.model_layers is None:
         raise ValueError("an onion receipt names exactly one hop and the model's layer count")
+    if receipt.model_layers != model_layers:
+        raise ValueError(f"claims a model of {receipt.model_layers} layers, the route's has {model_layers}")
+    if receipt.request_id != request_id:
+        raise ValueError(f"request id {receipt.request_id!r} is not this hop's ({request_id!r})")
     share = receipt.shares[0]
     if getattr(hop, "peer_id", None) and share.peer_id != hop.peer_id:
         raise ValueError(f"signed by {share.peer_id}, the route's hop is {hop.peer_id}")

@@ -75,6 +75,7 @@ class PeerSettlement:
         model_id: str,
         span: tuple[int, int],
         *,
+        model_layers: int | None = None,
         ttl_s: float = SERVED_TTL_S,
         max_sessions: int = MAX_SESSIONS,
         clock=time.monotonic,
@@ -83,6 +84,8 @@ class PeerSettlement:
         self.economy = economy
         self.model_id = model_id
         self.span = span
+        # the model's layer count: a pipeline this peer signs must add up to it (None: not checked, tests only)
+        self.model_layers = model_layers
         self.ttl_s = ttl_s
         self.max_sessions = max_sessions
         self.clock = clock
@@ -173,6 +176,11 @@ class PeerSettlement:
                 raise SettlementRefused(
                     f"the pipeline must list this peer ({me.peer_id}) once with {layers} layers, got {mine}"
                 )
+            listed = sum(p.layers_served for p in claim.pipeline)
+            if self.model_layers is not None and listed != self.model_layers:  # padded: this peer's share shrinks
+                raise SettlementRefused(
+                    f"the pipeline lists {listed} layers; {self.model_id} has {self.model_layers}"
+                )
             body = settlement_body(claim.request_id, claim.model_id, claim.tokens_served, list(claim.pipeline))
             receipt_id = hashlib.sha256(body).hexdigest()
             if entry.signed_request is not None and entry.signed_receipt != receipt_id:
@@ -229,12 +237,12 @@ class PeerSettlement:
 
         Raises InvalidReceipt/InvalidSignature (tampered), SettlementRefused (not a receipt this peer
         signed) or ReceiptAlreadyApplied (a replay: this ledger already holds it)."""
-        receipt.verify()
-        receipt_id = receipt.receipt_id
+        receipt_id = receipt.receipt_id  # a hash of the body: checked before any signature (cheap refusals first)
         with self._lock:
             signed = receipt_id in self._receipts
         if not signed or all(s.peer_id != self.identity.peer_id for s in receipt.shares):
             raise SettlementRefused(f"this peer did not sign receipt {receipt_id}")
+        receipt.verify()
         if not getattr(self.economy, "enabled", False):
             return None
         try:

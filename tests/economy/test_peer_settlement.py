@@ -103,8 +103,14 @@ def test_a_peer_applies_only_receipts_it_signed_untampered(peers, tmp_path):
         p.served("s1", 40)
     receipt = _sign_all(peers)
     tampered = SettlementRequest.model_validate({**receipt.model_dump(), "tokens_served": 39})
-    with pytest.raises(InvalidSignature):
+    with pytest.raises(SettlementRefused, match="did not sign"):  # another body: not the receipt it signed
         peers[1].apply(tampered)
+    shares = [s.model_dump() for s in receipt.shares]
+    shares[2]["signature"] = shares[0]["signature"]  # the body it signed, another peer's signature forged
+    forged = SettlementRequest.model_validate({**receipt.model_dump(), "shares": shares})
+    assert forged.receipt_id == receipt.receipt_id
+    with pytest.raises(InvalidSignature):
+        peers[1].apply(forged)
     # a valid receipt this peer never signed (another swarm's request) is refused too
     stranger = PeerSettlement(Identity.generate(), build_economy(data_dir=str(tmp_path / "x")), MODEL, (0, 2))
     with pytest.raises(SettlementRefused, match="did not sign"):
@@ -192,3 +198,75 @@ def test_a_session_that_closes_after_the_node_stopped_is_dropped_not_a_traceback
         assert settler.submit("r1", "s1", 3, [hop]) is None
     assert settler.counts["dropped"] == 1 and settler._queued == 0
     assert "the node is stopping: request r1 is not settled" in caplog.text
+
+
+def _onion_settle(peers, coordinator_economy, receipts, tokens: int = 3000, session: str = "s-onion"):
+    """The coordinator's side of an onion close: each hop's receipt as it came back, checked and recorded."""
+    from types import SimpleNamespace
+
+    client = SimpleNamespace(privacy=SimpleNamespace(onion=True), onion_receipts={
+        session: [(SimpleNamespace(peer_id=p.identity.peer_id), None if r is None else r.model_dump_json())
+                  for p, r in zip(peers, receipts, strict=True)]})
+    settler = SwarmSettler(coordinator_economy, client, MODEL)
+    settler.settle("r-onion", session, tokens, [("addr", *p.span) for p in peers])
+    settler.shutdown()
+    return settler.counts
+
+
+@pytest.mark.parametrize("lie", ["model_layers", "request_id"])
+def test_an_onion_hop_earns_its_layers_share_and_no_more(peers, tmp_path, lie):
+    """An attacker who read onion_control.py signs its own receipt with ``model_layers`` = its own layer count (it
+    would earn the whole request) or with another hop's request id (that hop's receipt would then be a 'replay' and
+    go unrecorded). The coordinator refuses that receipt; the honest hops are paid their exact shares."""
+    from openhydra.peer.onion_control import own_request_id
+
+    coordinator = build_economy(identity=Identity.generate(), data_dir=str(tmp_path / "coordinator"))
+    for p in peers:
+        p.served("s-onion", 3000)
+    liar = peers[1]
+    receipts = []
+    for i, p in enumerate(peers):
+        model_layers, request = 8, own_request_id("s-onion", i)
+        if p is liar and lie == "model_layers":
+            model_layers = p.span[1] - p.span[0]
+        if p is liar and lie == "request_id":
+            request = own_request_id("s-onion", 2)
+        receipts.append(p.sign_own("s-onion", request, model_layers, apply=False))
+    counts = _onion_settle(peers, coordinator, receipts)
+    assert (counts["peer_applied"], counts["peer_failed"]) == (2, 1)
+    credits = {p.identity.peer_id: coordinator.balance(p.identity.peer_id).credits for p in peers}
+    # 3,000 tokens = 3 credits = 3,000,000 micro, by layers 2:2:4 of 8: only the honest hops' shares are minted
+    assert credits == {peers[0].identity.peer_id: 750_000, liar.identity.peer_id: 0,
+                       peers[2].identity.peer_id: 1_500_000}
+    assert coordinator.ledger.totals().settlements == 2 and coordinator.ledger.audit().ok
+    coordinator.close()
+
+
+def test_an_honest_onion_close_pays_every_hop_exactly_the_request(peers, tmp_path):
+    from openhydra.peer.onion_control import own_request_id
+
+    coordinator = build_economy(identity=Identity.generate(), data_dir=str(tmp_path / "coordinator"))
+    for p in peers:
+        p.served("s-onion", 3000)
+    receipts = [p.sign_own("s-onion", own_request_id("s-onion", i), 8, apply=False) for i, p in enumerate(peers)]
+    counts = _onion_settle(peers, coordinator, receipts)
+    assert (counts["peer_applied"], counts["peer_failed"]) == (3, 0)
+    assert sum(coordinator.balance(p.identity.peer_id).credits for p in peers) == 3_000_000
+    coordinator.close()
+
+
+def test_a_padded_pipeline_is_not_signed(tmp_path):
+    """A coordinator adds a sybil with 10,000 layers to the pipeline it asks an honest peer to sign: the peer's own
+    ledger would pay the sybil nearly all of the request and the peer 0.3% of its share. A peer that knows its
+    model's layer count signs only pipelines that add up to it."""
+    identity = Identity.generate()
+    economy = build_economy(identity=identity, data_dir=str(tmp_path / "peer"))
+    peer = PeerSettlement(identity, economy, MODEL, (0, 2), model_layers=8)
+    peer.served("s1", 40)
+    sybil = Identity.generate()
+    me = pipeline_entry(identity, 2)
+    others = (pipeline_entry(Identity.generate(), 2), pipeline_entry(Identity.generate(), 4))
+    with pytest.raises(SettlementRefused, match="lists 10002 layers"):
+        peer.sign(Claim("s1", "r1", MODEL, 40, 0, 2, (me, pipeline_entry(sybil, 10_000))))
+    assert peer.sign(Claim("s1", "r1", MODEL, 40, 0, 2, (me, *others))).signature
+    economy.close()
