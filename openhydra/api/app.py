@@ -114,6 +114,7 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
             return None
         if cors.is_preflight(request):  # a browser's question before a cross-origin call: no token, no quota
             return cors.preflight(request)
+        cors.refuse_cross_origin_writes(request)  # a page elsewhere sending a "simple" POST (api/cors.py)
         limiter = app.ctx.probe_limiter if request.path in PROBE_BUDGET_PATHS else app.ctx.limiter
         decision = limiter.hit(client_of(request))
         request.ctx.rate = decision

@@ -10,9 +10,18 @@ Listed origins (``["http://localhost:3000"]``, or ``["*"]`` for any) get what th
   the headers a client reads (rate limits, the degradation reason, ``Retry-After``).
 
 The token is still required on the real call; CORS only decides which pages' scripts may read the answers.
+
+CORS alone does not stop a page from *sending*: a form or a ``fetch`` with ``Content-Type: text/plain`` is a "simple"
+request that browsers send cross-origin without asking first, and the node parses any body as JSON. A web page the
+operator visits could then stake HYDRA, open channels or spend the node's credits and free tier on chats (an
+economy probe did all three). So a request that may change state (any method but GET, HEAD and OPTIONS) that carries
+an ``Origin`` (browsers always send one on such requests; SDKs, curl and proxies do not) is refused with 403 unless
+the origin is listed or is the node's own (its dashboard), as Ollama does with ``OLLAMA_ORIGINS``.
 """
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit
 
 from sanic import Request
 from sanic.response import HTTPResponse
@@ -24,6 +33,7 @@ ALLOWED_HEADERS = "Authorization, Content-Type, Accept, X-Requested-With"
 EXPOSED_HEADERS = ("X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset, Retry-After, "
                    "X-OpenHydra-Degradation-Reason")
 MAX_AGE_S = 600
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class Cors:
@@ -37,6 +47,20 @@ class Cors:
 
     def allowed(self, origin: str | None) -> bool:
         return origin is not None and (self.any or origin.rstrip("/").lower() in self.origins)
+
+    def refuse_cross_origin_writes(self, request: Request) -> None:
+        """403 for a request that may change state sent by a page of another origin that is not listed."""
+        origin = request.headers.get("origin")
+        if origin is None or request.method in SAFE_METHODS or self.allowed(origin):
+            return
+        host = (request.headers.get("host") or "").lower()
+        try:
+            same = bool(host) and urlsplit(origin.strip()).netloc.lower() == host
+        except ValueError:
+            same = False
+        if not same:
+            raise APIError(403, f"a page of origin {origin[:100]} may not call this API (add it to api.cors_origins "
+                                "to allow it)", type="permission_error", code="origin_not_allowed")
 
     def is_preflight(self, request: Request) -> bool:
         return (self.enabled and request.method == "OPTIONS" and "origin" in request.headers

@@ -42,3 +42,27 @@ def test_serving_earns_credits_in_proportion_to_tokens(barter_node):
     status = httpx.get(node.url + "/v1/network/status", timeout=10).json()
     assert status["economy"]["enabled"] is True
     assert (data / "ledger.db").exists() and (data / "identity.key").stat().st_mode & 0o077 == 0
+
+
+def test_a_page_of_another_origin_cannot_spend_on_the_nodes_behalf(barter_node):
+    """A web page the operator visits posts to the node on loopback: as ``text/plain`` a browser sends it without a
+    preflight, and the node would run it (a chat spends the node's credits or free tier; on economy=hydra a stake or
+    a channel moves its HYDRA). Refused with 403 unless the page's origin is listed; the node's own origin (its
+    dashboard), SDKs and curl (no Origin) are served as before."""
+    node, _ = barter_node
+    body = '{"model": "tiny-llama-8l", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+    url = node.url + "/v1/chat/completions"
+    before = _credits(node)
+    for origin in ("http://evil.example", "null", "http://127.0.0.1.evil.example"):
+        refused = httpx.post(url, content=body, headers={"Content-Type": "text/plain", "Origin": origin}, timeout=30)
+        assert refused.status_code == 403, (origin, refused.text)
+        assert refused.json()["error"]["code"] == "origin_not_allowed"
+    refused = httpx.post(node.url + "/api/chat", json={"model": "tiny-llama-8l", "messages": []},
+                         headers={"Origin": "http://evil.example"}, timeout=30)
+    assert refused.status_code == 403  # Ollama's routes too
+    assert _credits(node) == before  # nothing ran, nothing was earned or spent
+    own = node.url.rstrip("/")
+    for headers in ({"Origin": own}, {}):
+        served = httpx.post(url, content=body, headers={"Content-Type": "text/plain", **headers}, timeout=60)
+        assert served.status_code == 200, served.text
+    assert httpx.get(node.url + "/v1/models", headers={"Origin": "http://evil.example"}).status_code == 200  # reads
