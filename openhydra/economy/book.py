@@ -24,7 +24,7 @@ from openhydra.economy.tables import (
     JournalEntry,
     Supply,
 )
-from openhydra.economy.units import decayed
+from openhydra.economy.units import decay_rebased, decay_step
 
 
 class Book:
@@ -92,12 +92,14 @@ class Book:
 
     # -- decay -------------------------------------------------------------------------------------
     def _decay(self, acct: Account) -> None:
+        """Apply the decay since ``credits_at`` in whole units; the clock moves on only by the time those units
+        account for (units.decay_step), so what is under a unit is carried, not lost."""
         if acct.credits == 0:
             acct.credits_at = self.now
             return
-        left = decayed(acct.credits, self.policy.decay_per_day, self.now - acct.credits_at)
+        left, applied_s = decay_step(acct.credits, self.policy.decay_per_day, self.now - acct.credits_at)
         if self.now > acct.credits_at:
-            acct.credits_at = self.now
+            acct.credits_at = min(self.now, acct.credits_at + applied_s)
         if left < acct.credits:
             lost = acct.credits - left
             self._post("decay", acct.peer_id, POCKET_CREDITS, -lost, "")
@@ -115,6 +117,7 @@ class Book:
             raise ValueError(f"credit of a negative amount {amount}")
         if amount == 0:
             return
+        self._rebase(acct, pocket, getattr(acct, pocket) + amount)
         setattr(acct, pocket, getattr(acct, pocket) + amount)
         self._post(op, acct.peer_id, pocket, amount, ref)
 
@@ -126,8 +129,16 @@ class Book:
             raise InsufficientFunds(acct.peer_id, pocket, have, amount)
         if amount == 0:
             return
+        self._rebase(acct, pocket, have - amount)
         setattr(acct, pocket, have - amount)
         self._post(op, acct.peer_id, pocket, -amount, ref)
+
+    def _rebase(self, acct: Account, pocket: str, new_balance: int) -> None:
+        """Carry the credits' decay owed but under a unit over to their new balance (units.decay_rebased)."""
+        if pocket != POCKET_CREDITS:
+            return
+        carried = decay_rebased(acct.credits, new_balance, self.policy.decay_per_day, self.now - acct.credits_at)
+        acct.credits_at = self.now - carried
 
     def escrow(self, channel: Channel, delta: int, op: str) -> None:
         self._post(op, f"channel:{channel.channel_id}", POCKET_ESCROW, delta, channel.channel_id)

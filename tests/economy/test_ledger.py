@@ -47,6 +47,35 @@ def test_credits_decay_five_percent_per_day(db_url: str, peers: list[Identity], 
     led.close()
 
 
+@pytest.mark.parametrize("every_s", [2.0, 30.0, 600.0])
+def test_an_account_touched_often_decays_as_one_left_alone(db_url: str, peers: list[Identity], clock: FakeClock,
+                                                            every_s: float) -> None:
+    """Every settlement touches its hops' accounts. Rounding each touch's decay to the nearest micro-credit dropped
+    everything under half a unit, so a balance touched every 30 s under ~28,000 micro never decayed (an economy
+    probe: 20,000 after a day, against 19,000 left alone). Touched by transfers in and out, and by earning every
+    touch, an account ends 300 touches within a few micro-credits of the exact compound decay."""
+    led = Ledger(db_url, LedgerPolicy(hydra_enabled=False), clock=clock)
+    touched, alone, earner, float_ = peers[:4]
+    _settle(led, "a", 20, [(touched, 1)])  # 20,000 micro each
+    _settle(led, "b", 20, [(alone, 1)])
+    _settle(led, "c", 20, [(earner, 1)])
+    _settle(led, "f", 1_000, [(float_, 1)])
+    keep, expected_earner, steps = 0.95, 20_000.0, 300
+    for i in range(steps):
+        clock.advance(every_s)
+        led.transfer_credits(float_.peer_id, touched.peer_id, 1)
+        led.transfer_credits(touched.peer_id, float_.peer_id, 1)
+        _settle(led, f"e{i}", 1, [(earner, 1)])  # +1,000 micro
+        expected_earner = expected_earner * keep ** (every_s / DAY) + 1_000
+    left_alone = led.balance(alone.peer_id).credits
+    assert abs(left_alone - 20_000 * keep ** (steps * every_s / DAY)) <= 1  # 7 micro over 600 s, 1,000 over a day
+    assert left_alone < 20_000
+    assert abs(led.balance(touched.peer_id).credits - left_alone) <= 2
+    assert abs(led.balance(earner.peer_id).credits - expected_earner) <= 2 + expected_earner * 1e-9
+    assert led.audit().ok
+    led.close()
+
+
 def test_overspend_is_refused_and_changes_nothing(
     db_url: str, peers: list[Identity], clock: FakeClock
 ) -> None:
