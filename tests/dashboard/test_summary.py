@@ -108,3 +108,32 @@ def test_coverage_of_the_served_model_and_of_each_fallback() -> None:
     assert [p.backend for p in big.peers] == ["pytorch", "pytorch-int4-lowbit3"]  # how each computes (tooltip)
     assert (small.model_id, small.role, small.total_layers, small.complete) == ("small", "fallback", 4, True)
     assert [(p.start, p.end) for p in small.peers] == [(0, 2), (2, 4)] and small.counts == [1, 1, 1, 1]
+
+
+def test_polls_share_one_build_per_second_however_many_come() -> None:
+    """The summary's polls come out of the probes' budget (10x the API's), and a build is blocking work (discovery
+    lookups, ledger reads): 200 polls at once, and polls all through a 'second', start one build each second."""
+    from openhydra.api.routes_dashboard import SummaryCache
+
+    now = [0.0]
+    started = []
+
+    def build() -> dict:
+        started.append(now[0])
+        time.sleep(0.05)  # a build takes a while: callers meanwhile wait for this one
+        return {"built": len(started)}
+
+    cache = SummaryCache(build, fresh_s=1.0, clock=lambda: now[0])
+
+    async def polls() -> list[dict]:
+        together = await asyncio.gather(*(cache.get() for _ in range(200)))
+        later = []
+        for i in range(1, 26):
+            now[0] = i / 10  # 2.5 s of polls every 100 ms
+            later.append(await cache.get())
+        return [*together, *later]
+
+    answers = asyncio.run(polls())
+    assert answers[:200] == [{"built": 1}] * 200
+    assert cache.builds == len(started) == 3  # at 0 s, then once the answer is a second old: 1.0 s and 2.0 s
+    assert [a["built"] for a in answers[200:]] == [1] * 9 + [2] * 10 + [3] * 6  # polls at 0.1 ... 2.5 s
