@@ -128,6 +128,8 @@ class Node:
     swarm: object = None
     own_view: object = None
     """discovery/own_view.OwnView: the coordinator's lookups, with this node's own span in them."""
+    stake_holder: object = None
+    """economy/remote_stake.StakeHolder: holds in this node's ledger the stake other peers announce (HYDRA on)."""
     background: BackgroundLoop | None = None
     span: tuple[int, int] | None = None
     fatal_error: str | None = None
@@ -342,6 +344,7 @@ class Node:
                 self.discovery.set_allow_unsigned_names(True)
         dtype = str(runtime.dtype).removeprefix("torch.")
         instance = uuid.uuid4().hex  # this process: a restart is a new instance of the same peer id
+        staking = self.identity is not None and bool(getattr(self.economy, "hydra_enabled", False))
 
         def make_record(now: float, ttl_s: float) -> PeerAnnouncement:
             engine = self.state.engine
@@ -352,6 +355,7 @@ class Node:
                 backend=getattr(runtime, "numerics", "pytorch"),  # what audits match peers on
                 active_sessions=len(engine.active_sessions) if engine else 0, announced_at=now, ttl_s=ttl_s,
                 instance=instance, weights_manifest=weights_manifest, p2p_maddrs=p2p_maddrs, reachable=reachable,
+                stake_micro=self._own_stake() if staking else None,  # held by the coordinators (remote_stake.py)
             ))
 
         if privacy.membership.difficulty_bits:  # the join proof of work (solved while the model loaded)
@@ -384,6 +388,10 @@ class Node:
             return make_record(time.time(), announcer.ttl_s) if announcer is not None and announcer.running else None
 
         self.own_view = view = OwnView(fetch, own, peer_id, max_keep_s=self.announcer.ttl_s)
+        if staking:  # the stake other peers announce, held in this node's ledger (economy/remote_stake.py)
+            from openhydra.economy.remote_stake import StakeHolder
+
+            self.stake_holder = StakeHolder(self.economy, peer_id)
         self._start_view_refresh(view, self.announcer.interval_s / 2)
 
         def lookup() -> list[PeerAnnouncement]:
@@ -548,9 +556,18 @@ class Node:
         def run() -> None:
             while not stop.wait(every_s):
                 view.refresh_if_idle(every_s)
+                if self.stake_holder is not None:
+                    self.stake_holder.sync(view())
 
         self._view_refresh = threading.Thread(target=run, name="own-view-refresh", daemon=True)
         self._view_refresh.start()
+
+    def _own_stake(self) -> int | None:
+        try:
+            return int(self.economy.stake_of(self.economy.peer_id))
+        except Exception as exc:  # a busy ledger: announce no stake this time rather than no record
+            log.warning("stake not announced this time: %s", exc)
+            return None
 
     def _client_tunables(self):
         from openhydra.peer.client import ClientTunables

@@ -142,6 +142,9 @@ class PeerAnnouncement(BaseModel):
     # through the relays holding its reservation); None: plain gRPC at grpc_address.
     p2p_maddrs: list[Maddr] | None = Field(default=None, max_length=16)
     reachable: Literal["direct", "relayed"] | None = None
+    # Economy (economy/remote_stake.py): micro-HYDRA this peer stakes (what it holds staked in its own ledger), which
+    # every coordinator holds from the peer's HYDRA in its own ledger; None: it announces no stake (HYDRA off).
+    stake_micro: int | None = Field(default=None, ge=0, le=69_000_000_000_000)
 
     @model_validator(mode="after")
     def _span_inside_model(self) -> PeerAnnouncement:

@@ -72,6 +72,12 @@ class Economy:
         """Micro-HYDRA staked by ``peer_id`` (0 when unknown or when HYDRA is off): routing priority."""
         return self.ledger.stake_of(peer_id) if self.hydra_enabled else 0
 
+    def hold_stake(self, peer_id: str, public_key_hex: str, target: int, may_release: bool) -> int | None:
+        """Hold the stake another peer announced, from its HYDRA in this ledger (economy/remote_stake.py)."""
+        if not self.hydra_enabled:
+            return None
+        return self.ledger.hold_stake(peer_id, public_key_hex, target, may_release)
+
     def slash(self, peer_id: str, amount: int, reason: str) -> int:
         """Burn up to ``amount`` micro-HYDRA of ``peer_id``'s stake; returns what was actually slashed."""
         return self.ledger.slash(peer_id, amount, reason) if self.hydra_enabled else 0
@@ -145,6 +151,12 @@ class OffEconomy:
 
     def stake_of(self, peer_id: str) -> int:
         return 0
+
+    def hold_stake(self, peer_id: str, public_key_hex: str, target: int, may_release: bool) -> int | None:
+        """Hold the stake another peer announced, from its HYDRA in this ledger (economy/remote_stake.py)."""
+        if not self.hydra_enabled:
+            return None
+        return self.ledger.hold_stake(peer_id, public_key_hex, target, may_release)
 
     def slash(self, peer_id: str, amount: int, reason: str) -> int:
         return 0

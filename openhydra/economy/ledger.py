@@ -223,6 +223,43 @@ class Ledger:
         acct = self._read(lambda s: s.get(Account, peer_id))
         return acct.stake if acct else 0
 
+    def hold_stake(self, peer_id: str, public_key_hex: str, target: int, may_release: bool) -> int | None:
+        """Hold ``min(target, its HYDRA + stake here)`` of another peer's HYDRA in this ledger as its stake (what
+        it announced: economy/remote_stake.py); lower only if ``may_release``. Returns its stake here, or None
+        when this ledger has no account of that peer under that key (it earned nothing here: nothing to hold)."""
+        self._need_hydra()
+
+        def plan(acct: Account | None) -> int | None:
+            """How much stake moves (+ held, - released), None: not this peer's key; 0: nothing to do."""
+            if acct is None or acct.public_key != public_key_hex:
+                return None
+            want = min(max(target, 0), acct.hydra + acct.stake)
+            if want < acct.stake and not may_release:
+                return 0
+            return want - acct.stake
+
+        peek = self._read(lambda s: s.get(Account, peer_id))
+        move = plan(peek)
+        if move is None:
+            return None
+        if move == 0:
+            return peek.stake  # the common case (every refresh): no write
+
+        def tx(book: Book) -> int | None:
+            acct = book.account(peer_id)
+            change = plan(acct)
+            if change is None:
+                return None
+            if change > 0:
+                book.debit(acct, POCKET_HYDRA, change, "stake", "announced")
+                book.credit(acct, POCKET_STAKE, change, "stake", "announced")
+            elif change < 0:
+                book.debit(acct, POCKET_STAKE, -change, "unstake", "announced")
+                book.credit(acct, POCKET_HYDRA, -change, "unstake", "announced")
+            return acct.stake
+
+        return self._write(tx)
+
     # -- state channels ----------------------------------------------------------------------------
     def open_channel(self, payer: str, payer_key: bytes, payee: str, deposit: int) -> ChannelView:
         self._need_hydra()
