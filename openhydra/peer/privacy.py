@@ -17,12 +17,16 @@ predecessor relays it, and the coordinator maps the hop index to the address it 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
+import os
 import re
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -33,7 +37,16 @@ from openhydra.crypto.records import decode_static_key
 from openhydra.crypto.session import CoordinatorSession, PeerSession
 from openhydra.peer.messages import HopSpec
 from openhydra.peer.proto import peer_pb2 as pb
-from openhydra.peer.session_admission import SessionAdmission, decode_payload, encode_payload, source_of
+from openhydra.peer.session_admission import (
+    PREFIX_SALT_BYTES,
+    SessionAdmission,
+    decode_payload,
+    encode_payload,
+    source_of,
+)
+
+if TYPE_CHECKING:
+    from openhydra.runtime.prefix_cache import PrefixKey
 
 log = logging.getLogger(__name__)
 MAX_CRYPTO_SESSIONS = 4096
@@ -52,6 +65,8 @@ class ChainPrivacy:
     """> 0: every hop noises the hidden states it pushes (and the coordinator its embeddings)."""
     dp_clip: float = 300.0
     dp_clip_embeddings: float = 4.0
+    prefix_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False, compare=False)
+    """This coordinator's key for its hops' prefix salts (:func:`prefix_salt`): random per process."""
 
     @classmethod
     def from_config(cls, privacy: object | None) -> ChainPrivacy:
@@ -100,19 +115,38 @@ class HopState:
     control_counter: int = 0  # last accepted control message counter (peer/session_auth.py)
     admitted_at: float = 0.0
     settlement_key: bytes | None = None  # derived on first use (peer/session_auth.py hop_settlement_key)
+    prefix_salt: bytes = b""  # from this hop's onion layer: the namespace of the session's prefix blocks here
+
+    def prefix_key(self, key: PrefixKey | None) -> PrefixKey | None:
+        """The names this hop files the session's prompt blocks under: ``HMAC(salt, hash)`` with the salt the
+        coordinator put in this hop's onion layer, which no other hop sees (:func:`prefix_salt`). A hop that saw a
+        coordinator's block hashes can replay them in a session of its own, but cannot name this hop's blocks of
+        that coordinator, so the junk it computes is never seeded into the coordinator's sessions. None (no prefix
+        reuse) for an onion without a salt."""
+        from openhydra.runtime.prefix_cache import PrefixKey
+
+        if key is None or not self.prefix_salt:
+            return None
+        return PrefixKey(tuple(hmac.new(self.prefix_salt, h, hashlib.sha256).digest() for h in key.hashes), key.block)
 
     @property
     def index(self) -> int:
         return self.session.hop_index
 
 
-def encode_span(start: int, end: int) -> bytes:
-    """A hop's onion payload: its span and the issue time (peer/session_admission.py)."""
-    return encode_payload(start, end)
+def encode_span(start: int, end: int, prefix_salt: bytes = b"") -> bytes:
+    """A hop's onion payload: its span, the issue time and its prefix salt (peer/session_admission.py)."""
+    return encode_payload(start, end, prefix_salt=prefix_salt)
 
 
 def decode_span(payload: bytes) -> tuple[int, int] | None:
     return decode_payload(payload)[0]
+
+
+def prefix_salt(secret: bytes, identity_key: bytes) -> bytes:
+    """The prefix-cache salt a coordinator gives one hop (the same for all its sessions through that hop, different
+    for every hop): the hop files the coordinator's prompt blocks under it (:meth:`HopState.prefix_key`)."""
+    return hmac.new(secret, b"openhydra/prefix-salt/v1" + identity_key, hashlib.sha256).digest()[:PREFIX_SALT_BYTES]
 
 
 ENDED_REMEMBERED = 4096
@@ -150,9 +184,9 @@ class PeerPrivacy:
             if state is not None:
                 raise MalformedMessage("a second onion for a session that already has one")
             session = PeerSession(bytes(outer.onion), self.static, sid)  # anyone can build one: proves nothing yet
-            span, issued_ms = decode_payload(session.layer.payload)
+            span, issued_ms, salt = decode_payload(session.layer.payload)
             self.admission.check(sid, issued_ms)  # single use per hop within the onion's lifetime
-            state, new = HopState(session, span), True
+            state, new = HopState(session, span, prefix_salt=salt), True
         if state is None:
             if sid in self._ended:  # e.g. a step sent before a failover moved the session: not an attack
                 raise StaleSession("sealed step for a session that ended here (closed, or moved by a failover)")
@@ -276,14 +310,17 @@ def with_onion_route(step: pb.Step, state: HopState | None, address: str, num_la
 # ---- coordinator side ------------------------------------------------------------------------------------
 
 
-def route_hops(route: Sequence[HopSpec]) -> list[RouteHop]:
-    """The onion route for ``route``; every hop needs its peer id and signed static key."""
+def route_hops(route: Sequence[HopSpec], prefix_secret: bytes = b"") -> list[RouteHop]:
+    """The onion route for ``route``; every hop needs its peer id and signed static key. With ``prefix_secret``
+    each hop's layer carries its prefix salt (:func:`prefix_salt`)."""
     hops = []
     for hop in route:
         if not hop.static_key or not hop.peer_id:
             raise CryptoError(f"hop {hop.address} advertises no static key: cannot encrypt to it")
-        hops.append(RouteHop(HopRef(peer_id=hop.peer_id, address=hop.address), decode_static_key(hop.static_key),
-                             encode_span(hop.start, hop.end)))
+        static = decode_static_key(hop.static_key)
+        salt = prefix_salt(prefix_secret, static.identity_key) if prefix_secret else b""
+        hops.append(RouteHop(HopRef(peer_id=hop.peer_id, address=hop.address), static,
+                             encode_span(hop.start, hop.end, salt)))
     return hops
 
 
@@ -299,7 +336,8 @@ class CoordinatorRoute:
     @classmethod
     def build(cls, session_id: str, route: Sequence[HopSpec], privacy: ChainPrivacy, reply_to: str) -> CoordinatorRoute:
         reply = HopRef(peer_id=COORDINATOR_REF_ID, address=reply_to) if privacy.onion else None
-        crypto = CoordinatorSession(session_id, route_hops(route), pad_to=privacy.onion_size_bytes, reply_to=reply)
+        crypto = CoordinatorSession(session_id, route_hops(route, privacy.prefix_secret),
+                                    pad_to=privacy.onion_size_bytes, reply_to=reply)
         return cls(tuple(route), crypto)
 
     def seal_step(self, inner: pb.Step) -> pb.Step:

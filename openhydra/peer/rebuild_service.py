@@ -110,7 +110,8 @@ class RebuildHandlers:
             wire = self.retained.get(header.session_id, header.start_position, header.num_positions)
             if wire is None and header.start_position == 0 and step.prefix_hashes:  # prompt blocks it skipped
                 key = PrefixKey(tuple(step.prefix_hashes), int(step.prefix_block))
-                wire = self.retained.prefix_blocks(key, header.num_positions, header.forward_codec)
+                key = key if state is None else state.prefix_key(key)  # this hop's names (peer/forward.py)
+                wire = self.retained.prefix_blocks(key, header.num_positions, header.forward_codec) if key else None
             if wire is None:
                 await self._fail(header, self.address, grpc.StatusCode.FAILED_PRECONDITION,
                                  f"rebuild: no retained activations for positions [{header.start_position},{end})")

@@ -35,6 +35,8 @@ MAX_PENDING_PER_SOURCE = 64
 ADMIT_GRACE_S = 10.0
 """A freshly admitted session is not evicted by the global cap for this long (its first step is on its way)."""
 _PAYLOAD = struct.Struct(">IIQ")  # span start, span end, issued at (unix ms)
+PREFIX_SALT_BYTES = 16
+"""The hop's prefix-cache salt after the span and time (peer/privacy.py ``prefix_salt``): absent from older onions."""
 
 
 class SessionsBusy(CryptoError):
@@ -43,17 +45,19 @@ class SessionsBusy(CryptoError):
     reason = "busy"
 
 
-def encode_payload(start: int, end: int, issued_ms: int | None = None) -> bytes:
-    """A hop's onion payload: its span and the onion's issue time."""
-    return _PAYLOAD.pack(start, end, int(time.time() * 1000) if issued_ms is None else issued_ms)
+def encode_payload(start: int, end: int, issued_ms: int | None = None, prefix_salt: bytes = b"") -> bytes:
+    """A hop's onion payload: its span, the onion's issue time and its prefix-cache salt (or none)."""
+    if prefix_salt and len(prefix_salt) != PREFIX_SALT_BYTES:
+        raise ValueError(f"a prefix salt is {PREFIX_SALT_BYTES} bytes")
+    return _PAYLOAD.pack(start, end, int(time.time() * 1000) if issued_ms is None else issued_ms) + prefix_salt
 
 
-def decode_payload(payload: bytes) -> tuple[tuple[int, int] | None, int | None]:
-    """(span, issued_ms) from a hop payload; (None, None) if it is not one."""
-    if len(payload) != _PAYLOAD.size:
-        return None, None
-    start, end, issued = _PAYLOAD.unpack(payload)
-    return (start, end), issued
+def decode_payload(payload: bytes) -> tuple[tuple[int, int] | None, int | None, bytes]:
+    """(span, issued_ms, prefix salt) from a hop payload; (None, None, b"") if it is not one."""
+    if len(payload) not in (_PAYLOAD.size, _PAYLOAD.size + PREFIX_SALT_BYTES):
+        return None, None, b""
+    start, end, issued = _PAYLOAD.unpack(payload[: _PAYLOAD.size])
+    return (start, end), issued, payload[_PAYLOAD.size :]
 
 
 def source_of(peer: str) -> str:

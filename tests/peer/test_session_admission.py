@@ -44,15 +44,16 @@ def _one_hop_session():
 
 
 def test_payload_round_trip_and_freshness() -> None:
-    span, issued = decode_payload(encode_payload(3, 7))
-    assert span == (3, 7) and abs(issued / 1000 - time.time()) < 5
+    span, issued, salt = decode_payload(encode_payload(3, 7))
+    assert span == (3, 7) and abs(issued / 1000 - time.time()) < 5 and salt == b""
+    assert decode_payload(encode_payload(3, 7, prefix_salt=b"s" * 16))[2] == b"s" * 16
     admission = SessionAdmission(capacity=4)
     admission.check("s", issued)
     with pytest.raises(ReplayedMessage):
         admission.check("s", int((time.time() - MAX_ONION_AGE_S - 5) * 1000))  # stale
     with pytest.raises(ReplayedMessage):
         admission.check("s", None)  # no issue time: an old-format onion
-    assert decode_payload(b"12345678") == (None, None)
+    assert decode_payload(b"12345678") == (None, None, b"")
 
 
 def test_ids_are_single_use_and_live_sessions_stay() -> None:
