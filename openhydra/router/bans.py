@@ -57,6 +57,14 @@ class BanList:
         self._entries[peer_id] = _Entry(strikes=strikes, until=now + duration)
         return duration
 
+    def lift(self, peer_id: str) -> None:
+        """End ``peer_id``'s ban now but keep its streak: its next failure bans it longer, as if it had waited the
+        ban out (a restarted process, router/swarm.py; the peer picks its record's ``instance`` itself, so a new
+        one must not wipe the streak: a banned peer re-announcing under a new instance reset its bans to 1 s)."""
+        entry = self._entries.get(peer_id)
+        if entry is not None:
+            entry.until = min(entry.until, self._clock())
+
     def success(self, peer_id: str) -> None:
         """The peer answered correctly (or is a new process, see router/swarm.py): forget its failures."""
         self._entries.pop(peer_id, None)

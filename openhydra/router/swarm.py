@@ -146,7 +146,7 @@ class SwarmPipeline:
         if record.peer_id in self._banned_instance and self._banned_instance[record.peer_id] != record.instance:
             del self._banned_instance[record.peer_id]
             self._ban_reasons.pop(record.peer_id, None)
-            self.bans.success(record.peer_id)  # a new process starts with a clean streak
+            self.bans.lift(record.peer_id)  # routable at once; its streak goes only with a served step
             log.info("peer %s restarted (instance %s): its ban is lifted", record.peer_id, record.instance[:8])
 
     def _is_dead_record(self, record: PeerAnnouncement) -> bool:

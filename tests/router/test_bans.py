@@ -72,3 +72,21 @@ def test_a_swarm_keeps_the_empty_ban_list_it_is_given():
     assert len(bans) == 0
     swarm = SwarmPipeline("m", 4, lambda: [], ScriptedClient(), bans=bans)
     assert swarm.bans is bans
+
+
+def test_a_lifted_ban_ends_now_but_the_next_failure_escalates():
+    """A restarted peer (a new record instance) is routable at once; but the instance is the peer's own word, so a
+    banned peer re-announcing under new instances must not keep its bans at 1 s: its streak goes only when it
+    serves a step (success) or after forget_after_s."""
+    clock = Clock()
+    bans = BanList(clock=clock)
+    durations = []
+    for _ in range(4):
+        durations.append(bans.ban("p"))
+        bans.lift("p")  # a new instance, at once
+        assert not bans.is_banned("p")
+    assert durations == [1, 2, 4, 8]
+    bans.success("p")
+    assert bans.ban("p") == 1
+    bans.lift("q")  # never banned: nothing to lift
+    assert "q" not in bans

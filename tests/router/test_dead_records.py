@@ -108,3 +108,27 @@ def test_a_dead_peer_left_out_is_named_in_the_503_after_its_ban_lapses():
     message = str(err.value)
     assert "holes: [[2, 4]]" in message and "left out after failing" in message, message
     assert dead in message and "Connection refused" in message, message
+
+
+def test_a_new_instance_lifts_a_ban_but_keeps_its_streak():
+    """A restarted process (a new record instance) is routable at once. The instance is chosen by the peer itself:
+    a banned peer that re-announces under a new one each time it fails must still see its bans grow (a red team:
+    before, the new instance wiped the streak and every ban stayed at the initial length)."""
+    now = time.time()
+    records = [announcement("a", 0, 2, now), announcement("b", 2, 4, now).model_copy(update={"instance": "0" * 8})]
+    client = ScriptedClient()
+    clock = [0.0]
+    bans = BanList(BanTunables(initial_s=1.0, multiplier=2.0, max_s=60.0), clock=lambda: clock[0])
+    swarm = SwarmPipeline("m", 4, lambda: list(records), client, bans=bans,
+                          tunables=FailoverTunables(max_failovers_per_step=1, route_wait_s=0.0))
+    client.dead[records[1].grpc_address], client.messages[records[1].grpc_address] = (
+        grpc.StatusCode.DEADLINE_EXCEEDED, "slow")
+    lengths = []
+    for i in range(3):
+        with pytest.raises(PipelineUnavailable):
+            swarm.step(f"s{i}", [1, 2], 0, SamplingParams(), 0)
+        lengths.append(bans.remaining_s("b"))
+        records[1] = records[1].model_copy(update={"instance": f"{i + 1:08x}", "announced_at": time.time()})
+        swarm.peers(refresh=True)
+        assert not bans.is_banned("b")  # the "restarted" peer is routable at once
+    assert lengths == [1.0, 2.0, 4.0], lengths
