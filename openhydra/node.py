@@ -563,8 +563,10 @@ class Node:
         self._view_refresh.start()
 
     def _own_stake(self) -> int | None:
+        """The stake to announce (economy/remote_stake.py); None at 0: a record without the field stays readable by
+        nodes that predate it, and coordinators read a missing stake as 0."""
         try:
-            return int(self.economy.stake_of(self.economy.peer_id))
+            return int(self.economy.stake_of(self.economy.peer_id)) or None
         except Exception as exc:  # a busy ledger: announce no stake this time rather than no record
             log.warning("stake not announced this time: %s", exc)
             return None

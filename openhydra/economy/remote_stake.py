@@ -6,9 +6,10 @@ priority) read a stake of 0 for every remote peer, and its slashing after a fail
 
 A peer's HYDRA does exist in other ledgers: every coordinator that recorded a receipt the peer signed minted the peer
 its share there. So a peer *announces* its stake (``stake_micro`` in its signed discovery record: the stake it holds in
-its own ledger), and every coordinator that reads the record holds up to that much of the peer's HYDRA in the
-coordinator's own ledger as the peer's stake (:meth:`Ledger.hold_stake`). There, reputation reads it and a failed audit
-slashes (burns) it, as for a local stake.
+its own ledger; left out at 0, so a record without a stake stays readable by nodes that predate the field), and every
+coordinator that reads the record holds up to that much of the peer's HYDRA in the coordinator's own ledger as the
+peer's stake (:meth:`Ledger.hold_stake`). There, reputation reads it and a failed audit slashes (burns) it, as for a
+local stake.
 
 * **Only the peer's own word.** A record counts only with a valid signature by the key the ledger's account of that
   peer is bound to (the key that signed its receipts): a record naming another peer, unsigned, or signed by another
@@ -54,7 +55,9 @@ class StakeHolder:
         """Hold what each signed record announces; returns the stakes that changed ({peer id: stake here})."""
         newest: dict[str, PeerAnnouncement] = {}
         for record in records:
-            if record.stake_micro is None or record.peer_id == self.own_peer_id:
+            if record.peer_id == self.own_peer_id:
+                continue
+            if record.stake_micro is None and not self._holds(record.peer_id):  # no stake announced, none held
                 continue
             if record.peer_id not in newest or record.announced_at > newest[record.peer_id].announced_at:
                 newest[record.peer_id] = record
@@ -90,3 +93,14 @@ class StakeHolder:
             if stake <= target:
                 self._lowered_since.pop(peer_id, None)
         return changed
+
+    def _holds(self, peer_id: str) -> bool:
+        """Whether this ledger holds stake of ``peer_id`` (read once per peer, then kept up to date by sync): a peer
+        that unstakes to 0 announces no stake at all (its record stays readable by nodes that predate the field),
+        and what is held for it must still be released."""
+        if peer_id not in self.held:
+            try:
+                self.held[peer_id] = int(self.economy.stake_of(peer_id))
+            except Exception:  # a busy ledger: look again at the next refresh
+                return False
+        return self.held[peer_id] > 0

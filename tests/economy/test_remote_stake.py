@@ -73,13 +73,23 @@ def test_a_lower_stake_is_released_only_after_unbonding_and_a_slash_burns_what_i
     assert coordinator.slash(peer.peer_id, 3 * MICRO, "failed audit") == 3 * MICRO
     assert coordinator.stake_of(peer.peer_id) == MICRO
     now[0] += 3599
-    holder.sync([_record(peer, 0, now[0])])
+    holder.sync([_record(peer, None, now[0])])  # a node announces no stake at all at 0: read as 0
     assert coordinator.stake_of(peer.peer_id) == MICRO  # 3,599 s after it was first lowered: still bonded
     now[0] += 2
-    assert holder.sync([_record(peer, 0, now[0])]) == {peer.peer_id: 0}
+    assert holder.sync([_record(peer, None, now[0])]) == {peer.peer_id: 0}
     view = coordinator.balance(peer.peer_id)
     assert (view.stake, view.hydra) == (0, 2 * MICRO)  # 5 earned - 3 burned
     assert coordinator.ledger.audit().ok
+
+
+def test_a_coordinator_that_restarted_still_releases_what_it_held_for_a_peer_that_unstaked(swarm):
+    coordinator, holder, peer, _, now = swarm
+    holder.sync([_record(peer, 2 * MICRO, now[0])])
+    restarted = StakeHolder(coordinator, coordinator.peer_id, unbond_s=3600.0, clock=lambda: now[0])
+    restarted.sync([_record(peer, None, now[0])])
+    now[0] += 3601
+    assert restarted.sync([_record(peer, None, now[0])]) == {peer.peer_id: 0}
+    assert restarted.sync([_record(peer, None, now[0] + 1)]) == {}  # nothing held: no more ledger reads or writes
 
 
 def test_the_held_stake_counts_in_this_coordinators_reputation(swarm, tmp_path):
