@@ -111,6 +111,8 @@ _PER_TEST_FILES = (  # module fixtures cheap (a tokenizer, a cached tiny GGUF), 
     "tests/runtime/test_model_cache.py",
     "tests/verification/test_no_false_positives.py",
     "tests/config/test_cli.py",
+    "tests/speculative/test_verify_exact.py",  # four SmolLM2 tests of 20-35 s each in CI, no module fixture
+    "tests/runtime/test_kv_layer.py",  # two SmolLM2 tests of 35 s each in CI, no module fixture
 )
 _HEAVIEST_FIRST = (  # the slowest units of 2026-12-04's runs (--durations=0), longest first
     "tests/api/test_schemathesis.py",
