@@ -153,10 +153,7 @@ class OffEconomy:
         return 0
 
     def hold_stake(self, peer_id: str, public_key_hex: str, target: int, may_release: bool) -> int | None:
-        """Hold the stake another peer announced, from its HYDRA in this ledger (economy/remote_stake.py)."""
-        if not self.hydra_enabled:
-            return None
-        return self.ledger.hold_stake(peer_id, public_key_hex, target, may_release)
+        return None
 
     def slash(self, peer_id: str, amount: int, reason: str) -> int:
         return 0

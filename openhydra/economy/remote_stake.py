@@ -33,7 +33,7 @@ from typing import Any
 
 from openhydra.crypto.errors import CryptoError
 from openhydra.crypto.records import check_record
-from openhydra.discovery.records import PeerAnnouncement
+from openhydra.discovery.records import PeerAnnouncement, freshest
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +53,14 @@ class StakeHolder:
 
     def sync(self, records: list[PeerAnnouncement]) -> dict[str, int]:
         """Hold what each signed record announces; returns the stakes that changed ({peer id: stake here})."""
-        newest: dict[str, PeerAnnouncement] = {}
-        for record in records:
-            if record.peer_id == self.own_peer_id:
-                continue
-            if record.stake_micro is None and not self._holds(record.peer_id):  # no stake announced, none held
-                continue
-            if record.peer_id not in newest or record.announced_at > newest[record.peer_id].announced_at:
-                newest[record.peer_id] = record
         changed: dict[str, int] = {}
         now = self.clock()
-        for peer_id, record in newest.items():
+        for record in freshest(records):
+            peer_id = record.peer_id
+            if peer_id == self.own_peer_id:
+                continue
+            if record.stake_micro is None and not self._holds(peer_id):  # no stake announced, none held
+                continue
             try:
                 check_record(record, now=now, require_static_key=False)
                 key_hex = base64.b64decode(record.public_key or "", validate=True).hex()

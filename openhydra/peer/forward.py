@@ -48,6 +48,7 @@ from openhydra.peer.privacy import (
     PeerPrivacy,
     hop_failure,
     parse_hop_failure,
+    step_prefix_key,
     with_onion_route,
 )
 from openhydra.peer.proto import peer_pb2 as pb
@@ -168,7 +169,7 @@ class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
                     raise ValueError("invalid step: reply_to is empty")
                 marker = step.rebuild_end > 0 and step.tensor.dtype == pb.DTYPE_UNSPECIFIED  # peer/rebuild.py
                 tensor = None if marker else self._decode_input(header, step.tensor)
-                _prefix_key(step, state)  # malformed prefix hashes are refused here too, before the runtime
+                step_prefix_key(step, state)  # malformed prefix hashes are refused here too, before the runtime
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.address}: {exc}")
             if state is not None and step.dp_sigma > 0 and tensor is not None and state.index > 0:
@@ -210,7 +211,7 @@ class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
         METRICS.peer_in_flight.inc()
         began = time.perf_counter()
         try:
-            prefix = _prefix_key(step, state)  # a malformed one is INVALID_ARGUMENT
+            prefix = step_prefix_key(step, state)  # a malformed one is INVALID_ARGUMENT
             batcher = getattr(self.runtime, "batcher", None)
             batchable = (batcher is not None and prefix is None  # runtime/batching.py
                          and not (header.return_hidden and self.runtime.is_last))
@@ -336,7 +337,7 @@ class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
             wire = encode_tensor(hidden, header.forward_codec)  # [S, D]
             self.retained.keep(step.session_id, step.start_position, step.num_positions, wire)
             if not step.dp_sigma:  # noised outputs are the session's own: a later session could not reuse them
-                self.retained.keep_blocks(step.session_id, step.start_position, hidden, _prefix_key(step, state))
+                self.retained.keep_blocks(step.session_id, step.start_position, hidden, step_prefix_key(step, state))
         message = pb.Step(
             session_id=step.session_id,
             seq=step.seq,
@@ -444,17 +445,6 @@ class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
         self._streams.clear()
         await self._pool.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _prefix_key(step: pb.Step, state: HopState | None) -> PrefixKey | None:
-    """The names this hop files a session's prompt blocks under (runtime/prefix_cache.py): the block hashes of its
-    first message, salted for this hop when the session is keyed (HopState.prefix_key: another hop that saw them
-    cannot name this hop's blocks); as sent in a plaintext session (privacy=off trusts its coordinators). ValueError
-    if malformed."""
-    if not step.prefix_hashes:
-        return None
-    key = PrefixKey(tuple(step.prefix_hashes), int(step.prefix_block))
-    return key if state is None else state.prefix_key(key)
 
 
 async def _ignore_broken(address: str, code: grpc.StatusCode, details: str, context: Any) -> None:

@@ -134,6 +134,19 @@ class HopState:
         return self.session.hop_index
 
 
+def step_prefix_key(step: pb.Step, state: HopState | None) -> PrefixKey | None:
+    """The names this hop files a session's prompt blocks under (runtime/prefix_cache.py): the block hashes of its
+    first message, salted for this hop when the session is keyed (:meth:`HopState.prefix_key`: another hop that saw
+    them cannot name this hop's blocks); as sent in a plaintext session (privacy=off trusts its coordinators).
+    ValueError if malformed."""
+    from openhydra.runtime.prefix_cache import PrefixKey
+
+    if not step.prefix_hashes:
+        return None
+    key = PrefixKey(tuple(step.prefix_hashes), int(step.prefix_block))
+    return key if state is None else state.prefix_key(key)
+
+
 def encode_span(start: int, end: int, prefix_salt: bytes = b"") -> bytes:
     """A hop's onion payload: its span, the issue time and its prefix salt (peer/session_admission.py)."""
     return encode_payload(start, end, prefix_salt=prefix_salt)

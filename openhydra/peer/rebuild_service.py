@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
+from openhydra.peer.privacy import step_prefix_key
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.rebuild import Role, adopt_tag, role
-from openhydra.runtime.prefix_cache import PrefixKey
 
 if TYPE_CHECKING:
     from openhydra.peer.messages import StepHeader
@@ -108,10 +108,9 @@ class RebuildHandlers:
         wire = pb.Tensor()
         if part is Role.FEED:
             wire = self.retained.get(header.session_id, header.start_position, header.num_positions)
-            if wire is None and header.start_position == 0 and step.prefix_hashes:  # prompt blocks it skipped
-                key = PrefixKey(tuple(step.prefix_hashes), int(step.prefix_block))
-                key = key if state is None else state.prefix_key(key)  # this hop's names (peer/forward.py)
-                wire = self.retained.prefix_blocks(key, header.num_positions, header.forward_codec) if key else None
+            key = step_prefix_key(step, state) if wire is None and header.start_position == 0 else None
+            if key is not None:  # prompt blocks it skipped, under this hop's names for them
+                wire = self.retained.prefix_blocks(key, header.num_positions, header.forward_codec)
             if wire is None:
                 await self._fail(header, self.address, grpc.StatusCode.FAILED_PRECONDITION,
                                  f"rebuild: no retained activations for positions [{header.start_position},{end})")
