@@ -250,17 +250,53 @@ def full_node_before_after(model_dir: str, commit: str, args: argparse.Namespace
 # ---------------------------------------------------------------- where the memory goes (one fresh interpreter)
 
 
+TRACED_IMPORTS = ("torch._dynamo", "torch.distributed.tensor", "sympy", "scipy")
+"""Heavy modules whose first importer step 3 records (the file and line of the import statement)."""
+
+
+class _FirstImporter:
+    """A meta path finder that finds nothing and records where each of :data:`TRACED_IMPORTS` is first imported
+    (the import statement's frame; importlib's own frames skipped, availability probes with
+    ``importlib.util.find_spec`` not counted)."""
+
+    def __init__(self) -> None:
+        self.importers: dict[str, str] = {}
+
+    def find_spec(self, name: str, path=None, target=None):  # importlib's protocol
+        if name in TRACED_IMPORTS and name not in self.importers:
+            frame = sys._getframe(1)
+            while frame is not None and (frame.f_code.co_filename.startswith("<frozen")
+                                         or frame.f_code.co_filename.endswith("importlib/__init__.py")):
+                frame = frame.f_back
+            if frame is not None and not frame.f_code.co_filename.endswith("importlib/util.py"):  # not a probe
+                where = frame.f_code.co_filename.split("site-packages/")[-1]
+                self.importers[name] = f"{where}:{frame.f_lineno}"
+        return None
+
+
+def _anonymous_bytes() -> int:
+    """Anonymous memory of this process (kB in /proc/self/smaps_rollup): what no file backs, so what no other process
+    can share, whatever else runs on the machine (unlike USS, which counts a library's pages only while no other
+    process maps them)."""
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def breakdown_child(model_dir: str, start: int, end: int) -> None:
     import importlib
 
     import psutil
 
+    tracer = _FirstImporter()
+    sys.meta_path.insert(0, tracer)
     proc = psutil.Process()
     steps: list[dict] = []
 
     def mark(name: str, **extra) -> None:
         info = proc.memory_full_info()
-        steps.append({"step": name, "rss": info.rss, "pss": info.pss, "uss": info.uss,
+        steps.append({"step": name, "rss": info.rss, "pss": info.pss, "uss": info.uss, "anon": _anonymous_bytes(),
                       "modules": len(sys.modules), **extra})
 
     mark("bare interpreter")
@@ -268,6 +304,9 @@ def breakdown_child(model_dir: str, start: int, end: int) -> None:
 
     torch.set_num_threads(1)
     mark("import torch")
+    if os.environ.get("BENCH_SPLIT_DYNAMO") == "1":  # --split-dynamo: its cost on a line of its own
+        importlib.import_module("torch._dynamo")
+        mark("import torch._dynamo (the modeling code's import of it, first)")
     from openhydra.runtime.lean_imports import skip_unused_optional_imports
 
     skip_unused_optional_imports()  # as openhydra-node's cli.run does first (a no-op on older commits' nodes)
@@ -321,7 +360,8 @@ def breakdown_child(model_dir: str, start: int, end: int) -> None:
     mark("prompt 32 + 16 decode steps (KV, workspace, touched pages)")
     rt.close_session("bench")
     mark("session closed")
-    steps.append({"heavy_modules_loaded": sorted(m for m in heavy if m in sys.modules)})
+    steps.append({"heavy_modules_loaded": sorted(m for m in heavy if m in sys.modules),
+                  "first_importers": tracer.importers})
     print("BREAKDOWN " + json.dumps(steps), flush=True)
 
 
@@ -401,20 +441,23 @@ def report(result: dict) -> None:
               f"{p['libraries']['pss'] / MIB:.0f} | {(t['pss'] + share) / w:.2f}x | {over:.0f} "
               f"({'met' if over <= TARGET_MIB else 'not met'}) |")
     for span, steps in result["breakdown"].items():
-        print(f"\nbreakdown {span} (fresh interpreter; deltas of USS / RSS in MiB):")
+        print(f"\nbreakdown {span} (fresh interpreter; deltas of anonymous memory / USS / RSS in MiB):")
         prev = None
         for s in steps:
             if "step" not in s:
                 print(f"  heavy modules loaded: {s['heavy_modules_loaded']}")
+                for module, where in s.get("first_importers", {}).items():
+                    print(f"  {module} first imported by {where}")
                 continue
+            d_anon = (s.get("anon", 0) - prev.get("anon", 0)) / MIB if prev else s.get("anon", 0) / MIB
             d_uss = (s["uss"] - prev["uss"]) / MIB if prev else s["uss"] / MIB
             d_rss = (s["rss"] - prev["rss"]) / MIB if prev else s["rss"] / MIB
             extra = ""
             if "mapped_bytes" in s:
                 extra = (f"  tensors: {s['mapped_bytes'] / MIB:.0f} MiB mapped, "
                          f"{s['private_bytes'] / MIB:.0f} MiB private")
-            print(f"  {s['step']:58s} USS +{d_uss:6.1f} RSS +{d_rss:6.1f} (USS {s['uss'] / MIB:6.1f}, "
-                  f"modules {s['modules']}){extra}")
+            print(f"  {s['step']:58s} anon +{d_anon:6.1f} USS +{d_uss:6.1f} RSS +{d_rss:6.1f} "
+                  f"(USS {s['uss'] / MIB:6.1f}, modules {s['modules']}){extra}")
             prev = s
 
 
@@ -435,6 +478,9 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="also start the three thirds as one `openhydra-node -m` sweep (forked jobs)")
     parser.add_argument("--skip-processes", action="store_true", help="only the per-span breakdown")
+    parser.add_argument("--split-dynamo", action="store_true",
+                        help="step 3 imports torch._dynamo right after torch, so its cost is a line of its own "
+                             "(its first importer is then this bench)")
     parser.add_argument("--before", default=None, metavar="COMMIT",
                         help="only a full-model node of COMMIT against this checkout's, alternated twice")
     parser.add_argument("--compare", action="append", default=[], help="an earlier run's JSON to plot beside this")
@@ -458,6 +504,8 @@ def main() -> None:
     if not args.skip_processes:
         result["processes"] = measure_processes(model_dir, args)
     env_extra = dict(e.split("=", 1) for e in args.env)
+    if args.split_dynamo:
+        env_extra["BENCH_SPLIT_DYNAMO"] = "1"
     for a, b in (*SPLITS, (0, SPLITS[-1][1])):
         result["breakdown"][f"[{a},{b})"] = measure_breakdown(model_dir, a, b, env_extra)
     result["banner_end"] = machine_banner()
