@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 
 def integral_floats_as_ints(value: Any) -> Any:
@@ -39,3 +39,14 @@ class Tolerant(JsonModel):
     """An inbound protocol model: strict types, unknown fields kept (clients send new ones)."""
 
     model_config = ConfigDict(extra="allow")
+
+
+def null_is_default(*fields: str) -> Any:
+    """A field validator for ``fields`` (typed ``X | None``, with a default): JSON ``null`` reads as if the field
+    were left out, as OpenAI's and Ollama's servers read it (clients and proxies send unset fields as null). The
+    document says null is allowed (the ``| None``), and the route sees the default, never None."""
+
+    def _default_for_null(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+        return cls.model_fields[info.field_name].default if value is None else value
+
+    return field_validator(*fields, mode="after")(classmethod(_default_for_null))

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from openhydra.api.protocol_base import Tolerant
+from openhydra.api.protocol_base import Tolerant, null_is_default
 from openhydra.api.protocol_features import OllamaFormat, ToolSpec
 from openhydra.api.protocol_openai import SEED_MAX, SEED_MIN, TOP_K_MAX, StopList
 from openhydra.runtime.sampling import MAX_TEMPERATURE
@@ -60,7 +60,8 @@ class OllamaMessage(Tolerant):
 
 class OllamaBase(Tolerant):
     model: str = Field(min_length=1)
-    stream: bool = True
+    stream: bool | None = True
+    _null_stream = null_is_default("stream")
     options: OllamaOptions = Field(default_factory=OllamaOptions)
     keep_alive: str | int | float | None = None
     format: OllamaFormat = None
@@ -70,7 +71,8 @@ class OllamaBase(Tolerant):
 class OllamaGenerateRequest(OllamaBase):
     prompt: str = ""
     system: str | None = None
-    raw: bool = False
+    raw: bool | None = False
+    _null_raw = null_is_default("raw")
     images: NoImages | None = None
 
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
-from openhydra.api.protocol_base import Tolerant
+from openhydra.api.protocol_base import Tolerant, null_is_default
 from openhydra.api.protocol_features import MAX_TOP_LOGPROBS, ResponseFormat, ToolChoice, ToolSpec
 
 MAX_STOPS = 16
@@ -47,7 +47,8 @@ class ChatMessage(Tolerant):
 
 
 class StreamOptions(Tolerant):
-    include_usage: bool = False
+    include_usage: bool | None = False
+    _null_include_usage = null_is_default("include_usage")
 
 
 class SamplingFields(Tolerant):
@@ -58,11 +59,12 @@ class SamplingFields(Tolerant):
     top_k: int | None = Field(None, ge=0, le=TOP_K_MAX)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | StopList | None = None
-    n: int = Field(1, ge=1, le=8)
-    stream: bool = False
+    n: int | None = Field(1, ge=1, le=8)
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    ignore_eos: bool = False  # extension (as in vLLM): generate exactly max_tokens, for benchmarks
+    ignore_eos: bool | None = False  # extension (as in vLLM): generate exactly max_tokens, for benchmarks
+    _null_sampling = null_is_default("n", "stream", "ignore_eos")  # null: the default, never None past validation
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -84,7 +86,8 @@ class ChatCompletionRequest(SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
+    logprobs: bool | None = False
+    _null_logprobs = null_is_default("logprobs")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
     tools: list[ToolSpec] | None = None
@@ -102,7 +105,8 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
         ..., description="One prompt: a string, or a list of exactly one string")
-    echo: bool = False
+    echo: bool | None = False
+    _null_echo = null_is_default("echo")
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None  # extension (as in vLLM): structured output on completions
 

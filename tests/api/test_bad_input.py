@@ -348,3 +348,27 @@ def test_a_complete_constrained_value_under_ignore_eos_reports_its_eos_logprob(h
     assert choice["message"]["content"].strip() in ("true", "false")
     entries = choice["logprobs"]["content"]
     assert len(entries) == response.json()["usage"]["completion_tokens"] and entries[-1]["logprob"] == 0.0
+
+
+def test_null_reads_as_the_default_as_openai_and_ollama_read_it(http):
+    """Clients and proxies send unset fields as JSON null; OpenAI's and Ollama's servers read them as left out. A
+    probe found n, stream and logprobs refused with 400 for null (stream: null must not stream, n: null is one
+    choice)."""
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+    nulls = {"n": None, "stream": None, "logprobs": None, "ignore_eos": None, "stream_options": {"include_usage": None}}
+    given = http.post(CHAT, json={**base, **nulls})
+    plain = http.post(CHAT, json=base)
+    assert given.status_code == 200 and given.headers["content-type"].startswith("application/json"), given.text
+    assert len(given.json()["choices"]) == 1 and given.json()["choices"][0].get("logprobs") is None
+    assert given.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+    completion = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "temperature": 0}
+    done = http.post("/v1/completions", json={**completion, "echo": None, "n": None, "stream": None})
+    assert done.status_code == 200, done.text  # echo null: the prompt is not echoed
+    plain_text = http.post("/v1/completions", json=completion).json()["choices"][0]["text"]
+    assert done.json()["choices"][0]["text"] == plain_text
+    # Ollama: stream null is Ollama's default (a stream of NDJSON lines); raw null is false (the template applies)
+    streamed = http.post("/api/generate", json={"model": MODEL, "prompt": "hi", "stream": None, "raw": None,
+                                                "options": {"num_predict": 2, "temperature": 0}})
+    lines = [json.loads(line) for line in streamed.text.splitlines() if line.strip()]
+    assert streamed.status_code == 200 and len(lines) >= 2 and lines[-1]["done"] is True, streamed.text
+    assert http.post(CHAT, json={**base, "n": 0}).status_code == 400  # a value still has to be valid
