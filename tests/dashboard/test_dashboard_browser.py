@@ -256,9 +256,9 @@ def test_node_with_economy_off_shows_its_own_span_and_no_earnings(nodes, page):
 
 
 def test_a_dead_peer_shows_as_an_error_and_a_coverage_hole(nodes, browser):
-    """Runs last: it kills the tail, then the DHT. The tail's own page says it cannot reach the node (keeping the last
-    data), and the head's map loses the bar and shows the hole [4, 8); with the DHT gone, the head's page says the DHT
-    is unreachable and keeps its own bar."""
+    """Runs last: it stops the tail (SIGSTOP), kills it, then the DHT. The tail's own page says the node does not
+    answer, then that it cannot reach the node (keeping the last data), and the head's map loses the bar and shows
+    the hole [4, 8); with the DHT gone, the head's page says the DHT is unreachable and keeps its own bar."""
     head, tail = nodes["head"], nodes["tail"]
     tail_page = browser.new_page()
     head_page = browser.new_page()
@@ -268,8 +268,17 @@ def test_a_dead_peer_shows_as_an_error_and_a_coverage_hole(nodes, browser):
         tail_page.wait_for_selector("#status-pill.pill-ok")
         head_page.goto(head.url + "/")
         head_page.wait_for_selector(".cov-row[data-peer-id] >> nth=1")
-        tail.kill()
-        tail_page.wait_for_selector("#error-banner:not([hidden])", timeout=10_000)
+        # A hung node (stopped: the kernel still accepts the connection) is reported too, not only a dead one: a
+        # probe found the page "ready" with no banner, its poll waiting forever and every later poll skipped.
+        signal_group(tail.proc, signal.SIGSTOP)
+        try:
+            tail_page.wait_for_selector("#error-banner:not([hidden])", timeout=30_000)
+            assert "the node did not answer within 10 s" in tail_page.inner_text("#error-banner")
+            assert tail_page.inner_text("#status-pill") == "unreachable"
+        finally:
+            tail.kill()  # SIGKILL ends a stopped process too
+        tail_page.wait_for_function(
+            "document.getElementById('error-banner').textContent.includes('cannot reach the node')", timeout=30_000)
         assert "cannot reach the node" in tail_page.inner_text("#error-banner")
         assert "showing data from" in tail_page.inner_text("#error-banner")
         assert tail_page.inner_text("#status-pill") == "unreachable"

@@ -4,6 +4,7 @@
 "use strict";
 
 const REFRESH_MS = 2000;
+const SUMMARY_TIMEOUT_MS = 10000;  // a node that accepts the connection but does not answer (hung, stopped) is down too
 const SPARK_POINTS = 60;
 const TOKEN_KEY = "openhydra.dashboard.token";
 
@@ -99,8 +100,11 @@ function askForToken(reason) {
 async function refresh() {
   if (state.inFlight) return;
   state.inFlight = true;
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), SUMMARY_TIMEOUT_MS);
   try {
-    const response = await fetch("/v1/dashboard/summary", { headers: authHeaders(), cache: "no-store" });
+    const response = await fetch("/v1/dashboard/summary",
+                                 { headers: authHeaders(), cache: "no-store", signal: controller.signal });
     if (response.status === 401) {
       askForToken(token() ? "The node refused this token (401). Paste the node's api.bearer_token."
                           : "This node's API needs a bearer token (api.bearer_token). It stays in this browser.");
@@ -114,10 +118,12 @@ async function refresh() {
     showError(null);
   } catch (err) {
     const stale = state.lastOk ? ` (showing data from ${new Date(state.lastOk).toLocaleTimeString()})` : "";
-    const what = err instanceof TypeError ? `cannot reach the node: ${err.message}` : err.message;
+    const what = err.name === "AbortError" ? `the node did not answer within ${SUMMARY_TIMEOUT_MS / 1000} s`
+      : err instanceof TypeError ? `cannot reach the node: ${err.message}` : err.message;
     showError(`${what}${stale}`);
     setStatus("unreachable", "pill-bad");
   } finally {
+    clearTimeout(timer);
     state.inFlight = false;
     renderLastUpdated();
   }
