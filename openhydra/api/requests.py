@@ -32,8 +32,10 @@ def generation_request(
     choice: int = 0,
     until_context_full: bool = False,
     prompt_param: str = "messages",
+    max_tokens_param: str = "max_tokens",
 ) -> GenerationRequest:
-    """``prompt_param``: the request field that holds the prompt, named by a too-long prompt's error."""
+    """``prompt_param``: the request field that holds the prompt, named by a too-long prompt's error;
+    ``max_tokens_param``: the one that holds the length (Ollama's ``options.num_predict``), named by its errors."""
     if not prompt_ids:
         raise bad_request("the prompt is empty (it encodes to no tokens)", param=prompt_param, code="empty_prompt")
     room = engine.context_length - len(prompt_ids)
@@ -47,11 +49,14 @@ def generation_request(
     elif max_tokens is None:
         max_tokens = min(api.default_max_tokens, room)
     if max_tokens > api.max_tokens_limit:
-        raise bad_request(f"max_tokens must be <= {api.max_tokens_limit} (got {max_tokens})", param="max_tokens")
+        raise bad_request(f"{max_tokens_param} must be <= {api.max_tokens_limit} (got {max_tokens})",
+                          param=max_tokens_param)
     try:
         engine.check_fits(len(prompt_ids), max_tokens)
-    except ContextTooLong as exc:
-        raise bad_request(str(exc), param="max_tokens", code="context_length_exceeded") from None
+    except ContextTooLong:
+        raise bad_request(f"prompt ({len(prompt_ids)} tokens) + {max_tokens_param} ({max_tokens}) exceeds the "
+                          f"model's context length of {engine.context_length} tokens", param=max_tokens_param,
+                          code="context_length_exceeded") from None
     base_seed = seed if seed is not None else secrets.randbits(63)
     temperature = 1.0 if temperature is None else temperature
     sampling = SamplingParams(

@@ -86,6 +86,7 @@ def register(app: Sanic) -> None:
             seed=opts.seed, stop=opts.stop_list(),
             until_context_full=num_predict is not None and num_predict < 0,
             prompt_param="messages" if isinstance(body, OllamaChatRequest) else "prompt",
+            max_tokens_param="options.num_predict",
         )
         gen.grammar = ollama_format_grammar(engine, body.format)
         return gen

@@ -372,3 +372,32 @@ def test_null_reads_as_the_default_as_openai_and_ollama_read_it(http):
     lines = [json.loads(line) for line in streamed.text.splitlines() if line.strip()]
     assert streamed.status_code == 200 and len(lines) >= 2 and lines[-1]["done"] is True, streamed.text
     assert http.post(CHAT, json={**base, "n": 0}).status_code == 400  # a value still has to be valid
+
+
+def test_a_length_past_the_context_names_the_field_the_client_sent(http):
+    """OpenAI's routes name max_tokens, Ollama's options.num_predict (a probe: an Ollama user was told about a
+    max_tokens it never sent)."""
+    context = next(m["openhydra"]["context_length"] for m in http.get("/v1/models").json()["data"] if m["id"] == MODEL)
+    too_many = min(context, 8192)  # api.max_tokens_limit's default: a larger one is refused by that limit instead
+    chat = http.post(CHAT, json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                 "max_tokens": too_many})
+    assert (error_of(chat)["param"], error_of(chat)["code"]) == ("max_tokens", "context_length_exceeded")
+    assert f"+ max_tokens ({too_many}) exceeds" in error_of(chat)["message"]
+    for path, body in (("/api/generate", {"prompt": "hi"}), ("/api/chat", {"messages": [{"role": "user",
+                                                                                          "content": "hi"}]})):
+        answer = http.post(path, json={"model": MODEL, **body, "stream": False, "options": {"num_predict": too_many}})
+        assert answer.status_code == 400 and answer.json()["param"] == "options.num_predict", answer.text
+        assert f"+ options.num_predict ({too_many}) exceeds" in ollama_error_of(answer)
+
+
+def test_ollamas_keep_alive_is_a_duration_as_ollama_reads_it(http):
+    """Numbers (seconds) and Go durations are taken; anything else is a 400 naming the field, as Ollama answers
+    (a probe: "banana" was taken)."""
+    body = {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
+    for keep_alive in ("5m", "1h30m", "0", "0s", "-1", "-1h", "300ms", 0, -1, 2.5):
+        answer = http.post("/api/generate", json={**body, "keep_alive": keep_alive})
+        assert answer.status_code == 200, (keep_alive, answer.text)
+    for keep_alive in ("banana", "", "5 m", "1x", "ms"):
+        answer = http.post("/api/generate", json={**body, "keep_alive": keep_alive})
+        assert answer.status_code == 400 and answer.json()["param"] == "keep_alive", (keep_alive, answer.text)
+        assert "a duration such as" in ollama_error_of(answer)
