@@ -47,6 +47,11 @@ def eos_token_ids(tokenizer, model_dir: Path) -> set[int]:
     return ids
 
 
+def _served_quantization(backend) -> str | None:
+    quantization = getattr(backend, "quantization", "none")
+    return None if quantization in (None, "none") else str(quantization)
+
+
 def _kernel_summary(runtime) -> str | None:
     """What multiplies a torch span's CPU int8/int4 weights, or its bf16 ones under hardware.matmul=library
     (runtime/quant_cpu.py), None for other spans; "... with its norms and attention" where the low-bit library runs
@@ -211,7 +216,7 @@ class Node:
                 dtype=str(runtime.dtype).removeprefix("torch."), context_length=context, num_layers=num_layers,
                 span=self.span, degradation_reason=choice.degradation_reason,
                 dtype_reason=getattr(self.backend, "dtype_reason", None), kernel=_kernel_summary(runtime),
-                **source_fields(choice.path),
+                served_quantization=_served_quantization(self.backend), **source_fields(choice.path),
             )
             state.engine = engine
             if self.swarm is not None:

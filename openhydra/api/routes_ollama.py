@@ -51,10 +51,20 @@ def _details(served: ServedModel) -> dict:
         "families": [served.family],
         "parameter_size": f"{served.parameter_count / 1e6:.0f}M"
         if served.parameter_count < 1e9 else f"{served.parameter_count / 1e9:.1f}B",
-        # the source's quantization (Q4_1 for a Q4_1 GGUF, dequantized on load); the dtype it is served in
-        # is in /api/show's model_info (openhydra.served_dtype)
-        "quantization_level": served.quantization or served.dtype.upper(),
+        # what this node serves, as Ollama names it for the file it serves (a Q4_1 GGUF is dequantized on load: its
+        # level is in /api/show's model_info, openhydra.source_quantization)
+        "quantization_level": served_level(served),
     }
+
+
+SERVED_LEVELS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def served_level(served: ServedModel) -> str:
+    """'INT4' / 'INT8' / 'NF4' for weights quantized at load, else the dtype Ollama's way ('F32', 'BF16', 'F16')."""
+    if served.served_quantization:
+        return served.served_quantization.upper()
+    return SERVED_LEVELS.get(served.dtype, served.dtype.upper())
 
 
 def template_variables(body: OllamaBase) -> dict:

@@ -33,6 +33,8 @@ class ServedModel:
     """How the weights were stored at their source: 'gguf' or 'safetensors' (runtime/source_format.py)."""
     quantization: str | None = None
     """The source's quantization or dtype, e.g. 'Q4_1' for a Q4_1 GGUF served as bf16; None if unknown."""
+    served_quantization: str | None = None
+    """How this node quantized its span's weights at load ('int4', 'int8', 'nf4'); None: served in ``dtype``."""
     weight_bytes: int = 0
     """Bytes of weights this node holds for its span, as loaded (int4/int8 packed where quantized)."""
     created: int = field(default_factory=lambda: int(time.time()))

@@ -196,6 +196,7 @@ def test_show_reports_the_source_dtype_of_a_safetensors_folder(node, tiny_llama)
     with safe_open(str(tiny_llama / "model.safetensors"), framework="pt") as f:
         dtype = f.get_slice(next(iter(f.keys()))).get_dtype()  # e.g. "F32"
     show = httpx.post(node["url"] + "/api/show", json={"model": node["served"]}, timeout=10).json()
-    assert show["details"]["quantization_level"] == dtype
+    assert show["details"]["quantization_level"] == "F32"  # what it serves (a float32 node)
+    assert show["model_info"]["openhydra.source_quantization"] == dtype
     assert show["details"]["format"] == "safetensors"
     assert show["model_info"]["openhydra.served_dtype"] == "float32"

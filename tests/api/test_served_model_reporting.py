@@ -63,17 +63,38 @@ def test_ollama_answers_name_the_model_that_served(degraded_node):
     assert client.chat(model=SERVED + ":latest", messages=MESSAGES, options=options).model == SERVED + ":latest"
 
 
-def test_show_reports_the_gguf_quantization_and_the_served_dtype(degraded_node):
+def test_show_reports_what_is_served_and_the_gguf_quantization_it_came_from(degraded_node):
+    """details.quantization_level is what the node serves (a probe: an Ollama user read Q4_1 off a node serving
+    bf16), in Ollama's names; the GGUF's own level stays in model_info."""
     reader = gguf.GGUFReader(embedded_gguf_path())  # the file's own header, read by the gguf package
     field = reader.fields["general.file_type"]
     expected = gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
     assert expected == "Q4_1"
     status = httpx.get(degraded_node.url + "/v1/network/status", timeout=10).json()
+    served = {"float32": "F32", "bfloat16": "BF16"}[status["model"]["dtype"]]
     for name in (REQUESTED, SERVED):
         show = ollama.Client(host=degraded_node.url).show(name)
-        assert show.details.quantization_level == expected
+        assert show.details.quantization_level == served
         assert show.details.format == "gguf"
         assert show.modelinfo["openhydra.served_dtype"] == status["model"]["dtype"]
         assert show.modelinfo["openhydra.source_quantization"] == expected
     tags = httpx.get(degraded_node.url + "/api/tags", timeout=10).json()["models"]
-    assert {m["details"]["quantization_level"] for m in tags} == {expected}
+    assert {m["details"]["quantization_level"] for m in tags} == {served}
+
+
+def test_a_node_that_quantized_its_span_reports_that_level():
+    from types import SimpleNamespace
+
+    from openhydra.api.routes_ollama import served_level
+    from openhydra.api.state import ServedModel
+    from openhydra.node import _served_quantization
+
+    def served(quantization: str, dtype: str) -> ServedModel:
+        return ServedModel(id="m", aliases=[], source="gguf", family="llama", parameter_count=1, dtype=dtype,
+                           context_length=8, num_layers=2, span=(0, 2), quantization="Q4_1",
+                           served_quantization=_served_quantization(SimpleNamespace(quantization=quantization)))
+
+    assert served_level(served("int4", "float32")) == "INT4"  # hardware=cpu_int4: int4 weights, fp32 activations
+    assert served_level(served("int8", "bfloat16")) == "INT8"
+    assert served_level(served("none", "bfloat16")) == "BF16"
+    assert served_level(served("none", "float16")) == "F16"
