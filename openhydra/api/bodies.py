@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from decimal import Decimal
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -138,10 +140,15 @@ def load_json(raw: bytes | None) -> Any:
 def _shown(given: Any) -> str:
     if isinstance(given, dict):
         return "an object"
+    if isinstance(given, int | float | Decimal) and not isinstance(given, bool) and len(str(given)) > 20:
+        return f"{given:.6g}"  # 1e308, not its 309 digits
     try:
         return json.dumps(given)[:80]
     except (TypeError, ValueError, RecursionError):
         return type(given).__name__
+
+
+_DECIMAL_REPR = re.compile(r"Decimal\('([^']*)'\)")
 
 
 def parse_body(raw: bytes | None, model: type[T]) -> T:
@@ -156,11 +163,18 @@ def parse_body(raw: bytes | None, model: type[T]) -> T:
         # then the deepest ("messages[0].content[0].text" over "messages[0].content")
         constraints = [e for e in errors if not e["type"].endswith("_type")]
         first = max(constraints or errors, key=lambda e: len(e["loc"]))
-        path = field_path(_input_loc(data, first["loc"], missing=first["type"] == "missing"))
-        path = path or (first.get("ctx") or {}).get("api_param", "")  # a model validator may name its field
-        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+
+        def path_of(error: dict) -> str:
+            path = field_path(_input_loc(data, error["loc"], missing=error["type"] == "missing"))
+            return path or (error.get("ctx") or {}).get("api_param", "")  # a model validator may name its field
+
+        path = path_of(first)
+        # other fields with a problem (a union's members each report one for the same field: counted once)
+        others = {path_of(e) for e in errors} - {path}
+        more = f" (and {len(others)} more field{'s' if len(others) > 1 else ''} with a problem)" if others else ""
         got = "" if first["type"] == "missing" else f" (got {_shown(first.get('input'))})"  # input: the parent
-        message = f"{path}: {first['msg']}{got}{more}" if path else f"{first['msg']}{more}"
+        shown_msg = _DECIMAL_REPR.sub(r"\1", first["msg"])  # "<= Decimal('9.5')" -> "<= 9.5"
+        message = f"{path}: {shown_msg}{got}{more}" if path else f"{shown_msg}{more}"
         code = (first.get("ctx") or {}).get("api_code", "invalid_value")  # a validator may name its error code
         raise bad_request(message, param=path or None, code=code) from None
 

@@ -82,3 +82,22 @@ def test_api_config_validates_trusted_proxies() -> None:
     defaults = ApiConfig()
     assert defaults.body_timeout_s == 30 and defaults.max_connections_per_ip == 64
     assert defaults.probe_rate_limit_requests == 1200 and defaults.trusted_proxies == []
+
+
+def test_messages_count_other_fields_not_union_members_and_print_numbers_shortly() -> None:
+    """A probe read "(and 1 more problems)" for one bad field (a union's members each report it), an 80-digit
+    number and Python's Decimal('...') in a 400."""
+    from openhydra.api.protocol_ollama import OllamaGenerateRequest
+    from openhydra.api.routes_economy import StakeBody
+
+    def message(raw: bytes, model) -> str:
+        with pytest.raises(APIError) as exc:
+            parse_body(raw, model)
+        return exc.value.body()["error"]["message"]
+
+    one = message(b'{"model": "m", "keep_alive": [1]}', OllamaGenerateRequest)  # str | int | float | None: 4 errors
+    assert one.startswith("keep_alive: ") and "more" not in one, one
+    two = message(b'{"model": "m", "keep_alive": [1], "options": {"top_k": -1}}', OllamaGenerateRequest)
+    assert two.endswith("(and 1 more field with a problem)"), two
+    huge = message(b'{"amount": 1e308}', StakeBody)
+    assert huge == "amount: Input should be less than or equal to 999999999.999999 (got 1e+308)", huge
