@@ -7,7 +7,10 @@ A node's own peer is alive for as long as the node is, so the coordinator need n
   or a previous process's record, after a restart on another port or span).
 - Where a lookup fails (the DHT is unreachable, or answers garbage), the coordinator routes over the records it
   knew before, plus its own, and asks the DHT again only after a back-off (1 s, doubling to 30 s), so a DHT that
-  drops packets does not make every new session wait for a lookup's timeout.
+  drops packets does not make every new session wait for a lookup's timeout. That retry runs in the background while
+  the request that started it routes over the known records at once: a hung DHT (it accepts connections and never
+  answers) cost every request that met an expired back-off the lookup's whole timeout (5 s before the first token,
+  4 of 5 requests in a fault probe). Only the first lookup that meets the outage waits for it.
 - The same records are carried through the recovery: the first lookups after an outage, and any answer that holds
   none of the other peers it knew (an HTTP DHT restarted empty, a Kademlia node cut off from its neighbours: both
   answer, with nothing), still include each known peer until it is in an answer again or its record is too old.
@@ -43,14 +46,22 @@ OwnRecord = Callable[[], PeerAnnouncement | None]
 BACKOFF_S = (1.0, 30.0)  # first and longest wait before asking a failing DHT again
 
 
+def _in_a_thread(task: Callable[[], None]) -> None:
+    threading.Thread(target=task, name="dht-retry", daemon=True).start()
+
+
 class OwnView:
     """``fetch()``: a DHT lookup (raises when the DHT cannot answer); ``own()``: this node's current record, or None
     when it does not announce one; ``peer_id``: this node's. Call the instance for the merged records (thread-safe:
     the swarm looks up from request threads)."""
 
     def __init__(self, fetch: Lookup, own: OwnRecord, peer_id: str, max_keep_s: float,
-                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 background: Callable[[Callable[[], None]], None] | None = None) -> None:
+        """``background(task)`` runs a retry of a failing DHT off the request's thread (default: a daemon thread)."""
         self._fetch = fetch
+        self._background = background or _in_a_thread
+        self._retrying = False  # a background retry of a failing DHT is under way
         self._own = own
         self.peer_id = peer_id
         self.max_keep_s = max_keep_s
@@ -89,16 +100,34 @@ class OwnView:
     def __call__(self) -> list[PeerAnnouncement]:
         with self._lock:
             self._last_lookup = self._monotonic()
-            backing_off = self.last_error is not None and self._monotonic() < self._retry_at
-        if backing_off:
+            failing = self.last_error is not None
+            retry = failing and self._monotonic() >= self._retry_at and not self._retrying
+            self._retrying = self._retrying or retry
+        if failing:
             records = self._without_dht(None)
             if records is not None:
-                return records  # else nothing to offer without the DHT: ask it anyway
+                if retry:  # the back-off is over: ask the DHT again, but not on this request's time
+                    self._background(self._retry)
+                return records
+            if retry:  # nothing to offer without the DHT: this request asks it itself, below
+                with self._lock:
+                    self._retrying = False
+        return self._lookup()
+
+    def _lookup(self) -> list[PeerAnnouncement]:
         try:
             records = self._fetch()
         except Exception as exc:
             return self._without_dht(exc)
         return self._answered(records)
+
+    def _retry(self) -> None:
+        try:
+            with contextlib.suppress(Exception):  # still failing, and nothing known: the next request asks itself
+                self._lookup()
+        finally:
+            with self._lock:
+                self._retrying = False
 
     def _usable(self, record: PeerAnnouncement, now: float) -> bool:
         return not record.is_expired(now) and now < record.announced_at + self.max_keep_s

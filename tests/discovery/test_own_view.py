@@ -48,7 +48,8 @@ def spans(records: list[PeerAnnouncement]) -> list[tuple[str, int, int]]:
 
 
 def view_of(dht: Dht, clock: Clock, own=lambda: record("me", 0, 4)) -> OwnView:
-    return OwnView(dht, own, "me", max_keep_s=KEEP_S, clock=clock, monotonic=clock)
+    """Retries of a failing DHT run at once, inside the call (the default runs them on a thread: tested below)."""
+    return OwnView(dht, own, "me", max_keep_s=KEEP_S, clock=clock, monotonic=clock, background=lambda task: task())
 
 
 def test_a_lookup_lacking_the_nodes_own_record_gets_it() -> None:
@@ -157,3 +158,43 @@ def test_concurrent_lookups_count_every_call() -> None:
     for t in threads:
         t.join()
     assert view.status()["lookups"] == 800 and view.status()["lookups_lacking_own_record"] == 800
+
+
+def test_a_hung_dht_is_asked_again_off_the_requests_time() -> None:
+    """A DHT that accepts connections and never answers: once its back-off is over, a request routes over the known
+    records at once while one retry waits for the DHT on a thread of its own (a fault probe: before, every request
+    that met an expired back-off waited the lookup's whole 5 s timeout); a second request meanwhile starts no second
+    retry; when the DHT answers again, the view is fresh and reachable."""
+    clock = Clock()
+    dht = Dht([record("tail", 4, 8)])
+    answer, asked = threading.Event(), threading.Event()
+    hung = {"on": False}
+
+    def fetch() -> list[PeerAnnouncement]:
+        if hung["on"]:
+            asked.set()
+            if not answer.wait(timeout=30):
+                raise DiscoveryError("read timeout")
+            return [record("tail", 4, 8), record("new", 4, 8)]
+        return dht()
+
+    retries: list[threading.Thread] = []
+
+    def background(task) -> None:
+        retries.append(threading.Thread(target=task, daemon=True))
+        retries[-1].start()
+
+    view = OwnView(fetch, lambda: record("me", 0, 4), "me", max_keep_s=KEEP_S, clock=clock, monotonic=clock,
+                   background=background)
+    view()
+    dht.down = True
+    view()  # the first lookup that meets the outage fails (here at once; a hung one waits its timeout)
+    hung["on"], dht.down = True, False
+    clock.t += BACKOFF_S[0] + 0.1
+    assert spans(view()) == [("me", 0, 4), ("tail", 4, 8)]  # answered while the retry still waits for the DHT
+    assert asked.wait(timeout=10) and len(retries) == 1 and retries[0].is_alive()
+    assert spans(view()) == [("me", 0, 4), ("tail", 4, 8)] and len(retries) == 1  # one retry at a time
+    answer.set()
+    retries[0].join(timeout=10)
+    assert view.status()["dht"] in ("reachable", "recovering") and view.status()["last_error"] is None
+    assert ("new", 4, 8) in spans(view())
