@@ -71,6 +71,12 @@ Amount = _amount(positive=True)
 AmountOrZero = _amount(positive=False)
 PEER_ID_PATTERN = r"^[\x21-\x7e]+$"  # printable ASCII, no spaces
 PeerId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=PEER_ID_PATTERN)]
+PAYEE_PATTERN = r"^12D3KooW[1-9A-HJ-NP-Za-km-z]{44}$"
+"""An Ed25519 libp2p peer id, what every node's id is (crypto/identity.py). A channel's payee must be a node: one
+opened to any other string (a user probe opened one to "notapeer") escrowed a deposit nobody could ever be paid
+from. The spelling only: base58 carries no checksum, and the exact set of decodable ids is not a pattern the API's
+document could state simply (a schema-valid id would then be refused)."""
+PayeeId = Annotated[str, StringConstraints(pattern=PAYEE_PATTERN)]
 ChannelId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 HexSignature = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{128}$")]
 
@@ -89,7 +95,7 @@ class StakeBody(JsonModel):
 
 class OpenChannelBody(JsonModel):
     model_config = ConfigDict(extra="forbid")
-    payee: PeerId
+    payee: PayeeId
     deposit: Amount
 
 

@@ -187,6 +187,24 @@ def test_channel_lifecycle(server: tuple[httpx.Client, Identity, str]) -> None:
     assert client.get("/v1/account/balance", params={"peer_id": payee.peer_id}).json()["hydra"] == 2.0
 
 
+def test_a_channel_opens_only_to_a_peer_id(server: tuple[httpx.Client, Identity, str]) -> None:
+    """A probe escrowed a deposit to "notapeer": nobody could ever sign to close it."""
+    client, _, _ = server
+
+    def held() -> tuple[int, int]:  # HYDRA and escrow (credits decay with time)
+        micro = client.get("/v1/account/balance").json()["micro"]
+        return micro["hydra"], micro["escrow"]
+
+    before = held()
+    real = Identity.generate().peer_id
+    for payee in ("notapeer", real[:-1], real + "1", real.replace("W", "0", 1),  # wrong lengths, not base58
+                  "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"):  # an RSA key's id (no Ed25519 key to sign with)
+        resp = client.post("/v1/hydra/channels/open", json={"payee": payee, "deposit": 0.01})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "payee", (payee, resp.text)
+    assert held() == before  # nothing escrowed
+    assert client.post("/v1/hydra/channels/open", json={"payee": real, "deposit": 0.01}).status_code == 201
+
+
 def test_channel_limit_and_overdraft(server: tuple[httpx.Client, Identity, str]) -> None:
     client, _, db_url = server
     payee = Identity.generate().peer_id
@@ -219,7 +237,8 @@ def test_off_economy(tmp_path: Path) -> None:
             bal = client.get("/v1/account/balance").json()
             assert bal["enabled"] is False and bal["mode"] == "off" and bal["credits"] == 0
             _error(client.post("/v1/hydra/stake", json={"amount": 1}), 409, "economy_disabled")
-            _error(client.post("/v1/hydra/channels/open", json={"payee": "p", "deposit": 1}), 409)
+            _error(client.post("/v1/hydra/channels/open", json={"payee": Identity.generate().peer_id, "deposit": 1}),
+                   409)
             assert client.get("/v1/network/status").json()["economy"] == {"enabled": False, "mode": "off"}
     finally:
         proc.terminate()
