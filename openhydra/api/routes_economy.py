@@ -28,6 +28,7 @@ from pydantic import (
     WithJsonSchema,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse, json
 
@@ -76,7 +77,16 @@ PAYEE_PATTERN = r"^12D3KooW[1-9A-HJ-NP-Za-km-z]{44}$"
 opened to any other string (a user probe opened one to "notapeer") escrowed a deposit nobody could ever be paid
 from. The spelling only: base58 carries no checksum, and the exact set of decodable ids is not a pattern the API's
 document could state simply (a schema-valid id would then be refused)."""
-PayeeId = Annotated[str, StringConstraints(pattern=PAYEE_PATTERN)]
+
+
+def _spelled_as_a_peer_id(value: object) -> object:  # the pattern's own message would print the expression
+    if isinstance(value, str) and re.fullmatch(PAYEE_PATTERN, value) is None:
+        raise PydanticCustomError("peer_id", "not a peer id (an Ed25519 libp2p id: 12D3KooW and 44 base58 "
+                                  "characters)")
+    return value
+
+
+PayeeId = Annotated[str, StringConstraints(pattern=PAYEE_PATTERN), BeforeValidator(_spelled_as_a_peer_id)]
 ChannelId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 HexSignature = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{128}$")]
 

@@ -201,6 +201,7 @@ def test_a_channel_opens_only_to_a_peer_id(server: tuple[httpx.Client, Identity,
                   "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"):  # an RSA key's id (no Ed25519 key to sign with)
         resp = client.post("/v1/hydra/channels/open", json={"payee": payee, "deposit": 0.01})
         assert resp.status_code == 400 and resp.json()["error"]["param"] == "payee", (payee, resp.text)
+        assert resp.json()["error"]["message"].startswith("payee: not a peer id (an Ed25519 libp2p id"), resp.text
     assert held() == before  # nothing escrowed
     assert client.post("/v1/hydra/channels/open", json={"payee": real, "deposit": 0.01}).status_code == 201
 

@@ -11,6 +11,7 @@ import asyncio
 import openai
 import pytest
 
+from openhydra.crypto.identity import Identity
 from openhydra.sdk import AsyncOpenHydra, BadRequestError, ConflictError, NotFoundError, OpenHydra
 from openhydra.testing.processes import NodeProcess
 from openhydra.testing.wait import wait_until
@@ -102,7 +103,7 @@ def test_economy_stake_unstake_and_a_channel(node, reference):
         assert hydra.unstake(0.005).staked == pytest.approx(0.015)
         balance = hydra.balance()
         assert balance.micro.stake == 15_000 and balance.micro.hydra == pytest.approx(have - 15_000, abs=1)
-        channel = hydra.open_channel("12D3KooWPayeeOfTheSdkTest", 0.01)
+        channel = hydra.open_channel(Identity.generate().peer_id, 0.01)  # a payee must be a peer id
         assert (channel.payer, channel.deposit, channel.status) == (me, 10_000, "open")
         paid = hydra.update_channel(channel.channel_id, "0.004")
         assert (paid.paid, paid.nonce) == (4_000, 1)
