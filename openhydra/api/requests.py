@@ -52,11 +52,9 @@ def generation_request(
         raise bad_request(f"{max_tokens_param} must be <= {api.max_tokens_limit} (got {max_tokens})",
                           param=max_tokens_param)
     try:
-        engine.check_fits(len(prompt_ids), max_tokens)
-    except ContextTooLong:
-        raise bad_request(f"prompt ({len(prompt_ids)} tokens) + {max_tokens_param} ({max_tokens}) exceeds the "
-                          f"model's context length of {engine.context_length} tokens", param=max_tokens_param,
-                          code="context_length_exceeded") from None
+        engine.check_fits(len(prompt_ids), max_tokens, max_tokens_param)
+    except ContextTooLong as exc:
+        raise bad_request(str(exc), param=max_tokens_param, code="context_length_exceeded") from None
     base_seed = seed if seed is not None else secrets.randbits(63)
     temperature = 1.0 if temperature is None else temperature
     sampling = SamplingParams(

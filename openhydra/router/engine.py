@@ -166,10 +166,11 @@ class Engine:
     def text_prompt_ids(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
 
-    def check_fits(self, prompt_len: int, max_tokens: int) -> None:
+    def check_fits(self, prompt_len: int, max_tokens: int, max_tokens_name: str = "max_tokens") -> None:
+        """``max_tokens_name``: what the message calls the length (the field the client sent it in)."""
         if prompt_len + max_tokens > self.context_length:
             raise ContextTooLong(
-                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
+                f"prompt ({prompt_len} tokens) + {max_tokens_name} ({max_tokens}) exceeds the model's context "
                 f"length of {self.context_length} tokens"
             )
 
