@@ -8,9 +8,19 @@ fractional part, whatever its spelling). So: strict, after turning integral floa
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 
 def integral_floats_as_ints(value: Any) -> Any:
@@ -50,3 +60,16 @@ def null_is_default(*fields: str) -> Any:
         return cls.model_fields[info.field_name].default if value is None else value
 
     return field_validator(*fields, mode="after")(classmethod(_default_for_null))
+
+
+def matching(pattern: str, code: str, message: str) -> Any:
+    """A string that must match ``pattern``, which the document states; one that does not is refused with ``message``
+    (and error code ``code``) rather than pydantic's own, which prints the regular expression."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and re.fullmatch(pattern, value) is None:
+            raise PydanticCustomError(code, message)
+        return value
+
+    # the validator after the constraint: so the schema keeps the pattern (before it, the document lost it)
+    return Annotated[str, StringConstraints(pattern=pattern), BeforeValidator(check)]

@@ -6,13 +6,12 @@ also the node's OpenAPI document, so each rule is a constraint that shows in the
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from openhydra.api.protocol_base import Tolerant, null_is_default
+from openhydra.api.protocol_base import Tolerant, matching, null_is_default
 from openhydra.api.protocol_features import OllamaFormat, ToolSpec
 from openhydra.api.protocol_openai import SEED_MAX, SEED_MIN, TOP_K_MAX, StopList
 from openhydra.runtime.sampling import MAX_TEMPERATURE
@@ -20,6 +19,7 @@ from openhydra.runtime.sampling import MAX_TEMPERATURE
 GO_DURATION = r"^[-+]?((\d+\.?\d*|\.\d+)|((\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h))+)$"
 """Ollama's keep_alive as a string: what Go's time.ParseDuration takes ("0", numbers with units: "5m", "1h30m",
 "-1h"), and, more lenient than Ollama, a bare number ("-1", "300": seconds, as the number would be)."""
+Duration = matching(GO_DURATION, "duration", 'a duration such as "5m", "1h30m", "0" or "-1", or a number of seconds')
 
 # Not enforced by the model: the route refuses images with its own message (routes_ollama); the document says so.
 NoImages = Annotated[list[str], Field(json_schema_extra={"maxItems": 0},
@@ -68,17 +68,9 @@ class OllamaBase(Tolerant):
     stream: bool | None = True
     _null_stream = null_is_default("stream")
     options: OllamaOptions = Field(default_factory=OllamaOptions)
-    keep_alive: Annotated[str, Field(pattern=GO_DURATION)] | int | float | None = None
+    keep_alive: Duration | int | float | None = None
     """Read as Ollama reads it (seconds as a number, or a Go duration string such as "5m", "0" or "-1h"; anything
     else is a 400, as there) and otherwise ignored: a node keeps its span loaded while it serves."""
-
-    @field_validator("keep_alive", mode="before")
-    @classmethod
-    def _a_duration(cls, value: object) -> object:  # the pattern's own message would print the regular expression
-        if isinstance(value, str) and re.fullmatch(GO_DURATION, value) is None:
-            raise PydanticCustomError("duration", 'a duration such as "5m", "1h30m", "0" or "-1", or a number of '
-                                      "seconds")
-        return value
     format: OllamaFormat = None
     """Structured output: "json" (any JSON object) or a JSON schema, by constrained decoding (api/features.py)."""
 

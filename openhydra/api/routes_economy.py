@@ -28,13 +28,12 @@ from pydantic import (
     WithJsonSchema,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse, json
 
 from openhydra.api.bodies import parse_body
 from openhydra.api.errors import APIError, bad_request
-from openhydra.api.protocol_base import JsonModel
+from openhydra.api.protocol_base import JsonModel, matching
 from openhydra.economy import errors as econ
 from openhydra.economy.channels import ChannelUpdate, ChannelView
 from openhydra.economy.units import from_micro, to_micro
@@ -78,15 +77,7 @@ opened to any other string (a user probe opened one to "notapeer") escrowed a de
 from. The spelling only: base58 carries no checksum, and the exact set of decodable ids is not a pattern the API's
 document could state simply (a schema-valid id would then be refused)."""
 
-
-def _spelled_as_a_peer_id(value: object) -> object:  # the pattern's own message would print the expression
-    if isinstance(value, str) and re.fullmatch(PAYEE_PATTERN, value) is None:
-        raise PydanticCustomError("peer_id", "not a peer id (an Ed25519 libp2p id: 12D3KooW and 44 base58 "
-                                  "characters)")
-    return value
-
-
-PayeeId = Annotated[str, StringConstraints(pattern=PAYEE_PATTERN), BeforeValidator(_spelled_as_a_peer_id)]
+PayeeId = matching(PAYEE_PATTERN, "peer_id", "not a peer id (an Ed25519 libp2p id: 12D3KooW and 44 base58 characters)")
 ChannelId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 HexSignature = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{128}$")]
 
