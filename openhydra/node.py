@@ -221,6 +221,8 @@ class Node:
             state.engine = engine
             if self.swarm is not None:
                 self._install_degrader(choice, runtime)
+            if pipeline is self.swarm:  # /readyz: ready when a chain of peers covers the model, not only our span
+                state.route_check = self._route_readiness
             state.loading_stage = "ready"
             kernel = f" (int8/int4 weights: {state.model.kernel})" if state.model.kernel else ""
             log.info("ready: %s layers [%d, %d) in %.1f s%s", choice.api_name, *self.span,
@@ -530,6 +532,20 @@ class Node:
             out.append({"peer_id": pid, "address": address,
                         "path": paths.get(libp2p_id, "not connected") if libp2p_id else "grpc"})
         return out
+
+    def _route_readiness(self):
+        """``GET /readyz`` of a node that routes through peers: would a request find a chain now (its own model's, or
+        the fallback the degrader would serve)? Over the last lookup (at most ``lookup_ttl_s`` old); builds nothing."""
+        from openhydra.api.state import RouteReadiness
+
+        assert self.swarm is not None
+        degrader = self.state.degrader
+        if degrader is not None:
+            picked = degrader.covered()
+            if picked is not None:
+                return RouteReadiness(True, served=picked[0], degradation_reason=picked[1])
+        covered, holes = self.swarm.route_report()
+        return RouteReadiness(covered, served=self.swarm.model_id if covered else None, holes=holes)
 
     # -- degradation to a smaller covered model ---------------------------------------------------------
     def _install_degrader(self, choice: ModelChoice, runtime) -> None:

@@ -178,3 +178,16 @@ def parse_body(raw: bytes | None, model: type[T]) -> T:
         code = (first.get("ctx") or {}).get("api_code", "invalid_value")  # a validator may name its error code
         raise bad_request(message, param=path or None, code=code) from None
 
+
+
+def parse_query(request: Any, model: type[T]) -> T:
+    """The query string of a Sanic ``request`` as ``model`` (one value per name; an empty value is a value, not an
+    absent one); a 400 naming the parameter otherwise."""
+    args = request.get_args(keep_blank_values=True)
+    data = {name: args.get(name) for name in model.model_fields if name in args}
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        name = str(first["loc"][0]) if first["loc"] else None
+        raise bad_request(f"{name}: {first['msg']}" if name else first["msg"], param=name) from None

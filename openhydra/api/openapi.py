@@ -41,6 +41,7 @@ from openhydra.api.protocol_responses import (
     OllamaStreamError,
 )
 from openhydra.api.routes_dashboard import SUMMARY_PATH, SUMMARY_SCHEMA, is_undocumented
+from openhydra.api.routes_public import ReadyzQuery
 
 OPENAPI_PATH = "/openapi.json"
 REF = "#/components/schemas/{model}"
@@ -81,7 +82,8 @@ _MODELS = {"type": "object", "required": ["models"],
 
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/health"): Op("Liveness", "public", schema=_HEALTH),
-    ("GET", "/readyz"): Op("Readiness: 200 once the model is served, 503 while loading or failed", "public"),
+    ("GET", "/readyz"): Op("Readiness: 200 once the model is loaded and (scope=route, the default) a chain of peers "
+                           "covers it; 503 while loading, failed or with no route", "public", query=ReadyzQuery),
     ("GET", "/metrics"): Op("Prometheus metrics", "public", schema={"type": "string"},
                             content_type="text/plain"),
     ("GET", "/v1/network/status"): Op("The node, its model and its network", "public"),

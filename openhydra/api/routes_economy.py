@@ -24,22 +24,20 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
-    ValidationError,
     WithJsonSchema,
     model_validator,
 )
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse, json
 
-from openhydra.api.bodies import parse_body
-from openhydra.api.errors import APIError, bad_request
+from openhydra.api.bodies import parse_body, parse_query
+from openhydra.api.errors import APIError
 from openhydra.api.protocol_base import JsonModel, matching
 from openhydra.economy import errors as econ
 from openhydra.economy.channels import ChannelUpdate, ChannelView
 from openhydra.economy.units import from_micro, to_micro
 
 T = TypeVar("T")
-Q = TypeVar("Q", bound=BaseModel)
 
 AMOUNT_MAX = Decimal("999999999.999999")
 _FRACTION = r"\.[0-9]{1,6}"
@@ -132,18 +130,6 @@ class CloseChannelBody(JsonModel):
 
 
 _CONFLICTS = (econ.LedgerConflict, econ.EconomyDisabled)
-
-
-def parse_query(request: Request, model: type[Q]) -> Q:
-    """The query string as ``model`` (one value per name; an empty value is a value, not an absent one)."""
-    args = request.get_args(keep_blank_values=True)
-    data = {name: args.get(name) for name in model.model_fields if name in args}
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        name = str(first["loc"][0]) if first["loc"] else None
-        raise bad_request(f"{name}: {first['msg']}" if name else first["msg"], param=name) from None
 
 
 def to_api_error(exc: econ.LedgerError) -> APIError:

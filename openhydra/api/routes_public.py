@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from typing import Literal
 
+from pydantic import BaseModel, ConfigDict
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse, json, raw
+
+from openhydra.api.bodies import parse_query
+
+log = logging.getLogger(__name__)
+
+ROUTE_CHECK_TIMEOUT_S = 5.0
+"""A readiness probe that waits longer on discovery than this answers 503: probes time out at a few seconds."""
+NO_ROUTE_RETRY_AFTER_S = 5
+
+
+class ReadyzQuery(BaseModel):
+    """``GET /readyz``'s query: ``scope=route`` (the default): can a request be served now, this node's part loaded
+    and a chain of peers covering the whole model; ``scope=node``: this node's own part is loaded (what a container's
+    health check or a script starting a swarm node by node waits for)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    scope: Literal["route", "node"] = "route"
 
 
 def register(app: Sanic) -> None:
@@ -17,13 +38,38 @@ def register(app: Sanic) -> None:
 
     @app.get("/readyz")
     async def readyz(request: Request) -> HTTPResponse:
+        query = parse_query(request, ReadyzQuery)
         app.ctx.metrics.ready.set(1 if state.ready else 0)
-        if state.ready:
-            return json({"status": "ready", "model": state.model.id})
-        body = {"status": "failed" if state.load_error else "loading", "stage": state.loading_stage}
-        if state.load_error:
-            body["error"] = state.load_error
-        return json(body, status=503)
+        if not state.ready:
+            body = {"status": "failed" if state.load_error else "loading", "stage": state.loading_stage}
+            if state.load_error:
+                body["error"] = state.load_error
+            return json(body, status=503)
+        assert state.model is not None
+        body = {"status": "ready", "model": state.model.id}
+        check = state.route_check
+        if query.scope == "node" or check is None:  # a node holding the whole model serves whatever the swarm does
+            return json(body)
+        try:
+            route = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, check),
+                                           ROUTE_CHECK_TIMEOUT_S)
+        except Exception as exc:  # discovery hung or failed with nothing known: no route this node can vouch for
+            error = (f"discovery did not answer within {ROUTE_CHECK_TIMEOUT_S:g} s" if isinstance(exc, TimeoutError)
+                     else f"discovery failed: {type(exc).__name__}: {exc}")
+            log.warning("readiness: %s", error)
+            return json({"status": "no_route", "model": state.model.id, "error": error}, status=503,
+                        headers={"Retry-After": str(NO_ROUTE_RETRY_AFTER_S)})
+        if route.covered:
+            body["route"] = "covered"
+            if route.served and route.served != state.model.id:  # degraded to a smaller covered model
+                body["served_model"] = route.served
+                body["degradation_reason"] = route.degradation_reason
+            return json(body)
+        return json({"status": "no_route", "model": state.model.id, "holes": route.holes,
+                     "error": f"no chain of peers covers all {state.model.num_layers} layers of {state.model.id}"
+                              + (f" (holes: {route.holes})" if route.holes else " (the peers that cover them cannot "
+                                 "form a compatible chain)")},
+                    status=503, headers={"Retry-After": str(NO_ROUTE_RETRY_AFTER_S)})
 
     @app.get("/metrics")
     async def metrics(request: Request) -> HTTPResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -44,6 +45,18 @@ class ServedModel:
         return base == self.id or base in self.aliases
 
 
+@dataclass(frozen=True)
+class RouteReadiness:
+    """Whether a request to a node in a swarm would find a chain of peers now (``GET /readyz``)."""
+
+    covered: bool
+    served: str | None = None
+    """The model a request gets now: the node's own, or the fallback it degrades to (None when not covered)."""
+    degradation_reason: str | None = None
+    holes: list[list[int]] = field(default_factory=list)
+    """[start, end) layer ranges of the node's model that no usable peer serves (when not covered)."""
+
+
 @dataclass
 class NodeState:
     started_at: float = field(default_factory=time.time)
@@ -56,6 +69,9 @@ class NodeState:
     """Components added by later layers (network status, economy, ...), keyed by name."""
     degrader: Any = None
     """router.degrade.ModelDegrader over (ServedModel, Engine) options, when the node is in a swarm."""
+    route_check: Callable[[], RouteReadiness] | None = None
+    """For a node that routes requests through peers: whether a chain covers its model now (blocking: discovery).
+    None when the node holds the whole model itself."""
 
     @property
     def ready(self) -> bool:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from openhydra.discovery.records import PeerAnnouncement
-from openhydra.router.coverage import LayerCoverageMap, nearest_covered_model
+from openhydra.router.coverage import LayerCoverageMap, ModelChoice, nearest_covered_model
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +64,32 @@ class ModelDegrader(Generic[T]):
         self._lock = threading.Lock()
         self.degraded_requests = 0
 
+    def _pick(self) -> tuple[ModelChoice | None, dict[str, LayerCoverageMap]]:
+        """The model a request would be served with now (None: not even the node's own is covered), and the
+        coverage maps it was chosen from; nothing is built. Only for a node that does not hold the whole model."""
+        assert self._primary_map is not None
+        banned = self._banned()
+        primary_map = self._primary_map()
+        maps = {self.primary_id: primary_map}
+        chain = primary_map.chain(exclude=banned)
+        if chain is not None:  # the common case: no fallback lookups at all
+            return ModelChoice(self.primary_id, chain, None), maps
+        for model_id in self.fallbacks:
+            maps[model_id] = self._fallback_map(model_id)
+        return nearest_covered_model(self.primary_id, [self.primary_id, *self.fallbacks], maps, exclude=banned), maps
+
+    def covered(self) -> tuple[str, str | None] | None:
+        """For /readyz: (model id, why degraded or None) of what a request would be served with now; None when not
+        even a fallback is covered."""
+        if self._primary_map is None:
+            return self.primary_id, None
+        choice = self._pick()[0]
+        return None if choice is None else (choice.model_id, choice.reason)
+
     def choose(self) -> Degraded[T]:
         if self._primary_map is None or not self.fallbacks:
             return Degraded(self.primary, self.primary_id, None)
-        banned = self._banned()
-        primary_map = self._primary_map()
-        if primary_map.chain(exclude=banned) is not None:  # the common case: no fallback lookups at all
-            return Degraded(self.primary, self.primary_id, None)
-        maps = {self.primary_id: primary_map}
-        for model_id in self.fallbacks:
-            maps[model_id] = self._fallback_map(model_id)
-        choice = nearest_covered_model(self.primary_id, [self.primary_id, *self.fallbacks], maps, exclude=banned)
+        choice, maps = self._pick()
         if choice is None or choice.model_id == self.primary_id:
             return Degraded(self.primary, self.primary_id, None)  # the pipeline answers with its typed 503
         option = self._option(choice.model_id, maps[choice.model_id])

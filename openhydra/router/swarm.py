@@ -113,6 +113,8 @@ class SwarmPipeline:
         """peer id -> the instance whose failure earned the current ban: a new instance (a restart) is not banned."""
         self._ban_reasons: dict[str, str] = {}
         """peer id -> its address and last failure, for a 503 that says why its layers are holes."""
+        self._hole: tuple[float, float] | None = None
+        """(first seen, last seen), monotonic, of the hole the latest requests met; None once a chain was found."""
         self.failovers = 0
         self.replay_mismatches = 0
         self.supports_truncate = True
@@ -192,16 +194,42 @@ class SwarmPipeline:
                     return candidate
         return cmap.chain(exclude=banned)
 
+    def route_report(self) -> tuple[bool, list]:
+        """For /readyz: whether a chain covers the model now (over the last lookup, at most ``lookup_ttl_s`` old,
+        leaving out banned peers) and, if not, the holes ([start, end) layer ranges no usable peer serves)."""
+        cmap, banned = self.coverage_map(), self.bans.banned()
+        chain = cmap.chain(exclude=banned)
+        if chain is not None and not chain_problems(chain, self.total_layers, self.model_id):
+            return True, []
+        return False, cmap.coverage(exclude=banned).to_dict().get("holes") or []
+
+    def _route_deadline(self) -> float:
+        """When a request stops waiting for a chain: ``route_wait_s`` after the hole was first seen. A hole that
+        requests kept meeting (the last met no more than ``route_wait_s`` ago) is not waited out again by each new
+        request: after one fresh lookup it gets its 503 at once, instead of every request of a swarm with a hole
+        waiting the whole ``route_wait_s`` first. After a quiet spell the next request waits afresh."""
+        now, hole = time.monotonic(), self._hole
+        if hole is not None and now - hole[1] <= self.tunables.route_wait_s:
+            return hole[0] + self.tunables.route_wait_s
+        return now + self.tunables.route_wait_s
+
+    def _saw_hole(self) -> None:
+        now, hole = time.monotonic(), self._hole
+        ongoing = hole is not None and now - hole[1] <= self.tunables.route_wait_s
+        self._hole = (hole[0] if ongoing and hole is not None else now, now)
+
     def _wait_for_chain(self, current: Chain | None, failed_address: str | None) -> Chain:
-        deadline = time.monotonic() + self.tunables.route_wait_s
+        deadline = self._route_deadline()
         while True:
             chain = (self._repair(current, failed_address) if current is not None and failed_address
                      else self._new_chain(refresh=True))
             if chain is not None:
                 problems = chain_problems(chain, self.total_layers, self.model_id)
                 if not problems:
+                    self._hole = None
                     return chain
                 log.error("rejecting an invalid chain: %s", problems)
+            self._saw_hole()
             if time.monotonic() >= deadline:
                 METRICS.unavailable.inc()
                 banned = self.bans.banned()

@@ -161,7 +161,7 @@ class NatSwarm:
                     raise RuntimeError(f"{name} exited ({proc.returncode}):\n{self.log(name)[-3000:]}")
             for name in sorted(pending):
                 with contextlib.suppress(httpx.HTTPError):
-                    if self.get(name, "/readyz", 3.0).status_code == 200:
+                    if self.get(name, "/readyz?scope=node", 3.0).status_code == 200:
                         pending.discard(name)
             if time.monotonic() - t0 > timeout_s:
                 raise TimeoutError(f"not ready after {timeout_s} s: {sorted(pending)}")

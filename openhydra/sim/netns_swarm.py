@@ -114,7 +114,7 @@ class NamespaceSwarm:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited ({proc.returncode}):\n{self.log(name)[-3000:]}")
             for name in sorted(pending):
-                url = f"http://{self.topo.hosts[name].service_ip}:{API_PORT}/readyz"
+                url = f"http://{self.topo.hosts[name].service_ip}:{API_PORT}/readyz?scope=node"
                 try:
                     if self.get(url, 3.0).status_code == 200:
                         pending.discard(name)

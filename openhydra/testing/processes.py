@@ -89,15 +89,17 @@ class NodeProcess:
                                      cwd=self.cwd)
         return self
 
-    def wait_ready(self, timeout_s: float = 180.0, port: int | None = None) -> NodeProcess:
-        """Until /readyz answers 200 (on ``port``: a sweep's job other than the first, see :func:`start_sweep`)."""
+    def wait_ready(self, timeout_s: float = 180.0, port: int | None = None, scope: str = "node") -> NodeProcess:
+        """Until /readyz answers 200 (on ``port``: a sweep's job other than the first, see :func:`start_sweep`).
+        ``scope="node"``: this node's own span is loaded (a swarm starts node by node); ``"route"``: a request to it
+        would find a chain of peers covering the model."""
         deadline = time.monotonic() + timeout_s
         url = f"http://127.0.0.1:{port}" if port is not None else self.url
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
             try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/readyz?scope={scope}", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

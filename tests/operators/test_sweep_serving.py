@@ -95,7 +95,7 @@ def _sweep(model, dht: DhtProcess, data_dir, port: int) -> NodeProcess:
 
 def _listening(port: int) -> bool:
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+        return httpx.get(f"http://127.0.0.1:{port}/readyz?scope=node", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 

@@ -68,6 +68,8 @@ def test_coverage_loss_degrades_to_the_nearest_covered_model_then_503(swarm):
     ref_small = Reference(small, torch.float32)
 
     # Full coverage: the requested model is served, with no degradation header.
+    assert httpx.get(coordinator.url + "/readyz", timeout=30).json() == {
+        "status": "ready", "model": big.name, "route": "covered"}
     reply = _chat(coordinator, big.name)
     assert reply.status_code == 200, reply.text
     assert "x-openhydra-degradation-reason" not in reply.headers
@@ -84,6 +86,9 @@ def test_coverage_loss_degrades_to_the_nearest_covered_model_then_503(swarm):
     body = reply.json()
     expected = ref_small.text(ref_small.greedy(ref_small.chat_ids(MESSAGES), 12))
     assert body["choices"][0]["message"]["content"] == expected  # really computed by the fallback swarm
+    ready = httpx.get(coordinator.url + "/readyz", timeout=30)  # ready: a request is served, by the fallback
+    assert ready.status_code == 200 and ready.json()["served_model"] == small.name, ready.text
+    assert "no peer for layers [4, 8)" in ready.json()["degradation_reason"], ready.text
 
     # The official client, streaming, sees the same degraded answer.
     client = openai.OpenAI(base_url=coordinator.url + "/v1", api_key="x", max_retries=0, timeout=120)
@@ -112,6 +117,10 @@ def test_coverage_loss_degrades_to_the_nearest_covered_model_then_503(swarm):
     assert reply.json()["error"]["code"] == "no_route"
     assert time.monotonic() - started < 30
     assert httpx.get(coordinator.url + "/health", timeout=10).status_code == 200
+    ready = httpx.get(coordinator.url + "/readyz", timeout=30)  # not ready: no request would be served
+    assert ready.status_code == 503 and ready.json()["status"] == "no_route", ready.text
+    assert ready.json()["holes"] == [[4, 8]], ready.text
+    assert httpx.get(coordinator.url + "/readyz?scope=node", timeout=30).status_code == 200  # its own span is up
     # The log tells the story (the dead peers, the fallback), not one line per DHT lookup from httpx.
     log = coordinator.log_text()
     assert "HTTP Request:" not in log and "degraded" in log, log[-3000:]
