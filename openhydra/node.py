@@ -444,7 +444,9 @@ class Node:
         self.swarm = SwarmPipeline(choice.api_name, num_layers, lookup, client,
                                    score=verifier.score if verifier else None, verifier=verifier,
                                    on_failover=verifier.on_hop_failure if verifier else None,
-                                   on_session_end=settler.submit if settler else None)
+                                   on_session_end=settler.submit if settler else None,
+                                   # onion routing makes no direct call to a middle hop: bans alone, as before
+                                   probe=None if client.privacy.onion else client.answers)
         self.privacy = privacy
         self.state.extra["swarm"] = self
         self.state.extra["privacy"] = privacy.status(self.peer_server, self.swarm)  # /metrics + status
@@ -565,7 +567,7 @@ class Node:
             choice.api_name, (self.state.model, self.state.engine),
             None if holds_all else self.swarm.coverage_map, list(entries), self._lookup_model,
             lambda model_id, _cmap: self._build_fallback(model_id, entries[model_id]),
-            banned=self.swarm.bans.banned,
+            banned=self.swarm.avoided,
         )
         log.info("degradation chain when %s lacks coverage: %s", choice.api_name, ", ".join(entries))
 
@@ -669,11 +671,13 @@ class Node:
                                                for sid, ids in status["pipeline"].get("sessions", {}).items()}
             if self.state.degrader is not None:
                 status["degradation"] = self.state.degrader.status()
+            probation = set(status["pipeline"]["on_probation"])
             status["peers"] = [
                 {"peer_id": r.peer_id, "span": [r.start, r.end], "grpc_address": r.grpc_address,
                  "api_address": r.api_address, "dtype": r.dtype, "load": r.load,
                  "throughput_tps": r.throughput_tps, "age_s": round(time.time() - r.announced_at, 1),
-                 "banned": self.swarm.bans.is_banned(r.peer_id), "instance": r.instance}
+                 "banned": self.swarm.bans.is_banned(r.peer_id), "on_probation": r.peer_id in probation,
+                 "instance": r.instance}
                 for r in self.swarm.peers()
             ]
         if self.own_view is not None:  # after the lookups above: the state they left

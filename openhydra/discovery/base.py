@@ -48,6 +48,7 @@ class Discovery(ABC):
         self.ttl_s = ttl_s  # seconds a record lives without a refresh
         self.timeout_s = timeout_s  # deadline of one network call, seconds
         self.verifier = verifier
+        self.prefilter: RecordVerifier | None = None
         # Also use unsigned records under plain names (privacy=off development swarms); key-derived peer ids
         # are always checked against their key.
         self.allow_unsigned_names = allow_unsigned_names
@@ -57,8 +58,11 @@ class Discovery(ABC):
         # own records by peer id, then model id (a peer may announce under several, e.g. slash evidence)
         self._announced: dict[str, dict[str, PeerAnnouncement]] = {}
 
-    def set_verifier(self, verifier: RecordVerifier | None) -> None:
+    def set_verifier(self, verifier: RecordVerifier | None, prefilter: RecordVerifier | None = None) -> None:
+        """``verifier``: checks after the ownership check (signatures); ``prefilter``: cheap checks (a proof of work,
+        a swarm tag: a hash each) run first, so a flood of records without them costs no signature check."""
         self.verifier = verifier
+        self.prefilter = prefilter
 
     def set_identity(self, identity: Any) -> None:
         """The key that signs withdrawals of this node's records (records themselves come signed)."""
@@ -98,6 +102,8 @@ class Discovery(ABC):
 
     def keep_valid(self, records: list[PeerAnnouncement]) -> list[PeerAnnouncement]:
         """Drop records not written by their peer id's owner, apply the verifier, keep one record per peer."""
+        if self.prefilter is not None:
+            records = self._passing(records, self.prefilter)
         owned = []
         for r in records:
             try:
@@ -110,19 +116,22 @@ class Discovery(ABC):
             owned.append(r)
         records = owned
         if self.verifier is not None:
-            kept = []
-            for r in records:
-                try:
-                    ok = self.verifier(r)
-                except Exception:  # a verifier bug must not break lookups; the record is dropped
-                    logger.exception("record verifier failed on %s", r.peer_id)
-                    ok = False
-                if ok:
-                    kept.append(r)
-                else:
-                    self.rejected += 1
-            records = kept
+            records = self._passing(records, self.verifier)
         return freshest(records)
+
+    def _passing(self, records: list[PeerAnnouncement], check: RecordVerifier) -> list[PeerAnnouncement]:
+        kept = []
+        for r in records:
+            try:
+                ok = check(r)
+            except Exception:  # a verifier bug must not break lookups; the record is dropped
+                logger.exception("record verifier failed on %s", r.peer_id)
+                ok = False
+            if ok:
+                kept.append(r)
+            else:
+                self.rejected += 1
+        return kept
 
     @abstractmethod
     async def _announce(self, record: PeerAnnouncement) -> None: ...

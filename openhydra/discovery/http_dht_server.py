@@ -15,7 +15,8 @@ Only a peer id's owner writes under it (ownership.py): a record or withdrawal fo
 must be signed by that key (401 unsigned, 403 bad signature or key of another peer id), and be newer than
 what the table holds (409 stale: replay or rollback). Unsigned records under plain names (``alice``) are
 refused unless the server runs with ``--allow-unsigned-names`` (development swarms with ``privacy=off``).
-Records expire ``ttl_s`` after they arrive (server clock); the table is bounded (503 when full).
+Records expire ``ttl_s`` after they arrive (server clock); the table is bounded (503 when full), and so is what one
+address may keep in it (``--max-peers-per-source``, 256 peers per IPv4 address or IPv6 /64; 429 beyond).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from openhydra.discovery.ownership import (
     check_withdrawal,
 )
 from openhydra.discovery.records import PeerAnnouncement
-from openhydra.discovery.store import AnnouncementStore, StaleRecord, StoreFull, StoreLimits
+from openhydra.discovery.store import AnnouncementStore, SourceQuota, StaleRecord, StoreFull, StoreLimits, source_of
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ def create_app(
     app.ctx.store = store
     refused: dict[str, int] = dict.fromkeys(REASONS, 0)  # writes refused by ownership rules, by reason
     app.ctx.refused = refused
+    quota_refused = [0]  # new peers refused because their source keeps max_peers_per_source others
 
     @app.get("/health")
     async def health(request: Request) -> HTTPResponse:
@@ -88,7 +90,9 @@ def create_app(
 
     @app.get("/v1/status")
     async def status(request: Request) -> HTTPResponse:
-        return json({"records": len(store), "allow_unsigned_names": allow_unsigned_names, "refused": refused})
+        return json({"records": len(store), "allow_unsigned_names": allow_unsigned_names, "refused": refused,
+                     "refused_source_quota": quota_refused[0],
+                     "max_peers_per_source": store.limits.max_peers_per_source})
 
     @app.get("/metrics")
     async def metrics(request: Request) -> HTTPResponse:
@@ -97,6 +101,10 @@ def create_app(
             "key than the peer id's, bad signature, or stale (replay/rollback).",
             "# TYPE openhydra_dht_refused_total counter",
             *(f'openhydra_dht_refused_total{{reason="{r}"}} {n}' for r, n in refused.items()),
+            "# HELP openhydra_dht_source_quota_refused_total New peers refused: their address already keeps "
+            "max_peers_per_source others in the table.",
+            "# TYPE openhydra_dht_source_quota_refused_total counter",
+            f"openhydra_dht_source_quota_refused_total {quota_refused[0]}",
             "# HELP openhydra_dht_records Live records in the table.",
             "# TYPE openhydra_dht_records gauge",
             f"openhydra_dht_records {len(store)}",
@@ -111,11 +119,14 @@ def create_app(
             return _validation_error(exc)
         try:
             check_announcement(record, allow_unsigned_names=allow_unsigned_names)
-            ttl = store.put(record)
+            ttl = store.put(record, source=source_of(request.ip) if request.ip else None)
         except RecordRefused as exc:
             return _refused(exc, refused)
         except StaleRecord as exc:
             return _refused(RecordRefused("stale", str(exc)), refused)
+        except SourceQuota as exc:
+            quota_refused[0] += 1
+            return _error(429, str(exc), code="too_many_peers_from_source", headers={"Retry-After": "60"})
         except StoreFull as exc:
             return _error(503, str(exc), code="store_full", headers={"Retry-After": "30"})
         return json({"ok": True, "expires_in_s": ttl})
@@ -171,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-records", type=int, default=StoreLimits.max_records)
     parser.add_argument("--max-per-model", type=int, default=StoreLimits.max_per_model)
     parser.add_argument("--max-ttl-s", type=float, default=StoreLimits.max_ttl_s)
+    parser.add_argument("--max-peers-per-source", type=int, default=StoreLimits.max_peers_per_source,
+                        help="peers one address (an IPv6 /64) may keep in the table (default %(default)s); more "
+                        "are refused with 429 until some expire")
     parser.add_argument(
         "--allow-unsigned-names",
         action="store_true",
@@ -181,8 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
-    if args.max_records < 1 or args.max_per_model < 1 or args.max_ttl_s <= 0:
-        parser.error("--max-records, --max-per-model and --max-ttl-s must be positive")
+    if args.max_records < 1 or args.max_per_model < 1 or args.max_ttl_s <= 0 or args.max_peers_per_source < 1:
+        parser.error("--max-records, --max-per-model, --max-ttl-s and --max-peers-per-source must be positive")
     logging.basicConfig(level=args.log_level.upper())
     from openhydra.ports import PortUnavailable, probe_port
 
@@ -190,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.port = probe_port("--port", args.host, args.port, change="--port PORT", holder="another DHT")
     except PortUnavailable as exc:
         parser.exit(2, f"openhydra-dht: cannot start: {exc}\n")
-    limits = StoreLimits(max_records=args.max_records, max_per_model=args.max_per_model, max_ttl_s=args.max_ttl_s)
+    limits = StoreLimits(max_records=args.max_records, max_per_model=args.max_per_model, max_ttl_s=args.max_ttl_s,
+                         max_peers_per_source=args.max_peers_per_source)
     app = create_app(AnnouncementStore(limits), allow_unsigned_names=args.allow_unsigned_names)
     from openhydra.ports import sanic_logs_once
 

@@ -14,6 +14,7 @@ accepted but does not extend its expiry). The floors are bounded like the record
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ from openhydra.discovery.records import PeerAnnouncement
 
 class StoreFull(Exception):
     """The table holds its maximum number of records."""
+
+
+class SourceQuota(StoreFull):
+    """The address that sent a record already keeps ``max_peers_per_source`` other peers in the table."""
 
 
 class StaleRecord(Exception):
@@ -38,6 +43,10 @@ class StoreLimits:
     max_per_model: int = 20_000  # records for one model
     max_ttl_s: float = 3600.0  # a longer ttl_s is cut to this, seconds
     max_models: int = 1_000  # distinct model ids
+    max_peers_per_source: int = 256
+    """Live peer ids first announced from one source (an IPv4 address, an IPv6 /64): one machine cannot fill a
+    model's table with throwaway identities (a red team's 19,798 records in 90 s from one address refused every
+    honest newcomer with 503 and made each lookup a 9.5 MB answer). A peer already in the table may always refresh."""
 
 
 class AnnouncementStore:
@@ -53,12 +62,15 @@ class AnnouncementStore:
         self._models: dict[str, dict[str, tuple[float, PeerAnnouncement]]] = {}
         self._count = 0
         self._floors: dict[tuple[str, str], tuple[float, float]] = {}  # (model, peer) -> (floor, keep until)
+        self._sources: dict[tuple[str, str], str] = {}  # (model, peer) -> the source that first announced it
+        self._by_source: dict[str, set[tuple[str, str]]] = {}
 
     def __len__(self) -> int:
         return self._count
 
-    def put(self, record: PeerAnnouncement) -> float:
-        """Store or refresh ``record``; returns seconds until it expires. Raises StoreFull or StaleRecord."""
+    def put(self, record: PeerAnnouncement, source: str | None = None) -> float:
+        """Store or refresh ``record``, sent from ``source`` (see :func:`source_of`; None: not counted); returns
+        seconds until it expires. Raises StoreFull (SourceQuota) or StaleRecord."""
         now = self._clock()
         lim = self.limits
         peers = self._models.get(record.model_id)
@@ -84,11 +96,19 @@ class AnnouncementStore:
                 peers = self._models.get(record.model_id)
                 if peers is not None and len(peers) >= lim.max_per_model:
                     raise StoreFull(f"model {record.model_id} has {len(peers)} records (max {lim.max_per_model})")
+            if source is not None and len(self._live_from(source, now)) >= lim.max_peers_per_source:
+                raise SourceQuota(f"{source} already announces {lim.max_peers_per_source} peers (the most one "
+                                  "address may keep in this table)")
         ttl = min(record.ttl_s, lim.max_ttl_s)
         peers = self._models.setdefault(record.model_id, {})
         if record.peer_id not in peers:
             self._count += 1
         peers[record.peer_id] = (now + ttl, record)
+        if is_new and source is not None:
+            key = (record.model_id, record.peer_id)
+            self._forget_source(key)
+            self._sources[key] = source
+            self._by_source.setdefault(source, set()).add(key)
         self._raise_floor(record.model_id, record.peer_id, record.announced_at, record.announced_at + record.ttl_s)
         return ttl
 
@@ -127,6 +147,22 @@ class AnnouncementStore:
                 del self._floors[min(self._floors, key=lambda k: self._floors[k][1])]
         self._floors[key] = (floor, valid_until)
 
+    def _live_from(self, source: str, now: float) -> set[tuple[str, str]]:
+        """The live (model, peer) keys first announced from ``source`` (drops those that expired or left)."""
+        keys = self._by_source.get(source, set())
+        for key in [k for k in keys if (entry := self._models.get(k[0], {}).get(k[1])) is None or entry[0] <= now]:
+            self._forget_source(key)
+        return self._by_source.get(source, set())
+
+    def _forget_source(self, key: tuple[str, str]) -> None:
+        source = self._sources.pop(key, None)
+        if source is not None:
+            keys = self._by_source.get(source)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_source[source]
+
     def get(self, model_id: str) -> list[PeerAnnouncement]:
         self._sweep_model(model_id, self._clock())
         return [rec for _, rec in self._models.get(model_id, {}).values()]
@@ -137,6 +173,7 @@ class AnnouncementStore:
             return False
         del peers[peer_id]
         self._count -= 1
+        self._forget_source((model_id, peer_id))
         if not peers:
             del self._models[model_id]
         return True
@@ -157,6 +194,21 @@ class AnnouncementStore:
         dead = [p for p, (expires, _) in peers.items() if expires <= now]
         for p in dead:
             del peers[p]
+            self._forget_source((model_id, p))
         self._count -= len(dead)
         if not peers:
             del self._models[model_id]
+
+
+def source_of(address: str) -> str:
+    """What :attr:`StoreLimits.max_peers_per_source` counts per: an IPv4 address, or an IPv6 address's /64 (one host
+    commonly holds a whole /64); an IPv4-mapped IPv6 address counts as its IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)

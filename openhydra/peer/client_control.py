@@ -35,6 +35,15 @@ class ControlCalls:
     def info(self, address: str) -> pb.InfoReply:
         return self._call(self._info(address))
 
+    def answers(self, address: str) -> bool:
+        """Whether the peer at ``address`` answers Info within the liveness probe's timeout (router/bans.py
+        Probation; a blocking call, made off the request path)."""
+        try:
+            self._call(self._info(address, self._probe_timeout()))
+        except Exception:
+            return False
+        return True
+
     def peer_calls(self, calls: Sequence[tuple[str, str, Any]]) -> list[Any]:
         """Unary Peer RPCs ``(address, method, request)`` in parallel (settlement): each reply, or its error."""
         async def one(address: str, method: str, request: Any) -> Any:

@@ -69,9 +69,7 @@ class NodePrivacy:
         if not hasattr(discovery, "set_verifier") or not (self.encrypt or self.membership.active):
             return
 
-        def verifier(record) -> bool:
-            if self.encrypt and not verify_record(record):
-                return False
+        def member(record) -> bool:  # a hash or two: before any signature is checked (discovery/base.py)
             try:
                 self.membership.check(record)
             except CryptoError as exc:
@@ -80,7 +78,8 @@ class NodePrivacy:
                 return False
             return True
 
-        discovery.set_verifier(verifier)
+        discovery.set_verifier(verify_record if self.encrypt else None,
+                               prefilter=member if self.membership.active else None)
 
     def client_options(self, runtime, model_dir: Path, peers: Callable[[], list], dtype=None) -> dict[str, Any]:
         """Keyword arguments for PeerChainClient: privacy level, local embedder, static-key lookup.

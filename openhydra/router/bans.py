@@ -7,6 +7,7 @@ period of ``forget_after_s``) forgets the streak. The clock is injected so tests
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,3 +91,65 @@ class BanList:
 
     def __len__(self) -> int:
         return len(self.banned())
+
+
+def _in_a_thread(task: Callable[[], None]) -> None:
+    threading.Thread(target=task, name="peer-probation-probe", daemon=True).start()
+
+
+class Probation:
+    """Peers that stopped answering stay out of routes after their ban lapses until a probe off the request path
+    finds them answering again (the half-open state of a circuit breaker).
+
+    A peer that timed out (SIGSTOPped, wedged, its packets dropped) is alive as far as its record and TCP go, so
+    before this the first request routed to it after each ban paid the liveness patience (seconds) before failing
+    over. Now the lapse only starts a probe (``probe(address)``: Info, sub-second when the peer is alive), run by
+    ``run`` on a thread of its own; the peer is routable once it answers, and banned again, longer, when it does not.
+    A refused connection is not held here: its record is dead until the peer announces again (router/swarm.py)."""
+
+    def __init__(self, bans: BanList, probe: Callable[[str], bool],
+                 run: Callable[[Callable[[], None]], None] = _in_a_thread) -> None:
+        self._bans = bans
+        self._probe = probe
+        self._run = run
+        self._held: dict[str, str] = {}  # peer id -> the address that stopped answering
+        self._probing: set[str] = set()
+        self._lock = threading.Lock()
+        self.probes = 0  # probes started
+        self.released = 0  # peers routable again after a probe answered
+
+    def hold(self, peer_id: str, address: str) -> None:
+        with self._lock:
+            self._held[peer_id] = address
+
+    def release(self, peer_id: str) -> None:
+        """A new process of the peer (a restart), or a step it served: no probe needed."""
+        with self._lock:
+            self._held.pop(peer_id, None)
+
+    def held(self, banned: frozenset[str]) -> frozenset[str]:
+        """The peers to leave out of routes besides ``banned`` (the ban list's now); starts a probe of each held peer
+        whose ban has lapsed and that no probe is under way for."""
+        with self._lock:
+            due = [(p, a) for p, a in self._held.items() if p not in banned and p not in self._probing]
+            self._probing.update(p for p, _ in due)
+            self.probes += len(due)
+            held = frozenset(self._held)
+        for peer_id, address in due:
+            self._run(lambda peer_id=peer_id, address=address: self._check(peer_id, address))
+        return held
+
+    def _check(self, peer_id: str, address: str) -> None:
+        try:
+            answered = bool(self._probe(address))
+        except Exception:  # a probe that fails in any way is a peer that does not answer
+            answered = False
+        with self._lock:
+            self._probing.discard(peer_id)
+            if self._held.get(peer_id) != address:
+                return  # released meanwhile (restarted), or held again for another address
+            if answered:
+                del self._held[peer_id]
+                self.released += 1
+        if not answered:
+            self._bans.ban(peer_id)  # still silent: the next probe waits longer

@@ -23,7 +23,7 @@ from openhydra.discovery.records import PeerAnnouncement
 from openhydra.metrics import METRICS
 from openhydra.peer.errors import HopError
 from openhydra.peer.messages import HopSpec
-from openhydra.router.bans import BanList
+from openhydra.router.bans import BanList, Probation
 from openhydra.router.coverage import Chain, LayerCoverageMap, chain_problems
 from openhydra.router.prefix_plan import PrefixPlanner
 from openhydra.runtime.sampling import SamplingParams
@@ -77,6 +77,10 @@ def _process_gone(error: HopError) -> bool:
     return error.code == grpc.StatusCode.UNAVAILABLE and "timed out" not in text and "timeout" not in text
 
 
+_SILENT = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE})
+"""Failures of a peer that stopped answering (with _process_gone false: a timeout, not a refusal)."""
+
+
 def _route_of(chain: Chain) -> list[HopSpec]:
     return [HopSpec(address=h.peer.grpc_address, start=h.start, end=h.end) for h in chain.hops]
 
@@ -95,12 +99,17 @@ class SwarmPipeline:
         on_failover: Callable[[str, str], None] | None = None,
         verifier=None,  # verification hook: openhydra.verification.Verifier (audits off the critical path)
         on_session_end: Callable[[str, str, int, list[HopSpec]], object] | None = None,
+        probe: Callable[[str], bool] | None = None,
     ) -> None:
+        """``probe(address)``: does the peer there answer now (Info, sub-second)? With it, a peer that stopped
+        answering is routed to again only once a probe off the request path says it answers (router/bans.py
+        Probation); without it (onion routing: no direct calls to middle hops), once its ban lapses."""
         self.model_id = model_id
         self.total_layers = total_layers
         self._lookup = lookup
         self.client = client
         self.bans = bans if bans is not None else BanList()  # an empty BanList is falsy (len 0): keep it
+        self.probation = Probation(self.bans, probe) if probe is not None else None
         self.score = score
         self.tunables = tunables or FailoverTunables()
         self.on_failover = on_failover
@@ -149,6 +158,8 @@ class SwarmPipeline:
             del self._banned_instance[record.peer_id]
             self._ban_reasons.pop(record.peer_id, None)
             self.bans.lift(record.peer_id)  # routable at once; its streak goes only with a served step
+            if self.probation is not None:
+                self.probation.release(record.peer_id)
             log.info("peer %s restarted (instance %s): its ban is lifted", record.peer_id, record.instance[:8])
 
     def _is_dead_record(self, record: PeerAnnouncement) -> bool:
@@ -167,12 +178,17 @@ class SwarmPipeline:
             return False
         return True
 
+    def avoided(self) -> frozenset[str]:
+        """Peers no route may use now: banned, or (after a timeout) on probation until a probe finds them answering."""
+        banned = self.bans.banned()
+        return banned | self.probation.held(banned) if self.probation is not None else banned
+
     def coverage_map(self, refresh: bool = False) -> LayerCoverageMap:
         return LayerCoverageMap(self.peers(refresh), self.total_layers, model_id=self.model_id, score=self.score,
-                                banned=self.bans.banned())
+                                banned=self.avoided())
 
     def _new_chain(self, refresh: bool) -> Chain | None:
-        cmap, banned = self.coverage_map(refresh), self.bans.banned()
+        cmap, banned = self.coverage_map(refresh), self.avoided()
         # verification/elimination.py: route around suspects of irreproducible answers, where the swarm can
         for avoid in self.verifier.avoid() if self.verifier is not None else ():
             chain = cmap.chain(exclude=banned | avoid)
@@ -183,7 +199,7 @@ class SwarmPipeline:
     def _repair(self, chain: Chain, failed_address: str) -> Chain | None:
         """Replace the failed hop with a peer or sub-chain running exactly its span; else re-route."""
         cmap = self.coverage_map(refresh=True)
-        banned = self.bans.banned()
+        banned = self.avoided()
         for index, hop in enumerate(chain.hops):
             if hop.peer.grpc_address != failed_address:
                 continue
@@ -197,7 +213,7 @@ class SwarmPipeline:
     def route_report(self) -> tuple[bool, list]:
         """For /readyz: whether a chain covers the model now (over the last lookup, at most ``lookup_ttl_s`` old,
         leaving out banned peers) and, if not, the holes ([start, end) layer ranges no usable peer serves)."""
-        cmap, banned = self.coverage_map(), self.bans.banned()
+        cmap, banned = self.coverage_map(), self.avoided()
         chain = cmap.chain(exclude=banned)
         if chain is not None and not chain_problems(chain, self.total_layers, self.model_id):
             return True, []
@@ -232,7 +248,7 @@ class SwarmPipeline:
             self._saw_hole()
             if time.monotonic() >= deadline:
                 METRICS.unavailable.inc()
-                banned = self.bans.banned()
+                banned = self.avoided()
                 report = self.coverage_map().coverage(exclude=banned)
                 # peers left out after failing (a refusal that says why, e.g. another privacy level): the holes
                 # may be theirs, and a user would otherwise look for a peer that is running
@@ -340,6 +356,8 @@ class SwarmPipeline:
             METRICS.pipeline_step(len(token_ids), len(session.chain.hops), time.perf_counter() - began)
             for hop in session.chain.hops:
                 self.bans.success(hop.peer_id)
+                if self.probation is not None:
+                    self.probation.release(hop.peer_id)
             if self.verifier is not None and not verify:  # verification hook: records and queues, never blocks
                 self.verifier.after_step(session_id, session.chain, token_ids, start_pos, step, sampling, result,
                                          time.perf_counter() - began)
@@ -381,6 +399,8 @@ class SwarmPipeline:
                 self._unreachable[peer_id] = (record.instance, time.time())
                 self._cached = (0.0, [])
             backoff = self.bans.ban(peer_id)
+            if self.probation is not None and error.code in _SILENT and not _process_gone(error):
+                self.probation.hold(peer_id, failed)  # stopped answering: routable again only once it answers
             self._banned_instance[peer_id] = record.instance
             self._ban_reasons[peer_id] = f"{failed}: {error.code.name}: {error.message}"[:300]
             METRICS.bans.inc()
@@ -507,8 +527,9 @@ class SwarmPipeline:
         return {
             "model_id": self.model_id,
             "total_layers": self.total_layers,
-            "coverage": cmap.coverage(exclude=self.bans.banned()).to_dict(),
+            "coverage": cmap.coverage(exclude=self.avoided()).to_dict(),
             "banned": sorted(self.bans.banned()),
+            "on_probation": sorted(self.probation.held(self.bans.banned())) if self.probation is not None else [],
             "failovers": self.failovers,
             "replay_mismatches": self.replay_mismatches,
             "truncations": self.truncations,

@@ -58,12 +58,13 @@ LAST_STATUS: dict = {}
 
 
 def wait_routable(coordinator: NodeProcess, replica: NodeProcess, span: tuple[int, int], timeout_s: float) -> float:
-    """Wait until the coordinator lists ``replica`` as a live, unbanned peer of ``span``; the seconds it took."""
+    """Wait until the coordinator lists ``replica`` as a live peer of ``span``, neither banned nor on probation (a
+    peer that stopped answering, until a probe finds it answering: router/bans.py); the seconds it took."""
     began = time.monotonic()
     while time.monotonic() - began < timeout_s:
         for peer in swarm_status(coordinator)["peers"]:
             if (tuple(peer["span"]) == span and peer["api_address"].endswith(f":{replica.port}")
-                    and not peer["banned"]):
+                    and not peer["banned"] and not peer.get("on_probation")):
                 return time.monotonic() - began
         time.sleep(0.2)
     raise TimeoutError(f"the replica on port {replica.port} is not routable after {timeout_s} s")

@@ -109,6 +109,22 @@ def test_bounded_table_answers_503_and_client_raises():
         stop_process(proc)
 
 
+def test_one_address_keeps_a_bounded_number_of_peers():
+    """A real server: the third new peer from one address gets 429 too_many_peers_from_source (counted in /metrics);
+    the address's own peers still refresh."""
+    proc, url = start_dht_server("--max-peers-per-source", "2", "--allow-unsigned-names")
+    try:
+        for peer in ("a", "b"):
+            assert httpx.post(url + "/v1/announce", content=rec(peer).model_dump_json(), timeout=5).status_code == 200
+        refused = httpx.post(url + "/v1/announce", content=rec("c").model_dump_json(), timeout=5)
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "60", refused.text
+        assert refused.json()["error"]["code"] == "too_many_peers_from_source", refused.text
+        assert httpx.post(url + "/v1/announce", content=rec("a").model_dump_json(), timeout=5).status_code == 200
+        assert "openhydra_dht_source_quota_refused_total 1" in httpx.get(url + "/metrics", timeout=5).text
+    finally:
+        stop_process(proc)
+
+
 def test_unreachable_server_fails_within_deadline_and_second_server_answers(dht_server):
     async def scenario():
         dead = "http://127.0.0.1:9"  # discard port: nothing listens, the connection is refused

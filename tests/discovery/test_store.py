@@ -96,3 +96,31 @@ def test_older_or_replayed_records_never_replace_newer_ones_even_after_expiry_or
     store.put(rec("a", ttl=10, at=1004.0))  # a newer announcement brings the peer back
     wall.t += 80  # past every lifetime (1004 + 10 + 60 s): the floor is forgotten, the table stays bounded
     store.put(rec("a", ttl=10, at=1.0))
+
+
+def test_one_source_cannot_fill_a_model_with_throwaway_identities():
+    """A red team filled a model's 20,000 records from one address in 90 s: honest newcomers were refused and every
+    lookup became a 9.5 MB answer. One source keeps at most ``max_peers_per_source`` peers; others are unaffected,
+    its own peers can always refresh, and room comes back as its records expire or are withdrawn."""
+    from openhydra.discovery.store import SourceQuota, source_of
+
+    clock = Clock()
+    store = AnnouncementStore(StoreLimits(max_peers_per_source=3), clock=clock)
+    for peer in ("a", "b", "c"):
+        store.put(rec(peer, ttl=10), source="203.0.113.7")
+    with pytest.raises(SourceQuota, match=r"203\.0\.113\.7 already announces 3 peers"):
+        store.put(rec("d", ttl=10), source="203.0.113.7")
+    with pytest.raises(SourceQuota):  # another model does not open a second quota
+        store.put(rec("d", model="other", ttl=10), source="203.0.113.7")
+    store.put(rec("a", ttl=10, at=2.0), source="203.0.113.7")  # a refresh of its own peer
+    store.put(rec("e", ttl=10), source="198.51.100.1")  # another machine joins
+    assert {r.peer_id for r in store.get("m")} == {"a", "b", "c", "e"}
+    assert store.remove("m", "b")
+    store.put(rec("d", ttl=10), source="203.0.113.7")  # the withdrawn peer's place
+    clock.t += 11  # all expire: the source's quota is free again
+    for peer in ("f", "g", "h"):
+        store.put(rec(peer, ttl=10), source="203.0.113.7")
+    # An IPv6 host counts per /64 (it commonly holds all of it), a mapped IPv4 address as the IPv4 address.
+    assert source_of("2001:db8:1:2::5") == source_of("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert source_of("2001:db8:1:3::5") != source_of("2001:db8:1:2::5")
+    assert source_of("::ffff:203.0.113.7") == "203.0.113.7" and source_of("not-an-ip") == "not-an-ip"

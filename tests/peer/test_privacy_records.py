@@ -86,6 +86,25 @@ def test_discovery_verifier_hook_drops_forged_records() -> None:
     assert asyncio.run(discovery.lookup("m")) == []
 
 
+def test_records_without_the_cheap_proof_cost_no_signature_check(monkeypatch) -> None:
+    """A flood of signed records without a proof of work (a red team posted 19,798) is dropped by the prefilter
+    before any Ed25519 check: neither the ownership check nor the verifier sees them."""
+    from openhydra.discovery import base
+
+    honest = Identity.generate()
+    checked: list[str] = []
+    real_check = base.check_announcement
+    monkeypatch.setattr(base, "check_announcement", lambda r, **kw: (checked.append(r.peer_id), real_check(r, **kw)))
+    discovery = NullDiscovery()
+    verified: list[str] = []
+    discovery.set_verifier(lambda r: verified.append(r.peer_id) or verify_record(r),
+                           prefilter=lambda r: r.peer_id == honest.peer_id)  # stands in for the proof's hash
+    flood = [_signed(Identity.generate()) for _ in range(20)]
+    kept = discovery.keep_valid([*flood, _signed(honest)])
+    assert [r.peer_id for r in kept] == [honest.peer_id]
+    assert checked == verified == [honest.peer_id] and discovery.rejected == 20
+
+
 class _Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)

@@ -90,3 +90,61 @@ def test_a_lifted_ban_ends_now_but_the_next_failure_escalates():
     assert bans.ban("p") == 1
     bans.lift("q")  # never banned: nothing to lift
     assert "q" not in bans
+
+
+class _Probes:
+    """Probation's probe and runner, by hand: probes queue up and run when the test says, answering ``alive``."""
+
+    def __init__(self) -> None:
+        self.alive = False
+        self.queued: list = []
+        self.asked: list[str] = []
+
+    def probe(self, address: str) -> bool:
+        self.asked.append(address)
+        return self.alive
+
+    def run(self, task) -> None:
+        self.queued.append(task)
+
+    def finish(self) -> None:
+        tasks, self.queued = self.queued, []
+        for task in tasks:
+            task()
+
+
+def test_a_silent_peer_stays_out_until_a_probe_finds_it_answering():
+    from openhydra.router.bans import Probation
+
+    clock, probes = Clock(), _Probes()
+    bans = BanList(clock=clock)
+    probation = Probation(bans, probes.probe, run=probes.run)
+    bans.ban("p")
+    probation.hold("p", "10.0.0.1:1")
+    assert probation.held(bans.banned()) == {"p"} and probes.queued == []  # banned: no probe yet
+    clock.t += 1.0  # the ban lapses: still held, and one probe starts (not one per route choice)
+    assert probation.held(bans.banned()) == {"p"}
+    assert probation.held(bans.banned()) == {"p"} and len(probes.queued) == 1
+    probes.finish()  # no answer: banned again, longer
+    assert probes.asked == ["10.0.0.1:1"] and bans.remaining_s("p") == 2.0
+    clock.t += 2.0
+    probation.held(bans.banned())
+    probes.alive = True
+    probes.finish()  # it answers: routable
+    assert probation.held(bans.banned()) == frozenset() and probation.released == 1
+
+
+def test_a_restarted_peer_is_released_without_waiting_for_its_probe():
+    from openhydra.router.bans import Probation
+
+    clock, probes = Clock(), _Probes()
+    bans = BanList(clock=clock)
+    probation = Probation(bans, probes.probe, run=probes.run)
+    bans.ban("p")
+    probation.hold("p", "10.0.0.1:1")
+    clock.t += 1.0
+    probation.held(bans.banned())  # a probe of the old process is under way
+    probation.release("p")  # a new process announced itself
+    assert probation.held(bans.banned()) == frozenset()
+    probes.finish()  # the old process's probe fails afterwards: it changes nothing
+    assert not bans.is_banned("p") and probation.held(bans.banned()) == frozenset()

@@ -20,6 +20,7 @@ import pytest
 from openhydra.testing import failover
 from openhydra.testing.failover import fault_trial, stream, wait_routable
 from openhydra.testing.processes import DhtProcess, NodeProcess, start_all, swarm_node_overrides
+from openhydra.testing.wait import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # node restarts take a minute at load 10
 
@@ -82,6 +83,19 @@ def test_a_hung_replica_is_blamed_within_patience_and_serves_again_once_resumed(
         assert trial.failovers == 1 and trial.replays == 1
         # blamed after the patience plus at most one probe; the tiny model replays in well under a second
         assert trial.stall_s <= DECODE_TIMEOUT_S + PROBE_TIMEOUT_S + 1.0, trial.stall_s
+        # Still stopped, its ban lapsed: it stays out of routes (on probation: each lapse starts a probe it does not
+        # answer), so no later stream pays the patience to find it silent again (before: each lapse cost a stream
+        # a stall and a failover).
+        hung_id = next(p["peer_id"] for p in failover.swarm_status(coordinator)["peers"]
+                       if p["api_address"].endswith(f":{hung.port}"))
+        wait_until(lambda: hung_id not in failover.swarm_status(coordinator)["pipeline"]["banned"], 30, 0.2,
+                            "the hung replica's first ban to lapse")
+        before = failover.swarm_status(coordinator)["pipeline"]["failovers"]
+        for _ in range(3):
+            after_lapse = stream(coordinator, model, TOKENS // 4)
+            assert after_lapse.error is None and expected.startswith(after_lapse.text), after_lapse.text
+        status = failover.swarm_status(coordinator)["pipeline"]
+        assert status["failovers"] == before and hung_id in status["on_probation"], status
     finally:
         os.killpg(hung.proc.pid, signal.SIGCONT)
     wait_routable(coordinator, hung, MIDDLE, 60)
