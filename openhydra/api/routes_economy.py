@@ -53,7 +53,8 @@ def _amount(positive: bool) -> Any:
     def wire_form(value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ValueError("expected a number or a decimal string")
-        if isinstance(value, str) and not pattern.match(value):
+        # fullmatch: with match, "1\n" passed ($ matches before a final newline)
+        if isinstance(value, str) and not pattern.fullmatch(value):
             raise ValueError("expected a decimal string such as \"1.5\" (at most 6 decimals, below 1e9)")
         return Decimal(str(value))  # a float by its shortest spelling: 0.1 is 0.1, not 0.1000000000000000055
 

@@ -212,7 +212,8 @@ def number_cases() -> list[Case]:
         cases.append(Case(f"num_predict-{value}", post(GENERATE, {**gen, "options": {"num_predict": value}}), (200,)))
     for value in (-3, -(2**63), 10**18, MAX_TOKENS_LIMIT + 1):
         cases.append(Case(f"num_predict-{value}", post(GENERATE, {**gen, "options": {"num_predict": value}}), (400,)))
-    for amount in ("1e999", "NaN", "-1", "0", "1e-7", '"1e5"', '"NaN"', '"-1"', '"0x10"', "1" * 300):
+    for amount in ("1e999", "NaN", "-1", "0", "1e-7", '"1e5"', '"NaN"', '"-1"', '"0x10"', '"1\\n"', '"1\\n\\n"',
+                   "1" * 300):
         cases.append(Case(f"stake-amount-{amount[:12]}", post("/v1/hydra/stake", f'{{"amount": {amount}}}'), (400,)))
     return cases
 
