@@ -113,7 +113,8 @@ class _Probes:
             task()
 
 
-def test_a_silent_peer_stays_out_until_a_probe_finds_it_answering():
+def _held_peer():
+    """A ban list and probation holding peer "p" (banned 1 s, then held until a probe answers), on a hand clock."""
     from openhydra.router.bans import Probation
 
     clock, probes = Clock(), _Probes()
@@ -121,6 +122,11 @@ def test_a_silent_peer_stays_out_until_a_probe_finds_it_answering():
     probation = Probation(bans, probes.probe, run=probes.run)
     bans.ban("p")
     probation.hold("p", "10.0.0.1:1")
+    return clock, probes, bans, probation
+
+
+def test_a_silent_peer_stays_out_until_a_probe_finds_it_answering():
+    clock, probes, bans, probation = _held_peer()
     assert probation.held(bans.banned()) == {"p"} and probes.queued == []  # banned: no probe yet
     clock.t += 1.0  # the ban lapses: still held, and one probe starts (not one per route choice)
     assert probation.held(bans.banned()) == {"p"}
@@ -135,13 +141,7 @@ def test_a_silent_peer_stays_out_until_a_probe_finds_it_answering():
 
 
 def test_a_restarted_peer_is_released_without_waiting_for_its_probe():
-    from openhydra.router.bans import Probation
-
-    clock, probes = Clock(), _Probes()
-    bans = BanList(clock=clock)
-    probation = Probation(bans, probes.probe, run=probes.run)
-    bans.ban("p")
-    probation.hold("p", "10.0.0.1:1")
+    clock, probes, bans, probation = _held_peer()
     clock.t += 1.0
     probation.held(bans.banned())  # a probe of the old process is under way
     probation.release("p")  # a new process announced itself
