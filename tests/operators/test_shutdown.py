@@ -61,12 +61,35 @@ def test_ctrl_c_withdraws_ends_streams_and_exits_zero(tiny_model_dirs, tmp_path)
             reader.start()
             wait_until(lambda: "first" in outcome or "end" in outcome, 120, 0.05, "the first streamed token")
             assert "first" in outcome, f"no token streamed: {outcome}"
+            # Requests that are not streamed, still running at Ctrl-C: a 503 shutting_down each, not a 500 (an
+            # operator's probe found 500 internal_error and a traceback in the log)
+            answers: dict[str, httpx.Response] = {}
+            bodies = {"/v1/chat/completions": {"model": model_id, "max_tokens": 4000, "ignore_eos": True,
+                                               "messages": [{"role": "user", "content": "Count."}]},
+                      "/api/generate": {"model": model_id, "prompt": "Count.", "stream": False,
+                                        "options": {"num_predict": 4000}}}
+
+            def post(path: str) -> None:
+                answers[path] = httpx.post(head.url + path, json=bodies[path], timeout=60)
+
+            posters = [threading.Thread(target=post, args=(path,), daemon=True) for path in bodies]
+            for poster in posters:
+                poster.start()
+            wait_until(lambda: _running(head) >= 3, 60, 0.05, "the two unstreamed requests to start")
 
             sent = time.monotonic()
             head.proc.send_signal(signal.SIGINT)  # what Ctrl-C in its terminal sends
             reader.join(timeout=30)
             assert not reader.is_alive(), "the client's stream hung after Ctrl-C"
             assert outcome["pieces"] >= 1 and outcome["end"]
+            for poster in posters:
+                poster.join(timeout=30)
+            for path, answer in answers.items():
+                assert answer.status_code == 503, (path, answer.status_code, answer.text)
+                error = answer.json()["error"]
+                code = error["code"] if isinstance(error, dict) else answer.json()["code"]
+                assert code == "shutting_down" and "Retry-After" in answer.headers, (path, answer.text)
+            assert set(answers) == set(bodies), answers
             if outcome["end"] != "finished":  # cut off: the error event says why, in words a user understands
                 assert "shutting down" in outcome["end"], outcome["end"]
 
@@ -87,3 +110,11 @@ def test_ctrl_c_withdraws_ends_streams_and_exits_zero(tiny_model_dirs, tmp_path)
         finally:
             for node in nodes:
                 node.stop()
+
+
+def _running(node: NodeProcess) -> int:
+    """Requests the node is generating for now (its /metrics gauge of active sessions)."""
+    for line in httpx.get(node.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("openhydra_active_sessions "):
+            return int(float(line.split()[-1]))
+    return 0
