@@ -87,6 +87,12 @@ def _check_port(key: str, host: str, port: int) -> int:
         raise  # unreachable: _fail exits
 
 
+def _hosts_overlap(a: str, b: str) -> bool:
+    """Whether servers on hosts ``a`` and ``b`` would contend for one port (the same address, or a wildcard)."""
+    wildcard = {"0.0.0.0", "::", "[::]", ""}
+    return a == b or a in wildcard or b in wildcard
+
+
 def _without_overridden_promotion(argv: list[str]) -> list[str]:
     """``argv`` plus ``~local`` when the saved promotion exists and the command line chooses what it decides (model,
     span, quantization: hardware/promote.py chosen_over_promotion); said in one line."""
@@ -193,6 +199,10 @@ def run(cfg: DictConfig) -> None:
         node_cfg.api.port = _check_port("api.port", node_cfg.api.host, node_cfg.api.port)
     if node.in_swarm and node_cfg.peer.transport != "libp2p":
         _check_port("peer.port", node_cfg.peer.host, node_cfg.peer.port)
+        api, peer = node_cfg.api, node_cfg.peer
+        if node_cfg.action == "serve" and peer.port == api.port and _hosts_overlap(api.host, peer.host):
+            _fail(f"api.port and peer.port are both {api.port}: the HTTP API and the peer's gRPC server each need a "
+                  "port of their own (change one: api.port=... or peer.port=...)", "cannot start")
     if node_cfg.action == "check":
         node.load_model()
         _check(node)

@@ -154,6 +154,17 @@ def test_a_peer_port_in_use_is_named_before_loading(tiny_model_dirs, tmp_path):
     _one_line_exit_2(out, f"peer.port {port}", "in use")
 
 
+def test_the_api_and_the_peer_cannot_share_a_port(tiny_model_dirs, tmp_path):
+    """Both free, but the same: before, the node loaded the model, failed to bind its peer and exited with two
+    tracebacks (an operator's probe)."""
+    from openhydra.testing.processes import free_port
+
+    port = free_port()
+    out = node_cli(*_tiny(tiny_model_dirs), f"node.data_dir={tmp_path}", "shard=layers", "shard.end=4",
+                   f"api.port={port}", f"peer.port={port}")
+    _one_line_exit_2(out, f"api.port and peer.port are both {port}")
+
+
 def test_two_peer_servers_cannot_share_a_port():
     """gRPC lets a second server bind a served port by default (SO_REUSEPORT): the kernel then splits connections
     between two peers answering as one address. The peers' server options turn that off."""
