@@ -197,6 +197,12 @@ def run(cfg: DictConfig) -> None:
     if node_cfg.action == "serve":
         # api.port=0: any free port, as peer.reply_port 0 (Sanic itself would take 8000)
         node_cfg.api.port = _check_port("api.port", node_cfg.api.host, node_cfg.api.port)
+    model_path = node_cfg.model.path
+    if (node_cfg.action == "serve" and model_path and not node.in_swarm  # action=check reports it as a failed check
+            and not Path(model_path).expanduser().exists()):
+        # with discovery on, source=auto may still fetch the span from peers (openhydra/weights/); alone, never
+        _fail(f"model.path {model_path} does not exist (a transformers folder: config.json, safetensors, tokenizer)",
+              "cannot start")
     if node.in_swarm and node_cfg.peer.transport != "libp2p":
         _check_port("peer.port", node_cfg.peer.host, node_cfg.peer.port)
         api, peer = node_cfg.api, node_cfg.peer
@@ -241,7 +247,7 @@ def _check(node) -> None:
     final = asyncio.run(engine.complete(GenerationRequest(engine.chat_prompt_ids(
         [{"role": "user", "content": "Say hello."}]), max_tokens=4)))
     node.shutdown()
-    print(f"check ok: model={state.model.id} span={list(state.model.span)} "
+    print(f"check ok: model={state.model.id} layers=[{state.model.span[0]}, {state.model.span[1]}) "
           f"backend={node.backend.describe()} tokens={final.completion_tokens} text={final.text!r}")
 
 

@@ -91,7 +91,11 @@ def validate(cfg: DictConfig | dict) -> NodeConfig:
             data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         except Exception as exc:  # MissingMandatoryValue, InterpolationResolutionError
             key = getattr(exc, "full_key", "") or ""
-            raise ConfigError(f"{key}: {_first_line(str(exc))}" if key else _first_line(str(exc))) from None
+            text = _first_line(str(exc))
+            unset = re.search(r"Environment variable '([^']+)' not found", text)
+            if unset:  # ${oc.env:NAME} with no default (recipes/private-swarm.yaml's secret): say what to do
+                text = f"needs the environment variable {unset.group(1)}, which is not set (export it)"
+            raise ConfigError(f"{key}: {text}" if key else text) from None
     else:
         data = dict(cfg)
     data.pop("hydra", None)

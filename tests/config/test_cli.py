@@ -106,6 +106,15 @@ def test_bad_overrides_end_with_one_clear_line(args, fragments):
         assert fragment in lines[0]
 
 
+def test_a_recipe_whose_secret_is_not_in_the_environment_says_which_variable():
+    """Before: OmegaConf's own 'KeyError raised while resolving interpolation' text (an operator's probe)."""
+    out = node_cli("+recipe=private-swarm", env={"OPENHYDRA_SWARM_SECRET": None})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == ("openhydra-node: config error: privacy.swarm_secret: needs the "
+                                                   "environment variable OPENHYDRA_SWARM_SECRET, which is not set "
+                                                   "(export it)"), out.stderr
+
+
 def test_multirun_sweep_runs_every_job(tiny_model_dirs, tmp_path):
     out = node_cli("-m", "action=check", "model=local", f"model.path={tiny_model_dirs['llama']}", "hardware=cpu",
                    "hardware.dtype=float32,bfloat16", f"node.data_dir={tmp_path}", timeout=300)
@@ -163,6 +172,14 @@ def test_the_api_and_the_peer_cannot_share_a_port(tiny_model_dirs, tmp_path):
     out = node_cli(*_tiny(tiny_model_dirs), f"node.data_dir={tmp_path}", "shard=layers", "shard.end=4",
                    f"api.port={port}", f"peer.port={port}")
     _one_line_exit_2(out, f"api.port and peer.port are both {port}")
+
+
+def test_a_model_path_that_does_not_exist_is_one_line_on_a_node_alone(tmp_path):
+    """Alone (no discovery), such a node can never load: before, it kept running with /health 200 and /readyz
+    'failed' (an operator's probe); with discovery on, source=auto may still fetch the span from peers."""
+    missing = tmp_path / "no-such-model"
+    out = node_cli("model=local", f"model.path={missing}", "hardware=cpu", f"node.data_dir={tmp_path / 'd'}")
+    _one_line_exit_2(out, f"model.path {missing} does not exist")
 
 
 def test_two_peer_servers_cannot_share_a_port():
