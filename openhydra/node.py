@@ -394,7 +394,8 @@ class Node:
             announcer = self.announcer
             return make_record(time.time(), announcer.ttl_s) if announcer is not None and announcer.running else None
 
-        self.own_view = view = OwnView(fetch, own, peer_id, max_keep_s=self.announcer.ttl_s)
+        self.own_view = view = OwnView(fetch, own, peer_id, max_keep_s=self.announcer.ttl_s,
+                                       withdrawn=lambda: self.discovery.withdrawn(choice.api_name))
         if staking:  # the stake other peers announce, held in this node's ledger (economy/remote_stake.py)
             from openhydra.economy.remote_stake import StakeHolder
 

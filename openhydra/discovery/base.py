@@ -64,6 +64,11 @@ class Discovery(ABC):
         self.verifier = verifier
         self.prefilter = prefilter
 
+    def withdrawn(self, model_id: str) -> dict[str, float]:
+        """Peers of ``model_id`` the last lookup's answer said withdrew (peer id -> withdrawn_at): a view that bridges
+        outages (discovery/own_view.py) stops carrying their records. Empty where the backend does not say."""
+        return {}
+
     def set_identity(self, identity: Any) -> None:
         """The key that signs withdrawals of this node's records (records themselves come signed)."""
         self.identity = identity

@@ -16,13 +16,17 @@ import time
 from collections.abc import Sequence
 
 import httpx
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from openhydra.discovery.base import Discovery, DiscoveryError
 from openhydra.discovery.ownership import WITHDRAWAL_MAX_AGE_S, Withdrawal
 from openhydra.discovery.records import PeerAnnouncement
 
 logger = logging.getLogger(__name__)
+
+
+_WITHDRAWN = TypeAdapter(dict[str, float])
+"""A lookup answer's ``withdrawn``: peer id -> withdrawn_at (unix time)."""
 
 
 class HttpDhtClient:
@@ -32,6 +36,7 @@ class HttpDhtClient:
         self.url = url.rstrip("/")
         self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout_s, transport=transport)
         self.rejected = 0  # records in answers that failed validation
+        self.withdrawn: dict[str, dict[str, float]] = {}  # model id -> the last answer's withdrawn peers
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -49,6 +54,11 @@ class HttpDhtClient:
             raise DiscoveryError(f"{self.url}: malformed lookup answer") from exc
         if not isinstance(items, list):
             raise DiscoveryError(f"{self.url}: 'peers' is not a list")
+        try:  # peers that withdrew since their last record (an older server sends none)
+            self.withdrawn[model_id] = _WITHDRAWN.validate_python(resp.json().get("withdrawn") or {})
+        except ValidationError:
+            logger.warning("%s: ignored a malformed 'withdrawn' in a lookup answer", self.url)
+            self.withdrawn[model_id] = {}
         records = []
         for item in items:
             try:
@@ -129,6 +139,13 @@ class HttpDiscovery(Discovery):
         answers = await self._all([c.lookup(model_id) for c in self._clients])
         self.rejected += sum(c.rejected for c in self._clients) - before
         return [r for answer in answers for r in answer]
+
+    def withdrawn(self, model_id: str) -> dict[str, float]:
+        merged: dict[str, float] = {}
+        for client in self._clients:
+            for peer, at in client.withdrawn.get(model_id, {}).items():
+                merged[peer] = max(at, merged.get(peer, at))
+        return merged
 
     async def _withdraw(self, record: PeerAnnouncement) -> None:
         await self.start()

@@ -4,7 +4,8 @@ A small rendezvous table, not a real DHT: peers announce themselves, coordinator
 model. Records are strict :class:`PeerAnnouncement` JSON; bad ones get 400 with the error schema.
 
 - ``POST|PUT /v1/announce``: body = one record. 200 ``{"ok": true, "expires_in_s": ttl}``.
-- ``GET /v1/peers?model_id=M``: 200 ``{"model_id": M, "peers": [record, ...]}`` (live records).
+- ``GET /v1/peers?model_id=M``: 200 ``{"model_id": M, "peers": [record, ...], "withdrawn": {peer_id: withdrawn_at}}``
+  (live records, and the peers that withdrew since their last record: a reader drops its own copies of those).
 - ``DELETE /v1/peers``: withdraw; body = a signed :class:`~openhydra.discovery.ownership.Withdrawal`.
   200 ``{"removed": bool}``. (``?model_id=M&peer_id=P`` without a body: only for unsigned names.)
 - ``GET /v1/models``: ``{"models": {model_id: peer count}}``. ``GET /health``: liveness.
@@ -137,7 +138,8 @@ def create_app(
         if not model_id:
             return _error(400, "query parameter model_id is required", param="model_id")
         records = store.get(model_id)
-        return json({"model_id": model_id, "peers": [r.to_wire() for r in records]})
+        return json({"model_id": model_id, "peers": [r.to_wire() for r in records],
+                     "withdrawn": store.withdrawn(model_id)})
 
     @app.delete("/v1/peers", ignore_body=False)
     async def withdraw(request: Request) -> HTTPResponse:

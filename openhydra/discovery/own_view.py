@@ -13,7 +13,9 @@ A node's own peer is alive for as long as the node is, so the coordinator need n
   4 of 5 requests in a fault probe). Only the first lookup that meets the outage waits for it.
 - The same records are carried through the recovery: the first lookups after an outage, and any answer that holds
   none of the other peers it knew (an HTTP DHT restarted empty, a Kademlia node cut off from its neighbours: both
-  answer, with nothing), still include each known peer until it is in an answer again or its record is too old.
+  answer, with nothing), still include each known peer until it is in an answer again or its record is too old;
+  except a peer the answer says withdrew (the HTTP DHT's ``withdrawn``: a clean shutdown), dropped at once (before,
+  a 2-node swarm whose other node stopped with Ctrl-C kept routing to it, and /readyz said 200, for ~165 s).
 
 A node that only serves as a peer makes no lookups of its own until a request comes to its API, so it would meet an
 outage knowing nobody: :meth:`OwnView.refresh_if_idle`, called by the node every half announce interval, looks up
@@ -57,9 +59,12 @@ class OwnView:
 
     def __init__(self, fetch: Lookup, own: OwnRecord, peer_id: str, max_keep_s: float,
                  clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
-                 background: Callable[[Callable[[], None]], None] | None = None) -> None:
-        """``background(task)`` runs a retry of a failing DHT off the request's thread (default: a daemon thread)."""
+                 background: Callable[[Callable[[], None]], None] | None = None,
+                 withdrawn: Callable[[], dict[str, float]] | None = None) -> None:
+        """``background(task)`` runs a retry of a failing DHT off the request's thread (default: a daemon thread);
+        ``withdrawn()``: the peers the last answer said withdrew (peer id -> withdrawn_at), never carried."""
         self._fetch = fetch
+        self._withdrawn = withdrawn or dict
         self._background = background or _in_a_thread
         self._retrying = False  # a background retry of a failing DHT is under way
         self._own = own
@@ -134,6 +139,7 @@ class OwnView:
 
     def _answered(self, records: list[PeerAnnouncement]) -> list[PeerAnnouncement]:
         own, now = self._own(), self._clock()
+        gone = self._withdrawn()
         with self._lock:
             self.answered += 1
             METRICS.discovery_lookups.labels(outcome="answered").inc()
@@ -141,7 +147,9 @@ class OwnView:
                 log.info("the DHT answers again after %d lookup(s) without it", self.without_dht)
                 self.last_error, self._failures, self._recovering = None, 0, True
             others = {r.peer_id: r for r in records if r.peer_id != self.peer_id}
-            known = {pid: r for pid, r in self._known.items() if self._usable(r, now)}
+            # a peer that withdrew (a clean shutdown) is gone, not hidden by a DHT that restarted empty
+            known = {pid: r for pid, r in self._known.items()
+                     if self._usable(r, now) and gone.get(pid, -1.0) < r.announced_at}
             if known and not others.keys() & known.keys():
                 self._recovering = True  # an answer with none of the peers it knew: restarted empty, or cut off
             carried = [r for pid, r in known.items() if pid not in others] if self._recovering else []

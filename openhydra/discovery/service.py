@@ -101,5 +101,8 @@ class DualStackDiscovery(Discovery):
         self.rejected += self.http.rejected + self.kademlia.rejected - before
         return [r for answer in answers for r in answer]
 
+    def withdrawn(self, model_id: str) -> dict[str, float]:
+        return self.http.withdrawn(model_id)
+
     async def _withdraw(self, record: PeerAnnouncement) -> None:
         await self._both("withdraw", [s.withdraw(record.peer_id) for s in self.stacks])

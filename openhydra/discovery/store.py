@@ -63,6 +63,7 @@ class AnnouncementStore:
         self._count = 0
         self._floors: dict[tuple[str, str], tuple[float, float]] = {}  # (model, peer) -> (floor, keep until)
         self._sources: dict[tuple[str, str], str] = {}  # (model, peer) -> the source that first announced it
+        self._withdrawals: dict[tuple[str, str], float] = {}  # (model, peer) -> withdrawn_at, while it has no record
         self._by_source: dict[str, set[tuple[str, str]]] = {}
 
     def __len__(self) -> int:
@@ -104,6 +105,7 @@ class AnnouncementStore:
         if record.peer_id not in peers:
             self._count += 1
         peers[record.peer_id] = (now + ttl, record)
+        self._withdrawals.pop((record.model_id, record.peer_id), None)  # announced again after withdrawing
         if is_new and source is not None:
             key = (record.model_id, record.peer_id)
             self._forget_source(key)
@@ -122,7 +124,24 @@ class AnnouncementStore:
         current = peers.get(peer_id)
         lifetime = current[1].announced_at + current[1].ttl_s if current is not None else withdrawn_at
         self._raise_floor(model_id, peer_id, withdrawn_at, max(lifetime, withdrawn_at))
+        if len(self._withdrawals) >= self.limits.max_records:  # bounded like the records: forget the oldest
+            del self._withdrawals[min(self._withdrawals, key=self._withdrawals.__getitem__)]
+        self._withdrawals[(model_id, peer_id)] = withdrawn_at
         return self.remove(model_id, peer_id)
+
+    def withdrawn(self, model_id: str) -> dict[str, float]:
+        """Peers of ``model_id`` that withdrew and have not announced since: peer id -> ``withdrawn_at``, for as long
+        as an older record of theirs could still pass a reader's freshness check (their floor). A reader that kept a
+        copy of such a peer's record (discovery/own_view.py, bridging a DHT outage) drops it at once."""
+        out = {}
+        for (model, peer), at in list(self._withdrawals.items()):
+            if model != model_id:
+                continue
+            if self._floor(model, peer) is None:  # nothing older can pass any more: the tombstone has done its job
+                del self._withdrawals[(model, peer)]
+                continue
+            out[peer] = at
+        return out
 
     def _floor(self, model_id: str, peer_id: str) -> float | None:
         entry = self._floors.get((model_id, peer_id))

@@ -130,6 +130,25 @@ def test_known_peers_are_carried_until_the_dht_answers_with_them(after_failure) 
     assert spans(view()) == [("me", 0, 4), ("mid", 4, 6), ("tail", 4, 8)]
 
 
+def test_a_peer_the_answer_says_withdrew_is_not_carried() -> None:
+    """The only other peer of a 2-node swarm stops with Ctrl-C and withdraws: the answer holds none of the peers
+    the view knew, as after a DHT restart, but it says the peer withdrew, so the view drops it at once (an operator's
+    probe: /readyz said 200 and requests waited for it ~165 s). A peer that withdrew before its latest record (it
+    announced again since) is kept."""
+    clock = Clock()
+    dht = Dht([record("tail", 4, 8)])
+    gone: dict[str, float] = {}
+    view = OwnView(dht, lambda: record("me", 0, 4), "me", max_keep_s=KEEP_S, clock=clock, monotonic=clock,
+                   background=lambda task: task(), withdrawn=lambda: dict(gone))
+    assert spans(view()) == [("me", 0, 4), ("tail", 4, 8)]
+    dht.records = []
+    gone["tail"] = NOW - 1  # a withdrawal older than the record the view holds: not this record's
+    assert spans(view()) == [("me", 0, 4), ("tail", 4, 8)] and view.status()["dht"] == "recovering"
+    gone["tail"] = NOW + 5
+    assert spans(view()) == [("me", 0, 4)]
+    assert view.status()["dht"] == "reachable" and view.status()["carried_records"] == 0
+
+
 def test_with_nothing_to_offer_a_failure_raises_and_the_dht_is_asked_every_time() -> None:
     clock = Clock()
     dht = Dht([record("tail", 4, 8)])

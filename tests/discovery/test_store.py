@@ -124,3 +124,20 @@ def test_one_source_cannot_fill_a_model_with_throwaway_identities():
     assert source_of("2001:db8:1:2::5") == source_of("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
     assert source_of("2001:db8:1:3::5") != source_of("2001:db8:1:2::5")
     assert source_of("::ffff:203.0.113.7") == "203.0.113.7" and source_of("not-an-ip") == "not-an-ip"
+
+
+def test_a_withdrawal_is_told_to_readers_until_its_floor_lapses():
+    """``withdrawn`` (in every lookup answer) names the peers that withdrew and have not announced since, so a reader
+    that kept their records drops them; a new record clears it, and it lasts only as long as the floor."""
+    clock = Clock()
+    wall = [1000.0]
+    store = AnnouncementStore(clock=clock, wall=lambda: wall[0])
+    store.put(rec("a", ttl=10, at=1000.0))
+    store.put(rec("b", ttl=10, at=1000.0))
+    assert store.withdraw("m", "a", 1001.0) and store.withdrawn("m") == {"a": 1001.0}
+    assert store.withdrawn("other") == {} and [r.peer_id for r in store.get("m")] == ["b"]
+    store.put(rec("a", ttl=10, at=1002.0))  # back: no longer withdrawn
+    assert store.withdrawn("m") == {}
+    assert store.withdraw("m", "a", 1003.0) and store.withdrawn("m") == {"a": 1003.0}
+    wall[0] = 1002.0 + 10 + 60 + 1  # past what its last record could still pass (announced + ttl + slack)
+    assert store.withdrawn("m") == {}

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 
 ROUTE_WAIT_S = FailoverTunables().route_wait_s
 MESSAGES = [{"role": "user", "content": "Say hi."}]
+TTL_S = 300.0  # the default's order (180 s): a record that leaves the head's view was withdrawn, not expired
 
 
 def _readyz(node: NodeProcess, scope: str | None = None) -> httpx.Response:
@@ -41,9 +42,9 @@ def _assert_no_route(reply: httpx.Response) -> None:
 def test_readyz_follows_the_route_and_a_known_hole_fails_fast(tiny_model_dirs, tmp_path_factory):
     model = tiny_model_dirs["llama"]
     with DhtProcess() as dht:
-        head = NodeProcess(swarm_node_overrides(model, dht.url, 0, 4, tmp_path_factory.mktemp("head")))
+        head = NodeProcess(swarm_node_overrides(model, dht.url, 0, 4, tmp_path_factory.mktemp("head"), ttl_s=TTL_S))
         tail_dir = tmp_path_factory.mktemp("tail")
-        tail = NodeProcess(swarm_node_overrides(model, dht.url, 4, 8, tail_dir))
+        tail = NodeProcess(swarm_node_overrides(model, dht.url, 4, 8, tail_dir, ttl_s=TTL_S))
         try:
             head.start().wait_ready()  # scope=node: its own span is up
             assert _readyz(head, "node").json() == {"status": "ready", "model": model.name}
@@ -68,9 +69,18 @@ def test_readyz_follows_the_route_and_a_known_hole_fails_fast(tiny_model_dirs, t
                 assert took < ROUTE_WAIT_S - 1, f"a request waited {took:.1f} s for a hole already known"
 
             # The peer comes back (a new process, the same identity): the next request is served, at once.
-            tail = NodeProcess(swarm_node_overrides(model, dht.url, 4, 8, tail_dir)).start().wait_ready()
+            tail = NodeProcess(swarm_node_overrides(model, dht.url, 4, 8, tail_dir, ttl_s=TTL_S)).start().wait_ready()
             assert _chat(head, model.name).status_code == 200
             assert _readyz(head).status_code == 200
+
+            # A clean stop (SIGTERM: the peer withdraws its record): the head's readiness follows within a lookup or
+            # two, with no request needed to find out. Before, the head carried the withdrawn record as if the DHT had
+            # restarted empty, and said 200 for ~165 s (an operator's probe).
+            tail.stop()
+            stopped = time.monotonic()
+            wait_until(lambda: _readyz(head).status_code == 503, 60, 0.3, "the head to see the withdrawal")
+            assert time.monotonic() - stopped < 30  # far below the ~165 s the record had left
+            _assert_no_route(_readyz(head))
         finally:
             for node in (head, tail):
                 node.stop()
