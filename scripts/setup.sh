@@ -11,20 +11,6 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' \
     || { echo "OpenHydra needs Python 3.11 (found $("$PY" --version 2>&1))" >&2; exit 1; }
 
-# Prometheus for tests/ops (a real server scrapes real nodes): Debian's package, only when missing.
-if [ ! -x /usr/bin/prometheus ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing prometheus (Debian package)" >&2
-    apt-get install -y -q prometheus >/dev/null 2>&1 \
-        || { apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null; }
-fi
-
-# Debian's Chromium for the dashboard's browser test (Playwright drives it; it downloads no browser).
-if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    echo "installing chromium (apt) for tests/dashboard" >&2
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-        || echo "could not install chromium: tests/dashboard will be skipped" >&2
-fi
-
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=".venv/.openhydra-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then

@@ -4,6 +4,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Test-only system packages (not for scripts/run-node.sh, which also runs setup.sh): only when missing, as root.
+# Prometheus for tests/ops (a real server scrapes real nodes): Debian's package, only when missing.
+if [ ! -x /usr/bin/prometheus ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing prometheus (Debian package)" >&2
+    apt-get install -y -q prometheus >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null; }
+fi
+
+# Debian's Chromium for the dashboard's browser test (Playwright drives it; it downloads no browser).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "installing chromium (apt) for tests/dashboard" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+        || echo "could not install chromium: tests/dashboard will be skipped" >&2
+fi
+
 OPENHYDRA_TEST_PG_URL="$(bash scripts/start_postgres.sh)"
 export OPENHYDRA_TEST_PG_URL
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false
