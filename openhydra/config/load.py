@@ -45,8 +45,10 @@ def user_config_dir() -> Path:
 
 
 def group_options(group: str) -> list[str]:
-    folder = conf_dir() / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    """The options of ``group``: the shipped ones and the user's own (``user_config_dir()/group/NAME.yaml``, which
+    Hydra's search path composes too; an operator's probe found their recipes missing from --help and errors)."""
+    folders = [conf_dir() / group, user_config_dir() / group]
+    return sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
 
 
 def _format_validation(prefix: str, exc: ValidationError) -> str:

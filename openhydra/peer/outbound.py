@@ -19,7 +19,16 @@ from openhydra.peer.errors import transport_status
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""The largest gRPC message a peer or coordinator sends or takes, of any RPC. gRPC reads and parses a whole message
+before any handler runs, at ~2.5x its size in memory, and any stranger can call a peer, so this bounds what one
+call can make a node hold (a red team, 2026-12-07: 512 MiB before, 3 calls took a peer from 0.5 to 2.6 GiB). The
+legitimate messages are far smaller: a prefill chunk of 512 positions in fp32 needs 64 MiB only at hidden size 32,768,
+a speculative verify's logits (33 positions) at a vocabulary of 500,000; the one that can grow with the context, a
+rebuilt prompt prefix's activations (peer/rebuild_service.py), is refused above ``MAX_TENSOR_MESSAGE_BYTES`` and the
+coordinator then replays the session in full."""
+MAX_TENSOR_MESSAGE_BYTES = MAX_MESSAGE_BYTES - (1 << 20)
+"""A tensor that fits one message with room for its step header and onion layers."""
 KEEPALIVE_TIME_MS = 20_000
 """Clients ping an idle connection this often; servers accept pings this often (see SERVER_OPTIONS)."""
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
+from openhydra.peer.outbound import MAX_TENSOR_MESSAGE_BYTES
 from openhydra.peer.privacy import step_prefix_key
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.rebuild import Role, adopt_tag, role
@@ -111,6 +112,8 @@ class RebuildHandlers:
             key = step_prefix_key(step, state) if wire is None and header.start_position == 0 else None
             if key is not None:  # prompt blocks it skipped, under this hop's names for them
                 wire = self.retained.prefix_blocks(key, header.num_positions, header.forward_codec)
+                if wire is not None and wire.ByteSize() > MAX_TENSOR_MESSAGE_BYTES:  # too long for one message:
+                    wire = None  # refused below; the coordinator replays the session in full instead
             if wire is None:
                 await self._fail(header, self.address, grpc.StatusCode.FAILED_PRECONDITION,
                                  f"rebuild: no retained activations for positions [{header.start_position},{end})")

@@ -106,6 +106,13 @@ def test_bad_overrides_end_with_one_clear_line(args, fragments):
         assert fragment in lines[0]
 
 
+def test_a_typo_in_a_recipe_name_lists_the_users_own_recipes_too(tmp_path):
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "my-box.yaml").write_text("# @package _global_\napi:\n  port: 8099\n")
+    out = node_cli("+recipe=my-bx", env={"OPENHYDRA_CONFIG_DIR": str(tmp_path)})
+    assert out.returncode == 2 and "allowed: auditor, bootstrap, gpu-shard, laptop, my-box," in out.stderr, out.stderr
+
+
 def test_a_recipe_whose_secret_is_not_in_the_environment_says_which_variable():
     """Before: OmegaConf's own 'KeyError raised while resolving interpolation' text (an operator's probe)."""
     out = node_cli("+recipe=private-swarm", env={"OPENHYDRA_SWARM_SECRET": None})
