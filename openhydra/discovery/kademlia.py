@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from openhydra.discovery.base import Discovery, DiscoveryError
+from openhydra.discovery.ownership import RecordRefused, Withdrawal, check_withdrawal
 from openhydra.discovery.records import PeerAnnouncement
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class KademliaDiscovery(Discovery):
             self._dht_kwargs["announce_maddrs"] = list(announce_maddrs)
         self.dht: Any = None  # hivemind.DHT once started
         self._expirations: dict[tuple[str, str], float] = {}  # own records' DHT expiration, for tombstones
+        self._withdrawn: dict[str, dict[str, float]] = {}  # model id -> the last lookup's owner-signed tombstones
         self._maddrs: list[str] = []  # read once at start
 
     def key(self, model_id: str) -> str:
@@ -197,10 +199,13 @@ class KademliaDiscovery(Discovery):
         found = await self._call(dht.get(self.key(model_id), latest=True, return_future=True), "get")
         if found is None or not isinstance(found.value, dict):
             return []
-        records = []
+        records, withdrawn = [], {}
         for subkey, item in found.value.items():
             value = getattr(item, "value", None)
             if _is_tombstone(value):  # the validator let it in only if its owner signed it (or it is a name)
+                at = self._withdrawn_at(value, str(subkey), model_id)
+                if at is not None:
+                    withdrawn[str(subkey)] = at
                 continue
             try:
                 record = PeerAnnouncement.from_wire(value)
@@ -212,4 +217,23 @@ class KademliaDiscovery(Discovery):
                 self.rejected += 1  # stored under someone else's name or model
                 continue
             records.append(record)
+        self._withdrawn[model_id] = withdrawn
         return records
+
+    def withdrawn(self, model_id: str) -> dict[str, float]:
+        return dict(self._withdrawn.get(model_id, {}))
+
+    def _withdrawn_at(self, value: dict, peer_id: str, model_id: str) -> float | None:
+        """When a tombstone says ``peer_id`` withdrew, checked again here (a DHT node of an attacker answers what it
+        likes); None for one that does not hold. A plain name's unsigned tombstone carries no time: any record of it
+        is older (a newer one would have replaced the tombstone), for readers that take plain names at all."""
+        if value.get("signature") is None:
+            return float("inf") if self.allow_unsigned_names else None
+        try:
+            withdrawal = Withdrawal.model_validate(value)
+            check_withdrawal(withdrawal, allow_unsigned_names=self.allow_unsigned_names)
+        except (ValidationError, RecordRefused, ValueError):
+            return None
+        if (withdrawal.peer_id, withdrawal.model_id) != (peer_id, model_id):
+            return None
+        return withdrawal.withdrawn_at

@@ -14,8 +14,9 @@ A node's own peer is alive for as long as the node is, so the coordinator need n
 - The same records are carried through the recovery: the first lookups after an outage, and any answer that holds
   none of the other peers it knew (an HTTP DHT restarted empty, a Kademlia node cut off from its neighbours: both
   answer, with nothing), still include each known peer until it is in an answer again or its record is too old;
-  except a peer the answer says withdrew (the HTTP DHT's ``withdrawn``: a clean shutdown), dropped at once (before,
-  a 2-node swarm whose other node stopped with Ctrl-C kept routing to it, and /readyz said 200, for ~165 s).
+  except a peer the answer says withdrew (the HTTP DHT's ``withdrawn``, Kademlia's signed tombstones: a clean
+  shutdown), dropped at once (before, a 2-node swarm whose other node stopped with Ctrl-C kept routing to it, and
+  /readyz said 200, for ~165 s).
 
 A node that only serves as a peer makes no lookups of its own until a request comes to its API, so it would meet an
 outage knowing nobody: :meth:`OwnView.refresh_if_idle`, called by the node every half announce interval, looks up

@@ -102,7 +102,11 @@ class DualStackDiscovery(Discovery):
         return [r for answer in answers for r in answer]
 
     def withdrawn(self, model_id: str) -> dict[str, float]:
-        return self.http.withdrawn(model_id)
+        merged: dict[str, float] = {}
+        for stack in self.stacks:
+            for peer, at in stack.withdrawn(model_id).items():
+                merged[peer] = max(at, merged.get(peer, at))
+        return merged
 
     async def _withdraw(self, record: PeerAnnouncement) -> None:
         await self._both("withdraw", [s.withdraw(record.peer_id) for s in self.stacks])

@@ -152,8 +152,11 @@ def test_signed_records_and_tombstones_only_from_their_owner():
             assert [r.span for r in await second.lookup("org/model")] == [(4, 8)]
             await first.withdraw(owner.peer_id)
             assert await second.lookup("org/model") == []
+            # a reader learns the owner withdrew (and stops carrying its record: discovery/own_view.py)
+            assert second.withdrawn("org/model").keys() == {owner.peer_id}
             await first.announce(sign_record(rec(owner.peer_id, 0, 8, announced_at=time.time() + 2), owner, None))
             assert [r.span for r in await second.lookup("org/model")] == [(0, 8)]
+            assert second.withdrawn("org/model") == {}
         finally:
             await asyncio.gather(first.stop(), second.stop())
 
