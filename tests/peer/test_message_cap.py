@@ -22,25 +22,14 @@ def peer(tiny_model_dirs):
 
 
 def _info_with_padding(address: str, padding: int) -> pb.InfoReply:
-    """Info whose request carries ``padding`` bytes in an unknown field (field 1000, length-delimited), sent raw."""
-    request = pb.InfoRequest().SerializeToString() + _unknown_bytes_field(1000, b"\0" * padding)
+    """Info whose request carries ``padding`` bytes the peer does not know: a Tensor's payload, sent as the bytes of an
+    (empty) InfoRequest, whose parser keeps them as unknown fields."""
+    request = pb.Tensor(payload=b"\0" * padding).SerializeToString()
     options = [("grpc.max_send_message_length", 1 << 30)]
     with grpc.insecure_channel(address, options=options) as channel:
         call = channel.unary_unary("/openhydra.peer.v1.Peer/Info", request_serializer=None,
                                    response_deserializer=pb.InfoReply.FromString)
         return call(request, timeout=60)
-
-
-def _unknown_bytes_field(number: int, data: bytes) -> bytes:
-    def varint(value: int) -> bytes:
-        out = bytearray()
-        while True:
-            byte, value = value & 0x7F, value >> 7
-            out.append(byte | (0x80 if value else 0))
-            if not value:
-                return bytes(out)
-
-    return varint(number << 3 | 2) + varint(len(data)) + data
 
 
 def test_a_message_over_the_cap_is_refused_and_the_peer_serves_on(peer):
