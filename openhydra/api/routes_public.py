@@ -45,11 +45,17 @@ def register(app: Sanic) -> None:
             if state.load_error:
                 body["error"] = state.load_error
             return json(body, status=503)
-        assert state.model is not None
-        body = {"status": "ready", "model": state.model.id}
+        model = state.model
+        assert model is not None
+        body = {"status": "ready", "model": model.id}
         check = state.route_check
         if query.scope == "node" or check is None:  # a node holding the whole model serves whatever the swarm does
             return json(body)
+
+        def no_route(error: str, **more: object) -> HTTPResponse:
+            return json({"status": "no_route", "model": model.id, **more, "error": error}, status=503,
+                        headers={"Retry-After": str(NO_ROUTE_RETRY_AFTER_S)})
+
         try:
             route = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, check),
                                            ROUTE_CHECK_TIMEOUT_S)
@@ -57,19 +63,16 @@ def register(app: Sanic) -> None:
             error = (f"discovery did not answer within {ROUTE_CHECK_TIMEOUT_S:g} s" if isinstance(exc, TimeoutError)
                      else f"discovery failed: {type(exc).__name__}: {exc}")
             log.warning("readiness: %s", error)
-            return json({"status": "no_route", "model": state.model.id, "error": error}, status=503,
-                        headers={"Retry-After": str(NO_ROUTE_RETRY_AFTER_S)})
+            return no_route(error)
         if route.covered:
             body["route"] = "covered"
-            if route.served and route.served != state.model.id:  # degraded to a smaller covered model
+            if route.served and route.served != model.id:  # degraded to a smaller covered model
                 body["served_model"] = route.served
                 body["degradation_reason"] = route.degradation_reason
             return json(body)
-        return json({"status": "no_route", "model": state.model.id, "holes": route.holes,
-                     "error": f"no chain of peers covers all {state.model.num_layers} layers of {state.model.id}"
-                              + (f" (holes: {route.holes})" if route.holes else " (the peers that cover them cannot "
-                                 "form a compatible chain)")},
-                    status=503, headers={"Retry-After": str(NO_ROUTE_RETRY_AFTER_S)})
+        return no_route(f"no chain of peers covers all {model.num_layers} layers of {model.id}"
+                        + (f" (holes: {route.holes})" if route.holes
+                           else " (the peers that cover them cannot form a compatible chain)"), holes=route.holes)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> HTTPResponse:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any
 
 from openhydra.discovery.ownership import RecordRefused, Withdrawal, check_announcement, sign_withdrawal
@@ -146,3 +147,12 @@ class Discovery(ABC):
 
     @abstractmethod
     async def _withdraw(self, record: PeerAnnouncement) -> None: ...
+
+
+def latest_withdrawals(answers: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Several answers' withdrawn peers as one (peer id -> the latest withdrawn_at any of them gives)."""
+    merged: dict[str, float] = {}
+    for answer in answers:
+        for peer, at in answer.items():
+            merged[peer] = max(at, merged.get(peer, at))
+    return merged

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import httpx
 from pydantic import TypeAdapter, ValidationError
 
-from openhydra.discovery.base import Discovery, DiscoveryError
+from openhydra.discovery.base import Discovery, DiscoveryError, latest_withdrawals
 from openhydra.discovery.ownership import WITHDRAWAL_MAX_AGE_S, Withdrawal
 from openhydra.discovery.records import PeerAnnouncement
 
@@ -141,11 +141,7 @@ class HttpDiscovery(Discovery):
         return [r for answer in answers for r in answer]
 
     def withdrawn(self, model_id: str) -> dict[str, float]:
-        merged: dict[str, float] = {}
-        for client in self._clients:
-            for peer, at in client.withdrawn.get(model_id, {}).items():
-                merged[peer] = max(at, merged.get(peer, at))
-        return merged
+        return latest_withdrawals(client.withdrawn.get(model_id, {}) for client in self._clients)
 
     async def _withdraw(self, record: PeerAnnouncement) -> None:
         await self.start()

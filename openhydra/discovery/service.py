@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from openhydra.discovery.base import Discovery, DiscoveryError
+from openhydra.discovery.base import Discovery, DiscoveryError, latest_withdrawals
 from openhydra.discovery.http_dht import HttpDiscovery
 from openhydra.discovery.kademlia import KademliaDiscovery
 from openhydra.discovery.records import PeerAnnouncement
@@ -102,11 +102,7 @@ class DualStackDiscovery(Discovery):
         return [r for answer in answers for r in answer]
 
     def withdrawn(self, model_id: str) -> dict[str, float]:
-        merged: dict[str, float] = {}
-        for stack in self.stacks:
-            for peer, at in stack.withdrawn(model_id).items():
-                merged[peer] = max(at, merged.get(peer, at))
-        return merged
+        return latest_withdrawals(stack.withdrawn(model_id) for stack in self.stacks)
 
     async def _withdraw(self, record: PeerAnnouncement) -> None:
         await self._both("withdraw", [s.withdraw(record.peer_id) for s in self.stacks])

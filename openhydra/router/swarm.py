@@ -224,15 +224,17 @@ class SwarmPipeline:
         requests kept meeting (the last met no more than ``route_wait_s`` ago) is not waited out again by each new
         request: after one fresh lookup it gets its 503 at once, instead of every request of a swarm with a hole
         waiting the whole ``route_wait_s`` first. After a quiet spell the next request waits afresh."""
-        now, hole = time.monotonic(), self._hole
-        if hole is not None and now - hole[1] <= self.tunables.route_wait_s:
-            return hole[0] + self.tunables.route_wait_s
-        return now + self.tunables.route_wait_s
+        now = time.monotonic()
+        return self._hole_began(now) + self.tunables.route_wait_s
+
+    def _hole_began(self, now: float) -> float:
+        """When the hole requests keep meeting was first seen (``now`` when none was met in the last route_wait_s)."""
+        hole = self._hole
+        return hole[0] if hole is not None and now - hole[1] <= self.tunables.route_wait_s else now
 
     def _saw_hole(self) -> None:
-        now, hole = time.monotonic(), self._hole
-        ongoing = hole is not None and now - hole[1] <= self.tunables.route_wait_s
-        self._hole = (hole[0] if ongoing and hole is not None else now, now)
+        now = time.monotonic()
+        self._hole = (self._hole_began(now), now)
 
     def _wait_for_chain(self, current: Chain | None, failed_address: str | None) -> Chain:
         deadline = self._route_deadline()
