@@ -180,15 +180,22 @@ class SwarmPipeline:
 
     def avoided(self) -> frozenset[str]:
         """Peers no route may use now: banned, or (after a timeout) on probation until a probe finds them answering."""
-        banned = self.bans.banned()
-        return banned | self.probation.held(banned) if self.probation is not None else banned
+        banned, held = self._left_out()
+        return banned | held
 
-    def coverage_map(self, refresh: bool = False) -> LayerCoverageMap:
+    def _left_out(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The banned peers, and those on probation (banned now or not)."""
+        banned = self.bans.banned()
+        return banned, self.probation.held(banned) if self.probation is not None else frozenset()
+
+    def coverage_map(self, refresh: bool = False, banned: frozenset[str] | None = None) -> LayerCoverageMap:
+        """``banned``: the peers to leave out, when the caller has read ``avoided()`` already (else read here)."""
         return LayerCoverageMap(self.peers(refresh), self.total_layers, model_id=self.model_id, score=self.score,
-                                banned=self.avoided())
+                                banned=self.avoided() if banned is None else banned)
 
     def _new_chain(self, refresh: bool) -> Chain | None:
-        cmap, banned = self.coverage_map(refresh), self.avoided()
+        banned = self.avoided()
+        cmap = self.coverage_map(refresh, banned)
         # verification/elimination.py: route around suspects of irreproducible answers, where the swarm can
         for avoid in self.verifier.avoid() if self.verifier is not None else ():
             chain = cmap.chain(exclude=banned | avoid)
@@ -198,8 +205,8 @@ class SwarmPipeline:
 
     def _repair(self, chain: Chain, failed_address: str) -> Chain | None:
         """Replace the failed hop with a peer or sub-chain running exactly its span; else re-route."""
-        cmap = self.coverage_map(refresh=True)
         banned = self.avoided()
+        cmap = self.coverage_map(refresh=True, banned=banned)
         for index, hop in enumerate(chain.hops):
             if hop.peer.grpc_address != failed_address:
                 continue
@@ -213,7 +220,8 @@ class SwarmPipeline:
     def route_report(self) -> tuple[bool, list]:
         """For /readyz: whether a chain covers the model now (over the last lookup, at most ``lookup_ttl_s`` old,
         leaving out banned peers) and, if not, the holes ([start, end) layer ranges no usable peer serves)."""
-        cmap, banned = self.coverage_map(), self.avoided()
+        banned = self.avoided()
+        cmap = self.coverage_map(banned=banned)
         chain = cmap.chain(exclude=banned)
         if chain is not None and not chain_problems(chain, self.total_layers, self.model_id):
             return True, []
@@ -251,7 +259,7 @@ class SwarmPipeline:
             if time.monotonic() >= deadline:
                 METRICS.unavailable.inc()
                 banned = self.avoided()
-                report = self.coverage_map().coverage(exclude=banned)
+                report = self.coverage_map(banned=banned).coverage(exclude=banned)
                 # peers left out after failing (a refusal that says why, e.g. another privacy level): the holes
                 # may be theirs, and a user would otherwise look for a peer that is running
                 # (banned, or skipped as a dead process until it announces again)
@@ -525,13 +533,14 @@ class SwarmPipeline:
             self.verifier.on_close(session_id)
 
     def status(self) -> dict:
-        cmap = self.coverage_map()
+        banned, held = self._left_out()
+        avoided = banned | held
         return {
             "model_id": self.model_id,
             "total_layers": self.total_layers,
-            "coverage": cmap.coverage(exclude=self.avoided()).to_dict(),
-            "banned": sorted(self.bans.banned()),
-            "on_probation": sorted(self.probation.held(self.bans.banned())) if self.probation is not None else [],
+            "coverage": self.coverage_map(banned=avoided).coverage(exclude=avoided).to_dict(),
+            "banned": sorted(banned),
+            "on_probation": sorted(held),  # banned now or not: out of routes until a probe answers
             "failovers": self.failovers,
             "replay_mismatches": self.replay_mismatches,
             "truncations": self.truncations,
