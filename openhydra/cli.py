@@ -120,11 +120,34 @@ def _user_overrides(argv: list[str]) -> list[str]:
             and not a.startswith(("hydra.", "hydra/"))]
 
 
+def _config_dirs(argv: list[str]) -> list[Path]:
+    """The folders Hydra's ``--config-dir``/``-cd`` adds to the search path (their recipes and options compose)."""
+    found = []
+    for index, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name not in ("--config-dir", "-cd"):
+            continue
+        if not eq:
+            value = argv[index + 1] if index + 1 < len(argv) else ""
+        folder = Path(value).expanduser().absolute()
+        if not value or not folder.is_dir():
+            _fail(f"{name} {value or '(no folder given)'}: not a folder (it adds a folder of recipes and group "
+                  "options to the config's search path)")
+        found.append(folder)
+    return found
+
+
 def preflight(argv: list[str], validate_config: bool = True) -> None:
     """Compose (and validate) every combination the command line asks for, so errors come as one line."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from openhydra.config.load import also_search
+
+    extra = _config_dirs(argv)
+    also_search(extra)
     overrides = _user_overrides(argv)
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -138,6 +161,10 @@ def preflight(argv: list[str], validate_config: bool = True) -> None:
         else:
             choices.append([text])
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="openhydra-node"):
+        search_path = GlobalHydra.instance().config_loader().get_search_path()
+        for folder in extra:  # where hydra.main puts a --config-dir (hydra/_internal/utils.py run_hydra)
+            search_path.prepend(provider="command-line", path=f"file://{folder}",
+                                anchor=SearchPathQuery(provider="schema"))
         for combo in itertools.islice(itertools.product(*choices), _MAX_PREFLIGHT_COMBINATIONS):
             try:
                 cfg = compose(config_name="config", overrides=list(combo))

@@ -44,10 +44,19 @@ def user_config_dir() -> Path:
     return Path(base) / "openhydra"
 
 
+_EXTRA_DIRS: list[Path] = []  # Hydra's --config-dir folders of this command line (cli.preflight sets them)
+
+
+def also_search(folders: list[Path]) -> None:
+    """The folders a command line adds with ``--config-dir``: their options are offered by ``group_options`` too."""
+    _EXTRA_DIRS[:] = folders
+
+
 def group_options(group: str) -> list[str]:
     """The options of ``group``: the shipped ones and the user's own (``user_config_dir()/group/NAME.yaml``, which
-    Hydra's search path composes too; an operator's probe found their recipes missing from --help and errors)."""
-    folders = [conf_dir() / group, user_config_dir() / group]
+    Hydra's search path composes too; an operator's probe found their recipes missing from --help and errors), and
+    those of a ``--config-dir`` folder."""
+    folders = [conf_dir() / group, user_config_dir() / group, *(d / group for d in _EXTRA_DIRS)]
     return sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
 
 

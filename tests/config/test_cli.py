@@ -113,6 +113,24 @@ def test_a_typo_in_a_recipe_name_lists_the_users_own_recipes_too(tmp_path):
     assert out.returncode == 2 and "allowed: auditor, bootstrap, gpu-shard, laptop, my-box," in out.stderr, out.stderr
 
 
+def test_a_config_dir_on_the_command_line_adds_its_recipes(tmp_path):
+    """Hydra's --config-dir: before, the node's own check of the command line did not search it and refused the
+    folder's recipes ('recipe=mine is not an option') before Hydra could compose them (an operator's probe)."""
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "mine.yaml").write_text("# @package _global_\napi:\n  port: 8099\n")
+    with futures.ThreadPoolExecutor(3) as pool:
+        shown, typo, missing = pool.map(lambda args: node_cli(*args), [
+            ("--config-dir", str(tmp_path), "+recipe=mine", "--cfg", "job"),
+            (f"--config-dir={tmp_path}", "+recipe=mne"),
+            ("-cd", str(tmp_path / "nowhere"), "+recipe=mine"),
+        ])
+    assert shown.returncode == 0 and "port: 8099" in shown.stdout, shown.stderr[-2000:]
+    assert typo.returncode == 2 and "allowed: auditor, bootstrap, gpu-shard, laptop, mine," in typo.stderr, typo.stderr
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1] == (
+        f"openhydra-node: config error: -cd {tmp_path / 'nowhere'}: not a folder (it adds a folder of recipes and "
+        "group options to the config's search path)"), missing.stderr
+
+
 def test_a_recipe_whose_secret_is_not_in_the_environment_says_which_variable():
     """Before: OmegaConf's own 'KeyError raised while resolving interpolation' text (an operator's probe)."""
     out = node_cli("+recipe=private-swarm", env={"OPENHYDRA_SWARM_SECRET": None})
