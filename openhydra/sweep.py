@@ -124,11 +124,13 @@ def shared_identity(configs: Sequence[DictConfig]) -> str | None:
 @dataclass
 class Job:
     """One job of the sweep: its number, its overrides (the sweep's and :func:`collision_overrides`' ones), and
-    how it runs in a forked child (``main`` returns the exit status)."""
+    how it runs in a forked child (``main`` returns the exit status). ``flags``: the launcher's command-line flags a
+    job started as a fresh process needs too (Hydra's ``--config-dir``: the recipes its overrides may name)."""
 
     index: int
     overrides: list[str]
     main: Callable[[], int]
+    flags: list[str] = field(default_factory=list)
     pid: int = 0
     fd: int = -1
     pending: bytes = b""
@@ -228,8 +230,9 @@ def die_with_launcher() -> None:
 
 
 def _spawn(job: Job, write: int) -> int:
-    job.popen = subprocess.Popen([sys.executable, "-m", "openhydra.cli", *job.overrides], stdin=subprocess.DEVNULL,
-                                 stdout=write, stderr=write, start_new_session=True, close_fds=True,
+    job.popen = subprocess.Popen([sys.executable, "-m", "openhydra.cli", *job.flags, *job.overrides],
+                                 stdin=subprocess.DEVNULL, stdout=write, stderr=write, start_new_session=True,
+                                 close_fds=True,
                                  env={**os.environ, LAUNCHER_ENV: str(os.getpid()), "PYTHONUNBUFFERED": "1"})
     return job.popen.pid
 

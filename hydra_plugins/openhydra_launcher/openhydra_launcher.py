@@ -50,6 +50,9 @@ class OpenHydraLauncher(BasicLauncher):
         from openhydra.preload import fork_unsafe_because, freeze, preload
 
         jobs, returns = [], []
+        # a job started as a fresh process (where forking is unsafe) searches the launcher's --config-dir folders too
+        flags = [f"--config-dir={source.path}" for source in self.config.hydra.runtime.config_sources
+                 if source.provider == "command-line" and source.schema == "file"]
         for n, (overrides, cfg, extra) in enumerate(zip(job_overrides, configs, collision_overrides(configs),
                                                         strict=True)):
             idx = initial_job_idx + n
@@ -61,7 +64,7 @@ class OpenHydraLauncher(BasicLauncher):
             shown = " ".join(filter_overrides(list(overrides)))
             moved = f"  (and {' '.join(extra)}: the jobs would share them otherwise)" if extra else ""
             log.info(f"\t#{idx} : {shown}{moved}")
-            jobs.append(Job(index=idx, overrides=[*overrides, *extra], main=self._job_main(cfg)))
+            jobs.append(Job(index=idx, overrides=[*overrides, *extra], main=self._job_main(cfg), flags=flags))
             returns.append(JobReturn(overrides=[*overrides, *extra], cfg=cfg, status=JobStatus.COMPLETED))
         clash = shared_identity([ret.cfg for ret in returns])
         if clash is not None:

@@ -212,16 +212,22 @@ def test_sigint_stops_the_jobs_of_a_launcher_that_inherited_it_ignored(tmp_path)
     assert probe["statuses"] == [0] and probe["seconds"] < 20, probe
 
 
-def test_jobs_run_as_fresh_processes_where_forking_is_unsafe() -> None:
-    """The fallback: each job is ``python -m openhydra.cli`` with its overrides (here quick ones)."""
+def test_jobs_run_as_fresh_processes_where_forking_is_unsafe(tmp_path) -> None:
+    """The fallback: each job is ``python -m openhydra.cli`` with its overrides (here quick ones), and with the
+    launcher's ``--config-dir``, whose recipes a job's overrides may name (before, it was not passed on)."""
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "mine.yaml").write_text("# @package _global_\napi:\n  port: 8099\n")
     jobs = [Job(index=0, overrides=["--version"], main=lambda: 0),
-            Job(index=1, overrides=["hardware=tpu"], main=lambda: 0)]
+            Job(index=1, overrides=["hardware=tpu"], main=lambda: 0),
+            Job(index=2, overrides=["+recipe=mine", "--cfg", "job"], main=lambda: 0,
+                flags=[f"--config-dir={tmp_path}"])]
     out = io.BytesIO()
-    assert run_jobs(jobs, fork=False, out=out) == [0, 2]
+    assert run_jobs(jobs, fork=False, out=out) == [0, 2, 0]
     text = out.getvalue().decode()
     assert "[#0] openhydra-node " in text
     assert "[#1] openhydra-node: config error: hardware=tpu is not an option" in text, text
     assert "job #1 (hardware=tpu) ended with status 2" in text
+    assert "[#2]   port: 8099" in text, text
 
 
 def test_a_sweep_that_mixes_serving_and_ending_jobs_is_one_line_of_error(tmp_path) -> None:
