@@ -42,9 +42,10 @@ class Economy:
         return self.config.hydra
 
     # coordinator
-    def settle(self, request: SettlementRequest) -> SettlementResult | None:
+    def settle(self, request: SettlementRequest, only: str | None = None) -> SettlementResult | None:
+        """``only``: pay that peer's share alone (Ledger.settle)."""
         try:
-            result = self.ledger.settle(request)
+            result = self.ledger.settle(request, only=only)
         except LedgerError as exc:  # /metrics: openhydra_ledger_errors_total, settlements{outcome}
             METRICS.ledger_error("settle", exc)
             raise
@@ -143,7 +144,7 @@ class OffEconomy:
     hydra_enabled = False
     peer_id = ""
 
-    def settle(self, request: SettlementRequest) -> SettlementResult | None:
+    def settle(self, request: SettlementRequest, only: str | None = None) -> SettlementResult | None:
         return None  # nothing recorded, and the caller can tell
 
     def balance(self, peer_id: str | None = None) -> AccountView:

@@ -17,7 +17,7 @@ from sqlmodel import Session, or_, select
 from openhydra.economy import channels as ch_ops
 from openhydra.economy.book import Book
 from openhydra.economy.channels import ChannelUpdate, ChannelView
-from openhydra.economy.errors import EconomyDisabled, InvalidRequest, ReceiptAlreadyApplied
+from openhydra.economy.errors import EconomyDisabled, InvalidReceipt, InvalidRequest, ReceiptAlreadyApplied
 from openhydra.economy.policy import LedgerPolicy
 from openhydra.economy.receipts import SettlementRequest
 from openhydra.economy.store import Store
@@ -83,15 +83,22 @@ class Ledger:
             raise EconomyDisabled("the HYDRA token is off in this economy (economy=barter)")
 
     # -- barter credits ----------------------------------------------------------------------------
-    def settle(self, req: SettlementRequest) -> SettlementResult:
-        """Verify a signed settlement and pay every serving peer, at most once per request/receipt."""
+    def settle(self, req: SettlementRequest, only: str | None = None) -> SettlementResult:
+        """Verify a signed settlement and pay every serving peer, at most once per request/receipt.
+
+        ``only``: pay that peer's share alone (a hop applying the receipt of a session it served: it saw its own
+        work, not the other hops'; crediting them here let a stranger's coordinator name made-up peers in a receipt
+        and have this ledger mint them credits and HYDRA, which this node's coordinator then honoured as stake)."""
         req.verify()
         receipt_id = req.receipt_id
         weights = [s.layers_served for s in req.shares]
         credit_total = credits_for_tokens(req.tokens_served, self.policy.tokens_per_credit)
         if req.model_layers is not None:  # a part-pipeline receipt (privacy=onion): its layers' share only
             credit_total = credit_total * min(sum(weights), req.model_layers) // req.model_layers
-        credit_parts = split_by_weight(credit_total, weights)
+        paid = [only is None or s.peer_id == only for s in req.shares]
+        if not any(paid):
+            raise InvalidReceipt(f"receipt {receipt_id} has no share of {only}")
+        credit_parts = [c if pay else 0 for c, pay in zip(split_by_weight(credit_total, weights), paid, strict=True)]
 
         def tx(book: Book) -> SettlementResult:
             inserted = book.insert_if_absent(
@@ -101,7 +108,7 @@ class Ledger:
                     "receipt_id": receipt_id,
                     "model_id": req.model_id,
                     "tokens_served": req.tokens_served,
-                    "credits": credit_total,
+                    "credits": sum(credit_parts),
                     "hydra": 0,
                     "ts": book.now,
                 },
@@ -110,15 +117,18 @@ class Ledger:
                 raise ReceiptAlreadyApplied(
                     f"request {req.request_id} (receipt {receipt_id}) already settled"
                 )
-            keys = {s.peer_id: s.public_key for s in req.shares}
+            keys = {s.peer_id: s.public_key for s, pay in zip(req.shares, paid, strict=True) if pay}
             accounts = book.accounts(list(keys), keys)
             hydra_parts = [0] * len(weights)
             if self.policy.hydra_enabled:
-                want = int(credit_total * self.policy.hydra_per_credit)
-                minted = book.mint(ASSET_HYDRA, want, cap=self.policy.supply_cap)
-                hydra_parts = split_by_weight(minted, weights)
-            book.mint(ASSET_CREDIT, credit_total)
-            for share, credits, hydra in zip(req.shares, credit_parts, hydra_parts, strict=True):
+                want = split_by_weight(int(credit_total * self.policy.hydra_per_credit), weights)
+                minted = book.mint(ASSET_HYDRA, sum(w for w, pay in zip(want, paid, strict=True) if pay),
+                                   cap=self.policy.supply_cap)
+                hydra_parts = split_by_weight(minted, [w if pay else 0 for w, pay in zip(weights, paid, strict=True)])
+            book.mint(ASSET_CREDIT, sum(credit_parts))
+            for share, credits, hydra, pay in zip(req.shares, credit_parts, hydra_parts, paid, strict=True):
+                if not pay:
+                    continue
                 acct = accounts[share.peer_id]
                 book.credit(acct, POCKET_CREDITS, credits, "earn", req.request_id)
                 book.credit(acct, POCKET_HYDRA, hydra, "mint", req.request_id)
@@ -140,8 +150,8 @@ class Ledger:
             return SettlementResult(
                 request_id=req.request_id,
                 receipt_id=receipt_id,
-                credits={s.peer_id: c for s, c in zip(req.shares, credit_parts, strict=True)},
-                hydra={s.peer_id: h for s, h in zip(req.shares, hydra_parts, strict=True)},
+                credits={s.peer_id: c for s, c, pay in zip(req.shares, credit_parts, paid, strict=True) if pay},
+                hydra={s.peer_id: h for s, h, pay in zip(req.shares, hydra_parts, paid, strict=True) if pay},
             )
 
         return self._write(tx)

@@ -1,18 +1,23 @@
 """The serving peer's side of swarm settlement: remember what it served, sign only that, apply receipts.
 
-A peer records, per session, how many positions it computed (``served``). When the coordinator asks
-it to sign a settlement (the ``SignSettlement`` RPC) it checks the claim against that record before
-signing the settlement body (economy/receipts.py) with its Ed25519 identity:
+A peer records, per session, how many positions it computed (``served``: the positions of each step it ran,
+added up, not the position a step reached: a session seeded from the prefix cache, or one that took over another
+session's cache, did not compute what it was seeded with; a red team's coordinator had one 3,500-position prefill
+signed for again and again). A session that takes over another's cache (a failover elsewhere in the chain) takes
+its record with it (``adopt``). When the coordinator asks it to sign a settlement (the ``SignSettlement`` RPC) it
+checks the claim against that record before signing the settlement body (economy/receipts.py) with its Ed25519
+identity:
 
 * the model and the span ``[start, end)`` are the ones this peer serves;
 * the session is one it served, and ``tokens_served`` is at most the positions it computed for it;
 * its own pipeline entry is its peer id, its key, and exactly ``end - start`` layers, once;
 * a session is settled by one request only (the same claim may be signed again: retries are safe).
 
-The fully signed receipt then comes back (``ApplySettlement``) and is applied to this peer's own ledger
-after the signatures are verified and only if this peer signed exactly that receipt. The ledger's unique
-keys make the application at most once: a replay is refused with
-:class:`~openhydra.economy.errors.ReceiptAlreadyApplied`.
+The fully signed receipt then comes back (``ApplySettlement``) and, after the signatures are verified and only if
+this peer signed exactly that receipt, **this peer's share** of it is applied to its own ledger: the other peers it
+names are the coordinator's word, which this hop cannot check (a stranger's coordinator listed made-up peers and had
+this ledger mint them credits and HYDRA). The ledger's unique keys make the application at most once: a replay is
+refused with :class:`~openhydra.economy.errors.ReceiptAlreadyApplied`.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ class SettlementRefused(ValueError):
 
 @dataclass
 class _Served:
-    positions: int
+    positions: int  # computed by this peer for the session (and the sessions it adopted)
     touched: float
+    reached: int = 0  # the furthest position a step ended at (a verify's rejected drafts are computed, not kept)
     signed_request: str | None = None
     signed_receipt: str | None = None
     auth: tuple[int, bytes] | None = None  # (hop index, settlement key) of a keyed session (peer/session_auth.py)
@@ -95,22 +101,43 @@ class PeerSettlement:
         self.counts: dict[str, int] = {"signed": 0, "refused": 0, "applied": 0, "replayed": 0}
 
     # -- the step path (cheap: one dict update) ---------------------------------------------------
-    def served(self, session_id: str, end_position: int, auth: tuple[int, bytes] | None = None) -> None:
-        """This peer computed positions up to ``end_position`` (exclusive) for ``session_id``; ``auth``: the
-        session's (hop index, settlement key) when it agreed keys, kept so that the coordinator's settlement calls,
-        which come after the session's keys are dropped, can still be authenticated (peer/session_auth.py)."""
+    def served(self, session_id: str, start: int, positions: int, auth: tuple[int, bytes] | None = None) -> None:
+        """This peer computed ``positions`` more positions for ``session_id``, from position ``start`` (a step's
+        ``start_position`` and ``num_positions``); ``auth``: the session's (hop index, settlement key) when it agreed
+        keys, kept so that the coordinator's settlement calls, which come after the session's keys are dropped, can
+        still be authenticated (peer/session_auth.py)."""
         now = self.clock()
         with self._lock:
             entry = self._sessions.get(session_id)
             if entry is None:
-                self._sessions[session_id] = _Served(end_position, now, auth=auth)
+                self._sessions[session_id] = _Served(positions, now, start + positions, auth=auth)
                 self._evict(now)
             else:
-                entry.positions = max(entry.positions, end_position)
+                entry.positions += positions
+                entry.reached = max(entry.reached, start + positions)
                 entry.touched = now
                 if entry.auth is None:
                     entry.auth = auth
                 self._sessions.move_to_end(session_id)
+
+    def adopt(self, old: str, new: str) -> None:
+        """Session ``new`` took over ``old``'s cache (peer/rebuild_service.py): what this peer computed for ``old``
+        is now ``new``'s (a failover's final chain settles ``new`` for the whole history), and ``old`` is forgotten,
+        so the same positions are never signed for twice, and a settled ``old`` leaves ``new`` settled too."""
+        with self._lock:
+            entry = self._sessions.pop(old, None)
+            if entry is None:
+                return
+            entry.auth, entry.auth_counter = None, 0  # ``new``'s own keys authenticate its settlement calls
+            mine = self._sessions.pop(new, None)
+            if mine is not None:  # a step of ``new`` was recorded first
+                entry.positions += mine.positions
+                entry.reached = max(entry.reached, mine.reached)
+                entry.auth, entry.auth_counter = mine.auth, mine.auth_counter
+            entry.touched = self.clock()
+            self._sessions[new] = entry
+            if entry.signed_receipt is not None:
+                self._receipts[entry.signed_receipt] = new
 
     # -- what settlement calls are authenticated with (peer/session_auth.py settlement_refusal) ----------
     def session_key(self, session_id: str) -> tuple[int, bytes, int] | None:
@@ -204,11 +231,13 @@ class PeerSettlement:
             entry = self._sessions.get(session_id)
             if entry is None or entry.positions < 1 or entry.signed_request is not None:
                 return None
+            # what it computed, and no more than the positions the session reached (the coordinator checks that)
+            tokens = min(entry.positions, entry.reached)
             pipeline = [PipelineEntry(peer_id=me.peer_id, public_key=me.public_key_bytes.hex(),
                                       layers_served=self.span[1] - self.span[0])]
-            body = settlement_body(request_id, self.model_id, entry.positions, pipeline, model_layers)
+            body = settlement_body(request_id, self.model_id, tokens, pipeline, model_layers)
             receipt = SettlementRequest(
-                request_id=request_id, model_id=self.model_id, tokens_served=entry.positions,
+                request_id=request_id, model_id=self.model_id, tokens_served=tokens,
                 model_layers=model_layers,
                 shares=[ServedShare(**pipeline[0].model_dump(), signature=me.sign(body).hex())],
             )
@@ -246,7 +275,7 @@ class PeerSettlement:
         if not getattr(self.economy, "enabled", False):
             return None
         try:
-            result = self.economy.settle(receipt)
+            result = self.economy.settle(receipt, only=self.identity.peer_id)
         except Exception as exc:
             if getattr(exc, "code", "") == "receipt_already_applied":
                 self.counts["replayed"] += 1

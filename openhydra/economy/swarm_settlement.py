@@ -6,12 +6,13 @@ When a session served through the swarm ends (router/swarm.py calls :meth:`Swarm
 1. asks every hop of the session's final chain who it is and what it served (``SignSettlement`` with
    no pipeline: peer id, Ed25519 key, positions computed);
 2. builds the pipeline ``[(peer_id, key, layers), ...]`` and asks every hop to sign the settlement body
-   for ``tokens_served`` = the positions every hop computed (prompt + generated tokens fed back); each
-   peer checks the claim against what it served before signing (economy/peer_settlement.py);
+   for ``tokens_served`` = the positions every hop computed (prompt + generated tokens fed back, less the
+   prompt blocks seeded from the prefix cache); each peer checks the claim against what it served before
+   signing (economy/peer_settlement.py);
 3. applies the fully signed receipt to this node's ledger (1,000 tokens = 1 credit, split by layers);
 4. charges the requester (this node, see :meth:`SwarmSettler._charge` and docs/economy.md);
-5. sends the same receipt to every other hop (``ApplySettlement``), which verifies and applies it to
-   its own ledger, so every participant's ledger holds the same receipt, once.
+5. sends the same receipt to every other hop (``ApplySettlement``), which verifies it and applies its own
+   share to its own ledger, once: the coordinator's ledger pays every hop, a hop's ledger pays that hop.
 
 Every call names (or, for a receipt, settles) a session, so each carries this coordinator's tag under that hop's
 settlement key (peer/session_auth.py), which the session's close kept (``client.take_settlement_keys``); a hop
@@ -152,10 +153,13 @@ class SwarmSettler:
             return message if keys is None else keys.sign_claim(address, message)
 
         who = self._ask("identity", [(a, "SignSettlement", claim(a, s, e)) for a, s, e in hops])
-        for (address, _, _), answer in zip(hops, who, strict=True):
-            if answer.positions_served < tokens:
-                served = answer.positions_served
-                raise SettlementFailed("identity", f"{address} computed {served} of {tokens} positions")
+        # What every hop computed: fewer than the session's positions where its first step was seeded from the
+        # prefix cache (those positions were paid for by the request that computed them); a hop signs for no more
+        computed = min(answer.positions_served for answer in who)
+        if computed < 1:
+            address = next(a for (a, _, _), answer in zip(hops, who, strict=True) if answer.positions_served < 1)
+            raise SettlementFailed("identity", f"{address} computed no position of the session")
+        tokens = min(tokens, computed)
         pipeline = tuple(
             PipelineEntry(peer_id=a.peer_id, public_key=a.public_key.hex(), layers_served=e - s)
             for (_, s, e), a in zip(hops, who, strict=True)

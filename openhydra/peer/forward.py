@@ -251,8 +251,10 @@ class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
         self._served += 1
         METRICS.peer_step(header.num_positions, time.perf_counter() - began)
         if self.settlement is not None:
-            self.settlement.served(header.session_id, header.start_position + header.num_positions,
-                                   hop_settlement_key(state))  # its settlement calls are authenticated
+            # the positions it computed (not the position reached: a session seeded from the prefix cache did not
+            # compute the seed); its settlement calls are authenticated with the session's key
+            self.settlement.served(header.session_id, header.start_position, header.num_positions,
+                                   hop_settlement_key(state))
         if isinstance(out, pb.Result):
             if state is not None and step.dp_records:  # upstream hops' DP audit records go to the coordinator
                 out.dp_records.extend(step.dp_records)

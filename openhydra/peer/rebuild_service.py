@@ -73,6 +73,8 @@ class RebuildHandlers:
             await self._fail(header, self.address, grpc.StatusCode.FAILED_PRECONDITION, f"cannot adopt: {exc}")
             return False
         self.retained.rename(old, sid, length)
+        if self.settlement is not None:  # what it computed for the old session is the new one's to settle
+            self.settlement.adopt(old, sid)
         self.privacy.drop(old)
         self._upstream.pop(old, None)
         for key in [k for k in self._streams if k[1] == old]:  # in the background: the old successor may be hung

@@ -195,11 +195,12 @@ def test_stranger_cannot_sign_or_apply_a_sessions_settlement(client, route, sett
     denied_after = [_info(h.address).crypto_rejections.get("control_denied", 0) for h in route]
     assert [b - a for a, b in zip(denied_before, denied_after, strict=True)] == [4, 4]
     # Exactly what an unattacked settlement gives: 1,000 tokens = 1 credit = 10^6 micro, split 4:4 by layers,
-    # in the coordinator's ledger and, once, in each hop's own.
+    # in the coordinator's ledger and, once, each hop's own share in its own.
     earned = {h.peer_id: positions * 1000 * (h.end - h.start) // 8 for h in route}
     assert result.credits == earned
     for hop in route:
-        assert _ledger_credits(LEDGERS[hop.address], request_id) == [(result.receipt_id, earned)]
+        assert _ledger_credits(LEDGERS[hop.address], request_id) == [(result.receipt_id,
+                                                                      {hop.peer_id: earned[hop.peer_id]})]
 
 
 def test_onion_settlement_survives_a_strangers_claim(route, tiny_model_dirs, tmp_path) -> None:

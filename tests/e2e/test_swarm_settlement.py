@@ -2,7 +2,8 @@
 
 The README's swarm (DHT + three node processes, tiny Llama, layers [0,3), [3,5), [5,8); see conftest.py),
 requests through node 0 with the official ``openai`` client; then each node's ``/v1/account/balance``
-shows credits in proportion to the layers it ran, the three ledgers hold the same verified receipts, the
+shows credits in proportion to the layers it ran, the three ledgers hold the same verified receipts (a hop's
+paying only that hop's share, the coordinator's every hop's), the
 requester paid what the policy says, and a replayed or tampered receipt is refused by every peer.
 """
 
@@ -83,9 +84,13 @@ def test_each_node_earns_in_proportion_to_its_layers(readme_swarm, served):
     delta = {k: status[k] - first[k] for k in ("settled", "failed", "peer_applied", "peer_failed")}
     assert delta == {"settled": 3, "failed": 0, "peer_applied": 6, "peer_failed": 0}
     ledgers = [_settlements(d) for d in dirs]
-    assert ledgers[0] == ledgers[1] == ledgers[2]  # every ledger holds the same receipts, each once
     balances = [_get(n.url, "/v1/account/balance") for n in nodes]
     ids = [b["peer_id"] for b in balances]
+    for rid, (receipt, model, tokens, shares) in ledgers[0].items():  # every ledger holds the same receipts, each
+        assert {p for p, *_ in shares} == set(ids)  # once; the coordinator's pays every hop, a hop's only itself
+        for ledger, peer in zip(ledgers[1:], ids[1:], strict=True):
+            assert ledger[rid] == (receipt, model, tokens, [s for s in shares if s[0] == peer])
+    assert ledgers[1].keys() == ledgers[2].keys() == ledgers[0].keys()
     layers = [b - a for a, b in readme_swarm.spans]
     earned = dict.fromkeys(ids, 0)
     for _, _, tokens, shares in ledgers[0].values():
@@ -114,6 +119,34 @@ def test_each_node_earns_in_proportion_to_its_layers(readme_swarm, served):
         assert seen == pytest.approx(own["micro"]["credits"], rel=1e-4)
     metrics = httpx.get(nodes[0].url + "/metrics", timeout=10).text
     assert f'openhydra_swarm_settlements_total{{outcome="settled"}} {status["settled"]}' in metrics
+
+
+def test_a_prompt_seeded_from_the_prefix_cache_settles_what_the_hops_computed(readme_swarm, served):
+    """The second request of the same long prompt starts past its cached blocks on every hop (prefix cache, 32-token
+    blocks): it settles the positions the hops computed, not the whole prompt again (a hop now signs for no more:
+    a red team had seeded sessions signed for positions they never computed), and the settlement does not fail."""
+    nodes, dirs = readme_swarm.nodes, readme_swarm.data_dirs
+    client = openai.OpenAI(base_url=nodes[0].url + "/v1", api_key="x", max_retries=0, timeout=120)
+    text = "Rivers: " + ", ".join(f"river number {i}" for i in range(40))  # several 32-token blocks
+    known, settled, usages = set(_settlements(dirs[0])), [], []
+    for _ in range(2):
+        before = _get(nodes[0].url, "/v1/network/status")["settlement"]
+        reply = client.chat.completions.create(model=readme_swarm.model, messages=[{"role": "user", "content": text}],
+                                               max_tokens=4, temperature=0)
+        usages.append(reply.usage)
+        deadline = time.monotonic() + 60
+        while (status := _get(nodes[0].url, "/v1/network/status")["settlement"])["completed"] <= before["completed"]:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+        assert status["failed"] == before["failed"] and status["settled"] == before["settled"] + 1, status
+        new = {rid: v for rid, v in _settlements(dirs[0]).items() if rid not in known}
+        assert len(new) == 1, new
+        known |= set(new)
+        settled.append(next(iter(new.values()))[2])
+    cold, warm = settled
+    assert usages[0].prompt_tokens == usages[1].prompt_tokens > 3 * 32
+    assert usages[0].total_tokens - 1 <= cold <= usages[0].total_tokens  # the whole prompt and the completion
+    assert warm <= cold - 3 * 32, (cold, warm)  # at least three blocks came from the cache on every hop
 
 
 def _receipts(readme_swarm) -> list[SettlementRequest]:

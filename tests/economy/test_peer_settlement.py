@@ -46,16 +46,16 @@ def _sign_all(peers, tokens: int = 40, session: str = "s1", request: str = "r1")
     return SettlementRequest(request_id=request, model_id=MODEL, tokens_served=tokens, shares=shares)
 
 
-def test_every_ledger_applies_the_same_receipt_once(peers):
+def test_every_ledger_applies_the_same_receipt_once_paying_its_own_share(peers):
     for p in peers:
-        p.served("s1", 30)
-        p.served("s1", 41)  # decode steps move the position on
+        p.served("s1", 0, 30)  # the prompt
+        p.served("s1", 30, 11)  # decode steps, one position each
     receipt = _sign_all(peers, tokens=41)
     results = [p.apply(receipt) for p in peers]
     assert {r.receipt_id for r in results} == {receipt.receipt_id}
-    for p in peers:  # each ledger pays everyone: 41 tokens = 41,000 micro-credits, split 2:2:4 by layers
-        balances = [p.economy.balance(q.identity.peer_id).credits for q in peers]
-        assert balances == [10250, 10250, 20500]
+    for i, p in enumerate(peers):  # 41 tokens = 41,000 micro-credits, split 2:2:4 by layers: each ledger pays
+        balances = [p.economy.balance(q.identity.peer_id).credits for q in peers]  # its own peer's share only
+        assert balances == [[10250, 10250, 20500][j] if j == i else 0 for j in range(3)]
         with pytest.raises(ReceiptAlreadyApplied):
             p.apply(receipt)
         assert p.counts == {"signed": 1, "refused": 0, "applied": 1, "replayed": 1}
@@ -63,7 +63,7 @@ def test_every_ledger_applies_the_same_receipt_once(peers):
 
 def test_a_peer_refuses_claims_that_do_not_match_what_it_served(peers):
     a = peers[0]
-    a.served("s1", 40)
+    a.served("s1", 0, 40)
     pipeline = _pipeline(peers)
     with pytest.raises(SettlementRefused, match="computed 40"):
         a.sign(_claim(a, pipeline, tokens=41))
@@ -92,7 +92,7 @@ def test_a_peer_refuses_claims_that_do_not_match_what_it_served(peers):
 
 def test_identity_query_signs_nothing(peers):
     a = peers[0]
-    a.served("s1", 12)
+    a.served("s1", 0, 12)
     answer = a.sign(_claim(a, ()))
     assert (answer.peer_id, answer.public_key, answer.positions_served, answer.signature) == (
         a.identity.peer_id, a.identity.public_key_bytes, 12, b"")
@@ -100,7 +100,7 @@ def test_identity_query_signs_nothing(peers):
 
 def test_a_peer_applies_only_receipts_it_signed_untampered(peers, tmp_path):
     for p in peers:
-        p.served("s1", 40)
+        p.served("s1", 0, 40)
     receipt = _sign_all(peers)
     tampered = SettlementRequest.model_validate({**receipt.model_dump(), "tokens_served": 39})
     with pytest.raises(SettlementRefused, match="did not sign"):  # another body: not the receipt it signed
@@ -121,7 +121,7 @@ def test_a_peer_applies_only_receipts_it_signed_untampered(peers, tmp_path):
 
 def test_wire_round_trip_is_lossless_and_strict(peers):
     for p in peers:
-        p.served("s1", 40)
+        p.served("s1", 0, 40)
     receipt = _sign_all(peers)
     assert receipt_from_pb(receipt_to_pb(receipt)) == receipt
     claim = _claim(peers[0], _pipeline(peers))
@@ -134,9 +134,9 @@ def test_wire_round_trip_is_lossless_and_strict(peers):
 
 def test_requester_spends_credits_else_free_tier_within_its_limit(peers):
     for p in peers:
-        p.served("s1", 40)
-        p.served("s2", 40)
-        p.served("s3", 2000)
+        p.served("s1", 0, 40)
+        p.served("s2", 0, 40)
+        p.served("s3", 0, 2000)
     coordinator = peers[0]  # serves layers [0, 2) and asks for the request
     settler = SwarmSettler(coordinator.economy, client=None, model_id=MODEL, free_tier_tokens_per_day=50)
     receipt = _sign_all(peers)
@@ -222,7 +222,7 @@ def test_an_onion_hop_earns_its_layers_share_and_no_more(peers, tmp_path, lie):
 
     coordinator = build_economy(identity=Identity.generate(), data_dir=str(tmp_path / "coordinator"))
     for p in peers:
-        p.served("s-onion", 3000)
+        p.served("s-onion", 0, 3000)
     liar = peers[1]
     receipts = []
     for i, p in enumerate(peers):
@@ -247,7 +247,7 @@ def test_an_honest_onion_close_pays_every_hop_exactly_the_request(peers, tmp_pat
 
     coordinator = build_economy(identity=Identity.generate(), data_dir=str(tmp_path / "coordinator"))
     for p in peers:
-        p.served("s-onion", 3000)
+        p.served("s-onion", 0, 3000)
     receipts = [p.sign_own("s-onion", own_request_id("s-onion", i), 8, apply=False) for i, p in enumerate(peers)]
     counts = _onion_settle(peers, coordinator, receipts)
     assert (counts["peer_applied"], counts["peer_failed"]) == (3, 0)
@@ -262,7 +262,7 @@ def test_a_padded_pipeline_is_not_signed(tmp_path):
     identity = Identity.generate()
     economy = build_economy(identity=identity, data_dir=str(tmp_path / "peer"))
     peer = PeerSettlement(identity, economy, MODEL, (0, 2), model_layers=8)
-    peer.served("s1", 40)
+    peer.served("s1", 0, 40)
     sybil = Identity.generate()
     me = pipeline_entry(identity, 2)
     others = (pipeline_entry(Identity.generate(), 2), pipeline_entry(Identity.generate(), 4))
@@ -270,3 +270,77 @@ def test_a_padded_pipeline_is_not_signed(tmp_path):
         peer.sign(Claim("s1", "r1", MODEL, 40, 0, 2, (me, pipeline_entry(sybil, 10_000))))
     assert peer.sign(Claim("s1", "r1", MODEL, 40, 0, 2, (me, *others))).signature
     economy.close()
+
+
+def test_a_strangers_receipt_mints_nothing_for_the_peers_it_names_besides_this_hop(tmp_path):
+    """A red team's coordinator (a stranger) routed its own request through an honest peer alone, then had it sign a
+    pipeline of [phantom: 6 layers, victim: 2 layers]: the phantom, a bare keypair on no route, was minted 3/4 of the
+    request's credits and HYDRA in the victim's ledger, which the victim's coordinator then held as the phantom's
+    stake. A hop's ledger now pays that hop's share only; the coordinator's own ledger is where the others' are."""
+    identity = Identity.generate()
+    economy = build_economy(identity=identity, data_dir=str(tmp_path / "victim"), hydra=True)
+    victim = PeerSettlement(identity, economy, MODEL, (6, 8), model_layers=8)
+    victim.served("s1", 0, 49)
+    phantom = Identity.generate()
+    pipeline = (pipeline_entry(phantom, 6), pipeline_entry(identity, 2))
+    body_claim = Claim("s1", "r1", MODEL, 49, 6, 8, pipeline)
+    from openhydra.economy.receipts import settlement_body
+
+    signatures = [phantom.sign(settlement_body("r1", MODEL, 49, list(pipeline))).hex(),
+                  victim.sign(body_claim).signature.hex()]
+    receipt = SettlementRequest(request_id="r1", model_id=MODEL, tokens_served=49, shares=[
+        ServedShare(**e.model_dump(), signature=s) for e, s in zip(pipeline, signatures, strict=True)])
+    result = victim.apply(receipt)
+    assert result.credits == {identity.peer_id: 12_250} and set(result.hydra) == {identity.peer_id}
+    assert economy.balance(phantom.peer_id).credits == 0 and economy.balance(phantom.peer_id).hydra == 0
+    assert economy.balance(identity.peer_id).credits == 12_250  # 49 tokens' 49,000 micro-credits x 2/8
+    totals = economy.ledger.totals()
+    assert totals.credits_minted == 12_250 and economy.ledger.audit().ok, totals
+    economy.close()
+
+
+def test_positions_seeded_from_the_prefix_cache_are_not_signed_for(peers):
+    """The red team cached a 3,200-token prompt once, then opened session after session whose first step starts at
+    position 3,200 (seeded from the cache) and computes one position, and had each signed for 3,201 tokens (98x
+    what the hop computed). A hop counts the positions it computed, not the position a step reached."""
+    a = peers[0]
+    a.served("s-seeded", 3200, 1)
+    assert a.sign(_claim(a, (), session="s-seeded")).positions_served == 1
+    with pytest.raises(SettlementRefused, match="computed 1 for the session"):
+        a.sign(_claim(a, _pipeline(peers), tokens=3201, session="s-seeded"))
+    assert a.sign(_claim(a, _pipeline(peers), tokens=1, session="s-seeded")).signature
+
+
+def test_a_session_that_adopts_another_takes_its_record_so_nothing_is_signed_for_twice(peers):
+    """Failover adoption (peer/rebuild_service.py): the new session settles the whole history, the old one nothing.
+    Before, the red team computed 3,500 positions once and adopted that cache into session after session, each
+    signed for 3,501 tokens: 289x what the hop computed, minted in its ledger."""
+    a = peers[0]
+    a.served("s0", 0, 3500)
+    a.adopt("s0", "s1")
+    a.served("s1", 3500, 1)
+    with pytest.raises(SettlementRefused, match="no session s0"):
+        a.sign(_claim(a, (), session="s0"))
+    assert a.sign(_claim(a, (), session="s1")).positions_served == 3501
+    assert a.sign(_claim(a, _pipeline(peers), tokens=3501, session="s1", request="r1")).signature
+    a.adopt("s1", "s2")  # a settled session's cache adopted again: the new session is settled too
+    a.served("s2", 3501, 1)
+    with pytest.raises(SettlementRefused, match="already settled by request r1"):
+        a.sign(_claim(a, _pipeline(peers), tokens=3502, session="s2", request="r2"))
+    a.adopt("gone", "s3")  # an adoption of a session it holds no record of: nothing moves
+    a.served("s3", 10, 1)
+    assert a.sign(_claim(a, (), session="s3")).positions_served == 1
+
+
+def test_an_onion_hop_signs_for_what_it_computed_up_to_the_positions_the_session_reached(peers):
+    """A speculative verify computes drafts that are rejected and truncated: they count as computed (real work),
+    but the hop's own receipt claims no more than the session reached, which the coordinator checks."""
+    a = peers[0]
+    a.served("s-spec", 0, 10)
+    a.served("s-spec", 10, 5)  # a verify of 5 positions; 3 of them rejected and truncated
+    a.served("s-spec", 12, 5)  # the next verify
+    receipt = a.sign_own("s-spec", "r-spec#0", 8, apply=False)
+    assert receipt is not None and receipt.tokens_served == 17  # computed 20, reached 17
+    b = peers[1]
+    b.served("s-seed", 3200, 1)  # seeded from the prefix cache: one position computed
+    assert b.sign_own("s-seed", "r-seed#1", 8, apply=False).tokens_served == 1

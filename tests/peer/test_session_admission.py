@@ -144,7 +144,7 @@ def test_settlement_refusal_outlives_the_close_and_follows_the_privacy_rule() ->
     identity, hop, route, peer = _one_hop_session()
     _, state = peer.open_step(route.seal_step(pb.Step(session_id="sid", seq=0)), source="ipv4:127.0.0.1:3")
     settlement = PeerSettlement(identity, None, "m", (0, 8))
-    settlement.served("sid", 5, hop_settlement_key(state))
+    settlement.served("sid", 0, 5, hop_settlement_key(state))
     peer.drop("sid")  # the close: the session's keys are gone on both sides, the settlement keys stay
     keys = SettlementKeys.of("sid", route)
 
@@ -169,7 +169,7 @@ def test_settlement_refusal_outlives_the_close_and_follows_the_privacy_rule() ->
     assert settlement_refusal(peer, settlement, "sid", APPLY_SETTLEMENT, receipt.auth, b"receipt-id") is None
     assert keys.sign_claim("127.0.0.1:9", pb.SettlementClaim(session_id="sid")).HasField("auth") is False
     assert SettlementKeys.of("sid", None) is None  # privacy off: nothing to tag
-    settlement.served("plain", 3)  # a session without keys
+    settlement.served("plain", 0, 3)  # a session without keys
     assert refused(pb.SettlementClaim(session_id="plain"))  # on a peer that requires encryption
     assert not refused(pb.SettlementClaim(session_id="never-served"))  # nothing to act on (FAILED_PRECONDITION next)
     assert peer.counts()["control_denied"] == 5

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -29,13 +31,16 @@ MIDDLE = (3, 5)
 TOKENS = 200  # the tiny model is fast: the stream must still be running when token 50 arrives
 DECODE_TIMEOUT_S = 2.0
 PROBE_TIMEOUT_S = 1.0
+LEDGER: list[Path] = []  # the coordinator's ledger file
 
 
 @pytest.fixture(scope="module")
 def swarm(tiny_model_dirs, tmp_path_factory):
     model_dir = tiny_model_dirs["llama"]
+    dirs = [tmp_path_factory.mktemp(f"n{i}") for i in range(len(SPANS))]
+    LEDGER.append(dirs[0] / "ledger.db")
     with DhtProcess() as dht:
-        nodes = [NodeProcess([*swarm_node_overrides(model_dir, dht.url, a, b, tmp_path_factory.mktemp(f"n{i}")),
+        nodes = [NodeProcess([*swarm_node_overrides(model_dir, dht.url, a, b, dirs[i]),
                               f"peer.decode_timeout_s={DECODE_TIMEOUT_S}", f"peer.probe_timeout_s={PROBE_TIMEOUT_S}"])
                  for i, (a, b) in enumerate(SPANS)]
         try:
@@ -58,6 +63,8 @@ def swarm(tiny_model_dirs, tmp_path_factory):
 def test_repeated_kills_with_restarts_fail_over_exactly_once_each(swarm):
     nodes, model, expected = swarm
     coordinator, replicas = nodes[0], nodes[1:3]
+    wait_until(lambda: _settlement(coordinator)["queued"] == 0, 60, what="the clean stream's settlement")
+    settled_before = _settlement(coordinator)
     outcomes = []
     for at in [1, 20, 50, 50, 20, 1]:
         trial = fault_trial(coordinator, replicas, MIDDLE, model, TOKENS, at, signal.SIGKILL)
@@ -70,6 +77,23 @@ def test_repeated_kills_with_restarts_fail_over_exactly_once_each(swarm):
     assert all(f == 1 and r == 1 for *_, f, r in outcomes), outcomes  # one failure blamed once, one replay
     status = httpx.get(coordinator.url + "/v1/network/status", timeout=10).json()["swarm"]["pipeline"]
     assert status["replay_mismatches"] == 0
+    # every faulted request is paid to its final chain: the hops that kept their caches took the old session's
+    # record with them (adopt), the replacement computed the history; nothing fails to settle
+    wait_until(lambda: _settlement(coordinator)["completed"] >= settled_before["completed"] + 6, 60,
+               what="the faulted requests' settlements")
+    after = _settlement(coordinator)
+    assert (after["settled"] - settled_before["settled"], after["failed"] - settled_before["failed"]) == (6, 0), after
+    with sqlite3.connect(f"file:{LEDGER[0]}?mode=ro", uri=True) as db:
+        tokens = [t for (t,) in db.execute("SELECT tokens_served FROM econ_settlement")]
+    # each settles the positions the clean stream ran (prompt + 199 tokens fed back), less whole 32-token prompt
+    # blocks every hop seeded from its prefix cache (the prompt repeats; a restarted replica's cache is empty)
+    full = max(tokens)  # the clean stream: nothing seeded
+    prompt = full - (TOKENS - 1)
+    assert len(tokens) == 7 and all((full - t) % 32 == 0 and 0 <= full - t < prompt for t in tokens), tokens
+
+
+def _settlement(node: NodeProcess) -> dict:
+    return httpx.get(node.url + "/v1/network/status", timeout=10).json()["settlement"]
 
 
 def test_a_hung_replica_is_blamed_within_patience_and_serves_again_once_resumed(swarm):
