@@ -137,8 +137,9 @@ def _config_dirs(argv: list[str]) -> list[Path]:
     return found
 
 
-def preflight(argv: list[str], validate_config: bool = True) -> None:
-    """Compose (and validate) every combination the command line asks for, so errors come as one line."""
+def preflight(argv: list[str], validate_config: bool = True) -> list[str]:
+    """Compose (and validate) every combination the command line asks for, so errors come as one line. With
+    ``validate_config`` False, a config that composes but would not start is returned as its problems instead."""
     from hydra import compose, initialize_config_dir
     from hydra.core.config_search_path import SearchPathQuery
     from hydra.core.global_hydra import GlobalHydra
@@ -160,6 +161,7 @@ def preflight(argv: list[str], validate_config: bool = True) -> None:
             choices.append([f"{key}={v}" for v in override.sweep_string_iterator()])
         else:
             choices.append([text])
+    problems: list[str] = []
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="openhydra-node"):
         search_path = GlobalHydra.instance().config_loader().get_search_path()
         for folder in extra:  # where hydra.main puts a --config-dir (hydra/_internal/utils.py run_hydra)
@@ -170,12 +172,13 @@ def preflight(argv: list[str], validate_config: bool = True) -> None:
                 cfg = compose(config_name="config", overrides=list(combo))
             except Exception as exc:
                 _fail(explain_hydra_error(exc) + _from_override())
-            if not validate_config:
-                continue
             try:
                 validate(cfg)
             except ConfigError as exc:
-                _fail(str(exc) + _from_override())
+                if validate_config:
+                    _fail(str(exc) + _from_override())
+                problems.append(str(exc))
+    return problems
 
 
 def _from_override() -> str:
@@ -423,14 +426,17 @@ def node_main() -> None:
     argv = _without_overridden_promotion(argv)
     sys.argv = [sys.argv[0], *argv]  # what hydra.main parses
     info = [a for a in argv if a.split("=")[0] in _HYDRA_INFO_FLAGS]
+    problems: list[str] = []
     if not info:
         preflight(argv)
     elif all(a.split("=")[0] in _HYDRA_PRINT_FLAGS for a in info):  # printing the config: composing must work
-        preflight(argv, validate_config=False)  # (not validated: a config missing a value may be inspected)
+        problems = preflight(argv, validate_config=False)  # a config missing a value may still be inspected
     import hydra
 
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(run)
     main()
+    for problem in problems:  # after the config it printed (an operator's probe: it printed an invalid one silently)
+        print(f"openhydra-node: note: this config would not start: {problem}", file=sys.stderr)
     if _failed_checks:
         print(f"openhydra-node: {len(_failed_checks)} check(s) of the sweep failed", file=sys.stderr)
         raise SystemExit(1)

@@ -33,6 +33,15 @@ def test_cfg_job_prints_the_composed_config():
     assert "port: 8081" in out.stdout and "SmolLM2-135M-Instruct" in out.stdout and "device: cpu" in out.stdout
 
 
+def test_cfg_job_prints_a_config_that_would_not_start_and_says_why():
+    """Printing must work for a config missing a value (to inspect it), but silence read as 'valid' (an operator's
+    probe): the print is followed by one note on stderr, and the exit status stays 0 (the print worked)."""
+    out = node_cli("api.port=99999", "--cfg", "job")
+    assert out.returncode == 0 and "port: 99999" in out.stdout, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == ("openhydra-node: note: this config would not start: api.port: "
+                                                   "Input should be less than or equal to 65535 (got 99999)")
+
+
 def test_a_sweep_and_cfg_together_are_one_line():
     out = node_cli("-m", "model=smollm2-135m,qwen0.8b", "--cfg", "job")
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
