@@ -78,7 +78,7 @@ class ChaosReport(BaseModel):
     errors: dict[str, int]
     """Non-ok requests by (outcome, error kind, status, code)."""
     coordinator: dict
-    """The coordinator's pipeline status at the end (failovers, replay mismatches, bans)."""
+    """The coordinator's pipeline status at the end (failovers, replay mismatches, bans) and its settlements."""
     coordinator_timeline: list[dict]
     """Once a second during the load: the coordinator's failover count, banned peers and active sessions."""
     coordinator_log: list[str]
@@ -104,6 +104,22 @@ class ChaosReport(BaseModel):
         if self.coordinator.get("replay_mismatches"):
             problems.append(f"{self.coordinator['replay_mismatches']} replay mismatches at the coordinator")
         return problems
+
+
+def _settlements(coordinator: NodeProcess, wait_s: float = 30.0) -> dict:
+    """The coordinator's settlement counts once its queue drained (settled, failed by stage, receipts the hops
+    applied): a request whose final chain lost a hop before its settlement ran is not paid, nothing else should
+    fail."""
+    keys = ("settled", "failed", "failures_by_stage", "peer_applied", "peer_failed", "queued")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            status = httpx.get(coordinator.url + "/v1/network/status", timeout=10).json().get("settlement") or {}
+        except (httpx.HTTPError, ValueError) as exc:
+            return {"error": str(exc)}
+        if not status.get("queued") or time.monotonic() > deadline:
+            return {k: status.get(k) for k in keys if k in status}
+        time.sleep(0.5)
 
 
 def equal_spans(num_layers: int, parts: int) -> list[tuple[int, int]]:
@@ -247,6 +263,7 @@ def run_chaos(cfg: ChaosConfig, progress: Callable[[str], None] = print) -> Chao
             coordinator_status = {k: coordinator_status.get(k) for k in
                                   ("failovers", "replay_mismatches", "banned", "coverage", "active_sessions",
                                    "error") if k in coordinator_status}
+            coordinator_status["settlement"] = _settlements(coordinator)
         finally:
             if coordinator.proc is not None and coordinator.proc.poll() is None:
                 coordinator.proc.terminate()  # it shuts down while the peers do
