@@ -19,6 +19,7 @@ from openhydra.api.auth import BearerAuth
 from openhydra.api.connections import ConnectionGuard, EdgeHttpProtocol
 from openhydra.api.cors import Cors
 from openhydra.api.errors import APIError
+from openhydra.api.hosts import HostCheck
 from openhydra.api.metrics import ApiMetrics
 from openhydra.api.ratelimit import SlidingWindowLimiter, TrustedProxies
 from openhydra.api.routes_dashboard import PUBLIC_PATHS as DASHBOARD_PAGE_PATHS
@@ -100,6 +101,7 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
     app.ctx.connections = ConnectionGuard(api.max_connections_per_ip, api.body_timeout_s, trusted)
     auth = BearerAuth(api.bearer_token, public_paths=PUBLIC_PATHS)
     cors = Cors(api.cors_origins)
+    hosts = HostCheck(api.allowed_hosts, api.host, auth.enabled, PUBLIC_PATHS)
 
     def client_of(request: Request) -> str:
         peer = request.conn_info.client_ip if request.conn_info is not None else ""
@@ -113,6 +115,7 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
             # Sanic's stand-in for a request that could not be parsed (bad request line or headers, header
             # too large): it has no path or credentials to check; let its 400/413 through instead of a 401
             return None
+        hosts.refuse_unknown_host(request)  # a page that rebound its own name to this node (api/hosts.py)
         if cors.is_preflight(request):  # a browser's question before a cross-origin call: no token, no quota
             return cors.preflight(request)
         cors.refuse_cross_origin_writes(request)  # a page elsewhere sending a "simple" POST (api/cors.py)

@@ -133,6 +133,9 @@ class ApiConfig(Strict):
     """Every API request must carry ``Authorization: Bearer <token>`` (api/auth.py); at least 16 characters."""
     cors_origins: list[str] = []
     """Web origins whose pages may call this API from a browser (api/cors.py); ["*"] for any."""
+    allowed_hosts: list[str] = []
+    """Host names (besides IP addresses, localhost and api.host) clients may reach the API by; "*.example.org" for a
+    domain's names, ["*"] for any. Without a bearer token other names are refused (DNS rebinding: api/hosts.py)."""
 
     @field_validator("bearer_token")
     @classmethod

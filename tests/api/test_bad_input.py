@@ -298,7 +298,7 @@ def test_a_client_gone_before_the_answer_is_a_disconnect_not_a_500(tiny_node, ht
     body = json.dumps({"model": MODEL, "prompt": "go", "max_tokens": 2000, "temperature": 0}).encode()
     host, port = tiny_node.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
         deadline = time.monotonic() + 10  # wait until the generation runs, then go away
         while _active_sessions(http) == 0 and time.monotonic() < deadline:

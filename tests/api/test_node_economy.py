@@ -66,3 +66,25 @@ def test_a_page_of_another_origin_cannot_spend_on_the_nodes_behalf(barter_node):
         served = httpx.post(url, content=body, headers={"Content-Type": "text/plain", **headers}, timeout=60)
         assert served.status_code == 200, served.text
     assert httpx.get(node.url + "/v1/models", headers={"Origin": "http://evil.example"}).status_code == 200  # reads
+
+
+def test_a_page_that_rebinds_its_name_to_the_node_is_refused(barter_node):
+    """DNS rebinding: a page on rebind.attacker.example makes its own name resolve to 127.0.0.1, and the browser
+    then sends its requests to the node as same-origin ones (Host and Origin both the attacker's name), past the
+    cross-origin check above. A red team drained a HYDRA node this way (a channel to itself, a signed update, a
+    close). The node answers only IP addresses, localhost and the names it is told (api/hosts.py)."""
+    node, _ = barter_node
+    port = node.url.rsplit(":", 1)[1]
+    rebound = {"Host": f"rebind.attacker.example:{port}", "Origin": f"http://rebind.attacker.example:{port}"}
+    body = '{"model": "tiny-llama-8l", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+    before = _credits(node)
+    chat = httpx.post(node.url + "/v1/chat/completions", content=body, timeout=30,
+                      headers={"Content-Type": "text/plain", **rebound})
+    assert chat.status_code == 403 and chat.json()["error"]["code"] == "host_not_allowed", chat.text
+    assert "api.allowed_hosts=[rebind.attacker.example]" in chat.json()["error"]["message"]
+    balance = httpx.get(node.url + "/v1/account/balance", headers={"Host": rebound["Host"]}, timeout=10)
+    assert balance.status_code == 403  # reads too: the page could read the answers (same origin to the browser)
+    assert httpx.get(node.url + "/health", headers={"Host": rebound["Host"]}, timeout=10).status_code == 200
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"node.localhost:{port}"):
+        assert httpx.get(node.url + "/v1/account/balance", headers={"Host": host}, timeout=10).status_code == 200
+    assert _credits(node) == before
