@@ -130,10 +130,12 @@ class PeerSettlement:
                 return
             entry.auth, entry.auth_counter = None, 0  # ``new``'s own keys authenticate its settlement calls
             mine = self._sessions.pop(new, None)
-            if mine is not None:  # a step of ``new`` was recorded first
+            if mine is not None:  # a step of ``new`` was recorded first (peer/rebuild_service.py refuses that)
                 entry.positions += mine.positions
                 entry.reached = max(entry.reached, mine.reached)
                 entry.auth, entry.auth_counter = mine.auth, mine.auth_counter
+                if mine.signed_request is not None:  # ``new`` was settled: it stays settled
+                    entry.signed_request, entry.signed_receipt = mine.signed_request, mine.signed_receipt
             entry.touched = self.clock()
             self._sessions[new] = entry
             if entry.signed_receipt is not None:

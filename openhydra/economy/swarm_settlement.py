@@ -112,8 +112,9 @@ class SwarmSettler:
                 return None
             self._queued += 1
         spans = [(h.address, int(h.start), int(h.end)) for h in hops]
+        routed = [getattr(h, "peer_id", "") or "" for h in hops]
         try:
-            return self._executor.submit(self._run, request_id, peer_session, positions, spans)
+            return self._executor.submit(self._run, request_id, peer_session, positions, spans, routed)
         except RuntimeError:  # shut down: the node is stopping (a session that closed after the node's shutdown)
             with self._lock:
                 self._queued -= 1
@@ -121,10 +122,11 @@ class SwarmSettler:
             log.info("the node is stopping: request %s is not settled", request_id)
             return None
 
-    def _run(self, request_id: str, peer_session: str, positions: int, hops: list[tuple[str, int, int]]):
+    def _run(self, request_id: str, peer_session: str, positions: int, hops: list[tuple[str, int, int]],
+             routed: list[str] | None = None):
         began = time.perf_counter()
         try:
-            return self.settle(request_id, peer_session, positions, hops)
+            return self.settle(request_id, peer_session, positions, hops, routed)
         except Exception as exc:  # never raised to anyone: serving does not depend on settlement
             stage = exc.stage if isinstance(exc, SettlementFailed) else type(exc).__name__
             self.counts["failed"] += 1
@@ -138,8 +140,10 @@ class SwarmSettler:
                 self.completed += 1  # last: a reader that sees it also sees last_ms and the outcome counts
 
     # -- the protocol --------------------------------------------------------------------------------
-    def settle(self, request_id: str, peer_session: str, tokens: int,
-               hops: list[tuple[str, int, int]]) -> SettlementResult | None:
+    def settle(self, request_id: str, peer_session: str, tokens: int, hops: list[tuple[str, int, int]],
+               routed: list[str] | None = None) -> SettlementResult | None:
+        """``tokens``: the positions every hop of the final chain computed (the session's, less the prompt blocks
+        taken from the hops' prefix caches); ``routed``: the peer ids the hops were routed as ("" unknown)."""
         if getattr(getattr(self.client, "privacy", None), "onion", False):  # one receipt per hop, via the onion
             from openhydra.economy.onion_settlement import settle_onion
 
@@ -153,13 +157,12 @@ class SwarmSettler:
             return message if keys is None else keys.sign_claim(address, message)
 
         who = self._ask("identity", [(a, "SignSettlement", claim(a, s, e)) for a, s, e in hops])
-        # What every hop computed: fewer than the session's positions where its first step was seeded from the
-        # prefix cache (those positions were paid for by the request that computed them); a hop signs for no more
-        computed = min(answer.positions_served for answer in who)
-        if computed < 1:
-            address = next(a for (a, _, _), answer in zip(hops, who, strict=True) if answer.positions_served < 1)
-            raise SettlementFailed("identity", f"{address} computed no position of the session")
-        tokens = min(tokens, computed)
+        for (address, _, _), answer, peer in zip(hops, who, routed or [""] * len(hops), strict=True):
+            if peer and answer.peer_id != peer:  # a hop settling as another identity (a Sybil that never served)
+                raise SettlementFailed("identity", f"{address} answers as {answer.peer_id}, routed as {peer}")
+            if answer.positions_served < tokens:
+                served = answer.positions_served
+                raise SettlementFailed("identity", f"{address} computed {served} of {tokens} positions")
         pipeline = tuple(
             PipelineEntry(peer_id=a.peer_id, public_key=a.public_key.hex(), layers_served=e - s)
             for (_, s, e), a in zip(hops, who, strict=True)

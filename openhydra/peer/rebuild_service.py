@@ -60,6 +60,13 @@ class RebuildHandlers:
             await self._fail(header, self.address, grpc.StatusCode.PERMISSION_DENIED,
                              "an encrypted session can only be adopted by an encrypted one")
             return False
+        if self.settlement is not None and self.settlement.has_served(sid):
+            # a session this hop already computed for (cut back to nothing by a truncate): taking another's cache
+            # would add that session's positions to one that may be settled already (a red team had one
+            # settled session signed for again and again this way)
+            await self._fail(header, self.address, grpc.StatusCode.FAILED_PRECONDITION,
+                             "cannot adopt into a session this peer already served")
+            return False
         if self._busy.get(old):  # a step of the old session still running here: let it settle first
             drained = self._drained.setdefault(old, asyncio.Event())
             with contextlib.suppress(TimeoutError):

@@ -509,6 +509,7 @@ class SwarmPipeline:
                 METRICS.replay_mismatches.inc()
                 log.warning("replay of step %d sampled %d, first run sampled %d", feed.step, result.token,
                             feed.token_out)
+        session.first_sent = None  # the replay sent the first step whole: nothing came from a prefix cache
         session.needs_replay = False
 
     def _close_quietly(self, peer_session: str, route: Sequence[HopSpec]) -> None:
@@ -525,8 +526,15 @@ class SwarmPipeline:
         if session is not None and session.chain is not None:
             self._close_quietly(session.peer_session, _route_of(session.chain))
             if self.on_session_end is not None and session.position > 0 and not session.needs_replay:
+                # what every hop of the final chain computed: the prompt blocks the first step took from the hops'
+                # prefix caches were paid for by the request that computed them (a hop claiming them again is
+                # refused); the hops named with the peer ids they were routed as (a hop answering as another
+                # identity is not paid)
+                skip = session.first_sent[0] if session.first_sent is not None else 0
+                route = [HopSpec(address=h.peer.grpc_address, start=h.start, end=h.end, peer_id=h.peer.peer_id)
+                         for h in session.chain.hops]
                 try:  # economy/swarm_settlement.py queues it; it never blocks or fails the request
-                    self.on_session_end(session_id, session.peer_session, session.position, _route_of(session.chain))
+                    self.on_session_end(session_id, session.peer_session, session.position - skip, route)
                 except Exception:
                     log.exception("settlement hook failed for %s", session_id)
         if self.verifier is not None:  # verification hook

@@ -344,3 +344,79 @@ def test_an_onion_hop_signs_for_what_it_computed_up_to_the_positions_the_session
     b = peers[1]
     b.served("s-seed", 3200, 1)  # seeded from the prefix cache: one position computed
     assert b.sign_own("s-seed", "r-seed#1", 8, apply=False).tokens_served == 1
+
+
+class _Direct:
+    """A coordinator's client that calls the peers' settlement objects directly (address -> PeerSettlement)."""
+
+    privacy = None
+
+    def __init__(self, peers: dict[str, PeerSettlement]) -> None:
+        self.peers = peers
+
+    def peer_calls(self, calls):
+        answers = []
+        for address, method, message in calls:
+            peer = self.peers[address]
+            try:
+                answers.append(peer.sign(claim_from_pb(message)) if method == "SignSettlement"
+                               else peer.apply(receipt_from_pb(message)))
+            except Exception as exc:
+                answers.append(exc)
+        return answers
+
+
+def _settle(coordinator, peers, tokens: int, routed: list[str], session: str = "s1", request: str = "r1"):
+    client = _Direct({f"h{i}": p for i, p in enumerate(peers)})
+    settler = SwarmSettler(coordinator.economy, client, MODEL)
+    try:
+        return settler.settle(request, session, tokens, [(f"h{i}", *p.span) for i, p in enumerate(peers)], routed)
+    finally:
+        settler.shutdown()
+
+
+def test_a_hop_that_settles_as_another_identity_is_not_paid(peers, tmp_path):
+    """A second red team routed through hop M and had M answer the settlement as Sybil S: the coordinator's ledger
+    paid S (which never served, and then held S's stake) and nothing to M, whose slash found nothing. The
+    coordinator now names each hop with the peer id it routed to and settles nothing for an identity swap."""
+    from openhydra.economy.swarm_settlement import SettlementFailed
+
+    for p in peers:
+        p.served("s1", 0, 40)
+    coordinator = PeerSettlement(Identity.generate(), build_economy(data_dir=str(tmp_path / "c")), MODEL, (0, 2))
+    routed = [p.identity.peer_id for p in peers]
+    swapped = [*routed[:2], Identity.generate().peer_id]  # the last hop was routed as another peer than answers
+    with pytest.raises(SettlementFailed, match="routed as"):
+        _settle(coordinator, peers, 40, swapped)
+    assert coordinator.economy.ledger.totals().settlements == 0
+    result = _settle(coordinator, peers, 40, routed)
+    assert result.credits == {routed[0]: 10_000, routed[1]: 10_000, routed[2]: 20_000}
+    coordinator.economy.close()
+
+
+def test_a_hop_that_says_it_computed_less_fails_the_settlement_rather_than_shrinking_everyones_pay(peers, tmp_path):
+    """The coordinator knows what every hop computed (the session's positions less the prompt blocks taken from
+    the prefix caches); a hop answering less (a second red team's griefer said 1) is not taken at its word."""
+    from openhydra.economy.swarm_settlement import SettlementFailed
+
+    for p in peers[:2]:
+        p.served("s1", 0, 40)
+    peers[2].served("s1", 0, 1)
+    coordinator = PeerSettlement(Identity.generate(), build_economy(data_dir=str(tmp_path / "c")), MODEL, (0, 2))
+    with pytest.raises(SettlementFailed, match="computed 1 of 40"):
+        _settle(coordinator, peers, 40, [p.identity.peer_id for p in peers])
+    assert all(p.economy.ledger.totals().settlements == 0 for p in [coordinator, *peers])
+    coordinator.economy.close()
+
+
+def test_adopting_into_a_settled_session_leaves_it_settled(peers):
+    """A second red team truncated a settled session to nothing, had it adopt another session's cache, and had it
+    signed again with the adopted positions added. The peer refuses such an adoption (rebuild_service._adopt); its
+    record keeps a settled session settled whatever it is merged with."""
+    a = peers[0]
+    a.served("done", 0, 40)
+    assert a.sign(_claim(a, _pipeline(peers), tokens=40, session="done", request="r1")).signature
+    a.served("fresh", 0, 1)
+    a.adopt("fresh", "done")
+    with pytest.raises(SettlementRefused, match="already settled by request r1"):
+        a.sign(_claim(a, _pipeline(peers), tokens=41, session="done", request="r2"))
