@@ -305,6 +305,7 @@ def _banner(node) -> str:
     return (
         f"OpenHydra node\n"
         f"  API        http://{cfg.api.host}:{cfg.api.port}  (OpenAI /v1, Ollama /api, /health, /metrics)\n"
+        f"{_open_api_warning(cfg.api)}"
         f"  model      {cfg.model.name or cfg.model.path or cfg.model.hf_id}, {_span_text(cfg.shard)} "
         f"(loading in the background; GET /readyz turns 200 when ready)\n"
         f"  hardware   {node.backend.describe()}\n"
@@ -315,6 +316,23 @@ def _banner(node) -> str:
         f"  config     {conf_dir()} + {user_config_dir()}\n"
         f"  stop       Ctrl-C (withdraws from the DHT, ends streams, closes the ledger)"
     )
+
+
+def _open_api_warning(api) -> str:
+    """A banner line when the API listens beyond loopback without a bearer token (a red team noticed nothing said
+    so): anyone who reaches the port chats through the node, spends its credits and moves its HYDRA."""
+    import ipaddress
+
+    if api.bearer_token or api.host == "localhost":
+        return ""
+    try:
+        if ipaddress.ip_address(api.host).is_loopback:
+            return ""
+    except ValueError:
+        pass  # a host name: not known to be loopback
+    return (f"  WARNING    the API listens on {api.host} without api.bearer_token: anyone who can reach port "
+            f"{api.port} can use this node, spend its credits and move its HYDRA (set api.bearer_token, or "
+            f"api.host=127.0.0.1)\n")
 
 
 def _serve_dht(cfg) -> None:

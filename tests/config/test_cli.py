@@ -458,3 +458,15 @@ def test_a_data_dir_serves_one_running_node(tiny_model_dirs, tmp_path):
         _one_line_exit_2(out, str(data), "in use by a running node", f"pid {node.proc.pid}")
     out = node_cli(*_tiny(tiny_model_dirs), f"node.data_dir={data}", "action=check")  # free again once it stopped
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_the_banner_warns_when_the_api_is_open_beyond_loopback_without_a_token():
+    from openhydra.cli import _open_api_warning
+    from openhydra.config.schema import ApiConfig
+
+    assert _open_api_warning(ApiConfig(host="127.0.0.1")) == _open_api_warning(ApiConfig(host="::1")) == ""
+    assert _open_api_warning(ApiConfig(host="localhost")) == ""
+    assert _open_api_warning(ApiConfig(host="0.0.0.0", bearer_token="t" * 16)) == ""
+    line = _open_api_warning(ApiConfig(host="0.0.0.0", port=8080))
+    assert line.startswith("  WARNING    the API listens on 0.0.0.0 without api.bearer_token: anyone who can reach "
+                           "port 8080 can use this node")
