@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 
 def settle_onion(settler: Any, request_id: str, peer_session: str, tokens: int,
-                 hops: Sequence[tuple[str, int, int]]) -> SettlementResult | None:
-    """Record the receipts the hops returned with the session's close (``settler``: a SwarmSettler)."""
+                 hops: Sequence[tuple[str, int, int]], caps: Sequence[int] | None = None) -> SettlementResult | None:
+    """Record the receipts the hops returned with the session's close (``settler``: a SwarmSettler). ``caps``: per
+    hop, the most positions its receipt may claim (default ``tokens``, what every hop computed)."""
     from openhydra.economy.swarm_settlement import SettlementFailed
 
     entries = settler.client.onion_receipts.pop(peer_session, None)
@@ -35,13 +36,14 @@ def settle_onion(settler: Any, request_id: str, peer_session: str, tokens: int,
     own = getattr(settler.economy, "peer_id", "")
     model_layers = max(end for _, _, end in hops)  # a route covers the model: layers [0, L)
     cost, last = 0, None
-    for index, ((hop, blob), (address, start, end)) in enumerate(zip(entries, hops, strict=True)):
+    caps = list(caps) if caps is not None else [tokens] * len(hops)
+    for index, ((hop, blob), (address, start, end), cap) in enumerate(zip(entries, hops, caps, strict=True)):
         if blob is None:
             settler.counts["peer_failed"] += 1
             log.warning("hop %s returned no receipt for %s", address, peer_session)
             continue
         try:
-            receipt = _checked(SettlementRequest.model_validate_json(blob), hop, settler.model_id, tokens, end - start,
+            receipt = _checked(SettlementRequest.model_validate_json(blob), hop, settler.model_id, cap, end - start,
                                model_layers, own_request_id(peer_session, index))
             try:
                 result = settler.economy.settle(receipt)

@@ -46,6 +46,7 @@ class _Served:
     positions: int  # computed by this peer for the session (and the sessions it adopted)
     touched: float
     reached: int = 0  # the furthest position a step ended at (a verify's rejected drafts are computed, not kept)
+    first: int = 0  # where its first step started (past 0: the prompt blocks before it came from the prefix cache)
     signed_request: str | None = None
     signed_receipt: str | None = None
     auth: tuple[int, bytes] | None = None  # (hop index, settlement key) of a keyed session (peer/session_auth.py)
@@ -110,11 +111,12 @@ class PeerSettlement:
         with self._lock:
             entry = self._sessions.get(session_id)
             if entry is None:
-                self._sessions[session_id] = _Served(positions, now, start + positions, auth=auth)
+                self._sessions[session_id] = _Served(positions, now, start + positions, start, auth=auth)
                 self._evict(now)
             else:
                 entry.positions += positions
                 entry.reached = max(entry.reached, start + positions)
+                entry.first = min(entry.first, start)
                 entry.touched = now
                 if entry.auth is None:
                     entry.auth = auth
@@ -133,6 +135,7 @@ class PeerSettlement:
             if mine is not None:  # a step of ``new`` was recorded first (peer/rebuild_service.py refuses that)
                 entry.positions += mine.positions
                 entry.reached = max(entry.reached, mine.reached)
+                entry.first = min(entry.first, mine.first)
                 entry.auth, entry.auth_counter = mine.auth, mine.auth_counter
                 if mine.signed_request is not None:  # ``new`` was settled: it stays settled
                     entry.signed_request, entry.signed_receipt = mine.signed_request, mine.signed_receipt
@@ -233,8 +236,9 @@ class PeerSettlement:
             entry = self._sessions.get(session_id)
             if entry is None or entry.positions < 1 or entry.signed_request is not None:
                 return None
-            # what it computed, and no more than the positions the session reached (the coordinator checks that)
-            tokens = min(entry.positions, entry.reached)
+            # what it computed, and no more than the positions from its first step to the furthest it reached (a
+            # re-sent step is computed twice, a verify's rejected drafts are not kept; the coordinator checks it)
+            tokens = min(entry.positions, entry.reached - entry.first)
             pipeline = [PipelineEntry(peer_id=me.peer_id, public_key=me.public_key_bytes.hex(),
                                       layers_served=self.span[1] - self.span[0])]
             body = settlement_body(request_id, self.model_id, tokens, pipeline, model_layers)

@@ -101,8 +101,11 @@ class SwarmSettler:
         self._lock = threading.Lock()
 
     # -- entry point (called from SwarmPipeline.close, on a decode thread) ---------------------------
-    def submit(self, request_id: str, peer_session: str, positions: int, hops: Sequence[Any]) -> Future | None:
-        """Queue the settlement of a finished session; returns its future (None when dropped)."""
+    def submit(self, request_id: str, peer_session: str, positions: int, hops: Sequence[Any],
+               caps: Sequence[int] | None = None) -> Future | None:
+        """Queue the settlement of a finished session; returns its future (None when dropped). ``positions``: what
+        every hop computed; ``caps``: per hop, the most its own receipt may claim (privacy=onion: a hop that
+        replaced a failed span recomputed the prompt blocks the others took from their prefix caches)."""
         if positions < 1 or not hops:
             return None
         with self._lock:
@@ -114,7 +117,8 @@ class SwarmSettler:
         spans = [(h.address, int(h.start), int(h.end)) for h in hops]
         routed = [getattr(h, "peer_id", "") or "" for h in hops]
         try:
-            return self._executor.submit(self._run, request_id, peer_session, positions, spans, routed)
+            return self._executor.submit(self._run, request_id, peer_session, positions, spans, routed,
+                                         list(caps) if caps is not None else None)
         except RuntimeError:  # shut down: the node is stopping (a session that closed after the node's shutdown)
             with self._lock:
                 self._queued -= 1
@@ -123,10 +127,10 @@ class SwarmSettler:
             return None
 
     def _run(self, request_id: str, peer_session: str, positions: int, hops: list[tuple[str, int, int]],
-             routed: list[str] | None = None):
+             routed: list[str] | None = None, caps: list[int] | None = None):
         began = time.perf_counter()
         try:
-            return self.settle(request_id, peer_session, positions, hops, routed)
+            return self.settle(request_id, peer_session, positions, hops, routed, caps)
         except Exception as exc:  # never raised to anyone: serving does not depend on settlement
             stage = exc.stage if isinstance(exc, SettlementFailed) else type(exc).__name__
             self.counts["failed"] += 1
@@ -141,13 +145,14 @@ class SwarmSettler:
 
     # -- the protocol --------------------------------------------------------------------------------
     def settle(self, request_id: str, peer_session: str, tokens: int, hops: list[tuple[str, int, int]],
-               routed: list[str] | None = None) -> SettlementResult | None:
+               routed: list[str] | None = None, caps: list[int] | None = None) -> SettlementResult | None:
         """``tokens``: the positions every hop of the final chain computed (the session's, less the prompt blocks
-        taken from the hops' prefix caches); ``routed``: the peer ids the hops were routed as ("" unknown)."""
+        taken from the hops' prefix caches); ``routed``: the peer ids the hops were routed as ("" unknown);
+        ``caps``: per hop, the most its own receipt may claim under onion (default ``tokens``)."""
         if getattr(getattr(self.client, "privacy", None), "onion", False):  # one receipt per hop, via the onion
             from openhydra.economy.onion_settlement import settle_onion
 
-            return settle_onion(self, request_id, peer_session, tokens, hops)
+            return settle_onion(self, request_id, peer_session, tokens, hops, caps)
 
         take = getattr(self.client, "take_settlement_keys", None)
         keys = take(peer_session) if take is not None else None  # None: privacy off, nothing to tag
@@ -158,7 +163,10 @@ class SwarmSettler:
 
         who = self._ask("identity", [(a, "SignSettlement", claim(a, s, e)) for a, s, e in hops])
         for (address, _, _), answer, peer in zip(hops, who, routed or [""] * len(hops), strict=True):
-            if peer and answer.peer_id != peer:  # a hop settling as another identity (a Sybil that never served)
+            # A keyed session was sealed to the routed record's key, so the hop that served it is that peer: one
+            # answering as another identity (a Sybil that never served) is not paid. Without keys (privacy=off) the
+            # address is all that was routed to, and whoever answers there served.
+            if keys is not None and peer and answer.peer_id != peer:
                 raise SettlementFailed("identity", f"{address} answers as {answer.peer_id}, routed as {peer}")
             if answer.positions_served < tokens:
                 served = answer.positions_served

@@ -56,7 +56,8 @@ from openhydra.runtime.prefix_cache import PrefixKey
 from openhydra.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
-KeyLookup = Callable[[str], tuple[str, str | None] | None]
+KeyLookup = Callable[[str, str], tuple[str, str | None] | None]
+"""(address, routed peer id or "") -> (peer id, signed static key) of that peer's record at that address."""
 """grpc address -> (peer id, signed static key as announced), for hops given without keys."""
 
 

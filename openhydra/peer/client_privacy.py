@@ -66,7 +66,7 @@ class ClientPrivacy:
             return current
         keyed = []
         for hop in route:
-            found = self.key_lookup(hop.address) if self.key_lookup and not hop.static_key else None
+            found = self.key_lookup(hop.address, hop.peer_id) if self.key_lookup and not hop.static_key else None
             if found is not None:
                 hop = hop.model_copy(update={"peer_id": found[0], "static_key": found[1]})
             keyed.append(hop)

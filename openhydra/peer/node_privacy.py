@@ -94,9 +94,12 @@ class NodePrivacy:
         else:
             embedder = load_embedder(model_dir, dtype if dtype is not None else runtime.dtype)
 
-        def key_lookup(address: str) -> tuple[str, str | None] | None:
+        def key_lookup(address: str, peer_id: str = "") -> tuple[str, str | None] | None:
+            """The routed record's key: with ``peer_id``, only that peer's record at ``address`` (an outsider's
+            record naming an honest peer's address must not be sealed to the honest key: a red team routed through
+            such a record and had the honest peer serve, then fail its settlement)."""
             for record in peers():
-                if record.grpc_address == address:
+                if record.grpc_address == address and (not peer_id or record.peer_id == peer_id):
                     return record.peer_id, record.static_key
             return None
 

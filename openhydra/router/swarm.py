@@ -67,6 +67,9 @@ class _Session:
     """(skip, prefix key) of the first step as sent, when it reused cached prompt blocks (router/prefix_plan.py)."""
     lost: tuple[str, Chain] | None = None
     """The peer session and chain a hop failure ended: its surviving hops may be adopted by a rebuild."""
+    recomputed_seed: list[tuple[int, int]] = field(default_factory=list)
+    """Layer spans rebuilt after a failover whose replacement computed the prompt blocks the first step had taken
+    from the prefix caches (settlement: those hops computed every position)."""
 
 
 def _process_gone(error: HopError) -> bool:
@@ -82,7 +85,11 @@ _SILENT = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILA
 
 
 def _route_of(chain: Chain) -> list[HopSpec]:
-    return [HopSpec(address=h.peer.grpc_address, start=h.start, end=h.end) for h in chain.hops]
+    """The chain's hops, each named with the peer id of the record it was routed by: an encrypted session seals to
+    that record's key (a record of another peer that names this address is not believed), and settlement pays
+    that identity."""
+    return [HopSpec(address=h.peer.grpc_address, start=h.start, end=h.end, peer_id=h.peer.peer_id)
+            for h in chain.hops]
 
 
 class SwarmPipeline:
@@ -98,7 +105,7 @@ class SwarmPipeline:
         tunables: FailoverTunables | None = None,
         on_failover: Callable[[str, str], None] | None = None,
         verifier=None,  # verification hook: openhydra.verification.Verifier (audits off the critical path)
-        on_session_end: Callable[[str, str, int, list[HopSpec]], object] | None = None,
+        on_session_end: Callable[[str, str, int, list[HopSpec], list[int]], object] | None = None,
         probe: Callable[[str], bool] | None = None,
     ) -> None:
         """``probe(address)``: does the peer there answer now (Info, sub-second)? With it, a peer that stopped
@@ -134,7 +141,8 @@ class SwarmPipeline:
         self.prefix: PrefixPlanner | None = None
         """Set by the node (serving.prefix_cache): new sessions reuse the peers' cached prompt prefixes."""
         self.verifier = verifier  # verification hook
-        self.on_session_end = on_session_end  # settlement hook: (request id, peer session, positions, final route)
+        # settlement hook: (request id, peer session, positions, final route, per-hop caps)
+        self.on_session_end = on_session_end
         if verifier is not None:
             verifier.bind(self)
 
@@ -476,6 +484,8 @@ class SwarmPipeline:
             self._restart_session(session)  # frees the old session and the half-built new one
             return False
         METRICS.rebuilds.inc()
+        if extra:
+            session.recomputed_seed.append(span)
         for feed, result in zip(session.feeds, results, strict=True):
             if feed.token_out is not None and result.token >= 0 and result.token != feed.token_out:
                 self.replay_mismatches += 1
@@ -510,6 +520,7 @@ class SwarmPipeline:
                 log.warning("replay of step %d sampled %d, first run sampled %d", feed.step, result.token,
                             feed.token_out)
         session.first_sent = None  # the replay sent the first step whole: nothing came from a prefix cache
+        session.recomputed_seed.clear()
         session.needs_replay = False
 
     def _close_quietly(self, peer_session: str, route: Sequence[HopSpec]) -> None:
@@ -531,10 +542,13 @@ class SwarmPipeline:
                 # refused); the hops named with the peer ids they were routed as (a hop answering as another
                 # identity is not paid)
                 skip = session.first_sent[0] if session.first_sent is not None else 0
-                route = [HopSpec(address=h.peer.grpc_address, start=h.start, end=h.end, peer_id=h.peer.peer_id)
-                         for h in session.chain.hops]
+                route = _route_of(session.chain)
+                # a hop that replaced a failed span after the first step was seeded computed the seed too
+                # (_rebuild): its own receipt (privacy=onion) may claim the whole session
+                caps = [session.position if any(a <= h.start and h.end <= b for a, b in session.recomputed_seed)
+                        else session.position - skip for h in route]
                 try:  # economy/swarm_settlement.py queues it; it never blocks or fails the request
-                    self.on_session_end(session_id, session.peer_session, session.position - skip, route)
+                    self.on_session_end(session_id, session.peer_session, session.position - skip, route, caps)
                 except Exception:
                     log.exception("settlement hook failed for %s", session_id)
         if self.verifier is not None:  # verification hook

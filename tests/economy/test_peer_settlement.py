@@ -347,12 +347,20 @@ def test_an_onion_hop_signs_for_what_it_computed_up_to_the_positions_the_session
 
 
 class _Direct:
-    """A coordinator's client that calls the peers' settlement objects directly (address -> PeerSettlement)."""
+    """A coordinator's client that calls the peers' settlement objects directly (address -> PeerSettlement);
+    ``keyed``: the session agreed keys (encrypted), so its settlement calls carry tags (passed through here)."""
 
     privacy = None
 
-    def __init__(self, peers: dict[str, PeerSettlement]) -> None:
+    def __init__(self, peers: dict[str, PeerSettlement], keyed: bool = True) -> None:
         self.peers = peers
+        self.keyed = keyed
+
+    def take_settlement_keys(self, peer_session):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sign_claim=lambda address, message: message,
+                               sign_receipt=lambda address, message, receipt_id: message) if self.keyed else None
 
     def peer_calls(self, calls):
         answers = []
@@ -366,8 +374,9 @@ class _Direct:
         return answers
 
 
-def _settle(coordinator, peers, tokens: int, routed: list[str], session: str = "s1", request: str = "r1"):
-    client = _Direct({f"h{i}": p for i, p in enumerate(peers)})
+def _settle(coordinator, peers, tokens: int, routed: list[str], session: str = "s1", request: str = "r1",
+            keyed: bool = True):
+    client = _Direct({f"h{i}": p for i, p in enumerate(peers)}, keyed)
     settler = SwarmSettler(coordinator.economy, client, MODEL)
     try:
         return settler.settle(request, session, tokens, [(f"h{i}", *p.span) for i, p in enumerate(peers)], routed)
@@ -390,6 +399,20 @@ def test_a_hop_that_settles_as_another_identity_is_not_paid(peers, tmp_path):
         _settle(coordinator, peers, 40, swapped)
     assert coordinator.economy.ledger.totals().settlements == 0
     result = _settle(coordinator, peers, 40, routed)
+    assert result.credits == {routed[0]: 10_000, routed[1]: 10_000, routed[2]: 20_000}
+    coordinator.economy.close()
+
+
+def test_without_keys_whoever_served_at_the_routed_address_is_paid(peers, tmp_path):
+    """privacy=off: nothing binds an address to an identity (records are unsigned), so a third red team's outsider
+    record naming an honest peer's address would, with the identity check, have left every hop of the chain
+    unpaid. Unkeyed sessions pay the identity that served; keyed ones were sealed to the routed record's key."""
+    for p in peers:
+        p.served("s1", 0, 40)
+    coordinator = PeerSettlement(Identity.generate(), build_economy(data_dir=str(tmp_path / "c")), MODEL, (0, 2))
+    routed = [p.identity.peer_id for p in peers]
+    outsider = [*routed[:2], Identity.generate().peer_id]
+    result = _settle(coordinator, peers, 40, outsider, keyed=False)
     assert result.credits == {routed[0]: 10_000, routed[1]: 10_000, routed[2]: 20_000}
     coordinator.economy.close()
 

@@ -9,7 +9,7 @@ from openhydra.runtime.sampling import SamplingParams
 from tests.router.scripted import ScriptedClient, announcement
 
 
-def _closed(first_sent: tuple[int, object] | None) -> tuple[int, list]:
+def _closed(first_sent: tuple[int, object] | None, recomputed: tuple[tuple[int, int], ...] = ()) -> tuple:
     now = time.time()
     records = [announcement("a", 0, 2, now), announcement("b", 2, 4, now)]
     ended = []
@@ -18,9 +18,10 @@ def _closed(first_sent: tuple[int, object] | None) -> tuple[int, list]:
     swarm.step("s1", list(range(40)), 0, SamplingParams(), 0)  # a 40-token prompt
     swarm.step("s1", [7], 40, SamplingParams(), 1)
     swarm._sessions["s1"].first_sent = first_sent  # as router/prefix_plan.py leaves it when blocks were reused
+    swarm._sessions["s1"].recomputed_seed.extend(recomputed)  # as _rebuild leaves it after such a first step
     swarm.close("s1")
-    (_, _, positions, route), = ended
-    return positions, route
+    (_, _, positions, route, caps), = ended
+    return positions, route, caps
 
 
 def test_the_claim_leaves_out_prompt_blocks_taken_from_the_prefix_caches_and_names_the_routed_peers():
@@ -29,8 +30,16 @@ def test_the_claim_leaves_out_prompt_blocks_taken_from_the_prefix_caches_and_nam
     coordinator capped receipts at the session's positions (3,201x what the hop computed). The coordinator now
     claims the positions every hop computed, and names each hop with the peer id it routed to (a hop answering as
     another identity is not paid)."""
-    positions, route = _closed(None)
-    assert positions == 41
+    positions, route, caps = _closed(None)
+    assert positions == 41 and caps == [41, 41]
     assert [(h.peer_id, h.start, h.end) for h in route] == [("a", 0, 2), ("b", 2, 4)]
-    positions, _ = _closed((32, object()))  # one 32-token block was seeded on every hop
-    assert positions == 41 - 32
+    positions, _, caps = _closed((32, object()))  # one 32-token block was seeded on every hop
+    assert positions == 41 - 32 and caps == [9, 9]
+
+
+def test_a_hop_that_replaced_a_failed_span_after_a_seeded_first_step_may_claim_the_whole_session():
+    """A third red team: under privacy=onion, after a failover rebuild of a prefix-seeded session, the replacement
+    (which computed the seeded blocks too) had its own receipt refused for claiming more than the others computed,
+    and went unpaid. The coordinator caps each hop by what that hop computed."""
+    positions, _, caps = _closed((32, object()), recomputed=((2, 4),))
+    assert positions == 9 and caps == [9, 41]
