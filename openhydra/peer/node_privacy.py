@@ -95,13 +95,7 @@ class NodePrivacy:
             embedder = load_embedder(model_dir, dtype if dtype is not None else runtime.dtype)
 
         def key_lookup(address: str, peer_id: str = "") -> tuple[str, str | None] | None:
-            """The routed record's key: with ``peer_id``, only that peer's record at ``address`` (an outsider's
-            record naming an honest peer's address must not be sealed to the honest key: a red team routed through
-            such a record and had the honest peer serve, then fail its settlement)."""
-            for record in peers():
-                if record.grpc_address == address and (not peer_id or record.peer_id == peer_id):
-                    return record.peer_id, record.static_key
-            return None
+            return record_key(peers(), address, peer_id)
 
         head = None
         if self.config.onion:  # sample on the coordinator: the last hop returns hidden states (peer/head.py)
@@ -112,6 +106,17 @@ class NodePrivacy:
                                  getattr(runtime, "matmul", "pytorch"))
         return {"privacy": ChainPrivacy.from_config(self.config), "embedder": embedder, "key_lookup": key_lookup,
                 "swarm_token": self.membership.token, "head": head}
+
+
+def record_key(records: list, address: str, peer_id: str = "") -> tuple[str, str | None] | None:
+    """(peer id, signed static key) of the record a hop was routed by: with ``peer_id``, only that peer's record at
+    ``address``. An outsider's record naming an honest peer's address must not be sealed to the honest peer's key
+    (a third red team routed through such a record: the honest peer served, then the settlement, which checks the
+    routed identity, left the chain unpaid); sealed to the outsider's key, its first step fails and it is banned."""
+    for record in records:
+        if record.grpc_address == address and (not peer_id or record.peer_id == peer_id):
+            return record.peer_id, record.static_key
+    return None
 
 
 KNOWN_REASONS = ("tampered", "replayed", "malformed", "plaintext", "invalid_static_key", "key_exhausted",
