@@ -121,20 +121,20 @@ def _user_overrides(argv: list[str]) -> list[str]:
 
 
 def _config_dirs(argv: list[str]) -> list[Path]:
-    """The folders Hydra's ``--config-dir``/``-cd`` adds to the search path (their recipes and options compose)."""
-    found = []
-    for index, arg in enumerate(argv):
-        name, eq, value = arg.partition("=")
-        if name not in ("--config-dir", "-cd"):
-            continue
-        if not eq:
-            value = argv[index + 1] if index + 1 < len(argv) else ""
-        folder = Path(value).expanduser().absolute()
-        if not value or not folder.is_dir():
-            _fail(f"{name} {value or '(no folder given)'}: not a folder (it adds a folder of recipes and group "
-                  "options to the config's search path)")
-        found.append(folder)
-    return found
+    """The folder Hydra's ``--config-dir``/``-cd`` adds to the search path (its recipes and options compose), read
+    by Hydra's own argument parser, so it is the one ``hydra.main`` uses (the last, when several are given)."""
+    from hydra._internal.utils import get_args_parser
+
+    value = get_args_parser().parse_known_args(argv)[0].config_dir
+    if value is None:
+        return []
+    folder = Path(value).expanduser().absolute()
+    if not value or not folder.is_dir():
+        name = next((a.split("=")[0] for a in reversed(argv) if a.split("=")[0] in ("--config-dir", "-cd")),
+                    "--config-dir")
+        _fail(f"{name} {value or '(no folder given)'}: not a folder (it adds a folder of recipes and group "
+              "options to the config's search path)")
+    return [folder]
 
 
 def preflight(argv: list[str], validate_config: bool = True) -> list[str]:

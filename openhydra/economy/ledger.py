@@ -95,10 +95,11 @@ class Ledger:
         credit_total = credits_for_tokens(req.tokens_served, self.policy.tokens_per_credit)
         if req.model_layers is not None:  # a part-pipeline receipt (privacy=onion): its layers' share only
             credit_total = credit_total * min(sum(weights), req.model_layers) // req.model_layers
-        paid = [only is None or s.peer_id == only for s in req.shares]
-        if not any(paid):
+        credit_parts = split_by_weight(credit_total, weights)
+        paid = [i for i, s in enumerate(req.shares) if only is None or s.peer_id == only]  # the shares paid here
+        if not paid:
             raise InvalidReceipt(f"receipt {receipt_id} has no share of {only}")
-        credit_parts = [c if pay else 0 for c, pay in zip(split_by_weight(credit_total, weights), paid, strict=True)]
+        credits_paid = sum(credit_parts[i] for i in paid)
 
         def tx(book: Book) -> SettlementResult:
             inserted = book.insert_if_absent(
@@ -108,7 +109,7 @@ class Ledger:
                     "receipt_id": receipt_id,
                     "model_id": req.model_id,
                     "tokens_served": req.tokens_served,
-                    "credits": sum(credit_parts),
+                    "credits": credits_paid,
                     "hydra": 0,
                     "ts": book.now,
                 },
@@ -117,41 +118,39 @@ class Ledger:
                 raise ReceiptAlreadyApplied(
                     f"request {req.request_id} (receipt {receipt_id}) already settled"
                 )
-            keys = {s.peer_id: s.public_key for s, pay in zip(req.shares, paid, strict=True) if pay}
+            keys = {req.shares[i].peer_id: req.shares[i].public_key for i in paid}
             accounts = book.accounts(list(keys), keys)
-            hydra_parts = [0] * len(weights)
+            hydra = dict.fromkeys(paid, 0)
             if self.policy.hydra_enabled:
                 want = split_by_weight(int(credit_total * self.policy.hydra_per_credit), weights)
-                minted = book.mint(ASSET_HYDRA, sum(w for w, pay in zip(want, paid, strict=True) if pay),
-                                   cap=self.policy.supply_cap)
-                hydra_parts = split_by_weight(minted, [w if pay else 0 for w, pay in zip(weights, paid, strict=True)])
-            book.mint(ASSET_CREDIT, sum(credit_parts))
-            for share, credits, hydra, pay in zip(req.shares, credit_parts, hydra_parts, paid, strict=True):
-                if not pay:
-                    continue
+                minted = book.mint(ASSET_HYDRA, sum(want[i] for i in paid), cap=self.policy.supply_cap)
+                hydra = dict(zip(paid, split_by_weight(minted, [weights[i] for i in paid]), strict=True))
+            book.mint(ASSET_CREDIT, credits_paid)
+            for i in paid:
+                share = req.shares[i]
                 acct = accounts[share.peer_id]
-                book.credit(acct, POCKET_CREDITS, credits, "earn", req.request_id)
-                book.credit(acct, POCKET_HYDRA, hydra, "mint", req.request_id)
+                book.credit(acct, POCKET_CREDITS, credit_parts[i], "earn", req.request_id)
+                book.credit(acct, POCKET_HYDRA, hydra[i], "mint", req.request_id)
                 book.s.add(
                     ReceiptShare(
                         request_id=req.request_id,
                         peer_id=share.peer_id,
                         layers_served=share.layers_served,
-                        credits=credits,
-                        hydra=hydra,
+                        credits=credit_parts[i],
+                        hydra=hydra[i],
                         signature=share.signature,
                     )
                 )
             book.s.exec(
                 update(Settlement)
                 .where(Settlement.request_id == req.request_id)  # type: ignore[arg-type]
-                .values(hydra=sum(hydra_parts))
+                .values(hydra=sum(hydra.values()))
             )
             return SettlementResult(
                 request_id=req.request_id,
                 receipt_id=receipt_id,
-                credits={s.peer_id: c for s, c, pay in zip(req.shares, credit_parts, paid, strict=True) if pay},
-                hydra={s.peer_id: h for s, h, pay in zip(req.shares, hydra_parts, paid, strict=True) if pay},
+                credits={req.shares[i].peer_id: credit_parts[i] for i in paid},
+                hydra={req.shares[i].peer_id: hydra[i] for i in paid},
             )
 
         return self._write(tx)

@@ -535,14 +535,14 @@ class SwarmPipeline:
         if session is not None:
             self._forget_lost(session)
         if session is not None and session.chain is not None:
-            self._close_quietly(session.peer_session, _route_of(session.chain))
+            route = _route_of(session.chain)
+            self._close_quietly(session.peer_session, route)
             if self.on_session_end is not None and session.position > 0 and not session.needs_replay:
                 # what every hop of the final chain computed: the prompt blocks the first step took from the hops'
                 # prefix caches were paid for by the request that computed them (a hop claiming them again is
                 # refused); the hops named with the peer ids they were routed as (a hop answering as another
                 # identity is not paid)
                 skip = session.first_sent[0] if session.first_sent is not None else 0
-                route = _route_of(session.chain)
                 # a hop that replaced a failed span after the first step was seeded computed the seed too
                 # (_rebuild): its own receipt (privacy=onion) may claim the whole session
                 caps = [session.position if any(a <= h.start and h.end <= b for a, b in session.recomputed_seed)
