@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import ast
 import functools
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,22 +31,39 @@ FORKS = {  # the os.fork() calls we have, each on a path that never has gRPC loa
 }
 
 
+def _scan() -> list[tuple[str, int, bool, bool]]:
+    """(file relative to the repo, line, passes ``preexec_fn``, is ``os.fork()``) of every such call in our sources."""
+    found = []
+    for path in sorted(p for top in SOURCES if (REPO / top).is_dir() for p in (REPO / top).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            preexec = any(kw.arg == "preexec_fn" for kw in node.keywords)
+            fork = (isinstance(node.func, ast.Attribute) and node.func.attr == "fork"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "os")
+            if preexec or fork:
+                found.append((str(path.relative_to(REPO)), node.lineno, preexec, fork))
+    return found
+
+
 @functools.cache
-def _calls() -> list[tuple[str, ast.Call]]:
-    """Every call in our Python sources, with its file (relative to the repo); parsed once for both tests."""
-    files = sorted(p for top in SOURCES if (REPO / top).is_dir() for p in (REPO / top).rglob("*.py"))
-    return [(str(path.relative_to(REPO)), node) for path in files
-            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))) if isinstance(node, ast.Call)]
+def _calls() -> list[tuple[str, int, bool, bool]]:
+    """``_scan()`` in a fresh interpreter, parsed once for both tests. Not in this process: CPython 3.11's AST
+    validator keeps one recursion counter per interpreter, so ``ast.parse`` racing a compile in another thread (an
+    earlier test's background thread importing a module) failed a CI run with "AST constructor recursion depth
+    mismatch"."""
+    script = ("import json, sys; from tests.testing.test_no_fork_with_grpc import _scan; "
+              "json.dump(_scan(), sys.stdout)")
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return [tuple(call) for call in json.loads(run.stdout)]
 
 
 def test_no_subprocess_is_started_with_a_preexec_fn():
-    offenders = [f"{path}:{call.lineno}" for path, call in _calls()
-                 if any(kw.arg == "preexec_fn" for kw in call.keywords)]
+    offenders = [f"{path}:{line}" for path, line, preexec, _ in _calls() if preexec]
     assert not offenders, f"preexec_fn forks a process that may have used gRPC (grpc/grpc#43055): {offenders}"
 
 
 def test_every_os_fork_is_one_we_checked():
-    forks = {path for path, call in _calls()
-             if isinstance(call.func, ast.Attribute) and call.func.attr == "fork"
-             and isinstance(call.func.value, ast.Name) and call.func.value.id == "os"}
+    forks = {path for path, _, _, fork in _calls() if fork}
     assert forks == FORKS, f"os.fork() calls changed: {sorted(forks ^ FORKS)}: check each against gRPC's fork handler"
