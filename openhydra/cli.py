@@ -14,11 +14,15 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
 from openhydra import answer_version
 from openhydra.config.load import ConfigError, conf_dir, explain_hydra_error, validate
+
+if TYPE_CHECKING:
+    from openhydra.config.schema import NodeConfig
 
 log = logging.getLogger("openhydra")
 
@@ -193,6 +197,34 @@ def _from_override() -> str:
     return f" (the saved override {path} applies too: fix or delete it if the error is in it)"
 
 
+def _check_before_building(node_cfg: NodeConfig) -> None:
+    """What the config alone shows will not start, named before the imports that building a node takes (seconds):
+    a Postgres economy without a server URL, a missing model folder on a node alone, ports in use."""
+    from openhydra.config.schema import group_schema
+
+    economy = group_schema("economy").model_validate(node_cfg.economy)
+    if economy.enabled:
+        try:
+            economy.resolved_db_url()
+        except ConfigError as exc:
+            _fail(str(exc))
+    if node_cfg.action == "serve":
+        # api.port=0: any free port, as peer.reply_port 0 (Sanic itself would take 8000)
+        node_cfg.api.port = _check_port("api.port", node_cfg.api.host, node_cfg.api.port)
+    model_path = node_cfg.model.path
+    if (node_cfg.action == "serve" and model_path and not node_cfg.joins_swarm  # action=check: a failed check
+            and not Path(model_path).expanduser().exists()):
+        # with discovery on, source=auto may still fetch the span from peers (openhydra/weights/); alone, never
+        _fail(f"model.path {model_path} does not exist (a transformers folder: config.json, safetensors, tokenizer)",
+              "cannot start")
+    if node_cfg.joins_swarm and node_cfg.peer.transport != "libp2p":
+        _check_port("peer.port", node_cfg.peer.host, node_cfg.peer.port)
+        api, peer = node_cfg.api, node_cfg.peer
+        if node_cfg.action == "serve" and peer.port == api.port and _hosts_overlap(api.host, peer.host):
+            _fail(f"api.port and peer.port are both {api.port}: the HTTP API and the peer's gRPC server each need a "
+                  "port of their own (change one: api.port=... or peer.port=...)", "cannot start")
+
+
 def run(cfg: DictConfig) -> None:
     try:
         node_cfg = validate(cfg)
@@ -205,14 +237,15 @@ def run(cfg: DictConfig) -> None:
     if node_cfg.action == "dht":  # a bootstrap host: only the HTTP DHT table, no model
         _serve_dht(node_cfg)
         return
+    _check_data_dir(node_cfg.node.data_path)
+    if node_cfg.action in ("serve", "check"):
+        _lock_data_dir(node_cfg.node.data_path)
+    _check_before_building(node_cfg)  # said in a second: building imports torch and the model code first
     from openhydra.build import build_node
     from openhydra.crypto.identity import IdentityError
     from openhydra.economy.errors import LedgerUnavailable
     from openhydra.runtime.backend import BackendUnavailable
 
-    _check_data_dir(node_cfg.node.data_path)
-    if node_cfg.action in ("serve", "check"):
-        _lock_data_dir(node_cfg.node.data_path)
     try:
         node = build_node(node_cfg, cfg)
     except Exception as exc:  # instantiate() wraps the backend's own error in an InstantiationException
@@ -224,21 +257,6 @@ def run(cfg: DictConfig) -> None:
         if isinstance(reason, ConfigError):
             _fail(str(reason))
         raise
-    if node_cfg.action == "serve":
-        # api.port=0: any free port, as peer.reply_port 0 (Sanic itself would take 8000)
-        node_cfg.api.port = _check_port("api.port", node_cfg.api.host, node_cfg.api.port)
-    model_path = node_cfg.model.path
-    if (node_cfg.action == "serve" and model_path and not node.in_swarm  # action=check reports it as a failed check
-            and not Path(model_path).expanduser().exists()):
-        # with discovery on, source=auto may still fetch the span from peers (openhydra/weights/); alone, never
-        _fail(f"model.path {model_path} does not exist (a transformers folder: config.json, safetensors, tokenizer)",
-              "cannot start")
-    if node.in_swarm and node_cfg.peer.transport != "libp2p":
-        _check_port("peer.port", node_cfg.peer.host, node_cfg.peer.port)
-        api, peer = node_cfg.api, node_cfg.peer
-        if node_cfg.action == "serve" and peer.port == api.port and _hosts_overlap(api.host, peer.host):
-            _fail(f"api.port and peer.port are both {api.port}: the HTTP API and the peer's gRPC server each need a "
-                  "port of their own (change one: api.port=... or peer.port=...)", "cannot start")
     if node_cfg.action == "check":
         node.load_model()
         _check(node)

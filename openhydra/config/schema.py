@@ -254,7 +254,7 @@ EXTERNAL_GROUP_SCHEMAS: dict[str, str] = {
     "economy": "openhydra.economy.config:EconomyConfig",
     "compaction": "openhydra.runtime.compaction.config:CompactionConfig",
     "verification": "openhydra.verification.config:VerificationConfig",
-    "speculative": "openhydra.router.speculative:SpeculativeConfig",
+    "speculative": "openhydra.router.speculative_config:SpeculativeConfig",
     "serving": "openhydra.runtime.serving:ServingConfig",
 }
 
@@ -279,6 +279,13 @@ class NodeConfig(Strict):
     verification: dict[str, Any]
     speculative: dict[str, Any] = {}
     serving: dict[str, Any] = {}
+
+    @property
+    def joins_swarm(self) -> bool:
+        """Whether the node will work with peers: a span short of the whole model, or discovery on (what
+        ``Node.in_swarm`` says once built; the command line checks ports and the model folder by it before)."""
+        return self.shard.mode != "full" or (self.discovery.get("_target_") is not None
+                                             and self.discovery.get("mode", "off") != "off")
 
     @model_validator(mode="after")
     def _span_fits_the_model(self) -> NodeConfig:

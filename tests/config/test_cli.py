@@ -216,6 +216,37 @@ def test_a_model_path_that_does_not_exist_is_one_line_on_a_node_alone(tmp_path):
     _one_line_exit_2(out, f"model.path {missing} does not exist")
 
 
+@pytest.mark.parametrize("case", ["missing-model", "postgres-without-url", "api-port-taken"])
+def test_what_the_config_shows_will_not_start_is_named_before_torch_is_imported(tmp_path, case):
+    """A typo answered in seconds, not after the imports a node's build takes (torch, transformers' model code):
+    the schemas the command line is validated with import no torch, and what the config alone shows cannot start
+    (a missing model folder on a node alone, a Postgres economy without a server URL, a port in use) is checked
+    before building. The child's own import log (PYTHONPROFILEIMPORTTIME) says what it imported."""
+    import socket
+
+    args = ["model=local", "hardware=cpu", f"node.data_dir={tmp_path / 'd'}"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        if case == "missing-model":
+            args += [f"model.path={tmp_path / 'no-such-model'}"]
+            fragment = "does not exist"
+        elif case == "postgres-without-url":
+            args += [f"model.path={tmp_path}", "economy=postgres"]
+            fragment = "economy=postgres needs a server"
+        else:
+            args += [f"model.path={tmp_path}", "api.host=127.0.0.1", f"api.port={taken.getsockname()[1]}"]
+            fragment = "api.port"
+        out = node_cli(*args, env={"PYTHONPROFILEIMPORTTIME": "1", "OPENHYDRA_PG_URL": None})
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    said = [line for line in lines if not line.startswith("import time:")]
+    assert fragment in said[-1] and said[-1].startswith("openhydra-node: "), said[-1]
+    imported = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+    assert "sqlmodel" in imported or "hydra" in imported, "no import log: the check below would pass vacuously"
+    heavy = sorted(m for m in imported if m == "torch" or m.startswith("transformers.models."))
+    assert not heavy, f"imported before the error was named: {heavy[:5]}"
+
 def test_two_peer_servers_cannot_share_a_port():
     """gRPC lets a second server bind a served port by default (SO_REUSEPORT): the kernel then splits connections
     between two peers answering as one address. The peers' server options turn that off."""
