@@ -201,6 +201,7 @@ class Node:
             speculator = self._speculator(choice, pipeline)
             engine = Engine(tokenizer, pipeline, eos_token_ids=eos_token_ids(tokenizer, choice.path),
                             context_length=context, max_concurrent_sessions=cfg.api.max_concurrent_sessions,
+                            max_queued_requests=cfg.api.max_queued_requests, queue_timeout_s=cfg.api.queue_timeout_s,
                             speculator=speculator, decode_ahead=serving.decode_ahead)
             engine.coalescer = Coalescer() if serving.coalesce else None
             planner = getattr(self.swarm, "prefix", None) if pipeline is self.swarm else pipeline

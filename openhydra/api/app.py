@@ -27,7 +27,7 @@ from openhydra.api.routes_dashboard import SUMMARY_PATH as DASHBOARD_SUMMARY_PAT
 from openhydra.api.state import NodeState
 from openhydra.api.streaming import as_api_error
 from openhydra.config.schema import ApiConfig
-from openhydra.router.engine import ShuttingDown
+from openhydra.router.engine import Overloaded, ShuttingDown
 from openhydra.router.swarm import PipelineUnavailable
 
 log = logging.getLogger(__name__)
@@ -160,8 +160,8 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
     async def _api_error(request: Request, exc: APIError) -> HTTPResponse:
         return json(exc.body_for(request.path), status=exc.status, headers=exc.headers)
 
-    @app.exception(PipelineUnavailable, ShuttingDown)  # a non-streaming request: 503 no_route / shutting_down
-    async def _no_route(request: Request, exc: PipelineUnavailable | ShuttingDown) -> HTTPResponse:
+    @app.exception(PipelineUnavailable, ShuttingDown, Overloaded)  # a non-streaming request: 503 with its code
+    async def _no_route(request: Request, exc: PipelineUnavailable | ShuttingDown | Overloaded) -> HTTPResponse:
         error = as_api_error(exc)
         return json(error.body_for(request.path), status=error.status, headers=error.headers)
 

@@ -42,6 +42,8 @@ class ApiMetrics:
             registry=r,
         )
         self.active_sessions = Gauge("openhydra_active_sessions", "Generation sessions in flight", registry=r)
+        self.queued_requests = Gauge("openhydra_queued_requests", "Requests waiting for a generation slot",
+                                     registry=r)
         self.ready = Gauge("openhydra_ready", "1 when the node can serve its model", registry=r)
         self.rate_limited = Counter(
             "openhydra_rate_limited_total", "Requests refused with 429", registry=r

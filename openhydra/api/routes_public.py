@@ -79,6 +79,7 @@ def register(app: Sanic) -> None:
         app.ctx.metrics.ready.set(1 if state.ready else 0)
         engine = state.engine
         app.ctx.metrics.active_sessions.set(len(engine.active_sessions) if engine else 0)
+        app.ctx.metrics.queued_requests.set(engine.queued if engine else 0)
         text = app.ctx.metrics.exposition()
         guard = getattr(app.ctx, "connections", None)
         if guard is not None:

@@ -19,7 +19,7 @@ from typing import TypeVar
 from sanic import Request
 
 from openhydra.api.errors import APIError, unavailable
-from openhydra.router.engine import ShuttingDown
+from openhydra.router.engine import Overloaded, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ def as_api_error(exc: Exception) -> APIError:
         return exc
     if isinstance(exc, ShuttingDown):
         return unavailable(str(exc), retry_after_s=exc.retry_after_s, code="shutting_down")
+    if isinstance(exc, Overloaded):
+        return unavailable(str(exc), retry_after_s=exc.retry_after_s, code="overloaded")
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:  # router.swarm.PipelineUnavailable: no chain covers the model
         return unavailable(str(exc), retry_after_s=int(retry_after), code="no_route")

@@ -117,7 +117,13 @@ class ApiConfig(Strict):
     keep_alive_timeout_s: float = Field(30, gt=0)
     default_max_tokens: int = Field(256, ge=1)
     max_tokens_limit: int = Field(8192, ge=1)
-    max_concurrent_sessions: int = Field(32, ge=1)
+    max_concurrent_sessions: int = Field(32, ge=1, le=48)
+    """Generations at once (the runtime keeps 64 sessions, some of them for other coordinators' requests: more
+    generations would evict running ones)."""
+    max_queued_requests: int = Field(64, ge=0)
+    """Requests waiting for a generation slot when all are taken; beyond them, 503 with Retry-After."""
+    queue_timeout_s: float = Field(30, gt=0)
+    """How long a request waits for a slot before its 503."""
     rate_limit_requests: int = Field(120, ge=1)
     rate_limit_window_s: float = Field(60, gt=0)
     probe_rate_limit_requests: int = Field(1200, ge=1)

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -122,6 +123,13 @@ class Unsupported(ValueError):
     """The request asks for something this pipeline cannot do (the API answers 400)."""
 
 
+class Overloaded(RuntimeError):
+    """Every generation slot of the node is taken and the queue for one is full, or the wait for one ran out (the
+    API answers 503 with Retry-After: the request was never started, so retrying it loses nothing)."""
+
+    retry_after_s = 2
+
+
 class ShuttingDown(RuntimeError):
     """The engine was shut down (the node is stopping) while a request was running."""
 
@@ -137,6 +145,8 @@ class Engine:
         eos_token_ids: set[int],
         context_length: int,
         max_concurrent_sessions: int = 32,
+        max_queued_requests: int = 64,
+        queue_timeout_s: float = 30.0,
         speculator: Speculator | None = None,
         decode_ahead: int = AHEAD,
     ) -> None:
@@ -150,6 +160,14 @@ class Engine:
         self.closed = False
         self._streams: set[TokenStream] = set()  # running requests' producers, ended by shutdown()
         self.active_sessions: set[str] = set()
+        # At most max_concurrent_sessions generations at once (the runtime keeps a bounded number of sessions: more
+        # would evict running ones); up to max_queued_requests more wait their turn for queue_timeout_s, in order.
+        self._slots = asyncio.Semaphore(max_concurrent_sessions)
+        self.max_concurrent_sessions = max_concurrent_sessions
+        self.max_queued_requests = max_queued_requests
+        self.queue_timeout_s = queue_timeout_s
+        self.queued = 0
+        """Requests waiting for a generation slot now."""
         self.speculator = speculator
         """Speculative decoding (router/speculative.py); None: one pipeline step per token."""
         self.on_finish: Callable[[Finished], None] | None = None
@@ -186,8 +204,37 @@ class Engine:
         async for event in self._stream_one(request):
             yield event
 
+    async def _admit(self) -> None:
+        """Take a generation slot, waiting in line for one when all are taken; :class:`Overloaded` when the line is
+        full or the wait runs out."""
+        if not self._slots.locked():
+            await self._slots.acquire()  # a free slot: taken without yielding to the loop
+            return
+        if self.queued >= self.max_queued_requests:
+            raise Overloaded(f"the node is busy: {self.max_concurrent_sessions} generations running and "
+                             f"{self.queued} waiting (api.max_concurrent_sessions, api.max_queued_requests); retry")
+        self.queued += 1
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.queue_timeout_s)
+        except TimeoutError:
+            raise Overloaded(f"the node is busy: no generation slot freed within {self.queue_timeout_s:g} s "
+                             f"({self.max_concurrent_sessions} running; api.queue_timeout_s); retry") from None
+        finally:
+            self.queued -= 1
+
     async def _stream_one(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Finished]:
         self.check_fits(len(request.prompt_ids), request.max_tokens)
+        if self.closed:
+            raise ShuttingDown("the node is shutting down; retry the request on another node")
+        await self._admit()
+        try:
+            async with aclosing(self._generate(request)) as events:  # closed here, not whenever it is collected
+                async for event in events:
+                    yield event
+        finally:
+            self._slots.release()
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Finished]:
         session_id = uuid.uuid4().hex
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopMatcher(request.stop)

@@ -27,6 +27,7 @@ def _served(span: tuple[int, int] = (0, 8)) -> ServedModel:
 
 class _Engine:
     active_sessions = {"a", "b"}
+    queued = 3
 
 
 class _BrokenProvider:
@@ -50,6 +51,7 @@ def test_a_standalone_node_shows_itself_alone_on_the_map() -> None:
     summary = build_summary(create_app(state, ApiConfig(max_concurrent_sessions=4)))
     assert summary.node.ready and summary.node.model.span == (0, 8)
     assert summary.load.active_sessions == 2 and summary.load.max_concurrent_sessions == 4
+    assert summary.load.queued_requests == 3
     [entry] = summary.coverage
     assert entry.role == "local" and entry.complete and entry.holes == []
     assert [(p.start, p.end, p.is_self) for p in entry.peers] == [(0, 8, True)]

@@ -216,7 +216,8 @@ function renderLoad(load, network) {
     : `unreachable: routing over the peers it knew and this node (${disc.last_error})`;
   fillKv($("load-info"), [
     ["DHT", dht, disc && disc.dht === "unreachable" ? "bad" : null],
-    ["sessions (coordinating)", `${load.active_sessions} of ${load.max_concurrent_sessions ?? "–"}`],
+    ["sessions (coordinating)", `${load.active_sessions} of ${load.max_concurrent_sessions ?? "–"}`
+      + (load.queued_requests ? `, ${load.queued_requests} waiting` : ""), load.queued_requests ? "bad" : null],
     ["sessions (peer cache)", load.peer_sessions ?? undefined],
     ["steps served", load.steps_served !== null ? fmtNum(load.steps_served) : undefined],
     ["steps in flight", load.steps_in_flight ?? undefined],

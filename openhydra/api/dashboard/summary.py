@@ -75,6 +75,8 @@ class LoadInfo(BaseModel):
     steps_served: int | None = None
     steps_in_flight: int | None = None
     max_concurrent_sessions: int | None = None
+    queued_requests: int = 0
+    """Requests waiting for a generation slot (all api.max_concurrent_sessions taken)."""
 
 
 class MetricsInfo(BaseModel):
@@ -183,7 +185,7 @@ def _hardware_info(state: Any, node: Any) -> HardwareInfo:
 def _load_info(state: Any, node: Any, max_sessions: int) -> LoadInfo:
     engine = state.engine
     info = LoadInfo(active_sessions=len(engine.active_sessions) if engine is not None else 0,
-                    max_concurrent_sessions=max_sessions)
+                    max_concurrent_sessions=max_sessions, queued_requests=engine.queued if engine is not None else 0)
     service = getattr(getattr(node, "peer_server", None), "service", None)
     if service is not None:
         info.steps_served = int(getattr(service, "_served", 0))
