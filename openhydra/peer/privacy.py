@@ -247,12 +247,19 @@ class PeerPrivacy:
         return dict(self.rejections)
 
 
+INBOUND_AHEAD = 2
+"""Steps an onion stream's pump reads ahead of the hop (peer/privacy.py Inbound)."""
+
+
 class Inbound:
     """The inbound steps of one Forward stream, plus (once :meth:`watch` is called, under onion)
     failures reported from downstream, which must end the stream even while it waits for a step.
 
     Watching starts a pump task that moves steps into a queue, so a failure can wake the reader
-    with one queue item (a per-message task racing a future cost ~80 us per step per hop here)."""
+    with one queue item (a per-message task racing a future cost ~80 us per step per hop here).
+    The queue holds at most :data:`INBOUND_AHEAD` steps: beyond them the pump waits, so gRPC's flow control
+    holds back a sender that outpaces this hop (unbounded, a stranger whose reply address never read had one
+    stream pile 4 GiB of padded steps into this peer in seconds)."""
 
     _WAKE = object()
 
@@ -260,28 +267,34 @@ class Inbound:
         self._messages = messages.__aiter__()
         self._queue: asyncio.Queue | None = None
         self._pump: asyncio.Task | None = None
+        self._ended = False
         self.failure: str | None = None
 
     def watch(self) -> None:
         if self._queue is None:
-            self._queue = asyncio.Queue()
+            self._queue = asyncio.Queue(maxsize=INBOUND_AHEAD)
             self._pump = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
         try:
             async for message in self._messages:
-                self._queue.put_nowait(message)
+                await self._queue.put(message)
         except Exception as exc:  # the RPC was aborted or cancelled: the reader sees the end
             log.debug("inbound stream ended: %s", type(exc).__name__)
         finally:
-            self._queue.put_nowait(None)
+            self._ended = True
+            self._wake()
+
+    def _wake(self) -> None:
+        """Wake a reader waiting on an empty queue (a full one has items for it; it then sees the end or failure)."""
+        if self._queue is not None and self._queue.empty():
+            self._queue.put_nowait(self._WAKE)
 
     def report(self, details: str) -> None:
         """A downstream failure: the next :meth:`next` returns ``details`` (str) instead of a step."""
         if self.failure is None:
             self.failure = details
-            if self._queue is not None:
-                self._queue.put_nowait(self._WAKE)
+            self._wake()
 
     async def next(self) -> pb.Step | str | None:
         """The next step, None at the end of the stream, or the failure details (str)."""
@@ -292,8 +305,14 @@ class Inbound:
                 return await self._messages.__anext__()
             except StopAsyncIteration:
                 return None
-        item = await self._queue.get()
-        return self.failure if self.failure is not None else item
+        while True:
+            if self._ended and self._queue.empty():
+                return self.failure
+            item = await self._queue.get()
+            if self.failure is not None:
+                return self.failure
+            if item is not self._WAKE:
+                return item
 
     def close(self) -> None:
         if self._pump is not None and not self._pump.done():
