@@ -49,6 +49,7 @@ from openhydra.peer.privacy import ChainPrivacy, CoordinatorRoute, parse_hop_fai
 from openhydra.peer.proto import peer_pb2 as pb
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
 from openhydra.peer.rebuild_client import RebuildClient
+from openhydra.peer.refusals import releasing
 from openhydra.peer.session_auth import SettlementKeys
 from openhydra.peer.wire import decode_tensor
 from openhydra.router import abandon
@@ -278,7 +279,7 @@ class PeerChainClient(ClientPrivacy, ControlCalls, Liveness, RebuildClient):
         bound = server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
             raise OSError(f"cannot bind the reply address {host}:{port}")
-        pb_grpc.add_CoordinatorServicer_to_server(_Deliver(self), server)
+        pb_grpc.add_CoordinatorServicer_to_server(releasing(_Deliver(self)), server)
         await server.start()
         self._reply_address = f"{host}:{bound}"
         return server

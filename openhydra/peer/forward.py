@@ -131,7 +131,7 @@ class PeerService(ControlRPCs, RebuildHandlers, pb_grpc.PeerServicer):
         try:
             return await self._forward(inbound, context)
         finally:
-            inbound.close()
+            await inbound.close()
             for sid in [sid for sid, watched in self._upstream.items() if watched is inbound]:
                 del self._upstream[sid]
 

@@ -314,9 +314,20 @@ class Inbound:
             if item is not self._WAKE:
                 return item
 
-    def close(self) -> None:
-        if self._pump is not None and not self._pump.done():
-            self._pump.cancel()
+    async def close(self) -> None:
+        """Stop reading and close the stream's message generator. gRPC's receiver and its generator refer to each
+        other, and a generator left suspended mid-stream (the call refused or ended early) keeps its last message
+        (up to 64 MiB) until a full garbage collection; closed, it lets go now."""
+        pump, self._pump = self._pump, None
+        if pump is not None and not pump.done():
+            pump.cancel()
+            await asyncio.wait([pump])
+        closer = getattr(self._messages, "aclose", None)
+        if closer is not None:
+            try:
+                await closer()
+            except Exception as exc:  # already running elsewhere, or the call is gone: nothing more to release
+                log.debug("inbound stream close: %s", type(exc).__name__)
 
 
 def with_onion_route(step: pb.Step, state: HopState | None, address: str, num_layers: int) -> pb.Step:

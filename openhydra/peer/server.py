@@ -21,6 +21,7 @@ from openhydra.peer.forward import PeerService
 from openhydra.peer.outbound import SERVER_OPTIONS
 from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
 from openhydra.peer.rebuild import DEFAULT_RETAIN_BYTES
+from openhydra.peer.refusals import releasing
 from openhydra.runtime import compute_lane
 from openhydra.runtime.shard import ShardRuntime
 
@@ -122,7 +123,7 @@ class PeerServer:
                                    swarm_token=self.swarm_token, settlement=self.settlement,
                                    retain_bytes=self.retain_bytes)
         self.service.weights = self.weights
-        pb_grpc.add_PeerServicer_to_server(self.service, self._server)
+        pb_grpc.add_PeerServicer_to_server(releasing(self.service), self._server)
         await self._server.start()
 
     def stop(self, grace_s: float = 0.5) -> None:

@@ -64,9 +64,11 @@ class SwarmAuthInterceptor(grpc.aio.ServerInterceptor):
         message = "this peer belongs to a private swarm: wrong or missing swarm credential"
 
         async def deny_unary(request, context):
+            del request  # not kept by the abort's traceback (peer/refusals.py)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
 
         async def deny_stream(request_iterator, context):
+            del request_iterator
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
 
         if handler.request_streaming:

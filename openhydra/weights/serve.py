@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     import signal
 
     from openhydra.peer.proto import peer_pb2_grpc as pb_grpc
+    from openhydra.peer.refusals import releasing
     from openhydra.weights.manifest import ensure_manifest
 
     parser = argparse.ArgumentParser(prog="python -m openhydra.weights.serve", description=main.__doc__)
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
 
     async def serve() -> None:
         server = grpc.aio.server()
-        pb_grpc.add_PeerServicer_to_server(WeightsOnly(), server)
+        pb_grpc.add_PeerServicer_to_server(releasing(WeightsOnly()), server)
         port = server.add_insecure_port(f"{args.host}:{args.port}")
         await server.start()
         print(f"READY {args.host}:{port} {signed.content_hash}", flush=True)

@@ -46,7 +46,7 @@ def test_the_pump_stops_reading_while_the_hop_does_not() -> None:
         assert [await inbound.next() for _ in range(10)] == list(range(1, 11))  # in order, none lost
         await _settle()
         assert sender.taken <= 10 + INBOUND_AHEAD + 1
-        inbound.close()
+        await inbound.close()
 
     asyncio.run(scenario())
 
@@ -69,7 +69,7 @@ def test_the_end_and_a_failure_still_reach_the_reader() -> None:
         empty.report("downstream: hop 2 failed")
         assert await asyncio.wait_for(reader, 5) == "downstream: hop 2 failed"
         assert await waiting.next() is None
-        empty.close()
+        await empty.close()
 
     asyncio.run(scenario())
 
