@@ -18,7 +18,7 @@ from sanic.response import HTTPResponse, json
 from openhydra.api.auth import BearerAuth
 from openhydra.api.connections import ConnectionGuard, EdgeHttpProtocol
 from openhydra.api.cors import Cors
-from openhydra.api.errors import APIError
+from openhydra.api.errors import APIError, bad_request
 from openhydra.api.hosts import HostCheck
 from openhydra.api.metrics import ApiMetrics
 from openhydra.api.ratelimit import SlidingWindowLimiter, TrustedProxies
@@ -27,7 +27,7 @@ from openhydra.api.routes_dashboard import SUMMARY_PATH as DASHBOARD_SUMMARY_PAT
 from openhydra.api.state import NodeState
 from openhydra.api.streaming import as_api_error
 from openhydra.config.schema import ApiConfig
-from openhydra.router.engine import Overloaded, ShuttingDown
+from openhydra.router.engine import Overloaded, PromptTooLong, ShuttingDown
 from openhydra.router.swarm import PipelineUnavailable
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,11 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
     @app.exception(PipelineUnavailable, ShuttingDown, Overloaded)  # a non-streaming request: 503 with its code
     async def _no_route(request: Request, exc: PipelineUnavailable | ShuttingDown | Overloaded) -> HTTPResponse:
         error = as_api_error(exc)
+        return json(error.body_for(request.path), status=error.status, headers=error.headers)
+
+    @app.exception(PromptTooLong)  # refused before tokenizing: its bytes alone prove it longer than the context
+    async def _prompt_too_long(request: Request, exc: PromptTooLong) -> HTTPResponse:
+        error = bad_request(str(exc), code="context_length_exceeded")
         return json(error.body_for(request.path), status=error.status, headers=error.headers)
 
     @app.exception(RequestCancelled)

@@ -127,7 +127,7 @@ def tools_prompt_ids(engine: Engine, messages: list[dict], tools: list[ToolSpec]
     tool_syntax(engine)
     text = engine.tokenizer.apply_chat_template(messages, tools=[t.model_dump(exclude_none=True) for t in tools],
                                                 add_generation_prompt=True, tokenize=False, **template)
-    return list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return engine.encode(text, add_special_tokens=False)
 
 
 def tool_call_grammar(engine: Engine, tools: list[ToolSpec], only: str | None) -> Grammar:

@@ -183,11 +183,11 @@ def register(app: Sanic) -> None:
             return json({"model": reply_model(body.model, served), "created_at": _now(), "response": "",
                          "done": True, "done_reason": "load"})
         if body.raw:
-            prompt_ids = completion_prompt_ids(engine, body.prompt)
+            prompt_ids = await engine.tokenized(completion_prompt_ids, engine, body.prompt)
         else:
             messages = ([{"role": "system", "content": body.system}] if body.system else [])
             messages.append({"role": "user", "content": body.prompt})
-            prompt_ids = engine.chat_prompt_ids(messages, **template_variables(body))
+            prompt_ids = await engine.tokenized(engine.chat_prompt_ids, messages, **template_variables(body))
         return await serve(request, body, prompt_ids, chat=False)
 
     @app.post("/api/chat")
@@ -207,9 +207,10 @@ def register(app: Sanic) -> None:
                     for m in body.messages]
         if body.tools:
             tools = (tool_syntax(engine), {t.function.name for t in body.tools})
-            return await serve(request, body, tools_prompt_ids(engine, messages, body.tools,
-                                                               **template_variables(body)), chat=True, tools=tools)
-        prompt_ids = engine.chat_prompt_ids(messages, **template_variables(body))
+            prompt_ids = await engine.tokenized(tools_prompt_ids, engine, messages, body.tools,
+                                                **template_variables(body))
+            return await serve(request, body, prompt_ids, chat=True, tools=tools)
+        prompt_ids = await engine.tokenized(engine.chat_prompt_ids, messages, **template_variables(body))
         return await serve(request, body, prompt_ids, chat=True)
 
     def tag(served: ServedModel, name: str) -> dict:

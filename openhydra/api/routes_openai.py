@@ -32,7 +32,7 @@ from openhydra.api.protocol_openai import ChatCompletionRequest, CompletionReque
 from openhydra.api.requests import generation_request
 from openhydra.api.state import ServedModel
 from openhydra.api.streaming import run_stream
-from openhydra.router.engine import Engine, Finished, GenerationRequest, TextDelta
+from openhydra.router.engine import Engine, Finished, GenerationRequest, PromptTooLong, TextDelta
 
 
 def _sse(payload: dict) -> str:
@@ -270,7 +270,7 @@ def register(app: Sanic) -> None:
             if tools:
                 syntax = tool_syntax(engine)
                 features.tools = (syntax, {t.function.name for t in tools})
-                prompt_ids = tools_prompt_ids(engine, messages, tools)
+                prompt_ids = await engine.tokenized(tools_prompt_ids, engine, messages, tools)
                 forced = body.tool_choice
                 if forced == "required" or isinstance(forced, NamedToolChoice):
                     if features.grammar is not None:
@@ -279,8 +279,8 @@ def register(app: Sanic) -> None:
                     only = forced.function.name if isinstance(forced, NamedToolChoice) else None
                     features.grammar = tool_call_grammar(engine, tools, only)
             else:
-                prompt_ids = engine.chat_prompt_ids(messages)
-        except APIError:
+                prompt_ids = await engine.tokenized(engine.chat_prompt_ids, messages)
+        except (APIError, PromptTooLong):
             raise
         except Exception as exc:  # a template that rejects this conversation shape
             raise APIError(400, f"messages could not be rendered with the model's chat template: {exc}",
@@ -297,5 +297,5 @@ def register(app: Sanic) -> None:
                               param="echo", code="unsupported_parameter")
         features = Features(logprobs=body.logprobs, grammar=response_format_grammar(engine, body.response_format),
                             echo=body.prompt_text() if body.echo else None)
-        prompt_ids = completion_prompt_ids(engine, body.prompt_text())
+        prompt_ids = await engine.tokenized(completion_prompt_ids, engine, body.prompt_text())
         return await serve(request, body, prompt_ids, chat=False, features=features)

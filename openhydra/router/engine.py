@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import logging
 import time
 import uuid
@@ -119,6 +120,10 @@ class ContextTooLong(ValueError):
     pass
 
 
+class PromptTooLong(ContextTooLong):
+    """A prompt whose byte length alone proves it longer than the context (refused before tokenizing it)."""
+
+
 class Unsupported(ValueError):
     """The request asks for something this pipeline cannot do (the API answers 400)."""
 
@@ -134,6 +139,30 @@ class ShuttingDown(RuntimeError):
     """The engine was shut down (the node is stopping) while a request was running."""
 
     retry_after_s = 5
+
+
+_SHRINK_AT_MOST = {None: 1, "NFC": 3, "NFD": 3, "NFKC": 3, "NFKD": 3, "Prepend": 1, "ByteLevel": 1}
+"""Normalizer type -> how many times fewer bytes it may leave of a text, at most (others: not known)."""
+
+
+def _bytes_per_token_at_most(tokenizer: Any) -> int:
+    """Input bytes one token can stand for, at most (times what the normalizer may shrink); 0: not known. A
+    byte-level vocabulary entry's characters stand for one input byte each; any other entry's UTF-8 bytes bound
+    what it covers (a SentencePiece "▁" is 3 bytes for 1, a byte-fallback "<0x41>" 6 for 1); an added token
+    matches its own text."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return 0
+    normalizer = backend.normalizer
+    kind = type(normalizer).__name__ if normalizer is not None else None
+    if kind not in _SHRINK_AT_MOST:
+        return 0
+    byte_level = type(backend.decoder).__name__ == "ByteLevel"
+    pieces = backend.get_vocab(with_added_tokens=False)
+    longest = max((len(p) if byte_level else len(p.encode("utf-8")) for p in pieces), default=0)
+    added = [t.content for t in backend.get_added_tokens_decoder().values()]
+    longest = max([longest, *(len(t.encode("utf-8")) for t in added)])
+    return _SHRINK_AT_MOST[kind] * longest
 
 
 class Engine:
@@ -155,6 +184,11 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.context_length = context_length
         self.executor = ThreadPoolExecutor(max_workers=max_concurrent_sessions, thread_name_prefix="decode")
+        # Prompts are tokenized off the event loop, one at a time (the tokenizer's Rust code releases the GIL; a
+        # fast tokenizer used from several threads at once can fail): a red team's ~1 MiB prompts each held the
+        # loop ~1.3 s, /health took 2.3 s and an honest chat 19.9 s.
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self._bytes_per_token_at_most: int | None = None
         self._waiting = Waiting()  # requests whose decode steps wait for a worker (router/token_stream.py)
         self.decode_ahead = decode_ahead
         self.closed = False
@@ -179,10 +213,37 @@ class Engine:
     def chat_prompt_ids(self, messages: list[dict[str, str]], **template: Any) -> list[int]:
         """``template``: variables for the chat template (``enable_thinking=False``; a template ignores others)."""
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.encode(text, add_special_tokens=False)
 
     def text_prompt_ids(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt)["input_ids"])
+        return self.encode(prompt)
+
+    def encode(self, text: str, **options: Any) -> list[int]:
+        """``text``'s tokens, or :class:`PromptTooLong` without tokenizing when its length in bytes alone proves it
+        longer than the context (a megabyte of text is ~1 s of a core to tokenize, for an error)."""
+        least = self._tokens_at_least(text)
+        if least > self.context_length:
+            raise PromptTooLong(f"prompt is at least {least} tokens ({len(text.encode('utf-8', 'replace'))} bytes); "
+                                f"the model's context length is {self.context_length}")
+        return list(self.tokenizer(text, **options)["input_ids"])
+
+    def _tokens_at_least(self, text: str) -> int:
+        """A lower bound on ``text``'s token count: no token covers more input bytes than the longest vocabulary
+        entry has (a byte-level token's characters stand for one byte each, a SentencePiece token's for one or
+        more), and Unicode normalization shrinks text at most 3-fold in bytes (Hangul composition). 0 where the
+        tokenizer's normalizer could shrink it further (strip, replace) or is not known."""
+        per_token = self._bytes_per_token_at_most
+        if per_token is None:
+            per_token = self._bytes_per_token_at_most = _bytes_per_token_at_most(self.tokenizer)
+        if per_token <= 0:
+            return 0
+        return len(text.encode("utf-8", "replace")) // per_token
+
+    async def tokenized(self, render: Callable[..., list[int]], *args: Any, **kwargs: Any) -> list[int]:
+        """``render(*args, **kwargs)`` (a prompt's tokens: :meth:`chat_prompt_ids` and the like) on the tokenizing
+        thread, so a long prompt does not hold the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizing, functools.partial(render, *args, **kwargs))
 
     def check_fits(self, prompt_len: int, max_tokens: int, max_tokens_name: str = "max_tokens") -> None:
         """``max_tokens_name``: what the message calls the length (the field the client sent it in)."""
@@ -355,6 +416,7 @@ class Engine:
         for steps in list(self._streams):
             steps.abort(ShuttingDown("the node is shutting down; retry the request on another node"))
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
 
 
 class DetailDecoder:

@@ -327,8 +327,7 @@ def test_think_false_reaches_the_chat_template(tiny_llama):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
                                "{% if enable_thinking is defined and not enable_thinking %} no-think{% endif %}")
-    engine = Engine.__new__(Engine)  # only its prompt rendering: no pipeline needed
-    engine.tokenizer = tokenizer
+    engine = Engine(tokenizer, None, eos_token_ids=set(), context_length=4096)  # only its prompt rendering
     asks = {think: OllamaChatRequest.model_validate({"model": MODEL, "messages": USER,
                                                      **({} if think is None else {"think": think})})
             for think in (None, False)}
