@@ -447,7 +447,7 @@ def node_main() -> None:
         return
     from openhydra.runtime.lean_imports import skip_unused_optional_imports
 
-    # Before validating the config (the compaction config's package imports transformers' modeling code).
+    # First: before anything imports transformers' modeling code (building the node does).
     skip_unused_optional_imports()  # issue 17, lean peers: no SciPy for transformers' losses (~20 MiB)
     for flag, action in (("--promote", "action=promote"), ("--demote", "action=demote")):
         if flag in argv:  # the hand-run form of auto-promotion; Hydra itself knows no such flag

@@ -19,7 +19,6 @@ from typing import TypeVar
 from sanic import Request
 
 from openhydra.api.errors import APIError, unavailable
-from openhydra.router.engine import Overloaded, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +29,9 @@ def as_api_error(exc: Exception) -> APIError:
     """Errors from below the API (pipeline, peers) as the API reports them."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, ShuttingDown):
-        return unavailable(str(exc), retry_after_s=exc.retry_after_s, code="shutting_down")
-    if isinstance(exc, Overloaded):
-        return unavailable(str(exc), retry_after_s=exc.retry_after_s, code="overloaded")
     retry_after = getattr(exc, "retry_after_s", None)
-    if retry_after is not None:  # router.swarm.PipelineUnavailable: no chain covers the model
-        return unavailable(str(exc), retry_after_s=int(retry_after), code="no_route")
+    if retry_after is not None:  # ShuttingDown, Overloaded; router.swarm.PipelineUnavailable: no chain covers the model
+        return unavailable(str(exc), retry_after_s=int(retry_after), code=getattr(exc, "api_code", "no_route"))
     return APIError(503, f"generation failed: {exc}", type="service_unavailable", code="generation_failed")
 
 

@@ -58,8 +58,8 @@ from openhydra.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 KeyLookup = Callable[[str, str], tuple[str, str | None] | None]
-"""(address, routed peer id or "") -> (peer id, signed static key) of that peer's record at that address."""
-"""grpc address -> (peer id, signed static key as announced), for hops given without keys."""
+"""(address, routed peer id or "") -> (peer id, signed static key) of that peer's record at that address, for hops
+given without keys."""
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

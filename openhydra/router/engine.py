@@ -133,12 +133,14 @@ class Overloaded(RuntimeError):
     API answers 503 with Retry-After: the request was never started, so retrying it loses nothing)."""
 
     retry_after_s = 2
+    api_code = "overloaded"
 
 
 class ShuttingDown(RuntimeError):
     """The engine was shut down (the node is stopping) while a request was running."""
 
     retry_after_s = 5
+    api_code = "shutting_down"
 
 
 _SHRINK_AT_MOST = {None: 1, "NFC": 3, "NFD": 3, "NFKC": 3, "NFKD": 3, "Prepend": 1, "ByteLevel": 1}
