@@ -48,7 +48,7 @@ class NodeMetrics:
         self.bans = Counter("openhydra_pipeline_peer_bans_total", "Peers banned (with backoff) after a failure",
                             registry=r)
         self.replays = Counter("openhydra_pipeline_replays_total",
-                               "Sessions whose history was replayed on a new chain", registry=r)
+                               "Sessions whose history was replayed (a new chain, an eviction)", registry=r)
         self.replayed_steps = Counter("openhydra_pipeline_replayed_steps_total", "Steps re-run by replays",
                                       registry=r)
         self.rebuilds = Counter(

@@ -28,6 +28,7 @@ from openhydra.api.state import NodeState
 from openhydra.api.streaming import as_api_error
 from openhydra.config.schema import ApiConfig
 from openhydra.router.engine import Overloaded, PromptTooLong, ShuttingDown
+from openhydra.router.pipeline import SessionEvicted
 from openhydra.router.swarm import PipelineUnavailable
 
 log = logging.getLogger(__name__)
@@ -160,8 +161,9 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
     async def _api_error(request: Request, exc: APIError) -> HTTPResponse:
         return json(exc.body_for(request.path), status=exc.status, headers=exc.headers)
 
-    @app.exception(PipelineUnavailable, ShuttingDown, Overloaded)  # a non-streaming request: 503 with its code
-    async def _no_route(request: Request, exc: PipelineUnavailable | ShuttingDown | Overloaded) -> HTTPResponse:
+    @app.exception(PipelineUnavailable, ShuttingDown, Overloaded, SessionEvicted)  # not streaming: 503, its code
+    async def _no_route(request: Request, exc: PipelineUnavailable | ShuttingDown | Overloaded | SessionEvicted,
+                        ) -> HTTPResponse:
         error = as_api_error(exc)
         return json(error.body_for(request.path), status=error.status, headers=error.headers)
 

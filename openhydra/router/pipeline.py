@@ -6,18 +6,23 @@ peers, push forwarding, failover) implements the same protocol, so generation co
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from openhydra.metrics import METRICS
 from openhydra.peer.client import StepResult
 from openhydra.router import abandon
 from openhydra.runtime.prefix_cache import PrefixKey, block_hashes
 from openhydra.runtime.sampling import SamplingParams, sample
 from openhydra.runtime.shard import PositionMismatchError
 from openhydra.runtime.step_chain import ChainStats, StepChains
+
+log = logging.getLogger(__name__)
 
 CHAINS_SWITCH = "OPENHYDRA_STEP_CHAINS"
 """``OPENHYDRA_STEP_CHAINS=0``: no decode chains (each step queued by its caller, the earlier behaviour; for A/B
@@ -77,8 +82,41 @@ def detail_result(logits: torch.Tensor, token: int, last_hop: str, top_k: int, w
                       top_ids=top_ids, top_logprobs=top_logprobs, token_logprob=float(logprobs[token]))
 
 
+class SessionEvicted(RuntimeError):
+    """A session's cache was evicted from the node's runtime again and again while it generated: other sessions
+    (this node's, or other coordinators' through its peer) keep taking its place. The API answers 503 with
+    Retry-After: the node is overloaded, not broken."""
+
+    retry_after_s = 2
+    api_code = "overloaded"
+
+
+@dataclass
+class _Fed:
+    """One call that fed a local session: replayed the same way (same function, positions and chunking) when the
+    runtime evicted the session, so the rebuilt cache holds the first run's bits."""
+
+    tokens: list[int]
+    start: int
+    verify: bool = False
+    one_pass: bool = False
+    keep: int | None = None
+    """Positions of it kept after a truncate cut into it: replayed whole, then cut as the first run was."""
+
+    @property
+    def end(self) -> int:
+        """The session's length after this feed."""
+        return self.start + len(self.tokens) if self.keep is None else self.keep
+
+
 class LocalPipeline:
-    """All layers in one process. Prefill is chunked so a long prompt never needs one giant activation."""
+    """All layers in one process. Prefill is chunked so a long prompt never needs one giant activation.
+
+    The runtime's session store is shared with other coordinators (through this node's peer) and evicts the least
+    recently used session beyond its bound; a session evicted between two steps is rebuilt here by replaying what
+    fed it (at most :attr:`REPLAYS` times in one step), so a request never fails because others came."""
+
+    REPLAYS = 3
 
     def __init__(self, runtime, prefill_chunk: int = 2048, prefix_block: int = 32) -> None:
         if not (runtime.is_first and runtime.is_last):
@@ -94,6 +132,8 @@ class LocalPipeline:
         self.supports_truncate = not runtime.is_recurrent
         self._chains: tuple[object, StepChains] | None = None  # (the batcher they run on, the chains)
         self._chaining = os.environ.get(CHAINS_SWITCH, "1") != "0"
+        self._fed: dict[str, list[_Fed]] = {}  # each open session's feeds, for a replay after an eviction
+        self.replays = 0
 
     @property
     def chains_steps(self) -> bool:
@@ -127,12 +167,15 @@ class LocalPipeline:
         """The token sampled after feeding ``token_ids`` at ``start_pos``. ``more`` > 0 (plain decoding, where
         :attr:`chains_steps`): the caller may ask for that many steps after this one, each feeding the token the
         step before returned, until one in ``stop_ids``; the batcher queues each as soon as its token is sampled."""
-        chains = self._step_chains() if more > 0 else None if self._chains is None else self._chains[1]
-        if chains is not None:
-            if len(token_ids) == 1 and start_pos > 0 and (more > 0 or chains.has_ahead(session_id)):
-                return chains.step(session_id, token_ids[0], start_pos, sampling, step, more, stop_ids)[1]
-            chains.settle(session_id)
-        return sample(self._logits(session_id, token_ids, start_pos), sampling, step)
+        def run() -> int:
+            chains = self._step_chains() if more > 0 else None if self._chains is None else self._chains[1]
+            if chains is not None:
+                if len(token_ids) == 1 and start_pos > 0 and (more > 0 or chains.has_ahead(session_id)):
+                    return chains.step(session_id, token_ids[0], start_pos, sampling, step, more, stop_ids)[1]
+                chains.settle(session_id)
+            return sample(self._logits(session_id, token_ids, start_pos), sampling, step)
+
+        return self._evictable(session_id, _Fed(list(token_ids), start_pos), run)
 
     def step_detail(
         self, session_id: str, token_ids: list[int], start_pos: int, sampling: SamplingParams, step: int,
@@ -140,7 +183,8 @@ class LocalPipeline:
     ) -> StepResult:
         """``step`` plus what logprobs and constrained decoding need (DetailedPipeline)."""
         self._settle(session_id)
-        out = self._logits(session_id, token_ids, start_pos).reshape(-1).float()  # [V]
+        out = self._evictable(session_id, _Fed(list(token_ids), start_pos),
+                              lambda: self._logits(session_id, token_ids, start_pos)).reshape(-1).float()  # [V]
         token = sample(out, sampling, step)
         return detail_result(out, token, "local", top_k, logits)
 
@@ -187,19 +231,70 @@ class LocalPipeline:
         *, one_pass: bool = False,
     ) -> torch.Tensor:
         self._settle(session_id)
-        positions = torch.arange(start_pos, start_pos + len(token_ids))  # [S]
-        ids = torch.tensor(token_ids, dtype=torch.long)
+        fed = _Fed(list(token_ids), start_pos, verify=True, one_pass=one_pass)
+        return self._evictable(session_id, fed, lambda: self._verify(session_id, fed))
+
+    def _verify(self, session_id: str, fed: _Fed) -> torch.Tensor:
+        positions = torch.arange(fed.start, fed.start + len(fed.tokens))  # [S]
+        ids = torch.tensor(fed.tokens, dtype=torch.long)
         batcher = getattr(self.runtime, "batcher", None)
-        if batcher is not None and not one_pass:  # rows of batched forwards: plain batched decoding's bits
-            return batcher.submit_verify(session_id, start_pos, input_ids=ids).result()  # [S, V]
+        if batcher is not None and not fed.one_pass:  # rows of batched forwards: plain batched decoding's bits
+            return batcher.submit_verify(session_id, fed.start, input_ids=ids).result()  # [S, V]
         with torch.inference_mode():  # per position inside too, unless one_pass (runtime/shard.py is_verify)
             return self.runtime.forward(session_id, positions, input_ids=ids, all_logits=True,
-                                        **({"one_pass_verify": True} if one_pass else {}))  # [S, V]
+                                        **({"one_pass_verify": True} if fed.one_pass else {}))  # [S, V]
 
     def truncate(self, session_id: str, length: int) -> None:
         self._settle(session_id)
         self.runtime.truncate_session(session_id, length)
+        kept: list[_Fed] = []
+        for fed in self._fed.get(session_id, []):
+            if fed.start >= length:
+                break
+            if fed.end > length:
+                fed = _Fed(fed.tokens, fed.start, fed.verify, fed.one_pass, keep=length)
+            kept.append(fed)
+        self._fed[session_id] = kept
 
     def close(self, session_id: str) -> None:
+        self._fed.pop(session_id, None)
         self._settle(session_id, closing=True)
         self.runtime.close_session(session_id)
+
+    def _evictable(self, session_id: str, fed: _Fed, call):
+        """``call()``, which feeds ``fed`` to the session; where the runtime evicted the session since its last step
+        (it then holds no position of it), the session is rebuilt from its recorded feeds and the call made again."""
+        for attempt in range(self.REPLAYS + 1):
+            try:
+                if attempt:
+                    self._replay(session_id)
+                out = call()
+            except PositionMismatchError as exc:
+                if exc.expected != 0 or exc.got == 0 or (fed.start > 0 and not self._fed.get(session_id)):
+                    raise  # not an eviction: a caller's mistake (a session it never fed), a prefix-cache seed
+                if attempt == self.REPLAYS:
+                    raise SessionEvicted(f"session {session_id}: evicted from this node's cache {attempt + 1} "
+                                         "times while generating (more sessions than it keeps); try again "
+                                         "later") from exc
+                log.warning("session %s was evicted from the runtime at position %d; replaying its %d feeds",
+                            session_id, exc.got, len(self._fed.get(session_id, [])))
+                continue
+            self._fed.setdefault(session_id, []).append(fed)
+            return out
+        raise AssertionError("unreachable")
+
+    def _replay(self, session_id: str) -> None:
+        """The session's cache again, fed as it was the first time (a decode step through the batcher, a verify
+        by position or in one pass, a truncate where one cut a feed), so every bit is the first run's."""
+        self.replays += 1
+        METRICS.replays.inc()
+        METRICS.replayed_steps.inc(len(self._fed.get(session_id, [])))
+        self._settle(session_id)
+        self.runtime.close_session(session_id)  # the empty session the refused step left
+        for fed in self._fed.get(session_id, []):
+            if fed.verify:
+                self._verify(session_id, fed)
+            else:
+                self._logits(session_id, fed.tokens, fed.start)
+            if fed.keep is not None:
+                self.runtime.truncate_session(session_id, fed.keep)

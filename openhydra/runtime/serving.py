@@ -53,6 +53,10 @@ class ServingConfig(_Strict):
     batching: BatchingConfig = BatchingConfig()
     coalesce: bool = True
     """Identical greedy requests arriving together are computed once and fanned out (router/coalesce.py)."""
+    max_sessions: int = Field(64, ge=1, le=65536)
+    """Sessions (KV caches) the runtime keeps: this node's requests' and other coordinators' through its peer.
+    Beyond, the least recently used is evicted and its coordinator rebuilds it by replaying what fed it (the same
+    tokens, exactly: router/pipeline.py LocalPipeline, router/swarm.py)."""
     decode_ahead: int = Field(2, ge=0, le=16)
     """Decode steps a request's worker computes before the event loop has taken them (router/token_stream.py):
     the next token is computed while the last one is detokenized and sent. 0: one step at a time, each asked
@@ -68,6 +72,7 @@ def apply_serving(config: ServingConfig, runtime) -> None:
     from openhydra.runtime.batching import DecodeBatcher
     from openhydra.runtime.prefix_cache import PrefixCache
 
+    runtime._sessions.resize(config.max_sessions)  # its SessionStore (ShardRuntime, MlxShardRuntime)
     max_bytes = config.prefix_cache.max_bytes(getattr(runtime, "loaded_bytes", None))
     if config.prefix_cache.enabled and max_bytes > 0:
         runtime.prefix_cache = PrefixCache(runtime.layer_types, max_bytes, config.prefix_cache.block)

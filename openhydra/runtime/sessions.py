@@ -62,6 +62,15 @@ class SessionStore:
                 self._sessions.popitem(last=False)
             return session
 
+    def resize(self, max_sessions: int) -> None:
+        """Keep at most ``max_sessions`` from now on (the least recently used beyond it go at once)."""
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        with self._lock:
+            self._max = max_sessions
+            while len(self._sessions) > self._max:
+                self._sessions.popitem(last=False)
+
     def get(self, session_id: str) -> Session | None:
         with self._lock:
             self._evict_idle(self._clock())
