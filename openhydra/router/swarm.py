@@ -70,6 +70,20 @@ class _Session:
     recomputed_seed: list[tuple[int, int]] = field(default_factory=list)
     """Layer spans rebuilt after a failover whose replacement computed the prompt blocks the first step had taken
     from the prefix caches (settlement: those hops computed every position)."""
+    evictions: int = 0
+    """Times a hop said it no longer held the session (its runtime evicted it for others): replayed on the same
+    chain, without a ban, up to ``EVICTIONS_REPLAYED`` times; beyond, the hop is failed over as any other."""
+
+
+EVICTIONS_REPLAYED = 2
+"""Per session. A hop's runtime keeps a bounded number of sessions (serving.max_sessions) and evicts the least recently
+used: that is load, not a fault, so the coordinator replays on the same peers. A hop that says so again and again
+(overloaded, or lying to make the coordinator replay every step) is banned and failed over."""
+
+
+def _evicted(error: HopError) -> bool:
+    """A hop answered that its session is empty while the step started past position 0: it was evicted there."""
+    return error.code == grpc.StatusCode.FAILED_PRECONDITION and error.expected_position == 0
 
 
 def _process_gone(error: HopError) -> bool:
@@ -367,6 +381,13 @@ class SwarmPipeline:
                 began = time.perf_counter()
                 result = self._step_result(session, token_ids, start_pos, sampling, step, route, extras)
             except HopError as error:
+                if _evicted(error) and session.evictions < EVICTIONS_REPLAYED:
+                    session.evictions += 1
+                    METRICS.hop_errors.labels(error.code.name).inc()
+                    log.warning("hop %s no longer holds session %s (evicted for other sessions); replaying it on "
+                                "the same chain", error.address, session_id)
+                    self._restart_session(session)
+                    continue
                 failed_address = self._on_hop_error(session, error)
                 continue
             session.feeds.append(_Feed(list(token_ids), start_pos, step, sampling, None if verify else result.token))
