@@ -365,6 +365,7 @@ def forward_batch(
             for i, session, h in ready:
                 n = h.shape[0]
                 session.length += n
+                runtime._sessions.grew(session)
                 # [1, V] logits on the last span, else hidden [1, D]; a verify's [S, V] / [S, D]
                 results[i] = out[row] if n == 1 else out[row : row + n, 0]
                 row += n

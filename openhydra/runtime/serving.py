@@ -57,10 +57,22 @@ class ServingConfig(_Strict):
     """Sessions (KV caches) the runtime keeps: this node's requests' and other coordinators' through its peer.
     Beyond, the least recently used is evicted and its coordinator rebuilds it by replaying what fed it (the same
     tokens, exactly: router/pipeline.py LocalPipeline, router/swarm.py)."""
+    max_kv_mb: float | None = Field(None, gt=0)
+    """Bytes of the sessions' KV caches the runtime keeps, in MiB; beyond, the least recently used sessions are
+    evicted (and replayed by their coordinators when they come back). None: half the memory available when the node
+    loads its model. Without it, sessions were bounded only in number: 64 long SmolLM2 sessions hold ~10 GiB."""
     decode_ahead: int = Field(2, ge=0, le=16)
     """Decode steps a request's worker computes before the event loop has taken them (router/token_stream.py):
     the next token is computed while the last one is detokenized and sent. 0: one step at a time, each asked
     for by the event loop once it has handled the last (slower: two thread wake-ups per token)."""
+
+    def kv_bytes(self) -> int:
+        """The KV byte bound: ``max_kv_mb``, or half the memory available now."""
+        if self.max_kv_mb is not None:
+            return int(self.max_kv_mb * 2**20)
+        import psutil
+
+        return psutil.virtual_memory().available // 2
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None) -> ServingConfig:
@@ -73,6 +85,7 @@ def apply_serving(config: ServingConfig, runtime) -> None:
     from openhydra.runtime.prefix_cache import PrefixCache
 
     runtime._sessions.resize(config.max_sessions)  # its SessionStore (ShardRuntime, MlxShardRuntime)
+    runtime._sessions.bound_bytes(config.kv_bytes())
     max_bytes = config.prefix_cache.max_bytes(getattr(runtime, "loaded_bytes", None))
     if config.prefix_cache.enabled and max_bytes > 0:
         runtime.prefix_cache = PrefixCache(runtime.layer_types, max_bytes, config.prefix_cache.block)
@@ -90,6 +103,10 @@ class ServingStatus:
         cache = getattr(self.runtime, "prefix_cache", None)
         batcher = getattr(self.runtime, "batcher", None)
         body: dict = {"prefix_cache": None, "batching": None, "coalescing": None}
+        store = getattr(self.runtime, "_sessions", None)
+        if store is not None:
+            body["sessions"] = {"held": len(store), "max": store.max_sessions, "kv_bytes": store.nbytes,
+                                "max_kv_bytes": store.max_bytes, "evicted_for_bytes": store.evicted_for_bytes}
         if cache is not None:
             s = cache.stats
             body["prefix_cache"] = {"hits": s.hits, "misses": s.misses, "reused_positions": s.reused_positions,
@@ -120,6 +137,12 @@ class ServingStatus:
                     pc["reused_positions"])
             lines.extend(["# HELP openhydra_prefix_cache_bytes Bytes of cached prefix blocks.",
                           "# TYPE openhydra_prefix_cache_bytes gauge", f"openhydra_prefix_cache_bytes {pc['bytes']}"])
+        if status.get("sessions"):
+            lines.extend(["# HELP openhydra_kv_cache_bytes Bytes of the sessions' KV caches (as last measured).",
+                          "# TYPE openhydra_kv_cache_bytes gauge",
+                          f"openhydra_kv_cache_bytes {status['sessions']['kv_bytes']}"])
+            counter("openhydra_sessions_evicted_for_bytes_total", "Sessions evicted to keep the KV caches under "
+                    "serving.max_kv_mb.", status["sessions"]["evicted_for_bytes"])
         if status["batching"]:
             counter("openhydra_batched_decode_steps_total", "Decode steps run inside a batch.",
                     status["batching"]["batched_steps"])

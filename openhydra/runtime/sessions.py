@@ -1,9 +1,15 @@
 """Per-session shard state: the cache, the number of positions it holds, and a lock.
 
-Sessions are kept in LRU order, capped at ``max_sessions``, and dropped after
-``idle_timeout_s`` without use. A dropped session simply starts again at length 0: the coordinator
-sees a position mismatch on its next step and replays the session's history. gRPC handlers call
-from many threads, so the store has one lock for its map and each session one for its cache.
+Sessions are kept in LRU order, capped at ``max_sessions`` and, where a byte bound is set (:meth:`bound_bytes`,
+serving.max_kv_mb), at that many bytes of caches, and dropped after ``idle_timeout_s`` without use. A dropped session
+simply starts again at length 0: the coordinator sees a position mismatch on its next step and replays the session's
+history. gRPC handlers call from many threads, so the store has one lock for its map and each session one for its
+cache.
+
+Bytes are measured, not estimated: a session's cache tensors (distinct storages: a view counts once) at its first
+step and again each time it has grown by ``max(64, length / 8)`` positions since (a measurement of SmolLM2's 30 layers
+takes ~0.1 ms, paid once per 64 or more steps). Between measurements a session holds up to that many positions
+more than counted; the bound is checked after each step, so one step's growth may pass it until the next eviction.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 
 @dataclass
@@ -28,6 +36,21 @@ class Session:
     """Prefix-cache fill state (runtime/prefix_cache.py SessionPrefix) while its prompt blocks are stored."""
     compaction: Any = None
     """KV-compaction state (runtime/compaction/shard_hook.py SessionCompaction) when compaction is on."""
+    nbytes: int = 0
+    """Bytes of its cache at the last measurement (SessionStore.grew)."""
+    measured_at: int = -1
+    """Its length then (-1: never measured)."""
+
+
+def cache_nbytes(cache: Any) -> int:
+    """Bytes of a session cache's tensors (each storage once: views of a buffer count as the buffer)."""
+    storages: dict[int, int] = {}
+    for layer in getattr(cache, "layers", None) or (cache if isinstance(cache, list) else []):
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 class SessionStore:
@@ -46,6 +69,11 @@ class SessionStore:
         self._clock = clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
+        self._max_bytes: int | None = None
+        self._measure: Callable[[Any], int] = cache_nbytes
+        self.nbytes = 0
+        """Bytes of the held sessions' caches, as last measured (0 while no byte bound is set)."""
+        self.evicted_for_bytes = 0
 
     def acquire(self, session_id: str) -> Session:
         """The session (created empty if unknown), marked most recently used."""
@@ -59,8 +87,53 @@ class SessionStore:
             self._sessions.move_to_end(session_id)
             session.last_used = now
             while len(self._sessions) > self._max:
-                self._sessions.popitem(last=False)
+                self._forget(self._sessions.popitem(last=False)[1])
             return session
+
+    def bound_bytes(self, max_bytes: int | None, measure: Callable[[Any], int] = cache_nbytes) -> None:
+        """Keep the sessions' caches under ``max_bytes`` (None: no byte bound): after a step, the least recently
+        used other sessions are evicted until the measured total fits (a session alone over it is kept)."""
+        with self._lock:
+            self._max_bytes, self._measure = max_bytes, measure
+            if max_bytes is None:
+                self.nbytes = 0
+                for session in self._sessions.values():
+                    session.nbytes, session.measured_at = 0, -1
+
+    @property
+    def max_bytes(self) -> int | None:
+        return self._max_bytes
+
+    @property
+    def max_sessions(self) -> int:
+        return self._max
+
+    def grew(self, session: Session) -> None:
+        """After a step moved ``session``'s length (its lock held): measure it when due, then evict least recently
+        used others while the total is over the byte bound."""
+        if self._max_bytes is None:
+            return
+        if session.measured_at >= 0 and session.length < session.measured_at + max(64, session.measured_at // 8):
+            return
+        nbytes = self._measure(session.cache)
+        with self._lock:
+            held = self._sessions.get(session.session_id) is session
+            if held:
+                self.nbytes += nbytes - session.nbytes
+            session.nbytes, session.measured_at = nbytes, session.length
+            if not held or self._max_bytes is None:
+                return
+            for other in list(self._sessions.values()):
+                if self.nbytes <= self._max_bytes:
+                    break
+                if other is not session:
+                    del self._sessions[other.session_id]
+                    self._forget(other)
+                    self.evicted_for_bytes += 1
+
+    def _forget(self, session: Session) -> None:
+        """(Under the lock.) ``session`` has left the map: its bytes no longer count."""
+        self.nbytes -= session.nbytes
 
     def resize(self, max_sessions: int) -> None:
         """Keep at most ``max_sessions`` from now on (the least recently used beyond it go at once)."""
@@ -69,7 +142,7 @@ class SessionStore:
         with self._lock:
             self._max = max_sessions
             while len(self._sessions) > self._max:
-                self._sessions.popitem(last=False)
+                self._forget(self._sessions.popitem(last=False)[1])
 
     def get(self, session_id: str) -> Session | None:
         with self._lock:
@@ -130,7 +203,9 @@ class SessionStore:
 
     def drop(self, session_id: str) -> None:
         with self._lock:
-            self._sessions.pop(session_id, None)
+            session = self._sessions.pop(session_id, None)
+            if session is not None:
+                self._forget(session)
 
     def ids(self) -> list[str]:
         with self._lock:
@@ -144,4 +219,4 @@ class SessionStore:
         stale = [sid for sid, s in self._sessions.items() if now - s.last_used > self._idle_timeout_s]
         for sid in stale:
             # A session busy in forward() keeps its own reference and finishes; it just is not found again.
-            del self._sessions[sid]
+            self._forget(self._sessions.pop(sid))

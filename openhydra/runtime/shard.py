@@ -273,6 +273,7 @@ class ShardRuntime:
                 # A failed step may have updated some layers' caches: the session is unusable.
                 self._sessions.drop(session_id)
                 raise
+            self._sessions.grew(session)  # the byte bound (serving.max_kv_mb): others may be evicted
         if return_hidden:
             return out[0]  # [S, D]
         if per_position and self.is_last and (lowbit_of(self.modules.lm_head) is None or (

@@ -111,6 +111,10 @@ def test_evicted_requests_answer_with_the_undisturbed_text(node) -> None:
         text, replays = _evicting(running, other, streamed, 3)
         assert replays >= 1, "no eviction landed while the stream ran"
         assert text == undisturbed
+        other.evict()  # one session held: what the node reports of its sessions
+        sessions = httpx.get(f"{running.url}/v1/network/status", timeout=30).json()["serving"]["sessions"]
+        assert (sessions["max"], sessions["held"]) == (KEEP, 1)
+        assert 0 < sessions["kv_bytes"] < sessions["max_kv_bytes"]  # the default bound: half the memory available
     finally:
         other.client.shutdown()
     log = running.log_text()
