@@ -7,6 +7,11 @@ likes. :class:`EdgeHttpProtocol` adds ``api.body_timeout_s``, counted from the e
 ``perft0``) to the end of the body, whatever trickles in meanwhile; past it the client gets a 408 with the
 usual error body and the connection is closed (the rest of the body is not read).
 
+Sanic's ``REQUEST_TIMEOUT`` is also an idle timeout: every byte received restarts it, so a client sending one header
+byte every few seconds held its connection for ever (slowloris; a red team kept 640 open past it). Here the headers
+of each request must be complete within ``api.request_timeout_s`` of the check that first saw them arriving (checks
+run every half of the shortest timeout, so at most 1.5x that), whatever trickles in; past it, 408 and close.
+
 It also counts open connections per peer address (``api.max_connections_per_ip``) in ``connection_made``,
 before any byte is read: the connection over the cap gets one 429 response and is closed, without a task,
 a parser or a buffer. Trusted reverse proxies (``api.trusted_proxies``) are not capped: every client behind
@@ -22,7 +27,7 @@ from collections import defaultdict
 
 from sanic import Request
 from sanic.exceptions import BadRequest, RequestTimeout
-from sanic.http import Http
+from sanic.http import Http, Stage
 from sanic.server.protocols.http_protocol import HttpProtocol
 
 from openhydra.api.errors import OLLAMA_PREFIX, APIError
@@ -66,6 +71,7 @@ class ConnectionGuard:
         self.refused_total = 0
         self.pending_refusals = 0  # refused connections waiting for their request line (MAX_PENDING_REFUSALS)
         self.body_timeouts_total = 0
+        self.header_timeouts_total = 0
         self._refusals = {api: _refusal(max_per_ip, api) for api in ("/v1/", OLLAMA_PREFIX)}
 
     def refusal(self, path: str) -> bytes:
@@ -102,6 +108,9 @@ class ConnectionGuard:
             "# HELP openhydra_http_body_timeouts_total Requests answered 408: body not received in time\n"
             "# TYPE openhydra_http_body_timeouts_total counter\n"
             f"openhydra_http_body_timeouts_total {self.body_timeouts_total}\n"
+            "# HELP openhydra_http_header_timeouts_total Requests answered 408: headers not complete in time\n"
+            "# TYPE openhydra_http_header_timeouts_total counter\n"
+            f"openhydra_http_header_timeouts_total {self.header_timeouts_total}\n"
         )
 
 
@@ -128,7 +137,8 @@ class EdgeHttpProtocol(HttpProtocol):
     An app without a :class:`ConnectionGuard` gets Sanic's behaviour unchanged."""
 
     # Sanic's metaclass gives protocols no __dict__
-    __slots__ = ("_edge_handler", "_edge_ip", "_edge_refusal_timer", "_edge_refused")
+    __slots__ = ("_edge_handler", "_edge_headers_since", "_edge_ip", "_edge_refusal_timer", "_edge_refused",
+                 "_edge_requests")
     HTTP_CLASS = EdgeHttp
 
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -154,7 +164,30 @@ class EdgeHttpProtocol(HttpProtocol):
                 return
             self._edge_ip = ip
         self._edge_refused = False
+        self._edge_requests = 0  # requests whose headers were complete
+        self._edge_headers_since: tuple[float, int] | None = None  # (when a check first saw headers arriving, count)
         super().connection_made(transport)
+
+    def check_timeouts(self) -> None:
+        """Sanic's checks (idle-based), plus a deadline for each request's headers as a whole."""
+        guard: ConnectionGuard | None = getattr(self.app.ctx, "connections", None)
+        http = self._http
+        if guard is not None and self._task is not None and http is not None and not self._edge_refused:
+            if http.stage is not Stage.REQUEST:
+                self._edge_headers_since = None
+            else:
+                now = self.loop.time()
+                since = self._edge_headers_since
+                if since is None or since[1] != self._edge_requests:  # a new request's headers are arriving
+                    self._edge_headers_since = (now, self._edge_requests)
+                elif now - since[0] > self.request_timeout:
+                    guard.header_timeouts_total += 1
+                    http.exception = RequestTimeout(
+                        f"request headers not complete within {self.request_timeout:g} s")
+                    http.keep_alive = False
+                    self._task.cancel("request header timeout")
+                    return
+        super().check_timeouts()
 
     def _refuse(self, guard: ConnectionGuard, path: str) -> None:
         self._stop_waiting(guard)
@@ -194,6 +227,7 @@ class EdgeHttpProtocol(HttpProtocol):
     async def _handle_with_body_deadline(self, request: Request) -> None:
         guard: ConnectionGuard | None = getattr(self.app.ctx, "connections", None)
         http = self._http
+        self._edge_requests += 1  # its headers are complete
         if guard is not None and http is not None and http.request_body and http.perft0 is not None:
             # not cancelled when the handler returns: a route that ignores its body (GET) leaves Sanic to drain it
             self.loop.call_later(guard.body_timeout_s, self._body_deadline, guard, http, http.perft0)

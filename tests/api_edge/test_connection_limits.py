@@ -3,6 +3,8 @@
 
 - api.body_timeout_s: a body that never finishes (short, trickled byte by byte, chunked without an end) is
   answered 408 and the connection closed within the bound, counted from the end of the headers;
+- api.request_timeout_s: headers trickled a byte at a time (slowloris) get the same within 1.5x the bound, on a
+  fresh connection and on a kept-alive one after an answered request (Sanic's own timer restarts on every byte);
 - api.max_connections_per_ip: the N+1th open connection from one address gets 429 and is closed at once,
   while another address is served; trusted proxies are not capped;
 - /health, /readyz and /metrics have their own per-client budget, apart from the API's;
@@ -24,6 +26,7 @@ from openhydra.testing.wait import wait_until
 from tests.api_edge.rawhttp import RawResponse, connect, exchange, parse, read_all, request_bytes
 
 BODY_TIMEOUT_S = 1.5
+HEADER_TIMEOUT_S = 2.0
 MAX_CONNECTIONS = 4
 API_LIMIT = 5
 PROBE_LIMIT = 30
@@ -36,6 +39,7 @@ CHAT = "/v1/chat/completions"
 def node(tiny_model_dirs, tmp_path_factory) -> Iterator[NodeProcess]:
     overrides = ["model=local", f"model.path={tiny_model_dirs['llama']}", "hardware=cpu", "hardware.dtype=float32",
                  f"node.data_dir={tmp_path_factory.mktemp('limits')}", f"api.body_timeout_s={BODY_TIMEOUT_S}",
+                 f"api.request_timeout_s={HEADER_TIMEOUT_S}",
                  f"api.max_connections_per_ip={MAX_CONNECTIONS}", f"api.rate_limit_requests={API_LIMIT}",
                  f"api.probe_rate_limit_requests={PROBE_LIMIT}", f"api.trusted_proxies=[{PROXY}/32]"]
     with NodeProcess(overrides, threads=1) as started:
@@ -102,6 +106,49 @@ def test_trickled_body_does_not_extend_the_deadline(node: NodeProcess) -> None:
     response = parse(raw)
     assert_408_and_closed(response, started)
     assert 0 < sent < 1000
+
+
+def _trickle(sock, data: bytes, limit_s: float) -> tuple[bytes, int]:
+    """Send ``data`` a byte every 0.2 s (never all of it), reading what comes back; (what came, bytes sent)."""
+    sock.settimeout(0.2)
+    started, sent, raw = time.monotonic(), 0, b""
+    while time.monotonic() - started < limit_s and sent < len(data) - 1:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            sock.sendall(data[sent : sent + 1])
+            sent += 1
+            continue
+        if not chunk:
+            break
+        raw += chunk
+    return raw, sent
+
+
+def test_trickled_headers_get_408_within_the_header_bound(node: NodeProcess) -> None:
+    """Slowloris: a byte of headers every 0.2 s. Sanic's request timeout restarts on every byte; the header
+    deadline does not (api/connections.py), on a fresh connection and on one kept alive after a request."""
+    before = metric(node, "openhydra_http_header_timeouts_total")
+    headers = slow_headers(None, path="/v1/models", method="GET") + b"X-Padding: " + b"a" * 200
+    for kept_alive in (False, True):
+        with connect(node.port, "127.0.0.11") as sock:
+            if kept_alive:  # one whole request answered first on this connection, which stays open
+                sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                sock.settimeout(30)
+                first = b""
+                while b"\r\n\r\n" not in first or len(first.split(b"\r\n\r\n", 1)[1]) < int(
+                        parse(first.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n").headers["content-length"]):
+                    first += sock.recv(65536)
+                assert first.startswith(b"HTTP/1.1 200") and b"connection: close" not in first.lower()
+            started = time.monotonic()
+            raw, sent = _trickle(sock, headers, 1.5 * HEADER_TIMEOUT_S + SLACK_S)
+        elapsed = time.monotonic() - started
+        response = parse(raw)
+        assert response.status == 408, (kept_alive, raw[:300])
+        assert response.json()["error"]["type"] == "timeout_error"
+        assert HEADER_TIMEOUT_S - 0.2 <= elapsed <= 1.5 * HEADER_TIMEOUT_S + SLACK_S, elapsed
+        assert 0 < sent < len(headers) - 1
+    assert metric(node, "openhydra_http_header_timeouts_total") - before == 2
 
 
 def test_chunked_body_without_an_end_gets_408(node: NodeProcess) -> None:
