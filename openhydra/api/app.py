@@ -27,6 +27,7 @@ from openhydra.api.routes_dashboard import SUMMARY_PATH as DASHBOARD_SUMMARY_PAT
 from openhydra.api.state import NodeState
 from openhydra.api.streaming import as_api_error
 from openhydra.config.schema import ApiConfig
+from openhydra.router.admission import CLIENT
 from openhydra.router.engine import Overloaded, PromptTooLong, ShuttingDown
 from openhydra.router.pipeline import SessionEvicted
 from openhydra.router.swarm import PipelineUnavailable
@@ -121,7 +122,9 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
             return cors.preflight(request)
         cors.refuse_cross_origin_writes(request)  # a page elsewhere sending a "simple" POST (api/cors.py)
         limiter = app.ctx.probe_limiter if request.path in PROBE_BUDGET_PATHS else app.ctx.limiter
-        decision = limiter.hit(client_of(request))
+        client = client_of(request)
+        CLIENT.set(client)  # generation slots are shared fairly between clients (router/admission.py)
+        decision = limiter.hit(client)
         request.ctx.rate = decision
         if not decision.allowed:
             app.ctx.metrics.rate_limited.inc()

@@ -21,6 +21,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from openhydra.router.admission import CLIENT, FairSlots, Refused
 from openhydra.router.coalesce import Coalescer
 from openhydra.router.constrained import Constraint, Grammar
 from openhydra.router.detokenize import IncrementalDetokenizer, StopMatcher
@@ -197,13 +198,12 @@ class Engine:
         self._streams: set[TokenStream] = set()  # running requests' producers, ended by shutdown()
         self.active_sessions: set[str] = set()
         # At most max_concurrent_sessions generations at once (the runtime keeps a bounded number of sessions: more
-        # would evict running ones); up to max_queued_requests more wait their turn for queue_timeout_s, in order.
-        self._slots = asyncio.Semaphore(max_concurrent_sessions)
+        # would evict running ones); up to max_queued_requests more wait for queue_timeout_s, each client in turn
+        # (router/admission.py).
+        self._slots = FairSlots(max_concurrent_sessions, max_queued_requests)
         self.max_concurrent_sessions = max_concurrent_sessions
         self.max_queued_requests = max_queued_requests
         self.queue_timeout_s = queue_timeout_s
-        self.queued = 0
-        """Requests waiting for a generation slot now."""
         self.speculator = speculator
         """Speculative decoding (router/speculative.py); None: one pipeline step per token."""
         self.on_finish: Callable[[Finished], None] | None = None
@@ -268,22 +268,22 @@ class Engine:
             yield event
 
     async def _admit(self) -> None:
-        """Take a generation slot, waiting in line for one when all are taken; :class:`Overloaded` when the line is
-        full or the wait runs out."""
-        if not self._slots.locked():
-            await self._slots.acquire()  # a free slot: taken without yielding to the loop
-            return
-        if self.queued >= self.max_queued_requests:
-            raise Overloaded(f"the node is busy: {self.max_concurrent_sessions} generations running and "
-                             f"{self.queued} waiting (api.max_concurrent_sessions, api.max_queued_requests); retry")
-        self.queued += 1
+        """Take a generation slot, waiting in the request's client's line for one when all are taken (clients in
+        turn); :class:`Overloaded` when the room is full, the wait runs out, or another client took its place."""
         try:
-            await asyncio.wait_for(self._slots.acquire(), self.queue_timeout_s)
+            await self._slots.acquire(CLIENT.get(), self.queue_timeout_s)
+        except Refused:
+            raise Overloaded(f"the node is busy: {self.max_concurrent_sessions} generations running and "
+                             f"{self.queued} waiting (api.max_concurrent_sessions, api.max_queued_requests); retry"
+                             ) from None
         except TimeoutError:
             raise Overloaded(f"the node is busy: no generation slot freed within {self.queue_timeout_s:g} s "
                              f"({self.max_concurrent_sessions} running; api.queue_timeout_s); retry") from None
-        finally:
-            self.queued -= 1
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a generation slot now."""
+        return self._slots.waiting
 
     async def _stream_one(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Finished]:
         self.check_fits(len(request.prompt_ids), request.max_tokens)

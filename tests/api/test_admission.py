@@ -139,3 +139,58 @@ def test_prompts_are_tokenized_off_the_event_loop() -> None:
         engine.shutdown()
 
     asyncio.run(scenario())
+
+
+@pytest.fixture(scope="module")
+def fair_node(tiny_llama: Path, tmp_path_factory) -> Iterator[NodeProcess]:
+    data = tmp_path_factory.mktemp("fair")
+    overrides = ["model=local", f"model.path={tiny_llama}", "hardware=cpu", "hardware.dtype=float32",
+                 f"node.data_dir={data}", "api.rate_limit_requests=100000", "api.max_concurrent_sessions=1",
+                 "api.max_queued_requests=8", "api.queue_timeout_s=120"]
+    with NodeProcess(overrides, threads=1) as node:
+        yield node
+
+
+def _client_from(node: NodeProcess, address: str) -> openai.OpenAI:
+    """The official client, its connections from ``address`` (all of 127.0.0.0/8 is loopback: another client IP)."""
+    http = httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=180)
+    return openai.OpenAI(base_url=f"{node.url}/v1", api_key="x", max_retries=0, http_client=http)
+
+
+def test_a_client_that_queues_many_requests_delays_another_by_one(fair_node: NodeProcess) -> None:
+    """A red team's queued requests made an honest one wait for all of them (one first-come line). Now each client
+    has its own line and a freed slot goes to the next client in turn: the honest request, queued after six of the
+    attacker's, runs second."""
+    node = fair_node
+    attacker, honest = _client_from(node, "127.0.0.2"), _client_from(node, "127.0.0.3")
+    model = attacker.models.list().data[0].id
+    messages = [{"role": "user", "content": "count"}]
+    holder = attacker.chat.completions.create(model=model, messages=messages, max_tokens=3000, stream=True,
+                                              extra_body={"ignore_eos": True}, temperature=0)
+    chunks = iter(holder)
+    next(chunks)
+    wait_until(lambda: _load(node)["active_sessions"] == 1, 30, what="the attacker's stream holding the slot")
+    finished: list[str] = []
+    errors: list[Exception] = []
+
+    def ask(client: openai.OpenAI, name: str) -> None:
+        try:  # each its own prompt: identical greedy requests would be coalesced into one run
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": f"count {name}"}],
+                                           max_tokens=2, temperature=0)
+            finished.append(name)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = []
+    for i in range(6):
+        threads.append(threading.Thread(target=ask, args=(attacker, f"attacker{i}"), daemon=True))
+        threads[-1].start()
+        wait_until(lambda i=i: _load(node)["queued_requests"] == i + 1, 30, what="the attacker's requests queued")
+    threads.append(threading.Thread(target=ask, args=(honest, "honest"), daemon=True))
+    threads[-1].start()
+    wait_until(lambda: _load(node)["queued_requests"] == 7, 30, what="the honest request queued behind them")
+    holder.close()  # the slot frees
+    for thread in threads:
+        thread.join(timeout=180)
+    assert not errors, errors
+    assert finished[:2] == ["attacker0", "honest"], finished  # first come: it would have been 7th
