@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -23,6 +24,7 @@ from openhydra.runtime.shard import PositionMismatchError
 from openhydra.runtime.step_chain import ChainStats, StepChains
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHAINS_SWITCH = "OPENHYDRA_STEP_CHAINS"
 """``OPENHYDRA_STEP_CHAINS=0``: no decode chains (each step queued by its caller, the earlier behaviour; for A/B
@@ -261,7 +263,7 @@ class LocalPipeline:
         self._settle(session_id, closing=True)
         self.runtime.close_session(session_id)
 
-    def _evictable(self, session_id: str, fed: _Fed, call):
+    def _evictable(self, session_id: str, fed: _Fed, call: Callable[[], T]) -> T:
         """``call()``, which feeds ``fed`` to the session; where the runtime evicted the session since its last step
         (it then holds no position of it), the session is rebuilt from its recorded feeds and the call made again."""
         for attempt in range(self.REPLAYS + 1):

@@ -9,7 +9,8 @@ cache.
 Bytes are measured, not estimated: a session's cache tensors (distinct storages: a view counts once) at its first
 step and again each time it has grown by ``max(64, length / 8)`` positions since (a measurement of SmolLM2's 30 layers
 takes ~0.1 ms, paid once per 64 or more steps). Between measurements a session holds up to that many positions
-more than counted; the bound is checked after each step, so one step's growth may pass it until the next eviction.
+more than counted; the bound is enforced whenever a measurement moves the total, after the step that grew it, so one
+step's growth passes it until the evictions that follow.
 """
 
 from __future__ import annotations
