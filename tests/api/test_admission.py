@@ -19,13 +19,16 @@ from openhydra.testing.processes import NodeProcess
 from openhydra.testing.wait import wait_until
 
 
+def _one_slot_node(tiny_llama: Path, data: Path, queue: int) -> NodeProcess:
+    """A node that runs one generation at a time, with ``queue`` places to wait (120 s at most) for it."""
+    return NodeProcess(["model=local", f"model.path={tiny_llama}", "hardware=cpu", "hardware.dtype=float32",
+                        f"node.data_dir={data}", "api.rate_limit_requests=100000", "api.max_concurrent_sessions=1",
+                        f"api.max_queued_requests={queue}", "api.queue_timeout_s=120"], threads=1)
+
+
 @pytest.fixture(scope="module")
 def one_slot_node(tiny_llama: Path, tmp_path_factory) -> Iterator[NodeProcess]:
-    data = tmp_path_factory.mktemp("admission")
-    overrides = ["model=local", f"model.path={tiny_llama}", "hardware=cpu", "hardware.dtype=float32",
-                 f"node.data_dir={data}", "api.rate_limit_requests=100000", "api.max_concurrent_sessions=1",
-                 "api.max_queued_requests=1", "api.queue_timeout_s=120"]
-    with NodeProcess(overrides, threads=1) as node:
+    with _one_slot_node(tiny_llama, tmp_path_factory.mktemp("admission"), queue=1) as node:
         yield node
 
 
@@ -143,11 +146,7 @@ def test_prompts_are_tokenized_off_the_event_loop() -> None:
 
 @pytest.fixture(scope="module")
 def fair_node(tiny_llama: Path, tmp_path_factory) -> Iterator[NodeProcess]:
-    data = tmp_path_factory.mktemp("fair")
-    overrides = ["model=local", f"model.path={tiny_llama}", "hardware=cpu", "hardware.dtype=float32",
-                 f"node.data_dir={data}", "api.rate_limit_requests=100000", "api.max_concurrent_sessions=1",
-                 "api.max_queued_requests=8", "api.queue_timeout_s=120"]
-    with NodeProcess(overrides, threads=1) as node:
+    with _one_slot_node(tiny_llama, tmp_path_factory.mktemp("fair"), queue=8) as node:
         yield node
 
 

@@ -6,20 +6,16 @@ saying so (overloaded, or lying so that the coordinator replays every step) is b
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from openhydra.discovery.records import PeerAnnouncement
 from openhydra.metrics import METRICS
-from openhydra.peer.client import ClientTunables, PeerChainClient
 from openhydra.peer.server import PeerServer
 from openhydra.router.swarm import EVICTIONS_REPLAYED, SwarmPipeline
-from openhydra.runtime.sampling import SamplingParams
 from openhydra.runtime.shard import ShardRuntime
+from tests.swarm.loopback import generate, loopback_swarm
 
-GREEDY = SamplingParams()
 SPANS = [(0, 4), (4, 8), (4, 8)]  # a spare for the second span
 KEEP = 3
 PROMPT = [1, 504, 3456, 28, 17, 906, 2201, 11, 310, 4077, 19, 88, 73, 2090]
@@ -27,20 +23,8 @@ PROMPT = [1, 504, 3456, 28, 17, 906, 2201, 11, 310, 4077, 19, 88, 73, 2090]
 
 @pytest.fixture
 def swarm(tiny_model_dirs) -> Iterator[tuple[SwarmPipeline, list[PeerServer]]]:
-    servers: list[PeerServer] = []
-    records: list[PeerAnnouncement] = []
-    for i, (a, b) in enumerate(SPANS):
-        server = PeerServer(ShardRuntime(tiny_model_dirs["llama"], a, b, max_sessions=KEEP))
-        servers.append(server)
-        records.append(PeerAnnouncement(peer_id=f"peer{i}", model_id="m", start=a, end=b, total_layers=SPANS[-1][1],
-                                        grpc_address=server.start(), dtype="float32", announced_at=time.time(),
-                                        ttl_s=3600.0))
-    client = PeerChainClient([], tunables=ClientTunables(step_timeout_s=30.0))
-    pipeline = SwarmPipeline("m", SPANS[-1][1], lambda: list(records), client)
-    yield pipeline, servers
-    client.shutdown()
-    for server in servers:
-        server.stop()
+    with loopback_swarm(SPANS, lambda a, b: ShardRuntime(tiny_model_dirs["llama"], a, b, max_sessions=KEEP)) as built:
+        yield built
 
 
 def _evict(server: PeerServer, tag: str) -> None:
@@ -50,13 +34,7 @@ def _evict(server: PeerServer, tag: str) -> None:
 
 
 def _generate(pipeline: SwarmPipeline, session: str, n: int, before_step=None) -> list[int]:
-    out = [pipeline.step(session, PROMPT, 0, GREEDY, 0)]
-    while len(out) < n:
-        if before_step is not None:
-            before_step(len(out))
-        out.append(pipeline.step(session, [out[-1]], len(PROMPT) + len(out) - 1, GREEDY, len(out)))
-    pipeline.close(session)
-    return out
+    return generate(pipeline, session, PROMPT, n, before_step)
 
 
 def _hop_server(pipeline: SwarmPipeline, servers: list[PeerServer], session: str, hop: int) -> PeerServer:

@@ -5,22 +5,18 @@ computes both, nobody replays in full, and the tokens equal those of the cold se
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from openhydra.discovery.records import PeerAnnouncement
 from openhydra.metrics import METRICS
-from openhydra.peer.client import ClientTunables, PeerChainClient
 from openhydra.peer.server import PeerServer
 from openhydra.router.prefix_plan import PrefixPlanner
 from openhydra.router.swarm import SwarmPipeline
 from openhydra.runtime.prefix_cache import PrefixCache
-from openhydra.runtime.sampling import SamplingParams
 from openhydra.runtime.shard import ShardRuntime
+from tests.swarm.loopback import generate, loopback_swarm
 
-GREEDY = SamplingParams()
 SPANS = [(0, 3), (3, 5), (3, 5), (5, 8)]  # a spare for the middle span
 BLOCK = 4
 PROMPT = [1, 504, 3456, 28, 17, 906, 2201, 11, 310, 4077, 19, 88, 73, 2090]  # 14 tokens: 3 full blocks
@@ -28,33 +24,18 @@ PROMPT = [1, 504, 3456, 28, 17, 906, 2201, 11, 310, 4077, 19, 88, 73, 2090]  # 1
 
 @pytest.fixture
 def swarm(tiny_model_dirs) -> Iterator[tuple[SwarmPipeline, list[PeerServer]]]:
-    servers: list[PeerServer] = []
-    records: list[PeerAnnouncement] = []
-    for i, (a, b) in enumerate(SPANS):
-        runtime = ShardRuntime(tiny_model_dirs["llama"], a, b)
-        runtime.prefix_cache = PrefixCache(runtime.layer_types, 16 << 20, BLOCK)
-        server = PeerServer(runtime)
-        servers.append(server)
-        records.append(PeerAnnouncement(peer_id=f"peer{i}", model_id="m", start=a, end=b, total_layers=SPANS[-1][1],
-                                        grpc_address=server.start(), dtype="float32", announced_at=time.time(),
-                                        ttl_s=3600.0))
-    client = PeerChainClient([], tunables=ClientTunables(step_timeout_s=30.0))
-    pipeline = SwarmPipeline("m", SPANS[-1][1], lambda: list(records), client)
-    pipeline.prefix = PrefixPlanner(block=BLOCK)
-    yield pipeline, servers
-    client.shutdown()
-    for server in servers:
-        server.stop()
+    def runtime(a: int, b: int) -> ShardRuntime:
+        built = ShardRuntime(tiny_model_dirs["llama"], a, b)
+        built.prefix_cache = PrefixCache(built.layer_types, 16 << 20, BLOCK)
+        return built
+
+    with loopback_swarm(SPANS, runtime) as (pipeline, servers):
+        pipeline.prefix = PrefixPlanner(block=BLOCK)
+        yield pipeline, servers
 
 
 def _generate(pipeline: SwarmPipeline, session: str, n: int, on_token=None) -> list[int]:
-    out = [pipeline.step(session, PROMPT, 0, GREEDY, 0)]
-    while len(out) < n:
-        if on_token is not None:
-            on_token(len(out))
-        out.append(pipeline.step(session, [out[-1]], len(PROMPT) + len(out) - 1, GREEDY, len(out)))
-    pipeline.close(session)
-    return out
+    return generate(pipeline, session, PROMPT, n, on_token)
 
 
 @pytest.mark.parametrize("prefix_fits", [True, False], ids=["prefix in one message", "prefix over the cap"])
