@@ -119,6 +119,10 @@ class LocalPipeline:
     fed it (at most :attr:`REPLAYS` times in one step), so a request never fails because others came."""
 
     REPLAYS = 3
+    REPLAY_RUN = 256
+    """Consecutive decode steps replayed in one call (1: each as its own step). A verify by position gives each
+    position the bits of the decode step there (runtime/shard.py is_verify; through the batcher, batched decoding's),
+    and reads each layer's weights once for all of them, not once per step (bench/bench_replay.py)."""
 
     def __init__(self, runtime, prefill_chunk: int = 2048, prefix_block: int = 32) -> None:
         if not (runtime.is_first and runtime.is_last):
@@ -293,10 +297,37 @@ class LocalPipeline:
         METRICS.replayed_steps.inc(len(self._fed.get(session_id, [])))
         self._settle(session_id)
         self.runtime.close_session(session_id)  # the empty session the refused step left
+        run: list[int] = []  # consecutive decode steps' tokens, not replayed yet
+        run_start = 0
         for fed in self._fed.get(session_id, []):
+            step = fed.start > 0 and len(fed.tokens) == 1 and not fed.verify and fed.keep is None
+            if step and run and fed.start == run_start + len(run) and len(run) < self.REPLAY_RUN:
+                run.append(fed.tokens[0])
+                continue
+            self._replay_steps(session_id, run, run_start)
+            run = []
+            if step:
+                run, run_start = [fed.tokens[0]], fed.start
+                continue
             if fed.verify:
                 self._verify(session_id, fed)
             else:
                 self._logits(session_id, fed.tokens, fed.start)
             if fed.keep is not None:
                 self.runtime.truncate_session(session_id, fed.keep)
+        self._replay_steps(session_id, run, run_start)
+
+    def _replay_steps(self, session_id: str, tokens: list[int], start: int) -> None:
+        """Decode steps ``tokens`` at ``start...`` again, in one verify by position (each position gets the bits of
+        the decode step there; without a batcher no logits are computed)."""
+        if len(tokens) == 1 or (tokens and self.REPLAY_RUN == 1):
+            for k, token in enumerate(tokens):
+                self._logits(session_id, [token], start + k)
+        elif tokens:
+            if getattr(self.runtime, "batcher", None) is not None:
+                self._verify(session_id, _Fed(tokens, start, verify=True))
+                return
+            with torch.inference_mode():
+                self.runtime.forward(session_id, torch.arange(start, start + len(tokens)),
+                                     input_ids=torch.tensor(tokens, dtype=torch.long), all_logits=True,
+                                     return_hidden=True)

@@ -61,7 +61,7 @@ def _generate(pipe: LocalPipeline, session: str, n: int, sampling: SamplingParam
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("batched", [False, True], ids=["plain", "batched"])
 def test_an_evicted_session_goes_on_with_the_same_tokens(tiny_model_dirs, dtype, batched) -> None:
-    for family in ("llama", "qwen3"):
+    for family in ("llama", "qwen3", "qwen3_5"):  # qwen3_5: recurrent (linear attention) layers too
         rt = _runtime(tiny_model_dirs[family], dtype, batched)
         pipe = LocalPipeline(rt, prefix_block=16)
         try:
@@ -71,7 +71,8 @@ def test_an_evicted_session_goes_on_with_the_same_tokens(tiny_model_dirs, dtype,
                 evicted = _generate(pipe, "evicted", 24, sampling, {1, 2, 9, 17, 23}, chained=batched)
                 assert evicted == alone, (family, sampling)
                 assert pipe.replays - before == 5  # each eviction replayed once, none more
-                if batched:  # chains after lone forwards too: a step queued ahead runs on the evicted cache
+                if batched and pipe.chains_steps:  # chains after lone forwards too (not on recurrent layers):
+                    # a step queued ahead runs on the evicted cache
                     pipe._step_chains().min_sessions = 1
                     assert _generate(pipe, "ahead", 24, sampling, {2, 9, 17}, chained=True) == alone
                     assert pipe.replays - before == 8 and pipe.chain_stats.found > 0
@@ -172,12 +173,16 @@ def test_evicted_every_time_it_is_rebuilt_the_request_gets_a_typed_503(tiny_mode
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_smollm2_evicted_sessions_keep_their_greedy_text(smollm2_dir, dtype) -> None:
-    """Real weights, in bf16 and fp32, batched: evicted at three positions, the same greedy tokens as never
-    evicted; then with a step queued ahead of its caller on the batcher when the eviction comes."""
+    """Real weights, in bf16 and fp32, plain and batched: evicted at three positions, the same greedy tokens as
+    never evicted; then with a step queued ahead of its caller on the batcher when the eviction comes."""
+    plain = LocalPipeline(_runtime(smollm2_dir, dtype, batched=False), prefix_block=16)
+    alone = _generate(plain, "alone", 20, GREEDY, set(), chained=False)
+    assert _generate(plain, "evicted", 20, GREEDY, {1, 8, 15}, chained=False) == alone
+    assert plain.replays == 3
     rt = _runtime(smollm2_dir, dtype, batched=True)
     pipe = LocalPipeline(rt, prefix_block=16)
     try:
-        alone = _generate(pipe, "alone", 20, GREEDY, set(), chained=False)
+        assert _generate(pipe, "alone", 20, GREEDY, set(), chained=False) == alone
         assert _generate(pipe, "evicted", 20, GREEDY, {1, 8, 15}, chained=True) == alone
         assert pipe.replays == 3
         pipe._step_chains().min_sessions = 1  # chains after lone forwards: the batcher runs a step ahead
