@@ -122,7 +122,7 @@ class LocalPipeline:
     REPLAY_RUN = 256
     """Consecutive decode steps replayed in one call (1: each as its own step). A verify by position gives each
     position the bits of the decode step there (runtime/shard.py is_verify; through the batcher, batched decoding's),
-    and reads each layer's weights once for all of them, not once per step (bench/bench_replay.py)."""
+    in one call that runs the positions layer by layer (4-4.6x faster on SmolLM2: bench/bench_replay.py)."""
 
     def __init__(self, runtime, prefill_chunk: int = 2048, prefix_block: int = 32) -> None:
         if not (runtime.is_first and runtime.is_last):
