@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plot_trials, print_table
+from common import medians, plot_trials, print_table, run_interleaved
 
 from openhydra.testing.machine import announce
 
@@ -79,14 +79,10 @@ def main() -> None:
 
     arms = {"one step at a time (REPLAY_RUN 1)": lambda: rebuild(1, "one"),
             f"runs (REPLAY_RUN {LocalPipeline.REPLAY_RUN})": lambda: rebuild(LocalPipeline.REPLAY_RUN, "runs")}
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    for trial in range(args.trials):
-        for name in list(arms) if trial % 2 == 0 else list(arms)[::-1]:
-            times[name].append(arms[name]())
-            print(f"trial {trial} {name}: {times[name][-1]:.1f} ms", flush=True)
+    times = run_interleaved(arms, args.trials, unit="ms")
     same = all(torch.equal(a, b) for a, b in zip(caches["one"], caches["runs"], strict=True))
     print_table(times, metric=f"median ms to replay {args.prompt} + {args.steps} positions")
-    one, runs = (statistics.median(v) for v in times.values())
+    one, runs = medians(times).values()
     ratios = [a / b for a, b in zip(*times.values(), strict=True)]
     print(f"\none at a time / runs: {one / runs:.2f}x (per-trial median {statistics.median(ratios):.2f}x); "
           f"{args.dtype}, {'batched' if args.batched else 'plain'}; caches bit-identical: {same}; "
