@@ -167,13 +167,11 @@ def create_app(state: NodeState, api: ApiConfig, *, name: str | None = None) -> 
     @app.exception(PipelineUnavailable, ShuttingDown, Overloaded, SessionEvicted)  # not streaming: 503, its code
     async def _no_route(request: Request, exc: PipelineUnavailable | ShuttingDown | Overloaded | SessionEvicted,
                         ) -> HTTPResponse:
-        error = as_api_error(exc)
-        return json(error.body_for(request.path), status=error.status, headers=error.headers)
+        return await _api_error(request, as_api_error(exc))
 
     @app.exception(PromptTooLong)  # refused before tokenizing: its bytes alone prove it longer than the context
     async def _prompt_too_long(request: Request, exc: PromptTooLong) -> HTTPResponse:
-        error = bad_request(str(exc), code="context_length_exceeded")
-        return json(error.body_for(request.path), status=error.status, headers=error.headers)
+        return await _api_error(request, bad_request(str(exc), code="context_length_exceeded"))
 
     @app.exception(RequestCancelled)
     async def _client_gone(request: Request, exc: RequestCancelled) -> HTTPResponse:

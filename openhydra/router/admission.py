@@ -36,9 +36,6 @@ class FairSlots:
         self._lines: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()  # in turn order
         self.waiting = 0
 
-    def locked(self) -> bool:
-        return self.running >= self.capacity
-
     async def acquire(self, client: str, timeout_s: float) -> None:
         """A slot for ``client``: at once when one is free and nobody waits, else in its client's line.
         :class:`Refused` when it cannot wait (a full room) or gave its place up; TimeoutError after ``timeout_s``."""

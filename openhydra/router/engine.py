@@ -202,7 +202,6 @@ class Engine:
         # (router/admission.py).
         self._slots = FairSlots(max_concurrent_sessions, max_queued_requests)
         self.max_concurrent_sessions = max_concurrent_sessions
-        self.max_queued_requests = max_queued_requests
         self.queue_timeout_s = queue_timeout_s
         self.speculator = speculator
         """Speculative decoding (router/speculative.py); None: one pipeline step per token."""

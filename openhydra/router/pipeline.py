@@ -320,9 +320,8 @@ class LocalPipeline:
     def _replay_steps(self, session_id: str, tokens: list[int], start: int) -> None:
         """Decode steps ``tokens`` at ``start...`` again, in one verify by position (each position gets the bits of
         the decode step there; without a batcher no logits are computed)."""
-        if len(tokens) == 1 or (tokens and self.REPLAY_RUN == 1):
-            for k, token in enumerate(tokens):
-                self._logits(session_id, [token], start + k)
+        if len(tokens) == 1:
+            self._logits(session_id, tokens, start)
         elif tokens:
             if getattr(self.runtime, "batcher", None) is not None:
                 self._verify(session_id, _Fed(tokens, start, verify=True))

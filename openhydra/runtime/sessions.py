@@ -71,7 +71,6 @@ class SessionStore:
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
         self._max_bytes: int | None = None
-        self._measure: Callable[[Any], int] = cache_nbytes
         self.nbytes = 0
         """Bytes of the held sessions' caches, as last measured (0 while no byte bound is set)."""
         self.evicted_for_bytes = 0
@@ -91,11 +90,11 @@ class SessionStore:
                 self._forget(self._sessions.popitem(last=False)[1])
             return session
 
-    def bound_bytes(self, max_bytes: int | None, measure: Callable[[Any], int] = cache_nbytes) -> None:
+    def bound_bytes(self, max_bytes: int | None) -> None:
         """Keep the sessions' caches under ``max_bytes`` (None: no byte bound): after a step, the least recently
         used other sessions are evicted until the measured total fits (a session alone over it is kept)."""
         with self._lock:
-            self._max_bytes, self._measure = max_bytes, measure
+            self._max_bytes = max_bytes
             if max_bytes is None:
                 self.nbytes = 0
                 for session in self._sessions.values():
@@ -116,7 +115,7 @@ class SessionStore:
             return
         if session.measured_at >= 0 and session.length < session.measured_at + max(64, session.measured_at // 8):
             return
-        nbytes = self._measure(session.cache)
+        nbytes = cache_nbytes(session.cache)
         with self._lock:
             held = self._sessions.get(session.session_id) is session
             if held:
