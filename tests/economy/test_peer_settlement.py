@@ -9,7 +9,7 @@ import pytest
 
 from openhydra.crypto.identity import Identity
 from openhydra.economy.errors import InvalidSignature, ReceiptAlreadyApplied
-from openhydra.economy.factory import build_economy
+from openhydra.economy.factory import build_economy as _build_economy
 from openhydra.economy.peer_settlement import Claim, PeerSettlement, SettlementRefused
 from openhydra.economy.receipts import PipelineEntry, ServedShare, SettlementRequest, pipeline_entry
 from openhydra.economy.settlement_wire import claim_from_pb, claim_to_pb, receipt_from_pb, receipt_to_pb
@@ -17,6 +17,13 @@ from openhydra.economy.swarm_settlement import FreeTier, SwarmSettler
 
 MODEL = "tiny-llama-8l"
 SPANS = [(0, 2), (2, 4), (4, 8)]
+NOW = 1_800_000_000.0
+
+
+def build_economy(**keys):
+    """The node's economy with its clock stopped: balances decay 5% a day by default, which takes a unit off a
+    1,500,000-micro balance about every second, so a loaded machine read 1,499,999 for an exact share."""
+    return _build_economy(clock=lambda: NOW, **keys)
 
 
 @pytest.fixture
