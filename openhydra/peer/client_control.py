@@ -39,7 +39,7 @@ class ControlCalls:
         """Whether the peer at ``address`` answers Info within the liveness probe's timeout (router/bans.py
         Probation; a blocking call, made off the request path)."""
         try:
-            self._call(self._info(address, self._probe_timeout()))
+            self._call(self._info(address, self.probe_timeout()))
         except Exception:
             return False
         return True

@@ -42,8 +42,8 @@ class Liveness:
         seen: dict[str, pb.InfoReply] | None = None
         progress_at = began
         while True:
-            patience = self._patience()
-            probe_timeout = self._probe_timeout()
+            patience = self.patience()
+            probe_timeout = self.probe_timeout()
             early = max(0.0, patience - probe_timeout)
             try:
                 return await asyncio.wait_for(asyncio.shield(future), timeout=early)
@@ -80,7 +80,7 @@ class Liveness:
                                f"no result after {now - began:.0f} s although the chain keeps serving")
             seen = served
 
-    def _probe_timeout(self) -> float:
+    def probe_timeout(self) -> float:
         """The probe timeout, or 5 x the median time a recent probe took if larger (a loaded machine)."""
         recent = sorted(self._probe_latencies)
         typical = recent[len(recent) // 2] if recent else 0.0
@@ -121,11 +121,20 @@ class Liveness:
             self._last_info[address] = reply
         return served, None
 
-    def _patience(self) -> float:
+    def typical_decode_s(self) -> float:
+        """The median of recent decode steps' latencies (0 before any)."""
+        recent = sorted(self._decode_latencies)
+        return recent[len(recent) // 2] if recent else 0.0
+
+    def patience(self) -> float:
         """How long to wait for a message's result before probing the chain (see ClientTunables)."""
         t = self.tunables
         if t.decode_timeout_s is None:
             return t.step_timeout_s
-        recent = sorted(self._decode_latencies)
-        typical = recent[len(recent) // 2] if recent else 0.0
-        return min(t.step_timeout_s, max(t.decode_timeout_s, t.decode_timeout_factor * typical))
+        return min(t.step_timeout_s, max(t.decode_timeout_s, t.decode_timeout_factor * self.typical_decode_s()))
+
+    def liveness_status(self) -> dict[str, float]:
+        """What a silent hop costs a stream now: the patience before the chain is probed, the probe's timeout,
+        and the recent decode latency the patience scales with (``/v1/network/status``)."""
+        return {"patience_s": round(self.patience(), 3), "probe_timeout_s": round(self.probe_timeout(), 3),
+                "decode_latency_s": round(self.typical_decode_s(), 4)}

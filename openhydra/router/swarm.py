@@ -587,6 +587,7 @@ class SwarmPipeline:
             "failovers": self.failovers,
             "replay_mismatches": self.replay_mismatches,
             "truncations": self.truncations,
+            "liveness": self.client.liveness_status(),
             "active_sessions": len(self._sessions),
             "sessions": {sid: s.chain.peer_ids for sid, s in list(self._sessions.items()) if s.chain is not None},
         }

@@ -5,15 +5,19 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from openhydra.testing.processes import NodeProcess
+from openhydra.testing.wait import wait_until
 
 
 @pytest.fixture(scope="module")
 def barter_node(tiny_model_dirs, tmp_path_factory):
     data = tmp_path_factory.mktemp("barter")
+    # no decay: the tests compare balances read seconds apart (5% a day takes a unit off a 114,000-micro balance
+    # every ~15 s)
     overrides = ["model=local", f"model.path={tiny_model_dirs['llama']}", "hardware=cpu", "economy=barter",
-                 "privacy=encrypted", f"node.data_dir={data}"]
+                 "economy.decay_per_day=0", "privacy=encrypted", f"node.data_dir={data}"]
     with NodeProcess(overrides) as node:
         yield node, data
 
@@ -22,6 +26,21 @@ def _credits(node) -> float:
     body = httpx.get(node.url + "/v1/account/balance", timeout=10).json()
     assert body["enabled"] is True
     return body["micro"]["credits"]
+
+
+def _settled_credits(node) -> float:
+    """The balance once every token the node served is settled (settlement runs after the response is sent, so
+    an earlier test's requests may still be settling)."""
+    def settled() -> bool:
+        sums: dict[str, float] = {}
+        for family in text_string_to_metric_families(httpx.get(node.url + "/metrics", timeout=10).text):
+            for sample in family.samples:
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+        served = sums.get("openhydra_prompt_tokens_total", 0.0) + sums.get("openhydra_tokens_generated_total", 0.0)
+        return served == sums.get("openhydra_ledger_tokens_settled_total", 0.0)
+
+    wait_until(settled, 30, what="the settlements of every token the node served")
+    return _credits(node)
 
 
 def test_serving_earns_credits_in_proportion_to_tokens(barter_node):
@@ -52,7 +71,7 @@ def test_a_page_of_another_origin_cannot_spend_on_the_nodes_behalf(barter_node):
     node, _ = barter_node
     body = '{"model": "tiny-llama-8l", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
     url = node.url + "/v1/chat/completions"
-    before = _credits(node)
+    before = _settled_credits(node)
     for origin in ("http://evil.example", "null", "http://127.0.0.1.evil.example"):
         refused = httpx.post(url, content=body, headers={"Content-Type": "text/plain", "Origin": origin}, timeout=30)
         assert refused.status_code == 403, (origin, refused.text)
@@ -77,7 +96,7 @@ def test_a_page_that_rebinds_its_name_to_the_node_is_refused(barter_node):
     port = node.url.rsplit(":", 1)[1]
     rebound = {"Host": f"rebind.attacker.example:{port}", "Origin": f"http://rebind.attacker.example:{port}"}
     body = '{"model": "tiny-llama-8l", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
-    before = _credits(node)
+    before = _settled_credits(node)
     chat = httpx.post(node.url + "/v1/chat/completions", content=body, timeout=30,
                       headers={"Content-Type": "text/plain", **rebound})
     assert chat.status_code == 403 and chat.json()["error"]["code"] == "host_not_allowed", chat.text

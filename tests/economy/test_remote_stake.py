@@ -133,8 +133,12 @@ def test_a_peer_that_stakes_on_its_node_is_staked_with_the_coordinator_it_served
             assert reply.usage.total_tokens > 0
             wait_until(lambda: held()["hydra"] > 0, timeout_s=60, what="P earns HYDRA in C's ledger")
             earned = held()["hydra"]
-            own = httpx.get(p.url + "/v1/account/balance", timeout=10).json()["micro"]
-            amount = min(earned, own["hydra"]) // 2
+
+            def own() -> dict:  # P's own ledger: C applies the settlement there after its own (a later RPC)
+                return httpx.get(p.url + "/v1/account/balance", timeout=10).json()["micro"]
+
+            wait_until(lambda: own()["hydra"] > 0, timeout_s=60, what="P earns HYDRA in its own ledger")
+            amount = min(earned, own()["hydra"]) // 2
             assert amount > 0
             staked = httpx.post(p.url + "/v1/hydra/stake", json={"amount": f"{amount / 1e6:.6f}"}, timeout=10)
             assert staked.status_code == 200, staked.text

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from openhydra.economy.units import MICRO, credits_for_tokens, decayed, split_by_weight, to_micro
 
 
+@settings(deadline=None)  # a loaded worker can pause past hypothesis's 200 ms per example
 @given(st.integers(0, 10**15), st.lists(st.integers(1, 200), min_size=1, max_size=16))
 def test_split_adds_up_and_is_proportional(total: int, weights: list[int]) -> None:
     parts = split_by_weight(total, weights)

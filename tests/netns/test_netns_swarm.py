@@ -74,7 +74,7 @@ def test_swarm_across_namespaces_discovers_pipelines_and_survives_a_link_cut(tin
     from openhydra.sim.netns_swarm import run_scenario
 
     r = run_scenario(tiny_model_dirs["llama"], 8, prefix="ohnst", one_way_ms=10.0, rate_mbit=100.0, tokens=24,
-                     cut_at_token=8, rounds=2, ready_timeout_s=240.0)
+                     cut_at_token=8, rounds=3, ready_timeout_s=240.0)
     print({k: v for k, v in r.items() if k != "peers"})
     # discovery: every node, with its namespace address, as the coordinator sees it
     assert set(r["peers"]) == {"peer0", "peer1", "peer2", "peer3", "coord"}

@@ -67,7 +67,9 @@ def test_a_new_window_announces_with_the_previous_proof_while_the_next_is_solved
     later = t0 + 600  # the next window: no proof for it yet
     started = time.perf_counter()
     bridged = rules.stamp(_record("alice", announced_at=later))
-    assert time.perf_counter() - started < 0.1 and bridged.geo_proof == first.geo_proof
+    # the previous window's proof, returned at once (the time bound only catches a hang: a 12-bit solve takes
+    # milliseconds, so the proof, not the clock, shows that it did not wait for a new one)
+    assert time.perf_counter() - started < 2.0 and bridged.geo_proof == first.geo_proof
     rules.check(bridged, now=later)  # verifiers accept the previous window's proof
     fresh = wait_until(lambda: (r := rules.stamp(_record("alice", announced_at=later))).geo_proof != first.geo_proof
                        and r, 60, 0.05, "the next window's proof")

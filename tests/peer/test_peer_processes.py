@@ -73,8 +73,9 @@ def test_three_processes_generate_exactly_then_survive_a_kill(tiny_model_dirs, p
 
         # A hung last peer (SIGSTOP) sends no failure: the decode step's adaptive deadline (its 4 s floor,
         # not the 120 s step timeout) passes and the probe blames it.
+        # (a 3 s probe timeout: the working hops' answers must not be late on a loaded machine)
         hung = PeerChainClient(route, tunables=ClientTunables(step_timeout_s=120.0, decode_timeout_s=4.0,
-                                                              unary_timeout_s=1.0))
+                                                              probe_timeout_s=3.0, unary_timeout_s=1.0))
         try:
             hung.step("hung", prompt, 0, SamplingParams(), 0)
             hung.step("hung", [5], len(prompt), SamplingParams(), 1)

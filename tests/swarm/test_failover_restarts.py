@@ -107,8 +107,13 @@ def test_a_hung_replica_is_blamed_within_patience_and_serves_again_once_resumed(
     try:
         assert trial.error is None and trial.text == expected
         assert trial.failovers == 1 and trial.replays == 1
-        # blamed after the patience plus at most one probe; the tiny model replays in well under a second
-        assert trial.stall_s <= DECODE_TIMEOUT_S + PROBE_TIMEOUT_S + 1.0, trial.stall_s
+        # blamed after the patience plus at most one probe, then replayed (the tiny model: well under a second on a
+        # quiet machine). The coordinator scales both with the latencies it sees (20x a decode step, 5x a probe),
+        # so on a loaded machine the bound is what it reports, not the configured floors.
+        live = failover.swarm_status(coordinator)["pipeline"]["liveness"]
+        patience = max(DECODE_TIMEOUT_S, live["patience_s"])
+        probe = max(PROBE_TIMEOUT_S, live["probe_timeout_s"])
+        assert trial.stall_s <= patience + probe + max(1.0, 10 * live["decode_latency_s"]), (trial.stall_s, live)
         # Still stopped, its ban lapsed: it stays out of routes (on probation: each lapse starts a probe it does not
         # answer), so no later stream pays the patience to find it silent again (before: each lapse cost a stream
         # a stall and a failover).

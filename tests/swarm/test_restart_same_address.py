@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 SPANS = [(0, 3), (3, 5), (5, 8)]
 TRIALS = 4
-ROUTABLE_WITHIN_S = 15.0
+ROUTABLE_WITHIN_S = 25.0
 """Far under the 60 s announce interval of the failure, with room for a loaded machine's restart."""
 
 
