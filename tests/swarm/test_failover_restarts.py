@@ -40,7 +40,9 @@ def swarm(tiny_model_dirs, tmp_path_factory):
     dirs = [tmp_path_factory.mktemp(f"n{i}") for i in range(len(SPANS))]
     LEDGER.append(dirs[0] / "ledger.db")
     with DhtProcess() as dht:
-        nodes = [NodeProcess([*swarm_node_overrides(model_dir, dht.url, a, b, dirs[i]),
+        # records live 60 s (re-announced every 2 s): a stopped replica's record must outlive the stream that
+        # found it silent, which takes longer than the default 6 s on a loaded machine (its probation is checked)
+        nodes = [NodeProcess([*swarm_node_overrides(model_dir, dht.url, a, b, dirs[i], ttl_s=60.0),
                               f"peer.decode_timeout_s={DECODE_TIMEOUT_S}", f"peer.probe_timeout_s={PROBE_TIMEOUT_S}"])
                  for i, (a, b) in enumerate(SPANS)]
         try:
