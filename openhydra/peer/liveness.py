@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -82,9 +82,7 @@ class Liveness:
 
     def probe_timeout(self) -> float:
         """The probe timeout, or 5 x the median time a recent probe took if larger (a loaded machine)."""
-        recent = sorted(self._probe_latencies)
-        typical = recent[len(recent) // 2] if recent else 0.0
-        return max(self.tunables.probe_timeout_s, 5 * typical)
+        return max(self.tunables.probe_timeout_s, 5 * _median(self._probe_latencies))
 
     async def _probe(self, route: Sequence[HopSpec],
                      timeout: float) -> tuple[dict[str, pb.InfoReply], HopError | None]:
@@ -123,8 +121,7 @@ class Liveness:
 
     def typical_decode_s(self) -> float:
         """The median of recent decode steps' latencies (0 before any)."""
-        recent = sorted(self._decode_latencies)
-        return recent[len(recent) // 2] if recent else 0.0
+        return _median(self._decode_latencies)
 
     def patience(self) -> float:
         """How long to wait for a message's result before probing the chain (see ClientTunables)."""
@@ -138,3 +135,9 @@ class Liveness:
         and the recent decode latency the patience scales with (``/v1/network/status``)."""
         return {"patience_s": round(self.patience(), 3), "probe_timeout_s": round(self.probe_timeout(), 3),
                 "decode_latency_s": round(self.typical_decode_s(), 4)}
+
+
+def _median(latencies: Iterable[float]) -> float:
+    """The middle of recent latencies (the upper one of an even count; 0 before any)."""
+    recent = sorted(latencies)
+    return recent[len(recent) // 2] if recent else 0.0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from openhydra.testing.failover import metric
 from openhydra.testing.processes import NodeProcess
 from openhydra.testing.wait import wait_until
 
@@ -32,12 +32,9 @@ def _settled_credits(node) -> float:
     """The balance once every token the node served is settled (settlement runs after the response is sent, so
     an earlier test's requests may still be settling)."""
     def settled() -> bool:
-        sums: dict[str, float] = {}
-        for family in text_string_to_metric_families(httpx.get(node.url + "/metrics", timeout=10).text):
-            for sample in family.samples:
-                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
-        served = sums.get("openhydra_prompt_tokens_total", 0.0) + sums.get("openhydra_tokens_generated_total", 0.0)
-        return served == sums.get("openhydra_ledger_tokens_settled_total", 0.0)
+        served = sum(metric(node.url, name) for name in ("openhydra_prompt_tokens_total",
+                                                          "openhydra_tokens_generated_total"))
+        return served == metric(node.url, "openhydra_ledger_tokens_settled_total")
 
     wait_until(settled, 30, what="the settlements of every token the node served")
     return _credits(node)
